@@ -1,0 +1,285 @@
+"""Paged decode attention: one query token per sequence over that sequence's KV blocks.
+
+One program handles one (sequence, KV head, KV split): it loads the query rows of all
+`num_heads // num_kv_heads` query heads that share the KV head (padded to 16 rows for tl.dot), so
+every K/V element is read from memory once per step. Each loop iteration gathers TILE_N cached
+tokens (possibly from several blocks: token t lives in block_table[t // BLOCK_SIZE]) and runs an
+online softmax in base 2 with the softmax scale folded into the exponent.
+
+Split-KV: with few (sequence, KV head) pairs and long contexts the grid would leave most SMs idle,
+so the context is cut into NUM_SPLITS ranges, each program writes its unnormalized partial output
+with its running max and sum (fp32), and `_reduce_splits_kernel` combines them. The split count is a
+launch parameter only: the ranges are computed in the kernel from each sequence's own length, so
+any split count is correct for any lengths (a CUDA graph captured with one stays correct).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# A split shorter than this spends more on its partial write and the reduce than it gains.
+MIN_TOKENS_PER_SPLIT = 512
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,  # [num_seqs, num_heads, head_dim]: the one new token of each sequence
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[1])
+    block_tables_ptr,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens_ptr,  # int32 [num_seqs]: context length including the new token
+    out_ptr,  # [num_seqs, num_heads, head_dim]  (written when NUM_SPLITS == 1)
+    part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim]  (NUM_SPLITS > 1)
+    part_m_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]: running max (base-2 logits)
+    part_l_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]: running sum of exp2
+    qk_scale,  # softmax scale * log2(e)
+    stride_qs,
+    stride_qh,
+    stride_os,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    num_heads,
+    QUERIES_PER_KV: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # QUERIES_PER_KV padded to a power of two >= 16 (tl.dot's minimum)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_tiles = tl.cdiv(seq_len, TILE_N)
+    if NUM_SPLITS == 1:
+        tile_start = 0
+        tile_end = num_tiles
+    else:
+        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        tile_start = split * tiles_per_split
+        tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, TILE_N)
+    heads = kv_head * QUERIES_PER_KV + offs_g
+    g_mask = offs_g < QUERIES_PER_KV
+    seq64 = seq.to(tl.int64)
+    q = tl.load(q_ptr + seq64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    block_table = block_tables_ptr + seq64 * stride_bt
+    head_off = kv_head * stride_ch
+    for tile in range(tile_start, tile_end):
+        pos = tile * TILE_N + offs_n
+        valid = pos < seq_len
+        block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + seq64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        part = (seq64 * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_m_ptr + part, m_i, mask=g_mask)
+        tl.store(part_l_ptr + part, l_i, mask=g_mask)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim]
+    part_m_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]
+    part_l_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    stride_os,
+    stride_oh,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = (seq * num_heads + head) * NUM_SPLITS + offs_s
+    m = tl.load(part_m_ptr + part)
+    l = tl.load(part_l_ptr + part)
+    m_max = tl.max(m, 0)  # finite: the first split always holds token 0
+    w = tl.exp2(m - m_max)  # empty splits have m = -inf, so weight 0
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number exercises both paths
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
+    """Split the context only when (sequence, KV head) programs cannot fill the GPU on their own.
+
+    Aim for about 4 programs per SM, never a split shorter than MIN_TOKENS_PER_SPLIT; a power of two.
+    """
+    programs = num_seqs * num_kv_heads
+    if programs >= 2 * sms:
+        return 1
+    want = max(1, (4 * sms) // max(programs, 1))
+    most = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    splits = min(want, most, MAX_SPLITS)
+    return 1 << (splits.bit_length() - 1)  # round down to a power of two
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
+    if _interpreting():
+        return dict(TILE_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(TILE_N=32, num_warps=4, num_stages=2)
+    if head_dim >= 256:
+        return dict(TILE_N=32, num_warps=4, num_stages=3)
+    return dict(TILE_N=64, num_warps=4, num_stages=3)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Attention of q[i] (sequence i's newest token) over the first seq_lens[i] cached tokens.
+
+    q [num_seqs, num_heads, head_dim]; kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables int32 [num_seqs, max_blocks]; seq_lens int32 [num_seqs], each >= 1.
+    num_splits None picks one from the sequence count, KV heads, max_seq_len and the SM count.
+    Returns out [num_seqs, num_heads, head_dim] in q's dtype.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _check(q, kv_cache, block_tables, seq_lens, num_seqs)
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max().item())
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two >= 1; got {num_splits}")
+    cfg = dict(_decode_config(head_dim, q.dtype), **(config or {}))
+    group = num_heads // num_kv_heads
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    if num_splits > 1:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_out = part_m = part_l = out  # unused
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        num_heads,
+        QUERIES_PER_KV=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=cfg["TILE_N"],
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4 if head_dim * num_splits >= 2048 else 2,
+        )
+    return out
+
+
+def _check(q, kv_cache, block_tables, seq_lens, num_seqs):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_seqs, num_heads, head_dim]; got {tuple(q.shape)}")
+    _, num_heads, head_dim = q.shape
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, {head_dim}]; "
+                         f"got {tuple(kv_cache.shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    num_kv_heads = kv_cache.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256]; got {head_dim}")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] < num_seqs:
+        raise ValueError(f"block_tables must be int32 [>= {num_seqs}, max_blocks]; "
+                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    if seq_lens.dtype != torch.int32 or seq_lens.dim() != 1 or seq_lens.shape[0] < num_seqs:
+        raise ValueError(f"seq_lens must be int32 [>= {num_seqs}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+
+
+def paged_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Torch reference of paged_decode (float32 math, output in q's dtype)."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty_like(q)
+    for i in range(num_seqs):
+        n = int(seq_lens[i])
+        blocks = block_tables[i, : (n + block_size - 1) // block_size].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [n, num_heads, head_dim]
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out

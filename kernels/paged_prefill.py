@@ -1,0 +1,259 @@
+"""Paged prefill / extend attention: a variable-length chunk of new tokens per sequence, causal.
+
+The cache already holds this step's K/V (reshape_and_cache ran first), so sequence i's chunk of
+q_len new tokens sits at positions seq_len - q_len ... seq_len - 1 and attends to every cached
+position up to its own. One launch serves a whole step: prefill chunks, prefix-cache extends and
+decodes (q_len 1) together.
+
+FlashAttention-2 style: a program owns BLOCK_M query rows of one KV head and streams BLOCK_N-token
+K/V tiles through an online softmax with tl.dot. The rows are (token, query head) pairs: BLOCK_Q =
+BLOCK_M // G tokens times the G query heads that share the KV head, so each K/V tile is read once
+for its whole group and a decode token still fills G rows. Tiles wholly before the first query
+position need no causal mask and take the unmasked loop; the few near the diagonal take the masked one.
+
+Programs map to (sequence, query tile) without a host sync: sequence i's tiles start at
+query_start_loc[i] // BLOCK_Q + i (an upper bound on the tiles before it), so the grid is
+num_tokens // BLOCK_Q + num_seqs and each program finds its sequence by binary search; spare
+programs of a sequence exit at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, start, seq_len, q_pos,
+                 qk_scale, stride_cb, stride_cs, offs_n, offs_d,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pos = start + offs_n
+    if MASKED:
+        valid = pos < seq_len
+        block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
+    tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+    if MASKED:
+        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :])
+        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[1])
+    block_tables_ptr,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens_ptr,  # int32 [num_seqs]: context length including the new tokens
+    query_start_loc_ptr,  # int32 [num_seqs + 1]
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    num_seqs,
+    QUERIES_PER_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x QUERIES_PER_KV heads (rest padding)
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_idx = q_tile * BLOCK_Q + offs_m // QUERIES_PER_KV  # token within the chunk
+    heads = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
+    row_valid = (offs_m < BLOCK_Q * QUERIES_PER_KV) & (q_idx < q_len)
+    q_pos = ctx_len + q_idx
+    q_rows = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_ch
+
+    first_pos = ctx_len + q_tile * BLOCK_Q
+    last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
+    num_full = (first_pos + 1) // BLOCK_N  # tiles every row sees whole
+    num_tiles = last_pos // BLOCK_N + 1
+    for t in range(0, num_full):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                     t * BLOCK_N, seq_len, q_pos, qk_scale, stride_cb, stride_cs, offs_n, offs_d,
+                                     BLOCK_SIZE, False, DOT_PRECISION)
+    for t in range(num_full, num_tiles):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                     t * BLOCK_N, seq_len, q_pos, qk_scale, stride_cb, stride_cs, offs_n, offs_d,
+                                     BLOCK_SIZE, True, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, group: int) -> dict:
+    if _interpreting():
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    elif dtype == torch.float32 or head_dim >= 256:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(group))
+    return cfg
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Causal attention of each new token over its sequence's cached tokens up to itself.
+
+    q [num_tokens, num_heads, head_dim] (sequence i owns rows query_start_loc[i]:query_start_loc[i+1]);
+    kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim] already holding these tokens' K/V;
+    block_tables int32 [num_seqs, max_blocks]; seq_lens int32 [num_seqs]; query_start_loc int32
+    [num_seqs + 1]. Rows after query_start_loc[-1] (padding) are left unwritten.
+    Returns out [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = query_start_loc.shape[0] - 1
+    _check(q, kv_cache, block_tables, seq_lens, query_start_loc, num_seqs)
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+    group = num_heads // num_kv_heads
+    cfg = dict(_prefill_config(head_dim, q.dtype, group), **(config or {}))
+    block_m = cfg["BLOCK_M"]
+    block_q = block_m // group
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _paged_prefill_kernel[grid](
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        num_seqs,
+        QUERIES_PER_KV=group,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _check(q, kv_cache, block_tables, seq_lens, query_start_loc, num_seqs):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_tokens, num_heads, head_dim]; got {tuple(q.shape)}")
+    _, num_heads, head_dim = q.shape
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, {head_dim}]; "
+                         f"got {tuple(kv_cache.shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    num_kv_heads = kv_cache.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256]; got {head_dim}")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
+        raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
+                         f"{tuple(query_start_loc.shape)}")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] < num_seqs:
+        raise ValueError(f"block_tables must be int32 [>= {num_seqs}, max_blocks]; "
+                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    if seq_lens.dtype != torch.int32 or seq_lens.dim() != 1 or seq_lens.shape[0] < num_seqs:
+        raise ValueError(f"seq_lens must be int32 [>= {num_seqs}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+
+
+def paged_prefill_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Torch reference of paged_prefill (float32 math, output in q's dtype; padding rows are zero)."""
+    num_heads, head_dim = q.shape[1:]
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.zeros_like(q)
+    for i in range(query_start_loc.shape[0] - 1):
+        start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        n, q_len = int(seq_lens[i]), end - start
+        blocks = block_tables[i, : (n + block_size - 1) // block_size].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        s = torch.einsum("qhd,nhd->hqn", q[start:end].float(), k) * scale
+        q_pos = torch.arange(n - q_len, n, device=q.device)
+        s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+        out[start:end] = torch.einsum("hqn,nhd->qhd", s.softmax(-1), v).to(q.dtype)
+    return out
