@@ -1,0 +1,59 @@
+"""Paged decode attention (single and split-KV paths) against its torch reference."""
+
+import pytest
+import torch
+
+from kernels.paged_decode import choose_num_splits, paged_decode, paged_decode_ref
+from paged_cases import assert_close, kernel_device, make_batch, poisoned_like
+
+DEVICE = kernel_device()
+# Not multiples of the block sizes, plus 1 and an exact multiple of both.
+SEQ_LENS = [1, 37, 64, 90, 13]
+
+
+def _run(batch, num_heads, dtype, num_splits):
+    q = batch.q
+    out = paged_decode(q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3,
+                       max_seq_len=batch.max_seq_len, num_splits=num_splits, out=poisoned_like(q))
+    assert_close(out, paged_decode_ref(q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_matches_reference(dtype, group, block_size, num_splits):
+    num_kv_heads = 2
+    batch = make_batch(SEQ_LENS, [1] * len(SEQ_LENS), group * num_kv_heads, num_kv_heads, 64, block_size,
+                       dtype, DEVICE)
+    _run(batch, group * num_kv_heads, dtype, num_splits)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_decode_head_dims(head_dim, num_splits):
+    batch = make_batch([3, 50], [1, 1], 8, 2, head_dim, 16, torch.float16, DEVICE)
+    _run(batch, 8, torch.float16, num_splits)
+
+
+def test_paged_decode_more_splits_than_tiles():
+    # Splits past the end of a short sequence are empty and must weigh nothing in the reduce.
+    batch = make_batch([2, 40], [1, 1], 4, 1, 64, 16, torch.float32, DEVICE)
+    _run(batch, 4, torch.float32, 8)
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(64, 8, 2048, 132) == 1  # 512 programs fill 132 SMs
+    assert choose_num_splits(4, 8, 32768, 132) == 16  # 32 programs: split to ~4 per SM
+    assert choose_num_splits(4, 8, 600, 132) == 1  # too short to be worth splitting
+    assert choose_num_splits(1, 1, 1 << 20, 132) == 64  # capped
+
+
+def test_paged_decode_rejects_bad_inputs():
+    batch = make_batch([5], [1], 4, 2, 64, 16, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode(batch.q[:, :3], batch.kv_cache, batch.block_tables, batch.seq_lens, 1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode(batch.q, batch.kv_cache, batch.block_tables.long(), batch.seq_lens, 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_decode(batch.q.half(), batch.kv_cache, batch.block_tables, batch.seq_lens, 1.0)
