@@ -1,0 +1,98 @@
+"""The offline API, shaped like vLLM's: `LLM(...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.sampling_params import RequestOutput, SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """An engine in this process. Options are EngineConfig's fields (model, dtype, device, block_size,
+    max_model_len, max_num_seqs, max_num_batched_tokens, num_kv_blocks, gpu_memory_utilization,
+    cpu_kv_cache_bytes, seed, attention_backend, enable_prefix_caching)."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"LLM() got unknown options {sorted(unknown)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A prompt is a string, a list of token ids, or
+        {"prompt": str} / {"prompt_token_ids": [...]}. Every prompt is checked before any runs."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
+        items = [self._to_ids(p) for p in prompts]
+        for _, ids in items:
+            self.engine.validate_prompt(ids)
+        return self._run([(t, ids, sp) for (t, ids), sp in zip(items, params)], use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("messages: this model has no tokenizer")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": tok.encode_chat(c, add_generation_prompt),
+                    "prompt": tok.apply_chat_template(c, add_generation_prompt)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _to_ids(self, p: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(p, str):
+            return p, self.engine.encode(p)
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                return p.get("prompt"), list(p["prompt_token_ids"])
+            if "prompt" in p:
+                return p["prompt"], self.engine.encode(p["prompt"])
+            raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(p, (list, tuple)):
+            return None, list(p)
+        raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(p).__name__}")
+
+    def _run(self, items, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        order, results = [], {}
+        for text, ids, sp in items:
+            rid = f"offline-{next(self._ids)}"
+            engine.add_request(rid, text, sp, prompt_token_ids=ids)
+            order.append(rid)
+        bar = None
+        if use_tqdm and len(items) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while len(results) < len(order):
+                for out in engine.step():
+                    if out.finished and out.request_id not in results:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in order:  # leave the engine clean for the next call
+                if rid not in results:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in order]

@@ -1,0 +1,271 @@
+"""KV block bookkeeping: the pool of fixed-size blocks, per-sequence block tables, sharing and prefix caching.
+
+No torch here: the block manager decides *which* physical blocks hold which tokens; the model runner
+moves the bytes. Invariants (checked by `check_invariants`, used in tests):
+  * a block's ref_count equals the number of block tables holding it;
+  * a block is in the free queue iff its ref_count is 0;
+  * a block has a hash iff it is full of computed tokens and registered in the cache map, and then the
+    cache map points at it (one block per hash);
+  * the free queue is in eviction order: least recently freed first. Taking a free block that still
+    carries a hash evicts that cached prefix.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class HasTokens(Protocol):
+    seq_id: int
+    token_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+def chain_hash(parent_hash: int | None, tokens: tuple[int, ...], namespace: object = None) -> int:
+    """Name of a full block: depends on every token before it (through the parent) and its own."""
+    return hash((parent_hash, tokens, namespace))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[int, Block] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks a new allocation can take (never-used and evictable cached ones)."""
+        return len(self._free)
+
+    @property
+    def num_evictable(self) -> int:
+        return sum(1 for b in self._free.values() if b.block_hash is not None)
+
+    def take(self) -> Block:
+        _, block = self._free.popitem(last=False)
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            block.block_hash = None
+            self.num_evictions += 1
+        block.ref_count = 1
+        return block
+
+    def lookup(self, block_hash: int) -> Block | None:
+        return self._cached.get(block_hash)
+
+    def acquire(self, block: Block) -> None:
+        """Add a reference to a block that may be sitting in the free queue as a cached block."""
+        if block.ref_count == 0:
+            del self._free[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: Block) -> None:
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block.block_id} released too often"
+        if block.ref_count == 0:
+            self._free[block.block_id] = block
+
+    def register(self, block: Block, block_hash: int) -> Block:
+        """Record a freshly filled block under its hash. If another block already holds the same
+        content, keep that one as the cache entry (the new one stays private and unhashed)."""
+        existing = self._cached.get(block_hash)
+        if existing is not None:
+            return existing
+        block.block_hash = block_hash
+        self._cached[block_hash] = block
+        return block
+
+
+@dataclass
+class BlockTable:
+    blocks: list[Block] = field(default_factory=list)
+    num_hashed: int = 0
+    """Leading blocks whose hash is known (full and computed); `last_hash` is the last of them."""
+    last_hash: int | None = None
+
+    def ids(self) -> list[int]:
+        return [b.block_id for b in self.blocks]
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.tables: dict[int, BlockTable] = {}
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        """Token counts: tokens looked up in the prefix cache and tokens found there."""
+
+    # --- queries ------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return self.pool.num_evictable
+
+    def block_ids(self, seq_id: int) -> list[int]:
+        return self.tables[seq_id].ids()
+
+    def num_held_blocks(self, seq_id: int) -> int:
+        t = self.tables.get(seq_id)
+        return len(t.blocks) if t else 0
+
+    def num_used_blocks(self) -> int:
+        """Distinct blocks referenced by any sequence (shared blocks count once)."""
+        return self.pool.num_blocks - self.pool.num_free
+
+    def _blocks_needed(self, seq: HasTokens, num_new_tokens: int) -> int:
+        held = self.num_held_blocks(seq.seq_id)
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - held)
+
+    def _needs_copy_on_write(self, seq: HasTokens) -> bool:
+        table = self.tables.get(seq.seq_id)
+        if table is None or seq.num_computed_tokens % self.block_size == 0:
+            return False
+        idx = seq.num_computed_tokens // self.block_size
+        return idx < len(table.blocks) and table.blocks[idx].ref_count > 1
+
+    # --- prefix cache ---------------------------------------------------------------------------
+    def find_cached_prefix(self, seq: HasTokens, namespace: object = None) -> list[Block]:
+        """Longest run of cached full blocks matching the start of `seq`'s tokens.
+
+        At least one token is always left to compute, since the last one's logits are needed."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        max_blocks = (len(seq.token_ids) - 1) // bs
+        found: list[Block] = []
+        h = None
+        for i in range(max_blocks):
+            h = chain_hash(h, tuple(seq.token_ids[i * bs:(i + 1) * bs]), namespace)
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            found.append(block)
+        self.prefix_queries += len(seq.token_ids)
+        self.prefix_hits += len(found) * bs
+        return found
+
+    # --- allocation -----------------------------------------------------------------------------
+    def can_allocate(self, seq: HasTokens, num_new_tokens: int, cached: list[Block] = ()) -> bool:
+        # Cached blocks sitting in the free queue stop being free once this sequence takes them.
+        reused_free = sum(1 for b in cached if b.ref_count == 0)
+        need = -(-(len(cached) * self.block_size + num_new_tokens) // self.block_size) - len(cached)
+        return need + reused_free <= self.pool.num_free
+
+    def allocate(self, seq: HasTokens, num_new_tokens: int, cached: list[Block] = (),
+                 namespace: object = None) -> None:
+        """Give a new sequence its blocks: `cached` prefix blocks (shared) plus fresh ones for
+        `num_new_tokens` tokens after them. Sets `seq.num_computed_tokens` past the cached prefix."""
+        assert seq.seq_id not in self.tables
+        table = BlockTable()
+        for b in cached:
+            self.pool.acquire(b)
+            table.blocks.append(b)
+        table.num_hashed = len(cached)
+        table.last_hash = cached[-1].block_hash if cached else None
+        self.tables[seq.seq_id] = table
+        seq.num_computed_tokens = len(cached) * self.block_size
+        self._grow(table, seq.num_computed_tokens + num_new_tokens)
+
+    def can_append(self, seq: HasTokens, num_new_tokens: int) -> bool:
+        need = self._blocks_needed(seq, num_new_tokens) + int(self._needs_copy_on_write(seq))
+        return need <= self.pool.num_free
+
+    def append(self, seq: HasTokens, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Make room for `num_new_tokens` more tokens of a running sequence.
+
+        Returns (src, dst) block copies to run before the step: a partly filled block still shared
+        with a forked sibling is copied so this sequence's writes stay its own."""
+        table = self.tables[seq.seq_id]
+        copies = []
+        if self._needs_copy_on_write(seq):
+            idx = seq.num_computed_tokens // self.block_size
+            old = table.blocks[idx]
+            new = self.pool.take()
+            self.pool.release(old)
+            table.blocks[idx] = new
+            copies.append((old.block_id, new.block_id))
+        self._grow(table, seq.num_computed_tokens + num_new_tokens)
+        return copies
+
+    def _grow(self, table: BlockTable, num_tokens: int) -> None:
+        while len(table.blocks) * self.block_size < num_tokens:
+            table.blocks.append(self.pool.take())
+
+    def fork(self, parent: HasTokens, child: HasTokens) -> None:
+        """The child shares every block of the parent (copy-on-write happens at the next append)."""
+        src = self.tables[parent.seq_id]
+        for b in src.blocks:
+            self.pool.acquire(b)
+        self.tables[child.seq_id] = BlockTable(list(src.blocks), src.num_hashed, src.last_hash)
+
+    def mark_computed(self, seq: HasTokens, namespace: object = None) -> None:
+        """Register the sequence's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.tables[seq.seq_id]
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        while table.num_hashed < full:
+            i = table.num_hashed
+            h = chain_hash(table.last_hash, tuple(seq.token_ids[i * bs:(i + 1) * bs]), namespace)
+            block = table.blocks[i]
+            if block.block_hash is None:
+                self.pool.register(block, h)
+            table.last_hash = h
+            table.num_hashed += 1
+
+    def free(self, seq: HasTokens) -> None:
+        """Drop the sequence's references. Later blocks are released first so that, in the free
+        queue, a prefix's tail is evicted before its head (the head is the most reusable part)."""
+        table = self.tables.pop(seq.seq_id, None)
+        if table is None:
+            return
+        for b in reversed(table.blocks):
+            self.pool.release(b)
+
+    def reset_prefix_cache(self) -> None:
+        for b in self.pool.blocks:
+            if b.block_hash is not None and b.ref_count == 0:
+                del self.pool._cached[b.block_hash]
+                b.block_hash = None
+
+    # --- checks -----------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        refs = {b.block_id: 0 for b in self.pool.blocks}
+        for t in self.tables.values():
+            for b in t.blocks:
+                refs[b.block_id] += 1
+        for b in self.pool.blocks:
+            assert b.ref_count == refs[b.block_id], f"block {b.block_id}: ref {b.ref_count} != {refs[b.block_id]}"
+            assert (b.ref_count == 0) == (b.block_id in self.pool._free), f"block {b.block_id}: free-queue mismatch"
+            if b.block_hash is not None:
+                assert self.pool._cached.get(b.block_hash) is b, f"block {b.block_id}: stale hash"
+        assert len(self.pool._cached) == sum(1 for b in self.pool.blocks if b.block_hash is not None)

@@ -1,0 +1,393 @@
+"""The engine loop: add requests, step (schedule -> forward -> sample -> stop checks), stream outputs.
+
+`LLMEngine` is synchronous and single-threaded; the offline `LLM` drives it in a loop and the gRPC
+engine service drives it from a background thread. Requests are validated here so both paths give
+the same errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
+from services.engine.attention import BACKENDS, default_backend
+from services.engine.block_manager import BlockManager
+from services.engine.model.loader import read_config, resolve_dtype, resolve_model_path
+from services.engine.model_runner import ModelRunner, kv_bytes_per_block
+from services.engine.request import Request, Sequence, SeqStatus
+from services.engine.sampler import Sampler
+from services.engine.sampling_params import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+
+log = logging.getLogger("folio.engine")
+
+__all__ = ["EngineConfig", "EngineStats", "LLMEngine", "QueueFullError"]
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    """HF model directory or hub id; None means the bundled SmolLM2-135M-Instruct."""
+    dtype: str = "auto"
+    """"float32", "bfloat16", "float16" or "auto" (float32 on CPU, the checkpoint's dtype on GPU)."""
+    device: str = "auto"
+    """"cpu", "cuda", "cuda:N" or "auto" (CUDA when available)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); defaults to the model's context length."""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    """Per-step token budget; defaults to 2048 on CPU, 8192 on GPU."""
+    num_kv_blocks: int | None = None
+    """KV pool size in blocks; overrides the memory-based sizing below."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA: fraction of the GPU's memory Folio may use (weights, activations and KV pool)."""
+    cpu_kv_cache_bytes: int = 1 << 30
+    """On CPU: bytes of KV pool."""
+    seed: int = 0
+    attention_backend: str | None = None
+    """"torch" or "triton"; None picks triton on CUDA, torch elsewhere."""
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int | None = None
+    """Bound on queued requests (None: unbounded); beyond it add_request raises QueueFullError."""
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+@dataclass
+class EngineStats:
+    """What the router needs to place requests, and what metrics report."""
+
+    total_blocks: int
+    free_blocks: int
+    """Blocks no request holds and no cached prefix occupies."""
+    evictable_blocks: int
+    """Blocks no request holds that still cache a prefix (allocatable by eviction)."""
+    running: int
+    waiting: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    block_size: int
+    kv_usage: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        used = self.total_blocks - self.free_blocks - self.evictable_blocks
+        self.kv_usage = used / self.total_blocks if self.total_blocks else 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_dir = resolve_model_path(config.model)
+        self.hf_config = read_config(self.model_dir)
+        dev = config.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").exists() else None
+        backend = config.attention_backend or default_backend(str(self.device))
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend, config.block_size)
+        mcfg = self.runner.cfg
+        self.vocab_size = mcfg.vocab_size
+        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's context length ({mcfg.max_position_embeddings})")
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        num_blocks = self._size_kv_pool()
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one sequence of "
+                f"max_model_len {self.max_model_len}; give more KV memory or a smaller max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, config.max_waiting_requests), self.blocks)
+        self.sampler = Sampler(self.device, config.seed or 0)
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self._eos_from_config()
+        self.requests: dict[str, Request] = {}
+        self.attention_backend = backend
+        log.info("engine ready: %s on %s (%s), backend %s, %d KV blocks x %d tokens",
+                 self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), backend,
+                 num_blocks, config.block_size)
+
+    def _eos_from_config(self) -> frozenset[int]:
+        e = self.hf_config.get("eos_token_id")
+        return frozenset(e if isinstance(e, list) else ([e] if e is not None else []))
+
+    def _size_kv_pool(self) -> int:
+        c = self.config
+        per_block = kv_bytes_per_block(self.runner.cfg, c.block_size, self.dtype)
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(1, c.cpu_kv_cache_bytes // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_now = total - free  # weights and anything else already resident
+        m = self.runner.cfg
+        # Activations of the largest step: hidden states, fused qkv and gate/up, logits, in float32 at worst.
+        act = self.max_num_batched_tokens * (4 * m.hidden_size + 2 * m.intermediate_size
+                                             + (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim) * 4
+        act += c.max_num_seqs * m.vocab_size * 4 * 4
+        budget = int(total * c.gpu_memory_utilization) - used_now - act - (512 << 20)
+        if budget < per_block:
+            raise ValueError(f"gpu_memory_utilization {c.gpu_memory_utilization}: no GPU memory left for the KV pool")
+        n = budget // per_block
+        log.info("KV pool: %.2f GiB (%d blocks); weights %.2f GiB", n * per_block / 2**30, n,
+                 self.runner.weight_bytes() / 2**30)
+        return n
+
+    # --- requests --------------------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(prompt_token_ids) > self.max_model_len - 1:
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens is more than this model's limit of "
+                f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len} includes one output token)")
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer; pass token ids")
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("prompt: give a prompt or prompt_token_ids")
+            prompt_token_ids = self.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        self.validate_prompt(prompt_token_ids)
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        req = Request(request_id, prompt, prompt_token_ids, params)
+        self._init_seq(req.seqs[0])
+        self.scheduler.add(req.seqs[0])
+        self.requests[request_id] = req
+        return req
+
+    def _init_seq(self, seq: Sequence) -> None:
+        if seq.params.logprobs is not None:
+            seq.logprobs = []
+        if self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks. Returns its last output, or None if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+            self.sampler.forget(seq.seq_id)
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_stats(self) -> EngineStats:
+        b = self.blocks
+        evictable = b.num_evictable_blocks
+        return EngineStats(
+            total_blocks=b.num_blocks, free_blocks=b.num_free_blocks - evictable, evictable_blocks=evictable,
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=b.prefix_queries,
+            prefix_cache_hits=b.prefix_hits, block_size=b.block_size,
+        )
+
+    # --- the step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return outputs of the requests that advanced or finished."""
+        out = self.scheduler.schedule()
+        if not out:
+            return self._unblock()
+        tables = [self.blocks.block_ids(s.seq.seq_id) for s in out.scheduled]
+        if out.block_copies:
+            self.runner.copy_blocks(out.block_copies)
+        inputs = self.runner.prepare(out, tables)
+        logits = self.runner.execute(inputs)
+        now = time.monotonic()
+
+        to_sample: list[Sequence] = []
+        sample_rows: list[int] = []
+        row = 0
+        for s in out.scheduled:
+            seq, n = s.seq, s.num_new_tokens
+            req = seq.request
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            start = seq.num_computed_tokens
+            caught_up = start + n == seq.num_tokens
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                self._record_prompt_logprobs(req, logits[row:row + n], start)
+                row += n
+                last = row - 1
+            elif caught_up:
+                last = row
+                row += 1
+            if caught_up:
+                to_sample.append(seq)
+                sample_rows.append(last)
+                if req.needs_fork:  # n > 1: the prompt is computed once, then shared by n sequences
+                    for child in self._fork(req, seq):
+                        to_sample.append(child)
+                        sample_rows.append(last)
+        self.scheduler.after_step(out)
+
+        touched: dict[str, Request] = {}
+        if to_sample:
+            result = self.sampler(logits[torch.tensor(sample_rows, device=logits.device)], to_sample, self.eos_token_ids)
+            for i, seq in enumerate(to_sample):
+                self._append_token(seq, result.token_ids[i], result.logprobs[i], result.top[i])
+                if seq.request.first_token_time is None:
+                    seq.request.first_token_time = now
+                touched[seq.request.request_id] = seq.request
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+                for seq in req.seqs:
+                    self.sampler.forget(seq.seq_id)
+        return outputs
+
+    def _unblock(self) -> list[RequestOutput]:
+        """Nothing could be scheduled. If nothing runs, the head of the queue can never fit in the
+        pool: end it (finish reason "length") rather than spin."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return []
+        seq = self.scheduler.waiting[0]
+        seq.finish_reason = "length"
+        self.scheduler.finish(seq)
+        req = seq.request
+        outputs = [self._output(req)]
+        if req.finished:
+            self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _fork(self, req: Request, parent: Sequence) -> list[Sequence]:
+        children = []
+        while req.needs_fork:
+            child = Sequence(req, len(req.seqs), list(parent.token_ids), parent.num_prompt_tokens,
+                             num_computed_tokens=parent.num_computed_tokens)
+            child.num_cached_tokens = parent.num_cached_tokens
+            self._init_seq(child)
+            self.blocks.fork(parent, child)
+            self.scheduler.add_running(child, after=children[-1] if children else parent)
+            req.seqs.append(child)
+            children.append(child)
+        return children
+
+    def _record_prompt_logprobs(self, req: Request, chunk_logits: torch.Tensor, start: int) -> None:
+        seq = req.seqs[0]
+        k = seq.params.prompt_logprobs
+        lp = torch.log_softmax(chunk_logits, dim=-1)
+        n_prompt = seq.num_prompt_tokens
+        for j in range(chunk_logits.shape[0]):
+            p = start + j + 1  # the logits at position p-1 predict token p
+            if p >= n_prompt or len(req.prompt_logprobs) != p:
+                continue  # past the prompt, or already recorded before a preemption
+            tok = seq.token_ids[p]
+            row = lp[j]
+            entry = {tok: Logprob(row[tok].item(), int((row > row[tok]).sum().item()) + 1, self._tok_text(tok))}
+            if k:
+                vals, ids = row.topk(k)
+                for r, (t, v) in enumerate(zip(ids.tolist(), vals.tolist())):
+                    entry.setdefault(t, Logprob(v, r + 1, self._tok_text(t)))
+            req.prompt_logprobs.append(entry)
+
+    def _tok_text(self, token_id: int) -> str | None:
+        return self.tokenizer.decode_token(token_id) if self.tokenizer else None
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None and top is not None:
+            ids, lps, rank = top
+            entry = {token: Logprob(logprob, rank, self._tok_text(token))}
+            for r, (t, v) in enumerate(zip(ids, lps)):
+                entry.setdefault(t, Logprob(v, r + 1, self._tok_text(t)))
+            seq.logprobs.append(entry)
+        n_out = seq.num_output_tokens
+        reason, stop = None, None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, stop = "stop", token
+        if seq.detok is not None:
+            delta = seq.detok.add([token])
+            seq.text = seq.detok.text
+            if reason is None and p.stop and n_out >= p.min_tokens and delta:
+                hit = self._find_stop(seq.text, len(delta), p)
+                if hit is not None:
+                    idx, s = hit
+                    seq.text = seq.text[:idx + len(s)] if p.include_stop_str_in_output else seq.text[:idx]
+                    reason, stop = "stop", s
+        if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop
+            if seq.detok is not None and stop is None and reason == "length":
+                seq.text += seq.detok.flush()
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _find_stop(text: str, delta_len: int, p: SamplingParams) -> tuple[int, str] | None:
+        # Only the new text (plus the longest stop string's reach back) can complete a stop string.
+        begin = max(0, len(text) - delta_len - p.max_stop_len + 1)
+        best = None
+        for s in p.stop:
+            i = text.find(s, begin)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            )
+            for s in req.seqs
+        ]
+        finished = req.aborted or req.finished
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            prompt_logprobs=req.prompt_logprobs, outputs=outs, finished=finished,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+            metrics={"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
+                     "first_token_time": req.first_token_time},
+        )

@@ -1,0 +1,94 @@
+"""What the engine tracks per request and per sequence. No torch here."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from services.engine.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation. `num_computed_tokens` catches up with `len(token_ids)` under the
+    step's token budget: a long prompt takes several steps (chunked prefill), a decode one token."""
+
+    request: "Request"
+    index: int
+    """Position among the request's n samples (or beams)."""
+    token_ids: list[int]
+    num_prompt_tokens: int
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    num_computed_tokens: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    cumulative_logprob: float = 0.0
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    detok: object | None = None
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    first_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    aborted: bool = False
+
+    def __post_init__(self) -> None:
+        # Sampling forks the first sequence into n once the prompt is computed, so the prompt's
+        # blocks are computed once and shared.
+        self.seqs.append(Sequence(self, 0, list(self.prompt_token_ids), len(self.prompt_token_ids)))
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_fork(self) -> bool:
+        return len(self.seqs) < self.params.n
+
+    @property
+    def finished(self) -> bool:
+        return not self.needs_fork and all(s.finished for s in self.seqs)

@@ -1,0 +1,142 @@
+"""From logits to next tokens on the logits' device: penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
+
+Logprobs are the model's raw distribution (log-softmax of the logits before any penalty or
+temperature), as vLLM reports them by default. A request with a seed draws from its own generator,
+one row at a time, so its samples do not depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.request import Sequence
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]
+    """Raw log-probability of each sampled token."""
+    top: list[tuple[list[int], list[float], int] | None]
+    """Per row, when logprobs were asked: (top ids, their logprobs, rank of the sampled token)."""
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self._global = torch.Generator(device=device)
+        self._global.manual_seed(seed)
+        self._seeded: dict[int, torch.Generator] = {}
+
+    def forget(self, seq_id: int) -> None:
+        self._seeded.pop(seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        g = self._seeded.get(seq.seq_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            # Each of the n samples of a seeded request gets its own stream, fixed by (seed, index).
+            g.manual_seed((seq.params.seed * 1_000_003 + seq.index) % (2**63))
+            self._seeded[seq.seq_id] = g
+        return g
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> SampleResult:
+        """logits [N, V] float32, one row per sequence to extend."""
+        n, vocab = logits.shape
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        x = logits.clone()
+        self._apply_min_tokens(x, seqs, eos_ids)
+        self._apply_penalties(x, seqs)
+
+        greedy = [s.params.greedy for s in seqs]
+        tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+        g_rows = [i for i, gr in enumerate(greedy) if gr]
+        r_rows = [i for i, gr in enumerate(greedy) if not gr]
+        if g_rows:
+            idx = torch.tensor(g_rows, device=logits.device)
+            tokens[idx] = x[idx].argmax(dim=-1)
+        if r_rows:
+            idx = torch.tensor(r_rows, device=logits.device)
+            probs = self._probs(x[idx], [seqs[i] for i in r_rows])
+            noise = torch.empty_like(probs)
+            unseeded = []
+            for j, i in enumerate(r_rows):
+                if seqs[i].params.seed is not None:
+                    noise[j].exponential_(generator=self._generator(seqs[i]))
+                else:
+                    unseeded.append(j)
+            if unseeded:
+                u = torch.tensor(unseeded, device=logits.device)
+                noise[u] = torch.empty((len(unseeded), vocab), device=logits.device).exponential_(generator=self._global)
+            # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+
+        sampled_lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+        want = [s.params.logprobs for s in seqs]
+        top: list = [None] * n
+        kmax = max((k for k in want if k is not None), default=None)
+        if kmax is not None:
+            ranks = (raw_logprobs > sampled_lp[:, None]).sum(dim=-1) + 1
+            if kmax > 0:
+                top_lp, top_ids = raw_logprobs.topk(kmax, dim=-1)
+                top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+            ranks = ranks.tolist()
+            for i, k in enumerate(want):
+                if k is not None:
+                    top[i] = (top_ids[i][:k] if k else [], top_lp[i][:k] if k else [], ranks[i])
+        return SampleResult(tokens.tolist(), sampled_lp.tolist(), top)
+
+    @staticmethod
+    def _apply_min_tokens(x: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> None:
+        for i, s in enumerate(seqs):
+            p = s.params
+            if s.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+                if banned:
+                    x[i, banned] = _NEG_INF
+
+    @staticmethod
+    def _apply_penalties(x: torch.Tensor, seqs: list[Sequence]) -> None:
+        vocab = x.shape[1]
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+                continue
+            out_ids = torch.tensor(s.output_token_ids, dtype=torch.long, device=x.device)
+            counts = torch.zeros(vocab, device=x.device).scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float))
+            row = x[i]
+            if p.repetition_penalty != 1.0:
+                seen = counts > 0
+                seen[torch.tensor(s.token_ids[:s.num_prompt_tokens], dtype=torch.long, device=x.device)] = True
+                penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                row.copy_(torch.where(seen, penalised, row))
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+    @staticmethod
+    def _probs(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature for s in seqs], device=x.device)
+        x = x / temps[:, None]
+        top_ks = [s.params.top_k for s in seqs]
+        top_ps = [s.params.top_p for s in seqs]
+        min_ps = [s.params.min_p for s in seqs]
+        vocab = x.shape[1]
+        if any(k != -1 and k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            keep = torch.ones_like(sorted_x, dtype=torch.bool)
+            ks = torch.tensor([k if k != -1 else vocab for k in top_ks], device=x.device)
+            keep &= torch.arange(vocab, device=x.device)[None, :] < ks[:, None]
+            ps = torch.tensor(top_ps, device=x.device)
+            sorted_x = sorted_x.masked_fill(~keep, _NEG_INF)
+            cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+            # Keep a token if the mass before it is still short of top_p (the first always stays).
+            keep &= (cum - sorted_x.softmax(dim=-1)) < ps[:, None]
+            x = torch.full_like(x, _NEG_INF).scatter(1, order, sorted_x.masked_fill(~keep, _NEG_INF))
+        probs = x.softmax(dim=-1)
+        if any(m > 0 for m in min_ps):
+            mp = torch.tensor(min_ps, device=x.device)
+            probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        return probs

@@ -1,0 +1,163 @@
+"""Per-request generation settings, validated at construction (vLLM's names and defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    """Number of sequences sampled for the prompt (they share the prompt's KV blocks)."""
+    temperature: float = 1.0
+    """0 means greedy; otherwise logits are divided by it."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 (or 0 is rejected) keeps all."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one, in [0, 1]."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or output (CTRL-style), > 0."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted per occurrence from the logit of generated tokens, in [-2, 2]."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same samples whatever else shares the batch."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None means up to the model's context length."""
+    min_tokens: int = 0
+    """EOS and stop token ids are suppressed until this many tokens are generated."""
+    stop: list[str] | str | None = None
+    """Strings that end generation; they are not included in the returned text."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end generation (kept in token_ids, like EOS)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS."""
+    logprobs: int | None = None
+    """Return this many top alternatives (plus the sampled token) per generated token."""
+    prompt_logprobs: int | None = None
+    """Return this many top alternatives per prompt token."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the returned text."""
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, value, allowed: str):
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", self.n, "an integer >= 1")
+        if self.temperature < 0:
+            bad("temperature", self.temperature, ">= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
+            bad("top_k", self.top_k, "-1 (disabled) or an integer >= 1")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", self.min_p, "in [0, 1]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "> 0")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", self.presence_penalty, "in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", self.max_tokens, "an integer >= 1")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", self.min_tokens, "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", self.logprobs, "an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20
+        ):
+            bad("prompt_logprobs", self.prompt_logprobs, "an integer in [0, 20]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", self.seed, "an integer")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                bad("stop", self.stop, "a list of non-empty strings")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or t < 0:
+                bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def max_stop_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0)
+
+
+@dataclass
+class BeamSearchParams:
+    beam_width: int
+    """Beams kept per step (they fork on shared KV blocks)."""
+    max_tokens: int
+    """Most tokens generated per beam."""
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+    """Scores are cumulative logprob / length ** length_penalty."""
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability, with its rank (1 = most likely) and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list  # list[dict[int, Logprob] | None], one entry per prompt token
+SampleLogprobs = list  # list[dict[int, Logprob]], one entry per generated token
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None
+    """"stop" (EOS, a stop string or token), "length" (max_tokens or context) or "abort"."""
+    stop_reason: int | str | None = None
+    """The stop string or stop token id that ended the sequence, if any."""
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
