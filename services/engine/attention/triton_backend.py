@@ -1,0 +1,39 @@
+"""Attention backend on the Triton paged kernels (CUDA; on CPU only under TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.copy_blocks import copy_blocks
+from kernels.paged_decode import paged_decode
+from kernels.paged_prefill import paged_prefill
+from kernels.reshape_and_cache import reshape_and_cache
+
+
+class TritonAttentionBackend:
+    """Writes the step's K/V into the paged cache, then attends.
+
+    A decode-only step (every sequence brings one token) takes the decode kernel, which splits long
+    contexts across SMs when there are few sequences; any other step, prefill chunks and decodes
+    mixed, is one launch of the prefill/extend kernel.
+    """
+
+    name = "triton"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
+                scale: float) -> torch.Tensor:
+        reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
+        num_seqs = len(meta.seq_lens_cpu)
+        num_real = sum(meta.query_lens_cpu)
+        out = torch.empty_like(q)
+        if meta.max_query_len == 1:
+            paged_decode(q[:num_seqs], kv_cache, meta.block_tables, meta.seq_lens, scale,
+                         max_seq_len=meta.max_seq_len, out=out[:num_seqs])
+        else:
+            paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, out=out)
+        if num_real < q.shape[0]:
+            out[num_real:].zero_()  # padding rows (e.g. a CUDA-graph batch rounded up)
+        return out
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+        copy_blocks(kv_caches, src, dst)
