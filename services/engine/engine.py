@@ -114,7 +114,12 @@ class LLMEngine:
                 f"max_model_len ({self.max_model_len}) exceeds the model's context length ({mcfg.max_position_embeddings})")
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         num_blocks = self._size_kv_pool()
-        if num_blocks * config.block_size < self.max_model_len:
+        capacity = num_blocks * config.block_size
+        if capacity < self.max_model_len and config.max_model_len is None:
+            # Not asked for explicitly: fit the context limit to the pool rather than refuse to start.
+            log.warning("max_model_len lowered from %d to %d to fit the KV pool", self.max_model_len, capacity)
+            self.max_model_len = capacity
+        if capacity < self.max_model_len:
             raise ValueError(
                 f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one sequence of "
                 f"max_model_len {self.max_model_len}; give more KV memory or a smaller max_model_len")
@@ -237,6 +242,8 @@ class LLMEngine:
         logits = self.runner.execute(inputs)
         now = time.monotonic()
 
+        self.scheduler.after_step(out)  # advance num_computed_tokens (forks below copy it)
+
         to_sample: list[Sequence] = []
         sample_rows: list[int] = []
         row = 0
@@ -245,8 +252,8 @@ class LLMEngine:
             req = seq.request
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-            start = seq.num_computed_tokens
-            caught_up = start + n == seq.num_tokens
+            start = seq.num_computed_tokens - n
+            caught_up = seq.num_computed_tokens == seq.num_tokens
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 self._record_prompt_logprobs(req, logits[row:row + n], start)
                 row += n
@@ -261,7 +268,6 @@ class LLMEngine:
                     for child in self._fork(req, seq):
                         to_sample.append(child)
                         sample_rows.append(last)
-        self.scheduler.after_step(out)
 
         touched: dict[str, Request] = {}
         if to_sample:
