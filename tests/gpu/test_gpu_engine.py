@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 PROMPTS = [[1, 17, 230, 5, 99, 4, 812, 3], [7, 7, 7, 500, 61], list(range(20, 60))]
 MAX_TOKENS = 24
@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
 def hf_model(model_dir):
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).cuda().eval()
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
 
 
 def _hf_greedy(hf_model, prompt):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from kernels.copy_blocks import copy_blocks, copy_blocks_ref  # noqa: E402
 from kernels.paged_decode import paged_decode, paged_decode_ref  # noqa: E402
