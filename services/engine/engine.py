@@ -55,6 +55,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting_requests: int | None = None
     """Bound on queued requests (None: unbounded); beyond it add_request raises QueueFullError."""
+    load_format: str = "safetensors"
+    """"safetensors", or "dummy": random weights of the checkpoint's shapes (speed measurements)."""
+    enforce_eager: bool = False
+    """On CUDA, skip capturing decode steps as CUDA graphs."""
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -63,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -105,7 +111,10 @@ class LLMEngine:
         backend = config.attention_backend or default_backend(str(self.device))
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend, config.block_size)
+        self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend, config.block_size,
+                                  config.load_format)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give loading's transient copies back before sizing the KV pool
         mcfg = self.runner.cfg
         self.vocab_size = mcfg.vocab_size
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
@@ -124,6 +133,8 @@ class LLMEngine:
                 f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one sequence of "
                 f"max_model_len {self.max_model_len}; give more KV memory or a smaller max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(min(config.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, config.max_waiting_requests), self.blocks)
@@ -200,7 +211,8 @@ class LLMEngine:
     def _init_seq(self, seq: Sequence) -> None:
         if seq.params.logprobs is not None:
             seq.logprobs = []
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and seq.params.stop:
+            # Stop strings need the text as it grows; otherwise the text is decoded once, at the end.
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -211,8 +223,7 @@ class LLMEngine:
         req.aborted = True
         for seq in req.seqs:
             if not seq.finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish(seq, "abort")
             self.sampler.forget(seq.seq_id)
         return self._output(req)
 
@@ -292,8 +303,7 @@ class LLMEngine:
         if self.scheduler.running or not self.scheduler.waiting:
             return []
         seq = self.scheduler.waiting[0]
-        seq.finish_reason = "length"
-        self.scheduler.finish(seq)
+        self._finish(seq, "length")
         req = seq.request
         outputs = [self._output(req)]
         if req.finished:
@@ -364,10 +374,17 @@ class LLMEngine:
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop
-            if seq.detok is not None and stop is None and reason == "length":
+            self._finish(seq, reason, stop)
+
+    def _finish(self, seq: Sequence, reason: str, stop: int | str | None = None) -> None:
+        """End a sequence: settle its text, free its blocks."""
+        seq.finish_reason, seq.stop_reason = reason, stop
+        if seq.detok is not None:
+            if not isinstance(stop, str):  # a stop string already cut the text
                 seq.text += seq.detok.flush()
-            self.scheduler.finish(seq)
+        elif self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        self.scheduler.finish(seq)
 
     @staticmethod
     def _find_stop(text: str, delta_len: int, p: SamplingParams) -> tuple[int, str] | None:

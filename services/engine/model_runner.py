@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.engine.attention import get_attention_backend
@@ -33,15 +34,20 @@ def kv_bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dtype) ->
 
 class ModelRunner:
     def __init__(self, model_dir, hf_config: dict, dtype: torch.dtype, device: torch.device,
-                 attention_backend: str, block_size: int):
+                 attention_backend: str, block_size: int, load_format: str = "safetensors"):
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.cfg = LlamaConfig.from_hf(hf_config)
         self.backend = get_attention_backend(attention_backend)
         self.model = LlamaModel(self.cfg, self.backend, dtype, device)
-        self.model.load_weights(load_safetensors(model_dir))
+        if load_format == "dummy":
+            self.model.load_weights(dummy_weights(self.cfg, dtype, device))
+        else:
+            self.model.load_weights(load_safetensors(model_dir))
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pinned = device.type == "cuda"
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.cfg
@@ -59,15 +65,17 @@ class ModelRunner:
     # --- one step ------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, block_tables: list[list[int]]) -> StepInputs:
         bs = self.block_size
-        ids, pos, slots, q_lens, s_lens, rows = [], [], [], [], [], []
-        for s, table in zip(out.scheduled, block_tables):
+        ids, pos, q_lens, s_lens, rows = [], [], [], [], []
+        for s in out.scheduled:
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
             base = len(ids)
-            ids += seq.token_ids[start:start + n]
-            rng = range(start, start + n)
-            pos += rng
-            slots += [table[p // bs] * bs + p % bs for p in rng]
+            if n == 1:
+                ids.append(seq.token_ids[start])
+                pos.append(start)
+            else:
+                ids += seq.token_ids[start:start + n]
+                pos += range(start, start + n)
             q_lens.append(n)
             s_lens.append(start + n)
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
@@ -76,31 +84,135 @@ class ModelRunner:
             elif start + n == seq.num_tokens:
                 rows.append(base + n - 1)
         max_blocks = max(len(t) for t in block_tables)
-        tables = torch.zeros((len(block_tables), max_blocks), dtype=torch.int32)
+        tables = np.zeros((len(block_tables), max_blocks), dtype=np.int32)
         for i, t in enumerate(block_tables):
-            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
-        dev = self.device
+            tables[i, :len(t)] = t
+        pos_np = np.asarray(pos, dtype=np.int64)
+        # slot = block_table[pos // bs] * bs + pos % bs, for each new token of each sequence
+        seq_of_tok = np.repeat(np.arange(len(q_lens)), q_lens)
+        slots = tables[seq_of_tok, pos_np // bs].astype(np.int64) * bs + pos_np % bs
+        qsl = np.zeros(len(q_lens) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=qsl[1:])
+        put = self._to_device
         meta = AttentionMetadata(
             num_seqs=len(q_lens), num_tokens=len(ids),
-            query_start_loc=qsl.to(dev), seq_lens=torch.tensor(s_lens, dtype=torch.int32, device=dev),
-            block_tables=tables.to(dev), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=put(qsl), seq_lens=put(np.asarray(s_lens, dtype=np.int32)),
+            block_tables=put(tables), slot_mapping=put(slots),
             max_query_len=max(q_lens), max_seq_len=max(s_lens), query_lens_cpu=q_lens, seq_lens_cpu=s_lens,
         )
-        return StepInputs(
-            torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-            meta, torch.tensor(rows, dtype=torch.long, device=dev),
-        )
+        return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos_np), meta,
+                          put(np.asarray(rows, dtype=np.int64)))
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self._pinned:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] in float32."""
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        meta = inputs.meta
+        if meta.is_decode_only and self.graphs and meta.num_seqs <= self._graph_max_batch:
+            return self._replay(inputs)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches, meta)
         return self.model.logits(hidden[inputs.logit_rows])
+
+    # --- CUDA graphs for decode ------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Record one decode step per batch-size bucket; a step of n sequences replays the smallest
+        bucket >= n with the extra rows padded (slot -1: nothing written; their outputs ignored).
+        Captured with the longest context so the attention launch covers any length."""
+        if self.device.type != "cuda":
+            return
+        buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+                   if b <= max_batch]
+        if not buckets or buckets[-1] < max_batch:
+            buckets.append(max_batch)
+        max_blocks = -(-max_model_len // self.block_size)
+        B, dev = buckets[-1], self.device
+        st = {
+            "ids": torch.zeros(B, dtype=torch.long, device=dev),
+            "pos": torch.zeros(B, dtype=torch.long, device=dev),
+            "slots": torch.full((B,), -1, dtype=torch.int64, device=dev),
+            "tables": torch.zeros((B, max_blocks), dtype=torch.int32, device=dev),
+            "seq_lens": torch.ones(B, dtype=torch.int32, device=dev),
+            "qsl": torch.arange(B + 1, dtype=torch.int32, device=dev),
+        }
+        self._static, self._graph_outputs = st, {}
+        self._graph_max_batch = B
+        pool = None
+        torch.cuda.synchronize(dev)
+        for b in reversed(buckets):
+            meta = AttentionMetadata(
+                num_seqs=b, num_tokens=b, query_start_loc=st["qsl"][:b + 1], seq_lens=st["seq_lens"][:b],
+                block_tables=st["tables"][:b], slot_mapping=st["slots"][:b], max_query_len=1,
+                max_seq_len=max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[max_model_len] * b,
+            )
+
+            def run():
+                h = self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta)
+                return self.model.logits(h)
+
+            run()  # warm up: compile kernels, settle the allocator
+            torch.cuda.synchronize(dev)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._graph_outputs[b] = run()
+            pool = g.pool()
+            self.graphs[b] = g
+        torch.cuda.synchronize(dev)
+        log.info("captured decode CUDA graphs for batch sizes %s", buckets)
+
+    def _replay(self, inputs: StepInputs) -> torch.Tensor:
+        meta, st = inputs.meta, self._static
+        n = meta.num_seqs
+        b = min(k for k in self.graphs if k >= n)
+        st["ids"][:n].copy_(inputs.input_ids)
+        st["pos"][:n].copy_(inputs.positions)
+        st["slots"][:n].copy_(meta.slot_mapping)
+        st["slots"][n:b].fill_(-1)
+        st["seq_lens"][:n].copy_(meta.seq_lens)
+        st["seq_lens"][n:b].fill_(1)
+        w = meta.block_tables.shape[1]
+        st["tables"][:n, :w].copy_(meta.block_tables)
+        self.graphs[b].replay()
+        # In a decode step every sequence samples: row i is sequence i (clone: the next replay reuses it).
+        return self._graph_outputs[b][:n].clone()
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.device)
         dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
         self.backend.copy_blocks(self.kv_caches, src, dst)
+
+
+def dummy_weights(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of the model's real shapes, made on the device (vLLM's load_format="dummy"):
+    for speed measurements of large shapes without a checkpoint."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    d, hq, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+
+    w = {"model.embed_tokens.weight": rnd(cfg.vocab_size, d), "model.norm.weight": torch.ones(d, dtype=dtype, device=device)}
+    if not cfg.tie_word_embeddings:
+        w["lm_head.weight"] = rnd(cfg.vocab_size, d)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = rnd(hq * hd, d)
+        w[p + "self_attn.k_proj.weight"] = rnd(hkv * hd, d)
+        w[p + "self_attn.v_proj.weight"] = rnd(hkv * hd, d)
+        if cfg.attention_bias:
+            for x, n in (("q", hq), ("k", hkv), ("v", hkv)):
+                w[p + f"self_attn.{x}_proj.bias"] = rnd(n * hd)
+        w[p + "self_attn.o_proj.weight"] = rnd(d, hq * hd)
+        w[p + "mlp.gate_proj.weight"] = rnd(cfg.intermediate_size, d)
+        w[p + "mlp.up_proj.weight"] = rnd(cfg.intermediate_size, d)
+        w[p + "mlp.down_proj.weight"] = rnd(d, cfg.intermediate_size)
+        w[p + "input_layernorm.weight"] = torch.ones(d, dtype=dtype, device=device)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(d, dtype=dtype, device=device)
+    return w

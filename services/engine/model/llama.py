@@ -109,16 +109,17 @@ class LlamaModel(torch.nn.Module):
         cfg, w = self.cfg, {}
 
         def get(name):
+            # pop: each source tensor is dropped as soon as it is placed, so peak memory stays near one copy
             if name not in tensors:
                 raise ValueError(f"model: weight {name} missing from the checkpoint")
-            return tensors[name].to(device=self.device, dtype=self.dtype)
+            return tensors.pop(name).to(device=self.device, dtype=self.dtype)
 
         w["embed"] = get("model.embed_tokens.weight")
         w["norm"] = get("model.norm.weight")
-        if cfg.tie_word_embeddings or "lm_head.weight" not in tensors:
-            w["lm_head"] = w["embed"]
-        else:
+        if "lm_head.weight" in tensors and not cfg.tie_word_embeddings:
             w["lm_head"] = get("lm_head.weight")
+        else:
+            w["lm_head"] = w["embed"]
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             w[f"{i}.qkv"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"], 0)
