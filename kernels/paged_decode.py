@@ -55,6 +55,7 @@ def _paged_decode_kernel(
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVICTION: tl.constexpr,  # "" or "evict_first"
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,13 +89,16 @@ def _paged_decode_kernel(
         valid = pos < seq_len
         block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # K/V are streamed once: evict them first so they do not push block tables and q out of L2.
+        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0,
+                    eviction_policy=EVICTION)
+        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0,
+                    eviction_policy=EVICTION)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -229,6 +233,7 @@ def paged_decode(
         TILE_N=cfg["TILE_N"],
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        EVICTION=cfg.get("EVICTION", ""),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

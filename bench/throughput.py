@@ -1,0 +1,282 @@
+"""Offline throughput on one GPU: Folio and transformers `generate` on the same random-weight model shape,
+the same prompts, in one run. Prints a table and appends one JSON record per (shape, workload) run.
+
+    python bench/throughput.py --shape llama-3-8b --workload fixed chat
+    python bench/throughput.py --shape tiny --device cpu --workload fixed --requests 8   # smoke test
+
+Workloads
+  fixed: 256 prompts x 256 random input tokens, 256 output tokens each (ignore_eos).
+  chat:  1,000 requests; input and output lengths drawn (seeded) from log-normals with means near 200 and 180,
+         capped at 1,024, each request ending at its own sampled length (max_tokens, ignore_eos).
+transformers runs static batches (the largest that fits, left-padded), each batch generating up to its
+longest request; only each request's own tokens count as output. `--hf-requests N` runs transformers on
+the first N requests only (its tok/s is then measured on that subset; the record says so).
+
+Roofline: the time an ideal engine needs on this GPU, from ceilings measured in the same run (device copy
+bandwidth, bf16 matmul rate): every decode step reads all weights plus the live KV cache once
+(bytes / copy bandwidth) under ideal continuous batching at max_num_seqs, and prefill costs its FLOPs
+at the matmul rate. roofline_fraction = roofline time / Folio's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=8192, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=1000, rope_theta=10000.0,
+                 max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+
+def write_config(shape: str, directory: Path) -> Path:
+    cfg = dict(SHAPES[shape], architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16", attention_bias=False)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+# --- workloads ---------------------------------------------------------------------------------------
+def make_workload(name: str, vocab: int, requests: int | None, seed: int = 0):
+    """[(prompt_token_ids, output_len)]"""
+    rng = np.random.default_rng(seed)
+    if name == "fixed":
+        n = requests or 256
+        return [(rng.integers(3, vocab, 256).tolist(), 256) for _ in range(n)]
+    n = requests or 1000
+    # Log-normals with sigma 1 (long tail); mu set so the capped means land near 200 in / 180 out.
+    ins = np.minimum(np.maximum(rng.lognormal(math.log(200) - 0.5, 1.0, n), 4), 1024).astype(int)
+    outs = np.minimum(np.maximum(rng.lognormal(math.log(180) - 0.5, 1.0, n), 4), 1024).astype(int)
+    return [(rng.integers(3, vocab, int(i)).tolist(), int(o)) for i, o in zip(ins, outs)]
+
+
+# --- ceilings ----------------------------------------------------------------------------------------
+def measure_ceilings(device) -> dict:
+    if device.type != "cuda":
+        return {"copy_GBps": float("nan"), "matmul_TFLOPs": float("nan")}
+    from triton.testing import do_bench
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50)
+    copy = 2 * a.numel() / ms / 1e6  # GB/s, read + write
+    del a, b
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: x @ y, warmup=10, rep=50)
+    return {"copy_GBps": copy, "matmul_TFLOPs": 2 * 8192**3 / ms / 1e9}
+
+
+def model_bytes_and_flops(cfg: dict, dtype_bytes: int = 2) -> tuple[int, int, int]:
+    """(weight bytes read per decode step, matmul params per token (for 2*P FLOPs), KV bytes per token)."""
+    d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hq, hkv, hd, V = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["vocab_size"]
+    per_layer = d * (hq + 2 * hkv) * hd + hq * hd * d + 3 * d * f
+    matmul_params = L * per_layer + V * d  # LM head included; the embedding is a gather
+    weight_bytes = matmul_params * dtype_bytes  # what one decode step must read
+    kv_per_token = 2 * L * hkv * hd * dtype_bytes
+    return weight_bytes, matmul_params, kv_per_token
+
+
+def ideal_roofline_seconds(work, cfg, max_batch, ceil) -> float:
+    """Lower bound on the workload's time: ideal continuous batching at max_batch sequences."""
+    W, P, kv_tok = model_bytes_and_flops(cfg)
+    L, hq, hd = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"]
+    bw, mm = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
+    prefill_flops = sum(2 * P * len(p) + 2 * L * hq * hd * len(p) ** 2 for p, _ in work)  # causal QK^T + PV
+    # Decode: each request needs (out - 1) decode steps after its prefill produced the first token.
+    queue = [(len(p), o - 1) for p, o in work if o > 1]
+    active: list[list[int]] = []
+    decode_s, qi = 0.0, 0
+    while qi < len(queue) or active:
+        while len(active) < max_batch and qi < len(queue):
+            ctx, left = queue[qi]
+            active.append([ctx + 1, left])
+            qi += 1
+        kv = sum(a[0] for a in active) * kv_tok
+        decode_s += (W + kv) / bw
+        for a in active:
+            a[0] += 1
+            a[1] -= 1
+        active = [a for a in active if a[1] > 0]
+    return decode_s + prefill_flops / mm
+
+
+# --- runs --------------------------------------------------------------------------------------------
+def run_folio(model_dir, work, args):
+    from folio import LLM, SamplingParams
+
+    max_len = max(len(p) + o for p, o in work) + 16
+    t0 = time.perf_counter()
+    llm = LLM(str(model_dir), load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=max_len,
+              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+              enable_prefix_caching=False)
+    startup = time.perf_counter() - t0
+    engine = llm.engine
+    waste = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        held = sum(engine.blocks.num_held_blocks(s.seq.seq_id) for s in out.scheduled) * engine.blocks.block_size
+        used = sum(s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
+        if held:
+            waste.append((held - used) / held)
+        return out
+
+    engine.scheduler.schedule = spy
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
+    llm.generate([p for p, _ in work[:4]], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4, use_tqdm=False)
+    waste.clear()
+    sync(args)
+    t = time.perf_counter()
+    outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
+    sync(args)
+    secs = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n_out == sum(o for _, o in work), "every request must end at its own length"
+    info = {"kv_blocks": engine.blocks.num_blocks, "startup_s": startup,
+            "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
+            "preemptions": engine.scheduler.num_preemptions}
+    del llm, engine, outs
+    free(args)
+    return n_out, secs, info
+
+
+def run_hf(model_dir, work, args):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    work = work[:args.hf_requests] if args.hf_requests else work
+    batch = args.hf_batch
+    n_out, secs = 0, 0.0
+    i = 0
+    while i < len(work):
+        chunk = work[i:i + batch]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.full((len(chunk), width), 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (p, _) in enumerate(chunk):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        new = max(o for _, o in chunk)
+        try:
+            sync(args)
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device),
+                               max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            sync(args)
+        except torch.OutOfMemoryError:
+            free(args)
+            batch //= 2
+            print(f"transformers: out of memory, batch -> {batch}", flush=True)
+            if batch == 0:
+                raise
+            continue
+        secs += time.perf_counter() - t
+        n_out += sum(o for _, o in chunk)
+        i += len(chunk)
+    del model
+    free(args)
+    return n_out, secs, {"hf_batch": batch, "hf_requests": len(work)}
+
+
+def sync(args):
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free(args):
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", nargs="+", default=["llama-3.2-1b", "llama-3-8b"], choices=list(SHAPES))
+    ap.add_argument("--workload", nargs="+", default=["fixed", "chat"], choices=["fixed", "chat"])
+    ap.add_argument("--requests", type=int, default=None, help="override the request count (smoke tests)")
+    ap.add_argument("--hf-requests", type=int, default=None)
+    ap.add_argument("--hf-batch", type=int, default=256)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.jsonl"))
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    ceil = measure_ceilings(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"device {name}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    rows = []
+    for shape in args.shape:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = write_config(shape, Path(tmp))
+            for wl in args.workload:
+                work = make_workload(wl, SHAPES[shape]["vocab_size"], args.requests)
+                f_n, f_s, f_info = run_folio(model_dir, work, args)
+                folio_tps = f_n / f_s
+                if args.no_hf:
+                    h_n, h_s, h_info = 0, float("nan"), {}
+                else:
+                    h_n, h_s, h_info = run_hf(model_dir, work, args)
+                hf_tps = h_n / h_s if h_n else float("nan")
+                roof_s = ideal_roofline_seconds(work, SHAPES[shape], args.max_num_seqs, ceil)
+                rec = {
+                    "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+                    "model_shape": shape, "workload": wl, "requests": len(work),
+                    "input_tokens": sum(len(p) for p, _ in work), "output_tokens": f_n,
+                    "folio_output_tok_s": folio_tps, "hf_output_tok_s": hf_tps,
+                    "ratio": folio_tps / hf_tps if h_n else None,
+                    "roofline_fraction": roof_s / f_s if math.isfinite(roof_s) else None,
+                    "roofline_output_tok_s": f_n / roof_s if roof_s and math.isfinite(roof_s) else None,
+                    "folio_seconds": f_s, "hf_seconds": h_s, **f_info, **h_info, **ceil,
+                }
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+    print(f"\n{'shape':<14}{'workload':<9}{'folio tok/s':>12}{'hf tok/s':>10}{'ratio':>8}{'roofline':>10}{'kv waste':>10}")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        roof = f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] else "-"
+        print(f"{r['model_shape']:<14}{r['workload']:<9}{r['folio_output_tok_s']:>12.0f}{r['hf_output_tok_s']:>10.0f}"
+              f"{ratio:>8}{roof:>10}{r['kv_waste_mean']:>10.1%}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"appended {len(rows)} records to {out}")
+
+
+if __name__ == "__main__":
+    main()
