@@ -1,0 +1,1 @@
+"""The router: Folio's front door (gRPC, later HTTP), Redis-backed engine registry, routing."""

@@ -1,0 +1,55 @@
+"""Protobuf <-> domain objects, at the service boundary only (domain code never touches protobuf)."""
+
+from __future__ import annotations
+
+from protos.gen.folio.v1 import common_pb2 as pb
+from services.engine.sampling_params import Logprob, SamplingParams
+
+FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
+                "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
+
+
+def params_from_pb(p: pb.SamplingParams) -> SamplingParams:
+    """Build (and so validate) SamplingParams; raises ValueError naming the field."""
+    opt = lambda name, default: getattr(p, name) if p.HasField(name) else default  # noqa: E731
+    max_tokens = opt("max_tokens", 16)
+    return SamplingParams(
+        n=opt("n", 1), temperature=opt("temperature", 1.0), top_p=opt("top_p", 1.0), top_k=opt("top_k", -1),
+        min_p=p.min_p, repetition_penalty=opt("repetition_penalty", 1.0), presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, seed=opt("seed", None), max_tokens=max_tokens or None,
+        min_tokens=p.min_tokens, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        logprobs=opt("logprobs", None), prompt_logprobs=opt("prompt_logprobs", None),
+        skip_special_tokens=opt("skip_special_tokens", True),
+        include_stop_str_in_output=p.include_stop_str_in_output,
+    )
+
+
+def params_to_pb(sp: SamplingParams) -> pb.SamplingParams:
+    p = pb.SamplingParams(
+        n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+        repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty, max_tokens=sp.max_tokens or 0, min_tokens=sp.min_tokens,
+        stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
+        skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.include_stop_str_in_output)
+    if sp.seed is not None:
+        p.seed = sp.seed
+    if sp.logprobs is not None:
+        p.logprobs = sp.logprobs
+    if sp.prompt_logprobs is not None:
+        p.prompt_logprobs = sp.prompt_logprobs
+    return p
+
+
+def position_to_pb(entry: dict[int, Logprob] | None) -> pb.PositionLogprobs:
+    if not entry:
+        return pb.PositionLogprobs()
+    return pb.PositionLogprobs(entries=[
+        pb.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank or 0, decoded_token=lp.decoded_token or "")
+        for t, lp in entry.items()])
+
+
+def position_from_pb(p: pb.PositionLogprobs) -> dict[int, Logprob] | None:
+    if not p.entries:
+        return None
+    return {e.token_id: Logprob(e.logprob, e.rank or None, e.decoded_token) for e in p.entries}

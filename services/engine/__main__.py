@@ -1,0 +1,5 @@
+import sys
+
+from services.engine.server import main
+
+sys.exit(main())

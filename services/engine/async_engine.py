@@ -1,0 +1,206 @@
+"""Runs the synchronous LLMEngine in its own thread beside an asyncio server.
+
+The engine thread owns the LLMEngine: nothing else touches it. Requests and aborts reach it through
+a command queue drained before every step, so an abort takes effect within one step. Outputs go back
+to per-request asyncio queues with `loop.call_soon_threadsafe`. After every step the thread
+publishes an immutable `EngineSnapshot` (KV blocks, queue lengths) that Stats and the Redis
+publisher read without locking. torch releases the GIL inside its kernels, so the event loop stays
+responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.engine.engine import LLMEngine
+from services.engine.sampling_params import RequestOutput, SamplingParams
+
+log = logging.getLogger("folio.engine.loop")
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state after a step, as the registry and Stats report it."""
+
+    total_blocks: int
+    free_blocks: int
+    evictable_blocks: int
+    waiting_blocks: int
+    """Blocks the prompts in the waiting queue will need once admitted."""
+    running: int
+    waiting: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    block_size: int
+    kv_usage: float
+    steps: int
+    time: float
+
+    @property
+    def available_blocks(self) -> int:
+        """Blocks a new request could get now: free, evictable, less what the waiting queue will take."""
+        return self.free_blocks + self.evictable_blocks - self.waiting_blocks
+
+
+class EngineFailure(RuntimeError):
+    """The engine step raised; the requests in flight are ended with this error."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_change: Callable[[EngineSnapshot], None] | None = None,
+                 change_fraction: float = 0.05):
+        self.engine = engine
+        self._cmds: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._queues: dict[str, asyncio.Queue] = {}  # engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self._on_change = on_change
+        self._change_blocks = max(1, int(engine.blocks.num_blocks * change_fraction))
+        self._last_notified: EngineSnapshot | None = None
+        self.admitted: collections.deque[str] = collections.deque()
+        """Ids of requests already reflected in `snapshot`, not yet taken by the publisher."""
+        self._admitted_pending: list[str] = []
+        self.snapshot = self._take_snapshot()
+
+    # --- asyncio side ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                          prompt: str | None = None) -> asyncio.Queue:
+        """Queue a request; returns the queue its outputs (RequestOutput, or an exception) arrive on.
+        Raises ValueError (bad input, naming the field) or QueueFullError like LLMEngine.add_request."""
+        fut = self._loop.create_future()
+        q: asyncio.Queue = asyncio.Queue()
+        self._cmds.append(("add", request_id, prompt, prompt_token_ids, params, fut, q))
+        self._wake.set()
+        await fut
+        return q
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown); its blocks are freed before the next step."""
+        self._cmds.append(("abort", request_id))
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # --- engine thread -----------------------------------------------------------------------------
+    def _send(self, q: asyncio.Queue, item) -> None:
+        self._loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _resolve(self, fut: asyncio.Future, exc: BaseException | None) -> None:
+        def done():
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+        self._loop.call_soon_threadsafe(done)
+
+    def _drain_commands(self) -> None:
+        eng = self.engine
+        while self._cmds:
+            cmd = self._cmds.popleft()
+            if cmd[0] == "add":
+                _, rid, prompt, ids, params, fut, q = cmd
+                try:
+                    eng.add_request(rid, prompt, params, prompt_token_ids=ids)
+                except Exception as e:  # noqa: BLE001 - ValueError / QueueFullError go to the caller
+                    self._resolve(fut, e)
+                    continue
+                self._queues[rid] = q
+                self._admitted_pending.append(rid)
+                self._resolve(fut, None)
+            elif cmd[0] == "abort":
+                rid = cmd[1]
+                out = eng.abort_request(rid)
+                q = self._queues.pop(rid, None)
+                if q is not None and out is not None:
+                    self._send(q, out)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop:
+            self._drain_commands()
+            if not eng.has_unfinished_requests():
+                self._publish_snapshot()
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                log.exception("engine step failed; ending %d requests", len(self._queues))
+                self._fail_all(EngineFailure(f"engine step failed: {type(e).__name__}"))
+                continue
+            self._steps += 1
+            for out in outputs:
+                q = self._queues.get(out.request_id)
+                if q is None:
+                    continue
+                if out.finished:
+                    del self._queues[out.request_id]
+                self._send(q, out)
+            self._publish_snapshot()
+        for rid in list(self._queues):  # shutting down: end every stream
+            out = eng.abort_request(rid)
+            q = self._queues.pop(rid)
+            if out is not None:
+                self._send(q, out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid, q in list(self._queues.items()):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001
+                log.exception("abort after failed step")
+            self._send(q, exc)
+        self._queues.clear()
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        eng = self.engine
+        s = eng.get_stats()
+        bs = s.block_size
+        waiting_blocks = sum(-(-seq.num_tokens // bs) for seq in eng.scheduler.waiting)
+        return EngineSnapshot(
+            total_blocks=s.total_blocks, free_blocks=s.free_blocks, evictable_blocks=s.evictable_blocks,
+            waiting_blocks=waiting_blocks, running=s.running, waiting=s.waiting, num_preemptions=s.num_preemptions,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits, block_size=bs,
+            kv_usage=s.kv_usage, steps=self._steps, time=time.time())
+
+    def _publish_snapshot(self) -> None:
+        snap = self._take_snapshot()
+        self.snapshot = snap
+        if self._admitted_pending:
+            self.admitted.extend(self._admitted_pending)
+            self._admitted_pending = []
+        last = self._last_notified
+        big = (last is None or abs(snap.available_blocks - last.available_blocks) >= self._change_blocks
+               or (snap.waiting > 0) != (last.waiting > 0) or (snap.running > 0) != (last.running > 0))
+        if big and self._on_change is not None and self._loop is not None:
+            self._last_notified = snap
+            self._loop.call_soon_threadsafe(self._on_change, snap)
+
+    def take_admitted(self) -> list[str]:
+        """Request ids admitted and reflected in `snapshot` since the last call (publisher only)."""
+        ids = []
+        while self.admitted:  # deque pops are thread-safe; `snapshot` was set before these ids arrived
+            ids.append(self.admitted.popleft())
+        return ids

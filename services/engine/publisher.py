@@ -1,0 +1,89 @@
+"""Publishes this engine's KV state to the Redis registry: a heartbeat every interval, sooner on large changes.
+
+Each report is one Lua call (services/common/registry.py): it rewrites the engine's hash with the
+Redis server's time, renews its TTL (so an engine that stops reporting leaves routing within the
+TTL), registers the engine under its model, and drops the reservations of the requests this report
+now counts. If Redis is unreachable the engine keeps serving and keeps retrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.common import registry
+from services.engine.async_engine import AsyncEngine, EngineSnapshot
+
+log = logging.getLogger("folio.engine.publisher")
+
+
+class RegistryPublisher:
+    def __init__(self, redis, aengine: AsyncEngine, engine_id: str, address: str, model: str,
+                 max_model_len: int, interval_s: float = 0.2, ttl_s: float = 2.0):
+        if ttl_s <= interval_s:
+            raise ValueError(f"heartbeat_ttl_s ({ttl_s}) must exceed heartbeat_interval_s ({interval_s})")
+        self.redis = redis
+        self.aengine = aengine
+        self.engine_id = engine_id
+        self.address = address
+        self.model = model
+        self.max_model_len = max_model_len
+        self.interval_s = interval_s
+        self.ttl_ms = int(ttl_s * 1000)
+        self._script = redis.register_script(registry.PUBLISH_LUA)
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._ok = True
+        self.reports = 0
+
+    def notify(self, snap: EngineSnapshot) -> None:
+        """A large change: report now rather than at the next heartbeat (called on the event loop)."""
+        self._kick.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="registry-publisher")
+
+    async def publish_once(self) -> None:
+        admitted = self.aengine.take_admitted()
+        s = self.aengine.snapshot  # read after taking the ids: it already counts them
+        fields = {"address": self.address, "model": self.model, "total": s.total_blocks, "free": s.free_blocks,
+                  "evictable": s.evictable_blocks, "waiting_blocks": s.waiting_blocks, "running": s.running,
+                  "waiting": s.waiting, "block_size": s.block_size, "max_model_len": self.max_model_len}
+        items = [str(x) for kv in fields.items() for x in kv]
+        keys = [registry.engine_key(self.engine_id), registry.engines_key(self.model),
+                registry.reserved_key(self.engine_id), registry.MODELS_KEY]
+        try:
+            await self._script(keys=keys, args=[self.ttl_ms, self.engine_id, self.model, len(items), *items, *admitted])
+        except Exception as e:  # noqa: BLE001 - Redis down: keep serving, retry next beat
+            if self._ok:
+                log.warning("cannot publish to Redis (%s); will keep retrying", e)
+            self._ok = False
+            return
+        if not self._ok:
+            log.info("publishing to Redis again")
+        self._ok = True
+        self.reports += 1
+
+    async def _run(self) -> None:
+        while True:
+            await self.publish_once()
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.interval_s)
+                await asyncio.sleep(0.01)  # coalesce a burst of changes into one report
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+
+    async def leave(self) -> None:
+        """Stop reporting and leave the registry now (drain), so routers stop choosing this engine."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        try:
+            await self.redis.delete(registry.engine_key(self.engine_id))
+            await self.redis.srem(registry.engines_key(self.model), self.engine_id)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cannot leave the registry (%s); the entry expires by its TTL", e)

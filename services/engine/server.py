@@ -1,0 +1,221 @@
+"""Engine shard process: one LLMEngine behind the folio.v1.Engine gRPC service, published to Redis."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
+from services.common import config as cfg, telemetry
+from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
+from services.common.errors import NotFound
+from services.common.server import GrpcServer, configure_logging
+from services.engine.async_engine import AsyncEngine, EngineFailure
+from services.engine.sampling_params import RequestOutput
+
+log = logging.getLogger("folio.engine.server")
+
+
+@dataclass
+class EngineServerConfig:
+    served_model_name: str | None = cfg.field(None, "model name clients use (default: the model directory's name)")
+    host: str = cfg.field("127.0.0.1", "address to bind")
+    port: int = cfg.field(50060, "gRPC port (0: any free port)")
+    advertise_address: str | None = cfg.field(None, "host:port routers dial (default: host:port, or hostname:port when bound to 0.0.0.0)")
+    engine_id: str | None = cfg.field(None, "id in the registry (default: the advertised address)")
+    redis_url: str | None = cfg.field(None, "Redis for the engine registry (none: do not publish)")
+    heartbeat_interval_s: float = cfg.field(0.2, "seconds between registry reports (sooner on large changes)")
+    heartbeat_ttl_s: float = cfg.field(2.0, "registry entry lifetime: a silent engine leaves routing after this")
+    grace_s: float = cfg.field(30.0, "seconds in-flight requests get to finish on SIGTERM")
+    log_level: str = cfg.field("INFO", "logging level")
+
+
+def _ns(t: float | None, since: float | None) -> int:
+    return int((t - since) * 1e9) if t is not None and since is not None and t >= since else 0
+
+
+class _Progress:
+    """What one Generate stream has sent so far, per sequence, to turn cumulative outputs into deltas."""
+
+    def __init__(self, hold_back: int):
+        self.tokens: dict[int, int] = {}
+        self.text: dict[int, int] = {}
+        self.hold_back = hold_back
+        self.first = True
+        self.done: set[int] = set()
+
+
+def delta_message(out: RequestOutput, prog: _Progress) -> pb.EngineGenerateResponse:
+    msg = pb.EngineGenerateResponse(finished=out.finished)
+    for o in out.outputs:
+        if o.index in prog.done:
+            continue
+        n_sent, t_sent = prog.tokens.get(o.index, 0), prog.text.get(o.index, 0)
+        done = o.finish_reason is not None
+        new_ids = o.token_ids[n_sent:]
+        # Stop strings are found after the fact: hold back text that could still become one.
+        end = len(o.text) if done else max(t_sent, len(o.text) - prog.hold_back)
+        if not new_ids and end <= t_sent and not done:
+            continue
+        d = msg.sequences.add(index=o.index, token_ids=new_ids, text=o.text[t_sent:end],
+                              finish_reason=FINISH_TO_PB[o.finish_reason],
+                              cumulative_logprob=o.cumulative_logprob or 0.0)
+        if o.logprobs is not None:
+            d.logprobs.extend(position_to_pb(e) for e in o.logprobs[n_sent:len(o.token_ids)])
+        if isinstance(o.stop_reason, str):
+            d.stop_str = o.stop_reason
+        elif isinstance(o.stop_reason, int):
+            d.stop_token_id = o.stop_reason
+        prog.tokens[o.index] = len(o.token_ids)
+        prog.text[o.index] = end
+        if done:
+            prog.done.add(o.index)
+    if prog.first and out.prompt_logprobs is not None and msg.sequences:
+        msg.prompt_logprobs.extend(position_to_pb(e) for e in out.prompt_logprobs)
+    m = out.metrics or {}
+    arrival = m.get("arrival_time")
+    if prog.first and msg.sequences:
+        prog.first = False
+        msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(m.get("first_scheduled_time"), arrival),
+                                              time_to_first_token_ns=_ns(m.get("first_token_time"), arrival)))
+    if out.finished:
+        msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(out.prompt_token_ids),
+                                            completion_tokens=sum(len(o.token_ids) for o in out.outputs),
+                                            cached_tokens=out.num_cached_tokens))
+        msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(m.get("first_scheduled_time"), arrival),
+                                              time_to_first_token_ns=_ns(m.get("first_token_time"), arrival),
+                                              total_ns=_ns(time.monotonic(), arrival)))
+    return msg
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    def __init__(self, aengine: AsyncEngine, model_name: str, engine_id: str):
+        self.aengine = aengine
+        self.engine = aengine.engine
+        self.model_name = model_name
+        self.engine_id = engine_id
+
+    async def Generate(self, request: pb.EngineGenerateRequest, context):
+        if request.model and request.model != self.model_name:
+            raise NotFound(f"model: {request.model!r} is not served by this engine (it serves {self.model_name!r})")
+        params = params_from_pb(request.params)
+        rid = request.request_id or f"engine-{uuid.uuid4().hex}"
+        ids = list(request.prompt_token_ids)
+        with telemetry.span("folio.engine.generate", **{"folio.request_id": rid, "folio.model": self.model_name,
+                                                        "folio.prompt_tokens": len(ids), "folio.engine_id": self.engine_id}) as span:
+            q = await self.aengine.add_request(rid, ids, params)
+            prog = _Progress(hold_back=max(0, params.max_stop_len - 1))
+            finished = False
+            try:
+                while not finished:
+                    out = await q.get()
+                    while not q.empty():  # outputs are cumulative: a slow reader just gets the latest
+                        out = q.get_nowait()
+                        if isinstance(out, Exception):
+                            break
+                    if isinstance(out, EngineFailure):
+                        raise out
+                    finished = out.finished
+                    msg = delta_message(out, prog)
+                    if finished and span.is_recording():
+                        span.set_attributes({
+                            "folio.output_tokens": msg.usage.completion_tokens,
+                            "folio.cached_tokens": msg.usage.cached_tokens,
+                            "folio.queue_time_ms": msg.timing.queue_ns / 1e6,
+                            "folio.time_to_first_token_ms": msg.timing.time_to_first_token_ns / 1e6,
+                            "folio.finish_reason": ",".join(o.finish_reason or "" for o in out.outputs)})
+                    if msg.sequences or finished:
+                        yield msg
+            finally:
+                if not finished:  # cancelled, deadline, or the client went away: free the blocks now
+                    self.aengine.abort(rid)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        known = request.request_id in self.engine.requests
+        self.aengine.abort(request.request_id)
+        return pb.AbortResponse(aborted=known)
+
+    async def Stats(self, request, context) -> pb.EngineStatsResponse:
+        s = self.aengine.snapshot
+        return pb.EngineStatsResponse(
+            total_blocks=s.total_blocks, free_blocks=s.free_blocks, evictable_blocks=s.evictable_blocks,
+            running=s.running, waiting=s.waiting, num_preemptions=s.num_preemptions,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+            block_size=s.block_size, kv_usage=s.kv_usage, steps=s.steps, waiting_blocks=s.waiting_blocks)
+
+    async def Info(self, request, context) -> pb.EngineInfoResponse:
+        e = self.engine
+        return pb.EngineInfoResponse(
+            model=self.model_name, model_path=str(e.model_dir), max_model_len=e.max_model_len,
+            block_size=e.config.block_size, total_blocks=e.blocks.num_blocks, vocab_size=e.vocab_size,
+            device=str(e.device), dtype=str(e.dtype).removeprefix("torch."), attention_backend=e.attention_backend,
+            engine_id=self.engine_id)
+
+
+async def serve(engine_config, c: EngineServerConfig) -> None:
+    from services.engine.engine import LLMEngine
+
+    server = GrpcServer([pb.DESCRIPTOR.services_by_name["Engine"].full_name], c.host, c.port)
+    host = c.host if c.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    address = c.advertise_address or f"{host}:{server.port}"
+    engine_id = c.engine_id or address
+    engine = await asyncio.to_thread(LLMEngine, engine_config)
+    model_name = c.served_model_name or engine.model_dir.name
+    publisher = None
+    aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap))
+    aengine.start()
+    servicer = EngineServicer(aengine, model_name, engine_id)
+    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server.server)
+    redis = None
+    if c.redis_url:
+        import redis.asyncio as aioredis
+
+        from services.engine.publisher import RegistryPublisher
+
+        redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
+        publisher = RegistryPublisher(redis, aengine, engine_id, address, model_name, engine.max_model_len,
+                                      c.heartbeat_interval_s, c.heartbeat_ttl_s)
+
+    async def on_ready():
+        if publisher is not None:
+            await publisher.publish_once()
+            publisher.start()
+
+    async def on_drain():
+        if publisher is not None:
+            await publisher.leave()
+
+    log.info("engine %s serving %s at %s", engine_id, model_name, address)
+    try:
+        await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
+    finally:
+        await aengine.stop()
+        if redis is not None:
+            await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.engine.engine import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="python -m services.engine", description=__doc__)
+    group = parser.add_argument_group("engine")
+    # A served engine bounds its queue: overload is an error the caller sees, never a hang.
+    cfg.add_args(group, EngineConfig, defaults={"max_waiting_requests": 1024})
+    cfg.add_args(parser.add_argument_group("server"), EngineServerConfig,
+                 defaults={"redis_url": os.environ.get("REDIS_URL")})
+    ns = parser.parse_args(argv)
+    c = cfg.from_args(EngineServerConfig, ns)
+    ec = cfg.from_args(EngineConfig, ns)
+    configure_logging(c.log_level)
+    telemetry.setup("folio-engine", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    try:
+        asyncio.run(serve(ec, c))
+    finally:
+        telemetry.shutdown()
+    return 0

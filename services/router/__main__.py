@@ -1,0 +1,5 @@
+import sys
+
+from services.router.server import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""Tokenizer service process: serves one model's tokenizer (Encode, Decode, Detokenize stream, Info)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.gen.folio.v1 import tokenizer_pb2 as pb, tokenizer_pb2_grpc
+from services.common import config as cfg, telemetry
+from services.common.errors import InvalidArgument, NotFound
+from services.common.server import GrpcServer, configure_logging
+from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("folio.tokenizer")
+
+
+@dataclass
+class TokenizerConfig:
+    model: str | None = cfg.field(None, "HF model directory (default: the bundled model)")
+    served_model_name: str | None = cfg.field(None, "model name clients use (default: the directory's name)")
+    host: str = cfg.field("127.0.0.1", "address to bind")
+    port: int = cfg.field(50052, "gRPC port (0: any free port)")
+    grace_s: float = cfg.field(5.0, "seconds in-flight calls get on SIGTERM")
+    log_level: str = cfg.field("INFO", "logging level")
+
+
+def model_dir_of(model: str | None) -> Path:
+    if model is None:
+        from folio.bundled_model import ensure_bundled_model
+
+        return ensure_bundled_model(quiet=True)
+    p = Path(model).expanduser()
+    if not (p / "tokenizer.json").exists():
+        raise ValueError(f"model: no tokenizer.json in {p}")
+    return p
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, tokenizer: Tokenizer, model_name: str):
+        self.tok = tokenizer
+        self.model_name = model_name
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.model_name:
+            raise NotFound(f"model: {model!r} is not served by this tokenizer (it serves {self.model_name!r})")
+
+    async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        self._check_model(request.model)
+        t0 = time.perf_counter_ns()
+        which = request.WhichOneof("input")
+        if which == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not messages:
+                raise InvalidArgument("messages: at least one message is required")
+        gen_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        if which == "chat":
+            text = self.tok.apply_chat_template(messages, gen_prompt)
+            ids = self.tok.encode(text, add_special_tokens=False)
+        elif which == "text":
+            text = request.text
+            ids = self.tok.encode(text, add_special_tokens=add_special)
+        else:
+            raise InvalidArgument("input: give text or chat messages")
+        return pb.EncodeResponse(token_ids=ids, prompt_text=text, encode_ns=time.perf_counter_ns() - t0)
+
+    async def Decode(self, request: pb.DecodeRequest, context) -> pb.DecodeResponse:
+        self._check_model(request.model)
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        self._check_ids(request.token_ids)
+        return pb.DecodeResponse(text=self.tok.decode(list(request.token_ids), skip))
+
+    def _check_ids(self, ids) -> None:
+        bad = next((t for t in ids if t >= self.tok.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(f"token_ids: token id {bad} is outside the vocabulary [0, {self.tok.vocab_size})")
+
+    async def Detokenize(self, request_iterator, context):
+        detok = None
+        async for req in request_iterator:
+            t0 = time.perf_counter_ns()
+            if detok is None:
+                self._check_model(req.model)
+                skip = req.skip_special_tokens if req.HasField("skip_special_tokens") else True
+                detok = IncrementalDetokenizer(self.tok, skip)
+            self._check_ids(req.token_ids)
+            text = detok.add(list(req.token_ids)) if req.token_ids else ""
+            if req.flush:
+                text += detok.flush()
+            yield pb.DetokenizeResponse(text=text, detokenize_ns=time.perf_counter_ns() - t0)
+
+    async def Info(self, request, context) -> pb.TokenizerInfoResponse:
+        t = self.tok
+        r = pb.TokenizerInfoResponse(
+            model=self.model_name, vocab_size=t.vocab_size, eos_token_ids=sorted(t.eos_token_ids),
+            special_token_ids=sorted(t.special_token_ids), max_length=int(t.model_max_length or 0)
+            if isinstance(t.model_max_length, int) and t.model_max_length < 2**63 else 0,
+            has_chat_template=bool(t.chat_template))
+        if t.bos_token_id is not None:
+            r.bos_token_id = t.bos_token_id
+        return r
+
+
+async def serve(c: TokenizerConfig) -> None:
+    model_dir = model_dir_of(c.model)
+    name = c.served_model_name or model_dir.name
+    servicer = TokenizerServicer(Tokenizer(model_dir), name)
+    server = GrpcServer([pb.DESCRIPTOR.services_by_name["Tokenizer"].full_name], c.host, c.port)
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server.server)
+    log.info("tokenizer for %s (%s)", name, model_dir)
+    await server.run(c.grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.tokenizer", description=__doc__)
+    cfg.add_args(parser, TokenizerConfig)
+    c = cfg.from_args(TokenizerConfig, parser.parse_args(argv))
+    configure_logging(c.log_level)
+    telemetry.setup("folio-tokenizer", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    try:
+        asyncio.run(serve(c))
+    finally:
+        telemetry.shutdown()
+    return 0
