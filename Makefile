@@ -1,4 +1,4 @@
-# Folio: `make run` starts the local stack on the bundled model; `make test` runs the test suite.
+# Folio: `make run` starts the local stack on the bundled model (`make run ARGS="--engines 2"`); `make test` runs the test suite.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -22,7 +22,7 @@ model: install
 	$(PY) -m folio prepare-model
 
 run: model
-	$(PY) -m folio up
+	$(PY) -m folio up $(ARGS)
 
 test: model
 	$(PY) -m pytest -q --timeout=900 tests

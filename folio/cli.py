@@ -1,9 +1,12 @@
-"""The `folio` command: prepare the bundled model, print its path, start the local stack."""
+"""The `folio` command: start the local stack, stream a completion from it, prepare the bundled model."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
 
 
 def _prepare_model(args) -> int:
@@ -21,13 +24,118 @@ def _model_path(args) -> int:
 
 
 def _up(args) -> int:
-    # Until the services exist: show the offline API on the bundled model.
-    from folio import LLM, SamplingParams
+    from folio.stack import Stack, StackConfig
 
-    llm = LLM(args.model)
-    prompts = ["The capital of France is", "San Francisco is a", "The three primary colors are"]
-    for out in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False):
-        print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
+    if args.model is None:  # convert once here rather than in every child
+        from folio.bundled_model import ensure_bundled_model
+
+        ensure_bundled_model()
+    engine_args = []
+    for flag in ("device", "dtype", "max_model_len", "cpu_kv_cache_bytes", "num_kv_blocks", "max_num_seqs",
+                 "gpu_memory_utilization", "attention_backend"):
+        v = getattr(args, flag)
+        if v is not None:
+            engine_args += ["--" + flag.replace("_", "-"), str(v)]
+    for extra in args.engine_arg or []:
+        engine_args += extra.split()
+    config = StackConfig(
+        engines=args.engines, model=args.model, host=args.host, router_port=args.port, http_port=args.http_port,
+        redis_url=args.redis_url, engine_args=engine_args, log_dir=args.log_dir, log_level=args.log_level,
+        startup_timeout_s=args.startup_timeout, cuda_per_engine=args.device == "cuda" and args.engines > 1)
+    stack = Stack(config)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"folio: starting redis, tokenizer, {args.engines} engine(s) and the router (logs in {stack.log_dir})",
+          file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        stack.start()
+        model = args.model or "SmolLM2-135M-Instruct (bundled)"
+        lines = [f"Folio is up in {time.monotonic() - t0:.1f}s, serving {model}",
+                 f"  router     grpc://{stack.router_address}   (folio.v1.Router; health + reflection)"]
+        if args.http_port is not None:
+            lines.append(f"  http       http://{args.host}:{args.http_port}   (when the HTTP API is built)")
+        lines.append(f"  tokenizer  grpc://{stack.tokenizer_address}")
+        lines += [f"  engine {i}   grpc://{a}" for i, a in enumerate(stack.engine_addresses)]
+        lines += [f"  redis      {stack.redis_url}", f"  logs       {stack.log_dir}", "",
+                  "Try:", f"  {_self_cmd()} complete \"The capital of France is\" --max-tokens 24 --router {stack.router_address}",
+                  "", "Ctrl-C stops everything."]
+        print("\n".join(lines), flush=True)
+        while True:  # supervise: a child that dies takes the stack down with a clear message
+            for p in stack.procs:
+                if p.popen.poll() is not None:
+                    print(f"folio: {p.name} exited with code {p.popen.returncode}; stopping. Last lines of {p.log}:\n"
+                          + stack.tail(p), file=sys.stderr, flush=True)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nfolio: stopping...", file=sys.stderr, flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"folio: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        print("folio: stopped", file=sys.stderr, flush=True)
+
+
+def _self_cmd() -> str:
+    return "python -m folio" if not sys.argv[0].endswith("folio") else "folio"
+
+
+def _complete(args) -> int:
+    import grpc
+
+    from protos.gen.folio.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    params = common_pb2.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p,
+                                       stop=args.stop or [])
+    if args.seed is not None:
+        params.seed = args.seed
+    req = router_pb2.GenerateRequest(model=args.model or "", params=params)
+    if args.chat:
+        req.chat.messages.add(role="user", content=args.prompt)
+    else:
+        req.text = args.prompt
+    usage, reason = None, None
+    t0 = time.monotonic()
+    ttft = None
+    with grpc.insecure_channel(args.router) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        try:
+            for msg in stub.Generate(req, timeout=args.timeout):
+                for c in msg.choices:
+                    if c.text:
+                        if ttft is None:
+                            ttft = time.monotonic() - t0
+                        sys.stdout.write(c.text)
+                        sys.stdout.flush()
+                    if c.finish_reason:
+                        reason = common_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
+                if msg.finished:
+                    usage = msg.usage
+        except grpc.RpcError as e:
+            print(f"\nfolio: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nfolio: cancelled", file=sys.stderr)
+            return 130
+    print()
+    if usage is not None and not args.quiet:
+        total = time.monotonic() - t0
+        print(f"[{reason}; {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens; "
+              f"first text {1000 * (ttft or 0):.0f} ms, total {total:.2f}s]", file=sys.stderr)
     return 0
 
 
@@ -36,10 +144,44 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare-model", help="fetch and convert the bundled model into the cache").set_defaults(fn=_prepare_model)
     sub.add_parser("model-path", help="print the bundled model's HF directory").set_defaults(fn=_model_path)
-    up = sub.add_parser("up", help="start Folio on this machine")
-    up.add_argument("--model", default=None, help="HF model directory or hub id (default: the bundled model)")
-    up.add_argument("--max-tokens", type=int, default=24)
+
+    up = sub.add_parser("up", help="start Redis, the tokenizer, engine(s) and the router on this machine")
+    up.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
+    up.add_argument("--engines", type=int, default=1, help="engine processes (default 1)")
+    up.add_argument("--host", default="127.0.0.1", help="address every service binds (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=50051, help="router gRPC port (default 50051; 0: any free port)")
+    up.add_argument("--http-port", type=int, default=None,
+                    help="also serve the OpenAI-compatible HTTP API from the router (once services.router.http exists)")
+    up.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                    help="use this Redis (default: $REDIS_URL, else start the venv's redis-server on a free port)")
+    up.add_argument("--device", default=None, help="engine device: cpu, cuda or auto (default auto)")
+    up.add_argument("--dtype", default=None)
+    up.add_argument("--max-model-len", type=int, default=None)
+    up.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool per engine on CPU")
+    up.add_argument("--num-kv-blocks", type=int, default=None)
+    up.add_argument("--max-num-seqs", type=int, default=None)
+    up.add_argument("--gpu-memory-utilization", type=float, default=None)
+    up.add_argument("--attention-backend", default=None)
+    up.add_argument("--engine-arg", action="append", help="extra flags for every engine, e.g. --engine-arg='--seed 1'")
+    up.add_argument("--log-dir", default=None, help="children's logs (default: a temporary directory)")
+    up.add_argument("--log-level", default="INFO")
+    up.add_argument("--startup-timeout", type=float, default=300.0)
     up.set_defaults(fn=_up)
+
+    comp = sub.add_parser("complete", help="stream a completion from a running router")
+    comp.add_argument("prompt")
+    comp.add_argument("--router", default="127.0.0.1:50051", help="router address (default 127.0.0.1:50051)")
+    comp.add_argument("--model", default=None)
+    comp.add_argument("--max-tokens", type=int, default=64)
+    comp.add_argument("--temperature", type=float, default=0.7)
+    comp.add_argument("--top-p", type=float, default=1.0)
+    comp.add_argument("--seed", type=int, default=None)
+    comp.add_argument("--stop", action="append", help="stop string (repeatable)")
+    comp.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    comp.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    comp.add_argument("--quiet", action="store_true", help="no usage line on stderr")
+    comp.set_defaults(fn=_complete)
+
     args = parser.parse_args(argv)
     return args.fn(args)
 
