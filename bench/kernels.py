@@ -1,6 +1,6 @@
 """Paged-attention kernel benchmark on one GPU, against the machine's own ceilings.
 
-    python bench/kernels.py [--sweep] [--json bench/results/kernels_<date>.json]
+    python bench/kernels.py [--sweep none|decode|prefill|all] [--json bench/results/kernels_<date>.json]
 
 Measures in one run: device-to-device copy bandwidth (bytes read + written), the bf16 8192^3 matmul
 rate, paged decode (batch 64, 32 q / 8 kv heads, d 128, 2048 ctx, block 16, bf16) against copy
@@ -86,11 +86,10 @@ def bench_decode(rows, batch, ctx, hq, hkv, d, block_size, copy_bw, sweep, label
     variants = [("default", dict(num_splits=None, config=None))]
     if sweep:
         variants.append(("default (again, for noise)", dict(num_splits=None, config=None)))
-        for tile, warps, stages, evict in [(64, 4, 3, "evict_first"), (64, 2, 3, ""), (32, 2, 3, ""),
-                                           (128, 8, 3, "evict_first"), (32, 4, 3, "evict_first")]:
-            variants.append((f"tile{tile} w{warps} s{stages} {evict}",
+        for tile, warps, stages, order in [(64, 4, 3, False), (64, 2, 3, False), (64, 2, 3, True)]:
+            variants.append((f"tile{tile} w{warps} s{stages} {'heads-fastest' if order else 'seqs-fastest'}",
                              dict(num_splits=auto, config=dict(TILE_N=tile, num_warps=warps, num_stages=stages,
-                                                               EVICTION=evict))))
+                                                               HEADS_FASTEST=order))))
         for splits in sorted({max(1, auto // 2), auto * 2} - {auto}):
             variants.append((f"splits{splits}", dict(num_splits=splits, config=None)))
     best = None
@@ -171,7 +170,8 @@ def bench_cache_write(rows, copy_bw, tokens=8192, hkv=8, d=128, block_size=16):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
+    ap.add_argument("--sweep", choices=["none", "decode", "prefill", "all"], default="none",
+                    help="also time alternative launch configs of these kernels")
     ap.add_argument("--json", default=None, help="where to write the results (default bench/results/kernels_<date>.json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -185,9 +185,10 @@ def main() -> None:
     copy_bw = rows["copy_TBps"] = copy_bandwidth()
     mm = rows["matmul_TFLOPs"] = matmul_rate()
     print(f"  copy {copy_bw:.2f} TB/s, bf16 matmul {mm:.0f} TFLOP/s")
-    bench_decode(rows, 64, 2048, 32, 8, 128, 16, copy_bw, args.sweep, "decode")
-    bench_decode(rows, 4, 32768, 32, 8, 128, 16, copy_bw, args.sweep, "longctx")
-    bench_prefill(rows, mm, args.sweep)
+    sweep_decode, sweep_prefill = args.sweep in ("decode", "all"), args.sweep in ("prefill", "all")
+    bench_decode(rows, 64, 2048, 32, 8, 128, 16, copy_bw, sweep_decode, "decode")
+    bench_decode(rows, 4, 32768, 32, 8, 128, 16, copy_bw, sweep_decode, "longctx")
+    bench_prefill(rows, mm, sweep_prefill)
     bench_cache_write(rows, copy_bw)
 
     table = [

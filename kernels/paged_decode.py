@@ -56,9 +56,15 @@ def _paged_decode_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EVICTION: tl.constexpr,  # "" or "evict_first"
+    HEADS_FASTEST: tl.constexpr,  # grid (kv_heads, seqs, splits) rather than (seqs, kv_heads, splits)
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FASTEST:
+        # Programs launched together read the neighbouring heads' rows of the same blocks.
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, TILE_N)
@@ -220,7 +226,9 @@ def paged_decode(
         part_l = torch.empty_like(part_m)
     else:
         part_out = part_m = part_l = out  # unused
-    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    heads_fastest = cfg.get("HEADS_FASTEST", True) and num_seqs < 65536  # grid y limit
+    grid = (num_kv_heads, num_seqs, num_splits) if heads_fastest else (num_seqs, num_kv_heads, num_splits)
+    _paged_decode_kernel[grid](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -234,6 +242,7 @@ def paged_decode(
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         EVICTION=cfg.get("EVICTION", ""),
+        HEADS_FASTEST=heads_fastest,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
