@@ -144,7 +144,10 @@ class Stack:
         if c.model:
             args += ["--model", c.model]
         args += c.engine_args + (c.per_engine_args[i] if i < len(c.per_engine_args) else []) + (extra or [])
-        env = {"CUDA_VISIBLE_DEVICES": str(i)} if c.cuda_per_engine else None
+        env = {"CUDA_VISIBLE_DEVICES": str(i)} if c.cuda_per_engine else {}
+        if "OMP_NUM_THREADS" not in {**os.environ, **c.env}:
+            # CPU engines sharing a machine: oversubscribed OpenMP threads spin and run 10x slower.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.engines))
         proc = self._spawn(f"engine{i}", self._py("services.engine", *args), f"{c.host}:{port}", env)
         self.engine_addresses.append(proc.address)
         return proc
