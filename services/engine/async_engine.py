@@ -115,6 +115,12 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(done)
 
     def _drain_commands(self) -> None:
+        if not self._cmds:
+            return
+        self._drain_commands_now()
+        self._publish_snapshot()  # new requests and aborts show in Stats and the registry before the step
+
+    def _drain_commands_now(self) -> None:
         eng = self.engine
         while self._cmds:
             cmd = self._cmds.popleft()
