@@ -151,7 +151,15 @@ def run_folio(model_dir, work, args):
     waste.clear()
     sync(args)
     t = time.perf_counter()
-    outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        outs = prof.runcall(llm.generate, [p for p, _ in work], params, use_tqdm=False)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    else:
+        outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
     sync(args)
     secs = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -227,6 +235,7 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=None)
     ap.add_argument("--hf-batch", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="run Folio under cProfile and print where the time goes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=256)
