@@ -28,7 +28,9 @@ import grpc
 from protos.gen.folio.v1 import common_pb2, engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.common import telemetry
 from services.common.convert import FINISH_FROM_PB, params_to_pb, position_from_pb
-from services.common.errors import DeadlineExceeded, FolioError, InvalidArgument, NotFound, Unavailable, from_rpc_error
+from services.common.errors import (
+    DeadlineExceeded, FolioError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, from_rpc_error,
+)
 from services.common.server import channel
 from services.engine.sampling_params import Logprob, SamplingParams
 from services.router.registry_client import RegistryClient
@@ -281,6 +283,7 @@ class RouterCore:
             detoks: dict[int, _SeqDetok] = {}
             generated: list[int] = []  # sequence 0's tokens so far (for failover when n == 1)
             excluded: set[str] = set()
+            failures: list[grpc.StatusCode] = []
             attempts = 0
             first_chunk = True
             finished_seqs: set[int] = set()
@@ -293,6 +296,9 @@ class RouterCore:
                     choice = await self.registry.choose(model, rid, self._blocks_needed(model, prompt_ids, generated),
                                                         excluded)
                     if choice is None:
+                        if excluded and failures and all(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c in failures):
+                            raise ResourceExhausted(f"the waiting queue of every engine serving {model!r} is full; "
+                                                    "retry later")
                         if excluded:
                             raise Unavailable(f"no other live engine serves {model!r} (tried {len(excluded)})")
                         raise Unavailable(f"no live engine serves {model!r}")
@@ -362,6 +368,7 @@ class RouterCore:
                         if code not in _RETRYABLE:
                             raise from_rpc_error(f.err) from None
                         excluded.add(choice.engine_id)
+                        failures.append(code)
                         if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                             self.registry.mark_suspect(choice.engine_id)
                         if not generated and completion_tokens == 0:
