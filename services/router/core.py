@@ -157,6 +157,15 @@ class _SeqDetok:
         self.sent = end
         return out
 
+    async def finish(self) -> None:
+        """End the stream cleanly (half-close, read to the end)."""
+        try:
+            await self.call.done_writing()
+            while await self.call.read() is not grpc.aio.EOF:
+                pass
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            self.call.cancel()
+
     def close(self) -> None:
         self.call.cancel()
 
@@ -290,6 +299,7 @@ class RouterCore:
             completion_tokens = 0
             ttft = None
             engine_timing = None
+            completed = False
             try:
                 while True:
                     attempts += 1
@@ -354,13 +364,18 @@ class RouterCore:
                                 first_chunk = False
                                 yield chunk
                             if chunk.finished:
-                                if span.is_recording():
-                                    span.set_attributes({"folio.output_tokens": completion_tokens,
-                                                         "folio.engine_id": choice.engine_id,
-                                                         "folio.time_to_first_token_ms": (ttft or 0) * 1000,
-                                                         "folio.attempts": attempts})
-                                return
-                        raise Unavailable(f"engine {choice.engine_id} ended the stream early")
+                                completed = True
+                                if not msg.finished:
+                                    break  # the router saw a stop string first: the finally aborts the engine side
+                                # else read on: the engine's stream ends now, and ending it cleanly closes its span
+                        if not completed:
+                            raise Unavailable(f"engine {choice.engine_id} ended the stream early")
+                        if span.is_recording():
+                            span.set_attributes({"folio.output_tokens": completion_tokens,
+                                                 "folio.engine_id": choice.engine_id,
+                                                 "folio.time_to_first_token_ms": (ttft or 0) * 1000,
+                                                 "folio.attempts": attempts})
+                        return
                     except _EngineFailed as f:
                         code = f.err.code()
                         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -389,7 +404,10 @@ class RouterCore:
                         call.cancel()  # no-op when finished; aborts the engine request otherwise
             finally:
                 for det in detoks.values():
-                    det.close()
+                    if completed:
+                        await det.finish()
+                    else:
+                        det.close()
 
     def _blocks_needed(self, model: str, prompt: list[int], generated: list[int]) -> int:
         bs = next((e.block_size for e in self.registry.view if e.model == model), 16)
