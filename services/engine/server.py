@@ -200,7 +200,8 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
             await redis.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_config(argv: list[str] | None = None):
+    """(EngineConfig, EngineServerConfig) from the command line."""
     from services.engine.engine import EngineConfig
 
     parser = argparse.ArgumentParser(prog="python -m services.engine", description=__doc__)
@@ -210,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.add_args(parser.add_argument_group("server"), EngineServerConfig,
                  defaults={"redis_url": os.environ.get("REDIS_URL")})
     ns = parser.parse_args(argv)
-    c = cfg.from_args(EngineServerConfig, ns)
-    ec = cfg.from_args(EngineConfig, ns)
+    return cfg.from_args(EngineConfig, ns), cfg.from_args(EngineServerConfig, ns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ec, c = parse_config(argv)
     configure_logging(c.log_level)
     telemetry.setup("folio-engine", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     try:

@@ -133,11 +133,16 @@ async def serve(c: RouterConfig) -> None:
         await redis.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_config(argv: list[str] | None = None) -> RouterConfig:
     parser = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
     cfg.add_args(parser, RouterConfig, defaults={"redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")})
     c = cfg.from_args(RouterConfig, parser.parse_args(argv))
     c.tokenizer = c.tokenizer or []
+    return c
+
+
+def main(argv: list[str] | None = None) -> int:
+    c = parse_config(argv)
     configure_logging(c.log_level)
     telemetry.setup("folio-router", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     try:

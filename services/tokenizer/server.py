@@ -116,10 +116,14 @@ async def serve(c: TokenizerConfig) -> None:
     await server.run(c.grace_s)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
     parser = argparse.ArgumentParser(prog="python -m services.tokenizer", description=__doc__)
     cfg.add_args(parser, TokenizerConfig)
-    c = cfg.from_args(TokenizerConfig, parser.parse_args(argv))
+    return cfg.from_args(TokenizerConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    c = parse_config(argv)
     configure_logging(c.log_level)
     telemetry.setup("folio-tokenizer", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     try:
