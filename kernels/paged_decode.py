@@ -27,7 +27,7 @@ MIN_TOKENS_PER_SPLIT = 512
 MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]: the one new token of each sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])

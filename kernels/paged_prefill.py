@@ -69,7 +69,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
     return acc, m_new, l_i
 
 
-@triton.jit
+# num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])

@@ -83,7 +83,7 @@ class ModelRunner:
                 rows += range(base, base + n)
             elif start + n == seq.num_tokens:
                 rows.append(base + n - 1)
-        max_blocks = max(len(t) for t in block_tables)
+        max_blocks = -(-max(len(t) for t in block_tables) // 16) * 16  # a steady row stride for the kernels
         tables = np.zeros((len(block_tables), max_blocks), dtype=np.int32)
         for i, t in enumerate(block_tables):
             tables[i, :len(t)] = t
@@ -120,6 +120,44 @@ class ModelRunner:
 
     # --- CUDA graphs for decode ------------------------------------------------------------------
     @torch.inference_mode()
+    def warmup(self, max_model_len: int) -> None:
+        """Run one mixed step (a prefill chunk, an extend after cached tokens, a decode) on scratch
+        blocks so every kernel is compiled before the first request, not during it. The blocks'
+        contents are garbage afterwards, which is harmless: a sequence writes every slot it reads."""
+        bs = self.block_size
+        lens = [(33, 33), (7, 40), (1, min(max_model_len, 70))]  # (new tokens, context incl. them)
+        blocks_per = [-(-ctx // bs) for _, ctx in lens]
+        if sum(blocks_per) > self.kv_caches[0].shape[1]:
+            return
+        tables, start = [], 0
+        for n in blocks_per:
+            tables.append(list(range(start, start + n)))
+            start += n
+        ids, pos, slots = [], [], []
+        for (n, ctx), table in zip(lens, tables):
+            for p in range(ctx - n, ctx):
+                ids.append(1)
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+        width = max(len(t) for t in tables)
+        bt = torch.zeros((len(tables), width), dtype=torch.int32)
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        q_lens = [n for n, _ in lens]
+        dev = self.device
+        meta = AttentionMetadata(
+            num_seqs=3, num_tokens=len(ids),
+            query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([c for _, c in lens], dtype=torch.int32, device=dev), block_tables=bt.to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev), max_query_len=max(q_lens),
+            max_seq_len=max(c for _, c in lens), query_lens_cpu=q_lens, seq_lens_cpu=[c for _, c in lens],
+        )
+        h = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_caches, meta)
+        self.model.logits(h[-1:])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    @torch.inference_mode()
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Record one decode step per batch-size bucket; a step of n sequences replays the smallest
         bucket >= n with the extra rows padded (slot -1: nothing written; their outputs ignored).
@@ -130,7 +168,7 @@ class ModelRunner:
                    if b <= max_batch]
         if not buckets or buckets[-1] < max_batch:
             buckets.append(max_batch)
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = -(-max_model_len // self.block_size // 16) * 16 + 16  # >= any step's padded table width
         B, dev = buckets[-1], self.device
         st = {
             "ids": torch.zeros(B, dtype=torch.long, device=dev),

@@ -48,15 +48,20 @@ class Sampler:
         """logits [N, V] float32, one row per sequence to extend."""
         n, vocab = logits.shape
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        x = logits.clone()
-        self._apply_min_tokens(x, seqs, eos_ids)
-        self._apply_penalties(x, seqs)
+        x = logits
+        if any(s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs):
+            x = logits.clone()  # the raw logits stay untouched for logprobs
+            self._apply_min_tokens(x, seqs, eos_ids)
+            self._apply_penalties(x, seqs)
 
         greedy = [s.params.greedy for s in seqs]
-        tokens = torch.empty(n, dtype=torch.long, device=logits.device)
         g_rows = [i for i, gr in enumerate(greedy) if gr]
         r_rows = [i for i, gr in enumerate(greedy) if not gr]
-        if g_rows:
+        if not r_rows:  # the common all-greedy batch: no index tensors, no host round trip
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+        if g_rows and r_rows:
             idx = torch.tensor(g_rows, device=logits.device)
             tokens[idx] = x[idx].argmax(dim=-1)
         if r_rows:
@@ -104,7 +109,7 @@ class Sampler:
         vocab = x.shape[1]
         for i, s in enumerate(seqs):
             p = s.params
-            if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+            if not p.has_penalties:
                 continue
             out_ids = torch.tensor(s.output_token_ids, dtype=torch.long, device=x.device)
             counts = torch.zeros(vocab, device=x.device).scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float))

@@ -98,6 +98,10 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 
@@ -112,8 +116,15 @@ class BeamSearchParams:
     length_penalty: float = 1.0
     """Scores are cumulative logprob / length ** length_penalty."""
     temperature: float = 0.0
+    """Log-probabilities come from logits / temperature; 0 means the raw logits (same as 1)."""
+    early_stopping: bool | str = False
+    """transformers' meaning: True stops once beam_width beams have finished; False (the default)
+    also stops when the best live beam, scored at its current length, cannot beat the worst finished
+    one; "never" scores it at max_tokens instead when length_penalty > 0 (the exact search)."""
 
     def __post_init__(self) -> None:
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
             raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
