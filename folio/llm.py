@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence as Seq
 
 from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling_params import RequestOutput, SamplingParams
+from services.engine.sampling_params import BeamSearchParams, RequestOutput, SamplingParams
 
 PromptType = str | list[int] | dict
 
@@ -31,18 +31,21 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. A prompt is a string, a list of token ids, or
         {"prompt": str} / {"prompt_token_ids": [...]}. Every prompt is checked before any runs."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        items = self._prompt_items(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        if len(params) != len(prompts):
-            raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
-        items = [self._to_ids(p) for p in prompts]
-        for _, ids in items:
-            self.engine.validate_prompt(ids)
+        params = [sampling_params] * len(items) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(items):
+            raise ValueError(f"sampling_params: got {len(params)} for {len(items)} prompts")
         return self._run([(t, ids, sp) for (t, ids), sp in zip(items, params)], use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt whose `outputs` are its beams, best first (each with token_ids,
+        text and cumulative_logprob). The beams share the prompt's KV blocks; see beam_search.py."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params: expected BeamSearchParams, got {type(params).__name__}")
+        return self._run([(t, ids, params) for t, ids in self._prompt_items(prompts)], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -54,6 +57,14 @@ class LLM:
         prompts = [{"prompt_token_ids": tok.encode_chat(c, add_generation_prompt),
                     "prompt": tok.apply_chat_template(c, add_generation_prompt)} for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _prompt_items(self, prompts) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        items = [self._to_ids(p) for p in prompts]
+        for _, ids in items:
+            self.engine.validate_prompt(ids)
+        return items
 
     def _to_ids(self, p: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(p, str):

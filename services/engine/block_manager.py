@@ -6,12 +6,18 @@ moves the bytes. Invariants (checked by `check_invariants`, used in tests):
   * a block is in the free queue iff its ref_count is 0;
   * a block has a hash iff it is full of computed tokens and registered in the cache map, and then the
     cache map points at it (one block per hash);
-  * the free queue is in eviction order: least recently freed first. Taking a free block that still
-    carries a hash evicts that cached prefix.
+  * the free queue is in eviction order: blocks caching nothing first, then cached blocks least
+    recently freed first. Taking a free block that still carries a hash evicts that cached prefix, and
+    a block is only taken from the free queue, so a block some sequence holds is never evicted;
+  * `num_evictable` counts the free blocks that carry a hash.
+Block hashes are SHA-256 based (truncated to 128 bits): deterministic across processes and not
+forgeable by a client choosing prompt tokens, unlike Python's `hash` on small ints.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,8 +37,14 @@ class Block:
 
 
 def chain_hash(parent_hash: int | None, tokens: tuple[int, ...], namespace: object = None) -> int:
-    """Name of a full block: depends on every token before it (through the parent) and its own."""
-    return hash((parent_hash, tokens, namespace))
+    """Name of a full block: depends on every token before it (through the parent), its own tokens and
+    the namespace (anything else that changes KV contents: model, adapter, salt; given by its repr)."""
+    h = hashlib.sha256()
+    h.update(b"-" if parent_hash is None else parent_hash.to_bytes(16, "little"))
+    h.update(repr(namespace).encode())
+    h.update(b"|")
+    h.update(array("q", tokens).tobytes())
+    return int.from_bytes(h.digest()[:16], "little")
 
 
 class BlockPool:
@@ -42,6 +54,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[int, Block] = {}
+        self._num_evictable = 0
         self.num_evictions = 0
 
     @property
@@ -55,16 +68,21 @@ class BlockPool:
 
     @property
     def num_evictable(self) -> int:
-        return sum(1 for b in self._free.values() if b.block_hash is not None)
+        """Free blocks that still cache a prefix (counted within `num_free`)."""
+        return self._num_evictable
 
     def take(self) -> Block:
         _, block = self._free.popitem(last=False)
         if block.block_hash is not None:
-            del self._cached[block.block_hash]
-            block.block_hash = None
+            self._uncache(block)
+            self._num_evictable -= 1
             self.num_evictions += 1
         block.ref_count = 1
         return block
+
+    def _uncache(self, block: Block) -> None:
+        del self._cached[block.block_hash]
+        block.block_hash = None
 
     def lookup(self, block_hash: int) -> Block | None:
         return self._cached.get(block_hash)
@@ -73,13 +91,20 @@ class BlockPool:
         """Add a reference to a block that may be sitting in the free queue as a cached block."""
         if block.ref_count == 0:
             del self._free[block.block_id]
+            if block.block_hash is not None:
+                self._num_evictable -= 1
         block.ref_count += 1
 
     def release(self, block: Block) -> None:
+        assert block.ref_count > 0, f"block {block.block_id} released too often"
         block.ref_count -= 1
-        assert block.ref_count >= 0, f"block {block.block_id} released too often"
         if block.ref_count == 0:
             self._free[block.block_id] = block
+            if block.block_hash is not None:
+                self._num_evictable += 1
+            else:
+                # It caches nothing: hand it out before any cached block, so reuse evicts less.
+                self._free.move_to_end(block.block_id, last=False)
 
     def register(self, block: Block, block_hash: int) -> Block:
         """Record a freshly filled block under its hash. If another block already holds the same
@@ -87,9 +112,18 @@ class BlockPool:
         existing = self._cached.get(block_hash)
         if existing is not None:
             return existing
+        assert block.ref_count > 0 and block.block_hash is None, f"block {block.block_id} cannot be registered"
         block.block_hash = block_hash
         self._cached[block_hash] = block
         return block
+
+    def drop_cached_free_blocks(self) -> None:
+        """Forget every cached prefix no sequence holds (their blocks stay free)."""
+        for b in list(self._free.values()):
+            if b.block_hash is not None:
+                self._uncache(b)
+                self._num_evictable -= 1
+                self._free.move_to_end(b.block_id, last=False)
 
 
 @dataclass
@@ -113,7 +147,8 @@ class BlockManager:
         self.tables: dict[int, BlockTable] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
-        """Token counts: tokens looked up in the prefix cache and tokens found there."""
+        """Token counts over admitted sequences: tokens looked up in the prefix cache and tokens found
+        there. Counted at allocation, so a sequence that waits several steps is counted once."""
 
     # --- queries ------------------------------------------------------------------------------
     @property
@@ -168,8 +203,6 @@ class BlockManager:
             if block is None:
                 break
             found.append(block)
-        self.prefix_queries += len(seq.token_ids)
-        self.prefix_hits += len(found) * bs
         return found
 
     # --- allocation -----------------------------------------------------------------------------
@@ -192,6 +225,9 @@ class BlockManager:
         table.last_hash = cached[-1].block_hash if cached else None
         self.tables[seq.seq_id] = table
         seq.num_computed_tokens = len(cached) * self.block_size
+        if self.enable_prefix_caching:
+            self.prefix_queries += len(seq.token_ids)
+            self.prefix_hits += seq.num_computed_tokens
         self._grow(table, seq.num_computed_tokens + num_new_tokens)
 
     def can_append(self, seq: HasTokens, num_new_tokens: int) -> bool:
@@ -252,10 +288,7 @@ class BlockManager:
             self.pool.release(b)
 
     def reset_prefix_cache(self) -> None:
-        for b in self.pool.blocks:
-            if b.block_hash is not None and b.ref_count == 0:
-                del self.pool._cached[b.block_hash]
-                b.block_hash = None
+        self.pool.drop_cached_free_blocks()
 
     # --- checks -----------------------------------------------------------------------------------
     def check_invariants(self) -> None:
@@ -269,3 +302,7 @@ class BlockManager:
             if b.block_hash is not None:
                 assert self.pool._cached.get(b.block_hash) is b, f"block {b.block_id}: stale hash"
         assert len(self.pool._cached) == sum(1 for b in self.pool.blocks if b.block_hash is not None)
+        assert self.pool._num_evictable == sum(1 for b in self.pool._free.values() if b.block_hash is not None)
+        # Eviction order: blocks caching nothing come before every cached one.
+        hashed = [b.block_hash is not None for b in self.pool._free.values()]
+        assert hashed == sorted(hashed), "free queue: an uncached block sits behind a cached one"

@@ -15,12 +15,15 @@ import torch
 
 from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
 from services.engine.attention import BACKENDS, default_backend
+from services.engine.beam_search import BeamSearch, sampling_params_for
 from services.engine.block_manager import BlockManager
 from services.engine.model.loader import read_config, resolve_dtype, resolve_model_path
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
 from services.engine.request import Request, Sequence, SeqStatus
 from services.engine.sampler import Sampler
-from services.engine.sampling_params import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from services.engine.sampling_params import (
+    BeamSearchParams, CompletionOutput, Logprob, RequestOutput, SamplingParams,
+)
 from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("folio.engine")
@@ -189,7 +192,7 @@ class LLMEngine:
             raise ValueError("prompt: this model has no tokenizer; pass token ids")
         return self.tokenizer.encode(prompt)
 
-    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | BeamSearchParams,
                     prompt_token_ids: list[int] | None = None) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
@@ -201,10 +204,15 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids)
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
+        beam_params = params if isinstance(params, BeamSearchParams) else None
+        if beam_params is not None:
+            params = sampling_params_for(beam_params)
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
         req = Request(request_id, prompt, prompt_token_ids, params)
         self._init_seq(req.seqs[0])
         self.scheduler.add(req.seqs[0])
+        if beam_params is not None:
+            req.beam = BeamSearch(req, beam_params, self.scheduler, self.eos_token_ids, self.max_model_len, self.tokenizer)
         self.requests[request_id] = req
         return req
 
@@ -260,6 +268,7 @@ class LLMEngine:
         row = 0
         for s in out.scheduled:
             seq, n = s.seq, s.num_new_tokens
+        beam_reqs: dict[str, Request] = {}
             req = seq.request
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
@@ -272,7 +281,10 @@ class LLMEngine:
             elif caught_up:
                 last = row
                 row += 1
-            if caught_up:
+            if caught_up and req.beam is not None:  # beam search picks the tokens (beam_search.py)
+                req.beam.add_logits(seq, logits[last])
+                beam_reqs[req.request_id] = req
+            elif caught_up:
                 to_sample.append(seq)
                 sample_rows.append(last)
                 if req.needs_fork:  # n > 1: the prompt is computed once, then shared by n sequences
@@ -293,6 +305,9 @@ class LLMEngine:
             outputs.append(self._output(req))
             if req.finished:
                 self.requests.pop(req.request_id, None)
+        for req in beam_reqs.values():
+            if req.beam.advance():  # beams report once, when the search is over
+                touched[req.request_id] = req
                 for seq in req.seqs:
                     self.sampler.forget(seq.seq_id)
         return outputs

@@ -77,6 +77,8 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     aborted: bool = False
+    beam: object | None = None
+    """The BeamSearch state (services/engine/beam_search.py) of a beam-search request, else None."""
 
     def __post_init__(self) -> None:
         # Sampling forks the first sequence into n once the prompt is computed, so the prompt's

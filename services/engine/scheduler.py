@@ -82,6 +82,19 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self.running.insert(self.running.index(after) + 1, seq)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child`, a copy of `parent`'s tokens, joins the queue right after it (beam search). A
+        running parent shares its blocks (copy-on-write at the next append); a waiting (preempted)
+        parent has none, and the child waits to be computed like it."""
+        if parent.status is SeqStatus.RUNNING:
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.blocks.fork(parent, child)
+            self.add_running(child, after=parent)
+        else:
+            child.num_computed_tokens = 0
+            child.status = SeqStatus.WAITING
+            self.waiting.insert(self.waiting.index(parent) + 1, child)
+
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out of the queues and give its blocks back."""
         if seq.status is SeqStatus.RUNNING:
@@ -119,7 +132,19 @@ class Scheduler:
             i += 1
 
         # New work only when nothing had to be preempted: admitting it would just preempt again.
-        while (self.waiting and budget > 0 and not out.preempted
+        if not out.preempted:
+            budget = self._admit(out, budget)
+        if not out.scheduled and not out.preempted and self.running and self.waiting:
+            # Every running sequence is idle (beams waiting for a preempted sibling, see beam_search.py)
+            # and nothing waiting fits: hand their blocks back so the queue, in order, can run.
+            for seq in reversed(self.running):
+                self._preempt(seq, out)
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """Admit waiting sequences in order while blocks, budget and max_num_seqs allow."""
+        while (self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             cached = [] if seq.params.prompt_logprobs is not None else \
@@ -129,12 +154,13 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, n, cached, self.namespace)
-            seq.num_cached_tokens = seq.num_computed_tokens
+            if seq.num_preemptions == 0:  # prompt tokens served from the cache; a recompute keeps it
+                seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        return out
+        return budget
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute later: drop the blocks, keep the tokens (generated ones become prompt-like)."""
