@@ -3,12 +3,11 @@
 `folio up` runs one in the foreground; the integration tests and bench/stack_cpu.py start them on
 free ports. Children are ordinary processes of this one's process group (Ctrl-C in a terminal reaches
 all of them, and each drains gracefully), and they are told by the kernel to exit if this process
-dies (PR_SET_PDEATHSIG), so no process outlives the stack.
+dies (PR_SET_PDEATHSIG, see `_with_parent_death_signal`), so no process outlives the stack.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -45,12 +44,23 @@ def redis_server_binary() -> str:
     return exe
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+# Children must not outlive the stack even if it is SIGKILLed: each is started through this shim,
+# which asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG, kept across exec), checks
+# the parent is still there, and execs the real program. (A preexec_fn would do the same, but it forces
+# a plain fork() that runs gRPC's fork handlers in a process with live gRPC threads, which can abort.)
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return argv
+    exe = argv[0] if os.path.isabs(argv[0]) else (shutil.which(argv[0]) or argv[0])
+    return [sys.executable, "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), exe, *argv[1:]]
 
 
 @dataclass
@@ -106,8 +116,8 @@ class Stack:
         full_env = {**os.environ, **self.c.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
         with open(log, "ab") as f:
-            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                                 env=full_env, preexec_fn=_die_with_parent)
+            p = subprocess.Popen(_with_parent_death_signal(argv), stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, cwd=ROOT, env=full_env)
         proc = Proc(name, p, address, log)
         self.procs.append(proc)
         return proc
