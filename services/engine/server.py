@@ -32,6 +32,7 @@ class EngineServerConfig:
     redis_url: str | None = cfg.field(None, "Redis for the engine registry (none: do not publish)")
     heartbeat_interval_s: float = cfg.field(0.2, "seconds between registry reports (sooner on large changes)")
     heartbeat_ttl_s: float = cfg.field(2.0, "registry entry lifetime: a silent engine leaves routing after this")
+    metrics_port: int | None = cfg.field(None, "serve Prometheus metrics (vllm:* names) on this port")
     grace_s: float = cfg.field(30.0, "seconds in-flight requests get to finish on SIGTERM")
     log_level: str = cfg.field("INFO", "logging level")
 
@@ -49,6 +50,7 @@ class _Progress:
         self.hold_back = hold_back
         self.first = True
         self.done: set[int] = set()
+        self.last_token_time: float | None = None
 
 
 def delta_message(out: RequestOutput, prog: _Progress) -> pb.EngineGenerateResponse:
@@ -95,8 +97,9 @@ def delta_message(out: RequestOutput, prog: _Progress) -> pb.EngineGenerateRespo
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self, aengine: AsyncEngine, model_name: str, engine_id: str):
+    def __init__(self, aengine: AsyncEngine, model_name: str, engine_id: str, metrics=None):
         self.aengine = aengine
+        self.metrics = metrics
         self.engine = aengine.engine
         self.model_name = model_name
         self.engine_id = engine_id
@@ -123,6 +126,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                         raise out
                     finished = out.finished
                     msg = delta_message(out, prog)
+                    if self.metrics is not None:
+                        self._observe(msg, out, prog)
                     if finished and span.is_recording():
                         span.set_attributes({
                             "folio.output_tokens": msg.usage.completion_tokens,
@@ -135,6 +140,19 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             finally:
                 if not finished:  # cancelled, deadline, or the client went away: free the blocks now
                     self.aengine.abort(rid)
+
+    def _observe(self, msg: pb.EngineGenerateResponse, out: RequestOutput, prog: _Progress) -> None:
+        now = time.monotonic()
+        n_new = sum(len(d.token_ids) for d in msg.sequences)
+        if n_new and prog.last_token_time is not None:
+            self.metrics.token_gap(now - prog.last_token_time, n_new)
+        if n_new:
+            prog.last_token_time = now
+        if out.finished:
+            t = msg.timing
+            self.metrics.finished(msg.usage.prompt_tokens, msg.usage.completion_tokens, t.queue_ns / 1e9,
+                                  t.time_to_first_token_ns / 1e9, t.total_ns / 1e9,
+                                  [o.finish_reason for o in out.outputs])
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         known = request.request_id in self.engine.requests
@@ -170,7 +188,14 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
     publisher = None
     aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap))
     aengine.start()
-    servicer = EngineServicer(aengine, model_name, engine_id)
+    metrics = None
+    if c.metrics_port is not None:
+        from services.engine.metrics import EngineMetrics
+
+        metrics = EngineMetrics(aengine, model_name)
+        metrics.serve(c.host, c.metrics_port)
+        log.info("Prometheus metrics on http://%s:%d/metrics", c.host, c.metrics_port)
+    servicer = EngineServicer(aengine, model_name, engine_id, metrics)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server.server)
     redis = None
     if c.redis_url:

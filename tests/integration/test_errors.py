@@ -20,9 +20,12 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def small_queue_stack(tmp_path_factory):
     # One sequence at a time and one waiting slot: the third concurrent request finds the queue full.
+    metrics_port = free_port()
     s = start_stack(tmp_path_factory, "errors", engines=1,
                     engine_args=["--num-kv-blocks", "64", "--max-model-len", "512", "--dtype", "float32",
-                                 "--max-num-seqs", "1", "--max-waiting-requests", "1"])
+                                 "--max-num-seqs", "1", "--max-waiting-requests", "1",
+                                 "--metrics-port", str(metrics_port)])
+    s.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield s
     s.stop()
 
@@ -105,3 +108,23 @@ def test_no_engine_for_the_model_is_unavailable(small_queue_stack, tmp_path):
         p.terminate()
         p.wait(30)
         log.close()
+
+
+def test_engine_metrics_use_vllm_names(small_queue_stack):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stack = small_queue_stack
+    generate(stack.router_address, text="Hi", params=params(temperature=0, max_tokens=3, ignore_eos=True))
+    text = urllib.request.urlopen(stack.metrics_url, timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    model = (("model_name", "SmolLM2-135M-Instruct"),)
+    assert samples[("vllm:num_requests_running", model)] == 0
+    assert samples[("vllm:num_requests_waiting", model)] == 0
+    assert 0 <= samples[("vllm:kv_cache_usage_perc", model)] <= 1
+    assert samples[("vllm:request_success_total", tuple(sorted(model + (("finished_reason", "length"),))))] >= 1
+    assert samples[("vllm:time_to_first_token_seconds_count", model)] >= 1
+    assert samples[("vllm:inter_token_latency_seconds_count", model)] >= 2
+    assert samples[("vllm:generation_tokens_total", model)] >= 3

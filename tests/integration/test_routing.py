@@ -161,3 +161,25 @@ def test_no_live_engine_is_unavailable(failover_stack):
         generate(stack.router_address, text="Hello", params=params(max_tokens=2), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no live engine" in e.value.details()
+
+
+def test_sigterm_drains_an_engine(tmp_path_factory):
+    """SIGTERM: the engine leaves the registry at once, finishes its requests in flight, then exits."""
+    stack = start_stack(tmp_path_factory, "drain", engines=2, engine_args=POOL)
+    try:
+        r = redis_client(stack)
+        t, res = generate_in_thread(stack.router_address, text="The capital of France is",
+                                    params=params(temperature=0, max_tokens=30, ignore_eos=True))
+        wait_for(lambda: res.engine_ids, timeout=30, what="the first token")
+        draining = res.engine_ids[0]
+        other = next(a for a in stack.engine_addresses if a != draining)
+        proc = next(p for p in stack.procs if p.address == draining)
+        proc.popen.send_signal(signal.SIGTERM)
+        wait_for(lambda: not r.exists(f"folio:engine:{draining}"), timeout=1.0, what="the draining engine to leave")
+        assert generate(stack.router_address, text="Hi", params=params(max_tokens=2)).engine_ids == [other]
+        t.join(60)
+        assert res.error is None and res.engine_ids == [draining]  # finished where it started, no failover
+        assert res.usage.completion_tokens == 30
+        assert proc.popen.wait(30) == 0
+    finally:
+        stack.stop()
