@@ -93,7 +93,7 @@ class LLM:
             bar = tqdm(total=len(items), desc="Processed prompts", dynamic_ncols=True)
         try:
             while len(results) < len(order):
-                for out in engine.step():
+                for out in engine.step(stream=False):
                     if out.finished and out.request_id not in results:
                         results[out.request_id] = out
                         if bar is not None:

@@ -136,6 +136,8 @@ class LLMEngine:
                 f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one sequence of "
                 f"max_model_len {self.max_model_len}; give more KV memory or a smaller max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda":
+            self.runner.warmup(self.max_model_len)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(min(config.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -202,17 +204,17 @@ class LLMEngine:
             prompt_token_ids = self.encode(prompt)
         prompt_token_ids = list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids)
-        for t in params.stop_token_ids:
-            if t >= self.vocab_size:
         beam_params = params if isinstance(params, BeamSearchParams) else None
         if beam_params is not None:
             params = sampling_params_for(beam_params)
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
         req = Request(request_id, prompt, prompt_token_ids, params)
-        self._init_seq(req.seqs[0])
-        self.scheduler.add(req.seqs[0])
         if beam_params is not None:
             req.beam = BeamSearch(req, beam_params, self.scheduler, self.eos_token_ids, self.max_model_len, self.tokenizer)
+        self._init_seq(req.seqs[0])
+        self.scheduler.add(req.seqs[0])
         self.requests[request_id] = req
         return req
 
@@ -249,8 +251,9 @@ class LLMEngine:
         )
 
     # --- the step --------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return outputs of the requests that advanced or finished."""
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """Run one scheduling step; return outputs of the requests that advanced or finished
+        (only of those that finished when `stream` is False: the offline API needs no more)."""
         out = self.scheduler.schedule()
         if not out:
             return self._unblock()
@@ -265,10 +268,10 @@ class LLMEngine:
 
         to_sample: list[Sequence] = []
         sample_rows: list[int] = []
+        beam_reqs: dict[str, Request] = {}
         row = 0
         for s in out.scheduled:
             seq, n = s.seq, s.num_new_tokens
-        beam_reqs: dict[str, Request] = {}
             req = seq.request
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
@@ -294,20 +297,24 @@ class LLMEngine:
 
         touched: dict[str, Request] = {}
         if to_sample:
-            result = self.sampler(logits[torch.tensor(sample_rows, device=logits.device)], to_sample, self.eos_token_ids)
+            if sample_rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
+                logits = logits[torch.tensor(sample_rows, device=logits.device)]
+            result = self.sampler(logits, to_sample, self.eos_token_ids)
             for i, seq in enumerate(to_sample):
                 self._append_token(seq, result.token_ids[i], result.logprobs[i], result.top[i])
                 if seq.request.first_token_time is None:
                     seq.request.first_token_time = now
                 touched[seq.request.request_id] = seq.request
-        outputs = []
-        for req in touched.values():
-            outputs.append(self._output(req))
-            if req.finished:
-                self.requests.pop(req.request_id, None)
         for req in beam_reqs.values():
             if req.beam.advance():  # beams report once, when the search is over
                 touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            finished = req.finished
+            if stream or finished:
+                outputs.append(self._output(req))
+            if finished:
+                self.requests.pop(req.request_id, None)
                 for seq in req.seqs:
                     self.sampler.forget(seq.seq_id)
         return outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -83,10 +84,14 @@ class ModelRunner:
                 rows += range(base, base + n)
             elif start + n == seq.num_tokens:
                 rows.append(base + n - 1)
-        max_blocks = -(-max(len(t) for t in block_tables) // 16) * 16  # a steady row stride for the kernels
+        n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+        max_blocks = -(-int(n_blocks.max()) // 16) * 16  # a steady row stride for the kernels
         tables = np.zeros((len(block_tables), max_blocks), dtype=np.int32)
-        for i, t in enumerate(block_tables):
-            tables[i, :len(t)] = t
+        # Scatter the ragged tables in one go: row i, columns 0..len_i-1.
+        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(n_blocks.sum()))
+        row_of = np.repeat(np.arange(len(block_tables)), n_blocks)
+        col_of = np.arange(flat.size) - np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)
+        tables[row_of, col_of] = flat
         pos_np = np.asarray(pos, dtype=np.int64)
         # slot = block_table[pos // bs] * bs + pos % bs, for each new token of each sequence
         seq_of_tok = np.repeat(np.arange(len(q_lens)), q_lens)
