@@ -39,7 +39,8 @@ def _up(args) -> int:
     for extra in args.engine_arg or []:
         engine_args += extra.split()
     config = StackConfig(
-        engines=args.engines, model=args.model, host=args.host, router_port=args.port, http_port=args.http_port,
+        engines=args.engines, model=args.model, host=args.host, router_port=args.port,
+        http_port=None if args.no_http else args.http_port,
         redis_url=args.redis_url, engine_args=engine_args, log_dir=args.log_dir, log_level=args.log_level,
         startup_timeout_s=args.startup_timeout, cuda_per_engine=args.device == "cuda" and args.engines > 1)
     stack = Stack(config)
@@ -62,13 +63,17 @@ def _up(args) -> int:
         model = args.model or "SmolLM2-135M-Instruct (bundled)"
         lines = [f"Folio is up in {time.monotonic() - t0:.1f}s, serving {model}",
                  f"  router     grpc://{stack.router_address}   (folio.v1.Router; health + reflection)"]
-        if args.http_port is not None:
-            lines.append(f"  http       http://{args.host}:{args.http_port}   (when the HTTP API is built)")
+        if not args.no_http:
+            lines.append(f"  http       http://{args.host}:{args.http_port}   (OpenAI-compatible: /v1/completions, "
+                         "/v1/chat/completions, /v1/models, /metrics)")
         lines.append(f"  tokenizer  grpc://{stack.tokenizer_address}")
         lines += [f"  engine {i}   grpc://{a}" for i, a in enumerate(stack.engine_addresses)]
         lines += [f"  redis      {stack.redis_url}", f"  logs       {stack.log_dir}", "",
-                  "Try:", f"  {_self_cmd()} complete \"The capital of France is\" --max-tokens 24 --router {stack.router_address}",
-                  "", "Ctrl-C stops everything."]
+                  "Try:", f"  {_self_cmd()} complete \"The capital of France is\" --max-tokens 24 --router {stack.router_address}"]
+        if not args.no_http:
+            lines.append(f"  curl http://{args.host}:{args.http_port}/v1/completions -H \"Content-Type: application/json\" "
+                         "-d '{\"prompt\": \"San Francisco is a\", \"max_tokens\": 7, \"temperature\": 0}'")
+        lines += ["", "Ctrl-C stops everything."]
         print("\n".join(lines), flush=True)
         while True:  # supervise: a child that dies takes the stack down with a clear message
             for p in stack.procs:
@@ -150,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--engines", type=int, default=1, help="engine processes (default 1)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=50051, help="router gRPC port (default 50051; 0: any free port)")
-    up.add_argument("--http-port", type=int, default=None,
-                    help="also serve the OpenAI-compatible HTTP API from the router (once services.router.http exists)")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="the router's OpenAI-compatible HTTP API port (default 8000; $FOLIO_API_KEY sets an API key)")
+    up.add_argument("--no-http", action="store_true", help="serve gRPC only")
     up.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                     help="use this Redis (default: $REDIS_URL, else start the venv's redis-server on a free port)")
     up.add_argument("--device", default=None, help="engine device: cpu, cuda or auto (default auto)")

@@ -97,6 +97,8 @@ class Chunk:
     """On the first chunk, and again after a failover."""
     prompt_token_ids: list[int] | None = None
     """On the first chunk."""
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """On the first chunk, when params.prompt_logprobs was set: one entry per prompt token (the first is None)."""
     timing: dict = field(default_factory=dict)
     """On the last chunk: queue_s, time_to_first_token_s, total_s."""
 
@@ -228,6 +230,28 @@ class RouterCore:
             raise NotFound(f"model: {model!r} is not served here (served: {', '.join(sorted(known)) or 'none'})")
         return model
 
+    def max_model_len(self, model: str) -> int | None:
+        """The context limit of the model's live engines (None: no live engine)."""
+        return next((m.max_model_len for m in self.list_models() if m.id == model), None)
+
+    async def encode(self, inp: GenerateInput, timeout_s: float | None = None) -> tuple[str, list[int]]:
+        """Resolve the model and tokenize the input (prompt, messages or ids) as `generate` would; lets a caller
+        check the prompt against the context limit first and then generate from `prompt_token_ids`."""
+        model = self.resolve_model(inp.model)
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        return model, await self._encode(inp, model, deadline)
+
+    async def decode(self, model: str, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        tok = self.by_model.get(model)
+        if tok is None:
+            raise Unavailable(f"model: no tokenizer service for {model!r}")
+        try:
+            r = await tok.stub.Decode(tokenizer_pb2.DecodeRequest(model=model, token_ids=token_ids,
+                                                                  skip_special_tokens=skip_special_tokens), timeout=30)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        return r.text
+
     def stats(self) -> dict:
         return {"redis_ok": self.registry.redis_ok, "engines": list(self.registry.view), "in_flight": self.in_flight,
                 "retries": self.retries, "failovers": self.failovers, "requests_total": self.requests_total}
@@ -324,6 +348,8 @@ class RouterCore:
                                 announced = True
                             if first_chunk:
                                 chunk.prompt_token_ids = list(prompt_ids)
+                                if msg.prompt_logprobs:
+                                    chunk.prompt_logprobs = [position_from_pb(p) for p in msg.prompt_logprobs]
                             for d in msg.sequences:
                                 if d.index in finished_seqs:
                                     continue

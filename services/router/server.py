@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
 from services.common.server import GrpcServer, configure_logging
 from services.router.core import GenerateInput, RouterCore
+from services.router.metrics import RouterMetrics
 
 log = logging.getLogger("folio.router.server")
 
@@ -27,7 +29,8 @@ class RouterConfig:
     stale_ms: int = cfg.field(1500, "engines whose last report is older than this are not chosen")
     reservation_ttl_ms: int = cfg.field(10_000, "a block reservation the engine never confirms is dropped after this")
     max_attempts: int = cfg.field(3, "engines tried per request (failures before the first token, failovers after)")
-    http_port: int | None = cfg.field(None, "also serve the OpenAI-compatible HTTP API on this port (services.router.http)")
+    http_port: int | None = cfg.field(None, "also serve the OpenAI-compatible HTTP API on this port (services.router.http_api)")
+    api_key: str | None = cfg.field(None, "HTTP API: require 'Authorization: Bearer <key>' on /v1/* (default: $FOLIO_API_KEY)")
     grace_s: float = cfg.field(30.0, "seconds in-flight requests get to finish on SIGTERM")
     log_level: str = cfg.field("INFO", "logging level")
 
@@ -52,12 +55,16 @@ def request_from_pb(r: pb.GenerateRequest, timeout_s: float | None) -> GenerateI
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, core: RouterCore):
+    def __init__(self, core: RouterCore, metrics: RouterMetrics | None = None):
         self.core = core
+        self.metrics = metrics
 
     async def Generate(self, request: pb.GenerateRequest, context):
         inp = request_from_pb(request, context.time_remaining())
-        async for c in self.core.generate(inp):
+        chunks = self.core.generate(inp)
+        if self.metrics is not None:
+            chunks = self.metrics.track(chunks)
+        async for c in chunks:
             msg = pb.GenerateResponse(request_id=c.request_id, finished=c.finished, model=c.model,
                                       engine_id=c.engine_id or "", prompt_token_ids=c.prompt_token_ids or [])
             for ch in c.choices:
@@ -97,20 +104,52 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return r
 
 
-async def _serve_http(core: RouterCore, c: RouterConfig) -> asyncio.Task | None:
-    """The hook for the OpenAI-compatible HTTP API (issue 5): services.router.http.build_app(core)."""
-    if c.http_port is None:
-        return None
-    try:
-        from services.router import http
-    except ImportError:
-        log.error("--http-port %d given but the HTTP API (services.router.http) is not built yet", c.http_port)
-        return None
-    import uvicorn
+class _HttpServer:
+    """The OpenAI-compatible HTTP API (services/router/http_api.py) on this process's event loop, beside
+    the gRPC server, sharing its RouterCore. The port is bound before the router reports SERVING, so a
+    taken port fails the start loudly; SIGTERM drains it with the gRPC server."""
 
-    server = uvicorn.Server(uvicorn.Config(http.build_app(core), host=c.host, port=c.http_port, log_level="warning"))
-    server.install_signal_handlers = lambda: None  # the gRPC server owns SIGTERM/SIGINT
-    return asyncio.create_task(server.serve(), name="http")
+    def __init__(self, core: RouterCore, metrics: RouterMetrics, c: RouterConfig):
+        import socket
+
+        import uvicorn
+
+        from services.router.http_api import build_app
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # the gRPC server owns SIGTERM/SIGINT and tells this one to drain
+                yield
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((c.host, c.http_port))
+        except OSError as e:
+            self.sock.close()
+            raise SystemExit(f"router: cannot serve HTTP on {c.host}:{c.http_port}: {e}") from None
+        self.sock.listen(2048)
+        self.sock.setblocking(False)
+        self.grace_s = c.grace_s
+        app = build_app(core, api_key=c.api_key, metrics=metrics)
+        self.server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=c.grace_s,
+                                            access_log=False))
+        self.task: asyncio.Task | None = None
+        log.info("OpenAI-compatible HTTP API on http://%s:%d", c.host, c.http_port)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="http")
+
+    async def drain(self) -> None:
+        self.server.should_exit = True  # stop accepting; requests in flight get up to grace_s
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            try:
+                await asyncio.wait_for(self.task, self.grace_s + 1)
+            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+                self.task.cancel()
 
 
 async def serve(c: RouterConfig) -> None:
@@ -121,21 +160,28 @@ async def serve(c: RouterConfig) -> None:
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port)
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = RouterCore(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts)
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server.server)
+    metrics = RouterMetrics(core)
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
+    http = _HttpServer(core, metrics, c) if c.http_port is not None else None
     await core.start()
-    http_task = await _serve_http(core, c)
+
+    async def on_ready():
+        if http is not None:
+            http.start()
+
     try:
-        await server.run(c.grace_s)
+        await server.run(c.grace_s, on_drain=http.drain if http is not None else None, on_ready=on_ready)
     finally:
-        if http_task is not None:
-            http_task.cancel()
+        if http is not None:
+            await http.stop()
         await core.close()
         await redis.aclose()
 
 
 def parse_config(argv: list[str] | None = None) -> RouterConfig:
     parser = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
-    cfg.add_args(parser, RouterConfig, defaults={"redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")})
+    cfg.add_args(parser, RouterConfig, defaults={"redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+                                                 "api_key": os.environ.get("FOLIO_API_KEY") or None})
     c = cfg.from_args(RouterConfig, parser.parse_args(argv))
     c.tokenizer = c.tokenizer or []
     return c

@@ -37,8 +37,8 @@ def session_members(sid: int) -> list[tuple[int, str]]:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_run_comes_up_serving_and_ctrl_c_leaves_no_process():
-    port = free_port()
-    args = f"--port {port} --cpu-kv-cache-bytes 134217728 --max-model-len 2048"
+    port, http_port = free_port(), free_port()  # not 8000, the default: another run on this machine may hold it
+    args = f"--port {port} --http-port {http_port} --cpu-kv-cache-bytes 134217728 --max-model-len 2048"
     # -o: treat the venv as up to date (`make test` has just installed it; a bare pytest run must not pip install).
     p = subprocess.Popen(["make", "-s", "-o", ".venv/.installed", "run", f"ARGS={args}"], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -58,6 +58,12 @@ def test_make_run_comes_up_serving_and_ctrl_c_leaves_no_process():
         assert f"router     grpc://127.0.0.1:{port}" in out and "complete" in out
         res = generate(f"127.0.0.1:{port}", text="The capital of France is", params=params(temperature=0, max_tokens=3))
         assert res.text[0] == " Paris.\n"
+        assert f"http       http://127.0.0.1:{http_port}" in out  # the OpenAI-compatible API, from the router
+        import httpx
+
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60,
+                       json={"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == " Paris.\n"
         members = session_members(p.pid)
         names = " ".join(n for _, n in members)
         assert len(members) >= 6 and "redis-server" in names, members  # make, folio up, redis, tokenizer, engine, router
