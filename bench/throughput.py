@@ -3,6 +3,7 @@ the same prompts, in one run. Prints a table and appends one JSON record per (sh
 
     python bench/throughput.py --shape llama-3-8b --workload fixed chat
     python bench/throughput.py --shape tiny --device cpu --workload fixed --requests 8   # smoke test
+    python bench/throughput.py --shape llama-3-8b --workload fixed --no-hf --tensor-parallel-size 2   # 2 GPUs
 
 Workloads
   fixed: 256 prompts x 256 random input tokens, 256 output tokens each (ignore_eos).
@@ -131,7 +132,7 @@ def run_folio(model_dir, work, args):
     t0 = time.perf_counter()
     llm = LLM(str(model_dir), load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=max_len,
               max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size)
     startup = time.perf_counter() - t0
     engine = llm.engine
     waste = []
@@ -166,7 +167,8 @@ def run_folio(model_dir, work, args):
     assert n_out == sum(o for _, o in work), "every request must end at its own length"
     info = {"kv_blocks": engine.blocks.num_blocks, "startup_s": startup,
             "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
-            "preemptions": engine.scheduler.num_preemptions}
+            "preemptions": engine.scheduler.num_preemptions, "tensor_parallel_size": args.tensor_parallel_size}
+    llm.shutdown()  # tensor-parallel workers, if any
     del llm, engine, outs
     free(args)
     return n_out, secs, info
@@ -239,6 +241,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="shard Folio's model over this many GPUs (the roofline then assumes their summed ceilings)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.jsonl"))
     args = ap.parse_args()
@@ -259,7 +263,7 @@ def main() -> None:
                 else:
                     h_n, h_s, h_info = run_hf(model_dir, work, args)
                 hf_tps = h_n / h_s if h_n else float("nan")
-                roof_s = ideal_roofline_seconds(work, SHAPES[shape], args.max_num_seqs, ceil)
+                roof_s = ideal_roofline_seconds(work, SHAPES[shape], args.max_num_seqs, ceil) / args.tensor_parallel_size
                 rec = {
                     "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),

@@ -14,7 +14,9 @@ PromptType = str | list[int] | dict
 class LLM:
     """An engine in this process. Options are EngineConfig's fields (model, dtype, device, block_size,
     max_model_len, max_num_seqs, max_num_batched_tokens, num_kv_blocks, gpu_memory_utilization,
-    cpu_kv_cache_bytes, seed, attention_backend, enable_prefix_caching)."""
+    cpu_kv_cache_bytes, seed, attention_backend, enable_prefix_caching, tensor_parallel_size).
+    With tensor_parallel_size > 1 this process is rank 0 and starts one worker process per other rank;
+    `shutdown()` stops them (they are also stopped when the LLM is dropped or the process exits)."""
 
     def __init__(self, model: str | None = None, **kwargs):
         unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
@@ -22,6 +24,9 @@ class LLM:
             raise TypeError(f"LLM() got unknown options {sorted(unknown)}")
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

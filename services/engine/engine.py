@@ -62,6 +62,8 @@ class EngineConfig:
     """"safetensors", or "dummy": random weights of the checkpoint's shapes (speed measurements)."""
     enforce_eager: bool = False
     """On CUDA, skip capturing decode steps as CUDA graphs."""
+    tensor_parallel_size: int = 1
+    """Shard the model over this many GPUs (processes), Megatron-style; see docs/tensor-parallel.md."""
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -74,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
@@ -114,8 +118,15 @@ class LLMEngine:
         backend = config.attention_backend or default_backend(str(self.device))
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend, config.block_size,
-                                  config.load_format)
+        if config.tensor_parallel_size > 1:  # rank 0 of a group of processes (services/engine/parallel.py)
+            from services.engine.parallel import TensorParallelRunner
+
+            self.runner = TensorParallelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
+                                               config.block_size, config.load_format, config.tensor_parallel_size,
+                                               config.seed)
+        else:
+            self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
+                                      config.block_size, config.load_format)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give loading's transient copies back before sizing the KV pool
         mcfg = self.runner.cfg
@@ -157,7 +168,8 @@ class LLMEngine:
 
     def _size_kv_pool(self) -> int:
         c = self.config
-        per_block = kv_bytes_per_block(self.runner.cfg, c.block_size, self.dtype)
+        # Per rank: each holds 1/tensor_parallel_size of the KV heads (and of the pool's bytes).
+        per_block = kv_bytes_per_block(self.runner.cfg, c.block_size, self.dtype) // c.tensor_parallel_size
         if c.num_kv_blocks is not None:
             return c.num_kv_blocks
         if self.device.type != "cuda":
@@ -236,6 +248,12 @@ class LLMEngine:
                 self._finish(seq, "abort")
             self.sampler.forget(seq.seq_id)
         return self._output(req)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (a one-process engine holds nothing to release)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

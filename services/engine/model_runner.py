@@ -35,13 +35,13 @@ def kv_bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dtype) ->
 
 class ModelRunner:
     def __init__(self, model_dir, hf_config: dict, dtype: torch.dtype, device: torch.device,
-                 attention_backend: str, block_size: int, load_format: str = "safetensors"):
+                 attention_backend: str, block_size: int, load_format: str = "safetensors", tp=None):
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.cfg = LlamaConfig.from_hf(hf_config)
         self.backend = get_attention_backend(attention_backend)
-        self.model = LlamaModel(self.cfg, self.backend, dtype, device)
+        self.model = LlamaModel(self.cfg, self.backend, dtype, device, tp)  # tp: parallel.TPGroup or None
         if load_format == "dummy":
             self.model.load_weights(dummy_weights(self.cfg, dtype, device))
         else:
@@ -52,7 +52,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.cfg
-        shape = (2, num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        shape = (2, num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim)  # this rank's KV heads
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
 
     def weight_bytes(self) -> int:

@@ -221,6 +221,7 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
         await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
     finally:
         await aengine.stop()
+        engine.shutdown()  # tensor-parallel workers, if any
         if redis is not None:
             await redis.aclose()
 

@@ -94,7 +94,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, cfg: LlamaConfig, attention_backend, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: LlamaConfig, attention_backend, dtype: torch.dtype, device: torch.device, tp=None):
         super().__init__()
         self.cfg = cfg
         self.attn = attention_backend
@@ -103,10 +103,22 @@ class LlamaModel(torch.nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.weights: dict[str, torch.Tensor] = {}
         self.inv_freq = rope_inv_freq(cfg).to(device)
+        # Tensor parallelism (services/engine/parallel.py): None on one device. Otherwise this rank holds
+        # its share of the heads, FFN and vocabulary (model/sharding.py) and the group all-reduces.
+        self.tp = tp
+        n = tp.world_size if tp is not None else 1
+        self.num_heads = cfg.num_attention_heads // n
+        self.num_kv_heads = cfg.num_key_value_heads // n
+        self.vocab_shard = -(-cfg.vocab_size // n)
+        self.vocab_start = tp.rank * self.vocab_shard if tp is not None else 0
 
     # Loading -----------------------------------------------------------------------------------
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         cfg, w = self.cfg, {}
+        if self.tp is not None:
+            from services.engine.model.sharding import shard_checkpoint
+
+            tensors = shard_checkpoint(tensors, cfg, self.tp.rank, self.tp.world_size)
 
         def get(name):
             # pop: each source tensor is dropped as soon as it is placed, so peak memory stays near one copy
@@ -141,12 +153,12 @@ class LlamaModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden] (before the last norm)."""
-        cfg, w = self.cfg, self.weights
+        cfg, w, tp = self.cfg, self.weights, self.tp
         T = input_ids.shape[0]
-        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim
         q_size, kv_size = hq * d, hkv * d
         cos, sin = self.rope_cos_sin(positions)
-        h = F.embedding(input_ids, w["embed"])
+        h = F.embedding(input_ids, w["embed"]) if tp is None else self._embed_vocab_parallel(input_ids)
         for i in range(cfg.num_hidden_layers):
             x = rms_norm(h, w[f"{i}.ln1"], cfg.rms_norm_eps)
             qkv = F.linear(x, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))
@@ -154,13 +166,25 @@ class LlamaModel(torch.nn.Module):
             q = apply_rope(q.view(T, hq, d), cos, sin)
             k = apply_rope(k.view(T, hkv, d), cos, sin)
             o = self.attn.forward(q, k, v.view(T, hkv, d), kv_caches[i], meta, self.scale)
-            h = h + F.linear(o.reshape(T, q_size), w[f"{i}.o"])
+            o = F.linear(o.reshape(T, q_size), w[f"{i}.o"])
+            h = h + (o if tp is None else tp.all_reduce(o))  # row-parallel: sum the ranks' partial outputs
             x = rms_norm(h, w[f"{i}.ln2"], cfg.rms_norm_eps)
             gate, up = F.linear(x, w[f"{i}.gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w[f"{i}.down"])
+            down = F.linear(F.silu(gate) * up, w[f"{i}.down"])
+            h = h + (down if tp is None else tp.all_reduce(down))
         return h
+
+    def _embed_vocab_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Each rank looks up the ids in its vocabulary slice, zeros the rest; the sum over ranks is exact.
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_shard)
+        x = F.embedding(local.masked_fill(outside, 0), self.weights["embed"])
+        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on the selected rows, in float32 for sampling and logprobs."""
         x = rms_norm(hidden, self.weights["norm"], self.cfg.rms_norm_eps)
-        return F.linear(x, self.weights["lm_head"]).float()
+        logits = F.linear(x, self.weights["lm_head"])
+        if self.tp is not None:  # each rank has its vocabulary slice: gather them, drop the padding
+            logits = self.tp.all_gather_columns(logits)[:, :self.cfg.vocab_size]
+        return logits.float()
