@@ -316,6 +316,20 @@ def test_disconnect_mid_stream_frees_the_engines_blocks(http_stack):
     assert time.monotonic() - t0 < 2.0
 
 
+def test_disconnect_of_a_non_streamed_request_frees_the_engines_blocks(http_stack):
+    engine = http_stack.engine_addresses[0]
+    avail = lambda s: s.free_blocks + s.evictable_blocks  # noqa: E731
+    before = engine_stats(engine)
+    body = {"model": MODEL, "prompt": random_prompt(100, seed=12), "max_tokens": 500, "ignore_eos": True,
+            "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection) after 1.5 s
+        httpx.post(http_stack.http_url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+    t0 = time.monotonic()
+    wait_for(lambda: (s := engine_stats(engine)).running == 0 and avail(s) == avail(before), timeout=2.0,
+             what="the engine to free the abandoned request's blocks")
+    assert time.monotonic() - t0 < 2.0
+
+
 # --- API key, no engine: a second router on an empty registry ----------------------------------------
 def test_api_key_401_and_no_engine_503(http_stack, tmp_path):
     grpc_port, port = free_port(), free_port()
