@@ -150,6 +150,8 @@ def run_folio(model_dir, work, args):
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
     llm.generate([p for p, _ in work[:4]], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4, use_tqdm=False)
     waste.clear()
+    if args.step_timing:
+        engine.step_timing = {}
     sync(args)
     t = time.perf_counter()
     if args.profile:
@@ -165,7 +167,13 @@ def run_folio(model_dir, work, args):
     secs = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(o for _, o in work), "every request must end at its own length"
+    if engine.step_timing:
+        t = engine.step_timing
+        steps = t.pop("steps")
+        print("per-step ms (GPU synced after the forward): " + ", ".join(
+            f"{k} {1e3 * v / steps:.2f}" for k, v in t.items()) + f" over {steps} steps", flush=True)
     info = {"kv_blocks": engine.blocks.num_blocks, "startup_s": startup,
+            "step_timing_ms": {k: 1e3 * v / steps for k, v in engine.step_timing.items()} if engine.step_timing else None,
             "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
             "preemptions": engine.scheduler.num_preemptions, "tensor_parallel_size": args.tensor_parallel_size}
     llm.shutdown()  # tensor-parallel workers, if any
@@ -238,6 +246,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="run Folio under cProfile and print where the time goes")
+    ap.add_argument("--step-timing", action="store_true",
+                    help="time each engine step's phases (syncs the GPU after each forward: slower, for diagnosis)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=256)

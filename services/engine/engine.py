@@ -157,6 +157,8 @@ class LLMEngine:
         self.sampler = Sampler(self.device, config.seed or 0)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self._eos_from_config()
         self.requests: dict[str, Request] = {}
+        self.step_timing: dict | None = None
+        """Set to {} to accumulate seconds per step phase (adds a GPU sync per step: measurement only)."""
         self.attention_backend = backend
         log.info("engine ready: %s on %s (%s), backend %s, %d KV blocks x %d tokens",
                  self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), backend,
@@ -272,14 +274,24 @@ class LLMEngine:
     def step(self, stream: bool = True) -> list[RequestOutput]:
         """Run one scheduling step; return outputs of the requests that advanced or finished
         (only of those that finished when `stream` is False: the offline API needs no more)."""
+        timing = self.step_timing
+        t0 = time.perf_counter() if timing is not None else 0.0
         out = self.scheduler.schedule()
         if not out:
             return self._unblock()
+        if timing is not None:
+            t1 = time.perf_counter()
         tables = [self.blocks.block_ids(s.seq.seq_id) for s in out.scheduled]
         if out.block_copies:
             self.runner.copy_blocks(out.block_copies)
         inputs = self.runner.prepare(out, tables)
+        if timing is not None:
+            t2 = time.perf_counter()
         logits = self.runner.execute(inputs)
+        if timing is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # only when measuring: attribute GPU time to the forward
+            t3 = time.perf_counter()
         now = time.monotonic()
 
         self.scheduler.after_step(out)  # advance num_computed_tokens (forks below copy it)
@@ -326,6 +338,11 @@ class LLMEngine:
         for req in beam_reqs.values():
             if req.beam.advance():  # beams report once, when the search is over
                 touched[req.request_id] = req
+        if timing is not None:
+            t4 = time.perf_counter()
+            for k, v in (("schedule", t1 - t0), ("prepare", t2 - t1), ("forward", t3 - t2), ("sample_update", t4 - t3)):
+                timing[k] = timing.get(k, 0.0) + v
+            timing["steps"] = timing.get("steps", 0) + 1
         outputs = []
         for req in touched.values():
             finished = req.finished
