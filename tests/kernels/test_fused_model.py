@@ -15,20 +15,21 @@ def test_fused_forward_matches_torch_forward():
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
                       rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
                       attention_bias=False)
-    dev = torch.device("cpu")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outs = []
     for fused in (False, True):
         model = LlamaModel(cfg, TorchAttentionBackend(), torch.float32, dev)
         model.load_weights(dummy_weights(cfg, torch.float32, dev, seed=3))
         model.fused_elementwise = fused
-        kv = [torch.zeros(2, 8, 4, 2, 16) for _ in range(2)]
+        kv = [torch.zeros(2, 8, 4, 2, 16, device=dev) for _ in range(2)]
         # two sequences: a 5-token prefill and a 3-token prefill
-        ids = torch.tensor([5, 9, 33, 2, 7, 11, 12, 13])
-        pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+        ids = torch.tensor([5, 9, 33, 2, 7, 11, 12, 13], device=dev)
+        pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=dev)
+        i32 = dict(dtype=torch.int32, device=dev)
         meta = AttentionMetadata(
-            num_seqs=2, num_tokens=8, query_start_loc=torch.tensor([0, 5, 8], dtype=torch.int32),
-            seq_lens=torch.tensor([5, 3], dtype=torch.int32), block_tables=torch.tensor([[0, 1], [2, 0]], dtype=torch.int32),
-            slot_mapping=torch.tensor([0, 1, 2, 3, 4, 8, 9, 10]), max_query_len=5, max_seq_len=5,
+            num_seqs=2, num_tokens=8, query_start_loc=torch.tensor([0, 5, 8], **i32),
+            seq_lens=torch.tensor([5, 3], **i32), block_tables=torch.tensor([[0, 1], [2, 0]], **i32),
+            slot_mapping=torch.tensor([0, 1, 2, 3, 4, 8, 9, 10], device=dev), max_query_len=5, max_seq_len=5,
             query_lens_cpu=[5, 3], seq_lens_cpu=[5, 3])
         outs.append(model.logits(model.forward(ids, pos, kv, meta)))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
