@@ -51,7 +51,7 @@ def test_compose_services_and_commands():
     for name, svc in services.items():
         if isinstance(svc.get("command"), list) and svc["command"][:2] == ["python", "-m"]:
             _parse_service_command(svc["command"])
-    assert services["router"]["ports"] == ["127.0.0.1:50051:50051"]
+    assert services["router"]["ports"] == ["127.0.0.1:50051:50051", "127.0.0.1:8000:8000"]
     targets = set(re.findall(r"^FROM .* AS (\w+)$", (ROOT / "Dockerfile").read_text(), flags=re.M))
     for svc in services.values():
         if "build" in svc:
