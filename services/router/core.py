@@ -128,8 +128,20 @@ class _SeqDetok:
         self.sent = 0
         self.first = True
         self.model = model
+        self._opening: asyncio.Future | None = None
+
+    def open_early(self) -> None:
+        """Set the stream up now, while the engine is being chosen and called, rather than on the first
+        token: a first message with no ids (answered with empty text) takes the set-up off the TTFT path."""
+        self._opening = asyncio.ensure_future(self._send([], flush=False))
 
     async def add(self, ids: list[int], flush: bool) -> str:
+        if self._opening is not None:
+            opening, self._opening = self._opening, None
+            await opening
+        return await self._send(ids, flush)
+
+    async def _send(self, ids: list[int], flush: bool) -> str:
         req = tokenizer_pb2.DetokenizeRequest(token_ids=ids, flush=flush)
         if self.first:
             req.model = self.model
@@ -162,13 +174,18 @@ class _SeqDetok:
     async def finish(self) -> None:
         """End the stream cleanly (half-close, read to the end)."""
         try:
+            if self._opening is not None:
+                opening, self._opening = self._opening, None
+                await opening
             await self.call.done_writing()
             while await self.call.read() is not grpc.aio.EOF:
                 pass
-        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        except (grpc.aio.AioRpcError, asyncio.CancelledError, Unavailable):
             self.call.cancel()
 
     def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
         self.call.cancel()
 
 
@@ -314,6 +331,9 @@ class RouterCore:
                 span.set_attribute("folio.prompt_tokens", len(prompt_ids))
             tok = self.by_model.get(model)
             detoks: dict[int, _SeqDetok] = {}
+            if tok is not None:
+                detoks[0] = _SeqDetok(tok.stub, model, params)
+                detoks[0].open_early()
             generated: list[int] = []  # sequence 0's tokens so far (for failover when n == 1)
             excluded: set[str] = set()
             failures: list[grpc.StatusCode] = []
