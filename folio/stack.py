@@ -182,10 +182,31 @@ class Stack:
                 rargs += ["--http-port", str(c.http_port)]
             self.router_address = self._spawn("router", self._py("services.router", *rargs), f"{c.host}:{rport}").address
             self.wait_serving([p for p in self.procs if p.name != "redis"])
+            self.wait_routable()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def wait_routable(self, timeout_s: float = 10.0) -> None:
+        """Wait until the router's registry view (refreshed from Redis twice a second) holds every
+        engine: an engine that became SERVING after the router's last refresh is not routable yet."""
+        import grpc
+
+        from protos.gen.folio.v1 import router_pb2, router_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.router_address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            while True:
+                models = stub.ListModels(router_pb2.ListModelsRequest(), timeout=5).models
+                if sum(m.engines for m in models) >= self.c.engines:
+                    return
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the router saw {sum(m.engines for m in models)} of {self.c.engines} "
+                                       f"engines within {timeout_s:.0f}s of them serving")
+                time.sleep(0.05)
 
     def wait_serving(self, procs: list[Proc], timeout_s: float | None = None) -> None:
         import grpc
