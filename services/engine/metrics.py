@@ -40,8 +40,8 @@ class _SnapshotCollector:
         yield gauge("folio:kv_blocks_evictable", "KV blocks holding cached prefixes, reusable.", s.evictable_blocks)
         yield gauge("folio:kv_blocks_total", "KV pool size in blocks.", s.total_blocks)
         yield counter("vllm:num_preemptions", "Preemptions (recompute) since start.", s.num_preemptions)
-        yield counter("vllm:prefix_cache_queries", "Prefix-cache lookups, in blocks.", s.prefix_cache_queries)
-        yield counter("vllm:prefix_cache_hits", "Prefix-cache hits, in blocks.", s.prefix_cache_hits)
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
 
 
 class EngineMetrics:
