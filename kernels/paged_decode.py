@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_checks import check_paged_inputs
+
 # A split shorter than this spends more on its partial write and the reduce than it gains.
 MIN_TOKENS_PER_SPLIT = 512
 MAX_SPLITS = 64
@@ -205,7 +207,7 @@ def paged_decode(
     Returns out [num_seqs, num_heads, head_dim] in q's dtype.
     """
     num_seqs, num_heads, head_dim = q.shape
-    _check(q, kv_cache, block_tables, seq_lens, num_seqs)
+    check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, "num_seqs")
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if out is None:
         out = torch.empty_like(q)
@@ -252,33 +254,6 @@ def paged_decode(
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4 if head_dim * num_splits >= 2048 else 2,
         )
     return out
-
-
-def _check(q, kv_cache, block_tables, seq_lens, num_seqs):
-    if q.dim() != 3:
-        raise ValueError(f"q must be [num_seqs, num_heads, head_dim]; got {tuple(q.shape)}")
-    _, num_heads, head_dim = q.shape
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
-        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, {head_dim}]; "
-                         f"got {tuple(kv_cache.shape)}")
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
-    num_kv_heads = kv_cache.shape[3]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be a power of two in [16, 256]; got {head_dim}")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
-    if q.stride(2) != 1:
-        raise ValueError("q must be contiguous in head_dim")
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] < num_seqs:
-        raise ValueError(f"block_tables must be int32 [>= {num_seqs}, max_blocks]; "
-                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables rows must be contiguous")
-    if seq_lens.dtype != torch.int32 or seq_lens.dim() != 1 or seq_lens.shape[0] < num_seqs:
-        raise ValueError(f"seq_lens must be int32 [>= {num_seqs}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}")
 
 
 def paged_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -422,7 +422,7 @@ class LLMEngine:
             delta = seq.detok.add([token])
             seq.text = seq.detok.text
             if reason is None and p.stop and n_out >= p.min_tokens and delta:
-                hit = self._find_stop(seq.text, len(delta), p)
+                hit = p.find_stop(seq.text, len(delta))
                 if hit is not None:
                     idx, s = hit
                     seq.text = seq.text[:idx + len(s)] if p.include_stop_str_in_output else seq.text[:idx]
@@ -442,17 +442,6 @@ class LLMEngine:
         elif self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
         self.scheduler.finish(seq)
-
-    @staticmethod
-    def _find_stop(text: str, delta_len: int, p: SamplingParams) -> tuple[int, str] | None:
-        # Only the new text (plus the longest stop string's reach back) can complete a stop string.
-        begin = max(0, len(text) - delta_len - p.max_stop_len + 1)
-        best = None
-        for s in p.stop:
-            i = text.find(s, begin)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        return best
 
     def _output(self, req: Request) -> RequestOutput:
         outs = [

@@ -105,6 +105,17 @@ class SamplingParams:
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 
+    def find_stop(self, text: str, delta_len: int) -> tuple[int, str] | None:
+        """The earliest stop string that `text`'s last `delta_len` characters completed: (index, string).
+        Only the new text, plus the longest stop string's reach back into the old, can complete one."""
+        begin = max(0, len(text) - delta_len - self.max_stop_len + 1)
+        best = None
+        for s in self.stop:
+            i = text.find(s, begin)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
 
 @dataclass
 class BeamSearchParams:

@@ -153,16 +153,6 @@ class _SeqDetok:
             raise Unavailable("tokenizer: detokenize stream ended")
         return resp.text
 
-    def find_stop(self, delta_len: int) -> tuple[int, str] | None:
-        p = self.params
-        begin = max(0, len(self.text) - delta_len - p.max_stop_len + 1)
-        best = None
-        for s in p.stop:
-            i = self.text.find(s, begin)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        return best
-
     def take(self, done: bool) -> str:
         """Text ready to send: everything when done, else all but what could still start a stop string."""
         hold = 0 if done else max(0, self.params.max_stop_len - 1)
@@ -384,7 +374,7 @@ class RouterCore:
                                 delta = await det.add(ids, flush=reason is not None and not d.stop_str)
                                 det.text += delta
                                 if params.stop and delta and reason != "abort":
-                                    hit = det.find_stop(len(delta))
+                                    hit = params.find_stop(det.text, len(delta))
                                     if hit is not None:  # the engine finds the same stop at the same token
                                         i, s = hit
                                         det.text = det.text[:i + len(s)] if params.include_stop_str_in_output else det.text[:i]

@@ -1,0 +1,35 @@
+"""Host-side checks shared by the paged-attention wrappers (decode and prefill/extend)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                       num_seqs: int, q_rows: str) -> None:
+    """q [q_rows, num_heads, head_dim]; kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables int32 [>= num_seqs, max_blocks]; seq_lens int32 [>= num_seqs]."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [{q_rows}, num_heads, head_dim]; got {tuple(q.shape)}")
+    _, num_heads, head_dim = q.shape
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, {head_dim}]; "
+                         f"got {tuple(kv_cache.shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    num_kv_heads = kv_cache.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256]; got {head_dim}")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] < num_seqs:
+        raise ValueError(f"block_tables must be int32 [>= {num_seqs}, max_blocks]; "
+                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    if seq_lens.dtype != torch.int32 or seq_lens.dim() != 1 or seq_lens.shape[0] < num_seqs:
+        raise ValueError(f"seq_lens must be int32 [>= {num_seqs}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}")
