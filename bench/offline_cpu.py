@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from folio import LLM, SamplingParams  # noqa: E402
-from folio.bundled_model import ensure_bundled_model  # noqa: E402
+from services.common.bundled_model import ensure_bundled_model  # noqa: E402
 
 TOPICS = ["the ocean", "a city at night", "machine learning", "the history of Rome", "coffee", "mountains",
           "a robot learning to paint", "the stock market"]

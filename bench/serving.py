@@ -66,7 +66,7 @@ def engine_kwargs(args, model_dir) -> dict:
 
 def run_in_process(args, model_dir, reqs) -> dict:
     from services.engine.engine import EngineConfig, LLMEngine
-    from services.engine.sampling_params import SamplingParams
+    from services.common.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(**engine_kwargs(args, model_dir), max_waiting_requests=None))
     engine.add_request("warmup", None, SamplingParams(max_tokens=4, ignore_eos=True), prompt_token_ids=[20, 21, 22])
@@ -166,7 +166,7 @@ def main() -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else None
     if tok_dir is None:
-        from folio.bundled_model import ensure_bundled_model
+        from services.common.bundled_model import ensure_bundled_model
 
         tok_dir = ensure_bundled_model(quiet=True)
     vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]

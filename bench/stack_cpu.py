@@ -61,7 +61,7 @@ def run_in_process(args, texts: list[str]) -> tuple[dict, dict[str, list[int]]]:
     import torch
 
     from services.engine.engine import EngineConfig, LLMEngine
-    from services.engine.sampling_params import SamplingParams
+    from services.common.sampling_params import SamplingParams
 
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(**engine_flags(args)))

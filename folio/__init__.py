@@ -1,8 +1,8 @@
 """Folio: LLM serving with PagedAttention and continuous batching, as gRPC services or in-process."""
 
-from services.engine.sampling_params import (
-    BeamSearchParams, CompletionOutput, Logprob, RequestOutput, SamplingParams,
-)
+from services.common.sampling_params import BeamSearchParams, SamplingParams
+
+from services.common.outputs import CompletionOutput, Logprob, RequestOutput
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob"]
 

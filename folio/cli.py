@@ -10,14 +10,14 @@ import time
 
 
 def _prepare_model(args) -> int:
-    from folio.bundled_model import ensure_bundled_model
+    from services.common.bundled_model import ensure_bundled_model
 
     ensure_bundled_model()
     return 0
 
 
 def _model_path(args) -> int:
-    from folio.bundled_model import ensure_bundled_model
+    from services.common.bundled_model import ensure_bundled_model
 
     print(ensure_bundled_model(quiet=True))
     return 0
@@ -27,7 +27,7 @@ def _up(args) -> int:
     from folio.stack import Stack, StackConfig
 
     if args.model is None:  # convert once here rather than in every child
-        from folio.bundled_model import ensure_bundled_model
+        from services.common.bundled_model import ensure_bundled_model
 
         ensure_bundled_model()
     engine_args = []

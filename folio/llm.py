@@ -6,7 +6,8 @@ import itertools
 from collections.abc import Sequence as Seq
 
 from services.engine.engine import EngineConfig, LLMEngine
-from services.engine.sampling_params import BeamSearchParams, RequestOutput, SamplingParams
+from services.common.sampling_params import BeamSearchParams, SamplingParams
+from services.common.outputs import RequestOutput
 
 PromptType = str | list[int] | dict
 

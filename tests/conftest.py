@@ -12,7 +12,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def model_dir():
-    from folio.bundled_model import ensure_bundled_model
+    from services.common.bundled_model import ensure_bundled_model
 
     return ensure_bundled_model(quiet=True)
 

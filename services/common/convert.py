@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from protos.gen.folio.v1 import common_pb2 as pb
-from services.engine.sampling_params import Logprob, SamplingParams
+from services.common.sampling_params import SamplingParams
+from services.common.outputs import Logprob
 
 FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
                 "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}

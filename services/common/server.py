@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import ErrorInterceptor
+from services.common.grpc_errors import ErrorInterceptor
 
 log = logging.getLogger("folio.server")
 

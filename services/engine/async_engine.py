@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.engine.engine import LLMEngine
-from services.engine.sampling_params import RequestOutput, SamplingParams
+from services.common.sampling_params import SamplingParams
+from services.common.outputs import RequestOutput
 
 log = logging.getLogger("folio.engine.loop")
 

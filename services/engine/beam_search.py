@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.request import Request, Sequence, SeqStatus
-from services.engine.sampling_params import BeamSearchParams, SamplingParams
+from services.common.sampling_params import BeamSearchParams, SamplingParams
 
 
 def sampling_params_for(params: BeamSearchParams) -> SamplingParams:

@@ -17,13 +17,13 @@ from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
 from services.engine.attention import BACKENDS, default_backend
 from services.engine.beam_search import BeamSearch, sampling_params_for
 from services.engine.block_manager import BlockManager
-from services.engine.model.loader import read_config, resolve_dtype, resolve_model_path
+from services.common.model_location import resolve_model_path
+from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
 from services.engine.request import Request, Sequence, SeqStatus
 from services.engine.sampler import Sampler
-from services.engine.sampling_params import (
-    BeamSearchParams, CompletionOutput, Logprob, RequestOutput, SamplingParams,
-)
+from services.common.sampling_params import BeamSearchParams, SamplingParams
+from services.common.outputs import CompletionOutput, Logprob, RequestOutput
 from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("folio.engine")

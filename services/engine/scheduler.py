@@ -13,12 +13,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.common.errors import QueueFullError
 from services.engine.block_manager import BlockManager
 from services.engine.request import Sequence, SeqStatus
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound: the caller should back off (RESOURCE_EXHAUSTED / 429)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import NotFound
 from services.common.server import GrpcServer, configure_logging
 from services.engine.async_engine import AsyncEngine, EngineFailure
-from services.engine.sampling_params import RequestOutput
+from services.common.outputs import RequestOutput
 
 log = logging.getLogger("folio.engine.server")
 

@@ -29,10 +29,12 @@ from protos.gen.folio.v1 import common_pb2, engine_pb2, engine_pb2_grpc, tokeniz
 from services.common import telemetry
 from services.common.convert import FINISH_FROM_PB, params_to_pb, position_from_pb
 from services.common.errors import (
-    DeadlineExceeded, FolioError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, from_rpc_error,
+    DeadlineExceeded, FolioError, InvalidArgument, NotFound, ResourceExhausted, Unavailable,
 )
+from services.common.grpc_errors import from_rpc_error
 from services.common.server import channel
-from services.engine.sampling_params import Logprob, SamplingParams
+from services.common.sampling_params import SamplingParams
+from services.common.outputs import Logprob
 from services.router.registry_client import RegistryClient
 
 log = logging.getLogger("folio.router")

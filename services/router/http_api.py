@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable
-from services.engine.sampling_params import Logprob, SamplingParams
+from services.common.sampling_params import SamplingParams
+from services.common.outputs import Logprob
 from services.router.core import Chunk, GenerateInput, RouterCore
 from services.router.metrics import CONTENT_TYPE, RouterMetrics
 

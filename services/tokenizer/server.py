@@ -31,7 +31,7 @@ class TokenizerConfig:
 
 def model_dir_of(model: str | None) -> Path:
     if model is None:
-        from folio.bundled_model import ensure_bundled_model
+        from services.common.bundled_model import ensure_bundled_model
 
         return ensure_bundled_model(quiet=True)
     p = Path(model).expanduser()

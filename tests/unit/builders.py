@@ -2,7 +2,7 @@
 
 from services.engine.block_manager import BlockManager
 from services.engine.request import Request
-from services.engine.sampling_params import SamplingParams
+from services.common.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.model.llama import LlamaConfig
 
 
-def check_tensor_parallel(cfg: LlamaConfig, tp: int) -> None:
+
+def check_tensor_parallel(cfg, tp: int) -> None:
     """Refuse, at start, a model whose heads or FFN cannot be split evenly over `tp` ranks."""
     if tp < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
@@ -33,7 +33,7 @@ def vocab_shard_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp)
 
 
-def shard_checkpoint(tensors: dict[str, torch.Tensor], cfg: LlamaConfig, rank: int, tp: int) -> dict[str, torch.Tensor]:
+def shard_checkpoint(tensors: dict[str, torch.Tensor], cfg, rank: int, tp: int) -> dict[str, torch.Tensor]:
     """HF-named full tensors -> this rank's shards (same names). Consumes `tensors`: each full tensor
     is dropped as soon as its shard is cut, so peak memory stays near one full copy."""
     d = cfg.head_dim

@@ -1,0 +1,82 @@
+"""The one place where domain errors (services/common/errors.py) and gRPC status codes meet.
+
+Servicers never pick status codes themselves: `ErrorInterceptor` maps whatever escapes a handler,
+and `from_rpc_error` turns a downstream service's status back into a domain error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from services.common.errors import ERRORS_BY_STATUS, FolioError
+
+log = logging.getLogger("folio.errors")
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for an exception raised by domain code."""
+    if isinstance(exc, FolioError):
+        return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):  # a downstream service's status passes through
+        return exc.code(), exc.details() or exc.code().name
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    log.exception("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError) -> FolioError:
+    """A downstream RPC failure as a domain error (keeps the code and message)."""
+    name = err.code().name
+    cls = ERRORS_BY_STATUS.get(name, FolioError)
+    e = cls(err.details() or name)
+    if cls is FolioError:
+        e.status = name
+    return e
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a handler into status codes (see `status_of`), for every RPC shape."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        # Only Folio's own services: health and reflection handlers follow their own conventions.
+        if handler is None or not details.method.startswith("/folio."):
+            return handler
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except Exception as e:  # noqa: BLE001 - this is the mapping point
+                    await _abort(context, e)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+
+        def wrap_stream(inner):
+            async def gen(request, context):
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except Exception as e:  # noqa: BLE001
+                    await _abort(context, e)
+            return gen
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream),
+                                                        handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream),
+                                                         handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
+        raise exc
+    code, msg = status_of(exc)
+    await context.abort(code, msg)
