@@ -5,6 +5,7 @@ import torch
 
 from paged_cases import kernel_device, make_batch
 from services.engine.attention.metadata import AttentionMetadata
+from services.engine.attention.params import AttentionParams
 from services.engine.attention.torch_backend import TorchAttentionBackend
 from services.engine.attention.triton_backend import TritonAttentionBackend
 
@@ -35,8 +36,8 @@ def test_triton_backend_equals_torch_backend(dtype, steps):
     cache_torch = cache_triton.clone()
     meta = _metadata(batch, batch.q.shape[0])
 
-    got = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, cache_triton, meta, 0.125)
-    want = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, cache_torch, meta, 0.125)
+    got = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, cache_triton, meta, AttentionParams(scale=0.125))
+    want = TorchAttentionBackend().forward(batch.q, batch.k, batch.v, cache_torch, meta, AttentionParams(scale=0.125))
     assert torch.equal(cache_triton, cache_torch)
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=1e-2)
     torch.testing.assert_close(got.float(), want.float(), **tol)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.attention.metadata import AttentionMetadata
+from services.engine.attention.params import AttentionParams
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -57,9 +58,11 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 class TorchAttentionBackend:
     name = "torch"
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
+        if params.sliding_window or params.logit_softcap or params.alibi_slopes is not None or params.sinks is not None:
+            raise NotImplementedError("torch attention backend: sliding window, soft-cap, ALiBi and sinks are not implemented yet")
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        return paged_attention_ref(q, kv_cache, meta, scale)
+        return paged_attention_ref(q, kv_cache, meta, params.scale)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         for cache in kv_caches:

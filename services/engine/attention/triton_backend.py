@@ -8,6 +8,7 @@ from kernels.copy_blocks import copy_blocks
 from kernels.paged_decode import paged_decode
 from kernels.paged_prefill import paged_prefill
 from kernels.reshape_and_cache import reshape_and_cache
+from services.engine.attention.params import AttentionParams
 
 
 class TritonAttentionBackend:
@@ -21,7 +22,10 @@ class TritonAttentionBackend:
     name = "triton"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
-                scale: float) -> torch.Tensor:
+                params: AttentionParams) -> torch.Tensor:
+        if params.sliding_window or params.logit_softcap or params.alibi_slopes is not None or params.sinks is not None:
+            raise NotImplementedError("triton attention backend: sliding window, soft-cap, ALiBi and sinks are not implemented yet")
+        scale = params.scale
         reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
         num_seqs = len(meta.seq_lens_cpu)
         num_real = sum(meta.query_lens_cpu)

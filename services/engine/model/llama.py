@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.attention.metadata import AttentionMetadata
+from services.engine.attention.params import AttentionParams
 
 
 @dataclass
@@ -100,7 +101,7 @@ class LlamaModel(torch.nn.Module):
         self.attn = attention_backend
         self.dtype = dtype
         self.device = device
-        self.scale = cfg.head_dim ** -0.5
+        self.attn_params = AttentionParams(scale=cfg.head_dim ** -0.5)
         self.weights: dict[str, torch.Tensor] = {}
         self.inv_freq = rope_inv_freq(cfg).to(device)
         # Triton elementwise kernels on GPU (kernels/fused_norm.py, rotary.py, silu_mul.py); the rotary
@@ -171,7 +172,7 @@ class LlamaModel(torch.nn.Module):
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rope(q.view(T, hq, d), cos, sin)
             k = apply_rope(k.view(T, hkv, d), cos, sin)
-            o = self.attn.forward(q, k, v.view(T, hkv, d), kv_caches[i], meta, self.scale)
+            o = self.attn.forward(q, k, v.view(T, hkv, d), kv_caches[i], meta, self.attn_params)
             o = F.linear(o.reshape(T, q_size), w[f"{i}.o"])
             h = h + (o if tp is None else tp.all_reduce(o))  # row-parallel: sum the ranks' partial outputs
             x = rms_norm(h, w[f"{i}.ln2"], cfg.rms_norm_eps)
@@ -209,7 +210,7 @@ class LlamaModel(torch.nn.Module):
             q = qkv[:, :q_size].view(T, hq, d)
             k = qkv[:, q_size:q_size + kv_size].view(T, hkv, d)
             v = qkv[:, q_size + kv_size:].view(T, hkv, d)
-            o = F.linear(self.attn.forward(q, k, v, kv_caches[i], meta, self.scale).reshape(T, q_size), w[f"{i}.o"])
+            o = F.linear(self.attn.forward(q, k, v, kv_caches[i], meta, self.attn_params).reshape(T, q_size), w[f"{i}.o"])
             x = add_rms_norm(o if tp is None else tp.all_reduce(o), residual, w[f"{i}.ln2"], eps)
             h = F.linear(silu_mul(F.linear(x, w[f"{i}.gate_up"])), w[f"{i}.down"])
             if tp is not None:
