@@ -15,19 +15,28 @@ from services.common.grpc_errors import ErrorInterceptor
 
 log = logging.getLogger("folio.server")
 
-# Streams of many small messages: keep connections alive through idle proxies, allow large prompts.
-SERVER_OPTIONS = [
+# Keepalive agrees on both ends: clients ping every KEEPALIVE_TIME_MS (also with no call in flight,
+# so a dead peer is noticed before the next request) and give up on a peer silent for
+# KEEPALIVE_TIMEOUT_MS; servers accept pings that often (gRPC's default server policy refuses pings
+# more often than every 5 minutes without data and answers GOAWAY "too_many_pings").
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+_MESSAGE_LIMITS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 30_000),
+]
+SERVER_OPTIONS = _MESSAGE_LIMITS + [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.so_reuseport", 0),
 ]
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 30_000),
+CHANNEL_OPTIONS = _MESSAGE_LIMITS + [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import grpc
 import pytest
@@ -117,10 +118,15 @@ def test_engine_metrics_use_vllm_names(small_queue_stack):
 
     stack = small_queue_stack
     generate(stack.router_address, text="Hi", params=params(temperature=0, max_tokens=3, ignore_eos=True))
-    text = urllib.request.urlopen(stack.metrics_url, timeout=5).read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(text) for s in fam.samples}
     model = (("model_name", "SmolLM2-135M-Instruct"),)
+    deadline = time.monotonic() + 10
+    while True:  # the gauges are set by the engine loop after the stream's last message: give it a moment
+        text = urllib.request.urlopen(stack.metrics_url, timeout=5).read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        if samples.get(("vllm:num_requests_running", model)) == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert samples[("vllm:num_requests_running", model)] == 0
     assert samples[("vllm:num_requests_waiting", model)] == 0
     assert 0 <= samples[("vllm:kv_cache_usage_perc", model)] <= 1
