@@ -44,3 +44,37 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class SequenceDelta:
+    """What one sequence produced in one engine step: token ids, never text (text is the output
+    processor's job, services/common/output_processor.py)."""
+
+    index: int
+    """Position among the request's n samples (or beams)."""
+    token_ids: list[int]
+    """Tokens generated since the previous delta."""
+    logprobs: SampleLogprobs | None
+    """One entry per token in token_ids (when requested); `decoded_token` is left for the output processor."""
+    cumulative_logprob: float
+    finish_reason: str | None = None
+    """Set on the sequence's last delta: "stop" (EOS or a stop token id), "length" or "abort"."""
+    stop_token_id: int | None = None
+    """The stop token id that ended the sequence, if one did (EOS is not a stop token id)."""
+
+
+@dataclass
+class RequestDelta:
+    """One request's news from one engine step: the sequences that advanced or finished."""
+
+    request_id: str
+    sequences: list[SequenceDelta]
+    finished: bool
+    """True on the request's last delta (every sequence finished, or the request was aborted)."""
+    prompt_logprobs: PromptLogprobs | None = None
+    """Sent once, on the request's first delta with a sequence (when requested)."""
+    num_cached_tokens: int = 0
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
