@@ -53,8 +53,21 @@ class Tokenizer:
         )
         self.model_max_length = cfg.get("model_max_length")
         self._template = None
+        self._max_token_bytes: int | None = None
 
     # --- encoding -------------------------------------------------------------------------------
+    def max_text_bytes(self, max_tokens: int) -> int:
+        """Bytes of UTF-8 text beyond which encoding must give more than `max_tokens` tokens, so such
+        text can be refused without encoding it. A token stands for at most as many bytes as its
+        vocabulary string has in UTF-8 (byte-level BPE, Metaspace and byte-fallback tokens all spell
+        their bytes at least once); a normalizer may shrink text first (composing, stripping accents),
+        so with one the bound is widened fourfold."""
+        if self._max_token_bytes is None:
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            self._max_token_bytes = max((len(s.encode("utf-8")) for s in vocab), default=1)
+        widen = 1 if self._tok.normalizer is None else 4
+        return max_tokens * self._max_token_bytes * widen
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import time
@@ -40,10 +41,35 @@ def model_dir_of(model: str | None) -> Path:
     return p
 
 
+def context_length(model_dir: Path) -> int | None:
+    """The model's context length from its config.json (None when it does not say)."""
+    path = model_dir / "config.json"
+    if not path.exists():
+        return None
+    cfg = json.loads(path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key]
+    return None
+
+
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, tokenizer: Tokenizer, model_name: str):
+    def __init__(self, tokenizer: Tokenizer, model_name: str, max_tokens: int | None = None):
         self.tok = tokenizer
         self.model_name = model_name
+        # Text longer than this cannot fit the model's context: refused before it is encoded (a 10 MB
+        # prompt would otherwise cost seconds and gigabytes here before its length could be checked).
+        self.max_text_bytes = tokenizer.max_text_bytes(max_tokens) if max_tokens else None
+
+    def _check_fits(self, text: str, field: str) -> None:
+        if self.max_text_bytes is None or len(text) * 4 <= self.max_text_bytes:
+            return  # a character is at most 4 bytes: no need to count them
+        n = len(text.encode("utf-8"))
+        if n > self.max_text_bytes:
+            raise InvalidArgument(
+                f"{field}: {n} bytes of text cannot fit this model's context (at most {self.max_text_bytes} "
+                "bytes could encode to the model's context length in tokens)")
 
     def _check_model(self, model: str) -> None:
         if model and model != self.model_name:
@@ -60,13 +86,18 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         gen_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
         if which == "chat":
+            for i, m in enumerate(messages):
+                self._check_fits(m["content"], f"messages[{i}].content")
             text = self.tok.apply_chat_template(messages, gen_prompt)
-            ids = self.tok.encode(text, add_special_tokens=False)
+            self._check_fits(text, "messages")
+            add_special = False  # the template already writes any BOS it wants
         elif which == "text":
             text = request.text
-            ids = self.tok.encode(text, add_special_tokens=add_special)
+            self._check_fits(text, "prompt")
         else:
             raise InvalidArgument("input: give text or chat messages")
+        # Encoding runs off the event loop, so one long prompt does not stall every other call.
+        ids = await asyncio.to_thread(self.tok.encode, text, add_special)
         return pb.EncodeResponse(token_ids=ids, prompt_text=text, encode_ns=time.perf_counter_ns() - t0)
 
     async def Decode(self, request: pb.DecodeRequest, context) -> pb.DecodeResponse:
@@ -109,7 +140,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 async def serve(c: TokenizerConfig) -> None:
     model_dir = model_dir_of(c.model)
     name = c.served_model_name or model_dir.name
-    servicer = TokenizerServicer(Tokenizer(model_dir), name)
+    servicer = TokenizerServicer(Tokenizer(model_dir), name, context_length(model_dir))
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Tokenizer"].full_name], c.host, c.port)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server.server)
     log.info("tokenizer for %s (%s)", name, model_dir)
