@@ -159,7 +159,7 @@ async def serve(c: RouterConfig) -> None:
         log.warning("no --tokenizer given: only prompt_token_ids requests can be served")
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port)
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
-    core = RouterCore(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts)
+    core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts)
     metrics = RouterMetrics(core)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None

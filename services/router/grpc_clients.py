@@ -1,0 +1,176 @@
+"""The router's engine and tokenizer clients over gRPC (the interfaces are in services/router/clients.py).
+
+Protobuf and grpc stop here: engine messages become `EngineMessage`s, failed calls `EngineFailed`
+carrying a domain error, the tokenizer's bidirectional Detokenize stream a `Detokenizer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos.gen.folio.v1 import common_pb2, engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from services.common.convert import FINISH_FROM_PB, params_to_pb, position_from_pb
+from services.common.errors import FolioError, Unavailable
+from services.common.grpc_errors import from_rpc_error
+from services.common.server import channel
+from services.router.clients import EngineFailed, EngineMessage, EngineRequest, SequenceUpdate
+
+
+# --- engines ----------------------------------------------------------------------------------------
+class GrpcEngineClient:
+    """Engine calls, one channel per engine address (kept for the router's life)."""
+
+    def __init__(self):
+        self._channels: dict[str, tuple[grpc.aio.Channel, engine_pb2_grpc.EngineStub]] = {}
+
+    def _stub(self, address: str) -> engine_pb2_grpc.EngineStub:
+        if address not in self._channels:
+            ch = channel(address)
+            self._channels[address] = (ch, engine_pb2_grpc.EngineStub(ch))
+        return self._channels[address][1]
+
+    def generate(self, address: str, request: EngineRequest, timeout_s: float | None) -> GrpcEngineCall:
+        req = engine_pb2.EngineGenerateRequest(request_id=request.request_id, model=request.model,
+                                               prompt_token_ids=request.prompt_token_ids,
+                                               params=params_to_pb(request.params))
+        return GrpcEngineCall(self._stub(address).Generate(req, timeout=timeout_s))
+
+    async def close(self) -> None:
+        for ch, _ in self._channels.values():
+            await ch.close()
+
+
+class GrpcEngineCall:
+    def __init__(self, call):
+        self._call = call
+
+    async def messages(self) -> AsyncIterator[EngineMessage]:
+        try:
+            async for msg in self._call:
+                yield message_from_pb(msg)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                raise from_rpc_error(e) from None  # we ended it: not the engine's failure
+            raise EngineFailed(from_rpc_error(e)) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+def message_from_pb(msg: engine_pb2.EngineGenerateResponse) -> EngineMessage:
+    return EngineMessage(
+        sequences=[_sequence_from_pb(d) for d in msg.sequences], finished=msg.finished,
+        cached_tokens=msg.usage.cached_tokens,
+        queue_s=msg.timing.queue_ns / 1e9 if msg.HasField("timing") else None,
+        prompt_logprobs=[position_from_pb(p) for p in msg.prompt_logprobs] if msg.prompt_logprobs else None)
+
+
+def _sequence_from_pb(d: engine_pb2.SequenceDelta) -> SequenceUpdate:
+    stop = d.stop_str or (d.stop_token_id if d.HasField("stop_token_id") else None)
+    return SequenceUpdate(index=d.index, token_ids=list(d.token_ids),
+                          logprobs=[position_from_pb(p) for p in d.logprobs] if d.logprobs else None,
+                          finish_reason=FINISH_FROM_PB[d.finish_reason], stop_reason=stop)
+
+
+# --- tokenizers -------------------------------------------------------------------------------------
+class GrpcTokenizerClient:
+    """One tokenizer service (it serves one model)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = channel(address)
+        self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
+        self.model = ""
+
+    async def start(self, wait_s: float) -> None:
+        info = await self.stub.Info(tokenizer_pb2.TokenizerInfoRequest(), wait_for_ready=True, timeout=wait_s)
+        self.model = info.model
+
+    async def encode(self, *, text: str | None = None, messages: list[dict] | None = None,
+                     add_special_tokens: bool = True, add_generation_prompt: bool = True,
+                     timeout_s: float | None = None) -> list[int]:
+        req = tokenizer_pb2.EncodeRequest(model=self.model)
+        if messages is not None:
+            req.chat.messages.extend(common_pb2.ChatMessage(role=m.get("role", ""), content=m.get("content", ""))
+                                     for m in messages)
+            req.add_generation_prompt = add_generation_prompt
+        else:
+            req.text = text
+            req.add_special_tokens = add_special_tokens
+        try:
+            r = await self.stub.Encode(req, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        return list(r.token_ids)
+
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        try:
+            r = await self.stub.Decode(tokenizer_pb2.DecodeRequest(model=self.model, token_ids=token_ids,
+                                                                   skip_special_tokens=skip_special_tokens), timeout=30)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        return r.text
+
+    def detokenizer(self, skip_special_tokens: bool) -> GrpcDetokenizer:
+        return GrpcDetokenizer(self.stub, self.model, skip_special_tokens)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class GrpcDetokenizer:
+    """One sequence's Detokenize stream: token ids in, completed text out."""
+
+    def __init__(self, stub, model: str, skip_special_tokens: bool):
+        self.call = stub.Detokenize()
+        self.model = model
+        self.skip_special_tokens = skip_special_tokens
+        self.first = True
+        self._opening: asyncio.Future | None = None
+
+    def open_early(self) -> None:
+        """A first message with no ids (answered with empty text) sets the stream up while the engine is
+        being chosen and called, rather than on the first token."""
+        self._opening = asyncio.ensure_future(self._send([], flush=False))
+
+    async def add(self, token_ids: list[int], flush: bool) -> str:
+        await self._opened()
+        return await self._send(token_ids, flush)
+
+    async def _opened(self) -> None:
+        if self._opening is not None:
+            opening, self._opening = self._opening, None
+            await opening
+
+    async def _send(self, ids: list[int], flush: bool) -> str:
+        req = tokenizer_pb2.DetokenizeRequest(token_ids=ids, flush=flush)
+        if self.first:
+            req.model = self.model
+            req.skip_special_tokens = self.skip_special_tokens
+            self.first = False
+        try:
+            await self.call.write(req)
+            resp = await self.call.read()
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        if resp is grpc.aio.EOF:
+            raise Unavailable("tokenizer: detokenize stream ended")
+        return resp.text
+
+    async def finish(self) -> None:
+        """Half-close and read to the end, so the tokenizer's side ends cleanly."""
+        try:
+            await self._opened()
+            await self.call.done_writing()
+            while await self.call.read() is not grpc.aio.EOF:
+                pass
+        except (grpc.aio.AioRpcError, asyncio.CancelledError, FolioError):
+            self.call.cancel()
+
+    def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+        self.call.cancel()

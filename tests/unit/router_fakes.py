@@ -1,0 +1,179 @@
+"""Fake engine, tokenizer and registry clients for RouterCore tests on CPU (no processes, no gRPC).
+
+The fake "model" counts: each next token is the previous token + 1, so a stream resumed on another
+engine from the prompt plus the tokens so far continues exactly where it stopped, and a lost or
+repeated token shows. The fake tokenizer maps token id t to the character chr(t) ("abc" <-> 97 98 99).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from services.common.errors import FolioError, ResourceExhausted, Unavailable
+from services.router.clients import EngineFailed, EngineMessage, EngineRequest, SequenceUpdate
+from services.router.core import RouterCore
+
+MODEL = "fake-model"
+
+
+@dataclass
+class FakeEngine:
+    """How one fake engine behaves."""
+
+    fail_after: int | None = None
+    """Fail the call (with `error`) after streaming this many tokens per sequence; None: never."""
+    error: type[FolioError] = Unavailable
+    delay_s: float = 0.0
+    """Pause before each token (a slow engine, to cancel in the middle)."""
+    calls: list[FakeEngineCall] = field(default_factory=list)
+
+
+@dataclass
+class FakeChoice:
+    engine_id: str
+    address: str
+
+
+class FakeEngineCall:
+    def __init__(self, engine: FakeEngine, request: EngineRequest):
+        self.engine = engine
+        self.request = request
+        self.cancelled = False
+        self.finished = False
+        self.tokens_sent = 0
+
+    async def messages(self):
+        p = self.request.params
+        budget = p.max_tokens if p.max_tokens is not None else 1000
+        last = [self.request.prompt_token_ids[-1]] * p.n
+        if self.engine.fail_after == 0:  # e.g. connection refused: not even the first message
+            raise EngineFailed(self.engine.error("fake engine failure"))
+        yield EngineMessage(sequences=[], queue_s=0.001)
+        for step in range(budget):
+            if self.engine.fail_after is not None and step >= self.engine.fail_after:
+                raise EngineFailed(self.engine.error("fake engine failure"))
+            await asyncio.sleep(self.engine.delay_s)
+            ups = []
+            for i in range(p.n):
+                last[i] += 1 + i  # sequence i counts in steps of i + 1, so sequences differ
+                done = step == budget - 1
+                ups.append(SequenceUpdate(i, [last[i]], finish_reason="length" if done else None))
+            self.tokens_sent += 1
+            yield EngineMessage(sequences=ups, finished=step == budget - 1, cached_tokens=0)
+        self.finished = True
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.cancelled = True
+
+
+class FakeEngineClient:
+    def __init__(self, engines: dict[str, FakeEngine]):
+        self.engines = engines
+
+    def generate(self, address: str, request: EngineRequest, timeout_s: float | None) -> FakeEngineCall:
+        call = FakeEngineCall(self.engines[address], request)
+        self.engines[address].calls.append(call)
+        return call
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeDetokenizer:
+    def __init__(self):
+        self.opened_early = False
+        self.finished = False
+        self.closed = False
+
+    def open_early(self) -> None:
+        self.opened_early = True
+
+    async def add(self, token_ids: list[int], flush: bool) -> str:
+        return "".join(chr(t) for t in token_ids)
+
+    async def finish(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeTokenizer:
+    address = "fake-tokenizer"
+
+    def __init__(self):
+        self.model = ""
+        self.detokenizers: list[FakeDetokenizer] = []
+
+    async def start(self, wait_s: float) -> None:
+        self.model = MODEL
+
+    async def encode(self, *, text=None, messages=None, add_special_tokens=True, add_generation_prompt=True,
+                     timeout_s=None) -> list[int]:
+        return [ord(c) for c in text]
+
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return "".join(chr(t) for t in token_ids)
+
+    def detokenizer(self, skip_special_tokens: bool) -> FakeDetokenizer:
+        self.detokenizers.append(FakeDetokenizer())
+        return self.detokenizers[-1]
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeRegistry:
+    """Chooses engines in the order given, skipping excluded ones; records what the router told it."""
+
+    def __init__(self, engine_ids: list[str]):
+        self.engine_ids = engine_ids
+        self.view = []
+        self.redis_ok = True
+        self.released: list[tuple[str, str]] = []
+        self.suspects: list[str] = []
+
+    async def refresh(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def models(self) -> dict:
+        return {}
+
+    async def choose(self, model, request_id, blocks, exclude=frozenset()):
+        for e in self.engine_ids:
+            if e not in exclude:
+                return FakeChoice(e, e)
+        return None
+
+    async def release(self, engine_id: str, request_id: str) -> None:
+        self.released.append((engine_id, request_id))
+
+    def mark_suspect(self, engine_id: str) -> None:
+        self.suspects.append(engine_id)
+
+
+@dataclass
+class FakeRouter:
+    core: RouterCore
+    engines: dict[str, FakeEngine]
+    registry: FakeRegistry
+    tokenizer: FakeTokenizer
+
+
+def make_router(max_attempts: int = 3, **engines: FakeEngine) -> FakeRouter:
+    """A started RouterCore over fake engines (named by keyword, chosen in that order) and a fake tokenizer."""
+    registry, tokenizer = FakeRegistry(list(engines)), FakeTokenizer()
+    core = RouterCore(registry, FakeEngineClient(engines), [tokenizer], max_attempts=max_attempts)
+    asyncio.run(core.start())
+    return FakeRouter(core, engines, registry, tokenizer)
+
+
+__all__ = ["FakeEngine", "make_router", "MODEL", "ResourceExhausted", "Unavailable"]
