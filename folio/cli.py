@@ -25,6 +25,7 @@ def _model_path(args) -> int:
 
 def _up(args) -> int:
     from folio.stack import Stack, StackConfig
+    from folio.supervisor import GaveUp, Supervisor
 
     if args.model is None:  # convert once here rather than in every child
         from services.common.bundled_model import ensure_bundled_model
@@ -75,16 +76,13 @@ def _up(args) -> int:
                          "-d '{\"prompt\": \"San Francisco is a\", \"max_tokens\": 7, \"temperature\": 0}'")
         lines += ["", "Ctrl-C stops everything."]
         print("\n".join(lines), flush=True)
-        while True:  # supervise: a child that dies takes the stack down with a clear message
-            for p in stack.procs:
-                if p.popen.poll() is not None:
-                    print(f"folio: {p.name} exited with code {p.popen.returncode}; stopping. Last lines of {p.log}:\n"
-                          + stack.tail(p), file=sys.stderr, flush=True)
-                    return 1
-            time.sleep(0.5)
+        Supervisor(stack).run()  # a child that dies is restarted; one that keeps dying stops the stack
     except KeyboardInterrupt:
         print("\nfolio: stopping...", file=sys.stderr, flush=True)
         return 0
+    except GaveUp as e:
+        print(f"folio: {e}", file=sys.stderr, flush=True)
+        return 1
     except (RuntimeError, TimeoutError) as e:
         print(f"folio: {e}", file=sys.stderr)
         return 1

@@ -97,6 +97,9 @@ class Proc:
     popen: subprocess.Popen
     address: str
     log: Path
+    argv: list[str] = field(default_factory=list)
+    """What was started (through the parent-death shim), so the supervisor can start it again."""
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class Stack:
@@ -115,12 +118,23 @@ class Stack:
         log = self.log_dir / f"{name}.log"
         full_env = {**os.environ, **self.c.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
-        with open(log, "ab") as f:
-            p = subprocess.Popen(_with_parent_death_signal(argv), stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, cwd=ROOT, env=full_env)
-        proc = Proc(name, p, address, log)
+        proc = Proc(name, self._popen(_with_parent_death_signal(argv), log, full_env), address, log,
+                    _with_parent_death_signal(argv), full_env)
         self.procs.append(proc)
         return proc
+
+    @staticmethod
+    def _popen(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+        with open(log, "ab") as f:
+            return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=ROOT, env=env)
+
+    def respawn(self, p: Proc) -> None:
+        """Start an exited child again with the same command line: the same port, so every address
+        the others hold stays valid (engines re-register in Redis by themselves)."""
+        if p.popen.poll() is None:
+            raise RuntimeError(f"{p.name} is still running")
+        p.popen = self._popen(p.argv, p.log, p.env)
 
     def _py(self, module: str, *args: str) -> list[str]:
         return [sys.executable, "-m", module, *args]
