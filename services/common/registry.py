@@ -4,8 +4,9 @@ Keys (all times are the Redis server's clock, so engine and router clocks never 
 
   folio:models                  set of model names ever registered
   folio:engines:{model}         set of engine ids serving the model (dead ids are pruned on read)
-  folio:engine:{engine_id}      hash: address, model, total, free, evictable, waiting_blocks, running,
-                                waiting, block_size, max_model_len, ts (ms); PEXPIRE = heartbeat TTL,
+  folio:engine:{engine_id}      hash: `EngineRecord.to_hash()` (address, model, max_model_len and the
+                                EngineLoad fields: total, free, evictable, waiting_blocks, running,
+                                waiting, block_size, counters) and ts (ms); PEXPIRE = heartbeat TTL,
                                 so an engine that stops publishing vanishes
   folio:reserved:{engine_id}    hash: request_id -> "blocks:ts_ms", blocks promised to requests that
                                 routers sent but the engine has not yet reported
@@ -24,6 +25,8 @@ The scripts touch keys they compute, so they need a single Redis (not Redis Clus
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from services.common.engine_load import EngineLoad
 
 PREFIX = "folio"
 MODELS_KEY = f"{PREFIX}:models"
@@ -61,6 +64,10 @@ for i = 5 + n, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
 return now
 """
 
+# The hash fields CHOOSE_LUA reads, in the order it indexes them (st[1] .. st[7]).
+_CHOOSE_FIELDS = ", ".join(f"'{n}'" for n in ("address", "ts", *map(EngineLoad.hash_name, (
+    "free_blocks", "evictable_blocks", "waiting_blocks", "running", "waiting"))))
+
 # KEYS: engines-of-model key
 # ARGV: request_id, blocks, stale_ms, reservation_ttl_ms, excluded engine ids...
 # Returns {engine_id, address, score} or false when no live engine remains.
@@ -71,8 +78,7 @@ local excluded = {}
 for i = 5, #ARGV do excluded[ARGV[i]] = true end
 local best, best_addr, best_score, best_load = nil, nil, nil, nil
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local st = redis.call('HMGET', '""" + PREFIX + """:engine:' .. id,
-                        'address', 'ts', 'free', 'evictable', 'waiting_blocks', 'running', 'waiting')
+  local st = redis.call('HMGET', '""" + PREFIX + """:engine:' .. id, """ + _CHOOSE_FIELDS + """)
   if not st[1] then
     redis.call('SREM', KEYS[1], id)
   elseif not excluded[id] and now - tonumber(st[2]) <= stale then
@@ -102,35 +108,41 @@ return {best, best_addr, best_score}
 """
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineRecord:
-    """One engine as read from the registry."""
+    """One engine as the registry holds it: who and where it is, and its last reported load."""
 
     engine_id: str
     address: str
     model: str
-    total_blocks: int
-    free_blocks: int
-    evictable_blocks: int
-    waiting_blocks: int
-    running: int
-    waiting: int
     max_model_len: int
-    block_size: int
-    ts_ms: int
+    load: EngineLoad
+    ts_ms: int = 0
+    """When Redis received the report (set by PUBLISH_LUA on Redis's clock, not by the engine)."""
     reserved_blocks: int = 0
+    """Blocks promised to requests routed since that report (the reserved key, not the hash)."""
 
     @property
     def available_blocks(self) -> int:
-        return self.free_blocks + self.evictable_blocks - self.waiting_blocks - self.reserved_blocks
+        return self.load.available_blocks - self.reserved_blocks
+
+    def to_hash(self) -> dict[str, str]:
+        """The engine's hash as it publishes it (PUBLISH_LUA adds `ts`)."""
+        return {"address": self.address, "model": self.model, "max_model_len": str(self.max_model_len),
+                **self.load.to_hash()}
 
     @classmethod
     def from_hash(cls, engine_id: str, h: dict, reserved: int = 0) -> EngineRecord:
-        g = lambda k: int(h.get(k, 0) or 0)  # noqa: E731
         return cls(engine_id=engine_id, address=h.get("address", ""), model=h.get("model", ""),
-                   total_blocks=g("total"), free_blocks=g("free"), evictable_blocks=g("evictable"),
-                   waiting_blocks=g("waiting_blocks"), running=g("running"), waiting=g("waiting"),
-                   max_model_len=g("max_model_len"), block_size=g("block_size") or 16, ts_ms=g("ts"), reserved_blocks=reserved)
+                   max_model_len=int(h.get("max_model_len") or 0), load=EngineLoad.from_hash(h),
+                   ts_ms=int(h.get("ts") or 0), reserved_blocks=reserved)
+
+    def fill_pb(self, msg):
+        """Fill router.proto's EngineState (`msg`); age_ms is left to the caller, who knows the time."""
+        self.load.fill_pb(msg)
+        msg.engine_id, msg.address, msg.model = self.engine_id, self.address, self.model
+        msg.reserved_blocks = self.reserved_blocks
+        return msg
 
 
 async def read_engines(redis) -> tuple[list[EngineRecord], int]:

@@ -3,7 +3,7 @@
 The engine thread owns the LLMEngine: nothing else touches it. Requests and aborts reach it through
 a command queue drained before every step, so an abort takes effect within one step. Outputs go back
 to per-request asyncio queues with `loop.call_soon_threadsafe`. After every step the thread
-publishes an immutable `EngineSnapshot` (KV blocks, queue lengths) that Stats and the Redis
+publishes an immutable `EngineLoad` snapshot (KV blocks, queue lengths) that Stats and the Redis
 publisher read without locking. torch releases the GIL inside its kernels, so the event loop stays
 responsive while a step runs.
 """
@@ -14,10 +14,10 @@ import asyncio
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
 
+from services.common.engine_load import EngineLoad
 from services.engine.engine import LLMEngine
 from services.common.sampling_params import SamplingParams
 from services.common.outputs import RequestOutput
@@ -25,37 +25,12 @@ from services.common.outputs import RequestOutput
 log = logging.getLogger("folio.engine.loop")
 
 
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's state after a step, as the registry and Stats report it."""
-
-    total_blocks: int
-    free_blocks: int
-    evictable_blocks: int
-    waiting_blocks: int
-    """Blocks the prompts in the waiting queue will need once admitted."""
-    running: int
-    waiting: int
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    block_size: int
-    kv_usage: float
-    steps: int
-    time: float
-
-    @property
-    def available_blocks(self) -> int:
-        """Blocks a new request could get now: free, evictable, less what the waiting queue will take."""
-        return self.free_blocks + self.evictable_blocks - self.waiting_blocks
-
-
 class EngineFailure(RuntimeError):
     """The engine step raised; the requests in flight are ended with this error."""
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_change: Callable[[EngineSnapshot], None] | None = None,
+    def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
                  change_fraction: float = 0.05):
         self.engine = engine
         self._cmds: collections.deque = collections.deque()
@@ -67,7 +42,7 @@ class AsyncEngine:
         self._steps = 0
         self._on_change = on_change
         self._change_blocks = max(1, int(engine.blocks.num_blocks * change_fraction))
-        self._last_notified: EngineSnapshot | None = None
+        self._last_notified: EngineLoad | None = None
         self.admitted: collections.deque[str] = collections.deque()
         """Ids of requests already reflected in `snapshot`, not yet taken by the publisher."""
         self._admitted_pending: list[str] = []
@@ -181,16 +156,8 @@ class AsyncEngine:
             self._send(q, exc)
         self._queues.clear()
 
-    def _take_snapshot(self) -> EngineSnapshot:
-        eng = self.engine
-        s = eng.get_stats()
-        bs = s.block_size
-        waiting_blocks = sum(-(-seq.num_tokens // bs) for seq in eng.scheduler.waiting)
-        return EngineSnapshot(
-            total_blocks=s.total_blocks, free_blocks=s.free_blocks, evictable_blocks=s.evictable_blocks,
-            waiting_blocks=waiting_blocks, running=s.running, waiting=s.waiting, num_preemptions=s.num_preemptions,
-            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits, block_size=bs,
-            kv_usage=s.kv_usage, steps=self._steps, time=time.time())
+    def _take_snapshot(self) -> EngineLoad:
+        return dataclasses.replace(self.engine.get_stats(), steps=self._steps)
 
     def _publish_snapshot(self) -> None:
         snap = self._take_snapshot()

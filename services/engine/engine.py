@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from services.common.engine_load import EngineLoad
 from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
 from services.engine.attention import BACKENDS, default_backend
 from services.engine.beam_search import BeamSearch, sampling_params_for
@@ -28,7 +29,7 @@ from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("folio.engine")
 
-__all__ = ["EngineConfig", "EngineStats", "LLMEngine", "QueueFullError"]
+__all__ = ["EngineConfig", "LLMEngine", "QueueFullError"]
 
 
 @dataclass
@@ -80,28 +81,6 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-
-
-@dataclass
-class EngineStats:
-    """What the router needs to place requests, and what metrics report."""
-
-    total_blocks: int
-    free_blocks: int
-    """Blocks no request holds and no cached prefix occupies."""
-    evictable_blocks: int
-    """Blocks no request holds that still cache a prefix (allocatable by eviction)."""
-    running: int
-    waiting: int
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    block_size: int
-    kv_usage: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        used = self.total_blocks - self.free_blocks - self.evictable_blocks
-        self.kv_usage = used / self.total_blocks if self.total_blocks else 0.0
 
 
 class LLMEngine:
@@ -260,12 +239,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def get_stats(self) -> EngineStats:
+    def get_stats(self) -> EngineLoad:
+        """The engine's load now (`steps` is counted by whoever drives the loop: AsyncEngine)."""
         b = self.blocks
         evictable = b.num_evictable_blocks
-        return EngineStats(
+        waiting_blocks = sum(-(-seq.num_tokens // b.block_size) for seq in self.scheduler.waiting)
+        return EngineLoad(
             total_blocks=b.num_blocks, free_blocks=b.num_free_blocks - evictable, evictable_blocks=evictable,
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            waiting_blocks=waiting_blocks, running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=b.prefix_queries,
             prefix_cache_hits=b.prefix_hits, block_size=b.block_size,
         )

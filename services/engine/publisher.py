@@ -12,7 +12,8 @@ import asyncio
 import logging
 
 from services.common import registry
-from services.engine.async_engine import AsyncEngine, EngineSnapshot
+from services.common.engine_load import EngineLoad
+from services.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("folio.engine.publisher")
 
@@ -36,7 +37,7 @@ class RegistryPublisher:
         self._ok = True
         self.reports = 0
 
-    def notify(self, snap: EngineSnapshot) -> None:
+    def notify(self, snap: EngineLoad) -> None:
         """A large change: report now rather than at the next heartbeat (called on the event loop)."""
         self._kick.set()
 
@@ -45,11 +46,10 @@ class RegistryPublisher:
 
     async def publish_once(self) -> None:
         admitted = self.aengine.take_admitted()
-        s = self.aengine.snapshot  # read after taking the ids: it already counts them
-        fields = {"address": self.address, "model": self.model, "total": s.total_blocks, "free": s.free_blocks,
-                  "evictable": s.evictable_blocks, "waiting_blocks": s.waiting_blocks, "running": s.running,
-                  "waiting": s.waiting, "block_size": s.block_size, "max_model_len": self.max_model_len}
-        items = [str(x) for kv in fields.items() for x in kv]
+        load = self.aengine.snapshot  # read after taking the ids: it already counts them
+        record = registry.EngineRecord(engine_id=self.engine_id, address=self.address, model=self.model,
+                                       max_model_len=self.max_model_len, load=load)
+        items = [x for kv in record.to_hash().items() for x in kv]
         keys = [registry.engine_key(self.engine_id), registry.engines_key(self.model),
                 registry.reserved_key(self.engine_id), registry.MODELS_KEY]
         try:

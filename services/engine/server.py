@@ -160,12 +160,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         return pb.AbortResponse(aborted=known)
 
     async def Stats(self, request, context) -> pb.EngineStatsResponse:
-        s = self.aengine.snapshot
-        return pb.EngineStatsResponse(
-            total_blocks=s.total_blocks, free_blocks=s.free_blocks, evictable_blocks=s.evictable_blocks,
-            running=s.running, waiting=s.waiting, num_preemptions=s.num_preemptions,
-            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
-            block_size=s.block_size, kv_usage=s.kv_usage, steps=s.steps, waiting_blocks=s.waiting_blocks)
+        return self.aengine.snapshot.fill_pb(pb.EngineStatsResponse())
 
     async def Info(self, request, context) -> pb.EngineInfoResponse:
         e = self.engine

@@ -39,13 +39,13 @@ class _EngineStateCollector:
         s = self.core.stats()
         per_model: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for e in s["engines"]:
-            m = per_model[e.model]
+            m, load = per_model[e.model], e.load
             m["engines"] += 1
-            m["running"] += e.running
-            m["waiting"] += e.waiting
-            m["total"] += e.total_blocks
-            m["free"] += e.free_blocks
-            m["evictable"] += e.evictable_blocks
+            m["running"] += load.running
+            m["waiting"] += load.waiting
+            m["total"] += load.total_blocks
+            m["free"] += load.free_blocks
+            m["evictable"] += load.evictable_blocks
 
         def family(cls, name, doc, key):
             f = cls(name, doc, labels=["model_name"])

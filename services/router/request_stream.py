@@ -186,7 +186,7 @@ class RequestStream:
         raise Unavailable(f"no live engine serves {self.model!r}")
 
     def _blocks_needed(self) -> int:
-        bs = next((e.block_size for e in self.route.registry.view if e.model == self.model), 16)
+        bs = next((e.load.block_size for e in self.route.registry.view if e.model == self.model), 16)
         return -(-(len(self.prompt_ids) + len(self.generated) + 1) // bs)
 
     def _resume_params(self) -> SamplingParams:

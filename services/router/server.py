@@ -97,10 +97,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         r = pb.RouterStatsResponse(redis_ok=s["redis_ok"], requests_in_flight=s["in_flight"], retries=s["retries"],
                                    failovers=s["failovers"], requests_total=s["requests_total"])
         for e in s["engines"]:
-            r.engines.add(engine_id=e.engine_id, address=e.address, model=e.model, total_blocks=e.total_blocks,
-                          free_blocks=e.free_blocks, evictable_blocks=e.evictable_blocks,
-                          waiting_blocks=e.waiting_blocks, running=e.running, waiting=e.waiting,
-                          reserved_blocks=e.reserved_blocks)
+            e.fill_pb(r.engines.add())
         return r
 
 
