@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from services.common import telemetry
 from services.common.errors import DeadlineExceeded, FolioError, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.output_processor import TextStream
 from services.common.sampling_params import SamplingParams
 from services.router.clients import (
     Detokenizer, EngineCall, EngineChoice, EngineClient, EngineFailed, EngineMessage, EngineRequest, Registry,
@@ -54,40 +55,32 @@ class Route:
 
 
 class SequenceOutput:
-    """One sequence's output as it streams: its detokenizer, its text with stop strings and hold-back,
-    its token count, and whether it finished."""
+    """One sequence's output as it streams: token ids -> text through its detokenizer (the tokenizer
+    service), then stop strings and hold-back through its `TextStream` (the one owner of text rules,
+    services/common/output_processor.py); its token count, and whether it finished."""
 
     def __init__(self, index: int, params: SamplingParams, detok: Detokenizer):
         self.index = index
         self.params = params
         self.detok = detok
-        self.text = ""
-        self.sent = 0
+        self.text = TextStream(params)
         self.num_tokens = 0
         self.finished = False
 
     async def advance(self, upd: SequenceUpdate) -> ChoiceDelta:
         reason, stop = upd.finish_reason, upd.stop_reason
         self.num_tokens += len(upd.token_ids)
-        delta = await self.detok.add(upd.token_ids, flush=reason is not None and not isinstance(stop, str))
-        self.text += delta
-        if self.params.stop and delta and reason != "abort":
-            hit = self.params.find_stop(self.text, len(delta))
-            if hit is not None:  # the engine finds the same stop at the same token
-                i, s = hit
-                self.text = self.text[:i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
-                reason, stop = "stop", s
+        piece = await self.detok.add(upd.token_ids, flush=reason is not None)
+        # The EOS or stop token that ended the sequence (or an abort) is not searched for stop strings.
+        ended_by_engine = reason == "abort" or (reason == "stop" and not isinstance(stop, str))
+        text = self.text.add(piece, self.num_tokens, check_stop=not ended_by_engine)
+        if self.text.stop_string is not None:
+            reason, stop = "stop", self.text.stop_string
+        elif reason is not None:
+            text += self.text.flush()
         self.finished = reason is not None
         logprobs = upd.logprobs if self.params.logprobs is not None else None
-        return ChoiceDelta(self.index, self._take(), upd.token_ids, logprobs, reason, stop)
-
-    def _take(self) -> str:
-        """Text ready to send: everything when finished, else all but what could still start a stop string."""
-        hold = 0 if self.finished else max(0, self.params.max_stop_len - 1)
-        end = max(self.sent, len(self.text) - hold)
-        out = self.text[self.sent:end]
-        self.sent = end
-        return out
+        return ChoiceDelta(self.index, text, upd.token_ids, logprobs, reason, stop)
 
     async def end(self, completed: bool) -> None:
         if completed:

@@ -15,6 +15,7 @@ from services.router.clients import EngineFailed, EngineMessage, EngineRequest, 
 from services.router.core import RouterCore
 
 MODEL = "fake-model"
+EOS_ID = ord("|")
 
 
 @dataclass
@@ -24,6 +25,8 @@ class FakeEngine:
     fail_after: int | None = None
     """Fail the call (with `error`) after streaming this many tokens per sequence; None: never."""
     error: type[FolioError] = Unavailable
+    eos_at: int | None = None
+    """Emit EOS_ID as this step's token and finish with "stop" (as an engine does on EOS)."""
     delay_s: float = 0.0
     """Pause before each token (a slow engine, to cancel in the middle)."""
     calls: list[FakeEngineCall] = field(default_factory=list)
@@ -57,10 +60,15 @@ class FakeEngineCall:
             ups = []
             for i in range(p.n):
                 last[i] += 1 + i  # sequence i counts in steps of i + 1, so sequences differ
-                done = step == budget - 1
-                ups.append(SequenceUpdate(i, [last[i]], finish_reason="length" if done else None))
+                if step == self.engine.eos_at:
+                    ups.append(SequenceUpdate(i, [EOS_ID], finish_reason="stop", stop_reason=EOS_ID))
+                else:
+                    ups.append(SequenceUpdate(i, [last[i]], finish_reason="length" if step == budget - 1 else None))
             self.tokens_sent += 1
-            yield EngineMessage(sequences=ups, finished=step == budget - 1, cached_tokens=0)
+            done = step == budget - 1 or step == self.engine.eos_at
+            yield EngineMessage(sequences=ups, finished=done, cached_tokens=0)
+            if done:
+                break
         self.finished = True
 
     def cancel(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.common.sampling_params import SamplingParams
 from services.router.messages import GenerateInput
-from tests.unit.router_fakes import FakeEngine, make_router
+from tests.unit.router_fakes import EOS_ID, FakeEngine, make_router
 
 PROMPT = "abc"  # token ids 97 98 99; the fake engines continue 100 ("d"), 101 ("e"), ...
 
@@ -95,6 +95,20 @@ def test_include_stop_str_in_output_keeps_the_stop_string():
     r = make_router(a=FakeEngine())
     text, _ = _joined(_run(r, _inp(max_tokens=50, stop=["gh"], include_stop_str_in_output=True)))
     assert text == "defgh"
+
+
+def test_stop_strings_wait_for_min_tokens():
+    r = make_router(a=FakeEngine())
+    chunks = _run(r, _inp(max_tokens=5, stop=["de"], min_tokens=3))
+    assert _joined(chunks) == _expected(5)
+    assert chunks[-1].choices[-1].finish_reason == "length" and not r.engines["a"].calls[0].cancelled
+
+
+def test_the_eos_token_that_ended_a_sequence_is_not_searched_for_stop_strings():
+    r = make_router(a=FakeEngine(eos_at=2))  # "de" then EOS ("|")
+    chunks = _run(r, _inp(max_tokens=10, stop=["e|"]))
+    assert _joined(chunks) == ("de|", [100, 101, EOS_ID])
+    assert (chunks[-1].choices[-1].finish_reason, chunks[-1].choices[-1].stop_reason) == ("stop", EOS_ID)
 
 
 def test_every_engine_failing_gives_up_with_a_clear_error():
