@@ -101,6 +101,7 @@ def _complete(args) -> int:
     import grpc
 
     from protos.gen.folio.v1 import common_pb2, router_pb2, router_pb2_grpc
+    from services.common.auth import bearer_metadata
 
     params = common_pb2.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p,
                                        stop=args.stop or [])
@@ -117,7 +118,8 @@ def _complete(args) -> int:
     with grpc.insecure_channel(args.router) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         try:
-            for msg in stub.Generate(req, timeout=args.timeout):
+            for msg in stub.Generate(req, timeout=args.timeout,
+                                     metadata=bearer_metadata(os.environ.get("FOLIO_API_KEY"))):
                 for c in msg.choices:
                     if c.text:
                         if ttft is None:

@@ -209,11 +209,14 @@ class Stack:
 
         from protos.gen.folio.v1 import router_pb2, router_pb2_grpc
 
+        from services.common.auth import bearer_metadata
+
+        auth = bearer_metadata({**os.environ, **self.c.env}.get("FOLIO_API_KEY"))
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.router_address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             while True:
-                models = stub.ListModels(router_pb2.ListModelsRequest(), timeout=5).models
+                models = stub.ListModels(router_pb2.ListModelsRequest(), timeout=5, metadata=auth).models
                 if sum(m.engines for m in models) >= self.c.engines:
                     return
                 self._check_alive()

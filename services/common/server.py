@@ -46,8 +46,10 @@ CHANNEL_OPTIONS = _MESSAGE_LIMITS + [
 class GrpcServer:
     """An asyncio gRPC server with health (grpc.health.v1) and reflection for `service_names`."""
 
-    def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0):
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
+                 interceptors: list[grpc.aio.ServerInterceptor] | None = None):
+        # Extra interceptors (e.g. authentication) run before the error mapping.
+        self.server = grpc.aio.server(interceptors=[*(interceptors or []), ErrorInterceptor()], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
@@ -64,13 +66,17 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def run(self, grace_s: float, on_drain: Callable[[], Awaitable[None]] | None = None,
-                  on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+                  on_ready: Callable[[], Awaitable[None]] | None = None,
+                  ready: Callable[[], bool] | None = None) -> None:
         """Start, report SERVING, and run until SIGTERM/SIGINT; then report NOT_SERVING, let `on_drain`
-        stop new work elsewhere (e.g. leave the Redis registry), and give in-flight calls `grace_s`."""
+        stop new work elsewhere (e.g. leave the Redis registry), and give in-flight calls `grace_s`.
+        With `ready`, health follows it instead (polled 4 times a second): SERVING only while it holds."""
         await self.server.start()
         if on_ready is not None:
             await on_ready()
-        await self.set_serving(True)
+        follow = asyncio.create_task(self._follow(ready)) if ready is not None else None
+        if ready is None:
+            await self.set_serving(True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,6 +84,8 @@ class GrpcServer:
         log.info("%s SERVING on %s", ",".join(self.service_names), self.address)
         await stop.wait()
         log.info("draining (grace %.1fs)", grace_s)
+        if follow is not None:
+            follow.cancel()
         await self.set_serving(False)
         if on_drain is not None:
             try:
@@ -86,6 +94,17 @@ class GrpcServer:
                 log.exception("drain hook failed")
         await self.server.stop(grace_s)
         log.info("stopped")
+
+
+    async def _follow(self, ready: Callable[[], bool], interval_s: float = 0.25) -> None:
+        serving = None
+        while True:
+            now = bool(ready())
+            if now != serving:
+                await self.set_serving(now)
+                log.info("health: %s", "SERVING" if now else "NOT_SERVING")
+                serving = now
+            await asyncio.sleep(interval_s)
 
 
 def configure_logging(level: str = "INFO") -> None:

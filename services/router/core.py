@@ -63,6 +63,13 @@ class RouterCore:
         """Models with at least one live engine (as of the registry view, refreshed twice a second)."""
         return [ModelInfo(m, len(es), max(e.max_model_len for e in es)) for m, es in sorted(self.registry.models().items())]
 
+    def can_route(self) -> bool:
+        """Whether a request could be routed now: every model a tokenizer serves (or, with no tokenizer,
+        some model) has a live engine in the registry view."""
+        live = self.registry.models()
+        wanted = set(self.by_model) or set(live)
+        return bool(wanted) and all(live.get(m) for m in wanted)
+
     def _known_models(self) -> set[str]:
         return set(self.by_model) | set(self.registry.models())
 

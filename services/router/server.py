@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
 from services.common import config as cfg, telemetry
+from services.common.auth import ApiKeyInterceptor
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
 from services.common.server import GrpcServer, configure_logging
@@ -30,7 +31,8 @@ class RouterConfig:
     reservation_ttl_ms: int = cfg.field(10_000, "a block reservation the engine never confirms is dropped after this")
     max_attempts: int = cfg.field(3, "engines tried per request (failures before the first token, failovers after)")
     http_port: int | None = cfg.field(None, "also serve the OpenAI-compatible HTTP API on this port (services.router.http_api)")
-    api_key: str | None = cfg.field(None, "HTTP API: require 'Authorization: Bearer <key>' on /v1/* (default: $FOLIO_API_KEY)")
+    api_key: str | None = cfg.field(None, "require 'authorization: Bearer <key>' on the gRPC API (metadata) and the HTTP "
+                                    "API's /v1/* (default: $FOLIO_API_KEY); health, reflection and /metrics stay open")
     grace_s: float = cfg.field(30.0, "seconds in-flight requests get to finish on SIGTERM")
     log_level: str = cfg.field("INFO", "logging level")
 
@@ -154,7 +156,8 @@ async def serve(c: RouterConfig) -> None:
 
     if not c.tokenizer:
         log.warning("no --tokenizer given: only prompt_token_ids requests can be served")
-    server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port)
+    auth = [ApiKeyInterceptor(c.api_key)] if c.api_key else []
+    server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port, interceptors=auth)
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts)
     metrics = RouterMetrics(core)
@@ -167,7 +170,9 @@ async def serve(c: RouterConfig) -> None:
             http.start()
 
     try:
-        await server.run(c.grace_s, on_drain=http.drain if http is not None else None, on_ready=on_ready)
+        # Health is SERVING only while a request could be routed (a live engine for every served model).
+        await server.run(c.grace_s, on_drain=http.drain if http is not None else None, on_ready=on_ready,
+                         ready=core.can_route)
     finally:
         if http is not None:
             await http.stop()

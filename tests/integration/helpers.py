@@ -135,3 +135,19 @@ def redis_client(stack: Stack):
     import redis
 
     return redis.Redis.from_url(stack.redis_url, decode_responses=True)
+
+
+def wait_health_status(address: str, timeout_s: float = 60.0) -> int:
+    """Wait until the gRPC health service at `address` answers; return its status (SERVING or not)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                return stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{address}: no health answer within {timeout_s:.0f}s") from None
+                time.sleep(0.1)

@@ -98,9 +98,12 @@ def test_no_engine_for_the_model_is_unavailable(small_queue_stack, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "services.router", "--port", str(port), "--tokenizer",
                           stack.tokenizer_address, "--redis-url", empty_db], stdout=log, stderr=subprocess.STDOUT)
     try:
-        from folio.stack import Proc
+        from grpc_health.v1 import health_pb2
 
-        stack.wait_serving([Proc("router2", p, f"127.0.0.1:{port}", tmp_path / "router.log")], timeout_s=60)
+        from tests.integration.helpers import wait_health_status
+
+        # Honest readiness: with no engine to route to, the router is up but NOT_SERVING.
+        assert wait_health_status(f"127.0.0.1:{port}") == health_pb2.HealthCheckResponse.NOT_SERVING
         code, msg = status_of(f"127.0.0.1:{port}", text="Hi", params=params(max_tokens=2))
         assert code == grpc.StatusCode.UNAVAILABLE and "no live engine" in msg
         # The first router is unaffected.

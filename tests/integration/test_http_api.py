@@ -29,7 +29,7 @@ import openai
 import pytest
 
 from folio import SamplingParams
-from folio.stack import ROOT, Proc, free_port
+from folio.stack import ROOT, free_port
 from tests.integration.helpers import SMALL_ENGINE, engine_stats, random_prompt, start_stack, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -340,8 +340,17 @@ def test_api_key_401_and_no_engine_503(http_stack, tmp_path):
                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                          env={**os.environ, "FOLIO_API_KEY": "sk-test-key", "PYTHONPATH": str(ROOT)})
     try:
-        http_stack.wait_serving([Proc("router2", p, f"127.0.0.1:{grpc_port}", tmp_path / "router.log")], timeout_s=60)
         url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # the router is up once its HTTP port answers (it cannot be SERVING: no engine)
+            assert p.poll() is None, (tmp_path / "router.log").read_text()
+            try:
+                httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "router2 did not start"
+                time.sleep(0.1)
+        _assert_grpc_health_and_key(f"127.0.0.1:{grpc_port}", "sk-test-key")
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
         assert_error(httpx.post(url + "/v1/completions", json=body, timeout=10), 401)
         assert_error(httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10), 401)
@@ -360,6 +369,33 @@ def test_api_key_401_and_no_engine_503(http_stack, tmp_path):
         p.terminate()
         p.wait(30)
         log.close()
+
+
+def _assert_grpc_health_and_key(address: str, key: str) -> None:
+    """The router's gRPC side of the same story: NOT_SERVING while it cannot route (no engine), health
+    open without a key, the Router API closed without one."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.gen.folio.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert h.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = router_pb2_grpc.RouterStub(ch)
+        req = router_pb2.GenerateRequest(text="Hi", params=common_pb2.SamplingParams(max_tokens=2))
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(req, timeout=10, metadata=metadata))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ListModels(router_pb2.ListModelsRequest(), timeout=10, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        keyed = (("authorization", f"Bearer {key}"),)
+        assert list(stub.ListModels(router_pb2.ListModelsRequest(), timeout=10, metadata=keyed).models) == []
+        with pytest.raises(grpc.RpcError) as e:  # past the key check: no engine to route to
+            list(stub.Generate(req, timeout=10, metadata=keyed))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 # --- metrics ----------------------------------------------------------------------------------------
