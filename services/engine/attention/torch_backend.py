@@ -2,6 +2,10 @@
 
 K/V are read through the block tables from the pool: each sequence's blocks are gathered into a
 padded [num_seqs, max_seq_len] view for this step only; there is no per-sequence contiguous cache.
+Every AttentionParams field is honoured; the score of query position p against key position j is
+
+    s = scale * q.k;  s = softcap * tanh(s / softcap);  s += slope_h * (j - p)
+    masked unless p - sliding_window < j <= p;  softmax over the keys and, if given, the head's sink logit.
 """
 
 from __future__ import annotations
@@ -23,13 +27,26 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     flat[1].index_copy_(0, slot_mapping, v)
 
 
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def check_params(params: AttentionParams, num_heads: int) -> None:
+    """The per-head tensors must cover exactly this rank's query heads."""
+    for name in ("alibi_slopes", "sinks"):
+        t = getattr(params, name)
+        if t is not None and tuple(t.shape) != (num_heads,):
+            raise ValueError(f"AttentionParams.{name} must be [num_heads={num_heads}]; got {tuple(t.shape)}")
+
+
+def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                        params: AttentionParams | float) -> torch.Tensor:
     """q [num_tokens, Hq, D] -> [num_tokens, Hq, D]: causal attention of each new token over its
-    sequence's cached tokens (which already include this step's K/V)."""
+    sequence's cached tokens (which already include this step's K/V), with params' variants.
+    Rows after sum(query_lens) (padding, as the triton backend gets under CUDA graphs) are zero."""
+    if not isinstance(params, AttentionParams):
+        params = AttentionParams(scale=float(params))
     num_seqs = meta.num_seqs
     block_size = kv_cache.shape[2]
     hq, d = q.shape[1], q.shape[2]
     hkv = kv_cache.shape[3]
+    check_params(params, hq)
     max_len, max_q = meta.max_seq_len, meta.max_query_len
     nblk = -(-max_len // block_size)
     tables = meta.block_tables[:, :nblk].long()
@@ -44,25 +61,66 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     r = torch.arange(max_q, device=q.device)
     row_valid = r[None, :] < q_lens[:, None]
     src = (starts[:, None] + r[None, :]).clamp(max=q.shape[0] - 1)
-    qp = q[src]  # [num_seqs, max_q, Hq, D]
+    qp = q[src].transpose(1, 2)  # [num_seqs, Hq, max_q, D]
     pos = s_lens[:, None] - q_lens[:, None] + r[None, :]  # absolute position of each query row
     key = torch.arange(max_len, device=q.device)
-    mask = (key[None, None, :] <= pos[:, :, None]) & row_valid[:, :, None]  # [num_seqs, max_q, L]
+    mask = key[None, None, :] <= pos[:, :, None]  # [num_seqs, max_q, L]
+    if params.sliding_window is not None:
+        mask &= key[None, None, :] > pos[:, :, None] - params.sliding_window
+        # Blocks wholly before the window may have been freed and reused (docs/attention-seam.md):
+        # zero what was gathered from before the earliest row's window, so their contents (even NaN)
+        # cannot leak through 0 * NaN.
+        first_seen = (s_lens - q_lens - params.sliding_window + 1).clamp(min=0)  # [num_seqs]
+        stale = (key[None, :] < first_seen[:, None])[:, None, :, None]
+        k, v = k.masked_fill(stale, 0), v.masked_fill(stale, 0)
+    mask &= row_valid[:, :, None]
     mask[:, :, 0] |= ~row_valid  # padding rows: attend to something so softmax stays finite
-    out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=(hq != hkv),
-    ).transpose(1, 2)  # [num_seqs, max_q, Hq, D]
-    return out[row_valid]
+
+    if params.logit_softcap is None and params.sinks is None and params.alibi_slopes is None:
+        out = F.scaled_dot_product_attention(
+            qp, k, v, attn_mask=mask[:, None], scale=params.scale, enable_gqa=(hq != hkv))
+    else:
+        out = _explicit_attention(qp, k, v, mask, pos, key, params)
+    real = out.transpose(1, 2)[row_valid]  # [num_seqs, max_q, Hq, D] -> [num_real_tokens, Hq, D]
+    if real.shape[0] == q.shape[0]:
+        return real
+    return torch.cat([real, real.new_zeros(q.shape[0] - real.shape[0], hq, d)])  # padding rows: zero
+
+
+def _alibi_bias(slopes: torch.Tensor, pos: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """slope_h * (key_pos - query_pos): [num_seqs, Hq, max_q, L] in float32."""
+    rel = (key[None, None, :] - pos[:, :, None]).float()  # [num_seqs, max_q, L]
+    return slopes.float().to(pos.device)[None, :, None, None] * rel[:, None]
+
+
+def _explicit_attention(qp, k, v, mask, pos, key, params: AttentionParams) -> torch.Tensor:
+    """Scores written out in float32: soft-capping and sinks do not fit SDPA's interface, and an ALiBi
+    bias passed as SDPA's mask would have to be in q's dtype (bf16 cannot hold slope * 4000 exactly)."""
+    num_seqs, hq, max_q, d = qp.shape
+    hkv = k.shape[1]
+    # GQA without copying K/V: query heads of one KV head side by side, [S, Hkv, G*max_q, D].
+    qg = qp.float().reshape(num_seqs, hkv, (hq // hkv) * max_q, d)
+    s = (qg @ k.float().transpose(-1, -2) * params.scale).reshape(num_seqs, hq, max_q, -1)
+    if params.logit_softcap is not None:
+        s = params.logit_softcap * torch.tanh(s / params.logit_softcap)
+    if params.alibi_slopes is not None:
+        s = s + _alibi_bias(params.alibi_slopes, pos, key)
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    if params.sinks is not None:
+        sink = params.sinks.float().to(s.device)[None, :, None, None].expand(num_seqs, hq, max_q, 1)
+        p = torch.cat([s, sink], dim=-1).softmax(-1)[..., :-1]
+    else:
+        p = s.softmax(-1)
+    p = p.reshape(num_seqs, hkv, (hq // hkv) * max_q, -1)
+    return (p @ v.float()).reshape(num_seqs, hq, max_q, d).to(qp.dtype)
 
 
 class TorchAttentionBackend:
     name = "torch"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
-        if params.sliding_window or params.logit_softcap or params.alibi_slopes is not None or params.sinks is not None:
-            raise NotImplementedError("torch attention backend: sliding window, soft-cap, ALiBi and sinks are not implemented yet")
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        return paged_attention_ref(q, kv_cache, meta, params.scale)
+        return paged_attention_ref(q, kv_cache, meta, params)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         for cache in kv_caches:
