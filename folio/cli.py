@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 import time
+
+
+def _engine_flags() -> list[str]:
+    """`folio up` takes every EngineConfig field as a flag, except the model (--model serves the tokenizer too)."""
+    from services.engine.config import EngineConfig
+
+    return [f.name for f in dataclasses.fields(EngineConfig) if f.name != "model"]
 
 
 def _prepare_model(args) -> int:
@@ -31,19 +39,18 @@ def _up(args) -> int:
         from services.common.bundled_model import ensure_bundled_model
 
         ensure_bundled_model()
-    engine_args = []
-    for flag in ("device", "dtype", "max_model_len", "cpu_kv_cache_bytes", "num_kv_blocks", "max_num_seqs",
-                 "gpu_memory_utilization", "attention_backend"):
-        v = getattr(args, flag)
-        if v is not None:
-            engine_args += ["--" + flag.replace("_", "-"), str(v)]
+    from services.common import config as cfg
+    from services.engine.config import EngineConfig
+
+    engine_args = cfg.to_argv(EngineConfig, args, only=_engine_flags())  # given flags only: engine defaults hold
     for extra in args.engine_arg or []:
         engine_args += extra.split()
     config = StackConfig(
         engines=args.engines, model=args.model, host=args.host, router_port=args.port,
         http_port=None if args.no_http else args.http_port,
         redis_url=args.redis_url, engine_args=engine_args, log_dir=args.log_dir, log_level=args.log_level,
-        startup_timeout_s=args.startup_timeout, cuda_per_engine=args.device == "cuda" and args.engines > 1)
+        startup_timeout_s=args.startup_timeout,
+        cuda_per_engine=getattr(args, "device", None) == "cuda" and args.engines > 1)
     stack = Stack(config)
     stopping = False
 
@@ -144,7 +151,10 @@ def _complete(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from services.common import config as cfg
+    from services.engine.config import SERVED_DEFAULTS, EngineConfig
+
     parser = argparse.ArgumentParser(prog="folio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare-model", help="fetch and convert the bundled model into the cache").set_defaults(fn=_prepare_model)
@@ -160,18 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-http", action="store_true", help="serve gRPC only")
     up.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                     help="use this Redis (default: $REDIS_URL, else start the venv's redis-server on a free port)")
-    up.add_argument("--device", default=None, help="engine device: cpu, cuda or auto (default auto)")
-    up.add_argument("--dtype", default=None)
-    up.add_argument("--max-model-len", type=int, default=None)
-    up.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV pool per engine on CPU")
-    up.add_argument("--num-kv-blocks", type=int, default=None)
-    up.add_argument("--max-num-seqs", type=int, default=None)
-    up.add_argument("--gpu-memory-utilization", type=float, default=None)
-    up.add_argument("--attention-backend", default=None)
-    up.add_argument("--engine-arg", action="append", help="extra flags for every engine, e.g. --engine-arg='--seed 1'")
+    up.add_argument("--engine-arg", action="append",
+                    help="extra flags for every engine, e.g. --engine-arg='--metrics-port 9100'")
     up.add_argument("--log-dir", default=None, help="children's logs (default: a temporary directory)")
-    up.add_argument("--log-level", default="INFO")
-    up.add_argument("--startup-timeout", type=float, default=300.0)
+    up.add_argument("--log-level", default="INFO", help="every service's logging level (default INFO)")
+    up.add_argument("--startup-timeout", type=float, default=300.0,
+                    help="seconds for every service to answer SERVING (default 300)")
+    engine = up.add_argument_group("engine", "passed to every engine (python -m services.engine --help); "
+                                   "a flag not given leaves the engine's default")
+    cfg.add_args(engine, EngineConfig, defaults=SERVED_DEFAULTS, only=_engine_flags(), forward=True)
     up.set_defaults(fn=_up)
 
     comp = sub.add_parser("complete", help="stream a completion from a running router")
@@ -187,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     comp.add_argument("--quiet", action="store_true", help="no usage line on stderr")
     comp.set_defaults(fn=_complete)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

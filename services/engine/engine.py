@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from services.common.engine_load import EngineLoad
 from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
-from services.engine.attention import BACKENDS, default_backend
+from services.engine.attention import default_backend
 from services.engine.beam_search import BeamSearch, sampling_params_for
 from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
 from services.common.model_location import resolve_model_path
 from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
@@ -30,57 +30,6 @@ from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
 log = logging.getLogger("folio.engine")
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFullError"]
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None
-    """HF model directory or hub id; None means the bundled SmolLM2-135M-Instruct."""
-    dtype: str = "auto"
-    """"float32", "bfloat16", "float16" or "auto" (float32 on CPU, the checkpoint's dtype on GPU)."""
-    device: str = "auto"
-    """"cpu", "cuda", "cuda:N" or "auto" (CUDA when available)."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    max_model_len: int | None = None
-    """Longest sequence (prompt + output); defaults to the model's context length."""
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    """Per-step token budget; defaults to 2048 on CPU, 8192 on GPU."""
-    num_kv_blocks: int | None = None
-    """KV pool size in blocks; overrides the memory-based sizing below."""
-    gpu_memory_utilization: float = 0.9
-    """On CUDA: fraction of the GPU's memory Folio may use (weights, activations and KV pool)."""
-    cpu_kv_cache_bytes: int = 1 << 30
-    """On CPU: bytes of KV pool."""
-    seed: int = 0
-    attention_backend: str | None = None
-    """"torch" or "triton"; None picks triton on CUDA, torch elsewhere."""
-    enable_prefix_caching: bool = True
-    max_waiting_requests: int | None = None
-    """Bound on queued requests (None: unbounded); beyond it add_request raises QueueFullError."""
-    load_format: str = "safetensors"
-    """"safetensors", or "dummy": random weights of the checkpoint's shapes (speed measurements)."""
-    enforce_eager: bool = False
-    """On CUDA, skip capturing decode steps as CUDA graphs."""
-    tensor_parallel_size: int = 1
-    """Shard the model over this many GPUs (processes), Megatron-style; see docs/tensor-parallel.md."""
-
-    def __post_init__(self) -> None:
-        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
-            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
-        if self.load_format not in ("safetensors", "dummy"):
-            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
 
 class LLMEngine:

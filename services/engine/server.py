@@ -17,6 +17,7 @@ from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import NotFound
 from services.common.server import GrpcServer, configure_logging
 from services.engine.async_engine import AsyncEngine, EngineFailure
+from services.engine.config import SERVED_DEFAULTS, EngineConfig
 from services.common.outputs import RequestOutput
 
 log = logging.getLogger("folio.engine.server")
@@ -24,17 +25,28 @@ log = logging.getLogger("folio.engine.server")
 
 @dataclass
 class EngineServerConfig:
-    served_model_name: str | None = cfg.field(None, "model name clients use (default: the model directory's name)")
-    host: str = cfg.field("127.0.0.1", "address to bind")
-    port: int = cfg.field(50060, "gRPC port (0: any free port)")
-    advertise_address: str | None = cfg.field(None, "host:port routers dial (default: host:port, or hostname:port when bound to 0.0.0.0)")
-    engine_id: str | None = cfg.field(None, "id in the registry (default: the advertised address)")
-    redis_url: str | None = cfg.field(None, "Redis for the engine registry (none: do not publish)")
-    heartbeat_interval_s: float = cfg.field(0.2, "seconds between registry reports (sooner on large changes)")
-    heartbeat_ttl_s: float = cfg.field(2.0, "registry entry lifetime: a silent engine leaves routing after this")
-    metrics_port: int | None = cfg.field(None, "serve Prometheus metrics (vllm:* names) on this port")
-    grace_s: float = cfg.field(30.0, "seconds in-flight requests get to finish on SIGTERM")
-    log_level: str = cfg.field("INFO", "logging level")
+    served_model_name: str | None = None
+    """Model name clients use (default: the model directory's name)."""
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 50060
+    """gRPC port (0: any free port)."""
+    advertise_address: str | None = None
+    """The host:port routers dial (default: host:port, or hostname:port when bound to 0.0.0.0)."""
+    engine_id: str | None = None
+    """Id in the registry (default: the advertised address)."""
+    redis_url: str | None = None
+    """Redis for the engine registry (none: do not publish)."""
+    heartbeat_interval_s: float = 0.2
+    """Seconds between registry reports (sooner on large changes)."""
+    heartbeat_ttl_s: float = 2.0
+    """Registry entry lifetime: a silent engine leaves routing after this."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics (vllm:* names) on this port."""
+    grace_s: float = 30.0
+    """Seconds in-flight requests get to finish on SIGTERM."""
+    log_level: str = "INFO"
+    """Logging level."""
 
 
 def _ns(t: float | None, since: float | None) -> int:
@@ -221,17 +233,17 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
             await redis.aclose()
 
 
-def parse_config(argv: list[str] | None = None):
-    """(EngineConfig, EngineServerConfig) from the command line."""
-    from services.engine.engine import EngineConfig
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.engine", description=__doc__)
-    group = parser.add_argument_group("engine")
-    # A served engine bounds its queue: overload is an error the caller sees, never a hang.
-    cfg.add_args(group, EngineConfig, defaults={"max_waiting_requests": 1024})
+    cfg.add_args(parser.add_argument_group("engine"), EngineConfig, defaults=SERVED_DEFAULTS)
     cfg.add_args(parser.add_argument_group("server"), EngineServerConfig,
                  defaults={"redis_url": os.environ.get("REDIS_URL")})
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None):
+    """(EngineConfig, EngineServerConfig) from the command line."""
+    ns = build_parser().parse_args(argv)
     return cfg.from_args(EngineConfig, ns), cfg.from_args(EngineServerConfig, ns)
 
 

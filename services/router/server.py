@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
 from services.common import config as cfg, telemetry
@@ -23,18 +23,29 @@ log = logging.getLogger("folio.router.server")
 
 @dataclass
 class RouterConfig:
-    host: str = cfg.field("127.0.0.1", "address to bind")
-    port: int = cfg.field(50051, "gRPC port (0: any free port)")
-    tokenizer: list[str] = cfg.field([], "tokenizer service address host:port, one per model")
-    redis_url: str = cfg.field("redis://127.0.0.1:6379/0", "Redis holding the engine registry")
-    stale_ms: int = cfg.field(1500, "engines whose last report is older than this are not chosen")
-    reservation_ttl_ms: int = cfg.field(10_000, "a block reservation the engine never confirms is dropped after this")
-    max_attempts: int = cfg.field(3, "engines tried per request (failures before the first token, failovers after)")
-    http_port: int | None = cfg.field(None, "also serve the OpenAI-compatible HTTP API on this port (services.router.http_api)")
-    api_key: str | None = cfg.field(None, "require 'authorization: Bearer <key>' on the gRPC API (metadata) and the HTTP "
-                                    "API's /v1/* (default: $FOLIO_API_KEY); health, reflection and /metrics stay open")
-    grace_s: float = cfg.field(30.0, "seconds in-flight requests get to finish on SIGTERM")
-    log_level: str = cfg.field("INFO", "logging level")
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 50051
+    """gRPC port (0: any free port)."""
+    tokenizer: list[str] = field(default_factory=list)
+    """Tokenizer service address host:port, one per model."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the engine registry."""
+    stale_ms: int = 1500
+    """Engines whose last report is older than this are not chosen."""
+    reservation_ttl_ms: int = 10_000
+    """A block reservation the engine never confirms is dropped after this."""
+    max_attempts: int = 3
+    """Engines tried per request (failures before the first token, failovers after)."""
+    http_port: int | None = None
+    """Also serve the OpenAI-compatible HTTP API on this port (services.router.http_api)."""
+    api_key: str | None = None
+    """Require 'authorization: Bearer <key>' on the gRPC API (metadata) and the HTTP API's /v1/*
+    (default: $FOLIO_API_KEY); health, reflection and /metrics stay open."""
+    grace_s: float = 30.0
+    """Seconds in-flight requests get to finish on SIGTERM."""
+    log_level: str = "INFO"
+    """Logging level."""
 
 
 def request_from_pb(r: pb.GenerateRequest, timeout_s: float | None) -> GenerateInput:
@@ -180,11 +191,15 @@ async def serve(c: RouterConfig) -> None:
         await redis.aclose()
 
 
-def parse_config(argv: list[str] | None = None) -> RouterConfig:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
-    cfg.add_args(parser, RouterConfig, defaults={"redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-                                                 "api_key": os.environ.get("FOLIO_API_KEY") or None})
-    c = cfg.from_args(RouterConfig, parser.parse_args(argv))
+    cfg.add_args(parser, RouterConfig, defaults={"redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")})
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> RouterConfig:
+    c = cfg.from_args(RouterConfig, build_parser().parse_args(argv))
+    c.api_key = c.api_key or os.environ.get("FOLIO_API_KEY") or None  # not a flag default: --help must not print it
     c.tokenizer = c.tokenizer or []
     return c
 

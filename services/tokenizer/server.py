@@ -22,12 +22,18 @@ log = logging.getLogger("folio.tokenizer")
 
 @dataclass
 class TokenizerConfig:
-    model: str | None = cfg.field(None, "HF model directory (default: the bundled model)")
-    served_model_name: str | None = cfg.field(None, "model name clients use (default: the directory's name)")
-    host: str = cfg.field("127.0.0.1", "address to bind")
-    port: int = cfg.field(50052, "gRPC port (0: any free port)")
-    grace_s: float = cfg.field(5.0, "seconds in-flight calls get on SIGTERM")
-    log_level: str = cfg.field("INFO", "logging level")
+    model: str | None = None
+    """HF model directory (default: the bundled model)."""
+    served_model_name: str | None = None
+    """Model name clients use (default: the directory's name)."""
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 50052
+    """gRPC port (0: any free port)."""
+    grace_s: float = 5.0
+    """Seconds in-flight calls get on SIGTERM."""
+    log_level: str = "INFO"
+    """Logging level."""
 
 
 def model_dir_of(model: str | None) -> Path:
@@ -147,10 +153,14 @@ async def serve(c: TokenizerConfig) -> None:
     await server.run(c.grace_s)
 
 
-def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.tokenizer", description=__doc__)
     cfg.add_args(parser, TokenizerConfig)
-    return cfg.from_args(TokenizerConfig, parser.parse_args(argv))
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
+    return cfg.from_args(TokenizerConfig, build_parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-BACKENDS = ("torch", "triton")
+import typing
+
+BackendName = typing.Literal["torch", "triton"]
+BACKENDS = typing.get_args(BackendName)
 
 
 def get_attention_backend(name: str):
