@@ -8,6 +8,24 @@ that turns them into gRPC status codes is services/common/grpc_errors.py, and th
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 1024
+"""Longest error message sent to a client (gRPC details travel in trailers, capped at a few KB)."""
+
+
+def quote(value, limit: int = 80) -> str:
+    """repr() of a client-supplied value for an error message, cut to `limit` characters: a message must
+    not grow with the input it refuses (a 20 KB model name must not turn NOT_FOUND into a trailer
+    overflow)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r) - limit} more characters)"
+
+
+def clip_message(message: str) -> str:
+    """An error message cut to MAX_MESSAGE_CHARS (the last line of defence; quote() at the source)."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+
 
 class FolioError(Exception):
     """Base of the errors a caller can act on; `status` names the gRPC status code it maps to."""

@@ -18,6 +18,7 @@ from services.engine.attention import default_backend
 from services.engine.beam_search import BeamSearch, sampling_params_for
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
+from services.common.errors import quote
 from services.common.model_location import resolve_model_path
 from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
@@ -139,7 +140,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | BeamSearchParams,
                     prompt_token_ids: list[int] | None = None) -> Request:
         if request_id in self.requests:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+            raise ValueError(f"request_id: {quote(request_id)} is already in use")
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("prompt: give a prompt or prompt_token_ids")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
 from services.common import config as cfg, telemetry
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
-from services.common.errors import NotFound
+from services.common.errors import NotFound, quote
 from services.common.server import GrpcServer, configure_logging
 from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.config import SERVED_DEFAULTS, EngineConfig
@@ -118,7 +118,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
 
     async def Generate(self, request: pb.EngineGenerateRequest, context):
         if request.model and request.model != self.model_name:
-            raise NotFound(f"model: {request.model!r} is not served by this engine (it serves {self.model_name!r})")
+            raise NotFound(f"model: {quote(request.model)} is not served by this engine (it serves {self.model_name!r})")
         params = params_from_pb(request.params)
         rid = request.request_id or f"engine-{uuid.uuid4().hex}"
         ids = list(request.prompt_token_ids)

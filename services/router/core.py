@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable, quote
 from services.router.clients import EngineClient, Registry, TokenizerClient
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, ModelInfo, Usage
 from services.router.request_stream import RequestStream, Route, RouterStats, encode_prompt
@@ -82,7 +82,7 @@ class RouterCore:
                 raise Unavailable("no model is being served yet")
             raise InvalidArgument(f"model: required when several models are served ({', '.join(sorted(known))})")
         if model not in known:
-            raise NotFound(f"model: {model!r} is not served here (served: {', '.join(sorted(known)) or 'none'})")
+            raise NotFound(f"model: {quote(model)} is not served here (served: {', '.join(sorted(known)) or 'none'})")
         return model
 
     def max_model_len(self, model: str) -> int | None:
@@ -100,7 +100,7 @@ class RouterCore:
     async def decode(self, model: str, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         tok = self.by_model.get(model)
         if tok is None:
-            raise Unavailable(f"model: no tokenizer service for {model!r}")
+            raise Unavailable(f"model: no tokenizer service for {quote(model)}")
         return await tok.decode(token_ids, skip_special_tokens)
 
     def stats(self) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from protos.gen.folio.v1 import tokenizer_pb2 as pb, tokenizer_pb2_grpc
 from services.common import config as cfg, telemetry
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, quote
 from services.common.server import GrpcServer, configure_logging
 from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -79,7 +79,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     def _check_model(self, model: str) -> None:
         if model and model != self.model_name:
-            raise NotFound(f"model: {model!r} is not served by this tokenizer (it serves {self.model_name!r})")
+            raise NotFound(f"model: {quote(model)} is not served by this tokenizer (it serves {self.model_name!r})")
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         self._check_model(request.model)

@@ -80,3 +80,28 @@ def test_a_prompt_that_fits_still_encodes(tokenizer):
     _, stub = tokenizer
     r = stub.Encode(tokenizer_pb2.EncodeRequest(text="The capital of France is"))
     assert list(r.token_ids) == [504, 3575, 282, 4649, 314]  # FACTS.md's reference ids
+
+
+def test_undecodable_bytes_are_invalid_argument_not_unknown(tokenizer):
+    proc, _ = tokenizer
+    port = next(a for a in proc.args if a.isdigit())
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        garbage = b"\xff\xff\xff\xff\x0f"  # field 0x1fffffff... with a truncated varint: not a message
+        encode = ch.unary_unary("/folio.v1.Tokenizer/Encode")
+        with pytest.raises(grpc.RpcError) as e:
+            encode(garbage, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("request: the message's bytes are not a valid protobuf message")
+        detok = ch.stream_stream("/folio.v1.Tokenizer/Detokenize")
+        with pytest.raises(grpc.RpcError) as e:
+            list(detok(iter([garbage]), timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert proc.poll() is None
+
+
+def test_a_huge_model_name_is_not_found_with_a_short_message(tokenizer):
+    _, stub = tokenizer
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Encode(tokenizer_pb2.EncodeRequest(model="m" * 20_000, text="Hi"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(e.value.details()) < 300 and "more characters" in e.value.details()
