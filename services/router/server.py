@@ -38,7 +38,7 @@ class RouterConfig:
     max_attempts: int = 3
     """Engines tried per request (failures before the first token, failovers after)."""
     http_port: int | None = None
-    """Also serve the OpenAI-compatible HTTP API on this port (services.router.http_api)."""
+    """Also serve the OpenAI-compatible HTTP API on this port (services.router.openai)."""
     api_key: str | None = None
     """Require 'authorization: Bearer <key>' on the gRPC API (metadata) and the HTTP API's /v1/*
     (default: $FOLIO_API_KEY); health, reflection and /metrics stay open."""
@@ -115,7 +115,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 
 class _HttpServer:
-    """The OpenAI-compatible HTTP API (services/router/http_api.py) on this process's event loop, beside
+    """The OpenAI-compatible HTTP API (services/router/openai/) on this process's event loop, beside
     the gRPC server, sharing its RouterCore. The port is bound before the router reports SERVING, so a
     taken port fails the start loudly; SIGTERM drains it with the gRPC server."""
 
@@ -124,7 +124,7 @@ class _HttpServer:
 
         import uvicorn
 
-        from services.router.http_api import build_app
+        from services.router.openai import build_app
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager

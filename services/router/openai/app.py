@@ -1,0 +1,143 @@
+"""The ASGI app: `build_app(core)` wires the routes, the exception handlers, and the API-key and
+response-counting middleware over a started `RouterCore`."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.errors import NotFound
+from services.router.core import ModelInfo, RouterCore
+from services.router.metrics import CONTENT_TYPE, RouterMetrics
+from services.router.openai.chat import ChatCompletions
+from services.router.openai.completions import Completions
+from services.router.openai.errors import error_response, from_exception, from_validation_error
+from services.router.openai.protocol import ChatCompletionRequest, CompletionRequest
+from services.router.openai.run import ClientGone
+
+_COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class ApiKeyAndCount:
+    """ASGI middleware: the bearer token on /v1/* (when a key is set), and a response counter by status.
+
+    Plain ASGI rather than BaseHTTPMiddleware, which would sit between the client and the streaming
+    response's disconnect detection."""
+
+    def __init__(self, app, api_key: str | None, metrics: RouterMetrics):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        label = path if path in _COUNTED_PATHS else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.http_requests.labels(label, str(message["status"])).inc()
+            await send(message)
+
+        if self.expected is not None and path.startswith("/v1"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(auth, self.expected):
+                resp = error_response(401, "Unauthorized: give the API key as 'Authorization: Bearer <key>'")
+                return await resp(scope, receive, counting_send)
+        await self.app(scope, receive, counting_send)
+
+
+def model_card(m: ModelInfo, created: int) -> dict:
+    return {"id": m.id, "object": "model", "created": created, "owned_by": "folio", "root": m.id, "parent": None,
+            "max_model_len": m.max_model_len, "permission": []}
+
+
+async def _guarded(fn, *args) -> Response:
+    """Run an endpoint; every exception becomes OpenAI's error body here (the one mapping point)."""
+    try:
+        return await fn(*args)
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening; the generation was cancelled
+    except Exception as e:  # noqa: BLE001 - the one mapping point for this layer
+        return from_exception(e)
+
+
+def _version() -> dict:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return {"version": dist_version("folio")}
+    except PackageNotFoundError:
+        return {"version": "unknown"}
+
+
+def build_app(core: RouterCore, api_key: str | None = None, metrics: RouterMetrics | None = None,
+              request_timeout_s: float | None = None) -> FastAPI:
+    """The ASGI app (FastAPI) over a started `RouterCore`."""
+    metrics = metrics or RouterMetrics(core)
+    app = FastAPI(title="Folio OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handlers(app)
+    _add_service_routes(app, core, metrics)
+    completions = Completions(core, metrics, request_timeout_s)
+    chat = ChatCompletions(core, metrics, request_timeout_s)
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, raw: Request):
+        return await _guarded(completions.create, body, raw)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
+        return await _guarded(chat.create, body, raw)
+
+    app.add_middleware(ApiKeyAndCount, api_key=api_key, metrics=metrics)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return from_validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception):
+        return from_exception(exc)
+
+
+def _add_service_routes(app: FastAPI, core: RouterCore, metrics: RouterMetrics) -> None:
+    """Health, version, metrics and the model list."""
+
+    @app.get("/health")
+    async def health():
+        if not core.list_models():
+            return error_response(503, "no live engine")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return _version()
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models():
+        created = int(time.time())
+        return {"object": "list", "data": [model_card(m, created) for m in core.list_models()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        for m in core.list_models():
+            if m.id == model_id:
+                return model_card(m, int(time.time()))
+        return from_exception(NotFound(f"model: {model_id!r} is not served here"))

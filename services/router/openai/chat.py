@@ -1,0 +1,158 @@
+"""POST /v1/chat/completions: messages through the model's chat template -> one generation of n
+choices, as one JSON body or a chunk stream opening with the assistant role; chat-shaped logprobs."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from services.common.errors import InvalidArgument
+from services.common.sampling_params import SamplingParams
+from services.router.core import ChoiceDelta, Chunk, GenerateInput, RouterCore
+from services.router.metrics import RouterMetrics
+from services.router.openai.errors import from_exception
+from services.router.openai.logprobs import chat_logprobs
+from services.router.openai.protocol import ChatCompletionRequest
+from services.router.openai.run import Run, cancel_on_disconnect
+from services.router.openai.serving import Collected, check_context, sampling_params, sse, stop_reason, usage
+
+
+class ChatCompletions:
+    def __init__(self, core: RouterCore, metrics: RouterMetrics, request_timeout_s: float | None):
+        self.core = core
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        job = await self._prepare(req)
+        run = Run(self.core, self.metrics, [job.input(self.request_timeout_s)])
+        if req.stream:
+            await cancel_on_disconnect(raw, run.started(), run)
+            return StreamingResponse(job.events(run), media_type="text/event-stream")
+        collected = await cancel_on_disconnect(raw, Collected.of(run, job.params.n, 1), run)
+        return JSONResponse(await job.body(collected))
+
+    async def _prepare(self, req: ChatCompletionRequest) -> _Chat:
+        """Validate, build the params, render and tokenize the messages, check the context limit."""
+        if not req.messages:
+            raise InvalidArgument("messages: at least one message is required")
+        if req.tools and req.tool_choice not in (None, "none"):
+            raise InvalidArgument("tools: tool calling is not supported")
+        if req.response_format and req.response_format.get("type") not in (None, "text"):
+            raise InvalidArgument("response_format: only {\"type\": \"text\"} is supported")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidArgument("top_logprobs: requires logprobs to be true")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        model, ids = await self.core.encode(GenerateInput(params=params, model=req.model, messages=_messages(req),
+                                                          add_generation_prompt=req.add_generation_prompt))
+        check_context(self.core, model, len(ids), max_tokens, "messages")
+        return _Chat(self.core, req, params, model, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ids)
+
+
+def _messages(req: ChatCompletionRequest) -> list[dict]:
+    """The messages as the tokenizer's chat template takes them (text parts joined by newlines)."""
+    messages = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise InvalidArgument(f"messages[{i}].content: only text parts are supported")
+            content = "\n".join(part.text for part in content)
+        messages.append({"role": m.role, "content": content or ""})
+    return messages
+
+
+@dataclass
+class _Chat:
+    """One chat request, prepared: what its body or events are made from."""
+
+    core: RouterCore
+    req: ChatCompletionRequest
+    params: SamplingParams
+    model: str
+    rid: str
+    created: int
+    prompt_token_ids: list[int]
+
+    def input(self, timeout_s: float | None) -> GenerateInput:
+        return GenerateInput(params=self.params, model=self.model, prompt_token_ids=self.prompt_token_ids,
+                             request_id=self.rid, timeout_s=timeout_s)
+
+    async def logprobs(self, token_ids: list[int], entries: list) -> dict | None:
+        if not self.req.logprobs:
+            return None
+        return {"content": await chat_logprobs(self.core, self.model, token_ids, entries, self.req.top_logprobs or 0)}
+
+    def envelope(self, obj: str, choices: list[dict], **extra) -> dict:
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    async def body(self, c: Collected) -> dict:
+        out = []
+        for idx, ch in sorted(c.choices.items()):
+            out.append({"index": idx, "message": {"role": "assistant", "content": ch.text},
+                        "logprobs": await self.logprobs(ch.token_ids, ch.logprobs), "finish_reason": ch.finish_reason,
+                        "stop_reason": stop_reason(self.params, ch.stop_reason)})
+        return self.envelope("chat.completion", out, usage=c.usage())
+
+    async def events(self, run: Run) -> AsyncIterator[str]:
+        stream = _ChatEvents(self)
+        try:
+            async for _, chunk in run.chunks():
+                for event in await stream.add(chunk):
+                    yield event
+            if self.req.include_usage:
+                yield sse(self.envelope("chat.completion.chunk", [],
+                                        usage=usage(stream.prompt_tokens, stream.completion_tokens)))
+        except Exception as e:  # noqa: BLE001 - after the 200 went out: an error event, then [DONE] (as vLLM does)
+            yield sse(json.loads(from_exception(e).body))
+        yield "data: [DONE]\n\n"
+
+
+class _ChatEvents:
+    """A chat event stream's running state: whether the role went out, and usage."""
+
+    def __init__(self, job: _Chat):
+        self.job = job
+        self.started = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        """From the last chunk's usage."""
+        self.generated = 0
+        """Tokens streamed so far (for continuous usage)."""
+
+    async def add(self, chunk: Chunk) -> list[str]:
+        if chunk.prompt_token_ids is not None:
+            self.prompt_tokens = len(chunk.prompt_token_ids)
+        events = []
+        if not self.started:  # the role first, one event per choice (as OpenAI and vLLM send it)
+            self.started = True
+            events = [self._event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}) for i in range(self.job.params.n)]
+        for c in chunk.choices:
+            self.generated += len(c.token_ids)
+            if c.text or c.finish_reason is not None or (self.job.req.logprobs and c.token_ids):
+                events.append(self._event(await self._choice(c)))
+        if chunk.finished and chunk.usage is not None:
+            self.completion_tokens += chunk.usage.completion_tokens
+        return events
+
+    async def _choice(self, c: ChoiceDelta) -> dict:
+        choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
+                  "logprobs": await self.job.logprobs(c.token_ids, c.logprobs or []), "finish_reason": c.finish_reason}
+        if c.finish_reason is not None:
+            choice["stop_reason"] = stop_reason(self.job.params, c.stop_reason)
+        return choice
+
+    def _event(self, choice: dict) -> str:
+        e = self.job.envelope("chat.completion.chunk", [choice])
+        if self.job.req.include_usage:
+            e["usage"] = usage(self.prompt_tokens, self.generated) if self.job.req.continuous_usage else None
+        return sse(e)
