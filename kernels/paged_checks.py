@@ -20,8 +20,8 @@ def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: to
     num_kv_heads = kv_cache.shape[3]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim must be a power of two in [16, 256]; got {head_dim}")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in [1, 256]; got {head_dim}")
     if q.dtype != kv_cache.dtype:
         raise ValueError(f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
     if q.stride(2) != 1:

@@ -15,7 +15,6 @@ any split count is correct for any lengths (a CUDA graph captured with one stays
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -23,13 +22,14 @@ import triton
 import triton.language as tl
 
 from kernels.paged_checks import check_paged_inputs
+from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
 # A split shorter than this spends more on its partial write and the reduce than it gains.
 MIN_TOKENS_PER_SPLIT = 512
 MAX_SPLITS = 64
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "window"])
 def _paged_decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]: the one new token of each sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
@@ -40,7 +40,12 @@ def _paged_decode_kernel(
     part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim]  (NUM_SPLITS > 1)
     part_m_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]: running max (base-2 logits)
     part_l_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]: running sum of exp2
+    slopes_ptr,  # fp32 [num_heads]: ALiBi slopes (read if USE_ALIBI)
+    sinks_ptr,  # fp32 [num_heads]: sink logits (read if USE_SINKS)
     qk_scale,  # softmax scale * log2(e)
+    softcap_in,  # scale / softcap
+    softcap_out2,  # softcap * log2(e)
+    window,  # sliding window: the query at seq_len - 1 sees keys seq_len - window ... (if USE_WINDOW)
     stride_qs,
     stride_qh,
     stride_os,
@@ -53,9 +58,14 @@ def _paged_decode_kernel(
     QUERIES_PER_KV: tl.constexpr,
     BLOCK_G: tl.constexpr,  # QUERIES_PER_KV padded to a power of two >= 16 (tl.dot's minimum)
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # next power of two (>= 16); the extra columns are masked
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EVICTION: tl.constexpr,  # "" or "evict_first"
     HEADS_FASTEST: tl.constexpr,  # grid (kv_heads, seqs, splits) rather than (seqs, kv_heads, splits)
@@ -70,43 +80,67 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, TILE_N)
+    if USE_WINDOW:
+        # Tiles wholly before the window are never visited, their blocks never read (they may be freed).
+        key_lo = tl.maximum(seq_len - window, 0)
+        first_tile = key_lo // TILE_N
+    else:
+        key_lo = 0
+        first_tile = 0
     if NUM_SPLITS == 1:
-        tile_start = 0
+        tile_start = first_tile
         tile_end = num_tiles
     else:
-        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-        tile_start = split * tiles_per_split
+        tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+        tile_start = first_tile + split * tiles_per_split
         tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
 
+    D_MASKED: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = tl.arange(0, TILE_N)
+    d_ok = offs_d < HEAD_DIM
     heads = kv_head * QUERIES_PER_KV + offs_g
     g_mask = offs_g < QUERIES_PER_KV
     seq64 = seq.to(tl.int64)
-    q = tl.load(q_ptr + seq64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
+    q = load_tile(q_ptr + seq64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :], g_mask, d_ok,
+                  True, D_MASKED)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    if USE_SINKS:
+        # The sink is a key with logit sinks[h] and no value; it belongs to split 0 alone.
+        sink = tl.load(sinks_ptr + heads, mask=g_mask & (split == 0), other=float("-inf")) * 1.4426950408889634
+        m_i = sink
+        l_i = tl.where(sink > float("-inf"), 1.0, 0.0)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes2 = tl.load(slopes_ptr + heads, mask=g_mask, other=0.0) * 1.4426950408889634
+    else:
+        slopes2 = m_i  # unused
+    q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM_PAD], dtype=tl.float32)
     block_table = block_tables_ptr + seq64 * stride_bt
     head_off = kv_head * stride_ch
     for tile in range(tile_start, tile_end):
         pos = tile * TILE_N + offs_n
-        valid = pos < seq_len
+        valid = (pos < seq_len) & (pos >= key_lo)
         block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+        kv_off = tok_off[:, None] + offs_d[None, :]
         # K/V are streamed once: evict them first so they do not push block tables and q out of L2.
-        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0,
-                    eviction_policy=EVICTION)
-        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0,
-                    eviction_policy=EVICTION)
+        k = load_tile(k_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
+        v = load_tile(v_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if USE_SOFTCAP or USE_ALIBI:
+            s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
+            scale = 1.0
+        else:
+            scale = qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
+        p = tl.exp2(s * scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -114,10 +148,11 @@ def _paged_decode_kernel(
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
         tl.store(out_ptr + seq64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_ok[None, :])
     else:
         part = (seq64 * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=g_mask[:, None] & d_ok[None, :])
         tl.store(part_m_ptr + part, m_i, mask=g_mask)
         tl.store(part_l_ptr + part, l_i, mask=g_mask)
 
@@ -132,20 +167,22 @@ def _reduce_splits_kernel(
     stride_oh,
     num_heads,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
     part = (seq * num_heads + head) * NUM_SPLITS + offs_s
     m = tl.load(part_m_ptr + part)
     l = tl.load(part_l_ptr + part)
-    m_max = tl.max(m, 0)  # finite: the first split always holds token 0
+    m_max = tl.max(m, 0)  # finite: the first split always holds the window's (or context's) first token
     w = tl.exp2(m - m_max)  # empty splits have m = -inf, so weight 0
-    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :])
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _interpreting() -> bool:
@@ -198,16 +235,23 @@ def paged_decode(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q[i] (sequence i's newest token) over the first seq_lens[i] cached tokens.
 
     q [num_seqs, num_heads, head_dim]; kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim];
     block_tables int32 [num_seqs, max_blocks]; seq_lens int32 [num_seqs], each >= 1.
     num_splits None picks one from the sequence count, KV heads, max_seq_len and the SM count.
+    sliding_window, logit_softcap, alibi_slopes, sinks: as in AttentionParams (docs/attention-seam.md);
+    with a window, block-table entries of blocks wholly before it are never read.
     Returns out [num_seqs, num_heads, head_dim] in q's dtype.
     """
     num_seqs, num_heads, head_dim = q.shape
     check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, "num_seqs")
+    variants = kernel_variants(scale, num_heads, q.device, sliding_window, logit_softcap, alibi_slopes, sinks)
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if out is None:
         out = torch.empty_like(q)
@@ -216,6 +260,8 @@ def paged_decode(
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
+        if sliding_window is not None:
+            max_seq_len = min(max_seq_len, sliding_window)  # the keys a query actually reads
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1; got {num_splits}")
@@ -232,13 +278,14 @@ def paged_decode(
     grid = (num_kv_heads, num_seqs, num_splits) if heads_fastest else (num_seqs, num_kv_heads, num_splits)
     _paged_decode_kernel[grid](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
-        scale * math.log2(math.e),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        num_heads,
+        stride_qs=q.stride(0), stride_qh=q.stride(1), stride_os=out.stride(0), stride_oh=out.stride(1),
+        stride_bt=block_tables.stride(0),
+        stride_cb=key_cache.stride(0), stride_cs=key_cache.stride(1), stride_ch=key_cache.stride(2),
+        num_heads=num_heads,
         QUERIES_PER_KV=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
         TILE_N=cfg["TILE_N"],
         NUM_SPLITS=num_splits,
@@ -247,11 +294,13 @@ def paged_decode(
         HEADS_FASTEST=heads_fastest,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **variants.launch_args(seq_lens),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4 if head_dim * num_splits >= 2048 else 2,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
+            num_warps=4 if head_dim * num_splits >= 2048 else 2,
         )
     return out
 

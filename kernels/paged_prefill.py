@@ -19,7 +19,6 @@ programs of a sequence exit at once.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_checks import check_paged_inputs
+from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
 
 @triton.jit
@@ -44,35 +44,50 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, start, seq_len, q_pos,
-                 qk_scale, stride_cb, stride_cs, offs_n, offs_d,
-                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, start, seq_len, key_lo,
+                 q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, stride_cb, stride_cs, offs_n, offs_d,
+                 d_ok, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, D_MASKED: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     pos = start + offs_n
     if MASKED:
-        valid = pos < seq_len
+        # Keys before key_lo (before every row's window) are never loaded: their blocks may be freed.
+        valid = (pos < seq_len) & (pos >= key_lo)
         block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     else:
+        valid = pos < seq_len  # unused
         block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
     tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-    if MASKED:
-        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    kv_off = tok_off[:, None] + offs_d[None, :]
+    k = load_tile(k_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED)
+    v = load_tile(v_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if USE_SOFTCAP or USE_ALIBI:
+        s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
+        scale = 1.0
     else:
-        k = tl.load(k_cache_ptr + tok_off[:, None] + offs_d[None, :])
-        v = tl.load(v_cache_ptr + tok_off[:, None] + offs_d[None, :])
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw logits; the scale rides in the exp2's FMA
+        scale = qk_scale  # raw logits; the scale rides in the exp2's FMA
     if MASKED:
-        s = tl.where((pos[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
+        keep = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
+        if USE_WINDOW:
+            keep &= pos[None, :] > q_pos[:, None] - window
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+    if USE_WINDOW:
+        # A row whose window starts after this whole tile has seen no key yet: keep it at -inf
+        # without computing exp2(-inf - -inf).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new  # key 0 is in every row's first tile
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s * scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 # num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window"])
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
@@ -81,7 +96,12 @@ def _paged_prefill_kernel(
     seq_lens_ptr,  # int32 [num_seqs]: context length including the new tokens
     query_start_loc_ptr,  # int32 [num_seqs + 1]
     out_ptr,  # [num_tokens, num_heads, head_dim]
+    slopes_ptr,  # fp32 [num_heads]: ALiBi slopes (read if USE_ALIBI)
+    sinks_ptr,  # fp32 [num_heads]: sink logits (read if USE_SINKS)
     qk_scale,  # softmax scale * log2(e)
+    softcap_in,  # scale / softcap
+    softcap_out2,  # softcap * log2(e)
+    window,  # sliding window (keys p - window + 1 ... p), if USE_WINDOW
     stride_qt,
     stride_qh,
     stride_ot,
@@ -96,7 +116,12 @@ def _paged_prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # next power of two (>= 16); the extra columns are masked
     BLOCK_SIZE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -110,39 +135,70 @@ def _paged_prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
 
+    D_MASKED: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
     q_idx = q_tile * BLOCK_Q + offs_m // QUERIES_PER_KV  # token within the chunk
     heads = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
     row_valid = (offs_m < BLOCK_Q * QUERIES_PER_KV) & (q_idx < q_len)
     q_pos = ctx_len + q_idx
     q_rows = (q_start + q_idx).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None], other=0.0)
+    q = load_tile(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                  row_valid, d_ok, True, D_MASKED)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if USE_SINKS:
+        # The sink is a key with logit sinks[h] and no value: start the running max and sum from it.
+        m_i = tl.load(sinks_ptr + heads, mask=row_valid, other=float("-inf")) * 1.4426950408889634
+        l_i = tl.where(row_valid, 1.0, 0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes2 = tl.load(slopes_ptr + heads, mask=row_valid, other=0.0) * 1.4426950408889634
+    else:
+        slopes2 = m_i  # unused
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_off = kv_head * stride_ch
 
     first_pos = ctx_len + q_tile * BLOCK_Q
     last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
-    num_full = (first_pos + 1) // BLOCK_N  # tiles every row sees whole
+    num_full = (first_pos + 1) // BLOCK_N  # tiles wholly at or before the first row: no causal mask
     num_tiles = last_pos // BLOCK_N + 1
-    for t in range(0, num_full):
+    if USE_WINDOW:
+        # Tiles wholly before the first row's window are skipped; tiles wholly inside the last row's
+        # window (and before the first row) need no mask; the window's leading edge is masked.
+        key_lo = tl.maximum(first_pos - window + 1, 0)
+        lo_tile = key_lo // BLOCK_N
+        free_lo = tl.minimum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N), num_full)
+    else:
+        key_lo = 0
+        lo_tile = 0
+        free_lo = 0
+    for t in range(lo_tile, free_lo):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
-                                     t * BLOCK_N, seq_len, q_pos, qk_scale, stride_cb, stride_cs, offs_n, offs_d,
-                                     BLOCK_SIZE, False, DOT_PRECISION)
+                                     t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
+                                     softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
+    for t in range(free_lo, num_full):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                     t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
+                                     softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, False,
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
     for t in range(num_full, num_tiles):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
-                                     t * BLOCK_N, seq_len, q_pos, qk_scale, stride_cb, stride_cs, offs_n, offs_d,
-                                     BLOCK_SIZE, True, DOT_PRECISION)
+                                     t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
+                                     softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    if D_MASKED:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def _interpreting() -> bool:
@@ -169,6 +225,10 @@ def paged_prefill(
     scale: float,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached tokens up to itself.
 
@@ -176,6 +236,9 @@ def paged_prefill(
     kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim] already holding these tokens' K/V;
     block_tables int32 [num_seqs, max_blocks]; seq_lens int32 [num_seqs]; query_start_loc int32
     [num_seqs + 1]. Rows after query_start_loc[-1] (padding) are left unwritten.
+    sliding_window, logit_softcap, alibi_slopes, sinks: as in AttentionParams (docs/attention-seam.md);
+    with a window, block-table entries of blocks wholly before the window of the sequence's first new
+    token are never read.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -184,6 +247,7 @@ def paged_prefill(
     if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
         raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
                          f"{tuple(query_start_loc.shape)}")
+    variants = kernel_variants(scale, num_heads, q.device, sliding_window, logit_softcap, alibi_slopes, sinks)
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if out is None:
         out = torch.empty_like(q)
@@ -197,19 +261,21 @@ def paged_prefill(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * math.log2(math.e),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        num_seqs,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_bt=block_tables.stride(0),
+        stride_cb=key_cache.stride(0), stride_cs=key_cache.stride(1), stride_ch=key_cache.stride(2),
+        num_seqs=num_seqs,
         QUERIES_PER_KV=group,
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **variants.launch_args(seq_lens),
     )
     return out
 

@@ -24,6 +24,7 @@ def _reshape_and_cache_kernel(
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # next power of two; the extra columns are masked
     BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -34,8 +35,8 @@ def _reshape_and_cache_kernel(
     offset = slot % BLOCK_SIZE
 
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask = (offs_h < num_kv_heads)[:, None]
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
     tok = token.to(tl.int64)
 
     k = tl.load(key_ptr + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
@@ -58,7 +59,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         num_kv_heads,
-        BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim,
+        BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )
@@ -78,8 +79,6 @@ def _check(key, value, kv_cache, slot_mapping):
         raise ValueError(f"dtype mismatch: key {key.dtype}, value {value.dtype}, cache {kv_cache.dtype}")
     if key.stride(2) != 1 or value.stride(2) != 1:
         raise ValueError("key/value must be contiguous in head_dim")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two; got {head_dim}")
     if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (num_tokens,):
         raise ValueError(f"slot_mapping must be int64 [{num_tokens}]; "
                          f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")

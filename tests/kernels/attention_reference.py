@@ -40,11 +40,13 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 def make_variant_batch(steps: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
                        block_size: int, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                       sliding_window: int | None = None, num_padding_tokens: int = 0) -> VariantBatch:
+                       sliding_window: int | None = None, num_padding_tokens: int = 0,
+                       new_in_cache: bool = False) -> VariantBatch:
     """steps: (seq_len, query_len) per sequence. Block tables are a random permutation of the pool;
     unused pool blocks hold random K/V. With sliding_window, the table entries of blocks wholly before
     every new token's window point at a NaN-filled block, as if the block manager had freed them and
-    the block had been reused: a backend that reads them fails."""
+    the block had been reused: a backend that reads them fails. The new tokens' slots hold NaN (the
+    backend must write them) unless new_in_cache (for calling a kernel directly)."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = [s for s, _ in steps]
     query_lens = [q for _, q in steps]
@@ -78,7 +80,8 @@ def make_variant_batch(steps: list[tuple[int, int]], num_heads: int, num_kv_head
     v = torch.cat([dv[n - ql:] for dv, (n, ql) in zip(dense_v, steps)]).to(dtype)
     pad = torch.randn(num_padding_tokens, num_kv_heads, head_dim, generator=g).to(dtype)
     k, v = torch.cat([k, pad]), torch.cat([v, pad])
-    kv_cache.view(2, -1, num_kv_heads, head_dim)[:, new] = float("nan")
+    if not new_in_cache:
+        kv_cache.view(2, -1, num_kv_heads, head_dim)[:, new] = float("nan")
     num_tokens = slot_mapping.numel()
     q = torch.randn(num_tokens, num_heads, head_dim, generator=g).to(dtype)
     starts = [0]

@@ -23,18 +23,18 @@ class TritonAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
                 params: AttentionParams) -> torch.Tensor:
-        if params.sliding_window or params.logit_softcap or params.alibi_slopes is not None or params.sinks is not None:
-            raise NotImplementedError("triton attention backend: sliding window, soft-cap, ALiBi and sinks are not implemented yet")
-        scale = params.scale
+        variants = dict(sliding_window=params.sliding_window, logit_softcap=params.logit_softcap,
+                        alibi_slopes=params.alibi_slopes, sinks=params.sinks)
         reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
         num_seqs = len(meta.seq_lens_cpu)
         num_real = sum(meta.query_lens_cpu)
         out = torch.empty_like(q)
         if meta.max_query_len == 1:
-            paged_decode(q[:num_seqs], kv_cache, meta.block_tables, meta.seq_lens, scale,
-                         max_seq_len=meta.max_seq_len, out=out[:num_seqs])
+            paged_decode(q[:num_seqs], kv_cache, meta.block_tables, meta.seq_lens, params.scale,
+                         max_seq_len=meta.max_seq_len, out=out[:num_seqs], **variants)
         else:
-            paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale, out=out)
+            paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, params.scale,
+                          out=out, **variants)
         if num_real < q.shape[0]:
             out[num_real:].zero_()  # padding rows (e.g. a CUDA-graph batch rounded up)
         return out
