@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable, quote
+from services.common.request_limits import RequestLimits
 from services.router.clients import EngineClient, Registry, TokenizerClient
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, ModelInfo, Usage
 from services.router.request_stream import RequestStream, Route, RouterStats, encode_prompt
@@ -26,8 +27,9 @@ class RouterCore:
     """Routing and streaming, independent of the transport. Create, `await start()`, use, `await close()`."""
 
     def __init__(self, registry: Registry, engines: EngineClient, tokenizers: list[TokenizerClient],
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, limits: RequestLimits | None = None):
         self.registry = registry
+        self.limits = limits or RequestLimits()
         self.engines = engines
         self.tokenizers = tokenizers
         self.by_model: dict[str, TokenizerClient] = {}
@@ -36,13 +38,13 @@ class RouterCore:
 
     @classmethod
     def over_grpc(cls, redis, tokenizer_addresses: list[str], stale_ms: int = 1500, reservation_ttl_ms: int = 10_000,
-                  suspect_s: float = 2.0, max_attempts: int = 3) -> RouterCore:
+                  suspect_s: float = 2.0, max_attempts: int = 3, limits: RequestLimits | None = None) -> RouterCore:
         """The router's core over Redis (the registry) and gRPC (engines, tokenizer services)."""
         from services.router.grpc_clients import GrpcEngineClient, GrpcTokenizerClient
         from services.router.registry_client import RegistryClient
 
         return cls(RegistryClient(redis, stale_ms, reservation_ttl_ms, suspect_s), GrpcEngineClient(),
-                   [GrpcTokenizerClient(a) for a in tokenizer_addresses], max_attempts)
+                   [GrpcTokenizerClient(a) for a in tokenizer_addresses], max_attempts, limits)
 
     async def start(self, tokenizer_wait_s: float = 60.0) -> None:
         await self.registry.refresh()
@@ -89,6 +91,31 @@ class RouterCore:
         """The context limit of the model's live engines (None: no live engine)."""
         return next((m.max_model_len for m in self.list_models() if m.id == model), None)
 
+    def check_context(self, model: str, prompt_len: int, max_tokens: int | None, what: str = "prompt") -> None:
+        """The prompt (and prompt + max_tokens) against the model's context limit, worded as vLLM does."""
+        limit = self.max_model_len(model)
+        if limit is None:
+            raise Unavailable(f"no live engine serves {model!r}")
+        if prompt_len >= limit:
+            raise InvalidArgument(f"{what}: This model's maximum context length is {limit} tokens. However, your "
+                                  f"request has {prompt_len} input tokens. Please reduce the length of the input.")
+        if max_tokens is not None and prompt_len + max_tokens > limit:
+            raise InvalidArgument(f"max_tokens: This model's maximum context length is {limit} tokens. However, you "
+                                  f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {what}, "
+                                  f"{max_tokens} in the completion). Please reduce the length of the {what} or "
+                                  "completion.")
+
+    def check_limits(self, inp: GenerateInput, model: str) -> None:
+        """The request's sizes against `limits` (services/common/request_limits.py), before any work is done."""
+        lim = self.limits
+        lim.check_params(inp.params)
+        lim.check_choices(inp.params.n, 1)
+        lim.check_count("messages", inp.messages, "max_messages")
+        limit = self.max_model_len(model)
+        lim.check_max_tokens(inp.params.max_tokens, limit)
+        if inp.prompt_token_ids is not None and limit is not None:  # (no live engine: choosing one says so)
+            self.check_context(model, len(inp.prompt_token_ids), inp.params.max_tokens, "prompt_token_ids")
+
     # --- tokens and text --------------------------------------------------------------------------
     async def encode(self, inp: GenerateInput, timeout_s: float | None = None) -> tuple[str, list[int]]:
         """Resolve the model and tokenize the input (prompt, messages or ids) as `generate` would; lets a caller
@@ -116,6 +143,7 @@ class RouterCore:
         self.counters.in_flight += 1
         try:
             model = self.resolve_model(inp.model)
+            self.check_limits(inp, model)
             route = Route(self.registry, self.engines, self.by_model.get(model), self.counters, self.max_attempts)
             async for chunk in RequestStream(route, inp, model, deadline).run():
                 yield chunk

@@ -14,6 +14,7 @@ from services.common import config as cfg, telemetry
 from services.common.auth import ApiKeyInterceptor
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
+from services.common.request_limits import RequestLimits
 from services.common.server import GrpcServer, configure_logging
 from services.router.core import GenerateInput, RouterCore
 from services.router.metrics import RouterMetrics
@@ -46,10 +47,17 @@ class RouterConfig:
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
     """Logging level."""
+    limits: RequestLimits = field(default_factory=RequestLimits, init=False)
+    # Request-size limits: their flags are RequestLimits' fields (services/common/request_limits.py).
 
 
-def request_from_pb(r: pb.GenerateRequest, timeout_s: float | None) -> GenerateInput:
+def request_from_pb(r: pb.GenerateRequest, timeout_s: float | None,
+                    limits: RequestLimits | None = None) -> GenerateInput:
+    limits = limits or RequestLimits()
     which = r.WhichOneof("prompt")
+    if which == "chat":  # counted before anything is built per message
+        limits.check_count("messages", r.chat.messages, "max_messages")
+    limits.check_n(r.params.n if r.params.HasField("n") else 1)
     inp = GenerateInput(params=params_from_pb(r.params), model=r.model or None, request_id=r.request_id or None,
                         add_generation_prompt=r.add_generation_prompt if r.HasField("add_generation_prompt") else True,
                         add_special_tokens=r.add_special_tokens if r.HasField("add_special_tokens") else True,
@@ -73,7 +81,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.metrics = metrics
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        inp = request_from_pb(request, context.time_remaining())
+        inp = request_from_pb(request, context.time_remaining(), self.core.limits)
         chunks = self.core.generate(inp)
         if self.metrics is not None:
             chunks = self.metrics.track(chunks)
@@ -170,7 +178,8 @@ async def serve(c: RouterConfig) -> None:
     auth = [ApiKeyInterceptor(c.api_key)] if c.api_key else []
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port, interceptors=auth)
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
-    core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts)
+    core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
+                                limits=c.limits)
     metrics = RouterMetrics(core)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None
@@ -194,11 +203,15 @@ async def serve(c: RouterConfig) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
     cfg.add_args(parser, RouterConfig, defaults={"redis_url": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")})
+    cfg.add_args(parser.add_argument_group("request limits (before any work is done; docs/reliability.md)"),
+                 RequestLimits)
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> RouterConfig:
-    c = cfg.from_args(RouterConfig, build_parser().parse_args(argv))
+    ns = build_parser().parse_args(argv)
+    c = cfg.from_args(RouterConfig, ns)
+    c.limits = cfg.from_args(RequestLimits, ns)
     c.api_key = c.api_key or os.environ.get("FOLIO_API_KEY") or None  # not a flag default: --help must not print it
     c.tokenizer = c.tokenizer or []
     return c

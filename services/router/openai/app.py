@@ -53,6 +53,38 @@ class ApiKeyAndCount:
         await self.app(scope, receive, counting_send)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body larger than `max_bytes` is refused with 413 before it is parsed
+    (at once from Content-Length; for a chunked body, as soon as the bytes read pass the limit)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return (f"request body: larger than this server allows ({self.max_bytes} bytes; "
+                "the router's --max-body-bytes raises it)")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await error_response(413, self._message(), "body")(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI passes an HTTPException from reading the body on as is
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def model_card(m: ModelInfo, created: int) -> dict:
     return {"id": m.id, "object": "model", "created": created, "owned_by": "folio", "root": m.id, "parent": None,
             "max_model_len": m.max_model_len, "permission": []}
@@ -95,7 +127,8 @@ def build_app(core: RouterCore, api_key: str | None = None, metrics: RouterMetri
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         return await _guarded(chat.create, body, raw)
 
-    app.add_middleware(ApiKeyAndCount, api_key=api_key, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=core.limits.max_body_bytes)
+    app.add_middleware(ApiKeyAndCount, api_key=api_key, metrics=metrics)  # outermost: counts the 413s too
     return app
 
 

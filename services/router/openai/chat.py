@@ -20,7 +20,7 @@ from services.router.openai.errors import from_exception
 from services.router.openai.logprobs import chat_logprobs
 from services.router.openai.protocol import ChatCompletionRequest
 from services.router.openai.run import Run, cancel_on_disconnect
-from services.router.openai.serving import Collected, check_context, sampling_params, sse, stop_reason, usage
+from services.router.openai.serving import Collected, sampling_params, sse, stop_reason, usage
 
 
 class ChatCompletions:
@@ -42,6 +42,14 @@ class ChatCompletions:
         """Validate, build the params, render and tokenize the messages, check the context limit."""
         if not req.messages:
             raise InvalidArgument("messages: at least one message is required")
+        limits = self.core.limits  # sizes first: nothing below is built per choice or per message before this
+        limits.check_n(req.n)
+        limits.check_logprobs(req.top_logprobs, "top_logprobs")
+        limits.check_stop(req.stop)
+        limits.check_count("messages", req.messages, "max_messages")
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list):
+                limits.check_count(f"messages[{i}].content", m.content, "max_content_parts")
         if req.tools and req.tool_choice not in (None, "none"):
             raise InvalidArgument("tools: tool calling is not supported")
         if req.response_format and req.response_format.get("type") not in (None, "text"):
@@ -50,9 +58,12 @@ class ChatCompletions:
             raise InvalidArgument("top_logprobs: requires logprobs to be true")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        limits.check_params(params, logprobs_field="top_logprobs")
+        limits.check_max_tokens(max_tokens, self.core.max_model_len(self.core.resolve_model(req.model)),
+                                "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         model, ids = await self.core.encode(GenerateInput(params=params, model=req.model, messages=_messages(req),
                                                           add_generation_prompt=req.add_generation_prompt))
-        check_context(self.core, model, len(ids), max_tokens, "messages")
+        self.core.check_context(model, len(ids), max_tokens, "messages")
         return _Chat(self.core, req, params, model, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ids)
 
 

@@ -21,7 +21,7 @@ from services.router.openai.errors import from_exception
 from services.router.openai.logprobs import completion_logprobs
 from services.router.openai.protocol import CompletionRequest
 from services.router.openai.run import Run, cancel_on_disconnect
-from services.router.openai.serving import Collected, check_context, sampling_params, sse, stop_reason, usage
+from services.router.openai.serving import Collected, sampling_params, sse, stop_reason, usage
 
 
 class Completions:
@@ -43,19 +43,27 @@ class Completions:
         """Validate, build the params, tokenize each prompt and check it against the context limit."""
         if req.suffix is not None:
             raise InvalidArgument("suffix: not supported")
+        limits = self.core.limits  # sizes first: nothing below is built per choice or per prompt before this
+        limits.check_n(req.n)
+        limits.check_n(req.best_of, "best_of")
+        limits.check_logprobs(req.logprobs, "logprobs")
+        limits.check_stop(req.stop)
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidArgument(f"best_of: only best_of == n is supported (got best_of={req.best_of}, n={req.n})")
         prompts = req.prompt
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        limits.check_choices(req.n, len(prompts))
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidArgument("prompt: must not be empty")
         echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
         params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=echo_lp)
+        limits.check_params(params)
         model = self.core.resolve_model(req.model)
+        limits.check_max_tokens(params.max_tokens, self.core.max_model_len(model))
         encoded = await asyncio.gather(*[self._encode(model, p, params, req.add_special_tokens) for p in prompts])
         for ids in encoded:
-            check_context(self.core, model, len(ids), params.max_tokens, "prompt")
+            self.core.check_context(model, len(ids), params.max_tokens, "prompt")
         echo_texts = None
         if req.echo:
             echo_texts = [p if isinstance(p, str) else await self.core.decode(model, ids, skip_special_tokens=False)

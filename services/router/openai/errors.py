@@ -12,7 +12,7 @@ from services.router.openai.protocol import FIELDS
 
 log = logging.getLogger("folio.router.http")
 
-_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLargeError",
                 429: "RateLimitError", 499: "ClientClosedRequest", 500: "InternalServerError",
                 503: "ServiceUnavailableError", 504: "TimeoutError"}
 

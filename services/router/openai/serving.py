@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import InvalidArgument
 from services.common.outputs import Logprob
 from services.common.sampling_params import SamplingParams
 from services.router.core import Chunk, RouterCore
@@ -27,21 +27,6 @@ def sampling_params(r: GenerationRequest, max_tokens: int | None, logprobs: int 
         max_tokens=max_tokens, min_tokens=r.min_tokens, stop=r.stop, stop_token_ids=r.stop_token_ids,
         ignore_eos=r.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         skip_special_tokens=r.skip_special_tokens, include_stop_str_in_output=r.include_stop_str_in_output)
-
-
-def check_context(core: RouterCore, model: str, prompt_len: int, max_tokens: int | None, what: str) -> None:
-    """The prompt (and prompt + max_tokens) against the model's context limit, worded as vLLM does."""
-    limit = core.max_model_len(model)
-    if limit is None:
-        raise Unavailable(f"no live engine serves {model!r}")
-    if prompt_len >= limit:
-        raise InvalidArgument(f"{what}: This model's maximum context length is {limit} tokens. However, your "
-                              f"request has {prompt_len} input tokens. Please reduce the length of the input.")
-    if max_tokens is not None and prompt_len + max_tokens > limit:
-        raise InvalidArgument(f"max_tokens: This model's maximum context length is {limit} tokens. However, you "
-                              f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {what}, "
-                              f"{max_tokens} in the completion). Please reduce the length of the {what} or "
-                              "completion.")
 
 
 def stop_reason(params: SamplingParams, reason: str | int | None) -> str | int | None:
