@@ -8,7 +8,7 @@ import json
 from services.common.errors import InvalidArgument
 from services.common.outputs import Logprob
 from services.common.sampling_params import SamplingParams
-from services.router.core import Chunk, RouterCore
+from services.router.core import Chunk
 from services.router.openai.protocol import GenerationRequest
 from services.router.openai.run import Run
 
