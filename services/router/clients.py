@@ -68,6 +68,9 @@ class EngineCall(Protocol):
     def cancel(self) -> None:
         """End the call (no-op once it finished); the engine aborts the request and frees its blocks."""
 
+    def fail(self, error: FolioError) -> None:
+        """End the call as failed with `error` (the engine hung): `messages()` raises EngineFailed(error)."""
+
 
 class EngineClient(Protocol):
     def generate(self, address: str, request: EngineRequest, timeout_s: float | None) -> EngineCall: ...

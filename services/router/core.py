@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable, quote
 from services.common.request_limits import RequestLimits
 from services.router.clients import EngineClient, Registry, TokenizerClient
+from services.router.engine_watch import EngineWatch
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, ModelInfo, Usage
 from services.router.request_stream import RequestStream, Route, RouterStats, encode_prompt
 
@@ -27,8 +28,9 @@ class RouterCore:
     """Routing and streaming, independent of the transport. Create, `await start()`, use, `await close()`."""
 
     def __init__(self, registry: Registry, engines: EngineClient, tokenizers: list[TokenizerClient],
-                 max_attempts: int = 3, limits: RequestLimits | None = None):
+                 max_attempts: int = 3, limits: RequestLimits | None = None, watch: EngineWatch | None = None):
         self.registry = registry
+        self.watch = watch or EngineWatch(registry)
         self.limits = limits or RequestLimits()
         self.engines = engines
         self.tokenizers = tokenizers
@@ -38,23 +40,27 @@ class RouterCore:
 
     @classmethod
     def over_grpc(cls, redis, tokenizer_addresses: list[str], stale_ms: int = 1500, reservation_ttl_ms: int = 10_000,
-                  suspect_s: float = 2.0, max_attempts: int = 3, limits: RequestLimits | None = None) -> RouterCore:
+                  suspect_s: float = 2.0, max_attempts: int = 3, limits: RequestLimits | None = None,
+                  hung_after_s: float = 4.0, first_step_s: float = 120.0) -> RouterCore:
         """The router's core over Redis (the registry) and gRPC (engines, tokenizer services)."""
         from services.router.grpc_clients import GrpcEngineClient, GrpcTokenizerClient
         from services.router.registry_client import RegistryClient
 
-        return cls(RegistryClient(redis, stale_ms, reservation_ttl_ms, suspect_s), GrpcEngineClient(),
-                   [GrpcTokenizerClient(a) for a in tokenizer_addresses], max_attempts, limits)
+        registry = RegistryClient(redis, stale_ms, reservation_ttl_ms, suspect_s)
+        return cls(registry, GrpcEngineClient(), [GrpcTokenizerClient(a) for a in tokenizer_addresses], max_attempts,
+                   limits, EngineWatch(registry, hung_after_s, first_step_s))
 
     async def start(self, tokenizer_wait_s: float = 60.0) -> None:
         await self.registry.refresh()
         self.registry.start()
+        self.watch.start()
         for t in self.tokenizers:
             await t.start(tokenizer_wait_s)
             self.by_model[t.model] = t
             log.info("tokenizer %s serves %s", t.address, t.model)
 
     async def close(self) -> None:
+        await self.watch.close()
         await self.registry.close()
         for t in self.tokenizers:
             await t.close()
@@ -144,7 +150,8 @@ class RouterCore:
         try:
             model = self.resolve_model(inp.model)
             self.check_limits(inp, model)
-            route = Route(self.registry, self.engines, self.by_model.get(model), self.counters, self.max_attempts)
+            route = Route(self.registry, self.engines, self.by_model.get(model), self.counters, self.max_attempts,
+                          self.watch)
             async for chunk in RequestStream(route, inp, model, deadline).run():
                 yield chunk
         finally:

@@ -46,18 +46,32 @@ class GrpcEngineClient:
 class GrpcEngineCall:
     def __init__(self, call):
         self._call = call
+        self._failed: FolioError | None = None
 
     async def messages(self) -> AsyncIterator[EngineMessage]:
         try:
             async for msg in self._call:
                 yield message_from_pb(msg)
         except grpc.aio.AioRpcError as e:
+            if self._failed is not None:
+                raise EngineFailed(self._failed) from None
             if e.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
                 raise from_rpc_error(e) from None  # we ended it: not the engine's failure
             raise EngineFailed(from_rpc_error(e)) from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError in the reader when the call is cancelled; when `fail` did that
+            # (and nobody is cancelling this task), it is the engine's failure.
+            if self._failed is not None and not asyncio.current_task().cancelling():
+                raise EngineFailed(self._failed) from None
+            raise
 
     def cancel(self) -> None:
         self._call.cancel()
+
+    def fail(self, error: FolioError) -> None:
+        if not self._call.done():
+            self._failed = error
+            self._call.cancel()
 
 
 def message_from_pb(msg: engine_pb2.EngineGenerateResponse) -> EngineMessage:

@@ -27,6 +27,7 @@ from services.router.clients import (
     Detokenizer, EngineCall, EngineChoice, EngineClient, EngineFailed, EngineMessage, EngineRequest, Registry,
     SequenceUpdate, TokenizerClient,
 )
+from services.router.engine_watch import EngineWatch
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, Usage
 
 log = logging.getLogger("folio.router")
@@ -52,6 +53,8 @@ class Route:
     tokenizer: TokenizerClient | None
     stats: RouterStats
     max_attempts: int
+    watch: EngineWatch | None = None
+    """Hung-engine detection (services/router/engine_watch.py): told of calls and their progress."""
 
 
 class SequenceOutput:
@@ -141,11 +144,16 @@ class RequestStream:
 
     async def _attempts(self) -> AsyncIterator[Chunk]:
         """Engine after engine until the request completes (or `_engine_failed` gives up)."""
+        watch = self.route.watch
         while not self.completed:
             call = await self._call_engine()
+            engine_id = self.engine.engine_id
+            untrack = watch.track(engine_id, call.fail) if watch is not None else None
             try:
                 async with aclosing(call.messages()) as messages:
                     async for msg in messages:
+                        if watch is not None:
+                            watch.progress(engine_id)
                         chunk = await self._consume(msg)
                         if chunk.worth_sending():
                             self.sent_first = True
@@ -158,6 +166,8 @@ class RequestStream:
             except EngineFailed as f:
                 await self._engine_failed(f.error)
             finally:
+                if untrack is not None:
+                    untrack()
                 call.cancel()  # no-op when finished; aborts the engine request otherwise
 
     # --- choose an engine -------------------------------------------------------------------------
@@ -169,7 +179,8 @@ class RequestStream:
         return self.route.engines.generate(self.engine.address, req, remaining(self.deadline))
 
     async def _choose(self) -> EngineChoice:
-        choice = await self.route.registry.choose(self.model, self.rid, self._blocks_needed(), self.excluded)
+        hung = self.route.watch.hung() if self.route.watch is not None else set()
+        choice = await self.route.registry.choose(self.model, self.rid, self._blocks_needed(), self.excluded | hung)
         if choice is not None:
             return choice
         if self.excluded and self.failures and all(c == "RESOURCE_EXHAUSTED" for c in self.failures):

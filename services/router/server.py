@@ -38,6 +38,11 @@ class RouterConfig:
     """A block reservation the engine never confirms is dropped after this."""
     max_attempts: int = 3
     """Engines tried per request (failures before the first token, failovers after)."""
+    hung_after_s: float = 4.0
+    """An engine with work whose step counter has not moved (and that sent nothing) for this long is hung:
+    it is not chosen and its streams move to other engines (docs/reliability.md)."""
+    first_step_s: float = 120.0
+    """The same allowance while an engine has not yet completed its first step (compile, warm-up)."""
     http_port: int | None = None
     """Also serve the OpenAI-compatible HTTP API on this port (services.router.openai)."""
     api_key: str | None = None
@@ -179,7 +184,7 @@ async def serve(c: RouterConfig) -> None:
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port, interceptors=auth)
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
-                                limits=c.limits)
+                                limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s)
     metrics = RouterMetrics(core)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None

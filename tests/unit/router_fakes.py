@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from services.common.errors import FolioError, ResourceExhausted, Unavailable
 from services.router.clients import EngineFailed, EngineMessage, EngineRequest, SequenceUpdate
 from services.router.core import RouterCore
+from services.router.engine_watch import EngineWatch
 
 MODEL = "fake-model"
 EOS_ID = ord("|")
@@ -29,6 +30,8 @@ class FakeEngine:
     """Emit EOS_ID as this step's token and finish with "stop" (as an engine does on EOS)."""
     delay_s: float = 0.0
     """Pause before each token (a slow engine, to cancel in the middle)."""
+    hang_after: int | None = None
+    """Stop sending (a frozen engine) after this many tokens per sequence, until the call is failed."""
     calls: list[FakeEngineCall] = field(default_factory=list)
 
 
@@ -45,6 +48,8 @@ class FakeEngineCall:
         self.cancelled = False
         self.finished = False
         self.tokens_sent = 0
+        self.failed_with: FolioError | None = None
+        self._ended = asyncio.Event()
 
     async def messages(self):
         p = self.request.params
@@ -56,6 +61,9 @@ class FakeEngineCall:
         for step in range(budget):
             if self.engine.fail_after is not None and step >= self.engine.fail_after:
                 raise EngineFailed(self.engine.error("fake engine failure"))
+            if self.engine.hang_after is not None and step >= self.engine.hang_after:
+                await self._ended.wait()  # frozen until the router fails (or cancels) the call
+                raise EngineFailed(self.failed_with) if self.failed_with else asyncio.CancelledError()
             await asyncio.sleep(self.engine.delay_s)
             ups = []
             for i in range(p.n):
@@ -74,6 +82,12 @@ class FakeEngineCall:
     def cancel(self) -> None:
         if not self.finished:
             self.cancelled = True
+            self._ended.set()
+
+    def fail(self, error: FolioError) -> None:
+        if not self.finished:
+            self.failed_with = error
+            self._ended.set()
 
 
 class FakeEngineClient:
@@ -168,6 +182,15 @@ class FakeRegistry:
         self.suspects.append(engine_id)
 
 
+async def _start_without_watch(core: RouterCore) -> None:
+    """Start the core, but not its watch task: asyncio.run's loop ends here (see `watching`)."""
+    start, core.watch.start = core.watch.start, lambda: None
+    try:
+        await core.start()
+    finally:
+        core.watch.start = start
+
+
 @dataclass
 class FakeRouter:
     core: RouterCore
@@ -176,11 +199,14 @@ class FakeRouter:
     tokenizer: FakeTokenizer
 
 
-def make_router(max_attempts: int = 3, **engines: FakeEngine) -> FakeRouter:
-    """A started RouterCore over fake engines (named by keyword, chosen in that order) and a fake tokenizer."""
+def make_router(max_attempts: int = 3, hung_after_s: float = 4.0, **engines: FakeEngine) -> FakeRouter:
+    """A RouterCore over fake engines (named by keyword, chosen in that order) and a fake tokenizer; its
+    engine watch runs (and judges fake engines, which never report steps, by `hung_after_s`) in each
+    request's event loop (`watching`)."""
     registry, tokenizer = FakeRegistry(list(engines)), FakeTokenizer()
-    core = RouterCore(registry, FakeEngineClient(engines), [tokenizer], max_attempts=max_attempts)
-    asyncio.run(core.start())
+    watch = EngineWatch(registry, hung_after_s=hung_after_s, first_step_s=hung_after_s, interval_s=0.02)
+    core = RouterCore(registry, FakeEngineClient(engines), [tokenizer], max_attempts=max_attempts, watch=watch)
+    asyncio.run(_start_without_watch(core))
     return FakeRouter(core, engines, registry, tokenizer)
 
 

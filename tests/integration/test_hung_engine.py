@@ -1,0 +1,67 @@
+"""Hung-engine detection on real processes: a SIGSTOPped engine's streams finish elsewhere, exactly, within
+10 s (not the ~60 s of the gRPC keepalive), and the engine is chosen again after SIGCONT (must-show 2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from protos.gen.folio.v1 import router_pb2
+from tests.integration.helpers import engine_stats, generate, generate_in_thread, params, start_stack, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = [f"Write a short story about a {w} who learns to fly." for w in
+           ("cat", "dog", "fish", "horse", "mouse", "whale", "snail", "goat")]
+MAX_TOKENS = 20
+
+
+def test_frozen_engine_streams_finish_elsewhere_exactly_and_it_is_routed_to_again(tmp_path_factory, offline_llm):
+    from folio import SamplingParams
+
+    stack = start_stack(tmp_path_factory, "hung", engines=2,
+                        engine_args=["--num-kv-blocks", "64", "--max-model-len", "512", "--dtype", "float32"])
+    try:
+        streams = [generate_in_thread(stack.router_address, text=p,
+                                      params=params(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+                   for p in PROMPTS]
+        wait_for(lambda: all(sum(len(v) for v in res.token_ids.values()) >= 2 for _, res in streams), timeout=120,
+                 what="every stream's first tokens")
+        first = [res.engine_ids[0] for _, res in streams]
+        victim = max(stack.engine_addresses, key=first.count)
+        on_victim = first.count(victim)
+        proc = next(p for p in stack.procs if p.address == victim)
+        os.kill(proc.popen.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            for t, _ in streams:
+                t.join(30)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(proc.popen.pid, signal.SIGCONT)
+        want = offline_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                                    use_tqdm=False)
+        for (_, res), w in zip(streams, want):
+            assert res.error is None, res.error
+            assert res.token_ids[0] == w.outputs[0].token_ids and res.text[0] == w.outputs[0].text
+        moved = [res for _, res in streams if res.engine_ids[0] == victim]
+        assert len(moved) == on_victim >= 1 and all(len(res.engine_ids) == 2 for res in moved)
+        assert took < 10.0, f"streams on the frozen engine took {took:.1f}s to finish elsewhere"
+        print(f"\n{on_victim} streams on the frozen engine finished elsewhere {took:.1f}s after SIGSTOP")
+
+        # After SIGCONT the engine shows progress again and is chosen again (it is the emptier one now).
+        t1 = time.monotonic()
+        wait_for(lambda: engine_stats(victim).running + engine_stats(victim).waiting == 0, timeout=30,
+                 what="the resumed engine to drop the aborted requests")
+
+        def routed_to_victim():
+            res = generate(stack.router_address, token_ids=router_pb2.TokenIds(ids=[1, 2, 3]),
+                           params=params(temperature=0, max_tokens=1), timeout=30)
+            return victim in res.engine_ids
+        wait_for(routed_to_victim, timeout=20, interval=0.2, what="the resumed engine to be chosen again")
+        print(f"routed to again {time.monotonic() - t1:.1f}s after SIGCONT")
+    finally:
+        stack.stop()
