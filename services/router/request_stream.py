@@ -2,15 +2,17 @@
 
 A stream: encode -> choose an engine (reserving its blocks) -> consume the engine's messages, each
 becoming one `Chunk` -> done. An engine failure is one of three transitions (`_engine_failed`):
-before the first token, retry on another engine; after tokens were streamed and n == 1, resume on
-another engine from the prompt plus the tokens so far (same text stream, so no token is lost or
-repeated); otherwise, or when the attempts run out, give up with a clear error. Each sequence's text
+before the first token, retry on another engine; after tokens were streamed, resume on another engine
+from the prompt plus the tokens so far (same text stream, so no token is lost or repeated): for n == 1
+the request itself, for n > 1 each unfinished sequence as its own n = 1 continuation (`_continue_apart`);
+when the attempts run out, give up with a clear error. Each sequence's text
 comes from its `SequenceOutput` (see there). It talks to engines, tokenizer and registry only through
 the interfaces in services/router/clients.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -67,12 +69,17 @@ class SequenceOutput:
         self.params = params
         self.detok = detok
         self.text = TextStream(params)
-        self.num_tokens = 0
+        self.token_ids: list[int] = []
+        """Generated so far: what a continuation on another engine starts from."""
         self.finished = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     async def advance(self, upd: SequenceUpdate) -> ChoiceDelta:
         reason, stop = upd.finish_reason, upd.stop_reason
-        self.num_tokens += len(upd.token_ids)
+        self.token_ids.extend(upd.token_ids)
         piece = await self.detok.add(upd.token_ids, flush=reason is not None)
         # The EOS or stop token that ended the sequence (or an abort) is not searched for stop strings.
         ended_by_engine = reason == "abort" or (reason == "stop" and not isinstance(stop, str))
@@ -105,9 +112,9 @@ class RequestStream:
         self.t0 = time.monotonic()
         self.prompt_ids: list[int] = []
         self.seqs: dict[int, SequenceOutput] = {}
-        self.generated: list[int] = []
-        """Sequence 0's tokens so far: what a resumed request continues from (n == 1)."""
         self.completion_tokens = 0
+        self.apart = False
+        """n > 1 after an engine failed mid-stream: each unfinished sequence continues on its own."""
         # engines
         self.attempts = 0
         self.engine: EngineChoice | None = None
@@ -146,6 +153,11 @@ class RequestStream:
         """Engine after engine until the request completes (or `_engine_failed` gives up)."""
         watch = self.route.watch
         while not self.completed:
+            if self.apart:
+                async with aclosing(self._continue_apart()) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
             call = await self._call_engine()
             engine_id = self.engine.engine_id
             untrack = watch.track(engine_id, call.fail) if watch is not None else None
@@ -175,30 +187,42 @@ class RequestStream:
         self.attempts += 1
         self.engine = await self._choose()
         self.announced = False
-        req = EngineRequest(self.rid, self.model, self.prompt_ids + self.generated, self._resume_params())
+        done = self.seqs[0].token_ids if 0 in self.seqs else []
+        req = EngineRequest(self.rid, self.model, self.prompt_ids + done, self._resume_params(0))
         return self.route.engines.generate(self.engine.address, req, remaining(self.deadline))
 
-    async def _choose(self) -> EngineChoice:
+    async def _choose(self, request_id: str | None = None, generated: int = 0,
+                      excluded: set[str] | None = None) -> EngineChoice:
+        excluded = self.excluded if excluded is None else excluded
         hung = self.route.watch.hung() if self.route.watch is not None else set()
-        choice = await self.route.registry.choose(self.model, self.rid, self._blocks_needed(), self.excluded | hung)
+        choice = await self.route.registry.choose(self.model, request_id or self.rid, self._blocks_needed(generated),
+                                                  excluded | hung)
         if choice is not None:
             return choice
-        if self.excluded and self.failures and all(c == "RESOURCE_EXHAUSTED" for c in self.failures):
+        if excluded and self.failures and all(c == "RESOURCE_EXHAUSTED" for c in self.failures):
             raise ResourceExhausted(f"the waiting queue of every engine serving {self.model!r} is full; retry later")
-        if self.excluded:
-            raise Unavailable(f"no other live engine serves {self.model!r} (tried {len(self.excluded)})")
+        if excluded:
+            raise Unavailable(f"no other live engine serves {self.model!r} (tried {len(excluded)})")
         raise Unavailable(f"no live engine serves {self.model!r}")
 
-    def _blocks_needed(self) -> int:
+    def _blocks_needed(self, generated: int = 0) -> int:
         bs = next((e.load.block_size for e in self.route.registry.view if e.model == self.model), 16)
-        return -(-(len(self.prompt_ids) + len(self.generated) + 1) // bs)
+        if not generated and 0 in self.seqs:
+            generated = self.seqs[0].num_tokens
+        return -(-(len(self.prompt_ids) + generated + 1) // bs)
 
-    def _resume_params(self) -> SamplingParams:
-        """Params for continuing after `generated` tokens on another engine (the same request otherwise)."""
-        p, done = self.params, len(self.generated)
-        if not done:
+    def _resume_params(self, index: int) -> SamplingParams:
+        """Params for continuing sequence `index` after its tokens so far on another engine (the request's own
+        params when nothing was generated yet). A continuation has n = 1 and no prompt logprobs (they went
+        out on the first chunk); a seeded sequence continues from a seed of its own, fixed by (seed, index),
+        so a resumed request is as reproducible as the original (the generator's state cannot move)."""
+        p = self.params
+        done = self.seqs[index].num_tokens if index in self.seqs else 0
+        if not done and not self.apart:
             return p
-        return dataclasses.replace(p, max_tokens=None if p.max_tokens is None else p.max_tokens - done,
+        seed = p.seed if p.seed is None or p.n == 1 else (p.seed * 1_000_003 + index + 1) % (2**63)
+        return dataclasses.replace(p, n=1, prompt_logprobs=None, seed=seed,
+                                   max_tokens=None if p.max_tokens is None else p.max_tokens - done,
                                    min_tokens=max(0, p.min_tokens - done))
 
     # --- consume an engine message ----------------------------------------------------------------
@@ -213,15 +237,13 @@ class RequestStream:
             if seq.finished:
                 continue
             chunk.choices.append(await seq.advance(upd))
-            if upd.index == 0:
-                self.generated.extend(upd.token_ids)
             self.completion_tokens += len(upd.token_ids)
         if self.ttft is None and any(c.token_ids for c in chunk.choices):
             self.ttft = time.monotonic() - self.t0
         if self.queue_s is None:
             self.queue_s = msg.queue_s
         if msg.finished or sum(s.finished for s in self.seqs.values()) >= self.params.n:
-            self._finish(chunk, msg)
+            self._finish(chunk, msg.cached_tokens)
         return chunk
 
     def _sequence(self, index: int) -> SequenceOutput:
@@ -232,9 +254,9 @@ class RequestStream:
             self.seqs[index] = SequenceOutput(index, self.params, detok)
         return self.seqs[index]
 
-    def _finish(self, chunk: Chunk, msg: EngineMessage) -> None:
+    def _finish(self, chunk: Chunk, cached_tokens: int) -> None:
         chunk.finished = True
-        chunk.usage = Usage(len(self.prompt_ids), self.completion_tokens, msg.cached_tokens)
+        chunk.usage = Usage(len(self.prompt_ids), self.completion_tokens, cached_tokens)
         chunk.timing = {"time_to_first_token_s": self.ttft, "total_s": time.monotonic() - self.t0,
                         "engine_queue_s": self.queue_s}
         self.completed = True
@@ -251,20 +273,98 @@ class RequestStream:
         self.failures.append(err.status)
         if err.status != "RESOURCE_EXHAUSTED":
             self.route.registry.mark_suspect(engine_id)
-        if not self.generated and self.completion_tokens == 0:
+        if self.completion_tokens == 0:
             await self.route.registry.release(engine_id, self.rid)
             self.route.stats.retries += 1
             log.warning("%s: engine %s failed before the first token (%s: %s); retrying elsewhere",
                         self.rid, engine_id, err.status, err)
-        elif self.params.n == 1 and self.params.prompt_logprobs is None:
-            self.route.stats.failovers += 1
-            log.warning("%s: engine %s failed after %d tokens (%s); continuing on another engine",
-                        self.rid, engine_id, len(self.generated), err.status)
         else:
-            raise Unavailable(f"engine {engine_id} failed mid-stream ({err.status}) and "
-                              f"a request with n={self.params.n} cannot be resumed elsewhere") from None
+            self.route.stats.failovers += 1
+            self.apart = self.params.n > 1
+            log.warning("%s: engine %s failed after %d tokens (%s); continuing on another engine%s",
+                        self.rid, engine_id, self.completion_tokens, err.status,
+                        " (each unfinished sequence on its own)" if self.apart else "")
         if self.attempts >= self.route.max_attempts:
             raise err from None
+
+    # --- n > 1 resumed: one n = 1 continuation per unfinished sequence ------------------------------
+    async def _continue_apart(self) -> AsyncIterator[Chunk]:
+        """Run each unfinished sequence's continuation concurrently; their chunks merge in arrival order,
+        and the one that finishes the last sequence finishes the request."""
+        queue: asyncio.Queue = asyncio.Queue()
+        todo = [i for i in range(self.params.n) if not self._sequence(i).finished]
+        tasks = [asyncio.create_task(self._continue_one(i, queue)) for i in todo]
+        left = len(todo)  # sequences whose last choice has not gone out yet (finishes arrive in queue order)
+        try:
+            pending = len(tasks)
+            while pending:
+                item = await queue.get()
+                if item is None:
+                    pending -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    left -= sum(c.finish_reason is not None for c in item.choices)
+                    if left == 0:
+                        self._finish(item, 0)
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _continue_one(self, index: int, queue: asyncio.Queue) -> None:
+        """Sequence `index` alone (n = 1, its tokens so far appended to the prompt), engine after engine."""
+        try:
+            await self._run_one(index, queue)
+        except Exception as e:  # noqa: BLE001 - handed to the merging generator
+            queue.put_nowait(e)
+            return
+        queue.put_nowait(None)
+
+    async def _run_one(self, index: int, queue: asyncio.Queue) -> None:
+        seq, rid, watch = self.seqs[index], f"{self.rid}-{index}", self.route.watch
+        excluded, attempts = set(self.excluded), 0
+        while not seq.finished:
+            attempts += 1
+            engine = await self._choose(rid, seq.num_tokens, excluded)
+            req = EngineRequest(rid, self.model, self.prompt_ids + seq.token_ids, self._resume_params(index))
+            call = self.route.engines.generate(engine.address, req, remaining(self.deadline))
+            untrack = watch.track(engine.engine_id, call.fail) if watch is not None else None
+            announced = False
+            try:
+                async with aclosing(call.messages()) as messages:
+                    async for msg in messages:
+                        if watch is not None:
+                            watch.progress(engine.engine_id)
+                        chunk = Chunk(request_id=self.rid, model=self.model, choices=[])
+                        if not announced:
+                            chunk.engine_id, announced = engine.engine_id, True
+                        for upd in msg.sequences:
+                            chunk.choices.append(await seq.advance(dataclasses.replace(upd, index=index)))
+                            self.completion_tokens += len(upd.token_ids)
+                        if chunk.worth_sending():
+                            queue.put_nowait(chunk)
+                        if seq.finished:
+                            break
+                if not seq.finished:
+                    raise Unavailable(f"engine {engine.engine_id} ended the stream early")
+            except EngineFailed as f:
+                err = f.error
+                if err.status == "DEADLINE_EXCEEDED":
+                    raise DeadlineExceeded("deadline exceeded") from None
+                if err.status not in RETRYABLE or attempts >= self.route.max_attempts:
+                    raise err from None
+                excluded.add(engine.engine_id)
+                if err.status != "RESOURCE_EXHAUSTED":
+                    self.route.registry.mark_suspect(engine.engine_id)
+                self.route.stats.failovers += 1
+                log.warning("%s: engine %s failed on sequence %d after %d tokens (%s); continuing elsewhere",
+                            self.rid, engine.engine_id, index, seq.num_tokens, err.status)
+            finally:
+                if untrack is not None:
+                    untrack()
+                call.cancel()
 
 
 async def encode_prompt(tokenizer: TokenizerClient | None, inp: GenerateInput, model: str,

@@ -54,7 +54,11 @@ class FakeEngineCall:
     async def messages(self):
         p = self.request.params
         budget = p.max_tokens if p.max_tokens is not None else 1000
-        last = [self.request.prompt_token_ids[-1]] * p.n
+        prompt = self.request.prompt_token_ids
+        last = [prompt[-1]] * p.n
+        # Sequence i of n > 1 counts in steps of i + 1 (so sequences differ); n == 1 continues the prompt's
+        # own step (1 for "abc"), so a sequence resumed alone from prompt + its tokens continues exactly.
+        steps = [i + 1 for i in range(p.n)] if p.n > 1 else [max(1, prompt[-1] - prompt[-2]) if len(prompt) > 1 else 1]
         if self.engine.fail_after == 0:  # e.g. connection refused: not even the first message
             raise EngineFailed(self.engine.error("fake engine failure"))
         yield EngineMessage(sequences=[], queue_s=0.001)
@@ -67,7 +71,7 @@ class FakeEngineCall:
             await asyncio.sleep(self.engine.delay_s)
             ups = []
             for i in range(p.n):
-                last[i] += 1 + i  # sequence i counts in steps of i + 1, so sequences differ
+                last[i] += steps[i]
                 if step == self.engine.eos_at:
                     ups.append(SequenceUpdate(i, [EOS_ID], finish_reason="stop", stop_reason=EOS_ID))
                 else:

@@ -147,11 +147,49 @@ def test_deadline_from_the_engine_is_deadline_exceeded():
     assert r.engines["b"].calls == []
 
 
-def test_n_greater_than_one_is_not_resumed_mid_stream():
+def test_n_greater_than_one_resumes_each_unfinished_sequence_apart():
+    """n = 3, the engine fails after 2 tokens: each sequence continues as an n = 1 request from the prompt plus
+    its own tokens, and every sequence's text comes out whole, each token once."""
     r = make_router(a=FakeEngine(fail_after=2), b=FakeEngine())
-    with pytest.raises(Unavailable, match="n=2 cannot be resumed elsewhere"):
-        _run(r, _inp(max_tokens=6, n=2))
-    assert r.engines["b"].calls == []
+    chunks = _run(r, _inp(max_tokens=6, n=3))
+    for i in range(3):
+        assert _joined(chunks, i) == _expected(6, step=i + 1)
+    calls = r.engines["b"].calls
+    assert sorted(c.request.prompt_token_ids for c in calls) == sorted(
+        [97, 98, 99] + _expected(2, step=i + 1)[1] for i in range(3))
+    assert all(c.request.params.n == 1 and c.request.params.max_tokens == 4 for c in calls)
+    assert sorted(c.request.request_id for c in calls) == ["r1-0", "r1-1", "r1-2"]
+    assert [c.finished for c in chunks].count(True) == 1 and chunks[-1].finished
+    assert chunks[-1].usage.completion_tokens == 18
+    assert sorted(c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason) == ["length"] * 3
+
+
+def test_n_greater_than_one_sequence_failing_again_moves_again():
+    r = make_router(a=FakeEngine(fail_after=2), b=FakeEngine(fail_after=1), c=FakeEngine())
+    chunks = _run(r, _inp(max_tokens=6, n=2))
+    for i in range(2):
+        assert _joined(chunks, i) == _expected(6, step=i + 1)
+    assert len(r.engines["c"].calls) == 2
+    assert sorted(len(c.request.prompt_token_ids) for c in r.engines["c"].calls) == [6, 6]  # 3 + 2 on a + 1 on b
+
+
+def test_n_greater_than_one_finished_sequences_are_not_continued():
+    """A stop string ends sequence 0 (step 1: "de" then "f") before the failure; only sequence 1 moves."""
+    r = make_router(a=FakeEngine(fail_after=3), b=FakeEngine())
+    chunks = _run(r, _inp(max_tokens=6, n=2, stop=["ef"]))
+    assert _joined(chunks, 0)[0] == "d"
+    assert _joined(chunks, 1) == _expected(6, step=2)
+    assert [c.request.request_id for c in r.engines["b"].calls] == ["r1-1"]
+
+
+def test_seeded_n_greater_than_one_continuations_get_their_own_seeds():
+    r = make_router(a=FakeEngine(fail_after=1), b=FakeEngine())
+    _run(r, _inp(max_tokens=3, n=2, seed=7))
+    seeds = sorted(c.request.params.seed for c in r.engines["b"].calls)
+    assert seeds == [7 * 1_000_003 + 1, 7 * 1_000_003 + 2]
+    r = make_router(a=FakeEngine(fail_after=1), b=FakeEngine())
+    _run(r, _inp(max_tokens=3, seed=7))  # n == 1 continues with the request's own seed, as before
+    assert r.engines["b"].calls[0].request.params.seed == 7
 
 
 def test_n_sequences_each_stream_their_own_tokens():

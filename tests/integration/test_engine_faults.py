@@ -1,5 +1,6 @@
-"""Hung-engine detection on real processes: a SIGSTOPped engine's streams finish elsewhere, exactly, within
-10 s (not the ~60 s of the gRPC keepalive), and the engine is chosen again after SIGCONT (must-show 2)."""
+"""Engine faults under streaming load on real processes (must-show 2): a SIGSTOPped engine's streams finish
+elsewhere, exactly, within 10 s (not the ~60 s of the gRPC keepalive), and the engine is chosen again after
+SIGCONT; a SIGKILLed engine under n > 1 streams loses no request and no token."""
 
 from __future__ import annotations
 
@@ -63,5 +64,36 @@ def test_frozen_engine_streams_finish_elsewhere_exactly_and_it_is_routed_to_agai
             return victim in res.engine_ids
         wait_for(routed_to_victim, timeout=20, interval=0.2, what="the resumed engine to be chosen again")
         print(f"routed to again {time.monotonic() - t1:.1f}s after SIGCONT")
+    finally:
+        stack.stop()
+
+
+def test_engine_killed_under_n_greater_than_one_streams_loses_nothing(tmp_path_factory, offline_llm):
+    """Greedy n = 3 streams: after the kill each sequence continues alone elsewhere; all match the reference."""
+    from folio import SamplingParams
+
+    stack = start_stack(tmp_path_factory, "kill-n", engines=2,
+                        engine_args=["--num-kv-blocks", "96", "--max-model-len", "512", "--dtype", "float32"])
+    try:
+        prompts = PROMPTS[:6]
+        streams = [generate_in_thread(stack.router_address, text=p,
+                                      params=params(n=3, temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+                   for p in prompts]
+        wait_for(lambda: all(sum(len(v) for v in res.token_ids.values()) >= 6 for _, res in streams), timeout=120,
+                 what="every stream's first tokens")
+        first = [res.engine_ids[0] for _, res in streams]
+        victim = max(stack.engine_addresses, key=first.count)
+        next(p for p in stack.procs if p.address == victim).popen.kill()
+        for t, _ in streams:
+            t.join(120)
+        want = offline_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                                    use_tqdm=False)
+        for (_, res), w in zip(streams, want):
+            assert res.error is None, res.error
+            for i in range(3):
+                assert res.token_ids[i] == w.outputs[0].token_ids and res.text[i] == w.outputs[0].text, i
+            assert res.usage.completion_tokens == 3 * MAX_TOKENS
+        moved = [res for (_, res), e in zip(streams, first) if e == victim]
+        assert moved and all(victim in res.engine_ids and len(set(res.engine_ids)) == 2 for res in moved)
     finally:
         stack.stop()
