@@ -1,6 +1,6 @@
 """Paged-attention kernel benchmark on one GPU, against the machine's own ceilings.
 
-    python bench/kernels.py [--sweep none|decode|prefill|all] [--json bench/results/kernels_<date>.json]
+    python bench/kernels.py [--sweep none|decode|prefill|all] [--variants] [--json bench/results/kernels_<date>.json]
 
 Measures in one run: device-to-device copy bandwidth (bytes read + written), the bf16 8192^3 matmul
 rate, paged decode (batch 64, 32 q / 8 kv heads, d 128, 2048 ctx, block 16, bf16) against copy
@@ -129,8 +129,11 @@ def bench_prefill(rows, mm_rate, sweep, nseq=8, length=2048, hq=32, hkv=8, d=128
     variants = [("default", None)]
     if sweep:
         for bm, bn, w, s in [(128, 32, 4, 2), (128, 32, 4, 4), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 4, 2),
-                             (128, 64, 8, 2), (256, 32, 8, 3), (64, 64, 4, 3), (128, 16, 4, 4)]:
+                             (128, 64, 8, 2), (256, 32, 8, 3), (64, 64, 4, 3), (128, 16, 4, 4), (128, 64, 4, 3),
+                             (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (256, 64, 8, 2), (64, 128, 4, 2)]:
             variants.append((f"M{bm} N{bn} w{w} s{s}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)))
+        variants.append(("default, acc added after the PV dot", dict(ACC_IN_DOT=False)))
+        variants.append(("default (again, for noise)", None))
     best = None
     for name, cfg in variants:
         try:
@@ -168,11 +171,70 @@ def bench_cache_write(rows, copy_bw, tokens=8192, hkv=8, d=128, block_size=16):
     print(f"  reshape_and_cache {tokens} tokens: {ms * 1e3:.1f} us  {tbs:.2f} TB/s ({tbs / copy_bw:.0%} of copy)")
 
 
+def _variant_params(name: str, hq: int, d: int):
+    from services.engine.attention.params import AttentionParams
+
+    g = torch.Generator().manual_seed(5)
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / hq) for i in range(hq)], device=DEV)
+    kw = {"plain": {}, "window512": dict(sliding_window=512), "softcap50": dict(logit_softcap=50.0),
+          "alibi": dict(alibi_slopes=slopes), "sinks": dict(sinks=torch.randn(hq, generator=g).to(DEV))}[name]
+    return AttentionParams(scale=d ** -0.5, **kw)
+
+
+def _ref_meta(batch, q_lens, ctx, tables, seq_lens, qsl):
+    from services.engine.attention.metadata import AttentionMetadata
+
+    return AttentionMetadata(num_seqs=batch, num_tokens=batch * q_lens, query_start_loc=qsl, seq_lens=seq_lens,
+                             block_tables=tables, slot_mapping=torch.zeros(0, dtype=torch.int64, device=DEV),
+                             max_query_len=q_lens, max_seq_len=ctx, query_lens_cpu=[q_lens] * batch,
+                             seq_lens_cpu=[ctx] * batch)
+
+
+def bench_variants(rows, copy_bw, mm_rate):
+    """AttentionParams variants and odd head sizes: decode b64 ctx2048 and prefill 4 x 2048, bf16, each
+    checked against the torch backend in float32 first. Bytes / FLOPs count only the keys a window keeps."""
+    from services.engine.attention.torch_backend import paged_attention_ref
+
+    cases = [(v, 128) for v in ("plain", "window512", "softcap50", "alibi", "sinks")]
+    cases += [("plain", d) for d in (64, 80, 96, 112, 256)]
+    print("  variants (bf16): decode b64 ctx2048 | prefill 4x2048 causal; 32 q / 8 kv heads")
+    for name, d in cases:
+        p = _variant_params(name, 32, d)
+        kw = dict(sliding_window=p.sliding_window, logit_softcap=p.logit_softcap, alibi_slopes=p.alibi_slopes,
+                  sinks=p.sinks)
+        keys = min(2048, p.sliding_window or 2048)
+        kv_cache, tables, seq_lens, _, _ = paged_setup(64, 2048, 32, 8, d, 16, seed=2)
+        q = torch.randn(64, 32, d, device=DEV, dtype=torch.bfloat16)
+        qsl = torch.arange(65, dtype=torch.int32, device=DEV)
+        ref = paged_attention_ref(q.float(), kv_cache.float(), _ref_meta(64, 1, 2048, tables, seq_lens, qsl), p)
+        fn = lambda: paged_decode(q, kv_cache, tables, seq_lens, p.scale, max_seq_len=2048, **kw)  # noqa: E731
+        err_d = rel_err(fn(), ref)
+        assert err_d < 1e-2, f"decode {name} d{d}: relative error {err_d}"
+        tbs = 2 * 64 * keys * 8 * d * 2 / bench(fn) / 1e9
+        del kv_cache, ref
+        n, L = 4, 2048
+        kv_cache, tables, seq_lens, _, _ = paged_setup(n, L, 32, 8, d, 16, seed=3)
+        q = torch.randn(n * L, 32, d, device=DEV, dtype=torch.bfloat16)
+        qsl = torch.arange(0, n * L + 1, L, dtype=torch.int32, device=DEV)
+        ref = paged_attention_ref(q.float(), kv_cache.float(), _ref_meta(n, L, L, tables, seq_lens, qsl), p)
+        fn = lambda: paged_prefill(q, kv_cache, tables, seq_lens, qsl, p.scale, **kw)  # noqa: E731
+        err_p = rel_err(fn(), ref)
+        assert err_p < 1e-2, f"prefill {name} d{d}: relative error {err_p}"
+        pairs = sum(min(i + 1, keys) for i in range(L))
+        tf = 4 * d * 32 * n * pairs / bench(fn) / 1e9
+        del kv_cache, ref
+        rows[f"variant_{name}_d{d}"] = dict(decode_TBps=tbs, decode_err=err_d, prefill_TFLOPs=tf, prefill_err=err_p)
+        print(f"  {name:10s} d{d:<4d} decode {tbs:.2f} TB/s ({tbs / copy_bw:.0%} of copy, err {err_d:.1e})  "
+              f"prefill {tf:.0f} TFLOP/s ({tf / mm_rate:.0%} of matmul, err {err_p:.1e})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", choices=["none", "decode", "prefill", "all"], default="none",
                     help="also time alternative launch configs of these kernels")
     ap.add_argument("--json", default=None, help="where to write the results (default bench/results/kernels_<date>.json)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also check and time the AttentionParams variants and odd head sizes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -190,6 +252,8 @@ def main() -> None:
     bench_decode(rows, 4, 32768, 32, 8, 128, 16, copy_bw, sweep_decode, "longctx")
     bench_prefill(rows, mm, sweep_prefill)
     bench_cache_write(rows, copy_bw)
+    if args.variants:
+        bench_variants(rows, copy_bw, mm)
 
     table = [
         ("device-to-device copy", f"{copy_bw:.2f} TB/s", "", ""),
