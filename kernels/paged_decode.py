@@ -59,6 +59,7 @@ def _paged_decode_kernel(
     BLOCK_G: tl.constexpr,  # QUERIES_PER_KV padded to a power of two >= 16 (tl.dot's minimum)
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # next power of two (>= 16); the extra columns are masked
+    D_MASKED: tl.constexpr,  # HEAD_DIM != HEAD_DIM_PAD
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -95,7 +96,6 @@ def _paged_decode_kernel(
         tile_start = first_tile + split * tiles_per_split
         tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
 
-    D_MASKED: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = tl.arange(0, TILE_N)
@@ -286,6 +286,7 @@ def paged_decode(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
+        D_MASKED=head_dim != head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
         TILE_N=cfg["TILE_N"],
         NUM_SPLITS=num_splits,

@@ -120,6 +120,7 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # next power of two (>= 16); the extra columns are masked
+    D_MASKED: tl.constexpr,  # HEAD_DIM != HEAD_DIM_PAD
     BLOCK_SIZE: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
@@ -139,7 +140,6 @@ def _paged_prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
 
-    D_MASKED: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -275,6 +275,7 @@ def paged_prefill(
         BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
+        D_MASKED=head_dim != head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ACC_IN_DOT=cfg.get("ACC_IN_DOT", True),
