@@ -19,9 +19,10 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def load_tile(ptrs, rows_ok, d_ok, ROWS_MASKED: tl.constexpr, D_MASKED: tl.constexpr, EVICTION: tl.constexpr = ""):
+def load_tile(ptrs, rows_ok, d_ok, ROWS_MASKED: tl.constexpr, D_MASKED: tl.constexpr, EVICTION: tl.constexpr):
     """[R, HEAD_DIM_PAD] load; masks only where the constexpr flags say so, so the common case
-    (whole tile, power-of-two head_dim) compiles to unmasked vector loads."""
+    (whole tile, power-of-two head_dim) compiles to unmasked vector loads. EVICTION: "" or "evict_first"
+    (no default: Triton 3.6 cannot compile a jit function's default string constexpr)."""
     if ROWS_MASKED and D_MASKED:
         x = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0, eviction_policy=EVICTION)
     elif ROWS_MASKED:

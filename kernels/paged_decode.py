@@ -104,7 +104,7 @@ def _paged_decode_kernel(
     g_mask = offs_g < QUERIES_PER_KV
     seq64 = seq.to(tl.int64)
     q = load_tile(q_ptr + seq64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :], g_mask, d_ok,
-                  True, D_MASKED)
+                  True, D_MASKED, "")
 
     if USE_SINKS:
         # The sink is a key with logit sinks[h] and no value; it belongs to split 0 alone.

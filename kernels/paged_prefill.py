@@ -59,8 +59,8 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
         block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
     tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
     kv_off = tok_off[:, None] + offs_d[None, :]
-    k = load_tile(k_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED)
-    v = load_tile(v_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED)
+    k = load_tile(k_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
+    v = load_tile(v_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if USE_SOFTCAP or USE_ALIBI:
         s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
@@ -150,7 +150,7 @@ def _paged_prefill_kernel(
     q_pos = ctx_len + q_idx
     q_rows = (q_start + q_idx).to(tl.int64)
     q = load_tile(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                  row_valid, d_ok, True, D_MASKED)
+                  row_valid, d_ok, True, D_MASKED, "")
 
     if USE_SINKS:
         # The sink is a key with logit sinks[h] and no value: start the running max and sum from it.
