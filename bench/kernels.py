@@ -132,7 +132,6 @@ def bench_prefill(rows, mm_rate, sweep, nseq=8, length=2048, hq=32, hkv=8, d=128
                              (128, 64, 8, 2), (256, 32, 8, 3), (64, 64, 4, 3), (128, 16, 4, 4), (128, 64, 4, 3),
                              (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (256, 64, 8, 2), (64, 128, 4, 2)]:
             variants.append((f"M{bm} N{bn} w{w} s{s}", dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)))
-        variants.append(("default, acc added after the PV dot", dict(ACC_IN_DOT=False)))
         variants.append(("default (again, for noise)", None))
     best = None
     for name, cfg in variants:

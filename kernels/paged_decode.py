@@ -124,7 +124,10 @@ def _paged_decode_kernel(
     head_off = kv_head * stride_ch
     for tile in range(tile_start, tile_end):
         pos = tile * TILE_N + offs_n
-        valid = (pos < seq_len) & (pos >= key_lo)
+        if USE_WINDOW:
+            valid = (pos < seq_len) & (pos >= key_lo)
+        else:
+            valid = pos < seq_len
         block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
         kv_off = tok_off[:, None] + offs_d[None, :]
@@ -142,7 +145,7 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # wgmma accumulates in place
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     if NUM_SPLITS == 1:

@@ -48,7 +48,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
                  q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, stride_cb, stride_cs, offs_n, offs_d,
                  d_ok, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, D_MASKED: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, ACC_IN_DOT: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr):
     pos = start + offs_n
     if MASKED:
         # Keys before key_lo (before every row's window) are never loaded: their blocks may be freed.
@@ -82,10 +82,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(s * scale - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if ACC_IN_DOT:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # wgmma accumulates in place
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in the MMA
     return acc, m_new, l_i
 
 
@@ -127,7 +124,6 @@ def _paged_prefill_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ACC_IN_DOT: tl.constexpr,  # acc rescaled then passed to the PV dot as its accumulator (else added after)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -185,17 +181,17 @@ def _paged_prefill_kernel(
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
                                      softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, ACC_IN_DOT)
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
     for t in range(free_lo, num_full):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
                                      softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, False,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, ACC_IN_DOT)
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
     for t in range(num_full, num_tiles):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
                                      softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, ACC_IN_DOT)
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -278,7 +274,6 @@ def paged_prefill(
         D_MASKED=head_dim != head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ACC_IN_DOT=cfg.get("ACC_IN_DOT", True),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **variants.launch_args(seq_lens),
