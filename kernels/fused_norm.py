@@ -1,6 +1,10 @@
-"""Fused residual add + RMSNorm: one read of the hidden states instead of the ~8 elementwise kernels
-that the torch expression launches per norm (two norms per layer). Matches HF's rounding: the sum is
-rounded to the model dtype, normalised in float32, cast back, then scaled by the weight."""
+"""Fused residual add + normalisation: one read of the hidden states instead of the ~8 elementwise
+kernels that the torch expression launches per norm (two norms per layer).
+
+RMSNorm in the three roundings of transformers: Llama (normalised in float32, cast to the model dtype,
+then scaled by the weight), Gemma ((1 + w) * x, all in float32, cast once) and OLMo 2 (w * x in float32,
+cast once); LayerNorm with or without weight and bias (float32 statistics, cast once, as
+nn.LayerNorm). The residual sum is rounded to the model dtype first, as the unfused model does."""
 
 from __future__ import annotations
 
@@ -10,17 +14,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(
+def _add_norm_kernel(
     x_ptr,  # [num_tokens, hidden]: input (the layer's new output, or the embeddings)
     residual_ptr,  # [num_tokens, hidden]: running residual; read when HAS_RESIDUAL, then overwritten with x + residual
-    weight_ptr,  # [hidden]
+    weight_ptr,  # [hidden] (read if HAS_WEIGHT)
+    bias_ptr,  # [hidden] (read if HAS_BIAS)
     out_ptr,  # [num_tokens, hidden]: the normalised, scaled result
     stride_x,
     stride_r,
     stride_o,
     hidden,
     eps,
+    weight_offset,  # Gemma stores w - 1: the scale is weight_offset + w
     HAS_RESIDUAL: tl.constexpr,
+    LAYER_NORM: tl.constexpr,  # subtract the mean (LayerNorm) or not (RMSNorm)
+    SCALE_IN_FP32: tl.constexpr,  # scale before rounding (Gemma, OLMo 2, LayerNorm) or after (Llama)
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -32,40 +42,83 @@ def _add_rms_norm_kernel(
         x = x.to(residual_ptr.dtype.element_ty)
         tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
     xf = x.to(tl.float32)
+    if LAYER_NORM:
+        xf = tl.where(mask, xf - tl.sum(xf, axis=0) / hidden, 0.0)
     var = tl.sum(xf * xf, axis=0) / hidden
-    normed = (xf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    normed = xf * tl.rsqrt(var + eps)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32) + weight_offset
+    else:
+        w = tl.full([BLOCK], 1.0, tl.float32)
+    if SCALE_IN_FP32:
+        y = normed * w
+    else:
+        y = w * normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Returns rms_norm(x + residual) * weight; when `residual` is given it is updated in place to x + residual.
-    x, residual [num_tokens, hidden] (rows may be strided, last dim contiguous); weight [hidden]."""
+def _check(x, residual, weight, bias):
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [num_tokens, hidden] with a contiguous last dim; got {tuple(x.shape)}")
     hidden = x.shape[1]
-    if weight.shape != (hidden,):
-        raise ValueError(f"weight must be [{hidden}]; got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (hidden,) or t.stride(-1) != 1):
+            raise ValueError(f"{name} must be [{hidden}]; got {tuple(t.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype):
         raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
+
+
+def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_fp32):
+    _check(x, residual, weight, bias)
     out = torch.empty_like(x)
     if x.shape[0] == 0:
         return out
-    block = triton.next_power_of_2(hidden)
+    block = triton.next_power_of_2(x.shape[1])
     r = residual if residual is not None else x
-    _add_rms_norm_kernel[(x.shape[0],)](
-        x, r, weight, out, x.stride(0), r.stride(0), out.stride(0), hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    _add_norm_kernel[(x.shape[0],)](
+        x, r, weight if weight is not None else x, bias if bias is not None else x, out,
+        x.stride(0), r.stride(0), out.stride(0), x.shape[1], eps, weight_offset,
+        HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm, SCALE_IN_FP32=scale_in_fp32,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK=block, num_warps=min(16, max(1, block // 256)),
     )
     return out
 
 
-def add_rms_norm_ref(x, residual, weight, eps):
-    """Torch reference (HF's LlamaRMSNorm after the residual add)."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 weight_offset: float = 0.0, scale_in_float32: bool = False) -> torch.Tensor:
+    """Returns rms_norm(x + residual) * (weight_offset + weight); when `residual` is given it is updated
+    in place to x + residual. x, residual [num_tokens, hidden] (rows may be strided, last dim
+    contiguous); weight [hidden]. Llama: defaults; Gemma: weight_offset=1, scale_in_float32=True;
+    OLMo 2: scale_in_float32=True."""
+    return _launch(x, residual, weight, None, eps, weight_offset, False, scale_in_float32)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Returns layer_norm(x + residual) * weight + bias (either may be None); `residual` is updated in
+    place to x + residual when given. Shapes as add_rms_norm."""
+    return _launch(x, residual, weight, bias, eps, 0.0, True, True)
+
+
+def add_rms_norm_ref(x, residual, weight, eps, weight_offset=0.0, scale_in_float32=False):
+    """Torch reference (HF's LlamaRMSNorm / GemmaRMSNorm / Olmo2RMSNorm after the residual add)."""
     if residual is not None:
         x = x + residual
         residual.copy_(x)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    if scale_in_float32:
+        return ((weight_offset + weight.float()) * xf).to(x.dtype)
+    return (weight_offset + weight) * xf.to(x.dtype)
+
+
+def add_layer_norm_ref(x, residual, weight, bias, eps):
+    """Torch reference (nn.functional.layer_norm after the residual add)."""
+    if residual is not None:
+        x = x + residual
+        residual.copy_(x)
+    return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float() if weight is not None else None,
+                                          bias.float() if bias is not None else None, eps).to(x.dtype)

@@ -63,3 +63,99 @@ def test_rotary_matches_the_models_torch_path():
     q = apply_rope(qkv[:, :hq * d].view(t, hq, d), emb.cos()[:, None], emb.sin()[:, None])
     rotary_inplace(qkv, ang.cos(), ang.sin(), hq, hkv, d)
     torch.testing.assert_close(qkv[:, :hq * d].view(t, hq, d), q, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d,rotary_dim", [(80, 80), (80, 32), (64, 16), (40, 24), (96, 96)])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_partial_interleaved_and_odd_sizes(dtype, d, rotary_dim, interleaved):
+    g = torch.Generator().manual_seed(d + rotary_dim)
+    hq, hkv, t = 6, 2, 5
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEV, dtype)
+    ang = (torch.rand(t, rotary_dim // 2, generator=g) * 6).to(DEV)
+    ref = qkv.clone()
+    rotary_ref(ref, ang.cos(), ang.sin(), hq, hkv, d, rotary_dim, interleaved)
+    before = qkv.clone()
+    rotary_inplace(qkv, ang.cos(), ang.sin(), hq, hkv, d, rotary_dim, interleaved)
+    torch.testing.assert_close(qkv, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    heads = qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d)
+    assert torch.equal(heads[..., rotary_dim:], before[:, :(hq + hkv) * d].view(t, hq + hkv, d)[..., rotary_dim:])
+    assert torch.equal(qkv[:, (hq + hkv) * d:], before[:, (hq + hkv) * d:])  # v untouched
+
+
+def _hf_positions(t, rotary_dim, g):
+    pos = torch.arange(t)[None] * 3 + 1
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    return pos, (pos[0].float()[:, None] * inv_freq[None, :])  # [1, t], [t, rotary_dim // 2]
+
+
+def test_rotary_equals_transformers_gptj_interleaved_partial():
+    gptj = pytest.importorskip("transformers.models.gptj.modeling_gptj")
+    g = torch.Generator().manual_seed(1)
+    t, h, d, rotary_dim = 7, 4, 48, 16
+    q = torch.randn(1, t, h, d, generator=g)  # GPT-J's layout [batch, seq, heads, head_dim]
+    _, ang = _hf_positions(t, rotary_dim, g)
+    sincos = torch.cat((ang.sin(), ang.cos()), -1)[None]  # [1, t, rotary_dim]: sin then cos, as GPT-J builds it
+    sin, cos = torch.split(sincos, rotary_dim // 2, dim=-1)
+    want = q.clone()
+    want[..., :rotary_dim] = gptj.apply_rotary_pos_emb(q[..., :rotary_dim], sin, cos)
+    qkv = q[0].reshape(t, h * d).contiguous().to(DEV)
+    rotary_inplace(qkv, ang.cos().to(DEV), ang.sin().to(DEV), h, 0, d, rotary_dim, interleaved=True)
+    torch.testing.assert_close(qkv.cpu().view(t, h, d), want[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_equals_transformers_neox_partial():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    g = torch.Generator().manual_seed(2)
+    t, h, d, rotary_dim = 6, 3, 80, 32  # Phi-2-like: 40% of an 80-wide head turns
+    q = torch.randn(1, h, t, d, generator=g)  # [batch, heads, seq, head_dim]
+    _, ang = _hf_positions(t, rotary_dim, g)
+    emb = torch.cat((ang, ang), -1)[None]  # [1, t, rotary_dim]
+    rot, _ = llama.apply_rotary_pos_emb(q[..., :rotary_dim], q[..., :rotary_dim], emb.cos(), emb.sin())
+    want = torch.cat((rot, q[..., rotary_dim:]), -1)
+    qkv = q[0].transpose(0, 1).reshape(t, h * d).contiguous().to(DEV)
+    rotary_inplace(qkv, ang.cos().to(DEV), ang.sin().to(DEV), h, 0, d, rotary_dim)
+    torch.testing.assert_close(qkv.cpu().view(t, h, d), want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def _hf_norm(module, weight, bias=None):
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["gemma", "olmo2", "layernorm", "layernorm_no_bias"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_norm_variants_equal_transformers(dtype, kind, with_residual):
+    """Gemma's (1 + w) RMSNorm, OLMo 2's float32 scaling and LayerNorm, each against transformers' own module."""
+    from kernels.fused_norm import add_layer_norm, add_rms_norm
+
+    g = torch.Generator().manual_seed(len(kind))
+    hidden = 200  # not a power of two: the masked lanes must not enter the statistics
+    x = torch.randn(5, hidden, generator=g).to(dtype)
+    res = torch.randn(5, hidden, generator=g).to(dtype) if with_residual else None
+    w = (0.1 * torch.randn(hidden, generator=g)).to(dtype) + (0 if kind == "gemma" else 1)
+    b = (0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    summed = x + res if with_residual else x
+    if kind == "gemma":
+        hf = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+        module = _hf_norm(hf.GemmaRMSNorm(hidden, eps=1e-6).to(dtype), w)
+        run = lambda xx, rr: add_rms_norm(xx, rr, w.to(DEV), 1e-6, weight_offset=1.0, scale_in_float32=True)  # noqa: E731
+    elif kind == "olmo2":
+        hf = pytest.importorskip("transformers.models.olmo2.modeling_olmo2")
+        module = _hf_norm(hf.Olmo2RMSNorm(hidden, eps=1e-6).to(dtype), w)
+        run = lambda xx, rr: add_rms_norm(xx, rr, w.to(DEV), 1e-6, scale_in_float32=True)  # noqa: E731
+    else:
+        bias = kind == "layernorm"
+        module = _hf_norm(torch.nn.LayerNorm(hidden, eps=1e-5, bias=bias).to(dtype), w, b if bias else None)
+        run = lambda xx, rr: add_layer_norm(xx, rr, w.to(DEV), b.to(DEV) if bias else None, 1e-5)  # noqa: E731
+    with torch.no_grad():
+        want = module(summed) if dtype == torch.float32 or kind != "layernorm" else module.float()(summed.float()).to(dtype)
+    res_dev = res.to(DEV) if res is not None else None
+    out = run(x.to(DEV), res_dev)
+    torch.testing.assert_close(out.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    if with_residual:
+        assert torch.equal(res_dev.cpu(), summed)
