@@ -67,7 +67,14 @@ def test_stop_string_and_seeded_sampling_match_offline(stack, offline_llm):
 
 def test_cancelled_stream_frees_blocks_within_a_second(stack):
     """Must-show 4: a client cancel aborts the request on the engine; Stats show the blocks back."""
-    before = {a: engine_stats(a) for a in stack.engine_addresses}
+    # Precondition: the engines are idle (the previous test's streams may still be settling: an
+    # abort after a router-side stop string lands within a step, which is slow on a loaded machine).
+    deadline = time.monotonic() + 10
+    while True:
+        before = {a: engine_stats(a) for a in stack.engine_addresses}
+        if all(s.running == 0 and s.waiting == 0 for s in before.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     for s in before.values():
         assert s.running == 0 and s.waiting == 0
     ch, stub = router_stub(stack.router_address)
