@@ -11,8 +11,9 @@ import torch
 
 from services.engine.attention import get_attention_backend
 from services.engine.attention.metadata import AttentionMetadata
-from services.engine.model.llama import LlamaConfig, LlamaModel
-from services.engine.model.loader import load_safetensors
+from services.engine.model.config import ModelConfig
+from services.engine.model.loader import iter_checkpoint
+from services.engine.model.registry import build_model
 from services.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger("folio.engine")
@@ -28,7 +29,7 @@ class StepInputs:
     (to sample), and every token of a prompt whose prompt_logprobs were asked for."""
 
 
-def kv_bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
@@ -39,13 +40,14 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.cfg = LlamaConfig.from_hf(hf_config)
         self.backend = get_attention_backend(attention_backend)
-        self.model = LlamaModel(self.cfg, self.backend, dtype, device, tp)  # tp: parallel.TPGroup or None
+        # tp: parallel.TPGroup or None. The registry picks the architecture's class (model/registry.py).
+        self.model = build_model(hf_config, self.backend, dtype, device, tp, source=f"{model_dir}/config.json")
+        self.cfg = self.model.cfg
         if load_format == "dummy":
-            self.model.load_weights(dummy_weights(self.cfg, dtype, device))
+            self.model.init_dummy()
         else:
-            self.model.load_weights(load_safetensors(model_dir))
+            self.model.load_weights(iter_checkpoint(model_dir))
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pinned = device.type == "cuda"
@@ -56,12 +58,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
 
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in self.model.weights.values():
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
+        return self.model.weight_bytes()
 
     # --- one step ------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, block_tables: list[list[int]]) -> StepInputs:
@@ -230,32 +227,3 @@ class ModelRunner:
         dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
         self.backend.copy_blocks(self.kv_caches, src, dst)
 
-
-def dummy_weights(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights of the model's real shapes, made on the device (vLLM's load_format="dummy"):
-    for speed measurements of large shapes without a checkpoint."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    d, hq, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
-
-    w = {"model.embed_tokens.weight": rnd(cfg.vocab_size, d), "model.norm.weight": torch.ones(d, dtype=dtype, device=device)}
-    if not cfg.tie_word_embeddings:
-        w["lm_head.weight"] = rnd(cfg.vocab_size, d)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = rnd(hq * hd, d)
-        w[p + "self_attn.k_proj.weight"] = rnd(hkv * hd, d)
-        w[p + "self_attn.v_proj.weight"] = rnd(hkv * hd, d)
-        if cfg.attention_bias:
-            for x, n in (("q", hq), ("k", hkv), ("v", hkv)):
-                w[p + f"self_attn.{x}_proj.bias"] = rnd(n * hd)
-        w[p + "self_attn.o_proj.weight"] = rnd(d, hq * hd)
-        w[p + "mlp.gate_proj.weight"] = rnd(cfg.intermediate_size, d)
-        w[p + "mlp.up_proj.weight"] = rnd(cfg.intermediate_size, d)
-        w[p + "mlp.down_proj.weight"] = rnd(d, cfg.intermediate_size)
-        w[p + "input_layernorm.weight"] = torch.ones(d, dtype=dtype, device=device)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(d, dtype=dtype, device=device)
-    return w

@@ -5,8 +5,8 @@ Redis publisher). Its `TensorParallelRunner` stands in for the `ModelRunner`: ev
 the weights or the KV cache (allocate, warm up, capture graphs, copy blocks, execute) is first
 broadcast to the workers, then run locally, so all ranks run the same collectives in the same order.
 Each rank holds a shard of the weights and of the KV cache (its KV heads); the model all-reduces
-partial outputs and gathers the vocabulary-sharded logits (services/engine/model/llama.py,
-model/sharding.py). Design and commands: docs/tensor-parallel.md.
+partial outputs and gathers the vocabulary-sharded logits (services/engine/model/layers/linear.py,
+layers/embedding.py). Design and commands: docs/tensor-parallel.md.
 
 Two process groups: the default one (NCCL on CUDA, gloo on CPU) carries the model's collectives and
 the step's tensors; a gloo group with a long timeout carries the small control messages, so an idle
@@ -138,12 +138,12 @@ class TensorParallelRunner:
 
     def __init__(self, model_dir, hf_config: dict, dtype: torch.dtype, device: torch.device, attention_backend: str,
                  block_size: int, load_format: str, tensor_parallel_size: int, seed: int | None):
-        from services.engine.model.llama import LlamaConfig
+        from services.engine.model.registry import model_config
         from services.engine.model.sharding import check_tensor_parallel
         from services.engine.model_runner import ModelRunner
 
         tp = tensor_parallel_size
-        check_tensor_parallel(LlamaConfig.from_hf(hf_config), tp)
+        check_tensor_parallel(model_config(hf_config, f"{model_dir}/config.json"), tp)
         if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + tp:
             raise ValueError(f"tensor_parallel_size {tp} needs {tp} GPUs from {device}; "
                              f"{torch.cuda.device_count()} visible")

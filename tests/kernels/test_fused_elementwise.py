@@ -53,14 +53,16 @@ def test_silu_mul(dtype, inter):
 
 def test_rotary_matches_the_models_torch_path():
     """The kernel's convention is the model's (HF rotate_half), not just its own reference's."""
-    from services.engine.model.llama import apply_rope
+    from services.engine.model.config import ModelConfig
+    from services.engine.model.layers.rotary import RotaryEmbedding
 
     hq, hkv, d, t = 4, 2, 32, 3
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEV)
     ang = torch.rand(t, d // 2, generator=g).to(DEV)
-    emb = torch.cat((ang, ang), dim=-1)
-    q = apply_rope(qkv[:, :hq * d].view(t, hq, d), emb.cos()[:, None], emb.sin()[:, None])
+    cfg = ModelConfig.from_hf(dict(hidden_size=hq * d, num_attention_heads=hq, vocab_size=8, num_hidden_layers=1))
+    rope = RotaryEmbedding(cfg, d, {"rope_theta": 10000.0, "rope_type": "default"})
+    q = rope._rotate(qkv[:, :hq * d], ang.cos(), ang.sin()).view(t, hq, d)
     rotary_inplace(qkv, ang.cos(), ang.sin(), hq, hkv, d)
     torch.testing.assert_close(qkv[:, :hq * d].view(t, hq, d), q, atol=1e-6, rtol=1e-6)
 

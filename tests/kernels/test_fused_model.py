@@ -1,26 +1,27 @@
 """The model's fused-kernel forward (the GPU path) equals its torch forward, under the interpreter on CPU."""
 
+import pytest
 import torch
 
+from services.engine.attention.metadata import AttentionMetadata
 from services.engine.attention.torch_backend import TorchAttentionBackend
-from services.engine.model.llama import LlamaConfig, LlamaModel
-from services.engine.model_runner import dummy_weights
+from services.engine.model.registry import build_model
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=300, hidden_size=64,
+             intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+# Qwen3: per-head q/k norm between the projection and the in-place rotary kernel.
+QWEN3 = dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3")
 
 
-
-def test_fused_forward_matches_torch_forward():
-    from services.engine.attention.metadata import AttentionMetadata
-
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
-                      attention_bias=False)
+@pytest.mark.parametrize("hf", [LLAMA, QWEN3], ids=["llama", "qwen3"])
+def test_fused_forward_matches_torch_forward(hf):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outs = []
     for fused in (False, True):
-        model = LlamaModel(cfg, TorchAttentionBackend(), torch.float32, dev)
-        model.load_weights(dummy_weights(cfg, torch.float32, dev, seed=3))
-        model.fused_elementwise = fused
+        model = build_model(hf, TorchAttentionBackend(), torch.float32, dev)
+        model.init_dummy(seed=3)
+        model.set_fused_elementwise(fused)
         kv = [torch.zeros(2, 8, 4, 2, 16, device=dev) for _ in range(2)]
         # two sequences: a 5-token prefill and a 3-token prefill
         ids = torch.tensor([5, 9, 33, 2, 7, 11, 12, 13], device=dev)

@@ -1,233 +1,137 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flat batch of tokens and a paged KV cache.
+"""Llama layout and its close relatives (Llama 1-3, Yi, Aquila, Mistral, Qwen2, Qwen3, Granite, SmolLM3,
+InternLM3, Phi-3): pre-norm RMSNorm blocks, fused q/k/v and gate/up, NeoX rotary, SwiGLU MLP.
 
-A step's tokens from all sequences are concatenated ([num_tokens, hidden]); attention is the only
-place that knows about sequences, through the backend and its AttentionMetadata. q/k/v and
-gate/up projections are fused into one matmul each at load time.
+The relatives differ by a few switches, each read from config.json in `LlamaForCausalLM.__init__`:
+biases, per-head q/k RMSNorm (Qwen3), layers without rotary (SmolLM3), Granite's multipliers,
+sliding windows (Mistral, Qwen2), pre-fused qkv / gate_up tensors in the checkpoint (Phi-3).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
-from services.engine.attention.metadata import AttentionMetadata
-from services.engine.attention.params import AttentionParams
+from services.engine.model.base import CausalLM
+from services.engine.model.layers.activation import ActAndMul
+from services.engine.model.layers.attention import Attention, layer_sliding_window
+from services.engine.model.layers.embedding import LogitsProcessor, ParallelLMHead, VocabParallelEmbedding
+from services.engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from services.engine.model.layers.norm import RMSNorm
+from services.engine.model.layers.rotary import RotaryEmbedding, rope_parameters
 
-
-@dataclass
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    rope_scaling: dict | None = None
-    model_type: str = "llama"
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "LlamaConfig":
-        heads = cfg["num_attention_heads"]
-        mt = cfg.get("model_type", "llama")
-        rope_params = cfg.get("rope_parameters") or {}
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta") or rope_params.get("rope_theta", 10000.0),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", mt == "qwen2"),
-            rope_scaling=cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None),
-            model_type=mt,
-        )
+STACKED_QKV_GATE_UP = (
+    (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
+    (".gate_up_proj.", ".gate_proj.", 0), (".gate_up_proj.", ".up_proj.", 1),
+)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = cfg.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    if kind == "llama3":
-        factor = sc["factor"]
-        low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-        old_ctx = sc.get("original_max_position_embeddings", 8192)
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv = torch.where(medium, smoothed, scaled)
-    elif kind == "linear":
-        inv = inv / sc["factor"]
-    elif kind not in ("default", None):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported")
-    return inv
+class LlamaAttention(torch.nn.Module):
+    def __init__(self, m: "LlamaForCausalLM", i: int):
+        super().__init__()
+        cfg, tp = m.cfg, m.tp
+        d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, hq, hkv, bias=m.qkv_bias, tp=tp)
+        self.o_proj = RowParallelLinear(hq * d, cfg.hidden_size, bias=m.o_bias, tp=tp, what="attention heads")
+        self.q_norm = RMSNorm(d, m.eps) if m.qk_norm else None
+        self.k_norm = RMSNorm(d, m.eps) if m.qk_norm else None
+        self.rotary_emb = m.rotary if m.uses_rope(i) else None
+        self.attn = Attention(m.backend, i, hq, hkv, d, m.attention_scale, layer_sliding_window(cfg, i), tp=tp)
+
+    def forward(self, positions, h, kv_cache, meta):
+        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(h))
+        if self.q_norm is not None:  # per head, before rotary (Qwen3)
+            T, d = q.shape[0], self.attn.head_dim
+            q = self.q_norm(q.reshape(T, -1, d)).reshape(T, -1)
+            k = self.k_norm(k.reshape(T, -1, d)).reshape(T, -1)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As HF does: normalise in float32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+class LlamaMLP(torch.nn.Module):
+    def __init__(self, m: "LlamaForCausalLM"):
+        super().__init__()
+        cfg = m.cfg
+        act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                                       bias=m.mlp_bias, tp=m.tp, what="intermediate_size")
+        self.act = ActAndMul(act, cfg.source)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=m.mlp_bias, tp=m.tp,
+                                           what="intermediate_size")
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, H, D]; cos/sin [T, 1, D] (both halves repeated, HF's rotate_half convention)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+class LlamaDecoderLayer(torch.nn.Module):
+    def __init__(self, m: "LlamaForCausalLM", i: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(m.cfg.hidden_size, m.eps)
+        self.self_attn = LlamaAttention(m, i)
+        self.post_attention_layernorm = RMSNorm(m.cfg.hidden_size, m.eps)
+        self.mlp = LlamaMLP(m)
+        self.residual_multiplier = m.residual_multiplier
+
+    def forward(self, positions, h, residual, kv_cache, meta):
+        """(h, residual) -> (h, residual): the residual add is done by the next norm (fused on GPU)."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, x, kv_cache, meta)
+        if self.residual_multiplier != 1.0:  # Granite scales each block's output before the add
+            h = h * self.residual_multiplier
+        x, residual = self.post_attention_layernorm(h, residual)
+        h = self.mlp(x)
+        return (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h), residual
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, cfg: LlamaConfig, attention_backend, dtype: torch.dtype, device: torch.device, tp=None):
+    def __init__(self, m: "LlamaForCausalLM"):
         super().__init__()
-        self.cfg = cfg
-        self.attn = attention_backend
-        self.dtype = dtype
-        self.device = device
-        self.attn_params = AttentionParams(scale=cfg.head_dim ** -0.5)
-        self.weights: dict[str, torch.Tensor] = {}
-        self.inv_freq = rope_inv_freq(cfg).to(device)
-        # Triton elementwise kernels on GPU (kernels/fused_norm.py, rotary.py, silu_mul.py); the rotary
-        # kernel needs a power-of-two half head size.
-        half = cfg.head_dim // 2
-        self.fused_elementwise = device.type == "cuda" and half >= 1 and (half & (half - 1)) == 0
-        # Tensor parallelism (services/engine/parallel.py): None on one device. Otherwise this rank holds
-        # its share of the heads, FFN and vocabulary (model/sharding.py) and the group all-reduces.
-        self.tp = tp
-        n = tp.world_size if tp is not None else 1
-        self.num_heads = cfg.num_attention_heads // n
-        self.num_kv_heads = cfg.num_key_value_heads // n
-        self.vocab_shard = -(-cfg.vocab_size // n)
-        self.vocab_start = tp.rank * self.vocab_shard if tp is not None else 0
+        cfg = m.cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, m.tp)
+        self.layers = torch.nn.ModuleList(m.make_layer(i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, m.eps)
 
-    # Loading -----------------------------------------------------------------------------------
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        cfg, w = self.cfg, {}
-        if self.tp is not None:
-            from services.engine.model.sharding import shard_checkpoint
 
-            tensors = shard_checkpoint(tensors, cfg, self.tp.rank, self.tp.world_size)
+class LlamaForCausalLM(CausalLM):
+    stacked_params = STACKED_QKV_GATE_UP
+    qk_norm = False
 
-        def get(name):
-            # pop: each source tensor is dropped as soon as it is placed, so peak memory stays near one copy
-            if name not in tensors:
-                raise ValueError(f"model: weight {name} missing from the checkpoint")
-            return tensors.pop(name).to(device=self.device, dtype=self.dtype)
+    def __init__(self, cfg, backend, tp=None):
+        super().__init__(cfg, backend, tp)
+        mt = cfg.model_type
+        self.eps = cfg.get("rms_norm_eps", 1e-6)
+        bias = cfg.get("attention_bias", mt == "qwen2")
+        self.qkv_bias = bool(cfg.get("qkv_bias", bias))  # InternLM3 names it qkv_bias
+        self.o_bias = bool(cfg.get("bias", bias)) if mt != "qwen2" else False  # Qwen2: q/k/v biases only
+        self.mlp_bias = bool(cfg.get("mlp_bias", False))
+        self.attention_scale = cfg.get("attention_multiplier", cfg.head_dim ** -0.5)  # Granite overrides
+        self.residual_multiplier = cfg.get("residual_multiplier", 1.0)
+        self.embedding_multiplier = cfg.get("embedding_multiplier", 1.0)
+        self.rotary = RotaryEmbedding(cfg, cfg.head_dim, rope_parameters(cfg))
+        self.model = LlamaModel(self)
+        self.final_norm = self.model.norm
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp,
+                                      tie_to=self.model.embed_tokens if cfg.tie_word_embeddings else None)
+        self.logits_processor = LogitsProcessor(cfg.vocab_size, 1.0 / cfg.get("logits_scaling", 1.0), tp=tp)
 
-        w["embed"] = get("model.embed_tokens.weight")
-        w["norm"] = get("model.norm.weight")
-        if "lm_head.weight" in tensors and not cfg.tie_word_embeddings:
-            w["lm_head"] = get("lm_head.weight")
-        else:
-            w["lm_head"] = w["embed"]
-        for i in range(cfg.num_hidden_layers):
-            p = f"model.layers.{i}."
-            w[f"{i}.qkv"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"], 0)
-            if cfg.attention_bias:
-                w[f"{i}.qkv_bias"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"], 0)
-            w[f"{i}.o"] = get(p + "self_attn.o_proj.weight")
-            w[f"{i}.gate_up"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
-            w[f"{i}.down"] = get(p + "mlp.down_proj.weight")
-            w[f"{i}.ln1"] = get(p + "input_layernorm.weight")
-            w[f"{i}.ln2"] = get(p + "post_attention_layernorm.weight")
-        self.weights = w
+    def make_layer(self, i: int) -> torch.nn.Module:
+        return LlamaDecoderLayer(self, i)
 
-    # Forward ------------------------------------------------------------------------------------
-    def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+    def uses_rope(self, i: int) -> bool:
+        no_rope = self.cfg.get("no_rope_layers")  # SmolLM3: 1 = this layer uses rotary, 0 = none
+        return bool(no_rope[i]) if no_rope else True
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden] (before the last norm)."""
-        if self.fused_elementwise:
-            return self._forward_fused(input_ids, positions, kv_caches, meta)
-        cfg, w, tp = self.cfg, self.weights, self.tp
-        T = input_ids.shape[0]
-        hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim
-        q_size, kv_size = hq * d, hkv * d
-        cos, sin = self.rope_cos_sin(positions)
-        h = F.embedding(input_ids, w["embed"]) if tp is None else self._embed_vocab_parallel(input_ids)
-        for i in range(cfg.num_hidden_layers):
-            x = rms_norm(h, w[f"{i}.ln1"], cfg.rms_norm_eps)
-            qkv = F.linear(x, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rope(q.view(T, hq, d), cos, sin)
-            k = apply_rope(k.view(T, hkv, d), cos, sin)
-            o = self.attn.forward(q, k, v.view(T, hkv, d), kv_caches[i], meta, self.attn_params)
-            o = F.linear(o.reshape(T, q_size), w[f"{i}.o"])
-            h = h + (o if tp is None else tp.all_reduce(o))  # row-parallel: sum the ranks' partial outputs
-            x = rms_norm(h, w[f"{i}.ln2"], cfg.rms_norm_eps)
-            gate, up = F.linear(x, w[f"{i}.gate_up"]).chunk(2, dim=-1)
-            down = F.linear(F.silu(gate) * up, w[f"{i}.down"])
-            h = h + (down if tp is None else tp.all_reduce(down))
-        return h
-
-    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                       meta: AttentionMetadata) -> torch.Tensor:
-        """The same computation with Triton kernels for the elementwise parts (GPU): residual add +
-        RMSNorm in one kernel, rotary in place on the fused qkv, SwiGLU in one kernel. A decode step
-        launches ~5 kernels per layer this way instead of ~40."""
-        from kernels.fused_norm import add_rms_norm
-        from kernels.rotary import rotary_inplace
-        from kernels.silu_mul import silu_mul
-
-        cfg, w, tp = self.cfg, self.weights, self.tp
-        T = input_ids.shape[0]
-        hq, hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim
-        q_size, kv_size = hq * d, hkv * d
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
-        h = F.embedding(input_ids, w["embed"]) if tp is None else self._embed_vocab_parallel(input_ids)
+    def run(self, input_ids, positions, kv_caches, meta):
+        h = self.model.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
         residual = None
-        eps = cfg.rms_norm_eps
-        for i in range(cfg.num_hidden_layers):
-            if residual is None:
-                residual = h
-                x = add_rms_norm(h, None, w[f"{i}.ln1"], eps)
-            else:
-                x = add_rms_norm(h, residual, w[f"{i}.ln1"], eps)  # residual += h (the last MLP output)
-            qkv = F.linear(x, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))
-            rotary_inplace(qkv, cos, sin, hq, hkv, d)
-            q = qkv[:, :q_size].view(T, hq, d)
-            k = qkv[:, q_size:q_size + kv_size].view(T, hkv, d)
-            v = qkv[:, q_size + kv_size:].view(T, hkv, d)
-            o = F.linear(self.attn.forward(q, k, v, kv_caches[i], meta, self.attn_params).reshape(T, q_size), w[f"{i}.o"])
-            x = add_rms_norm(o if tp is None else tp.all_reduce(o), residual, w[f"{i}.ln2"], eps)
-            h = F.linear(silu_mul(F.linear(x, w[f"{i}.gate_up"])), w[f"{i}.down"])
-            if tp is not None:
-                h = tp.all_reduce(h)
-        return residual + h
+        for i, layer in enumerate(self.model.layers):
+            h, residual = layer(positions, h, residual, kv_caches[i], meta)
+        return h + residual
 
-    def _embed_vocab_parallel(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Each rank looks up the ids in its vocabulary slice, zeros the rest; the sum over ranks is exact.
-        local = input_ids - self.vocab_start
-        outside = (local < 0) | (local >= self.vocab_shard)
-        x = F.embedding(local.masked_fill(outside, 0), self.weights["embed"])
-        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head on the selected rows, in float32 for sampling and logprobs."""
-        x = rms_norm(hidden, self.weights["norm"], self.cfg.rms_norm_eps)
-        logits = F.linear(x, self.weights["lm_head"])
-        if self.tp is not None:  # each rank has its vocabulary slice: gather them, drop the padding
-            logits = self.tp.all_gather_columns(logits)[:, :self.cfg.vocab_size]
-        return logits.float()
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

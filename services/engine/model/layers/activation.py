@@ -1,0 +1,53 @@
+"""Activation functions by their config.json names, and the gated forms (act(gate) * up) on a fused gate/up."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_fast(x):  # HF's FastGELUActivation
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _gelu_new(x):  # HF's NewGELUActivation (GPT-2)
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_python": F.gelu, "relu": F.relu,
+    "gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_new, "gelu_fast": _gelu_fast, "quick_gelu": _quick_gelu,
+}
+
+
+def get_activation(name: str, source: str = "config.json"):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{source}: activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class ActAndMul(torch.nn.Module):
+    """[T, 2 * inter] (gate then up) -> act(gate) * up. SiLU uses the fused Triton kernel when `fused`."""
+
+    def __init__(self, name: str, source: str = "config.json"):
+        super().__init__()
+        self.name, self.act = name, get_activation(name, source)
+        self.fused = False
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.act is F.silu and gate_up.dim() == 2:
+            from kernels.silu_mul import silu_mul
+
+            return silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up

@@ -1,0 +1,68 @@
+"""The attention layer as a model sees it: this rank's heads, the layer's AttentionParams (scale, sliding
+window, soft-cap, ALiBi slopes), and the call into the engine's attention backend over the paged cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from services.engine.attention.params import AttentionParams
+from services.engine.model.layers.parallel_state import rank_and_size
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The ALiBi paper's per-head slopes (BLOOM's and MPT's formula): a geometric sequence from 2^(-8/n)
+    for the closest power of two n, with the odd-indexed slopes of 2n appended for the remaining heads."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class Attention(torch.nn.Module):
+    """One layer's attention over this rank's heads. q, k, v come in as [T, heads * head_dim] (k already
+    rotated); the output goes out the same way, ready for the row-parallel output projection.
+
+    `alibi_slopes` are for all heads; this rank keeps its own."""
+
+    def __init__(self, backend, layer_index: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logit_softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None, tp=None):
+        super().__init__()
+        rank, n = rank_and_size(tp)
+        self.backend, self.layer_index = backend, layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads // n, num_kv_heads // n, head_dim
+        if alibi_slopes is not None:
+            alibi_slopes = alibi_slopes[rank * self.num_heads:(rank + 1) * self.num_heads].float()
+        self.params = AttentionParams(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                                      alibi_slopes=alibi_slopes)
+
+    def to_device(self, device: torch.device) -> None:
+        if self.params.alibi_slopes is not None:
+            p = self.params
+            self.params = AttentionParams(p.scale, p.sliding_window, p.logit_softcap, p.alibi_slopes.to(device), p.sinks)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta) -> torch.Tensor:
+        T, d = q.shape[0], self.head_dim
+        o = self.backend.forward(q.reshape(T, self.num_heads, d), k.reshape(T, self.num_kv_heads, d),
+                                 v.reshape(T, self.num_kv_heads, d), kv_cache, meta, self.params)
+        return o.reshape(T, self.num_heads * d)
+
+
+def layer_sliding_window(cfg, layer: int) -> int | None:
+    """The sliding window of layer `layer`: HF's `layer_types` when given ("sliding_attention" layers use
+    `sliding_window`), else `sliding_window` for every layer unless `use_sliding_window` is false."""
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types:
+        if len(types) != cfg.num_hidden_layers:
+            raise ValueError(f"{cfg.source}: field 'layer_types' has {len(types)} entries, expected "
+                             f"num_hidden_layers = {cfg.num_hidden_layers}")
+        return window if types[layer] == "sliding_attention" else None
+    if cfg.hf.get("use_sliding_window") is False:
+        return None
+    return window

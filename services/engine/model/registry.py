@@ -1,0 +1,57 @@
+"""config.json's `architectures` name -> the class that builds it (one file per family), and the refusals."""
+
+from __future__ import annotations
+
+import importlib
+
+# architecture -> (module under services/engine/model, class)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
+}
+
+# Architectures whose modelling code lives only in the checkpoint's repository (trust_remote_code):
+# Folio runs no code from a model directory, and transformers has no reference to test against.
+REMOTE_CODE_ONLY: dict[str, str] = {
+    "BaichuanForCausalLM": "Baichuan",
+    "BaiChuanForCausalLM": "Baichuan",
+    "DeciLMForCausalLM": "DeciLM",
+    "OrionForCausalLM": "Orion",
+}
+
+
+def model_class(hf: dict, source: str = "config.json"):
+    """The class for this config.json, or a ValueError that says why not."""
+    archs = hf.get("architectures")
+    if not archs or not isinstance(archs, list):
+        raise ValueError(f"{source}: field 'architectures' is missing (expected e.g. [\"LlamaForCausalLM\"])")
+    arch = archs[0]
+    if arch in REMOTE_CODE_ONLY:
+        raise ValueError(
+            f"{source}: architecture {arch} ({REMOTE_CODE_ONLY[arch]}) is implemented only by code shipped inside the "
+            f"checkpoint (trust_remote_code); Folio does not run code from model directories (docs/models.md)")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{source}: architecture {arch} is not supported (supported: {sorted(ARCHITECTURES)})")
+    module, cls = ARCHITECTURES[arch]
+    return getattr(importlib.import_module(f"services.engine.model.{module}"), cls)
+
+
+def model_config(hf: dict, source: str = "config.json"):
+    """The checked ModelConfig of this config.json (as its architecture reads it)."""
+    return model_class(hf, source).make_config(hf, source)
+
+
+def build_model(hf: dict, backend, dtype, device, tp=None, source: str = "config.json"):
+    """Construct the architecture's model on `device` in `dtype` with empty weights (load them next)."""
+    import torch
+
+    from services.engine.model.base import build_context
+
+    cls = model_class(hf, source)
+    cfg = cls.make_config(hf, source)
+    with build_context(dtype, device):
+        model = cls(cfg, backend, tp)
+    model.finish(device, fused_elementwise=torch.device(device).type == "cuda")
+    return model

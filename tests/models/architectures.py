@@ -1,0 +1,65 @@
+"""The architectures Folio serves, as the test suite builds them: each a tiny random-weight model made from
+transformers' own config class, with shapes that exercise what is peculiar about it.
+
+This list is the source of docs/models.md's table (scripts/models_table.py; a test checks they agree).
+Adding an architecture: its file under services/engine/model/, one line in the registry, one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# hidden 64, 2 layers: big enough for GQA and real head sizes, small enough for ~30 of them on 2 cores.
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class Arch:
+    id: str
+    """Test id and table row."""
+    architecture: str
+    """config.json's `architectures` name."""
+    config_class: str
+    """transformers' config class that builds the reference model."""
+    config: dict
+    """Overrides on transformers' defaults: the tiny shape plus the peculiarities to exercise."""
+    exercises: str
+    """What the test shape covers, for the table."""
+    attention: tuple[str, ...] = ()
+    """Attention variants this model needs from the backend (sliding_window, softcap, alibi, odd_head_dim):
+    each gets a pass through the Triton backend under the interpreter."""
+    tp2: bool = False
+    """Also checked with tensor_parallel_size=2 on CPU (gloo)."""
+    extra: dict = field(default_factory=dict)
+
+
+def cfg(**overrides) -> dict:
+    return {**BASE, **overrides}
+
+
+ARCHITECTURES: list[Arch] = [
+    Arch("llama", "LlamaForCausalLM", "LlamaConfig", cfg(tie_word_embeddings=False),
+         "GQA 4/2, head 16, untied LM head", tp2=True),
+    Arch("llama-3.1", "LlamaForCausalLM", "LlamaConfig",
+         cfg(tie_word_embeddings=True, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+         "llama3 rope scaling, tied embeddings"),
+    Arch("llama-linear-rope", "LlamaForCausalLM", "LlamaConfig",
+         cfg(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}, num_key_value_heads=1,
+             attention_bias=True, mlp_bias=True),
+         "linear rope scaling, MQA, attention and MLP biases"),
+    Arch("llama-dynamic-rope", "LlamaForCausalLM", "LlamaConfig",
+         cfg(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+         "dynamic-NTK rope (within the original context)"),
+    Arch("llama-yarn", "LlamaForCausalLM", "LlamaConfig",
+         cfg(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+             "original_max_position_embeddings": 128}),
+         "YaRN rope scaling (attention factor on cos/sin)"),
+    Arch("mistral", "MistralForCausalLM", "MistralConfig", cfg(sliding_window=None, head_dim=32),
+         "head_dim 32 != hidden / heads"),
+    Arch("qwen2", "Qwen2ForCausalLM", "Qwen2Config", cfg(tie_word_embeddings=True),
+         "q/k/v biases without o bias, tied embeddings", tp2=True),
+    Arch("qwen3", "Qwen3ForCausalLM", "Qwen3Config", cfg(head_dim=24),
+         "per-head q/k RMSNorm, head_dim 24"),
+]
