@@ -31,17 +31,20 @@ class LlamaAttention(torch.nn.Module):
         d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, hq, hkv, bias=m.qkv_bias, tp=tp)
         self.o_proj = RowParallelLinear(hq * d, cfg.hidden_size, bias=m.o_bias, tp=tp, what="attention heads")
-        self.q_norm = RMSNorm(d, m.eps) if m.qk_norm else None
-        self.k_norm = RMSNorm(d, m.eps) if m.qk_norm else None
+        self.q_norm, self.k_norm = m.make_qk_norms()
         self.rotary_emb = m.rotary if m.uses_rope(i) else None
         self.attn = Attention(m.backend, i, hq, hkv, d, m.attention_scale, layer_sliding_window(cfg, i), tp=tp)
+        self.qk_norm_per_head = m.qk_norm_per_head
 
     def forward(self, positions, h, kv_cache, meta):
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(h))
-        if self.q_norm is not None:  # per head, before rotary (Qwen3)
-            T, d = q.shape[0], self.attn.head_dim
-            q = self.q_norm(q.reshape(T, -1, d)).reshape(T, -1)
-            k = self.k_norm(k.reshape(T, -1, d)).reshape(T, -1)
+        if self.q_norm is not None:  # before rotary: per head (Qwen3, Cohere) or over all heads (OLMo 2)
+            if self.qk_norm_per_head:
+                T, d = q.shape[0], self.attn.head_dim
+                q = self.q_norm(q.reshape(T, -1, d)).reshape(T, -1)
+                k = self.k_norm(k.reshape(T, -1, d)).reshape(T, -1)
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
@@ -96,20 +99,21 @@ class LlamaModel(torch.nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     stacked_params = STACKED_QKV_GATE_UP
-    qk_norm = False
+    qk_norm_per_head = True
+    o_proj_bias = True
+    """Whether attention_bias also puts a bias on o_proj (Llama: yes; Qwen2, GLM: q/k/v only)."""
 
     def __init__(self, cfg, backend, tp=None):
         super().__init__(cfg, backend, tp)
         mt = cfg.model_type
-        self.eps = cfg.get("rms_norm_eps", 1e-6)
-        bias = cfg.get("attention_bias", mt == "qwen2")
-        self.qkv_bias = bool(cfg.get("qkv_bias", bias))  # InternLM3 names it qkv_bias
-        self.o_bias = bool(cfg.get("bias", bias)) if mt != "qwen2" else False  # Qwen2: q/k/v biases only
-        self.mlp_bias = bool(cfg.get("mlp_bias", False))
+        self.eps = cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6))
+        bias = bool(cfg.get("attention_bias", cfg.get("qkv_bias", mt == "qwen2")))  # InternLM3 says qkv_bias
+        self.qkv_bias, self.o_bias = bias, bias and self.o_proj_bias and mt != "qwen2"
+        self.mlp_bias = bool(cfg.get("mlp_bias", cfg.get("bias", False)))  # InternLM3 says bias
         self.attention_scale = cfg.get("attention_multiplier", cfg.head_dim ** -0.5)  # Granite overrides
         self.residual_multiplier = cfg.get("residual_multiplier", 1.0)
         self.embedding_multiplier = cfg.get("embedding_multiplier", 1.0)
-        self.rotary = RotaryEmbedding(cfg, cfg.head_dim, rope_parameters(cfg))
+        self.rotary = self.make_rotary()
         self.model = LlamaModel(self)
         self.final_norm = self.model.norm
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp,
@@ -118,6 +122,12 @@ class LlamaForCausalLM(CausalLM):
 
     def make_layer(self, i: int) -> torch.nn.Module:
         return LlamaDecoderLayer(self, i)
+
+    def make_rotary(self) -> RotaryEmbedding:
+        return RotaryEmbedding(self.cfg, self.cfg.head_dim, rope_parameters(self.cfg))
+
+    def make_qk_norms(self) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        return None, None
 
     def uses_rope(self, i: int) -> bool:
         no_rope = self.cfg.get("no_rope_layers")  # SmolLM3: 1 = this layer uses rotary, 0 = none
@@ -134,4 +144,6 @@ class LlamaForCausalLM(CausalLM):
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    qk_norm = True
+    def make_qk_norms(self):
+        d = self.cfg.head_dim
+        return RMSNorm(d, self.eps), RMSNorm(d, self.eps)

@@ -6,10 +6,23 @@ import importlib
 
 # architecture -> (module under services/engine/model, class)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),  # also Yi, Llama 2/3.x, SmolLM2
+    "AquilaForCausalLM": ("llama", "LlamaForCausalLM"),  # Aquila / Aquila2: Llama layout
+    "AquilaModel": ("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
+    "GraniteForCausalLM": ("llama", "LlamaForCausalLM"),  # multipliers read from config.json
+    "SmolLM3ForCausalLM": ("llama", "LlamaForCausalLM"),  # no_rope_layers
+    "InternLM3ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Phi3ForCausalLM": ("llama", "LlamaForCausalLM"),  # Phi-3, Phi-4: pre-fused qkv / gate_up, longrope
+    "Olmo2ForCausalLM": ("olmo2", "Olmo2ForCausalLM"),
+    "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
+    "GlmForCausalLM": ("glm", "GlmForCausalLM"),
+    "Glm4ForCausalLM": ("glm", "Glm4ForCausalLM"),
+    "GemmaForCausalLM": ("gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma", "Gemma3ForCausalLM"),
 }
 
 # Architectures whose modelling code lives only in the checkpoint's repository (trust_remote_code):

@@ -17,9 +17,11 @@ class RMSNorm(torch.nn.Module):
     `tp_sharded`: x is this rank's slice of a wider vector (OLMo 2's q/k norm over all heads); the mean
     square is all-reduced and the weight split like a column-parallel output."""
 
-    def __init__(self, size: int, eps: float, gemma: bool = False, tp=None, tp_sharded: bool = False):
+    def __init__(self, size: int, eps: float, gemma: bool = False, tp=None, tp_sharded: bool = False,
+                 scale_in_float32: bool = False):
         super().__init__()
         self.eps, self.gemma, self.tp = eps, gemma, tp if tp_sharded else None
+        self.scale_in_float32 = scale_in_float32  # OLMo 2 multiplies by w before casting back
         self.rank, self.tp_size = rank_and_size(self.tp)
         self.weight = torch.nn.Parameter(torch.empty(size // self.tp_size), requires_grad=False)
         self.weight.weight_loader = self._load if self.tp is not None else replicated_loader
@@ -32,7 +34,7 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
-        if self.fused and not self.gemma and self.tp is None and x.dim() == 2:
+        if self.fused and not (self.gemma or self.scale_in_float32) and self.tp is None and x.dim() == 2:
             from kernels.fused_norm import add_rms_norm
 
             if residual is None:
@@ -51,6 +53,8 @@ class RMSNorm(torch.nn.Module):
         xf = xf * torch.rsqrt(ms + self.eps)
         if self.gemma:
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        if self.scale_in_float32:
+            return (self.weight.float() * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
