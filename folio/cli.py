@@ -46,7 +46,7 @@ def _up(args) -> int:
     for extra in args.engine_arg or []:
         engine_args += extra.split()
     config = StackConfig(
-        engines=args.engines, model=args.model, host=args.host, router_port=args.port,
+        engines=args.engines, model=args.model, served_model_name=args.served_model_name, host=args.host, router_port=args.port,
         http_port=None if args.no_http else args.http_port,
         redis_url=args.redis_url, engine_args=engine_args, log_dir=args.log_dir, log_level=args.log_level,
         startup_timeout_s=args.startup_timeout,
@@ -68,7 +68,7 @@ def _up(args) -> int:
     t0 = time.monotonic()
     try:
         stack.start()
-        model = args.model or "SmolLM2-135M-Instruct (bundled)"
+        model = args.served_model_name or args.model or "SmolLM2-135M-Instruct (bundled)"
         lines = [f"Folio is up in {time.monotonic() - t0:.1f}s, serving {model}",
                  f"  router     grpc://{stack.router_address}   (folio.v1.Router; health + reflection)"]
         if not args.no_http:
@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("model-path", help="print the bundled model's HF directory").set_defaults(fn=_model_path)
 
     up = sub.add_parser("up", help="start Redis, the tokenizer, engine(s) and the router on this machine")
-    up.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
+    up.add_argument("--model", default=None,
+                    help="HF model directory or hub id (default: the bundled SmolLM2-135M-Instruct)")
+    up.add_argument("--served-model-name", default=None,
+                    help="the model name clients send and /v1/models lists (default: the hub id, or the directory's name)")
     up.add_argument("--engines", type=int, default=1, help="engine processes (default 1)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=50051, help="router gRPC port (default 50051; 0: any free port)")

@@ -67,7 +67,9 @@ def _with_parent_death_signal(argv: list[str]) -> list[str]:
 class StackConfig:
     engines: int = 1
     model: str | None = None
-    """HF model directory; None: the bundled SmolLM2-135M-Instruct."""
+    """HF model directory or hub id; None: the bundled SmolLM2-135M-Instruct."""
+    served_model_name: str | None = None
+    """The model name clients use (the tokenizer and every engine announce it); None: the model's own name."""
     host: str = "127.0.0.1"
     router_port: int = 50051
     """0: a free port."""
@@ -167,6 +169,8 @@ class Stack:
         args = ["--host", c.host, "--port", str(port), "--redis-url", self.redis_url, "--log-level", c.log_level]
         if c.model:
             args += ["--model", c.model]
+        if c.served_model_name:
+            args += ["--served-model-name", c.served_model_name]
         args += c.engine_args + (c.per_engine_args[i] if i < len(c.per_engine_args) else []) + (extra or [])
         env = {"CUDA_VISIBLE_DEVICES": str(i)} if c.cuda_per_engine else {}
         if "OMP_NUM_THREADS" not in {**os.environ, **c.env}:
@@ -185,6 +189,8 @@ class Stack:
             targs = ["--host", c.host, "--port", str(tport), "--log-level", c.log_level] + c.tokenizer_args
             if c.model:
                 targs += ["--model", c.model]
+            if c.served_model_name:
+                targs += ["--served-model-name", c.served_model_name]
             self.tokenizer_address = self._spawn("tokenizer", self._py("services.tokenizer", *targs),
                                                  f"{c.host}:{tport}").address
             for i in range(c.engines):

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
+
+# "gpt2", "Qwen/Qwen3-0.6B": one or two names of letters, digits, '-', '_', '.' (the hub's repo id rules).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def is_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.match(model)) and ".." not in model and not model.endswith(".")
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -16,15 +27,48 @@ def resolve_model_path(model: str | None) -> Path:
         if not (p / "config.json").exists():
             raise ValueError(f"model: {p} has no config.json (not an HF model directory)")
         return p
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_like_path:
-        raise ValueError(f"model: path {model!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
+    if p.exists():
+        raise ValueError(f"model: {model!r} is a file; expected a Hugging Face model directory or a hub id")
+    if not is_hub_id(model):
+        raise ValueError(f"model: path {model!r} does not exist (and it is not a hub id like 'gpt2' or 'org/name')")
+    return _download(model)
 
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
-    except Exception as e:  # no network, unknown repo, gated repo...
-        raise ValueError(
-            f"model: {model!r} is neither a local directory nor downloadable from the hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
-        ) from None
+
+def served_name(model: str | None, model_dir: Path) -> str:
+    """The name clients use by default: a hub id as given (as vLLM does), else the directory's name."""
+    if model is not None and is_hub_id(model) and not Path(model).expanduser().is_dir():
+        return model
+    return model_dir.name
+
+
+def _download(repo_id: str) -> Path:
+    """The hub's snapshot of `repo_id` (safetensors, configs, tokenizer): from the local cache if there, else
+    downloaded. Fails in seconds with one line when the hub is unreachable (no retries, no hub traceback)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_PATTERNS, local_files_only=True))
+    except Exception:
+        pass  # not cached (completely): fetch it
+    endpoint = constants.ENDPOINT
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"model: {repo_id!r} is not a local directory nor in the hub cache, and hub access is "
+                         f"switched off (HF_HUB_OFFLINE)")
+    if not _reachable(endpoint):
+        raise ValueError(f"model: {repo_id!r} is not a local directory nor in the hub cache, and the Hugging Face "
+                         f"hub ({endpoint}) could not be reached to download it")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_PATTERNS))
+    except Exception as e:  # unknown repo, gated repo, network dropped...
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise ValueError(f"model: {repo_id!r} could not be downloaded from {endpoint} ({type(e).__name__}: {detail})") from None
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((u.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False

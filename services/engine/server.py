@@ -15,6 +15,7 @@ from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
 from services.common import config as cfg, telemetry
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import NotFound, quote
+from services.common.model_location import served_name
 from services.common.server import GrpcServer, configure_logging
 from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.config import SERVED_DEFAULTS, EngineConfig
@@ -191,7 +192,7 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
     address = c.advertise_address or f"{host}:{server.port}"
     engine_id = c.engine_id or address
     engine = await asyncio.to_thread(LLMEngine, engine_config)
-    model_name = c.served_model_name or engine.model_dir.name
+    model_name = c.served_model_name or served_name(c.model, engine.model_dir)
     publisher = None
     aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap))
     aengine.start()

@@ -14,6 +14,7 @@ from pathlib import Path
 from protos.gen.folio.v1 import tokenizer_pb2 as pb, tokenizer_pb2_grpc
 from services.common import config as cfg, telemetry
 from services.common.errors import InvalidArgument, NotFound, quote
+from services.common.model_location import resolve_model_path, served_name
 from services.common.server import GrpcServer, configure_logging
 from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -41,7 +42,7 @@ def model_dir_of(model: str | None) -> Path:
         from services.common.bundled_model import ensure_bundled_model
 
         return ensure_bundled_model(quiet=True)
-    p = Path(model).expanduser()
+    p = resolve_model_path(model)  # a directory or a hub id
     if not (p / "tokenizer.json").exists():
         raise ValueError(f"model: no tokenizer.json in {p}")
     return p
@@ -145,7 +146,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
 async def serve(c: TokenizerConfig) -> None:
     model_dir = model_dir_of(c.model)
-    name = c.served_model_name or model_dir.name
+    name = c.served_model_name or served_name(c.model, model_dir)
     servicer = TokenizerServicer(Tokenizer(model_dir), name, context_length(model_dir))
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Tokenizer"].full_name], c.host, c.port)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server.server)
