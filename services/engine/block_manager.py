@@ -10,6 +10,10 @@ moves the bytes. Invariants (checked by `check_invariants`, used in tests):
     recently freed first. Taking a free block that still carries a hash evicts that cached prefix, and
     a block is only taken from the free queue, so a block some sequence holds is never evicted;
   * `num_evictable` counts the free blocks that carry a hash.
+With a sliding window (every layer of the model attends only to its last `sliding_window` positions), a
+sequence's leading blocks that no future query can see are released as soon as the step that slid past
+them is computed; their table entries become `SLID_OUT` (block id 0, never read unmasked: the
+attention backend masks positions outside the window), which no reference count or free queue knows.
 Block hashes are SHA-256 based (truncated to 128 bits): deterministic across processes and not
 forgeable by a client choosing prompt tokens, unlike Python's `hash` on small ints.
 """
@@ -45,6 +49,10 @@ def chain_hash(parent_hash: int | None, tokens: tuple[int, ...], namespace: obje
     h.update(b"|")
     h.update(array("q", tokens).tobytes())
     return int.from_bytes(h.digest()[:16], "little")
+
+
+SLID_OUT = Block(block_id=0, ref_count=-1)
+"""Table entry of a block released because the sliding window moved past it (not a pool block)."""
 
 
 class BlockPool:
@@ -132,16 +140,23 @@ class BlockTable:
     num_hashed: int = 0
     """Leading blocks whose hash is known (full and computed); `last_hash` is the last of them."""
     last_hash: int | None = None
+    num_slid_out: int = 0
+    """Leading entries released because the sliding window passed them (all SLID_OUT)."""
 
     def ids(self) -> list[int]:
         return [b.block_id for b in self.blocks]
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.block_size = block_size
+        self.sliding_window = sliding_window
+        """Set when every layer slides: blocks behind the window are released (see the module docstring)."""
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         self.tables: dict[int, BlockTable] = {}
@@ -167,6 +182,7 @@ class BlockManager:
         return self.tables[seq_id].ids()
 
     def num_held_blocks(self, seq_id: int) -> int:
+        """Table length in blocks (positions covered), slid-out entries included."""
         t = self.tables.get(seq_id)
         return len(t.blocks) if t else 0
 
@@ -259,11 +275,29 @@ class BlockManager:
         """The child shares every block of the parent (copy-on-write happens at the next append)."""
         src = self.tables[parent.seq_id]
         for b in src.blocks:
-            self.pool.acquire(b)
-        self.tables[child.seq_id] = BlockTable(list(src.blocks), src.num_hashed, src.last_hash)
+            if b is not SLID_OUT:
+                self.pool.acquire(b)
+        self.tables[child.seq_id] = BlockTable(list(src.blocks), src.num_hashed, src.last_hash, src.num_slid_out)
 
     def mark_computed(self, seq: HasTokens, namespace: object = None) -> None:
-        """Register the sequence's newly completed full blocks in the prefix cache."""
+        """Register the sequence's newly completed full blocks in the prefix cache; then, with a sliding
+        window, release the blocks it has slid past."""
+        self._register_full_blocks(seq, namespace)
+        if self.sliding_window is not None:
+            self._release_slid_out(seq)
+
+    def _release_slid_out(self, seq: HasTokens) -> None:
+        # Every later query sits at a position >= num_computed_tokens and sees keys from
+        # num_computed_tokens - window + 1 on: the blocks wholly before that are never read again.
+        table = self.tables[seq.seq_id]
+        first_needed = max(0, seq.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        while table.num_slid_out < first_needed:
+            i = table.num_slid_out
+            self.pool.release(table.blocks[i])
+            table.blocks[i] = SLID_OUT
+            table.num_slid_out += 1
+
+    def _register_full_blocks(self, seq: HasTokens, namespace: object) -> None:
         if not self.enable_prefix_caching:
             return
         table = self.tables[seq.seq_id]
@@ -285,7 +319,8 @@ class BlockManager:
         if table is None:
             return
         for b in reversed(table.blocks):
-            self.pool.release(b)
+            if b is not SLID_OUT:
+                self.pool.release(b)
 
     def reset_prefix_cache(self) -> None:
         self.pool.drop_cached_free_blocks()
@@ -294,7 +329,8 @@ class BlockManager:
     def check_invariants(self) -> None:
         refs = {b.block_id: 0 for b in self.pool.blocks}
         for t in self.tables.values():
-            for b in t.blocks:
+            assert all(b is SLID_OUT for b in t.blocks[:t.num_slid_out]), "slid-out entries must lead the table"
+            for b in t.blocks[t.num_slid_out:]:
                 refs[b.block_id] += 1
         for b in self.pool.blocks:
             assert b.ref_count == refs[b.block_id], f"block {b.block_id}: ref {b.ref_count} != {refs[b.block_id]}"

@@ -80,7 +80,8 @@ class LLMEngine:
             self.runner.warmup(self.max_model_len)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(min(config.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                   sliding_window=self.runner.model.kv_sliding_window)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, config.max_waiting_requests), self.blocks)
         self.sampler = Sampler(self.device, config.seed or 0)

@@ -99,3 +99,53 @@ ARCHITECTURES: list[Arch] = [
          "per-head (1 + w) q/k norms, local rope base for sliding layers, linear-scaled global rope",
          attention=("sliding_window",)),
 ]
+
+# Registry names served by the same code as a tested entry, with no separate test model.
+ALIASES: dict[str, str] = {"AquilaModel": "AquilaForCausalLM"}
+
+TABLE_BEGIN, TABLE_END = "<!-- models-table:begin -->", "<!-- models-table:end -->"
+GPU_RESULTS = "bench/results/models_gpu_bf16.json"
+
+
+def table_markdown(root=None) -> str:
+    """docs/models.md's table: one row per test model, with what is verified for it and where."""
+    import json
+    from pathlib import Path
+
+    from services.engine.model.registry import ARCHITECTURES as REGISTRY
+
+    root = Path(root or Path(__file__).resolve().parents[2])
+    gpu_file = root / GPU_RESULTS
+    gpu = json.loads(gpu_file.read_text())["models"] if gpu_file.exists() else {}
+    triton = {a.id for a in ARCHITECTURES if triton_pass(a)}
+    rows = ["| Architecture | Code | Test model: what it exercises | CPU fp32 vs transformers | Triton (interpreter) "
+            "| Tensor parallel (CPU, 2 ranks) | GPU bf16 vs transformers |",
+            "|---|---|---|---|---|---|---|"]
+    for a in ARCHITECTURES:
+        module = REGISTRY[a.architecture][0]
+        g = gpu.get(a.id)
+        gpu_cell = "yes (greedy + prompt logprobs, H200)" if g and g.get("ok") else ("**differs**" if g else "")
+        rows.append(f"| `{a.architecture}` | `model/{module}.py` | `{a.id}`: {a.exercises} | yes | "
+                    f"{'yes' if a.id in triton else ''} | {'yes' if a.tp2 else ''} | {gpu_cell} |")
+    aliases = ", ".join(f"`{k}` (as `{v}`)" for k, v in sorted(ALIASES.items()))
+    return "\n".join(rows) + f"\n\nAlso accepted: {aliases}.\n"
+
+
+def triton_pass(a: Arch) -> bool:
+    """Whether tests/models/test_triton_backend.py runs this model through the Triton backend."""
+    return a.id in TRITON_MODELS
+
+
+TRITON_MODELS: set[str] = set()
+
+
+if __name__ == "__main__":  # python -m tests.models.architectures: rewrite docs/models.md's table
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "models.md"
+    text = doc.read_text()
+    new = re.sub(f"{TABLE_BEGIN}.*?{TABLE_END}", lambda _: f"{TABLE_BEGIN}\n{table_markdown()}{TABLE_END}", text,
+                 flags=re.S)
+    doc.write_text(new)
+    print(f"wrote {doc}")

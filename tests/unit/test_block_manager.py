@@ -104,3 +104,28 @@ def test_release_too_often_is_caught():
     bm.pool.release(blk)
     with pytest.raises(AssertionError):
         bm.pool.release(blk)
+
+
+def test_sliding_window_releases_blocks_behind_the_window_and_forks_and_frees_cleanly():
+    from services.engine.block_manager import SLID_OUT
+
+    bm = BlockManager(12, 4, enable_prefix_caching=True, sliding_window=6)
+    s = seq_of(make_requests(20)[0])
+    bm.allocate(s, 8)
+    s.num_computed_tokens = 8
+    bm.mark_computed(s)  # next query at 8 sees keys 3..8: block 0 (0-3) is still needed
+    assert bm.num_held_blocks(s.seq_id) == 2 and bm.num_used_blocks() == 2
+    bm.append(s, 8)
+    s.num_computed_tokens = 16
+    bm.mark_computed(s)  # next query at 16 sees 11..16: blocks 0, 1 (0-7) slid out
+    table = bm.tables[s.seq_id]
+    assert table.blocks[:2] == [SLID_OUT, SLID_OUT] and bm.num_used_blocks() == 2
+    assert bm.num_evictable_blocks == 2  # released full blocks stay cached until evicted
+    child = seq_of(make_requests(20)[0])
+    child.num_computed_tokens = 16
+    bm.fork(s, child)
+    bm.check_invariants()
+    bm.free(s)
+    bm.free(child)
+    bm.check_invariants()
+    assert bm.num_free_blocks == 12

@@ -58,9 +58,13 @@ class CausalLM(torch.nn.Module):
         from services.engine.model.layers.rotary import RotaryEmbedding
 
         self._rotaries = [m for m in self.modules() if isinstance(m, RotaryEmbedding)]
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.to_device(device)
+        attns = [m for m in self.modules() if isinstance(m, Attention)]
+        for m in attns:
+            m.to_device(device)
+        windows = {m.params.sliding_window for m in attns}
+        self.kv_sliding_window = windows.pop() if len(windows) == 1 else None
+        """The window when every layer slides by the same one (Mistral): the block manager then frees
+        blocks behind it. None when any layer sees the whole context (Gemma 2/3 interleave global layers)."""
         self.set_fused_elementwise(fused_elementwise)
 
     def set_fused_elementwise(self, on: bool) -> None:
