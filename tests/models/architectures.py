@@ -136,9 +136,10 @@ def triton_pass(a: Arch) -> bool:
     return a.id in TRITON_MODELS
 
 
-TRITON_MODELS: set[str] = {"llama", "gemma"}
-"""Also run through the Triton backend: GQA (llama) and MQA with head_dim 32 (gemma). Sliding window, soft-cap
-and head sizes that are not powers of two join when the kernels support them."""
+TRITON_MODELS: set[str] = {"llama", "gemma", "qwen3", "mistral", "gemma2"}
+"""Also run through the Triton backend, one model per attention variant: GQA (llama), MQA with head_dim 32
+(gemma), head_dim 24, not a power of two (qwen3), sliding window (mistral), soft-cap with interleaved
+sliding layers (gemma2). ALiBi joins with BLOOM / MPT."""
 
 
 if __name__ == "__main__":  # python -m tests.models.architectures: rewrite docs/models.md's table

@@ -55,7 +55,8 @@ class Attention(torch.nn.Module):
 
 def layer_sliding_window(cfg, layer: int) -> int | None:
     """The sliding window of layer `layer`: HF's `layer_types` when given ("sliding_attention" layers use
-    `sliding_window`), else `sliding_window` for every layer unless `use_sliding_window` is false."""
+    `sliding_window`), else `sliding_window` for every layer unless `use_sliding_window` is false (or, with
+    `max_window_layers`, for the layers from that index on, as HF 4 read Qwen2 configs)."""
     window = cfg.get("sliding_window")
     types = cfg.get("layer_types")
     if types:
@@ -63,6 +64,9 @@ def layer_sliding_window(cfg, layer: int) -> int | None:
             raise ValueError(f"{cfg.source}: field 'layer_types' has {len(types)} entries, expected "
                              f"num_hidden_layers = {cfg.num_hidden_layers}")
         return window if types[layer] == "sliding_attention" else None
-    if cfg.hf.get("use_sliding_window") is False:
+    use = cfg.hf.get("use_sliding_window")
+    if use is False:
         return None
+    if use and cfg.get("max_window_layers") is not None:  # HF 4 Qwen2 / Qwen3: the layers from there on slide
+        return window if layer >= cfg.get("max_window_layers") else None
     return window

@@ -153,10 +153,11 @@ class RotaryEmbedding(torch.nn.Module):
         elif self.kind == "dynamic":
             base, factor, max_pos = self.dyn
             dim = self.rotary_dim
-            seq = (positions.float() + 1).clamp(min=max_pos)[:, None]
-            scaled_base = base * ((factor * seq / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+            # HF's rounding: the grown base in double, then 1 / base ** (2i / dim) in float32.
+            seq = (positions.double() + 1).clamp(min=max_pos)[:, None]
+            scaled_base = (base * ((factor * seq / max_pos) - (factor - 1)) ** (dim / (dim - 2))).float()
             expo = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
-            freqs = pos / scaled_base ** expo[None, :]
+            freqs = pos * (1.0 / scaled_base ** expo[None, :])
         cos, sin = freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
         self._cached = (positions, cos, sin)
         return cos, sin
