@@ -78,12 +78,18 @@ class CausalLM(torch.nn.Module):
         """A checkpoint tensor's name -> the Folio parameter name (before stacking); None to skip it."""
         return name
 
+    def adapt_tensor(self, name: str, t):
+        """A checkpoint tensor as Folio's layout wants it (e.g. `t.transposed()` for Conv1D weights)."""
+        return t
+
     def load_weights(self, checkpoint) -> None:
         params = dict(self.named_parameters())
         tied = self.cfg.tie_word_embeddings
         done: set[tuple[str, object]] = set()
         for t in checkpoint:
             name = self.checkpoint_name(t.name)
+            if name is not None:
+                t = self.adapt_tensor(name, t)
             if name is None or name.endswith(self.skip_tensors) or (tied and name == "lm_head.weight"):
                 continue
             target, shard = name, None

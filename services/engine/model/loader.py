@@ -59,6 +59,16 @@ class CheckpointTensor:
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         return self._reader((dim, start, length))
 
+    def transposed(self) -> "CheckpointTensor":
+        """The same 2-D tensor read as its transpose (GPT-2's Conv1D stores [in, out]); still lazy."""
+        def read(cut):
+            if cut is None:
+                return self._reader(None).t()
+            dim, start, length = cut
+            return self._reader((1 - dim, start, length)).t()
+
+        return CheckpointTensor(self.name, self.where, self.shape[::-1], read)
+
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor, where: str = "weights") -> "CheckpointTensor":
         def read(cut):
