@@ -25,18 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # ~0.2-0.4 B parameters: real head sizes and GQA ratios, small enough for seconds per model.
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-MODELS = {
+MODELS = {  # in run order: the first five cover the attention variants
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
               "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=128)),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=128, sliding_window=64, query_pre_attn_scalar=128)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=64)),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
-    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=256, num_key_value_heads=1)),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
     "cohere": ("CohereForCausalLM", "CohereConfig", dict(use_qk_norm=True, logit_scale=0.25)),
     "glm4": ("Glm4ForCausalLM", "Glm4Config", dict(head_dim=128)),
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=128, sliding_window=64, query_pre_attn_scalar=128)),
-    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=64)),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=256, num_key_value_heads=1)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),
 }
 PROMPT_LENS = (5, 17, 60, 120, 200, 333)
 NEW = 32
