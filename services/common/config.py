@@ -100,7 +100,7 @@ def add_args(parser, cls, defaults: dict | None = None, only: typing.Iterable[st
         base, allowed = _optional_of(typ), choices(typ)
         if typing.get_origin(base) in (list, tuple):
             parser.add_argument(_flag(f.name), action="append", help=f"{docs[f.name]} (repeatable)",
-                                **({} if forward else {"default": None}))
+                                default=argparse.SUPPRESS if forward else None)
             if not forward:
                 parser.set_defaults(**{f.name: default})
         elif base is bool:

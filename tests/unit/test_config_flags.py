@@ -85,6 +85,11 @@ def test_docstrings_become_help_and_literals_become_choices(capsys):
     assert "invalid choice: 'c'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"mode must be one of \('fast', 'slow'\), got 'medium'"):
         _Demo(mode="medium")
+    fwd = argparse.ArgumentParser()
+    cfg.add_args(fwd, _Demo, forward=True)
+    assert cfg.to_argv(_Demo, fwd.parse_args([])) == []  # nothing given, nothing passed on
+    given = ["--mode", "slow", "--names", "x", "--names", "y", "--no-on"]
+    assert cfg.to_argv(_Demo, fwd.parse_args(given)) == given
     with pytest.raises(TypeError, match="_Undocumented.size has no docstring"):
         cfg.add_args(argparse.ArgumentParser(), _Undocumented)
 
