@@ -45,6 +45,21 @@ SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
                        max_position_embeddings=8192, tie_word_embeddings=False),
+    # Other families (docs/models.md): their own architecture names, real shapes.
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960,
+                     tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "gemma-2-9b": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=3584,
+                       intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=256, vocab_size=256000, rope_theta=10000.0, max_position_embeddings=8192,
+                       tie_word_embeddings=True, sliding_window=4096, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+                       rms_norm_eps=1e-6),
+    "phi-3-mini": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=3072,
+                       intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       head_dim=96, vocab_size=32064, rope_theta=10000.0, max_position_embeddings=4096,
+                       tie_word_embeddings=False),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=1000, rope_theta=10000.0,
                  max_position_embeddings=4096, tie_word_embeddings=False),
@@ -52,8 +67,8 @@ SHAPES = {
 
 
 def write_config(shape: str, directory: Path) -> Path:
-    cfg = dict(SHAPES[shape], architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16", attention_bias=False)
+    cfg = dict(dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
+                    bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16", attention_bias=False), **SHAPES[shape])
     (directory / "config.json").write_text(json.dumps(cfg))
     return directory
 
@@ -183,13 +198,13 @@ def run_folio(model_dir, work, args):
 
 
 def run_hf(model_dir, work, args):
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(model_dir)
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
     with torch.device(args.device):
-        model = LlamaForCausalLM(cfg).eval()
+        model = AutoModelForCausalLM.from_config(cfg).eval()
     torch.set_default_dtype(torch.float32)
     work = work[:args.hf_requests] if args.hf_requests else work
     batch = args.hf_batch
