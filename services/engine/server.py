@@ -27,7 +27,7 @@ log = logging.getLogger("folio.engine.server")
 @dataclass
 class EngineServerConfig:
     served_model_name: str | None = None
-    """Model name clients use (default: the model directory's name)."""
+    """Model name clients use (default: the hub id as given, else the model directory's name)."""
     host: str = "127.0.0.1"
     """Address to bind."""
     port: int = 50060

@@ -24,9 +24,9 @@ log = logging.getLogger("folio.tokenizer")
 @dataclass
 class TokenizerConfig:
     model: str | None = None
-    """HF model directory (default: the bundled model)."""
+    """HF model directory or hub id (default: the bundled model)."""
     served_model_name: str | None = None
-    """Model name clients use (default: the directory's name)."""
+    """Model name clients use (default: the hub id as given, else the directory's name)."""
     host: str = "127.0.0.1"
     """Address to bind."""
     port: int = 50052
