@@ -131,7 +131,10 @@ class LlamaForCausalLM(CausalLM):
 
     def uses_rope(self, i: int) -> bool:
         no_rope = self.cfg.get("no_rope_layers")  # SmolLM3: 1 = this layer uses rotary, 0 = none
-        return bool(no_rope[i]) if no_rope else True
+        if no_rope:
+            return bool(no_rope[i])
+        interval = self.cfg.get("no_rope_layer_interval")  # HF's default pattern when the list is absent
+        return (i + 1) % interval != 0 if interval else True
 
     def run(self, input_ids, positions, kv_caches, meta):
         h = self.model.embed_tokens(input_ids)
