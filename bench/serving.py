@@ -91,9 +91,9 @@ def run_in_process(args, model_dir, reqs) -> dict:
             continue
         outs = engine.step()
         stamp = time.perf_counter()
-        for o in outs:
-            ts = times[o.request_id]
-            ts.extend([stamp] * (len(o.outputs[0].token_ids) - len(ts)))
+        for d in outs:  # token deltas: stamp each new token of the first sequence
+            ts = times[d.request_id]
+            ts.extend([stamp] * sum(len(s.token_ids) for s in d.sequences if s.index == 0))
     res = summarize(times, arrivals, time.perf_counter(), t0)
     del engine
     return res

@@ -77,11 +77,10 @@ def run_in_process(args, texts: list[str]) -> tuple[dict, dict[str, list[int]]]:
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter()
-        for o in outs:
-            got = o.outputs[0].token_ids
-            ts = times.setdefault(o.request_id, [])
-            ts.extend([now] * (len(got) - len(ts)))
-            ids[o.request_id] = list(got)
+        for d in outs:  # token deltas: stamp each new token of the first sequence
+            new = [t for s in d.sequences if s.index == 0 for t in s.token_ids]
+            times.setdefault(d.request_id, []).extend([now] * len(new))
+            ids.setdefault(d.request_id, []).extend(new)
     t_end = time.perf_counter()
     return summarize(times, t0, t_end), ids
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 
-from services.engine.engine import EngineConfig, LLMEngine
-from services.common.sampling_params import BeamSearchParams, SamplingParams
+from services.common.output_processor import OutputProcessor
 from services.common.outputs import RequestOutput
+from services.common.sampling_params import BeamSearchParams, SamplingParams
+from services.engine.beam_search import sampling_params_for
+from services.engine.engine import EngineConfig, LLMEngine
 
 PromptType = str | list[int] | dict
 
@@ -86,11 +88,16 @@ class LLM:
         raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(p).__name__}")
 
     def _run(self, items, use_tqdm: bool) -> list[RequestOutput]:
+        """Drive the engine until every request is done; the output processor turns its token deltas
+        into RequestOutputs (text, stop strings) and says which sequences a stop string ended, which
+        the engine then stops before its next step."""
         engine = self.engine
+        proc = OutputProcessor(engine.tokenizer)
         order, results = [], {}
         for text, ids, sp in items:
             rid = f"offline-{next(self._ids)}"
             engine.add_request(rid, text, sp, prompt_token_ids=ids)
+            proc.add_request(rid, text, ids, sampling_params_for(sp) if isinstance(sp, BeamSearchParams) else sp)
             order.append(rid)
         bar = None
         if use_tqdm and len(items) > 1:
@@ -99,8 +106,11 @@ class LLM:
             bar = tqdm(total=len(items), desc="Processed prompts", dynamic_ncols=True)
         try:
             while len(results) < len(order):
-                for out in engine.step(stream=False):
-                    if out.finished and out.request_id not in results:
+                for delta in engine.step():
+                    out, stopped = proc.process(delta)
+                    if stopped:
+                        engine.stop_sequences(delta.request_id, stopped)
+                    if out is not None and out.finished and out.request_id not in results:
                         results[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

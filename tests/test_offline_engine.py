@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from folio import LLM, SamplingParams
+from services.common.output_processor import OutputProcessor
 
 PROMPTS = [
     "The capital of France is",
@@ -111,18 +112,24 @@ def test_parallel_sampling_shares_prompt_blocks(llm):
     n_prompt_blocks = -(-len(ids) // engine.config.block_size)
     req = engine.add_request("share-test", None, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=20),
                              prompt_token_ids=ids)
-    engine.step()  # prefill, then fork into 4 and sample
+    proc = OutputProcessor(llm.get_tokenizer())  # the engine emits token deltas; accumulate them
+    proc.add_request("share-test", None, ids, req.params)
+    outs = []
+
+    def step():
+        outs.extend(out for out, _ in map(proc.process, engine.step()) if out is not None)
+
+    step()  # prefill, then fork into 4 and sample
     assert len(req.seqs) == 4
     tables = [engine.blocks.block_ids(s.seq_id) for s in req.seqs]
     assert all(t == tables[0] for t in tables)
     assert engine.blocks.num_used_blocks() == n_prompt_blocks  # shared, not 4x
-    engine.step()  # each writes its own token: the shared partial block is copied on write
+    step()  # each writes its own token: the shared partial block is copied on write
     tables = [engine.blocks.block_ids(s.seq_id) for s in req.seqs]
     assert len({t[0] for t in tables}) == 1  # the full prompt block stays shared
     assert engine.blocks.num_used_blocks() == 1 + 4 * (n_prompt_blocks - 1)
-    outs = []
     while engine.has_unfinished_requests():
-        outs += engine.step()
+        step()
     final = outs[-1]
     assert final.finished and len(final.outputs) == 4
     assert len({tuple(o.token_ids) for o in final.outputs}) > 1

@@ -42,11 +42,14 @@ def params_to_pb(sp: SamplingParams) -> pb.SamplingParams:
     return p
 
 
-def position_to_pb(entry: dict[int, Logprob] | None) -> pb.PositionLogprobs:
+def position_to_pb(entry: dict[int, Logprob] | None, token_text=None) -> pb.PositionLogprobs:
+    """`token_text(token_id)` gives decoded_token where the entry has none (the engine sends no text)."""
     if not entry:
         return pb.PositionLogprobs()
     return pb.PositionLogprobs(entries=[
-        pb.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank or 0, decoded_token=lp.decoded_token or "")
+        pb.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank or 0,
+                        decoded_token=lp.decoded_token if lp.decoded_token is not None else
+                        (token_text(t) if token_text is not None else ""))
         for t, lp in entry.items()])
 
 

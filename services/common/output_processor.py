@@ -149,7 +149,11 @@ class _RequestState:
 class OutputProcessor:
     """Accumulates the engine's per-step deltas into RequestOutputs over a local tokenizer (the
     offline API). A stop string ends a sequence here; `process` reports which, so the caller stops
-    them in the engine before its next step."""
+    them in the engine before its next step.
+
+    Not streaming, a request's one output comes when it finishes, holding everything. Streaming,
+    every delta gives an output holding only what is new (text, token ids, logprobs since the last
+    one, like vLLM's DELTA outputs), so a long stream costs linear time."""
 
     def __init__(self, tokenizer: Tokenizer | None, stream: bool = False):
         self.tokenizer = tokenizer
@@ -174,24 +178,31 @@ class OutputProcessor:
         if delta.prompt_logprobs is not None:
             req.prompt_logprobs = delta.prompt_logprobs
             fill_token_text(self.tokenizer, req.prompt_logprobs)
-        stopped = []
+        stopped, fresh = [], []
         for d in delta.sequences:
             seq = req.seqs.get(d.index)
             if seq is None:
                 incremental = self.stream or bool(req.params.stop)
                 seq = req.seqs[d.index] = _SeqState(d.index, SequenceText(self.tokenizer, req.params, incremental))
-            if seq.finish_reason is None and self._apply(seq, d):
+            if seq.finish_reason is not None:
+                continue  # ended by a stop string here: the engine's later news about it is moot
+            piece = self._apply(seq, d)
+            if seq.stop_reason is not None and isinstance(seq.stop_reason, str):
                 stopped.append(d.index)
-        n_expected = req.params.n
+            fresh.append((seq, d, piece))
         req.finished = delta.finished or (
-            len(req.seqs) >= n_expected and all(s.finish_reason is not None for s in req.seqs.values()))
-        out = self._output(req, delta) if (self.stream or req.finished) else None
+            len(req.seqs) >= req.params.n and all(s.finish_reason is not None for s in req.seqs.values()))
+        out = None
+        if self.stream:
+            out = self._delta_output(req, delta, fresh)
+        elif req.finished:
+            out = self._output(req, delta)
         if req.finished:
             del self.requests[req.request_id]
         return out, stopped
 
-    def _apply(self, seq: _SeqState, d: SequenceDelta) -> bool:
-        """Fold one sequence delta in; True when a stop string ended the sequence here."""
+    def _apply(self, seq: _SeqState, d: SequenceDelta) -> str:
+        """Fold one sequence delta in; returns the text it makes visible."""
         seq.token_ids.extend(d.token_ids)
         seq.cumulative_logprob = d.cumulative_logprob
         if d.logprobs is not None:
@@ -202,23 +213,34 @@ class OutputProcessor:
         n = len(seq.token_ids)
         # The EOS or stop token that ended the sequence is not searched for stop strings.
         ended_by_token = d.finish_reason == "stop"
-        seq.text.add(d.token_ids, n, check_stop=not ended_by_token)
+        piece = seq.text.add(d.token_ids, n, check_stop=not ended_by_token)
         if seq.text.stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", seq.text.stop_string
-            return True
-        if d.finish_reason is not None:
+        elif d.finish_reason is not None:
             seq.finish_reason, seq.stop_reason = d.finish_reason, d.stop_token_id
-            seq.text.finish(seq.token_ids, n)
-        return False
+            piece += seq.text.finish(seq.token_ids, n)
+        return piece
+
+    def _request_output(self, req: _RequestState, delta: RequestDelta, outs: list[CompletionOutput],
+                        prompt_logprobs) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            prompt_logprobs=prompt_logprobs, outputs=outs, finished=req.finished,
+            num_cached_tokens=delta.num_cached_tokens,
+            metrics={"arrival_time": delta.arrival_time, "first_scheduled_time": delta.first_scheduled_time,
+                     "first_token_time": delta.first_token_time})
 
     def _output(self, req: _RequestState, delta: RequestDelta) -> RequestOutput:
         outs = [CompletionOutput(index=s.index, text=s.text.text, token_ids=list(s.token_ids),
                                  cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
                                  finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                 for s in sorted(req.seqs.values(), key=lambda s: s.index)]
-        return RequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            prompt_logprobs=req.prompt_logprobs, outputs=outs, finished=req.finished,
-            num_cached_tokens=delta.num_cached_tokens,
-            metrics={"arrival_time": delta.arrival_time, "first_scheduled_time": delta.first_scheduled_time,
-                     "first_token_time": delta.first_token_time})
+        return self._request_output(req, delta, outs, req.prompt_logprobs)
+
+    def _delta_output(self, req: _RequestState, delta: RequestDelta, fresh) -> RequestOutput:
+        outs = [CompletionOutput(index=seq.index, text=piece, token_ids=list(d.token_ids),
+                                 cumulative_logprob=seq.cumulative_logprob,
+                                 logprobs=None if d.logprobs is None else list(d.logprobs),
+                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+                for seq, d, piece in fresh]
+        return self._request_output(req, delta, outs, delta.prompt_logprobs)

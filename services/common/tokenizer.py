@@ -1,6 +1,6 @@
 """Text <-> token ids for one model directory: encoding, chat templates and incremental detokenization.
 
-Shared by the offline engine (stop strings, output text) and the tokenizer service. Uses the
+Shared by the engine (prompt encoding), the output processor (text) and the tokenizer service. Uses the
 `tokenizers` library on the model's tokenizer.json and jinja2 for the chat template, so it needs no
 transformers import on the hot path.
 """
@@ -124,7 +124,6 @@ class IncrementalDetokenizer:
     tokenizer: Tokenizer
     skip_special_tokens: bool = True
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
     _prefix_offset: int = 0
     _read_offset: int = 0
 
@@ -138,7 +137,6 @@ class IncrementalDetokenizer:
             delta = full[len(prefix):]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
-        self.text += delta
         return delta
 
     def flush(self) -> str:
@@ -148,5 +146,4 @@ class IncrementalDetokenizer:
         full = tok.decode(self.token_ids[self._prefix_offset:], self.skip_special_tokens)
         delta = full[len(prefix):] if len(full) > len(prefix) else ""
         self._prefix_offset = self._read_offset = len(self.token_ids)
-        self.text += delta
         return delta

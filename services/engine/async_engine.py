@@ -1,9 +1,10 @@
 """Runs the synchronous LLMEngine in its own thread beside an asyncio server.
 
-The engine thread owns the LLMEngine: nothing else touches it. Requests and aborts reach it through
-a command queue drained before every step, so an abort takes effect within one step. Outputs go back
-to per-request asyncio queues with `loop.call_soon_threadsafe`. After every step the thread
-publishes an immutable `EngineLoad` snapshot (KV blocks, queue lengths) that Stats and the Redis
+The engine thread owns the LLMEngine: nothing else touches it. Requests and aborts reach it as typed
+commands (`AddCommand`, `AbortCommand`) on a queue drained before every step, so an abort takes
+effect within one step. Each step's token deltas go back to per-request asyncio queues with
+`loop.call_soon_threadsafe`. After every step the thread publishes an immutable `EngineLoad`
+snapshot (KV blocks, queue lengths) that Stats and the Redis
 publisher read without locking. torch releases the GIL inside its kernels, so the event loop stays
 responsive while a step runs.
 """
@@ -20,13 +21,32 @@ import dataclasses
 from services.common.engine_load import EngineLoad
 from services.engine.engine import LLMEngine
 from services.common.sampling_params import SamplingParams
-from services.common.outputs import RequestOutput
 
 log = logging.getLogger("folio.engine.loop")
 
 
 class EngineFailure(RuntimeError):
     """The engine step raised; the requests in flight are ended with this error."""
+
+
+@dataclasses.dataclass
+class AddCommand:
+    """Add a request; `done` resolves (or raises the engine's ValueError / QueueFullError) once it is in."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    done: asyncio.Future
+    outputs: asyncio.Queue
+    """Where the request's RequestDeltas (or an EngineFailure) arrive."""
+
+
+@dataclasses.dataclass
+class AbortCommand:
+    """Abort a request (no-op if unknown)."""
+
+    request_id: str
 
 
 class AsyncEngine:
@@ -56,18 +76,17 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           prompt: str | None = None) -> asyncio.Queue:
-        """Queue a request; returns the queue its outputs (RequestOutput, or an exception) arrive on.
+        """Queue a request; returns the queue its deltas (RequestDelta, or an exception) arrive on.
         Raises ValueError (bad input, naming the field) or QueueFullError like LLMEngine.add_request."""
-        fut = self._loop.create_future()
-        q: asyncio.Queue = asyncio.Queue()
-        self._cmds.append(("add", request_id, prompt, prompt_token_ids, params, fut, q))
+        cmd = AddCommand(request_id, prompt, prompt_token_ids, params, self._loop.create_future(), asyncio.Queue())
+        self._cmds.append(cmd)
         self._wake.set()
-        await fut
-        return q
+        await cmd.done
+        return cmd.outputs
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown); its blocks are freed before the next step."""
-        self._cmds.append(("abort", request_id))
+        self._cmds.append(AbortCommand(request_id))
         self._wake.set()
 
     async def stop(self) -> None:
@@ -100,22 +119,22 @@ class AsyncEngine:
         eng = self.engine
         while self._cmds:
             cmd = self._cmds.popleft()
-            if cmd[0] == "add":
-                _, rid, prompt, ids, params, fut, q = cmd
+            if isinstance(cmd, AddCommand):
                 try:
-                    eng.add_request(rid, prompt, params, prompt_token_ids=ids)
+                    eng.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids)
                 except Exception as e:  # noqa: BLE001 - ValueError / QueueFullError go to the caller
-                    self._resolve(fut, e)
+                    self._resolve(cmd.done, e)
                     continue
-                self._queues[rid] = q
-                self._admitted_pending.append(rid)
-                self._resolve(fut, None)
-            elif cmd[0] == "abort":
-                rid = cmd[1]
-                out = eng.abort_request(rid)
-                q = self._queues.pop(rid, None)
+                self._queues[cmd.request_id] = cmd.outputs
+                self._admitted_pending.append(cmd.request_id)
+                self._resolve(cmd.done, None)
+            elif isinstance(cmd, AbortCommand):
+                out = eng.abort_request(cmd.request_id)
+                q = self._queues.pop(cmd.request_id, None)
                 if q is not None and out is not None:
                     self._send(q, out)
+            else:
+                raise TypeError(f"unknown engine command {cmd!r}")
 
     def _run(self) -> None:
         eng = self.engine

@@ -20,7 +20,8 @@ one beam step runs:
      best live beam's score at its current length cannot beat the worst of them; "never" likewise
      but scored at max_tokens when length_penalty > 0.
 
-The output is the finished hypotheses, best score first; `cumulative_logprob` is the plain sum.
+The output is the finished hypotheses, best score first; `cumulative_logprob` is the plain sum. The
+engine reports them as token deltas; their text is the output processor's, like any other output's.
 
 Beams wait for each other: a beam whose logits arrived while a sibling was left out of the step (token
 budget) or preempted sits idle, holding its blocks, until the sibling catches up. A beam preempted while
@@ -55,13 +56,12 @@ class BeamSearch:
     """The beam state of one request; the engine feeds it logits and calls `advance` after each step."""
 
     def __init__(self, request: Request, params: BeamSearchParams, scheduler, eos_token_ids: frozenset[int],
-                 max_model_len: int, tokenizer=None):
+                 max_model_len: int):
         self.request = request
         self.params = params
         self.scheduler = scheduler
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
         self.max_model_len = max_model_len
-        self.tokenizer = tokenizer
         self.live: list[Sequence] = list(request.seqs)
         self.root = request.seqs[0]
         # Enough proposals per step that W survive even if every beam's EOS tokens are among them.
@@ -165,8 +165,6 @@ class BeamSearch:
             s = Sequence(req, i, list(req.prompt_token_ids) + h.token_ids, n_prompt,
                          status=SeqStatus.FINISHED, cumulative_logprob=h.cumulative_logprob,
                          finish_reason=h.finish_reason, num_cached_tokens=self.root.num_cached_tokens)
-            if self.tokenizer is not None:
-                s.text = self.tokenizer.decode(h.token_ids, skip_special_tokens=True)
             outs.append(s)
         req.seqs = outs
         self.live = []

@@ -1,19 +1,22 @@
-"""The engine loop: add requests, step (schedule -> forward -> sample -> stop checks), stream outputs.
+"""The engine loop: add requests, step (schedule -> execute -> sample -> update -> emit), emit token deltas.
 
 `LLMEngine` is synchronous and single-threaded; the offline `LLM` drives it in a loop and the gRPC
-engine service drives it from a background thread. Requests are validated here so both paths give
-the same errors.
+engine service drives it from a background thread. It speaks tokens only: it stops on EOS, stop
+token ids, min/max tokens and the context length, and each step emits per-sequence deltas (new token
+ids, logprobs, finish reasons). Text and stop strings belong to services/common/output_processor.py.
+Requests are validated here so both paths give the same errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import torch
 
 from services.common.engine_load import EngineLoad
-from services.common.tokenizer import IncrementalDetokenizer, Tokenizer
+from services.common.tokenizer import Tokenizer
 from services.engine.attention import default_backend
 from services.engine.beam_search import BeamSearch, sampling_params_for
 from services.engine.block_manager import BlockManager
@@ -22,11 +25,11 @@ from services.common.errors import quote
 from services.common.model_location import resolve_model_path
 from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
-from services.engine.request import Request, Sequence, SeqStatus
+from services.engine.request import Request, SampledToken
 from services.engine.sampler import Sampler
 from services.common.sampling_params import BeamSearchParams, SamplingParams
-from services.common.outputs import CompletionOutput, Logprob, RequestOutput
-from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from services.common.outputs import Logprob, RequestDelta, SequenceDelta
+from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("folio.engine")
 
@@ -82,10 +85,11 @@ class LLMEngine:
             self.runner.capture_decode_graphs(min(config.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    sliding_window=self.runner.model.kv_sliding_window)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, config.max_waiting_requests), self.blocks)
-        self.sampler = Sampler(self.device, config.seed or 0)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self._eos_from_config()
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, config.max_waiting_requests,
+                            self.max_model_len), self.blocks, eos_token_ids=self.eos_token_ids)
+        self.sampler = Sampler(self.device, config.seed or 0)
         self.requests: dict[str, Request] = {}
         self.step_timing: dict | None = None
         """Set to {} to accumulate seconds per step phase (adds a GPU sync per step: measurement only)."""
@@ -156,30 +160,35 @@ class LLMEngine:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
         req = Request(request_id, prompt, prompt_token_ids, params)
         if beam_params is not None:
-            req.beam = BeamSearch(req, beam_params, self.scheduler, self.eos_token_ids, self.max_model_len, self.tokenizer)
-        self._init_seq(req.seqs[0])
+            req.beam = BeamSearch(req, beam_params, self.scheduler, self.eos_token_ids, self.max_model_len)
         self.scheduler.add(req.seqs[0])
         self.requests[request_id] = req
         return req
 
-    def _init_seq(self, seq: Sequence) -> None:
-        if seq.params.logprobs is not None:
-            seq.logprobs = []
-        if self.tokenizer is not None and seq.params.stop:
-            # Stop strings need the text as it grows; otherwise the text is decoded once, at the end.
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
-
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks. Returns its last output, or None if unknown."""
-        req = self.requests.pop(request_id, None)
+    def abort_request(self, request_id: str) -> RequestDelta | None:
+        """Stop a request now and free its blocks. Returns its last delta, or None if unknown."""
+        req = self.requests.get(request_id)
         if req is None:
             return None
         req.aborted = True
         for seq in req.seqs:
             if not seq.finished:
-                self._finish(seq, "abort")
-            self.sampler.forget(seq.seq_id)
-        return self._output(req)
+                self.scheduler.finish(seq, "abort")
+        return self._emit(req)
+
+    def stop_sequences(self, request_id: str, indexes: list[int]) -> None:
+        """End some of a request's sequences now, as the caller decided (a stop string its output
+        processor found): their blocks are freed and no delta reports them again. The request ends
+        once all of its sequences have."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.index in indexes and not seq.finished:
+                self.scheduler.finish(seq, "stop")
+                seq.finish_emitted = True
+        if req.finished:
+            self._forget(req)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (a one-process engine holds nothing to release)."""
@@ -203,114 +212,83 @@ class LLMEngine:
         )
 
     # --- the step --------------------------------------------------------------------------------
-    def step(self, stream: bool = True) -> list[RequestOutput]:
-        """Run one scheduling step; return outputs of the requests that advanced or finished
-        (only of those that finished when `stream` is False: the offline API needs no more)."""
-        timing = self.step_timing
-        t0 = time.perf_counter() if timing is not None else 0.0
-        out = self.scheduler.schedule()
+    def step(self) -> list[RequestDelta]:
+        """Run one scheduling step: schedule -> execute -> sample -> update -> emit. Returns the deltas
+        of the requests that advanced or finished (tokens only: text is the output processor's)."""
+        with self._phase("schedule"):
+            out = self.scheduler.schedule()
         if not out:
             return self._unblock()
-        if timing is not None:
-            t1 = time.perf_counter()
-        tables = [self.blocks.block_ids(s.seq.seq_id) for s in out.scheduled]
-        if out.block_copies:
-            self.runner.copy_blocks(out.block_copies)
-        inputs = self.runner.prepare(out, tables)
-        if timing is not None:
-            t2 = time.perf_counter()
-        logits = self.runner.execute(inputs)
-        if timing is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # only when measuring: attribute GPU time to the forward
-            t3 = time.perf_counter()
-        now = time.monotonic()
+        with self._phase("prepare"):
+            if out.block_copies:
+                self.runner.copy_blocks(out.block_copies)
+            inputs = self.runner.prepare(out, [self.blocks.block_ids(s.seq.seq_id) for s in out.scheduled])
+        with self._phase("forward", sync=True):
+            logits = self.runner.execute(inputs)
+        with self._phase("sample_update"):
+            sampled, beam_reqs = self._sample(out, logits)
+            touched = self.scheduler.update_from_output(out, sampled, time.monotonic())
+            for req in beam_reqs:
+                if req.beam.advance():  # beams report once, when the search is over
+                    touched[req.request_id] = req
+            deltas = [self._emit(req) for req in touched.values()]
+        if self.step_timing is not None:
+            self.step_timing["steps"] = self.step_timing.get("steps", 0) + 1
+        return deltas
 
-        self.scheduler.after_step(out)  # advance num_computed_tokens (forks below copy it)
+    @contextlib.contextmanager
+    def _phase(self, name: str, sync: bool = False):
+        """Add the block's seconds to step_timing[name] when measuring (a GPU sync for the forward, so
+        its time is not billed to the next phase)."""
+        timing = self.step_timing
+        if timing is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - t0
 
-        to_sample: list[Sequence] = []
-        sample_rows: list[int] = []
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> tuple[dict[int, list[SampledToken]], list[Request]]:
+        """Record prompt logprobs, feed beams their rows and sample the rest, reading the rows the
+        scheduler assigned. A request whose prompt just completed samples all n of its sequences
+        from its row (the scheduler forks the siblings when it appends them)."""
+        seqs, rows, indexes = [], [], []
         beam_reqs: dict[str, Request] = {}
-        row = 0
         for s in out.scheduled:
-            seq, n = s.seq, s.num_new_tokens
-            req = seq.request
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-            start = seq.num_computed_tokens - n
-            caught_up = seq.num_computed_tokens == seq.num_tokens
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                self._record_prompt_logprobs(req, logits[row:row + n], start)
-                row += n
-                last = row - 1
-            elif caught_up:
-                last = row
-                row += 1
-            if caught_up and req.beam is not None:  # beam search picks the tokens (beam_search.py)
-                req.beam.add_logits(seq, logits[last])
+            seq, req = s.seq, s.seq.request
+            if s.prompt_logprob_rows:
+                self._record_prompt_logprobs(req, logits[s.prompt_logprob_rows.start:s.prompt_logprob_rows.stop],
+                                             seq.num_computed_tokens)
+            if s.sample_row is None:
+                continue
+            if req.beam is not None:  # beam search picks the tokens (beam_search.py)
+                req.beam.add_logits(seq, logits[s.sample_row])
                 beam_reqs[req.request_id] = req
-            elif caught_up:
-                to_sample.append(seq)
-                sample_rows.append(last)
-                if req.needs_fork:  # n > 1: the prompt is computed once, then shared by n sequences
-                    for child in self._fork(req, seq):
-                        to_sample.append(child)
-                        sample_rows.append(last)
+                continue
+            for i in range(seq.index, seq.index + 1 + (req.params.n - len(req.seqs))):
+                seqs.append(seq)
+                rows.append(s.sample_row)
+                indexes.append(i)
+        sampled: dict[int, list[SampledToken]] = {}
+        if seqs:
+            if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            result = self.sampler(logits, seqs, self.eos_token_ids, indexes)
+            for i, seq in enumerate(seqs):
+                sampled.setdefault(seq.seq_id, []).append(
+                    SampledToken(result.token_ids[i], result.logprobs[i], result.top[i]))
+        return sampled, list(beam_reqs.values())
 
-        touched: dict[str, Request] = {}
-        if to_sample:
-            if sample_rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
-                logits = logits[torch.tensor(sample_rows, device=logits.device)]
-            result = self.sampler(logits, to_sample, self.eos_token_ids)
-            for i, seq in enumerate(to_sample):
-                self._append_token(seq, result.token_ids[i], result.logprobs[i], result.top[i])
-                if seq.request.first_token_time is None:
-                    seq.request.first_token_time = now
-                touched[seq.request.request_id] = seq.request
-        for req in beam_reqs.values():
-            if req.beam.advance():  # beams report once, when the search is over
-                touched[req.request_id] = req
-        if timing is not None:
-            t4 = time.perf_counter()
-            for k, v in (("schedule", t1 - t0), ("prepare", t2 - t1), ("forward", t3 - t2), ("sample_update", t4 - t3)):
-                timing[k] = timing.get(k, 0.0) + v
-            timing["steps"] = timing.get("steps", 0) + 1
-        outputs = []
-        for req in touched.values():
-            finished = req.finished
-            if stream or finished:
-                outputs.append(self._output(req))
-            if finished:
-                self.requests.pop(req.request_id, None)
-                for seq in req.seqs:
-                    self.sampler.forget(seq.seq_id)
-        return outputs
-
-    def _unblock(self) -> list[RequestOutput]:
+    def _unblock(self) -> list[RequestDelta]:
         """Nothing could be scheduled. If nothing runs, the head of the queue can never fit in the
         pool: end it (finish reason "length") rather than spin."""
         if self.scheduler.running or not self.scheduler.waiting:
             return []
         seq = self.scheduler.waiting[0]
-        self._finish(seq, "length")
-        req = seq.request
-        outputs = [self._output(req)]
-        if req.finished:
-            self.requests.pop(req.request_id, None)
-        return outputs
-
-    def _fork(self, req: Request, parent: Sequence) -> list[Sequence]:
-        children = []
-        while req.needs_fork:
-            child = Sequence(req, len(req.seqs), list(parent.token_ids), parent.num_prompt_tokens,
-                             num_computed_tokens=parent.num_computed_tokens)
-            child.num_cached_tokens = parent.num_cached_tokens
-            self._init_seq(child)
-            self.blocks.fork(parent, child)
-            self.scheduler.add_running(child, after=children[-1] if children else parent)
-            req.seqs.append(child)
-            children.append(child)
-        return children
+        self.scheduler.finish(seq, "length")
+        return [self._emit(seq.request)]
 
     def _record_prompt_logprobs(self, req: Request, chunk_logits: torch.Tensor, start: int) -> None:
         seq = req.seqs[0]
@@ -323,72 +301,42 @@ class LLMEngine:
                 continue  # past the prompt, or already recorded before a preemption
             tok = seq.token_ids[p]
             row = lp[j]
-            entry = {tok: Logprob(row[tok].item(), int((row > row[tok]).sum().item()) + 1, self._tok_text(tok))}
+            entry = {tok: Logprob(row[tok].item(), int((row > row[tok]).sum().item()) + 1)}
             if k:
                 vals, ids = row.topk(k)
                 for r, (t, v) in enumerate(zip(ids.tolist(), vals.tolist())):
-                    entry.setdefault(t, Logprob(v, r + 1, self._tok_text(t)))
+                    entry.setdefault(t, Logprob(v, r + 1))
             req.prompt_logprobs.append(entry)
 
-    def _tok_text(self, token_id: int) -> str | None:
-        return self.tokenizer.decode_token(token_id) if self.tokenizer else None
-
-    def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
-        p = seq.params
-        seq.token_ids.append(token)
-        seq.cumulative_logprob += logprob
-        if seq.logprobs is not None and top is not None:
-            ids, lps, rank = top
-            entry = {token: Logprob(logprob, rank, self._tok_text(token))}
-            for r, (t, v) in enumerate(zip(ids, lps)):
-                entry.setdefault(t, Logprob(v, r + 1, self._tok_text(t)))
-            seq.logprobs.append(entry)
-        n_out = seq.num_output_tokens
-        reason, stop = None, None
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                reason = "stop"
-            elif token in p.stop_token_ids:
-                reason, stop = "stop", token
-        if seq.detok is not None:
-            delta = seq.detok.add([token])
-            seq.text = seq.detok.text
-            if reason is None and p.stop and n_out >= p.min_tokens and delta:
-                hit = p.find_stop(seq.text, len(delta))
-                if hit is not None:
-                    idx, s = hit
-                    seq.text = seq.text[:idx + len(s)] if p.include_stop_str_in_output else seq.text[:idx]
-                    reason, stop = "stop", s
-        if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
-                               or seq.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            self._finish(seq, reason, stop)
-
-    def _finish(self, seq: Sequence, reason: str, stop: int | str | None = None) -> None:
-        """End a sequence: settle its text, free its blocks."""
-        seq.finish_reason, seq.stop_reason = reason, stop
-        if seq.detok is not None:
-            if not isinstance(stop, str):  # a stop string already cut the text
-                seq.text += seq.detok.flush()
-        elif self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
-        self.scheduler.finish(seq)
-
-    def _output(self, req: Request) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-            )
-            for s in req.seqs
-        ]
+    def _emit(self, req: Request) -> RequestDelta:
+        """What `req` produced since its last delta: new tokens and logprobs per sequence, finish
+        reasons once, prompt logprobs once. Forgets the request once it has finished."""
+        seqs = []
+        for s in req.seqs:
+            n_out = s.num_output_tokens
+            new = n_out - s.num_emitted_tokens
+            report_finish = s.finish_reason is not None and not s.finish_emitted
+            if new <= 0 and not report_finish:
+                continue
+            first = s.num_prompt_tokens + s.num_emitted_tokens
+            seqs.append(SequenceDelta(
+                index=s.index, token_ids=s.token_ids[first:], cumulative_logprob=s.cumulative_logprob,
+                logprobs=None if s.logprobs is None else s.logprobs[s.num_emitted_tokens:n_out],
+                finish_reason=s.finish_reason if report_finish else None,
+                stop_token_id=s.stop_reason if report_finish else None))
+            s.num_emitted_tokens = n_out
+            s.finish_emitted = s.finish_emitted or report_finish
         finished = req.aborted or req.finished
-        return RequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            prompt_logprobs=req.prompt_logprobs, outputs=outs, finished=finished,
-            num_cached_tokens=req.seqs[0].num_cached_tokens,
-            metrics={"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
-                     "first_token_time": req.first_token_time},
-        )
+        prompt_lps = None
+        if req.prompt_logprobs is not None and seqs and not req.prompt_logprobs_emitted:
+            prompt_lps, req.prompt_logprobs_emitted = req.prompt_logprobs, True
+        if finished:
+            self._forget(req)
+        return RequestDelta(request_id=req.request_id, sequences=seqs, finished=finished, prompt_logprobs=prompt_lps,
+                            num_cached_tokens=req.seqs[0].num_cached_tokens, arrival_time=req.arrival_time,
+                            first_scheduled_time=req.first_scheduled_time, first_token_time=req.first_token_time)
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        for seq in req.seqs:
+            self.sampler.forget(seq)

@@ -25,8 +25,8 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logit_rows: torch.Tensor
-    """Flat token indices whose logits are needed: the last token of each sequence that caught up
-    (to sample), and every token of a prompt whose prompt_logprobs were asked for."""
+    """Flat token indices whose logits are needed, in the order of the scheduler's logits rows
+    (ScheduledSeq.prompt_logprob_rows / sample_row)."""
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -76,10 +76,11 @@ class ModelRunner:
                 pos += range(start, start + n)
             q_lens.append(n)
             s_lens.append(start + n)
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                # Logits of every prompt position in this chunk (the last one also samples if caught up).
+            # The rows the scheduler assigned (ScheduledSeq): every position of a prompt-logprobs chunk,
+            # else the last token of a sequence this step catches up.
+            if s.prompt_logprob_rows:
                 rows += range(base, base + n)
-            elif start + n == seq.num_tokens:
+            elif s.sample_row is not None:
                 rows.append(base + n - 1)
         n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
         max_blocks = -(-int(n_blocks.max()) // 16) * 16  # a steady row stride for the kernels

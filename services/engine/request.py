@@ -1,4 +1,4 @@
-"""What the engine tracks per request and per sequence. No torch here."""
+"""What the engine tracks per request and per sequence, in tokens (text is the output processor's). No torch here."""
 
 from __future__ import annotations
 
@@ -8,6 +8,17 @@ import time
 from dataclasses import dataclass, field
 
 from services.common.sampling_params import SamplingParams
+
+
+@dataclass
+class SampledToken:
+    """One token the sampler picked for a sequence."""
+
+    token_id: int
+    logprob: float
+    """Raw log-probability of the token."""
+    top: tuple[list[int], list[float], int] | None = None
+    """When logprobs were asked: (top ids, their logprobs, rank of the sampled token)."""
 
 _seq_ids = itertools.count()
 
@@ -34,11 +45,18 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: list | None = None
     finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    text: str = ""
-    detok: object | None = None
+    stop_reason: int | None = None
+    """The stop token id that ended the sequence, if one did."""
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    num_emitted_tokens: int = 0
+    """Output tokens already sent out in a delta (the next delta starts after them)."""
+    finish_emitted: bool = False
+    """The finish reason went out (or the caller ended the sequence itself): nothing more to send."""
+
+    def __post_init__(self) -> None:
+        if self.logprobs is None and self.request.params.logprobs is not None:
+            self.logprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +95,7 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     aborted: bool = False
+    prompt_logprobs_emitted: bool = False
     beam: object | None = None
     """The BeamSearch state (services/engine/beam_search.py) of a beam-search request, else None."""
 

@@ -30,23 +30,30 @@ class Sampler:
         self.device = device
         self._global = torch.Generator(device=device)
         self._global.manual_seed(seed)
-        self._seeded: dict[int, torch.Generator] = {}
+        self._seeded: dict[tuple[str, int], torch.Generator] = {}
+        """(request id, sample index) -> the sample's own generator (seeded requests only)."""
 
-    def forget(self, seq_id: int) -> None:
-        self._seeded.pop(seq_id, None)
+    def forget(self, seq: Sequence) -> None:
+        self._seeded.pop((seq.request.request_id, seq.index), None)
 
-    def _generator(self, seq: Sequence) -> torch.Generator:
-        g = self._seeded.get(seq.seq_id)
+    def _generator(self, seq: Sequence, index: int) -> torch.Generator:
+        key = (seq.request.request_id, index)
+        g = self._seeded.get(key)
         if g is None:
             g = torch.Generator(device=self.device)
             # Each of the n samples of a seeded request gets its own stream, fixed by (seed, index).
-            g.manual_seed((seq.params.seed * 1_000_003 + seq.index) % (2**63))
-            self._seeded[seq.seq_id] = g
+            g.manual_seed((seq.params.seed * 1_000_003 + index) % (2**63))
+            self._seeded[key] = g
         return g
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> SampleResult:
-        """logits [N, V] float32, one row per sequence to extend."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int],
+                 indexes: list[int] | None = None) -> SampleResult:
+        """logits [N, V] float32, one row per sequence to extend. `indexes` (default: each sequence's
+        own) names the sample a row is for: a prompt about to fork into n samples appears n times,
+        once per sample index, all with the prompt's row."""
         n, vocab = logits.shape
+        if indexes is None:
+            indexes = [s.index for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         x = logits
         if any(s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs):
@@ -71,7 +78,7 @@ class Sampler:
             unseeded = []
             for j, i in enumerate(r_rows):
                 if seqs[i].params.seed is not None:
-                    noise[j].exponential_(generator=self._generator(seqs[i]))
+                    noise[j].exponential_(generator=self._generator(seqs[i], indexes[i]))
                 else:
                     unseeded.append(j)
             if unseeded:

@@ -5,6 +5,11 @@ advances `num_computed_tokens` towards `len(token_ids)`, taking at most what is 
 token budget. Running sequences go first (oldest first), so a decode is never starved by new
 prompts; when blocks run out the newest running sequence is preempted (its blocks freed, to be
 recomputed later). Waiting sequences are admitted in arrival order while blocks and budget allow.
+
+The scheduler's output also says which rows of the step's logits belong to whom (`ScheduledSeq`),
+one rule read by the model runner (which rows to compute) and the engine (which to sample), and
+`update_from_output` takes the sampled tokens back: it appends them, applies the token-level stops
+(EOS, stop token ids, min/max tokens, context length) and forks the n > 1 samples of a prompt.
 No torch here.
 """
 
@@ -14,8 +19,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.common.errors import QueueFullError
+from services.common.outputs import Logprob
 from services.engine.block_manager import BlockManager
-from services.engine.request import Sequence, SeqStatus
+from services.engine.request import Request, SampledToken, Sequence, SeqStatus
 
 
 @dataclass
@@ -26,6 +32,8 @@ class SchedulerConfig:
     """Token budget of one step (prefill chunks plus decodes)."""
     max_waiting: int | None = None
     """Bound on waiting sequences; None means unbounded (the offline API)."""
+    max_model_len: int | None = None
+    """A sequence that reaches this many tokens ends with finish reason "length"; None: no limit here."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -40,6 +48,10 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
+    prompt_logprob_rows: range = range(0)
+    """Rows of the step's logits holding this chunk's prompt positions (when prompt_logprobs were asked)."""
+    sample_row: int | None = None
+    """The logits row that predicts the sequence's next token, when this step catches it up."""
 
 
 @dataclass
@@ -48,6 +60,8 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """Copy-on-write (src, dst) block pairs to run before the step's forward pass."""
     preempted: list[Sequence] = field(default_factory=list)
+    num_logit_rows: int = 0
+    """How many logits rows the step computes (see ScheduledSeq)."""
 
     @property
     def num_tokens(self) -> int:
@@ -58,10 +72,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, cache_namespace: object = None):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, cache_namespace: object = None,
+                 eos_token_ids: frozenset[int] = frozenset()):
         self.config = config
         self.blocks = block_manager
         self.namespace = cache_namespace
+        self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -79,21 +95,25 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self.running.insert(self.running.index(after) + 1, seq)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """`child`, a copy of `parent`'s tokens, joins the queue right after it (beam search). A
-        running parent shares its blocks (copy-on-write at the next append); a waiting (preempted)
-        parent has none, and the child waits to be computed like it."""
+    def fork(self, parent: Sequence, child: Sequence, after: Sequence | None = None) -> None:
+        """`child`, a copy of `parent`'s tokens, joins the queue right after it (or after `after`, an
+        earlier sibling), for beam search and n > 1 sampling alike. A running parent shares its blocks
+        (copy-on-write at the next append); a waiting (preempted) parent has none, and the child waits
+        to be computed like it."""
+        child.num_cached_tokens = parent.num_cached_tokens
         if parent.status is SeqStatus.RUNNING:
             child.num_computed_tokens = parent.num_computed_tokens
             self.blocks.fork(parent, child)
-            self.add_running(child, after=parent)
+            self.add_running(child, after=after or parent)
         else:
             child.num_computed_tokens = 0
             child.status = SeqStatus.WAITING
             self.waiting.insert(self.waiting.index(parent) + 1, child)
 
-    def finish(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and give its blocks back."""
+    def finish(self, seq: Sequence, reason: str | None = None, stop_token_id: int | None = None) -> None:
+        """Take a sequence out of the queues and give its blocks back (recording why it ended)."""
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_token_id
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
@@ -137,7 +157,28 @@ class Scheduler:
             for seq in reversed(self.running):
                 self._preempt(seq, out)
             self._admit(out, budget)
+        self._assign_logit_rows(out)
         return out
+
+    @staticmethod
+    def _assign_logit_rows(out: SchedulerOutput) -> None:
+        """The one rule for logits rows, in scheduled order: every prompt position of a chunk whose
+        prompt_logprobs were asked (its last row also samples if the chunk catches up), else one row
+        for a sequence this step catches up."""
+        row = 0
+        for s in out.scheduled:
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            caught_up = start + n == seq.num_tokens
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                s.prompt_logprob_rows = range(row, row + n)
+                row += n
+                if caught_up:
+                    s.sample_row = row - 1
+            elif caught_up:
+                s.sample_row = row
+                row += 1
+        out.num_logit_rows = row
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         """Admit waiting sequences in order while blocks, budget and max_num_seqs allow."""
@@ -170,6 +211,7 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
 
+    # --- after the forward pass -----------------------------------------------------------------
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance each scheduled sequence and publish its newly full blocks to the prefix cache."""
         for s in out.scheduled:
@@ -178,3 +220,61 @@ class Scheduler:
                 self.num_computed_prompt_tokens += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += s.num_new_tokens
             self.blocks.mark_computed(seq, self.namespace)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, list[SampledToken]],
+                           now: float) -> dict[str, Request]:
+        """Advance the step's sequences and append what was sampled: `sampled` maps a seq_id to its
+        token, or to n tokens for a sequence whose request forks into its n samples now (the prompt
+        is computed once; the siblings share its blocks). Returns the requests that got tokens."""
+        self.after_step(out)  # first: forks copy num_computed_tokens
+        touched: dict[str, Request] = {}
+        for s in out.scheduled:
+            req = s.seq.request
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            tokens = sampled.get(s.seq.seq_id)
+            if not tokens:
+                continue
+            seqs = [s.seq] + self._fork_samples(s.seq, len(tokens) - 1)
+            for seq, tok in zip(seqs, tokens):
+                self.append_token(seq, tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            touched[req.request_id] = req
+        return touched
+
+    def _fork_samples(self, parent: Sequence, k: int) -> list[Sequence]:
+        req = parent.request
+        children: list[Sequence] = []
+        for _ in range(k):
+            child = Sequence(req, len(req.seqs), list(parent.token_ids), parent.num_prompt_tokens)
+            self.fork(parent, child, after=children[-1] if children else parent)
+            req.seqs.append(child)
+            children.append(child)
+        return children
+
+    def append_token(self, seq: Sequence, sample: SampledToken) -> None:
+        """Append one sampled token and end the sequence if a token-level stop says so."""
+        p = seq.params
+        token = sample.token_id
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += sample.logprob
+        if seq.logprobs is not None and sample.top is not None:
+            ids, lps, rank = sample.top
+            entry = {token: Logprob(sample.logprob, rank)}
+            for r, (t, v) in enumerate(zip(ids, lps)):
+                entry.setdefault(t, Logprob(v, r + 1))
+            seq.logprobs.append(entry)
+        n_out = seq.num_output_tokens
+        reason, stop = None, None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif token in p.stop_token_ids:
+                reason, stop = "stop", token
+        max_len = self.config.max_model_len
+        if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
+                               or (max_len is not None and seq.num_tokens >= max_len)):
+            reason = "length"
+        if reason is not None:
+            self.finish(seq, reason, stop)

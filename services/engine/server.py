@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
@@ -17,9 +18,9 @@ from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import NotFound, quote
 from services.common.model_location import served_name
 from services.common.server import GrpcServer, configure_logging
-from services.engine.async_engine import AsyncEngine, EngineFailure
+from services.engine.async_engine import AsyncEngine
 from services.engine.config import SERVED_DEFAULTS, EngineConfig
-from services.common.outputs import RequestOutput
+from services.common.outputs import RequestDelta
 
 log = logging.getLogger("folio.engine.server")
 
@@ -55,56 +56,57 @@ def _ns(t: float | None, since: float | None) -> int:
 
 
 class _Progress:
-    """What one Generate stream has sent so far, per sequence, to turn cumulative outputs into deltas."""
+    """What one Generate stream has sent so far."""
 
-    def __init__(self, hold_back: int):
-        self.tokens: dict[int, int] = {}
-        self.text: dict[int, int] = {}
-        self.hold_back = hold_back
+    def __init__(self, num_prompt_tokens: int):
+        self.num_prompt_tokens = num_prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reasons: dict[int, str] = {}
         self.first = True
-        self.done: set[int] = set()
+        self.finished = False
         self.last_token_time: float | None = None
 
 
-def delta_message(out: RequestOutput, prog: _Progress) -> pb.EngineGenerateResponse:
-    msg = pb.EngineGenerateResponse(finished=out.finished)
-    for o in out.outputs:
-        if o.index in prog.done:
-            continue
-        n_sent, t_sent = prog.tokens.get(o.index, 0), prog.text.get(o.index, 0)
-        done = o.finish_reason is not None
-        new_ids = o.token_ids[n_sent:]
-        # Stop strings are found after the fact: hold back text that could still become one.
-        end = len(o.text) if done else max(t_sent, len(o.text) - prog.hold_back)
-        if not new_ids and end <= t_sent and not done:
-            continue
-        d = msg.sequences.add(index=o.index, token_ids=new_ids, text=o.text[t_sent:end],
-                              finish_reason=FINISH_TO_PB[o.finish_reason],
-                              cumulative_logprob=o.cumulative_logprob or 0.0)
-        if o.logprobs is not None:
-            d.logprobs.extend(position_to_pb(e) for e in o.logprobs[n_sent:len(o.token_ids)])
-        if isinstance(o.stop_reason, str):
-            d.stop_str = o.stop_reason
-        elif isinstance(o.stop_reason, int):
-            d.stop_token_id = o.stop_reason
-        prog.tokens[o.index] = len(o.token_ids)
-        prog.text[o.index] = end
-        if done:
-            prog.done.add(o.index)
-    if prog.first and out.prompt_logprobs is not None and msg.sequences:
-        msg.prompt_logprobs.extend(position_to_pb(e) for e in out.prompt_logprobs)
-    m = out.metrics or {}
-    arrival = m.get("arrival_time")
+def delta_message(deltas: list[RequestDelta], prog: _Progress,
+                  token_text: Callable[[int], str] | None = None) -> pb.EngineGenerateResponse:
+    """The engine's deltas (one, or several a slow reader let pile up) as one message, as they are:
+    tokens, logprobs (with each token's text from `token_text`), finish reasons. No text: the router's
+    output processor owns it."""
+    msg = pb.EngineGenerateResponse()
+    by_index: dict[int, pb.SequenceDelta] = {}
+    for delta in deltas:
+        if delta.prompt_logprobs is not None:
+            msg.prompt_logprobs.extend(position_to_pb(e, token_text) for e in delta.prompt_logprobs)
+        for d in delta.sequences:
+            m = by_index.get(d.index)
+            if m is None:
+                m = by_index[d.index] = msg.sequences.add(index=d.index)
+            m.token_ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                m.logprobs.extend(position_to_pb(e, token_text) for e in d.logprobs)
+            m.cumulative_logprob = d.cumulative_logprob
+            if d.finish_reason is not None:
+                m.finish_reason = FINISH_TO_PB[d.finish_reason]
+                prog.finish_reasons[d.index] = d.finish_reason
+                if d.stop_token_id is not None:
+                    m.stop_token_id = d.stop_token_id
+            prog.completion_tokens += len(d.token_ids)
+    last = deltas[-1]
+    msg.finished = prog.finished = last.finished
+    # Known since admission; on every message, so a caller that ends the stream early (its stop string)
+    # still reports it.
+    msg.usage.cached_tokens = last.num_cached_tokens
+    arrival = last.arrival_time
     if prog.first and msg.sequences:
         prog.first = False
-        msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(m.get("first_scheduled_time"), arrival),
-                                              time_to_first_token_ns=_ns(m.get("first_token_time"), arrival)))
-    if out.finished:
-        msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(out.prompt_token_ids),
-                                            completion_tokens=sum(len(o.token_ids) for o in out.outputs),
-                                            cached_tokens=out.num_cached_tokens))
-        msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(m.get("first_scheduled_time"), arrival),
-                                              time_to_first_token_ns=_ns(m.get("first_token_time"), arrival),
+        msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(last.first_scheduled_time, arrival),
+                                              time_to_first_token_ns=_ns(last.first_token_time, arrival)))
+    if last.finished:
+        msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prog.num_prompt_tokens,
+                                            completion_tokens=prog.completion_tokens,
+                                            cached_tokens=last.num_cached_tokens))
+        msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(last.first_scheduled_time, arrival),
+                                              time_to_first_token_ns=_ns(last.first_token_time, arrival),
                                               total_ns=_ns(time.monotonic(), arrival)))
     return msg
 
@@ -116,6 +118,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.engine = aengine.engine
         self.model_name = model_name
         self.engine_id = engine_id
+        tok = self.engine.tokenizer
+        self.token_text = tok.decode_token if tok is not None else None
+        """Each logprob's token text, filled here (off the engine thread) for the wire's decoded_token."""
 
     async def Generate(self, request: pb.EngineGenerateRequest, context):
         if request.model and request.model != self.model_name:
@@ -126,46 +131,45 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         with telemetry.span("folio.engine.generate", **{"folio.request_id": rid, "folio.model": self.model_name,
                                                         "folio.prompt_tokens": len(ids), "folio.engine_id": self.engine_id}) as span:
             q = await self.aengine.add_request(rid, ids, params)
-            prog = _Progress(hold_back=max(0, params.max_stop_len - 1))
+            prog = _Progress(len(ids))
             finished = False
             try:
                 while not finished:
-                    out = await q.get()
-                    while not q.empty():  # outputs are cumulative: a slow reader just gets the latest
-                        out = q.get_nowait()
-                        if isinstance(out, Exception):
-                            break
-                    if isinstance(out, EngineFailure):
-                        raise out
-                    finished = out.finished
-                    msg = delta_message(out, prog)
+                    deltas = [await q.get()]
+                    while not q.empty():  # a slow reader gets what piled up in one message
+                        deltas.append(q.get_nowait())
+                    failure = next((d for d in deltas if isinstance(d, Exception)), None)
+                    if failure is not None:
+                        raise failure
+                    msg = delta_message(deltas, prog, self.token_text)
+                    finished = prog.finished
                     if self.metrics is not None:
-                        self._observe(msg, out, prog)
+                        self._observe(msg, prog)
                     if finished and span.is_recording():
                         span.set_attributes({
                             "folio.output_tokens": msg.usage.completion_tokens,
                             "folio.cached_tokens": msg.usage.cached_tokens,
                             "folio.queue_time_ms": msg.timing.queue_ns / 1e6,
                             "folio.time_to_first_token_ms": msg.timing.time_to_first_token_ns / 1e6,
-                            "folio.finish_reason": ",".join(o.finish_reason or "" for o in out.outputs)})
+                            "folio.finish_reason": ",".join(r for _, r in sorted(prog.finish_reasons.items()))})
                     if msg.sequences or finished:
                         yield msg
             finally:
                 if not finished:  # cancelled, deadline, or the client went away: free the blocks now
                     self.aengine.abort(rid)
 
-    def _observe(self, msg: pb.EngineGenerateResponse, out: RequestOutput, prog: _Progress) -> None:
+    def _observe(self, msg: pb.EngineGenerateResponse, prog: _Progress) -> None:
         now = time.monotonic()
         n_new = sum(len(d.token_ids) for d in msg.sequences)
         if n_new and prog.last_token_time is not None:
             self.metrics.token_gap(now - prog.last_token_time, n_new)
         if n_new:
             prog.last_token_time = now
-        if out.finished:
+        if prog.finished:
             t = msg.timing
             self.metrics.finished(msg.usage.prompt_tokens, msg.usage.completion_tokens, t.queue_ns / 1e9,
                                   t.time_to_first_token_ns / 1e9, t.total_ns / 1e9,
-                                  [o.finish_reason for o in out.outputs])
+                                  [r for _, r in sorted(prog.finish_reasons.items())])
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         known = request.request_id in self.engine.requests

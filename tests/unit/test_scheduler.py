@@ -68,3 +68,70 @@ def test_waiting_prompt_that_does_not_fit_waits_without_preempting_others():
     out = run_step(sched)
     assert [s.seq for s in out.scheduled] == [a.seqs[0]]
     assert sched.num_preemptions == 0
+
+
+# --- logits rows and update_from_output ---------------------------------------------------------------
+from services.common.sampling_params import SamplingParams  # noqa: E402
+from services.engine.request import Request, SampledToken  # noqa: E402
+
+
+def test_logit_rows_one_rule_for_sampling_and_prompt_logprobs():
+    sched = make_scheduler(num_blocks=32, max_tokens=12)
+    plain = Request("plain", None, [5, 6, 7], SamplingParams())
+    lps = Request("lps", None, list(range(10, 20)), SamplingParams(prompt_logprobs=1))
+    sched.add(plain.seqs[0]); sched.add(lps.seqs[0])
+    out = sched.schedule()  # plain: 3 tokens, caught up; lps: 9 of its 10 (budget), not caught up
+    (a, b) = out.scheduled
+    assert (a.sample_row, a.prompt_logprob_rows) == (0, range(0))
+    assert (b.sample_row, b.prompt_logprob_rows) == (None, range(1, 10))
+    assert out.num_logit_rows == 10
+    sched.update_from_output(out, {plain.seqs[0].seq_id: [SampledToken(1, -0.5)]}, now=1.0)
+    out = sched.schedule()  # plain decodes; lps's last prompt token computes, is logged and samples
+    (a, b) = out.scheduled
+    assert (a.sample_row, b.prompt_logprob_rows, b.sample_row, out.num_logit_rows) == (0, range(1, 2), 1, 2)
+
+
+def test_update_appends_applies_token_stops_and_forks_n_samples():
+    sched = make_scheduler(num_blocks=32, max_tokens=64)
+    sched.eos_token_ids = frozenset({2})
+    n3 = Request("n3", None, [5, 6, 7, 8, 9], SamplingParams(n=3, max_tokens=4, stop_token_ids=[99], min_tokens=2))
+    sched.add(n3.seqs[0])
+    out = sched.schedule()
+    root = n3.seqs[0]
+    first = [SampledToken(2, -1.0), SampledToken(99, -2.0), SampledToken(41, -3.0)]
+    touched = sched.update_from_output(out, {root.seq_id: first}, now=7.0)
+    assert list(touched) == ["n3"] and n3.first_token_time == 7.0 and n3.first_scheduled_time == 7.0
+    assert [s.index for s in n3.seqs] == [0, 1, 2] and [s.output_token_ids for s in n3.seqs] == [[2], [99], [41]]
+    assert sched.running == n3.seqs  # siblings right after the root, in order; EOS / 99 before min_tokens: no stop
+    assert all(s.num_computed_tokens == 5 for s in n3.seqs)
+    tables = [sched.blocks.block_ids(s.seq_id) for s in n3.seqs]
+    assert tables[0] == tables[1] == tables[2]  # the prompt's blocks are shared, not copied
+    s0, s1, s2 = n3.seqs
+    assert [s.cumulative_logprob for s in n3.seqs] == [-1.0, -2.0, -3.0]
+
+    def step(tokens):
+        out = sched.schedule()
+        sched.update_from_output(out, {s.seq.seq_id: [SampledToken(tokens[s.seq.index], -0.5)]
+                                       for s in out.scheduled}, now=8.0)
+
+    step({0: 2, 1: 99, 2: 50})
+    assert (s0.finish_reason, s0.stop_reason) == ("stop", None)  # EOS
+    assert (s1.finish_reason, s1.stop_reason) == ("stop", 99)  # a stop token id
+    assert s2.finish_reason is None and sched.running == [s2]
+    step({2: 51})
+    step({2: 52})
+    assert (s2.finish_reason, s2.output_token_ids) == ("length", [41, 50, 51, 52])  # max_tokens
+    assert n3.finished and not sched.running
+    sched.blocks.check_invariants()
+    assert sched.blocks.num_used_blocks() == 0
+
+
+def test_context_length_ends_a_sequence():
+    sched = make_scheduler(num_blocks=32, max_tokens=64)
+    sched.config.max_model_len = 7
+    r = Request("r", None, [5, 6, 7, 8, 9], SamplingParams(max_tokens=None, ignore_eos=True))
+    sched.add(r.seqs[0])
+    for t in (10, 11):
+        out = sched.schedule()
+        sched.update_from_output(out, {r.seqs[0].seq_id: [SampledToken(t, 0.0)]}, now=0.0)
+    assert r.seqs[0].finish_reason == "length" and r.seqs[0].num_tokens == 7
