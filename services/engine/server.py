@@ -196,7 +196,7 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
     address = c.advertise_address or f"{host}:{server.port}"
     engine_id = c.engine_id or address
     engine = await asyncio.to_thread(LLMEngine, engine_config)
-    model_name = c.served_model_name or served_name(c.model, engine.model_dir)
+    model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     publisher = None
     aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap))
     aengine.start()
