@@ -100,6 +100,17 @@ ARCHITECTURES: list[Arch] = [
          attention=("sliding_window",)),
 ]
 
+# The GPT-style families: config classes that spell the shape their own way (GPT-2's n_embd...).
+GPT2_SHAPE = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=512, vocab_size=512, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+ARCHITECTURES += [
+    Arch("gpt2", "GPT2LMHeadModel", "GPT2Config", dict(GPT2_SHAPE, scale_attn_by_inverse_layer_idx=True),
+         "Conv1D weights read transposed, learned positions, LayerNorm with bias, GELU-new MLP, tied LM head, "
+         "attention scale by 1 / layer"),
+    Arch("gpt-bigcode", "GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(GPT2_SHAPE, multi_query=True),
+         "multi-query attention (1 KV head) from one fused c_attn, learned positions, tied LM head"),
+]
+
 # Registry names served by the same code as a tested entry, with no separate test model.
 ALIASES: dict[str, str] = {"AquilaModel": "AquilaForCausalLM"}
 

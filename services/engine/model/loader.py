@@ -69,6 +69,15 @@ class CheckpointTensor:
 
         return CheckpointTensor(self.name, self.where, self.shape[::-1], read)
 
+    def mapped(self, fn) -> "CheckpointTensor":
+        """The tensor after a same-shape rearrangement `fn` (e.g. per-head q/k/v rows regrouped into q, k, v
+        blocks); `fn` needs the whole tensor, so this one is read whole before its rank's cut is taken."""
+        def read(cut):
+            t = fn(self._reader(None))
+            return t if cut is None else t.narrow(*cut)
+
+        return CheckpointTensor(self.name, self.where, self.shape, read)
+
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor, where: str = "weights") -> "CheckpointTensor":
         def read(cut):

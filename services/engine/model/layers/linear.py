@@ -146,6 +146,15 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
 
+def per_head_qkv_to_blocks(t: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+    """Rows laid out per group as [q heads..., k, v] (GPT-NeoX / BLOOM: one q head per group; Falcon's new
+    layout: several) -> [all q; all k; all v], the order QKVParallelLinear loads a fused tensor in."""
+    rest = t.shape[1:]
+    g = t.reshape(groups, -1, head_dim, *rest)
+    q, k, v = g[:, :-2], g[:, -2], g[:, -1]
+    return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)])
+
+
 class RowParallelLinear(LinearBase):
     """Input features split over ranks; each rank's partial product is summed by an all-reduce, then
     the bias (held whole by every rank) is added once."""
