@@ -109,6 +109,20 @@ ARCHITECTURES += [
          "attention scale by 1 / layer"),
     Arch("gpt-bigcode", "GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(GPT2_SHAPE, multi_query=True),
          "multi-query attention (1 KV head) from one fused c_attn, learned positions, tied LM head"),
+    Arch("gptj", "GPTJForCausalLM", "GPTJConfig", dict(GPT2_SHAPE, rotary_dim=6),
+         "parallel attention + MLP from one LayerNorm, interleaved rotary on 6 of 16 features, LM head bias"),
+    Arch("gpt-neox", "GPTNeoXForCausalLM", "GPTNeoXConfig",
+         cfg(num_key_value_heads=4, use_parallel_residual=True, attention_bias=True,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+         "parallel residual with two LayerNorms, per-head fused q/k/v regrouped at load, NeoX rotary on 1/4 of the head"),
+    Arch("opt", "OPTForCausalLM", "OPTConfig",
+         dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+              max_position_embeddings=512, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+         "learned positions offset by 2, ReLU MLP, embeddings of 32 projected in and out, tied LM head"),
+    Arch("opt-350m", "OPTForCausalLM", "OPTConfig",
+         dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+              max_position_embeddings=512, do_layer_norm_before=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+         "LayerNorm after each block (OPT-350m), no final norm"),
 ]
 
 # Registry names served by the same code as a tested entry, with no separate test model.
