@@ -103,6 +103,8 @@ ARCHITECTURES: list[Arch] = [
 # The GPT-style families: config classes that spell the shape their own way (GPT-2's n_embd...).
 GPT2_SHAPE = dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=512, vocab_size=512, bos_token_id=1,
                   eos_token_id=2, pad_token_id=0)
+FALCON_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=96, vocab_size=512,
+                    max_position_embeddings=512, alibi=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 ARCHITECTURES += [
     Arch("gpt2", "GPT2LMHeadModel", "GPT2Config", dict(GPT2_SHAPE, scale_attn_by_inverse_layer_idx=True),
          "Conv1D weights read transposed, learned positions, LayerNorm with bias, GELU-new MLP, tied LM head, "
@@ -123,6 +125,24 @@ ARCHITECTURES += [
          dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
               max_position_embeddings=512, do_layer_norm_before=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
          "LayerNorm after each block (OPT-350m), no final norm"),
+    Arch("bloom", "BloomForCausalLM", "BloomConfig",
+         dict(hidden_size=80, n_layer=2, n_head=5, vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+         "ALiBi over 5 heads (slopes past the power of two), embedding LayerNorm, per-head fused q/k/v, tied LM head",
+         attention=("alibi",)),
+    Arch("falcon-7b", "FalconForCausalLM", "FalconConfig",
+         dict(FALCON_SHAPE, new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False),
+         "old layout: multi-query, attention and MLP in parallel from one LayerNorm, no linear biases"),
+    Arch("falcon-40b", "FalconForCausalLM", "FalconConfig",
+         dict(FALCON_SHAPE, new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),
+         "new layout: 2 KV groups stored per group (regrouped at load), ln_attn / ln_mlp"),
+    Arch("falcon-seq", "FalconForCausalLM", "FalconConfig",
+         dict(FALCON_SHAPE, new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True),
+         "old layout without multi-query: per-head fused q/k/v, sequential attention then MLP, biases"),
+    Arch("mpt", "MptForCausalLM", "MptConfig",
+         dict(d_model=96, n_heads=6, n_layers=2, max_seq_len=512, vocab_size=512,
+              attn_config={"alibi": True, "clip_qkv": 0.3}, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+         "ALiBi with MPT's slopes over 6 heads, clip_qkv, bias-free LayerNorms and linears, tied LM head",
+         attention=("alibi",)),
 ]
 
 # Registry names served by the same code as a tested entry, with no separate test model.

@@ -28,6 +28,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "GPTJForCausalLM": ("gptj", "GPTJForCausalLM"),
     "GPTNeoXForCausalLM": ("gpt_neox", "GPTNeoXForCausalLM"),
     "OPTForCausalLM": ("opt", "OPTForCausalLM"),
+    "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
+    "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
+    "MptForCausalLM": ("mpt", "MptForCausalLM"),
 }
 
 # Architectures whose modelling code lives only in the checkpoint's repository (trust_remote_code):
