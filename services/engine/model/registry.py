@@ -31,6 +31,11 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     "MptForCausalLM": ("mpt", "MptForCausalLM"),
+    "PhiForCausalLM": ("phi", "PhiForCausalLM"),
+    "StableLmForCausalLM": ("stablelm", "StableLmForCausalLM"),
+    "Starcoder2ForCausalLM": ("starcoder2", "Starcoder2ForCausalLM"),
+    "OlmoForCausalLM": ("olmo", "OlmoForCausalLM"),
+    "Jais2ForCausalLM": ("jais2", "Jais2ForCausalLM"),
 }
 
 # Architectures whose modelling code lives only in the checkpoint's repository (trust_remote_code):

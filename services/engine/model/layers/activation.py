@@ -24,9 +24,14 @@ def _gelu_new(x):  # HF's NewGELUActivation (GPT-2)
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def _relu2(x):  # HF's ReLUSquaredActivation (Jais 2)
+    return torch.square(F.relu(x))
+
+
 ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_python": F.gelu, "relu": F.relu,
     "gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_new, "gelu_fast": _gelu_fast, "quick_gelu": _quick_gelu,
+    "relu2": _relu2,
 }
 
 
