@@ -200,10 +200,11 @@ def triton_pass(a: Arch) -> bool:
     return a.id in TRITON_MODELS
 
 
-TRITON_MODELS: set[str] = {"llama", "gemma", "qwen3", "mistral", "gemma2"}
+TRITON_MODELS: set[str] = {"llama", "gemma", "qwen3", "mistral", "gemma2", "bloom", "mpt", "starcoder2"}
 """Also run through the Triton backend, one model per attention variant: GQA (llama), MQA with head_dim 32
 (gemma), head_dim 24, not a power of two (qwen3), sliding window (mistral), soft-cap with interleaved
-sliding layers (gemma2). ALiBi joins with BLOOM / MPT."""
+sliding layers (gemma2), ALiBi with BLOOM's and MPT's slopes over 5 and 6 heads (bloom, mpt), sliding window
+with biases and GQA (starcoder2)."""
 
 
 if __name__ == "__main__":  # python -m tests.models.architectures: rewrite docs/models.md's table
