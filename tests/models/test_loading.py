@@ -95,6 +95,7 @@ def test_unknown_tensor_is_named(llama_dir, tmp_path):
     ({"architectures": ["BaichuanForCausalLM"]}, r"Baichuan.*trust_remote_code.*docs/models.md"),
     ({"architectures": ["DeciLMForCausalLM"]}, r"DeciLM.*trust_remote_code"),
     ({"architectures": ["OrionForCausalLM"]}, r"Orion.*trust_remote_code"),
+    ({"architectures": ["JAISLMHeadModel"]}, r"Jais \(1; Jais 2 is native.*trust_remote_code"),
     ({"architectures": None}, r"config.json: field 'architectures' is missing"),
     ({"num_hidden_layers": None}, r"config.json: field 'num_hidden_layers' is missing"),
     ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
@@ -122,3 +123,15 @@ def test_config_that_disagrees_with_the_tensors_is_refused(llama_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.(gate|up|down)_proj.weight has shape"):
         _llm(d)
+
+
+def test_falcon_with_alibi_is_refused_by_field():
+    from services.engine.model.registry import model_config
+
+    hf = {"architectures": ["FalconForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "vocab_size": 512, "alibi": True}
+    with pytest.raises(ValueError, match=r"x/config.json: Falcon with alibi: true \(Falcon-RW\) is not supported"):
+        model_config(hf, "x/config.json")
+    hf.update(alibi=False, new_decoder_architecture=True, num_kv_heads=3)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_kv_heads \(3\)"):
+        model_config(hf, "x/config.json")

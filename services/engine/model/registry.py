@@ -45,6 +45,7 @@ REMOTE_CODE_ONLY: dict[str, str] = {
     "BaiChuanForCausalLM": "Baichuan",
     "DeciLMForCausalLM": "DeciLM",
     "OrionForCausalLM": "Orion",
+    "JAISLMHeadModel": "Jais (1; Jais 2 is native: Jais2ForCausalLM)",
 }
 
 
