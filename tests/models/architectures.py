@@ -134,7 +134,7 @@ ARCHITECTURES += [
          "old layout: multi-query, attention and MLP in parallel from one LayerNorm, no linear biases"),
     Arch("falcon-40b", "FalconForCausalLM", "FalconConfig",
          dict(FALCON_SHAPE, new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),
-         "new layout: 2 KV groups stored per group (regrouped at load), ln_attn / ln_mlp"),
+         "new layout: 2 KV groups stored per group (regrouped at load), ln_attn / ln_mlp", tp2=True),
     Arch("falcon-seq", "FalconForCausalLM", "FalconConfig",
          dict(FALCON_SHAPE, new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True),
          "old layout without multi-query: per-head fused q/k/v, sequential attention then MLP, biases"),
