@@ -35,9 +35,10 @@ def _generate(d, prompts, params, **kw):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("arch_id", ["gemma2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch_id", ["gemma2", "qwen3", "mistral", "bloom"])
 def test_prefix_caching_preemption_and_n2_give_the_plain_runs_tokens(arch_id, tmp_path):
-    arch = BY_ID[arch_id]  # gemma2: soft-cap + interleaved sliding; qwen3: q/k norm; mistral: sliding, blocks freed
+    arch = BY_ID[arch_id]  # gemma2: soft-cap + interleaved sliding; qwen3: q/k norm; mistral: sliding, blocks
+    # freed; bloom: ALiBi (positions of cached prefix blocks matter to the bias)
     ref = harness.build_checkpoint(arch, tmp_path)
     prompts, params = _workload(arch.config["vocab_size"])
     plain, _, _, _ = _generate(tmp_path, prompts, params, enable_prefix_caching=False, num_kv_blocks=128)

@@ -30,8 +30,8 @@ class MptBlock(torch.nn.Module):
         h, eps, bias = cfg.hidden_size, cfg.get("layer_norm_epsilon", 1e-5), not cfg.get("no_bias", True)
         self.norm_1 = LayerNorm(h, eps, bias=bias)
         slopes = mpt_alibi_slopes(cfg.num_attention_heads, ac.get("alibi_bias_max") or 8)
-        self.attn = GPTAttention(m, i, "Wqkv", "out_proj", qkv_bias=bias, out_bias=bias, scale=ac.get("softmax_scale"),
-                                 alibi_slopes=slopes, clip_qkv=ac.get("clip_qkv"))
+        self.attn = GPTAttention(m, i, "Wqkv", "out_proj", qkv_bias=bias, out_bias=bias,
+                                 scale=ac.get("softmax_scale"), alibi_slopes=slopes, clip_qkv=ac.get("clip_qkv"))
         self.norm_2 = LayerNorm(h, eps, bias=bias)
         self.ffn = DenseMLP(h, cfg.intermediate_size, "gelu", bias=bias, tp=m.tp, names=("up_proj", "down_proj"))
 
