@@ -135,3 +135,16 @@ def test_falcon_with_alibi_is_refused_by_field():
     hf.update(alibi=False, new_decoder_architecture=True, num_kv_heads=3)
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_kv_heads \(3\)"):
         model_config(hf, "x/config.json")
+
+
+def test_gpt_families_read_their_kv_heads_as_transformers_does():
+    """GPT-2-style configs: a stray num_key_value_heads is ignored (transformers ignores it); multi_query means
+    one K/V head; config.json without tie_word_embeddings is tied, as GPT2Config defaults."""
+    from services.engine.model.registry import model_config
+
+    base = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "num_key_value_heads": 2}
+    gpt2 = model_config({"architectures": ["GPT2LMHeadModel"], **base})
+    assert (gpt2.num_key_value_heads, gpt2.hidden_size, gpt2.tie_word_embeddings) == (4, 64, True)
+    assert model_config({"architectures": ["GPTBigCodeForCausalLM"], **base}).num_key_value_heads == 1
+    mqa_off = model_config({"architectures": ["GPTBigCodeForCausalLM"], "multi_query": False, **base})
+    assert mqa_off.num_key_value_heads == 4

@@ -51,9 +51,7 @@ class BloomForCausalLM(CausalLM):
 
     @classmethod
     def make_config(cls, hf, source):
-        cfg = tie_default(cls, hf, source)
-        cfg.num_key_value_heads = cfg.num_attention_heads
-        return cfg
+        return tie_default(cls, hf, source)
 
     def __init__(self, cfg, backend, tp=None):
         super().__init__(cfg, backend, tp)

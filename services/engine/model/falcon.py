@@ -65,7 +65,7 @@ class FalconForCausalLM(CausalLM):
         if hf.get("alibi"):
             raise ValueError(f"{source}: Falcon with alibi: true (Falcon-RW) is not supported; Folio serves the "
                              f"rotary Falcons (alibi: false)")
-        cfg = tie_default(cls, hf, source)
+        cfg = tie_default(cls, hf, source, mha=False)
         heads = cfg.num_attention_heads
         if hf.get("new_decoder_architecture"):
             kv = hf.get("num_kv_heads") or heads

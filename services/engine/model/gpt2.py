@@ -21,11 +21,15 @@ GPT2_NAMES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",), "nu
               "intermediate_size": ("n_inner",), "max_position_embeddings": ("n_positions",)}
 
 
-def tie_default(cls, hf: dict, source: str, default: bool = True):
+def tie_default(cls, hf: dict, source: str, default: bool = True, mha: bool = True):
     """ModelConfig with tie_word_embeddings defaulting as the family's transformers config class does (GPT-2,
-    OPT, BLOOM, Falcon, MPT...: tied unless config.json says otherwise; hub config.json files often omit it)."""
+    OPT, BLOOM, Falcon, MPT...: tied unless config.json says otherwise; hub config.json files often omit it).
+    `mha`: the family has one K/V head per query head whatever config.json says (transformers ignores a
+    stray num_key_value_heads there); families with their own K/V head count set it after."""
     cfg = ModelConfig.from_hf(hf, source, cls.config_aliases)
     cfg.tie_word_embeddings = bool(hf.get("tie_word_embeddings", default))
+    if mha:
+        cfg.num_key_value_heads = cfg.num_attention_heads
     return cfg
 
 

@@ -16,8 +16,6 @@ class GPTBigCodeForCausalLM(GPT2LMHeadModel):
         cfg = tie_default(cls, hf, source)
         if hf.get("multi_query", True):
             cfg.num_key_value_heads = 1
-        elif hf.get("num_key_value_heads") is None:
-            cfg.num_key_value_heads = cfg.num_attention_heads
         return cfg
 
     def adapt_tensor(self, name, t):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.model.base import CausalLM
-from services.engine.model.gpt2 import GPTAttention
+from services.engine.model.gpt2 import GPTAttention, tie_default
 from services.engine.model.layers.embedding import LogitsProcessor, ParallelLMHead, VocabParallelEmbedding
 from services.engine.model.layers.linear import per_head_qkv_to_blocks
 from services.engine.model.layers.mlp import DenseMLP
@@ -58,6 +58,10 @@ class GPTNeoXModel(torch.nn.Module):
 
 class GPTNeoXForCausalLM(CausalLM):
     skip_tensors = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
+
+    @classmethod
+    def make_config(cls, hf, source):
+        return tie_default(cls, hf, source, default=False)
 
     def __init__(self, cfg, backend, tp=None):
         super().__init__(cfg, backend, tp)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.model.base import CausalLM
-from services.engine.model.gpt2 import GPT2_NAMES, GPTAttention
+from services.engine.model.gpt2 import GPT2_NAMES, GPTAttention, tie_default
 from services.engine.model.layers.embedding import LogitsProcessor, ParallelLMHead, VocabParallelEmbedding
 from services.engine.model.layers.mlp import DenseMLP
 from services.engine.model.layers.norm import LayerNorm
@@ -43,6 +43,10 @@ class GPTJForCausalLM(CausalLM):
     config_aliases = GPT2_NAMES
     stacked_params = STACKED_QKV
     skip_tensors = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+    @classmethod
+    def make_config(cls, hf, source):
+        return tie_default(cls, hf, source, default=False)
 
     def __init__(self, cfg, backend, tp=None):
         super().__init__(cfg, backend, tp)
