@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from protos.gen.folio.v1 import common_pb2 as pb
 from services.common.sampling_params import SamplingParams
+from services.common.structured_output import StructuredOutputs
 from services.common.outputs import Logprob
 
 FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
@@ -23,7 +24,23 @@ def params_from_pb(p: pb.SamplingParams) -> SamplingParams:
         logprobs=opt("logprobs", None), prompt_logprobs=opt("prompt_logprobs", None),
         skip_special_tokens=opt("skip_special_tokens", True),
         include_stop_str_in_output=p.include_stop_str_in_output,
+        structured_outputs=structured_from_pb(p.structured_outputs) if p.HasField("structured_outputs") else None,
     )
+
+
+def structured_from_pb(s: pb.StructuredOutputs) -> StructuredOutputs:
+    kind = s.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs: give exactly one of json, json_object, regex, choice, grammar")
+    if kind == "choice":
+        return StructuredOutputs(choice=tuple(s.choice.values))
+    return StructuredOutputs(**{kind: getattr(s, kind)})
+
+
+def structured_to_pb(so: StructuredOutputs) -> pb.StructuredOutputs:
+    if so.choice is not None:
+        return pb.StructuredOutputs(choice=pb.ChoiceList(values=list(so.choice)))
+    return pb.StructuredOutputs(**{so.kind: getattr(so, so.kind)})
 
 
 def params_to_pb(sp: SamplingParams) -> pb.SamplingParams:
@@ -39,6 +56,8 @@ def params_to_pb(sp: SamplingParams) -> pb.SamplingParams:
         p.logprobs = sp.logprobs
     if sp.prompt_logprobs is not None:
         p.prompt_logprobs = sp.prompt_logprobs
+    if sp.structured_outputs is not None:
+        p.structured_outputs.CopyFrom(structured_to_pb(sp.structured_outputs))
     return p
 
 

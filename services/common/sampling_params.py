@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from services.common.structured_output import StructuredOutputs
+
 _GREEDY_EPS = 1e-5
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
@@ -46,6 +48,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     """Leave special tokens out of the returned text."""
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
+    """Constrain the output to a JSON schema, any JSON object, a regex, a choice or a grammar."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -98,6 +102,8 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()  # ValueError naming the request field
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ Requests are validated here so both paths give the same errors.
 from __future__ import annotations
 
 import contextlib
+import concurrent.futures
 import logging
 import time
 
@@ -27,6 +28,8 @@ from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
 from services.engine.request import Request, SampledToken
 from services.engine.sampler import Sampler
+from services.engine.request import SeqStatus
+from services.engine.structured import GrammarBackend
 from services.common.sampling_params import BeamSearchParams, SamplingParams
 from services.common.outputs import Logprob, RequestDelta, SequenceDelta
 from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
@@ -91,6 +94,9 @@ class LLMEngine:
                             self.max_model_len), self.blocks, eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(self.device, config.seed or 0)
         self.requests: dict[str, Request] = {}
+        self.grammar = GrammarBackend(self.model_dir, self.vocab_size, self.eos_token_ids) if self.tokenizer else None
+        self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
+        """Requests whose grammar is compiling (held out of the scheduler until it is done)."""
         self.step_timing: dict | None = None
         """Set to {} to accumulate seconds per step phase (adds a GPU sync per step: measurement only)."""
         self.attention_backend = backend
@@ -159,11 +165,36 @@ class LLMEngine:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
         req = Request(request_id, prompt, prompt_token_ids, params)
+        if params.structured_outputs is not None:
+            if beam_params is not None:
+                raise ValueError("structured_outputs: not supported with beam search")
+            if self.grammar is None:
+                raise ValueError("structured_outputs: this model has no tokenizer to compile a grammar against")
+            self._compiling[request_id] = (req, self.grammar.compile(params.structured_outputs))
+            self.requests[request_id] = req
+            return req
         if beam_params is not None:
             req.beam = BeamSearch(req, beam_params, self.scheduler, self.eos_token_ids, self.max_model_len)
         self.scheduler.add(req.seqs[0])
         self.requests[request_id] = req
         return req
+
+    def _admit_compiled(self) -> list[RequestDelta]:
+        """Move requests whose grammar has compiled into the scheduler; end those whose compile failed."""
+        deltas = []
+        for rid, (req, fut) in list(self._compiling.items()):
+            if not fut.done():
+                continue
+            del self._compiling[rid]
+            if fut.exception() is not None:
+                log.warning("request %s: grammar compile failed: %s", rid, fut.exception())
+                seq = req.seqs[0]
+                seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+                deltas.append(self._emit(req))
+                continue
+            self.grammar.attach(req, fut.result())
+            self.scheduler.add(req.seqs[0])
+        return deltas
 
     def abort_request(self, request_id: str) -> RequestDelta | None:
         """Stop a request now and free its blocks. Returns its last delta, or None if unknown."""
@@ -171,6 +202,8 @@ class LLMEngine:
         if req is None:
             return None
         req.aborted = True
+        if self._compiling.pop(request_id, None) is not None:
+            req.seqs[0].status, req.seqs[0].finish_reason = SeqStatus.FINISHED, "abort"
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
@@ -192,6 +225,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (a one-process engine holds nothing to release)."""
+        if self.grammar is not None:
+            self.grammar.shutdown()
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
@@ -215,10 +250,14 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         """Run one scheduling step: schedule -> execute -> sample -> update -> emit. Returns the deltas
         of the requests that advanced or finished (tokens only: text is the output processor's)."""
+        admitted = self._admit_compiled() if self._compiling else []
         with self._phase("schedule"):
             out = self.scheduler.schedule()
         if not out:
-            return self._unblock()
+            if self._compiling and not self.scheduler.has_unfinished():  # only compiles pending: wait a little
+                concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.05,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            return admitted + self._unblock()
         with self._phase("prepare"):
             if out.block_copies:
                 self.runner.copy_blocks(out.block_copies)
@@ -231,7 +270,7 @@ class LLMEngine:
             for req in beam_reqs:
                 if req.beam.advance():  # beams report once, when the search is over
                     touched[req.request_id] = req
-            deltas = [self._emit(req) for req in touched.values()]
+            deltas = admitted + [self._emit(req) for req in touched.values()]
         if self.step_timing is not None:
             self.step_timing["steps"] = self.step_timing.get("steps", 0) + 1
         return deltas
@@ -275,7 +314,8 @@ class LLMEngine:
         if seqs:
             if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
                 logits = logits[torch.tensor(rows, device=logits.device)]
-            result = self.sampler(logits, seqs, self.eos_token_ids, indexes)
+            bitmask = self.grammar.fill(seqs) if self.grammar is not None else None
+            result = self.sampler(logits, seqs, self.eos_token_ids, indexes, bitmask)
             for i, seq in enumerate(seqs):
                 sampled.setdefault(seq.seq_id, []).append(
                     SampledToken(result.token_ids[i], result.logprobs[i], result.top[i]))
@@ -338,5 +378,7 @@ class LLMEngine:
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
+        if self.grammar is not None:
+            self.grammar.forget(req)
         for seq in req.seqs:
             self.sampler.forget(seq)

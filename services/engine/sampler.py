@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.request import Sequence
+from services.engine.structured import apply_bitmask
 
 _NEG_INF = float("-inf")
 
@@ -47,17 +48,18 @@ class Sampler:
         return g
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int],
-                 indexes: list[int] | None = None) -> SampleResult:
+                 indexes: list[int] | None = None, bitmask: torch.Tensor | None = None) -> SampleResult:
         """logits [N, V] float32, one row per sequence to extend. `indexes` (default: each sequence's
         own) names the sample a row is for: a prompt about to fork into n samples appears n times,
-        once per sample index, all with the prompt's row."""
+        once per sample index, all with the prompt's row. `bitmask` [N, ceil(V/32)] int32 (structured
+        output, services/engine/structured.py) bans every token whose bit is clear, before anything else."""
         n, vocab = logits.shape
         if indexes is None:
             indexes = [s.index for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        x = logits
+        x = logits if bitmask is None else apply_bitmask(logits, bitmask)
         if any(s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs):
-            x = logits.clone()  # the raw logits stay untouched for logprobs
+            x = x.clone() if x is logits else x  # the raw logits stay untouched for logprobs
             self._apply_min_tokens(x, seqs, eos_ids)
             self._apply_penalties(x, seqs)
 

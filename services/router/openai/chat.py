@@ -52,8 +52,6 @@ class ChatCompletions:
                 limits.check_count(f"messages[{i}].content", m.content, "max_content_parts")
         if req.tools and req.tool_choice not in (None, "none"):
             raise InvalidArgument("tools: tool calling is not supported")
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise InvalidArgument("response_format: only {\"type\": \"text\"} is supported")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidArgument("top_logprobs: requires logprobs to be true")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -27,7 +27,9 @@ def error_response(status: int, message: str, param: str | None = None,
 def _param_of(message: str) -> str | None:
     """Folio's validation messages start with the field's name ("temperature must be >= 0, ...")."""
     head = message.split(" ", 1)[0].rstrip(":,").split("[", 1)[0]
-    return head if head in FIELDS or head in ("prompt_token_ids", "prompt_logprobs") else None
+    if head.split(".", 1)[0] in FIELDS:  # a nested field: response_format.json_schema.schema
+        return head
+    return head if head in ("prompt_token_ids", "prompt_logprobs") else None
 
 
 def from_exception(exc: BaseException) -> JSONResponse:

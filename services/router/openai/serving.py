@@ -11,10 +11,12 @@ from services.common.sampling_params import SamplingParams
 from services.router.core import Chunk
 from services.router.openai.protocol import GenerationRequest
 from services.router.openai.run import Run
+from services.router.openai.structured import structured_outputs
 
 
 def sampling_params(r: GenerationRequest, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, structured=None) -> SamplingParams:
+    """`structured`: a StructuredOutputs that wins over the request's own fields (tool calling's)."""
     if r.logit_bias:
         raise InvalidArgument("logit_bias: not supported")
     if r.stream_options is not None and not r.stream:
@@ -26,7 +28,8 @@ def sampling_params(r: GenerationRequest, max_tokens: int | None, logprobs: int 
         presence_penalty=r.presence_penalty or 0.0, frequency_penalty=r.frequency_penalty or 0.0, seed=r.seed,
         max_tokens=max_tokens, min_tokens=r.min_tokens, stop=r.stop, stop_token_ids=r.stop_token_ids,
         ignore_eos=r.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=r.skip_special_tokens, include_stop_str_in_output=r.include_stop_str_in_output)
+        skip_special_tokens=r.skip_special_tokens, include_stop_str_in_output=r.include_stop_str_in_output,
+        structured_outputs=structured or structured_outputs(r))
 
 
 def stop_reason(params: SamplingParams, reason: str | int | None) -> str | int | None:

@@ -1,0 +1,86 @@
+"""What a request constrains its output to (JSON schema, any JSON object, regex, choice, EBNF grammar), validated.
+
+The request-side half of structured output, shared by the router (HTTP/gRPC validation, 400 before
+any engine is asked) and the engine (which compiles it against its tokenizer off the step's critical
+path: services/engine/structured.py). Validation builds xgrammar's tokenizer-independent `Grammar`,
+so an uncompilable schema, regex or grammar is a ValueError naming the field, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Exactly one constraint. `json` is a JSON schema as a JSON string (property order kept: the output follows it)."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    """An EBNF (GBNF) grammar whose start rule is `root`."""
+    field_name: str = field(default="structured_outputs", compare=False)
+    """The request field errors name (e.g. response_format.json_schema.schema, guided_regex)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if sum(x is not None and x is not False for x in (self.json, self.json_object or None, self.regex,
+                                                            self.choice, self.grammar)) != 1:
+            raise ValueError(f"{self.field_name}: give exactly one of json, json_object, regex, choice, grammar")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"{self.field_name}: choice must be a non-empty list of non-empty strings")
+
+    @classmethod
+    def from_schema(cls, schema, field_name: str) -> "StructuredOutputs":
+        """A JSON schema given as an object or a JSON string."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{field_name}: not valid JSON ({e.msg})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"{field_name}: a JSON schema must be an object")
+        return cls(json=json.dumps(schema), field_name=field_name)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple:
+        """Cache key of the compiled grammar."""
+        return (self.kind, getattr(self, self.kind))
+
+    def grammar_obj(self):
+        """xgrammar's tokenizer-independent Grammar; ValueError naming the field when it cannot be built."""
+        import xgrammar as xgr
+
+        try:
+            if self.json is not None:
+                return xgr.Grammar.from_json_schema(self.json, any_whitespace=False, strict_mode=True)
+            if self.json_object:
+                # Any object (OpenAI's json_object): properties of any name and value.
+                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            if self.regex is not None:
+                return xgr.Grammar.from_regex(self.regex)
+            if self.choice is not None:
+                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in self.choice))
+            return xgr.Grammar.from_ebnf(self.grammar)
+        except Exception as e:  # xgrammar raises RuntimeError / its own errors with a message
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", msg)  # xgrammar's "[time] file.cc:line: " prefix
+            raise ValueError(f"{self.field_name}: cannot be compiled: {msg}") from None
+
+    def validate(self) -> None:
+        self.grammar_obj()
+
+    # --- the wire form (a dict; services/common/convert.py maps it to protobuf) ---------------
+    def to_dict(self) -> dict:
+        return {self.kind: list(self.choice) if self.choice is not None else getattr(self, self.kind)}

@@ -1,0 +1,182 @@
+"""Structured output through the whole stack (issue 14): the official openai client, the bundled model, xgrammar.
+
+json_schema (strict) outputs validate against their schema with `jsonschema` for five schemas (nested
+objects, arrays, enums, bounded integers, required fields), greedy and sampled, streamed and not, n=2;
+json_object parses; regex and choice match (also under vLLM's guided_* and structured_outputs names);
+an uncompilable schema / regex / grammar is a 400 naming the field, and the same over gRPC is
+INVALID_ARGUMENT; a constrained request does not disturb an unconstrained one beside it.
+The requests run concurrently so they share the engine's batches (the bundled model is slow on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import openai
+import pytest
+
+from folio.stack import free_port
+from tests.integration.helpers import start_stack
+
+pytestmark = pytest.mark.timeout(600)
+
+SCHEMAS = {
+    "person": {  # required fields, bounded integer, short string
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["name", "age"], "additionalProperties": False,
+    },
+    "enum": {
+        "type": "object",
+        "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
+        "required": ["color", "ok"], "additionalProperties": False,
+    },
+    "array": {
+        "type": "object",
+        "properties": {"scores": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9},
+                                  "minItems": 1, "maxItems": 3}},
+        "required": ["scores"], "additionalProperties": False,
+    },
+    "nested": {
+        "type": "object",
+        "properties": {"user": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                                  "role": {"enum": ["admin", "guest"]}},
+                                "required": ["id", "role"], "additionalProperties": False}},
+        "required": ["user"], "additionalProperties": False,
+    },
+    "list_of_objects": {
+        "type": "array", "minItems": 1, "maxItems": 2,
+        "items": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5}},
+                  "required": ["x"], "additionalProperties": False},
+    },
+}
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def so_stack(tmp_path_factory):
+    port = free_port()
+    s = start_stack(tmp_path_factory, "structured", engines=1, http_port=port,
+                    engine_args=["--num-kv-blocks", "256", "--max-model-len", "1024", "--dtype", "float32",
+                                 "--device", "cpu", "--max-num-seqs", "32"])
+    s.http_url = f"http://127.0.0.1:{port}"
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(so_stack):
+    return openai.OpenAI(base_url=so_stack.http_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _chat(client, content: str, stream: bool, **kw) -> list[tuple[str, str]]:
+    """(text, finish_reason) per choice, streamed deltas joined when streaming."""
+    messages = [{"role": "user", "content": content}]
+    if not stream:
+        r = client.chat.completions.create(messages=messages, stream=False, **kw)
+        return [(c.message.content, c.finish_reason) for c in sorted(r.choices, key=lambda c: c.index)]
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    for ev in client.chat.completions.create(messages=messages, stream=True, **kw):
+        for c in ev.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    return [(texts[i], reasons.get(i)) for i in sorted(texts)]
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_json_schema_strict_validates(client):
+    model = _model(client)
+    cases = []
+    for name, schema in SCHEMAS.items():
+        rf = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        prompt = f"Reply with JSON for a {name.replace('_', ' ')}."
+        cases.append((name, prompt, False, dict(temperature=0, n=1)))
+        cases.append((name, prompt, True, dict(temperature=1.0, n=2, seed=7)))
+        kw = dict(model=model, max_tokens=MAX_TOKENS, response_format=rf)
+        cases[-2] = cases[-2][:3] + ({**cases[-2][3], **kw},)
+        cases[-1] = cases[-1][:3] + ({**cases[-1][3], **kw},)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda c: _chat(client, c[1], c[2], **c[3]),
+                                cases))
+    checked = 0
+    for (name, _, stream, kw), choices in zip(cases, results):
+        assert len(choices) == kw["n"]
+        for text, reason in choices:
+            assert reason == "stop", (name, stream, text, reason)  # ended by the grammar (EOS), not by length
+            jsonschema.validate(json.loads(text), SCHEMAS[name])
+            checked += 1
+    assert checked == 5 * 3
+
+
+def test_json_object_regex_choice(client):
+    model = _model(client)
+    jobs = [
+        ("json_object", dict(response_format={"type": "json_object"}, temperature=0, n=1),
+         lambda t: isinstance(json.loads(t), dict)),
+        ("regex", dict(extra_body={"structured_outputs": {"regex": r"\d{3}-\d{4}"}}),
+         lambda t: re.fullmatch(r"\d{3}-\d{4}", t)),
+        ("guided_regex", dict(extra_body={"guided_regex": r"(yes|no)!"}), lambda t: t in ("yes!", "no!")),
+        ("choice", dict(extra_body={"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}}),
+         lambda t: t in ("alpha", "beta", "gamma")),
+        ("guided_choice", dict(extra_body={"guided_choice": ["cat", "dog"]}), lambda t: t in ("cat", "dog")),
+        ("grammar", dict(extra_body={"guided_grammar": 'root ::= "A" [0-9] [0-9]'}), lambda t: re.fullmatch(r"A\d\d", t)),
+    ]
+    prompt = 'Reply with the JSON object {"ok": true} and nothing else.'
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        futs = [pool.submit(_chat, client, prompt, False, **{"model": model, "max_tokens": MAX_TOKENS,
+                                                              "temperature": 0.8, "n": 2, **kw}) for _, kw, _ in jobs]
+        plain = pool.submit(client.completions.create, model=model, prompt="The capital of France is", max_tokens=5,
+                            temperature=0)
+        for (name, _, check), f in zip(jobs, futs):
+            for text, reason in f.result():
+                assert check(text), (name, text)
+                assert reason == "stop", (name, text, reason)
+        # The unconstrained request in the same batches: as the model writes it alone.
+        alone = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5, temperature=0)
+        assert plain.result().choices[0].text == alone.choices[0].text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"guided_regex": "(abc"}, "guided_regex"),
+    ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+])
+def test_uncompilable_is_400_naming_the_field(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=_model(client), messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, extra_body=body)
+    err = e.value.body
+    assert err["param"] == param, err
+    assert err["message"].startswith(param), err
+
+
+def test_grpc_structured_outputs_and_invalid_argument(so_stack):
+    import grpc
+
+    from protos.gen.folio.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    with grpc.insecure_channel(so_stack.router_address) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        params = common_pb2.SamplingParams(max_tokens=8, temperature=0.0,
+                                           structured_outputs=common_pb2.StructuredOutputs(
+                                               choice=common_pb2.ChoiceList(values=["left", "right"])))
+        text = ""
+        for msg in stub.Generate(router_pb2.GenerateRequest(text="Go", params=params), timeout=120):
+            text += "".join(c.text for c in msg.choices)
+        assert text in ("left", "right"), text
+        bad = common_pb2.SamplingParams(max_tokens=8, structured_outputs=common_pb2.StructuredOutputs(regex="(x"))
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(router_pb2.GenerateRequest(text="Go", params=bad), timeout=60))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "structured_outputs" in e.value.details()
