@@ -165,7 +165,7 @@ ARCHITECTURES += [
 ]
 
 # Registry names served by the same code as a tested entry, with no separate test model.
-ALIASES: dict[str, str] = {"AquilaModel": "AquilaForCausalLM"}
+ALIASES: dict[str, str] = {"AquilaModel": "AquilaForCausalLM", "MPTForCausalLM": "MptForCausalLM"}
 
 TABLE_BEGIN, TABLE_END = "<!-- models-table:begin -->", "<!-- models-table:end -->"
 GPU_RESULTS = "bench/results/models_gpu_bf16.json"

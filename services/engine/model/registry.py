@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "BloomForCausalLM": ("bloom", "BloomForCausalLM"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
     "MptForCausalLM": ("mpt", "MptForCausalLM"),
+    "MPTForCausalLM": ("mpt", "MptForCausalLM"),  # the name mosaicml's own config.json files carry
     "PhiForCausalLM": ("phi", "PhiForCausalLM"),
     "StableLmForCausalLM": ("stablelm", "StableLmForCausalLM"),
     "Starcoder2ForCausalLM": ("starcoder2", "Starcoder2ForCausalLM"),
