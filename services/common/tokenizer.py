@@ -75,7 +75,8 @@ class Tokenizer:
                 ids = [self.bos_token_id] + ids
         return ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.chat_template:
             raise ValueError("messages: this model has no chat template")
         if self._template is None:
@@ -91,9 +92,13 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: each message needs 'role' and 'content'")
+        if tools and "tools" not in self.chat_template:
+            messages = [_tools_system_message(tools)] + list(messages)
+        if "tool_calls" not in self.chat_template and any(m.get("tool_calls") for m in messages):
+            messages = [_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
         return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=tools,
         )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -147,3 +152,26 @@ class IncrementalDetokenizer:
         delta = full[len(prefix):] if len(full) > len(prefix) else ""
         self._prefix_offset = self._read_offset = len(self.token_ids)
         return delta
+
+
+def _tools_system_message(tools: list[dict]) -> dict:
+    """For a chat template that ignores `tools`: the tools as a system message, in the Hermes format
+    the router's default tool-call parser reads, so tools are never dropped without a trace."""
+    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return {"role": "system", "content": (
+        "You may call one or more functions to assist with the user query. The functions:\n<tools>\n"
+        f"{listing}\n</tools>\nFor each function call, reply with a JSON object with the function name "
+        'and arguments within <tool_call></tool_call> tags: <tool_call>{"name": <function-name>, '
+        '"arguments": <args-json-object>}</tool_call>')}
+
+
+def _calls_as_text(m: dict) -> dict:
+    """An assistant message's tool calls written into its content (Hermes format), for a chat
+    template that ignores `tool_calls`."""
+    parts = [m.get("content") or ""]
+    for c in m["tool_calls"]:
+        fn = c.get("function", {}) if isinstance(c, dict) else {}
+        parts.append("<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")},
+                                                 ensure_ascii=False) + "</tool_call>")
+    return {**m, "content": "\n".join(p for p in parts if p)}
+

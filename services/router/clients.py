@@ -102,7 +102,7 @@ class TokenizerClient(Protocol):
 
     async def start(self, wait_s: float) -> None: ...
 
-    async def encode(self, *, text: str | None = None, messages: list[dict] | None = None,
+    async def encode(self, *, text: str | None = None, messages: list[dict] | None = None, tools: list[dict] | None = None,
                      add_special_tokens: bool = True, add_generation_prompt: bool = True,
                      timeout_s: float | None = None) -> list[int]: ...
 

@@ -6,6 +6,8 @@ carrying a domain error, the tokenizer's bidirectional Detokenize stream a `Deto
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 from collections.abc import AsyncIterator
 
@@ -105,11 +107,14 @@ class GrpcTokenizerClient:
 
     async def encode(self, *, text: str | None = None, messages: list[dict] | None = None,
                      add_special_tokens: bool = True, add_generation_prompt: bool = True,
-                     timeout_s: float | None = None) -> list[int]:
+                     timeout_s: float | None = None, tools: list[dict] | None = None) -> list[int]:
         req = tokenizer_pb2.EncodeRequest(model=self.model)
         if messages is not None:
-            req.chat.messages.extend(common_pb2.ChatMessage(role=m.get("role", ""), content=m.get("content", ""))
-                                     for m in messages)
+            req.chat.messages.extend(common_pb2.ChatMessage(
+                role=m.get("role", ""), content=m.get("content", ""), tool_call_id=m.get("tool_call_id") or "",
+                tool_calls_json=json.dumps(m["tool_calls"]) if m.get("tool_calls") else "") for m in messages)
+            if tools:
+                req.chat.tools_json = json.dumps(tools)
             req.add_generation_prompt = add_generation_prompt
         else:
             req.text = text

@@ -18,6 +18,8 @@ class GenerateInput:
     prompt: str | None = None
     messages: list[dict] | None = None
     """Chat messages ({"role", "content"}), rendered with the model's chat template by the tokenizer."""
+    tools: list[dict] | None = None
+    """Chat only: tool definitions (OpenAI's shape) for the chat template."""
     prompt_token_ids: list[int] | None = None
     request_id: str | None = None
     add_generation_prompt: bool = True

@@ -378,8 +378,9 @@ async def encode_prompt(tokenizer: TokenizerClient | None, inp: GenerateInput, m
         raise Unavailable(f"model: no tokenizer service for {model!r}; give prompt_token_ids")
     if inp.messages is None and inp.prompt is None:
         raise InvalidArgument("prompt: give a prompt, messages or prompt_token_ids")
+    tools = {"tools": inp.tools} if inp.tools else {}
     ids = await tokenizer.encode(text=inp.prompt, messages=inp.messages, add_special_tokens=inp.add_special_tokens,
-                                 add_generation_prompt=inp.add_generation_prompt, timeout_s=remaining(deadline))
+                                 add_generation_prompt=inp.add_generation_prompt, timeout_s=remaining(deadline), **tools)
     if not ids:
         raise InvalidArgument("prompt: encodes to no tokens")
     return ids

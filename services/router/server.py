@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from typing import Literal
 from dataclasses import dataclass, field
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
@@ -48,6 +49,9 @@ class RouterConfig:
     api_key: str | None = None
     """Require 'authorization: Bearer <key>' on the gRPC API (metadata) and the HTTP API's /v1/*
     (default: $FOLIO_API_KEY); health, reflection and /metrics stay open."""
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] = "hermes"
+    """How chat completions read the model's own tool calls under tool_choice auto: hermes
+    (<tool_call>{...}</tool_call>), llama3_json or mistral ([TOOL_CALLS][...]), as vLLM's flag."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
@@ -154,7 +158,7 @@ class _HttpServer:
         self.sock.listen(2048)
         self.sock.setblocking(False)
         self.grace_s = c.grace_s
-        app = build_app(core, api_key=c.api_key, metrics=metrics)
+        app = build_app(core, api_key=c.api_key, metrics=metrics, tool_call_parser=c.tool_call_parser)
         self.server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=c.grace_s,
                                             access_log=False))
         self.task: asyncio.Task | None = None

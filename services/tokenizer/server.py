@@ -87,7 +87,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         t0 = time.perf_counter_ns()
         which = request.WhichOneof("input")
         if which == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            messages = [_message(i, m) for i, m in enumerate(request.chat.messages)]
+            tools = _json_list(request.chat.tools_json, "tools") if request.chat.tools_json else None
             if not messages:
                 raise InvalidArgument("messages: at least one message is required")
         gen_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
@@ -95,7 +96,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         if which == "chat":
             for i, m in enumerate(messages):
                 self._check_fits(m["content"], f"messages[{i}].content")
-            text = self.tok.apply_chat_template(messages, gen_prompt)
+            text = self.tok.apply_chat_template(messages, gen_prompt, tools=tools)
             self._check_fits(text, "messages")
             add_special = False  # the template already writes any BOS it wants
         elif which == "text":
@@ -173,3 +174,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         telemetry.shutdown()
     return 0
+
+
+def _json_list(text: str, field: str) -> list:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"{field}: not valid JSON ({e.msg})") from None
+    if not isinstance(v, list):
+        raise InvalidArgument(f"{field}: must be a JSON list")
+    return v
+
+
+def _message(i: int, m) -> dict:
+    """A chat message as templates take it: tool calls with their arguments decoded to objects (as
+    transformers passes them), a tool message's call id."""
+    msg = {"role": m.role, "content": m.content}
+    if m.tool_calls_json:
+        calls = _json_list(m.tool_calls_json, f"messages[{i}].tool_calls")
+        for c in calls:
+            fn = c.get("function") if isinstance(c, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError:
+                    pass
+        msg["tool_calls"] = calls
+    if m.tool_call_id:
+        msg["tool_call_id"] = m.tool_call_id
+    return msg
+

@@ -180,3 +180,70 @@ def test_grpc_structured_outputs_and_invalid_argument(so_stack):
             list(stub.Generate(router_pb2.GenerateRequest(text="Go", params=bad), timeout=60))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "structured_outputs" in e.value.details()
+
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                   "unit": {"enum": ["c", "f"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": WEATHER_PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "description": "Time in a city", "parameters": {
+             "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+             "additionalProperties": False}}}]
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def _calls_nonstream(client, **kw):
+    r = client.chat.completions.create(stream=False, **kw)
+    c = r.choices[0]
+    return c.finish_reason, [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []], \
+        [t.id for t in c.message.tool_calls or []]
+
+
+def _calls_stream(client, **kw):
+    calls: dict[int, dict] = {}
+    finish = None
+    for ev in client.chat.completions.create(stream=True, **kw):
+        for c in ev.choices:
+            assert not c.delta.content, c.delta.content  # calls only, no content
+            for t in c.delta.tool_calls or []:
+                entry = calls.setdefault(t.index, {"name": None, "arguments": "", "id": None})
+                if t.id:
+                    entry["id"], entry["name"] = t.id, t.function.name
+                entry["arguments"] += t.function.arguments or ""
+            finish = c.finish_reason or finish
+    return finish, [(c["name"], c["arguments"]) for _, c in sorted(calls.items())], [c["id"] for c in calls.values()]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_enforced_and_streamed_equals_whole(client, tool_choice):
+    kw = dict(model=_model(client), messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+              tools=TOOLS, tool_choice=tool_choice, temperature=0, max_tokens=60, parallel_tool_calls=False)
+    with ThreadPoolExecutor(2) as pool:
+        whole = pool.submit(_calls_nonstream, client, **kw)
+        streamed = pool.submit(_calls_stream, client, **kw)
+        whole, streamed = whole.result(), streamed.result()
+    assert whole[0] == streamed[0] == "tool_calls"
+    assert whole[1] == streamed[1]
+    assert len(whole[1]) == 1 and all(i and i.startswith("call_") for i in whole[2] + streamed[2])
+    name, args = whole[1][0]
+    if isinstance(tool_choice, dict):
+        assert name == "get_weather"
+    jsonschema.validate(json.loads(args), SCHEMA_OF[name])
+
+
+def test_tools_without_tool_choice_are_auto_and_a_round_trip_works(client):
+    model = _model(client)
+    # Tools alone: auto (OpenAI's default), 200; the answer is content or calls, never an error.
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], tools=TOOLS,
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.content is not None or r.choices[0].message.tool_calls
+    # The conversation after a call: the assistant's tool_calls and the tool's answer are accepted.
+    r = client.chat.completions.create(model=model, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0,
+                                       messages=[{"role": "user", "content": "Weather in Paris?"},
+                                                 {"role": "assistant", "content": None, "tool_calls": [
+                                                     {"id": "call_1", "type": "function", "function": {
+                                                         "name": "get_weather",
+                                                         "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+                                                 {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"}])
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls

@@ -110,14 +110,14 @@ def _version() -> dict:
 
 
 def build_app(core: RouterCore, api_key: str | None = None, metrics: RouterMetrics | None = None,
-              request_timeout_s: float | None = None) -> FastAPI:
+              request_timeout_s: float | None = None, tool_call_parser: str = "hermes") -> FastAPI:
     """The ASGI app (FastAPI) over a started `RouterCore`."""
     metrics = metrics or RouterMetrics(core)
     app = FastAPI(title="Folio OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
     _add_service_routes(app, core, metrics)
     completions = Completions(core, metrics, request_timeout_s)
-    chat = ChatCompletions(core, metrics, request_timeout_s)
+    chat = ChatCompletions(core, metrics, request_timeout_s, tool_call_parser)
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw: Request):

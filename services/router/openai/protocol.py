@@ -79,6 +79,10 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant message's calls (OpenAI's shape), passed to the chat template."""
+    tool_call_id: str | None = None
+    """A tool message's answer to this call."""
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -90,6 +94,7 @@ class ChatCompletionRequest(GenerationRequest):
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = True
 
 
 # Field names a validation message may start with (its `param`).
