@@ -247,3 +247,45 @@ def test_tools_without_tool_choice_are_auto_and_a_round_trip_works(client):
                                                          "arguments": '{"city": "Paris", "unit": "c"}'}}]},
                                                  {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"}])
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+def test_langchain_structured_output_and_bind_tools(so_stack, client):
+    """LangChain's with_structured_output (json_schema, function_calling, json_mode) and a bind_tools
+    round trip: tool call -> tool message -> final answer."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=120)
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"21 C and sunny in {city}"
+
+    llm = ChatOpenAI(base_url=so_stack.http_url + "/v1", api_key="unused", model=_model(client), temperature=0,
+                     max_tokens=40, max_retries=0, timeout=300)
+    prompt = "Give me a person with a name and an age, as JSON."
+    json_mode_schema = {"title": "Anything", "type": "object"}
+    jobs = [("json_schema", Person), ("function_calling", Person), ("json_mode", json_mode_schema)]
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(llm.with_structured_output(schema, method=m).invoke, prompt) for m, schema in jobs]
+        bound = llm.bind_tools([get_weather], tool_choice="get_weather")
+        question = HumanMessage("What is the weather in Paris?")
+        call_msg = pool.submit(bound.invoke, [question])
+        for (method, _), f in zip(jobs, futs):
+            out = f.result()
+            if method == "json_mode":
+                assert isinstance(out, dict), out
+            else:
+                assert isinstance(out, Person), (method, out)
+        call_msg = call_msg.result()
+    assert call_msg.tool_calls and call_msg.tool_calls[0]["name"] == "get_weather", call_msg
+    call = call_msg.tool_calls[0]
+    assert isinstance(call["args"].get("city"), str)
+    answer = llm.invoke([question, call_msg, ToolMessage(content=get_weather.invoke(call["args"]),
+                                                         tool_call_id=call["id"])])
+    assert isinstance(answer.content, str) and answer.content and not answer.tool_calls
