@@ -25,6 +25,7 @@ def params_from_pb(p: pb.SamplingParams) -> SamplingParams:
         skip_special_tokens=opt("skip_special_tokens", True),
         include_stop_str_in_output=p.include_stop_str_in_output,
         structured_outputs=structured_from_pb(p.structured_outputs) if p.HasField("structured_outputs") else None,
+        logit_bias=dict(p.logit_bias) or None,
     )
 
 
@@ -56,6 +57,8 @@ def params_to_pb(sp: SamplingParams) -> pb.SamplingParams:
         p.logprobs = sp.logprobs
     if sp.prompt_logprobs is not None:
         p.prompt_logprobs = sp.prompt_logprobs
+    if sp.logit_bias:
+        p.logit_bias.update(sp.logit_bias)
     if sp.structured_outputs is not None:
         p.structured_outputs.CopyFrom(structured_to_pb(sp.structured_outputs))
     return p

@@ -48,6 +48,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     """Leave special tokens out of the returned text."""
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling, each in [-100, 100] (OpenAI's logit_bias)."""
     structured_outputs: StructuredOutputs | None = None
     """Constrain the output to a JSON schema, any JSON object, a regex, a choice or a grammar."""
 
@@ -102,6 +104,13 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
+        if self.logit_bias is not None and len(self.logit_bias) > 1024:
+            bad("logit_bias", f"{len(self.logit_bias)} entries", "at most 1024 entries")
+        for t, b in (self.logit_bias or {}).items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                bad("logit_bias", t, "keyed by non-negative token ids")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                bad("logit_bias", b, "in [-100, 100] for each token")
         if self.structured_outputs is not None:
             self.structured_outputs.validate()  # ValueError naming the request field
 

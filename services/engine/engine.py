@@ -161,6 +161,9 @@ class LLMEngine:
         beam_params = params if isinstance(params, BeamSearchParams) else None
         if beam_params is not None:
             params = sampling_params_for(beam_params)
+        for t in params.logit_bias or {}:
+            if t >= self.vocab_size:
+                raise ValueError(f"logit_bias: token id {t} is outside the vocabulary [0, {self.vocab_size})")
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")

@@ -58,8 +58,10 @@ class Sampler:
             indexes = [s.index for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         x = logits if bitmask is None else apply_bitmask(logits, bitmask)
-        if any(s.num_output_tokens < s.params.min_tokens or s.params.has_penalties for s in seqs):
+        if any(s.num_output_tokens < s.params.min_tokens or s.params.has_penalties or s.params.logit_bias
+               for s in seqs):
             x = x.clone() if x is logits else x  # the raw logits stay untouched for logprobs
+            self._apply_logit_bias(x, seqs)
             self._apply_min_tokens(x, seqs, eos_ids)
             self._apply_penalties(x, seqs)
 
@@ -103,6 +105,13 @@ class Sampler:
                 if k is not None:
                     top[i] = (top_ids[i][:k] if k else [], top_lp[i][:k] if k else [], ranks[i])
         return SampleResult(tokens.tolist(), sampled_lp.tolist(), top)
+
+    @staticmethod
+    def _apply_logit_bias(x: torch.Tensor, seqs: list[Sequence]) -> None:
+        for i, s in enumerate(seqs):
+            if s.params.logit_bias:
+                ids = torch.tensor(list(s.params.logit_bias), dtype=torch.long, device=x.device)
+                x[i, ids] += torch.tensor(list(s.params.logit_bias.values()), dtype=x.dtype, device=x.device)
 
     @staticmethod
     def _apply_min_tokens(x: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> None:

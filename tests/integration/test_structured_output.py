@@ -289,3 +289,19 @@ def test_langchain_structured_output_and_bind_tools(so_stack, client):
     answer = llm.invoke([question, call_msg, ToolMessage(content=get_weather.invoke(call["args"]),
                                                          tool_call_id=call["id"])])
     assert isinstance(answer.content, str) and answer.content and not answer.tool_calls
+
+
+def test_logit_bias(client):
+    from services.common.bundled_model import bundled_model_dir
+    from services.common.tokenizer import Tokenizer
+
+    model = _model(client)
+    piece = Tokenizer(bundled_model_dir()).decode([28])
+    plain = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
+    forced = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                       logit_bias={"28": 100})
+    assert forced.choices[0].text == piece * 3 != plain.choices[0].text
+    for bias in [{"28": 101}, {"x": 1}, {"999999": 1}]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt="Hi", max_tokens=1, logit_bias=bias)
+        assert e.value.body["param"] == "logit_bias", e.value.body

@@ -17,8 +17,6 @@ from services.router.openai.structured import structured_outputs
 def sampling_params(r: GenerationRequest, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None = None, structured=None) -> SamplingParams:
     """`structured`: a StructuredOutputs that wins over the request's own fields (tool calling's)."""
-    if r.logit_bias:
-        raise InvalidArgument("logit_bias: not supported")
     if r.stream_options is not None and not r.stream:
         raise InvalidArgument("stream_options: only allowed when stream is true")
     return SamplingParams(
@@ -29,7 +27,17 @@ def sampling_params(r: GenerationRequest, max_tokens: int | None, logprobs: int 
         max_tokens=max_tokens, min_tokens=r.min_tokens, stop=r.stop, stop_token_ids=r.stop_token_ids,
         ignore_eos=r.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         skip_special_tokens=r.skip_special_tokens, include_stop_str_in_output=r.include_stop_str_in_output,
-        structured_outputs=structured or structured_outputs(r))
+        logit_bias=_logit_bias(r.logit_bias), structured_outputs=structured or structured_outputs(r))
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias has token ids as JSON object keys (strings)."""
+    if not bias:
+        return None
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise InvalidArgument("logit_bias: keys must be token ids") from None
 
 
 def stop_reason(params: SamplingParams, reason: str | int | None) -> str | int | None:
