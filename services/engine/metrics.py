@@ -24,7 +24,7 @@ class _SnapshotCollector:
         yield mf.KV_CACHE_USAGE.sample(m, s.kv_usage)
         yield mf.KV_BLOCKS_FREE.sample(m, s.free_blocks)
         yield mf.KV_BLOCKS_EVICTABLE.sample(m, s.evictable_blocks)
-        yield mf.KV_BLOCKS_TOTAL.sample(m, s.total_blocks)
+        yield mf.KV_BLOCKS.sample(m, s.total_blocks)
         yield mf.NUM_PREEMPTIONS.sample(m, s.num_preemptions)
         yield mf.PREFIX_CACHE_QUERIES.sample(m, s.prefix_cache_queries)
         yield mf.PREFIX_CACHE_HITS.sample(m, s.prefix_cache_hits)

@@ -17,7 +17,8 @@ from contextlib import aclosing
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from services.common import metric_families as mf
 
@@ -54,7 +55,7 @@ class _EngineStateCollector:
                                lambda m: (m["total"] - m["free"] - m["evictable"]) / m["total"] if m["total"] else 0.0)
         yield per_model_family(mf.ENGINES, lambda m: m["engines"])
         yield per_model_family(mf.KV_BLOCKS_FREE, lambda m: m["free"])
-        yield per_model_family(mf.KV_BLOCKS_TOTAL, lambda m: m["total"])
+        yield per_model_family(mf.KV_BLOCKS, lambda m: m["total"])
         yield mf.ROUTER_REDIS_OK.sample([], float(s["redis_ok"]))
         yield mf.ROUTER_REQUESTS_IN_FLIGHT.sample([], s["in_flight"])
         yield mf.ROUTER_RETRIES.sample([], s["retries"])
@@ -75,8 +76,11 @@ class RouterMetrics:
         self.http_requests = mf.HTTP_REQUESTS.instrument(r)
         r.register(_EngineStateCollector(core))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition and its content type: OpenMetrics when `accept` (the scraper's Accept header)
+        asks for it, else the Prometheus text format (prometheus_client's own negotiation)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
 
     async def track(self, chunks: AsyncIterator) -> AsyncIterator:
         """Pass a `RouterCore.generate()` stream through, observing its timings and token counts."""

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import NotFound
 from services.router.core import ModelInfo, RouterCore
-from services.router.metrics import CONTENT_TYPE, RouterMetrics
+from services.router.metrics import RouterMetrics
 from services.router.openai.chat import ChatCompletions
 from services.router.openai.completions import Completions
 from services.router.openai.errors import error_response, from_exception, from_validation_error
@@ -160,8 +160,9 @@ def _add_service_routes(app: FastAPI, core: RouterCore, metrics: RouterMetrics) 
         return _version()
 
     @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    async def prometheus(request: Request):
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def list_models():
