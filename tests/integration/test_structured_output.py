@@ -305,3 +305,27 @@ def test_logit_bias(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model, prompt="Hi", max_tokens=1, logit_bias=bias)
         assert e.value.body["param"] == "logit_bias", e.value.body
+
+
+def test_tokenize_detokenize(so_stack, client):
+    """vLLM's /tokenize and /detokenize shapes, against the tokenizer the engines use."""
+    import httpx
+
+    from services.common.bundled_model import bundled_model_dir
+    from services.common.tokenizer import Tokenizer
+
+    tok = Tokenizer(bundled_model_dir())
+    r = httpx.post(so_stack.http_url + "/tokenize", json={"prompt": "Hello world, how are you?"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode("Hello world, how are you?") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 1024
+    messages = [{"role": "user", "content": "Hi"}]
+    r = httpx.post(so_stack.http_url + "/tokenize", json={"messages": messages}, timeout=60).json()
+    assert r["tokens"] == tok.encode_chat(messages)
+    r = httpx.post(so_stack.http_url + "/detokenize", json={"tokens": body["tokens"]}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"prompt": "Hello world, how are you?"}
+    bad = httpx.post(so_stack.http_url + "/tokenize", json={"prompt": "x", "messages": messages}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    bad = httpx.post(so_stack.http_url + "/detokenize", json={"tokens": [10**9]}, timeout=60)
+    assert bad.status_code == 400, bad.text

@@ -17,10 +17,12 @@ from services.router.metrics import RouterMetrics
 from services.router.openai.chat import ChatCompletions
 from services.router.openai.completions import Completions
 from services.router.openai.errors import error_response, from_exception, from_validation_error
-from services.router.openai.protocol import ChatCompletionRequest, CompletionRequest
+from services.router.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from services.router.openai.tokenize import Tokenize
 from services.router.openai.run import ClientGone
 
-_COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+                  "/detokenize")
 
 
 class ApiKeyAndCount:
@@ -126,6 +128,16 @@ def build_app(core: RouterCore, api_key: str | None = None, metrics: RouterMetri
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         return await _guarded(chat.create, body, raw)
+
+    tokenize = Tokenize(core)
+
+    @app.post("/tokenize")
+    async def create_tokenize(body: TokenizeRequest):
+        return await _guarded(tokenize.tokenize, body)
+
+    @app.post("/detokenize")
+    async def create_detokenize(body: DetokenizeRequest):
+        return await _guarded(tokenize.detokenize, body)
 
     app.add_middleware(BodyLimit, max_bytes=core.limits.max_body_bytes)
     app.add_middleware(ApiKeyAndCount, api_key=api_key, metrics=metrics)  # outermost: counts the 413s too

@@ -97,5 +97,24 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: bool | None = True
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a prompt, or messages rendered with the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 # Field names a validation message may start with (its `param`).
 FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
