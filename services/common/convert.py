@@ -34,14 +34,14 @@ def structured_from_pb(s: pb.StructuredOutputs) -> StructuredOutputs:
     if kind is None:
         raise ValueError("structured_outputs: give exactly one of json, json_object, regex, choice, grammar")
     if kind == "choice":
-        return StructuredOutputs(choice=tuple(s.choice.values))
-    return StructuredOutputs(**{kind: getattr(s, kind)})
+        return StructuredOutputs(choice=tuple(s.choice.values), resume_tokens=s.resume_tokens)
+    return StructuredOutputs(**{kind: getattr(s, kind)}, resume_tokens=s.resume_tokens)
 
 
 def structured_to_pb(so: StructuredOutputs) -> pb.StructuredOutputs:
     if so.choice is not None:
-        return pb.StructuredOutputs(choice=pb.ChoiceList(values=list(so.choice)))
-    return pb.StructuredOutputs(**{so.kind: getattr(so, so.kind)})
+        return pb.StructuredOutputs(choice=pb.ChoiceList(values=list(so.choice)), resume_tokens=so.resume_tokens)
+    return pb.StructuredOutputs(**{so.kind: getattr(so, so.kind)}, resume_tokens=so.resume_tokens)
 
 
 def params_to_pb(sp: SamplingParams) -> pb.SamplingParams:

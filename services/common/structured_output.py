@@ -25,6 +25,10 @@ class StructuredOutputs:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     """An EBNF (GBNF) grammar whose start rule is `root`."""
+    resume_tokens: int = 0
+    """The prompt's last `resume_tokens` tokens were generated under this constraint (the router resumes
+    a stream on another engine with prompt + output so far): the engine's matcher is fast-forwarded
+    over them before it constrains the next token."""
     field_name: str = field(default="structured_outputs", compare=False)
     """The request field errors name (e.g. response_format.json_schema.schema, guided_regex)."""
 
@@ -34,6 +38,8 @@ class StructuredOutputs:
         if sum(x is not None and x is not False for x in (self.json, self.json_object or None, self.regex,
                                                             self.choice, self.grammar)) != 1:
             raise ValueError(f"{self.field_name}: give exactly one of json, json_object, regex, choice, grammar")
+        if isinstance(self.resume_tokens, bool) or not isinstance(self.resume_tokens, int) or self.resume_tokens < 0:
+            raise ValueError(f"{self.field_name}.resume_tokens: must be an integer >= 0")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
             raise ValueError(f"{self.field_name}: choice must be a non-empty list of non-empty strings")
 

@@ -173,6 +173,8 @@ class LLMEngine:
                 raise ValueError("structured_outputs: not supported with beam search")
             if self.grammar is None:
                 raise ValueError("structured_outputs: this model has no tokenizer to compile a grammar against")
+            if params.structured_outputs.resume_tokens >= len(prompt_token_ids):
+                raise ValueError("structured_outputs.resume_tokens: must be less than the prompt's length")
             self._compiling[request_id] = (req, self.grammar.compile(params.structured_outputs))
             self.requests[request_id] = req
             return req

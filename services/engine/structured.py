@@ -85,6 +85,10 @@ class GrammarBackend:
         m, done = self._matchers.get(seq.seq_id, (None, 0))
         if m is None:
             m = xgr.GrammarMatcher(self._compiled[seq.request.request_id])
+            k = seq.params.structured_outputs.resume_tokens  # a resumed stream: its output so far is in the prompt
+            for t in seq.token_ids[seq.num_prompt_tokens - k:seq.num_prompt_tokens] if k else []:
+                if not m.is_terminated() and not m.accept_token(t):
+                    log.warning("grammar matcher of %s rejected resumed token %d", seq.request.request_id, t)
         out = seq.output_token_ids
         for t in out[done:]:
             if not m.is_terminated() and not m.accept_token(t):

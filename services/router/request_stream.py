@@ -221,9 +221,11 @@ class RequestStream:
         if not done and not self.apart:
             return p
         seed = p.seed if p.seed is None or p.n == 1 else (p.seed * 1_000_003 + index + 1) % (2**63)
+        so = p.structured_outputs  # the grammar goes on from where the sequence was
+        so = so if so is None else dataclasses.replace(so, resume_tokens=so.resume_tokens + done)
         return dataclasses.replace(p, n=1, prompt_logprobs=None, seed=seed,
                                    max_tokens=None if p.max_tokens is None else p.max_tokens - done,
-                                   min_tokens=max(0, p.min_tokens - done))
+                                   min_tokens=max(0, p.min_tokens - done), structured_outputs=so)
 
     # --- consume an engine message ----------------------------------------------------------------
     async def _consume(self, msg: EngineMessage) -> Chunk:

@@ -329,3 +329,25 @@ def test_tokenize_detokenize(so_stack, client):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
     bad = httpx.post(so_stack.http_url + "/detokenize", json={"tokens": [10**9]}, timeout=60)
     assert bad.status_code == 400, bad.text
+
+
+def test_resumed_stream_fast_forwards_the_grammar(offline_llm):
+    """A stream resumed elsewhere arrives as prompt + output so far with resume_tokens = len(output so far):
+    the matcher is fast-forwarded over those tokens, so the continuation completes the same output (greedy)
+    instead of starting the pattern again."""
+    from folio import SamplingParams
+    from services.common.structured_output import StructuredOutputs
+
+    prompt = "My phone number is"
+    so = StructuredOutputs(regex=r"\d{3}-\d{4}")
+    whole = offline_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, structured_outputs=so),
+                                 use_tqdm=False)[0]
+    out = list(whole.outputs[0].token_ids)
+    assert re.fullmatch(r"\d{3}-\d{4}", whole.outputs[0].text), whole.outputs[0].text
+    k = len(out) // 2
+    resumed = offline_llm.generate(
+        {"prompt_token_ids": list(whole.prompt_token_ids) + out[:k]},
+        SamplingParams(temperature=0, max_tokens=16, structured_outputs=StructuredOutputs(regex=so.regex,
+                                                                                            resume_tokens=k)),
+        use_tqdm=False)[0]
+    assert list(resumed.outputs[0].token_ids) == out[k:]
