@@ -55,6 +55,7 @@ class MetricFamily:
 
 
 # --- request timings and token counts (engine: its own requests; router: as its clients see them) -----
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 TIME_TO_FIRST_TOKEN = MetricFamily("vllm:time_to_first_token_seconds",
                                    "Seconds from a request's arrival to its first output token.", "histogram",
                                    buckets=TTFT_BUCKETS)
@@ -69,6 +70,16 @@ E2E_REQUEST_LATENCY = MetricFamily("vllm:e2e_request_latency_seconds",
 REQUEST_QUEUE_TIME = MetricFamily("vllm:request_queue_time_seconds",
                                   "Seconds a request waited in the engine's queue before it was first scheduled.",
                                   "histogram", buckets=REQUEST_BUCKETS)
+REQUEST_PREFILL_TIME = MetricFamily("vllm:request_prefill_time_seconds",
+                                    "Seconds from a request's first scheduling to its first output token.",
+                                    "histogram", buckets=REQUEST_BUCKETS)
+REQUEST_DECODE_TIME = MetricFamily("vllm:request_decode_time_seconds",
+                                   "Seconds from a request's first output token to its last.", "histogram",
+                                   buckets=REQUEST_BUCKETS)
+REQUEST_PROMPT_TOKENS = MetricFamily("vllm:request_prompt_tokens", "Prompt tokens per finished request.",
+                                     "histogram", buckets=TOKEN_BUCKETS)
+REQUEST_GENERATION_TOKENS = MetricFamily("vllm:request_generation_tokens", "Generated tokens per finished request.",
+                                         "histogram", buckets=TOKEN_BUCKETS)
 PROMPT_TOKENS = MetricFamily("vllm:prompt_tokens", "Prompt tokens of finished requests.", "counter")
 GENERATION_TOKENS = MetricFamily("vllm:generation_tokens", "Generated tokens.", "counter")
 REQUEST_SUCCESS = MetricFamily("vllm:request_success", "Finished requests by finish reason.", "counter",

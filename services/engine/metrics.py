@@ -38,6 +38,10 @@ class EngineMetrics:
         self.itl = mf.INTER_TOKEN_LATENCY.instrument(r)
         self.e2e = mf.E2E_REQUEST_LATENCY.instrument(r)
         self.queue = mf.REQUEST_QUEUE_TIME.instrument(r)
+        self.prefill = mf.REQUEST_PREFILL_TIME.instrument(r)
+        self.decode = mf.REQUEST_DECODE_TIME.instrument(r)
+        self.prompt_hist = mf.REQUEST_PROMPT_TOKENS.instrument(r)
+        self.generation_hist = mf.REQUEST_GENERATION_TOKENS.instrument(r)
         self.prompt_tokens = mf.PROMPT_TOKENS.instrument(r)
         self.generation_tokens = mf.GENERATION_TOKENS.instrument(r)
         self.success = mf.REQUEST_SUCCESS.instrument(r)
@@ -53,8 +57,12 @@ class EngineMetrics:
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.generation_tokens.labels(m).inc(output_tokens)
         self.queue.labels(m).observe(queue_s)
+        self.prompt_hist.labels(m).observe(prompt_tokens)
+        self.generation_hist.labels(m).observe(output_tokens)
         if output_tokens:
             self.ttft.labels(m).observe(ttft_s)
+            self.prefill.labels(m).observe(max(0.0, ttft_s - queue_s))  # both from arrival
+            self.decode.labels(m).observe(max(0.0, e2e_s - ttft_s))
         self.e2e.labels(m).observe(e2e_s)
         for reason in reasons:
             self.success.labels(m, reason or "abort").inc()

@@ -42,6 +42,9 @@ class _EngineStateCollector:
             m["total"] += load.total_blocks
             m["free"] += load.free_blocks
             m["evictable"] += load.evictable_blocks
+            m["preemptions"] += load.num_preemptions
+            m["prefix_queries"] += load.prefix_cache_queries
+            m["prefix_hits"] += load.prefix_cache_hits
 
         def per_model_family(fam, key):
             f = fam.family()
@@ -56,6 +59,10 @@ class _EngineStateCollector:
         yield per_model_family(mf.ENGINES, lambda m: m["engines"])
         yield per_model_family(mf.KV_BLOCKS_FREE, lambda m: m["free"])
         yield per_model_family(mf.KV_BLOCKS, lambda m: m["total"])
+        # Counters summed over the live engines' reports (one that leaves takes its counts with it).
+        yield per_model_family(mf.NUM_PREEMPTIONS, lambda m: m["preemptions"])
+        yield per_model_family(mf.PREFIX_CACHE_QUERIES, lambda m: m["prefix_queries"])
+        yield per_model_family(mf.PREFIX_CACHE_HITS, lambda m: m["prefix_hits"])
         yield mf.ROUTER_REDIS_OK.sample([], float(s["redis_ok"]))
         yield mf.ROUTER_REQUESTS_IN_FLIGHT.sample([], s["in_flight"])
         yield mf.ROUTER_RETRIES.sample([], s["retries"])
@@ -70,6 +77,10 @@ class RouterMetrics:
         self.tpot = mf.TIME_PER_OUTPUT_TOKEN.instrument(r)
         self.e2e = mf.E2E_REQUEST_LATENCY.instrument(r)
         self.queue = mf.REQUEST_QUEUE_TIME.instrument(r)
+        self.prefill = mf.REQUEST_PREFILL_TIME.instrument(r)
+        self.decode = mf.REQUEST_DECODE_TIME.instrument(r)
+        self.prompt_hist = mf.REQUEST_PROMPT_TOKENS.instrument(r)
+        self.generation_hist = mf.REQUEST_GENERATION_TOKENS.instrument(r)
         self.prompt_tokens = mf.PROMPT_TOKENS.instrument(r)
         self.generation_tokens = mf.GENERATION_TOKENS.instrument(r)
         self.success = mf.REQUEST_SUCCESS.instrument(r)
@@ -113,7 +124,12 @@ class RouterMetrics:
                     q = chunk.timing.get("engine_queue_s")
                     if q is not None:
                         self.queue.labels(model).observe(q)
+                    if first is not None:  # prefill: to the first token, less the engine's queue wait
+                        self.prefill.labels(model).observe(max(0.0, first - t0 - (q or 0.0)))
+                        self.decode.labels(model).observe(now - first)
                     if chunk.usage is not None:
+                        self.prompt_hist.labels(model).observe(chunk.usage.prompt_tokens)
+                        self.generation_hist.labels(model).observe(chunk.usage.completion_tokens)
                         self.prompt_tokens.labels(model).inc(chunk.usage.prompt_tokens)
                         self.generation_tokens.labels(model).inc(chunk.usage.completion_tokens)
                 for c in chunk.choices:

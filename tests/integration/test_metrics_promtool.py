@@ -42,7 +42,12 @@ def _urls(s):
 @pytest.mark.parametrize("which", ["router", "engine"])
 def test_promtool_check_metrics(metrics_stack, which):
     text = httpx.get(_urls(metrics_stack)[which], timeout=30).text
-    assert "# TYPE" in text
+    for name in ("vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+                 "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+                 "vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:num_preemptions",
+                 "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "folio:kv_blocks"):
+        assert f"# TYPE {name} " in text or f"# TYPE {name}_total counter" in text, name
+    assert f'vllm:request_generation_tokens_count{{model_name=' in text
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     # promtool exits 1 on a parse error and 3 on lint findings. The one lint Folio keeps on purpose:
     # vLLM's names (vllm:..., and folio:... beside them) have a colon, which promtool reserves for

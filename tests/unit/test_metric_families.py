@@ -31,7 +31,8 @@ def _buckets(family) -> list[float]:
 
 
 def _observe_one_of_each(metrics) -> None:
-    for h in (metrics.ttft, metrics.itl, metrics.e2e, metrics.queue):
+    for h in (metrics.ttft, metrics.itl, metrics.e2e, metrics.queue, metrics.prefill, metrics.decode,
+              metrics.prompt_hist, metrics.generation_hist):
         h.labels("m").observe(0.5)
 
 
