@@ -351,3 +351,31 @@ def test_resumed_stream_fast_forwards_the_grammar(offline_llm):
                                                                                             resume_tokens=k)),
         use_tqdm=False)[0]
     assert list(resumed.outputs[0].token_ids) == out[k:]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_with_echo_scores_the_prompt(client, stream):
+    """Prompt scoring (lm-eval's loglikelihood): the prompt echoed with its logprobs, nothing generated."""
+    model = _model(client)
+    prompt = "The capital of France is Paris"
+    ref = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    kw = dict(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    if stream:
+        events = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        text = "".join(c.text for e in events for c in e.choices)
+        tokens = [t for e in events for c in e.choices if c.logprobs for t in c.logprobs.tokens]
+        lps = [x for e in events for c in e.choices if c.logprobs for x in c.logprobs.token_logprobs]
+        finish = [c.finish_reason for e in events for c in e.choices if c.finish_reason]
+        u = events[-1].usage
+    else:
+        r = client.completions.create(**kw)
+        text, tokens, lps = r.choices[0].text, r.choices[0].logprobs.tokens, r.choices[0].logprobs.token_logprobs
+        finish, u = [r.choices[0].finish_reason], r.usage
+    n_prompt = len(ref.choices[0].logprobs.tokens) - 1
+    assert text == prompt and finish == ["length"]
+    assert tokens == ref.choices[0].logprobs.tokens[:n_prompt]
+    assert lps == ref.choices[0].logprobs.token_logprobs[:n_prompt] and lps[0] is None
+    assert u.completion_tokens == 0 and u.prompt_tokens == n_prompt
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt=prompt, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"

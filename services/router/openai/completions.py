@@ -57,7 +57,11 @@ class Completions:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidArgument("prompt: must not be empty")
         echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=echo_lp)
+        score_only = req.max_tokens == 0  # prompt scoring: the prompt's logprobs, nothing generated
+        if score_only and not req.echo:
+            raise InvalidArgument("max_tokens: 0 is only allowed with echo (prompt scoring)")
+        # The engine generates at least one token: a scoring request asks for one and drops it.
+        params = sampling_params(req, 1 if score_only else req.max_tokens, req.logprobs, prompt_logprobs=echo_lp)
         limits.check_params(params)
         model = self.core.resolve_model(req.model)
         limits.check_max_tokens(params.max_tokens, self.core.max_model_len(model))
@@ -69,7 +73,7 @@ class Completions:
             echo_texts = [p if isinstance(p, str) else await self.core.decode(model, ids, skip_special_tokens=False)
                           for p, ids in zip(prompts, encoded)]
         return _Completion(self.core, req, params, model, f"cmpl-{uuid.uuid4().hex}", int(time.time()), encoded,
-                           echo_texts)
+                           echo_texts, score_only)
 
     async def _encode(self, model: str, prompt, params: SamplingParams, add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -91,6 +95,8 @@ class _Completion:
     created: int
     encoded: list[list[int]]
     echo_texts: list[str] | None
+    score_only: bool = False
+    """max_tokens 0 with echo: the one token generated is dropped (text, logprobs, usage)."""
 
     def inputs(self, timeout_s: float | None) -> list[GenerateInput]:
         return [GenerateInput(params=self.params, model=self.model, prompt_token_ids=ids, request_id=f"{self.rid}-{i}",
@@ -100,6 +106,8 @@ class _Completion:
         """With `echo`, the prompt goes first: its text, and with logprobs its tokens and their logprobs."""
         if self.echo_texts is None:
             return text, token_ids, entries
+        if self.score_only:
+            text, token_ids, entries = "", [], []
         text = self.echo_texts[p] + text
         if self.req.logprobs is not None:
             plp = prompt_logprobs or [None] * len(self.encoded[p])
@@ -127,8 +135,12 @@ class _Completion:
             text, token_ids, entries = self.echoed(p, ch.text, ch.token_ids, ch.logprobs,
                                                     first.prompt_logprobs if first is not None else None)
             lp = await self.logprobs(token_ids, entries, 0)
-            out.append(self.choice(idx, text, lp, ch.finish_reason, ch.stop_reason))
-        return self.envelope(out, usage=c.usage())
+            out.append(self.choice(idx, text, lp, "length" if self.score_only else ch.finish_reason,
+                                   None if self.score_only else ch.stop_reason))
+        u = c.usage()
+        if self.score_only:
+            u = usage(u["prompt_tokens"], 0)
+        return self.envelope(out, usage=u)
 
     async def events(self, run: Run) -> AsyncIterator[str]:
         stream = _CompletionEvents(self)
@@ -159,7 +171,7 @@ class _CompletionEvents:
         if chunk.prompt_token_ids is not None:
             self.prompt_tokens += len(chunk.prompt_token_ids)
         events = [e for c in chunk.choices if (e := await self._event(p, chunk, c)) is not None]
-        if chunk.finished and chunk.usage is not None:
+        if chunk.finished and chunk.usage is not None and not self.job.score_only:
             self.completion_tokens += chunk.usage.completion_tokens
         return events
 
@@ -167,15 +179,21 @@ class _CompletionEvents:
         job = self.job
         idx = p * job.params.n + c.index
         text, token_ids, entries = c.text, c.token_ids, c.logprobs or []
+        if job.score_only:
+            text, token_ids, entries = "", [], []
         if idx not in self.sent_len:
             text, token_ids, entries = job.echoed(p, text, token_ids, entries, chunk.prompt_logprobs)
-        self.generated += len(c.token_ids)
+        if not job.score_only:
+            self.generated += len(c.token_ids)
         if not text and not token_ids and c.finish_reason is None:
             return None
         offset = self.sent_len.get(idx, 0)
         lp = await job.logprobs(token_ids, entries, offset)
         self.sent_len[idx] = offset + len(text)
-        event = job.envelope([job.choice(idx, text, lp, c.finish_reason, c.stop_reason)])
+        finish, reason = c.finish_reason, c.stop_reason
+        if job.score_only and finish is not None:
+            finish, reason = "length", None
+        event = job.envelope([job.choice(idx, text, lp, finish, reason)])
         if job.req.include_usage:
             event["usage"] = usage(self.prompt_tokens, self.generated) if job.req.continuous_usage else None
         return sse(event)
