@@ -97,6 +97,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         async for c in chunks:
             msg = pb.GenerateResponse(request_id=c.request_id, finished=c.finished, model=c.model,
                                       engine_id=c.engine_id or "", prompt_token_ids=c.prompt_token_ids or [])
+            if c.prompt_logprobs:
+                msg.prompt_logprobs.extend(position_to_pb(e) for e in c.prompt_logprobs)
             for ch in c.choices:
                 m = msg.choices.add(index=ch.index, text=ch.text, token_ids=ch.token_ids,
                                     finish_reason=FINISH_TO_PB[ch.finish_reason])

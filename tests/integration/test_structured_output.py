@@ -379,3 +379,26 @@ def test_max_tokens_0_with_echo_scores_the_prompt(client, stream):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt=prompt, max_tokens=0)
     assert e.value.body["param"] == "max_tokens"
+
+
+def test_grpc_prompt_logprobs(so_stack, client):
+    """Router gRPC Generate returns prompt_logprobs (one entry per prompt token, the first empty), equal
+    to the HTTP API's echoed prompt logprobs."""
+    import grpc
+
+    from protos.gen.folio.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    prompt = "The capital of France is Paris"
+    ref = client.completions.create(model=_model(client), prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    with grpc.insecure_channel(so_stack.router_address) as ch:
+        msgs = list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(
+            text=prompt, params=common_pb2.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)),
+            timeout=120))
+    first = msgs[0]
+    assert len(first.prompt_logprobs) == len(first.prompt_token_ids) == len(ref.choices[0].logprobs.tokens)
+    assert not first.prompt_logprobs[0].entries
+    for tok, pos, want in zip(first.prompt_token_ids[1:], first.prompt_logprobs[1:],
+                              ref.choices[0].logprobs.token_logprobs[1:]):
+        own = next(e for e in pos.entries if e.token_id == tok)
+        assert own.logprob == pytest.approx(want, abs=1e-4)
+        assert 1 <= len(pos.entries) <= 2
