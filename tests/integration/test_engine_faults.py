@@ -23,7 +23,8 @@ MAX_TOKENS = 20
 def test_frozen_engine_streams_finish_elsewhere_exactly_and_it_is_routed_to_again(tmp_path_factory, offline_llm):
     from folio import SamplingParams
 
-    stack = start_stack(tmp_path_factory, "hung", engines=2,
+    # --hung-after-s 2.5 (default 4): more of the 10 s is left for resuming on a CPU shared with the suite.
+    stack = start_stack(tmp_path_factory, "hung", engines=2, router_args=["--hung-after-s", "2.5"],
                         engine_args=["--num-kv-blocks", "64", "--max-model-len", "512", "--dtype", "float32"])
     try:
         streams = [generate_in_thread(stack.router_address, text=p,
