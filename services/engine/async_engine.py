@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 import dataclasses
 
@@ -40,6 +41,8 @@ class AddCommand:
     done: asyncio.Future
     outputs: asyncio.Queue
     """Where the request's RequestDeltas (or an EngineFailure) arrive."""
+    admitted: bool = False
+    """Set by the engine thread once the engine took the request."""
 
 
 @dataclasses.dataclass
@@ -47,12 +50,19 @@ class AbortCommand:
     """Abort a request (no-op if unknown)."""
 
     request_id: str
+    only_if: AddCommand | None = None
+    """Abort only the request this command admitted (not an earlier one that holds the same id)."""
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
-                 change_fraction: float = 0.05):
+                 change_fraction: float = 0.05, step_deadline_s: float = 5.0):
         self.engine = engine
+        self.step_deadline_s = step_deadline_s
+        self._step_started: float | None = None  # set by the engine thread while a step runs
+        self._watchdog: asyncio.Task | None = None
+        self.slow_steps = 0
+        """Steps that ran past `step_deadline_s` (each logged once, with what it was doing)."""
         self._cmds: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._stop = False
@@ -73,6 +83,26 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_steps(), name="engine-step-watchdog")
+
+    async def _watch_steps(self) -> None:
+        """Log a step that runs past its deadline while it still runs (a wedged step never returns to
+        report itself), once per step, with its phase and batch. The heartbeat's step counter does
+        not move meanwhile, which is what the router's hung-engine detection reads."""
+        logged = -1
+        while not self._stop:
+            await asyncio.sleep(min(1.0, self.step_deadline_s / 4))
+            started, step = self._step_started, self._steps
+            if started is None or step == logged:
+                continue
+            ran = time.monotonic() - started
+            if ran > self.step_deadline_s:
+                logged = step
+                self.slow_steps += 1
+                seqs, tokens = self.engine.step_batch
+                log.warning("engine step %d has run %.1f s, past its %.1f s deadline: phase %s, %d sequences, "
+                            "%d tokens, %d running / %d waiting", step + 1, ran, self.step_deadline_s,
+                            self.engine.step_phase, seqs, tokens, self.snapshot.running, self.snapshot.waiting)
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           prompt: str | None = None) -> asyncio.Queue:
@@ -81,7 +111,14 @@ class AsyncEngine:
         cmd = AddCommand(request_id, prompt, prompt_token_ids, params, self._loop.create_future(), asyncio.Queue())
         self._cmds.append(cmd)
         self._wake.set()
-        await cmd.done
+        try:
+            await cmd.done
+        except asyncio.CancelledError:
+            # The caller left (deadline, disconnect) while the admission waited behind a step: the
+            # engine thread may admit it yet, so an abort follows it down the same ordered queue.
+            self._cmds.append(AbortCommand(request_id, only_if=cmd))
+            self._wake.set()
+            raise
         return cmd.outputs
 
     def abort(self, request_id: str) -> None:
@@ -92,6 +129,8 @@ class AsyncEngine:
     async def stop(self) -> None:
         self._stop = True
         self._wake.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
 
@@ -120,15 +159,20 @@ class AsyncEngine:
         while self._cmds:
             cmd = self._cmds.popleft()
             if isinstance(cmd, AddCommand):
+                if cmd.done.cancelled():  # its caller is gone already: never admit it
+                    continue
                 try:
                     eng.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids)
                 except Exception as e:  # noqa: BLE001 - ValueError / QueueFullError go to the caller
                     self._resolve(cmd.done, e)
                     continue
+                cmd.admitted = True
                 self._queues[cmd.request_id] = cmd.outputs
                 self._admitted_pending.append(cmd.request_id)
                 self._resolve(cmd.done, None)
             elif isinstance(cmd, AbortCommand):
+                if cmd.only_if is not None and not cmd.only_if.admitted:
+                    continue
                 out = eng.abort_request(cmd.request_id)
                 q = self._queues.pop(cmd.request_id, None)
                 if q is not None and out is not None:
@@ -145,12 +189,16 @@ class AsyncEngine:
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = eng.step()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("engine step failed; ending %d requests", len(self._queues))
                 self._fail_all(EngineFailure(f"engine step failed: {type(e).__name__}"))
                 continue
+            finally:
+                self._step_started = None
+                eng.step_phase = "idle"
             self._steps += 1
             for out in outputs:
                 q = self._queues.get(out.request_id)

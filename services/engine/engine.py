@@ -98,6 +98,10 @@ class LLMEngine:
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         """Requests whose grammar is compiling (held out of the scheduler until it is done)."""
         self.step_timing: dict | None = None
+        self.step_phase: str = "idle"
+        """The phase the current step is in (read by AsyncEngine's step watchdog from another thread)."""
+        self.step_batch: tuple[int, int] = (0, 0)
+        """(sequences, tokens) the current or last step computes."""
         """Set to {} to accumulate seconds per step phase (adds a GPU sync per step: measurement only)."""
         self.attention_backend = backend
         log.info("engine ready: %s on %s (%s), backend %s, %d KV blocks x %d tokens",
@@ -160,7 +164,13 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids)
         beam_params = params if isinstance(params, BeamSearchParams) else None
         if beam_params is not None:
+            if beam_params.beam_width > self.config.max_num_seqs:
+                raise ValueError(f"beam_width: {beam_params.beam_width} is more than this engine's max_num_seqs "
+                                 f"({self.config.max_num_seqs})")
             params = sampling_params_for(beam_params)
+        if params.n > self.config.max_num_seqs:  # direct gRPC clients bypass the router's max_n
+            raise ValueError(f"n: {params.n} is more than this engine's max_num_seqs ({self.config.max_num_seqs}); "
+                             "all n samples of a request run in one batch")
         for t in params.logit_bias or {}:
             if t >= self.vocab_size:
                 raise ValueError(f"logit_bias: token id {t} is outside the vocabulary [0, {self.vocab_size})")
@@ -258,6 +268,7 @@ class LLMEngine:
         admitted = self._admit_compiled() if self._compiling else []
         with self._phase("schedule"):
             out = self.scheduler.schedule()
+        self.step_batch = (len(out.scheduled), out.num_tokens)
         if not out:
             if self._compiling and not self.scheduler.has_unfinished():  # only compiles pending: wait a little
                 concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.05,
@@ -284,6 +295,7 @@ class LLMEngine:
     def _phase(self, name: str, sync: bool = False):
         """Add the block's seconds to step_timing[name] when measuring (a GPU sync for the forward, so
         its time is not billed to the next phase)."""
+        self.step_phase = name
         timing = self.step_timing
         if timing is None:
             yield

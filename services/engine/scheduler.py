@@ -244,13 +244,31 @@ class Scheduler:
         return touched
 
     def _fork_samples(self, parent: Sequence, k: int) -> list[Sequence]:
+        """Fork `parent` into k more samples that join the queue right after it, in one splice: linear
+        in k (a per-child `list.index` + insert made a large n quadratic inside one step)."""
         req = parent.request
-        children: list[Sequence] = []
-        for _ in range(k):
-            child = Sequence(req, len(req.seqs), list(parent.token_ids), parent.num_prompt_tokens)
-            self.fork(parent, child, after=children[-1] if children else parent)
-            req.seqs.append(child)
-            children.append(child)
+        children = [Sequence(req, len(req.seqs) + i, list(parent.token_ids), parent.num_prompt_tokens)
+                    for i in range(k)]
+        for child in children:
+            child.num_cached_tokens = parent.num_cached_tokens
+            if parent.status is SeqStatus.RUNNING:
+                child.num_computed_tokens = parent.num_computed_tokens
+                self.blocks.fork(parent, child)
+                child.status = SeqStatus.RUNNING
+            else:
+                child.num_computed_tokens = 0
+                child.status = SeqStatus.WAITING
+        if children:
+            queue = self.running if parent.status is SeqStatus.RUNNING else self.waiting
+            if isinstance(queue, list):
+                i = queue.index(parent) + 1
+                queue[i:i] = children
+            else:
+                i = queue.index(parent) + 1
+                queue.rotate(-i)
+                queue.extendleft(reversed(children))
+                queue.rotate(i)
+        req.seqs.extend(children)
         return children
 
     def append_token(self, seq: Sequence, sample: SampledToken) -> None:

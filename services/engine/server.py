@@ -47,6 +47,8 @@ class EngineServerConfig:
     """Serve Prometheus metrics (vllm:* names) on this port."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
+    step_deadline_s: float = 5.0
+    """A step running longer than this is logged (phase, batch size, tokens) while it runs."""
     log_level: str = "INFO"
     """Logging level."""
 
@@ -130,10 +132,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         ids = list(request.prompt_token_ids)
         with telemetry.span("folio.engine.generate", **{"folio.request_id": rid, "folio.model": self.model_name,
                                                         "folio.prompt_tokens": len(ids), "folio.engine_id": self.engine_id}) as span:
-            q = await self.aengine.add_request(rid, ids, params)
             prog = _Progress(len(ids))
             finished = False
-            try:
+            q = None
+            try:  # the admission too: a client gone while it was queued must not leave work behind
+                q = await self.aengine.add_request(rid, ids, params)
                 while not finished:
                     deltas = [await q.get()]
                     while not q.empty():  # a slow reader gets what piled up in one message
@@ -155,7 +158,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     if msg.sequences or finished:
                         yield msg
             finally:
-                if not finished:  # cancelled, deadline, or the client went away: free the blocks now
+                # Cancelled, deadline, or the client went away: free the blocks now. (Gone during the
+                # admission itself: add_request queued the abort.)
+                if q is not None and not finished:
                     self.aengine.abort(rid)
 
     def _observe(self, msg: pb.EngineGenerateResponse, prog: _Progress) -> None:
@@ -198,7 +203,8 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
     engine = await asyncio.to_thread(LLMEngine, engine_config)
     model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     publisher = None
-    aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap))
+    aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap),
+                          step_deadline_s=c.step_deadline_s)
     aengine.start()
     metrics = None
     if c.metrics_port is not None:

@@ -238,17 +238,6 @@ def test_stack_is_whole_afterwards(run):
     assert fz.call_grpc(run.stub, run.tally, ok) == grpc.StatusCode.OK  # and it still serves
 
 
-ENGINE_CANCEL_DEFECT = (
-    "engine defect (issue 13, item 3; engine side, not yet fixed): a request cancelled (gRPC deadline, HTTP "
-    "disconnect) while its admission is still queued behind the engine step is admitted anyway and runs to "
-    "max_tokens for nobody "
-    "(services/engine/server.py Generate awaits aengine.add_request before the try/finally that aborts; "
-    "AsyncEngine admits a request whose caller is gone). Measured: 23 sequences still running 25 s after "
-    "40 gRPC clients with 20-140 ms deadlines left; 19 after 40 back-to-back HTTP disconnects (none when "
-    "the same requests are 1.5 s apart). Remove this xfail when the engine side lands.")
-
-
-@pytest.mark.xfail(strict=True, reason=ENGINE_CANCEL_DEFECT)
 def test_clients_that_leave_early_leave_no_engine_work(run):
     """Runs last: 40 HTTP clients that disconnect mid-request (before the first byte or mid-stream) and 40
     gRPC requests with deadlines of 20-140 ms, back to back. The answers must be clean, and every engine
