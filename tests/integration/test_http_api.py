@@ -34,14 +34,14 @@ from tests.integration.helpers import SMALL_ENGINE, engine_stats, random_prompt,
 
 pytestmark = pytest.mark.timeout(300)
 
-MODEL = "smollm2-chat"  # --served-model-name: the tokenizer, the engine and the HTTP API all answer to it
+MODEL = "SmolLM2-135M-Instruct"
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
 def http_stack(tmp_path_factory):
     port = free_port()
-    s = start_stack(tmp_path_factory, "http", engines=1, http_port=port, served_model_name=MODEL,
+    s = start_stack(tmp_path_factory, "http", engines=1, http_port=port,
                     engine_args=SMALL_ENGINE + ["--max-num-seqs", "2", "--max-waiting-requests", "2"])
     s.http_url = f"http://127.0.0.1:{port}"
     s.http_port = port
