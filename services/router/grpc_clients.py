@@ -175,6 +175,8 @@ class GrpcDetokenizer:
             resp = await self.call.read()
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
+        except asyncio.InvalidStateError:  # the call already ended (the tokenizer went away): retryable
+            raise Unavailable("tokenizer: detokenize stream ended") from None
         if resp is grpc.aio.EOF:
             raise Unavailable("tokenizer: detokenize stream ended")
         return resp.text

@@ -1,5 +1,6 @@
 """Short chaos run in `make test`: streaming greedy load on a real 2-engine stack with two router replicas
-while an engine is SIGKILLed and another SIGSTOPped, and Redis and one router are killed and restarted. Every request ends with the offline reference's exact text or a clean retryable status
+while an engine is SIGKILLed and another SIGSTOPped, and Redis, the tokenizer and one router are killed
+and restarted. Every request ends with the offline reference's exact text or a clean retryable status
 (UNAVAILABLE / RESOURCE_EXHAUSTED / ABORTED); none is wrong, lost, hung or failed otherwise, and the
 engines hold nothing afterwards. bench/chaos.py is the long run."""
 
@@ -15,9 +16,7 @@ from tests.integration.helpers import engine_stats, start_stack, wait_for
 pytestmark = pytest.mark.timeout(300)
 
 ENGINE = ["--num-kv-blocks", "64", "--max-model-len", "512", "--dtype", "float32", "--device", "cpu"]
-SCHEDULE = ["engine-sigkill", "redis-restart", "router-restart"]
-# Not here yet: "tokenizer-restart". A killed tokenizer makes the router answer a few requests with
-# INTERNAL instead of UNAVAILABLE (4 per restart in bench/chaos.py; router side, see docs/reliability.md).
+SCHEDULE = ["engine-sigkill", "redis-restart", "tokenizer-restart", "router-restart"]
 
 
 def test_faults_under_streaming_load_lose_nothing(tmp_path_factory, offline_llm):
