@@ -96,8 +96,11 @@ class LLM:
         order, results = [], {}
         for text, ids, sp in items:
             rid = f"offline-{next(self._ids)}"
-            engine.add_request(rid, text, sp, prompt_token_ids=ids)
-            proc.add_request(rid, text, ids, sampling_params_for(sp) if isinstance(sp, BeamSearchParams) else sp)
+            text_params = sampling_params_for(sp) if isinstance(sp, BeamSearchParams) else sp
+            # Only stop strings need the text as it grows (to end a sequence early); other requests
+            # come back from the engine once, finished, with no per-token work on the host.
+            engine.add_request(rid, text, sp, prompt_token_ids=ids, stream=bool(text_params.stop))
+            proc.add_request(rid, text, ids, text_params)
             order.append(rid)
         bar = None
         if use_tqdm and len(items) > 1:

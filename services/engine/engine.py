@@ -153,7 +153,9 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | BeamSearchParams,
-                    prompt_token_ids: list[int] | None = None) -> Request:
+                    prompt_token_ids: list[int] | None = None, stream: bool = True) -> Request:
+        """Queue a request. `stream=False`: step() returns its delta only once it finishes (holding
+        every token), which spares the host per-token work when nobody reads the tokens as they come."""
         if request_id in self.requests:
             raise ValueError(f"request_id: {quote(request_id)} is already in use")
         if prompt_token_ids is None:
@@ -177,7 +179,7 @@ class LLMEngine:
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
-        req = Request(request_id, prompt, prompt_token_ids, params)
+        req = Request(request_id, prompt, prompt_token_ids, params, stream=stream)
         if params.structured_outputs is not None:
             if beam_params is not None:
                 raise ValueError("structured_outputs: not supported with beam search")
@@ -286,7 +288,8 @@ class LLMEngine:
             for req in beam_reqs:
                 if req.beam.advance():  # beams report once, when the search is over
                     touched[req.request_id] = req
-            deltas = admitted + [self._emit(req) for req in touched.values()]
+            deltas = admitted + [self._emit(req) for req in touched.values()
+                                 if req.stream or req.aborted or req.finished]
         if self.step_timing is not None:
             self.step_timing["steps"] = self.step_timing.get("steps", 0) + 1
         return deltas

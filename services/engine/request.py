@@ -98,6 +98,9 @@ class Request:
     prompt_logprobs_emitted: bool = False
     beam: object | None = None
     """The BeamSearch state (services/engine/beam_search.py) of a beam-search request, else None."""
+    stream: bool = True
+    """Emit a delta every step the request advances; False: one delta when it finishes, holding all
+    of it (the offline API's requests without stop strings: no per-token work on the host)."""
 
     def __post_init__(self) -> None:
         # Sampling forks the first sequence into n once the prompt is computed, so the prompt's
