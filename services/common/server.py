@@ -47,7 +47,9 @@ class GrpcServer:
     """An asyncio gRPC server with health (grpc.health.v1) and reflection for `service_names`."""
 
     def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
-                 interceptors: list[grpc.aio.ServerInterceptor] | None = None):
+                 interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+                 tls: tuple[bytes, bytes] | None = None):
+        """`tls`: (certificate chain PEM, private key PEM) to serve TLS only; None serves plaintext."""
         # Extra interceptors (e.g. authentication) run before the error mapping.
         self.server = grpc.aio.server(interceptors=[*(interceptors or []), ErrorInterceptor()], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
@@ -55,7 +57,11 @@ class GrpcServer:
         self.service_names = list(service_names)
         reflection.enable_server_reflection(
             self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is not None:
+            cert, key = tls
+            self.port = self.server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"

@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Literal
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
 from services.common import config as cfg, telemetry
@@ -49,6 +50,10 @@ class RouterConfig:
     api_key: str | None = None
     """Require 'authorization: Bearer <key>' on the gRPC API (metadata) and the HTTP API's /v1/*
     (default: $FOLIO_API_KEY); health, reflection and /metrics stay open."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain: serve the gRPC and HTTP APIs over TLS only (with --tls-key-file)."""
+    tls_key_file: str | None = None
+    """PEM private key for --tls-cert-file."""
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] = "hermes"
     """How chat completions read the model's own tool calls under tool_choice auto: hermes
     (<tool_call>{...}</tool_call>), llama3_json or mistral ([TOOL_CALLS][...]), as vLLM's flag."""
@@ -162,9 +167,10 @@ class _HttpServer:
         self.grace_s = c.grace_s
         app = build_app(core, api_key=c.api_key, metrics=metrics, tool_call_parser=c.tool_call_parser)
         self.server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=c.grace_s,
-                                            access_log=False))
+                                            access_log=False, ssl_certfile=c.tls_cert_file,
+                                            ssl_keyfile=c.tls_key_file))
         self.task: asyncio.Task | None = None
-        log.info("OpenAI-compatible HTTP API on http://%s:%d", c.host, c.http_port)
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d", "https" if c.tls_cert_file else "http", c.host, c.http_port)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="http")
@@ -187,7 +193,8 @@ async def serve(c: RouterConfig) -> None:
     if not c.tokenizer:
         log.warning("no --tokenizer given: only prompt_token_ids requests can be served")
     auth = [ApiKeyInterceptor(c.api_key)] if c.api_key else []
-    server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port, interceptors=auth)
+    server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port, interceptors=auth,
+                        tls=_read_tls(c))
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
                                 limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s)
@@ -217,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_args(parser.add_argument_group("request limits (before any work is done; docs/reliability.md)"),
                  RequestLimits)
     return parser
+
+
+def _read_tls(c: RouterConfig) -> tuple[bytes, bytes] | None:
+    if (c.tls_cert_file is None) != (c.tls_key_file is None):
+        raise SystemExit("router: --tls-cert-file and --tls-key-file go together")
+    if c.tls_cert_file is None:
+        return None
+    try:
+        return Path(c.tls_cert_file).read_bytes(), Path(c.tls_key_file).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"router: cannot read the TLS files: {e}") from None
 
 
 def parse_config(argv: list[str] | None = None) -> RouterConfig:
