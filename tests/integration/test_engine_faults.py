@@ -11,7 +11,9 @@ import time
 import pytest
 
 from protos.gen.folio.v1 import router_pb2
-from tests.integration.helpers import engine_stats, generate, generate_in_thread, params, start_stack, wait_for
+from tests.integration.helpers import (
+    engine_stats, generate_in_thread, params, random_prompt, start_stack, wait_for,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,9 +62,14 @@ def test_frozen_engine_streams_finish_elsewhere_exactly_and_it_is_routed_to_agai
                  what="the resumed engine to drop the aborted requests")
 
         def routed_to_victim():
-            res = generate(stack.router_address, token_ids=router_pb2.TokenIds(ids=[1, 2, 3]),
-                           params=params(temperature=0, max_tokens=1), timeout=30)
-            return victim in res.engine_ids
+            # Several requests at once, each reserving blocks: the router spreads them by free blocks
+            # net of reservations, so a choosable victim gets some of them. (One small request at a
+            # time can keep landing on the other engine when its free-block count ties or leads.)
+            batch = [generate_in_thread(stack.router_address, token_ids=router_pb2.TokenIds(ids=random_prompt(120, seed=i)),
+                                        params=params(temperature=0, max_tokens=4, ignore_eos=True)) for i in range(6)]
+            for t, _ in batch:
+                t.join(60)
+            return any(victim in res.engine_ids for _, res in batch)
         wait_for(routed_to_victim, timeout=20, interval=0.2, what="the resumed engine to be chosen again")
         print(f"routed to again {time.monotonic() - t1:.1f}s after SIGCONT")
     finally:
