@@ -27,9 +27,5 @@ class Jais2DecoderLayer(torch.nn.Module):
 
 
 class Jais2ForCausalLM(LayerNormDecoderLM):
-    def __init__(self, cfg, backend, tp=None):
-        self.eps = cfg.get("layer_norm_eps", 1e-5)
-        super().__init__(cfg, backend, tp)
-
     def make_layer(self, i):
         return Jais2DecoderLayer(self, i)

@@ -31,9 +31,7 @@ class OlmoForCausalLM(LayerNormDecoderLM):
     stacked_params = STACKED_QKV_GATE_UP
     mlp_bias = False
 
-    def __init__(self, cfg, backend, tp=None):
-        self.eps = 1e-5
-        super().__init__(cfg, backend, tp)
+    eps_key = None  # OLMo's LayerNorm has no parameters and a fixed epsilon
 
     def make_norm(self):
         return LayerNorm(self.cfg.hidden_size, self.eps, affine=False)

@@ -32,13 +32,7 @@ class PhiDecoderLayer(torch.nn.Module):
 class PhiForCausalLM(LayerNormDecoderLM):
     final_norm_name = "final_layernorm"
     lm_head_bias = True
-
-    def __init__(self, cfg, backend, tp=None):
-        self.eps = cfg.get("layer_norm_eps", 1e-5)
-        super().__init__(cfg, backend, tp)
-
-    def checkpoint_name(self, name):
-        return name.replace(".q_layernorm.", ".q_norm.").replace(".k_layernorm.", ".k_norm.")
+    checkpoint_renames = ((".q_layernorm.", ".q_norm."), (".k_layernorm.", ".k_norm."))
 
     def make_layer(self, i):
         return PhiDecoderLayer(self, i)

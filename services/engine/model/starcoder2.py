@@ -31,8 +31,13 @@ class LayerNormDecoderLM(CausalLM):
     stacked_params = STACKED_QKV
     final_norm_name = "norm"
     lm_head_bias = False
+    eps_key: str | None = "layer_norm_eps"
+    """config.json's LayerNorm epsilon field (None: the family fixes it at 1e-5)."""
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    """(checkpoint substring, Folio substring) pairs applied to every tensor name."""
 
     def __init__(self, cfg, backend, tp=None):
+        self.eps = cfg.get(self.eps_key, 1e-5) if self.eps_key else 1e-5
         super().__init__(cfg, backend, tp)
         self.rotary = RotaryEmbedding(cfg, cfg.head_dim, rope_parameters(cfg))
         self.model = DecoderStack(self, self.final_norm_name)
@@ -40,6 +45,11 @@ class LayerNormDecoderLM(CausalLM):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, bias=self.lm_head_bias,
                                       tie_to=self.model.embed_tokens if cfg.tie_word_embeddings else None)
         self.logits_processor = LogitsProcessor(cfg.vocab_size, tp=tp)
+
+    def checkpoint_name(self, name):
+        for old, new in self.checkpoint_renames:
+            name = name.replace(old, new)
+        return name
 
     def make_layer(self, i: int) -> torch.nn.Module:
         raise NotImplementedError
@@ -78,9 +88,7 @@ class Starcoder2ForCausalLM(LayerNormDecoderLM):
         cfg.tie_word_embeddings = bool(hf.get("tie_word_embeddings", True))
         return cfg
 
-    def __init__(self, cfg, backend, tp=None):
-        self.eps = cfg.get("norm_epsilon", 1e-5)
-        super().__init__(cfg, backend, tp)
+    eps_key = "norm_epsilon"
 
     def make_layer(self, i):
         return Starcoder2DecoderLayer(self, i)
