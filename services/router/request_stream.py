@@ -266,15 +266,9 @@ class RequestStream:
     # --- engine failed: retry, resume elsewhere, or give up ---------------------------------------
     async def _engine_failed(self, err: FolioError) -> None:
         """Returns when another engine should take the request over; raises to give up."""
-        if err.status == "DEADLINE_EXCEEDED":
-            raise DeadlineExceeded("deadline exceeded") from None
-        if err.status not in RETRYABLE:
-            raise err from None
         engine_id = self.engine.engine_id
-        self.excluded.add(engine_id)
+        self._exclude_failed(err, engine_id, self.excluded)
         self.failures.append(err.status)
-        if err.status != "RESOURCE_EXHAUSTED":
-            self.route.registry.mark_suspect(engine_id)
         if self.completion_tokens == 0:
             await self.route.registry.release(engine_id, self.rid)
             self.route.stats.retries += 1
@@ -288,6 +282,18 @@ class RequestStream:
                         " (each unfinished sequence on its own)" if self.apart else "")
         if self.attempts >= self.route.max_attempts:
             raise err from None
+
+    def _exclude_failed(self, err: FolioError, engine_id: str, excluded: set[str]) -> None:
+        """The rule every attempt shares: a deadline ends the request and a status another engine
+        could not fix is the answer (both raise); otherwise the engine is excluded, and marked suspect
+        unless it was only full."""
+        if err.status == "DEADLINE_EXCEEDED":
+            raise DeadlineExceeded("deadline exceeded") from None
+        if err.status not in RETRYABLE:
+            raise err from None
+        excluded.add(engine_id)
+        if err.status != "RESOURCE_EXHAUSTED":
+            self.route.registry.mark_suspect(engine_id)
 
     # --- n > 1 resumed: one n = 1 continuation per unfinished sequence ------------------------------
     async def _continue_apart(self) -> AsyncIterator[Chunk]:
@@ -353,13 +359,9 @@ class RequestStream:
                     raise Unavailable(f"engine {engine.engine_id} ended the stream early")
             except EngineFailed as f:
                 err = f.error
-                if err.status == "DEADLINE_EXCEEDED":
-                    raise DeadlineExceeded("deadline exceeded") from None
-                if err.status not in RETRYABLE or attempts >= self.route.max_attempts:
+                self._exclude_failed(err, engine.engine_id, excluded)
+                if attempts >= self.route.max_attempts:
                     raise err from None
-                excluded.add(engine.engine_id)
-                if err.status != "RESOURCE_EXHAUSTED":
-                    self.route.registry.mark_suspect(engine.engine_id)
                 self.route.stats.failovers += 1
                 log.warning("%s: engine %s failed on sequence %d after %d tokens (%s); continuing elsewhere",
                             self.rid, engine.engine_id, index, seq.num_tokens, err.status)
