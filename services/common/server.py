@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -77,19 +79,20 @@ class GrpcServer:
         """Start, report SERVING, and run until SIGTERM/SIGINT; then report NOT_SERVING, let `on_drain`
         stop new work elsewhere (e.g. leave the Redis registry), and give in-flight calls `grace_s`.
         With `ready`, health follows it instead (polled 4 times a second): SERVING only while it holds."""
+        stop = asyncio.Event()  # handlers first: a SIGTERM right after "ready" must drain, not kill
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         await self.server.start()
         if on_ready is not None:
             await on_ready()
         follow = asyncio.create_task(self._follow(ready)) if ready is not None else None
         if ready is None:
             await self.set_serving(True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         log.info("%s SERVING on %s", ",".join(self.service_names), self.address)
         await stop.wait()
         log.info("draining (grace %.1fs)", grace_s)
+        _exit_if_stuck_after(grace_s + EXIT_MARGIN_S)
         if follow is not None:
             follow.cancel()
         await self.set_serving(False)
@@ -111,6 +114,24 @@ class GrpcServer:
                 log.info("health: %s", "SERVING" if now else "NOT_SERVING")
                 serving = now
             await asyncio.sleep(interval_s)
+
+
+EXIT_MARGIN_S = 10.0
+"""Seconds past the drain grace after which a process that has not exited leaves anyway."""
+
+
+def _exit_if_stuck_after(seconds: float) -> None:
+    """Leave the process (status 1, logged) if it is still alive `seconds` from now: a drain must end
+    in bounded time even if a thread or an interpreter-exit hook never returns, so an orchestrator's
+    SIGTERM means "gone within grace + margin", not "gone at SIGKILL"."""
+    def guard():
+        log.error("still running %.0fs after SIGTERM; exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    t = threading.Timer(seconds, guard)
+    t.daemon = True
+    t.start()
 
 
 def configure_logging(level: str = "INFO") -> None:

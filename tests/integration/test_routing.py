@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import grpc
@@ -86,7 +87,7 @@ def test_router_replicas_do_not_herd_onto_one_engine(tmp_path_factory):
 @pytest.fixture
 def failover_stack(tmp_path_factory):
     # Engine 0 has the larger pool, so the router prefers it while both are idle.
-    s = start_stack(tmp_path_factory, "failover", engines=2, engine_args=[],
+    s = start_stack(tmp_path_factory, "failover", engines=2, engine_args=["--grace-s", "5"],
                     per_engine_args=[["--num-kv-blocks", "48", "--max-model-len", "640", "--dtype", "float32"],
                                      ["--num-kv-blocks", "40", "--max-model-len", "640", "--dtype", "float32"]])
     yield s
@@ -154,7 +155,10 @@ def test_no_live_engine_is_unavailable(failover_stack):
             p.popen.send_signal(signal.SIGTERM)  # drain: each leaves the registry at once
     for p in stack.procs:
         if p.name.startswith("engine"):
-            p.popen.wait(30)
+            try:
+                p.popen.wait(60)  # idle engines leave at once; the grace (5 s) bounds any call in flight
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{p.name} still running 60 s after SIGTERM:\n{stack.tail(p)}")
     r = redis_client(stack)
     assert not r.keys("folio:engine:*")
     with pytest.raises(grpc.RpcError) as e:
