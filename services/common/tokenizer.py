@@ -7,9 +7,12 @@ transformers import on the hot path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.common.errors import InvalidArgument
 
 
 class Tokenizer:
@@ -21,6 +24,7 @@ class Tokenizer:
         if not path.exists():
             raise ValueError(f"model: no tokenizer.json in {model_dir}")
         self._tok = HFTokenizer.from_file(str(path))
+        self.model_dir = model_dir
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         self.chat_template: str | None = cfg.get("chat_template")
@@ -108,6 +112,16 @@ class Tokenizer:
     # --- decoding -------------------------------------------------------------------------------
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def check_ids(self, ids) -> None:
+        """InvalidArgument naming the first id outside the vocabulary (the decoders would drop it silently)."""
+        if ids and max(ids) >= self.vocab_size:
+            bad = next(t for t in ids if t >= self.vocab_size)
+            raise InvalidArgument(f"token_ids: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+
+    def sha256(self) -> str:
+        """SHA-256 (hex) of the tokenizer.json this was loaded from: which tokenizer this is, exactly."""
+        return hashlib.sha256((self.model_dir / "tokenizer.json").read_bytes()).hexdigest()
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)

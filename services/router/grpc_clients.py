@@ -6,9 +6,9 @@ carrying a domain error, the tokenizer's bidirectional Detokenize stream a `Deto
 
 from __future__ import annotations
 
-import json
-
 import asyncio
+import json
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,7 +18,11 @@ from services.common.convert import FINISH_FROM_PB, params_to_pb, position_from_
 from services.common.errors import FolioError, Unavailable
 from services.common.grpc_errors import from_rpc_error
 from services.common.server import channel
+from services.common.tokenizer import Tokenizer
 from services.router.clients import EngineFailed, EngineMessage, EngineRequest, SequenceUpdate
+from services.router.local_detokenizer import LocalDetokenizer, load_local_tokenizer
+
+log = logging.getLogger("folio.router")
 
 
 # --- engines ----------------------------------------------------------------------------------------
@@ -93,17 +97,29 @@ def _sequence_from_pb(d: engine_pb2.SequenceDelta) -> SequenceUpdate:
 
 # --- tokenizers -------------------------------------------------------------------------------------
 class GrpcTokenizerClient:
-    """One tokenizer service (it serves one model)."""
+    """One tokenizer service (it serves one model). With `detokenize="local"` token ids become text in
+    this process, over the service's own tokenizer files when they can be read here
+    (services/router/local_detokenizer.py); else, and with "service", through the service."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, detokenize: str = "local"):
         self.address = address
         self.channel = channel(address)
         self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
         self.model = ""
+        self.detokenize = detokenize
+        self.local: Tokenizer | None = None
+        """The service's tokenizer, loaded here: detokenizing needs no call to the service."""
 
     async def start(self, wait_s: float) -> None:
         info = await self.stub.Info(tokenizer_pb2.TokenizerInfoRequest(), wait_for_ready=True, timeout=wait_s)
         self.model = info.model
+        if self.detokenize == "local":
+            self.local, why = await asyncio.to_thread(load_local_tokenizer, info.model_path, info.tokenizer_sha256)
+            if self.local is not None:
+                log.info("detokenizing %s in this process (%s)", self.model, why)
+            else:
+                log.warning("detokenizing %s through the tokenizer service at %s, one round trip per engine "
+                            "message: %s", self.model, self.address, why)
 
     async def encode(self, *, text: str | None = None, messages: list[dict] | None = None,
                      add_special_tokens: bool = True, add_generation_prompt: bool = True,
@@ -126,6 +142,9 @@ class GrpcTokenizerClient:
         return list(r.token_ids)
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        if self.local is not None:
+            self.local.check_ids(token_ids)
+            return self.local.decode(list(token_ids), skip_special_tokens)
         try:
             r = await self.stub.Decode(tokenizer_pb2.DecodeRequest(model=self.model, token_ids=token_ids,
                                                                    skip_special_tokens=skip_special_tokens), timeout=30)
@@ -133,7 +152,9 @@ class GrpcTokenizerClient:
             raise from_rpc_error(e) from None
         return r.text
 
-    def detokenizer(self, skip_special_tokens: bool) -> GrpcDetokenizer:
+    def detokenizer(self, skip_special_tokens: bool) -> LocalDetokenizer | GrpcDetokenizer:
+        if self.local is not None:
+            return LocalDetokenizer(self.local, skip_special_tokens)
         return GrpcDetokenizer(self.stub, self.model, skip_special_tokens)
 
     async def close(self) -> None:

@@ -57,6 +57,10 @@ class RouterConfig:
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] = "hermes"
     """How chat completions read the model's own tool calls under tool_choice auto: hermes
     (<tool_call>{...}</tool_call>), llama3_json or mistral ([TOOL_CALLS][...]), as vLLM's flag."""
+    detokenize: Literal["local", "service"] = "local"
+    """Where generated tokens become text: local (in this process, over the tokenizer service's own
+    tokenizer.json when this process can read it, else through the service, with a warning in the log) or
+    service (the tokenizer service's Detokenize stream, one round trip per engine message; docs/router.md)."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
@@ -197,7 +201,8 @@ async def serve(c: RouterConfig) -> None:
                         tls=_read_tls(c))
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
-                                limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s)
+                                limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s,
+                                detokenize=c.detokenize)
     metrics = RouterMetrics(core)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None

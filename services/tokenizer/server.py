@@ -68,6 +68,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         # Text longer than this cannot fit the model's context: refused before it is encoded (a 10 MB
         # prompt would otherwise cost seconds and gigabytes here before its length could be checked).
         self.max_text_bytes = tokenizer.max_text_bytes(max_tokens) if max_tokens else None
+        self.sha256 = tokenizer.sha256()
 
     def _check_fits(self, text: str, field: str) -> None:
         if self.max_text_bytes is None or len(text) * 4 <= self.max_text_bytes:
@@ -111,13 +112,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Decode(self, request: pb.DecodeRequest, context) -> pb.DecodeResponse:
         self._check_model(request.model)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        self._check_ids(request.token_ids)
+        self.tok.check_ids(request.token_ids)
         return pb.DecodeResponse(text=self.tok.decode(list(request.token_ids), skip))
-
-    def _check_ids(self, ids) -> None:
-        bad = next((t for t in ids if t >= self.tok.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument(f"token_ids: token id {bad} is outside the vocabulary [0, {self.tok.vocab_size})")
 
     async def Detokenize(self, request_iterator, context):
         detok = None
@@ -127,7 +123,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 self._check_model(req.model)
                 skip = req.skip_special_tokens if req.HasField("skip_special_tokens") else True
                 detok = IncrementalDetokenizer(self.tok, skip)
-            self._check_ids(req.token_ids)
+            self.tok.check_ids(req.token_ids)
             text = detok.add(list(req.token_ids)) if req.token_ids else ""
             if req.flush:
                 text += detok.flush()
@@ -139,7 +135,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             model=self.model_name, vocab_size=t.vocab_size, eos_token_ids=sorted(t.eos_token_ids),
             special_token_ids=sorted(t.special_token_ids), max_length=int(t.model_max_length or 0)
             if isinstance(t.model_max_length, int) and t.model_max_length < 2**63 else 0,
-            has_chat_template=bool(t.chat_template))
+            has_chat_template=bool(t.chat_template), model_path=str(t.model_dir.resolve()),
+            tokenizer_sha256=self.sha256)
         if t.bos_token_id is not None:
             r.bos_token_id = t.bos_token_id
         return r
