@@ -164,6 +164,37 @@ ARCHITECTURES += [
          "LayerNorm with bias, squared-ReLU ungated MLP with biases, q/k/v/o biases"),
 ]
 
+# Mixtures of experts: several experts, top-k >= 2, expert intermediate size != the dense one where the family
+# has both; every router rule and checkpoint layout of layers/moe.py.
+MOE = dict(num_experts_per_tok=2)
+ARCHITECTURES += [
+    Arch("mixtral", "MixtralForCausalLM", "MixtralConfig", cfg(**MOE, num_local_experts=4),
+         "4 experts, top-2 renormalised softmax routing, per-expert w1/w2/w3 tensors", tp2=True),
+    Arch("qwen2-moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+         cfg(**MOE, num_experts=6, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+             norm_topk_prob=False, mlp_only_layers=[1]),
+         "6 experts of 32, top-2 without renormalising, sigmoid-gated shared expert of 48, a dense layer "
+         "(mlp_only_layers), q/k/v biases", tp2=True),
+    Arch("qwen3-moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+         cfg(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True, head_dim=24),
+         "8 experts, top-3 renormalised, per-head q/k RMSNorm, head_dim 24"),
+    Arch("olmoe", "OlmoeForCausalLM", "OlmoeConfig", cfg(**MOE, num_experts=4, clip_qkv=0.5, norm_topk_prob=False),
+         "RMSNorm over all q / all k heads, clip_qkv after the norms, top-2 without renormalising"),
+    Arch("phimoe", "PhimoeForCausalLM", "PhimoeConfig",
+         cfg(**MOE, num_local_experts=4, attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3),
+         "sparsemixer top-2 routing (jitter threshold 0.3), LayerNorms with bias, q/k/v/o and LM head biases"),
+    Arch("granitemoe", "GraniteMoeForCausalLM", "GraniteMoeConfig",
+         cfg(**MOE, num_local_experts=4, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+             logits_scaling=4.0),
+         "stacked input_linear / output_linear experts, softmax over the top-2 logits, Granite multipliers"),
+    Arch("gpt-oss", "GptOssForCausalLM", "GptOssConfig",
+         cfg(**MOE, num_local_experts=4, head_dim=16, sliding_window=8, swiglu_limit=0.2,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                              "beta_slow": 1.0, "original_max_position_embeddings": 128, "truncate": False}),
+         "attention sinks, sliding (8) / full layers alternating, YaRN, expert and router biases, clamped SwiGLU "
+         "(limit 0.2, so the clamps bite), interleaved stacked gate_up_proj", attention=("sliding_window", "sinks")),
+]
+
 # Registry names served by the same code as a tested entry, with no separate test model.
 ALIASES: dict[str, str] = {"AquilaModel": "AquilaForCausalLM", "MPTForCausalLM": "MptForCausalLM"}
 

@@ -92,11 +92,7 @@ class CausalLM(torch.nn.Module):
                 t = self.adapt_tensor(name, t)
             if name is None or name.endswith(self.skip_tensors) or (tied and name == "lm_head.weight"):
                 continue
-            target, shard = name, None
-            for folio_part, ckpt_part, shard_id in self.stacked_params:
-                if ckpt_part in name:
-                    target, shard = name.replace(ckpt_part, folio_part), shard_id
-                    break
+            target, shard = self.param_target(name)
             p = params.get(target)
             if p is None:
                 raise ValueError(f"{t.where}: tensor {t.name} is not part of a {self.cfg.architecture} model with "
@@ -105,14 +101,24 @@ class CausalLM(torch.nn.Module):
                 raise ValueError(f"{t.where}: tensor {t.name} appears twice in the checkpoint")
             getattr(p, "weight_loader", replicated_loader)(p, t, shard)
             done.add((target, shard))
+        for mname, m in self.named_modules():  # layers that can say better what is missing (MoE experts)
+            if hasattr(m, "check_loaded"):
+                m.check_loaded(mname)
         missing = []
         for pname, p in params.items():
-            shards = self._shards_of(pname)
+            shards = getattr(p, "shard_ids", None) or self._shards_of(pname)
             if (pname, None) not in done and not all((pname, s) in done for s in shards):
                 missing.append(pname)
         if missing:
             raise ValueError(f"model: the checkpoint lacks {len(missing)} tensor(s) that a {self.cfg.architecture} "
                              f"with this config.json needs, e.g. {missing[:3]}")
+
+    def param_target(self, name: str) -> tuple[str, object]:
+        """A Folio tensor name -> (parameter name, shard id) through `stacked_params` (shard None: the whole)."""
+        for folio_part, ckpt_part, shard_id in self.stacked_params:
+            if ckpt_part in name:
+                return name.replace(ckpt_part, folio_part), shard_id
+        return name, None
 
     def _shards_of(self, pname: str) -> list:
         shards = [s for fp, _, s in self.stacked_params if fp in pname]

@@ -33,8 +33,10 @@ class LlamaAttention(torch.nn.Module):
         self.o_proj = RowParallelLinear(hq * d, cfg.hidden_size, bias=m.o_bias, tp=tp, what="attention heads")
         self.q_norm, self.k_norm = m.make_qk_norms()
         self.rotary_emb = m.rotary if m.uses_rope(i) else None
-        self.attn = Attention(m.backend, i, hq, hkv, d, m.attention_scale, layer_sliding_window(cfg, i), tp=tp)
+        self.attn = Attention(m.backend, i, hq, hkv, d, m.attention_scale, layer_sliding_window(cfg, i), tp=tp,
+                              sinks=m.attention_sinks)
         self.qk_norm_per_head = m.qk_norm_per_head
+        self.clip_qkv = m.clip_qkv
 
     def forward(self, positions, h, kv_cache, meta):
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(h))
@@ -45,6 +47,8 @@ class LlamaAttention(torch.nn.Module):
                 k = self.k_norm(k.reshape(T, -1, d)).reshape(T, -1)
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # OLMoE: clamp after the q/k norms
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
@@ -68,10 +72,10 @@ class LlamaMLP(torch.nn.Module):
 class LlamaDecoderLayer(torch.nn.Module):
     def __init__(self, m: "LlamaForCausalLM", i: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(m.cfg.hidden_size, m.eps)
+        self.input_layernorm = m.make_norm()
         self.self_attn = LlamaAttention(m, i)
-        self.post_attention_layernorm = RMSNorm(m.cfg.hidden_size, m.eps)
-        self.mlp = LlamaMLP(m)
+        self.post_attention_layernorm = m.make_norm()
+        self.mlp = m.make_mlp(i)
         self.residual_multiplier = m.residual_multiplier
 
     def forward(self, positions, h, residual, kv_cache, meta):
@@ -94,7 +98,7 @@ class LlamaModel(torch.nn.Module):
         cfg = m.cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, m.tp)
         self.layers = torch.nn.ModuleList(m.make_layer(i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, m.eps)
+        self.norm = m.make_norm()
 
 
 class LlamaForCausalLM(CausalLM):
@@ -102,6 +106,9 @@ class LlamaForCausalLM(CausalLM):
     qk_norm_per_head = True
     o_proj_bias = True
     """Whether attention_bias also puts a bias on o_proj (Llama: yes; Qwen2, GLM: q/k/v only)."""
+    attention_sinks = False
+    """A learned sink logit per head (gpt-oss)."""
+    clip_qkv: float | None = None
 
     def __init__(self, cfg, backend, tp=None):
         super().__init__(cfg, backend, tp)
@@ -116,12 +123,18 @@ class LlamaForCausalLM(CausalLM):
         self.rotary = self.make_rotary()
         self.model = LlamaModel(self)
         self.final_norm = self.model.norm
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp,
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, bias=bool(cfg.get("lm_head_bias", False)),
                                       tie_to=self.model.embed_tokens if cfg.tie_word_embeddings else None)
         self.logits_processor = LogitsProcessor(cfg.vocab_size, 1.0 / cfg.get("logits_scaling", 1.0), tp=tp)
 
     def make_layer(self, i: int) -> torch.nn.Module:
         return LlamaDecoderLayer(self, i)
+
+    def make_mlp(self, i: int) -> torch.nn.Module:
+        return LlamaMLP(self)
+
+    def make_norm(self) -> torch.nn.Module:
+        return RMSNorm(self.cfg.hidden_size, self.eps)
 
     def make_rotary(self) -> RotaryEmbedding:
         return RotaryEmbedding(self.cfg, self.cfg.head_dim, rope_parameters(self.cfg))

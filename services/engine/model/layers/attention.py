@@ -27,19 +27,32 @@ class Attention(torch.nn.Module):
     """One layer's attention over this rank's heads. q, k, v come in as [T, heads * head_dim] (k already
     rotated); the output goes out the same way, ready for the row-parallel output projection.
 
-    `alibi_slopes` are for all heads; this rank keeps its own."""
+    `alibi_slopes` are for all heads; this rank keeps its own. `sinks`: the layer has learned per-head sink
+    logits (gpt-oss), a float32 parameter `sinks` of this rank's heads, loaded from the checkpoint."""
 
     def __init__(self, backend, layer_index: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None, logit_softcap: float | None = None,
-                 alibi_slopes: torch.Tensor | None = None, tp=None):
+                 alibi_slopes: torch.Tensor | None = None, tp=None, sinks: bool = False):
         super().__init__()
         rank, n = rank_and_size(tp)
         self.backend, self.layer_index = backend, layer_index
+        self.rank, self.tp_size = rank, n
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads // n, num_kv_heads // n, head_dim
         if alibi_slopes is not None:
             alibi_slopes = alibi_slopes[rank * self.num_heads:(rank + 1) * self.num_heads].float()
+        self.sinks = None
+        if sinks:  # float32 whatever the model dtype: the kernels read sink logits as float32
+            self.sinks = torch.nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32), requires_grad=False)
+            self.sinks.weight_loader = self._load_sinks
         self.params = AttentionParams(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap,
-                                      alibi_slopes=alibi_slopes)
+                                      alibi_slopes=alibi_slopes, sinks=self.sinks)
+
+    def _load_sinks(self, param, ckpt, shard_id=None) -> None:
+        n = self.num_heads
+        if tuple(ckpt.shape) != (n * self.tp_size,):
+            raise ValueError(f"{ckpt.where}: tensor {ckpt.name} has shape {tuple(ckpt.shape)}, expected "
+                             f"({n * self.tp_size},) = num_attention_heads (from config.json)")
+        param.data.copy_(ckpt.narrow(0, self.rank * n, n))
 
     def to_device(self, device: torch.device) -> None:
         if self.params.alibi_slopes is not None:
