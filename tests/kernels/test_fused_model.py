@@ -12,9 +12,15 @@ LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=
              rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
 # Qwen3: per-head q/k norm between the projection and the in-place rotary kernel.
 QWEN3 = dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+# Mixtures of experts: the fused-MoE kernel in place of the torch reference (SwiGLU; gpt-oss's clamped
+# SwiGLU with expert biases, a limit small enough to clamp the dummy weights' activations).
+MIXTRAL = dict(LLAMA, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
+               num_experts_per_tok=2)
+GPT_OSS = dict(MIXTRAL, architectures=["GptOssForCausalLM"], model_type="gpt_oss", attention_bias=True,
+               layer_types=["sliding_attention", "full_attention"], sliding_window=4, swiglu_limit=0.01)
 
 
-@pytest.mark.parametrize("hf", [LLAMA, QWEN3], ids=["llama", "qwen3"])
+@pytest.mark.parametrize("hf", [LLAMA, QWEN3, MIXTRAL, GPT_OSS], ids=["llama", "qwen3", "mixtral", "gpt-oss"])
 def test_fused_forward_matches_torch_forward(hf):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outs = []

@@ -169,7 +169,7 @@ ARCHITECTURES += [
 MOE = dict(num_experts_per_tok=2)
 ARCHITECTURES += [
     Arch("mixtral", "MixtralForCausalLM", "MixtralConfig", cfg(**MOE, num_local_experts=4),
-         "4 experts, top-2 renormalised softmax routing, per-expert w1/w2/w3 tensors", tp2=True),
+         "4 experts, top-2 renormalised softmax routing, per-expert w1/w2/w3 tensors"),
     Arch("qwen2-moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig",
          cfg(**MOE, num_experts=6, moe_intermediate_size=32, shared_expert_intermediate_size=48,
              norm_topk_prob=False, mlp_only_layers=[1]),
