@@ -113,7 +113,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     # At most min(E, n) experts are hit, each wasting at most block_m - 1 rows of padding.
     max_padded = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
     sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=dev)
-    sorted_ids[dest] = order.to(torch.int32)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
     block_starts = torch.arange(0, max_padded, block_m, device=dev)
     expert_ids = torch.searchsorted(ends, block_starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
