@@ -50,6 +50,10 @@ class EngineConfig:
     """"safetensors", or "dummy": random weights of the checkpoint's shapes (speed measurements)."""
     enforce_eager: bool = False
     """On CUDA, skip capturing decode steps as CUDA graphs."""
+    async_scheduling: bool = True
+    """Schedule and prepare step N+1 while step N runs on the device (its sampled tokens feed step N+1's
+    inputs on the device and reach the host one step late); outputs are the same either way. Off: the
+    steps run in series. See docs/engine.md."""
     tensor_parallel_size: int = 1
     """Shard the model over this many GPUs (processes), Megatron-style; see docs/tensor-parallel.md."""
 

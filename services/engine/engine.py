@@ -10,10 +10,12 @@ Requests are validated here so both paths give the same errors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import concurrent.futures
 import logging
 import time
 
+import numpy as np
 import torch
 
 from services.common.engine_load import EngineLoad
@@ -27,7 +29,7 @@ from services.common.model_location import resolve_model_path
 from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
 from services.engine.request import Request, SampledToken
-from services.engine.sampler import Sampler
+from services.engine.sampler import DeviceSample, Sampler
 from services.engine.request import SeqStatus
 from services.engine.structured import GrammarBackend
 from services.common.sampling_params import BeamSearchParams, SamplingParams
@@ -35,6 +37,23 @@ from services.common.outputs import Logprob, RequestDelta, SequenceDelta
 from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("folio.engine")
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A launched step whose sampled tokens have not been read back yet."""
+
+    out: SchedulerOutput
+    sample: DeviceSample | None
+    seqs: list
+    """The sequence of each sampled row (a prompt forking into n samples appears n times)."""
+    rows: dict[int, int]
+    """seq_id -> its row of `sample.tokens`, for the next step's inputs (empty when needs_sync)."""
+    placeholders: list
+    """Sequences holding a placeholder for this step's token."""
+    beam_reqs: list
+    needs_sync: bool
+    """The next schedule needs these tokens on the host (forks, beams, grammars, penalties)."""
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFullError"]
 
@@ -97,12 +116,15 @@ class LLMEngine:
         self.grammar = GrammarBackend(self.model_dir, self.vocab_size, self.eos_token_ids) if self.tokenizer else None
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         """Requests whose grammar is compiling (held out of the scheduler until it is done)."""
+        self.async_scheduling = config.async_scheduling
+        self._inflight: _InFlight | None = None
+        """The step launched and not yet resolved (asynchronous scheduling)."""
         self.step_timing: dict | None = None
+        """Set to {} to accumulate host seconds per step phase (see _phase) and the step count."""
         self.step_phase: str = "idle"
         """The phase the current step is in (read by AsyncEngine's step watchdog from another thread)."""
         self.step_batch: tuple[int, int] = (0, 0)
         """(sequences, tokens) the current or last step computes."""
-        """Set to {} to accumulate seconds per step phase (adds a GPU sync per step: measurement only)."""
         self.attention_backend = backend
         log.info("engine ready: %s on %s (%s), backend %s, %d KV blocks x %d tokens",
                  self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), backend,
@@ -265,39 +287,94 @@ class LLMEngine:
 
     # --- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
-        """Run one scheduling step: schedule -> execute -> sample -> update -> emit. Returns the deltas
-        of the requests that advanced or finished (tokens only: text is the output processor's)."""
-        admitted = self._admit_compiled() if self._compiling else []
+        """Run one scheduling step: schedule -> launch (prepare, forward, sample on the device) ->
+        resolve (read the tokens back, update, emit). Returns the deltas of the requests that advanced
+        or finished (tokens only: text is the output processor's).
+
+        With asynchronous scheduling (`EngineConfig.async_scheduling`) the step launched here is
+        resolved by the next call, after that call has scheduled and launched its own step: the host's
+        scheduling and input preparation overlap the device's forward pass, and a sequence's next
+        input is read from the device-side tokens of the step before (docs/engine.md)."""
+        deltas = self._admit_compiled() if self._compiling else []
+        prev, self._inflight = self._inflight, None
         with self._phase("schedule"):
             out = self.scheduler.schedule()
         self.step_batch = (len(out.scheduled), out.num_tokens)
         if not out:
-            if self._compiling and not self.scheduler.has_unfinished():  # only compiles pending: wait a little
+            if prev is not None:
+                deltas += self._resolve(prev)
+            elif self._compiling and not self.scheduler.has_unfinished():  # only compiles pending: wait a little
                 concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.05,
                                         return_when=concurrent.futures.FIRST_COMPLETED)
-            return admitted + self._unblock()
+            if prev is None:
+                deltas += self._unblock()
+            self._count_step()
+            return deltas
+        cur = self._launch(out, prev)
+        if prev is not None:
+            deltas += self._resolve(prev)
+        if self.async_scheduling and not cur.needs_sync:
+            self._inflight = cur
+        else:  # the next schedule needs this step's tokens on the host: read them now
+            deltas += self._resolve(cur)
+        self._count_step()
+        return deltas
+
+    def _count_step(self) -> None:
+        if self.step_timing is not None:
+            self.step_timing["steps"] = self.step_timing.get("steps", 0) + 1
+
+    def _launch(self, out: SchedulerOutput, prev: "_InFlight | None") -> "_InFlight":
+        """Prepare the inputs, run the forward pass and sample, without reading anything back. A
+        sequence whose input is the token `prev` sampled (a placeholder on the host) reads it from
+        `prev`'s tokens on the device."""
         with self._phase("prepare"):
             if out.block_copies:
                 self.runner.copy_blocks(out.block_copies)
             inputs = self.runner.prepare(out, [self.blocks.block_ids(s.seq.seq_id) for s in out.scheduled])
-        with self._phase("forward", sync=True):
+            if prev is not None and prev.rows:
+                self._fill_pending_inputs(out, inputs, prev)
+        with self._phase("forward"):
             logits = self.runner.execute(inputs)
-        with self._phase("sample_update"):
-            sampled, beam_reqs = self._sample(out, logits)
-            touched = self.scheduler.update_from_output(out, sampled, time.monotonic())
-            for req in beam_reqs:
+        with self._phase("sample"):
+            cur = self._sample(out, logits)
+            self.scheduler.advance(out, cur.placeholders, time.monotonic())
+        return cur
+
+    def _fill_pending_inputs(self, out: SchedulerOutput, inputs, prev: "_InFlight") -> None:
+        """Input positions holding a placeholder take the token `prev` sampled, on the device. Such a
+        sequence was caught up, so its one new token is its placeholder (its first input position)."""
+        dst, src = [], []
+        starts = np.zeros(len(out.scheduled), dtype=np.int64)
+        np.cumsum(inputs.meta.query_lens_cpu[:-1], out=starts[1:])
+        for i, s in enumerate(out.scheduled):
+            if s.seq.num_pending:
+                dst.append(starts[i])
+                src.append(prev.rows[s.seq.seq_id])
+        if dst:
+            dev = inputs.input_ids.device
+            inputs.input_ids[torch.tensor(dst, device=dev)] = prev.sample.tokens[torch.tensor(src, device=dev)]
+
+    def _resolve(self, f: "_InFlight") -> list[RequestDelta]:
+        """Read a launched step's tokens back, apply them (stops, forks, beams) and emit the deltas."""
+        with self._phase("wait"):
+            result = f.sample.result() if f.sample is not None else None
+        with self._phase("update"):
+            sampled: dict[int, list[SampledToken]] = {}
+            if result is not None:
+                for i, seq in enumerate(f.seqs):
+                    sampled.setdefault(seq.seq_id, []).append(
+                        SampledToken(result.token_ids[i], result.logprobs[i], result.top[i]))
+            touched = self.scheduler.resolve(f.out, sampled, time.monotonic())
+            for req in f.beam_reqs:
                 if req.beam.advance():  # beams report once, when the search is over
                     touched[req.request_id] = req
-            deltas = admitted + [self._emit(req) for req in touched.values()
-                                 if req.stream or req.aborted or req.finished]
-        if self.step_timing is not None:
-            self.step_timing["steps"] = self.step_timing.get("steps", 0) + 1
-        return deltas
+            return [self._emit(req) for req in touched.values() if req.stream or req.aborted or req.finished]
 
     @contextlib.contextmanager
-    def _phase(self, name: str, sync: bool = False):
-        """Add the block's seconds to step_timing[name] when measuring (a GPU sync for the forward, so
-        its time is not billed to the next phase)."""
+    def _phase(self, name: str):
+        """Add the block's host seconds to step_timing[name] when measuring. Nothing is synchronised:
+        time the host spends blocked on the device shows in "wait" (reading a step's tokens back)."""
         self.step_phase = name
         timing = self.step_timing
         if timing is None:
@@ -305,16 +382,16 @@ class LLMEngine:
             return
         t0 = time.perf_counter()
         yield
-        if sync and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         timing[name] = timing.get(name, 0.0) + time.perf_counter() - t0
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> tuple[dict[int, list[SampledToken]], list[Request]]:
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> "_InFlight":
         """Record prompt logprobs, feed beams their rows and sample the rest, reading the rows the
         scheduler assigned. A request whose prompt just completed samples all n of its sequences
-        from its row (the scheduler forks the siblings when it appends them)."""
+        from its row (the scheduler forks the siblings when it resolves them)."""
         seqs, rows, indexes = [], [], []
+        placeholders: list = []
         beam_reqs: dict[str, Request] = {}
+        needs_sync = False
         for s in out.scheduled:
             seq, req = s.seq, s.seq.request
             if s.prompt_logprob_rows:
@@ -325,21 +402,29 @@ class LLMEngine:
             if req.beam is not None:  # beam search picks the tokens (beam_search.py)
                 req.beam.add_logits(seq, logits[s.sample_row])
                 beam_reqs[req.request_id] = req
+                needs_sync = True
                 continue
-            for i in range(seq.index, seq.index + 1 + (req.params.n - len(req.seqs))):
+            forks = req.params.n - len(req.seqs)
+            if forks:  # the siblings are forked on the host once the token is read
+                needs_sync = True
+            else:
+                placeholders.append(seq)
+                # Penalties read the output ids on the host.
+                needs_sync = needs_sync or seq.params.has_penalties
+            for i in range(seq.index, seq.index + 1 + forks):
                 seqs.append(seq)
                 rows.append(s.sample_row)
                 indexes.append(i)
-        sampled: dict[int, list[SampledToken]] = {}
+        sample = None
         if seqs:
             if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
                 logits = logits[torch.tensor(rows, device=logits.device)]
             bitmask = self.grammar.fill(seqs) if self.grammar is not None else None
-            result = self.sampler(logits, seqs, self.eos_token_ids, indexes, bitmask)
-            for i, seq in enumerate(seqs):
-                sampled.setdefault(seq.seq_id, []).append(
-                    SampledToken(result.token_ids[i], result.logprobs[i], result.top[i]))
-        return sampled, list(beam_reqs.values())
+            # A grammar's next mask needs this token on the host: the next step waits for it.
+            needs_sync = needs_sync or bitmask is not None
+            sample = self.sampler.sample(logits, seqs, self.eos_token_ids, indexes, bitmask)
+        rows_of = {seq.seq_id: i for i, seq in enumerate(seqs)} if not needs_sync else {}
+        return _InFlight(out, sample, seqs, rows_of, placeholders, list(beam_reqs.values()), needs_sync)
 
     def _unblock(self) -> list[RequestDelta]:
         """Nothing could be scheduled. If nothing runs, the head of the queue can never fit in the
@@ -373,14 +458,14 @@ class LLMEngine:
         reasons once, prompt logprobs once. Forgets the request once it has finished."""
         seqs = []
         for s in req.seqs:
-            n_out = s.num_output_tokens
+            n_out = s.num_resolved_output_tokens  # a placeholder in flight is not a token yet
             new = n_out - s.num_emitted_tokens
             report_finish = s.finish_reason is not None and not s.finish_emitted
             if new <= 0 and not report_finish:
                 continue
             first = s.num_prompt_tokens + s.num_emitted_tokens
             seqs.append(SequenceDelta(
-                index=s.index, token_ids=s.token_ids[first:], cumulative_logprob=s.cumulative_logprob,
+                index=s.index, token_ids=s.token_ids[first:s.num_prompt_tokens + n_out], cumulative_logprob=s.cumulative_logprob,
                 logprobs=None if s.logprobs is None else s.logprobs[s.num_emitted_tokens:n_out],
                 finish_reason=s.finish_reason if report_finish else None,
                 stop_token_id=s.stop_reason if report_finish else None))

@@ -22,6 +22,9 @@ class SampledToken:
 
 _seq_ids = itertools.count()
 
+PENDING = -1
+"""Placeholder in `Sequence.token_ids` for a token sampled on the device and not yet read back."""
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -53,6 +56,9 @@ class Sequence:
     """Output tokens already sent out in a delta (the next delta starts after them)."""
     finish_emitted: bool = False
     """The finish reason went out (or the caller ended the sequence itself): nothing more to send."""
+    num_pending: int = 0
+    """Trailing entries of `token_ids` that are placeholders (PENDING) for tokens sampled by a step
+    still in flight (asynchronous scheduling, docs/engine.md); 0 or 1 between steps."""
 
     def __post_init__(self) -> None:
         if self.logprobs is None and self.request.params.logprobs is not None:
@@ -69,6 +75,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_resolved_output_tokens(self) -> int:
+        """Output tokens whose ids are known on the host (placeholders of a step in flight excluded)."""
+        return len(self.token_ids) - self.num_pending - self.num_prompt_tokens
 
     @property
     def num_uncomputed(self) -> int:

@@ -26,6 +26,36 @@ class SampleResult:
     """Per row, when logprobs were asked: (top ids, their logprobs, rank of the sampled token)."""
 
 
+class DeviceSample:
+    """A step's sampled tokens while they may still be on the device. `tokens` [N] (long, on the
+    device) feeds the next step's inputs; the host copies are started at once (pinned memory, no
+    wait) and `result()` waits for them only: never for work queued after them."""
+
+    def __init__(self, tokens: torch.Tensor, want: list[int | None], parts: tuple):
+        self.tokens = tokens
+        self._want = want
+        self._event = None
+        if tokens.device.type == "cuda":
+            parts = tuple(None if t is None else t.to("cpu", non_blocking=True) for t in parts)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._parts = parts
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, sampled_lp, ranks, top_lp, top_ids = self._parts
+        top: list = [None] * len(self._want)
+        if ranks is not None:
+            ranks = ranks.tolist()
+            if top_lp is not None:
+                top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+            for i, k in enumerate(self._want):
+                if k is not None:
+                    top[i] = (top_ids[i][:k] if k else [], top_lp[i][:k] if k else [], ranks[i])
+        return SampleResult(tokens.tolist(), sampled_lp.tolist(), top)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -49,10 +79,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int],
                  indexes: list[int] | None = None, bitmask: torch.Tensor | None = None) -> SampleResult:
+        """sample() and read the result back at once (the synchronous form)."""
+        return self.sample(logits, seqs, eos_ids, indexes, bitmask).result()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int],
+               indexes: list[int] | None = None, bitmask: torch.Tensor | None = None) -> "DeviceSample":
         """logits [N, V] float32, one row per sequence to extend. `indexes` (default: each sequence's
         own) names the sample a row is for: a prompt about to fork into n samples appears n times,
         once per sample index, all with the prompt's row. `bitmask` [N, ceil(V/32)] int32 (structured
-        output, services/engine/structured.py) bans every token whose bit is clear, before anything else."""
+        output, services/engine/structured.py) bans every token whose bit is clear, before anything else.
+        Nothing here waits for the device: the tokens stay on it (the next step's inputs read them
+        there) and their copy to the host is started; `DeviceSample.result()` waits for it."""
         n, vocab = logits.shape
         if indexes is None:
             indexes = [s.index for s in seqs]
@@ -93,18 +130,13 @@ class Sampler:
 
         sampled_lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
         want = [s.params.logprobs for s in seqs]
-        top: list = [None] * n
         kmax = max((k for k in want if k is not None), default=None)
+        ranks = top_lp = top_ids = None
         if kmax is not None:
             ranks = (raw_logprobs > sampled_lp[:, None]).sum(dim=-1) + 1
             if kmax > 0:
                 top_lp, top_ids = raw_logprobs.topk(kmax, dim=-1)
-                top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-            ranks = ranks.tolist()
-            for i, k in enumerate(want):
-                if k is not None:
-                    top[i] = (top_ids[i][:k] if k else [], top_lp[i][:k] if k else [], ranks[i])
-        return SampleResult(tokens.tolist(), sampled_lp.tolist(), top)
+        return DeviceSample(tokens, want, (tokens, sampled_lp, ranks, top_lp, top_ids))
 
     @staticmethod
     def _apply_logit_bias(x: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from services.common.errors import QueueFullError
 from services.common.outputs import Logprob
 from services.engine.block_manager import BlockManager
-from services.engine.request import Request, SampledToken, Sequence, SeqStatus
+from services.engine.request import PENDING, Request, SampledToken, Sequence, SeqStatus
 
 
 @dataclass
@@ -114,6 +114,9 @@ class Scheduler:
         """Take a sequence out of the queues and give its blocks back (recording why it ended)."""
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_token_id
+        if seq.num_pending:  # a token still in flight for it is dropped when it arrives
+            del seq.token_ids[-seq.num_pending:]
+            seq.num_pending = 0
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
@@ -133,7 +136,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
-            if n <= 0:
+            if n <= 0 or (seq.num_pending and self._ends_by_length(seq)):
+                # (Its token in flight is its last: computing one more would only be thrown away.)
                 i += 1
                 continue
             while not self.blocks.can_append(seq, n):
@@ -160,6 +164,13 @@ class Scheduler:
         self._assign_logit_rows(out)
         return out
 
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """Its tokens (placeholders counted) reach max_tokens or the context length: the sequence ends
+        once they are resolved, whatever their values."""
+        max_tokens, max_len = seq.params.max_tokens, self.config.max_model_len
+        return ((max_tokens is not None and seq.num_output_tokens >= max_tokens)
+                or (max_len is not None and seq.num_tokens >= max_len))
+
     @staticmethod
     def _assign_logit_rows(out: SchedulerOutput) -> None:
         """The one rule for logits rows, in scheduled order: every prompt position of a chunk whose
@@ -185,6 +196,8 @@ class Scheduler:
         while (self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while its token was in flight: it waits for that token
+                break
             cached = [] if seq.params.prompt_logprobs is not None else \
                 self.blocks.find_cached_prefix(seq, self.namespace)
             n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)
@@ -212,32 +225,60 @@ class Scheduler:
         out.preempted.append(seq)
 
     # --- after the forward pass -----------------------------------------------------------------
-    def after_step(self, out: SchedulerOutput) -> None:
-        """Advance each scheduled sequence and publish its newly full blocks to the prefix cache."""
+    # A step is launched (`advance`: its sequences' tokens count as computed, and a placeholder stands
+    # for each token it samples) and later resolved (`resolve`: the sampled ids replace the
+    # placeholders, stops apply). With asynchronous scheduling the next step is scheduled in between.
+    def advance(self, out: SchedulerOutput, sampling: list[Sequence] = (), now: float | None = None) -> None:
+        """The step is launched: count its tokens as computed, and append a placeholder (PENDING) for
+        the token each sequence of `sampling` will get, so the next schedule sees it as a decode."""
         for s in out.scheduled:
             seq = s.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.num_computed_prompt_tokens += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += s.num_new_tokens
-            self.blocks.mark_computed(seq, self.namespace)
+            req = seq.request
+            if req.first_scheduled_time is None and now is not None:
+                req.first_scheduled_time = now
+        for seq in sampling:
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+
+    def after_step(self, out: SchedulerOutput) -> None:
+        """Advance each scheduled sequence and publish its newly full blocks to the prefix cache."""
+        self.advance(out)
+        for s in out.scheduled:
+            self.blocks.mark_computed(s.seq, self.namespace)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[int, list[SampledToken]],
                            now: float) -> dict[str, Request]:
-        """Advance the step's sequences and append what was sampled: `sampled` maps a seq_id to its
-        token, or to n tokens for a sequence whose request forks into its n samples now (the prompt
-        is computed once; the siblings share its blocks). Returns the requests that got tokens."""
-        self.after_step(out)  # first: forks copy num_computed_tokens
+        """advance() and resolve() in one (a step run synchronously, without placeholders)."""
+        self.advance(out, now=now)
+        return self.resolve(out, sampled, now)
+
+    def resolve(self, out: SchedulerOutput, sampled: dict[int, list[SampledToken]],
+                now: float) -> dict[str, Request]:
+        """Take a launched step's sampled tokens: `sampled` maps a seq_id to its token, or to n tokens
+        for a sequence whose request forks into its n samples now (the prompt is computed once; the
+        siblings share its blocks). A sequence that ended while the step was in flight (abort, stop
+        string, a stop on its previous token) drops its token. Returns the requests that got tokens."""
         touched: dict[str, Request] = {}
         for s in out.scheduled:
-            req = s.seq.request
+            seq = s.seq
+            if seq.finished:
+                continue
+            req = seq.request
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-            tokens = sampled.get(s.seq.seq_id)
+            tokens = sampled.get(seq.seq_id)
+            if tokens and seq.num_pending:  # first: the placeholder may lie in the computed range
+                seq.token_ids[len(seq.token_ids) - seq.num_pending] = tokens[0].token_id
+            if seq.status is SeqStatus.RUNNING:  # (one preempted meanwhile holds no blocks now)
+                self.blocks.mark_computed(seq, self.namespace)
             if not tokens:
                 continue
-            seqs = [s.seq] + self._fork_samples(s.seq, len(tokens) - 1)
-            for seq, tok in zip(seqs, tokens):
-                self.append_token(seq, tok)
+            seqs = [seq] + self._fork_samples(seq, len(tokens) - 1)
+            for sq, tok in zip(seqs, tokens):
+                self.append_token(sq, tok)
             if req.first_token_time is None:
                 req.first_token_time = now
             touched[req.request_id] = req
@@ -272,10 +313,17 @@ class Scheduler:
         return children
 
     def append_token(self, seq: Sequence, sample: SampledToken) -> None:
-        """Append one sampled token and end the sequence if a token-level stop says so."""
+        """Append one sampled token (in place of its placeholder, if it has one) and end the sequence
+        if a token-level stop says so."""
         p = seq.params
         token = sample.token_id
-        seq.token_ids.append(token)
+        if seq.num_pending:
+            pos = len(seq.token_ids) - seq.num_pending
+            seq.token_ids[pos] = token
+            seq.num_pending -= 1
+        else:
+            seq.token_ids.append(token)
+            pos = len(seq.token_ids) - 1
         seq.cumulative_logprob += sample.logprob
         if seq.logprobs is not None and sample.top is not None:
             ids, lps, rank = sample.top
@@ -283,7 +331,7 @@ class Scheduler:
             for r, (t, v) in enumerate(zip(ids, lps)):
                 entry.setdefault(t, Logprob(v, r + 1))
             seq.logprobs.append(entry)
-        n_out = seq.num_output_tokens
+        n_out = pos + 1 - seq.num_prompt_tokens
         reason, stop = None, None
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
@@ -292,7 +340,7 @@ class Scheduler:
                 reason, stop = "stop", token
         max_len = self.config.max_model_len
         if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
-                               or (max_len is not None and seq.num_tokens >= max_len)):
+                               or (max_len is not None and pos + 1 >= max_len)):
             reason = "length"
         if reason is not None:
             self.finish(seq, reason, stop)
