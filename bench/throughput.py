@@ -4,14 +4,19 @@ the same prompts, in one run. Prints a table and appends one JSON record per (sh
     python bench/throughput.py --shape llama-3-8b --workload fixed chat
     python bench/throughput.py --shape tiny --device cpu --workload fixed --requests 8   # smoke test
     python bench/throughput.py --shape llama-3-8b --workload fixed --no-hf --tensor-parallel-size 2   # 2 GPUs
+    python bench/throughput.py --shape llama-3-8b llama-3.2-1b --workload fixed many --no-hf --compare-async
 
 Workloads
   fixed: 256 prompts x 256 random input tokens, 256 output tokens each (ignore_eos).
+  many:  the fixed shape at large concurrency: 1,024 prompts x 256 in / 256 out, max_num_seqs 1,024 unless
+         --max-num-seqs says otherwise (host overhead per step grows with the batch; see docs/engine.md).
   chat:  1,000 requests; input and output lengths drawn (seeded) from log-normals with means near 200 and 180,
          capped at 1,024, each request ending at its own sampled length (max_tokens, ignore_eos).
 transformers runs static batches (the largest that fits, left-padded), each batch generating up to its
 longest request; only each request's own tokens count as output. `--hf-requests N` runs transformers on
 the first N requests only (its tok/s is then measured on that subset; the record says so).
+`--compare-async` times Folio with asynchronous scheduling off, then on, on one engine, and prints both,
+their ratio and the host milliseconds per step of each (every step phase but the wait on the device).
 
 Roofline: the time an ideal engine needs on this GPU, from ceilings measured in the same run (device copy
 bandwidth, bf16 matmul rate): every decode step reads all weights plus the live KV cache once
@@ -77,8 +82,8 @@ def write_config(shape: str, directory: Path) -> Path:
 def make_workload(name: str, vocab: int, requests: int | None, seed: int = 0):
     """[(prompt_token_ids, output_len)]"""
     rng = np.random.default_rng(seed)
-    if name == "fixed":
-        n = requests or 256
+    if name in ("fixed", "many"):
+        n = requests or (256 if name == "fixed" else 1024)
         return [(rng.integers(3, vocab, 256).tolist(), 256) for _ in range(n)]
     n = requests or 1000
     # Log-normals with sigma 1 (long tail); mu set so the capped means land near 200 in / 180 out.
@@ -140,14 +145,18 @@ def ideal_roofline_seconds(work, cfg, max_batch, ceil) -> float:
 
 
 # --- runs --------------------------------------------------------------------------------------------
-def run_folio(model_dir, work, args):
+def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]) -> list[tuple[int, float, dict]]:
+    """One engine; one timed run per asynchronous-scheduling mode in `modes` (None: the engine's default),
+    switched on the same engine between runs so a comparison pays one startup. Host time per step comes
+    from the engine's step timing (no GPU sync): every phase but "wait" (blocked on the device)."""
     from folio import LLM, SamplingParams
 
     max_len = max(len(p) + o for p, o in work) + 16
     t0 = time.perf_counter()
     llm = LLM(str(model_dir), load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=max_len,
-              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-              enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size)
+              max_num_seqs=max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+              enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
+              async_scheduling=not args.no_async_scheduling)
     startup = time.perf_counter() - t0
     engine = llm.engine
     waste = []
@@ -164,37 +173,49 @@ def run_folio(model_dir, work, args):
     engine.scheduler.schedule = spy
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
     llm.generate([p for p, _ in work[:4]], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4, use_tqdm=False)
-    waste.clear()
-    if args.step_timing:
+    results = []
+    for mode in modes:
+        if mode is not None:
+            engine.async_scheduling = mode
+        waste.clear()
+        preempted = engine.scheduler.num_preemptions
         engine.step_timing = {}
-    sync(args)
-    t = time.perf_counter()
-    if args.profile:
-        import cProfile
-        import pstats
+        sync(args)
+        t = time.perf_counter()
+        if args.profile:
+            import cProfile
+            import pstats
 
-        prof = cProfile.Profile()
-        outs = prof.runcall(llm.generate, [p for p, _ in work], params, use_tqdm=False)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-    else:
-        outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
-    sync(args)
-    secs = time.perf_counter() - t
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert n_out == sum(o for _, o in work), "every request must end at its own length"
-    if engine.step_timing:
-        t = engine.step_timing
-        steps = t.pop("steps")
-        print("per-step ms (GPU synced after the forward): " + ", ".join(
-            f"{k} {1e3 * v / steps:.2f}" for k, v in t.items()) + f" over {steps} steps", flush=True)
-    info = {"kv_blocks": engine.blocks.num_blocks, "startup_s": startup,
-            "step_timing_ms": {k: 1e3 * v / steps for k, v in engine.step_timing.items()} if engine.step_timing else None,
+            prof = cProfile.Profile()
+            outs = prof.runcall(llm.generate, [p for p, _ in work], params, use_tqdm=False)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        else:
+            outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
+        sync(args)
+        secs = time.perf_counter() - t
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert n_out == sum(o for _, o in work), "every request must end at its own length"
+        timing = dict(engine.step_timing)
+        steps = timing.pop("steps", 0) or 1
+        per_step = {k: 1e3 * v / steps for k, v in timing.items()}
+        host_ms = sum(v for k, v in per_step.items() if k != "wait")
+        label = f"async_scheduling={engine.async_scheduling}"
+        print(f"{label}: {n_out / secs:.0f} output tok/s, {steps} steps, {1e3 * secs / steps:.2f} ms/step, "
+              f"host {host_ms:.2f} ms/step (" + ", ".join(f"{k} {v:.2f}" for k, v in per_step.items()) + ")",
+              flush=True)
+        results.append((n_out, secs, {
+            "kv_blocks": engine.blocks.num_blocks, "startup_s": startup, "max_num_seqs": max_num_seqs,
+            "async_scheduling": engine.async_scheduling, "steps": steps, "ms_per_step": 1e3 * secs / steps,
+            "host_ms_per_step": host_ms, "step_timing_ms": per_step,
             "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
-            "preemptions": engine.scheduler.num_preemptions, "tensor_parallel_size": args.tensor_parallel_size}
+            "preemptions": engine.scheduler.num_preemptions - preempted,
+            "tensor_parallel_size": args.tensor_parallel_size}))
+        del outs
+    engine.step_timing = None
     llm.shutdown()  # tensor-parallel workers, if any
-    del llm, engine, outs
+    del llm, engine
     free(args)
-    return n_out, secs, info
+    return results
 
 
 def run_hf(model_dir, work, args):
@@ -255,17 +276,20 @@ def free(args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["llama-3.2-1b", "llama-3-8b"], choices=list(SHAPES))
-    ap.add_argument("--workload", nargs="+", default=["fixed", "chat"], choices=["fixed", "chat"])
+    ap.add_argument("--workload", nargs="+", default=["fixed", "chat"], choices=["fixed", "chat", "many"])
     ap.add_argument("--requests", type=int, default=None, help="override the request count (smoke tests)")
     ap.add_argument("--hf-requests", type=int, default=None)
     ap.add_argument("--hf-batch", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="run Folio under cProfile and print where the time goes")
     ap.add_argument("--step-timing", action="store_true",
-                    help="time each engine step's phases (syncs the GPU after each forward: slower, for diagnosis)")
+                    help="accepted for old command lines: the host time of each step phase is always printed")
+    ap.add_argument("--compare-async", action="store_true",
+                    help="run Folio with asynchronous scheduling off and on (one engine) and print the ratio")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="run Folio with asynchronous scheduling off")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default 256 (1,024 for the many workload)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="shard Folio's model over this many GPUs (the roofline then assumes their summed ceilings)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -281,33 +305,43 @@ def main() -> None:
             model_dir = write_config(shape, Path(tmp))
             for wl in args.workload:
                 work = make_workload(wl, SHAPES[shape]["vocab_size"], args.requests)
-                f_n, f_s, f_info = run_folio(model_dir, work, args)
-                folio_tps = f_n / f_s
+                max_seqs = args.max_num_seqs or (1024 if wl == "many" else 256)
+                modes = [False, True] if args.compare_async else [None]
+                runs = run_folio(model_dir, work, args, max_seqs, modes)
                 if args.no_hf:
                     h_n, h_s, h_info = 0, float("nan"), {}
                 else:
                     h_n, h_s, h_info = run_hf(model_dir, work, args)
                 hf_tps = h_n / h_s if h_n else float("nan")
-                roof_s = ideal_roofline_seconds(work, SHAPES[shape], args.max_num_seqs, ceil) / args.tensor_parallel_size
-                rec = {
-                    "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
-                    "model_shape": shape, "workload": wl, "requests": len(work),
-                    "input_tokens": sum(len(p) for p, _ in work), "output_tokens": f_n,
-                    "folio_output_tok_s": folio_tps, "hf_output_tok_s": hf_tps,
-                    "ratio": folio_tps / hf_tps if h_n else None,
-                    "roofline_fraction": roof_s / f_s if math.isfinite(roof_s) else None,
-                    "roofline_output_tok_s": f_n / roof_s if roof_s and math.isfinite(roof_s) else None,
-                    "folio_seconds": f_s, "hf_seconds": h_s, **f_info, **h_info, **ceil,
-                }
-                rows.append(rec)
-                print(json.dumps(rec), flush=True)
-    print(f"\n{'shape':<14}{'workload':<9}{'folio tok/s':>12}{'hf tok/s':>10}{'ratio':>8}{'roofline':>10}{'kv waste':>10}")
+                roof_s = ideal_roofline_seconds(work, SHAPES[shape], max_seqs, ceil) / args.tensor_parallel_size
+                for f_n, f_s, f_info in runs:
+                    folio_tps = f_n / f_s
+                    rec = {
+                        "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+                        "model_shape": shape, "workload": wl, "requests": len(work),
+                        "input_tokens": sum(len(p) for p, _ in work), "output_tokens": f_n,
+                        "folio_output_tok_s": folio_tps, "hf_output_tok_s": hf_tps,
+                        "ratio": folio_tps / hf_tps if h_n else None,
+                        "roofline_fraction": roof_s / f_s if math.isfinite(roof_s) else None,
+                        "roofline_output_tok_s": f_n / roof_s if roof_s and math.isfinite(roof_s) else None,
+                        "folio_seconds": f_s, "hf_seconds": h_s, **f_info, **h_info, **ceil,
+                    }
+                    rows.append(rec)
+                    print(json.dumps(rec), flush=True)
+                if len(runs) == 2:
+                    (_, off_s, off), (_, on_s, on) = runs
+                    print(f"{shape} {wl}: async scheduling on/off = {off_s / on_s:.3f}x output tok/s; host ms/step "
+                          f"{off['host_ms_per_step']:.2f} (off) vs {on['host_ms_per_step']:.2f} (on); ms/step "
+                          f"{off['ms_per_step']:.2f} (off) vs {on['ms_per_step']:.2f} (on)", flush=True)
+    print(f"\n{'shape':<14}{'workload':<9}{'async':>6}{'folio tok/s':>12}{'hf tok/s':>10}{'ratio':>8}{'roofline':>10}"
+          f"{'kv waste':>10}{'host ms/step':>13}{'ms/step':>9}")
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         roof = f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] else "-"
-        print(f"{r['model_shape']:<14}{r['workload']:<9}{r['folio_output_tok_s']:>12.0f}{r['hf_output_tok_s']:>10.0f}"
-              f"{ratio:>8}{roof:>10}{r['kv_waste_mean']:>10.1%}")
+        print(f"{r['model_shape']:<14}{r['workload']:<9}{'on' if r['async_scheduling'] else 'off':>6}"
+              f"{r['folio_output_tok_s']:>12.0f}{r['hf_output_tok_s']:>10.0f}{ratio:>8}{roof:>10}{r['kv_waste_mean']:>10.1%}"
+              f"{r['host_ms_per_step']:>13.2f}{r['ms_per_step']:>9.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
