@@ -71,7 +71,9 @@ def one_thread():
 
 
 def test_stream_of_4000_tokens_costs_the_same_per_token_at_the_end_with_a_fake_model_runner(tiny_dir, one_thread):
-    engine = LLMEngine(EngineConfig(model=str(tiny_dir), dtype="float32", num_kv_blocks=4200 // 16 + 2))
+    # Synchronous loop: the fake runner reads no device-side inputs, and each step must emit its token.
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), dtype="float32", num_kv_blocks=4200 // 16 + 2,
+                                    async_scheduling=False))
     tok = engine.tokenizer
     cycle = tok.encode(TEXT)
     engine.runner = FakeRunner(engine.vocab_size, cycle)
