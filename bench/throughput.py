@@ -145,7 +145,7 @@ def ideal_roofline_seconds(work, cfg, max_batch, ceil) -> float:
 
 
 # --- runs --------------------------------------------------------------------------------------------
-def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]) -> list[tuple[int, float, dict]]:
+def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]) -> list[tuple[int, float, dict, list]]:
     """One engine; one timed run per asynchronous-scheduling mode in `modes` (None: the engine's default),
     switched on the same engine between runs so a comparison pays one startup. Host time per step comes
     from the engine's step timing (no GPU sync): every phase but "wait" (blocked on the device)."""
@@ -209,7 +209,7 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
             "host_ms_per_step": host_ms, "step_timing_ms": per_step,
             "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
             "preemptions": engine.scheduler.num_preemptions - preempted,
-            "tensor_parallel_size": args.tensor_parallel_size}))
+            "tensor_parallel_size": args.tensor_parallel_size}, [o.outputs[0].token_ids for o in outs]))
         del outs
     engine.step_timing = None
     llm.shutdown()  # tensor-parallel workers, if any
@@ -314,7 +314,7 @@ def main() -> None:
                     h_n, h_s, h_info = run_hf(model_dir, work, args)
                 hf_tps = h_n / h_s if h_n else float("nan")
                 roof_s = ideal_roofline_seconds(work, SHAPES[shape], max_seqs, ceil) / args.tensor_parallel_size
-                for f_n, f_s, f_info in runs:
+                for f_n, f_s, f_info, _ in runs:
                     folio_tps = f_n / f_s
                     rec = {
                         "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -330,7 +330,13 @@ def main() -> None:
                     rows.append(rec)
                     print(json.dumps(rec), flush=True)
                 if len(runs) == 2:
-                    (_, off_s, off), (_, on_s, on) = runs
+                    (_, off_s, off, off_tok), (_, on_s, on, on_tok) = runs
+                    same = sum(a == b for a, b in zip(off_tok, on_tok))
+                    # Greedy on random weights in bf16: a different batch make-up at some step can flip a
+                    # near-tie, so a few differing requests are possible; a broken device-side input fill
+                    # makes nearly every request differ from its second token on.
+                    print(f"{shape} {wl}: greedy tokens identical with async on and off for {same}/{len(off_tok)} "
+                          "requests", flush=True)
                     print(f"{shape} {wl}: async scheduling on/off = {off_s / on_s:.3f}x output tok/s; host ms/step "
                           f"{off['host_ms_per_step']:.2f} (off) vs {on['host_ms_per_step']:.2f} (on); ms/step "
                           f"{off['ms_per_step']:.2f} (off) vs {on['ms_per_step']:.2f} (on)", flush=True)
