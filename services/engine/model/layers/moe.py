@@ -154,8 +154,9 @@ class FusedMoE(torch.nn.Module):
         """dims: (dimension, full size, config field) of the checkpoint tensor."""
         for d, size, field in dims:
             if len(ckpt.shape) <= d or ckpt.shape[d] != size:
-                raise ValueError(f"{ckpt.where}: tensor {ckpt.name} has shape {tuple(ckpt.shape)}, expected size "
-                                 f"{size} in dimension {d} from config.json's {field!r}")
+                note = getattr(ckpt, "layout_note", "")
+                raise ValueError(f"{ckpt.where}: tensor {ckpt.name} has shape {tuple(ckpt.shape)}{note}, expected "
+                                 f"size {size} in dimension {d} from config.json's {field!r}")
 
     def load(self, param, ckpt, shard_id=None) -> None:
         E, H, n, I_full = self.spec.num_experts, self.hidden, self.inter, self.spec.intermediate_size
@@ -209,11 +210,14 @@ class FusedMoE(torch.nn.Module):
 class GatedMLP(torch.nn.Module):
     """A dense SwiGLU MLP (gate_proj / up_proj stacked into gate_up_proj, down_proj): the shared expert."""
 
-    def __init__(self, hidden: int, inter: int, act: str, tp=None, source: str = "config.json"):
+    def __init__(self, hidden: int, inter: int, act: str, tp=None, source: str = "config.json",
+                 field: str = "intermediate_size"):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter] * 2, tp=tp, what="shared expert size")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter] * 2, tp=tp, what=field)
         self.act = ActAndMul(act, source)
-        self.down_proj = RowParallelLinear(inter, hidden, tp=tp, what="shared expert size")
+        self.down_proj = RowParallelLinear(inter, hidden, tp=tp, what=field)
+        for p in self.parameters():  # a shape error names the config field this block's size came from
+            p.weight_loader = _naming_field(p.weight_loader, f"config.json's {field!r} is {inter}")
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -229,7 +233,8 @@ class SparseMoeBlock(torch.nn.Module):
         self.experts = FusedMoE(hidden, spec, tp)
         self.shared_expert = self.shared_expert_gate = None
         if spec.shared_intermediate_size:
-            self.shared_expert = GatedMLP(hidden, spec.shared_intermediate_size, shared_act, tp, spec.source)
+            self.shared_expert = GatedMLP(hidden, spec.shared_intermediate_size, shared_act, tp, spec.source,
+                                          "shared_expert_intermediate_size")
             if spec.shared_gate:
                 self.shared_expert_gate = ReplicatedLinear(hidden, 1, tp=tp)
 
@@ -242,6 +247,16 @@ class SparseMoeBlock(torch.nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+
+def _naming_field(loader, note: str):
+    def load(param, ckpt, shard_id=None):
+        try:
+            loader(param, ckpt, shard_id)
+        except ValueError as e:
+            raise ValueError(f"{e}; {note}") from None
+
+    return load
 
 
 _EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -266,4 +281,6 @@ def restacked(ckpt, shape: tuple[int, ...], fn):
         t = fn(ckpt.load())
         return t if cut is None else t.narrow(*cut)
 
-    return CheckpointTensor(ckpt.name, ckpt.where, shape, read)
+    t = CheckpointTensor(ckpt.name, ckpt.where, shape, read)
+    t.layout_note = f" as Folio reads it (stored as {tuple(ckpt.shape)})"
+    return t
