@@ -129,3 +129,30 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_a_worker_stuck_in_a_collective_ends_the_group_with_an_error_naming_rank_and_step(tiny_llama):
+    """Issue 18, must-show 3: a worker that stops taking part (SIGSTOP: it never joins the step's
+    collectives) makes the next step fail within the collective timeout, with an error naming the rank
+    behind, its state and the step; the group is then torn down (no hang, no orphan)."""
+    from services.engine.parallel import TensorParallelError
+
+    llm = LLM(tiny_llama, tensor_parallel_size=2, dtype="float32", num_kv_blocks=16, max_model_len=128,
+              tp_collective_timeout_s=4)
+    worker = llm.engine.runner._procs[0]
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        assert len(llm.generate([[5, 6, 7]], greedy, use_tqdm=False)[0].outputs[0].token_ids) == 3
+        os.kill(worker.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(TensorParallelError) as e:
+            llm.generate([[8, 9, 10]], greedy, use_tqdm=False)
+        took = time.monotonic() - t0
+        msg = str(e.value)
+        assert f"rank 1 (pid {worker.pid}, stopped) last finished step" in msg, msg
+        assert "step " in msg and "the engine ends" in msg, msg
+        assert took < 4 + 10, took  # the timeout, plus the steps before the stuck one
+        llm.engine.shutdown()  # a broken group: its workers are killed, not asked
+        assert worker.wait(10) is not None
+    finally:
+        worker.kill()

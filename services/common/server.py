@@ -79,7 +79,7 @@ class GrpcServer:
         """Start, report SERVING, and run until SIGTERM/SIGINT; then report NOT_SERVING, let `on_drain`
         stop new work elsewhere (e.g. leave the Redis registry), and give in-flight calls `grace_s`.
         With `ready`, health follows it instead (polled 4 times a second): SERVING only while it holds."""
-        stop = asyncio.Event()  # handlers first: a SIGTERM right after "ready" must drain, not kill
+        stop = self._stop = asyncio.Event()  # handlers first: a SIGTERM right after "ready" must drain
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -104,6 +104,11 @@ class GrpcServer:
         await self.server.stop(grace_s)
         log.info("stopped")
 
+
+    def request_stop(self) -> None:
+        """Drain and stop as on SIGTERM (call on the event loop; e.g. when the service cannot go on)."""
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
 
     async def _follow(self, ready: Callable[[], bool], interval_s: float = 0.25) -> None:
         serving = None

@@ -56,8 +56,14 @@ class AbortCommand:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
-                 change_fraction: float = 0.05, step_deadline_s: float = 5.0):
+                 change_fraction: float = 0.05, step_deadline_s: float = 5.0,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        """`on_fatal` is called (on the event loop) when a step fails in a way the engine cannot go on
+        from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops."""
         self.engine = engine
+        self._on_fatal = on_fatal
+        self.fatal: BaseException | None = None
+        """The error that ended the engine loop, if any."""
         self.step_deadline_s = step_deadline_s
         self._step_started: float | None = None  # set by the engine thread while a step runs
         self._watchdog: asyncio.Task | None = None
@@ -195,6 +201,11 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("engine step failed; ending %d requests", len(self._queues))
                 self._fail_all(EngineFailure(f"engine step failed: {type(e).__name__}"))
+                if getattr(e, "fatal", False):  # nothing more can run here: stop and let the server end
+                    self.fatal = e
+                    if self._on_fatal is not None:
+                        self._loop.call_soon_threadsafe(self._on_fatal, e)
+                    return
                 continue
             finally:
                 self._step_started = None

@@ -56,6 +56,9 @@ class EngineConfig:
     steps run in series. See docs/engine.md."""
     tensor_parallel_size: int = 1
     """Shard the model over this many GPUs (processes), Megatron-style; see docs/tensor-parallel.md."""
+    tp_collective_timeout_s: float = 120.0
+    """Tensor parallel: a step whose collectives have not completed after this many seconds ends the
+    engine with an error naming the ranks behind and the step (a hung group never stalls silently)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -67,5 +70,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.tp_collective_timeout_s > 0:
+            raise ValueError(f"tp_collective_timeout_s must be > 0, got {self.tp_collective_timeout_s}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

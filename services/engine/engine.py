@@ -77,7 +77,7 @@ class LLMEngine:
 
             self.runner = TensorParallelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
                                                config.block_size, config.load_format, config.tensor_parallel_size,
-                                               config.seed)
+                                               config.seed, config.tp_collective_timeout_s)
         else:
             self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
                                       config.block_size, config.load_format)

@@ -193,7 +193,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             engine_id=self.engine_id)
 
 
-async def serve(engine_config, c: EngineServerConfig) -> None:
+async def serve(engine_config, c: EngineServerConfig) -> int:
+    """Run the engine service until SIGTERM (exit status 0) or until the engine cannot go on (1)."""
     from services.engine.engine import LLMEngine
 
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Engine"].full_name], c.host, c.port)
@@ -203,8 +204,12 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
     engine = await asyncio.to_thread(LLMEngine, engine_config)
     model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     publisher = None
+    def on_fatal(e: BaseException) -> None:
+        log.critical("the engine cannot go on (%s); leaving the registry and exiting", e)
+        server.request_stop()
+
     aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap),
-                          step_deadline_s=c.step_deadline_s)
+                          step_deadline_s=c.step_deadline_s, on_fatal=on_fatal)
     aengine.start()
     metrics = None
     if c.metrics_port is not None:
@@ -242,6 +247,7 @@ async def serve(engine_config, c: EngineServerConfig) -> None:
         engine.shutdown()  # tensor-parallel workers, if any
         if redis is not None:
             await redis.aclose()
+    return 1 if aengine.fatal is not None else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(c.log_level)
     telemetry.setup("folio-engine", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     try:
-        asyncio.run(serve(ec, c))
+        return asyncio.run(serve(ec, c))
     finally:
         telemetry.shutdown()
-    return 0
