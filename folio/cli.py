@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
@@ -31,26 +32,35 @@ def _model_path(args) -> int:
     return 0
 
 
+def stack_config(args):
+    """The StackConfig `folio up ARGS` runs: engine flags given (only those), then the extra
+    --engine-arg / --router-arg / --tokenizer-arg flags, split as a shell would."""
+    from folio.stack import StackConfig
+    from services.common import config as cfg
+    from services.engine.config import EngineConfig
+
+    def extra(values):
+        return [a for v in values or [] for a in shlex.split(v)]
+
+    engine_args = cfg.to_argv(EngineConfig, args, only=_engine_flags())  # given flags only: engine defaults hold
+    return StackConfig(
+        engines=args.engines, model=args.model, served_model_name=args.served_model_name, host=args.host,
+        router_port=args.port, http_port=None if args.no_http else args.http_port, redis_url=args.redis_url,
+        engine_args=engine_args + extra(args.engine_arg), router_args=extra(args.router_arg),
+        tokenizer_args=extra(args.tokenizer_arg), log_dir=args.log_dir, log_level=args.log_level,
+        startup_timeout_s=args.startup_timeout,
+        cuda_per_engine=getattr(args, "device", None) == "cuda" and args.engines > 1)
+
+
 def _up(args) -> int:
-    from folio.stack import Stack, StackConfig
+    from folio.stack import Stack
     from folio.supervisor import GaveUp, Supervisor
 
     if args.model is None:  # convert once here rather than in every child
         from services.common.bundled_model import ensure_bundled_model
 
         ensure_bundled_model()
-    from services.common import config as cfg
-    from services.engine.config import EngineConfig
-
-    engine_args = cfg.to_argv(EngineConfig, args, only=_engine_flags())  # given flags only: engine defaults hold
-    for extra in args.engine_arg or []:
-        engine_args += extra.split()
-    config = StackConfig(
-        engines=args.engines, model=args.model, served_model_name=args.served_model_name, host=args.host, router_port=args.port,
-        http_port=None if args.no_http else args.http_port,
-        redis_url=args.redis_url, engine_args=engine_args, log_dir=args.log_dir, log_level=args.log_level,
-        startup_timeout_s=args.startup_timeout,
-        cuda_per_engine=getattr(args, "device", None) == "cuda" and args.engines > 1)
+    config = stack_config(args)
     stack = Stack(config)
     stopping = False
 
@@ -175,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use this Redis (default: $REDIS_URL, else start the venv's redis-server on a free port)")
     up.add_argument("--engine-arg", action="append",
                     help="extra flags for every engine, e.g. --engine-arg='--metrics-port 9100'")
+    up.add_argument("--router-arg", action="append",
+                    help="extra flags for the router (python -m services.router --help), e.g. "
+                         "--router-arg='--tool-call-parser mistral'")
+    up.add_argument("--tokenizer-arg", action="append",
+                    help="extra flags for the tokenizer service (python -m services.tokenizer --help)")
     up.add_argument("--log-dir", default=None, help="children's logs (default: a temporary directory)")
     up.add_argument("--log-level", default="INFO", help="every service's logging level (default INFO)")
     up.add_argument("--startup-timeout", type=float, default=300.0,

@@ -127,3 +127,16 @@ def test_folio_up_offers_every_engine_field_but_the_model():
         assert ("--" + f.name.replace("_", "-")) in up_flags
     assert "--model" in up_flags  # folio up's own: it serves the tokenizer too, and is not forwarded twice
     assert "model" not in cli._engine_flags()
+
+
+def test_folio_up_passes_extra_flags_to_each_service():
+    args = cli.build_parser().parse_args([
+        "up", "--max-model-len", "2048", "--engine-arg=--metrics-port 9100",
+        "--router-arg=--tool-call-parser mistral", "--router-arg", "--max-n 8",
+        "--tokenizer-arg=--log-level DEBUG"])
+    c = cli.stack_config(args)
+    assert c.engine_args == ["--max-model-len", "2048", "--metrics-port", "9100"]
+    assert c.router_args == ["--tool-call-parser", "mistral", "--max-n", "8"]
+    assert c.tokenizer_args == ["--log-level", "DEBUG"]
+    for service, argv in (("router", c.router_args), ("tokenizer", c.tokenizer_args)):
+        PARSERS[service]().parse_args(argv)  # each is a flag that service has
