@@ -45,10 +45,12 @@ def _fused_moe_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Row blocks vary fastest: the programs running together read the same weight columns, so an expert
+    # whose tokens span several row blocks has its weight tile fetched from HBM once and hit in L2 after.
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    num_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -39,7 +39,10 @@ class GptOssForCausalLM(LlamaMoEForCausalLM):
         return super().make_config(hf, source)
 
     def moe_spec(self, cfg, experts_key):
-        return MoESpec.from_config(cfg, experts_key, self.inter_key, routing="topk_softmax", activation="swiglu_oai",
+        # The released config.json carries both num_experts_per_tok and the original experts_per_token.
+        top_k_key = "num_experts_per_tok" if cfg.get("num_experts_per_tok") is not None else "experts_per_token"
+        return MoESpec.from_config(cfg, experts_key, self.inter_key, top_k_key, routing="topk_softmax",
+                                   activation="swiglu_oai",
                                    expert_bias=True, router_bias=True,
                                    swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                                    swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
