@@ -22,8 +22,9 @@ def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: to
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if not 1 <= head_dim <= 256:
         raise ValueError(f"head_dim must be in [1, 256]; got {head_dim}")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    if q.dtype != kv_cache.dtype and kv_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype} (the cache must be in q's dtype "
+                         f"or float8_e4m3fn)")
     if q.stride(2) != 1:
         raise ValueError("q must be contiguous in head_dim")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] < num_seqs:
@@ -33,3 +34,10 @@ def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: to
         raise ValueError("block_tables rows must be contiguous")
     if seq_lens.dtype != torch.int32 or seq_lens.dim() != 1 or seq_lens.shape[0] < num_seqs:
         raise ValueError(f"seq_lens must be int32 [>= {num_seqs}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+
+
+def check_kv_scales(k_scale: float, v_scale: float) -> None:
+    """An fp8 cache's per-tensor scales: finite and positive."""
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (value > 0 and value < float("inf")):
+            raise ValueError(f"{name} must be finite and > 0; got {value}")

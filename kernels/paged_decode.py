@@ -11,6 +11,9 @@ so the context is cut into NUM_SPLITS ranges, each program writes its unnormaliz
 with its running max and sum (fp32), and `_reduce_splits_kernel` combines them. The split count is a
 launch parameter only: the ranges are computed in the kernel from each sequence's own length, so
 any split count is correct for any lengths (a CUDA graph captured with one stays correct).
+
+An fp8 cache (float8_e4m3fn, KV_FP8) is upcast to q's dtype as it is loaded; k_scale rides in the softmax
+scale (the host multiplies them) and v_scale multiplies the output once at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_checks import check_paged_inputs
+from kernels.paged_checks import check_kv_scales, check_paged_inputs
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
 # A split shorter than this spends more on its partial write and the reduce than it gains.
@@ -46,6 +49,7 @@ def _paged_decode_kernel(
     softcap_in,  # scale / softcap
     softcap_out2,  # softcap * log2(e)
     window,  # sliding window: the query at seq_len - 1 sees keys seq_len - window ... (if USE_WINDOW)
+    v_scale,  # an fp8 cache's value scale (read if KV_FP8)
     stride_qs,
     stride_qh,
     stride_os,
@@ -70,6 +74,7 @@ def _paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     EVICTION: tl.constexpr,  # "" or "evict_first"
     HEADS_FASTEST: tl.constexpr,  # grid (kv_heads, seqs, splits) rather than (seqs, kv_heads, splits)
+    KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
 ):
     if HEADS_FASTEST:
         # Programs launched together read the neighbouring heads' rows of the same blocks.
@@ -134,6 +139,9 @@ def _paged_decode_kernel(
         # K/V are streamed once: evict them first so they do not push block tables and q out of L2.
         k = load_tile(k_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
         v = load_tile(v_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if USE_SOFTCAP or USE_ALIBI:
             s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
@@ -148,6 +156,8 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
         tl.store(out_ptr + seq64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
@@ -242,6 +252,8 @@ def paged_decode(
     logit_softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of q[i] (sequence i's newest token) over the first seq_lens[i] cached tokens.
 
@@ -250,10 +262,15 @@ def paged_decode(
     num_splits None picks one from the sequence count, KV heads, max_seq_len and the SM count.
     sliding_window, logit_softcap, alibi_slopes, sinks: as in AttentionParams (docs/attention-seam.md);
     with a window, block-table entries of blocks wholly before it are never read.
+    k_scale, v_scale: a float8_e4m3fn cache holds k / k_scale and v / v_scale (unused for other caches).
     Returns out [num_seqs, num_heads, head_dim] in q's dtype.
     """
     num_seqs, num_heads, head_dim = q.shape
     check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, "num_seqs")
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        check_kv_scales(k_scale, v_scale)
+        scale = scale * k_scale  # q . (k / k_scale) * (scale * k_scale) = scale * q . k
     variants = kernel_variants(scale, num_heads, q.device, sliding_window, logit_softcap, alibi_slopes, sinks)
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if out is None:
@@ -296,6 +313,8 @@ def paged_decode(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         EVICTION=cfg.get("EVICTION", ""),
         HEADS_FASTEST=heads_fastest,
+        KV_FP8=fp8,
+        v_scale=v_scale,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **variants.launch_args(seq_lens),
@@ -310,16 +329,18 @@ def paged_decode(
 
 
 def paged_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Torch reference of paged_decode (float32 math, output in q's dtype)."""
+                     seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Torch reference of paged_decode (float32 math, output in q's dtype; an fp8 cache dequantized first)."""
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        k_scale = v_scale = 1.0
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.empty_like(q)
     for i in range(num_seqs):
         n = int(seq_lens[i])
         blocks = block_tables[i, : (n + block_size - 1) // block_size].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float() * k_scale
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float() * v_scale
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [n, num_heads, head_dim]
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         s = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale

@@ -15,6 +15,9 @@ Programs map to (sequence, query tile) without a host sync: sequence i's tiles s
 query_start_loc[i] // BLOCK_Q + i (an upper bound on the tiles before it), so the grid is
 num_tokens // BLOCK_Q + num_seqs and each program finds its sequence by binary search; spare
 programs of a sequence exit at once.
+
+An fp8 cache (float8_e4m3fn, KV_FP8) is upcast to q's dtype as each tile is loaded; k_scale rides in the
+softmax scale (the host multiplies them) and v_scale multiplies the output once at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_checks import check_paged_inputs
+from kernels.paged_checks import check_kv_scales, check_paged_inputs
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
 
@@ -48,7 +51,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
                  q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, stride_cb, stride_cs, offs_n, offs_d,
                  d_ok, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, D_MASKED: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     pos = start + offs_n
     if MASKED:
         # Keys before key_lo (before every row's window) are never loaded: their blocks may be freed.
@@ -61,6 +64,9 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
     kv_off = tok_off[:, None] + offs_d[None, :]
     k = load_tile(k_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
     v = load_tile(v_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
+    if KV_FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if USE_SOFTCAP or USE_ALIBI:
         s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
@@ -102,6 +108,7 @@ def _paged_prefill_kernel(
     softcap_in,  # scale / softcap
     softcap_out2,  # softcap * log2(e)
     window,  # sliding window (keys p - window + 1 ... p), if USE_WINDOW
+    v_scale,  # an fp8 cache's value scale (read if KV_FP8)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -124,6 +131,7 @@ def _paged_prefill_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -181,19 +189,21 @@ def _paged_prefill_kernel(
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
                                      softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8)
     for t in range(free_lo, num_full):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
                                      softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, False,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8)
     for t in range(num_full, num_tiles):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
                                      softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION)
+                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8)
 
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * v_scale
     o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if D_MASKED:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_ok[None, :])
@@ -229,6 +239,8 @@ def paged_prefill(
     logit_softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached tokens up to itself.
 
@@ -239,6 +251,7 @@ def paged_prefill(
     sliding_window, logit_softcap, alibi_slopes, sinks: as in AttentionParams (docs/attention-seam.md);
     with a window, block-table entries of blocks wholly before the window of the sequence's first new
     token are never read.
+    k_scale, v_scale: a float8_e4m3fn cache holds k / k_scale and v / v_scale (unused for other caches).
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -247,6 +260,10 @@ def paged_prefill(
     if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
         raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
                          f"{tuple(query_start_loc.shape)}")
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        check_kv_scales(k_scale, v_scale)
+        scale = scale * k_scale  # q . (k / k_scale) * (scale * k_scale) = scale * q . k
     variants = kernel_variants(scale, num_heads, q.device, sliding_window, logit_softcap, alibi_slopes, sinks)
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if out is None:
@@ -274,6 +291,8 @@ def paged_prefill(
         D_MASKED=head_dim != head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_FP8=fp8,
+        v_scale=v_scale,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **variants.launch_args(seq_lens),
@@ -282,8 +301,12 @@ def paged_prefill(
 
 
 def paged_prefill_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
-    """Torch reference of paged_prefill (float32 math, output in q's dtype; padding rows are zero)."""
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Torch reference of paged_prefill (float32 math, output in q's dtype; padding rows are zero; an fp8
+    cache dequantized first)."""
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        k_scale = v_scale = 1.0
     num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.zeros_like(q)
@@ -291,8 +314,8 @@ def paged_prefill_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
         n, q_len = int(seq_lens[i]), end - start
         blocks = block_tables[i, : (n + block_size - 1) // block_size].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float() * k_scale
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float() * v_scale
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         s = torch.einsum("qhd,nhd->hqn", q[start:end].float(), k) * scale

@@ -38,6 +38,9 @@ class EngineConfig:
     """On CUDA: fraction of the GPU's memory Folio may use (weights, activations and KV pool)."""
     cpu_kv_cache_bytes: int = 1 << 30
     """On CPU: bytes of KV pool."""
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = "auto"
+    """KV pool storage: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (float8 e4m3 with per-layer k/v
+    scales from the checkpoint, else 1.0: twice the tokens of bf16 in the same memory; see docs/quantization.md)."""
     seed: int = 0
     """Seed of the random weights (load_format dummy) and of unseeded sampling."""
     attention_backend: BackendName | None = None

@@ -77,10 +77,10 @@ class LLMEngine:
 
             self.runner = TensorParallelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
                                                config.block_size, config.load_format, config.tensor_parallel_size,
-                                               config.seed, config.tp_collective_timeout_s)
+                                               config.seed, config.tp_collective_timeout_s, config.kv_cache_dtype)
         else:
             self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
-                                      config.block_size, config.load_format)
+                                      config.block_size, config.load_format, kv_cache_dtype=config.kv_cache_dtype)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give loading's transient copies back before sizing the KV pool
         mcfg = self.runner.cfg
@@ -126,9 +126,10 @@ class LLMEngine:
         self.step_batch: tuple[int, int] = (0, 0)
         """(sequences, tokens) the current or last step computes."""
         self.attention_backend = backend
-        log.info("engine ready: %s on %s (%s), backend %s, %d KV blocks x %d tokens",
+        log.info("engine ready: %s on %s (%s), backend %s, KV pool %d tokens (%d blocks x %d, %s)",
                  self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), backend,
-                 num_blocks, config.block_size)
+                 num_blocks * config.block_size, num_blocks, config.block_size,
+                 str(self.runner.kv_dtype).removeprefix("torch."))
 
     def _eos_from_config(self) -> frozenset[int]:
         e = self.hf_config.get("eos_token_id")
@@ -137,7 +138,7 @@ class LLMEngine:
     def _size_kv_pool(self) -> int:
         c = self.config
         # Per rank: each holds 1/tensor_parallel_size of the KV heads (and of the pool's bytes).
-        per_block = kv_bytes_per_block(self.runner.cfg, c.block_size, self.dtype) // c.tensor_parallel_size
+        per_block = kv_bytes_per_block(self.runner.cfg, c.block_size, self.runner.kv_dtype) // c.tensor_parallel_size
         if c.num_kv_blocks is not None:
             return c.num_kv_blocks
         if self.device.type != "cuda":

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from services.engine.attention import get_attention_backend
+from services.engine.attention.kv_quant import FP8_KV_DTYPE, resolve_kv_cache_dtype
 from services.engine.attention.metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig
 from services.engine.model.loader import iter_checkpoint
@@ -36,10 +37,13 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 class ModelRunner:
     def __init__(self, model_dir, hf_config: dict, dtype: torch.dtype, device: torch.device,
-                 attention_backend: str, block_size: int, load_format: str = "safetensors", tp=None):
+                 attention_backend: str, block_size: int, load_format: str = "safetensors", tp=None,
+                 kv_cache_dtype: str = "auto"):
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype, device, attention_backend)
+        """The KV pool's storage dtype: the model's, or float8 e4m3 (attention/kv_quant.py)."""
         self.backend = get_attention_backend(attention_backend)
         # tp: parallel.TPGroup or None. The registry picks the architecture's class (model/registry.py).
         self.model = build_model(hf_config, self.backend, dtype, device, tp, source=f"{model_dir}/config.json")
@@ -48,6 +52,10 @@ class ModelRunner:
             self.model.init_dummy()
         else:
             self.model.load_weights(iter_checkpoint(model_dir))
+        if self.kv_dtype == FP8_KV_DTYPE:
+            if self.model.apply_kv_scales() == 0:
+                log.warning("kv_cache_dtype fp8: the checkpoint has no k/v scales; using 1.0 (keys and values "
+                            "beyond +-448 are clamped)")
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pinned = device.type == "cuda"
@@ -55,7 +63,7 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.cfg
         shape = (2, num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim)  # this rank's KV heads
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(c.num_hidden_layers)]
 
     def weight_bytes(self) -> int:
         return self.model.weight_bytes()

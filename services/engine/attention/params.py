@@ -25,9 +25,18 @@ class AttentionParams:
     sinks: torch.Tensor | None = None
     """float32 [num_heads]: a per-head logit that joins the softmax's denominator but attends to no
     value (gpt-oss's attention sinks)."""
+    k_scale: float = 1.0
+    """An fp8 pool stores k / k_scale and reads it back times k_scale (the checkpoint's per-layer scale, else
+    1.0; see attention/kv_quant.py). Unused when the pool is in the model's dtype."""
+    v_scale: float = 1.0
+    """The same for values."""
 
     def __post_init__(self) -> None:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"logit_softcap must be > 0, got {self.logit_softcap}")
+        for name in ("k_scale", "v_scale"):
+            value = getattr(self, name)
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")

@@ -2,7 +2,8 @@
 
 K/V are read through the block tables from the pool: each sequence's blocks are gathered into a
 padded [num_seqs, max_seq_len] view for this step only; there is no per-sequence contiguous cache.
-Every AttentionParams field is honoured; the score of query position p against key position j is
+An fp8 pool (attention/kv_quant.py) is written as k / k_scale, v / v_scale in e4m3 and read back
+multiplied by the scales, in float32 math. Every AttentionParams field is honoured; the score of query position p against key position j is
 
     s = scale * q.k;  s = softcap * tanh(s / softcap);  s += slope_h * (j - p)
     masked unless p - sliding_window < j <= p;  softmax over the keys and, if given, the head's sink logit.
@@ -13,16 +14,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from services.engine.attention.kv_quant import dequantize_fp8, is_fp8, quantize_fp8
 from services.engine.attention.metadata import AttentionMetadata
 from services.engine.attention.params import AttentionParams
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     # kv_cache [2, num_blocks, block_size, Hkv, D] viewed as [2, num_slots, Hkv, D]
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    if is_fp8(kv_cache):
+        # index_copy_ has no float8 kernel on CPU: copy the bytes.
+        flat = flat.view(torch.uint8)
+        k, v = quantize_fp8(k, k_scale).view(torch.uint8), quantize_fp8(v, v_scale).view(torch.uint8)
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
 
@@ -53,6 +60,8 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     # [num_seqs, nblk, block_size, Hkv, D] -> [num_seqs, Hkv, L, D]
     k = kv_cache[0][tables].reshape(num_seqs, nblk * block_size, hkv, d)[:, :max_len].transpose(1, 2)
     v = kv_cache[1][tables].reshape(num_seqs, nblk * block_size, hkv, d)[:, :max_len].transpose(1, 2)
+    if is_fp8(kv_cache):
+        k, v = dequantize_fp8(k, params.k_scale, q.dtype), dequantize_fp8(v, params.v_scale, q.dtype)
 
     q_lens = torch.tensor(meta.query_lens_cpu, device=q.device)
     s_lens = torch.tensor(meta.seq_lens_cpu, device=q.device)
@@ -119,9 +128,11 @@ class TorchAttentionBackend:
     name = "torch"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        write_kv(k, v, kv_cache, meta.slot_mapping, params.k_scale, params.v_scale)
         return paged_attention_ref(q, kv_cache, meta, params)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         for cache in kv_caches:
+            if is_fp8(cache):
+                cache = cache.view(torch.uint8)  # a bitwise copy; float8 indexing is missing on some devices
             cache[:, dst] = cache[:, src]

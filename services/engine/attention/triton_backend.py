@@ -24,8 +24,9 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
                 params: AttentionParams) -> torch.Tensor:
         variants = dict(sliding_window=params.sliding_window, logit_softcap=params.logit_softcap,
-                        alibi_slopes=params.alibi_slopes, sinks=params.sinks)
-        reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
+                        alibi_slopes=params.alibi_slopes, sinks=params.sinks,
+                        k_scale=params.k_scale, v_scale=params.v_scale)
+        reshape_and_cache(k, v, kv_cache, meta.slot_mapping, params.k_scale, params.v_scale)
         num_seqs = len(meta.seq_lens_cpu)
         num_real = sum(meta.query_lens_cpu)
         out = torch.empty_like(q)

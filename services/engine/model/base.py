@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from services.engine.attention.kv_quant import kv_scale_target, read_kv_scale
 from services.engine.model.config import ModelConfig
 from services.engine.model.layers.linear import replicated_loader
 
@@ -36,6 +37,8 @@ class CausalLM(torch.nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads // n  # this rank's, for the KV cache
         self.head_dim = cfg.head_dim
         self.num_layers = cfg.num_hidden_layers
+        self.kv_scales: dict[int, dict[str, float]] = {}
+        """The checkpoint's KV-cache scales by layer ({"k": .., "v": ..} or {"kv": ..}); see apply_kv_scales."""
 
     # --- the step ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -87,6 +90,10 @@ class CausalLM(torch.nn.Module):
         tied = self.cfg.tie_word_embeddings
         done: set[tuple[str, object]] = set()
         for t in checkpoint:
+            kv_scale = kv_scale_target(t.name)
+            if kv_scale is not None:  # read by an fp8 KV pool (apply_kv_scales), not a parameter
+                self._record_kv_scale(t, *kv_scale)
+                continue
             name = self.checkpoint_name(t.name)
             if name is not None:
                 t = self.adapt_tensor(name, t)
@@ -119,6 +126,23 @@ class CausalLM(torch.nn.Module):
             if ckpt_part in name:
                 return name.replace(ckpt_part, folio_part), shard_id
         return name, None
+
+    def _record_kv_scale(self, t, layer: int, which: str) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"{t.where}: tensor {t.name} is a KV-cache scale of layer {layer}; the model has "
+                             f"{self.num_layers} layers")
+        self.kv_scales.setdefault(layer, {})[which] = read_kv_scale(t.name, t.where, t.load())
+
+    def apply_kv_scales(self) -> int:
+        """Give every attention layer the checkpoint's k/v scales for an fp8 KV pool (1.0 where it has none,
+        as vLLM does); returns how many layers the checkpoint had scales for."""
+        from services.engine.model.layers.attention import Attention
+
+        for m in self.modules():
+            if isinstance(m, Attention):
+                s = self.kv_scales.get(m.layer_index, {})
+                m.set_kv_scales(s.get("k", s.get("kv", 1.0)), s.get("v", s.get("kv", 1.0)))
+        return len(self.kv_scales)
 
     def _shards_of(self, pname: str) -> list:
         shards = [s for fp, _, s in self.stacked_params if fp in pname]

@@ -3,6 +3,7 @@ window, soft-cap, ALiBi slopes), and the call into the engine's attention backen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -56,8 +57,11 @@ class Attention(torch.nn.Module):
 
     def to_device(self, device: torch.device) -> None:
         if self.params.alibi_slopes is not None:
-            p = self.params
-            self.params = AttentionParams(p.scale, p.sliding_window, p.logit_softcap, p.alibi_slopes.to(device), p.sinks)
+            self.params = dataclasses.replace(self.params, alibi_slopes=self.params.alibi_slopes.to(device))
+
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        """The fp8 KV pool's scales for this layer (attention/kv_quant.py)."""
+        self.params = dataclasses.replace(self.params, k_scale=k_scale, v_scale=v_scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta) -> torch.Tensor:
         T, d = q.shape[0], self.head_dim
