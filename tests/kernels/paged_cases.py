@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.attention.kv_quant import quantize_fp8
+from services.engine.attention.metadata import AttentionMetadata
+
 # Tolerances against a float32 reference, by input dtype (the kernel accumulates in fp32 and feeds
 # P to the second tl.dot in the input dtype).
 TOLERANCE = {
@@ -104,3 +107,35 @@ def poisoned_like(x: torch.Tensor) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     assert not actual.isnan().any(), f"{int(actual.isnan().sum())} elements unwritten or NaN"
     torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE[dtype])
+
+
+def hard_e4m3_values() -> torch.Tensor:
+    """Every e4m3 rounding case: exact values, the midpoints between neighbours (ties, including the ones
+    that carry into the next power of two), the subnormal range, beyond +-448 (clamped), signed zeros."""
+    finite = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 ... 448
+    mids = (finite[1:] + finite[:-1]) / 2
+    nudged = torch.cat([mids * (1 + 2 ** -20), mids * (1 - 2 ** -20)])
+    wide = torch.logspace(-12, 4, 1000, base=2.0) * torch.linspace(1.0, 1.9, 1000)
+    out_of_range = torch.tensor([448.5, 460.0, 464.0, 500.0, 1e4, 1e30])
+    pos = torch.cat([finite, mids, nudged, wide, out_of_range])
+    return torch.cat([pos, -pos, torch.tensor([0.0, -0.0])])
+
+
+def fp8_batch(device, steps, dtype, k_scale, v_scale, num_heads=9, num_kv_heads=3, head_dim=64):
+    """A make_batch step whose pool is stored in fp8 with the given scales (K/V spread over a wide range).
+    Returns q, k, v (this step's new tokens, in dtype), the fp8 cache (their slots hold NaN bytes, for the
+    backend to write) and the AttentionMetadata."""
+    seq_lens, query_lens = map(list, zip(*steps))
+    batch = make_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, device)
+    spread = torch.logspace(-3, 0.5, head_dim, device=device)  # channel magnitudes from subnormal to ~3
+    pool = batch.kv_cache * spread
+    cache = torch.stack([quantize_fp8(pool[0], k_scale), quantize_fp8(pool[1], v_scale)])
+    # New slots hold NaN (0x7F) bytes: the backend must write them itself.
+    cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim)[:, batch.slot_mapping[batch.slot_mapping >= 0]] = 0x7F
+    real = batch.slot_mapping.shape[0]
+    k, v = (batch.k[:real] * spread).to(dtype), (batch.v[:real] * spread).to(dtype)
+    meta = AttentionMetadata(
+        num_seqs=len(seq_lens), num_tokens=real, query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
+        block_tables=batch.block_tables, slot_mapping=batch.slot_mapping, max_query_len=batch.max_query_len,
+        max_seq_len=batch.max_seq_len, query_lens_cpu=batch.query_lens_cpu, seq_lens_cpu=batch.seq_lens_cpu)
+    return batch.q.to(dtype), k, v, cache, meta

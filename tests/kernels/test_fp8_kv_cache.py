@@ -9,9 +9,8 @@ import torch
 from kernels.copy_blocks import copy_blocks
 from kernels.paged_decode import paged_decode
 from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
-from paged_cases import TOLERANCE, kernel_device, make_batch
+from paged_cases import TOLERANCE, fp8_batch, hard_e4m3_values, kernel_device
 from services.engine.attention.kv_quant import FP8_KV_DTYPE, quantize_fp8
-from services.engine.attention.metadata import AttentionMetadata
 from services.engine.attention.params import AttentionParams
 from services.engine.attention.torch_backend import TorchAttentionBackend, paged_attention_ref
 from services.engine.attention.triton_backend import TritonAttentionBackend
@@ -19,23 +18,11 @@ from services.engine.attention.triton_backend import TritonAttentionBackend
 DEVICE = kernel_device()
 
 
-def _hard_values() -> torch.Tensor:
-    """Every e4m3 rounding case: exact values, the midpoints between neighbours (ties, including the ones
-    that carry into the next power of two), the subnormal range, beyond +-448 (clamped), signed zeros."""
-    finite = torch.arange(0, 0x7F, dtype=torch.uint8).view(FP8_KV_DTYPE).float()  # 0 ... 448
-    mids = (finite[1:] + finite[:-1]) / 2
-    nudged = torch.cat([mids * (1 + 2 ** -20), mids * (1 - 2 ** -20)])
-    wide = torch.logspace(-12, 4, 1000, base=2.0) * torch.linspace(1.0, 1.9, 1000)
-    out_of_range = torch.tensor([448.5, 460.0, 464.0, 500.0, 1e4, 1e30])
-    pos = torch.cat([finite, mids, nudged, wide, out_of_range])
-    return torch.cat([pos, -pos, torch.tensor([0.0, -0.0])])
-
-
 @pytest.mark.parametrize("dtype,k_scale,v_scale", [
     (torch.float32, 1.0, 1.0), (torch.float32, 0.37, 2.5), (torch.bfloat16, 0.37, 2.5), (torch.float16, 1.0, 1.0)])
 def test_reshape_and_cache_fp8_is_bit_exact_with_torch(dtype, k_scale, v_scale):
     heads, head_dim, block_size = 2, 64, 8
-    x = _hard_values().to(dtype)  # bf16 / fp16 inputs hold their own roundings of the hard cases
+    x = hard_e4m3_values().to(dtype)  # bf16 / fp16 inputs hold their own roundings of the hard cases
     x = torch.cat([x, x.new_zeros(-x.numel() % (heads * head_dim))]).view(-1, heads, head_dim)
     k, v = x.to(DEVICE), x.flip(0).to(DEVICE)
     n = k.shape[0]
@@ -53,31 +40,13 @@ def test_reshape_and_cache_fp8_is_bit_exact_with_torch(dtype, k_scale, v_scale):
                        quantize_fp8(k[slots >= 0], k_scale).view(torch.uint8))
 
 
-def _fp8_batch(steps, dtype, k_scale, v_scale, num_heads=9, num_kv_heads=3, head_dim=64):
-    """A make_batch step whose pool is stored in fp8 with the given scales (K/V spread over a wide range)."""
-    seq_lens, query_lens = map(list, zip(*steps))
-    batch = make_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, DEVICE)
-    spread = torch.logspace(-3, 1.5, head_dim, device=DEVICE)  # magnitudes from subnormal to ~30 per channel
-    pool = batch.kv_cache * spread
-    cache = torch.stack([quantize_fp8(pool[0], k_scale), quantize_fp8(pool[1], v_scale)])
-    # New slots hold NaN (0x7F) bytes: the backend must write them itself.
-    cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim)[:, batch.slot_mapping[batch.slot_mapping >= 0]] = 0x7F
-    real = batch.slot_mapping.shape[0]
-    k, v = (batch.k[:real] * spread).to(dtype), (batch.v[:real] * spread).to(dtype)
-    meta = AttentionMetadata(
-        num_seqs=len(seq_lens), num_tokens=real, query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
-        block_tables=batch.block_tables, slot_mapping=batch.slot_mapping, max_query_len=batch.max_query_len,
-        max_seq_len=batch.max_seq_len, query_lens_cpu=batch.query_lens_cpu, seq_lens_cpu=batch.seq_lens_cpu)
-    return batch.q.to(dtype), k, v, cache, meta
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("steps", [
     [(30, 30), (45, 13), (21, 1), (1, 1)],  # prefill, extend and decodes mixed: the prefill kernel
     [(21, 1), (1, 1), (77, 1)],  # decode only: the decode kernel
 ])
 def test_triton_backend_fp8_pool_equals_torch_backend(dtype, steps):
-    q, k, v, cache, meta = _fp8_batch(steps, dtype, k_scale=0.5, v_scale=2.0)
+    q, k, v, cache, meta = fp8_batch(DEVICE, steps, dtype, k_scale=0.5, v_scale=2.0)
     cache_torch = cache.clone()
     params = AttentionParams(scale=0.125, k_scale=0.5, v_scale=2.0)
     got = TritonAttentionBackend().forward(q, k, v, cache, meta, params)
@@ -89,7 +58,7 @@ def test_triton_backend_fp8_pool_equals_torch_backend(dtype, steps):
 
 def test_fp8_decode_split_kv_with_variants_equals_torch_reference():
     """Split-KV partials are scaled by v_scale once, before the reduce; k_scale folds into the soft-cap too."""
-    q, k, v, cache, meta = _fp8_batch([(70, 1), (40, 1)], torch.float32, k_scale=0.25, v_scale=3.0)
+    q, k, v, cache, meta = fp8_batch(DEVICE, [(70, 1), (40, 1)], torch.float32, k_scale=0.25, v_scale=3.0)
     params = AttentionParams(scale=0.125, sliding_window=50, logit_softcap=5.0, k_scale=0.25, v_scale=3.0)
     reshape_and_cache(k, v, cache, meta.slot_mapping, 0.25, 3.0)
     got = paged_decode(q, cache, meta.block_tables, meta.seq_lens, 0.125, num_splits=2, sliding_window=50,
@@ -110,7 +79,7 @@ def test_copy_blocks_copies_fp8_blocks_bytewise():
 
 
 def test_fp8_kernels_refuse_bad_scales_and_dtypes():
-    q, k, v, cache, meta = _fp8_batch([(5, 1)], torch.float32, 1.0, 1.0)
+    q, k, v, cache, meta = fp8_batch(DEVICE, [(5, 1)], torch.float32, 1.0, 1.0)
     with pytest.raises(ValueError, match="k_scale"):
         reshape_and_cache(k, v, cache, meta.slot_mapping, 0.0, 1.0)
     with pytest.raises(ValueError, match="v_scale"):

@@ -1,0 +1,149 @@
+"""FP8 KV cache on one GPU, Llama-3-8B shape: how many tokens the engine's pool holds (bf16 vs fp8, same memory
+budget) and the paged-decode kernel's time over a bf16 pool vs an fp8 pool at several batch sizes.
+
+    python bench/fp8_kv.py [--batches 1 16 64 256] [--ctx 2048] [--no-engine] [--json bench/results/fp8_kv_<date>.json]
+
+Every fp8 decode is first checked against torch SDPA over the same (dequantized) K/V; the table also shows how
+far the fp8 output is from the bf16 pool's (the quantization error itself). Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels.paged_decode import paged_decode  # noqa: E402
+from services.engine.attention.kv_quant import quantize_fp8  # noqa: E402
+
+DEV = torch.device("cuda")
+HQ, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention: 32 query heads, 8 KV heads, head_dim 128
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    assert not a.isnan().any(), "NaN in output"
+    return ((a - b).norm() / b.norm()).item()
+
+
+def decode_case(batch: int, ctx: int, k_scale: float, v_scale: float) -> dict:
+    g = torch.Generator(device=DEV).manual_seed(batch)
+    nb = triton.cdiv(ctx, BLOCK)
+    pool = torch.randn(2, batch * nb, BLOCK, HKV, D, device=DEV, generator=g)  # K/V of a real model are ~N(0, 1)
+    bf16 = pool.to(torch.bfloat16)
+    fp8 = torch.stack([quantize_fp8(pool[0], k_scale), quantize_fp8(pool[1], v_scale)])
+    del pool
+    tables = torch.randperm(batch * nb, device=DEV, generator=g).to(torch.int32).view(batch, nb)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    scale = D ** -0.5
+
+    def contiguous(cache, i, s):  # [batch, HKV, ctx, D] in bf16, dequantized
+        return (cache[i][tables.long()].float() * s).to(torch.bfloat16).reshape(batch, nb * BLOCK, HKV, D)[:, :ctx] \
+            .transpose(1, 2)
+
+    run_bf16 = lambda: paged_decode(q, bf16, tables, lens, scale, max_seq_len=ctx)  # noqa: E731
+    run_fp8 = lambda: paged_decode(q, fp8, tables, lens, scale, max_seq_len=ctx, k_scale=k_scale,  # noqa: E731
+                                   v_scale=v_scale)
+    ref_fp8 = F.scaled_dot_product_attention(q[:, :, None], contiguous(fp8, 0, k_scale), contiguous(fp8, 1, v_scale),
+                                             scale=scale, enable_gqa=True)[:, :, 0]
+    ref_bf16 = F.scaled_dot_product_attention(q[:, :, None], contiguous(bf16, 0, 1.0), contiguous(bf16, 1, 1.0),
+                                              scale=scale, enable_gqa=True)[:, :, 0]
+    out_fp8, out_bf16 = run_fp8(), run_bf16()
+    row = dict(batch=batch, ctx=ctx, err_fp8_vs_sdpa=rel_err(out_fp8, ref_fp8),
+               err_bf16_vs_sdpa=rel_err(out_bf16, ref_bf16), fp8_vs_bf16_pool=rel_err(out_fp8, out_bf16))
+    assert row["err_fp8_vs_sdpa"] < 1e-2, f"fp8 decode batch {batch}: relative error {row['err_fp8_vs_sdpa']}"
+    assert row["err_bf16_vs_sdpa"] < 1e-2, f"bf16 decode batch {batch}: relative error {row['err_bf16_vs_sdpa']}"
+    for name, fn, elem in (("bf16", run_bf16, 2), ("fp8", run_fp8, 1)):
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        row[f"{name}_us"] = ms * 1e3
+        row[f"{name}_TBps"] = 2 * batch * ctx * HKV * D * elem / ms / 1e9
+    row["speedup"] = row["bf16_us"] / row["fp8_us"]
+    del bf16, fp8
+    torch.cuda.empty_cache()
+    return row
+
+
+def engine_tokens(kv_cache_dtype: str, model_dir: Path, max_model_len: int = 8192) -> dict:
+    """The pool an engine sizes for itself (gpu_memory_utilization 0.9) with random 8B weights."""
+    from services.engine.engine import EngineConfig, LLMEngine
+
+    t = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
+                                    enforce_eager=True, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype))
+    pool = engine.runner.kv_caches
+    row = dict(kv_cache_dtype=kv_cache_dtype, pool_dtype=str(pool[0].dtype).removeprefix("torch."),
+               blocks=engine.blocks.num_blocks, tokens=engine.blocks.num_blocks * engine.blocks.block_size,
+               pool_GiB=sum(c.numel() * c.element_size() for c in pool) / 2**30, startup_s=time.perf_counter() - t)
+    engine.shutdown()
+    del engine, pool
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine pool sizing (two 8B engine starts)")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / f"fp8_kv_{datetime.date.today()}.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/fp8_kv.py needs a CUDA GPU")
+    t0 = time.perf_counter()
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}; Llama-3-8B shape (32 layers, 32/8 heads, "
+          f"d 128), block {BLOCK}")
+    record = dict(gpu=gpu, date=str(datetime.date.today()), shape="llama-3-8b", decode=[], engine=[])
+
+    print(f"\npaged decode, ctx {args.ctx}, bf16 queries; fp8 pool scales k 0.02, v 0.015 (checked against SDPA first)")
+    print(f"{'batch':>6}{'bf16 us':>10}{'bf16 TB/s':>11}{'fp8 us':>10}{'fp8 TB/s':>10}{'speedup':>9}"
+          f"{'err fp8':>10}{'fp8 vs bf16':>13}")
+    for b in args.batches:
+        r = decode_case(b, args.ctx, k_scale=0.02, v_scale=0.015)
+        record["decode"].append(r)
+        print(f"{b:>6}{r['bf16_us']:>10.1f}{r['bf16_TBps']:>11.2f}{r['fp8_us']:>10.1f}{r['fp8_TBps']:>10.2f}"
+              f"{r['speedup']:>8.2f}x{r['err_fp8_vs_sdpa']:>10.1e}{r['fp8_vs_bf16_pool']:>13.1e}")
+    print("  TB/s = bytes of KV read / kernel time (fp8 reads half the bytes). err fp8 = fp8 kernel vs SDPA on the same\n"
+          "  dequantized K/V; fp8 vs bf16 = the fp8 pool's output against the bf16 pool's (quantization error).")
+
+    if not args.no_engine:
+        spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
+        throughput = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(throughput)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = throughput.write_config("llama-3-8b", Path(tmp))
+            for kv in ("auto", "fp8"):
+                record["engine"].append(engine_tokens(kv, model_dir))
+        print("\nengine pool, gpu_memory_utilization 0.9, random bf16 weights")
+        print(f"{'kv_cache_dtype':>15}{'pool dtype':>16}{'blocks':>9}{'tokens':>10}{'pool GiB':>10}{'startup s':>11}")
+        for r in record["engine"]:
+            print(f"{r['kv_cache_dtype']:>15}{r['pool_dtype']:>16}{r['blocks']:>9}{r['tokens']:>10}"
+                  f"{r['pool_GiB']:>10.1f}{r['startup_s']:>11.1f}")
+        ratio = record["engine"][1]["tokens"] / record["engine"][0]["tokens"]
+        record["fp8_over_bf16_tokens"] = ratio
+        print(f"  fp8 holds {ratio:.3f}x the tokens of bf16")
+    record["total_s"] = time.perf_counter() - t0
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=1))
+    print(f"\nwrote {args.json} ({record['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
