@@ -2,6 +2,7 @@
 budget) and the paged-decode kernel's time over a bf16 pool vs an fp8 pool at several batch sizes.
 
     python bench/fp8_kv.py [--batches 1 16 64 256] [--ctx 2048] [--no-engine] [--json bench/results/fp8_kv_<date>.json]
+    python bench/fp8_kv.py --accuracy [--device cpu]   # the bundled model's prompt logprobs, fp8 vs float32 cache
 
 Every fp8 decode is first checked against torch SDPA over the same (dequantized) K/V; the table also shows how
 far the fp8 output is from the bf16 pool's (the quantization error itself). Prints a table, writes JSON.
@@ -97,13 +98,47 @@ def engine_tokens(kv_cache_dtype: str, model_dir: Path, max_model_len: int = 819
     return row
 
 
+def accuracy(device: str, tokens: int = 2048) -> dict:
+    """The bundled model (real weights) in float32: |prompt logprob with an fp8 cache - with a float32 cache| over
+    a fixed text, the first `tokens` tokens of Python's own language-reference topics (pydoc_data)."""
+    from pydoc_data.topics import topics
+
+    from folio import LLM, SamplingParams
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    logprobs, ids = {}, None
+    for kv in ("auto", "fp8"):
+        llm = LLM(dtype="float32", device=device, kv_cache_dtype=kv, max_model_len=tokens + 8,
+                  max_num_batched_tokens=tokens + 8, gpu_memory_utilization=0.3, cpu_kv_cache_bytes=256 << 20)
+        ids = llm.get_tokenizer().encode(text)[:tokens]
+        out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)[0]
+        logprobs[kv] = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs, ids) if d is not None])
+        llm.shutdown()
+    diff = (logprobs["fp8"] - logprobs["auto"]).abs()
+    return dict(device=device, text="pydoc_data.topics, sorted, first tokens", tokens=len(ids),
+                mean_abs_diff=diff.mean().item(), p99_abs_diff=diff.quantile(0.99).item(), max_abs_diff=diff.max().item(),
+                mean_logprob_fp32=logprobs["auto"].mean().item(), mean_logprob_fp8=logprobs["fp8"].mean().item())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--no-engine", action="store_true", help="skip the engine pool sizing (two 8B engine starts)")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / f"fp8_kv_{datetime.date.today()}.json"))
+    ap.add_argument("--json", default=None, help="default bench/results/fp8_kv[_accuracy]_<date>.json")
+    ap.add_argument("--accuracy", action="store_true", help="only the bundled model's prompt-logprob accuracy")
+    ap.add_argument("--device", default="cuda", help="--accuracy's device (cpu works)")
     args = ap.parse_args()
+    kind = "fp8_kv_accuracy" if args.accuracy else "fp8_kv"
+    args.json = args.json or str(ROOT / "bench" / "results" / f"{kind}_{datetime.date.today()}.json")
+    if args.accuracy:
+        r = accuracy(args.device)
+        print(f"bundled model, float32, {r['tokens']} prompt tokens: |logprob fp8 cache - float32 cache| mean "
+              f"{r['mean_abs_diff']:.4f}, p99 {r['p99_abs_diff']:.3f}, max {r['max_abs_diff']:.3f}; mean logprob "
+              f"{r['mean_logprob_fp32']:.4f} (fp32) vs {r['mean_logprob_fp8']:.4f} (fp8)")
+        Path(args.json).write_text(json.dumps(r, indent=1))
+        print(f"wrote {args.json}")
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/fp8_kv.py needs a CUDA GPU")
     t0 = time.perf_counter()

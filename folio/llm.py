@@ -17,7 +17,7 @@ PromptType = str | list[int] | dict
 class LLM:
     """An engine in this process. Options are EngineConfig's fields (model, dtype, device, block_size,
     max_model_len, max_num_seqs, max_num_batched_tokens, num_kv_blocks, gpu_memory_utilization,
-    cpu_kv_cache_bytes, seed, attention_backend, enable_prefix_caching, tensor_parallel_size).
+    cpu_kv_cache_bytes, kv_cache_dtype, seed, attention_backend, enable_prefix_caching, tensor_parallel_size).
     With tensor_parallel_size > 1 this process is rank 0 and starts one worker process per other rank;
     `shutdown()` stops them (they are also stopped when the LLM is dropped or the process exits)."""
 
