@@ -85,8 +85,9 @@ def engine_tokens(kv_cache_dtype: str, model_dir: Path, max_model_len: int = 819
     from services.engine.engine import EngineConfig, LLMEngine
 
     t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
-                                    enforce_eager=True, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype))
+    engine = LLMEngine(EngineConfig(model=str(model_dir), load_format="dummy", dtype="bfloat16",
+                                    max_model_len=max_model_len, enforce_eager=True, enable_prefix_caching=False,
+                                    kv_cache_dtype=kv_cache_dtype))
     pool = engine.runner.kv_caches
     row = dict(kv_cache_dtype=kv_cache_dtype, pool_dtype=str(pool[0].dtype).removeprefix("torch."),
                blocks=engine.blocks.num_blocks, tokens=engine.blocks.num_blocks * engine.blocks.block_size,
@@ -116,7 +117,8 @@ def accuracy(device: str, tokens: int = 2048) -> dict:
         llm.shutdown()
     diff = (logprobs["fp8"] - logprobs["auto"]).abs()
     return dict(device=device, text="pydoc_data.topics, sorted, first tokens", tokens=len(ids),
-                mean_abs_diff=diff.mean().item(), p99_abs_diff=diff.quantile(0.99).item(), max_abs_diff=diff.max().item(),
+                mean_abs_diff=diff.mean().item(), p99_abs_diff=diff.quantile(0.99).item(),
+                max_abs_diff=diff.max().item(),
                 mean_logprob_fp32=logprobs["auto"].mean().item(), mean_logprob_fp8=logprobs["fp8"].mean().item())
 
 
@@ -155,8 +157,8 @@ def main() -> None:
         record["decode"].append(r)
         print(f"{b:>6}{r['bf16_us']:>10.1f}{r['bf16_TBps']:>11.2f}{r['fp8_us']:>10.1f}{r['fp8_TBps']:>10.2f}"
               f"{r['speedup']:>8.2f}x{r['err_fp8_vs_sdpa']:>10.1e}{r['fp8_vs_bf16_pool']:>13.1e}")
-    print("  TB/s = bytes of KV read / kernel time (fp8 reads half the bytes). err fp8 = fp8 kernel vs SDPA on the same\n"
-          "  dequantized K/V; fp8 vs bf16 = the fp8 pool's output against the bf16 pool's (quantization error).")
+    print("  TB/s = bytes of KV read / kernel time (fp8 reads half the bytes). err fp8 = fp8 kernel vs SDPA on\n"
+          "  the same dequantized K/V; fp8 vs bf16 = the fp8 pool's output against the bf16 pool's (quantization error).")
 
     if not args.no_engine:
         spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")

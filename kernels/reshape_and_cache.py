@@ -33,7 +33,7 @@ def _quantize_e4m3(x, inv_scale):
     # 2^-9, so the add itself rounds half to even.
     sub = ((ax + 16384.0) - 16384.0).to(tl.int32, bitcast=True)
     mag = tl.where(ax < 0.015625, sub, normal)
-    return (mag | (bits & -2147483648)).to(tl.float32, bitcast=True)  # the sign bit back (-0.0 included)
+    return (mag | (bits ^ a_bits)).to(tl.float32, bitcast=True)  # bits ^ a_bits: the sign bit alone (-0.0 too)
 
 
 @triton.jit

@@ -125,7 +125,8 @@ def _with_tensors(src, dst, extra: dict):
 def test_checkpoint_kv_scales_are_read_and_applied(tiny_dir, tmp_path):
     # Layer 0 in the newer per-tensor names, layer 1 in the older single kv_scale.
     scaled = _with_tensors(tiny_dir, tmp_path / "scaled", {
-        "model.layers.0.self_attn.k_scale": torch.tensor(0.004), "model.layers.0.self_attn.v_scale": torch.tensor(0.0045),
+        "model.layers.0.self_attn.k_scale": torch.tensor(0.004),
+        "model.layers.0.self_attn.v_scale": torch.tensor(0.0045),
         "model.layers.1.self_attn.kv_scale": torch.tensor([0.005])})
     llm = _tiny_llm(scaled, kv_cache_dtype="fp8")
     attns = [m for m in llm.engine.runner.model.modules() if isinstance(m, Attention)]

@@ -63,7 +63,8 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.cfg
         shape = (2, num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim)  # this rank's KV heads
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(c.num_hidden_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+                          for _ in range(c.num_hidden_layers)]
 
     def weight_bytes(self) -> int:
         return self.model.weight_bytes()

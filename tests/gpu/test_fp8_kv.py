@@ -127,7 +127,7 @@ def test_gpu_engine_fp8_cuda_graphs_prefix_cache_and_forks(llama_dir):
     runs = {}
     for eager in (True, False):
         llm = LLM(str(llama_dir), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=eager,
-                  max_model_len=512, gpu_memory_utilization=0.3, max_num_seqs=8)
+                  max_model_len=512, num_kv_blocks=256, max_num_seqs=8)
         assert llm.engine.runner.kv_caches[0].dtype == FP8_KV_DTYPE
         runs[eager] = [o.outputs[0] for o in llm.generate(prompts, greedy, use_tqdm=False)]
     for a, b in zip(runs[False], runs[True]):

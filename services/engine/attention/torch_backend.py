@@ -3,7 +3,8 @@
 K/V are read through the block tables from the pool: each sequence's blocks are gathered into a
 padded [num_seqs, max_seq_len] view for this step only; there is no per-sequence contiguous cache.
 An fp8 pool (attention/kv_quant.py) is written as k / k_scale, v / v_scale in e4m3 and read back
-multiplied by the scales, in float32 math. Every AttentionParams field is honoured; the score of query position p against key position j is
+multiplied by the scales, in float32 math. Every AttentionParams field is honoured; the score of query
+position p against key position j is
 
     s = scale * q.k;  s = softcap * tanh(s / softcap);  s += slope_h * (j - p)
     masked unless p - sliding_window < j <= p;  softmax over the keys and, if given, the head's sink logit.
