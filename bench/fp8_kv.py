@@ -3,6 +3,7 @@ budget) and the paged-decode kernel's time over a bf16 pool vs an fp8 pool at se
 
     python bench/fp8_kv.py [--batches 1 16 64 256] [--ctx 2048] [--no-engine] [--json bench/results/fp8_kv_<date>.json]
     python bench/fp8_kv.py --accuracy [--device cpu]   # the bundled model's prompt logprobs, fp8 vs float32 cache
+    python bench/fp8_kv.py --preemption   # adds a workload whose KV overflows a bf16 pool but fits fp8 (~40 s more)
 
 Every fp8 decode is first checked against torch SDPA over the same (dequantized) K/V; the table also shows how
 far the fp8 output is from the bf16 pool's (the quantization error itself). Prints a table, writes JSON.
@@ -34,6 +35,7 @@ from services.engine.attention.kv_quant import quantize_fp8  # noqa: E402
 
 DEV = torch.device("cuda")
 HQ, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention: 32 query heads, 8 KV heads, head_dim 128
+LAYERS = 32
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,6 +101,37 @@ def engine_tokens(kv_cache_dtype: str, model_dir: Path, max_model_len: int = 819
     return row
 
 
+def preemption_run(kv_cache_dtype: str, model_dir: Path, pool_bytes: int, requests: int, in_len: int,
+                   out_len: int) -> dict:
+    """Random 8B weights, a pool of `pool_bytes` (the same bytes for either dtype), `requests` sequences of
+    in_len + out_len tokens all admitted at once: output tok/s and the scheduler's preemptions."""
+    from folio import LLM, SamplingParams
+
+    blocks = pool_bytes // (2 * LAYERS * BLOCK * HKV * D * (1 if kv_cache_dtype == "fp8" else 2))
+    llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=in_len + out_len + 16,
+              num_kv_blocks=blocks, max_num_seqs=requests, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
+    g = torch.Generator().manual_seed(0)
+    vocab = llm.engine.vocab_size
+    prompts = [torch.randint(3, vocab, (in_len,), generator=g).tolist() for _ in range(requests)]
+    params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    before = llm.engine.scheduler.num_preemptions
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    row = dict(kv_cache_dtype=kv_cache_dtype, pool_blocks=blocks, pool_tokens=blocks * BLOCK,
+               needed_tokens=requests * (in_len + out_len), output_tok_s=n_out / secs, seconds=secs,
+               preemptions=llm.engine.scheduler.num_preemptions - before)
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
 def accuracy(device: str, tokens: int = 2048) -> dict:
     """The bundled model (real weights) in float32: |prompt logprob with an fp8 cache - with a float32 cache| over
     a fixed text, the first `tokens` tokens of Python's own language-reference topics (pydoc_data)."""
@@ -130,6 +163,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="default bench/results/fp8_kv[_accuracy]_<date>.json")
     ap.add_argument("--accuracy", action="store_true", help="only the bundled model's prompt-logprob accuracy")
     ap.add_argument("--device", default="cuda", help="--accuracy's device (cpu works)")
+    ap.add_argument("--preemption", action="store_true",
+                    help="also run 128 x (256 in + 240 out) on a 4 GiB pool: 32k tokens in bf16, 64k in fp8")
     args = ap.parse_args()
     kind = "fp8_kv_accuracy" if args.accuracy else "fp8_kv"
     args.json = args.json or str(ROOT / "bench" / "results" / f"{kind}_{datetime.date.today()}.json")
@@ -160,22 +195,30 @@ def main() -> None:
     print("  TB/s = bytes of KV read / kernel time (fp8 reads half the bytes). err fp8 = fp8 kernel vs SDPA on\n"
           "  the same dequantized K/V; fp8 vs bf16 = the fp8 pool's output against the bf16 pool's (quantization error).")
 
-    if not args.no_engine:
-        spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
-        throughput = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(throughput)
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = throughput.write_config("llama-3-8b", Path(tmp))
-            for kv in ("auto", "fp8"):
-                record["engine"].append(engine_tokens(kv, model_dir))
-        print("\nengine pool, gpu_memory_utilization 0.9, random bf16 weights")
-        print(f"{'kv_cache_dtype':>15}{'pool dtype':>16}{'blocks':>9}{'tokens':>10}{'pool GiB':>10}{'startup s':>11}")
-        for r in record["engine"]:
-            print(f"{r['kv_cache_dtype']:>15}{r['pool_dtype']:>16}{r['blocks']:>9}{r['tokens']:>10}"
-                  f"{r['pool_GiB']:>10.1f}{r['startup_s']:>11.1f}")
-        ratio = record["engine"][1]["tokens"] / record["engine"][0]["tokens"]
-        record["fp8_over_bf16_tokens"] = ratio
-        print(f"  fp8 holds {ratio:.3f}x the tokens of bf16")
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)  # its write_config: the Llama-3-8B config.json
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = throughput.write_config("llama-3-8b", Path(tmp))
+        if not args.no_engine:
+            t = time.perf_counter()
+            record["engine"] = [engine_tokens(kv, model_dir) for kv in ("auto", "fp8")]
+            print(f"\nengine pool, gpu_memory_utilization 0.9, random bf16 weights ({time.perf_counter() - t:.0f} s)")
+            print(f"{'kv_cache_dtype':>15}{'pool dtype':>16}{'blocks':>9}{'tokens':>10}{'pool GiB':>10}{'startup s':>11}")
+            for r in record["engine"]:
+                print(f"{r['kv_cache_dtype']:>15}{r['pool_dtype']:>16}{r['blocks']:>9}{r['tokens']:>10}"
+                      f"{r['pool_GiB']:>10.1f}{r['startup_s']:>11.1f}")
+            record["fp8_over_bf16_tokens"] = record["engine"][1]["tokens"] / record["engine"][0]["tokens"]
+            print(f"  fp8 holds {record['fp8_over_bf16_tokens']:.3f}x the tokens of bf16")
+        if args.preemption:
+            t = time.perf_counter()
+            record["preemption"] = [preemption_run(kv, model_dir, 4 << 30, 128, 256, 240) for kv in ("auto", "fp8")]
+            print(f"\nworkload 128 x (256 in + 240 out), max_num_seqs 128, the same 4 GiB pool, random 8B weights "
+                  f"({time.perf_counter() - t:.0f} s)")
+            print(f"{'kv_cache_dtype':>15}{'pool tokens':>13}{'needed':>9}{'out tok/s':>11}{'preemptions':>13}")
+            for r in record["preemption"]:
+                print(f"{r['kv_cache_dtype']:>15}{r['pool_tokens']:>13}{r['needed_tokens']:>9}"
+                      f"{r['output_tok_s']:>11.0f}{r['preemptions']:>13}")
     record["total_s"] = time.perf_counter() - t0
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1))
