@@ -7,6 +7,11 @@ compile time (cold, first schema), mask time per step (sequential fill and the l
 fill), per token, accept time, and the torch time to apply the [B, V] bitmask to float32 logits.
 
     .venv/bin/python bench/structured.py            # prints a table, writes bench/results/structured_cpu_<date>.json
+    .venv/bin/python bench/structured.py --engine   # also the offline engine's tok/s with and without a schema (CPU)
+    python bench/structured.py --gpu                # one GPU: Llama-3-8B shape, dummy weights, tok/s at batch 1/16/64
+
+The engine tok/s runs alternate plain and schema runs and also report tok/s per CPU-second of the
+process, so a shared CPU disturbs the ratio less than wall-clock time alone.
 """
 
 from __future__ import annotations
@@ -173,48 +178,216 @@ def run_one(lib, tokens: list[int], batch: int) -> dict:
     return out
 
 
-def engine_throughput(batches: list[int], max_tokens: int) -> list[dict]:
-    """Output tok/s of the offline engine (bundled model, CPU) with and without a JSON schema, per batch
-    size: the same prompts, greedy, EOS ignored so both runs generate exactly batch x max_tokens tokens
-    (the schema run's EOS is allowed only where the schema is complete, so it is the same count)."""
-    from folio import LLM, SamplingParams
+def engine_throughput(llm, batches: list[int], max_tokens: int, rounds: int, sync=lambda: None) -> list[dict]:
+    """Output tok/s of the offline engine with and without a JSON schema, per batch size: the same
+    prompts, greedy, EOS ignored so both runs generate exactly batch x max_tokens tokens (under the
+    schema EOS is allowed only where the schema is complete; past it, EOS only). Plain and schema runs
+    alternate (ABBA...) `rounds` times so a neighbour's load hits both alike; each row gives the median
+    wall-clock tok/s of each, the median of the per-round ratios, and the same from process CPU time
+    (all threads), which a shared CPU disturbs far less than wall time."""
+    from folio import SamplingParams
     from services.common.structured_output import StructuredOutputs
 
-    llm = LLM(max_model_len=1024, dtype="float32", device="cpu")
     so = StructuredOutputs.from_schema(SCHEMA, "schema")
-    llm.generate(["warm up"], SamplingParams(max_tokens=2, structured_outputs=so), use_tqdm=False)
+    llm.generate(["warm up"] * 2, SamplingParams(max_tokens=4, structured_outputs=so), use_tqdm=False)
+    llm.generate(["warm up"] * 2, SamplingParams(max_tokens=4), use_tqdm=False)
     rows = []
     for b in batches:
         prompts = [f"Person number {i} as JSON:" for i in range(b)]
-        row = {"batch": b, "max_tokens": max_tokens}
-        for name, constraint in (("plain", None), ("json_schema", so)):
-            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                                    structured_outputs=constraint)
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            dt = time.perf_counter() - t0
-            n = sum(len(c.token_ids) for o in outs for c in o.outputs)
-            row[f"{name}_tok_s"] = round(n / dt, 1)
-            row[f"{name}_tokens"] = n
-        row["ratio"] = round(row["json_schema_tok_s"] / row["plain_tok_s"], 3)
+        runs: dict[str, list[tuple[float, float, int]]] = {"plain": [], "json_schema": []}
+        for r in range(rounds):
+            order = ("plain", "json_schema") if r % 2 == 0 else ("json_schema", "plain")
+            for name in order:
+                params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                        structured_outputs=so if name == "json_schema" else None)
+                sync()
+                w0, c0 = time.perf_counter(), time.process_time()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                sync()
+                n = sum(len(c.token_ids) for o in outs for c in o.outputs)
+                runs[name].append((time.perf_counter() - w0, time.process_time() - c0, n))
+        row = {"batch": b, "max_tokens": max_tokens, "rounds": rounds}
+        for name, rs in runs.items():
+            row[f"{name}_tokens"] = rs[0][2]
+            row[f"{name}_tok_s"] = round(statistics.median(n / w for w, _, n in rs), 1)
+            row[f"{name}_tok_per_cpu_s"] = round(statistics.median(n / c for _, c, n in rs), 1)
+        row["ratio_wall"] = round(statistics.median(
+            (nj / wj) / (np_ / wp) for (wp, _, np_), (wj, _, nj) in zip(runs["plain"], runs["json_schema"])), 3)
+        row["ratio_cpu"] = round(statistics.median(
+            (nj / cj) / (np_ / cp) for (_, cp, np_), (_, cj, nj) in zip(runs["plain"], runs["json_schema"])), 3)
+        row["same_tokens"] = row["plain_tokens"] == row["json_schema_tokens"] == b * max_tokens
         rows.append(row)
         print(row, flush=True)
     return rows
 
 
-def main() -> None:
-    from services.common.bundled_model import bundled_model_dir
-    from services.common.tokenizer import Tokenizer
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
+
+def cpu_engine(args) -> dict:
+    """The bundled model on this CPU (float32)."""
+    from folio import LLM
+
+    llm = LLM(max_model_len=1024, dtype="float32", device="cpu", max_num_seqs=max(args.engine_batches_list))
+    load_before = _load_average()
+    rows = engine_throughput(llm, args.engine_batches_list, args.engine_max_tokens, args.rounds)
+    return {"device": "cpu", "model": "SmolLM2-135M-Instruct (bundled), float32", "threads": torch.get_num_threads(),
+            "load_average_before": load_before, "load_average_after": _load_average(), "rows": rows}
+
+
+# --- the GPU check: the 8B shape with dummy weights ----------------------------------------------
+def _tokenizer_dir(out: Path) -> tuple[Path, str]:
+    """A tokenizer for the dummy-weight model: the bundled model's when it is prepared here (the GPU
+    machine has no network and may not have it), else a byte-level BPE trained now on this repository's
+    text (a smaller vocabulary than a real 8B model's, so mask filling is if anything cheaper)."""
+    from services.common.bundled_model import bundled_model_dir, is_prepared
+
+    src = bundled_model_dir()
+    if is_prepared(src):
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (out / f).write_bytes((src / f).read_bytes())
+        return out, "SmolLM2-135M-Instruct's (vocab 49,152)"
+    import subprocess
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = Path(__file__).resolve().parents[1]
+    files = [str(root / f) for f in subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=root, capture_output=True,
+                                                   text=True, check=True).stdout.split()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train(files, trainers.BpeTrainer(vocab_size=49152, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    return out, f"a byte-level BPE trained on the repository's text (vocab {tok.get_vocab_size():,}; the bundled model is not prepared here)"
+
+
+def _check_outputs_follow_grammar(llm, prompts: list[str], max_tokens: int) -> int:
+    """Correctness before timing: each schema-constrained output (greedy, EOS allowed) is accepted token by
+    token by a fresh xgrammar matcher of the same schema, and one that ended on EOS parses and validates."""
+    import xgrammar as xgr
+
+    from folio import SamplingParams
+    from services.common.structured_output import StructuredOutputs
+
+    engine = llm.engine
+    so = StructuredOutputs.from_schema(SCHEMA, "schema")
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, structured_outputs=so),
+                        use_tqdm=False)
+    engine.grammar._init()
+    compiled = engine.grammar._compiler.compile_grammar(so.grammar_obj())
+    complete = 0
+    for o in outs:
+        c = o.outputs[0]
+        m = xgr.GrammarMatcher(compiled)
+        for t in c.token_ids:
+            assert m.accept_token(t), f"output left the schema at token {t}: {c.text!r}"
+        if c.finish_reason == "stop":
+            parsed = json.loads(c.text)
+            try:
+                import jsonschema
+            except ImportError:  # not on every GPU machine: the matcher's acceptance above is the check
+                jsonschema = None
+            if jsonschema is not None:
+                jsonschema.validate(parsed, SCHEMA)
+            complete += 1
+    return complete
+
+
+def gpu_engine(args) -> dict:
+    """A model shape (default Llama-3-8B, vocab 128,256) with dummy weights, bf16 on one GPU: correctness, then tok/s."""
+    import tempfile
+
+    from throughput import write_config  # bench/ is on sys.path when this runs as a script
+    from folio import LLM
+
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_config(args.shape, Path(tmp))
+        _, tok_note = _tokenizer_dir(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        from tokenizers import Tokenizer as _Tok
+
+        tok_vocab = _Tok.from_file(str(model_dir / "tokenizer.json")).get_vocab_size()
+        if cfg["vocab_size"] < tok_vocab:  # a small smoke-test shape: its embedding must cover the tokenizer
+            cfg["vocab_size"] = tok_vocab
+            (model_dir / "config.json").write_text(json.dumps(cfg))
+        t0 = time.perf_counter()
+        llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16" if cuda else "float32", device=args.device,
+                  max_model_len=1024,
+                  max_num_seqs=max(args.engine_batches_list), enable_prefix_caching=False)
+        startup = time.perf_counter() - t0
+        complete = _check_outputs_follow_grammar(llm, [f"Person number {i} as JSON:" for i in range(8)], 96)
+        print(f"correctness: 8 schema-constrained outputs followed the grammar token by token "
+              f"({complete} completed and validated with jsonschema; random weights rarely finish)", flush=True)
+        rows = engine_throughput(llm, args.engine_batches_list, args.engine_max_tokens, args.rounds, sync=sync)
+        llm.shutdown()
+    return {"device": torch.cuda.get_device_name() if cuda else args.device,
+            "model": f"{args.shape} shape, {'bf16' if cuda else 'float32'}, dummy weights",
+            "tokenizer": tok_note, "startup_s": round(startup, 1), "rows": rows,
+            "target": "json_schema tok/s >= 0.9 x plain at batch 64"}
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the bundled SmolLM2)")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--engine", action="store_true",
-                    help="also measure the offline engine's output tok/s with and without a schema")
-    ap.add_argument("--engine-batches", default="1,16")
-    ap.add_argument("--engine-max-tokens", type=int, default=24)
-    ap.add_argument("--out", default=f"bench/results/structured_cpu_{time.strftime('%Y-%m-%d')}.json")
+                    help="also measure the offline engine's output tok/s with and without a schema (CPU)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="only the engine tok/s with and without a schema on one GPU, Llama-3-8B shape, dummy weights")
+    ap.add_argument("--shape", default="llama-3-8b", help="--gpu: the model shape (bench/throughput.py's SHAPES)")
+    ap.add_argument("--device", default="cuda", help="--gpu: the device (cpu with --shape tiny is a smoke test)")
+    ap.add_argument("--engine-batches", default="1,16,64")
+    ap.add_argument("--engine-max-tokens", type=int, default=None, help="default: 16 on CPU, 128 on the GPU")
+    ap.add_argument("--rounds", type=int, default=None, help="plain/schema alternations (default: 3 on CPU, 2 on the GPU)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.engine_batches_list = list(map(int, args.engine_batches.split(",")))
+    day = time.strftime('%Y-%m-%d')
+    if args.gpu:
+        args.engine_max_tokens = args.engine_max_tokens or 128
+        args.rounds = args.rounds or 2
+        try:
+            import xgrammar  # noqa: F401
+        except ImportError:
+            raise SystemExit("bench/structured.py --gpu: xgrammar is not installed here (pip install xgrammar==0.2.8)")
+        t0 = time.perf_counter()
+        result = {"engine_gpu": gpu_engine(args), "versions": {"xgrammar": _version("xgrammar"), "torch": torch.__version__}}
+        rows = result["engine_gpu"]["rows"]
+        print(f"\n{result['engine_gpu']['model']} on {result['engine_gpu']['device']}; tokenizer: {result['engine_gpu']['tokenizer']}")
+        print(f"{'batch':>6}{'plain tok/s':>13}{'schema tok/s':>14}{'ratio':>8}  same tokens")
+        for r in rows:
+            print(f"{r['batch']:>6}{r['plain_tok_s']:>13.0f}{r['json_schema_tok_s']:>14.0f}{r['ratio_wall']:>8.3f}  {r['same_tokens']}")
+        r64 = next((r for r in rows if r["batch"] == 64), None)
+        if r64 is not None:
+            verdict = "MET" if r64["ratio_wall"] >= 0.9 else "NOT met"
+            print(f"target (schema >= 90% of plain tok/s at batch 64): {verdict} ({r64['ratio_wall']:.1%})")
+        print(f"total {time.perf_counter() - t0:.0f} s")
+        out = args.out or f"bench/results/structured_gpu_{day}.json"
+    else:
+        args.engine_max_tokens = args.engine_max_tokens or 16
+        args.rounds = args.rounds or 3
+        result = mask_benchmark(args)
+        if args.engine:
+            result["engine"] = cpu_engine(args)
+        out = args.out or f"bench/results/structured_cpu_{day}.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def mask_benchmark(args) -> dict:
+    """xgrammar against llguidance on the bundled tokenizer: mask and accept time per step."""
+    from services.common.bundled_model import bundled_model_dir
+    from services.common.tokenizer import Tokenizer
 
     model_dir = Path(args.model) if args.model else bundled_model_dir()
     tok = Tokenizer(model_dir)
@@ -231,16 +404,11 @@ def main() -> None:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
-    result = {
+    return {
         "model": model_dir.name, "vocab": vocab, "tokens": len(tokens), "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "schema": SCHEMA, "rows": rows,
         "versions": {"xgrammar": _version("xgrammar"), "llguidance": _version("llguidance"), "torch": torch.__version__},
     }
-    if args.engine:
-        result["engine"] = engine_throughput(list(map(int, args.engine_batches.split(","))), args.engine_max_tokens)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
 
 
 def _version(pkg: str) -> str:
