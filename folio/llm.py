@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 
+from services.common.errors import InvalidArgument
 from services.common.output_processor import OutputProcessor
 from services.common.outputs import RequestOutput
 from services.common.sampling_params import BeamSearchParams, SamplingParams
@@ -110,6 +111,8 @@ class LLM:
         try:
             while len(results) < len(order):
                 for delta in engine.step():
+                    if delta.error is not None:  # bad input found once queued (a grammar that did not compile)
+                        raise InvalidArgument(delta.error)
                     out, stopped = proc.process(delta)
                     if stopped:
                         engine.stop_sequences(delta.request_id, stopped)

@@ -8,8 +8,11 @@ from services.common.structured_output import StructuredOutputs
 from services.common.outputs import Logprob
 
 FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
-                "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+                "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
 FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
+EARLY_STOPPING_TO_PB = {False: pb.EARLY_STOPPING_HEURISTIC, True: pb.EARLY_STOPPING_TRUE,
+                        "never": pb.EARLY_STOPPING_NEVER}
+EARLY_STOPPING_FROM_PB = {v: k for k, v in EARLY_STOPPING_TO_PB.items()}
 
 
 def params_from_pb(p: pb.SamplingParams) -> SamplingParams:
@@ -26,7 +29,15 @@ def params_from_pb(p: pb.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=p.include_stop_str_in_output,
         structured_outputs=structured_from_pb(p.structured_outputs) if p.HasField("structured_outputs") else None,
         logit_bias=dict(p.logit_bias) or None,
+        use_beam_search=p.use_beam_search, best_of=opt("best_of", None), length_penalty=opt("length_penalty", 1.0),
+        early_stopping=_early_stopping_from_pb(p.early_stopping),
     )
+
+
+def _early_stopping_from_pb(v: int):
+    if v not in EARLY_STOPPING_FROM_PB:
+        raise ValueError(f"early_stopping: unknown value {v}")
+    return EARLY_STOPPING_FROM_PB[v]
 
 
 def structured_from_pb(s: pb.StructuredOutputs) -> StructuredOutputs:
@@ -61,6 +72,12 @@ def params_to_pb(sp: SamplingParams) -> pb.SamplingParams:
         p.logit_bias.update(sp.logit_bias)
     if sp.structured_outputs is not None:
         p.structured_outputs.CopyFrom(structured_to_pb(sp.structured_outputs))
+    if sp.use_beam_search:
+        p.use_beam_search = True
+        p.length_penalty = sp.length_penalty
+        p.early_stopping = EARLY_STOPPING_TO_PB[sp.early_stopping]
+    if sp.best_of is not None:
+        p.best_of = sp.best_of
     return p
 
 

@@ -26,7 +26,8 @@ class CompletionOutput:
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None
-    """"stop" (EOS, a stop string or token), "length" (max_tokens or context) or "abort"."""
+    """"stop" (EOS, a stop string or token), "length" (max_tokens or context), "abort", or "error" (a
+    structured-output grammar that allows no next token: docs/structured-output.md)."""
     stop_reason: int | str | None = None
     """The stop string or stop token id that ended the sequence, if any."""
 
@@ -59,7 +60,7 @@ class SequenceDelta:
     """One entry per token in token_ids (when requested); `decoded_token` is left for the output processor."""
     cumulative_logprob: float
     finish_reason: str | None = None
-    """Set on the sequence's last delta: "stop" (EOS or a stop token id), "length" or "abort"."""
+    """Set on the sequence's last delta: "stop" (EOS or a stop token id), "length", "abort" or "error"."""
     stop_token_id: int | None = None
     """The stop token id that ended the sequence, if one did (EOS is not a stop token id)."""
 
@@ -78,3 +79,8 @@ class RequestDelta:
     arrival_time: float | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    error: str | None = None
+    """Bad input the engine could find only once the request was queued (its grammar did not compile
+    against the vocabulary, or a resumed stream's tokens leave it): a message naming the field. Set on
+    the request's only delta (finished, no sequences); the gRPC engine answers INVALID_ARGUMENT with it,
+    the offline API raises ValueError."""

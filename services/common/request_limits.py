@@ -80,6 +80,7 @@ class RequestLimits:
     def check_params(self, p: SamplingParams, logprobs_field: str = "logprobs") -> None:
         """Every limit on sampling parameters (n, logprobs, stop strings and ids)."""
         self.check_n(p.n)
+        self.check_n(p.best_of, "best_of")  # the beam width with use_beam_search (gRPC clients too)
         self.check_logprobs(p.logprobs, logprobs_field)
         self.check_logprobs(p.prompt_logprobs, "prompt_logprobs")
         self.check_stop(p.stop)

@@ -52,6 +52,17 @@ class SamplingParams:
     """Added to the logits of these token ids before sampling, each in [-100, 100] (OpenAI's logit_bias)."""
     structured_outputs: StructuredOutputs | None = None
     """Constrain the output to a JSON schema, any JSON object, a regex, a choice or a grammar."""
+    use_beam_search: bool = False
+    """vLLM's beam search extra parameter: keep best_of (default n) beams on shared KV blocks and return
+    the n best finished ones, best first (services/engine/beam_search.py). The engine reports them once,
+    when the search ends. Sampling-only fields (top_p/top_k/min_p, penalties, logit_bias, seed), stop
+    strings, min_tokens, logprobs and structured output are refused with it."""
+    best_of: int | None = None
+    """With use_beam_search: the beam width (>= n; default n). Without it: None or n."""
+    length_penalty: float = 1.0
+    """With use_beam_search: a finished beam scores cumulative logprob / length ** length_penalty."""
+    early_stopping: bool | str = False
+    """With use_beam_search: when the search ends (transformers' meaning, see BeamSearchParams)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -111,8 +122,34 @@ class SamplingParams:
                 bad("logit_bias", t, "keyed by non-negative token ids")
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
                 bad("logit_bias", b, "in [-100, 100] for each token")
+        if self.best_of is not None and (isinstance(self.best_of, bool) or not isinstance(self.best_of, int)
+                                         or self.best_of < self.n):
+            bad("best_of", self.best_of, f"an integer >= n ({self.n})")
+        if self.use_beam_search:
+            self._validate_beam_search()
+        elif self.best_of not in (None, self.n):
+            bad("best_of", self.best_of, f"equal to n ({self.n}) without use_beam_search")
         if self.structured_outputs is not None:
             self.structured_outputs.validate()  # ValueError naming the request field
+
+    def _validate_beam_search(self) -> None:
+        self.beam_search_params(1)  # length_penalty, early_stopping, temperature
+        unsupported = {"top_p": self.top_p != 1.0, "top_k": self.top_k != -1, "min_p": self.min_p != 0.0,
+                       "repetition_penalty": self.repetition_penalty != 1.0,
+                       "presence_penalty": self.presence_penalty != 0.0, "frequency_penalty": self.frequency_penalty != 0.0,
+                       "logit_bias": bool(self.logit_bias), "stop": bool(self.stop), "min_tokens": self.min_tokens > 0,
+                       "logprobs": self.logprobs is not None, "prompt_logprobs": self.prompt_logprobs is not None,
+                       "structured_outputs": self.structured_outputs is not None}
+        name = next((k for k, v in unsupported.items() if v), None)
+        if name is not None:
+            raise ValueError(f"{name}: not supported with use_beam_search")
+
+    def beam_search_params(self, max_tokens: int) -> "BeamSearchParams":
+        """The engine's beam search settings for a use_beam_search request (`max_tokens`: where the
+        request gives none, the room left in the context)."""
+        return BeamSearchParams(beam_width=self.best_of or self.n, max_tokens=self.max_tokens or max_tokens,
+                                ignore_eos=self.ignore_eos, length_penalty=self.length_penalty,
+                                temperature=self.temperature, early_stopping=self.early_stopping, n=self.n)
 
     @property
     def greedy(self) -> bool:
@@ -153,6 +190,8 @@ class BeamSearchParams:
     """transformers' meaning: True stops once beam_width beams have finished; False (the default)
     also stops when the best live beam, scored at its current length, cannot beat the worst finished
     one; "never" scores it at max_tokens instead when length_penalty > 0 (the exact search)."""
+    n: int | None = None
+    """How many finished beams to return, best first (default beam_width; at most beam_width)."""
 
     def __post_init__(self) -> None:
         if self.early_stopping not in (True, False, "never"):
@@ -161,6 +200,8 @@ class BeamSearchParams:
             raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.n is not None and (not isinstance(self.n, int) or not 1 <= self.n <= self.beam_width):
+            raise ValueError(f"n must be an integer in [1, beam_width ({self.beam_width})], got {self.n!r}")
         for name in ("temperature", "length_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

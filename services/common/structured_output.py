@@ -90,3 +90,12 @@ class StructuredOutputs:
     # --- the wire form (a dict; services/common/convert.py maps it to protobuf) ---------------
     def to_dict(self) -> dict:
         return {self.kind: list(self.choice) if self.choice is not None else getattr(self, self.kind)}
+
+
+def warm_structured_outputs() -> None:
+    """Import xgrammar and build one grammar (what a service validating requests pays once, ~2.5 s of CPU),
+    so that it happens at start (on a thread) rather than inside the first structured request."""
+    try:
+        StructuredOutputs(json_object=True).validate()
+    except Exception:  # noqa: BLE001 - a warm-up only: the first real request reports any problem
+        pass

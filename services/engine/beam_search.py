@@ -161,7 +161,7 @@ class BeamSearch:
         req = self.request
         n_prompt = len(req.prompt_token_ids)
         outs = []
-        for i, h in enumerate(self.finished):
+        for i, h in enumerate(self.finished[:self.params.n or self.params.beam_width]):
             s = Sequence(req, i, list(req.prompt_token_ids) + h.token_ids, n_prompt,
                          status=SeqStatus.FINISHED, cumulative_logprob=h.cumulative_logprob,
                          finish_reason=h.finish_reason, num_cached_tokens=self.root.num_cached_tokens)

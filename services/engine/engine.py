@@ -28,7 +28,7 @@ from services.common.errors import quote
 from services.common.model_location import resolve_model_path
 from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
-from services.engine.request import Request, SampledToken
+from services.engine.request import Request, SampledToken, Sequence
 from services.engine.sampler import DeviceSample, Sampler
 from services.engine.request import SeqStatus
 from services.engine.structured import GrammarBackend
@@ -54,6 +54,8 @@ class _InFlight:
     beam_reqs: list
     needs_sync: bool
     """The next schedule needs these tokens on the host (forks, beams, grammars, penalties)."""
+    ended: dict = dataclasses.field(default_factory=dict)
+    """seq_id -> (sequence, finish reason): rows the grammar ends instead of sampling (GrammarBackend.fill)."""
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFullError"]
 
@@ -187,6 +189,8 @@ class LLMEngine:
             prompt_token_ids = self.encode(prompt)
         prompt_token_ids = list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids)
+        if isinstance(params, SamplingParams) and params.use_beam_search:  # vLLM's extra parameter (gRPC, HTTP)
+            params = params.beam_search_params(self.max_model_len - len(prompt_token_ids))
         beam_params = params if isinstance(params, BeamSearchParams) else None
         if beam_params is not None:
             if beam_params.beam_width > self.config.max_num_seqs:
@@ -220,19 +224,26 @@ class LLMEngine:
         return req
 
     def _admit_compiled(self) -> list[RequestDelta]:
-        """Move requests whose grammar has compiled into the scheduler; end those whose compile failed."""
+        """Move requests whose grammar has compiled into the scheduler; refuse those whose compile failed
+        (or whose resumed tokens the grammar rejects) with an error delta naming the field."""
         deltas = []
         for rid, (req, fut) in list(self._compiling.items()):
             if not fut.done():
                 continue
             del self._compiling[rid]
+            so = req.params.structured_outputs
             if fut.exception() is not None:
-                log.warning("request %s: grammar compile failed: %s", rid, fut.exception())
+                error = f"{so.field_name}: cannot be compiled: {fut.exception()}"
+            else:
+                error = self.grammar.attach(req, fut.result())
+            if error is not None:
+                log.warning("request %s refused: %s", rid, error)
                 seq = req.seqs[0]
-                seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
-                deltas.append(self._emit(req))
+                seq.status, seq.finish_reason, seq.finish_emitted = SeqStatus.FINISHED, "abort", True
+                delta = self._emit(req)
+                delta.error = error
+                deltas.append(delta)
                 continue
-            self.grammar.attach(req, fut.result())
             self.scheduler.add(req.seqs[0])
         return deltas
 
@@ -364,9 +375,14 @@ class LLMEngine:
             sampled: dict[int, list[SampledToken]] = {}
             if result is not None:
                 for i, seq in enumerate(f.seqs):
-                    sampled.setdefault(seq.seq_id, []).append(
-                        SampledToken(result.token_ids[i], result.logprobs[i], result.top[i]))
+                    if seq.seq_id not in f.ended:
+                        sampled.setdefault(seq.seq_id, []).append(
+                            SampledToken(result.token_ids[i], result.logprobs[i], result.top[i]))
             touched = self.scheduler.resolve(f.out, sampled, time.monotonic())
+            for seq, reason in f.ended.values():  # structured output: a dead end, or complete under min_tokens
+                if not seq.finished:
+                    self._end_by_grammar(seq, reason)
+                    touched[seq.request.request_id] = seq.request
             for req in f.beam_reqs:
                 if req.beam.advance():  # beams report once, when the search is over
                     touched[req.request_id] = req
@@ -388,10 +404,12 @@ class LLMEngine:
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> "_InFlight":
         """Record prompt logprobs, feed beams their rows and sample the rest, reading the rows the
         scheduler assigned. A request whose prompt just completed samples all n of its sequences
-        from its row (the scheduler forks the siblings when it resolves them)."""
+        from its row (the scheduler forks the siblings when it resolves them). A row whose grammar
+        ends its sequence instead (GrammarBackend.fill) is sampled with the rest and its token dropped."""
         seqs, rows, indexes = [], [], []
         placeholders: list = []
         beam_reqs: dict[str, Request] = {}
+        ended: dict[int, tuple] = {}
         needs_sync = False
         for s in out.scheduled:
             seq, req = s.seq, s.seq.request
@@ -420,12 +438,25 @@ class LLMEngine:
         if seqs:
             if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
                 logits = logits[torch.tensor(rows, device=logits.device)]
-            bitmask = self.grammar.fill(seqs) if self.grammar is not None else None
+            bitmask, end_rows = self.grammar.fill(seqs) if self.grammar is not None else (None, {})
             # A grammar's next mask needs this token on the host: the next step waits for it.
             needs_sync = needs_sync or bitmask is not None
             sample = self.sampler.sample(logits, seqs, self.eos_token_ids, indexes, bitmask)
+            for i in end_rows:  # ends without a token: no placeholder for one (its row's sample is dropped)
+                ended[seqs[i].seq_id] = (seqs[i], end_rows[i])
+            placeholders = [seq for seq in placeholders if seq.seq_id not in ended]
         rows_of = {seq.seq_id: i for i, seq in enumerate(seqs)} if not needs_sync else {}
-        return _InFlight(out, sample, seqs, rows_of, placeholders, list(beam_reqs.values()), needs_sync)
+        return _InFlight(out, sample, seqs, rows_of, placeholders, list(beam_reqs.values()), needs_sync, ended)
+
+    def _end_by_grammar(self, seq: Sequence, reason: str) -> None:
+        """End `seq` without a new token. A prompt that was to fork into n samples ends as n samples,
+        all alike (they share the grammar's state, so each would end the same way)."""
+        self.scheduler.finish(seq, reason)
+        req = seq.request
+        while req.needs_fork:
+            req.seqs.append(Sequence(req, len(req.seqs), list(seq.token_ids), seq.num_prompt_tokens,
+                                     status=SeqStatus.FINISHED, finish_reason=reason,
+                                     num_cached_tokens=seq.num_cached_tokens))
 
     def _unblock(self) -> list[RequestDelta]:
         """Nothing could be scheduled. If nothing runs, the head of the queue can never fit in the

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
 from services.common import config as cfg, telemetry
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
-from services.common.errors import NotFound, quote
+from services.common.errors import InvalidArgument, NotFound, quote
 from services.common.model_location import served_name
 from services.common.server import GrpcServer, configure_logging
 from services.engine.async_engine import AsyncEngine
@@ -144,6 +144,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     failure = next((d for d in deltas if isinstance(d, Exception)), None)
                     if failure is not None:
                         raise failure
+                    refused = next((d.error for d in deltas if d.error is not None), None)
+                    if refused is not None:  # found only once queued (its grammar): finished, nothing to abort
+                        finished = True
+                        raise InvalidArgument(refused)
                     msg = delta_message(deltas, prog, self.token_text)
                     finished = prog.finished
                     if self.metrics is not None:

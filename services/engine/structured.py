@@ -6,6 +6,7 @@ built lazily from the request's compiled grammar and fast-forwarded over the seq
 so forks (n > 1), preemption (recompute keeps the tokens) and any later sequence stay in step with
 what was generated. Per step, `fill` writes one bitmask row per constrained row (int32 words, bit i
 of word w allows token 32 w + i); the sampler applies it on the logits' device (services/engine/sampler.py).
+A row whose grammar allows no token ends with finish reason "error" instead of sampling (a dead end).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class GrammarBackend:
         self.eos_ids = sorted(eos_ids)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="folio-grammar")
         self._compiler = None
+        self._batch = None
+        """xgrammar's batch matcher: fills many rows' masks on its own threads."""
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._matchers: dict[int, tuple[object, int]] = {}
         """seq_id -> (its matcher, output tokens it has accepted)."""
@@ -67,13 +70,26 @@ class GrammarBackend:
             hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(self.model_dir / "tokenizer.json"))
             info = xgr.TokenizerInfo.from_huggingface(hf_tok, vocab_size=self.vocab_size, stop_token_ids=self.eos_ids)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            self._batch = xgr.BatchGrammarMatcher()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- per request / sequence ---------------------------------------------------------------
-    def attach(self, req: Request, compiled) -> None:
+    def attach(self, req: Request, compiled) -> str | None:
+        """Constrain `req` by its compiled grammar. A resumed stream's tokens (structured_outputs.resume_tokens)
+        are checked against it now: an error message naming the field if the grammar rejects one, else None."""
+        so = req.params.structured_outputs
+        if so.resume_tokens:
+            import xgrammar as xgr
+
+            m = xgr.GrammarMatcher(compiled)
+            for j, t in enumerate(req.prompt_token_ids[-so.resume_tokens:]):
+                if m.is_terminated() or not m.accept_token(t):
+                    return (f"{so.field_name}.resume_tokens: the prompt's last {so.resume_tokens} tokens do not "
+                            f"follow the grammar (token {j}, id {t}, is not allowed there)")
         self._compiled[req.request_id] = compiled
+        return None
 
     def constrained(self, seq: Sequence) -> bool:
         return seq.request.request_id in self._compiled
@@ -96,29 +112,77 @@ class GrammarBackend:
         self._matchers[seq.seq_id] = (m, len(out))
         return m
 
-    def fill(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """The [len(seqs), words] int32 bitmask for these rows (all bits set for unconstrained rows),
-        or None when no row is constrained. A constrained row that allows no token gets EOS only, so
-        the sequence ends rather than sampling outside its grammar."""
-        rows = [i for i, s in enumerate(seqs) if self.constrained(s)]
-        if not rows:
-            return None
+    def fill(self, seqs: list[Sequence]) -> tuple[torch.Tensor | None, dict[int, str]]:
+        """The [len(seqs), words] int32 bitmask for these rows (all bits set for unconstrained rows; None
+        when no row is constrained), and the rows that must end now instead of sampling, with why:
+
+        - "error": a dead end. The grammar allows no token at all (e.g. a rule that never terminates),
+          so any sample would leave it; the sequence ends without a new token. See docs/structured-output.md.
+        - "stop": the grammar is complete and allows only EOS / stop tokens, which min_tokens still bans;
+          the grammar wins (as in vLLM) and the sequence ends where its output is complete.
+
+        A row whose matcher already ended (EOS accepted; ignore_eos keeps generating) gets EOS only."""
+        first: dict[int, int] = {}  # seq_id -> its first row (a prompt about to fork into n has n rows)
+        copies: list[tuple[int, int]] = []
+        for i, s in enumerate(seqs):
+            if self.constrained(s):
+                if s.seq_id in first:
+                    copies.append((i, first[s.seq_id]))
+                else:
+                    first[s.seq_id] = i
+        if not first:
+            return None, {}
         import xgrammar as xgr
 
+        rows = list(first.values())
         mask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)  # all ones
-        for i in rows:
-            m = self._matcher(seqs[i])
-            m.fill_next_token_bitmask(mask, i)
-            if not bool(mask[i].any()) and self.eos_ids:
-                e = self.eos_ids[0]
-                bit = 1 << (e % 32)
-                mask[i, e // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 two's complement
-        return mask
+        matchers = [self._matcher(seqs[i]) for i in rows]
+        self._batch.batch_fill_next_token_bitmask(matchers, mask, rows)  # on xgrammar's threads
+        empty = (~mask[rows].any(dim=1)).tolist()  # one op for the whole batch
+        ended: dict[int, str] = {}
+        for i, m, none in zip(rows, matchers, empty):
+            s = seqs[i]
+            if none:
+                if m.is_terminated():
+                    self._only(mask, i, self.eos_ids[:1])
+                else:
+                    ended[i] = "error"
+            elif s.num_output_tokens < s.params.min_tokens and self._only_stops(mask[i], s):
+                ended[i] = "stop"
+        for i in ended:
+            mask[i] = -1  # all allowed: the row's sample is thrown away, so keep its softmax finite
+        for i, j in copies:
+            mask[i] = mask[j]
+            if j in ended:
+                ended[i] = ended[j]
+        return mask, ended
+
+    def _only_stops(self, row: torch.Tensor, seq: Sequence) -> bool:
+        """Whether every token `row` allows is one min_tokens bans (EOS unless ignore_eos, stop token ids)."""
+        banned = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos_ids)
+        if not banned:
+            return False
+        rest = row.clone()
+        for t in banned:
+            rest[t // 32] &= ~_bit(t)
+        return not bool(rest.any())
+
+    @staticmethod
+    def _only(mask: torch.Tensor, i: int, ids: list[int]) -> None:
+        mask[i] = 0
+        for t in ids:
+            mask[i, t // 32] |= _bit(t)
 
     def forget(self, req: Request) -> None:
         self._compiled.pop(req.request_id, None)
         for s in req.seqs:
             self._matchers.pop(s.seq_id, None)
+
+
+def _bit(t: int) -> int:
+    """Token t's bit in its int32 word, as a signed int32 value (two's complement)."""
+    b = 1 << (t % 32)
+    return b - (1 << 32) if b >= 1 << 31 else b
 
 
 def apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ from services.common.auth import ApiKeyInterceptor
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
 from services.common.request_limits import RequestLimits
+from services.common.structured_output import warm_structured_outputs
 from services.common.server import GrpcServer, configure_logging
 from services.router.core import GenerateInput, RouterCore
 from services.router.metrics import RouterMetrics
@@ -204,6 +206,9 @@ async def serve(c: RouterConfig) -> None:
                                 limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s,
                                 detokenize=c.detokenize)
     metrics = RouterMetrics(core)
+    # Validating a constraint imports xgrammar (and torch, ~2.5 s of CPU): do it now on a thread, not on
+    # the event loop when the first structured request arrives.
+    threading.Thread(target=warm_structured_outputs, name="folio-warm-xgrammar", daemon=True).start()
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None
     await core.start()

@@ -38,6 +38,9 @@ class _OneThreadLLM:
     def chat(self, *a, **kw):
         return self._call(self.llm.chat, *a, **kw)
 
+    def beam_search(self, *a, **kw):
+        return self._call(self.llm.beam_search, *a, **kw)
+
 
 @pytest.fixture(scope="session")
 def offline_llm():

@@ -402,3 +402,138 @@ def test_grpc_prompt_logprobs(so_stack, client):
         own = next(e for e in pos.entries if e.token_id == tok)
         assert own.logprob == pytest.approx(want, abs=1e-4)
         assert 1 <= len(pos.entries) <= 2
+
+
+# --- grammar dead ends, refusals only the engine can make (issue 14, must-show 5) ---------------------------
+DEAD_END = 'root ::= "a" x\nx ::= x "b"'  # after "a", rule x can never end: no token is allowed
+
+
+def test_grammar_dead_end_ends_with_error_and_spares_the_batch(so_stack, client):
+    """A grammar that reaches a state allowing no token ends that sequence with finish_reason "error"
+    (vLLM's) and stop_reason "grammar_dead_end", streamed or not, over HTTP and gRPC, never a hang; the
+    unconstrained request sharing its batches is what the model writes alone. A grammar complete while
+    min_tokens still bans EOS ends there as "stop" (the grammar wins, as in vLLM)."""
+    import grpc
+
+    from protos.gen.folio.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    model = _model(client)
+    plain_kw = dict(model=model, prompt="The capital of France is", max_tokens=6, temperature=0)
+    dead_kw = dict(model=model, prompt="Say a", max_tokens=8, temperature=0, extra_body={"guided_grammar": DEAD_END})
+
+    def streamed(kw):
+        text, finish, stop = "", None, None
+        for ev in client.completions.create(stream=True, **kw):
+            for c in ev.choices:
+                text += c.text
+                if c.finish_reason:
+                    finish, stop = c.finish_reason, getattr(c, "stop_reason", None)
+        return text, finish, stop
+
+    with ThreadPoolExecutor(4) as pool:
+        plain = pool.submit(client.completions.create, **plain_kw)
+        dead = pool.submit(client.completions.create, **dead_kw)
+        dead_stream = pool.submit(streamed, dead_kw)
+        done_early = pool.submit(client.completions.create, model=model, prompt="Answer yes or no:", max_tokens=8,
+                                 temperature=0, extra_body={"guided_choice": ["yes", "no"], "min_tokens": 6})
+        d = dead.result().choices[0]
+        assert (d.text, d.finish_reason, d.model_extra.get("stop_reason")) == ("a", "error", "grammar_dead_end")
+        assert dead_stream.result() == ("a", "error", "grammar_dead_end")
+        e = done_early.result().choices[0]
+        assert e.text in ("yes", "no") and e.finish_reason == "stop", (e.text, e.finish_reason)
+        alone = client.completions.create(**plain_kw)
+        assert plain.result().choices[0].text == alone.choices[0].text
+    with grpc.insecure_channel(so_stack.router_address) as ch:
+        msgs = list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(
+            text="Say a", params=common_pb2.SamplingParams(
+                max_tokens=8, temperature=0.0, structured_outputs=common_pb2.StructuredOutputs(grammar=DEAD_END))),
+            timeout=120))
+    assert "".join(c.text for m in msgs for c in m.choices) == "a"
+    assert [c.finish_reason for m in msgs for c in m.choices if c.finish_reason] == [common_pb2.FINISH_REASON_ERROR]
+
+
+def test_engine_refuses_what_only_it_can_check_as_invalid_argument(so_stack):
+    """What validation before the engine cannot see ends as INVALID_ARGUMENT naming the field, with the
+    grammar's own words, not a silent abort: here a resumed stream whose tokens leave its grammar (only the
+    engine holds the compiled grammar to check them against)."""
+    import grpc
+
+    from protos.gen.folio.v1 import common_pb2, engine_pb2
+    from tests.integration.helpers import engine_stub
+
+    ch, stub = engine_stub(so_stack.engine_addresses[0])
+    with ch:
+        params = common_pb2.SamplingParams(max_tokens=4, temperature=0.0, structured_outputs=common_pb2.StructuredOutputs(
+            regex=r"\d+", resume_tokens=2))
+        with pytest.raises(grpc.RpcError) as e:  # prompt ends in two tokens that are not digits
+            list(stub.Generate(engine_pb2.EngineGenerateRequest(request_id="resume-bad", prompt_token_ids=[504, 3575, 282],
+                                                                params=params), timeout=60))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("structured_outputs.resume_tokens: "), e.value.details()
+        ok = list(stub.Generate(engine_pb2.EngineGenerateRequest(request_id="resume-ok", prompt_token_ids=[504, 3575, 282],
+                                                                 params=common_pb2.SamplingParams(
+                                                                     max_tokens=3, temperature=0.0,
+                                                                     structured_outputs=common_pb2.StructuredOutputs(
+                                                                         regex=r"\d+"))), timeout=60))
+        assert ok[-1].finished
+
+
+# --- beam search over HTTP and gRPC (vLLM's use_beam_search) ---------------------------------------------------
+def test_beam_search_http_and_grpc_equal_the_offline_beam_search(so_stack, client, offline_llm):
+    """use_beam_search through the official openai client (extra_body), streamed and not, completions and
+    chat, and through the router's gRPC Generate: the beams, best first, are the offline LLM's beam search
+    on the same model, token for token. Sampling-only fields are refused naming the field."""
+    import grpc
+
+    from folio import BeamSearchParams
+    from protos.gen.folio.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+    model = _model(client)
+    prompt, chat = "The capital of France is", [{"role": "user", "content": "What is 2+2?"}]
+    tok = offline_llm.llm.engine.tokenizer
+    ref = offline_llm.beam_search(prompt, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5, n=2))[0]
+    ref_chat = offline_llm.beam_search({"prompt_token_ids": tok.encode_chat(chat, True)},
+                                       BeamSearchParams(beam_width=2, max_tokens=8))[0]
+    want = [c.text for c in ref.outputs]
+    assert len(want) == 2
+    beam = dict(use_beam_search=True, best_of=3, length_penalty=0.5)
+
+    def streamed():
+        texts: dict[int, str] = {}
+        for ev in client.completions.create(model=model, prompt=prompt, n=2, max_tokens=6, stream=True,
+                                            extra_body=beam):
+            for c in ev.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+        return [texts[i] for i in sorted(texts)]
+
+    with ThreadPoolExecutor(3) as pool:
+        whole = pool.submit(client.completions.create, model=model, prompt=prompt, n=2, max_tokens=6, extra_body=beam)
+        stream = pool.submit(streamed)
+        chat_r = pool.submit(client.chat.completions.create, model=model, messages=chat, n=2, max_tokens=8,
+                             extra_body={"use_beam_search": True})
+        assert [c.text for c in sorted(whole.result().choices, key=lambda c: c.index)] == want
+        assert stream.result() == want
+        assert [c.message.content for c in sorted(chat_r.result().choices, key=lambda c: c.index)] == \
+            [c.text for c in ref_chat.outputs]
+    with grpc.insecure_channel(so_stack.router_address) as ch:
+        msgs = list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(
+            text=prompt, params=common_pb2.SamplingParams(n=2, max_tokens=6, use_beam_search=True, best_of=3,
+                                                          length_penalty=0.5)), timeout=120))
+        got: dict[int, list[int]] = {}
+        for m in msgs:
+            for c in m.choices:
+                got.setdefault(c.index, []).extend(c.token_ids)
+        assert [got[0], got[1]] == [list(c.token_ids) for c in ref.outputs]
+        with pytest.raises(grpc.RpcError) as e:
+            list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(
+                text=prompt, params=common_pb2.SamplingParams(n=2, best_of=1, use_beam_search=True)), timeout=60))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("best_of")
+    for bad, param in (({"top_p": 0.5}, "top_p"), ({"logprobs": 1}, "logprobs"), ({"best_of": 4}, None)):
+        kw = dict(model=model, prompt=prompt, max_tokens=4, n=2, extra_body={"use_beam_search": True})
+        kw.update({k: v for k, v in bad.items() if k != "best_of"})
+        if "best_of" in bad:  # without use_beam_search best_of must equal n
+            kw["extra_body"], kw["best_of"] = {}, bad["best_of"]
+            param = "best_of"
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**kw)
+        assert e.value.body["message"].startswith(param), e.value.body

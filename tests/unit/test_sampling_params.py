@@ -32,3 +32,29 @@ def test_ordinary_values_still_pass():
 def test_beam_search_floats_are_finite(name):
     with pytest.raises(ValueError, match=rf"^{name} must be a finite number"):
         BeamSearchParams(beam_width=2, max_tokens=4, **{name: math.nan})
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(top_p=0.5), "top_p"), (dict(top_k=5), "top_k"), (dict(stop=["x"]), "stop"), (dict(min_tokens=1), "min_tokens"),
+    (dict(logprobs=1), "logprobs"), (dict(presence_penalty=0.5), "presence_penalty"), (dict(logit_bias={1: 1.0}), "logit_bias"),
+    (dict(n=3, best_of=2), "best_of"), (dict(early_stopping="sometimes"), "early_stopping"),
+])
+def test_use_beam_search_refuses_what_beams_do_not_do(kw, field):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(use_beam_search=True, **kw)
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_use_beam_search_maps_to_the_engines_beam_params_and_round_trips_protobuf():
+    from services.common.convert import params_from_pb, params_to_pb
+
+    sp = SamplingParams(n=2, best_of=4, use_beam_search=True, length_penalty=0.5, early_stopping="never",
+                        max_tokens=None, temperature=0.7, ignore_eos=True)
+    bp = sp.beam_search_params(100)
+    assert (bp.beam_width, bp.n, bp.max_tokens, bp.length_penalty, bp.early_stopping, bp.temperature, bp.ignore_eos) == \
+        (4, 2, 100, 0.5, "never", 0.7, True)
+    back = params_from_pb(params_to_pb(sp))
+    assert (back.use_beam_search, back.best_of, back.length_penalty, back.early_stopping, back.n) == (True, 4, 0.5, "never", 2)
+    assert params_from_pb(params_to_pb(SamplingParams())).use_beam_search is False
+    with pytest.raises(ValueError, match="^best_of"):
+        SamplingParams(n=2, best_of=3)  # best_of > n means beams: without use_beam_search it is refused

@@ -49,6 +49,7 @@ class ChatCompletions:
             raise InvalidArgument("messages: at least one message is required")
         limits = self.core.limits  # sizes first: nothing below is built per choice or per message before this
         limits.check_n(req.n)
+        limits.check_n(req.best_of, "best_of")
         limits.check_logprobs(req.top_logprobs, "top_logprobs")
         limits.check_stop(req.stop)
         limits.check_count("messages", req.messages, "max_messages")
@@ -145,7 +146,7 @@ class _Chat:
             message, finish_reason = self.message(ch.text, ch.finish_reason)
             out.append({"index": idx, "message": message,
                         "logprobs": await self.logprobs(ch.token_ids, ch.logprobs), "finish_reason": finish_reason,
-                        "stop_reason": stop_reason(self.params, ch.stop_reason)})
+                        "stop_reason": stop_reason(self.params, ch.stop_reason, ch.finish_reason)})
         return self.envelope("chat.completion", out, usage=c.usage())
 
     async def events(self, run: Run) -> AsyncIterator[str]:
@@ -215,7 +216,7 @@ class _ChatEvents:
         choice = {"index": c.index, "delta": delta,
                   "logprobs": await self.job.logprobs(c.token_ids, c.logprobs or []), "finish_reason": finish_reason}
         if c.finish_reason is not None:
-            choice["stop_reason"] = stop_reason(self.job.params, c.stop_reason)
+            choice["stop_reason"] = stop_reason(self.job.params, c.stop_reason, c.finish_reason)
         return choice
 
     def _event(self, choice: dict) -> str:

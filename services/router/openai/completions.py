@@ -48,8 +48,9 @@ class Completions:
         limits.check_n(req.best_of, "best_of")
         limits.check_logprobs(req.logprobs, "logprobs")
         limits.check_stop(req.stop)
-        if req.best_of is not None and req.best_of != req.n:
-            raise InvalidArgument(f"best_of: only best_of == n is supported (got best_of={req.best_of}, n={req.n})")
+        if req.best_of is not None and req.best_of != req.n and not req.use_beam_search:
+            raise InvalidArgument(f"best_of: only best_of == n is supported without use_beam_search "
+                                  f"(got best_of={req.best_of}, n={req.n})")
         prompts = req.prompt
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -125,7 +126,7 @@ class _Completion:
 
     def choice(self, index: int, text: str, lp: dict | None, finish_reason, reason) -> dict:
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason,
-                "stop_reason": stop_reason(self.params, reason)}
+                "stop_reason": stop_reason(self.params, reason, finish_reason)}
 
     async def body(self, c: Collected) -> dict:
         out = []

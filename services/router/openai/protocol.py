@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +40,11 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's beam search extra parameters (SamplingParams.use_beam_search): best_of beams, the n best returned
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     # Structured output (services/router/openai/structured.py): OpenAI's and vLLM's spellings
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -64,7 +69,6 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
-    best_of: int | None = None
     add_special_tokens: bool = True
 
 

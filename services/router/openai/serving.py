@@ -27,7 +27,9 @@ def sampling_params(r: GenerationRequest, max_tokens: int | None, logprobs: int 
         max_tokens=max_tokens, min_tokens=r.min_tokens, stop=r.stop, stop_token_ids=r.stop_token_ids,
         ignore_eos=r.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         skip_special_tokens=r.skip_special_tokens, include_stop_str_in_output=r.include_stop_str_in_output,
-        logit_bias=_logit_bias(r.logit_bias), structured_outputs=structured or structured_outputs(r))
+        logit_bias=_logit_bias(r.logit_bias), structured_outputs=structured or structured_outputs(r),
+        use_beam_search=r.use_beam_search, best_of=r.best_of, length_penalty=r.length_penalty,
+        early_stopping=r.early_stopping)
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
@@ -40,8 +42,15 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise InvalidArgument("logit_bias: keys must be token ids") from None
 
 
-def stop_reason(params: SamplingParams, reason: str | int | None) -> str | int | None:
-    """Like vLLM: the stop string or a requested stop token id; EOS is None."""
+GRAMMAR_DEAD_END = "grammar_dead_end"
+"""stop_reason beside finish_reason "error": the request's grammar allowed no next token (docs/structured-output.md)."""
+
+
+def stop_reason(params: SamplingParams, reason: str | int | None, finish_reason: str | None = None) -> str | int | None:
+    """Like vLLM: the stop string or a requested stop token id; EOS is None. A sequence the engine ended
+    with "error" (the only cause today: a structured-output dead end) says why."""
+    if finish_reason == "error":
+        return GRAMMAR_DEAD_END
     if isinstance(reason, int) and reason not in params.stop_token_ids:
         return None
     return reason
