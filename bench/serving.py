@@ -1,15 +1,22 @@
 """Serving latency under load: the full stack (Redis, tokenizer, router, one engine) against the same engine
 in-process, under Poisson arrivals at several rates, in one run. Prints a table; writes JSON to bench/results/.
 
-    python bench/serving.py --shape llama-3-8b --rates 2 8 16 --requests 96          # on a GPU
-    python bench/serving.py --shape tiny --device cpu --rates 4 --requests 16        # smoke test
+    python bench/serving.py --shape llama-3-8b --rates 4 16 --requests 128 --runs 3      # on a GPU, ~80 s
+    python bench/serving.py --model ~/.cache/folio/models/SmolLM2-135M-Instruct --device cpu --dtype float32 \
+        --rates 4 16 --requests 64 --runs 5 --in-len 8 32 --out-len 4 12                # on CPU
+    python bench/serving.py --shape tiny --device cpu --rates 4 --requests 16 --runs 1   # smoke test
 
 The model is a random-weight model of a real shape (load_format="dummy") whose vocabulary is the bundled
-tokenizer's, so the stack's tokenizer service can detokenize everything it generates. Prompts are random
-token ids; each request asks for its own output length (ignore_eos). Both paths see the same arrival
-schedule (seeded). Reported per rate: time to first token (TTFT) and inter-token latency (ITL: gaps
-between a stream's consecutive tokens) at p50 / p99, request and token throughput, and what the hops
-add (stack minus in-process).
+tokenizer's, so the stack's tokenizer can detokenize everything it generates; or, with --model, a real
+model directory. Prompts are random token ids; each request asks for its own output length (ignore_eos).
+Both paths see the same arrival schedule (seeded per run and rate), and each run measures the stack and
+then the in-process engine at every rate, so slow drift of a shared machine falls on both.
+`--detokenize both` also runs the stack with the router's old path (the tokenizer service's Detokenize
+stream per engine message), so the in-process detokenizer's effect shows in the same run.
+
+Reported per rate: time to first token (TTFT) and inter-token latency (ITL: gaps between a stream's
+consecutive tokens) at p50 / p99, and what the hops add (stack minus in-process) per run, with the mean
+over runs and its 95% confidence half-width (t distribution), so a difference can be told from noise.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
+import platform
 import shutil
 import sys
 import tempfile
@@ -33,18 +42,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 from throughput import SHAPES, write_config  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Two-sided 95% t quantiles by degrees of freedom (runs - 1).
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
 
 def pct(xs, q):
     return float(np.percentile(xs, q * 100)) if len(xs) else float("nan")
 
 
-def make_requests(n: int, rate: float, vocab: int, seed: int):
+def make_requests(n: int, rate: float, vocab: int, seed: int, in_len, out_len):
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     arrivals -= arrivals[0]
-    ins = rng.integers(32, 512, n)
-    outs = rng.integers(32, 160, n)
+    ins = rng.integers(in_len[0], in_len[1] + 1, n)
+    outs = rng.integers(out_len[0], out_len[1] + 1, n)
     return [(float(t), rng.integers(17, vocab, int(i)).tolist(), int(o)) for t, i, o in zip(arrivals, ins, outs)]
 
 
@@ -56,47 +67,58 @@ def summarize(times: dict[str, list[float]], arrivals: dict[str, float], t_end: 
     return {"requests": len(times), "output_tokens": ntok, "wall_s": wall, "req_per_s": len(times) / wall,
             "tok_per_s": ntok / wall,
             "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
-            "itl_ms": {"p50": 1e3 * pct(itl, 0.5), "p99": 1e3 * pct(itl, 0.99)}}
+            "itl_ms": {"p50": 1e3 * pct(itl, 0.5), "p99": 1e3 * pct(itl, 0.99)},
+            # per request, for paired differences (the same request on both paths)
+            "per_request": {r: (1e3 * (ts[0] - arrivals[r]), 1e3 * (ts[-1] - ts[0]) / (len(ts) - 1) if len(ts) > 1
+                                else None) for r, ts in times.items() if ts}}
 
 
 def engine_kwargs(args, model_dir) -> dict:
-    return {"model": str(model_dir), "load_format": "dummy", "dtype": args.dtype, "device": args.device,
-            "max_model_len": 1024, "max_num_seqs": 256, "enable_prefix_caching": False}
+    kw = {"model": str(model_dir), "dtype": args.dtype, "device": args.device, "max_model_len": 1024,
+          "max_num_seqs": 256, "enable_prefix_caching": False}
+    if args.device.startswith("cuda"):  # two engines share the GPU (the stack's and the in-process one)
+        kw["num_kv_blocks"] = 4096
+    if args.model is None:
+        kw["load_format"] = "dummy"
+    return kw
 
 
-def run_in_process(args, model_dir, reqs) -> dict:
-    from services.engine.engine import EngineConfig, LLMEngine
-    from services.common.sampling_params import SamplingParams
+class InProcess:
+    """The same engine, stepped in this process: the baseline the hops are measured against."""
 
-    engine = LLMEngine(EngineConfig(**engine_kwargs(args, model_dir), max_waiting_requests=None))
-    engine.add_request("warmup", None, SamplingParams(max_tokens=4, ignore_eos=True), prompt_token_ids=[20, 21, 22])
-    while engine.has_unfinished_requests():
-        engine.step()
-    times: dict[str, list[float]] = {}
-    arrivals: dict[str, float] = {}
-    t0 = time.perf_counter()
-    i = 0
-    while i < len(reqs) or engine.has_unfinished_requests():
-        now = time.perf_counter() - t0
-        while i < len(reqs) and reqs[i][0] <= now:
-            at, ids, out = reqs[i]
-            rid = f"r{i}"
-            engine.add_request(rid, None, SamplingParams(temperature=0, max_tokens=out, ignore_eos=True),
-                               prompt_token_ids=ids)
-            arrivals[rid] = t0 + at
-            times[rid] = []
-            i += 1
-        if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, reqs[i][0] - (time.perf_counter() - t0)))
-            continue
-        outs = engine.step()
-        stamp = time.perf_counter()
-        for d in outs:  # token deltas: stamp each new token of the first sequence
-            ts = times[d.request_id]
-            ts.extend([stamp] * sum(len(s.token_ids) for s in d.sequences if s.index == 0))
-    res = summarize(times, arrivals, time.perf_counter(), t0)
-    del engine
-    return res
+    def __init__(self, args, model_dir):
+        from services.engine.engine import EngineConfig, LLMEngine
+
+        self.engine = LLMEngine(EngineConfig(**engine_kwargs(args, model_dir), max_waiting_requests=None))
+        self.run([(0.0, [20, 21, 22], 4)])  # warm-up
+
+    def run(self, reqs) -> dict:
+        from services.common.sampling_params import SamplingParams
+
+        engine = self.engine
+        times: dict[str, list[float]] = {}
+        arrivals: dict[str, float] = {}
+        t0 = time.perf_counter()
+        i = 0
+        while i < len(reqs) or engine.has_unfinished_requests():
+            now = time.perf_counter() - t0
+            while i < len(reqs) and reqs[i][0] <= now:
+                at, ids, out = reqs[i]
+                rid = f"r{i}"
+                engine.add_request(rid, None, SamplingParams(temperature=0, max_tokens=out, ignore_eos=True),
+                                   prompt_token_ids=ids)
+                arrivals[rid] = t0 + at
+                times[rid] = []
+                i += 1
+            if not engine.has_unfinished_requests():
+                time.sleep(max(0.0, reqs[i][0] - (time.perf_counter() - t0)))
+                continue
+            outs = engine.step()
+            stamp = time.perf_counter()
+            for d in outs:  # token deltas: stamp each new token of the first sequence
+                ts = times[d.request_id]
+                ts.extend([stamp] * sum(len(s.token_ids) for s in d.sequences if s.index == 0))
+        return summarize(times, arrivals, time.perf_counter(), t0)
 
 
 async def _one(stub, pb, common_pb2, rid, ids, out, times):
@@ -129,7 +151,7 @@ async def _drive(address, reqs) -> dict:
         return summarize(times, arrivals, time.perf_counter(), t0)
 
 
-def run_stack(args, model_dir, rates_reqs) -> list[dict]:
+def start_stack(args, model_dir, detokenize: str):
     from folio.stack import Stack, StackConfig
     from protos.generate import ensure_generated
 
@@ -139,67 +161,138 @@ def run_stack(args, model_dir, rates_reqs) -> list[dict]:
         if k == "model":
             continue
         if isinstance(v, bool):
-            flags.append(("--" if v else "--no-") + k.replace("_", "-"))
+            flags.append(("--" + k if v else "--no-" + k).replace("_", "-"))
         else:
             flags += ["--" + k.replace("_", "-"), str(v)]
-    stack = Stack(StackConfig(engines=1, router_port=0, model=str(model_dir), engine_args=flags,
-                              log_level="WARNING", startup_timeout_s=600))
+    router_args = [] if detokenize == "default" else ["--detokenize", detokenize]
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.device == "cpu" else {}
+    stack = Stack(StackConfig(engines=1, router_port=0, model=str(model_dir), engine_args=flags, env=env,
+                              router_args=router_args, log_level="WARNING", startup_timeout_s=600))
     stack.start()
-    try:
-        return [asyncio.run(_drive(stack.router_address, reqs)) for reqs in rates_reqs]
-    finally:
-        stack.stop()
+    return stack
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
-    ap.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0, 16.0], help="requests per second")
-    ap.add_argument("--requests", type=int, default=96, help="requests per rate")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--tokenizer-dir", default=None, help="where tokenizer.json is (default: the bundled model)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args()
-    import torch
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the 95% confidence half-width of the mean (nan with one run)."""
+    m = float(np.mean(xs))
+    if len(xs) < 2:
+        return m, float("nan")
+    return m, T95.get(len(xs) - 1, 1.96) * float(np.std(xs, ddof=1)) / math.sqrt(len(xs))
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+def hops_add(s: dict, p: dict) -> dict:
+    """Stack minus in-process: of the percentiles (as the issue states its targets), and the median over
+    requests of each request's own difference (paired: same arrival, prompt and length on both paths,
+    so much of the noise cancels): TTFT, and the request's mean inter-token gap."""
+    add = {f"{k}_ms_{q}": s[f"{k}_ms"][q] - p[f"{k}_ms"][q] for k in ("ttft", "itl") for q in ("p50", "p99")}
+    both = [(s["per_request"][r], p["per_request"][r]) for r in s["per_request"] if r in p["per_request"]]
+    add["ttft_ms_paired_median"] = pct([a[0] - b[0] for a, b in both], 0.5)
+    add["itl_ms_paired_median"] = pct([a[1] - b[1] for a, b in both if a[1] is not None and b[1] is not None], 0.5)
+    return add
+
+
+def prepare_model(args, tmp: Path) -> tuple[Path, int]:
+    """The model directory both paths serve, and the vocabulary size prompts are drawn from."""
+    if args.model is not None:
+        model_dir = Path(args.model).expanduser()
+        return model_dir, json.loads((model_dir / "config.json").read_text())["vocab_size"]
     tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else None
     if tok_dir is None:
         from services.common.bundled_model import ensure_bundled_model
 
         tok_dir = ensure_bundled_model(quiet=True)
     vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    model_dir = write_config(args.shape, tmp)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["vocab_size"] = len(vocab)  # generate only ids the tokenizer can decode
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    for f in TOKENIZER_FILES:
+        if (tok_dir / f).exists():
+            shutil.copy(tok_dir / f, model_dir / f)
+    return model_dir, len(vocab)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
+    ap.add_argument("--model", default=None, help="a real HF model directory instead of --shape's dummy weights")
+    ap.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0], help="requests per second")
+    ap.add_argument("--requests", type=int, default=128, help="requests per rate and run")
+    ap.add_argument("--runs", type=int, default=3, help="runs (each: stack then in-process, at every rate)")
+    ap.add_argument("--in-len", type=int, nargs=2, default=[32, 511], metavar=("MIN", "MAX"))
+    ap.add_argument("--out-len", type=int, nargs=2, default=[32, 159], metavar=("MIN", "MAX"))
+    ap.add_argument("--max-wall-s", type=float, default=None,
+                    help="start no further run once another would likely end past this many seconds")
+    ap.add_argument("--detokenize", default="default", choices=["default", "local", "service", "both"],
+                    help="the router's --detokenize (default: its own default; both: local and service)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="on CPU: torch threads of each engine (both paths)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tokenizer-dir", default=None, help="where tokenizer.json is (default: the bundled model)")
+    ap.add_argument("--label", default="", help="added to the result file's name")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    variants = ["local", "service"] if args.detokenize == "both" else [args.detokenize]
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_config(args.shape, Path(tmp))
-        cfg = json.loads((model_dir / "config.json").read_text())
-        cfg["vocab_size"] = len(vocab)  # generate only ids the tokenizer service can decode
-        (model_dir / "config.json").write_text(json.dumps(cfg))
-        for f in TOKENIZER_FILES:
-            if (tok_dir / f).exists():
-                shutil.copy(tok_dir / f, model_dir / f)
-        rates_reqs = [make_requests(args.requests, r, len(vocab), seed=i) for i, r in enumerate(args.rates)]
-        stack_res = run_stack(args, model_dir, rates_reqs)
-        inproc_res = [run_in_process(args, model_dir, reqs) for reqs in rates_reqs]
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    rows = []
-    print(f"\n{'rate':>6} {'path':<11}{'req/s':>7}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)")
-    for rate, s, p in zip(args.rates, stack_res, inproc_res):
-        for label, r in (("in-process", p), ("stack", s)):
-            print(f"{rate:>6g} {label:<11}{r['req_per_s']:>7.2f}{r['tok_per_s']:>8.0f}{r['ttft_ms']['p50']:>10.1f}"
-                  f"{r['ttft_ms']['p99']:>10.1f}{r['itl_ms']['p50']:>9.2f}{r['itl_ms']['p99']:>9.2f}")
-        add = {"ttft_ms_p50": s["ttft_ms"]["p50"] - p["ttft_ms"]["p50"], "itl_ms_p50": s["itl_ms"]["p50"] - p["itl_ms"]["p50"],
-               "ttft_ms_p99": s["ttft_ms"]["p99"] - p["ttft_ms"]["p99"], "itl_ms_p99": s["itl_ms"]["p99"] - p["itl_ms"]["p99"]}
-        print(f"{'':>6} {'hops add':<11}{'':>15}{add['ttft_ms_p50']:>10.1f}{add['ttft_ms_p99']:>10.1f}"
-              f"{add['itl_ms_p50']:>9.2f}{add['itl_ms_p99']:>9.2f}")
-        rows.append({"rate_req_s": rate, "in_process": p, "stack": s, "hops_add": add})
+        model_dir, vocab = prepare_model(args, Path(tmp))
+        schedules = [[make_requests(args.requests, rate, vocab, 1000 * run + k, args.in_len, args.out_len)
+                      for k, rate in enumerate(args.rates)] for run in range(args.runs)]
+        inproc = InProcess(args, model_dir)
+        # runs[variant][run][rate] = {"stack": ..., "in_process": ...}
+        runs: dict[str, list[list[dict]]] = {v: [] for v in variants}
+        for v in variants:
+            stack = start_stack(args, model_dir, v)
+            try:
+                for run in range(args.runs):
+                    took = time.perf_counter() - t_start
+                    if args.max_wall_s and runs[v] and took + took / len(runs[v]) > args.max_wall_s:
+                        print(f"[{v}] stopping after {len(runs[v])} run(s): --max-wall-s {args.max_wall_s:g}")
+                        break
+                    row = []
+                    for k, rate in enumerate(args.rates):
+                        s = asyncio.run(_drive(stack.router_address, schedules[run][k]))
+                        p = inproc.run(schedules[run][k])
+                        row.append({"stack": s, "in_process": p, "hops_add": hops_add(s, p)})
+                        a = row[-1]["hops_add"]
+                        print(f"[{v} run {run + 1}/{args.runs} rate {rate:g}] stack TTFT/ITL p50 "
+                              f"{s['ttft_ms']['p50']:.2f}/{s['itl_ms']['p50']:.3f} ms, in-process "
+                              f"{p['ttft_ms']['p50']:.2f}/{p['itl_ms']['p50']:.3f} ms, hops add "
+                              f"{a['ttft_ms_p50']:+.2f}/{a['itl_ms_p50']:+.3f} ms", flush=True)
+                    runs[v].append(row)
+            finally:
+                stack.stop()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
+    summary = {}
+    print("\nWhat the hops add over the in-process engine (stack minus in-process), mean over runs ± 95% CI, ms.")
+    print("p50/p99: difference of the percentiles; paired: median over requests of each request's own difference.")
+    keys = ("ttft_ms_p50", "itl_ms_p50", "ttft_ms_paired_median", "itl_ms_paired_median", "ttft_ms_p99", "itl_ms_p99")
+    print(f"{'router detok':<13}{'rate':>5}{'runs':>5}" + "".join(f"{h:>17}" for h in (
+        "TTFT p50", "ITL p50", "TTFT paired", "ITL paired", "TTFT p99", "ITL p99")))
+    for v in variants:
+        for k, rate in enumerate(args.rates):
+            cells = {}
+            for key in keys:
+                cells[key] = mean_ci([r[k]["hops_add"][key] for r in runs[v]])
+            summary.setdefault(v, {})[f"{rate:g}"] = {key: {"mean": m, "ci95": c} for key, (m, c) in cells.items()}
+            print(f"{v:<13}{rate:>5g}{len(runs[v]):>5}" + "".join(f"{m:>9.2f} ±{c:>6.2f}" for m, c in cells.values()))
+    print("Targets (H200, 8B shape): TTFT p50 added <= 2 ms and ITL p50 added <= 0.5 ms at each rate.")
     record = {"device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python bench/serving.py " + " ".join(sys.argv[1:]),
-              "model_shape": args.shape, "vocab_size": len(vocab), "dtype": args.dtype,
-              "requests_per_rate": args.requests, "rates": rows}
+              "model": args.model or f"{args.shape} (dummy weights)", "vocab_size": vocab, "dtype": args.dtype,
+              "requests_per_rate": args.requests, "runs": args.runs, "in_len": args.in_len, "out_len": args.out_len,
+              "rates": args.rates, "wall_s": time.perf_counter() - t_start,
+              "hops_add_summary": summary, "per_run": runs}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serving_{dt.date.today().isoformat()}_{args.shape}_{args.device.split(':')[0]}.json"
+    what = "model" if args.model else args.shape
+    label = f"_{args.label}" if args.label else ""
+    path = out / f"serving_{dt.date.today().isoformat()}_{what}_{args.device.split(':')[0]}{label}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 
