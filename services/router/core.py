@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable, quote
 from services.common.request_limits import RequestLimits
+from services.router.batching import batched
 from services.router.clients import EngineClient, Registry, TokenizerClient
 from services.router.engine_watch import EngineWatch
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, ModelInfo, Usage
@@ -145,7 +147,8 @@ class RouterCore:
     # --- generation -------------------------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:
         """Stream one request's output. Raises FolioError subclasses (InvalidArgument naming the field,
-        NotFound, ResourceExhausted, Unavailable, DeadlineExceeded) before or during the stream."""
+        NotFound, ResourceExhausted, Unavailable, DeadlineExceeded) before or during the stream. Chunks
+        that are ready together come as one (services/router/batching.py)."""
         deadline = time.monotonic() + inp.timeout_s if inp.timeout_s is not None else None
         self.counters.in_flight += 1
         try:
@@ -153,8 +156,9 @@ class RouterCore:
             self.check_limits(inp, model)
             route = Route(self.registry, self.engines, self.by_model.get(model), self.counters, self.max_attempts,
                           self.watch)
-            async for chunk in RequestStream(route, inp, model, deadline).run():
-                yield chunk
+            async with aclosing(batched(RequestStream(route, inp, model, deadline).run())) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self.counters.in_flight -= 1
             self.counters.requests_total += 1

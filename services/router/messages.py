@@ -52,6 +52,15 @@ class ChoiceDelta:
     """None while generating; then "stop", "length" or "abort"."""
     stop_reason: str | int | None = None
 
+    def extend(self, later: ChoiceDelta) -> None:
+        """Append the same sequence's next delta (text, tokens, logprobs); its finish, if any, is the end."""
+        self.text += later.text
+        self.token_ids = self.token_ids + later.token_ids
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.finish_reason is not None:
+            self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
+
 
 @dataclass
 class Chunk:
@@ -73,6 +82,27 @@ class Chunk:
     def worth_sending(self) -> bool:
         """Whether the consumer learns anything from this chunk."""
         return bool(self.choices or self.finished or self.engine_id or self.prompt_token_ids)
+
+    def extend(self, later: Chunk) -> None:
+        """Fold the request's next chunk into this one (several ready at once go out as one): each
+        sequence's deltas appended in order; what the first chunk carries kept; what the last one carries
+        (finish, usage, timing) taken; the engine id the latest one named."""
+        by_index = {c.index: c for c in self.choices}
+        for c in later.choices:
+            mine = by_index.get(c.index)
+            if mine is None:
+                by_index[c.index] = c
+                self.choices.append(c)
+            else:
+                mine.extend(c)
+        self.finished = self.finished or later.finished
+        self.usage = later.usage or self.usage
+        self.timing = later.timing or self.timing
+        self.engine_id = later.engine_id or self.engine_id
+        if self.prompt_token_ids is None:
+            self.prompt_token_ids = later.prompt_token_ids
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""Chunks that are ready together go to the client as one: a request's stream, batched while its reader is busy.
+
+The router reads an engine's messages and writes the client's chunks on one event loop. Read in lock
+step (a generator chain), every engine message costs one client write, and while the loop is busy with
+other streams each stream's messages wait in line one by one: the queueing that grows with load. Here a
+request's chunks are made by their own task as engine messages arrive, and the client side takes what
+is there: one chunk when one is ready (handed over at once, no waiting for a second), or all that
+accumulated while the previous write was in progress, merged into one (`Chunk.extend`), so a lagging
+client or a loaded loop costs one write per turn instead of one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from services.router.messages import Chunk
+
+
+async def batched(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    """`chunks`, with those that pile up between two reads merged. Errors come after the chunks before
+    them; closing this (the client went away) cancels the producing task, which ends the engine call."""
+    pending: Chunk | None = None
+    error: BaseException | None = None
+    done = False
+    ready = asyncio.Event()
+
+    async def produce() -> None:
+        nonlocal pending, error, done
+        try:
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    if pending is None:
+                        pending = chunk
+                    else:
+                        pending.extend(chunk)
+                    ready.set()
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, in order
+            error = e
+            if not isinstance(e, Exception):
+                raise  # this task was cancelled (the reader left) or the stream raised CancelledError
+        finally:
+            done = True
+            ready.set()
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            if pending is None and not done:
+                ready.clear()
+                await ready.wait()
+            if pending is not None:
+                chunk, pending = pending, None
+                yield chunk
+            elif done:
+                if error is not None:
+                    raise error
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
