@@ -26,6 +26,7 @@ import asyncio
 import datetime as dt
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -151,6 +152,31 @@ async def _drive(address, reqs) -> dict:
         return summarize(times, arrivals, time.perf_counter(), t0)
 
 
+def cpu_seconds(stack) -> dict[str, float]:
+    """CPU time (user + system) each of the stack's processes has used so far (Linux /proc)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in stack.procs:
+        try:
+            fields = Path(f"/proc/{p.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[p.name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def drive_stack(stack, reqs) -> dict:
+    """One schedule through the stack; with each process's CPU time per output token, which shows what
+    a process spends per token and so how near to a full core it runs at this rate."""
+    before = cpu_seconds(stack)
+    res = asyncio.run(_drive(stack.router_address, reqs))
+    after = cpu_seconds(stack)
+    res["cpu_ms_per_token"] = {k: 1e3 * (after[k] - before[k]) / max(1, res["output_tokens"])
+                               for k in after if k in before}
+    res["cpu_busy_fraction"] = {k: (after[k] - before[k]) / res["wall_s"] for k in after if k in before}
+    return res
+
+
 def start_stack(args, model_dir, detokenize: str):
     from folio.stack import Stack, StackConfig
     from protos.generate import ensure_generated
@@ -165,7 +191,13 @@ def start_stack(args, model_dir, detokenize: str):
         else:
             flags += ["--" + k.replace("_", "-"), str(v)]
     router_args = [] if detokenize == "default" else ["--detokenize", detokenize]
-    env = {"OMP_NUM_THREADS": str(args.threads)} if args.device == "cpu" else {}
+    env = {}
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        # A shared CPU can stall a process for seconds: not what is measured here, so the engine is
+        # not dropped from the registry (heartbeat TTL) or judged hung for it.
+        flags += ["--heartbeat-ttl-s", "60"]
+        router_args += ["--hung-after-s", "120", "--stale-ms", "60000"]
     stack = Stack(StackConfig(engines=1, router_port=0, model=str(model_dir), engine_args=flags, env=env,
                               router_args=router_args, log_level="WARNING", startup_timeout_s=600))
     stack.start()
@@ -256,14 +288,15 @@ def main() -> None:
                         break
                     row = []
                     for k, rate in enumerate(args.rates):
-                        s = asyncio.run(_drive(stack.router_address, schedules[run][k]))
+                        s = drive_stack(stack, schedules[run][k])
                         p = inproc.run(schedules[run][k])
                         row.append({"stack": s, "in_process": p, "hops_add": hops_add(s, p)})
                         a = row[-1]["hops_add"]
                         print(f"[{v} run {run + 1}/{args.runs} rate {rate:g}] stack TTFT/ITL p50 "
                               f"{s['ttft_ms']['p50']:.2f}/{s['itl_ms']['p50']:.3f} ms, in-process "
                               f"{p['ttft_ms']['p50']:.2f}/{p['itl_ms']['p50']:.3f} ms, hops add "
-                              f"{a['ttft_ms_p50']:+.2f}/{a['itl_ms_p50']:+.3f} ms", flush=True)
+                              f"{a['ttft_ms_p50']:+.2f}/{a['itl_ms_p50']:+.3f} ms; CPU ms/token "
+                              + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items()), flush=True)
                     runs[v].append(row)
             finally:
                 stack.stop()
@@ -281,6 +314,15 @@ def main() -> None:
                 cells[key] = mean_ci([r[k]["hops_add"][key] for r in runs[v]])
             summary.setdefault(v, {})[f"{rate:g}"] = {key: {"mean": m, "ci95": c} for key, (m, c) in cells.items()}
             print(f"{v:<13}{rate:>5g}{len(runs[v]):>5}" + "".join(f"{m:>9.2f} ±{c:>6.2f}" for m, c in cells.values()))
+    print("\nCPU time per output token of each stack process (mean over runs), ms; and its busy fraction:")
+    for v in variants:
+        for k, rate in enumerate(args.rates):
+            names = runs[v][0][k]["stack"]["cpu_ms_per_token"]
+            cpu = {n: float(np.mean([r[k]["stack"]["cpu_ms_per_token"][n] for r in runs[v]])) for n in names}
+            busy = {n: float(np.mean([r[k]["stack"]["cpu_busy_fraction"][n] for r in runs[v]])) for n in names}
+            summary[v][f"{rate:g}"]["cpu_ms_per_token"] = cpu
+            summary[v][f"{rate:g}"]["cpu_busy_fraction"] = busy
+            print(f"{v:<13}{rate:>5g}  " + ", ".join(f"{n} {cpu[n]:.3f} ({busy[n]:.0%})" for n in names))
     print("Targets (H200, 8B shape): TTFT p50 added <= 2 ms and ITL p50 added <= 0.5 ms at each rate.")
     record = {"device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python bench/serving.py " + " ".join(sys.argv[1:]),

@@ -2,8 +2,8 @@
 
 The engine thread owns the LLMEngine: nothing else touches it. Requests and aborts reach it as typed
 commands (`AddCommand`, `AbortCommand`) on a queue drained before every step, so an abort takes
-effect within one step. Each step's token deltas go back to per-request asyncio queues with
-`loop.call_soon_threadsafe`. After every step the thread publishes an immutable `EngineLoad`
+effect within one step. Each step's token deltas go back to per-request asyncio queues with one
+`loop.call_soon_threadsafe` per step (one wake-up of the loop, whatever the batch). After every step the thread publishes an immutable `EngineLoad`
 snapshot (KV blocks, queue lengths) that Stats and the Redis
 publisher read without locking. torch releases the GIL inside its kernels, so the event loop stays
 responsive while a step runs.
@@ -24,6 +24,11 @@ from services.engine.engine import LLMEngine
 from services.common.sampling_params import SamplingParams
 
 log = logging.getLogger("folio.engine.loop")
+
+
+def _deliver(ready: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in ready:
+        q.put_nowait(item)
 
 
 class EngineFailure(RuntimeError):
@@ -211,13 +216,16 @@ class AsyncEngine:
                 self._step_started = None
                 eng.step_phase = "idle"
             self._steps += 1
+            ready = []
             for out in outputs:
                 q = self._queues.get(out.request_id)
                 if q is None:
                     continue
                 if out.finished:
                     del self._queues[out.request_id]
-                self._send(q, out)
+                ready.append((q, out))
+            if ready:  # one wake-up of the event loop per step, not one per request
+                self._loop.call_soon_threadsafe(_deliver, ready)
             self._publish_snapshot()
         for rid in list(self._queues):  # shutting down: end every stream
             out = eng.abort_request(rid)

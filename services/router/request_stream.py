@@ -61,8 +61,9 @@ class Route:
 
 class SequenceOutput:
     """One sequence's output as it streams: token ids -> text through its detokenizer (in this process,
-    or the tokenizer service's stream; services/router/local_detokenizer.py), then stop strings and hold-back through its `TextStream` (the one owner of text rules,
-    services/common/output_processor.py); its token count, and whether it finished."""
+    or the tokenizer service's stream; services/router/local_detokenizer.py), then stop strings and
+    hold-back through its `TextStream` (the one owner of text rules, services/common/output_processor.py);
+    its token count, and whether it finished."""
 
     def __init__(self, index: int, params: SamplingParams, detok: Detokenizer):
         self.index = index
