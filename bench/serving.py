@@ -122,7 +122,7 @@ class InProcess:
         return summarize(times, arrivals, time.perf_counter(), t0)
 
 
-async def _one(stub, pb, common_pb2, rid, ids, out, times):
+async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None):
     req = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
                              params=common_pb2.SamplingParams(temperature=0, max_tokens=out, ignore_eos=True))
     ts = times[rid]
@@ -130,6 +130,8 @@ async def _one(stub, pb, common_pb2, rid, ids, out, times):
         now = time.perf_counter()
         for c in m.choices:
             ts.extend([now] * len(c.token_ids))
+        if m.finished and router_timing is not None:  # as the router saw it: its TTFT, the engine's queue wait
+            router_timing[rid] = (m.timing.time_to_first_token_ns / 1e6, m.timing.queue_ns / 1e6)
 
 
 async def _drive(address, reqs) -> dict:
@@ -141,15 +143,25 @@ async def _drive(address, reqs) -> dict:
         stub = router_pb2_grpc.RouterStub(ch)
         await _one(stub, pb, common_pb2, "warmup", [20, 21, 22], 4, {"warmup": []})
         times = {f"r{i}": [] for i in range(len(reqs))}
+        router_timing: dict[str, tuple[float, float]] = {}
         t0 = time.perf_counter()
         arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
 
         async def later(i, at, ids, out):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            await _one(stub, pb, common_pb2, f"r{i}", ids, out, times)
+            await _one(stub, pb, common_pb2, f"r{i}", ids, out, times, router_timing)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
-        return summarize(times, arrivals, time.perf_counter(), t0)
+        res = summarize(times, arrivals, time.perf_counter(), t0)
+        # Where a first token's time goes: client -> router and back (client TTFT less the router's), and the
+        # router's own TTFT less the engine's queue wait (choose-and-reserve, the engine call, the step in
+        # flight and the prefill, the way back).
+        mine = {r: v[0] for r, v in res["per_request"].items()}
+        res["ttft_split_ms_p50"] = {
+            "client_router": pct([mine[r] - t[0] for r, t in router_timing.items() if r in mine], 0.5),
+            "router_ttft": pct([t[0] for t in router_timing.values()], 0.5),
+            "engine_queue": pct([t[1] for t in router_timing.values()], 0.5)}
+        return res
 
 
 def cpu_seconds(stack) -> dict[str, float]:
@@ -236,12 +248,12 @@ def prepare_model(args, tmp: Path) -> tuple[Path, int]:
     vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
     model_dir = write_config(args.shape, tmp)
     cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["vocab_size"] = len(vocab)  # generate only ids the tokenizer can decode
+    cfg["vocab_size"] = min(cfg["vocab_size"], len(vocab))  # generate only ids the tokenizer can decode
     (model_dir / "config.json").write_text(json.dumps(cfg))
     for f in TOKENIZER_FILES:
         if (tok_dir / f).exists():
             shutil.copy(tok_dir / f, model_dir / f)
-    return model_dir, len(vocab)
+    return model_dir, cfg["vocab_size"]
 
 
 def main() -> None:
@@ -295,7 +307,9 @@ def main() -> None:
                         print(f"[{v} run {run + 1}/{args.runs} rate {rate:g}] stack TTFT/ITL p50 "
                               f"{s['ttft_ms']['p50']:.2f}/{s['itl_ms']['p50']:.3f} ms, in-process "
                               f"{p['ttft_ms']['p50']:.2f}/{p['itl_ms']['p50']:.3f} ms, hops add "
-                              f"{a['ttft_ms_p50']:+.2f}/{a['itl_ms_p50']:+.3f} ms; CPU ms/token "
+                              f"{a['ttft_ms_p50']:+.2f}/{a['itl_ms_p50']:+.3f} ms; TTFT p50 split "
+                              + ", ".join(f"{n} {x:.2f}" for n, x in s["ttft_split_ms_p50"].items())
+                              + "; CPU ms/token "
                               + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items()), flush=True)
                     runs[v].append(row)
             finally:
@@ -314,15 +328,21 @@ def main() -> None:
                 cells[key] = mean_ci([r[k]["hops_add"][key] for r in runs[v]])
             summary.setdefault(v, {})[f"{rate:g}"] = {key: {"mean": m, "ci95": c} for key, (m, c) in cells.items()}
             print(f"{v:<13}{rate:>5g}{len(runs[v]):>5}" + "".join(f"{m:>9.2f} ±{c:>6.2f}" for m, c in cells.values()))
-    print("\nCPU time per output token of each stack process (mean over runs), ms; and its busy fraction:")
+    print("\nCPU time per output token of each stack process (mean over runs), ms, and its busy fraction; and where")
+    print("the stack's first token goes (client_router: client TTFT less the router's; router_ttft: the router's own,")
+    print("engine_queue: the engine's queue wait inside it):")
     for v in variants:
         for k, rate in enumerate(args.rates):
             names = runs[v][0][k]["stack"]["cpu_ms_per_token"]
             cpu = {n: float(np.mean([r[k]["stack"]["cpu_ms_per_token"][n] for r in runs[v]])) for n in names}
             busy = {n: float(np.mean([r[k]["stack"]["cpu_busy_fraction"][n] for r in runs[v]])) for n in names}
+            split = {n: float(np.mean([r[k]["stack"]["ttft_split_ms_p50"][n] for r in runs[v]]))
+                     for n in ("client_router", "router_ttft", "engine_queue")}
+            summary[v][f"{rate:g}"]["ttft_split_ms_p50"] = split
             summary[v][f"{rate:g}"]["cpu_ms_per_token"] = cpu
             summary[v][f"{rate:g}"]["cpu_busy_fraction"] = busy
-            print(f"{v:<13}{rate:>5g}  " + ", ".join(f"{n} {cpu[n]:.3f} ({busy[n]:.0%})" for n in names))
+            print(f"{v:<13}{rate:>5g}  " + ", ".join(f"{n} {cpu[n]:.3f} ({busy[n]:.0%})" for n in names)
+                  + "; stack TTFT p50 split, ms: " + ", ".join(f"{n} {x:.2f}" for n, x in split.items()))
     print("Targets (H200, 8B shape): TTFT p50 added <= 2 ms and ITL p50 added <= 0.5 ms at each rate.")
     record = {"device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python bench/serving.py " + " ".join(sys.argv[1:]),
