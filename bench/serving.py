@@ -254,6 +254,16 @@ def prepare_model(args, tmp: Path) -> tuple[Path, int]:
     return model_dir, cfg["vocab_size"]
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
@@ -343,7 +353,7 @@ def main() -> None:
                   + "; stack TTFT p50 split, ms: " + ", ".join(f"{n} {x:.2f}" for n, x in split.items()))
     print("Targets (H200, 8B shape): TTFT p50 added <= 2 ms and ITL p50 added <= 0.5 ms at each rate.")
     record = {"device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python bench/serving.py " + " ".join(sys.argv[1:]),
+              "command": "python bench/serving.py " + " ".join(sys.argv[1:]), "code_commit": _commit(),
               "model": args.model or f"{args.shape} (dummy weights)", "vocab_size": vocab, "dtype": args.dtype,
               "requests_per_rate": args.requests, "runs": args.runs, "in_len": args.in_len, "out_len": args.out_len,
               "rates": args.rates, "wall_s": time.perf_counter() - t_start,
