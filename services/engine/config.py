@@ -51,6 +51,9 @@ class EngineConfig:
     """Bound on queued requests (None: unbounded); beyond it add_request raises QueueFullError."""
     load_format: Literal["safetensors", "dummy"] = "safetensors"
     """"safetensors", or "dummy": random weights of the checkpoint's shapes (speed measurements)."""
+    quantization: str | None = None
+    """Weight quantization; None reads config.json's quantization_config. "fp8" on a 16-bit checkpoint
+    quantizes its linear weights at load; other values must match the checkpoint (docs/quantization.md)."""
     enforce_eager: bool = False
     """On CUDA, skip capturing decode steps as CUDA graphs."""
     async_scheduling: bool = True

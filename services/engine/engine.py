@@ -79,10 +79,12 @@ class LLMEngine:
 
             self.runner = TensorParallelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
                                                config.block_size, config.load_format, config.tensor_parallel_size,
-                                               config.seed, config.tp_collective_timeout_s, config.kv_cache_dtype)
+                                               config.seed, config.tp_collective_timeout_s, config.kv_cache_dtype,
+                                               quantization=config.quantization)
         else:
             self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
-                                      config.block_size, config.load_format, kv_cache_dtype=config.kv_cache_dtype)
+                                      config.block_size, config.load_format, kv_cache_dtype=config.kv_cache_dtype,
+                                      quantization=config.quantization)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # give loading's transient copies back before sizing the KV pool
         mcfg = self.runner.cfg

@@ -38,7 +38,7 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 class ModelRunner:
     def __init__(self, model_dir, hf_config: dict, dtype: torch.dtype, device: torch.device,
                  attention_backend: str, block_size: int, load_format: str = "safetensors", tp=None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", quantization: str | None = None):
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -46,10 +46,12 @@ class ModelRunner:
         """The KV pool's storage dtype: the model's, or float8 e4m3 (attention/kv_quant.py)."""
         self.backend = get_attention_backend(attention_backend)
         # tp: parallel.TPGroup or None. The registry picks the architecture's class (model/registry.py).
-        self.model = build_model(hf_config, self.backend, dtype, device, tp, source=f"{model_dir}/config.json")
+        self.model = build_model(hf_config, self.backend, dtype, device, tp, source=f"{model_dir}/config.json",
+                                 quantization=quantization)
         self.cfg = self.model.cfg
         if load_format == "dummy":
             self.model.init_dummy()
+            self.model.process_weights()
         else:
             self.model.load_weights(iter_checkpoint(model_dir))
         if self.kv_dtype == FP8_KV_DTYPE:

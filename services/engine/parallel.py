@@ -177,7 +177,7 @@ class TensorParallelRunner:
 
     def __init__(self, model_dir, hf_config: dict, dtype: torch.dtype, device: torch.device, attention_backend: str,
                  block_size: int, load_format: str, tensor_parallel_size: int, seed: int | None,
-                 collective_timeout_s: float = 120.0, kv_cache_dtype: str = "auto"):
+                 collective_timeout_s: float = 120.0, kv_cache_dtype: str = "auto", quantization: str | None = None):
         from services.engine.model.registry import model_config
         from services.engine.model.sharding import check_tensor_parallel
         from services.engine.model_runner import ModelRunner
@@ -199,7 +199,8 @@ class TensorParallelRunner:
         store = self._store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=_STARTUP_TIMEOUT)
         spec = {"model_dir": str(model_dir), "hf_config": hf_config, "dtype": str(dtype).removeprefix("torch."),
                 "device": str(device), "attention_backend": attention_backend, "block_size": block_size,
-                "load_format": load_format, "kv_cache_dtype": kv_cache_dtype, "seed": seed, "world_size": tp,
+                "load_format": load_format, "kv_cache_dtype": kv_cache_dtype, "quantization": quantization,
+                "seed": seed, "world_size": tp,
                 "parent_pid": os.getpid(), "collective_timeout_s": collective_timeout_s,
                 "threads": max(1, torch.get_num_threads() // tp)}
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -216,7 +217,8 @@ class TensorParallelRunner:
         try:
             self.group, self._control = _init_groups(0, tp, device, store, collective_timeout_s)
             self.local = ModelRunner(model_dir, hf_config, dtype, device, attention_backend, block_size,
-                                     load_format, tp=self.group, kv_cache_dtype=kv_cache_dtype)
+                                     load_format, tp=self.group, kv_cache_dtype=kv_cache_dtype,
+                                     quantization=quantization)
             self._guard(lambda: dist.barrier(group=self._control))  # every worker has loaded its shard
         except BaseException:
             self.shutdown()
@@ -451,7 +453,7 @@ def worker_main(spec: dict) -> int:
     progress = _Progress(store, rank)
     runner = ModelRunner(Path(spec["model_dir"]), spec["hf_config"], getattr(torch, spec["dtype"]), device,
                          spec["attention_backend"], spec["block_size"], spec["load_format"], tp=group,
-                         kv_cache_dtype=spec["kv_cache_dtype"])
+                         kv_cache_dtype=spec["kv_cache_dtype"], quantization=spec.get("quantization"))
     dist.barrier(group=control)
     log.info("rank %d of %d ready on %s", rank, world, device)
     while True:

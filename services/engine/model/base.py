@@ -113,12 +113,23 @@ class CausalLM(torch.nn.Module):
                 m.check_loaded(mname)
         missing = []
         for pname, p in params.items():
+            if getattr(p, "optional", False):  # a quantized layer's tensor that some checkpoints omit (GPTQ g_idx)
+                continue
             shards = getattr(p, "shard_ids", None) or self._shards_of(pname)
             if (pname, None) not in done and not all((pname, s) in done for s in shards):
                 missing.append(pname)
         if missing:
             raise ValueError(f"model: the checkpoint lacks {len(missing)} tensor(s) that a {self.cfg.architecture} "
                              f"with this config.json needs, e.g. {missing[:3]}")
+        self.process_weights()
+
+    def process_weights(self) -> None:
+        """Turn each linear layer's checkpoint tensors into what its kernel reads (quantized layouts)."""
+        from services.engine.model.layers.linear import LinearBase
+
+        for m in self.modules():
+            if isinstance(m, LinearBase):
+                m.method.process_after_loading(m)
 
     def param_target(self, name: str) -> tuple[str, object]:
         """A Folio tensor name -> (parameter name, shard id) through `stacked_params` (shard None: the whole)."""

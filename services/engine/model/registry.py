@@ -79,15 +79,26 @@ def model_config(hf: dict, source: str = "config.json"):
     return model_class(hf, source).make_config(hf, source)
 
 
-def build_model(hf: dict, backend, dtype, device, tp=None, source: str = "config.json"):
-    """Construct the architecture's model on `device` in `dtype` with empty weights (load them next)."""
+def build_model(hf: dict, backend, dtype, device, tp=None, source: str = "config.json", quantization: str | None = None):
+    """Construct the architecture's model on `device` in `dtype` with empty weights (load them next).
+    `quantization` overrides config.json's quantization_config (services/engine/model/quantization)."""
+    import contextlib
+
     import torch
 
     from services.engine.model.base import build_context
+    from services.engine.model.layers.linear import deferred_weights
+    from services.engine.model.quantization import apply_quantization, get_quant_config
 
     cls = model_class(hf, source)
     cfg = cls.make_config(hf, source)
-    with build_context(dtype, device):
+    qcfg = get_quant_config(hf, quantization, source)
+    if qcfg is not None:
+        qcfg.check_device(torch.device(device))
+    with build_context(dtype, device), (deferred_weights() if qcfg is not None else contextlib.nullcontext()):
         model = cls(cfg, backend, tp)
+        if qcfg is not None:
+            apply_quantization(model, qcfg)
+    model.quant_config = qcfg
     model.finish(device, fused_elementwise=torch.device(device).type == "cuda")
     return model

@@ -1,0 +1,158 @@
+"""FP8 (e4m3) weights: vLLM's `fp8` format (per-tensor weight scales, static or dynamic activations; or FP8 made
+at load from a 16-bit checkpoint), Meta's `fbgemm_fp8` (per-channel, dynamic per-token activations with an
+upper bound), and the FP8 schemes of compressed-tensors (compressed_tensors.py builds `FP8Method` too).
+
+Loaded form: weight [N, K] float8_e4m3fn, weight_scale [N] float32 (per-tensor scales of fused q/k/v are
+spread over their rows), input_scale float32 [] (static) or None (dynamic per token). On Hopper-class GPUs
+the GEMM is torch._scaled_mm with row-wise scales; elsewhere (CPU) the weight is dequantized, and the
+activations stay unquantized: the CPU path is the weight-only reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.engine.model.layers.linear import weight_param
+from services.engine.model.quantization.base import QuantConfig, all_or_none, matches
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (fp8 [N, K], float32 scales [N]) with each row's max at FP8_MAX."""
+    scale = (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None, ub: float | None):
+    """x [M, K] -> (fp8 [M, K], float32 scales [M, 1]): per token (dynamic) or the checkpoint's one scale."""
+    if static_scale is not None:
+        s = static_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    else:
+        amax = x.abs().amax(dim=1, keepdim=True).float()
+        if ub is not None:
+            amax = amax.clamp(max=ub)
+        s = (amax / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def cuda_fp8_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def check_fp8_device(name: str, device: torch.device) -> None:
+    if device.type == "cuda" and not cuda_fp8_ok(device):
+        cap = torch.cuda.get_device_capability(device)
+        raise ValueError(f"quantization {name!r}: FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper); "
+                         f"{device} is {cap[0]}.{cap[1]}")
+
+
+class FP8Method:
+    """One linear layer's FP8 weight. serialized: the checkpoint holds FP8 tensors (else a 16-bit weight is
+    quantized per channel after loading); per_channel: weight_scale [N, 1] (else one per projection);
+    static_input: the checkpoint holds input_scale (else dynamic per-token)."""
+
+    def __init__(self, prefix: str, serialized: bool = True, per_channel: bool = False, static_input: bool = False,
+                 scale_ub: float | None = None):
+        self.prefix, self.serialized, self.per_channel = prefix, serialized, per_channel
+        self.static_input, self.scale_ub = static_input, scale_ub
+
+    def create_weights(self, layer, k: int, n: int) -> None:
+        if not self.serialized:
+            layer.weight = weight_param(torch.empty(n, k), out_dim=0, in_dim=1)
+            return
+        layer.weight = weight_param(torch.empty(n, k, dtype=FP8), out_dim=0, in_dim=1)
+        if self.per_channel:
+            layer.weight_scale = weight_param(torch.empty(n, 1, dtype=torch.float32), out_dim=0)
+        else:
+            layer.weight_scale = weight_param(torch.empty(layer.num_shards, dtype=torch.float32), per_shard=True)
+        if self.static_input:
+            layer.input_scale = weight_param(torch.empty(layer.num_shards, dtype=torch.float32), per_shard=True)
+
+    def process_after_loading(self, layer) -> None:
+        if self.serialized:
+            w = layer.weight.data
+            if self.per_channel:
+                scale = layer.weight_scale.data.reshape(-1).float()
+            else:  # one scale per projection of a fused layer, spread over that projection's rows
+                parts = torch.tensor(layer.output_parts, device=w.device)
+                scale = layer.weight_scale.data.float().repeat_interleave(parts)
+            in_scale = layer.input_scale.data.float().max() if self.static_input else None  # as vLLM: the max
+        else:
+            w, scale = quantize_weight_per_channel(layer.weight.data)
+            in_scale = None
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ValueError(f"{self.prefix}: weight_scale holds a zero, negative or non-finite scale")
+        for name, _ in list(layer.named_parameters(recurse=False)):
+            if name != "bias":
+                delattr(layer, name)
+        layer.weight = weight_param(w.contiguous())
+        layer.weight_scale = weight_param(scale.reshape(1, -1).contiguous())
+        layer.input_scale = weight_param(in_scale) if in_scale is not None else None
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        n, k = layer.weight.shape
+        if x.is_cuda and n % 16 == 0 and k % 16 == 0:
+            xq, xs = quantize_activation(x2, layer.input_scale, self.scale_ub)
+            y = torch._scaled_mm(xq, layer.weight.t(), scale_a=xs, scale_b=layer.weight_scale,
+                                 out_dtype=torch.bfloat16).to(x.dtype)
+        else:
+            w = (layer.weight.float() * layer.weight_scale.reshape(-1, 1)).to(x.dtype)
+            y = F.linear(x2, w)
+        y = y.reshape(*shape[:-1], n)
+        return y if bias is None else y + bias
+
+
+class FP8Config(QuantConfig):
+    """vLLM's `fp8`: {"quant_method": "fp8", "activation_scheme": "static"|"dynamic", "ignored_layers": [...]}."""
+
+    name = "fp8"
+
+    @classmethod
+    def from_config(cls, qc: dict, source: str, serialized: bool = True) -> "FP8Config":
+        self = cls()
+        self.source, self.serialized = source, serialized
+        self.static = self.field(qc, "activation_scheme", str, "dynamic", choices=("static", "dynamic")) == "static"
+        if qc.get("weight_block_size") is not None:
+            raise ValueError(f"{source}: quantization_config.weight_block_size {qc['weight_block_size']}: block-wise "
+                             f"FP8 (DeepSeek-style) is not supported; per-tensor and per-channel are")
+        self.skip = list(self.field(qc, "ignored_layers", list, []) or [])
+        return self
+
+    def check_device(self, device):
+        check_fp8_device(self.name, device)
+
+    def method_for(self, prefix, ckpt_names, layer):
+        if all_or_none(prefix, ckpt_names, lambda n: any(matches(n, p) for p in self.skip), "ignored_layers"):
+            return None
+        return FP8Method(prefix, serialized=self.serialized, static_input=self.static and self.serialized)
+
+
+class FBGemmFP8Config(QuantConfig):
+    """Meta's `fbgemm_fp8`: per-channel weight scales, dynamic per-token activations bounded by
+    activation_scale_ub."""
+
+    name = "fbgemm_fp8"
+
+    @classmethod
+    def from_config(cls, qc: dict, source: str) -> "FBGemmFP8Config":
+        self = cls()
+        self.source = source
+        ub = self.field(qc, "activation_scale_ub", (int, float), 1200.0)
+        if ub <= 0:
+            raise ValueError(f"{source}: quantization_config.activation_scale_ub must be positive, got {ub}")
+        self.ub = float(ub)
+        self.skip = list(self.field(qc, "modules_to_not_convert", list, []) or [])
+        return self
+
+    def check_device(self, device):
+        check_fp8_device(self.name, device)
+
+    def method_for(self, prefix, ckpt_names, layer):
+        if all_or_none(prefix, ckpt_names, lambda n: any(matches(n, p) for p in self.skip), "modules_to_not_convert"):
+            return None
+        return FP8Method(prefix, per_channel=True, scale_ub=self.ub)

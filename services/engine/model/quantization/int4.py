@@ -1,0 +1,83 @@
+"""What the 4-bit weight-only schemes (GPTQ, AWQ, compressed-tensors W4A16) become once loaded: one layout
+that the Triton W4A16 kernel (kernels/w4a16.py) and the CPU reference both read.
+
+    qweight [ceil(K/8), N] int32: input row 8p+i of column n in bits 4i..4i+3 of qweight[p, n] (GPTQ's order)
+    scales  [G, N] in the model's dtype; zeros [G, N] uint8 (the unsigned zero point; 8 when symmetric)
+    perm    [K] int32 or None: act-order, rows sorted by group; the kernel reads x's columns through it
+Each scheme's loader converts its own on-disk packing into this once, after loading.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.w4a16 import unpack_int4_rows, w4a16, w4a16_reference
+from services.engine.model.layers.linear import weight_param
+
+BITS, PACK = 4, 8
+
+
+def pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """[K, N] values 0..15 -> [ceil(K/8), N] int32, row 8p+i in bits 4i of word p (zero padded)."""
+    k, n = q.shape
+    rows = -(-k // PACK) * PACK
+    q = torch.nn.functional.pad(q.to(torch.int32), (0, 0, 0, rows - k)).reshape(-1, PACK, n)
+    out = torch.zeros(rows // PACK, n, dtype=torch.int32, device=q.device)
+    for i in range(PACK):
+        out |= q[:, i] << (BITS * i)
+    return out
+
+
+def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """pack_rows' inverse: -> [k, N] int32."""
+    return unpack_int4_rows(packed, k)
+
+
+def unpack_cols(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """[R, ceil(n/8)] int32, column 8p+i in bits 4i of word p -> [R, n] int32."""
+    return unpack_rows(packed.t(), n).t()
+
+
+def act_order_perm(prefix: str, g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """g_idx [K] (each input row's group) -> the permutation that sorts rows by group, or None when the
+    groups are already contiguous. Refuses a g_idx that does not give every group `group_size` rows."""
+    k = g_idx.numel()
+    g_idx = g_idx.to(torch.int64).cpu()
+    natural = torch.arange(k) // group_size
+    if torch.equal(g_idx, natural):
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm], natural):
+        raise ValueError(f"{prefix}: g_idx does not assign {group_size} input rows to each group (the act-order "
+                         f"layout GPTQ writes); the checkpoint contradicts quantization_config.group_size")
+    return perm.to(torch.int32)
+
+
+class Int4Layout:
+    """The loaded form's apply; the scheme classes subclass it and call `install` from their
+    `process_after_loading`."""
+
+    def install(self, layer, q_kn: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                perm: torch.Tensor | None) -> None:
+        """q_kn [K, N] values 0..15 (rows in checkpoint order), scales/zeros [G, N]; replaces the checkpoint
+        parameters by the canonical ones."""
+        k, n = q_kn.shape
+        dev = scales.device
+        if perm is not None:
+            q_kn = q_kn[perm.to(q_kn.device).long()]
+        for name, _ in list(layer.named_parameters(recurse=False)):
+            if name != "bias":
+                delattr(layer, name)
+        layer.qweight = weight_param(pack_rows(q_kn).to(dev))
+        layer.scales = weight_param(scales.contiguous())
+        layer.zeros = weight_param(zeros.to(torch.uint8).to(dev))
+        layer.perm = weight_param(perm.to(dev)) if perm is not None else None
+        layer.group_size, layer.in_k = group_size, k
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        fn = w4a16 if x.is_cuda else w4a16_reference
+        y = fn(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
+        y = y.reshape(*shape[:-1], y.shape[-1])
+        return y if bias is None else y + bias
