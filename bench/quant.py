@@ -36,6 +36,7 @@ HIDDEN, INTER, Q, KV = 4096, 14336, 4096, 1024
 SHAPES = {"qkv": (HIDDEN, Q + 2 * KV), "o": (Q, HIDDEN), "gate_up": (HIDDEN, 2 * INTER), "down": (INTER, HIDDEN)}
 """name -> (K, N) of the Llama-3-8B linear layers."""
 MS = (1, 16, 64, 256)
+DTYPE = torch.bfloat16
 
 
 def bench(fn) -> float:
@@ -52,7 +53,7 @@ def rel_err(a, b) -> float:
 def int4_weights(k: int, n: int, group: int, act_order: bool, g: torch.Generator):
     q = torch.randint(0, 16, (k, n), generator=g, device=DEV)
     groups = k // group
-    scales = (torch.rand(groups, n, generator=g, device=DEV) * 0.01 + 0.002).to(torch.bfloat16)
+    scales = (torch.rand(groups, n, generator=g, device=DEV) * 0.01 + 0.002).to(DTYPE)
     zeros = torch.randint(0, 16, (groups, n), generator=g, device=DEV).to(torch.uint8)
     perm = torch.randperm(k, generator=g, device=DEV).to(torch.int32) if act_order else None
     return pack_rows(q), scales, zeros, perm
@@ -77,7 +78,7 @@ def checks(failures: list) -> list[dict]:
         for m in MS:
             for act_order in ((False, True) if name == "o" and m == 16 else (False,)):
                 qw, s, z, perm = int4_weights(k, n, 128, act_order, g)
-                x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+                x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
                 w = dequantize_int4(qw, s, z, 128, k)
                 xs = x[:, perm.long()] if perm is not None else x
                 ref = xs.float() @ w
@@ -88,10 +89,10 @@ def checks(failures: list) -> list[dict]:
                              "rel_err": err, "ok": ok})
                 if not ok:
                     failures.append(rows[-1])
-        w = torch.randn(n, k, generator=g, device=DEV).to(torch.bfloat16) * 0.02
+        w = torch.randn(n, k, generator=g, device=DEV).to(DTYPE) * 0.02
         layer, method = fp8_layer(w)
         for m in (1, 256):
-            x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+            x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
             xq, xs = quantize_activation(x, None, None)
             ref = (xq.float() * xs) @ (layer.weight.float() * layer.weight_scale.reshape(-1, 1)).t()
             err = rel_err(method.apply(layer, x, None), ref)
@@ -99,10 +100,15 @@ def checks(failures: list) -> list[dict]:
             rows.append({"check": "fp8_scaled_mm", "shape": name, "M": m, "rel_err": err, "ok": ok})
             if not ok:
                 failures.append(rows[-1])
-    # A decode step's W4A16 GEMM captured in a CUDA graph replays to the eager result.
+    return rows
+
+
+def graph_check(failures: list) -> list[dict]:
+    """A decode step's W4A16 GEMM captured in a CUDA graph replays to the eager result on new input."""
+    g = torch.Generator(device=DEV).manual_seed(3)
     k, n = SHAPES["gate_up"]
     qw, s, z, _ = int4_weights(k, n, 128, False, g)
-    x = torch.randn(1, k, generator=g, device=DEV).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
     eager = w4a16(x, qw, s, z, 128)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -112,22 +118,22 @@ def checks(failures: list) -> list[dict]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = w4a16(x, qw, s, z, 128)
-    x.copy_(torch.randn(1, k, generator=g, device=DEV).to(torch.bfloat16))
+    x.copy_(torch.randn(1, k, generator=g, device=DEV).to(DTYPE))
     graph.replay()
     torch.cuda.synchronize()
     err = rel_err(out, w4a16(x, qw, s, z, 128))
     ok = err < 1e-6 and not torch.equal(out, eager)
-    rows.append({"check": "w4a16_cuda_graph", "shape": "gate_up", "M": 1, "rel_err": err, "ok": ok})
+    row = {"check": "w4a16_cuda_graph", "shape": "gate_up", "M": 1, "rel_err": err, "ok": ok}
     if not ok:
-        failures.append(rows[-1])
-    return rows
+        failures.append(row)
+    return [row]
 
 
 def timings() -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(1)
     weights = {}
     for name, (k, n) in SHAPES.items():
-        w = (torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.bfloat16)
+        w = (torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE)
         weights[name] = (w, int4_weights(k, n, 128, False, g), fp8_layer(w))
     rows = []
     for m in MS:
@@ -135,7 +141,7 @@ def timings() -> list[dict]:
         per = {}
         for name, (k, n) in SHAPES.items():
             w, (qw, s, z, _), (layer, method) = weights[name]
-            x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+            x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
             one = {"bf16": bench(lambda: F.linear(x, w)), "w4a16": bench(lambda: w4a16(x, qw, s, z, 128)),
                    "fp8": bench(lambda: method.apply(layer, x, None))}
             per[name] = one
@@ -158,7 +164,7 @@ def sweep() -> list[dict]:
                 for bm, w_ in ((64, 4), (128, 8), (128, 4))]
     for cfg in configs:
         for m in ((1,) if cfg["BLOCK_M"] == 16 else (256,)):
-            x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+            x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
             rows.append({"M": m, "config": cfg, "ms": bench(lambda: w4a16(x, qw, s, z, 128, config=cfg))})
     return rows
 
@@ -170,12 +176,12 @@ def main() -> int:
     args = ap.parse_args()
     start = time.time()
     failures: list = []
-    check_rows = checks(failures)
+    check_rows = checks(failures) + graph_check(failures)
     print(f"{'check':<18}{'shape':<9}{'M':>5}  {'act_order':<10}{'split_k':>8}  {'rel_err':>10}  ok")
     for r in check_rows:
         print(f"{r['check']:<18}{r['shape']:<9}{r['M']:>5}  {str(r.get('act_order', '')):<10}"
               f"{str(r.get('split_k', '')):>8}  {r['rel_err']:>10.2e}  {r['ok']}")
-    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu",
               "torch": torch.__version__, "checks": check_rows, "failures": len(failures)}
     if not args.quick and not failures:
         result["timings"] = timings()
