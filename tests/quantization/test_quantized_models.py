@@ -98,3 +98,38 @@ def test_fp8_at_load_from_a_float_checkpoint(tmp_path):
         compare(llm, ref, arch.config["vocab_size"], "llama fp8 at load")
     finally:
         llm.shutdown()
+
+
+def test_fp8_gemm_path_matches_compressed_tensors_own_forward(tmp_path, monkeypatch):
+    """The GPU path's arithmetic (FP8 activations per token, torch._scaled_mm, which also runs on CPU)
+    against transformers loading the same compressed-tensors checkpoint, whose forward quantizes the
+    activations itself: an independent implementation of the whole W8A8 scheme."""
+    import transformers
+
+    from services.engine.model.quantization.fp8 import FP8Method
+
+    arch, _ = quantized_checkpoint(tmp_path, "llama", lambda s: qz.compressed_fp8(s, per_channel=True, static=False))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    monkeypatch.setattr(FP8Method, "use_scaled_mm", staticmethod(lambda x, n, k: True))
+    llm = serve(tmp_path)
+    try:
+        batch = harness.prompts(arch.config["vocab_size"], lens=(5, 17), seed=4)
+        for p, g in zip(batch, harness.folio_prefill_logits(llm.engine.runner, batch)):
+            err = (g - harness.hf_logits(ref, p)).abs().max().item()
+            assert err <= 1e-3, f"prompt of {len(p)} tokens: max |logit diff| {err:.2e}"
+    finally:
+        llm.shutdown()
+
+
+def test_compressed_tensors_w4a16_matches_transformers_own_loader(tmp_path):
+    """transformers' compressed-tensors integration decompresses the same checkpoint itself (symmetric:
+    its asymmetric path does not load compressed-tensors 0.20's packed zero points)."""
+    import transformers
+
+    arch, _ = quantized_checkpoint(tmp_path, "qwen2", lambda s: qz.compressed_int4(s, 32, sym=True))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = serve(tmp_path)
+    try:
+        compare(llm, ref, arch.config["vocab_size"], "qwen2 ct-w4a16 vs transformers")
+    finally:
+        llm.shutdown()

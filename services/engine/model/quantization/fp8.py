@@ -49,6 +49,16 @@ def check_fp8_device(name: str, device: torch.device) -> None:
                          f"{device} is {cap[0]}.{cap[1]}")
 
 
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+             ub: float | None) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] fp8 * weight_scale [1, N]).T with x quantized to FP8 (per token, or the static
+    scale): torch._scaled_mm with row-wise scales, accumulating in float32. Its output is bfloat16 on CUDA
+    (what row-wise scaling supports there), float32 elsewhere."""
+    xq, xs = quantize_activation(x, input_scale, ub)
+    out = torch.bfloat16 if x.is_cuda else torch.float32
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out).to(x.dtype)
+
+
 class FP8Method:
     """One linear layer's FP8 weight. serialized: the checkpoint holds FP8 tensors (else a 16-bit weight is
     quantized per channel after loading); per_channel: weight_scale [N, 1] (else one per projection);
@@ -92,14 +102,17 @@ class FP8Method:
         layer.weight_scale = weight_param(scale.reshape(1, -1).contiguous())
         layer.input_scale = weight_param(in_scale) if in_scale is not None else None
 
+    @staticmethod
+    def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:
+        """FP8 GEMMs on the GPU (the device check refused GPUs without them); _scaled_mm wants K, N % 16."""
+        return x.is_cuda and n % 16 == 0 and k % 16 == 0
+
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, k = layer.weight.shape
-        if x.is_cuda and n % 16 == 0 and k % 16 == 0:
-            xq, xs = quantize_activation(x2, layer.input_scale, self.scale_ub)
-            y = torch._scaled_mm(xq, layer.weight.t(), scale_a=xs, scale_b=layer.weight_scale,
-                                 out_dtype=torch.bfloat16).to(x.dtype)
+        if self.use_scaled_mm(x, n, k):
+            y = fp8_gemm(x2, layer.weight, layer.weight_scale, layer.input_scale, self.scale_ub)
         else:
             w = (layer.weight.float() * layer.weight_scale.reshape(-1, 1)).to(x.dtype)
             y = F.linear(x2, w)
