@@ -43,11 +43,14 @@ def _w4a16_kernel(
         cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0) if HAS_PERM else offs_k
         a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        # Eight rows share a word: each is loaded once per row it serves (from L1) and shifted into place.
+        # Each word holds eight consecutive rows: load BLOCK_K / 8 words per column once, then spread them
+        # into rows in registers (row 8p + i = bits 4i of word p). Rows past K multiply x's zero columns.
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                         mask=(offs_w < tl.cdiv(k_end, 8))[:, None] & n_mask[None, :], other=0)
+        shifts = tl.arange(0, 8) * 4
+        q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
         kn_mask = k_mask[:, None] & n_mask[None, :]
-        packed = tl.load(qw_ptr + (offs_k // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :], mask=kn_mask,
-                         other=0)
-        q = (packed >> ((offs_k % 8) * 4)[:, None]) & 0xF
         if SCALE_PER_TILE:  # the tile lies inside one group: one row of scales and zeros
             g = k0 // group_size
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)[None, :]

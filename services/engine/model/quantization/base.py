@@ -67,6 +67,10 @@ def apply_quantization(model, qcfg: QuantConfig | None) -> None:
     """Give every linear layer its weight method (by its checkpoint names) and create its parameters."""
     from services.engine.model.layers.linear import LinearBase, PlainWeight
 
+    # By name: layers/moe.py reaches the loader, which reaches this package (an import cycle).
+    if qcfg is not None and any(type(m).__name__ == "FusedMoE" for m in model.modules()):
+        raise ValueError(f"{qcfg.source}: quantization_config ({qcfg.name}) on a mixture-of-experts model: Folio's "
+                         f"expert kernels take unquantized weights only (docs/quantization.md)")
     for prefix, m in model.named_modules():
         if isinstance(m, LinearBase):
             m.prefix = prefix
