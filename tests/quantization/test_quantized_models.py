@@ -133,3 +133,19 @@ def test_compressed_tensors_w4a16_matches_transformers_own_loader(tmp_path):
         compare(llm, ref, arch.config["vocab_size"], "qwen2 ct-w4a16 vs transformers")
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("scheme", ["gptq-g32-asym"])
+def test_tensor_parallel_cuts_quantized_tensors(tmp_path, scheme):
+    """tensor_parallel_size=2 (CPU, gloo): packed words, packed zero points and group scales are cut by the
+    linear layers' loaders (output features for q/k/v and gate/up, input groups for o and down)."""
+    arch, ref = quantized_checkpoint(tmp_path, "qwen2", SCHEMES[scheme])
+    batch = harness.prompts(arch.config["vocab_size"], lens=PROMPT_LENS, seed=3)
+    llm = serve(tmp_path, tensor_parallel_size=2)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch],
+                            SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    for p, o in zip(batch, outs):
+        assert o.outputs[0].token_ids == harness.hf_greedy(ref, p, NEW_TOKENS), f"{scheme}: prompt of {len(p)} tokens"
