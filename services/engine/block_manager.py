@@ -1,7 +1,9 @@
 """KV block bookkeeping: the pool of fixed-size blocks, per-sequence block tables, sharing and prefix caching.
 
 No torch here: the block manager decides *which* physical blocks hold which tokens; the model runner
-moves the bytes. Invariants (checked by `check_invariants`, used in tests):
+moves the bytes. Each table also lives as a row of one persistent int32 array (`table_rows`), written
+where a table changes (a block appended, copied on write, slid out), so a step gathers its block
+tables in one indexing operation instead of rebuilding every table's list. Invariants (checked by `check_invariants`, used in tests):
   * a block's ref_count equals the number of block tables holding it;
   * a block is in the free queue iff its ref_count is 0;
   * a block has a hash iff it is full of computed tokens and registered in the cache map, and then the
@@ -25,6 +27,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 
 class HasTokens(Protocol):
@@ -142,6 +146,8 @@ class BlockTable:
     last_hash: int | None = None
     num_slid_out: int = 0
     """Leading entries released because the sliding window passed them (all SLID_OUT)."""
+    row: int = -1
+    """Its row of BlockManager's table array (the block ids, 0-padded)."""
 
     def ids(self) -> list[int]:
         return [b.block_id for b in self.blocks]
@@ -160,6 +166,9 @@ class BlockManager:
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         self.tables: dict[int, BlockTable] = {}
+        self._rows = np.zeros((64, 16), dtype=np.int32)
+        """Row r: the block ids of the table holding row r (0 past its end); grown by doubling."""
+        self._free_rows: list[int] = list(range(63, -1, -1))
         self.prefix_queries = 0
         self.prefix_hits = 0
         """Token counts over admitted sequences: tokens looked up in the prefix cache and tokens found
@@ -180,6 +189,31 @@ class BlockManager:
 
     def block_ids(self, seq_id: int) -> list[int]:
         return self.tables[seq_id].ids()
+
+    def table_rows(self, seq_ids: list[int]) -> np.ndarray:
+        """The block tables of `seq_ids`, one row each, 0-padded to a width that is a multiple of 16
+        and at least the longest table's (a copy: later changes do not reach it)."""
+        tables = self.tables
+        return self._rows[[tables[i].row for i in seq_ids]]
+
+    def _new_table(self, blocks: list[Block], num_hashed: int = 0, last_hash: int | None = None,
+                   num_slid_out: int = 0) -> BlockTable:
+        if not self._free_rows:
+            n, width = self._rows.shape
+            self._rows = np.concatenate([self._rows, np.zeros((n, width), dtype=np.int32)])
+            self._free_rows = list(range(2 * n - 1, n - 1, -1))
+        table = BlockTable(blocks, num_hashed, last_hash, num_slid_out, row=self._free_rows.pop())
+        self._fit(len(blocks))
+        self._rows[table.row, :len(blocks)] = [b.block_id for b in blocks]
+        return table
+
+    def _fit(self, num_blocks: int) -> None:
+        """Widen the table array to hold `num_blocks` columns (a multiple of 16)."""
+        n, width = self._rows.shape
+        if num_blocks > width:
+            wider = np.zeros((n, max(2 * width, -(-num_blocks // 16) * 16)), dtype=np.int32)
+            wider[:, :width] = self._rows
+            self._rows = wider
 
     def num_held_blocks(self, seq_id: int) -> int:
         """Table length in blocks (positions covered), slid-out entries included."""
@@ -233,12 +267,9 @@ class BlockManager:
         """Give a new sequence its blocks: `cached` prefix blocks (shared) plus fresh ones for
         `num_new_tokens` tokens after them. Sets `seq.num_computed_tokens` past the cached prefix."""
         assert seq.seq_id not in self.tables
-        table = BlockTable()
         for b in cached:
             self.pool.acquire(b)
-            table.blocks.append(b)
-        table.num_hashed = len(cached)
-        table.last_hash = cached[-1].block_hash if cached else None
+        table = self._new_table(list(cached), len(cached), cached[-1].block_hash if cached else None)
         self.tables[seq.seq_id] = table
         seq.num_computed_tokens = len(cached) * self.block_size
         if self.enable_prefix_caching:
@@ -249,6 +280,19 @@ class BlockManager:
     def can_append(self, seq: HasTokens, num_new_tokens: int) -> bool:
         need = self._blocks_needed(seq, num_new_tokens) + int(self._needs_copy_on_write(seq))
         return need <= self.pool.num_free
+
+    def try_append(self, seq: HasTokens, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """`append` when the pool has room for it, else None (nothing changed): the scheduler's
+        per-sequence check and append in one pass."""
+        table = self.tables[seq.seq_id]
+        computed, bs = seq.num_computed_tokens, self.block_size
+        need = -(-(computed + num_new_tokens) // bs) - len(table.blocks)
+        cow = computed % bs != 0 and self._needs_copy_on_write(seq)
+        if need <= 0 and not cow:
+            return []  # room already, and no shared partly filled block to copy on write
+        if max(need, 0) + int(cow) > self.pool.num_free:
+            return None
+        return self.append(seq, num_new_tokens)
 
     def append(self, seq: HasTokens, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for `num_new_tokens` more tokens of a running sequence.
@@ -263,13 +307,21 @@ class BlockManager:
             new = self.pool.take()
             self.pool.release(old)
             table.blocks[idx] = new
+            self._rows[table.row, idx] = new.block_id
             copies.append((old.block_id, new.block_id))
         self._grow(table, seq.num_computed_tokens + num_new_tokens)
         return copies
 
     def _grow(self, table: BlockTable, num_tokens: int) -> None:
-        while len(table.blocks) * self.block_size < num_tokens:
-            table.blocks.append(self.pool.take())
+        blocks = table.blocks
+        if len(blocks) * self.block_size >= num_tokens:
+            return
+        self._fit(-(-num_tokens // self.block_size))
+        row = self._rows[table.row]
+        while len(blocks) * self.block_size < num_tokens:
+            b = self.pool.take()
+            row[len(blocks)] = b.block_id
+            blocks.append(b)
 
     def fork(self, parent: HasTokens, child: HasTokens) -> None:
         """The child shares every block of the parent (copy-on-write happens at the next append)."""
@@ -277,7 +329,7 @@ class BlockManager:
         for b in src.blocks:
             if b is not SLID_OUT:
                 self.pool.acquire(b)
-        self.tables[child.seq_id] = BlockTable(list(src.blocks), src.num_hashed, src.last_hash, src.num_slid_out)
+        self.tables[child.seq_id] = self._new_table(list(src.blocks), src.num_hashed, src.last_hash, src.num_slid_out)
 
     def mark_computed(self, seq: HasTokens, namespace: object = None) -> None:
         """Register the sequence's newly completed full blocks in the prefix cache; then, with a sliding
@@ -295,6 +347,7 @@ class BlockManager:
             i = table.num_slid_out
             self.pool.release(table.blocks[i])
             table.blocks[i] = SLID_OUT
+            self._rows[table.row, i] = SLID_OUT.block_id
             table.num_slid_out += 1
 
     def _register_full_blocks(self, seq: HasTokens, namespace: object) -> None:
@@ -318,6 +371,8 @@ class BlockManager:
         table = self.tables.pop(seq.seq_id, None)
         if table is None:
             return
+        self._rows[table.row] = 0
+        self._free_rows.append(table.row)
         for b in reversed(table.blocks):
             if b is not SLID_OUT:
                 self.pool.release(b)
@@ -337,6 +392,10 @@ class BlockManager:
             assert (b.ref_count == 0) == (b.block_id in self.pool._free), f"block {b.block_id}: free-queue mismatch"
             if b.block_hash is not None:
                 assert self.pool._cached.get(b.block_hash) is b, f"block {b.block_id}: stale hash"
+        for t in self.tables.values():
+            row = self._rows[t.row]
+            assert row[:len(t.blocks)].tolist() == t.ids() and not row[len(t.blocks):].any(), "stale table row"
+        assert len({t.row for t in self.tables.values()}) == len(self.tables), "a table row shared"
         assert len(self.pool._cached) == sum(1 for b in self.pool.blocks if b.block_hash is not None)
         assert self.pool._num_evictable == sum(1 for b in self.pool._free.values() if b.block_hash is not None)
         # Eviction order: blocks caching nothing come before every cached one.

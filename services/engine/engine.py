@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import concurrent.futures
 import logging
 import time
@@ -47,10 +48,8 @@ class _InFlight:
     sample: DeviceSample | None
     seqs: list
     """The sequence of each sampled row (a prompt forking into n samples appears n times)."""
-    rows: dict[int, int]
-    """seq_id -> its row of `sample.tokens`, for the next step's inputs (empty when needs_sync)."""
     placeholders: list
-    """Sequences holding a placeholder for this step's token."""
+    """Sequences holding a placeholder for this step's token (each knows its row: `pending_row`)."""
     beam_reqs: list
     needs_sync: bool
     """The next schedule needs these tokens on the host (forks, beams, grammars, penalties)."""
@@ -130,6 +129,10 @@ class LLMEngine:
         self.step_batch: tuple[int, int] = (0, 0)
         """(sequences, tokens) the current or last step computes."""
         self.attention_backend = backend
+        # What exists now (weights, the block pool's objects, graphs) lives as long as the engine:
+        # keep the cyclic collector from walking it again at every collection during steps.
+        gc.collect()
+        gc.freeze()
         log.info("engine ready: %s on %s (%s), backend %s, KV pool %d tokens (%d blocks x %d, %s)",
                  self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), backend,
                  num_blocks * config.block_size, num_blocks, config.block_size,
@@ -345,8 +348,8 @@ class LLMEngine:
         with self._phase("prepare"):
             if out.block_copies:
                 self.runner.copy_blocks(out.block_copies)
-            inputs = self.runner.prepare(out, [self.blocks.block_ids(s.seq.seq_id) for s in out.scheduled])
-            if prev is not None and prev.rows:
+            inputs = self.runner.prepare(out, self.blocks.table_rows([s.seq.seq_id for s in out.scheduled]))
+            if prev is not None and prev.placeholders:
                 self._fill_pending_inputs(out, inputs, prev)
         with self._phase("forward"):
             logits = self.runner.execute(inputs)
@@ -357,17 +360,23 @@ class LLMEngine:
 
     def _fill_pending_inputs(self, out: SchedulerOutput, inputs, prev: "_InFlight") -> None:
         """Input positions holding a placeholder take the token `prev` sampled, on the device. Such a
-        sequence was caught up, so its one new token is its placeholder (its first input position)."""
-        dst, src = [], []
-        starts = np.zeros(len(out.scheduled), dtype=np.int64)
-        np.cumsum(inputs.meta.query_lens_cpu[:-1], out=starts[1:])
-        for i, s in enumerate(out.scheduled):
-            if s.seq.num_pending:
-                dst.append(starts[i])
-                src.append(prev.rows[s.seq.seq_id])
-        if dst:
-            dev = inputs.input_ids.device
-            inputs.input_ids[torch.tensor(dst, device=dev)] = prev.sample.tokens[torch.tensor(src, device=dev)]
+        sequence was caught up, so its one new token is its placeholder (its first input position);
+        `Sequence.pending_row` is its row of `prev`'s tokens."""
+        dst, src, off = [], [], 0
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.num_pending:
+                dst.append(off)
+                src.append(seq.pending_row)
+            off += s.num_new_tokens
+        if not dst:
+            return
+        tokens = prev.sample.tokens
+        if len(dst) == off == tokens.shape[0] and dst == src:  # the same decode batch as before, in order
+            inputs.input_ids.copy_(tokens)
+            return
+        idx = torch.tensor([dst, src], dtype=torch.long).to(inputs.input_ids.device, non_blocking=True)
+        inputs.input_ids[idx[0]] = tokens[idx[1]]
 
     def _resolve(self, f: "_InFlight") -> list[RequestDelta]:
         """Read a launched step's tokens back, apply them (stops, forks, beams) and emit the deltas."""
@@ -429,6 +438,7 @@ class LLMEngine:
             if forks:  # the siblings are forked on the host once the token is read
                 needs_sync = True
             else:
+                seq.pending_row = len(seqs)
                 placeholders.append(seq)
                 # Penalties read the output ids on the host.
                 needs_sync = needs_sync or seq.params.has_penalties
@@ -447,8 +457,7 @@ class LLMEngine:
             for i in end_rows:  # ends without a token: no placeholder for one (its row's sample is dropped)
                 ended[seqs[i].seq_id] = (seqs[i], end_rows[i])
             placeholders = [seq for seq in placeholders if seq.seq_id not in ended]
-        rows_of = {seq.seq_id: i for i, seq in enumerate(seqs)} if not needs_sync else {}
-        return _InFlight(out, sample, seqs, rows_of, placeholders, list(beam_reqs.values()), needs_sync, ended)
+        return _InFlight(out, sample, seqs, placeholders, list(beam_reqs.values()), needs_sync, ended)
 
     def _end_by_grammar(self, seq: Sequence, reason: str) -> None:
         """End `seq` without a new token. A prompt that was to fork into n samples ends as n samples,

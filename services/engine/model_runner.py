@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 
@@ -72,50 +71,64 @@ class ModelRunner:
         return self.model.weight_bytes()
 
     # --- one step ------------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput, block_tables: list[list[int]]) -> StepInputs:
+    def prepare(self, out: SchedulerOutput, block_tables: np.ndarray) -> StepInputs:
+        """The step's inputs. `block_tables` [num scheduled, >= max blocks] int32: row i is scheduled
+        sequence i's table, 0-padded (BlockManager.table_rows). Host work is one pass over the
+        scheduled sequences for their token ids; the rest is array arithmetic."""
         bs = self.block_size
-        ids, pos, q_lens, s_lens, rows = [], [], [], [], []
-        for s in out.scheduled:
+        n_seqs = len(out.scheduled)
+        ids: list[int] = []
+        starts = np.empty(n_seqs, dtype=np.int64)
+        q_lens: list[int] = []
+        want_rows = []  # (sequence, its number of logits rows) in order, when some chunk logs its prompt
+        for i, s in enumerate(out.scheduled):
             seq, n = s.seq, s.num_new_tokens
-            start = seq.num_computed_tokens
-            base = len(ids)
+            start = starts[i] = seq.num_computed_tokens
             if n == 1:
                 ids.append(seq.token_ids[start])
-                pos.append(start)
             else:
                 ids += seq.token_ids[start:start + n]
-                pos += range(start, start + n)
             q_lens.append(n)
-            s_lens.append(start + n)
-            # The rows the scheduler assigned (ScheduledSeq): every position of a prompt-logprobs chunk,
-            # else the last token of a sequence this step catches up.
             if s.prompt_logprob_rows:
-                rows += range(base, base + n)
-            elif s.sample_row is not None:
-                rows.append(base + n - 1)
-        n_blocks = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
-        max_blocks = -(-int(n_blocks.max()) // 16) * 16  # a steady row stride for the kernels
-        tables = np.zeros((len(block_tables), max_blocks), dtype=np.int32)
-        # Scatter the ragged tables in one go: row i, columns 0..len_i-1.
-        flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(n_blocks.sum()))
-        row_of = np.repeat(np.arange(len(block_tables)), n_blocks)
-        col_of = np.arange(flat.size) - np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)
-        tables[row_of, col_of] = flat
-        pos_np = np.asarray(pos, dtype=np.int64)
+                want_rows.append((i, n))
+        q = np.asarray(q_lens, dtype=np.int64)
+        qsl = np.zeros(n_seqs + 1, dtype=np.int32)
+        np.cumsum(q, out=qsl[1:])
+        s_lens = starts + q
+        n_tok = int(qsl[-1])
+        if n_tok == n_seqs:  # decode only: one token per sequence
+            pos = starts
+            seq_of_tok = np.arange(n_seqs)
+        else:
+            seq_of_tok = np.repeat(np.arange(n_seqs), q)
+            pos = starts[seq_of_tok] + (np.arange(n_tok) - qsl[:-1].astype(np.int64)[seq_of_tok])
+        max_blocks = -(-int(-(-int(s_lens.max()) // bs)) // 16) * 16  # a steady row stride for the kernels
+        tables = np.ascontiguousarray(block_tables[:, :max_blocks])
         # slot = block_table[pos // bs] * bs + pos % bs, for each new token of each sequence
-        seq_of_tok = np.repeat(np.arange(len(q_lens)), q_lens)
-        slots = tables[seq_of_tok, pos_np // bs].astype(np.int64) * bs + pos_np % bs
-        qsl = np.zeros(len(q_lens) + 1, dtype=np.int32)
-        np.cumsum(q_lens, out=qsl[1:])
+        slots = tables[seq_of_tok, pos // bs].astype(np.int64) * bs + pos % bs
+        # The logits rows the scheduler assigned (ScheduledSeq): every position of a prompt-logprobs
+        # chunk, else the last token of a sequence this step catches up.
+        if not want_rows:
+            rows = np.asarray([qsl[i + 1] - 1 for i, s in enumerate(out.scheduled) if s.sample_row is not None],
+                              dtype=np.int64) if n_tok != n_seqs or out.num_logit_rows != n_seqs else np.arange(n_seqs)
+        else:
+            logged = dict(want_rows)
+            rows = []
+            for i, s in enumerate(out.scheduled):
+                if i in logged:
+                    rows += range(qsl[i], qsl[i + 1])
+                elif s.sample_row is not None:
+                    rows.append(qsl[i + 1] - 1)
+            rows = np.asarray(rows, dtype=np.int64)
+        s_lens_list = s_lens.tolist()
         put = self._to_device
         meta = AttentionMetadata(
-            num_seqs=len(q_lens), num_tokens=len(ids),
-            query_start_loc=put(qsl), seq_lens=put(np.asarray(s_lens, dtype=np.int32)),
+            num_seqs=n_seqs, num_tokens=n_tok,
+            query_start_loc=put(qsl), seq_lens=put(s_lens.astype(np.int32)),
             block_tables=put(tables), slot_mapping=put(slots),
-            max_query_len=max(q_lens), max_seq_len=max(s_lens), query_lens_cpu=q_lens, seq_lens_cpu=s_lens,
+            max_query_len=max(q_lens), max_seq_len=max(s_lens_list), query_lens_cpu=q_lens, seq_lens_cpu=s_lens_list,
         )
-        return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos_np), meta,
-                          put(np.asarray(rows, dtype=np.int64)))
+        return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos.astype(np.int64)), meta, put(rows))
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)

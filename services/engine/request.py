@@ -59,6 +59,8 @@ class Sequence:
     num_pending: int = 0
     """Trailing entries of `token_ids` that are placeholders (PENDING) for tokens sampled by a step
     still in flight (asynchronous scheduling, docs/engine.md); 0 or 1 between steps."""
+    pending_row: int = 0
+    """While num_pending: the row of the in-flight step's sampled tokens that holds its token."""
 
     def __post_init__(self) -> None:
         if self.logprobs is None and self.request.params.logprobs is not None:

@@ -140,14 +140,18 @@ class Scheduler:
                 # (Its token in flight is its last: computing one more would only be thrown away.)
                 i += 1
                 continue
-            while not self.blocks.can_append(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                break  # it preempted itself: everything after it is gone too
-            out.block_copies += self.blocks.append(seq, n)
+            copies = self.blocks.try_append(seq, n)
+            if copies is None:  # no room: preempt from the back until there is
+                while not self.blocks.can_append(seq, n):
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    break  # it preempted itself: everything after it is gone too
+                copies = self.blocks.append(seq, n)
+            if copies:
+                out.block_copies += copies
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
@@ -262,9 +266,10 @@ class Scheduler:
         siblings share its blocks). A sequence that ended while the step was in flight (abort, stop
         string, a stop on its previous token) drops its token. Returns the requests that got tokens."""
         touched: dict[str, Request] = {}
+        finished, running = SeqStatus.FINISHED, SeqStatus.RUNNING
         for s in out.scheduled:
             seq = s.seq
-            if seq.finished:
+            if seq.status is finished:
                 continue
             req = seq.request
             if req.first_scheduled_time is None:
@@ -272,13 +277,15 @@ class Scheduler:
             tokens = sampled.get(seq.seq_id)
             if tokens and seq.num_pending:  # first: the placeholder may lie in the computed range
                 seq.token_ids[len(seq.token_ids) - seq.num_pending] = tokens[0].token_id
-            if seq.status is SeqStatus.RUNNING:  # (one preempted meanwhile holds no blocks now)
+            if seq.status is running:  # (one preempted meanwhile holds no blocks now)
                 self.blocks.mark_computed(seq, self.namespace)
             if not tokens:
                 continue
-            seqs = [seq] + self._fork_samples(seq, len(tokens) - 1)
-            for sq, tok in zip(seqs, tokens):
-                self.append_token(sq, tok)
+            if len(tokens) == 1:
+                self.append_token(seq, tokens[0])
+            else:
+                for sq, tok in zip([seq] + self._fork_samples(seq, len(tokens) - 1), tokens):
+                    self.append_token(sq, tok)
             if req.first_token_time is None:
                 req.first_token_time = now
             touched[req.request_id] = req
