@@ -95,16 +95,24 @@ class Sampler:
             indexes = [s.index for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         x = logits if bitmask is None else apply_bitmask(logits, bitmask)
-        if any(s.num_output_tokens < s.params.min_tokens or s.params.has_penalties or s.params.logit_bias
-               for s in seqs):
+        # One pass over the batch's parameters: a batch that shares one SamplingParams (the offline
+        # API's usual case) reads it once.
+        params = [s.request.params for s in seqs]
+        distinct = {id(p): p for p in params}.values()
+        if any(p.min_tokens or p.has_penalties or p.logit_bias for p in distinct) and any(
+                s.num_output_tokens < s.params.min_tokens or s.params.has_penalties or s.params.logit_bias
+                for s in seqs):
             x = x.clone() if x is logits else x  # the raw logits stay untouched for logprobs
             self._apply_logit_bias(x, seqs)
             self._apply_min_tokens(x, seqs, eos_ids)
             self._apply_penalties(x, seqs)
 
-        greedy = [s.params.greedy for s in seqs]
-        g_rows = [i for i, gr in enumerate(greedy) if gr]
-        r_rows = [i for i, gr in enumerate(greedy) if not gr]
+        if all(p.greedy for p in distinct):
+            g_rows, r_rows = range(n), []
+        else:
+            greedy = [p.greedy for p in params]
+            g_rows = [i for i, gr in enumerate(greedy) if gr]
+            r_rows = [i for i, gr in enumerate(greedy) if not gr]
         if not r_rows:  # the common all-greedy batch: no index tensors, no host round trip
             tokens = x.argmax(dim=-1)
         else:
@@ -129,8 +137,11 @@ class Sampler:
             tokens[idx] = (probs / noise).argmax(dim=-1)
 
         sampled_lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
-        want = [s.params.logprobs for s in seqs]
-        kmax = max((k for k in want if k is not None), default=None)
+        if all(p.logprobs is None for p in distinct):
+            want, kmax = [None] * n, None
+        else:
+            want = [p.logprobs for p in params]
+            kmax = max((k for k in want if k is not None), default=None)
         ranks = top_lp = top_ids = None
         if kmax is not None:
             ranks = (raw_logprobs > sampled_lp[:, None]).sum(dim=-1) + 1
