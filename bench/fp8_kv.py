@@ -31,7 +31,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from kernels.paged_decode import paged_decode  # noqa: E402
-from services.engine.attention.kv_quant import quantize_fp8  # noqa: E402
+from services.engine.attention.kv_quant import quantize_kv_fp8  # noqa: E402
 
 DEV = torch.device("cuda")
 HQ, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3-8B attention: 32 query heads, 8 KV heads, head_dim 128
@@ -49,7 +49,7 @@ def decode_case(batch: int, ctx: int, k_scale: float, v_scale: float) -> dict:
     nb = triton.cdiv(ctx, BLOCK)
     pool = torch.randn(2, batch * nb, BLOCK, HKV, D, device=DEV, generator=g)  # K/V of a real model are ~N(0, 1)
     bf16 = pool.to(torch.bfloat16)
-    fp8 = torch.stack([quantize_fp8(pool[0], k_scale), quantize_fp8(pool[1], v_scale)])
+    fp8 = quantize_kv_fp8(pool, k_scale, v_scale)
     del pool
     tables = torch.randperm(batch * nb, device=DEV, generator=g).to(torch.int32).view(batch, nb)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
@@ -57,8 +57,11 @@ def decode_case(batch: int, ctx: int, k_scale: float, v_scale: float) -> dict:
     scale = D ** -0.5
 
     def contiguous(cache, i, s):  # [batch, HKV, ctx, D] in bf16, dequantized
-        return (cache[i][tables.long()].float() * s).to(torch.bfloat16).reshape(batch, nb * BLOCK, HKV, D)[:, :ctx] \
-            .transpose(1, 2)
+        if cache.dtype == torch.float8_e4m3fn:  # gather bytes: float8 indexing is missing on some devices
+            x = cache.view(torch.uint8)[i][tables.long()].view(cache.dtype)
+        else:
+            x = cache[i][tables.long()]
+        return (x.float() * s).to(torch.bfloat16).reshape(batch, nb * BLOCK, HKV, D)[:, :ctx].transpose(1, 2)
 
     run_bf16 = lambda: paged_decode(q, bf16, tables, lens, scale, max_seq_len=ctx)  # noqa: E731
     run_fp8 = lambda: paged_decode(q, fp8, tables, lens, scale, max_seq_len=ctx, k_scale=k_scale,  # noqa: E731

@@ -331,16 +331,18 @@ def paged_decode(
 def paged_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Torch reference of paged_decode (float32 math, output in q's dtype; an fp8 cache dequantized first)."""
-    if kv_cache.dtype != torch.float8_e4m3fn:
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if not fp8:
         k_scale = v_scale = 1.0
+    pool = kv_cache.view(torch.uint8) if fp8 else kv_cache  # gather bytes: float8 indexing is missing on some devices
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.empty_like(q)
     for i in range(num_seqs):
         n = int(seq_lens[i])
         blocks = block_tables[i, : (n + block_size - 1) // block_size].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float() * k_scale
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].float() * v_scale
+        k = pool[0, blocks].reshape(-1, num_kv_heads, head_dim)[:n].view(kv_cache.dtype).float() * k_scale
+        v = pool[1, blocks].reshape(-1, num_kv_heads, head_dim)[:n].view(kv_cache.dtype).float() * v_scale
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [n, num_heads, head_dim]
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         s = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale

@@ -134,5 +134,7 @@ def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torc
     if kv_cache.dtype == torch.float8_e4m3fn:
         key = (key.float() * (1.0 / k_scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(kv_cache.dtype)
         value = (value.float() * (1.0 / v_scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(kv_cache.dtype)
+        # Write bytes: float8 index_put is missing on some devices.
+        key, value, kv_cache = key.view(torch.uint8), value.view(torch.uint8), kv_cache.view(torch.uint8)
     kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = key
     kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from services.engine.attention import get_attention_backend
-from services.engine.attention.kv_quant import FP8_KV_DTYPE, resolve_kv_cache_dtype
+from services.engine.attention.kv_quant import FP8_KV_DTYPE, fp8_zeros, resolve_kv_cache_dtype
 from services.engine.attention.metadata import AttentionMetadata
 from services.engine.model.config import ModelConfig
 from services.engine.model.loader import iter_checkpoint
@@ -64,8 +64,11 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.cfg
         shape = (2, num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim)  # this rank's KV heads
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-                          for _ in range(c.num_hidden_layers)]
+        if self.kv_dtype == FP8_KV_DTYPE:
+            self.kv_caches = [fp8_zeros(shape, self.device) for _ in range(c.num_hidden_layers)]
+        else:
+            self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+                              for _ in range(c.num_hidden_layers)]
 
     def weight_bytes(self) -> int:
         return self.model.weight_bytes()

@@ -14,7 +14,8 @@ from kernels.paged_decode import paged_decode, paged_decode_ref  # noqa: E402
 from kernels.paged_prefill import paged_prefill, paged_prefill_ref  # noqa: E402
 from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref  # noqa: E402
 from paged_cases import assert_close, fp8_batch, hard_e4m3_values, make_batch, poisoned_like  # noqa: E402
-from services.engine.attention.kv_quant import FP8_KV_DTYPE, quantize_fp8  # noqa: E402
+from services.engine.attention.kv_quant import (  # noqa: E402
+    FP8_KV_DTYPE, fp8_zeros, quantize_fp8, quantize_kv_fp8)
 from services.engine.attention.params import AttentionParams  # noqa: E402
 from services.engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from services.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -26,8 +27,7 @@ DEVICE = torch.device("cuda")
 def _fp8_pool(batch, k_scale, v_scale):
     """make_batch's random pool (N(0,1)) spread to 0.01 ... 3 per channel and stored as fp8 with the scales."""
     spread = torch.logspace(-2, 0.5, batch.kv_cache.shape[-1], device=DEVICE)
-    pool = batch.kv_cache.float() * spread
-    return torch.stack([quantize_fp8(pool[0], k_scale), quantize_fp8(pool[1], v_scale)])
+    return quantize_kv_fp8(batch.kv_cache.float() * spread, k_scale, v_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -35,9 +35,10 @@ def test_gpu_reshape_and_cache_fp8_bits_equal_torch(dtype):
     x = hard_e4m3_values().to(dtype)
     x = torch.cat([x, x.new_zeros(-x.numel() % (8 * 128))]).view(-1, 8, 128).to(DEVICE)
     n = x.shape[0]
-    slots = torch.randperm(4 * n, device=DEVICE)[:n]
+    num_blocks = -(-4 * n // 16)
+    slots = torch.randperm(num_blocks * 16, device=DEVICE)[:n]
     slots[1] = -1
-    got = torch.zeros(2, n // 4, 16, 8, 128, dtype=FP8_KV_DTYPE, device=DEVICE)
+    got = fp8_zeros((2, num_blocks, 16, 8, 128), DEVICE)
     want = got.clone()
     reshape_and_cache(x, x.flip(0), got, slots, 0.37, 2.5)
     reshape_and_cache_ref(x, x.flip(0), want, slots, 0.37, 2.5)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.attention.kv_quant import quantize_fp8
+from services.engine.attention.kv_quant import quantize_kv_fp8
 from services.engine.attention.metadata import AttentionMetadata
 
 # Tolerances against a float32 reference, by input dtype (the kernel accumulates in fp32 and feeds
@@ -128,8 +128,7 @@ def fp8_batch(device, steps, dtype, k_scale, v_scale, num_heads=9, num_kv_heads=
     seq_lens, query_lens = map(list, zip(*steps))
     batch = make_batch(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, device)
     spread = torch.logspace(-3, 0.5, head_dim, device=device)  # channel magnitudes from subnormal to ~3
-    pool = batch.kv_cache * spread
-    cache = torch.stack([quantize_fp8(pool[0], k_scale), quantize_fp8(pool[1], v_scale)])
+    cache = quantize_kv_fp8(batch.kv_cache * spread, k_scale, v_scale)
     # New slots hold NaN (0x7F) bytes: the backend must write them itself.
     cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim)[:, batch.slot_mapping[batch.slot_mapping >= 0]] = 0x7F
     real = batch.slot_mapping.shape[0]

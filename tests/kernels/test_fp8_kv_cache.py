@@ -10,7 +10,7 @@ from kernels.copy_blocks import copy_blocks
 from kernels.paged_decode import paged_decode
 from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 from paged_cases import TOLERANCE, fp8_batch, hard_e4m3_values, kernel_device
-from services.engine.attention.kv_quant import FP8_KV_DTYPE, quantize_fp8
+from services.engine.attention.kv_quant import fp8_zeros, quantize_fp8
 from services.engine.attention.params import AttentionParams
 from services.engine.attention.torch_backend import TorchAttentionBackend, paged_attention_ref
 from services.engine.attention.triton_backend import TritonAttentionBackend
@@ -29,7 +29,7 @@ def test_reshape_and_cache_fp8_is_bit_exact_with_torch(dtype, k_scale, v_scale):
     num_blocks = -(-(n + 5) // block_size)
     slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(0))[:n].to(DEVICE)
     slots[3] = -1  # padding: nothing written
-    got = torch.zeros(2, num_blocks, block_size, heads, head_dim, dtype=FP8_KV_DTYPE, device=DEVICE)
+    got = fp8_zeros((2, num_blocks, block_size, heads, head_dim), DEVICE)
     want = got.clone()
     reshape_and_cache(k, v, got, slots, k_scale, v_scale)
     reshape_and_cache_ref(k, v, want, slots, k_scale, v_scale)

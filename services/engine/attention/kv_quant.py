@@ -53,6 +53,19 @@ def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x.float() * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
 
 
+def quantize_kv_fp8(kv: torch.Tensor, k_scale: float, v_scale: float) -> torch.Tensor:
+    """A whole [2, ...] K/V pool (keys, values) in e4m3 (benchmarks and tests build fp8 pools with it)."""
+    out = fp8_zeros(kv.shape, kv.device)
+    out[0].copy_(quantize_fp8(kv[0], k_scale))
+    out[1].copy_(quantize_fp8(kv[1], v_scale))
+    return out
+
+
+def fp8_zeros(shape, device) -> torch.Tensor:
+    """Zero bytes viewed as e4m3 (+0.0): allocating bytes needs no float8 fill kernel on the device."""
+    return torch.zeros(shape, dtype=torch.uint8, device=device).view(FP8_KV_DTYPE)
+
+
 def dequantize_fp8(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return (x.float() * scale).to(dtype)
 

@@ -59,10 +59,13 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     nblk = -(-max_len // block_size)
     tables = meta.block_tables[:, :nblk].long()
     # [num_seqs, nblk, block_size, Hkv, D] -> [num_seqs, Hkv, L, D]
-    k = kv_cache[0][tables].reshape(num_seqs, nblk * block_size, hkv, d)[:, :max_len].transpose(1, 2)
-    v = kv_cache[1][tables].reshape(num_seqs, nblk * block_size, hkv, d)[:, :max_len].transpose(1, 2)
-    if is_fp8(kv_cache):
-        k, v = dequantize_fp8(k, params.k_scale, q.dtype), dequantize_fp8(v, params.v_scale, q.dtype)
+    fp8 = is_fp8(kv_cache)
+    pool = kv_cache.view(torch.uint8) if fp8 else kv_cache  # gather bytes: float8 indexing is missing on some devices
+    k = pool[0][tables].reshape(num_seqs, nblk * block_size, hkv, d)[:, :max_len].transpose(1, 2)
+    v = pool[1][tables].reshape(num_seqs, nblk * block_size, hkv, d)[:, :max_len].transpose(1, 2)
+    if fp8:
+        k = dequantize_fp8(k.view(kv_cache.dtype), params.k_scale, q.dtype)
+        v = dequantize_fp8(v.view(kv_cache.dtype), params.v_scale, q.dtype)
 
     q_lens = torch.tensor(meta.query_lens_cpu, device=q.device)
     s_lens = torch.tensor(meta.seq_lens_cpu, device=q.device)
