@@ -8,17 +8,22 @@ points; one act-order case; a split-K case), against x @ dequant(w) in float32; 
 (FP8Method.apply, dynamic per-token activations) against the same product on the FP8-rounded operands;
 a CUDA-graph capture and replay of a W4A16 decode step. Then times, per M, the sum over one decoder
 layer's four GEMMs (qkv, o, gate_up, down): bf16, W4A16 and FP8; the W4A16 / bf16 crossover is where
-the speed-up column falls under 1. A small launch-config sweep for W4A16 at M = 1 and 256 closes.
+the speed-up column falls under 1. Then batch-1 decode through the whole engine (Llama-3-8B shape,
+random weights, CUDA graphs): bf16, FP8 made at load, random 4-bit weights under a GPTQ config. A small
+launch-config sweep for W4A16 at M = 1 and 256 closes. Sections that would pass 85 s are skipped (said so).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +157,50 @@ def timings() -> list[dict]:
     return rows
 
 
+LLAMA_3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
+                  hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                  max_position_embeddings=8192, tie_word_embeddings=False, torch_dtype="bfloat16")
+W4A16_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+
+
+def engine_decode(start: float, deadline: float) -> list[dict]:
+    """Batch-1 decode latency of the whole engine: 128 prompt tokens, then (t(257 tokens) - t(1 token)) / 256."""
+    from folio import LLM, SamplingParams
+
+    rows = []
+    for name in ("bf16", "fp8", "w4a16"):
+        if time.time() - start > deadline:
+            print(f"engine decode {name}: skipped (time budget)", flush=True)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = dict(LLAMA_3_8B, **({"quantization_config": W4A16_CONFIG} if name == "w4a16" else {}))
+            (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+            t0 = time.time()
+            llm = LLM(tmp, load_format="dummy", dtype="bfloat16", device=str(DEV), max_model_len=512, max_num_seqs=1,
+                      gpu_memory_utilization=0.5, enable_prefix_caching=False,
+                      quantization="fp8" if name == "fp8" else None)
+            startup = time.time() - t0
+            prompt = {"prompt_token_ids": list(range(1000, 1128))}
+
+            def run(n):
+                t = time.perf_counter()
+                llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+                return time.perf_counter() - t
+
+            run(8)  # warm up
+            one, full = min(run(1) for _ in range(2)), min(run(257) for _ in range(2))
+            rows.append({"weights": name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup,
+                         "weight_GB": llm.engine.runner.weight_bytes() / 1e9})
+            llm.shutdown()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(f"engine decode {name}: {rows[-1]['ms_per_token']:.2f} ms/token, weights {rows[-1]['weight_GB']:.1f} GB "
+              f"(startup {startup:.0f} s)", flush=True)
+    return rows
+
+
 def sweep() -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(2)
     k, n = SHAPES["gate_up"]
@@ -193,10 +242,21 @@ def main() -> int:
                   f"{r['fp8_speedup']:>7.2f}")
         cross = [r["M"] for r in result["timings"] if r["w4a16_speedup"] < 1]
         print(f"W4A16 slower than bf16 from M = {cross[0]}" if cross else "W4A16 faster than bf16 at every M measured")
-        result["sweep"] = sweep()
-        print("\nW4A16 launch configs on gate_up (K 4096, N 28672):")
-        for r in result["sweep"]:
-            print(f"  M={r['M']:<4} {r['config']}  {r['ms']:.4f} ms")
+        print()
+        result["engine_decode"] = engine_decode(start, deadline=55)
+        base = next((r for r in result["engine_decode"] if r["weights"] == "bf16"), None)
+        print("\nBatch-1 decode, whole engine (Llama-3-8B shape, random weights, CUDA graphs):")
+        print(f"{'weights':<8}{'ms/token':>10}{'speed-up':>10}{'weight GB':>11}")
+        for r in result["engine_decode"]:
+            up = f"{base['ms_per_token'] / r['ms_per_token']:.2f}x" if base else "-"
+            print(f"{r['weights']:<8}{r['ms_per_token']:>10.2f}{up:>10}{r['weight_GB']:>11.1f}")
+        if time.time() - start < 75:
+            result["sweep"] = sweep()
+            print("\nW4A16 launch configs on gate_up (K 4096, N 28672):")
+            for r in result["sweep"]:
+                print(f"  M={r['M']:<4} {r['config']}  {r['ms']:.4f} ms")
+        else:
+            print("\nlaunch-config sweep: skipped (time budget)")
     result["seconds"] = round(time.time() - start, 1)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"quant_{result['date']}.json")

@@ -71,9 +71,15 @@ SHAPES = {
 }
 
 
-def write_config(shape: str, directory: Path) -> Path:
+W4A16_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+"""--quantization w4a16: random 4-bit weights (load_format dummy) under a GPTQ config, run by kernels/w4a16.py."""
+
+
+def write_config(shape: str, directory: Path, quantization: str = "none") -> Path:
     cfg = dict(dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
                     bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16", attention_bias=False), **SHAPES[shape])
+    if quantization == "w4a16":
+        cfg["quantization_config"] = W4A16_CONFIG
     (directory / "config.json").write_text(json.dumps(cfg))
     return directory
 
@@ -156,7 +162,8 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
     llm = LLM(str(model_dir), load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=max_len,
               max_num_seqs=max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
-              async_scheduling=not args.no_async_scheduling)
+              async_scheduling=not args.no_async_scheduling,
+              quantization="fp8" if args.quantization == "fp8" else None)
     startup = time.perf_counter() - t0
     engine = llm.engine
     waste = []
@@ -293,8 +300,12 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="shard Folio's model over this many GPUs (the roofline then assumes their summed ceilings)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8", "w4a16"],
+                    help="weights: bf16 (none), FP8 made at load, or random GPTQ-layout 4-bit (docs/quantization.md)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.jsonl"))
     args = ap.parse_args()
+    if args.quantization == "w4a16" and not args.no_hf:
+        ap.error("--quantization w4a16 needs --no-hf (transformers reads GPTQ configs only through gptqmodel)")
     dev = torch.device(args.device)
     ceil = measure_ceilings(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -302,7 +313,7 @@ def main() -> None:
     rows = []
     for shape in args.shape:
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = write_config(shape, Path(tmp))
+            model_dir = write_config(shape, Path(tmp), args.quantization)
             for wl in args.workload:
                 work = make_workload(wl, SHAPES[shape]["vocab_size"], args.requests)
                 max_seqs = args.max_num_seqs or (1024 if wl == "many" else 256)
@@ -314,12 +325,14 @@ def main() -> None:
                     h_n, h_s, h_info = run_hf(model_dir, work, args)
                 hf_tps = h_n / h_s if h_n else float("nan")
                 roof_s = ideal_roofline_seconds(work, SHAPES[shape], max_seqs, ceil) / args.tensor_parallel_size
+                if args.quantization != "none":  # the roofline counts bf16 weight bytes
+                    roof_s = float("nan")
                 for f_n, f_s, f_info, _ in runs:
                     folio_tps = f_n / f_s
                     rec = {
                         "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
-                        "model_shape": shape, "workload": wl, "requests": len(work),
+                        "model_shape": shape, "workload": wl, "requests": len(work), "quantization": args.quantization,
                         "input_tokens": sum(len(p) for p, _ in work), "output_tokens": f_n,
                         "folio_output_tok_s": folio_tps, "hf_output_tok_s": hf_tps,
                         "ratio": folio_tps / hf_tps if h_n else None,

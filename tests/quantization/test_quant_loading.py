@@ -182,3 +182,18 @@ def test_weight_bytes_shrink():
     quant = load(qc, tensors).weight_bytes()
     linear = sum(v.numel() * 4 for k, v in state.items() if k.split(".")[-2] in qz.LINEARS)
     assert plain - quant > 0.8 * linear
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True},
+                                {"quant_method": "awq", "bits": 4, "group_size": 32},
+                                {"quant_method": "fp8", "activation_scheme": "dynamic"}])
+def test_dummy_weights_in_the_loaded_form(qc):
+    """load_format="dummy" (speed runs): random quantized weights near N(0, 0.02), the forward finite."""
+    model = build_model(dict(HF, quantization_config=qc), get_attention_backend("torch"), torch.float32,
+                        torch.device("cpu"))
+    model.init_dummy()
+    model.process_weights()
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.eye(128)
+    w = layer(x)  # rows of the dequantized [K, N] matrix
+    assert torch.isfinite(w).all() and 0.01 < w.std().item() < 0.04

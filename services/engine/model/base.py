@@ -128,8 +128,9 @@ class CausalLM(torch.nn.Module):
         from services.engine.model.layers.linear import LinearBase
 
         for m in self.modules():
-            if isinstance(m, LinearBase):
+            if isinstance(m, LinearBase) and not getattr(m, "processed", False):
                 m.method.process_after_loading(m)
+                m.processed = True
 
     def param_target(self, name: str) -> tuple[str, object]:
         """A Folio tensor name -> (parameter name, shard id) through `stacked_params` (shard None: the whole)."""
@@ -161,8 +162,16 @@ class CausalLM(torch.nn.Module):
 
     def init_dummy(self, seed: int = 0) -> None:
         """Random weights of the real shapes (vLLM's load_format="dummy"): for speed runs without a checkpoint."""
+        from services.engine.model.layers.linear import LinearBase
+
         g = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        for m in self.modules():  # quantized layers make random weights in their loaded form
+            if isinstance(m, LinearBase) and hasattr(m.method, "init_dummy"):
+                m.method.init_dummy(m, g)
+                m.processed = True
         for name, p in self.named_parameters():
+            if getattr(p, "quantized", False):
+                continue
             if p.dim() == 1 and "norm" in name:
                 p.data.fill_(1.0)
             elif name.endswith("bias"):

@@ -81,6 +81,11 @@ class FP8Method:
         if self.static_input:
             layer.input_scale = weight_param(torch.empty(layer.num_shards, dtype=torch.float32), per_shard=True)
 
+    def init_dummy(self, layer, g: torch.Generator) -> None:
+        """Random FP8 weights in the loaded layout (load_format="dummy")."""
+        w = torch.randn(layer.out_features, layer.in_features, generator=g, device=g.device) * 0.02
+        self._install(layer, *quantize_weight_per_channel(w), None)
+
     def process_after_loading(self, layer) -> None:
         if self.serialized:
             w = layer.weight.data
@@ -95,12 +100,18 @@ class FP8Method:
             in_scale = None
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError(f"{self.prefix}: weight_scale holds a zero, negative or non-finite scale")
+        self._install(layer, w, scale, in_scale)
+
+    def _install(self, layer, w: torch.Tensor, scale: torch.Tensor, in_scale: torch.Tensor | None) -> None:
         for name, _ in list(layer.named_parameters(recurse=False)):
             if name != "bias":
                 delattr(layer, name)
         layer.weight = weight_param(w.contiguous())
-        layer.weight_scale = weight_param(scale.reshape(1, -1).contiguous())
+        layer.weight_scale = weight_param(scale.float().reshape(1, -1).contiguous())
         layer.input_scale = weight_param(in_scale) if in_scale is not None else None
+        for p in (layer.weight, layer.weight_scale, layer.input_scale):
+            if p is not None:
+                p.quantized = True
 
     @staticmethod
     def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:

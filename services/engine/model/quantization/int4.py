@@ -73,6 +73,18 @@ class Int4Layout:
         layer.zeros = weight_param(zeros.to(torch.uint8).to(dev))
         layer.perm = weight_param(perm.to(dev)) if perm is not None else None
         layer.group_size, layer.in_k = group_size, k
+        for p in (layer.qweight, layer.scales, layer.zeros, layer.perm):
+            if p is not None:
+                p.quantized = True
+
+    def init_dummy(self, layer, g: torch.Generator) -> None:
+        """Random 4-bit weights in the loaded layout (load_format="dummy"): about N(0, 0.02) once dequantized."""
+        k, n, dev = layer.in_features, layer.out_features, g.device
+        group = getattr(self, "group_size", None) or getattr(self.cfg, "group_size", k)
+        group = k if group == -1 else group
+        q = torch.randint(0, 16, (k, n), generator=g, device=dev)
+        scales = torch.full((-(-k // group), n), 0.0045, device=dev)
+        self.install(layer, q, scales, torch.full_like(scales, 8, dtype=torch.uint8), group, None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
