@@ -385,10 +385,15 @@ class LLMEngine:
         with self._phase("update"):
             sampled: dict[int, list[SampledToken]] = {}
             if result is not None:
-                for i, seq in enumerate(f.seqs):
-                    if seq.seq_id not in f.ended:
-                        sampled.setdefault(seq.seq_id, []).append(
-                            SampledToken(result.token_ids[i], result.logprobs[i], result.top[i]))
+                ended = f.ended
+                for seq, tok, lp, top in zip(f.seqs, result.token_ids, result.logprobs, result.top):
+                    if ended and seq.seq_id in ended:
+                        continue
+                    got = sampled.get(seq.seq_id)
+                    if got is None:
+                        sampled[seq.seq_id] = [SampledToken(tok, lp, top)]
+                    else:  # a prompt forking into n samples: n rows
+                        got.append(SampledToken(tok, lp, top))
             touched = self.scheduler.resolve(f.out, sampled, time.monotonic())
             for seq, reason in f.ended.values():  # structured output: a dead end, or complete under min_tokens
                 if not seq.finished:
@@ -434,14 +439,18 @@ class LLMEngine:
                 beam_reqs[req.request_id] = req
                 needs_sync = True
                 continue
-            forks = req.params.n - len(req.seqs)
-            if forks:  # the siblings are forked on the host once the token is read
-                needs_sync = True
-            else:
+            params = req.params
+            forks = params.n - len(req.seqs)
+            if not forks:
                 seq.pending_row = len(seqs)
                 placeholders.append(seq)
-                # Penalties read the output ids on the host.
-                needs_sync = needs_sync or seq.params.has_penalties
+                seqs.append(seq)
+                rows.append(s.sample_row)
+                indexes.append(seq.index)
+                if params.has_penalties:  # penalties read the output ids on the host
+                    needs_sync = True
+                continue
+            needs_sync = True  # the siblings are forked on the host once the token is read
             for i in range(seq.index, seq.index + 1 + forks):
                 seqs.append(seq)
                 rows.append(s.sample_row)
@@ -450,13 +459,15 @@ class LLMEngine:
         if seqs:
             if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
                 logits = logits[torch.tensor(rows, device=logits.device)]
-            bitmask, end_rows = self.grammar.fill(seqs) if self.grammar is not None else (None, {})
+            bitmask, end_rows = (self.grammar.fill(seqs) if self.grammar is not None and self.grammar.active
+                                 else (None, {}))
             # A grammar's next mask needs this token on the host: the next step waits for it.
             needs_sync = needs_sync or bitmask is not None
             sample = self.sampler.sample(logits, seqs, self.eos_token_ids, indexes, bitmask)
-            for i in end_rows:  # ends without a token: no placeholder for one (its row's sample is dropped)
-                ended[seqs[i].seq_id] = (seqs[i], end_rows[i])
-            placeholders = [seq for seq in placeholders if seq.seq_id not in ended]
+            if end_rows:  # they end without a token: no placeholder for one (their rows' samples are dropped)
+                for i in end_rows:
+                    ended[seqs[i].seq_id] = (seqs[i], end_rows[i])
+                placeholders = [seq for seq in placeholders if seq.seq_id not in ended]
         return _InFlight(out, sample, seqs, placeholders, list(beam_reqs.values()), needs_sync, ended)
 
     def _end_by_grammar(self, seq: Sequence, reason: str) -> None:

@@ -91,6 +91,11 @@ class GrammarBackend:
         self._compiled[req.request_id] = compiled
         return None
 
+    @property
+    def active(self) -> bool:
+        """Some request holds a grammar (else a step need not look at its rows at all)."""
+        return bool(self._compiled)
+
     def constrained(self, seq: Sequence) -> bool:
         return seq.request.request_id in self._compiled
 
