@@ -197,3 +197,14 @@ def test_dummy_weights_in_the_loaded_form(qc):
     x = torch.eye(128)
     w = layer(x)  # rows of the dequantized [K, N] matrix
     assert torch.isfinite(w).all() and 0.01 < w.std().item() < 0.04
+
+
+def test_fp8_on_a_gpu_older_than_ada_is_refused_mocked_capability(monkeypatch):
+    """No GPU here: the device's compute capability is faked (8.0, an A100) to reach the refusal."""
+    from services.engine.model.quantization.fp8 import check_fp8_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"quantization 'fp8'.*8\.9.*8\.0"):
+        check_fp8_device("fp8", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device("fp8", torch.device("cuda"))
