@@ -208,7 +208,7 @@ def sweep() -> list[dict]:
     rows = []
     configs = [dict(BLOCK_M=16, BLOCK_N=n_, BLOCK_K=bk, num_warps=4, num_stages=st, SPLIT_K=sp)
                for n_, bk, st, sp in ((64, 128, 4, 1), (128, 128, 4, 1), (128, 128, 4, 2), (64, 128, 3, 4),
-                                      (256, 64, 4, 1))]
+                                      (256, 64, 4, 1), (64, 64, 4, 2), (128, 64, 4, 1), (32, 128, 4, 1))]
     configs += [dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=w_, num_stages=3, SPLIT_K=1)
                 for bm, w_ in ((64, 4), (128, 8), (128, 4))]
     for cfg in configs:
