@@ -77,7 +77,7 @@ def _sm_count(device: torch.device) -> int:
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
     """Tile sizes by batch size, and split-K when the M x N tiles would leave most SMs idle (decode)."""
     if m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     elif m <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
     else:
