@@ -109,9 +109,10 @@ def checks(failures: list) -> list[dict]:
 
 
 def graph_check(failures: list) -> list[dict]:
-    """A decode step's W4A16 GEMM captured in a CUDA graph replays to the eager result on new input."""
+    """A decode step's W4A16 GEMM (split-K: the down projection at M = 1) captured in a CUDA graph replays to
+    the eager result on new input."""
     g = torch.Generator(device=DEV).manual_seed(3)
-    k, n = SHAPES["gate_up"]
+    k, n = SHAPES["down"]
     qw, s, z, _ = int4_weights(k, n, 128, False, g)
     x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
     eager = w4a16(x, qw, s, z, 128)
@@ -128,7 +129,8 @@ def graph_check(failures: list) -> list[dict]:
     torch.cuda.synchronize()
     err = rel_err(out, w4a16(x, qw, s, z, 128))
     ok = err < 1e-6 and not torch.equal(out, eager)
-    row = {"check": "w4a16_cuda_graph", "shape": "gate_up", "M": 1, "rel_err": err, "ok": ok}
+    row = {"check": "w4a16_cuda_graph", "shape": "down", "M": 1, "split_k": pick_config(1, n, k, 128, DEV)["SPLIT_K"],
+           "rel_err": err, "ok": ok}
     if not ok:
         failures.append(row)
     return [row]

@@ -125,6 +125,7 @@ class LinearBase(torch.nn.Module):
         self.rank, self.tp_size = rank_and_size(tp)
         self.method = method or PlainWeight()
         self.in_features, self.out_features = in_features, out_features  # this rank's
+        self.params_dtype = torch.get_default_dtype()  # the model's dtype (built inside build_context)
         self.prefix = type(self).__name__  # the module's name in the model, set when a method is chosen by it
 
     @property

@@ -83,7 +83,7 @@ class Int4Layout:
         group = getattr(self, "group_size", None) or getattr(self.cfg, "group_size", k)
         group = k if group == -1 else group
         q = torch.randint(0, 16, (k, n), generator=g, device=dev)
-        scales = torch.full((-(-k // group), n), 0.0045, device=dev)
+        scales = torch.full((-(-k // group), n), 0.0045, device=dev, dtype=layer.params_dtype)
         self.install(layer, q, scales, torch.full_like(scales, 8, dtype=torch.uint8), group, None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
