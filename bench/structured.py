@@ -232,6 +232,7 @@ def cpu_engine(args) -> dict:
     """The bundled model on this CPU (float32)."""
     from folio import LLM
 
+    torch.set_num_threads(args.threads)  # OpenMP threads oversubscribed on a shared CPU spin many times slower
     llm = LLM(max_model_len=1024, dtype="float32", device="cpu", max_num_seqs=max(args.engine_batches_list))
     load_before = _load_average()
     rows = engine_throughput(llm, args.engine_batches_list, args.engine_max_tokens, args.rounds)
@@ -348,6 +349,7 @@ def main() -> None:
     ap.add_argument("--engine-batches", default="1,16,64")
     ap.add_argument("--engine-max-tokens", type=int, default=None, help="default: 16 on CPU, 128 on the GPU")
     ap.add_argument("--rounds", type=int, default=None, help="plain/schema alternations (default: 3 on CPU, 2 on the GPU)")
+    ap.add_argument("--threads", type=int, default=1, help="--engine: torch CPU threads (default 1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.engine_batches_list = list(map(int, args.engine_batches.split(",")))

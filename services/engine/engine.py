@@ -116,7 +116,8 @@ class LLMEngine:
                             self.max_model_len), self.blocks, eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(self.device, config.seed or 0)
         self.requests: dict[str, Request] = {}
-        self.grammar = GrammarBackend(self.model_dir, self.vocab_size, self.eos_token_ids) if self.tokenizer else None
+        self.grammar = (GrammarBackend(self.model_dir, self.vocab_size, self.eos_token_ids,
+                                       pin_memory=self.device.type == "cuda") if self.tokenizer else None)
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         """Requests whose grammar is compiling (held out of the scheduler until it is done)."""
         self.async_scheduling = config.async_scheduling
@@ -327,8 +328,10 @@ class LLMEngine:
                 deltas += self._unblock()
             self._count_step()
             return deltas
-        cur = self._launch(out, prev)
-        if prev is not None:
+        cur, resolved = self._launch(out, prev)
+        if resolved is not None:  # read back early, for a grammar's mask (_launch)
+            deltas += resolved
+        elif prev is not None:
             deltas += self._resolve(prev)
         if self.async_scheduling and not cur.needs_sync:
             self._inflight = cur
@@ -341,10 +344,12 @@ class LLMEngine:
         if self.step_timing is not None:
             self.step_timing["steps"] = self.step_timing.get("steps", 0) + 1
 
-    def _launch(self, out: SchedulerOutput, prev: "_InFlight | None") -> "_InFlight":
+    def _launch(self, out: SchedulerOutput, prev: "_InFlight | None") -> tuple["_InFlight", list | None]:
         """Prepare the inputs, run the forward pass and sample, without reading anything back. A
         sequence whose input is the token `prev` sampled (a placeholder on the host) reads it from
-        `prev`'s tokens on the device."""
+        `prev`'s tokens on the device. When a grammar constrains a row, its mask needs `prev`'s tokens
+        on the host: `prev` is resolved once the forward is launched (it runs meanwhile) and before
+        sampling; its deltas come back second (else None)."""
         with self._phase("prepare"):
             if out.block_copies:
                 self.runner.copy_blocks(out.block_copies)
@@ -353,10 +358,13 @@ class LLMEngine:
                 self._fill_pending_inputs(out, inputs, prev)
         with self._phase("forward"):
             logits = self.runner.execute(inputs)
+        resolved = None
+        if prev is not None and self.grammar is not None and self.grammar.constrains_any(out):
+            resolved = self._resolve(prev)
         with self._phase("sample"):
             cur = self._sample(out, logits)
             self.scheduler.advance(out, cur.placeholders, time.monotonic())
-        return cur
+        return cur, resolved
 
     def _fill_pending_inputs(self, out: SchedulerOutput, inputs, prev: "_InFlight") -> None:
         """Input positions holding a placeholder take the token `prev` sampled, on the device. Such a
@@ -432,7 +440,7 @@ class LLMEngine:
             if s.prompt_logprob_rows:
                 self._record_prompt_logprobs(req, logits[s.prompt_logprob_rows.start:s.prompt_logprob_rows.stop],
                                              seq.num_computed_tokens)
-            if s.sample_row is None:
+            if s.sample_row is None or seq.finished:  # (finished: by the step before, resolved early in _launch)
                 continue
             if req.beam is not None:  # beam search picks the tokens (beam_search.py)
                 req.beam.add_logits(seq, logits[s.sample_row])
@@ -461,8 +469,9 @@ class LLMEngine:
                 logits = logits[torch.tensor(rows, device=logits.device)]
             bitmask, end_rows = (self.grammar.fill(seqs) if self.grammar is not None and self.grammar.active
                                  else (None, {}))
-            # A grammar's next mask needs this token on the host: the next step waits for it.
-            needs_sync = needs_sync or bitmask is not None
+            # The next step reads this token back before its masks (_launch); a sequence the grammar
+            # ends now holds no placeholder, so the next schedule must see it finished.
+            needs_sync = needs_sync or bool(end_rows)
             sample = self.sampler.sample(logits, seqs, self.eos_token_ids, indexes, bitmask)
             if end_rows:  # they end without a token: no placeholder for one (their rows' samples are dropped)
                 for i in end_rows:

@@ -29,8 +29,10 @@ _CACHE_SIZE = 256
 class GrammarBackend:
     """Compiles StructuredOutputs against the model's tokenizer in one background thread, cached by spec."""
 
-    def __init__(self, model_dir: Path, vocab_size: int, eos_ids: frozenset[int]):
+    def __init__(self, model_dir: Path, vocab_size: int, eos_ids: frozenset[int], pin_memory: bool = False):
         self.model_dir = Path(model_dir)
+        self.pin_memory = pin_memory
+        """Masks in page-locked memory, so their copy to the GPU does not wait for the running forward."""
         self.vocab_size = vocab_size
         self.eos_ids = sorted(eos_ids)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="folio-grammar")
@@ -99,6 +101,10 @@ class GrammarBackend:
     def constrained(self, seq: Sequence) -> bool:
         return seq.request.request_id in self._compiled
 
+    def constrains_any(self, out) -> bool:
+        """Whether a row this step samples (SchedulerOutput `out`) is constrained."""
+        return bool(self._compiled) and any(s.sample_row is not None and self.constrained(s.seq) for s in out.scheduled)
+
     def _matcher(self, seq: Sequence):
         """The sequence's matcher, advanced over every output token it has (built on first use)."""
         import xgrammar as xgr
@@ -137,10 +143,9 @@ class GrammarBackend:
                     first[s.seq_id] = i
         if not first:
             return None, {}
-        import xgrammar as xgr
-
         rows = list(first.values())
-        mask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)  # all ones
+        # all ones (xgr.allocate_token_bitmask's layout); pinned (cached by torch) when the sampler is on a GPU
+        mask = torch.full((len(seqs), (self.vocab_size + 31) // 32), -1, dtype=torch.int32, pin_memory=self.pin_memory)
         matchers = [self._matcher(seqs[i]) for i in rows]
         self._batch.batch_fill_next_token_bitmask(matchers, mask, rows)  # on xgrammar's threads
         empty = (~mask[rows].any(dim=1)).tolist()  # one op for the whole batch
