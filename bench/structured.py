@@ -21,10 +21,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, as the other benches do
 
 SCHEMA = {
     "type": "object",
@@ -252,13 +255,11 @@ def _tokenizer_dir(out: Path) -> tuple[Path, str]:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (out / f).write_bytes((src / f).read_bytes())
         return out, "SmolLM2-135M-Instruct's (vocab 49,152)"
-    import subprocess
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    root = Path(__file__).resolve().parents[1]
-    files = [str(root / f) for f in subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=root, capture_output=True,
-                                                   text=True, check=True).stdout.split()]
+    root = Path(__file__).resolve().parents[1]  # (a copy of the tree need not be a git checkout)
+    files = sorted(str(f) for ext in ("*.py", "*.md") for f in root.rglob(ext)
+                   if not {".venv", ".git", "gen", "node_modules"} & set(f.relative_to(root).parts))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
