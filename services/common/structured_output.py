@@ -14,6 +14,44 @@ from dataclasses import dataclass, field
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
+# JSON-schema keywords xgrammar 0.2.8 accepts but does not enforce (an instance that breaks them still
+# passes its grammar; measured): refused, so a schema never promises what the output may not keep.
+# allOf is enforced only with a single subschema. oneOf is enforced as anyOf (the usual disjoint
+# alternatives, e.g. pydantic's discriminated unions, mean the same).
+_UNENFORCED = ("not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentSchemas",
+               "unevaluatedItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "propertyNames", "unevaluatedProperties")
+
+
+def unenforced_keyword(schema, path: str = "") -> str | None:
+    """The JSON pointer of the first keyword in `schema` that xgrammar would not enforce, or None."""
+    if not isinstance(schema, dict):
+        return None
+    for k in _UNENFORCED:
+        if k in schema:
+            return f"{path}/{k}"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"{path}/allOf"
+    for k in _SCHEMA_MAPS:
+        if isinstance(schema.get(k), dict):
+            for name, sub in schema[k].items():
+                found = unenforced_keyword(sub, f"{path}/{k}/{name}")
+                if found:
+                    return found
+    for k in _SCHEMA_LISTS:
+        if isinstance(schema.get(k), list):
+            for i, sub in enumerate(schema[k]):
+                found = unenforced_keyword(sub, f"{path}/{k}/{i}")
+                if found:
+                    return found
+    for k in _SCHEMA_ONE:
+        found = unenforced_keyword(schema.get(k), f"{path}/{k}")
+        if found:
+            return found
+    return None
+
 
 @dataclass(frozen=True)
 class StructuredOutputs:
@@ -55,6 +93,13 @@ class StructuredOutputs:
             raise ValueError(f"{field_name}: a JSON schema must be an object")
         return cls(json=json.dumps(schema), field_name=field_name)
 
+    def _check_keywords(self) -> None:
+        """A keyword the grammar engine would not enforce is refused, naming where it is."""
+        found = unenforced_keyword(json.loads(self.json))
+        if found:
+            raise ValueError(f"{self.field_name}: unsupported keyword {found.rsplit('/', 1)[1]!r} at {found!r} "
+                             "(structured output cannot enforce it)")
+
     @property
     def kind(self) -> str:
         return next(k for k in KINDS if getattr(self, k) not in (None, False))
@@ -68,6 +113,8 @@ class StructuredOutputs:
         """xgrammar's tokenizer-independent Grammar; ValueError naming the field when it cannot be built."""
         import xgrammar as xgr
 
+        if self.json is not None:
+            self._check_keywords()
         try:
             if self.json is not None:
                 return xgr.Grammar.from_json_schema(self.json, any_whitespace=False, strict_mode=True)

@@ -148,6 +148,11 @@ def test_json_object_regex_choice(client):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
      "response_format.json_schema.schema"),
     ({"guided_regex": "(abc"}, "guided_regex"),
+    # a keyword xgrammar would accept but not enforce (an output breaking it would pass): refused
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer", "not": {"const": 3}}}}}}},
+     "response_format.json_schema.schema"),
+    ({"guided_json": {"allOf": [{"type": "integer"}, {"minimum": 1}]}}, "guided_json"),
     ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
     ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
     ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
