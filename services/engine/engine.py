@@ -30,7 +30,7 @@ from services.common.model_location import resolve_model_path
 from services.engine.model.loader import read_config, resolve_dtype
 from services.engine.model_runner import ModelRunner, kv_bytes_per_block
 from services.engine.request import Request, SampledToken, Sequence
-from services.engine.sampler import DeviceSample, Sampler
+from services.engine.sampler import DeviceSample, Sampler, device_tensor
 from services.engine.request import SeqStatus
 from services.engine.structured import GrammarBackend
 from services.common.sampling_params import BeamSearchParams, SamplingParams
@@ -383,7 +383,7 @@ class LLMEngine:
         if len(dst) == off == tokens.shape[0] and dst == src:  # the same decode batch as before, in order
             inputs.input_ids.copy_(tokens)
             return
-        idx = torch.tensor([dst, src], dtype=torch.long).to(inputs.input_ids.device, non_blocking=True)
+        idx = device_tensor([dst, src], inputs.input_ids.device, torch.long)
         inputs.input_ids[idx[0]] = tokens[idx[1]]
 
     def _resolve(self, f: "_InFlight") -> list[RequestDelta]:
@@ -466,7 +466,7 @@ class LLMEngine:
         sample = None
         if seqs:
             if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
-                logits = logits[torch.tensor(rows, device=logits.device)]
+                logits = logits[device_tensor(rows, logits.device)]
             bitmask, end_rows = (self.grammar.fill(seqs) if self.grammar is not None and self.grammar.active
                                  else (None, {}))
             # The next step reads this token back before its masks (_launch); a sequence the grammar

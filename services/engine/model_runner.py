@@ -251,7 +251,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.device)
-        dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
+        # Pinned, non-blocking (_to_device): a plain torch.tensor(..., device=cuda) would wait for the
+        # step in flight.
+        src, dst = self._to_device(np.asarray(pairs, dtype=np.int64).T.copy())
         self.backend.copy_blocks(self.kv_caches, src, dst)
 

@@ -17,6 +17,16 @@ from services.engine.structured import apply_bitmask
 _NEG_INF = float("-inf")
 
 
+def device_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device` without waiting for the device: `torch.tensor(...,
+    device="cuda")` copies from pageable memory and synchronises the stream, which would stall the
+    host behind the step in flight (asynchronous scheduling). Pinned and non-blocking instead."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
@@ -118,10 +128,10 @@ class Sampler:
         else:
             tokens = torch.empty(n, dtype=torch.long, device=logits.device)
         if g_rows and r_rows:
-            idx = torch.tensor(g_rows, device=logits.device)
+            idx = device_tensor(g_rows, logits.device)
             tokens[idx] = x[idx].argmax(dim=-1)
         if r_rows:
-            idx = torch.tensor(r_rows, device=logits.device)
+            idx = device_tensor(r_rows, logits.device)
             probs = self._probs(x[idx], [seqs[i] for i in r_rows])
             noise = torch.empty_like(probs)
             unseeded = []
@@ -131,7 +141,7 @@ class Sampler:
                 else:
                     unseeded.append(j)
             if unseeded:
-                u = torch.tensor(unseeded, device=logits.device)
+                u = device_tensor(unseeded, logits.device)
                 noise[u] = torch.empty((len(unseeded), vocab), device=logits.device).exponential_(generator=self._global)
             # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
             tokens[idx] = (probs / noise).argmax(dim=-1)
@@ -153,8 +163,8 @@ class Sampler:
     def _apply_logit_bias(x: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, s in enumerate(seqs):
             if s.params.logit_bias:
-                ids = torch.tensor(list(s.params.logit_bias), dtype=torch.long, device=x.device)
-                x[i, ids] += torch.tensor(list(s.params.logit_bias.values()), dtype=x.dtype, device=x.device)
+                ids = device_tensor(list(s.params.logit_bias), x.device, torch.long)
+                x[i, ids] += device_tensor(list(s.params.logit_bias.values()), x.device, x.dtype)
 
     @staticmethod
     def _apply_min_tokens(x: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> None:
@@ -184,7 +194,7 @@ class Sampler:
 
     @staticmethod
     def _probs(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature for s in seqs], device=x.device)
+        temps = device_tensor([s.params.temperature for s in seqs], x.device)
         x = x / temps[:, None]
         top_ks = [s.params.top_k for s in seqs]
         top_ps = [s.params.top_p for s in seqs]
@@ -193,9 +203,9 @@ class Sampler:
         if any(k != -1 and k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
             sorted_x, order = x.sort(dim=-1, descending=True)
             keep = torch.ones_like(sorted_x, dtype=torch.bool)
-            ks = torch.tensor([k if k != -1 else vocab for k in top_ks], device=x.device)
+            ks = device_tensor([k if k != -1 else vocab for k in top_ks], x.device)
             keep &= torch.arange(vocab, device=x.device)[None, :] < ks[:, None]
-            ps = torch.tensor(top_ps, device=x.device)
+            ps = device_tensor(top_ps, x.device)
             sorted_x = sorted_x.masked_fill(~keep, _NEG_INF)
             cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
             # Keep a token if the mass before it is still short of top_p (the first always stays).
@@ -203,6 +213,6 @@ class Sampler:
             x = torch.full_like(x, _NEG_INF).scatter(1, order, sorted_x.masked_fill(~keep, _NEG_INF))
         probs = x.softmax(dim=-1)
         if any(m > 0 for m in min_ps):
-            mp = torch.tensor(min_ps, device=x.device)
+            mp = device_tensor(min_ps, x.device)
             probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         return probs
