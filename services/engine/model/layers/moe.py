@@ -49,6 +49,8 @@ class MoESpec:
     shared_intermediate_size: int = 0
     """A shared expert (every token) of this size, 0 for none (Qwen2-MoE); gated by sigmoid(x . w) if shared_gate."""
     shared_gate: bool = False
+    shared_field: str = "shared_expert_intermediate_size"
+    """config.json's key for the shared expert's size (for the errors)."""
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     jitter_eps: float = 0.0
@@ -234,7 +236,7 @@ class SparseMoeBlock(torch.nn.Module):
         self.shared_expert = self.shared_expert_gate = None
         if spec.shared_intermediate_size:
             self.shared_expert = GatedMLP(hidden, spec.shared_intermediate_size, shared_act, tp, spec.source,
-                                          "shared_expert_intermediate_size")
+                                          spec.shared_field)
             if spec.shared_gate:
                 self.shared_expert_gate = ReplicatedLinear(hidden, 1, tp=tp)
 
