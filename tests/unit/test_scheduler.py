@@ -135,3 +135,50 @@ def test_context_length_ends_a_sequence():
         out = sched.schedule()
         sched.update_from_output(out, {r.seqs[0].seq_id: [SampledToken(t, 0.0)]}, now=0.0)
     assert r.seqs[0].finish_reason == "length" and r.seqs[0].num_tokens == 7
+
+
+# --- asynchronous scheduling: placeholders (docs/engine.md) --------------------------------------------
+def test_placeholders_keep_decoding_drop_a_stopped_token_and_skip_a_sure_end():
+    from services.engine.request import PENDING
+
+    sched = make_scheduler(num_blocks=32, max_tokens=64)
+    sched.eos_token_ids = frozenset({2})
+    a = Request("a", None, [5, 6, 7], SamplingParams(max_tokens=2))
+    b = Request("b", None, [8, 9], SamplingParams(max_tokens=8))
+    for r in (a, b):
+        sched.add(r.seqs[0])
+    sa, sb = a.seqs[0], b.seqs[0]
+    out1 = sched.schedule()
+    sched.advance(out1, [sa, sb])  # launched; tokens still on the device
+    assert sa.token_ids[-1] == sb.token_ids[-1] == PENDING and sa.num_pending == 1
+    out2 = sched.schedule()  # scheduled before step 1 is resolved: each decodes its placeholder
+    assert [(s.seq, s.num_new_tokens, s.sample_row) for s in out2.scheduled] == [(sa, 1, 0), (sb, 1, 1)]
+    sched.advance(out2, [sa, sb])
+    assert sa.num_pending == 2 and sa.num_output_tokens == 2
+    # Step 1 resolves: b drew EOS, so its token of step 2 (in flight) must be dropped, never appended.
+    touched = sched.resolve(out1, {sa.seq_id: [SampledToken(11, 0.0)], sb.seq_id: [SampledToken(2, 0.0)]}, now=1.0)
+    assert set(touched) == {"a", "b"}
+    assert (sb.finish_reason, sb.token_ids, sb.num_pending) == ("stop", [8, 9, 2], 0)
+    assert sa.token_ids == [5, 6, 7, 11, PENDING] and sa.num_pending == 1
+    # a's token in flight is its last by max_tokens: it is not scheduled again whatever that token is.
+    assert not sched.schedule().scheduled
+    touched = sched.resolve(out2, {sa.seq_id: [SampledToken(12, 0.0)], sb.seq_id: [SampledToken(13, 0.0)]}, now=2.0)
+    assert set(touched) == {"a"} and sb.token_ids == [8, 9, 2]
+    assert (sa.finish_reason, sa.token_ids) == ("length", [5, 6, 7, 11, 12])
+    assert not sched.has_unfinished() and not sched.blocks.tables
+    sched.blocks.check_invariants()
+
+
+def test_a_sequence_preempted_with_its_token_in_flight_waits_for_it():
+    sched = make_scheduler(num_blocks=32, max_tokens=64)
+    r = Request("r", None, [5, 6, 7], SamplingParams(max_tokens=8))
+    sched.add(r.seqs[0])
+    seq = r.seqs[0]
+    out = sched.schedule()
+    sched.advance(out, [seq])
+    sched._preempt(seq, out)  # the pool ran short while its token was in flight
+    assert sched.waiting[0] is seq and not sched.schedule().scheduled  # not admitted with a placeholder
+    sched.resolve(out, {seq.seq_id: [SampledToken(11, 0.0)]}, now=1.0)
+    assert seq.token_ids == [5, 6, 7, 11] and seq.num_pending == 0
+    again = sched.schedule()  # recomputed from scratch, its new token included
+    assert [(s.seq, s.num_new_tokens) for s in again.scheduled] == [(seq, 4)]
