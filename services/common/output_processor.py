@@ -1,8 +1,8 @@
 """The one owner of text: turns the engine's token deltas into what a user sees.
 
 The engine speaks tokens only (it stops on EOS, stop token ids and lengths). Everything about text
-lives here, used by the offline `LLM` (over a local tokenizer) and by the router (over the tokenizer
-service's detokenized text):
+lives here, used by the offline `LLM` (over a local tokenizer) and by the router (over the text its
+detokenizer gives: in its own process, or the tokenizer service's stream):
 
 - `TextStream`: one sequence's visible text. Stop strings are searched only where the newest text
   (plus the longest stop string's reach back) can complete one, and the last `max_stop_len - 1`
