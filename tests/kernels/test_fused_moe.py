@@ -32,9 +32,11 @@ def _routing(kind: str, T: int, E: int, k: int, g):
     return (w / w.sum(1, keepdim=True)).to(DEV), ids.to(DEV)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind,T,E,k", [("random", 7, 4, 2), ("all_to_two", 5, 6, 2), ("one_token_each", 3, 8, 2),
-                                         ("random", 19, 8, 3)])
+@pytest.mark.parametrize("dtype,kind,T,E,k", [
+    (torch.float32, "random", 7, 4, 2), (torch.float16, "random", 7, 4, 2),
+    (torch.float32, "all_to_two", 5, 6, 2),  # experts 0 and 1 get every token, the rest none
+    (torch.float32, "one_token_each", 3, 8, 2),  # every expert hit gets exactly one token
+    (torch.float32, "random", 19, 8, 3)])
 def test_fused_moe_matches_reference(dtype, kind, T, E, k):
     H, inter = 48, 40  # not multiples of the tiles: masks on K and N
     g = torch.Generator().manual_seed(T * E)
