@@ -68,3 +68,23 @@ def test_structured_async_equals_sync_and_overlaps(llm, one_thread):
     for c in out[4].outputs:
         if c.finish_reason == "stop":
             jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+def test_a_complete_grammar_with_ignore_eos_keeps_generating_eos_in_a_batch(llm, one_thread):
+    """ignore_eos past the grammar's end: the matcher has accepted its stop token, so its row may only be
+    EOS; xgrammar's batch fill refuses such a matcher, so it must be left out of the fill (the GPU
+    bench crashed every step of the batch on it). Two such requests and a plain one, both modes."""
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                             structured_outputs=StructuredOutputs(choice=("yes", "no"))),
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                             structured_outputs=StructuredOutputs.from_schema(SCHEMA, "s")),
+              SamplingParams(temperature=0, max_tokens=8)]
+    prompts = ["Answer yes or no: is the sky blue?", "A person as JSON:", "The capital of France is"]
+    runs = {mode: llm.generate(prompts, params, use_tqdm=False) for mode in each_mode(llm.engine)}
+    assert summary(runs[True]) == summary(runs[False])
+    eos = set(llm.engine.eos_token_ids)
+    for o, n in zip(runs[True][:2], (30, 40)):
+        ids = o.outputs[0].token_ids
+        first = next(k for k, t in enumerate(ids) if t in eos)  # the grammar's end; only EOS after it
+        assert len(ids) == n and set(ids[first:]) <= eos, ids
+    assert runs[True][0].outputs[0].text.startswith(("yes", "no"))

@@ -147,16 +147,17 @@ class GrammarBackend:
         # all ones (xgr.allocate_token_bitmask's layout); pinned (cached by torch) when the sampler is on a GPU
         mask = torch.full((len(seqs), (self.vocab_size + 31) // 32), -1, dtype=torch.int32, pin_memory=self.pin_memory)
         matchers = [self._matcher(seqs[i]) for i in rows]
-        self._batch.batch_fill_next_token_bitmask(matchers, mask, rows)  # on xgrammar's threads
+        live = [(i, m) for i, m in zip(rows, matchers) if not m.is_terminated()]
+        if live:  # xgrammar refuses a matcher that has accepted its stop token: those rows get EOS below
+            self._batch.batch_fill_next_token_bitmask([m for _, m in live], mask, [i for i, _ in live])
         empty = (~mask[rows].any(dim=1)).tolist()  # one op for the whole batch
         ended: dict[int, str] = {}
         for i, m, none in zip(rows, matchers, empty):
             s = seqs[i]
-            if none:
-                if m.is_terminated():
-                    self._only(mask, i, self.eos_ids[:1])
-                else:
-                    ended[i] = "error"
+            if m.is_terminated():  # EOS accepted and ignore_eos keeps generating: EOS only
+                self._only(mask, i, self.eos_ids[:1])
+            elif none:
+                ended[i] = "error"
             elif s.num_output_tokens < s.params.min_tokens and self._only_stops(mask[i], s):
                 ended[i] = "stop"
         for i in ended:
