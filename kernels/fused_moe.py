@@ -138,6 +138,9 @@ def _launch(a, w, bias, out, weights, align, top_k, act: int, gather: bool, cfg:
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (expert_ids.numel() * triton.cdiv(n_out, bn),)
     fp32 = a.dtype == torch.float32
+    # The tiles are sized for 2-byte operands; float32 halves BLOCK_K so the pipelined tiles of A and of
+    # the gate and up weights still fit in shared memory (64x128x64 at 3 stages needs 240 KiB in fp32).
+    bk = max(16, cfg["BLOCK_K"] // 2) if fp32 else cfg["BLOCK_K"]
     _fused_moe_kernel[grid](
         a, w, bias if bias is not None else w, out, weights if weights is not None else a,
         sorted_ids, expert_ids, num_padded,
@@ -146,7 +149,7 @@ def _launch(a, w, bias, out, weights, align, top_k, act: int, gather: bool, cfg:
         alpha, limit,
         ACT=act, HAS_BIAS=bias is not None, MUL_WEIGHT=weights is not None, GATHER_BY_TOPK=gather,
         DOT_PRECISION="ieee" if fp32 else "tf32",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
 
 
