@@ -40,3 +40,15 @@ def llm():
     from folio import LLM
 
     return LLM(dtype="float32", cpu_kv_cache_bytes=256 << 20)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a CPU shared with other work, OpenMP threads spin and run tiny
+    ops many times slower, which makes timing- and step-count-sensitive tests unsteady."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

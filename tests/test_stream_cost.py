@@ -61,15 +61,6 @@ def tiny_dir(tmp_path_factory, model_dir):
     return d
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensor ops on a shared, loaded machine: one thread keeps their timing steady."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_stream_of_4000_tokens_costs_the_same_per_token_at_the_end_with_a_fake_model_runner(tiny_dir, one_thread):
     # Synchronous loop: the fake runner reads no device-side inputs, and each step must emit its token.
     engine = LLMEngine(EngineConfig(model=str(tiny_dir), dtype="float32", num_kv_blocks=4200 // 16 + 2,

@@ -12,7 +12,6 @@ import json
 
 import jsonschema
 import pytest
-import torch
 
 from folio import SamplingParams
 from services.common.structured_output import StructuredOutputs
@@ -21,15 +20,6 @@ from tests.test_async_scheduling import each_mode, overlap_counter, summary
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["name", "age"], "additionalProperties": False}
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a CPU shared with other work, OpenMP threads spin and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_structured_async_equals_sync_and_overlaps(llm, one_thread):

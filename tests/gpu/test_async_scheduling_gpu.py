@@ -11,45 +11,23 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                         initializer_range=0.1, bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("async-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("eager", [False, True])
-def test_async_matches_sync_on_cuda(model_dir, eager):
+def test_async_matches_sync_on_cuda(random_llama_dir, eager):
     from folio import LLM, SamplingParams
+    from tests.test_async_scheduling import each_mode, overlap_counter, summary
 
-    llm = LLM(model_dir, dtype="float32", device="cuda", num_kv_blocks=64, max_model_len=256, max_num_batched_tokens=128,
-              enforce_eager=eager)  # 64 blocks x 16 for 12 sequences: preemption too
+    llm = LLM(random_llama_dir, dtype="float32", device="cuda", num_kv_blocks=64, max_model_len=256,
+              max_num_batched_tokens=128, enforce_eager=eager)  # 64 blocks x 16 for 12 sequences: preemption too
     engine = llm.engine
-    overlapped = [0]
-    step = engine.step
-
-    def spy():
-        deltas = step()
-        overlapped[0] += engine._inflight is not None
-        return deltas
-
-    engine.step = spy
+    overlapped = overlap_counter(engine)
     prompts = [[3 + (i * 37 + j * 11) % 2000 for j in range(6 + 5 * i)] for i in range(12)]
     params = [SamplingParams(temperature=0, max_tokens=40 + 8 * (i % 4), stop_token_ids=[13] if i % 3 == 0 else [])
               if i % 2 == 0 else SamplingParams(temperature=0.8, seed=i, max_tokens=48, n=1 + i % 3, logprobs=1)
               for i in range(12)]
     runs = {}
-    for mode in (False, True):
-        engine.async_scheduling = mode
+    for mode in each_mode(engine):
         overlapped[0] = 0
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        runs[mode] = [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs]
+        runs[mode] = summary(llm.generate(prompts, params, use_tqdm=False))
         if mode:
             assert overlapped[0] > 10
     assert runs[True] == runs[False]
