@@ -57,6 +57,8 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
+        self._stop: asyncio.Event | None = None
+        """Set by SIGTERM/SIGINT or request_stop() while run() runs."""
         reflection.enable_server_reflection(
             self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         if tls is not None:
@@ -107,7 +109,7 @@ class GrpcServer:
 
     def request_stop(self) -> None:
         """Drain and stop as on SIGTERM (call on the event loop; e.g. when the service cannot go on)."""
-        if getattr(self, "_stop", None) is not None:
+        if self._stop is not None:
             self._stop.set()
 
     async def _follow(self, ready: Callable[[], bool], interval_s: float = 0.25) -> None:
