@@ -152,6 +152,9 @@ class LLMEngine:
         if self.device.type != "cuda":
             return max(1, c.cpu_kv_cache_bytes // per_block)
         free, total = torch.cuda.mem_get_info(self.device)
+        # Memory torch's allocator holds but no tensor uses (an earlier engine in this process, load-time
+        # temporaries) is free for the pool: cudaMemGetInfo counts it as used.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         used_now = total - free  # weights and anything else already resident
         m = self.runner.cfg
         # Activations of the largest step: hidden states, fused qkv and gate/up, logits, in float32 at worst.
