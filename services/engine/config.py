@@ -55,7 +55,13 @@ class EngineConfig:
     """Weight quantization; None reads config.json's quantization_config. "fp8" on a 16-bit checkpoint
     quantizes its linear weights at load; other values must match the checkpoint (docs/quantization.md)."""
     enforce_eager: bool = False
-    """On CUDA, skip capturing decode steps as CUDA graphs."""
+    """On CUDA, capture no CUDA graphs: every step runs eagerly, op by op."""
+    mixed_cuda_graphs: bool = True
+    """On CUDA (unless enforce_eager), also replay mixed steps (prefill chunks with decodes) from CUDA graphs
+    captured per token-count bucket up to max_mixed_graph_tokens; off: only decode steps are graphed."""
+    max_mixed_graph_tokens: int = 512
+    """Largest token-count bucket of the mixed-step graphs (buckets 16, 32, 64, ... up to it); a larger
+    step runs eagerly, where launch time is small next to its GPU time."""
     async_scheduling: bool = True
     """Schedule and prepare step N+1 while step N runs on the device (its sampled tokens feed step N+1's
     inputs on the device and reach the host one step late); outputs are the same either way. Off: the
@@ -78,5 +84,7 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not self.tp_collective_timeout_s > 0:
             raise ValueError(f"tp_collective_timeout_s must be > 0, got {self.tp_collective_timeout_s}")
+        if not 16 <= self.max_mixed_graph_tokens <= 8192:
+            raise ValueError(f"max_mixed_graph_tokens must be in [16, 8192], got {self.max_mixed_graph_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

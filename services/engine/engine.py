@@ -108,6 +108,9 @@ class LLMEngine:
             self.runner.warmup(self.max_model_len)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(min(config.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
+            if config.mixed_cuda_graphs:
+                self.runner.capture_mixed_graphs(min(config.max_mixed_graph_tokens, self.max_num_batched_tokens),
+                                                 config.max_num_seqs, self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    sliding_window=self.runner.model.kv_sliding_window)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self._eos_from_config()

@@ -11,6 +11,7 @@ import torch
 from services.engine.attention import get_attention_backend
 from services.engine.attention.kv_quant import FP8_KV_DTYPE, fp8_zeros, resolve_kv_cache_dtype
 from services.engine.attention.metadata import AttentionMetadata
+from services.engine.cuda_graphs import Recorder, StepGraphs, cuda_recorder
 from services.engine.model.config import ModelConfig
 from services.engine.model.loader import iter_checkpoint
 from services.engine.model.registry import build_model
@@ -58,7 +59,8 @@ class ModelRunner:
                 log.warning("kv_cache_dtype fp8: the checkpoint has no k/v scales; using 1.0 (keys and values "
                             "beyond +-448 are clamped)")
         self.kv_caches: list[torch.Tensor] = []
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: StepGraphs | None = None
+        """Captured decode and mixed-step graphs (capture_*_graphs); None: every step runs eagerly."""
         self._pinned = device.type == "cuda"
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -142,13 +144,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] in float32."""
-        meta = inputs.meta
-        if meta.is_decode_only and self.graphs and meta.num_seqs <= self._graph_max_batch:
-            return self._replay(inputs)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+        if self.graphs is not None:
+            logits = self.graphs.run(inputs)
+            if logits is not None:
+                return logits
+        hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.logits(hidden[inputs.logit_rows])
 
-    # --- CUDA graphs for decode ------------------------------------------------------------------
+    # --- warm-up and CUDA graphs ------------------------------------------------------------------
     @torch.inference_mode()
     def warmup(self, max_model_len: int) -> None:
         """Run one mixed step (a prefill chunk, an extend after cached tokens, a decode) on scratch
@@ -188,66 +191,31 @@ class ModelRunner:
             torch.cuda.synchronize(dev)
 
     @torch.inference_mode()
-    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Record one decode step per batch-size bucket; a step of n sequences replays the smallest
-        bucket >= n with the extra rows padded (slot -1: nothing written; their outputs ignored).
-        Captured with the longest context so the attention launch covers any length."""
-        if self.device.type != "cuda":
-            return
-        buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-                   if b <= max_batch]
-        if not buckets or buckets[-1] < max_batch:
-            buckets.append(max_batch)
-        max_blocks = -(-max_model_len // self.block_size // 16) * 16 + 16  # >= any step's padded table width
-        B, dev = buckets[-1], self.device
-        st = {
-            "ids": torch.zeros(B, dtype=torch.long, device=dev),
-            "pos": torch.zeros(B, dtype=torch.long, device=dev),
-            "slots": torch.full((B,), -1, dtype=torch.int64, device=dev),
-            "tables": torch.zeros((B, max_blocks), dtype=torch.int32, device=dev),
-            "seq_lens": torch.ones(B, dtype=torch.int32, device=dev),
-            "qsl": torch.arange(B + 1, dtype=torch.int32, device=dev),
-        }
-        self._static, self._graph_outputs = st, {}
-        self._graph_max_batch = B
-        pool = None
-        torch.cuda.synchronize(dev)
-        for b in reversed(buckets):
-            meta = AttentionMetadata(
-                num_seqs=b, num_tokens=b, query_start_loc=st["qsl"][:b + 1], seq_lens=st["seq_lens"][:b],
-                block_tables=st["tables"][:b], slot_mapping=st["slots"][:b], max_query_len=1,
-                max_seq_len=max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[max_model_len] * b,
-            )
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int, record: Recorder | None = None) -> None:
+        """Record one decode step per batch-size bucket up to max_batch (services/engine/cuda_graphs.py).
+        `record`: how a step is recorded; None: CUDA graphs, on CUDA only (tests on CPU pass a fake)."""
+        graphs = self._step_graphs(max_model_len, record)
+        if graphs is not None:
+            graphs.capture_decode(max_batch)
 
-            def run():
-                h = self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta)
-                return self.model.logits(h)
+    @torch.inference_mode()
+    def capture_mixed_graphs(self, max_tokens: int, max_seqs: int, max_model_len: int,
+                             record: Recorder | None = None) -> None:
+        """Record one mixed step (prefill chunks and decodes) per token-count bucket up to max_tokens."""
+        graphs = self._step_graphs(max_model_len, record)
+        if graphs is not None:
+            graphs.capture_mixed(max_tokens, max_seqs)
 
-            run()  # warm up: compile kernels, settle the allocator
-            torch.cuda.synchronize(dev)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self._graph_outputs[b] = run()
-            pool = g.pool()
-            self.graphs[b] = g
-        torch.cuda.synchronize(dev)
-        log.info("captured decode CUDA graphs for batch sizes %s", buckets)
-
-    def _replay(self, inputs: StepInputs) -> torch.Tensor:
-        meta, st = inputs.meta, self._static
-        n = meta.num_seqs
-        b = min(k for k in self.graphs if k >= n)
-        st["ids"][:n].copy_(inputs.input_ids)
-        st["pos"][:n].copy_(inputs.positions)
-        st["slots"][:n].copy_(meta.slot_mapping)
-        st["slots"][n:b].fill_(-1)
-        st["seq_lens"][:n].copy_(meta.seq_lens)
-        st["seq_lens"][n:b].fill_(1)
-        w = meta.block_tables.shape[1]
-        st["tables"][:n, :w].copy_(meta.block_tables)
-        self.graphs[b].replay()
-        # In a decode step every sequence samples: row i is sequence i (clone: the next replay reuses it).
-        return self._graph_outputs[b][:n].clone()
+    def _step_graphs(self, max_model_len: int, record: Recorder | None) -> StepGraphs | None:
+        if record is None and self.device.type != "cuda":
+            return None
+        if self.backend.name != "triton":  # the torch backend reads host-side metadata: not capturable
+            log.warning("CUDA graphs need the triton attention backend; %s steps run eagerly", self.backend.name)
+            return None
+        if self.graphs is None:
+            self.graphs = StepGraphs(self.model, self.kv_caches, self.device, max_model_len, self.block_size,
+                                     record or cuda_recorder)
+        return self.graphs
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -173,7 +173,7 @@ def _receive_header(group) -> dict:
 class TensorParallelRunner:
     """Rank 0's ModelRunner for a tensor-parallel group: same interface, mirrored on every worker."""
 
-    MIRRORED = ("allocate_kv_cache", "warmup", "capture_decode_graphs", "copy_blocks")
+    MIRRORED = ("allocate_kv_cache", "warmup", "capture_decode_graphs", "capture_mixed_graphs", "copy_blocks")
 
     def __init__(self, model_dir, hf_config: dict, dtype: torch.dtype, device: torch.device, attention_backend: str,
                  block_size: int, load_format: str, tensor_parallel_size: int, seed: int | None,

@@ -19,6 +19,11 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    captured: bool = False
+    """Built to capture a CUDA graph (services/engine/cuda_graphs.py): the host-side fields above (`*_cpu`,
+    `max_*`, the counts) describe the graph's bucket, not any one step it will replay. A backend must then
+    read only the device tensors and shapes, and write zeros in padding rows (slot < 0; after
+    query_start_loc[-1]), whose number only the device knows."""
 
     @property
     def is_decode_only(self) -> bool:

@@ -28,8 +28,11 @@ class TritonAttentionBackend:
                         k_scale=params.k_scale, v_scale=params.v_scale)
         reshape_and_cache(k, v, kv_cache, meta.slot_mapping, params.k_scale, params.v_scale)
         num_seqs = len(meta.seq_lens_cpu)
-        num_real = sum(meta.query_lens_cpu)
-        out = torch.empty_like(q)
+        # Under a CUDA graph the prefill kernel's padding rows vary per replay: zero them all first (one
+        # memset) rather than after the kernel by a count the host knew at capture. (The decode kernel
+        # writes every row, padding sequences included.)
+        out = torch.zeros_like(q) if meta.captured and meta.max_query_len > 1 else torch.empty_like(q)
+        num_real = q.shape[0] if meta.captured else sum(meta.query_lens_cpu)
         if meta.max_query_len == 1:
             paged_decode(q[:num_seqs], kv_cache, meta.block_tables, meta.seq_lens, params.scale,
                          max_seq_len=meta.max_seq_len, out=out[:num_seqs], **variants)
@@ -37,7 +40,7 @@ class TritonAttentionBackend:
             paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, params.scale,
                           out=out, **variants)
         if num_real < q.shape[0]:
-            out[num_real:].zero_()  # padding rows (e.g. a CUDA-graph batch rounded up)
+            out[num_real:].zero_()  # padding rows of an eager step
         return out
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:

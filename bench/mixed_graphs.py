@@ -1,0 +1,229 @@
+"""Mixed-step CUDA graphs (services/engine/cuda_graphs.py) against eager mixed steps, on random-weight
+Llama shapes: correctness first, then per-step GPU and host time, then the chat workload both ways.
+
+    python bench/mixed_graphs.py                                  # llama-3-8b and llama-3.2-1b, ~100 s on an H200
+    python bench/mixed_graphs.py --shape tiny --device cpu --requests 8 --iters 2   # smoke test (no graphs on CPU)
+
+Per shape, one engine (load_format dummy, bf16, mixed graphs up to 512 tokens):
+1. Correctness: mixed steps of D decodes (context 300) plus one prefill chunk of C tokens after 64 cached
+   ones, run eagerly and from the graph on the same inputs: max |logit difference| and greedy agreement.
+2. Step time, eager vs graphed, for each (D, C): GPU ms (the step queued behind a GPU sleep, so launch
+   time is hidden), host ms (the launching call's wall time) and isolated ms (launch and run, synced).
+3. The chat workload of bench/throughput.py (first --requests requests) with mixed graphs off, then on, on
+   the same engine: output tok/s, ms and host ms per step, roofline fraction, and whether the greedy
+   tokens agree.
+Prints tables and writes bench/results/mixed_graphs_<date>_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.throughput import SHAPES, ideal_roofline_seconds, make_workload, measure_ceilings, write_config  # noqa: E402
+
+STEPS = [(8, 8), (16, 16), (32, 32), (60, 40), (64, 64), (128, 128), (180, 120), (200, 312), (64, 448)]
+"""(decode sequences D, prefill chunk C): D + C new tokens, D + 1 sequences, D + 1 logits rows."""
+CTX, CACHED = 300, 64
+
+
+def make_step(runner, decodes: int, chunk: int):
+    """StepInputs for D decodes at context CTX and one chunk of C tokens after CACHED cached ones, on
+    disjoint blocks (their contents are whatever the pool holds: both paths read the same)."""
+    from services.engine.attention.metadata import AttentionMetadata
+    from services.engine.model_runner import StepInputs
+
+    bs, dev = runner.block_size, runner.device
+    lens = [(1, CTX)] * decodes + [(chunk, CACHED + chunk)]
+    need = [-(-ctx // bs) for _, ctx in lens]
+    width = -(-max(need) // 16) * 16
+    tables = np.zeros((len(lens), width), dtype=np.int32)
+    nxt = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = np.arange(nxt, nxt + n)
+        nxt += n
+    assert nxt <= runner.kv_caches[0].shape[1], "KV pool too small for the step"
+    pos = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in lens])
+    seq_of = np.repeat(np.arange(len(lens)), [n for n, _ in lens])
+    slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
+    q = [n for n, _ in lens]
+    qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
+    rng = np.random.default_rng(decodes * 1000 + chunk)
+    ids = rng.integers(3, runner.cfg.vocab_size, len(pos))
+
+    def put(a, dtype):
+        return torch.as_tensor(np.asarray(a), dtype=dtype).to(dev)
+
+    meta = AttentionMetadata(
+        num_seqs=len(lens), num_tokens=len(pos), query_start_loc=put(qsl, torch.int32),
+        seq_lens=put([c for _, c in lens], torch.int32), block_tables=put(tables, torch.int32),
+        slot_mapping=put(slots, torch.int64), max_query_len=max(q), max_seq_len=max(c for _, c in lens),
+        query_lens_cpu=q, seq_lens_cpu=[c for _, c in lens])
+    return StepInputs(put(ids, torch.long), put(pos, torch.long), meta, put(qsl[1:] - 1, torch.long))
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_step(runner, inputs, graphed: bool, iters: int) -> dict:
+    graphs = runner.graphs
+    runner.graphs = graphs if graphed else None
+    dev = runner.device
+    try:
+        for _ in range(3):
+            runner.execute(inputs)
+        sync(dev)
+        host, gpu, isolated = [], [], []
+        for _ in range(iters):
+            if dev.type == "cuda":
+                torch.cuda._sleep(50_000_000)  # ~25 ms of GPU spin: the launches below all queue behind it
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+            t = time.perf_counter()
+            runner.execute(inputs)
+            host.append(time.perf_counter() - t)
+            if dev.type == "cuda":
+                e1.record()
+                e1.synchronize()
+                gpu.append(e0.elapsed_time(e1) / 1e3)
+            t = time.perf_counter()
+            runner.execute(inputs)
+            sync(dev)
+            isolated.append(time.perf_counter() - t)
+        ms = lambda xs: 1e3 * float(np.median(xs)) if xs else float("nan")  # noqa: E731
+        return {"gpu_ms": ms(gpu), "host_ms": ms(host), "isolated_ms": ms(isolated)}
+    finally:
+        runner.graphs = graphs
+
+
+def check_step(runner, inputs) -> dict:
+    graphs = runner.graphs
+    runner.graphs = None
+    eager = runner.execute(inputs).float()
+    runner.graphs = graphs
+    graphed = runner.execute(inputs).float()
+    sync(runner.device)
+    used = graphs is not None and any(k >= inputs.meta.num_tokens for k in graphs.mixed)
+    return {"graph_used": used, "max_abs_diff": float((eager - graphed).abs().max()),
+            "max_abs_logit": float(eager.abs().max()),
+            "argmax_agree": float((eager.argmax(-1) == graphed.argmax(-1)).float().mean())}
+
+
+def run_chat(llm, work, ceil, shape: str, max_seqs: int) -> list[dict]:
+    from folio import SamplingParams
+
+    engine = llm.engine
+    graphs = engine.runner.graphs
+    mixed = graphs.mixed if graphs is not None else {}
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
+    roof_s = ideal_roofline_seconds(work, SHAPES[shape], max_seqs, ceil)
+    out, tokens = [], {}
+    for on in (False, True):
+        if graphs is not None:
+            graphs.mixed = mixed if on else {}  # the same engine and captures, mixed graphs hidden or not
+        engine.step_timing = {}
+        sync(engine.device)
+        t = time.perf_counter()
+        res = llm.generate([p for p, _ in work], params, use_tqdm=False)
+        sync(engine.device)
+        secs = time.perf_counter() - t
+        timing = dict(engine.step_timing)
+        steps = timing.pop("steps", 0) or 1
+        host = sum(v for k, v in timing.items() if k != "wait")
+        n_out = sum(len(o.outputs[0].token_ids) for o in res)
+        tokens[on] = [o.outputs[0].token_ids for o in res]
+        out.append({"mixed_graphs": on, "requests": len(work), "output_tok_s": n_out / secs, "seconds": secs,
+                    "steps": steps, "ms_per_step": 1e3 * secs / steps, "host_ms_per_step": 1e3 * host / steps,
+                    "roofline_fraction": roof_s / secs if np.isfinite(roof_s) else None})
+    engine.step_timing = None
+    if graphs is not None:
+        graphs.mixed = mixed
+    same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
+    for r in out:
+        r["requests_with_identical_tokens"] = same
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", nargs="+", default=["llama-3-8b", "llama-3.2-1b"], choices=list(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--iters", type=int, default=10, help="timed repetitions per step size")
+    ap.add_argument("--requests", type=int, default=300, help="chat workload requests (0: skip it)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-mixed-graph-tokens", type=int, default=512)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from folio import LLM
+
+    dev = torch.device(args.device)
+    ceil = measure_ceilings(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    t_all = time.perf_counter()
+    records = []
+    for shape in args.shape:
+        with tempfile.TemporaryDirectory() as d:
+            model_dir = write_config(shape, Path(d))
+            work = make_workload("chat", SHAPES[shape]["vocab_size"], args.requests) if args.requests else []
+            max_len = max([len(p) + o for p, o in work] + [2048]) + 16
+            t0 = time.perf_counter()
+            llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", device=args.device, max_model_len=max_len,
+                      max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
+                      max_mixed_graph_tokens=args.max_mixed_graph_tokens)
+            startup = time.perf_counter() - t0
+            runner = llm.engine.runner
+            graphs = runner.graphs
+            print(f"\n== {shape} on {name}: startup {startup:.1f} s; mixed graph buckets "
+                  f"{sorted(graphs.mixed) if graphs else None}", flush=True)
+            print(f"{'decodes':>8}{'chunk':>7}{'tokens':>7}{'graph':>6}{'max|diff|':>11}{'argmax=':>8}"
+                  f"{'gpu ms e/g':>16}{'host ms e/g':>16}{'isolated e/g':>16}{'speedup':>9}", flush=True)
+            rows = []
+            with torch.inference_mode():
+                for D, C in STEPS:
+                    if D + 1 > args.max_num_seqs:
+                        continue
+                    inputs = make_step(runner, D, C)
+                    chk = check_step(runner, inputs)
+                    e = time_step(runner, inputs, False, args.iters)
+                    g = time_step(runner, inputs, True, args.iters)
+                    row = {"decodes": D, "chunk": C, "tokens": D + C, **chk, "eager": e, "graphed": g}
+                    rows.append(row)
+                    print(f"{D:>8}{C:>7}{D + C:>7}{'yes' if chk['graph_used'] else 'no':>6}{chk['max_abs_diff']:>11.3g}"
+                          f"{chk['argmax_agree']:>8.0%}{e['gpu_ms']:>8.3f}/{g['gpu_ms']:<7.3f}"
+                          f"{e['host_ms']:>8.3f}/{g['host_ms']:<7.3f}{e['isolated_ms']:>8.3f}/{g['isolated_ms']:<7.3f}"
+                          f"{e['isolated_ms'] / g['isolated_ms']:>8.2f}x", flush=True)
+            chat = run_chat(llm, work, ceil, shape, args.max_num_seqs) if work else []
+            for r in chat:
+                roof = f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] else "-"
+                print(f"chat x{r['requests']} mixed_graphs={r['mixed_graphs']}: {r['output_tok_s']:.0f} tok/s, "
+                      f"{r['steps']} steps, {r['ms_per_step']:.2f} ms/step, host {r['host_ms_per_step']:.2f} ms/step, "
+                      f"roofline {roof}; identical tokens {r['requests_with_identical_tokens']}/{r['requests']}",
+                      flush=True)
+            records.append({"shape": shape, "device": name, "startup_s": startup, "steps": rows, "chat": chat, **ceil})
+            llm.shutdown()
+            del llm, runner, graphs
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    bad = [(r["shape"], s["tokens"]) for r in records for s in r["steps"] if s["argmax_agree"] < 0.99
+           or (s["graph_used"] is False and dev.type == "cuda" and s["tokens"] <= args.max_mixed_graph_tokens)]
+    print(f"\ncorrectness: {'OK' if not bad else 'FAILED at ' + str(bad)}; total {time.perf_counter() - t_all:.0f} s")
+    stamp = dt.date.today().isoformat()
+    out = Path(args.out or Path(__file__).parent / "results" / f"mixed_graphs_{stamp}_{dev.type}.json")
+    out.write_text(json.dumps({"date": stamp, "records": records}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""CUDA graphs of whole engine steps: decode steps by batch-size bucket, mixed steps (prefill chunks and
+decodes together) by token-count bucket; their static device buffers, capture and replay.
+
+A graph replays the launches it recorded with the shapes and host-side integers it was captured with;
+only device memory changes between replays. So each bucket owns static, max-sized input buffers, a step
+is copied into the first rows, and the rest is padding that the kernels must skip:
+
+- padding tokens have slot -1 (reshape_and_cache writes nothing) and their attention rows come out zero;
+- decode buckets pad sequences with length 1 (the decode kernel reads one cached token and nothing is
+  kept); mixed buckets pad sequences with zero new tokens (query_start_loc repeats the step's token
+  count), so the prefill kernel's programs for them exit at once, and its grid (tokens // BLOCK_Q +
+  sequences) covers any step up to the bucket.
+
+Row-wise layers (norms, projections, rotary, MLP, MoE) never mix rows, so padding cannot reach a real
+token. Decode graphs include the LM head (every sequence samples); mixed graphs stop at the hidden states
+and the LM head runs eagerly on the rows the step needs, so its size follows the step (often one row per
+sequence, or every position of a prompt-logprobs chunk) rather than the bucket.
+
+Why whole-step graphs rather than piecewise ones (docs/engine.md, "CUDA graphs"): the attention
+kernels already read everything per-step from device tensors with grids fixed by shapes, so one
+graph per bucket needs nothing from the model files; piecewise graphs would split every architecture's
+forward around its attention call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from services.engine.attention.metadata import AttentionMetadata
+
+log = logging.getLogger("folio.engine")
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+MIXED_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+"""Token counts of mixed-step graphs, up to EngineConfig.max_mixed_graph_tokens (which is added if it is
+not one of these)."""
+
+Recorder = Callable[[Callable[[], torch.Tensor], object], tuple[object, torch.Tensor, object]]
+"""record(fn, pool) -> (graph with .replay(), fn's output as captured, pool for the next capture)."""
+
+
+def cuda_recorder(fn: Callable[[], torch.Tensor], pool) -> tuple[object, torch.Tensor, object]:
+    """Record fn into a CUDA graph sharing `pool` with the graphs captured before it."""
+    fn()  # warm up: compile kernels for these shapes, settle the allocator
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out, g.pool()
+
+
+def buckets_up_to(candidates: tuple[int, ...], limit: int) -> list[int]:
+    out = [b for b in candidates if b <= limit]
+    if limit > 0 and (not out or out[-1] < limit):
+        out.append(limit)
+    return out
+
+
+class StepGraphs:
+    """The engine's graphs over one model and KV pool. `run(inputs)` replays a graph for the step if a
+    bucket fits it and returns the logits, else None (the caller runs the step eagerly)."""
+
+    def __init__(self, model, kv_caches: list[torch.Tensor], device: torch.device, max_model_len: int,
+                 block_size: int, record: Recorder = cuda_recorder):
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size // 16) * 16 + 16  # >= any step's padded table width
+        self.record = record
+        self.pool = None
+        self.decode: dict[int, tuple[object, torch.Tensor]] = {}
+        """batch size -> (graph, logits [batch, vocab])"""
+        self.mixed: dict[int, tuple[object, torch.Tensor]] = {}
+        """token count -> (graph, hidden states [tokens, hidden])"""
+        self.max_seqs: dict[int, int] = {}
+        """token count -> sequences its mixed graph holds"""
+        self._dec: dict[str, torch.Tensor] = {}
+        self._mix: dict[str, torch.Tensor] = {}
+        """The decode and mixed graphs' static inputs (see _buffers); each graph reads a prefix of them."""
+
+    # --- capture -------------------------------------------------------------------------------------
+    def _buffers(self, tokens: int, seqs: int) -> dict[str, torch.Tensor]:
+        dev = self.device
+        return {
+            "ids": torch.zeros(tokens, dtype=torch.long, device=dev),
+            "pos": torch.zeros(tokens, dtype=torch.long, device=dev),
+            "slots": torch.full((tokens,), -1, dtype=torch.int64, device=dev),
+            "tables": torch.zeros((seqs, self.max_blocks), dtype=torch.int32, device=dev),
+            "seq_lens": torch.ones(seqs, dtype=torch.int32, device=dev),
+            "qsl": torch.arange(seqs + 1, dtype=torch.int32, device=dev),
+        }
+
+    def capture_decode(self, max_batch: int) -> None:
+        """One graph per batch bucket up to max_batch, attention launched for the longest context."""
+        buckets = buckets_up_to(DECODE_BUCKETS, max_batch)
+        if not buckets:
+            return
+        B = buckets[-1]
+        st = self._dec = self._buffers(B, B)
+        t0, mem0 = time.perf_counter(), self._mem_free()
+        for b in reversed(buckets):  # largest first: the smaller ones reuse its pool
+            meta = AttentionMetadata(
+                num_seqs=b, num_tokens=b, query_start_loc=st["qsl"][:b + 1], seq_lens=st["seq_lens"][:b],
+                block_tables=st["tables"][:b], slot_mapping=st["slots"][:b], max_query_len=1,
+                max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
+                captured=True)
+
+            def run(b=b, meta=meta):
+                return self.model.logits(self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta))
+
+            g, out, self.pool = self.record(run, self.pool)
+            self.decode[b] = (g, out)
+        self._log("decode", buckets, t0, mem0)
+
+    def capture_mixed(self, max_tokens: int, max_seqs: int) -> None:
+        """One graph per token bucket up to max_tokens; bucket T holds up to min(T, max_seqs) sequences
+        (a sequence brings at least one token). Attention is the prefill/extend kernel throughout."""
+        buckets = buckets_up_to(MIXED_BUCKETS, max_tokens)
+        if not buckets:
+            return
+        T = buckets[-1]
+        st = self._mix = self._buffers(T, min(T, max_seqs))
+        st["qsl"].zero_()
+        t0, mem0 = time.perf_counter(), self._mem_free()
+        for t in reversed(buckets):
+            s = self.max_seqs[t] = min(t, max_seqs)
+            meta = AttentionMetadata(
+                num_seqs=s, num_tokens=t, query_start_loc=st["qsl"][:s + 1], seq_lens=st["seq_lens"][:s],
+                block_tables=st["tables"][:s], slot_mapping=st["slots"][:t], max_query_len=t,
+                max_seq_len=self.max_model_len, query_lens_cpu=[t] + [0] * (s - 1),
+                seq_lens_cpu=[self.max_model_len] * s, captured=True)
+
+            def run(t=t, meta=meta):
+                return self.model.forward(st["ids"][:t], st["pos"][:t], self.kv_caches, meta)
+
+            g, out, self.pool = self.record(run, self.pool)
+            self.mixed[t] = (g, out)
+        self._log("mixed", buckets, t0, mem0)
+
+    def _mem_free(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+
+    def _log(self, kind: str, buckets: list[int], t0: float, mem0: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("captured %s CUDA graphs for %s %s in %.2f s (%.0f MiB of device memory)", kind,
+                 "batch sizes" if kind == "decode" else "token counts", buckets, time.perf_counter() - t0,
+                 (mem0 - self._mem_free()) / 2**20)
+
+    # --- replay --------------------------------------------------------------------------------------
+    def run(self, inputs) -> torch.Tensor | None:
+        meta = inputs.meta
+        if meta.is_decode_only:
+            b = _smallest(self.decode, meta.num_seqs)
+            return None if b is None else self._replay_decode(inputs, b)
+        t = _smallest(self.mixed, meta.num_tokens)
+        return None if t is None else self._replay_mixed(inputs, t)
+
+    def _replay_decode(self, inputs, b: int) -> torch.Tensor:
+        meta, st = inputs.meta, self._dec
+        n = meta.num_seqs
+        st["ids"][:n].copy_(inputs.input_ids)
+        st["pos"][:n].copy_(inputs.positions)
+        st["slots"][:n].copy_(meta.slot_mapping)
+        st["slots"][n:b].fill_(-1)
+        st["seq_lens"][:n].copy_(meta.seq_lens)
+        st["seq_lens"][n:b].fill_(1)
+        st["tables"][:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        g, logits = self.decode[b]
+        g.replay()
+        # Every sequence of a decode step samples: row i is sequence i (clone: the next replay reuses it).
+        return logits[:n].clone()
+
+    def _replay_mixed(self, inputs, t: int) -> torch.Tensor:
+        meta, st = inputs.meta, self._mix
+        n, s = meta.num_tokens, meta.num_seqs
+        st["ids"][:n].copy_(inputs.input_ids)
+        st["pos"][:n].copy_(inputs.positions)
+        st["slots"][:n].copy_(meta.slot_mapping)
+        st["slots"][n:t].fill_(-1)
+        st["qsl"][:s + 1].copy_(meta.query_start_loc)
+        st["qsl"][s + 1:self.max_seqs[t] + 1].fill_(n)  # padding sequences: no new tokens
+        st["seq_lens"][:s].copy_(meta.seq_lens)
+        st["tables"][:s, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        g, hidden = self.mixed[t]
+        g.replay()
+        return self.model.logits(hidden[inputs.logit_rows])  # a gather: a new tensor, not the graph's
+
+
+def _smallest(graphs: dict[int, object], n: int) -> int | None:
+    fits = [k for k in graphs if k >= n]
+    return min(fits) if fits else None
