@@ -1,6 +1,6 @@
 """Mixture-of-experts on CUDA: the fused-MoE kernel compiled (bf16 and fp32) against its torch reference, and
-MoE models through the engine with decode CUDA graphs giving transformers' greedy tokens (float32) and the
-eager run's tokens and logprobs."""
+MoE models through the engine, eager and with decode CUDA graphs, each giving transformers' greedy tokens
+(float32; a failure names the run that differs), and the two runs the same logprobs."""
 
 import pytest
 import torch
@@ -45,9 +45,17 @@ def test_moe_model_with_cuda_graphs_matches_transformers(arch_id, tmp_path):
         runs[eager] = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         llm.shutdown()
         del llm
+    wrong = []  # both runs against transformers, so a failure says which run (and prompt) differs
     for p, e, g in zip(prompts, runs[True], runs[False]):
-        assert g.outputs[0].token_ids == harness.hf_greedy(ref, p), f"{arch_id}: prompt of {len(p)} tokens"
-        assert e.outputs[0].token_ids == g.outputs[0].token_ids
+        want = harness.hf_greedy(ref, p)
+        for run, out in (("eager", e), ("CUDA-graph", g)):
+            got = out.outputs[0].token_ids
+            if got != want:
+                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                wrong.append(f"{run} run, prompt of {len(p)} tokens: differs at token {at}: {got} != {want}")
+    assert not wrong, f"{arch_id}: " + "; ".join(wrong)
+    for p, e, g in zip(prompts, runs[True], runs[False]):
         for le, lg in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
             for t in le:
-                assert abs(le[t].logprob - lg[t].logprob) < 1e-4
+                assert abs(le[t].logprob - lg[t].logprob) < 1e-4, f"{arch_id}: prompt of {len(p)} tokens: eager " \
+                    f"and CUDA-graph logprobs of token {t} differ"

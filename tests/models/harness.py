@@ -21,6 +21,7 @@ def build_checkpoint(arch: Arch, directory: Path, seed: int = 0):
     config.architectures = [arch.architecture]
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                                           dtype=torch.float32)
+    honour_swiglu_config(model)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb all, so a misplaced one shows
         for p in model.parameters():
@@ -28,6 +29,19 @@ def build_checkpoint(arch: Arch, directory: Path, seed: int = 0):
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+def honour_swiglu_config(model) -> None:
+    """gpt-oss's experts compute with config.swiglu_alpha / swiglu_limit in transformers 5.23
+    (requirements.txt), as Folio does; transformers 5.17 (the GPU machine's image) ignores both fields and
+    hard-codes 1.702 and 7.0, the released checkpoints' values. The test model sets swiglu_limit 0.2 so the
+    clamps bite, so under 5.17 the reference was another function: set the experts' values from the config,
+    making the reference the same on either version."""
+    cfg = model.config
+    for m in model.modules():
+        if type(m).__name__ == "GptOssExperts":
+            m.alpha = float(getattr(cfg, "swiglu_alpha", m.alpha))
+            m.limit = float(getattr(cfg, "swiglu_limit", m.limit))
 
 
 def prompts(vocab: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
