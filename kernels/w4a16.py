@@ -1,8 +1,13 @@
-"""W4A16 GEMM: y = x @ dequant(qweight), 4-bit weights unpacked in registers, with a split-K path for the
-small batches of decode (the GPU is filled by cutting K when M x N gives too few tiles).
+"""W4A16 GEMM: y = x @ dequant(qweight), 4-bit weights unpacked in registers. Two kernels on one layout:
+a GEMV-style kernel for decode's few rows (no tensor cores: multiply-adds on unpacked slabs) and a
+tensor-core kernel for larger M; both split K through kernels/splitk.py when N alone leaves SMs idle.
 
-Layout (services/engine/model/quantization/int4.py makes it from GPTQ, AWQ and compressed-tensors):
-input row k of column n is bits 4*(k % 8) .. +3 of qweight[k // 8, n]; its group is k // group_size and
+Layout (`pack_int4`; services/engine/model/quantization/int4.py repacks GPTQ, AWQ and compressed-tensors
+into it once at load): input rows in blocks of R = `block_rows(K)` (128, or 64 where that pads K less;
+zero rows pad K to a multiple of R); block b is S = R / 8 int32 words per column, qweight[S b + p, n],
+whose nibble j (bits 4j..4j+3) holds row R b + S j + p. So shifting a block's [S, N] words by 4j and
+masking gives the [S, N] slab of rows R b + S j .. + S - 1, contiguous in x: no permute, no gather. The
+tensor-core kernel's per-nibble dots need S = 16 (R = 128). Group g = k // group_size and
 w[k, n] = (q - zeros[g, n]) * scales[g, n]. With act-order the rows were sorted by group at load and
 `perm[k]` is the column of x that row k multiplies. Host-side work is shape checks and one allocation,
 so a call can be captured in a CUDA graph.
@@ -14,95 +19,218 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import splitk
+from kernels.splitk import splitk_store
+
+def block_rows(k: int) -> int:
+    """Rows per packed block for K inputs: 128 (8 nibbles x 16 words), or 64 when K % 128 is 1..64, where
+    128-row blocks would pad K by more (K = 64, or a tensor-parallel slice such as 18944 / 8)."""
+    return 64 if 0 < k % 128 <= 64 else 128
+
 
 @triton.jit
-def _w4a16_kernel(
-    x_ptr,  # [M, K] activations, unit stride along K
-    qw_ptr,  # [ceil(K / 8), N] int32, unit stride along N
-    s_ptr,  # [G, N] scales
-    z_ptr,  # [G, N] uint8 zero points, same strides as scales
-    perm_ptr,  # [K] int32 (read when HAS_PERM)
-    out_ptr,  # [SPLIT_K, M, N] float32 partial sums, or [M, N] in x's dtype when SPLIT_K == 1
-    M, N, K, group_size, k_per_split,
+def _nibbles(words, j: tl.constexpr):
+    """Nibble j of each int32 word as an exact float32: OR-ing 0..15 into the mantissa of 2^23 and
+    subtracting 2^23 costs two integer-free ALU ops instead of a slow int-to-float conversion."""
+    return (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM: tl.constexpr):
+    """x[offs_m, k] as float32 [BLOCK_M, len(k)], zero past K; through perm with act-order."""
+    k_mask = k < K
+    cols = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
+    return tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                   mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg):
+    """Scales and zero points of group g as float32 [BLOCK_N] rows."""
+    s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, group_size, blocks_per_split, split_k,
     stride_xm, stride_qk, stride_sg, stride_om, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_PERM: tl.constexpr, SCALE_PER_TILE: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MODE: tl.constexpr,
+    HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
 ):
+    """Few rows (BLOCK_M >= M, one M tile): products summed in float32 registers. GROUP_MODE 0: a whole
+    block lies in one group, so the scale and zero point come out of the block's sum,
+    s * (sum q x - z sum x); 1: each slab lies in one group; 2: any group size (per-row loads)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_p = tl.arange(0, ROWS // 8)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, ROWS // 8, BLOCK_N), dtype=tl.float32)
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(tl.cdiv(K, ROWS), b_start + blocks_per_split)
+    for b in range(b_start, b_end):
+        words = tl.load(qw_ptr + (b * (ROWS // 8) + offs_p)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                        mask=n_mask[None, :], other=0)
+        if GROUP_MODE == 0:
+            part = tl.zeros((BLOCK_M, ROWS // 8, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((BLOCK_M, ROWS // 8), dtype=tl.float32)
+        for j in tl.static_range(8):
+            k = b * ROWS + j * (ROWS // 8) + offs_p
+            xj = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM).to(tl.float32)
+            q = _nibbles(words, j)
+            if GROUP_MODE == 0:
+                part += q[None, :, :] * xj[:, :, None]
+                xsum += xj
+            else:
+                if GROUP_MODE == 1:
+                    g = tl.minimum(b * ROWS + j * (ROWS // 8), K - 1) // group_size  # slabs past K: the last group
+                    s, z = _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg)
+                    w = (q - z[None, :]) * s[None, :]
+                else:
+                    g = tl.minimum(k, K - 1) // group_size
+                    kn = g[:, None] * stride_sg + offs_n[None, :]
+                    s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                    z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
+                    w = (q - z) * s
+                acc3 += w[None, :, :] * xj[:, :, None]
+        if GROUP_MODE == 0:
+            s, z = _group_rows(s_ptr, z_ptr, (b * ROWS) // group_size, offs_n, n_mask, stride_sg)
+            acc += (tl.sum(part, axis=1) - tl.sum(xsum, axis=1)[:, None] * z[None, :]) * s[None, :]
+    if GROUP_MODE != 0:
+        acc += tl.sum(acc3, axis=1)
+    splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_ptr, cnt_ptr, pid_n, split_k, SPLIT, ATOMIC)
+
+
+@triton.jit
+def _w4a16_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, group_size, blocks_per_split, split_k,
+    stride_xm, stride_qk, stride_sg, stride_om, stride_os,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MODE: tl.constexpr,
+    HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, SLABS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Tensor cores. SLABS (ROWS = 128): eight [BLOCK_M, 16] x [16, BLOCK_N] dots per block, one per nibble;
+    else the nibbles are stacked into one [ROWS, BLOCK_N] tile (rows in natural order) and one dot.
+    GROUP_MODE as in the GEMV kernel (1 needs SLABS; without it 2 is used)."""
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // num_n, pid % num_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
+    offs_p = tl.arange(0, ROWS // 8)
+    dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(K, k_start + k_per_split)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0) if HAS_PERM else offs_k
-        a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        # Each word holds eight consecutive rows: load BLOCK_K / 8 words per column once, then spread them
-        # into rows in registers (row 8p + i = bits 4i of word p). Rows past K multiply x's zero columns.
-        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                         mask=(offs_w < tl.cdiv(k_end, 8))[:, None] & n_mask[None, :], other=0)
-        shifts = tl.arange(0, 8) * 4
-        q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
-        kn_mask = k_mask[:, None] & n_mask[None, :]
-        if SCALE_PER_TILE:  # the tile lies inside one group: one row of scales and zeros
-            g = k0 // group_size
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)[None, :]
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0)[None, :]
-        else:  # groups change inside the tile (small or odd group sizes): a group per row
-            g = offs_k // group_size
-            s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=kn_mask, other=0.0)
-            z = tl.load(z_ptr + g[:, None] * stride_sg + offs_n[None, :], mask=kn_mask, other=0)
-        w = ((q - z.to(tl.int32)).to(tl.float32) * s.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        if IEEE:
-            acc += tl.dot(a, w, input_precision="ieee")
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(tl.cdiv(K, ROWS), b_start + blocks_per_split)
+    for b in range(b_start, b_end):
+        words = tl.load(qw_ptr + (b * (ROWS // 8) + offs_p)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                        mask=n_mask[None, :], other=0)
+        if GROUP_MODE == 0:
+            s, z = _group_rows(s_ptr, z_ptr, (b * ROWS) // group_size, offs_n, n_mask, stride_sg)
+        if SLABS:
+            for j in tl.static_range(8):
+                k = b * ROWS + j * (ROWS // 8) + offs_p
+                a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
+                q = _nibbles(words, j)
+                if GROUP_MODE == 1:
+                    g = tl.minimum(b * ROWS + j * (ROWS // 8), K - 1) // group_size  # slabs past K: the last group
+                    s, z = _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg)
+                if GROUP_MODE == 2:
+                    kn = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
+                    w = ((q - tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32))
+                         * tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32))
+                else:
+                    w = (q - z[None, :]) * s[None, :]
+                if IEEE:
+                    acc = tl.dot(a, w.to(dt), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w.to(dt), acc)
         else:
-            acc += tl.dot(a, w)
-    ptrs = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            k = b * ROWS + tl.arange(0, ROWS)
+            a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
+            shifts = tl.arange(0, 8) * 4
+            q = tl.reshape((words[None, :, :] >> shifts[:, None, None]) & 0xF, (ROWS, BLOCK_N))
+            q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            if GROUP_MODE == 0:
+                w = (q - z[None, :]) * s[None, :]
+            else:
+                kn = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
+                w = ((q - tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32))
+                     * tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32))
+            if IEEE:
+                acc = tl.dot(a, w.to(dt), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w.to(dt), acc)
+    splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_ptr, cnt_ptr, pid, split_k, SPLIT, ATOMIC)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+GEMV_MAX_M = 16
+"""The GEMV kernel keeps [BLOCK_M, ROWS / 8, BLOCK_N] products in registers: for a few rows only."""
+
+SPLIT_MAX_M = 64
+"""Split-K is for decode-sized M; the workspace holds SPLIT_MAX_M x N sums (reserved at load)."""
+
+TUNED: dict[tuple[int, int, int], dict] = {}
+"""(M bucket, N, K) -> launch config measured fastest on the GPU (bench/quant.py's winner table; M buckets
+1, 16, 64, 256: the smallest bucket >= M). Shapes not listed use `pick_config`'s rules."""
+
+
+def m_bucket(m: int) -> int:
+    return 1 if m <= 1 else 16 if m <= 16 else 64 if m <= 64 else 256
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """Tile sizes by batch size, and split-K when the M x N tiles would leave most SMs idle (decode)."""
-    if m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    """Launch config: a measured one from TUNED, else GEMV for M <= 4 and tensor cores above, split-K when
+    the N (x M) tiles would leave SMs idle."""
+    hit = TUNED.get((m_bucket(m), n, k))
+    if hit is not None:
+        return dict(hit)
+    if m <= 4:
+        cfg = dict(KERNEL="gemv", BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=64, num_warps=4, num_stages=1)
+    elif m <= 16:
+        cfg = dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3)
     elif m <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+        cfg = dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=128, SLABS=True, num_warps=4, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    if 16 <= group_size < cfg["BLOCK_K"] and group_size & (group_size - 1) == 0:
-        cfg["BLOCK_K"] = group_size  # keep a tile inside one group: one scale row per tile
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    sms, split = _sm_count(device), 1
-    while split < 16 and tiles * split * 2 <= 2 * sms and k // (split * 2) >= 4 * cfg["BLOCK_K"]:
-        split *= 2
-    cfg["SPLIT_K"] = split
+        cfg = dict(KERNEL="mma", BLOCK_M=128, BLOCK_N=128, SLABS=True, num_warps=8, num_stages=3)
     return cfg
 
 
+def _group_mode(group_size: int, k: int, rows: int, slabs: bool) -> int:
+    if group_size % rows == 0 or group_size >= k:
+        return 0  # one group per block (or one over all of K)
+    if group_size % (rows // 8) == 0 and slabs:
+        return 1
+    return 2
+
+
+def reserve_workspace(device: torch.device, n: int) -> None:
+    """At load, before CUDA graph capture: room for split-K sums of this layer (SPLIT_MAX_M x N)."""
+    splitk.reserve(device, SPLIT_MAX_M * n)
+
+
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-          perm: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests)."""
+          perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False) -> torch.Tensor | None:
+    """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
+    KERNEL "gemv" | "mma", BLOCK_M, BLOCK_N, SLABS (mma), SPLIT_K (default: about two programs per SM),
+    ATOMIC (default True: one-launch split-K), num_warps, num_stages. `warmup`: compile for these arguments
+    and return None without running (bench/quant.py compiles its sweep in parallel that way)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     m, k = x.shape
     n = qweight.shape[1]
     g = scales.shape[0]
-    if qweight.dtype != torch.int32 or qweight.shape[0] != -(-k // 8):
-        raise ValueError(f"qweight must be int32 [ceil(K/8), N] = [{-(-k // 8)}, N], got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}")
+    rows = block_rows(k)
+    blocks = -(-k // rows)
+    if qweight.dtype != torch.int32 or qweight.shape[0] != blocks * rows // 8:
+        raise ValueError(f"qweight must be int32 [ceil(K/{rows}) * {rows // 8}, N] = [{blocks * rows // 8}, N] "
+                         f"(pack_int4), got {qweight.dtype} {tuple(qweight.shape)}")
     if tuple(zeros.shape) != (g, n) or scales.shape[1] != n or g != -(-k // group_size):
         raise ValueError(f"scales and zeros must be [ceil(K/group_size), N] = [{-(-k // group_size)}, {n}], got "
                          f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
@@ -110,35 +238,69 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         raise ValueError(f"perm must be int32 [K] = [{k}], got {perm.dtype} {tuple(perm.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride() != scales.stride():
+        qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     cfg = dict(config or pick_config(m, n, k, group_size, x.device))
-    split = cfg.pop("SPLIT_K", 1)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split = triton.cdiv(k, k_per_split)
-    out = torch.empty((split, m, n) if split > 1 else (m, n), dtype=torch.float32 if split > 1 else x.dtype,
-                      device=x.device)
+    kind = cfg.pop("KERNEL")
+    if kind == "gemv" and (m > cfg["BLOCK_M"] or m > GEMV_MAX_M):
+        raise ValueError(f"the GEMV kernel takes M <= BLOCK_M <= {GEMV_MAX_M}, got M = {m}, BLOCK_M = {cfg['BLOCK_M']}")
+    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind == "gemv" else triton.cdiv(m, cfg["BLOCK_M"]))
+    split = cfg.pop("SPLIT_K", None)
+    if split is None:
+        per_sm = 4 if kind == "gemv" else 2  # the GEMV hides memory latency with more programs, not tiles
+        split = splitk.split_for(tiles, blocks, splitk.sm_count(x.device), per_sm) if m <= SPLIT_MAX_M else 1
+    per_split = triton.cdiv(blocks, split)
+    split = triton.cdiv(blocks, per_split)
+    atomic = cfg.pop("ATOMIC", True)
+    if split == 1 or atomic:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     if m == 0:
-        return out if split == 1 else out.sum(0).to(x.dtype)
-    per_tile = group_size % cfg["BLOCK_K"] == 0  # tiles start at multiples of BLOCK_K
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _w4a16_kernel[grid](
-        x, qweight, scales, zeros, perm if perm is not None else qweight,
-        out, m, n, k, group_size, k_per_split,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(-2), out.stride(0) if split > 1 else 0,
-        HAS_PERM=perm is not None, SCALE_PER_TILE=per_tile, IEEE=x.dtype == torch.float32, **cfg)
-    return out if split == 1 else out.sum(0).to(x.dtype)
+        return out if out.dim() == 2 else out.sum(0).to(x.dtype)
+    ws, cnt = splitk.workspace(x.device, m * n) if split > 1 and atomic else (out, out)
+    slabs = cfg.pop("SLABS", True) and rows == 128
+    mode = _group_mode(group_size, k, rows, slabs or kind == "gemv")
+    args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt,
+            m, n, k, group_size, per_split, split, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(-2),
+            out.stride(0) if out.dim() == 3 else 0)
+    consts = dict(cfg, ROWS=rows, GROUP_MODE=mode, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic)
+    if kind == "mma":
+        consts.update(SLABS=slabs, IEEE=x.dtype == torch.float32)
+    kernel = _w4a16_gemv_kernel if kind == "gemv" else _w4a16_mma_kernel
+    if warmup:
+        kernel.warmup(*args, grid=(tiles, split), **consts)
+        return None
+    kernel[(tiles, split)](*args, **consts)
+    return out if out.dim() == 2 else out.sum(0).to(x.dtype)
 
 
-def unpack_int4_rows(qweight: torch.Tensor, k: int) -> torch.Tensor:
-    """[ceil(K/8), N] int32 -> [K, N] int32 values 0..15."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    return ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, qweight.shape[1])[:k]
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[K, N] values 0..15 (rows in the order the kernel reads them) -> [ceil(K/R) * R/8, N] int32 in the
+    kernel's layout, R = block_rows(K): nibble j of word (R/8) b + p holds row R b + (R/8) j + p (zero rows
+    pad K)."""
+    k, n = q.shape
+    rows = block_rows(k)
+    blocks, s = -(-k // rows), rows // 8
+    q = torch.nn.functional.pad(q.to(torch.int32), (0, 0, 0, blocks * rows - k)).reshape(blocks, 8, s, n)
+    out = torch.zeros(blocks, s, n, dtype=torch.int32, device=q.device)
+    for j in range(8):
+        out |= q[:, j] << (4 * j)
+    return out.reshape(blocks * s, n)
+
+
+def unpack_int4(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """pack_int4's inverse: -> [K, N] int32 values 0..15."""
+    n = qweight.shape[1]
+    words = qweight.reshape(-1, 1, block_rows(k) // 8, n)
+    shifts = (torch.arange(8, device=qweight.device, dtype=torch.int32) * 4).reshape(1, 8, 1, 1)
+    return ((words >> shifts) & 0xF).reshape(-1, n)[:k]
 
 
 def dequantize_int4(qweight, scales, zeros, group_size: int, k: int) -> torch.Tensor:
     """The float32 [K, N] matrix the kernel multiplies by (rows in sorted order when act-order)."""
     g = torch.arange(k, device=qweight.device) // group_size
-    return (unpack_int4_rows(qweight, k) - zeros[g].to(torch.int32)).float() * scales[g].float()
+    return (unpack_int4(qweight, k) - zeros[g].to(torch.int32)).float() * scales[g].float()
 
 
 def w4a16_reference(x, qweight, scales, zeros, group_size: int, perm=None) -> torch.Tensor:

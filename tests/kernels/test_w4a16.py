@@ -1,20 +1,26 @@
-"""The Triton W4A16 GEMM against x @ ((q - zero) * scale) computed in float64 from the unpacked integers:
-group boundaries inside and across tiles, act-order permutations, odd K and N, split-K, fp32 and fp16."""
+"""The Triton W4A16 kernels (GEMV and tensor-core, both split-K reductions) against x @ ((q - zero) * scale)
+computed in float64 from the unpacked integers: group boundaries inside and across blocks and slabs,
+act-order permutations, odd K and N, fp32 / fp16 / bf16."""
 
 import pytest
 import torch
 
-from kernels.w4a16 import pick_config, w4a16, w4a16_reference
+from kernels import splitk
+from kernels.w4a16 import pack_int4, pick_config, unpack_int4, w4a16, w4a16_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
-    """[K, N] 0..15 -> [ceil(K/8), N] int32, row 8p+i in bits 4i (GPTQ's order), written out by hand."""
+    """[K, N] 0..15 -> the kernel layout, written out by hand: blocks of R = 128 rows (64 when K % 128 is
+    1..64), row r = R b + (R/8) j + p goes to nibble j of word (R/8) b + p."""
     k, n = q.shape
-    out = torch.zeros(-(-k // 8), n, dtype=torch.int64)
+    rows = 64 if 0 < k % 128 <= 64 else 128
+    out = torch.zeros(-(-k // rows) * rows // 8, n, dtype=torch.int64)
     for row in range(k):
-        out[row // 8] |= q[row].long() << (4 * (row % 8))
+        b, r = divmod(row, rows)
+        j, p = divmod(r, rows // 8)
+        out[rows // 8 * b + p] |= q[row].long() << (4 * j)
     return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
 
 
@@ -35,33 +41,71 @@ def case(m, k, n, group, act_order, dtype, seed=0):
     return args, ref
 
 
-TILE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-
-
-@pytest.mark.parametrize("m, k, n, group, act_order, split", [
-    (3, 128, 64, 32, False, 1),   # one group per tile: a scale row per tile
-    (3, 128, 64, 16, False, 2),   # two groups inside each tile: a group per row; split-K
-    (5, 96, 40, 24, True, 2),     # act-order permutation, a group size that is no power of two, N % 32 != 0
-    (17, 100, 37, 100, False, 1),  # odd K (a partly filled last word) and odd N, one group over all of K
-    (1, 256, 48, 64, True, 4),    # decode: M = 1, split-K 4 with act-order
-])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_w4a16_matches_float64(m, k, n, group, act_order, split, dtype):
-    args, ref = case(m, k, n, group, act_order, dtype, seed=m * k + n)
-    out = w4a16(*args, config={**TILE, "SPLIT_K": split})
-    assert out.dtype == dtype and out.shape == (m, n)
-    tol = 1e-5 if dtype == torch.float32 else 3e-3  # fp16: the dequantized weight is rounded to fp16
+def close(out, ref, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 3e-3 if dtype == torch.float16 else 1e-2
     torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol * ref.abs().max().item())
-    torch.testing.assert_close(w4a16_reference(*args).double().cpu(), ref, rtol=tol,
-                               atol=tol * ref.abs().max().item())
+
+
+def assert_workspace_zero():
+    ws, cnt = splitk.workspace(torch.device(DEV), 1)
+    assert not ws.any() and not cnt.any(), "split-K must leave its workspace zeroed for the next call"
+
+
+GEMV = dict(KERNEL="gemv", BLOCK_N=32, num_warps=4, num_stages=1)
+MMA = dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+
+CASES = [
+    # m, k, n, group, act_order, split, atomic
+    (3, 256, 64, 128, False, 2, True),    # a block per group: the scale comes out of the block's sum
+    (3, 256, 64, 32, False, 2, False),    # four groups per block, one per 16-row slab; partial-sum split-K
+    (5, 300, 40, 24, True, 3, True),      # act-order, groups that straddle slabs, odd K in 64-row blocks
+    (4, 100, 37, 100, False, 1, True),    # K < one block, odd N, one group over all of K
+    (1, 384, 48, 64, True, 3, True),      # decode: M = 1, split-K 3 with act-order
+]
+
+
+@pytest.mark.parametrize("m, k, n, group, act_order, split, atomic", CASES)
+@pytest.mark.parametrize("kernel", ["gemv", "mma-slabs", "mma-stacked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_w4a16_matches_float64(m, k, n, group, act_order, split, atomic, kernel, dtype):
+    args, ref = case(m, k, n, group, act_order, dtype, seed=m * k + n)
+    cfg = dict(GEMV, BLOCK_M=8) if kernel == "gemv" else dict(MMA, SLABS=kernel == "mma-slabs")
+    out = w4a16(*args, config=dict(cfg, SPLIT_K=split, ATOMIC=atomic))
+    assert out.dtype == dtype and out.shape == (m, n)
+    close(out, ref, dtype)
+    assert_workspace_zero()
+    close(w4a16_reference(*args), ref, dtype)
+
+
+def test_w4a16_gemv_bfloat16():
+    """The GEMV kernel multiplies in float32 registers, so bf16 runs in the interpreter too (its bf16 dot
+    does not: the tensor-core kernel is checked in bf16 by bench/quant.py on the GPU)."""
+    args, ref = case(1, 256, 40, 128, False, torch.bfloat16, seed=7)
+    close(w4a16(*args, config=dict(GEMV, BLOCK_M=1, SPLIT_K=2)), ref, torch.bfloat16)
+    assert_workspace_zero()
+
+
+def test_w4a16_mma_several_m_tiles_share_the_split_k_workspace():
+    """M over two tiles and split-K: each (m, n) tile has its own counter, and every sum lands once."""
+    args, ref = case(20, 256, 40, 64, False, torch.float32, seed=3)
+    close(w4a16(*args, config=dict(MMA, SLABS=True, SPLIT_K=2)), ref, torch.float32)
+    assert_workspace_zero()
+
+
+@pytest.mark.parametrize("k", [64, 200, 300])  # 64-row blocks, a partial 128-row block, partial 64-row block
+def test_pack_int4_is_the_kernel_layout(k):
+    q = torch.randint(0, 16, (k, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pack_int4(q), pack(q))
+    assert torch.equal(unpack_int4(pack_int4(q), k), q.int())
 
 
 def test_w4a16_default_config_splits_k_for_small_batches():
-    cfg = pick_config(1, 64, 4096, 128, torch.device("cpu"))  # 1 x 1 tiles on a 4-SM stand-in
-    assert cfg["SPLIT_K"] > 1
-    assert pick_config(256, 4096, 4096, 128, torch.device("cpu"))["SPLIT_K"] == 1
-    args, ref = case(2, 64, 32, 32, False, torch.float32)
-    torch.testing.assert_close(w4a16(*args).double().cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # 1 x 1 tiles on a 4-SM stand-in: decode takes the GEMV kernel and splits K.
+    assert pick_config(1, 64, 4096, 128, torch.device("cpu"))["KERNEL"] == "gemv"
+    assert pick_config(256, 4096, 4096, 128, torch.device("cpu"))["KERNEL"] == "mma"
+    args, ref = case(2, 1024, 32, 128, False, torch.float32)
+    close(w4a16(*args), ref, torch.float32)
+    assert_workspace_zero()
 
 
 def test_w4a16_refuses_mismatched_shapes():
@@ -71,3 +115,5 @@ def test_w4a16_refuses_mismatched_shapes():
         w4a16(x, qw[:-1], s, z, group)
     with pytest.raises(ValueError, match="scales and zeros"):
         w4a16(x, qw, s, z, 16)
+    with pytest.raises(ValueError, match="GEMV kernel takes M <= BLOCK_M"):
+        w4a16(x, qw, s, z, group, config=dict(GEMV, BLOCK_M=1))

@@ -106,11 +106,12 @@ def test_fp8_gemm_path_matches_compressed_tensors_own_forward(tmp_path, monkeypa
     activations itself: an independent implementation of the whole W8A8 scheme."""
     import transformers
 
-    from services.engine.model.quantization.fp8 import FP8Method
+    from services.engine.model.quantization import fp8
 
     arch, _ = quantized_checkpoint(tmp_path, "llama", lambda s: qz.compressed_fp8(s, per_channel=True, static=False))
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    monkeypatch.setattr(FP8Method, "use_scaled_mm", staticmethod(lambda x, n, k: True))
+    monkeypatch.setattr(fp8.FP8Method, "use_scaled_mm", staticmethod(lambda x, n, k: True))
+    monkeypatch.setattr(fp8, "WEIGHT_ONLY_MAX_M", 0)  # every M on the W8A8 path (decode's weight-only one aside)
     llm = serve(tmp_path)
     try:
         batch = harness.prompts(arch.config["vocab_size"], lens=(5, 17), seed=4)

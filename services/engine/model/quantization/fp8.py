@@ -3,9 +3,12 @@ at load from a 16-bit checkpoint), Meta's `fbgemm_fp8` (per-channel, dynamic per
 upper bound), and the FP8 schemes of compressed-tensors (compressed_tensors.py builds `FP8Method` too).
 
 Loaded form: weight [N, K] float8_e4m3fn, weight_scale [N] float32 (per-tensor scales of fused q/k/v are
-spread over their rows), input_scale float32 [] (static) or None (dynamic per token). On Hopper-class GPUs
-the GEMM is torch._scaled_mm with row-wise scales; elsewhere (CPU) the weight is dequantized, and the
-activations stay unquantized: the CPU path is the weight-only reference.
+spread over their rows), input_scale float32 [] (static) or None (dynamic per token). On Hopper-class GPUs,
+by the number of rows M: up to WEIGHT_ONLY_MAX_M (decode) kernels/fp8_gemv.py reads the FP8 weight and
+multiplies the 16-bit activations as they are (half bf16's bytes, no activation pass); above it the
+activations are quantized by kernels/fp8_quant.py (one launch) and the GEMM is torch._scaled_mm with
+row-wise scales. Elsewhere (CPU) the weight is dequantized and the activations stay unquantized: the CPU
+path is the weight-only reference.
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
+from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
 from services.engine.model.quantization.base import QuantConfig, all_or_none, matches
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+
+WEIGHT_ONLY_MAX_M = 16
+"""Up to this many rows the weight-only FP8 kernel runs (bench/quant.py measures the crossover against
+activation quantization + torch._scaled_mm)."""
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +36,8 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None, ub: float | None):
-    """x [M, K] -> (fp8 [M, K], float32 scales [M, 1]): per token (dynamic) or the checkpoint's one scale."""
+    """x [M, K] -> (fp8 [M, K], float32 scales [M, 1]): per token (dynamic) or the checkpoint's one scale.
+    The torch reference of kernels/fp8_quant.py (which the GPU runs)."""
     if static_scale is not None:
         s = static_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
     else:
@@ -54,7 +64,7 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     """x [M, K] @ (weight [N, K] fp8 * weight_scale [1, N]).T with x quantized to FP8 (per token, or the static
     scale): torch._scaled_mm with row-wise scales, accumulating in float32. Its output is bfloat16 on CUDA
     (what row-wise scaling supports there), float32 elsewhere."""
-    xq, xs = quantize_activation(x, input_scale, ub)
+    xq, xs = (quantize_fp8_rows if x.is_cuda else quantize_activation)(x, input_scale, ub)
     out = torch.bfloat16 if x.is_cuda else torch.float32
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out).to(x.dtype)
 
@@ -112,6 +122,8 @@ class FP8Method:
         for p in (layer.weight, layer.weight_scale, layer.input_scale):
             if p is not None:
                 p.quantized = True
+        if w.device.type == "cuda":
+            reserve_workspace(w.device, w.shape[0])
 
     @staticmethod
     def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:
@@ -122,8 +134,10 @@ class FP8Method:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, k = layer.weight.shape
-        if self.use_scaled_mm(x, n, k):
+        if self.use_scaled_mm(x, n, k) and x2.shape[0] > WEIGHT_ONLY_MAX_M:
             y = fp8_gemm(x2, layer.weight, layer.weight_scale, layer.input_scale, self.scale_ub)
+        elif x.is_cuda:  # decode-sized M, or a shape _scaled_mm does not take
+            y = fp8_w8a16(x2, layer.weight, layer.weight_scale)
         else:
             w = (layer.weight.float() * layer.weight_scale.reshape(-1, 1)).to(x.dtype)
             y = F.linear(x2, w)

@@ -1,7 +1,8 @@
 """What the 4-bit weight-only schemes (GPTQ, AWQ, compressed-tensors W4A16) become once loaded: one layout
-that the Triton W4A16 kernel (kernels/w4a16.py) and the CPU reference both read.
+that the Triton W4A16 kernels (kernels/w4a16.py) and the CPU reference both read.
 
-    qweight [ceil(K/8), N] int32: input row 8p+i of column n in bits 4i..4i+3 of qweight[p, n] (GPTQ's order)
+    qweight [16 * ceil(K/128), N] int32: kernels/w4a16.py's blocked layout (`pack_int4`), made once here so
+            that the kernels unpack a block's nibbles with a shift and a mask, no permute
     scales  [G, N] in the model's dtype; zeros [G, N] uint8 (the unsigned zero point; 8 when symmetric)
     perm    [K] int32 or None: act-order, rows sorted by group; the kernel reads x's columns through it
 Each scheme's loader converts its own on-disk packing into this once, after loading.
@@ -11,26 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from kernels.w4a16 import unpack_int4_rows, w4a16, w4a16_reference
+from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
 from services.engine.model.layers.linear import weight_param
 
-BITS, PACK = 4, 8
-
-
-def pack_rows(q: torch.Tensor) -> torch.Tensor:
-    """[K, N] values 0..15 -> [ceil(K/8), N] int32, row 8p+i in bits 4i of word p (zero padded)."""
-    k, n = q.shape
-    rows = -(-k // PACK) * PACK
-    q = torch.nn.functional.pad(q.to(torch.int32), (0, 0, 0, rows - k)).reshape(-1, PACK, n)
-    out = torch.zeros(rows // PACK, n, dtype=torch.int32, device=q.device)
-    for i in range(PACK):
-        out |= q[:, i] << (BITS * i)
-    return out
+BITS = 4
 
 
 def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """pack_rows' inverse: -> [k, N] int32."""
-    return unpack_int4_rows(packed, k)
+    """GPTQ's on-disk packing, row 8p+i in bits 4i of word p: [ceil(k/8), N] int32 -> [k, N] int32 0..15."""
+    shifts = torch.arange(0, 32, BITS, device=packed.device, dtype=torch.int32)
+    return ((packed[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, packed.shape[1])[:k]
 
 
 def unpack_cols(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -68,7 +59,7 @@ class Int4Layout:
         for name, _ in list(layer.named_parameters(recurse=False)):
             if name != "bias":
                 delattr(layer, name)
-        layer.qweight = weight_param(pack_rows(q_kn).to(dev))
+        layer.qweight = weight_param(pack_int4(q_kn.to(torch.int32)).to(dev))
         layer.scales = weight_param(scales.contiguous())
         layer.zeros = weight_param(zeros.to(torch.uint8).to(dev))
         layer.perm = weight_param(perm.to(dev)) if perm is not None else None
@@ -76,6 +67,8 @@ class Int4Layout:
         for p in (layer.qweight, layer.scales, layer.zeros, layer.perm):
             if p is not None:
                 p.quantized = True
+        if dev.type == "cuda":
+            reserve_workspace(dev, n)
 
     def init_dummy(self, layer, g: torch.Generator) -> None:
         """Random 4-bit weights in the loaded layout (load_format="dummy"): about N(0, 0.02) once dequantized."""

@@ -1,0 +1,78 @@
+"""FP8 (e4m3) activation quantization in one launch: per token, amax -> scale = amax / 448 (bounded above by
+an optional `ub` and below by 1e-12), q = x / scale clamped to +-448 and rounded to nearest even; or one
+static scale for all tokens. Bit for bit the torch reference in services/engine/model/quantization/fp8.py
+(`quantize_activation`), which took ~6 eager launches per linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reshape_and_cache import _quantize_e4m3
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _quant_rows_kernel(
+    x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, ub,
+    BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * stride_qm
+    if ONE_PASS:  # the whole row fits one block: read x once
+        xk = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        if ONE_PASS:
+            amax = tl.max(tl.abs(xk), axis=0)
+        else:
+            amax = 0.0
+            for k0 in range(0, K, BLOCK_K):
+                v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+        if HAS_UB:
+            amax = tl.minimum(amax, ub)
+        scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), 1e-12)
+    tl.store(s_ptr + row, scale)
+    if ONE_PASS:
+        q = _quantize_e4m3(tl.math.div_rn(xk, scale), 1.0)
+        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            q = _quantize_e4m3(tl.math.div_rn(v, scale), 1.0)
+            tl.store(q_row + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
+
+
+MAX_ONE_PASS = 16384
+"""Rows up to this many features are held in registers (Llama-3-8B's widest input is 14336)."""
+
+
+def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None, ub: float | None = None,
+                      block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], float32 scales [M, 1]): dynamic per token, or `static_scale` (one
+    float32 element) for every token. `block_k` forces the two-pass loop (tests)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if static_scale is not None and static_scale.numel() != 1:
+        raise ValueError(f"static_scale must hold one element, got {tuple(static_scale.shape)}")
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)  # the static scale is written per row too
+    if m == 0:
+        return q, s
+    one_pass = block_k is None and k <= MAX_ONE_PASS
+    block = triton.next_power_of_2(k) if one_pass else (block_k or 4096)
+    _quant_rows_kernel[(m,)](
+        x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), q.stride(0),
+        float(ub) if ub is not None else 0.0,
+        BLOCK_K=block, STATIC=static_scale is not None, HAS_UB=ub is not None, ONE_PASS=one_pass,
+        num_warps=8 if block >= 4096 else 4)
+    return q, s
