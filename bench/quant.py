@@ -298,8 +298,10 @@ def w4a16_candidates(m: int, n: int, k: int) -> list[dict]:
             out.append(dict(base, SPLIT_K=sp))
 
     if m == 1:
-        for bn, warps in ((64, 4), (128, 4), (256, 8)):
+        for bn, warps in ((64, 4), (128, 4), (256, 8), (64, 2)):
             add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, num_warps=warps, num_stages=1), True)
+        for bn in (64, 128):  # scale and zero point per 16-row slab: no per-block reduction across the slab
+            add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, GROUP_MODE=1, num_warps=4, num_stages=1), False)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3), False)
     elif m == 16:
         add(dict(KERNEL="gemv", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1), True)

@@ -219,7 +219,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv" | "mma", BLOCK_M, BLOCK_N, SLABS (mma), SPLIT_K (default: about two programs per SM),
-    ATOMIC (default True: one-launch split-K), num_warps, num_stages. `warmup`: compile for these arguments
+    ATOMIC (default True: one-launch split-K), GROUP_MODE (1 or 2 where the group size allows 0 or 1: scales
+    per slab or per row), num_warps, num_stages. `warmup`: compile for these arguments
     and return None without running (bench/quant.py compiles its sweep in parallel that way)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
@@ -261,6 +262,9 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     ws, cnt = splitk.workspace(x.device, m * n) if split > 1 and atomic else (out, out)
     slabs = cfg.pop("SLABS", True) and rows == 128
     mode = _group_mode(group_size, k, rows, slabs or kind == "gemv")
+    forced = cfg.pop("GROUP_MODE", None)  # a sweep may try a more general mode, never a wrong one
+    if forced is not None and forced > mode and (forced == 2 or _group_mode(group_size, k, rows, True) < 2):
+        mode = forced
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt,
             m, n, k, group_size, per_split, split, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(-2),
             out.stride(0) if out.dim() == 3 else 0)

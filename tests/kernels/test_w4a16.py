@@ -117,3 +117,11 @@ def test_w4a16_refuses_mismatched_shapes():
         w4a16(x, qw, s, z, 16)
     with pytest.raises(ValueError, match="GEMV kernel takes M <= BLOCK_M"):
         w4a16(x, qw, s, z, group, config=dict(GEMV, BLOCK_M=1))
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_w4a16_forced_more_general_group_mode_gives_the_same_product(mode):
+    """bench/quant.py may force per-slab or per-row scales where a block lies in one group."""
+    args, ref = case(2, 256, 40, 128, False, torch.float32, seed=11)
+    close(w4a16(*args, config=dict(GEMV, BLOCK_M=2, GROUP_MODE=mode, SPLIT_K=1)), ref, torch.float32)
+    close(w4a16(*args, config=dict(MMA, SLABS=True, GROUP_MODE=mode, SPLIT_K=1)), ref, torch.float32)
