@@ -1,7 +1,9 @@
 """Serving latency under load: the full stack (Redis, tokenizer, router, one engine) against the same engine
 in-process, under Poisson arrivals at several rates, in one run. Prints a table; writes JSON to bench/results/.
 
-    python bench/serving.py --shape llama-3-8b --rates 4 16 --requests 128 --runs 3      # on a GPU, ~80 s
+    python bench/serving.py --shape llama-3-8b --rates 4 16 --requests 128 --runs 3      # on a GPU, ~8 min
+    python bench/serving.py --shape llama-3-8b --rates 4 16 --requests 64 --runs 1 --max-wall-s 140 \
+        --engine-variant 'si0.5=--switch-interval-ms 0.5'                                # bounded, one variant
     python bench/serving.py --model ~/.cache/folio/models/SmolLM2-135M-Instruct --device cpu --dtype float32 \
         --rates 4 16 --requests 64 --runs 5 --in-len 8 32 --out-len 4 12                # on CPU
     python bench/serving.py --shape tiny --device cpu --rates 4 --requests 16 --runs 1   # smoke test
@@ -14,9 +16,15 @@ then the in-process engine at every rate, so slow drift of a shared machine fall
 `--detokenize both` also runs the stack with the router's old path (the tokenizer service's Detokenize
 stream per engine message), so the in-process detokenizer's effect shows in the same run.
 
+`--engine-variant NAME=FLAGS` runs the stack once more per variant with extra engine flags (the in-process
+runs of the first serve them all); `--debug-gil-busy-ms` makes every engine step (both paths) hold the GIL
+first, as a GPU engine's kernel launches do, to reproduce on a CPU what the stack's threads pay for it.
+
 Reported per rate: time to first token (TTFT) and inter-token latency (ITL: gaps between a stream's
 consecutive tokens) at p50 / p99, and what the hops add (stack minus in-process) per run, with the mean
-over runs and its 95% confidence half-width (t distribution), so a difference can be told from noise.
+over runs and its 95% confidence half-width (t distribution), so a difference can be told from noise;
+and where the first token's time goes, hop by hop (Timing.first_token_path, docs/router.md), beside the
+same engine hops of the in-process path.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -91,6 +100,10 @@ class InProcess:
         from services.engine.engine import EngineConfig, LLMEngine
 
         self.engine = LLMEngine(EngineConfig(**engine_kwargs(args, model_dir), max_waiting_requests=None))
+        if args.debug_gil_busy_ms:  # the same step as the stack's engine runs
+            from services.engine.server import gil_busy_step
+
+            self.engine.step = gil_busy_step(self.engine.step, args.debug_gil_busy_ms)
         self.run([(0.0, [20, 21, 22], 4)])  # warm-up
 
     def run(self, reqs) -> dict:
@@ -99,6 +112,8 @@ class InProcess:
         engine = self.engine
         times: dict[str, list[float]] = {}
         arrivals: dict[str, float] = {}
+        late: dict[str, float] = {}  # how long after its arrival a request was added (the step boundary)
+        paths: dict[str, dict[str, float]] = {}
         t0 = time.perf_counter()
         i = 0
         while i < len(reqs) or engine.has_unfinished_requests():
@@ -109,6 +124,7 @@ class InProcess:
                 engine.add_request(rid, None, SamplingParams(temperature=0, max_tokens=out, ignore_eos=True),
                                    prompt_token_ids=ids)
                 arrivals[rid] = t0 + at
+                late[rid] = now - at
                 times[rid] = []
                 i += 1
             if not engine.has_unfinished_requests():
@@ -118,20 +134,60 @@ class InProcess:
             stamp = time.perf_counter()
             for d in outs:  # token deltas: stamp each new token of the first sequence
                 ts = times[d.request_id]
+                if not ts and d.first_token_time is not None:
+                    paths[d.request_id] = {"engine.admitted": d.arrival_time, "engine.scheduled": d.first_scheduled_time,
+                                           "engine.first_token": d.first_token_time, "step_returned": time.monotonic()}
                 ts.extend([stamp] * sum(len(s.token_ids) for s in d.sequences if s.index == 0))
-        return summarize(times, arrivals, time.perf_counter(), t0)
+        res = summarize(times, arrivals, time.perf_counter(), t0)
+        # The same hops as the stack's where they exist: arrival -> added (the wait for a step boundary),
+        # added -> first scheduled, -> first token out of its step, -> the step returned.
+        order = ("engine.admitted", "engine.scheduled", "engine.first_token", "step_returned")
+        hops = {"arrival->engine.admitted": pct([1e3 * late[r] for r in paths], 0.5)}
+        for a, b in zip(order, order[1:]):
+            hops[f"{a}->{b}"] = pct([1e3 * (p[b] - p[a]) for p in paths.values() if p[a] and p[b]], 0.5)
+        res["hops_ms_p50"] = hops
+        return res
 
 
-async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None):
+# The first token's way through the stack, hop by hop (docs/router.md): client stamps, then the router's
+# and engine's (Timing.first_token_path), all on CLOCK_MONOTONIC. Each interval is named by its end.
+HOPS = ("client.sent", "router.received", "router.engine_call", "engine.received", "engine.admitted",
+        "engine.scheduled", "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg",
+        "router.chunk_ready", "router.sent", "client.received")
+
+
+def hop_intervals(path: dict[str, int]) -> dict[str, float]:
+    """ms between consecutive hops of one request's first-token path (those present), plus the engine
+    thread's admission -> add_request's return to the handler (off the token's path: the event loop's wake-up)."""
+    got = [h for h in HOPS if h in path]
+    out = {f"{a}->{b}": (path[b] - path[a]) / 1e6 for a, b in zip(got, got[1:])}
+    if "engine.admitted" in path and "engine.add_returned" in path:
+        out["engine.admitted->engine.add_returned"] = (path["engine.add_returned"] - path["engine.admitted"]) / 1e6
+    return out
+
+
+def hop_p50(paths: list[dict[str, int]]) -> dict[str, float]:
+    per = [hop_intervals(p) for p in paths]
+    keys = [k for k in dict.fromkeys(k for d in per for k in d)]
+    return {k: pct([d[k] for d in per if k in d], 0.5) for k in keys}
+
+
+async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None, paths=None):
     req = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
                              params=common_pb2.SamplingParams(temperature=0, max_tokens=out, ignore_eos=True))
     ts = times[rid]
+    path = {"client.sent": time.monotonic_ns()}
     async for m in stub.Generate(req, timeout=900):
         now = time.perf_counter()
+        if not ts and any(c.token_ids for c in m.choices):
+            path["client.received"] = time.monotonic_ns()
         for c in m.choices:
             ts.extend([now] * len(c.token_ids))
         if m.finished and router_timing is not None:  # as the router saw it: its TTFT, the engine's queue wait
             router_timing[rid] = (m.timing.time_to_first_token_ns / 1e6, m.timing.queue_ns / 1e6)
+            path.update((s.hop, s.monotonic_ns) for s in m.timing.first_token_path)
+    if paths is not None:
+        paths.append(path)
 
 
 async def _drive(address, reqs) -> dict:
@@ -144,12 +200,13 @@ async def _drive(address, reqs) -> dict:
         await _one(stub, pb, common_pb2, "warmup", [20, 21, 22], 4, {"warmup": []})
         times = {f"r{i}": [] for i in range(len(reqs))}
         router_timing: dict[str, tuple[float, float]] = {}
+        paths: list[dict[str, int]] = []
         t0 = time.perf_counter()
         arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
 
         async def later(i, at, ids, out):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            await _one(stub, pb, common_pb2, f"r{i}", ids, out, times, router_timing)
+            await _one(stub, pb, common_pb2, f"r{i}", ids, out, times, router_timing, paths)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
         res = summarize(times, arrivals, time.perf_counter(), t0)
@@ -161,6 +218,7 @@ async def _drive(address, reqs) -> dict:
             "client_router": pct([mine[r] - t[0] for r, t in router_timing.items() if r in mine], 0.5),
             "router_ttft": pct([t[0] for t in router_timing.values()], 0.5),
             "engine_queue": pct([t[1] for t in router_timing.values()], 0.5)}
+        res["hops_ms_p50"] = hop_p50(paths)
         return res
 
 
@@ -189,7 +247,7 @@ def drive_stack(stack, reqs) -> dict:
     return res
 
 
-def start_stack(args, model_dir, detokenize: str):
+def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = ()):
     from folio.stack import Stack, StackConfig
     from protos.generate import ensure_generated
 
@@ -202,6 +260,9 @@ def start_stack(args, model_dir, detokenize: str):
             flags.append(("--" + k if v else "--no-" + k).replace("_", "-"))
         else:
             flags += ["--" + k.replace("_", "-"), str(v)]
+    flags += list(engine_extra)
+    if args.debug_gil_busy_ms:
+        flags += ["--debug-gil-busy-ms", str(args.debug_gil_busy_ms)]
     router_args = [] if detokenize == "default" else ["--detokenize", detokenize]
     env = {}
     if args.device == "cpu":
@@ -285,6 +346,12 @@ def main() -> None:
                     help="start no further run once another would likely end past this many seconds")
     ap.add_argument("--detokenize", default="default", choices=["default", "local", "service", "both"],
                     help="the router's --detokenize (default: its own default; both: local and service)")
+    ap.add_argument("--engine-variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="also run the stack with these extra engine flags, e.g. 'si0.5=--switch-interval-ms 0.5' "
+                         "(repeatable; each variant is one more stack start)")
+    ap.add_argument("--debug-gil-busy-ms", type=float, default=0.0,
+                    help="debug, on CPU: each engine step (both paths) first holds the GIL this many ms, as a GPU "
+                         "engine's kernel launches do (services/engine/server.py: gil_busy_step)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=1, help="on CPU: torch threads of each engine (both paths)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -297,7 +364,14 @@ def main() -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    variants = ["local", "service"] if args.detokenize == "both" else [args.detokenize]
+    # (name, router --detokenize, extra engine flags): one stack each
+    variants = ([("local", "local", []), ("service", "service", [])] if args.detokenize == "both"
+                else [(args.detokenize, args.detokenize, [])])
+    for spec in args.engine_variant:
+        name, _, flags = spec.partition("=")
+        variants.append((name, "local" if args.detokenize == "both" else args.detokenize, shlex.split(flags)))
+    specs = {name: (detok, extra) for name, detok, extra in variants}
+    variants = list(specs)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, vocab = prepare_model(args, Path(tmp))
@@ -310,8 +384,15 @@ def main() -> None:
         loader.start()
         # runs[variant][run][rate] = {"stack": ..., "in_process": ...}
         runs: dict[str, list[list[dict]]] = {v: [] for v in variants}
+        baseline: dict[tuple[int, int], dict] = {}
+        one_variant_s = None  # a later variant: a stack start, its warm-up and one run of the stack alone
         for v in variants:
-            stack = start_stack(args, model_dir, v)
+            took = time.perf_counter() - t_start
+            if args.max_wall_s and one_variant_s and took + one_variant_s > args.max_wall_s:
+                print(f"[{v}] skipped: --max-wall-s {args.max_wall_s:g} (a stack start and a run would not fit)")
+                continue
+            t_variant = time.perf_counter()
+            stack = start_stack(args, model_dir, *specs[v])
             if loader.is_alive() or "engine" not in box:
                 loader.join()
                 if "engine" not in box:
@@ -330,9 +411,14 @@ def main() -> None:
                         print(f"[{v}] stopping after {len(runs[v])} run(s): --max-wall-s {args.max_wall_s:g}")
                         break
                     row = []
+                    inproc_s = 0.0
                     for k, rate in enumerate(args.rates):
                         s = drive_stack(stack, schedules[run][k])
-                        p = inproc.run(schedules[run][k])
+                        t_in = time.perf_counter()
+                        if (run, k) not in baseline:  # the same schedule's in-process run serves every variant
+                            baseline[run, k] = inproc.run(schedules[run][k])
+                        p = baseline[run, k]
+                        inproc_s += time.perf_counter() - t_in
                         row.append({"stack": s, "in_process": p, "hops_add": hops_add(s, p)})
                         a = row[-1]["hops_add"]
                         print(f"[{v} run {run + 1}/{args.runs} rate {rate:g}] stack TTFT/ITL p50 "
@@ -343,10 +429,13 @@ def main() -> None:
                               + "; CPU ms/token "
                               + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items()), flush=True)
                     runs[v].append(row)
+                    if one_variant_s is None:
+                        one_variant_s = time.perf_counter() - t_variant - inproc_s
             finally:
                 stack.stop()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
     summary = {}
+    variants = [v for v in variants if runs[v]]
     print("\nWhat the hops add over the in-process engine (stack minus in-process), mean over runs ± 95% CI, ms.")
     print("p50/p99: difference of the percentiles; TTFT paired: median over requests of each request's own difference.")
     keys = ("ttft_ms_p50", "itl_ms_p50", "ttft_ms_paired_median", "ttft_ms_p99", "itl_ms_p99")
@@ -374,6 +463,18 @@ def main() -> None:
             summary[v][f"{rate:g}"]["cpu_busy_fraction"] = busy
             print(f"{v:<13}{rate:>5g}  " + ", ".join(f"{n} {cpu[n]:.3f} ({busy[n]:.0%})" for n in names)
                   + "; stack TTFT p50 split, ms: " + ", ".join(f"{n} {x:.2f}" for n, x in split.items()))
+    print("\nThe first token's way, p50 of each interval (ms; mean over runs), named by the hops it lies between "
+          "(docs/router.md); in-process: the same engine stepped in this process:")
+    for v in variants:
+        for k, rate in enumerate(args.rates):
+            for path_name in ("stack", "in_process"):
+                if path_name == "in_process" and v != variants[0]:
+                    continue
+                names = list(dict.fromkeys(n for r in runs[v] for n in r[k][path_name]["hops_ms_p50"]))
+                hop = {n: float(np.nanmean([r[k][path_name]["hops_ms_p50"].get(n, float("nan")) for r in runs[v]]))
+                       for n in names}
+                summary[v][f"{rate:g}"][f"{path_name}_hops_ms_p50"] = hop
+                print(f"{v:<13}{rate:>5g} {path_name:<10} " + ", ".join(f"{n} {x:.2f}" for n, x in hop.items()))
     print("Targets (H200, 8B shape): TTFT p50 added <= 2 ms and ITL p50 added <= 0.5 ms at each rate.")
     record = {"device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python bench/serving.py " + " ".join(sys.argv[1:]), "code_commit": _commit(),

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,16 @@ class EngineServerConfig:
     """Seconds in-flight requests get to finish on SIGTERM."""
     step_deadline_s: float = 5.0
     """A step running longer than this is logged (phase, batch size, tokens) while it runs."""
+    switch_interval_ms: float | None = None
+    """The interpreter's switch interval here (sys.setswitchinterval; None: Python's 5 ms): how long the
+    server's event loop may wait for the GIL while the engine thread holds it (docs/router.md)."""
+    step_yield_ms: float = 0.0
+    """After each step the engine thread sleeps this long (GIL released), so the server's event loop runs
+    at least once per step however busy the thread keeps the GIL (0: no pause; docs/router.md)."""
+    debug_gil_busy_ms: float = 0.0
+    """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
+    tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
+    (launching kernels) while the device computes (bench/serving.py, tests/integration/test_hops.py)."""
     log_level: str = "INFO"
     """Logging level."""
 
@@ -57,11 +68,21 @@ def _ns(t: float | None, since: float | None) -> int:
     return int((t - since) * 1e9) if t is not None and since is not None and t >= since else 0
 
 
+def _stamp_ns(t: float | None) -> int:
+    return int(t * 1e9) if t is not None else 0
+
+
 class _Progress:
     """What one Generate stream has sent so far."""
 
-    def __init__(self, num_prompt_tokens: int):
+    def __init__(self, num_prompt_tokens: int, received_ns: int = 0):
         self.num_prompt_tokens = num_prompt_tokens
+        self.received_ns = received_ns
+        """When the handler started (time.monotonic_ns()): the first stamp of the first token's path."""
+        self.added_ns = 0
+        """When add_request returned to the handler (the engine thread had taken the request)."""
+        self.got_ns = 0
+        """When the handler took the deltas of the message being built off the queue."""
         self.completion_tokens = 0
         self.finish_reasons: dict[int, str] = {}
         self.first = True
@@ -103,6 +124,7 @@ def delta_message(deltas: list[RequestDelta], prog: _Progress,
         prog.first = False
         msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(last.first_scheduled_time, arrival),
                                               time_to_first_token_ns=_ns(last.first_token_time, arrival)))
+        first_token_path(msg.timing, prog, last)
     if last.finished:
         msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prog.num_prompt_tokens,
                                             completion_tokens=prog.completion_tokens,
@@ -111,6 +133,47 @@ def delta_message(deltas: list[RequestDelta], prog: _Progress,
                                               time_to_first_token_ns=_ns(last.first_token_time, arrival),
                                               total_ns=_ns(time.monotonic(), arrival)))
     return msg
+
+
+def gil_busy_step(step: Callable[[], list], busy_ms: float) -> Callable[[], list]:
+    """`step`, preceded by `busy_ms` of GIL-holding pure Python interleaved with tiny torch ops that
+    release and retake the GIL (as kernel launches do): a GPU engine's host side, on a CPU. Debug only
+    (EngineServerConfig.debug_gil_busy_ms)."""
+    import torch
+
+    t = torch.zeros(1)
+
+    def busy_then_step() -> list:
+        end = time.perf_counter() + busy_ms / 1e3
+        while time.perf_counter() < end:
+            x = 0
+            for i in range(50):  # ~2-5 us of bytecode, then a "launch"
+                x += i
+            t.add_(1)
+        return step()
+
+    return busy_then_step
+
+
+def yielding_step(step: Callable[[], list], pause_ms: float) -> Callable[[], list]:
+    """`step`, then a pause of `pause_ms` with the GIL released (EngineServerConfig.step_yield_ms)."""
+    def step_then_yield() -> list:
+        out = step()
+        time.sleep(pause_ms / 1e3)
+        return out
+
+    return step_then_yield
+
+
+def first_token_path(timing: common_pb2.Timing, prog: _Progress, last: RequestDelta) -> None:
+    """The engine's hops of the first token (docs/router.md): the handler got the request, the engine
+    thread admitted it, it was first scheduled, its first token came out of a step, add_request
+    returned to the handler, the handler took the token off its queue, and sent it."""
+    hops = (("engine.received", prog.received_ns), ("engine.admitted", _stamp_ns(last.arrival_time)),
+            ("engine.add_returned", prog.added_ns), ("engine.scheduled", _stamp_ns(last.first_scheduled_time)),
+            ("engine.first_token", _stamp_ns(last.first_token_time)), ("engine.dequeued", prog.got_ns),
+            ("engine.sent", time.monotonic_ns()))
+    timing.first_token_path.extend(common_pb2.Stamp(hop=h, monotonic_ns=t) for h, t in hops if t)
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
@@ -125,6 +188,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         """Each logprob's token text, filled here (off the engine thread) for the wire's decoded_token."""
 
     async def Generate(self, request: pb.EngineGenerateRequest, context):
+        received_ns = time.monotonic_ns()
         if request.model and request.model != self.model_name:
             raise NotFound(f"model: {quote(request.model)} is not served by this engine (it serves {self.model_name!r})")
         params = params_from_pb(request.params)
@@ -132,13 +196,15 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         ids = list(request.prompt_token_ids)
         with telemetry.span("folio.engine.generate", **{"folio.request_id": rid, "folio.model": self.model_name,
                                                         "folio.prompt_tokens": len(ids), "folio.engine_id": self.engine_id}) as span:
-            prog = _Progress(len(ids))
+            prog = _Progress(len(ids), received_ns)
             finished = False
             q = None
             try:  # the admission too: a client gone while it was queued must not leave work behind
                 q = await self.aengine.add_request(rid, ids, params)
+                prog.added_ns = time.monotonic_ns()
                 while not finished:
                     deltas = [await q.get()]
+                    prog.got_ns = time.monotonic_ns()
                     while not q.empty():  # a slow reader gets what piled up in one message
                         deltas.append(q.get_nowait())
                     failure = next((d for d in deltas if isinstance(d, Exception)), None)
@@ -206,6 +272,13 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
     address = c.advertise_address or f"{host}:{server.port}"
     engine_id = c.engine_id or address
     engine = await asyncio.to_thread(LLMEngine, engine_config)
+    if c.debug_gil_busy_ms > 0:
+        log.warning("debug: every engine step holds the GIL for %g ms first (debug_gil_busy_ms)", c.debug_gil_busy_ms)
+        engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
+    if c.step_yield_ms > 0:
+        engine.step = yielding_step(engine.step, c.step_yield_ms)
+    if c.switch_interval_ms is not None:
+        sys.setswitchinterval(c.switch_interval_ms / 1e3)
     model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     publisher = None
     def on_fatal(e: BaseException) -> None:

@@ -51,6 +51,9 @@ class EngineMessage:
     """Time the request waited in the engine's queue (on the first and last messages)."""
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     """On the first message, when requested."""
+    first_token_path: list[tuple[str, int]] | None = None
+    """On the first message with tokens: the engine's hops of the first token, (hop, time.monotonic_ns()),
+    then the router's "router.engine_msg" (read off the engine's stream). docs/router.md."""
 
 
 class EngineFailed(Exception):

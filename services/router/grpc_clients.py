@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -81,7 +82,11 @@ class GrpcEngineCall:
 
 
 def message_from_pb(msg: engine_pb2.EngineGenerateResponse) -> EngineMessage:
-    return EngineMessage(
+    path = None
+    if msg.timing.first_token_path:
+        path = [(s.hop, s.monotonic_ns) for s in msg.timing.first_token_path]
+        path.append(("router.engine_msg", time.monotonic_ns()))
+    return EngineMessage(first_token_path=path,
         sequences=[_sequence_from_pb(d) for d in msg.sequences], finished=msg.finished,
         cached_tokens=msg.usage.cached_tokens,
         queue_s=msg.timing.queue_ns / 1e9 if msg.HasField("timing") else None,

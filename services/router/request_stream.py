@@ -127,6 +127,8 @@ class RequestStream:
         self.sent_first = False
         self.ttft: float | None = None
         self.queue_s: float | None = None
+        self.first_token_path: list[tuple[str, int]] = [("router.received", time.monotonic_ns())]
+        """The first token's hops (hop, time.monotonic_ns()), the engine's among the router's; docs/router.md."""
         self.completed = False
 
     # --- the whole request ------------------------------------------------------------------------
@@ -190,6 +192,8 @@ class RequestStream:
         self.announced = False
         done = self.seqs[0].token_ids if 0 in self.seqs else []
         req = EngineRequest(self.rid, self.model, self.prompt_ids + done, self._resume_params(0))
+        if self.ttft is None:
+            self.first_token_path.append(("router.engine_call", time.monotonic_ns()))
         return self.route.engines.generate(self.engine.address, req, remaining(self.deadline))
 
     async def _choose(self, request_id: str | None = None, generated: int = 0,
@@ -243,6 +247,7 @@ class RequestStream:
             self.completion_tokens += len(upd.token_ids)
         if self.ttft is None and any(c.token_ids for c in chunk.choices):
             self.ttft = time.monotonic() - self.t0
+            self.first_token_path += (msg.first_token_path or []) + [("router.chunk_ready", time.monotonic_ns())]
         if self.queue_s is None:
             self.queue_s = msg.queue_s
         if msg.finished or sum(s.finished for s in self.seqs.values()) >= self.params.n:
@@ -261,7 +266,7 @@ class RequestStream:
         chunk.finished = True
         chunk.usage = Usage(len(self.prompt_ids), self.completion_tokens, cached_tokens)
         chunk.timing = {"time_to_first_token_s": self.ttft, "total_s": time.monotonic() - self.t0,
-                        "engine_queue_s": self.queue_s}
+                        "engine_queue_s": self.queue_s, "first_token_path": self.first_token_path}
         self.completed = True
 
     # --- engine failed: retry, resume elsewhere, or give up ---------------------------------------

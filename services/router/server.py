@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -105,6 +106,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         chunks = self.core.generate(inp)
         if self.metrics is not None:
             chunks = self.metrics.track(chunks)
+        first_sent_ns = 0
         async for c in chunks:
             msg = pb.GenerateResponse(request_id=c.request_id, finished=c.finished, model=c.model,
                                       engine_id=c.engine_id or "", prompt_token_ids=c.prompt_token_ids or [])
@@ -123,12 +125,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=c.usage.prompt_tokens,
                                                     completion_tokens=c.usage.completion_tokens,
                                                     cached_tokens=c.usage.cached_tokens))
+            if not first_sent_ns and any(ch.token_ids for ch in c.choices):
+                first_sent_ns = time.monotonic_ns()
             if c.finished:
                 t = c.timing
                 msg.timing.CopyFrom(common_pb2.Timing(
                     queue_ns=int((t.get("engine_queue_s") or 0) * 1e9),
                     time_to_first_token_ns=int((t.get("time_to_first_token_s") or 0) * 1e9),
                     total_ns=int((t.get("total_s") or 0) * 1e9)))
+                path = t.get("first_token_path") or []
+                if first_sent_ns:
+                    path = [*path, ("router.sent", first_sent_ns)]
+                msg.timing.first_token_path.extend(common_pb2.Stamp(hop=h, monotonic_ns=n) for h, n in path)
             yield msg
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:

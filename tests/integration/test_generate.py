@@ -131,3 +131,32 @@ def test_list_models_and_health(stack):
             r = health_pb2_grpc.HealthStub(hch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert r.status == health_pb2.HealthCheckResponse.SERVING
     ch.close()
+
+
+def test_first_token_path_stamps_every_hop_in_order(stack):
+    """The last message carries the first token's way through the processes (Timing.first_token_path):
+    every hop, each instant no earlier than the one before, all between the client's send and the first
+    token's arrival (one CLOCK_MONOTONIC on one host). bench/serving.py splits TTFT with it."""
+    want = ["router.received", "router.engine_call", "engine.received", "engine.admitted", "engine.scheduled",
+            "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg", "router.chunk_ready",
+            "router.sent"]
+    ch, stub = router_stub(stack.router_address)
+    try:
+        sent = time.monotonic_ns()
+        first = None
+        for m in stub.Generate(router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=random_prompt(20, seed=7)),
+                                                          params=params(temperature=0, max_tokens=4)), timeout=120):
+            if first is None and any(c.token_ids for c in m.choices):
+                first = time.monotonic_ns()
+            last = m
+    finally:
+        ch.close()
+    path = {s.hop: s.monotonic_ns for s in last.timing.first_token_path}
+    assert [s.hop for s in last.timing.first_token_path if s.hop in want] == want
+    times = [sent] + [path[h] for h in want] + [first]
+    assert times == sorted(times), list(zip(["client.sent", *want, "client.received"], times))
+    # add_request returned to the handler after the engine thread admitted the request
+    assert path["engine.admitted"] <= path["engine.add_returned"] <= path["engine.dequeued"]
+    # the router's own TTFT is the span its stamps bound
+    ttft_ns = last.timing.time_to_first_token_ns
+    assert path["router.received"] + ttft_ns == pytest.approx(path["router.chunk_ready"], abs=2e6)
