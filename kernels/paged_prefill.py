@@ -5,19 +5,26 @@ q_len new tokens sits at positions seq_len - q_len ... seq_len - 1 and attends t
 position up to its own. One launch serves a whole step: prefill chunks, prefix-cache extends and
 decodes (q_len 1) together.
 
-FlashAttention-2 style: a program owns BLOCK_M query rows of one KV head and streams BLOCK_N-token
-K/V tiles through an online softmax with tl.dot. The rows are (token, query head) pairs: BLOCK_Q =
-BLOCK_M // G tokens times the G query heads that share the KV head, so each K/V tile is read once
-for its whole group and a decode token still fills G rows. Tiles wholly before the first query
-position need no causal mask and take the unmasked loop; the few near the diagonal take the masked one.
+FlashAttention-2 style: a program owns BLOCK_M query rows and streams BLOCK_N-token K/V tiles through
+an online softmax with tl.dot. With PACK_GQA the rows are (token, query head) pairs: BLOCK_Q = BLOCK_M // G
+tokens times the G query heads that share the KV head, so each K/V tile is read once for its whole
+group and a decode token still fills G rows; without it a program owns BLOCK_M tokens of one head.
+
+Two key sources. Keys before the chunk (the cached prefix) are gathered through the block table. The
+chunk's own keys are read, with NEW_KV, from the step's contiguous k/v (the tensors reshape_and_cache
+just wrote: the same values) with plain loads (NEW_KV_PTR) or TMA tensor descriptors (NEW_KV_TMA);
+without NEW_KV they too come through the block table. Within each source the tiles wholly visible
+to every row of the program take an unmasked loop; only the diagonal (and a window's leading edge,
+and a source's last partial tile) take the masked one.
 
 Programs map to (sequence, query tile) without a host sync: sequence i's tiles start at
 query_start_loc[i] // BLOCK_Q + i (an upper bound on the tiles before it), so the grid is
 num_tokens // BLOCK_Q + num_seqs and each program finds its sequence by binary search; spare
-programs of a sequence exit at once.
+programs of a sequence exit at once. With REVERSE a sequence's last (longest) query tiles run first.
 
 An fp8 cache (float8_e4m3fn, KV_FP8) is upcast to q's dtype as each tile is loaded; k_scale rides in the
-softmax scale (the host multiplies them) and v_scale multiplies the output once at the end.
+softmax scale (the host multiplies them) and v_scale multiplies the output once at the end. The
+contiguous k/v are not quantized, so an fp8 cache reads every key through the block table.
 """
 
 from __future__ import annotations
@@ -27,9 +34,14 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.paged_checks import check_kv_scales, check_paged_inputs
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
+
+# Where the chunk's own keys come from (the NEW_KV constexpr).
+NEW_KV_PAGED, NEW_KV_PTR, NEW_KV_TMA = 0, 1, 2
+NEW_KV_MODES = {"paged": NEW_KV_PAGED, "ptr": NEW_KV_PTR, "tma": NEW_KV_TMA}
 
 
 @triton.jit
@@ -47,23 +59,66 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, start, seq_len, key_lo,
-                 q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, stride_cb, stride_cs, offs_n, offs_d,
-                 d_ok, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, D_MASKED: tl.constexpr,
-                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+def _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head, new_row0, start, a, b,
+             offs_n, offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
+             SOURCE: tl.constexpr, MASKED: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K and V [BLOCK_N, HEAD_DIM_PAD] of key positions start ... start + BLOCK_N - 1, and which of
+    them lie in [a, b) (only computed when MASKED; an unmasked tile lies wholly inside)."""
     pos = start + offs_n
-    if MASKED:
-        # Keys before key_lo (before every row's window) are never loaded: their blocks may be freed.
-        valid = (pos < seq_len) & (pos >= key_lo)
-        block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    valid = (pos >= a) & (pos < b)
+    if SOURCE == 0:
+        # The cache. Keys outside [a, b) are never loaded: before a window their blocks may be freed.
+        if BLOCKWISE:
+            # One block-table entry per BLOCK_SIZE keys rather than one lookup per key.
+            nb = tl.arange(0, BLOCK_N // BLOCK_SIZE)
+            first = start + nb * BLOCK_SIZE
+            if MASKED:
+                ids = tl.load(block_table + first // BLOCK_SIZE, mask=(first + BLOCK_SIZE > a) & (first < b), other=0)
+            else:
+                ids = tl.load(block_table + first // BLOCK_SIZE)
+            in_block = tl.arange(0, BLOCK_SIZE) * stride_cs
+            tok_off = tl.reshape(ids.to(tl.int64)[:, None] * stride_cb + in_block[None, :], [BLOCK_N]) + head_off
+        else:
+            if MASKED:
+                block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            else:
+                block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
+            tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+        kv_off = tok_off[:, None] + offs_d[None, :]
+        k = load_tile(k_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
+        v = load_tile(v_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
+    elif SOURCE == 1:
+        # The step's contiguous k/v: key position p of this sequence is row new_row0 + p.
+        rows = (new_row0 + pos).to(tl.int64)
+        k = load_tile(k_new + rows[:, None] * stride_kt + (kv_head * stride_kh + offs_d)[None, :], valid, d_ok,
+                      MASKED, D_MASKED, "")
+        v = load_tile(v_new + rows[:, None] * stride_vt + (kv_head * stride_vh + offs_d)[None, :], valid, d_ok,
+                      MASKED, D_MASKED, "")
     else:
-        valid = pos < seq_len  # unused
-        block = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
-    tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-    kv_off = tok_off[:, None] + offs_d[None, :]
-    k = load_tile(k_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
-    v = load_tile(v_cache_ptr + kv_off, valid, d_ok, MASKED, D_MASKED, "")
+        # TMA over k/v viewed as [num_tokens, num_kv_heads * HEAD_DIM]. Rows past the tile's source
+        # range are other sequences' keys or zero fill (past num_tokens): finite, and masked out below.
+        k = k_new.load([new_row0 + start, kv_head * HEAD_DIM])
+        v = v_new.load([new_row0 + start, kv_head * HEAD_DIM])
+    return k, v, pos, valid
+
+
+@triton.jit
+def _finite_or_zero(m, USE_WINDOW: tl.constexpr):
+    """The running max to subtract. With a window a row whose window starts after every key seen so far
+    still has max -inf: subtract 0 there (its p is 0) rather than compute exp2(-inf - -inf). Without a
+    window key 0 is in every row's first tile, so the max is finite from the first tile on."""
+    if USE_WINDOW:
+        return tl.where(m == float("-inf"), 0.0, m)
+    else:
+        return m
+
+
+@triton.jit
+def _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale, softcap_in,
+                    softcap_out2, MASKED: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+                    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                    LAZY_RESCALE: tl.constexpr):
     if KV_FP8:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
@@ -79,17 +134,67 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
             keep &= pos[None, :] > q_pos[:, None] - window
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-    if USE_WINDOW:
-        # A row whose window starts after this whole tile has seen no key yet: keep it at -inf
-        # without computing exp2(-inf - -inf).
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if LAZY_RESCALE:
+        # Keep a stale max (p up to 2^8, exact after the final acc / l) unless some row's grew by more
+        # than 8 (base 2): most tiles then skip rescaling acc, which waits for the previous PV MMA.
+        if tl.max((m_new > m_i + 8.0).to(tl.int32), 0) > 0:
+            alpha = tl.exp2(m_i - _finite_or_zero(m_new, USE_WINDOW))
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(s * scale - _finite_or_zero(m_i, USE_WINDOW)[:, None])
+        l_i += tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     else:
-        m_sub = m_new  # key 0 is in every row's first tile
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s * scale - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in the MMA
-    return acc, m_new, l_i
+        m_sub = _finite_or_zero(m_new, USE_WINDOW)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s * scale - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # accumulate in the MMA
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
+                 new_row0, origin, a, b, free_a, free_b, q_pos, slopes2, window, qk_scale, softcap_in,
+                 softcap_out2, offs_n, offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt,
+                 stride_vh, SOURCE: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+    """Keys [a, b) of one source in BLOCK_N tiles starting at `origin`. Keys in [free_a, free_b) are
+    visible to every row (free_a >= a, free_b <= b): tiles wholly inside take the unmasked loop."""
+    t_lo = (a - origin) // BLOCK_N
+    t_hi = tl.where(b > a, tl.cdiv(b - origin, BLOCK_N), t_lo)
+    f_lo = tl.minimum(tl.maximum(tl.cdiv(free_a - origin, BLOCK_N), t_lo), t_hi)
+    f_hi = tl.minimum(tl.maximum((free_b - origin) // BLOCK_N, f_lo), t_hi)
+    if USE_WINDOW:  # the window's leading edge; without a window a == free_a and this loop is empty
+        for t in range(t_lo, f_lo):
+            k, v, pos, valid = _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
+                                        new_row0, origin + t * BLOCK_N, a, b, offs_n, offs_d, d_ok, stride_cb,
+                                        stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE, True,
+                                        D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM)
+            acc, m_i, l_i = _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale,
+                                            softcap_in, softcap_out2, True, USE_SOFTCAP, USE_ALIBI, USE_WINDOW,
+                                            DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+    for t in range(f_lo, f_hi):
+        k, v, pos, valid = _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
+                                    new_row0, origin + t * BLOCK_N, a, b, offs_n, offs_d, d_ok, stride_cb,
+                                    stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE, False,
+                                    D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM)
+        acc, m_i, l_i = _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale,
+                                        softcap_in, softcap_out2, False, USE_SOFTCAP, USE_ALIBI, USE_WINDOW,
+                                        DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+    for t in range(f_hi, t_hi):
+        k, v, pos, valid = _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
+                                    new_row0, origin + t * BLOCK_N, a, b, offs_n, offs_d, d_ok, stride_cb,
+                                    stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE, True,
+                                    D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM)
+        acc, m_i, l_i = _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale,
+                                        softcap_in, softcap_out2, True, USE_SOFTCAP, USE_ALIBI, USE_WINDOW,
+                                        DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+    return acc, m_i, l_i
 
 
 # num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
@@ -98,6 +203,8 @@ def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[1])
+    k_new,  # NEW_KV_PTR: [num_tokens, num_kv_heads, head_dim] this step's keys; NEW_KV_TMA: a descriptor
+    v_new,  # over them as [num_tokens, num_kv_heads * head_dim]; NEW_KV_PAGED: unused
     block_tables_ptr,  # int32 [num_seqs, max_blocks_per_seq]
     seq_lens_ptr,  # int32 [num_seqs]: context length including the new tokens
     query_start_loc_ptr,  # int32 [num_seqs + 1]
@@ -117,30 +224,44 @@ def _paged_prefill_kernel(
     stride_cb,
     stride_cs,
     stride_ch,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
     num_seqs,
     QUERIES_PER_KV: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x QUERIES_PER_KV heads (rest padding)
+    ROW_HEADS: tl.constexpr,  # query heads per program: QUERIES_PER_KV (PACK_GQA) or 1
+    BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x ROW_HEADS heads (rest padding)
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # next power of two (>= 16); the extra columns are masked
     D_MASKED: tl.constexpr,  # HEAD_DIM != HEAD_DIM_PAD
     BLOCK_SIZE: tl.constexpr,
+    NEW_KV: tl.constexpr,  # NEW_KV_PAGED / NEW_KV_PTR / NEW_KV_TMA: where the chunk's own keys come from
+    BLOCKWISE: tl.constexpr,  # one block-table lookup per block (BLOCK_N % BLOCK_SIZE == 0)
+    REVERSE: tl.constexpr,  # a sequence's last query tiles (the most keys) get the lowest program ids
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
+    LAZY_RESCALE: tl.constexpr,  # rescale acc only when a row's max grew by more than 2^8
 ):
     tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head0 = tl.program_id(1) * ROW_HEADS
+    kv_head = head0 // QUERIES_PER_KV
     seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_tile = tile - (q_start // BLOCK_Q + seq)
-    if q_tile * BLOCK_Q >= q_len:
+    slot = tile - (q_start // BLOCK_Q + seq)
+    if slot * BLOCK_Q >= q_len:
         return
+    if REVERSE:
+        q_tile = tl.cdiv(q_len, BLOCK_Q) - 1 - slot
+    else:
+        q_tile = slot
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
 
@@ -148,9 +269,9 @@ def _paged_prefill_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < HEAD_DIM
-    q_idx = q_tile * BLOCK_Q + offs_m // QUERIES_PER_KV  # token within the chunk
-    heads = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
-    row_valid = (offs_m < BLOCK_Q * QUERIES_PER_KV) & (q_idx < q_len)
+    q_idx = q_tile * BLOCK_Q + offs_m // ROW_HEADS  # token within the chunk
+    heads = head0 + offs_m % ROW_HEADS
+    row_valid = (offs_m < BLOCK_Q * ROW_HEADS) & (q_idx < q_len)
     q_pos = ctx_len + q_idx
     q_rows = (q_start + q_idx).to(tl.int64)
     q = load_tile(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
@@ -170,36 +291,41 @@ def _paged_prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_off = kv_head * stride_ch
+    new_row0 = q_start - ctx_len  # the contiguous k/v row of key position p is new_row0 + p
 
     first_pos = ctx_len + q_tile * BLOCK_Q
     last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
-    num_full = (first_pos + 1) // BLOCK_N  # tiles wholly at or before the first row: no causal mask
-    num_tiles = last_pos // BLOCK_N + 1
     if USE_WINDOW:
-        # Tiles wholly before the first row's window are skipped; tiles wholly inside the last row's
-        # window (and before the first row) need no mask; the window's leading edge is masked.
+        # Keys before the first row's window are never read; keys inside the last row's window (and
+        # at or before the first row) are visible to every row.
         key_lo = tl.maximum(first_pos - window + 1, 0)
-        lo_tile = key_lo // BLOCK_N
-        free_lo = tl.minimum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N), num_full)
+        free_lo = tl.maximum(last_pos - window + 1, 0)
     else:
         key_lo = 0
-        lo_tile = 0
         free_lo = 0
-    for t in range(lo_tile, free_lo):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
-                                     t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
-                                     softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8)
-    for t in range(free_lo, num_full):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
-                                     t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
-                                     softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, False,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8)
-    for t in range(num_full, num_tiles):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
-                                     t * BLOCK_N, seq_len, key_lo, q_pos, slopes2, window, qk_scale, softcap_in,
-                                     softcap_out2, stride_cb, stride_cs, offs_n, offs_d, d_ok, BLOCK_SIZE, True,
-                                     D_MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8)
+    if NEW_KV == 0:
+        acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
+                                     head_off, kv_head, new_row0, 0, key_lo, last_pos + 1, free_lo, first_pos + 1,
+                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_n, offs_d,
+                                     d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
+                                     D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
+                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+    else:
+        # The cached prefix (every key before every row: only the window and its end are masked), then
+        # the chunk's own keys in tiles starting at ctx_len.
+        acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
+                                     head_off, kv_head, new_row0, 0, key_lo, ctx_len, free_lo, ctx_len,
+                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_n, offs_d,
+                                     d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
+                                     D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
+                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+        acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
+                                     head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
+                                     last_pos + 1, tl.maximum(free_lo, ctx_len), first_pos + 1,
+                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_n, offs_d,
+                                     d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, NEW_KV,
+                                     D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
+                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -215,15 +341,43 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, group: int) -> dict:
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     if _interpreting():
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     elif dtype == torch.float32 or head_dim >= 256:
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     else:  # H100, d 128, bf16 (bench/kernels.py --sweep): M128 N32 w4 s3 330 TFLOP/s, M128 N64 w8 s3 301
         cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
-    cfg["BLOCK_M"] = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(group))
+    cfg.update(NEW_KV="paged", PACK_GQA=True, BLOCKWISE=False, REVERSE=False, LAZY_RESCALE=False)
     return cfg
+
+
+def _new_kv_mode(mode: str, k: torch.Tensor | None, v: torch.Tensor | None, q: torch.Tensor,
+                 kv_cache: torch.Tensor) -> int:
+    """The NEW_KV constexpr for the requested mode: the block table when no k/v are given or the cache
+    is fp8; "tma" falls back to plain loads where a descriptor cannot describe k/v."""
+    if mode not in NEW_KV_MODES:
+        raise ValueError(f"NEW_KV must be one of {sorted(NEW_KV_MODES)}; got {mode!r}")
+    if k is None or v is None or mode == "paged" or kv_cache.dtype == torch.float8_e4m3fn:
+        return NEW_KV_PAGED
+    if mode == "tma":
+        head_dim = q.shape[2]
+        row_bytes_ok = all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (k, v))
+        if head_dim == head_dim_pad(head_dim) and all(t.stride(1) == head_dim for t in (k, v)) and row_bytes_ok:
+            return NEW_KV_TMA
+    return NEW_KV_PTR
+
+
+def _check_new_kv(k: torch.Tensor | None, v: torch.Tensor | None, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if k is None:
+        return
+    want = (q.shape[0], kv_cache.shape[3], q.shape[2])
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != want or t.dtype != q.dtype or t.stride(2) != 1:
+            raise ValueError(f"{name} must be {q.dtype} [num_tokens, num_kv_heads, head_dim] = {list(want)} and "
+                             f"contiguous in head_dim; got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
 
 
 def paged_prefill(
@@ -241,6 +395,8 @@ def paged_prefill(
     sinks: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached tokens up to itself.
 
@@ -252,6 +408,11 @@ def paged_prefill(
     with a window, block-table entries of blocks wholly before the window of the sequence's first new
     token are never read.
     k_scale, v_scale: a float8_e4m3fn cache holds k / k_scale and v / v_scale (unused for other caches).
+    k, v: optionally this step's new K/V [num_tokens, num_kv_heads, head_dim] in q's dtype (what
+    reshape_and_cache wrote; rows may be strided, e.g. views of a fused qkv, and must be finite); with
+    them the chunk's own keys are read contiguously (config NEW_KV), the cached prefix through the table.
+    config: BLOCK_M, BLOCK_N, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
+    BLOCKWISE, REVERSE, LAZY_RESCALE (see the kernel); unset keys take the defaults.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -260,6 +421,7 @@ def paged_prefill(
     if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
         raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
                          f"{tuple(query_start_loc.shape)}")
+    _check_new_kv(k, v, q, kv_cache)
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     if fp8:
         check_kv_scales(k_scale, v_scale)
@@ -271,25 +433,43 @@ def paged_prefill(
     if num_seqs == 0 or num_tokens == 0:
         return out
     group = num_heads // num_kv_heads
-    cfg = dict(_prefill_config(head_dim, q.dtype, group), **(config or {}))
-    block_m = cfg["BLOCK_M"]
-    block_q = block_m // group
+    cfg = dict(_prefill_config(head_dim, q.dtype), **(config or {}))
+    row_heads = group if cfg["PACK_GQA"] else 1
+    block_m = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(row_heads))
+    block_q = block_m // row_heads
+    block_n = cfg["BLOCK_N"]
+    new_kv = _new_kv_mode(cfg["NEW_KV"], k, v, q, kv_cache)
+    if new_kv == NEW_KV_TMA:
+        k_new, v_new = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
+                                         [block_n, head_dim]) for t in (k, v))
+    elif new_kv == NEW_KV_PTR:
+        k_new, v_new = k, v
+    else:
+        k_new = v_new = q  # unread
+    k_strides = k.stride()[:2] if k is not None else (0, 0)
+    v_strides = v.stride()[:2] if v is not None else (0, 0)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    grid = (num_tokens // block_q + num_seqs, num_heads // row_heads)
     _paged_prefill_kernel[grid](
-        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+        q, key_cache, value_cache, k_new, v_new, block_tables, seq_lens, query_start_loc, out,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_bt=block_tables.stride(0),
         stride_cb=key_cache.stride(0), stride_cs=key_cache.stride(1), stride_ch=key_cache.stride(2),
+        stride_kt=k_strides[0], stride_kh=k_strides[1], stride_vt=v_strides[0], stride_vh=v_strides[1],
         num_seqs=num_seqs,
         QUERIES_PER_KV=group,
+        ROW_HEADS=row_heads,
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
-        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_N=block_n,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         D_MASKED=head_dim != head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
+        NEW_KV=new_kv,
+        BLOCKWISE=bool(cfg["BLOCKWISE"]) and block_n % block_size == 0,
+        REVERSE=bool(cfg["REVERSE"]),
+        LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,
         v_scale=v_scale,

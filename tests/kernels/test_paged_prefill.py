@@ -54,3 +54,75 @@ def test_paged_prefill_decode_only_batch_equals_decode_kernel():
     a = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.3)
     b = paged_decode(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# Structural variants of the kernel (kernels/paged_prefill.py): where the chunk's own keys come from
+# (the block table, or the step's contiguous k/v with plain loads or TMA descriptors), GQA packing,
+# one block-table lookup per block, reversed tile order, lazy rescaling. Each must equal the reference
+# on a batch mixing a whole prompt, extends after a cached prefix, decodes, odd lengths and padding.
+STRUCTURES = [
+    dict(NEW_KV="ptr"),
+    dict(NEW_KV="tma", REVERSE=True),
+    dict(NEW_KV="tma", BLOCK_N=16, PACK_GQA=False, LAZY_RESCALE=True),
+    dict(NEW_KV="ptr", BLOCK_M=16, BLOCK_N=32, BLOCKWISE=True, REVERSE=True),
+    dict(NEW_KV="paged", BLOCK_N=32, BLOCKWISE=True, PACK_GQA=False, LAZY_RESCALE=True),
+]
+
+
+def _run_with_kv(batch, dtype, config, scale=0.3, block_size=16):
+    n = int(batch.query_start_loc[-1])
+    out = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+                        out=poisoned_like(batch.q), config=config, k=batch.k, v=batch.v)
+    expected = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
+                                 batch.query_start_loc, scale)
+    assert_close(out[:n], expected, dtype)
+    assert out[n:].isnan().all(), "padding rows must be left alone"
+
+
+@pytest.mark.parametrize("config", STRUCTURES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_paged_prefill_structures(config):
+    seq_lens, query_lens = zip(*MIXED)
+    batch = make_batch(list(seq_lens), list(query_lens), 8, 2, 64, 16, torch.float16, DEVICE, num_padding_tokens=2)
+    _run_with_kv(batch, torch.float16, config)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_paged_prefill_contiguous_keys_gqa(group):
+    # A group that is not a power of two leaves padding rows in every packed tile.
+    batch = make_batch([50, 19, 7], [50, 11, 1], 2 * group, 2, 32, 16, torch.float32, DEVICE, num_padding_tokens=1)
+    _run_with_kv(batch, torch.float32, dict(NEW_KV="tma", BLOCK_N=16))
+
+
+def test_paged_prefill_lazy_rescale_large_logits():
+    # Logits spread over tens of units: a row's max grows by more than 2^8 in later tiles, so the lazy
+    # path's rescale branch runs mid-sequence as well as on the first tile.
+    batch = make_batch([70, 45], [70, 13], 4, 2, 32, 16, torch.float32, DEVICE)
+    batch.q.mul_(6.0)
+    _run_with_kv(batch, torch.float32, dict(NEW_KV="ptr", BLOCK_N=16, LAZY_RESCALE=True), scale=1.0)
+
+
+@pytest.mark.parametrize("new_kv", ["paged", "tma"])
+def test_paged_prefill_chunked_prompt_equals_whole_prompt(new_kv):
+    # A 53-token prompt run as chunks of 20, 20 and 13 tokens (each step's K/V already in the cache and
+    # given as k/v) gives the rows of the whole prompt run in one step.
+    whole = make_batch([53], [53], 4, 2, 32, 16, torch.float32, DEVICE)
+    cfg = dict(NEW_KV=new_kv, BLOCK_N=16)
+    full = paged_prefill(whole.q, whole.kv_cache, whole.block_tables, whole.seq_lens, whole.query_start_loc, 0.3,
+                         config=cfg, k=whole.k, v=whole.v)
+    for lo, hi in [(0, 20), (20, 40), (40, 53)]:
+        qsl = torch.tensor([0, hi - lo], dtype=torch.int32, device=DEVICE)
+        seq_lens = torch.tensor([hi], dtype=torch.int32, device=DEVICE)
+        part = paged_prefill(whole.q[lo:hi], whole.kv_cache, whole.block_tables, seq_lens, qsl, 0.3, config=cfg,
+                             k=whole.k[lo:hi], v=whole.v[lo:hi])
+        torch.testing.assert_close(part, full[lo:hi], atol=1e-5, rtol=1e-5)
+
+
+def test_paged_prefill_new_kv_arguments_are_checked():
+    batch = make_batch([9], [4], 4, 2, 32, 16, torch.float32, DEVICE)
+    args = (batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.3)
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        paged_prefill(*args, k=batch.k)
+    with pytest.raises(ValueError, match=r"k must be torch.float32 \[num_tokens, num_kv_heads, head_dim\]"):
+        paged_prefill(*args, k=batch.k[:, :1], v=batch.v)
+    with pytest.raises(ValueError, match="NEW_KV must be one of"):
+        paged_prefill(*args, k=batch.k, v=batch.v, config=dict(NEW_KV="dense"))

@@ -16,7 +16,8 @@ class TritonAttentionBackend:
 
     A decode-only step (every sequence brings one token) takes the decode kernel, which splits long
     contexts across SMs when there are few sequences; any other step, prefill chunks and decodes
-    mixed, is one launch of the prefill/extend kernel.
+    mixed, is one launch of the prefill/extend kernel, which reads the chunk's own keys from the step's
+    k/v (the values just written to the cache) and only the cached prefix through the block table.
     """
 
     name = "triton"
@@ -38,7 +39,7 @@ class TritonAttentionBackend:
                          max_seq_len=meta.max_seq_len, out=out[:num_seqs], **variants)
         else:
             paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, params.scale,
-                          out=out, **variants)
+                          out=out, k=k, v=v, **variants)
         if num_real < q.shape[0]:
             out[num_real:].zero_()  # padding rows of an eager step
         return out

@@ -1,0 +1,297 @@
+"""Paged prefill kernel variants against torch SDPA on one GPU, in one run (issue 15's >= 90% of SDPA).
+
+    python bench/prefill_sweep.py [--json bench/results/prefill_sweep_<date>.json] [--quick]
+
+Shapes (32 q / 8 kv heads, d 128, block 16, bf16, cache blocks a random permutation of the pool):
+  prefill  8 x 2048 causal, no cached prefix (bench/kernels.py's prefill shape)
+  long     1 x 8192 causal, no cached prefix
+  chunked  8 x (2048 cached + 512 new): a chunked prefill / prefix-cache extend
+Each variant of kernels/paged_prefill.py (a config dict: key source NEW_KV, tiles, warps, stages,
+PACK_GQA, BLOCKWISE, REVERSE, LAZY_RESCALE) is first checked against SDPA on every shape it is timed on, then timed
+(median of triton.testing.do_bench). SDPA runs on the same K/V laid out contiguously (FlashAttention-2
+for the causal squares; the chunked shape's bottom-right causal mask through torch's causal_lower_right).
+The new tokens' K/V are views of one fused qkv buffer, as the model passes them, and are also written
+into the cache by reshape_and_cache, so every key source reads the same values.
+
+Compiling ~25 variants serially takes most of a minute, so worker processes compile them first into
+Triton's on-disk cache (--jobs); the timed process then loads them from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels.paged_prefill import paged_prefill  # noqa: E402
+from kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
+
+HQ, HKV, D, BLOCK = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+SHAPES = {  # name: (sequences, cached prefix, new tokens)
+    "prefill": (8, 0, 2048),
+    "long": (1, 0, 8192),
+    "chunked": (8, 2048, 512),
+}
+
+
+def _cfg(new_kv, m, n, w, s, pack=True, blockwise=False, reverse=False, lazy=False):
+    return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
+                BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy)
+
+
+def _name(c: dict) -> str:
+    flags = "".join(f" {f}" for f, on in (("nopack", not c["PACK_GQA"]), ("blockwise", c["BLOCKWISE"]),
+                                          ("rev", c["REVERSE"]), ("lazy", c["LAZY_RESCALE"])) if on)
+    return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
+
+
+VARIANTS = [
+    None,  # the kernel's own default (whatever paged_prefill picks with k/v given)
+    # every key through the block table, as before issue 15's work (the old default first)
+    _cfg("paged", 128, 32, 4, 3),
+    _cfg("paged", 128, 32, 4, 3, reverse=True),
+    _cfg("paged", 128, 32, 4, 3, blockwise=True),
+    _cfg("paged", 128, 32, 4, 3, pack=False),
+    _cfg("paged", 128, 64, 8, 3, blockwise=True),
+    _cfg("paged", 128, 64, 8, 3, blockwise=True, reverse=True),
+    _cfg("paged", 128, 128, 8, 3, blockwise=True, reverse=True),
+    _cfg("paged", 128, 32, 4, 3, lazy=True),
+    _cfg("paged", 128, 64, 8, 3, blockwise=True, reverse=True, lazy=True),
+    # the chunk's own keys with plain loads from the contiguous k/v
+    _cfg("ptr", 128, 32, 4, 3),
+    _cfg("ptr", 128, 64, 8, 3, reverse=True),
+    _cfg("ptr", 128, 128, 8, 3, reverse=True),
+    # ... and through TMA descriptors
+    _cfg("tma", 128, 32, 4, 3),
+    _cfg("tma", 128, 32, 4, 3, reverse=True),
+    _cfg("tma", 128, 64, 4, 3, reverse=True),
+    _cfg("tma", 128, 64, 8, 3),
+    _cfg("tma", 128, 64, 8, 3, reverse=True),
+    _cfg("tma", 128, 64, 8, 4, reverse=True),
+    _cfg("tma", 128, 64, 8, 3, blockwise=True, reverse=True),
+    _cfg("tma", 128, 64, 8, 3, pack=False, reverse=True),
+    _cfg("tma", 128, 128, 8, 2, reverse=True),
+    _cfg("tma", 128, 128, 8, 3, reverse=True),
+    _cfg("tma", 128, 128, 8, 3, pack=False, reverse=True),
+    _cfg("tma", 128, 64, 8, 3, reverse=True, lazy=True),
+    _cfg("tma", 128, 128, 8, 3, reverse=True, lazy=True),
+    _cfg("tma", 64, 64, 4, 3, reverse=True),
+    _cfg("tma", 256, 64, 8, 2, reverse=True),
+]
+
+
+def make_problem(name: str, dev: torch.device, seed: int = 0):
+    """q, the fused-qkv views k/v, the cache (prefix random, new tokens written by reshape_and_cache),
+    tables, seq_lens, query_start_loc, the FLOP count, and SDPA's inputs [B, H, L, D]."""
+    nseq, ctx, new = SHAPES[name]
+    g = torch.Generator(device=dev).manual_seed(seed)
+    L = ctx + new
+    nb = triton.cdiv(L, BLOCK)
+    kv_cache = torch.randn(2, nseq * nb, BLOCK, HKV, D, device=dev, dtype=DTYPE, generator=g)
+    tables = torch.randperm(nseq * nb, device=dev, generator=g).to(torch.int32).view(nseq, nb)
+    qkv = torch.randn(nseq * new, (HQ + 2 * HKV) * D, device=dev, dtype=DTYPE, generator=g)
+    q = qkv[:, : HQ * D].view(-1, HQ, D)
+    k = qkv[:, HQ * D: (HQ + HKV) * D].view(-1, HKV, D)
+    v = qkv[:, (HQ + HKV) * D:].view(-1, HKV, D)
+    pos = torch.arange(ctx, L, device=dev)
+    slots = (tables[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).reshape(-1)
+    reshape_and_cache(k, v, kv_cache, slots)
+    seq_lens = torch.full((nseq,), L, dtype=torch.int32, device=dev)
+    qsl = torch.arange(0, nseq * new + 1, new, dtype=torch.int32, device=dev)
+    flops = 4 * D * HQ * nseq * sum(ctx + i + 1 for i in range(new))  # only the keys each query sees
+    kc = kv_cache[0][tables.long()].reshape(nseq, nb * BLOCK, HKV, D)[:, :L].transpose(1, 2).contiguous()
+    vc = kv_cache[1][tables.long()].reshape(nseq, nb * BLOCK, HKV, D)[:, :L].transpose(1, 2).contiguous()
+    qc = q.reshape(nseq, new, HQ, D).transpose(1, 2).contiguous()
+    return dict(q=q, k=k, v=v, kv_cache=kv_cache, tables=tables, seq_lens=seq_lens, qsl=qsl, flops=flops,
+                qc=qc, kc=kc, vc=vc, nseq=nseq, ctx=ctx, new=new)
+
+
+def sdpa_fn(p):
+    """SDPA over the contiguous copies; the chunked shape needs the bottom-right causal mask. Returns the
+    first form that runs, and how it was called."""
+    scale = D ** -0.5
+    qc, kc, vc = p["qc"], p["kc"], p["vc"]
+    if p["ctx"] == 0:
+        return lambda: F.scaled_dot_product_attention(qc, kc, vc, scale=scale, is_causal=True,
+                                                      enable_gqa=True), "is_causal"
+    from torch.nn.attention.bias import causal_lower_right
+
+    lq, lk = p["new"], p["ctx"] + p["new"]
+    bias = causal_lower_right(lq, lk)
+    kr, vr = (t.repeat_interleave(HQ // HKV, dim=1) for t in (kc, vc))
+    dense = torch.ones(lq, lk, dtype=torch.bool, device=qc.device).tril(lk - lq)
+    candidates = [
+        ("causal_lower_right, gqa", lambda: F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, scale=scale,
+                                                                          enable_gqa=True)),
+        ("causal_lower_right, kv heads repeated",
+         lambda: F.scaled_dot_product_attention(qc, kr, vr, attn_mask=bias, scale=scale)),
+        ("boolean mask, kv heads repeated",
+         lambda: F.scaled_dot_product_attention(qc, kr, vr, attn_mask=dense, scale=scale)),
+    ]
+    for how, fn in candidates:
+        try:
+            fn()
+            return fn, how
+        except Exception as e:  # noqa: PERF203 - the next form is the fallback
+            print(f"  SDPA {how}: {type(e).__name__}: {str(e)[:120]}")
+    raise RuntimeError("no SDPA form ran on the chunked shape")
+
+
+def run_kernel(p, cfg):
+    return lambda: paged_prefill(p["q"], p["kv_cache"], p["tables"], p["seq_lens"], p["qsl"], D ** -0.5,
+                                 config=cfg, k=p["k"], v=p["v"])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    a, b = out.float(), ref.float()
+    if a.isnan().any():
+        return float("nan")
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _warm(cfgs: list) -> list[str]:
+    """Worker: compile each variant into Triton's cache by running it once on a small problem with the
+    same head layout (so the same specialization)."""
+    dev = torch.device("cuda")
+    SHAPES["warm"] = (2, 48, 80)
+    p = make_problem("warm", dev)
+    errors = []
+    for cfg in cfgs:
+        try:
+            run_kernel(p, cfg)()
+        except Exception as e:  # reported again, with its name, by the timed process
+            errors.append(f"{cfg}: {type(e).__name__}")
+    torch.cuda.synchronize()
+    return errors
+
+
+def precompile(jobs: int) -> None:
+    if jobs <= 1:
+        return
+    t0 = time.time()
+    chunks = [VARIANTS[i::jobs] for i in range(jobs)]
+    try:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            list(ex.map(_warm, [c for c in chunks if c]))
+    except Exception as e:  # compiling in this process instead is only slower
+        print(f"  precompile failed ({type(e).__name__}: {e}); compiling serially")
+    print(f"  precompiled {len(VARIANTS)} variants in {time.time() - t0:.0f} s with {jobs} processes")
+
+
+def bench(fn, quick: bool) -> float:
+    """Median milliseconds (one plain call under --smoke, where there is no GPU)."""
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 120, return_mode="median")
+
+
+SMOKE = False
+
+
+def smoke_setup() -> torch.device:
+    """--smoke: the script's own logic on the CPU under TRITON_INTERPRET, tiny shapes, fp32, a few variants."""
+    global SMOKE, DTYPE, VARIANTS
+    SMOKE, DTYPE = True, torch.float32
+    SHAPES.update(prefill=(2, 0, 40), long=(1, 0, 72), chunked=(2, 35, 20))
+    VARIANTS = [VARIANTS[0], VARIANTS[1], _cfg("paged", 16, 16, 4, 1, blockwise=True, reverse=True),
+                _cfg("ptr", 32, 16, 4, 1, pack=False), _cfg("tma", 32, 32, 4, 1, reverse=True)]
+    return torch.device("cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile processes")
+    ap.add_argument("--quick", action="store_true", help="shorter timings (a smoke run)")
+    ap.add_argument("--top", type=int, default=6, help="variants (by the prefill shape) also timed on 'long'")
+    ap.add_argument("--smoke", action="store_true", help="check this script on the CPU (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    t_start = time.time()
+    if args.smoke:
+        dev = smoke_setup()
+        props = argparse.Namespace(name="cpu (interpreter smoke run)", multi_processor_count=0)
+        args.jobs = 1
+    elif not torch.cuda.is_available():
+        sys.exit("bench/prefill_sweep.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
+    else:
+        dev = torch.device("cuda")
+        props = torch.cuda.get_device_properties(dev)
+    rows: dict = dict(device=props.name, sms=props.multi_processor_count, date=datetime.date.today().isoformat(),
+                      torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                      command="python " + " ".join(sys.argv), shapes={k: list(v) for k, v in SHAPES.items()},
+                      results={})
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    precompile(args.jobs)
+
+    names = ["default" if c is None else _name(c) for c in VARIANTS]
+    order = None
+    for shape in ("prefill", "chunked", "long"):
+        p = make_problem(shape, dev)
+        sdpa, how = sdpa_fn(p)
+        ref = sdpa().transpose(1, 2).reshape(-1, HQ, D)
+        sdpa_ms = bench(sdpa, args.quick)
+        sdpa_tf = p["flops"] / sdpa_ms / 1e9
+        res = rows["results"][shape] = dict(sdpa_ms=sdpa_ms, sdpa_TFLOPs=sdpa_tf, sdpa=how, variants={})
+        print(f"\n{shape}: {SHAPES[shape]} (seqs, cached, new); SDPA ({how}) {sdpa_ms * 1e3:.0f} us "
+              f"{sdpa_tf:.0f} TFLOP/s")
+        picks = range(len(VARIANTS)) if order is None or shape != "long" else order[: args.top] + [0, 1]
+        for i in sorted(set(picks)):
+            cfg, name = VARIANTS[i], names[i]
+            try:
+                fn = run_kernel(p, cfg)
+                err = rel_err(fn(), ref)
+                if not err < 1e-2:
+                    raise AssertionError(f"relative error {err:.2e} against SDPA")
+                ms = bench(fn, args.quick)
+            except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
+                print(f"  {name:45s} FAILED {type(e).__name__}: {str(e)[:160]}")
+                res["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            tf = p["flops"] / ms / 1e9
+            res["variants"][name] = dict(ms=ms, TFLOPs=tf, of_sdpa=tf / sdpa_tf, err=err, config=cfg)
+            print(f"  {name:45s} {ms * 1e3:8.0f} us {tf:5.0f} TFLOP/s {tf / sdpa_tf:6.1%} of SDPA  err {err:.1e}")
+        timed = {n: r for n, r in res["variants"].items() if "ms" in r}
+        best = min(timed, key=lambda n: timed[n]["ms"])
+        res["best"] = best
+        print(f"  best: {best} at {timed[best]['of_sdpa']:.1%} of SDPA")
+        if shape == "prefill":
+            order = sorted((i for i in range(len(VARIANTS)) if names[i] in timed), key=lambda i: timed[names[i]]["ms"])
+        del p, ref
+
+    # One config for every shape: the variant with the best worst-case share of SDPA.
+    common = [n for n in names if all("ms" in rows["results"][s]["variants"].get(n, {}) for s in SHAPES)]
+    if common:
+        overall = max(common, key=lambda n: min(rows["results"][s]["variants"][n]["of_sdpa"] for s in SHAPES))
+        rows["best_overall"] = overall
+        print(f"\nbest on every shape (max of the min share of SDPA): {overall}: " + ", ".join(
+            f"{s} {rows['results'][s]['variants'][overall]['of_sdpa']:.1%}" for s in SHAPES))
+    rows["wall_s"] = time.time() - t_start
+    default = f"prefill_sweep_{rows['date']}{'_smoke' if args.smoke else ''}.json"
+    path = args.json or os.path.join(ROOT, "bench", "results", default)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {path} ({rows['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
