@@ -9,9 +9,10 @@ Per shape, one engine (load_format dummy, bf16, mixed graphs up to 512 tokens):
    ones, run eagerly and from the graph on the same inputs: max |logit difference| and greedy agreement.
 2. Step time, eager vs graphed, for each (D, C): GPU ms (the step queued behind a GPU sleep, so launch
    time is hidden), host ms (the launching call's wall time) and isolated ms (launch and run, synced).
-3. The chat workload of bench/throughput.py (first --requests requests) with mixed graphs off, then on, on
-   the same engine: output tok/s, ms and host ms per step, roofline fraction, and whether the greedy
-   tokens agree.
+3. The chat workload of bench/throughput.py (first --requests requests) with mixed graphs off, then on up
+   to each of --chat-limits tokens (the engine captures up to the largest; smaller limits hide the larger
+   buckets), on the same engine: output tok/s, ms and host ms per step, roofline fraction, and how many
+   requests' greedy tokens equal the run without mixed graphs.
 Prints tables and writes bench/results/mixed_graphs_<date>_<device>.json.
 """
 
@@ -32,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.throughput import SHAPES, ideal_roofline_seconds, make_workload, measure_ceilings, write_config  # noqa: E402
 
-STEPS = [(8, 8), (16, 16), (32, 32), (60, 40), (64, 64), (128, 128), (180, 120), (200, 312), (64, 448)]
+STEPS = [(8, 8), (16, 16), (32, 32), (60, 40), (64, 64), (128, 128), (180, 120), (200, 312), (64, 448), (255, 345),
+         (200, 824), (250, 1798)]
 """(decode sequences D, prefill chunk C): D + C new tokens, D + 1 sequences, D + 1 logits rows."""
 CTX, CACHED = 300, 64
 
@@ -88,7 +90,7 @@ def time_step(runner, inputs, graphed: bool, iters: int) -> dict:
         host, gpu, isolated = [], [], []
         for _ in range(iters):
             if dev.type == "cuda":
-                torch.cuda._sleep(50_000_000)  # ~25 ms of GPU spin: the launches below all queue behind it
+                torch.cuda._sleep(40_000_000)  # ~20 ms of GPU spin: the launches below all queue behind it
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
             t = time.perf_counter()
@@ -121,7 +123,7 @@ def check_step(runner, inputs) -> dict:
             "argmax_agree": float((eager.argmax(-1) == graphed.argmax(-1)).float().mean())}
 
 
-def run_chat(llm, work, ceil, shape: str, max_seqs: int) -> list[dict]:
+def run_chat(llm, work, ceil, shape: str, max_seqs: int, limits: list[int]) -> list[dict]:
     from folio import SamplingParams
 
     engine = llm.engine
@@ -130,9 +132,9 @@ def run_chat(llm, work, ceil, shape: str, max_seqs: int) -> list[dict]:
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
     roof_s = ideal_roofline_seconds(work, SHAPES[shape], max_seqs, ceil)
     out, tokens = [], {}
-    for on in (False, True):
-        if graphs is not None:
-            graphs.mixed = mixed if on else {}  # the same engine and captures, mixed graphs hidden or not
+    for limit in [0, *limits]:
+        if graphs is not None:  # the same engine and captures, the mixed graphs above the limit hidden
+            graphs.mixed = {t: g for t, g in mixed.items() if t <= limit}
         engine.step_timing = {}
         sync(engine.device)
         t = time.perf_counter()
@@ -143,16 +145,15 @@ def run_chat(llm, work, ceil, shape: str, max_seqs: int) -> list[dict]:
         steps = timing.pop("steps", 0) or 1
         host = sum(v for k, v in timing.items() if k != "wait")
         n_out = sum(len(o.outputs[0].token_ids) for o in res)
-        tokens[on] = [o.outputs[0].token_ids for o in res]
-        out.append({"mixed_graphs": on, "requests": len(work), "output_tok_s": n_out / secs, "seconds": secs,
+        tokens[limit] = [o.outputs[0].token_ids for o in res]
+        out.append({"mixed_graph_tokens": limit, "requests": len(work), "output_tok_s": n_out / secs, "seconds": secs,
                     "steps": steps, "ms_per_step": 1e3 * secs / steps, "host_ms_per_step": 1e3 * host / steps,
                     "roofline_fraction": roof_s / secs if np.isfinite(roof_s) else None})
     engine.step_timing = None
     if graphs is not None:
         graphs.mixed = mixed
-    same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
     for r in out:
-        r["requests_with_identical_tokens"] = same
+        r["requests_with_identical_tokens"] = sum(a == b for a, b in zip(tokens[0], tokens[r["mixed_graph_tokens"]]))
     return out
 
 
@@ -160,10 +161,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["llama-3-8b", "llama-3.2-1b"], choices=list(SHAPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--iters", type=int, default=10, help="timed repetitions per step size")
-    ap.add_argument("--requests", type=int, default=300, help="chat workload requests (0: skip it)")
+    ap.add_argument("--iters", type=int, default=6, help="timed repetitions per step size")
+    ap.add_argument("--requests", type=int, default=200, help="chat workload requests (0: skip it)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-mixed-graph-tokens", type=int, default=512)
+    ap.add_argument("--chat-limits", type=int, nargs="+", default=[512, 2048],
+                    help="mixed-graph token limits the chat workload runs with (0, no mixed graphs, always runs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from folio import LLM
@@ -181,7 +183,7 @@ def main() -> None:
             t0 = time.perf_counter()
             llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", device=args.device, max_model_len=max_len,
                       max_num_seqs=args.max_num_seqs, enable_prefix_caching=False,
-                      max_mixed_graph_tokens=args.max_mixed_graph_tokens)
+                      max_mixed_graph_tokens=max(args.chat_limits))
             startup = time.perf_counter() - t0
             runner = llm.engine.runner
             graphs = runner.graphs
@@ -204,10 +206,11 @@ def main() -> None:
                           f"{chk['argmax_agree']:>8.0%}{e['gpu_ms']:>8.3f}/{g['gpu_ms']:<7.3f}"
                           f"{e['host_ms']:>8.3f}/{g['host_ms']:<7.3f}{e['isolated_ms']:>8.3f}/{g['isolated_ms']:<7.3f}"
                           f"{e['isolated_ms'] / g['isolated_ms']:>8.2f}x", flush=True)
-            chat = run_chat(llm, work, ceil, shape, args.max_num_seqs) if work else []
+            chat = run_chat(llm, work, ceil, shape, args.max_num_seqs, args.chat_limits) if work else []
             for r in chat:
                 roof = f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] else "-"
-                print(f"chat x{r['requests']} mixed_graphs={r['mixed_graphs']}: {r['output_tok_s']:.0f} tok/s, "
+                print(f"chat x{r['requests']} mixed graphs up to {r['mixed_graph_tokens']} tokens: "
+                      f"{r['output_tok_s']:.0f} tok/s, "
                       f"{r['steps']} steps, {r['ms_per_step']:.2f} ms/step, host {r['host_ms_per_step']:.2f} ms/step, "
                       f"roofline {roof}; identical tokens {r['requests_with_identical_tokens']}/{r['requests']}",
                       flush=True)
@@ -217,7 +220,7 @@ def main() -> None:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     bad = [(r["shape"], s["tokens"]) for r in records for s in r["steps"] if s["argmax_agree"] < 0.99
-           or (s["graph_used"] is False and dev.type == "cuda" and s["tokens"] <= args.max_mixed_graph_tokens)]
+           or (s["graph_used"] is False and dev.type == "cuda" and s["tokens"] <= max(args.chat_limits))]
     print(f"\ncorrectness: {'OK' if not bad else 'FAILED at ' + str(bad)}; total {time.perf_counter() - t_all:.0f} s")
     stamp = dt.date.today().isoformat()
     out = Path(args.out or Path(__file__).parent / "results" / f"mixed_graphs_{stamp}_{dev.type}.json")

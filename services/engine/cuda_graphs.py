@@ -35,9 +35,10 @@ from services.engine.attention.metadata import AttentionMetadata
 log = logging.getLogger("folio.engine")
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-MIXED_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+MIXED_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
+                 2048, 2560, 3072, 3584, 4096)
 """Token counts of mixed-step graphs, up to EngineConfig.max_mixed_graph_tokens (which is added if it is
-not one of these)."""
+not one of these). At most 25% padding above 128 tokens: a big step's matmuls cost in proportion to it."""
 
 Recorder = Callable[[Callable[[], torch.Tensor], object], tuple[object, torch.Tensor, object]]
 """record(fn, pool) -> (graph with .replay(), fn's output as captured, pool for the next capture)."""
