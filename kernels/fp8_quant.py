@@ -31,10 +31,11 @@ def _quant_rows_kernel(
         if ONE_PASS:
             amax = tl.max(tl.abs(xk), axis=0)
         else:
-            amax = 0.0
+            vmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+                vmax = tl.maximum(vmax, tl.abs(v))
+            amax = tl.max(vmax, axis=0)
         if HAS_UB:
             amax = tl.minimum(amax, ub)
         scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), 1e-12)
