@@ -17,6 +17,7 @@ process, so a shared CPU disturbs the ratio less than wall-clock time alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -181,13 +182,79 @@ def run_one(lib, tokens: list[int], batch: int) -> dict:
     return out
 
 
+class HostSplit:
+    """Per-step host time of one generate() run: the grammar's mask fill, the mask's apply (its launch,
+    on a GPU), the engine's wait for the device (LLMEngine.step_timing "wait") and the rest, plus the
+    process's CPU time per step (all threads: spinning fill threads show here). Wraps GrammarBackend.fill
+    and the sampler's apply_bitmask for the run (`backend` picks apply_bitmask's backend)."""
+
+    def __init__(self, llm, backend: str = "xgrammar"):
+        self.engine = llm.engine
+        self.backend = backend
+        self.t = {"fill": 0.0, "apply": 0.0}
+
+    def __enter__(self):
+        import services.engine.sampler as sampler_mod
+
+        self._sampler_mod, self._apply = sampler_mod, sampler_mod.apply_bitmask
+        grammar, fill, apply, t = self.engine.grammar, self.engine.grammar.fill, self._apply, self.t
+
+        def timed_fill(seqs):
+            t0 = time.perf_counter()
+            try:
+                return fill(seqs)
+            finally:
+                t["fill"] += time.perf_counter() - t0
+
+        def timed_apply(x, bitmask):
+            t0 = time.perf_counter()
+            try:
+                return apply(x, bitmask, backend=self.backend)
+            finally:
+                t["apply"] += time.perf_counter() - t0
+
+        grammar.fill = timed_fill
+        sampler_mod.apply_bitmask = timed_apply
+        self.engine.step_timing = {}
+        self.w0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w0, time.process_time() - self.c0
+        self.timing, self.engine.step_timing = self.engine.step_timing, None
+        del self.engine.grammar.fill  # the instance attribute: the method shows again
+        self._sampler_mod.apply_bitmask = self._apply
+
+    def per_step_ms(self) -> dict:
+        steps = max(self.timing.get("steps", 0), 1)
+        ms = lambda sec: round(sec / steps * 1e3, 3)  # noqa: E731
+        wait = self.timing.get("wait", 0.0)
+        return {"steps": steps, "step": ms(self.wall), "fill": ms(self.t["fill"]), "apply": ms(self.t["apply"]),
+                "wait": ms(wait), "other": ms(self.wall - self.t["fill"] - self.t["apply"] - wait),
+                "cpu": ms(self.cpu)}
+
+
+def _digest(outs) -> str:
+    return hashlib.sha1(repr([list(c.token_ids) for o in outs for c in o.outputs]).encode()).hexdigest()[:12]
+
+
+def _run(llm, prompts, params, sync, backend: str = "xgrammar") -> tuple[int, dict, str]:
+    """One timed generate(): (tokens made, host split per step, digest of the tokens)."""
+    sync()
+    with HostSplit(llm, backend) as split:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+    return sum(len(c.token_ids) for o in outs for c in o.outputs), split, _digest(outs)
+
+
 def engine_throughput(llm, batches: list[int], max_tokens: int, rounds: int, sync=lambda: None) -> list[dict]:
     """Output tok/s of the offline engine with and without a JSON schema, per batch size: the same
     prompts, greedy, EOS ignored so both runs generate exactly batch x max_tokens tokens (under the
     schema EOS is allowed only where the schema is complete; past it, EOS only). Plain and schema runs
     alternate (ABBA...) `rounds` times so a neighbour's load hits both alike; each row gives the median
     wall-clock tok/s of each, the median of the per-round ratios, and the same from process CPU time
-    (all threads), which a shared CPU disturbs far less than wall time."""
+    (all threads), which a shared CPU disturbs far less than wall time; and the host time per step,
+    split (HostSplit), of each one's last run. Every schema round must make the same tokens."""
     from folio import SamplingParams
     from services.common.structured_output import StructuredOutputs
 
@@ -198,30 +265,120 @@ def engine_throughput(llm, batches: list[int], max_tokens: int, rounds: int, syn
     for b in batches:
         prompts = [f"Person number {i} as JSON:" for i in range(b)]
         runs: dict[str, list[tuple[float, float, int]]] = {"plain": [], "json_schema": []}
+        splits, digests = {}, set()
         for r in range(rounds):
             order = ("plain", "json_schema") if r % 2 == 0 else ("json_schema", "plain")
             for name in order:
                 params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                                         structured_outputs=so if name == "json_schema" else None)
-                sync()
-                w0, c0 = time.perf_counter(), time.process_time()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                sync()
-                n = sum(len(c.token_ids) for o in outs for c in o.outputs)
-                runs[name].append((time.perf_counter() - w0, time.process_time() - c0, n))
+                n, split, digest = _run(llm, prompts, params, sync)
+                runs[name].append((split.wall, split.cpu, n))
+                splits[name] = split.per_step_ms()
+                if name == "json_schema":
+                    digests.add(digest)
         row = {"batch": b, "max_tokens": max_tokens, "rounds": rounds}
         for name, rs in runs.items():
             row[f"{name}_tokens"] = rs[0][2]
             row[f"{name}_tok_s"] = round(statistics.median(n / w for w, _, n in rs), 1)
             row[f"{name}_tok_per_cpu_s"] = round(statistics.median(n / c for _, c, n in rs), 1)
+            row[f"{name}_host_ms_per_step"] = splits[name]
         row["ratio_wall"] = round(statistics.median(
             (nj / wj) / (np_ / wp) for (wp, _, np_), (wj, _, nj) in zip(runs["plain"], runs["json_schema"])), 3)
         row["ratio_cpu"] = round(statistics.median(
             (nj / cj) / (np_ / cp) for (_, cp, np_), (_, cj, nj) in zip(runs["plain"], runs["json_schema"])), 3)
-        row["same_tokens"] = row["plain_tokens"] == row["json_schema_tokens"] == b * max_tokens
+        row["same_tokens"] = row["plain_tokens"] == row["json_schema_tokens"] == b * max_tokens and len(digests) == 1
+        row["json_schema_digest"] = digests.pop() if len(digests) == 1 else sorted(digests)
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def thread_sweep(llm, batch: int, max_tokens: int, plain_tok_s: float, digest: str, sync) -> list[dict]:
+    """The schema run at `batch` once per xgrammar fill-thread count (1, 2, 4, 8, 16 up to the CPUs this
+    process may use, and the default): tok/s against the plain figure, the host split, the same tokens."""
+    from folio import SamplingParams
+    from services.common.structured_output import StructuredOutputs
+    from services.engine.structured import default_fill_threads
+
+    grammar = llm.engine.grammar
+    default = grammar.fill_threads
+    cpus = _cpus()
+    counts = sorted({n for n in (1, 2, 4, 8, 16) if n <= cpus} | {default_fill_threads()})
+    prompts = [f"Person number {i} as JSON:" for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            structured_outputs=StructuredOutputs.from_schema(SCHEMA, "schema"))
+    rows = []
+    for k in counts:
+        grammar.fill_threads = k
+        n, split, d = _run(llm, prompts, params, sync)
+        rows.append({"fill_threads": k, "tok_s": round(n / split.wall, 1), "ratio": round(n / split.wall / plain_tok_s, 3),
+                     "host_ms_per_step": split.per_step_ms(), "same_tokens": d == digest})
+        print(rows[-1], flush=True)
+    grammar.fill_threads = default
+    return rows
+
+
+def apply_sweep(device: str, batch: int, vocab: int) -> list[dict]:
+    """apply_bitmask per backend on [batch, vocab] float32 logits on `device`: the host time to launch it,
+    the device time (CUDA events), and equality with the torch reference (random masks)."""
+    from services.engine.structured import APPLY_BACKENDS, apply_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, vocab, generator=g).to(device)
+    words = (vocab + 31) // 32
+    mask = torch.randint(-2**31, 2**31 - 1, (batch, words), dtype=torch.int32, generator=g)
+    mask = mask.pin_memory() if device.startswith("cuda") else mask
+    ref = apply_bitmask(logits.clone(), mask, backend="torch")
+    rows = []
+    for backend in APPLY_BACKENDS:
+        ok = torch.equal(apply_bitmask(logits.clone(), mask, backend=backend), ref)
+        host, dev = [], []
+        for _ in range(30):
+            x = logits.clone()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+            t0 = time.perf_counter()
+            apply_bitmask(x, mask, backend=backend)
+            host.append(time.perf_counter() - t0)
+            if device.startswith("cuda"):
+                e1.record()
+                e1.synchronize()
+                dev.append(e0.elapsed_time(e1) / 1e3)
+        rows.append({"backend": backend, "equal_to_torch": ok, "host_ms": _median_ms(host),
+                     "device_ms": _median_ms(dev) if dev else None})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _cpu_note() -> dict:
+    quota = None
+    try:
+        quota = Path("/sys/fs/cgroup/cpu.max").read_text().strip()
+    except OSError:
+        pass
+    from services.engine.structured import default_fill_threads
+
+    return {"os_cpu_count": os.cpu_count(), "affinity_cpus": _cpus(), "cgroup_cpu_max": quota,
+            "torch_threads": torch.get_num_threads(), "default_fill_threads": default_fill_threads()}
+
+
+def _print_split(rows: list[dict]) -> None:
+    """Host ms per step of each batch's last plain and schema run: fill / apply / wait / other, and CPU ms."""
+    print(f"\nhost ms per step{'':>6}{'step':>8}{'fill':>8}{'apply':>8}{'wait':>8}{'other':>8}{'cpu':>8}")
+    for r in rows:
+        for name in ("plain", "json_schema"):
+            h = r[f"{name}_host_ms_per_step"]
+            print(f"  b{r['batch']:<4}{name:<15}{h['step']:>8.2f}{h['fill']:>8.2f}{h['apply']:>8.3f}{h['wait']:>8.2f}"
+                  f"{h['other']:>8.2f}{h['cpu']:>8.2f}")
 
 
 def _load_average() -> list[float] | None:
@@ -244,14 +401,14 @@ def cpu_engine(args) -> dict:
 
 
 # --- the GPU check: the 8B shape with dummy weights ----------------------------------------------
-def _tokenizer_dir(out: Path) -> tuple[Path, str]:
+def _tokenizer_dir(out: Path, trained: bool = False) -> tuple[Path, str]:
     """A tokenizer for the dummy-weight model: the bundled model's when it is prepared here (the GPU
-    machine has no network and may not have it), else a byte-level BPE trained now on this repository's
-    text (a smaller vocabulary than a real 8B model's, so mask filling is if anything cheaper)."""
+    machine has no network and may not have it) unless `trained`, else a byte-level BPE trained now on
+    this repository's text (~15k ids: the model's 128,256-row embedding is padded far past it)."""
     from services.common.bundled_model import bundled_model_dir, is_prepared
 
     src = bundled_model_dir()
-    if is_prepared(src):
+    if is_prepared(src) and not trained:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (out / f).write_bytes((src / f).read_bytes())
         return out, "SmolLM2-135M-Instruct's (vocab 49,152)"
@@ -313,14 +470,14 @@ def gpu_engine(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config(args.shape, Path(tmp))
-        _, tok_note = _tokenizer_dir(model_dir)
+        _, tok_note = _tokenizer_dir(model_dir, trained=args.trained_tokenizer)
         cfg = json.loads((model_dir / "config.json").read_text())
+        cfg["vocab_size"] = args.vocab or cfg["vocab_size"]
         from tokenizers import Tokenizer as _Tok
 
         tok_vocab = _Tok.from_file(str(model_dir / "tokenizer.json")).get_vocab_size()
-        if cfg["vocab_size"] < tok_vocab:  # a small smoke-test shape: its embedding must cover the tokenizer
-            cfg["vocab_size"] = tok_vocab
-            (model_dir / "config.json").write_text(json.dumps(cfg))
+        cfg["vocab_size"] = max(cfg["vocab_size"], tok_vocab)  # a small smoke-test shape must cover the tokenizer
+        (model_dir / "config.json").write_text(json.dumps(cfg))
         t0 = time.perf_counter()
         llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16" if cuda else "float32", device=args.device,
                   max_model_len=1024,
@@ -330,10 +487,16 @@ def gpu_engine(args) -> dict:
         print(f"correctness: 8 schema-constrained outputs followed the grammar token by token "
               f"({complete} completed and validated with jsonschema; random weights rarely finish)", flush=True)
         rows = engine_throughput(llm, args.engine_batches_list, args.engine_max_tokens, args.rounds, sync=sync)
+        top = rows[-1]  # the largest batch: the fill-thread and apply-backend sweeps
+        threads = thread_sweep(llm, top["batch"], args.engine_max_tokens, top["plain_tok_s"],
+                               top["json_schema_digest"], sync) if not args.no_sweep else []
+        applies = apply_sweep(args.device, top["batch"], llm.engine.vocab_size) if not args.no_sweep else []
+        grammar_vocab = llm.engine.grammar.grammar_vocab
         llm.shutdown()
     return {"device": torch.cuda.get_device_name() if cuda else args.device,
             "model": f"{args.shape} shape, {'bf16' if cuda else 'float32'}, dummy weights",
-            "tokenizer": tok_note, "startup_s": round(startup, 1), "rows": rows,
+            "tokenizer": tok_note, "grammar_vocab": grammar_vocab, "cpus": _cpu_note(), "startup_s": round(startup, 1),
+            "rows": rows, "fill_thread_sweep": threads, "apply_sweep": applies,
             "target": "json_schema tok/s >= 0.9 x plain at batch 64"}
 
 
@@ -351,6 +514,10 @@ def main() -> None:
     ap.add_argument("--engine-max-tokens", type=int, default=None, help="default: 16 on CPU, 128 on the GPU")
     ap.add_argument("--rounds", type=int, default=None, help="plain/schema alternations (default: 3 on CPU, 2 on the GPU)")
     ap.add_argument("--threads", type=int, default=1, help="--engine: torch CPU threads (default 1)")
+    ap.add_argument("--vocab", type=int, default=None, help="--gpu: the model's vocabulary (default: the shape's)")
+    ap.add_argument("--trained-tokenizer", action="store_true",
+                    help="--gpu: the BPE trained on the repository even where the bundled model's tokenizer is prepared")
+    ap.add_argument("--no-sweep", action="store_true", help="--gpu: skip the fill-thread and apply-backend sweeps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.engine_batches_list = list(map(int, args.engine_batches.split(",")))
@@ -369,6 +536,20 @@ def main() -> None:
         print(f"{'batch':>6}{'plain tok/s':>13}{'schema tok/s':>14}{'ratio':>8}  same tokens")
         for r in rows:
             print(f"{r['batch']:>6}{r['plain_tok_s']:>13.0f}{r['json_schema_tok_s']:>14.0f}{r['ratio_wall']:>8.3f}  {r['same_tokens']}")
+        _print_split(rows)
+        eg = result["engine_gpu"]
+        print(f"CPUs: {eg['cpus']}; xgrammar sees {eg['grammar_vocab']:,} token ids")
+        if eg["fill_thread_sweep"]:
+            print(f"\nfill threads at batch {rows[-1]['batch']}: {'threads':>7}{'tok/s':>8}{'ratio':>7}{'fill ms':>9}{'cpu ms':>8}  same tokens")
+            for t in eg["fill_thread_sweep"]:
+                h = t["host_ms_per_step"]
+                print(f"{'':>28}{t['fill_threads']:>7}{t['tok_s']:>8.0f}{t['ratio']:>7.3f}{h['fill']:>9.3f}{h['cpu']:>8.2f}  {t['same_tokens']}")
+            best = max(eg["fill_thread_sweep"], key=lambda t: t["tok_s"])
+            print(f"fastest: {best['fill_threads']} threads (default here: {eg['cpus']['default_fill_threads']})")
+        if eg["apply_sweep"]:
+            print("\napply_bitmask per backend (float32 logits):")
+            for a in eg["apply_sweep"]:
+                print(f"  {a['backend']:>9}: host {a['host_ms']:.3f} ms, device {a['device_ms']} ms, equal to torch: {a['equal_to_torch']}")
         r64 = next((r for r in rows if r["batch"] == 64), None)
         if r64 is not None:
             verdict = "MET" if r64["ratio_wall"] >= 0.9 else "NOT met"
