@@ -7,7 +7,7 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-MODELS = ["mixtral", "qwen2-moe", "gpt-oss", "phimoe"]
+MODELS = ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "phimoe", "granitemoe", "granitemoe-shared", "gpt-oss"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
