@@ -62,10 +62,16 @@ class AbortCommand:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
                  change_fraction: float = 0.05, step_deadline_s: float = 5.0,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None, loop_turn_s: float = 0.0):
         """`on_fatal` is called (on the event loop) when a step fails in a way the engine cannot go on
-        from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops."""
+        from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops.
+        `loop_turn_s` > 0: after each step the engine thread waits, the GIL released, until the event
+        loop has run what was ready (the step's outputs sent on, requests that arrived handed over), at
+        most that long. A GPU step's thread releases the GIL only for microseconds at a time (kernel
+        launches), and a thread waiting for it can lose every such race for a whole step (docs/router.md)."""
         self.engine = engine
+        self.loop_turn_s = loop_turn_s
+        self._turn = threading.Event()
         self._on_fatal = on_fatal
         self.fatal: BaseException | None = None
         """The error that ended the engine loop, if any."""
@@ -227,11 +233,29 @@ class AsyncEngine:
             if ready:  # one wake-up of the event loop per step, not one per request
                 self._loop.call_soon_threadsafe(_deliver, ready)
             self._publish_snapshot()
+            if self.loop_turn_s > 0:
+                self._give_loop_a_turn()
         for rid in list(self._queues):  # shutting down: end every stream
             out = eng.abort_request(rid)
             q = self._queues.pop(rid)
             if out is not None:
                 self._send(q, out)
+
+    _TURN_DEPTH = 3
+    """Loop iterations a turn lasts: the outputs delivered, the handlers they wake, what those wake in turn."""
+
+    def _give_loop_a_turn(self) -> None:
+        """Wait until the event loop has run `_TURN_DEPTH` rounds of callbacks from now (the outputs
+        delivered, the request handlers they wake, the sends those start), at most `loop_turn_s`."""
+        self._turn.clear()
+        self._loop.call_soon_threadsafe(self._end_turn_after, self._TURN_DEPTH)
+        self._turn.wait(self.loop_turn_s)
+
+    def _end_turn_after(self, rounds: int) -> None:
+        if rounds > 1:
+            self._loop.call_soon(self._end_turn_after, rounds - 1)
+        else:
+            self._turn.set()
 
     def _fail_all(self, exc: Exception) -> None:
         for rid, q in list(self._queues.items()):

@@ -53,9 +53,9 @@ class EngineServerConfig:
     switch_interval_ms: float | None = None
     """The interpreter's switch interval here (sys.setswitchinterval; None: Python's 5 ms): how long the
     server's event loop may wait for the GIL while the engine thread holds it (docs/router.md)."""
-    step_yield_ms: float = 0.0
-    """After each step the engine thread sleeps this long (GIL released), so the server's event loop runs
-    at least once per step however busy the thread keeps the GIL (0: no pause; docs/router.md)."""
+    loop_turn_ms: float = 0.0
+    """After each step the engine thread waits (GIL released) until the event loop has sent the step's
+    outputs on and taken the requests that arrived, at most this long (0: no wait; docs/router.md)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -153,16 +153,6 @@ def gil_busy_step(step: Callable[[], list], busy_ms: float) -> Callable[[], list
         return step()
 
     return busy_then_step
-
-
-def yielding_step(step: Callable[[], list], pause_ms: float) -> Callable[[], list]:
-    """`step`, then a pause of `pause_ms` with the GIL released (EngineServerConfig.step_yield_ms)."""
-    def step_then_yield() -> list:
-        out = step()
-        time.sleep(pause_ms / 1e3)
-        return out
-
-    return step_then_yield
 
 
 def first_token_path(timing: common_pb2.Timing, prog: _Progress, last: RequestDelta) -> None:
@@ -275,8 +265,6 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
     if c.debug_gil_busy_ms > 0:
         log.warning("debug: every engine step holds the GIL for %g ms first (debug_gil_busy_ms)", c.debug_gil_busy_ms)
         engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
-    if c.step_yield_ms > 0:
-        engine.step = yielding_step(engine.step, c.step_yield_ms)
     if c.switch_interval_ms is not None:
         sys.setswitchinterval(c.switch_interval_ms / 1e3)
     model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
@@ -286,7 +274,7 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         server.request_stop()
 
     aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap),
-                          step_deadline_s=c.step_deadline_s, on_fatal=on_fatal)
+                          step_deadline_s=c.step_deadline_s, on_fatal=on_fatal, loop_turn_s=c.loop_turn_ms / 1e3)
     aengine.start()
     metrics = None
     if c.metrics_port is not None:
