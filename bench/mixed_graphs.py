@@ -2,7 +2,7 @@
 Llama shapes: correctness first, then per-step GPU and host time, then the chat workload both ways.
 
     python bench/mixed_graphs.py                                  # llama-3-8b and llama-3.2-1b, ~100 s on an H200
-    python bench/mixed_graphs.py --shape tiny --device cpu --requests 8 --iters 2   # smoke test (no graphs on CPU)
+    python bench/mixed_graphs.py --shape tiny --device cpu --requests 4 --iters 1 --max-step-tokens 128  # smoke test
 
 Per shape, one engine (load_format dummy, bf16, mixed graphs up to 512 tokens):
 1. Correctness: mixed steps of D decodes (context 300) plus one prefill chunk of C tokens after 64 cached
@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=6, help="timed repetitions per step size")
     ap.add_argument("--requests", type=int, default=200, help="chat workload requests (0: skip it)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-step-tokens", type=int, default=4096, help="skip the step sizes above this")
     ap.add_argument("--chat-limits", type=int, nargs="+", default=[512, 2048],
                     help="mixed-graph token limits the chat workload runs with (0, no mixed graphs, always runs)")
     ap.add_argument("--out", default=None)
@@ -194,7 +195,7 @@ def main() -> None:
             rows = []
             with torch.inference_mode():
                 for D, C in STEPS:
-                    if D + 1 > args.max_num_seqs:
+                    if D + 1 > args.max_num_seqs or D + C > args.max_step_tokens:
                         continue
                     inputs = make_step(runner, D, C)
                     chk = check_step(runner, inputs)
