@@ -29,10 +29,16 @@ def block_rows(k: int) -> int:
 
 
 @triton.jit
-def _nibbles(words, j: tl.constexpr):
-    """Nibble j of each int32 word as an exact float32: OR-ing 0..15 into the mantissa of 2^23 and
-    subtracting 2^23 costs two integer-free ALU ops instead of a slow int-to-float conversion."""
-    return (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _nibble_unit(words, j: tl.constexpr):
+    """Nibble j (q, 0..15) of each int32 word as the float32 1 + q / 16, exactly: one shift moves the nibble
+    to the top of float32's mantissa and one and-or (a single LOP3) sets the exponent of 1.0. No int-to-float
+    conversion (quarter rate on the GPU) and no subtraction: the scale arithmetic absorbs the offset,
+    (q - z) s = v (16 s) - (16 + z) s for v = 1 + q / 16, exact in float32 for 16-bit s."""
+    if 4 * j <= 19:
+        t = words << (19 - 4 * j)
+    else:
+        t = words >> (4 * j - 19)
+    return ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -41,35 +47,51 @@ def _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM: tl.const
     k_mask = k < K
     cols = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
     return tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                   mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                   mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg):
-    """Scales and zero points of group g as float32 [BLOCK_N] rows."""
+    """Group g's (16 s, (16 + z) s) as float32 [BLOCK_N] rows: w = v * (16 s) - (16 + z) s."""
     s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-    return s, z
+    return 16.0 * s, (16.0 + z) * s
+
+
+@triton.jit
+def _group_tile(s_ptr, z_ptr, k, K, group_size, offs_n, n_mask, stride_sg):
+    """Per-row (16 s, (16 + z) s) [len(k), BLOCK_N] for group sizes that cut slabs (GROUP_MODE 2)."""
+    kn = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
+    s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
+    return 16.0 * s, (16.0 + z) * s
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr,  # [M, K] activations, unit stride along K
+    qw_ptr,  # [ceil(K / ROWS) * ROWS / 8, N] int32, the blocked layout, unit stride along N
+    s_ptr,  # [G, N] scales
+    z_ptr,  # [G, N] uint8 zero points, same strides as scales
+    perm_ptr,  # [K] int32 (read when HAS_PERM)
+    out_ptr,  # [M, N] in x's dtype, or [split_k, M, N] float32 partials (SPLIT and not ATOMIC)
+    ws_ptr, cnt_ptr,  # split-K workspace (kernels/splitk.py)
     M, N, K, group_size, blocks_per_split, split_k,
     stride_xm, stride_qk, stride_sg, stride_om, stride_os,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MODE: tl.constexpr,
     HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """Few rows (BLOCK_M >= M, one M tile): products summed in float32 registers. GROUP_MODE 0: a whole
-    block lies in one group, so the scale and zero point come out of the block's sum,
-    s * (sum q x - z sum x); 1: each slab lies in one group; 2: any group size (per-row loads)."""
+    """Few rows (BLOCK_M >= M, one M tile): multiply-adds into [BLOCK_M, ROWS / 8, BLOCK_N] float32
+    registers, summed over rows once at the end. GROUP_MODE 0: a whole block lies in one group, so its scale
+    and zero point apply once per block to the block's sums, 16 s sum(v x) - (16 + z) s sum(x): per weight a
+    shift, an and-or and one multiply-add. 1: each slab lies in one group (a multiply-add to dequantize
+    per weight); 2: any group size (per-row scale loads)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_p = tl.arange(0, ROWS // 8)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, ROWS // 8, BLOCK_N), dtype=tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(tl.cdiv(K, ROWS), b_start + blocks_per_split)
@@ -81,34 +103,30 @@ def _w4a16_gemv_kernel(
             xsum = tl.zeros((BLOCK_M, ROWS // 8), dtype=tl.float32)
         for j in tl.static_range(8):
             k = b * ROWS + j * (ROWS // 8) + offs_p
-            xj = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM).to(tl.float32)
-            q = _nibbles(words, j)
+            xj = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
+            v = _nibble_unit(words, j)
             if GROUP_MODE == 0:
-                part += q[None, :, :] * xj[:, :, None]
+                part += v[None, :, :] * xj[:, :, None]
                 xsum += xj
             else:
                 if GROUP_MODE == 1:
                     g = tl.minimum(b * ROWS + j * (ROWS // 8), K - 1) // group_size  # slabs past K: the last group
-                    s, z = _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg)
-                    w = (q - z[None, :]) * s[None, :]
+                    s16, zs = _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg)
+                    w = v * s16[None, :] - zs[None, :]
                 else:
-                    g = tl.minimum(k, K - 1) // group_size
-                    kn = g[:, None] * stride_sg + offs_n[None, :]
-                    s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
-                    z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
-                    w = (q - z) * s
+                    s16, zs = _group_tile(s_ptr, z_ptr, k, K, group_size, offs_n, n_mask, stride_sg)
+                    w = v * s16 - zs
                 acc3 += w[None, :, :] * xj[:, :, None]
         if GROUP_MODE == 0:
-            s, z = _group_rows(s_ptr, z_ptr, (b * ROWS) // group_size, offs_n, n_mask, stride_sg)
-            acc += (tl.sum(part, axis=1) - tl.sum(xsum, axis=1)[:, None] * z[None, :]) * s[None, :]
-    if GROUP_MODE != 0:
-        acc += tl.sum(acc3, axis=1)
+            s16, zs = _group_rows(s_ptr, z_ptr, (b * ROWS) // group_size, offs_n, n_mask, stride_sg)
+            acc3 += part * s16[None, None, :] - xsum[:, :, None] * zs[None, None, :]
+    acc = tl.sum(acc3, axis=1)
     splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_ptr, cnt_ptr, pid_n, split_k, SPLIT, ATOMIC)
 
 
 @triton.jit
 def _w4a16_mma_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel
     M, N, K, group_size, blocks_per_split, split_k,
     stride_xm, stride_qk, stride_sg, stride_om, stride_os,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MODE: tl.constexpr,
@@ -116,7 +134,8 @@ def _w4a16_mma_kernel(
 ):
     """Tensor cores. SLABS (ROWS = 128): eight [BLOCK_M, 16] x [16, BLOCK_N] dots per block, one per nibble;
     else the nibbles are stacked into one [ROWS, BLOCK_N] tile (rows in natural order) and one dot.
-    GROUP_MODE as in the GEMV kernel (1 needs SLABS; without it 2 is used)."""
+    GROUP_MODE as in the GEMV kernel (1 needs SLABS; without it 2 is used). Dequantizing is one
+    multiply-add per weight, v (16 s) - (16 + z) s, then the cast to x's dtype."""
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // num_n, pid % num_n
@@ -132,37 +151,35 @@ def _w4a16_mma_kernel(
         words = tl.load(qw_ptr + (b * (ROWS // 8) + offs_p)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                         mask=n_mask[None, :], other=0)
         if GROUP_MODE == 0:
-            s, z = _group_rows(s_ptr, z_ptr, (b * ROWS) // group_size, offs_n, n_mask, stride_sg)
+            s16, zs = _group_rows(s_ptr, z_ptr, (b * ROWS) // group_size, offs_n, n_mask, stride_sg)
         if SLABS:
             for j in tl.static_range(8):
                 k = b * ROWS + j * (ROWS // 8) + offs_p
-                a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
-                q = _nibbles(words, j)
-                if GROUP_MODE == 1:
-                    g = tl.minimum(b * ROWS + j * (ROWS // 8), K - 1) // group_size  # slabs past K: the last group
-                    s, z = _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg)
-                if GROUP_MODE == 2:
-                    kn = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
-                    w = ((q - tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32))
-                         * tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32))
+                a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM).to(dt)
+                v = _nibble_unit(words, j)
+                if GROUP_MODE == 0:
+                    w = v * s16[None, :] - zs[None, :]
+                elif GROUP_MODE == 1:
+                    g = tl.minimum(b * ROWS + j * (ROWS // 8), K - 1) // group_size
+                    s16, zs = _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg)
+                    w = v * s16[None, :] - zs[None, :]
                 else:
-                    w = (q - z[None, :]) * s[None, :]
+                    s16t, zst = _group_tile(s_ptr, z_ptr, k, K, group_size, offs_n, n_mask, stride_sg)
+                    w = v * s16t - zst
                 if IEEE:
                     acc = tl.dot(a, w.to(dt), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(a, w.to(dt), acc)
         else:
             k = b * ROWS + tl.arange(0, ROWS)
-            a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
-            shifts = tl.arange(0, 8) * 4
-            q = tl.reshape((words[None, :, :] >> shifts[:, None, None]) & 0xF, (ROWS, BLOCK_N))
-            q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM).to(dt)
+            t = (words[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) << 19  # nibble j to bits 19..22
+            v = tl.reshape(((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True), (ROWS, BLOCK_N))
             if GROUP_MODE == 0:
-                w = (q - z[None, :]) * s[None, :]
+                w = v * s16[None, :] - zs[None, :]
             else:
-                kn = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
-                w = ((q - tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32))
-                     * tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32))
+                s16t, zst = _group_tile(s_ptr, z_ptr, k, K, group_size, offs_n, n_mask, stride_sg)
+                w = v * s16t - zst
             if IEEE:
                 acc = tl.dot(a, w.to(dt), acc, input_precision="ieee")
             else:
