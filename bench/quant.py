@@ -320,11 +320,14 @@ def w4a16_candidates(m: int, n: int, k: int) -> list[dict]:
     if m == 1:
         for bn, warps in ((64, 4), (128, 4), (256, 8), (64, 2)):
             add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, num_warps=warps, num_stages=1), True)
-        for bn in (64, 128):  # scale and zero point per 16-row slab: no per-block reduction across the slab
-            add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, GROUP_MODE=1, num_warps=4, num_stages=1), False)
+        add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, GROUP_MODE=1, num_warps=4, num_stages=1), False)
+        for bn in (64, 128):  # one block in flight per program, or Triton's own pipelining
+            add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, PREFETCH=False, num_warps=4, num_stages=1), False)
+            add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, PREFETCH=False, num_warps=4, num_stages=3), False)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3), False)
     elif m == 16:
         add(dict(KERNEL="gemv", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1), True)
+        add(dict(KERNEL="gemv", BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), False)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3), True)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=False, num_warps=4, num_stages=3), False)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=128, SLABS=True, num_warps=4, num_stages=3), False)

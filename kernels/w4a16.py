@@ -79,13 +79,14 @@ def _w4a16_gemv_kernel(
     M, N, K, group_size, blocks_per_split, split_k,
     stride_xm, stride_qk, stride_sg, stride_om, stride_os,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MODE: tl.constexpr,
-    HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Few rows (BLOCK_M >= M, one M tile): multiply-adds into [BLOCK_M, ROWS / 8, BLOCK_N] float32
     registers, summed over rows once at the end. GROUP_MODE 0: a whole block lies in one group, so its scale
     and zero point apply once per block to the block's sums, 16 s sum(v x) - (16 + z) s sum(x): per weight a
     shift, an and-or and one multiply-add. 1: each slab lies in one group (a multiply-add to dequantize
-    per weight); 2: any group size (per-row scale loads)."""
+    per weight); 2: any group size (per-row scale loads). PREFETCH: the next block's words are loaded
+    before this block is computed (two blocks in flight per program)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -95,9 +96,16 @@ def _w4a16_gemv_kernel(
     acc3 = tl.zeros((BLOCK_M, ROWS // 8, BLOCK_N), dtype=tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(tl.cdiv(K, ROWS), b_start + blocks_per_split)
+    w_ptrs = qw_ptr + (b_start * (ROWS // 8) + offs_p)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+    if PREFETCH:
+        nxt = tl.load(w_ptrs, mask=n_mask[None, :] & (b_start < b_end), other=0)
     for b in range(b_start, b_end):
-        words = tl.load(qw_ptr + (b * (ROWS // 8) + offs_p)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                        mask=n_mask[None, :], other=0)
+        if PREFETCH:
+            words = nxt
+            nxt = tl.load(w_ptrs + (ROWS // 8) * stride_qk, mask=n_mask[None, :] & (b + 1 < b_end), other=0)
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+        w_ptrs += (ROWS // 8) * stride_qk
         if GROUP_MODE == 0:
             part = tl.zeros((BLOCK_M, ROWS // 8, BLOCK_N), dtype=tl.float32)
             xsum = tl.zeros((BLOCK_M, ROWS // 8), dtype=tl.float32)
@@ -236,7 +244,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv" | "mma", BLOCK_M, BLOCK_N, SLABS (mma), SPLIT_K (default: about two programs per SM),
-    ATOMIC (default True: one-launch split-K), GROUP_MODE (1 or 2 where the group size allows 0 or 1: scales
+    ATOMIC (default True: one-launch split-K), PREFETCH (gemv, default True), GROUP_MODE (1 or 2 where the group size allows 0 or 1: scales
     per slab or per row), num_warps, num_stages. `warmup`: compile for these arguments
     and return None without running (bench/quant.py compiles its sweep in parallel that way)."""
     if x.dim() != 2:
@@ -285,9 +293,12 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt,
             m, n, k, group_size, per_split, split, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(-2),
             out.stride(0) if out.dim() == 3 else 0)
+    prefetch = cfg.pop("PREFETCH", True)
     consts = dict(cfg, ROWS=rows, GROUP_MODE=mode, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic)
     if kind == "mma":
         consts.update(SLABS=slabs, IEEE=x.dtype == torch.float32)
+    else:
+        consts.update(PREFETCH=prefetch)
     kernel = _w4a16_gemv_kernel if kind == "gemv" else _w4a16_mma_kernel
     if warmup:
         kernel.warmup(*args, grid=(tiles, split), **consts)

@@ -119,6 +119,12 @@ def test_w4a16_refuses_mismatched_shapes():
         w4a16(x, qw, s, z, group, config=dict(GEMV, BLOCK_M=1))
 
 
+def test_w4a16_gemv_without_prefetch():
+    args, ref = case(3, 384, 40, 128, True, torch.float32, seed=13)
+    close(w4a16(*args, config=dict(GEMV, BLOCK_M=4, PREFETCH=False, SPLIT_K=2)), ref, torch.float32)
+    assert_workspace_zero()
+
+
 @pytest.mark.parametrize("mode", [1, 2])
 def test_w4a16_forced_more_general_group_mode_gives_the_same_product(mode):
     """bench/quant.py may force per-slab or per-row scales where a block lies in one group."""
