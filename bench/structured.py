@@ -294,27 +294,29 @@ def engine_throughput(llm, batches: list[int], max_tokens: int, rounds: int, syn
 
 
 def thread_sweep(llm, batch: int, max_tokens: int, plain_tok_s: float, digest: str, sync) -> list[dict]:
-    """The schema run at `batch` once per xgrammar fill-thread count (1, 2, 4, 8, 16 up to the CPUs this
-    process may use, and the default): tok/s against the plain figure, the host split, the same tokens."""
+    """The schema run at `batch` once per fill setting: Folio's kept pool and xgrammar's own batch fill
+    (a new pool of threads each call), each at 1, 2, 4, 8, 16 threads up to the CPUs this process may
+    use and the default: tok/s against the plain figure, the host split, the same tokens as before."""
     from folio import SamplingParams
     from services.common.structured_output import StructuredOutputs
     from services.engine.structured import default_fill_threads
 
     grammar = llm.engine.grammar
-    default = grammar.fill_threads
-    cpus = _cpus()
-    counts = sorted({n for n in (1, 2, 4, 8, 16) if n <= cpus} | {default_fill_threads()})
+    default = (grammar.fill_threads, grammar.fill_mode)
+    counts = sorted({n for n in (1, 2, 4, 8, 16) if n <= _cpus()} | {default_fill_threads()})
+    settings = [(k, "pool") for k in counts] + [(k, "xgrammar") for k in counts if k > 1]
     prompts = [f"Person number {i} as JSON:" for i in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                             structured_outputs=StructuredOutputs.from_schema(SCHEMA, "schema"))
     rows = []
-    for k in counts:
-        grammar.fill_threads = k
+    for k, mode in settings:
+        grammar.set_fill(k, mode)
         n, split, d = _run(llm, prompts, params, sync)
-        rows.append({"fill_threads": k, "tok_s": round(n / split.wall, 1), "ratio": round(n / split.wall / plain_tok_s, 3),
-                     "host_ms_per_step": split.per_step_ms(), "same_tokens": d == digest})
+        rows.append({"fill_threads": k, "fill_mode": mode, "tok_s": round(n / split.wall, 1),
+                     "ratio": round(n / split.wall / plain_tok_s, 3), "host_ms_per_step": split.per_step_ms(),
+                     "same_tokens": d == digest})
         print(rows[-1], flush=True)
-    grammar.fill_threads = default
+    grammar.set_fill(*default)
     return rows
 
 
@@ -540,12 +542,15 @@ def main() -> None:
         eg = result["engine_gpu"]
         print(f"CPUs: {eg['cpus']}; xgrammar sees {eg['grammar_vocab']:,} token ids")
         if eg["fill_thread_sweep"]:
-            print(f"\nfill threads at batch {rows[-1]['batch']}: {'threads':>7}{'tok/s':>8}{'ratio':>7}{'fill ms':>9}{'cpu ms':>8}  same tokens")
+            print(f"\nfill threads at batch {rows[-1]['batch']}:{'mode':>9}{'threads':>8}{'tok/s':>8}{'ratio':>7}"
+                  f"{'step ms':>9}{'fill ms':>9}{'cpu ms':>8}  same tokens")
             for t in eg["fill_thread_sweep"]:
                 h = t["host_ms_per_step"]
-                print(f"{'':>28}{t['fill_threads']:>7}{t['tok_s']:>8.0f}{t['ratio']:>7.3f}{h['fill']:>9.3f}{h['cpu']:>8.2f}  {t['same_tokens']}")
+                print(f"{'':>25}{t['fill_mode']:>9}{t['fill_threads']:>8}{t['tok_s']:>8.0f}{t['ratio']:>7.3f}"
+                      f"{h['step']:>9.3f}{h['fill']:>9.3f}{h['cpu']:>8.2f}  {t['same_tokens']}")
             best = max(eg["fill_thread_sweep"], key=lambda t: t["tok_s"])
-            print(f"fastest: {best['fill_threads']} threads (default here: {eg['cpus']['default_fill_threads']})")
+            print(f"fastest: {best['fill_mode']} with {best['fill_threads']} threads "
+                  f"(default here: pool with {eg['cpus']['default_fill_threads']})")
         if eg["apply_sweep"]:
             print("\napply_bitmask per backend (float32 logits):")
             for a in eg["apply_sweep"]:

@@ -4,7 +4,8 @@ fill: each row's mask equals a per-row xgrammar matcher's own fill over the mode
 (the construction before xgrammar was shown only the tokenizer's ids), along a walk of a valid JSON
 instance, with an embedding padded past the tokenizer (not a whole number of mask words) and without;
 unconstrained rows allow everything, a repeated sequence (a prompt about to fork) gets a copy of its
-row, a completed grammar under ignore_eos gets EOS only; fill threads do not change a bit.
+row, a completed grammar under ignore_eos gets EOS only; the fill threads (Folio's pool, xgrammar's own)
+do not change a bit.
 apply_bitmask: xgrammar's kernel equals the torch reference.
 """
 
@@ -83,16 +84,45 @@ def test_fill_equals_a_matcher_over_the_whole_vocabulary(model_dir, tok, pad):
         assert ref.accept_token(t)
         for s, tok_id in ((json_seq, t), (plain_seq, 0), (done_seq, yes[min(step, len(yes) - 1)])):
             s.token_ids.append(tok_id)
-    threaded = GrammarBackend(model_dir, vocab, frozenset(eos), fill_threads=2)
-    threaded.attach(reqs[0], threaded.compile(so).result())
     ref.fill_next_token_bitmask(ref_mask)  # the instance is complete: its closing brace and EOS
-    final = _allowed(threaded.fill([json_seq])[0][0], vocab)
-    assert torch.equal(final, _allowed(ref_mask[0], vocab)), "the thread count changed the mask"
+    final = _allowed(backend.fill([json_seq])[0][0], vocab)
+    assert torch.equal(final, _allowed(ref_mask[0], vocab))
     assert final.nonzero().flatten().tolist() == eos[:1]  # complete: only EOS (the layout, checked by hand)
-    with pytest.raises(ValueError, match="fill_threads"):
-        threaded.fill_threads = 0
     backend.shutdown()
-    threaded.shutdown()
+
+
+def test_fill_threads_do_not_change_a_bit(model_dir, tok):
+    """Rows at every point of the walk (enough for several slices), filled on one thread, on Folio's
+    pool and on xgrammar's own threads: each row equals a fresh matcher fed the same tokens."""
+    import xgrammar as xgr
+
+    eos = sorted(tok.eos_token_ids)
+    backend = GrammarBackend(model_dir, tok.vocab_size, frozenset(eos))
+    so = StructuredOutputs.from_schema(SCHEMA, "s")
+    compiled = backend.compile(so).result()
+    walk = tok.encode(json.dumps(INSTANCE), add_special_tokens=False)
+    prompt = tok.encode("Hi", add_special_tokens=False)
+    reqs = [_request(f"r{k}", prompt, so) for k in range(len(walk))]
+    for k, r in enumerate(reqs):
+        backend.attach(r, compiled)
+        r.seqs[0].token_ids += walk[:k]
+    seqs = [r.seqs[0] for r in reqs]
+    ref = torch.zeros((1, (tok.vocab_size + 31) // 32), dtype=torch.int32)
+    masks = []
+    for threads, mode in ((1, "pool"), (3, "pool"), (3, "xgrammar")):
+        backend.set_fill(threads, mode)
+        masks.append(backend.fill(seqs)[0])
+        assert backend.fill_threads == threads and backend.fill_mode == mode
+    for k, s in enumerate(seqs):
+        m = xgr.GrammarMatcher(compiled)
+        for t in walk[:k]:
+            assert m.accept_token(t)
+        m.fill_next_token_bitmask(ref)
+        for mask in masks:
+            assert torch.equal(_allowed(mask[k], tok.vocab_size), _allowed(ref[0], tok.vocab_size)), k
+    with pytest.raises(ValueError, match="fill_threads"):
+        backend.set_fill(0)
+    backend.shutdown()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -43,9 +43,7 @@ class GrammarBackend:
         self._words = (vocab_size + 31) // 32
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="folio-grammar")
         self._compiler = None
-        self._batch = None
-        """xgrammar's batch matcher: fills many rows' masks on its own threads."""
-        self._fill_threads = fill_threads or default_fill_threads()
+        self._filler = _Filler(fill_threads or default_fill_threads())
         self._scratch: torch.Tensor | None = None
         """[rows, grammar words] int32: xgrammar fills a whole row of its own width, so when the model's
         vocabulary is wider, rows are filled here and copied into the mask."""
@@ -83,24 +81,24 @@ class GrammarBackend:
             self.grammar_vocab = _grammar_vocab(hf_tok, self.vocab_size, self.eos_ids)
             info = xgr.TokenizerInfo.from_huggingface(hf_tok, vocab_size=self.grammar_vocab, stop_token_ids=self.eos_ids)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-            self._batch = xgr.BatchGrammarMatcher(self._fill_threads)
 
     @property
     def fill_threads(self) -> int:
-        """Threads of xgrammar's batch fill (default_fill_threads unless the engine gave a number)."""
-        return self._fill_threads
+        """Threads filling a step's masks (default_fill_threads unless the engine gave a number)."""
+        return self._filler.threads
 
-    @fill_threads.setter
-    def fill_threads(self, n: int) -> None:
-        import xgrammar as xgr
+    @property
+    def fill_mode(self) -> str:
+        return self._filler.mode
 
-        if n < 1:
-            raise ValueError(f"fill_threads: must be at least 1, got {n}")
-        self._fill_threads = n
-        self._batch = xgr.BatchGrammarMatcher(n)
+    def set_fill(self, threads: int, mode: str = "pool") -> None:
+        """Fill masks on `threads` threads: "pool" (Folio's threads, kept) or "xgrammar" (its batch fill's own)."""
+        old, self._filler = self._filler, _Filler(threads, mode)
+        old.shutdown()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown()
 
     # --- per request / sequence ---------------------------------------------------------------
     def attach(self, req: Request, compiled) -> str | None:
@@ -214,13 +212,13 @@ class GrammarBackend:
         gwords = (self.grammar_vocab + 31) // 32
         words = mask.numpy()
         if gwords == self._words:
-            self._batch.batch_fill_next_token_bitmask(matchers, mask, rows)
+            self._filler.fill(matchers, mask, rows)
             return words[rows]
         k = len(rows)
         if self._scratch is None or self._scratch.shape[0] < k:
             self._scratch = torch.empty((max(k, 64), gwords), dtype=torch.int32)
         buf = self._scratch[:k]
-        self._batch.batch_fill_next_token_bitmask(matchers, buf)
+        self._filler.fill(matchers, buf, list(range(k)))
         filled = buf.numpy()
         words[rows, :gwords] = filled
         words[rows, gwords:] = 0
@@ -242,6 +240,50 @@ class GrammarBackend:
         self._compiled.pop(req.request_id, None)
         for s in req.seqs:
             self._matchers.pop(s.seq_id, None)
+
+
+class _Filler:
+    """Fills many matchers' mask rows at once. xgrammar's BatchGrammarMatcher starts a new pool of its
+    max_threads threads on every call and joins it (cpp/grammar_matcher.cc, BatchFillNextTokenBitmask),
+    a fixed cost each step; "pool" keeps `threads - 1` threads instead and hands each a contiguous slice
+    of the rows (xgrammar releases the GIL while it fills), the calling thread filling the first slice.
+    "xgrammar" is its own batch fill (kept to measure against: bench/structured.py --gpu)."""
+
+    MIN_ROWS = 4
+    """Rows per thread below which a hand-off costs more than it saves."""
+
+    def __init__(self, threads: int, mode: str = "pool"):
+        if threads < 1:
+            raise ValueError(f"fill_threads: must be at least 1, got {threads}")
+        if mode not in ("pool", "xgrammar"):
+            raise ValueError(f"fill mode: 'pool' or 'xgrammar', got {mode!r}")
+        self.threads, self.mode = threads, mode
+        self._batch: list = []
+        """xgrammar batch matchers: one of `threads` threads ("xgrammar"), or one of one thread per slice."""
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="folio-fill") if (
+            mode == "pool" and threads > 1) else None
+
+    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        if not self._batch:  # xgrammar is imported off the engine's start (GrammarBackend._init)
+            import xgrammar as xgr
+
+            self._batch = ([xgr.BatchGrammarMatcher(self.threads)] if self.mode == "xgrammar"
+                           else [xgr.BatchGrammarMatcher(1) for _ in range(self.threads)])
+        n = len(matchers)
+        parts = min(self.threads, n // self.MIN_ROWS) if self._pool is not None else 1
+        if parts <= 1:
+            self._batch[0].batch_fill_next_token_bitmask(matchers, bitmask, rows)
+            return
+        cut = [n * j // parts for j in range(parts + 1)]
+        futures = [self._pool.submit(self._batch[j].batch_fill_next_token_bitmask, matchers[a:b], bitmask, rows[a:b])
+                   for j, (a, b) in enumerate(zip(cut[1:-1], cut[2:]), 1)]
+        self._batch[0].batch_fill_next_token_bitmask(matchers[:cut[1]], bitmask, rows[:cut[1]])
+        for f in futures:
+            f.result()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def default_fill_threads() -> int:
