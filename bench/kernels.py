@@ -123,6 +123,8 @@ def bench_prefill(rows, mm_rate, sweep, nseq=8, length=2048, hq=32, hkv=8, d=128
     qsl = torch.arange(0, nseq * length + 1, length, dtype=torch.int32, device=DEV)
     scale = d**-0.5
     qc = q.view(nseq, length, hq, d).transpose(1, 2)
+    # The step's own K/V, as the engine passes them beside the cache (the kernel reads them contiguously).
+    kn, vn = (t.transpose(1, 2).reshape(nseq * length, hkv, d) for t in (k, v))
     sdpa = lambda: F.scaled_dot_product_attention(qc, k, v, scale=scale, is_causal=True, enable_gqa=True)  # noqa: E731
     ref = sdpa().transpose(1, 2).reshape(nseq * length, hq, d)
     flops = 4 * d * hq * nseq * (length * (length + 1) // 2)  # causal: only the computed half
@@ -136,7 +138,7 @@ def bench_prefill(rows, mm_rate, sweep, nseq=8, length=2048, hq=32, hkv=8, d=128
     best = None
     for name, cfg in variants:
         try:
-            fn = lambda: paged_prefill(q, kv_cache, tables, seq_lens, qsl, scale, config=cfg)  # noqa: E731
+            fn = lambda: paged_prefill(q, kv_cache, tables, seq_lens, qsl, scale, config=cfg, k=kn, v=vn)  # noqa: E731
             err = rel_err(fn(), ref)
             assert err < 1e-2, f"prefill {name}: relative error {err}"
             ms = bench(fn)
@@ -212,7 +214,8 @@ def bench_variants(rows, copy_bw, mm_rate):
         tbs = 2 * 64 * keys * 8 * d * 2 / bench(fn) / 1e9
         del kv_cache, ref
         n, L = 4, 2048
-        kv_cache, tables, seq_lens, _, _ = paged_setup(n, L, 32, 8, d, 16, seed=3)
+        kv_cache, tables, seq_lens, kc, vc = paged_setup(n, L, 32, 8, d, 16, seed=3)
+        kw.update(k=kc.transpose(1, 2).reshape(n * L, 8, d), v=vc.transpose(1, 2).reshape(n * L, 8, d))
         q = torch.randn(n * L, 32, d, device=DEV, dtype=torch.bfloat16)
         qsl = torch.arange(0, n * L + 1, L, dtype=torch.int32, device=DEV)
         ref = paged_attention_ref(q.float(), kv_cache.float(), _ref_meta(n, L, L, tables, seq_lens, qsl), p)

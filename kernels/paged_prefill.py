@@ -412,7 +412,7 @@ def paged_prefill(
     reshape_and_cache wrote; rows may be strided, e.g. views of a fused qkv, and must be finite); with
     them the chunk's own keys are read contiguously (config NEW_KV), the cached prefix through the table.
     config: BLOCK_M, BLOCK_N, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
-    BLOCKWISE, REVERSE, LAZY_RESCALE (see the kernel); unset keys take the defaults.
+    BLOCKWISE, REVERSE, LAZY_RESCALE (see the kernel), maxnreg (optional); unset keys take the defaults.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -475,6 +475,7 @@ def paged_prefill(
         v_scale=v_scale,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),  # a register cap: 2 programs per SM
         **variants.launch_args(seq_lens),
     )
     return out

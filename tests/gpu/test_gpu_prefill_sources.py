@@ -1,0 +1,49 @@
+"""The prefill kernel's key sources and structural switches, compiled, at real sizes in bf16 and fp16,
+against the torch reference (tests/kernels/test_paged_prefill.py has the same under the interpreter)."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from kernels.paged_prefill import paged_prefill, paged_prefill_ref  # noqa: E402
+from paged_cases import assert_close, make_batch, poisoned_like  # noqa: E402
+
+DEVICE = torch.device("cuda")
+# A long prompt, chunks after cached prefixes, decodes, lengths off the block and tile grids.
+STEPS = [(1500, 1500), (900, 257), (2100, 64), (333, 1), (1, 1), (4000, 1), (129, 129)]
+CONFIGS = [
+    dict(NEW_KV="tma"),
+    dict(NEW_KV="ptr"),
+    dict(NEW_KV="tma", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, REVERSE=True, LAZY_RESCALE=True),
+    dict(NEW_KV="paged", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, BLOCKWISE=True, PACK_GQA=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (3, 64), (1, 128)])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_prefill_key_sources(dtype, group, head_dim, config):
+    num_kv_heads = 8 // min(group, 4)
+    batch = make_batch([s for s, _ in STEPS], [q for _, q in STEPS], group * num_kv_heads, num_kv_heads, head_dim,
+                       16, dtype, DEVICE, num_padding_tokens=5)
+    n = int(batch.query_start_loc[-1])
+    out = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                        head_dim**-0.5, out=poisoned_like(batch.q), config=config, k=batch.k, v=batch.v)
+    ref = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
+                            batch.query_start_loc, head_dim**-0.5)
+    assert_close(out[:n], ref, dtype)
+    assert out[n:].isnan().all()
+
+
+def test_gpu_prefill_strided_kv_views():
+    # k/v as the model passes them: views of one fused qkv buffer (row stride (Hq + 2 Hkv) * D).
+    batch = make_batch([700, 333], [200, 333], 32, 8, 128, 16, torch.bfloat16, DEVICE)
+    qkv = torch.cat([batch.q.flatten(1), batch.k.flatten(1), batch.v.flatten(1)], dim=1)
+    k = qkv[:, 32 * 128: 40 * 128].view(-1, 8, 128)
+    v = qkv[:, 40 * 128:].view(-1, 8, 128)
+    ref = paged_prefill_ref(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.1)
+    for mode in ("tma", "ptr"):
+        out = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.1,
+                            config=dict(NEW_KV=mode), k=k, v=v)
+        assert_close(out, ref, torch.bfloat16)
