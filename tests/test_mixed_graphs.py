@@ -54,10 +54,14 @@ def _each_step_both_ways(runner):
     def both(inputs):
         graphs, runner.graphs = runner.graphs, None
         eager = execute(inputs)
+        pool = [c.clone() for c in runner.kv_caches]
         runner.graphs = graphs
         replays = _replays(graphs)
         _scribble(graphs)
         graphed = execute(inputs)
+        # The replay wrote the step's K/V where the eager step did, and nothing anywhere else.
+        for before, after in zip(pool, runner.kv_caches):
+            torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
         steps.append((inputs.meta.num_tokens, inputs.meta.max_query_len, _replays(graphs) > replays, eager, graphed))
         return graphed
 
