@@ -231,7 +231,8 @@ class HostSplit:
         wait = self.timing.get("wait", 0.0)
         return {"steps": steps, "step": ms(self.wall), "fill": ms(self.t["fill"]), "apply": ms(self.t["apply"]),
                 "wait": ms(wait), "other": ms(self.wall - self.t["fill"] - self.t["apply"] - wait),
-                "cpu": ms(self.cpu)}
+                "cpu": ms(self.cpu),
+                "phases": {k: ms(v) for k, v in self.timing.items() if k != "steps"}}  # LLMEngine._phase
 
 
 def _digest(outs) -> str:
@@ -380,7 +381,8 @@ def _print_split(rows: list[dict]) -> None:
         for name in ("plain", "json_schema"):
             h = r[f"{name}_host_ms_per_step"]
             print(f"  b{r['batch']:<4}{name:<15}{h['step']:>8.2f}{h['fill']:>8.2f}{h['apply']:>8.3f}{h['wait']:>8.2f}"
-                  f"{h['other']:>8.2f}{h['cpu']:>8.2f}")
+                  f"{h['other']:>8.2f}{h['cpu']:>8.2f}   engine phases: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in h["phases"].items()))
 
 
 def _load_average() -> list[float] | None:
