@@ -68,9 +68,10 @@ def _hf_tokenizer(model_dir: Path):
 class XGrammar:
     name = "xgrammar"
 
-    def __init__(self, hf_tok, vocab: int, eos: int):
+    def __init__(self, hf_tok, vocab: int, eos: int, name: str | None = None):
         import xgrammar as xgr
 
+        self.name = name or self.name
         self.xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(hf_tok, vocab_size=vocab, stop_token_ids=[eos])
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)
@@ -518,6 +519,8 @@ def main() -> None:
     ap.add_argument("--engine-max-tokens", type=int, default=None, help="default: 16 on CPU, 128 on the GPU")
     ap.add_argument("--rounds", type=int, default=None, help="plain/schema alternations (default: 3 on CPU, 2 on the GPU)")
     ap.add_argument("--threads", type=int, default=1, help="--engine: torch CPU threads (default 1)")
+    ap.add_argument("--padded", type=int, default=128256,
+                    help="mask benchmark: also xgrammar told this larger vocabulary (an embedding padded past the tokenizer); 0: not")
     ap.add_argument("--vocab", type=int, default=None, help="--gpu: the model's vocabulary (default: the shape's)")
     ap.add_argument("--trained-tokenizer", action="store_true",
                     help="--gpu: the BPE trained on the repository even where the bundled model's tokenizer is prepared")
@@ -587,6 +590,8 @@ def mask_benchmark(args) -> dict:
     eos = next(iter(tok.eos_token_ids))
     tokens = tok.encode(json.dumps(INSTANCE, separators=(",", ":")), add_special_tokens=False) + [eos]
     libs = [XGrammar(hf_tok, vocab, eos), LLGuidance(hf_tok, vocab, eos)]
+    if args.padded and args.padded > vocab:  # xgrammar told the model's padded embedding (as before GrammarBackend.grammar_vocab)
+        libs.append(XGrammar(hf_tok, args.padded, eos, name=f"xgrammar, vocab padded to {args.padded:,}"))
     rows = [run_one(lib, tokens, b) for b in map(int, args.batches.split(",")) for lib in libs]
 
     cols = ["library", "batch", "compile_ms", "mask_ms_per_step_seq", "mask_ms_per_step_par",
