@@ -497,11 +497,12 @@ def make_llm(tmp: str, weights: str, **kw):
                quantization="fp8" if weights.startswith("fp8") else None, **kw)
 
 
-def release(llm) -> None:
-    llm.shutdown()
-    del llm
+def free_gpu() -> None:
+    """After the caller dropped its last reference to an engine: its weights and KV pool go back to the GPU
+    before the next engine sizes its pool."""
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def engine_decode(start: float, budget: float) -> list[dict]:
@@ -528,7 +529,9 @@ def engine_decode(start: float, budget: float) -> list[dict]:
             one, full = min(run(1) for _ in range(2)), min(run(257) for _ in range(2))
             rows.append({"weights": name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup,
                          "weight_GB": llm.engine.runner.weight_bytes() / 1e9})
-            release(llm)
+            llm.shutdown()
+            del llm, run
+            free_gpu()
         print(f"engine decode {name}: {rows[-1]['ms_per_token']:.2f} ms/token, weights {rows[-1]['weight_GB']:.1f} GB "
               f"(startup {startup:.0f} s)", flush=True)
     base = next((r for r in rows if r["weights"] == "bf16"), None)
@@ -569,7 +572,9 @@ def engine_throughput(start: float, budget: float, prompts: int = 256, length: i
             n_out = sum(len(o.outputs[0].token_ids) for o in outs)
             rows.append({"weights": label, "output_tok_s": n_out / secs, "seconds": secs, "startup_s": startup,
                          "preemptions": llm.engine.scheduler.num_preemptions})
-            release(llm)
+            llm.shutdown()
+            del llm, outs
+            free_gpu()
         print(f"throughput {label}: {rows[-1]['output_tok_s']:.0f} output tok/s ({secs:.1f} s, startup {startup:.0f} s)",
               flush=True)
     base = next((r for r in rows if r["weights"] == "bf16"), None)
