@@ -499,7 +499,9 @@ def make_llm(tmp: str, weights: str, **kw):
 
 def free_gpu() -> None:
     """After the caller dropped its last reference to an engine: its weights and KV pool go back to the GPU
-    before the next engine sizes its pool."""
+    before the next engine sizes its pool. The engine gc.freeze()s what exists at its start, so any cycle
+    through it would outlive every collection: unfreeze first."""
+    gc.unfreeze()
     gc.collect()
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
