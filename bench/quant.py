@@ -505,6 +505,7 @@ def free_gpu() -> None:
     gc.collect()
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
+        print(f"  (after release: {torch.cuda.memory_allocated(DEV) / 1e9:.1f} GB still allocated)", flush=True)
 
 
 def engine_decode(start: float, budget: float) -> list[dict]:
