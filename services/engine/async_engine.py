@@ -65,10 +65,12 @@ class AsyncEngine:
                  on_fatal: Callable[[BaseException], None] | None = None, loop_turn_s: float = 0.0):
         """`on_fatal` is called (on the event loop) when a step fails in a way the engine cannot go on
         from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops.
-        `loop_turn_s` > 0: after each step the engine thread waits, the GIL released, until the event
-        loop has run what was ready (the step's outputs sent on, requests that arrived handed over), at
-        most that long. A GPU step's thread releases the GIL only for microseconds at a time (kernel
-        launches), and a thread waiting for it can lose every such race for a whole step (docs/router.md)."""
+        `loop_turn_s` > 0: after each step the engine thread lets go of the GIL for at least that long,
+        and on until the event loop has run three rounds of callbacks (at most `MAX_TURN_S`), so the loop
+        sends the step's outputs on and hands over the requests that arrived (a new call takes a few
+        round trips through gRPC's poller) before the next step is scheduled. A GPU step's thread releases
+        the GIL only for microseconds at a time (kernel launches): a thread waiting for it can lose every
+        such race for a whole step, and a request it holds then misses that boundary (docs/router.md)."""
         self.engine = engine
         self.loop_turn_s = loop_turn_s
         self._turn = threading.Event()
@@ -242,14 +244,20 @@ class AsyncEngine:
                 self._send(q, out)
 
     _TURN_DEPTH = 3
-    """Loop iterations a turn lasts: the outputs delivered, the handlers they wake, what those wake in turn."""
+    """Loop iterations a turn lasts at least: the outputs delivered, the handlers they wake, what those wake."""
+    MAX_TURN_S = 0.005
 
     def _give_loop_a_turn(self) -> None:
-        """Wait until the event loop has run `_TURN_DEPTH` rounds of callbacks from now (the outputs
-        delivered, the request handlers they wake, the sends those start), at most `loop_turn_s`."""
+        """Let go of the GIL for `loop_turn_s`, and on until the event loop has run `_TURN_DEPTH` rounds of
+        callbacks from now (the outputs delivered, the request handlers they wake, the sends those start),
+        at most `MAX_TURN_S` in all."""
+        start = time.monotonic()
         self._turn.clear()
         self._loop.call_soon_threadsafe(self._end_turn_after, self._TURN_DEPTH)
-        self._turn.wait(self.loop_turn_s)
+        self._turn.wait(max(self.loop_turn_s, self.MAX_TURN_S))
+        rest = self.loop_turn_s - (time.monotonic() - start)
+        if rest > 0:
+            time.sleep(rest)
 
     def _end_turn_after(self, rounds: int) -> None:
         if rounds > 1:

@@ -54,8 +54,9 @@ class EngineServerConfig:
     """The interpreter's switch interval here (sys.setswitchinterval; None: Python's 5 ms): how long the
     server's event loop may wait for the GIL while the engine thread holds it (docs/router.md)."""
     loop_turn_ms: float = 0.0
-    """After each step the engine thread waits (GIL released) until the event loop has sent the step's
-    outputs on and taken the requests that arrived, at most this long (0: no wait; docs/router.md)."""
+    """After each step the engine thread lets go of the GIL this long, and on (up to 5 ms) until the event
+    loop has sent the step's outputs on, so requests that arrived meanwhile reach the next step (0: no
+    pause; docs/router.md)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
