@@ -188,8 +188,10 @@ def main() -> None:
             startup = time.perf_counter() - t0
             runner = llm.engine.runner
             graphs = runner.graphs
-            print(f"\n== {shape} on {name}: startup {startup:.1f} s; mixed graph buckets "
-                  f"{sorted(graphs.mixed) if graphs else None}", flush=True)
+            captures = graphs.captures if graphs else {}
+            print(f"\n== {shape} on {name}: startup {startup:.1f} s; graph captures: " + "; ".join(
+                f"{k} {len(c['buckets'])} buckets {c['buckets'][0]}..{c['buckets'][-1]} in {c['seconds']:.1f} s, "
+                f"{c['mib']:.0f} MiB" for k, c in captures.items()), flush=True)
             print(f"{'decodes':>8}{'chunk':>7}{'tokens':>7}{'graph':>6}{'max|diff|':>11}{'argmax=':>8}"
                   f"{'gpu ms e/g':>16}{'host ms e/g':>16}{'isolated e/g':>16}{'speedup':>9}", flush=True)
             rows = []
@@ -215,7 +217,8 @@ def main() -> None:
                       f"{r['steps']} steps, {r['ms_per_step']:.2f} ms/step, host {r['host_ms_per_step']:.2f} ms/step, "
                       f"roofline {roof}; identical tokens {r['requests_with_identical_tokens']}/{r['requests']}",
                       flush=True)
-            records.append({"shape": shape, "device": name, "startup_s": startup, "steps": rows, "chat": chat, **ceil})
+            records.append({"shape": shape, "device": name, "startup_s": startup, "captures": captures, "steps": rows,
+                            "chat": chat, **ceil})
             llm.shutdown()
             del llm, runner, graphs
             if dev.type == "cuda":

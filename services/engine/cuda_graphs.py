@@ -35,10 +35,11 @@ from services.engine.attention.metadata import AttentionMetadata
 log = logging.getLogger("folio.engine")
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-MIXED_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
-                 2048, 2560, 3072, 3584, 4096)
+MIXED_BUCKETS = (*range(16, 256, 16), *range(256, 512, 32), *range(512, 1024, 64), *range(1024, 4097, 128))
 """Token counts of mixed-step graphs, up to EngineConfig.max_mixed_graph_tokens (which is added if it is
-not one of these). At most 25% padding above 128 tokens: a big step's matmuls cost in proportion to it."""
+not one of these): above 256 tokens a padded step computes at most 1/8 more tokens than it has, since a
+big step's matmuls cost in proportion to its tokens. The graphs share one output buffer and one memory pool,
+so a bucket costs capture time (~tens of ms) and its graph's own nodes, not activation memory."""
 
 Recorder = Callable[[Callable[[], torch.Tensor], object], tuple[object, torch.Tensor, object]]
 """record(fn, pool) -> (graph with .replay(), fn's output as captured, pool for the next capture)."""
@@ -75,9 +76,11 @@ class StepGraphs:
         self.decode: dict[int, tuple[object, torch.Tensor]] = {}
         """batch size -> (graph, logits [batch, vocab])"""
         self.mixed: dict[int, tuple[object, torch.Tensor]] = {}
-        """token count -> (graph, hidden states [tokens, hidden])"""
+        """token count -> (graph, hidden states [tokens, hidden]: a view of one buffer all of them share)"""
         self.max_seqs: dict[int, int] = {}
         """token count -> sequences its mixed graph holds"""
+        self.captures: dict[str, dict] = {}
+        """"decode" / "mixed" -> {"buckets", "seconds", "mib"}: what capture took (logged, and read by benches)."""
         self._dec: dict[str, torch.Tensor] = {}
         self._mix: dict[str, torch.Tensor] = {}
         """The decode and mixed graphs' static inputs (see _buffers); each graph reads a prefix of them."""
@@ -126,20 +129,30 @@ class StepGraphs:
         st = self._mix = self._buffers(T, min(T, max_seqs))
         st["qsl"].zero_()
         t0, mem0 = time.perf_counter(), self._mem_free()
+        # One output buffer for every bucket: each graph copies its hidden states there, so what a capture
+        # allocates is freed when it ends and the next capture reuses it from the shared pool.
+        meta = self._mixed_meta(T, min(T, max_seqs))
+        st["hidden"] = torch.empty_like(self.model.forward(st["ids"], st["pos"], self.kv_caches, meta))
         for t in reversed(buckets):
             s = self.max_seqs[t] = min(t, max_seqs)
-            meta = AttentionMetadata(
-                num_seqs=s, num_tokens=t, query_start_loc=st["qsl"][:s + 1], seq_lens=st["seq_lens"][:s],
-                block_tables=st["tables"][:s], slot_mapping=st["slots"][:t], max_query_len=t,
-                max_seq_len=self.max_model_len, query_lens_cpu=[t] + [0] * (s - 1),
-                seq_lens_cpu=[self.max_model_len] * s, captured=True)
+            meta = self._mixed_meta(t, s)
 
             def run(t=t, meta=meta):
-                return self.model.forward(st["ids"][:t], st["pos"][:t], self.kv_caches, meta)
+                out = st["hidden"][:t]
+                out.copy_(self.model.forward(st["ids"][:t], st["pos"][:t], self.kv_caches, meta))
+                return out
 
             g, out, self.pool = self.record(run, self.pool)
             self.mixed[t] = (g, out)
         self._log("mixed", buckets, t0, mem0)
+
+    def _mixed_meta(self, t: int, s: int) -> AttentionMetadata:
+        st = self._mix
+        return AttentionMetadata(
+            num_seqs=s, num_tokens=t, query_start_loc=st["qsl"][:s + 1], seq_lens=st["seq_lens"][:s],
+            block_tables=st["tables"][:s], slot_mapping=st["slots"][:t], max_query_len=t,
+            max_seq_len=self.max_model_len, query_lens_cpu=[t] + [0] * (s - 1),
+            seq_lens_cpu=[self.max_model_len] * s, captured=True)
 
     def _mem_free(self) -> int:
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
@@ -147,9 +160,11 @@ class StepGraphs:
     def _log(self, kind: str, buckets: list[int], t0: float, mem0: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.info("captured %s CUDA graphs for %s %s in %.2f s (%.0f MiB of device memory)", kind,
-                 "batch sizes" if kind == "decode" else "token counts", buckets, time.perf_counter() - t0,
-                 (mem0 - self._mem_free()) / 2**20)
+        stats = self.captures[kind] = {"buckets": buckets, "seconds": time.perf_counter() - t0,
+                                       "mib": (mem0 - self._mem_free()) / 2**20}
+        log.info("captured %d %s CUDA graphs (%s %d..%d) in %.2f s, %.0f MiB of device memory", len(buckets), kind,
+                 "batch sizes" if kind == "decode" else "token counts", buckets[0], buckets[-1], stats["seconds"],
+                 stats["mib"])
 
     # --- replay --------------------------------------------------------------------------------------
     def run(self, inputs) -> torch.Tensor | None:
