@@ -43,11 +43,11 @@ def _nibble_unit(words, j: tl.constexpr):
 
 @triton.jit
 def _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM: tl.constexpr):
-    """x[offs_m, k] as float32 [BLOCK_M, len(k)], zero past K; through perm with act-order."""
+    """x[offs_m, k] [BLOCK_M, len(k)] in x's dtype, zero past K; through perm with act-order."""
     k_mask = k < K
     cols = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
     return tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                   mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                   mask=m_mask[:, None] & k_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def _w4a16_gemv_kernel(
             xsum = tl.zeros((BLOCK_M, ROWS // 8), dtype=tl.float32)
         for j in tl.static_range(8):
             k = b * ROWS + j * (ROWS // 8) + offs_p
-            xj = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
+            xj = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM).to(tl.float32)
             v = _nibble_unit(words, j)
             if GROUP_MODE == 0:
                 part += v[None, :, :] * xj[:, :, None]
@@ -163,7 +163,7 @@ def _w4a16_mma_kernel(
         if SLABS:
             for j in tl.static_range(8):
                 k = b * ROWS + j * (ROWS // 8) + offs_p
-                a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM).to(dt)
+                a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
                 v = _nibble_unit(words, j)
                 if GROUP_MODE == 0:
                     w = v * s16[None, :] - zs[None, :]
@@ -180,7 +180,7 @@ def _w4a16_mma_kernel(
                     acc = tl.dot(a, w.to(dt), acc)
         else:
             k = b * ROWS + tl.arange(0, ROWS)
-            a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM).to(dt)
+            a = _x_slab(x_ptr, perm_ptr, offs_m, m_mask, stride_xm, k, K, HAS_PERM)
             t = (words[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) << 19  # nibble j to bits 19..22
             v = tl.reshape(((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True), (ROWS, BLOCK_N))
             if GROUP_MODE == 0:
