@@ -7,7 +7,7 @@ Shapes (32 q / 8 kv heads, d 128, block 16, bf16, cache blocks a random permutat
   long     1 x 8192 causal, no cached prefix
   chunked  8 x (2048 cached + 512 new): a chunked prefill / prefix-cache extend
 Each variant of kernels/paged_prefill.py (a config dict: key source NEW_KV, tiles, warps, stages,
-PACK_GQA, BLOCKWISE, REVERSE, LAZY_RESCALE, maxnreg) is first checked on a mixed batch (a prompt, extends
+PACK_GQA, BLOCKWISE, REVERSE, LAZY_RESCALE, SEQ_VEC, maxnreg) is first checked on a mixed batch (a prompt, extends
 after cached prefixes, decodes, odd lengths, padding) against the torch reference and against SDPA on
 every shape it is timed on, then timed (median of triton.testing.do_bench); "best" counts only variants
 that passed every check. SDPA runs on the same K/V laid out contiguously (FlashAttention-2
@@ -52,15 +52,16 @@ SHAPES = {  # name: (sequences, cached prefix, new tokens)
 }
 
 
-def _cfg(new_kv, m, n, w, s, pack=True, blockwise=False, reverse=False, lazy=False, maxnreg=None):
+def _cfg(new_kv, m, n, w, s, pack=True, blockwise=False, reverse=False, lazy=False, maxnreg=None, seq_vec=0):
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
-                BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg)
+                BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec)
 
 
 def _name(c: dict) -> str:
     flags = "".join(f" {f}" for f, on in (("nopack", not c["PACK_GQA"]), ("blockwise", c["BLOCKWISE"]),
                                           ("rev", c["REVERSE"]), ("lazy", c["LAZY_RESCALE"]),
-                                          (f"maxnreg{c['maxnreg']}", c["maxnreg"])) if on)
+                                          (f"maxnreg{c['maxnreg']}", c["maxnreg"]),
+                                          (f"seqvec{c['SEQ_VEC']}", c["SEQ_VEC"])) if on)
     return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
@@ -74,6 +75,7 @@ VARIANTS = [
     _cfg("paged", 128, 32, 4, 3, blockwise=True),
     _cfg("paged", 128, 32, 4, 3, pack=False),
     _cfg("paged", 128, 32, 4, 3, lazy=True),
+    _cfg("paged", 128, 32, 4, 3, seq_vec=256),
     _cfg("paged", 128, 32, 4, 4, reverse=True),
     _cfg("paged", 128, 32, 8, 3, reverse=True, maxnreg=128),
     _cfg("paged", 128, 64, 8, 3, blockwise=True),
@@ -99,14 +101,18 @@ VARIANTS = [
     _cfg("tma", 128, 64, 8, 3, reverse=True),
     _cfg("tma", 128, 64, 8, 4, reverse=True),
     _cfg("tma", 128, 64, 8, 3, reverse=True, lazy=True),
+    _cfg("tma", 128, 64, 8, 3, reverse=True, seq_vec=256),
     _cfg("tma", 128, 64, 8, 3, blockwise=True, reverse=True),
     _cfg("tma", 128, 64, 8, 3, pack=False, reverse=True),
     _cfg("tma", 128, 128, 8, 2, reverse=True),
     _cfg("tma", 128, 128, 8, 3, reverse=True),
     _cfg("tma", 128, 128, 8, 3, reverse=True, lazy=True),
     _cfg("tma", 128, 128, 8, 3, pack=False, reverse=True),
+    _cfg("tma", 64, 32, 4, 3, reverse=True),
+    _cfg("tma", 64, 32, 4, 4, reverse=True),
     _cfg("tma", 64, 64, 4, 2, reverse=True),
     _cfg("tma", 64, 64, 4, 3, reverse=True),
+    _cfg("tma", 64, 64, 4, 3, reverse=True, seq_vec=256),
     _cfg("tma", 64, 128, 4, 2, reverse=True),
     _cfg("tma", 256, 64, 8, 2, reverse=True),
 ]

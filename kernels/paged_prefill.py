@@ -45,17 +45,26 @@ NEW_KV_MODES = {"paged": NEW_KV_PAGED, "ptr": NEW_KV_PTR, "tma": NEW_KV_TMA}
 
 
 @triton.jit
-def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        if first_tile <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr, SEQ_VEC: tl.constexpr):
+    """The sequence whose tiles include `tile`: the last i with query_start_loc[i] // BLOCK_Q + i <= tile."""
+    if SEQ_VEC > 0 and num_seqs <= SEQ_VEC:
+        # One vector load and a count instead of log2(num_seqs) dependent loads at every program's start.
+        idx = tl.arange(0, SEQ_VEC)
+        starts = tl.load(query_start_loc_ptr + idx, mask=idx < num_seqs, other=0)
+        before = (starts // BLOCK_Q + idx <= tile) & (idx < num_seqs)
+        seq = tl.sum(before.to(tl.int32), 0) - 1
+    else:
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+            if first_tile <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+    return seq
 
 
 @triton.jit
@@ -241,6 +250,7 @@ def _paged_prefill_kernel(
     NEW_KV: tl.constexpr,  # NEW_KV_PAGED / NEW_KV_PTR / NEW_KV_TMA: where the chunk's own keys come from
     BLOCKWISE: tl.constexpr,  # one block-table lookup per block (BLOCK_N % BLOCK_SIZE == 0)
     REVERSE: tl.constexpr,  # a sequence's last query tiles (the most keys) get the lowest program ids
+    SEQ_VEC: tl.constexpr,  # up to this many sequences (0: none), a program finds its own with one vector load
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -252,7 +262,7 @@ def _paged_prefill_kernel(
     tile = tl.program_id(0)
     head0 = tl.program_id(1) * ROW_HEADS
     kv_head = head0 // QUERIES_PER_KV
-    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q, SEQ_VEC)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     slot = tile - (q_start // BLOCK_Q + seq)
@@ -348,7 +358,7 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     else:  # H100, d 128, bf16 (bench/kernels.py --sweep): M128 N32 w4 s3 330 TFLOP/s, M128 N64 w8 s3 301
         cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
-    cfg.update(NEW_KV="paged", PACK_GQA=True, BLOCKWISE=False, REVERSE=False, LAZY_RESCALE=False)
+    cfg.update(NEW_KV="paged", PACK_GQA=True, BLOCKWISE=False, REVERSE=False, LAZY_RESCALE=False, SEQ_VEC=0)
     return cfg
 
 
@@ -412,7 +422,8 @@ def paged_prefill(
     reshape_and_cache wrote; rows may be strided, e.g. views of a fused qkv, and must be finite); with
     them the chunk's own keys are read contiguously (config NEW_KV), the cached prefix through the table.
     config: BLOCK_M, BLOCK_N, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
-    BLOCKWISE, REVERSE, LAZY_RESCALE (see the kernel), maxnreg (optional); unset keys take the defaults.
+    BLOCKWISE, REVERSE, LAZY_RESCALE, SEQ_VEC (see the kernel), maxnreg (optional); unset keys take the
+    defaults.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -470,6 +481,7 @@ def paged_prefill(
         BLOCKWISE=bool(cfg["BLOCKWISE"]) and block_n % block_size == 0,
         REVERSE=bool(cfg["REVERSE"]),
         LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
+        SEQ_VEC=cfg["SEQ_VEC"],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,
         v_scale=v_scale,

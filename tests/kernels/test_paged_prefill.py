@@ -58,14 +58,16 @@ def test_paged_prefill_decode_only_batch_equals_decode_kernel():
 
 # Structural variants of the kernel (kernels/paged_prefill.py): where the chunk's own keys come from
 # (the block table, or the step's contiguous k/v with plain loads or TMA descriptors), GQA packing,
-# one block-table lookup per block, reversed tile order, lazy rescaling. Each must equal the reference
-# on a batch mixing a whole prompt, extends after a cached prefix, decodes, odd lengths and padding.
+# one block-table lookup per block, reversed tile order, lazy rescaling, how a program finds its
+# sequence. Each must equal the reference on a batch mixing a whole prompt, extends after a cached
+# prefix, decodes, odd lengths and padding.
 STRUCTURES = [
     dict(NEW_KV="ptr"),
     dict(NEW_KV="tma", REVERSE=True),
     dict(NEW_KV="tma", BLOCK_N=16, PACK_GQA=False, LAZY_RESCALE=True),
     dict(NEW_KV="ptr", BLOCK_M=16, BLOCK_N=32, BLOCKWISE=True, REVERSE=True),
     dict(NEW_KV="paged", BLOCK_N=32, BLOCKWISE=True, PACK_GQA=False, LAZY_RESCALE=True),
+    dict(NEW_KV="tma", SEQ_VEC=8),  # each program finds its sequence with one vector load, not a binary search
 ]
 
 
