@@ -218,11 +218,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _warm(cfgs: list) -> list[str]:
+def _warm(cfgs: list, smoke: bool = False) -> list[str]:
     """Worker: compile each variant into Triton's cache by running it once on a small problem with the
     same head layout (so the same specialization)."""
-    dev = torch.device("cuda")
-    SHAPES["warm"] = (2, 48, 80)
+    if smoke:
+        smoke_setup()
+    dev = torch.device("cpu" if smoke else "cuda")
+    SHAPES["warm"] = (2, 48, 80) if not smoke else (1, 5, 9)
     p = make_problem("warm", dev)
     errors = []
     for cfg in cfgs:
@@ -230,7 +232,8 @@ def _warm(cfgs: list) -> list[str]:
             run_kernel(p, cfg)()
         except Exception as e:  # reported again, with its name, by the timed process
             errors.append(f"{cfg}: {type(e).__name__}")
-    torch.cuda.synchronize()
+    if not smoke:
+        torch.cuda.synchronize()
     return errors
 
 
@@ -243,7 +246,9 @@ def precompile(jobs: int) -> None:
         import multiprocessing
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            list(ex.map(_warm, [c for c in chunks if c]))
+            errors = sum(ex.map(_warm, [c for c in chunks if c], [SMOKE] * jobs), [])
+        for e in errors:
+            print(f"  precompile: {e}")
     except Exception as e:  # compiling in this process instead is only slower
         print(f"  precompile failed ({type(e).__name__}: {e}); compiling serially")
     print(f"  precompiled {len(VARIANTS)} variants in {time.time() - t0:.0f} s with {jobs} processes")
@@ -278,12 +283,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter timings (a smoke run)")
     ap.add_argument("--top", type=int, default=6, help="variants (by the prefill shape) also timed on 'long'")
     ap.add_argument("--smoke", action="store_true", help="check this script on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--budget", type=float, default=105.0,
+                    help="seconds; past this the remaining variants are skipped (and listed) so the run ends")
     args = ap.parse_args()
     t_start = time.time()
     if args.smoke:
         dev = smoke_setup()
         props = argparse.Namespace(name="cpu (interpreter smoke run)", multi_processor_count=0)
-        args.jobs = 1
     elif not torch.cuda.is_available():
         sys.exit("bench/prefill_sweep.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     else:
@@ -311,6 +317,10 @@ def main() -> None:
         picks = range(len(VARIANTS)) if order is None or shape != "long" else order[: args.top] + [0, 1]
         for i in sorted(set(picks)):
             cfg, name = VARIANTS[i], names[i]
+            if time.time() - t_start > args.budget:
+                print(f"  {name:45s} skipped: past the {args.budget:.0f} s budget")
+                res["variants"][name] = dict(error="skipped: time budget")
+                continue
             try:
                 fn = run_kernel(p, cfg)
                 err = rel_err(fn(), ref)
@@ -325,9 +335,9 @@ def main() -> None:
             res["variants"][name] = dict(ms=ms, TFLOPs=tf, of_sdpa=tf / sdpa_tf, err=err, config=cfg)
             print(f"  {name:45s} {ms * 1e3:8.0f} us {tf:5.0f} TFLOP/s {tf / sdpa_tf:6.1%} of SDPA  err {err:.1e}")
         timed = {n: r for n, r in res["variants"].items() if "ms" in r and mixed[n]["ok"]}
-        best = min(timed, key=lambda n: timed[n]["ms"])
-        res["best"] = best
-        print(f"  best: {best} at {timed[best]['of_sdpa']:.1%} of SDPA")
+        if timed:
+            best = res["best"] = min(timed, key=lambda n: timed[n]["ms"])
+            print(f"  best: {best} at {timed[best]['of_sdpa']:.1%} of SDPA")
         if shape == "prefill":
             order = sorted((i for i in range(len(VARIANTS)) if names[i] in timed), key=lambda i: timed[names[i]]["ms"])
         del p, ref
