@@ -20,6 +20,7 @@ from services.common.errors import InvalidArgument, NotFound, quote
 from services.common.model_location import served_name
 from services.common.server import GrpcServer, configure_logging
 from services.engine.async_engine import AsyncEngine
+from services.engine.gil_debug import gil_busy_step
 from services.engine.config import SERVED_DEFAULTS, EngineConfig
 from services.common.outputs import RequestDelta
 
@@ -57,6 +58,9 @@ class EngineServerConfig:
     """After each step the engine thread lets go of the GIL this long, and on (up to 5 ms) until the event
     loop has sent the step's outputs on, so requests that arrived meanwhile reach the next step (0: no
     pause; docs/router.md)."""
+    core_process: bool = False
+    """Run the engine core (the step loop) in a process of its own, so this server's event loop never
+    waits for the step thread's GIL (services/engine/core_process.py; docs/router.md)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -134,26 +138,6 @@ def delta_message(deltas: list[RequestDelta], prog: _Progress,
                                               time_to_first_token_ns=_ns(last.first_token_time, arrival),
                                               total_ns=_ns(time.monotonic(), arrival)))
     return msg
-
-
-def gil_busy_step(step: Callable[[], list], busy_ms: float) -> Callable[[], list]:
-    """`step`, preceded by `busy_ms` of GIL-holding pure Python interleaved with tiny torch ops that
-    release and retake the GIL (as kernel launches do): a GPU engine's host side, on a CPU. Debug only
-    (EngineServerConfig.debug_gil_busy_ms)."""
-    import torch
-
-    t = torch.zeros(1)
-
-    def busy_then_step() -> list:
-        end = time.perf_counter() + busy_ms / 1e3
-        while time.perf_counter() < end:
-            x = 0
-            for i in range(50):  # ~2-5 us of bytecode, then a "launch"
-                x += i
-            t.add_(1)
-        return step()
-
-    return busy_then_step
 
 
 def first_token_path(timing: common_pb2.Timing, prog: _Progress, last: RequestDelta) -> None:
@@ -262,21 +246,35 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
     host = c.host if c.host not in ("0.0.0.0", "::", "") else socket.gethostname()
     address = c.advertise_address or f"{host}:{server.port}"
     engine_id = c.engine_id or address
-    engine = await asyncio.to_thread(LLMEngine, engine_config)
     if c.debug_gil_busy_ms > 0:
         log.warning("debug: every engine step holds the GIL for %g ms first (debug_gil_busy_ms)", c.debug_gil_busy_ms)
-        engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
     if c.switch_interval_ms is not None:
         sys.setswitchinterval(c.switch_interval_ms / 1e3)
-    model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     publisher = None
+
     def on_fatal(e: BaseException) -> None:
         log.critical("the engine cannot go on (%s); leaving the registry and exiting", e)
         server.request_stop()
 
-    aengine = AsyncEngine(engine, on_change=lambda snap: publisher and publisher.notify(snap),
-                          step_deadline_s=c.step_deadline_s, on_fatal=on_fatal, loop_turn_s=c.loop_turn_ms / 1e3)
-    aengine.start()
+    def on_change(snap) -> None:
+        if publisher is not None:
+            publisher.notify(snap)
+
+    if c.core_process:
+        from services.engine.core_process import CoreProcessEngine
+
+        aengine = CoreProcessEngine(engine_config, on_change=on_change, on_fatal=on_fatal,
+                                    debug_gil_busy_ms=c.debug_gil_busy_ms)
+        await aengine.start()
+        engine = aengine.engine
+    else:
+        engine = await asyncio.to_thread(LLMEngine, engine_config)
+        if c.debug_gil_busy_ms > 0:
+            engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
+        aengine = AsyncEngine(engine, on_change=on_change, step_deadline_s=c.step_deadline_s, on_fatal=on_fatal,
+                              loop_turn_s=c.loop_turn_ms / 1e3)
+        aengine.start()
+    model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     metrics = None
     if c.metrics_port is not None:
         from services.engine.metrics import EngineMetrics
@@ -310,7 +308,8 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
     finally:
         await aengine.stop()
-        engine.shutdown()  # tensor-parallel workers, if any
+        if not c.core_process:
+            engine.shutdown()  # tensor-parallel workers, if any (the core process stops its own)
         if redis is not None:
             await redis.aclose()
     return 1 if aengine.fatal is not None else 0
