@@ -71,17 +71,16 @@ def test_cancelled_stream_frees_blocks_in_the_core_process(core_stack):
     ch.close()
 
 
-def test_the_core_process_ends_with_the_engine(tmp_path_factory):
-    s = start_stack(tmp_path_factory, "core-stop", engines=1, engine_args=[*SMALL_ENGINE, "--core-process"])
-    try:
-        server_pid = s.proc("engine0").popen.pid
-        cores = _children(server_pid)
-        assert cores, "the engine server runs its core as a child process"
-    finally:
-        s.stop()
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{c}").exists() and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()
-              for c in cores) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for c in cores:
-        assert not Path(f"/proc/{c}").exists() or "zombie" in Path(f"/proc/{c}/status").read_text().lower(), c
+def test_the_core_process_ends_with_the_engine(core_stack):
+    """Last in this module: stops the stack (the fixture's own stop is then a no-op)."""
+    cores = _children(core_stack.proc("engine0").popen.pid)
+    assert cores, "the engine server runs its core as a child process"
+    core_stack.stop()
+
+    def gone(pid: int) -> bool:
+        try:
+            return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        except OSError:
+            return True
+
+    wait_for(lambda: all(gone(c) for c in cores), timeout=10.0, what="the core process to end with its engine")
