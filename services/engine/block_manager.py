@@ -284,10 +284,12 @@ class BlockManager:
     def try_append(self, seq: HasTokens, num_new_tokens: int) -> list[tuple[int, int]] | None:
         """`append` when the pool has room for it, else None (nothing changed): the scheduler's
         per-sequence check and append in one pass."""
-        table = self.tables[seq.seq_id]
+        blocks = self.tables[seq.seq_id].blocks
         computed, bs = seq.num_computed_tokens, self.block_size
-        need = -(-(computed + num_new_tokens) // bs) - len(table.blocks)
-        cow = computed % bs != 0 and self._needs_copy_on_write(seq)
+        need = -(-(computed + num_new_tokens) // bs) - len(blocks)
+        # (_needs_copy_on_write, inlined: this runs for every running sequence every step.)
+        idx = computed // bs
+        cow = computed % bs != 0 and idx < len(blocks) and blocks[idx].ref_count > 1
         if need <= 0 and not cow:
             return []  # room already, and no shared partly filled block to copy on write
         if max(need, 0) + int(cow) > self.pool.num_free:

@@ -55,6 +55,13 @@ class _InFlight:
     """The next schedule needs these tokens on the host (forks, beams, grammars, penalties)."""
     ended: dict = dataclasses.field(default_factory=dict)
     """seq_id -> (sequence, finish reason): rows the grammar ends instead of sampling (GrammarBackend.fill)."""
+    forks: bool = False
+    """Some prompt forks into its n samples in this step (its rows repeat one sequence)."""
+
+    @property
+    def rows_are_placeholders(self) -> bool:
+        """Row i of the sampled tokens is `placeholders[i]`'s token, for every row (nothing forks or ends)."""
+        return self.placeholders is self.seqs
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFullError"]
 
@@ -231,6 +238,7 @@ class LLMEngine:
             return req
         if beam_params is not None:
             req.beam = BeamSearch(req, beam_params, self.scheduler, self.eos_token_ids, self.max_model_len)
+            req.plain = False
         self.scheduler.add(req.seqs[0])
         self.requests[request_id] = req
         return req
@@ -323,7 +331,7 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         with self._phase("schedule"):
             out = self.scheduler.schedule()
-        self.step_batch = (len(out.scheduled), out.num_tokens)
+        self.step_batch = (len(out.seqs), out.num_tokens)
         if not out:
             if prev is not None:
                 deltas += self._resolve(prev)
@@ -359,7 +367,7 @@ class LLMEngine:
         with self._phase("prepare"):
             if out.block_copies:
                 self.runner.copy_blocks(out.block_copies)
-            inputs = self.runner.prepare(out, self.blocks.table_rows([s.seq.seq_id for s in out.scheduled]))
+            inputs = self.runner.prepare(out, self.blocks.table_rows([seq.seq_id for seq in out.seqs]))
             if prev is not None and prev.placeholders:
                 self._fill_pending_inputs(out, inputs, prev)
         with self._phase("forward"):
@@ -376,6 +384,11 @@ class LLMEngine:
         """Input positions holding a placeholder take the token `prev` sampled, on the device. Such a
         sequence was caught up, so its one new token is its placeholder (its first input position);
         `Sequence.pending_row` is its row of `prev`'s tokens."""
+        tokens = prev.sample.tokens
+        if (prev.rows_are_placeholders and out.num_tokens == len(out.seqs) == tokens.shape[0]
+                and out.seqs == prev.placeholders):  # the same decode batch as before, in order
+            inputs.input_ids.copy_(tokens)
+            return
         dst, src, off = [], [], 0
         for s in out.scheduled:
             seq = s.seq
@@ -385,8 +398,7 @@ class LLMEngine:
             off += s.num_new_tokens
         if not dst:
             return
-        tokens = prev.sample.tokens
-        if len(dst) == off == tokens.shape[0] and dst == src:  # the same decode batch as before, in order
+        if len(dst) == off == tokens.shape[0] and dst == src:  # every row in place
             inputs.input_ids.copy_(tokens)
             return
         idx = device_tensor([dst, src], inputs.input_ids.device, torch.long)
@@ -397,18 +409,12 @@ class LLMEngine:
         with self._phase("wait"):
             result = f.sample.result() if f.sample is not None else None
         with self._phase("update"):
-            sampled: dict[int, list[SampledToken]] = {}
-            if result is not None:
-                ended = f.ended
-                for seq, tok, lp, top in zip(f.seqs, result.token_ids, result.logprobs, result.top):
-                    if ended and seq.seq_id in ended:
-                        continue
-                    got = sampled.get(seq.seq_id)
-                    if got is None:
-                        sampled[seq.seq_id] = [SampledToken(tok, lp, top)]
-                    else:  # a prompt forking into n samples: n rows
-                        got.append(SampledToken(tok, lp, top))
-            touched = self.scheduler.resolve(f.out, sampled, time.monotonic())
+            now = time.monotonic()
+            if result is not None and not f.forks and not f.ended:  # the common step: row by row, at once
+                touched = self.scheduler.resolve_rows(f.out, f.seqs, result.token_ids, result.token_array,
+                                                      result.logprobs, result.top, now)
+            else:
+                touched = self.scheduler.resolve(f.out, self._sampled_by_seq(f, result), now)
             for seq, reason in f.ended.values():  # structured output: a dead end, or complete under min_tokens
                 if not seq.finished:
                     self._end_by_grammar(seq, reason)
@@ -417,6 +423,21 @@ class LLMEngine:
                 if req.beam.advance():  # beams report once, when the search is over
                     touched[req.request_id] = req
             return [self._emit(req) for req in touched.values() if req.stream or req.aborted or req.finished]
+
+    @staticmethod
+    def _sampled_by_seq(f: "_InFlight", result) -> dict[int, list[SampledToken]]:
+        """seq_id -> its sampled tokens (n of them for a prompt forking into n samples), rows the
+        grammar ended left out."""
+        sampled: dict[int, list[SampledToken]] = {}
+        if result is None:
+            return sampled
+        ended = f.ended
+        top = result.top or [None] * len(f.seqs)
+        for seq, tok, lp, t in zip(f.seqs, result.token_ids, result.logprobs, top):
+            if ended and seq.seq_id in ended:
+                continue
+            sampled.setdefault(seq.seq_id, []).append(SampledToken(tok, lp, t))
+        return sampled
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -436,39 +457,47 @@ class LLMEngine:
         scheduler assigned. A request whose prompt just completed samples all n of its sequences
         from its row (the scheduler forks the siblings when it resolves them). A row whose grammar
         ends its sequence instead (GrammarBackend.fill) is sampled with the rest and its token dropped."""
-        seqs, rows, indexes = [], [], []
-        placeholders: list = []
+        seqs, rows = [], []
+        fork_index: dict[int, int] = {}  # row -> sample index, for the n rows of a prompt forking now
         beam_reqs: dict[str, Request] = {}
         ended: dict[int, tuple] = {}
         needs_sync = False
+        finished = SeqStatus.FINISHED
         for s in out.scheduled:
-            seq, req = s.seq, s.seq.request
+            row = s.sample_row
             if s.prompt_logprob_rows:
-                self._record_prompt_logprobs(req, logits[s.prompt_logprob_rows.start:s.prompt_logprob_rows.stop],
-                                             seq.num_computed_tokens)
-            if s.sample_row is None or seq.finished:  # (finished: by the step before, resolved early in _launch)
+                r = s.prompt_logprob_rows
+                self._record_prompt_logprobs(s.seq.request, logits[r.start:r.stop], s.seq.num_computed_tokens)
+            if row is None:
+                continue
+            seq = s.seq
+            if seq.status is finished:  # (by the step before, resolved early in _launch)
+                continue
+            req = seq.request
+            if req.plain:  # one sequence, no beam, no penalties: the common row
+                seq.pending_row = len(seqs)
+                seqs.append(seq)
+                rows.append(row)
                 continue
             if req.beam is not None:  # beam search picks the tokens (beam_search.py)
-                req.beam.add_logits(seq, logits[s.sample_row])
+                req.beam.add_logits(seq, logits[row])
                 beam_reqs[req.request_id] = req
                 needs_sync = True
                 continue
             params = req.params
+            needs_sync = needs_sync or params.has_penalties  # penalties read the output ids on the host
             forks = params.n - len(req.seqs)
-            if not forks:
-                seq.pending_row = len(seqs)
-                placeholders.append(seq)
-                seqs.append(seq)
-                rows.append(s.sample_row)
-                indexes.append(seq.index)
-                if params.has_penalties:  # penalties read the output ids on the host
-                    needs_sync = True
+            if forks:
+                needs_sync = True  # the siblings are forked on the host once the token is read
+                for i in range(seq.index, seq.index + 1 + forks):
+                    fork_index[len(seqs)] = i
+                    seqs.append(seq)
+                    rows.append(row)
                 continue
-            needs_sync = True  # the siblings are forked on the host once the token is read
-            for i in range(seq.index, seq.index + 1 + forks):
-                seqs.append(seq)
-                rows.append(s.sample_row)
-                indexes.append(i)
+            seq.pending_row = len(seqs)
+            seqs.append(seq)
+            rows.append(row)
+        placeholders = seqs if not fork_index else [seq for i, seq in enumerate(seqs) if i not in fork_index]
         sample = None
         if seqs:
             if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
@@ -478,12 +507,14 @@ class LLMEngine:
             # The next step reads this token back before its masks (_launch); a sequence the grammar
             # ends now holds no placeholder, so the next schedule must see it finished.
             needs_sync = needs_sync or bool(end_rows)
+            indexes = [fork_index.get(i, seq.index) for i, seq in enumerate(seqs)] if fork_index else None
             sample = self.sampler.sample(logits, seqs, self.eos_token_ids, indexes, bitmask)
             if end_rows:  # they end without a token: no placeholder for one (their rows' samples are dropped)
                 for i in end_rows:
                     ended[seqs[i].seq_id] = (seqs[i], end_rows[i])
                 placeholders = [seq for seq in placeholders if seq.seq_id not in ended]
-        return _InFlight(out, sample, seqs, placeholders, list(beam_reqs.values()), needs_sync, ended)
+        return _InFlight(out, sample, seqs, placeholders, list(beam_reqs.values()), needs_sync, ended,
+                         forks=bool(fork_index))
 
     def _end_by_grammar(self, seq: Sequence, reason: str) -> None:
         """End `seq` without a new token. A prompt that was to fork into n samples ends as n samples,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -61,10 +62,16 @@ class Sequence:
     still in flight (asynchronous scheduling, docs/engine.md); 0 or 1 between steps."""
     pending_row: int = 0
     """While num_pending: the row of the in-flight step's sampled tokens that holds its token."""
+    params: SamplingParams = field(init=False, repr=False)
+    """The request's sampling parameters (read per step: an attribute, not a lookup through the request)."""
+    max_num_tokens: int = field(init=False, repr=False)
+    """Tokens (prompt included) at which max_tokens ends the sequence; sys.maxsize when it has none."""
 
     def __post_init__(self) -> None:
-        if self.logprobs is None and self.request.params.logprobs is not None:
+        self.params = p = self.request.params
+        if self.logprobs is None and p.logprobs is not None:
             self.logprobs = []
+        self.max_num_tokens = sys.maxsize if p.max_tokens is None else self.num_prompt_tokens + p.max_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -91,10 +98,6 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
-
 
 @dataclass(eq=False)
 class Request:
@@ -115,7 +118,12 @@ class Request:
     """Emit a delta every step the request advances; False: one delta when it finishes, holding all
     of it (the offline API's requests without stop strings: no per-token work on the host)."""
 
+    plain: bool = field(init=False, repr=False)
+    """One sequence, no beams, no penalties: the step handles its rows on its fast path (the engine
+    clears it when it attaches a beam search)."""
+
     def __post_init__(self) -> None:
+        self.plain = self.params.n == 1 and not self.params.has_penalties and self.beam is None
         # Sampling forks the first sequence into n once the prompt is computed, so the prompt's
         # blocks are computed once and shared.
         self.seqs.append(Sequence(self, 0, list(self.prompt_token_ids), len(self.prompt_token_ids)))
@@ -128,4 +136,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return not self.needs_fork and all(s.finished for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, checked for each request that advances in a step
+            return self.params.n == 1 and seqs[0].status is SeqStatus.FINISHED
+        return not self.needs_fork and all(s.finished for s in seqs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.engine.request import Sequence
@@ -32,8 +33,11 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float]
     """Raw log-probability of each sampled token."""
-    top: list[tuple[list[int], list[float], int] | None]
-    """Per row, when logprobs were asked: (top ids, their logprobs, rank of the sampled token)."""
+    top: list[tuple[list[int], list[float], int] | None] | None
+    """Per row, when logprobs were asked: (top ids, their logprobs, rank of the sampled token); None when
+    no row asked."""
+    token_array: np.ndarray | None = None
+    """`token_ids` as an int64 array (for checks over the whole step at once)."""
 
 
 class DeviceSample:
@@ -55,15 +59,17 @@ class DeviceSample:
         if self._event is not None:
             self._event.synchronize()
         tokens, sampled_lp, ranks, top_lp, top_ids = self._parts
-        top: list = [None] * len(self._want)
+        top = None
         if ranks is not None:
+            top = [None] * len(self._want)
             ranks = ranks.tolist()
             if top_lp is not None:
                 top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
             for i, k in enumerate(self._want):
                 if k is not None:
                     top[i] = (top_ids[i][:k] if k else [], top_lp[i][:k] if k else [], ranks[i])
-        return SampleResult(tokens.tolist(), sampled_lp.tolist(), top)
+        array = tokens.numpy()
+        return SampleResult(array.tolist(), sampled_lp.tolist(), top, array)
 
 
 class Sampler:
@@ -107,7 +113,7 @@ class Sampler:
         x = logits if bitmask is None else apply_bitmask(logits, bitmask)
         # One pass over the batch's parameters: a batch that shares one SamplingParams (the offline
         # API's usual case) reads it once.
-        params = [s.request.params for s in seqs]
+        params = [s.params for s in seqs]
         distinct = {id(p): p for p in params}.values()
         if any(p.min_tokens or p.has_penalties or p.logit_bias for p in distinct) and any(
                 s.num_output_tokens < s.params.min_tokens or s.params.has_penalties or s.params.logit_bias

@@ -15,8 +15,11 @@ No torch here.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from services.common.errors import QueueFullError
 from services.common.outputs import Logprob
@@ -44,11 +47,14 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
 
 
-@dataclass
+_NO_ROWS = range(0)
+
+
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
-    prompt_logprob_rows: range = range(0)
+    prompt_logprob_rows: range = _NO_ROWS
     """Rows of the step's logits holding this chunk's prompt positions (when prompt_logprobs were asked)."""
     sample_row: int | None = None
     """The logits row that predicts the sequence's next token, when this step catches it up."""
@@ -57,15 +63,15 @@ class ScheduledSeq:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)
+    """The scheduled sequences, in order (`scheduled[i].seq`), for the passes that need only them."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """Copy-on-write (src, dst) block pairs to run before the step's forward pass."""
     preempted: list[Sequence] = field(default_factory=list)
     num_logit_rows: int = 0
     """How many logits rows the step computes (see ScheduledSeq)."""
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    num_tokens: int = 0
+    """Tokens the step computes (the sum of num_new_tokens)."""
 
     def __bool__(self) -> bool:
         return bool(self.scheduled)
@@ -82,6 +88,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_computed_prompt_tokens = 0
+        self._stop_ids_seen: set[int] = set()
+        """Every stop token id of a request ever added (a superset is all `_stop_table` needs)."""
+        self._stop_array: tuple[object, int, np.ndarray] | None = None
+        """(eos ids, len(_stop_ids_seen), `_stop_table`) as last built."""
 
     # --- queue ------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -89,6 +99,8 @@ class Scheduler:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+        if seq.params.stop_token_ids:
+            self._stop_ids_seen.update(seq.params.stop_token_ids)
 
     def add_running(self, seq: Sequence, after: Sequence) -> None:
         """A forked sequence joins the running set next to its parent (it holds blocks already)."""
@@ -112,14 +124,18 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str | None = None, stop_token_id: int | None = None) -> None:
         """Take a sequence out of the queues and give its blocks back (recording why it ended)."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        self._finish(seq, reason, stop_token_id)
+
+    def _finish(self, seq: Sequence, reason: str | None, stop_token_id: int | None) -> None:
+        """finish(), except that a running sequence stays in `running` (the caller removes it)."""
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_token_id
         if seq.num_pending:  # a token still in flight for it is dropped when it arrives
             del seq.token_ids[-seq.num_pending:]
             seq.num_pending = 0
-        if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SeqStatus.WAITING:
+        if seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
         self.blocks.free(seq)
@@ -130,32 +146,7 @@ class Scheduler:
     # --- the step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            if n <= 0 or (seq.num_pending and self._ends_by_length(seq)):
-                # (Its token in flight is its last: computing one more would only be thrown away.)
-                i += 1
-                continue
-            copies = self.blocks.try_append(seq, n)
-            if copies is None:  # no room: preempt from the back until there is
-                while not self.blocks.can_append(seq, n):
-                    victim = self.running[-1]
-                    self._preempt(victim, out)
-                    if victim is seq:
-                        break
-                if seq.status is not SeqStatus.RUNNING:
-                    break  # it preempted itself: everything after it is gone too
-                copies = self.blocks.append(seq, n)
-            if copies:
-                out.block_copies += copies
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
-            i += 1
-
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         # New work only when nothing had to be preempted: admitting it would just preempt again.
         if not out.preempted:
             budget = self._admit(out, budget)
@@ -165,35 +156,65 @@ class Scheduler:
             for seq in reversed(self.running):
                 self._preempt(seq, out)
             self._admit(out, budget)
-        self._assign_logit_rows(out)
         return out
 
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        """Its tokens (placeholders counted) reach max_tokens or the context length: the sequence ends
-        once they are resolved, whatever their values."""
-        max_tokens, max_len = seq.params.max_tokens, self.config.max_model_len
-        return ((max_tokens is not None and seq.num_output_tokens >= max_tokens)
-                or (max_len is not None and seq.num_tokens >= max_len))
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Running sequences go first, oldest first, each taking what it has left to compute within the
+        budget; when the pool is short the newest are preempted until this one fits. This is the
+        scheduler's one pass over the batch each step: a decode that needs no new block costs a few
+        attribute reads and one call."""
+        running, blocks, scheduled, seqs = self.running, self.blocks, out.scheduled, out.seqs
+        try_append = blocks.try_append
+        max_len = self.config.max_model_len or sys.maxsize
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            i += 1
+            num_tokens = len(seq.token_ids)
+            start = seq.num_computed_tokens
+            n = min(num_tokens - start, budget)
+            if n <= 0 or (seq.num_pending and (num_tokens >= seq.max_num_tokens or num_tokens >= max_len)):
+                # (Its token in flight is its last by length: computing one more would only be thrown away.)
+                continue
+            copies = try_append(seq, n)
+            if copies is None:  # no room: preempt from the back until there is
+                while not blocks.can_append(seq, n):
+                    victim = running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if seq.status is not SeqStatus.RUNNING:
+                    break  # it preempted itself: everything after it is gone too
+                copies = blocks.append(seq, n)
+            if copies:
+                out.block_copies += copies
+            budget -= n
+            if start + n == num_tokens and start >= seq.num_prompt_tokens:  # a decode: _place, inlined
+                scheduled.append(ScheduledSeq(seq, n, _NO_ROWS, out.num_logit_rows))
+                seqs.append(seq)
+                out.num_logit_rows += 1
+                out.num_tokens += n
+            else:
+                self._place(out, seq, n)
+        return budget
 
     @staticmethod
-    def _assign_logit_rows(out: SchedulerOutput) -> None:
-        """The one rule for logits rows, in scheduled order: every prompt position of a chunk whose
-        prompt_logprobs were asked (its last row also samples if the chunk catches up), else one row
-        for a sequence this step catches up."""
-        row = 0
-        for s in out.scheduled:
-            seq, n = s.seq, s.num_new_tokens
-            start = seq.num_computed_tokens
-            caught_up = start + n == seq.num_tokens
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                s.prompt_logprob_rows = range(row, row + n)
-                row += n
-                if caught_up:
-                    s.sample_row = row - 1
-            elif caught_up:
-                s.sample_row = row
-                row += 1
-        out.num_logit_rows = row
+    def _place(out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        """Add `seq`'s n tokens to the step, with the one rule for logits rows, in scheduled order: every
+        prompt position of a chunk whose prompt_logprobs were asked (its last row also samples if the
+        chunk catches up), else one row for a sequence this step catches up."""
+        start, row = seq.num_computed_tokens, out.num_logit_rows
+        caught_up = start + n == len(seq.token_ids)
+        if start < seq.num_prompt_tokens and seq.params.prompt_logprobs is not None:
+            out.scheduled.append(ScheduledSeq(seq, n, range(row, row + n), row + n - 1 if caught_up else None))
+            out.num_logit_rows = row + n
+        elif caught_up:
+            out.scheduled.append(ScheduledSeq(seq, n, sample_row=row))
+            out.num_logit_rows = row + 1
+        else:
+            out.scheduled.append(ScheduledSeq(seq, n))
+        out.seqs.append(seq)
+        out.num_tokens += n
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         """Admit waiting sequences in order while blocks, budget and max_num_seqs allow."""
@@ -213,7 +234,7 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
+            self._place(out, seq, n)
             budget -= n
         return budget
 
@@ -237,12 +258,13 @@ class Scheduler:
         the token each sequence of `sampling` will get, so the next schedule sees it as a decode."""
         for s in out.scheduled:
             seq = s.seq
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.num_computed_prompt_tokens += min(s.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += s.num_new_tokens
-            req = seq.request
-            if req.first_scheduled_time is None and now is not None:
-                req.first_scheduled_time = now
+            start = seq.num_computed_tokens
+            if start < seq.num_prompt_tokens:  # (a request is first scheduled for its prompt)
+                self.num_computed_prompt_tokens += min(s.num_new_tokens, seq.num_prompt_tokens - start)
+                req = seq.request
+                if req.first_scheduled_time is None and now is not None:
+                    req.first_scheduled_time = now
+            seq.num_computed_tokens = start + s.num_new_tokens
         for seq in sampling:
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
@@ -264,7 +286,8 @@ class Scheduler:
         """Take a launched step's sampled tokens: `sampled` maps a seq_id to its token, or to n tokens
         for a sequence whose request forks into its n samples now (the prompt is computed once; the
         siblings share its blocks). A sequence that ended while the step was in flight (abort, stop
-        string, a stop on its previous token) drops its token. Returns the requests that got tokens."""
+        string, a stop on its previous token) drops its token. Returns the requests that got tokens.
+        (`resolve_rows` is the same for a step without forks, with the batch's stops checked at once.)"""
         touched: dict[str, Request] = {}
         finished, running = SeqStatus.FINISHED, SeqStatus.RUNNING
         for s in out.scheduled:
@@ -290,6 +313,83 @@ class Scheduler:
                 req.first_token_time = now
             touched[req.request_id] = req
         return touched
+
+    def resolve_rows(self, out: SchedulerOutput, seqs: list[Sequence], token_ids: list[int],
+                     token_array: np.ndarray, logprobs: list[float], top: list | None,
+                     now: float) -> dict[str, Request]:
+        """`resolve` for a step that forks nothing, given row by row: row i of the step's samples is
+        `seqs[i]`'s token (`token_array` holds the same ids; `top`, when some row asked for logprobs,
+        its (top ids, their logprobs, rank)). One pass writes the tokens; the stops are found for the
+        whole batch at once (stop and EOS ids by one table lookup, lengths by one comparison per row)
+        and only the rows they flag are checked one by one, in row order, with `_stop_reason`.
+        Returns the requests that got tokens and stream them, and those a sequence of ended."""
+        touched: dict[str, Request] = {}
+        finished = SeqStatus.FINISHED
+        max_len = self.config.max_model_len or sys.maxsize
+        hits = []
+        for i, (seq, tok, lp) in enumerate(zip(seqs, token_ids, logprobs)):
+            if seq.status is finished:
+                continue
+            tids = seq.token_ids
+            k = seq.num_pending
+            if k:
+                pos = len(tids) - k
+                tids[pos] = tok
+                seq.num_pending = k - 1
+            else:
+                pos = len(tids)
+                tids.append(tok)
+            seq.cumulative_logprob += lp
+            if top is not None and seq.logprobs is not None and top[i] is not None:
+                seq.logprobs.append(_logprob_entry(tok, lp, top[i]))
+            if pos >= seq.max_num_tokens - 1 or pos >= max_len - 1:
+                hits.append(i)
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if req.stream:
+                touched[req.request_id] = req
+        if self.blocks.enable_prefix_caching or self.blocks.sliding_window is not None:
+            self._mark_resolved(out)
+        table = self._stop_table()
+        flagged = np.flatnonzero(table[np.minimum(token_array, len(table) - 1)])
+        if len(flagged):
+            hits = sorted(set(hits).union(flagged.tolist()))
+        done = []
+        for i in hits:
+            seq = seqs[i]
+            if seq.status is finished:
+                continue
+            pos = len(seq.token_ids) - seq.num_pending - 1
+            reason, stop = self._stop_reason(seq, token_ids[i], pos)
+            if reason is not None:
+                if seq.status is SeqStatus.RUNNING:
+                    done.append(seq)
+                self._finish(seq, reason, stop)
+                touched[seq.request.request_id] = seq.request
+        if done:  # one pass over `running` instead of a list.remove per ended sequence
+            gone = set(map(id, done))
+            self.running[:] = [s for s in self.running if id(s) not in gone]
+        return touched
+
+    def _mark_resolved(self, out: SchedulerOutput) -> None:
+        """Publish the step's newly full blocks (prefix caching) and release slid-out ones; before any
+        sequence of the step ends, so its blocks are registered before they are freed."""
+        running, mark, ns = SeqStatus.RUNNING, self.blocks.mark_computed, self.namespace
+        for seq in out.seqs:
+            if seq.status is running:  # (one preempted meanwhile holds no blocks now)
+                mark(seq, ns)
+
+    def _stop_table(self) -> np.ndarray:
+        """table[t] is True for EOS and every stop token id seen (a sampled id outside them cannot stop
+        its sequence); its last entry, past every such id, is False and stands for any larger id."""
+        cached = self._stop_array
+        if cached is None or cached[0] is not self.eos_token_ids or cached[1] != len(self._stop_ids_seen):
+            ids = list(set(self.eos_token_ids) | self._stop_ids_seen)
+            table = np.zeros(max(ids, default=-1) + 2, dtype=bool)
+            table[ids] = True
+            cached = self._stop_array = (self.eos_token_ids, len(self._stop_ids_seen), table)
+        return cached[2]
 
     def _fork_samples(self, parent: Sequence, k: int) -> list[Sequence]:
         """Fork `parent` into k more samples that join the queue right after it, in one splice: linear
@@ -322,7 +422,6 @@ class Scheduler:
     def append_token(self, seq: Sequence, sample: SampledToken) -> None:
         """Append one sampled token (in place of its placeholder, if it has one) and end the sequence
         if a token-level stop says so."""
-        p = seq.params
         token = sample.token_id
         if seq.num_pending:
             pos = len(seq.token_ids) - seq.num_pending
@@ -333,21 +432,31 @@ class Scheduler:
             pos = len(seq.token_ids) - 1
         seq.cumulative_logprob += sample.logprob
         if seq.logprobs is not None and sample.top is not None:
-            ids, lps, rank = sample.top
-            entry = {token: Logprob(sample.logprob, rank)}
-            for r, (t, v) in enumerate(zip(ids, lps)):
-                entry.setdefault(t, Logprob(v, r + 1))
-            seq.logprobs.append(entry)
-        n_out = pos + 1 - seq.num_prompt_tokens
-        reason, stop = None, None
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                reason = "stop"
-            elif token in p.stop_token_ids:
-                reason, stop = "stop", token
-        max_len = self.config.max_model_len
-        if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
-                               or (max_len is not None and pos + 1 >= max_len)):
-            reason = "length"
+            seq.logprobs.append(_logprob_entry(token, sample.logprob, sample.top))
+        reason, stop = self._stop_reason(seq, token, pos)
         if reason is not None:
             self.finish(seq, reason, stop)
+
+    def _stop_reason(self, seq: Sequence, token: int, pos: int) -> tuple[str | None, int | None]:
+        """The token-level stop (reason, stop token id) that `token`, at position `pos`, ends `seq` with:
+        EOS (unless ignore_eos) or a stop token id once min_tokens are out, else max_tokens or the
+        context length; (None, None) if none."""
+        p = seq.params
+        if pos + 1 - seq.num_prompt_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+        max_len = self.config.max_model_len
+        if pos + 1 >= seq.max_num_tokens or (max_len is not None and pos + 1 >= max_len):
+            return "length", None
+        return None, None
+
+
+def _logprob_entry(token: int, logprob: float, top: tuple[list[int], list[float], int]) -> dict[int, Logprob]:
+    """A sampled token's logprob entry: itself (with its rank), then the top ids not already in it."""
+    ids, lps, rank = top
+    entry = {token: Logprob(logprob, rank)}
+    for r, (t, v) in enumerate(zip(ids, lps)):
+        entry.setdefault(t, Logprob(v, r + 1))
+    return entry
