@@ -376,9 +376,20 @@ class LLMEngine:
         if prev is not None and self.grammar is not None and self.grammar.constrains_any(out):
             resolved = self._resolve(prev)
         with self._phase("sample"):
-            cur = self._sample(out, logits)
-            self.scheduler.advance(out, cur.placeholders, time.monotonic())
+            if out.plain_decode and resolved is None and not (self.grammar is not None and self.grammar.active):
+                cur = self._sample_decodes(out, logits)
+            else:
+                cur = self._sample(out, logits)
+                self.scheduler.advance(out, cur.placeholders, time.monotonic())
         return cur, resolved
+
+    def _sample_decodes(self, out: SchedulerOutput, logits: torch.Tensor) -> "_InFlight":
+        """_sample + advance for the steady state, a step of plain decodes only: row i is `out.seqs[i]`'s
+        token, and each holds its placeholder; no per-sequence decision is left to make."""
+        seqs = out.seqs
+        sample = self.sampler.sample(logits, seqs, self.eos_token_ids)
+        self.scheduler.advance_decodes(seqs)
+        return _InFlight(out, sample, seqs, seqs, [], False)
 
     def _fill_pending_inputs(self, out: SchedulerOutput, inputs, prev: "_InFlight") -> None:
         """Input positions holding a placeholder take the token `prev` sampled, on the device. Such a

@@ -72,6 +72,14 @@ class SchedulerOutput:
     """How many logits rows the step computes (see ScheduledSeq)."""
     num_tokens: int = 0
     """Tokens the step computes (the sum of num_new_tokens)."""
+    num_plain_decodes: int = 0
+    """Scheduled sequences that decode one token into their own row and whose request is plain (n == 1,
+    no beam, no penalties). When all are (the steady state), `advance_decodes` launches the step."""
+
+    @property
+    def plain_decode(self) -> bool:
+        """Every scheduled sequence is a plain decode: row i is `seqs[i]`'s one token."""
+        return self.num_plain_decodes == len(self.seqs)
 
     def __bool__(self) -> bool:
         return bool(self.scheduled)
@@ -166,13 +174,15 @@ class Scheduler:
         running, blocks, scheduled, seqs = self.running, self.blocks, out.scheduled, out.seqs
         try_append = blocks.try_append
         max_len = self.config.max_model_len or sys.maxsize
-        i = 0
-        while i < len(running) and budget > 0:
-            seq = running[i]
-            i += 1
+        # (Preempting removes sequences from the end of `running`, behind this one: iterating it stays valid.)
+        for seq in running:
+            if budget <= 0:
+                break
             num_tokens = len(seq.token_ids)
             start = seq.num_computed_tokens
-            n = min(num_tokens - start, budget)
+            n = num_tokens - start
+            if n > budget:
+                n = budget
             if n <= 0 or (seq.num_pending and (num_tokens >= seq.max_num_tokens or num_tokens >= max_len)):
                 # (Its token in flight is its last by length: computing one more would only be thrown away.)
                 continue
@@ -194,6 +204,8 @@ class Scheduler:
                 seqs.append(seq)
                 out.num_logit_rows += 1
                 out.num_tokens += n
+                if n == 1 and seq.request.plain:
+                    out.num_plain_decodes += 1
             else:
                 self._place(out, seq, n)
         return budget
@@ -268,6 +280,16 @@ class Scheduler:
         for seq in sampling:
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
+
+    @staticmethod
+    def advance_decodes(seqs: list[Sequence]) -> None:
+        """advance(out, out.seqs) for a step of plain decodes (`SchedulerOutput.plain_decode`), in one
+        pass: each sequence computes one token and holds a placeholder for its row's sample."""
+        for row, seq in enumerate(seqs):
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+            seq.pending_row = row
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance each scheduled sequence and publish its newly full blocks to the prefix cache."""
