@@ -133,7 +133,7 @@ def test_mixed_graph_steps_beyond_the_largest_bucket_run_eagerly_fake_graph(tiny
 
 
 def test_mixed_graph_options():
-    assert EngineConfig().mixed_cuda_graphs and EngineConfig().max_mixed_graph_tokens == 512
+    assert EngineConfig().mixed_cuda_graphs and EngineConfig().max_mixed_graph_tokens == 2048
     for bad in (8, 10_000):
         with pytest.raises(ValueError, match="max_mixed_graph_tokens"):
             EngineConfig(max_mixed_graph_tokens=bad)

@@ -59,9 +59,9 @@ class EngineConfig:
     mixed_cuda_graphs: bool = True
     """On CUDA (unless enforce_eager), also replay mixed steps (prefill chunks with decodes) from CUDA graphs
     captured per token-count bucket up to max_mixed_graph_tokens; off: only decode steps are graphed."""
-    max_mixed_graph_tokens: int = 512
-    """Largest token-count bucket of the mixed-step graphs (buckets 16, 32, 64, ... up to it); a larger
-    step runs eagerly, where launch time is small next to its GPU time."""
+    max_mixed_graph_tokens: int = 2048
+    """Largest token-count bucket of the mixed-step graphs (buckets 16, 32, 48, ... up to it); a larger
+    step runs eagerly, where launch time is small next to its GPU time (docs/engine.md, "CUDA graphs")."""
     async_scheduling: bool = True
     """Schedule and prepare step N+1 while step N runs on the device (its sampled tokens feed step N+1's
     inputs on the device and reach the host one step late); outputs are the same either way. Off: the
