@@ -287,9 +287,11 @@ class _Filler:
 
 
 def default_fill_threads() -> int:
-    """xgrammar's batch-fill threads: half the CPUs this process may use (its affinity and cgroup quota),
-    at most 8. xgrammar's own default, half of std::thread::hardware_concurrency(), counts every CPU of
-    the host, which in a container can be many more than it may run on."""
+    """Mask-fill threads: half the CPUs this process may use (its affinity and cgroup quota), at most 4.
+    xgrammar's own default, half of std::thread::hardware_concurrency(), counts every CPU of the host,
+    which in a container can be many more than it may run on. At most 4: on the H200 machine (16 CPUs)
+    xgrammar's batch fill at batch 64 took 1.8 / 1.8 / 1.4 / 1.5 / 1.7 ms on 1 / 2 / 4 / 8 / 16 threads
+    while CPU time per step grew from 5.4 to 9.8 ms (docs/structured-output.md)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -300,7 +302,7 @@ def default_fill_threads() -> int:
             n = min(n, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
         pass
-    return max(1, min(8, n // 2))
+    return max(1, min(4, n // 2))
 
 
 def _grammar_vocab(hf_tok, model_vocab: int, eos_ids: list[int]) -> int:
