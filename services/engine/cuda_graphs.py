@@ -207,5 +207,4 @@ class StepGraphs:
 
 
 def _smallest(graphs: dict[int, object], n: int) -> int | None:
-    fits = [k for k in graphs if k >= n]
-    return min(fits) if fits else None
+    return min((k for k in graphs if k >= n), default=None)
