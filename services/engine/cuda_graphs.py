@@ -12,9 +12,10 @@ is copied into the first rows, and the rest is padding that the kernels must ski
   sequences) covers any step up to the bucket.
 
 Row-wise layers (norms, projections, rotary, MLP, MoE) never mix rows, so padding cannot reach a real
-token. Decode graphs include the LM head (every sequence samples); mixed graphs stop at the hidden states
-and the LM head runs eagerly on the rows the step needs, so its size follows the step (often one row per
-sequence, or every position of a prompt-logprobs chunk) rather than the bucket.
+token. The graphs stop at the hidden states; the final norm and LM head run eagerly on the rows the step
+needs (one per sampling sequence, or every position of a prompt-logprobs chunk), so their cost follows the
+step rather than the bucket, their output is the step's own tensor (nothing to clone before the next
+replay), and no graph keeps a [bucket, vocab] float32 logits buffer alive.
 
 Why whole-step graphs rather than piecewise ones (docs/engine.md, "CUDA graphs"): the attention
 kernels already read everything per-step from device tensors with grids fixed by shapes, so one
@@ -74,9 +75,9 @@ class StepGraphs:
         self.record = record
         self.pool = None
         self.decode: dict[int, tuple[object, torch.Tensor]] = {}
-        """batch size -> (graph, logits [batch, vocab])"""
+        """batch size -> (graph, hidden states [batch, hidden]: a view of one buffer all of them share)"""
         self.mixed: dict[int, tuple[object, torch.Tensor]] = {}
-        """token count -> (graph, hidden states [tokens, hidden]: a view of one buffer all of them share)"""
+        """token count -> (graph, hidden states [tokens, hidden]: likewise)"""
         self.max_seqs: dict[int, int] = {}
         """token count -> sequences its mixed graph holds"""
         self.captures: dict[str, dict] = {}
@@ -100,51 +101,45 @@ class StepGraphs:
     def capture_decode(self, max_batch: int) -> None:
         """One graph per batch bucket up to max_batch, attention launched for the longest context."""
         buckets = buckets_up_to(DECODE_BUCKETS, max_batch)
-        if not buckets:
-            return
-        B = buckets[-1]
-        st = self._dec = self._buffers(B, B)
-        t0, mem0 = time.perf_counter(), self._mem_free()
-        for b in reversed(buckets):  # largest first: the smaller ones reuse its pool
-            meta = AttentionMetadata(
-                num_seqs=b, num_tokens=b, query_start_loc=st["qsl"][:b + 1], seq_lens=st["seq_lens"][:b],
-                block_tables=st["tables"][:b], slot_mapping=st["slots"][:b], max_query_len=1,
-                max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
-                captured=True)
-
-            def run(b=b, meta=meta):
-                return self.model.logits(self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta))
-
-            g, out, self.pool = self.record(run, self.pool)
-            self.decode[b] = (g, out)
-        self._log("decode", buckets, t0, mem0)
+        if buckets:
+            self._dec = self._buffers(buckets[-1], buckets[-1])
+            self._capture("decode", self.decode, buckets, self._decode_meta)
 
     def capture_mixed(self, max_tokens: int, max_seqs: int) -> None:
         """One graph per token bucket up to max_tokens; bucket T holds up to min(T, max_seqs) sequences
         (a sequence brings at least one token). Attention is the prefill/extend kernel throughout."""
         buckets = buckets_up_to(MIXED_BUCKETS, max_tokens)
-        if not buckets:
-            return
-        T = buckets[-1]
-        st = self._mix = self._buffers(T, min(T, max_seqs))
-        st["qsl"].zero_()
-        t0, mem0 = time.perf_counter(), self._mem_free()
-        # One output buffer for every bucket: each graph copies its hidden states there, so what a capture
-        # allocates is freed when it ends and the next capture reuses it from the shared pool.
-        meta = self._mixed_meta(T, min(T, max_seqs))
-        st["hidden"] = torch.empty_like(self.model.forward(st["ids"], st["pos"], self.kv_caches, meta))
-        for t in reversed(buckets):
-            s = self.max_seqs[t] = min(t, max_seqs)
-            meta = self._mixed_meta(t, s)
+        if buckets:
+            self.max_seqs = {t: min(t, max_seqs) for t in buckets}
+            self._mix = self._buffers(buckets[-1], self.max_seqs[buckets[-1]])
+            self._mix["qsl"].zero_()
+            self._capture("mixed", self.mixed, buckets, lambda t: self._mixed_meta(t, self.max_seqs[t]))
 
-            def run(t=t, meta=meta):
-                out = st["hidden"][:t]
-                out.copy_(self.model.forward(st["ids"][:t], st["pos"][:t], self.kv_caches, meta))
+    def _capture(self, kind: str, graphs: dict, buckets: list[int], meta_of) -> None:
+        """Record each bucket's forward pass, largest first (the smaller ones reuse its pool). Every graph
+        of a kind copies its hidden states into one buffer, so what a capture allocates is freed when it
+        ends and the next capture reuses it."""
+        st = self._dec if kind == "decode" else self._mix
+        t0, mem0 = time.perf_counter(), self._mem_free()
+        top = buckets[-1]
+        st["hidden"] = torch.empty_like(self.model.forward(st["ids"], st["pos"], self.kv_caches, meta_of(top)))
+        for n in reversed(buckets):
+            def run(n=n, meta=meta_of(n)):
+                out = st["hidden"][:n]
+                out.copy_(self.model.forward(st["ids"][:n], st["pos"][:n], self.kv_caches, meta))
                 return out
 
             g, out, self.pool = self.record(run, self.pool)
-            self.mixed[t] = (g, out)
-        self._log("mixed", buckets, t0, mem0)
+            graphs[n] = (g, out)
+        self._log(kind, buckets, t0, mem0)
+
+    def _decode_meta(self, b: int) -> AttentionMetadata:
+        st = self._dec
+        return AttentionMetadata(
+            num_seqs=b, num_tokens=b, query_start_loc=st["qsl"][:b + 1], seq_lens=st["seq_lens"][:b],
+            block_tables=st["tables"][:b], slot_mapping=st["slots"][:b], max_query_len=1,
+            max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
+            captured=True)
 
     def _mixed_meta(self, t: int, s: int) -> AttentionMetadata:
         st = self._mix
@@ -185,10 +180,9 @@ class StepGraphs:
         st["seq_lens"][:n].copy_(meta.seq_lens)
         st["seq_lens"][n:b].fill_(1)
         st["tables"][:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        g, logits = self.decode[b]
+        g, hidden = self.decode[b]
         g.replay()
-        # Every sequence of a decode step samples: row i is sequence i (clone: the next replay reuses it).
-        return logits[:n].clone()
+        return self.model.logits(hidden[inputs.logit_rows])  # a gather: a new tensor, not the graph's
 
     def _replay_mixed(self, inputs, t: int) -> torch.Tensor:
         meta, st = inputs.meta, self._mix
