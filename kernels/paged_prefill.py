@@ -45,14 +45,20 @@ NEW_KV_MODES = {"paged": NEW_KV_PAGED, "ptr": NEW_KV_PTR, "tma": NEW_KV_TMA}
 
 
 @triton.jit
-def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr, SEQ_VEC: tl.constexpr):
-    """The sequence whose tiles include `tile`: the last i with query_start_loc[i] // BLOCK_Q + i <= tile."""
-    if SEQ_VEC > 0 and num_seqs <= SEQ_VEC:
-        # One vector load and a count instead of log2(num_seqs) dependent loads at every program's start.
+def _find_seq(query_start_loc_ptr, seq_lens_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr, SEQ_VEC: tl.constexpr):
+    """(sequence, its first query row, its query count, its context length) of the program's `tile`: the
+    sequence is the last i with query_start_loc[i] // BLOCK_Q + i <= tile."""
+    if SEQ_VEC > 0:
+        # num_seqs < SEQ_VEC (the host checks): one vector load of each array and a few reductions rather
+        # than a chain of dependent loads (binary search, then the sequence's entries) at the program's start.
         idx = tl.arange(0, SEQ_VEC)
-        starts = tl.load(query_start_loc_ptr + idx, mask=idx < num_seqs, other=0)
+        starts = tl.load(query_start_loc_ptr + idx, mask=idx <= num_seqs, other=0)
+        lens = tl.load(seq_lens_ptr + idx, mask=idx < num_seqs, other=0)
         before = (starts // BLOCK_Q + idx <= tile) & (idx < num_seqs)
         seq = tl.sum(before.to(tl.int32), 0) - 1
+        q_start = tl.sum(tl.where(idx == seq, starts, 0), 0)
+        q_len = tl.sum(tl.where(idx == seq + 1, starts, 0), 0) - q_start
+        seq_len = tl.sum(tl.where(idx == seq, lens, 0), 0)
     else:
         lo = 0
         hi = num_seqs
@@ -64,7 +70,10 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr, SEQ_VE
             else:
                 hi = mid
         seq = lo - 1
-    return seq
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + seq)
+    return seq, q_start, q_len, seq_len
 
 
 @triton.jit
@@ -167,13 +176,14 @@ def _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, 
 @triton.jit
 def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
                  new_row0, origin, a, b, free_a, free_b, q_pos, slopes2, window, qk_scale, softcap_in,
-                 softcap_out2, offs_n, offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt,
+                 softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt,
                  stride_vh, SOURCE: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr, HEAD_DIM: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """Keys [a, b) of one source in BLOCK_N tiles starting at `origin`. Keys in [free_a, free_b) are
     visible to every row (free_a >= a, free_b <= b): tiles wholly inside take the unmasked loop."""
+    offs_n = tl.arange(0, BLOCK_N)
     t_lo = (a - origin) // BLOCK_N
     t_hi = tl.where(b > a, tl.cdiv(b - origin, BLOCK_N), t_lo)
     f_lo = tl.minimum(tl.maximum(tl.cdiv(free_a - origin, BLOCK_N), t_lo), t_hi)
@@ -206,77 +216,21 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
     return acc, m_i, l_i
 
 
-# num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window"])
-def _paged_prefill_kernel(
-    q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
-    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
-    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[1])
-    k_new,  # NEW_KV_PTR: [num_tokens, num_kv_heads, head_dim] this step's keys; NEW_KV_TMA: a descriptor
-    v_new,  # over them as [num_tokens, num_kv_heads * head_dim]; NEW_KV_PAGED: unused
-    block_tables_ptr,  # int32 [num_seqs, max_blocks_per_seq]
-    seq_lens_ptr,  # int32 [num_seqs]: context length including the new tokens
-    query_start_loc_ptr,  # int32 [num_seqs + 1]
-    out_ptr,  # [num_tokens, num_heads, head_dim]
-    slopes_ptr,  # fp32 [num_heads]: ALiBi slopes (read if USE_ALIBI)
-    sinks_ptr,  # fp32 [num_heads]: sink logits (read if USE_SINKS)
-    qk_scale,  # softmax scale * log2(e)
-    softcap_in,  # scale / softcap
-    softcap_out2,  # softcap * log2(e)
-    window,  # sliding window (keys p - window + 1 ... p), if USE_WINDOW
-    v_scale,  # an fp8 cache's value scale (read if KV_FP8)
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_bt,
-    stride_cb,
-    stride_cs,
-    stride_ch,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    num_seqs,
-    QUERIES_PER_KV: tl.constexpr,
-    ROW_HEADS: tl.constexpr,  # query heads per program: QUERIES_PER_KV (PACK_GQA) or 1
-    BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x ROW_HEADS heads (rest padding)
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,  # next power of two (>= 16); the extra columns are masked
-    D_MASKED: tl.constexpr,  # HEAD_DIM != HEAD_DIM_PAD
-    BLOCK_SIZE: tl.constexpr,
-    NEW_KV: tl.constexpr,  # NEW_KV_PAGED / NEW_KV_PTR / NEW_KV_TMA: where the chunk's own keys come from
-    BLOCKWISE: tl.constexpr,  # one block-table lookup per block (BLOCK_N % BLOCK_SIZE == 0)
-    REVERSE: tl.constexpr,  # a sequence's last query tiles (the most keys) get the lowest program ids
-    SEQ_VEC: tl.constexpr,  # up to this many sequences (0: none), a program finds its own with one vector load
-    USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    USE_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
-    LAZY_RESCALE: tl.constexpr,  # rescale acc only when a row's max grew by more than 2^8
-):
-    tile = tl.program_id(0)
-    head0 = tl.program_id(1) * ROW_HEADS
-    kv_head = head0 // QUERIES_PER_KV
-    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q, SEQ_VEC)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    slot = tile - (q_start // BLOCK_Q + seq)
-    if slot * BLOCK_Q >= q_len:
-        return
-    if REVERSE:
-        q_tile = tl.cdiv(q_len, BLOCK_Q) - 1 - slot
-    else:
-        q_tile = slot
-    seq_len = tl.load(seq_lens_ptr + seq)
+@triton.jit
+def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr, sinks_ptr,
+                   qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
+                   seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
+                   ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr,
+                   USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
+                   USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                   LAZY_RESCALE: tl.constexpr):
+    """Query tile q_tile (BLOCK_Q tokens x ROW_HEADS heads from head0) of sequence seq: attend and store."""
     ctx_len = seq_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < HEAD_DIM
     q_idx = q_tile * BLOCK_Q + offs_m // ROW_HEADS  # token within the chunk
@@ -316,7 +270,7 @@ def _paged_prefill_kernel(
     if NEW_KV == 0:
         acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                      head_off, kv_head, new_row0, 0, key_lo, last_pos + 1, free_lo, first_pos + 1,
-                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_n, offs_d,
+                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
                                      D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
                                      USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
@@ -325,14 +279,14 @@ def _paged_prefill_kernel(
         # the chunk's own keys in tiles starting at ctx_len.
         acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                      head_off, kv_head, new_row0, 0, key_lo, ctx_len, free_lo, ctx_len,
-                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_n, offs_d,
+                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
-                                     D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
+                                     D_MASKED, BLOCK_SIZE, BLOCK_N_PAGED, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
                                      USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
         acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                      head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
                                      last_pos + 1, tl.maximum(free_lo, ctx_len), first_pos + 1,
-                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_n, offs_d,
+                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, NEW_KV,
                                      D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
                                      USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
@@ -347,6 +301,105 @@ def _paged_prefill_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
+
+# num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window"])
+def _paged_prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[1])
+    k_new,  # NEW_KV_PTR: [num_tokens, num_kv_heads, head_dim] this step's keys; NEW_KV_TMA: a descriptor
+    v_new,  # over them as [num_tokens, num_kv_heads * head_dim]; NEW_KV_PAGED: unused
+    block_tables_ptr,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens_ptr,  # int32 [num_seqs]: context length including the new tokens
+    query_start_loc_ptr,  # int32 [num_seqs + 1]
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    slopes_ptr,  # fp32 [num_heads]: ALiBi slopes (read if USE_ALIBI)
+    sinks_ptr,  # fp32 [num_heads]: sink logits (read if USE_SINKS)
+    qk_scale,  # softmax scale * log2(e)
+    softcap_in,  # scale / softcap
+    softcap_out2,  # softcap * log2(e)
+    window,  # sliding window (keys p - window + 1 ... p), if USE_WINDOW
+    v_scale,  # an fp8 cache's value scale (read if KV_FP8)
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    num_seqs,
+    QUERIES_PER_KV: tl.constexpr,
+    ROW_HEADS: tl.constexpr,  # query heads per program: QUERIES_PER_KV (PACK_GQA) or 1
+    BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x ROW_HEADS heads (rest padding)
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_N_PAGED: tl.constexpr,  # the cached prefix's tile when the chunk's keys come from k/v (NEW_KV)
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # next power of two (>= 16); the extra columns are masked
+    D_MASKED: tl.constexpr,  # HEAD_DIM != HEAD_DIM_PAD
+    BLOCK_SIZE: tl.constexpr,
+    NEW_KV: tl.constexpr,  # NEW_KV_PAGED / NEW_KV_PTR / NEW_KV_TMA: where the chunk's own keys come from
+    BLOCKWISE: tl.constexpr,  # one block-table lookup per block (BLOCK_N % BLOCK_SIZE == 0)
+    REVERSE: tl.constexpr,  # a sequence's last query tiles (the most keys) get the lowest program ids
+    PAIR_TILES: tl.constexpr,  # a program takes a sequence's tiles n - 1 - i and i (equal work per program)
+    SEQ_VEC: tl.constexpr,  # > num_seqs: a program finds its sequence with vector loads; 0: binary search
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
+    LAZY_RESCALE: tl.constexpr,  # rescale acc only when a row's max grew by more than 2^8
+):
+    tile = tl.program_id(0)
+    head0 = tl.program_id(1) * ROW_HEADS
+    kv_head = head0 // QUERIES_PER_KV
+    # With PAIR_TILES a program takes two query tiles of its sequence, so the grid counts pairs.
+    seq, q_start, q_len, seq_len = _find_seq(query_start_loc_ptr, seq_lens_ptr, tile, num_seqs,
+                                             BLOCK_Q * (1 + PAIR_TILES), SEQ_VEC)
+    slot = tile - (q_start // (BLOCK_Q * (1 + PAIR_TILES)) + seq)
+    n_q_tiles = tl.cdiv(q_len, BLOCK_Q)
+    if PAIR_TILES:
+        # Tiles n - 1 - slot (the most keys) and slot (the fewest): every program gets about the same work.
+        if 2 * slot >= n_q_tiles:
+            return
+        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr, sinks_ptr,
+                       qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                       stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
+                       seq, q_start, q_len, seq_len, n_q_tiles - 1 - slot, head0, kv_head,
+                       ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
+                       BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
+                       KV_FP8, LAZY_RESCALE)
+        if 2 * slot + 1 < n_q_tiles:
+            _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr,
+                           sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh,
+                           stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh,
+                           stride_vt, stride_vh, seq, q_start, q_len, seq_len, slot, head0, kv_head,
+                           ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
+                           BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
+                           DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+    else:
+        if slot >= n_q_tiles:
+            return
+        if REVERSE:
+            q_tile = n_q_tiles - 1 - slot
+        else:
+            q_tile = slot
+        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr, sinks_ptr,
+                       qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                       stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
+                       seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
+                       ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
+                       BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
+                       KV_FP8, LAZY_RESCALE)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -356,9 +409,11 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     elif dtype == torch.float32 or head_dim >= 256:
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    else:  # H100, d 128, bf16 (bench/kernels.py --sweep): M128 N32 w4 s3 330 TFLOP/s, M128 N64 w8 s3 301
-        cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
-    cfg.update(NEW_KV="paged", PACK_GQA=True, BLOCKWISE=False, REVERSE=False, LAZY_RESCALE=False, SEQ_VEC=0)
+    else:  # H200, d 128, bf16 (bench/prefill_sweep.py, bench/results/prefill_2026-11-29_h200.md)
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    # The chunk's own keys through TMA from the step's k/v (when given; else the block table).
+    cfg.update(NEW_KV="tma", BLOCK_N_PAGED=None, PACK_GQA=True, BLOCKWISE=False, REVERSE=True, PAIR_TILES=False,
+               LAZY_RESCALE=False, SEQ_VEC=0)
     return cfg
 
 
@@ -421,8 +476,8 @@ def paged_prefill(
     k, v: optionally this step's new K/V [num_tokens, num_kv_heads, head_dim] in q's dtype (what
     reshape_and_cache wrote; rows may be strided, e.g. views of a fused qkv, and must be finite); with
     them the chunk's own keys are read contiguously (config NEW_KV), the cached prefix through the table.
-    config: BLOCK_M, BLOCK_N, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
-    BLOCKWISE, REVERSE, LAZY_RESCALE, SEQ_VEC (see the kernel), maxnreg (optional); unset keys take the
+    config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
+    BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC (see the kernel), maxnreg (optional); unset keys take the
     defaults.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
@@ -457,10 +512,12 @@ def paged_prefill(
         k_new, v_new = k, v
     else:
         k_new = v_new = q  # unread
+    block_n_paged = (cfg.get("BLOCK_N_PAGED") or block_n) if new_kv != NEW_KV_PAGED else block_n
     k_strides = k.stride()[:2] if k is not None else (0, 0)
     v_strides = v.stride()[:2] if v is not None else (0, 0)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
-    grid = (num_tokens // block_q + num_seqs, num_heads // row_heads)
+    tiles_per_program = 2 if cfg["PAIR_TILES"] else 1
+    grid = (num_tokens // (block_q * tiles_per_program) + num_seqs, num_heads // row_heads)
     _paged_prefill_kernel[grid](
         q, key_cache, value_cache, k_new, v_new, block_tables, seq_lens, query_start_loc, out,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
@@ -473,15 +530,17 @@ def paged_prefill(
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
+        BLOCK_N_PAGED=block_n_paged,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         D_MASKED=head_dim != head_dim_pad(head_dim),
         BLOCK_SIZE=block_size,
         NEW_KV=new_kv,
-        BLOCKWISE=bool(cfg["BLOCKWISE"]) and block_n % block_size == 0,
+        BLOCKWISE=bool(cfg["BLOCKWISE"]) and block_n_paged % block_size == 0,
         REVERSE=bool(cfg["REVERSE"]),
+        PAIR_TILES=int(bool(cfg["PAIR_TILES"])),
         LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
-        SEQ_VEC=cfg["SEQ_VEC"],
+        SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,
         v_scale=v_scale,

@@ -58,8 +58,8 @@ def test_paged_prefill_decode_only_batch_equals_decode_kernel():
 
 # Structural variants of the kernel (kernels/paged_prefill.py): where the chunk's own keys come from
 # (the block table, or the step's contiguous k/v with plain loads or TMA descriptors), GQA packing,
-# one block-table lookup per block, reversed tile order, lazy rescaling, how a program finds its
-# sequence. Each must equal the reference on a batch mixing a whole prompt, extends after a cached
+# one block-table lookup per block, reversed or paired tile order, lazy rescaling, how a program finds
+# its sequence. Each must equal the reference on a batch mixing a whole prompt, extends after a cached
 # prefix, decodes, odd lengths and padding.
 STRUCTURES = [
     dict(NEW_KV="ptr"),
@@ -67,7 +67,9 @@ STRUCTURES = [
     dict(NEW_KV="tma", BLOCK_N=16, PACK_GQA=False, LAZY_RESCALE=True),
     dict(NEW_KV="ptr", BLOCK_M=16, BLOCK_N=32, BLOCKWISE=True, REVERSE=True),
     dict(NEW_KV="paged", BLOCK_N=32, BLOCKWISE=True, PACK_GQA=False, LAZY_RESCALE=True),
-    dict(NEW_KV="tma", SEQ_VEC=8),  # each program finds its sequence with one vector load, not a binary search
+    dict(NEW_KV="tma", SEQ_VEC=8),  # each program finds its sequence with vector loads, not a binary search
+    dict(NEW_KV="tma", BLOCK_N=16, BLOCK_N_PAGED=32),  # the cached prefix in wider tiles than the chunk
+    dict(NEW_KV="tma", PAIR_TILES=True, SEQ_VEC=8),  # two query tiles per program (37 tokens: 5 tiles of 8)
 ]
 
 
