@@ -118,7 +118,7 @@ def attempt(fn):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001
-        print(f"  {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"  {type(e).__name__}: {str(e)[-600:]}", flush=True)
         return e
 
 
@@ -173,6 +173,12 @@ VARIANT_CASES = [
     (1088, 776, 36, True, 3, dict(KERNEL="gemv", BLOCK_M=4, BLOCK_N=64), 3, True),
     (1000, 600, 16, False, 3, dict(KERNEL="gemv", BLOCK_M=4, BLOCK_N=64), 2, True),  # slabs past K
     (1000, 600, 16, False, 37, dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=64, SLABS=True), 2, True),
+    (4224, 520, 128, True, 1, dict(KERNEL="gemv1", BLOCK_N=64), 3, True),
+    (4224, 520, 128, False, 1, dict(KERNEL="gemv1", BLOCK_N=128, PREFETCH=False), 1, True),
+    (1000, 1000, 40, True, 1, dict(KERNEL="gemv1", BLOCK_N=128), 2, True),
+    (1088, 776, 32, False, 1, dict(KERNEL="gemv1", BLOCK_N=64), 4, False),
+    (4224, 520, 128, True, 200, dict(KERNEL="dequant", BLOCK_N=128), 1, True),
+    (1000, 600, 40, False, 37, dict(KERNEL="dequant", BLOCK_N=64), 1, True),
     (4224, 520, 128, True, 200, dict(KERNEL="mma", BLOCK_M=128, BLOCK_N=128, SLABS=True, num_warps=8), 2, True),
 ]
 
@@ -226,7 +232,7 @@ def checks(failures: list) -> list[dict]:
                        config=fp8_pick(m, n, k), rel_err=err)
             xq, xsc = fp8mod.quantize_activation(x, None, None)
             ref_a = (xq.float() * xsc) @ wdq.t()
-            weight_only = m <= fp8mod.WEIGHT_ONLY_MAX_M
+            weight_only = fp8mod.weight_only(m, n, k)
             err = err_of(attempt(lambda: method.apply(layer, x, None)), ref_w if weight_only else ref_a)
             record(rows, failures, err < 1e-2, check="fp8_apply_weight_only" if weight_only else "fp8_apply_scaled_mm",
                    shape=name, M=m, rel_err=err)
@@ -256,7 +262,8 @@ def _replay(fn, x: torch.Tensor, g: torch.Generator) -> tuple[float, bool]:
         graph.replay()
     torch.cuda.synchronize()
     err = rel_err(out, fn(x))
-    return err, err < 1e-6 and not torch.equal(out, eager) and workspace_clean()
+    # Split-K's float32 atomics add in any order, so a replay may differ from eager in the last bit.
+    return err, err < 1e-4 and not torch.equal(out, eager) and workspace_clean()
 
 
 def graph_checks(failures: list) -> list[dict]:
@@ -311,34 +318,36 @@ def w4a16_candidates(m: int, n: int, k: int) -> list[dict]:
     out = []
 
     def add(base: dict, vary_split: bool):
-        tiles = -(-n // base["BLOCK_N"]) * (1 if base["KERNEL"] == "gemv" else -(-m // base["BLOCK_M"]))
-        per_sm = 4 if base["KERNEL"] == "gemv" else 2
-        auto = splitk.split_for(tiles, blocks, sms, per_sm) if m <= w4.SPLIT_MAX_M else 1
+        gemv = base["KERNEL"].startswith("gemv")
+        tiles = -(-n // base["BLOCK_N"]) * (1 if gemv else -(-m // base["BLOCK_M"]))
+        auto = splitk.split_for(tiles, blocks, sms, 4 if gemv else 2) if m <= w4.SPLIT_MAX_M else 1
         for sp in (splits_around(auto, blocks) if vary_split and m <= w4.SPLIT_MAX_M else [auto]):
             out.append(dict(base, SPLIT_K=sp))
 
     if m == 1:
         for bn, warps in ((64, 4), (128, 4), (256, 8), (64, 2)):
-            add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, num_warps=warps, num_stages=1), True)
-        add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, GROUP_MODE=1, num_warps=4, num_stages=1), False)
-        for bn in (64, 128):  # one block in flight per program, or Triton's own pipelining
-            add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, PREFETCH=False, num_warps=4, num_stages=1), False)
-            add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=bn, PREFETCH=False, num_warps=4, num_stages=3), False)
-        add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3), False)
+            add(dict(KERNEL="gemv1", BLOCK_N=bn, num_warps=warps, num_stages=1), True)
+        add(dict(KERNEL="gemv1", BLOCK_N=128, PREFETCH=False, num_warps=4, num_stages=3), False)
+        add(dict(KERNEL="gemv1", BLOCK_N=128, GROUP_MODE=1, num_warps=4, num_stages=1), False)
+        add(dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, num_warps=4, num_stages=1), False)
+        for bn in (64, 128):
+            add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=bn, SLABS=True, num_warps=4, num_stages=3), True)
     elif m == 16:
-        add(dict(KERNEL="gemv", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1), True)
         add(dict(KERNEL="gemv", BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), False)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3), True)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=False, num_warps=4, num_stages=3), False)
         add(dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=128, SLABS=True, num_warps=4, num_stages=3), False)
+        out.append(dict(KERNEL="dequant", BLOCK_N=128, num_warps=4))
     elif m == 64:
         add(dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3), True)
         add(dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=128, SLABS=True, num_warps=4, num_stages=3), False)
-        add(dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=128, SLABS=False, num_warps=4, num_stages=3), False)
+        add(dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=128, SLABS=False, num_warps=4, num_stages=3), True)
+        out.append(dict(KERNEL="dequant", BLOCK_N=128, num_warps=4))
     else:
-        for bm, bn, sl, warps in ((64, 128, True, 4), (128, 128, True, 8), (128, 128, False, 8), (128, 256, True, 8),
-                                  (64, 256, True, 8)):
+        for bm, bn, sl, warps in ((128, 128, False, 8), (128, 256, True, 8)):
             add(dict(KERNEL="mma", BLOCK_M=bm, BLOCK_N=bn, SLABS=sl, num_warps=warps, num_stages=3), False)
+        for bn, warps in ((128, 4), (256, 8), (64, 4)):
+            out.append(dict(KERNEL="dequant", BLOCK_N=bn, num_warps=warps))
     return out
 
 
@@ -349,7 +358,7 @@ def fp8_candidates(m: int, n: int, k: int) -> list:
     if m <= 64:
         if m == 1:
             bases = [dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w_, num_stages=2)
-                     for bn, bk, w_ in ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 8))]
+                     for bn, bk, w_ in ((16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 128, 4), (64, 256, 8))]
         else:
             bases = [dict(BLOCK_M=m, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=4, num_stages=3)
                      for bn, bk in ((64, 128), (128, 128), (64, 256))]
@@ -357,10 +366,33 @@ def fp8_candidates(m: int, n: int, k: int) -> list:
             tiles = -(-m // base["BLOCK_M"]) * -(-n // base["BLOCK_N"])
             blocks = -(-k // base["BLOCK_K"])
             auto = splitk.split_for(tiles, blocks, sms, 2 if base["USE_DOT"] else 4, min_blocks=4)
-            for sp in sorted({auto, min(blocks, auto * 2)}):
+            for sp in sorted({max(1, auto // 2), auto, min(blocks, auto * 2)}):
                 out.append(dict(base, SPLIT_K=sp))
     out += ["scaled_mm", "scaled_mm_eager_quant"] if m in (1, 256) else ["scaled_mm"]
     return out
+
+
+def apply_winners(result: dict) -> dict:
+    """Make each (M bucket, shape)'s fastest W4A16 config and FP8 path the ones the engine runs in this
+    process (the decode and throughput sections then time them); returns the tables to commit."""
+    from kernels import fp8_gemv
+
+    for r in result["rows"]:
+        key = (r["M"], r["N"], r["K"])
+        b4 = min(r["w4a16"], key=lambda c: c["ms"])["config"]
+        if b4 != "default":
+            w4.TUNED[key] = dict(b4)
+        b8 = min(r["fp8"], key=lambda c: c["ms"])["config"]
+        if b8 != "default":
+            fp8_gemv.TUNED[key] = "scaled_mm" if isinstance(b8, str) else dict(b8)
+    tables = {"w4a16": {str(k): v for k, v in sorted(w4.TUNED.items())},
+              "fp8": {str(k): v for k, v in sorted(fp8_gemv.TUNED.items())}}
+    print("\nApplied for the engine sections (paste into kernels/w4a16.py and kernels/fp8_gemv.py TUNED):")
+    for name, table in tables.items():
+        print(f"  {name}:")
+        for k, v in table.items():
+            print(f"    {k}: {v},")
+    return tables
 
 
 def fp8_call(cand, x, layer):
@@ -464,12 +496,7 @@ def print_sweep(result: dict) -> None:
         layer[m] = dict(bf16=bf, w4a16_default=d4, w4a16_best=b4, fp8_default=d8, fp8_best=b8)
         print(f"{m:>4}{bf:>9.4f}{d4:>9.4f}{b4:>9.4f}{bf / b4:>8.2f}{d8:>9.4f}{b8:>9.4f}{bf / b8:>8.2f}")
     result["layer_ms"] = layer
-    print("\nkernels/w4a16.py TUNED (M bucket, N, K) -> config:")
-    for r in rows:
-        b4 = min(r["w4a16"], key=lambda c: c["ms"])
-        if b4["config"] != "default":
-            print(f"    ({r['M']}, {r['N']}, {r['K']}): {b4['config']},")
-    print("kernels/fp8_gemv.py TUNED, and the FP8 path per M:")
+    print("\nFP8 per (M, N, K): the best weight-only config against _scaled_mm:")
     for r in rows:
         b8 = min(r["fp8"], key=lambda c: c["ms"])
         wo = [c for c in r["fp8"] if isinstance(c["config"], dict)]
@@ -616,6 +643,7 @@ def main() -> int:
             result[name] = got if not isinstance(got, Exception) else repr(got)
             if name == "sweep" and not isinstance(got, Exception):
                 print_sweep(got)
+                result["tuned"] = attempt(lambda: apply_winners(got))
             print(f"{name} done at {time.time() - start:.0f} s", flush=True)
     result["seconds"] = round(time.time() - start, 1)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -23,7 +23,8 @@ def _fp8_w8a16_kernel(
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
 ):
     """USE_DOT: tensor cores on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles (M up to a tile); else
-    multiply-adds into [BLOCK_M, BLOCK_N, BLOCK_K] float32 registers, summed over K at the end (M of 1-4)."""
+    multiply-adds into float32 registers summed over K at the end: [BLOCK_N, BLOCK_K] when BLOCK_M = 1
+    (batch-1 decode, two dimensions only), [BLOCK_M, BLOCK_N, BLOCK_K] for a few rows."""
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // num_n, pid % num_n
@@ -38,22 +39,31 @@ def _fp8_w8a16_kernel(
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < k_end
-        a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         if USE_DOT:
+            a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(a, tl.trans(w.to(dt)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, tl.trans(w.to(dt)), acc)
+        elif BLOCK_M == 1:
+            xk = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + k, mask=k_mask, other=0.0).to(tl.float32)
+            acc2 += w.to(tl.float32) * xk[None, :]
         else:
+            a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             acc3 += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc2, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=2)
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     acc = acc * scale[None, :]
     splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_ptr, cnt_ptr, pid, split_k, SPLIT, ATOMIC)
@@ -62,14 +72,32 @@ def _fp8_w8a16_kernel(
 SPLIT_MAX_M = 64
 """As in kernels/w4a16.py: the split-K workspace holds SPLIT_MAX_M x N sums, reserved at load."""
 
-TUNED: dict[tuple[int, int, int], dict] = {}
-"""(M bucket 1/16/64, N, K) -> launch config measured fastest (bench/quant.py's winner table)."""
+def _gemv(bn: int, bk: int, split: int) -> dict:
+    return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=4, num_stages=2, SPLIT_K=split)
+
+
+def _dot(bm: int, bn: int, bk: int, split: int) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=4, num_stages=3, SPLIT_K=split)
+
+
+TUNED: dict[tuple[int, int, int], dict | str] = {
+    # Llama-3-8B's qkv, o, gate_up, down on an H200, bench/quant.py round 1 (2026-11-29).
+    (1, 4096, 4096): _gemv(32, 256, 4), (1, 28672, 4096): _gemv(32, 256, 1), (1, 4096, 14336): _gemv(32, 256, 8),
+    (16, 6144, 4096): _dot(16, 64, 128, 8), (16, 4096, 4096): _dot(16, 64, 128, 8),
+    (16, 28672, 4096): _dot(16, 64, 256, 2), (16, 4096, 14336): _dot(16, 64, 256, 8),
+}
+"""(M bucket 1/16/64/256, N, K) -> the launch config measured fastest (bench/quant.py's winner table), or
+"scaled_mm" where quantized activations + torch._scaled_mm won (services/engine/model/quantization/fp8.py
+reads that)."""
+
+
+def m_bucket(m: int) -> int:
+    return 1 if m <= 1 else 16 if m <= 16 else 64 if m <= 64 else 256
 
 
 def pick_config(m: int, n: int, k: int) -> dict:
-    bucket = 1 if m <= 1 else 16 if m <= 16 else 64
-    hit = TUNED.get((bucket, n, k))
-    if hit is not None:
+    hit = TUNED.get((m_bucket(m), n, k))
+    if isinstance(hit, dict):
         return dict(hit)
     if m <= 2:
         return dict(BLOCK_M=triton.next_power_of_2(max(m, 1)), BLOCK_N=32, BLOCK_K=128, USE_DOT=False,

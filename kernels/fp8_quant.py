@@ -38,7 +38,7 @@ def _quant_rows_kernel(
             amax = tl.max(vmax, axis=0)
         if HAS_UB:
             amax = tl.minimum(amax, ub)
-        scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), 1e-12)
+        scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # FP8_MAX: a jit function reads no plain globals
     tl.store(s_ptr + row, scale)
     if ONE_PASS:
         q = _quantize_e4m3(tl.math.div_rn(xk, scale), 1.0)

@@ -195,15 +195,112 @@ def _w4a16_mma_kernel(
     splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_ptr, cnt_ptr, pid, split_k, SPLIT, ATOMIC)
 
 
+@triton.jit
+def _w4a16_gemv1_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
+    N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_PERM: tl.constexpr,
+    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """M = 1 (batch-1 decode) in two dimensions only: each slab [ROWS / 8, BLOCK_N] times x's slab as a
+    column, into one [ROWS / 8, BLOCK_N] float32 accumulator summed over rows at the end. The same
+    arithmetic as _w4a16_gemv_kernel without its M dimension (whose 3-D broadcasts can cost layout
+    conversions)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_p = tl.arange(0, ROWS // 8)
+    acc = tl.zeros((ROWS // 8, BLOCK_N), dtype=tl.float32)
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(tl.cdiv(K, ROWS), b_start + blocks_per_split)
+    w_ptrs = qw_ptr + (b_start * (ROWS // 8) + offs_p)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+    if PREFETCH:
+        nxt = tl.load(w_ptrs, mask=n_mask[None, :] & (b_start < b_end), other=0)
+    for b in range(b_start, b_end):
+        if PREFETCH:
+            words = nxt
+            nxt = tl.load(w_ptrs + (ROWS // 8) * stride_qk, mask=n_mask[None, :] & (b + 1 < b_end), other=0)
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+        w_ptrs += (ROWS // 8) * stride_qk
+        if GROUP_MODE == 0:
+            part = tl.zeros((ROWS // 8, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((ROWS // 8,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            k = b * ROWS + j * (ROWS // 8) + offs_p
+            k_mask = k < K
+            cols = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
+            xj = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
+            v = _nibble_unit(words, j)
+            if GROUP_MODE == 0:
+                part += v * xj[:, None]
+                xsum += xj
+            elif GROUP_MODE == 1:
+                g = tl.minimum(b * ROWS + j * (ROWS // 8), K - 1) // group_size
+                s16, zs = _group_rows(s_ptr, z_ptr, g, offs_n, n_mask, stride_sg)
+                acc += (v * s16[None, :] - zs[None, :]) * xj[:, None]
+            else:
+                s16t, zst = _group_tile(s_ptr, z_ptr, k, K, group_size, offs_n, n_mask, stride_sg)
+                acc += (v * s16t - zst) * xj[:, None]
+        if GROUP_MODE == 0:
+            s16, zs = _group_rows(s_ptr, z_ptr, (b * ROWS) // group_size, offs_n, n_mask, stride_sg)
+            acc += part * s16[None, :] - xsum[:, None] * zs[None, :]
+    y = tl.sum(acc, axis=0)
+    splitk_store(y[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n, split_k,
+                 SPLIT, ATOMIC)
+
+
+@triton.jit
+def _w4a16_dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, perm_ptr,  # as in _w4a16_gemv_kernel
+    w_ptr,  # [K, N] out, x's dtype: row perm[k] (act-order) or k holds input feature's weights
+    N, K, group_size, stride_qk, stride_sg, stride_wk,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr,
+):
+    """One packed block -> its ROWS dequantized rows of the [K, N] matrix (for large M: cuBLAS multiplies
+    x by it; the 4-bit read and 16-bit write cost once per layer, not per row of x)."""
+    pid_n, b = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_p = tl.arange(0, ROWS // 8)
+    words = tl.load(qw_ptr + (b * (ROWS // 8) + offs_p)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                    mask=n_mask[None, :], other=0)
+    for j in tl.static_range(8):
+        k = b * ROWS + j * (ROWS // 8) + offs_p
+        k_mask = k < K
+        s16t, zst = _group_tile(s_ptr, z_ptr, k, K, group_size, offs_n, n_mask, stride_sg)
+        w = _nibble_unit(words, j) * s16t - zst
+        rows = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
+        tl.store(w_ptr + rows[:, None].to(tl.int64) * stride_wk + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=k_mask[:, None] & n_mask[None, :])
+
+
 GEMV_MAX_M = 16
 """The GEMV kernel keeps [BLOCK_M, ROWS / 8, BLOCK_N] products in registers: for a few rows only."""
 
 SPLIT_MAX_M = 64
 """Split-K is for decode-sized M; the workspace holds SPLIT_MAX_M x N sums (reserved at load)."""
 
-TUNED: dict[tuple[int, int, int], dict] = {}
+def _mma(bm: int, bn: int, slabs: bool, split: int | None, warps: int = 4) -> dict:
+    cfg = dict(KERNEL="mma", BLOCK_M=bm, BLOCK_N=bn, SLABS=slabs, num_warps=warps, num_stages=3)
+    return cfg if split is None else dict(cfg, SPLIT_K=split)
+
+
+TUNED: dict[tuple[int, int, int], dict] = {
+    # Llama-3-8B's qkv, o, gate_up, down on an H200, bench/quant.py round 1 (2026-11-29).
+    (1, 6144, 4096): _mma(16, 64, True, 4), (1, 4096, 4096): _mma(16, 64, True, 8),
+    (1, 28672, 4096): _mma(16, 64, True, 1), (1, 4096, 14336): _mma(16, 64, True, 8),
+    (16, 4096, 4096): _mma(16, 64, True, 4), (16, 28672, 4096): _mma(16, 64, True, 2),
+    (64, 4096, 4096): _mma(64, 64, True, 4), (64, 28672, 4096): _mma(64, 128, False, 2),
+    (64, 4096, 14336): _mma(64, 128, False, 16),
+}
 """(M bucket, N, K) -> launch config measured fastest on the GPU (bench/quant.py's winner table; M buckets
 1, 16, 64, 256: the smallest bucket >= M). Shapes not listed use `pick_config`'s rules."""
+
+_DEQUANT: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_DEQUANT_RETIRED: list[torch.Tensor] = []
+"""The "dequant" path's scratch [K, N] matrix, one per device and dtype (layers run one at a time); replaced
+buffers stay alive for the CUDA graphs that point at them."""
 
 
 def m_bucket(m: int) -> int:
@@ -211,20 +308,16 @@ def m_bucket(m: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """Launch config: a measured one from TUNED, else GEMV for M <= 4 and tensor cores above, split-K when
-    the N (x M) tiles would leave SMs idle."""
+    """Launch config: a measured one from TUNED, else the tensor-core kernel up to M = 64 (split-K when the
+    tiles would leave SMs idle) and dequantize-then-cuBLAS above."""
     hit = TUNED.get((m_bucket(m), n, k))
     if hit is not None:
         return dict(hit)
-    if m <= 4:
-        cfg = dict(KERNEL="gemv", BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=64, num_warps=4, num_stages=1)
-    elif m <= 16:
-        cfg = dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3)
-    elif m <= 64:
-        cfg = dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=128, SLABS=True, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(KERNEL="mma", BLOCK_M=128, BLOCK_N=128, SLABS=True, num_warps=8, num_stages=3)
-    return cfg
+    if m <= 16:
+        return dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3)
+    if m <= 64:
+        return dict(KERNEL="mma", BLOCK_M=64, BLOCK_N=128, SLABS=True, num_warps=4, num_stages=3)
+    return dict(KERNEL="dequant", BLOCK_N=128, num_warps=4)  # dequantize once, then cuBLAS
 
 
 def _group_mode(group_size: int, k: int, rows: int, slabs: bool) -> int:
@@ -235,18 +328,51 @@ def _group_mode(group_size: int, k: int, rows: int, slabs: bool) -> int:
     return 2
 
 
-def reserve_workspace(device: torch.device, n: int) -> None:
-    """At load, before CUDA graph capture: room for split-K sums of this layer (SPLIT_MAX_M x N)."""
+def reserve_workspace(device: torch.device, n: int, k: int | None = None, dtype: torch.dtype | None = None) -> None:
+    """At load, before CUDA graph capture: room for this layer's split-K sums (SPLIT_MAX_M x N) and, given k
+    and dtype, for its dequantized [K, N] matrix."""
     splitk.reserve(device, SPLIT_MAX_M * n)
+    if k is not None:
+        _dequant_buffer(torch.device(device), dtype, k * n)
+
+
+def _dequant_buffer(device: torch.device, dtype: torch.dtype, elements: int) -> torch.Tensor:
+    have = _DEQUANT.get((device, dtype))
+    if have is not None and have.numel() >= elements:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"W4A16 dequant buffer on {device} holds {0 if have is None else have.numel()} values, "
+                           f"needs {elements}: reserve it at load, before CUDA graph capture")
+    if have is not None:
+        _DEQUANT_RETIRED.append(have)
+    _DEQUANT[(device, dtype)] = torch.empty(elements, dtype=dtype, device=device)
+    return _DEQUANT[(device, dtype)]
+
+
+def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warmup):
+    """x @ W with W [K, N] dequantized into the scratch buffer first (rows un-permuted for act-order)."""
+    k, n = x.shape[1], qweight.shape[1]
+    w = _dequant_buffer(x.device, x.dtype, k * n)[:k * n].view(k, n)
+    bn = cfg.get("BLOCK_N", 128)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, rows))
+    args = (qweight, scales, zeros, perm if perm is not None else qweight, w, n, k, group_size, qweight.stride(0),
+            scales.stride(0), w.stride(0))
+    consts = dict(ROWS=rows, BLOCK_N=bn, HAS_PERM=perm is not None, num_warps=cfg.get("num_warps", 4))
+    if warmup:
+        _w4a16_dequant_kernel.warmup(*args, grid=grid, **consts)
+        return None
+    _w4a16_dequant_kernel[grid](*args, **consts)
+    return x @ w
 
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
-    KERNEL "gemv" | "mma", BLOCK_M, BLOCK_N, SLABS (mma), SPLIT_K (default: about two programs per SM),
-    ATOMIC (default True: one-launch split-K), PREFETCH (gemv, default True), GROUP_MODE (1 or 2 where the group size allows 0 or 1: scales
-    per slab or per row), num_warps, num_stages. `warmup`: compile for these arguments
-    and return None without running (bench/quant.py compiles its sweep in parallel that way)."""
+    KERNEL "gemv1" (M = 1) | "gemv" (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS),
+    BLOCK_M, BLOCK_N, SLABS (mma), SPLIT_K (default: about two programs per SM), ATOMIC (default True:
+    one-launch split-K), PREFETCH (gemv*, default True), GROUP_MODE (1 or 2 where the group size allows 0 or
+    1: scales per slab or per row), num_warps, num_stages. `warmup`: compile for these arguments and return
+    None without running (bench/quant.py compiles its sweep in parallel that way)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     m, k = x.shape
@@ -268,12 +394,16 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     cfg = dict(config or pick_config(m, n, k, group_size, x.device))
     kind = cfg.pop("KERNEL")
+    if kind == "dequant":
+        return _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warmup)
     if kind == "gemv" and (m > cfg["BLOCK_M"] or m > GEMV_MAX_M):
         raise ValueError(f"the GEMV kernel takes M <= BLOCK_M <= {GEMV_MAX_M}, got M = {m}, BLOCK_M = {cfg['BLOCK_M']}")
-    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind == "gemv" else triton.cdiv(m, cfg["BLOCK_M"]))
+    if kind == "gemv1" and m > 1:
+        raise ValueError(f"the gemv1 kernel takes M = 1, got M = {m}")
+    tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))
     split = cfg.pop("SPLIT_K", None)
     if split is None:
-        per_sm = 4 if kind == "gemv" else 2  # the GEMV hides memory latency with more programs, not tiles
+        per_sm = 4 if kind.startswith("gemv") else 2  # the GEMV hides memory latency with more programs
         split = splitk.split_for(tiles, blocks, splitk.sm_count(x.device), per_sm) if m <= SPLIT_MAX_M else 1
     per_split = triton.cdiv(blocks, split)
     split = triton.cdiv(blocks, per_split)
@@ -286,20 +416,25 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         return out if out.dim() == 2 else out.sum(0).to(x.dtype)
     ws, cnt = splitk.workspace(x.device, m * n) if split > 1 and atomic else (out, out)
     slabs = cfg.pop("SLABS", True) and rows == 128
-    mode = _group_mode(group_size, k, rows, slabs or kind == "gemv")
+    mode = _group_mode(group_size, k, rows, slabs or kind != "mma")
     forced = cfg.pop("GROUP_MODE", None)  # a sweep may try a more general mode, never a wrong one
     if forced is not None and forced > mode and (forced == 2 or _group_mode(group_size, k, rows, True) < 2):
         mode = forced
-    args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt,
-            m, n, k, group_size, per_split, split, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(-2),
-            out.stride(0) if out.dim() == 3 else 0)
+    pointers = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt)
+    stride_os = out.stride(0) if out.dim() == 3 else 0
     prefetch = cfg.pop("PREFETCH", True)
     consts = dict(cfg, ROWS=rows, GROUP_MODE=mode, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic)
+    if kind == "gemv1":
+        consts.pop("BLOCK_M", None)
+        args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os)
+    else:
+        args = pointers + (m, n, k, group_size, per_split, split, x.stride(0), qweight.stride(0), scales.stride(0),
+                           out.stride(-2), stride_os)
     if kind == "mma":
         consts.update(SLABS=slabs, IEEE=x.dtype == torch.float32)
     else:
         consts.update(PREFETCH=prefetch)
-    kernel = _w4a16_gemv_kernel if kind == "gemv" else _w4a16_mma_kernel
+    kernel = {"gemv": _w4a16_gemv_kernel, "gemv1": _w4a16_gemv1_kernel, "mma": _w4a16_mma_kernel}[kind]
     if warmup:
         kernel.warmup(*args, grid=(tiles, split), **consts)
         return None

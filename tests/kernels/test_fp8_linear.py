@@ -37,6 +37,7 @@ def test_quantize_fp8_rows_refuses_a_static_scale_of_several_elements():
 
 @pytest.mark.parametrize("m, k, n, use_dot, split, atomic", [
     (1, 300, 37, False, 3, True),   # decode: odd K and N, one-launch split-K
+    (3, 200, 24, False, 2, True),   # BLOCK_M = 1 below: one M tile per row
     (3, 256, 64, False, 1, True),
     (4, 130, 40, True, 2, False),   # tensor cores, partial-sum split-K
     (20, 256, 48, True, 2, True),   # two M tiles share the workspace
@@ -48,7 +49,7 @@ def test_fp8_w8a16_matches_float64(m, k, n, use_dot, split, atomic, dtype):
     scale = torch.rand(n, generator=g) + 0.1
     x = torch.randn(m, k, generator=g).to(dtype)
     ref = x.double() @ (w.double() * scale.double()[:, None]).t()
-    cfg = dict(BLOCK_M=16 if use_dot else 4, BLOCK_N=16, BLOCK_K=32, USE_DOT=use_dot, SPLIT_K=split, ATOMIC=atomic,
+    cfg = dict(BLOCK_M=16 if use_dot else 1 if k == 200 else 4, BLOCK_N=16, BLOCK_K=32, USE_DOT=use_dot, SPLIT_K=split, ATOMIC=atomic,
                num_warps=4, num_stages=1)
     out = fp8_w8a16(x.to(DEV), w.to(DEV), scale.to(DEV), config=cfg)
     assert out.dtype == dtype and out.shape == (m, n)

@@ -65,11 +65,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("m, k, n, group, act_order, split, atomic", CASES)
-@pytest.mark.parametrize("kernel", ["gemv", "mma-slabs", "mma-stacked"])
+@pytest.mark.parametrize("kernel", ["gemv1", "gemv", "mma-slabs", "mma-stacked", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_w4a16_matches_float64(m, k, n, group, act_order, split, atomic, kernel, dtype):
     args, ref = case(m, k, n, group, act_order, dtype, seed=m * k + n)
-    cfg = dict(GEMV, BLOCK_M=8) if kernel == "gemv" else dict(MMA, SLABS=kernel == "mma-slabs")
+    if kernel == "gemv1":  # batch-1 decode's kernel: the first row alone
+        args, ref, m = (args[0][:1],) + args[1:], ref[:1], 1
+    cfg = {"gemv1": dict(GEMV, KERNEL="gemv1"), "gemv": dict(GEMV, BLOCK_M=8),
+           "dequant": dict(KERNEL="dequant", BLOCK_N=32), "mma-slabs": dict(MMA, SLABS=True),
+           "mma-stacked": dict(MMA, SLABS=False)}[kernel]
     out = w4a16(*args, config=dict(cfg, SPLIT_K=split, ATOMIC=atomic))
     assert out.dtype == dtype and out.shape == (m, n)
     close(out, ref, dtype)
@@ -99,13 +103,14 @@ def test_pack_int4_is_the_kernel_layout(k):
     assert torch.equal(unpack_int4(pack_int4(q), k), q.int())
 
 
-def test_w4a16_default_config_splits_k_for_small_batches():
-    # 1 x 1 tiles on a 4-SM stand-in: decode takes the GEMV kernel and splits K.
-    assert pick_config(1, 64, 4096, 128, torch.device("cpu"))["KERNEL"] == "gemv"
-    assert pick_config(256, 4096, 4096, 128, torch.device("cpu"))["KERNEL"] == "mma"
-    args, ref = case(2, 1024, 32, 128, False, torch.float32)
-    close(w4a16(*args), ref, torch.float32)
-    assert_workspace_zero()
+def test_w4a16_default_configs():
+    # Decode on a 4-SM stand-in: tensor cores with split-K; large M dequantizes once for cuBLAS.
+    assert pick_config(1, 64, 4096, 128, torch.device("cpu"))["KERNEL"] == "mma"
+    assert pick_config(256, 4096, 4096, 128, torch.device("cpu"))["KERNEL"] == "dequant"
+    for m in (2, 70):
+        args, ref = case(m, 1024, 32, 128, False, torch.float32)
+        close(w4a16(*args), ref, torch.float32)
+        assert_workspace_zero()
 
 
 def test_w4a16_refuses_mismatched_shapes():
@@ -117,6 +122,8 @@ def test_w4a16_refuses_mismatched_shapes():
         w4a16(x, qw, s, z, 16)
     with pytest.raises(ValueError, match="GEMV kernel takes M <= BLOCK_M"):
         w4a16(x, qw, s, z, group, config=dict(GEMV, BLOCK_M=1))
+    with pytest.raises(ValueError, match="gemv1 kernel takes M = 1"):
+        w4a16(x, qw, s, z, group, config=dict(GEMV, KERNEL="gemv1"))
 
 
 def test_w4a16_gemv_without_prefetch():

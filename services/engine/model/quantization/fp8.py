@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import fp8_gemv
 from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
 from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
@@ -25,8 +26,16 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 WEIGHT_ONLY_MAX_M = 16
-"""Up to this many rows the weight-only FP8 kernel runs (bench/quant.py measures the crossover against
-activation quantization + torch._scaled_mm)."""
+"""Up to this many rows the weight-only FP8 kernel runs, for shapes kernels/fp8_gemv.py's TUNED does not
+settle (bench/quant.py measures the crossover against activation quantization + torch._scaled_mm)."""
+
+
+def weight_only(m: int, n: int, k: int) -> bool:
+    """Whether M rows of x times this [N, K] FP8 weight take the weight-only kernel (else _scaled_mm)."""
+    choice = fp8_gemv.TUNED.get((fp8_gemv.m_bucket(m), n, k))
+    if choice is None:
+        return m <= WEIGHT_ONLY_MAX_M
+    return choice != "scaled_mm"
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +143,7 @@ class FP8Method:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, k = layer.weight.shape
-        if self.use_scaled_mm(x, n, k) and x2.shape[0] > WEIGHT_ONLY_MAX_M:
+        if self.use_scaled_mm(x, n, k) and not weight_only(x2.shape[0], n, k):
             y = fp8_gemm(x2, layer.weight, layer.weight_scale, layer.input_scale, self.scale_ub)
         elif x.is_cuda:  # decode-sized M, or a shape _scaled_mm does not take
             y = fp8_w8a16(x2, layer.weight, layer.weight_scale)

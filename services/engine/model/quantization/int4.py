@@ -68,7 +68,7 @@ class Int4Layout:
             if p is not None:
                 p.quantized = True
         if dev.type == "cuda":
-            reserve_workspace(dev, n)
+            reserve_workspace(dev, n, k, scales.dtype)
 
     def init_dummy(self, layer, g: torch.Generator) -> None:
         """Random 4-bit weights in the loaded layout (load_format="dummy"): about N(0, 0.02) once dequantized."""
