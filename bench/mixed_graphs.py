@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.throughput import SHAPES, ideal_roofline_seconds, make_workload, measure_ceilings, write_config  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    SHAPES, ideal_roofline_seconds, make_workload, measure_ceilings, write_config)
 
 STEPS = [(64, 0), (256, 0), (8, 8), (16, 16), (32, 32), (60, 40), (64, 64), (128, 128), (180, 120), (200, 312), (64, 448), (255, 345),
          (200, 824), (250, 1798)]
