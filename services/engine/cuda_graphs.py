@@ -168,7 +168,9 @@ class StepGraphs:
             b = _smallest(self.decode, meta.num_seqs)
             return None if b is None else self._replay_decode(inputs, b)
         t = _smallest(self.mixed, meta.num_tokens)
-        return None if t is None else self._replay_mixed(inputs, t)
+        if t is None or meta.num_seqs > self.max_seqs[t]:  # (more sequences than max_num_seqs: never, but eager)
+            return None
+        return self._replay_mixed(inputs, t)
 
     def _replay_decode(self, inputs, b: int) -> torch.Tensor:
         meta, st = inputs.meta, self._dec
