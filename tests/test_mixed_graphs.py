@@ -137,3 +137,11 @@ def test_mixed_graph_options():
     for bad in (8, 10_000):
         with pytest.raises(ValueError, match="max_mixed_graph_tokens"):
             EngineConfig(max_mixed_graph_tokens=bad)
+
+
+def test_mixed_buckets_pad_a_big_step_by_at_most_an_eighth():
+    from services.engine.cuda_graphs import MIXED_BUCKETS, buckets_up_to
+
+    for n in range(257, 4097):
+        assert min(b for b in MIXED_BUCKETS if b >= n) <= n * 1.125, n
+    assert buckets_up_to(MIXED_BUCKETS, 100)[-1] == 100 and buckets_up_to(MIXED_BUCKETS, 96)[-1] == 96
