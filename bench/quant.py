@@ -325,7 +325,7 @@ def w4a16_candidates(m: int, n: int, k: int) -> list[dict]:
             out.append(dict(base, SPLIT_K=sp))
 
     if m == 1:
-        for bn, warps in ((64, 4), (128, 4), (256, 8), (64, 2)):
+        for bn, warps in ((64, 4), (128, 4), (256, 8), (64, 2), (32, 1), (64, 1), (128, 2)):
             add(dict(KERNEL="gemv1", BLOCK_N=bn, num_warps=warps, num_stages=1), True)
         add(dict(KERNEL="gemv1", BLOCK_N=128, PREFETCH=False, num_warps=4, num_stages=3), False)
         add(dict(KERNEL="gemv1", BLOCK_N=128, GROUP_MODE=1, num_warps=4, num_stages=1), False)
@@ -358,7 +358,8 @@ def fp8_candidates(m: int, n: int, k: int) -> list:
     if m <= 64:
         if m == 1:
             bases = [dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w_, num_stages=2)
-                     for bn, bk, w_ in ((16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 128, 4), (64, 256, 8))]
+                     for bn, bk, w_ in ((16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 128, 4), (64, 256, 8),
+                                        (16, 256, 1), (32, 128, 2))]
         else:
             bases = [dict(BLOCK_M=m, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=4, num_stages=3)
                      for bn, bk in ((64, 128), (128, 128), (64, 256))]
