@@ -199,7 +199,15 @@ def checks(failures: list) -> list[dict]:
         err = err_of(attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
         record(rows, failures, err < 1e-2 and workspace_clean(), check="w4a16_variant", shape=label, M=x.shape[0],
                config=cfg, rel_err=err)
-    # The engine's default configs on the 8B shapes.
+    rows += engine_config_checks(failures, g, "default")
+    rows += graph_checks(failures)
+    return rows
+
+
+def engine_config_checks(failures: list, g: torch.Generator, tag: str) -> list[dict]:
+    """What the engine runs (pick_config / TUNED, FP8Method's choice of path) on every 8B GEMM at every M,
+    against the references; `tag` names the tables checked (the committed defaults, or a sweep's winners)."""
+    rows: list[dict] = []
     shapes = {}
     for name, (k, n) in SHAPES.items():
         qw, s, z, _, w = int4_case(k, n, 128, False, g)
@@ -216,7 +224,7 @@ def checks(failures: list) -> list[dict]:
         wdq = layer.weight.float() * layer.weight_scale.reshape(-1, 1)
         for m, x in xs.items():
             err = err_of(attempt(lambda: w4.w4a16(x, qw, s, z, 128)), x.float() @ w)
-            record(rows, failures, err < 1e-2 and workspace_clean(), check="w4a16_default", shape=name, M=m,
+            record(rows, failures, err < 1e-2 and workspace_clean(), check=f"w4a16_{tag}", shape=name, M=m,
                    config=w4.pick_config(m, n, k, 128, DEV), rel_err=err)
             for static, ub in ((None, None), (None, 2.0), (torch.tensor([0.05], device=DEV), None)):
                 got = attempt(lambda: quantize_fp8_rows(x, static, ub))
@@ -228,16 +236,16 @@ def checks(failures: list) -> list[dict]:
             ref_w = x.float() @ wdq.t()
             if m <= 64:
                 err = err_of(attempt(lambda: fp8_w8a16(x, layer.weight, layer.weight_scale)), ref_w)
-                record(rows, failures, err < 1e-2 and workspace_clean(), check="fp8_w8a16", shape=name, M=m,
+                record(rows, failures, err < 1e-2 and workspace_clean(), check=f"fp8_w8a16_{tag}", shape=name, M=m,
                        config=fp8_pick(m, n, k), rel_err=err)
             xq, xsc = fp8mod.quantize_activation(x, None, None)
             ref_a = (xq.float() * xsc) @ wdq.t()
             weight_only = fp8mod.weight_only(m, n, k)
             err = err_of(attempt(lambda: method.apply(layer, x, None)), ref_w if weight_only else ref_a)
-            record(rows, failures, err < 1e-2, check="fp8_apply_weight_only" if weight_only else "fp8_apply_scaled_mm",
-                   shape=name, M=m, rel_err=err)
+            record(rows, failures, err < 1e-2,
+                   check=f"fp8_apply_{'weight_only' if weight_only else 'scaled_mm'}_{tag}", shape=name, M=m,
+                   rel_err=err)
     del shapes
-    rows += graph_checks(failures)
     return rows
 
 
@@ -375,9 +383,11 @@ def fp8_candidates(m: int, n: int, k: int) -> list:
 
 def apply_winners(result: dict) -> dict:
     """Make each (M bucket, shape)'s fastest W4A16 config and FP8 path the ones the engine runs in this
-    process (the decode and throughput sections then time them); returns the tables to commit."""
+    process (the decode and throughput sections then time them), after checking them as the engine runs
+    them (a failure puts the committed tables back); returns the tables to commit."""
     from kernels import fp8_gemv
 
+    before = (dict(w4.TUNED), dict(fp8_gemv.TUNED))
     for r in result["rows"]:
         key = (r["M"], r["N"], r["K"])
         b4 = min(r["w4a16"], key=lambda c: c["ms"])["config"]
@@ -386,6 +396,20 @@ def apply_winners(result: dict) -> dict:
         b8 = min(r["fp8"], key=lambda c: c["ms"])["config"]
         if b8 != "default":
             fp8_gemv.TUNED[key] = "scaled_mm" if isinstance(b8, str) else dict(b8)
+    failures: list = []
+    g = torch.Generator(device=DEV).manual_seed(5)
+    result["tuned_checks"] = engine_config_checks(failures, g, "tuned") + graph_checks(failures)
+    result["tuned_failures"] = failures
+    if failures:
+        print(f"\n*** the sweep's winners failed {len(failures)} check(s); the engine runs the committed tables ***")
+        for f in failures:
+            print("FAILED", f)
+        w4.TUNED.clear()
+        w4.TUNED.update(before[0])
+        fp8_gemv.TUNED.clear()
+        fp8_gemv.TUNED.update(before[1])
+    else:
+        print(f"\nthe sweep's winners pass {len(result['tuned_checks'])} checks as the engine runs them")
     tables = {"w4a16": {str(k): v for k, v in sorted(w4.TUNED.items())},
               "fp8": {str(k): v for k, v in sorted(fp8_gemv.TUNED.items())}}
     print("\nApplied for the engine sections (paste into kernels/w4a16.py and kernels/fp8_gemv.py TUNED):")
