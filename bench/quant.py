@@ -416,7 +416,7 @@ def apply_winners(result: dict) -> dict:
     for name, table in tables.items():
         print(f"  {name}:")
         for k, v in table.items():
-            print(f"    {k}: {v},")
+            print(f"    {k}: {v!r},")
     return tables
 
 
