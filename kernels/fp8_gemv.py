@@ -72,19 +72,15 @@ def _fp8_w8a16_kernel(
 SPLIT_MAX_M = 64
 """As in kernels/w4a16.py: the split-K workspace holds SPLIT_MAX_M x N sums, reserved at load."""
 
-def _gemv(bn: int, bk: int, split: int) -> dict:
-    return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=4, num_stages=2, SPLIT_K=split)
-
-
-def _dot(bm: int, bn: int, bk: int, split: int) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=4, num_stages=3, SPLIT_K=split)
-
-
 TUNED: dict[tuple[int, int, int], dict | str] = {
-    # Llama-3-8B's qkv, o, gate_up, down on an H200, bench/quant.py round 1 (2026-11-29).
-    (1, 4096, 4096): _gemv(32, 256, 4), (1, 28672, 4096): _gemv(32, 256, 1), (1, 4096, 14336): _gemv(32, 256, 8),
-    (16, 6144, 4096): _dot(16, 64, 128, 8), (16, 4096, 4096): _dot(16, 64, 128, 8),
-    (16, 28672, 4096): _dot(16, 64, 256, 2), (16, 4096, 14336): _dot(16, 64, 256, 8),
+    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/quant.py round 1's winners (2026-11-29).
+    (1, 4096, 4096): {'BLOCK_M': 1, 'BLOCK_N': 32, 'BLOCK_K': 256, 'USE_DOT': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 4},
+    (1, 4096, 14336): {'BLOCK_M': 1, 'BLOCK_N': 32, 'BLOCK_K': 256, 'USE_DOT': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 8},
+    (1, 28672, 4096): {'BLOCK_M': 1, 'BLOCK_N': 32, 'BLOCK_K': 256, 'USE_DOT': False, 'num_warps': 4, 'num_stages': 2, 'SPLIT_K': 1},
+    (16, 4096, 4096): {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'USE_DOT': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
+    (16, 4096, 14336): {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'USE_DOT': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
+    (16, 6144, 4096): {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'USE_DOT': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
+    (16, 28672, 4096): {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'USE_DOT': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
 }
 """(M bucket 1/16/64/256, N, K) -> the launch config measured fastest (bench/quant.py's winner table), or
 "scaled_mm" where quantized activations + torch._scaled_mm won (services/engine/model/quantization/fp8.py

@@ -281,18 +281,17 @@ GEMV_MAX_M = 16
 SPLIT_MAX_M = 64
 """Split-K is for decode-sized M; the workspace holds SPLIT_MAX_M x N sums (reserved at load)."""
 
-def _mma(bm: int, bn: int, slabs: bool, split: int | None, warps: int = 4) -> dict:
-    cfg = dict(KERNEL="mma", BLOCK_M=bm, BLOCK_N=bn, SLABS=slabs, num_warps=warps, num_stages=3)
-    return cfg if split is None else dict(cfg, SPLIT_K=split)
-
-
 TUNED: dict[tuple[int, int, int], dict] = {
-    # Llama-3-8B's qkv, o, gate_up, down on an H200, bench/quant.py round 1 (2026-11-29).
-    (1, 6144, 4096): _mma(16, 64, True, 4), (1, 4096, 4096): _mma(16, 64, True, 8),
-    (1, 28672, 4096): _mma(16, 64, True, 1), (1, 4096, 14336): _mma(16, 64, True, 8),
-    (16, 4096, 4096): _mma(16, 64, True, 4), (16, 28672, 4096): _mma(16, 64, True, 2),
-    (64, 4096, 4096): _mma(64, 64, True, 4), (64, 28672, 4096): _mma(64, 128, False, 2),
-    (64, 4096, 14336): _mma(64, 128, False, 16),
+    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/quant.py round 1's winners (2026-11-29).
+    (1, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
+    (1, 4096, 14336): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
+    (1, 6144, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
+    (1, 28672, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 1},
+    (16, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
+    (16, 28672, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
+    (64, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
+    (64, 4096, 14336): {'KERNEL': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 128, 'SLABS': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 16},
+    (64, 28672, 4096): {'KERNEL': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 128, 'SLABS': False, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
 }
 """(M bucket, N, K) -> launch config measured fastest on the GPU (bench/quant.py's winner table; M buckets
 1, 16, 64, 256: the smallest bucket >= M). Shapes not listed use `pick_config`'s rules."""
