@@ -151,7 +151,7 @@ class InProcess:
 
 # The first token's way through the stack, hop by hop (docs/router.md): client stamps, then the router's
 # and engine's (Timing.first_token_path), all on CLOCK_MONOTONIC. Each interval is named by its end.
-HOPS = ("client.sent", "router.received", "router.engine_call", "engine.received", "engine.admitted",
+HOPS = ("client.arrival", "client.sent", "router.received", "router.engine_call", "engine.received", "engine.admitted",
         "engine.scheduled", "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg",
         "router.chunk_ready", "router.sent", "client.received")
 
@@ -172,11 +172,14 @@ def hop_p50(paths: list[dict[str, int]]) -> dict[str, float]:
     return {k: pct([d[k] for d in per if k in d], 0.5) for k in keys}
 
 
-async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None, paths=None):
+async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None, paths=None, due=None):
+    """One request; `due`: its scheduled arrival (perf_counter), stamped as client.arrival."""
     req = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
                              params=common_pb2.SamplingParams(temperature=0, max_tokens=out, ignore_eos=True))
     ts = times[rid]
     path = {"client.sent": time.monotonic_ns()}
+    if due is not None:  # perf_counter and monotonic are one clock on Linux; this keeps it exact elsewhere too
+        path["client.arrival"] = path["client.sent"] - int((time.perf_counter() - due) * 1e9)
     async for m in stub.Generate(req, timeout=900):
         now = time.perf_counter()
         if not ts and any(c.token_ids for c in m.choices):
@@ -206,7 +209,7 @@ async def _drive(address, reqs) -> dict:
 
         async def later(i, at, ids, out):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            await _one(stub, pb, common_pb2, f"r{i}", ids, out, times, router_timing, paths)
+            await _one(stub, pb, common_pb2, f"r{i}", ids, out, times, router_timing, paths, due=t0 + at)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
         res = summarize(times, arrivals, time.perf_counter(), t0)

@@ -52,10 +52,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def core_main(engine_config, conn, debug_gil_busy_ms: float = 0.0) -> None:
+def core_main(engine_config, conn, debug_gil_busy_ms: float = 0.0, log_level: str = "INFO") -> None:
     """The core process: build the engine, then step it, reading commands between steps."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains on Ctrl-C and then stops the core
+    from services.common.server import configure_logging
+
+    configure_logging(log_level)
     from services.engine.engine import LLMEngine
 
     try:
@@ -156,12 +159,13 @@ class CoreProcessEngine:
 
     def __init__(self, engine_config, on_change: Callable[[EngineLoad], None] | None = None,
                  change_fraction: float = 0.05, on_fatal: Callable[[BaseException], None] | None = None,
-                 debug_gil_busy_ms: float = 0.0):
+                 debug_gil_busy_ms: float = 0.0, log_level: str = "INFO"):
         self._config = engine_config
         self._on_change = on_change
         self._change_fraction = change_fraction
         self._on_fatal = on_fatal
         self._debug_gil_busy_ms = debug_gil_busy_ms
+        self._log_level = log_level
         self.fatal: BaseException | None = None
         self.snapshot = EngineLoad()
         self.admitted: collections.deque[str] = collections.deque()
@@ -179,7 +183,7 @@ class CoreProcessEngine:
         self._loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=core_main, args=(self._config, child, self._debug_gil_busy_ms),
+        self._proc = ctx.Process(target=core_main, args=(self._config, child, self._debug_gil_busy_ms, self._log_level),
                                  name="folio-engine-core", daemon=False)  # it may start tensor-parallel workers
         self._proc.start()
         child.close()

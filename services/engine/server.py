@@ -264,7 +264,7 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         from services.engine.core_process import CoreProcessEngine
 
         aengine = CoreProcessEngine(engine_config, on_change=on_change, on_fatal=on_fatal,
-                                    debug_gil_busy_ms=c.debug_gil_busy_ms)
+                                    debug_gil_busy_ms=c.debug_gil_busy_ms, log_level=c.log_level)
         await aengine.start()
         engine = aengine.engine
     else:
