@@ -72,7 +72,8 @@ def core_main(engine_config, conn, debug_gil_busy_ms: float = 0.0, log_level: st
         engine.step = gil_busy_step(engine.step, debug_gil_busy_ms)
     conn.send(("ready", _Info(str(engine.model_dir), engine.max_model_len, engine.config.block_size,
                               engine.blocks.num_blocks, engine.vocab_size, str(engine.device),
-                              str(engine.dtype).removeprefix("torch."), engine.attention_backend)))
+                              str(engine.dtype).removeprefix("torch."), engine.attention_backend),
+               dataclasses.replace(engine.get_stats(), steps=0)))  # the first registry report needs the pool
     try:
         _CoreLoop(engine, conn).run()
     finally:
@@ -192,6 +193,7 @@ class CoreProcessEngine:
         if msg[0] != "ready":
             raise RuntimeError(f"the engine core failed to start: {msg[1]}")
         info: _Info = msg[1]
+        self.snapshot = msg[2]
         from pathlib import Path
 
         from services.common.tokenizer import Tokenizer

@@ -34,6 +34,8 @@ def core_stack(tmp_path_factory):
 
 
 def test_greedy_text_matches_offline_through_the_core_process(core_stack, offline_llm):
+    # before any request, the engine reports its pool (the registry's first report routes by it)
+    assert engine_stats(core_stack.engine_addresses[0]).total_blocks == 64
     prompt = "The capital of France is"
     want = offline_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
     got = generate(core_stack.router_address, text=prompt, params=params(temperature=0, max_tokens=24, logprobs=1))
