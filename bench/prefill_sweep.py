@@ -54,14 +54,17 @@ SHAPES = {  # name: (sequences, cached prefix, new tokens)
 
 
 def _cfg(new_kv, m, n, w, s, pack=True, blockwise=False, reverse=False, lazy=False, maxnreg=None, seq_vec=0,
-         n_paged=None, pair=False):
+         n_paged=None, pair=False, fresh=False):
+    """A config for paged_prefill; fresh=True (not a kernel key) also passes has_prefix=False on the shapes
+    without a cached prefix, as the triton backend does for a step of fresh prompts."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
-                BLOCK_N_PAGED=n_paged, PAIR_TILES=pair)
+                BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, fresh_path=fresh)
 
 
 def _name(c: dict) -> str:
     flags = "".join(f" {f}" for f, on in ((f"Np{c['BLOCK_N_PAGED']}", c["BLOCK_N_PAGED"]), ("pair", c["PAIR_TILES"]),
+                                          ("fresh", c["fresh_path"]),
                                           ("nopack", not c["PACK_GQA"]), ("blockwise", c["BLOCKWISE"]),
                                           ("rev", c["REVERSE"]), ("lazy", c["LAZY_RESCALE"]),
                                           (f"maxnreg{c['maxnreg']}", c["maxnreg"]),
@@ -73,8 +76,9 @@ def _name(c: dict) -> str:
 # 64-key tiles, 8 warps, 3 stages, reversed tiles was the best on every shape together; one block-table lookup
 # per block and lazy rescaling lost badly. The 8 x 2048 shape runs at ~80% of the 8192-token one, so a fixed
 # cost per program (the chain of dependent loads before the first tile, the pipeline fill, the epilogue) is
-# ~1/3 of an average program's work: this round tries cutting it (SEQ_VEC, PAIR_TILES, two programs per SM)
-# and wider tiles for the cached prefix (BLOCK_N_PAGED).
+# ~1/3 of an average program's work: this round tries cutting it (SEQ_VEC, PAIR_TILES, two programs per SM,
+# a build without the block-table path for steps of fresh prompts) and wider tiles for the cached prefix
+# (BLOCK_N_PAGED).
 VARIANTS = [
     None,  # the kernel's own default (round 1's winner)
     _cfg("paged", 128, 32, 4, 3),  # the default before issue 15's work
@@ -85,6 +89,14 @@ VARIANTS = [
     _cfg("tma", 128, 64, 8, 3, reverse=True, seq_vec=32),
     _cfg("tma", 128, 64, 8, 4, reverse=True, seq_vec=32),
     _cfg("tma", 128, 64, 8, 3, reverse=True, seq_vec=256),
+    _cfg("tma", 128, 64, 8, 3, reverse=True, fresh=True),
+    _cfg("tma", 128, 64, 8, 3, reverse=True, seq_vec=32, fresh=True),
+    _cfg("tma", 128, 64, 8, 4, reverse=True, seq_vec=32, fresh=True),
+    _cfg("tma", 128, 64, 8, 3, pair=True, seq_vec=32, fresh=True),
+    _cfg("tma", 128, 64, 8, 2, reverse=True, maxnreg=128, seq_vec=32, fresh=True),
+    _cfg("tma", 128, 64, 8, 2, reverse=True, maxnreg=128, fresh=True),
+    _cfg("tma", 128, 64, 8, 2, pair=True, maxnreg=128, seq_vec=32, fresh=True),
+    _cfg("tma", 128, 32, 8, 3, reverse=True, maxnreg=128, seq_vec=32, fresh=True),
     _cfg("tma", 128, 64, 8, 3, pair=True),
     _cfg("tma", 128, 64, 8, 3, pair=True, seq_vec=32),
     _cfg("tma", 128, 64, 8, 4, pair=True, seq_vec=32),
@@ -170,8 +182,10 @@ def sdpa_fn(p):
 
 
 def run_kernel(p, cfg):
+    cfg = dict(cfg or {})
+    has_prefix = not (cfg.pop("fresh_path", False) and p["ctx"] == 0)
     return lambda: paged_prefill(p["q"], p["kv_cache"], p["tables"], p["seq_lens"], p["qsl"], D ** -0.5,
-                                 config=cfg, k=p["k"], v=p["v"])
+                                 config=cfg, k=p["k"], v=p["v"], has_prefix=has_prefix)
 
 
 # A whole prompt, extends after cached prefixes, decodes, lengths off the block and tile grids, padding rows.
@@ -192,8 +206,9 @@ def check_mixed(dev: torch.device) -> dict:
         name = "default" if cfg is None else _name(cfg)
         try:
             out = torch.full_like(b.q, float("nan"))
+            kw = {k: x for k, x in (cfg or {}).items() if k != "fresh_path"}  # the batch has cached prefixes
             paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5, out=out,
-                          config=cfg, k=b.k, v=b.v)
+                          config=kw, k=b.k, v=b.v)
             err = (out[:n].float() - ref).abs().max().item()
             ok = err <= 2e-2 and bool(out[n:].isnan().all())
             results[name] = dict(max_abs_err=err, ok=ok)
@@ -220,10 +235,14 @@ def _warm(cfgs: list, smoke: bool = False) -> list[str]:
     dev = torch.device("cpu" if smoke else "cuda")
     SHAPES["warm"] = (2, 48, 80) if not smoke else (1, 5, 9)
     p = make_problem("warm", dev)
+    SHAPES["warm0"] = (2, 0, 80)
+    p0 = make_problem("warm0", dev)  # no cached prefix: the has_prefix=False build of fresh=True variants
     errors = []
     for cfg in cfgs:
         try:
             run_kernel(p, cfg)()
+            if cfg and cfg.get("fresh_path"):
+                run_kernel(p0, cfg)()
         except Exception as e:  # reported again, with its name, by the timed process
             errors.append(f"{cfg}: {type(e).__name__}")
     if not smoke:
@@ -266,7 +285,8 @@ def smoke_setup() -> torch.device:
     SMOKE, DTYPE = True, torch.float32
     SHAPES.update(prefill=(2, 0, 40), long=(1, 0, 72), chunked=(2, 35, 20))
     VARIANTS = [VARIANTS[0], VARIANTS[1], _cfg("paged", 16, 16, 4, 1, blockwise=True, reverse=True),
-                _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32), _cfg("tma", 32, 32, 4, 1, pair=True, seq_vec=8)]
+                _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32),
+                _cfg("tma", 32, 32, 4, 1, pair=True, seq_vec=8, fresh=True)]
     return torch.device("cpu")
 
 

@@ -226,7 +226,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                    D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr,
                    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
                    USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                   LAZY_RESCALE: tl.constexpr):
+                   LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr):
     """Query tile q_tile (BLOCK_Q tokens x ROW_HEADS heads from head0) of sequence seq: attend and store."""
     ctx_len = seq_len - q_len
 
@@ -276,13 +276,15 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                                      USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
     else:
         # The cached prefix (every key before every row: only the window and its end are masked), then
-        # the chunk's own keys in tiles starting at ctx_len.
-        acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
-                                     head_off, kv_head, new_row0, 0, key_lo, ctx_len, free_lo, ctx_len,
-                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
-                                     d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
-                                     D_MASKED, BLOCK_SIZE, BLOCK_N_PAGED, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
-                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+        # the chunk's own keys in tiles starting at ctx_len. Without HAS_PREFIX (a launch of fresh prompts
+        # only) the block-table path is not compiled at all.
+        if HAS_PREFIX:
+            acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
+                                         head_off, kv_head, new_row0, 0, key_lo, ctx_len, free_lo, ctx_len,
+                                         q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
+                                         d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
+                                         D_MASKED, BLOCK_SIZE, BLOCK_N_PAGED, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
+                                         USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
         acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                      head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
                                      last_pos + 1, tl.maximum(free_lo, ctx_len), first_pos + 1,
@@ -356,6 +358,7 @@ def _paged_prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
     LAZY_RESCALE: tl.constexpr,  # rescale acc only when a row's max grew by more than 2^8
+    HAS_PREFIX: tl.constexpr,  # some sequence has cached keys before its chunk (the host knows; else fresh prompts)
 ):
     tile = tl.program_id(0)
     head0 = tl.program_id(1) * ROW_HEADS
@@ -375,7 +378,7 @@ def _paged_prefill_kernel(
                        seq, q_start, q_len, seq_len, n_q_tiles - 1 - slot, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE)
+                       KV_FP8, LAZY_RESCALE, HAS_PREFIX)
         if 2 * slot + 1 < n_q_tiles:
             _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr,
                            sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh,
@@ -383,7 +386,7 @@ def _paged_prefill_kernel(
                            stride_vt, stride_vh, seq, q_start, q_len, seq_len, slot, head0, kv_head,
                            ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                            BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
-                           DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX)
     else:
         if slot >= n_q_tiles:
             return
@@ -397,7 +400,7 @@ def _paged_prefill_kernel(
                        seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE)
+                       KV_FP8, LAZY_RESCALE, HAS_PREFIX)
 
 
 def _interpreting() -> bool:
@@ -462,6 +465,7 @@ def paged_prefill(
     v_scale: float = 1.0,
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    has_prefix: bool = True,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached tokens up to itself.
 
@@ -476,6 +480,8 @@ def paged_prefill(
     k, v: optionally this step's new K/V [num_tokens, num_kv_heads, head_dim] in q's dtype (what
     reshape_and_cache wrote; rows may be strided, e.g. views of a fused qkv, and must be finite); with
     them the chunk's own keys are read contiguously (config NEW_KV), the cached prefix through the table.
+    has_prefix=False promises that every sequence is a fresh prompt (seq_len == its query count), so with
+    k/v the kernel is compiled without its block-table path; it is ignored without k/v.
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
     BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC (see the kernel), maxnreg (optional); unset keys take the
     defaults.
@@ -540,6 +546,7 @@ def paged_prefill(
         REVERSE=bool(cfg["REVERSE"]),
         PAIR_TILES=int(bool(cfg["PAIR_TILES"])),
         LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
+        HAS_PREFIX=bool(has_prefix) or new_kv == NEW_KV_PAGED,
         SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,

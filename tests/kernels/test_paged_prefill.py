@@ -130,3 +130,17 @@ def test_paged_prefill_new_kv_arguments_are_checked():
         paged_prefill(*args, k=batch.k[:, :1], v=batch.v)
     with pytest.raises(ValueError, match="NEW_KV must be one of"):
         paged_prefill(*args, k=batch.k, v=batch.v, config=dict(NEW_KV="dense"))
+
+
+def test_paged_prefill_fresh_prompts_without_the_block_table_path():
+    # has_prefix=False (every sequence a fresh prompt): only the contiguous k/v are read, so a cache of NaN
+    # must not matter; the same call with has_prefix=True reads nothing from it either.
+    batch = make_batch([37, 20, 1], [37, 20, 1], 4, 2, 32, 16, torch.float32, DEVICE)
+    n = int(batch.query_start_loc[-1])
+    expected = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
+                                 batch.query_start_loc, 0.3)
+    poisoned_cache = torch.full_like(batch.kv_cache, float("nan"))
+    for has_prefix in (False, True):
+        out = paged_prefill(batch.q, poisoned_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.3,
+                            k=batch.k, v=batch.v, has_prefix=has_prefix, config=dict(NEW_KV="tma", BLOCK_N=16))
+        assert_close(out[:n], expected, torch.float32)
