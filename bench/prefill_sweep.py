@@ -10,7 +10,8 @@ Each variant of kernels/paged_prefill.py (a config dict: key source NEW_KV, tile
 BLOCK_N_PAGED, PACK_GQA, BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, maxnreg) is first checked
 on a mixed batch (a prompt, extends after cached prefixes, decodes, odd lengths, padding) against the torch
 reference and against SDPA on every shape it is timed on, then timed (median of triton.testing.do_bench);
-"best" counts only variants that passed every check. SDPA runs on the same K/V laid out contiguously (its
+"best" counts only variants that passed every check. The default config is also checked on the mixed batch
+in fp16, GQA groups 1 / 2 / 3 and head sizes 64 / 256. SDPA runs on the same K/V laid out contiguously (its
 own backend choice for the causal squares; the chunked shape's bottom-right causal mask through torch's
 causal_lower_right).
 The new tokens' K/V are views of one fused qkv buffer, as the model passes them, and are also written
@@ -220,6 +221,36 @@ def check_mixed(dev: torch.device) -> dict:
     return results
 
 
+def check_default_layouts(dev: torch.device) -> dict:
+    """The default config on other dtypes, GQA groups and head sizes than the timed shapes (each its own
+    compiled kernel): the mixed batch against the torch reference, at the dtype's test tolerance."""
+    from paged_cases import TOLERANCE, make_batch
+
+    steps = MIXED_STEPS if not SMOKE else [(40, 40), (30, 9), (1, 1)]
+    layouts = [(torch.float16, 4, 128), (torch.bfloat16, 3, 64), (torch.bfloat16, 1, 128), (torch.float16, 2, 256)]
+    results = {}
+    for dtype, group, d in layouts[: 2 if SMOKE else None]:
+        if SMOKE:
+            dtype = torch.float32
+        name = f"{str(dtype).split('.')[-1]} group {group} d {d}"
+        hkv = 8 // min(group, 4)
+        b = make_batch([s for s, _ in steps], [q for _, q in steps], group * hkv, hkv, d, BLOCK, dtype, dev,
+                       num_padding_tokens=5)
+        n = int(b.query_start_loc[-1])
+        ref = paged_prefill_ref(b.q[:n], b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, d ** -0.5)
+        try:
+            out = torch.full_like(b.q, float("nan"))
+            paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, d ** -0.5, out=out,
+                          k=b.k, v=b.v)
+            torch.testing.assert_close(out[:n].float(), ref.float(), **TOLERANCE[dtype])
+            assert out[n:].isnan().all(), "padding rows written"
+            results[name] = "ok"
+        except Exception as e:
+            results[name] = f"FAILED {type(e).__name__}: {str(e)[:300]}"
+        print(f"  default config, mixed batch, {name}: {results[name]}")
+    return results
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     a, b = out.float(), ref.float()
     if a.isnan().any():
@@ -318,6 +349,7 @@ def main() -> None:
 
     names = ["default" if c is None else _name(c) for c in VARIANTS]
     rows["mixed_batch"] = mixed = check_mixed(dev)
+    rows["default_layouts"] = check_default_layouts(dev)
     order = None
     for shape in ("prefill", "chunked", "long"):
         p = make_problem(shape, dev)
