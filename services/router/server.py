@@ -102,6 +102,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.metrics = metrics
 
     async def Generate(self, request: pb.GenerateRequest, context):
+        handler_ns = time.monotonic_ns()
         inp = request_from_pb(request, context.time_remaining(), self.core.limits)
         chunks = self.core.generate(inp)
         if self.metrics is not None:
@@ -133,7 +134,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     queue_ns=int((t.get("engine_queue_s") or 0) * 1e9),
                     time_to_first_token_ns=int((t.get("time_to_first_token_s") or 0) * 1e9),
                     total_ns=int((t.get("total_s") or 0) * 1e9)))
-                path = t.get("first_token_path") or []
+                path = [("router.handler", handler_ns), *(t.get("first_token_path") or [])]
                 if first_sent_ns:
                     path = [*path, ("router.sent", first_sent_ns)]
                 msg.timing.first_token_path.extend(common_pb2.Stamp(hop=h, monotonic_ns=n) for h, n in path)

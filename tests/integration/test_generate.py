@@ -137,7 +137,7 @@ def test_first_token_path_stamps_every_hop_in_order(stack):
     """The last message carries the first token's way through the processes (Timing.first_token_path):
     every hop, each instant no earlier than the one before, all between the client's send and the first
     token's arrival (one CLOCK_MONOTONIC on one host). bench/serving.py splits TTFT with it."""
-    want = ["router.received", "router.engine_call", "engine.received", "engine.admitted", "engine.scheduled",
+    want = ["router.handler", "router.received", "router.engine_call", "engine.received", "engine.admitted", "engine.scheduled",
             "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg", "router.chunk_ready",
             "router.sent"]
     ch, stub = router_stub(stack.router_address)
