@@ -62,18 +62,10 @@ class AbortCommand:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
                  change_fraction: float = 0.05, step_deadline_s: float = 5.0,
-                 on_fatal: Callable[[BaseException], None] | None = None, loop_turn_s: float = 0.0):
+                 on_fatal: Callable[[BaseException], None] | None = None):
         """`on_fatal` is called (on the event loop) when a step fails in a way the engine cannot go on
-        from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops.
-        `loop_turn_s` > 0: after each step the engine thread lets go of the GIL for at least that long,
-        and on until the event loop has run three rounds of callbacks (at most `MAX_TURN_S`), so the loop
-        sends the step's outputs on and hands over the requests that arrived (a new call takes a few
-        round trips through gRPC's poller) before the next step is scheduled. A GPU step's thread releases
-        the GIL only for microseconds at a time (kernel launches): a thread waiting for it can lose every
-        such race for a whole step, and a request it holds then misses that boundary (docs/router.md)."""
+        from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops."""
         self.engine = engine
-        self.loop_turn_s = loop_turn_s
-        self._turn = threading.Event()
         self._on_fatal = on_fatal
         self.fatal: BaseException | None = None
         """The error that ended the engine loop, if any."""
@@ -235,35 +227,11 @@ class AsyncEngine:
             if ready:  # one wake-up of the event loop per step, not one per request
                 self._loop.call_soon_threadsafe(_deliver, ready)
             self._publish_snapshot()
-            if self.loop_turn_s > 0:
-                self._give_loop_a_turn()
         for rid in list(self._queues):  # shutting down: end every stream
             out = eng.abort_request(rid)
             q = self._queues.pop(rid)
             if out is not None:
                 self._send(q, out)
-
-    _TURN_DEPTH = 3
-    """Loop iterations a turn lasts at least: the outputs delivered, the handlers they wake, what those wake."""
-    MAX_TURN_S = 0.005
-
-    def _give_loop_a_turn(self) -> None:
-        """Let go of the GIL for `loop_turn_s`, and on until the event loop has run `_TURN_DEPTH` rounds of
-        callbacks from now (the outputs delivered, the request handlers they wake, the sends those start),
-        at most `MAX_TURN_S` in all."""
-        start = time.monotonic()
-        self._turn.clear()
-        self._loop.call_soon_threadsafe(self._end_turn_after, self._TURN_DEPTH)
-        self._turn.wait(max(self.loop_turn_s, self.MAX_TURN_S))
-        rest = self.loop_turn_s - (time.monotonic() - start)
-        if rest > 0:
-            time.sleep(rest)
-
-    def _end_turn_after(self, rounds: int) -> None:
-        if rounds > 1:
-            self._loop.call_soon(self._end_turn_after, rounds - 1)
-        else:
-            self._turn.set()
 
     def _fail_all(self, exc: Exception) -> None:
         for rid, q in list(self._queues.items()):

@@ -54,10 +54,6 @@ class EngineServerConfig:
     switch_interval_ms: float | None = None
     """The interpreter's switch interval here (sys.setswitchinterval; None: Python's 5 ms): how long the
     server's event loop may wait for the GIL while the engine thread holds it (docs/router.md)."""
-    loop_turn_ms: float = 0.0
-    """After each step the engine thread lets go of the GIL this long, and on (up to 5 ms) until the event
-    loop has sent the step's outputs on, so requests that arrived meanwhile reach the next step (0: no
-    pause; docs/router.md)."""
     core_process: bool = False
     """Run the engine core (the step loop) in a process of its own, so this server's event loop never
     waits for the step thread's GIL (services/engine/core_process.py; docs/router.md)."""
@@ -271,8 +267,7 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
         if c.debug_gil_busy_ms > 0:
             engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
-        aengine = AsyncEngine(engine, on_change=on_change, step_deadline_s=c.step_deadline_s, on_fatal=on_fatal,
-                              loop_turn_s=c.loop_turn_ms / 1e3)
+        aengine = AsyncEngine(engine, on_change=on_change, step_deadline_s=c.step_deadline_s, on_fatal=on_fatal)
         aengine.start()
     model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     metrics = None
