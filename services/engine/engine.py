@@ -77,47 +77,14 @@ class LLMEngine:
         self.device = torch.device(dev)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.tokenizer = Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").exists() else None
-        backend = config.attention_backend or default_backend(str(self.device))
+        self.attention_backend = config.attention_backend or default_backend(str(self.device))
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        if config.tensor_parallel_size > 1:  # rank 0 of a group of processes (services/engine/parallel.py)
-            from services.engine.parallel import TensorParallelRunner
-
-            self.runner = TensorParallelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
-                                               config.block_size, config.load_format, config.tensor_parallel_size,
-                                               config.seed, config.tp_collective_timeout_s, config.kv_cache_dtype,
-                                               quantization=config.quantization)
-        else:
-            self.runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, backend,
-                                      config.block_size, config.load_format, kv_cache_dtype=config.kv_cache_dtype,
-                                      quantization=config.quantization)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # give loading's transient copies back before sizing the KV pool
-        mcfg = self.runner.cfg
-        self.vocab_size = mcfg.vocab_size
-        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
-        if self.max_model_len > mcfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len ({self.max_model_len}) exceeds the model's context length ({mcfg.max_position_embeddings})")
+        self.runner = self._load_runner()
+        self.vocab_size = self.runner.cfg.vocab_size
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
-        num_blocks = self._size_kv_pool()
-        capacity = num_blocks * config.block_size
-        if capacity < self.max_model_len and config.max_model_len is None:
-            # Not asked for explicitly: fit the context limit to the pool rather than refuse to start.
-            log.warning("max_model_len lowered from %d to %d to fit the KV pool", self.max_model_len, capacity)
-            self.max_model_len = capacity
-        if capacity < self.max_model_len:
-            raise ValueError(
-                f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one sequence of "
-                f"max_model_len {self.max_model_len}; give more KV memory or a smaller max_model_len")
-        self.runner.allocate_kv_cache(num_blocks)
-        if self.device.type == "cuda":
-            self.runner.warmup(self.max_model_len)
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_decode_graphs(min(config.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
-            if config.mixed_cuda_graphs:
-                self.runner.capture_mixed_graphs(min(config.max_mixed_graph_tokens, self.max_num_batched_tokens),
-                                                 config.max_num_seqs, self.max_model_len)
+        num_blocks = self._fit_kv_pool()
+        self._prepare_runner(num_blocks)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    sliding_window=self.runner.model.kv_sliding_window)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self._eos_from_config()
@@ -139,15 +106,64 @@ class LLMEngine:
         """The phase the current step is in (read by AsyncEngine's step watchdog from another thread)."""
         self.step_batch: tuple[int, int] = (0, 0)
         """(sequences, tokens) the current or last step computes."""
-        self.attention_backend = backend
         # What exists now (weights, the block pool's objects, graphs) lives as long as the engine:
         # keep the cyclic collector from walking it again at every collection during steps.
         gc.collect()
         gc.freeze()
         log.info("engine ready: %s on %s (%s), backend %s, KV pool %d tokens (%d blocks x %d, %s)",
-                 self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), backend,
+                 self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), self.attention_backend,
                  num_blocks * config.block_size, num_blocks, config.block_size,
                  str(self.runner.kv_dtype).removeprefix("torch."))
+
+    def _load_runner(self):
+        """The model on its device(s): one ModelRunner, or rank 0 of a tensor-parallel group of processes
+        (services/engine/parallel.py)."""
+        c = self.config
+        if c.tensor_parallel_size > 1:
+            from services.engine.parallel import TensorParallelRunner
+
+            runner = TensorParallelRunner(self.model_dir, self.hf_config, self.dtype, self.device,
+                                          self.attention_backend, c.block_size, c.load_format, c.tensor_parallel_size,
+                                          c.seed, c.tp_collective_timeout_s, c.kv_cache_dtype,
+                                          quantization=c.quantization)
+        else:
+            runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, self.attention_backend,
+                                 c.block_size, c.load_format, kv_cache_dtype=c.kv_cache_dtype,
+                                 quantization=c.quantization)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give loading's transient copies back before sizing the KV pool
+        return runner
+
+    def _fit_kv_pool(self) -> int:
+        """Size the KV pool (in blocks) and settle `max_model_len` against it and the model's context."""
+        c, context = self.config, self.runner.cfg.max_position_embeddings
+        self.max_model_len = c.max_model_len or context
+        if self.max_model_len > context:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's context length ({context})")
+        num_blocks = self._size_kv_pool()
+        capacity = num_blocks * c.block_size
+        if capacity < self.max_model_len and c.max_model_len is None:
+            # Not asked for explicitly: fit the context limit to the pool rather than refuse to start.
+            log.warning("max_model_len lowered from %d to %d to fit the KV pool", self.max_model_len, capacity)
+            self.max_model_len = capacity
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"num_kv_blocks: {num_blocks} blocks of {c.block_size} tokens cannot hold one sequence of "
+                f"max_model_len {self.max_model_len}; give more KV memory or a smaller max_model_len")
+        return num_blocks
+
+    def _prepare_runner(self, num_blocks: int) -> None:
+        """Allocate the KV pool; on CUDA compile every kernel (warm-up) and capture the step graphs."""
+        c = self.config
+        self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type != "cuda":
+            return
+        self.runner.warmup(self.max_model_len)
+        if not c.enforce_eager:
+            self.runner.capture_decode_graphs(min(c.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
+            if c.mixed_cuda_graphs:
+                self.runner.capture_mixed_graphs(min(c.max_mixed_graph_tokens, self.max_num_batched_tokens),
+                                                 c.max_num_seqs, self.max_model_len)
 
     def _eos_from_config(self) -> frozenset[int]:
         e = self.hf_config.get("eos_token_id")

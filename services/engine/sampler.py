@@ -7,6 +7,7 @@ one row at a time, so its samples do not depend on what else shares the batch.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from services.engine.request import Sequence
 from services.engine.structured import apply_bitmask
 
 _NEG_INF = float("-inf")
+_params_of = operator.attrgetter("params")
 
 
 def device_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -106,55 +108,68 @@ class Sampler:
         output, services/engine/structured.py) bans every token whose bit is clear, before anything else.
         Nothing here waits for the device: the tokens stay on it (the next step's inputs read them
         there) and their copy to the host is started; `DeviceSample.result()` waits for it."""
-        n, vocab = logits.shape
-        if indexes is None:
-            indexes = [s.index for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         x = logits if bitmask is None else apply_bitmask(logits, bitmask)
         # One pass over the batch's parameters: a batch that shares one SamplingParams (the offline
         # API's usual case) reads it once.
-        params = [s.params for s in seqs]
-        distinct = {id(p): p for p in params}.values()
-        if any(p.min_tokens or p.has_penalties or p.logit_bias for p in distinct) and any(
+        params = list(map(_params_of, seqs))
+        distinct = dict(zip(map(id, params), params)).values()
+        x = self._adjusted(x, logits, seqs, distinct, eos_ids)
+        tokens = self._draw(x, seqs, params, distinct, indexes)
+        return self._read_back(raw_logprobs, tokens, params, distinct)
+
+    def _adjusted(self, x: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence], distinct,
+                  eos_ids: frozenset[int]) -> torch.Tensor:
+        """`x` with logit bias, min_tokens' bans and penalties applied where some row asks for them (on a
+        copy: the raw logits stay untouched for logprobs)."""
+        if not any(p.min_tokens or p.has_penalties or p.logit_bias for p in distinct) or not any(
                 s.num_output_tokens < s.params.min_tokens or s.params.has_penalties or s.params.logit_bias
                 for s in seqs):
-            x = x.clone() if x is logits else x  # the raw logits stay untouched for logprobs
-            self._apply_logit_bias(x, seqs)
-            self._apply_min_tokens(x, seqs, eos_ids)
-            self._apply_penalties(x, seqs)
+            return x
+        x = x.clone() if x is logits else x
+        self._apply_logit_bias(x, seqs)
+        self._apply_min_tokens(x, seqs, eos_ids)
+        self._apply_penalties(x, seqs)
+        return x
 
-        if all(p.greedy for p in distinct):
-            g_rows, r_rows = range(n), []
-        else:
-            greedy = [p.greedy for p in params]
-            g_rows = [i for i, gr in enumerate(greedy) if gr]
-            r_rows = [i for i, gr in enumerate(greedy) if not gr]
-        if not r_rows:  # the common all-greedy batch: no index tensors, no host round trip
-            tokens = x.argmax(dim=-1)
-        else:
-            tokens = torch.empty(n, dtype=torch.long, device=logits.device)
-        if g_rows and r_rows:
-            idx = device_tensor(g_rows, logits.device)
+    def _draw(self, x: torch.Tensor, seqs: list[Sequence], params: list, distinct,
+              indexes: list[int] | None) -> torch.Tensor:
+        """One token per row, on the device: the argmax for greedy rows; for the others an exponential
+        race over their filtered distribution, seeded rows drawing from their own sample's generator."""
+        n, vocab = x.shape
+        if all(p.greedy for p in distinct):  # the common all-greedy batch: no index tensors, no host round trip
+            return x.argmax(dim=-1)
+        greedy = [p.greedy for p in params]
+        g_rows = [i for i, gr in enumerate(greedy) if gr]
+        r_rows = [i for i, gr in enumerate(greedy) if not gr]
+        tokens = torch.empty(n, dtype=torch.long, device=x.device)
+        if g_rows:
+            idx = device_tensor(g_rows, x.device)
             tokens[idx] = x[idx].argmax(dim=-1)
-        if r_rows:
-            idx = device_tensor(r_rows, logits.device)
-            probs = self._probs(x[idx], [seqs[i] for i in r_rows])
-            noise = torch.empty_like(probs)
-            unseeded = []
-            for j, i in enumerate(r_rows):
-                if seqs[i].params.seed is not None:
-                    noise[j].exponential_(generator=self._generator(seqs[i], indexes[i]))
-                else:
-                    unseeded.append(j)
-            if unseeded:
-                u = device_tensor(unseeded, logits.device)
-                noise[u] = torch.empty((len(unseeded), vocab), device=logits.device).exponential_(generator=self._global)
-            # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
-            tokens[idx] = (probs / noise).argmax(dim=-1)
+        idx = device_tensor(r_rows, x.device)
+        probs = self._probs(x[idx], [seqs[i] for i in r_rows])
+        noise = torch.empty_like(probs)
+        unseeded = []
+        for j, i in enumerate(r_rows):
+            if seqs[i].params.seed is not None:
+                index = seqs[i].index if indexes is None else indexes[i]
+                noise[j].exponential_(generator=self._generator(seqs[i], index))
+            else:
+                unseeded.append(j)
+        if unseeded:
+            u = device_tensor(unseeded, x.device)
+            noise[u] = torch.empty((len(unseeded), vocab), device=x.device).exponential_(generator=self._global)
+        # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
+        tokens[idx] = (probs / noise).argmax(dim=-1)
+        return tokens
 
+    @staticmethod
+    def _read_back(raw_logprobs: torch.Tensor, tokens: torch.Tensor, params: list, distinct) -> "DeviceSample":
+        """The sampled tokens with their raw logprobs (ranks and top-k where some row asked), their copy
+        to the host started."""
         sampled_lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
         if all(p.logprobs is None for p in distinct):
-            want, kmax = [None] * n, None
+            want, kmax = [None] * len(params), None
         else:
             want = [p.logprobs for p in params]
             kmax = max((k for k in want if k is not None), default=None)

@@ -169,11 +169,12 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Running sequences go first, oldest first, each taking what it has left to compute within the
         budget; when the pool is short the newest are preempted until this one fits. This is the
-        scheduler's one pass over the batch each step: a decode that needs no new block costs a few
-        attribute reads and one call."""
+        scheduler's one pass over the batch each step: a plain decode inside its last block costs a
+        few attribute reads and no call."""
         running, blocks, scheduled, seqs = self.running, self.blocks, out.scheduled, out.seqs
-        try_append = blocks.try_append
+        try_append, bs = blocks.try_append, blocks.block_size
         max_len = self.config.max_model_len or sys.maxsize
+        rows, tokens, plain = out.num_logit_rows, out.num_tokens, out.num_plain_decodes  # (locals: per sequence)
         # (Preempting removes sequences from the end of `running`, behind this one: iterating it stays valid.)
         for seq in running:
             if budget <= 0:
@@ -186,29 +187,43 @@ class Scheduler:
             if n <= 0 or (seq.num_pending and (num_tokens >= seq.max_num_tokens or num_tokens >= max_len)):
                 # (Its token in flight is its last by length: computing one more would only be thrown away.)
                 continue
-            copies = try_append(seq, n)
-            if copies is None:  # no room: preempt from the back until there is
-                while not blocks.can_append(seq, n):
-                    victim = running[-1]
-                    self._preempt(victim, out)
-                    if victim is seq:
-                        break
-                if seq.status is not SeqStatus.RUNNING:
-                    break  # it preempted itself: everything after it is gone too
-                copies = blocks.append(seq, n)
+            own = seq.request.plain
+            if n == 1 and own and start % bs:
+                # A plain sequence's partly filled block is its own (only forks share one) and holds
+                # this position: nothing to allocate or copy (BlockManager.try_append would say []).
+                copies = None
+            else:
+                copies = try_append(seq, n)
+                if copies is None:
+                    copies = self._make_room(seq, n, out)
+                    if copies is None:
+                        break  # it preempted itself: everything after it is gone too
             if copies:
                 out.block_copies += copies
             budget -= n
             if start + n == num_tokens and start >= seq.num_prompt_tokens:  # a decode: _place, inlined
-                scheduled.append(ScheduledSeq(seq, n, _NO_ROWS, out.num_logit_rows))
+                scheduled.append(ScheduledSeq(seq, n, _NO_ROWS, rows))
                 seqs.append(seq)
-                out.num_logit_rows += 1
-                out.num_tokens += n
-                if n == 1 and seq.request.plain:
-                    out.num_plain_decodes += 1
+                rows += 1
+                tokens += n
+                if n == 1 and own:
+                    plain += 1
             else:
+                out.num_logit_rows, out.num_tokens = rows, tokens
                 self._place(out, seq, n)
+                rows, tokens = out.num_logit_rows, out.num_tokens
+        out.num_logit_rows, out.num_tokens, out.num_plain_decodes = rows, tokens, plain
         return budget
+
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> list[tuple[int, int]] | None:
+        """Preempt from the back of `running` until `seq` can append n tokens, then append them (its
+        copy-on-write pairs); None if `seq` had to preempt itself."""
+        while not self.blocks.can_append(seq, n):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return None
+        return self.blocks.append(seq, n)
 
     @staticmethod
     def _place(out: SchedulerOutput, seq: Sequence, n: int) -> None:
@@ -347,7 +362,7 @@ class Scheduler:
         Returns the requests that got tokens and stream them, and those a sequence of ended."""
         touched: dict[str, Request] = {}
         finished = SeqStatus.FINISHED
-        max_len = self.config.max_model_len or sys.maxsize
+        last = (self.config.max_model_len or sys.maxsize) - 1  # the last position the context holds
         hits = []
         for i, (seq, tok, lp) in enumerate(zip(seqs, token_ids, logprobs)):
             if seq.status is finished:
@@ -364,7 +379,7 @@ class Scheduler:
             seq.cumulative_logprob += lp
             if top is not None and seq.logprobs is not None and top[i] is not None:
                 seq.logprobs.append(_logprob_entry(tok, lp, top[i]))
-            if pos >= seq.max_num_tokens - 1 or pos >= max_len - 1:
+            if pos >= seq.max_num_tokens - 1 or pos >= last:
                 hits.append(i)
             req = seq.request
             if req.first_token_time is None:
