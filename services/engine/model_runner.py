@@ -80,6 +80,8 @@ class ModelRunner:
         """The step's inputs. `block_tables` [num scheduled, >= max blocks] int32: row i is scheduled
         sequence i's table, 0-padded (BlockManager.table_rows). Host work is one pass over the
         scheduled sequences for their token ids; the rest is array arithmetic."""
+        if out.plain_decode:
+            return self._prepare_decodes(out, block_tables)
         bs = self.block_size
         n_seqs = len(out.scheduled)
         ids: list[int] = []
@@ -134,6 +136,28 @@ class ModelRunner:
             max_query_len=max(q_lens), max_seq_len=max(s_lens_list), query_lens_cpu=q_lens, seq_lens_cpu=s_lens_list,
         )
         return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos.astype(np.int64)), meta, put(rows))
+
+    def _prepare_decodes(self, out: SchedulerOutput, block_tables: np.ndarray) -> StepInputs:
+        """prepare() for the steady state, a step of plain decodes (SchedulerOutput.plain_decode): one
+        token per sequence at its computed length, row i sampling token i; the per-sequence work is two
+        list comprehensions."""
+        bs, seqs = self.block_size, out.seqs
+        n = len(seqs)
+        starts = [s.num_computed_tokens for s in seqs]
+        ids = [s.token_ids[c] for s, c in zip(seqs, starts)]  # (placeholders, under asynchronous scheduling)
+        pos = np.asarray(starts, dtype=np.int64)
+        s_lens = pos + 1
+        max_seq_len = int(s_lens.max())
+        max_blocks = -(-(-(-max_seq_len // bs)) // 16) * 16  # a steady row stride for the kernels
+        tables = np.ascontiguousarray(block_tables[:, :max_blocks])
+        slots = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
+        put = self._to_device
+        meta = AttentionMetadata(
+            num_seqs=n, num_tokens=n, query_start_loc=put(np.arange(n + 1, dtype=np.int32)),
+            seq_lens=put(s_lens.astype(np.int32)), block_tables=put(tables), slot_mapping=put(slots),
+            max_query_len=1, max_seq_len=max_seq_len, query_lens_cpu=[1] * n, seq_lens_cpu=s_lens.tolist(),
+        )
+        return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos), meta, put(np.arange(n, dtype=np.int64)))
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
