@@ -176,13 +176,27 @@ class ModelRunner:
         return self.model.logits(hidden[inputs.logit_rows])
 
     # --- warm-up and CUDA graphs ------------------------------------------------------------------
+    WARMUP_STEPS = (
+        ((33, 33), (7, 40), (1, 70)),  # a prefill chunk, an extend after cached tokens, a decode
+        ((33, 33),),                   # fresh prompts only: the prefill kernel without its block-table path,
+        ((32, 32), (16, 16)),          # one sequence and several, odd and 16-divisible token counts
+    )
+    """(new tokens, context incl. them) per sequence of each warm-up step. Triton compiles a kernel per
+    specialization (has_prefix; an integer argument equal to 1 or divisible by 16), and a compile inside
+    the first requests' steps costs them seconds (bench/throughput.py times from the first step)."""
+
     @torch.inference_mode()
     def warmup(self, max_model_len: int) -> None:
-        """Run one mixed step (a prefill chunk, an extend after cached tokens, a decode) on scratch
-        blocks so every kernel is compiled before the first request, not during it. The blocks'
-        contents are garbage afterwards, which is harmless: a sequence writes every slot it reads."""
+        """Run the WARMUP_STEPS on scratch blocks so every kernel specialization a step can need is
+        compiled before the first request, not during it. The blocks' contents are garbage afterwards,
+        which is harmless: a sequence writes every slot it reads."""
+        for lens in self.WARMUP_STEPS:
+            self._warm_step([(n, min(ctx, max_model_len)) for n, ctx in lens])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _warm_step(self, lens: list[tuple[int, int]]) -> None:
         bs = self.block_size
-        lens = [(33, 33), (7, 40), (1, min(max_model_len, 70))]  # (new tokens, context incl. them)
         blocks_per = [-(-ctx // bs) for _, ctx in lens]
         if sum(blocks_per) > self.kv_caches[0].shape[1]:
             return
@@ -203,7 +217,7 @@ class ModelRunner:
         q_lens = [n for n, _ in lens]
         dev = self.device
         meta = AttentionMetadata(
-            num_seqs=3, num_tokens=len(ids),
+            num_seqs=len(lens), num_tokens=len(ids),
             query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev),
             seq_lens=torch.tensor([c for _, c in lens], dtype=torch.int32, device=dev), block_tables=bt.to(dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev), max_query_len=max(q_lens),
@@ -211,8 +225,6 @@ class ModelRunner:
         )
         h = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_caches, meta)
         self.model.logits(h[-1:])
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_batch: int, max_model_len: int, record: Recorder | None = None) -> None:
