@@ -282,11 +282,11 @@ SPLIT_MAX_M = 64
 """Split-K is for decode-sized M; the workspace holds SPLIT_MAX_M x N sums (reserved at load)."""
 
 TUNED: dict[tuple[int, int, int], dict] = {
-    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/quant.py round 1's winners (2026-11-29).
-    (1, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
-    (1, 4096, 14336): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
-    (1, 6144, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
-    (1, 28672, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 1},
+    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/quant.py winners (2026-11-29; M = 1 from round 2).
+    (1, 4096, 4096): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 16},
+    (1, 4096, 14336): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 32},
+    (1, 6144, 4096): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 8},
+    (1, 28672, 4096): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 8},
     (16, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
     (16, 28672, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
     (64, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
