@@ -134,13 +134,9 @@ def fp8_w8a16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config
     k_per_split = triton.cdiv(blocks, split) * cfg["BLOCK_K"]
     split = triton.cdiv(k, k_per_split)
     atomic = cfg.pop("ATOMIC", True)
-    if split == 1 or atomic:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    out, ws, cnt = splitk.outputs(x, m, n, split, atomic)
     if m == 0:
-        return out if out.dim() == 2 else out.sum(0).to(x.dtype)
-    ws, cnt = splitk.workspace(x.device, m * n) if split > 1 and atomic else (out, out)
+        return splitk.finish(out, x.dtype)
     args = (x, weight, scale, out, ws, cnt, m, n, k, k_per_split, split, x.stride(0), weight.stride(0),
             out.stride(-2), out.stride(0) if out.dim() == 3 else 0)
     consts = dict(cfg, SPLIT=split > 1, ATOMIC=atomic, IEEE=x.dtype == torch.float32)
@@ -148,4 +144,4 @@ def fp8_w8a16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config
         _fp8_w8a16_kernel.warmup(*args, grid=(tiles, split), **consts)
         return None
     _fp8_w8a16_kernel[(tiles, split)](*args, **consts)
-    return out if out.dim() == 2 else out.sum(0).to(x.dtype)
+    return splitk.finish(out, x.dtype)

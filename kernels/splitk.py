@@ -73,6 +73,23 @@ def workspace(device: torch.device, elements: int) -> tuple[torch.Tensor, torch.
     return _WORKSPACES[torch.device(device)]
 
 
+def outputs(x: torch.Tensor, m: int, n: int, split: int, atomic: bool):
+    """(out, ws, cnt) for a GEMM of x [m, K] into [m, n] in `split` K-slices: out in x's dtype, through the
+    device's workspace when `atomic` (splitk_store's ATOMIC); else [split, m, n] float32 partials that
+    `finish` sums. ws and cnt are out itself where no workspace is needed (unsplit, not atomic, or m == 0)."""
+    if split == 1 or atomic:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    ws, cnt = workspace(x.device, m * n) if split > 1 and atomic and m > 0 else (out, out)
+    return out, ws, cnt
+
+
+def finish(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM's result from `outputs`' buffer: itself, or its partials summed in `dtype`."""
+    return out if out.dim() == 2 else out.sum(0).to(dtype)
+
+
 def split_for(tiles: int, blocks: int, sms: int, per_sm: int = 2, max_split: int = 16, min_blocks: int = 2) -> int:
     """How many K-slices (a power of two) give about `per_sm` programs per SM, each slice keeping at least
     `min_blocks` K-blocks."""
@@ -94,4 +111,4 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["splitk_store", "reserve", "workspace", "split_for", "sm_count"]
+__all__ = ["splitk_store", "reserve", "workspace", "outputs", "finish", "split_for", "sm_count"]

@@ -407,13 +407,9 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     per_split = triton.cdiv(blocks, split)
     split = triton.cdiv(blocks, per_split)
     atomic = cfg.pop("ATOMIC", True)
-    if split == 1 or atomic:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    out, ws, cnt = splitk.outputs(x, m, n, split, atomic)
     if m == 0:
-        return out if out.dim() == 2 else out.sum(0).to(x.dtype)
-    ws, cnt = splitk.workspace(x.device, m * n) if split > 1 and atomic else (out, out)
+        return splitk.finish(out, x.dtype)
     slabs = cfg.pop("SLABS", True) and rows == 128
     mode = _group_mode(group_size, k, rows, slabs or kind != "mma")
     forced = cfg.pop("GROUP_MODE", None)  # a sweep may try a more general mode, never a wrong one
@@ -438,7 +434,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         kernel.warmup(*args, grid=(tiles, split), **consts)
         return None
     kernel[(tiles, split)](*args, **consts)
-    return out if out.dim() == 2 else out.sum(0).to(x.dtype)
+    return splitk.finish(out, x.dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
