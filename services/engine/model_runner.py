@@ -191,7 +191,8 @@ class ModelRunner:
         compiled before the first request, not during it. The blocks' contents are garbage afterwards,
         which is harmless: a sequence writes every slot it reads."""
         for lens in self.WARMUP_STEPS:
-            self._warm_step([(n, min(ctx, max_model_len)) for n, ctx in lens])
+            ctxs = [min(ctx, max_model_len) for _, ctx in lens]  # a short max_model_len shortens each step
+            self._warm_step([(min(n, c), c) for (n, _), c in zip(lens, ctxs)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
