@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.step_trace import StepTrace  # noqa: E402
+
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
@@ -193,6 +195,7 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
         waste.clear()
         preempted = engine.scheduler.num_preemptions
         engine.step_timing = {}
+        trace = StepTrace(engine) if args.trace else None
         sync(args)
         t = time.perf_counter()
         if args.profile:
@@ -206,6 +209,9 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
             outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
         sync(args)
         secs = time.perf_counter() - t
+        trace_kinds = trace.print_table(f"async_scheduling={engine.async_scheduling}") if trace else None
+        if trace:
+            trace.detach()
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         assert n_out == sum(o for _, o in work), "every request must end at its own length"
         timing = dict(engine.step_timing)
@@ -221,7 +227,7 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
             "async_scheduling": engine.async_scheduling, "steps": steps, "ms_per_step": 1e3 * secs / steps,
             "host_ms_per_step": host_ms, "step_timing_ms": per_step,
             "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
-            "preemptions": engine.scheduler.num_preemptions - preempted,
+            "preemptions": engine.scheduler.num_preemptions - preempted, "step_trace": trace_kinds,
             "tensor_parallel_size": args.tensor_parallel_size}, [o.outputs[0].token_ids for o in outs]))
         del outs
     engine.step_timing = None
@@ -297,6 +303,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="run Folio under cProfile and print where the time goes")
     ap.add_argument("--step-timing", action="store_true",
                     help="accepted for old command lines: the host time of each step phase is always printed")
+    ap.add_argument("--trace", action="store_true",
+                    help="time each step's launch with CUDA events and print device time and idle gaps by step kind")
     ap.add_argument("--compare-async", action="store_true",
                     help="run Folio with asynchronous scheduling off and on (one engine) and print the ratio")
     ap.add_argument("--no-async-scheduling", action="store_true", help="run Folio with asynchronous scheduling off")

@@ -158,7 +158,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type != "cuda":
             return
-        self.runner.warmup(self.max_model_len)
+        self.runner.warmup(self.max_model_len, c.max_num_seqs, self.max_num_batched_tokens)
         if not c.enforce_eager:
             self.runner.capture_decode_graphs(min(c.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
             if c.mixed_cuda_graphs:

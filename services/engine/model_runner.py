@@ -182,17 +182,39 @@ class ModelRunner:
         ((32, 32), (16, 16)),          # one sequence and several, odd and 16-divisible token counts
     )
     """(new tokens, context incl. them) per sequence of each warm-up step. Triton compiles a kernel per
-    specialization (has_prefix; an integer argument equal to 1 or divisible by 16), and a compile inside
-    the first requests' steps costs them seconds (bench/throughput.py times from the first step)."""
+    specialization (has_prefix; an integer argument equal to 1 or divisible by 16; the prefill kernel's
+    own build for 32 sequences or more), and a compile inside the first requests' steps costs them
+    seconds (bench/throughput.py times from the first step). `warmup` adds, for fresh prompts and for
+    chunks after cached tokens, steps of 1, 2, 16, 33 and 48 sequences, and one step of the largest size."""
+    WARMUP_SEQ_COUNTS = (1, 2, 16, 33, 48)
+
+    @classmethod
+    def warmup_steps(cls, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int) -> list:
+        """Every warm-up step as [(new tokens, context incl. them)] per sequence, fitted to the limits."""
+        steps = [list(lens) for lens in cls.WARMUP_STEPS]
+        for n in cls.WARMUP_SEQ_COUNTS:
+            if n <= min(max_num_seqs, max_num_batched_tokens):
+                steps.append([(1, 1)] * n)  # fresh one-token prompts
+                steps.append([(1, 2)] * n)  # one new token after a cached one
+        # The largest step the scheduler can make: its activations' memory is taken from the device once,
+        # here, rather than inside the first big prefill, and its kernels compile on a long chunk.
+        seqs = max(1, min(max_num_seqs, 32, max_num_batched_tokens))
+        each = min(max_num_batched_tokens // seqs, max_model_len)
+        steps.append([(each, each)] * seqs)
+        fitted = []
+        for lens in steps:
+            ctxs = [min(ctx, max_model_len) for _, ctx in lens]  # a short max_model_len shortens each step
+            fitted.append([(min(n, c), c) for (n, _), c in zip(lens, ctxs)])
+        return fitted
 
     @torch.inference_mode()
-    def warmup(self, max_model_len: int) -> None:
-        """Run the WARMUP_STEPS on scratch blocks so every kernel specialization a step can need is
+    def warmup(self, max_model_len: int, max_num_seqs: int = 1, max_num_batched_tokens: int = 70) -> None:
+        """Run the warm-up steps on scratch blocks so every kernel specialization a step can need is
         compiled before the first request, not during it. The blocks' contents are garbage afterwards,
-        which is harmless: a sequence writes every slot it reads."""
-        for lens in self.WARMUP_STEPS:
-            ctxs = [min(ctx, max_model_len) for _, ctx in lens]  # a short max_model_len shortens each step
-            self._warm_step([(min(n, c), c) for (n, _), c in zip(lens, ctxs)])
+        which is harmless: a sequence writes every slot it reads. A step needing more blocks than the
+        pool holds is skipped."""
+        for lens in self.warmup_steps(max_model_len, max_num_seqs, max_num_batched_tokens):
+            self._warm_step(lens)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

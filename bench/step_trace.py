@@ -1,0 +1,127 @@
+"""Per-step trace of an engine run, for the benchmarks: where the GPU's time goes by kind of step.
+
+`StepTrace(engine)` wraps the engine's launch of each step (prepare, forward, sample) with CUDA events and
+host timestamps; nothing is synchronised while the run goes on. `summary()` (after a synchronize) groups the
+steps by kind -- plain decode, a mixed step a graph can hold (<= the largest mixed graph bucket), a larger
+mixed step -- and gives, per kind, the GPU span of a launch (its first event to its last: the device's work
+for the step, plus any time the device waited for the host to issue it), the device's idle gap before it
+(the previous launch's last event to this one's first: time nothing was queued), and the host's launch time.
+On CPU the events are absent and only host times are reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _triton_runtime_knobs():
+    try:
+        import triton
+
+        knobs = triton.knobs.runtime
+        return knobs if hasattr(knobs, "jit_post_compile_hook") else None
+    except (ImportError, AttributeError):
+        return None
+
+
+class StepTrace:
+    def __init__(self, engine):
+        self.engine = engine
+        self.cuda = engine.device.type == "cuda"
+        self.rows: list[dict] = []
+        self.mem0 = self._mem()
+        self.compiles: list[tuple[int, str]] = []
+        """(step index, kernel) of each Triton compile during the run: a compile in a timed run is a warm-up miss"""
+        self._launch = engine._launch
+        engine._launch = self._traced_launch
+        self._knobs = _triton_runtime_knobs()
+        if self._knobs is not None:
+            self._old_hook = self._knobs.jit_post_compile_hook
+            self._knobs.jit_post_compile_hook = self._on_compile
+
+    def detach(self) -> None:
+        self.engine._launch = self._launch
+        if self._knobs is not None:
+            self._knobs.jit_post_compile_hook = self._old_hook
+
+    def _on_compile(self, *args, **kwargs):
+        name = str(kwargs.get("repr") or kwargs.get("fn") or args[:1])
+        self.compiles.append((len(self.rows), name.split("(")[0][:120]))
+        return None
+
+    MEM_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+    def _mem(self) -> tuple[int, ...]:
+        """The caching allocator's counters: a device allocation, free or retry inside a step can block the host."""
+        if not self.cuda:
+            return ()
+        stats = torch.cuda.memory_stats()
+        return tuple(int(stats.get(k, 0)) for k in self.MEM_KEYS)
+
+    def _event(self):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def _traced_launch(self, out, prev):
+        t0, ev0 = time.perf_counter(), self._event()
+        result = self._launch(out, prev)
+        ev1, t1 = self._event(), time.perf_counter()
+        self.rows.append({"kind": self._kind(out), "tokens": out.num_tokens, "seqs": len(out.seqs),
+                          "host_ms": 1e3 * (t1 - t0), "ev": (ev0, ev1), "mem": self._mem()})
+        return result
+
+    def _kind(self, out) -> str:
+        if out.plain_decode or out.num_tokens == len(out.seqs):
+            return "decode"
+        graphs = self.engine.runner.graphs
+        top = max(graphs.mixed) if graphs is not None and graphs.mixed else 0
+        return "mixed<=graph" if out.num_tokens <= top else "mixed>graph"
+
+    def summary(self) -> dict[str, dict]:
+        """kind -> steps, mean tokens, and total / mean milliseconds of GPU span, idle gap and host launch."""
+        kinds: dict[str, dict] = {}
+        prev_end = None
+        for r in self.rows:
+            k = kinds.setdefault(r["kind"], {"steps": 0, "tokens": 0, "span_ms": 0.0, "gap_ms": 0.0, "host_ms": 0.0})
+            k["steps"] += 1
+            k["tokens"] += r["tokens"]
+            k["host_ms"] += r["host_ms"]
+            ev0, ev1 = r["ev"]
+            if ev0 is not None:
+                k["span_ms"] += ev0.elapsed_time(ev1)
+                if prev_end is not None:
+                    k["gap_ms"] += prev_end.elapsed_time(ev0)
+                prev_end = ev1
+        return kinds
+
+    def print_table(self, label: str = "") -> dict[str, dict]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        kinds = self.summary()
+        print(f"\nstep trace {label}: per kind, total ms (mean per step); span = device time of a launch, "
+              "gap = device idle before it")
+        print(f"{'kind':<14}{'steps':>6}{'tok/step':>9}{'span ms':>16}{'gap ms':>16}{'host launch ms':>18}")
+        for name, k in kinds.items():
+            n = k["steps"]
+            print(f"{name:<14}{n:>6}{k['tokens'] / n:>9.0f}{k['span_ms']:>9.1f} ({k['span_ms'] / n:>5.2f})"
+                  f"{k['gap_ms']:>9.1f} ({k['gap_ms'] / n:>5.2f}){k['host_ms']:>11.1f} ({k['host_ms'] / n:>5.2f})")
+        slow = sorted(range(len(self.rows)), key=lambda i: -self.rows[i]["host_ms"])[:6]
+        print("slowest launches (step: kind tokens host ms): " + ", ".join(
+            f"{i}: {self.rows[i]['kind']} {self.rows[i]['tokens']} {self.rows[i]['host_ms']:.1f}" for i in sorted(slow)))
+        print(f"Triton compiles during the run: {len(self.compiles)}"
+              + "".join(f"\n  step {i}: {name}" for i, name in self.compiles[:20]))
+        kinds["compiles"] = len(self.compiles)
+        if self.rows and self.cuda:
+            prev, grew = self.mem0, []
+            for i, r in enumerate(self.rows):
+                if r["mem"] != prev:
+                    grew.append(f"{i}: " + " ".join(f"{k[4:]}+{b - a}" for k, a, b in zip(self.MEM_KEYS, prev, r["mem"]) if b != a))
+                prev = r["mem"]
+            print(f"steps where the allocator went to the device: {len(grew)}" + "".join(f"\n  {g}" for g in grew[:12]))
+            kinds["allocator_steps"] = len(grew)
+        return kinds
