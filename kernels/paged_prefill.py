@@ -29,8 +29,6 @@ contiguous k/v are not quantized, so an fp8 cache reads every key through the bl
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.paged_checks import check_kv_scales, check_paged_inputs
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
+from kernels.paged_prefill_configs import select_config
 
 # Where the chunk's own keys come from (the NEW_KV constexpr).
 NEW_KV_PAGED, NEW_KV_PTR, NEW_KV_TMA = 0, 1, 2
@@ -174,15 +173,35 @@ def _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, 
 
 
 @triton.jit
+def _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head, new_row0,
+          start, a, b, offs_n, q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb,
+          stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE: tl.constexpr, MASKED: tl.constexpr,
+          D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr,
+          HEAD_DIM: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
+          DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+    """One BLOCK_N tile of keys from `start`: load it and fold it into the online softmax."""
+    k, v, pos, valid = _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head, new_row0,
+                                start, a, b, offs_n, offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh,
+                                stride_vt, stride_vh, SOURCE, MASKED, D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE,
+                                HEAD_DIM)
+    return _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale, softcap_in,
+                           softcap_out2, MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                           LAZY_RESCALE)
+
+
+@triton.jit
 def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
                  new_row0, origin, a, b, free_a, free_b, q_pos, slopes2, window, qk_scale, softcap_in,
                  softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt,
                  stride_vh, SOURCE: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr, HEAD_DIM: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+                 LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr):
     """Keys [a, b) of one source in BLOCK_N tiles starting at `origin`. Keys in [free_a, free_b) are
-    visible to every row (free_a >= a, free_b <= b): tiles wholly inside take the unmasked loop."""
+    visible to every row (free_a >= a, free_b <= b): tiles wholly inside take the unmasked loop, which
+    alone carries the tl.range attributes (LOOP_STAGES > 0: its own pipeline depth; LOOP_UNROLL > 1;
+    LOOP_WS: Triton's automatic warp specialization); the masked edges are a tile or two."""
     offs_n = tl.arange(0, BLOCK_N)
     t_lo = (a - origin) // BLOCK_N
     t_hi = tl.where(b > a, tl.cdiv(b - origin, BLOCK_N), t_lo)
@@ -190,29 +209,51 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
     f_hi = tl.minimum(tl.maximum((free_b - origin) // BLOCK_N, f_lo), t_hi)
     if USE_WINDOW:  # the window's leading edge; without a window a == free_a and this loop is empty
         for t in range(t_lo, f_lo):
-            k, v, pos, valid = _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
-                                        new_row0, origin + t * BLOCK_N, a, b, offs_n, offs_d, d_ok, stride_cb,
-                                        stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE, True,
-                                        D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM)
-            acc, m_i, l_i = _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale,
-                                            softcap_in, softcap_out2, True, USE_SOFTCAP, USE_ALIBI, USE_WINDOW,
-                                            DOT_PRECISION, KV_FP8, LAZY_RESCALE)
-    for t in range(f_lo, f_hi):
-        k, v, pos, valid = _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
-                                    new_row0, origin + t * BLOCK_N, a, b, offs_n, offs_d, d_ok, stride_cb,
-                                    stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE, False,
-                                    D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM)
-        acc, m_i, l_i = _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale,
-                                        softcap_in, softcap_out2, False, USE_SOFTCAP, USE_ALIBI, USE_WINDOW,
-                                        DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                                  kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                                  qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, SOURCE, True, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                                  LAZY_RESCALE)
+    if LOOP_WS:
+        for t in tl.range(f_lo, f_hi, warp_specialize=True):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                                  kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                                  qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                                  LAZY_RESCALE)
+    elif LOOP_STAGES > 0:
+        for t in tl.range(f_lo, f_hi, num_stages=LOOP_STAGES, loop_unroll_factor=LOOP_UNROLL):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                                  kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                                  qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                                  LAZY_RESCALE)
+    elif LOOP_UNROLL > 1:
+        for t in tl.range(f_lo, f_hi, loop_unroll_factor=LOOP_UNROLL):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                                  kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                                  qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                                  LAZY_RESCALE)
+    else:
+        for t in range(f_lo, f_hi):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                                  kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                                  qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                                  LAZY_RESCALE)
     for t in range(f_hi, t_hi):
-        k, v, pos, valid = _load_kv(k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head,
-                                    new_row0, origin + t * BLOCK_N, a, b, offs_n, offs_d, d_ok, stride_cb,
-                                    stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE, True,
-                                    D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM)
-        acc, m_i, l_i = _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale,
-                                        softcap_in, softcap_out2, True, USE_SOFTCAP, USE_ALIBI, USE_WINDOW,
-                                        DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+        acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                              kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                              qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                              stride_kh, stride_vt, stride_vh, SOURCE, True, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                              BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                              LAZY_RESCALE)
     return acc, m_i, l_i
 
 
@@ -226,7 +267,8 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                    D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr,
                    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
                    USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                   LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr):
+                   LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr,
+                   LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr):
     """Query tile q_tile (BLOCK_Q tokens x ROW_HEADS heads from head0) of sequence seq: attend and store."""
     ctx_len = seq_len - q_len
 
@@ -240,6 +282,11 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
     q_rows = (q_start + q_idx).to(tl.int64)
     q = load_tile(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                   row_valid, d_ok, True, D_MASKED, "")
+    if Q_SCALED and not (USE_SOFTCAP or USE_ALIBI):
+        # Fold the base-2 softmax scale into q once (rounded to q's dtype, as FlashAttention-3 does) rather
+        # than scale each tile's scores; soft-cap and ALiBi need the raw scores, so they keep the scale.
+        q = (q.to(tl.float32) * qk_scale).to(q.dtype)
+        qk_scale = 1.0
 
     if USE_SINKS:
         # The sink is a key with logit sinks[h] and no value: start the running max and sum from it.
@@ -273,7 +320,8 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                                      q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
                                      D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
-                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
     else:
         # The cached prefix (every key before every row: only the window and its end are masked), then
         # the chunk's own keys in tiles starting at ctx_len. Without HAS_PREFIX (a launch of fresh prompts
@@ -284,14 +332,16 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                                          q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
                                          d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
                                          D_MASKED, BLOCK_SIZE, BLOCK_N_PAGED, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
-                                         USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+                                         USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
         acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                      head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
                                      last_pos + 1, tl.maximum(free_lo, ctx_len), first_pos + 1,
                                      q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, NEW_KV,
                                      D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
-                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE)
+                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -359,6 +409,10 @@ def _paged_prefill_kernel(
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
     LAZY_RESCALE: tl.constexpr,  # rescale acc only when a row's max grew by more than 2^8
     HAS_PREFIX: tl.constexpr,  # some sequence has cached keys before its chunk (the host knows; else fresh prompts)
+    Q_SCALED: tl.constexpr,  # fold the softmax scale into q once (not with soft-cap or ALiBi)
+    LOOP_STAGES: tl.constexpr,  # > 0: tl.range(num_stages=) on the unmasked key loop
+    LOOP_UNROLL: tl.constexpr,  # > 1: tl.range(loop_unroll_factor=) on it
+    LOOP_WS: tl.constexpr,  # tl.range(warp_specialize=True) on it
 ):
     tile = tl.program_id(0)
     head0 = tl.program_id(1) * ROW_HEADS
@@ -378,7 +432,7 @@ def _paged_prefill_kernel(
                        seq, q_start, q_len, seq_len, n_q_tiles - 1 - slot, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE, HAS_PREFIX)
+                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
         if 2 * slot + 1 < n_q_tiles:
             _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr,
                            sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh,
@@ -386,7 +440,7 @@ def _paged_prefill_kernel(
                            stride_vt, stride_vh, seq, q_start, q_len, seq_len, slot, head0, kv_head,
                            ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                            BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
-                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX)
+                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
     else:
         if slot >= n_q_tiles:
             return
@@ -400,25 +454,7 @@ def _paged_prefill_kernel(
                        seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE, HAS_PREFIX)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    elif dtype == torch.float32 or head_dim >= 256:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    else:  # H200, d 128, bf16 (bench/prefill_sweep.py, bench/results/prefill_2026-11-29_h200.md)
-        # round 2: two 8-warp programs per SM (128 registers), 2 stages: 429 TFLOP/s (86% of SDPA) on 8x2048
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128)
-    # The chunk's own keys through TMA from the step's k/v (when given; else the block table).
-    cfg.update(NEW_KV="tma", BLOCK_N_PAGED=None, PACK_GQA=True, BLOCKWISE=False, REVERSE=True, PAIR_TILES=False,
-               LAZY_RESCALE=False, SEQ_VEC=32)
-    return cfg
+                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
 
 
 def _new_kv_mode(mode: str, k: torch.Tensor | None, v: torch.Tensor | None, q: torch.Tensor,
@@ -467,6 +503,7 @@ def paged_prefill(
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     has_prefix: bool = True,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached tokens up to itself.
 
@@ -483,9 +520,11 @@ def paged_prefill(
     them the chunk's own keys are read contiguously (config NEW_KV), the cached prefix through the table.
     has_prefix=False promises that every sequence is a fresh prompt (seq_len == its query count), so with
     k/v the kernel is compiled without its block-table path; it is ignored without k/v.
+    max_query_len: the longest sequence's query count, if the host knows it (else num_tokens bounds it); with
+    has_prefix, head_dim, the group and the dtype it picks the config (kernels/paged_prefill_configs.py).
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
-    BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC (see the kernel), maxnreg (optional); unset keys take the
-    defaults.
+    BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS (see the
+    kernel), maxnreg (optional); unset keys take the selected config's.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -506,7 +545,10 @@ def paged_prefill(
     if num_seqs == 0 or num_tokens == 0:
         return out
     group = num_heads // num_kv_heads
-    cfg = dict(_prefill_config(head_dim, q.dtype), **(config or {}))
+    if max_query_len is not None and max_query_len < 0:
+        raise ValueError(f"max_query_len must be >= 0; got {max_query_len}")
+    longest = num_tokens if max_query_len is None else max_query_len
+    cfg = dict(select_config(head_dim, group, q.dtype, has_prefix, longest), **(config or {}))
     row_heads = group if cfg["PACK_GQA"] else 1
     block_m = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(row_heads))
     block_q = block_m // row_heads
@@ -548,6 +590,10 @@ def paged_prefill(
         PAIR_TILES=int(bool(cfg["PAIR_TILES"])),
         LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
         HAS_PREFIX=bool(has_prefix) or new_kv == NEW_KV_PAGED,
+        Q_SCALED=bool(cfg.get("Q_SCALED")),
+        LOOP_STAGES=int(cfg.get("LOOP_STAGES") or 0),
+        LOOP_UNROLL=int(cfg.get("LOOP_UNROLL") or 0),
+        LOOP_WS=bool(cfg.get("LOOP_WS")),
         SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,

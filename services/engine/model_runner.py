@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.paged_prefill_configs import forced_config, table_configs
 from services.engine.attention import get_attention_backend
 from services.engine.attention.kv_quant import FP8_KV_DTYPE, fp8_zeros, resolve_kv_cache_dtype
 from services.engine.attention.metadata import AttentionMetadata
@@ -212,11 +213,26 @@ class ModelRunner:
         """Run the warm-up steps on scratch blocks so every kernel specialization a step can need is
         compiled before the first request, not during it. The blocks' contents are garbage afterwards,
         which is harmless: a sequence writes every slot it reads. A step needing more blocks than the
-        pool holds is skipped."""
-        for lens in self.warmup_steps(max_model_len, max_num_seqs, max_num_batched_tokens):
-            self._warm_step(lens)
+        pool holds is skipped. The prefill kernel picks its config per launch from a table
+        (kernels/paged_prefill_configs.py): the steps that reach it (some sequence brings more than one
+        token) run again under each other config the table can pick for this model, so every one is
+        compiled here."""
+        steps = self.warmup_steps(max_model_len, max_num_seqs, max_num_batched_tokens)
+        for i, cfg in enumerate(self._prefill_configs()):
+            with forced_config(cfg):
+                for lens in steps:
+                    if i == 0 or max(n for n, _ in lens) > 1:
+                        self._warm_step(lens)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _prefill_configs(self) -> list[dict | None]:
+        """The prefill kernel's configs the dispatch table can pick for this model; [None] (the backend's own
+        choice, once) for a backend without it."""
+        if self.backend.name != "triton":
+            return [None]
+        c = self.cfg
+        return table_configs(c.head_dim, c.num_attention_heads // c.num_key_value_heads, self.dtype)
 
     def _warm_step(self, lens: list[tuple[int, int]]) -> None:
         bs = self.block_size

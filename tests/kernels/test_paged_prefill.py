@@ -70,6 +70,8 @@ STRUCTURES = [
     dict(NEW_KV="tma", SEQ_VEC=8),  # each program finds its sequence with vector loads, not a binary search
     dict(NEW_KV="tma", BLOCK_N=16, BLOCK_N_PAGED=32),  # the cached prefix in wider tiles than the chunk
     dict(NEW_KV="tma", PAIR_TILES=True, SEQ_VEC=8),  # two query tiles per program (37 tokens: 5 tiles of 8)
+    dict(NEW_KV="tma", Q_SCALED=True, LOOP_STAGES=3, LOOP_UNROLL=2),  # scale folded into q; tl.range attributes
+    dict(NEW_KV="paged", BLOCK_N=16, Q_SCALED=True, LOOP_WS=True),
 ]
 
 

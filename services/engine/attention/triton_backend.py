@@ -41,7 +41,8 @@ class TritonAttentionBackend:
             # A step of fresh prompts only compiles without the block-table path (the lists are host-side).
             has_prefix = any(s != n for s, n in zip(meta.seq_lens_cpu, meta.query_lens_cpu))
             paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, params.scale,
-                          out=out, k=k, v=v, has_prefix=has_prefix, **variants)
+                          out=out, k=k, v=v, has_prefix=has_prefix, max_query_len=meta.max_query_len,
+                          **variants)
         if num_real < q.shape[0]:
             out[num_real:].zero_()  # padding rows of an eager step
         return out

@@ -1,0 +1,95 @@
+"""Launch configs of the paged prefill kernel: the default rules and a dispatch table filled from the H200 sweep.
+
+No single config won every prefill shape on the H200 (bench/results/prefill_2026-11-29_h200.md), so the
+launcher picks per launch from what it knows without a device sync: head_dim, the GQA group, the dtype's
+width, whether any sequence has a cached prefix (the backend's has_prefix) and the longest query chunk
+(max_query_len, or the token count as its upper bound) in QUERY_BUCKETS. Keys missing from the table take
+the default rules. `bench/prefill_sweep.py` prints the table it would write from its winners.
+
+Every config the table can pick for a model is a separate compiled kernel: the engine's warm-up runs its
+steps once under each (`table_configs`, `forced_config`) so no compile lands in a served step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+# Every key a config may set, with the default rules' values for a 16-bit d-128 launch on the H200
+# (round 2's best on 8 x 2048: two 8-warp programs per SM under a 128-register cap, 2 stages).
+BASE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128, NEW_KV="tma", BLOCK_N_PAGED=None,
+            PACK_GQA=True, BLOCKWISE=False, REVERSE=True, PAIR_TILES=False, LAZY_RESCALE=False, SEQ_VEC=32,
+            Q_SCALED=False, LOOP_STAGES=0, LOOP_UNROLL=0, LOOP_WS=False)
+
+# The longest query chunk of the launch: < 1024 (chunks, extends, decodes mixed in), < 4096, >= 4096.
+QUERY_BUCKETS = (1024, 4096)
+
+# (head_dim, group, dtype bytes, has_prefix, query bucket) -> the keys that differ from BASE.
+# Filled from bench/results/prefill_sweep_2026-11-29_h200_round2.json (32 q / 8 kv heads, d 128, bf16):
+# 1 x 8192: 3 stages without the register cap 93% of SDPA against BASE's 87%; 8 x 2048 and
+# 8 x (2048 + 512): BASE itself (86%, 126%).
+TABLE: dict[tuple, dict] = {
+    (128, 4, 2, False, 2): dict(num_stages=3, maxnreg=None),
+}
+
+_forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def query_bucket(max_query_len: int) -> int:
+    return sum(max_query_len >= b for b in QUERY_BUCKETS)
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """The rules for launches the table does not cover."""
+    cfg = dict(BASE)
+    if _interpreting():
+        cfg.update(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, maxnreg=None)
+    elif dtype == torch.float32 or head_dim >= 256:
+        cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, maxnreg=None)
+    return cfg
+
+
+def table_key(head_dim: int, group: int, dtype: torch.dtype, has_prefix: bool, max_query_len: int) -> tuple:
+    return (head_dim, group, torch.empty((), dtype=dtype).element_size(), bool(has_prefix),
+            query_bucket(max_query_len))
+
+
+def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: bool, max_query_len: int) -> dict:
+    """The config for one launch: a forced one (warm-up), else the table's entry over BASE, else the rules.
+    Under TRITON_INTERPRET the table is skipped (its tiles are the GPU's, slow to interpret)."""
+    forced = _forced.get()
+    if forced is not None:
+        return dict(forced)
+    entry = None if _interpreting() else TABLE.get(table_key(head_dim, group, dtype, has_prefix, max_query_len))
+    if entry is None or dtype == torch.float32:
+        return default_config(head_dim, dtype)
+    return dict(BASE, **entry)
+
+
+def table_configs(head_dim: int, group: int, dtype: torch.dtype) -> list[dict]:
+    """Every distinct config select_config can return for this head layout and dtype (any has_prefix, any
+    query length): what a warm-up must compile."""
+    out = []
+    for has_prefix in (False, True):
+        for bucket_len in (0, *QUERY_BUCKETS):
+            cfg = select_config(head_dim, group, dtype, has_prefix, bucket_len)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+@contextlib.contextmanager
+def forced_config(cfg: dict | None):
+    """Within the block every paged_prefill launch without an explicit config uses `cfg` (None: no change)."""
+    token = _forced.set(None if cfg is None else dict(cfg))
+    try:
+        yield
+    finally:
+        _forced.reset(token)

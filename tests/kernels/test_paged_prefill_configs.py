@@ -1,0 +1,62 @@
+"""The prefill kernel's dispatch table (kernels/paged_prefill_configs.py): keys, fallbacks, forced configs,
+and that a launch uses the config the table picks."""
+
+import pytest
+import torch
+
+import kernels.paged_prefill as pp
+from kernels import paged_prefill_configs as pc
+from paged_cases import make_batch
+
+
+@pytest.fixture
+def on_gpu_rules(monkeypatch):
+    """The table as the GPU sees it (the interpreter skips it), with two made-up entries."""
+    monkeypatch.setattr(pc, "_interpreting", lambda: False)
+    monkeypatch.setattr(pc, "TABLE", {(128, 4, 2, False, 2): dict(num_stages=3, maxnreg=None),
+                                      (128, 4, 2, True, 0): dict(BLOCK_N=32)})
+
+
+def test_query_buckets():
+    assert [pc.query_bucket(n) for n in (1, 1023, 1024, 4095, 4096, 10 ** 6)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_select_config_uses_the_table_then_the_rules(on_gpu_rules):
+    long_fresh = pc.select_config(128, 4, torch.bfloat16, False, 8192)
+    assert long_fresh == dict(pc.BASE, num_stages=3, maxnreg=None)
+    assert pc.select_config(128, 4, torch.float16, False, 8192) == long_fresh  # keyed on the dtype's width
+    assert pc.select_config(128, 4, torch.bfloat16, True, 512)["BLOCK_N"] == 32
+    assert pc.select_config(128, 4, torch.bfloat16, False, 2048) == pc.BASE  # no entry: the rules
+    assert pc.select_config(128, 2, torch.bfloat16, False, 8192) == pc.BASE  # another group
+    assert pc.select_config(128, 4, torch.float32, False, 8192)["BLOCK_M"] == 64  # fp32: the rules'
+    with pc.forced_config(dict(pc.BASE, BLOCK_N=16)):
+        assert pc.select_config(128, 4, torch.bfloat16, False, 8192)["BLOCK_N"] == 16
+    assert pc.select_config(128, 4, torch.bfloat16, False, 8192) == long_fresh
+
+
+def test_table_configs_lists_each_pick_once(on_gpu_rules):
+    cfgs = pc.table_configs(128, 4, torch.bfloat16)
+    assert len(cfgs) == 3 and pc.BASE in cfgs
+    assert pc.table_configs(64, 4, torch.bfloat16) == [pc.BASE]
+
+
+def test_interpreter_uses_one_small_config():
+    # tests/conftest.py sets TRITON_INTERPRET=1: whatever the table says, one config (small tiles).
+    cfgs = pc.table_configs(128, 4, torch.bfloat16)
+    assert len(cfgs) == 1 and cfgs[0]["BLOCK_M"] == 32
+
+
+def test_launch_takes_the_forced_config_and_max_query_len(monkeypatch):
+    seen = []
+    real = pp.select_config
+    monkeypatch.setattr(pp, "select_config", lambda *a: seen.append(a) or real(*a))
+    b = make_batch([20, 9], [20, 3], 8, 2, 32, 16, torch.float32, torch.device("cpu"))
+    args = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, 0.3)
+    with pc.forced_config(dict(pc.default_config(32, torch.float32), BLOCK_N=16)):
+        ref = pp.paged_prefill(*args, k=b.k, v=b.v, max_query_len=20)
+    assert seen[-1] == (32, 4, torch.float32, True, 20)
+    pp.paged_prefill(*args, k=b.k, v=b.v)
+    assert seen[-1][-1] == b.q.shape[0]  # without max_query_len: the token count bounds it
+    torch.testing.assert_close(ref, pp.paged_prefill(*args, k=b.k, v=b.v), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_query_len"):
+        pp.paged_prefill(*args, max_query_len=-1)
