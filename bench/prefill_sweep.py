@@ -43,6 +43,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from kernels.paged_prefill import paged_prefill, paged_prefill_ref  # noqa: E402
+from kernels.paged_prefill_configs import BASE, select_config, table_configs, table_key  # noqa: E402
 from kernels.reshape_and_cache import reshape_and_cache  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
@@ -54,74 +55,56 @@ SHAPES = {  # name: (sequences, cached prefix, new tokens)
 }
 
 
-def _cfg(new_kv, m, n, w, s, pack=True, blockwise=False, reverse=False, lazy=False, maxnreg=None, seq_vec=0,
-         n_paged=None, pair=False, fresh=False):
-    """A config for paged_prefill; fresh=True (not a kernel key) also passes has_prefix=False on the shapes
-    without a cached prefix, as the triton backend does for a step of fresh prompts."""
+def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
+         seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False):
+    """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
-                BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, fresh_path=fresh)
+                BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
+                LOOP_WS=ws)
 
 
-def _name(c: dict) -> str:
+def _name(c: dict | None) -> str:
+    if c is None:
+        return "table"
     flags = "".join(f" {f}" for f, on in ((f"Np{c['BLOCK_N_PAGED']}", c["BLOCK_N_PAGED"]), ("pair", c["PAIR_TILES"]),
-                                          ("fresh", c["fresh_path"]),
                                           ("nopack", not c["PACK_GQA"]), ("blockwise", c["BLOCKWISE"]),
                                           ("rev", c["REVERSE"]), ("lazy", c["LAZY_RESCALE"]),
                                           (f"maxnreg{c['maxnreg']}", c["maxnreg"]),
-                                          (f"seqvec{c['SEQ_VEC']}", c["SEQ_VEC"])) if on)
+                                          (f"seqvec{c['SEQ_VEC']}", c["SEQ_VEC"]), ("qs", c["Q_SCALED"]),
+                                          (f"ls{c['LOOP_STAGES']}", c["LOOP_STAGES"]),
+                                          (f"unroll{c['LOOP_UNROLL']}", c["LOOP_UNROLL"]), ("ws", c["LOOP_WS"])) if on)
     return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
-# Round 1 (bench/results/prefill_sweep_2026-11-29_h200_round1.json): TMA for the chunk's own keys, 128 rows,
-# 64-key tiles, 8 warps, 3 stages, reversed tiles was the best on every shape together; one block-table lookup
-# per block and lazy rescaling lost badly. The 8 x 2048 shape runs at ~80% of the 8192-token one, so a fixed
-# cost per program (the chain of dependent loads before the first tile, the pipeline fill, the epilogue) is
-# ~1/3 of an average program's work: this round tries cutting it (SEQ_VEC, PAIR_TILES, two programs per SM,
-# a build without the block-table path for steps of fresh prompts) and wider tiles for the cached prefix
-# (BLOCK_N_PAGED).
+# Round 2 (bench/results/prefill_sweep_2026-11-29_h200_round2.json): no config won every shape, so the kernel
+# picks per launch from a table (kernels/paged_prefill_configs.py; "table" below is that choice). This round
+# times what is left in Triton 3.6 against each shape's best: the scale folded into q (qs), 128-key tiles at
+# 8 warps and 3 stages, tl.range attributes on the unmasked loop (ls = its own num_stages, unroll, ws =
+# warp_specialize), around round 2's winners (BASE: tma M128 N64 w8 s2 rev maxnreg128 seqvec32; 1 x 8192:
+# 3 stages without the register cap). All take has_prefix=False on the fresh-prompt shapes, as the engine does.
 VARIANTS = [
-    None,  # the kernel's own default (round 1's winner)
-    _cfg("paged", 128, 32, 4, 3),  # the default before issue 15's work
-    _cfg("tma", 128, 64, 8, 3, reverse=True),  # = the default, again for noise
-    _cfg("tma", 128, 64, 8, 3, blockwise=True, reverse=True),  # round 1's best on 8 x 2048 (noise?)
-    _cfg("tma", 128, 64, 8, 3),
-    _cfg("tma", 128, 64, 8, 4, reverse=True),
-    _cfg("tma", 128, 64, 8, 3, reverse=True, seq_vec=32),
-    _cfg("tma", 128, 64, 8, 4, reverse=True, seq_vec=32),
-    _cfg("tma", 128, 64, 8, 3, reverse=True, seq_vec=256),
-    _cfg("tma", 128, 64, 8, 3, reverse=True, fresh=True),
-    _cfg("tma", 128, 64, 8, 3, reverse=True, seq_vec=32, fresh=True),
-    _cfg("tma", 128, 64, 8, 4, reverse=True, seq_vec=32, fresh=True),
-    _cfg("tma", 128, 64, 8, 3, pair=True, seq_vec=32, fresh=True),
-    _cfg("tma", 128, 64, 8, 2, reverse=True, maxnreg=128, seq_vec=32, fresh=True),
-    _cfg("tma", 128, 64, 8, 2, reverse=True, maxnreg=128, fresh=True),
-    _cfg("tma", 128, 64, 8, 2, pair=True, maxnreg=128, seq_vec=32, fresh=True),
-    _cfg("tma", 128, 32, 8, 3, reverse=True, maxnreg=128, seq_vec=32, fresh=True),
-    _cfg("tma", 128, 64, 8, 3, pair=True),
-    _cfg("tma", 128, 64, 8, 3, pair=True, seq_vec=32),
-    _cfg("tma", 128, 64, 8, 4, pair=True, seq_vec=32),
-    _cfg("tma", 128, 64, 8, 3, reverse=True, n_paged=128),
-    _cfg("tma", 128, 64, 8, 3, reverse=True, n_paged=128, seq_vec=32),
-    _cfg("tma", 128, 64, 8, 3, pair=True, n_paged=128, seq_vec=32),
-    _cfg("tma", 128, 64, 8, 3, pack=False, reverse=True, n_paged=128, seq_vec=32),
-    _cfg("tma", 128, 64, 8, 2, reverse=True, maxnreg=128, seq_vec=32),
-    _cfg("tma", 128, 32, 8, 3, reverse=True, maxnreg=128, seq_vec=32),
-    _cfg("tma", 128, 32, 8, 3, pair=True, maxnreg=128, seq_vec=32),
-    _cfg("tma", 128, 32, 4, 3, reverse=True),
-    _cfg("tma", 128, 32, 4, 3, pair=True, seq_vec=32),
-    _cfg("tma", 128, 128, 8, 3, reverse=True, seq_vec=32),
-    _cfg("tma", 128, 128, 8, 3, pair=True, seq_vec=32),
-    _cfg("tma", 128, 128, 8, 3, pack=False, reverse=True, seq_vec=32),
-    _cfg("tma", 64, 64, 4, 3, reverse=True),
-    _cfg("tma", 64, 64, 4, 3, reverse=True, seq_vec=32),
-    _cfg("tma", 64, 64, 4, 3, pair=True, seq_vec=32),
-    _cfg("tma", 64, 32, 4, 3, reverse=True, seq_vec=32),
-    _cfg("tma", 64, 32, 4, 3, pair=True, seq_vec=32),
-    _cfg("tma", 64, 64, 4, 2, pair=True, seq_vec=32),
-    _cfg("ptr", 128, 64, 8, 3, reverse=True),
-    _cfg("paged", 128, 32, 4, 3, reverse=True, seq_vec=32),
-    _cfg("paged", 128, 32, 4, 3, pair=True, seq_vec=32),
+    None,  # the dispatch table's pick for each shape
+    _cfg(),  # BASE
+    _cfg(s=3, maxnreg=None),  # round 2's best on 1 x 8192
+    _cfg(pair=True, reverse=False),  # round 2's best on 8 x 2048 (by 1%)
+    _cfg(qs=True),
+    _cfg(s=3, maxnreg=None, qs=True),
+    _cfg(pair=True, reverse=False, qs=True),
+    _cfg(n=128, s=3, maxnreg=None),
+    _cfg(n=128, s=3, maxnreg=None, qs=True),
+    _cfg(n=128, s=2, maxnreg=None, qs=True),
+    _cfg(loop_stages=3, qs=True),
+    _cfg(unroll=2, qs=True),
+    _cfg(s=3, maxnreg=None, unroll=2, qs=True),
+    _cfg(s=3, maxnreg=None, loop_stages=4, qs=True),
+    _cfg(ws=True, qs=True),
+    _cfg(s=3, maxnreg=None, ws=True, qs=True),
+    _cfg(m=64, n=128, w=4, s=2, maxnreg=None, qs=True),
+    _cfg(m=64, n=64, w=4, s=3, maxnreg=None, qs=True),
+    _cfg(m=128, n=32, w=4, s=3, maxnreg=None, qs=True),
+    _cfg(n=128, w=8, s=3, maxnreg=None, pack=False, qs=True),  # round 1's best on the chunked shape
+    _cfg("paged", n=32, w=4, s=3, reverse=False, maxnreg=None, seq_vec=0),  # the default before issue 15's work
 ]
 
 
@@ -183,10 +166,10 @@ def sdpa_fn(p):
 
 
 def run_kernel(p, cfg):
-    cfg = dict(cfg or {})
-    has_prefix = not (cfg.pop("fresh_path", False) and p["ctx"] == 0)
+    """paged_prefill as the triton backend calls it (has_prefix only where there is a cached prefix, the
+    longest query), with `cfg` (None: the table's pick)."""
     return lambda: paged_prefill(p["q"], p["kv_cache"], p["tables"], p["seq_lens"], p["qsl"], D ** -0.5,
-                                 config=cfg, k=p["k"], v=p["v"], has_prefix=has_prefix)
+                                 config=cfg, k=p["k"], v=p["v"], has_prefix=p["ctx"] > 0, max_query_len=p["new"])
 
 
 # A whole prompt, extends after cached prefixes, decodes, lengths off the block and tile grids, padding rows.
@@ -194,8 +177,9 @@ MIXED_STEPS = [(1500, 1500), (900, 257), (2100, 64), (333, 1), (1, 1), (4000, 1)
 
 
 def check_mixed(dev: torch.device) -> dict:
-    """Every variant on one mixed batch against the float32 torch reference (max abs error <= 2e-2, the
-    bf16 tolerance of tests/kernels); the rows after the batch's tokens must stay untouched."""
+    """Every variant, and every config the table can pick for this head layout ("table"), on one mixed batch
+    against the float32 torch reference (max abs error <= 2e-2, the bf16 tolerance of tests/kernels); the
+    rows after the batch's tokens must stay untouched."""
     from paged_cases import make_batch
 
     steps = MIXED_STEPS if not SMOKE else [(40, 40), (30, 9), (21, 1), (1, 1)]
@@ -203,11 +187,16 @@ def check_mixed(dev: torch.device) -> dict:
     n = int(b.query_start_loc[-1])
     ref = paged_prefill_ref(b.q[:n], b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5).float()
     results = {}
-    for cfg in VARIANTS:
-        name = "default" if cfg is None else _name(cfg)
+    picks = [dict(c, table=True) for c in table_configs(D, HQ // HKV, DTYPE)]
+    for cfg in [c for c in VARIANTS if c is not None] + picks:
+        name = _name({k: x for k, x in cfg.items() if k != "table"}) + (" (table)" if cfg.get("table") else "")
+        if _name({k: x for k, x in cfg.items() if k != "table"}) in CRASHED:
+            results[name] = dict(error="the compiler crashed in precompile", ok=False)
+            print(f"  mixed batch: {name} skipped (compiler crash)")
+            continue
         try:
             out = torch.full_like(b.q, float("nan"))
-            kw = {k: x for k, x in (cfg or {}).items() if k != "fresh_path"}  # the batch has cached prefixes
+            kw = {k: x for k, x in cfg.items() if k != "table"}
             paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5, out=out,
                           config=kw, k=b.k, v=b.v)
             err = (out[:n].float() - ref).abs().max().item()
@@ -217,6 +206,7 @@ def check_mixed(dev: torch.device) -> dict:
             results[name] = dict(error=f"{type(e).__name__}: {str(e)[:200]}", ok=False)
         if not results[name]["ok"]:
             print(f"  mixed batch: {name} FAILED {results[name]}")
+    results["table"] = dict(ok=all(r["ok"] for k, r in results.items() if k.endswith(" (table)")))
     print(f"  mixed batch {steps}: {sum(r['ok'] for r in results.values())} of {len(results)} variants correct")
     return results
 
@@ -258,44 +248,63 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _warm(cfgs: list, smoke: bool = False) -> list[str]:
-    """Worker: compile each variant into Triton's cache by running it once on a small problem with the
-    same head layout (so the same specialization)."""
+def _warm(cfg: dict, smoke: bool = False) -> str | None:
+    """Worker: compile one config into Triton's cache by running it once on small problems with the same
+    head layout (so the same specialization), with a cached prefix and without (the has_prefix=False build)."""
     if smoke:
         smoke_setup()
     dev = torch.device("cpu" if smoke else "cuda")
     SHAPES["warm"] = (2, 48, 80) if not smoke else (1, 5, 9)
-    p = make_problem("warm", dev)
-    SHAPES["warm0"] = (2, 0, 80)
-    p0 = make_problem("warm0", dev)  # no cached prefix: the has_prefix=False build of fresh=True variants
-    errors = []
-    for cfg in cfgs:
-        try:
-            run_kernel(p, cfg)()
-            if cfg and cfg.get("fresh_path"):
-                run_kernel(p0, cfg)()
-        except Exception as e:  # reported again, with its name, by the timed process
-            errors.append(f"{cfg}: {type(e).__name__}")
-    if not smoke:
-        torch.cuda.synchronize()
-    return errors
+    SHAPES["warm0"] = (2, 0, 80) if not smoke else (1, 0, 9)
+    try:
+        for shape in ("warm", "warm0"):
+            run_kernel(make_problem(shape, dev), cfg)()
+        if not smoke:
+            torch.cuda.synchronize()
+    except Exception as e:  # reported again, with its name, by the timed process
+        return f"{_name(cfg)}: {type(e).__name__}: {str(e)[:160]}"
+    return None
+
+
+CRASHED: set[str] = set()  # variants whose compile killed its process: never run in this one
 
 
 def precompile(jobs: int) -> None:
+    """Compile every variant and table config in worker processes. A compiler crash (an abort, not an
+    exception) breaks the pool; the configs left unresolved are then compiled one process each, and one
+    that kills its own process too is marked crashed and skipped."""
     if jobs <= 1:
         return
-    t0 = time.time()
-    chunks = [VARIANTS[i::jobs] for i in range(jobs)]
-    try:
-        import multiprocessing
+    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            errors = sum(ex.map(_warm, [c for c in chunks if c], [SMOKE] * jobs), [])
-        for e in errors:
-            print(f"  precompile: {e}")
-    except Exception as e:  # compiling in this process instead is only slower
-        print(f"  precompile failed ({type(e).__name__}: {e}); compiling serially")
-    print(f"  precompiled {len(VARIANTS)} variants in {time.time() - t0:.0f} s with {jobs} processes")
+    t0 = time.time()
+    cfgs = [c for c in VARIANTS if c is not None]
+    cfgs += [c for c in table_configs(D, HQ // HKV, DTYPE) if c not in cfgs]
+    ctx = multiprocessing.get_context("spawn")
+    pending = cfgs
+    for isolated in (False, True):
+        if not pending:
+            break
+        pools = [ProcessPoolExecutor(1 if isolated else jobs, mp_context=ctx) for _ in (pending if isolated else [0])]
+        futures = [(c, pools[i if isolated else 0].submit(_warm, c, SMOKE)) for i, c in enumerate(pending)]
+        pending = []
+        for c, f in futures:
+            try:
+                err = f.result()
+                if err:
+                    print(f"  precompile: {err}")
+            except BrokenProcessPool:
+                if isolated:
+                    CRASHED.add(_name(c))
+                    print(f"  precompile: {_name(c)}: the compiler killed its process; skipped")
+                else:
+                    pending.append(c)
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if pending:
+            print(f"  precompile: the pool broke; compiling {len(pending)} configs one process each")
+    print(f"  precompiled {len(cfgs)} configs in {time.time() - t0:.0f} s with {jobs} processes")
 
 
 def bench(fn, quick: bool) -> float:
@@ -315,20 +324,51 @@ def smoke_setup() -> torch.device:
     global SMOKE, DTYPE, VARIANTS
     SMOKE, DTYPE = True, torch.float32
     SHAPES.update(prefill=(2, 0, 40), long=(1, 0, 72), chunked=(2, 35, 20))
-    VARIANTS = [VARIANTS[0], VARIANTS[1], _cfg("paged", 16, 16, 4, 1, blockwise=True, reverse=True),
-                _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32),
-                _cfg("tma", 32, 32, 4, 1, pair=True, seq_vec=8, fresh=True)]
+    VARIANTS = [None, _cfg(m=32, n=32, w=4, s=1, maxnreg=None), _cfg(m=16, n=16, w=4, s=1, qs=True, unroll=2),
+                _cfg("paged", 16, 16, 4, 1, blockwise=True, qs=True, ws=True),
+                _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32, loop_stages=2),
+                _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8)]
     return torch.device("cpu")
+
+
+def table_pick(shape: str) -> dict:
+    nseq, ctx, new = SHAPES[shape]
+    return select_config(D, HQ // HKV, DTYPE, ctx > 0, new)
+
+
+def print_table(rows: dict) -> dict:
+    """The dispatch table the winners give (kernels/paged_prefill_configs.py TABLE): per shape's key, the keys
+    of its best variant that differ from BASE; a best equal to BASE needs no entry."""
+    table = {}
+    print("\nthe table these winners give (kernels/paged_prefill_configs.py):\nTABLE = {")
+    for shape, res in rows["results"].items():
+        best = res.get("best")
+        if best is None or best == "table":
+            if best == "table":
+                print(f"    # {shape}: the table's own pick won; keep its entry")
+            continue
+        nseq, ctx, new = SHAPES[shape]
+        key = table_key(D, HQ // HKV, DTYPE, ctx > 0, new)
+        cfg = res["variants"][best]["config"]
+        diff = {k: x for k, x in cfg.items() if BASE.get(k) != x}
+        share = f"{res['variants'][best]['of_sdpa']:.1%}"
+        if str(key) in table:
+            print(f"    # {shape}: same key as an earlier shape; its best was {best} ({share})")
+            continue
+        table[str(key)] = diff
+        print(f"    {key!r}: dict({', '.join(f'{k}={x!r}' for k, x in diff.items())}),  # {shape}: {best}, {share}"
+              if diff else f"    # {key!r}: BASE  ({shape}: {best}, {share})")
+    print("}")
+    return table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile processes")
+    ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="compile processes")
     ap.add_argument("--quick", action="store_true", help="shorter timings (a smoke run)")
-    ap.add_argument("--top", type=int, default=6, help="variants (by the prefill shape) also timed on 'long'")
     ap.add_argument("--smoke", action="store_true", help="check this script on the CPU (TRITON_INTERPRET=1)")
-    ap.add_argument("--budget", type=float, default=105.0,
+    ap.add_argument("--budget", type=float, default=90.0,
                     help="seconds; past this the remaining variants are skipped (and listed) so the run ends")
     args = ap.parse_args()
     t_start = time.time()
@@ -347,25 +387,30 @@ def main() -> None:
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     precompile(args.jobs)
 
-    names = ["default" if c is None else _name(c) for c in VARIANTS]
+    names = [_name(c) for c in VARIANTS]
     rows["mixed_batch"] = mixed = check_mixed(dev)
     rows["default_layouts"] = check_default_layouts(dev)
-    order = None
-    for shape in ("prefill", "chunked", "long"):
+    summary = []
+    for shape in ("prefill", "long", "chunked"):
         p = make_problem(shape, dev)
         sdpa, how = sdpa_fn(p)
         ref = sdpa().transpose(1, 2).reshape(-1, HQ, D)
         sdpa_ms = bench(sdpa, args.quick)
         sdpa_tf = p["flops"] / sdpa_ms / 1e9
-        res = rows["results"][shape] = dict(sdpa_ms=sdpa_ms, sdpa_TFLOPs=sdpa_tf, sdpa=how, variants={})
+        pick = table_pick(shape)
+        pick_name = next((n for n, c in zip(names, VARIANTS) if c == pick), _name(pick))
+        res = rows["results"][shape] = dict(sdpa_ms=sdpa_ms, sdpa_TFLOPs=sdpa_tf, sdpa=how, table_pick=pick_name,
+                                            table_key=str(table_key(D, HQ // HKV, DTYPE, p["ctx"] > 0, p["new"])),
+                                            variants={})
         print(f"\n{shape}: {SHAPES[shape]} (seqs, cached, new); SDPA ({how}) {sdpa_ms * 1e3:.0f} us "
-              f"{sdpa_tf:.0f} TFLOP/s")
-        picks = range(len(VARIANTS)) if order is None or shape != "long" else order[: args.top] + [0, 1]
-        for i in sorted(set(picks)):
-            cfg, name = VARIANTS[i], names[i]
+              f"{sdpa_tf:.0f} TFLOP/s; the table picks {pick_name}")
+        for cfg, name in zip(VARIANTS, names):
             if time.time() - t_start > args.budget:
-                print(f"  {name:45s} skipped: past the {args.budget:.0f} s budget")
+                print(f"  {name:50s} skipped: past the {args.budget:.0f} s budget")
                 res["variants"][name] = dict(error="skipped: time budget")
+                continue
+            if name in CRASHED or not mixed.get(name, {}).get("ok"):
+                res["variants"][name] = dict(error="failed the mixed-batch check or crashed the compiler")
                 continue
             try:
                 fn = run_kernel(p, cfg)
@@ -374,28 +419,22 @@ def main() -> None:
                     raise AssertionError(f"relative error {err:.2e} against SDPA")
                 ms = bench(fn, args.quick)
             except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
-                print(f"  {name:45s} FAILED {type(e).__name__}: {str(e)[:160]}")
+                print(f"  {name:50s} FAILED {type(e).__name__}: {str(e)[:160]}")
                 res["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                 continue
             tf = p["flops"] / ms / 1e9
             res["variants"][name] = dict(ms=ms, TFLOPs=tf, of_sdpa=tf / sdpa_tf, err=err, config=cfg)
-            print(f"  {name:45s} {ms * 1e3:8.0f} us {tf:5.0f} TFLOP/s {tf / sdpa_tf:6.1%} of SDPA  err {err:.1e}")
-        timed = {n: r for n, r in res["variants"].items() if "ms" in r and mixed[n]["ok"]}
+            print(f"  {name:50s} {ms * 1e3:8.0f} us {tf:5.0f} TFLOP/s {tf / sdpa_tf:6.1%} of SDPA  err {err:.1e}")
+        timed = {n: r for n, r in res["variants"].items() if "ms" in r}
         if timed:
             best = res["best"] = min(timed, key=lambda n: timed[n]["ms"])
-            print(f"  best: {best} at {timed[best]['of_sdpa']:.1%} of SDPA")
-        if shape == "prefill":
-            order = sorted((i for i in range(len(VARIANTS)) if names[i] in timed), key=lambda i: timed[names[i]]["ms"])
+            table_share = timed.get("table", {}).get("of_sdpa", float("nan"))
+            summary.append(f"  {shape:8s} best {best} {timed[best]['of_sdpa']:.1%} of SDPA; the table's pick "
+                           f"({pick_name}) {table_share:.1%}")
         del p, ref
 
-    # One config for every shape: the variant with the best worst-case share of SDPA.
-    common = [n for n in names
-              if mixed[n]["ok"] and all("ms" in rows["results"][s]["variants"].get(n, {}) for s in SHAPES)]
-    if common:
-        overall = max(common, key=lambda n: min(rows["results"][s]["variants"][n]["of_sdpa"] for s in SHAPES))
-        rows["best_overall"] = overall
-        print(f"\nbest on every shape (max of the min share of SDPA): {overall}: " + ", ".join(
-            f"{s} {rows['results'][s]['variants'][overall]['of_sdpa']:.1%}" for s in SHAPES))
+    print("\nper shape (% of SDPA):\n" + "\n".join(summary))
+    rows["table"] = print_table(rows)
     rows["wall_s"] = time.time() - t_start
     default = f"prefill_sweep_{rows['date']}{'_smoke' if args.smoke else ''}.json"
     path = args.json or os.path.join(ROOT, "bench", "results", default)

@@ -105,3 +105,18 @@ def test_kernel_variant_arguments_are_checked(kwargs, match):
         paged_decode(batch.q, batch.kv_cache, m.block_tables, m.seq_lens, 0.3, **kwargs)
     with pytest.raises(ValueError, match=match):
         paged_prefill(batch.q, batch.kv_cache, m.block_tables, m.seq_lens, m.query_start_loc, 0.3, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["softcap", "alibi", "all"])
+def test_prefill_scale_folded_into_q_leaves_softcap_and_alibi_alone(variant):
+    # Q_SCALED folds the softmax scale into q; soft-cap and ALiBi need the raw scores, so there it must
+    # not fold (a second scaling would be wrong); the loop attributes ride along (ignored by the interpreter).
+    from kernels.paged_prefill_configs import forced_config
+
+    params = make_params(4, **VARIANTS[variant])
+    batch = make_variant_batch(MIXED, 4, 2, 32, 16, torch.float32, DEVICE, sliding_window=params.sliding_window,
+                               num_padding_tokens=1)
+    with forced_config(dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, NEW_KV="tma", PACK_GQA=True,
+                            BLOCKWISE=False, REVERSE=True, PAIR_TILES=False, LAZY_RESCALE=False, SEQ_VEC=8,
+                            Q_SCALED=True, LOOP_UNROLL=2)):
+        _check(batch, params, torch.float32)
