@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kernels import splitk
 from kernels.splitk import splitk_store
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 def block_rows(k: int) -> int:
     """Rows per packed block for K inputs: 128 (8 nibbles x 16 words), or 64 when K % 128 is 1..64, where
@@ -251,6 +252,91 @@ def _w4a16_gemv1_kernel(
 
 
 @triton.jit
+def _magic_nibble(words, hi, j: tl.constexpr):
+    """Nibble j of each word as the float32 q * 16^(j mod 5) exactly, in one and-or (a LOP3) and one float
+    subtraction: the nibble is masked in place into the mantissa of 2^23 (whose ulp is 1), and 2^23 is taken
+    away. Nibbles 5..7 come from `hi` = words >> 20 (one shift per word for all three). Beside
+    `_nibble_unit`'s shift + and-or per weight this moves one integer op (half rate on Hopper) per weight
+    to the float32 pipe."""
+    if j < 5:
+        t = (words & (0xF << (4 * j))) | 0x4B000000
+    else:
+        t = (hi & (0xF << (4 * (j - 5)))) | 0x4B000000
+    return t.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _w4a16_gemv2_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
+    N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, PER_BLOCK: tl.constexpr,
+    HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
+):
+    """M = 1, streaming: each iteration takes UNROLL packed blocks as one [UNROLL * ROWS / 8, BLOCK_N] tile of
+    words (row segments of BLOCK_N * 4 bytes), and the next tile is in flight while this one is computed.
+    Nibbles by `_magic_nibble`; x is pre-scaled by 16^-(j mod 5) (exact) so each product is q x.
+    PER_BLOCK (each block inside one group: group_size % ROWS == 0, or one group over K): a block's sums
+    s sum(q x) - z s sum(x) take its scale and zero point once; otherwise per-row scales (any group size).
+    PDL 1: launched as a programmatic dependent launch, the first weight tile is read before waiting for
+    the previous kernel (whose output may be x); 2: also lets the next kernel launch at once. Nothing but
+    weights is touched before the wait."""
+    S: tl.constexpr = ROWS // 8
+    T: tl.constexpr = UNROLL * S
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, T)  # tile row r: block r // S, word r % S of it
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(tl.cdiv(K, ROWS), b_start + blocks_per_split)
+    k_end = tl.minimum(K, b_end * ROWS)
+    w_ptrs = qw_ptr + (b_start * S + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+    nxt = tl.load(w_ptrs, mask=((b_start * S + offs_r) < b_end * S)[:, None] & n_mask[None, :], other=0)
+    if PDL >= 2:
+        gdc_launch_dependents()
+    if PDL >= 1:
+        gdc_wait()
+    acc = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    for b in range(b_start, b_end, UNROLL):
+        words = nxt
+        w_ptrs += T * stride_qk
+        nxt = tl.load(w_ptrs, mask=(((b + UNROLL) * S + offs_r) < b_end * S)[:, None] & n_mask[None, :], other=0)
+        hi = words >> 20
+        kb = (b + offs_r // S) * ROWS + offs_r % S  # the row nibble 0 of each tile row holds
+        if PER_BLOCK:
+            part = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((T,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            k = kb + j * S
+            k_mask = k < k_end
+            cols = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
+            xj = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
+            xs = xj * (1.0 / (1 << (4 * (j % 5))))
+            v = _magic_nibble(words, hi, j)
+            if PER_BLOCK:
+                part += v * xs[:, None]
+                xsum += xj
+            else:
+                kn = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
+                s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
+                acc += (v * xs[:, None]) * s - (z * s) * xj[:, None]
+        if PER_BLOCK:
+            if UNROLL == 1:
+                s1 = tl.load(s_ptr + (b * ROWS) // group_size * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                z1 = tl.load(z_ptr + (b * ROWS) // group_size * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+                acc += part * s1[None, :] - xsum[:, None] * (z1 * s1)[None, :]
+            else:
+                g = tl.minimum((b + offs_r // S) * ROWS, K - 1) // group_size
+                kn = g[:, None] * stride_sg + offs_n[None, :]
+                s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
+                acc += part * s - xsum[:, None] * (z * s)
+    y = tl.sum(acc, axis=0)
+    splitk_store(y[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n, split_k,
+                 SPLIT, ATOMIC)
+
+
+@triton.jit
 def _w4a16_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, perm_ptr,  # as in _w4a16_gemv_kernel
     w_ptr,  # [K, N] out, x's dtype: row perm[k] (act-order) or k holds input feature's weights
@@ -397,14 +483,15 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         return _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warmup)
     if kind == "gemv" and (m > cfg["BLOCK_M"] or m > GEMV_MAX_M):
         raise ValueError(f"the GEMV kernel takes M <= BLOCK_M <= {GEMV_MAX_M}, got M = {m}, BLOCK_M = {cfg['BLOCK_M']}")
-    if kind == "gemv1" and m > 1:
-        raise ValueError(f"the gemv1 kernel takes M = 1, got M = {m}")
+    if kind in ("gemv1", "gemv2") and m > 1:
+        raise ValueError(f"the {kind} kernel takes M = 1, got M = {m}")
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))
     split = cfg.pop("SPLIT_K", None)
     if split is None:
         per_sm = 4 if kind.startswith("gemv") else 2  # the GEMV hides memory latency with more programs
         split = splitk.split_for(tiles, blocks, splitk.sm_count(x.device), per_sm) if m <= SPLIT_MAX_M else 1
-    per_split = triton.cdiv(blocks, split)
+    unroll = cfg.pop("UNROLL", 1) if kind == "gemv2" else 1
+    per_split = triton.cdiv(triton.cdiv(blocks, split), unroll) * unroll  # whole tiles of UNROLL blocks
     split = triton.cdiv(blocks, per_split)
     atomic = cfg.pop("ATOMIC", True)
     out, ws, cnt = splitk.outputs(x, m, n, split, atomic)
@@ -418,8 +505,14 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     pointers = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt)
     stride_os = out.stride(0) if out.dim() == 3 else 0
     prefetch = cfg.pop("PREFETCH", True)
+    pdl = cfg.pop("PDL", 0) if x.is_cuda else 0  # griddepcontrol is GPU-only (the interpreter has no PDL)
     consts = dict(cfg, ROWS=rows, GROUP_MODE=mode, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic)
-    if kind == "gemv1":
+    if kind == "gemv2":
+        consts.pop("GROUP_MODE")
+        consts.update(UNROLL=unroll, PER_BLOCK=mode == 0, PDL=pdl)
+        if pdl:
+            consts["launch_pdl"] = True
+    if kind in ("gemv1", "gemv2"):
         consts.pop("BLOCK_M", None)
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os)
     else:
@@ -427,9 +520,10 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
                            out.stride(-2), stride_os)
     if kind == "mma":
         consts.update(SLABS=slabs, IEEE=x.dtype == torch.float32)
-    else:
+    elif kind != "gemv2":
         consts.update(PREFETCH=prefetch)
-    kernel = {"gemv": _w4a16_gemv_kernel, "gemv1": _w4a16_gemv1_kernel, "mma": _w4a16_mma_kernel}[kind]
+    kernel = {"gemv": _w4a16_gemv_kernel, "gemv1": _w4a16_gemv1_kernel, "gemv2": _w4a16_gemv2_kernel,
+              "mma": _w4a16_mma_kernel}[kind]
     if warmup:
         kernel.warmup(*args, grid=(tiles, split), **consts)
         return None

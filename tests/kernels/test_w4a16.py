@@ -65,13 +65,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("m, k, n, group, act_order, split, atomic", CASES)
-@pytest.mark.parametrize("kernel", ["gemv1", "gemv", "mma-slabs", "mma-stacked", "dequant"])
+@pytest.mark.parametrize("kernel", ["gemv1", "gemv2", "gemv", "mma-slabs", "mma-stacked", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_w4a16_matches_float64(m, k, n, group, act_order, split, atomic, kernel, dtype):
     args, ref = case(m, k, n, group, act_order, dtype, seed=m * k + n)
-    if kernel == "gemv1":  # batch-1 decode's kernel: the first row alone
+    if kernel in ("gemv1", "gemv2"):  # batch-1 decode's kernels: the first row alone
         args, ref, m = (args[0][:1],) + args[1:], ref[:1], 1
-    cfg = {"gemv1": dict(GEMV, KERNEL="gemv1"), "gemv": dict(GEMV, BLOCK_M=8),
+    cfg = {"gemv1": dict(GEMV, KERNEL="gemv1"), "gemv2": dict(GEMV, KERNEL="gemv2"), "gemv": dict(GEMV, BLOCK_M=8),
            "dequant": dict(KERNEL="dequant", BLOCK_N=32), "mma-slabs": dict(MMA, SLABS=True),
            "mma-stacked": dict(MMA, SLABS=False)}[kernel]
     out = w4a16(*args, config=dict(cfg, SPLIT_K=split, ATOMIC=atomic))
@@ -124,6 +124,8 @@ def test_w4a16_refuses_mismatched_shapes():
         w4a16(x, qw, s, z, group, config=dict(GEMV, BLOCK_M=1))
     with pytest.raises(ValueError, match="gemv1 kernel takes M = 1"):
         w4a16(x, qw, s, z, group, config=dict(GEMV, KERNEL="gemv1"))
+    with pytest.raises(ValueError, match="gemv2 kernel takes M = 1"):
+        w4a16(x, qw, s, z, group, config=dict(GEMV, KERNEL="gemv2"))
 
 
 def test_w4a16_gemv_without_prefetch():
@@ -138,3 +140,16 @@ def test_w4a16_forced_more_general_group_mode_gives_the_same_product(mode):
     args, ref = case(2, 256, 40, 128, False, torch.float32, seed=11)
     close(w4a16(*args, config=dict(GEMV, BLOCK_M=2, GROUP_MODE=mode, SPLIT_K=1)), ref, torch.float32)
     close(w4a16(*args, config=dict(MMA, SLABS=True, GROUP_MODE=mode, SPLIT_K=1)), ref, torch.float32)
+
+
+@pytest.mark.parametrize("unroll, group, mode", [(2, 128, None), (2, 40, None), (2, 128, 2), (1, 128, 2)])
+def test_w4a16_gemv2_tiles_of_several_blocks(unroll, group, mode):
+    """gemv2 with two blocks per tile: 5 blocks over split-K 2 (per-split rounded up to whole tiles, the last
+    tile half past K), per-block scales, per-row scales (a group size that cuts blocks, or forced), act-order;
+    bf16 x. PDL asks for a GPU-only launch and is ignored here (bench/w4a16.py checks it on the GPU)."""
+    args, ref = case(1, 600, 40, group, True, torch.bfloat16, seed=unroll + group)
+    cfg = dict(GEMV, KERNEL="gemv2", UNROLL=unroll, SPLIT_K=2, PDL=1)
+    if mode is not None:
+        cfg["GROUP_MODE"] = mode
+    close(w4a16(*args, config=cfg), ref, torch.bfloat16)
+    assert_workspace_zero()

@@ -1,0 +1,453 @@
+"""W4A16 decode on one GPU, Llama-3-8B shapes: check the GEMV variants, sweep them at M = 1, time the engine's
+batch-1 decode (bf16 against W4A16), say where its time goes, and find the batch where W4A16 stops winning.
+One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A16 kernels).
+
+    python bench/w4a16.py [--json PATH] [--sections checks sweep engine] [--budget 95]
+
+1. checks (exit 1 on a failure): every `gemv2` variant (1 or 2 blocks per tile; per-block or per-row
+   scales; act-order; odd K and N; atomic and partial-sum split-K; programmatic dependent launch 0/1/2)
+   against x @ dequant(w) in float32 with the split-K workspace left zeroed; a CUDA graph of three chained
+   GEMVs (each reads the previous one's output, so a PDL launch that read x before its wait would show).
+2. sweep (M = 1, the four 8B GEMMs): bf16 F.linear, the committed config, `gemv1` and the `gemv2` grid
+   (BLOCK_N x warps x UNROLL x SPLIT_K, then PDL on the best), plus a read-only kernel with gemv2's tiles
+   and grid (the bandwidth its access pattern can reach). Timing as bench/quant.py: one CUDA graph over
+   weight copies that overflow L2. The winners are checked as the engine runs them, then applied.
+3. engine, bf16 then W4A16 (GPTQ config, random weights), one engine each: batch-1 decode ms/token
+   (128-token prompt, CUDA graphs); a profile of 32 decode steps (GPU kernel time per token by kind,
+   launches per token, time outside kernels); decode step time at 16, 64, 256 sequences (output tok/s at
+   256 is the "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover).
+Sections past the time budget are skipped and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import quant as q  # noqa: E402  (bench/quant.py: weights, timing, engine helpers)
+from kernels import splitk  # noqa: E402
+from kernels import w4a16 as w4  # noqa: E402
+
+DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
+
+
+# --- checks ----------------------------------------------------------------------------------------------
+G2 = dict(KERNEL="gemv2", BLOCK_N=64, num_warps=2, num_stages=1)
+CASES = [
+    # (K, N, group, act-order, config, SPLIT_K, ATOMIC)
+    (4096, 6144, 128, False, dict(G2), 8, True),
+    (4224, 520, 128, True, dict(G2, UNROLL=2), 3, True),  # 33 blocks: a tile past the last block
+    (4224, 520, 128, True, dict(G2, UNROLL=2, PDL=1), 3, True),
+    (4224, 520, 128, False, dict(G2, PDL=2), 4, True),
+    (4096, 1000, 32, False, dict(G2, BLOCK_N=128, num_warps=4), 4, False),  # per-row scales, partial sums
+    (1000, 1000, 40, True, dict(G2, UNROLL=2, PDL=1), 2, True),
+    (1088, 776, 32, False, dict(G2, BLOCK_N=32, num_warps=1), 4, True),  # 64-row blocks
+    (640, 600, 640, False, dict(G2, BLOCK_N=256, num_warps=8), 2, True),  # one group over K
+    (14336, 4096, 128, False, dict(G2, GROUP_MODE=2, PDL=1), 16, True),  # per-row scales forced
+]
+
+
+def checks(failures: list) -> list[dict]:
+    rows: list[dict] = []
+    g = torch.Generator(device=DEV).manual_seed(0)
+    cases = []
+    for k, n, group, act, cfg, split, atomic in CASES:
+        qw, s, z, perm, w = q.int4_case(k, n, group, act, g)
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+        cases.append((x, (qw, s, z, group, perm), w, dict(cfg, SPLIT_K=split, ATOMIC=atomic),
+                      f"{k}x{n} g{group}{' act' if act else ''}"))
+    q.precompile([lambda c=c: w4.w4a16(c[0], *c[1], config=c[3], warmup=True) for c in cases])
+    for x, args, w, cfg, label in cases:
+        perm = args[-1]
+        ref = (x[:, perm.long()] if perm is not None else x).float() @ w
+        for _ in range(2):  # twice: the first call must leave the workspace as the second needs it
+            err = q.err_of(q.attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
+        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="gemv2", shape=label, M=1, config=cfg,
+                 rel_err=err)
+    rows += chain_checks(failures, g)
+    return rows
+
+
+def chain_checks(failures: list, g: torch.Generator, configs: list | None = None) -> list[dict]:
+    """Three o-shaped GEMVs captured in one CUDA graph, each on the previous one's output: after new values
+    go into x, a replay equals the float32 chain (a PDL launch that read x or the workspace before its wait
+    would not), and the workspace is left zeroed."""
+    rows = []
+    k, n = SHAPES["o"]
+    mats = [q.int4_case(k, n, 128, False, g) for _ in range(3)]
+    w4.reserve_workspace(DEV, n)
+    for cfg in configs or [dict(G2, PDL=p, SPLIT_K=8) for p in (0, 1, 2)]:
+        def chain(x, cfg=cfg):
+            for qw, s, z, _, _ in mats:
+                x = w4.w4a16(x, qw, s, z, 128, config=cfg) * 30.0  # keeps the values O(1)
+            return x
+
+        def ref_of(x):
+            r = x.float()
+            for *_, w in mats:
+                r = (r.to(DTYPE).float() @ w).to(DTYPE).float() * 30.0
+            return r
+
+        def replay(cfg=cfg, chain=chain):
+            x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+            chain(x)  # compiles outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain(x)
+            errs = []
+            for _ in range(3):
+                x.copy_(torch.randn(x.shape, generator=g, device=DEV).to(DTYPE))
+                graph.replay()
+                torch.cuda.synchronize()
+                errs.append(q.rel_err(out, ref_of(x)))
+            return max(errs)
+
+        err = q.attempt(replay)
+        err = float("inf") if isinstance(err, Exception) else err
+        q.record(rows, failures, err < 2e-2 and q.workspace_clean(), check="gemv_chain_cuda_graph", shape="o x3",
+                 M=1, config=cfg, rel_err=err)
+    return rows
+
+
+# --- sweep -----------------------------------------------------------------------------------------------
+@triton.jit
+def _read_tiles_kernel(qw_ptr, out_ptr, N, rows_total, rows_per_split, stride_qk,
+                       T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """gemv2's memory traffic alone: the same [T, BLOCK_N] word tiles and grid, xor-folded (the read ceiling
+    of that access pattern)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, T)
+    r0 = pid_k * rows_per_split
+    r1 = tl.minimum(rows_total, r0 + rows_per_split)
+    acc = tl.zeros((T, BLOCK_N), dtype=tl.int32)
+    for r in range(r0, r1, T):
+        rr = r + offs_r
+        acc ^= tl.load(qw_ptr + rr[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                       mask=(rr < r1)[:, None] & (offs_n < N)[None, :], other=0)
+    tl.store(out_ptr + pid_k * N + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < N)
+
+
+def read_only(qw, split, block_n, unroll, warps, warmup=False):
+    rows, n = qw.shape
+    per = triton.cdiv(triton.cdiv(rows // 16, split), unroll) * unroll * 16
+    out = torch.empty(triton.cdiv(rows, per), n, dtype=torch.int32, device=qw.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, per))
+    args = (qw, out, n, rows, per, qw.stride(0))
+    if warmup:
+        return _read_tiles_kernel.warmup(*args, grid=grid, T=16 * unroll, BLOCK_N=block_n, num_warps=warps)
+    _read_tiles_kernel[grid](*args, T=16 * unroll, BLOCK_N=block_n, num_warps=warps)
+    return out
+
+
+def candidates(n: int, k: int) -> list[dict]:
+    blocks = -(-k // 128)
+    sms = splitk.sm_count(DEV)
+    out = []
+    for bn, warps in ((32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)):
+        for unroll in (1, 2):
+            auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=32)
+            for sp in q.splits_around(auto, blocks):
+                if blocks // sp >= unroll:
+                    out.append(dict(KERNEL="gemv2", BLOCK_N=bn, num_warps=warps, num_stages=1, UNROLL=unroll,
+                                    SPLIT_K=sp))
+    return out
+
+
+def sweep(start: float, budget: float) -> dict:
+    g = torch.Generator(device=DEV).manual_seed(1)
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        if time.time() - start > budget:
+            print(f"sweep {name}: skipped (time budget)", flush=True)
+            continue
+        bf = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE) for _ in range(q.copies_for(2 * n * k))]
+        q4 = [q.int4_random(k, n, 128, g) for _ in range(q.copies_for(n * k // 2))]
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+        cands = [None, dict(KERNEL="gemv1", BLOCK_N=64, num_warps=2, num_stages=1)] + candidates(n, k)
+        q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands]
+                     + [lambda c=c: w4.w4a16(x, *q4[0], 128, config=dict(c, PDL=p), warmup=True)
+                        for c in cands[2:] for p in (1, 2)])
+        row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
+        res = []
+
+        def timed(cfg):
+            try:
+                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a, 128, config=cfg) for a in q4])
+            except Exception as e:  # a config that does not compile or launch: say so, go on
+                print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                return
+            res.append({"config": cfg or "default", "ms": ms})
+
+        for cfg in cands:
+            timed(cfg)
+        g2 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv2"),
+                    key=lambda r: r["ms"])
+        for r in g2[:3]:  # PDL on the three best: back to back in the graph, as the engine's layers are not
+            for p in (1, 2):
+                timed(dict(r["config"], PDL=p))
+        best = min(res, key=lambda r: r["ms"])
+        bc = best["config"] if isinstance(best["config"], dict) else {}
+        read = []
+        for unroll in {1, bc.get("UNROLL", 1)}:
+            for bn, warps in ((bc.get("BLOCK_N", 64), bc.get("num_warps", 2)), (128, 4)):
+                sp = bc.get("SPLIT_K", 8)
+                try:
+                    ms = q.graph_ms([lambda a=a: read_only(a[0], sp, bn, unroll, warps) for a in q4])
+                    read.append({"BLOCK_N": bn, "num_warps": warps, "UNROLL": unroll, "SPLIT_K": sp, "ms": ms})
+                except Exception as e:
+                    print(f"  read-only {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        row["w4a16"], row["read_only"] = res, read
+        rows.append(row)
+        nbytes = n * k // 2 + n * k // 128 * 3
+        rb = min(read, key=lambda r: r["ms"]) if read else {"ms": float("nan")}
+        d = next(r["ms"] for r in res if r["config"] == "default")
+        print(f"{name:<8} bf16 {row['bf16_ms']:.4f}  committed {d:.4f}  best {best['ms']:.4f} "
+              f"({nbytes / best['ms'] / 1e6:.0f} GB/s, {row['bf16_ms'] / best['ms']:.2f}x bf16) {best['config']}  "
+              f"read-only {rb['ms']:.4f} ({n * k // 2 / rb['ms'] / 1e6:.0f} GB/s)", flush=True)
+        del bf, q4
+        torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+def print_sweep(result: dict) -> None:
+    rows = result["rows"]
+    print("\nM = 1 per GEMM (ms per call; GB/s = int4 weights + scales and zeros read per second):")
+    print(f"{'shape':<8}{'bf16':>8}{'commit':>8}{'gemv1':>8}{'gemv2':>8}{'+PDL':>8}{'GB/s':>6}{'x bf16':>8}{'read':>8}")
+    tot = dict(bf16=0.0, commit=0.0, best=0.0)
+    for r in rows:
+        def best_of(pred):
+            ms = [c["ms"] for c in r["w4a16"] if pred(c["config"])]
+            return min(ms) if ms else float("nan")
+        d = best_of(lambda c: c == "default")
+        g1 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv1")
+        g2 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv2" and not c.get("PDL"))
+        g2p = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv2" and c.get("PDL"))
+        b = min(c["ms"] for c in r["w4a16"])
+        rd = min((c["ms"] for c in r["read_only"]), default=float("nan"))
+        nk = r["N"] * r["K"]
+        print(f"{r['shape']:<8}{r['bf16_ms']:>8.4f}{d:>8.4f}{g1:>8.4f}{g2:>8.4f}{g2p:>8.4f}"
+              f"{(nk // 2 + nk // 128 * 3) / b / 1e6:>6.0f}{r['bf16_ms'] / b:>8.2f}{rd:>8.4f}")
+        tot["bf16"] += r["bf16_ms"]
+        tot["commit"] += d
+        tot["best"] += b
+    if len(rows) == len(SHAPES):
+        print(f"{'layer':<8}{tot['bf16']:>8.4f}{tot['commit']:>8.4f}{'':>32}{tot['bf16'] / tot['best']:>8.2f}"
+              f"   (best sum {tot['best']:.4f} ms)")
+        result["layer_ms"] = tot
+    print("\nWinners (paste into kernels/w4a16.py TUNED):")
+    for r in rows:
+        b = min(r["w4a16"], key=lambda c: c["ms"])
+        print(f"    (1, {r['N']}, {r['K']}): {b['config']!r},  # {b['ms']:.4f} ms")
+
+
+def apply_winners(result: dict) -> dict:
+    """Check each shape's fastest config as the engine runs it (the real shape, then in a chained graph);
+    apply the ones that pass for the decode sections."""
+    failures: list = []
+    rows = []
+    g = torch.Generator(device=DEV).manual_seed(5)
+    applied = {}
+    for r in result["rows"]:
+        b = min(r["w4a16"], key=lambda c: c["ms"])["config"]
+        if b == "default":
+            continue
+        k, n = r["K"], r["N"]
+        qw, s, z, _, w = q.int4_case(k, n, 128, False, g)
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=b)), x.float() @ w)
+        ok = err < 1e-2 and q.workspace_clean()
+        q.record(rows, failures, ok, check="winner", shape=r["shape"], M=1, config=b, rel_err=err)
+        if ok:
+            applied[(1, n, k)] = b
+    used = list({json.dumps(c, sort_keys=True) for c in applied.values()})
+    rows += chain_checks(failures, g, [dict(json.loads(c), SPLIT_K=8) for c in used])
+    bad = {json.dumps(dict(f["config"], SPLIT_K=None), sort_keys=True) for f in failures if f["check"] != "winner"}
+    for key, c in applied.items():
+        if json.dumps(dict(c, SPLIT_K=None), sort_keys=True) not in bad:
+            w4.TUNED[key] = dict(c)
+    print(f"\nwinners: {len(rows) - len(failures)}/{len(rows)} checks pass; the engine sections run:")
+    for key in sorted(k for k in w4.TUNED if k[0] == 1):
+        print(f"    {key}: {w4.TUNED[key]!r},")
+    for f in failures:
+        print("FAILED", f)
+    return {"checks": rows, "failures": failures, "tuned": {str(k): v for k, v in w4.TUNED.items() if k[0] == 1}}
+
+
+# --- engine ----------------------------------------------------------------------------------------------
+KINDS = (("w4a16", ("w4a16",)), ("attention", ("paged", "attention", "flash", "sdpa")),
+         ("cuBLAS GEMM", ("gemm", "gemv", "nvjet", "cutlass", "sm90", "cublas")), ("norm", ("norm",)),
+         ("rotary", ("rotary", "rope")), ("kv cache write", ("cache",)), ("activation", ("silu", "act", "gelu")),
+         ("sampling", ("argmax", "softmax", "sort", "topk", "sample", "reduce")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(key in low for key in keys):
+            return kind
+    return "other"
+
+
+def profile_decode(llm, steps: int = 32) -> dict:
+    """GPU kernels of `steps` batch-1 decode steps (prefill and the first token subtracted out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from folio import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(1000, 1128))}
+
+    def kernels(n):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+            torch.cuda.synchronize()
+        evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and
+               "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+        return evs
+
+    one, full = kernels(1), kernels(steps + 1)
+    by: dict[str, list] = {}
+    for e, sign in [(e, 1) for e in full] + [(e, -1) for e in one]:
+        k = by.setdefault(e.name, [0, 0.0])
+        k[0] += sign
+        k[1] += sign * e.time_range.elapsed_us()
+    busy = sum(e.time_range.elapsed_us() for e in full) - sum(e.time_range.elapsed_us() for e in one)
+    top = sorted(((v[1] / steps, v[0] / steps, name) for name, v in by.items() if v[0] > 0), reverse=True)
+    kinds: dict[str, list] = {}
+    for us, cnt, name in top:
+        kk = kinds.setdefault(kind_of(name), [0.0, 0.0])
+        kk[0] += us
+        kk[1] += cnt
+    return {"busy_us_per_token": busy / steps, "launches_per_token": sum(c for _, c, _ in top),
+            "by_kind": {k: {"us": v[0], "launches": v[1]} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+            "top": [{"kernel": n[:90], "us": us, "launches": c} for us, c, n in top[:14]]}
+
+
+def engine(start: float, budget: float, profile_it: bool = True, batches=(16, 64, 256), steps: int = 32) -> dict:
+    """Per weights, one engine (max 256 sequences): batch-1 decode ms/token as (t(257 tokens) - t(1)) / 256
+    on a 128-token prompt, its kernel profile, then decode step ms at each batch (`steps` tokens)."""
+    from folio import SamplingParams
+
+    decode, cross = [], []
+    def left() -> float:
+        return budget - (time.time() - start)
+
+    for name in ("bf16", "w4a16"):
+        if left() < 20:  # an engine's start and batch-1 timing take ~15 s
+            print(f"engine {name}: skipped (time budget)", flush=True)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.time()
+            llm = q.make_llm(tmp, name, max_model_len=512, max_num_seqs=max(batches), gpu_memory_utilization=0.6)
+            startup = time.time() - t0
+
+            def run(prompts, n):
+                t = time.perf_counter()
+                llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+                return time.perf_counter() - t
+
+            one_prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
+            run(one_prompt, 8)
+            one, full = min(run(one_prompt, 1) for _ in range(2)), min(run(one_prompt, 257) for _ in range(2))
+            row = {"weights": name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup}
+            print(f"engine decode {name}: {row['ms_per_token']:.3f} ms/token (startup {startup:.0f} s)", flush=True)
+            if profile_it and left() > (8 if name == "w4a16" else 30):
+                p = q.attempt(lambda: profile_decode(llm))
+                row["profile"] = p if isinstance(p, dict) else repr(p)
+                if isinstance(p, dict):
+                    print_profile(p, row["ms_per_token"])
+            decode.append(row)
+            cross.append({"weights": name, "batch": 1, "ms_per_step": row["ms_per_token"],
+                          "output_tok_s": 1e3 / row["ms_per_token"]})
+            for b in batches:
+                if left() < (4 if name == "w4a16" else 25):  # the W4A16 engine must still fit after bf16
+                    print(f"crossover {name} B={b}: skipped (time budget)", flush=True)
+                    continue
+                prompts = [{"prompt_token_ids": [(1000 + 7 * i + t) % 120000 for t in range(128)]} for i in range(b)]
+                run(prompts, 4)
+                ms = (min(run(prompts, steps + 1) for _ in range(2)) - min(run(prompts, 1) for _ in range(2))) / steps * 1e3
+                cross.append({"weights": name, "batch": b, "ms_per_step": ms, "output_tok_s": b / ms * 1e3})
+                print(f"crossover {name} B={b}: {ms:.2f} ms/step, {b / ms * 1e3:.0f} output tok/s", flush=True)
+            llm.shutdown()
+            del llm, run
+            q.free_gpu()
+    base = next((r for r in decode if r["weights"] == "bf16"), None)
+    print("\nBatch-1 decode, whole engine (Llama-3-8B shape, random weights, CUDA graphs):")
+    for r in decode:
+        r["speedup"] = base["ms_per_token"] / r["ms_per_token"] if base else None
+        print(f"  {r['weights']:<8}{r['ms_per_token']:>8.3f} ms/token  {r['speedup'] or float('nan'):.2f}x bf16")
+    print("\nDecode step time by batch (ms/step; output tok/s):")
+    print(f"{'batch':>6}{'bf16':>9}{'w4a16':>9}{'w4 speed-up':>12}{'bf16 tok/s':>12}{'w4 tok/s':>10}")
+    for b in (1, *batches):
+        rb = next((r for r in cross if r["weights"] == "bf16" and r["batch"] == b), None)
+        rw = next((r for r in cross if r["weights"] == "w4a16" and r["batch"] == b), None)
+        if rb and rw:
+            print(f"{b:>6}{rb['ms_per_step']:>9.2f}{rw['ms_per_step']:>9.2f}{rb['ms_per_step'] / rw['ms_per_step']:>12.2f}"
+                  f"{rb['output_tok_s']:>12.0f}{rw['output_tok_s']:>10.0f}")
+    return {"decode": decode, "crossover": cross}
+
+
+def print_profile(p: dict, ms_per_token: float) -> None:
+    print(f"  GPU kernels {p['busy_us_per_token']:.0f} us/token in {p['launches_per_token']:.0f} launches; "
+          f"not in a kernel {ms_per_token * 1e3 - p['busy_us_per_token']:.0f} us/token")
+    for kind, v in p["by_kind"].items():
+        print(f"    {kind:<16}{v['us']:>8.1f} us/token {v['launches']:>6.1f} launches")
+    for t in p["top"]:
+        print(f"      {t['us']:>8.1f} us {t['launches']:>6.1f}x  {t['kernel']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--sections", nargs="+", default=["checks", "sweep", "engine"],
+                    choices=["checks", "sweep", "engine"])
+    ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
+    ap.add_argument("--no-profile", action="store_true", help="engine: skip the kernel profile")
+    args = ap.parse_args()
+    start = time.time()
+    failures: list = []
+    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
+              "torch": torch.__version__, "triton": triton.__version__}
+    if "checks" in args.sections:
+        result["checks"] = checks(failures)
+        print(f"{len(result['checks'])} checks, {len(failures)} failed ({time.time() - start:.0f} s)", flush=True)
+        for r in failures:
+            print("FAILED", r)
+        result["failures"] = failures
+    if "sweep" in args.sections:
+        got = q.attempt(lambda: sweep(start, args.budget * 0.4))
+        result["sweep"] = got if not isinstance(got, Exception) else repr(got)
+        if isinstance(got, dict):
+            print_sweep(got)
+            result["applied"] = q.attempt(lambda: apply_winners(got))
+        print(f"sweep done at {time.time() - start:.0f} s", flush=True)
+    if "engine" in args.sections:
+        got = q.attempt(lambda: engine(start, args.budget, not args.no_profile))
+        result["engine"] = got if not isinstance(got, Exception) else repr(got)
+        print(f"engine done at {time.time() - start:.0f} s", flush=True)
+    result["seconds"] = round(time.time() - start, 1)
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"w4a16_{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\n{len(failures)} check failure(s); {result['seconds']} s; wrote {path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
