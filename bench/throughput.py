@@ -212,6 +212,7 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
         trace_kinds = trace.print_table(f"async_scheduling={engine.async_scheduling}") if trace else None
         if trace:
             trace.detach()
+            trace = None  # it holds the engine: let the engine go with the run
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         assert n_out == sum(o for _, o in work), "every request must end at its own length"
         timing = dict(engine.step_timing)

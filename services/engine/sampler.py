@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from services.engine.request import Sequence
+from kernels.greedy import greedy_sample
 from services.engine.structured import apply_bitmask
 
 _NEG_INF = float("-inf")
@@ -81,6 +82,10 @@ class Sampler:
         self._global.manual_seed(seed)
         self._seeded: dict[tuple[str, int], torch.Generator] = {}
         """(request id, sample index) -> the sample's own generator (seeded requests only)."""
+        self.fused_greedy = device.type == "cuda"
+        """An all-greedy step with nothing to adjust and no logprobs asked takes its tokens and their
+        logprobs from one pass over the logits (kernels/greedy.py). Off on CPU, where the Triton
+        interpreter would be slower than torch's ops (the tests turn it on to check it there)."""
 
     def forget(self, seq: Sequence) -> None:
         self._seeded.pop((seq.request.request_id, seq.index), None)
@@ -108,24 +113,32 @@ class Sampler:
         output, services/engine/structured.py) bans every token whose bit is clear, before anything else.
         Nothing here waits for the device: the tokens stay on it (the next step's inputs read them
         there) and their copy to the host is started; `DeviceSample.result()` waits for it."""
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        x = logits if bitmask is None else apply_bitmask(logits, bitmask)
         # One pass over the batch's parameters: a batch that shares one SamplingParams (the offline
         # API's usual case) reads it once.
         params = list(map(_params_of, seqs))
         distinct = dict(zip(map(id, params), params)).values()
-        x = self._adjusted(x, logits, seqs, distinct, eos_ids)
+        adjust = self._needs_adjusting(seqs, distinct)
+        if (self.fused_greedy and bitmask is None and not adjust
+                and all(p.greedy and p.logprobs is None for p in distinct)):
+            tokens, sampled_lp = greedy_sample(logits)
+            return DeviceSample(tokens, [None] * len(params), (tokens, sampled_lp, None, None, None))
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        x = logits if bitmask is None else apply_bitmask(logits, bitmask)
+        if adjust:
+            x = self._adjusted(x, logits, seqs, eos_ids)
         tokens = self._draw(x, seqs, params, distinct, indexes)
         return self._read_back(raw_logprobs, tokens, params, distinct)
 
-    def _adjusted(self, x: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence], distinct,
+    @staticmethod
+    def _needs_adjusting(seqs: list[Sequence], distinct) -> bool:
+        """Whether some row asks for a logit bias, min_tokens' bans or penalties."""
+        return any(p.min_tokens or p.has_penalties or p.logit_bias for p in distinct) and any(
+            s.num_output_tokens < s.params.min_tokens or s.params.has_penalties or s.params.logit_bias for s in seqs)
+
+    def _adjusted(self, x: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence],
                   eos_ids: frozenset[int]) -> torch.Tensor:
-        """`x` with logit bias, min_tokens' bans and penalties applied where some row asks for them (on a
-        copy: the raw logits stay untouched for logprobs)."""
-        if not any(p.min_tokens or p.has_penalties or p.logit_bias for p in distinct) or not any(
-                s.num_output_tokens < s.params.min_tokens or s.params.has_penalties or s.params.logit_bias
-                for s in seqs):
-            return x
+        """`x` with logit bias, min_tokens' bans and penalties applied (on a copy: the raw logits stay
+        untouched for logprobs)."""
         x = x.clone() if x is logits else x
         self._apply_logit_bias(x, seqs)
         self._apply_min_tokens(x, seqs, eos_ids)
