@@ -56,12 +56,12 @@ SHAPES = {  # name: (sequences, cached prefix, new tokens)
 
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
-         seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False):
+         seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
-                LOOP_WS=ws)
+                LOOP_WS=ws, OVERLAP_QK=overlap)
 
 
 def _name(c: dict | None) -> str:
@@ -73,7 +73,8 @@ def _name(c: dict | None) -> str:
                                           (f"maxnreg{c['maxnreg']}", c["maxnreg"]),
                                           (f"seqvec{c['SEQ_VEC']}", c["SEQ_VEC"]), ("qs", c["Q_SCALED"]),
                                           (f"ls{c['LOOP_STAGES']}", c["LOOP_STAGES"]),
-                                          (f"unroll{c['LOOP_UNROLL']}", c["LOOP_UNROLL"]), ("ws", c["LOOP_WS"])) if on)
+                                          (f"unroll{c['LOOP_UNROLL']}", c["LOOP_UNROLL"]), ("ws", c["LOOP_WS"]),
+                                          ("overlap", c["OVERLAP_QK"])) if on)
     return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
@@ -82,7 +83,8 @@ def _name(c: dict | None) -> str:
 # times what is left in Triton 3.6 against each shape's best: the scale folded into q (qs), 128-key tiles at
 # 8 warps and 3 stages, tl.range attributes on the unmasked loop (ls = its own num_stages, unroll, ws =
 # warp_specialize), around round 2's winners (BASE: tma M128 N64 w8 s2 rev maxnreg128 seqvec32; 1 x 8192:
-# 3 stages without the register cap). All take has_prefix=False on the fresh-prompt shapes, as the engine does.
+# 3 stages without the register cap), and overlap: the next tile's QK^T issued before this tile's softmax (FA3's
+# intra-warpgroup overlap by hand). All take has_prefix=False on the fresh-prompt shapes, as the engine does.
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(),  # BASE
@@ -98,6 +100,9 @@ VARIANTS = [
     _cfg(unroll=2, qs=True),
     _cfg(s=3, maxnreg=None, unroll=2, qs=True),
     _cfg(s=3, maxnreg=None, loop_stages=4, qs=True),
+    _cfg(s=3, maxnreg=None, overlap=True),
+    _cfg(s=3, maxnreg=None, overlap=True, qs=True),
+    _cfg(overlap=True, qs=True),
     _cfg(ws=True, qs=True),
     _cfg(s=3, maxnreg=None, ws=True, qs=True),
     _cfg(m=64, n=128, w=4, s=2, maxnreg=None, qs=True),
@@ -327,7 +332,7 @@ def smoke_setup() -> torch.device:
     VARIANTS = [None, _cfg(m=32, n=32, w=4, s=1, maxnreg=None), _cfg(m=16, n=16, w=4, s=1, qs=True, unroll=2),
                 _cfg("paged", 16, 16, 4, 1, blockwise=True, qs=True, ws=True),
                 _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32, loop_stages=2),
-                _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8)]
+                _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8), _cfg(m=32, n=16, w=4, s=1, overlap=True, qs=True)]
     return torch.device("cpu")
 
 

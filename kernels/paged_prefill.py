@@ -132,17 +132,25 @@ def _finite_or_zero(m, USE_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale, softcap_in,
-                    softcap_out2, MASKED: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-                    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-                    LAZY_RESCALE: tl.constexpr):
+def _scores(q, k, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP: tl.constexpr,
+            USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
+    """q . k^T [BLOCK_M, BLOCK_N]: raw logits, or base-2 ones with soft-cap / ALiBi (see _fold's scale)."""
     if KV_FP8:
         k = k.to(q.dtype)
-        v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if USE_SOFTCAP or USE_ALIBI:
         s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
-        scale = 1.0
+    return s
+
+
+@triton.jit
+def _fold(s, v, acc, m_i, l_i, pos, valid, q_pos, window, qk_scale, MASKED: tl.constexpr,
+          USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
+          DOT_PRECISION: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+    """Fold one tile's scores s and values v (in q's dtype) into the online softmax (acc, running max m_i,
+    sum l_i)."""
+    if USE_SOFTCAP or USE_ALIBI:
+        scale = 1.0  # _scores returned base-2 logits
     else:
         scale = qk_scale  # raw logits; the scale rides in the exp2's FMA
     if MASKED:
@@ -173,6 +181,19 @@ def _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, 
 
 
 @triton.jit
+def _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale, softcap_in,
+                    softcap_out2, MASKED: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+                    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+                    LAZY_RESCALE: tl.constexpr):
+    s = _scores(q, k, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI,
+                DOT_PRECISION, KV_FP8)
+    if KV_FP8:
+        v = v.to(q.dtype)
+    return _fold(s, v, acc, m_i, l_i, pos, valid, q_pos, window, qk_scale, MASKED, USE_SOFTCAP, USE_ALIBI,
+                 USE_WINDOW, DOT_PRECISION, LAZY_RESCALE)
+
+
+@triton.jit
 def _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head, new_row0,
           start, a, b, offs_n, q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb,
           stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE: tl.constexpr, MASKED: tl.constexpr,
@@ -197,7 +218,8 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
                  BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr, HEAD_DIM: tl.constexpr,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-                 LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr):
+                 LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr,
+                 OVERLAP_QK: tl.constexpr):
     """Keys [a, b) of one source in BLOCK_N tiles starting at `origin`. Keys in [free_a, free_b) are
     visible to every row (free_a >= a, free_b <= b): tiles wholly inside take the unmasked loop, which
     alone carries the tl.range attributes (LOOP_STAGES > 0: its own pipeline depth; LOOP_UNROLL > 1;
@@ -215,7 +237,29 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
                                   stride_kh, stride_vt, stride_vh, SOURCE, True, D_MASKED, BLOCK_SIZE, BLOCK_N,
                                   BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
                                   LAZY_RESCALE)
-    if LOOP_WS:
+    if OVERLAP_QK and SOURCE == 2:
+        # Software-pipelined by hand (FlashAttention-3's intra-warpgroup overlap): the next tile's QK^T is
+        # issued before this tile's softmax, so the tensor cores have work while the softmax runs, if the
+        # compiler leaves the wait for that MMA until its scores are used. V is loaded where it is used.
+        if f_hi > f_lo:
+            pos = origin + f_lo * BLOCK_N + offs_n
+            k = k_new.load([new_row0 + origin + f_lo * BLOCK_N, kv_head * HEAD_DIM])
+            s = _scores(q, k, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI,
+                        DOT_PRECISION, False)
+            for t in range(f_lo + 1, f_hi):
+                pos_next = origin + t * BLOCK_N + offs_n
+                k = k_new.load([new_row0 + origin + t * BLOCK_N, kv_head * HEAD_DIM])
+                s_next = _scores(q, k, pos_next, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP,
+                                 USE_ALIBI, DOT_PRECISION, False)
+                v = v_new.load([new_row0 + origin + (t - 1) * BLOCK_N, kv_head * HEAD_DIM])
+                acc, m_i, l_i = _fold(s, v, acc, m_i, l_i, pos, pos >= 0, q_pos, window, qk_scale, False,
+                                      USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, LAZY_RESCALE)
+                s = s_next
+                pos = pos_next
+            v = v_new.load([new_row0 + origin + (f_hi - 1) * BLOCK_N, kv_head * HEAD_DIM])
+            acc, m_i, l_i = _fold(s, v, acc, m_i, l_i, pos, pos >= 0, q_pos, window, qk_scale, False,
+                                  USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, LAZY_RESCALE)
+    elif LOOP_WS:
         for t in tl.range(f_lo, f_hi, warp_specialize=True):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
                                   kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
@@ -268,7 +312,8 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
                    USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                    LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr,
-                   LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr):
+                   LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr,
+                   OVERLAP_QK: tl.constexpr):
     """Query tile q_tile (BLOCK_Q tokens x ROW_HEADS heads from head0) of sequence seq: attend and store."""
     ctx_len = seq_len - q_len
 
@@ -321,7 +366,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
                                      D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
                                      USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
     else:
         # The cached prefix (every key before every row: only the window and its end are masked), then
         # the chunk's own keys in tiles starting at ctx_len. Without HAS_PREFIX (a launch of fresh prompts
@@ -333,7 +378,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                                          d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
                                          D_MASKED, BLOCK_SIZE, BLOCK_N_PAGED, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
                                          USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
         acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                      head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
                                      last_pos + 1, tl.maximum(free_lo, ctx_len), first_pos + 1,
@@ -341,7 +386,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, NEW_KV,
                                      D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
                                      USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -413,6 +458,7 @@ def _paged_prefill_kernel(
     LOOP_STAGES: tl.constexpr,  # > 0: tl.range(num_stages=) on the unmasked key loop
     LOOP_UNROLL: tl.constexpr,  # > 1: tl.range(loop_unroll_factor=) on it
     LOOP_WS: tl.constexpr,  # tl.range(warp_specialize=True) on it
+    OVERLAP_QK: tl.constexpr,  # the chunk's TMA loop issues the next tile's QK^T before this tile's softmax
 ):
     tile = tl.program_id(0)
     head0 = tl.program_id(1) * ROW_HEADS
@@ -432,7 +478,8 @@ def _paged_prefill_kernel(
                        seq, q_start, q_len, seq_len, n_q_tiles - 1 - slot, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
+                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
+                       LOOP_WS, OVERLAP_QK)
         if 2 * slot + 1 < n_q_tiles:
             _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr,
                            sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh,
@@ -440,7 +487,8 @@ def _paged_prefill_kernel(
                            stride_vt, stride_vh, seq, q_start, q_len, seq_len, slot, head0, kv_head,
                            ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                            BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
-                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
+                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
+                       LOOP_WS, OVERLAP_QK)
     else:
         if slot >= n_q_tiles:
             return
@@ -454,7 +502,8 @@ def _paged_prefill_kernel(
                        seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS)
+                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
+                       LOOP_WS, OVERLAP_QK)
 
 
 def _new_kv_mode(mode: str, k: torch.Tensor | None, v: torch.Tensor | None, q: torch.Tensor,
@@ -523,8 +572,8 @@ def paged_prefill(
     max_query_len: the longest sequence's query count, if the host knows it (else num_tokens bounds it); with
     has_prefix, head_dim, the group and the dtype it picks the config (kernels/paged_prefill_configs.py).
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
-    BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS (see the
-    kernel), maxnreg (optional); unset keys take the selected config's.
+    BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS,
+    OVERLAP_QK    (see the kernel), maxnreg (optional); unset keys take the selected config's.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -594,6 +643,7 @@ def paged_prefill(
         LOOP_STAGES=int(cfg.get("LOOP_STAGES") or 0),
         LOOP_UNROLL=int(cfg.get("LOOP_UNROLL") or 0),
         LOOP_WS=bool(cfg.get("LOOP_WS")),
+        OVERLAP_QK=bool(cfg.get("OVERLAP_QK")),
         SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,

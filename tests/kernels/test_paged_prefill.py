@@ -72,6 +72,8 @@ STRUCTURES = [
     dict(NEW_KV="tma", PAIR_TILES=True, SEQ_VEC=8),  # two query tiles per program (37 tokens: 5 tiles of 8)
     dict(NEW_KV="tma", Q_SCALED=True, LOOP_STAGES=3, LOOP_UNROLL=2),  # scale folded into q; tl.range attributes
     dict(NEW_KV="paged", BLOCK_N=16, Q_SCALED=True, LOOP_WS=True),
+    dict(NEW_KV="tma", BLOCK_N=16, OVERLAP_QK=True),  # the next tile's QK^T before this tile's softmax
+    dict(NEW_KV="tma", BLOCK_M=16, BLOCK_N=8, OVERLAP_QK=True, Q_SCALED=True, PACK_GQA=False),
 ]
 
 

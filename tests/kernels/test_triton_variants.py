@@ -110,7 +110,8 @@ def test_kernel_variant_arguments_are_checked(kwargs, match):
 @pytest.mark.parametrize("variant", ["softcap", "alibi", "all"])
 def test_prefill_scale_folded_into_q_leaves_softcap_and_alibi_alone(variant):
     # Q_SCALED folds the softmax scale into q; soft-cap and ALiBi need the raw scores, so there it must
-    # not fold (a second scaling would be wrong); the loop attributes ride along (ignored by the interpreter).
+    # not fold (a second scaling would be wrong); the loop attributes ride along (ignored by the interpreter),
+    # and OVERLAP_QK's hand-pipelined loop applies the modifiers to each tile's scores too.
     from kernels.paged_prefill_configs import forced_config
 
     params = make_params(4, **VARIANTS[variant])
@@ -118,5 +119,5 @@ def test_prefill_scale_folded_into_q_leaves_softcap_and_alibi_alone(variant):
                                num_padding_tokens=1)
     with forced_config(dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, NEW_KV="tma", PACK_GQA=True,
                             BLOCKWISE=False, REVERSE=True, PAIR_TILES=False, LAZY_RESCALE=False, SEQ_VEC=8,
-                            Q_SCALED=True, LOOP_UNROLL=2)):
+                            Q_SCALED=True, LOOP_UNROLL=2, OVERLAP_QK=True)):
         _check(batch, params, torch.float32)
