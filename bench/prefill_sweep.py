@@ -348,9 +348,7 @@ def print_table(rows: dict) -> dict:
     print("\nthe table these winners give (kernels/paged_prefill_configs.py):\nTABLE = {")
     for shape, res in rows["results"].items():
         best = res.get("best")
-        if best is None or best == "table":
-            if best == "table":
-                print(f"    # {shape}: the table's own pick won; keep its entry")
+        if best is None:
             continue
         nseq, ctx, new = SHAPES[shape]
         key = table_key(D, HQ // HKV, DTYPE, ctx > 0, new)
@@ -428,7 +426,7 @@ def main() -> None:
                 res["variants"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
                 continue
             tf = p["flops"] / ms / 1e9
-            res["variants"][name] = dict(ms=ms, TFLOPs=tf, of_sdpa=tf / sdpa_tf, err=err, config=cfg)
+            res["variants"][name] = dict(ms=ms, TFLOPs=tf, of_sdpa=tf / sdpa_tf, err=err, config=cfg or pick)
             print(f"  {name:50s} {ms * 1e3:8.0f} us {tf:5.0f} TFLOP/s {tf / sdpa_tf:6.1%} of SDPA  err {err:.1e}")
         timed = {n: r for n, r in res["variants"].items() if "ms" in r}
         if timed:
