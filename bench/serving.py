@@ -157,12 +157,14 @@ HOPS = ("client.arrival", "client.sent", "router.handler", "router.received", "r
 
 
 def hop_intervals(path: dict[str, int]) -> dict[str, float]:
-    """ms between consecutive hops of one request's first-token path (those present), plus the engine
-    thread's admission -> add_request's return to the handler (off the token's path: the event loop's wake-up)."""
+    """ms between consecutive hops of one request's first-token path (those present), plus two off the
+    token's path: the engine thread's admission -> add_request's return to the handler (the event loop's
+    wake-up), and the engine call's start -> Redis's choice (choose-and-reserve, which runs beside the call)."""
     got = [h for h in HOPS if h in path]
     out = {f"{a}->{b}": (path[b] - path[a]) / 1e6 for a, b in zip(got, got[1:])}
-    if "engine.admitted" in path and "engine.add_returned" in path:
-        out["engine.admitted->engine.add_returned"] = (path["engine.add_returned"] - path["engine.admitted"]) / 1e6
+    for a, b in (("engine.admitted", "engine.add_returned"), ("router.received", "router.chosen")):
+        if a in path and b in path:
+            out[f"{a}->{b}"] = (path[b] - path[a]) / 1e6
     return out
 
 

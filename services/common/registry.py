@@ -14,7 +14,8 @@ Keys (all times are the Redis server's clock, so engine and router clocks never 
 Choosing an engine (`CHOOSE_LUA`, one atomic script): among live engines of the model whose last
 report is younger than `stale_ms` and not excluded by the caller, take the one with the largest
     free + evictable - waiting_blocks - reserved
-(ties: fewer running + waiting requests), and record a reservation of the request's blocks on it, in
+(ties: fewer running + waiting requests, then the smaller engine id, so a router can predict the
+choice from its cached view: services/router/registry_client.py), and record a reservation of the request's blocks on it, in
 the same step. Two router replicas therefore cannot both see the same headroom: the second sees the
 first one's reservation. An engine's report carries the ids of the requests it admitted since its
 previous report, and `PUBLISH_LUA` drops their reservations because the report now counts them.
@@ -95,7 +96,8 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     end
     local score = tonumber(st[3]) + tonumber(st[4]) - tonumber(st[5]) - resv
     local load = tonumber(st[6]) + tonumber(st[7])
-    if best == nil or score > best_score or (score == best_score and load < best_load) then
+    if best == nil or score > best_score or (score == best_score and (load < best_load
+        or (load == best_load and id < best))) then
       best, best_addr, best_score, best_load = id, st[1], score, load
     end
   end

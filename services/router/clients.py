@@ -139,6 +139,10 @@ class Registry(Protocol):
     async def choose(self, model: str, request_id: str, blocks: int,
                      exclude: set[str] = frozenset()) -> EngineChoice | None: ...
 
+    def predict(self, model: str, exclude: set[str] = frozenset()) -> EngineChoice | None:
+        """The engine `choose` will most likely return, from what is known locally (no I/O, no
+        reservation); None when there is no good guess. Only a head start: `choose` decides."""
+
     async def release(self, engine_id: str, request_id: str) -> None: ...
 
     def mark_suspect(self, engine_id: str) -> None: ...

@@ -4,7 +4,9 @@
 engine's last report) twice a second; if Redis stops answering, `choose()` falls back to that view
 with reservations kept in this process, and `redis_ok` turns false (Stats and logs say so).
 Engines that just failed a call are "suspect" for a short while and skipped, so requests do not
-queue up behind a dead engine whose registry entry has not expired yet.
+queue up behind a dead engine whose registry entry has not expired yet. `predict()` names, from the
+cached view and without I/O, the engine `choose()` will most likely return, so the router can start
+the engine call while Redis decides (services/router/request_stream.py, docs/router.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class RegistryClient:
         self.redis_ok = True
         self._suspects: dict[str, float] = {}
         self._local_resv: dict[str, int] = {}
+        self._chosen_since_refresh: dict[str, int] = {}
+        """Blocks Redis reserved for this router's requests since the view was read, per engine: what
+        `predict` subtracts, so a burst from this router is predicted to spread as `choose` spreads it."""
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -74,6 +79,7 @@ class RegistryClient:
         self.view = [e for e in engines if now - e.ts_ms <= self.stale_ms]
         self.view_time = time.monotonic()
         self._local_resv.clear()
+        self._chosen_since_refresh.clear()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -107,7 +113,26 @@ class RegistryClient:
         self._set_ok(True)
         if not r:
             return None
+        self._chosen_since_refresh[r[0]] = self._chosen_since_refresh.get(r[0], 0) + blocks
         return Choice(engine_id=r[0], address=r[1], score=int(r[2]))
+
+    def predict(self, model: str, exclude: set[str] = frozenset(), max_age_s: float = 1.0) -> Choice | None:
+        """The engine `choose` would most likely pick, from the cached view (no I/O, nothing reserved): the
+        Lua script's rule (most `free + evictable - waiting_blocks - reserved`, ties to fewer running +
+        waiting, then the smaller id) over the last read, less what this router reserved since. None when the view is older
+        than `max_age_s` or Redis is unreachable (then `choose` answers from the view at once anyway)."""
+        if not self.redis_ok or time.monotonic() - self.view_time > max_age_s:
+            return None
+        excluded = set(exclude) | self._current_suspects()
+        best = None
+        for e in self.view:
+            if e.model != model or e.engine_id in excluded:
+                continue
+            key = (-(e.available_blocks - self._chosen_since_refresh.get(e.engine_id, 0)),
+                   e.load.running + e.load.waiting, e.engine_id)
+            if best is None or key < best[0]:
+                best = (key, e)
+        return None if best is None else Choice(best[1].engine_id, best[1].address, -best[0][0])
 
     def _choose_cached(self, model: str, blocks: int, excluded: set[str]) -> Choice | None:
         best = None

@@ -188,18 +188,50 @@ class RequestStream:
     # --- choose an engine -------------------------------------------------------------------------
     async def _call_engine(self) -> EngineCall:
         self.attempts += 1
-        self.engine = await self._choose()
-        self.announced = False
         done = self.seqs[0].token_ids if 0 in self.seqs else []
         req = EngineRequest(self.rid, self.model, self.prompt_ids + done, self._resume_params(0))
-        if self.ttft is None:
+        self.engine, call = await self._start_call(req, 0, self.excluded, stamp=self.ttft is None)
+        self.announced = False
+        return call
+
+    async def _start_call(self, req: EngineRequest, generated: int, excluded: set[str],
+                          stamp: bool = False) -> tuple[EngineChoice, EngineCall]:
+        """Choose an engine and call it, the call overlapping the choice: the call to the engine the
+        registry predicts from its cached view starts first and runs while Redis chooses and reserves
+        (one atomic step, as before; it decides). Kept when Redis agrees, which it nearly always does
+        (one engine serves the model, or one has clearly the most room); otherwise cancelled (the engine
+        aborts it within a step) and the chosen engine called. So choose-and-reserve is off the first
+        token's path. `stamp`: add the first token's hops (docs/router.md)."""
+        hung = self.route.watch.hung() if self.route.watch is not None else set()
+        guess = self.route.registry.predict(self.model, excluded | hung)
+        early = None
+        if guess is not None:
+            if stamp:
+                self.first_token_path.append(("router.engine_call", time.monotonic_ns()))
+            early = self.route.engines.generate(guess.address, req, remaining(self.deadline))
+        try:
+            choice = await self._choose(req.request_id, generated, excluded, hung)
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
+        if stamp:
+            self.first_token_path.append(("router.chosen", time.monotonic_ns()))
+        if early is not None and (guess.engine_id, guess.address) == (choice.engine_id, choice.address):
+            return choice, early
+        if early is not None:
+            early.cancel()
+            log.debug("%s: predicted engine %s, Redis chose %s; call moved", req.request_id, guess.engine_id,
+                      choice.engine_id)
+        if stamp:
             self.first_token_path.append(("router.engine_call", time.monotonic_ns()))
-        return self.route.engines.generate(self.engine.address, req, remaining(self.deadline))
+        return choice, self.route.engines.generate(choice.address, req, remaining(self.deadline))
 
     async def _choose(self, request_id: str | None = None, generated: int = 0,
-                      excluded: set[str] | None = None) -> EngineChoice:
+                      excluded: set[str] | None = None, hung: set[str] | None = None) -> EngineChoice:
         excluded = self.excluded if excluded is None else excluded
-        hung = self.route.watch.hung() if self.route.watch is not None else set()
+        if hung is None:
+            hung = self.route.watch.hung() if self.route.watch is not None else set()
         choice = await self.route.registry.choose(self.model, request_id or self.rid, self._blocks_needed(generated),
                                                   excluded | hung)
         if choice is not None:
@@ -341,9 +373,8 @@ class RequestStream:
         excluded, attempts = set(self.excluded), 0
         while not seq.finished:
             attempts += 1
-            engine = await self._choose(rid, seq.num_tokens, excluded)
             req = EngineRequest(rid, self.model, self.prompt_ids + seq.token_ids, self._resume_params(index))
-            call = self.route.engines.generate(engine.address, req, remaining(self.deadline))
+            engine, call = await self._start_call(req, seq.num_tokens, excluded)
             untrack = watch.track(engine.engine_id, call.fail) if watch is not None else None
             announced = False
             try:

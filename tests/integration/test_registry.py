@@ -93,3 +93,25 @@ def test_expired_engine_is_pruned_and_cached_view_serves_when_redis_is_down(redi
         await r.aclose()
         await dead.aclose()
     run(main())
+
+
+def test_predict_names_the_engine_choose_picks_from_the_cached_view(redis_url):
+    async def main():
+        r = aioredis.from_url(redis_url + "4", decode_responses=True)
+        await r.flushdb()
+        await _publish(r, "b", free=10)
+        await _publish(r, "a", free=10)  # a tie: the smaller id, in the script and in the prediction
+        await _publish(r, "c", free=4)
+        c = RegistryClient(r)
+        assert c.predict("m") is None  # no view read yet: no guess
+        await c.refresh()
+        for i in range(6):  # this router's own reservations move both alike: a, b, a, b, ...
+            guess = c.predict("m")
+            got = await c.choose("m", f"p{i}", 3)
+            assert (guess.engine_id, guess.address) == (got.engine_id, got.address), i
+        assert c.predict("m", exclude={"a", "b"}).engine_id == "c"
+        assert c.predict("other-model") is None
+        c.mark_suspect("a")
+        assert c.predict("m").engine_id != "a"
+        await r.aclose()
+    run(main())

@@ -152,10 +152,13 @@ class FakeTokenizer:
 
 
 class FakeRegistry:
-    """Chooses engines in the order given, skipping excluded ones; records what the router told it."""
+    """Chooses engines in the order given, skipping excluded ones; records what the router told it.
+    `predict` guesses the same engine (as the real registry nearly always does), or `wrong_guess` when set."""
 
     def __init__(self, engine_ids: list[str]):
         self.engine_ids = engine_ids
+        self.wrong_guess: str | None = None
+        """Predict this engine (a cached view that disagrees with Redis's choice)."""
         self.view = []
         self.redis_ok = True
         self.released: list[tuple[str, str]] = []
@@ -178,6 +181,11 @@ class FakeRegistry:
             if e not in exclude:
                 return FakeChoice(e, e)
         return None
+
+    def predict(self, model, exclude=frozenset()):
+        if self.wrong_guess is not None:
+            return FakeChoice(self.wrong_guess, self.wrong_guess)
+        return next((FakeChoice(e, e) for e in self.engine_ids if e not in exclude), None)
 
     async def release(self, engine_id: str, request_id: str) -> None:
         self.released.append((engine_id, request_id))

@@ -234,3 +234,29 @@ def test_a_consumer_that_stops_reading_cancels_the_engine_call():
 async def _consume_forever(r):
     async for _ in r.core.generate(_inp(max_tokens=1000)):
         pass
+
+
+def test_the_call_started_on_the_predicted_engine_is_the_one_used():
+    r = make_router(a=FakeEngine(), b=FakeEngine())
+    chunks = _run(r, _inp(max_tokens=4))
+    assert _joined(chunks) == _expected(4)
+    assert len(r.engines["a"].calls) == 1 and not r.engines["b"].calls  # one call, started before the choice
+
+
+def test_a_wrong_prediction_is_cancelled_and_the_chosen_engine_called():
+    r = make_router(a=FakeEngine(), b=FakeEngine())
+    r.registry.wrong_guess = "b"  # the cached view says b; Redis chooses a
+    chunks = _run(r, _inp(max_tokens=4))
+    assert _joined(chunks) == _expected(4)
+    assert [c.engine_id for c in chunks if c.engine_id] == ["a"]
+    early = r.engines["b"].calls
+    assert len(early) == 1 and early[0].cancelled and early[0].tokens_sent == 0  # aborted on b, nothing read
+    assert r.registry.released == [] and r.core.stats()["retries"] == 0
+
+
+def test_no_engine_chosen_cancels_the_predicted_call():
+    r = make_router(a=FakeEngine())
+    r.registry.wrong_guess, r.registry.engine_ids = "a", []  # the view still shows a; Redis has no engine
+    with pytest.raises(Unavailable):
+        _run(r, _inp(max_tokens=4))
+    assert len(r.engines["a"].calls) == 1 and r.engines["a"].calls[0].cancelled
