@@ -142,7 +142,8 @@ class RouterCore:
     def stats(self) -> dict:
         c = self.counters
         return {"redis_ok": self.registry.redis_ok, "engines": list(self.registry.view), "in_flight": c.in_flight,
-                "retries": c.retries, "failovers": c.failovers, "requests_total": c.requests_total}
+                "retries": c.retries, "failovers": c.failovers, "requests_total": c.requests_total,
+                "calls_ahead": c.calls_ahead, "calls_moved": c.calls_moved}
 
     # --- generation -------------------------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Chunk]:

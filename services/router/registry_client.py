@@ -116,23 +116,26 @@ class RegistryClient:
         self._chosen_since_refresh[r[0]] = self._chosen_since_refresh.get(r[0], 0) + blocks
         return Choice(engine_id=r[0], address=r[1], score=int(r[2]))
 
-    def predict(self, model: str, exclude: set[str] = frozenset(), max_age_s: float = 1.0) -> Choice | None:
-        """The engine `choose` would most likely pick, from the cached view (no I/O, nothing reserved): the
-        Lua script's rule (most `free + evictable - waiting_blocks - reserved`, ties to fewer running +
-        waiting, then the smaller id) over the last read, less what this router reserved since. None when the view is older
-        than `max_age_s` or Redis is unreachable (then `choose` answers from the view at once anyway)."""
+    def predict(self, model: str, exclude: set[str] = frozenset(), max_age_s: float = 1.0,
+                margin: float = 0.05) -> Choice | None:
+        """The engine `choose` will pick, when the cached view makes it near certain (no I/O, nothing
+        reserved): the Lua script's rule (most `free + evictable - waiting_blocks - reserved`, ties to fewer
+        running + waiting, then the smaller id) over the last read, less what this router reserved since.
+        Only when one engine qualifies, or the best leads the next by more than `margin` of its blocks
+        (what the others' traffic could move in a refresh interval): a wrong guess costs its engine an
+        aborted request. None too when the view is older than `max_age_s` or Redis is unreachable."""
         if not self.redis_ok or time.monotonic() - self.view_time > max_age_s:
             return None
         excluded = set(exclude) | self._current_suspects()
-        best = None
-        for e in self.view:
-            if e.model != model or e.engine_id in excluded:
-                continue
-            key = (-(e.available_blocks - self._chosen_since_refresh.get(e.engine_id, 0)),
-                   e.load.running + e.load.waiting, e.engine_id)
-            if best is None or key < best[0]:
-                best = (key, e)
-        return None if best is None else Choice(best[1].engine_id, best[1].address, -best[0][0])
+        ranked = sorted((-(e.available_blocks - self._chosen_since_refresh.get(e.engine_id, 0)),
+                         e.load.running + e.load.waiting, e.engine_id, e)
+                        for e in self.view if e.model == model and e.engine_id not in excluded)
+        if not ranked:
+            return None
+        best = ranked[0]
+        if len(ranked) > 1 and ranked[1][0] - best[0] <= margin * best[3].load.total_blocks:
+            return None
+        return Choice(best[3].engine_id, best[3].address, -best[0])
 
     def _choose_cached(self, model: str, blocks: int, excluded: set[str]) -> Choice | None:
         best = None

@@ -44,6 +44,10 @@ class RouterStats:
     retries: int = 0
     failovers: int = 0
     requests_total: int = 0
+    calls_ahead: int = 0
+    """Engine calls started on the predicted engine before Redis's choice, and kept (it agreed)."""
+    calls_moved: int = 0
+    """Engine calls started on the predicted engine and cancelled (Redis chose another)."""
 
 
 @dataclass
@@ -205,9 +209,8 @@ class RequestStream:
         hung = self.route.watch.hung() if self.route.watch is not None else set()
         guess = self.route.registry.predict(self.model, excluded | hung)
         early = None
+        started_ns = time.monotonic_ns()
         if guess is not None:
-            if stamp:
-                self.first_token_path.append(("router.engine_call", time.monotonic_ns()))
             early = self.route.engines.generate(guess.address, req, remaining(self.deadline))
         try:
             choice = await self._choose(req.request_id, generated, excluded, hung)
@@ -215,17 +218,22 @@ class RequestStream:
             if early is not None:
                 early.cancel()
             raise
-        if stamp:
-            self.first_token_path.append(("router.chosen", time.monotonic_ns()))
+        chosen_ns = time.monotonic_ns()
         if early is not None and (guess.engine_id, guess.address) == (choice.engine_id, choice.address):
-            return choice, early
-        if early is not None:
-            early.cancel()
-            log.debug("%s: predicted engine %s, Redis chose %s; call moved", req.request_id, guess.engine_id,
-                      choice.engine_id)
+            self.route.stats.calls_ahead += 1
+            call = early
+        else:
+            if early is not None:
+                early.cancel()
+                self.route.stats.calls_moved += 1
+                log.debug("%s: predicted engine %s, Redis chose %s; call moved", req.request_id, guess.engine_id,
+                          choice.engine_id)
+            started_ns = time.monotonic_ns()
+            call = self.route.engines.generate(choice.address, req, remaining(self.deadline))
         if stamp:
-            self.first_token_path.append(("router.engine_call", time.monotonic_ns()))
-        return choice, self.route.engines.generate(choice.address, req, remaining(self.deadline))
+            self.first_token_path += sorted([("router.engine_call", started_ns), ("router.chosen", chosen_ns)],
+                                            key=lambda s: s[1])
+        return choice, call
 
     async def _choose(self, request_id: str | None = None, generated: int = 0,
                       excluded: set[str] | None = None, hung: set[str] | None = None) -> EngineChoice:

@@ -241,6 +241,7 @@ def test_the_call_started_on_the_predicted_engine_is_the_one_used():
     chunks = _run(r, _inp(max_tokens=4))
     assert _joined(chunks) == _expected(4)
     assert len(r.engines["a"].calls) == 1 and not r.engines["b"].calls  # one call, started before the choice
+    assert r.core.stats()["calls_ahead"] == 1 and r.core.stats()["calls_moved"] == 0
 
 
 def test_a_wrong_prediction_is_cancelled_and_the_chosen_engine_called():
@@ -252,6 +253,7 @@ def test_a_wrong_prediction_is_cancelled_and_the_chosen_engine_called():
     early = r.engines["b"].calls
     assert len(early) == 1 and early[0].cancelled and early[0].tokens_sent == 0  # aborted on b, nothing read
     assert r.registry.released == [] and r.core.stats()["retries"] == 0
+    assert r.core.stats()["calls_moved"] == 1 and r.core.stats()["calls_ahead"] == 0
 
 
 def test_no_engine_chosen_cancels_the_predicted_call():
