@@ -84,7 +84,9 @@ def _name(c: dict | None) -> str:
 # 8 warps and 3 stages, tl.range attributes on the unmasked loop (ls = its own num_stages, unroll, ws =
 # warp_specialize), around round 2's winners (BASE: tma M128 N64 w8 s2 rev maxnreg128 seqvec32; 1 x 8192:
 # 3 stages without the register cap), and overlap: the next tile's QK^T issued before this tile's softmax (FA3's
-# intra-warpgroup overlap by hand). All take has_prefix=False on the fresh-prompt shapes, as the engine does.
+# intra-warpgroup overlap by hand; compiled for sm_90 with Triton 3.8 on the CPU machine the wait for that QK^T
+# still follows its issue at once, so expect nothing), and 64-row 4-warp programs. All take has_prefix=False on
+# the fresh-prompt shapes, as the engine does.
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(),  # BASE
@@ -100,14 +102,16 @@ VARIANTS = [
     _cfg(unroll=2, qs=True),
     _cfg(s=3, maxnreg=None, unroll=2, qs=True),
     _cfg(s=3, maxnreg=None, loop_stages=4, qs=True),
-    _cfg(s=3, maxnreg=None, overlap=True),
     _cfg(s=3, maxnreg=None, overlap=True, qs=True),
-    _cfg(overlap=True, qs=True),
     _cfg(ws=True, qs=True),
-    _cfg(s=3, maxnreg=None, ws=True, qs=True),
-    _cfg(m=64, n=128, w=4, s=2, maxnreg=None, qs=True),
+    _cfg(m=256, n=64, w=16, s=2, maxnreg=None, qs=True),  # 4 warpgroups share each K/V tile; one program per SM
+    # ptxas (sm_90a) serializes the wgmmas of every 128-register build (C7511/C7512: too few registers for the
+    # wgmma pipeline), BASE included; 4-warp programs of 64 rows keep the pipeline at 2 or 3 programs per SM:
     _cfg(m=64, n=64, w=4, s=3, maxnreg=None, qs=True),
-    _cfg(m=128, n=32, w=4, s=3, maxnreg=None, qs=True),
+    _cfg(m=64, n=64, w=4, s=2, maxnreg=None),
+    _cfg(m=64, n=64, w=4, s=2, maxnreg=None, qs=True),
+    _cfg(m=64, n=32, w=4, s=3, maxnreg=168),  # 3 programs per SM
+    _cfg(m=64, n=32, w=4, s=3, maxnreg=168, qs=True),
     _cfg(n=128, w=8, s=3, maxnreg=None, pack=False, qs=True),  # round 1's best on the chunked shape
     _cfg("paged", n=32, w=4, s=3, reverse=False, maxnreg=None, seq_vec=0),  # the default before issue 15's work
 ]
