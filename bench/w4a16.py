@@ -4,12 +4,13 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
 
     python bench/w4a16.py [--json PATH] [--sections checks sweep engine] [--budget 95]
 
-1. checks (exit 1 on a failure): every `gemv2` variant (1 or 2 blocks per tile; per-block or per-row
-   scales; act-order; odd K and N; atomic and partial-sum split-K; programmatic dependent launch 0/1/2)
+1. checks (exit 1 on a failure): `gemv2` and `gemv3` variants (blocks or rows per tile; per-block,
+   per-slab or per-row scales; act-order; odd K and N; atomic and partial-sum split-K; programmatic
+   dependent launch 0/1/2)
    against x @ dequant(w) in float32 with the split-K workspace left zeroed; a CUDA graph of three chained
    GEMVs (each reads the previous one's output, so a PDL launch that read x before its wait would show).
-2. sweep (M = 1, the four 8B GEMMs): bf16 F.linear, the committed config, `gemv1` and the `gemv2` grid
-   (BLOCK_N x warps x UNROLL x SPLIT_K, then PDL on the best), plus a read-only kernel with gemv2's tiles
+2. sweep (M = 1, the four 8B GEMMs): bf16 F.linear, the committed config, `gemv1`, the `gemv2` and `gemv3`
+   grids (tile shape x warps x SPLIT_K, then PDL on the three best), plus a read-only kernel with gemv2's tiles
    and grid (the bandwidth its access pattern can reach). Timing as bench/quant.py: one CUDA graph over
    weight copies that overflow L2. The winners are checked as the engine runs them, then applied.
 3. engine, bf16 then W4A16 (GPTQ config, random weights), one engine each: batch-1 decode ms/token
@@ -45,6 +46,7 @@ DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
 
 # --- checks ----------------------------------------------------------------------------------------------
 G2 = dict(KERNEL="gemv2", BLOCK_N=64, num_warps=2, num_stages=1)
+G3 = dict(KERNEL="gemv3", T=8, BLOCK_N=128, num_warps=1, num_stages=1)
 CASES = [
     # (K, N, group, act-order, config, SPLIT_K, ATOMIC)
     (4096, 6144, 128, False, dict(G2), 8, True),
@@ -56,6 +58,12 @@ CASES = [
     (1088, 776, 32, False, dict(G2, BLOCK_N=32, num_warps=1), 4, True),  # 64-row blocks
     (640, 600, 640, False, dict(G2, BLOCK_N=256, num_warps=8), 2, True),  # one group over K
     (14336, 4096, 128, False, dict(G2, GROUP_MODE=2, PDL=1), 16, True),  # per-row scales forced
+    (4096, 6144, 128, False, dict(G3), 8, True),
+    (4224, 520, 128, True, dict(G3, PDL=1), 3, True),  # act-order, odd N, 33 blocks
+    (4096, 1000, 32, False, dict(G3, BLOCK_N=256, num_warps=2, PDL=2), 4, False),  # 4 groups per block
+    (1088, 776, 64, False, dict(G3, T=16), 4, True),  # 64-row blocks: T becomes 8
+    (14336, 4096, 128, False, dict(G3, T=16, PDL=2), 1, True),
+    (1000, 600, 16, True, dict(G3), 2, True),  # a group per nibble; K not a multiple of the block
 ]
 
 
@@ -89,7 +97,7 @@ def chain_checks(failures: list, g: torch.Generator, configs: list | None = None
     k, n = SHAPES["o"]
     mats = [q.int4_case(k, n, 128, False, g) for _ in range(3)]
     w4.reserve_workspace(DEV, n)
-    for cfg in configs or [dict(G2, PDL=p, SPLIT_K=8) for p in (0, 1, 2)]:
+    for cfg in configs or [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]:
         def chain(x, cfg=cfg):
             for qw, s, z, _, _ in mats:
                 x = w4.w4a16(x, qw, s, z, 128, config=cfg) * 30.0  # keeps the values O(1)
@@ -154,11 +162,16 @@ def read_only(qw, split, block_n, unroll, warps, warmup=False):
 
 
 def candidates(n: int, k: int) -> list[dict]:
-    """gemv2 configs: tile width x warps x blocks per tile, each with split-K 1 and 2 (no workspace, no atomics;
-    the tail is a store) and around the automatic choice (about 4 programs per SM)."""
+    """gemv2 configs (tile width x warps x blocks per tile) and gemv3 configs (8 or 16 rows per tile, 128
+    columns per warp), each with split-K 1 and 2 (no workspace, no atomics; the tail is a store) and around
+    the automatic choice (about 4 programs per SM)."""
     blocks = -(-k // 128)
     sms = splitk.sm_count(DEV)
     out = []
+    for t, bn, warps in ((8, 128, 1), (8, 256, 2), (8, 512, 4), (16, 128, 1)):
+        auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=64, min_blocks=1)
+        for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
+            out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, SPLIT_K=sp))
     for bn, warps, unrolls in ((16, 1, (2, 4)), (32, 1, (1, 2, 4)), (64, 1, (1, 2)), (64, 2, (1, 2, 4)),
                                (128, 2, (1, 2)), (128, 4, (1, 2)), (256, 4, (1,))):
         for unroll in unrolls:
@@ -201,9 +214,7 @@ def sweep(start: float, budget: float) -> dict:
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
         cands = [None, dict(KERNEL="gemv1", BLOCK_N=64, num_warps=2, num_stages=1)] + candidates(n, k)
-        q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands]
-                     + [lambda c=c: w4.w4a16(x, *q4[0], 128, config=dict(c, PDL=p), warmup=True)
-                        for c in cands[2:] for p in (1, 2)])
+        q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
 
@@ -217,8 +228,10 @@ def sweep(start: float, budget: float) -> dict:
 
         for cfg in cands:
             timed(cfg)
-        g2 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv2"),
+        g2 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] in ("gemv2", "gemv3")),
                     key=lambda r: r["ms"])
+        q.precompile([lambda c=r["config"]: w4.w4a16(x, *q4[0], 128, config=dict(c, PDL=p), warmup=True)
+                      for r in g2[:3] for p in (1, 2)])
         for r in g2[:3]:  # PDL on the three best: back to back in the graph, as the engine's layers are not
             for p in (1, 2):
                 timed(dict(r["config"], PDL=p))
@@ -257,7 +270,7 @@ def print_sweep(result: dict) -> None:
     rows = result["rows"]
     print("\nM = 1 per GEMM (ms per call; GB/s = int4 weights + scales and zeros read per second):")
     print("(read-only GB/s: gemv2's tiles and grid without the arithmetic; contiguous chunks per program)")
-    print(f"{'shape':<8}{'bf16':>8}{'commit':>8}{'gemv1':>8}{'gemv2':>8}{'+PDL':>8}{'GB/s':>6}{'x bf16':>8}"
+    print(f"{'shape':<8}{'bf16':>8}{'commit':>8}{'gemv1':>8}{'gemv2':>8}{'gemv3':>8}{'+PDL':>8}{'GB/s':>6}{'x bf16':>8}"
           f"{'tiles':>7}{'flat':>7}")
     tot = dict(bf16=0.0, commit=0.0, best=0.0)
     for r in rows:
@@ -267,18 +280,19 @@ def print_sweep(result: dict) -> None:
         d = best_of(lambda c: c == "default")
         g1 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv1")
         g2 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv2" and not c.get("PDL"))
-        g2p = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv2" and c.get("PDL"))
+        g3 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv3" and not c.get("PDL"))
+        g2p = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] in ("gemv2", "gemv3") and c.get("PDL"))
         b = min(c["ms"] for c in r["w4a16"])
         nk = r["N"] * r["K"]
         rd = max((c["GB_s"] for c in r["read_only"] if c["kind"] == "tiles"), default=float("nan"))
         rf = max((c["GB_s"] for c in r["read_only"] if c["kind"] == "flat"), default=float("nan"))
-        print(f"{r['shape']:<8}{r['bf16_ms']:>8.4f}{d:>8.4f}{g1:>8.4f}{g2:>8.4f}{g2p:>8.4f}"
+        print(f"{r['shape']:<8}{r['bf16_ms']:>8.4f}{d:>8.4f}{g1:>8.4f}{g2:>8.4f}{g3:>8.4f}{g2p:>8.4f}"
               f"{(nk // 2 + nk // 128 * 3) / b / 1e6:>6.0f}{r['bf16_ms'] / b:>8.2f}{rd:>7.0f}{rf:>7.0f}")
         tot["bf16"] += r["bf16_ms"]
         tot["commit"] += d
         tot["best"] += b
     if len(rows) == len(SHAPES):
-        print(f"{'layer':<8}{tot['bf16']:>8.4f}{tot['commit']:>8.4f}{'':>32}{tot['bf16'] / tot['best']:>8.2f}"
+        print(f"{'layer':<8}{tot['bf16']:>8.4f}{tot['commit']:>8.4f}{'':>40}{tot['bf16'] / tot['best']:>8.2f}"
               f"   (best sum {tot['best']:.4f} ms)")
         result["layer_ms"] = tot
     print("\nWinners (paste into kernels/w4a16.py TUNED):")

@@ -252,31 +252,35 @@ def _w4a16_gemv1_kernel(
 
 
 @triton.jit
-def _magic_nibble(words, hi, j: tl.constexpr):
-    """Nibble j of each word as the float32 q * 16^(j mod 5) exactly, in one and-or (a LOP3) and one float
-    subtraction: the nibble is masked in place into the mantissa of 2^23 (whose ulp is 1), and 2^23 is taken
-    away. Nibbles 5..7 come from `hi` = words >> 20 (one shift per word for all three). Beside
-    `_nibble_unit`'s shift + and-or per weight this moves one integer op (half rate on Hopper) per weight
-    to the float32 pipe."""
-    if j < 5:
-        t = (words & (0xF << (4 * j))) | 0x4B000000
-    else:
-        t = (hi & (0xF << (4 * (j - 5)))) | 0x4B000000
-    return t.to(tl.float32, bitcast=True) - 8388608.0
+def _magic_nibble(words, hi, j: tl.constexpr, exp0):
+    """Nibble j (q, 0..15) of each word as the float32 q exactly, in one and-or (a LOP3) and one float
+    subtraction: the nibble, left in place at bits 4i..4i+3, becomes the low mantissa bits of 2^(23 - 4i),
+    whose ulp there is 1, so the float is 2^(23 - 4i) + q; taking 2^(23 - 4i) away leaves q. Nibbles 0..4
+    are read in place (i = j); 5..7 from `hi` = words >> 20 (i = j - 5, one shift per word for all three).
+    exp0 is 2^23's bits, 150 << 23, passed at run time: as a register it lets the and-or be one LOP3 (with
+    the mask and the exponent both immediates it takes two). Beside `_nibble_unit`'s shift + and-or per
+    weight this moves an integer op (half rate on Hopper) per weight to the float32 pipe."""
+    i: tl.constexpr = j if j < 5 else j - 5
+    src = words if j < 5 else hi
+    t = (src & (0xF << (4 * i))) | (exp0 - ((4 * i) << 23))
+    return t.to(tl.float32, bitcast=True) - float(1 << (23 - 4 * i))
 
 
 @triton.jit
 def _w4a16_gemv2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
-    N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os,
+    N, K, group_size, blocks_per_split, split_k, stride_qk, stride_qn, stride_sg, stride_os, exp0,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, PER_BLOCK: tl.constexpr,
-    HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr,
+    HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr,
 ):
     """M = 1, streaming: each iteration takes UNROLL packed blocks as one [UNROLL * ROWS / 8, BLOCK_N] tile of
-    words (row segments of BLOCK_N * 4 bytes), and the next tile is in flight while this one is computed.
-    Nibbles by `_magic_nibble`; x is pre-scaled by 16^-(j mod 5) (exact) so each product is q x.
+    words, and the next tile is in flight while this one is computed. The words may be stored N-major
+    (stride_qn 1: row segments of BLOCK_N * 4 bytes) or K-major (stride_qk 1: each column's words of the tile
+    contiguous, and a thread's consecutive words multiply consecutive x). Nibbles by `_magic_nibble`.
+    EVEN (K a multiple of ROWS, every tile's blocks inside its split): no masks along K.
     PER_BLOCK (each block inside one group: group_size % ROWS == 0, or one group over K): a block's sums
-    s sum(q x) - z s sum(x) take its scale and zero point once; otherwise per-row scales (any group size).
+    s sum(q x) - z s sum(x) take its scale and zero point once (loaded in the tile's shape, so that they need
+    no layout conversion); otherwise per-row scales (any group size).
     PDL 1: launched as a programmatic dependent launch, the first weight tile is read before waiting for
     the previous kernel (whose output may be x); 2: also lets the next kernel launch at once. Nothing but
     weights is touched before the wait."""
@@ -289,8 +293,11 @@ def _w4a16_gemv2_kernel(
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(tl.cdiv(K, ROWS), b_start + blocks_per_split)
     k_end = tl.minimum(K, b_end * ROWS)
-    w_ptrs = qw_ptr + (b_start * S + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
-    nxt = tl.load(w_ptrs, mask=((b_start * S + offs_r) < b_end * S)[:, None] & n_mask[None, :], other=0)
+    w_ptrs = qw_ptr + (b_start * S + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :] * stride_qn
+    if EVEN:
+        nxt = tl.load(w_ptrs, mask=(b_start < b_end) & n_mask[None, :], other=0)
+    else:
+        nxt = tl.load(w_ptrs, mask=((b_start * S + offs_r) < b_end * S)[:, None] & n_mask[None, :], other=0)
     if PDL >= 2:
         gdc_launch_dependents()
     if PDL >= 1:
@@ -299,7 +306,10 @@ def _w4a16_gemv2_kernel(
     for b in range(b_start, b_end, UNROLL):
         words = nxt
         w_ptrs += T * stride_qk
-        nxt = tl.load(w_ptrs, mask=(((b + UNROLL) * S + offs_r) < b_end * S)[:, None] & n_mask[None, :], other=0)
+        if EVEN:
+            nxt = tl.load(w_ptrs, mask=(b + UNROLL < b_end) & n_mask[None, :], other=0)
+        else:
+            nxt = tl.load(w_ptrs, mask=(((b + UNROLL) * S + offs_r) < b_end * S)[:, None] & n_mask[None, :], other=0)
         hi = words >> 20
         kb = (b + offs_r // S) * ROWS + offs_r % S  # the row nibble 0 of each tile row holds
         if PER_BLOCK:
@@ -307,32 +317,100 @@ def _w4a16_gemv2_kernel(
             xsum = tl.zeros((T,), dtype=tl.float32)
         for j in tl.static_range(8):
             k = kb + j * S
-            k_mask = k < k_end
-            cols = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
-            xj = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
-            xs = xj * (1.0 / (1 << (4 * (j % 5))))
-            v = _magic_nibble(words, hi, j)
+            if EVEN:
+                cols = tl.load(perm_ptr + k) if HAS_PERM else k
+                xj = tl.load(x_ptr + cols).to(tl.float32)
+            else:
+                k_mask = k < k_end
+                cols = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
+                xj = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)
+            v = _magic_nibble(words, hi, j, exp0)
             if PER_BLOCK:
-                part += v * xs[:, None]
+                part += v * xj[:, None]
                 xsum += xj
             else:
                 kn = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
                 s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
-                acc += (v * xs[:, None]) * s - (z * s) * xj[:, None]
+                acc += (v * s - z * s) * xj[:, None]
         if PER_BLOCK:
-            if UNROLL == 1:
-                s1 = tl.load(s_ptr + (b * ROWS) // group_size * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                z1 = tl.load(z_ptr + (b * ROWS) // group_size * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-                acc += part * s1[None, :] - xsum[:, None] * (z1 * s1)[None, :]
-            else:
-                g = tl.minimum((b + offs_r // S) * ROWS, K - 1) // group_size
-                kn = g[:, None] * stride_sg + offs_n[None, :]
-                s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
-                acc += part * s - xsum[:, None] * (z * s)
+            g = tl.minimum((b + offs_r // S) * ROWS, K - 1) // group_size
+            kn = g[:, None] * stride_sg + offs_n[None, :]
+            s = tl.load(s_ptr + kn, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + kn, mask=n_mask[None, :], other=0).to(tl.float32)
+            acc += part * s - xsum[:, None] * (z * s)
     y = tl.sum(acc, axis=0)
     splitk_store(y[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n, split_k,
+                 SPLIT, ATOMIC)
+
+
+@triton.jit
+def _w4a16_gemv3_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
+    N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
+    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr,
+):
+    """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
+    by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
+    loads, 4 columns per thread and register repeats beyond), so a thread holds every row of its columns.
+    Then nibble j's x values are T consecutive inputs, one vector load shared by all the thread's columns,
+    and the sums over rows are additions in registers: scale and zero point apply per column once per group.
+    The zero point goes into the nibble decode itself: the float subtraction takes away 2^(23 - 4i) + z
+    (exact) instead of 2^(23 - 4i), so each product is (q - z) x and no sum of x is kept.
+    JG: nibbles per group inside a block (8 when a block lies in one group; 1, 2, 4 for group sizes 16, 32,
+    64). exp0 = 150 << 23 and hi_shift = 20 come at run time so the compiler keeps them in registers (as
+    constants it splits each and-or in two, or turns the high nibbles into bitfield extracts). The next tile
+    is in flight while this one is computed; PDL and EVEN as in _w4a16_gemv2_kernel (EVEN: K % ROWS == 0)."""
+    S: tl.constexpr = ROWS // 8
+    H: tl.constexpr = S // T  # tiles per block
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_t = tl.arange(0, T)
+    t_start = pid_k * blocks_per_split * H
+    t_end = tl.minimum(tl.cdiv(K, ROWS), (pid_k + 1) * blocks_per_split) * H
+    w_ptrs = qw_ptr + (t_start * T + offs_t)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+    nxt = tl.load(w_ptrs, mask=(t_start < t_end) & n_mask[None, :], other=0)
+    if PDL >= 2:
+        gdc_launch_dependents()
+    if PDL >= 1:
+        gdc_wait()
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(t_start, t_end):
+        words = nxt
+        w_ptrs += T * stride_qk
+        nxt = tl.load(w_ptrs, mask=(i + 1 < t_end) & n_mask[None, :], other=0)
+        k0 = (i // H) * ROWS + (i % H) * T  # input of nibble 0 of the tile's first word
+        for j in tl.static_range(8):
+            if j == 5:  # here, not before the loop: the words are dead by now, so hi takes their registers
+                hi = words >> hi_shift
+            if j % JG == 0:  # a new group: its scale, and the five subtrahends 2^(23 - 4i) + z
+                g = tl.minimum(k0 + j * S, K - 1) // group_size
+                sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+                sub0, sub1, sub2 = zp + 8388608.0, zp + 524288.0, zp + 32768.0
+                sub3, sub4 = zp + 2048.0, zp + 128.0
+            k = k0 + j * S + offs_t
+            if EVEN:
+                cols = tl.load(perm_ptr + k) if HAS_PERM else k
+                xj = tl.load(x_ptr + cols).to(tl.float32)
+            else:
+                cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
+                xj = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
+            if j < 5:
+                f = ((words & (0xF << (4 * j))) | (exp0 - ((4 * j) << 23))).to(tl.float32, bitcast=True)
+            else:
+                f = ((hi & (0xF << (4 * j - 20))) | (exp0 - ((4 * j - 20) << 23))).to(tl.float32, bitcast=True)
+            sub = sub0 if j % 5 == 0 else sub1 if j % 5 == 1 else sub2 if j % 5 == 2 else sub3 if j % 5 == 3 else sub4
+            prod = (f - sub[None, :]) * xj[:, None]  # (q - z) x
+            if j % JG == 0:
+                part = prod
+            else:
+                part += prod
+            if (j + 1) % JG == 0:  # the group's sums are complete
+                acc += tl.sum(part, axis=0) * sc
+    splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n, split_k,
                  SPLIT, ATOMIC)
 
 
@@ -475,15 +553,16 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         raise ValueError(f"perm must be int32 [K] = [{k}], got {perm.dtype} {tuple(perm.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride() != scales.stride():
-        qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     cfg = dict(config or pick_config(m, n, k, group_size, x.device))
     kind = cfg.pop("KERNEL")
+    k_major = qweight.stride(0) == 1 and qweight.shape[0] > 1 and kind == "gemv2"  # gemv2 reads either order
+    if (qweight.stride(1) != 1 and not k_major) or scales.stride(1) != 1 or zeros.stride() != scales.stride():
+        qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     if kind == "dequant":
         return _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warmup)
     if kind == "gemv" and (m > cfg["BLOCK_M"] or m > GEMV_MAX_M):
         raise ValueError(f"the GEMV kernel takes M <= BLOCK_M <= {GEMV_MAX_M}, got M = {m}, BLOCK_M = {cfg['BLOCK_M']}")
-    if kind in ("gemv1", "gemv2") and m > 1:
+    if kind in ("gemv1", "gemv2", "gemv3") and m > 1:
         raise ValueError(f"the {kind} kernel takes M = 1, got M = {m}")
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))
     split = cfg.pop("SPLIT_K", None)
@@ -509,10 +588,28 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     consts = dict(cfg, ROWS=rows, GROUP_MODE=mode, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic)
     if kind == "gemv2":
         consts.pop("GROUP_MODE")
-        consts.update(UNROLL=unroll, PER_BLOCK=mode == 0, PDL=pdl)
+        consts.update(UNROLL=unroll, PER_BLOCK=mode == 0, PDL=pdl, EVEN=k % rows == 0 and blocks % unroll == 0)
         if pdl:
             consts["launch_pdl"] = True
-    if kind in ("gemv1", "gemv2"):
+    if kind == "gemv3":
+        t = min(cfg.pop("T", 8), rows // 8)
+        if mode == 0:
+            jg = 8
+        elif group_size % (rows // 8) == 0 and rows % group_size == 0:
+            jg = group_size // (rows // 8)
+        else:
+            raise ValueError(f"the gemv3 kernel takes group sizes {rows // 8}, {rows // 4}, {rows // 2} or multiples of "
+                             f"{rows} (K = {k}), got {group_size}")
+        consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
+                      EVEN=k % rows == 0)
+        if pdl:
+            consts["launch_pdl"] = True
+        args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
+                           20)
+    elif kind == "gemv2":
+        args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), qweight.stride(1), scales.stride(0),
+                           stride_os, 150 << 23)
+    elif kind == "gemv1":
         consts.pop("BLOCK_M", None)
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os)
     else:
@@ -520,10 +617,10 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
                            out.stride(-2), stride_os)
     if kind == "mma":
         consts.update(SLABS=slabs, IEEE=x.dtype == torch.float32)
-    elif kind != "gemv2":
+    elif kind not in ("gemv2", "gemv3"):
         consts.update(PREFETCH=prefetch)
     kernel = {"gemv": _w4a16_gemv_kernel, "gemv1": _w4a16_gemv1_kernel, "gemv2": _w4a16_gemv2_kernel,
-              "mma": _w4a16_mma_kernel}[kind]
+              "gemv3": _w4a16_gemv3_kernel, "mma": _w4a16_mma_kernel}[kind]
     if warmup:
         kernel.warmup(*args, grid=(tiles, split), **consts)
         return None

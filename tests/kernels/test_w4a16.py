@@ -65,15 +65,20 @@ CASES = [
 
 
 @pytest.mark.parametrize("m, k, n, group, act_order, split, atomic", CASES)
-@pytest.mark.parametrize("kernel", ["gemv1", "gemv2", "gemv", "mma-slabs", "mma-stacked", "dequant"])
+@pytest.mark.parametrize("kernel", ["gemv1", "gemv2", "gemv3", "gemv", "mma-slabs", "mma-stacked", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_w4a16_matches_float64(m, k, n, group, act_order, split, atomic, kernel, dtype):
     args, ref = case(m, k, n, group, act_order, dtype, seed=m * k + n)
-    if kernel in ("gemv1", "gemv2"):  # batch-1 decode's kernels: the first row alone
+    if kernel in ("gemv1", "gemv2", "gemv3"):  # batch-1 decode's kernels: the first row alone
         args, ref, m = (args[0][:1],) + args[1:], ref[:1], 1
-    cfg = {"gemv1": dict(GEMV, KERNEL="gemv1"), "gemv2": dict(GEMV, KERNEL="gemv2"), "gemv": dict(GEMV, BLOCK_M=8),
+    cfg = {"gemv1": dict(GEMV, KERNEL="gemv1"), "gemv2": dict(GEMV, KERNEL="gemv2"),
+           "gemv3": dict(GEMV, KERNEL="gemv3", T=8), "gemv": dict(GEMV, BLOCK_M=8),
            "dequant": dict(KERNEL="dequant", BLOCK_N=32), "mma-slabs": dict(MMA, SLABS=True),
            "mma-stacked": dict(MMA, SLABS=False)}[kernel]
+    if kernel == "gemv3" and group not in (8, 16, 32, 64) and group % 128 and group < k:  # refused, by name
+        with pytest.raises(ValueError, match=f"gemv3 kernel takes group sizes .* got {group}"):
+            w4a16(*args, config=dict(cfg, SPLIT_K=split, ATOMIC=atomic))
+        return
     out = w4a16(*args, config=dict(cfg, SPLIT_K=split, ATOMIC=atomic))
     assert out.dtype == dtype and out.shape == (m, n)
     close(out, ref, dtype)
@@ -152,4 +157,13 @@ def test_w4a16_gemv2_tiles_of_several_blocks(unroll, group, mode):
     if mode is not None:
         cfg["GROUP_MODE"] = mode
     close(w4a16(*args, config=cfg), ref, torch.bfloat16)
+    assert_workspace_zero()
+
+
+@pytest.mark.parametrize("k, group, t", [(320, 16, 8), (1088, 64, 16), (1000, 128, 8)])
+def test_w4a16_gemv3_groups_inside_a_block(k, group, t):
+    """gemv3 scales each group's sums as the group ends: one group per nibble (16), per half block (64,
+    in 64-row blocks where T is cut to 8), per block with the last block past K; act-order, bf16."""
+    args, ref = case(1, k, 40, group, True, torch.bfloat16, seed=k)
+    close(w4a16(*args, config=dict(GEMV, KERNEL="gemv3", T=t, SPLIT_K=3, PDL=2)), ref, torch.bfloat16)
     assert_workspace_zero()
