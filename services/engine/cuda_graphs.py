@@ -184,7 +184,7 @@ class StepGraphs:
         st["tables"][:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         g, hidden = self.decode[b]
         g.replay()
-        return self.model.logits(hidden[inputs.logit_rows])  # a gather: a new tensor, not the graph's
+        return self.model.logits(hidden[inputs.logit_rows], float32=False)  # a gather: not the graph's buffer
 
     def _replay_mixed(self, inputs, t: int) -> torch.Tensor:
         meta, st = inputs.meta, self._mix
@@ -199,7 +199,7 @@ class StepGraphs:
         st["tables"][:s, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         g, hidden = self.mixed[t]
         g.replay()
-        return self.model.logits(hidden[inputs.logit_rows])  # a gather: a new tensor, not the graph's
+        return self.model.logits(hidden[inputs.logit_rows], float32=False)  # a gather: not the graph's buffer
 
 
 def _smallest(graphs: dict[int, object], n: int) -> int | None:

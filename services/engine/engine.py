@@ -494,7 +494,8 @@ class LLMEngine:
             row = s.sample_row
             if s.prompt_logprob_rows:
                 r = s.prompt_logprob_rows
-                self._record_prompt_logprobs(s.seq.request, logits[r.start:r.stop], s.seq.num_computed_tokens)
+                self._record_prompt_logprobs(s.seq.request, logits[r.start:r.stop].float(),
+                                             s.seq.num_computed_tokens)
             if row is None:
                 continue
             seq = s.seq
@@ -507,7 +508,7 @@ class LLMEngine:
                 rows.append(row)
                 continue
             if req.beam is not None:  # beam search picks the tokens (beam_search.py)
-                req.beam.add_logits(seq, logits[row])
+                req.beam.add_logits(seq, logits[row].float())
                 beam_reqs[req.request_id] = req
                 needs_sync = True
                 continue

@@ -168,13 +168,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [len(logit_rows), vocab] in float32."""
+        """Logits [len(logit_rows), vocab] in the model's dtype (Sampler.sample upcasts them where it needs
+        float32; its one-pass greedy path reads them as they are)."""
         if self.graphs is not None:
             logits = self.graphs.run(inputs)
             if logits is not None:
                 return logits
         hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.logits(hidden[inputs.logit_rows])
+        return self.model.logits(hidden[inputs.logit_rows], float32=False)
 
     # --- warm-up and CUDA graphs ------------------------------------------------------------------
     WARMUP_STEPS = (

@@ -107,7 +107,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int],
                indexes: list[int] | None = None, bitmask: torch.Tensor | None = None) -> "DeviceSample":
-        """logits [N, V] float32, one row per sequence to extend. `indexes` (default: each sequence's
+        """logits [N, V] (float32, or the model's dtype: upcast here), one row per sequence to extend. `indexes` (default: each sequence's
         own) names the sample a row is for: a prompt about to fork into n samples appears n times,
         once per sample index, all with the prompt's row. `bitmask` [N, ceil(V/32)] int32 (structured
         output, services/engine/structured.py) bans every token whose bit is clear, before anything else.
@@ -122,6 +122,7 @@ class Sampler:
                 and all(p.greedy and p.logprobs is None for p in distinct)):
             tokens, sampled_lp = greedy_sample(logits)
             return DeviceSample(tokens, [None] * len(params), (tokens, sampled_lp, None, None, None))
+        logits = logits.float()  # (the model's dtype from the runner; a no-op on float32)
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         x = logits if bitmask is None else apply_bitmask(logits, bitmask)
         if adjust:

@@ -51,9 +51,10 @@ class CausalLM(torch.nn.Module):
     def run(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         raise NotImplementedError
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head on the selected rows, float32 over the whole vocabulary."""
-        return self.logits_processor(self.lm_head, self.final_norm(hidden))
+    def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Final norm + LM head on the selected rows, over the whole vocabulary: float32, or with
+        float32=False in the head's dtype (no [rows, vocab] float32 copy)."""
+        return self.logits_processor(self.lm_head, self.final_norm(hidden), float32)
 
     # --- building ------------------------------------------------------------------------------------
     def finish(self, device: torch.device, fused_elementwise: bool) -> None:

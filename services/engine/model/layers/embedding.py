@@ -66,7 +66,8 @@ class LogitsProcessor(torch.nn.Module):
         super().__init__()
         self.vocab_size, self.scale, self.soft_cap, self.tp = vocab_size, scale, soft_cap, tp
 
-    def forward(self, head: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, head: ParallelLMHead, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """float32=False: the logits in the head's dtype (the engine's sampler upcasts only where it needs to)."""
         logits = F.linear(hidden, head.weight, head.bias)
         if self.tp is not None:  # each rank has its vocabulary slice: gather them, drop the padding
             logits = self.tp.all_gather_columns(logits)
@@ -75,7 +76,7 @@ class LogitsProcessor(torch.nn.Module):
             logits = logits * self.scale
         if self.soft_cap is not None:
             logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
-        return logits.float()
+        return logits.float() if float32 else logits
 
 
 class PositionEmbedding(torch.nn.Module):
