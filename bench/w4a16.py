@@ -168,12 +168,13 @@ def candidates(n: int, k: int) -> list[dict]:
     blocks = -(-k // 128)
     sms = splitk.sm_count(DEV)
     out = []
-    for t, bn, warps in ((8, 128, 1), (8, 256, 2), (8, 512, 4), (16, 128, 1)):
+    for t, bn, warps, regs in ((8, 128, 1, None), (8, 256, 2, None), (8, 512, 4, None), (16, 128, 1, None),
+                               (8, 128, 1, 128), (8, 256, 2, 128)):  # 154 registers; capped: no spills in the loop
         auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=64, min_blocks=1)
         for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
-            out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, SPLIT_K=sp))
-    for bn, warps, unrolls in ((16, 1, (2, 4)), (32, 1, (1, 2, 4)), (64, 1, (1, 2)), (64, 2, (1, 2, 4)),
-                               (128, 2, (1, 2)), (128, 4, (1, 2)), (256, 4, (1,))):
+            out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, SPLIT_K=sp,
+                            **({"maxnreg": regs} if regs else {})))
+    for bn, warps, unrolls in ((16, 1, (4,)), (32, 1, (2,)), (64, 2, (1, 2)), (128, 4, (1,))):
         for unroll in unrolls:
             auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=32)
             for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
