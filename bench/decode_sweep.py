@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.paged_decode import _decode_config, paged_decode, paged_decode_ref  # noqa: E402
+from kernels.paged_prefill import paged_prefill  # noqa: E402
 
 # (label, batch, context, q heads, kv heads, head_dim): the 8B and 1B shapes at the fixed workload's mean
 # context (256 in + 128 of 256 out), the 1B at 1,024 sequences, and the kernel benchmark's long decode.
@@ -49,6 +50,24 @@ def make(batch, ctx, hq, hkv, d, seed=0):
     lens[0] = ctx
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
     return q, kv, tables, lens
+
+
+def prefill_kernel_on_decodes(q, kv, tables, lens, scale, ref, kv_bytes) -> dict:
+    """The decode rows of a mixed step go through the prefill kernel: one new token per sequence, its own
+    K/V handed in contiguous as the backend does (gathered here from the cache)."""
+    import triton.testing
+
+    n = q.shape[0]
+    qsl = torch.arange(n + 1, device=q.device, dtype=torch.int32)
+    last = (lens.long() - 1)
+    blocks = tables.long().gather(1, (last // BLOCK)[:, None])[:, 0]
+    k = kv[0][blocks, last % BLOCK].contiguous()
+    v = kv[1][blocks, last % BLOCK].contiguous()
+    run = lambda: paged_prefill(q, kv, tables, lens, qsl, scale, k=k, v=v, has_prefix=True, max_query_len=1)  # noqa: E731
+    out = run()
+    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+    ms = triton.testing.do_bench(run, warmup=10, rep=40)
+    return dict(ms=ms, TBps=kv_bytes / ms / 1e9, err=err)
 
 
 def main() -> None:
@@ -87,10 +106,13 @@ def main() -> None:
               f"({(dflt['TBps'] if dflt else 0) / copy:.0%} of copy); best {best['TBps']:.2f} TB/s "
               f"({best['TBps'] / copy:.0%}) with TILE_N={best['TILE_N']} warps={best['num_warps']} "
               f"stages={best['num_stages']}; {len(bad)} configs failed" + (f" (first: {bad[0]})" if bad else ""))
+        mixed = prefill_kernel_on_decodes(q, kv, tables, lens, scale, ref, kv_bytes)
+        print(f"   the same rows through the prefill kernel (as in a mixed step): {mixed['TBps']:.2f} TB/s "
+              f"({mixed['TBps'] / copy:.0%} of copy), err {mixed['err']:.1e}")
         top = sorted(good, key=lambda r: -r["TBps"])[:5]
         print("   top: " + "; ".join(f"N{r['TILE_N']} w{r['num_warps']} s{r['num_stages']} {r['TBps']:.2f}" for r in top))
         records.append(dict(shape=label, batch=batch, ctx=ctx, q_heads=hq, kv_heads=hkv, head_dim=d,
-                            default=dflt, best=best, results=results))
+                            default=dflt, best=best, prefill_kernel=mixed, results=results))
     rec = {"device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python bench/decode_sweep.py " + " ".join(sys.argv[1:]), "copy_TBps": copy, "shapes": records}
     if args.json:
