@@ -30,6 +30,28 @@ def test_quantize_fp8_rows_equals_torch_bit_for_bit(dtype, mode, block_k):
     assert torch.equal(s, rs.float().expand(5, 1))
 
 
+def test_quantize_fp8_rows_scales_are_the_correctly_rounded_division_for_every_bf16_mantissa():
+    """The case that failed on the H200: each row's amax takes one of bf16's 128 mantissas (at four
+    exponents), and the scale must be amax / 448 rounded once to float32 (float64 reference), the values
+    x / scale rounded once to float32 and then to e4m3. amax * float32(1 / 448), what torch's CUDA division by
+    a Python number computes, differs in the last bit for 71 of the 128 mantissas."""
+    mant = torch.arange(0x3F80, 0x4000, dtype=torch.int16).view(torch.bfloat16).float()  # [1, 2)
+    amax = torch.cat([mant * 2.0 ** e for e in (-7, 0, 3, 9)])  # 512 rows
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(amax.numel(), 70, generator=g) * 2 - 1) * amax[:, None]
+    x[:, 5] = amax  # the row's amax, exactly
+    x = x.to(DEV, torch.bfloat16)
+    q, s = quantize_fp8_rows(x)
+    x64 = x.double().cpu()
+    s64 = (x64.abs().amax(1, keepdim=True) / 448.0).float()
+    assert torch.equal(s.cpu(), s64)
+    assert int((amax[:, None] * torch.tensor(1 / 448, dtype=torch.float32) != s64).sum()) == 4 * 71
+    q64 = (x64 / s64.double()).float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(q.cpu().view(torch.uint8), q64.view(torch.uint8))
+    rq, rs = quantize_activation(x, None, None)  # the torch reference the GPU check uses: the same bits
+    assert torch.equal(rs, s) and torch.equal(rq.view(torch.uint8), q.view(torch.uint8))
+
+
 def test_quantize_fp8_rows_refuses_a_static_scale_of_several_elements():
     with pytest.raises(ValueError, match="static_scale"):
         quantize_fp8_rows(torch.zeros(2, 16, device=DEV), torch.ones(2, device=DEV))

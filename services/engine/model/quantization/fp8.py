@@ -46,14 +46,18 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None, ub: float | None):
     """x [M, K] -> (fp8 [M, K], float32 scales [M, 1]): per token (dynamic) or the checkpoint's one scale.
-    The torch reference of kernels/fp8_quant.py (which the GPU runs)."""
+    The torch reference of kernels/fp8_quant.py (which the GPU runs): scale = amax / 448 correctly rounded
+    (not amax * (1 / 448)), q = x / scale correctly rounded, then to e4m3 nearest-even; the same bits on
+    every device."""
     if static_scale is not None:
         s = static_scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
     else:
         amax = x.abs().amax(dim=1, keepdim=True).float()
         if ub is not None:
             amax = amax.clamp(max=ub)
-        s = (amax / FP8_MAX).clamp(min=1e-12)
+        # A tensor divisor, not the Python number: torch's CUDA division by a CPU scalar multiplies by its
+        # float32 reciprocal, one ulp off amax / 448 for 71 of bf16's 128 mantissas, while CPU divides.
+        s = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=1e-12)
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
