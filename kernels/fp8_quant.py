@@ -16,6 +16,20 @@ FP8_MAX = 448.0
 
 
 @triton.jit
+def row_scale(amax, ub, HAS_UB: tl.constexpr):
+    """A row's dynamic scale: amax (bounded by ub) / 448, correctly rounded, at least 1e-12."""
+    if HAS_UB:
+        amax = tl.minimum(amax, ub)
+    return tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # FP8_MAX: a jit function reads no plain globals
+
+
+@triton.jit
+def quantize_row(y, scale):
+    """y / scale (correctly rounded) as exact e4m3 values in float32, ready for the cast to float8."""
+    return _quantize_e4m3(tl.math.div_rn(y, scale), 1.0)
+
+
+@triton.jit
 def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, ub,
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -36,17 +50,15 @@ def _quant_rows_kernel(
                 v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
                 vmax = tl.maximum(vmax, tl.abs(v))
             amax = tl.max(vmax, axis=0)
-        if HAS_UB:
-            amax = tl.minimum(amax, ub)
-        scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)  # FP8_MAX: a jit function reads no plain globals
+        scale = row_scale(amax, ub, HAS_UB)
     tl.store(s_ptr + row, scale)
     if ONE_PASS:
-        q = _quantize_e4m3(tl.math.div_rn(xk, scale), 1.0)
+        q = quantize_row(xk, scale)
         tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            q = _quantize_e4m3(tl.math.div_rn(v, scale), 1.0)
+            q = quantize_row(v, scale)
             tl.store(q_row + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
 
 

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quant import quantize_row, row_scale
+
 
 @triton.jit
 def _add_norm_kernel(
@@ -26,11 +28,15 @@ def _add_norm_kernel(
     hidden,
     eps,
     weight_offset,  # Gemma stores w - 1: the scale is weight_offset + w
+    s_ptr,  # [num_tokens] float32 per-token scales (QUANT)
+    ub,  # the bound on a token's amax (QUANT and HAS_UB)
     HAS_RESIDUAL: tl.constexpr,
     LAYER_NORM: tl.constexpr,  # subtract the mean (LayerNorm) or not (RMSNorm)
     SCALE_IN_FP32: tl.constexpr,  # scale before rounding (Gemma, OLMo 2, LayerNorm) or after (Llama)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    QUANT: tl.constexpr,  # out is float8 e4m3: the 16-bit result quantized per token (kernels/fp8_quant.py)
+    HAS_UB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -53,9 +59,14 @@ def _add_norm_kernel(
     if SCALE_IN_FP32:
         y = normed * w
     else:
-        y = w * normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = w * normed.to(x_ptr.dtype.element_ty).to(tl.float32)  # the model dtype (out may be fp8)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if QUANT:  # what quantize_fp8_rows does to the unfused norm's output, without writing or reading it
+        y = tl.where(mask, y.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        scale = row_scale(tl.max(tl.abs(y), axis=0), ub, HAS_UB)
+        tl.store(s_ptr + row, scale)
+        y = quantize_row(y, scale)
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -70,21 +81,23 @@ def _check(x, residual, weight, bias):
         raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
 
 
-def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_fp32):
+def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_fp32, quant=False, ub=None):
     _check(x, residual, weight, bias)
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn if quant else x.dtype, device=x.device)
+    scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device) if quant else out
     if x.shape[0] == 0:
-        return out
+        return (out, scales) if quant else out
     block = triton.next_power_of_2(x.shape[1])
     r = residual if residual is not None else x
     _add_norm_kernel[(x.shape[0],)](
         x, r, weight if weight is not None else x, bias if bias is not None else x, out,
-        x.stride(0), r.stride(0), out.stride(0), x.shape[1], eps, weight_offset,
+        x.stride(0), r.stride(0), out.stride(0), x.shape[1], eps, weight_offset, scales,
+        float(ub) if ub is not None else 0.0,
         HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm, SCALE_IN_FP32=scale_in_fp32,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, QUANT=quant, HAS_UB=ub is not None,
         BLOCK=block, num_warps=min(16, max(1, block // 256)),
     )
-    return out
+    return (out, scales) if quant else out
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -94,6 +107,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     contiguous); weight [hidden]. Llama: defaults; Gemma: weight_offset=1, scale_in_float32=True;
     OLMo 2: scale_in_float32=True."""
     return _launch(x, residual, weight, None, eps, weight_offset, False, scale_in_float32)
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's add_rms_norm followed by FP8 quantization per token in the same pass: returns
+    (float8_e4m3fn [num_tokens, hidden], float32 scales [num_tokens, 1]), bit for bit
+    quantize_fp8_rows(add_rms_norm(x, residual, weight, eps), ub=ub); `residual` is updated in place."""
+    return _launch(x, residual, weight, None, eps, 0.0, False, False, quant=True, ub=ub)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,

@@ -6,6 +6,45 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quant import quantize_row, row_scale
+
+
+@triton.jit
+def _silu_mul_block(gate_up_row, offs, mask, inter, dtype: tl.constexpr):
+    """silu(gate) * up for one block of a row, rounded to `dtype` as torch rounds it, in float32."""
+    g = tl.load(gate_up_row + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    # torch rounds silu(g) to the dtype before the product; do the same.
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (act * u).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(
+    gate_up_ptr, q_ptr, s_ptr, stride_in, stride_q, inter, ub,
+    BLOCK: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    """One program per token: silu(gate) * up in the 16-bit dtype, then FP8 per token (kernels/fp8_quant.py).
+    ONE_PASS: the row fits one block; else a first pass finds the amax and a second recomputes and stores."""
+    tok = tl.program_id(0).to(tl.int64)
+    row = gate_up_ptr + tok * stride_in
+    dt = gate_up_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    if ONE_PASS:
+        y = _silu_mul_block(row, offs, offs < inter, inter, dt)
+        scale = row_scale(tl.max(tl.abs(y), axis=0), ub, HAS_UB)
+        tl.store(q_ptr + tok * stride_q + offs, quantize_row(y, scale).to(q_ptr.dtype.element_ty), mask=offs < inter)
+    else:
+        vmax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK):
+            vmax = tl.maximum(vmax, tl.abs(_silu_mul_block(row, k0 + offs, k0 + offs < inter, inter, dt)))
+        scale = row_scale(tl.max(vmax, axis=0), ub, HAS_UB)
+        for k0 in range(0, inter, BLOCK):
+            y = _silu_mul_block(row, k0 + offs, k0 + offs < inter, inter, dt)
+            tl.store(q_ptr + tok * stride_q + k0 + offs, quantize_row(y, scale).to(q_ptr.dtype.element_ty),
+                     mask=k0 + offs < inter)
+    tl.store(s_ptr + tok, scale)
+
 
 @triton.jit
 def _silu_mul_kernel(
@@ -19,11 +58,8 @@ def _silu_mul_kernel(
     tok = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
-    g = tl.load(gate_up_ptr + tok * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gate_up_ptr + tok * stride_in + inter + offs, mask=mask, other=0.0)
-    # torch rounds silu(g) to the dtype before the product; do the same.
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + tok * stride_out + offs, (act * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    y = _silu_mul_block(gate_up_ptr + tok * stride_in, offs, mask, inter, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tok * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -38,6 +74,30 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0), inter,
                                                      BLOCK=block, num_warps=4)
     return out
+
+
+MAX_ONE_PASS = 16384
+"""Rows up to this many outputs are held in registers (Llama-3-8B's intermediate size is 14336)."""
+
+
+def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None,
+                 block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_mul followed by FP8 quantization per token in one pass: (float8_e4m3fn [num_tokens, inter], float32
+    scales [num_tokens, 1]), bit for bit quantize_fp8_rows(silu_mul(gate_up), ub=ub). `block` forces the
+    two-pass loop (tests)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
+        raise ValueError(f"gate_up must be [num_tokens, 2 * inter] with a contiguous last dim; got {tuple(gate_up.shape)}")
+    t, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
+    s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
+    if t == 0:
+        return q, s
+    one_pass = block is None and inter <= MAX_ONE_PASS
+    blk = triton.next_power_of_2(inter) if one_pass else (block or 4096)
+    _silu_mul_quant_kernel[(t,)](gate_up, q, s, gate_up.stride(0), q.stride(0), inter,
+                                 float(ub) if ub is not None else 0.0, BLOCK=blk, HAS_UB=ub is not None,
+                                 ONE_PASS=one_pass, num_warps=16 if blk >= 8192 else 8 if blk >= 2048 else 4)
+    return q, s
 
 
 def silu_mul_ref(gate_up):
