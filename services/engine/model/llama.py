@@ -66,7 +66,7 @@ class LlamaMLP(torch.nn.Module):
                                            what="intermediate_size")
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x), quant_for=self.down_proj))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -78,16 +78,23 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.mlp = m.make_mlp(i)
         self.residual_multiplier = m.residual_multiplier
 
+    @property
+    def mlp_in(self):
+        """The dense MLP's input projection (a mixture of experts has none)."""
+        return self.mlp.gate_up_proj if isinstance(self.mlp, LlamaMLP) else None
+
     def forward(self, positions, h, residual, kv_cache, meta):
         """(h, residual) -> (h, residual): the residual add is done by the next norm (fused on GPU)."""
+        # The norms quantize for an FP8 projection that alone reads them (qkv; gate_up of a dense MLP).
+        qkv = self.self_attn.qkv_proj
         if residual is None:
-            residual, x = h, self.input_layernorm(h)
+            residual, x = h, self.input_layernorm(h, quant_for=qkv)
         else:
-            x, residual = self.input_layernorm(h, residual)
+            x, residual = self.input_layernorm(h, residual, quant_for=qkv)
         h = self.self_attn(positions, x, kv_cache, meta)
         if self.residual_multiplier != 1.0:  # Granite scales each block's output before the add
             h = h * self.residual_multiplier
-        x, residual = self.post_attention_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(h, residual, quant_for=self.mlp_in)
         h = self.mlp(x)
         return (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h), residual
 

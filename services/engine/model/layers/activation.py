@@ -49,10 +49,14 @@ class ActAndMul(torch.nn.Module):
         self.name, self.act = name, get_activation(name, source)
         self.fused = False
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward(self, gate_up: torch.Tensor, quant_for=None) -> torch.Tensor:
+        """`quant_for`: the linear layer that alone reads the result (as RMSNorm.forward's)."""
         if self.fused and self.act is F.silu and gate_up.dim() == 2:
-            from kernels.silu_mul import silu_mul
+            from kernels.silu_mul import silu_mul, silu_mul_fp8
+            from services.engine.model.quantization.fp8 import FP8Input, takes_fp8_input
 
+            if quant_for is not None and takes_fp8_input(quant_for, gate_up.shape[0]):
+                return FP8Input(*silu_mul_fp8(gate_up, quant_for.method.scale_ub))
             return silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -32,14 +32,19 @@ class RMSNorm(torch.nn.Module):
         expect_dim(ckpt, 0, n * self.tp_size)
         load_checked(param, ckpt.narrow(0, self.rank * n, n), ckpt)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_for=None):
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual). `quant_for`: the
+        linear layer that alone reads the result; when it takes FP8 input (quantization/fp8.py,
+        takes_fp8_input) the fused kernel returns the result quantized for it, as an FP8Input."""
         if self.fused and not (self.gemma or self.scale_in_float32) and self.tp is None and x.dim() == 2:
-            from kernels.fused_norm import add_rms_norm
+            from kernels.fused_norm import add_rms_norm, add_rms_norm_fp8
+            from services.engine.model.quantization.fp8 import FP8Input, takes_fp8_input
 
-            if residual is None:
-                return add_rms_norm(x, None, self.weight, self.eps)
-            return add_rms_norm(x, residual, self.weight, self.eps), residual  # residual updated in place
+            if quant_for is not None and takes_fp8_input(quant_for, x.shape[0]):
+                out = FP8Input(*add_rms_norm_fp8(x, residual, self.weight, self.eps, quant_for.method.scale_ub))
+            else:
+                out = add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)  # residual updated in place
         if residual is not None:
             x = x + residual
             return self._norm(x), x
@@ -81,7 +86,8 @@ class LayerNorm(torch.nn.Module):
         expect_dim(ckpt, 0, n * self.tp_size)
         load_checked(param, ckpt.narrow(0, self.rank * n, n), ckpt)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_for=None):
+        """As RMSNorm.forward; `quant_for` is ignored (no fused FP8 kernel: the linear layer quantizes)."""
         if residual is not None:
             x = x + residual
             return self._norm(x), x

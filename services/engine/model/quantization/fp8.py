@@ -13,10 +13,12 @@ path is the weight-only reference.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8_gemv
+from kernels import fp8_gemv, fp8_w8a8
 from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
 from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
@@ -61,6 +63,35 @@ def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None, ub: 
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
+class FP8Input(NamedTuple):
+    """A linear layer's input already quantized per token by the layer that produced it (the fused
+    add + RMSNorm or SwiGLU kernels), which spares the quantization launch and a pass over the activations."""
+
+    q: torch.Tensor  # [M, K] float8_e4m3fn
+    scale: torch.Tensor  # [M, 1] float32
+
+
+FUSE_INPUT_QUANT = True
+"""Whether producers quantize for the FP8 layer they feed (bench/fp8.py turns it off to measure the gain)."""
+
+
+def takes_fp8_input(linear, m: int) -> bool:
+    """Whether `linear`, fed m rows on the GPU, wants them as FP8Input: an FP8 layer with dynamic per-token
+    activation scales whose GEMM at this M takes quantized activations (not the weight-only kernel)."""
+    method = getattr(linear, "method", None)
+    if not FUSE_INPUT_QUANT or not isinstance(method, FP8Method) or linear.input_scale is not None:
+        return False
+    n, k = linear.weight.shape
+    return on_fp8_gpu(linear.weight) and n % 16 == 0 and k % 16 == 0 and not weight_only(m, n, k)
+
+
+def on_fp8_gpu(t: torch.Tensor) -> bool:
+    """Whether t's device takes the GPU's FP8 paths (activations quantized, FP8 GEMMs): CUDA (the check at load
+    refused GPUs without FP8). Elsewhere the weight-only reference runs; tests point this at the CPU to run
+    the GPU's paths under the interpreter."""
+    return t.is_cuda
+
+
 def cuda_fp8_ok(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -77,9 +108,20 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     """x [M, K] @ (weight [N, K] fp8 * weight_scale [1, N]).T with x quantized to FP8 (per token, or the static
     scale): torch._scaled_mm with row-wise scales, accumulating in float32. Its output is bfloat16 on CUDA
     (what row-wise scaling supports there), float32 elsewhere."""
-    xq, xs = (quantize_fp8_rows if x.is_cuda else quantize_activation)(x, input_scale, ub)
-    out = torch.bfloat16 if x.is_cuda else torch.float32
-    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out).to(x.dtype)
+    xq, xs = (quantize_fp8_rows if on_fp8_gpu(x) else quantize_activation)(x, input_scale, ub)
+    return fp8_gemm_quantized(xq, xs, weight, weight_scale, x.dtype)
+
+
+def fp8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """(xq [M, K] fp8 * xs [M, 1]) @ (weight [N, K] fp8 * weight_scale [1, N]).T in `dtype`: kernels/fp8_w8a8.py
+    where its TUNED table has a config for this (M bucket, N, K) (measured faster), else torch._scaled_mm."""
+    m, n, k = xq.shape[0], weight.shape[0], weight.shape[1]
+    cfg = fp8_w8a8.TUNED.get((fp8_w8a8.m_bucket(m), n, k)) if on_fp8_gpu(xq) else None
+    if cfg is not None:
+        return fp8_w8a8.fp8_w8a8(xq, xs, weight, weight_scale, dtype, config=cfg)
+    out = torch.bfloat16 if xq.is_cuda else torch.float32
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out).to(dtype)
 
 
 class FP8Method:
@@ -137,13 +179,17 @@ class FP8Method:
                 p.quantized = True
         if w.device.type == "cuda":
             reserve_workspace(w.device, w.shape[0])
+            fp8_w8a8.reserve_workspace(w.device, w.shape[0])
 
     @staticmethod
     def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:
         """FP8 GEMMs on the GPU (the device check refused GPUs without them); _scaled_mm wants K, N % 16."""
-        return x.is_cuda and n % 16 == 0 and k % 16 == 0
+        return on_fp8_gpu(x) and n % 16 == 0 and k % 16 == 0
 
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer, x: torch.Tensor | FP8Input, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, FP8Input):  # quantized by its producer (takes_fp8_input said so)
+            y = fp8_gemm_quantized(x.q, x.scale, layer.weight, layer.weight_scale, layer.params_dtype)
+            return y if bias is None else y + bias
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, k = layer.weight.shape

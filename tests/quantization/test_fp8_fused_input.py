@@ -1,0 +1,64 @@
+"""FP8 activations quantized by the layer that produces them (fused add + RMSNorm + FP8, SwiGLU + FP8) give the
+same model output as each FP8 linear quantizing its own input: the GPU's paths, run on CPU under the Triton
+interpreter (quantization/fp8.py's on_fp8_gpu pointed at the CPU; nothing else is replaced)."""
+
+import pytest
+import torch
+
+from kernels import fp8_w8a8
+from services.engine.attention.metadata import AttentionMetadata
+from services.engine.attention.torch_backend import TorchAttentionBackend
+from services.engine.model.quantization import fp8
+from services.engine.model.registry import build_model
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=300, hidden_size=64,
+             intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+T = 20  # tokens: above fp8.WEIGHT_ONLY_MAX_M, so the FP8 layers take quantized activations
+
+
+def forward(fuse: bool, monkeypatch):
+    """The logits of 20 tokens (two prefills), and the type of each FP8 layer's input in call order."""
+    monkeypatch.setattr(fp8, "FUSE_INPUT_QUANT", fuse)
+    model = build_model(LLAMA, TorchAttentionBackend(), torch.float32, "cpu", quantization="fp8")
+    model.init_dummy(seed=5)
+    model.set_fused_elementwise(True)
+    seen = []
+    apply = fp8.FP8Method.apply
+    monkeypatch.setattr(fp8.FP8Method, "apply",
+                        lambda self, layer, x, bias: seen.append(type(x).__name__) or apply(self, layer, x, bias))
+    try:
+        return run(model), seen
+    finally:
+        monkeypatch.setattr(fp8.FP8Method, "apply", apply)
+
+
+def run(model):
+    kv = [torch.zeros(2, 8, 4, 2, 16) for _ in range(2)]
+    ids = torch.arange(T) * 7 % 300
+    pos = torch.cat([torch.arange(12), torch.arange(8)])
+    i32 = dict(dtype=torch.int32)
+    meta = AttentionMetadata(
+        num_seqs=2, num_tokens=T, query_start_loc=torch.tensor([0, 12, T], **i32), seq_lens=torch.tensor([12, 8], **i32),
+        block_tables=torch.tensor([[0, 1, 2], [3, 4, 0]], **i32),
+        slot_mapping=torch.cat([torch.arange(12), torch.arange(12, 20)]), max_query_len=12, max_seq_len=12,
+        query_lens_cpu=[12, 8], seq_lens_cpu=[12, 8])
+    return model.logits(model.forward(ids, pos, kv, meta))
+
+
+@pytest.mark.parametrize("w8a8", [False, True], ids=["scaled_mm", "triton_w8a8"])
+def test_fp8_producer_quantization_equals_linear_quantization_gpu_paths_on_cpu(w8a8, monkeypatch):
+    monkeypatch.setattr(fp8, "on_fp8_gpu", lambda t: True)
+    if w8a8:  # the Triton FP8 x FP8 GEMM for every layer at this M
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1)
+        monkeypatch.setattr(fp8_w8a8, "TUNED", {(64, n, k): cfg for n, k in ((128, 64), (64, 64), (192, 64), (64, 96))})
+    fused, seen_fused = forward(True, monkeypatch)
+    plain, seen_plain = forward(False, monkeypatch)
+    # per layer: qkv (from the input norm) and gate_up, down (from SwiGLU) arrive quantized; o does not
+    assert seen_fused == ["FP8Input", "Tensor", "FP8Input", "FP8Input"] * 2
+    assert seen_plain == ["Tensor"] * 8
+    assert torch.equal(fused, plain)
+    assert torch.isfinite(fused).all() and fused.abs().max() > 0
+    if w8a8:  # the Triton GEMM against torch._scaled_mm on the same quantized activations
+        monkeypatch.setattr(fp8_w8a8, "TUNED", {})
+        torch.testing.assert_close(forward(True, monkeypatch)[0], fused, rtol=1e-4, atol=1e-4)
