@@ -67,8 +67,14 @@ def pick_config(m: int, n: int, k: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, num_warps=4 if bm == 64 else 8, num_stages=4)
 
 
-def reserve_workspace(device: torch.device, n: int) -> None:
-    splitk.reserve(device, SPLIT_MAX_M * n)
+def reserve_workspace(device: torch.device, n: int, k: int | None = None) -> None:
+    """Reserve the split-K sums an [N, K] weight's GEMMs need: for every M bucket TUNED splits K in (all
+    buckets up to SPLIT_MAX_M when k is None), bucket x N floats."""
+    rows = [b for (b, nn, kk), cfg in TUNED.items() if nn == n and kk == k and cfg.get("SPLIT_K", 1) > 1] \
+        if k is not None else [SPLIT_MAX_M]
+    rows = [min(b, SPLIT_MAX_M) for b in rows]
+    if rows:
+        splitk.reserve(device, max(rows) * n)
 
 
 def fp8_w8a8(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -98,6 +104,8 @@ def fp8_w8a8(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_sca
     if split is None:
         split = splitk.split_for(tiles, blocks, splitk.sm_count(a.device), 2, min_blocks=4) \
             if m <= SPLIT_MAX_M else 1
+    elif m > SPLIT_MAX_M:
+        split = 1
     k_per_split = triton.cdiv(blocks, split) * cfg["BLOCK_K"]
     split = triton.cdiv(k, k_per_split)
     atomic = cfg.pop("ATOMIC", True)

@@ -179,7 +179,7 @@ class FP8Method:
                 p.quantized = True
         if w.device.type == "cuda":
             reserve_workspace(w.device, w.shape[0])
-            fp8_w8a8.reserve_workspace(w.device, w.shape[0])
+            fp8_w8a8.reserve_workspace(w.device, *w.shape)
 
     @staticmethod
     def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:
