@@ -354,8 +354,8 @@ def engines(start: float, budget: float, chat_requests: int, prompts: int = 256,
     new = dict(w8a8.TUNED)
     plan = [("bf16", "bf16", "auto", True, {}, [("fixed", fixed)] + chat),
             ("fp8", "fp8", "auto", True, new, [("fixed", fixed)] + chat),
-            ("fp8 committed", "fp8", "auto", False, {}, [("fixed", fixed)]),
-            ("fp8 + fp8 KV", "fp8", "fp8", True, new, [("fixed", fixed)])]
+            ("fp8 + fp8 KV", "fp8", "fp8", True, new, [("fixed", fixed)]),
+            ("fp8 committed", "fp8", "auto", False, {}, [("fixed", fixed)])]
     rows = []
     for label, weights, kv, fuse, tuned, workloads in plan:
         if time.time() - start > budget:
