@@ -17,8 +17,8 @@ One run, under ~95 s on an H200.
    Triton GEMM's winners (kernels/fp8_w8a8.py TUNED) for the engine section.
 3. engine: the fixed workload (256 x 256 random tokens in, 256 out; a warm-up pass over the same prompt
    shapes first, so no kernel compiles inside the timed run), output tok/s and per-step host/wait split: bf16,
-   FP8 with fused quantization and the winners, FP8 as committed before this (no fused quantization,
-   _scaled_mm only), FP8 + FP8 KV cache; the chat workload (bench/throughput.py's, first N requests) for
+   FP8 with fused quantization and the winners, FP8 + FP8 KV cache, FP8 as committed before this (no fused
+   quantization, _scaled_mm only); the chat workload (bench/throughput.py's, first N requests) for
    bf16 and FP8 on the same engines.
 Sections that would pass the time budget are skipped, and say so.
 """
