@@ -56,7 +56,11 @@ TUNED: dict[tuple[int, int, int], dict] = {}
 
 
 def m_bucket(m: int) -> int:
-    return 64 if m <= 64 else 128 if m <= 128 else 256 if m <= 256 else 512 if m <= 512 else 2048
+    """TUNED's row buckets: decode batches (64-512), a mixed step's (2048), a long prefill step's (8192)."""
+    for b in (64, 128, 256, 512, 2048):
+        if m <= b:
+            return b
+    return 8192
 
 
 def pick_config(m: int, n: int, k: int) -> dict:
