@@ -16,9 +16,10 @@ then the in-process engine at every rate, so slow drift of a shared machine fall
 `--detokenize both` also runs the stack with the router's old path (the tokenizer service's Detokenize
 stream per engine message), so the in-process detokenizer's effect shows in the same run.
 
-`--engine-variant NAME=FLAGS` runs the stack once more per variant with extra engine flags (the in-process
-runs of the first serve them all); `--debug-gil-busy-ms` makes every engine step (both paths) hold the GIL
-first, as a GPU engine's kernel launches do, to reproduce on a CPU what the stack's threads pay for it.
+`--engine-variant NAME=FLAGS` runs the stack once more per variant with extra engine flags, and
+`--router-variant NAME=FLAGS` with extra router flags (the in-process runs of the first serve them all);
+`--debug-gil-busy-ms` makes every engine step (both paths) hold the GIL first, as a GPU engine's kernel
+launches do, to reproduce on a CPU what the stack's threads pay for it.
 
 Reported per rate: time to first token (TTFT) and inter-token latency (ITL: gaps between a stream's
 consecutive tokens) at p50 / p99, and what the hops add (stack minus in-process) per run, with the mean
@@ -274,7 +275,7 @@ def drive_stack(stack, reqs) -> dict:
     return res
 
 
-def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = ()):
+def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), router_extra: list[str] = ()):
     from folio.stack import Stack, StackConfig
     from protos.generate import ensure_generated
 
@@ -290,7 +291,7 @@ def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = ()):
     flags += list(engine_extra)
     if args.debug_gil_busy_ms:
         flags += ["--debug-gil-busy-ms", str(args.debug_gil_busy_ms)]
-    router_args = [] if detokenize == "default" else ["--detokenize", detokenize]
+    router_args = ([] if detokenize == "default" else ["--detokenize", detokenize]) + list(router_extra)
     env = {}
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -376,6 +377,9 @@ def main() -> None:
     ap.add_argument("--engine-variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="also run the stack with these extra engine flags, e.g. 'si0.5=--switch-interval-ms 0.5' "
                          "(repeatable; each variant is one more stack start)")
+    ap.add_argument("--router-variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="also run the stack with these extra router flags, e.g. 'plain=--no-engine-calls-ahead' "
+                         "(repeatable; each variant is one more stack start)")
     ap.add_argument("--debug-gil-busy-ms", type=float, default=0.0,
                     help="debug, on CPU: each engine step (both paths) first holds the GIL this many ms, as a GPU "
                          "engine's kernel launches do (services/engine/server.py: gil_busy_step)")
@@ -391,13 +395,17 @@ def main() -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    # (name, router --detokenize, extra engine flags): one stack each
-    variants = ([("local", "local", []), ("service", "service", [])] if args.detokenize == "both"
-                else [(args.detokenize, args.detokenize, [])])
+    # (name, router --detokenize, extra engine flags, extra router flags): one stack each
+    variants = ([("local", "local", [], []), ("service", "service", [], [])] if args.detokenize == "both"
+                else [(args.detokenize, args.detokenize, [], [])])
+    detok = "local" if args.detokenize == "both" else args.detokenize
     for spec in args.engine_variant:
         name, _, flags = spec.partition("=")
-        variants.append((name, "local" if args.detokenize == "both" else args.detokenize, shlex.split(flags)))
-    specs = {name: (detok, extra) for name, detok, extra in variants}
+        variants.append((name, detok, shlex.split(flags), []))
+    for spec in args.router_variant:
+        name, _, flags = spec.partition("=")
+        variants.append((name, detok, [], shlex.split(flags)))
+    specs = {name: (detok, extra, rextra) for name, detok, extra, rextra in variants}
     variants = list(specs)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
 from services.common import config as cfg, telemetry
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
-from services.common.errors import InvalidArgument, NotFound, quote
+from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, quote
 from services.common.model_location import served_name
 from services.common.server import GrpcServer, configure_logging
 from services.engine.async_engine import AsyncEngine
@@ -157,9 +157,47 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         tok = self.engine.tokenizer
         self.token_text = tok.decode_token if tok is not None else None
         """Each logprob's token text, filled here (off the engine thread) for the wire's decoded_token."""
+        self._drained: asyncio.Future | None = None
+        """Done once draining: GenerateStream calls still waiting for their request end."""
 
     async def Generate(self, request: pb.EngineGenerateRequest, context):
+        async for msg in self._generate(request, time.monotonic_ns()):
+            yield msg
+
+    async def GenerateStream(self, request_iterator, context):
+        """Generate over a call the router opened ahead of its request (engine.proto): say at once that
+        the call is up, wait for the request (or the drain), then stream as Generate, its deadline
+        from `timeout_ms`."""
+        await context.send_initial_metadata(())
+        request = await self._first_request(request_iterator)
+        if request is None:  # the opener closed it unused, or this server is draining
+            return
         received_ns = time.monotonic_ns()
+        deadline = time.monotonic() + request.timeout_ms / 1e3 if request.timeout_ms else None
+        async for msg in self._generate(request, received_ns, deadline):
+            yield msg
+
+    async def _first_request(self, request_iterator) -> pb.EngineGenerateRequest | None:
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        first = asyncio.ensure_future(anext(request_iterator, None))
+        try:
+            await asyncio.wait([first, self._drained], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not first.done():
+                first.cancel()
+        return first.result() if first.done() and not first.cancelled() else None
+
+    def drain(self) -> None:
+        """Stop taking requests on opened calls: those still waiting for theirs end with no message."""
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        if not self._drained.done():
+            self._drained.set_result(None)
+
+    async def _generate(self, request: pb.EngineGenerateRequest, received_ns: int, deadline: float | None = None):
+        """One request's stream of messages; `deadline` (time.monotonic()): past it, the request is
+        aborted and the call ends DEADLINE_EXCEEDED (a call without a gRPC deadline of its own)."""
         if request.model and request.model != self.model_name:
             raise NotFound(f"model: {quote(request.model)} is not served by this engine (it serves {self.model_name!r})")
         params = params_from_pb(request.params)
@@ -170,9 +208,13 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             prog = _Progress(len(ids), received_ns)
             finished = False
             q = None
+            timer = None
             try:  # the admission too: a client gone while it was queued must not leave work behind
                 q = await self.aengine.add_request(rid, ids, params)
                 prog.added_ns = time.monotonic_ns()
+                if deadline is not None:
+                    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()),
+                                                                  q.put_nowait, DeadlineExceeded("deadline exceeded"))
                 while not finished:
                     deltas = [await q.get()]
                     prog.got_ns = time.monotonic_ns()
@@ -199,6 +241,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     if msg.sequences or finished:
                         yield msg
             finally:
+                if timer is not None:
+                    timer.cancel()
                 # Cancelled, deadline, or the client went away: free the blocks now. (Gone during the
                 # admission itself: add_request queued the abort.)
                 if q is not None and not finished:
@@ -295,6 +339,7 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
             publisher.start()
 
     async def on_drain():
+        servicer.drain()
         if publisher is not None:
             await publisher.leave()
 
