@@ -112,6 +112,8 @@ VARIANTS = [
     _cfg(m=64, n=64, w=4, s=2, maxnreg=None, qs=True),
     _cfg(m=64, n=32, w=4, s=3, maxnreg=168),  # 3 programs per SM
     _cfg(m=64, n=32, w=4, s=3, maxnreg=168, qs=True),
+    _cfg(m=64, n=32, w=4, s=2, maxnreg=128),  # 4 programs per SM, still unserialized (bench/prefill_ptxas.py)
+    _cfg(m=64, n=32, w=4, s=2, maxnreg=128, qs=True),
     _cfg(n=128, w=8, s=3, maxnreg=None, pack=False, qs=True),  # round 1's best on the chunked shape
     _cfg("paged", n=32, w=4, s=3, reverse=False, maxnreg=None, seq_vec=0),  # the default before issue 15's work
 ]
