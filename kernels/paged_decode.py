@@ -39,6 +39,7 @@ def _paged_decode_kernel(
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[1])
     block_tables_ptr,  # int32 [num_seqs, max_blocks_per_seq]
     seq_lens_ptr,  # int32 [num_seqs]: context length including the new token
+    query_start_loc_ptr,  # int32 [num_seqs + 1] (read if ROWS_FROM_QSL)
     out_ptr,  # [num_seqs, num_heads, head_dim]  (written when NUM_SPLITS == 1)
     part_out_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS, head_dim]  (NUM_SPLITS > 1)
     part_m_ptr,  # fp32 [num_seqs, num_heads, NUM_SPLITS]: running max (base-2 logits)
@@ -75,6 +76,7 @@ def _paged_decode_kernel(
     EVICTION: tl.constexpr,  # "" or "evict_first"
     HEADS_FASTEST: tl.constexpr,  # grid (kv_heads, seqs, splits) rather than (seqs, kv_heads, splits)
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
+    ROWS_FROM_QSL: tl.constexpr,  # q/out row of a sequence = query_start_loc[seq]; others than 1 new token skipped
 ):
     if HEADS_FASTEST:
         # Programs launched together read the neighbouring heads' rows of the same blocks.
@@ -84,6 +86,12 @@ def _paged_decode_kernel(
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if ROWS_FROM_QSL:  # a mixed step: only its one-token sequences are this kernel's
+        row = tl.load(query_start_loc_ptr + seq)
+        if tl.load(query_start_loc_ptr + seq + 1) - row != 1:
+            return
+    else:
+        row = seq
     seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, TILE_N)
     if USE_WINDOW:
@@ -108,7 +116,8 @@ def _paged_decode_kernel(
     heads = kv_head * QUERIES_PER_KV + offs_g
     g_mask = offs_g < QUERIES_PER_KV
     seq64 = seq.to(tl.int64)
-    q = load_tile(q_ptr + seq64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :], g_mask, d_ok,
+    row64 = row.to(tl.int64)
+    q = load_tile(q_ptr + row64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :], g_mask, d_ok,
                   True, D_MASKED, "")
 
     if USE_SINKS:
@@ -160,7 +169,7 @@ def _paged_decode_kernel(
         acc = acc * v_scale
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
-        tl.store(out_ptr + seq64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(out_ptr + row64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_ok[None, :])
     else:
         part = (seq64 * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
@@ -254,6 +263,7 @@ def paged_decode(
     sinks: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    query_start_loc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q[i] (sequence i's newest token) over the first seq_lens[i] cached tokens.
 
@@ -263,8 +273,14 @@ def paged_decode(
     sliding_window, logit_softcap, alibi_slopes, sinks: as in AttentionParams (docs/attention-seam.md);
     with a window, block-table entries of blocks wholly before it are never read.
     k_scale, v_scale: a float8_e4m3fn cache holds k / k_scale and v / v_scale (unused for other caches).
-    Returns out [num_seqs, num_heads, head_dim] in q's dtype.
+    query_start_loc: int32 [num_seqs + 1] of a mixed step whose q/out hold every new token: sequence i's
+    row is query_start_loc[i], and only sequences with exactly one new token are attended to (the others'
+    rows are left unwritten, for paged_prefill(skip_single=True)); one split.
+    Returns out [num_seqs, num_heads, head_dim] in q's dtype ([num_tokens, ...] with query_start_loc).
     """
+    if query_start_loc is not None:
+        return _decode_rows_of_mixed_step(q, kv_cache, block_tables, seq_lens, scale, query_start_loc, out, config,
+                                          sliding_window, logit_softcap, alibi_slopes, sinks, k_scale, v_scale)
     num_seqs, num_heads, head_dim = q.shape
     check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, "num_seqs")
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
@@ -272,7 +288,7 @@ def paged_decode(
         check_kv_scales(k_scale, v_scale)
         scale = scale * k_scale  # q . (k / k_scale) * (scale * k_scale) = scale * q . k
     variants = kernel_variants(scale, num_heads, q.device, sliding_window, logit_softcap, alibi_slopes, sinks)
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    num_kv_heads = kv_cache.shape[3]
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
@@ -286,18 +302,34 @@ def paged_decode(
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1; got {num_splits}")
     cfg = dict(_decode_config(head_dim, q.dtype), **(config or {}))
-    group = num_heads // num_kv_heads
-    key_cache, value_cache = kv_cache[0], kv_cache[1]
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
     else:
         part_out = part_m = part_l = out  # unused
+    _launch(q, kv_cache, block_tables, seq_lens, seq_lens, out, (part_out, part_m, part_l), num_seqs, num_splits,
+            cfg, variants, fp8, v_scale, rows_from_qsl=False)
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
+            num_warps=4 if head_dim * num_splits >= 2048 else 2,
+        )
+    return out
+
+
+def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, num_seqs: int, num_splits: int,
+            cfg: dict, variants, fp8: bool, v_scale: float, rows_from_qsl: bool) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    part_out, part_m, part_l = parts
     heads_fastest = cfg.get("HEADS_FASTEST", True) and num_seqs < 65536  # grid y limit
     grid = (num_kv_heads, num_seqs, num_splits) if heads_fastest else (num_seqs, num_kv_heads, num_splits)
     _paged_decode_kernel[grid](
-        q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_m, part_l,
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_m, part_l,
         stride_qs=q.stride(0), stride_qh=q.stride(1), stride_os=out.stride(0), stride_oh=out.stride(1),
         stride_bt=block_tables.stride(0),
         stride_cb=key_cache.stride(0), stride_cs=key_cache.stride(1), stride_ch=key_cache.stride(2),
@@ -314,17 +346,35 @@ def paged_decode(
         EVICTION=cfg.get("EVICTION", ""),
         HEADS_FASTEST=heads_fastest,
         KV_FP8=fp8,
+        ROWS_FROM_QSL=rows_from_qsl,
         v_scale=v_scale,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **variants.launch_args(seq_lens),
     )
-    if num_splits > 1:
-        _reduce_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
-            num_warps=4 if head_dim * num_splits >= 2048 else 2,
-        )
+
+
+def _decode_rows_of_mixed_step(q, kv_cache, block_tables, seq_lens, scale, query_start_loc, out, config,
+                               sliding_window, logit_softcap, alibi_slopes, sinks, k_scale, v_scale) -> torch.Tensor:
+    """paged_decode(query_start_loc=...): the one-token sequences of a mixed step, in its token rows."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = query_start_loc.shape[0] - 1
+    check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, "num_tokens")
+    if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
+        raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
+                         f"{tuple(query_start_loc.shape)}")
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        check_kv_scales(k_scale, v_scale)
+        scale = scale * k_scale
+    variants = kernel_variants(scale, num_heads, q.device, sliding_window, logit_softcap, alibi_slopes, sinks)
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+    cfg = dict(_decode_config(head_dim, q.dtype), **(config or {}))
+    _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, (out, out, out), num_seqs, 1, cfg, variants,
+            fp8, v_scale, rows_from_qsl=True)
     return out
 
 

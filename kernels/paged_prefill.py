@@ -459,6 +459,7 @@ def _paged_prefill_kernel(
     LOOP_UNROLL: tl.constexpr,  # > 1: tl.range(loop_unroll_factor=) on it
     LOOP_WS: tl.constexpr,  # tl.range(warp_specialize=True) on it
     OVERLAP_QK: tl.constexpr,  # the chunk's TMA loop issues the next tile's QK^T before this tile's softmax
+    SKIP_SINGLE: tl.constexpr,  # sequences with one new token are left to the decode kernel (mixed steps)
 ):
     tile = tl.program_id(0)
     head0 = tl.program_id(1) * ROW_HEADS
@@ -468,6 +469,9 @@ def _paged_prefill_kernel(
                                              BLOCK_Q * (1 + PAIR_TILES), SEQ_VEC)
     slot = tile - (q_start // (BLOCK_Q * (1 + PAIR_TILES)) + seq)
     n_q_tiles = tl.cdiv(q_len, BLOCK_Q)
+    if SKIP_SINGLE:
+        if q_len == 1:
+            return
     if PAIR_TILES:
         # Tiles n - 1 - slot (the most keys) and slot (the fewest): every program gets about the same work.
         if 2 * slot >= n_q_tiles:
@@ -552,6 +556,7 @@ def paged_prefill(
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     has_prefix: bool = True,
+    skip_single: bool = False,
     max_query_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached tokens up to itself.
@@ -569,6 +574,8 @@ def paged_prefill(
     them the chunk's own keys are read contiguously (config NEW_KV), the cached prefix through the table.
     has_prefix=False promises that every sequence is a fresh prompt (seq_len == its query count), so with
     k/v the kernel is compiled without its block-table path; it is ignored without k/v.
+    skip_single: leave the rows of sequences with exactly one new token unwritten (a mixed step's decode
+    rows, which paged_decode(query_start_loc=...) attends to at the decode kernel's rate).
     max_query_len: the longest sequence's query count, if the host knows it (else num_tokens bounds it); with
     has_prefix, head_dim, the group and the dtype it picks the config (kernels/paged_prefill_configs.py).
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
@@ -637,6 +644,7 @@ def paged_prefill(
         BLOCKWISE=bool(cfg["BLOCKWISE"]) and block_n_paged % block_size == 0,
         REVERSE=bool(cfg["REVERSE"]),
         PAIR_TILES=int(bool(cfg["PAIR_TILES"])),
+        SKIP_SINGLE=bool(skip_single),
         LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]),
         HAS_PREFIX=bool(has_prefix) or new_kv == NEW_KV_PAGED,
         Q_SCALED=bool(cfg.get("Q_SCALED")),

@@ -92,6 +92,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, config.max_waiting_requests,
                             self.max_model_len), self.blocks, eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(self.device, config.seed or 0)
+        self.sampler.warmup(self.vocab_size, self.dtype)
         self.requests: dict[str, Request] = {}
         self.grammar = (GrammarBackend(self.model_dir, self.vocab_size, self.eos_token_ids,
                                        pin_memory=self.device.type == "cuda") if self.tokenizer else None)

@@ -87,6 +87,12 @@ class Sampler:
         logprobs from one pass over the logits (kernels/greedy.py). Off on CPU, where the Triton
         interpreter would be slower than torch's ops (the tests turn it on to check it there)."""
 
+    def warmup(self, vocab_size: int, dtype: torch.dtype) -> None:
+        """Compile the one-pass greedy kernel before the first request (it is not part of the runner's
+        warm-up steps; its integer arguments, the row stride and the vocabulary, are fixed per model)."""
+        if self.fused_greedy:
+            greedy_sample(torch.zeros(2, vocab_size, dtype=dtype, device=self.device))
+
     def forget(self, seq: Sequence) -> None:
         self._seeded.pop((seq.request.request_id, seq.index), None)
 

@@ -15,9 +15,10 @@ class TritonAttentionBackend:
     """Writes the step's K/V into the paged cache, then attends.
 
     A decode-only step (every sequence brings one token) takes the decode kernel, which splits long
-    contexts across SMs when there are few sequences; any other step, prefill chunks and decodes
-    mixed, is one launch of the prefill/extend kernel, which reads the chunk's own keys from the step's
-    k/v (the values just written to the cache) and only the cached prefix through the block table.
+    contexts across SMs when there are few sequences. Any other step, prefill chunks and decodes mixed,
+    launches the prefill/extend kernel for its sequences of more than one new token, which reads the
+    chunk's own keys from the step's k/v (the values just written to the cache) and only the cached
+    prefix through the block table, and the decode kernel (one split) for its one-token sequences.
     """
 
     name = "triton"
@@ -40,9 +41,15 @@ class TritonAttentionBackend:
         else:
             # A step of fresh prompts only compiles without the block-table path (the lists are host-side).
             has_prefix = any(s != n for s, n in zip(meta.seq_lens_cpu, meta.query_lens_cpu))
+            # A mixed step's one-token sequences (its decodes) go to the decode kernel, which reads their
+            # keys 2-4x faster than the prefill kernel's tiles (bench/decode_sweep.py); under a graph the
+            # counts vary per replay, so both kernels always run and each skips the other's sequences.
             paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, params.scale,
                           out=out, k=k, v=v, has_prefix=has_prefix, max_query_len=meta.max_query_len,
-                          **variants)
+                          skip_single=True, **variants)
+            if meta.captured or 1 in meta.query_lens_cpu:
+                paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, params.scale, out=out,
+                             query_start_loc=meta.query_start_loc, **variants)
         if num_real < q.shape[0]:
             out[num_real:].zero_()  # padding rows of an eager step
         return out
