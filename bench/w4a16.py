@@ -3,6 +3,7 @@ batch-1 decode (bf16 against W4A16), say where its time goes, and find the batch
 One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A16 kernels).
 
     python bench/w4a16.py [--json PATH] [--sections checks sweep engine] [--budget 95]
+        [--engines w4a16 w4a16+pdl bf16] [--batches 16 64 256]
 
 1. checks (exit 1 on a failure): `gemv2` and `gemv3` variants (blocks or rows per tile; per-block,
    per-slab or per-row scales; act-order; odd K and N; atomic and partial-sum split-K; programmatic
@@ -13,7 +14,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    grids (tile shape x warps x SPLIT_K, then PDL on the three best), plus a read-only kernel with gemv2's tiles
    and grid (the bandwidth its access pattern can reach). Timing as bench/quant.py: one CUDA graph over
    weight copies that overflow L2. The winners are checked as the engine runs them, then applied.
-3. engine, W4A16 (GPTQ config, random weights) then bf16, one engine each: batch-1 decode ms/token
+3. engine runs (--engines; default W4A16 (GPTQ config, random weights) then bf16; "+pdl" with
+   kernels/pdl.py's programmatic dependent launches on), one engine each: batch-1 decode ms/token
    (128-token prompt, CUDA graphs); a profile of 32 decode steps (GPU kernel time per token by kind,
    launches per token, time outside kernels); decode step time at 16, 64, 256 sequences (output tok/s at
    256 is the "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover).
@@ -97,7 +99,10 @@ def chain_checks(failures: list, g: torch.Generator, configs: list | None = None
     k, n = SHAPES["o"]
     mats = [q.int4_case(k, n, 128, False, g) for _ in range(3)]
     w4.reserve_workspace(DEV, n)
-    for cfg in configs or [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]:
+    configs = configs or [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]
+    x0 = torch.randn(1, k, device=DEV).to(DTYPE)
+    q.precompile([lambda c=c: w4.w4a16(x0, *mats[0][:3], 128, config=c, warmup=True) for c in configs])
+    for cfg in configs:
         def chain(x, cfg=cfg):
             for qw, s, z, _, _ in mats:
                 x = w4.w4a16(x, qw, s, z, 128, config=cfg) * 30.0  # keeps the values O(1)
@@ -168,13 +173,13 @@ def candidates(n: int, k: int) -> list[dict]:
     blocks = -(-k // 128)
     sms = splitk.sm_count(DEV)
     out = []
-    for t, bn, warps, regs in ((8, 128, 1, None), (8, 256, 2, None), (8, 512, 4, None), (16, 128, 1, None),
+    for t, bn, warps, regs in ((8, 128, 1, None), (8, 256, 2, None), (8, 512, 4, None),
                                (8, 128, 1, 128), (8, 256, 2, 128)):  # 154 registers; capped: no spills in the loop
         auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=64, min_blocks=1)
         for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
             out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, SPLIT_K=sp,
                             **({"maxnreg": regs} if regs else {})))
-    for bn, warps, unrolls in ((16, 1, (4,)), (32, 1, (2,)), (64, 2, (1, 2)), (128, 4, (1,))):
+    for bn, warps, unrolls in ((32, 1, (2,)), (64, 2, (1, 2)), (128, 4, (1,))):
         for unroll in unrolls:
             auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=32)
             for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
@@ -385,24 +390,31 @@ def profile_decode(llm, steps: int = 32) -> dict:
             "top": [{"kernel": n[:90], "us": us, "launches": c} for us, c, n in top[:14]]}
 
 
-def engine(start: float, budget: float, profile_it: bool = True, batches=(16, 64, 256), steps: int = 32) -> dict:
-    """Per weights, one engine (max 256 sequences): batch-1 decode ms/token as (t(257 tokens) - t(1)) / 256
-    on a 128-token prompt, its kernel profile, then decode step ms at each batch, (t(steps + 1) - t(1)) / steps
-    on 64-token prompts."""
+def engine(start: float, budget: float, runs: list[str], profile_it: bool = True, batches=(16, 64, 256),
+           steps: int = 32) -> dict:
+    """Per run ("w4a16", "bf16", "+pdl" for kernels/pdl.py on), one engine (max 256 sequences): batch-1 decode
+    ms/token as (t(257 tokens) - t(1)) / 256 on a 128-token prompt, its kernel profile, then (`batches`)
+    decode step ms at each batch, (t(steps + 1) - t(1)) / steps on 64-token prompts."""
     from folio import SamplingParams
 
+    from kernels import pdl
+
     decode, cross = [], []
+
     def left() -> float:
         return budget - (time.time() - start)
 
-    # W4A16 first: its figures are the point; bf16's batch-1 figure is the cheap baseline (~10 s) after it.
-    for name in ("w4a16", "bf16"):
-        if left() < (20 if name == "w4a16" else 10):  # start + batch-1 timing: ~15 s cold for W4A16, ~8 s bf16
-            print(f"engine {name}: skipped (time budget)", flush=True)
+    for n, run_name in enumerate(runs):
+        name, use_pdl = run_name.split("+")[0], run_name.endswith("+pdl")
+        later = len(runs) - n - 1  # engines still to come after this one: ~10 s each at least
+        if left() < (18 if name == "w4a16" else 10):  # start + batch-1 timing: ~15 s cold for W4A16, ~8 s bf16
+            print(f"engine {run_name}: skipped (time budget)", flush=True)
             continue
+        pdl.ENABLED = use_pdl
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
-            llm = q.make_llm(tmp, name, max_model_len=512, max_num_seqs=max(batches), gpu_memory_utilization=0.6)
+            llm = q.make_llm(tmp, name, max_model_len=512, max_num_seqs=max(batches, default=1),
+                             gpu_memory_utilization=0.6)
             startup = time.time() - t0
 
             def run(prompts, n):
@@ -411,43 +423,53 @@ def engine(start: float, budget: float, profile_it: bool = True, batches=(16, 64
                 return time.perf_counter() - t
 
             one_prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
-            run(one_prompt, 8)
+            tokens = llm.generate(one_prompt, SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
             one, full = min(run(one_prompt, 1) for _ in range(2)), min(run(one_prompt, 257) for _ in range(2))
-            row = {"weights": name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup}
-            print(f"engine decode {name}: {row['ms_per_token']:.3f} ms/token (startup {startup:.0f} s)", flush=True)
-            if profile_it and left() > (30 if name == "w4a16" else 6):
+            row = {"weights": run_name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup,
+                   "tokens": list(tokens[0].outputs[0].token_ids)}
+            print(f"engine decode {run_name}: {row['ms_per_token']:.3f} ms/token (startup {startup:.0f} s)", flush=True)
+            if profile_it and left() > 10 * later + 5:
                 p = q.attempt(lambda: profile_decode(llm))
                 row["profile"] = p if isinstance(p, dict) else repr(p)
                 if isinstance(p, dict):
                     print_profile(p, row["ms_per_token"])
             decode.append(row)
-            cross.append({"weights": name, "batch": 1, "ms_per_step": row["ms_per_token"],
+            cross.append({"weights": run_name, "batch": 1, "ms_per_step": row["ms_per_token"],
                           "output_tok_s": 1e3 / row["ms_per_token"]})
             for b in batches:
-                if left() < (22 if name == "w4a16" else 3):  # bf16's batch-1 figure must still fit after W4A16
-                    print(f"crossover {name} B={b}: skipped (time budget)", flush=True)
+                if left() < 12 * later + 3:
+                    print(f"crossover {run_name} B={b}: skipped (time budget)", flush=True)
                     continue
                 prompts = [{"prompt_token_ids": [(1000 + 7 * i + t) % 120000 for t in range(64)]} for i in range(b)]
                 run(prompts, 4)
                 ms = (run(prompts, steps + 1) - run(prompts, 1)) / steps * 1e3
-                cross.append({"weights": name, "batch": b, "ms_per_step": ms, "output_tok_s": b / ms * 1e3})
-                print(f"crossover {name} B={b}: {ms:.2f} ms/step, {b / ms * 1e3:.0f} output tok/s", flush=True)
+                cross.append({"weights": run_name, "batch": b, "ms_per_step": ms, "output_tok_s": b / ms * 1e3})
+                print(f"crossover {run_name} B={b}: {ms:.2f} ms/step, {b / ms * 1e3:.0f} output tok/s", flush=True)
             llm.shutdown()
             del llm, run
             q.free_gpu()
+        pdl.ENABLED = False
+    for a, b in (("w4a16", "w4a16+pdl"), ("bf16", "bf16+pdl")):  # the same dummy weights: PDL must not change tokens
+        ra, rb = (next((r for r in decode if r["weights"] == w), None) for w in (a, b))
+        if ra and rb:
+            same = next((i for i, (x, y) in enumerate(zip(ra["tokens"], rb["tokens"])) if x != y), len(ra["tokens"]))
+            rb["same_tokens_as_without_pdl"] = same
+            print(f"{b}: the first {same} of {len(ra['tokens'])} greedy tokens equal {a}'s (split-K's float atomics "
+                  f"may flip a near-tie late)")
     base = next((r for r in decode if r["weights"] == "bf16"), None)
-    print("\nBatch-1 decode, whole engine (Llama-3-8B shape, random weights, CUDA graphs):")
+    print("\nBatch-1 decode, whole engine (Llama-3-8B shape, random weights, CUDA graphs; +pdl: kernels/pdl.py on):")
     for r in decode:
         r["speedup"] = base["ms_per_token"] / r["ms_per_token"] if base else None
-        print(f"  {r['weights']:<8}{r['ms_per_token']:>8.3f} ms/token  {r['speedup'] or float('nan'):.2f}x bf16")
-    print("\nDecode step time by batch (ms/step; output tok/s):")
-    print(f"{'batch':>6}{'bf16':>9}{'w4a16':>9}{'w4 speed-up':>12}{'bf16 tok/s':>12}{'w4 tok/s':>10}")
-    for b in (1, *batches):
-        rb = next((r for r in cross if r["weights"] == "bf16" and r["batch"] == b), None)
-        rw = next((r for r in cross if r["weights"] == "w4a16" and r["batch"] == b), None)
-        if rb and rw:
-            print(f"{b:>6}{rb['ms_per_step']:>9.2f}{rw['ms_per_step']:>9.2f}{rb['ms_per_step'] / rw['ms_per_step']:>12.2f}"
-                  f"{rb['output_tok_s']:>12.0f}{rw['output_tok_s']:>10.0f}")
+        print(f"  {r['weights']:<12}{r['ms_per_token']:>8.3f} ms/token  {r['speedup'] or float('nan'):.2f}x bf16")
+    if len(cross) > len(decode):
+        print("\nDecode step time by batch (ms/step, output tok/s; the speed-up is bf16 ms / W4A16 ms):")
+        for b in (1, *batches):
+            rb = next((r for r in cross if r["weights"] == "bf16" and r["batch"] == b), None)
+            for rw in (r for r in cross if r["weights"].startswith("w4a16") and r["batch"] == b):
+                up = f"{rb['ms_per_step'] / rw['ms_per_step']:.2f}x" if rb else "-"
+                print(f"  B={b:<4} {rw['weights']:<12}{rw['ms_per_step']:>8.2f} ms {rw['output_tok_s']:>8.0f} tok/s   "
+                      f"bf16 {rb['ms_per_step'] if rb else float('nan'):>7.2f} ms {rb['output_tok_s'] if rb else float('nan'):>8.0f} "
+                      f"tok/s   {up}")
     return {"decode": decode, "crossover": cross}
 
 
@@ -467,6 +489,10 @@ def main() -> int:
                     choices=["checks", "sweep", "engine"])
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--no-profile", action="store_true", help="engine: skip the kernel profile")
+    ap.add_argument("--engines", nargs="+", default=["w4a16", "bf16"],
+                    choices=["w4a16", "w4a16+pdl", "bf16", "bf16+pdl"], help="engine runs, in order (+pdl: FOLIO_PDL)")
+    ap.add_argument("--batches", nargs="*", type=int, default=[16, 64, 256],
+                    help="engine: decode step time at these batches (the crossover); none: skip")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -479,14 +505,15 @@ def main() -> int:
             print("FAILED", r)
         result["failures"] = failures
     if "sweep" in args.sections:
-        got = q.attempt(lambda: sweep(start, args.budget * 0.35))
+        got = q.attempt(lambda: sweep(start, args.budget * 0.4))
         result["sweep"] = got if not isinstance(got, Exception) else repr(got)
         if isinstance(got, dict):
             print_sweep(got)
             result["applied"] = q.attempt(lambda: apply_winners(got))
         print(f"sweep done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
-        got = q.attempt(lambda: engine(start, args.budget, not args.no_profile))
+        got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile,
+                                       tuple(args.batches)))
         result["engine"] = got if not isinstance(got, Exception) else repr(got)
         print(f"engine done at {time.time() - start:.0f} s", flush=True)
     result["seconds"] = round(time.time() - start, 1)

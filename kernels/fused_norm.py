@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.fp8_quant import quantize_row, row_scale
 
 
@@ -38,7 +39,9 @@ def _add_norm_kernel(
     QUANT: tl.constexpr,  # out is float8 e4m3: the 16-bit result quantized per token (kernels/fp8_quant.py)
     HAS_UB: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -95,7 +98,7 @@ def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_
         float(ub) if ub is not None else 0.0,
         HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm, SCALE_IN_FP32=scale_in_fp32,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, QUANT=quant, HAS_UB=ub is not None,
-        BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        BLOCK=block, num_warps=min(16, max(1, block // 256)), **pdl.args(x),
     )
     return (out, scales) if quant else out
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.paged_checks import check_kv_scales, check_paged_inputs
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
@@ -77,7 +78,9 @@ def _paged_decode_kernel(
     HEADS_FASTEST: tl.constexpr,  # grid (kv_heads, seqs, splits) rather than (seqs, kv_heads, splits)
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
     ROWS_FROM_QSL: tl.constexpr,  # q/out row of a sequence = query_start_loc[seq]; others than 1 new token skipped
+    PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
+    pdl.enter(PDL)
     if HEADS_FASTEST:
         # Programs launched together read the neighbouring heads' rows of the same blocks.
         kv_head = tl.program_id(0)
@@ -191,7 +194,9 @@ def _reduce_splits_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
+    pdl.enter(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)
@@ -314,7 +319,7 @@ def paged_decode(
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
-            num_warps=4 if head_dim * num_splits >= 2048 else 2,
+            num_warps=4 if head_dim * num_splits >= 2048 else 2, **pdl.args(q),
         )
     return out
 
@@ -351,6 +356,7 @@ def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, nu
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **variants.launch_args(seq_lens),
+        **pdl.args(q),
     )
 
 

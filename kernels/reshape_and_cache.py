@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 FP8_E4M3_MAX = 448.0
 
@@ -58,7 +60,9 @@ def _reshape_and_cache_kernel(
     HEAD_DIM_PAD: tl.constexpr,  # next power of two; the extra columns are masked
     BLOCK_H: tl.constexpr,
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3: quantize with the scales
+    PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
+    pdl.enter(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -100,7 +104,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         num_kv_heads, 1.0 / k_scale, 1.0 / v_scale,
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_H=triton.next_power_of_2(num_kv_heads), KV_FP8=fp8,
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **pdl.args(key),
     )
 
 

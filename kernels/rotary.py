@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rotary_kernel(
@@ -26,7 +28,9 @@ def _rotary_kernel(
     HALF_PAD: tl.constexpr,  # next power of two; the extra lanes are masked
     INTERLEAVED: tl.constexpr,  # GPT-J pairs (2i, 2i + 1); else NeoX pairs (i, i + HALF)
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
+    pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HALF_PAD)
@@ -66,7 +70,8 @@ def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
     heads = num_q_heads + num_kv_heads
     _rotary_kernel[(qkv.shape[0],)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0), heads,
                                     HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
-                                    INTERLEAVED=interleaved, BLOCK_H=triton.next_power_of_2(heads), num_warps=4)
+                                    INTERLEAVED=interleaved, BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
+                                    **pdl.args(qkv))
 
 
 def rotary_ref(qkv, cos, sin, num_q_heads, num_kv_heads, head_dim, rotary_dim=None, interleaved=False):

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl as pdl_launch
 from kernels import splitk
 from kernels.splitk import splitk_store
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -531,10 +532,12 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
-    KERNEL "gemv1" (M = 1) | "gemv" (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS),
-    BLOCK_M, BLOCK_N, SLABS (mma), SPLIT_K (default: about two programs per SM), ATOMIC (default True:
-    one-launch split-K), PREFETCH (gemv*, default True), GROUP_MODE (1 or 2 where the group size allows 0 or
-    1: scales per slab or per row), num_warps, num_stages. `warmup`: compile for these arguments and return
+    KERNEL "gemv1" | "gemv2" | "gemv3" (M = 1) | "gemv" (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize,
+    then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma), UNROLL (gemv2), T (gemv3), SPLIT_K (default: about two
+    programs per SM), ATOMIC (default True: one-launch split-K), PREFETCH (gemv, gemv1; default True),
+    GROUP_MODE (1 or 2 where the group size allows 0 or 1: scales per slab or per row), PDL (gemv2, gemv3:
+    0, 1 or 2; default 2 where kernels/pdl.py is on, else 0), num_warps, num_stages, maxnreg. `warmup`:
+    compile for these arguments and return
     None without running (bench/quant.py compiles its sweep in parallel that way)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
@@ -584,7 +587,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     pointers = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt)
     stride_os = out.stride(0) if out.dim() == 3 else 0
     prefetch = cfg.pop("PREFETCH", True)
-    pdl = cfg.pop("PDL", 0) if x.is_cuda else 0  # griddepcontrol is GPU-only (the interpreter has no PDL)
+    pdl = cfg.pop("PDL", 2 if pdl_launch.on(x) else 0) if x.is_cuda else 0  # the interpreter has no PDL
     consts = dict(cfg, ROWS=rows, GROUP_MODE=mode, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic)
     if kind == "gemv2":
         consts.pop("GROUP_MODE")
