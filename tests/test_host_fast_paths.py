@@ -39,12 +39,16 @@ def test_decode_fast_paths_match_the_general_ones(tiny, async_scheduling):
     prepare, schedule = runner.prepare, scheduler.schedule
     seen = {"fast": 0, "skipped": 0}
 
-    def checked_prepare(out, tables):
-        got = prepare(out, tables)
+    def checked_prepare(out, blocks, tokens=None):
+        got = prepare(out, blocks, tokens)
         if out.plain_decode:
             seen["fast"] += 1
             plain, out.num_plain_decodes = out.num_plain_decodes, -1  # the general path, on the same step
-            _same_inputs(got, prepare(out, tables))
+            general = prepare(out, blocks)
+            if tokens is not None:  # the steady step's inputs are the step before's tokens, as they are
+                assert got.input_ids is tokens
+                general.input_ids.copy_(tokens)
+            _same_inputs(got, general)
             out.num_plain_decodes = plain
         return got
 

@@ -190,6 +190,12 @@ class BlockManager:
     def block_ids(self, seq_id: int) -> list[int]:
         return self.tables[seq_id].ids()
 
+    @property
+    def rows(self) -> np.ndarray:
+        """The table array itself: row `BlockTable.row` of a table holds its block ids, 0-padded (a live view:
+        it changes as tables do, and is replaced when it grows)."""
+        return self._rows
+
     def table_rows(self, seq_ids: list[int]) -> np.ndarray:
         """The block tables of `seq_ids`, one row each, 0-padded to a width that is a multiple of 16
         and at least the longest table's (a copy: later changes do not reach it)."""

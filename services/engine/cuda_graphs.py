@@ -184,7 +184,8 @@ class StepGraphs:
         st["tables"][:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         g, hidden = self.decode[b]
         g.replay()
-        return self.model.logits(hidden[inputs.logit_rows], float32=False)  # a gather: not the graph's buffer
+        # The LM head's output is a new tensor, not the graph's (a slice of its rows for a plain decode step).
+        return self.model.logits(hidden[:n] if inputs.all_rows else hidden[inputs.logit_rows], float32=False)
 
     def _replay_mixed(self, inputs, t: int) -> torch.Tensor:
         meta, st = inputs.meta, self._mix

@@ -57,6 +57,9 @@ class _InFlight:
     """seq_id -> (sequence, finish reason): rows the grammar ends instead of sampling (GrammarBackend.fill)."""
     forks: bool = False
     """Some prompt forks into its n samples in this step (its rows repeat one sequence)."""
+    advance_deferred: bool = False
+    """A steady step whose rows are those of the step before it: launched without advancing its
+    sequences; resolving the step before advances them in the same pass (Scheduler.resolve_steady)."""
 
     @property
     def rows_are_placeholders(self) -> bool:
@@ -363,7 +366,7 @@ class LLMEngine:
         if resolved is not None:  # read back early, for a grammar's mask (_launch)
             deltas += resolved
         elif prev is not None:
-            deltas += self._resolve(prev)
+            deltas += self._resolve(prev, cur if cur.advance_deferred else None)
         if self.async_scheduling and not cur.needs_sync:
             self._inflight = cur
         else:  # the next schedule needs this step's tokens on the host: read them now
@@ -384,8 +387,10 @@ class LLMEngine:
         with self._phase("prepare"):
             if out.block_copies:
                 self.runner.copy_blocks(out.block_copies)
-            inputs = self.runner.prepare(out, self.blocks.table_rows([seq.seq_id for seq in out.seqs]))
-            if prev is not None and prev.placeholders:
+            carried = prev is not None and prev.rows_are_placeholders and out.seqs is prev.placeholders
+            # (A steady step after a steady step: its inputs are the tokens `prev` sampled, row for row.)
+            inputs = self.runner.prepare(out, self.blocks, prev.sample.tokens if carried else None)
+            if prev is not None and prev.placeholders and not carried:
                 self._fill_pending_inputs(out, inputs, prev)
         with self._phase("forward"):
             logits = self.runner.execute(inputs)
@@ -394,19 +399,21 @@ class LLMEngine:
             resolved = self._resolve(prev)
         with self._phase("sample"):
             if out.plain_decode and resolved is None and not (self.grammar is not None and self.grammar.active):
-                cur = self._sample_decodes(out, logits)
+                cur = self._sample_decodes(out, logits, defer_advance=carried)
             else:
                 cur = self._sample(out, logits)
                 self.scheduler.advance(out, cur.placeholders, time.monotonic())
         return cur, resolved
 
-    def _sample_decodes(self, out: SchedulerOutput, logits: torch.Tensor) -> "_InFlight":
+    def _sample_decodes(self, out: SchedulerOutput, logits: torch.Tensor, defer_advance: bool) -> "_InFlight":
         """_sample + advance for the steady state, a step of plain decodes only: row i is `out.seqs[i]`'s
-        token, and each holds its placeholder; no per-sequence decision is left to make."""
+        token, and each holds its placeholder; no per-sequence decision is left to make. `defer_advance`:
+        the step before decoded these very rows and is resolved next, advancing them (_InFlight.advance_deferred)."""
         seqs = out.seqs
-        sample = self.sampler.sample(logits, seqs, self.eos_token_ids)
-        self.scheduler.advance_decodes(seqs)
-        return _InFlight(out, sample, seqs, seqs, [], False)
+        sample = self.sampler.sample(logits, seqs, self.eos_token_ids, distinct=out.batch.params)
+        if not defer_advance:
+            self.scheduler.advance_decodes(out)
+        return _InFlight(out, sample, seqs, seqs, [], False, advance_deferred=defer_advance)
 
     def _fill_pending_inputs(self, out: SchedulerOutput, inputs, prev: "_InFlight") -> None:
         """Input positions holding a placeholder take the token `prev` sampled, on the device. Such a
@@ -432,13 +439,17 @@ class LLMEngine:
         idx = device_tensor([dst, src], inputs.input_ids.device, torch.long)
         inputs.input_ids[idx[0]] = tokens[idx[1]]
 
-    def _resolve(self, f: "_InFlight") -> list[RequestDelta]:
-        """Read a launched step's tokens back, apply them (stops, forks, beams) and emit the deltas."""
+    def _resolve(self, f: "_InFlight", nxt: "_InFlight | None" = None) -> list[RequestDelta]:
+        """Read a launched step's tokens back, apply them (stops, forks, beams) and emit the deltas. `nxt`:
+        the step launched after `f` over the same rows, its advance deferred to this pass."""
         with self._phase("wait"):
             result = f.sample.result() if f.sample is not None else None
         with self._phase("update"):
             now = time.monotonic()
-            if result is not None and not f.forks and not f.ended:  # the common step: row by row, at once
+            if nxt is not None:
+                touched = self.scheduler.resolve_steady(f.out, nxt.out, result.token_ids, result.token_array,
+                                                        result.logprobs, result.top, now)
+            elif result is not None and not f.forks and not f.ended:  # the common step: row by row, at once
                 touched = self.scheduler.resolve_rows(f.out, f.seqs, result.token_ids, result.token_array,
                                                       result.logprobs, result.top, now)
             else:

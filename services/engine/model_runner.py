@@ -13,6 +13,7 @@ from services.engine.attention import get_attention_backend
 from services.engine.attention.kv_quant import FP8_KV_DTYPE, fp8_zeros, resolve_kv_cache_dtype
 from services.engine.attention.metadata import AttentionMetadata
 from services.engine.cuda_graphs import Recorder, StepGraphs, cuda_recorder
+from services.engine.decode_inputs import DecodeInputs
 from services.engine.model.config import ModelConfig
 from services.engine.model.loader import iter_checkpoint
 from services.engine.model.registry import build_model
@@ -29,6 +30,8 @@ class StepInputs:
     logit_rows: torch.Tensor
     """Flat token indices whose logits are needed, in the order of the scheduler's logits rows
     (ScheduledSeq.prompt_logprob_rows / sample_row)."""
+    all_rows: bool = False
+    """`logit_rows` is 0..n-1 for the step's n tokens: the rows are taken as a slice, not gathered."""
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -63,6 +66,7 @@ class ModelRunner:
         self.graphs: StepGraphs | None = None
         """Captured decode and mixed-step graphs (capture_*_graphs); None: every step runs eagerly."""
         self._pinned = device.type == "cuda"
+        self._decode_inputs = DecodeInputs(device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         c = self.cfg
@@ -77,12 +81,14 @@ class ModelRunner:
         return self.model.weight_bytes()
 
     # --- one step ------------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput, block_tables: np.ndarray) -> StepInputs:
-        """The step's inputs. `block_tables` [num scheduled, >= max blocks] int32: row i is scheduled
-        sequence i's table, 0-padded (BlockManager.table_rows). Host work is one pass over the
-        scheduled sequences for their token ids; the rest is array arithmetic."""
-        if out.plain_decode:
-            return self._prepare_decodes(out, block_tables)
+    def prepare(self, out: SchedulerOutput, blocks, tokens: torch.Tensor | None = None) -> StepInputs:
+        """The step's inputs, the block tables read from `blocks` (the BlockManager). A step of plain decodes
+        comes from its DecodeBatch (`_prepare_decodes`), its input ids being `tokens` [n] on the device
+        when given. Otherwise the host work is one pass over the scheduled sequences for their token ids;
+        the rest is array arithmetic."""
+        if out.plain_decode and out.batch is not None:
+            return self._prepare_decodes(out.batch, blocks.rows, tokens)
+        block_tables = blocks.table_rows([seq.seq_id for seq in out.seqs])
         bs = self.block_size
         n_seqs = len(out.scheduled)
         ids: list[int] = []
@@ -138,27 +144,17 @@ class ModelRunner:
         )
         return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos.astype(np.int64)), meta, put(rows))
 
-    def _prepare_decodes(self, out: SchedulerOutput, block_tables: np.ndarray) -> StepInputs:
-        """prepare() for the steady state, a step of plain decodes (SchedulerOutput.plain_decode): one
-        token per sequence at its computed length, row i sampling token i; the per-sequence work is two
-        list comprehensions."""
-        bs, seqs = self.block_size, out.seqs
-        n = len(seqs)
-        starts = [s.num_computed_tokens for s in seqs]
-        ids = [s.token_ids[c] for s, c in zip(seqs, starts)]  # (placeholders, under asynchronous scheduling)
-        pos = np.asarray(starts, dtype=np.int64)
-        s_lens = pos + 1
-        max_seq_len = int(s_lens.max())
-        max_blocks = -(-(-(-max_seq_len // bs)) // 16) * 16  # a steady row stride for the kernels
-        tables = np.ascontiguousarray(block_tables[:, :max_blocks])
-        slots = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
-        put = self._to_device
+    def _prepare_decodes(self, batch, rows: np.ndarray, tokens: torch.Tensor | None) -> StepInputs:
+        """prepare() for a step of plain decodes: one token per sequence at its computed length, row i
+        sampling token i, written from the batch's arrays and sent in one copy (services/engine/decode_inputs.py)."""
+        ids, pos, slots, seq_lens, tables, qsl, rows_dev, max_seq_len = self._decode_inputs.write(
+            batch, rows, self.block_size, tokens)
+        n = len(batch.seqs)
         meta = AttentionMetadata(
-            num_seqs=n, num_tokens=n, query_start_loc=put(np.arange(n + 1, dtype=np.int32)),
-            seq_lens=put(s_lens.astype(np.int32)), block_tables=put(tables), slot_mapping=put(slots),
-            max_query_len=1, max_seq_len=max_seq_len, query_lens_cpu=[1] * n, seq_lens_cpu=s_lens.tolist(),
-        )
-        return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos), meta, put(np.arange(n, dtype=np.int64)))
+            num_seqs=n, num_tokens=n, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+            slot_mapping=slots, max_query_len=1, max_seq_len=max_seq_len, query_lens_cpu=[1] * n,
+            seq_lens_cpu=(batch.positions + 1).tolist())
+        return StepInputs(ids, pos, meta, rows_dev, all_rows=True)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -175,7 +171,7 @@ class ModelRunner:
             if logits is not None:
                 return logits
         hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.logits(hidden[inputs.logit_rows], float32=False)
+        return self.model.logits(hidden if inputs.all_rows else hidden[inputs.logit_rows], float32=False)
 
     # --- warm-up and CUDA graphs ------------------------------------------------------------------
     WARMUP_STEPS = (

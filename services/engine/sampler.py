@@ -112,17 +112,24 @@ class Sampler:
         return self.sample(logits, seqs, eos_ids, indexes, bitmask).result()
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int],
-               indexes: list[int] | None = None, bitmask: torch.Tensor | None = None) -> "DeviceSample":
+               indexes: list[int] | None = None, bitmask: torch.Tensor | None = None,
+               distinct: list | None = None) -> "DeviceSample":
         """logits [N, V] (float32, or the model's dtype: upcast here), one row per sequence to extend. `indexes` (default: each sequence's
         own) names the sample a row is for: a prompt about to fork into n samples appears n times,
         once per sample index, all with the prompt's row. `bitmask` [N, ceil(V/32)] int32 (structured
         output, services/engine/structured.py) bans every token whose bit is clear, before anything else.
         Nothing here waits for the device: the tokens stay on it (the next step's inputs read them
-        there) and their copy to the host is started; `DeviceSample.result()` waits for it."""
+        there) and their copy to the host is started; `DeviceSample.result()` waits for it.
+        `distinct`: the rows' distinct SamplingParams when the caller has them (a steady decode batch keeps
+        them, services/engine/input_batch.py); the per-row list is then only made where a row's differ."""
         # One pass over the batch's parameters: a batch that shares one SamplingParams (the offline
         # API's usual case) reads it once.
-        params = list(map(_params_of, seqs))
-        distinct = dict(zip(map(id, params), params)).values()
+        if distinct is None or len(distinct) > 1:
+            params = list(map(_params_of, seqs))
+            if distinct is None:
+                distinct = dict(zip(map(id, params), params)).values()
+        else:
+            params = distinct * len(seqs)
         adjust = self._needs_adjusting(seqs, distinct)
         if (self.fused_greedy and bitmask is None and not adjust
                 and all(p.greedy and p.logprobs is None for p in distinct)):

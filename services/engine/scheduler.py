@@ -24,6 +24,7 @@ import numpy as np
 from services.common.errors import QueueFullError
 from services.common.outputs import Logprob
 from services.engine.block_manager import BlockManager
+from services.engine.input_batch import DecodeBatch
 from services.engine.request import PENDING, Request, SampledToken, Sequence, SeqStatus
 
 
@@ -60,9 +61,28 @@ class ScheduledSeq:
     """The logits row that predicts the sequence's next token, when this step catches it up."""
 
 
+class _DecodeRows:
+    """`SchedulerOutput.scheduled` of a steady decode step, made on demand: row i is `ScheduledSeq(seqs[i], 1,
+    sample_row=i)` (the steady path builds no per-sequence object; only a step off the fast paths reads these)."""
+
+    __slots__ = ("seqs",)
+
+    def __init__(self, seqs: list[Sequence]):
+        self.seqs = seqs
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __iter__(self):
+        return (ScheduledSeq(seq, 1, _NO_ROWS, i) for i, seq in enumerate(self.seqs))
+
+    def __getitem__(self, i: int) -> ScheduledSeq:
+        return ScheduledSeq(self.seqs[i], 1, _NO_ROWS, range(len(self.seqs))[i])
+
+
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    scheduled: list[ScheduledSeq] | _DecodeRows = field(default_factory=list)
     seqs: list[Sequence] = field(default_factory=list)
     """The scheduled sequences, in order (`scheduled[i].seq`), for the passes that need only them."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
@@ -75,6 +95,8 @@ class SchedulerOutput:
     num_plain_decodes: int = 0
     """Scheduled sequences that decode one token into their own row and whose request is plain (n == 1,
     no beam, no penalties). When all are (the steady state), `advance_decodes` launches the step."""
+    batch: DecodeBatch | None = None
+    """A step of plain decodes: its rows as arrays (services/engine/input_batch.py), else None."""
 
     @property
     def plain_decode(self) -> bool:
@@ -82,7 +104,7 @@ class SchedulerOutput:
         return self.num_plain_decodes == len(self.seqs)
 
     def __bool__(self) -> bool:
-        return bool(self.scheduled)
+        return bool(self.seqs)
 
 
 class Scheduler:
@@ -100,6 +122,8 @@ class Scheduler:
         """Every stop token id of a request ever added (a superset is all `_stop_table` needs)."""
         self._stop_array: tuple[object, int, np.ndarray] | None = None
         """(eos ids, len(_stop_ids_seen), `_stop_table`) as last built."""
+        self._batch: DecodeBatch | None = None
+        """The last step's rows when it decoded all of `running`, in order (the next may carry them on)."""
 
     # --- queue ------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -153,6 +177,9 @@ class Scheduler:
 
     # --- the step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule_steady()
+        if out is not None:
+            return out
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         # New work only when nothing had to be preempted: admitting it would just preempt again.
@@ -164,7 +191,44 @@ class Scheduler:
             for seq in reversed(self.running):
                 self._preempt(seq, out)
             self._admit(out, budget)
+        self._batch = None
+        if out.seqs and out.plain_decode:
+            out.batch = DecodeBatch.build(out.seqs, self.blocks.tables, self.config.max_model_len)
+            if out.seqs == self.running:
+                self._batch = out.batch
         return out
+
+    def _schedule_steady(self) -> SchedulerOutput | None:
+        """The step after a launched step that decoded all of `running` (in order), when nothing changed
+        since: the same rows decode again, one token each (services/engine/input_batch.py). What the
+        general pass would check per sequence is checked on the batch's arrays; only a row whose token
+        starts a new block calls the block manager, as in the general pass. None when the general pass
+        must decide: the running set changed, a token in flight is some sequence's last (it is skipped
+        there), the pool is short of blocks (it preempts), or a waiting sequence could be admitted."""
+        last, running, c = self._batch, self.running, self.config
+        if (last is None or not last.advanced or len(running) > c.max_num_batched_tokens
+                or (self.waiting and len(running) < c.max_num_seqs) or running != last.seqs):
+            return None
+        b = last.advanced_batch()
+        pos = b.positions
+        if (pos >= b.limits - 1).any():  # (the general pass skips a sequence whose token in flight is its last)
+            return None
+        blocks = self.blocks
+        edge = np.flatnonzero(pos % blocks.block_size == 0)  # these rows' tokens open a new block each
+        copies: list[tuple[int, int]] = []
+        if len(edge):
+            if len(edge) > blocks.num_free_blocks:
+                return None
+            seqs, try_append = b.seqs, blocks.try_append
+            for i in edge.tolist():
+                got = try_append(seqs[i], 1)
+                if got is None:  # (cannot happen after the count above; the general pass would preempt)
+                    return None
+                copies += got
+        n = len(b)
+        self._batch = b
+        return SchedulerOutput(_DecodeRows(b.seqs), b.seqs, copies, num_logit_rows=n, num_tokens=n,
+                               num_plain_decodes=n, batch=b)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Running sequences go first, oldest first, each taking what it has left to compute within the
@@ -295,12 +359,16 @@ class Scheduler:
         for seq in sampling:
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
+        if out.batch is not None:
+            out.batch.advanced = True
 
     @staticmethod
-    def advance_decodes(seqs: list[Sequence]) -> None:
+    def advance_decodes(out: SchedulerOutput) -> None:
         """advance(out, out.seqs) for a step of plain decodes (`SchedulerOutput.plain_decode`), in one
         pass: each sequence computes one token and holds a placeholder for its row's sample."""
-        for row, seq in enumerate(seqs):
+        if out.batch is not None:
+            out.batch.advanced = True
+        for row, seq in enumerate(out.seqs):
             seq.num_computed_tokens += 1
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
@@ -363,7 +431,10 @@ class Scheduler:
         touched: dict[str, Request] = {}
         finished = SeqStatus.FINISHED
         last = (self.config.max_model_len or sys.maxsize) - 1  # the last position the context holds
-        hits = []
+        b = out.batch
+        per_row = b is None or seqs is not b.seqs
+        # (A decode batch's tokens land at positions + 1: its length ends are found at once.)
+        hits = [] if per_row else np.flatnonzero(b.positions + 2 >= b.limits).tolist()
         for i, (seq, tok, lp) in enumerate(zip(seqs, token_ids, logprobs)):
             if seq.status is finished:
                 continue
@@ -379,13 +450,49 @@ class Scheduler:
             seq.cumulative_logprob += lp
             if top is not None and seq.logprobs is not None and top[i] is not None:
                 seq.logprobs.append(_logprob_entry(tok, lp, top[i]))
-            if pos >= seq.max_num_tokens - 1 or pos >= last:
+            if per_row and (pos >= seq.max_num_tokens - 1 or pos >= last):
                 hits.append(i)
             req = seq.request
             if req.first_token_time is None:
                 req.first_token_time = now
             if req.stream:
                 touched[req.request_id] = req
+        return self._end_rows(out, seqs, token_ids, token_array, hits, touched)
+
+    def resolve_steady(self, out: SchedulerOutput, nxt: SchedulerOutput, token_ids: list[int],
+                       token_array: np.ndarray, logprobs: list[float], top: list | None,
+                       now: float) -> dict[str, Request]:
+        """`advance_decodes(nxt)` and then `resolve_rows(out, out.seqs, ...)`, in one pass, for a steady step
+        `out` whose rows `nxt`, launched after it, decodes again (the same list of sequences: see
+        `_schedule_steady`). Each row's last entry is `out`'s placeholder: the token replaces it and `nxt`'s
+        placeholder follows, so the row's pending count and row index stay as they are."""
+        nxt.batch.advanced = True
+        touched: dict[str, Request] = {}
+        finished = SeqStatus.FINISHED
+        seqs, b = out.seqs, out.batch
+        for i, (seq, tok, lp) in enumerate(zip(seqs, token_ids, logprobs)):
+            tids = seq.token_ids
+            if seq.status is finished:  # (it ended while `out` was in flight; `nxt` did not take it)
+                continue
+            tids[-1] = tok
+            tids.append(PENDING)
+            seq.num_computed_tokens += 1
+            seq.cumulative_logprob += lp
+            if top is not None and seq.logprobs is not None and top[i] is not None:
+                seq.logprobs.append(_logprob_entry(tok, lp, top[i]))
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if req.stream:
+                touched[req.request_id] = req
+        hits = np.flatnonzero(b.positions + 2 >= b.limits).tolist()  # (each token lands at positions + 1)
+        return self._end_rows(out, seqs, token_ids, token_array, hits, touched)
+
+    def _end_rows(self, out: SchedulerOutput, seqs: list[Sequence], token_ids: list[int], token_array: np.ndarray,
+                  hits: list[int], touched: dict[str, Request]) -> dict[str, Request]:
+        """The stops of a resolved step whose tokens are in place: rows `hits` (by length) and those whose
+        token can stop something, checked in row order with `_stop_reason`."""
+        finished = SeqStatus.FINISHED
         if self.blocks.enable_prefix_caching or self.blocks.sliding_window is not None:
             self._mark_resolved(out)
         table = self._stop_table()
