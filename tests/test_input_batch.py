@@ -14,16 +14,20 @@ from services.engine.input_batch import DecodeBatch
 from services.engine.scheduler import ScheduledSeq
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_batch")
+def tiny_llm(d, device: str = "cpu", block_size: int = 4, num_kv_blocks: int = 30) -> LLM:
+    """A random-weight Llama (hidden 64, 2 layers) in `d`. 30 blocks of 4 tokens for up to 8 sequences of up to
+    64 tokens: they preempt each other as they grow."""
     (d / "config.json").write_text(json.dumps(dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, vocab_size=300, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=2)))
-    # 30 blocks of 4 tokens for up to 8 sequences of up to ~70 tokens: they preempt each other as they grow.
-    return LLM(str(d), load_format="dummy", dtype="float32", device="cpu", block_size=4, num_kv_blocks=30,
-               max_num_seqs=8, max_model_len=64, seed=0)
+    return LLM(str(d), load_format="dummy", dtype="float32", device=device, block_size=block_size,
+               num_kv_blocks=num_kv_blocks, max_num_seqs=8, max_model_len=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llm(tmp_path_factory.mktemp("tiny_batch"))
 
 
 def _requests(seed: int):
@@ -110,8 +114,14 @@ def _run(llm, seed: int, async_scheduling: bool, steady: bool, checks: dict):
 
 
 def test_carried_batch_equals_a_fresh_build_and_outputs_do_not_change(tiny):
+    check_runs(tiny)
+
+
+def check_runs(llm) -> dict:
+    """The requests run synchronously by the general pass only (the reference), then with the steady path,
+    synchronously and asynchronously: every run's outputs equal the reference's. Returns the checks' counts."""
     checks = {"steady": 0, "decode_inputs": 0, "preemptions": 0, "aborts": 0}
-    runs = {(a, s): _run(tiny, 0, a, s, checks) for a, s in ((False, False), (False, True), (True, True))}
+    runs = {(a, s): _run(llm, 0, a, s, checks) for a, s in ((False, False), (False, True), (True, True))}
     ref = runs[(False, False)]
     assert any(k[1] == 1 for k in ref), "n > 1 forked"
     for key, got in runs.items():
@@ -119,3 +129,4 @@ def test_carried_batch_equals_a_fresh_build_and_outputs_do_not_change(tiny):
     assert ref[("r2", 0)][1] == ref[("r8", 0)][1] == "abort" and len(ref[("r2", 0)][0]) == 5
     assert checks["steady"] > 20 and checks["decode_inputs"] > checks["steady"] and checks["preemptions"] > 0, checks
     assert checks["aborts"] == 6, checks
+    return checks

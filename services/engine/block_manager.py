@@ -320,6 +320,22 @@ class BlockManager:
         self._grow(table, seq.num_computed_tokens + num_new_tokens)
         return copies
 
+    def open_blocks(self, seqs: list, positions: list[int]) -> None:
+        """`append(seq, 1)` for each of `seqs`, a running sequence whose next token, at `positions[i]`, is the first
+        of a block its table does not hold yet (nothing to copy on write: the new block is its own). The
+        caller has checked that the pool holds a block for each (Scheduler._schedule_steady)."""
+        bs, tables, take = self.block_size, self.tables, self.pool.take
+        self._fit(max(positions) // bs + 1)
+        rows = self._rows
+        for seq, pos in zip(seqs, positions):
+            table = tables[seq.seq_id]
+            blocks = table.blocks
+            if len(blocks) * bs > pos:  # (held already)
+                continue
+            b = take()
+            rows[table.row, len(blocks)] = b.block_id
+            blocks.append(b)
+
     def _grow(self, table: BlockTable, num_tokens: int) -> None:
         blocks = table.blocks
         if len(blocks) * self.block_size >= num_tokens:

@@ -12,10 +12,11 @@ is copied into the first rows, and the rest is padding that the kernels must ski
   sequences) covers any step up to the bucket.
 
 Row-wise layers (norms, projections, rotary, MLP, MoE) never mix rows, so padding cannot reach a real
-token. The graphs stop at the hidden states; the final norm and LM head run eagerly on the rows the step
-needs (one per sampling sequence, or every position of a prompt-logprobs chunk), so their cost follows the
-step rather than the bucket, their output is the step's own tensor (nothing to clone before the next
-replay), and no graph keeps a [bucket, vocab] float32 logits buffer alive.
+token. The graphs end with the final norm (row-wise too, and one kernel launch less per step on the host);
+the LM head runs eagerly on the rows the step needs (one per sampling sequence, or every position of a
+prompt-logprobs chunk), so its cost follows the step rather than the bucket, its output is the step's own
+tensor (nothing to clone before the next replay), and no graph keeps a [bucket, vocab] float32 logits
+buffer alive.
 
 Why whole-step graphs rather than piecewise ones (docs/engine.md, "CUDA graphs"): the attention
 kernels already read everything per-step from device tensors with grids fixed by shapes, so one
@@ -75,7 +76,7 @@ class StepGraphs:
         self.record = record
         self.pool = None
         self.decode: dict[int, tuple[object, torch.Tensor]] = {}
-        """batch size -> (graph, hidden states [batch, hidden]: a view of one buffer all of them share)"""
+        """batch size -> (graph, normed hidden states [batch, hidden]: a view of one buffer all of them share)"""
         self.mixed: dict[int, tuple[object, torch.Tensor]] = {}
         """token count -> (graph, hidden states [tokens, hidden]: likewise)"""
         self.max_seqs: dict[int, int] = {}
@@ -122,11 +123,13 @@ class StepGraphs:
         st = self._dec if kind == "decode" else self._mix
         t0, mem0 = time.perf_counter(), self._mem_free()
         top = buckets[-1]
-        st["hidden"] = torch.empty_like(self.model.forward(st["ids"], st["pos"], self.kv_caches, meta_of(top)))
+        model = self.model
+        st["hidden"] = torch.empty_like(model.final_norm(model.forward(st["ids"], st["pos"], self.kv_caches,
+                                                                        meta_of(top))))
         for n in reversed(buckets):
             def run(n=n, meta=meta_of(n)):
                 out = st["hidden"][:n]
-                out.copy_(self.model.forward(st["ids"][:n], st["pos"][:n], self.kv_caches, meta))
+                out.copy_(model.final_norm(model.forward(st["ids"][:n], st["pos"][:n], self.kv_caches, meta)))
                 return out
 
             g, out, self.pool = self.record(run, self.pool)
@@ -185,7 +188,7 @@ class StepGraphs:
         g, hidden = self.decode[b]
         g.replay()
         # The LM head's output is a new tensor, not the graph's (a slice of its rows for a plain decode step).
-        return self.model.logits(hidden[:n] if inputs.all_rows else hidden[inputs.logit_rows], float32=False)
+        return self.model.head(hidden[:n] if inputs.all_rows else hidden[inputs.logit_rows], float32=False)
 
     def _replay_mixed(self, inputs, t: int) -> torch.Tensor:
         meta, st = inputs.meta, self._mix
@@ -200,7 +203,7 @@ class StepGraphs:
         st["tables"][:s, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         g, hidden = self.mixed[t]
         g.replay()
-        return self.model.logits(hidden[inputs.logit_rows], float32=False)  # a gather: not the graph's buffer
+        return self.model.head(hidden[inputs.logit_rows], float32=False)  # a gather: not the graph's buffer
 
 
 def _smallest(graphs: dict[int, object], n: int) -> int | None:

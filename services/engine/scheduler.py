@@ -215,20 +215,16 @@ class Scheduler:
             return None
         blocks = self.blocks
         edge = np.flatnonzero(pos % blocks.block_size == 0)  # these rows' tokens open a new block each
-        copies: list[tuple[int, int]] = []
         if len(edge):
-            if len(edge) > blocks.num_free_blocks:
+            if len(edge) > blocks.num_free_blocks:  # (the general pass preempts)
                 return None
-            seqs, try_append = b.seqs, blocks.try_append
-            for i in edge.tolist():
-                got = try_append(seqs[i], 1)
-                if got is None:  # (cannot happen after the count above; the general pass would preempt)
-                    return None
-                copies += got
+            # What try_append does for each in row order, at once: a plain sequence shares no block it writes.
+            seqs = b.seqs
+            blocks.open_blocks([seqs[i] for i in edge.tolist()], pos[edge].tolist())
         n = len(b)
         self._batch = b
-        return SchedulerOutput(_DecodeRows(b.seqs), b.seqs, copies, num_logit_rows=n, num_tokens=n,
-                               num_plain_decodes=n, batch=b)
+        return SchedulerOutput(_DecodeRows(b.seqs), b.seqs, num_logit_rows=n, num_tokens=n, num_plain_decodes=n,
+                               batch=b)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Running sequences go first, oldest first, each taking what it has left to compute within the

@@ -54,7 +54,11 @@ class CausalLM(torch.nn.Module):
     def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """Final norm + LM head on the selected rows, over the whole vocabulary: float32, or with
         float32=False in the head's dtype (no [rows, vocab] float32 copy)."""
-        return self.logits_processor(self.lm_head, self.final_norm(hidden), float32)
+        return self.head(self.final_norm(hidden), float32)
+
+    def head(self, normed: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """The LM head on rows already through the final norm (a CUDA graph ends with it: cuda_graphs.py)."""
+        return self.logits_processor(self.lm_head, normed, float32)
 
     # --- building ------------------------------------------------------------------------------------
     def finish(self, device: torch.device, fused_elementwise: bool) -> None:
