@@ -37,7 +37,7 @@ class FakeRunner:
     def copy_blocks(self, pairs) -> None:
         pass
 
-    def prepare(self, out, tables) -> int:
+    def prepare(self, out, blocks, tokens=None) -> int:
         return out.num_logit_rows
 
     def execute(self, num_rows: int) -> torch.Tensor:
