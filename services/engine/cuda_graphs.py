@@ -83,6 +83,8 @@ class StepGraphs:
         """token count -> sequences its mixed graph holds"""
         self.captures: dict[str, dict] = {}
         """"decode" / "mixed" -> {"buckets", "seconds", "mib"}: what capture took (logged, and read by benches)."""
+        self.decode_capacity = 0
+        """Rows of the decode graphs' packed inputs: the largest bucket rounded up to 4 (0: none captured)."""
         self._dec: dict[str, torch.Tensor] = {}
         self._mix: dict[str, torch.Tensor] = {}
         """The decode and mixed graphs' static inputs (see _buffers); each graph reads a prefix of them."""
@@ -100,10 +102,16 @@ class StepGraphs:
         }
 
     def capture_decode(self, max_batch: int) -> None:
-        """One graph per batch bucket up to max_batch, attention launched for the longest context."""
+        """One graph per batch bucket up to max_batch, attention launched for the longest context. The
+        positions, slots and context lengths live in one int32 buffer laid out as DecodeInputs lays out
+        its own (`packed`, services/engine/decode_inputs.py), so a replay fills them with one copy."""
         buckets = buckets_up_to(DECODE_BUCKETS, max_batch)
         if buckets:
-            self._dec = self._buffers(buckets[-1], buckets[-1])
+            st = self._dec = self._buffers(buckets[-1], buckets[-1])
+            c = self.decode_capacity = -(-buckets[-1] // 4) * 4
+            packed = st["packed"] = torch.empty(5 * c, dtype=torch.int32, device=self.device)
+            st["pos"], st["slots"], st["seq_lens"] = packed_views(packed, c)
+            st["pos"].zero_(), st["slots"].fill_(-1), st["seq_lens"].fill_(1)
             self._capture("decode", self.decode, buckets, self._decode_meta)
 
     def capture_mixed(self, max_tokens: int, max_seqs: int) -> None:
@@ -179,11 +187,14 @@ class StepGraphs:
         meta, st = inputs.meta, self._dec
         n = meta.num_seqs
         st["ids"][:n].copy_(inputs.input_ids)
-        st["pos"][:n].copy_(inputs.positions)
-        st["slots"][:n].copy_(meta.slot_mapping)
-        st["slots"][n:b].fill_(-1)
-        st["seq_lens"][:n].copy_(meta.seq_lens)
-        st["seq_lens"][n:b].fill_(1)
+        if inputs.packed is not None and inputs.packed.shape == st["packed"].shape:  # padding included
+            st["packed"].copy_(inputs.packed)
+        else:
+            st["pos"][:n].copy_(inputs.positions)
+            st["slots"][:n].copy_(meta.slot_mapping)
+            st["slots"][n:b].fill_(-1)
+            st["seq_lens"][:n].copy_(meta.seq_lens)
+            st["seq_lens"][n:b].fill_(1)
         st["tables"][:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         g, hidden = self.decode[b]
         g.replay()
@@ -204,6 +215,13 @@ class StepGraphs:
         g, hidden = self.mixed[t]
         g.replay()
         return self.model.head(hidden[inputs.logit_rows], float32=False)  # a gather: not the graph's buffer
+
+
+def packed_views(packed: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions int64, slots int64, context lengths int32), each `capacity` long, in an int32 buffer of
+    5 * capacity words (capacity a multiple of 4 keeps every field on a 16-byte boundary)."""
+    c = capacity
+    return packed[:2 * c].view(torch.int64), packed[2 * c:4 * c].view(torch.int64), packed[4 * c:5 * c]
 
 
 def _smallest(graphs: dict[int, object], n: int) -> int | None:

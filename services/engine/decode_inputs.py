@@ -29,16 +29,19 @@ class DecodeInputs:
         """0..n-1 on the device (logits rows), and as int32 the decode query starts 0..n."""
         self._arange32 = torch.zeros(0, dtype=torch.int32, device=device)
 
-    def write(self, batch, rows: np.ndarray, block_size: int, tokens: torch.Tensor | None):
-        """(input ids, positions, slot mapping, seq lens, block tables, query starts, logits rows) on the
-        device for `batch`, with `rows` the block manager's table array; `tokens` [n] on the device, when
+    def write(self, batch, rows: np.ndarray, block_size: int, tokens: torch.Tensor | None, capacity: int = 0):
+        """(input ids, positions, slot mapping, seq lens, block tables, query starts, logits rows, packed) on
+        the device for `batch`, with `rows` the block manager's table array; `tokens` [n] on the device, when
         given, are the input ids as they are (the tokens the step before sampled for these very rows);
-        and the longest context, for the attention metadata."""
+        and the longest context, for the attention metadata. `capacity` (a multiple of 4, >= n; 0: none):
+        positions, slots and lengths are laid out for that many rows, padding included (slot -1, length 1),
+        and `packed` is that region whole, as the decode graphs hold theirs (cuda_graphs.packed_views); else
+        `packed` is None."""
         n, pos, bs = len(batch.seqs), batch.positions, block_size
         max_seq_len = int(pos.max()) + 1
         width = -(-(-(-max_seq_len // bs)) // 16) * 16  # a steady row stride for the kernels
         # Each field starts on a 16-byte boundary (4 words), as Triton assumes of the pointers it compiles for.
-        n4 = -(-n // 4) * 4
+        n4 = capacity if capacity >= n else -(-n // 4) * 4
         o_slots, o_lens, o_tab = 2 * n4, 4 * n4, 5 * n4
         o_ids = o_tab + n * width
         size = o_ids + (2 * n if tokens is None else 0)
@@ -46,6 +49,10 @@ class DecodeInputs:
         h = buf.numpy()
         h[0:2 * n].view(np.int64)[:] = pos
         np.add(pos, 1, out=h[o_lens:o_lens + n], casting="unsafe")
+        if n4 == capacity:  # the graphs' padding rows: no slot, one token of context
+            h[2 * n:2 * n4] = 0
+            h[o_slots:o_slots + 2 * n4].view(np.int64)[n:] = -1
+            h[o_lens + n:o_tab] = 1
         tables = h[o_tab:o_ids].reshape(n, width)
         np.take(rows[:, :width], batch.table_rows, axis=0, out=tables, mode="clip")
         slots = h[o_slots:o_slots + 2 * n].view(np.int64)
@@ -67,7 +74,7 @@ class DecodeInputs:
         ids = dev[o_ids:size].view(torch.int64) if tokens is None else tokens
         return (ids, dev[0:2 * n].view(torch.int64), dev[o_slots:o_slots + 2 * n].view(torch.int64),
                 dev[o_lens:o_lens + n], dev[o_tab:o_ids].view(n, width), self._arange32[:n + 1], self._arange[:n],
-                max_seq_len)
+                max_seq_len, dev[:o_tab] if n4 == capacity else None)
 
     def _host_buffer(self, size: int) -> torch.Tensor:
         """The next host buffer in turn, at least `size` int32 long, once its last copy has been made."""

@@ -32,6 +32,9 @@ class StepInputs:
     (ScheduledSeq.prompt_logprob_rows / sample_row)."""
     all_rows: bool = False
     """`logit_rows` is 0..n-1 for the step's n tokens: the rows are taken as a slice, not gathered."""
+    packed: torch.Tensor | None = None
+    """A decode step's positions, slots and lengths as the decode graphs lay them out, padding included
+    (DecodeInputs.write): a replay copies them at once. None: field by field."""
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -147,14 +150,15 @@ class ModelRunner:
     def _prepare_decodes(self, batch, rows: np.ndarray, tokens: torch.Tensor | None) -> StepInputs:
         """prepare() for a step of plain decodes: one token per sequence at its computed length, row i
         sampling token i, written from the batch's arrays and sent in one copy (services/engine/decode_inputs.py)."""
-        ids, pos, slots, seq_lens, tables, qsl, rows_dev, max_seq_len = self._decode_inputs.write(
-            batch, rows, self.block_size, tokens)
+        graphs = self.graphs
+        ids, pos, slots, seq_lens, tables, qsl, rows_dev, max_seq_len, packed = self._decode_inputs.write(
+            batch, rows, self.block_size, tokens, graphs.decode_capacity if graphs is not None else 0)
         n = len(batch.seqs)
         meta = AttentionMetadata(
             num_seqs=n, num_tokens=n, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
             slot_mapping=slots, max_query_len=1, max_seq_len=max_seq_len, query_lens_cpu=[1] * n,
             seq_lens_cpu=(batch.positions + 1).tolist())
-        return StepInputs(ids, pos, meta, rows_dev, all_rows=True)
+        return StepInputs(ids, pos, meta, rows_dev, all_rows=True, packed=packed)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
