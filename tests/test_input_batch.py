@@ -48,7 +48,7 @@ def _requests(seed: int):
     return reqs
 
 
-def _run(llm, seed: int, async_scheduling: bool, steady: bool, checks: dict):
+def _run(llm, seed: int, async_scheduling: bool, steady: bool, checks: dict, stream: bool = True):
     """Run the requests step by step (aborting two of them midway); return every sequence's tokens,
     finish reason and cumulative logprob. With `steady`, each steady step is checked as it is made."""
     engine = llm.engine
@@ -68,6 +68,9 @@ def _run(llm, seed: int, async_scheduling: bool, steady: bool, checks: dict):
             assert [(s.seq, s.num_new_tokens, s.prompt_logprob_rows, s.sample_row) for s in out.scheduled] == \
                 [(s, 1, range(0), i) for i, s in enumerate(out.seqs)]
             assert isinstance(out.scheduled[0], ScheduledSeq) and len(out.scheduled) == len(out.seqs)
+            if out.batch.lean:  # (resolve_steady then stamps and reports no request)
+                checks["lean"] += 1
+                assert not any(s.request.stream or s.request.first_token_time is None for s in out.seqs)
         return out
 
     def checked_prepare(out, blocks_, tokens=None):
@@ -93,7 +96,7 @@ def _run(llm, seed: int, async_scheduling: bool, steady: bool, checks: dict):
     got = {}
     try:
         for rid, prompt, params in _requests(seed):
-            engine.add_request(rid, None, params, prompt_token_ids=prompt)
+            engine.add_request(rid, None, params, prompt_token_ids=prompt, stream=stream)
         while engine.has_unfinished_requests():
             for delta in engine.step():
                 for s in delta.sequences:
@@ -101,9 +104,11 @@ def _run(llm, seed: int, async_scheduling: bool, steady: bool, checks: dict):
                     got[(delta.request_id, s.index)] = (toks + list(s.token_ids), s.finish_reason or None,
                                                         round(s.cumulative_logprob, 4))
             for rid in ("r2", "r8"):  # aborted once 5 tokens are out (the next may be in flight), others running
-                if len(got.get((rid, 0), ((),))[0]) >= 5 and rid in engine.requests:
+                req = engine.requests.get(rid)
+                if req is not None and req.seqs[0].num_resolved_output_tokens >= 5:
                     s = engine.abort_request(rid).sequences[0]
-                    got[(rid, 0)] = (got[(rid, 0)][0] + list(s.token_ids), s.finish_reason, got[(rid, 0)][2])
+                    toks = got.get((rid, 0), ([],))[0]
+                    got[(rid, 0)] = (toks + list(s.token_ids), s.finish_reason, round(s.cumulative_logprob, 4))
                     checks["aborts"] += 1
     finally:
         del scheduler._schedule_steady, runner.prepare
@@ -119,14 +124,16 @@ def test_carried_batch_equals_a_fresh_build_and_outputs_do_not_change(tiny):
 
 def check_runs(llm) -> dict:
     """The requests run synchronously by the general pass only (the reference), then with the steady path,
-    synchronously and asynchronously: every run's outputs equal the reference's. Returns the checks' counts."""
-    checks = {"steady": 0, "decode_inputs": 0, "preemptions": 0, "aborts": 0}
-    runs = {(a, s): _run(llm, 0, a, s, checks) for a, s in ((False, False), (False, True), (True, True))}
-    ref = runs[(False, False)]
+    synchronously and asynchronously, streaming and not: every run's outputs equal the reference's. Returns
+    the checks' counts."""
+    checks = {"steady": 0, "decode_inputs": 0, "preemptions": 0, "aborts": 0, "lean": 0}
+    runs = {(a, s, st): _run(llm, 0, a, s, checks, st)
+            for a, s, st in ((False, False, True), (False, True, True), (True, True, True), (True, True, False))}
+    ref = runs[(False, False, True)]
     assert any(k[1] == 1 for k in ref), "n > 1 forked"
     for key, got in runs.items():
-        assert got == ref, f"async={key[0]} steady={key[1]}"
+        assert got == ref, f"async={key[0]} steady={key[1]} stream={key[2]}"
     assert ref[("r2", 0)][1] == ref[("r8", 0)][1] == "abort" and len(ref[("r2", 0)][0]) == 5
     assert checks["steady"] > 20 and checks["decode_inputs"] > checks["steady"] and checks["preemptions"] > 0, checks
-    assert checks["aborts"] == 6, checks
+    assert checks["aborts"] == 8 and checks["lean"] > 5, checks
     return checks

@@ -27,7 +27,7 @@ _limit = operator.attrgetter("max_num_tokens")
 class DecodeBatch:
     """One step of plain decodes: row i is `seqs[i]`, which computes its token at `positions[i]`."""
 
-    __slots__ = ("seqs", "table_rows", "positions", "limits", "params", "advanced")
+    __slots__ = ("seqs", "table_rows", "positions", "limits", "params", "advanced", "lean")
 
     def __init__(self, seqs: list, table_rows: np.ndarray, positions: np.ndarray, limits: np.ndarray,
                  params: list):
@@ -43,6 +43,9 @@ class DecodeBatch:
         """The distinct SamplingParams objects of the rows (the sampler's per-batch checks read these)."""
         self.advanced = False
         """Set when the step is launched (Scheduler.advance*): each sequence then counts one more token."""
+        self.lean = False
+        """Known to hold no streaming request and none without its first token's time: resolving a step
+        of it reports and stamps no request (Scheduler.resolve_steady learns it, and it carries on)."""
 
     @classmethod
     def build(cls, seqs: list, tables: dict, max_model_len: int | None) -> "DecodeBatch":
@@ -57,7 +60,9 @@ class DecodeBatch:
 
     def advanced_batch(self) -> "DecodeBatch":
         """The next step's batch over the same sequences: each position one further (this step computed it)."""
-        return DecodeBatch(self.seqs, self.table_rows, self.positions + 1, self.limits, self.params)
+        nxt = DecodeBatch(self.seqs, self.table_rows, self.positions + 1, self.limits, self.params)
+        nxt.lean = self.lean
+        return nxt
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -466,21 +466,34 @@ class Scheduler:
         touched: dict[str, Request] = {}
         finished = SeqStatus.FINISHED
         seqs, b = out.seqs, out.batch
-        for i, (seq, tok, lp) in enumerate(zip(seqs, token_ids, logprobs)):
-            tids = seq.token_ids
-            if seq.status is finished:  # (it ended while `out` was in flight; `nxt` did not take it)
-                continue
-            tids[-1] = tok
-            tids.append(PENDING)
-            seq.num_computed_tokens += 1
-            seq.cumulative_logprob += lp
-            if top is not None and seq.logprobs is not None and top[i] is not None:
-                seq.logprobs.append(_logprob_entry(tok, lp, top[i]))
-            req = seq.request
-            if req.first_token_time is None:
-                req.first_token_time = now
-            if req.stream:
-                touched[req.request_id] = req
+        if b.lean:  # (no request to report or stamp: the per-row work is the sequence's own)
+            for seq, tok, lp in zip(seqs, token_ids, logprobs):
+                if seq.status is finished:  # (it ended while `out` was in flight)
+                    continue
+                tids = seq.token_ids
+                tids[-1] = tok
+                tids.append(PENDING)
+                seq.num_computed_tokens += 1
+                seq.cumulative_logprob += lp
+        else:
+            for seq, tok, lp in zip(seqs, token_ids, logprobs):
+                if seq.status is finished:
+                    continue
+                tids = seq.token_ids
+                tids[-1] = tok
+                tids.append(PENDING)
+                seq.num_computed_tokens += 1
+                seq.cumulative_logprob += lp
+                req = seq.request
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                if req.stream:
+                    touched[req.request_id] = req
+            nxt.batch.lean = not touched  # every request now has its first token time; none streams
+        if top is not None:
+            for seq, tok, lp, t in zip(seqs, token_ids, logprobs, top):
+                if t is not None and seq.logprobs is not None and seq.status is not finished:
+                    seq.logprobs.append(_logprob_entry(tok, lp, t))
         hits = np.flatnonzero(b.positions + 2 >= b.limits).tolist()  # (each token lands at positions + 1)
         return self._end_rows(out, seqs, token_ids, token_array, hits, touched)
 
