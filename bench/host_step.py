@@ -69,17 +69,19 @@ def sync(engine) -> None:
 
 def timed(engine, steps: int) -> dict:
     engine.step_timing = {}
+    steady = engine.scheduler.num_steady_steps
     sync(engine)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         engine.step()
     sync(engine)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    steady = engine.scheduler.num_steady_steps - steady
     timing = dict(engine.step_timing)
     n = timing.pop("steps")
     engine.step_timing = None
     phases = {k: 1e3 * v / n for k, v in timing.items()}
-    return {"steps": n, "wall_ms_per_step": 1e3 * wall / n, "cpu_ms_per_step": 1e3 * cpu / n,
+    return {"steps": n, "steady_steps": steady, "wall_ms_per_step": 1e3 * wall / n, "cpu_ms_per_step": 1e3 * cpu / n,
             "host_ms_per_step": sum(v for k, v in phases.items() if k != "wait"), "phases_ms_per_step": phases}
 
 
@@ -123,7 +125,8 @@ def main() -> None:
             print(f"{seqs} sequences, async scheduling {'off' if args.no_async_scheduling else 'on'}, "
                   f"{'real' if args.real_forward else 'fixed-logits'} forward on {args.device}: "
                   f"{rec['wall_ms_per_step']:.2f} ms/step wall, {rec['cpu_ms_per_step']:.2f} ms/step CPU, "
-                  f"host {rec['host_ms_per_step']:.2f} ms/step; phases (ms/step): "
+                  f"host {rec['host_ms_per_step']:.2f} ms/step ({rec['steady_steps']} steps from the steady "
+                  f"batch); phases (ms/step): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in rec["phases_ms_per_step"].items()), flush=True)
             if args.profile:
                 rec["profile"] = profiled(engine, args.steps, args.top)

@@ -193,7 +193,7 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
         if mode is not None:
             engine.async_scheduling = mode
         waste.clear()
-        preempted = engine.scheduler.num_preemptions
+        preempted, steady = engine.scheduler.num_preemptions, engine.scheduler.num_steady_steps
         engine.step_timing = {}
         trace = StepTrace(engine) if args.trace else None
         sync(args)
@@ -220,12 +220,15 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
         per_step = {k: 1e3 * v / steps for k, v in timing.items()}
         host_ms = sum(v for k, v in per_step.items() if k != "wait")
         label = f"async_scheduling={engine.async_scheduling}"
-        print(f"{label}: {n_out / secs:.0f} output tok/s, {steps} steps, {1e3 * secs / steps:.2f} ms/step, "
+        steady = engine.scheduler.num_steady_steps - steady
+        print(f"{label}: {n_out / secs:.0f} output tok/s, {steps} steps ({steady} steady), "
+              f"{1e3 * secs / steps:.2f} ms/step, "
               f"host {host_ms:.2f} ms/step (" + ", ".join(f"{k} {v:.2f}" for k, v in per_step.items()) + ")",
               flush=True)
         results.append((n_out, secs, {
             "kv_blocks": engine.blocks.num_blocks, "startup_s": startup, "max_num_seqs": max_num_seqs,
-            "async_scheduling": engine.async_scheduling, "steps": steps, "ms_per_step": 1e3 * secs / steps,
+            "async_scheduling": engine.async_scheduling, "steps": steps, "steady_steps": steady,
+            "ms_per_step": 1e3 * secs / steps,
             "host_ms_per_step": host_ms, "step_timing_ms": per_step,
             "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
             "preemptions": engine.scheduler.num_preemptions - preempted, "step_trace": trace_kinds,

@@ -124,6 +124,8 @@ class Scheduler:
         """(eos ids, len(_stop_ids_seen), `_stop_table`) as last built."""
         self._batch: DecodeBatch | None = None
         """The last step's rows when it decoded all of `running`, in order (the next may carry them on)."""
+        self.num_steady_steps = 0
+        """Steps scheduled from a carried decode batch (`_schedule_steady`), for benches and tests."""
 
     # --- queue ------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -223,6 +225,7 @@ class Scheduler:
             blocks.open_blocks([seqs[i] for i in edge.tolist()], pos[edge].tolist())
         n = len(b)
         self._batch = b
+        self.num_steady_steps += 1
         return SchedulerOutput(_DecodeRows(b.seqs), b.seqs, num_logit_rows=n, num_tokens=n, num_plain_decodes=n,
                                batch=b)
 
