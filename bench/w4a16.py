@@ -48,7 +48,7 @@ DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
 
 # --- checks ----------------------------------------------------------------------------------------------
 G2 = dict(KERNEL="gemv2", BLOCK_N=64, num_warps=2, num_stages=1)
-G3 = dict(KERNEL="gemv3", T=8, BLOCK_N=128, num_warps=1, num_stages=1)
+G3 = dict(KERNEL="gemv3", T=8, BLOCK_N=128, num_warps=1, num_stages=1)  # XPAIR where x is bf16 (the default)
 CASES = [
     # (K, N, group, act-order, config, SPLIT_K, ATOMIC)
     (4096, 6144, 128, False, dict(G2), 8, True),
@@ -66,6 +66,8 @@ CASES = [
     (1088, 776, 64, False, dict(G3, T=16), 4, True),  # 64-row blocks: T becomes 8
     (14336, 4096, 128, False, dict(G3, T=16, PDL=2), 1, True),
     (1000, 600, 16, True, dict(G3), 2, True),  # a group per nibble; K not a multiple of the block
+    (4096, 6144, 128, False, dict(G3, XPAIR=False, maxnreg=128), 8, True),
+    (4096, 1000, 32, False, dict(G3, T=16, PDL=1), 4, True),
 ]
 
 
@@ -173,11 +175,13 @@ def candidates(n: int, k: int) -> list[dict]:
     blocks = -(-k // 128)
     sms = splitk.sm_count(DEV)
     out = []
-    for t, bn, warps, regs in ((8, 128, 1, None), (8, 256, 2, None), (8, 512, 4, None),
-                               (8, 128, 1, 128), (8, 256, 2, 128)):  # 154 registers; capped: no spills in the loop
+    # (T, BLOCK_N, warps, XPAIR, maxnreg): by the sm_90 SASS, XPAIR T 8 takes 96 registers, T 16 168; without
+    # XPAIR T 8 takes 154 (128 when capped, with no spills in the loop).
+    for t, bn, warps, xpair, regs in ((8, 128, 1, True, None), (8, 256, 2, True, None), (8, 512, 4, True, None),
+                                      (16, 128, 1, True, None), (8, 128, 1, False, None), (8, 128, 1, False, 128)):
         auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=64, min_blocks=1)
         for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
-            out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, SPLIT_K=sp,
+            out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, XPAIR=xpair, SPLIT_K=sp,
                             **({"maxnreg": regs} if regs else {})))
     for bn, warps, unrolls in ((32, 1, (2,)), (64, 2, (1, 2)), (128, 4, (1,))):
         for unroll in unrolls:

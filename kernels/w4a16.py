@@ -346,11 +346,22 @@ def _w4a16_gemv2_kernel(
 
 
 @triton.jit
+def _g3_nibble(words, hi, j: tl.constexpr, exp0):
+    """gemv3's nibble j as the float 2^(23 - 4i) + q (`_magic_nibble` without the subtraction, which gemv3 does
+    with the zero point)."""
+    if j < 5:
+        f = (words & (0xF << (4 * j))) | (exp0 - ((4 * j) << 23))
+    else:
+        f = (hi & (0xF << (4 * j - 20))) | (exp0 - ((4 * j - 20) << 23))
+    return f.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _w4a16_gemv3_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
     N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
-    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr,
+    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -361,18 +372,28 @@ def _w4a16_gemv3_kernel(
     (exact) instead of 2^(23 - 4i), so each product is (q - z) x and no sum of x is kept.
     JG: nibbles per group inside a block (8 when a block lies in one group; 1, 2, 4 for group sizes 16, 32,
     64). exp0 = 150 << 23 and hi_shift = 20 come at run time so the compiler keeps them in registers (as
-    constants it splits each and-or in two, or turns the high nibbles into bitfield extracts). The next tile
-    is in flight while this one is computed; PDL and EVEN as in _w4a16_gemv2_kernel (EVEN: K % ROWS == 0)."""
+    constants it splits each and-or in two, or turns the high nibbles into bitfield extracts). XPAIR (bf16 x,
+    no act-order, EVEN): the tile's even and odd words are two [T / 2, BLOCK_N] tiles and x is read as int32
+    pairs, so a pair becomes two floats by one shift and one and (bf16 is float32's top half) where the
+    compiler's conversion spends three instructions. The next tile is in flight while this one is computed
+    (the prefetch past a split's end is masked, its values unused); PDL and EVEN as in _w4a16_gemv2_kernel
+    (EVEN: K % ROWS == 0)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
+    R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_t = tl.arange(0, T)
+    offs_r = tl.arange(0, R)
     t_start = pid_k * blocks_per_split * H
     t_end = tl.minimum(tl.cdiv(K, ROWS), (pid_k + 1) * blocks_per_split) * H
-    w_ptrs = qw_ptr + (t_start * T + offs_t)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
-    nxt = tl.load(w_ptrs, mask=(t_start < t_end) & n_mask[None, :], other=0)
+    if XPAIR:
+        w_ptrs = qw_ptr + (t_start * T + 2 * offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+        nxt_o = tl.load(w_ptrs + stride_qk, mask=(t_start < t_end) & n_mask[None, :])
+        x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    else:
+        w_ptrs = qw_ptr + (t_start * T + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+    nxt = tl.load(w_ptrs, mask=(t_start < t_end) & n_mask[None, :])
     if PDL >= 2:
         gdc_launch_dependents()
     if PDL >= 1:
@@ -381,34 +402,47 @@ def _w4a16_gemv3_kernel(
     for i in range(t_start, t_end):
         words = nxt
         w_ptrs += T * stride_qk
-        nxt = tl.load(w_ptrs, mask=(i + 1 < t_end) & n_mask[None, :], other=0)
+        nxt = tl.load(w_ptrs, mask=(i + 1 < t_end) & n_mask[None, :])
+        if XPAIR:
+            words_o = nxt_o
+            nxt_o = tl.load(w_ptrs + stride_qk, mask=(i + 1 < t_end) & n_mask[None, :])
         k0 = (i // H) * ROWS + (i % H) * T  # input of nibble 0 of the tile's first word
+        hi = words  # names only until nibble 5
+        if XPAIR:
+            hi_o = words_o
         for j in tl.static_range(8):
             if j == 5:  # here, not before the loop: the words are dead by now, so hi takes their registers
                 hi = words >> hi_shift
+                if XPAIR:
+                    hi_o = words_o >> hi_shift
             if j % JG == 0:  # a new group: its scale, and the five subtrahends 2^(23 - 4i) + z
                 g = tl.minimum(k0 + j * S, K - 1) // group_size
                 sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
                 sub0, sub1, sub2 = zp + 8388608.0, zp + 524288.0, zp + 32768.0
                 sub3, sub4 = zp + 2048.0, zp + 128.0
-            k = k0 + j * S + offs_t
-            if EVEN:
-                cols = tl.load(perm_ptr + k) if HAS_PERM else k
-                xj = tl.load(x_ptr + cols).to(tl.float32)
-            else:
-                cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-                xj = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
-            if j < 5:
-                f = ((words & (0xF << (4 * j))) | (exp0 - ((4 * j) << 23))).to(tl.float32, bitcast=True)
-            else:
-                f = ((hi & (0xF << (4 * j - 20))) | (exp0 - ((4 * j - 20) << 23))).to(tl.float32, bitcast=True)
             sub = sub0 if j % 5 == 0 else sub1 if j % 5 == 1 else sub2 if j % 5 == 2 else sub3 if j % 5 == 3 else sub4
-            prod = (f - sub[None, :]) * xj[:, None]  # (q - z) x
+            if XPAIR:
+                xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
+                x_e = (xw << 16).to(tl.float32, bitcast=True)
+                x_o = (xw & -65536).to(tl.float32, bitcast=True)
+                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]
+                prod_o = (_g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
+            else:
+                k = k0 + j * S + offs_r
+                if EVEN:
+                    cols = tl.load(perm_ptr + k) if HAS_PERM else k
+                    xj = tl.load(x_ptr + cols).to(tl.float32)
+                else:
+                    cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
+                    xj = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
+                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * xj[:, None]  # (q - z) x
             if j % JG == 0:
                 part = prod
             else:
                 part += prod
+            if XPAIR:
+                part += prod_o  # a separate add per product, so that each is one fused multiply-add
             if (j + 1) % JG == 0:  # the group's sums are complete
                 acc += tl.sum(part, axis=0) * sc
     splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n, split_k,
@@ -603,8 +637,9 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         else:
             raise ValueError(f"the gemv3 kernel takes group sizes {rows // 8}, {rows // 4}, {rows // 2} or multiples of "
                              f"{rows} (K = {k}), got {group_size}")
+        xpair = cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
-                      EVEN=k % rows == 0)
+                      EVEN=k % rows == 0, XPAIR=xpair)
         if pdl:
             consts["launch_pdl"] = True
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,

@@ -160,10 +160,12 @@ def test_w4a16_gemv2_tiles_of_several_blocks(unroll, group, mode):
     assert_workspace_zero()
 
 
-@pytest.mark.parametrize("k, group, t", [(320, 16, 8), (1088, 64, 16), (1000, 128, 8)])
-def test_w4a16_gemv3_groups_inside_a_block(k, group, t):
+@pytest.mark.parametrize("k, group, t, act", [(320, 16, 8, True), (1088, 64, 16, True), (1000, 128, 8, True),
+                                               (512, 32, 8, False), (384, 128, 16, False)])
+def test_w4a16_gemv3_groups_inside_a_block(k, group, t, act):
     """gemv3 scales each group's sums as the group ends: one group per nibble (16), per half block (64,
-    in 64-row blocks where T is cut to 8), per block with the last block past K; act-order, bf16."""
-    args, ref = case(1, k, 40, group, True, torch.bfloat16, seed=k)
+    in 64-row blocks where T is cut to 8), per block with the last block past K; act-order, bf16. Without
+    act-order and with K a multiple of the block, bf16 x is read as int32 pairs (XPAIR)."""
+    args, ref = case(1, k, 40, group, act, torch.bfloat16, seed=k)
     close(w4a16(*args, config=dict(GEMV, KERNEL="gemv3", T=t, SPLIT_K=3, PDL=2)), ref, torch.bfloat16)
     assert_workspace_zero()
