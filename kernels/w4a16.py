@@ -637,7 +637,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         else:
             raise ValueError(f"the gemv3 kernel takes group sizes {rows // 8}, {rows // 4}, {rows // 2} or multiples of "
                              f"{rows} (K = {k}), got {group_size}")
-        xpair = cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
+        xpair = (cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
+                 and x.data_ptr() % 4 == 0)  # int32 loads of x need 4-byte alignment
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
                       EVEN=k % rows == 0, XPAIR=xpair)
         if pdl:
