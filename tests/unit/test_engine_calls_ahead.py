@@ -93,7 +93,7 @@ def test_requests_after_the_first_ride_calls_opened_ahead_with_the_same_tokens()
             second = client.generate(addr, _req("r1"), 30)
             assert second._sending is not None  # written to an opened call
             assert await _tokens(second) == [21, 22, 23]
-            await _until(lambda: len(client._opened[addr]) == 2)  # replaced after its first message
+            await _until(lambda: len(client._opened[addr]) == 2)  # replaced soon after its first message
             assert engine.added == ["r0", "r1"] and engine.aborted == []
         finally:
             await client.close()
