@@ -52,7 +52,10 @@ SHAPES = {  # name: (sequences, cached prefix, new tokens)
     "prefill": (8, 0, 2048),
     "long": (1, 0, 8192),
     "chunked": (8, 2048, 512),
+    "short": (32, 0, 512),  # many short prompts: the table's fresh-prompt key below 1024 tokens
+    "extend": (4, 2048, 2048),  # long chunks after a cached prefix: the extend key of 1024-4095 tokens
 }
+TIMED = ("prefill", "long", "chunked", "short", "extend")
 
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
@@ -78,43 +81,26 @@ def _name(c: dict | None) -> str:
     return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
-# Round 2 (bench/results/prefill_sweep_2026-11-29_h200_round2.json): no config won every shape, so the kernel
-# picks per launch from a table (kernels/paged_prefill_configs.py; "table" below is that choice). This round
-# times what is left in Triton 3.6 against each shape's best: the scale folded into q (qs), 128-key tiles at
-# 8 warps and 3 stages, tl.range attributes on the unmasked loop (ls = its own num_stages, unroll, ws =
-# warp_specialize), around round 2's winners (BASE: tma M128 N64 w8 s2 rev maxnreg128 seqvec32; 1 x 8192:
-# 3 stages without the register cap), and overlap: the next tile's QK^T issued before this tile's softmax (FA3's
-# intra-warpgroup overlap by hand; compiled for sm_90 with Triton 3.8 on the CPU machine the wait for that QK^T
-# still follows its issue at once, so expect nothing), and 64-row 4-warp programs. All take has_prefix=False on
-# the fresh-prompt shapes, as the engine does.
+# Round 3 (bench/results/prefill_sweep_2026-11-29_h200_round3.json): folding the scale into q cost 3-6% on every
+# config (q then sits in registers); tl.range stages / unroll, the hand-pipelined QK^T, warp_specialize,
+# 256-row and 64-row programs all lost; 128-key tiles at 8 warps, 3 stages, no register cap won 1 x 8192
+# (95% of SDPA). Round 4 tunes around the two families that lead: BASE (two programs per SM) and N128 s3 (one),
+# on two more shapes that fill other table keys. All take has_prefix=False on the fresh-prompt shapes, as the
+# engine does.
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(),  # BASE
-    _cfg(s=3, maxnreg=None),  # round 2's best on 1 x 8192
-    _cfg(pair=True, reverse=False),  # round 2's best on 8 x 2048 (by 1%)
-    _cfg(qs=True),
-    _cfg(s=3, maxnreg=None, qs=True),
-    _cfg(pair=True, reverse=False, qs=True),
+    _cfg(pair=True, reverse=False),
+    _cfg(s=3, maxnreg=None),
     _cfg(n=128, s=3, maxnreg=None),
-    _cfg(n=128, s=3, maxnreg=None, qs=True),
-    _cfg(n=128, s=2, maxnreg=None, qs=True),
-    _cfg(loop_stages=3, qs=True),
-    _cfg(unroll=2, qs=True),
-    _cfg(s=3, maxnreg=None, unroll=2, qs=True),
-    _cfg(s=3, maxnreg=None, loop_stages=4, qs=True),
-    _cfg(s=3, maxnreg=None, overlap=True, qs=True),
-    _cfg(ws=True, qs=True),
-    _cfg(m=256, n=64, w=16, s=2, maxnreg=None, qs=True),  # 4 warpgroups share each K/V tile; one program per SM
-    # ptxas (sm_90a) serializes the wgmmas of every 128-register build (C7511/C7512: too few registers for the
-    # wgmma pipeline), BASE included; 4-warp programs of 64 rows keep the pipeline at 2 or 3 programs per SM:
-    _cfg(m=64, n=64, w=4, s=3, maxnreg=None, qs=True),
-    _cfg(m=64, n=64, w=4, s=2, maxnreg=None),
-    _cfg(m=64, n=64, w=4, s=2, maxnreg=None, qs=True),
-    _cfg(m=64, n=32, w=4, s=3, maxnreg=168),  # 3 programs per SM
-    _cfg(m=64, n=32, w=4, s=3, maxnreg=168, qs=True),
-    _cfg(m=64, n=32, w=4, s=2, maxnreg=128),  # 4 programs per SM, still unserialized (bench/prefill_ptxas.py)
-    _cfg(m=64, n=32, w=4, s=2, maxnreg=128, qs=True),
-    _cfg(n=128, w=8, s=3, maxnreg=None, pack=False, qs=True),  # round 1's best on the chunked shape
+    _cfg(n=128, s=3, maxnreg=None, pair=True, reverse=False),
+    _cfg(n=128, s=3, maxnreg=None, seq_vec=0),
+    _cfg(n=128, s=3, maxnreg=None, reverse=False),
+    _cfg(n=128, s=3, maxnreg=None, pack=False),
+    _cfg(n=128, s=3, maxnreg=None, pack=False, pair=True, reverse=False),
+    _cfg(n=128, s=3, maxnreg=None, n_paged=64),
+    _cfg(pack=False),
+    _cfg(n=32, s=3),  # two programs per SM with 32-key tiles
     _cfg("paged", n=32, w=4, s=3, reverse=False, maxnreg=None, seq_vec=0),  # the default before issue 15's work
 ]
 
@@ -334,7 +320,7 @@ def smoke_setup() -> torch.device:
     """--smoke: the script's own logic on the CPU under TRITON_INTERPRET, tiny shapes, fp32, a few variants."""
     global SMOKE, DTYPE, VARIANTS
     SMOKE, DTYPE = True, torch.float32
-    SHAPES.update(prefill=(2, 0, 40), long=(1, 0, 72), chunked=(2, 35, 20))
+    SHAPES.update(prefill=(2, 0, 40), long=(1, 0, 72), chunked=(2, 35, 20), short=(3, 0, 16), extend=(2, 20, 20))
     VARIANTS = [None, _cfg(m=32, n=32, w=4, s=1, maxnreg=None), _cfg(m=16, n=16, w=4, s=1, qs=True, unroll=2),
                 _cfg("paged", 16, 16, 4, 1, blockwise=True, qs=True, ws=True),
                 _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32, loop_stages=2),
@@ -400,7 +386,7 @@ def main() -> None:
     rows["mixed_batch"] = mixed = check_mixed(dev)
     rows["default_layouts"] = check_default_layouts(dev)
     summary = []
-    for shape in ("prefill", "long", "chunked"):
+    for shape in TIMED:
         p = make_problem(shape, dev)
         sdpa, how = sdpa_fn(p)
         ref = sdpa().transpose(1, 2).reshape(-1, HQ, D)
