@@ -145,3 +145,20 @@ def test_mixed_buckets_pad_a_big_step_by_at_most_an_eighth():
     for n in range(257, 4097):
         assert min(b for b in MIXED_BUCKETS if b >= n) <= n * 1.125, n
     assert buckets_up_to(MIXED_BUCKETS, 100)[-1] == 100 and buckets_up_to(MIXED_BUCKETS, 96)[-1] == 96
+
+
+def test_fake_graph_decode_with_a_largest_bucket_not_a_multiple_of_four(tiny_dir):
+    """max_num_seqs 3 (the largest decode bucket 3): the packed inputs hold 4 rows (their capacity is
+    rounded up to 4), and capture must run the model on the bucket's rows only."""
+    llm = _llm(tiny_dir)
+    runner = llm.engine.runner
+    runner.capture_decode_graphs(3, 128, record=fake_recorder)
+    assert sorted(runner.graphs.decode) == [1, 2, 3] and runner.graphs.decode_capacity == 4
+    steps = _each_step_both_ways(runner)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    out = llm.generate([list(range(5, 17)), [30, 31, 32]], greedy, use_tqdm=False)
+    assert any(s[2] for s in steps if s[1] == 1), "decode steps replay their graphs"
+    for n, _, _, eager, graphed in steps:
+        assert torch.equal(eager, graphed), f"step of {n} tokens"
+    ref = _llm(tiny_dir).generate([list(range(5, 17)), [30, 31, 32]], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]

@@ -132,8 +132,10 @@ class StepGraphs:
         t0, mem0 = time.perf_counter(), self._mem_free()
         top = buckets[-1]
         model = self.model
-        st["hidden"] = torch.empty_like(model.final_norm(model.forward(st["ids"], st["pos"], self.kv_caches,
-                                                                        meta_of(top))))
+        # The buffers may hold more rows than the largest bucket (the decode graphs' packed inputs round
+        # their capacity up to 4): run the model on that bucket's rows only.
+        st["hidden"] = torch.empty_like(model.final_norm(model.forward(st["ids"][:top], st["pos"][:top],
+                                                                        self.kv_caches, meta_of(top))))
         for n in reversed(buckets):
             def run(n=n, meta=meta_of(n)):
                 out = st["hidden"][:n]
