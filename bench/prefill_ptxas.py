@@ -44,14 +44,16 @@ def compile_config(cfg: dict):
                   USE_SOFTCAP=False, USE_ALIBI=False, USE_WINDOW=False, USE_SINKS=False, DOT_PRECISION="tf32",
                   KV_FP8=False, LAZY_RESCALE=cfg["LAZY_RESCALE"], HAS_PREFIX=cfg["NEW_KV"] == "paged",
                   Q_SCALED=cfg["Q_SCALED"], LOOP_STAGES=cfg["LOOP_STAGES"], LOOP_UNROLL=cfg["LOOP_UNROLL"],
-                  LOOP_WS=cfg["LOOP_WS"], OVERLAP_QK=cfg["OVERLAP_QK"])
+                  LOOP_WS=cfg["LOOP_WS"], OVERLAP_QK=cfg["OVERLAP_QK"], SKIP_SINGLE=False,
+                  BLOCK_N_TAIL=min(cfg["BLOCK_N_TAIL"] or bn, bn))
     names = pp._paged_prefill_kernel.arg_names
     sig = {}
     for n in names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in ("k_new", "v_new"):
-            sig[n] = f"tensordesc<bf16[{bn}, {D}]>" if cfg["NEW_KV"] == "tma" else "*bf16"
+        elif n in ("k_new", "v_new", "k_tail", "v_tail"):
+            rows = consts["BLOCK_N_TAIL"] if n.endswith("tail") else bn
+            sig[n] = f"tensordesc<bf16[{rows}, {D}]>" if cfg["NEW_KV"] == "tma" else "*bf16"
         elif n in ("slopes_ptr", "sinks_ptr"):
             sig[n] = "*fp32"
         elif n.endswith("_ptr"):

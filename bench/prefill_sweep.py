@@ -59,12 +59,13 @@ TIMED = ("prefill", "long", "chunked", "short", "extend")
 
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
-         seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False):
+         seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
+         tail=None):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
-                LOOP_WS=ws, OVERLAP_QK=overlap)
+                LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail)
 
 
 def _name(c: dict | None) -> str:
@@ -77,7 +78,8 @@ def _name(c: dict | None) -> str:
                                           (f"seqvec{c['SEQ_VEC']}", c["SEQ_VEC"]), ("qs", c["Q_SCALED"]),
                                           (f"ls{c['LOOP_STAGES']}", c["LOOP_STAGES"]),
                                           (f"unroll{c['LOOP_UNROLL']}", c["LOOP_UNROLL"]), ("ws", c["LOOP_WS"]),
-                                          ("overlap", c["OVERLAP_QK"])) if on)
+                                          ("overlap", c["OVERLAP_QK"]),
+                                          (f"tail{c['BLOCK_N_TAIL']}", c["BLOCK_N_TAIL"])) if on)
     return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
@@ -85,8 +87,8 @@ def _name(c: dict | None) -> str:
 # config (q then sits in registers); tl.range stages / unroll, the hand-pipelined QK^T, warp_specialize,
 # 256-row and 64-row programs all lost; 128-key tiles at 8 warps, 3 stages, no register cap won 1 x 8192
 # (95% of SDPA). Round 4 tunes around the two families that lead: BASE (two programs per SM) and N128 s3 (one),
-# on two more shapes that fill other table keys. All take has_prefix=False on the fresh-prompt shapes, as the
-# engine does.
+# on two more shapes that fill other table keys, and BLOCK_N_TAIL (the diagonal in narrower tiles). All take
+# has_prefix=False on the fresh-prompt shapes, as the engine does.
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(),  # BASE
@@ -94,13 +96,15 @@ VARIANTS = [
     _cfg(s=3, maxnreg=None),
     _cfg(n=128, s=3, maxnreg=None),
     _cfg(n=128, s=3, maxnreg=None, pair=True, reverse=False),
-    _cfg(n=128, s=3, maxnreg=None, seq_vec=0),
-    _cfg(n=128, s=3, maxnreg=None, reverse=False),
     _cfg(n=128, s=3, maxnreg=None, pack=False),
-    _cfg(n=128, s=3, maxnreg=None, pack=False, pair=True, reverse=False),
     _cfg(n=128, s=3, maxnreg=None, n_paged=64),
-    _cfg(pack=False),
-    _cfg(n=32, s=3),  # two programs per SM with 32-key tiles
+    # the chunk's diagonal (keys some row of the tile does not see) in narrower tiles than the bulk:
+    _cfg(tail=32),
+    _cfg(n=128, s=3, maxnreg=None, tail=32),
+    _cfg(n=128, s=3, maxnreg=None, tail=64),
+    _cfg(n=128, s=3, maxnreg=None, tail=32, pair=True, reverse=False),
+    _cfg(n=128, s=3, maxnreg=None, tail=32, pack=False),
+    _cfg(n=128, s=3, maxnreg=None, tail=32, n_paged=64),
     _cfg("paged", n=32, w=4, s=3, reverse=False, maxnreg=None, seq_vec=0),  # the default before issue 15's work
 ]
 
@@ -324,7 +328,8 @@ def smoke_setup() -> torch.device:
     VARIANTS = [None, _cfg(m=32, n=32, w=4, s=1, maxnreg=None), _cfg(m=16, n=16, w=4, s=1, qs=True, unroll=2),
                 _cfg("paged", 16, 16, 4, 1, blockwise=True, qs=True, ws=True),
                 _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32, loop_stages=2),
-                _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8), _cfg(m=32, n=16, w=4, s=1, overlap=True, qs=True)]
+                _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8), _cfg(m=32, n=16, w=4, s=1, overlap=True, qs=True),
+                _cfg(m=32, n=32, w=4, s=1, tail=8)]
     return torch.device("cpu")
 
 

@@ -302,7 +302,8 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
 
 
 @triton.jit
-def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr, sinks_ptr,
+def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                   slopes_ptr, sinks_ptr,
                    qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
                    seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
@@ -313,7 +314,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                    USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                    LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr,
                    LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr,
-                   OVERLAP_QK: tl.constexpr):
+                   OVERLAP_QK: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
     """Query tile q_tile (BLOCK_Q tokens x ROW_HEADS heads from head0) of sequence seq: attend and store."""
     ctx_len = seq_len - q_len
 
@@ -379,14 +380,33 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_p
                                          D_MASKED, BLOCK_SIZE, BLOCK_N_PAGED, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
                                          USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
                                      LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
-        acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
-                                     head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
-                                     last_pos + 1, tl.maximum(free_lo, ctx_len), first_pos + 1,
-                                     q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
-                                     d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, NEW_KV,
-                                     D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
-                                     USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
+        if BLOCK_N_TAIL < BLOCK_N and not USE_WINDOW:
+            # The whole BLOCK_N tiles every row sees, unmasked; then the diagonal from the first key some
+            # row does not see, in narrower BLOCK_N_TAIL tiles (less of each masked tile is thrown away).
+            bulk_end = ctx_len + ((first_pos + 1 - ctx_len) // BLOCK_N) * BLOCK_N
+            acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
+                                         head_off, kv_head, new_row0, ctx_len, ctx_len, bulk_end, ctx_len, bulk_end,
+                                         q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
+                                         d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
+                                         NEW_KV, D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
+                                         USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
+                                         LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
+            acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_tail, v_tail, block_table,
+                                         head_off, kv_head, new_row0, bulk_end, bulk_end, last_pos + 1, bulk_end,
+                                         first_pos + 1, q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2,
+                                         offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt,
+                                         stride_vh, NEW_KV, D_MASKED, BLOCK_SIZE, BLOCK_N_TAIL, BLOCKWISE, HEAD_DIM,
+                                         USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
+                                         0, 0, False, False)
+        else:
+            acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
+                                         head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
+                                         last_pos + 1, tl.maximum(free_lo, ctx_len), first_pos + 1,
+                                         q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d,
+                                         d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
+                                         NEW_KV, D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
+                                         USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
+                                         LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -407,6 +427,8 @@ def _paged_prefill_kernel(
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[1])
     k_new,  # NEW_KV_PTR: [num_tokens, num_kv_heads, head_dim] this step's keys; NEW_KV_TMA: a descriptor
     v_new,  # over them as [num_tokens, num_kv_heads * head_dim]; NEW_KV_PAGED: unused
+    k_tail,  # k_new / v_new again, or with BLOCK_N_TAIL < BLOCK_N and TMA descriptors of BLOCK_N_TAIL-row boxes
+    v_tail,
     block_tables_ptr,  # int32 [num_seqs, max_blocks_per_seq]
     seq_lens_ptr,  # int32 [num_seqs]: context length including the new tokens
     query_start_loc_ptr,  # int32 [num_seqs + 1]
@@ -460,6 +482,7 @@ def _paged_prefill_kernel(
     LOOP_WS: tl.constexpr,  # tl.range(warp_specialize=True) on it
     OVERLAP_QK: tl.constexpr,  # the chunk's TMA loop issues the next tile's QK^T before this tile's softmax
     SKIP_SINGLE: tl.constexpr,  # sequences with one new token are left to the decode kernel (mixed steps)
+    BLOCK_N_TAIL: tl.constexpr,  # < BLOCK_N: the chunk's diagonal (keys some row does not see) in narrower tiles
 ):
     tile = tl.program_id(0)
     head0 = tl.program_id(1) * ROW_HEADS
@@ -476,23 +499,25 @@ def _paged_prefill_kernel(
         # Tiles n - 1 - slot (the most keys) and slot (the fewest): every program gets about the same work.
         if 2 * slot >= n_q_tiles:
             return
-        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr, sinks_ptr,
+        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                       slopes_ptr, sinks_ptr,
                        qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                        stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
                        seq, q_start, q_len, seq_len, n_q_tiles - 1 - slot, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
                        KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
-                       LOOP_WS, OVERLAP_QK)
+                       LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL)
         if 2 * slot + 1 < n_q_tiles:
-            _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr,
+            _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                           slopes_ptr,
                            sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh,
                            stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh,
                            stride_vt, stride_vh, seq, q_start, q_len, seq_len, slot, head0, kv_head,
                            ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                            BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
                            DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
-                       LOOP_WS, OVERLAP_QK)
+                       LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL)
     else:
         if slot >= n_q_tiles:
             return
@@ -500,14 +525,15 @@ def _paged_prefill_kernel(
             q_tile = n_q_tiles - 1 - slot
         else:
             q_tile = slot
-        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, block_tables_ptr, out_ptr, slopes_ptr, sinks_ptr,
+        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                       slopes_ptr, sinks_ptr,
                        qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                        stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
                        seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
                        ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
                        KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
-                       LOOP_WS, OVERLAP_QK)
+                       LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL)
 
 
 def _new_kv_mode(mode: str, k: torch.Tensor | None, v: torch.Tensor | None, q: torch.Tensor,
@@ -580,7 +606,7 @@ def paged_prefill(
     has_prefix, head_dim, the group and the dtype it picks the config (kernels/paged_prefill_configs.py).
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
     BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS,
-    OVERLAP_QK    (see the kernel), maxnreg (optional); unset keys take the selected config's.
+    OVERLAP_QK, BLOCK_N_TAIL    (see the kernel), maxnreg (optional); unset keys take the selected config's.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -618,13 +644,21 @@ def paged_prefill(
     else:
         k_new = v_new = q  # unread
     block_n_paged = (cfg.get("BLOCK_N_PAGED") or block_n) if new_kv != NEW_KV_PAGED else block_n
+    block_n_tail = min(cfg.get("BLOCK_N_TAIL") or block_n, block_n) if new_kv != NEW_KV_PAGED else block_n
+    if block_n % block_n_tail:
+        raise ValueError(f"BLOCK_N_TAIL must divide BLOCK_N ({block_n}); got {block_n_tail}")
+    if block_n_tail < block_n and new_kv == NEW_KV_TMA:
+        k_tail, v_tail = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
+                                           [block_n_tail, head_dim]) for t in (k, v))
+    else:
+        k_tail, v_tail = k_new, v_new
     k_strides = k.stride()[:2] if k is not None else (0, 0)
     v_strides = v.stride()[:2] if v is not None else (0, 0)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     tiles_per_program = 2 if cfg["PAIR_TILES"] else 1
     grid = (num_tokens // (block_q * tiles_per_program) + num_seqs, num_heads // row_heads)
     _paged_prefill_kernel[grid](
-        q, key_cache, value_cache, k_new, v_new, block_tables, seq_lens, query_start_loc, out,
+        q, key_cache, value_cache, k_new, v_new, k_tail, v_tail, block_tables, seq_lens, query_start_loc, out,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_bt=block_tables.stride(0),
         stride_cb=key_cache.stride(0), stride_cs=key_cache.stride(1), stride_ch=key_cache.stride(2),
@@ -652,6 +686,7 @@ def paged_prefill(
         LOOP_UNROLL=int(cfg.get("LOOP_UNROLL") or 0),
         LOOP_WS=bool(cfg.get("LOOP_WS")),
         OVERLAP_QK=bool(cfg.get("OVERLAP_QK")),
+        BLOCK_N_TAIL=block_n_tail,
         SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,

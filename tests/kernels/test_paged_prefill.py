@@ -74,6 +74,8 @@ STRUCTURES = [
     dict(NEW_KV="paged", BLOCK_N=16, Q_SCALED=True, LOOP_WS=True),
     dict(NEW_KV="tma", BLOCK_N=16, OVERLAP_QK=True),  # the next tile's QK^T before this tile's softmax
     dict(NEW_KV="tma", BLOCK_M=16, BLOCK_N=8, OVERLAP_QK=True, Q_SCALED=True, PACK_GQA=False),
+    dict(NEW_KV="tma", BLOCK_N=32, BLOCK_N_TAIL=8),  # the diagonal in narrower tiles than the bulk
+    dict(NEW_KV="ptr", BLOCK_M=16, BLOCK_N=32, BLOCK_N_TAIL=16, PACK_GQA=False, PAIR_TILES=True, SEQ_VEC=8),
 ]
 
 
