@@ -3,7 +3,7 @@ batch-1 decode (bf16 against W4A16), say where its time goes, and find the batch
 One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A16 kernels).
 
     python bench/w4a16.py [--json PATH] [--sections checks sweep engine] [--budget 95]
-        [--engines w4a16 w4a16+pdl bf16] [--batches 16 64 256]
+        [--engines w4a16 w4a16+pdl@16,64,256 bf16@16,64,256] [--sweep-kernels gemv3]
 
 1. checks (exit 1 on a failure): `gemv2` and `gemv3` variants (blocks or rows per tile; per-block,
    per-slab or per-row scales; act-order; odd K and N; atomic and partial-sum split-K; programmatic
@@ -90,6 +90,20 @@ def checks(failures: list) -> list[dict]:
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="gemv2", shape=label, M=1, config=cfg,
                  rel_err=err)
     rows += chain_checks(failures, g)
+    rows += committed_checks(failures, g)
+    return rows
+
+
+def committed_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """What the engine runs at M = 1 (pick_config: TUNED) on each 8B GEMM, against float32."""
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        qw, s, z, _, w = q.int4_case(k, n, 128, False, g)
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128)), x.float() @ w)
+        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="committed", shape=name, M=1,
+                 config=w4.pick_config(1, n, k, 128, DEV), rel_err=err)
     return rows
 
 
@@ -212,7 +226,7 @@ def read_flat(qw, programs, block=2048, warps=4):
     return out
 
 
-def sweep(start: float, budget: float) -> dict:
+def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3")) -> dict:
     g = torch.Generator(device=DEV).manual_seed(1)
     rows = []
     for name, (k, n) in SHAPES.items():
@@ -223,7 +237,8 @@ def sweep(start: float, budget: float) -> dict:
         q4 = [q.int4_random(k, n, 128, g) for _ in range(q.copies_for(n * k // 2))]
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-        cands = [None, dict(KERNEL="gemv1", BLOCK_N=64, num_warps=2, num_stages=1)] + candidates(n, k)
+        cands = [None] + [c for c in [dict(KERNEL="gemv1", BLOCK_N=64, num_warps=2, num_stages=1)] + candidates(n, k)
+                          if c["KERNEL"] in kernels]
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
@@ -337,7 +352,7 @@ def apply_winners(result: dict) -> dict:
     for key, c in applied.items():
         if json.dumps(c, sort_keys=True) not in bad:
             w4.TUNED[key] = dict(c)
-    print(f"\nwinners: {len(rows) - len(failures)}/{len(rows)} checks pass; the engine sections run:")
+    print(f"\nwinners: {len(rows) - len(failures)}/{len(rows)} checks pass; the engine section runs:")
     for key in sorted(k for k in w4.TUNED if k[0] == 1):
         print(f"    {key}: {w4.TUNED[key]!r},")
     for f in failures:
@@ -394,11 +409,11 @@ def profile_decode(llm, steps: int = 32) -> dict:
             "top": [{"kernel": n[:90], "us": us, "launches": c} for us, c, n in top[:14]]}
 
 
-def engine(start: float, budget: float, runs: list[str], profile_it: bool = True, batches=(16, 64, 256),
-           steps: int = 32) -> dict:
-    """Per run ("w4a16", "bf16", "+pdl" for kernels/pdl.py on), one engine (max 256 sequences): batch-1 decode
-    ms/token as (t(257 tokens) - t(1)) / 256 on a 128-token prompt, its kernel profile, then (`batches`)
-    decode step ms at each batch, (t(steps + 1) - t(1)) / steps on 64-token prompts."""
+def engine(start: float, budget: float, runs: list[str], profile_it: bool = True, steps: int = 32) -> dict:
+    """Per run ("w4a16" or "bf16", "+pdl" for kernels/pdl.py on, "@16,64,256" for the batches), one engine: batch-1
+    decode ms/token as (t(257 tokens) - t(1)) / 256 on a 128-token prompt, its kernel profile, then decode
+    step ms at each batch, (t(steps + 1) - t(1)) / steps on 64-token prompts. Mixed-step graphs stop at 256
+    tokens (they serve prefill here, which the differences cancel; fewer to capture)."""
     from folio import SamplingParams
 
     from kernels import pdl
@@ -408,7 +423,11 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
     def left() -> float:
         return budget - (time.time() - start)
 
-    for n, run_name in enumerate(runs):
+    all_batches: list[int] = []
+    for n, spec in enumerate(runs):
+        run_name, _, at = spec.partition("@")
+        batches = tuple(int(b) for b in at.split(",") if b)
+        all_batches += [b for b in batches if b not in all_batches]
         name, use_pdl = run_name.split("+")[0], run_name.endswith("+pdl")
         later = len(runs) - n - 1  # engines still to come after this one: ~10 s each at least
         if left() < (18 if name == "w4a16" else 10):  # start + batch-1 timing: ~15 s cold for W4A16, ~8 s bf16
@@ -418,7 +437,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
             llm = q.make_llm(tmp, name, max_model_len=512, max_num_seqs=max(batches, default=1),
-                             gpu_memory_utilization=0.6)
+                             gpu_memory_utilization=0.6, max_mixed_graph_tokens=256)
             startup = time.time() - t0
 
             def run(prompts, n):
@@ -467,7 +486,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         print(f"  {r['weights']:<12}{r['ms_per_token']:>8.3f} ms/token  {r['speedup'] or float('nan'):.2f}x bf16")
     if len(cross) > len(decode):
         print("\nDecode step time by batch (ms/step, output tok/s; the speed-up is bf16 ms / W4A16 ms):")
-        for b in (1, *batches):
+        for b in (1, *sorted(all_batches)):
             rb = next((r for r in cross if r["weights"] == "bf16" and r["batch"] == b), None)
             for rw in (r for r in cross if r["weights"].startswith("w4a16") and r["batch"] == b):
                 up = f"{rb['ms_per_step'] / rw['ms_per_step']:.2f}x" if rb else "-"
@@ -493,10 +512,11 @@ def main() -> int:
                     choices=["checks", "sweep", "engine"])
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--no-profile", action="store_true", help="engine: skip the kernel profile")
-    ap.add_argument("--engines", nargs="+", default=["w4a16", "bf16"],
-                    choices=["w4a16", "w4a16+pdl", "bf16", "bf16+pdl"], help="engine runs, in order (+pdl: FOLIO_PDL)")
-    ap.add_argument("--batches", nargs="*", type=int, default=[16, 64, 256],
-                    help="engine: decode step time at these batches (the crossover); none: skip")
+    ap.add_argument("--engines", nargs="+", default=["w4a16@16,64,256", "bf16@16,64,256"],
+                    help="engine runs in order: w4a16 | bf16, +pdl (kernels/pdl.py on), @B1,B2 (decode step time "
+                         "at these batches: the crossover)")
+    ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3"],
+                    help="sweep: the M = 1 kernels to try")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -509,15 +529,14 @@ def main() -> int:
             print("FAILED", r)
         result["failures"] = failures
     if "sweep" in args.sections:
-        got = q.attempt(lambda: sweep(start, args.budget * 0.4))
+        got = q.attempt(lambda: sweep(start, args.budget * 0.4, args.sweep_kernels))
         result["sweep"] = got if not isinstance(got, Exception) else repr(got)
         if isinstance(got, dict):
             print_sweep(got)
             result["applied"] = q.attempt(lambda: apply_winners(got))
         print(f"sweep done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
-        got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile,
-                                       tuple(args.batches)))
+        got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))
         result["engine"] = got if not isinstance(got, Exception) else repr(got)
         print(f"engine done at {time.time() - start:.0f} s", flush=True)
     result["seconds"] = round(time.time() - start, 1)

@@ -481,11 +481,12 @@ SPLIT_MAX_M = 64
 """Split-K is for decode-sized M; the workspace holds SPLIT_MAX_M x N sums (reserved at load)."""
 
 TUNED: dict[tuple[int, int, int], dict] = {
-    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/quant.py winners (2026-11-29; M = 1 from round 2).
-    (1, 4096, 4096): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 16},
-    (1, 4096, 14336): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 32},
-    (1, 6144, 4096): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 8},
-    (1, 28672, 4096): {'KERNEL': 'gemv1', 'BLOCK_N': 64, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 8},
+    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/w4a16.py's M = 1 winners (round 1, 2026-11-29 12:49;
+    # 0.0569 ms per layer against bf16's 0.1299) and bench/quant.py's larger-M winners.
+    (1, 6144, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 128, 'num_warps': 1, 'num_stages': 1, 'XPAIR': True, 'SPLIT_K': 32, 'PDL': 2},
+    (1, 4096, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'XPAIR': True, 'SPLIT_K': 32, 'PDL': 2},
+    (1, 28672, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'XPAIR': True, 'SPLIT_K': 16, 'PDL': 2},
+    (1, 4096, 14336): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 128, 'num_warps': 1, 'num_stages': 1, 'XPAIR': False, 'SPLIT_K': 112, 'maxnreg': 128, 'PDL': 2},
     (16, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
     (16, 28672, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 2},
     (64, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
@@ -506,11 +507,14 @@ def m_bucket(m: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """Launch config: a measured one from TUNED, else the tensor-core kernel up to M = 64 (split-K when the
-    tiles would leave SMs idle) and dequantize-then-cuBLAS above."""
+    """Launch config: a measured one from TUNED, else `gemv3` at M = 1 (group sizes it takes), the tensor-core
+    kernel up to M = 64 (split-K when the tiles would leave SMs idle) and dequantize-then-cuBLAS above."""
     hit = TUNED.get((m_bucket(m), n, k))
     if hit is not None:
         return dict(hit)
+    s = block_rows(k) // 8
+    if m == 1 and (group_size % (8 * s) == 0 or group_size >= k or (group_size % s == 0 and 8 * s % group_size == 0)):
+        return dict(KERNEL="gemv3", T=8, BLOCK_N=128, num_warps=1, num_stages=1)  # the 8B shapes' usual winner
     if m <= 16:
         return dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=64, SLABS=True, num_warps=4, num_stages=3)
     if m <= 64:
@@ -603,7 +607,9 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         raise ValueError(f"the {kind} kernel takes M = 1, got M = {m}")
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))
     split = cfg.pop("SPLIT_K", None)
-    if split is None:
+    if split is None and kind == "gemv3":  # one-warp programs: about 8 per SM (the 8B winners: split-K 16-112)
+        split = splitk.split_for(tiles, blocks, splitk.sm_count(x.device), 8, max_split=128, min_blocks=1)
+    elif split is None:
         per_sm = 4 if kind.startswith("gemv") else 2  # the GEMV hides memory latency with more programs
         split = splitk.split_for(tiles, blocks, splitk.sm_count(x.device), per_sm) if m <= SPLIT_MAX_M else 1
     unroll = cfg.pop("UNROLL", 1) if kind == "gemv2" else 1

@@ -109,10 +109,13 @@ def test_pack_int4_is_the_kernel_layout(k):
 
 
 def test_w4a16_default_configs():
-    # Decode on a 4-SM stand-in: tensor cores with split-K; large M dequantizes once for cuBLAS.
-    assert pick_config(1, 64, 4096, 128, torch.device("cpu"))["KERNEL"] == "mma"
+    # Batch-1 decode: gemv3 where it takes the group size; a few rows: tensor cores with split-K (on a 4-SM
+    # stand-in); large M dequantizes once for cuBLAS.
+    assert pick_config(1, 64, 4096, 128, torch.device("cpu"))["KERNEL"] == "gemv3"
+    assert pick_config(1, 64, 4096, 40, torch.device("cpu"))["KERNEL"] == "mma"
+    assert pick_config(2, 64, 4096, 128, torch.device("cpu"))["KERNEL"] == "mma"
     assert pick_config(256, 4096, 4096, 128, torch.device("cpu"))["KERNEL"] == "dequant"
-    for m in (2, 70):
+    for m in (1, 2, 70):
         args, ref = case(m, 1024, 32, 128, False, torch.float32)
         close(w4a16(*args), ref, torch.float32)
         assert_workspace_zero()
