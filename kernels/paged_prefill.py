@@ -630,7 +630,8 @@ def paged_prefill(
     if max_query_len is not None and max_query_len < 0:
         raise ValueError(f"max_query_len must be >= 0; got {max_query_len}")
     longest = num_tokens if max_query_len is None else max_query_len
-    cfg = dict(select_config(head_dim, group, q.dtype, has_prefix, longest), **(config or {}))
+    use_table = k is not None and not fp8  # the table was measured with the chunk's keys read from k/v
+    cfg = dict(select_config(head_dim, group, q.dtype, has_prefix, longest, use_table), **(config or {}))
     row_heads = group if cfg["PACK_GQA"] else 1
     block_m = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(row_heads))
     block_q = block_m // row_heads

@@ -62,13 +62,16 @@ def table_key(head_dim: int, group: int, dtype: torch.dtype, has_prefix: bool, m
             query_bucket(max_query_len))
 
 
-def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: bool, max_query_len: int) -> dict:
+def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: bool, max_query_len: int,
+                  use_table: bool = True) -> dict:
     """The config for one launch: a forced one (warm-up), else the table's entry over BASE, else the rules.
-    Under TRITON_INTERPRET the table is skipped (its tiles are the GPU's, slow to interpret)."""
+    use_table=False (every key read through the block table: no step k/v, or an fp8 cache; the sweep timed
+    none of those) and TRITON_INTERPRET (the table's tiles are the GPU's, slow to interpret) skip the table."""
     forced = _forced.get()
     if forced is not None:
         return dict(forced)
-    entry = None if _interpreting() else TABLE.get(table_key(head_dim, group, dtype, has_prefix, max_query_len))
+    entry = None if _interpreting() or not use_table else TABLE.get(
+        table_key(head_dim, group, dtype, has_prefix, max_query_len))
     if entry is None or dtype == torch.float32:
         return default_config(head_dim, dtype)
     return dict(BASE, **entry)
@@ -77,7 +80,7 @@ def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: boo
 def table_configs(head_dim: int, group: int, dtype: torch.dtype) -> list[dict]:
     """Every distinct config select_config can return for this head layout and dtype (any has_prefix, any
     query length): what a warm-up must compile."""
-    out = []
+    out = [default_config(head_dim, dtype)]  # launches that skip the table
     for has_prefix in (False, True):
         for bucket_len in (0, *QUERY_BUCKETS):
             cfg = select_config(head_dim, group, dtype, has_prefix, bucket_len)

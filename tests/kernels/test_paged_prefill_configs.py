@@ -29,6 +29,7 @@ def test_select_config_uses_the_table_then_the_rules(on_gpu_rules):
     assert pc.select_config(128, 4, torch.bfloat16, False, 2048) == pc.BASE  # no entry: the rules
     assert pc.select_config(128, 2, torch.bfloat16, False, 8192) == pc.BASE  # another group
     assert pc.select_config(128, 4, torch.float32, False, 8192)["BLOCK_M"] == 64  # fp32: the rules'
+    assert pc.select_config(128, 4, torch.bfloat16, False, 8192, use_table=False) == pc.BASE  # paged keys only
     with pc.forced_config(dict(pc.BASE, BLOCK_N=16)):
         assert pc.select_config(128, 4, torch.bfloat16, False, 8192)["BLOCK_N"] == 16
     assert pc.select_config(128, 4, torch.bfloat16, False, 8192) == long_fresh
@@ -54,9 +55,11 @@ def test_launch_takes_the_forced_config_and_max_query_len(monkeypatch):
     args = (b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, 0.3)
     with pc.forced_config(dict(pc.default_config(32, torch.float32), BLOCK_N=16)):
         ref = pp.paged_prefill(*args, k=b.k, v=b.v, max_query_len=20)
-    assert seen[-1] == (32, 4, torch.float32, True, 20)
+    assert seen[-1] == (32, 4, torch.float32, True, 20, True)
     pp.paged_prefill(*args, k=b.k, v=b.v)
-    assert seen[-1][-1] == b.q.shape[0]  # without max_query_len: the token count bounds it
+    assert seen[-1][-2:] == (b.q.shape[0], True)  # without max_query_len: the token count bounds it
+    pp.paged_prefill(*args)
+    assert seen[-1][-1] is False  # no step k/v: every key through the block table, the table is skipped
     torch.testing.assert_close(ref, pp.paged_prefill(*args, k=b.k, v=b.v), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="max_query_len"):
         pp.paged_prefill(*args, max_query_len=-1)
