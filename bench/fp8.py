@@ -11,15 +11,16 @@ One run, under ~95 s on an H200.
 2. gemm: per M (1, 16, 64, 256, 512, 2048, 8192) and 8B GEMM (qkv, o, gate_up, down), ms per call (one CUDA
    graph over enough weight copies to overflow L2): bf16 F.linear; the engine's FP8 path as committed (its
    own quantization included); the quantizer alone; torch._scaled_mm row-wise (per-token x per-channel) and
-   tensor-wise on pre-quantized activations; the Triton FP8 x FP8 configs; the weight-only kernel (M <= 64).
-   Also add + RMSNorm and SwiGLU, plain, followed by the quantizer, and fused; and the bf16 LM head. Prints
-   per-layer sums (bf16, FP8 as committed, FP8 with fused quantization and the best GEMMs) and applies the
-   Triton GEMM's winners (kernels/fp8_w8a8.py TUNED) for the engine section.
-3. engine: the fixed workload (256 x 256 random tokens in, 256 out; a warm-up pass over the same prompt
-   shapes first, so no kernel compiles inside the timed run), output tok/s and per-step host/wait split: bf16,
-   FP8 with fused quantization and the winners, FP8 + FP8 KV cache, FP8 as committed before this (no fused
-   quantization, _scaled_mm only); the chat workload (bench/throughput.py's, first N requests) for
-   bf16 and FP8 on the same engines.
+   tensor-wise (unit scales: the GEMM of a layer whose scales its consumer applies) on pre-quantized
+   activations; the Triton FP8 x FP8 configs; the weight-only kernel (M <= 64). Also add + RMSNorm and
+   SwiGLU: plain, followed by the quantizer, fused, and fused on an unscaled GEMM output (SwiGLU + FP8 in
+   several launches, checked bit for bit, the fastest applied); the bf16 LM head. Prints per-layer sums
+   (bf16; FP8 as committed; with fused quantization and the best GEMMs; with deferred scales) and applies
+   the Triton GEMM's winners (kernels/fp8_w8a8.py TUNED) for the engine section.
+3. engine: the fixed workload (256 x 256 random tokens in, 256 out; a warm-up pass over the first 64 prompts
+   first, so no kernel compiles inside the timed run), output tok/s and per-step host/wait split: bf16;
+   FP8 (fused quantization, deferred scales, the winners); FP8 + FP8 KV cache; FP8 without deferred scales;
+   the chat workload (bench/throughput.py's, first N requests) for bf16 and FP8 on the same engines.
 Sections that would pass the time budget are skipped, and say so.
 """
 
@@ -199,24 +200,59 @@ def gemm(failures: list, check_rows: list, start: float, budget: float) -> dict:
               + (f" w8a8 {best['ms']:.4f} {best['config']}" if best else ""), flush=True)
     del weights
     torch.cuda.empty_cache()
-    return {"rows": rows, "elementwise": elementwise(g), "lm_head": lm_head(g)}
+    return {"rows": rows, "elementwise": elementwise(g, failures, check_rows), "lm_head": lm_head(g)}
 
 
-def elementwise(g: torch.Generator) -> list[dict]:
-    """add + RMSNorm (hidden 4096) and SwiGLU (14336) per M: plain, then the quantizer, and fused."""
+SILU_FP8_CONFIGS = [{}, {"num_warps": 8}, {"BLOCK": 4096, "num_warps": 8}, {"BLOCK": 4096, "num_warps": 4},
+                    {"BLOCK": 2048, "num_warps": 4}, {"BLOCK": 1024, "num_warps": 4}]
+"""silu_mul_fp8 launches ({}: the whole row in one block, 16 warps); each checked bit for bit before timing."""
+
+
+def elementwise(g: torch.Generator, failures: list, check_rows: list) -> list[dict]:
+    """add + RMSNorm (hidden 4096) and SwiGLU (14336) per M: plain, then the quantizer, fused, and fused on an
+    FP8 GEMM's unscaled output (deferred scales); SwiGLU + FP8 in each SILU_FP8_CONFIGS launch."""
     out = []
     w = (1 + 0.1 * torch.randn(HIDDEN, generator=g, device=DEV)).to(DTYPE)
     for m in MS:
         x, res, gu = rand_x(m, HIDDEN, g), rand_x(m, HIDDEN, g), rand_x(m, 2 * INTER, g)
+        row = torch.rand(m, 1, generator=g, device=DEV) * 0.01
+        col_h, col_i = (torch.rand(1, n, generator=g, device=DEV) * 0.01 for n in (HIDDEN, 2 * INTER))
         t = {"norm": qb.graph_ms([lambda: add_rms_norm(x, res, w, 1e-5)] * 4),
              "norm+quant": qb.graph_ms([lambda: quantize_fp8_rows(add_rms_norm(x, res, w, 1e-5))] * 4),
              "norm_fp8": qb.graph_ms([lambda: add_rms_norm_fp8(x, res, w, 1e-5)] * 4),
+             "norm_fp8_scaled": qb.graph_ms([lambda: add_rms_norm_fp8(x, res, w, 1e-5, x_scales=(row, col_h))] * 4),
              "silu": qb.graph_ms([lambda: silu_mul(gu)] * 4),
-             "silu+quant": qb.graph_ms([lambda: quantize_fp8_rows(silu_mul(gu))] * 4),
-             "silu_fp8": qb.graph_ms([lambda: silu_mul_fp8(gu)] * 4)}
+             "silu+quant": qb.graph_ms([lambda: quantize_fp8_rows(silu_mul(gu))] * 4)}
+        want = quantize_fp8_rows(silu_mul(gu, scales=(row, col_i)))
+        for i, c in enumerate(SILU_FP8_CONFIGS):
+            diff = qb.fp8_quant_diff(qb.attempt(lambda: silu_mul_fp8(gu, block=c.get("BLOCK"), scales=(row, col_i),
+                                                                    num_warps=c.get("num_warps"))), want)
+            ok = diff.get("q_diff") == 0 and diff.get("s_diff") == 0
+            qb.record(check_rows, failures, ok, check="silu_mul_fp8_scaled_bits", M=m, config=c, **diff)
+            if ok:
+                t[f"silu_fp8_scaled/{i}"] = qb.graph_ms([lambda: silu_mul_fp8(
+                    gu, block=c.get("BLOCK"), scales=(row, col_i), num_warps=c.get("num_warps"))] * 4)
+        t["silu_fp8"] = qb.graph_ms([lambda: silu_mul_fp8(gu)] * 4)
         out.append({"M": m, "ms": t})
         print(f"elementwise M={m:<5}" + " ".join(f"{k} {v:.4f}" for k, v in t.items()), flush=True)
     return out
+
+
+def pick_silu_fp8(elem: dict) -> dict:
+    """The SwiGLU + FP8 launch with the least time over the fixed workload's steps (256 decode steps at 256
+    rows, 8 prefill steps at 8192), applied to kernels/silu_mul.py FP8_CONFIG for the engine section."""
+    from kernels import silu_mul as sm
+
+    def cost(i):
+        return sum(n * elem[m].get(f"silu_fp8_scaled/{i}", float("inf")) for m, n in ((256, 256), (8192, 8)) if m in elem)
+
+    best = min(range(len(SILU_FP8_CONFIGS)), key=cost)
+    sm.FP8_CONFIG.clear()
+    sm.FP8_CONFIG.update(SILU_FP8_CONFIGS[best])
+    print(f"\nkernels/silu_mul.py FP8_CONFIG (applied for the engine section): {SILU_FP8_CONFIGS[best]!r}")
+    for m, e in elem.items():
+        e["silu_fp8_scaled"] = e.get(f"silu_fp8_scaled/{best}", float("nan"))
+    return SILU_FP8_CONFIGS[best]
 
 
 def lm_head(g: torch.Generator) -> dict:
@@ -253,9 +289,11 @@ def summarize(result: dict) -> dict:
               f"{t['scaled_mm_rowwise']:>8.4f}{t['scaled_mm_tensorwise']:>8.4f}{t.get('w8a16', float('nan')):>8.4f}"
               f"{r['w8a8_best']['ms'] if r['w8a8_best'] else float('nan'):>8.4f}{best:>8.4f}{t['bf16'] / best:>7.2f}  "
               f"{best_name}")
+    result["silu_fp8_config"] = pick_silu_fp8(elem)
     print("\nOne decoder layer's GEMMs + 2 norms + SwiGLU, ms: bf16; FP8 as committed (engine path, its own"
-          " quantization); FP8 new (fused norm/SwiGLU quantization, the o projection's quantizer, best GEMM)")
-    print(f"{'M':>5}{'bf16':>9}{'fp8 old':>9}{'fp8 new':>9}{'x old':>7}{'x new':>7}")
+          " quantization); FP8 fused (fused norm/SwiGLU quantization, the o projection's quantizer, best GEMM);"
+          " FP8 deferred (o, gate_up, down: tensor-wise GEMM, scales applied by the next norm / SwiGLU)")
+    print(f"{'M':>5}{'bf16':>9}{'fp8 old':>9}{'fused':>9}{'deferred':>9}{'x old':>7}{'x fused':>8}{'x defer':>8}")
     for m in MS:
         rs = {r["shape"]: r for r in rows if r["M"] == m}
         if len(rs) != len(SHAPES) or m not in elem:
@@ -268,10 +306,14 @@ def summarize(result: dict) -> dict:
         if any(v is not None for v in gem.values()):  # decode sizes: the weight-only kernel, no quantization
             new = sum(v if v is not None else rs[s]["best_ms"] + rs[s]["ms"]["quant"] for s, v in gem.items()) \
                 + 2 * e["norm"] + e["silu"]
+            deferred = new
         else:
             new = sum(r["best_ms"] for r in rs.values()) + rs["o"]["ms"]["quant"] + 2 * e["norm_fp8"] + e["silu_fp8"]
-        layer[m] = {"bf16": bf, "fp8_old": old, "fp8_new": new}
-        print(f"{m:>5}{bf:>9.4f}{old:>9.4f}{new:>9.4f}{bf / old:>7.2f}{bf / new:>7.2f}")
+            deferred = rs["qkv"]["best_ms"] + sum(rs[s_]["ms"]["scaled_mm_tensorwise"] for s_ in ("o", "gate_up", "down")) \
+                + rs["o"]["ms"]["quant"] + 2 * e["norm_fp8_scaled"] + e["silu_fp8_scaled"]
+        layer[m] = {"bf16": bf, "fp8_old": old, "fp8_fused": new, "fp8_deferred": deferred}
+        print(f"{m:>5}{bf:>9.4f}{old:>9.4f}{new:>9.4f}{deferred:>9.4f}{bf / old:>7.2f}{bf / new:>8.2f}"
+              f"{bf / deferred:>8.2f}")
     w8a8.TUNED.clear()
     w8a8.TUNED.update(tuned)
     print("\nkernels/fp8_w8a8.py TUNED (applied for the engine section; paste to commit):")
@@ -287,14 +329,14 @@ def sync() -> None:
         torch.cuda.synchronize(DEV)
 
 
-def run_engine(label: str, weights: str, kv: str, fuse: bool, tuned: dict, workloads: list, start: float,
-               budget: float) -> list[dict]:
+def run_engine(label: str, weights: str, kv: str, fuse: bool, defer: bool, tuned: dict, workloads: list,
+               start: float, budget: float) -> list[dict]:
     """One engine; the fixed workload (warm-up pass first), then each further (name, work) in `workloads`."""
     from folio import SamplingParams
 
     rows = []
-    saved = (fp8mod.FUSE_INPUT_QUANT, dict(w8a8.TUNED))
-    fp8mod.FUSE_INPUT_QUANT = fuse
+    saved = (fp8mod.FUSE_INPUT_QUANT, dict(w8a8.TUNED), fp8mod.DEFER_SCALES)
+    fp8mod.FUSE_INPUT_QUANT, fp8mod.DEFER_SCALES = fuse, defer
     w8a8.TUNED.clear()
     w8a8.TUNED.update(tuned)
     try:
@@ -329,7 +371,7 @@ def run_engine(label: str, weights: str, kv: str, fuse: bool, tuned: dict, workl
                              "seconds": secs, "steps": steps, "ms_per_step": 1e3 * secs / steps,
                              "step_ms": per_step, "startup_s": startup, "kv_blocks": engine.blocks.num_blocks,
                              "preemptions": engine.scheduler.num_preemptions - pre})
-                print(f"engine {label:<16} {wname:<6} {n_out / secs:>7.0f} output tok/s ({secs:.2f} s, {steps} steps, "
+                print(f"engine {label:<24} {wname:<6} {n_out / secs:>7.0f} output tok/s ({secs:.2f} s, {steps} steps, "
                       f"{1e3 * secs / steps:.2f} ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in per_step.items())
                       + f"; startup {startup:.0f} s, {engine.blocks.num_blocks} KV blocks)", flush=True)
                 del outs
@@ -337,7 +379,7 @@ def run_engine(label: str, weights: str, kv: str, fuse: bool, tuned: dict, workl
             del llm, engine
             qb.free_gpu()
     finally:
-        fp8mod.FUSE_INPUT_QUANT = saved[0]
+        fp8mod.FUSE_INPUT_QUANT, fp8mod.DEFER_SCALES = saved[0], saved[2]
         w8a8.TUNED.clear()
         w8a8.TUNED.update(saved[1])
     return rows
@@ -352,16 +394,16 @@ def engines(start: float, budget: float, chat_requests: int, prompts: int = 256,
     fixed = [(rng.integers(3, VOCAB, length).tolist(), length) for _ in range(prompts)]
     chat = [("chat", tb.make_workload("chat", VOCAB, chat_requests))] if chat_requests else []
     new = dict(w8a8.TUNED)
-    plan = [("bf16", "bf16", "auto", True, {}, [("fixed", fixed)] + chat),
-            ("fp8", "fp8", "auto", True, new, [("fixed", fixed)] + chat),
-            ("fp8 + fp8 KV", "fp8", "fp8", True, new, [("fixed", fixed)]),
-            ("fp8 committed", "fp8", "auto", False, {}, [("fixed", fixed)])]
+    plan = [("bf16", "bf16", "auto", True, True, {}, [("fixed", fixed)] + chat),
+            ("fp8", "fp8", "auto", True, True, new, [("fixed", fixed)] + chat),
+            ("fp8 + fp8 KV", "fp8", "fp8", True, True, new, [("fixed", fixed)]),
+            ("fp8 scales not deferred", "fp8", "auto", True, False, new, [("fixed", fixed)])]
     rows = []
-    for label, weights, kv, fuse, tuned, workloads in plan:
+    for label, weights, kv, fuse, defer, tuned, workloads in plan:
         if time.time() - start > budget:
             print(f"engine {label}: skipped (time budget)", flush=True)
             continue
-        got = qb.attempt(lambda: run_engine(label, weights, kv, fuse, tuned, workloads, start, budget))
+        got = qb.attempt(lambda: run_engine(label, weights, kv, fuse, defer, tuned, workloads, start, budget))
         if isinstance(got, Exception):
             rows.append({"engine": label, "error": repr(got)[:300]})
             qb.free_gpu()
@@ -373,7 +415,7 @@ def engines(start: float, budget: float, chat_requests: int, prompts: int = 256,
         for r in rows:
             if r.get("workload") == wname:
                 r["vs_bf16"] = r["output_tok_s"] / base["output_tok_s"] if base else None
-                print(f"  {wname:<6} {r['engine']:<16}{r['output_tok_s']:>9.0f}  "
+                print(f"  {wname:<6} {r['engine']:<24}{r['output_tok_s']:>9.0f}  "
                       f"{r['vs_bf16'] or float('nan'):.2f}x bf16  ({r['ms_per_step']:.2f} ms/step, "
                       f"wait {r['step_ms'].get('wait', 0):.2f}, forward {r['step_ms'].get('forward', 0):.2f})")
     return rows

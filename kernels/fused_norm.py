@@ -31,6 +31,8 @@ def _add_norm_kernel(
     weight_offset,  # Gemma stores w - 1: the scale is weight_offset + w
     s_ptr,  # [num_tokens] float32 per-token scales (QUANT)
     ub,  # the bound on a token's amax (QUANT and HAS_UB)
+    xr_ptr,  # [num_tokens] float32: x's row scales (X_SCALED)
+    xc_ptr,  # [hidden] float32: x's column scales (X_SCALED)
     HAS_RESIDUAL: tl.constexpr,
     LAYER_NORM: tl.constexpr,  # subtract the mean (LayerNorm) or not (RMSNorm)
     SCALE_IN_FP32: tl.constexpr,  # scale before rounding (Gemma, OLMo 2, LayerNorm) or after (Llama)
@@ -38,6 +40,7 @@ def _add_norm_kernel(
     HAS_BIAS: tl.constexpr,
     QUANT: tl.constexpr,  # out is float8 e4m3: the 16-bit result quantized per token (kernels/fp8_quant.py)
     HAS_UB: tl.constexpr,
+    X_SCALED: tl.constexpr,  # x is an FP8 GEMM's unscaled output: x * xr[row] * xc, rounded as the GEMM would
     BLOCK: tl.constexpr,
     PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
@@ -46,6 +49,9 @@ def _add_norm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if X_SCALED:
+        xc = tl.load(xc_ptr + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) * tl.load(xr_ptr + row) * xc).to(x_ptr.dtype.element_ty)
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
         x = x.to(residual_ptr.dtype.element_ty)
@@ -84,8 +90,12 @@ def _check(x, residual, weight, bias):
         raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
 
 
-def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_fp32, quant=False, ub=None):
+def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_fp32, quant=False, ub=None,
+            x_scales=None):
     _check(x, residual, weight, bias)
+    if x_scales is not None and (x_scales[0].numel() != x.shape[0] or x_scales[1].numel() != x.shape[1]
+                                 or x_scales[0].dtype != torch.float32 or x_scales[1].dtype != torch.float32):
+        raise ValueError(f"x_scales must be float32 [{x.shape[0]}] and [{x.shape[1]}] row and column scales")
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn if quant else x.dtype, device=x.device)
     scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device) if quant else out
     if x.shape[0] == 0:
@@ -95,29 +105,32 @@ def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_
     _add_norm_kernel[(x.shape[0],)](
         x, r, weight if weight is not None else x, bias if bias is not None else x, out,
         x.stride(0), r.stride(0), out.stride(0), x.shape[1], eps, weight_offset, scales,
-        float(ub) if ub is not None else 0.0,
+        float(ub) if ub is not None else 0.0, *(x_scales if x_scales is not None else (scales, scales)),
         HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm, SCALE_IN_FP32=scale_in_fp32,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, QUANT=quant, HAS_UB=ub is not None,
+        X_SCALED=x_scales is not None,
         BLOCK=block, num_warps=min(16, max(1, block // 256)), **pdl.args(x),
     )
     return (out, scales) if quant else out
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 weight_offset: float = 0.0, scale_in_float32: bool = False) -> torch.Tensor:
+                 weight_offset: float = 0.0, scale_in_float32: bool = False, x_scales=None) -> torch.Tensor:
     """Returns rms_norm(x + residual) * (weight_offset + weight); when `residual` is given it is updated
     in place to x + residual. x, residual [num_tokens, hidden] (rows may be strided, last dim
     contiguous); weight [hidden]. Llama: defaults; Gemma: weight_offset=1, scale_in_float32=True;
-    OLMo 2: scale_in_float32=True."""
-    return _launch(x, residual, weight, None, eps, weight_offset, False, scale_in_float32)
+    OLMo 2: scale_in_float32=True. `x_scales` (row [num_tokens], column [hidden], float32): x is an FP8
+    GEMM's output before its scales, and x * row * column rounded to x's dtype takes its place."""
+    return _launch(x, residual, weight, None, eps, weight_offset, False, scale_in_float32, x_scales=x_scales)
 
 
 def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                     ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     ub: float | None = None, x_scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama's add_rms_norm followed by FP8 quantization per token in the same pass: returns
     (float8_e4m3fn [num_tokens, hidden], float32 scales [num_tokens, 1]), bit for bit
-    quantize_fp8_rows(add_rms_norm(x, residual, weight, eps), ub=ub); `residual` is updated in place."""
-    return _launch(x, residual, weight, None, eps, 0.0, False, False, quant=True, ub=ub)
+    quantize_fp8_rows(add_rms_norm(x, residual, weight, eps, x_scales=x_scales), ub=ub); `residual` is
+    updated in place."""
+    return _launch(x, residual, weight, None, eps, 0.0, False, False, quant=True, ub=ub, x_scales=x_scales)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,

@@ -11,10 +11,15 @@ from kernels.fp8_quant import quantize_row, row_scale
 
 
 @triton.jit
-def _silu_mul_block(gate_up_row, offs, mask, inter, dtype: tl.constexpr):
-    """silu(gate) * up for one block of a row, rounded to `dtype` as torch rounds it, in float32."""
+def _silu_mul_block(gate_up_row, offs, mask, inter, dtype: tl.constexpr, rs, col_ptr, SCALED: tl.constexpr):
+    """silu(gate) * up for one block of a row, rounded to `dtype` as torch rounds it, in float32. SCALED: the
+    row is an FP8 GEMM's output before its scales (row scale rs, column scales at col_ptr), applied first and
+    rounded to `dtype` as the GEMM would round them."""
     g = tl.load(gate_up_row + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gate_up_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        g = (g * rs * tl.load(col_ptr + offs, mask=mask, other=0.0)).to(dtype).to(tl.float32)
+        u = (u * rs * tl.load(col_ptr + inter + offs, mask=mask, other=0.0)).to(dtype).to(tl.float32)
     # torch rounds silu(g) to the dtype before the product; do the same.
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     return (act * u).to(dtype).to(tl.float32)
@@ -22,8 +27,8 @@ def _silu_mul_block(gate_up_row, offs, mask, inter, dtype: tl.constexpr):
 
 @triton.jit
 def _silu_mul_quant_kernel(
-    gate_up_ptr, q_ptr, s_ptr, stride_in, stride_q, inter, ub,
-    BLOCK: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
+    gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, stride_in, stride_q, inter, ub,
+    BLOCK: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr, SCALED: tl.constexpr,
 ):
     """One program per token: silu(gate) * up in the 16-bit dtype, then FP8 per token (kernels/fp8_quant.py).
     ONE_PASS: the row fits one block; else a first pass finds the amax and a second recomputes and stores."""
@@ -31,17 +36,19 @@ def _silu_mul_quant_kernel(
     row = gate_up_ptr + tok * stride_in
     dt = gate_up_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
+    rs = tl.load(rs_ptr + tok) if SCALED else 1.0
     if ONE_PASS:
-        y = _silu_mul_block(row, offs, offs < inter, inter, dt)
+        y = _silu_mul_block(row, offs, offs < inter, inter, dt, rs, col_ptr, SCALED)
         scale = row_scale(tl.max(tl.abs(y), axis=0), ub, HAS_UB)
         tl.store(q_ptr + tok * stride_q + offs, quantize_row(y, scale).to(q_ptr.dtype.element_ty), mask=offs < inter)
     else:
         vmax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, inter, BLOCK):
-            vmax = tl.maximum(vmax, tl.abs(_silu_mul_block(row, k0 + offs, k0 + offs < inter, inter, dt)))
+            y = _silu_mul_block(row, k0 + offs, k0 + offs < inter, inter, dt, rs, col_ptr, SCALED)
+            vmax = tl.maximum(vmax, tl.abs(y))
         scale = row_scale(tl.max(vmax, axis=0), ub, HAS_UB)
         for k0 in range(0, inter, BLOCK):
-            y = _silu_mul_block(row, k0 + offs, k0 + offs < inter, inter, dt)
+            y = _silu_mul_block(row, k0 + offs, k0 + offs < inter, inter, dt, rs, col_ptr, SCALED)
             tl.store(q_ptr + tok * stride_q + k0 + offs, quantize_row(y, scale).to(q_ptr.dtype.element_ty),
                      mask=k0 + offs < inter)
     tl.store(s_ptr + tok, scale)
@@ -51,31 +58,46 @@ def _silu_mul_quant_kernel(
 def _silu_mul_kernel(
     gate_up_ptr,  # [num_tokens, 2 * inter]: gate columns, then up columns
     out_ptr,  # [num_tokens, inter]
+    rs_ptr,  # [num_tokens] float32 row scales (SCALED)
+    col_ptr,  # [2 * inter] float32 column scales (SCALED)
     stride_in,
     stride_out,
     inter,
     BLOCK: tl.constexpr,
+    SCALED: tl.constexpr,
     PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
     pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
-    y = _silu_mul_block(gate_up_ptr + tok * stride_in, offs, mask, inter, out_ptr.dtype.element_ty)
+    rs = tl.load(rs_ptr + tok) if SCALED else 1.0
+    y = _silu_mul_block(gate_up_ptr + tok * stride_in, offs, mask, inter, out_ptr.dtype.element_ty, rs, col_ptr,
+                        SCALED)
     tl.store(out_ptr + tok * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [num_tokens, 2 * inter] -> silu(gate) * up [num_tokens, inter]."""
+def _check(gate_up, scales):
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
         raise ValueError(f"gate_up must be [num_tokens, 2 * inter] with a contiguous last dim; got {tuple(gate_up.shape)}")
+    if scales is not None and (scales[0].numel() != gate_up.shape[0] or scales[1].numel() != gate_up.shape[1]
+                               or scales[0].dtype != torch.float32 or scales[1].dtype != torch.float32):
+        raise ValueError(f"scales must be float32 [{gate_up.shape[0]}] and [{gate_up.shape[1]}] row and column scales")
+
+
+def silu_mul(gate_up: torch.Tensor, scales=None) -> torch.Tensor:
+    """gate_up [num_tokens, 2 * inter] -> silu(gate) * up [num_tokens, inter]. `scales` (row [num_tokens],
+    column [2 * inter], float32): gate_up is an FP8 GEMM's output before its scales, applied here first."""
+    _check(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:
         return out
     block = min(1024, triton.next_power_of_2(inter))
-    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0), inter,
-                                                     BLOCK=block, num_warps=4, **pdl.args(gate_up))
+    rs, cs = scales if scales is not None else (out, out)
+    _silu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, rs, cs, gate_up.stride(0), out.stride(0), inter,
+                                                     BLOCK=block, SCALED=scales is not None, num_warps=4,
+                                                     **pdl.args(gate_up))
     return out
 
 
@@ -83,23 +105,31 @@ MAX_ONE_PASS = 16384
 """Rows up to this many outputs are held in registers (Llama-3-8B's intermediate size is 14336)."""
 
 
-def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None,
-                 block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+FP8_CONFIG: dict = {}
+"""silu_mul_fp8's launch when the caller names none: BLOCK (a power of two; the two-pass loop below the row's
+width) and num_warps, as bench/fp8.py measured fastest; empty: the whole row in one block."""
+
+
+def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | None = None, scales=None,
+                 num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu_mul followed by FP8 quantization per token in one pass: (float8_e4m3fn [num_tokens, inter], float32
-    scales [num_tokens, 1]), bit for bit quantize_fp8_rows(silu_mul(gate_up), ub=ub). `block` forces the
-    two-pass loop (tests)."""
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
-        raise ValueError(f"gate_up must be [num_tokens, 2 * inter] with a contiguous last dim; got {tuple(gate_up.shape)}")
+    scales [num_tokens, 1]), bit for bit quantize_fp8_rows(silu_mul(gate_up, scales), ub=ub). `block` below
+    the row's width runs the two-pass loop (else FP8_CONFIG's)."""
+    _check(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
     s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
     if t == 0:
         return q, s
-    one_pass = block is None and inter <= MAX_ONE_PASS
+    if block is None:
+        block, num_warps = FP8_CONFIG.get("BLOCK"), num_warps or FP8_CONFIG.get("num_warps")
+    one_pass = (block is None or block >= inter) and inter <= MAX_ONE_PASS
     blk = triton.next_power_of_2(inter) if one_pass else (block or 4096)
-    _silu_mul_quant_kernel[(t,)](gate_up, q, s, gate_up.stride(0), q.stride(0), inter,
+    warps = num_warps or (16 if blk >= 8192 else 8 if blk >= 2048 else 4)
+    rs, cs = scales if scales is not None else (s, s)
+    _silu_mul_quant_kernel[(t,)](gate_up, q, s, rs, cs, gate_up.stride(0), q.stride(0), inter,
                                  float(ub) if ub is not None else 0.0, BLOCK=blk, HAS_UB=ub is not None,
-                                 ONE_PASS=one_pass, num_warps=16 if blk >= 8192 else 8 if blk >= 2048 else 4)
+                                 ONE_PASS=one_pass, SCALED=scales is not None, num_warps=warps)
     return q, s
 
 

@@ -58,6 +58,28 @@ def test_silu_mul_fp8(dtype, block, ub):
     assert_close_fp8(got, *quantize_activation(silu_mul_ref(gate_up), None, ub))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bfloat16 casts truncate
+def test_scaled_inputs_equal_the_scaled_tensor(dtype):
+    """An FP8 GEMM's output before its row and column scales (FP8Output), fed to the norm and SwiGLU kernels:
+    bit for bit the kernels on (raw * row * column) rounded to the dtype."""
+    g = torch.Generator().manual_seed(11)
+    raw = (torch.randn(6, 200, generator=g) * 30).to(DEV, dtype)
+    row, col = (torch.rand(6, 1, generator=g) * 0.01).to(DEV), (torch.rand(1, 200, generator=g) * 0.02).to(DEV)
+    dense = (raw.float() * row * col).to(dtype)
+    res = torch.randn(6, 200, generator=g).to(DEV, dtype)
+    w = (1 + 0.1 * torch.randn(200, generator=g)).to(DEV, dtype)
+    r1, r2, r3, r4 = (res.clone() for _ in range(4))
+    assert torch.equal(add_rms_norm(raw, r1, w, 1e-5, x_scales=(row, col)), add_rms_norm(dense, r2, w, 1e-5))
+    assert torch.equal(r1, r2)
+    assert same_bits(add_rms_norm_fp8(raw, r3, w, 1e-5, x_scales=(row, col)),
+                     add_rms_norm_fp8(dense, r4, w, 1e-5))
+    gu_col = (torch.rand(1, 200, generator=g) * 0.02).to(DEV)
+    gu_dense = (raw.float() * row * gu_col).to(dtype)
+    assert torch.equal(silu_mul(raw, scales=(row, gu_col)), silu_mul(gu_dense))
+    for block in (None, 32):
+        assert same_bits(silu_mul_fp8(raw, block=block, scales=(row, gu_col)), silu_mul_fp8(gu_dense, block=block))
+
+
 @pytest.mark.parametrize("m, k, n, split, atomic", [
     (5, 200, 37, 1, True),     # odd everything, one slice
     (37, 300, 50, 3, True),    # two M tiles, one-launch atomic split-K over a ragged last slice

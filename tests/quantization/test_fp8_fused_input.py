@@ -1,5 +1,6 @@
 """FP8 activations quantized by the layer that produces them (fused add + RMSNorm + FP8, SwiGLU + FP8) give the
-same model output as each FP8 linear quantizing its own input: the GPU's paths, run on CPU under the Triton
+same model output as each FP8 linear quantizing its own input, and FP8 outputs whose scales the next kernel
+applies (FP8Output) the same as scaled outputs, within rounding: the GPU's paths, run on CPU under the Triton
 interpreter (quantization/fp8.py's on_fp8_gpu pointed at the CPU; nothing else is replaced)."""
 
 import pytest
@@ -17,16 +18,22 @@ LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=
 T = 20  # tokens: above fp8.WEIGHT_ONLY_MAX_M, so the FP8 layers take quantized activations
 
 
-def forward(fuse: bool, monkeypatch):
-    """The logits of 20 tokens (two prefills), and the type of each FP8 layer's input in call order."""
+def forward(fuse: bool, monkeypatch, defer: bool = False):
+    """The logits of 20 tokens (two prefills), and the types of each FP8 layer's input and output in call order."""
     monkeypatch.setattr(fp8, "FUSE_INPUT_QUANT", fuse)
+    monkeypatch.setattr(fp8, "DEFER_SCALES", defer)
     model = build_model(LLAMA, TorchAttentionBackend(), torch.float32, "cpu", quantization="fp8")
     model.init_dummy(seed=5)
     model.set_fused_elementwise(True)
     seen = []
     apply = fp8.FP8Method.apply
-    monkeypatch.setattr(fp8.FP8Method, "apply",
-                        lambda self, layer, x, bias: seen.append(type(x).__name__) or apply(self, layer, x, bias))
+
+    def spy(self, layer, x, bias):
+        y = apply(self, layer, x, bias)
+        seen.append(f"{type(x).__name__}->{type(y).__name__}")
+        return y
+
+    monkeypatch.setattr(fp8.FP8Method, "apply", spy)
     try:
         return run(model), seen
     finally:
@@ -55,10 +62,19 @@ def test_fp8_producer_quantization_equals_linear_quantization_gpu_paths_on_cpu(w
     fused, seen_fused = forward(True, monkeypatch)
     plain, seen_plain = forward(False, monkeypatch)
     # per layer: qkv (from the input norm) and gate_up, down (from SwiGLU) arrive quantized; o does not
-    assert seen_fused == ["FP8Input", "Tensor", "FP8Input", "FP8Input"] * 2
-    assert seen_plain == ["Tensor"] * 8
+    assert seen_fused == ["FP8Input->Tensor", "Tensor->Tensor", "FP8Input->Tensor", "FP8Input->Tensor"] * 2
+    assert seen_plain == ["Tensor->Tensor"] * 8
     assert torch.equal(fused, plain)
     assert torch.isfinite(fused).all() and fused.abs().max() > 0
     if w8a8:  # the Triton GEMM against torch._scaled_mm on the same quantized activations
         monkeypatch.setattr(fp8_w8a8, "TUNED", {})
         torch.testing.assert_close(forward(True, monkeypatch)[0], fused, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_deferred_scales_equal_scaled_outputs_gpu_paths_on_cpu(monkeypatch):
+    monkeypatch.setattr(fp8, "on_fp8_gpu", lambda t: True)
+    deferred, seen = forward(True, monkeypatch, defer=True)
+    scaled, _ = forward(True, monkeypatch, defer=False)
+    # o, gate_up and down leave their scales to the next kernel (the norm, SwiGLU); qkv's output is split
+    assert seen == ["FP8Input->Tensor", "Tensor->FP8Output", "FP8Input->FP8Output", "FP8Input->FP8Output"] * 2
+    torch.testing.assert_close(deferred, scaled, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ from services.engine.model.layers.embedding import LogitsProcessor, ParallelLMHe
 from services.engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from services.engine.model.layers.norm import RMSNorm
 from services.engine.model.layers.rotary import RotaryEmbedding, rope_parameters
+from services.engine.model.quantization.fp8 import dense
 
 STACKED_QKV_GATE_UP = (
     (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
@@ -64,6 +65,7 @@ class LlamaMLP(torch.nn.Module):
         self.act = ActAndMul(act, cfg.source)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=m.mlp_bias, tp=m.tp,
                                            what="intermediate_size")
+        self.gate_up_proj.fp8_deferred_scales = True  # its FP8 scales are applied by self.act (quantization/fp8.py)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x), quant_for=self.down_proj))
@@ -77,6 +79,10 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = m.make_norm()
         self.mlp = m.make_mlp(i)
         self.residual_multiplier = m.residual_multiplier
+        # FP8 scales of the block outputs applied by the next norm (or LlamaForCausalLM.run for the last layer)
+        self.self_attn.o_proj.fp8_deferred_scales = True
+        if isinstance(self.mlp, LlamaMLP):
+            self.mlp.down_proj.fp8_deferred_scales = True
 
     @property
     def mlp_in(self):
@@ -93,10 +99,10 @@ class LlamaDecoderLayer(torch.nn.Module):
             x, residual = self.input_layernorm(h, residual, quant_for=qkv)
         h = self.self_attn(positions, x, kv_cache, meta)
         if self.residual_multiplier != 1.0:  # Granite scales each block's output before the add
-            h = h * self.residual_multiplier
+            h = dense(h) * self.residual_multiplier
         x, residual = self.post_attention_layernorm(h, residual, quant_for=self.mlp_in)
         h = self.mlp(x)
-        return (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h), residual
+        return (dense(h) * self.residual_multiplier if self.residual_multiplier != 1.0 else h), residual
 
 
 class LlamaModel(torch.nn.Module):
@@ -163,7 +169,7 @@ class LlamaForCausalLM(CausalLM):
         residual = None
         for i, layer in enumerate(self.model.layers):
             h, residual = layer(positions, h, residual, kv_caches[i], meta)
-        return h + residual
+        return dense(h) + residual
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

@@ -50,13 +50,19 @@ class ActAndMul(torch.nn.Module):
         self.fused = False
 
     def forward(self, gate_up: torch.Tensor, quant_for=None) -> torch.Tensor:
-        """`quant_for`: the linear layer that alone reads the result (as RMSNorm.forward's)."""
-        if self.fused and self.act is F.silu and gate_up.dim() == 2:
-            from kernels.silu_mul import silu_mul, silu_mul_fp8
-            from services.engine.model.quantization.fp8 import FP8Input, takes_fp8_input
+        """`quant_for`: the linear layer that alone reads the result (as RMSNorm.forward's). `gate_up` may be an
+        FP8Output, whose scales the fused kernels apply (quantization/fp8.py)."""
+        from services.engine.model.quantization.fp8 import FP8Input, FP8Output, dense, takes_fp8_input
 
-            if quant_for is not None and takes_fp8_input(quant_for, gate_up.shape[0]):
-                return FP8Input(*silu_mul_fp8(gate_up, quant_for.method.scale_ub))
-            return silu_mul(gate_up)
+        scaled = isinstance(gate_up, FP8Output)
+        raw = gate_up.raw if scaled else gate_up
+        if self.fused and self.act is F.silu and raw.dim() == 2:
+            from kernels.silu_mul import silu_mul, silu_mul_fp8
+
+            scales = (gate_up.row, gate_up.col) if scaled else None
+            if quant_for is not None and takes_fp8_input(quant_for, raw.shape[0]):
+                return FP8Input(*silu_mul_fp8(raw, quant_for.method.scale_ub, scales=scales))
+            return silu_mul(raw, scales=scales)
+        gate_up = dense(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up

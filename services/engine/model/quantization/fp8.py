@@ -71,8 +71,39 @@ class FP8Input(NamedTuple):
     scale: torch.Tensor  # [M, 1] float32
 
 
+class FP8Output(NamedTuple):
+    """An FP8 GEMM's output left without its scales, y = raw * row * col, for a consumer that applies them in its
+    own pass (the fused add + RMSNorm, SwiGLU): the GEMM is then cuBLAS's tensor-wise FP8 GEMM with unit
+    scales, faster than the row-wise one (bench/fp8.py). Only layers whose `fp8_deferred_scales` the model set
+    (it knows their consumer) return one."""
+
+    raw: torch.Tensor  # [M, N] in the model's dtype (float32 on CPU)
+    row: torch.Tensor  # [M, 1] float32 per-token activation scales
+    col: torch.Tensor  # [1, N] float32 per-channel weight scales
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The scaled output, rounded to `dtype` (default raw's) as the GEMM would have rounded it."""
+        return (self.raw.float() * self.row * self.col).to(dtype or self.raw.dtype)
+
+
+def dense(h):
+    """h itself, or an FP8Output with its scales applied."""
+    return h.dense() if isinstance(h, FP8Output) else h
+
+
 FUSE_INPUT_QUANT = True
 """Whether producers quantize for the FP8 layer they feed (bench/fp8.py turns it off to measure the gain)."""
+DEFER_SCALES = True
+"""Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
+
+_UNIT: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit(device: torch.device) -> torch.Tensor:
+    """A float32 1.0 on the device: the tensor-wise scales of a deferred-scale GEMM (made at load)."""
+    if device not in _UNIT:
+        _UNIT[device] = torch.ones((), dtype=torch.float32, device=device)
+    return _UNIT[device]
 
 
 def takes_fp8_input(linear, m: int) -> bool:
@@ -178,6 +209,7 @@ class FP8Method:
             if p is not None:
                 p.quantized = True
         if w.device.type == "cuda":
+            _unit(w.device)
             reserve_workspace(w.device, w.shape[0])
             fp8_w8a8.reserve_workspace(w.device, *w.shape)
 
@@ -186,14 +218,17 @@ class FP8Method:
         """FP8 GEMMs on the GPU (the device check refused GPUs without them); _scaled_mm wants K, N % 16."""
         return on_fp8_gpu(x) and n % 16 == 0 and k % 16 == 0
 
-    def apply(self, layer, x: torch.Tensor | FP8Input, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer, x: torch.Tensor | FP8Input, bias: torch.Tensor | None):
         if isinstance(x, FP8Input):  # quantized by its producer (takes_fp8_input said so)
-            y = fp8_gemm_quantized(x.q, x.scale, layer.weight, layer.weight_scale, layer.params_dtype)
-            return y if bias is None else y + bias
+            return self._quantized(layer, x.q, x.scale, bias, layer.params_dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, k = layer.weight.shape
         if self.use_scaled_mm(x, n, k) and not weight_only(x2.shape[0], n, k):
+            if x.dim() == 2 and self._defers(layer, bias):
+                xq, xs = quantize_fp8_rows(x, layer.input_scale, self.scale_ub) if on_fp8_gpu(x) \
+                    else quantize_activation(x, layer.input_scale, self.scale_ub)
+                return self._quantized(layer, xq, xs, bias, x.dtype)
             y = fp8_gemm(x2, layer.weight, layer.weight_scale, layer.input_scale, self.scale_ub)
         elif x.is_cuda:  # decode-sized M, or a shape _scaled_mm does not take
             y = fp8_w8a16(x2, layer.weight, layer.weight_scale)
@@ -201,6 +236,23 @@ class FP8Method:
             w = (layer.weight.float() * layer.weight_scale.reshape(-1, 1)).to(x.dtype)
             y = F.linear(x2, w)
         y = y.reshape(*shape[:-1], n)
+        return y if bias is None else y + bias
+
+
+    @staticmethod
+    def _defers(layer, bias) -> bool:
+        """Whether this layer leaves its scales to its consumer: marked so by the model, no bias, one rank."""
+        return DEFER_SCALES and getattr(layer, "fp8_deferred_scales", False) and bias is None \
+            and getattr(layer, "tp_size", 1) == 1
+
+    def _quantized(self, layer, xq, xs, bias, dtype):
+        """The GEMM on quantized activations: an FP8Output where the layer defers its scales, else y."""
+        if self._defers(layer, bias):
+            out = dtype if xq.is_cuda else torch.float32
+            unit = _unit(xq.device)
+            raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out)
+            return FP8Output(raw, xs.reshape(-1, 1), layer.weight_scale.reshape(1, -1))
+        y = fp8_gemm_quantized(xq, xs, layer.weight, layer.weight_scale, dtype)
         return y if bias is None else y + bias
 
 
