@@ -79,7 +79,9 @@ def w8a8_candidates(m: int) -> list[dict]:
 def resolve(cfg: dict, m: int, n: int, k: int) -> dict:
     """A candidate with its SPLIT_K made concrete for this shape."""
     cfg = dict(cfg)
-    if cfg.get("SPLIT_K") == "x2":
+    if m > w8a8.SPLIT_MAX_M:  # the wrapper does not split K there
+        cfg["SPLIT_K"] = 1
+    elif cfg.get("SPLIT_K") == "x2":
         tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
         blocks = -(-k // cfg["BLOCK_K"])
         cfg["SPLIT_K"] = min(16, 2 * splitk.split_for(tiles, blocks, splitk.sm_count(DEV), 2, min_blocks=4))

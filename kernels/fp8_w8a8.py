@@ -51,8 +51,22 @@ def _w8a8_kernel(
 SPLIT_MAX_M = 512
 """Split-K runs up to this many rows: the workspace holds SPLIT_MAX_M x N sums (reserve_workspace, at load)."""
 
-TUNED: dict[tuple[int, int, int], dict] = {}
-"""(M bucket, N, K) -> launch config measured fastest by bench/fp8.py."""
+TUNED: dict[tuple[int, int, int], dict] = {
+    # Llama-3-8B's qkv, o, gate_up, down on an H200 where this kernel beat torch._scaled_mm's row-wise GEMM by
+    # more than 3%: bench/fp8.py round 1 (2026-11-29; bench/results/fp8_2026-11-29_h200_round1.log). Above
+    # SPLIT_MAX_M rows K is not split (the run's 2048-row SPLIT_K 2 ran as 1).
+    (64, 4096, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
+    (64, 4096, 14336): {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 8},
+    (64, 6144, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1},
+    (64, 28672, 4096): {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1},
+    (256, 4096, 4096): {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1},
+    (512, 6144, 4096): {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
+    (2048, 4096, 4096): {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
+    (2048, 4096, 14336): {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
+    (2048, 6144, 4096): {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1},
+}
+"""(M bucket, N, K) -> launch config measured fastest by bench/fp8.py (else torch._scaled_mm runs). Layers
+whose scales are deferred (quantization/fp8.py) run cuBLAS's tensor-wise GEMM instead."""
 
 
 def m_bucket(m: int) -> int:
