@@ -111,10 +111,10 @@ width) and num_warps, as bench/fp8.py measured fastest; empty: the whole row in 
 
 
 def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | None = None, scales=None,
-                 num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_warps: int | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """silu_mul followed by FP8 quantization per token in one pass: (float8_e4m3fn [num_tokens, inter], float32
     scales [num_tokens, 1]), bit for bit quantize_fp8_rows(silu_mul(gate_up, scales), ub=ub). `block` below
-    the row's width runs the two-pass loop (else FP8_CONFIG's)."""
+    the row's width runs the two-pass loop (else FP8_CONFIG's). `warmup`: compile only (bench/fp8.py)."""
     _check(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
@@ -127,9 +127,12 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | No
     blk = triton.next_power_of_2(inter) if one_pass else (block or 4096)
     warps = num_warps or (16 if blk >= 8192 else 8 if blk >= 2048 else 4)
     rs, cs = scales if scales is not None else (s, s)
-    _silu_mul_quant_kernel[(t,)](gate_up, q, s, rs, cs, gate_up.stride(0), q.stride(0), inter,
-                                 float(ub) if ub is not None else 0.0, BLOCK=blk, HAS_UB=ub is not None,
-                                 ONE_PASS=one_pass, SCALED=scales is not None, num_warps=warps)
+    args = (gate_up, q, s, rs, cs, gate_up.stride(0), q.stride(0), inter, float(ub) if ub is not None else 0.0)
+    consts = dict(BLOCK=blk, HAS_UB=ub is not None, ONE_PASS=one_pass, SCALED=scales is not None, num_warps=warps)
+    if warmup:
+        _silu_mul_quant_kernel.warmup(*args, grid=(t,), **consts)
+    else:
+        _silu_mul_quant_kernel[(t,)](*args, **consts)
     return q, s
 
 
