@@ -241,9 +241,10 @@ class FP8Method:
 
     @staticmethod
     def _defers(layer, bias) -> bool:
-        """Whether this layer leaves its scales to its consumer: marked so by the model, no bias, one rank."""
+        """Whether this layer leaves its scales to its consumer: marked so by the model, no bias, one rank, and
+        not a float16 model (an unscaled sum of e4m3 products can pass float16's 65504)."""
         return DEFER_SCALES and getattr(layer, "fp8_deferred_scales", False) and bias is None \
-            and getattr(layer, "tp_size", 1) == 1
+            and getattr(layer, "tp_size", 1) == 1 and getattr(layer, "params_dtype", None) != torch.float16
 
     def _quantized(self, layer, xq, xs, bias, dtype):
         """The GEMM on quantized activations: an FP8Output where the layer defers its scales, else y."""
