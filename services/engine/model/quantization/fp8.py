@@ -6,9 +6,11 @@ Loaded form: weight [N, K] float8_e4m3fn, weight_scale [N] float32 (per-tensor s
 spread over their rows), input_scale float32 [] (static) or None (dynamic per token). On Hopper-class GPUs,
 by the number of rows M: up to WEIGHT_ONLY_MAX_M (decode) kernels/fp8_gemv.py reads the FP8 weight and
 multiplies the 16-bit activations as they are (half bf16's bytes, no activation pass); above it the
-activations are quantized by kernels/fp8_quant.py (one launch) and the GEMM is torch._scaled_mm with
-row-wise scales. Elsewhere (CPU) the weight is dequantized and the activations stay unquantized: the CPU
-path is the weight-only reference.
+activations are quantized per token — by the layer that produced them where the model says so (FP8Input:
+the fused add + RMSNorm or SwiGLU), else by kernels/fp8_quant.py (one launch) — and the GEMM is
+torch._scaled_mm with row-wise scales or kernels/fp8_w8a8.py (fp8_gemm_quantized), or, for a layer whose
+consumer applies the scales itself, cuBLAS's tensor-wise GEMM returning an FP8Output. Elsewhere (CPU) the
+weight is dequantized and the activations stay unquantized: the CPU path is the weight-only reference.
 """
 
 from __future__ import annotations
