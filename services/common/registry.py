@@ -14,8 +14,7 @@ Keys (all times are the Redis server's clock, so engine and router clocks never 
 Choosing an engine (`CHOOSE_LUA`, one atomic script): among live engines of the model whose last
 report is younger than `stale_ms` and not excluded by the caller, take the one with the largest
     free + evictable - waiting_blocks - reserved
-(ties: fewer running + waiting requests, then the smaller engine id, so a router can predict the
-choice from its cached view: services/router/registry_client.py), and record a reservation of the request's blocks on it, in
+(ties: fewer running + waiting requests, then the smaller engine id), and record a reservation of the request's blocks on it, in
 the same step. Two router replicas therefore cannot both see the same headroom: the second sees the
 first one's reservation. An engine's report carries the ids of the requests it admitted since its
 previous report, and `PUBLISH_LUA` drops their reservations because the report now counts them.

@@ -140,8 +140,8 @@ class Registry(Protocol):
                      exclude: set[str] = frozenset()) -> EngineChoice | None: ...
 
     def predict(self, model: str, exclude: set[str] = frozenset()) -> EngineChoice | None:
-        """The engine `choose` will most likely return, from what is known locally (no I/O, no
-        reservation); None when there is no good guess. Only a head start: `choose` decides."""
+        """The engine `choose` must return, from what is known locally (no I/O, no reservation): when only
+        one qualifies; else None. Only a head start: `choose` decides."""
 
     async def release(self, engine_id: str, request_id: str) -> None: ...
 

@@ -5,8 +5,8 @@ engine's last report) twice a second; if Redis stops answering, `choose()` falls
 with reservations kept in this process, and `redis_ok` turns false (Stats and logs say so).
 Engines that just failed a call are "suspect" for a short while and skipped, so requests do not
 queue up behind a dead engine whose registry entry has not expired yet. `predict()` names, from the
-cached view and without I/O, the engine `choose()` will most likely return, so the router can start
-the engine call while Redis decides (services/router/request_stream.py, docs/router.md).
+cached view and without I/O, the engine `choose()` must return when only one qualifies, so the router
+can start the engine call while Redis decides (services/router/request_stream.py, docs/router.md).
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ class RegistryClient:
         self.redis_ok = True
         self._suspects: dict[str, float] = {}
         self._local_resv: dict[str, int] = {}
-        self._chosen_since_refresh: dict[str, int] = {}
-        """Blocks Redis reserved for this router's requests since the view was read, per engine: what
-        `predict` subtracts, so a burst from this router is predicted to spread as `choose` spreads it."""
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -79,7 +76,6 @@ class RegistryClient:
         self.view = [e for e in engines if now - e.ts_ms <= self.stale_ms]
         self.view_time = time.monotonic()
         self._local_resv.clear()
-        self._chosen_since_refresh.clear()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -113,29 +109,21 @@ class RegistryClient:
         self._set_ok(True)
         if not r:
             return None
-        self._chosen_since_refresh[r[0]] = self._chosen_since_refresh.get(r[0], 0) + blocks
         return Choice(engine_id=r[0], address=r[1], score=int(r[2]))
 
-    def predict(self, model: str, exclude: set[str] = frozenset(), max_age_s: float = 1.0,
-                margin: float = 0.05) -> Choice | None:
-        """The engine `choose` will pick, when the cached view makes it near certain (no I/O, nothing
-        reserved): the Lua script's rule (most `free + evictable - waiting_blocks - reserved`, ties to fewer
-        running + waiting, then the smaller id) over the last read, less what this router reserved since.
-        Only when one engine qualifies, or the best leads the next by more than `margin` of its blocks
-        (what the others' traffic could move in a refresh interval): a wrong guess costs its engine an
-        aborted request. None too when the view is older than `max_age_s` or Redis is unreachable."""
+    def predict(self, model: str, exclude: set[str] = frozenset(), max_age_s: float = 1.0) -> Choice | None:
+        """The engine `choose` will pick when the cached view leaves it no other (no I/O, nothing
+        reserved): the one live engine of the model that is not excluded or suspect. None when several
+        qualify (a guess could be wrong, and a wrong guess costs its engine a request admitted and
+        aborted: a prefill for nothing), when none does, or when the view is older than `max_age_s` or
+        Redis is unreachable."""
         if not self.redis_ok or time.monotonic() - self.view_time > max_age_s:
             return None
         excluded = set(exclude) | self._current_suspects()
-        ranked = sorted((-(e.available_blocks - self._chosen_since_refresh.get(e.engine_id, 0)),
-                         e.load.running + e.load.waiting, e.engine_id, e)
-                        for e in self.view if e.model == model and e.engine_id not in excluded)
-        if not ranked:
+        left = [e for e in self.view if e.model == model and e.engine_id not in excluded]
+        if len(left) != 1:
             return None
-        best = ranked[0]
-        if len(ranked) > 1 and ranked[1][0] - best[0] <= margin * best[3].load.total_blocks:
-            return None
-        return Choice(best[3].engine_id, best[3].address, -best[0])
+        return Choice(left[0].engine_id, left[0].address, left[0].available_blocks)
 
     def _choose_cached(self, model: str, blocks: int, excluded: set[str]) -> Choice | None:
         best = None

@@ -200,12 +200,11 @@ class RequestStream:
 
     async def _start_call(self, req: EngineRequest, generated: int, excluded: set[str],
                           stamp: bool = False) -> tuple[EngineChoice, EngineCall]:
-        """Choose an engine and call it, the call overlapping the choice: the call to the engine the
-        registry predicts from its cached view starts first and runs while Redis chooses and reserves
-        (one atomic step, as before; it decides). Kept when Redis agrees, which it nearly always does
-        (one engine serves the model, or one has clearly the most room); otherwise cancelled (the engine
-        aborts it within a step) and the chosen engine called. So choose-and-reserve is off the first
-        token's path. `stamp`: add the first token's hops (docs/router.md)."""
+        """Choose an engine and call it, the call overlapping the choice where it can: when the cached
+        view leaves Redis one engine to choose (`Registry.predict`), the call to it starts first and runs
+        while Redis chooses and reserves (one atomic step, as before; it decides). Kept when Redis agrees;
+        otherwise (the engine went away meanwhile) cancelled and the chosen engine, if any, called. So
+        choose-and-reserve is off the first token's path. `stamp`: add the first token's hops (docs/router.md)."""
         hung = self.route.watch.hung() if self.route.watch is not None else set()
         guess = self.route.registry.predict(self.model, excluded | hung)
         early = None
