@@ -1,6 +1,7 @@
-"""W4A16 GEMM: y = x @ dequant(qweight), 4-bit weights unpacked in registers. Two kernels on one layout:
-a GEMV-style kernel for decode's few rows (no tensor cores: multiply-adds on unpacked slabs) and a
-tensor-core kernel for larger M; both split K through kernels/splitk.py when N alone leaves SMs idle.
+"""W4A16 GEMM: y = x @ dequant(qweight), 4-bit weights unpacked in registers, all kernels on one layout:
+batch-1 GEMVs (`gemv3`, the decode default; `gemv1`, `gemv2` kept as swept alternatives), a GEMV for a few
+rows, a tensor-core kernel for larger M, and dequantize-then-cuBLAS for large M; they split K through
+kernels/splitk.py when N alone leaves SMs idle.
 
 Layout (`pack_int4`; services/engine/model/quantization/int4.py repacks GPTQ, AWQ and compressed-tensors
 into it once at load): input rows in blocks of R = `block_rows(K)` (128, or 64 where that pads K less;
