@@ -57,7 +57,7 @@ def test_sampler_takes_the_fused_path_only_for_plain_greedy_steps(monkeypatch):
 
     monkeypatch.setattr(sampler_mod, "greedy_sample", spy)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 300, generator=g)
+    logits = torch.randn(3, 300, generator=g).to(DEV)  # (compiled on a GPU machine: device tensors)
 
     def seqs_for(params):
         return [Request(f"r{i}", None, [1, 2, 3], p).seqs[0] for i, p in enumerate(params)]
@@ -67,7 +67,8 @@ def test_sampler_takes_the_fused_path_only_for_plain_greedy_steps(monkeypatch):
              "penalty": [greedy, greedy, SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.3)]}
     for name, params in cases.items():
         calls.clear()
-        fused, plain = sampler_mod.Sampler(torch.device("cpu")), sampler_mod.Sampler(torch.device("cpu"))
+        fused, plain = sampler_mod.Sampler(torch.device(DEV)), sampler_mod.Sampler(torch.device(DEV))
+        plain.fused_greedy = False
         fused.fused_greedy = True
         a = fused(logits.clone(), seqs_for(params), frozenset({2}))
         b = plain(logits.clone(), seqs_for(params), frozenset({2}))
@@ -92,7 +93,7 @@ def test_engine_outputs_are_unchanged_by_the_fused_path(tmp_path, monkeypatch):
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
         head_dim=16, vocab_size=500, max_position_embeddings=256, eos_token_id=2)))
-    llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", device="cpu", block_size=4, num_kv_blocks=256,
+    llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", device=DEV, block_size=4, num_kv_blocks=256,
               max_num_seqs=8, seed=0)
     prompts = [{"prompt_token_ids": [5 + i, 17, 40 + 3 * i]} for i in range(5)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
