@@ -29,11 +29,13 @@ BASE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128, NEW
 QUERY_BUCKETS = (1024, 4096)
 
 # (head_dim, group, dtype bytes, has_prefix, query bucket) -> the keys that differ from BASE.
-# Filled from the H200 sweeps (32 q / 8 kv heads, d 128, bf16; bench/results/prefill_2026-11-29_h200.md):
-# 1 x 8192: 128-key tiles, 3 stages, no register cap (one 8-warp program per SM) 95% of SDPA against BASE's
-# 87% (round 3); 8 x 2048 and 8 x (2048 + 512): BASE itself (87%, 125%).
+# Filled from the H200 sweeps (32 q / 8 kv heads, d 128, bf16; bench/results/prefill_2026-11-29_h200.md, round 4):
+# 1 x 8192 fresh: 128-key tiles, the diagonal in 32-key tiles, 3 stages, no register cap (one 8-warp program
+# per SM) 98% of SDPA against BASE's 86%; 8 x 2048 fresh: BASE with paired query tiles 88% against 86%;
+# 8 x (2048 + 512), 32 x 512 fresh and 4 x (2048 + 2048): BASE itself (124%, 77%, 130%).
 TABLE: dict[tuple, dict] = {
-    (128, 4, 2, False, 2): dict(BLOCK_N=128, num_stages=3, maxnreg=None),
+    (128, 4, 2, False, 1): dict(REVERSE=False, PAIR_TILES=True),
+    (128, 4, 2, False, 2): dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32),
 }
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
