@@ -52,9 +52,9 @@ class EngineServerConfig:
     step_deadline_s: float = 5.0
     """A step running longer than this is logged (phase, batch size, tokens) while it runs."""
     switch_interval_ms: float | None = None
-    """The interpreter's switch interval here (sys.setswitchinterval): how long the server's event loop may
-    wait for the GIL while the engine thread holds it (docs/router.md). None: 0.25 ms when the step thread
-    runs on a CUDA device (it holds the GIL across its launches), else Python's 5 ms."""
+    """The interpreter's switch interval here (sys.setswitchinterval; None: Python's 5 ms): how long the
+    server's event loop may wait for the GIL while the engine thread holds it (docs/router.md; 0.25 ms
+    measured on the H200 did not shorten the loop's hops)."""
     core_process: bool = False
     """Run the engine core (the step loop) in a process of its own, so this server's event loop never
     waits for the step thread's GIL (services/engine/core_process.py; docs/router.md)."""
@@ -64,12 +64,6 @@ class EngineServerConfig:
     (launching kernels) while the device computes (bench/serving.py, tests/integration/test_hops.py)."""
     log_level: str = "INFO"
     """Logging level."""
-
-
-CUDA_SWITCH_INTERVAL_MS = 0.25
-"""The default switch interval of an engine server whose step thread drives a GPU: a GPU step's thread
-holds the GIL across its kernel launches, and at Python's 5 ms the event loop's hops (a request in, a
-first token handed over, a message out) waited 0.6-0.9 ms each on the H200 (docs/router.md)."""
 
 
 def _ns(t: float | None, since: float | None) -> int:
@@ -316,8 +310,6 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         engine = aengine.engine
     else:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
-        if c.switch_interval_ms is None and engine.device.type == "cuda":
-            sys.setswitchinterval(CUDA_SWITCH_INTERVAL_MS / 1e3)
         if c.debug_gil_busy_ms > 0:
             engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
         aengine = AsyncEngine(engine, on_change=on_change, step_deadline_s=c.step_deadline_s, on_fatal=on_fatal)
