@@ -9,6 +9,7 @@ GenerateStream gets Generate."""
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import grpc
@@ -72,12 +73,14 @@ async def _tokens(call) -> list[int]:
     return [t for m in [m async for m in call.messages()] for s in m.sequences for t in s.token_ids]
 
 
-async def _until(cond, timeout_s: float = 5.0):
-    for _ in range(int(timeout_s / 0.01)):
-        if cond():
-            return
+async def _until(cond, timeout_s: float = 30.0):
+    """Wait for cond() on the loop. Generous: on a loaded 2-core CI machine a background opening can take
+    seconds (a 5 s limit timed out once in a full-suite run at load average 10)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
         await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
 
 
 def test_requests_after_the_first_ride_calls_opened_ahead_with_the_same_tokens():
