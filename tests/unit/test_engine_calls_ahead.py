@@ -197,7 +197,7 @@ def test_an_engine_without_generate_stream_gets_generate():
                 await _tokens(client.generate(addr, _req("r0"), 5))
             await _until(lambda: addr in client._plain)
             assert client.generate(addr, _req("r1"), 5)._sending is None
-            assert client._held(addr) == []  # the failed openings are dropped, none reopened
+            await _until(lambda: client._held(addr) == [])  # the failed openings are dropped, none reopened
         finally:
             await client.close()
             await server.stop(0)
