@@ -36,6 +36,13 @@ def check_paged_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: to
         raise ValueError(f"seq_lens must be int32 [>= {num_seqs}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}")
 
 
+def check_query_start_loc(query_start_loc: torch.Tensor) -> None:
+    """query_start_loc int32 [num_seqs + 1] (the launchers take num_seqs from its length)."""
+    if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
+        raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
+                         f"{tuple(query_start_loc.shape)}")
+
+
 def check_kv_scales(k_scale: float, v_scale: float) -> None:
     """An fp8 cache's per-tensor scales: finite and positive."""
     for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
-from kernels.paged_checks import check_kv_scales, check_paged_inputs
+from kernels.paged_checks import check_kv_scales, check_paged_inputs, check_query_start_loc
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
 # A split shorter than this spends more on its partial write and the reduce than it gains.
@@ -369,9 +369,7 @@ def _decode_rows_of_mixed_step(q, kv_cache, block_tables, seq_lens, scale, query
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = query_start_loc.shape[0] - 1
     check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, "num_tokens")
-    if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
-        raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
-                         f"{tuple(query_start_loc.shape)}")
+    check_query_start_loc(query_start_loc)
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     if fp8:
         check_kv_scales(k_scale, v_scale)

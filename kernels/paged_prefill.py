@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.paged_checks import check_kv_scales, check_paged_inputs
+from kernels.paged_checks import check_kv_scales, check_paged_inputs, check_query_start_loc
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 from kernels.paged_prefill_configs import select_config
 
@@ -612,9 +612,7 @@ def paged_prefill(
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = query_start_loc.shape[0] - 1
     check_paged_inputs(q, kv_cache, block_tables, seq_lens, num_seqs, "num_tokens")
-    if query_start_loc.dtype != torch.int32 or query_start_loc.dim() != 1:
-        raise ValueError(f"query_start_loc must be int32 [num_seqs + 1]; got {query_start_loc.dtype} "
-                         f"{tuple(query_start_loc.shape)}")
+    check_query_start_loc(query_start_loc)
     _check_new_kv(k, v, q, kv_cache)
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     if fp8:
