@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence as Seq
 
 from services.common.errors import InvalidArgument
@@ -10,7 +11,7 @@ from services.common.output_processor import OutputProcessor
 from services.common.outputs import RequestOutput
 from services.common.sampling_params import BeamSearchParams, SamplingParams
 from services.engine.beam_search import sampling_params_for
-from services.engine.engine import EngineConfig, LLMEngine
+from services.engine.engine import EngineConfig, LLMEngine, release_frozen
 
 PromptType = str | list[int] | dict
 
@@ -28,6 +29,8 @@ class LLM:
             raise TypeError(f"LLM() got unknown options {sorted(unknown)}")
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
+        # Dropping the LLM (without shutdown) must free the engine's memory too (engine.release_frozen).
+        weakref.finalize(self, release_frozen)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

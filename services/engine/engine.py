@@ -69,6 +69,15 @@ class _InFlight:
 __all__ = ["EngineConfig", "LLMEngine", "QueueFullError"]
 
 
+def release_frozen() -> None:
+    """Hand the objects frozen at an engine's start back to the cyclic collector. The engine calls
+    `gc.freeze()` once built, so collections during steps skip its long-lived objects; but frozen objects
+    in reference cycles are never collected, so a dropped engine's weights and KV pool (gigabytes of
+    device memory) would stay allocated for the life of the process. Called at shutdown and when an
+    offline `LLM` is dropped; the next collection frees whatever is no longer referenced."""
+    gc.unfreeze()
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -315,12 +324,14 @@ class LLMEngine:
             self._forget(req)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (a one-process engine holds nothing to release)."""
+        """Stop the grammar compiler and the tensor-parallel workers, if any, and let what the engine holds
+        (weights, KV pool, graphs) be freed once it is dropped: see `release_frozen`."""
         if self.grammar is not None:
             self.grammar.shutdown()
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
+        release_frozen()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
