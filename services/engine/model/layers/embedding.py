@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from services.engine.model.layers import dense_dispatch
 from services.engine.model.layers.linear import expect_dim, load_checked, replicated_loader
 from services.engine.model.layers.parallel_state import all_reduce, rank_and_size
 
@@ -68,7 +69,7 @@ class LogitsProcessor(torch.nn.Module):
 
     def forward(self, head: ParallelLMHead, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """float32=False: the logits in the head's dtype (the engine's sampler upcasts only where it needs to)."""
-        logits = F.linear(hidden, head.weight, head.bias)
+        logits = dense_dispatch.linear(hidden, head.weight, head.bias)
         if self.tp is not None:  # each rank has its vocabulary slice: gather them, drop the padding
             logits = self.tp.all_gather_columns(logits)
         logits = logits[:, :self.vocab_size]

@@ -20,8 +20,8 @@ import contextlib
 from contextvars import ContextVar
 
 import torch
-import torch.nn.functional as F
 
+from services.engine.model.layers import dense_dispatch
 from services.engine.model.layers.parallel_state import all_reduce, rank_and_size, split
 
 
@@ -46,7 +46,7 @@ class PlainWeight:
         pass
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return dense_dispatch.linear(x, layer.weight, bias)
 
 
 _deferred: ContextVar[bool] = ContextVar("folio_defer_linear_weights", default=False)

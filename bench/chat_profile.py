@@ -1,0 +1,382 @@
+"""Where the 8B chat workload's steps lose against their ceilings, and which GEMM launch wins per row count.
+
+    python bench/chat_profile.py --json bench/results/chat_profile_<date>_h200.json     # ~90 s on an H200
+    python bench/chat_profile.py --shape tiny --device cpu --quick                       # smoke test
+
+1. GEMMs: each dense projection of the shape (qkv, o, gate_up, down, LM head) at the row counts decode and
+   mixed steps use, timed (triton.testing.do_bench: L2 flushed before each call) with cuBLAS (F.linear),
+   cuBLASLt (torch's preferred BLAS switched) and kernels/dense_gemm.py launches; every dense_gemm result is
+   checked against F.linear first. Prints ms, the fraction of max(weight bytes at the copy rate, FLOPs at the
+   matmul rate) reached, the winner, and the dispatch table the winners make (dense_dispatch.TABLE format).
+2. Steps on a random-weight engine of the shape (max_model_len 2,064 as the chat run): decode steps of B
+   sequences at context C replayed from their CUDA graphs, and mixed steps of D decodes plus one C-token
+   prefill chunk, device time against the step's ceiling (weights + KV at the copy rate, or the matmul
+   FLOPs at the matmul rate if larger).
+3. Kernel by kernel (torch.profiler, eager launches: the graphs replay the same kernels) for a few of them:
+   GEMMs, attention, the rest.
+4. The same steps with the winners' table installed (eager and re-captured graphs), against cuBLAS alone,
+   with the logits compared: the end-to-end gain the table would bring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.decode_profile import group_of  # noqa: E402
+from bench.throughput import SHAPES, measure_ceilings, model_bytes_and_flops, write_config  # noqa: E402
+
+GEMM_MS = (1, 16, 32, 48, 64, 96, 128, 192, 256, 640)
+TRITON_MAX_M = 256
+"""dense_gemm candidates are timed up to this many rows; above it cuBLAS alone (compute-bound tiles)."""
+DECODE_STEPS = ((1, 700), (16, 700), (32, 700), (48, 700), (64, 700), (96, 700), (128, 700), (192, 600),
+                (256, 500), (64, 1500), (16, 1800))
+"""(sequences, context) of decode steps: the chat run's decode steps average 76 sequences; its tail runs long
+outputs at few sequences."""
+MIXED_STEPS = ((250, 350), (200, 200), (128, 512), (64, 200), (250, 120))
+"""(decodes at context 600, prefill chunk of C new tokens): the chat run's mixed steps average ~600 tokens."""
+PROFILE_STEPS = (("decode", 32, 700), ("decode", 96, 700), ("decode", 256, 500), ("mixed", 250, 350))
+
+
+def candidates(m: int) -> list[dict]:
+    """dense_gemm launches worth timing at m rows: swapped weight-streaming tiles for few rows, MMA tiles of
+    64-128 rows for more (kept few: each is a compile)."""
+    if m <= 16:
+        return [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SWAP=True, num_warps=4, num_stages=st)
+                for bn, bk, st in ((64, 128, 4), (128, 128, 3), (64, 256, 3))]
+    bm = 32 if m <= 32 else 64
+    out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SWAP=True, num_warps=4, num_stages=st)
+           for bn, st in ((64, 4), (128, 3))]
+    out.append(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SWAP=False, num_warps=4, num_stages=4))
+    if m > 64:
+        out += [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SWAP=False, num_warps=8, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SWAP=False, num_warps=8, num_stages=3)]
+    return out
+
+
+def bench_ms(fn, device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=3, rep=15))
+    fn()
+    t = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t)
+
+
+def layer_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    d, f, hq, hkv, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                          "num_key_value_heads", "head_dim"))
+    return {"qkv": ((hq + 2 * hkv) * hd, d), "o": (d, hq * hd), "gate_up": (2 * f, d), "down": (d, f),
+            "lm_head": (cfg["vocab_size"], d)}
+
+
+def gemm_sweep(cfg, ceil, device, ms_list, dtype) -> tuple[list[dict], dict]:
+    from kernels.dense_gemm import dense_gemm
+
+    bw, mm = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
+    rows, table = [], {}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{'gemm':<8}{'M':>5}{'ceil ms':>9}{'cuBLAS':>9}{'cuBLASLt':>9}{'best tri':>9}{'best':>10}"
+          f"{'of ceil':>8}  best dense_gemm config")
+    for label, (n, k) in layer_shapes(cfg).items():
+        g = torch.Generator(device=device).manual_seed(n + k)
+        w = (torch.randn(n, k, device=device, generator=g) / k ** 0.5).to(dtype)
+        entry = []
+        for m in ms_list:
+            x = torch.randn(m, k, device=device, generator=g).to(dtype)
+            ceil_ms = 1e3 * max(n * k * 2 / bw, 2 * m * n * k / mm) if device.type == "cuda" else float("nan")
+            ref = F.linear(x, w)
+            t_blas = bench_ms(lambda: F.linear(x, w), device)
+            t_lt = float("nan")
+            if device.type == "cuda":
+                try:
+                    torch.backends.cuda.preferred_blas_library("cublaslt")
+                    y = F.linear(x, w)
+                    ok = bool(torch.allclose(y.float(), ref.float(), atol=2e-2, rtol=2e-2))
+                    t_lt = bench_ms(lambda: F.linear(x, w), device) if ok else float("nan")
+                finally:
+                    torch.backends.cuda.preferred_blas_library("cublas")
+            best_t, best_cfg, bad = float("inf"), None, 0
+            if m <= TRITON_MAX_M:
+                for c in candidates(m):
+                    try:
+                        y = dense_gemm(x, w, c)
+                    except Exception as e:  # a launch the compiler refuses (shared memory): skipped, said
+                        print(f"  {label} M={m} {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        continue
+                    err = (y.float() - ref.float()).abs().max().item()
+                    scale = ref.float().abs().max().item()
+                    if not err <= 1e-2 * scale + 1e-3:
+                        bad += 1
+                        print(f"  {label} M={m} {c}: WRONG, max |diff| {err:.3g} vs max |y| {scale:.3g}", flush=True)
+                        continue
+                    t = bench_ms(lambda c=c: dense_gemm(x, w, c), device)
+                    if t < best_t:
+                        best_t, best_cfg = t, c
+            best = min(("cublas", t_blas), ("cublaslt", t_lt), ("dense_gemm", best_t),
+                       key=lambda kv: kv[1] if kv[1] == kv[1] else float("inf"))
+            row = {"gemm": label, "N": n, "K": k, "M": m, "ceil_ms": ceil_ms, "cublas_ms": t_blas, "cublaslt_ms": t_lt,
+                   "dense_gemm_ms": best_t if best_cfg else None, "dense_gemm_config": best_cfg, "winner": best[0],
+                   "wrong_configs": bad}
+            rows.append(row)
+            frac = ceil_ms / best[1] if best[1] else float("nan")
+            print(f"{label:<8}{m:>5}{ceil_ms:>9.4f}{t_blas:>9.4f}{t_lt:>9.4f}"
+                  f"{(best_t if best_cfg else float('nan')):>9.4f}{best[0]:>10}{frac:>8.0%}  {best_cfg or ''}", flush=True)
+            # Table: dense_gemm where it beats cuBLAS by more than 3% (noise), else cuBLAS.
+            entry.append((m, best_cfg if best_cfg and best_t < 0.97 * t_blas else None))
+        table[(name, n, k)] = merge_entry(entry)
+    return rows, table
+
+
+def merge_entry(entry: list[tuple[int, dict | None]]) -> tuple:
+    """[(m, choice)] per timed row count -> dense_dispatch entry: each choice covers the row counts up to its
+    own (a row count between two timed ones takes the larger one's choice); trailing cuBLAS dropped."""
+    out: list[tuple[int, dict | None]] = []
+    for m, c in entry:
+        if out and out[-1][1] == c:
+            out[-1] = (m, c)
+        else:
+            out.append((m, c))
+    while out and out[-1][1] is None:
+        out.pop()
+    return tuple(out)
+
+
+# --- engine steps -----------------------------------------------------------------------------------------
+def make_step(runner, lens: list[tuple[int, int]], seed: int):
+    """StepInputs for sequences given as (new tokens, context incl. them), on disjoint blocks (contents are
+    whatever the pool holds); logits rows: the last token of each sequence."""
+    from services.engine.attention.metadata import AttentionMetadata
+    from services.engine.model_runner import StepInputs
+
+    bs, dev = runner.block_size, runner.device
+    need = [-(-ctx // bs) for _, ctx in lens]
+    width = -(-max(need) // 16) * 16
+    tables = np.zeros((len(lens), width), dtype=np.int32)
+    nxt = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = np.arange(nxt, nxt + n)
+        nxt += n
+    assert nxt <= runner.kv_caches[0].shape[1], "KV pool too small for the step"
+    pos = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in lens])
+    seq_of = np.repeat(np.arange(len(lens)), [n for n, _ in lens])
+    slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
+    q = [n for n, _ in lens]
+    qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
+    ids = np.random.default_rng(seed).integers(3, runner.cfg.vocab_size, len(pos))
+
+    def put(a, dtype):
+        return torch.as_tensor(np.asarray(a), dtype=dtype).to(dev)
+
+    meta = AttentionMetadata(
+        num_seqs=len(lens), num_tokens=len(pos), query_start_loc=put(qsl, torch.int32),
+        seq_lens=put([c for _, c in lens], torch.int32), block_tables=put(tables, torch.int32),
+        slot_mapping=put(slots, torch.int64), max_query_len=max(q), max_seq_len=max(c for _, c in lens),
+        query_lens_cpu=q, seq_lens_cpu=[c for _, c in lens])
+    return StepInputs(put(ids, torch.long), put(pos, torch.long), meta, put(qsl[1:] - 1, torch.long))
+
+
+def step_lens(kind: str, a: int, b: int) -> list[tuple[int, int]]:
+    if kind == "decode":  # a sequences, contexts spread over [b/2, b] (the workload's are not all equal)
+        return [(1, int(c)) for c in np.linspace(b // 2, b, a).round()] if a > 1 else [(1, b)]
+    return [(1, 600)] * a + [(b, b)]  # a decodes at 600, one fresh prompt chunk of b tokens
+
+
+def device_ms(runner, inputs, iters: int) -> float:
+    """Device time of one step (graphed if the runner has graphs): launches queued behind a GPU sleep, so the
+    host's launch time is hidden; median of iters."""
+    dev = runner.device
+    for _ in range(2):
+        runner.execute(inputs)
+    if dev.type != "cuda":
+        t = time.perf_counter()
+        runner.execute(inputs)
+        return 1e3 * (time.perf_counter() - t)
+    out = []
+    for _ in range(iters):
+        torch.cuda.synchronize(dev)
+        torch.cuda._sleep(20_000_000)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        runner.execute(inputs)
+        e1.record()
+        e1.synchronize()
+        out.append(e0.elapsed_time(e1))
+    return float(np.median(out))
+
+
+def step_ceiling_ms(cfg, lens, ceil) -> float:
+    W, P, kv_tok = model_bytes_and_flops(cfg)
+    bw, mm = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
+    tokens = sum(n for n, _ in lens)
+    kv = sum(c for _, c in lens) * kv_tok
+    L, hq, hd = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"]
+    flops = 2 * (P - cfg["vocab_size"] * cfg["hidden_size"]) * tokens + 2 * cfg["vocab_size"] * cfg["hidden_size"] * len(lens)
+    flops += sum(4 * L * hq * hd * n * c for n, c in lens)  # QK^T and PV of the new tokens
+    return 1e3 * max((W + kv) / bw, flops / mm) if bw == bw else float("nan")
+
+
+def time_steps(runner, cfg, ceil, iters, label) -> list[dict]:
+    rows = []
+    print(f"\n{label}: {'kind':<7}{'seqs':>6}{'ctx/chunk':>10}{'tokens':>7}{'ceil ms':>9}{'graph ms':>9}{'eager ms':>9}"
+          f"{'of ceil':>8}")
+    for kind, steps in (("decode", DECODE_STEPS), ("mixed", MIXED_STEPS)):
+        for a, b in steps:
+            lens = step_lens(kind, a, b)
+            inputs = make_step(runner, lens, a * 7 + b)
+            graphs = runner.graphs
+            t_graph = device_ms(runner, inputs, iters) if graphs is not None else float("nan")
+            runner.graphs = None
+            try:
+                t_eager = device_ms(runner, inputs, iters)
+            finally:
+                runner.graphs = graphs
+            c = step_ceiling_ms(cfg, lens, ceil)
+            best = min(t for t in (t_graph, t_eager) if t == t)
+            rows.append({"kind": kind, "a": a, "b": b, "tokens": sum(n for n, _ in lens), "ceil_ms": c,
+                         "graph_ms": t_graph, "eager_ms": t_eager})
+            print(f"{'':<{len(label) + 2}}{kind:<7}{a:>6}{b:>10}{sum(n for n, _ in lens):>7}{c:>9.2f}{t_graph:>9.2f}"
+                  f"{t_eager:>9.2f}{c / best:>8.0%}", flush=True)
+    return rows
+
+
+def profile_steps(runner, steps) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        for kind, a, b in steps:
+            inputs = make_step(runner, step_lens(kind, a, b), a + b)
+            runner.execute(inputs)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    runner.execute(inputs)
+                torch.cuda.synchronize()
+            rows = []
+            for ev in prof.key_averages():
+                t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                if t and ev.count and not ev.key.startswith(("cudaLaunch", "cudaMemcpy", "Memcpy", "Memset")):
+                    rows.append({"kernel": ev.key, "ms": t / 1e3 / 3, "calls": ev.count / 3, "group": group_of(ev.key)})
+            rows.sort(key=lambda r: -r["ms"])
+            total = sum(r["ms"] for r in rows)
+            groups = {g: sum(r["ms"] for r in rows if r["group"] == g) for g in ("gemm", "attention", "other")}
+            print(f"\nprofile {kind} {a} x {b}: {total:.2f} ms device, " + ", ".join(f"{g} {v:.2f}" for g, v in groups.items()))
+            for r in rows[:12]:
+                print(f"  {r['ms']:>8.3f} ms {r['calls']:>5.0f}x  {r['group']:<9} {r['kernel'][:100]}")
+            out.append({"kind": kind, "a": a, "b": b, "total_ms": total, "groups_ms": groups, "kernels": rows[:25]})
+    finally:
+        runner.graphs = graphs
+    return out
+
+
+def engine_part(args, ceil, table) -> dict:
+    from folio import LLM
+    from services.engine.model.layers import dense_dispatch
+
+    cfg = SHAPES[args.shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        llm = LLM(str(write_config(args.shape, Path(tmp))), load_format="dummy", dtype=args.dtype, device=args.device,
+                  max_model_len=2064, max_num_seqs=256, enable_prefix_caching=False, async_scheduling=False,
+                  max_mixed_graph_tokens=1024 if not args.quick else 64)
+        print(f"\nengine up in {time.perf_counter() - t0:.1f} s", flush=True)
+    runner = llm.engine.runner
+    res = {"before": time_steps(runner, cfg, ceil, args.iters, "cuBLAS")}
+    if args.device.startswith("cuda"):
+        res["profile"] = profile_steps(runner, PROFILE_STEPS)
+    if not any(table.values()):
+        print("\nno dense_gemm winner: nothing to install")
+        return res
+    # Logits with and without the table on a few steps: the numbers any greedy-token change would come from.
+    checks = []
+    for kind, a, b in (("decode", 32, 700), ("decode", 128, 700), ("mixed", 64, 200)):
+        inputs = make_step(runner, step_lens(kind, a, b), 99 + a)
+        graphs, runner.graphs = runner.graphs, None
+        base = runner.execute(inputs).float()
+        dense_dispatch.TABLE.update(table)
+        new = runner.execute(inputs).float()
+        dense_dispatch.TABLE.clear()
+        runner.graphs = graphs
+        agree = float((base.argmax(-1) == new.argmax(-1)).float().mean())
+        checks.append({"step": f"{kind} {a}x{b}", "max_abs_logit_diff": float((base - new).abs().max()),
+                       "argmax_agreement": agree})
+        print(f"table vs cuBLAS logits, {kind} {a} x {b}: max |diff| {checks[-1]['max_abs_logit_diff']:.4f}, "
+              f"argmax agreement {agree:.3f}", flush=True)
+    res["logit_checks"] = checks
+    dense_dispatch.TABLE.update(table)
+    try:
+        if runner.graphs is not None:  # re-record the graphs so they hold the table's kernels
+            t0 = time.perf_counter()
+            engine = llm.engine
+            runner.graphs = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            runner.capture_decode_graphs(256, engine.max_model_len)
+            runner.capture_mixed_graphs(1024 if not args.quick else 64, 256, engine.max_model_len)
+            print(f"graphs re-captured in {time.perf_counter() - t0:.1f} s", flush=True)
+        res["after"] = time_steps(runner, cfg, ceil, args.iters, "table")
+    finally:
+        dense_dispatch.TABLE.clear()
+    print(f"\n{'step':<22}{'before ms':>10}{'after ms':>10}{'gain':>8}")
+    for b, a in zip(res["before"], res["after"]):
+        tb = min(t for t in (b["graph_ms"], b["eager_ms"]) if t == t)
+        ta = min(t for t in (a["graph_ms"], a["eager_ms"]) if t == t)
+        print(f"{b['kind'] + ' ' + str(b['a']) + ' x ' + str(b['b']):<22}{tb:>10.2f}{ta:>10.2f}{tb / ta - 1:>8.1%}")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="few row counts and steps (smoke test on CPU)")
+    ap.add_argument("--no-engine", action="store_true", help="the GEMM sweep only")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        global DECODE_STEPS, MIXED_STEPS
+        DECODE_STEPS, MIXED_STEPS = ((4, 40),), ((2, 20),)
+    dev = torch.device(args.device)
+    t0 = time.perf_counter()
+    ceil = measure_ceilings(dev)
+    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}: copy {ceil['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    ms_list = (1, 16, 48) if args.quick else GEMM_MS
+    rows, table = gemm_sweep(SHAPES[args.shape], ceil, dev, ms_list, getattr(torch, args.dtype))
+    print("\ndense_dispatch.TABLE entries from this run's winners:")
+    for key, entry in table.items():
+        print(f"    {key!r}: {entry!r},")
+    print(f"(gemm sweep took {time.perf_counter() - t0:.0f} s)", flush=True)
+    rec = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python bench/chat_profile.py " + " ".join(sys.argv[1:]), "shape": args.shape, **ceil,
+           "gemms": rows, "table": {repr(k): v for k, v in table.items()}}
+    if not args.no_engine:
+        rec["engine"] = engine_part(args, ceil, table)
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rec, indent=1, default=str))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
