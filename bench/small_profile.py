@@ -1,0 +1,261 @@
+"""Where the Llama-3.2-1B shape's steps go at 256 and 1,024 sequences (issue 15's small-model targets), in one
+GPU run of about a minute: the 1B's GEMMs at decode and prefill row counts against the matmul ceiling (cuBLAS and
+cuBLASLt), the paged decode kernel's launch configs and KV splits at the fixed and `many` workloads' decode
+shapes (each checked against the torch reference), and the engine's own steps kernel by kernel (eager, under
+torch.profiler): a fresh 8,192-token prefill step, a mixed step of the `many` ramp, decode at 1,024 and 256
+sequences; plus each eager step's host launch time against its device time, measured in isolation.
+
+    python bench/small_profile.py --json bench/results/small_profile.json
+    python bench/small_profile.py --sections gemm attn      # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.decode_profile import group_of  # noqa: E402
+from bench.throughput import SHAPES, measure_ceilings, write_config  # noqa: E402
+
+SHAPE = "llama-3.2-1b"
+
+
+def weight_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of each projection of one layer, and the LM head."""
+    d, f, hq, hkv, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                          "num_key_value_heads", "head_dim"))
+    return {"qkv": ((hq + 2 * hkv) * hd, d), "o": (d, hq * hd), "gate_up": (2 * f, d), "down": (d, f),
+            "lm_head": (cfg["vocab_size"], d)}
+
+
+def section_gemm(ceil: dict) -> list[dict]:
+    """F.linear at the decode (256, 1,024) and prefill (8,192) row counts, cuBLAS and cuBLASLt."""
+    from triton.testing import do_bench
+
+    rows = []
+    shapes = weight_shapes(SHAPES[SHAPE])
+    print(f"\nGEMMs of the 1B shape (ms; % of the {ceil['matmul_TFLOPs']:.0f} TFLOP/s ceiling; weight read GB/s)")
+    print(f"{'gemm':<9}{'M':>6}{'N':>8}{'K':>6}{'cublas ms':>11}{'%':>5}{'GB/s':>7}{'cublasLt ms':>13}{'%':>5}")
+    for m in (256, 1024, 8192):
+        for name, (n, k) in shapes.items():
+            if name == "lm_head" and m > 1024:
+                continue
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            res = {}
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                res[lib] = do_bench(lambda: F.linear(x, w), warmup=5, rep=25)
+            torch.backends.cuda.preferred_blas_library("cublas")
+            flops = 2 * m * n * k
+            pc = {lib: flops / ms / 1e9 / ceil["matmul_TFLOPs"] for lib, ms in res.items()}
+            print(f"{name:<9}{m:>6}{n:>8}{k:>6}{res['cublas']:>11.4f}{pc['cublas']:>5.0%}"
+                  f"{n * k * 2 / res['cublas'] / 1e6:>7.0f}{res['cublaslt']:>13.4f}{pc['cublaslt']:>5.0%}")
+            rows.append(dict(gemm=name, M=m, N=n, K=k, cublas_ms=res["cublas"], cublaslt_ms=res["cublaslt"],
+                             cublas_frac=pc["cublas"], cublaslt_frac=pc["cublaslt"]))
+    return rows
+
+
+ATTN_CONFIGS = [(64, 4, 2), (64, 2, 4), (64, 4, 3), (32, 4, 2), (32, 2, 2), (128, 4, 2)]
+"""(TILE_N, num_warps, num_stages); the first is the default (kernels/paged_decode.py)."""
+
+
+def section_attn(ceil: dict) -> list[dict]:
+    """The decode kernel on the 1B's decode shapes (every sequence at the same context, as in the fixed and
+    many workloads), over launch configs and KV split counts."""
+    from triton.testing import do_bench
+
+    from kernels.paged_decode import paged_decode, paged_decode_ref
+
+    cfg = SHAPES[SHAPE]
+    hq, hkv, d, bs = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], 16
+    copy = ceil["copy_GBps"]
+    out_rows = []
+    for batch, ctx in ((256, 384), (1024, 384)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        per = -(-ctx // bs)
+        kv = torch.randn(2, batch * per, bs, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        tables = torch.randperm(batch * per, device="cuda", generator=g).to(torch.int32).view(batch, per)
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        scale = d ** -0.5
+        ref = paged_decode_ref(q[:64].float(), kv.float(), tables[:64], lens[:64], scale)
+        kv_bytes = batch * ctx * hkv * d * 2 * 2
+        res = []
+        for tn, w, s in ATTN_CONFIGS:
+            for splits in (1, 2, 4):
+                if splits > 1 and (tn, w, s) not in ATTN_CONFIGS[:2]:
+                    continue
+                c = dict(TILE_N=tn, num_warps=w, num_stages=s)
+                try:
+                    run = lambda: paged_decode(q, kv, tables, lens, scale, max_seq_len=ctx,  # noqa: E731
+                                               num_splits=splits, config=c)
+                    err = ((run()[:64].float() - ref).abs().max() / ref.abs().max()).item()
+                    ms = do_bench(run, warmup=5, rep=25)
+                    res.append(dict(c, splits=splits, ms=ms, GBps=kv_bytes / ms / 1e6, err=err, ok=err < 2e-2))
+                except Exception as e:  # a config that cannot compile is reported, not fatal
+                    res.append(dict(c, splits=splits, ok=False, error=str(e)[:100]))
+        good = sorted((r for r in res if r["ok"]), key=lambda r: r["ms"])
+        print(f"\ndecode attention b{batch} ctx{ctx} ({kv_bytes / 1e9:.2f} GB of KV): "
+              f"default {res[0].get('ms', float('nan')):.4f} ms = {res[0].get('GBps', 0) / copy:.0%} of copy; "
+              f"{len(res) - len(good)} failed")
+        for r in good[:8]:
+            print(f"   N{r['TILE_N']} w{r['num_warps']} s{r['num_stages']} splits {r['splits']}: {r['ms']:.4f} ms "
+                  f"{r['GBps'] / copy:.0%} of copy (err {r['err']:.1e})")
+        out_rows.append(dict(batch=batch, ctx=ctx, results=res))
+    return out_rows
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profile_steps(engine, steps: int) -> dict:
+    """Kernels of the next `steps` engine steps (synchronous), grouped, ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync()
+    rows = []
+    for ev in prof.key_averages():
+        t = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)) if cuda else ev.self_cpu_time_total
+        if t and ev.count and not ev.key.startswith(("cudaLaunch", "cudaMemcpy", "Memcpy", "Memset")):
+            rows.append({"kernel": ev.key, "ms": t / 1e3 / steps, "calls": ev.count / steps, "group": group_of(ev.key)})
+    rows.sort(key=lambda r: -r["ms"])
+    groups = {g: sum(r["ms"] for r in rows if r["group"] == g) for g in ("gemm", "attention", "other")}
+    return {"ms_per_step": sum(groups.values()), "groups": groups, "kernels": rows[:25]}
+
+
+def print_profile(label: str, p: dict) -> None:
+    print(f"\n{label}: {p['ms_per_step']:.3f} ms of kernels per step ("
+          + ", ".join(f"{g} {v:.3f}" for g, v in p["groups"].items()) + ")", flush=True)
+    for r in p["kernels"][:14]:
+        print(f"{r['ms']:>9.4f}{r['calls']:>6.0f}  {r['group']:<10}{r['kernel'][:100]}")
+
+
+def section_engine(shape: str, requests: int, prompt: int, decode_to: int, device: str) -> dict:
+    """The engine (eager, synchronous) on `requests` prompts of `prompt` tokens, as the many workload runs
+    them: the first (fresh prefill) step and one step of the ramp (decodes and prefill chunks) profiled, every
+    prefill step's host launch against its device time in isolation, then decode at all of them and at a
+    quarter of them, `decode_to` steps in (the workloads' mean context)."""
+    from folio import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(str(write_config(shape, Path(tmp))), load_format="dummy", dtype="bfloat16", device=device,
+                  max_model_len=prompt + decode_to + 64, max_num_seqs=requests, enforce_eager=True,
+                  async_scheduling=False, enable_prefix_caching=False)
+    engine = llm.engine
+    runner = engine.runner
+    cuda = engine.device.type == "cuda"
+    isolated = []
+    execute = runner.execute
+
+    def timed_execute(inputs):  # host launch and device time of a step's forward, nothing queued before it
+        _sync()
+        e0 = e1 = None
+        if cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+        t0 = time.perf_counter()
+        logits = execute(inputs)
+        t1 = time.perf_counter()
+        if cuda:
+            e1.record()
+        _sync()
+        isolated.append((inputs.meta.num_tokens, inputs.meta.num_seqs, 1e3 * (t1 - t0),
+                         e0.elapsed_time(e1) if cuda else float("nan")))
+        return logits
+
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=decode_to + 32, ignore_eos=True)
+    for i in range(requests):
+        engine.add_request(f"r{i}", None, params, stream=False,
+                           prompt_token_ids=rng.integers(3, engine.vocab_size, prompt).tolist())
+    res = {"prefill": profile_steps(engine, 1)}
+    print_profile(f"fresh prefill step ({engine.step_batch[1]} tokens, {engine.step_batch[0]} seqs)", res["prefill"])
+    runner.execute = timed_execute
+    for _ in range(15):
+        engine.step()
+    runner.execute = execute
+    res["mixed"] = profile_steps(engine, 1)
+    print_profile(f"mixed step of the ramp ({engine.step_batch[1]} tokens, {engine.step_batch[0]} seqs)", res["mixed"])
+    runner.execute = timed_execute
+
+    def prefilling() -> bool:
+        return bool(engine.scheduler.waiting) or any(s.num_computed_tokens < s.num_prompt_tokens
+                                                     for s in engine.scheduler.running)
+    while prefilling():
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    runner.execute = execute
+    print("\neager steps in isolation (tokens t, seqs s: host launch ms / device ms):\n   "
+          + "; ".join(f"{t}t {s}s: {h:.1f}/{d:.1f}" for t, s, h, d in isolated), flush=True)
+    res["isolated"] = isolated[:]
+    isolated.clear()
+    while engine.scheduler.running[0].num_tokens < prompt + decode_to:
+        engine.step()
+    ctx = int(np.mean([s.num_tokens for s in engine.scheduler.running]))
+    n = len(engine.scheduler.running)
+    res["decode_all"] = profile_steps(engine, 3)
+    print_profile(f"decode step at {n} seqs, context ~{ctx} (eager kernels)", res["decode_all"])
+    for i in range(requests // 4, requests):
+        engine.abort_request(f"r{i}")
+    engine.step()
+    res["decode_quarter"] = profile_steps(engine, 5)
+    print_profile(f"decode step at {len(engine.scheduler.running)} seqs, context ~{ctx} (eager kernels)",
+                  res["decode_quarter"])
+    runner.execute = timed_execute
+    for _ in range(3):
+        engine.step()
+    runner.execute = execute
+    print("eager decode steps in isolation (host launch ms / device ms): "
+          + "; ".join(f"{s}s: {h:.2f}/{d:.2f}" for t, s, h, d in isolated))
+    res["isolated_decode_quarter"] = isolated[:]
+    llm.shutdown()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", default=["gemm", "attn", "engine"], choices=["gemm", "attn", "engine"])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true", help="the engine section only, tiny shape on CPU (a check of the script)")
+    args = ap.parse_args()
+    if args.smoke:
+        print(section_engine("tiny", 16, 24, 8, "cpu")["decode_all"]["groups"])
+        return
+    t0 = time.perf_counter()
+    ceil = measure_ceilings(torch.device("cuda"))
+    print(f"device {torch.cuda.get_device_name()}: copy {ceil['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    rec = {"device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python bench/small_profile.py " + " ".join(sys.argv[1:]), **ceil}
+    for name in args.sections:
+        t = time.perf_counter()
+        rec[name] = {"gemm": section_gemm, "attn": section_attn, "engine": lambda c: section_engine(SHAPE, 1024, 256, 128, "cuda")}[name](ceil)
+        print(f"[{name}: {time.perf_counter() - t:.1f} s]", flush=True)
+    print(f"[total {time.perf_counter() - t0:.1f} s]")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rec, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
