@@ -12,8 +12,12 @@ with its running max and sum (fp32), and `_reduce_splits_kernel` combines them. 
 launch parameter only: the ranges are computed in the kernel from each sequence's own length, so
 any split count is correct for any lengths (a CUDA graph captured with one stays correct).
 
-An fp8 cache (float8_e4m3fn, KV_FP8) is upcast to q's dtype as it is loaded; k_scale rides in the softmax
-scale (the host multiplies them) and v_scale multiplies the output once at the end.
+An fp8 cache (float8_e4m3fn, KV_FP8) is upcast as it is loaded; k_scale rides in the softmax scale (the host
+multiplies them) and v_scale multiplies the output once at the end. With a bfloat16 query both dots run in
+float16 (F16_DOTS): e4m3 -> float16 is one packed conversion per two values (`cvt.rn.f16x2.e4m3x2`, exact),
+where e4m3 -> bfloat16 is three (through float16), and on the H200 those conversions, not the bytes, set the
+kernel's pace. The query is scaled by a power of two into float16's range (exact: bfloat16's 8-bit
+mantissa fits float16's 11) and the scores unscaled by it; P in float16 keeps more bits than in bfloat16.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def _paged_decode_kernel(
     EVICTION: tl.constexpr,  # "" or "evict_first"
     HEADS_FASTEST: tl.constexpr,  # grid (kv_heads, seqs, splits) rather than (seqs, kv_heads, splits)
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
+    F16_DOTS: tl.constexpr,  # KV_FP8 with a 16-bit q: both dots in float16, q scaled by a power of two
     ROWS_FROM_QSL: tl.constexpr,  # q/out row of a sequence = query_start_loc[seq]; others than 1 new token skipped
     PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
@@ -122,6 +127,8 @@ def _paged_decode_kernel(
     row64 = row.to(tl.int64)
     q = load_tile(q_ptr + row64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :], g_mask, d_ok,
                   True, D_MASKED, "")
+    if F16_DOTS:
+        q, q_unscale = _q_to_f16(q)
 
     if USE_SINKS:
         # The sink is a key with logit sinks[h] and no value; it belongs to split 0 alone.
@@ -152,9 +159,11 @@ def _paged_decode_kernel(
         k = load_tile(k_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
         v = load_tile(v_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
         if KV_FP8:
-            k = k.to(q.dtype)
+            k = k.to(q.dtype)  # float16 under F16_DOTS
             v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if F16_DOTS:
+            s = s * q_unscale
         if USE_SOFTCAP or USE_ALIBI:
             s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
             scale = 1.0
@@ -180,6 +189,21 @@ def _paged_decode_kernel(
                  mask=g_mask[:, None] & d_ok[None, :])
         tl.store(part_m_ptr + part, m_i, mask=g_mask)
         tl.store(part_l_ptr + part, l_i, mask=g_mask)
+
+
+@triton.jit
+def _q_to_f16(q):
+    """q (16-bit, [G, D]) times 2^(14 - E) as float16, where 2^E <= max|q| < 2^(E+1), and 2^(E - 14): the
+    scaled q's largest value lies in [2^14, 2^15) (float16 holds 65504), each value converts exactly (down to
+    2^-24 of the scaled range, i.e. ~2^-38 of max|q|, below which a value is rounded to float16's subnormals or
+    zero). Both factors are made from exponent bits, so they are exact powers of two."""
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(qf), 1), 0)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # the biased exponent of max|q| (0: zero/subnormal)
+    e = tl.minimum(tl.maximum(e, 15), 254)  # keep both factors' exponents in 1 ... 254
+    up = ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 + 14 - e + 127 - 127) = 2^(14 - (e - 127))
+    down = ((e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127 - 14)
+    return (qf * up).to(tl.float16), down
 
 
 @triton.jit
@@ -354,6 +378,7 @@ def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, nu
         EVICTION=cfg.get("EVICTION", ""),
         HEADS_FASTEST=heads_fastest,
         KV_FP8=fp8,
+        F16_DOTS=fp8 and q.dtype == torch.bfloat16 and cfg.get("F16_DOTS", True),
         ROWS_FROM_QSL=rows_from_qsl,
         v_scale=v_scale,
         num_warps=cfg["num_warps"],

@@ -89,3 +89,37 @@ def test_fp8_kernels_refuse_bad_scales_and_dtypes():
     bf16_cache = torch.zeros(cache.shape, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):
         reshape_and_cache(k, v, bf16_cache, meta.slot_mapping)  # float32 keys into a bfloat16 cache
+
+
+def _decode_f64(q, cache, meta, scale, k_scale, v_scale):
+    """Float64 attention of each sequence's one query over its dequantized fp8 keys and values."""
+    pool = cache.view(torch.uint8)
+    block_size, kv_heads, head_dim = cache.shape[2], cache.shape[3], cache.shape[4]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i, n in enumerate(meta.seq_lens_cpu):
+        blocks = meta.block_tables[i, : -(-n // block_size)].long().cpu()
+        k, v = (pool[j, blocks].reshape(-1, kv_heads, head_dim)[:n].view(cache.dtype).double() * s
+                for j, s in ((0, k_scale), (1, v_scale)))
+        group = q.shape[1] // kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        p = (torch.einsum("hd,nhd->hn", q[i].double().cpu(), k) * scale).softmax(-1)
+        out[i] = torch.einsum("hn,nhd->hd", p, v)
+    return out
+
+
+@pytest.mark.parametrize("q_scale", [1.0, 3e4, 1e-30])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_decode_bf16_query_float16_dots_against_float64(q_scale, num_splits):
+    """A bfloat16 query over an fp8 pool: both dots run in float16 with the query scaled by a power of two
+    into float16's range, so queries far beyond float16's range (3e4 * N(0,1) reaches ~1e5) or below its
+    subnormals (1e-30), with the softmax scale making their scores O(1), give the float64 attention within bfloat16's tolerance."""
+    q, k, v, cache, meta = fp8_batch(DEVICE, [(70, 1), (40, 1), (1, 1), (33, 1)], torch.float32, k_scale=0.5,
+                                     v_scale=2.0, num_heads=8, num_kv_heads=2)
+    reshape_and_cache(k, v, cache, meta.slot_mapping, 0.5, 2.0)
+    q = (q * q_scale).to(torch.bfloat16)
+    scale = 0.125 / q_scale  # scores of the same size in every case
+    got = paged_decode(q, cache, meta.block_tables, meta.seq_lens, scale, num_splits=num_splits, k_scale=0.5,
+                       v_scale=2.0)
+    want = _decode_f64(q, cache, meta, scale, 0.5, 2.0)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=2e-2)
