@@ -1,0 +1,284 @@
+"""Where the FP8 engine's time goes (one GPU, Llama-3-8B shape): the paged decode kernel over a bf16 and an fp8
+pool (every config checked against the torch reference before it is timed), then per engine (bf16; FP8
+weights; FP8 weights + FP8 KV) the device time of one 8,192-token prefill step and of a 256-sequence decode
+step, kernel by kernel, grouped (GEMM, attention, quantization, norm, SwiGLU, rotary, KV write, LM head,
+sampling, copies/casts, other). Then, while the budget lasts, the fixed workload's output tok/s per engine.
+
+    python bench/fp8_where.py [--json PATH] [--budget 95] [--sections decode engine throughput]
+
+Engines run eager under torch.profiler (every kernel shows by name; the decode CUDA graphs replay the same
+kernels). Throughput engines run as served (CUDA graphs, async scheduling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+sys.path.insert(0, BENCH)
+
+import quant as qb  # noqa: E402  (bench/quant.py: make_llm, free_gpu, attempt)
+
+from kernels import paged_decode as pd  # noqa: E402
+from services.engine.attention.kv_quant import quantize_kv_fp8  # noqa: E402
+
+DEV = qb.DEV
+BLOCK = 16
+# (label, batch, context): the fixed workload's decode (256 in + 0..256 out, mean ~384) and a long one
+DECODE_SHAPES = [("b256 ctx384", 256, 384), ("b64 ctx2048", 64, 2048)]
+HQ, HKV, D = 32, 8, 128
+
+
+def decode_configs(fp8: bool) -> list[dict]:
+    if not fp8:
+        return [dict(TILE_N=64, num_warps=4, num_stages=2), dict(TILE_N=128, num_warps=4, num_stages=2)]
+    out = [dict(TILE_N=t, num_warps=4, num_stages=2, F16_DOTS=False) for t in (64, 128)]
+    out += [dict(TILE_N=t, num_warps=w, num_stages=s, F16_DOTS=True)
+            for t in (64, 128, 256) for w in (4, 8) for s in (2, 3)]
+    return out
+
+
+def make_pool(batch: int, ctx: int, seed: int = 0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    blocks_per = -(-ctx // BLOCK)
+    nblocks = batch * blocks_per
+    kv = torch.randn(2, nblocks, BLOCK, HKV, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    tables = torch.randperm(nblocks, device=DEV, generator=g).to(torch.int32).view(batch, blocks_per)
+    lens = torch.randint(max(1, ctx * 2 // 3), ctx * 4 // 3 + 1, (batch,), device=DEV, generator=g, dtype=torch.int32)
+    lens = lens.clamp(max=blocks_per * BLOCK)
+    q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    return q, kv, tables, lens
+
+
+def decode_section(failures: list) -> list[dict]:
+    import triton.testing
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    copy = 2 * a.numel() / triton.testing.do_bench(lambda: b.copy_(a)) / 1e9
+    del a, b
+    print(f"copy ceiling {copy:.2f} TB/s", flush=True)
+    rows = []
+    for label, batch, ctx in DECODE_SHAPES:
+        q, kv16, tables, lens = make_pool(batch, ctx)
+        kv8 = quantize_kv_fp8(kv16.float(), 0.05, 0.04)  # values N(0,1) / scale: e4m3's whole range in use
+        tokens = int(lens.sum())
+        scale = D ** -0.5
+        for pool, kv, ks, vs, nbytes in (("bf16", kv16, 1.0, 1.0, 2), ("fp8", kv8, 0.05, 0.04, 1)):
+            ref = pd.paged_decode_ref(q.float(), kv, tables, lens, scale, ks, vs)
+            kv_bytes = tokens * HKV * D * 2 * nbytes
+            for cfg in decode_configs(pool == "fp8"):
+                def run(cfg=cfg):
+                    return pd.paged_decode(q, kv, tables, lens, scale, max_seq_len=int(lens.max()), num_splits=1,
+                                           config=cfg, k_scale=ks, v_scale=vs)
+                got = qb.attempt(run)
+                if isinstance(got, Exception):
+                    rows.append(dict(shape=label, pool=pool, config=cfg, ok=False, error=repr(got)[:200]))
+                    print(f"decode {label} {pool} {cfg}: {repr(got)[:200]}", flush=True)
+                    continue
+                err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                ok = err < 2e-2 and not got.isnan().any().item()
+                qb.record(rows, failures, ok, check="paged_decode", shape=label, pool=pool, config=cfg, rel_err=err)
+                if not ok:
+                    continue
+                ms = triton.testing.do_bench(run, warmup=10, rep=40)
+                r = dict(shape=label, pool=pool, config=cfg, ok=True, rel_err=err, ms=ms, TBps=kv_bytes / ms / 1e9,
+                         of_copy=kv_bytes / ms / 1e9 / copy)
+                rows.append(r)
+                print(f"decode {label:<12} {pool:<5} {str(cfg):<72} {ms * 1e3:8.1f} us {r['TBps']:5.2f} TB/s "
+                      f"({r['of_copy']:.0%} of copy) err {err:.1e}", flush=True)
+        del kv16, kv8
+    print("\nPaged decode, best per (shape, pool) against bf16's default:")
+    for label, _, _ in DECODE_SHAPES:
+        timed = [r for r in rows if r.get("shape") == label and "ms" in r]
+        base = next((r for r in timed if r["pool"] == "bf16"), None)
+        for pool, f16 in (("bf16", None), ("fp8", False), ("fp8", True)):
+            cand = [r for r in timed if r["pool"] == pool and r["config"].get("F16_DOTS") == f16]
+            if cand and base:
+                best = min(cand, key=lambda r: r["ms"])
+                print(f"  {label:<12} {pool:<4} F16_DOTS={f16!s:<5} best {best['ms'] * 1e3:7.1f} us "
+                      f"({base['ms'] / best['ms']:.2f}x bf16 default, {best['of_copy']:.0%} of copy) {best['config']}")
+    return rows
+
+
+# --- engines under the profiler --------------------------------------------------------------------------
+GROUPS = [  # (group, substrings of a kernel's lower-cased name), first match wins
+    ("gemm_fp8", ("w8a8", "fp8_w8a16", "e4m3", "f8f8", "fp8")),
+    ("gemm_bf16", ("nvjet", "gemm", "sm90_xmma", "cutlass", "cublas", "splitk")),
+    ("attention", ("paged", "reduce_splits")),
+    ("quant", ("quant_rows",)),
+    ("norm", ("add_norm", "rms")),
+    ("silu", ("silu",)),
+    ("rotary", ("rotary",)),
+    ("kv_write", ("reshape_and_cache",)),
+    ("sampling", ("greedy", "softmax", "argmax", "topk", "sort", "multinomial")),
+    ("copy/cast", ("copy", "cast", "convert", "to_copy", "fill", "index", "gather", "scatter", "cat")),
+]
+
+
+def group_of(name: str) -> str:
+    n = name.lower()
+    for g, keys in GROUPS:
+        if any(k in n for k in keys):
+            return g
+    return "other"
+
+
+def kernels_of(prof, steps: int) -> list[dict]:
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.count and not ev.key.startswith(("cudaLaunch", "cudaMemcpy", "cudaStream", "cudaEvent",
+                                                     "cudaFunc", "cudaDevice", "cudaGraph")):
+            rows.append({"kernel": ev.key, "ms": t / 1e3 / steps, "calls": ev.count / steps, "group": group_of(ev.key)})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows
+
+
+def summarize(label: str, kind: str, rows: list[dict]) -> dict:
+    total = sum(r["ms"] for r in rows)
+    groups: dict = {}
+    for r in rows:
+        groups[r["group"]] = groups.get(r["group"], 0.0) + r["ms"]
+    print(f"\n{label} {kind}: {total:.2f} ms of device time per step; "
+          + ", ".join(f"{g} {v:.2f}" for g, v in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)
+    for r in rows[:22]:
+        print(f"  {r['ms']:8.3f} ms {r['calls']:6.0f}x  {r['group']:<13}{r['kernel'][:100]}")
+    return {"engine": label, "step": kind, "device_ms": total, "groups_ms": groups, "kernels": rows[:60]}
+
+
+def profile_engine(label: str, weights: str, kv: str, prompt_len: int = 384, seqs: int = 256,
+                   decode_steps: int = 6) -> list[dict]:
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from folio import SamplingParams
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = qb.make_llm(tmp, weights, max_model_len=prompt_len + 128, max_num_seqs=seqs, enforce_eager=True,
+                          async_scheduling=False, gpu_memory_utilization=0.85, kv_cache_dtype=kv)
+        engine = llm.engine
+        rng = np.random.default_rng(0)
+        params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        for i in range(seqs):
+            engine.add_request(f"r{i}", None, params, stream=False,
+                               prompt_token_ids=rng.integers(3, engine.vocab_size, prompt_len).tolist())
+        engine.step()  # compiles whatever the warm-up left
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # a whole 8,192-token prefill step
+            engine.step()
+            torch.cuda.synchronize()
+        out.append(summarize(label, "prefill step", kernels_of(prof, 1)))
+        while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                              for s in engine.scheduler.running):
+            engine.step()
+        for _ in range(2):
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(decode_steps):
+                engine.step()
+            torch.cuda.synchronize()
+        out.append(summarize(label, f"decode step ({seqs} seqs, ctx ~{prompt_len + 4})", kernels_of(prof, decode_steps)))
+        out[-1]["kv_blocks"] = engine.blocks.num_blocks
+        llm.shutdown()
+        del llm, engine
+    qb.free_gpu()
+    return out
+
+
+def throughput(label: str, weights: str, kv: str, prompts: int = 256, length: int = 256) -> dict:
+    import numpy as np
+
+    from folio import SamplingParams
+
+    rng = np.random.default_rng(0)
+    work = [rng.integers(3, 128256, length).tolist() for _ in range(prompts)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        llm = qb.make_llm(tmp, weights, max_model_len=2 * length + 16, max_num_seqs=256, gpu_memory_utilization=0.9,
+                          kv_cache_dtype=kv)
+        startup = time.time() - t0
+        ps = [{"prompt_token_ids": p} for p in work]
+        llm.generate(ps[:64], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        params = SamplingParams(temperature=0, max_tokens=length, ignore_eos=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(ps, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - t
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        blocks = llm.engine.blocks.num_blocks
+        llm.shutdown()
+        del llm, outs
+    qb.free_gpu()
+    row = {"engine": label, "output_tok_s": n / secs, "seconds": secs, "startup_s": startup, "kv_blocks": blocks}
+    print(f"throughput {label:<16} {n / secs:8.0f} output tok/s ({secs:.2f} s; startup {startup:.0f} s, "
+          f"{blocks} KV blocks)", flush=True)
+    return row
+
+
+ENGINES = [("bf16", "bf16", "auto"), ("fp8", "fp8", "auto"), ("fp8 + fp8 KV", "fp8", "fp8")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--budget", type=float, default=95.0, help="seconds; later parts are skipped past it")
+    ap.add_argument("--sections", nargs="+", default=["decode", "engine", "throughput"],
+                    choices=["decode", "engine", "throughput"])
+    args = ap.parse_args()
+    start = time.time()
+    failures: list = []
+    result: dict = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
+                    "torch": torch.__version__, "command": "python bench/fp8_where.py " + " ".join(sys.argv[1:])}
+    if "decode" in args.sections:
+        result["decode"] = qb.attempt(lambda: decode_section(failures))
+        print(f"decode section done at {time.time() - start:.0f} s", flush=True)
+    if "engine" in args.sections:
+        result["profiles"] = []
+        for label, weights, kv in ENGINES:
+            if time.time() - start > args.budget - 12:
+                print(f"profile {label}: skipped (time budget)", flush=True)
+                continue
+            got = qb.attempt(lambda: profile_engine(label, weights, kv))
+            result["profiles"] += got if isinstance(got, list) else [{"engine": label, "error": repr(got)[:300]}]
+            if not isinstance(got, list):
+                print(f"profile {label}: {got!r}"[:400], flush=True)
+                qb.free_gpu()
+            print(f"profile {label} done at {time.time() - start:.0f} s", flush=True)
+    if "throughput" in args.sections:
+        result["throughput"] = []
+        for label, weights, kv in ENGINES:
+            if time.time() - start > args.budget - 14:
+                print(f"throughput {label}: skipped (time budget)", flush=True)
+                continue
+            got = qb.attempt(lambda: throughput(label, weights, kv))
+            result["throughput"].append(got if isinstance(got, dict) else {"engine": label, "error": repr(got)[:300]})
+        base = next((r for r in result["throughput"] if r.get("engine") == "bf16" and "output_tok_s" in r), None)
+        for r in result["throughput"]:
+            if base and "output_tok_s" in r:
+                print(f"  fixed {r['engine']:<16}{r['output_tok_s']:>9.0f} tok/s  {r['output_tok_s'] / base['output_tok_s']:.2f}x bf16")
+    result["failures"] = failures
+    result["seconds"] = round(time.time() - start, 1)
+    path = args.json or os.path.join(BENCH, "results", f"fp8_where_{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\n{len(failures)} check failure(s); {result['seconds']} s; wrote {path}")
+    for f in failures:
+        print("FAILED", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
