@@ -55,7 +55,7 @@ def candidates(m: int) -> list[dict]:
     64-128 rows for more (kept few: each is a compile)."""
     if m <= 16:
         return [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SWAP=True, num_warps=4, num_stages=st)
-                for bn, bk, st in ((64, 128, 4), (128, 128, 3), (64, 256, 3))]
+                for bn, bk, st in ((64, 128, 4), (128, 128, 3), (64, 256, 3), (32, 256, 4), (64, 128, 6))]
     bm = 32 if m <= 32 else 64
     out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SWAP=True, num_warps=4, num_stages=st)
            for bn, st in ((64, 4), (128, 3))]
@@ -196,6 +196,11 @@ def step_lens(kind: str, a: int, b: int) -> list[tuple[int, int]]:
     return [(1, 600)] * a + [(b, b)]  # a decodes at 600, one fresh prompt chunk of b tokens
 
 
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def device_ms(runner, inputs, iters: int) -> float:
     """Device time of one step (graphed if the runner has graphs): launches queued behind a GPU sleep, so the
     host's launch time is hidden; median of iters."""
@@ -254,20 +259,21 @@ def time_steps(runner, cfg, ceil, iters, label) -> list[dict]:
     return rows
 
 
-def profile_steps(runner, steps) -> list[dict]:
+def profile_steps(runner, steps, cfg, ceil) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     out = []
     graphs, runner.graphs = runner.graphs, None
     try:
         for kind, a, b in steps:
-            inputs = make_step(runner, step_lens(kind, a, b), a + b)
+            lens = step_lens(kind, a, b)
+            inputs = make_step(runner, lens, a + b)
             runner.execute(inputs)
-            torch.cuda.synchronize()
+            sync(runner.device)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
                     runner.execute(inputs)
-                torch.cuda.synchronize()
+                sync(runner.device)
             rows = []
             for ev in prof.key_averages():
                 t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
@@ -276,7 +282,11 @@ def profile_steps(runner, steps) -> list[dict]:
             rows.sort(key=lambda r: -r["ms"])
             total = sum(r["ms"] for r in rows)
             groups = {g: sum(r["ms"] for r in rows if r["group"] == g) for g in ("gemm", "attention", "other")}
-            print(f"\nprofile {kind} {a} x {b}: {total:.2f} ms device, " + ", ".join(f"{g} {v:.2f}" for g, v in groups.items()))
+            W, _, kv_tok = model_bytes_and_flops(cfg)
+            bw = ceil["copy_GBps"] * 1e9
+            kv_ms = 1e3 * sum(c for _, c in lens) * kv_tok / bw
+            print(f"\nprofile {kind} {a} x {b}: {total:.2f} ms device, " + ", ".join(f"{g} {v:.2f}" for g, v in groups.items())
+                  + f"; at the copy rate: weights {1e3 * W / bw:.2f} ms, KV {kv_ms:.2f} ms")
             for r in rows[:12]:
                 print(f"  {r['ms']:>8.3f} ms {r['calls']:>5.0f}x  {r['group']:<9} {r['kernel'][:100]}")
             out.append({"kind": kind, "a": a, "b": b, "total_ms": total, "groups_ms": groups, "kernels": rows[:25]})
@@ -299,7 +309,7 @@ def engine_part(args, ceil, table) -> dict:
     runner = llm.engine.runner
     res = {"before": time_steps(runner, cfg, ceil, args.iters, "cuBLAS")}
     if args.device.startswith("cuda"):
-        res["profile"] = profile_steps(runner, PROFILE_STEPS)
+        res["profile"] = profile_steps(runner, PROFILE_STEPS, cfg, ceil)
     if not any(table.values()):
         print("\nno dense_gemm winner: nothing to install")
         return res
