@@ -1,5 +1,6 @@
 """Where the Llama-3.2-1B shape's steps go at 256 and 1,024 sequences (issue 15's small-model targets), in one
-GPU run of about a minute: the 1B's GEMMs at decode and prefill row counts against the matmul ceiling (cuBLAS and
+GPU run of about a minute: a decode step as one CUDA graph against two half batches on two streams (attention of one
+half overlapping the GEMMs of the other), the 1B's GEMMs at decode and prefill row counts against the matmul ceiling (cuBLAS and
 cuBLASLt), the paged decode kernel's launch configs and KV splits at the fixed and `many` workloads' decode
 shapes (each checked against the torch reference), and the engine's own steps kernel by kernel (eager, under
 torch.profiler): a fresh 8,192-token prefill step, a mixed step of the `many` ramp, decode at 1,024 and 256
@@ -117,6 +118,95 @@ def section_attn(ceil: dict) -> list[dict]:
     return out_rows
 
 
+def decode_meta(b: int, ctx: int, device, block_size: int, first_block: int = 0):
+    """A decode step of b sequences each at context ctx on distinct blocks: (ids, positions, metadata)."""
+    from services.engine.attention.metadata import AttentionMetadata
+
+    per = -(-ctx // block_size)
+    width = -(-per // 16) * 16
+    tables = torch.zeros(b, width, dtype=torch.int32)
+    tables[:, :per] = first_block + torch.arange(b * per, dtype=torch.int32).view(b, per)
+    pos = torch.full((b,), ctx - 1, dtype=torch.long)
+    slots = tables[:, (ctx - 1) // block_size].long() * block_size + (ctx - 1) % block_size
+    meta = AttentionMetadata(
+        num_seqs=b, num_tokens=b, query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.full((b,), ctx, dtype=torch.int32, device=device), block_tables=tables.to(device),
+        slot_mapping=slots.to(device), max_query_len=1, max_seq_len=ctx, query_lens_cpu=[1] * b,
+        seq_lens_cpu=[ctx] * b, captured=True)
+    return torch.ones(b, dtype=torch.long, device=device), pos.to(device), meta
+
+
+def make_llm(shape: str, max_model_len: int, max_num_seqs: int, device: str):
+    """An eager, synchronous engine on random weights (kernels show by name; the graphs here are our own)."""
+    from folio import LLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return LLM(str(write_config(shape, Path(tmp))), load_format="dummy", dtype="bfloat16", device=device,
+                   max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=True,
+                   async_scheduling=False, enable_prefix_caching=False)
+
+
+def section_overlap(llm) -> list[dict]:
+    """A whole decode step (forward, final norm, LM head) as one CUDA graph, against the same step as two
+    half batches on two streams in one graph (their kernels free to overlap: one half's attention reads KV
+    while the other's GEMMs compute). Same rows, same weights; the halves' hidden states are compared."""
+    from triton.testing import do_bench
+
+    from services.engine.attention.metadata import AttentionMetadata
+
+    runner = llm.engine.runner
+    model, kv, dev, bs = runner.model, runner.kv_caches, runner.device, runner.block_size
+    rows = []
+    print("\ndecode step as one graph vs two half batches on two streams (ms per step, kernels overlapping):")
+    for b, ctx in ((256, 384), (512, 384), (1024, 384), (1024, 300)):
+        ids, pos, meta = decode_meta(b, ctx, dev, bs)
+
+        def half(lo, hi):
+            m = AttentionMetadata(
+                num_seqs=hi - lo, num_tokens=hi - lo, query_start_loc=meta.query_start_loc[:hi - lo + 1],
+                seq_lens=meta.seq_lens[lo:hi], block_tables=meta.block_tables[lo:hi],
+                slot_mapping=meta.slot_mapping[lo:hi], max_query_len=1, max_seq_len=ctx,
+                query_lens_cpu=[1] * (hi - lo), seq_lens_cpu=[ctx] * (hi - lo), captured=True)
+            return lambda: model.logits(model.forward(ids[lo:hi], pos[lo:hi], kv, m), float32=False)
+
+        one = half(0, b)
+        cut = b // 2
+        first, second = half(0, cut), half(cut, b)
+        side = torch.cuda.Stream()
+
+        def two():
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            a = first()
+            with torch.cuda.stream(side):
+                c = second()
+            main.wait_stream(side)
+            return a, c
+
+        with torch.inference_mode():
+            one(), two()
+            torch.cuda.synchronize()
+            g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g1):
+                out1 = one()
+            with torch.cuda.graph(g2):
+                out2 = two()
+            g1.replay()
+            g2.replay()
+            torch.cuda.synchronize()
+            diff = max((out1[:cut].float() - out2[0].float()).abs().max().item(),
+                       (out1[cut:].float() - out2[1].float()).abs().max().item())
+            agree = ((out1[:cut].argmax(-1) == out2[0].argmax(-1)).float().mean().item()
+                     + (out1[cut:].argmax(-1) == out2[1].argmax(-1)).float().mean().item()) / 2
+            ms1 = do_bench(g1.replay, warmup=5, rep=40)
+            ms2 = do_bench(g2.replay, warmup=5, rep=40)
+        print(f"   b{b} ctx{ctx}: one graph {ms1:.3f} ms, two streams {ms2:.3f} ms ({ms1 / ms2:.2f}x); "
+              f"max |logit diff| {diff:.3g}, argmax agreement {agree:.1%}", flush=True)
+        rows.append(dict(batch=b, ctx=ctx, one_ms=ms1, two_streams_ms=ms2, max_diff=diff, argmax_agree=agree))
+        del g1, g2, out1, out2
+    return rows
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -149,17 +239,13 @@ def print_profile(label: str, p: dict) -> None:
         print(f"{r['ms']:>9.4f}{r['calls']:>6.0f}  {r['group']:<10}{r['kernel'][:100]}")
 
 
-def section_engine(shape: str, requests: int, prompt: int, decode_to: int, device: str) -> dict:
+def section_engine(llm, requests: int, prompt: int, decode_to: int) -> dict:
     """The engine (eager, synchronous) on `requests` prompts of `prompt` tokens, as the many workload runs
     them: the first (fresh prefill) step and one step of the ramp (decodes and prefill chunks) profiled, every
     prefill step's host launch against its device time in isolation, then decode at all of them and at a
     quarter of them, `decode_to` steps in (the workloads' mean context)."""
-    from folio import LLM, SamplingParams
+    from folio import SamplingParams
 
-    with tempfile.TemporaryDirectory() as tmp:
-        llm = LLM(str(write_config(shape, Path(tmp))), load_format="dummy", dtype="bfloat16", device=device,
-                  max_model_len=prompt + decode_to + 64, max_num_seqs=requests, enforce_eager=True,
-                  async_scheduling=False, enable_prefix_caching=False)
     engine = llm.engine
     runner = engine.runner
     cuda = engine.device.type == "cuda"
@@ -228,18 +314,18 @@ def section_engine(shape: str, requests: int, prompt: int, decode_to: int, devic
     print("eager decode steps in isolation (host launch ms / device ms): "
           + "; ".join(f"{s}s: {h:.2f}/{d:.2f}" for t, s, h, d in isolated))
     res["isolated_decode_quarter"] = isolated[:]
-    llm.shutdown()
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["gemm", "attn", "engine"], choices=["gemm", "attn", "engine"])
+    ap.add_argument("--sections", nargs="+", default=["overlap", "gemm", "attn", "engine"],
+                    choices=["overlap", "gemm", "attn", "engine"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="the engine section only, tiny shape on CPU (a check of the script)")
     args = ap.parse_args()
     if args.smoke:
-        print(section_engine("tiny", 16, 24, 8, "cpu")["decode_all"]["groups"])
+        print(section_engine(make_llm("tiny", 24 + 8 + 64, 16, "cpu"), 16, 24, 8)["decode_all"]["groups"])
         return
     t0 = time.perf_counter()
     ceil = measure_ceilings(torch.device("cuda"))
@@ -247,9 +333,17 @@ def main() -> None:
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     rec = {"device": torch.cuda.get_device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python bench/small_profile.py " + " ".join(sys.argv[1:]), **ceil}
+    llm = None
     for name in args.sections:
         t = time.perf_counter()
-        rec[name] = {"gemm": section_gemm, "attn": section_attn, "engine": lambda c: section_engine(SHAPE, 1024, 256, 128, "cuda")}[name](ceil)
+        if name in ("overlap", "engine") and llm is None:
+            llm = make_llm(SHAPE, 256 + 128 + 64, 1024, "cuda")
+        if name == "overlap":
+            rec[name] = section_overlap(llm)
+        elif name == "engine":
+            rec[name] = section_engine(llm, 1024, 256, 128)
+        else:
+            rec[name] = {"gemm": section_gemm, "attn": section_attn}[name](ceil)
         print(f"[{name}: {time.perf_counter() - t:.1f} s]", flush=True)
     print(f"[total {time.perf_counter() - t0:.1f} s]")
     if args.json:
