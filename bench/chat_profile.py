@@ -66,6 +66,39 @@ def candidates(m: int) -> list[dict]:
     return out
 
 
+def _compile_one(job: tuple[dict, int]) -> str:
+    """(in a worker process) Compile one dense_gemm launch into Triton's on-disk cache: the row count is not
+    specialized, so any M builds it; split 1 and split > 1 are two builds."""
+    from kernels.dense_gemm import dense_gemm
+
+    cfg, split = job
+    x = torch.zeros(16, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    try:
+        dense_gemm(x, w, dict(cfg, SPLIT_K=split))
+        torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # reported again by the timed process
+        return f"{cfg} split {split}: {type(e).__name__}"
+
+
+def precompile(ms_list, jobs: int = 8) -> None:
+    """Compile every candidate in worker processes first (serially they take most of a minute)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    cfgs = {repr(c): c for m in ms_list if m <= TRITON_MAX_M for c in candidates(m)}
+    work = [(c, split) for c in cfgs.values() for split in (1, 2)]
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            errors = [e for e in pool.map(_compile_one, work) if e]
+    except Exception as e:  # a broken pool: the timed process compiles what is left itself
+        errors = [f"pool: {type(e).__name__}: {e}"]
+    print(f"precompiled {len(work)} dense_gemm builds in {time.perf_counter() - t0:.0f} s"
+          + (f"; errors: {errors[:3]}" if errors else ""), flush=True)
+
+
 def bench_ms(fn, device) -> float:
     if device.type == "cuda":
         import triton.testing
@@ -154,6 +187,59 @@ def merge_entry(entry: list[tuple[int, dict | None]]) -> tuple:
     while out and out[-1][1] is None:
         out.pop()
     return tuple(out)
+
+
+# --- decode attention at the chat's shapes ------------------------------------------------------------------
+ATTN_SHAPES = ((1, 1200), (16, 1200), (32, 1000), (48, 900), (96, 650), (256, 400))
+"""(sequences, longest context; contexts spread over [ctx/2, ctx]) of the chat run's decode steps."""
+
+
+def attention_sweep(cfg, ceil, max_model_len: int = 2064) -> list[dict]:
+    """The paged decode kernel's KV read rate at the chat's shapes: the split count a decode graph captures
+    (chosen for max_model_len) against other split counts, and a few tile configs; each checked first."""
+    import triton.testing
+
+    from bench.decode_sweep import make
+    from kernels.paged_decode import _decode_config, choose_num_splits, num_sms, paged_decode, paged_decode_ref
+
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    copy = ceil["copy_GBps"] / 1e3
+    default = _decode_config(d, torch.bfloat16)
+    others = [dict(TILE_N=32, num_warps=4, num_stages=2), dict(TILE_N=128, num_warps=4, num_stages=2),
+              dict(TILE_N=64, num_warps=8, num_stages=2), dict(TILE_N=64, num_warps=4, num_stages=3)]
+    rows = []
+    print(f"\ndecode attention (copy {copy:.2f} TB/s): seqs x ctx, graph's split, TB/s per (config, split)")
+    for b, ctx in ATTN_SHAPES:
+        q, kv, tables, lens = make(b, ctx, hq, hkv, d)
+        scale = d ** -0.5
+        ref = paged_decode_ref(q.float(), kv.float(), tables, lens, scale)
+        kv_bytes = int(lens.sum()) * hkv * d * 2 * 2
+        graph_split = choose_num_splits(b, hkv, max_model_len, num_sms(q.device))
+        trials = [(default, s) for s in sorted({1, 2, 4, 8, graph_split}) if s == 1 or b * hkv < 512]
+        if b in (48, 96):  # tile configs at split 1 (each split count is its own build: kept few)
+            trials += [(c, 1) for c in others]
+        res = []
+        for c, split in trials:
+            try:
+                run = lambda c=c, split=split: paged_decode(q, kv, tables, lens, scale, max_seq_len=max_model_len,  # noqa: E731
+                                                            num_splits=split, config=c)
+                err = ((run().float() - ref).abs().max() / ref.abs().max()).item()
+                if err > 2e-2:
+                    print(f"  {b} x {ctx} {c} split {split}: WRONG (err {err:.2g})")
+                    continue
+                ms = triton.testing.do_bench(run, warmup=5, rep=20)
+                res.append(dict(c, split=split, ms=ms, TBps=kv_bytes / ms / 1e9))
+            except Exception as e:  # a config that does not compile is reported, not fatal
+                print(f"  {b} x {ctx} {c} split {split}: {type(e).__name__} {str(e)[:100]}")
+        now = next((r for r in res if r["split"] == graph_split and all(r[k] == default[k] for k in default)), None)
+        best = max(res, key=lambda r: r["TBps"])
+        print(f"  {b:>4} x {ctx:<5} graph split {graph_split}: {now['TBps'] if now else float('nan'):.2f} TB/s "
+              f"({(now['TBps'] if now else 0) / copy:.0%} of copy, {now['ms'] if now else float('nan'):.3f} ms); best "
+              f"{best['TBps']:.2f} ({best['TBps'] / copy:.0%}, {best['ms']:.3f} ms) TILE_N={best['TILE_N']} "
+              f"w{best['num_warps']} s{best['num_stages']} split {best['split']}", flush=True)
+        rows.append({"seqs": b, "ctx": ctx, "graph_split": graph_split, "now": now, "best": best, "all": res})
+        del q, kv, tables, lens, ref
+    return rows
 
 
 # --- engine steps -----------------------------------------------------------------------------------------
@@ -370,6 +456,8 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     ms_list = (1, 16, 48) if args.quick else GEMM_MS
+    if dev.type == "cuda":
+        precompile(ms_list)
     rows, table = gemm_sweep(SHAPES[args.shape], ceil, dev, ms_list, getattr(torch, args.dtype))
     print("\ndense_dispatch.TABLE entries from this run's winners:")
     for key, entry in table.items():
@@ -379,6 +467,9 @@ def main() -> None:
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python bench/chat_profile.py " + " ".join(sys.argv[1:]), "shape": args.shape, **ceil,
            "gemms": rows, "table": {repr(k): v for k, v in table.items()}}
+    if dev.type == "cuda":
+        rec["attention"] = attention_sweep(SHAPES[args.shape], ceil)
+        print(f"(attention sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_engine:
         rec["engine"] = engine_part(args, ceil, table)
     print(f"(total {time.perf_counter() - t0:.0f} s)")

@@ -15,6 +15,7 @@ from services.engine.attention.metadata import AttentionMetadata
 from services.engine.cuda_graphs import Recorder, StepGraphs, cuda_recorder
 from services.engine.decode_inputs import DecodeInputs
 from services.engine.model.config import ModelConfig
+from services.engine.model.layers import dense_dispatch
 from services.engine.model.loader import iter_checkpoint
 from services.engine.model.registry import build_model
 from services.engine.scheduler import SchedulerOutput
@@ -224,6 +225,7 @@ class ModelRunner:
                 for lens in steps:
                     if i == 0 or max(n for n, _ in lens) > 1:
                         self._warm_step(lens)
+        dense_dispatch.warmup(self.device, self.dtype)  # the LM head's GEMM builds for any row count
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

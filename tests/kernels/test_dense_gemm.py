@@ -44,3 +44,28 @@ def test_dense_gemm_reads_a_strided_input_and_refuses_bad_arguments():
         dense_gemm(x.float(), w.float())
     with pytest.raises(ValueError, match="BLOCK_N"):
         dense_gemm(x, w, dict(BLOCK_N=24))
+
+
+def test_dispatch_table_picks_by_device_shape_and_row_count():
+    from services.engine.model.layers import dense_dispatch as dd
+
+    a, b = dict(BLOCK_M=16, BLOCK_N=64), dict(BLOCK_M=64, BLOCK_N=128)
+    table = {("GPU X", 6144, 4096): ((16, a), (48, None), (128, b))}
+    assert dd.config_for("GPU X", 1, 6144, 4096, table) == a
+    assert dd.config_for("GPU X", 16, 6144, 4096, table) == a
+    assert dd.config_for("GPU X", 17, 6144, 4096, table) is None  # cuBLAS between the two
+    assert dd.config_for("GPU X", 100, 6144, 4096, table) == b
+    assert dd.config_for("GPU X", 129, 6144, 4096, table) is None  # above the last entry
+    assert dd.config_for("GPU Y", 1, 6144, 4096, table) is None  # another device
+    assert dd.config_for("GPU X", 1, 4096, 4096, table) is None  # another shape
+
+
+def test_dispatch_linear_is_f_linear_off_the_table(monkeypatch):
+    """On CPU, with a bias, or with the switch off, the projection is exactly F.linear."""
+    from services.engine.model.layers import dense_dispatch as dd
+
+    monkeypatch.setitem(dd.TABLE, ("cpu", 32, 64), ((64, dict(BLOCK_M=16)),))
+    x, w, bias = torch.randn(4, 64), torch.randn(32, 64), torch.randn(32)
+    assert torch.equal(dd.linear(x, w, None), torch.nn.functional.linear(x, w))
+    assert torch.equal(dd.linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
+    assert dd.warmup(torch.device("cpu"), torch.bfloat16) == 0

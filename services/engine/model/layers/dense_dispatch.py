@@ -54,3 +54,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
             return dense_gemm(x, weight, cfg)
     return F.linear(x, weight, bias)
+
+
+def warmup(device: torch.device, dtype: torch.dtype) -> int:
+    """Compile every dense_gemm build this device's table can pick (each config with and without split-K:
+    the two builds), on small scratch operands: Triton's builds depend on the launch config and the operands'
+    alignment, not their sizes. Without it the LM head, which runs eagerly on each step's own row count,
+    would compile inside served steps. Returns the number of builds run."""
+    if device.type != "cuda" or not TABLE or not enabled() or dtype not in (torch.float16, torch.bfloat16):
+        return 0
+    from kernels.dense_gemm import dense_gemm
+
+    name = torch.cuda.get_device_name(device)
+    configs = {repr(c): c for (dev, _, _), entry in TABLE.items() if dev == name for _, c in entry if c is not None}
+    for cfg in configs.values():
+        k = 4 * cfg["BLOCK_K"]  # room for two K-slices of two blocks each
+        x = torch.zeros(16, k, device=device, dtype=dtype)
+        w = torch.zeros(64, k, device=device, dtype=dtype)
+        for split in (1, 2):
+            dense_gemm(x, w, dict(cfg, SPLIT_K=split))
+    return 2 * len(configs)
