@@ -56,6 +56,23 @@ def test_silu_mul_fp8(dtype, block, ub):
     got = silu_mul_fp8(gate_up, ub=ub, block=block)
     assert same_bits(got, quantize_fp8_rows(silu_mul(gate_up), ub=ub))
     assert_close_fp8(got, *quantize_activation(silu_mul_ref(gate_up), None, ub))
+    if block is not None:  # the split launches: tiles of 2 or 4 rows over 64- or 128-wide column blocks
+        assert same_bits(silu_mul_fp8(gate_up, ub=ub, split=dict(ROWS=block // 32, BLOCK=block)), got)
+
+
+def test_silu_mul_fp8_takes_its_launch_from_the_table(monkeypatch):
+    """FP8_LAUNCH picks by row count: the split launches up to 2 rows, one program per row above; same bits."""
+    from kernels import silu_mul as sm
+
+    calls = []
+    real = sm._split_launches
+    monkeypatch.setattr(sm, "_split_launches", lambda *a: calls.append(a[5]) or real(*a))
+    monkeypatch.setattr(sm, "FP8_LAUNCH", [(2, {"ROWS": 2, "BLOCK": 64}), (1 << 30, {"BLOCK": 128, "num_warps": 4})])
+    g = torch.Generator().manual_seed(5)
+    for t, splits_so_far in ((2, 1), (5, 1)):
+        gate_up = (torch.randn(t, 2 * 200, generator=g) * 3).to(DEV)
+        assert same_bits(silu_mul_fp8(gate_up), quantize_fp8_rows(silu_mul(gate_up)))
+        assert len(calls) == splits_so_far
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bfloat16 casts truncate
@@ -78,6 +95,8 @@ def test_scaled_inputs_equal_the_scaled_tensor(dtype):
     assert torch.equal(silu_mul(raw, scales=(row, gu_col)), silu_mul(gu_dense))
     for block in (None, 32):
         assert same_bits(silu_mul_fp8(raw, block=block, scales=(row, gu_col)), silu_mul_fp8(gu_dense, block=block))
+    split = dict(ROWS=4, BLOCK=64)  # the split launches: a ragged last row tile and column block
+    assert same_bits(silu_mul_fp8(raw, scales=(row, gu_col), split=split), silu_mul_fp8(gu_dense))
 
 
 @pytest.mark.parametrize("m, k, n, split, atomic", [
