@@ -1,5 +1,6 @@
 """Where the FP8 engine's time goes (one GPU, Llama-3-8B shape): the paged decode kernel over a bf16 and an fp8
-pool (every config checked against the torch reference before it is timed), then per engine (bf16; FP8
+pool (every config checked against the torch reference before it is timed), SwiGLU + FP8 launches on a
+deferred-scale gate/up output (each checked bit for bit; the winners applied below), then per engine (bf16; FP8
 weights; FP8 weights + FP8 KV) the device time of one 8,192-token prefill step and of a 256-sequence decode
 step, kernel by kernel, grouped (GEMM, attention, quantization, norm, SwiGLU, rotary, KV write, LM head,
 sampling, copies/casts, other). Then, while the budget lasts, the fixed workload's output tok/s per engine.
@@ -29,6 +30,8 @@ sys.path.insert(0, BENCH)
 import quant as qb  # noqa: E402  (bench/quant.py: make_llm, free_gpu, attempt)
 
 from kernels import paged_decode as pd  # noqa: E402
+from kernels import silu_mul as sm  # noqa: E402
+from kernels.fp8_quant import quantize_fp8_rows  # noqa: E402
 from services.engine.attention.kv_quant import quantize_kv_fp8  # noqa: E402
 
 DEV = qb.DEV
@@ -43,7 +46,7 @@ def decode_configs(fp8: bool) -> list[dict]:
         return [dict(TILE_N=64, num_warps=4, num_stages=2), dict(TILE_N=128, num_warps=4, num_stages=2)]
     out = [dict(TILE_N=t, num_warps=4, num_stages=2, F16_DOTS=False) for t in (64, 128)]
     out += [dict(TILE_N=t, num_warps=w, num_stages=s, F16_DOTS=True)
-            for t in (64, 128, 256) for w in (4, 8) for s in (2, 3)]
+            for t in (64, 128, 256) for w, s in ((4, 2), (4, 3), (8, 2))]
     return out
 
 
@@ -108,6 +111,59 @@ def decode_section(failures: list) -> list[dict]:
                 print(f"  {label:<12} {pool:<4} F16_DOTS={f16!s:<5} best {best['ms'] * 1e3:7.1f} us "
                       f"({base['ms'] / best['ms']:.2f}x bf16 default, {best['of_copy']:.0%} of copy) {best['config']}")
     return rows
+
+
+# --- SwiGLU + FP8 on a deferred-scale gate/up output ----------------------------------------------------
+SILU_MS = (16, 64, 256, 512, 2048, 8192)
+SILU_CANDIDATES = [{"BLOCK": 1024, "num_warps": 4}, {"BLOCK": 16384, "num_warps": 16}, {"BLOCK": 2048, "num_warps": 4}] + [
+    {"ROWS": r, "BLOCK": b, "num_warps": w} for r, b, w in
+    ((1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 1024, 8), (2, 2048, 8), (16, 256, 4),
+     (4, 2048, 8), (16, 512, 8))]
+INTER = 14336
+
+
+def silu_section(failures: list) -> dict:
+    """Each SILU_CANDIDATES launch per M, checked bit for bit against the unfused kernels, then timed (one CUDA
+    graph of 4 calls); the winners per M go to kernels/silu_mul.py FP8_LAUNCH for the throughput section."""
+    g = torch.Generator(device=DEV).manual_seed(2)
+    rows, table = [], []
+    gu, row, col = torch.ones(16, 2 * INTER, device=DEV, dtype=torch.bfloat16), torch.ones(16, 1, device=DEV), \
+        torch.ones(1, 2 * INTER, device=DEV)
+    qb.precompile([lambda c=c: sm.silu_mul_fp8(gu, scales=(row, col), split=c, warmup=True) if "ROWS" in c else
+                   sm.silu_mul_fp8(gu, scales=(row, col), block=c["BLOCK"], num_warps=c["num_warps"], warmup=True)
+                   for c in SILU_CANDIDATES])
+    for m in SILU_MS:
+        gu = (torch.randn(m, 2 * INTER, generator=g, device=DEV) * 40).to(torch.bfloat16)
+        row = torch.rand(m, 1, generator=g, device=DEV) * 0.01
+        col = torch.rand(1, 2 * INTER, generator=g, device=DEV) * 0.01
+        want = quantize_fp8_rows(sm.silu_mul(gu, scales=(row, col)))
+        t = {"silu (bf16 out)": qb.graph_ms([lambda: sm.silu_mul(gu, scales=(row, col))] * 4)}
+        best = None
+        for c in SILU_CANDIDATES:
+            def run(c=c):
+                if "ROWS" in c:
+                    return sm.silu_mul_fp8(gu, scales=(row, col), split=c)
+                return sm.silu_mul_fp8(gu, scales=(row, col), block=c["BLOCK"], num_warps=c["num_warps"])
+            got = qb.attempt(run)
+            ok = not isinstance(got, Exception) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) \
+                and torch.equal(got[1], want[1])
+            qb.record(rows, failures, ok, check="silu_mul_fp8_bits", M=m, config=c,
+                      error=repr(got)[:200] if isinstance(got, Exception) else None)
+            if not ok:
+                continue
+            ms = qb.graph_ms([run] * 4)
+            t[str(c)] = ms
+            if best is None or ms < best[1]:
+                best = (c, ms)
+        print(f"silu_fp8 M={m:<5} " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()), flush=True)
+        if best:
+            print(f"  best {best[0]} {best[1] * 1e3:.1f} us (was {t.get(str(SILU_CANDIDATES[0]), float('nan')) * 1e3:.1f})")
+            table.append((m, best[0]))
+        rows.append({"M": m, "ms": t})
+    launch = [(m if i < len(table) - 1 else 1 << 30, c) for i, (m, c) in enumerate(table)]
+    sm.FP8_LAUNCH[:] = launch
+    print(f"kernels/silu_mul.py FP8_LAUNCH (applied for the throughput section): {launch!r}", flush=True)
+    return {"rows": rows, "FP8_LAUNCH": launch}
 
 
 # --- engines under the profiler --------------------------------------------------------------------------
@@ -235,8 +291,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later parts are skipped past it")
-    ap.add_argument("--sections", nargs="+", default=["decode", "engine", "throughput"],
-                    choices=["decode", "engine", "throughput"])
+    ap.add_argument("--sections", nargs="+", default=["decode", "silu", "engine", "throughput"],
+                    choices=["decode", "silu", "engine", "throughput"])
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -245,6 +301,9 @@ def main() -> int:
     if "decode" in args.sections:
         result["decode"] = qb.attempt(lambda: decode_section(failures))
         print(f"decode section done at {time.time() - start:.0f} s", flush=True)
+    if "silu" in args.sections:
+        result["silu"] = qb.attempt(lambda: silu_section(failures))
+        print(f"silu section done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         result["profiles"] = []
         for label, weights, kv in ENGINES:
