@@ -266,11 +266,18 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: i
     return 1 << (splits.bit_length() - 1)  # round down to a power of two
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
+FP8_KV_CONFIG: dict = {}
+"""The launch over a float8 pool (head_dim <= 128, 16-bit queries) where it is not the 16-bit pool's: its tiles
+hold half the bytes and its loop converts (bench/fp8_where.py sweeps it). Empty: the 16-bit pool's."""
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> dict:
     if _interpreting():
         return dict(TILE_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(TILE_N=32, num_warps=4, num_stages=2)
+    if kv_fp8 and head_dim <= 128 and FP8_KV_CONFIG:
+        return dict(FP8_KV_CONFIG)
     if head_dim >= 256:
         return dict(TILE_N=32, num_warps=4, num_stages=3)
     # H200, bench/decode_sweep.py (bench/results/decode_sweep_2026-11-29_h200.json): 2 stages against 3,
@@ -333,7 +340,7 @@ def paged_decode(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1; got {num_splits}")
-    cfg = dict(_decode_config(head_dim, q.dtype), **(config or {}))
+    cfg = dict(_decode_config(head_dim, q.dtype, fp8), **(config or {}))
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -404,7 +411,7 @@ def _decode_rows_of_mixed_step(q, kv_cache, block_tables, seq_lens, scale, query
         out = torch.empty_like(q)
     if num_seqs == 0 or num_tokens == 0:
         return out
-    cfg = dict(_decode_config(head_dim, q.dtype), **(config or {}))
+    cfg = dict(_decode_config(head_dim, q.dtype, fp8), **(config or {}))
     _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, (out, out, out), num_seqs, 1, cfg, variants,
             fp8, v_scale, rows_from_qsl=True)
     return out

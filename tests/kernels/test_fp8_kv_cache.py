@@ -123,3 +123,16 @@ def test_fp8_decode_bf16_query_float16_dots_against_float64(q_scale, num_splits)
     want = _decode_f64(q, cache, meta, scale, 0.5, 2.0)
     assert not got.isnan().any()
     torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_fp8_pool_takes_its_own_decode_launch(monkeypatch):
+    """The GPU's launch over an fp8 pool comes from FP8_KV_CONFIG where it is set; a 16-bit pool's is unchanged."""
+    from kernels import paged_decode as pd
+
+    monkeypatch.setattr(pd, "_interpreting", lambda: False)
+    monkeypatch.setattr(pd, "FP8_KV_CONFIG", dict(TILE_N=128, num_warps=8, num_stages=3))
+    bf16 = pd._decode_config(128, torch.bfloat16)
+    assert pd._decode_config(128, torch.bfloat16, kv_fp8=True) == dict(TILE_N=128, num_warps=8, num_stages=3)
+    assert bf16 != pd.FP8_KV_CONFIG and pd._decode_config(128, torch.bfloat16, kv_fp8=False) == bf16
+    monkeypatch.setattr(pd, "FP8_KV_CONFIG", {})
+    assert pd._decode_config(128, torch.bfloat16, kv_fp8=True) == bf16
