@@ -169,7 +169,8 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
               max_num_seqs=max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
               async_scheduling=not args.no_async_scheduling,
-              quantization="fp8" if args.quantization == "fp8" else None)
+              quantization="fp8" if args.quantization == "fp8" else None,
+              **({} if args.two_stream_decode_from is None else {"two_stream_decode_from": args.two_stream_decode_from}))
     startup = time.perf_counter() - t0
     engine = llm.engine
     waste = []
@@ -316,6 +317,8 @@ def main() -> None:
     ap.add_argument("--compare-async", action="store_true",
                     help="run Folio with asynchronous scheduling off and on (one engine) and print the ratio")
     ap.add_argument("--no-async-scheduling", action="store_true", help="run Folio with asynchronous scheduling off")
+    ap.add_argument("--two-stream-decode-from", type=int, default=None,
+                    help="EngineConfig.two_stream_decode_from (default: the engine's; 0 turns it off)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default 256 (1,024 for the many workload)")

@@ -36,7 +36,10 @@ from services.engine.attention.metadata import AttentionMetadata
 
 log = logging.getLogger("folio.engine")
 
-DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, *range(320, 1025, 64))
+"""Batch sizes of decode-step graphs, up to max_num_seqs (added if it is not one of these): above 256 a padded
+step computes at most 1/5 more rows than it has (at 1,024 sequences the ramp-down of a workload's last requests
+would otherwise replay the largest bucket for every batch above 512)."""
 MIXED_BUCKETS = (*range(16, 256, 16), *range(256, 512, 32), *range(512, 1024, 64), *range(1024, 4097, 128))
 """Token counts of mixed-step graphs, up to EngineConfig.max_mixed_graph_tokens (which is added if it is
 not one of these): above 256 tokens a padded step computes at most 1/8 more tokens than it has, since a
@@ -88,6 +91,9 @@ class StepGraphs:
         self._dec: dict[str, torch.Tensor] = {}
         self._mix: dict[str, torch.Tensor] = {}
         """The decode and mixed graphs' static inputs (see _buffers); each graph reads a prefix of them."""
+        self.two_stream_from = 0
+        """Decode buckets of at least this many sequences run as two half batches on two streams (0: none)."""
+        self._side: torch.cuda.Stream | None = None
 
     # --- capture -------------------------------------------------------------------------------------
     def _buffers(self, tokens: int, seqs: int) -> dict[str, torch.Tensor]:
@@ -101,11 +107,14 @@ class StepGraphs:
             "qsl": torch.arange(seqs + 1, dtype=torch.int32, device=dev),
         }
 
-    def capture_decode(self, max_batch: int) -> None:
+    def capture_decode(self, max_batch: int, two_stream_from: int = 0) -> None:
         """One graph per batch bucket up to max_batch, attention launched for the longest context. The
         positions, slots and context lengths live in one int32 buffer laid out as DecodeInputs lays out
-        its own (`packed`, services/engine/decode_inputs.py), so a replay fills them with one copy."""
+        its own (`packed`, services/engine/decode_inputs.py), so a replay fills them with one copy.
+        Buckets of at least `two_stream_from` sequences (0: none) are recorded as two half batches on two
+        streams (`_two_halves`)."""
         buckets = buckets_up_to(DECODE_BUCKETS, max_batch)
+        self.two_stream_from = two_stream_from
         if buckets:
             st = self._dec = self._buffers(buckets[-1], buckets[-1])
             c = self.decode_capacity = -(-buckets[-1] // 4) * 4
@@ -139,7 +148,10 @@ class StepGraphs:
         for n in reversed(buckets):
             def run(n=n, meta=meta_of(n)):
                 out = st["hidden"][:n]
-                out.copy_(model.final_norm(model.forward(st["ids"][:n], st["pos"][:n], self.kv_caches, meta)))
+                if kind == "decode" and 2 <= self.two_stream_from <= n:
+                    self._two_halves(n)
+                else:
+                    out.copy_(model.final_norm(model.forward(st["ids"][:n], st["pos"][:n], self.kv_caches, meta)))
                 return out
 
             g, out, self.pool = self.record(run, self.pool)
@@ -153,6 +165,36 @@ class StepGraphs:
             block_tables=st["tables"][:b], slot_mapping=st["slots"][:b], max_query_len=1,
             max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
             captured=True)
+
+    def _two_halves(self, n: int) -> None:
+        """A decode step of n sequences as two independent half batches, the first on the current stream and
+        the second on a side stream, both recorded into the graph being captured: their kernels are free to
+        run at once, so one half's attention (bound by reading its KV) overlaps the other half's matmuls
+        (bound by compute at large batches). Each row's arithmetic is the same as in a batch of its half's size."""
+        st, model, half = self._dec, self.model, n // 2
+
+        def rows(lo: int, hi: int) -> None:
+            b = hi - lo
+            meta = AttentionMetadata(
+                num_seqs=b, num_tokens=b, query_start_loc=st["qsl"][:b + 1], seq_lens=st["seq_lens"][lo:hi],
+                block_tables=st["tables"][lo:hi], slot_mapping=st["slots"][lo:hi], max_query_len=1,
+                max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
+                captured=True)
+            h = model.forward(st["ids"][lo:hi], st["pos"][lo:hi], self.kv_caches, meta)
+            st["hidden"][lo:hi].copy_(model.final_norm(h))
+
+        if self.device.type != "cuda":  # a fake recorder on CPU (tests): the same halves, one after the other
+            rows(0, half)
+            rows(half, n)
+            return
+        main = torch.cuda.current_stream(self.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        self._side.wait_stream(main)
+        rows(0, half)
+        with torch.cuda.stream(self._side):
+            rows(half, n)
+        main.wait_stream(self._side)
 
     def _mixed_meta(self, t: int, s: int) -> AttentionMetadata:
         st = self._mix
