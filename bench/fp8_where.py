@@ -52,12 +52,11 @@ def decode_configs(fp8: bool) -> list[dict]:
 
 def make_pool(batch: int, ctx: int, seed: int = 0):
     g = torch.Generator(device=DEV).manual_seed(seed)
-    blocks_per = -(-ctx // BLOCK)
+    blocks_per = -(-(ctx * 4 // 3) // BLOCK)  # lengths 2/3 ... 4/3 of ctx: mean ctx
     nblocks = batch * blocks_per
     kv = torch.randn(2, nblocks, BLOCK, HKV, D, device=DEV, dtype=torch.bfloat16, generator=g)
     tables = torch.randperm(nblocks, device=DEV, generator=g).to(torch.int32).view(batch, blocks_per)
     lens = torch.randint(max(1, ctx * 2 // 3), ctx * 4 // 3 + 1, (batch,), device=DEV, generator=g, dtype=torch.int32)
-    lens = lens.clamp(max=blocks_per * BLOCK)
     q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16, generator=g)
     return q, kv, tables, lens
 
