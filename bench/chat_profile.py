@@ -14,8 +14,11 @@
    FLOPs at the matmul rate if larger).
 3. Kernel by kernel (torch.profiler, eager launches: the graphs replay the same kernels) for a few of them:
    GEMMs, attention, the rest.
-4. The same steps with the winners' table installed (eager and re-captured graphs), against cuBLAS alone,
-   with the logits compared: the end-to-end gain the table would bring.
+4. Decode attention at the chat's shapes: the split count the decode graphs capture against others, a few
+   tile configs.
+5. Some of the steps again from re-captured graphs with the winners' table installed, with PDL on
+   (kernels/pdl.py: every Triton kernel of the step, dense_gemm included, may launch before the previous
+   one ends), and both; the table's logits compared with cuBLAS's first.
 """
 
 from __future__ import annotations
@@ -326,27 +329,29 @@ def step_ceiling_ms(cfg, lens, ceil) -> float:
     return 1e3 * max((W + kv) / bw, flops / mm) if bw == bw else float("nan")
 
 
-def time_steps(runner, cfg, ceil, iters, label) -> list[dict]:
+def time_steps(runner, cfg, ceil, iters, label, steps, eager: bool = True) -> list[dict]:
+    """Device ms of each (kind, a, b) step from its graph and (if eager) launched op by op."""
     rows = []
     print(f"\n{label}: {'kind':<7}{'seqs':>6}{'ctx/chunk':>10}{'tokens':>7}{'ceil ms':>9}{'graph ms':>9}{'eager ms':>9}"
           f"{'of ceil':>8}")
-    for kind, steps in (("decode", DECODE_STEPS), ("mixed", MIXED_STEPS)):
-        for a, b in steps:
-            lens = step_lens(kind, a, b)
-            inputs = make_step(runner, lens, a * 7 + b)
-            graphs = runner.graphs
-            t_graph = device_ms(runner, inputs, iters) if graphs is not None else float("nan")
+    for kind, a, b in steps:
+        lens = step_lens(kind, a, b)
+        inputs = make_step(runner, lens, a * 7 + b)
+        graphs = runner.graphs
+        t_graph = device_ms(runner, inputs, iters) if graphs is not None else float("nan")
+        t_eager = float("nan")
+        if eager or graphs is None:
             runner.graphs = None
             try:
                 t_eager = device_ms(runner, inputs, iters)
             finally:
                 runner.graphs = graphs
-            c = step_ceiling_ms(cfg, lens, ceil)
-            best = min(t for t in (t_graph, t_eager) if t == t)
-            rows.append({"kind": kind, "a": a, "b": b, "tokens": sum(n for n, _ in lens), "ceil_ms": c,
-                         "graph_ms": t_graph, "eager_ms": t_eager})
-            print(f"{'':<{len(label) + 2}}{kind:<7}{a:>6}{b:>10}{sum(n for n, _ in lens):>7}{c:>9.2f}{t_graph:>9.2f}"
-                  f"{t_eager:>9.2f}{c / best:>8.0%}", flush=True)
+        c = step_ceiling_ms(cfg, lens, ceil)
+        best = min(t for t in (t_graph, t_eager) if t == t)
+        rows.append({"kind": kind, "a": a, "b": b, "tokens": sum(n for n, _ in lens), "ceil_ms": c,
+                     "graph_ms": t_graph, "eager_ms": t_eager, "ms": best})
+        print(f"{'':<{len(label) + 2}}{kind:<7}{a:>6}{b:>10}{sum(n for n, _ in lens):>7}{c:>9.2f}{t_graph:>9.2f}"
+              f"{t_eager:>9.2f}{c / best:>8.0%}", flush=True)
     return rows
 
 
@@ -388,6 +393,7 @@ def profile_steps(runner, steps, cfg, ceil) -> list[dict]:
 
 def engine_part(args, ceil, table) -> dict:
     from folio import LLM
+    from kernels import pdl
     from services.engine.model.layers import dense_dispatch
 
     cfg = SHAPES[args.shape]
@@ -398,48 +404,76 @@ def engine_part(args, ceil, table) -> dict:
                   max_mixed_graph_tokens=1024 if not args.quick else 64)
         print(f"\nengine up in {time.perf_counter() - t0:.1f} s", flush=True)
     runner = llm.engine.runner
-    res = {"before": time_steps(runner, cfg, ceil, args.iters, "cuBLAS")}
+    all_steps = [("decode", a, b) for a, b in DECODE_STEPS] + [("mixed", a, b) for a, b in MIXED_STEPS]
+    res = {"phases": {"cuBLAS": time_steps(runner, cfg, ceil, args.iters, "cuBLAS", all_steps)}}
     if args.device.startswith("cuda"):
         res["profile"] = profile_steps(runner, PROFILE_STEPS, cfg, ceil)
     if not any(table.values()):
         print("\nno dense_gemm winner: nothing to install")
-        return res
-    # Logits with and without the table on a few steps: the numbers any greedy-token change would come from.
+    else:
+        res["logit_checks"] = logit_checks(runner, table)
+    # Each phase re-records the graphs so they hold its kernels; the steps the chat run spends most time in.
+    sub = [s for s in all_steps if (s[0], s[1]) in {("decode", 1), ("decode", 16), ("decode", 48), ("decode", 96),
+                                                    ("decode", 256), ("mixed", 250), ("mixed", 128)}] or all_steps
+    phases = [("table", True, False), ("PDL", False, True), ("table+PDL", True, True)] if any(table.values()) \
+        else [("PDL", False, True)]
+    for label, use_table, use_pdl in phases:
+        dense_dispatch.TABLE.update(table if use_table else {})
+        pdl.ENABLED = use_pdl
+        try:
+            recapture(llm, args)
+            res["phases"][label] = time_steps(runner, cfg, ceil, args.iters, label, sub, eager=False)
+        finally:
+            dense_dispatch.TABLE.clear()
+            pdl.ENABLED = False
+    base = {(r["kind"], r["a"], r["b"]): r["ms"] for r in res["phases"]["cuBLAS"]}
+    names = [p for p in res["phases"] if p != "cuBLAS"]
+    print(f"\n{'step (graph ms)':<22}{'cuBLAS':>9}" + "".join(f"{n:>12}" for n in names))
+    for kind, a, b in sub:
+        key = (kind, a, b)
+        cells = []
+        for n in names:
+            t = next(r["ms"] for r in res["phases"][n] if (r["kind"], r["a"], r["b"]) == key)
+            cells.append(f"{t:>7.2f}{base[key] / t - 1:>+5.0%}")
+        print(f"{kind + ' ' + str(a) + ' x ' + str(b):<22}{base[key]:>9.2f}" + "".join(f"{c:>12}" for c in cells))
+    return res
+
+
+def logit_checks(runner, table) -> list[dict]:
+    """Logits with and without the table on a few eager steps: the numbers a greedy-token change would come from."""
+    from services.engine.model.layers import dense_dispatch
+
     checks = []
     for kind, a, b in (("decode", 32, 700), ("decode", 128, 700), ("mixed", 64, 200)):
         inputs = make_step(runner, step_lens(kind, a, b), 99 + a)
         graphs, runner.graphs = runner.graphs, None
-        base = runner.execute(inputs).float()
-        dense_dispatch.TABLE.update(table)
-        new = runner.execute(inputs).float()
-        dense_dispatch.TABLE.clear()
-        runner.graphs = graphs
+        try:
+            base = runner.execute(inputs).float()
+            dense_dispatch.TABLE.update(table)
+            new = runner.execute(inputs).float()
+        finally:
+            dense_dispatch.TABLE.clear()
+            runner.graphs = graphs
         agree = float((base.argmax(-1) == new.argmax(-1)).float().mean())
         checks.append({"step": f"{kind} {a}x{b}", "max_abs_logit_diff": float((base - new).abs().max()),
                        "argmax_agreement": agree})
         print(f"table vs cuBLAS logits, {kind} {a} x {b}: max |diff| {checks[-1]['max_abs_logit_diff']:.4f}, "
               f"argmax agreement {agree:.3f}", flush=True)
-    res["logit_checks"] = checks
-    dense_dispatch.TABLE.update(table)
-    try:
-        if runner.graphs is not None:  # re-record the graphs so they hold the table's kernels
-            t0 = time.perf_counter()
-            engine = llm.engine
-            runner.graphs = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            runner.capture_decode_graphs(256, engine.max_model_len)
-            runner.capture_mixed_graphs(1024 if not args.quick else 64, 256, engine.max_model_len)
-            print(f"graphs re-captured in {time.perf_counter() - t0:.1f} s", flush=True)
-        res["after"] = time_steps(runner, cfg, ceil, args.iters, "table")
-    finally:
-        dense_dispatch.TABLE.clear()
-    print(f"\n{'step':<22}{'before ms':>10}{'after ms':>10}{'gain':>8}")
-    for b, a in zip(res["before"], res["after"]):
-        tb = min(t for t in (b["graph_ms"], b["eager_ms"]) if t == t)
-        ta = min(t for t in (a["graph_ms"], a["eager_ms"]) if t == t)
-        print(f"{b['kind'] + ' ' + str(b['a']) + ' x ' + str(b['b']):<22}{tb:>10.2f}{ta:>10.2f}{tb / ta - 1:>8.1%}")
-    return res
+    return checks
+
+
+def recapture(llm, args) -> None:
+    runner, engine = llm.engine.runner, llm.engine
+    if runner.graphs is None:
+        return
+    t0 = time.perf_counter()
+    runner.graphs = None
+    gc.collect()
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    runner.capture_decode_graphs(256, engine.max_model_len)
+    runner.capture_mixed_graphs(1024 if not args.quick else 64, 256, engine.max_model_len)
+    print(f"graphs re-captured in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def main() -> None:

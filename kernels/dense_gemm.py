@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import splitk
+from kernels import pdl, splitk
 from kernels.splitk import splitk_store
 
 
@@ -29,9 +29,11 @@ def _dense_gemm_kernel(
     M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_os,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
+    PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
     """One program: a [BLOCK_M, BLOCK_N] output tile over one K-slice (program_id(1)). SWAP accumulates the
     transposed tile [BLOCK_N, BLOCK_M] = w_tile @ x_tile.T (the same sums, other MMA shape)."""
+    pdl.enter(PDL)
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // num_n, pid % num_n
@@ -104,7 +106,7 @@ def dense_gemm(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     _dense_gemm_kernel[(tiles, split)](
         x, weight, out, m, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(-2),
-        out.stride(0) if split > 1 else 0, SPLIT=split > 1, UPCAST=_interpreting(), num_warps=num_warps, num_stages=num_stages, **cfg)
+        out.stride(0) if split > 1 else 0, SPLIT=split > 1, UPCAST=_interpreting(), num_warps=num_warps, num_stages=num_stages, **cfg, **pdl.args(x))
     return splitk.finish(out, x.dtype)
 
 
