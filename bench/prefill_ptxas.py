@@ -45,7 +45,8 @@ def compile_config(cfg: dict):
                   KV_FP8=False, LAZY_RESCALE=cfg["LAZY_RESCALE"], HAS_PREFIX=cfg["NEW_KV"] == "paged",
                   Q_SCALED=cfg["Q_SCALED"], LOOP_STAGES=cfg["LOOP_STAGES"], LOOP_UNROLL=cfg["LOOP_UNROLL"],
                   LOOP_WS=cfg["LOOP_WS"], OVERLAP_QK=cfg["OVERLAP_QK"], SKIP_SINGLE=False,
-                  BLOCK_N_TAIL=min(cfg["BLOCK_N_TAIL"] or bn, bn))
+                  BLOCK_N_TAIL=min(cfg["BLOCK_N_TAIL"] or bn, bn), ONE_LOOP=cfg["ONE_LOOP"],
+                  PERSISTENT=cfg["PERSISTENT"], NUM_HEAD_GROUPS=32 // row_heads)
     names = pp._paged_prefill_kernel.arg_names
     sig = {}
     for n in names:

@@ -55,17 +55,18 @@ SHAPES = {  # name: (sequences, cached prefix, new tokens)
     "short": (32, 0, 512),  # many short prompts: the table's fresh-prompt key below 1024 tokens
     "extend": (4, 2048, 2048),  # long chunks after a cached prefix: the extend key of 1024-4095 tokens
 }
-TIMED = ("prefill", "long", "chunked", "short", "extend")
+TIMED = ("short", "prefill", "long", "chunked", "extend")  # the two short of the target first (the budget)
+FOCUS = ("short", "prefill")  # every variant is timed here; the others time only the WIDE variants
 
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
-         tail=None):
+         tail=None, one=0, persist=0):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
-                LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail)
+                LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist)
 
 
 def _name(c: dict | None) -> str:
@@ -79,34 +80,40 @@ def _name(c: dict | None) -> str:
                                           (f"ls{c['LOOP_STAGES']}", c["LOOP_STAGES"]),
                                           (f"unroll{c['LOOP_UNROLL']}", c["LOOP_UNROLL"]), ("ws", c["LOOP_WS"]),
                                           ("overlap", c["OVERLAP_QK"]),
-                                          (f"tail{c['BLOCK_N_TAIL']}", c["BLOCK_N_TAIL"])) if on)
+                                          (f"tail{c['BLOCK_N_TAIL']}", c["BLOCK_N_TAIL"]),
+                                          (f"one{c.get('ONE_LOOP')}", c.get("ONE_LOOP")),
+                                          (f"persist{c.get('PERSISTENT')}", c.get("PERSISTENT"))) if on)
     return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
-# Round 3 (bench/results/prefill_sweep_2026-11-29_h200_round3.json): folding the scale into q cost 3-6% on every
-# config (q then sits in registers); tl.range stages / unroll, the hand-pipelined QK^T, warp_specialize,
-# 256-row and 64-row programs all lost; 128-key tiles at 8 warps, 3 stages, no register cap won 1 x 8192
-# (95% of SDPA). Round 4 tunes around the two families that lead: BASE (two programs per SM) and N128 s3 (one),
-# on two more shapes that fill other table keys, and BLOCK_N_TAIL (the diagonal in narrower tiles). All take
-# has_prefix=False on the fresh-prompt shapes, as the engine does.
+# Rounds 1-4 (bench/results/prefill_2026-11-29_h200.md): BASE (two 8-warp programs per SM) leads everywhere but
+# at >= 4096 tokens (N128 s3 tail32). Round 5 goes after the per-query-tile overhead that dominates 32 x 512
+# (fitting round 4: ~6.5 us per program slot against ~2.1 us per key tile): `one1`/`one2` = ONE_LOOP (the
+# diagonal tile in the free tiles' pipelined loop, masked always / by a runtime branch, so its loads are
+# prefetched), `seqvec64` (32 sequences find theirs with vector loads, not a binary search), `persistN` = a
+# persistent grid of N programs per SM, and narrower programs (64 rows, 3-4 per SM) or key tiles (32, 3 stages).
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(),  # BASE
-    _cfg(pair=True, reverse=False),
-    _cfg(s=3, maxnreg=None),
-    _cfg(n=128, s=3, maxnreg=None),
-    _cfg(n=128, s=3, maxnreg=None, pair=True, reverse=False),
-    _cfg(n=128, s=3, maxnreg=None, pack=False),
-    _cfg(n=128, s=3, maxnreg=None, n_paged=64),
-    # the chunk's diagonal (keys some row of the tile does not see) in narrower tiles than the bulk:
-    _cfg(tail=32),
-    _cfg(n=128, s=3, maxnreg=None, tail=32),
-    _cfg(n=128, s=3, maxnreg=None, tail=64),
-    _cfg(n=128, s=3, maxnreg=None, tail=32, pair=True, reverse=False),
-    _cfg(n=128, s=3, maxnreg=None, tail=32, pack=False),
-    _cfg(n=128, s=3, maxnreg=None, tail=32, n_paged=64),
-    _cfg("paged", n=32, w=4, s=3, reverse=False, maxnreg=None, seq_vec=0),  # the default before issue 15's work
+    _cfg(pair=True, reverse=False),  # the table's 8 x 2048 pick
+    _cfg(seq_vec=64),
+    _cfg(one=1),
+    _cfg(one=2),
+    _cfg(one=2, seq_vec=64),
+    _cfg(one=2, pair=True, reverse=False),
+    _cfg(persist=2),
+    _cfg(persist=2, one=2, seq_vec=64),
+    _cfg(n=32, s=3, one=2, seq_vec=64),
+    _cfg(m=64, n=32, w=4, s=2, one=2, seq_vec=64),  # four programs per SM
+    _cfg(m=64, n=32, w=4, s=3, maxnreg=168, one=2, seq_vec=64),  # three
+    _cfg(m=64, n=64, w=4, s=2, one=2, seq_vec=64),  # two (shared memory)
+    _cfg(n=128, s=3, maxnreg=None, tail=32),  # the table's >= 4096-token pick
+    _cfg(n=128, s=3, maxnreg=None, one=2),
+    _cfg(n=128, s=3, maxnreg=None, tail=32, one=2),
 ]
+# Timed on every shape (the rest only on FOCUS): the table, BASE, the long pick, and the round's main switches.
+WIDE = [None, _cfg(), _cfg(one=2), _cfg(one=2, seq_vec=64), _cfg(persist=2, one=2, seq_vec=64),
+        _cfg(n=128, s=3, maxnreg=None, tail=32), _cfg(n=128, s=3, maxnreg=None, tail=32, one=2)]
 
 
 def make_problem(name: str, dev: torch.device, seed: int = 0):
@@ -164,6 +171,39 @@ def sdpa_fn(p):
         except Exception as e:  # noqa: PERF203 - the next form is the fallback
             print(f"  SDPA {how}: {type(e).__name__}: {str(e)[:120]}")
     raise RuntimeError("no SDPA form ran on the chunked shape")
+
+
+def sdpa_backends(p, quick: bool) -> dict:
+    """Which backend the default SDPA call runs (its CUDA kernels' names, from the profiler) and each forced
+    backend's time on the same call (kv heads repeated where a backend refuses enable_gqa)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fn, _ = sdpa_fn(p)
+    out: dict = {}
+    if not SMOKE:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        out["default_kernels"] = sorted({e.name[:90] for e in prof.events() if e.device_type.name == "CUDA"})
+    qc, kc, vc = p["qc"], p["kc"], p["vc"]
+    kr, vr = (t.repeat_interleave(HQ // HKV, dim=1) for t in (kc, vc))
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for how, args in (("gqa", dict(key=kc, value=vc, enable_gqa=True)), ("repeated", dict(key=kr, value=vr))):
+            def call(args=args, backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(qc, is_causal=True, scale=D ** -0.5, **args)
+            try:
+                call()
+                ms = bench(call, quick)
+                out[f"{backend.name} ({how})"] = dict(ms=ms, TFLOPs=p["flops"] / ms / 1e9)
+                break
+            except Exception as e:  # noqa: PERF203 - a backend that refuses this call is reported
+                out[f"{backend.name} ({how})"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    print(f"  SDPA default runs: {out.get('default_kernels')}")
+    for k, x in out.items():
+        if k != "default_kernels":
+            print(f"  SDPA forced {k}: " + (f"{x['ms'] * 1e3:.0f} us {x['TFLOPs']:.0f} TFLOP/s" if isinstance(x, dict) else x))
+    return out
 
 
 def run_kernel(p, cfg):
@@ -322,14 +362,16 @@ SMOKE = False
 
 def smoke_setup() -> torch.device:
     """--smoke: the script's own logic on the CPU under TRITON_INTERPRET, tiny shapes, fp32, a few variants."""
-    global SMOKE, DTYPE, VARIANTS
+    global SMOKE, DTYPE, VARIANTS, WIDE
     SMOKE, DTYPE = True, torch.float32
     SHAPES.update(prefill=(2, 0, 40), long=(1, 0, 72), chunked=(2, 35, 20), short=(3, 0, 16), extend=(2, 20, 20))
     VARIANTS = [None, _cfg(m=32, n=32, w=4, s=1, maxnreg=None), _cfg(m=16, n=16, w=4, s=1, qs=True, unroll=2),
                 _cfg("paged", 16, 16, 4, 1, blockwise=True, qs=True, ws=True),
                 _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32, loop_stages=2),
                 _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8), _cfg(m=32, n=16, w=4, s=1, overlap=True, qs=True),
-                _cfg(m=32, n=32, w=4, s=1, tail=8)]
+                _cfg(m=32, n=32, w=4, s=1, tail=8), _cfg(m=32, n=16, w=4, s=1, one=2, persist=2, seq_vec=8),
+                _cfg(m=32, n=16, w=4, s=1, one=1)]
+    WIDE = list(VARIANTS)
     return torch.device("cpu")
 
 
@@ -404,7 +446,11 @@ def main() -> None:
                                             variants={})
         print(f"\n{shape}: {SHAPES[shape]} (seqs, cached, new); SDPA ({how}) {sdpa_ms * 1e3:.0f} us "
               f"{sdpa_tf:.0f} TFLOP/s; the table picks {pick_name}")
+        if shape in FOCUS and p["ctx"] == 0:
+            res["sdpa_backends"] = sdpa_backends(p, args.quick)
         for cfg, name in zip(VARIANTS, names):
+            if shape not in FOCUS and cfg not in WIDE:
+                continue
             if time.time() - t_start > args.budget:
                 print(f"  {name:50s} skipped: past the {args.budget:.0f} s budget")
                 res["variants"][name] = dict(error="skipped: time budget")

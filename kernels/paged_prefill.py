@@ -37,6 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.paged_checks import check_kv_scales, check_paged_inputs, check_query_start_loc
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 from kernels.paged_prefill_configs import select_config
+from kernels.splitk import sm_count
 
 # Where the chunk's own keys come from (the NEW_KV constexpr).
 NEW_KV_PAGED, NEW_KV_PTR, NEW_KV_TMA = 0, 1, 2
@@ -144,20 +145,30 @@ def _scores(q, k, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_S
 
 
 @triton.jit
-def _fold(s, v, acc, m_i, l_i, pos, valid, q_pos, window, qk_scale, MASKED: tl.constexpr,
+def _mask_scores(s, pos, valid, q_pos, window, USE_WINDOW: tl.constexpr):
+    """-inf where a key is outside [a, b) (valid) or after the row's position (or before its window)."""
+    keep = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
+    if USE_WINDOW:
+        keep &= pos[None, :] > q_pos[:, None] - window
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _fold(s, v, acc, m_i, l_i, pos, valid, q_pos, window, qk_scale, mask_now, MASKED: tl.constexpr,
           USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
           DOT_PRECISION: tl.constexpr, LAZY_RESCALE: tl.constexpr):
     """Fold one tile's scores s and values v (in q's dtype) into the online softmax (acc, running max m_i,
-    sum l_i)."""
+    sum l_i). MASKED 1: mask the keys outside [a, b) and past each row (valid, q_pos); MASKED 2: the same only
+    where the runtime flag mask_now is set (ONE_LOOP 2's tiles share one loop body)."""
     if USE_SOFTCAP or USE_ALIBI:
         scale = 1.0  # _scores returned base-2 logits
     else:
         scale = qk_scale  # raw logits; the scale rides in the exp2's FMA
-    if MASKED:
-        keep = (pos[None, :] <= q_pos[:, None]) & valid[None, :]
-        if USE_WINDOW:
-            keep &= pos[None, :] > q_pos[:, None] - window
-        s = tl.where(keep, s, float("-inf"))
+    if MASKED == 2:
+        if mask_now:
+            s = _mask_scores(s, pos, valid, q_pos, window, USE_WINDOW)
+    elif MASKED:
+        s = _mask_scores(s, pos, valid, q_pos, window, USE_WINDOW)
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     if LAZY_RESCALE:
         # Keep a stale max (p up to 2^8, exact after the final acc / l) unless some row's grew by more
@@ -182,21 +193,21 @@ def _fold(s, v, acc, m_i, l_i, pos, valid, q_pos, window, qk_scale, MASKED: tl.c
 
 @triton.jit
 def _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale, softcap_in,
-                    softcap_out2, MASKED: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+                    softcap_out2, mask_now, MASKED: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
                     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                     LAZY_RESCALE: tl.constexpr):
     s = _scores(q, k, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI,
                 DOT_PRECISION, KV_FP8)
     if KV_FP8:
         v = v.to(q.dtype)
-    return _fold(s, v, acc, m_i, l_i, pos, valid, q_pos, window, qk_scale, MASKED, USE_SOFTCAP, USE_ALIBI,
+    return _fold(s, v, acc, m_i, l_i, pos, valid, q_pos, window, qk_scale, mask_now, MASKED, USE_SOFTCAP, USE_ALIBI,
                  USE_WINDOW, DOT_PRECISION, LAZY_RESCALE)
 
 
 @triton.jit
 def _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off, kv_head, new_row0,
           start, a, b, offs_n, q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb,
-          stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, SOURCE: tl.constexpr, MASKED: tl.constexpr,
+          stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, mask_now, SOURCE: tl.constexpr, MASKED: tl.constexpr,
           D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr,
           HEAD_DIM: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
           DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr):
@@ -206,7 +217,7 @@ def _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                 stride_vt, stride_vh, SOURCE, MASKED, D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE,
                                 HEAD_DIM)
     return _online_softmax(q, acc, m_i, l_i, k, v, pos, valid, q_pos, slopes2, window, qk_scale, softcap_in,
-                           softcap_out2, MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                           softcap_out2, mask_now, MASKED, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
                            LAZY_RESCALE)
 
 
@@ -219,11 +230,14 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr,
                  LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr,
-                 OVERLAP_QK: tl.constexpr):
+                 OVERLAP_QK: tl.constexpr, ONE_LOOP: tl.constexpr):
     """Keys [a, b) of one source in BLOCK_N tiles starting at `origin`. Keys in [free_a, free_b) are
     visible to every row (free_a >= a, free_b <= b): tiles wholly inside take the unmasked loop, which
     alone carries the tl.range attributes (LOOP_STAGES > 0: its own pipeline depth; LOOP_UNROLL > 1;
-    LOOP_WS: Triton's automatic warp specialization); the masked edges are a tile or two."""
+    LOOP_WS: Triton's automatic warp specialization); the masked edges are a tile or two.
+    ONE_LOOP > 0 runs the free tiles and the trailing masked ones in one loop instead (one pipeline, so the
+    diagonal's loads are prefetched during the last free tile rather than waited for after the loop): every
+    tile masked (1), or only those past free_b by a runtime branch (2)."""
     offs_n = tl.arange(0, BLOCK_N)
     t_lo = (a - origin) // BLOCK_N
     t_hi = tl.where(b > a, tl.cdiv(b - origin, BLOCK_N), t_lo)
@@ -234,10 +248,18 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
                                   kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
                                   qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
-                                  stride_kh, stride_vt, stride_vh, SOURCE, True, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  stride_kh, stride_vt, stride_vh, True, SOURCE, True, D_MASKED, BLOCK_SIZE, BLOCK_N,
                                   BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
                                   LAZY_RESCALE)
-    if OVERLAP_QK and SOURCE == 2:
+    if ONE_LOOP > 0:
+        for t in range(f_lo, t_hi):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                                  kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                                  qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, t >= f_hi, SOURCE, ONE_LOOP, D_MASKED, BLOCK_SIZE,
+                                  BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION,
+                                  KV_FP8, LAZY_RESCALE)
+    elif OVERLAP_QK and SOURCE == 2:
         # Software-pipelined by hand (FlashAttention-3's intra-warpgroup overlap): the next tile's QK^T is
         # issued before this tile's softmax, so the tensor cores have work while the softmax runs, if the
         # compiler leaves the wait for that MMA until its scores are used. V is loaded where it is used.
@@ -252,19 +274,19 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
                 s_next = _scores(q, k, pos_next, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP,
                                  USE_ALIBI, DOT_PRECISION, False)
                 v = v_new.load([new_row0 + origin + (t - 1) * BLOCK_N, kv_head * HEAD_DIM])
-                acc, m_i, l_i = _fold(s, v, acc, m_i, l_i, pos, pos >= 0, q_pos, window, qk_scale, False,
+                acc, m_i, l_i = _fold(s, v, acc, m_i, l_i, pos, pos >= 0, q_pos, window, qk_scale, False, False,
                                       USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, LAZY_RESCALE)
                 s = s_next
                 pos = pos_next
             v = v_new.load([new_row0 + origin + (f_hi - 1) * BLOCK_N, kv_head * HEAD_DIM])
-            acc, m_i, l_i = _fold(s, v, acc, m_i, l_i, pos, pos >= 0, q_pos, window, qk_scale, False,
+            acc, m_i, l_i = _fold(s, v, acc, m_i, l_i, pos, pos >= 0, q_pos, window, qk_scale, False, False,
                                   USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, LAZY_RESCALE)
     elif LOOP_WS:
         for t in tl.range(f_lo, f_hi, warp_specialize=True):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
                                   kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
                                   qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
-                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  stride_kh, stride_vt, stride_vh, False, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
                                   BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
                                   LAZY_RESCALE)
     elif LOOP_STAGES > 0:
@@ -272,7 +294,7 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
                                   kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
                                   qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
-                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  stride_kh, stride_vt, stride_vh, False, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
                                   BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
                                   LAZY_RESCALE)
     elif LOOP_UNROLL > 1:
@@ -280,7 +302,7 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
                                   kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
                                   qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
-                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  stride_kh, stride_vt, stride_vh, False, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
                                   BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
                                   LAZY_RESCALE)
     else:
@@ -288,16 +310,17 @@ def _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
                                   kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
                                   qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
-                                  stride_kh, stride_vt, stride_vh, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  stride_kh, stride_vt, stride_vh, False, SOURCE, False, D_MASKED, BLOCK_SIZE, BLOCK_N,
                                   BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
                                   LAZY_RESCALE)
-    for t in range(f_hi, t_hi):
-        acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
-                              kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
-                              qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
-                              stride_kh, stride_vt, stride_vh, SOURCE, True, D_MASKED, BLOCK_SIZE, BLOCK_N,
-                              BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
-                              LAZY_RESCALE)
+    if ONE_LOOP == 0:
+        for t in range(f_hi, t_hi):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table, head_off,
+                                  kv_head, new_row0, origin + t * BLOCK_N, a, b, offs_n, q_pos, slopes2, window,
+                                  qk_scale, softcap_in, softcap_out2, offs_d, d_ok, stride_cb, stride_cs, stride_kt,
+                                  stride_kh, stride_vt, stride_vh, True, SOURCE, True, D_MASKED, BLOCK_SIZE, BLOCK_N,
+                                  BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8,
+                                  LAZY_RESCALE)
     return acc, m_i, l_i
 
 
@@ -314,7 +337,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
                    USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
                    LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr,
                    LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr,
-                   OVERLAP_QK: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
+                   OVERLAP_QK: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr):
     """Query tile q_tile (BLOCK_Q tokens x ROW_HEADS heads from head0) of sequence seq: attend and store."""
     ctx_len = seq_len - q_len
 
@@ -367,7 +390,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
                                      d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
                                      D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP, USE_ALIBI,
                                      USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, ONE_LOOP)
     else:
         # The cached prefix (every key before every row: only the window and its end are masked), then
         # the chunk's own keys in tiles starting at ctx_len. Without HAS_PREFIX (a launch of fresh prompts
@@ -379,7 +402,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
                                          d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh, 0,
                                          D_MASKED, BLOCK_SIZE, BLOCK_N_PAGED, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
                                          USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
+                                     LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, ONE_LOOP)
         if BLOCK_N_TAIL < BLOCK_N and not USE_WINDOW:
             # The whole BLOCK_N tiles every row sees, unmasked; then the diagonal from the first key some
             # row does not see, in narrower BLOCK_N_TAIL tiles (less of each masked tile is thrown away).
@@ -390,14 +413,14 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
                                          d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
                                          NEW_KV, D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
                                          USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                         LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
+                                         LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, ONE_LOOP)
             acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_tail, v_tail, block_table,
                                          head_off, kv_head, new_row0, bulk_end, bulk_end, last_pos + 1, bulk_end,
                                          first_pos + 1, q_pos, slopes2, window, qk_scale, softcap_in, softcap_out2,
                                          offs_d, d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt,
                                          stride_vh, NEW_KV, D_MASKED, BLOCK_SIZE, BLOCK_N_TAIL, BLOCKWISE, HEAD_DIM,
                                          USE_SOFTCAP, USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                         0, 0, False, False)
+                                         0, 0, False, False, ONE_LOOP)
         else:
             acc, m_i, l_i = _attend_span(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, k_new, v_new, block_table,
                                          head_off, kv_head, new_row0, ctx_len, tl.maximum(key_lo, ctx_len),
@@ -406,7 +429,7 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
                                          d_ok, stride_cb, stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
                                          NEW_KV, D_MASKED, BLOCK_SIZE, BLOCK_N, BLOCKWISE, HEAD_DIM, USE_SOFTCAP,
                                          USE_ALIBI, USE_WINDOW, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
-                                         LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK)
+                                         LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, ONE_LOOP)
 
     out = acc / l_i[:, None]
     if KV_FP8:
@@ -419,8 +442,66 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
 
 
 
+@triton.jit
+def _work_item(tile, head_group, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
+               query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
+               v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
+               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
+               QUERIES_PER_KV: tl.constexpr, ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr, REVERSE: tl.constexpr, PAIR_TILES: tl.constexpr, SEQ_VEC: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr, LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr, OVERLAP_QK: tl.constexpr, SKIP_SINGLE: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr):
+    """One program's work: query tile slot `tile` (of the grid's tile axis, see the module docstring) of
+    query-head group `head_group`; spare slots of a sequence do nothing."""
+    head0 = head_group * ROW_HEADS
+    kv_head = head0 // QUERIES_PER_KV
+    # With PAIR_TILES a program takes two query tiles of its sequence, so the grid counts pairs.
+    seq, q_start, q_len, seq_len = _find_seq(query_start_loc_ptr, seq_lens_ptr, tile, num_seqs,
+                                             BLOCK_Q * (1 + PAIR_TILES), SEQ_VEC)
+    slot = tile - (q_start // (BLOCK_Q * (1 + PAIR_TILES)) + seq)
+    n_q_tiles = tl.cdiv(q_len, BLOCK_Q)
+    if SKIP_SINGLE:
+        run = q_len != 1
+    else:
+        run = q_len >= 0
+    if PAIR_TILES:
+        # Tiles n - 1 - slot (the most keys) and slot (the fewest): every program gets about the same work.
+        if run & (2 * slot < n_q_tiles):
+            _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                           slopes_ptr, sinks_ptr,
+                           qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot,
+                           stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt,
+                           stride_vh, seq, q_start, q_len, seq_len, n_q_tiles - 1 - slot, head0, kv_head,
+                           ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
+                           BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
+                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
+                           LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
+            if 2 * slot + 1 < n_q_tiles:
+                _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr,
+                               out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale,
+                               stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
+                               stride_kt, stride_kh, stride_vt, stride_vh, seq, q_start, q_len, seq_len, slot, head0,
+                               kv_head, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD,
+                               D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW,
+                               USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES,
+                               LOOP_UNROLL, LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
+    else:
+        if run & (slot < n_q_tiles):
+            if REVERSE:
+                q_tile = n_q_tiles - 1 - slot
+            else:
+                q_tile = slot
+            _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                           slopes_ptr, sinks_ptr,
+                           qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot,
+                           stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt,
+                           stride_vh, seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
+                           ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
+                           BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
+                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
+                           LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
+
+
+
 # num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window", "num_tiles"])
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
@@ -453,6 +534,7 @@ def _paged_prefill_kernel(
     stride_vt,
     stride_vh,
     num_seqs,
+    num_tiles,  # the plain grid's first axis: tile slots (see the module docstring)
     QUERIES_PER_KV: tl.constexpr,
     ROW_HEADS: tl.constexpr,  # query heads per program: QUERIES_PER_KV (PACK_GQA) or 1
     BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x ROW_HEADS heads (rest padding)
@@ -483,57 +565,25 @@ def _paged_prefill_kernel(
     OVERLAP_QK: tl.constexpr,  # the chunk's TMA loop issues the next tile's QK^T before this tile's softmax
     SKIP_SINGLE: tl.constexpr,  # sequences with one new token are left to the decode kernel (mixed steps)
     BLOCK_N_TAIL: tl.constexpr,  # < BLOCK_N: the chunk's diagonal (keys some row does not see) in narrower tiles
+    ONE_LOOP: tl.constexpr,  # 0: free tiles and masked tiles in separate loops; 1/2: one loop (see _attend_span)
+    PERSISTENT: tl.constexpr,  # > 0: the grid is PERSISTENT programs per SM looping over the work items
+    NUM_HEAD_GROUPS: tl.constexpr,  # num_heads // ROW_HEADS: the plain grid's second axis
 ):
-    tile = tl.program_id(0)
-    head0 = tl.program_id(1) * ROW_HEADS
-    kv_head = head0 // QUERIES_PER_KV
-    # With PAIR_TILES a program takes two query tiles of its sequence, so the grid counts pairs.
-    seq, q_start, q_len, seq_len = _find_seq(query_start_loc_ptr, seq_lens_ptr, tile, num_seqs,
-                                             BLOCK_Q * (1 + PAIR_TILES), SEQ_VEC)
-    slot = tile - (q_start // (BLOCK_Q * (1 + PAIR_TILES)) + seq)
-    n_q_tiles = tl.cdiv(q_len, BLOCK_Q)
-    if SKIP_SINGLE:
-        if q_len == 1:
-            return
-    if PAIR_TILES:
-        # Tiles n - 1 - slot (the most keys) and slot (the fewest): every program gets about the same work.
-        if 2 * slot >= n_q_tiles:
-            return
-        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
-                       slopes_ptr, sinks_ptr,
-                       qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                       stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
-                       seq, q_start, q_len, seq_len, n_q_tiles - 1 - slot, head0, kv_head,
-                       ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
-                       BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
-                       LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL)
-        if 2 * slot + 1 < n_q_tiles:
-            _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
-                           slopes_ptr,
-                           sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh,
-                           stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh,
-                           stride_vt, stride_vh, seq, q_start, q_len, seq_len, slot, head0, kv_head,
-                           ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
-                           BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
-                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
-                       LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL)
+    if PERSISTENT > 0:
+        # A fixed grid (PERSISTENT programs per SM) walks the work items in the launch order of the plain
+        # grid (tile slots fastest, then head groups), so no program waits on the block scheduler.
+        for w in range(tl.program_id(0), num_tiles * NUM_HEAD_GROUPS, tl.num_programs(0)):
+            _work_item(w % num_tiles, w // num_tiles, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
+               query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
+               v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
+               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
+                       QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP)
     else:
-        if slot >= n_q_tiles:
-            return
-        if REVERSE:
-            q_tile = n_q_tiles - 1 - slot
-        else:
-            q_tile = slot
-        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
-                       slopes_ptr, sinks_ptr,
-                       qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                       stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
-                       seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
-                       ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
-                       BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION,
-                       KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
-                       LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL)
+        _work_item(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
+               query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
+               v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
+               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
+                   QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP)
 
 
 def _new_kv_mode(mode: str, k: torch.Tensor | None, v: torch.Tensor | None, q: torch.Tensor,
@@ -606,7 +656,7 @@ def paged_prefill(
     has_prefix, head_dim, the group and the dtype it picks the config (kernels/paged_prefill_configs.py).
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
     BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS,
-    OVERLAP_QK, BLOCK_N_TAIL    (see the kernel), maxnreg (optional); unset keys take the selected config's.
+    OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP, PERSISTENT    (see the kernel), maxnreg (optional); unset keys take the selected config's.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -655,7 +705,12 @@ def paged_prefill(
     v_strides = v.stride()[:2] if v is not None else (0, 0)
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     tiles_per_program = 2 if cfg["PAIR_TILES"] else 1
-    grid = (num_tokens // (block_q * tiles_per_program) + num_seqs, num_heads // row_heads)
+    num_tiles = num_tokens // (block_q * tiles_per_program) + num_seqs
+    persistent = int(cfg.get("PERSISTENT") or 0)
+    if persistent:
+        grid = (min(num_tiles * (num_heads // row_heads), persistent * sm_count(q.device)),)
+    else:
+        grid = (num_tiles, num_heads // row_heads)
     _paged_prefill_kernel[grid](
         q, key_cache, value_cache, k_new, v_new, k_tail, v_tail, block_tables, seq_lens, query_start_loc, out,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
@@ -663,6 +718,7 @@ def paged_prefill(
         stride_cb=key_cache.stride(0), stride_cs=key_cache.stride(1), stride_ch=key_cache.stride(2),
         stride_kt=k_strides[0], stride_kh=k_strides[1], stride_vt=v_strides[0], stride_vh=v_strides[1],
         num_seqs=num_seqs,
+        num_tiles=num_tiles,
         QUERIES_PER_KV=group,
         ROW_HEADS=row_heads,
         BLOCK_M=block_m,
@@ -686,6 +742,9 @@ def paged_prefill(
         LOOP_WS=bool(cfg.get("LOOP_WS")),
         OVERLAP_QK=bool(cfg.get("OVERLAP_QK")),
         BLOCK_N_TAIL=block_n_tail,
+        ONE_LOOP=int(cfg.get("ONE_LOOP") or 0),
+        PERSISTENT=persistent,
+        NUM_HEAD_GROUPS=num_heads // row_heads,
         SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,

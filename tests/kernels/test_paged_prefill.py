@@ -76,6 +76,12 @@ STRUCTURES = [
     dict(NEW_KV="tma", BLOCK_M=16, BLOCK_N=8, OVERLAP_QK=True, Q_SCALED=True, PACK_GQA=False),
     dict(NEW_KV="tma", BLOCK_N=32, BLOCK_N_TAIL=8),  # the diagonal in narrower tiles than the bulk
     dict(NEW_KV="ptr", BLOCK_M=16, BLOCK_N=32, BLOCK_N_TAIL=16, PACK_GQA=False, PAIR_TILES=True, SEQ_VEC=8),
+    # free and diagonal tiles in one loop: every tile masked (1) / masked by a runtime branch (2)
+    dict(NEW_KV="tma", BLOCK_N=16, ONE_LOOP=1),
+    dict(NEW_KV="paged", BLOCK_N=16, ONE_LOOP=2, PACK_GQA=False),
+    # a persistent grid (4 "SMs" on the CPU x 2 programs) walking every work item, some programs several
+    dict(NEW_KV="tma", BLOCK_N=16, PERSISTENT=2, ONE_LOOP=2),
+    dict(NEW_KV="ptr", PERSISTENT=1, PAIR_TILES=True, SEQ_VEC=8, BLOCK_N_TAIL=8),
 ]
 
 
