@@ -3,22 +3,27 @@ batch-1 decode (bf16 against W4A16), say where its time goes, and find the batch
 One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A16 kernels).
 
     python bench/w4a16.py [--json PATH] [--sections checks sweep engine] [--budget 95]
-        [--engines w4a16 w4a16+pdl@16,64,256 bf16@16,64,256] [--sweep-kernels gemv3]
+        [--engines w4a16+pdl+g3 w4a16+pdl+early+g4+pre16@16,64,256 bf16@16,64,256] [--sweep-kernels gemv3 gemv4]
 
-1. checks (exit 1 on a failure): `gemv2` and `gemv3` variants (blocks or rows per tile; per-block,
-   per-slab or per-row scales; act-order; odd K and N; atomic and partial-sum split-K; programmatic
-   dependent launch 0/1/2)
+1. checks (exit 1 on a failure): `gemv2`, `gemv3` and `gemv4` variants (blocks or rows per tile; per-block,
+   per-slab or per-row scales; act-order; odd K and N; atomic and partial-sum split-K; gemv4's runs across
+   column strips and L2 prefetches; programmatic dependent launch 0/1/2)
    against x @ dequant(w) in float32 with the split-K workspace left zeroed; a CUDA graph of three chained
    GEMVs (each reads the previous one's output, so a PDL launch that read x before its wait would show).
 2. sweep (M = 1, the four 8B GEMMs): bf16 F.linear, the committed config, `gemv1`, the `gemv2` and `gemv3`
-   grids (tile shape x warps x SPLIT_K, then PDL on the three best), plus a read-only kernel with gemv2's tiles
-   and grid (the bandwidth its access pattern can reach). Timing as bench/quant.py: one CUDA graph over
-   weight copies that overflow L2. The winners are checked as the engine runs them, then applied.
-3. engine runs (--engines; default W4A16 (GPTQ config, random weights) then bf16; "+pdl" with
-   kernels/pdl.py's programmatic dependent launches on), one engine each: batch-1 decode ms/token
-   (128-token prompt, CUDA graphs); a profile of 32 decode steps (GPU kernel time per token by kind,
-   launches per token, time outside kernels); decode step time at 16, 64, 256 sequences (output tok/s at
-   256 is the "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover).
+   grids (tile shape x warps x SPLIT_K, then PDL on the three best), the `gemv4` grid (tile shape x warps x
+   programs per SM, then L2 prefetch distance and prefetch-before-wait on the two best), plus a read-only
+   kernel with gemv2's tiles and grid (the bandwidth its access pattern can reach). Timing as
+   bench/quant.py: one CUDA graph over weight copies that overflow L2. The winners are checked as the engine
+   runs them, then applied.
+3. engine runs (--engines; default W4A16 (GPTQ config, random weights) then bf16), one engine each, tags after
+   "+": pdl (kernels/pdl.py's programmatic dependent launches on), early (pdl.EARLY: each kernel lets the
+   next launch before its own wait), g3 (the M = 1 configs as committed), g4 (gemv4: the sweep's best per
+   shape), preN / dN (gemv4's L2_PRE / L2_DIST). Each: batch-1 decode ms/token (128-token prompt, CUDA
+   graphs); with +prof a profile of 32 decode steps (GPU kernel time per token by kind, launches per token, time
+   outside kernels); decode step time at 16, 64, 256 sequences (output tok/s at 256 is the "throughput at
+   256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy tokens against the
+   first run of the same weights.
 Sections past the time budget are skipped and say so.
 """
 
@@ -49,6 +54,7 @@ DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
 # --- checks ----------------------------------------------------------------------------------------------
 G2 = dict(KERNEL="gemv2", BLOCK_N=64, num_warps=2, num_stages=1)
 G3 = dict(KERNEL="gemv3", T=8, BLOCK_N=128, num_warps=1, num_stages=1)  # XPAIR where x is bf16 (the default)
+G4 = dict(KERNEL="gemv4", T=8, BLOCK_N=128, num_warps=1, num_stages=1)
 CASES = [
     # (K, N, group, act-order, config, SPLIT_K, ATOMIC)
     (4096, 6144, 128, False, dict(G2), 8, True),
@@ -68,18 +74,30 @@ CASES = [
     (1000, 600, 16, True, dict(G3), 2, True),  # a group per nibble; K not a multiple of the block
     (4096, 6144, 128, False, dict(G3, XPAIR=False, maxnreg=128), 8, True),
     (4096, 1000, 32, False, dict(G3, T=16, PDL=1), 4, True),
+    # gemv4 (kernels/w4a16_stream.py): the "split" column is PER_SM, programs per SM
+    (4096, 6144, 128, False, dict(G4), 8, True),
+    (4096, 6144, 128, False, dict(G4, L2_PRE=8, L2_DIST=4, PDL=2), 3, True),  # runs that cross strips
+    (4224, 520, 128, True, dict(G4, PDL=1, L2_DIST=2), 3, True),  # act-order, odd N, 33 blocks
+    (4096, 1000, 32, False, dict(G4, BLOCK_N=256, num_warps=2, L2_PRE=4, PDL=2), 5, True),  # 4 groups per block
+    (1088, 776, 64, False, dict(G4, L2_DIST=8), 7, True),  # 64-row blocks
+    (14336, 4096, 128, False, dict(G4, XPAIR=False, maxnreg=128, L2_DIST=4, PDL=2), 12, True),
+    (1000, 600, 16, True, dict(G4, L2_PRE=2), 2, True),  # a group per nibble; K not a multiple of the block
+    (28672 // 7, 28672, 128, False, dict(G4, BLOCK_N=256, num_warps=2, L2_DIST=8, L2_PRE=16, PDL=2), 16, True),
 ]
 
 
-def checks(failures: list) -> list[dict]:
+def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     rows: list[dict] = []
     g = torch.Generator(device=DEV).manual_seed(0)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
+        if cfg["KERNEL"] not in kernels:
+            continue
         qw, s, z, perm, w = q.int4_case(k, n, group, act, g)
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-        cases.append((x, (qw, s, z, group, perm), w, dict(cfg, SPLIT_K=split, ATOMIC=atomic),
+        run = dict(cfg, PER_SM=split) if cfg["KERNEL"] == "gemv4" else dict(cfg, SPLIT_K=split, ATOMIC=atomic)
+        cases.append((x, (qw, s, z, group, perm), w, run,
                       f"{k}x{n} g{group}{' act' if act else ''}"))
     q.precompile([lambda c=c: w4.w4a16(c[0], *c[1], config=c[3], warmup=True) for c in cases])
     for x, args, w, cfg, label in cases:
@@ -87,9 +105,9 @@ def checks(failures: list) -> list[dict]:
         ref = (x[:, perm.long()] if perm is not None else x).float() @ w
         for _ in range(2):  # twice: the first call must leave the workspace as the second needs it
             err = q.err_of(q.attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
-        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="gemv2", shape=label, M=1, config=cfg,
+        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check=cfg["KERNEL"], shape=label, M=1, config=cfg,
                  rel_err=err)
-    rows += chain_checks(failures, g)
+    rows += chain_checks(failures, g, kernels=kernels)
     rows += committed_checks(failures, g)
     return rows
 
@@ -109,7 +127,8 @@ def committed_checks(failures: list, g: torch.Generator) -> list[dict]:
     return rows
 
 
-def chain_checks(failures: list, g: torch.Generator, configs: list | None = None) -> list[dict]:
+def chain_checks(failures: list, g: torch.Generator, configs: list | None = None,
+                 kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     """Three o-shaped GEMVs captured in one CUDA graph, each on the previous one's output: after new values
     go into x, a replay equals the float32 chain (a PDL launch that read x or the workspace before its wait
     would not), and the workspace is left zeroed."""
@@ -117,7 +136,9 @@ def chain_checks(failures: list, g: torch.Generator, configs: list | None = None
     k, n = SHAPES["o"]
     mats = [q.int4_case(k, n, 128, False, g) for _ in range(3)]
     w4.reserve_workspace(DEV, n)
-    configs = configs or [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]
+    configs = configs or [c for c in [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]
+                          + [dict(G4, PDL=p, L2_PRE=pre, L2_DIST=4) for p in (1, 2) for pre in (0, 16)]
+                          if c["KERNEL"] in kernels]
     x0 = torch.randn(1, k, device=DEV).to(DTYPE)
     q.precompile([lambda c=c: w4.w4a16(x0, *mats[0][:3], 128, config=c, warmup=True) for c in configs])
     for cfg in configs:
@@ -199,6 +220,12 @@ def candidates(n: int, k: int) -> list[dict]:
         for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
             out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, XPAIR=xpair, SPLIT_K=sp,
                             **({"maxnreg": regs} if regs else {})))
+    # gemv4: (BLOCK_N, warps, XPAIR, maxnreg) x programs per SM, PDL 2; the L2 prefetches are tried on the best
+    for bn, warps, xpair, regs in ((128, 1, True, None), (256, 2, True, None), (128, 1, True, 128),
+                                   (128, 1, False, None), (128, 1, False, 128)):
+        for per_sm in (4, 8, 16):
+            out.append(dict(G4, BLOCK_N=bn, num_warps=warps, XPAIR=xpair, PER_SM=per_sm, PDL=2,
+                            **({"maxnreg": regs} if regs else {})))
     for bn, warps, unrolls in ((32, 1, (2,)), (64, 2, (1, 2)), (128, 4, (1,))):
         for unroll in unrolls:
             auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=32)
@@ -228,7 +255,7 @@ def read_flat(qw, programs, block=2048, warps=4):
     return out
 
 
-def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3")) -> dict:
+def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv4")) -> dict:
     g = torch.Generator(device=DEV).manual_seed(1)
     rows = []
     for name, (k, n) in SHAPES.items():
@@ -262,6 +289,18 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3")) -> d
         for r in g2[:3]:  # PDL on the three best: back to back in the graph, as the engine's layers are not
             for p in (1, 2):
                 timed(dict(r["config"], PDL=p))
+        g4 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv4"),
+                    key=lambda r: r["ms"])[:2]
+        more = [dict(r["config"], L2_DIST=d, L2_PRE=pre) for r in g4 for d in (0, 2, 4, 8) for pre in (0, 16)
+                if d or pre]
+        q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in more])
+        for c in more:  # L2 prefetch distance and the prefetch before the PDL wait, on the two best
+            timed(c)
+        g4 = min((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv4"),
+                 key=lambda r: r["ms"], default=None)
+        if g4 is not None:
+            BEST_G4[(1, n, k)] = dict(g4["config"])
+            row["best_gemv4"] = g4
         best = min(res, key=lambda r: r["ms"])
         bc = best["config"] if isinstance(best["config"], dict) else {}
         read = []
@@ -297,7 +336,7 @@ def print_sweep(result: dict) -> None:
     rows = result["rows"]
     print("\nM = 1 per GEMM (ms per call; GB/s = int4 weights + scales and zeros read per second):")
     print("(read-only GB/s: gemv2's tiles and grid without the arithmetic; contiguous chunks per program)")
-    print(f"{'shape':<8}{'bf16':>8}{'commit':>8}{'gemv1':>8}{'gemv2':>8}{'gemv3':>8}{'+PDL':>8}{'GB/s':>6}{'x bf16':>8}"
+    print(f"{'shape':<8}{'bf16':>8}{'commit':>8}{'gemv1':>8}{'gemv2':>8}{'gemv3':>8}{'+PDL':>8}{'gemv4':>8}{'GB/s':>6}{'x bf16':>8}"
           f"{'tiles':>7}{'flat':>7}")
     tot = dict(bf16=0.0, commit=0.0, best=0.0)
     for r in rows:
@@ -309,17 +348,18 @@ def print_sweep(result: dict) -> None:
         g2 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv2" and not c.get("PDL"))
         g3 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv3" and not c.get("PDL"))
         g2p = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] in ("gemv2", "gemv3") and c.get("PDL"))
+        g4 = best_of(lambda c: isinstance(c, dict) and c["KERNEL"] == "gemv4")
         b = min(c["ms"] for c in r["w4a16"])
         nk = r["N"] * r["K"]
         rd = max((c["GB_s"] for c in r["read_only"] if c["kind"] == "tiles"), default=float("nan"))
         rf = max((c["GB_s"] for c in r["read_only"] if c["kind"] == "flat"), default=float("nan"))
-        print(f"{r['shape']:<8}{r['bf16_ms']:>8.4f}{d:>8.4f}{g1:>8.4f}{g2:>8.4f}{g3:>8.4f}{g2p:>8.4f}"
+        print(f"{r['shape']:<8}{r['bf16_ms']:>8.4f}{d:>8.4f}{g1:>8.4f}{g2:>8.4f}{g3:>8.4f}{g2p:>8.4f}{g4:>8.4f}"
               f"{(nk // 2 + nk // 128 * 3) / b / 1e6:>6.0f}{r['bf16_ms'] / b:>8.2f}{rd:>7.0f}{rf:>7.0f}")
         tot["bf16"] += r["bf16_ms"]
         tot["commit"] += d
         tot["best"] += b
     if len(rows) == len(SHAPES):
-        print(f"{'layer':<8}{tot['bf16']:>8.4f}{tot['commit']:>8.4f}{'':>40}{tot['bf16'] / tot['best']:>8.2f}"
+        print(f"{'layer':<8}{tot['bf16']:>8.4f}{tot['commit']:>8.4f}{'':>48}{tot['bf16'] / tot['best']:>8.2f}"
               f"   (best sum {tot['best']:.4f} ms)")
         result["layer_ms"] = tot
     print("\nWinners (paste into kernels/w4a16.py TUNED):")
@@ -363,6 +403,30 @@ def apply_winners(result: dict) -> dict:
 
 
 # --- engine ----------------------------------------------------------------------------------------------
+COMMITTED = {key: dict(c) for key, c in w4.TUNED.items() if key[0] == 1}
+"""The M = 1 configs as committed (before a sweep's winners are applied): engine runs tagged +g3 use them."""
+BEST_G4: dict = {}
+"""(1, N, K) -> the sweep's fastest gemv4 config: engine runs tagged +g4 use them (else G4 with PDL 2)."""
+
+
+def m1_configs(tags: list[str]) -> None:
+    """Set the M = 1 entries of kernels/w4a16.py's TUNED for an engine run's tags: g3 (as committed), g4 (gemv4:
+    the sweep's best, else G4), preN / dN (gemv4's L2_PRE / L2_DIST = N)."""
+    if "g3" in tags:
+        w4.TUNED.update({key: dict(c) for key, c in COMMITTED.items()})
+    if "g4" in tags:
+        for k, n in SHAPES.values():
+            cfg = dict(BEST_G4.get((1, n, k), dict(G4, PDL=2)))
+            for t in tags:
+                if t.startswith("pre") and t[3:].isdigit():
+                    cfg["L2_PRE"] = int(t[3:])
+                if t.startswith("d") and t[1:].isdigit():
+                    cfg["L2_DIST"] = int(t[1:])
+            w4.TUNED[(1, n, k)] = cfg
+    print(f"  M = 1 configs for +{'+'.join(tags)}: " + "; ".join(
+        f"{n}x{k}: {w4.TUNED.get((1, n, k))}" for k, n in SHAPES.values()), flush=True)
+
+
 KINDS = (("w4a16", ("w4a16",)), ("attention", ("paged", "attention", "flash", "sdpa")),
          ("cuBLAS GEMM", ("gemm", "gemv", "nvjet", "cutlass", "sm90", "cublas")), ("norm", ("norm",)),
          ("rotary", ("rotary", "rope")), ("kv cache write", ("cache",)), ("activation", ("silu", "act", "gelu")),
@@ -430,12 +494,14 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         run_name, _, at = spec.partition("@")
         batches = tuple(int(b) for b in at.split(",") if b)
         all_batches += [b for b in batches if b not in all_batches]
-        name, use_pdl = run_name.split("+")[0], run_name.endswith("+pdl")
+        name, *tags = run_name.split("+")
         later = len(runs) - n - 1  # engines still to come after this one: ~10 s each at least
         if left() < (18 if name == "w4a16" else 10):  # start + batch-1 timing: ~15 s cold for W4A16, ~8 s bf16
             print(f"engine {run_name}: skipped (time budget)", flush=True)
             continue
-        pdl.ENABLED = use_pdl
+        pdl.ENABLED, pdl.EARLY = "pdl" in tags, "early" in tags
+        saved = dict(w4.TUNED)
+        m1_configs(tags)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
             llm = q.make_llm(tmp, name, max_model_len=512, max_num_seqs=max(batches, default=1),
@@ -448,12 +514,13 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
                 return time.perf_counter() - t
 
             one_prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
-            tokens = llm.generate(one_prompt, SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+            tokens = llm.generate(one_prompt, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0),
+                                  use_tqdm=False)
             one, full = min(run(one_prompt, 1) for _ in range(2)), min(run(one_prompt, 257) for _ in range(2))
             row = {"weights": run_name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup,
                    "tokens": list(tokens[0].outputs[0].token_ids)}
             print(f"engine decode {run_name}: {row['ms_per_token']:.3f} ms/token (startup {startup:.0f} s)", flush=True)
-            if profile_it and name == "w4a16" and left() > 10 * later + 5:  # bf16's kernels: see bench/quant.py
+            if profile_it and "prof" in tags and left() > 10 * later + 5:  # bf16's kernels: see bench/quant.py
                 p = q.attempt(lambda: profile_decode(llm))
                 row["profile"] = p if isinstance(p, dict) else repr(p)
                 if isinstance(p, dict):
@@ -473,14 +540,16 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             llm.shutdown()
             del llm, run
             q.free_gpu()
-        pdl.ENABLED = False
-    for a, b in (("w4a16", "w4a16+pdl"), ("bf16", "bf16+pdl")):  # the same dummy weights: PDL must not change tokens
-        ra, rb = (next((r for r in decode if r["weights"] == w), None) for w in (a, b))
-        if ra and rb:
-            same = next((i for i, (x, y) in enumerate(zip(ra["tokens"], rb["tokens"])) if x != y), len(ra["tokens"]))
-            rb["same_tokens_as_without_pdl"] = same
-            print(f"{b}: the first {same} of {len(ra['tokens'])} greedy tokens equal {a}'s (split-K's float atomics "
-                  f"may flip a near-tie late)")
+        pdl.ENABLED = pdl.EARLY = False
+        w4.TUNED.clear()
+        w4.TUNED.update(saved)
+    for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens
+        first = next(f for f in decode if f["weights"].split("+")[0] == r["weights"].split("+")[0])
+        if first is not r:
+            same = next((i for i, (x, y) in enumerate(zip(first["tokens"], r["tokens"])) if x != y), len(r["tokens"]))
+            r["same_tokens_as"] = [first["weights"], same]
+            print(f"{r['weights']}: the first {same} of {len(r['tokens'])} greedy tokens equal {first['weights']}'s "
+                  f"(split-K's float atomics may flip a near-tie late)")
     base = next((r for r in decode if r["weights"] == "bf16"), None)
     print("\nBatch-1 decode, whole engine (Llama-3-8B shape, random weights, CUDA graphs; +pdl: kernels/pdl.py on):")
     for r in decode:
@@ -513,11 +582,15 @@ def main() -> int:
     ap.add_argument("--sections", nargs="+", default=["checks", "sweep", "engine"],
                     choices=["checks", "sweep", "engine"])
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
+    ap.add_argument("--check-kernels", nargs="+", default=["gemv2", "gemv3", "gemv4"],
+                    help="checks: the M = 1 kernels whose variants are checked (the committed configs always are)")
     ap.add_argument("--no-profile", action="store_true", help="engine: skip the kernel profile")
-    ap.add_argument("--engines", nargs="+", default=["w4a16@16,64,256", "bf16@16,64,256"],
-                    help="engine runs in order: w4a16 | bf16, +pdl (kernels/pdl.py on), @B1,B2 (decode step time "
-                         "at these batches: the crossover)")
-    ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3"],
+    ap.add_argument("--engines", nargs="+", default=["w4a16+prof@16,64,256", "bf16@16,64,256"],
+                    help="engine runs in order: w4a16 | bf16, then tags +pdl +early +g3 +g4 +preN +dN +prof (the "
+                         "module docstring), @B1,B2 (decode step time at these batches: the crossover)")
+    ap.add_argument("--sweep-share", type=float, default=0.4,
+                    help="sweep: no new shape is started past this share of --budget")
+    ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3", "gemv4"],
                     help="sweep: the M = 1 kernels to try")
     args = ap.parse_args()
     start = time.time()
@@ -525,13 +598,13 @@ def main() -> int:
     result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
               "torch": torch.__version__, "triton": triton.__version__}
     if "checks" in args.sections:
-        result["checks"] = checks(failures)
+        result["checks"] = checks(failures, args.check_kernels)
         print(f"{len(result['checks'])} checks, {len(failures)} failed ({time.time() - start:.0f} s)", flush=True)
         for r in failures:
             print("FAILED", r)
         result["failures"] = failures
     if "sweep" in args.sections:
-        got = q.attempt(lambda: sweep(start, args.budget * 0.4, args.sweep_kernels))
+        got = q.attempt(lambda: sweep(start, args.budget * args.sweep_share, args.sweep_kernels))
         result["sweep"] = got if not isinstance(got, Exception) else repr(got)
         if isinstance(got, dict):
             print_sweep(got)

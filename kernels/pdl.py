@@ -21,6 +21,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = os.environ.get("FOLIO_PDL", "") == "1"
+EARLY = os.environ.get("FOLIO_PDL_EARLY", "") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,15 +36,19 @@ def on(t: torch.Tensor) -> bool:
 
 def args(t: torch.Tensor) -> dict:
     """Keyword arguments for a kernel launch whose kernel calls `enter(PDL)`: {} when PDL is off."""
-    return {"PDL": True, "launch_pdl": True} if on(t) else {}
+    return {"PDL": 2 if EARLY else 1, "launch_pdl": True} if on(t) else {}
 
 
 @triton.jit
 def enter(PDL: tl.constexpr):
-    """A PDL kernel's first statement: wait for the previous kernel, then let the next one launch."""
-    if PDL:
+    """A PDL kernel's first statement: wait for the previous kernel, then let the next one launch (PDL 1, or
+    True), or the other way round (PDL 2: EARLY)."""
+    if PDL == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
         gdc_wait()
         gdc_launch_dependents()
 
 
-__all__ = ["ENABLED", "on", "args", "enter"]
+__all__ = ["ENABLED", "EARLY", "on", "args", "enter"]

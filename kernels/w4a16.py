@@ -1,7 +1,7 @@
 """W4A16 GEMM: y = x @ dequant(qweight), 4-bit weights unpacked in registers, all kernels on one layout:
-batch-1 GEMVs (`gemv3`, the decode default; `gemv1`, `gemv2` kept as swept alternatives), a GEMV for a few
-rows, a tensor-core kernel for larger M, and dequantize-then-cuBLAS for large M; they split K through
-kernels/splitk.py when N alone leaves SMs idle.
+batch-1 GEMVs (`gemv3`, the decode default; `gemv4` in kernels/w4a16_stream.py; `gemv1`, `gemv2` kept as swept
+alternatives), a GEMV for a few rows, a tensor-core kernel for larger M, and dequantize-then-cuBLAS for large M;
+they split K through kernels/splitk.py when N alone leaves SMs idle.
 
 Layout (`pack_int4`; services/engine/model/quantization/int4.py repacks GPTQ, AWQ and compressed-tensors
 into it once at load): input rows in blocks of R = `block_rows(K)` (128, or 64 where that pads K less;
@@ -571,13 +571,13 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
-    KERNEL "gemv1" | "gemv2" | "gemv3" (M = 1) | "gemv" (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize,
-    then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma), UNROLL (gemv2), T (gemv3), SPLIT_K (default: about two
-    programs per SM), ATOMIC (default True: one-launch split-K), PREFETCH (gemv, gemv1; default True),
-    GROUP_MODE (1 or 2 where the group size allows 0 or 1: scales per slab or per row), PDL (gemv2, gemv3:
-    0, 1 or 2; default 2 where kernels/pdl.py is on, else 0), num_warps, num_stages, maxnreg. `warmup`:
-    compile for these arguments and return
-    None without running (bench/quant.py compiles its sweep in parallel that way)."""
+    KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
+    (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
+    UNROLL (gemv2), T (gemv3), SPLIT_K (default: about two programs per SM), ATOMIC (default True: one-launch
+    split-K), PREFETCH (gemv, gemv1; default True), GROUP_MODE (1 or 2 where the group size allows 0 or 1:
+    scales per slab or per row), PDL (gemv2, gemv3, gemv4: 0, 1 or 2; default 2 where kernels/pdl.py is on,
+    else 0), num_warps, num_stages, maxnreg. `warmup`: compile for these arguments and return None without
+    running (bench/quant.py compiles its sweep in parallel that way)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     m, k = x.shape
@@ -604,8 +604,13 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         return _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warmup)
     if kind == "gemv" and (m > cfg["BLOCK_M"] or m > GEMV_MAX_M):
         raise ValueError(f"the GEMV kernel takes M <= BLOCK_M <= {GEMV_MAX_M}, got M = {m}, BLOCK_M = {cfg['BLOCK_M']}")
-    if kind in ("gemv1", "gemv2", "gemv3") and m > 1:
+    if kind in ("gemv1", "gemv2", "gemv3", "gemv4") and m != 1:
         raise ValueError(f"the {kind} kernel takes M = 1, got M = {m}")
+    if kind == "gemv4":
+        from kernels import w4a16_stream  # it imports this module's nibble decode
+
+        pdl = cfg.pop("PDL", 2 if pdl_launch.on(x) else 0) if x.is_cuda else 0  # the interpreter has no PDL
+        return w4a16_stream.launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup)
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))
     split = cfg.pop("SPLIT_K", None)
     if split is None and kind == "gemv3":  # one-warp programs: about 8 per SM (the 8B winners: split-K 16-112)

@@ -65,21 +65,24 @@ CASES = [
 
 
 @pytest.mark.parametrize("m, k, n, group, act_order, split, atomic", CASES)
-@pytest.mark.parametrize("kernel", ["gemv1", "gemv2", "gemv3", "gemv", "mma-slabs", "mma-stacked", "dequant"])
+@pytest.mark.parametrize("kernel", ["gemv1", "gemv2", "gemv3", "gemv4", "gemv", "mma-slabs", "mma-stacked", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_w4a16_matches_float64(m, k, n, group, act_order, split, atomic, kernel, dtype):
     args, ref = case(m, k, n, group, act_order, dtype, seed=m * k + n)
-    if kernel in ("gemv1", "gemv2", "gemv3"):  # batch-1 decode's kernels: the first row alone
+    if kernel in ("gemv1", "gemv2", "gemv3", "gemv4"):  # batch-1 decode's kernels: the first row alone
         args, ref, m = (args[0][:1],) + args[1:], ref[:1], 1
     cfg = {"gemv1": dict(GEMV, KERNEL="gemv1"), "gemv2": dict(GEMV, KERNEL="gemv2"),
-           "gemv3": dict(GEMV, KERNEL="gemv3", T=8), "gemv": dict(GEMV, BLOCK_M=8),
+           "gemv3": dict(GEMV, KERNEL="gemv3", T=8), "gemv4": dict(GEMV, KERNEL="gemv4", T=8),
+           "gemv": dict(GEMV, BLOCK_M=8),
            "dequant": dict(KERNEL="dequant", BLOCK_N=32), "mma-slabs": dict(MMA, SLABS=True),
            "mma-stacked": dict(MMA, SLABS=False)}[kernel]
-    if kernel == "gemv3" and group not in (8, 16, 32, 64) and group % 128 and group < k:  # refused, by name
-        with pytest.raises(ValueError, match=f"gemv3 kernel takes group sizes .* got {group}"):
-            w4a16(*args, config=dict(cfg, SPLIT_K=split, ATOMIC=atomic))
+    # gemv4 splits by programs per SM (4 SMs on CPU), not by K-slices, and always sums through the workspace
+    cfg = dict(cfg, PER_SM=split) if kernel == "gemv4" else dict(cfg, SPLIT_K=split, ATOMIC=atomic)
+    if kernel in ("gemv3", "gemv4") and group not in (8, 16, 32, 64) and group % 128 and group < k:  # refused
+        with pytest.raises(ValueError, match=f"{kernel} kernel takes group sizes .* got {group}"):
+            w4a16(*args, config=cfg)
         return
-    out = w4a16(*args, config=dict(cfg, SPLIT_K=split, ATOMIC=atomic))
+    out = w4a16(*args, config=cfg)
     assert out.dtype == dtype and out.shape == (m, n)
     close(out, ref, dtype)
     assert_workspace_zero()
@@ -171,4 +174,17 @@ def test_w4a16_gemv3_groups_inside_a_block(k, group, t, act):
     act-order and with K a multiple of the block, bf16 x is read as int32 pairs (XPAIR)."""
     args, ref = case(1, k, 40, group, act, torch.bfloat16, seed=k)
     close(w4a16(*args, config=dict(GEMV, KERNEL="gemv3", T=t, SPLIT_K=3, PDL=2)), ref, torch.bfloat16)
+    assert_workspace_zero()
+
+
+@pytest.mark.parametrize("k, n, group, per_sm, act", [(256, 96, 128, 1, False), (256, 96, 32, 3, False),
+                                                       (384, 40, 64, 5, True), (1000, 70, 128, 2, True),
+                                                       (512, 64, 16, 7, False)])
+def test_w4a16_gemv4_runs_that_cross_column_strips(k, n, group, per_sm, act):
+    """gemv4's programs take equal runs of tiles numbered strip by strip (4 SMs on CPU): runs that start or end
+    inside a strip and strips shared by 2-3 programs each land once, through the workspace; bf16 (XPAIR where
+    there is no act-order and K is a multiple of the block), groups inside and across blocks, odd N and K."""
+    args, ref = case(1, k, n, group, act, torch.bfloat16, seed=k + n)
+    close(w4a16(*args, config=dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=per_sm, PDL=2)), ref,
+          torch.bfloat16)
     assert_workspace_zero()

@@ -1,0 +1,211 @@
+"""`gemv4`, the streamed M = 1 W4A16 GEMV: a fixed number of programs (a few per SM) each take an equal, contiguous
+run of weight tiles across the whole [K, N] matrix and stream through it, with L2 prefetches running ahead.
+
+Why (bench/results/w4a16_2026-11-29_h200_r1.log): `gemv3`'s split-K grid gives each program a few tiles of one
+column strip, so every program starts cold (its first load has nothing to overlap), the grid ends in a part-full
+wave, and an int4 layer's GEMMs run at ~2 TB/s where a plain read of the same bytes runs at 3-3.7 TB/s. Here:
+- the runs are equal (to a tile), so every SM finishes together and one wave holds the whole grid;
+- a program's next tile is loaded while this one is computed, across column strips (no cold start between them);
+- `L2_DIST` > 0: each iteration also asks L2 for the tile that far ahead (`prefetch.global.L2`, no registers
+  held), which puts more bytes in flight than registers allow;
+- `L2_PRE` > 0 with PDL: before waiting for the previous kernel, a program asks L2 for its first L2_PRE tiles.
+  Weights are written by no kernel, so they may stream in while the previous kernels (norms, rotary, attention)
+  still run.
+When a program leaves a column strip (or its run ends) it adds its float32 sums into the split-K workspace
+(kernels/splitk.py) and counts the tiles it covered into the strip's counter; the program that brings the count
+to the strip's tile count writes the output and zeroes the workspace and counter for the next call.
+
+The arithmetic per tile is gemv3's (kernels/w4a16.py: zero point folded into the nibble decode, x pairs as int32
+with XPAIR, a group's scale once per column); the same packed layout, group sizes and act-order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kernels import splitk
+from kernels.w4a16 import _g3_nibble
+
+
+@triton.jit
+def _l2_prefetch(ptrs):
+    """Ask L2 for each address's 128-byte line (a hint: no register holds the data, no value changes)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_tile(qw_ptr, i, i_last, tpc, N, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """L2 prefetch of tile min(i, i_last): its T rows of BLOCK_N words, one address per 128-byte line (clamped
+    inside the matrix, so a tile past the run re-asks for the last one)."""
+    i = tl.minimum(i, i_last)
+    col = i // tpc
+    rows = (i - col * tpc) * T + tl.arange(0, T)
+    lines = tl.minimum(col * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32, N - 1)
+    _l2_prefetch(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + lines[None, :])
+
+
+@triton.jit
+def _strip_done(acc, offs_n, n_mask, col, count, tpc, out_ptr, ws_ptr, cnt_ptr):
+    """Add this program's sums for column strip `col` (covering `count` of its tpc tiles) into the workspace; the
+    program that completes the strip's count writes it out and leaves workspace and counter zeroed."""
+    ws = ws_ptr + offs_n
+    tl.atomic_add(ws, acc, mask=n_mask, sem="relaxed")
+    tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
+    done = tl.atomic_add(cnt_ptr + col, count, sem="acq_rel")
+    if done + count == tpc:
+        total = tl.atomic_add(ws, tl.zeros_like(acc), mask=n_mask, sem="relaxed")  # read at L2, not L1
+        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+        tl.store(ws, tl.zeros_like(acc), mask=n_mask)
+        tl.store(cnt_ptr + col, 0)
+
+
+@triton.jit
+def _w4a16_gemv4_kernel(
+    x_ptr,  # [1, K] activations
+    qw_ptr,  # [ceil(K / ROWS) * ROWS / 8, N] int32, kernels/w4a16.py's blocked layout, unit stride along N
+    s_ptr, z_ptr,  # [G, N] scales, uint8 zero points (same strides)
+    perm_ptr,  # [K] int32 (read when HAS_PERM)
+    out_ptr,  # [1, N] in x's dtype
+    ws_ptr, cnt_ptr,  # split-K workspace: N float32 sums, a counter per column strip (zero on entry and exit)
+    N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
+    PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
+):
+    """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
+    (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
+    T, JG, XPAIR, EVEN, HAS_PERM as in gemv3; L2: the prefetch hints are compiled in (not in the interpreter)."""
+    S: tl.constexpr = ROWS // 8
+    H: tl.constexpr = S // T  # tiles per block
+    R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
+    i_start = tl.program_id(0) * per_prog
+    i_end = tl.minimum(total, i_start + per_prog)
+    offs_b = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    step: tl.constexpr = 2 if XPAIR else 1
+    col = i_start // tpc
+    t = i_start - col * tpc
+    w_ptrs = qw_ptr + (t * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + (col * BLOCK_N + offs_b)[None, :]
+    w_mask = (i_start < i_end) & (col * BLOCK_N + offs_b < N)[None, :]
+    nxt = tl.load(w_ptrs, mask=w_mask)
+    if XPAIR:
+        nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
+        x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    if L2:
+        for ip in range(i_start + 1, tl.minimum(i_end, i_start + 1 + l2_pre)):
+            _prefetch_tile(qw_ptr, ip, i_end - 1, tpc, N, stride_qk, T, BLOCK_N)
+    if PDL >= 2:
+        gdc_launch_dependents()
+    if PDL >= 1:
+        gdc_wait()
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    count = 0
+    for i in range(i_start, i_end):
+        words = nxt
+        if XPAIR:
+            words_o = nxt_o
+        col = i // tpc
+        t = i - col * tpc
+        offs_n = col * BLOCK_N + offs_b
+        n_mask = offs_n < N
+        i1 = i + 1  # the next tile, maybe in the next strip
+        col1 = i1 // tpc
+        w_ptrs = (qw_ptr + ((i1 - col1 * tpc) * T + step * offs_r)[:, None].to(tl.int64) * stride_qk
+                  + (col1 * BLOCK_N + offs_b)[None, :])
+        w_mask = (i1 < i_end) & (col1 * BLOCK_N + offs_b < N)[None, :]
+        nxt = tl.load(w_ptrs, mask=w_mask)
+        if XPAIR:
+            nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
+        if L2_DIST > 0:
+            _prefetch_tile(qw_ptr, i + L2_DIST, i_end - 1, tpc, N, stride_qk, T, BLOCK_N)
+        k0 = (t // H) * ROWS + (t % H) * T  # input of nibble 0 of the tile's first word
+        hi = words  # names only until nibble 5
+        if XPAIR:
+            hi_o = words_o
+        for j in tl.static_range(8):
+            if j == 5:  # here, not before the loop: the words are dead by now, so hi takes their registers
+                hi = words >> hi_shift
+                if XPAIR:
+                    hi_o = words_o >> hi_shift
+            if j % JG == 0:  # a new group: its scale, and the five subtrahends 2^(23 - 4i) + z
+                g = tl.minimum(k0 + j * S, K - 1) // group_size
+                sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+                sub0, sub1, sub2 = zp + 8388608.0, zp + 524288.0, zp + 32768.0
+                sub3, sub4 = zp + 2048.0, zp + 128.0
+            sub = sub0 if j % 5 == 0 else sub1 if j % 5 == 1 else sub2 if j % 5 == 2 else sub3 if j % 5 == 3 else sub4
+            if XPAIR:
+                xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
+                x_e = (xw << 16).to(tl.float32, bitcast=True)
+                x_o = (xw & -65536).to(tl.float32, bitcast=True)
+                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]
+                prod_o = (_g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
+            else:
+                k = k0 + j * S + offs_r
+                if EVEN:
+                    cols = tl.load(perm_ptr + k) if HAS_PERM else k
+                    xj = tl.load(x_ptr + cols).to(tl.float32)
+                else:
+                    cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
+                    xj = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
+                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * xj[:, None]  # (q - z) x
+            if j % JG == 0:
+                part = prod
+            else:
+                part += prod
+            if XPAIR:
+                part += prod_o
+            if (j + 1) % JG == 0:  # the group's sums are complete
+                acc += tl.sum(part, axis=0) * sc
+        count += 1
+        if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
+            _strip_done(acc, offs_n, n_mask, col, count, tpc, out_ptr, ws_ptr, cnt_ptr)
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            count = 0
+
+
+def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup):
+    """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this).
+    cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM; default 8), L2_PRE (tiles, default 0),
+    L2_DIST (tiles ahead, default 0), maxnreg. The L2 hints are compiled only on CUDA."""
+    cfg = dict(cfg)
+    k, n = x.shape[1], qweight.shape[1]
+    t = min(cfg.pop("T", 8), rows // 8)
+    bn = cfg.pop("BLOCK_N", 128)
+    if group_size % rows == 0 or group_size >= k:
+        jg = 8
+    elif group_size % (rows // 8) == 0 and rows % group_size == 0:
+        jg = group_size // (rows // 8)
+    else:
+        raise ValueError(f"the gemv4 kernel takes group sizes {rows // 8}, {rows // 4}, {rows // 2} or multiples of "
+                         f"{rows} (K = {k}), got {group_size}")
+    xpair = (cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
+             and x.data_ptr() % 4 == 0)
+    on_gpu = x.is_cuda
+    l2_pre = cfg.pop("L2_PRE", 0) if on_gpu else 0
+    l2_dist = cfg.pop("L2_DIST", 0) if on_gpu else 0
+    per_sm = cfg.pop("PER_SM", 8)
+    tpc = -(-k // rows) * (rows // 8) // t
+    total = triton.cdiv(n, bn) * tpc
+    programs = max(1, min(total, splitk.sm_count(x.device) * per_sm))
+    per = triton.cdiv(total, programs)
+    programs = triton.cdiv(total, per)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    ws, cnt = splitk.workspace(x.device, max(n, triton.cdiv(n, bn)))
+    args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt, n, k, group_size, tpc,
+            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre)
+    consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
+                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist)
+    if pdl:
+        consts["launch_pdl"] = True
+    if warmup:
+        _w4a16_gemv4_kernel.warmup(*args, grid=(programs,), **consts)
+        return None
+    _w4a16_gemv4_kernel[(programs,)](*args, **consts)
+    return out
+
+
+__all__ = ["launch"]
