@@ -67,11 +67,32 @@ def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
         raise ValueError(f"cos and sin must be float32 [{qkv.shape[0]}, {half}]")
     if qkv.shape[0] == 0:
         return
-    heads = num_q_heads + num_kv_heads
+    _launch(qkv, cos, sin, num_q_heads + num_kv_heads, head_dim, half, interleaved)
+
+
+def _launch(qkv, cos, sin, heads: int, head_dim: int, half: int, interleaved: bool) -> None:
     _rotary_kernel[(qkv.shape[0],)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0), heads,
                                     HEAD_DIM=head_dim, HALF=half, HALF_PAD=triton.next_power_of_2(half),
                                     INTERLEAVED=interleaved, BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
                                     **pdl.args(qkv))
+
+
+def rotary_qk_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
+    """Full-width NeoX rotary on q [T, hq * head_dim] and k [T, hkv * head_dim] in one launch, where they lie
+    side by side in one buffer (each row's k starts right after its q, as a fused qkv's split gives): batch-1
+    decode runs a launch fewer per layer. Returns False, having done nothing, where they do not."""
+    size = q.element_size()
+    if not (q.dim() == k.dim() == 2 and q.shape[0] == k.shape[0] and q.dtype == k.dtype and q.device == k.device
+            and q.stride(1) == k.stride(1) == 1 and q.stride(0) == k.stride(0)
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * size and q.shape[1] % head_dim == 0
+            and k.shape[1] % head_dim == 0 and head_dim % 2 == 0):
+        return False
+    half = head_dim // 2
+    if cos.shape != (q.shape[0], half) or sin.shape != cos.shape or cos.dtype != torch.float32:
+        raise ValueError(f"cos and sin must be float32 [{q.shape[0]}, {half}]")
+    if q.shape[0]:
+        _launch(q, cos, sin, (q.shape[1] + k.shape[1]) // head_dim, head_dim, half, False)
+    return True
 
 
 def rotary_ref(qkv, cos, sin, num_q_heads, num_kv_heads, head_dim, rotary_dim=None, interleaved=False):

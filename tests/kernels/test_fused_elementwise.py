@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.fused_norm import add_rms_norm, add_rms_norm_ref
-from kernels.rotary import rotary_inplace, rotary_ref
+from kernels.rotary import rotary_inplace, rotary_qk_inplace, rotary_ref
 from kernels.silu_mul import silu_mul, silu_mul_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,6 +41,26 @@ def test_rotary_inplace(dtype, hq, hkv, d):
     torch.testing.assert_close(qkv, ref, atol=TOL[dtype], rtol=TOL[dtype])
     v = slice((hq + hkv) * d, None)
     assert torch.equal(qkv[:, v], ref[:, v])  # v is left untouched
+
+
+def test_rotary_qk_in_one_launch_where_q_and_k_lie_side_by_side():
+    """The model's fused path: q and k split from one qkv turn in one launch, as the two-launch path turns them
+    (v untouched); q and k from different buffers are refused (False, nothing written)."""
+    hq, hkv, d, t = 6, 2, 32, 4
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEV, torch.float16)
+    ang = torch.rand(t, d // 2, generator=g) * 6
+    cos, sin = ang.cos().to(DEV), ang.sin().to(DEV)
+    ref = qkv.clone()
+    rotary_ref(ref, cos, sin, hq, hkv, d)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    assert rotary_qk_inplace(q, k, cos, sin, d)
+    torch.testing.assert_close(qkv, ref, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+    assert torch.equal(qkv[:, (hq + hkv) * d:], ref[:, (hq + hkv) * d:])
+    apart = qkv.clone()
+    assert not rotary_qk_inplace(q.clone(), k.clone(), cos, sin, d)  # not side by side
+    assert not rotary_qk_inplace(apart[:, hq * d:(hq + hkv) * d], apart[:, :hq * d], cos, sin, d)  # k before q
+    assert torch.equal(apart, qkv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -168,10 +168,11 @@ class RotaryEmbedding(torch.nn.Module):
         d, half = self.head_dim, self.rotary_dim // 2
         if (self.fused and self.is_neox and self.rotary_dim == d and half & (half - 1) == 0
                 and q.stride(-1) == 1 and k.stride(-1) == 1):
-            from kernels.rotary import rotary_inplace
+            from kernels.rotary import rotary_inplace, rotary_qk_inplace
 
-            rotary_inplace(q, cos, sin, q.shape[-1] // d, 0, d)
-            rotary_inplace(k, cos, sin, k.shape[-1] // d, 0, d)
+            if not rotary_qk_inplace(q, k, cos, sin, d):  # q and k not side by side: a launch each
+                rotary_inplace(q, cos, sin, q.shape[-1] // d, 0, d)
+                rotary_inplace(k, cos, sin, k.shape[-1] // d, 0, d)
             return q, k
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
