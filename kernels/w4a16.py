@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from kernels import pdl as pdl_launch
-from kernels import splitk
+from kernels import splitk, w4a16_stream
+from kernels.w4a16_stream import g3_nibble as _g3_nibble
 from kernels.splitk import splitk_store
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -347,17 +348,6 @@ def _w4a16_gemv2_kernel(
 
 
 @triton.jit
-def _g3_nibble(words, hi, j: tl.constexpr, exp0):
-    """gemv3's nibble j as the float 2^(23 - 4i) + q (`_magic_nibble` without the subtraction, which gemv3 does
-    with the zero point)."""
-    if j < 5:
-        f = (words & (0xF << (4 * j))) | (exp0 - ((4 * j) << 23))
-    else:
-        f = (hi & (0xF << (4 * j - 20))) | (exp0 - ((4 * j - 20) << 23))
-    return f.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _w4a16_gemv3_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
     N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift,
@@ -607,8 +597,6 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     if kind in ("gemv1", "gemv2", "gemv3", "gemv4") and m != 1:
         raise ValueError(f"the {kind} kernel takes M = 1, got M = {m}")
     if kind == "gemv4":
-        from kernels import w4a16_stream  # it imports this module's nibble decode
-
         pdl = cfg.pop("PDL", 2 if pdl_launch.on(x) else 0) if x.is_cuda else 0  # the interpreter has no PDL
         return w4a16_stream.launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup)
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))

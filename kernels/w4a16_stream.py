@@ -16,7 +16,8 @@ When a program leaves a column strip (or its run ends) it adds its float32 sums 
 to the strip's tile count writes the output and zeroes the workspace and counter for the next call.
 
 The arithmetic per tile is gemv3's (kernels/w4a16.py: zero point folded into the nibble decode, x pairs as int32
-with XPAIR, a group's scale once per column); the same packed layout, group sizes and act-order.
+with XPAIR, a group's scale once per column); the same packed layout, group sizes and act-order. The nibble
+decode both use lives here (w4a16.py imports this module).
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import splitk
-from kernels.w4a16 import _g3_nibble
+
+
+@triton.jit
+def g3_nibble(words, hi, j: tl.constexpr, exp0):
+    """gemv3's and gemv4's nibble j as the float 2^(23 - 4i) + q (kernels/w4a16.py's `_magic_nibble` without the
+    subtraction, which the kernels do with the zero point)."""
+    if j < 5:
+        f = (words & (0xF << (4 * j))) | (exp0 - ((4 * j) << 23))
+    else:
+        f = (hi & (0xF << (4 * j - 20))) | (exp0 - ((4 * j - 20) << 23))
+    return f.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -141,8 +152,8 @@ def _w4a16_gemv4_kernel(
                 xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
                 x_e = (xw << 16).to(tl.float32, bitcast=True)
                 x_o = (xw & -65536).to(tl.float32, bitcast=True)
-                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]
-                prod_o = (_g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
+                prod = (g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]
+                prod_o = (g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
             else:
                 k = k0 + j * S + offs_r
                 if EVEN:
@@ -151,7 +162,7 @@ def _w4a16_gemv4_kernel(
                 else:
                     cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
                     xj = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
-                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * xj[:, None]  # (q - z) x
+                prod = (g3_nibble(words, hi, j, exp0) - sub[None, :]) * xj[:, None]  # (q - z) x
             if j % JG == 0:
                 part = prod
             else:
@@ -208,4 +219,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup):
     return out
 
 
-__all__ = ["launch"]
+__all__ = ["launch", "g3_nibble"]
