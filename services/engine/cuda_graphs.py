@@ -166,6 +166,11 @@ class StepGraphs:
             max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
             captured=True)
 
+    LAG_SECOND_HALF = True
+    """The second half starts once the first has passed its first attention layer: started together, the halves'
+    attention kernels would tend to run at the same time; half a layer apart, each half's attention falls on the
+    other's matmuls (bench/small_profile.py, section overlap, measures both)."""
+
     def _two_halves(self, n: int) -> None:
         """A decode step of n sequences as two independent half batches, the first on the current stream and
         the second on a side stream, both recorded into the graph being captured: their kernels are free to
@@ -191,10 +196,23 @@ class StepGraphs:
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
         self._side.wait_stream(main)
-        rows(0, half)
+        passed = torch.cuda.Event() if self.LAG_SECOND_HALF else None
+        hook = self._first_attention().register_forward_hook(lambda *_: passed.record()) if passed else None
+        try:
+            rows(0, half)
+        finally:
+            if hook is not None:
+                hook.remove()
         with torch.cuda.stream(self._side):
+            if passed is not None:
+                self._side.wait_event(passed)
             rows(half, n)
         main.wait_stream(self._side)
+
+    def _first_attention(self) -> torch.nn.Module:
+        from services.engine.model.layers.attention import Attention
+
+        return next(m for m in self.model.modules() if isinstance(m, Attention))
 
     def _mixed_meta(self, t: int, s: int) -> AttentionMetadata:
         st = self._mix
