@@ -82,6 +82,7 @@ def _paged_decode_kernel(
     HEADS_FASTEST: tl.constexpr,  # grid (kv_heads, seqs, splits) rather than (seqs, kv_heads, splits)
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
     F16_DOTS: tl.constexpr,  # KV_FP8 with a 16-bit q: both dots in float16, q scaled by a power of two
+    CVT_BITS: tl.constexpr,  # F16_DOTS with e4m3 -> float16 by byte moves and masks (_e4m3_to_f16_bits)
     ROWS_FROM_QSL: tl.constexpr,  # q/out row of a sequence = query_start_loc[seq]; others than 1 new token skipped
     PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
@@ -129,6 +130,8 @@ def _paged_decode_kernel(
                   True, D_MASKED, "")
     if F16_DOTS:
         q, q_unscale = _q_to_f16(q)
+        if CVT_BITS:
+            q_unscale = q_unscale * 256.0
 
     if USE_SINKS:
         # The sink is a key with logit sinks[h] and no value; it belongs to split 0 alone.
@@ -158,12 +161,15 @@ def _paged_decode_kernel(
         # K/V are streamed once: evict them first so they do not push block tables and q out of L2.
         k = load_tile(k_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
         v = load_tile(v_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
-        if KV_FP8:
+        if CVT_BITS:
+            k = _e4m3_to_f16_bits(k)
+            v = _e4m3_to_f16_bits(v)
+        elif KV_FP8:
             k = k.to(q.dtype)  # float16 under F16_DOTS
             v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if F16_DOTS:
-            s = s * q_unscale
+            s = s * q_unscale  # (times 256 under CVT_BITS: folded into q_unscale)
         if USE_SOFTCAP or USE_ALIBI:
             s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
             scale = 1.0
@@ -179,6 +185,8 @@ def _paged_decode_kernel(
 
     if KV_FP8:
         acc = acc * v_scale
+    if CVT_BITS:
+        acc = acc * 256.0  # _e4m3_to_f16_bits' values are 2^-8 of the stored ones
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
         tl.store(out_ptr + row64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
@@ -204,6 +212,28 @@ def _q_to_f16(q):
     up = ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 + 14 - e + 127 - 127) = 2^(14 - (e - 127))
     down = ((e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127 - 14)
     return (qf * up).to(tl.float16), down
+
+
+@triton.jit
+def _e4m3_to_f16_bits(x):
+    """e4m3 [R, C] -> float16 holding 2^-8 of each value, exactly (subnormals too; e4m3fn's NaN bytes read as +-480):
+    per four bytes two byte permutes place each byte in the top of a 16-bit lane, then a shift and two masks
+    move its seven magnitude bits under float16's exponent (bias 15 against e4m3's 7: the 2^-8) beside the
+    sign. Integer ops instead of the conversion unit's cvt (GPU only: the interpreter has no inline asm)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 z, a, b, t, u;
+        mov.b32 z, 0;
+        prmt.b32 a, $2, z, 0x1404;
+        prmt.b32 b, $2, z, 0x3424;
+        shr.b32 t, a, 1;
+        shr.b32 u, b, 1;
+        and.b32 t, t, 0x3F803F80;
+        and.b32 u, u, 0x3F803F80;
+        lop3.b32 $0, t, 0x80008000, a, 0xF8;
+        lop3.b32 $1, u, 0x80008000, b, 0xF8;
+        }""",
+        constraints="=r,=r,r", args=[x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -386,6 +416,8 @@ def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, nu
         HEADS_FASTEST=heads_fastest,
         KV_FP8=fp8,
         F16_DOTS=fp8 and q.dtype == torch.bfloat16 and cfg.get("F16_DOTS", True),
+        CVT_BITS=fp8 and q.dtype == torch.bfloat16 and cfg.get("F16_DOTS", True) and cfg.get("CVT_BITS", False)
+        and not _interpreting(),
         ROWS_FROM_QSL=rows_from_qsl,
         v_scale=v_scale,
         num_warps=cfg["num_warps"],
