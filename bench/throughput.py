@@ -165,12 +165,15 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
 
     max_len = max(len(p) + o for p, o in work) + 16
     t0 = time.perf_counter()
-    llm = LLM(str(model_dir), load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=max_len,
-              max_num_seqs=max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-              enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
-              async_scheduling=not args.no_async_scheduling,
-              quantization="fp8" if args.quantization == "fp8" else None,
-              **({} if args.two_stream_decode_from is None else {"two_stream_decode_from": args.two_stream_decode_from}))
+    options = dict(load_format="dummy", dtype=args.dtype, device=args.device, max_model_len=max_len,
+                   max_num_seqs=max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+                   enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
+                   async_scheduling=not args.no_async_scheduling,
+                   quantization="fp8" if args.quantization == "fp8" else None)
+    if args.two_stream_decode_from is not None:
+        options["two_stream_decode_from"] = args.two_stream_decode_from
+    options.update(engine_option(o) for o in args.engine_option)
+    llm = LLM(str(model_dir), **options)
     startup = time.perf_counter() - t0
     engine = llm.engine
     waste = []
@@ -290,6 +293,23 @@ def run_hf(model_dir, work, args):
     return n_out, secs, {"hf_batch": batch, "hf_requests": len(work)}
 
 
+def engine_option(text: str) -> tuple[str, object]:
+    """NAME=VALUE -> (NAME, VALUE as an int, float or bool where it reads as one); NAME must be an EngineConfig field."""
+    import dataclasses
+
+    from services.engine.config import EngineConfig
+
+    name, sep, raw = text.partition("=")
+    if not sep or name not in {f.name for f in dataclasses.fields(EngineConfig)}:
+        raise SystemExit(f"--engine-option: {text!r} is not NAME=VALUE with NAME an EngineConfig field")
+    for conv in (int, float):
+        try:
+            return name, conv(raw)
+        except ValueError:
+            pass
+    return name, {"true": True, "false": False}.get(raw.lower(), raw)
+
+
 def sync(args):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -319,6 +339,8 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", action="store_true", help="run Folio with asynchronous scheduling off")
     ap.add_argument("--two-stream-decode-from", type=int, default=None,
                     help="EngineConfig.two_stream_decode_from (default: the engine's; 0 turns it off)")
+    ap.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="any other EngineConfig field for Folio's engine (repeatable), e.g. max_mixed_graph_tokens=8192")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default 256 (1,024 for the many workload)")
