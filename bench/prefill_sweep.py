@@ -91,7 +91,7 @@ def _name(c: dict | None) -> str:
 # (fitting round 4: ~6.5 us per program slot against ~2.1 us per key tile): `one1`/`one2` = ONE_LOOP (the
 # diagonal tile in the free tiles' pipelined loop, masked always / by a runtime branch, so its loads are
 # prefetched), `seqvec64` (32 sequences find theirs with vector loads, not a binary search), `persistN` = a
-# persistent grid of N programs per SM, and narrower programs (64 rows, 3-4 per SM) or key tiles (32, 3 stages).
+# persistent grid of N programs per SM, narrower programs (64 rows, 2-4 per SM) and 32-key tiles (2-4 stages).
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(),  # BASE
@@ -100,19 +100,25 @@ VARIANTS = [
     _cfg(one=1),
     _cfg(one=2),
     _cfg(one=2, seq_vec=64),
-    _cfg(one=2, pair=True, reverse=False),
-    _cfg(persist=2),
     _cfg(persist=2, one=2, seq_vec=64),
+    # 32-key tiles under the 128-register cap: ptxas (bench/prefill_ptxas.py, Triton 3.8) chains their wgmmas
+    # with one wait per product, where at 64-key tiles it serializes every wgmma (C7512, registers).
+    _cfg(n=32, s=2),
+    _cfg(n=32, s=3),
+    _cfg(n=32, s=4),
+    _cfg(n=32, s=3, one=1),
     _cfg(n=32, s=3, one=2, seq_vec=64),
+    _cfg(n=32, s=4, one=2, seq_vec=64),
+    _cfg(n=32, s=3, pair=True, reverse=False),
+    _cfg(n=32, s=3, persist=2, one=2, seq_vec=64),
     _cfg(m=64, n=32, w=4, s=2, one=2, seq_vec=64),  # four programs per SM
     _cfg(m=64, n=32, w=4, s=3, maxnreg=168, one=2, seq_vec=64),  # three
     _cfg(m=64, n=64, w=4, s=2, maxnreg=None, one=2, seq_vec=64),  # two (shared memory; 202 registers uncapped)
     _cfg(n=128, s=3, maxnreg=None, tail=32),  # the table's >= 4096-token pick
-    _cfg(n=128, s=3, maxnreg=None, one=2),
     _cfg(n=128, s=3, maxnreg=None, tail=32, one=2),
 ]
 # Timed on every shape (the rest only on FOCUS): the table, BASE, the long pick, and the round's main switches.
-WIDE = [None, _cfg(), _cfg(one=2), _cfg(one=2, seq_vec=64), _cfg(persist=2, one=2, seq_vec=64),
+WIDE = [None, _cfg(), _cfg(one=2, seq_vec=64), _cfg(n=32, s=3), _cfg(n=32, s=4), _cfg(n=32, s=3, one=2, seq_vec=64),
         _cfg(n=128, s=3, maxnreg=None, tail=32), _cfg(n=128, s=3, maxnreg=None, tail=32, one=2)]
 
 
