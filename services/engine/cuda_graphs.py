@@ -40,7 +40,8 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, *
 """Batch sizes of decode-step graphs, up to max_num_seqs (added if it is not one of these): above 256 a padded
 step computes at most 1/5 more rows than it has (at 1,024 sequences the ramp-down of a workload's last requests
 would otherwise replay the largest bucket for every batch above 512)."""
-MIXED_BUCKETS = (*range(16, 256, 16), *range(256, 512, 32), *range(512, 1024, 64), *range(1024, 4097, 128))
+MIXED_BUCKETS = (*range(16, 256, 16), *range(256, 512, 32), *range(512, 1024, 64), *range(1024, 4096, 128),
+                 *range(4096, 8193, 512))
 """Token counts of mixed-step graphs, up to EngineConfig.max_mixed_graph_tokens (which is added if it is
 not one of these): above 256 tokens a padded step computes at most 1/8 more tokens than it has, since a
 big step's matmuls cost in proportion to its tokens. The graphs share one output buffer and one memory pool,
