@@ -17,6 +17,9 @@ CONFIGS = [
     dict(NEW_KV="ptr"),
     dict(NEW_KV="tma", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, REVERSE=True, LAZY_RESCALE=True),
     dict(NEW_KV="paged", BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, BLOCKWISE=True, PACK_GQA=False),
+    # one loop for free and diagonal tiles (masked by a runtime branch), a persistent grid, 32-key tiles
+    dict(NEW_KV="tma", BLOCK_N=32, num_stages=3, ONE_LOOP=2, PERSISTENT=2, SEQ_VEC=64),
+    dict(NEW_KV="paged", ONE_LOOP=1),
 ]
 
 
