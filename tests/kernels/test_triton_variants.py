@@ -121,3 +121,17 @@ def test_prefill_scale_folded_into_q_leaves_softcap_and_alibi_alone(variant):
                             BLOCKWISE=False, REVERSE=True, PAIR_TILES=False, LAZY_RESCALE=False, SEQ_VEC=8,
                             Q_SCALED=True, LOOP_UNROLL=2, OVERLAP_QK=True)):
         _check(batch, params, torch.float32)
+
+
+@pytest.mark.parametrize("one_loop", [1, 2])
+def test_prefill_one_loop_with_window_softcap_alibi_sinks(one_loop):
+    # ONE_LOOP folds the diagonal into the free tiles' loop (masked always / by a runtime branch), behind the
+    # window's leading-edge loop; a persistent grid walks the work items. Against the float64 reference.
+    from kernels.paged_prefill_configs import BASE, forced_config
+
+    params = make_params(4, **VARIANTS["all"])
+    batch = make_variant_batch(MIXED, 4, 2, 32, 16, torch.float32, DEVICE, sliding_window=params.sliding_window,
+                               num_padding_tokens=1)
+    with forced_config(dict(BASE, BLOCK_M=16, BLOCK_N=8, num_warps=4, num_stages=1, maxnreg=None, SEQ_VEC=8,
+                            ONE_LOOP=one_loop, PERSISTENT=one_loop - 1)):
+        _check(batch, params, torch.float32)
