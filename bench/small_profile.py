@@ -151,15 +151,21 @@ def section_overlap(llm) -> list[dict]:
     half batches on two streams in one graph (their kernels free to overlap: one half's attention reads KV
     while the other's GEMMs compute), the second half started freely or only once the first half has passed
     its first layer's attention ("lag attn") or its whole first layer ("lag layer"), so that the halves' attention
-    kernels fall at different times. Same rows, same weights; the logits are compared with the one graph's."""
+    kernels fall at different times; and with programmatic dependent launch (kernels/pdl.py) on the Triton
+    kernels, one stream and two. Same rows, same weights; the logits are compared with the one graph's."""
     from triton.testing import do_bench
 
     from services.engine.attention.metadata import AttentionMetadata
 
+    from kernels import pdl
+
     runner = llm.engine.runner
     model, kv, dev, bs = runner.model, runner.kv_caches, runner.device, runner.block_size
     layer0 = model.model.layers[0]
-    variants = {"free": None, "lag attn": layer0.self_attn.attn, "lag layer": layer0}
+    attn0 = layer0.self_attn.attn
+    # name -> (two streams, the module after which the second half starts, PDL launches of the Triton kernels)
+    variants = {"free": (True, None, False), "lag attn": (True, attn0, False), "lag layer": (True, layer0, False),
+                "one+pdl": (False, None, True), "lag attn+pdl": (True, attn0, True)}
     rows = []
     side = torch.cuda.Stream()
     print("\ndecode step (forward + LM head) as one graph vs two half batches on two streams, ms per step:")
@@ -187,7 +193,8 @@ def section_overlap(llm) -> list[dict]:
             g1.replay()
             rec["one_ms"] = do_bench(g1.replay, warmup=5, rep=40)
             line = f"   b{b} ctx{ctx}: one graph {rec['one_ms']:.3f}"
-            for name, lag in variants.items():
+            for name, (streams, lag, use_pdl) in variants.items():
+                pdl.ENABLED = use_pdl
                 ev = torch.cuda.Event()
                 armed = [False]
 
@@ -198,7 +205,10 @@ def section_overlap(llm) -> list[dict]:
 
                 handle = lag.register_forward_hook(hook) if lag is not None else None
 
-                def two(lag=lag, ev=ev, armed=armed):
+                def two(lag=lag, ev=ev, armed=armed, streams=streams):
+                    if not streams:
+                        out = one()
+                        return out[:cut], out[cut:]
                     main = torch.cuda.current_stream()
                     side.wait_stream(main)
                     armed[0] = True
@@ -232,6 +242,7 @@ def section_overlap(llm) -> list[dict]:
                     line += f"; {name} failed: {str(e)[:120]}"
                 if handle is not None:
                     handle.remove()
+            pdl.ENABLED = False
             print(line, flush=True)
         rows.append(rec)
         del g1, out1
@@ -350,7 +361,7 @@ def section_engine(llm, requests: int, prompt: int, decode_to: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["overlap", "gemm", "attn", "engine"],
+    ap.add_argument("--sections", nargs="+", default=["overlap", "engine", "attn", "gemm"],
                     choices=["overlap", "gemm", "attn", "engine"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="the engine section only, tiny shape on CPU (a check of the script)")
