@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from kernels import splitk
 from services.engine.attention.metadata import AttentionMetadata
 
 log = logging.getLogger("folio.engine")
@@ -115,6 +116,10 @@ class StepGraphs:
         Buckets of at least `two_stream_from` sequences (0: none) are recorded as two half batches on two
         streams (`_two_halves`)."""
         buckets = buckets_up_to(DECODE_BUCKETS, max_batch)
+        if two_stream_from and self.device.type == "cuda" and splitk.reserved(self.device):
+            # The split-K GEMMs of quantized layers share one workspace per device: one stream at a time.
+            log.info("two-stream decode graphs off: this model's split-K GEMMs share one workspace")
+            two_stream_from = 0
         self.two_stream_from = two_stream_from
         if buckets:
             st = self._dec = self._buffers(buckets[-1], buckets[-1])
