@@ -111,6 +111,7 @@ VARIANTS = [
     _cfg(n=32, s=4, one=2, seq_vec=64),
     _cfg(n=32, s=3, pair=True, reverse=False),
     _cfg(n=32, s=3, persist=2, one=2, seq_vec=64),
+    _cfg(m=256, n=32, w=16, s=3, one=2, seq_vec=64),  # one 16-warp program per SM, sharing each K/V tile 4 ways
     _cfg(m=64, n=32, w=4, s=2, one=2, seq_vec=64),  # four programs per SM
     _cfg(m=64, n=32, w=4, s=3, maxnreg=168, one=2, seq_vec=64),  # three
     _cfg(m=64, n=64, w=4, s=2, maxnreg=None, one=2, seq_vec=64),  # two (shared memory; 202 registers uncapped)
