@@ -60,12 +60,24 @@ def test_dispatch_table_picks_by_device_shape_and_row_count():
     assert dd.config_for("GPU X", 1, 4096, 4096, table) is None  # another shape
 
 
-def test_dispatch_linear_is_f_linear_off_the_table(monkeypatch):
-    """On CPU, with a bias, or with the switch off, the projection is exactly F.linear."""
+def test_dispatch_linear_takes_the_table_only_where_it_applies(monkeypatch):
+    """float32, a bias or the switch off: exactly F.linear; a listed 16-bit shape: dense_gemm."""
+    from kernels import dense_gemm as dg
     from services.engine.model.layers import dense_dispatch as dd
 
-    monkeypatch.setitem(dd.TABLE, ("cpu", 32, 64), ((64, dict(BLOCK_M=16)),))
-    x, w, bias = torch.randn(4, 64), torch.randn(32, 64), torch.randn(32)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, num_stages=2)
+    monkeypatch.setitem(dd.TABLE, (DEV if DEV == "cpu" else torch.cuda.get_device_name(), 32, 64), ((64, cfg),))
+    calls = []
+    real = dg.dense_gemm
+    monkeypatch.setattr(dg, "dense_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, bias = torch.randn(4, 64, device=DEV), torch.randn(32, 64, device=DEV), torch.randn(32, device=DEV)
     assert torch.equal(dd.linear(x, w, None), torch.nn.functional.linear(x, w))
-    assert torch.equal(dd.linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(dd.linear(xb, wb, bias.bfloat16()), torch.nn.functional.linear(xb, wb, bias.bfloat16()))
+    assert not calls
+    y = dd.linear(xb, wb, None)
+    assert calls == [1] and torch.equal(y, real(xb, wb, cfg))
+    assert dd.linear(xb[:, :32], wb[:, :32], None).shape == (4, 32) and calls == [1]  # (32, 32): not listed
+    monkeypatch.setenv("FOLIO_DENSE_GEMM", "0")
+    assert torch.equal(dd.linear(xb, wb, None), torch.nn.functional.linear(xb, wb)) and calls == [1]
     assert dd.warmup(torch.device("cpu"), torch.bfloat16) == 0

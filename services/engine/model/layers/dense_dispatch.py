@@ -27,9 +27,14 @@ def enabled() -> bool:
 
 
 _device_names: dict[int, str] = {}
+_SIXTEEN = (torch.float16, torch.bfloat16)
 
 
 def _device_name(x: torch.Tensor) -> str:
+    """The CUDA device's name ("NVIDIA H200"); "cpu" on CPU (only tests list it: the kernel runs there under
+    the Triton interpreter)."""
+    if not x.is_cuda:
+        return x.device.type
     i = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if i not in _device_names:
         _device_names[i] = torch.cuda.get_device_name(i)
@@ -46,8 +51,8 @@ def config_for(device_name: str, m: int, n: int, k: int, table: dict | None = No
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through dense_gemm where the table picks it (2-D input, no bias, CUDA)."""
-    if bias is None and x.is_cuda and x.dim() == 2 and TABLE and enabled() and x.dtype == weight.dtype:
+    """F.linear(x, weight, bias), through dense_gemm where the table picks it (2-D 16-bit input, no bias)."""
+    if bias is None and TABLE and x.dim() == 2 and x.dtype == weight.dtype and x.dtype in _SIXTEEN and enabled():
         cfg = config_for(_device_name(x), x.shape[0], weight.shape[0], weight.shape[1])
         if cfg is not None:
             from kernels.dense_gemm import dense_gemm
