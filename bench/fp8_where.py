@@ -1,5 +1,6 @@
 """Where the FP8 engine's time goes (one GPU, Llama-3-8B shape): the paged decode kernel over a bf16 and an fp8
-pool (every config checked against the torch reference before it is timed), SwiGLU + FP8 launches on a
+pool (every config checked against the torch reference before it is timed), the 8B GEMMs with and without
+cuBLAS's FP8 fast accumulation (time, and error against float64), SwiGLU + FP8 launches on a
 deferred-scale gate/up output (each checked bit for bit; the winners applied below), then per engine (bf16; FP8
 weights; FP8 weights + FP8 KV) the device time of one 8,192-token prefill step and of a 256-sequence decode
 step, kernel by kernel, grouped (GEMM, attention, quantization, norm, SwiGLU, rotary, KV write, LM head,
@@ -118,6 +119,61 @@ def decode_section(failures: list) -> list[dict]:
         pd.FP8_KV_CONFIG.update({k: v for k, v in best.items() if k != "F16_DOTS"})
         print(f"kernels/paged_decode.py FP8_KV_CONFIG (applied for the engines): {pd.FP8_KV_CONFIG!r}", flush=True)
     return rows
+
+
+# --- cuBLAS FP8 GEMMs: fast accumulation ----------------------------------------------------------------
+def gemm_section() -> list[dict]:
+    """Per 8B GEMM at decode's and prefill's M: bf16, and _scaled_mm row-wise / tensor-wise, each with and without
+    fast accumulation (ms, one CUDA graph over weight copies that overflow L2), and each FP8 output's error
+    against the float64 product of the same quantized operands on 64 rows (max and mean |error| over max and
+    mean |product|); "bf16 rounding" is the error of the exact product rounded to bfloat16, the floor."""
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    g = torch.Generator(device=DEV).manual_seed(4)
+    out = []
+    one = torch.ones((), device=DEV)
+    for m in (256, 8192):
+        for name, (k, n) in qb.SHAPES.items():
+            bf = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.bfloat16)
+                  for _ in range(qb.copies_for(2 * n * k))]
+            f8 = [qb.fp8_layer(bf[i % len(bf)])[0] for i in range(qb.copies_for(n * k))]
+            x = (torch.randn(m, k, generator=g, device=DEV) * (1 + 10 * torch.rand(m, 1, generator=g, device=DEV))
+                 ).to(torch.bfloat16)
+            xq, xs = quantize_fp8_rows(x)
+            la = f8[0]
+            ref = (xq[:64].double() * xs[:64].double()) @ (la.weight.double() * la.weight_scale.double().reshape(-1, 1)).t()
+
+            def err(y):
+                d = (y[:64].double() - ref).abs()
+                return {"max": (d.max() / ref.abs().max()).item(), "mean": (d.mean() / ref.abs().mean()).item()}
+
+            row = {"M": m, "shape": name, "ms": {}, "err": {"bf16 rounding": err(ref.to(torch.bfloat16))}}
+            row["ms"]["bf16"] = qb.graph_ms([lambda w=w: torch.nn.functional.linear(x, w) for w in bf])
+            for fast in (False, True):
+                kw = {"use_fast_accum": True} if fast else {}
+                tag = " fast" if fast else ""
+                row["ms"]["rowwise" + tag] = qb.graph_ms([lambda la=la: torch._scaled_mm(
+                    xq, la.weight.t(), scale_a=xs, scale_b=la.weight_scale, out_dtype=torch.bfloat16, **kw) for la in f8])
+                row["ms"]["tensorwise" + tag] = qb.graph_ms([lambda la=la: torch._scaled_mm(
+                    xq, la.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, **kw) for la in f8])
+                row["err"]["rowwise" + tag] = err(torch._scaled_mm(xq, la.weight.t(), scale_a=xs, scale_b=la.weight_scale,
+                                                                  out_dtype=torch.bfloat16, **kw))
+                raw = torch._scaled_mm(xq, la.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, **kw)
+                row["err"]["tensorwise" + tag] = err(raw.double()[:64] * xs[:64].double() * la.weight_scale.double())
+            out.append(row)
+            print(f"gemm M={m:<5} {name:<8}" + " ".join(f"{k_} {v * 1e3:.1f}us" for k_, v in row["ms"].items())
+                  + " | err max/mean " + " ".join(f"{k_} {v['max']:.1e}/{v['mean']:.1e}" for k_, v in row["err"].items()),
+                  flush=True)
+            del bf, f8, ref
+    torch.cuda.empty_cache()
+    print("\nPer layer (4 GEMMs), ms:")
+    for m in (256, 8192):
+        rs = [r for r in out if r["M"] == m]
+        if len(rs) == 4:
+            tot = {k_: sum(r["ms"][k_] for r in rs) for k_ in rs[0]["ms"]}
+            print(f"  M={m:<5} " + "  ".join(f"{k_} {v:.4f} ({tot['bf16'] / v:.2f}x)" for k_, v in tot.items()))
+    print(f"  (FAST_ACCUM as committed: {fp8mod.FAST_ACCUM})")
+    return out
 
 
 # --- SwiGLU + FP8 on a deferred-scale gate/up output ----------------------------------------------------
@@ -298,8 +354,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later parts are skipped past it")
-    ap.add_argument("--sections", nargs="+", default=["decode", "silu", "engine", "throughput"],
-                    choices=["decode", "silu", "engine", "throughput"])
+    ap.add_argument("--sections", nargs="+", default=["decode", "gemm", "silu", "engine", "throughput"],
+                    choices=["decode", "gemm", "silu", "engine", "throughput"])
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -308,6 +364,9 @@ def main() -> int:
     if "decode" in args.sections:
         result["decode"] = qb.attempt(lambda: decode_section(failures))
         print(f"decode section done at {time.time() - start:.0f} s", flush=True)
+    if "gemm" in args.sections:
+        result["gemm"] = qb.attempt(gemm_section)
+        print(f"gemm section done at {time.time() - start:.0f} s", flush=True)
     if "silu" in args.sections:
         result["silu"] = qb.attempt(lambda: silu_section(failures))
         print(f"silu section done at {time.time() - start:.0f} s", flush=True)

@@ -99,3 +99,16 @@ def test_fp8_w8a16_refuses_bad_operands():
         fp8_w8a16(torch.zeros(1, 32), w, torch.ones(4))
     with pytest.raises(ValueError, match=r"x must be \[M, K\]"):
         fp8_w8a16(torch.zeros(1, 16), w, torch.ones(8))
+
+
+def test_fast_accum_reaches_scaled_mm_on_cuda_only(monkeypatch):
+    """FAST_ACCUM asks cuBLAS for fast accumulation (a CUDA tensor stands in by its is_cuda flag: no GPU here);
+    off, or on the CPU, _scaled_mm gets no accumulation argument."""
+    from types import SimpleNamespace
+
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert fp8mod._fast_accum(cuda) == {} and fp8mod._fast_accum(cpu) == {}
+    monkeypatch.setattr(fp8mod, "FAST_ACCUM", True)
+    assert fp8mod._fast_accum(cuda) == {"use_fast_accum": True} and fp8mod._fast_accum(cpu) == {}

@@ -98,6 +98,11 @@ FUSE_INPUT_QUANT = True
 DEFER_SCALES = True
 """Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
 
+FAST_ACCUM = False
+"""cuBLAS's FP8 fast accumulation in torch._scaled_mm on CUDA (`use_fast_accum`): the tensor cores' partial sums
+are not promoted to float32 every few K blocks. vLLM's Hopper FP8 CUTLASS kernels run this way
+(KernelTmaWarpSpecialized*FP8FastAccum); bench/fp8_where.py measures its speed and its error against float64."""
+
 _UNIT: dict[torch.device, torch.Tensor] = {}
 
 
@@ -154,7 +159,13 @@ def fp8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
     if cfg is not None:
         return fp8_w8a8.fp8_w8a8(xq, xs, weight, weight_scale, dtype, config=cfg)
     out = torch.bfloat16 if xq.is_cuda else torch.float32
-    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out).to(dtype)
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out,
+                            **_fast_accum(xq)).to(dtype)
+
+
+def _fast_accum(xq: torch.Tensor) -> dict:
+    """_scaled_mm's accumulation argument: FAST_ACCUM on CUDA (the CPU kernel has no fast mode)."""
+    return {"use_fast_accum": True} if FAST_ACCUM and xq.is_cuda else {}
 
 
 class FP8Method:
@@ -253,7 +264,8 @@ class FP8Method:
         if self._defers(layer, bias):
             out = dtype if xq.is_cuda else torch.float32
             unit = _unit(xq.device)
-            raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out)
+            raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out,
+                                   **_fast_accum(xq))
             return FP8Output(raw, xs.reshape(-1, 1), layer.weight_scale.reshape(1, -1))
         y = fp8_gemm_quantized(xq, xs, layer.weight, layer.weight_scale, dtype)
         return y if bias is None else y + bias
