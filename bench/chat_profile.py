@@ -4,7 +4,7 @@
     python bench/chat_profile.py --shape tiny --device cpu --quick                       # smoke test
 
 1. GEMMs: each dense projection of the shape (qkv, o, gate_up, down, LM head) at the row counts decode and
-   mixed steps use, timed (triton.testing.do_bench: L2 flushed before each call) with cuBLAS (F.linear),
+   mixed steps use, timed (median of 20 calls, L2 flushed before each) with cuBLAS (F.linear),
    cuBLASLt (torch's preferred BLAS switched) and kernels/dense_gemm.py launches; every dense_gemm result is
    checked against F.linear first. Prints ms, the fraction of max(weight bytes at the copy rate, FLOPs at the
    matmul rate) reached, the winner, and the dispatch table the winners make (dense_dispatch.TABLE format).
@@ -42,6 +42,7 @@ from bench.decode_profile import group_of  # noqa: E402
 from bench.throughput import SHAPES, measure_ceilings, model_bytes_and_flops, write_config  # noqa: E402
 
 GEMM_MS = (1, 16, 32, 48, 64, 96, 128, 192, 256, 640)
+"""Row counts timed (the LM head's stop at 256: it runs on the sampled rows only)."""
 TRITON_MAX_M = 256
 """dense_gemm candidates are timed up to this many rows; above it cuBLAS alone (compute-bound tiles)."""
 DECODE_STEPS = ((1, 700), (16, 700), (32, 700), (48, 700), (64, 700), (96, 700), (128, 700), (192, 600),
@@ -102,15 +103,30 @@ def precompile(ms_list, jobs: int = 8) -> None:
           + (f"; errors: {errors[:3]}" if errors else ""), flush=True)
 
 
-def bench_ms(fn, device) -> float:
-    if device.type == "cuda":
-        import triton.testing
+_FLUSH: dict[str, torch.Tensor] = {}
 
-        return float(triton.testing.do_bench(fn, warmup=3, rep=15))
+
+def bench_ms(fn, device, reps: int = 20) -> float:
+    """Median device ms of fn over `reps` calls, L2 flushed before each (a step's weights arrive cold too).
+    Fixed repetitions rather than do_bench's 'fill rep ms': a 10 us kernel would otherwise run ~1,500
+    times, each behind a 256 MB flush."""
+    if device.type != "cuda":
+        fn()
+        t = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t)
+    flush = _FLUSH.setdefault("l2", torch.empty(128 << 20, dtype=torch.uint8, device=device))  # > the 60 MB L2
     fn()
-    t = time.perf_counter()
     fn()
-    return 1e3 * (time.perf_counter() - t)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for a, b in zip(starts, ends):
+        flush.zero_()
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize(device)
+    return float(np.median([a.elapsed_time(b) for a, b in zip(starts, ends)]))
 
 
 def layer_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -134,6 +150,8 @@ def gemm_sweep(cfg, ceil, device, ms_list, dtype) -> tuple[list[dict], dict]:
         wt = w.t().contiguous()  # the weight stored K-major: cuBLAS sees another transpose case, picks otherwise
         entry = []
         for m in ms_list:
+            if label == "lm_head" and m > TRITON_MAX_M:
+                continue
             x = torch.randn(m, k, device=device, generator=g).to(dtype)
             ceil_ms = 1e3 * max(n * k * 2 / bw, 2 * m * n * k / mm) if device.type == "cuda" else float("nan")
             ref = F.linear(x, w)
@@ -205,8 +223,6 @@ ATTN_SHAPES = ((1, 1200), (16, 1200), (32, 1000), (48, 900), (96, 650), (256, 40
 def attention_sweep(cfg, ceil, max_model_len: int = 2064) -> list[dict]:
     """The paged decode kernel's KV read rate at the chat's shapes: the split count a decode graph captures
     (chosen for max_model_len) against other split counts, and a few tile configs; each checked first."""
-    import triton.testing
-
     from bench.decode_sweep import make
     from kernels.paged_decode import _decode_config, choose_num_splits, num_sms, paged_decode, paged_decode_ref
 
@@ -235,7 +251,7 @@ def attention_sweep(cfg, ceil, max_model_len: int = 2064) -> list[dict]:
                 if err > 2e-2:
                     print(f"  {b} x {ctx} {c} split {split}: WRONG (err {err:.2g})")
                     continue
-                ms = triton.testing.do_bench(run, warmup=5, rep=20)
+                ms = bench_ms(run, q.device)
                 res.append(dict(c, split=split, ms=ms, TBps=kv_bytes / ms / 1e9))
             except Exception as e:  # a config that does not compile is reported, not fatal
                 print(f"  {b} x {ctx} {c} split {split}: {type(e).__name__} {str(e)[:100]}")
