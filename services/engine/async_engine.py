@@ -3,10 +3,12 @@
 The engine thread owns the LLMEngine: nothing else touches it. Requests and aborts reach it as typed
 commands (`AddCommand`, `AbortCommand`) on a queue drained before every step, so an abort takes
 effect within one step. Each step's token deltas go back to per-request asyncio queues with one
-`loop.call_soon_threadsafe` per step (one wake-up of the loop, whatever the batch). After every step the thread publishes an immutable `EngineLoad`
-snapshot (KV blocks, queue lengths) that Stats and the Redis
-publisher read without locking. torch releases the GIL inside its kernels, so the event loop stays
-responsive while a step runs.
+`loop.call_soon_threadsafe` per step (one wake-up of the loop, whatever the batch); a request's first
+token goes first, and the thread then steps back (blocked, the GIL released) until the loop has
+handed that message to gRPC or `first_token_handoff_s` passed (`_hand_over`). After every step the
+thread publishes an immutable `EngineLoad` snapshot (KV blocks, queue lengths) that Stats and the
+Redis publisher read without locking. torch releases the GIL inside its kernels, so the event loop
+stays responsive while a step runs.
 """
 
 from __future__ import annotations
@@ -26,9 +28,16 @@ from services.common.sampling_params import SamplingParams
 log = logging.getLogger("folio.engine.loop")
 
 
-def _deliver(ready: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in ready:
+def _deliver(ready: list[tuple[asyncio.Queue, object]], handed: threading.Event | None = None,
+             first: int = 0) -> None:
+    """On the loop: put each item on its queue. `handed` is set once the readers of the first `first`
+    items have run (their tasks wake in put order, before the callback scheduled after them)."""
+    for i, (q, item) in enumerate(ready):
+        if i == first and handed is not None:
+            asyncio.get_running_loop().call_soon(handed.set)
         q.put_nowait(item)
+    if handed is not None and first >= len(ready):
+        asyncio.get_running_loop().call_soon(handed.set)
 
 
 class EngineFailure(RuntimeError):
@@ -62,10 +71,15 @@ class AbortCommand:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
                  change_fraction: float = 0.05, step_deadline_s: float = 5.0,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None, first_token_handoff_s: float = 0.001):
         """`on_fatal` is called (on the event loop) when a step fails in a way the engine cannot go on
-        from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops."""
+        from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops.
+        `first_token_handoff_s`: after a step that produced a request's first token, how long at most the
+        engine thread waits (the GIL released) for the event loop to hand that token's message to gRPC
+        before it goes on to the next step (0: it does not wait; docs/router.md)."""
         self.engine = engine
+        self.first_token_handoff_s = first_token_handoff_s
+        self._no_token_yet: set[str] = set()  # engine thread only: admitted, first token not yet out
         self._on_fatal = on_fatal
         self.fatal: BaseException | None = None
         """The error that ended the engine loop, if any."""
@@ -179,6 +193,7 @@ class AsyncEngine:
                     continue
                 cmd.admitted = True
                 self._queues[cmd.request_id] = cmd.outputs
+                self._no_token_yet.add(cmd.request_id)
                 self._admitted_pending.append(cmd.request_id)
                 self._resolve(cmd.done, None)
             elif isinstance(cmd, AbortCommand):
@@ -186,6 +201,7 @@ class AsyncEngine:
                     continue
                 out = eng.abort_request(cmd.request_id)
                 q = self._queues.pop(cmd.request_id, None)
+                self._no_token_yet.discard(cmd.request_id)
                 if q is not None and out is not None:
                     self._send(q, out)
             else:
@@ -216,22 +232,41 @@ class AsyncEngine:
                 self._step_started = None
                 eng.step_phase = "idle"
             self._steps += 1
-            ready = []
-            for out in outputs:
-                q = self._queues.get(out.request_id)
-                if q is None:
-                    continue
-                if out.finished:
-                    del self._queues[out.request_id]
-                ready.append((q, out))
-            if ready:  # one wake-up of the event loop per step, not one per request
-                self._loop.call_soon_threadsafe(_deliver, ready)
+            self._hand_over(outputs)
             self._publish_snapshot()
         for rid in list(self._queues):  # shutting down: end every stream
             out = eng.abort_request(rid)
             q = self._queues.pop(rid)
             if out is not None:
                 self._send(q, out)
+
+    def _hand_over(self, outputs: list) -> None:
+        """Give a step's deltas to their queues in one wake-up of the event loop, first tokens first.
+        When there are first tokens, wait until their readers have run (each has then handed its message
+        to gRPC) or `first_token_handoff_s` passed: with asynchronous scheduling the next step is already
+        running on the device, and this thread's next host work (scheduling, input preparation, holding
+        the GIL) would otherwise make the loop wait for the GIL before it can send the token."""
+        first, rest = [], []
+        for out in outputs:
+            rid = out.request_id
+            q = self._queues.get(rid)
+            if q is None:
+                continue
+            if out.finished:
+                del self._queues[rid]
+            if rid in self._no_token_yet and (out.finished or any(s.token_ids for s in out.sequences)):
+                self._no_token_yet.discard(rid)
+                first.append((q, out))
+            else:
+                rest.append((q, out))
+        if not first and not rest:
+            return
+        if not first or self.first_token_handoff_s <= 0:
+            self._loop.call_soon_threadsafe(_deliver, first + rest)
+            return
+        handed = threading.Event()
+        self._loop.call_soon_threadsafe(_deliver, first + rest, handed, len(first))
+        handed.wait(self.first_token_handoff_s)
 
     def _fail_all(self, exc: Exception) -> None:
         for rid, q in list(self._queues.items()):
@@ -241,6 +276,7 @@ class AsyncEngine:
                 log.exception("abort after failed step")
             self._send(q, exc)
         self._queues.clear()
+        self._no_token_yet.clear()
 
     def _take_snapshot(self) -> EngineLoad:
         return dataclasses.replace(self.engine.get_stats(), steps=self._steps)

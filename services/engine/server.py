@@ -55,6 +55,10 @@ class EngineServerConfig:
     """The interpreter's switch interval here (sys.setswitchinterval; None: Python's 5 ms): how long the
     server's event loop may wait for the GIL while the engine thread holds it (docs/router.md; 0.25 ms
     measured on the H200 did not shorten the loop's hops)."""
+    first_token_handoff_ms: float = 1.0
+    """After a step that produced a request's first token, the engine thread waits up to this long (the GIL
+    released) for the event loop to hand the token's message to gRPC before its next step's host work
+    (0: no wait; docs/router.md). With asynchronous scheduling the device is busy with the next step meanwhile."""
     core_process: bool = False
     """Run the engine core (the step loop) in a process of its own, so this server's event loop never
     waits for the step thread's GIL (services/engine/core_process.py; docs/router.md)."""
@@ -64,6 +68,10 @@ class EngineServerConfig:
     (launching kernels) while the device computes (bench/serving.py, tests/integration/test_hops.py)."""
     log_level: str = "INFO"
     """Logging level."""
+
+    def __post_init__(self):
+        if self.first_token_handoff_ms < 0:
+            raise ValueError(f"first_token_handoff_ms: must be >= 0 (got {self.first_token_handoff_ms})")
 
 
 def _ns(t: float | None, since: float | None) -> int:
@@ -158,8 +166,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         tok = self.engine.tokenizer
         self.token_text = tok.decode_token if tok is not None else None
         """Each logprob's token text, filled here (off the engine thread) for the wire's decoded_token."""
-        self._drained: asyncio.Future | None = None
-        """Done once draining: GenerateStream calls still waiting for their request end."""
+        self._draining = False
+        """Set by `drain`: GenerateStream calls still waiting for their request end."""
+        self._waiting: set[asyncio.Task] = set()
+        """Handlers of GenerateStream calls waiting for their request."""
 
     async def Generate(self, request: pb.EngineGenerateRequest, context):
         async for msg in self._generate(request, time.monotonic_ns()):
@@ -179,22 +189,28 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             yield msg
 
     async def _first_request(self, request_iterator) -> pb.EngineGenerateRequest | None:
-        if self._drained is None:
-            self._drained = asyncio.get_running_loop().create_future()
-        first = asyncio.ensure_future(anext(request_iterator, None))
+        """The call's request, read in the handler's own task (no helper task: each extra wake-up of this
+        loop may wait for the GIL the engine thread holds); None when the opener closed the call unused or
+        this server drains (`drain` cancels the wait)."""
+        if self._draining:
+            return None
+        task = asyncio.current_task()
+        self._waiting.add(task)
         try:
-            await asyncio.wait([first, self._drained], return_when=asyncio.FIRST_COMPLETED)
+            return await anext(request_iterator, None)
+        except asyncio.CancelledError:
+            if self._draining and task.cancelling():  # drain() ended the wait: the call ends with no message
+                task.uncancel()
+                return None
+            raise
         finally:
-            if not first.done():
-                first.cancel()
-        return first.result() if first.done() and not first.cancelled() else None
+            self._waiting.discard(task)
 
     def drain(self) -> None:
         """Stop taking requests on opened calls: those still waiting for theirs end with no message."""
-        if self._drained is None:
-            self._drained = asyncio.get_running_loop().create_future()
-        if not self._drained.done():
-            self._drained.set_result(None)
+        self._draining = True
+        for task in list(self._waiting):
+            task.cancel()
 
     async def _generate(self, request: pb.EngineGenerateRequest, received_ns: int, deadline: float | None = None):
         """One request's stream of messages; `deadline` (time.monotonic()): past it, the request is
@@ -312,7 +328,8 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
         if c.debug_gil_busy_ms > 0:
             engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
-        aengine = AsyncEngine(engine, on_change=on_change, step_deadline_s=c.step_deadline_s, on_fatal=on_fatal)
+        aengine = AsyncEngine(engine, on_change=on_change, step_deadline_s=c.step_deadline_s, on_fatal=on_fatal,
+                              first_token_handoff_s=c.first_token_handoff_ms / 1e3)
         aengine.start()
     model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     metrics = None

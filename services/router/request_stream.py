@@ -212,6 +212,8 @@ class RequestStream:
         if guess is not None:
             early = self.route.engines.generate(guess.address, req, remaining(self.deadline))
         try:
+            if early is not None:
+                await asyncio.sleep(0)  # its request goes out on the loop's next turn: before Redis's command
             choice = await self._choose(req.request_id, generated, excluded, hung)
         except BaseException:
             if early is not None:
