@@ -247,6 +247,86 @@ async def _drive(address, reqs) -> dict:
         return res
 
 
+class HttpStreams:
+    """OpenAI-style streamed completions over keep-alive HTTP/1.1 connections (asyncio streams, no client
+    library in the way): a pool of connections, one request at a time on each, as an HTTP client does."""
+
+    def __init__(self, address: str):
+        self.host, port = address.rsplit(":", 1)
+        self.port = int(port)
+        self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def events(self, body: dict):
+        """The stream's events (parsed JSON), until [DONE]."""
+        conn = self.free.pop() if self.free else await asyncio.open_connection(self.host, self.port)
+        r, w = conn
+        data = json.dumps(body).encode()
+        w.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n" % (self.host.encode(), len(data)) + data)
+        head = await r.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"HTTP: {head.decode(errors='replace').splitlines()[0]}")
+        buf, done = b"", False
+        while True:
+            size = int((await r.readline()).split(b";")[0].strip(), 16)  # chunked transfer encoding
+            if size == 0:
+                await r.readline()
+                break
+            buf += (await r.readexactly(size + 2))[:-2]
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                payload = event.removeprefix(b"data: ")
+                if payload == b"[DONE]":
+                    done = True
+                elif not done:
+                    yield json.loads(payload)
+        self.free.append(conn)
+
+    def close(self) -> None:
+        for _, w in self.free:
+            w.close()
+
+
+async def _one_http(http: HttpStreams, model: str, rid, ids, out, times):
+    """One request over the HTTP API; each event's new tokens are counted from its usage (continuous usage
+    stats), so a merged event counts as the tokens it carries."""
+    body = {"model": model, "prompt": ids, "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    ts, seen = times[rid], 0
+    async for ev in http.events(body):
+        now = time.perf_counter()
+        n = (ev.get("usage") or {}).get("completion_tokens", seen)
+        ts.extend([now] * (n - seen))
+        seen = max(seen, n)
+
+
+async def _drive_http(address: str, model: str, reqs) -> dict:
+    """The same schedule as _drive, through the router's OpenAI-compatible HTTP API (no hop stamps there)."""
+    http = HttpStreams(address)
+    try:
+        await _one_http(http, model, "warmup", [20, 21, 22], 4, {"warmup": []})
+        times = {f"r{i}": [] for i in range(len(reqs))}
+        t0 = time.perf_counter()
+        arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
+
+        async def later(i, at, ids, out):
+            due = t0 + at
+            if due - time.perf_counter() > 0.002:
+                await asyncio.sleep(due - time.perf_counter() - 0.002)
+            while time.perf_counter() < due:
+                await asyncio.sleep(0)
+            await _one_http(http, model, f"r{i}", ids, out, times)
+
+        await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
+        res = summarize(times, arrivals, time.perf_counter(), t0)
+        res["ttft_split_ms_p50"] = {"client_router": float("nan"), "router_ttft": float("nan"), "engine_queue": float("nan")}
+        res["hops_ms_p50"] = {}
+        res["outside_engine_ms_p50"] = float("nan")
+        return res
+    finally:
+        http.close()
+
+
 def _cpu_s(pid: int) -> float:
     """CPU time (user + system) of a process and its live children, e.g. an engine's core process."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -277,10 +357,14 @@ def cpu_seconds(stack) -> dict[str, float]:
 
 
 def drive_stack(stack, reqs) -> dict:
-    """One schedule through the stack; with each process's CPU time per output token, which shows what
-    a process spends per token and so how near to a full core it runs at this rate."""
+    """One schedule through the stack (its gRPC API, or its HTTP API when it serves one); with each
+    process's CPU time per output token, which shows what a process spends per token and so how near to
+    a full core it runs at this rate."""
     before = cpu_seconds(stack)
-    res = asyncio.run(_drive(stack.router_address, reqs))
+    if stack.c.http_port is not None:
+        res = asyncio.run(_drive_http(f"{stack.c.host}:{stack.c.http_port}", stack.bench_model, reqs))
+    else:
+        res = asyncio.run(_drive(stack.router_address, reqs))
     after = cpu_seconds(stack)
     res["cpu_ms_per_token"] = {k: 1e3 * (after[k] - before[k]) / max(1, res["output_tokens"])
                                for k in after if k in before}
@@ -288,8 +372,9 @@ def drive_stack(stack, reqs) -> dict:
     return res
 
 
-def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), router_extra: list[str] = ()):
-    from folio.stack import Stack, StackConfig
+def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), router_extra: list[str] = (),
+                api: str = "grpc"):
+    from folio.stack import Stack, StackConfig, free_port
     from protos.generate import ensure_generated
 
     ensure_generated()
@@ -313,8 +398,10 @@ def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), 
         flags += ["--heartbeat-ttl-s", "60"]
         router_args += ["--hung-after-s", "120", "--stale-ms", "60000"]
     stack = Stack(StackConfig(engines=1, router_port=0, model=str(model_dir), engine_args=flags, env=env,
-                              router_args=router_args, log_level="WARNING", startup_timeout_s=600))
+                              router_args=router_args, log_level="WARNING", startup_timeout_s=600,
+                              http_port=free_port() if api == "http" else None))
     stack.start()
+    stack.bench_model = Path(model_dir).name  # the served name (the model directory's)
     return stack
 
 
@@ -394,6 +481,9 @@ def main() -> None:
     ap.add_argument("--router-variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="also run the stack with these extra router flags, e.g. 'plain=--no-engine-calls-ahead' "
                          "(repeatable; each variant is one more stack start)")
+    ap.add_argument("--http", action="store_true",
+                    help="also run the stack once more, driven through the router's OpenAI-compatible HTTP API "
+                         "(streamed /v1/completions over keep-alive connections) instead of its gRPC API")
     ap.add_argument("--debug-gil-busy-ms", type=float, default=0.0,
                     help="debug, on CPU: each engine step (both paths) first holds the GIL this many ms, as a GPU "
                          "engine's kernel launches do (services/engine/server.py: gil_busy_step)")
@@ -419,7 +509,9 @@ def main() -> None:
     for spec in args.router_variant:
         name, _, flags = spec.partition("=")
         variants.append((name, detok, [], shlex.split(flags)))
-    specs = {name: (detok, extra, rextra) for name, detok, extra, rextra in variants}
+    specs = {name: (detok, extra, rextra, "grpc") for name, detok, extra, rextra in variants}
+    if args.http:
+        specs["http"] = (detok, [], [], "http")
     variants = list(specs)
     t_start = time.perf_counter()
     host = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
