@@ -221,10 +221,10 @@ def candidates(n: int, k: int) -> list[dict]:
             out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, XPAIR=xpair, SPLIT_K=sp,
                             **({"maxnreg": regs} if regs else {})))
     # gemv4: (BLOCK_N, warps, XPAIR, maxnreg) x programs per SM, PDL 2; the L2 prefetches are tried on the best
-    for bn, warps, xpair, regs in ((128, 1, True, None), (256, 2, True, None), (128, 1, True, 128),
-                                   (128, 1, False, None), (128, 1, False, 128)):
+    for t, bn, warps, xpair, regs in ((8, 128, 1, True, None), (8, 256, 2, True, None), (8, 128, 1, True, 128),
+                                      (8, 128, 1, False, None), (8, 128, 1, False, 128), (16, 128, 1, True, None)):
         for per_sm in (4, 8, 16):
-            out.append(dict(G4, BLOCK_N=bn, num_warps=warps, XPAIR=xpair, PER_SM=per_sm, PDL=2,
+            out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, XPAIR=xpair, PER_SM=per_sm, PDL=2,
                             **({"maxnreg": regs} if regs else {})))
     for bn, warps, unrolls in ((32, 1, (2,)), (64, 2, (1, 2)), (128, 4, (1,))):
         for unroll in unrolls:
