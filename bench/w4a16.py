@@ -19,7 +19,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
 3. engine runs (--engines; default W4A16 (GPTQ config, random weights) then bf16), one engine each, tags after
    "+": pdl (kernels/pdl.py's programmatic dependent launches on), early (pdl.EARLY: each kernel lets the
    next launch before its own wait), g3 (the M = 1 configs as committed), g4 (gemv4: the sweep's best per
-   shape), preN / dN (gemv4's L2_PRE / L2_DIST). Each: batch-1 decode ms/token (128-token prompt, CUDA
+   shape), preN / dN (gemv4's L2_PRE / L2_DIST), unfused (the MLP's SwiGLU as its own launch, not in the
+   gate/up GEMV's epilogue: quantization/int4.py's FUSE_SWIGLU). Each: batch-1 decode ms/token (128-token prompt, CUDA
    graphs); with +prof a profile of 32 decode steps (GPU kernel time per token by kind, launches per token, time
    outside kernels); decode step time at 16, 64, 256 sequences (output tok/s at 256 is the "throughput at
    256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy tokens against the
@@ -47,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quant as q  # noqa: E402  (bench/quant.py: weights, timing, engine helpers)
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
+from services.engine.model.quantization import int4  # noqa: E402
 
 DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
 
@@ -109,6 +111,29 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
                  rel_err=err)
     rows += chain_checks(failures, g, kernels=kernels)
     rows += committed_checks(failures, g)
+    if "gemv4" in kernels:
+        rows += gated_checks(failures, g)
+    return rows
+
+
+def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """The gate/up GEMV with SwiGLU in gemv4's epilogue (`gated`, as quantization/int4.py runs it at batch 1)
+    against float32 x @ w, rounded to bf16, then torch's silu(gate) * up; also an odd inter."""
+    rows, cases = [], []
+    for k, inter, cfg in ((4096, 14336, dict(G4, PDL=2, L2_PRE=4, L2_DIST=4)),
+                          (4096, 14336, dict(G4, BLOCK_N=256, num_warps=2, PER_SM=4, PDL=2)),
+                          (4096, 14336, dict(G4, XPAIR=False, maxnreg=128, PER_SM=16, PDL=1)),
+                          (1024, 1000, dict(G4, PER_SM=3))):
+        qw, s, z, _, w = q.int4_case(k, 2 * inter, 128, False, g)
+        w4.reserve_workspace(DEV, 2 * inter)
+        cases.append((k, inter, cfg, qw, s, z, w, torch.randn(1, k, generator=g, device=DEV).to(DTYPE)))
+    q.precompile([lambda c=c: w4.w4a16(c[7], *c[3:6], 128, config=c[2], warmup=True, gated=True) for c in cases])
+    for k, inter, cfg, qw, s, z, w, x in cases:
+        gu = (x.float() @ w).to(DTYPE)
+        ref = (F.silu(gu[:, :inter]) * gu[:, inter:]).float()
+        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=cfg, gated=True)), ref)
+        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="gated", shape=f"{k}x2*{inter}", M=1,
+                 config=cfg, rel_err=err)
     return rows
 
 
@@ -500,6 +525,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             print(f"engine {run_name}: skipped (time budget)", flush=True)
             continue
         pdl.ENABLED, pdl.EARLY = "pdl" in tags, "early" in tags
+        int4.FUSE_SWIGLU = "unfused" not in tags
         saved = dict(w4.TUNED)
         m1_configs(tags)
         with tempfile.TemporaryDirectory() as tmp:
@@ -541,6 +567,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             del llm, run
             q.free_gpu()
         pdl.ENABLED = pdl.EARLY = False
+        int4.FUSE_SWIGLU = True
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens
@@ -586,7 +613,7 @@ def main() -> int:
                     help="checks: the M = 1 kernels whose variants are checked (the committed configs always are)")
     ap.add_argument("--no-profile", action="store_true", help="engine: skip the kernel profile")
     ap.add_argument("--engines", nargs="+", default=["w4a16+prof@16,64,256", "bf16@16,64,256"],
-                    help="engine runs in order: w4a16 | bf16, then tags +pdl +early +g3 +g4 +preN +dN +prof (the "
+                    help="engine runs in order: w4a16 | bf16, then tags +pdl +early +g3 +g4 +preN +dN +unfused +prof (the "
                          "module docstring), @B1,B2 (decode step time at these batches: the crossover)")
     ap.add_argument("--sweep-share", type=float, default=0.4,
                     help="sweep: no new shape is started past this share of --budget")

@@ -559,7 +559,8 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-          perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False) -> torch.Tensor | None:
+          perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
+          gated: bool = False) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -567,7 +568,21 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     split-K), PREFETCH (gemv, gemv1; default True), GROUP_MODE (1 or 2 where the group size allows 0 or 1:
     scales per slab or per row), PDL (gemv2, gemv3, gemv4: 0, 1 or 2; default 2 where kernels/pdl.py is on,
     else 0), num_warps, num_stages, maxnreg. `warmup`: compile for these arguments and return None without
-    running (bench/quant.py compiles its sweep in parallel that way)."""
+    running (bench/quant.py compiles its sweep in parallel that way). `gated` (a SwiGLU MLP's gate/up
+    projection, N = 2 * inter, gate columns first): -> silu(gate) * up [M, inter], in gemv4's epilogue, else
+    by kernels/silu_mul.py after the product."""
+    if gated:
+        if qweight.shape[1] % 2:
+            raise ValueError(f"gated: N must be even (gate then up columns), got {qweight.shape[1]}")
+        cfg = config or pick_config(x.shape[0] if x.dim() == 2 else -1, qweight.shape[1], x.shape[-1], group_size,
+                                    x.device)
+        if cfg.get("KERNEL") != "gemv4" or x.dim() != 2 or x.shape[0] != 1:
+            y = w4a16(x, qweight, scales, zeros, group_size, perm, cfg, warmup)
+            if warmup:
+                return None
+            from kernels.silu_mul import silu_mul
+
+            return silu_mul(y)
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     m, k = x.shape
@@ -598,7 +613,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         raise ValueError(f"the {kind} kernel takes M = 1, got M = {m}")
     if kind == "gemv4":
         pdl = cfg.pop("PDL", 2 if pdl_launch.on(x) else 0) if x.is_cuda else 0  # the interpreter has no PDL
-        return w4a16_stream.launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup)
+        return w4a16_stream.launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated)
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))
     split = cfg.pop("SPLIT_K", None)
     if split is None and kind == "gemv3":  # one-warp programs: about 8 per SM (the 8B winners: split-K 16-112)

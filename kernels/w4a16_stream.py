@@ -49,27 +49,55 @@ def _l2_prefetch(ptrs):
 
 
 @triton.jit
-def _prefetch_tile(qw_ptr, i, i_last, tpc, N, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr):
+def _strip_cols(col, offs, N, inter, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The matrix columns of strip `col`'s positions `offs`, and which exist. GATED: the strip's first half is
+    gate columns col * BLOCK_N / 2 + .., its second half the up columns `inter` further on (N = 2 * inter)."""
+    if GATED:
+        c = col * (BLOCK_N // 2) + offs % (BLOCK_N // 2)
+        return c + (offs // (BLOCK_N // 2)) * inter, c < inter
+    else:
+        c = col * BLOCK_N + offs
+        return c, c < N
+
+
+@triton.jit
+def _prefetch_tile(qw_ptr, i, i_last, tpc, N, inter, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GATED: tl.constexpr):
     """L2 prefetch of tile min(i, i_last): its T rows of BLOCK_N words, one address per 128-byte line (clamped
     inside the matrix, so a tile past the run re-asks for the last one)."""
     i = tl.minimum(i, i_last)
     col = i // tpc
     rows = (i - col * tpc) * T + tl.arange(0, T)
-    lines = tl.minimum(col * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32, N - 1)
-    _l2_prefetch(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + lines[None, :])
+    lines, _ = _strip_cols(col, tl.arange(0, BLOCK_N // 32) * 32, N, inter, BLOCK_N, GATED)
+    _l2_prefetch(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + tl.minimum(lines, N - 1)[None, :])
 
 
 @triton.jit
-def _strip_done(acc, offs_n, n_mask, col, count, tpc, out_ptr, ws_ptr, cnt_ptr):
-    """Add this program's sums for column strip `col` (covering `count` of its tpc tiles) into the workspace; the
-    program that completes the strip's count writes it out and leaves workspace and counter zeroed."""
-    ws = ws_ptr + offs_n
+def _strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N: tl.constexpr,
+                GATED: tl.constexpr):
+    """Add this program's sums for column strip `col` (covering `count` of its tpc tiles) into the workspace at
+    `slot` (col * BLOCK_N + position); the program that completes the strip's count writes it out and leaves
+    workspace and counter zeroed. GATED: what it writes is silu(gate) * up for the strip's BLOCK_N / 2
+    outputs, rounded as kernels/silu_mul.py rounds (gate and up to x's dtype first, as the unfused GEMM
+    would store them)."""
+    ws = ws_ptr + slot
     tl.atomic_add(ws, acc, mask=n_mask, sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
     done = tl.atomic_add(cnt_ptr + col, count, sem="acq_rel")
     if done + count == tpc:
-        total = tl.atomic_add(ws, tl.zeros_like(acc), mask=n_mask, sem="relaxed")  # read at L2, not L1
-        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+        dt = out_ptr.dtype.element_ty
+        if GATED:
+            half = tl.arange(0, BLOCK_N // 2)
+            o = col * (BLOCK_N // 2) + half
+            zero = tl.zeros((BLOCK_N // 2,), dtype=tl.float32)
+            g = tl.atomic_add(ws_ptr + col * BLOCK_N + half, zero, mask=o < inter, sem="relaxed")  # read at L2
+            u = tl.atomic_add(ws_ptr + col * BLOCK_N + BLOCK_N // 2 + half, zero, mask=o < inter, sem="relaxed")
+            g = g.to(dt).to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            tl.store(out_ptr + o, (act * u.to(dt).to(tl.float32)).to(dt), mask=o < inter)
+        else:
+            total = tl.atomic_add(ws, tl.zeros_like(acc), mask=n_mask, sem="relaxed")  # read at L2, not L1
+            tl.store(out_ptr + slot, total.to(dt), mask=n_mask)
         tl.store(ws, tl.zeros_like(acc), mask=n_mask)
         tl.store(cnt_ptr + col, 0)
 
@@ -80,15 +108,19 @@ def _w4a16_gemv4_kernel(
     qw_ptr,  # [ceil(K / ROWS) * ROWS / 8, N] int32, kernels/w4a16.py's blocked layout, unit stride along N
     s_ptr, z_ptr,  # [G, N] scales, uint8 zero points (same strides)
     perm_ptr,  # [K] int32 (read when HAS_PERM)
-    out_ptr,  # [1, N] in x's dtype
-    ws_ptr, cnt_ptr,  # split-K workspace: N float32 sums, a counter per column strip (zero on entry and exit)
-    N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre,
+    out_ptr,  # [1, N] in x's dtype; GATED: [1, inter]
+    ws_ptr, cnt_ptr,  # split-K workspace: strips * BLOCK_N float32 sums, a counter per strip (zero on entry and exit)
+    N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
     (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
-    T, JG, XPAIR, EVEN, HAS_PERM as in gemv3; L2: the prefetch hints are compiled in (not in the interpreter)."""
+    T, JG, XPAIR, EVEN, HAS_PERM as in gemv3; L2: the prefetch hints are compiled in (not in the interpreter).
+    GATED (the fused gate/up projection of a SwiGLU MLP, N = 2 * inter): each strip takes the same BLOCK_N / 2
+    columns of the gate half and of the up half (`_strip_cols`), so the program that completes it writes
+    silu(gate) * up and the MLP skips its activation launch."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
@@ -99,15 +131,16 @@ def _w4a16_gemv4_kernel(
     step: tl.constexpr = 2 if XPAIR else 1
     col = i_start // tpc
     t = i_start - col * tpc
-    w_ptrs = qw_ptr + (t * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + (col * BLOCK_N + offs_b)[None, :]
-    w_mask = (i_start < i_end) & (col * BLOCK_N + offs_b < N)[None, :]
+    wcols, ok = _strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
+    w_ptrs = qw_ptr + (t * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
+    w_mask = (i_start < i_end) & ok[None, :]
     nxt = tl.load(w_ptrs, mask=w_mask)
     if XPAIR:
         nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
         x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if L2:
         for ip in range(i_start + 1, tl.minimum(i_end, i_start + 1 + l2_pre)):
-            _prefetch_tile(qw_ptr, ip, i_end - 1, tpc, N, stride_qk, T, BLOCK_N)
+            _prefetch_tile(qw_ptr, ip, i_end - 1, tpc, N, inter, stride_qk, T, BLOCK_N, GATED)
     if PDL >= 2:
         gdc_launch_dependents()
     if PDL >= 1:
@@ -120,18 +153,17 @@ def _w4a16_gemv4_kernel(
             words_o = nxt_o
         col = i // tpc
         t = i - col * tpc
-        offs_n = col * BLOCK_N + offs_b
-        n_mask = offs_n < N
+        offs_n, n_mask = _strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
         i1 = i + 1  # the next tile, maybe in the next strip
         col1 = i1 // tpc
-        w_ptrs = (qw_ptr + ((i1 - col1 * tpc) * T + step * offs_r)[:, None].to(tl.int64) * stride_qk
-                  + (col1 * BLOCK_N + offs_b)[None, :])
-        w_mask = (i1 < i_end) & (col1 * BLOCK_N + offs_b < N)[None, :]
+        wcols, ok = _strip_cols(col1, offs_b, N, inter, BLOCK_N, GATED)
+        w_ptrs = qw_ptr + ((i1 - col1 * tpc) * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
+        w_mask = (i1 < i_end) & ok[None, :]
         nxt = tl.load(w_ptrs, mask=w_mask)
         if XPAIR:
             nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
         if L2_DIST > 0:
-            _prefetch_tile(qw_ptr, i + L2_DIST, i_end - 1, tpc, N, stride_qk, T, BLOCK_N)
+            _prefetch_tile(qw_ptr, i + L2_DIST, i_end - 1, tpc, N, inter, stride_qk, T, BLOCK_N, GATED)
         k0 = (t // H) * ROWS + (t % H) * T  # input of nibble 0 of the tile's first word
         hi = words  # names only until nibble 5
         if XPAIR:
@@ -173,15 +205,17 @@ def _w4a16_gemv4_kernel(
                 acc += tl.sum(part, axis=0) * sc
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
-            _strip_done(acc, offs_n, n_mask, col, count, tpc, out_ptr, ws_ptr, cnt_ptr)
+            _strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
+                        BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
 
 
-def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup):
-    """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this).
-    cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM; default 8), L2_PRE (tiles, default 0),
-    L2_DIST (tiles ahead, default 0), maxnreg. The L2 hints are compiled only on CUDA."""
+def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
+    """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
+    -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
+    default 8), L2_PRE (tiles, default 0), L2_DIST (tiles ahead, default 0), maxnreg. The L2 hints are
+    compiled only on CUDA."""
     cfg = dict(cfg)
     k, n = x.shape[1], qweight.shape[1]
     t = min(cfg.pop("T", 8), rows // 8)
@@ -200,16 +234,18 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup):
     l2_dist = cfg.pop("L2_DIST", 0) if on_gpu else 0
     per_sm = cfg.pop("PER_SM", 8)
     tpc = -(-k // rows) * (rows // 8) // t
-    total = triton.cdiv(n, bn) * tpc
+    inter = n // 2 if gated else n
+    strips = triton.cdiv(inter, bn // 2) if gated else triton.cdiv(n, bn)
+    total = strips * tpc
     programs = max(1, min(total, splitk.sm_count(x.device) * per_sm))
     per = triton.cdiv(total, programs)
     programs = triton.cdiv(total, per)
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    ws, cnt = splitk.workspace(x.device, max(n, triton.cdiv(n, bn)))
+    out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
+    ws, cnt = splitk.workspace(x.device, strips * bn)
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt, n, k, group_size, tpc,
-            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre)
+            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
-                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist)
+                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated)
     if pdl:
         consts["launch_pdl"] = True
     if warmup:

@@ -40,3 +40,43 @@ def test_fused_forward_matches_torch_forward(hf):
             query_lens_cpu=[5, 3], seq_lens_cpu=[5, 3])
         outs.append(model.logits(model.forward(ids, pos, kv, meta)))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch):
+    """A 4-bit Llama decoding one token with the fused path: the gate/up GEMV (gemv4, interpreter) returns
+    silu(gate) * up itself and the MLP passes it on; the logits equal the unfused Triton path's (GEMV, then the
+    SwiGLU kernel) and the dequantize-then-matmul reference's."""
+    from kernels import w4a16
+    from services.engine.model.quantization import int4
+
+    hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                                          "desc_act": False})
+    inter, hidden = LLAMA["intermediate_size"], LLAMA["hidden_size"]
+    monkeypatch.setitem(w4a16.TUNED, (1, 2 * inter, hidden), dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1,
+                                                                   PER_SM=3))
+    calls = []
+    real = w4a16.w4a16
+
+    def spy(*a, **k):
+        calls.append(k.get("gated", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(int4, "w4a16", spy)
+    outs = {}
+    for name, kernels, fuse in (("reference", False, False), ("unfused", True, False), ("fused", True, True)):
+        monkeypatch.setattr(int4, "_kernels", lambda x, on=kernels: on)
+        monkeypatch.setattr(int4, "FUSE_SWIGLU", fuse)
+        model = build_model(hf, TorchAttentionBackend(), torch.float32, torch.device("cpu"))
+        model.init_dummy(seed=4)
+        model.set_fused_elementwise(kernels)
+        kv = [torch.zeros(2, 8, 4, 2, 16) for _ in range(2)]
+        i32 = dict(dtype=torch.int32)
+        meta = AttentionMetadata(
+            num_seqs=1, num_tokens=1, query_start_loc=torch.tensor([0, 1], **i32), seq_lens=torch.tensor([1], **i32),
+            block_tables=torch.tensor([[0, 1]], **i32), slot_mapping=torch.tensor([0]), max_query_len=1,
+            max_seq_len=1, query_lens_cpu=[1], seq_lens_cpu=[1])
+        calls.clear()
+        outs[name] = model.logits(model.forward(torch.tensor([7]), torch.tensor([0]), kv, meta))
+        assert calls.count(True) == (2 if fuse else 0)  # each layer's gate/up, gated
+    torch.testing.assert_close(outs["fused"], outs["unfused"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["fused"], outs["reference"], atol=1e-4, rtol=1e-4)

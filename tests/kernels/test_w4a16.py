@@ -188,3 +188,20 @@ def test_w4a16_gemv4_runs_that_cross_column_strips(k, n, group, per_sm, act):
     close(w4a16(*args, config=dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=per_sm, PDL=2)), ref,
           torch.bfloat16)
     assert_workspace_zero()
+
+
+@pytest.mark.parametrize("k, inter, group, per_sm, bn", [(256, 96, 128, 3, 64), (384, 200, 64, 2, 128),
+                                                          (512, 64, 32, 5, 32)])
+def test_w4a16_gated_gives_silu_of_gate_times_up(k, inter, group, per_sm, bn):
+    """A SwiGLU MLP's gate/up projection with `gated`: gemv4 takes the same columns of both halves per strip and
+    writes silu(gate) * up (odd strip counts, a half strip past `inter`); the other kernels run silu_mul after.
+    Against float64 (gate and up rounded to bf16 first, as the unfused path stores them)."""
+    args, ref = case(1, k, 2 * inter, group, False, torch.bfloat16, seed=k + inter)
+    gu = ref.to(torch.bfloat16).double()
+    gate, up = gu[:, :inter], gu[:, inter:]
+    want = (gate * torch.sigmoid(gate)).to(torch.bfloat16).double() * up
+    for cfg in (dict(KERNEL="gemv4", T=8, BLOCK_N=bn, num_warps=1, PER_SM=per_sm), dict(GEMV, KERNEL="gemv3", T=8)):
+        out = w4a16(*args, config=cfg, gated=True)
+        assert out.shape == (1, inter) and out.dtype == torch.bfloat16
+        close(out, want, torch.bfloat16)
+        assert_workspace_zero()

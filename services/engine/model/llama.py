@@ -66,6 +66,7 @@ class LlamaMLP(torch.nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=m.mlp_bias, tp=m.tp,
                                            what="intermediate_size")
         self.gate_up_proj.fp8_deferred_scales = True  # its FP8 scales are applied by self.act (quantization/fp8.py)
+        self.gate_up_proj.then_act = self.act  # a W4A16 gate/up may do SwiGLU itself (quantization/int4.py)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x), quant_for=self.down_proj))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,12 @@ def get_activation(name: str, source: str = "config.json"):
     return ACTIVATIONS[name]
 
 
+class SiluMulOutput(NamedTuple):
+    """A gate/up projection's output already through silu(gate) * up (the W4A16 GEMV does it in its epilogue at
+    batch 1: quantization/int4.py); ActAndMul passes it on."""
+    y: torch.Tensor
+
+
 class ActAndMul(torch.nn.Module):
     """[T, 2 * inter] (gate then up) -> act(gate) * up. SiLU uses the fused Triton kernel when `fused`."""
 
@@ -54,6 +61,8 @@ class ActAndMul(torch.nn.Module):
         FP8Output, whose scales the fused kernels apply (quantization/fp8.py)."""
         from services.engine.model.quantization.fp8 import FP8Input, FP8Output, dense, takes_fp8_input
 
+        if isinstance(gate_up, SiluMulOutput):
+            return gate_up.y
         scaled = isinstance(gate_up, FP8Output)
         raw = gate_up.raw if scaled else gate_up
         if self.fused and self.act is F.silu and raw.dim() == 2:

@@ -11,11 +11,21 @@ Each scheme's loader converts its own on-disk packing into this once, after load
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
+from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
 
 BITS = 4
+FUSE_SWIGLU = True
+"""At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
+silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
+
+
+def _kernels(x: torch.Tensor) -> bool:
+    """Run the Triton kernels (CUDA), else the dequantize-then-matmul reference."""
+    return x.is_cuda
 
 
 def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,10 +89,15 @@ class Int4Layout:
         scales = torch.full((-(-k // group), n), 0.0045, device=dev, dtype=layer.params_dtype)
         self.install(layer, q, scales, torch.full_like(scales, 8, dtype=torch.uint8), group, None)
 
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        fn = w4a16 if x.is_cuda else w4a16_reference
+        act = getattr(layer, "then_act", None)
+        if (FUSE_SWIGLU and act is not None and act.fused and act.act is F.silu and bias is None
+                and x2.shape[0] == 1 and _kernels(x)):
+            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True)
+            return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
+        fn = w4a16 if _kernels(x) else w4a16_reference
         y = fn(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
         y = y.reshape(*shape[:-1], y.shape[-1])
         return y if bias is None else y + bias
