@@ -345,6 +345,23 @@ def _cpu_s(pid: int) -> float:
     return total
 
 
+def placement(stack) -> dict[str, str]:
+    """Each stack process's threads and the CPUs they may run on (/proc): a process pinned to fewer CPUs
+    than it has busy threads makes its threads wait for each other, whatever the GIL does."""
+    out = {}
+    for p in stack.procs:
+        try:
+            tasks = list(Path(f"/proc/{p.popen.pid}/task").iterdir())
+            cpus = set()
+            for t in tasks:
+                line = next(x for x in (t / "status").read_text().splitlines() if x.startswith("Cpus_allowed_list"))
+                cpus.add(line.split(":", 1)[1].strip())
+            out[p.name] = f"{len(tasks)} threads on CPUs {' / '.join(sorted(cpus))}"
+        except (OSError, StopIteration):
+            continue
+    return out
+
+
 def cpu_seconds(stack) -> dict[str, float]:
     """CPU time (user + system) each of the stack's processes (with its children) has used so far (Linux /proc)."""
     out = {}
@@ -543,6 +560,9 @@ def main() -> None:
                     raise
                 print(f"[{v}] failed to start: {type(e).__name__}: {e}")
                 continue
+            where = placement(stack)
+            print(f"[{v}] " + "; ".join(f"{n}: {x}" for n, x in where.items()), flush=True)
+            host.setdefault("placement", {})[v] = where
             if loader.is_alive() or "engine" not in box:
                 loader.join()
                 if "engine" not in box:
