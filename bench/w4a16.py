@@ -17,8 +17,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    bench/quant.py: one CUDA graph over weight copies that overflow L2. The winners are checked as the engine
    runs them, then applied.
 3. engine runs (--engines; default W4A16 (GPTQ config, random weights) then bf16), one engine each, tags after
-   "+": pdl (kernels/pdl.py's programmatic dependent launches on), early (pdl.EARLY: each kernel lets the
-   next launch before its own wait), g3 (the M = 1 configs as committed), g4 (gemv4: the sweep's best per
+   "+": pdl / nopdl (kernels/pdl.py's programmatic dependent launches on / off; else as the environment
+   says), early / noearly (pdl.EARLY: each kernel lets the next launch before its own wait), g3 (the M = 1 configs as committed), g4 (gemv4: the sweep's best per
    shape), preN / dN (gemv4's L2_PRE / L2_DIST), unfused (the MLP's SwiGLU as its own launch, not in the
    gate/up GEMV's epilogue: quantization/int4.py's FUSE_SWIGLU). Each: batch-1 decode ms/token (128-token prompt, CUDA
    graphs); with +prof a profile of 32 decode steps (GPU kernel time per token by kind, launches per token, time
@@ -46,6 +46,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import quant as q  # noqa: E402  (bench/quant.py: weights, timing, engine helpers)
+from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
@@ -430,6 +431,8 @@ def apply_winners(result: dict) -> dict:
 # --- engine ----------------------------------------------------------------------------------------------
 COMMITTED = {key: dict(c) for key, c in w4.TUNED.items() if key[0] == 1}
 """The M = 1 configs as committed (before a sweep's winners are applied): engine runs tagged +g3 use them."""
+DEFAULTS = {"pdl": pdl_mod.ENABLED, "early": pdl_mod.EARLY}
+"""kernels/pdl.py's settings as the environment left them: runs without a pdl / nopdl, early / noearly tag."""
 BEST_G4: dict = {}
 """(1, N, K) -> the sweep's fastest gemv4 config: engine runs tagged +g4 use them (else G4 with PDL 2)."""
 
@@ -524,7 +527,8 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         if left() < (18 if name == "w4a16" else 10):  # start + batch-1 timing: ~15 s cold for W4A16, ~8 s bf16
             print(f"engine {run_name}: skipped (time budget)", flush=True)
             continue
-        pdl.ENABLED, pdl.EARLY = "pdl" in tags, "early" in tags
+        pdl.ENABLED = "pdl" in tags or (DEFAULTS["pdl"] and "nopdl" not in tags)
+        pdl.EARLY = "early" in tags or (DEFAULTS["early"] and "noearly" not in tags)
         int4.FUSE_SWIGLU = "unfused" not in tags
         saved = dict(w4.TUNED)
         m1_configs(tags)
@@ -566,7 +570,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             llm.shutdown()
             del llm, run
             q.free_gpu()
-        pdl.ENABLED = pdl.EARLY = False
+        pdl.ENABLED, pdl.EARLY = DEFAULTS["pdl"], DEFAULTS["early"]
         int4.FUSE_SWIGLU = True
         w4.TUNED.clear()
         w4.TUNED.update(saved)
