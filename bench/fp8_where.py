@@ -229,6 +229,62 @@ def silu_section(failures: list) -> dict:
     return {"rows": rows, "FP8_LAUNCH": launch}
 
 
+# --- what the engines run, as committed ------------------------------------------------------------------
+def committed_section(failures: list) -> list[dict]:
+    """GPU checks of the committed defaults before the throughput engines use them: the decode kernel over an fp8
+    pool with FP8_KV_CONFIG against the torch reference (and its time against the bf16 pool's); SwiGLU + FP8
+    with FP8_LAUNCH bit for bit at several row counts; each 8B GEMM through FP8Method as the engine calls it
+    (row-wise, and deferred: tensor-wise + the scales applied in float64) with FAST_ACCUM as committed, against
+    the float64 product of the same quantized operands (64 rows)."""
+    import triton.testing
+
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    rows: list = []
+    q, kv16, tables, lens = make_pool(256, 384)
+    kv8 = quantize_kv_fp8(kv16.float(), 0.05, 0.04)
+    times = {}
+    for pool, kv, ks, vs in (("bf16", kv16, 1.0, 1.0), ("fp8", kv8, 0.05, 0.04)):
+        def run(kv=kv, ks=ks, vs=vs):
+            return pd.paged_decode(q, kv, tables, lens, D ** -0.5, max_seq_len=int(lens.max()), k_scale=ks, v_scale=vs)
+        ref = pd.paged_decode_ref(q.float(), kv, tables, lens, D ** -0.5, ks, vs)
+        err = ((run().float() - ref).abs().max() / ref.abs().max()).item()
+        qb.record(rows, failures, err < 2e-2, check="decode_committed", pool=pool, config=dict(pd.FP8_KV_CONFIG),
+                  rel_err=err)
+        times[pool] = triton.testing.do_bench(run, warmup=10, rep=40)
+    print(f"decode b256 ctx384, committed launches: bf16 pool {times['bf16'] * 1e3:.1f} us, fp8 pool "
+          f"{times['fp8'] * 1e3:.1f} us ({times['bf16'] / times['fp8']:.2f}x; FP8_KV_CONFIG {pd.FP8_KV_CONFIG})",
+          flush=True)
+    del kv16, kv8
+    g = torch.Generator(device=DEV).manual_seed(6)
+    for m in (1, 16, 255, 256, 2048, 8192):
+        gu = (torch.randn(m, 2 * INTER, generator=g, device=DEV) * 40).to(torch.bfloat16)
+        sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01, torch.rand(1, 2 * INTER, generator=g, device=DEV) * 0.01)
+        got, want = sm.silu_mul_fp8(gu, scales=sc), quantize_fp8_rows(sm.silu_mul(gu, scales=sc))
+        ok = torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+        qb.record(rows, failures, ok, check="silu_fp8_committed", M=m)
+    for m in (256, 8192):
+        for name, (k, n) in qb.SHAPES.items():
+            layer = qb.fp8_layer((torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.bfloat16))[0]
+            x = (torch.randn(m, k, generator=g, device=DEV) * (1 + 10 * torch.rand(m, 1, generator=g, device=DEV))
+                 ).to(torch.bfloat16)
+            xq, xs = quantize_fp8_rows(x)
+            ref = (xq[:64].double() * xs[:64].double()) @ (layer.weight.double() * layer.weight_scale.double().reshape(-1, 1)).t()
+            method = fp8mod.FP8Method("bench")
+            layer.params_dtype = torch.bfloat16
+            for deferred in (False, True):
+                layer.fp8_deferred_scales = deferred
+                y = method.apply(layer, fp8mod.FP8Input(xq, xs), None)
+                y = y.raw.double()[:64] * y.row[:64].double() * y.col.double() if deferred else y[:64].double()
+                err = ((y - ref).abs().max() / ref.abs().max()).item()
+                qb.record(rows, failures, err < 1e-2, check="gemm_committed", M=m, shape=name, deferred=deferred,
+                          fast_accum=fp8mod.FAST_ACCUM, rel_err=err)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"committed checks: {len(rows)} run, {len(bad)} failed; FAST_ACCUM {fp8mod.FAST_ACCUM}, FP8_LAUNCH "
+          f"{sm.FP8_LAUNCH}", flush=True)
+    return rows
+
+
 # --- engines under the profiler --------------------------------------------------------------------------
 GROUPS = [  # (group, substrings of a kernel's lower-cased name), first match wins
     ("gemm_fp8", ("w8a8", "fp8_w8a16", "e4m3", "f8f8", "fp8")),
@@ -317,47 +373,59 @@ def profile_engine(label: str, weights: str, kv: str, prompt_len: int = 384, seq
     return out
 
 
-def throughput(label: str, weights: str, kv: str, prompts: int = 256, length: int = 256) -> dict:
+def throughput(label: str, weights: str, kv: str, chat_requests: int = 0, prompts: int = 256,
+               length: int = 256) -> list[dict]:
+    """The fixed workload (256 x 256 in / 256 out; a warm-up pass over its first 64 prompts first), then the chat
+    workload's first `chat_requests` (bench/throughput.py's), on one engine as served."""
     import numpy as np
 
+    import throughput as tb
     from folio import SamplingParams
 
     rng = np.random.default_rng(0)
-    work = [rng.integers(3, 128256, length).tolist() for _ in range(prompts)]
+    works = [("fixed", [(rng.integers(3, 128256, length).tolist(), length) for _ in range(prompts)])]
+    if chat_requests:
+        works.append(("chat", tb.make_workload("chat", 128256, chat_requests)))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        llm = qb.make_llm(tmp, weights, max_model_len=2 * length + 16, max_num_seqs=256, gpu_memory_utilization=0.9,
-                          kv_cache_dtype=kv)
+        llm = qb.make_llm(tmp, weights, max_model_len=max(len(p) + o for _, w in works for p, o in w) + 16,
+                          max_num_seqs=256, gpu_memory_utilization=0.9, kv_cache_dtype=kv)
         startup = time.time() - t0
-        ps = [{"prompt_token_ids": p} for p in work]
-        llm.generate(ps[:64], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-        params = SamplingParams(temperature=0, max_tokens=length, ignore_eos=True)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = llm.generate(ps, params, use_tqdm=False)
-        torch.cuda.synchronize()
-        secs = time.perf_counter() - t
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        blocks = llm.engine.blocks.num_blocks
+        for wname, work in works:
+            ps = [{"prompt_token_ids": p} for p, _ in work]
+            llm.generate(ps[:64], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+            params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = llm.generate(ps, params, use_tqdm=False)
+            torch.cuda.synchronize()
+            secs = time.perf_counter() - t
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            blocks = llm.engine.blocks.num_blocks
+            rows.append({"engine": label, "workload": wname, "output_tok_s": n / secs, "seconds": secs,
+                         "startup_s": startup, "kv_blocks": blocks})
+            print(f"throughput {label:<16} {wname:<6} {n / secs:8.0f} output tok/s ({secs:.2f} s; startup "
+                  f"{startup:.0f} s, {blocks} KV blocks)", flush=True)
+            del outs
         llm.shutdown()
-        del llm, outs
+        del llm
     qb.free_gpu()
-    row = {"engine": label, "output_tok_s": n / secs, "seconds": secs, "startup_s": startup, "kv_blocks": blocks}
-    print(f"throughput {label:<16} {n / secs:8.0f} output tok/s ({secs:.2f} s; startup {startup:.0f} s, "
-          f"{blocks} KV blocks)", flush=True)
-    return row
+    return rows
 
 
 ENGINES = [("fp8 + fp8 KV", "fp8", "fp8"), ("fp8", "fp8", "auto"), ("bf16", "bf16", "auto")]
 """In this order, so that a short budget drops the known one (bf16: docs/performance.md has its profile)."""
+THROUGHPUT_ENGINES = [("bf16", "bf16", "auto"), ("fp8", "fp8", "auto"), ("fp8 + fp8 KV", "fp8", "fp8")]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later parts are skipped past it")
+    ap.add_argument("--chat-requests", type=int, default=0, help="chat requests per 16-bit-KV throughput engine")
     ap.add_argument("--sections", nargs="+", default=["decode", "gemm", "silu", "engine", "throughput"],
-                    choices=["decode", "gemm", "silu", "engine", "throughput"])
+                    choices=["decode", "gemm", "silu", "committed", "engine", "throughput"])
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -372,6 +440,9 @@ def main() -> int:
     if "silu" in args.sections:
         result["silu"] = qb.attempt(lambda: silu_section(failures))
         print(f"silu section done at {time.time() - start:.0f} s", flush=True)
+    if "committed" in args.sections:
+        result["committed"] = qb.attempt(lambda: committed_section(failures))
+        print(f"committed checks done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         result["profiles"] = []
         for label, weights, kv in ENGINES:
@@ -386,16 +457,20 @@ def main() -> int:
             print(f"profile {label} done at {time.time() - start:.0f} s", flush=True)
     if "throughput" in args.sections:
         result["throughput"] = []
-        for label, weights, kv in ENGINES:
+        for label, weights, kv in THROUGHPUT_ENGINES:
             if time.time() - start > args.budget - 14:
                 print(f"throughput {label}: skipped (time budget)", flush=True)
                 continue
-            got = qb.attempt(lambda: throughput(label, weights, kv))
-            result["throughput"].append(got if isinstance(got, dict) else {"engine": label, "error": repr(got)[:300]})
-        base = next((r for r in result["throughput"] if r.get("engine") == "bf16" and "output_tok_s" in r), None)
-        for r in result["throughput"]:
-            if base and "output_tok_s" in r:
-                print(f"  fixed {r['engine']:<16}{r['output_tok_s']:>9.0f} tok/s  {r['output_tok_s'] / base['output_tok_s']:.2f}x bf16")
+            chat = args.chat_requests if kv == "auto" and time.time() - start < args.budget - 40 else 0
+            got = qb.attempt(lambda: throughput(label, weights, kv, chat))
+            result["throughput"] += got if isinstance(got, list) else [{"engine": label, "error": repr(got)[:300]}]
+        print("\nOutput tok/s (Llama-3-8B shape, random weights):")
+        for wname in ("fixed", "chat"):
+            base = next((r for r in result["throughput"] if r.get("workload") == wname and r["engine"] == "bf16"), None)
+            for r in result["throughput"]:
+                if base and r.get("workload") == wname:
+                    r["vs_bf16"] = r["output_tok_s"] / base["output_tok_s"]
+                    print(f"  {wname:<6} {r['engine']:<16}{r['output_tok_s']:>9.0f} tok/s  {r['vs_bf16']:.2f}x bf16")
     result["failures"] = failures
     result["seconds"] = round(time.time() - start, 1)
     path = args.json or os.path.join(BENCH, "results", f"fp8_where_{result['date']}.json")
