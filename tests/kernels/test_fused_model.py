@@ -62,21 +62,22 @@ def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(int4, "w4a16", spy)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outs = {}
     for name, kernels, fuse in (("reference", False, False), ("unfused", True, False), ("fused", True, True)):
         monkeypatch.setattr(int4, "_kernels", lambda x, on=kernels: on)
         monkeypatch.setattr(int4, "FUSE_SWIGLU", fuse)
-        model = build_model(hf, TorchAttentionBackend(), torch.float32, torch.device("cpu"))
+        model = build_model(hf, TorchAttentionBackend(), torch.float32, dev)
         model.init_dummy(seed=4)
         model.set_fused_elementwise(kernels)
-        kv = [torch.zeros(2, 8, 4, 2, 16) for _ in range(2)]
-        i32 = dict(dtype=torch.int32)
+        kv = [torch.zeros(2, 8, 4, 2, 16, device=dev) for _ in range(2)]
+        i32 = dict(dtype=torch.int32, device=dev)
         meta = AttentionMetadata(
             num_seqs=1, num_tokens=1, query_start_loc=torch.tensor([0, 1], **i32), seq_lens=torch.tensor([1], **i32),
-            block_tables=torch.tensor([[0, 1]], **i32), slot_mapping=torch.tensor([0]), max_query_len=1,
+            block_tables=torch.tensor([[0, 1]], **i32), slot_mapping=torch.tensor([0], device=dev), max_query_len=1,
             max_seq_len=1, query_lens_cpu=[1], seq_lens_cpu=[1])
         calls.clear()
-        outs[name] = model.logits(model.forward(torch.tensor([7]), torch.tensor([0]), kv, meta))
+        outs[name] = model.logits(model.forward(torch.tensor([7], device=dev), torch.tensor([0], device=dev), kv, meta))
         assert calls.count(True) == (2 if fuse else 0)  # each layer's gate/up, gated
     torch.testing.assert_close(outs["fused"], outs["unfused"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["fused"], outs["reference"], atol=1e-4, rtol=1e-4)
