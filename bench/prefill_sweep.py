@@ -61,12 +61,13 @@ FOCUS = ("short", "prefill")  # every variant is timed here; the others time onl
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
-         tail=None, one=0, persist=0):
+         tail=None, one=0, persist=0, gluon=False, pv_async=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
-                LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist)
+                LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
+                PV_ASYNC=pv_async)
 
 
 def _name(c: dict | None) -> str:
@@ -82,8 +83,9 @@ def _name(c: dict | None) -> str:
                                           ("overlap", c["OVERLAP_QK"]),
                                           (f"tail{c['BLOCK_N_TAIL']}", c["BLOCK_N_TAIL"]),
                                           (f"one{c.get('ONE_LOOP')}", c.get("ONE_LOOP")),
-                                          (f"persist{c.get('PERSISTENT')}", c.get("PERSISTENT"))) if on)
-    return f"{c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
+                                          (f"persist{c.get('PERSISTENT')}", c.get("PERSISTENT")),
+                                          ("pv_async", c.get("PV_ASYNC"))) if on)
+    return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
 # Rounds 1-4 (bench/results/prefill_2026-11-29_h200.md): BASE (two 8-warp programs per SM) leads everywhere but
@@ -96,8 +98,6 @@ VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(),  # BASE
     _cfg(pair=True, reverse=False),  # the table's 8 x 2048 pick
-    _cfg(seq_vec=64),
-    _cfg(one=1),
     _cfg(one=2),
     _cfg(one=2, seq_vec=64),
     _cfg(persist=2, one=2, seq_vec=64),
@@ -106,7 +106,6 @@ VARIANTS = [
     _cfg(n=32, s=2),
     _cfg(n=32, s=3),
     _cfg(n=32, s=4),
-    _cfg(n=32, s=3, one=1),
     _cfg(n=32, s=3, one=2, seq_vec=64),
     _cfg(n=32, s=4, one=2, seq_vec=64),
     _cfg(n=32, s=3, pair=True, reverse=False),
@@ -114,13 +113,21 @@ VARIANTS = [
     _cfg(m=256, n=32, w=16, s=3, one=2, seq_vec=64),  # one 16-warp program per SM, sharing each K/V tile 4 ways
     _cfg(m=64, n=32, w=4, s=2, one=2, seq_vec=64),  # four programs per SM
     _cfg(m=64, n=32, w=4, s=3, maxnreg=168, one=2, seq_vec=64),  # three
-    _cfg(m=64, n=64, w=4, s=2, maxnreg=None, one=2, seq_vec=64),  # two (shared memory; 202 registers uncapped)
     _cfg(n=128, s=3, maxnreg=None, tail=32),  # the table's >= 4096-token pick
-    _cfg(n=128, s=3, maxnreg=None, tail=32, one=2),
+    # kernels/paged_prefill_gluon.py (fresh prompts only; elsewhere the same config runs the Triton kernel):
+    # s = the TMA ring's depth; registers from ptxas (Triton 3.6): N64 201, N128 255, N32 126 under the cap.
+    _cfg(gluon=True, s=2, maxnreg=None),
+    _cfg(gluon=True, s=3, maxnreg=None),
+    _cfg(gluon=True, n=128, s=2, maxnreg=None),
+    _cfg(gluon=True, n=32, s=3),  # two programs per SM
+    _cfg(gluon=True, n=32, s=4),
+    _cfg(gluon=True, s=2, maxnreg=None, pv_async=True),  # ptxas serializes its wgmmas (C7514)
+    _cfg(gluon=True, m=64, w=4, s=2, maxnreg=None),
 ]
 # Timed on every shape (the rest only on FOCUS): the table, BASE, the long pick, and the round's main switches.
-WIDE = [None, _cfg(), _cfg(one=2, seq_vec=64), _cfg(n=32, s=3), _cfg(n=32, s=4), _cfg(n=32, s=3, one=2, seq_vec=64),
-        _cfg(n=128, s=3, maxnreg=None, tail=32), _cfg(n=128, s=3, maxnreg=None, tail=32, one=2)]
+WIDE = [None, _cfg(), _cfg(one=2, seq_vec=64), _cfg(n=32, s=3), _cfg(n=32, s=3, one=2, seq_vec=64),
+        _cfg(n=128, s=3, maxnreg=None, tail=32),
+        _cfg(gluon=True, s=2, maxnreg=None), _cfg(gluon=True, n=32, s=3)]
 
 
 def make_problem(name: str, dev: torch.device, seed: int = 0):
@@ -222,18 +229,25 @@ def run_kernel(p, cfg):
 
 # A whole prompt, extends after cached prefixes, decodes, lengths off the block and tile grids, padding rows.
 MIXED_STEPS = [(1500, 1500), (900, 257), (2100, 64), (333, 1), (1, 1), (4000, 1), (129, 129)]
+# Fresh prompts only, of lengths on and off the tile grids (one of a single token).
+FRESH_STEPS = [(1500, 1500), (257, 257), (64, 64), (1, 1), (129, 129), (33, 33), (700, 700)]
 
 
 def check_mixed(dev: torch.device) -> dict:
     """Every variant, and every config the table can pick for this head layout ("table"), on one mixed batch
-    against the float32 torch reference (max abs error <= 2e-2, the bf16 tolerance of tests/kernels); the
-    rows after the batch's tokens must stay untouched."""
+    and on one batch of fresh prompts only (has_prefix=False: the build the engine launches for those, and
+    the Gluon kernel's only case) against the float32 torch reference (max abs error <= 2e-2, the bf16
+    tolerance of tests/kernels); the rows after the batch's tokens must stay untouched."""
     from paged_cases import make_batch
 
     steps = MIXED_STEPS if not SMOKE else [(40, 40), (30, 9), (21, 1), (1, 1)]
-    b = make_batch([s for s, _ in steps], [q for _, q in steps], HQ, HKV, D, BLOCK, DTYPE, dev, num_padding_tokens=5)
-    n = int(b.query_start_loc[-1])
-    ref = paged_prefill_ref(b.q[:n], b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5).float()
+    fresh = FRESH_STEPS if not SMOKE else [(40, 40), (9, 9), (1, 1)]
+    batches = []
+    for st, has_prefix in ((steps, True), (fresh, False)):
+        b = make_batch([s for s, _ in st], [q for _, q in st], HQ, HKV, D, BLOCK, DTYPE, dev, num_padding_tokens=5)
+        n = int(b.query_start_loc[-1])
+        ref = paged_prefill_ref(b.q[:n], b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5)
+        batches.append((b, n, ref.float(), has_prefix))
     results = {}
     picks = [dict(c, table=True) for c in table_configs(D, HQ // HKV, DTYPE)]
     for cfg in [c for c in VARIANTS if c is not None] + picks:
@@ -243,19 +257,22 @@ def check_mixed(dev: torch.device) -> dict:
             print(f"  mixed batch: {name} skipped (compiler crash)")
             continue
         try:
-            out = torch.full_like(b.q, float("nan"))
-            kw = {k: x for k, x in cfg.items() if k != "table"}
-            paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5, out=out,
-                          config=kw, k=b.k, v=b.v)
-            err = (out[:n].float() - ref).abs().max().item()
-            ok = err <= 2e-2 and bool(out[n:].isnan().all())
-            results[name] = dict(max_abs_err=err, ok=ok)
+            errs, ok = [], True
+            for b, n, ref, has_prefix in batches:
+                out = torch.full_like(b.q, float("nan"))
+                kw = {k: x for k, x in cfg.items() if k != "table"}
+                paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5, out=out,
+                              config=kw, k=b.k, v=b.v, has_prefix=has_prefix)
+                errs.append((out[:n].float() - ref).abs().max().item())
+                ok = ok and errs[-1] <= 2e-2 and bool(out[n:].isnan().all())
+            results[name] = dict(max_abs_err=errs[0], max_abs_err_fresh=errs[1], ok=ok)
         except Exception as e:
             results[name] = dict(error=f"{type(e).__name__}: {str(e)[:200]}", ok=False)
         if not results[name]["ok"]:
             print(f"  mixed batch: {name} FAILED {results[name]}")
     results["table"] = dict(ok=all(r["ok"] for k, r in results.items() if k.endswith(" (table)")))
-    print(f"  mixed batch {steps}: {sum(r['ok'] for r in results.values())} of {len(results)} variants correct")
+    print(f"  mixed batch {steps} and fresh batch {fresh}: {sum(r['ok'] for r in results.values())} of "
+          f"{len(results)} variants correct")
     return results
 
 
@@ -377,7 +394,7 @@ def smoke_setup() -> torch.device:
                 _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32, loop_stages=2),
                 _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8), _cfg(m=32, n=16, w=4, s=1, overlap=True, qs=True),
                 _cfg(m=32, n=32, w=4, s=1, tail=8), _cfg(m=32, n=16, w=4, s=1, one=2, persist=2, seq_vec=8),
-                _cfg(m=32, n=16, w=4, s=1, one=1)]
+                _cfg(m=32, n=16, w=4, s=1, one=1), _cfg(m=32, n=16, w=4, s=2, gluon=True)]
     WIDE = list(VARIANTS)
     return torch.device("cpu")
 

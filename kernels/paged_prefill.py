@@ -39,6 +39,11 @@ from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, lo
 from kernels.paged_prefill_configs import select_config
 from kernels.splitk import sm_count
 
+try:  # Hopper's Gluon kernel for fresh prompts (config GLUON); absent from older Triton builds
+    from kernels import paged_prefill_gluon
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    paged_prefill_gluon = None
+
 # Where the chunk's own keys come from (the NEW_KV constexpr).
 NEW_KV_PAGED, NEW_KV_PTR, NEW_KV_TMA = 0, 1, 2
 NEW_KV_MODES = {"paged": NEW_KV_PAGED, "ptr": NEW_KV_PTR, "tma": NEW_KV_TMA}
@@ -656,7 +661,9 @@ def paged_prefill(
     has_prefix, head_dim, the group and the dtype it picks the config (kernels/paged_prefill_configs.py).
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
     BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS,
-    OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP, PERSISTENT    (see the kernel), maxnreg (optional); unset keys take the selected config's.
+    OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP, PERSISTENT    (see the kernel), maxnreg (optional); GLUON (and PV_ASYNC):
+    launches kernels/paged_prefill_gluon.py supports (fresh prompts, k/v, 16-bit, no variants, sm_90) take the
+    Gluon kernel with BLOCK_M, BLOCK_N, num_warps, num_stages, SEQ_VEC, maxnreg, the rest the Triton kernel; unset keys take the selected config's.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -680,6 +687,10 @@ def paged_prefill(
     longest = num_tokens if max_query_len is None else max_query_len
     use_table = k is not None and not fp8  # the table was measured with the chunk's keys read from k/v
     cfg = dict(select_config(head_dim, group, q.dtype, has_prefix, longest, use_table), **(config or {}))
+    has_variants = any(x is not None for x in (sliding_window, logit_softcap, alibi_slopes, sinks))
+    if (cfg.get("GLUON") and paged_prefill_gluon is not None and cfg["BLOCK_M"] % group == 0
+            and paged_prefill_gluon.supported(q, k, v, group, fp8, has_variants, has_prefix)):
+        return paged_prefill_gluon.prefill_fresh(q, k, v, query_start_loc, scale, out, cfg, skip_single)
     row_heads = group if cfg["PACK_GQA"] else 1
     block_m = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(row_heads))
     block_q = block_m // row_heads

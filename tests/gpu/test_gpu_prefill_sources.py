@@ -50,3 +50,35 @@ def test_gpu_prefill_strided_kv_views():
         out = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.1,
                             config=dict(NEW_KV=mode), k=k, v=v)
         assert_close(out, ref, torch.bfloat16)
+
+
+GLUON_CONFIGS = [
+    dict(GLUON=True, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=None),
+    dict(GLUON=True, BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, maxnreg=128, SEQ_VEC=4),  # binary search
+    dict(GLUON=True, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=None, PV_ASYNC=True),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon prefill kernel is Hopper-only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (2, 64), (1, 128)])
+@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_gpu_prefill_gluon_fresh_prompts(dtype, group, head_dim, config):
+    # kernels/paged_prefill_gluon.py serves fresh prompts only (has_prefix=False): lengths on and off the tile
+    # grids, a one-token prompt, padding rows left alone; the launch must take the Gluon path.
+    from kernels import paged_prefill_gluon
+
+    lens = [1500, 257, 64, 1, 129, 33, 700]
+    num_kv_heads = 8 // min(group, 4)
+    batch = make_batch(lens, lens, group * num_kv_heads, num_kv_heads, head_dim, 16, dtype, DEVICE,
+                       num_padding_tokens=5)
+    assert paged_prefill_gluon.supported(batch.q, batch.k, batch.v, group, False, False, False)
+    n = int(batch.query_start_loc[-1])
+    out = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                        head_dim**-0.5, out=poisoned_like(batch.q), config=config, k=batch.k, v=batch.v,
+                        has_prefix=False)
+    ref = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
+                            batch.query_start_loc, head_dim**-0.5)
+    assert_close(out[:n], ref, dtype)
+    assert out[n:].isnan().all()

@@ -1,0 +1,230 @@
+"""Hopper-only prefill kernel in Gluon for launches of fresh prompts: explicit async wgmma, TMA ring, overlap.
+
+The Triton kernel (kernels/paged_prefill.py) stays the reference, the CPU path and every other case; this one
+serves only what the dispatch table sends it (config GLUON): sequences without a cached prefix (has_prefix
+False), the chunk's keys from the step's contiguous k/v through TMA, 16-bit q/k/v, head_dim 64 or 128, no
+window, soft-cap, ALiBi, sinks or fp8 cache. Gluon kernels do not run under TRITON_INTERPRET; tests/gpu checks
+this one against the torch reference.
+
+Same program mapping as the Triton kernel (PACK_GQA rows: BLOCK_Q tokens x the GROUP query heads sharing a KV
+head; tile slots query_start_loc[i] // BLOCK_Q + i; a sequence's last query tiles first). What Triton 3.6 does
+not give, written out here:
+  - K and V tiles arrive through a STAGES-deep TMA ring with one mbarrier per slot and tensor, issued as soon
+    as a slot is free, so loads never wait behind the softmax;
+  - the next tile's QK^T wgmma is issued before this tile's softmax and left in flight (FlashAttention-3's
+    intra-warpgroup overlap), and the PV wgmma is waited for only where the next rescale of acc needs it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+
+@gluon.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: gl.constexpr, SEQ_VEC: gl.constexpr,
+              num_warps: gl.constexpr):
+    """(sequence, first query row, query count) of tile slot `tile`: the last i with
+    query_start_loc[i] // BLOCK_Q + i <= tile (vector loads below SEQ_VEC sequences, else a binary search)."""
+    if SEQ_VEC > 0:
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        idx = gl.arange(0, SEQ_VEC, layout=layout)
+        starts = gl.load(query_start_loc_ptr + idx, mask=idx <= num_seqs, other=0)
+        before = (starts // BLOCK_Q + idx <= tile) & (idx < num_seqs)
+        seq = gl.sum(before.to(gl.int32), 0) - 1
+        q_start = gl.sum(gl.where(idx == seq, starts, 0), 0)
+        q_len = gl.sum(gl.where(idx == seq + 1, starts, 0), 0) - q_start
+    else:
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if gl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+        q_start = gl.load(query_start_loc_ptr + seq)
+        q_len = gl.load(query_start_loc_ptr + seq + 1) - q_start
+    return seq, q_start, q_len
+
+
+@gluon.jit
+def _issue(desc, smem, bar, tile_idx, row0, col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA load of key tile `tile_idx` of one tensor (K or V), if it exists, into ring slot tile_idx % STAGES."""
+    slot = tile_idx % STAGES
+    pred = tile_idx < n_tiles
+    mbarrier.expect(bar.index(slot), desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(desc, [row0 + tile_idx * BLOCK_N, col], bar.index(slot), smem.index(slot),
+                                    pred=pred)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, acc, j, q_pos, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+    """Mask key tile j's scores (causal; keys past every row only on the diagonal, but the compare is cheap)
+    and fold them into the running max / sum; returns p (q's dtype, still in s_layout), alpha for acc and
+    the new m_i, l_i."""
+    pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    s = gl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), m_new, l_i
+
+
+@gluon.jit(do_not_specialize=["num_seqs"])
+def _prefill_fresh_kernel(q_ptr, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_scale, stride_qt, stride_qh,
+                          stride_ot, stride_oh, num_seqs,
+                          GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr,
+                          HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr,
+                          SKIP_SINGLE: gl.constexpr, PV_ASYNC: gl.constexpr, num_warps: gl.constexpr):
+    dtype: gl.constexpr = k_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    q_load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1],
+                                                   [1, 0])
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+
+    tile = gl.program_id(0)
+    kv_head = gl.program_id(1)
+    head0 = kv_head * GROUP
+    seq, q_start, q_len = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q, SEQ_VEC, num_warps)
+    slot = tile - (q_start // BLOCK_Q + seq)
+    n_q_tiles = gl.cdiv(q_len, BLOCK_Q)
+    run = slot < n_q_tiles
+    if SKIP_SINGLE:
+        run = run & (q_len != 1)
+    if run:
+        q_tile = n_q_tiles - 1 - slot
+        first_pos = q_tile * BLOCK_Q
+        last_pos = gl.minimum(first_pos + BLOCK_Q, q_len) - 1
+        n_tiles = gl.cdiv(last_pos + 1, BLOCK_N)
+        col = kv_head * HEAD_DIM
+
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+        fence_async_shared()  # the barriers' initialization is visible to the TMA unit before it signals them
+        for i in gl.static_range(STAGES):
+            _issue(k_desc, k_smem, k_bar, i, q_start, col, n_tiles, BLOCK_N, STAGES)
+            _issue(v_desc, v_smem, v_bar, i, q_start, col, n_tiles, BLOCK_N, STAGES)
+
+        # q rows are (token, head) pairs: row r is token first_pos + r // GROUP, head head0 + r % GROUP.
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_load_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_load_layout))
+        q_idx = first_pos + rows // GROUP
+        q_off = (q_start + q_idx).to(gl.int64) * stride_qt + (head0 + rows % GROUP) * stride_qh
+        q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=(q_idx < q_len)[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout, q)
+        fence_async_shared()
+
+        q_pos = first_pos + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout)) // GROUP
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        # acc is carried through the loop as an accumulator an async wgmma may still be writing.
+        acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout))
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+        # Ring discipline (STAGES >= 2): K slot t % STAGES is refilled with tile t + STAGES as soon as QK(t) is
+        # done, V's as soon as PV(t) is: K is loaded STAGES tiles ahead of its QK^T, V STAGES - 1 ahead of its PV.
+        mbarrier.wait(k_bar.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        _issue(k_desc, k_smem, k_bar, STAGES, q_start, col, n_tiles, BLOCK_N, STAGES)
+        for j in range(n_tiles - 1):
+            # Issue tile j + 1's QK^T now and let it run under this tile's softmax.
+            nxt = (j + 1) % STAGES
+            mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
+            s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, qk_scale, s_layout, o_layout, BLOCK_N)
+            # In flight: PV(j - 1), then QK(j + 1). Waiting down to one leaves only QK(j + 1): acc is ours,
+            # and V slot j - 1 is free for tile j - 1 + STAGES.
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+            if j >= 1:
+                _issue(v_desc, v_smem, v_bar, j - 1 + STAGES, q_start, col, n_tiles, BLOCK_N, STAGES)
+            acc = acc * alpha[:, None]
+            cur = j % STAGES
+            mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc, is_async=True)
+            if not PV_ASYNC:
+                # Wait for PV(j) (and QK(j + 1), issued before it) here: with PV(j) left in flight across the
+                # loop's back edge ptxas serializes every wgmma of the loop (C7514, Triton 3.6's ptxas).
+                acc = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(acc,)))
+            # In flight: QK(j + 1), then PV(j). Down to one: tile j + 1's scores are ready, its K slot free.
+            s = warpgroup_mma_wait(1, deps=(s_next,))
+            _issue(k_desc, k_smem, k_bar, j + 1 + STAGES, q_start, col, n_tiles, BLOCK_N, STAGES)
+        last = n_tiles - 1
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, last, q_pos, qk_scale, s_layout, o_layout, BLOCK_N)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        acc = acc * alpha[:, None]
+        cur = last % STAGES
+        mbarrier.wait(v_bar.index(cur), (last // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+
+        out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+        o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_idx = first_pos + o_rows // GROUP
+        o_off = (q_start + o_idx).to(gl.int64) * stride_ot + (head0 + o_rows % GROUP) * stride_oh
+        gl.store(out_ptr + o_off[:, None] + o_d[None, :], out.to(dtype), mask=(o_idx < q_len)[:, None])
+
+
+def supported(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, group: int, fp8: bool,
+              has_variants: bool, has_prefix: bool) -> bool:
+    """Whether a launch can take the Gluon kernel (else the Triton kernel serves it)."""
+    if k is None or v is None or has_prefix or fp8 or has_variants or q.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9 or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    head_dim = q.shape[2]
+    if head_dim not in (64, 128) or group not in (1, 2, 4, 8) or q.stride(2) != 1:
+        return False
+    return all(t.stride(2) == 1 and t.stride(1) == head_dim and t.stride(0) * t.element_size() % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in (k, v))
+
+
+def prefill_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                  out: torch.Tensor, cfg: dict, skip_single: bool = False) -> torch.Tensor:
+    """Causal attention of fresh prompts (seq_len == query count per sequence), keys from k/v. cfg: BLOCK_M,
+    BLOCK_N, num_warps, num_stages (the TMA ring's depth, >= 2), SEQ_VEC, PV_ASYNC (leave each PV wgmma in flight
+    until the next tile's rescale), maxnreg. The caller checked supported()."""
+    if cfg["num_stages"] < 2:
+        raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    num_seqs = query_start_loc.shape[0] - 1
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    block_q = block_m // group
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16 if q.dtype == torch.bfloat16
+                                                  else gl.float16)
+    k_desc, v_desc = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
+                                       [block_n, head_dim], layout) for t in (k, v))
+    seq_vec = cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _prefill_fresh_kernel[grid](
+        q, k_desc, v_desc, query_start_loc, out, scale * 1.4426950408889634, q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), num_seqs,
+        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        STAGES=cfg["num_stages"], SEQ_VEC=seq_vec, SKIP_SINGLE=bool(skip_single),
+        PV_ASYNC=bool(cfg.get("PV_ASYNC")), num_warps=cfg["num_warps"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+    return out
