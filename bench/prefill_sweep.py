@@ -331,6 +331,7 @@ def _warm(cfg: dict, smoke: bool = False) -> str | None:
     return None
 
 
+PRECOMPILE_DEADLINE_S = 60
 CRASHED: set[str] = set()  # variants whose compile killed its process: never run in this one
 
 
@@ -354,9 +355,10 @@ def precompile(jobs: int) -> None:
         pools = [ProcessPoolExecutor(1 if isolated else jobs, mp_context=ctx) for _ in (pending if isolated else [0])]
         futures = [(c, pools[i if isolated else 0].submit(_warm, c, SMOKE)) for i, c in enumerate(pending)]
         pending = []
+        hung = False
         for c, f in futures:
             try:
-                err = f.result()
+                err = f.result(timeout=max(1.0, t0 + PRECOMPILE_DEADLINE_S - time.time()))
                 if err:
                     print(f"  precompile: {err}")
             except BrokenProcessPool:
@@ -365,8 +367,17 @@ def precompile(jobs: int) -> None:
                     print(f"  precompile: {_name(c)}: the compiler killed its process; skipped")
                 else:
                     pending.append(c)
+            except TimeoutError:
+                # A compile or a first launch that never ends (a kernel waiting on a barrier forever): skip it
+                # rather than hang the device call.
+                CRASHED.add(_name(c))
+                hung = True
+                print(f"  precompile: {_name(c)}: not done after {PRECOMPILE_DEADLINE_S} s; skipped")
         for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if hung:
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()
+            pool.shutdown(wait=not hung, cancel_futures=True)
         if pending:
             print(f"  precompile: the pool broke; compiling {len(pending)} configs one process each")
     print(f"  precompiled {len(cfgs)} configs in {time.time() - t0:.0f} s with {jobs} processes")
