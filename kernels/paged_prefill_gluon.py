@@ -17,8 +17,9 @@ not give, written out here:
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -201,6 +202,11 @@ def supported(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, g
                and t.data_ptr() % 16 == 0 for t in (k, v))
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block_n: int, head_dim: int, bf16: bool):
+    return gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16 if bf16 else gl.float16)
+
+
 def prefill_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                   out: torch.Tensor, cfg: dict, skip_single: bool = False) -> torch.Tensor:
     """Causal attention of fresh prompts (seq_len == query count per sequence), keys from k/v. cfg: BLOCK_M,
@@ -214,8 +220,7 @@ def prefill_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start
     num_seqs = query_start_loc.shape[0] - 1
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     block_q = block_m // group
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16 if q.dtype == torch.bfloat16
-                                                  else gl.float16)
+    layout = _smem_layout(block_n, head_dim, q.dtype == torch.bfloat16)
     k_desc, v_desc = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
                                        [block_n, head_dim], layout) for t in (k, v))
     seq_vec = cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0
