@@ -7,7 +7,7 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
 
 1. checks (exit 1 on a failure): `gemv2`, `gemv3` and `gemv4` variants (blocks or rows per tile; per-block,
    per-slab or per-row scales; act-order; odd K and N; atomic and partial-sum split-K; gemv4's runs across
-   column strips and L2 prefetches; programmatic dependent launch 0/1/2)
+   column strips, L2 prefetches and FOLD; SwiGLU in the epilogue; programmatic dependent launch 0/1/2)
    against x @ dequant(w) in float32 with the split-K workspace left zeroed; a CUDA graph of three chained
    GEMVs (each reads the previous one's output, so a PDL launch that read x before its wait would show).
 2. sweep (M = 1, the four 8B GEMMs): bf16 F.linear, the committed config, `gemv1`, the `gemv2` and `gemv3`
@@ -86,6 +86,10 @@ CASES = [
     (14336, 4096, 128, False, dict(G4, XPAIR=False, maxnreg=128, L2_DIST=4, PDL=2), 12, True),
     (1000, 600, 16, True, dict(G4, L2_PRE=2), 2, True),  # a group per nibble; K not a multiple of the block
     (28672 // 7, 28672, 128, False, dict(G4, BLOCK_N=256, num_warps=2, L2_DIST=8, L2_PRE=16, PDL=2), 16, True),
+    (4096, 6144, 128, False, dict(G4, FOLD=True, L2_DIST=4, PDL=2), 8, True),  # FOLD: zero point off per group
+    (4224, 520, 128, True, dict(G4, FOLD=True, PDL=1), 3, True),
+    (4096, 1000, 32, False, dict(G4, FOLD=True, BLOCK_N=256, num_warps=2, T=16), 5, True),
+    (14336, 4096, 128, False, dict(G4, FOLD=True, XPAIR=False, maxnreg=128, PDL=2), 12, True),
 ]
 
 
@@ -122,6 +126,7 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
     against float32 x @ w, rounded to bf16, then torch's silu(gate) * up; also an odd inter."""
     rows, cases = [], []
     for k, inter, cfg in ((4096, 14336, dict(G4, PDL=2, L2_PRE=4, L2_DIST=4)),
+                          (4096, 14336, dict(G4, PDL=2, FOLD=True, L2_DIST=4)),
                           (4096, 14336, dict(G4, BLOCK_N=256, num_warps=2, PER_SM=4, PDL=2)),
                           (4096, 14336, dict(G4, XPAIR=False, maxnreg=128, PER_SM=16, PDL=1)),
                           (1024, 1000, dict(G4, PER_SM=3))):
@@ -246,12 +251,14 @@ def candidates(n: int, k: int) -> list[dict]:
         for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
             out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, XPAIR=xpair, SPLIT_K=sp,
                             **({"maxnreg": regs} if regs else {})))
-    # gemv4: (BLOCK_N, warps, XPAIR, maxnreg) x programs per SM, PDL 2; the L2 prefetches are tried on the best
+    # gemv4: (T, BLOCK_N, warps, XPAIR, maxnreg) x programs per SM x FOLD, PDL 2; the L2 prefetches are tried on
+    # the best two
     for t, bn, warps, xpair, regs in ((8, 128, 1, True, None), (8, 256, 2, True, None), (8, 128, 1, True, 128),
                                       (8, 128, 1, False, None), (8, 128, 1, False, 128), (16, 128, 1, True, None)):
         for per_sm in (4, 8, 16):
-            out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, XPAIR=xpair, PER_SM=per_sm, PDL=2,
-                            **({"maxnreg": regs} if regs else {})))
+            for fold in (False, True):
+                out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, XPAIR=xpair, PER_SM=per_sm, PDL=2, FOLD=fold,
+                                **({"maxnreg": regs} if regs else {})))
     for bn, warps, unrolls in ((32, 1, (2,)), (64, 2, (1, 2)), (128, 4, (1,))):
         for unroll in unrolls:
             auto = splitk.split_for(-(-n // bn), blocks, sms, 4, max_split=32)

@@ -42,6 +42,30 @@ def g3_nibble(words, hi, j: tl.constexpr, exp0):
 
 
 @triton.jit
+def _fold_nibble(words, j: tl.constexpr, exp0):
+    """gemv4's FOLD decode of nibble j: the word shifted so that the nibble sits at bits 12..15 (nibbles 1, 3, 5)
+    or 16..19 (0, 2, 4, 6, 7), one and-or, and the float is 2^11 + q or 2^7 + q exactly. No subtraction per
+    weight: the kernel sums (2^e + q) x and takes (2^e + z) sum(x) off once per group and column. Only these
+    two positions: the offset's rounding error in float32 sums grows with 2^e, and at 2^11 it stays ~1e-4 of
+    the result (a higher nibble position, 2^15 or more, would cost bf16-visible error)."""
+    if j == 0:
+        src = words << 16
+    elif j == 1 or j == 2:
+        src = words << 8
+    elif j == 3 or j == 4:
+        src = words
+    elif j == 5 or j == 6:
+        src = words >> 8
+    else:
+        src = words >> 12
+    if j == 1 or j == 3 or j == 5:
+        f = (src & 0xF000) | (exp0 - (12 << 23))
+    else:
+        f = (src & 0xF0000) | (exp0 - (16 << 23))
+    return f.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _l2_prefetch(ptrs):
     """Ask L2 for each address's 128-byte line (a hint: no register holds the data, no value changes)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
@@ -113,7 +137,7 @@ def _w4a16_gemv4_kernel(
     N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
-    GATED: tl.constexpr,
+    GATED: tl.constexpr, FOLD: tl.constexpr,
 ):
     """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
     (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
@@ -169,7 +193,7 @@ def _w4a16_gemv4_kernel(
         if XPAIR:
             hi_o = words_o
         for j in tl.static_range(8):
-            if j == 5:  # here, not before the loop: the words are dead by now, so hi takes their registers
+            if j == 5 and not FOLD:  # here, not before the loop: the words are dead by now, so hi takes their registers
                 hi = words >> hi_shift
                 if XPAIR:
                     hi_o = words_o >> hi_shift
@@ -184,17 +208,31 @@ def _w4a16_gemv4_kernel(
                 xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
                 x_e = (xw << 16).to(tl.float32, bitcast=True)
                 x_o = (xw & -65536).to(tl.float32, bitcast=True)
-                prod = (g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]
-                prod_o = (g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
             else:
                 k = k0 + j * S + offs_r
                 if EVEN:
                     cols = tl.load(perm_ptr + k) if HAS_PERM else k
-                    xj = tl.load(x_ptr + cols).to(tl.float32)
+                    x_e = tl.load(x_ptr + cols).to(tl.float32)
                 else:
                     cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-                    xj = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
-                prod = (g3_nibble(words, hi, j, exp0) - sub[None, :]) * xj[:, None]  # (q - z) x
+                    x_e = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
+            if FOLD:  # (2^e + q) x summed as it is; the 2^e + z part comes off once per group, below
+                prod = _fold_nibble(words, j, exp0) * x_e[:, None]
+                xs = x_e
+                if XPAIR:
+                    prod_o = _fold_nibble(words_o, j, exp0) * x_o[:, None]
+                    xs = x_e + x_o
+                if j % JG == 0:
+                    xa = tl.zeros_like(xs)
+                    xb = tl.zeros_like(xs)
+                if j == 1 or j == 3 or j == 5:  # nibble read at bits 12..15: 2^11 + q
+                    xa += xs
+                else:  # at bits 16..19: 2^7 + q
+                    xb += xs
+            else:
+                prod = (g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]  # (q - z) x
+                if XPAIR:
+                    prod_o = (g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
             if j % JG == 0:
                 part = prod
             else:
@@ -202,7 +240,10 @@ def _w4a16_gemv4_kernel(
             if XPAIR:
                 part += prod_o
             if (j + 1) % JG == 0:  # the group's sums are complete
-                acc += tl.sum(part, axis=0) * sc
+                if FOLD:
+                    acc += (tl.sum(part, axis=0) - sub3 * tl.sum(xa, axis=0) - sub4 * tl.sum(xb, axis=0)) * sc
+                else:
+                    acc += tl.sum(part, axis=0) * sc
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
             _strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
@@ -214,8 +255,8 @@ def _w4a16_gemv4_kernel(
 def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
     """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
     -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
-    default 8), L2_PRE (tiles, default 0), L2_DIST (tiles ahead, default 0), maxnreg. The L2 hints are
-    compiled only on CUDA."""
+    default 8), L2_PRE (tiles, default 0), L2_DIST (tiles ahead, default 0), FOLD (the zero point off per
+    group, not per weight: `_fold_nibble`), maxnreg. The L2 hints are compiled only on CUDA."""
     cfg = dict(cfg)
     k, n = x.shape[1], qweight.shape[1]
     t = min(cfg.pop("T", 8), rows // 8)
@@ -233,6 +274,7 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     l2_pre = cfg.pop("L2_PRE", 0) if on_gpu else 0
     l2_dist = cfg.pop("L2_DIST", 0) if on_gpu else 0
     per_sm = cfg.pop("PER_SM", 8)
+    fold = bool(cfg.pop("FOLD", False))
     tpc = -(-k // rows) * (rows // 8) // t
     inter = n // 2 if gated else n
     strips = triton.cdiv(inter, bn // 2) if gated else triton.cdiv(n, bn)
@@ -245,7 +287,7 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt, n, k, group_size, tpc,
             per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
-                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated)
+                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold)
     if pdl:
         consts["launch_pdl"] = True
     if warmup:

@@ -205,3 +205,20 @@ def test_w4a16_gated_gives_silu_of_gate_times_up(k, inter, group, per_sm, bn):
         assert out.shape == (1, inter) and out.dtype == torch.bfloat16
         close(out, want, torch.bfloat16)
         assert_workspace_zero()
+
+
+@pytest.mark.parametrize("k, n, group, act, dtype", [(256, 96, 128, False, torch.bfloat16),
+                                                     (384, 40, 64, True, torch.bfloat16),
+                                                     (512, 64, 16, False, torch.float16),
+                                                     (1000, 70, 128, True, torch.float16)])
+def test_w4a16_gemv4_fold_takes_the_zero_point_off_per_group(k, n, group, act, dtype):
+    """gemv4 FOLD sums (2^e + q) x with e = 11 or 7 and takes (2^e + z) sum(x) off per group: within the
+    dtype's tolerance of float64 (groups of one nibble to a whole block; XPAIR and act-order; gated too)."""
+    args, ref = case(1, k, n, group, act, dtype, seed=3 * k + n)
+    cfg = dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=3, FOLD=True)
+    close(w4a16(*args, config=cfg), ref, dtype)
+    assert_workspace_zero()
+    gu = ref.to(dtype).double()
+    gate, up = gu[:, :n // 2], gu[:, n // 2:]
+    close(w4a16(*args, config=cfg, gated=True), (gate * torch.sigmoid(gate)).to(dtype).double() * up, dtype)
+    assert_workspace_zero()
