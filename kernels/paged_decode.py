@@ -23,6 +23,7 @@ mantissa fits float16's 11) and the scores unscaled by it; P in float16 keeps mo
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 import triton
@@ -333,6 +334,7 @@ def paged_decode(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     query_start_loc: torch.Tensor | None = None,
+    warmup: bool = False,
 ) -> torch.Tensor:
     """Attention of q[i] (sequence i's newest token) over the first seq_lens[i] cached tokens.
 
@@ -346,6 +348,8 @@ def paged_decode(
     row is query_start_loc[i], and only sequences with exactly one new token are attended to (the others'
     rows are left unwritten, for paged_prefill(skip_single=True)); one split.
     Returns out [num_seqs, num_heads, head_dim] in q's dtype ([num_tokens, ...] with query_start_loc).
+    warmup: compile the decode kernel for this call's launch without running it (benchmarks compile their
+    candidates in parallel); out is left unwritten.
     """
     if query_start_loc is not None:
         return _decode_rows_of_mixed_step(q, kv_cache, block_tables, seq_lens, scale, query_start_loc, out, config,
@@ -378,8 +382,8 @@ def paged_decode(
     else:
         part_out = part_m = part_l = out  # unused
     _launch(q, kv_cache, block_tables, seq_lens, seq_lens, out, (part_out, part_m, part_l), num_seqs, num_splits,
-            cfg, variants, fp8, v_scale, rows_from_qsl=False)
-    if num_splits > 1:
+            cfg, variants, fp8, v_scale, rows_from_qsl=False, warmup=warmup)
+    if num_splits > 1 and not warmup:
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
@@ -389,7 +393,7 @@ def paged_decode(
 
 
 def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, num_seqs: int, num_splits: int,
-            cfg: dict, variants, fp8: bool, v_scale: float, rows_from_qsl: bool) -> None:
+            cfg: dict, variants, fp8: bool, v_scale: float, rows_from_qsl: bool, warmup: bool = False) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -397,7 +401,8 @@ def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, nu
     part_out, part_m, part_l = parts
     heads_fastest = cfg.get("HEADS_FASTEST", True) and num_seqs < 65536  # grid y limit
     grid = (num_kv_heads, num_seqs, num_splits) if heads_fastest else (num_seqs, num_kv_heads, num_splits)
-    _paged_decode_kernel[grid](
+    kernel = partial(_paged_decode_kernel.warmup, grid=grid) if warmup else _paged_decode_kernel[grid]
+    kernel(
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_m, part_l,
         stride_qs=q.stride(0), stride_qh=q.stride(1), stride_os=out.stride(0), stride_oh=out.stride(1),
         stride_bt=block_tables.stride(0),
