@@ -373,6 +373,86 @@ def profile_engine(label: str, weights: str, kv: str, prompt_len: int = 384, seq
     return out
 
 
+AB_DECODE = [dict(TILE_N=t, num_warps=w, num_stages=st) for t, w, st in (
+    (64, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (64, 2, 3), (32, 4, 2), (32, 2, 2), (32, 4, 3), (128, 4, 2),
+    (128, 4, 1), (128, 8, 2), (16, 2, 2), (16, 4, 2))] + [dict(TILE_N=64, num_warps=4, num_stages=2, F16_DOTS=False)]
+"""The decode launches over an fp8 pool that the A/B section times inside the engine (F16_DOTS unless it says)."""
+
+
+def ab_section(gemm_rows) -> dict:
+    """One FP8-weights + FP8-KV engine (eager) with 256 sequences at ~388 tokens: each AB_DECODE launch (all compiled
+    in parallel first) for 2 decode steps under the profiler, the decode attention's device time per step; then
+    FAST_ACCUM off and on, the GEMMs' device time per step. Applies the fastest decode launch (FP8_KV_CONFIG) and
+    FAST_ACCUM where it is faster and the gemm section measured its error within 1e-2 of the largest product at
+    every shape (FAST_ACCUM stays off without that measurement), for the sections after this one."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from folio import SamplingParams
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    def device_ms(steps: int, pick) -> float:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        return sum(r["ms"] for r in kernels_of(prof, steps) if pick(r))
+
+    out: dict = {"decode": [], "fast_accum": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = qb.make_llm(tmp, "fp8", max_model_len=384 + 160, max_num_seqs=256, enforce_eager=True,
+                          async_scheduling=False, gpu_memory_utilization=0.85, kv_cache_dtype="fp8")
+        engine = llm.engine
+        rng = np.random.default_rng(0)
+        params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+        for i in range(256):
+            engine.add_request(f"r{i}", None, params, stream=False,
+                               prompt_token_ids=rng.integers(3, engine.vocab_size, 384).tolist())
+        kv = engine.runner.kv_caches[0]
+        q = torch.zeros(4, HQ, D, device=DEV, dtype=torch.bfloat16)
+        tables = torch.zeros(4, 4, device=DEV, dtype=torch.int32)
+        lens = torch.ones(4, device=DEV, dtype=torch.int32)
+        qb.precompile([lambda c=c: pd.paged_decode(q, kv, tables, lens, D ** -0.5, num_splits=1, config=c, warmup=True)
+                       for c in AB_DECODE])
+        while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                              for s in engine.scheduler.running):
+            engine.step()
+        engine.step()
+        saved = dict(pd.FP8_KV_CONFIG)
+        for cfg in AB_DECODE:
+            pd.FP8_KV_CONFIG.clear()
+            pd.FP8_KV_CONFIG.update(cfg)
+            engine.step()  # compiles here if the parallel compile missed this launch
+            ms = device_ms(2, lambda r: r["kernel"].startswith("_paged_decode_kernel"))
+            out["decode"].append({"config": cfg, "attention_ms_per_step": ms})
+            print(f"A/B decode over fp8 {str(cfg):<72} attention {ms:.3f} ms/step", flush=True)
+        best = min(out["decode"], key=lambda r: r["attention_ms_per_step"])
+        pd.FP8_KV_CONFIG.clear()
+        pd.FP8_KV_CONFIG.update(best["config"] if best["attention_ms_per_step"] < 0.99 * out["decode"][0][
+            "attention_ms_per_step"] else saved)
+        saved_fast = fp8mod.FAST_ACCUM
+        for fast in (False, True, False, True):
+            fp8mod.FAST_ACCUM = fast
+            engine.step()
+            ms = device_ms(2, lambda r: r["group"] in ("gemm_fp8", "gemm_bf16"))
+            out["fast_accum"].setdefault(str(fast), []).append(ms)
+            print(f"A/B FAST_ACCUM {fast!s:<5} GEMMs {ms:.3f} ms/step", flush=True)
+        llm.shutdown()
+        del llm, engine
+    qb.free_gpu()
+    on, off = min(out["fast_accum"]["True"]), min(out["fast_accum"]["False"])
+    errs = [r["err"].get("rowwise fast", {}).get("max", 1.0) for r in gemm_rows or []] + \
+        [r["err"].get("tensorwise fast", {}).get("max", 1.0) for r in gemm_rows or []]
+    fast_ok = bool(errs) and max(errs) <= 1e-2
+    fp8mod.FAST_ACCUM = (on < 0.99 * off and fast_ok) if gemm_rows else saved_fast
+    out["applied"] = {"FP8_KV_CONFIG": dict(pd.FP8_KV_CONFIG), "FAST_ACCUM": fp8mod.FAST_ACCUM,
+                      "fast_accum_max_err": max(errs) if errs else None}
+    print(f"A/B: decode over fp8 best {best['config']} {best['attention_ms_per_step']:.3f} ms/step (first listed "
+          f"{out['decode'][0]['attention_ms_per_step']:.3f}); GEMMs fast accumulation {on:.3f} vs {off:.3f} ms/step, "
+          f"max error {max(errs) if errs else float('nan'):.1e}; applied {out['applied']}", flush=True)
+    return out
+
+
 def throughput(label: str, weights: str, kv: str, chat_requests: int = 0, prompts: int = 256,
                length: int = 256) -> list[dict]:
     """The fixed workload (256 x 256 in / 256 out; a warm-up pass over its first 64 prompts first), then the chat
@@ -425,7 +505,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later parts are skipped past it")
     ap.add_argument("--chat-requests", type=int, default=0, help="chat requests per 16-bit-KV throughput engine")
     ap.add_argument("--sections", nargs="+", default=["decode", "gemm", "silu", "engine", "throughput"],
-                    choices=["decode", "gemm", "silu", "committed", "engine", "throughput"])
+                    choices=["decode", "gemm", "silu", "ab", "committed", "engine", "throughput"])
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -440,6 +520,13 @@ def main() -> int:
     if "silu" in args.sections:
         result["silu"] = qb.attempt(lambda: silu_section(failures))
         print(f"silu section done at {time.time() - start:.0f} s", flush=True)
+    if "ab" in args.sections:
+        gemm_rows = result.get("gemm") if isinstance(result.get("gemm"), list) else None
+        result["ab"] = qb.attempt(lambda: ab_section(gemm_rows))
+        if not isinstance(result["ab"], dict):
+            print(f"ab: {result['ab']!r}"[:400], flush=True)
+            qb.free_gpu()
+        print(f"ab section done at {time.time() - start:.0f} s", flush=True)
     if "committed" in args.sections:
         result["committed"] = qb.attempt(lambda: committed_section(failures))
         print(f"committed checks done at {time.time() - start:.0f} s", flush=True)
