@@ -374,9 +374,33 @@ def profile_engine(label: str, weights: str, kv: str, prompt_len: int = 384, seq
 
 
 AB_DECODE = [dict(TILE_N=t, num_warps=w, num_stages=st) for t, w, st in (
-    (64, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 2), (64, 2, 3), (32, 4, 2), (32, 2, 2), (32, 4, 3), (128, 4, 2),
-    (128, 4, 1), (128, 8, 2), (16, 2, 2), (16, 4, 2))] + [dict(TILE_N=64, num_warps=4, num_stages=2, F16_DOTS=False)]
+    (64, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 1), (64, 8, 1), (64, 2, 2), (32, 4, 1), (32, 4, 2), (32, 2, 2),
+    (128, 4, 1), (128, 8, 1), (128, 4, 2), (256, 8, 1))] + [
+    dict(TILE_N=64, num_warps=4, num_stages=st, F16_DOTS=False) for st in (2, 1)]
 """The decode launches over an fp8 pool that the A/B section times inside the engine (F16_DOTS unless it says)."""
+
+
+def check_ab_decode(failures: list) -> list[dict]:
+    """Each AB_DECODE launch against the torch reference on a small fp8 pool (16 sequences, ~300 tokens; the
+    launches compile here); the ones that pass go to the A/B."""
+    q, kv16, tables, lens = make_pool(16, 300, seed=5)
+    kv8 = quantize_kv_fp8(kv16.float(), 0.05, 0.04)
+    ref = pd.paged_decode_ref(q.float(), kv8, tables, lens, D ** -0.5, 0.05, 0.04)
+    rows: list = []
+    qb.precompile([lambda c=c: pd.paged_decode(q, kv8, tables, lens, D ** -0.5, num_splits=1, config=c, k_scale=0.05,
+                                               v_scale=0.04, warmup=True) for c in AB_DECODE])
+    good = []
+    for cfg in AB_DECODE:
+        got = qb.attempt(lambda: pd.paged_decode(q, kv8, tables, lens, D ** -0.5, num_splits=1, config=cfg,
+                                                 k_scale=0.05, v_scale=0.04))
+        err = float("inf") if isinstance(got, Exception) else ((got.float() - ref).abs().max() / ref.abs().max()).item()
+        qb.record(rows, failures, err < 2e-2, check="ab_decode", config=cfg, rel_err=err,
+                  error=repr(got)[:200] if isinstance(got, Exception) else None)
+        if err < 2e-2:
+            good.append(cfg)
+    print(f"decode launches checked against the reference: {len(good)} of {len(AB_DECODE)} pass", flush=True)
+    AB_DECODE[:] = good
+    return rows
 
 
 def ab_section(gemm_rows) -> dict:
@@ -413,7 +437,7 @@ def ab_section(gemm_rows) -> dict:
         tables = torch.zeros(4, 4, device=DEV, dtype=torch.int32)
         lens = torch.ones(4, device=DEV, dtype=torch.int32)
         qb.precompile([lambda c=c: pd.paged_decode(q, kv, tables, lens, D ** -0.5, num_splits=1, config=c, warmup=True)
-                       for c in AB_DECODE])
+                       for c in AB_DECODE])  # the engine's pool may specialize differently from the check's
         while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
                                               for s in engine.scheduler.running):
             engine.step()
@@ -521,6 +545,7 @@ def main() -> int:
         result["silu"] = qb.attempt(lambda: silu_section(failures))
         print(f"silu section done at {time.time() - start:.0f} s", flush=True)
     if "ab" in args.sections:
+        result["ab_checks"] = qb.attempt(lambda: check_ab_decode(failures))
         gemm_rows = result.get("gemm") if isinstance(result.get("gemm"), list) else None
         result["ab"] = qb.attempt(lambda: ab_section(gemm_rows))
         if not isinstance(result["ab"], dict):
