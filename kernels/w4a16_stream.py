@@ -85,15 +85,14 @@ def _strip_cols(col, offs, N, inter, BLOCK_N: tl.constexpr, GATED: tl.constexpr)
 
 
 @triton.jit
-def _prefetch_tile(qw_ptr, i, i_last, tpc, N, inter, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr,
+def _prefetch_tile(qw_ptr, col, t, valid, N, inter, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr,
                    GATED: tl.constexpr):
-    """L2 prefetch of tile min(i, i_last): its T rows of BLOCK_N words, one address per 128-byte line (clamped
-    inside the matrix, so a tile past the run re-asks for the last one)."""
-    i = tl.minimum(i, i_last)
-    col = i // tpc
-    rows = (i - col * tpc) * T + tl.arange(0, T)
+    """L2 prefetch of tile t of strip col: its T rows of BLOCK_N words, one address per 128-byte line (where not
+    `valid`, the matrix's first line instead: a prefetch never leaves the matrix)."""
+    rows = t * T + tl.arange(0, T)
     lines, _ = _strip_cols(col, tl.arange(0, BLOCK_N // 32) * 32, N, inter, BLOCK_N, GATED)
-    _l2_prefetch(qw_ptr + rows[:, None].to(tl.int64) * stride_qk + tl.minimum(lines, N - 1)[None, :])
+    ptrs = qw_ptr + rows[:, None].to(tl.int64) * stride_qk + tl.minimum(lines, N - 1)[None, :]
+    _l2_prefetch(tl.where(valid, ptrs, qw_ptr))
 
 
 @triton.jit
@@ -164,7 +163,10 @@ def _w4a16_gemv4_kernel(
         x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if L2:
         for ip in range(i_start + 1, tl.minimum(i_end, i_start + 1 + l2_pre)):
-            _prefetch_tile(qw_ptr, ip, i_end - 1, tpc, N, inter, stride_qk, T, BLOCK_N, GATED)
+            _prefetch_tile(qw_ptr, ip // tpc, ip % tpc, True, N, inter, stride_qk, T, BLOCK_N, GATED)
+    if L2_DIST > 0:  # the tile L2_DIST ahead, (strip, tile) counted along without a division per iteration
+        colp = (i_start + L2_DIST) // tpc
+        tp = (i_start + L2_DIST) - colp * tpc
     if PDL >= 2:
         gdc_launch_dependents()
     if PDL >= 1:
@@ -175,19 +177,24 @@ def _w4a16_gemv4_kernel(
         words = nxt
         if XPAIR:
             words_o = nxt_o
-        col = i // tpc
-        t = i - col * tpc
         offs_n, n_mask = _strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
-        i1 = i + 1  # the next tile, maybe in the next strip
-        col1 = i1 // tpc
+        i1 = i + 1  # the next tile, maybe in the next strip (counted along: no division per iteration)
+        t1 = t + 1
+        wrap = t1 == tpc
+        t1 = tl.where(wrap, 0, t1)
+        col1 = col + wrap.to(tl.int32)
         wcols, ok = _strip_cols(col1, offs_b, N, inter, BLOCK_N, GATED)
-        w_ptrs = qw_ptr + ((i1 - col1 * tpc) * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
+        w_ptrs = qw_ptr + (t1 * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
         w_mask = (i1 < i_end) & ok[None, :]
         nxt = tl.load(w_ptrs, mask=w_mask)
         if XPAIR:
             nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
         if L2_DIST > 0:
-            _prefetch_tile(qw_ptr, i + L2_DIST, i_end - 1, tpc, N, inter, stride_qk, T, BLOCK_N, GATED)
+            _prefetch_tile(qw_ptr, colp, tp, i + L2_DIST < i_end, N, inter, stride_qk, T, BLOCK_N, GATED)
+            tp += 1
+            wrap_p = tp == tpc
+            tp = tl.where(wrap_p, 0, tp)
+            colp += wrap_p.to(tl.int32)
         k0 = (t // H) * ROWS + (t % H) * T  # input of nibble 0 of the tile's first word
         hi = words  # names only until nibble 5
         if XPAIR:
@@ -250,6 +257,8 @@ def _w4a16_gemv4_kernel(
                         BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
+        col = col1
+        t = t1
 
 
 def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
