@@ -68,8 +68,11 @@ def section_gemm(ceil: dict) -> list[dict]:
     return rows
 
 
-ATTN_CONFIGS = [(64, 4, 2), (64, 2, 4), (64, 4, 3), (32, 4, 2), (32, 2, 2), (128, 4, 2)]
-"""(TILE_N, num_warps, num_stages); the first is the default (kernels/paged_decode.py)."""
+ATTN_CONFIGS = [dict(TILE_N=t, num_warps=w, num_stages=s) for t, w, s in
+                ((64, 4, 2), (64, 2, 4), (64, 4, 4), (64, 4, 3), (32, 4, 2), (32, 2, 2), (128, 4, 2))]
+ATTN_CONFIGS += [dict(ATTN_CONFIGS[0], EVICTION="evict_first"), dict(ATTN_CONFIGS[0], HEADS_FASTEST=False)]
+"""Launch configs of the paged decode kernel; the first is the default (kernels/paged_decode.py). The first two
+are also run with the context split in 2 and 4."""
 
 
 def section_attn(ceil: dict) -> list[dict]:
@@ -94,11 +97,10 @@ def section_attn(ceil: dict) -> list[dict]:
         ref = paged_decode_ref(q[:64].float(), kv.float(), tables[:64], lens[:64], scale)
         kv_bytes = batch * ctx * hkv * d * 2 * 2
         res = []
-        for tn, w, s in ATTN_CONFIGS:
+        for c in ATTN_CONFIGS:
             for splits in (1, 2, 4):
-                if splits > 1 and (tn, w, s) not in ATTN_CONFIGS[:2]:
+                if splits > 1 and c not in ATTN_CONFIGS[:2]:
                     continue
-                c = dict(TILE_N=tn, num_warps=w, num_stages=s)
                 try:
                     run = lambda: paged_decode(q, kv, tables, lens, scale, max_seq_len=ctx,  # noqa: E731
                                                num_splits=splits, config=c)
@@ -112,7 +114,8 @@ def section_attn(ceil: dict) -> list[dict]:
               f"default {res[0].get('ms', float('nan')):.4f} ms = {res[0].get('GBps', 0) / copy:.0%} of copy; "
               f"{len(res) - len(good)} failed")
         for r in good[:8]:
-            print(f"   N{r['TILE_N']} w{r['num_warps']} s{r['num_stages']} splits {r['splits']}: {r['ms']:.4f} ms "
+            extra = "".join(f" {k}={r[k]}" for k in ("EVICTION", "HEADS_FASTEST") if k in r)
+            print(f"   N{r['TILE_N']} w{r['num_warps']} s{r['num_stages']}{extra} splits {r['splits']}: {r['ms']:.4f} ms "
                   f"{r['GBps'] / copy:.0%} of copy (err {r['err']:.1e})")
         out_rows.append(dict(batch=batch, ctx=ctx, results=res))
     return out_rows
