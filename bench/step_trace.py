@@ -36,6 +36,11 @@ class StepTrace:
         """(step index, kernel) of each Triton compile during the run: a compile in a timed run is a warm-up miss"""
         self._launch = engine._launch
         engine._launch = self._traced_launch
+        self._step = engine.step
+        engine.step = self._traced_step
+        self.phases: dict[str, dict[str, float]] = {}
+        """kind of the step launched -> host seconds per engine phase (step_timing's names) summed over the
+        engine.step() calls that launched it (a call also resolves the step before: its wait and update)."""
         self._knobs = _triton_runtime_knobs()
         if self._knobs is not None:
             self._old_hook = self._knobs.jit_post_compile_hook
@@ -43,6 +48,7 @@ class StepTrace:
 
     def detach(self) -> None:
         self.engine._launch = self._launch
+        self.engine.step = self._step
         if self._knobs is not None:
             self._knobs.jit_post_compile_hook = self._old_hook
 
@@ -66,6 +72,18 @@ class StepTrace:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         return ev
+
+    def _traced_step(self):
+        timing = self.engine.step_timing
+        before = dict(timing) if timing is not None else None
+        n = len(self.rows)
+        result = self._step()
+        if before is not None and len(self.rows) > n:
+            acc = self.phases.setdefault(self.rows[-1]["kind"], {})
+            for k, v in self.engine.step_timing.items():
+                if k != "steps":
+                    acc[k] = acc.get(k, 0.0) + v - before.get(k, 0.0)
+        return result
 
     def _traced_launch(self, out, prev):
         t0, ev0 = time.perf_counter(), self._event()
@@ -110,6 +128,13 @@ class StepTrace:
             n = k["steps"]
             print(f"{name:<14}{n:>6}{k['tokens'] / n:>9.0f}{k['span_ms']:>9.1f} ({k['span_ms'] / n:>5.2f})"
                   f"{k['gap_ms']:>9.1f} ({k['gap_ms'] / n:>5.2f}){k['host_ms']:>11.1f} ({k['host_ms'] / n:>5.2f})")
+        if self.phases:
+            print("host ms per step by phase, per kind of step launched (the call also resolves the step before):")
+            for name, acc in self.phases.items():
+                n = kinds[name]["steps"]
+                print(f"  {name:<14}" + ", ".join(f"{k} {1e3 * v / n:.2f}" for k, v in acc.items()))
+            kinds["phases_ms_per_step"] = {name: {k: 1e3 * v / kinds[name]["steps"] for k, v in acc.items()}
+                                           for name, acc in self.phases.items()}
         slow = sorted(range(len(self.rows)), key=lambda i: -self.rows[i]["host_ms"])[:6]
         print("slowest launches (step: kind tokens host ms): " + ", ".join(
             f"{i}: {self.rows[i]['kind']} {self.rows[i]['tokens']} {self.rows[i]['host_ms']:.1f}" for i in sorted(slow)))
