@@ -80,10 +80,12 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = m.make_norm()
         self.mlp = m.make_mlp(i)
         self.residual_multiplier = m.residual_multiplier
-        # FP8 scales of the block outputs applied by the next norm (or LlamaForCausalLM.run for the last layer)
+        # FP8 scales of the block outputs applied by the next norm. Not the last layer's MLP output: it goes to the
+        # plain add in LlamaForCausalLM.run, where dense() would cost four elementwise passes (bench/fp8_where.py
+        # round 1: 0.43 ms of an 8,192-token step), more than the scaled GEMM's extra cost.
         self.self_attn.o_proj.fp8_deferred_scales = True
         if isinstance(self.mlp, LlamaMLP):
-            self.mlp.down_proj.fp8_deferred_scales = True
+            self.mlp.down_proj.fp8_deferred_scales = i != m.cfg.num_hidden_layers - 1
 
     @property
     def mlp_in(self):
