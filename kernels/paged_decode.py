@@ -84,6 +84,7 @@ def _paged_decode_kernel(
     KV_FP8: tl.constexpr,  # the cache is float8 e4m3 (k_scale already folded into qk_scale by the host)
     F16_DOTS: tl.constexpr,  # KV_FP8 with a 16-bit q: both dots in float16, q scaled by a power of two
     CVT_BITS: tl.constexpr,  # F16_DOTS with e4m3 -> float16 by byte moves and masks (_e4m3_to_f16_bits)
+    PREFETCH: tl.constexpr,  # load tile t + 1 while tile t is attended (for num_stages=1: no shared-memory staging)
     ROWS_FROM_QSL: tl.constexpr,  # q/out row of a sequence = query_start_loc[seq]; others than 1 new token skipped
     PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
@@ -150,39 +151,28 @@ def _paged_decode_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM_PAD], dtype=tl.float32)
     block_table = block_tables_ptr + seq64 * stride_bt
     head_off = kv_head * stride_ch
-    for tile in range(tile_start, tile_end):
-        pos = tile * TILE_N + offs_n
-        if USE_WINDOW:
-            valid = (pos < seq_len) & (pos >= key_lo)
-        else:
-            valid = pos < seq_len
-        block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-        kv_off = tok_off[:, None] + offs_d[None, :]
-        # K/V are streamed once: evict them first so they do not push block tables and q out of L2.
-        k = load_tile(k_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
-        v = load_tile(v_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
-        if CVT_BITS:
-            k = _e4m3_to_f16_bits(k)
-            v = _e4m3_to_f16_bits(v)
-        elif KV_FP8:
-            k = k.to(q.dtype)  # float16 under F16_DOTS
-            v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if F16_DOTS:
-            s = s * q_unscale  # (times 256 under CVT_BITS: folded into q_unscale)
-        if USE_SOFTCAP or USE_ALIBI:
-            s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
-            scale = 1.0
-        else:
-            scale = qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if not F16_DOTS:
+        q_unscale = 1.0
+    if PREFETCH:  # the next tile's block ids and K/V are loaded before this tile is used (registers, no staging)
+        pos, valid, k, v = _kv_tile(tile_start, tile_end, seq_len, key_lo, offs_n, offs_d, d_ok, block_table,
+                                    head_off, k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, BLOCK_SIZE, TILE_N,
+                                    USE_WINDOW, D_MASKED, EVICTION, True)
+        for tile in range(tile_start, tile_end):
+            pos_n, valid_n, k_n, v_n = _kv_tile(tile + 1, tile_end, seq_len, key_lo, offs_n, offs_d, d_ok, block_table,
+                                                head_off, k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, BLOCK_SIZE,
+                                                TILE_N, USE_WINDOW, D_MASKED, EVICTION, True)
+            m_i, l_i, acc = _attend_tile(q, k, v, pos, valid, q_pos, slopes2, qk_scale, softcap_in, softcap_out2,
+                                         q_unscale, m_i, l_i, acc, KV_FP8, F16_DOTS, CVT_BITS, USE_SOFTCAP, USE_ALIBI,
+                                         DOT_PRECISION)
+            pos, valid, k, v = pos_n, valid_n, k_n, v_n
+    else:
+        for tile in range(tile_start, tile_end):
+            pos, valid, k, v = _kv_tile(tile, tile_end, seq_len, key_lo, offs_n, offs_d, d_ok, block_table, head_off,
+                                        k_cache_ptr, v_cache_ptr, stride_cb, stride_cs, BLOCK_SIZE, TILE_N, USE_WINDOW,
+                                        D_MASKED, EVICTION, False)
+            m_i, l_i, acc = _attend_tile(q, k, v, pos, valid, q_pos, slopes2, qk_scale, softcap_in, softcap_out2,
+                                         q_unscale, m_i, l_i, acc, KV_FP8, F16_DOTS, CVT_BITS, USE_SOFTCAP, USE_ALIBI,
+                                         DOT_PRECISION)
 
     if KV_FP8:
         acc = acc * v_scale
@@ -198,6 +188,55 @@ def _paged_decode_kernel(
                  mask=g_mask[:, None] & d_ok[None, :])
         tl.store(part_m_ptr + part, m_i, mask=g_mask)
         tl.store(part_l_ptr + part, l_i, mask=g_mask)
+
+
+@triton.jit
+def _kv_tile(tile, tile_end, seq_len, key_lo, offs_n, offs_d, d_ok, block_table, head_off, k_cache_ptr, v_cache_ptr,
+             stride_cb, stride_cs, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+             D_MASKED: tl.constexpr, EVICTION: tl.constexpr, LIMIT: tl.constexpr):
+    """Tile `tile`'s key positions, their validity and K/V [TILE_N, HEAD_DIM_PAD] as stored (LIMIT: a tile at
+    or past tile_end, a prefetch beyond this program's range, reads nothing)."""
+    pos = tile * TILE_N + offs_n
+    valid = pos < seq_len
+    if USE_WINDOW:
+        valid = valid & (pos >= key_lo)
+    if LIMIT:
+        valid = valid & (tile < tile_end)
+    block = tl.load(block_table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    tok_off = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
+    kv_off = tok_off[:, None] + offs_d[None, :]
+    # K/V are streamed once: evict them first so they do not push block tables and q out of L2.
+    k = load_tile(k_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
+    v = load_tile(v_cache_ptr + kv_off, valid, d_ok, True, D_MASKED, EVICTION)
+    return pos, valid, k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, pos, valid, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, q_unscale, m_i, l_i, acc,
+                 KV_FP8: tl.constexpr, F16_DOTS: tl.constexpr, CVT_BITS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                 USE_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of the online softmax: (m_i, l_i, acc) updated with keys k and values v at positions pos."""
+    if CVT_BITS:
+        k = _e4m3_to_f16_bits(k)
+        v = _e4m3_to_f16_bits(v)
+    elif KV_FP8:
+        k = k.to(q.dtype)  # float16 under F16_DOTS
+        v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if F16_DOTS:
+        s = s * q_unscale  # (times 256 under CVT_BITS: folded into q_unscale)
+    if USE_SOFTCAP or USE_ALIBI:
+        s = base2_scores(s, pos, q_pos, slopes2, qk_scale, softcap_in, softcap_out2, USE_SOFTCAP, USE_ALIBI)
+        scale = 1.0
+    else:
+        scale = qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -423,6 +462,7 @@ def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, nu
         F16_DOTS=fp8 and q.dtype == torch.bfloat16 and cfg.get("F16_DOTS", True),
         CVT_BITS=fp8 and q.dtype == torch.bfloat16 and cfg.get("F16_DOTS", True) and cfg.get("CVT_BITS", False)
         and not _interpreting(),
+        PREFETCH=cfg.get("PREFETCH", False),
         ROWS_FROM_QSL=rows_from_qsl,
         v_scale=v_scale,
         num_warps=cfg["num_warps"],

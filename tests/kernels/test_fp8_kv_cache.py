@@ -56,13 +56,18 @@ def test_triton_backend_fp8_pool_equals_torch_backend(dtype, steps):
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
 
 
-def test_fp8_decode_split_kv_with_variants_equals_torch_reference():
-    """Split-KV partials are scaled by v_scale once, before the reduce; k_scale folds into the soft-cap too."""
+PREFETCH = dict(TILE_N=16, num_warps=4, num_stages=1, PREFETCH=True)
+
+
+@pytest.mark.parametrize("config", [None, PREFETCH])
+def test_fp8_decode_split_kv_with_variants_equals_torch_reference(config):
+    """Split-KV partials are scaled by v_scale once, before the reduce; k_scale folds into the soft-cap too; with
+    PREFETCH (the next tile loaded ahead) a split's prefetch past its range and the window's edge read nothing."""
     q, k, v, cache, meta = fp8_batch(DEVICE, [(70, 1), (40, 1)], torch.float32, k_scale=0.25, v_scale=3.0)
     params = AttentionParams(scale=0.125, sliding_window=50, logit_softcap=5.0, k_scale=0.25, v_scale=3.0)
     reshape_and_cache(k, v, cache, meta.slot_mapping, 0.25, 3.0)
     got = paged_decode(q, cache, meta.block_tables, meta.seq_lens, 0.125, num_splits=2, sliding_window=50,
-                       logit_softcap=5.0, k_scale=0.25, v_scale=3.0)
+                       logit_softcap=5.0, k_scale=0.25, v_scale=3.0, config=config)
     want = paged_attention_ref(q, cache, meta, params)
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 
@@ -107,9 +112,9 @@ def _decode_f64(q, cache, meta, scale, k_scale, v_scale):
     return out
 
 
-@pytest.mark.parametrize("q_scale", [1.0, 3e4, 1e-30])
+@pytest.mark.parametrize("q_scale, config", [(1.0, None), (3e4, None), (1e-30, None), (1.0, PREFETCH)])
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_fp8_decode_bf16_query_float16_dots_against_float64(q_scale, num_splits):
+def test_fp8_decode_bf16_query_float16_dots_against_float64(q_scale, config, num_splits):
     """A bfloat16 query over an fp8 pool: both dots run in float16 with the query scaled by a power of two
     into float16's range, so queries far beyond float16's range (3e4 * N(0,1) reaches ~1e5) or below its
     subnormals (1e-30), with the softmax scale making their scores O(1), give the float64 attention within bfloat16's tolerance."""
@@ -119,7 +124,7 @@ def test_fp8_decode_bf16_query_float16_dots_against_float64(q_scale, num_splits)
     q = (q * q_scale).to(torch.bfloat16)
     scale = 0.125 / q_scale  # scores of the same size in every case
     got = paged_decode(q, cache, meta.block_tables, meta.seq_lens, scale, num_splits=num_splits, k_scale=0.5,
-                       v_scale=2.0)
+                       v_scale=2.0, config=config)
     want = _decode_f64(q, cache, meta, scale, 0.5, 2.0)
     assert not got.isnan().any()
     torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=2e-2)
