@@ -62,6 +62,28 @@ def test_gpu_paged_decode_fp8_pool(dtype, group, head_dim, num_splits):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("config", [
+    dict(TILE_N=64, num_warps=4, num_stages=2, F16_DOTS=False),  # bf16 dots (the upcast through float16)
+    dict(TILE_N=64, num_warps=4, num_stages=3), dict(TILE_N=128, num_warps=8, num_stages=1),
+    dict(TILE_N=64, num_warps=4, num_stages=1, PREFETCH=True), dict(TILE_N=32, num_warps=4, num_stages=1, PREFETCH=True),
+    dict(TILE_N=64, num_warps=4, num_stages=2, CVT_BITS=True)])
+@pytest.mark.parametrize("q_scale", [1.0, 3e4])
+def test_gpu_paged_decode_fp8_pool_launches(config, q_scale):
+    """The launches bench/fp8_where.py chooses among, with bf16 queries (float16 dots unless F16_DOTS=False;
+    3e4 * N(0,1) queries pass float16's range before their power-of-two scaling), splits 1 and 4."""
+    rng = random.Random(7)
+    seq_lens = [rng.randint(1, 900) for _ in range(30)] + [1, 2048]
+    batch = make_batch(seq_lens, [1] * len(seq_lens), 32, 8, 128, 16, torch.bfloat16, DEVICE, spare_blocks=20)
+    cache = _fp8_pool(batch, 0.05, 0.04)
+    q = (batch.q.float() * q_scale).to(torch.bfloat16)
+    scale = 128 ** -0.5 / q_scale
+    ref = paged_decode_ref(q, cache, batch.block_tables, batch.seq_lens, scale, 0.05, 0.04)
+    for splits in (1, 4):
+        out = paged_decode(q, cache, batch.block_tables, batch.seq_lens, scale, max_seq_len=batch.max_seq_len,
+                           num_splits=splits, out=poisoned_like(q), config=config, k_scale=0.05, v_scale=0.04)
+        assert_close(out, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype,group,head_dim", [(torch.bfloat16, 4, 128), (torch.float16, 1, 64)])
 def test_gpu_paged_prefill_fp8_pool(dtype, group, head_dim):
     num_kv_heads = 8 // group
