@@ -23,6 +23,7 @@ import triton.language as tl
 from kernels import pdl as pdl_launch
 from kernels import splitk, w4a16_stream
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
+from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
 from kernels.splitk import splitk_store
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -350,9 +351,10 @@ def _w4a16_gemv2_kernel(
 @triton.jit
 def _w4a16_gemv3_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
-    N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift,
+    N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
+    FOLD: tl.constexpr, GATED: tl.constexpr,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -368,13 +370,14 @@ def _w4a16_gemv3_kernel(
     pairs, so a pair becomes two floats by one shift and one and (bf16 is float32's top half) where the
     compiler's conversion spends three instructions. The next tile is in flight while this one is computed
     (the prefetch past a split's end is masked, its values unused); PDL and EVEN as in _w4a16_gemv2_kernel
-    (EVEN: K % ROWS == 0)."""
+    (EVEN: K % ROWS == 0). The per-tile arithmetic is kernels/w4a16_stream.py's `tile_sums` (FOLD there);
+    GATED as in its gemv4: a column tile holds the same columns of the gate and up halves and the split that
+    completes it writes silu(gate) * up (through the workspace even unsplit)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    offs_n, n_mask = strip_cols(pid_n, tl.arange(0, BLOCK_N), N, inter, BLOCK_N, GATED)
     offs_r = tl.arange(0, R)
     t_start = pid_k * blocks_per_split * H
     t_end = tl.minimum(tl.cdiv(K, ROWS), (pid_k + 1) * blocks_per_split) * H
@@ -398,46 +401,15 @@ def _w4a16_gemv3_kernel(
             words_o = nxt_o
             nxt_o = tl.load(w_ptrs + stride_qk, mask=(i + 1 < t_end) & n_mask[None, :])
         k0 = (i // H) * ROWS + (i % H) * T  # input of nibble 0 of the tile's first word
-        hi = words  # names only until nibble 5
-        if XPAIR:
-            hi_o = words_o
-        for j in tl.static_range(8):
-            if j == 5:  # here, not before the loop: the words are dead by now, so hi takes their registers
-                hi = words >> hi_shift
-                if XPAIR:
-                    hi_o = words_o >> hi_shift
-            if j % JG == 0:  # a new group: its scale, and the five subtrahends 2^(23 - 4i) + z
-                g = tl.minimum(k0 + j * S, K - 1) // group_size
-                sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-                sub0, sub1, sub2 = zp + 8388608.0, zp + 524288.0, zp + 32768.0
-                sub3, sub4 = zp + 2048.0, zp + 128.0
-            sub = sub0 if j % 5 == 0 else sub1 if j % 5 == 1 else sub2 if j % 5 == 2 else sub3 if j % 5 == 3 else sub4
-            if XPAIR:
-                xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
-                x_e = (xw << 16).to(tl.float32, bitcast=True)
-                x_o = (xw & -65536).to(tl.float32, bitcast=True)
-                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]
-                prod_o = (_g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
-            else:
-                k = k0 + j * S + offs_r
-                if EVEN:
-                    cols = tl.load(perm_ptr + k) if HAS_PERM else k
-                    xj = tl.load(x_ptr + cols).to(tl.float32)
-                else:
-                    cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-                    xj = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
-                prod = (_g3_nibble(words, hi, j, exp0) - sub[None, :]) * xj[:, None]  # (q - z) x
-            if j % JG == 0:
-                part = prod
-            else:
-                part += prod
-            if XPAIR:
-                part += prod_o  # a separate add per product, so that each is one fused multiply-add
-            if (j + 1) % JG == 0:  # the group's sums are complete
-                acc += tl.sum(part, axis=0) * sc
-    splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n, split_k,
-                 SPLIT, ATOMIC)
+        acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
+                        s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR,
+                        EVEN, HAS_PERM, FOLD)
+    if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
+        strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
+                   cnt_ptr, BLOCK_N, GATED)
+    else:
+        splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n,
+                     split_k, SPLIT, ATOMIC)
 
 
 @triton.jit
@@ -569,14 +541,15 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     scales per slab or per row), PDL (gemv2, gemv3, gemv4: 0, 1 or 2; default 2 where kernels/pdl.py is on,
     else 0), num_warps, num_stages, maxnreg. `warmup`: compile for these arguments and return None without
     running (bench/quant.py compiles its sweep in parallel that way). `gated` (a SwiGLU MLP's gate/up
-    projection, N = 2 * inter, gate columns first): -> silu(gate) * up [M, inter], in gemv4's epilogue, else
-    by kernels/silu_mul.py after the product."""
+    projection, N = 2 * inter, gate columns first): -> silu(gate) * up [M, inter], in gemv3's (one-launch
+    split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product."""
     if gated:
         if qweight.shape[1] % 2:
             raise ValueError(f"gated: N must be even (gate then up columns), got {qweight.shape[1]}")
         cfg = config or pick_config(x.shape[0] if x.dim() == 2 else -1, qweight.shape[1], x.shape[-1], group_size,
                                     x.device)
-        if cfg.get("KERNEL") != "gemv4" or x.dim() != 2 or x.shape[0] != 1:
+        fused = cfg.get("KERNEL") == "gemv4" or (cfg.get("KERNEL") == "gemv3" and cfg.get("ATOMIC", True))
+        if not fused or x.dim() != 2 or x.shape[0] != 1:
             y = w4a16(x, qweight, scales, zeros, group_size, perm, cfg, warmup)
             if warmup:
                 return None
@@ -626,6 +599,10 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     split = triton.cdiv(blocks, per_split)
     atomic = cfg.pop("ATOMIC", True)
     out, ws, cnt = splitk.outputs(x, m, n, split, atomic)
+    if gated:  # gemv3: strips of BLOCK_N / 2 gate and as many up columns, summed through the workspace
+        tiles = triton.cdiv(n // 2, cfg["BLOCK_N"] // 2)
+        out = torch.empty((1, n // 2), dtype=x.dtype, device=x.device)
+        ws, cnt = splitk.workspace(x.device, tiles * cfg["BLOCK_N"])
     if m == 0:
         return splitk.finish(out, x.dtype)
     slabs = cfg.pop("SLABS", True) and rows == 128
@@ -655,11 +632,11 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         xpair = (cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
                  and x.data_ptr() % 4 == 0)  # int32 loads of x need 4-byte alignment
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
-                      EVEN=k % rows == 0, XPAIR=xpair)
+                      EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated)
         if pdl:
             consts["launch_pdl"] = True
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
-                           20)
+                           20, n // 2 if gated else n)
     elif kind == "gemv2":
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), qweight.stride(1), scales.stride(0),
                            stride_os, 150 << 23)

@@ -66,6 +66,73 @@ def _fold_nibble(words, j: tl.constexpr, exp0):
 
 
 @triton.jit
+def tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r,
+              stride_sg, exp0, hi_shift, S: tl.constexpr, JG: tl.constexpr, XPAIR: tl.constexpr, EVEN: tl.constexpr,
+              HAS_PERM: tl.constexpr, FOLD: tl.constexpr):
+    """gemv3's and gemv4's arithmetic on one tile: acc [BLOCK_N] += the tile's scaled sums. `words` [R, BLOCK_N]
+    (with XPAIR the even words, `words_o` the odd ones, x read as int32 pairs at x2_ptr; without, words_o and
+    x2_ptr are unused). k0: the input of nibble 0 of the tile's first word. A group's scale applies once per
+    column when its JG nibbles are summed. Not FOLD: each product is (q - z) x, the zero point taken off in
+    the nibble decode (`g3_nibble` less 2^(23 - 4i) + z, exact). FOLD: `_fold_nibble`'s 2^e + q times x as
+    it is, and (2^e + z) sum(x) off once per group and column."""
+    hi = words  # names only until nibble 5
+    hi_o = words_o
+    for j in tl.static_range(8):
+        if j == 5 and not FOLD:  # here, not before the loop: the words are dead by now, so hi takes their registers
+            hi = words >> hi_shift
+            if XPAIR:
+                hi_o = words_o >> hi_shift
+        if j % JG == 0:  # a new group: its scale, and the five subtrahends 2^(23 - 4i) + z
+            g = tl.minimum(k0 + j * S, K - 1) // group_size
+            sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+            sub0, sub1, sub2 = zp + 8388608.0, zp + 524288.0, zp + 32768.0
+            sub3, sub4 = zp + 2048.0, zp + 128.0
+        sub = sub0 if j % 5 == 0 else sub1 if j % 5 == 1 else sub2 if j % 5 == 2 else sub3 if j % 5 == 3 else sub4
+        if XPAIR:
+            xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
+            x_e = (xw << 16).to(tl.float32, bitcast=True)
+            x_o = (xw & -65536).to(tl.float32, bitcast=True)
+        else:
+            k = k0 + j * S + offs_r
+            if EVEN:
+                cols = tl.load(perm_ptr + k) if HAS_PERM else k
+                x_e = tl.load(x_ptr + cols).to(tl.float32)
+            else:
+                cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
+                x_e = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
+        if FOLD:  # (2^e + q) x summed as it is; the 2^e + z part comes off once per group, below
+            prod = _fold_nibble(words, j, exp0) * x_e[:, None]
+            xs = x_e
+            if XPAIR:
+                prod_o = _fold_nibble(words_o, j, exp0) * x_o[:, None]
+                xs = x_e + x_o
+            if j % JG == 0:
+                xa = tl.zeros_like(xs)
+                xb = tl.zeros_like(xs)
+            if j == 1 or j == 3 or j == 5:  # nibble read at bits 12..15: 2^11 + q
+                xa += xs
+            else:  # at bits 16..19: 2^7 + q
+                xb += xs
+        else:
+            prod = (g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]  # (q - z) x
+            if XPAIR:
+                prod_o = (g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
+        if j % JG == 0:
+            part = prod
+        else:
+            part += prod
+        if XPAIR:
+            part += prod_o  # a separate add per product, so that each is one fused multiply-add
+        if (j + 1) % JG == 0:  # the group's sums are complete
+            if FOLD:
+                acc += (tl.sum(part, axis=0) - sub3 * tl.sum(xa, axis=0) - sub4 * tl.sum(xb, axis=0)) * sc
+            else:
+                acc += tl.sum(part, axis=0) * sc
+    return acc
+
+
+@triton.jit
 def _l2_prefetch(ptrs):
     """Ask L2 for each address's 128-byte line (a hint: no register holds the data, no value changes)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
@@ -73,7 +140,7 @@ def _l2_prefetch(ptrs):
 
 
 @triton.jit
-def _strip_cols(col, offs, N, inter, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+def strip_cols(col, offs, N, inter, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
     """The matrix columns of strip `col`'s positions `offs`, and which exist. GATED: the strip's first half is
     gate columns col * BLOCK_N / 2 + .., its second half the up columns `inter` further on (N = 2 * inter)."""
     if GATED:
@@ -90,13 +157,13 @@ def _prefetch_tile(qw_ptr, col, t, valid, N, inter, stride_qk, T: tl.constexpr, 
     """L2 prefetch of tile t of strip col: its T rows of BLOCK_N words, one address per 128-byte line (where not
     `valid`, the matrix's first line instead: a prefetch never leaves the matrix)."""
     rows = t * T + tl.arange(0, T)
-    lines, _ = _strip_cols(col, tl.arange(0, BLOCK_N // 32) * 32, N, inter, BLOCK_N, GATED)
+    lines, _ = strip_cols(col, tl.arange(0, BLOCK_N // 32) * 32, N, inter, BLOCK_N, GATED)
     ptrs = qw_ptr + rows[:, None].to(tl.int64) * stride_qk + tl.minimum(lines, N - 1)[None, :]
     _l2_prefetch(tl.where(valid, ptrs, qw_ptr))
 
 
 @triton.jit
-def _strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N: tl.constexpr,
+def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N: tl.constexpr,
                 GATED: tl.constexpr):
     """Add this program's sums for column strip `col` (covering `count` of its tpc tiles) into the workspace at
     `slot` (col * BLOCK_N + position); the program that completes the strip's count writes it out and leaves
@@ -115,12 +182,13 @@ def _strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_
             zero = tl.zeros((BLOCK_N // 2,), dtype=tl.float32)
             g = tl.atomic_add(ws_ptr + col * BLOCK_N + half, zero, mask=o < inter, sem="relaxed")  # read at L2
             u = tl.atomic_add(ws_ptr + col * BLOCK_N + BLOCK_N // 2 + half, zero, mask=o < inter, sem="relaxed")
-            g = g.to(dt).to(tl.float32)
+            g = tl.where(o < inter, g, 0.0).to(dt).to(tl.float32)  # masked lanes hold no value
+            u = tl.where(o < inter, u, 0.0)
             act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
             tl.store(out_ptr + o, (act * u.to(dt).to(tl.float32)).to(dt), mask=o < inter)
         else:
             total = tl.atomic_add(ws, tl.zeros_like(acc), mask=n_mask, sem="relaxed")  # read at L2, not L1
-            tl.store(out_ptr + slot, total.to(dt), mask=n_mask)
+            tl.store(out_ptr + slot, tl.where(n_mask, total, 0.0).to(dt), mask=n_mask)
         tl.store(ws, tl.zeros_like(acc), mask=n_mask)
         tl.store(cnt_ptr + col, 0)
 
@@ -154,7 +222,7 @@ def _w4a16_gemv4_kernel(
     step: tl.constexpr = 2 if XPAIR else 1
     col = i_start // tpc
     t = i_start - col * tpc
-    wcols, ok = _strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
+    wcols, ok = strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
     w_ptrs = qw_ptr + (t * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
     w_mask = (i_start < i_end) & ok[None, :]
     nxt = tl.load(w_ptrs, mask=w_mask)
@@ -177,13 +245,13 @@ def _w4a16_gemv4_kernel(
         words = nxt
         if XPAIR:
             words_o = nxt_o
-        offs_n, n_mask = _strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
+        offs_n, n_mask = strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
         i1 = i + 1  # the next tile, maybe in the next strip (counted along: no division per iteration)
         t1 = t + 1
         wrap = t1 == tpc
         t1 = tl.where(wrap, 0, t1)
         col1 = col + wrap.to(tl.int32)
-        wcols, ok = _strip_cols(col1, offs_b, N, inter, BLOCK_N, GATED)
+        wcols, ok = strip_cols(col1, offs_b, N, inter, BLOCK_N, GATED)
         w_ptrs = qw_ptr + (t1 * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
         w_mask = (i1 < i_end) & ok[None, :]
         nxt = tl.load(w_ptrs, mask=w_mask)
@@ -196,64 +264,12 @@ def _w4a16_gemv4_kernel(
             tp = tl.where(wrap_p, 0, tp)
             colp += wrap_p.to(tl.int32)
         k0 = (t // H) * ROWS + (t % H) * T  # input of nibble 0 of the tile's first word
-        hi = words  # names only until nibble 5
-        if XPAIR:
-            hi_o = words_o
-        for j in tl.static_range(8):
-            if j == 5 and not FOLD:  # here, not before the loop: the words are dead by now, so hi takes their registers
-                hi = words >> hi_shift
-                if XPAIR:
-                    hi_o = words_o >> hi_shift
-            if j % JG == 0:  # a new group: its scale, and the five subtrahends 2^(23 - 4i) + z
-                g = tl.minimum(k0 + j * S, K - 1) // group_size
-                sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-                sub0, sub1, sub2 = zp + 8388608.0, zp + 524288.0, zp + 32768.0
-                sub3, sub4 = zp + 2048.0, zp + 128.0
-            sub = sub0 if j % 5 == 0 else sub1 if j % 5 == 1 else sub2 if j % 5 == 2 else sub3 if j % 5 == 3 else sub4
-            if XPAIR:
-                xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
-                x_e = (xw << 16).to(tl.float32, bitcast=True)
-                x_o = (xw & -65536).to(tl.float32, bitcast=True)
-            else:
-                k = k0 + j * S + offs_r
-                if EVEN:
-                    cols = tl.load(perm_ptr + k) if HAS_PERM else k
-                    x_e = tl.load(x_ptr + cols).to(tl.float32)
-                else:
-                    cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-                    x_e = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
-            if FOLD:  # (2^e + q) x summed as it is; the 2^e + z part comes off once per group, below
-                prod = _fold_nibble(words, j, exp0) * x_e[:, None]
-                xs = x_e
-                if XPAIR:
-                    prod_o = _fold_nibble(words_o, j, exp0) * x_o[:, None]
-                    xs = x_e + x_o
-                if j % JG == 0:
-                    xa = tl.zeros_like(xs)
-                    xb = tl.zeros_like(xs)
-                if j == 1 or j == 3 or j == 5:  # nibble read at bits 12..15: 2^11 + q
-                    xa += xs
-                else:  # at bits 16..19: 2^7 + q
-                    xb += xs
-            else:
-                prod = (g3_nibble(words, hi, j, exp0) - sub[None, :]) * x_e[:, None]  # (q - z) x
-                if XPAIR:
-                    prod_o = (g3_nibble(words_o, hi_o, j, exp0) - sub[None, :]) * x_o[:, None]
-            if j % JG == 0:
-                part = prod
-            else:
-                part += prod
-            if XPAIR:
-                part += prod_o
-            if (j + 1) % JG == 0:  # the group's sums are complete
-                if FOLD:
-                    acc += (tl.sum(part, axis=0) - sub3 * tl.sum(xa, axis=0) - sub4 * tl.sum(xb, axis=0)) * sc
-                else:
-                    acc += tl.sum(part, axis=0) * sc
+        acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
+                        s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR,
+                        EVEN, HAS_PERM, FOLD)
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
-            _strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
+            strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
                         BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
@@ -306,4 +322,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     return out
 
 
-__all__ = ["launch", "g3_nibble"]
+__all__ = ["launch", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]

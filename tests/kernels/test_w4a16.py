@@ -194,13 +194,16 @@ def test_w4a16_gemv4_runs_that_cross_column_strips(k, n, group, per_sm, act):
                                                           (512, 64, 32, 5, 32)])
 def test_w4a16_gated_gives_silu_of_gate_times_up(k, inter, group, per_sm, bn):
     """A SwiGLU MLP's gate/up projection with `gated`: gemv4 takes the same columns of both halves per strip and
-    writes silu(gate) * up (odd strip counts, a half strip past `inter`); the other kernels run silu_mul after.
+    writes silu(gate) * up (odd strip counts, a half strip past `inter`), and so does gemv3 (split or not; the
+    split that completes a strip writes it); gemv3 with partial-sum split-K runs silu_mul after.
     Against float64 (gate and up rounded to bf16 first, as the unfused path stores them)."""
     args, ref = case(1, k, 2 * inter, group, False, torch.bfloat16, seed=k + inter)
     gu = ref.to(torch.bfloat16).double()
     gate, up = gu[:, :inter], gu[:, inter:]
     want = (gate * torch.sigmoid(gate)).to(torch.bfloat16).double() * up
-    for cfg in (dict(KERNEL="gemv4", T=8, BLOCK_N=bn, num_warps=1, PER_SM=per_sm), dict(GEMV, KERNEL="gemv3", T=8)):
+    for cfg in (dict(KERNEL="gemv4", T=8, BLOCK_N=bn, num_warps=1, PER_SM=per_sm),
+                dict(GEMV, KERNEL="gemv3", T=8, BLOCK_N=bn, SPLIT_K=per_sm), dict(GEMV, KERNEL="gemv3", SPLIT_K=1),
+                dict(GEMV, KERNEL="gemv3", SPLIT_K=2, ATOMIC=False), dict(GEMV, KERNEL="gemv3", FOLD=True, SPLIT_K=3)):
         out = w4a16(*args, config=cfg, gated=True)
         assert out.shape == (1, inter) and out.dtype == torch.bfloat16
         close(out, want, torch.bfloat16)
@@ -212,12 +215,13 @@ def test_w4a16_gated_gives_silu_of_gate_times_up(k, inter, group, per_sm, bn):
                                                      (512, 64, 16, False, torch.float16),
                                                      (1000, 70, 128, True, torch.float16)])
 def test_w4a16_gemv4_fold_takes_the_zero_point_off_per_group(k, n, group, act, dtype):
-    """gemv4 FOLD sums (2^e + q) x with e = 11 or 7 and takes (2^e + z) sum(x) off per group: within the
+    """gemv4 and gemv3 with FOLD sum (2^e + q) x with e = 11 or 7 and take (2^e + z) sum(x) off per group: within the
     dtype's tolerance of float64 (groups of one nibble to a whole block; XPAIR and act-order; gated too)."""
     args, ref = case(1, k, n, group, act, dtype, seed=3 * k + n)
-    cfg = dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=3, FOLD=True)
-    close(w4a16(*args, config=cfg), ref, dtype)
-    assert_workspace_zero()
+    for cfg in (dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=3, FOLD=True),
+                dict(GEMV, KERNEL="gemv3", FOLD=True, SPLIT_K=2)):
+        close(w4a16(*args, config=cfg), ref, dtype)
+        assert_workspace_zero()
     gu = ref.to(dtype).double()
     gate, up = gu[:, :n // 2], gu[:, n // 2:]
     close(w4a16(*args, config=cfg, gated=True), (gate * torch.sigmoid(gate)).to(dtype).double() * up, dtype)
