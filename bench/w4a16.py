@@ -18,13 +18,14 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    runs them, then applied.
 3. engine runs (--engines; default W4A16 (GPTQ config, random weights) then bf16), one engine each, tags after
    "+": pdl / nopdl (kernels/pdl.py's programmatic dependent launches on / off; else as the environment
-   says), early / noearly (pdl.EARLY: each kernel lets the next launch before its own wait), g3 (the M = 1 configs as committed), g4 (gemv4: the sweep's best per
-   shape), preN / dN (gemv4's L2_PRE / L2_DIST), unfused (the MLP's SwiGLU as its own launch, not in the
-   gate/up GEMV's epilogue: quantization/int4.py's FUSE_SWIGLU). Each: batch-1 decode ms/token (128-token prompt, CUDA
-   graphs); with +prof a profile of 32 decode steps (GPU kernel time per token by kind, launches per token, time
-   outside kernels); decode step time at 16, 64, 256 sequences (output tok/s at 256 is the "throughput at
-   256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy tokens against the
-   first run of the same weights.
+   says), early / noearly (pdl.EARLY: each kernel lets the next launch before its own wait), g3 (the M = 1
+   configs as committed), g4 (gemv4: the sweep's best per shape), preN / dN (gemv4's L2_PRE / L2_DIST),
+   unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
+   FUSE_SWIGLU), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
+   time outside kernels; with PDL a kernel launched early counts its wait). Each: batch-1 decode ms/token
+   (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
+   "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
+   tokens against the first run of the same weights.
 Sections past the time budget are skipped and say so.
 """
 
@@ -77,6 +78,10 @@ CASES = [
     (1000, 600, 16, True, dict(G3), 2, True),  # a group per nibble; K not a multiple of the block
     (4096, 6144, 128, False, dict(G3, XPAIR=False, maxnreg=128), 8, True),
     (4096, 1000, 32, False, dict(G3, T=16, PDL=1), 4, True),
+    (4096, 6144, 128, False, dict(G3, FOLD=True, PDL=2), 8, True),  # FOLD: the zero point off per group
+    (4224, 520, 128, True, dict(G3, FOLD=True, PDL=1), 3, True),
+    (14336, 4096, 128, False, dict(G3, XPAIR=False, maxnreg=128, FOLD=True), 16, True),
+    (4096, 1000, 32, False, dict(G3, BLOCK_N=256, num_warps=2, FOLD=True), 4, False),
     # gemv4 (kernels/w4a16_stream.py): the "split" column is PER_SM, programs per SM
     (4096, 6144, 128, False, dict(G4), 8, True),
     (4096, 6144, 128, False, dict(G4, L2_PRE=8, L2_DIST=4, PDL=2), 3, True),  # runs that cross strips
@@ -116,20 +121,22 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
                  rel_err=err)
     rows += chain_checks(failures, g, kernels=kernels)
     rows += committed_checks(failures, g)
-    if "gemv4" in kernels:
-        rows += gated_checks(failures, g)
+    rows += gated_checks(failures, g)
     return rows
 
 
 def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
-    """The gate/up GEMV with SwiGLU in gemv4's epilogue (`gated`, as quantization/int4.py runs it at batch 1)
+    """The gate/up GEMV with SwiGLU in gemv4's or gemv3's epilogue (`gated`, as quantization/int4.py runs it at batch 1)
     against float32 x @ w, rounded to bf16, then torch's silu(gate) * up; also an odd inter."""
     rows, cases = [], []
     for k, inter, cfg in ((4096, 14336, dict(G4, PDL=2, L2_PRE=4, L2_DIST=4)),
                           (4096, 14336, dict(G4, PDL=2, FOLD=True, L2_DIST=4)),
                           (4096, 14336, dict(G4, BLOCK_N=256, num_warps=2, PER_SM=4, PDL=2)),
                           (4096, 14336, dict(G4, XPAIR=False, maxnreg=128, PER_SM=16, PDL=1)),
-                          (1024, 1000, dict(G4, PER_SM=3))):
+                          (1024, 1000, dict(G4, PER_SM=3)),
+                          (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2)),
+                          (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2, FOLD=True)),
+                          (4096, 14336, dict(G3, SPLIT_K=1)), (1024, 1000, dict(G3, SPLIT_K=3, FOLD=True))):
         qw, s, z, _, w = q.int4_case(k, 2 * inter, 128, False, g)
         w4.reserve_workspace(DEV, 2 * inter)
         cases.append((k, inter, cfg, qw, s, z, w, torch.randn(1, k, generator=g, device=DEV).to(DTYPE)))
@@ -236,6 +243,20 @@ def read_only(qw, split, block_n, unroll, warps, warmup=False):
     return out
 
 
+def gemv3_fold_candidates(n: int, k: int) -> list[dict]:
+    """Around the committed gemv3 config of the shape (or the default one): FOLD off / on x split-K halved, as is,
+    doubled x (128 columns, 1 warp) or (256, 2)."""
+    base = COMMITTED.get((1, n, k))
+    base = dict(base) if base and base.get("KERNEL") == "gemv3" else dict(G3, XPAIR=True, SPLIT_K=16, PDL=2)
+    blocks = -(-k // 128)
+    out = []
+    for bn, warps in ((128, 1), (256, 2)):
+        for sp in sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], min(blocks, base["SPLIT_K"] * 2)}):
+            for fold in (False, True):
+                out.append(dict(base, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, FOLD=fold))
+    return out
+
+
 def candidates(n: int, k: int) -> list[dict]:
     """gemv2 configs (tile width x warps x blocks per tile) and gemv3 configs (8 or 16 rows per tile, 128
     columns per warp), each with split-K 1 and 2 (no workspace, no atomics; the tail is a store) and around
@@ -303,6 +324,8 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
         cands = [None] + [c for c in [dict(KERNEL="gemv1", BLOCK_N=64, num_warps=2, num_stages=1)] + candidates(n, k)
                           if c["KERNEL"] in kernels]
+        if "gemv3-fold" in kernels:
+            cands += gemv3_fold_candidates(n, k)
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
@@ -631,7 +654,8 @@ def main() -> int:
     ap.add_argument("--sweep-share", type=float, default=0.4,
                     help="sweep: no new shape is started past this share of --budget")
     ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3", "gemv4"],
-                    help="sweep: the M = 1 kernels to try")
+                    help="sweep: the M = 1 kernels to try (gemv3-fold: the committed gemv3 configs with FOLD off "
+                         "and on, split-K and tile width around them)")
     args = ap.parse_args()
     start = time.time()
     failures: list = []

@@ -1,5 +1,6 @@
-"""Programmatic dependent launch (PDL, Hopper and newer) for the kernels of a decode step, off unless
-FOLIO_PDL=1 (or `ENABLED` set before the CUDA graphs are captured).
+"""Programmatic dependent launch (PDL, Hopper and newer) for the kernels of a decode step: on unless FOLIO_PDL=0
+(or `ENABLED` cleared before the CUDA graphs are captured). tests/gpu/test_pdl_gpu.py (tokens and logprobs the
+same with it off, on, and on with EARLY) passed on an H200 (2026-11-29).
 
 At batch 1 a decode step is ~350 small kernels, and the gap between one kernel's end and the next one's
 start costs about as much as many of them run. A kernel launched with PDL may start while the previous
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-ENABLED = os.environ.get("FOLIO_PDL", "") == "1"
+ENABLED = os.environ.get("FOLIO_PDL", "1") != "0"
 EARLY = os.environ.get("FOLIO_PDL_EARLY", "") == "1"
 
 

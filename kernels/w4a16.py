@@ -445,9 +445,10 @@ SPLIT_MAX_M = 64
 
 TUNED: dict[tuple[int, int, int], dict] = {
     # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/w4a16.py's M = 1 winners (round 1, 2026-11-29 12:49;
-    # 0.0569 ms per layer against bf16's 0.1299) and bench/quant.py's larger-M winners.
+    # 0.0569 ms per layer against bf16's 0.1299; o: gemv4, 0.0062 against gemv3's 0.0072 ms, 15:13) and
+    # bench/quant.py's larger-M winners.
     (1, 6144, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 128, 'num_warps': 1, 'num_stages': 1, 'XPAIR': True, 'SPLIT_K': 32, 'PDL': 2},
-    (1, 4096, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'XPAIR': True, 'SPLIT_K': 32, 'PDL': 2},
+    (1, 4096, 4096): {'KERNEL': 'gemv4', 'T': 8, 'BLOCK_N': 128, 'num_warps': 1, 'num_stages': 1, 'XPAIR': True, 'PER_SM': 16, 'PDL': 2, 'maxnreg': 128},
     (1, 28672, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'XPAIR': True, 'SPLIT_K': 16, 'PDL': 2},
     (1, 4096, 14336): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 128, 'num_warps': 1, 'num_stages': 1, 'XPAIR': False, 'SPLIT_K': 112, 'maxnreg': 128, 'PDL': 2},
     (16, 4096, 4096): {'KERNEL': 'mma', 'BLOCK_M': 16, 'BLOCK_N': 64, 'SLABS': True, 'num_warps': 4, 'num_stages': 3, 'SPLIT_K': 4},
