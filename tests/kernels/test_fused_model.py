@@ -42,8 +42,10 @@ def test_fused_forward_matches_torch_forward(hf):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
-def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch):
-    """A 4-bit Llama decoding one token with the fused path: the gate/up GEMV (gemv4, interpreter) returns
+@pytest.mark.parametrize("cfg", [dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=3),
+                                 dict(KERNEL="gemv3", T=8, BLOCK_N=32, num_warps=1, SPLIT_K=2)], ids=["gemv4", "gemv3"])
+def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch, cfg):
+    """A 4-bit Llama decoding one token with the fused path: the gate/up GEMV (gemv4 or gemv3) returns
     silu(gate) * up itself and the MLP passes it on; the logits equal the unfused Triton path's (GEMV, then the
     SwiGLU kernel) and the dequantize-then-matmul reference's."""
     from kernels import w4a16
@@ -52,8 +54,7 @@ def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch):
     hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
                                           "desc_act": False})
     inter, hidden = LLAMA["intermediate_size"], LLAMA["hidden_size"]
-    monkeypatch.setitem(w4a16.TUNED, (1, 2 * inter, hidden), dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1,
-                                                                   PER_SM=3))
+    monkeypatch.setitem(w4a16.TUNED, (1, 2 * inter, hidden), cfg)
     calls = []
     real = w4a16.w4a16
 
