@@ -244,8 +244,9 @@ def read_only(qw, split, block_n, unroll, warps, warmup=False):
 
 
 def gemv3_fold_candidates(n: int, k: int) -> list[dict]:
-    """Around the committed gemv3 config of the shape (or the default one): FOLD off / on x split-K halved, as is,
-    doubled x (128 columns, 1 warp) or (256, 2)."""
+    """Around the committed gemv3 config of the shape (or the default one): FOLD off / on / on with XPAIR in 96
+    registers (by Triton 3.6's sm_90 SASS: no spills, where gemv3 without FOLD spills at 96) x split-K halved,
+    as is, doubled x (128 columns, 1 warp) or (256, 2)."""
     base = COMMITTED.get((1, n, k))
     base = dict(base) if base and base.get("KERNEL") == "gemv3" else dict(G3, XPAIR=True, SPLIT_K=16, PDL=2)
     blocks = -(-k // 128)
@@ -254,6 +255,7 @@ def gemv3_fold_candidates(n: int, k: int) -> list[dict]:
         for sp in sorted({max(1, base["SPLIT_K"] // 2), base["SPLIT_K"], min(blocks, base["SPLIT_K"] * 2)}):
             for fold in (False, True):
                 out.append(dict(base, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, FOLD=fold))
+            out.append(dict(base, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, FOLD=True, XPAIR=True, maxnreg=96))
     return out
 
 
