@@ -259,6 +259,13 @@ def gemv3_fold_candidates(n: int, k: int) -> list[dict]:
     return out
 
 
+def gemv4_fold_candidates() -> list[dict]:
+    """gemv4 (128 columns, 1 warp, XPAIR) with 16 or 20 programs per SM: FOLD off in 128 registers, on in 128 or
+    96 (no spills either way by Triton 3.6's sm_90 SASS; 96 lets 21 one-warp programs fit an SM's registers)."""
+    return [dict(G4, XPAIR=True, PER_SM=per_sm, PDL=2, FOLD=fold, maxnreg=regs) for per_sm in (16, 20)
+            for fold, regs in ((False, 128), (True, 128), (True, 96))]
+
+
 def candidates(n: int, k: int) -> list[dict]:
     """gemv2 configs (tile width x warps x blocks per tile) and gemv3 configs (8 or 16 rows per tile, 128
     columns per warp), each with split-K 1 and 2 (no workspace, no atomics; the tail is a store) and around
@@ -328,6 +335,8 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
                           if c["KERNEL"] in kernels]
         if "gemv3-fold" in kernels:
             cands += gemv3_fold_candidates(n, k)
+        if "gemv4-fold" in kernels:
+            cands += gemv4_fold_candidates()
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
@@ -657,7 +666,7 @@ def main() -> int:
                     help="sweep: no new shape is started past this share of --budget")
     ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3", "gemv4"],
                     help="sweep: the M = 1 kernels to try (gemv3-fold: the committed gemv3 configs with FOLD off "
-                         "and on, split-K and tile width around them)")
+                         "and on, split-K and tile width around them; gemv4-fold: gemv4 with FOLD and 96 registers)")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
