@@ -1,5 +1,6 @@
-"""Stream batching in the router (services/router/batching.py): chunks ready together go out as one,
-a lone chunk goes out at once, and nothing is lost, reordered or held back."""
+"""Stream batching in the router (services/router/batching.py): chunks that come while the reader writes
+go out as one, a lone chunk goes out at once (before the producer reads on), and nothing is lost,
+reordered or held back."""
 
 from __future__ import annotations
 
@@ -39,7 +40,23 @@ def test_a_lone_chunk_is_handed_over_without_waiting_for_the_next():
     assert [(c.choices[0].text, c.finished) for c in out] == [("a", False), ("b", True)]
 
 
-def test_chunks_ready_together_go_out_as_one_in_order():
+def test_a_chunk_for_a_waiting_reader_is_handed_over_before_the_producer_reads_on():
+    events = []
+
+    async def source():
+        yield chunk(ChoiceDelta(0, "a", [97]))
+        events.append("read on")
+        yield chunk(ChoiceDelta(0, "b", [98]), finished=True)
+
+    async def run():
+        async for c in batched(source()):
+            events.append("got " + "".join(ch.text for ch in c.choices))
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+    assert events == ["got a", "read on", "got b"]
+
+
+def test_chunks_that_come_during_a_write_go_out_as_one_in_order():
     lp = [{97 + k: Logprob(-0.1 * k, 1, chr(97 + k))} for k in range(4)]
 
     async def source():
@@ -51,13 +68,14 @@ def test_chunks_ready_together_go_out_as_one_in_order():
                     timing={"total_s": 1.0})
 
     async def run():
-        out = []
-        async for c in batched(source()):
-            out.append(c)
-        return out
+        gen = batched(source())
+        first = await anext(gen)  # handed to the waiting reader at once, alone
+        await asyncio.sleep(0.05)  # while it is being written, the other four arrive
+        return [first] + [c async for c in gen]
 
     out = asyncio.run(run())
-    assert len(out) == 1  # all five were ready before the reader first woke
+    assert len(out) == 2  # the first alone; the four that came during its write as one
+    assert out[0].engine_id == "e1" and not out[0].choices
     merged = out[0]
     for c in out[1:]:
         merged.extend(c)
