@@ -66,13 +66,18 @@ def _issue(desc, smem, bar, tile_idx, row0, col, n_tiles, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, acc, j, q_pos, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-    """Mask key tile j's scores (causal; keys past every row only on the diagonal, but the compare is cheap)
-    and fold them into the running max / sum; returns p (q's dtype, still in s_layout), alpha for acc and
-    the new m_i, l_i."""
-    pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    s = gl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+def _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, MASK_BRANCH: gl.constexpr):
+    """Mask key tile j's scores (causal) and fold them into the running max / sum; returns p (q's dtype, still
+    in s_layout), alpha for acc and the new m_i, l_i. Only a tile reaching past first_pos (the diagonal, or a
+    sequence's end) has keys to mask: MASK_BRANCH skips the compare elsewhere by a runtime branch."""
+    if MASK_BRANCH:
+        if (j + 1) * BLOCK_N > first_pos + 1:
+            pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+    else:
+        pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -85,7 +90,8 @@ def _prefill_fresh_kernel(q_ptr, k_desc, v_desc, query_start_loc_ptr, out_ptr, q
                           stride_ot, stride_oh, num_seqs,
                           GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr,
                           HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr,
-                          SKIP_SINGLE: gl.constexpr, PV_ASYNC: gl.constexpr, num_warps: gl.constexpr):
+                          SKIP_SINGLE: gl.constexpr, PV_ASYNC: gl.constexpr, MASK_BRANCH: gl.constexpr,
+                          num_warps: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -151,7 +157,8 @@ def _prefill_fresh_kernel(q_ptr, k_desc, v_desc, query_start_loc_ptr, out_ptr, q
             nxt = (j + 1) % STAGES
             mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
             s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, qk_scale, s_layout, o_layout, BLOCK_N)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout, o_layout,
+                                               BLOCK_N, MASK_BRANCH)
             # In flight: PV(j - 1), then QK(j + 1). Waiting down to one leaves only QK(j + 1): acc is ours,
             # and V slot j - 1 is free for tile j - 1 + STAGES.
             acc = warpgroup_mma_wait(1, deps=(acc,))
@@ -169,7 +176,8 @@ def _prefill_fresh_kernel(q_ptr, k_desc, v_desc, query_start_loc_ptr, out_ptr, q
             s = warpgroup_mma_wait(1, deps=(s_next,))
             _issue(k_desc, k_smem, k_bar, j + 1 + STAGES, q_start, col, n_tiles, BLOCK_N, STAGES)
         last = n_tiles - 1
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, last, q_pos, qk_scale, s_layout, o_layout, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, last, q_pos, first_pos, qk_scale, s_layout, o_layout,
+                                           BLOCK_N, MASK_BRANCH)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         acc = acc * alpha[:, None]
         cur = last % STAGES
@@ -211,7 +219,8 @@ def prefill_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start
                   out: torch.Tensor, cfg: dict, skip_single: bool = False) -> torch.Tensor:
     """Causal attention of fresh prompts (seq_len == query count per sequence), keys from k/v. cfg: BLOCK_M,
     BLOCK_N, num_warps, num_stages (the TMA ring's depth, >= 2), SEQ_VEC, PV_ASYNC (leave each PV wgmma in flight
-    until the next tile's rescale), maxnreg. The caller checked supported()."""
+    until the next tile's rescale), ONE_LOOP (2: mask only the tiles that reach past the first row, by a
+    runtime branch; else every tile), maxnreg. The caller checked supported()."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
     num_tokens, num_heads, head_dim = q.shape
@@ -230,6 +239,6 @@ def prefill_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start
         out.stride(0), out.stride(1), num_seqs,
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim,
         STAGES=cfg["num_stages"], SEQ_VEC=seq_vec, SKIP_SINGLE=bool(skip_single),
-        PV_ASYNC=bool(cfg.get("PV_ASYNC")), num_warps=cfg["num_warps"],
+        PV_ASYNC=bool(cfg.get("PV_ASYNC")), MASK_BRANCH=cfg.get("ONE_LOOP") == 2, num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
