@@ -364,7 +364,7 @@ def section_engine(llm, requests: int, prompt: int, decode_to: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["overlap", "engine", "attn", "gemm"],
+    ap.add_argument("--sections", nargs="+", default=["engine", "attn", "gemm"],
                     choices=["overlap", "gemm", "attn", "engine"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="the engine section only, tiny shape on CPU (a check of the script)")

@@ -170,8 +170,6 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
                    enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
                    async_scheduling=not args.no_async_scheduling,
                    quantization="fp8" if args.quantization == "fp8" else None)
-    if args.two_stream_decode_from is not None:
-        options["two_stream_decode_from"] = args.two_stream_decode_from
     options.update(engine_option(o) for o in args.engine_option)
     llm = LLM(str(model_dir), **options)
     startup = time.perf_counter() - t0
@@ -337,8 +335,6 @@ def main() -> None:
     ap.add_argument("--compare-async", action="store_true",
                     help="run Folio with asynchronous scheduling off and on (one engine) and print the ratio")
     ap.add_argument("--no-async-scheduling", action="store_true", help="run Folio with asynchronous scheduling off")
-    ap.add_argument("--two-stream-decode-from", type=int, default=None,
-                    help="EngineConfig.two_stream_decode_from (default: the engine's; 0 turns it off)")
     ap.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                     help="any other EngineConfig field for Folio's engine (repeatable), e.g. max_mixed_graph_tokens=8192")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

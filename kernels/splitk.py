@@ -67,11 +67,6 @@ def reserve(device: torch.device, elements: int) -> None:
                            torch.zeros(n, dtype=torch.int32, device=device))
 
 
-def reserved(device: torch.device) -> bool:
-    """Whether some GEMM on `device` has reserved the workspace (then two streams must not run GEMMs at once)."""
-    return torch.device(device) in _WORKSPACES
-
-
 def workspace(device: torch.device, elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The device's (sums, counters), grown to `elements` first when outside a capture."""
     reserve(device, elements)
@@ -116,4 +111,4 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["splitk_store", "reserve", "reserved", "workspace", "outputs", "finish", "split_for", "sm_count"]
+__all__ = ["splitk_store", "reserve", "workspace", "outputs", "finish", "split_for", "sm_count"]

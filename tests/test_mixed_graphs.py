@@ -133,7 +133,7 @@ def test_mixed_graph_steps_beyond_the_largest_bucket_run_eagerly_fake_graph(tiny
 
 
 def test_mixed_graph_options():
-    assert EngineConfig().mixed_cuda_graphs and EngineConfig().max_mixed_graph_tokens == 2048
+    assert EngineConfig().mixed_cuda_graphs and EngineConfig().max_mixed_graph_tokens == 8192
     for bad in (8, 10_000):
         with pytest.raises(ValueError, match="max_mixed_graph_tokens"):
             EngineConfig(max_mixed_graph_tokens=bad)
@@ -163,30 +163,3 @@ def test_fake_graph_decode_with_a_largest_bucket_not_a_multiple_of_four(tiny_dir
     ref = _llm(tiny_dir).generate([list(range(5, 17)), [30, 31, 32]], greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
 
-
-def test_fake_graph_decode_in_two_halves_matches_eager(tiny_dir, monkeypatch):
-    """two_stream_decode_from: decode buckets of at least that many sequences record the batch as two half
-    batches (on two CUDA streams on a GPU; one after the other here). Every row must get the logits of the
-    eager step (each half's rows read their own block tables, lengths and slots) and the same tokens as an
-    engine without graphs, with the static buffers scribbled over before each replay."""
-    from services.engine.cuda_graphs import StepGraphs
-
-    split = []
-    halves = StepGraphs._two_halves
-    monkeypatch.setattr(StepGraphs, "_two_halves", lambda self, n: (split.append(n), halves(self, n)))
-    llm = _llm(tiny_dir)
-    runner = llm.engine.runner
-    runner.capture_decode_graphs(4, 128, record=fake_recorder, two_stream_from=2)
-    assert sorted(runner.graphs.decode) == [1, 2, 4] and set(split) == {2, 4}, "buckets 2 and 4 are split"
-    steps = _each_step_both_ways(runner)
-    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    prompts = [list(range(5, 12)), [30, 31, 32], list(range(60, 66))]
-    out = llm.generate(prompts, greedy, use_tqdm=False)
-    decodes = [s for s in steps if s[1] == 1]
-    assert any(s[2] and s[0] == 3 for s in decodes), "a 3-sequence decode replays the split 4-bucket"
-    for n, _, _, eager, graphed in decodes:
-        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
-    ref = _llm(tiny_dir).generate(prompts, greedy, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
-    with pytest.raises(ValueError, match="two_stream_decode_from"):
-        EngineConfig(two_stream_decode_from=-1)

@@ -59,13 +59,11 @@ class EngineConfig:
     mixed_cuda_graphs: bool = True
     """On CUDA (unless enforce_eager), also replay mixed steps (prefill chunks with decodes) from CUDA graphs
     captured per token-count bucket up to max_mixed_graph_tokens; off: only decode steps are graphed."""
-    max_mixed_graph_tokens: int = 2048
-    """Largest token-count bucket of the mixed-step graphs (buckets 16, 32, 48, ... up to it); a larger
-    step runs eagerly, where launch time is small next to its GPU time (docs/engine.md, "CUDA graphs")."""
-    two_stream_decode_from: int = 0
-    """On CUDA, decode graphs of at least this many sequences (batch buckets) run the batch as two halves on two
-    CUDA streams, so one half's attention (bound by reading its KV) overlaps the other half's matmuls (bound by
-    compute at large batches); 0 turns it off. One GPU only (not under tensor parallel). docs/engine.md, "CUDA graphs"."""
+    max_mixed_graph_tokens: int = 8192
+    """Largest token-count bucket of the mixed-step graphs (buckets 16, 32, 48, ... up to it); a larger step
+    runs eagerly. 8192 covers the default GPU step budget: an eager step of a small model takes as long to
+    launch as to run (Llama-3.2-1B shape, 8,192 tokens: ~29 ms of launch for ~25 ms of kernels, so the device
+    waits on the host), docs/engine.md, "CUDA graphs"."""
     async_scheduling: bool = True
     """Schedule and prepare step N+1 while step N runs on the device (its sampled tokens feed step N+1's
     inputs on the device and reach the host one step late); outputs are the same either way. Off: the
@@ -90,7 +88,5 @@ class EngineConfig:
             raise ValueError(f"tp_collective_timeout_s must be > 0, got {self.tp_collective_timeout_s}")
         if not 16 <= self.max_mixed_graph_tokens <= 8192:
             raise ValueError(f"max_mixed_graph_tokens must be in [16, 8192], got {self.max_mixed_graph_tokens}")
-        if self.two_stream_decode_from < 0:
-            raise ValueError(f"two_stream_decode_from must be >= 0 (0: off), got {self.two_stream_decode_from}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

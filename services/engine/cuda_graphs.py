@@ -32,7 +32,6 @@ from typing import Callable
 
 import torch
 
-from kernels import splitk
 from services.engine.attention.metadata import AttentionMetadata
 
 log = logging.getLogger("folio.engine")
@@ -93,9 +92,6 @@ class StepGraphs:
         self._dec: dict[str, torch.Tensor] = {}
         self._mix: dict[str, torch.Tensor] = {}
         """The decode and mixed graphs' static inputs (see _buffers); each graph reads a prefix of them."""
-        self.two_stream_from = 0
-        """Decode buckets of at least this many sequences run as two half batches on two streams (0: none)."""
-        self._side: torch.cuda.Stream | None = None
 
     # --- capture -------------------------------------------------------------------------------------
     def _buffers(self, tokens: int, seqs: int) -> dict[str, torch.Tensor]:
@@ -109,18 +105,11 @@ class StepGraphs:
             "qsl": torch.arange(seqs + 1, dtype=torch.int32, device=dev),
         }
 
-    def capture_decode(self, max_batch: int, two_stream_from: int = 0) -> None:
+    def capture_decode(self, max_batch: int) -> None:
         """One graph per batch bucket up to max_batch, attention launched for the longest context. The
         positions, slots and context lengths live in one int32 buffer laid out as DecodeInputs lays out
-        its own (`packed`, services/engine/decode_inputs.py), so a replay fills them with one copy.
-        Buckets of at least `two_stream_from` sequences (0: none) are recorded as two half batches on two
-        streams (`_two_halves`)."""
+        its own (`packed`, services/engine/decode_inputs.py), so a replay fills them with one copy."""
         buckets = buckets_up_to(DECODE_BUCKETS, max_batch)
-        if two_stream_from and self.device.type == "cuda" and splitk.reserved(self.device):
-            # The split-K GEMMs of quantized layers share one workspace per device: one stream at a time.
-            log.info("two-stream decode graphs off: this model's split-K GEMMs share one workspace")
-            two_stream_from = 0
-        self.two_stream_from = two_stream_from
         if buckets:
             st = self._dec = self._buffers(buckets[-1], buckets[-1])
             c = self.decode_capacity = -(-buckets[-1] // 4) * 4
@@ -154,10 +143,7 @@ class StepGraphs:
         for n in reversed(buckets):
             def run(n=n, meta=meta_of(n)):
                 out = st["hidden"][:n]
-                if kind == "decode" and 2 <= self.two_stream_from <= n:
-                    self._two_halves(n)
-                else:
-                    out.copy_(model.final_norm(model.forward(st["ids"][:n], st["pos"][:n], self.kv_caches, meta)))
+                out.copy_(model.final_norm(model.forward(st["ids"][:n], st["pos"][:n], self.kv_caches, meta)))
                 return out
 
             g, out, self.pool = self.record(run, self.pool)
@@ -171,54 +157,6 @@ class StepGraphs:
             block_tables=st["tables"][:b], slot_mapping=st["slots"][:b], max_query_len=1,
             max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
             captured=True)
-
-    LAG_SECOND_HALF = True
-    """The second half starts once the first has passed its first attention layer: started together, the halves'
-    attention kernels would tend to run at the same time; half a layer apart, each half's attention falls on the
-    other's matmuls (bench/small_profile.py, section overlap, measures both)."""
-
-    def _two_halves(self, n: int) -> None:
-        """A decode step of n sequences as two independent half batches, the first on the current stream and
-        the second on a side stream, both recorded into the graph being captured: their kernels are free to
-        run at once, so one half's attention (bound by reading its KV) overlaps the other half's matmuls
-        (bound by compute at large batches). Each row's arithmetic is the same as in a batch of its half's size."""
-        st, model, half = self._dec, self.model, n // 2
-
-        def rows(lo: int, hi: int) -> None:
-            b = hi - lo
-            meta = AttentionMetadata(
-                num_seqs=b, num_tokens=b, query_start_loc=st["qsl"][:b + 1], seq_lens=st["seq_lens"][lo:hi],
-                block_tables=st["tables"][lo:hi], slot_mapping=st["slots"][lo:hi], max_query_len=1,
-                max_seq_len=self.max_model_len, query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b,
-                captured=True)
-            h = model.forward(st["ids"][lo:hi], st["pos"][lo:hi], self.kv_caches, meta)
-            st["hidden"][lo:hi].copy_(model.final_norm(h))
-
-        if self.device.type != "cuda":  # a fake recorder on CPU (tests): the same halves, one after the other
-            rows(0, half)
-            rows(half, n)
-            return
-        main = torch.cuda.current_stream(self.device)
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        self._side.wait_stream(main)
-        passed = torch.cuda.Event() if self.LAG_SECOND_HALF else None
-        hook = self._first_attention().register_forward_hook(lambda *_: passed.record()) if passed else None
-        try:
-            rows(0, half)
-        finally:
-            if hook is not None:
-                hook.remove()
-        with torch.cuda.stream(self._side):
-            if passed is not None:
-                self._side.wait_event(passed)
-            rows(half, n)
-        main.wait_stream(self._side)
-
-    def _first_attention(self) -> torch.nn.Module:
-        from services.engine.model.layers.attention import Attention
-
-        return next(m for m in self.model.modules() if isinstance(m, Attention))
 
     def _mixed_meta(self, t: int, s: int) -> AttentionMetadata:
         st = self._mix

@@ -173,9 +173,10 @@ class LLMEngine:
             return
         self.runner.warmup(self.max_model_len, c.max_num_seqs, self.max_num_batched_tokens)
         if not c.enforce_eager:
-            # Two streams of collectives could interleave differently on each rank: one stream under tensor parallel.
-            self.runner.capture_decode_graphs(min(c.max_num_seqs, self.max_num_batched_tokens), self.max_model_len,
-                                              two_stream_from=c.two_stream_decode_from if c.tensor_parallel_size == 1 else 0)
+            # The warm-up's activations (its largest step's) back to the device: the graphs' pool holds its own,
+            # and with mixed graphs up to the step budget no eager step needs them again.
+            torch.cuda.empty_cache()
+            self.runner.capture_decode_graphs(min(c.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
             if c.mixed_cuda_graphs:
                 self.runner.capture_mixed_graphs(min(c.max_mixed_graph_tokens, self.max_num_batched_tokens),
                                                  c.max_num_seqs, self.max_model_len)

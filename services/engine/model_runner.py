@@ -269,14 +269,12 @@ class ModelRunner:
         self.model.logits(h[-1:])
 
     @torch.inference_mode()
-    def capture_decode_graphs(self, max_batch: int, max_model_len: int, record: Recorder | None = None,
-                              two_stream_from: int = 0) -> None:
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int, record: Recorder | None = None) -> None:
         """Record one decode step per batch-size bucket up to max_batch (services/engine/cuda_graphs.py).
-        `record`: how a step is recorded; None: CUDA graphs, on CUDA only (tests on CPU pass a fake).
-        `two_stream_from`: EngineConfig.two_stream_decode_from."""
+        `record`: how a step is recorded; None: CUDA graphs, on CUDA only (tests on CPU pass a fake)."""
         graphs = self._step_graphs(max_model_len, record)
         if graphs is not None:
-            graphs.capture_decode(max_batch, two_stream_from)
+            graphs.capture_decode(max_batch)
 
     @torch.inference_mode()
     def capture_mixed_graphs(self, max_tokens: int, max_seqs: int, max_model_len: int,
