@@ -80,3 +80,13 @@ def test_fp8_deferred_scales_equal_scaled_outputs_gpu_paths_on_cpu(monkeypatch):
     layer = ["FP8Input->Tensor", "Tensor->FP8Output", "FP8Input->FP8Output", "FP8Input->FP8Output"]
     assert seen == layer + layer[:3] + ["FP8Input->Tensor"]
     torch.testing.assert_close(deferred, scaled, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_deferred_scales_only_up_to_the_shape_bound_gpu_paths_on_cpu(monkeypatch):
+    """DEFER_MAX_M: down (N 64, K 96) above 10 rows scales its own output; the logits do not change."""
+    monkeypatch.setattr(fp8, "on_fp8_gpu", lambda t: True)
+    scaled, _ = forward(True, monkeypatch, defer=False)
+    monkeypatch.setattr(fp8, "DEFER_MAX_M", {(64, 96): 10})
+    bounded, seen = forward(True, monkeypatch, defer=True)
+    assert seen == ["FP8Input->Tensor", "Tensor->FP8Output", "FP8Input->FP8Output", "FP8Input->Tensor"] * 2
+    torch.testing.assert_close(bounded, scaled, rtol=1e-4, atol=1e-4)

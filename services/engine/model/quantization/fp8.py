@@ -98,6 +98,10 @@ FUSE_INPUT_QUANT = True
 DEFER_SCALES = True
 """Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
 
+DEFER_MAX_M: dict = {}
+"""(N, K) -> the most rows at which a layer of that shape leaves its scales to its consumer; above it its own
+GEMM scales (row-wise can beat tensor-wise + the consumer's scaling at prefill sizes; bench/fp8_where.py)."""
+
 FAST_ACCUM = False
 """cuBLAS's FP8 fast accumulation in torch._scaled_mm on CUDA (`use_fast_accum`): the tensor cores' partial sums
 are not promoted to float32 every few K blocks. vLLM's Hopper FP8 CUTLASS kernels run this way
@@ -238,7 +242,7 @@ class FP8Method:
         x2 = x.reshape(-1, shape[-1])
         n, k = layer.weight.shape
         if self.use_scaled_mm(x, n, k) and not weight_only(x2.shape[0], n, k):
-            if x.dim() == 2 and self._defers(layer, bias):
+            if x.dim() == 2 and self._defers(layer, bias, x.shape[0]):
                 xq, xs = quantize_fp8_rows(x, layer.input_scale, self.scale_ub) if on_fp8_gpu(x) \
                     else quantize_activation(x, layer.input_scale, self.scale_ub)
                 return self._quantized(layer, xq, xs, bias, x.dtype)
@@ -253,15 +257,18 @@ class FP8Method:
 
 
     @staticmethod
-    def _defers(layer, bias) -> bool:
-        """Whether this layer leaves its scales to its consumer: marked so by the model, no bias, one rank, and
-        not a float16 model (an unscaled sum of e4m3 products can pass float16's 65504)."""
+    def _defers(layer, bias, m: int) -> bool:
+        """Whether this layer leaves its scales to its consumer at m rows: marked so by the model, no bias, one rank,
+        not a float16 model (an unscaled sum of e4m3 products can pass float16's 65504), and m within
+        DEFER_MAX_M's bound for its shape."""
+        n, k = layer.weight.shape
         return DEFER_SCALES and getattr(layer, "fp8_deferred_scales", False) and bias is None \
-            and getattr(layer, "tp_size", 1) == 1 and getattr(layer, "params_dtype", None) != torch.float16
+            and getattr(layer, "tp_size", 1) == 1 and getattr(layer, "params_dtype", None) != torch.float16 \
+            and m <= DEFER_MAX_M.get((n, k), m)
 
     def _quantized(self, layer, xq, xs, bias, dtype):
         """The GEMM on quantized activations: an FP8Output where the layer defers its scales, else y."""
-        if self._defers(layer, bias):
+        if self._defers(layer, bias, xq.shape[0]):
             out = dtype if xq.is_cuda else torch.float32
             unit = _unit(xq.device)
             raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out,
