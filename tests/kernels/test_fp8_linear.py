@@ -109,6 +109,7 @@ def test_fast_accum_reaches_scaled_mm_on_cuda_only(monkeypatch):
     from services.engine.model.quantization import fp8 as fp8mod
 
     cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    monkeypatch.setattr(fp8mod, "FAST_ACCUM", False)
     assert fp8mod._fast_accum(cuda) == {} and fp8mod._fast_accum(cpu) == {}
     monkeypatch.setattr(fp8mod, "FAST_ACCUM", True)
     assert fp8mod._fast_accum(cuda) == {"use_fast_accum": True} and fp8mod._fast_accum(cpu) == {}
