@@ -377,10 +377,9 @@ def profile_engine(label: str, weights: str, kv: str, prompt_len: int = 384, seq
 
 
 AB_DECODE = [dict(TILE_N=t, num_warps=w, num_stages=st) for t, w, st in (
-    (64, 4, 2), (64, 4, 3), (64, 4, 1), (64, 2, 1), (64, 8, 1), (64, 2, 2), (32, 4, 1), (32, 4, 2), (32, 2, 2),
-    (128, 4, 1), (128, 8, 1), (128, 4, 2), (256, 8, 1))] + [
-    dict(TILE_N=t, num_warps=w, num_stages=1, PREFETCH=True) for t, w in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))] + [
-    dict(TILE_N=64, num_warps=4, num_stages=st, F16_DOTS=False) for st in (2, 1)]
+    (64, 4, 2), (64, 4, 3), (64, 4, 1), (64, 8, 1), (32, 4, 1), (128, 4, 1), (128, 8, 1), (32, 4, 2))] + [
+    dict(TILE_N=t, num_warps=w, num_stages=1, PREFETCH=True) for t, w in ((32, 4), (64, 4), (64, 8), (128, 4))] + [
+    dict(TILE_N=64, num_warps=4, num_stages=2, F16_DOTS=False)]
 """The decode launches over an fp8 pool that the A/B section times inside the engine (F16_DOTS unless it says)."""
 
 
