@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from services.router import eager
 from services.router.messages import Chunk
 
 
@@ -49,7 +50,7 @@ async def batched(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
             done = True
             ready.set()
 
-    task = asyncio.create_task(produce())
+    task = eager.start(produce())
     try:
         while True:
             if pending is None and not done:

@@ -21,6 +21,7 @@ from services.common.errors import DeadlineExceeded, FolioError, Unavailable
 from services.common.grpc_errors import from_rpc_error
 from services.common.server import channel
 from services.common.tokenizer import Tokenizer
+from services.router import eager
 from services.router.clients import EngineFailed, EngineMessage, EngineRequest, SequenceUpdate
 from services.router.local_detokenizer import LocalDetokenizer, load_local_tokenizer
 
@@ -142,7 +143,7 @@ class GrpcEngineCall:
                 request.timeout_ms = max(1, int(timeout_s * 1000))
                 self._timer = asyncio.get_running_loop().call_later(
                     timeout_s, self.fail, DeadlineExceeded("deadline exceeded"))
-            self._sending = asyncio.ensure_future(self._send(request))
+            self._sending = eager.start(self._send(request))  # the request goes out now (3.12+)
 
     async def _send(self, request: engine_pb2.EngineGenerateRequest) -> None:
         try:

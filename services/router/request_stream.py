@@ -29,6 +29,7 @@ from services.router.clients import (
     Detokenizer, EngineCall, EngineChoice, EngineClient, EngineFailed, EngineMessage, EngineRequest, Registry,
     SequenceUpdate, TokenizerClient,
 )
+from services.router import eager
 from services.router.engine_watch import EngineWatch
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, Usage
 
@@ -212,7 +213,7 @@ class RequestStream:
         if guess is not None:
             early = self.route.engines.generate(guess.address, req, remaining(self.deadline))
         try:
-            if early is not None:
+            if early is not None and not eager.EAGER:
                 await asyncio.sleep(0)  # its request goes out on the loop's next turn: before Redis's command
             choice = await self._choose(req.request_id, generated, excluded, hung)
         except BaseException:
