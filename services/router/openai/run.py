@@ -9,6 +9,7 @@ from contextlib import aclosing
 
 from fastapi import Request
 
+from services.router import eager
 from services.router.core import Chunk, GenerateInput, RouterCore
 from services.router.metrics import RouterMetrics
 
@@ -25,7 +26,8 @@ class Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = len(inputs)
         self.buffer: list[tuple[int, Chunk]] = []
-        self.tasks = [asyncio.create_task(self._pump(i, core, metrics, inp)) for i, inp in enumerate(inputs)]
+        # eager (3.12+): each prompt's engine request goes out before the handler's first step ends
+        self.tasks = [eager.start(self._pump(i, core, metrics, inp)) for i, inp in enumerate(inputs)]
         for t in self.tasks:
             _background.add(t)
             t.add_done_callback(_background.discard)
@@ -88,7 +90,7 @@ class ClientGone(Exception):
 async def cancel_on_disconnect(request: Request, coro, run: Run):
     """Run `coro`, cancelling it and `run` if the client disconnects first (FastAPI has read the body, so
     the next ASGI message is the disconnect)."""
-    task = asyncio.ensure_future(coro)
+    task = eager.start(coro)
     gone = False
 
     async def watch():
