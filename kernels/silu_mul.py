@@ -167,7 +167,8 @@ fixed workload's steps (0.0199 ms at 256 rows, 0.360 at 8192; one block per row 
 FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
                     (1 << 30, {"ROWS": 4, "BLOCK": 512, "num_warps": 4})]
 """[(max rows, config)], the first entry whose bound the row count does not pass: {"ROWS", "BLOCK", "num_warps"}
-for the split launches, {"BLOCK", "num_warps"} for one program per row. bench/fp8_where.py round 1 (H200,
+(and optionally the quantizing launch's "ROWS2", "BLOCK2", "warps2") for the split launches, {"BLOCK",
+"num_warps"} for one program per row. bench/fp8_where.py round 1 (H200,
 Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each bit for bit first), us per call, against
 FP8_CONFIG's one program per row: 16 rows 5.5 vs 16.1, 64: 7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4,
 512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357 (ROWS 4, BLOCK 512); plain SwiGLU with a 16-bit
@@ -215,24 +216,28 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | No
 
 
 def _split_launches(gate_up, q, s, scales, ub, cfg: dict, warmup: bool) -> None:
+    """The two launches of the split path: ROWS x BLOCK tiles (num_warps) for SwiGLU and the amaxes; the quantizing
+    launch over ROWS2 x BLOCK2 tiles (warps2) where the config names them (it reads every amax of its rows)."""
     t, inter = q.shape
     rows, block, warps = cfg["ROWS"], cfg["BLOCK"], cfg.get("num_warps", 4)
+    rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
     nblk = triton.cdiv(inter, block)
     y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     part = torch.empty((t, nblk), dtype=torch.float32, device=gate_up.device)
     rs, cs = scales if scales is not None else (s, s)
-    grid = (triton.cdiv(t, rows), nblk)
+    grid1 = (triton.cdiv(t, rows), nblk)
+    grid2 = (triton.cdiv(t, rows2), triton.cdiv(inter, block2))
     a1 = (gate_up, y, part, rs, cs, t, inter, nblk, gate_up.stride(0))
     c1 = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, num_warps=warps)
     a2 = (y, part, q, s, t, inter, nblk, float(ub) if ub is not None else 0.0)
-    c2 = dict(ROWS=rows, BLOCK=block, NBLK=max(2, triton.next_power_of_2(nblk)), HAS_UB=ub is not None,
-              num_warps=warps)
+    c2 = dict(ROWS=rows2, BLOCK=block2, NBLK=max(2, triton.next_power_of_2(nblk)), HAS_UB=ub is not None,
+              num_warps=warps2)
     if warmup:
-        _silu_mul_amax_kernel.warmup(*a1, grid=grid, **c1)
-        _quant_by_parts_kernel.warmup(*a2, grid=grid, **c2)
+        _silu_mul_amax_kernel.warmup(*a1, grid=grid1, **c1)
+        _quant_by_parts_kernel.warmup(*a2, grid=grid2, **c2)
     else:
-        _silu_mul_amax_kernel[grid](*a1, **c1)
-        _quant_by_parts_kernel[grid](*a2, **c2)
+        _silu_mul_amax_kernel[grid1](*a1, **c1)
+        _quant_by_parts_kernel[grid2](*a2, **c2)
 
 
 def silu_mul_ref(gate_up):

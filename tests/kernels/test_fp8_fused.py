@@ -97,6 +97,8 @@ def test_scaled_inputs_equal_the_scaled_tensor(dtype):
         assert same_bits(silu_mul_fp8(raw, block=block, scales=(row, gu_col)), silu_mul_fp8(gu_dense, block=block))
     split = dict(ROWS=4, BLOCK=64)  # the split launches: a ragged last row tile and column block
     assert same_bits(silu_mul_fp8(raw, scales=(row, gu_col), split=split), silu_mul_fp8(gu_dense))
+    split = dict(ROWS=2, BLOCK=32, ROWS2=4, BLOCK2=128)  # the quantizing launch over other tiles than the first
+    assert same_bits(silu_mul_fp8(raw, scales=(row, gu_col), split=split), silu_mul_fp8(gu_dense))
 
 
 @pytest.mark.parametrize("m, k, n, split, atomic", [
