@@ -141,3 +141,16 @@ def test_fp8_pool_takes_its_own_decode_launch(monkeypatch):
     assert bf16 != pd.FP8_KV_CONFIG and pd._decode_config(128, torch.bfloat16, kv_fp8=False) == bf16
     monkeypatch.setattr(pd, "FP8_KV_CONFIG", {})
     assert pd._decode_config(128, torch.bfloat16, kv_fp8=True) == bf16
+
+
+def test_fp8_decode_rows_of_a_mixed_step_with_prefetch_equal_torch_backend():
+    """A mixed step's one-token rows through the decode kernel (query_start_loc) with PREFETCH, over an fp8 pool."""
+    q, k, v, cache, meta = fp8_batch(DEVICE, [(30, 30), (45, 1), (21, 1), (1, 1)], torch.float16, k_scale=0.5,
+                                     v_scale=2.0)
+    params = AttentionParams(scale=0.125, k_scale=0.5, v_scale=2.0)
+    want = TorchAttentionBackend().forward(q, k, v, cache.clone(), meta, params)
+    reshape_and_cache(k, v, cache, meta.slot_mapping, 0.5, 2.0)
+    got = paged_decode(q, cache, meta.block_tables, meta.seq_lens, 0.125, query_start_loc=meta.query_start_loc,
+                       config=PREFETCH, k_scale=0.5, v_scale=2.0)
+    rows = meta.query_start_loc[1:4].long()  # the three one-token sequences' rows
+    torch.testing.assert_close(got[rows].float(), want[rows].float(), **TOLERANCE[torch.float16])
