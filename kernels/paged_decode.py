@@ -15,9 +15,10 @@ any split count is correct for any lengths (a CUDA graph captured with one stays
 An fp8 cache (float8_e4m3fn, KV_FP8) is upcast as it is loaded; k_scale rides in the softmax scale (the host
 multiplies them) and v_scale multiplies the output once at the end. With a bfloat16 query both dots run in
 float16 (F16_DOTS): e4m3 -> float16 is one packed conversion per two values (`cvt.rn.f16x2.e4m3x2`, exact),
-where e4m3 -> bfloat16 is three (through float16), and on the H200 those conversions, not the bytes, set the
-kernel's pace. The query is scaled by a power of two into float16's range (exact: bfloat16's 8-bit
-mantissa fits float16's 11) and the scores unscaled by it; P in float16 keeps more bits than in bfloat16.
+where Triton's e4m3 -> bfloat16 is three (through float16). The query is scaled by a power of two into
+float16's range (exact: bfloat16's 8-bit mantissa fits float16's 11) and the scores unscaled by it; P in
+float16 keeps more bits than in bfloat16. The launch over an fp8 pool is its own (FP8_KV_CONFIG; PREFETCH
+loads the next tile into registers while this one is attended, for launches without shared-memory staging).
 """
 
 from __future__ import annotations
