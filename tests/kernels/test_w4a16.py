@@ -190,20 +190,23 @@ def test_w4a16_gemv4_runs_that_cross_column_strips(k, n, group, per_sm, act):
     assert_workspace_zero()
 
 
-@pytest.mark.parametrize("k, inter, group, per_sm, bn", [(256, 96, 128, 3, 64), (384, 200, 64, 2, 128),
-                                                          (512, 64, 32, 5, 32)])
-def test_w4a16_gated_gives_silu_of_gate_times_up(k, inter, group, per_sm, bn):
+G4S = dict(KERNEL="gemv4", T=8, num_warps=1)
+
+
+@pytest.mark.parametrize("k, inter, group, cfgs", [
+    (256, 96, 128, [dict(G4S, BLOCK_N=64, PER_SM=3), dict(GEMV, KERNEL="gemv3", T=8, BLOCK_N=64, SPLIT_K=3)]),
+    (384, 200, 64, [dict(G4S, BLOCK_N=128, PER_SM=2), dict(GEMV, KERNEL="gemv3", SPLIT_K=2, ATOMIC=False)]),
+    (512, 64, 32, [dict(G4S, BLOCK_N=32, PER_SM=5), dict(GEMV, KERNEL="gemv3", SPLIT_K=1)])])
+def test_w4a16_gated_gives_silu_of_gate_times_up(k, inter, group, cfgs):
     """A SwiGLU MLP's gate/up projection with `gated`: gemv4 takes the same columns of both halves per strip and
     writes silu(gate) * up (odd strip counts, a half strip past `inter`), and so does gemv3 (split or not; the
-    split that completes a strip writes it); gemv3 with partial-sum split-K runs silu_mul after.
-    Against float64 (gate and up rounded to bf16 first, as the unfused path stores them)."""
+    split that completes a strip writes it); gemv3 with partial-sum split-K runs silu_mul after. Against float64
+    (gate and up rounded to bf16 first, as the unfused path stores them)."""
     args, ref = case(1, k, 2 * inter, group, False, torch.bfloat16, seed=k + inter)
     gu = ref.to(torch.bfloat16).double()
     gate, up = gu[:, :inter], gu[:, inter:]
     want = (gate * torch.sigmoid(gate)).to(torch.bfloat16).double() * up
-    for cfg in (dict(KERNEL="gemv4", T=8, BLOCK_N=bn, num_warps=1, PER_SM=per_sm),
-                dict(GEMV, KERNEL="gemv3", T=8, BLOCK_N=bn, SPLIT_K=per_sm), dict(GEMV, KERNEL="gemv3", SPLIT_K=1),
-                dict(GEMV, KERNEL="gemv3", SPLIT_K=2, ATOMIC=False), dict(GEMV, KERNEL="gemv3", FOLD=True, SPLIT_K=3)):
+    for cfg in cfgs:
         out = w4a16(*args, config=cfg, gated=True)
         assert out.shape == (1, inter) and out.dtype == torch.bfloat16
         close(out, want, torch.bfloat16)
@@ -212,8 +215,7 @@ def test_w4a16_gated_gives_silu_of_gate_times_up(k, inter, group, per_sm, bn):
 
 @pytest.mark.parametrize("k, n, group, act, dtype", [(256, 96, 128, False, torch.bfloat16),
                                                      (384, 40, 64, True, torch.bfloat16),
-                                                     (512, 64, 16, False, torch.float16),
-                                                     (1000, 70, 128, True, torch.float16)])
+                                                     (300, 70, 16, True, torch.float16)])
 def test_w4a16_gemv4_fold_takes_the_zero_point_off_per_group(k, n, group, act, dtype):
     """gemv4 and gemv3 with FOLD sum (2^e + q) x with e = 11 or 7 and take (2^e + z) sum(x) off per group: within the
     dtype's tolerance of float64 (groups of one nibble to a whole block; XPAIR and act-order; gated too)."""
