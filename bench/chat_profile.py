@@ -158,13 +158,14 @@ def gemm_sweep(cfg, ceil, device, ms_list, dtype) -> tuple[list[dict], dict]:
             t_blas = bench_ms(lambda: F.linear(x, w), device)
             t_lt = float("nan")
             if device.type == "cuda":
+                blas = torch.backends.cuda.preferred_blas_library()
                 try:
                     torch.backends.cuda.preferred_blas_library("cublaslt")
                     y = F.linear(x, w)
                     ok = bool(torch.allclose(y.float(), ref.float(), atol=2e-2, rtol=2e-2))
                     t_lt = bench_ms(lambda: F.linear(x, w), device) if ok else float("nan")
                 finally:
-                    torch.backends.cuda.preferred_blas_library("cublas")
+                    torch.backends.cuda.preferred_blas_library(blas)
             t_wt = bench_ms(lambda: torch.mm(x, wt), device)
             if not torch.allclose(torch.mm(x, wt).float(), ref.float(), atol=2e-2, rtol=2e-2):
                 t_wt = float("nan")

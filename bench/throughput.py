@@ -73,6 +73,10 @@ SHAPES = {
 }
 
 
+COARSE_MIXED_BUCKETS = (*range(16, 256, 16), *range(256, 512, 32), *range(512, 1024, 64), *range(1024, 4096, 128),
+                        *range(4096, 8193, 512))
+"""cuda_graphs.MIXED_BUCKETS before 2026-11-29 (--coarse-mixed-buckets, for A/B runs)."""
+
 W4A16_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
 """--quantization w4a16: random 4-bit weights (load_format dummy) under a GPTQ config, run by kernels/w4a16.py."""
 
@@ -308,6 +312,13 @@ def engine_option(text: str) -> tuple[str, object]:
     return name, {"true": True, "false": False}.get(raw.lower(), raw)
 
 
+def dense_dispatch_on() -> bool:
+    """Whether the engine's measured GEMM table applied (FOLIO_DENSE_GEMM=0 turns it off for A/B runs)."""
+    from services.engine.model.layers import dense_dispatch
+
+    return dense_dispatch.enabled()
+
+
 def sync(args):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -337,6 +348,9 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", action="store_true", help="run Folio with asynchronous scheduling off")
     ap.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                     help="any other EngineConfig field for Folio's engine (repeatable), e.g. max_mixed_graph_tokens=8192")
+    ap.add_argument("--coarse-mixed-buckets", action="store_true",
+                    help="A/B: mixed-step graphs at the token buckets used before 2026-11-29 (every 32 tokens from 256, "
+                         "64 from 512, 128 from 1,024; services/engine/cuda_graphs.py has the current ones)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default 256 (1,024 for the many workload)")
@@ -347,6 +361,10 @@ def main() -> None:
                     help="weights: bf16 (none), FP8 made at load, or random GPTQ-layout 4-bit (docs/quantization.md)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.jsonl"))
     args = ap.parse_args()
+    if args.coarse_mixed_buckets:
+        from services.engine import cuda_graphs
+
+        cuda_graphs.MIXED_BUCKETS = COARSE_MIXED_BUCKETS
     if args.quantization == "w4a16" and not args.no_hf:
         ap.error("--quantization w4a16 needs --no-hf (transformers reads GPTQ configs only through gptqmodel)")
     dev = torch.device(args.device)
@@ -375,6 +393,7 @@ def main() -> None:
                     rec = {
                         "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+                        "dense_dispatch_table": dense_dispatch_on(),
                         "model_shape": shape, "workload": wl, "requests": len(work), "quantization": args.quantization,
                         "input_tokens": sum(len(p) for p, _ in work), "output_tokens": f_n,
                         "folio_output_tok_s": folio_tps, "hf_output_tok_s": hf_tps,

@@ -58,6 +58,19 @@ def test_dispatch_table_picks_by_device_shape_and_row_count():
     assert dd.config_for("GPU X", 129, 6144, 4096, table) is None  # above the last entry
     assert dd.config_for("GPU Y", 1, 6144, 4096, table) is None  # another device
     assert dd.config_for("GPU X", 1, 4096, 4096, table) is None  # another shape
+    lt = {("GPU X", 4096, 4096): ((16, None), (192, dd.CUBLASLT))}
+    assert [dd.config_for("GPU X", m, 4096, 4096, lt) for m in (16, 17, 192, 193)] == [None, dd.CUBLASLT, dd.CUBLASLT, None]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt needs CUDA (a CPU build refuses the setting)")
+def test_cublaslt_choice_on_cuda_computes_f_linear_and_restores_the_preferred_library():
+    from services.engine.model.layers import dense_dispatch as dd
+
+    before = torch.backends.cuda.preferred_blas_library()
+    x, w = torch.randn(24, 64, device=DEV).bfloat16(), torch.randn(32, 64, device=DEV).bfloat16()
+    y = dd._cublaslt(x, w)
+    assert torch.backends.cuda.preferred_blas_library() == before
+    assert torch.allclose(y.float(), torch.nn.functional.linear(x, w).float(), atol=1e-2, rtol=1e-2)
 
 
 def test_dispatch_linear_takes_the_table_only_where_it_applies(monkeypatch):

@@ -1,10 +1,10 @@
-"""Which GEMM computes a 16-bit dense projection x @ w.T: cuBLAS (F.linear), or kernels/dense_gemm.py where a
-table measured on the device says its launch is faster for that weight shape and row count.
+"""Which GEMM computes a 16-bit dense projection x @ w.T: cuBLAS (F.linear), cuBLASLt, or kernels/dense_gemm.py,
+where a table measured on the device says that one is faster for the weight's shape and the row count.
 
-Decode steps multiply a few to a few hundred rows by each weight; cuBLAS's heuristic pick for some of those
-(M, N, K) reads the weight well below the copy rate (bench/chat_profile.py measures every candidate against
-cuBLAS on the workloads' shapes and prints the table). A CUDA graph records whichever kernel its bucket's
-row count picks, so the choice costs nothing per replay.
+Decode steps multiply a few to a few hundred rows by each weight, and the library's heuristic pick for some of
+those (M, N, K) is measurably slower than another available one (bench/chat_profile.py times every candidate
+on the workloads' shapes and prints the table). A CUDA graph records whichever kernel its bucket's row count
+picks, so the choice costs nothing per replay.
 """
 
 from __future__ import annotations
@@ -14,11 +14,21 @@ import os
 import torch
 import torch.nn.functional as F
 
-Entry = tuple[tuple[int, dict | None], ...]
+Entry = tuple[tuple[int, dict | str | None], ...]
 
-TABLE: dict[tuple[str, int, int], Entry] = {}
-"""(device name, N, K) -> ((largest M, dense_gemm config, or None for cuBLAS), ...) by ascending M; a row
-count above the last entry, a shape or device not listed: cuBLAS."""
+CUBLASLT = "cublaslt"
+
+TABLE: dict[tuple[str, int, int], Entry] = {
+    # Llama-3-8B's o_proj and down_proj on an H200 (bench/chat_profile.py round 1, 2026-11-29, one GEMM timed
+    # alone with the L2 flushed, median of 20): cuBLASLt's pick beats cuBLAS's from 32 to 192 rows, by 5-13%
+    # (o: 0.0184 vs 0.0211 ms at 96 rows; down: 0.0414 vs 0.0453), and loses at 16 and 256. dense_gemm won
+    # nowhere on the layers (its best at 1-16 rows: gate_up 3% faster, within noise; qkv, o, down slower);
+    # cuBLAS on a K-major copy of the weight won by at most 4% (not worth a second layout).
+    ("NVIDIA H200", 4096, 4096): ((16, None), (192, CUBLASLT)),
+    ("NVIDIA H200", 4096, 14336): ((16, None), (192, CUBLASLT)),
+}
+"""(device name, N, K) -> ((largest M, choice), ...) by ascending M, the choice a dense_gemm config, CUBLASLT,
+or None for cuBLAS; a row count above the last entry, a shape or device not listed: cuBLAS."""
 
 
 def enabled() -> bool:
@@ -41,8 +51,8 @@ def _device_name(x: torch.Tensor) -> str:
     return _device_names[i]
 
 
-def config_for(device_name: str, m: int, n: int, k: int, table: dict | None = None) -> dict | None:
-    """The dense_gemm launch for an [m, k] x [n, k].T product on this device, or None for cuBLAS."""
+def config_for(device_name: str, m: int, n: int, k: int, table: dict | None = None) -> dict | str | None:
+    """The choice for an [m, k] x [n, k].T product on this device: a dense_gemm launch, CUBLASLT, or None (cuBLAS)."""
     entry = (TABLE if table is None else table).get((device_name, n, k))
     for top, cfg in entry or ():
         if m <= top:
@@ -54,11 +64,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear(x, weight, bias), through dense_gemm where the table picks it (2-D 16-bit input, no bias)."""
     if bias is None and TABLE and x.dim() == 2 and x.dtype == weight.dtype and x.dtype in _SIXTEEN and enabled():
         cfg = config_for(_device_name(x), x.shape[0], weight.shape[0], weight.shape[1])
+        if cfg == CUBLASLT:
+            return _cublaslt(x, weight) if x.is_cuda else F.linear(x, weight)
         if cfg is not None:
             from kernels.dense_gemm import dense_gemm
 
             return dense_gemm(x, weight, cfg)
     return F.linear(x, weight, bias)
+
+
+def _cublaslt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear through cuBLASLt: torch's preferred BLAS library is process-wide state, set for this one call
+    (a step's forward runs in one thread) and restored."""
+    blas = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(CUBLASLT)
+    try:
+        return F.linear(x, weight)
+    finally:
+        torch.backends.cuda.preferred_blas_library(blas)
 
 
 def warmup(device: torch.device, dtype: torch.dtype) -> int:
@@ -71,7 +94,8 @@ def warmup(device: torch.device, dtype: torch.dtype) -> int:
     from kernels.dense_gemm import dense_gemm
 
     name = torch.cuda.get_device_name(device)
-    configs = {repr(c): c for (dev, _, _), entry in TABLE.items() if dev == name for _, c in entry if c is not None}
+    configs = {repr(c): c for (dev, _, _), entry in TABLE.items() if dev == name for _, c in entry
+               if isinstance(c, dict)}
     for cfg in configs.values():
         k = 4 * cfg["BLOCK_K"]  # room for two K-slices of two blocks each
         x = torch.zeros(16, k, device=device, dtype=dtype)
