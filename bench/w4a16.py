@@ -82,6 +82,8 @@ CASES = [
     (4224, 520, 128, True, dict(G3, FOLD=True, PDL=1), 3, True),
     (14336, 4096, 128, False, dict(G3, XPAIR=False, maxnreg=128, FOLD=True), 16, True),
     (4096, 1000, 32, False, dict(G3, BLOCK_N=256, num_warps=2, FOLD=True), 4, False),
+    (4096, 6144, 128, False, dict(G3, T=16, FOLD=True, maxnreg=168, PDL=2), 16, True),
+    (4096, 6144, 128, False, dict(G3, FOLD=True, maxnreg=96, PDL=2), 16, True),
     # gemv4 (kernels/w4a16_stream.py): the "split" column is PER_SM, programs per SM
     (4096, 6144, 128, False, dict(G4), 8, True),
     (4096, 6144, 128, False, dict(G4, L2_PRE=8, L2_DIST=4, PDL=2), 3, True),  # runs that cross strips
@@ -136,7 +138,8 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
                           (1024, 1000, dict(G4, PER_SM=3)),
                           (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2)),
                           (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2, FOLD=True)),
-                          (4096, 14336, dict(G3, SPLIT_K=1)), (1024, 1000, dict(G3, SPLIT_K=3, FOLD=True))):
+                          (4096, 14336, dict(G3, SPLIT_K=1)), (1024, 1000, dict(G3, SPLIT_K=3, FOLD=True)),
+                          (4096, 14336, dict(G3, T=16, BLOCK_N=256, num_warps=2, SPLIT_K=16, FOLD=True, maxnreg=168))):
         qw, s, z, _, w = q.int4_case(k, 2 * inter, 128, False, g)
         w4.reserve_workspace(DEV, 2 * inter)
         cases.append((k, inter, cfg, qw, s, z, w, torch.randn(1, k, generator=g, device=DEV).to(DTYPE)))
