@@ -42,12 +42,12 @@ step computes at most 1/5 more rows than it has (at 1,024 sequences the ramp-dow
 would otherwise replay the largest bucket for every batch above 512)."""
 MIXED_BUCKETS = (*range(16, 1024, 16), *range(1024, 2048, 32), *range(2048, 4096, 128), *range(4096, 8193, 512))
 """Token counts of mixed-step graphs, up to EngineConfig.max_mixed_graph_tokens (which is added if it is
-not one of these). A padded step's matmuls cost in proportion to its padded tokens: up to 2,048 tokens, where
-steady serving's mixed steps fall (the chat workload's average ~600: a few decodes' worth of new prompts
-beside the running batch), a step computes at most 1/16 more tokens than it has (every 16 up to 1,024, every
-32 up to 2,048); above, at most 1/16 to 4,096 and 1/8 to 8,192. Buckets every 32 and 64 tokens between 256
-and 1,024 had padded the chat's mixed steps by 4.7% on average (bench/results/chat_profile_2026-11-29.md).
-The graphs share one output buffer and one memory pool, so a bucket costs capture time (~tens of ms) and its
+not one of these). A padded step's matmuls cost in proportion to its padded tokens, so from 256 to 4,096
+tokens, where steady serving's mixed steps fall (the chat workload's: ~600, ~250 decodes beside a new prompt
+or two), a step computes at most 1/16 more tokens than it has (buckets every 16 tokens up to 1,024, 32 up to
+2,048, 128 up to 4,096), and at most 1/8 more above. Buckets every 32 and 64 tokens between 256 and 1,024
+had padded the chat's mixed steps by 4.7% on average (docs/performance.md, "The 8B chat workload"). The
+graphs share one output buffer and one memory pool, so a bucket costs capture time (~tens of ms) and its
 graph's own nodes, not activation memory."""
 
 Recorder = Callable[[Callable[[], torch.Tensor], object], tuple[object, torch.Tensor, object]]
