@@ -366,7 +366,7 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
         g4 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv4"),
                     key=lambda r: r["ms"])[:2]
         more = [dict(r["config"], L2_DIST=d, L2_PRE=pre) for r in g4 for d in (0, 2, 4, 8) for pre in (0, 16)
-                if d or pre]
+                if (d or pre) and "gemv4" in kernels]
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in more])
         for c in more:  # L2 prefetch distance and the prefetch before the PDL wait, on the two best
             timed(c)
