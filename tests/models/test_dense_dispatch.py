@@ -49,7 +49,7 @@ def test_projections_through_dense_gemm_keep_tokens_and_logits(tmp_path, monkeyp
 
         table_logits, table_tokens = run()
         assert {tuple(s) for s in calls} == shapes  # every projection and the LM head went through the kernel
-        monkeypatch.setenv("FOLIO_DENSE_GEMM", "0")
+        monkeypatch.setattr(dd, "ENABLED", False)
         n_calls = len(calls)
         torch_logits, torch_tokens = run()
         assert len(calls) == n_calls

@@ -31,9 +31,12 @@ TABLE: dict[tuple[str, int, int], Entry] = {
 or None for cuBLAS; a row count above the last entry, a shape or device not listed: cuBLAS."""
 
 
+ENABLED = os.environ.get("FOLIO_DENSE_GEMM", "1") != "0"
+"""FOLIO_DENSE_GEMM=0 (read at import) sends every projection to cuBLAS, for comparisons."""
+
+
 def enabled() -> bool:
-    """FOLIO_DENSE_GEMM=0 sends every projection to cuBLAS (for comparisons)."""
-    return os.environ.get("FOLIO_DENSE_GEMM", "1") != "0"
+    return ENABLED
 
 
 _device_names: dict[int, str] = {}
@@ -62,7 +65,7 @@ def config_for(device_name: str, m: int, n: int, k: int, table: dict | None = No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias), through dense_gemm where the table picks it (2-D 16-bit input, no bias)."""
-    if bias is None and TABLE and x.dim() == 2 and x.dtype == weight.dtype and x.dtype in _SIXTEEN and enabled():
+    if ENABLED and bias is None and x.dim() == 2 and x.dtype == weight.dtype and x.dtype in _SIXTEEN:
         cfg = config_for(_device_name(x), x.shape[0], weight.shape[0], weight.shape[1])
         if cfg == CUBLASLT:
             return _cublaslt(x, weight) if x.is_cuda else F.linear(x, weight)
@@ -89,7 +92,7 @@ def warmup(device: torch.device, dtype: torch.dtype) -> int:
     the two builds), on small scratch operands: Triton's builds depend on the launch config and the operands'
     alignment, not their sizes. Without it the LM head, which runs eagerly on each step's own row count,
     would compile inside served steps. Returns the number of builds run."""
-    if device.type != "cuda" or not TABLE or not enabled() or dtype not in (torch.float16, torch.bfloat16):
+    if device.type != "cuda" or not ENABLED or dtype not in _SIXTEEN:
         return 0
     from kernels.dense_gemm import dense_gemm
 
