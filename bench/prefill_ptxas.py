@@ -3,7 +3,9 @@
     python bench/prefill_ptxas.py '{}' '{"num_stages": 3, "maxnreg": null}' ... [--dump DIR]
 
 Each argument is a JSON dict of keys over kernels/paged_prefill_configs.BASE (the bench shape: 32 q / 8 kv
-heads, d 128, bf16, fresh prompts, the chunk's keys through TMA). Prints registers, spills, shared memory
+heads, d 128, bf16, fresh prompts, the chunk's keys through TMA); with "GLUON": true, the Gluon kernel
+(kernels/paged_prefill_gluon.py). To see what the GPU's Triton does, put that version first on the path
+(`pip install --target /tmp/t36 triton==3.6.0`, then PYTHONPATH=/tmp/t36). Prints registers, spills, shared memory
 and ptxas's "wgmma serialized" warnings (C751x), which no timing shows directly, and with --dump writes
 the TTGIR, PTX and SASS (where the loop waits for its wgmmas: `warp_group_dot_wait`, `WARPGROUP.DEPBAR`).
 The CPU machine's Triton may be newer than the GPU's; treat the output as a hint, the GPU sweep as the
@@ -70,6 +72,31 @@ def compile_config(cfg: dict):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
+def compile_gluon(cfg: dict):
+    """kernels/paged_prefill_gluon.py's kernel as paged_prefill would launch it for a GLUON `cfg` (sm_90a)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    import torch
+
+    from kernels import paged_prefill_gluon as pg
+
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    t = torch.empty(64, 8 * D, dtype=torch.bfloat16)
+    desc = TensorDescriptor(t, [64, 8 * D], [t.stride(0), 1], [bn, D], pg._smem_layout(bn, D, True))
+    consts = dict(GROUP=GROUP, BLOCK_M=bm, BLOCK_Q=bm // GROUP, BLOCK_N=bn, HEAD_DIM=D, STAGES=cfg["num_stages"],
+                  SEQ_VEC=cfg["SEQ_VEC"], SKIP_SINGLE=False, PV_ASYNC=bool(cfg.get("PV_ASYNC")),
+                  MASK_BRANCH=cfg.get("ONE_LOOP") == 2, num_warps=cfg["num_warps"])
+    names = pg._prefill_fresh_kernel.arg_names
+    sig = {n: ("constexpr" if n in consts else mangle_type(desc) if n in ("k_desc", "v_desc") else
+               "*i32" if n == "query_start_loc_ptr" else "*bf16" if n.endswith("_ptr") else
+               "fp32" if n == "qk_scale" else "i32") for n in names}
+    src = GluonASTSource(pg._prefill_fresh_kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    opts = dict(num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def ptxas_report(kernel, cfg: dict, path: str) -> str:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with open(path, "w") as f:
@@ -95,7 +122,7 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     for i, spec in enumerate(args.configs):
         cfg = dict(BASE, **json.loads(spec))
-        k = compile_config(cfg)
+        k = compile_gluon(cfg) if cfg.get("GLUON") else compile_config(cfg)
         stem = os.path.join(out, f"cfg{i}")
         print(f"{spec}: {ptxas_report(k, cfg, stem + '.ptx')}")
         if args.dump:
