@@ -98,14 +98,18 @@ FUSE_INPUT_QUANT = True
 DEFER_SCALES = True
 """Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
 
-DEFER_MAX_M: dict = {}
+DEFER_MAX_M: dict = {(4096, 4096): 4096, (4096, 14336): 4096}
 """(N, K) -> the most rows at which a layer of that shape leaves its scales to its consumer; above it its own
-GEMM scales (row-wise can beat tensor-wise + the consumer's scaling at prefill sizes; bench/fp8_where.py)."""
+GEMM scales. bench/fp8_where.py round 2 (H200, 8,192 rows): o row-wise 0.207 vs tensor-wise 0.210 ms, down
+0.719 vs 0.728, before the norm's ~6 us of scaling; at 256 rows tensor-wise wins (o 10.6 vs 14.1 us, down
+29.5 vs 39.9), and at 2,048 (bench/fp8.py's previous round) too."""
 
 FAST_ACCUM = False
 """cuBLAS's FP8 fast accumulation in torch._scaled_mm on CUDA (`use_fast_accum`): the tensor cores' partial sums
 are not promoted to float32 every few K blocks. vLLM's Hopper FP8 CUTLASS kernels run this way
-(KernelTmaWarpSpecialized*FP8FastAccum); bench/fp8_where.py measures its speed and its error against float64."""
+(KernelTmaWarpSpecialized*FP8FastAccum). Off: bench/fp8_where.py round 2 (H200) measured its error against the
+float64 product of the same operands at up to 1.1e-2 of the largest output (down, 256 rows; 2.7e-3 without),
+for 0.5% of the decode step's GEMMs and 5% of a prefill layer's."""
 
 _UNIT: dict[torch.device, torch.Tensor] = {}
 
