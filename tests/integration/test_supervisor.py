@@ -23,16 +23,22 @@ from tests.integration.test_make_run import session_members
 pytestmark = pytest.mark.timeout(300)
 
 
-def _pid_listening_as(sid: int, flag: str) -> int:
-    """The process of session `sid` whose command line holds `flag` (e.g. an engine's --port N)."""
-    for pid, _ in session_members(sid):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "services.engine" in cmd and flag in cmd:
-            return pid
-    raise LookupError(flag)
+def _pid_listening_as(sid: int, flag: str, timeout_s: float = 20) -> int:
+    """The process of session `sid` whose command line holds `flag` (e.g. an engine's --port N). A child
+    just started may still be between fork and exec (its command line the supervisor's) on a loaded
+    machine, so this looks again until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for pid, _ in session_members(sid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "services.engine" in cmd and flag in cmd:
+                return pid
+        if time.monotonic() > deadline:
+            raise LookupError(flag)
+        time.sleep(0.1)
 
 
 def test_folio_up_restarts_a_killed_engine_and_serves_on(tmp_path):
