@@ -31,16 +31,21 @@ QUERY_BUCKETS = (1024, 4096)
 # (head_dim, group, dtype bytes, has_prefix, query bucket) -> the keys that differ from BASE.
 # Filled from the H200 sweeps (32 q / 8 kv heads, d 128, bf16; bench/results/prefill_2026-11-29_h200.md, round 4):
 # 1 x 8192 fresh: 128-key tiles, the diagonal in 32-key tiles, 3 stages, no register cap (one 8-warp program
-# per SM) 98% of SDPA against BASE's 86%; 8 x 2048 fresh: BASE with paired query tiles 88% against 86%;
+# per SM) 98% of SDPA against BASE's 86%; 8 x 2048 fresh: BASE with paired query tiles 88% against 86% (until round 6);
 # 8 x (2048 + 512), 32 x 512 fresh and 4 x (2048 + 2048): BASE itself (124%, 77%, 130%).
 # Round 5 (bench/results/prefill_sweep_2026-11-29_h200_round5.txt): 32 x 512 fresh (the < 1024 key) takes 64-row
 # 4-warp programs (three per SM under a 168-register cap), 32-key tiles, 3 stages and the diagonal in the free
-# tiles' loop (ONE_LOOP 2): 80% of SDPA against BASE's 58-77%. SEQ_VEC stays 32 (64 measured within 1%): the
-# engine's warm-up steps stop at 48 sequences, so only SEQ_VEC 32's two builds are sure to be compiled there.
+# tiles' loop (ONE_LOOP 2): 77-80% of SDPA timed explicitly in rounds 5 and 6, BASE 58-77% (32 x 512 timings
+# moved by up to 20% within a run). SEQ_VEC stays 32 (64 measured within 1%): the engine's warm-up steps stop at
+# 48 sequences, so only SEQ_VEC 32's two builds are sure to be compiled there.
+# Round 6 (..._round6.txt): 8 x 2048 (the 1024-4095 key) takes the >= 4096 pick too, 128-key tiles with a 32-key
+# diagonal, 3 stages, no cap: best on 8 x 2048 in rounds 5 and 6 (87.7%, 88.3%) against paired tiles' 83-87%,
+# and one config fewer to compile. The Gluon kernel (config GLUON) lost everywhere (50-85%) and is in no entry.
+_LONG_FRESH = dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32)
 TABLE: dict[tuple, dict] = {
     (128, 4, 2, False, 0): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2),
-    (128, 4, 2, False, 1): dict(REVERSE=False, PAIR_TILES=True),
-    (128, 4, 2, False, 2): dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32),
+    (128, 4, 2, False, 1): _LONG_FRESH,
+    (128, 4, 2, False, 2): _LONG_FRESH,
 }
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
