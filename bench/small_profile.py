@@ -139,31 +139,6 @@ def decode_meta(b: int, ctx: int, device, block_size: int, first_block: int = 0)
     return torch.ones(b, dtype=torch.long, device=device), pos.to(device), meta
 
 
-def section_greedy(ceil: dict) -> list[dict]:
-    """kernels/greedy.py at the 1B's decode rows (256 and 1,024 x 128,256 bf16 logits): rows read in chunks of
-    1-8 tiles by programs of their own (the default BLOCKS_PER_CHUNK) against one program per row (32 tiles:
-    the kernel before), each checked against torch."""
-    from triton.testing import do_bench
-
-    from kernels.greedy import BLOCKS_PER_CHUNK, greedy_sample, greedy_sample_ref
-
-    rows = []
-    vocab = SHAPES[SHAPE]["vocab_size"]
-    print(f"\ngreedy sampling of [n, {vocab}] bf16 logits, ms (GB/s of logits read); default {BLOCKS_PER_CHUNK} tiles a chunk:")
-    for n in (256, 1024):
-        x = (3 * torch.randn(n, vocab, device="cuda")).to(torch.bfloat16)
-        ref_tokens, ref_lp = greedy_sample_ref(x)
-        line = f"   n {n}:"
-        for per in (1, 2, 4, 8, 32):
-            tokens, lp = greedy_sample(x, blocks_per_chunk=per)
-            ok = torch.equal(tokens, ref_tokens) and torch.allclose(lp.double(), ref_lp, atol=1e-4, rtol=1e-4)
-            ms = do_bench(lambda: greedy_sample(x, blocks_per_chunk=per), warmup=5, rep=25)
-            rows.append(dict(n=n, blocks_per_chunk=per, ms=ms, ok=ok))
-            line += f" {per} tiles {ms:.4f} ({x.numel() * 2 / ms / 1e6:.0f}){'' if ok else ' WRONG'};"
-        print(line, flush=True)
-    return rows
-
-
 def make_llm(shape: str, max_model_len: int, max_num_seqs: int, device: str):
     """An eager, synchronous engine on random weights (kernels show by name; the graphs here are our own)."""
     from folio import LLM
@@ -390,7 +365,7 @@ def section_engine(llm, requests: int, prompt: int, decode_to: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", nargs="+", default=["engine", "attn", "gemm"],
-                    choices=["overlap", "gemm", "attn", "engine", "greedy"])
+                    choices=["overlap", "gemm", "attn", "engine"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="the engine section only, tiny shape on CPU (a check of the script)")
     args = ap.parse_args()
@@ -416,7 +391,7 @@ def main() -> None:
         elif name == "engine":
             rec[name] = section_engine(llm, 1024, 256, 128)
         else:
-            rec[name] = {"gemm": section_gemm, "attn": section_attn, "greedy": section_greedy}[name](ceil)
+            rec[name] = {"gemm": section_gemm, "attn": section_attn}[name](ceil)
         print(f"[{name}: {time.perf_counter() - t:.1f} s]", flush=True)
     print(f"[total {time.perf_counter() - t0:.1f} s]")
     if args.json:

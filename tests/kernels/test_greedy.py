@@ -106,22 +106,3 @@ def test_engine_outputs_are_unchanged_by_the_fused_path(tmp_path, monkeypatch):
     for (ta, la), (tb, lb) in zip(*runs):
         assert ta == tb
         assert la == pytest.approx(lb, abs=1e-4)
-
-
-@pytest.mark.parametrize("blocks_per_chunk", [1, 2])
-def test_rows_read_in_chunks_combine_to_the_same_token_and_logprob(blocks_per_chunk):
-    """Rows split over several programs (chunks of `blocks_per_chunk` 64-wide tiles here, so a 300-column row
-    is 5 or 3 chunks, the last partial): the first maximum across chunks wins, and the chunks' sums combine
-    to the row's log-softmax."""
-    vocab = 300
-    g = torch.Generator().manual_seed(1)
-    x = (3 * torch.randn(5, vocab, generator=g))
-    x[0, [10, 130, 299]] = 20.0  # a tie across chunks: the first wins
-    x[1, [299, 298]] = 20.0  # a tie inside the last, partial chunk
-    x[2, 63:65] = 20.0  # a tie across a tile (and, with 1 tile per chunk, a chunk) boundary
-    x[3, :128] = float("-inf")  # whole chunks of -inf
-    x[4, 200] = 20.0
-    tokens, lp = greedy_sample(x.to(DEV), blocks_per_chunk=blocks_per_chunk, block=64)
-    ref_tokens, ref_lp = greedy_sample_ref(x)
-    assert tokens.tolist() == ref_tokens.tolist() == [10, 298, 63, tokens[3].item(), 200]
-    torch.testing.assert_close(lp.double().cpu(), ref_lp, atol=2e-6, rtol=1e-5)
