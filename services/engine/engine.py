@@ -173,9 +173,6 @@ class LLMEngine:
             return
         self.runner.warmup(self.max_model_len, c.max_num_seqs, self.max_num_batched_tokens)
         if not c.enforce_eager:
-            # The warm-up's activations (its largest step's) back to the device: the graphs' pool holds its own,
-            # and with mixed graphs up to the step budget no eager step needs them again.
-            torch.cuda.empty_cache()
             self.runner.capture_decode_graphs(min(c.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
             if c.mixed_cuda_graphs:
                 self.runner.capture_mixed_graphs(min(c.max_mixed_graph_tokens, self.max_num_batched_tokens),
