@@ -107,16 +107,22 @@ class _OpenedCall:
         self._task = asyncio.ensure_future(self._wait_ready(unimplemented))
 
     async def _wait_ready(self, unimplemented) -> None:
+        """Ready once the engine answered the opening; then wait for the call's end, so an engine without
+        GenerateStream is recognised however its UNIMPLEMENTED arrives: as trailers right after (empty)
+        initial metadata, which can resolve before the call reads as done, or raised by the wait itself."""
         try:
             await self.call.initial_metadata()
             if not self.call.done():
                 self.ready = True
-                return
-            if await self.call.code() == grpc.StatusCode.UNIMPLEMENTED:
-                log.info("engine without GenerateStream: requests go to it by Generate")
-                unimplemented()
-        except (grpc.aio.AioRpcError, asyncio.CancelledError):
-            pass
+            code = await self.call.code()
+        except asyncio.CancelledError:
+            return
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            self.ready = False
+            log.info("engine without GenerateStream: requests go to it by Generate")
+            unimplemented()
 
     def usable(self) -> bool:
         return self.ready and not self.call.done()
