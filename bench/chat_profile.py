@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode_profile import group_of  # noqa: E402
+from bench.mixed_graphs import step_inputs as make_step  # noqa: E402
 from bench.throughput import SHAPES, measure_ceilings, model_bytes_and_flops, write_config  # noqa: E402
 
 GEMM_MS = (1, 16, 32, 48, 64, 96, 128, 192, 256, 640)
@@ -273,39 +274,6 @@ def attention_sweep(cfg, ceil, max_model_len: int = 2064) -> list[dict]:
 
 
 # --- engine steps -----------------------------------------------------------------------------------------
-def make_step(runner, lens: list[tuple[int, int]], seed: int):
-    """StepInputs for sequences given as (new tokens, context incl. them), on disjoint blocks (contents are
-    whatever the pool holds); logits rows: the last token of each sequence."""
-    from services.engine.attention.metadata import AttentionMetadata
-    from services.engine.model_runner import StepInputs
-
-    bs, dev = runner.block_size, runner.device
-    need = [-(-ctx // bs) for _, ctx in lens]
-    width = -(-max(need) // 16) * 16
-    tables = np.zeros((len(lens), width), dtype=np.int32)
-    nxt = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = np.arange(nxt, nxt + n)
-        nxt += n
-    assert nxt <= runner.kv_caches[0].shape[1], "KV pool too small for the step"
-    pos = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in lens])
-    seq_of = np.repeat(np.arange(len(lens)), [n for n, _ in lens])
-    slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
-    q = [n for n, _ in lens]
-    qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
-    ids = np.random.default_rng(seed).integers(3, runner.cfg.vocab_size, len(pos))
-
-    def put(a, dtype):
-        return torch.as_tensor(np.asarray(a), dtype=dtype).to(dev)
-
-    meta = AttentionMetadata(
-        num_seqs=len(lens), num_tokens=len(pos), query_start_loc=put(qsl, torch.int32),
-        seq_lens=put([c for _, c in lens], torch.int32), block_tables=put(tables, torch.int32),
-        slot_mapping=put(slots, torch.int64), max_query_len=max(q), max_seq_len=max(c for _, c in lens),
-        query_lens_cpu=q, seq_lens_cpu=[c for _, c in lens])
-    return StepInputs(put(ids, torch.long), put(pos, torch.long), meta, put(qsl[1:] - 1, torch.long))
-
-
 def step_lens(kind: str, a: int, b: int) -> list[tuple[int, int]]:
     if kind == "decode":  # a sequences, contexts spread over [b/2, b] (the workload's are not all equal)
         return [(1, int(c)) for c in np.linspace(b // 2, b, a).round()] if a > 1 else [(1, b)]

@@ -43,13 +43,19 @@ CTX, CACHED = 300, 64
 
 
 def make_step(runner, decodes: int, chunk: int):
-    """StepInputs for D decodes at context CTX and one chunk of C tokens after CACHED cached ones, on
-    disjoint blocks (their contents are whatever the pool holds: both paths read the same)."""
+    """StepInputs for D decodes at context CTX and one chunk of C tokens after CACHED cached ones."""
+    lens = [(1, CTX)] * decodes + ([(chunk, CACHED + chunk)] if chunk else [])
+    return step_inputs(runner, lens, decodes * 1000 + chunk)
+
+
+def step_inputs(runner, lens: list[tuple[int, int]], seed: int):
+    """StepInputs for sequences given as (new tokens, context incl. them), on disjoint blocks (their
+    contents are whatever the pool holds: every path timed reads the same); logits rows: the last token of
+    each sequence. Shared by bench/chat_profile.py."""
     from services.engine.attention.metadata import AttentionMetadata
     from services.engine.model_runner import StepInputs
 
     bs, dev = runner.block_size, runner.device
-    lens = [(1, CTX)] * decodes + ([(chunk, CACHED + chunk)] if chunk else [])
     need = [-(-ctx // bs) for _, ctx in lens]
     width = -(-max(need) // 16) * 16
     tables = np.zeros((len(lens), width), dtype=np.int32)
@@ -63,8 +69,7 @@ def make_step(runner, decodes: int, chunk: int):
     slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
     q = [n for n, _ in lens]
     qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
-    rng = np.random.default_rng(decodes * 1000 + chunk)
-    ids = rng.integers(3, runner.cfg.vocab_size, len(pos))
+    ids = np.random.default_rng(seed).integers(3, runner.cfg.vocab_size, len(pos))
 
     def put(a, dtype):
         return torch.as_tensor(np.asarray(a), dtype=dtype).to(dev)
