@@ -180,6 +180,15 @@ def hop_p50(paths: list[dict[str, int]]) -> dict[str, float]:
     return {k: pct([d[k] for d in per if k in d], 0.5) for k in keys}
 
 
+async def _until_due(due: float) -> None:
+    """Return at perf_counter() == due, on time: asyncio's timers wake on epoll's millisecond ticks (late by
+    ~0.5 ms on average), so sleep to 2 ms before it, then yield until it."""
+    if due - time.perf_counter() > 0.002:
+        await asyncio.sleep(due - time.perf_counter() - 0.002)
+    while time.perf_counter() < due:
+        await asyncio.sleep(0)
+
+
 async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None, paths=None, due=None):
     """One request; `due`: its scheduled arrival (perf_counter), stamped as client.arrival."""
     req = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
@@ -217,13 +226,7 @@ async def _drive(address, reqs) -> dict:
         arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
 
         async def later(i, at, ids, out):
-            # asyncio's timers wake on epoll's millisecond ticks (late by ~0.5 ms on average): sleep to
-            # 2 ms before the arrival, then yield until it, so the request leaves on time.
-            due = t0 + at
-            if due - time.perf_counter() > 0.002:
-                await asyncio.sleep(due - time.perf_counter() - 0.002)
-            while time.perf_counter() < due:
-                await asyncio.sleep(0)
+            await _until_due(t0 + at)
             await _one(stub, pb, common_pb2, f"r{i}", ids, out, times, router_timing, paths, due=t0 + at)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
@@ -310,11 +313,7 @@ async def _drive_http(address: str, model: str, reqs) -> dict:
         arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
 
         async def later(i, at, ids, out):
-            due = t0 + at
-            if due - time.perf_counter() > 0.002:
-                await asyncio.sleep(due - time.perf_counter() - 0.002)
-            while time.perf_counter() < due:
-                await asyncio.sleep(0)
+            await _until_due(t0 + at)
             await _one_http(http, model, f"r{i}", ids, out, times)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
