@@ -627,13 +627,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
             consts["launch_pdl"] = True
     if kind == "gemv3":
         t = min(cfg.pop("T", 8), rows // 8)
-        if mode == 0:
-            jg = 8
-        elif group_size % (rows // 8) == 0 and rows % group_size == 0:
-            jg = group_size // (rows // 8)
-        else:
-            raise ValueError(f"the gemv3 kernel takes group sizes {rows // 8}, {rows // 4}, {rows // 2} or multiples of "
-                             f"{rows} (K = {k}), got {group_size}")
+        jg = w4a16_stream.group_words(group_size, k, rows, mode == 0, "gemv3")
         xpair = (cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
                  and x.data_ptr() % 4 == 0)  # int32 loads of x need 4-byte alignment
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,

@@ -277,6 +277,17 @@ def _w4a16_gemv4_kernel(
         t = t1
 
 
+def group_words(group_size: int, k: int, rows: int, whole: bool, kernel: str) -> int:
+    """JG of the M = 1 GEMVs (gemv3, gemv4): how many of a tile's 8 packed words share one group's scale and
+    zero; 8 when a group covers whole blocks of `rows` (or all of K)."""
+    if whole:
+        return 8
+    if group_size % (rows // 8) == 0 and rows % group_size == 0:
+        return group_size // (rows // 8)
+    raise ValueError(f"the {kernel} kernel takes group sizes {rows // 8}, {rows // 4}, {rows // 2} or multiples of "
+                     f"{rows} (K = {k}), got {group_size}")
+
+
 def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
     """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
     -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
@@ -286,13 +297,7 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     k, n = x.shape[1], qweight.shape[1]
     t = min(cfg.pop("T", 8), rows // 8)
     bn = cfg.pop("BLOCK_N", 128)
-    if group_size % rows == 0 or group_size >= k:
-        jg = 8
-    elif group_size % (rows // 8) == 0 and rows % group_size == 0:
-        jg = group_size // (rows // 8)
-    else:
-        raise ValueError(f"the gemv4 kernel takes group sizes {rows // 8}, {rows // 4}, {rows // 2} or multiples of "
-                         f"{rows} (K = {k}), got {group_size}")
+    jg = group_words(group_size, k, rows, group_size % rows == 0 or group_size >= k, "gemv4")
     xpair = (cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
              and x.data_ptr() % 4 == 0)
     on_gpu = x.is_cuda
