@@ -122,6 +122,9 @@ def decode_section(failures: list) -> list[dict]:
 
 
 # --- cuBLAS FP8 GEMMs: fast accumulation ----------------------------------------------------------------
+GEMM_MS = [256, 8192]
+
+
 def gemm_section() -> list[dict]:
     """Per 8B GEMM at decode's and prefill's M: bf16, and _scaled_mm row-wise / tensor-wise, each with and without
     fast accumulation (ms, one CUDA graph over weight copies that overflow L2), and each FP8 output's error
@@ -132,7 +135,7 @@ def gemm_section() -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(4)
     out = []
     one = torch.ones((), device=DEV)
-    for m in (256, 8192):
+    for m in GEMM_MS:
         for name, (k, n) in qb.SHAPES.items():
             bf = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.bfloat16)
                   for _ in range(qb.copies_for(2 * n * k))]
@@ -240,6 +243,135 @@ def silu_section(failures: list) -> dict:
     sm.FP8_LAUNCH[:] = launch
     print(f"kernels/silu_mul.py FP8_LAUNCH (applied for the throughput section): {launch!r}", flush=True)
     return {"rows": rows, "FP8_LAUNCH": launch}
+
+
+# --- the FP8 method's producer kernels (kernels/fp8_fused.py) and the quantization launch ----------------
+PRODUCER_MS = (256, 8192)
+NORM_WARPS = (None, 8)
+"""The norm's num_warps candidates (None: fused_norm's choice, 16 at hidden 4096; others may sum in another order
+and are applied only where their bits equal the committed kernel's)."""
+SWIGLU_QUANT = [{}, {"ROWS2": 8, "BLOCK2": 1024, "warps2": 4}]
+"""Quantizing-launch tiles tried over the committed SwiGLU launch ({}: the committed ones)."""
+
+
+def producers_section(failures: list) -> dict:
+    """At 256 and 8,192 rows (Llama-3-8B: hidden 4096, intermediate 14336), each checked bit for bit against the
+    committed kernels before it is timed (one CUDA graph of 4 calls): add + RMSNorm + FP8 with deferred scales
+    (kernels/fused_norm.py's, then kernels/fp8_fused.py's with software and hardware e4m3 rounding and NORM_WARPS),
+    SwiGLU + FP8 (kernels/silu_mul.py's, then fp8_fused's, SWIGLU_QUANT), and kernels/fp8_quant.py's
+    activation quantization (software, hardware rounding). Applies HW_CVT (kernels/fp8_quant.py) where every
+    hardware-rounding launch matched and was no slower in total, and fp8_fused's NORM_LAUNCH / FP8_LAUNCH
+    winners."""
+    from kernels import fp8_fused, fp8_quant
+    from kernels import fused_norm as fn
+
+    g = torch.Generator(device=DEV).manual_seed(8)
+    rows, out = [], {"ms": {}}
+    hw_ok, tot = True, {"soft": 0.0, "hw": 0.0}
+    norm_best, swiglu_best = {}, {}
+    for m in PRODUCER_MS:
+        x = (torch.randn(m, 4096, generator=g, device=DEV) * 30).to(torch.bfloat16)
+        res = torch.randn(m, 4096, generator=g, device=DEV).to(torch.bfloat16)
+        w = (1 + 0.1 * torch.randn(4096, generator=g, device=DEV)).to(torch.bfloat16)
+        xs = (torch.rand(m, 1, generator=g, device=DEV) * 0.01, torch.rand(1, 4096, generator=g, device=DEV) * 0.01)
+        want = fn.add_rms_norm_fp8(x, res.clone(), w, 1e-5, x_scales=xs)
+        t = {"committed": qb.graph_ms([lambda r=res.clone(): fn.add_rms_norm_fp8(x, r, w, 1e-5, x_scales=xs)] * 4)}
+        for hw in (False, True):
+            for nw in NORM_WARPS if hw else (None,):
+                def run(hw=hw, nw=nw, r=res.clone()):
+                    return fp8_fused.add_rms_norm_fp8(x, r, w, 1e-5, x_scales=xs, hw_cvt=hw, num_warps=nw)
+                got = qb.attempt(lambda: run(r=res.clone()))
+                ok = not isinstance(got, Exception) and torch.equal(got[0].view(torch.uint8), want[0].view(
+                    torch.uint8)) and torch.equal(got[1], want[1])
+                tag = f"{'hw' if hw else 'soft'} warps {nw or 'default'}"
+                if nw is None:  # the committed reduction order: a mismatch is a failure
+                    qb.record(rows, failures, ok, check="norm_fp8_bits", M=m, variant=tag,
+                              error=repr(got)[:200] if isinstance(got, Exception) else None)
+                    hw_ok &= ok or not hw
+                if not ok:
+                    print(f"norm_fp8 M={m} {tag}: bits differ from the committed kernel (not applied)", flush=True)
+                    continue
+                t[tag] = qb.graph_ms([run] * 4)
+                if hw and (m not in norm_best or t[tag] < norm_best[m][1]):
+                    norm_best[m] = (nw, t[tag])
+        tot["soft"] += t.get("soft warps default", float("nan"))
+        tot["hw"] += t.get("hw warps default", float("nan"))
+        out["ms"][f"norm M={m}"] = t
+        print(f"norm_fp8 M={m:<5} " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()), flush=True)
+
+        gu = (torch.randn(m, 2 * INTER, generator=g, device=DEV) * 40).to(torch.bfloat16)
+        sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01, torch.rand(1, 2 * INTER, generator=g, device=DEV) * 0.01)
+        want = sm.silu_mul_fp8(gu, scales=sc)
+        base = next((c for most, c in sm.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT)
+        t = {"committed": qb.graph_ms([lambda: sm.silu_mul_fp8(gu, scales=sc)] * 4)}
+        for hw in (False, True):
+            for extra in SWIGLU_QUANT if hw else ({},):
+                cfg = dict(base, **extra)
+                def run(hw=hw, cfg=cfg):
+                    return fp8_fused.silu_mul_fp8(gu, scales=sc, split=cfg, hw_cvt=hw)
+                got = qb.attempt(run)
+                ok = not isinstance(got, Exception) and torch.equal(got[0].view(torch.uint8), want[0].view(
+                    torch.uint8)) and torch.equal(got[1], want[1])
+                tag = f"{'hw' if hw else 'soft'} {extra or 'committed tiles'}"
+                qb.record(rows, failures, ok, check="swiglu_fp8_bits", M=m, variant=tag,
+                          error=repr(got)[:200] if isinstance(got, Exception) else None)
+                hw_ok &= ok or not hw
+                if not ok:
+                    continue
+                t[tag] = qb.graph_ms([run] * 4)
+                if hw and (m not in swiglu_best or t[tag] < swiglu_best[m][1]):
+                    swiglu_best[m] = (cfg, t[tag])
+        tot["soft"] += t.get("soft committed tiles", float("nan"))
+        tot["hw"] += t.get("hw committed tiles", float("nan"))
+        out["ms"][f"swiglu M={m}"] = t
+        print(f"swiglu_fp8 M={m:<5} " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()), flush=True)
+
+        a = (torch.randn(m, 4096, generator=g, device=DEV) * 3).to(torch.bfloat16)
+        want = quantize_fp8_rows(a, hw_cvt=False)
+        got = quantize_fp8_rows(a, hw_cvt=True)
+        ok = torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+        qb.record(rows, failures, ok, check="quant_rows_hw_bits", M=m)
+        hw_ok &= ok
+        t = {hw: qb.graph_ms([lambda hw=hw: quantize_fp8_rows(a, hw_cvt=hw)] * 4) for hw in (False, True)}
+        tot["soft"] += t[False]
+        tot["hw"] += t[True]
+        out["ms"][f"quant M={m}"] = {str(k): v for k, v in t.items()}
+        print(f"quant_rows M={m:<5} soft {t[False] * 1e3:.1f}us  hw {t[True] * 1e3:.1f}us", flush=True)
+        del x, res, gu, a
+    fp8_quant.HW_CVT = hw_ok and tot["hw"] <= tot["soft"] * 1.01
+    fp8_fused.NORM_LAUNCH[:] = [(1024 if m == 256 else 1 << 30, nw) for m, (nw, _) in sorted(norm_best.items())] \
+        if fp8_quant.HW_CVT else []
+    if fp8_quant.HW_CVT and 256 in swiglu_best and 8192 in swiglu_best:
+        sm.FP8_LAUNCH[:] = [e for e in sm.FP8_LAUNCH if e[0] <= 64] + [(1024, swiglu_best[256][0]),
+                                                                       (1 << 30, swiglu_best[8192][0])]
+    out["applied"] = {"HW_CVT": fp8_quant.HW_CVT, "NORM_LAUNCH": list(fp8_fused.NORM_LAUNCH),
+                      "FP8_LAUNCH": list(sm.FP8_LAUNCH), "total_ms": tot}
+    out["checks"] = rows
+    print(f"producers: software rounding {tot['soft'] * 1e3:.1f} us, hardware {tot['hw'] * 1e3:.1f} us over the "
+          f"timed calls; applied {out['applied']}", flush=True)
+    return out
+
+
+def fast_accum_prefill(gemm_rows) -> dict:
+    """FAST_ACCUM_MIN_M (quantization/fp8.py) = 4097 (prefill rows: o and down above DEFER_MAX_M scale their own
+    output, row-wise) where the gemm section measured every 8B GEMM's fast-accumulation error at 8,192 rows within
+    1e-2 of the largest output and the layer (row-wise qkv, o, down; tensor-wise gate_up) faster by 1% or more."""
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    rs = {r["shape"]: r for r in gemm_rows or [] if r["M"] == 8192}
+    if len(rs) != 4:
+        return {"applied": None}
+    errs = [rs[k]["err"].get(kind + " fast", {}).get("max", 1.0) for k in rs for kind in ("rowwise", "tensorwise")]
+
+    def layer(tag):
+        return sum(rs[k]["ms"]["rowwise" + tag] for k in ("qkv", "o", "down")) + rs["gate_up"]["ms"]["tensorwise" + tag]
+
+    gain = layer("") / layer(" fast")
+    ok = all(e <= 1e-2 for e in errs) and gain >= 1.01
+    fp8mod.FAST_ACCUM_MIN_M = 4097 if ok else None
+    print(f"fast accumulation at 8,192 rows: layer {layer(''):.3f} -> {layer(' fast'):.3f} ms ({gain:.3f}x), max "
+          f"error {max(errs):.1e}; FAST_ACCUM_MIN_M applied: {fp8mod.FAST_ACCUM_MIN_M}", flush=True)
+    return {"gain": gain, "max_err": max(errs), "applied": fp8mod.FAST_ACCUM_MIN_M}
 
 
 # --- what the engines run, as committed ------------------------------------------------------------------
@@ -562,17 +694,21 @@ def throughput(label: str, weights: str, kv: str, chat_requests: int = 0, prompt
 
 ENGINES = [("fp8 + fp8 KV", "fp8", "fp8"), ("fp8", "fp8", "auto"), ("bf16", "bf16", "auto")]
 """In this order, so that a short budget drops the known one (bf16: docs/performance.md has its profile)."""
-THROUGHPUT_ENGINES = [("bf16", "bf16", "auto"), ("fp8 + fp8 KV", "fp8", "fp8"), ("fp8", "fp8", "auto")]
+THROUGHPUT_ENGINES = [("bf16", "bf16", "auto"), ("fp8", "fp8", "auto"), ("fp8 + fp8 KV", "fp8", "fp8")]
+"""bf16 and FP8 weights first (the headline ratio), FP8 + FP8 KV last (the same weights: its pool's blocks
+against the FP8 engine's are the tokens that fit at the same memory utilization)."""
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later parts are skipped past it")
+    ap.add_argument("--gemm-ms", type=int, nargs="+", default=GEMM_MS, help="the gemm section's row counts")
     ap.add_argument("--chat-requests", type=int, default=0, help="chat requests per 16-bit-KV throughput engine")
     ap.add_argument("--sections", nargs="+", default=["decode", "gemm", "silu", "engine", "throughput"],
-                    choices=["decode", "gemm", "silu", "ab", "committed", "engine", "throughput"])
+                    choices=["decode", "gemm", "silu", "producers", "ab", "committed", "engine", "throughput"])
     args = ap.parse_args()
+    GEMM_MS[:] = args.gemm_ms
     start = time.time()
     failures: list = []
     result: dict = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
@@ -586,6 +722,13 @@ def main() -> int:
     if "silu" in args.sections:
         result["silu"] = qb.attempt(lambda: silu_section(failures))
         print(f"silu section done at {time.time() - start:.0f} s", flush=True)
+    if "producers" in args.sections:
+        result["producers"] = qb.attempt(lambda: producers_section(failures))
+        if not isinstance(result["producers"], dict):
+            print(f"producers: {result['producers']!r}"[:400], flush=True)
+        if isinstance(result.get("gemm"), list) and "ab" not in args.sections:
+            result["fast_accum_prefill"] = qb.attempt(lambda: fast_accum_prefill(result["gemm"]))
+        print(f"producers section done at {time.time() - start:.0f} s", flush=True)
     if "ab" in args.sections:
         result["ab_checks"] = qb.attempt(lambda: check_ab_decode(failures))
         gemm_rows = result.get("gemm") if isinstance(result.get("gemm"), list) else None
@@ -625,6 +768,11 @@ def main() -> int:
                 if base and r.get("workload") == wname:
                     r["vs_bf16"] = r["output_tok_s"] / base["output_tok_s"]
                     print(f"  {wname:<6} {r['engine']:<16}{r['output_tok_s']:>9.0f} tok/s  {r['vs_bf16']:.2f}x bf16")
+        blocks = {r["engine"]: r.get("kv_blocks") for r in result["throughput"] if r.get("workload") == "fixed"}
+        if blocks.get("fp8") and blocks.get("fp8 + fp8 KV"):
+            result["kv_tokens_ratio"] = blocks["fp8 + fp8 KV"] / blocks["fp8"]
+            print(f"  KV pool at 0.9 utilization, FP8 weights: {blocks['fp8']} blocks with a bf16 pool, "
+                  f"{blocks['fp8 + fp8 KV']} with an fp8 pool ({result['kv_tokens_ratio']:.2f}x the tokens)")
     result["failures"] = failures
     result["seconds"] = round(time.time() - start, 1)
     path = args.json or os.path.join(BENCH, "results", f"fp8_where_{result['date']}.json")

@@ -30,9 +30,20 @@ def quantize_row(y, scale):
 
 
 @triton.jit
+def quantize_row_cvt(y, scale, HW_CVT: tl.constexpr):
+    """y / scale (correctly rounded), clamped to +-448: with HW_CVT the caller's cast to float8 rounds to nearest
+    even (the hardware's satfinite conversion); else rounded here to exact e4m3 values (quantize_row). HW_CVT is
+    off under the interpreter, whose fp8 downcast is inexact (kernels/reshape_and_cache.py)."""
+    if HW_CVT:
+        return tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
+    return quantize_row(y, scale)
+
+
+@triton.jit
 def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, ub,
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
+    HW_CVT: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
@@ -53,23 +64,30 @@ def _quant_rows_kernel(
         scale = row_scale(amax, ub, HAS_UB)
     tl.store(s_ptr + row, scale)
     if ONE_PASS:
-        q = quantize_row(xk, scale)
+        q = quantize_row_cvt(xk, scale, HW_CVT)
         tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            q = quantize_row(v, scale)
+            q = quantize_row_cvt(v, scale, HW_CVT)
             tl.store(q_row + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
 
+
+HW_CVT = False
+"""Whether the GPU's FP8 quantization (this file's, kernels/fp8_fused.py's) rounds by the hardware's e4m3
+conversion (quantize_row_cvt) rather than in float32 integer ops: meant to be the same bits; off until
+bench/fp8_where.py (producers section) has checked them on the GPU and measured the gain (it turns it on for
+its engines where both hold)."""
 
 MAX_ONE_PASS = 16384
 """Rows up to this many features are held in registers (Llama-3-8B's widest input is 14336)."""
 
 
 def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None, ub: float | None = None,
-                      block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_k: int | None = None, hw_cvt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (float8_e4m3fn [M, K], float32 scales [M, 1]): dynamic per token, or `static_scale` (one
-    float32 element) for every token. `block_k` forces the two-pass loop (tests)."""
+    float32 element) for every token. `block_k` forces the two-pass loop (tests). `hw_cvt`: round by the
+    hardware's e4m3 conversion (the same bits; default HW_CVT on CUDA, never under the interpreter)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     m, k = x.shape
@@ -87,5 +105,5 @@ def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None,
         x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), q.stride(0),
         float(ub) if ub is not None else 0.0,
         BLOCK_K=block, STATIC=static_scale is not None, HAS_UB=ub is not None, ONE_PASS=one_pass,
-        num_warps=8 if block >= 4096 else 4)
+        HW_CVT=(HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, num_warps=8 if block >= 4096 else 4)
     return q, s

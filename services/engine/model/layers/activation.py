@@ -59,18 +59,18 @@ class ActAndMul(torch.nn.Module):
     def forward(self, gate_up: torch.Tensor, quant_for=None) -> torch.Tensor:
         """`quant_for`: the linear layer that alone reads the result (as RMSNorm.forward's). `gate_up` may be an
         FP8Output, whose scales the fused kernels apply (quantization/fp8.py)."""
-        from services.engine.model.quantization.fp8 import FP8Input, FP8Output, dense, takes_fp8_input
+        from services.engine.model.quantization.fp8 import FP8Output, dense, swiglu_fp8, takes_fp8_input
 
         if isinstance(gate_up, SiluMulOutput):
             return gate_up.y
         scaled = isinstance(gate_up, FP8Output)
         raw = gate_up.raw if scaled else gate_up
         if self.fused and self.act is F.silu and raw.dim() == 2:
-            from kernels.silu_mul import silu_mul, silu_mul_fp8
+            from kernels.silu_mul import silu_mul
 
             scales = (gate_up.row, gate_up.col) if scaled else None
             if quant_for is not None and takes_fp8_input(quant_for, raw.shape[0]):
-                return FP8Input(*silu_mul_fp8(raw, quant_for.method.scale_ub, scales=scales))
+                return swiglu_fp8(raw, quant_for.method.scale_ub, scales=scales)
             return silu_mul(raw, scales=scales)
         gate_up = dense(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)

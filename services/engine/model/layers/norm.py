@@ -36,17 +36,16 @@ class RMSNorm(torch.nn.Module):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual). `quant_for`: the
         linear layer that alone reads the result; when it takes FP8 input (quantization/fp8.py,
         takes_fp8_input) the fused kernel returns the result quantized for it, as an FP8Input."""
-        from services.engine.model.quantization.fp8 import FP8Input, FP8Output, dense, takes_fp8_input
+        from services.engine.model.quantization.fp8 import FP8Output, dense, norm_fp8, takes_fp8_input
 
         scaled = isinstance(x, FP8Output)  # an FP8 GEMM's output whose scales are applied here, in the kernel
         raw = x.raw if scaled else x
         if self.fused and not (self.gemma or self.scale_in_float32) and self.tp is None and raw.dim() == 2:
-            from kernels.fused_norm import add_rms_norm, add_rms_norm_fp8
+            from kernels.fused_norm import add_rms_norm
 
             xs = (x.row, x.col) if scaled else None
             if quant_for is not None and takes_fp8_input(quant_for, raw.shape[0]):
-                out = FP8Input(*add_rms_norm_fp8(raw, residual, self.weight, self.eps, quant_for.method.scale_ub,
-                                                 x_scales=xs))
+                out = norm_fp8(raw, residual, self.weight, self.eps, quant_for.method.scale_ub, x_scales=xs)
             else:
                 out = add_rms_norm(raw, residual, self.weight, self.eps, x_scales=xs)
             return out if residual is None else (out, residual)  # residual updated in place

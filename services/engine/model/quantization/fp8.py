@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8_gemv, fp8_w8a8
+from kernels import fp8_fused, fp8_gemv, fp8_w8a8
 from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
 from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
@@ -111,6 +111,11 @@ are not promoted to float32 every few K blocks. vLLM's Hopper FP8 CUTLASS kernel
 float64 product of the same operands at up to 1.1e-2 of the largest output (down, 256 rows; 2.7e-3 without),
 for 0.5% of the decode step's GEMMs and 5% of a prefill layer's."""
 
+FAST_ACCUM_MIN_M: int | None = None
+"""Fast accumulation from this many rows up (prefill-sized GEMMs) when FAST_ACCUM is off; None: nowhere.
+bench/fp8_where.py sets it where its error at 8,192 rows stays within 1e-2 of the largest output for every
+8B GEMM (round 2: 4.7e-3 ... 8.3e-3; 2.1e-3 ... 2.5e-3 without) and the prefill layer gains."""
+
 _UNIT: dict[torch.device, torch.Tensor] = {}
 
 
@@ -172,8 +177,23 @@ def fp8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
 
 
 def _fast_accum(xq: torch.Tensor) -> dict:
-    """_scaled_mm's accumulation argument: FAST_ACCUM on CUDA (the CPU kernel has no fast mode)."""
-    return {"use_fast_accum": True} if FAST_ACCUM and xq.is_cuda else {}
+    """_scaled_mm's accumulation argument: FAST_ACCUM (or FAST_ACCUM_MIN_M's rows) on CUDA (the CPU kernel has
+    no fast mode)."""
+    fast = FAST_ACCUM or (FAST_ACCUM_MIN_M is not None and xq.shape[0] >= FAST_ACCUM_MIN_M)
+    return {"use_fast_accum": True} if fast and xq.is_cuda else {}
+
+
+def norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, ub: float | None,
+             x_scales=None) -> FP8Input:
+    """The fused add + RMSNorm (Llama's rounding) quantized per token for the FP8 layer that reads it
+    (kernels/fp8_fused.py; `residual` updated in place; `x_scales`: x is an FP8Output's raw, as its row, col)."""
+    return FP8Input(*fp8_fused.add_rms_norm_fp8(x, residual, weight, eps, ub, x_scales=x_scales))
+
+
+def swiglu_fp8(gate_up: torch.Tensor, ub: float | None, scales=None) -> FP8Input:
+    """silu(gate) * up quantized per token for the FP8 layer that reads it (kernels/fp8_fused.py; `scales`: gate_up
+    is an FP8Output's raw, as its row, col)."""
+    return FP8Input(*fp8_fused.silu_mul_fp8(gate_up, ub, scales=scales))
 
 
 class FP8Method:

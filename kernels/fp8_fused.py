@@ -1,0 +1,162 @@
+"""The FP8 method's producer kernels: add + RMSNorm (Llama's rounding) and SwiGLU, each ending in FP8 quantization
+per token, with the e4m3 rounding done by the hardware's conversion on the GPU (HW_CVT). The same arithmetic
+and bits as kernels/fused_norm.py's add_rms_norm_fp8 and kernels/silu_mul.py's silu_mul_fp8 (which round in
+float32 integer ops, exact under the interpreter too); quantization/fp8.py picks these on CUDA.
+
+Why: the quantizing passes are bound by instructions, not bytes (bench/fp8_where.py round 2, H200: the SwiGLU
+quantizing launch took 165 us at 8,192 rows against ~80 us of traffic); the software rounding is ~15 integer
+ops per element where the conversion (cvt.rn.satfinite.e4m3x2.f32) is one per two. The interpreter's own fp8
+downcast is inexact (ties round up; kernels/reshape_and_cache.py), so HW_CVT is off there and the software
+rounding runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import fp8_quant, pdl
+from kernels.fp8_quant import quantize_row_cvt, row_scale
+from kernels import silu_mul
+from kernels.silu_mul import _check as _silu_check
+from kernels.silu_mul import _silu_mul_amax_kernel
+
+
+@triton.jit
+def _add_norm_fp8_kernel(
+    x_ptr, residual_ptr, weight_ptr, q_ptr, s_ptr, xr_ptr, xc_ptr,
+    stride_x, stride_r, stride_q, hidden, eps, ub,
+    HAS_RESIDUAL: tl.constexpr, X_SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr = False,  # kernels/pdl.py, as fused_norm's
+):
+    """One row: x (times its row and column scales when X_SCALED, rounded to the model dtype) + residual (stored
+    back), RMSNorm in float32 cast to the model dtype, times the weight, then FP8 per token. The expression
+    order is kernels/fused_norm.py's, operation for operation (the bits depend on it)."""
+    pdl.enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if X_SCALED:
+        xc = tl.load(xc_ptr + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) * tl.load(xr_ptr + row) * xc).to(x_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(residual_ptr.dtype.element_ty)
+        tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / hidden
+    normed = xf * tl.rsqrt(var + eps)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = w * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.where(mask, y.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    scale = row_scale(tl.max(tl.abs(y), axis=0), ub, HAS_UB)
+    tl.store(s_ptr + row, scale)
+    q = quantize_row_cvt(y, scale, HW_CVT)
+    tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+NORM_LAUNCH: list = []
+"""[(max rows, num_warps)]: the norm's warps by row count where measured faster with the same bits
+(bench/fp8_where.py); rows past every bound, or none listed: fused_norm's choice (16 at hidden 4096)."""
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     ub: float | None = None, x_scales=None, hw_cvt: bool | None = None,
+                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/fused_norm.py's add_rms_norm_fp8 (same arguments, same bits: float8_e4m3fn [T, hidden], float32
+    scales [T, 1]; `residual` updated in place). `hw_cvt`: the hardware's e4m3 conversion (default: kernels/fp8_quant.py's HW_CVT, on CUDA);
+    `num_warps`: fused_norm's choice by default (the row's sum is reduced in the same order then)."""
+    hidden = x.shape[-1]
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (hidden,):
+        raise ValueError(f"x must be [num_tokens, hidden] with a contiguous last dim and weight [hidden]; got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype):
+        raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
+    if x_scales is not None and (x_scales[0].numel() != x.shape[0] or x_scales[1].numel() != hidden
+                                 or x_scales[0].dtype != torch.float32 or x_scales[1].dtype != torch.float32):
+        raise ValueError(f"x_scales must be float32 [{x.shape[0]}] and [{hidden}] row and column scales")
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
+        return q, s
+    block = triton.next_power_of_2(hidden)
+    r = residual if residual is not None else x
+    xr, xc = x_scales if x_scales is not None else (s, s)
+    _add_norm_fp8_kernel[(x.shape[0],)](
+        x, r, weight, q, s, xr, xc, x.stride(0), r.stride(0), q.stride(0), hidden, eps,
+        float(ub) if ub is not None else 0.0,
+        HAS_RESIDUAL=residual is not None, X_SCALED=x_scales is not None, HAS_UB=ub is not None,
+        HW_CVT=(fp8_quant.HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, BLOCK=block,
+        num_warps=num_warps or _norm_warps(x.shape[0], block), **pdl.args(x))
+    return q, s
+
+
+def _norm_warps(m: int, block: int) -> int:
+    return next((w for most, w in NORM_LAUNCH if m <= most and w), None) or min(16, max(1, block // 256))
+
+
+@triton.jit
+def _quant_by_parts_kernel(
+    y_ptr, part_ptr, q_ptr, s_ptr, t, inter, nblk, ub,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
+):
+    """kernels/silu_mul.py's quantizing launch of the split SwiGLU + FP8 path, rounding by quantize_row_cvt: each
+    row's scale from its tiles' amaxes, then a [ROWS, BLOCK] tile of y quantized; column block 0 writes the scales."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    r_ok, c_ok = rows < t, offs < inter
+    rows64 = rows.to(tl.int64)
+    pb = tl.arange(0, NBLK)
+    parts = tl.load(part_ptr + rows64[:, None] * nblk + pb[None, :], mask=r_ok[:, None] & (pb < nblk)[None, :],
+                    other=0.0)
+    scale = row_scale(tl.max(parts, axis=1), ub, HAS_UB)
+    mask = r_ok[:, None] & c_ok[None, :]
+    y = tl.load(y_ptr + rows64[:, None] * inter + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
+    tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    if blk == 0:
+        tl.store(s_ptr + rows, scale, mask=r_ok)
+
+
+SPLIT_DEFAULT = {"ROWS": 4, "BLOCK": 512, "num_warps": 4}
+"""The split launch where kernels/silu_mul.py's FP8_LAUNCH (the table of measured launches, by row count) names a
+one-program-per-row launch for the row count."""
+
+
+def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, split: dict | None = None,
+                 hw_cvt: bool | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/silu_mul.py's silu_mul_fp8 in its split form (same bits): SwiGLU over [ROWS, BLOCK] tiles to a 16-bit
+    scratch with per-tile amaxes (silu_mul.py's launch), then this file's quantizing launch. `split`: the
+    launch config (default silu_mul.py's FP8_LAUNCH entry for the row count, if split); `hw_cvt` as
+    add_rms_norm_fp8's."""
+    _silu_check(gate_up, scales)
+    t, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
+    s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
+    if t == 0:
+        return q, s
+    cfg = split or next((c for most, c in silu_mul.FP8_LAUNCH if t <= most), SPLIT_DEFAULT)
+    cfg = cfg if "ROWS" in cfg else SPLIT_DEFAULT
+    rows, block, warps = cfg["ROWS"], cfg["BLOCK"], cfg.get("num_warps", 4)
+    rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
+    nblk = triton.cdiv(inter, block)
+    y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
+    part = torch.empty((t, nblk), dtype=torch.float32, device=gate_up.device)
+    rs, cs = scales if scales is not None else (s, s)
+    grid1 = (triton.cdiv(t, rows), nblk)
+    grid2 = (triton.cdiv(t, rows2), triton.cdiv(inter, block2))
+    a1 = (gate_up, y, part, rs, cs, t, inter, nblk, gate_up.stride(0))
+    c1 = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, num_warps=warps)
+    a2 = (y, part, q, s, t, inter, nblk, float(ub) if ub is not None else 0.0)
+    c2 = dict(ROWS=rows2, BLOCK=block2, NBLK=max(2, triton.next_power_of_2(nblk)), HAS_UB=ub is not None,
+              HW_CVT=(fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt, num_warps=warps2)
+    if warmup:
+        _silu_mul_amax_kernel.warmup(*a1, grid=grid1, **c1)
+        _quant_by_parts_kernel.warmup(*a2, grid=grid2, **c2)
+    else:
+        _silu_mul_amax_kernel[grid1](*a1, **c1)
+        _quant_by_parts_kernel[grid2](*a2, **c2)
+    return q, s
