@@ -1,0 +1,509 @@
+"""Where the 8B fixed workload's steps lose against their ceilings, kernel by kernel, and which decode variants win.
+
+    python bench/decode_fixed.py --json bench/results/decode_fixed_<date>_h200.json       # ~70 s on an H200
+    TRITON_INTERPRET=1 python bench/decode_fixed.py --shape tiny --device cpu --dtype float32 --quick   # smoke test
+
+The fixed workload (bench/throughput.py) decodes 256 sequences whose contexts are all equal (256 + step), after
+eight 8,192-token prefill steps of 32 fresh prompts each. This script, on one process:
+1. measures the ceilings (bench/throughput.measure_ceilings: copy GB/s, bf16 matmul TFLOP/s);
+2. decode attention at 256 sequences x equal contexts (and a spread one): every launch variant is checked
+   against the torch reference, then timed from a CUDA graph of 10 calls (so the host's launch time is not
+   measured); the KV read rate against the copy ceiling, beside a torch gather of the same blocks;
+3. each projection at 256 and 8,192 rows with cuBLAS and cuBLASLt, against max(FLOPs at the matmul rate,
+   bytes at the copy rate);
+4. on a random-weight engine of the shape: the decode step of 256 x 384 from a CUDA graph and eagerly, the
+   sum of its kernels (torch.profiler) and what is left (kernel boundaries), each kernel against its own
+   ceiling; the 8,192-token prefill step likewise, and its eager host launch time against its device time
+   (whether a mixed-step graph can gain anything there);
+5. decode-step variants re-captured into the graph (attention launch configs, split count, PDL off,
+   cuBLASLt at 256 rows), each step's logits compared with the baseline's first; prints which wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.chat_profile import device_ms, layer_shapes, step_ceiling_ms  # noqa: E402
+from bench.decode_profile import group_of  # noqa: E402
+from bench.mixed_graphs import step_inputs, time_step  # noqa: E402
+from bench.throughput import SHAPES, measure_ceilings, model_bytes_and_flops, write_config  # noqa: E402
+
+BLOCK = 16
+SEQS, CTX = 256, 384
+"""The fixed workload's decode step at its mean context (256 in + 128 of 256 out)."""
+ATTN_CONFIGS = [dict(TILE_N=t, num_warps=w, num_stages=s)
+                for t, w, s in ((64, 4, 2), (64, 4, 3), (32, 4, 3), (32, 4, 4), (32, 2, 3), (64, 2, 3), (128, 4, 2),
+                                (128, 8, 2), (64, 8, 2), (32, 4, 2))]
+"""Launch configs timed at the decode shape (the first is the engine's default on an H200)."""
+
+
+# --- timing helpers ----------------------------------------------------------------------------------------
+def graph_ms(fn, device, calls: int = 10, reps: int = 5) -> float:
+    """Device ms per call of fn from a CUDA graph of `calls` calls (median of reps replays); on CPU one call's
+    wall time. Each call must read more than the L2 holds (true of every shape timed here) or be given
+    rotating operands by the caller."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t)
+    fn()
+    torch.cuda.synchronize(device)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize(device)
+    out = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        out.append(e0.elapsed_time(e1) / calls)
+    del g
+    return float(np.median(out))
+
+
+def kv_case(seqs: int, lens: list[int], hkv: int, d: int, device, dtype, seed: int = 0):
+    """q, a KV pool holding the sequences' blocks in shuffled order (as a pool is after many requests), block
+    tables, seq_lens."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    need = [-(-n // BLOCK) for n in lens]
+    width = max(need)
+    nblocks = sum(need)
+    kv = torch.randn(2, nblocks, BLOCK, hkv, d, device=device, dtype=dtype, generator=g)
+    perm = torch.randperm(nblocks, device=device, generator=g).to(torch.int32)
+    tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    return kv, tables, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+# --- 2. decode attention -----------------------------------------------------------------------------------
+def _compile_attn(job: tuple[dict, int, int, int, int]) -> str:
+    """(in a worker process) Build one decode launch (and its split reduce) into Triton's on-disk cache, on a
+    small pool of the real layout (the strides the kernel specializes on are the pool's, not its size)."""
+    import kernels.paged_decode as pd
+
+    cfg, split, hq, hkv, d = job
+    try:
+        kv, tables, lens = kv_case(SEQS, [CTX] * 4 + [16] * (SEQS - 4), hkv, d, torch.device("cuda"), torch.bfloat16)
+        q = torch.zeros(SEQS, hq, d, device="cuda", dtype=torch.bfloat16)
+        pd.paged_decode(q, kv, tables, lens, d ** -0.5, max_seq_len=CTX, num_splits=split, config=cfg)
+        torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # reported again by the timed process
+        return f"{cfg} split {split}: {type(e).__name__}"
+
+
+def precompile_attention(trials, hq, hkv, d) -> None:
+    """Compile every decode launch in worker processes first (serially ~1.5 s each)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    work = [(c, s, hq, hkv, d) for c, s in trials]
+    try:
+        with ProcessPoolExecutor(min(8, len(work)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            errors = [e for e in pool.map(_compile_attn, work) if e]
+    except Exception as e:  # a broken pool: the timed process compiles what is left itself
+        errors = [f"pool: {type(e).__name__}: {e}"]
+    print(f"precompiled {len(work)} decode launches in {time.perf_counter() - t0:.0f} s"
+          + (f"; errors: {errors[:3]}" if errors else ""), flush=True)
+
+
+def attention_part(cfg, ceil, device, dtype, quick: bool) -> list[dict]:
+    import kernels.paged_decode as pd
+
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    configs = [pd._decode_config(d, dtype)] if quick else ATTN_CONFIGS
+    extra = [(configs[0], 2), (configs[0], 4), (dict(configs[0], HEADS_FASTEST=False), 1),
+             (dict(configs[0], EVICTION="evict_first"), 1)] if not quick else [(configs[0], 2)]
+    fixed = [(c, 1) for c in configs] + extra
+    # The chat run's small decode steps (docs/performance.md: attention there at ~59% of copy): split counts.
+    chat = [(configs[0], s) for s in (1, 2, 4, 8)] + [(c, s) for c in configs[1:4] for s in (1, 2)]
+    spread = lambda n, lo, hi: [int(x) for x in np.linspace(lo, hi, n).round()]  # noqa: E731
+    cases = [("256 equal 320", [320] * SEQS, fixed), ("256 equal 448", [448] * SEQS, fixed),
+             ("256 spread 257..511", spread(SEQS, 257, 511), fixed),
+             ("32 spread 500..1000", spread(32, 500, 1000), chat), ("96 spread 325..650", spread(96, 325, 650), chat)]
+    if quick:
+        cases = [("4 equal 40", [40] * 4, fixed), ("4 spread", [17, 40, 33, 5], fixed)]
+    copy = ceil["copy_GBps"]
+    if device.type == "cuda":
+        precompile_attention(list({json.dumps([c, s], sort_keys=True): (c, s) for _, _, t in cases for c, s in t}.values()),
+                             hq, hkv, d)
+    out = []
+    print(f"\ndecode attention, {hq} q / {hkv} kv heads, head_dim {d} (copy {copy:.0f} GB/s): "
+          "KV read GB/s and % of copy", flush=True)
+    for label, lens, trials in cases:
+        seqs = len(lens)
+        kv, tables, seq_lens = kv_case(seqs, lens, hkv, d, device, dtype)
+        q = torch.randn(seqs, hq, d, device=device, dtype=dtype)
+        scale = d ** -0.5
+        ref = pd.paged_decode_ref(q.float(), kv.float(), tables, seq_lens, scale)
+        kv_bytes = sum(lens) * hkv * d * 2 * kv.element_size()
+        rows = []
+        # torch's gather of the same blocks (read + write, as the copy ceiling counts): what the access pattern allows.
+        idx = tables.flatten()[: sum(-(-n // BLOCK) for n in lens)].long()
+        t = graph_ms(lambda: kv.index_select(1, idx), device)
+        gather = 2 * kv_bytes / t / 1e6
+        for c, split in trials:
+            name = ",".join(f"{k}={v}" for k, v in c.items()) + f",split={split}"
+            try:
+                run = lambda c=c, split=split: pd.paged_decode(q, kv, tables, seq_lens, scale,  # noqa: E731
+                                                               max_seq_len=max(lens), num_splits=split, config=c)
+                err = ((run().float() - ref).abs().max() / ref.abs().max()).item()
+                if not err < 2e-2:
+                    print(f"  {label}: {name}: WRONG (rel err {err:.2g})", flush=True)
+                    rows.append(dict(config=name, ok=False, err=err))
+                    continue
+                ms = graph_ms(run, device)
+                rows.append(dict(config=name, cfg=c, split=split, ok=True, err=err, ms=ms, GBps=kv_bytes / ms / 1e6))
+            except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
+                print(f"  {label}: {name}: {type(e).__name__} {str(e)[:120]}", flush=True)
+                rows.append(dict(config=name, ok=False, error=str(e)[:200]))
+        good = [r for r in rows if r["ok"]]
+        base = good[0] if good and good[0]["config"] == rows[0]["config"] else None
+        best = max(good, key=lambda r: r["GBps"]) if good else None
+        print(f"  {label}: torch gather {gather:.0f} GB/s ({gather / copy:.0%}); default "
+              f"{base['GBps'] if base else float('nan'):.0f} ({(base['GBps'] if base else 0) / copy:.0%}, "
+              f"{base['ms'] if base else float('nan'):.4f} ms/layer); best {best['GBps'] if best else float('nan'):.0f} "
+              f"({(best['GBps'] if best else 0) / copy:.0%}) {best['config'] if best else ''}", flush=True)
+        for r in sorted(good, key=lambda r: -r["GBps"]):
+            print(f"      {r['GBps']:>7.0f} GB/s {r['ms']:.4f} ms  {r['config']}")
+        out.append(dict(case=label, lens_sum=sum(lens), kv_bytes=kv_bytes, gather_GBps=gather, results=rows))
+        del kv, tables, q, ref
+    return out
+
+
+# --- 3. GEMMs ----------------------------------------------------------------------------------------------
+def _cublaslt(x, w):
+    blas = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return F.linear(x, w)
+    finally:
+        torch.backends.cuda.preferred_blas_library(blas)
+
+
+def gemm_part(cfg, ceil, device, dtype, row_counts) -> list[dict]:
+    bw, mm = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
+    rows = []
+    print(f"\nGEMMs (graph of 10 calls over rotating weights): ms, TFLOP/s, % of max(FLOPs/matmul, bytes/copy)")
+    print(f"{'proj':<9}{'M':>6}{'ceil ms':>9}{'cuBLAS':>9}{'TF/s':>6}{'of':>5}{'cuBLASLt':>10}{'of':>5}")
+    for name, (n, k) in layer_shapes(cfg).items():
+        copies = max(2, math.ceil((128 << 20) / (n * k * 2)))  # together more than the L2: each call reads from HBM
+        ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+        for m in row_counts:
+            if name == "lm_head" and m > 256:
+                continue  # the LM head runs on each sequence's last row only
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            flops, nbytes = 2 * m * n * k, 2 * (n * k + m * k + m * n)
+            c_ms = 1e3 * max(flops / mm, nbytes / bw) if bw == bw else float("nan")
+            res = {}
+            for lib, f in (("cublas", F.linear), ("cublaslt", _cublaslt)):
+                i = [0]
+
+                def call(f=f, i=i):
+                    i[0] += 1
+                    return f(x, ws[i[0] % copies])
+                res[lib] = graph_ms(call, device, calls=max(10, copies))
+            rows.append(dict(proj=name, m=m, n=n, k=k, ceil_ms=c_ms, **{f"{lib}_ms": t for lib, t in res.items()}))
+            print(f"{name:<9}{m:>6}{c_ms:>9.4f}{res['cublas']:>9.4f}{flops / res['cublas'] / 1e9:>6.0f}"
+                  f"{c_ms / res['cublas']:>5.0%}{res['cublaslt']:>10.4f}{c_ms / res['cublaslt']:>5.0%}", flush=True)
+        del ws
+    return rows
+
+
+# --- 4. engine steps ---------------------------------------------------------------------------------------
+def kernel_ideal_ms(name: str, calls: float, lens, cfg, ceil, gemm_shapes: dict) -> float:
+    """A kernel's ideal ms per step from the step's shapes: bytes at the copy rate for the elementwise and
+    attention kernels (read + written, as the copy ceiling counts them); NaN where not known (GEMMs are
+    judged per shape from their aten::mm rows)."""
+    bw = ceil["copy_GBps"] * 1e9
+    d, f, hq, hkv, hd, L = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                             "num_key_value_heads", "head_dim", "num_hidden_layers"))
+    m = sum(n for n, _ in lens)
+    per_call = {"_add_norm_kernel": 8 * m * d, "_silu_mul_kernel": 6 * m * f, "_rotary_kernel": 4 * m * (hq + hkv) * hd,
+                "_reshape_and_cache_kernel": 8 * m * hkv * hd,
+                "_paged_decode_kernel": 4 * hkv * hd * sum(c for n, c in lens if n == 1)}
+    b = per_call.get(name)
+    return float("nan") if b is None or bw != bw else 1e3 * calls * b / bw
+
+
+def profile_step(runner, lens, cfg, ceil, label: str) -> dict:
+    """Eager step under torch.profiler: kernels per step with their ideal where known, GEMMs by (M, N, K)
+    from the aten::mm rows (record_shapes) against max(FLOPs at the matmul rate, bytes at the copy rate)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = step_inputs(runner, lens, 7)
+    graphs, runner.graphs = runner.graphs, None
+    n = 3
+    try:
+        runner.execute(inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for _ in range(n):
+                runner.execute(inputs)
+            torch.cuda.synchronize()
+    finally:
+        runner.graphs = graphs
+    kernels, gemms = [], []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0)
+        kernel = getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA or (t and not ev.cpu_time_total)
+        if kernel and t and not ev.key.startswith(("Memcpy", "Memset", "aten::", "cuda")):
+            calls = ev.count / n
+            kernels.append({"kernel": ev.key, "ms": t / 1e3 / n, "calls": calls, "group": group_of(ev.key),
+                            "ideal_ms": kernel_ideal_ms(ev.key, calls, lens, cfg, ceil, {})})
+    bw, mm = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
+    for ev in prof.key_averages(group_by_input_shape=True):
+        if ev.key in ("aten::mm", "aten::addmm") and ev.device_time_total:
+            shapes = [s for s in ev.input_shapes if len(s) == 2]
+            if len(shapes) < 2:
+                continue
+            (m_, k_), (_, n_) = shapes[-2], shapes[-1]
+            fl, by = 2 * m_ * n_ * k_, 2 * (m_ * k_ + k_ * n_ + m_ * n_)
+            calls = ev.count / n
+            gemms.append({"m": m_, "n": n_, "k": k_, "calls": calls, "ms": ev.device_time_total / 1e3 / n,
+                          "ideal_ms": 1e3 * calls * max(fl / mm, by / bw)})
+    kernels.sort(key=lambda r: -r["ms"])
+    gemms.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in kernels)
+    groups = {g: sum(r["ms"] for r in kernels if r["group"] == g) for g in ("gemm", "attention", "other")}
+    print(f"\nprofile {label}: kernels {total:.3f} ms/step (" + ", ".join(f"{g} {v:.3f}" for g, v in groups.items())
+          + f"), {sum(r['calls'] for r in kernels):.0f} kernels")
+    print(f"{'ms/step':>9}{'ideal':>8}{'of':>5}{'calls':>6}  kernel")
+    for r in kernels[:14]:
+        of = f"{r['ideal_ms'] / r['ms']:.0%}" if r["ideal_ms"] == r["ideal_ms"] else "-"
+        print(f"{r['ms']:>9.3f}{r['ideal_ms']:>8.3f}{of:>5}{r['calls']:>6.0f}  {r['kernel'][:90]}")
+    print("  GEMMs by shape (device time incl. split-K reduce):")
+    for r in gemms:
+        print(f"  {r['m']:>6} x {r['n']:>6} x {r['k']:>6} {r['calls']:>4.0f}x {r['ms']:>8.3f} ms, ideal {r['ideal_ms']:.3f}"
+              f" ({r['ideal_ms'] / r['ms']:.0%})")
+    return {"label": label, "kernel_ms": total, "groups_ms": groups, "kernels": kernels[:30], "gemms": gemms,
+            "num_kernels": sum(r["calls"] for r in kernels)}
+
+
+def recapture_decode(runner, max_model_len: int, seqs: int) -> float:
+    """Decode graphs for exactly `seqs` sequences (one bucket: fast) with whatever the kernels' globals say now."""
+    import gc
+
+    from services.engine import cuda_graphs
+
+    t0 = time.perf_counter()
+    runner.graphs = None
+    gc.collect()
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    saved = cuda_graphs.DECODE_BUCKETS
+    cuda_graphs.DECODE_BUCKETS = (seqs,)
+    try:
+        runner.capture_decode_graphs(seqs, max_model_len)
+    finally:
+        cuda_graphs.DECODE_BUCKETS = saved
+    return time.perf_counter() - t0
+
+
+def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, attn_winners, dims, deadline) -> list[dict]:
+    """The decode step from its graph under each variant (kernel globals patched, graph re-captured); logits
+    compared with the baseline's (greedy argmax agreement, max |diff|) before the timing counts."""
+    import kernels.paged_decode as pd
+    from kernels import pdl
+    from services.engine.model.layers import dense_dispatch as dd
+
+    cfg0, splits0, table0, pdl0, early0 = pd._decode_config, pd.choose_num_splits, dict(dd.TABLE), pdl.ENABLED, pdl.EARLY
+    variants = [("baseline", {})] + [(f"attn {w}", {"attn": w}) for w in attn_winners] + [
+        ("attn split 2", {"split": 2}), ("PDL off", {"pdl": False}), ("cuBLASLt at 256 rows", {"lt": True}),
+        ("PDL early (new builds: compiles)", {"early": True})]
+    out = []
+    for label, v in variants:
+        if time.perf_counter() > deadline:
+            print(f"  {label}: skipped (past --budget)")
+            continue
+        try:
+            if "attn" in v:
+                pd._decode_config = lambda *a, _c=v["attn"], **k: dict(_c)
+            if "split" in v:
+                pd.choose_num_splits = lambda *a, _s=v["split"], **k: _s
+            if "pdl" in v:
+                pdl.ENABLED = v["pdl"]
+            if "early" in v:
+                pdl.EARLY = v["early"]
+            if v.get("lt"):
+                name = dd._device_name(inputs.input_ids)
+                for n, k in dims:
+                    dd.TABLE[(name, n, k)] = ((seqs, dd.CUBLASLT),)
+            cap = recapture_decode(runner, max_model_len, seqs)
+            logits = runner.execute(inputs).float()
+            agree = float((logits.argmax(-1) == base_logits.argmax(-1)).float().mean()) if base_logits is not None else 1.0
+            diff = float((logits - base_logits).abs().max()) if base_logits is not None else 0.0
+            ms = device_ms(runner, inputs, iters)
+            out.append({"variant": label, "graph_ms": ms, "argmax_agree": agree, "max_abs_diff": diff, "capture_s": cap})
+            print(f"  {label:<44} {ms:>8.3f} ms  argmax agree {agree:.3f}, max |dlogit| {diff:.3g}", flush=True)
+        except Exception as e:
+            print(f"  {label}: {type(e).__name__} {str(e)[:160]}", flush=True)
+            out.append({"variant": label, "error": str(e)[:300]})
+        finally:
+            pd._decode_config, pd.choose_num_splits, pdl.ENABLED, pdl.EARLY = cfg0, splits0, pdl0, early0
+            dd.TABLE.clear()
+            dd.TABLE.update(table0)
+    base = out[0].get("graph_ms")
+    ok = [r for r in out[1:] if "graph_ms" in r and r["argmax_agree"] >= 0.98]
+    if base and ok:
+        best = min(ok, key=lambda r: r["graph_ms"])
+        print(f"  winner: {best['variant']} {best['graph_ms']:.3f} ms against baseline {base:.3f} "
+              f"({base / best['graph_ms'] - 1:+.1%})")
+    recapture_decode(runner, max_model_len, seqs)
+    return out
+
+
+def engine_part(args, ceil, attn_winners, t0: float) -> dict:
+    from folio import LLM
+
+    cfg = SHAPES[args.shape]
+    dev = torch.device(args.device)
+    seqs, ctx = (4, 40) if args.quick else (SEQS, CTX)
+    max_len = 64 if args.quick else 640
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        llm = LLM(str(write_config(args.shape, Path(tmp))), load_format="dummy", dtype=args.dtype, device=args.device,
+                  max_model_len=max_len, max_num_seqs=seqs, enable_prefix_caching=False, async_scheduling=False,
+                  enforce_eager=True)
+        startup = time.perf_counter() - t0
+    print(f"\nengine up (eager, no graphs) in {startup:.1f} s", flush=True)
+    runner = llm.engine.runner
+    res: dict = {"startup_eager_s": startup}
+    lens = [(1, ctx)] * seqs
+    inputs = step_inputs(runner, lens, 1)
+    W, _, kv_tok = model_bytes_and_flops(cfg)
+    if dev.type != "cuda":
+        base = runner.execute(inputs)
+        res["decode_eager_ms"] = device_ms(runner, inputs, 1)
+        print(f"decode step {seqs} x {ctx}: logits {tuple(base.shape)}, eager {res['decode_eager_ms']:.1f} ms (CPU)")
+        return res
+    res["decode_capture_s"] = recapture_decode(runner, max_len, seqs)
+    graph = device_ms(runner, inputs, args.iters)
+    graphs, runner.graphs = runner.graphs, None
+    eager = device_ms(runner, inputs, args.iters)
+    base_logits = runner.execute(inputs).float()
+    runner.graphs = graphs
+    bw = ceil["copy_GBps"] * 1e9
+    roof = 1e3 * (W + seqs * ctx * kv_tok) / bw
+    prof = profile_step(runner, lens, cfg, ceil, f"decode {seqs} x {ctx}")
+    mm = ceil["matmul_TFLOPs"] * 1e12
+    floor = sum(g["ideal_ms"] for g in prof["gemms"]) + 1e3 * seqs * ctx * kv_tok / bw
+    print(f"\ndecode {seqs} x {ctx}: graph {graph:.3f} ms, eager {eager:.3f} ms, kernels {prof['kernel_ms']:.3f} ms "
+          f"(graph - kernels = {graph - prof['kernel_ms']:.3f} ms over {prof['num_kernels']:.0f} kernels: boundaries)")
+    print(f"  roofline's decode step (weights + KV at the copy rate) {roof:.3f} ms = {roof / graph:.0%} of the graph; "
+          f"per-kernel floor (GEMMs at their shape's ceiling + KV at the copy rate) {floor:.3f} ms "
+          f"= {floor / graph:.0%}; GEMM FLOPs alone at the matmul rate "
+          f"{1e3 * sum(2 * g['m'] * g['n'] * g['k'] * g['calls'] for g in prof['gemms']) / mm:.3f} ms")
+    res.update(decode_graph_ms=graph, decode_eager_ms=eager, decode_roofline_ms=roof, decode_floor_ms=floor,
+               decode_profile=prof)
+    # The prefill step of the fixed workload: 32 fresh prompts of 256 tokens.
+    plens = [(256, 256)] * 32
+    pin = step_inputs(runner, plens, 2)
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        pt = time_step(runner, pin, graphed=False, iters=3)
+    finally:
+        runner.graphs = graphs
+    pceil = step_ceiling_ms(cfg, plens, ceil)
+    print(f"\nprefill 32 x 256 (8,192 tokens) eager: device {pt['gpu_ms']:.2f} ms, host launch {pt['host_ms']:.2f} ms, "
+          f"ceiling (FLOPs at the matmul rate) {pceil:.2f} ms = {pceil / pt['gpu_ms']:.0%}")
+    res.update(prefill_eager=pt, prefill_ceil_ms=pceil, prefill_profile=profile_step(runner, plens, cfg, ceil, "prefill 32 x 256"))
+    # Mixed-step graphs: where the eager launch is shorter than the device time, a graph can only save the
+    # boundaries, and costs startup (capture) time.
+    res["mixed_eager"] = []
+    for tokens in (512, 1024, 2048, 4096):
+        mlens = [(1, ctx)] * 64 + [(tokens - 64, tokens - 64)]
+        mi = step_inputs(runner, mlens, tokens)
+        graphs, runner.graphs = runner.graphs, None
+        try:
+            t = time_step(runner, mi, graphed=False, iters=3)
+        finally:
+            runner.graphs = graphs
+        res["mixed_eager"].append(dict(tokens=tokens, **t))
+        print(f"mixed step {tokens} tokens (64 decodes + a prompt) eager: device {t['gpu_ms']:.2f} ms, "
+              f"host launch {t['host_ms']:.2f} ms", flush=True)
+    print("\ndecode-step variants (graph re-captured for each):")
+    dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
+    res["variants"] = decode_variants(runner, inputs, max_len, seqs, args.iters, base_logits, attn_winners, dims,
+                                     t0 + args.budget)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test on CPU)")
+    ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--budget", type=float, default=70.0, help="seconds after which decode variants are skipped")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    ceil = measure_ceilings(dev)
+    print(f"device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}: copy {ceil['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s ({time.perf_counter() - t0:.0f} s)", flush=True)
+    cfg = SHAPES[args.shape]
+    rec = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python bench/decode_fixed.py " + " ".join(sys.argv[1:]), "shape": args.shape, **ceil}
+    rec["attention"] = attention_part(cfg, ceil, dev, dtype, args.quick)
+    # The two fastest configs (at split 1) of the equal-context cases go on to the engine's graph.
+    score: dict[str, float] = {}
+    for case in rec["attention"]:
+        for r in case["results"]:
+            if r["ok"] and r["split"] == 1 and " equal " in case["case"]:
+                score[json.dumps(r["cfg"], sort_keys=True)] = score.get(json.dumps(r["cfg"], sort_keys=True), 0) + r["ms"]
+    winners = [json.loads(c) for c, _ in sorted(score.items(), key=lambda kv: kv[1])[:3]]
+    print(f"(attention done at {time.perf_counter() - t0:.0f} s)", flush=True)
+    if dev.type == "cuda":
+        rec["gemms"] = gemm_part(cfg, ceil, dev, dtype, (SEQS, 8192))
+        print(f"(gemms done at {time.perf_counter() - t0:.0f} s)", flush=True)
+    save(rec, args.json)
+    if not args.no_engine:
+        try:
+            rec["engine"] = engine_part(args, ceil, winners, t0)
+        except Exception as e:  # what ran before it is still written
+            import traceback
+
+            traceback.print_exc()
+            rec["engine_error"] = f"{type(e).__name__}: {e}"
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    save(rec, args.json)
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def save(rec: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rec, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
