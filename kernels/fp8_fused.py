@@ -1,13 +1,14 @@
 """The FP8 method's producer kernels: add + RMSNorm (Llama's rounding) and SwiGLU, each ending in FP8 quantization
-per token, with the e4m3 rounding done by the hardware's conversion on the GPU (HW_CVT). The same arithmetic
-and bits as kernels/fused_norm.py's add_rms_norm_fp8 and kernels/silu_mul.py's silu_mul_fp8 (which round in
-float32 integer ops, exact under the interpreter too); quantization/fp8.py picks these on CUDA.
+per token for the linear layer that reads the result; the same arithmetic and bits as kernels/fused_norm.py's
+add_rms_norm_fp8 and kernels/silu_mul.py's split silu_mul_fp8, with two differences that change no bit: every
+launch takes PDL (kernels/pdl.py; the split SwiGLU's second launch follows its first), and with HW_CVT
+(kernels/fp8_quant.py) the e4m3 rounding is the hardware's conversion (cvt.rn.satfinite) instead of ~15 float32
+integer ops per element. quantization/fp8.py (norm_fp8, swiglu_fp8) calls these.
 
 Why: the quantizing passes are bound by instructions, not bytes (bench/fp8_where.py round 2, H200: the SwiGLU
-quantizing launch took 165 us at 8,192 rows against ~80 us of traffic); the software rounding is ~15 integer
-ops per element where the conversion (cvt.rn.satfinite.e4m3x2.f32) is one per two. The interpreter's own fp8
-downcast is inexact (ties round up; kernels/reshape_and_cache.py), so HW_CVT is off there and the software
-rounding runs.
+quantizing launch took 165 us at 8,192 rows against ~80 us of traffic), and a decode step's small launches wait
+on each other. The interpreter's own fp8 downcast is inexact (ties round up; kernels/reshape_and_cache.py), so
+HW_CVT stays off there and the software rounding runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from kernels import fp8_quant, pdl
 from kernels.fp8_quant import quantize_row_cvt, row_scale
 from kernels import silu_mul
 from kernels.silu_mul import _check as _silu_check
-from kernels.silu_mul import _silu_mul_amax_kernel
 
 
 @triton.jit
@@ -93,6 +93,34 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     return q, s
 
 
+@triton.jit
+def _silu_mul_amax_kernel(
+    gate_up_ptr, y_ptr, part_ptr, rs_ptr, col_ptr, t, inter, nblk, stride_in,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """Split SwiGLU + FP8, first launch (kernels/silu_mul.py's, with PDL): a [ROWS, BLOCK] tile of silu(gate) * up
+    in the 16-bit dtype, rounded as torch rounds it, to y, and each row's amax over the tile to part[row, block]."""
+    pdl.enter(PDL)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    r_ok, c_ok = rows < t, offs < inter
+    mask = r_ok[:, None] & c_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    src = gate_up_ptr + rows64[:, None] * stride_in + offs[None, :]
+    dt = gate_up_ptr.dtype.element_ty
+    g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:  # an FP8 GEMM's output before its scales: applied and rounded as the GEMM would have
+        rs = tl.load(rs_ptr + rows, mask=r_ok, other=0.0)[:, None]
+        g = (g * rs * tl.load(col_ptr + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
+        u = (u * rs * tl.load(col_ptr + inter + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # torch rounds silu(g) before the product
+    y = (act * u).to(dt)
+    tl.store(y_ptr + rows64[:, None] * inter + offs[None, :], y, mask=mask)
+    tl.store(part_ptr + rows64 * nblk + blk, tl.max(tl.abs(y.to(tl.float32)), axis=1), mask=r_ok)
+
+
 def _norm_warps(m: int, block: int) -> int:
     return next((w for most, w in NORM_LAUNCH if m <= most and w), None) or min(16, max(1, block // 256))
 
@@ -101,9 +129,11 @@ def _norm_warps(m: int, block: int) -> int:
 def _quant_by_parts_kernel(
     y_ptr, part_ptr, q_ptr, s_ptr, t, inter, nblk, ub,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """kernels/silu_mul.py's quantizing launch of the split SwiGLU + FP8 path, rounding by quantize_row_cvt: each
     row's scale from its tiles' amaxes, then a [ROWS, BLOCK] tile of y quantized; column block 0 writes the scales."""
+    pdl.enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -128,8 +158,8 @@ one-program-per-row launch for the row count."""
 
 def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, split: dict | None = None,
                  hw_cvt: bool | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernels/silu_mul.py's silu_mul_fp8 in its split form (same bits): SwiGLU over [ROWS, BLOCK] tiles to a 16-bit
-    scratch with per-tile amaxes (silu_mul.py's launch), then this file's quantizing launch. `split`: the
+    """kernels/silu_mul.py's silu_mul_fp8 in its split form (same bits; both launches with PDL, kernels/pdl.py):
+    SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch. `split`: the
     launch config (default silu_mul.py's FP8_LAUNCH entry for the row count, if split); `hw_cvt` as
     add_rms_norm_fp8's."""
     _silu_check(gate_up, scales)
@@ -149,10 +179,11 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     grid1 = (triton.cdiv(t, rows), nblk)
     grid2 = (triton.cdiv(t, rows2), triton.cdiv(inter, block2))
     a1 = (gate_up, y, part, rs, cs, t, inter, nblk, gate_up.stride(0))
-    c1 = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, num_warps=warps)
+    c1 = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, num_warps=warps, **pdl.args(gate_up))
     a2 = (y, part, q, s, t, inter, nblk, float(ub) if ub is not None else 0.0)
     c2 = dict(ROWS=rows2, BLOCK=block2, NBLK=max(2, triton.next_power_of_2(nblk)), HAS_UB=ub is not None,
-              HW_CVT=(fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt, num_warps=warps2)
+              HW_CVT=(fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt, num_warps=warps2,
+              **pdl.args(gate_up))
     if warmup:
         _silu_mul_amax_kernel.warmup(*a1, grid=grid1, **c1)
         _quant_by_parts_kernel.warmup(*a2, grid=grid2, **c2)

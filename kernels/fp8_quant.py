@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.reshape_and_cache import _quantize_e4m3
 
 FP8_MAX = 448.0
@@ -43,8 +44,9 @@ def quantize_row_cvt(y, scale, HW_CVT: tl.constexpr):
 def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, ub,
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
-    HW_CVT: tl.constexpr = False,
+    HW_CVT: tl.constexpr = False, PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * stride_qm
@@ -105,5 +107,6 @@ def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None,
         x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), q.stride(0),
         float(ub) if ub is not None else 0.0,
         BLOCK_K=block, STATIC=static_scale is not None, HAS_UB=ub is not None, ONE_PASS=one_pass,
-        HW_CVT=(HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, num_warps=8 if block >= 4096 else 4)
+        HW_CVT=(HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, num_warps=8 if block >= 4096 else 4,
+        **pdl.args(x))
     return q, s

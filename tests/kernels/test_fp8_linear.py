@@ -113,3 +113,21 @@ def test_fast_accum_reaches_scaled_mm_on_cuda_only(monkeypatch):
     assert fp8mod._fast_accum(cuda) == {} and fp8mod._fast_accum(cpu) == {}
     monkeypatch.setattr(fp8mod, "FAST_ACCUM", True)
     assert fp8mod._fast_accum(cuda) == {"use_fast_accum": True} and fp8mod._fast_accum(cpu) == {}
+
+
+def test_fast_accum_from_a_row_count(monkeypatch):
+    """FAST_ACCUM_MIN_M turns fast accumulation on from that many rows (prefill-sized GEMMs), on CUDA only, with
+    FAST_ACCUM off; None leaves it off everywhere (stand-ins by is_cuda and shape, as above)."""
+    from types import SimpleNamespace
+
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    def xq(rows, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, shape=(rows, 4096))
+
+    monkeypatch.setattr(fp8mod, "FAST_ACCUM", False)
+    monkeypatch.setattr(fp8mod, "FAST_ACCUM_MIN_M", None)
+    assert fp8mod._fast_accum(xq(8192)) == {}
+    monkeypatch.setattr(fp8mod, "FAST_ACCUM_MIN_M", 4097)
+    assert fp8mod._fast_accum(xq(4096)) == {} and fp8mod._fast_accum(xq(8192, cuda=False)) == {}
+    assert fp8mod._fast_accum(xq(4097)) == {"use_fast_accum": True}
