@@ -375,6 +375,62 @@ def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, att
     return out
 
 
+def engine_steps(llm, graph_ms: float, steps: int = 16) -> dict:
+    """The engine's own decode steps at 256 sequences (scheduler, input copies, the graph, the sampler; async
+    scheduling on, as bench/throughput.py runs): device span per step and idle gap (bench/step_trace.py)
+    against the graph replay alone, then the kernels of a few steps that are not the graph's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.step_trace import StepTrace
+    from folio import SamplingParams
+
+    engine = llm.engine
+    engine.async_scheduling = True
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=steps + 24, ignore_eos=True)
+    for i in range(SEQS):
+        engine.add_request(f"d{i}", None, params, stream=False,
+                           prompt_token_ids=rng.integers(3, engine.vocab_size, CTX - 8).tolist())
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    trace = StepTrace(engine)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall = 1e3 * (time.perf_counter() - t) / steps
+    trace.detach()
+    kinds = trace.summary()
+    dec = kinds.get("decode", {"steps": 0})
+    n = max(dec["steps"], 1)
+    span, gap, host = (dec.get(k, float("nan")) / n for k in ("span_ms", "gap_ms", "host_ms"))
+    print(f"\nengine decode steps ({dec['steps']} traced, async on): wall {wall:.3f} ms/step, device span {span:.3f}, "
+          f"idle gap {gap:.3f}, host launch {host:.3f}; graph replay alone {graph_ms:.3f} "
+          f"(span - graph = {span - graph_ms:.3f} ms)", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            engine.step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        tt = getattr(ev, "device_time_total", 0)
+        if tt and ev.count:
+            rows.append({"kernel": ev.key, "ms": tt / 1e3 / 4, "calls": ev.count / 4})
+    rows.sort(key=lambda r: -r["ms"])
+    small = [r for r in rows if r["calls"] <= 4]  # the graph's kernels run once per layer: 32 or more a step
+    print("  kernels and copies run fewer than 5 times a step (outside the layers):")
+    for r in small[:10]:
+        print(f"    {r['ms']:>7.3f} ms {r['calls']:>4.1f}x  {r['kernel'][:100]}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.async_scheduling = False
+    return {"wall_ms": wall, "span_ms": span, "gap_ms": gap, "host_ms": host, "graph_ms": graph_ms,
+            "outside_layers": small[:20], "kernels": rows[:40]}
+
+
 def engine_part(args, ceil, attn_winners, t0: float) -> dict:
     from folio import LLM
 
@@ -445,6 +501,10 @@ def engine_part(args, ceil, attn_winners, t0: float) -> dict:
         print(f"mixed step {tokens} tokens (64 decodes + a prompt) eager: device {t['gpu_ms']:.2f} ms, "
               f"host launch {t['host_ms']:.2f} ms", flush=True)
     print("\ndecode-step variants (graph re-captured for each):")
+    try:
+        res["engine_steps"] = engine_steps(llm, graph)
+    except Exception as e:  # reported; the variants still run
+        print(f"engine steps: {type(e).__name__} {str(e)[:200]}", flush=True)
     dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
     res["variants"] = decode_variants(runner, inputs, max_len, seqs, args.iters, base_logits, attn_winners, dims,
                                      t0 + args.budget)
