@@ -97,6 +97,17 @@ CASES = [
     (4224, 520, 128, True, dict(G4, FOLD=True, PDL=1), 3, True),
     (4096, 1000, 32, False, dict(G4, FOLD=True, BLOCK_N=256, num_warps=2, T=16), 5, True),
     (14336, 4096, 128, False, dict(G4, FOLD=True, XPAIR=False, maxnreg=128, PDL=2), 12, True),
+    # H2 (kernels/w4a16_half2.py: f16x2 decode and products; 1: a word per PTX block, 2: two, with x pairs)
+    (4096, 6144, 128, False, dict(G3, H2=1, PDL=2), 8, True),
+    (4096, 6144, 128, False, dict(G3, H2=2, BLOCK_N=256, num_warps=2, PDL=2), 16, True),
+    (4224, 520, 128, True, dict(G3, H2=2, PDL=1), 3, True),  # act-order: H2 1; odd N, 33 blocks
+    (4096, 1000, 32, False, dict(G3, H2=2, BLOCK_N=256, num_warps=2), 4, False),  # groups inside a block: not H2
+    (14336, 4096, 128, False, dict(G3, H2=2, T=4, BLOCK_N=512, num_warps=2, PDL=2), 16, True),
+    (4096, 6144, 128, False, dict(G4, H2=1, PDL=2), 8, True),
+    (4096, 6144, 128, False, dict(G4, H2=2, BLOCK_N=256, num_warps=2, L2_DIST=4, PDL=2), 8, True),
+    (4224, 520, 128, True, dict(G4, H2=2, PDL=1), 3, True),
+    (14336, 4096, 128, False, dict(G4, H2=2, T=4, BLOCK_N=512, num_warps=2, PDL=2), 12, True),
+    (28672 // 7, 28672, 128, False, dict(G4, H2=2, T=4, BLOCK_N=256, PDL=2), 16, True),
 ]
 
 
@@ -105,7 +116,7 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(0)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
-        if cfg["KERNEL"] not in kernels:
+        if cfg["KERNEL"] not in kernels or ("h2" in kernels and not cfg.get("H2")):  # h2: the H2 cases only
             continue
         qw, s, z, perm, w = q.int4_case(k, n, group, act, g)
         w4.reserve_workspace(DEV, n)
@@ -139,7 +150,11 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
                           (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2)),
                           (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2, FOLD=True)),
                           (4096, 14336, dict(G3, SPLIT_K=1)), (1024, 1000, dict(G3, SPLIT_K=3, FOLD=True)),
-                          (4096, 14336, dict(G3, T=16, BLOCK_N=256, num_warps=2, SPLIT_K=16, FOLD=True, maxnreg=168))):
+                          (4096, 14336, dict(G3, T=16, BLOCK_N=256, num_warps=2, SPLIT_K=16, FOLD=True, maxnreg=168)),
+                          (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2, H2=2)),
+                          (4096, 14336, dict(G3, T=4, BLOCK_N=512, num_warps=2, SPLIT_K=16, PDL=2, H2=1)),
+                          (4096, 14336, dict(G4, BLOCK_N=256, num_warps=2, PER_SM=8, PDL=2, H2=2)),
+                          (1024, 1000, dict(G4, PER_SM=3, H2=2))):
         qw, s, z, _, w = q.int4_case(k, 2 * inter, 128, False, g)
         w4.reserve_workspace(DEV, 2 * inter)
         cases.append((k, inter, cfg, qw, s, z, w, torch.randn(1, k, generator=g, device=DEV).to(DTYPE)))
@@ -271,6 +286,25 @@ def gemv4_fold_candidates() -> list[dict]:
             for fold, regs in ((False, 128), (True, 128), (True, 96))]
 
 
+def h2_candidates(n: int, k: int) -> list[dict]:
+    """H2 (kernels/w4a16_half2.py) in gemv3 and gemv4, two words per PTX block: tile shapes (T rows by 4 or 8
+    columns per thread: x's conversion is shared by a thread's columns) x split-K (gemv3: the committed split, and
+    doubled) or programs per SM (gemv4: 8, 16); and one gemv3 with a word per block (H2 1)."""
+    base = COMMITTED.get((1, n, k))
+    sp0 = base.get("SPLIT_K", 16) if base and base.get("KERNEL") == "gemv3" else 16
+    blocks = -(-k // 128)
+    out = []
+    # (T, BLOCK_N, warps): by Triton 3.6's sm_90 SASS of gemv3 with H2 2, 2.6-3.0 instructions per weight in the loop
+    # (FOLD: 3.85), 96 registers at (8, 256, 2), ~168 at (16, 256, 2) and (4, 512, 2)
+    for t, bn, warps in ((8, 256, 2), (8, 128, 1), (4, 512, 2), (16, 256, 2), (16, 128, 1)):
+        for sp in sorted({sp0, min(blocks, 2 * sp0)}):
+            out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2))
+        for per_sm in (8, 16):
+            out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2, H2=2))
+    out.append(dict(G3, T=8, BLOCK_N=256, num_warps=2, SPLIT_K=sp0, PDL=2, H2=1))  # one word per PTX block
+    return out
+
+
 def candidates(n: int, k: int) -> list[dict]:
     """gemv2 configs (tile width x warps x blocks per tile) and gemv3 configs (8 or 16 rows per tile, 128
     columns per warp), each with split-K 1 and 2 (no workspace, no atomics; the tail is a store) and around
@@ -342,6 +376,8 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             cands += gemv3_fold_candidates(n, k)
         if "gemv4-fold" in kernels:
             cands += gemv4_fold_candidates()
+        if "h2" in kernels:
+            cands += h2_candidates(n, k)
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
@@ -672,7 +708,8 @@ def main() -> int:
                     help="sweep: no new shape is started past this share of --budget")
     ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3", "gemv4"],
                     help="sweep: the M = 1 kernels to try (gemv3-fold: the committed gemv3 configs with FOLD off "
-                         "and on, split-K and tile width around them; gemv4-fold: gemv4 with FOLD and 96 registers)")
+                         "and on, split-K and tile width around them; gemv4-fold: gemv4 with FOLD and 96 registers; h2: gemv3 "
+                         "and gemv4 with kernels/w4a16_half2.py's packed-half arithmetic)")
     args = ap.parse_args()
     start = time.time()
     failures: list = []

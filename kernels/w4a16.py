@@ -23,6 +23,7 @@ import triton.language as tl
 from kernels import pdl as pdl_launch
 from kernels import splitk, w4a16_stream
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
+from kernels.w4a16_half2 import tile_sums_h2
 from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
 from kernels.splitk import splitk_store
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -354,7 +355,7 @@ def _w4a16_gemv3_kernel(
     N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
-    FOLD: tl.constexpr, GATED: tl.constexpr,
+    FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -401,9 +402,14 @@ def _w4a16_gemv3_kernel(
             words_o = nxt_o
             nxt_o = tl.load(w_ptrs + stride_qk, mask=(i + 1 < t_end) & n_mask[None, :])
         k0 = (i // H) * ROWS + (i % H) * T  # input of nibble 0 of the tile's first word
-        acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
-                        s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR,
-                        EVEN, HAS_PERM, FOLD)
+        if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
+            acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
+                               perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN,
+                               HAS_PERM, ASM)
+        else:
+            acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
+                            s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG,
+                            XPAIR, EVEN, HAS_PERM, FOLD)
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
         strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
                    cnt_ptr, BLOCK_N, GATED)
@@ -630,8 +636,10 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         jg = w4a16_stream.group_words(group_size, k, rows, mode == 0, "gemv3")
         xpair = (cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
                  and x.data_ptr() % 4 == 0)  # int32 loads of x need 4-byte alignment
+        h2, xpair = w4a16_stream.half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
-                      EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated)
+                      EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated, H2=h2,
+                      ASM=x.is_cuda)
         if pdl:
             consts["launch_pdl"] = True
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,

@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import splitk
+from kernels.w4a16_half2 import tile_sums_h2
 
 
 @triton.jit
@@ -204,7 +205,7 @@ def _w4a16_gemv4_kernel(
     N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
-    GATED: tl.constexpr, FOLD: tl.constexpr,
+    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
 ):
     """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
     (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
@@ -264,9 +265,14 @@ def _w4a16_gemv4_kernel(
             tp = tl.where(wrap_p, 0, tp)
             colp += wrap_p.to(tl.int32)
         k0 = (t // H) * ROWS + (t % H) * T  # input of nibble 0 of the tile's first word
-        acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
-                        s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR,
-                        EVEN, HAS_PERM, FOLD)
+        if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
+            acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
+                               perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN,
+                               HAS_PERM, ASM)
+        else:
+            acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
+                            s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG,
+                            XPAIR, EVEN, HAS_PERM, FOLD)
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
             strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
@@ -288,6 +294,19 @@ def group_words(group_size: int, k: int, rows: int, whole: bool, kernel: str) ->
                      f"{rows} (K = {k}), got {group_size}")
 
 
+def half2_mode(h2: int, jg: int, dtype: torch.dtype, xpair: bool) -> tuple[int, bool]:
+    """(H2, XPAIR) for a launch asked for H2 = h2 (0: off; 1: one word per packed-half block; 2: two, the tile's even
+    and odd words, which needs XPAIR's int32 x pairs). H2 needs each tile inside one group (jg 8) and 16-bit x;
+    otherwise it is off and the launch runs `tile_sums` (so a tuned H2 config stays valid for any group size)."""
+    if h2 not in (0, 1, 2):
+        raise ValueError(f"H2 must be 0, 1 or 2, got {h2}")
+    if not h2 or jg != 8 or dtype not in (torch.bfloat16, torch.float16):
+        return 0, xpair
+    if h2 == 2 and not xpair:
+        return 1, False
+    return h2, h2 == 2
+
+
 def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
     """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
     -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
@@ -305,6 +324,7 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     l2_dist = cfg.pop("L2_DIST", 0) if on_gpu else 0
     per_sm = cfg.pop("PER_SM", 8)
     fold = bool(cfg.pop("FOLD", False))
+    h2, xpair = half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
     tpc = -(-k // rows) * (rows // 8) // t
     inter = n // 2 if gated else n
     strips = triton.cdiv(inter, bn // 2) if gated else triton.cdiv(n, bn)
@@ -317,7 +337,8 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt, n, k, group_size, tpc,
             per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
-                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold)
+                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold,
+                  H2=h2, ASM=on_gpu)
     if pdl:
         consts["launch_pdl"] = True
     if warmup:
@@ -327,4 +348,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     return out
 
 
-__all__ = ["launch", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
+__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]

@@ -228,3 +228,53 @@ def test_w4a16_gemv4_fold_takes_the_zero_point_off_per_group(k, n, group, act, d
     gate, up = gu[:, :n // 2], gu[:, n // 2:]
     close(w4a16(*args, config=cfg, gated=True), (gate * torch.sigmoid(gate)).to(dtype).double() * up, dtype)
     assert_workspace_zero()
+
+
+@pytest.mark.parametrize("k, n, group, act, dtype", [(256, 96, 128, False, torch.bfloat16),
+                                                     (384, 40, 128, True, torch.float16),
+                                                     (300, 70, 300, False, torch.bfloat16),
+                                                     (256, 64, 32, False, torch.bfloat16)])
+def test_w4a16_half2_decode_matches_float64(k, n, group, act, dtype):
+    """H2 (kernels/w4a16_half2.py): (q - z) from the f16 magic-number decode, products and 4- or 8-term sums in
+    float16, then float32; gemv3 and gemv4, one or two words per block (two need bf16 x pairs: act-order and fp16
+    fall back to one), a group over all of K with K past the last block, and group 32 (inside a block: H2 is off
+    and the float32 path runs). The interpreter runs the PTX's float16 stand-in; bench/w4a16.py checks the PTX."""
+    args, ref = case(1, k, n, group, act, dtype, seed=5 * k + n)
+    for cfg in (dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=3, H2=2),
+                dict(GEMV, KERNEL="gemv3", T=8, SPLIT_K=2, H2=2), dict(GEMV, KERNEL="gemv3", T=16, SPLIT_K=1, H2=1)):
+        close(w4a16(*args, config=cfg), ref, dtype)
+        assert_workspace_zero()
+    gu = ref.to(dtype).double()
+    gate, up = gu[:, :n // 2], gu[:, n // 2:]
+    close(w4a16(*args, config=cfg, gated=True), (gate * torch.sigmoid(gate)).to(dtype).double() * up, dtype)
+    assert_workspace_zero()
+
+
+def test_w4a16_half2_holds_large_activations():
+    """x is scaled by 2^-6 into float16 (kernels/w4a16_half2.py): activations in the thousands stay finite and
+    within bf16's tolerance."""
+    args, ref = case(1, 256, 48, 128, False, torch.bfloat16, seed=9)
+    x = (args[0].float() * 3000).to(torch.bfloat16)
+    x[0, 7] = 30000.0
+    ref = x.double() @ dequant_f64(args)
+    out = w4a16(x, *args[1:], config=dict(GEMV, KERNEL="gemv3", SPLIT_K=2, H2=2))
+    assert torch.isfinite(out).all()
+    close(out, ref, torch.bfloat16)
+
+
+def dequant_f64(args):
+    _, qw, s, z, group, _ = args
+    g = torch.arange(256) // group
+    return (unpack_int4(qw.cpu(), 256) - z.cpu()[g].int()).double() * s.cpu()[g].double()
+
+
+def test_half2_mode_falls_back_where_it_cannot_run():
+    from kernels.w4a16_stream import half2_mode
+
+    assert half2_mode(2, 8, torch.bfloat16, True) == (2, True)
+    assert half2_mode(2, 8, torch.bfloat16, False) == (1, False)  # no x pairs (act-order, fp16, odd K)
+    assert half2_mode(1, 8, torch.bfloat16, True) == (1, False)
+    assert half2_mode(2, 4, torch.bfloat16, True) == (0, True)  # a group inside the block
+    assert half2_mode(2, 8, torch.float32, False) == (0, False)
+    with pytest.raises(ValueError, match="H2 must be 0, 1 or 2"):
+        half2_mode(3, 8, torch.bfloat16, True)
