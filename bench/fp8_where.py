@@ -266,6 +266,19 @@ def producers_section(failures: list) -> dict:
     from kernels import fused_norm as fn
 
     g = torch.Generator(device=DEV).manual_seed(8)
+    x, w = torch.ones(4, 4096, device=DEV, dtype=torch.bfloat16), torch.ones(4096, device=DEV, dtype=torch.bfloat16)
+    xs = (torch.ones(4, 1, device=DEV), torch.ones(1, 4096, device=DEV))
+    gu, sc = torch.ones(4, 2 * INTER, device=DEV, dtype=torch.bfloat16), (torch.ones(4, 1, device=DEV),
+                                                                         torch.ones(1, 2 * INTER, device=DEV))
+    jobs = [lambda hw=hw, nw=nw: fp8_fused.add_rms_norm_fp8(x, x.clone(), w, 1e-5, x_scales=xs, hw_cvt=hw,
+                                                           num_warps=nw, warmup=True)
+            for hw in (False, True) for nw in (NORM_WARPS if hw else (None,))]
+    for m in PRODUCER_MS:
+        base = next((c for most, c in sm.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT)
+        jobs += [lambda hw=hw, c=dict(base, **e): fp8_fused.silu_mul_fp8(gu, scales=sc, split=c, hw_cvt=hw,
+                                                                        warmup=True)
+                 for hw in (False, True) for e in (SWIGLU_QUANT if hw else ({},))]
+    qb.precompile(jobs)
     rows, out = [], {"ms": {}}
     hw_ok, tot = True, {"soft": 0.0, "hw": 0.0}
     norm_best, swiglu_best = {}, {}

@@ -64,10 +64,11 @@ NORM_LAUNCH: list = []
 
 def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                      ub: float | None = None, x_scales=None, hw_cvt: bool | None = None,
-                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_warps: int | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels/fused_norm.py's add_rms_norm_fp8 (same arguments, same bits: float8_e4m3fn [T, hidden], float32
     scales [T, 1]; `residual` updated in place). `hw_cvt`: the hardware's e4m3 conversion (default: kernels/fp8_quant.py's HW_CVT, on CUDA);
-    `num_warps`: fused_norm's choice by default (the row's sum is reduced in the same order then)."""
+    `num_warps`: fused_norm's choice by default (the row's sum is reduced in the same order then). `warmup`:
+    compile only (bench/fp8_where.py compiles its variants in parallel)."""
     hidden = x.shape[-1]
     if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (hidden,):
         raise ValueError(f"x must be [num_tokens, hidden] with a contiguous last dim and weight [hidden]; got "
@@ -84,12 +85,15 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     block = triton.next_power_of_2(hidden)
     r = residual if residual is not None else x
     xr, xc = x_scales if x_scales is not None else (s, s)
-    _add_norm_fp8_kernel[(x.shape[0],)](
-        x, r, weight, q, s, xr, xc, x.stride(0), r.stride(0), q.stride(0), hidden, eps,
-        float(ub) if ub is not None else 0.0,
-        HAS_RESIDUAL=residual is not None, X_SCALED=x_scales is not None, HAS_UB=ub is not None,
-        HW_CVT=(fp8_quant.HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, BLOCK=block,
-        num_warps=num_warps or _norm_warps(x.shape[0], block), **pdl.args(x))
+    args = (x, r, weight, q, s, xr, xc, x.stride(0), r.stride(0), q.stride(0), hidden, eps,
+            float(ub) if ub is not None else 0.0)
+    consts = dict(HAS_RESIDUAL=residual is not None, X_SCALED=x_scales is not None, HAS_UB=ub is not None,
+                  HW_CVT=(fp8_quant.HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, BLOCK=block,
+                  num_warps=num_warps or _norm_warps(x.shape[0], block), **pdl.args(x))
+    if warmup:
+        _add_norm_fp8_kernel.warmup(*args, grid=(x.shape[0],), **consts)
+    else:
+        _add_norm_fp8_kernel[(x.shape[0],)](*args, **consts)
     return q, s
 
 
