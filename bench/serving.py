@@ -91,6 +91,8 @@ def engine_kwargs(args, model_dir) -> dict:
         kw["num_kv_blocks"] = 4096
     if args.model is None:
         kw["load_format"] = "dummy"
+    if args.max_mixed_graph_tokens is not None:  # fewer mixed-step graphs: a shorter start, on both paths alike
+        kw["max_mixed_graph_tokens"] = args.max_mixed_graph_tokens
     return kw
 
 
@@ -380,7 +382,7 @@ def drive_stack(stack, reqs) -> dict:
     if stack.c.http_port is not None:
         res = asyncio.run(_drive_http(f"{stack.c.host}:{stack.c.http_port}", stack.bench_model, reqs))
     else:
-        res = asyncio.run(_drive(stack.router_address, reqs))
+        res = asyncio.run(_drive(stack.client_address, reqs))
     after = cpu_seconds(stack)
     res["cpu_ms_per_token"] = {k: 1e3 * (after[k] - before[k]) / max(1, res["output_tokens"])
                                for k in after if k in before}
@@ -418,6 +420,9 @@ def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), 
                               http_port=free_port() if api == "http" else None))
     stack.start()
     stack.bench_model = Path(model_dir).name  # the served name (the model directory's)
+    # A router variant that also serves a unix-domain socket (--unix-socket) is driven through it.
+    uds = [b for a, b in zip(router_args, router_args[1:]) if a == "--unix-socket"]
+    stack.client_address = f"unix:{uds[-1]}" if uds else stack.router_address
     return stack
 
 
@@ -495,8 +500,12 @@ def main() -> None:
                     help="also run the stack with these extra engine flags, e.g. 'si0.5=--switch-interval-ms 0.5' "
                          "(repeatable; each variant is one more stack start)")
     ap.add_argument("--router-variant", action="append", default=[], metavar="NAME=FLAGS",
-                    help="also run the stack with these extra router flags, e.g. 'plain=--no-engine-calls-ahead' "
-                         "(repeatable; each variant is one more stack start)")
+                    help="also run the stack with these extra router flags, e.g. 'plain=--no-engine-calls-ahead', "
+                         "or 'NAME=ENGINE FLAGS -- ROUTER FLAGS' for both; {tmp} in flags is a private directory "
+                         "(unix sockets: 'uds=--unix-socket {tmp}e.sock -- --unix-socket {tmp}r.sock'; the client "
+                         "then dials the router's socket) (repeatable; each variant is one more stack start)")
+    ap.add_argument("--max-mixed-graph-tokens", type=int, default=None,
+                    help="the engines' (both paths') largest mixed-step CUDA graph: fewer graphs, a shorter start")
     ap.add_argument("--http", action="store_true",
                     help="also run the stack once more, driven through the router's OpenAI-compatible HTTP API "
                          "(streamed /v1/completions over keep-alive connections) instead of its gRPC API")
@@ -519,12 +528,15 @@ def main() -> None:
     variants = ([("local", "local", [], []), ("service", "service", [], [])] if args.detokenize == "both"
                 else [(args.detokenize, args.detokenize, [], [])])
     detok = "local" if args.detokenize == "both" else args.detokenize
+    sockets = tempfile.mkdtemp(prefix="folio-bench-")  # {tmp} in a variant's flags: unix-domain socket paths
     for spec in args.engine_variant:
         name, _, flags = spec.partition("=")
-        variants.append((name, detok, shlex.split(flags), []))
+        variants.append((name, detok, shlex.split(flags.replace("{tmp}", f"{sockets}/{name}")), []))
     for spec in args.router_variant:
         name, _, flags = spec.partition("=")
-        variants.append((name, detok, [], shlex.split(flags)))
+        eflags, _, rflags = flags.partition(" -- ") if " -- " in flags else ("", "", flags)
+        variants.append((name, detok, shlex.split(eflags.replace("{tmp}", f"{sockets}/{name}")),
+                         shlex.split(rflags.replace("{tmp}", f"{sockets}/{name}"))))
     specs = {name: (detok, extra, rextra, "grpc") for name, detok, extra, rextra in variants}
     if args.http:
         specs["http"] = (detok, [], [], "http")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import stat
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -50,8 +52,10 @@ class GrpcServer:
 
     def __init__(self, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
                  interceptors: list[grpc.aio.ServerInterceptor] | None = None,
-                 tls: tuple[bytes, bytes] | None = None):
-        """`tls`: (certificate chain PEM, private key PEM) to serve TLS only; None serves plaintext."""
+                 tls: tuple[bytes, bytes] | None = None, unix_socket: str | None = None):
+        """`tls`: (certificate chain PEM, private key PEM) to serve TLS only; None serves plaintext.
+        `unix_socket`: also listen on this unix-domain socket path (for clients on the same host: a message
+        crosses it ~25% faster than loopback TCP, bench/grpc_hops.py; docs/router.md)."""
         # Extra interceptors (e.g. authentication) run before the error mapping.
         self.server = grpc.aio.server(interceptors=[*(interceptors or []), ErrorInterceptor()], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
@@ -61,14 +65,24 @@ class GrpcServer:
         """Set by SIGTERM/SIGINT or request_stop() while run() runs."""
         reflection.enable_server_reflection(
             self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        if tls is not None:
-            cert, key = tls
-            self.port = self.server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        creds = grpc.ssl_server_credentials([(tls[1], tls[0])]) if tls is not None else None
+
+        def bind(address: str) -> int:
+            return self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+
+        self.port = bind(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.unix_address: str | None = None
+        """`unix:PATH` when also listening on a unix-domain socket."""
+        if unix_socket:
+            with contextlib.suppress(FileNotFoundError):  # a socket file left by an earlier process, not any file
+                if stat.S_ISSOCK(os.stat(unix_socket).st_mode):
+                    os.unlink(unix_socket)
+            if bind(f"unix:{unix_socket}") == 0:
+                raise OSError(f"cannot bind unix:{unix_socket}")
+            self.unix_address = f"unix:{unix_socket}"
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

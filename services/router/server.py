@@ -33,6 +33,9 @@ class RouterConfig:
     """Address to bind."""
     port: int = 50051
     """gRPC port (0: any free port)."""
+    unix_socket: str | None = None
+    """Also serve the gRPC API on this unix-domain socket path, for clients on this host (a front end, a
+    sidecar): a new call reaches its handler ~25% sooner than over loopback TCP (bench/grpc_hops.py)."""
     tokenizer: list[str] = field(default_factory=list)
     """Tokenizer service address host:port, one per model."""
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -213,7 +216,7 @@ async def serve(c: RouterConfig) -> None:
         log.warning("no --tokenizer given: only prompt_token_ids requests can be served")
     auth = [ApiKeyInterceptor(c.api_key)] if c.api_key else []
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port, interceptors=auth,
-                        tls=_read_tls(c))
+                        tls=_read_tls(c), unix_socket=c.unix_socket)
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
                                 limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s,
