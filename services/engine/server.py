@@ -38,9 +38,8 @@ class EngineServerConfig:
     advertise_address: str | None = None
     """The host:port routers dial (default: host:port, or hostname:port when bound to 0.0.0.0)."""
     unix_socket: str | None = None
-    """Also listen on this unix-domain socket path and advertise `unix:PATH` to routers (unless
-    --advertise-address says otherwise): for routers on this host, a message each way crosses it ~25% faster
-    than loopback TCP (bench/grpc_hops.py; docs/router.md)."""
+    """Also listen on this unix domain socket path, and advertise unix:PATH to routers unless an advertise
+    address is given: for routers on this host a message crosses it faster than loopback TCP (docs/router.md)."""
     engine_id: str | None = None
     """Id in the registry (default: the advertised address)."""
     redis_url: str | None = None
