@@ -375,6 +375,61 @@ def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, att
     return out
 
 
+def eager_ms(runner, inputs, iters: int) -> tuple[float, float]:
+    """(device ms, host launch ms) of an eager step: its launches queued behind ~100 ms of GPU sleep, so the
+    device time does not include the host's; medians."""
+    graphs, runner.graphs = runner.graphs, None
+    dev, host = [], []
+    try:
+        runner.execute(inputs)
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(200_000_000)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            t = time.perf_counter()
+            runner.execute(inputs)
+            host.append(1e3 * (time.perf_counter() - t))
+            e1.record()
+            e1.synchronize()
+            dev.append(e0.elapsed_time(e1))
+    finally:
+        runner.graphs = graphs
+    return float(np.median(dev)), float(np.median(host))
+
+
+def mixed_graph_gain(runner, max_len: int, ctx: int, seqs: int, iters: int) -> list[dict]:
+    """Mixed steps (64 decodes + fresh prompts) of 1,024-8,192 tokens: eager device time and host launch time
+    against the step's graph (one bucket captured for it). Where the graph saves nothing on the device and
+    the eager launch is shorter than the device time (the host keeps ahead under async scheduling), the
+    bucket only costs startup (capture) time."""
+    from services.engine import cuda_graphs
+
+    out = []
+    print("\nmixed steps (64 decodes at the decode context + fresh prompts): eager vs graph")
+    print(f"{'tokens':>7}{'eager dev ms':>13}{'host launch':>12}{'graph ms':>10}{'capture s':>10}")
+    saved = cuda_graphs.MIXED_BUCKETS
+    try:
+        for tokens in (1024, 2048, 4096, 8192):
+            rest = tokens - 64  # fresh prompts of at most 480 tokens (the engine's max_model_len is 640)
+            prompts = [min(480, rest - i) for i in range(0, rest, 480)]
+            mi = step_inputs(runner, [(1, ctx)] * 64 + [(n, n) for n in prompts], tokens)
+            dev, host = eager_ms(runner, mi, iters)
+            cuda_graphs.MIXED_BUCKETS = (tokens,)
+            runner.graphs = None
+            torch.cuda.empty_cache()
+            t = time.perf_counter()
+            runner.capture_mixed_graphs(tokens, seqs, max_len)
+            cap = time.perf_counter() - t
+            g = device_ms(runner, mi, iters)
+            out.append(dict(tokens=tokens, eager_device_ms=dev, eager_host_ms=host, graph_ms=g, capture_s=cap))
+            print(f"{tokens:>7}{dev:>13.2f}{host:>12.2f}{g:>10.2f}{cap:>10.2f}", flush=True)
+    finally:
+        cuda_graphs.MIXED_BUCKETS = saved
+        recapture_decode(runner, max_len, seqs)
+    return out
+
+
 def engine_steps(llm, graph_ms: float, steps: int = 16) -> dict:
     """The engine's own decode steps at 256 sequences (scheduler, input copies, the graph, the sampler; async
     scheduling on, as bench/throughput.py runs): device span per step and idle gap (bench/step_trace.py)
@@ -486,25 +541,12 @@ def engine_part(args, ceil, attn_winners, t0: float) -> dict:
     print(f"\nprefill 32 x 256 (8,192 tokens) eager: device {pt['gpu_ms']:.2f} ms, host launch {pt['host_ms']:.2f} ms, "
           f"ceiling (FLOPs at the matmul rate) {pceil:.2f} ms = {pceil / pt['gpu_ms']:.0%}")
     res.update(prefill_eager=pt, prefill_ceil_ms=pceil, prefill_profile=profile_step(runner, plens, cfg, ceil, "prefill 32 x 256"))
-    # Mixed-step graphs: where the eager launch is shorter than the device time, a graph can only save the
-    # boundaries, and costs startup (capture) time.
-    res["mixed_eager"] = []
-    for tokens in (512, 1024, 2048, 4096):
-        mlens = [(1, ctx)] * 64 + [(tokens - 64, tokens - 64)]
-        mi = step_inputs(runner, mlens, tokens)
-        graphs, runner.graphs = runner.graphs, None
-        try:
-            t = time_step(runner, mi, graphed=False, iters=3)
-        finally:
-            runner.graphs = graphs
-        res["mixed_eager"].append(dict(tokens=tokens, **t))
-        print(f"mixed step {tokens} tokens (64 decodes + a prompt) eager: device {t['gpu_ms']:.2f} ms, "
-              f"host launch {t['host_ms']:.2f} ms", flush=True)
-    print("\ndecode-step variants (graph re-captured for each):")
+    res["mixed_graphs"] = mixed_graph_gain(runner, max_len, ctx, seqs, args.iters)
     try:
         res["engine_steps"] = engine_steps(llm, graph)
     except Exception as e:  # reported; the variants still run
         print(f"engine steps: {type(e).__name__} {str(e)[:200]}", flush=True)
+    print("\ndecode-step variants (graph re-captured for each):")
     dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
     res["variants"] = decode_variants(runner, inputs, max_len, seqs, args.iters, base_logits, attn_winners, dims,
                                      t0 + args.budget)
