@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chat_profile import device_ms, layer_shapes, step_ceiling_ms  # noqa: E402
 from bench.decode_profile import group_of  # noqa: E402
-from bench.mixed_graphs import step_inputs, time_step  # noqa: E402
+from bench.mixed_graphs import step_inputs  # noqa: E402
 from bench.throughput import SHAPES, measure_ceilings, model_bytes_and_flops, write_config  # noqa: E402
 
 BLOCK = 16
@@ -398,7 +398,7 @@ def eager_ms(runner, inputs, iters: int) -> tuple[float, float]:
     return float(np.median(dev)), float(np.median(host))
 
 
-def mixed_graph_gain(runner, max_len: int, ctx: int, seqs: int, iters: int) -> list[dict]:
+def mixed_graph_gain(runner, max_len: int, ctx: int, seqs: int, iters: int, deadline: float) -> list[dict]:
     """Mixed steps (64 decodes + fresh prompts) of 1,024-8,192 tokens: eager device time and host launch time
     against the step's graph (one bucket captured for it). Where the graph saves nothing on the device and
     the eager launch is shorter than the device time (the host keeps ahead under async scheduling), the
@@ -411,6 +411,9 @@ def mixed_graph_gain(runner, max_len: int, ctx: int, seqs: int, iters: int) -> l
     saved = cuda_graphs.MIXED_BUCKETS
     try:
         for tokens in (1024, 2048, 4096, 8192):
+            if time.perf_counter() > deadline:
+                print(f"{tokens:>7}  skipped (past --budget)")
+                continue
             rest = tokens - 64  # fresh prompts of at most 480 tokens (the engine's max_model_len is 640)
             prompts = [min(480, rest - i) for i in range(0, rest, 480)]
             mi = step_inputs(runner, [(1, ctx)] * 64 + [(n, n) for n in prompts], tokens)
@@ -532,24 +535,21 @@ def engine_part(args, ceil, attn_winners, t0: float) -> dict:
     # The prefill step of the fixed workload: 32 fresh prompts of 256 tokens.
     plens = [(256, 256)] * 32
     pin = step_inputs(runner, plens, 2)
-    graphs, runner.graphs = runner.graphs, None
-    try:
-        pt = time_step(runner, pin, graphed=False, iters=3)
-    finally:
-        runner.graphs = graphs
+    p_dev, p_host = eager_ms(runner, pin, 3)
+    pt = {"gpu_ms": p_dev, "host_ms": p_host}
     pceil = step_ceiling_ms(cfg, plens, ceil)
     print(f"\nprefill 32 x 256 (8,192 tokens) eager: device {pt['gpu_ms']:.2f} ms, host launch {pt['host_ms']:.2f} ms, "
           f"ceiling (FLOPs at the matmul rate) {pceil:.2f} ms = {pceil / pt['gpu_ms']:.0%}")
     res.update(prefill_eager=pt, prefill_ceil_ms=pceil, prefill_profile=profile_step(runner, plens, cfg, ceil, "prefill 32 x 256"))
-    res["mixed_graphs"] = mixed_graph_gain(runner, max_len, ctx, seqs, args.iters)
-    try:
-        res["engine_steps"] = engine_steps(llm, graph)
-    except Exception as e:  # reported; the variants still run
-        print(f"engine steps: {type(e).__name__} {str(e)[:200]}", flush=True)
     print("\ndecode-step variants (graph re-captured for each):")
     dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
     res["variants"] = decode_variants(runner, inputs, max_len, seqs, args.iters, base_logits, attn_winners, dims,
-                                     t0 + args.budget)
+                                      t0 + args.budget)
+    try:
+        res["engine_steps"] = engine_steps(llm, graph)
+    except Exception as e:  # reported; what follows still runs
+        print(f"engine steps: {type(e).__name__} {str(e)[:200]}", flush=True)
+    res["mixed_graphs"] = mixed_graph_gain(runner, max_len, ctx, seqs, args.iters, t0 + args.budget)
     return res
 
 
