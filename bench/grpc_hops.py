@@ -273,7 +273,8 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.address)
         return
-    host = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()}
+    host = {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+            "load_avg": os.getloadavg()}
     import grpc
 
     host["grpc"] = grpc.__version__

@@ -543,7 +543,7 @@ def main() -> None:
     variants = list(specs)
     t_start = time.perf_counter()
     host = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "python": platform.python_version(), "kernel": platform.release(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, vocab = prepare_model(args, Path(tmp))
