@@ -138,11 +138,12 @@ def attention_part(cfg, ceil, device, dtype, quick: bool) -> list[dict]:
              (dict(configs[0], EVICTION="evict_first"), 1)] if not quick else [(configs[0], 2)]
     fixed = [(c, 1) for c in configs] + extra
     # The chat run's small decode steps (docs/performance.md: attention there at ~59% of copy): split counts.
-    chat = [(configs[0], s) for s in (1, 2, 4, 8)] + [(c, s) for c in configs[1:4] for s in (1, 2)]
+    chat = [(configs[0], s) for s in (1, 2, 4, 8, 16)] + [(c, s) for c in configs[1:4] for s in (1, 2, 4)]
     spread = lambda n, lo, hi: [int(x) for x in np.linspace(lo, hi, n).round()]  # noqa: E731
     cases = [("256 equal 320", [320] * SEQS, fixed), ("256 equal 448", [448] * SEQS, fixed),
              ("256 spread 257..511", spread(SEQS, 257, 511), fixed),
-             ("32 spread 500..1000", spread(32, 500, 1000), chat), ("96 spread 325..650", spread(96, 325, 650), chat)]
+             ("16 spread 900..1800", spread(16, 900, 1800), chat), ("32 spread 500..1000", spread(32, 500, 1000), chat),
+             ("64 spread 750..1500", spread(64, 750, 1500), chat), ("96 spread 325..650", spread(96, 325, 650), chat)]
     if quick:
         cases = [("4 equal 40", [40] * 4, fixed), ("4 spread", [17, 40, 33, 5], fixed)]
     copy = ceil["copy_GBps"]
