@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import datetime as dt
 import json
 import math
@@ -529,6 +530,7 @@ def main() -> None:
                 else [(args.detokenize, args.detokenize, [], [])])
     detok = "local" if args.detokenize == "both" else args.detokenize
     sockets = tempfile.mkdtemp(prefix="folio-bench-")  # {tmp} in a variant's flags: unix-domain socket paths
+    atexit.register(shutil.rmtree, sockets, True)
     for spec in args.engine_variant:
         name, _, flags = spec.partition("=")
         variants.append((name, detok, shlex.split(flags.replace("{tmp}", f"{sockets}/{name}")), []))
