@@ -15,6 +15,8 @@ where the other process's code first sees it, so each direction is measured on i
 - stream: a message on a bidi stream opened earlier (the router <-> engine GenerateStream), each way.
 - aio-tcp-gil: the server process also runs a thread that holds the GIL in 2 ms stretches, releasing it
   for 0.2 ms between them, as the engine's step thread does between its launches and its device waits.
+- sync-tcp: grpc's thread-pool server; -nobdp: no BDP probe, no write buffering; -noeecq / -noee: gRPC
+  core's EventEngine experiments off (GRPC_EXPERIMENTS) in both processes; -spin: both event loops spin.
 Probes are spaced --gap-ms apart (threads fall idle in between, as they do between a serving stack's
 tokens; back-to-back probes would keep every core awake and hide the wake-ups).
 """
@@ -53,6 +55,10 @@ VARIANTS = {
     "aio-tcp-gil": ("aio-gil", "tcp", {}),
     "sync-tcp": ("sync", "tcp", {}),
     "aio-tcp-nobdp": ("aio", "tcp", {"grpc.http2.bdp_probe": 0, "grpc.http2.write_buffer_size": 0}),
+    # gRPC core experiments off (GRPC_EXPERIMENTS, both processes): fewer thread hops per message?
+    "aio-tcp-noeecq": ("aio", "tcp", {}, {"GRPC_EXPERIMENTS": "-event_engine_callback_cq"}),
+    "aio-tcp-noee": ("aio", "tcp", {}, {"GRPC_EXPERIMENTS": "-event_engine_client,-event_engine_listener,"
+                                                        "-event_engine_for_all_other_endpoints"}),
 }
 
 
@@ -217,9 +223,9 @@ async def probe_grpc(address: str, n: int, gap_s: float, spin: bool, options: li
 
 
 def run_variant(name: str, n: int, gap_s: float, tmp: Path) -> dict:
-    from services.common.server import CHANNEL_OPTIONS, SERVER_OPTIONS
-
-    kind, transport, extra = VARIANTS[name]
+    """One variant: its server and its client, each a process of its own (with the variant's environment)."""
+    kind, transport, _ = VARIANTS[name][:3]
+    env = {**os.environ, **(VARIANTS[name][3] if len(VARIANTS[name]) > 3 else {})}
     if transport == "unix":
         sock = tmp / f"{name}.sock"
         address = str(sock) if kind.startswith("raw") else f"unix:{sock}"
@@ -228,16 +234,15 @@ def run_variant(name: str, n: int, gap_s: float, tmp: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
         s.close()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", name, "--address", address],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    me = [sys.executable, __file__, "--address", address, "--n", str(n), "--gap-ms", str(gap_s * 1e3)]
+    proc = subprocess.Popen(me + ["--serve", name], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{name}: the server did not start")
-        if kind.startswith("raw"):
-            res = probe_raw(address, n, gap_s, spin=kind == "raw-spin")
-        else:
-            res = asyncio.run(probe_grpc(address, n, gap_s, kind == "aio-spin",
-                                         CHANNEL_OPTIONS + list(extra.items())))
+        out = subprocess.run(me + ["--client", name], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{name}: the client failed: {out.stderr[-2000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         proc.kill()
         proc.wait()
@@ -245,10 +250,21 @@ def run_variant(name: str, n: int, gap_s: float, tmp: Path) -> dict:
             for k, v in res.items()}
 
 
+def client(name: str, address: str, n: int, gap_s: float) -> None:
+    from services.common.server import CHANNEL_OPTIONS
+
+    kind, _, extra = VARIANTS[name][:3]
+    if kind.startswith("raw"):
+        res = probe_raw(address, n, gap_s, spin=kind == "raw-spin")
+    else:
+        res = asyncio.run(probe_grpc(address, n, gap_s, kind == "aio-spin", CHANNEL_OPTIONS + list(extra.items())))
+    print(json.dumps(res))
+
+
 def serve(name: str, address: str) -> None:
     from services.common.server import SERVER_OPTIONS
 
-    kind, _, extra = VARIANTS[name]
+    kind, _, extra = VARIANTS[name][:3]
     options = SERVER_OPTIONS + list(extra.items())
     if kind.startswith("raw"):
         serve_raw(address, spin=kind == "raw-spin")
@@ -267,11 +283,15 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--client", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.serve:
         serve(args.serve, args.address)
+        return
+    if args.client:
+        client(args.client, args.address, args.n, args.gap_ms / 1e3)
         return
     host = {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
             "load_avg": os.getloadavg()}
