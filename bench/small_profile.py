@@ -362,10 +362,94 @@ def section_engine(llm, requests: int, prompt: int, decode_to: int) -> dict:
     return res
 
 
+GREEDY_CONFIGS = [dict(BLOCK=b, num_warps=w, programs=p) for b, w, p in
+                  ((2048, 8, 512), (1024, 4, 512), (2048, 8, 1024), (1024, 8, 1024), (4096, 8, 512), (1024, 4, 256),
+                   (2048, 4, 128), (512, 4, 1024))]
+"""kernels/greedy.py launch configs swept by section_greedy; the first is its DEFAULT_CONFIG."""
+
+
+def section_greedy(ceil: dict) -> list[dict]:
+    """The one-pass greedy sampler on [n, 128,256] bf16 logits (the 1B's LM head output) over launch configs and
+    vocabulary splits, each checked against torch (float64) first; the winner per n is printed."""
+    from triton.testing import do_bench
+
+    from kernels.greedy import greedy_sample, greedy_sample_ref, split_for
+
+    vocab, rows, failed = SHAPES[SHAPE]["vocab_size"], [], 0
+    print("\ngreedy sampling of [n, 128256] bf16 logits, ms (GB/s of logits read; split = parts per row)")
+    for n in (1, 64, 256, 1024):
+        x = (3 * torch.randn(n, vocab, device="cuda")).to(torch.bfloat16)
+        x[:, 7] = x.max(dim=1).values  # ties: the first index must win
+        ref_t, ref_lp = greedy_sample_ref(x)
+        line = []
+        for i, cfg in enumerate(GREEDY_CONFIGS):
+            t, lp = greedy_sample(x, cfg)
+            ok = torch.equal(t, ref_t) and torch.allclose(lp.double(), ref_lp, atol=1e-4, rtol=1e-4)
+            failed += not ok
+            ms = do_bench(lambda: greedy_sample(x, cfg), warmup=10, rep=50)
+            rows.append(dict(n=n, config=cfg, split=split_for(n, cfg["programs"]), ms=ms, ok=ok))
+            line.append(f"{'*' if i == 0 else ''}B{cfg['BLOCK']} w{cfg['num_warps']} p{cfg['programs']} "
+                        f"(split {split_for(n, cfg['programs'])}) {ms:.4f} ({n * vocab * 2 / ms / 1e6:.0f}){'' if ok else ' WRONG'}")
+        best = min((r for r in rows if r["n"] == n and r["ok"]), key=lambda r: r["ms"], default=None)
+        ms_argmax = do_bench(lambda: x.argmax(dim=-1), warmup=10, rep=50)
+        print(f"   n {n}: " + "; ".join(line) + f"; torch argmax alone {ms_argmax:.4f}")
+        if best is not None:
+            print(f"   n {n}: best {best['config']} {best['ms']:.4f} ms")
+    print(f"greedy: {failed} configs gave a wrong token or logprob (* = the default)")
+    return rows
+
+
+def section_first_use(ceil: dict) -> dict:
+    """What a served step pays the first time: a CUDA graph's first replay after capture (host ms; the graph
+    of 200 small kernels, as a decode step's), with and without a replay at capture; and a cudaMalloc of a
+    263 MB logits tensor (host ms, and whether it waits for the device: it is timed behind a 20 ms kernel)."""
+    res = {}
+    x = torch.zeros(4096, device="cuda")
+
+    def body():
+        y = x
+        for _ in range(200):
+            y = y * 1.0001 + 1
+        return y
+
+    for label in ("first replay", "after a warm replay"):
+        body()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        torch.cuda.synchronize()
+        if label != "first replay":
+            g.replay()
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            g.replay()
+            times.append(1e3 * (time.perf_counter() - t))
+            torch.cuda.synchronize()
+        res[label] = times
+        print(f"graph of 200 kernels, {label}: host ms per replay call " + ", ".join(f"{v:.3f}" for v in times))
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    for label in ("alone", "behind a 20 ms kernel"):
+        torch.cuda.empty_cache()
+        if label != "alone":
+            torch.cuda._sleep(int(20e-3 * 1.98e9))
+        t = time.perf_counter()
+        big = torch.empty(1024 * 128256 * 2, dtype=torch.uint8, device="cuda")
+        ms = 1e3 * (time.perf_counter() - t)
+        torch.cuda.synchronize()
+        del big
+        res[f"malloc {label}"] = ms
+        print(f"cudaMalloc of 263 MB {label}: host {ms:.3f} ms")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", nargs="+", default=["engine", "attn", "gemm"],
-                    choices=["overlap", "gemm", "attn", "engine"])
+                    choices=["overlap", "gemm", "attn", "engine", "greedy", "first_use"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="the engine section only, tiny shape on CPU (a check of the script)")
     args = ap.parse_args()
@@ -391,7 +475,8 @@ def main() -> None:
         elif name == "engine":
             rec[name] = section_engine(llm, 1024, 256, 128)
         else:
-            rec[name] = {"gemm": section_gemm, "attn": section_attn}[name](ceil)
+            rec[name] = {"gemm": section_gemm, "attn": section_attn, "greedy": section_greedy,
+                         "first_use": section_first_use}[name](ceil)
         print(f"[{name}: {time.perf_counter() - t:.1f} s]", flush=True)
     print(f"[total {time.perf_counter() - t0:.1f} s]")
     if args.json:

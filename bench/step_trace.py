@@ -30,6 +30,11 @@ class StepTrace:
     def __init__(self, engine):
         self.engine = engine
         self.cuda = engine.device.type == "cuda"
+        self.t_start, self.ev_start = time.perf_counter(), None
+        """When the trace began (just before the timed run): the time to the first launch is host work only."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.ev_start = self._event()
         self.rows: list[dict] = []
         self.mem0 = self._mem()
         self.compiles: list[tuple[int, str]] = []
@@ -85,13 +90,30 @@ class StepTrace:
                     acc[k] = acc.get(k, 0.0) + v - before.get(k, 0.0)
         return result
 
+    LAUNCH_PHASES = ("prepare", "forward", "sample")
+
     def _traced_launch(self, out, prev):
+        timing = self.engine.step_timing
+        before = [timing.get(k, 0.0) for k in self.LAUNCH_PHASES] if timing is not None else None
         t0, ev0 = time.perf_counter(), self._event()
         result = self._launch(out, prev)
         ev1, t1 = self._event(), time.perf_counter()
+        phases = ({k: 1e3 * (timing.get(k, 0.0) - b) for k, b in zip(self.LAUNCH_PHASES, before)}
+                  if before is not None else {})
         self.rows.append({"kind": self._kind(out), "tokens": out.num_tokens, "seqs": len(out.seqs),
-                          "host_ms": 1e3 * (t1 - t0), "ev": (ev0, ev1), "mem": self._mem()})
+                          "host_ms": 1e3 * (t1 - t0), "ev": (ev0, ev1), "mem": self._mem(), "phases": phases,
+                          "bucket": self._bucket(out), "t0": t0})
         return result
+
+    def _bucket(self, out) -> tuple[str, int] | None:
+        """The graph a step replays: ("decode", batch bucket) or ("mixed", token bucket); None: eager."""
+        graphs = self.engine.runner.graphs
+        if graphs is None:
+            return None
+        plain = out.plain_decode or out.num_tokens == len(out.seqs)
+        table, n = (graphs.decode, len(out.seqs)) if plain else (graphs.mixed, out.num_tokens)
+        fit = min((k for k in table if k >= n), default=None)
+        return None if fit is None else ("decode" if plain else "mixed", fit)
 
     def _kind(self, out) -> str:
         if out.plain_decode or out.num_tokens == len(out.seqs):
@@ -118,6 +140,8 @@ class StepTrace:
         return kinds
 
     def print_table(self, label: str = "") -> dict[str, dict]:
+        """Call right after the timed run returns (its end is taken as now)."""
+        t_end, end_ev = time.perf_counter(), self._event()
         if self.cuda:
             torch.cuda.synchronize()
         kinds = self.summary()
@@ -138,6 +162,8 @@ class StepTrace:
         slow = sorted(range(len(self.rows)), key=lambda i: -self.rows[i]["host_ms"])[:6]
         print("slowest launches (step: kind tokens host ms): " + ", ".join(
             f"{i}: {self.rows[i]['kind']} {self.rows[i]['tokens']} {self.rows[i]['host_ms']:.1f}" for i in sorted(slow)))
+        kinds["wall"] = self._print_wall(end_ev, t_end)
+        self._print_launches()
         print(f"Triton compiles during the run: {len(self.compiles)}"
               + "".join(f"\n  step {i}: {name}" for i, name in self.compiles[:20]))
         kinds["compiles"] = len(self.compiles)
@@ -150,3 +176,46 @@ class StepTrace:
             print(f"steps where the allocator went to the device: {len(grew)}" + "".join(f"\n  {g}" for g in grew[:12]))
             kinds["allocator_steps"] = len(grew)
         return kinds
+
+    def _print_wall(self, end_ev, t_end: float) -> dict:
+        """The run's wall time split: host time before the first launch, launches' device spans, idle gaps
+        between launches, and the device time after the last launch's end until the run returned."""
+        if not self.rows:
+            return {}
+        first, last = self.rows[0], self.rows[-1]
+        wall = {"wall_ms": 1e3 * (t_end - self.t_start), "before_first_launch_ms": 1e3 * (first["t0"] - self.t_start)}
+        if self.cuda:
+            wall["span_ms"] = sum(r["ev"][0].elapsed_time(r["ev"][1]) for r in self.rows)
+            wall["gap_ms"] = sum(a["ev"][1].elapsed_time(b["ev"][0]) for a, b in zip(self.rows, self.rows[1:]))
+            wall["device_before_first_ms"] = self.ev_start.elapsed_time(first["ev"][0])
+            wall["after_last_ms"] = last["ev"][1].elapsed_time(end_ev)
+        print("run wall " + ", ".join(f"{k} {v:.1f}" for k, v in wall.items()))
+        return wall
+
+    def _print_launches(self, limit: int = 16) -> None:
+        """The launches behind most of the lost time: the largest idle gaps before a launch and the slowest
+        host launches, each with its host phases, its graph bucket (and whether this run replays it for the
+        first time) and whether the allocator went to the device in it."""
+        seen, first_use = set(), []
+        for r in self.rows:
+            first_use.append(r["bucket"] is not None and r["bucket"] not in seen)
+            seen.add(r["bucket"])
+        gaps = [0.0] + ([a["ev"][1].elapsed_time(b["ev"][0]) for a, b in zip(self.rows, self.rows[1:])]
+                        if self.cuda else [0.0] * (len(self.rows) - 1))
+        prev_mem = [self.mem0] + [r["mem"] for r in self.rows[:-1]]
+
+        def line(i):
+            r = self.rows[i]
+            ph = "/".join(f"{r['phases'].get(k, 0.0):.2f}" for k in self.LAUNCH_PHASES)
+            b = r["bucket"]
+            alloc = "alloc" if r["mem"] != prev_mem[i] else ""
+            return (f"  {i:>4} {r['kind']:<13}{r['tokens']:>6}{r['seqs']:>6}{gaps[i]:>8.2f}{r['host_ms']:>8.2f}  {ph:<18}"
+                    f"{(b[0][0] + str(b[1])) if b else 'eager':>7}{' first' if first_use[i] else '':<7}{alloc}")
+
+        pick = sorted(set(sorted(range(len(self.rows)), key=lambda i: -gaps[i])[:limit])
+                      | set(sorted(range(len(self.rows)), key=lambda i: -self.rows[i]["host_ms"])[:limit // 2]))
+        print(f"launches with the largest idle gaps before them or the slowest host launches "
+              f"({sum(first_use)} first replays of a graph bucket in the run):")
+        print(f"  {'step':>4} {'kind':<13}{'tok':>6}{'seqs':>6}{'gap ms':>8}{'host ms':>8}  prep/fwd/sample ms  bucket")
+        for i in pick:
+            print(line(i))

@@ -346,6 +346,10 @@ def main() -> None:
     ap.add_argument("--compare-async", action="store_true",
                     help="run Folio with asynchronous scheduling off and on (one engine) and print the ratio")
     ap.add_argument("--no-async-scheduling", action="store_true", help="run Folio with asynchronous scheduling off")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time the workload this many times on one engine (a record each, run_index 0, 1, ...): "
+                         "run 0 is a fresh engine's first run, the figure reported; later runs show what is left "
+                         "of first-use costs (graph uploads, allocator growth) and the run-to-run spread")
     ap.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                     help="any other EngineConfig field for Folio's engine (repeatable), e.g. max_mixed_graph_tokens=8192")
     ap.add_argument("--coarse-mixed-buckets", action="store_true",
@@ -378,7 +382,7 @@ def main() -> None:
             for wl in args.workload:
                 work = make_workload(wl, SHAPES[shape]["vocab_size"], args.requests)
                 max_seqs = args.max_num_seqs or (1024 if wl == "many" else 256)
-                modes = [False, True] if args.compare_async else [None]
+                modes = ([False, True] if args.compare_async else [None]) * args.repeat
                 runs = run_folio(model_dir, work, args, max_seqs, modes)
                 if args.no_hf:
                     h_n, h_s, h_info = 0, float("nan"), {}
@@ -388,9 +392,9 @@ def main() -> None:
                 roof_s = ideal_roofline_seconds(work, SHAPES[shape], max_seqs, ceil) / args.tensor_parallel_size
                 if args.quantization != "none":  # the roofline counts bf16 weight bytes
                     roof_s = float("nan")
-                for f_n, f_s, f_info, _ in runs:
+                for run_index, (f_n, f_s, f_info, _) in enumerate(runs):
                     folio_tps = f_n / f_s
-                    rec = {
+                    rec = {"run_index": run_index,
                         "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
                         "dense_dispatch_table": dense_dispatch_on(),
@@ -404,8 +408,8 @@ def main() -> None:
                     }
                     rows.append(rec)
                     print(json.dumps(rec), flush=True)
-                if len(runs) == 2:
-                    (_, off_s, off, off_tok), (_, on_s, on, on_tok) = runs
+                if args.compare_async:
+                    (_, off_s, off, off_tok), (_, on_s, on, on_tok) = runs[:2]
                     same = sum(a == b for a, b in zip(off_tok, on_tok))
                     # Greedy on random weights in bf16: a different batch make-up at some step can flip a
                     # near-tie, so a few differing requests are possible; a broken device-side input fill

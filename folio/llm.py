@@ -73,10 +73,7 @@ class LLM:
     def _prompt_items(self, prompts) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        items = [self._to_ids(p) for p in prompts]
-        for _, ids in items:
-            self.engine.validate_prompt(ids)
-        return items
+        return [self._to_ids(p) for p in prompts]
 
     def _to_ids(self, p: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(p, str):
@@ -98,14 +95,21 @@ class LLM:
         engine = self.engine
         proc = OutputProcessor(engine.tokenizer)
         order, results = [], {}
-        for text, ids, sp in items:
-            rid = f"offline-{next(self._ids)}"
-            text_params = sampling_params_for(sp) if isinstance(sp, BeamSearchParams) else sp
-            # Only stop strings need the text as it grows (to end a sequence early); other requests
-            # come back from the engine once, finished, with no per-token work on the host.
-            engine.add_request(rid, text, sp, prompt_token_ids=ids, stream=bool(text_params.stop))
-            proc.add_request(rid, text, ids, text_params)
-            order.append(rid)
+        try:
+            for text, ids, sp in items:
+                rid = f"offline-{next(self._ids)}"
+                text_params = sampling_params_for(sp) if isinstance(sp, BeamSearchParams) else sp
+                # Only stop strings need the text as it grows (to end a sequence early); other requests
+                # come back from the engine once, finished, with no per-token work on the host.
+                engine.add_request(rid, text, sp, prompt_token_ids=ids, stream=bool(text_params.stop))
+                proc.add_request(rid, text, ids, text_params)
+                order.append(rid)
+        except BaseException:
+            # add_request checks each prompt (once: the engine's check is the only one) and its parameters;
+            # nothing has run yet, so a bad one leaves no request behind.
+            for rid in order:
+                engine.abort_request(rid)
+            raise
         bar = None
         if use_tqdm and len(items) > 1:
             from tqdm.auto import tqdm

@@ -27,6 +27,7 @@ forward around its attention call.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable
 
@@ -49,6 +50,10 @@ or two), a step computes at most 1/16 more tokens than it has (buckets every 16 
 had padded the chat's mixed steps by 4.7% on average (docs/performance.md, "The 8B chat workload"). The
 graphs share one output buffer and one memory pool, so a bucket costs capture time (~tens of ms) and its
 graph's own nodes, not activation memory."""
+
+WARM_REPLAY = os.environ.get("FOLIO_WARM_GRAPHS", "1") != "0"
+"""Replay each captured graph once at capture (StepGraphs._capture); FOLIO_WARM_GRAPHS=0 (read at import)
+leaves each graph's first launch to the first step that uses it, for comparisons."""
 
 Recorder = Callable[[Callable[[], torch.Tensor], object], tuple[object, torch.Tensor, object]]
 """record(fn, pool) -> (graph with .replay(), fn's output as captured, pool for the next capture)."""
@@ -151,6 +156,13 @@ class StepGraphs:
 
             g, out, self.pool = self.record(run, self.pool)
             graphs[n] = (g, out)
+        if self.device.type == "cuda" and WARM_REPLAY:
+            # A graph's first launch after instantiation costs the host milliseconds (the executable graph is
+            # uploaded to the device then): pay it here, once per bucket, not in the first served step that
+            # lands in each bucket. The buffers hold padding (no slots, no new tokens): nothing is written
+            # to the KV pool.
+            for n in buckets:
+                graphs[n][0].replay()
         self._log(kind, buckets, t0, mem0)
 
     def _decode_meta(self, b: int) -> AttentionMetadata:

@@ -227,7 +227,20 @@ class ModelRunner:
                         self._warm_step(lens)
         dense_dispatch.warmup(self.device, self.dtype)  # the LM head's GEMM builds for any row count
         if self.device.type == "cuda":
+            self._reserve_logits(min(max_num_seqs, max_num_batched_tokens))
             torch.cuda.synchronize(self.device)
+
+    def _reserve_logits(self, rows: int) -> None:
+        """Take the memory of the largest step's logits and sampling from the device once, here. The LM head
+        runs eagerly on each step's own rows, so while a workload ramps up (mixed steps sampling 32, 64, ...,
+        1,024 rows) each step's larger logits found no cached block and went to the device (cudaMalloc, host
+        milliseconds inside the step: 34 steps of the 1,024-request benchmark's first run did), leaving
+        every smaller segment cached and unused. One segment of the size the KV pool's sizing already set
+        aside (LLMEngine._size_kv_pool: four float32 [rows, vocab] tensors), freed to the caching allocator,
+        serves every later step's logits and sampling tensors from it."""
+        c = self.cfg
+        scratch = torch.empty(rows * c.vocab_size * 16, dtype=torch.uint8, device=self.device)
+        del scratch
 
     def _prefill_configs(self) -> list[dict | None]:
         """The prefill kernel's configs the dispatch table can pick for this model; [None] (the backend's own

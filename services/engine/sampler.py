@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from services.engine.request import Sequence
-from kernels.greedy import greedy_sample
+from kernels.greedy import greedy_sample, warmup as greedy_warmup
 from services.engine.structured import apply_bitmask
 
 _NEG_INF = float("-inf")
@@ -91,7 +91,7 @@ class Sampler:
         """Compile the one-pass greedy kernel before the first request (it is not part of the runner's
         warm-up steps; its integer arguments, the row stride and the vocabulary, are fixed per model)."""
         if self.fused_greedy:
-            greedy_sample(torch.zeros(2, vocab_size, dtype=dtype, device=self.device))
+            greedy_warmup(vocab_size, dtype, self.device)
 
     def forget(self, seq: Sequence) -> None:
         self._seeded.pop((seq.request.request_id, seq.index), None)

@@ -34,6 +34,25 @@ def test_ties_take_the_first_index_across_blocks_and_strided_rows():
     torch.testing.assert_close(lp.double().cpu(), greedy_sample_ref(x)[1], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("config", [dict(SPLIT=2, BLOCK=1024), dict(SPLIT=4, BLOCK=512, num_warps=4),
+                                    dict(SPLIT=16, BLOCK=256), dict(programs=64, BLOCK=1024)])
+def test_split_rows_match_torch_and_break_ties_to_the_first_index(config):
+    """Each row's columns in parts (programs of their own), combined by a second launch: the same token and
+    logprob as one program per row, ties across parts included."""
+    vocab = 9001
+    g = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(6, vocab, generator=g)
+    x[0, [9000, 20, 4500]] = 50.0  # a tie across parts: the first index wins
+    x[1, :3000] = float("-inf")  # a whole part of -inf logits
+    x[2, 8999] = 60.0  # the maximum in the last, partial part
+    x = x.to(DEV)
+    tokens, lp = greedy_sample(x, config)
+    ref_tokens, ref_lp = greedy_sample_ref(x)
+    assert tokens.tolist()[:3] == [20, ref_tokens[1].item(), 8999]
+    assert torch.equal(tokens.cpu(), ref_tokens.cpu())
+    torch.testing.assert_close(lp.double().cpu(), ref_lp.cpu(), atol=2e-6, rtol=1e-5)
+
+
 def test_bad_logits_are_refused():
     with pytest.raises(ValueError, match="logits"):
         greedy_sample(torch.zeros(3, 4, dtype=torch.long))
