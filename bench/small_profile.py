@@ -363,8 +363,7 @@ def section_engine(llm, requests: int, prompt: int, decode_to: int) -> dict:
 
 
 GREEDY_CONFIGS = [dict(BLOCK=b, num_warps=w, programs=p) for b, w, p in
-                  ((2048, 8, 512), (1024, 4, 512), (2048, 8, 1024), (1024, 8, 1024), (4096, 8, 512), (1024, 4, 256),
-                   (2048, 4, 128), (512, 4, 1024))]
+                  ((2048, 8, 512), (1024, 4, 512), (2048, 8, 1024), (4096, 8, 512), (1024, 8, 256), (2048, 4, 128))]
 """kernels/greedy.py launch configs swept by section_greedy; the first is its DEFAULT_CONFIG."""
 
 
@@ -377,12 +376,12 @@ def section_greedy(ceil: dict) -> list[dict]:
 
     vocab, rows, failed = SHAPES[SHAPE]["vocab_size"], [], 0
     print("\ngreedy sampling of [n, 128256] bf16 logits, ms (GB/s of logits read; split = parts per row)")
-    for n in (1, 64, 256, 1024):
+    for n in (1, 256, 1024):
         x = (3 * torch.randn(n, vocab, device="cuda")).to(torch.bfloat16)
         x[:, 7] = x.max(dim=1).values  # ties: the first index must win
         ref_t, ref_lp = greedy_sample_ref(x)
         line = []
-        for i, cfg in enumerate(GREEDY_CONFIGS):
+        for i, cfg in enumerate(GREEDY_CONFIGS if n > 1 else GREEDY_CONFIGS[:1]):
             t, lp = greedy_sample(x, cfg)
             ok = torch.equal(t, ref_t) and torch.allclose(lp.double(), ref_lp, atol=1e-4, rtol=1e-4)
             failed += not ok
