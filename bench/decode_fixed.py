@@ -46,7 +46,7 @@ SEQS, CTX = 256, 384
 """The fixed workload's decode step at its mean context (256 in + 128 of 256 out)."""
 ATTN_CONFIGS = [dict(TILE_N=t, num_warps=w, num_stages=s)
                 for t, w, s in ((64, 4, 2), (64, 4, 3), (32, 4, 3), (32, 4, 4), (32, 2, 3), (64, 2, 3), (128, 4, 2),
-                                (128, 8, 2), (64, 8, 2), (32, 4, 2))]
+                                (64, 8, 2))]
 """Launch configs timed at the decode shape (the first is the engine's default on an H200)."""
 
 
@@ -140,10 +140,8 @@ def attention_part(cfg, ceil, device, dtype, quick: bool) -> list[dict]:
     # The chat run's small decode steps (docs/performance.md: attention there at ~59% of copy): split counts.
     chat = [(configs[0], s) for s in (1, 2, 4, 8, 16)] + [(c, s) for c in configs[1:4] for s in (1, 2, 4)]
     spread = lambda n, lo, hi: [int(x) for x in np.linspace(lo, hi, n).round()]  # noqa: E731
-    cases = [("256 equal 320", [320] * SEQS, fixed), ("256 equal 448", [448] * SEQS, fixed),
-             ("256 spread 257..511", spread(SEQS, 257, 511), fixed),
-             ("16 spread 900..1800", spread(16, 900, 1800), chat), ("32 spread 500..1000", spread(32, 500, 1000), chat),
-             ("64 spread 750..1500", spread(64, 750, 1500), chat), ("96 spread 325..650", spread(96, 325, 650), chat)]
+    cases = [("256 equal 384", [CTX] * SEQS, fixed), ("256 spread 257..511", spread(SEQS, 257, 511), fixed),
+             ("32 spread 500..1000", spread(32, 500, 1000), chat), ("96 spread 325..650", spread(96, 325, 650), chat)]
     if quick:
         cases = [("4 equal 40", [40] * 4, fixed), ("4 spread", [17, 40, 33, 5], fixed)]
     copy = ceil["copy_GBps"]
@@ -162,7 +160,7 @@ def attention_part(cfg, ceil, device, dtype, quick: bool) -> list[dict]:
         kv_bytes = sum(lens) * hkv * d * 2 * kv.element_size()
         rows = []
         # torch's gather of the same blocks (read + write, as the copy ceiling counts): what the access pattern allows.
-        idx = tables.flatten()[: sum(-(-n // BLOCK) for n in lens)].long()
+        idx = torch.randperm(kv.shape[1], device=device)  # every block of the pool, in another order
         t = graph_ms(lambda: kv.index_select(1, idx), device)
         gather = 2 * kv_bytes / t / 1e6
         for c, split in trials:
@@ -204,33 +202,70 @@ def _cublaslt(x, w):
         torch.backends.cuda.preferred_blas_library(blas)
 
 
-def gemm_part(cfg, ceil, device, dtype, row_counts) -> list[dict]:
+SMALL_MS = (1, 16, 32, 64, 128, 256)
+"""Row counts of decode steps at which dense_gemm candidates are timed against cuBLAS (graph-timed: the chat
+round's per-call timing also measured dense_gemm's ~50 us of host work, which a graph does not pay)."""
+
+
+def gemm_part(cfg, ceil, device, dtype) -> tuple[list[dict], dict]:
+    """Each projection at SMALL_MS and 8,192 rows: cuBLAS, cuBLASLt and (small M) dense_gemm launches, each
+    checked against F.linear, timed from CUDA graphs over rotating weights. Returns the rows and a
+    dense_dispatch.TABLE of the small-M winners (cuBLASLt or dense_gemm beating cuBLAS by more than 3%)."""
+    from bench.chat_profile import candidates, merge_entry
+    from kernels.dense_gemm import dense_gemm
+
     bw, mm = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
-    rows = []
-    print(f"\nGEMMs (graph of 10 calls over rotating weights): ms, TFLOP/s, % of max(FLOPs/matmul, bytes/copy)")
-    print(f"{'proj':<9}{'M':>6}{'ceil ms':>9}{'cuBLAS':>9}{'TF/s':>6}{'of':>5}{'cuBLASLt':>10}{'of':>5}")
+    rows, table = [], {}
+    dev_name = torch.cuda.get_device_name(device)
+    print(f"\nGEMMs (graphs of 10+ calls over rotating weights): ms and % of max(FLOPs/matmul, bytes/copy)")
+    print(f"{'proj':<9}{'M':>6}{'ceil ms':>9}{'cuBLAS':>9}{'of':>5}{'cuBLASLt':>10}{'of':>5}{'dense_gemm':>11}{'of':>5}  best config")
     for name, (n, k) in layer_shapes(cfg).items():
         copies = max(2, math.ceil((128 << 20) / (n * k * 2)))  # together more than the L2: each call reads from HBM
         ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
-        for m in row_counts:
+        entry = []
+        for m in SMALL_MS + (8192,):
             if name == "lm_head" and m > 256:
                 continue  # the LM head runs on each sequence's last row only
             x = torch.randn(m, k, device=device, dtype=dtype)
             flops, nbytes = 2 * m * n * k, 2 * (n * k + m * k + m * n)
-            c_ms = 1e3 * max(flops / mm, nbytes / bw) if bw == bw else float("nan")
-            res = {}
-            for lib, f in (("cublas", F.linear), ("cublaslt", _cublaslt)):
+            c_ms = 1e3 * max(flops / mm, nbytes / bw)
+
+            def rotating(f):
                 i = [0]
 
-                def call(f=f, i=i):
+                def call():
                     i[0] += 1
                     return f(x, ws[i[0] % copies])
-                res[lib] = graph_ms(call, device, calls=max(10, copies))
-            rows.append(dict(proj=name, m=m, n=n, k=k, ceil_ms=c_ms, **{f"{lib}_ms": t for lib, t in res.items()}))
-            print(f"{name:<9}{m:>6}{c_ms:>9.4f}{res['cublas']:>9.4f}{flops / res['cublas'] / 1e9:>6.0f}"
-                  f"{c_ms / res['cublas']:>5.0%}{res['cublaslt']:>10.4f}{c_ms / res['cublaslt']:>5.0%}", flush=True)
+                return graph_ms(call, device, calls=max(10, copies))
+            t_blas, t_lt = rotating(F.linear), rotating(_cublaslt)
+            best_t, best_cfg = float("inf"), None
+            if m in SMALL_MS:
+                ref = F.linear(x, ws[0]).float()
+                for c in candidates(m):
+                    try:
+                        err = (dense_gemm(x, ws[0], c).float() - ref).abs().max().item()
+                        if not err <= 1e-2 * ref.abs().max().item() + 1e-3:
+                            print(f"  {name} M={m} {c}: WRONG (max |diff| {err:.3g})", flush=True)
+                            continue
+                        t = rotating(lambda a, b, c=c: dense_gemm(a, b, c))
+                    except Exception as e:  # a launch the compiler refuses: said, skipped
+                        print(f"  {name} M={m} {c}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                        continue
+                    if t < best_t:
+                        best_t, best_cfg = t, c
+                alt = min((t_lt, "cublaslt"), (best_t, "dense_gemm"))
+                entry.append((m, None if not alt[0] < 0.97 * t_blas else "cublaslt" if alt[1] == "cublaslt" else best_cfg))
+            rows.append(dict(proj=name, m=m, n=n, k=k, ceil_ms=c_ms, cublas_ms=t_blas, cublaslt_ms=t_lt,
+                             dense_gemm_ms=best_t if best_cfg else None, dense_gemm_config=best_cfg))
+            dg = f"{best_t:>11.4f}{c_ms / best_t:>5.0%}" if best_cfg else f"{'-':>11}{'':>5}"
+            print(f"{name:<9}{m:>6}{c_ms:>9.4f}{t_blas:>9.4f}{c_ms / t_blas:>5.0%}{t_lt:>10.4f}{c_ms / t_lt:>5.0%}{dg}"
+                  f"  {best_cfg or ''}", flush=True)
+        table[(dev_name, n, k)] = merge_entry(entry)
         del ws
-    return rows
+    print("dense_dispatch.TABLE from this run's small-M winners (graph-timed):")
+    for key, e in table.items():
+        print(f"    {key!r}: {e!r},")
+    return rows, table
 
 
 # --- 4. engine steps ---------------------------------------------------------------------------------------
@@ -323,7 +358,7 @@ def recapture_decode(runner, max_model_len: int, seqs: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, attn_winners, dims, deadline) -> list[dict]:
+def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, variants, dims, deadline) -> list[dict]:
     """The decode step from its graph under each variant (kernel globals patched, graph re-captured); logits
     compared with the baseline's (greedy argmax agreement, max |diff|) before the timing counts."""
     import kernels.paged_decode as pd
@@ -331,9 +366,6 @@ def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, att
     from services.engine.model.layers import dense_dispatch as dd
 
     cfg0, splits0, table0, pdl0, early0 = pd._decode_config, pd.choose_num_splits, dict(dd.TABLE), pdl.ENABLED, pdl.EARLY
-    variants = [("baseline", {})] + [(f"attn {w}", {"attn": w}) for w in attn_winners] + [
-        ("attn split 2", {"split": 2}), ("PDL off", {"pdl": False}), ("cuBLASLt at 256 rows", {"lt": True}),
-        ("PDL early (new builds: compiles)", {"early": True})]
     out = []
     for label, v in variants:
         if time.perf_counter() > deadline:
@@ -348,6 +380,8 @@ def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, att
                 pdl.ENABLED = v["pdl"]
             if "early" in v:
                 pdl.EARLY = v["early"]
+            if "table" in v:
+                dd.TABLE.update(v["table"])
             if v.get("lt"):
                 name = dd._device_name(inputs.input_ids)
                 for n, k in dims:
@@ -490,7 +524,8 @@ def engine_steps(llm, graph_ms: float, steps: int = 16) -> dict:
             "outside_layers": small[:20], "kernels": rows[:40]}
 
 
-def engine_part(args, ceil, attn_winners, t0: float) -> dict:
+def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, checkpoint) -> dict:
+    """Sections 4 and 5 into `res` (checkpoint() saves what is there so far); later parts skipped past --budget."""
     from folio import LLM
 
     cfg = SHAPES[args.shape]
@@ -498,14 +533,15 @@ def engine_part(args, ceil, attn_winners, t0: float) -> dict:
     seqs, ctx = (4, 40) if args.quick else (SEQS, CTX)
     max_len = 64 if args.quick else 640
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t_start = time.perf_counter()
         llm = LLM(str(write_config(args.shape, Path(tmp))), load_format="dummy", dtype=args.dtype, device=args.device,
                   max_model_len=max_len, max_num_seqs=seqs, enable_prefix_caching=False, async_scheduling=False,
                   enforce_eager=True)
-        startup = time.perf_counter() - t0
+        startup = time.perf_counter() - t_start
     print(f"\nengine up (eager, no graphs) in {startup:.1f} s", flush=True)
     runner = llm.engine.runner
-    res: dict = {"startup_eager_s": startup}
+    res["startup_eager_s"] = startup
+    deadline = t0 + args.budget
     lens = [(1, ctx)] * seqs
     inputs = step_inputs(runner, lens, 1)
     W, _, kv_tok = model_bytes_and_flops(cfg)
@@ -533,7 +569,34 @@ def engine_part(args, ceil, attn_winners, t0: float) -> dict:
           f"{1e3 * sum(2 * g['m'] * g['n'] * g['k'] * g['calls'] for g in prof['gemms']) / mm:.3f} ms")
     res.update(decode_graph_ms=graph, decode_eager_ms=eager, decode_roofline_ms=roof, decode_floor_ms=floor,
                decode_profile=prof)
+    checkpoint()
+    print("\ndecode-step variants, 256 sequences (graph re-captured for each):")
+    dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
+    variants = [("baseline", {})] + [(f"attn {w}", {"attn": w}) for w in attn_winners] + [
+        ("attn split 2", {"split": 2}), ("PDL off", {"pdl": False}), ("cuBLASLt at 256 rows", {"lt": True})]
+    if table:
+        variants.append(("this run's GEMM table", {"table": table}))
+    res["variants"] = decode_variants(runner, inputs, max_len, seqs, args.iters, base_logits, variants, dims,
+                                      deadline)
+    checkpoint()
+    # The chat's small decode steps: 32 sequences at 320-640 (its graphs split attention for max_model_len 2,064;
+    # this engine's 640 would not split: the split counts are forced).
+    small = [(1, c) for c in np.linspace(320, max_len, 32).round().astype(int)]
+    s_in = step_inputs(runner, small, 3)
+    recapture_decode(runner, max_len, 32)
+    s_base = runner.execute(s_in).float()
+    print("\ndecode-step variants, 32 sequences at 320-640:")
+    s_vars = [("split 1 (baseline)", {"split": 1}), ("split 2 (the chat graphs')", {"split": 2}), ("split 4", {"split": 4}),
+              ("PDL off", {"pdl": False, "split": 2})]
+    if table:
+        s_vars.append(("this run's GEMM table, split 2", {"table": table, "split": 2}))
+    res["variants_32"] = decode_variants(runner, s_in, max_len, 32, args.iters, s_base, s_vars, dims, deadline)
+    recapture_decode(runner, max_len, seqs)
+    checkpoint()
     # The prefill step of the fixed workload: 32 fresh prompts of 256 tokens.
+    if time.perf_counter() > deadline:
+        print("prefill: skipped (past --budget)")
+        return res
     plens = [(256, 256)] * 32
     pin = step_inputs(runner, plens, 2)
     p_dev, p_host = eager_ms(runner, pin, 3)
@@ -542,15 +605,16 @@ def engine_part(args, ceil, attn_winners, t0: float) -> dict:
     print(f"\nprefill 32 x 256 (8,192 tokens) eager: device {pt['gpu_ms']:.2f} ms, host launch {pt['host_ms']:.2f} ms, "
           f"ceiling (FLOPs at the matmul rate) {pceil:.2f} ms = {pceil / pt['gpu_ms']:.0%}")
     res.update(prefill_eager=pt, prefill_ceil_ms=pceil, prefill_profile=profile_step(runner, plens, cfg, ceil, "prefill 32 x 256"))
-    print("\ndecode-step variants (graph re-captured for each):")
-    dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
-    res["variants"] = decode_variants(runner, inputs, max_len, seqs, args.iters, base_logits, attn_winners, dims,
-                                      t0 + args.budget)
+    checkpoint()
+    if time.perf_counter() > deadline:
+        print("engine steps, mixed graphs: skipped (past --budget)")
+        return res
     try:
         res["engine_steps"] = engine_steps(llm, graph)
     except Exception as e:  # reported; what follows still runs
         print(f"engine steps: {type(e).__name__} {str(e)[:200]}", flush=True)
-    res["mixed_graphs"] = mixed_graph_gain(runner, max_len, ctx, seqs, args.iters, t0 + args.budget)
+    checkpoint()
+    res["mixed_graphs"] = mixed_graph_gain(runner, max_len, ctx, seqs, args.iters, deadline)
     return res
 
 
@@ -559,7 +623,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-3-8b", choices=list(SHAPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test on CPU)")
     ap.add_argument("--no-engine", action="store_true")
     ap.add_argument("--budget", type=float, default=70.0, help="seconds after which decode variants are skipped")
@@ -575,6 +639,14 @@ def main() -> None:
     rec = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python bench/decode_fixed.py " + " ".join(sys.argv[1:]), "shape": args.shape, **ceil}
+    pre = None
+    if dev.type == "cuda":  # dense_gemm's builds compile in worker processes while the attention part runs
+        import threading
+
+        from bench.chat_profile import precompile
+
+        pre = threading.Thread(target=precompile, args=(SMALL_MS,), daemon=True)
+        pre.start()
     rec["attention"] = attention_part(cfg, ceil, dev, dtype, args.quick)
     # The two fastest configs (at split 1) of the equal-context cases go on to the engine's graph.
     score: dict[str, float] = {}
@@ -584,13 +656,18 @@ def main() -> None:
                 score[json.dumps(r["cfg"], sort_keys=True)] = score.get(json.dumps(r["cfg"], sort_keys=True), 0) + r["ms"]
     winners = [json.loads(c) for c, _ in sorted(score.items(), key=lambda kv: kv[1])[:3]]
     print(f"(attention done at {time.perf_counter() - t0:.0f} s)", flush=True)
+    table: dict = {}
+    if pre is not None:
+        pre.join()
     if dev.type == "cuda":
-        rec["gemms"] = gemm_part(cfg, ceil, dev, dtype, (SEQS, 8192))
+        rec["gemms"], table = gemm_part(cfg, ceil, dev, dtype)
+        rec["gemm_table"] = {repr(k): v for k, v in table.items()}
         print(f"(gemms done at {time.perf_counter() - t0:.0f} s)", flush=True)
     save(rec, args.json)
     if not args.no_engine:
+        rec["engine"] = {}
         try:
-            rec["engine"] = engine_part(args, ceil, winners, t0)
+            engine_part(args, ceil, winners, t0, table, rec["engine"], lambda: save(rec, args.json))
         except Exception as e:  # what ran before it is still written
             import traceback
 
