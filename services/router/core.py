@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 
 from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable, quote
 from services.common.request_limits import RequestLimits
 from services.router.batching import batched
 from services.router.clients import EngineClient, Registry, TokenizerClient
 from services.router.engine_watch import EngineWatch
+from services.router.keep_awake import KeepAwake
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, ModelInfo, Usage
 from services.router.request_stream import RequestStream, Route, RouterStats, encode_prompt
 
@@ -30,8 +31,11 @@ class RouterCore:
     """Routing and streaming, independent of the transport. Create, `await start()`, use, `await close()`."""
 
     def __init__(self, registry: Registry, engines: EngineClient, tokenizers: list[TokenizerClient],
-                 max_attempts: int = 3, limits: RequestLimits | None = None, watch: EngineWatch | None = None):
+                 max_attempts: int = 3, limits: RequestLimits | None = None, watch: EngineWatch | None = None,
+                 keep_awake: KeepAwake | None = None):
+        """`keep_awake`: the event loop polls instead of sleeping while requests are in flight."""
         self.registry = registry
+        self.keep_awake = keep_awake
         self.watch = watch or EngineWatch(registry)
         self.limits = limits or RequestLimits()
         self.engines = engines
@@ -44,7 +48,7 @@ class RouterCore:
     def over_grpc(cls, redis, tokenizer_addresses: list[str], stale_ms: int = 1500, reservation_ttl_ms: int = 10_000,
                   suspect_s: float = 2.0, max_attempts: int = 3, limits: RequestLimits | None = None,
                   hung_after_s: float = 4.0, first_step_s: float = 120.0, detokenize: str = "local",
-                  engine_calls_ahead: bool = True) -> RouterCore:
+                  engine_calls_ahead: bool = True, busy_loop: bool = False) -> RouterCore:
         """The router's core over Redis (the registry) and gRPC (engines, tokenizer services)."""
         from services.router.grpc_clients import GrpcEngineClient, GrpcTokenizerClient
         from services.router.registry_client import RegistryClient
@@ -52,7 +56,7 @@ class RouterCore:
         registry = RegistryClient(redis, stale_ms, reservation_ttl_ms, suspect_s)
         tokenizers = [GrpcTokenizerClient(a, detokenize) for a in tokenizer_addresses]
         return cls(registry, GrpcEngineClient(ahead=engine_calls_ahead), tokenizers, max_attempts, limits,
-                   EngineWatch(registry, hung_after_s, first_step_s))
+                   EngineWatch(registry, hung_after_s, first_step_s), KeepAwake() if busy_loop else None)
 
     async def start(self, tokenizer_wait_s: float = 60.0) -> None:
         await self.registry.refresh()
@@ -64,6 +68,8 @@ class RouterCore:
             log.info("tokenizer %s serves %s", t.address, t.model)
 
     async def close(self) -> None:
+        if self.keep_awake is not None:
+            self.keep_awake.close()
         await self.watch.close()
         await self.registry.close()
         for t in self.tokenizers:
@@ -153,14 +159,16 @@ class RouterCore:
         that are ready together come as one (services/router/batching.py)."""
         deadline = time.monotonic() + inp.timeout_s if inp.timeout_s is not None else None
         self.counters.in_flight += 1
+        awake = self.keep_awake.hold() if self.keep_awake is not None else nullcontext()
         try:
-            model = self.resolve_model(inp.model)
-            self.check_limits(inp, model)
-            route = Route(self.registry, self.engines, self.by_model.get(model), self.counters, self.max_attempts,
-                          self.watch)
-            async with aclosing(batched(RequestStream(route, inp, model, deadline).run())) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            with awake:
+                model = self.resolve_model(inp.model)
+                self.check_limits(inp, model)
+                route = Route(self.registry, self.engines, self.by_model.get(model), self.counters,
+                              self.max_attempts, self.watch)
+                async with aclosing(batched(RequestStream(route, inp, model, deadline).run())) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
         finally:
             self.counters.in_flight -= 1
             self.counters.requests_total += 1

@@ -1,0 +1,57 @@
+"""router --busy-loop (services/router/keep_awake.py): while a request is in flight the event loop polls
+(never sleeps in its selector), and once none is it sleeps again; requests stream as without it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.sampling_params import SamplingParams
+from services.router.keep_awake import KeepAwake
+from services.router.messages import GenerateInput
+from tests.unit.router_fakes import FakeEngine, make_router
+
+
+def _record_select_timeouts(loop: asyncio.AbstractEventLoop) -> list:
+    timeouts = []
+    select = loop._selector.select
+
+    def recording(timeout=None):
+        timeouts.append(timeout)
+        return select(timeout)
+
+    loop._selector.select = recording
+    return timeouts
+
+
+def test_the_loop_polls_while_held_and_sleeps_again_after():
+    async def run():
+        timeouts = _record_select_timeouts(asyncio.get_running_loop())
+        awake = KeepAwake()
+        with awake.hold():
+            timeouts.clear()
+            await asyncio.sleep(0.02)  # a timer to wait for: a sleeping loop would block in select for it
+            held = list(timeouts)
+        await asyncio.sleep(0.001)  # the spinning task sees the hold gone and ends
+        timeouts.clear()
+        await asyncio.sleep(0.02)
+        awake.close()
+        return held, list(timeouts)
+
+    held, after = asyncio.run(run())
+    assert len(held) > 5 and all(t == 0 for t in held), held[:10]
+    assert any(t is None or t > 0.001 for t in after), after
+
+
+def test_a_router_with_a_busy_loop_streams_the_same_and_stops_spinning_after():
+    r = make_router(a=FakeEngine())
+    r.core.keep_awake = KeepAwake()
+    inp = GenerateInput(params=SamplingParams(temperature=0, max_tokens=8), prompt="abc", request_id="r1")
+
+    async def run():
+        out = [c async for c in r.core.generate(inp)]
+        await asyncio.sleep(0.001)
+        return out, r.core.keep_awake.held, r.core.keep_awake._task.done()
+
+    out, held, done = asyncio.run(run())
+    assert [t for c in out for ch in c.choices for t in ch.token_ids] == list(range(100, 108))
+    assert held == 0 and done
