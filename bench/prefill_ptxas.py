@@ -48,7 +48,8 @@ def compile_config(cfg: dict):
                   Q_SCALED=cfg["Q_SCALED"], LOOP_STAGES=cfg["LOOP_STAGES"], LOOP_UNROLL=cfg["LOOP_UNROLL"],
                   LOOP_WS=cfg["LOOP_WS"], OVERLAP_QK=cfg["OVERLAP_QK"], SKIP_SINGLE=False,
                   BLOCK_N_TAIL=min(cfg["BLOCK_N_TAIL"] or bn, bn), ONE_LOOP=cfg["ONE_LOOP"],
-                  PERSISTENT=cfg["PERSISTENT"], NUM_HEAD_GROUPS=32 // row_heads)
+                  PERSISTENT=cfg["PERSISTENT"], NUM_HEAD_GROUPS=32 // row_heads,
+                  HEAVY_FIRST=bool(cfg.get("HEAVY_FIRST")))
     names = pp._paged_prefill_kernel.arg_names
     sig = {}
     for n in names:
@@ -85,14 +86,26 @@ def compile_gluon(cfg: dict):
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     t = torch.empty(64, 8 * D, dtype=torch.bfloat16)
     desc = TensorDescriptor(t, [64, 8 * D], [t.stride(0), 1], [bn, D], pg._smem_layout(bn, D, True))
-    consts = dict(GROUP=GROUP, BLOCK_M=bm, BLOCK_Q=bm // GROUP, BLOCK_N=bn, HEAD_DIM=D, STAGES=cfg["num_stages"],
-                  SEQ_VEC=cfg["SEQ_VEC"], SKIP_SINGLE=False, PV_ASYNC=bool(cfg.get("PV_ASYNC")),
-                  MASK_BRANCH=cfg.get("ONE_LOOP") == 2, num_warps=cfg["num_warps"])
-    names = pg._prefill_fresh_kernel.arg_names
+    qt = torch.empty(64, 32 * D, dtype=torch.bfloat16)
+    q_desc = TensorDescriptor(qt, [64, 32 * D], [qt.stride(0), 1], [64 // GROUP, D], pg._smem_layout(64 // GROUP, D, True))
+    if cfg.get("GLUON_WS"):
+        kernel = pg._prefill_ws_kernel
+        consts = dict(GROUP=GROUP, BLOCK_Q=128 // GROUP, BLOCK_N=bn, HEAD_DIM=D, STAGES=cfg["num_stages"],
+                      SEQ_VEC=cfg["SEQ_VEC"], HEAVY=bool(cfg.get("HEAVY_FIRST")), SKIP_SINGLE=False,
+                      MASK_BRANCH=cfg.get("ONE_LOOP") == 2, OVERLAP=bool(cfg.get("OVERLAP_QK")),
+                      CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
+        cfg = dict(cfg, num_warps=4, maxnreg=None)
+    else:
+        kernel = pg._prefill_fresh_kernel
+        consts = dict(GROUP=GROUP, BLOCK_M=bm, BLOCK_Q=bm // GROUP, BLOCK_N=bn, HEAD_DIM=D, STAGES=cfg["num_stages"],
+                      SEQ_VEC=cfg["SEQ_VEC"], SKIP_SINGLE=False, PV_ASYNC=bool(cfg.get("PV_ASYNC")),
+                      MASK_BRANCH=cfg.get("ONE_LOOP") == 2, num_warps=cfg["num_warps"])
+    names = kernel.arg_names
     sig = {n: ("constexpr" if n in consts else mangle_type(desc) if n in ("k_desc", "v_desc") else
+               mangle_type(q_desc) if n == "q_desc" else
                "*i32" if n == "query_start_loc_ptr" else "*bf16" if n.endswith("_ptr") else
                "fp32" if n == "qk_scale" else "i32") for n in names}
-    src = GluonASTSource(pg._prefill_fresh_kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     opts = dict(num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 

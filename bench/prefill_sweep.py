@@ -61,13 +61,13 @@ FOCUS = ("short", "prefill", "long")  # every variant is timed here; the others 
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
-         tail=None, one=0, persist=0, gluon=False, pv_async=False):
+         tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
                 LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
-                PV_ASYNC=pv_async)
+                PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None)
 
 
 def _name(c: dict | None) -> str:
@@ -84,47 +84,53 @@ def _name(c: dict | None) -> str:
                                           (f"tail{c['BLOCK_N_TAIL']}", c["BLOCK_N_TAIL"]),
                                           (f"one{c.get('ONE_LOOP')}", c.get("ONE_LOOP")),
                                           (f"persist{c.get('PERSISTENT')}", c.get("PERSISTENT")),
-                                          ("pv_async", c.get("PV_ASYNC"))) if on)
+                                          ("pv_async", c.get("PV_ASYNC")), ("heavy", c.get("HEAVY_FIRST"))) if on)
     flags += " (again)" if c.get("AGAIN") else ""
+    if c.get("GLUON_WS"):  # 128 rows in two 64-row consumer warpgroups, a producer warp: only these keys matter
+        return (f"gluon-ws N{c['BLOCK_N']} s{c['num_stages']}" + (" overlap" if c["OVERLAP_QK"] else "")
+                + (" one2" if c.get("ONE_LOOP") == 2 else "") + (f" regs{c['WS_REGS']}" if c.get("WS_REGS") else "")
+                + (" persist" if c.get("PERSISTENT") else "") + (" heavy" if c.get("HEAVY_FIRST") else "")
+                + (" (again)" if c.get("AGAIN") else ""))
     return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
-# Rounds 1-5: bench/results/prefill_2026-11-29_h200.md. Round 5 (this session's first): the default SDPA is cuDNN's
-# Hopper kernel; the diagonal in the free tiles' loop (`one2`) and 32-key tiles under the 128-register cap lift
-# 32 x 512 to ~80% (64-row 4-warp programs, now the table's < 1024 pick); nothing in Triton passed ~88% on
-# 8 x 2048. Round 6 times the Gluon kernel (kernels/paged_prefill_gluon.py, fresh prompts only; `gluon`) against
-# the table and the Triton leaders, BASE twice (first and last) to see drift within the run.
+# Rounds 1-6: bench/results/prefill_2026-11-29_h200.md (the table: 32 x 512 -> M64 N32 w4 s3 maxnreg168 one2,
+# 77-80%; 8 x 2048 and 8192 -> M128 N128 w8 s3 tail32, 88% and 98-100%; the Gluon kernel 50-85%, in no entry).
+# Round 7 times HEAVY_FIRST (`heavy`: the grid is num_seqs x the longest chunk's tiles, every sequence's heaviest
+# tiles first, the sequence read from the slot with no search) on the table's picks and BASE, with a persistent
+# grid walking that order (`persist`), against the table; the two best Gluon configs stay for their GPU check.
+# Triton 3.6's tl.range(warp_specialize=True) is not timed again: upstream's persistent-matmul tutorial says it
+# "only works on Blackwell right now. On older GPUs, this will use software pipelining" (round 3: the same build).
+_SHORT = dict(m=64, n=32, w=4, s=3, maxnreg=168, one=2)  # the table's < 1024 pick
+_LONG = dict(n=128, s=3, maxnreg=None, tail=32)  # the table's >= 1024 pick
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
+    _cfg(**_SHORT),
+    _cfg(**_SHORT, heavy=True),
+    _cfg(m=64, n=32, w=4, s=2, one=2, heavy=True),  # four programs per SM
+    _cfg(n=32, s=4, one=2, heavy=True),  # round 5's 32 x 512 co-leader, 8 warps
+    _cfg(**dict(_SHORT, maxnreg=None), persist=3, heavy=True),
+    _cfg(**_LONG),
+    _cfg(**_LONG, heavy=True),
+    _cfg(**dict(_LONG, s=2), heavy=True),
+    _cfg(**_LONG, persist=1, heavy=True),
     _cfg(),  # BASE
-    _cfg(pair=True, reverse=False),  # the table's 8 x 2048 pick
-    _cfg(m=64, n=32, w=4, s=3, maxnreg=168, one=2),  # the table's < 1024 pick (round 5's short leader)
-    _cfg(m=64, n=32, w=4, s=2, one=2),
-    _cfg(n=32, s=4, one=2),
-    _cfg(one=2),
-    _cfg(n=128, s=3, maxnreg=None, tail=32),  # the table's >= 4096 pick
-    # the Gluon kernel: s = its TMA ring's depth; registers from ptxas (Triton 3.6): M128 N64 201 (one program
-    # per SM), N128 255, N32 126 under the cap (two per SM); M64 N64 168
-    _cfg(gluon=True, s=2, maxnreg=None),
-    _cfg(gluon=True, s=3, maxnreg=None),
-    _cfg(gluon=True, n=128, s=2, maxnreg=None),
-    _cfg(gluon=True, n=32, s=3),
-    _cfg(gluon=True, s=2, maxnreg=None, pv_async=True),  # ptxas serializes its wgmmas (C7514)
-    _cfg(gluon=True, m=64, w=4, s=2, maxnreg=None),
-    # one2: the causal compare only on tiles reaching past the first row (a runtime branch); 159 registers at N64
-    _cfg(gluon=True, s=2, maxnreg=None, one=2),
-    _cfg(gluon=True, s=3, maxnreg=None, one=2),
-    _cfg(gluon=True, s=4, maxnreg=None, one=2),
-    _cfg(gluon=True, n=128, s=2, maxnreg=None, one=2),
-    _cfg(gluon=True, n=32, s=3, one=2),
-    _cfg(gluon=True, n=32, s=4, one=2),
-    _cfg(gluon=True, m=64, n=32, w=4, s=3, maxnreg=168, one=2),
-    _cfg(gluon=True, m=64, w=4, s=2, maxnreg=None, one=2),
-    dict(_cfg(), AGAIN=True),  # BASE again, last (the same build; AGAIN only names it)
+    _cfg(heavy=True),
+    _cfg(gluon=True, m=64, w=4, s=2, maxnreg=None, one=2),  # round 6's best Gluon config (checked, then timed)
+    # The warp-specialized Gluon kernel (gl.warp_specialize: a TMA producer warp, two 64-row consumer warpgroups,
+    # 240 registers each; ptxas on the CPU machine: no spills, no serialized wgmma; shared 131-197 KB); `persist`:
+    # one program per SM walking the items, the producer loading the next item's q and K/V under this one's work.
+    _cfg(gluon=True, gws=True, s=2, maxnreg=None),
+    _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=True),
+    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2),
+    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=True),
+    _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=True, persist=1, heavy=True),
+    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, persist=1, heavy=True),
+    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=True, persist=1, heavy=True),
+    dict(_cfg(**_LONG), AGAIN=True),  # the 8 x 2048 pick again, last (the same build; AGAIN only names it)
 ]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
-WIDE = [None, _cfg(), _cfg(m=64, n=32, w=4, s=3, maxnreg=168, one=2), _cfg(n=128, s=3, maxnreg=None, tail=32),
-        _cfg(gluon=True, s=2, maxnreg=None, one=2), _cfg(gluon=True, n=32, s=3, one=2)]
+WIDE = [None, _cfg(), _cfg(**_SHORT, heavy=True), _cfg(**_LONG, heavy=True), _cfg(heavy=True)]  # + Gluon: fresh only
 
 
 def make_problem(name: str, dev: torch.device, seed: int = 0):
@@ -228,23 +234,31 @@ def run_kernel(p, cfg):
 MIXED_STEPS = [(1500, 1500), (900, 257), (2100, 64), (333, 1), (1, 1), (4000, 1), (129, 129)]
 # Fresh prompts only, of lengths on and off the tile grids (one of a single token).
 FRESH_STEPS = [(1500, 1500), (257, 257), (64, 64), (1, 1), (129, 129), (33, 33), (700, 700)]
+# Chunks of similar lengths, with and without cached prefixes: HEAVY_FIRST's grid (num_seqs x the longest chunk's
+# tiles) stays within twice the plain one here, so the heavy variants take their own mapping (the two batches
+# above are too ragged for it and check their fallback).
+EVEN_STEPS = [(700, 512), (500, 500), (600, 448), (333, 333), (129, 129)]
+EVEN_FRESH_STEPS = [(512, 512), (500, 500), (448, 448), (333, 333), (129, 129)]
 
 
 def check_mixed(dev: torch.device) -> dict:
-    """Every variant, and every config the table can pick for this head layout ("table"), on one mixed batch
-    and on one batch of fresh prompts only (has_prefix=False: the build the engine launches for those, and
-    the Gluon kernel's only case) against the float32 torch reference (max abs error <= 2e-2, the bf16
-    tolerance of tests/kernels); the rows after the batch's tokens must stay untouched."""
+    """Every variant, and every config the table can pick for this head layout ("table"), on one mixed batch,
+    one batch of fresh prompts only (has_prefix=False: the build the engine launches for those, and the Gluon
+    kernel's only case) and two batches of even chunks (HEAVY_FIRST's mapping), with max_query_len as the
+    backend passes it, against the float32 torch reference (max abs error <= 2e-2, the bf16 tolerance of
+    tests/kernels); the rows after the batch's tokens must stay untouched."""
     from paged_cases import make_batch
 
     steps = MIXED_STEPS if not SMOKE else [(40, 40), (30, 9), (21, 1), (1, 1)]
     fresh = FRESH_STEPS if not SMOKE else [(40, 40), (9, 9), (1, 1)]
+    even = EVEN_STEPS if not SMOKE else [(40, 32), (30, 30), (20, 17)]
+    even_fresh = EVEN_FRESH_STEPS if not SMOKE else [(32, 32), (30, 30), (17, 17)]
     batches = []
-    for st, has_prefix in ((steps, True), (fresh, False)):
+    for st, has_prefix in ((steps, True), (fresh, False), (even, True), (even_fresh, False)):
         b = make_batch([s for s, _ in st], [q for _, q in st], HQ, HKV, D, BLOCK, DTYPE, dev, num_padding_tokens=5)
         n = int(b.query_start_loc[-1])
         ref = paged_prefill_ref(b.q[:n], b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5)
-        batches.append((b, n, ref.float(), has_prefix))
+        batches.append((b, n, ref.float(), has_prefix, max(q for _, q in st)))
     results = {}
     picks = [dict(c, table=True) for c in table_configs(D, HQ // HKV, DTYPE)]
     for cfg in [c for c in VARIANTS if c is not None] + picks:
@@ -255,21 +269,22 @@ def check_mixed(dev: torch.device) -> dict:
             continue
         try:
             errs, ok = [], True
-            for b, n, ref, has_prefix in batches:
+            for b, n, ref, has_prefix, max_q in batches:
                 out = torch.full_like(b.q, float("nan"))
                 kw = {k: x for k, x in cfg.items() if k != "table"}
                 paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5, out=out,
-                              config=kw, k=b.k, v=b.v, has_prefix=has_prefix)
+                              config=kw, k=b.k, v=b.v, has_prefix=has_prefix, max_query_len=max_q)
                 errs.append((out[:n].float() - ref).abs().max().item())
                 ok = ok and errs[-1] <= 2e-2 and bool(out[n:].isnan().all())
-            results[name] = dict(max_abs_err=errs[0], max_abs_err_fresh=errs[1], ok=ok)
+            results[name] = dict(max_abs_err=errs[0], max_abs_err_fresh=errs[1], max_abs_err_even=errs[2],
+                                 max_abs_err_even_fresh=errs[3], ok=ok)
         except Exception as e:
             results[name] = dict(error=f"{type(e).__name__}: {str(e)[:200]}", ok=False)
         if not results[name]["ok"]:
             print(f"  mixed batch: {name} FAILED {results[name]}")
     results["table"] = dict(ok=all(r["ok"] for k, r in results.items() if k.endswith(" (table)")))
-    print(f"  mixed batch {steps} and fresh batch {fresh}: {sum(r['ok'] for r in results.values())} of "
-          f"{len(results)} variants correct")
+    print(f"  mixed batch {steps}, fresh batch {fresh}, even batches {even} and {even_fresh}: "
+          f"{sum(r['ok'] for r in results.values())} of {len(results)} variants correct")
     return results
 
 
@@ -317,7 +332,8 @@ def _warm(cfg: dict, smoke: bool = False) -> str | None:
         smoke_setup()
     dev = torch.device("cpu" if smoke else "cuda")
     SHAPES["warm"] = (2, 48, 80) if not smoke else (1, 5, 9)
-    SHAPES["warm0"] = (2, 0, 80) if not smoke else (1, 0, 9)
+    # fresh prompts long enough that a persistent program walks several work items (its barriers' later phases)
+    SHAPES["warm0"] = (4, 0, 1100) if not smoke else (1, 0, 9)
     try:
         for shape in ("warm", "warm0"):
             run_kernel(make_problem(shape, dev), cfg)()
@@ -328,7 +344,7 @@ def _warm(cfg: dict, smoke: bool = False) -> str | None:
     return None
 
 
-PRECOMPILE_DEADLINE_S = 60
+PRECOMPILE_DEADLINE_S = 35  # a hung build (a barrier never signalled) costs this much of the run
 CRASHED: set[str] = set()  # variants whose compile killed its process: never run in this one
 
 
@@ -402,7 +418,9 @@ def smoke_setup() -> torch.device:
                 _cfg("ptr", 32, 16, 4, 1, pack=False, n_paged=32, loop_stages=2),
                 _cfg(m=32, n=32, w=4, s=1, pair=True, seq_vec=8), _cfg(m=32, n=16, w=4, s=1, overlap=True, qs=True),
                 _cfg(m=32, n=32, w=4, s=1, tail=8), _cfg(m=32, n=16, w=4, s=1, one=2, persist=2, seq_vec=8),
-                _cfg(m=32, n=16, w=4, s=1, one=1), _cfg(m=32, n=16, w=4, s=2, gluon=True)]
+                _cfg(m=32, n=16, w=4, s=1, one=1), _cfg(m=32, n=16, w=4, s=2, gluon=True),
+                _cfg(m=32, n=16, w=4, s=1, heavy=True, one=2), _cfg(m=32, n=32, w=4, s=1, heavy=True, persist=2, tail=8),
+                _cfg(m=32, n=16, w=4, s=2, gluon=True, gws=True, overlap=True)]
     WIDE = list(VARIANTS)
     return torch.device("cpu")
 

@@ -21,6 +21,9 @@ Programs map to (sequence, query tile) without a host sync: sequence i's tiles s
 query_start_loc[i] // BLOCK_Q + i (an upper bound on the tiles before it), so the grid is
 num_tokens // BLOCK_Q + num_seqs and each program finds its sequence by binary search; spare
 programs of a sequence exit at once. With REVERSE a sequence's last (longest) query tiles run first.
+With HEAVY_FIRST (and the host's max_query_len) the grid is instead num_seqs x the longest chunk's tiles, slot
+r * num_seqs + i being sequence i's chunk tile max_q_tiles - 1 - r: no search, and within a head group every
+sequence's heaviest tiles run before any lighter one (longest-processing-time order for fresh prompts).
 
 An fp8 cache (float8_e4m3fn, KV_FP8) is upcast to q's dtype as each tile is loaded; k_scale rides in the
 softmax scale (the host multiplies them) and v_scale multiplies the output once at the end. The
@@ -36,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.paged_checks import check_kv_scales, check_paged_inputs, check_query_start_loc
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
-from kernels.paged_prefill_configs import select_config
+from kernels.paged_prefill_configs import heavy_first_tiles, select_config
 from kernels.splitk import sm_count
 
 try:  # Hopper's Gluon kernel for fresh prompts (config GLUON); absent from older Triton builds
@@ -451,12 +454,61 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
 def _work_item(tile, head_group, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
                query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
                v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
-               QUERIES_PER_KV: tl.constexpr, ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr, REVERSE: tl.constexpr, PAIR_TILES: tl.constexpr, SEQ_VEC: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr, LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr, OVERLAP_QK: tl.constexpr, SKIP_SINGLE: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr):
+               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
+               QUERIES_PER_KV: tl.constexpr, ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr, REVERSE: tl.constexpr, PAIR_TILES: tl.constexpr, SEQ_VEC: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr, LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr, OVERLAP_QK: tl.constexpr, SKIP_SINGLE: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr, HEAVY_FIRST: tl.constexpr):
     """One program's work: query tile slot `tile` (of the grid's tile axis, see the module docstring) of
     query-head group `head_group`; spare slots of a sequence do nothing."""
     head0 = head_group * ROW_HEADS
     kv_head = head0 // QUERIES_PER_KV
+    if HEAVY_FIRST:
+        # tile = r * num_seqs + seq: every sequence's chunk tile max_q_tiles - 1 - r runs before any sequence's
+        # tile below it, so a launch of fresh prompts starts its heaviest tiles first (longest-processing-time
+        # order, within each head group), and the sequence is the tile's index itself: no search before q.
+        seq = tile % num_seqs
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + seq)
+        q_tile = max_q_tiles - 1 - tile // num_seqs
+        if SKIP_SINGLE:
+            run = q_len != 1
+        else:
+            run = q_len >= 0
+        if run & (q_tile < tl.cdiv(q_len, BLOCK_Q)):
+            _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                           slopes_ptr, sinks_ptr,
+                           qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot,
+                           stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt,
+                           stride_vh, seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
+                           ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
+                           BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
+                           DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
+                           LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
+    else:
+        _searched_item(tile, head0, kv_head, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail,
+                       block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale,
+                       softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                       stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
+                       num_seqs, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD,
+                       D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI,
+                       USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES,
+                       LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP)
+
+
+@triton.jit
+def _searched_item(tile, head0, kv_head, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail,
+                   block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale,
+                   softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                   stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
+                   ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr,
+                   REVERSE: tl.constexpr, PAIR_TILES: tl.constexpr, SEQ_VEC: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                   USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+                   HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr, LOOP_STAGES: tl.constexpr,
+                   LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr, OVERLAP_QK: tl.constexpr,
+                   SKIP_SINGLE: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr):
+    """The plain grid's mapping: tile slots query_start_loc[i] // BLOCK_Q + i of sequence i, found by search."""
     # With PAIR_TILES a program takes two query tiles of its sequence, so the grid counts pairs.
     seq, q_start, q_len, seq_len = _find_seq(query_start_loc_ptr, seq_lens_ptr, tile, num_seqs,
                                              BLOCK_Q * (1 + PAIR_TILES), SEQ_VEC)
@@ -506,7 +558,7 @@ def _work_item(tile, head_group, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, 
 
 
 # num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window", "num_tiles"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window", "num_tiles", "max_q_tiles"])
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
@@ -540,6 +592,7 @@ def _paged_prefill_kernel(
     stride_vh,
     num_seqs,
     num_tiles,  # the plain grid's first axis: tile slots (see the module docstring)
+    max_q_tiles,  # HEAVY_FIRST: query tiles of the longest chunk (num_tiles = num_seqs * max_q_tiles)
     QUERIES_PER_KV: tl.constexpr,
     ROW_HEADS: tl.constexpr,  # query heads per program: QUERIES_PER_KV (PACK_GQA) or 1
     BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x ROW_HEADS heads (rest padding)
@@ -573,6 +626,7 @@ def _paged_prefill_kernel(
     ONE_LOOP: tl.constexpr,  # 0: free tiles and masked tiles in separate loops; 1/2: one loop (see _attend_span)
     PERSISTENT: tl.constexpr,  # > 0: the grid is PERSISTENT programs per SM looping over the work items
     NUM_HEAD_GROUPS: tl.constexpr,  # num_heads // ROW_HEADS: the plain grid's second axis
+    HEAVY_FIRST: tl.constexpr,  # tile slots r * num_seqs + seq: every sequence's heaviest chunk tiles first
 ):
     if PERSISTENT > 0:
         # A fixed grid (PERSISTENT programs per SM) walks the work items in the launch order of the plain
@@ -581,14 +635,14 @@ def _paged_prefill_kernel(
             _work_item(w % num_tiles, w // num_tiles, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
                query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
                v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
-                       QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP)
+               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
+                       QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP, HEAVY_FIRST)
     else:
         _work_item(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
                query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
                v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
-                   QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP)
+               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
+                   QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP, HEAVY_FIRST)
 
 
 def _new_kv_mode(mode: str, k: torch.Tensor | None, v: torch.Tensor | None, q: torch.Tensor,
@@ -657,13 +711,15 @@ def paged_prefill(
     k/v the kernel is compiled without its block-table path; it is ignored without k/v.
     skip_single: leave the rows of sequences with exactly one new token unwritten (a mixed step's decode
     rows, which paged_decode(query_start_loc=...) attends to at the decode kernel's rate).
-    max_query_len: the longest sequence's query count, if the host knows it (else num_tokens bounds it); with
-    has_prefix, head_dim, the group and the dtype it picks the config (kernels/paged_prefill_configs.py).
+    max_query_len: the longest sequence's query count (or any bound at least that), if the host knows it (else
+    num_tokens bounds it); with has_prefix, head_dim, the group and the dtype it picks the config
+    (kernels/paged_prefill_configs.py), and HEAVY_FIRST sizes its grid by it.
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
     BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS,
-    OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP, PERSISTENT    (see the kernel), maxnreg (optional); GLUON (and PV_ASYNC):
-    launches kernels/paged_prefill_gluon.py supports (fresh prompts, k/v, 16-bit, no variants, sm_90) take the
-    Gluon kernel with BLOCK_M, BLOCK_N, num_warps, num_stages, SEQ_VEC, maxnreg, the rest the Triton kernel; unset keys take the selected config's.
+    OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP, PERSISTENT, HEAVY_FIRST (see the kernel), maxnreg (optional); GLUON (and PV_ASYNC,
+    GLUON_WS, WS_REGS): launches kernels/paged_prefill_gluon.py supports (fresh prompts, k/v, 16-bit, no variants,
+    sm_90) take a Gluon kernel with BLOCK_M, BLOCK_N, num_warps, num_stages, SEQ_VEC, maxnreg, the rest the Triton
+    kernel; unset keys take the selected config's.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -690,7 +746,8 @@ def paged_prefill(
     has_variants = any(x is not None for x in (sliding_window, logit_softcap, alibi_slopes, sinks))
     if (cfg.get("GLUON") and paged_prefill_gluon is not None and cfg["BLOCK_M"] % group == 0
             and paged_prefill_gluon.supported(q, k, v, group, fp8, has_variants, has_prefix)):
-        return paged_prefill_gluon.prefill_fresh(q, k, v, query_start_loc, scale, out, cfg, skip_single)
+        return paged_prefill_gluon.prefill_fresh(q, k, v, query_start_loc, scale, out, cfg, skip_single,
+                                                 max_query_len)
     row_heads = group if cfg["PACK_GQA"] else 1
     block_m = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(row_heads))
     block_q = block_m // row_heads
@@ -717,6 +774,10 @@ def paged_prefill(
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     tiles_per_program = 2 if cfg["PAIR_TILES"] else 1
     num_tiles = num_tokens // (block_q * tiles_per_program) + num_seqs
+    max_q_tiles = heavy_first_tiles(cfg, max_query_len, num_seqs, block_q, num_tiles)
+    heavy_first = max_q_tiles > 0
+    if heavy_first:
+        num_tiles = num_seqs * max_q_tiles
     persistent = int(cfg.get("PERSISTENT") or 0)
     if persistent:
         grid = (min(num_tiles * (num_heads // row_heads), persistent * sm_count(q.device)),)
@@ -730,6 +791,7 @@ def paged_prefill(
         stride_kt=k_strides[0], stride_kh=k_strides[1], stride_vt=v_strides[0], stride_vh=v_strides[1],
         num_seqs=num_seqs,
         num_tiles=num_tiles,
+        max_q_tiles=max_q_tiles,
         QUERIES_PER_KV=group,
         ROW_HEADS=row_heads,
         BLOCK_M=block_m,
@@ -756,6 +818,7 @@ def paged_prefill(
         ONE_LOOP=int(cfg.get("ONE_LOOP") or 0),
         PERSISTENT=persistent,
         NUM_HEAD_GROUPS=num_heads // row_heads,
+        HEAVY_FIRST=heavy_first,
         SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,

@@ -23,7 +23,8 @@ import torch
 BASE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128, NEW_KV="tma", BLOCK_N_PAGED=None,
             PACK_GQA=True, BLOCKWISE=False, REVERSE=True, PAIR_TILES=False, LAZY_RESCALE=False, SEQ_VEC=32,
             Q_SCALED=False, LOOP_STAGES=0, LOOP_UNROLL=0, LOOP_WS=False, OVERLAP_QK=False,
-            BLOCK_N_TAIL=None, ONE_LOOP=0, PERSISTENT=0, GLUON=False, PV_ASYNC=False)
+            BLOCK_N_TAIL=None, ONE_LOOP=0, PERSISTENT=0, HEAVY_FIRST=False, GLUON=False, PV_ASYNC=False,
+            GLUON_WS=False, WS_REGS=None)
 
 # The longest query chunk of the launch: < 1024 (chunks, extends, decodes mixed in), < 4096, >= 4096.
 QUERY_BUCKETS = (1024, 4096)
@@ -99,6 +100,21 @@ def table_configs(head_dim: int, group: int, dtype: torch.dtype) -> list[dict]:
             if cfg not in out:
                 out.append(cfg)
     return out
+
+
+def heavy_first_tiles(cfg: dict, max_query_len: int | None, num_seqs: int, block_q: int, plain_tiles: int) -> int:
+    """HEAVY_FIRST's grid for a launch: the longest chunk's query tiles (the grid is num_seqs x that), or 0 for the
+    plain mapping. It needs max_query_len, and is skipped where the spare slots (shorter chunks) would more than
+    double the plain grid of plain_tiles slots (a long prompt beside many decodes), so empty programs never
+    outnumber working ones. Both prefill kernels' launchers (Triton, Gluon) use this one rule."""
+    if not cfg.get("HEAVY_FIRST"):
+        return 0
+    if cfg.get("PAIR_TILES"):
+        raise ValueError("HEAVY_FIRST and PAIR_TILES are exclusive (both choose the order of a sequence's tiles)")
+    if max_query_len is None:
+        return 0
+    max_q_tiles = -(-max_query_len // block_q)
+    return max_q_tiles if num_seqs * max_q_tiles <= 2 * plain_tiles else 0
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Hopper-only prefill kernel in Gluon for launches of fresh prompts: explicit async wgmma, TMA ring, overlap.
+"""Hopper-only prefill kernels in Gluon for launches of fresh prompts: explicit async wgmma, TMA ring, overlap.
 
 The Triton kernel (kernels/paged_prefill.py) stays the reference, the CPU path and every other case; this one
 serves only what the dispatch table sends it (config GLUON): sequences without a cached prefix (has_prefix
@@ -13,6 +13,8 @@ not give, written out here:
     as a slot is free, so loads never wait behind the softmax;
   - the next tile's QK^T wgmma is issued before this tile's softmax and left in flight (FlashAttention-3's
     intra-warpgroup overlap), and the PV wgmma is waited for only where the next rescale of acc needs it.
+With GLUON_WS a second kernel (below) splits each program into warp-specialized roles (gl.warp_specialize): a
+TMA producer warp and two consumer warpgroups over one K/V ring.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_init, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from kernels.paged_prefill_configs import heavy_first_tiles
+from kernels.splitk import sm_count
 
 
 @gluon.jit
@@ -216,11 +221,19 @@ def _smem_layout(block_n: int, head_dim: int, bf16: bool):
 
 
 def prefill_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                  out: torch.Tensor, cfg: dict, skip_single: bool = False) -> torch.Tensor:
+                  out: torch.Tensor, cfg: dict, skip_single: bool = False,
+                  max_query_len: int | None = None) -> torch.Tensor:
     """Causal attention of fresh prompts (seq_len == query count per sequence), keys from k/v. cfg: BLOCK_M,
     BLOCK_N, num_warps, num_stages (the TMA ring's depth, >= 2), SEQ_VEC, PV_ASYNC (leave each PV wgmma in flight
     until the next tile's rescale), ONE_LOOP (2: mask only the tiles that reach past the first row, by a
-    runtime branch; else every tile), maxnreg. The caller checked supported()."""
+    runtime branch; else every tile), maxnreg; GLUON_WS takes the warp-specialized kernel (prefill_fresh_ws) where
+    q can be read by TMA, with HEAVY_FIRST's mapping where heavy_first_tiles allows it (max_query_len).
+    The caller checked supported()."""
+    if cfg.get("GLUON_WS") and supported_ws(q):
+        num_seqs = query_start_loc.shape[0] - 1
+        block_q = 128 // (q.shape[1] // k.shape[1])
+        max_q_tiles = heavy_first_tiles(cfg, max_query_len, num_seqs, block_q, q.shape[0] // block_q + num_seqs)
+        return prefill_fresh_ws(q, k, v, query_start_loc, scale, out, cfg, skip_single, max_q_tiles)
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
     num_tokens, num_heads, head_dim = q.shape
@@ -241,4 +254,240 @@ def prefill_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start
         STAGES=cfg["num_stages"], SEQ_VEC=seq_vec, SKIP_SINGLE=bool(skip_single),
         PV_ASYNC=bool(cfg.get("PV_ASYNC")), MASK_BRANCH=cfg.get("ONE_LOOP") == 2, num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+    return out
+
+
+# ---- Warp-specialized variant (config GLUON_WS): FlashAttention-3's split of a program into roles ----
+# A 1-warp producer loads each work item's q (both halves, double-buffered) and streams its K/V tiles into a
+# STAGES-deep ring, all by TMA ("ready" mbarriers; "empty" ones the consumers arrive on when done with a buffer);
+# two 4-warp consumer warpgroups each own half of the item's rows and run QK^T -> softmax -> PV over the same
+# tiles, never waiting for each other, so one's softmax can run while the other's wgmmas do (the ping-pong that
+# FlashAttention-3 enforces with named barriers is left to the warp scheduler). With PERSISTENT the grid is one
+# program per SM walking the work items, so the producer loads the next item's q and first tiles while the
+# consumers finish the current one (the fixed cost per query tile the Triton kernel pays up front).
+# Rows are head-major within each half: consumer c's row r is head head0 + r // TQ, token c * TQ + r % TQ of the
+# item's BLOCK_Q tokens (TQ = BLOCK_Q // 2), so each head's TQ tokens are one [TQ, HEAD_DIM] TMA box of q.
+
+
+@gluon.jit
+def _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles, BLOCK_Q: gl.constexpr,
+             SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr, WARPS: gl.constexpr):
+    """Work item w -> (run it?, q_start, q_len, first token of its query tile, kv head). Every partition computes
+    the same answer from the same loads, so they agree on which items run."""
+    tile = w % num_tiles
+    kv_head = w // num_tiles
+    if HEAVY:
+        # HEAVY_FIRST's mapping (kernels/paged_prefill.py): slot r * num_seqs + seq is chunk tile max_q_tiles - 1 - r.
+        seq = tile % num_seqs
+        q_start = gl.load(query_start_loc_ptr + seq)
+        q_len = gl.load(query_start_loc_ptr + seq + 1) - q_start
+        q_tile = max_q_tiles - 1 - tile // num_seqs
+    else:
+        seq, q_start, q_len = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q, SEQ_VEC, WARPS)
+        q_tile = gl.cdiv(q_len, BLOCK_Q) - 1 - (tile - (q_start // BLOCK_Q + seq))
+    run = (q_tile >= 0) & (q_tile < gl.cdiv(q_len, BLOCK_Q))
+    if SKIP_SINGLE:
+        run = run & (q_len != 1)
+    return run, q_start, q_len, q_tile * BLOCK_Q, kv_head
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr,
+                 num_seqs, max_q_tiles, num_tiles, num_items, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr,
+                 HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr):
+    """For each work item this program runs: both halves of q into q buffer n % 2 (n = items run so far), then the
+    key tiles into ring slot it % STAGES (it = tiles loaded so far), each once its consumers freed it."""
+    TQ: gl.constexpr = BLOCK_Q // 2
+    n = 0
+    it = 0
+    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles,
+                                                           BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
+        if run:
+            for c in gl.static_range(2):
+                buf = (n % 2) * 2 + c
+                mbarrier.wait(q_empty.index(buf), ((n // 2) + 1) & 1, pred=n >= 2)
+                mbarrier.expect(q_ready.index(buf), GROUP * q_desc.block_type.nbytes)
+                for h in gl.static_range(GROUP):
+                    tma.async_copy_global_to_shared(q_desc, [q_start + first_pos + c * TQ,
+                                                             (kv_head * GROUP + h) * HEAD_DIM],
+                                                    q_ready.index(buf), q_smem.index(buf).slice(h * TQ, TQ))
+            n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
+            for j in range(n_tiles):
+                slot = it % STAGES
+                # The slot's previous tile must be released; the ring's first STAGES tiles find it empty.
+                mbarrier.wait(empty.index(slot), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
+                mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM],
+                                                ready.index(slot), k_smem.index(slot))
+                tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM],
+                                                ready.index(slot), v_smem.index(slot))
+                it += 1
+            n += 1
+
+
+@gluon.jit
+def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr, num_seqs,
+                 max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, C: gl.constexpr,
+                 GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
+                 MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr):
+    """Half C of each work item's rows (TQ tokens x GROUP heads, head-major): attend over the ring's tiles, release
+    each slot once its PV wgmma is done and the q buffer after the item's last QK^T, and store. With OVERLAP the
+    next tile's QK^T is issued before this tile's softmax (FlashAttention-3's intra-warpgroup overlap)."""
+    TQ: gl.constexpr = BLOCK_Q // 2
+    ROWS: gl.constexpr = TQ * GROUP
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    r_s = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    n = 0
+    it = 0
+    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles,
+                                                           BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
+        if run:
+            n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
+            q_pos = first_pos + C * TQ + r_s % TQ
+            buf = (n % 2) * 2 + C
+            q = q_smem.index(buf)
+            mbarrier.wait(q_ready.index(buf), (n // 2) & 1)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+            if OVERLAP:
+                mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
+                s = warpgroup_mma(q, k_smem.index(it % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                for j in range(n_tiles - 1):
+                    cur = (it + j) % STAGES
+                    nxt = (it + j + 1) % STAGES
+                    mbarrier.wait(ready.index(nxt), ((it + j + 1) // STAGES) & 1)
+                    s_next = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                                           is_async=True)
+                    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
+                                                       o_layout, BLOCK_N, MASK_BRANCH)
+                    acc = acc * alpha[:, None]
+                    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                        is_async=True)
+                    # Both in flight are waited for here (ptxas serializes a loop whose wgmma crosses its back edge).
+                    acc, s = warpgroup_mma_wait(0, deps=(acc, s_next))
+                    mbarrier.arrive(empty.index(cur))
+                last = n_tiles - 1
+                mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, last, q_pos, first_pos, qk_scale, s_layout,
+                                                   o_layout, BLOCK_N, MASK_BRANCH)
+                acc = acc * alpha[:, None]
+                cur = (it + last) % STAGES
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(empty.index(cur))
+            else:
+                for j in range(n_tiles):
+                    cur = (it + j) % STAGES
+                    mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
+                    s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    s = warpgroup_mma_wait(0, deps=(s,))
+                    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
+                                                       o_layout, BLOCK_N, MASK_BRANCH)
+                    acc = acc * alpha[:, None]
+                    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                        is_async=True)
+                    acc = warpgroup_mma_wait(0, deps=(acc,))
+                    mbarrier.arrive(empty.index(cur))
+                mbarrier.arrive(q_empty.index(buf))
+            it += n_tiles
+            n += 1
+            out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+            o_idx = first_pos + C * TQ + r_o % TQ
+            o_off = (q_start + o_idx).to(gl.int64) * stride_ot + (kv_head * GROUP + r_o // TQ) * stride_oh
+            gl.store(out_ptr + o_off[:, None] + o_d[None, :], out.to(dtype), mask=(o_idx < q_len)[:, None])
+
+
+@gluon.jit(do_not_specialize=["num_seqs", "max_q_tiles", "num_tiles", "num_items"])
+def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_scale, stride_ot, stride_oh,
+                       num_seqs, max_q_tiles, num_tiles, num_items,
+                       GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
+                       MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):
+    """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
+    program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
+    dtype: gl.constexpr = k_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_Q // 2 * GROUP, HEAD_DIM], q_desc.layout)  # [buffer x half]
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(4):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+    fence_async_shared()  # the barriers' initialization is visible to the TMA unit before it signals them
+    gl.warp_specialize([
+        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr,
+                        num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 0, GROUP, BLOCK_Q,
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP)),
+        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr,
+                        num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 1, GROUP, BLOCK_Q,
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                        query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q, BLOCK_N,
+                        HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+    for i in gl.static_range(4):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+def supported_ws(q: torch.Tensor) -> bool:
+    """The warp-specialized kernel's own condition (beyond supported()): q read by TMA, [tokens, heads x head_dim]."""
+    return q.stride(1) == q.shape[2] and q.stride(0) * q.element_size() % 16 == 0 and q.data_ptr() % 16 == 0
+
+
+def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: torch.Tensor,
+                     scale: float, out: torch.Tensor, cfg: dict, skip_single: bool = False,
+                     max_q_tiles: int = 0) -> torch.Tensor:
+    """prefill_fresh with the warp-specialized kernel: 128 rows per work item (two 64-row consumer warpgroups).
+    cfg: BLOCK_N, num_stages (the K/V ring, >= 2), SEQ_VEC, ONE_LOOP (2: the causal compare by a runtime branch),
+    OVERLAP_QK (the next QK^T under the softmax), WS_REGS (the consumers' registers; the producer keeps 24),
+    PERSISTENT (1: one program per SM walking the items). max_q_tiles > 0: HEAVY_FIRST's item mapping."""
+    if cfg["num_stages"] < 2:
+        raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    num_seqs = query_start_loc.shape[0] - 1
+    block_n = cfg["BLOCK_N"]
+    block_q = 128 // group
+    layout = _smem_layout(block_n, head_dim, q.dtype == torch.bfloat16)
+    k_desc, v_desc = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
+                                       [block_n, head_dim], layout) for t in (k, v))
+    q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_dim], [q.stride(0), 1], [block_q // 2, head_dim],
+                              _smem_layout(block_q // 2, head_dim, q.dtype == torch.bfloat16))
+    seq_vec = cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0
+    num_tiles = num_seqs * max_q_tiles if max_q_tiles else num_tokens // block_q + num_seqs
+    num_items = num_tiles * num_kv_heads
+    programs = min(num_items, sm_count(q.device)) if cfg.get("PERSISTENT") else num_items
+    _prefill_ws_kernel[(programs,)](
+        q_desc, k_desc, v_desc, query_start_loc, out, scale * 1.4426950408889634, out.stride(0), out.stride(1),
+        num_seqs, max_q_tiles, num_tiles, num_items,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
+        HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
+        OVERLAP=bool(cfg.get("OVERLAP_QK")), CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

@@ -57,6 +57,10 @@ GLUON_CONFIGS = [
     dict(GLUON=True, BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, maxnreg=128, SEQ_VEC=4,  # binary search
          ONE_LOOP=2),  # the causal compare only on the tiles reaching past the first row
     dict(GLUON=True, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=None, PV_ASYNC=True),
+    # the warp-specialized kernel: a TMA producer warp, two 64-row consumer warpgroups over one K/V ring
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=2, maxnreg=None),
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=True, SEQ_VEC=4),
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=True),
 ]
 
 

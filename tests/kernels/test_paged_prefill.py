@@ -82,13 +82,17 @@ STRUCTURES = [
     # a persistent grid (4 "SMs" on the CPU x 2 programs) walking every work item, some programs several
     dict(NEW_KV="tma", BLOCK_N=16, PERSISTENT=2, ONE_LOOP=2),
     dict(NEW_KV="ptr", PERSISTENT=1, PAIR_TILES=True, SEQ_VEC=8, BLOCK_N_TAIL=8),
+    # heaviest tiles of every sequence first, the sequence from the slot itself (max_query_len given below)
+    dict(NEW_KV="tma", BLOCK_N=16, HEAVY_FIRST=True, ONE_LOOP=2),
+    dict(NEW_KV="paged", BLOCK_N=16, HEAVY_FIRST=True, PERSISTENT=2, BLOCK_N_TAIL=8, PACK_GQA=False),
 ]
 
 
 def _run_with_kv(batch, dtype, config, scale=0.3, block_size=16):
     n = int(batch.query_start_loc[-1])
     out = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
-                        out=poisoned_like(batch.q), config=config, k=batch.k, v=batch.v)
+                        out=poisoned_like(batch.q), config=config, k=batch.k, v=batch.v,
+                        max_query_len=int((batch.query_start_loc[1:] - batch.query_start_loc[:-1]).max()))
     expected = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
                                  batch.query_start_loc, scale)
     assert_close(out[:n], expected, dtype)
@@ -156,3 +160,35 @@ def test_paged_prefill_fresh_prompts_without_the_block_table_path():
         out = paged_prefill(batch.q, poisoned_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.3,
                             k=batch.k, v=batch.v, has_prefix=has_prefix, config=dict(NEW_KV="tma", BLOCK_N=16))
         assert_close(out[:n], expected, torch.float32)
+
+
+def test_paged_prefill_heavy_first_grid_rule():
+    # HEAVY_FIRST's grid is num_seqs x the longest chunk's tiles: used where max_query_len is known and the grid at
+    # most doubles the plain one (MIXED's structures above take it), skipped otherwise; it excludes PAIR_TILES.
+    from kernels.paged_prefill_configs import heavy_first_tiles
+
+    cfg = dict(HEAVY_FIRST=True, PAIR_TILES=False)
+    assert heavy_first_tiles(cfg, 37, 6, 8, 85 // 8 + 6) == 5  # MIXED at BLOCK_Q 8
+    assert heavy_first_tiles(cfg, None, 6, 8, 16) == 0
+    assert heavy_first_tiles(cfg, 4096, 41, 32, 4136 // 32 + 41) == 0  # one long prompt beside 40 decodes
+    assert heavy_first_tiles(dict(cfg, HEAVY_FIRST=False), 37, 6, 8, 16) == 0
+    with pytest.raises(ValueError, match="HEAVY_FIRST and PAIR_TILES"):
+        heavy_first_tiles(dict(cfg, PAIR_TILES=True), 37, 6, 8, 16)
+
+
+def test_paged_prefill_heavy_first_skip_single_and_padding_sequences():
+    # The HEAVY_FIRST mapping with a mixed step's options: one-token sequences left to the decode kernel, and
+    # padding sequences (no new tokens, as in a CUDA graph's bucket) skipped.
+    batch = make_batch([37, 21, 45, 64], [37, 1, 13, 32], 8, 2, 32, 16, torch.float32, DEVICE, num_padding_tokens=2)
+    n = int(batch.query_start_loc[-1])
+    qsl = torch.cat([batch.query_start_loc, batch.query_start_loc[-1:].repeat(2)])
+    lens = torch.cat([batch.seq_lens, torch.ones(2, dtype=batch.seq_lens.dtype, device=DEVICE)])
+    tables = torch.cat([batch.block_tables, batch.block_tables[:1].repeat(2, 1)])
+    out = paged_prefill(batch.q, batch.kv_cache, tables, lens, qsl, 0.3, out=poisoned_like(batch.q), k=batch.k,
+                        v=batch.v, skip_single=True, max_query_len=37,
+                        config=dict(NEW_KV="tma", BLOCK_N=16, HEAVY_FIRST=True))
+    expected = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
+                                 batch.query_start_loc, 0.3)
+    multi = torch.cat([torch.arange(0, 37), torch.arange(38, n)]).to(DEVICE)
+    assert_close(out[multi], expected[multi], torch.float32)
+    assert out[37].isnan().all() and out[n:].isnan().all()
