@@ -60,7 +60,8 @@ GLUON_CONFIGS = [
     # the warp-specialized kernel: a TMA producer warp, two 64-row consumer warpgroups over one K/V ring
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=2, maxnreg=None),
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=True, SEQ_VEC=4),
-    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=True),
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=True,
+         PERSISTENT=1),  # one program per SM walking the work items (the ring and q buffers across items)
 ]
 
 
