@@ -16,7 +16,8 @@ where the other process's code first sees it, so each direction is measured on i
 - aio-tcp-gil: the server process also runs a thread that holds the GIL in 2 ms stretches, releasing it
   for 0.2 ms between them, as the engine's step thread does between its launches and its device waits.
 - sync-tcp: grpc's thread-pool server; -nobdp: no BDP probe, no write buffering; -noee: gRPC core's
-  EventEngine experiments off (GRPC_EXPERIMENTS) in both processes; -spin: both event loops spin.
+  EventEngine experiments off (GRPC_EXPERIMENTS) in both processes; -poll: GRPC_POLL_STRATEGY=poll;
+  -spin: both event loops spin.
 Probes are spaced --gap-ms apart (threads fall idle in between, as they do between a serving stack's
 tokens; back-to-back probes would keep every core awake and hide the wake-ups).
 """
@@ -52,12 +53,14 @@ VARIANTS = {
     "aio-tcp": ("aio", "tcp", {}),
     "aio-unix": ("aio", "unix", {}),
     "aio-tcp-spin": ("aio-spin", "tcp", {}),
+    "aio-unix-spin": ("aio-spin", "unix", {}),
     "aio-tcp-gil": ("aio-gil", "tcp", {}),
     "sync-tcp": ("sync", "tcp", {}),
     "aio-tcp-nobdp": ("aio", "tcp", {"grpc.http2.bdp_probe": 0, "grpc.http2.write_buffer_size": 0}),
     # gRPC core experiments off (GRPC_EXPERIMENTS, both processes): fewer thread hops per message?
     "aio-tcp-noee": ("aio", "tcp", {}, {"GRPC_EXPERIMENTS": "-event_engine_client,-event_engine_listener,"
                                                         "-event_engine_for_all_other_endpoints"}),
+    "aio-tcp-poll": ("aio", "tcp", {}, {"GRPC_POLL_STRATEGY": "poll"}),
 }
 
 
