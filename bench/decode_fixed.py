@@ -207,11 +207,39 @@ SMALL_MS = (1, 16, 32, 64, 128, 256)
 round's per-call timing also measured dense_gemm's ~50 us of host work, which a graph does not pay)."""
 
 
+def gemm_candidates(m: int) -> list[dict]:
+    """chat_profile's dense_gemm launches for m rows, and for few rows each again with PREFETCH (its first
+    weight tile loaded before the PDL wait: a graph of consecutive calls chains them as a step does)."""
+    from bench.chat_profile import candidates
+
+    base = candidates(m)
+    return base + ([dict(c, PREFETCH=True) for c in base] if m <= 64 else [])
+
+
+def precompile_gemms(jobs: int = 8) -> None:
+    """Compile every dense_gemm launch gemm_part times in worker processes (bench/chat_profile._compile_one)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench.chat_profile import _compile_one
+
+    t0 = time.perf_counter()
+    cfgs = {json.dumps(c, sort_keys=True): c for m in SMALL_MS for c in gemm_candidates(m)}
+    work = [(c, split) for c in cfgs.values() for split in (1, 2)]
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            errors = [e for e in pool.map(_compile_one, work) if e]
+    except Exception as e:  # a broken pool: the timed process compiles what is left itself
+        errors = [f"pool: {type(e).__name__}: {e}"]
+    print(f"precompiled {len(work)} dense_gemm builds in {time.perf_counter() - t0:.0f} s"
+          + (f"; errors: {errors[:3]}" if errors else ""), flush=True)
+
+
 def gemm_part(cfg, ceil, device, dtype) -> tuple[list[dict], dict]:
     """Each projection at SMALL_MS and 8,192 rows: cuBLAS, cuBLASLt and (small M) dense_gemm launches, each
     checked against F.linear, timed from CUDA graphs over rotating weights. Returns the rows and a
     dense_dispatch.TABLE of the small-M winners (cuBLASLt or dense_gemm beating cuBLAS by more than 3%)."""
-    from bench.chat_profile import candidates, merge_entry
+    from bench.chat_profile import merge_entry
     from kernels.dense_gemm import dense_gemm
 
     bw, mm = ceil["copy_GBps"] * 1e9, ceil["matmul_TFLOPs"] * 1e12
@@ -241,7 +269,7 @@ def gemm_part(cfg, ceil, device, dtype) -> tuple[list[dict], dict]:
             best_t, best_cfg = float("inf"), None
             if m in SMALL_MS:
                 ref = F.linear(x, ws[0]).float()
-                for c in candidates(m):
+                for c in gemm_candidates(m):
                     try:
                         err = (dense_gemm(x, ws[0], c).float() - ref).abs().max().item()
                         if not err <= 1e-2 * ref.abs().max().item() + 1e-3:
@@ -643,9 +671,7 @@ def main() -> None:
     if dev.type == "cuda":  # dense_gemm's builds compile in worker processes while the attention part runs
         import threading
 
-        from bench.chat_profile import precompile
-
-        pre = threading.Thread(target=precompile, args=(SMALL_MS,), daemon=True)
+        pre = threading.Thread(target=precompile_gemms, daemon=True)
         pre.start()
     rec["attention"] = attention_part(cfg, ceil, dev, dtype, args.quick)
     # The two fastest configs (at split 1) of the equal-context cases go on to the engine's graph.

@@ -29,10 +29,23 @@ def _dense_gemm_kernel(
     M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_os,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
+    PREFETCH: tl.constexpr = False,  # the first weight tile is loaded before waiting on the previous kernel
     PDL: tl.constexpr = False,  # kernels/pdl.py
 ):
     """One program: a [BLOCK_M, BLOCK_N] output tile over one K-slice (program_id(1)). SWAP accumulates the
-    transposed tile [BLOCK_N, BLOCK_M] = w_tile @ x_tile.T (the same sums, other MMA shape)."""
+    transposed tile [BLOCK_N, BLOCK_M] = w_tile @ x_tile.T (the same sums, other MMA shape).
+
+    PREFETCH peels the first K-block off the loop and loads its weight tile before `pdl.enter`: no kernel
+    writes the weights, so under PDL that load overlaps the previous kernel's tail (as the W4A16 GEMVs do);
+    x, which the previous kernel writes, is read only after the wait."""
+    if PREFETCH:
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_first = pid_k * k_per_split + tl.arange(0, BLOCK_K)
+        first_ok = (k_first < tl.minimum(K, pid_k * k_per_split + k_per_split))
+        w_first = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k_first[None, :],
+                          mask=(offs_n < N)[:, None] & first_ok[None, :], other=0.0)
     pdl.enter(PDL)
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -49,7 +62,19 @@ def _dense_gemm_kernel(
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    k_lo = k_start
+    if PREFETCH:
+        k = k_start + offs_k
+        a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < k_end)[None, :], other=0.0)
+        w = w_first
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        if SWAP:
+            acc_t = tl.dot(w, tl.trans(a), acc_t)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+        k_lo = k_start + BLOCK_K
+    for k0 in range(k_lo, k_end, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < k_end
         a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
@@ -77,7 +102,8 @@ are measured; this one only has to be correct)."""
 def dense_gemm(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T -> [M, N] in x's dtype (float16 or bfloat16, both the same dtype).
     `config`: BLOCK_M, BLOCK_N, BLOCK_K (powers of two, >= 16), SWAP, SPLIT_K (None: enough K-slices for
-    about two programs per SM), num_warps, num_stages."""
+    about two programs per SM), PREFETCH (the first weight tile loaded before the PDL wait), num_warps,
+    num_stages."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:

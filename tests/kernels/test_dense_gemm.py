@@ -1,6 +1,6 @@
 """kernels/dense_gemm.py under the interpreter (compiled on a GPU): against a float64 reference, swapped and
-plain tiles, with and without split-K, row and column counts that do not fill a tile, and bit-identical
-results across calls (no atomics)."""
+plain tiles, with and without split-K and the prefetched first weight tile, row and column counts that do not
+fill a tile, and bit-identical results across calls (no atomics)."""
 
 import pytest
 import torch
@@ -16,6 +16,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
     (5, 70, 200, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SWAP=True, SPLIT_K=3)),  # split that does not divide K
     (21, 64, 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SWAP=False, SPLIT_K=2)),  # two M tiles
     (33, 40, 64, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, SWAP=False, SPLIT_K=None)),  # split picked for the SMs
+    # the first weight tile loaded before the PDL wait: split slices, K shorter than one block, a two-block split
+    (5, 70, 200, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SWAP=True, SPLIT_K=3, PREFETCH=True)),
+    (21, 64, 24, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SWAP=False, SPLIT_K=1, PREFETCH=True)),
+    (3, 40, 96, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SWAP=True, SPLIT_K=4, PREFETCH=True)),
 ])
 def test_dense_gemm_matches_float64(dtype, m, n, k, cfg):
     g = torch.Generator().manual_seed(m * 131 + n)
