@@ -445,10 +445,57 @@ def section_first_use(ceil: dict) -> dict:
     return res
 
 
+def section_rotary_cache(ceil: dict) -> list[dict]:
+    """The 1B's rotary + KV-cache write per layer at 256, 1,024 and 8,192 tokens (bf16, 32 q / 8 kv heads of 64,
+    blocks of 16): the two kernels (rotary_qk_inplace, then reshape_and_cache) against the one
+    (rotary_and_cache); both must leave the same bits in qkv and the cache."""
+    from triton.testing import do_bench
+
+    from kernels.reshape_and_cache import reshape_and_cache
+    from kernels.rotary import rotary_and_cache, rotary_qk_inplace
+
+    hq, hkv, d, bs = 32, 8, 64, 16
+    rows = []
+    print("\nrotary + cache write, one layer (ms): two kernels vs one")
+    for t in (256, 1024, 8192):
+        g = torch.Generator(device="cuda").manual_seed(t)
+        qkv0 = torch.randn(t, (hq + 2 * hkv) * d, device="cuda", generator=g).to(torch.bfloat16)
+        ang = torch.rand(t, d // 2, device="cuda", generator=g) * 6
+        cos, sin = ang.cos(), ang.sin()
+        blocks = t // bs + 8
+        slots = torch.randperm(blocks * bs, device="cuda", generator=g)[:t]
+        slots[::37] = -1
+        out = {}
+        for name in ("two", "one"):
+            qkv = qkv0.clone()
+            cache = torch.zeros(2, blocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+
+            def run(q=q, k=k, v=v, cache=cache, name=name):
+                if name == "two":
+                    rotary_qk_inplace(q, k, cos, sin, d)
+                    reshape_and_cache(k.view(t, hkv, d), v.view(t, hkv, d), cache, slots)
+                else:
+                    assert rotary_and_cache(q, k, v, cos, sin, cache, slots, d)
+
+            run()
+            out[name] = (qkv.clone(), cache.clone())  # (the timing below writes the cache again)
+            fresh = qkv0.clone()
+            fq, fk, fv = fresh.split([hq * d, hkv * d, hkv * d], dim=-1)
+            # (timed on a copy turned again and again: the work per call is the same)
+            ms = do_bench(lambda: run(fq, fk, fv), warmup=10, rep=50)
+            out[name + "_ms"] = ms
+        same = torch.equal(out["two"][0], out["one"][0]) and torch.equal(out["two"][1], out["one"][1])
+        rows.append(dict(tokens=t, two_ms=out["two_ms"], one_ms=out["one_ms"], same_bits=same))
+        print(f"   {t} tokens: two kernels {out['two_ms']:.4f}, one {out['one_ms']:.4f} ({out['two_ms'] / out['one_ms']:.2f}x); "
+              f"same bits in qkv and cache: {same}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", nargs="+", default=["engine", "attn", "gemm"],
-                    choices=["overlap", "gemm", "attn", "engine", "greedy", "first_use"])
+                    choices=["overlap", "gemm", "attn", "engine", "greedy", "first_use", "rotary_cache"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="the engine section only, tiny shape on CPU (a check of the script)")
     args = ap.parse_args()
@@ -475,7 +522,7 @@ def main() -> None:
             rec[name] = section_engine(llm, 1024, 256, 128)
         else:
             rec[name] = {"gemm": section_gemm, "attn": section_attn, "greedy": section_greedy,
-                         "first_use": section_first_use}[name](ceil)
+                         "first_use": section_first_use, "rotary_cache": section_rotary_cache}[name](ceil)
         print(f"[{name}: {time.perf_counter() - t:.1f} s]", flush=True)
     print(f"[total {time.perf_counter() - t0:.1f} s]")
     if args.json:

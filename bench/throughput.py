@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import hashlib
 import json
 import math
 import sys
@@ -224,6 +225,7 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
             trace.detach()
             trace = None  # it holds the engine: let the engine go with the run
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        digest = hashlib.sha1(np.asarray([t for o in outs for t in o.outputs[0].token_ids], np.int64).tobytes())
         assert n_out == sum(o for _, o in work), "every request must end at its own length"
         timing = dict(engine.step_timing)
         steps = timing.pop("steps", 0) or 1
@@ -231,6 +233,8 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
         host_ms = sum(v for k, v in per_step.items() if k != "wait")
         label = f"async_scheduling={engine.async_scheduling}"
         steady = engine.scheduler.num_steady_steps - steady
+        print(f"{label}: output tokens sha1 {digest.hexdigest()[:12]} (greedy: equal across runs of the same "
+              "workload when the kernels compute the same tokens)")
         print(f"{label}: {n_out / secs:.0f} output tok/s, {steps} steps ({steady} steady), "
               f"{1e3 * secs / steps:.2f} ms/step, "
               f"host {host_ms:.2f} ms/step (" + ", ".join(f"{k} {v:.2f}" for k, v in per_step.items()) + ")",
@@ -242,6 +246,7 @@ def run_folio(model_dir, work, args, max_num_seqs: int, modes: list[bool | None]
             "host_ms_per_step": host_ms, "step_timing_ms": per_step,
             "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
             "preemptions": engine.scheduler.num_preemptions - preempted, "step_trace": trace_kinds,
+            "tokens_sha1": digest.hexdigest(),
             "tensor_parallel_size": args.tensor_parallel_size}, [o.outputs[0].token_ids for o in outs]))
         del outs
     engine.step_timing = None

@@ -95,6 +95,92 @@ def rotary_qk_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
     return True
 
 
+@triton.jit
+def _rotary_cache_kernel(
+    qkv_ptr,  # [num_tokens, (num_q_heads + 2 * num_kv_heads) * HEAD_DIM] rows (stride_t apart): q, k, v heads
+    cos_ptr,  # fp32 [num_tokens, HALF]
+    sin_ptr,
+    key_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM], in qkv's dtype
+    value_cache_ptr,
+    slot_mapping_ptr,  # int64 [num_tokens]; a negative slot is padding (rotated, not cached)
+    stride_t,
+    num_q_heads,
+    num_kv_heads,
+    stride_cb,  # cache block stride (key and value caches alike)
+    stride_cs,  # cache slot-in-block stride
+    stride_ch,  # cache head stride
+    HEAD_DIM: tl.constexpr,  # a power of two
+    HALF: tl.constexpr,  # HEAD_DIM // 2
+    BLOCK_H: tl.constexpr,  # next power of two of q + k heads
+    BLOCK_KV: tl.constexpr,  # next power of two of kv heads
+    BLOCK_SIZE: tl.constexpr,
+    PDL: tl.constexpr = False,  # kernels/pdl.py
+):
+    """One token: NeoX rotary on its q and k heads in place, and its rotated k and its v written to the paged
+    cache at its slot (what _rotary_kernel then reshape_and_cache do, in one launch: k is not read back)."""
+    pdl.enter(PDL)
+    tok = tl.program_id(0).to(tl.int64)
+    heads = num_q_heads + num_kv_heads
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HALF)
+    rot = (offs_h < heads)[:, None]
+    p1 = qkv_ptr + tok * stride_t + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    p2 = p1 + HALF
+    x1 = tl.load(p1, mask=rot, other=0.0).to(tl.float32)
+    x2 = tl.load(p2, mask=rot, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + tok * HALF + offs_d)[None, :]
+    s = tl.load(sin_ptr + tok * HALF + offs_d)[None, :]
+    y1 = (x1 * c - x2 * s).to(qkv_ptr.dtype.element_ty)
+    y2 = (x2 * c + x1 * s).to(qkv_ptr.dtype.element_ty)
+    tl.store(p1, y1, mask=rot)  # k too: a prefill step's attention reads the chunk's keys from qkv
+    tl.store(p2, y2, mask=rot)
+    slot = tl.load(slot_mapping_ptr + tok)
+    if slot >= 0:
+        cache_row = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+        kh = offs_h - num_q_heads  # row i >= num_q_heads is k head i - num_q_heads; q rows are masked off
+        is_k = ((offs_h >= num_q_heads) & (offs_h < heads))[:, None]
+        dst = key_cache_ptr + cache_row + kh[:, None] * stride_ch + offs_d[None, :]
+        tl.store(dst, y1, mask=is_k)
+        tl.store(dst + HALF, y2, mask=is_k)
+        offs_v = tl.arange(0, BLOCK_KV)
+        offs_e = tl.arange(0, HEAD_DIM)
+        is_v = (offs_v < num_kv_heads)[:, None]
+        v = tl.load(qkv_ptr + tok * stride_t + (heads + offs_v)[:, None] * HEAD_DIM + offs_e[None, :], mask=is_v)
+        tl.store(value_cache_ptr + cache_row + offs_v[:, None] * stride_ch + offs_e[None, :], v, mask=is_v)
+
+
+def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, head_dim: int) -> bool:
+    """Full-width NeoX rotary on q [T, hq * d] and k [T, hkv * d] in place, and k (rotated) and v [T, hkv * d]
+    written to kv_cache [2, blocks, block_size, hkv, d] at slot_mapping [T] (slots < 0 skipped): rotary_qk_inplace
+    then reshape_and_cache in one launch per layer. Only where q, k and v are the side-by-side parts of one fused
+    qkv's rows, d is a power of two and the cache is in their dtype (an fp8 cache quantizes in reshape_and_cache);
+    returns False, having done nothing, elsewhere."""
+    size = q.element_size()
+    hkv = k.shape[1] // head_dim if k.dim() == 2 else 0
+    if not (q.dim() == k.dim() == v.dim() == 2 and q.shape[0] == k.shape[0] == v.shape[0] and k.shape == v.shape
+            and q.dtype == k.dtype == v.dtype == kv_cache.dtype and q.stride(1) == k.stride(1) == v.stride(1) == 1
+            and q.stride(0) == k.stride(0) == v.stride(0)
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * size and v.data_ptr() == k.data_ptr() + k.shape[1] * size
+            and head_dim >= 2 and head_dim & (head_dim - 1) == 0 and q.shape[1] % head_dim == 0
+            and k.shape[1] % head_dim == 0 and kv_cache.dim() == 5 and kv_cache.shape[0] == 2
+            and tuple(kv_cache.shape[3:]) == (hkv, head_dim) and kv_cache.is_contiguous()
+            and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (q.shape[0],)):
+        return False
+    half = head_dim // 2
+    if cos.shape != (q.shape[0], half) or sin.shape != cos.shape or cos.dtype != torch.float32:
+        raise ValueError(f"cos and sin must be float32 [{q.shape[0]}, {half}]")
+    if q.shape[0]:
+        hq = q.shape[1] // head_dim
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        _rotary_cache_kernel[(q.shape[0],)](
+            q, cos.contiguous(), sin.contiguous(), key_cache, value_cache, slot_mapping, q.stride(0), hq, hkv,
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(hq + hkv), BLOCK_KV=triton.next_power_of_2(hkv),
+            BLOCK_SIZE=kv_cache.shape[2], num_warps=4, **pdl.args(q))
+    return True
+
+
 def rotary_ref(qkv, cos, sin, num_q_heads, num_kv_heads, head_dim, rotary_dim=None, interleaved=False):
     """Torch reference, in float32, rounded once."""
     t = qkv.shape[0]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kernels.fused_norm import add_rms_norm, add_rms_norm_ref
-from kernels.rotary import rotary_inplace, rotary_qk_inplace, rotary_ref
+from kernels.reshape_and_cache import reshape_and_cache_ref
+from kernels.rotary import rotary_and_cache, rotary_inplace, rotary_qk_inplace, rotary_ref
 from kernels.silu_mul import silu_mul, silu_mul_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,6 +62,43 @@ def test_rotary_qk_in_one_launch_where_q_and_k_lie_side_by_side():
     assert not rotary_qk_inplace(q.clone(), k.clone(), cos, sin, d)  # not side by side
     assert not rotary_qk_inplace(apart[:, hq * d:(hq + hkv) * d], apart[:, :hq * d], cos, sin, d)  # k before q
     assert torch.equal(apart, qkv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hkv, d, block_size", [(6, 2, 32, 4), (4, 4, 16, 8), (3, 1, 64, 16)])
+def test_rotary_and_cache_equals_rotary_then_reshape_and_cache(dtype, hq, hkv, d, block_size):
+    """One launch per layer: q and k turned in place (as the rotary kernel turns them, v untouched) and the
+    turned k and v in the cache exactly where reshape_and_cache puts them, padding slots (-1) left alone;
+    layouts other than one fused qkv's side-by-side rows are refused (False, nothing written)."""
+    t, blocks = 7, 6
+    g = torch.Generator().manual_seed(hq * d + block_size)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEV, dtype)
+    ang = torch.rand(t, d // 2, generator=g) * 6
+    cos, sin = ang.cos().to(DEV), ang.sin().to(DEV)
+    cache = torch.randn(2, blocks, block_size, hkv, d, generator=g).to(DEV, dtype)
+    slots = torch.tensor([3, 0, -1, block_size + 1, 6 * block_size - 1, -1, 2 * block_size], device=DEV)
+    ref, ref_cache = qkv.clone(), cache.clone()
+    rotary_ref(ref, cos, sin, hq, hkv, d)
+    reshape_and_cache_ref(ref[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d), ref[:, (hq + hkv) * d:].reshape(t, hkv, d),
+                          ref_cache, slots)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    before = cache.clone()
+    assert rotary_and_cache(q, k, v, cos, sin, cache, slots, d)
+    torch.testing.assert_close(qkv, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(qkv[:, (hq + hkv) * d:], ref[:, (hq + hkv) * d:])  # v untouched
+    torch.testing.assert_close(cache, ref_cache, atol=TOL[dtype], rtol=TOL[dtype])
+    real = slots >= 0  # the cache holds exactly the k the kernel left in qkv, and v as it was
+    assert torch.equal(cache[0].view(-1, hkv, d)[slots[real]], qkv[real, hq * d:(hq + hkv) * d].view(-1, hkv, d))
+    assert torch.equal(cache[1].view(-1, hkv, d)[slots[real]], qkv[real, (hq + hkv) * d:].view(-1, hkv, d))
+    written = torch.zeros(blocks * block_size, dtype=torch.bool, device=DEV)
+    written[slots[real]] = True
+    assert torch.equal(cache.view(2, -1, hkv, d)[:, ~written], before.view(2, -1, hkv, d)[:, ~written])
+    # Refused: q, k, v not one qkv's rows in order, or a cache in another dtype (fp8: reshape_and_cache quantizes).
+    again = qkv.clone()
+    assert not rotary_and_cache(q.clone(), k, v, cos, sin, cache, slots, d)
+    assert not rotary_and_cache(q, k, v, cos, sin, cache.to(torch.float64), slots, d)
+    assert not rotary_and_cache(q, v, k, cos, sin, cache, slots, d)
+    assert torch.equal(again, qkv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

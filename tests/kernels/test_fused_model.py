@@ -42,6 +42,50 @@ def test_fused_forward_matches_torch_forward(hf):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_rotary_writes_the_cache_on_the_triton_backend(monkeypatch):
+    """On the Triton backend a Llama layer turns q and k and writes k and v into the cache in one kernel
+    (kernels/rotary.py, rotary_and_cache) and the backend skips its own cache write: logits and the KV pool
+    equal the torch backend's unfused forward's, over a prefill step then a decode step."""
+    from kernels import rotary as rotary_kernels
+    from services.engine.attention.triton_backend import TritonAttentionBackend
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    calls = []
+    real = rotary_kernels.rotary_and_cache
+
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(rotary_kernels, "rotary_and_cache", spy)
+    i32 = dict(dtype=torch.int32, device=dev)
+    steps = [  # (ids, positions, metadata): two prompts of 5 and 3 tokens, then one decode each
+        (torch.tensor([5, 9, 33, 2, 7, 11, 12, 13], device=dev), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=dev),
+         AttentionMetadata(num_seqs=2, num_tokens=8, query_start_loc=torch.tensor([0, 5, 8], **i32),
+                           seq_lens=torch.tensor([5, 3], **i32), block_tables=torch.tensor([[0, 1], [2, 0]], **i32),
+                           slot_mapping=torch.tensor([0, 1, 2, 3, 4, 8, 9, 10], device=dev), max_query_len=5,
+                           max_seq_len=5, query_lens_cpu=[5, 3], seq_lens_cpu=[5, 3])),
+        (torch.tensor([40, 41], device=dev), torch.tensor([5, 3], device=dev),
+         AttentionMetadata(num_seqs=2, num_tokens=2, query_start_loc=torch.tensor([0, 1, 2], **i32),
+                           seq_lens=torch.tensor([6, 4], **i32), block_tables=torch.tensor([[0, 1], [2, 0]], **i32),
+                           slot_mapping=torch.tensor([5, 11], device=dev), max_query_len=1, max_seq_len=6,
+                           query_lens_cpu=[1, 1], seq_lens_cpu=[6, 4])),
+    ]
+    runs = []
+    for backend, fused in ((TorchAttentionBackend(), False), (TritonAttentionBackend(), True)):
+        model = build_model(LLAMA, backend, torch.float32, dev)
+        model.init_dummy(seed=3)
+        model.set_fused_elementwise(fused)
+        kv = [torch.zeros(2, 8, 4, 2, 16, device=dev) for _ in range(2)]
+        logits = [model.logits(model.forward(ids, pos, kv, meta)) for ids, pos, meta in steps]
+        runs.append((logits, kv))
+    assert calls == [True] * 4  # two layers, two steps: every layer took the one-kernel path
+    for a, b in zip(runs[1][0], runs[0][0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cfg", [dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=3),
                                  dict(KERNEL="gemv3", T=8, BLOCK_N=32, num_warps=1, SPLIT_K=2)], ids=["gemv4", "gemv3"])
 def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch, cfg):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels.copy_blocks import copy_blocks
@@ -22,13 +24,18 @@ class TritonAttentionBackend:
     """
 
     name = "triton"
+    fuses_rotary_cache = os.environ.get("FOLIO_ROTARY_CACHE", "1") != "0"
+    """The layer may write the step's K/V into the cache with its rotary kernel (Attention.forward) and say so;
+    FOLIO_ROTARY_CACHE=0 (read at import) keeps rotary and the cache write apart, for comparisons."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
-                params: AttentionParams) -> torch.Tensor:
+                params: AttentionParams, cache_written: bool = False) -> torch.Tensor:
+        """`cache_written`: the step's k and v are in the cache already (kernels/rotary.py, rotary_and_cache)."""
         variants = dict(sliding_window=params.sliding_window, logit_softcap=params.logit_softcap,
                         alibi_slopes=params.alibi_slopes, sinks=params.sinks,
                         k_scale=params.k_scale, v_scale=params.v_scale)
-        reshape_and_cache(k, v, kv_cache, meta.slot_mapping, params.k_scale, params.v_scale)
+        if not cache_written:
+            reshape_and_cache(k, v, kv_cache, meta.slot_mapping, params.k_scale, params.v_scale)
         num_seqs = len(meta.seq_lens_cpu)
         # Under a CUDA graph the prefill kernel's padding rows vary per replay: zero them all first (one
         # memset) rather than after the kernel by a count the host knew at capture. (The decode kernel

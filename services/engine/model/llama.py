@@ -50,9 +50,8 @@ class LlamaAttention(torch.nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:  # OLMoE: clamp after the q/k norms
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        if self.rotary_emb is not None:
-            q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        # The attention layer turns q and k (with the cache write, in one kernel, where it can).
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta, rotary=self.rotary_emb, positions=positions))
 
 
 class LlamaMLP(torch.nn.Module):

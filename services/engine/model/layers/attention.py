@@ -63,10 +63,24 @@ class Attention(torch.nn.Module):
         """The fp8 KV pool's scales for this layer (attention/kv_quant.py)."""
         self.params = dataclasses.replace(self.params, k_scale=k_scale, v_scale=v_scale)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
+                rotary=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`rotary` (a RotaryEmbedding, with the tokens' `positions`): q and k are turned first; where the backend
+        writes the cache itself and q, k, v are one fused qkv's rows, by one kernel that also writes the turned k
+        and v into the cache (kernels/rotary.py, rotary_and_cache: a launch and a read of k fewer per layer)."""
+        written = False
+        if rotary is not None:
+            if getattr(self.backend, "fuses_rotary_cache", False) and rotary.fusable():
+                from kernels.rotary import rotary_and_cache
+
+                cos, sin = rotary.cos_sin(positions)
+                written = rotary_and_cache(q, k, v, cos, sin, kv_cache, meta.slot_mapping, self.head_dim)
+            if not written:
+                q, k = rotary(positions, q, k)
         T, d = q.shape[0], self.head_dim
+        extra = {"cache_written": True} if written else {}
         o = self.backend.forward(q.reshape(T, self.num_heads, d), k.reshape(T, self.num_kv_heads, d),
-                                 v.reshape(T, self.num_kv_heads, d), kv_cache, meta, self.params)
+                                 v.reshape(T, self.num_kv_heads, d), kv_cache, meta, self.params, **extra)
         return o.reshape(T, self.num_heads * d)
 
 

@@ -162,6 +162,12 @@ class RotaryEmbedding(torch.nn.Module):
         self._cached = (positions, cos, sin)
         return cos, sin
 
+    def fusable(self) -> bool:
+        """Whether the Triton kernels can turn this rotary (kernels/rotary.py: NeoX layout, the whole head, a
+        power-of-two half), so that one of them may also write k and v into the paged cache."""
+        half = self.rotary_dim // 2
+        return self.fused and self.is_neox and self.rotary_dim == self.head_dim and half & (half - 1) == 0
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, Hq * head_dim], k [T, Hkv * head_dim] -> rotated (in place on the fused path)."""
         cos, sin = self.cos_sin(positions)
