@@ -600,10 +600,9 @@ def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, che
     checkpoint()
     print("\ndecode-step variants, 256 sequences (graph re-captured for each):")
     dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
-    variants = [("baseline", {})] + [(f"attn {w}", {"attn": w}) for w in attn_winners] + [
-        ("attn split 2", {"split": 2}), ("PDL off", {"pdl": False}), ("cuBLASLt at 256 rows", {"lt": True})]
-    if table:
-        variants.append(("this run's GEMM table", {"table": table}))
+    variants = [("baseline", {})] + ([("this run's GEMM table", {"table": table})] if table else []) + [
+        (f"attn {w}", {"attn": w}) for w in attn_winners[:2]] + [("attn split 2", {"split": 2}),
+                                                                  ("cuBLASLt at 256 rows", {"lt": True})]
     res["variants"] = decode_variants(runner, inputs, max_len, seqs, args.iters, base_logits, variants, dims,
                                       deadline)
     checkpoint()
@@ -611,13 +610,18 @@ def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, che
     # this engine's 640 would not split: the split counts are forced).
     small = [(1, c) for c in np.linspace(320, max_len, 32).round().astype(int)]
     s_in = step_inputs(runner, small, 3)
-    recapture_decode(runner, max_len, 32)
-    s_base = runner.execute(s_in).float()
+    import kernels.paged_decode as pd
+
+    saved, pd.choose_num_splits = pd.choose_num_splits, lambda *a, **k: 2
+    try:
+        recapture_decode(runner, max_len, 32)
+        s_base = runner.execute(s_in).float()
+    finally:
+        pd.choose_num_splits = saved
     print("\ndecode-step variants, 32 sequences at 320-640:")
-    s_vars = [("split 1 (baseline)", {"split": 1}), ("split 2 (the chat graphs')", {"split": 2}), ("split 4", {"split": 4}),
-              ("PDL off", {"pdl": False, "split": 2})]
-    if table:
-        s_vars.append(("this run's GEMM table, split 2", {"table": table, "split": 2}))
+    s_vars = [("split 2 (the chat graphs', baseline)", {"split": 2})] + (
+        [("this run's GEMM table, split 2", {"table": table, "split": 2})] if table else []) + [
+        ("split 4", {"split": 4}), ("split 1", {"split": 1})]
     res["variants_32"] = decode_variants(runner, s_in, max_len, 32, args.iters, s_base, s_vars, dims, deadline)
     recapture_decode(runner, max_len, seqs)
     checkpoint()
