@@ -11,6 +11,7 @@ On CPU the events are absent and only host times are reported.
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -46,12 +47,24 @@ class StepTrace:
         self.phases: dict[str, dict[str, float]] = {}
         """kind of the step launched -> host seconds per engine phase (step_timing's names) summed over the
         engine.step() calls that launched it (a call also resolves the step before: its wait and update)."""
+        self.gc_ms: dict[int, list[float]] = {}
+        """generation -> milliseconds of each cyclic-collector pass during the run (a pause of the host loop)."""
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._on_gc)
         self._knobs = _triton_runtime_knobs()
         if self._knobs is not None:
             self._old_hook = self._knobs.jit_post_compile_hook
             self._knobs.jit_post_compile_hook = self._on_compile
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_ms.setdefault(info["generation"], []).append(1e3 * (time.perf_counter() - self._gc_t0))
+
     def detach(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         self.engine._launch = self._launch
         self.engine.step = self._step
         if self._knobs is not None:
@@ -163,6 +176,9 @@ class StepTrace:
         print("slowest launches (step: kind tokens host ms): " + ", ".join(
             f"{i}: {self.rows[i]['kind']} {self.rows[i]['tokens']} {self.rows[i]['host_ms']:.1f}" for i in sorted(slow)))
         kinds["wall"] = self._print_wall(end_ev, t_end)
+        kinds["gc"] = {g: (len(v), sum(v), max(v)) for g, v in sorted(self.gc_ms.items())}
+        print("cyclic collections during the run (generation: passes, total ms, longest ms): "
+              + (", ".join(f"{g}: {n}, {t:.1f}, {m:.2f}" for g, (n, t, m) in kinds["gc"].items()) or "none"))
         self._print_launches()
         print(f"Triton compiles during the run: {len(self.compiles)}"
               + "".join(f"\n  step {i}: {name}" for i, name in self.compiles[:20]))
