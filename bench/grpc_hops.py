@@ -17,7 +17,8 @@ where the other process's code first sees it, so each direction is measured on i
   for 0.2 ms between them, as the engine's step thread does between its launches and its device waits.
 - sync-tcp: grpc's thread-pool server; -nobdp: no BDP probe, no write buffering; -noee: gRPC core's
   EventEngine experiments off (GRPC_EXPERIMENTS) in both processes; -poll: GRPC_POLL_STRATEGY=poll;
-  -spin: both event loops spin.
+  -spin: both event loops spin; -trickle: a message each way every ~1 ms on another stream (gRPC's
+  threads kept busy); aio-tcp-warm / -idle20: probes back to back / 20 ms apart.
 Probes are spaced --gap-ms apart (threads fall idle in between, as they do between a serving stack's
 tokens; back-to-back probes would keep every core awake and hide the wake-ups).
 """
@@ -61,7 +62,14 @@ VARIANTS = {
     "aio-tcp-noee": ("aio", "tcp", {}, {"GRPC_EXPERIMENTS": "-event_engine_client,-event_engine_listener,"
                                                         "-event_engine_for_all_other_endpoints"}),
     "aio-tcp-poll": ("aio", "tcp", {}, {"GRPC_POLL_STRATEGY": "poll"}),
+    "aio-tcp-trickle": ("aio-trickle", "tcp", {}),
+    "aio-tcp-warm": ("aio", "tcp", {}),
+    "aio-tcp-idle20": ("aio", "tcp", {}),
 }
+OPTIONAL = ("aio-tcp-gil", "aio-tcp-poll")
+"""Run only when named in --only (measured once on the CPU machine: the GIL's cost is known, poll no change)."""
+GAP_MS = {"aio-tcp-warm": 0.0, "aio-tcp-idle20": 20.0}
+"""Variants probed at their own spacing (warm: back to back; idle20: 20 ms apart) instead of --gap-ms."""
 
 
 def now_ns() -> int:
@@ -182,7 +190,23 @@ def probe_raw(path: str, n: int, gap_s: float, spin: bool) -> dict[str, list[flo
     return {"fwd_us": fwd, "back_us": back}
 
 
-async def probe_grpc(address: str, n: int, gap_s: float, spin: bool, options: list) -> dict[str, list[float]]:
+async def _trickle(stream_call) -> None:
+    """A message each way every ~1 ms on a stream of its own: keeps both processes' gRPC threads busy."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while True:
+            yield await q.get()
+
+    replies = stream_call(requests()).__aiter__()
+    while True:
+        q.put_nowait(STAMP.pack(0))
+        await replies.__anext__()
+        await asyncio.sleep(0.0005)
+
+
+async def probe_grpc(address: str, n: int, gap_s: float, spin: bool, options: list,
+                     trickle: bool = False) -> dict[str, list[float]]:
     import grpc
 
     out = {"call_fwd_us": [], "call_back_us": [], "stream_fwd_us": [], "stream_back_us": []}
@@ -190,6 +214,7 @@ async def probe_grpc(address: str, n: int, gap_s: float, spin: bool, options: li
         call = ch.unary_stream(CALL)
         stream_call = ch.stream_stream(STREAM)
         spinner = asyncio.get_running_loop().create_task(_spin()) if spin else None
+        trickler = asyncio.get_running_loop().create_task(_trickle(stream_call)) if trickle else None
         q: asyncio.Queue = asyncio.Queue()
 
         async def requests():
@@ -219,14 +244,16 @@ async def probe_grpc(address: str, n: int, gap_s: float, spin: bool, options: li
         q.put_nowait(None)
         async for _ in replies:
             pass
-        if spinner is not None:
-            spinner.cancel()
+        for t in (spinner, trickler):
+            if t is not None:
+                t.cancel()
     return out
 
 
 def run_variant(name: str, n: int, gap_s: float, tmp: Path) -> dict:
     """One variant: its server and its client, each a process of its own (with the variant's environment)."""
     kind, transport, _ = VARIANTS[name][:3]
+    gap_s = GAP_MS.get(name, gap_s * 1e3) / 1e3
     env = {**os.environ, **(VARIANTS[name][3] if len(VARIANTS[name]) > 3 else {})}
     if transport == "unix":
         sock = tmp / f"{name}.sock"
@@ -259,7 +286,8 @@ def client(name: str, address: str, n: int, gap_s: float) -> None:
     if kind.startswith("raw"):
         res = probe_raw(address, n, gap_s, spin=kind == "raw-spin")
     else:
-        res = asyncio.run(probe_grpc(address, n, gap_s, kind == "aio-spin", CHANNEL_OPTIONS + list(extra.items())))
+        res = asyncio.run(probe_grpc(address, n, gap_s, kind == "aio-spin", CHANNEL_OPTIONS + list(extra.items()),
+                                     trickle=kind == "aio-trickle"))
     print(json.dumps(res))
 
 
@@ -281,7 +309,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="probes per variant (each: a new call and a stream message)")
     ap.add_argument("--gap-ms", type=float, default=4.0, help="idle time before each probe")
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None,
-                    help="variants (default: all; the -spin ones only with 4 or more CPUs, as they take a core)")
+                    help="variants (default: all but those in OPTIONAL; the -spin ones only with 4 or more CPUs, "
+                         "as they take a core)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -303,10 +332,10 @@ def main() -> None:
     print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()), flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        names = args.only or [v for v in VARIANTS if "spin" not in v or (os.cpu_count() or 1) >= 4]
+        names = args.only or [v for v in VARIANTS if v not in OPTIONAL and ("spin" not in v or (os.cpu_count() or 1) >= 4)]
         for name in names:
             results[name] = run_variant(name, args.n, args.gap_ms / 1e3, Path(tmp))
-            print(f"{name:<15}" + "  ".join(f"{k} {v['p50']:.0f} (p90 {v['p90']:.0f})" for k, v in results[name].items()),
+            print(f"{name:<17}" + "  ".join(f"{k} {v['p50']:.0f} (p90 {v['p90']:.0f})" for k, v in results[name].items()),
                   flush=True)
     print(f"\nOne-way latency, p50 (p90) in µs over {args.n} probes each, {args.gap_ms:g} ms apart. "
           "call_fwd: a new call to its handler; stream: a message on an open stream.")
