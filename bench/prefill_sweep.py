@@ -61,13 +61,13 @@ FOCUS = ("short", "prefill", "long")  # every variant is timed here; the others 
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
-         tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False):
+         tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False, pingpong=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
                 LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
-                PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None)
+                PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None, PINGPONG=pingpong)
 
 
 def _name(c: dict | None) -> str:
@@ -87,7 +87,8 @@ def _name(c: dict | None) -> str:
                                           ("pv_async", c.get("PV_ASYNC")), ("heavy", c.get("HEAVY_FIRST"))) if on)
     flags += " (again)" if c.get("AGAIN") else ""
     if c.get("GLUON_WS"):  # 128 rows in two 64-row consumer warpgroups, a producer warp: only these keys matter
-        return (f"gluon-ws N{c['BLOCK_N']} s{c['num_stages']}" + (" overlap" if c["OVERLAP_QK"] else "")
+        return (f"gluon-ws N{c['BLOCK_N']} s{c['num_stages']}" + (f" overlap{int(c['OVERLAP_QK'])}" if c["OVERLAP_QK"] else "")
+                + (" pingpong" if c.get("PINGPONG") else "")
                 + (" one2" if c.get("ONE_LOOP") == 2 else "") + (f" regs{c['WS_REGS']}" if c.get("WS_REGS") else "")
                 + (" persist" if c.get("PERSISTENT") else "") + (" heavy" if c.get("HEAVY_FIRST") else "")
                 + (" (again)" if c.get("AGAIN") else ""))
@@ -107,26 +108,28 @@ VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(**_SHORT),
     _cfg(**_SHORT, heavy=True),
-    _cfg(m=64, n=32, w=4, s=2, one=2, heavy=True),  # four programs per SM
     _cfg(n=32, s=4, one=2, heavy=True),  # round 5's 32 x 512 co-leader, 8 warps
     _cfg(**dict(_SHORT, maxnreg=None), persist=3, heavy=True),
     _cfg(**_LONG),
     _cfg(**_LONG, heavy=True),
-    _cfg(**dict(_LONG, s=2), heavy=True),
     _cfg(**_LONG, persist=1, heavy=True),
     _cfg(),  # BASE
     _cfg(heavy=True),
     _cfg(gluon=True, m=64, w=4, s=2, maxnreg=None, one=2),  # round 6's best Gluon config (checked, then timed)
     # The warp-specialized Gluon kernel (gl.warp_specialize: a TMA producer warp, two 64-row consumer warpgroups,
-    # 240 registers each; ptxas on the CPU machine: no spills, no serialized wgmma; shared 131-197 KB); `persist`:
-    # one program per SM walking the items, the producer loading the next item's q and K/V under this one's work.
-    _cfg(gluon=True, gws=True, s=2, maxnreg=None),
+    # 240 registers each; ptxas on the CPU machine: no spills, no serialized wgmma; shared 131-197 KB). overlap1:
+    # the next QK^T under this tile's softmax; overlap2: FlashAttention-3's order (QK^T(j) and PV(j-1) issued
+    # together, the softmax under PV(j-1)); pingpong: the two consumers' issues alternate (mbarriers); persist: one
+    # program per SM walking the items, the producer loading the next item's q and K/V under this one's work.
     _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=True),
     _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2),
     _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=True),
+    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=2),
+    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=2, pingpong=True),
     _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=True, persist=1, heavy=True),
-    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, persist=1, heavy=True),
     _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=True, persist=1, heavy=True),
+    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=2, pingpong=True, persist=1, heavy=True),
+    _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=2, pingpong=True, persist=1, heavy=True),
     dict(_cfg(**_LONG), AGAIN=True),  # the 8 x 2048 pick again, last (the same build; AGAIN only names it)
 ]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
@@ -420,7 +423,7 @@ def smoke_setup() -> torch.device:
                 _cfg(m=32, n=32, w=4, s=1, tail=8), _cfg(m=32, n=16, w=4, s=1, one=2, persist=2, seq_vec=8),
                 _cfg(m=32, n=16, w=4, s=1, one=1), _cfg(m=32, n=16, w=4, s=2, gluon=True),
                 _cfg(m=32, n=16, w=4, s=1, heavy=True, one=2), _cfg(m=32, n=32, w=4, s=1, heavy=True, persist=2, tail=8),
-                _cfg(m=32, n=16, w=4, s=2, gluon=True, gws=True, overlap=True)]
+                _cfg(m=32, n=16, w=4, s=2, gluon=True, gws=True, overlap=2, pingpong=True)]
     WIDE = list(VARIANTS)
     return torch.device("cpu")
 

@@ -328,14 +328,35 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empt
 
 
 @gluon.jit
-def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr, num_seqs,
-                 max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, C: gl.constexpr,
+def _turn_wait(turn, g, C: gl.constexpr, PINGPONG: gl.constexpr):
+    """Before this consumer's g-th section of wgmma issues: wait until the other consumer issued its own (consumer 0
+    goes first), so one's tensor-core work runs while the other's softmax does (FlashAttention-3's ping-pong,
+    by mbarriers: Gluon has no named barriers). Returns g + 1."""
+    if PINGPONG:
+        if C == 0:
+            mbarrier.wait(turn.index(0), (g + 1) & 1, pred=g > 0)
+        else:
+            mbarrier.wait(turn.index(1), g & 1)
+    return g + 1
+
+
+@gluon.jit
+def _turn_arrive(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
+    """After this consumer's section of wgmma issues: the other consumer's turn."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - C))
+
+
+@gluon.jit
+def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
+                 num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, C: gl.constexpr,
                  GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
-                 MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr):
+                 MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
     """Half C of each work item's rows (TQ tokens x GROUP heads, head-major): attend over the ring's tiles, release
-    each slot once its PV wgmma is done and the q buffer after the item's last QK^T, and store. With OVERLAP the
-    next tile's QK^T is issued before this tile's softmax (FlashAttention-3's intra-warpgroup overlap)."""
+    each slot once its PV wgmma is done and the q buffer after the item's last QK^T, and store. OVERLAP 1: the
+    next tile's QK^T is issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued
+    together, then tile j's softmax while PV(j - 1) runs, with PINGPONG the two consumers' issues alternating."""
     TQ: gl.constexpr = BLOCK_Q // 2
     ROWS: gl.constexpr = TQ * GROUP
     dtype: gl.constexpr = k_smem.dtype
@@ -350,6 +371,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
     o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     n = 0
     it = 0
+    g = 0  # sections of wgmma issues so far (PINGPONG's turn phases)
     for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
         run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles,
                                                            BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
@@ -362,7 +384,40 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-            if OVERLAP:
+            if OVERLAP == 2:
+                slot0 = it % STAGES
+                mbarrier.wait(ready.index(slot0), (it // STAGES) & 1)
+                g = _turn_wait(turn, g, C, PINGPONG)
+                s = warpgroup_mma(q, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                _turn_arrive(turn, C, PINGPONG)
+                s = warpgroup_mma_wait(0, deps=(s,))
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, 0, q_pos, first_pos, qk_scale, s_layout,
+                                                   o_layout, BLOCK_N, MASK_BRANCH)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                for j in range(1, n_tiles):
+                    cur = (it + j) % STAGES
+                    prev = (it + j - 1) % STAGES
+                    mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
+                    g = _turn_wait(turn, g, C, PINGPONG)
+                    s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                    acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                    _turn_arrive(turn, C, PINGPONG)
+                    s = warpgroup_mma_wait(1, deps=(s,))  # QK^T(j) is done; PV(j - 1) may still run
+                    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
+                                                       o_layout, BLOCK_N, MASK_BRANCH)
+                    # p_op (PV(j - 1)'s A operand, read from registers) stays alive until that wgmma is done.
+                    acc, p_old = warpgroup_mma_wait(0, deps=(acc, p_op))
+                    mbarrier.arrive(empty.index(prev))
+                    acc = acc * alpha[:, None]
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+                last = (it + n_tiles - 1) % STAGES
+                g = _turn_wait(turn, g, C, PINGPONG)
+                acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+                _turn_arrive(turn, C, PINGPONG)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(empty.index(last))
+            elif OVERLAP:
                 mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
                 s = warpgroup_mma(q, k_smem.index(it % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
@@ -417,8 +472,8 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_
                        num_seqs, max_q_tiles, num_tiles, num_items,
                        GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
-                       MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                       num_warps: gl.constexpr):
+                       MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
     dtype: gl.constexpr = k_desc.dtype
@@ -432,17 +487,20 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_
     for i in gl.static_range(4):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
     fence_async_shared()  # the barriers' initialization is visible to the TMA unit before it signals them
     gl.warp_specialize([
-        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr,
+        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
                         num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 0, GROUP, BLOCK_Q,
-                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP)),
-        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr,
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG)),
+        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
                         num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 1, GROUP, BLOCK_Q,
-                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP)),
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q, BLOCK_N,
                         HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE)),
@@ -453,6 +511,8 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(turn.index(i))
 
 
 def supported_ws(q: torch.Tensor) -> bool:
@@ -465,7 +525,9 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
                      max_q_tiles: int = 0) -> torch.Tensor:
     """prefill_fresh with the warp-specialized kernel: 128 rows per work item (two 64-row consumer warpgroups).
     cfg: BLOCK_N, num_stages (the K/V ring, >= 2), SEQ_VEC, ONE_LOOP (2: the causal compare by a runtime branch),
-    OVERLAP_QK (the next QK^T under the softmax), WS_REGS (the consumers' registers; the producer keeps 24),
+    OVERLAP_QK (1: the next QK^T under the softmax; 2: FlashAttention-3's order, the softmax under the previous
+    PV), PINGPONG (with OVERLAP_QK 2: the consumers' wgmma issues alternate), WS_REGS (the consumers' registers;
+    the producer keeps 24),
     PERSISTENT (1: one program per SM walking the items). max_q_tiles > 0: HEAVY_FIRST's item mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
@@ -489,5 +551,6 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
         num_seqs, max_q_tiles, num_tiles, num_items,
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
-        OVERLAP=bool(cfg.get("OVERLAP_QK")), CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
+        OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")),
+        CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

@@ -62,6 +62,9 @@ GLUON_CONFIGS = [
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=True, SEQ_VEC=4),
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=True,
          PERSISTENT=1),  # one program per SM walking the work items (the ring and q buffers across items)
+    # FlashAttention-3's order (the softmax under the previous PV) with the consumers' issues alternating
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2,
+         PINGPONG=True, PERSISTENT=1),
 ]
 
 
