@@ -18,7 +18,8 @@ where the other process's code first sees it, so each direction is measured on i
 - sync-tcp: grpc's thread-pool server; -nobdp: no BDP probe, no write buffering; -noee: gRPC core's
   EventEngine experiments off (GRPC_EXPERIMENTS) in both processes; -poll: GRPC_POLL_STRATEGY=poll;
   -spin: both event loops spin; -trickle: a message each way every ~1 ms on another stream (gRPC's
-  threads kept busy); aio-tcp-warm / -idle20: probes back to back / 20 ms apart.
+  threads kept busy); -defaults: the client's channel with grpc's own defaults (retries on, as the
+  bench's client and most clients have), not the stack's options; aio-tcp-warm / -idle20: probes back to back / 20 ms apart.
 Probes are spaced --gap-ms apart (threads fall idle in between, as they do between a serving stack's
 tokens; back-to-back probes would keep every core awake and hide the wake-ups).
 """
@@ -63,6 +64,7 @@ VARIANTS = {
                                                         "-event_engine_for_all_other_endpoints"}),
     "aio-tcp-poll": ("aio", "tcp", {}, {"GRPC_POLL_STRATEGY": "poll"}),
     "aio-tcp-trickle": ("aio-trickle", "tcp", {}),
+    "aio-tcp-defaults": ("aio", "tcp", None),
     "aio-tcp-warm": ("aio", "tcp", {}),
     "aio-tcp-idle20": ("aio", "tcp", {}),
 }
@@ -286,7 +288,8 @@ def client(name: str, address: str, n: int, gap_s: float) -> None:
     if kind.startswith("raw"):
         res = probe_raw(address, n, gap_s, spin=kind == "raw-spin")
     else:
-        res = asyncio.run(probe_grpc(address, n, gap_s, kind == "aio-spin", CHANNEL_OPTIONS + list(extra.items()),
+        options = [] if extra is None else CHANNEL_OPTIONS + list(extra.items())  # None: grpc's own defaults
+        res = asyncio.run(probe_grpc(address, n, gap_s, kind == "aio-spin", options,
                                      trickle=kind == "aio-trickle"))
     print(json.dumps(res))
 
@@ -295,7 +298,7 @@ def serve(name: str, address: str) -> None:
     from services.common.server import SERVER_OPTIONS
 
     kind, _, extra = VARIANTS[name][:3]
-    options = SERVER_OPTIONS + list(extra.items())
+    options = SERVER_OPTIONS + list((extra or {}).items())
     if kind.startswith("raw"):
         serve_raw(address, spin=kind == "raw-spin")
     elif kind.startswith("aio"):
