@@ -660,7 +660,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test on CPU)")
-    ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--sections", nargs="+", default=["attention", "gemms", "engine"],
+                    choices=["attention", "gemms", "engine"], help="what to run (default: all)")
     ap.add_argument("--budget", type=float, default=70.0, help="seconds after which decode variants are skipped")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -675,12 +676,12 @@ def main() -> None:
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python bench/decode_fixed.py " + " ".join(sys.argv[1:]), "shape": args.shape, **ceil}
     pre = None
-    if dev.type == "cuda":  # dense_gemm's builds compile in worker processes while the attention part runs
+    if dev.type == "cuda" and "gemms" in args.sections:  # dense_gemm's builds compile in worker processes while the attention part runs
         import threading
 
         pre = threading.Thread(target=precompile_gemms, daemon=True)
         pre.start()
-    rec["attention"] = attention_part(cfg, ceil, dev, dtype, args.quick)
+    rec["attention"] = attention_part(cfg, ceil, dev, dtype, args.quick) if "attention" in args.sections else []
     # The two fastest configs (at split 1) of the equal-context cases go on to the engine's graph.
     score: dict[str, float] = {}
     for case in rec["attention"]:
@@ -692,12 +693,12 @@ def main() -> None:
     table: dict = {}
     if pre is not None:
         pre.join()
-    if dev.type == "cuda":
+    if dev.type == "cuda" and "gemms" in args.sections:
         rec["gemms"], table = gemm_part(cfg, ceil, dev, dtype)
         rec["gemm_table"] = {repr(k): v for k, v in table.items()}
         print(f"(gemms done at {time.perf_counter() - t0:.0f} s)", flush=True)
     save(rec, args.json)
-    if not args.no_engine:
+    if "engine" in args.sections:
         rec["engine"] = {}
         try:
             engine_part(args, ceil, winners, t0, table, rec["engine"], lambda: save(rec, args.json))
