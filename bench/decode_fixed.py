@@ -555,7 +555,7 @@ def engine_steps(llm, graph_ms: float, steps: int = 16) -> dict:
             "outside_layers": small[:20], "kernels": rows[:40]}
 
 
-def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, checkpoint) -> dict:
+def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, checkpoint, winners_32=()) -> dict:
     """Sections 4 and 5 into `res` (checkpoint() saves what is there so far); later parts skipped past --budget."""
     from folio import LLM
 
@@ -624,6 +624,7 @@ def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, che
     print("\ndecode-step variants, 32 sequences at 320-640:")
     s_vars = [("split 2 (the chat graphs', baseline)", {"split": 2})] + (
         [("this run's GEMM table, split 2", {"table": table, "split": 2})] if table else []) + [
+        (f"attn {c} split {sp}", {"attn": c, "split": sp}) for c, sp in winners_32] + [
         ("split 4", {"split": 4}), ("split 1", {"split": 1})]
     res["variants_32"] = decode_variants(runner, s_in, max_len, 32, args.iters, s_base, s_vars, dims, deadline)
     recapture_decode(runner, max_len, seqs)
@@ -689,6 +690,10 @@ def main() -> None:
             if r["ok"] and r["split"] == 1 and " equal " in case["case"]:
                 score[json.dumps(r["cfg"], sort_keys=True)] = score.get(json.dumps(r["cfg"], sort_keys=True), 0) + r["ms"]
     winners = [json.loads(c) for c, _ in sorted(score.items(), key=lambda kv: kv[1])[:3]]
+    # The fastest (config, split) at the chat's 32 sequences goes to the 32-sequence decode graph.
+    small_best = [min((r for r in case["results"] if r["ok"]), key=lambda r: r["ms"], default=None)
+                  for case in rec["attention"] if case["case"].startswith("32 ")]
+    winners_32 = [(r["cfg"], r["split"]) for r in small_best if r]
     print(f"(attention done at {time.perf_counter() - t0:.0f} s)", flush=True)
     table: dict = {}
     if pre is not None:
@@ -701,7 +706,7 @@ def main() -> None:
     if "engine" in args.sections:
         rec["engine"] = {}
         try:
-            engine_part(args, ceil, winners, t0, table, rec["engine"], lambda: save(rec, args.json))
+            engine_part(args, ceil, winners, t0, table, rec["engine"], lambda: save(rec, args.json), winners_32)
         except Exception as e:  # what ran before it is still written
             import traceback
 
