@@ -663,6 +663,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test on CPU)")
     ap.add_argument("--sections", nargs="+", default=["attention", "gemms", "engine"],
                     choices=["attention", "gemms", "engine"], help="what to run (default: all)")
+    ap.add_argument("--attn-configs", default=None,
+                    help="JSON list of decode launch configs for the engine's variants (default: the attention part's winners)")
     ap.add_argument("--budget", type=float, default=70.0, help="seconds after which decode variants are skipped")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -694,6 +696,8 @@ def main() -> None:
     small_best = [min((r for r in case["results"] if r["ok"]), key=lambda r: r["ms"], default=None)
                   for case in rec["attention"] if case["case"].startswith("32 ")]
     winners_32 = [(r["cfg"], r["split"]) for r in small_best if r]
+    if args.attn_configs:
+        winners = json.loads(args.attn_configs)
     print(f"(attention done at {time.perf_counter() - t0:.0f} s)", flush=True)
     table: dict = {}
     if pre is not None:
