@@ -27,6 +27,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
    tokens against the first run of the same weights.
 Sections past the time budget are skipped and say so.
+--check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
+(kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import quant as q  # noqa: E402  (bench/quant.py: weights, timing, engine helper
 from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
+from kernels.w4a16_tc import pack_tc  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
 
 DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
@@ -111,6 +114,53 @@ CASES = [
 ]
 
 
+def with_tc(qw: torch.Tensor, k: int) -> torch.Tensor:
+    """The same weights in kernels/w4a16_tc.py's layout (as quantization/int4.py makes them at load)."""
+    return pack_tc(w4.unpack_int4(qw, k))
+
+
+TC = dict(KERNEL="tc", NT=4)
+TC_CASES = [
+    # (K, N, group, config, gated): tensor-core GEMV (kernels/w4a16_tc.py) on the GPU's mma PTX
+    (4096, 6144, 128, dict(TC), False),
+    (4096, 6144, 128, dict(TC, NT=2, SPLIT_K=32, PDL=2), False),
+    (4096, 6144, 128, dict(TC, NT=8, SPLIT_K=4, PDL=1), False),
+    (14336, 4096, 128, dict(TC, SPLIT_K=112, PDL=2), False),
+    (4224, 520, 128, dict(TC, NT=2, SPLIT_K=3), False),  # odd N (tiles past N), 33 groups
+    (1000, 600, 64, dict(TC, SPLIT_K=5), False),  # K not a multiple of 64, groups of 64
+    (640, 600, 640, dict(TC), False),  # one group over K
+    (4096, 1000, 32, dict(TC), False),  # groups of 32: not tc (the untuned gemv3 runs)
+    (4096, 2 * 14336, 128, dict(TC, SPLIT_K=16, PDL=2), True),  # gate/up with SwiGLU in the epilogue
+    (4096, 2 * 14336, 128, dict(TC, NT=8, SPLIT_K=8, PDL=2), True),
+    (1024, 2 * 1008, 128, dict(TC, NT=2, SPLIT_K=3), True),  # inter 1008: the last strip half past it
+]
+
+
+def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """TC_CASES against float32 x @ w (gated: torch's silu(gate) * up of it rounded to bf16), twice each (the
+    workspace left zeroed); fp16 x on one shape; then three chained in a CUDA graph with PDL."""
+    rows, cases = [], []
+    for k, n, group, cfg, gated in TC_CASES:
+        qw, s, z, _, w = q.int4_case(k, n, group, False, g)
+        w4.reserve_workspace(DEV, n)
+        cases.append((k, n, group, cfg, gated, qw, s, z, w, with_tc(qw, k), torch.randn(1, k, generator=g, device=DEV)))
+    q.precompile([lambda c=c: w4.w4a16(c[10].to(DTYPE), *c[5:8], c[2], config=c[3], warmup=True, gated=c[4], qtc=c[9])
+                  for c in cases])
+    for k, n, group, cfg, gated, qw, s, z, w, qtc, x32 in cases:
+        for dt in (DTYPE, torch.float16) if (k, n) == (4096, 6144) and cfg.get("NT") == 4 else (DTYPE,):
+            x = x32.to(dt)
+            ref = x.float() @ w
+            if gated:
+                gu = ref.to(dt)
+                ref = (F.silu(gu[:, :n // 2]) * gu[:, n // 2:]).float()
+            for _ in range(2):
+                err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, group, config=cfg, gated=gated, qtc=qtc)), ref)
+            q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="tc" + ("_gated" if gated else ""),
+                     shape=f"{k}x{n} g{group} {str(dt)[6:]}", M=1, config=cfg, rel_err=err)
+    rows += chain_checks(failures, g, [dict(TC, PDL=p, SPLIT_K=8) for p in (1, 2)], kernels=("tc",))
+    return rows
+
+
 def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     rows: list[dict] = []
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -133,6 +183,8 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check=cfg["KERNEL"], shape=label, M=1, config=cfg,
                  rel_err=err)
     rows += chain_checks(failures, g, kernels=kernels)
+    if "tc" in kernels:
+        rows += tc_checks(failures, g)
     rows += committed_checks(failures, g)
     rows += gated_checks(failures, g)
     return rows
@@ -191,16 +243,17 @@ def chain_checks(failures: list, g: torch.Generator, configs: list | None = None
     rows = []
     k, n = SHAPES["o"]
     mats = [q.int4_case(k, n, 128, False, g) for _ in range(3)]
+    tcs = [with_tc(m[0], k) for m in mats]
     w4.reserve_workspace(DEV, n)
     configs = configs or [c for c in [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]
                           + [dict(G4, PDL=p, L2_PRE=pre, L2_DIST=4) for p in (1, 2) for pre in (0, 16)]
                           if c["KERNEL"] in kernels]
     x0 = torch.randn(1, k, device=DEV).to(DTYPE)
-    q.precompile([lambda c=c: w4.w4a16(x0, *mats[0][:3], 128, config=c, warmup=True) for c in configs])
+    q.precompile([lambda c=c: w4.w4a16(x0, *mats[0][:3], 128, config=c, warmup=True, qtc=tcs[0]) for c in configs])
     for cfg in configs:
         def chain(x, cfg=cfg):
-            for qw, s, z, _, _ in mats:
-                x = w4.w4a16(x, qw, s, z, 128, config=cfg) * 30.0  # keeps the values O(1)
+            for (qw, s, z, _, _), qtc in zip(mats, tcs):
+                x = w4.w4a16(x, qw, s, z, 128, config=cfg, qtc=qtc) * 30.0  # keeps the values O(1)
             return x
 
         def ref_of(x):
@@ -305,6 +358,23 @@ def h2_candidates(n: int, k: int) -> list[dict]:
     return out
 
 
+def tc_of(a: tuple):
+    """The tensor-core layout of a sweep weight tuple, where the sweep made one."""
+    return a[3] if len(a) > 3 else None
+
+
+def tc_candidates(n: int, k: int) -> list[dict]:
+    """`tc` (kernels/w4a16_tc.py): n-tiles per one-warp program (2: 4 KB of words in flight per program and chunk,
+    8: 240 registers by the sm_90 SASS) x split-K over groups for about 4, 8 or 16 programs per SM; PDL 2."""
+    groups, sms = -(-k // 128), splitk.sm_count(DEV)
+    out = []
+    for nt in (2, 4, 8):
+        tiles = -(-n // (16 * nt))
+        for sp in sorted({splitk.split_for(tiles, groups, sms, per, max_split=128, min_blocks=1) for per in (4, 8, 16)}):
+            out.append(dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2))
+    return out
+
+
 def candidates(n: int, k: int) -> list[dict]:
     """gemv2 configs (tile width x warps x blocks per tile) and gemv3 configs (8 or 16 rows per tile, 128
     columns per warp), each with split-K 1 and 2 (no workspace, no atomics; the tail is a store) and around
@@ -368,6 +438,8 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             continue
         bf = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE) for _ in range(q.copies_for(2 * n * k))]
         q4 = [q.int4_random(k, n, 128, g) for _ in range(q.copies_for(n * k // 2))]
+        if "tc" in kernels:
+            q4 = [(qw, s_, z_, with_tc(qw, k)) for qw, s_, z_ in q4]
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
         cands = [None] + [c for c in [dict(KERNEL="gemv1", BLOCK_N=64, num_warps=2, num_stages=1)] + candidates(n, k)
@@ -378,13 +450,15 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             cands += gemv4_fold_candidates()
         if "h2" in kernels:
             cands += h2_candidates(n, k)
-        q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in cands])
+        if "tc" in kernels:
+            cands += tc_candidates(n, k)
+        q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=tc_of(q4[0])) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
 
         def timed(cfg):
             try:
-                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a, 128, config=cfg) for a in q4])
+                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=tc_of(a)) for a in q4])
             except Exception as e:  # a config that does not compile or launch: say so, go on
                 print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 return
@@ -394,7 +468,7 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             timed(cfg)
         g2 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] in ("gemv2", "gemv3")),
                     key=lambda r: r["ms"])
-        q.precompile([lambda c=r["config"]: w4.w4a16(x, *q4[0], 128, config=dict(c, PDL=p), warmup=True)
+        q.precompile([lambda c=r["config"]: w4.w4a16(x, *q4[0][:3], 128, config=dict(c, PDL=p), warmup=True)
                       for r in g2[:3] for p in (1, 2)])
         for r in g2[:3]:  # PDL on the three best: back to back in the graph, as the engine's layers are not
             for p in (1, 2):
@@ -403,7 +477,7 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
                     key=lambda r: r["ms"])[:2]
         more = [dict(r["config"], L2_DIST=d, L2_PRE=pre) for r in g4 for d in (0, 2, 4, 8) for pre in (0, 16)
                 if (d or pre) and "gemv4" in kernels]
-        q.precompile([lambda c=c: w4.w4a16(x, *q4[0], 128, config=c, warmup=True) for c in more])
+        q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True) for c in more])
         for c in more:  # L2 prefetch distance and the prefetch before the PDL wait, on the two best
             timed(c)
         g4 = min((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv4"),
@@ -412,6 +486,12 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             BEST_G4[(1, n, k)] = dict(g4["config"])
             row["best_gemv4"] = g4
         best = min(res, key=lambda r: r["ms"])
+        for label, pred in (("H2", lambda c: c.get("H2")), ("tc", lambda c: c.get("KERNEL") == "tc")):
+            bl = min((r for r in res if isinstance(r["config"], dict) and pred(r["config"])), key=lambda r: r["ms"],
+                     default=None)
+            if bl is not None:
+                row["best_" + label] = bl
+                print(f"  {name} best {label}: {bl['ms']:.4f} ms {bl['config']}", flush=True)
         bc = best["config"] if isinstance(best["config"], dict) else {}
         read = []
         sp = bc.get("SPLIT_K", 1)
@@ -493,7 +573,8 @@ def apply_winners(result: dict) -> dict:
         qw, s, z, _, w = q.int4_case(k, n, 128, False, g)
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=b)), x.float() @ w)
+        qtc = with_tc(qw, k) if b.get("KERNEL") == "tc" else None
+        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=b, qtc=qtc)), x.float() @ w)
         ok = err < 1e-2 and q.workspace_clean()
         q.record(rows, failures, ok, check="winner", shape=r["shape"], M=1, config=b, rel_err=err)
         if ok:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels import pdl as pdl_launch
-from kernels import splitk, w4a16_stream
+from kernels import splitk, w4a16_stream, w4a16_tc
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
 from kernels.w4a16_half2 import tile_sums_h2
 from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
@@ -480,10 +480,11 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else 16 if m <= 16 else 64 if m <= 64 else 256
 
 
-def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """Launch config: a measured one from TUNED, else `gemv3` at M = 1 (group sizes it takes), the tensor-core
-    kernel up to M = 64 (split-K when the tiles would leave SMs idle) and dequantize-then-cuBLAS above."""
-    hit = TUNED.get((m_bucket(m), n, k))
+def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device, tuned: bool = True) -> dict:
+    """Launch config: a measured one from TUNED (unless not `tuned`), else `gemv3` at M = 1 (group sizes it takes),
+    the tensor-core kernel up to M = 64 (split-K when the tiles would leave SMs idle) and dequantize-then-cuBLAS
+    above."""
+    hit = TUNED.get((m_bucket(m), n, k)) if tuned else None
     if hit is not None:
         return dict(hit)
     s = block_rows(k) // 8
@@ -543,7 +544,7 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
-          gated: bool = False) -> torch.Tensor | None:
+          gated: bool = False, qtc: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -553,7 +554,19 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     else 0), num_warps, num_stages, maxnreg. `warmup`: compile for these arguments and return None without
     running (bench/quant.py compiles its sweep in parallel that way). `gated` (a SwiGLU MLP's gate/up
     projection, N = 2 * inter, gate columns first): -> silu(gate) * up [M, inter], in gemv3's (one-launch
-    split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product."""
+    split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product. KERNEL "tc" (M = 1, tensor cores:
+    kernels/w4a16_tc.py) reads `qtc`, the same weights in its layout (`pack_tc`); where it cannot run (no qtc,
+    act-order, a group size not a multiple of 64, fp32 x) the untuned config runs instead."""
+    if config is None or config.get("KERNEL") == "tc":
+        m = x.shape[0] if x.dim() == 2 else -1
+        config = config or pick_config(m, qweight.shape[1], x.shape[-1], group_size, x.device)
+        if config.get("KERNEL") == "tc":
+            if qtc is not None and w4a16_tc.usable(x, group_size, x.shape[-1], perm, gated, qweight.shape[1]):
+                cfg = dict(config)
+                cfg.pop("KERNEL")
+                pdl = cfg.pop("PDL", 2 if pdl_launch.on(x) else 0) if x.is_cuda else 0
+                return w4a16_tc.launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated)
+            config = pick_config(m, qweight.shape[1], x.shape[-1], group_size, x.device, tuned=False)
     if gated:
         if qweight.shape[1] % 2:
             raise ValueError(f"gated: N must be even (gate then up columns), got {qweight.shape[1]}")

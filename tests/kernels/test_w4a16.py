@@ -278,3 +278,62 @@ def test_half2_mode_falls_back_where_it_cannot_run():
     assert half2_mode(2, 8, torch.float32, False) == (0, False)
     with pytest.raises(ValueError, match="H2 must be 0, 1 or 2"):
         half2_mode(3, 8, torch.bfloat16, True)
+
+
+TC = dict(KERNEL="tc", NT=4)
+
+
+@pytest.mark.parametrize("k, n, group, dtype, nt, split", [(256, 96, 128, torch.bfloat16, 4, 2),
+                                                          (320, 70, 64, torch.float16, 2, 3),
+                                                          (300, 48, 300, torch.bfloat16, 4, 1),
+                                                          (448, 40, 64, torch.bfloat16, 2, 7)])
+def test_w4a16_tc_matches_float64(k, n, group, dtype, nt, split):
+    """`tc` (kernels/w4a16_tc.py) on pack_tc's layout: groups of 64 and 128, one group over a K that is not a multiple
+    of 64, odd N (tiles past N), split-K over groups, fp16 and bf16; gated too. The interpreter runs the PTX's
+    stand-in (per-lane products, summed over the quad); bench/w4a16.py checks the mma PTX on the GPU."""
+    from kernels.w4a16_tc import pack_tc
+
+    args, ref = case(1, k, n, group, False, dtype, seed=7 * k + n)
+    qtc = pack_tc(unpack_int4(args[1], k))
+    cfg = dict(TC, NT=nt, SPLIT_K=split)
+    out = w4a16(*args, config=cfg, qtc=qtc)
+    close(out, ref, dtype)
+    assert_workspace_zero()
+    if (n // 2) % 16 == 0:  # the epilogue against torch's silu(gate) * up on the product above (rounded as stored)
+        gate, up = out[:, :n // 2].double(), out[:, n // 2:].double()
+        close(w4a16(*args, config=cfg, qtc=qtc, gated=True), (gate * torch.sigmoid(gate)).to(dtype).double() * up,
+              dtype)
+        assert_workspace_zero()
+
+
+def test_w4a16_tc_falls_back_where_it_cannot_run():
+    """No tensor-core weights, act-order, or a group size that is not a multiple of 64: the untuned kernel runs."""
+    args, ref = case(1, 256, 40, 128, True, torch.bfloat16, seed=2)
+    close(w4a16(*args, config=dict(TC)), ref, torch.bfloat16)
+    args, ref = case(1, 256, 40, 32, False, torch.bfloat16, seed=3)
+    from kernels.w4a16_tc import pack_tc
+
+    close(w4a16(*args, config=dict(TC), qtc=pack_tc(unpack_int4(args[1], 256))), ref, torch.bfloat16)
+    assert_workspace_zero()
+
+
+def test_pack_tc_puts_each_lanes_fragment_in_its_word():
+    """pack_tc written out by hand: lane l = 4 g + h, word j of n-tile t and chunk c; nibble i holds column
+    16 t + g + 8 (i odd) and input 64 c + 16 j + 2 h + (i >= 4) + 8 (i in 2, 3, 6, 7)."""
+    from kernels.w4a16_tc import pack_tc
+
+    k, n = 130, 20
+    q = torch.randint(0, 16, (k, n), generator=torch.Generator().manual_seed(0))
+    got = pack_tc(q)
+    assert got.shape == (2, 3, 128)
+    for t in range(2):
+        for c in range(3):
+            for lane in range(32):
+                for j in range(4):
+                    g, h = divmod(lane, 4)
+                    word = int(got[t, c, 4 * lane + j]) & 0xFFFFFFFF
+                    for i in range(8):
+                        col = 16 * t + g + 8 * (i % 2)
+                        row = 64 * c + 16 * j + 2 * h + (i >= 4) + 8 * (i in (2, 3, 6, 7))
+                        want = int(q[row, col]) if row < k and col < n else 0
+                        assert (word >> (4 * i)) & 0xF == want, (t, c, lane, j, i)

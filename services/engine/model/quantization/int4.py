@@ -5,6 +5,9 @@ that the Triton W4A16 kernels (kernels/w4a16.py) and the CPU reference both read
             that the kernels unpack a block's nibbles with a shift and a mask, no permute
     scales  [G, N] in the model's dtype; zeros [G, N] uint8 (the unsigned zero point; 8 when symmetric)
     perm    [K] int32 or None: act-order, rows sorted by group; the kernel reads x's columns through it
+    qweight_tc  on CUDA, without act-order, for group sizes that are multiples of 64 (or one group): the same
+            weights in kernels/w4a16_tc.py's tensor-core layout (`pack_tc`), which batch-1 decode reads where
+            the launch config says KERNEL "tc" (+0.5 byte per weight of GPU memory; FOLIO_W4A16_TC=0: not made)
 Each scheme's loader converts its own on-disk packing into this once, after loading.
 """
 
@@ -13,12 +16,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import os
+
 from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
+from kernels.w4a16_tc import pack_tc
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
 
 BITS = 4
 FUSE_SWIGLU = True
+TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "1") != "0"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
 
@@ -73,8 +80,10 @@ class Int4Layout:
         layer.scales = weight_param(scales.contiguous())
         layer.zeros = weight_param(zeros.to(torch.uint8).to(dev))
         layer.perm = weight_param(perm.to(dev)) if perm is not None else None
+        tc = TC_LAYOUT and dev.type == "cuda" and perm is None and (group_size % 64 == 0 or group_size >= k)
+        layer.qweight_tc = weight_param(pack_tc(q_kn.to(dev))) if tc else None
         layer.group_size, layer.in_k = group_size, k
-        for p in (layer.qweight, layer.scales, layer.zeros, layer.perm):
+        for p in (layer.qweight, layer.scales, layer.zeros, layer.perm, layer.qweight_tc):
             if p is not None:
                 p.quantized = True
         if dev.type == "cuda":
@@ -95,9 +104,12 @@ class Int4Layout:
         act = getattr(layer, "then_act", None)
         if (FUSE_SWIGLU and act is not None and act.fused and act.act is F.silu and bias is None
                 and x2.shape[0] == 1 and _kernels(x)):
-            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True)
+            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
+                      qtc=layer.qweight_tc)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
-        fn = w4a16 if _kernels(x) else w4a16_reference
-        y = fn(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
+        if _kernels(x):
+            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, qtc=layer.qweight_tc)
+        else:
+            y = w4a16_reference(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
         y = y.reshape(*shape[:-1], y.shape[-1])
         return y if bias is None else y + bias
