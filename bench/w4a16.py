@@ -134,6 +134,9 @@ TC_CASES = [
     (4096, 2 * 14336, 128, dict(TC, NT=8, SPLIT_K=8, PDL=2), True),
     (1024, 2 * 1008, 128, dict(TC, NT=2, SPLIT_K=3), True),  # inter 1008: the last strip half past it
 ]
+TC_ROWS = [(5, 4096, 6144, dict(TC, SPLIT_K=8, PDL=2)), (16, 4096, 6144, dict(TC, NT=2, SPLIT_K=8, PDL=2)),
+           (16, 14336, 4096, dict(TC, NT=2, SPLIT_K=56)), (12, 1000, 600, dict(TC, NT=2, SPLIT_K=5))]
+"""(M, K, N, config): tc with several rows of x (one or two B fragments of 8), group 128 (64 for K = 1000)."""
 
 
 def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
@@ -157,8 +160,69 @@ def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
                 err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, group, config=cfg, gated=gated, qtc=qtc)), ref)
             q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="tc" + ("_gated" if gated else ""),
                      shape=f"{k}x{n} g{group} {str(dt)[6:]}", M=1, config=cfg, rel_err=err)
+    for m, k, n, cfg in TC_ROWS:
+        group = 64 if k == 1000 else 128
+        qw, s, z, _, w = q.int4_case(k, n, group, False, g)
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
+        qtc = with_tc(qw, k)
+        for _ in range(2):
+            err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, group, config=cfg, qtc=qtc)), x.float() @ w)
+        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="tc_rows", shape=f"{k}x{n} g{group}", M=m,
+                 config=cfg, rel_err=err)
     rows += chain_checks(failures, g, [dict(TC, PDL=p, SPLIT_K=8) for p in (1, 2)], kernels=("tc",))
     return rows
+
+
+def sweep_m16(start: float, budget: float, m: int = 16) -> dict:
+    """At M = 16 (the crossover's first batch) per 8B GEMM: bf16, the committed config (the tensor-core `mma`
+    kernel) and `tc` (two B fragments) for NT 2 / 4 x split-K; a tc winner that passes its check goes into TUNED
+    for M 2..16 (the engine's decode at those batches)."""
+    g = torch.Generator(device=DEV).manual_seed(3)
+    rows, failures = [], []
+    for name, (k, n) in SHAPES.items():
+        if time.time() - start > budget:
+            print(f"M={m} sweep {name}: skipped (time budget)", flush=True)
+            continue
+        bf = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE) for _ in range(q.copies_for(2 * n * k))]
+        q4 = [(qw, s_, z_, with_tc(qw, k)) for qw, s_, z_ in
+              (q.int4_random(k, n, 128, g) for _ in range(q.copies_for(n * k // 2)))]
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
+        groups, sms = k // 128, splitk.sm_count(DEV)
+        cands = [None] + [dict(KERNEL="tc", NT=nt, SPLIT_K=splitk.split_for(-(-n // (16 * nt)), groups, sms, per,
+                                                                               max_split=128, min_blocks=1), PDL=2)
+                          for nt in (2, 4) for per in (4, 8)]
+        q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=q4[0][3]) for c in cands])
+        row = {"shape": name, "M": m, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf]), "w4a16": []}
+        for cfg in cands:
+            try:
+                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=a[3]) for a in q4])
+            except Exception as e:  # noqa: BLE001
+                print(f"  M={m} {name} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            row["w4a16"].append({"config": cfg or "committed", "ms": ms})
+        best = min(row["w4a16"], key=lambda r: r["ms"])
+        committed = next((r["ms"] for r in row["w4a16"] if r["config"] == "committed"), float("nan"))
+        print(f"M={m} {name:<8} bf16 {row['bf16_ms']:.4f}  committed {committed:.4f}  best {best['ms']:.4f} "
+              f"{best['config']}", flush=True)
+        if isinstance(best["config"], dict):
+            qw, s, z, _, w = q.int4_case(k, n, 128, False, g)
+            err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=best["config"], qtc=with_tc(qw, k))),
+                           x.float() @ w)
+            checked: list = []
+            q.record(checked, failures, err < 1e-2 and q.workspace_clean(), check="m16_winner", shape=name, M=m,
+                     config=best["config"], rel_err=err)
+            row["check"] = checked[0]
+            if checked[0]["ok"]:
+                w4.TUNED[(w4.m_bucket(m), n, k)] = dict(best["config"])
+        row["best"] = best
+        rows.append(row)
+        del bf, q4
+        torch.cuda.empty_cache()
+    for f in failures:
+        print("FAILED", f)
+    return {"rows": rows, "failures": failures}
 
 
 def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
@@ -340,20 +404,17 @@ def gemv4_fold_candidates() -> list[dict]:
 
 
 def h2_candidates(n: int, k: int) -> list[dict]:
-    """H2 (kernels/w4a16_half2.py) in gemv3 and gemv4, two words per PTX block: tile shapes (T rows by 4 or 8
-    columns per thread: x's conversion is shared by a thread's columns) x split-K (gemv3: the committed split, and
-    doubled) or programs per SM (gemv4: 8, 16); and one gemv3 with a word per block (H2 1)."""
+    """H2 (kernels/w4a16_half2.py) in gemv3 (the committed split-K) and gemv4 (12 programs per SM), two words per
+    PTX block, in three tile shapes (T rows by 4 or 8 columns per thread: x's conversion is shared by a thread's
+    columns); and one gemv3 with a word per block (H2 1)."""
     base = COMMITTED.get((1, n, k))
     sp0 = base.get("SPLIT_K", 16) if base and base.get("KERNEL") == "gemv3" else 16
-    blocks = -(-k // 128)
     out = []
     # (T, BLOCK_N, warps): by Triton 3.6's sm_90 SASS of gemv3 with H2 2, 2.6-3.0 instructions per weight in the loop
     # (FOLD: 3.85), 96 registers at (8, 256, 2), ~168 at (16, 256, 2) and (4, 512, 2)
-    for t, bn, warps in ((8, 256, 2), (8, 128, 1), (4, 512, 2), (16, 256, 2), (16, 128, 1)):
-        for sp in sorted({sp0, min(blocks, 2 * sp0)}):
-            out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2))
-        for per_sm in (8, 16):
-            out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2, H2=2))
+    for t, bn, warps in ((8, 256, 2), (4, 512, 2), (16, 256, 2)):
+        out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp0, PDL=2, H2=2))
+        out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=12, PDL=2, H2=2))
     out.append(dict(G3, T=8, BLOCK_N=256, num_warps=2, SPLIT_K=sp0, PDL=2, H2=1))  # one word per PTX block
     return out
 
@@ -808,6 +869,11 @@ def main() -> int:
         if isinstance(got, dict):
             print_sweep(got)
             result["applied"] = q.attempt(lambda: apply_winners(got))
+        if "tc" in args.sweep_kernels:
+            got16 = q.attempt(lambda: sweep_m16(start, args.budget * (args.sweep_share + 0.1)))
+            result["sweep_m16"] = got16 if not isinstance(got16, Exception) else repr(got16)
+            if isinstance(got16, dict):
+                failures += got16["failures"]
         print(f"sweep done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))

@@ -32,30 +32,36 @@ from kernels.splitk import splitk_store
 from kernels.w4a16_stream import strip_done
 
 
-def _mma_asm(dtype: str, magic: int, sub: bool) -> str:
-    """PTX for 4 words (4 k-tiles, chained into one accumulator): operands $0..$3 out, $4..$7 words, $8..$11 and
-    $12..$15 x pairs (k 2h, 2h + 1 and 2h + 8, 2h + 9 of each k-tile), $16 and $20 the pairs magic + z of rows g
-    and g + 8 (taken off when `sub`; else the kernel takes (magic + z) sum(x) off per group), $24..$27 the
-    accumulator in."""
+def _mma_asm(dtype: str, magic: int, sub: bool, mb: int = 1) -> str:
+    """PTX for 4 words (4 k-tiles) times `mb` B fragments (8 rows of x each), each chained into its accumulator.
+    Operands: outputs 4 per fragment; inputs the 4 words, then per fragment 4 x pairs at inputs 2h, 2h + 1 and 4 at
+    2h + 8, 2h + 9 of each k-tile, then the pairs magic + z of rows g and g + 8 (4 each; taken off when `sub`, else
+    the kernel takes (magic + z) sum(x) off per group), then the 4 accumulators in per fragment."""
+    w0 = 4 * mb
+    xa = [w0 + 4 + 8 * b for b in range(mb)]
+    zg = w0 + 4 + 8 * mb
+    acc_in = [zg + 8 + 4 * b for b in range(mb)]
     lines = ["{", ".reg .b32 t_a<4>;", ".reg .b32 t_s<3>;"]
     for j in range(4):
-        w = f"${4 + j}"
+        w = f"${w0 + j}"
         lines += [f"shr.u32 t_s0, {w}, 4;", f"shr.u32 t_s1, {w}, 8;", f"shr.u32 t_s2, {w}, 12;",
                   f"lop3.b32 t_a0, {w}, 0x000f000f, {magic:#x}, 0xea;"]
         lines += [f"lop3.b32 t_a{i}, t_s{i - 1}, 0x000f000f, {magic:#x}, 0xea;" for i in (1, 2, 3)]
         if sub:
-            lines += [f"sub.rn.{dtype}x2 t_a0, t_a0, $16;", f"sub.rn.{dtype}x2 t_a1, t_a1, $20;",
-                      f"sub.rn.{dtype}x2 t_a2, t_a2, $16;", f"sub.rn.{dtype}x2 t_a3, t_a3, $20;"]
-        acc = "{$24, $25, $26, $27}" if j == 0 else "{$0, $1, $2, $3}"
-        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32 {{$0, $1, $2, $3}}, "
-                     f"{{t_a0, t_a1, t_a2, t_a3}}, {{${8 + j}, ${12 + j}}}, {acc};")
+            lines += [f"sub.rn.{dtype}x2 t_a0, t_a0, ${zg};", f"sub.rn.{dtype}x2 t_a1, t_a1, ${zg + 4};",
+                      f"sub.rn.{dtype}x2 t_a2, t_a2, ${zg};", f"sub.rn.{dtype}x2 t_a3, t_a3, ${zg + 4};"]
+        for b in range(mb):
+            out = ", ".join(f"${4 * b + i}" for i in range(4))
+            acc = ", ".join(f"${acc_in[b] + i}" for i in range(4)) if j == 0 else out
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32 {{{out}}}, "
+                         f"{{t_a0, t_a1, t_a2, t_a3}}, {{${xa[b] + j}, ${xa[b] + 4 + j}}}, {{{acc}}};")
     lines.append("}")
     return "\n".join(lines)
 
 
 def _ones_asm(dtype: str, one: int) -> str:
-    """PTX: the same 4 k-tiles' x pairs ($4..$7, $8..$11) times an all-ones A, chained onto $12..$15: every output
-    is the running sum of x over the k-tiles (FOLD's sum(x))."""
+    """PTX: the same 4 k-tiles' x pairs ($4..$7, $8..$11) times an all-ones A, chained onto $12..$15: each output is
+    the running sum of its token's x over the k-tiles (FOLD's sum(x))."""
     lines = ["{", ".reg .b32 t_one;", f"mov.b32 t_one, {one:#x};"]
     for j in range(4):
         acc = "{$12, $13, $14, $15}" if j == 0 else "{$0, $1, $2, $3}"
@@ -69,39 +75,33 @@ MAGIC = {"bf16": 0x43004300, "f16": 0x64006400}
 """The exponent bits of 128 (bf16) or 1024 (f16) in both halves; a nibble in the low mantissa bits reads as that + q."""
 _ASM_BF16 = tl.constexpr(_mma_asm("bf16", MAGIC["bf16"], False))  # FOLD: 128 + q, (128 + z) sum(x) off per group
 _ASM_F16 = tl.constexpr(_mma_asm("f16", MAGIC["f16"], True))  # 1024 + q would cost float32 precision: q - z
+_ASM2_BF16 = tl.constexpr(_mma_asm("bf16", MAGIC["bf16"], False, 2))
+_ASM2_F16 = tl.constexpr(_mma_asm("f16", MAGIC["f16"], True, 2))
 _ONES_BF16 = tl.constexpr(_ones_asm("bf16", 0x3F803F80))
 _CONS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
+_CONS2 = tl.constexpr(",".join(["=r"] * 8) + "," + ",".join(["r"] * 36))
 _CONS_ONES = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 12))
 _ZBASE_F16 = tl.constexpr(0x6400)
 
 
 @triton.jit
-def _half(pair, HI: tl.constexpr, BF16: tl.constexpr):
-    """The low (or high) 16-bit float of int32 pairs, as float32."""
-    bits = ((pair >> 16) if HI else pair) & 0xFFFF
-    if BF16:
-        return (bits << 16).to(tl.float32, bitcast=True)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _chunk_ref(words, xa, xb, zg, zg8, BF16: tl.constexpr):
-    """The interpreter's stand-in for the PTX on one chunk: per word, this lane's partial sums of rows g and g + 8
-    (its inputs 2h, 2h + 1, 2h + 8, 2h + 9 of the k-tile), float32. The lanes of a quad and the 4 k-tiles are
-    summed at the end (the mma sums them itself)."""
-    xa0, xa1 = _half(xa, False, BF16), _half(xa, True, BF16)
-    xb0, xb1 = _half(xb, False, BF16), _half(xb, True, BF16)
-    q0 = (words & 0xF) - zg
-    q1 = ((words >> 4) & 0xF) - zg8
-    q2 = ((words >> 8) & 0xF) - zg
-    q3 = ((words >> 12) & 0xF) - zg8
-    q4 = ((words >> 16) & 0xF) - zg
-    q5 = ((words >> 20) & 0xF) - zg8
-    q6 = ((words >> 24) & 0xF) - zg
-    q7 = ((words >> 28) & 0xF) - zg8
-    row_g = q0.to(tl.float32) * xa0 + q4.to(tl.float32) * xa1 + q2.to(tl.float32) * xb0 + q6.to(tl.float32) * xb1
-    row_g8 = q1.to(tl.float32) * xa0 + q5.to(tl.float32) * xa1 + q3.to(tl.float32) * xb0 + q7.to(tl.float32) * xb1
-    return row_g, row_g8
+def _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, b: tl.constexpr, NT: tl.constexpr):
+    """The interpreter's stand-in for the PTX on chunk c: D [NT, 16, 8] float32, columns 16 tile + row by the 8 rows
+    8 b .. of x, from the words read back through pack_tc's layout (row = g + 8 odd, input 16 kt + 8 hi + 2 h + lo
+    is nibble odd + 2 hi + 4 lo of lane 4 g + h's word kt), (q - z) x summed in float32."""
+    row = tl.arange(0, 16)[None, :, None]
+    kk = tl.arange(0, 64)[None, None, :]
+    kt, k16 = kk // 16, kk % 16
+    hi, rem = k16 // 8, k16 % 8
+    nib = row // 8 + 2 * hi + 4 * (rem % 2)
+    lane = 4 * (row % 8) + rem // 2
+    words = tl.load(qw_ptr + tile.to(tl.int64) * stride_nt + c * 128 + lane * 4 + kt)  # [NT, 16, 64]
+    a = ((words >> (4 * nib)) & 0xF) - z_rows  # z_rows [NT, 16, 1]
+    t = tl.arange(0, 8)[:, None]
+    k = c * 64 + tl.arange(0, 64)[None, :]
+    xrow = tl.minimum(8 * b + t, M - 1)
+    xv = tl.load(x_ptr + xrow * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)  # [8, 64]
+    return tl.sum(a.to(tl.float32)[:, :, None, :] * xv[None, None, :, :], axis=3)
 
 
 @triton.jit
@@ -125,19 +125,20 @@ def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr):
 
 @triton.jit
 def _w4a16_tc_kernel(
-    x_ptr,  # [1, K] bf16 or fp16, 4-byte aligned (read as int32 pairs)
+    x_ptr,  # [M, K] bf16 or fp16, M <= 8 MB, rows 4-byte aligned (read as int32 pairs)
     qw_ptr,  # [ceil(N / 16), ceil(K / 64), 128] int32: pack_tc's layout
     s_ptr, z_ptr,  # [G, N] scales, uint8 zero points (same strides)
-    out_ptr, ws_ptr, cnt_ptr,  # out [1, N] (GATED: [1, inter]); split-K workspace (kernels/splitk.py)
-    N, K, group_size, groups_per_split, split_k, stride_nt, stride_sg, inter,
-    NT: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, FULL: tl.constexpr,
-    SPLIT: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
+    out_ptr, ws_ptr, cnt_ptr,  # out [M, N] (GATED: [1, inter]); split-K workspace (kernels/splitk.py)
+    M, N, K, group_size, groups_per_split, split_k, stride_xm, stride_om, stride_nt, stride_sg, inter,
+    NT: tl.constexpr, MB: tl.constexpr, ONE: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr,
+    EVEN: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
 ):
     """Program (pid_n, pid_k): NT n-tiles (GATED: NT / 2 gate tiles and the same up tiles, `inter` columns on), over
-    the groups [pid_k * groups_per_split, ..) of K. Per group: a fresh accumulator chained through the group's
-    chunks by the PTX, then acc += s * D per column; bf16 (FOLD): D sums (128 + q) x and (128 + z) sum(x) comes off,
-    sum(x) from an all-ones mma on the same x fragments. FULL: every program's n-tiles exist (no masks on the
-    words). PDL as in gemv3 (the first chunk's words are read before the wait)."""
+    the groups [pid_k * groups_per_split, ..) of K. x's rows are the B fragments' columns: MB fragments of 8 (lane
+    4 g + h reads row 8 b + g, clamped to M - 1; ONE: M = 1, every column is row 0). Per group: fresh accumulators
+    chained through the group's chunks by the PTX, then acc += s * D per column; bf16 (FOLD): D sums (128 + q) x
+    and (128 + z) sum(x) comes off, sum(x) from an all-ones mma on the same x fragments. FULL: every program's
+    n-tiles exist (no masks on the words). PDL as in gemv3 (the first chunk's words are read before the wait)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, NT)[:, None, None]
     lane = tl.arange(0, 32)[None, :, None]
@@ -160,6 +161,12 @@ def _w4a16_tc_kernel(
     c_last = tl.minimum(chunks, g_end * cpg) - 1  # the split's last chunk (prefetches stop there)
     w_base = qw_ptr + tile.to(tl.int64) * stride_nt + lane * 4 + j  # [NT, 32, 4], + chunk * 128
     x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    if ONE:
+        x2_0 = x2_ptr
+        x2_1 = x2_ptr
+    else:  # lane 4 g + h's row of x in fragment b: 8 b + g (rows past M read row M - 1, whose sums are not stored)
+        x2_0 = x2_ptr + tl.minimum(g, M - 1) * (stride_xm // 2)
+        x2_1 = x2_ptr + tl.minimum(8 + g, M - 1) * (stride_xm // 2)
     if FULL:
         nxt = tl.load(w_base + tl.minimum(g_start * cpg, c_last) * 128)
     else:
@@ -168,7 +175,11 @@ def _w4a16_tc_kernel(
         gdc_launch_dependents()
     if PDL >= 1:
         gdc_wait()
-    acc = tl.zeros((NT, 32, 2), dtype=tl.float32)  # [.., 0]: row g, [.., 1]: row g + 8 of the lane's fragment
+    acc1 = tl.zeros((NT, 32, 2), dtype=tl.float32)  # ONE: [.., 0] row g, [.., 1] row g + 8 of the lane's fragment
+    acc_0 = tl.zeros((NT, 32, 4), dtype=tl.float32)  # else fragment b's c0..c3 (rows g, g + 8; rows 2h, 2h + 1 of x)
+    acc_1 = tl.zeros((NT, 32, 4), dtype=tl.float32)
+    ref_0 = tl.zeros((NT, 16, 8), dtype=tl.float32)  # the interpreter's [tile, row, x row] sums
+    ref_1 = tl.zeros((NT, 16, 8), dtype=tl.float32)
     s_g_ptr, z_g_ptr = s_ptr + n_g, z_ptr + n_g
     for grp in range(g_start, g_end):
         if FULL:
@@ -183,77 +194,129 @@ def _w4a16_tc_kernel(
             z_g8 = tl.load(z_g_ptr + grp * stride_sg + 8, mask=ok_g8, other=0).to(tl.int32)
         zz = (_ZBASE_F16 + z_g) * 0x10001  # f16: the pairs (1024 + z, 1024 + z) of rows g, g + 8
         zz8 = (_ZBASE_F16 + z_g8) * 0x10001
-        d = tl.zeros((NT, 32, 4), dtype=tl.float32)
-        d8 = tl.zeros((NT, 32, 4), dtype=tl.float32)
-        xs = tl.zeros((1, 32, 4), dtype=tl.float32)
+        d_0 = tl.zeros((NT, 32, 4), dtype=tl.float32)
+        d_1 = tl.zeros((NT, 32, 4), dtype=tl.float32)
+        xs_0 = tl.zeros((1, 32, 4), dtype=tl.float32)
+        xs_1 = tl.zeros((1, 32, 4), dtype=tl.float32)
+        if not ASM:
+            z_rows = tl.load(z_ptr + grp * stride_sg + tile * 16 + tl.arange(0, 16)[None, :, None],
+                             mask=tiles_ok & (tile * 16 + tl.arange(0, 16)[None, :, None] < N), other=0).to(tl.int32)
+            e_0 = tl.zeros((NT, 16, 8), dtype=tl.float32)
+            e_1 = tl.zeros((NT, 16, 8), dtype=tl.float32)
         for c in range(grp * cpg, tl.minimum(chunks, (grp + 1) * cpg)):
             words = nxt
             if FULL:
                 nxt = tl.load(w_base + tl.minimum(c + 1, c_last) * 128)
             else:
                 nxt = tl.load(w_base + tl.minimum(c + 1, c_last) * 128, mask=tiles_ok, other=0)
-            xa = _x_tile(x2_ptr, c, hq, K, EVEN)
-            xb = _x_tile(x2_ptr + 4, c, hq, K - 8, EVEN)
             if ASM:
-                if BF16:
-                    d = tl.inline_asm_elementwise(_ASM_BF16, _CONS, [words, xa, xb, zz, zz8, d], dtype=tl.float32,
-                                                  is_pure=True, pack=4)
-                    xs = tl.inline_asm_elementwise(_ONES_BF16, _CONS_ONES, [xa, xb, xs], dtype=tl.float32,
-                                                   is_pure=True, pack=4)
+                xa_0 = _x_tile(x2_0, c, hq, K, EVEN)
+                xb_0 = _x_tile(x2_0 + 4, c, hq, K - 8, EVEN)
+                if MB == 1:
+                    if BF16:
+                        d_0 = tl.inline_asm_elementwise(_ASM_BF16, _CONS, [words, xa_0, xb_0, zz, zz8, d_0],
+                                                        dtype=tl.float32, is_pure=True, pack=4)
+                    else:
+                        d_0 = tl.inline_asm_elementwise(_ASM_F16, _CONS, [words, xa_0, xb_0, zz, zz8, d_0],
+                                                        dtype=tl.float32, is_pure=True, pack=4)
                 else:
-                    d = tl.inline_asm_elementwise(_ASM_F16, _CONS, [words, xa, xb, zz, zz8, d], dtype=tl.float32,
-                                                  is_pure=True, pack=4)
+                    xa_1 = _x_tile(x2_1, c, hq, K, EVEN)
+                    xb_1 = _x_tile(x2_1 + 4, c, hq, K - 8, EVEN)
+                    if BF16:
+                        d_0, d_1 = tl.inline_asm_elementwise(_ASM2_BF16, _CONS2, [words, xa_0, xb_0, xa_1, xb_1, zz,
+                                                                                  zz8, d_0, d_1],
+                                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+                    else:
+                        d_0, d_1 = tl.inline_asm_elementwise(_ASM2_F16, _CONS2, [words, xa_0, xb_0, xa_1, xb_1, zz,
+                                                                                 zz8, d_0, d_1],
+                                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+                    if BF16:
+                        xs_1 = tl.inline_asm_elementwise(_ONES_BF16, _CONS_ONES, [xa_1, xb_1, xs_1],
+                                                         dtype=tl.float32, is_pure=True, pack=4)
+                if BF16:
+                    xs_0 = tl.inline_asm_elementwise(_ONES_BF16, _CONS_ONES, [xa_0, xb_0, xs_0], dtype=tl.float32,
+                                                     is_pure=True, pack=4)
             else:
-                pg, pg8 = _chunk_ref(words, xa, xb, z_g, z_g8, BF16)
-                d += pg
-                d8 += pg8
-        s2 = tl.reshape(tl.join(sc_g, sc_g8), (NT, 32, 2))
-        if ASM:  # the fragment's c0 (= c1) is row g, c2 (= c3) row g + 8: keep c0 and c2
-            d2 = tl.split(tl.reshape(d, (NT, 32, 2, 2)))[0]
-            if BF16:
-                xs2 = tl.split(tl.reshape(xs, (1, 32, 2, 2)))[0]
-                z2 = tl.reshape(tl.join(z_g, z_g8), (NT, 32, 2)).to(tl.float32) + 128.0
-                d2 -= z2 * xs2
-        else:  # this lane's partial sums of rows g and g + 8 over the group
-            d2 = tl.reshape(tl.join(tl.sum(d, axis=2, keep_dims=True), tl.sum(d8, axis=2, keep_dims=True)),
-                            (NT, 32, 2))
-        acc += d2 * s2
-    # rows g and g + 8 of each n-tile: with the PTX, lane h = 0's (every lane of a quad holds the same sums); in the
-    # interpreter, the quad's partial sums added
-    acc4 = tl.reshape(acc, (NT, 8, 4, 2))
-    h4 = tl.arange(0, 4)[None, None, :, None]
-    a4 = tl.arange(0, 2)[None, None, None, :]
-    if ASM:
-        acc4 = tl.where(h4 == 0, acc4, 0.0)
-    y_lo = tl.sum(tl.sum(tl.where(a4 == 0, acc4, 0.0), axis=3), axis=2)  # [NT, 8]
-    y_hi = tl.sum(tl.sum(tl.where(a4 == 1, acc4, 0.0), axis=3), axis=2)
-    y = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (0, 2, 1)), (NT * 16,))  # position 16 r + 8 hi + g
-    offs = tl.arange(0, NT * 16)
-    if GATED:  # strip pid_n: gate columns pid_n * NT * 8 + .., then the same up columns (kernels/w4a16_stream.py)
-        col = pid_n * (NT * 8) + offs % (NT * 8)
-        strip_done(y, pid_n * (NT * 16) + offs, col < inter, pid_n, 1, split_k, inter, out_ptr, ws_ptr, cnt_ptr,
-                   NT * 16, GATED)
-    else:
-        offs_n = pid_n * (NT * 16) + offs
-        splitk_store(y[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, 0, ws_ptr, cnt_ptr, pid_n, split_k,
+                e_0 += _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, 0, NT)
+                if MB == 2:
+                    e_1 += _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, 1, NT)
+        if ASM:  # the fragment's c0, c1 are row g, c2, c3 row g + 8
+            if ONE:  # every column is row 0 of x: keep c0 and c2
+                d2 = tl.split(tl.reshape(d_0, (NT, 32, 2, 2)))[0]
+                if BF16:
+                    xs2 = tl.split(tl.reshape(xs_0, (1, 32, 2, 2)))[0]
+                    z2 = tl.reshape(tl.join(z_g, z_g8), (NT, 32, 2)).to(tl.float32) + 128.0
+                    d2 -= z2 * xs2
+                acc1 += d2 * tl.reshape(tl.join(sc_g, sc_g8), (NT, 32, 2))
+            else:
+                s4 = tl.where(j < 2, sc_g, sc_g8)
+                if BF16:
+                    z4 = tl.where(j < 2, z_g, z_g8).to(tl.float32) + 128.0
+                    d_0 -= z4 * xs_0
+                    if MB == 2:
+                        d_1 -= z4 * xs_1
+                acc_0 += d_0 * s4
+                if MB == 2:
+                    acc_1 += d_1 * s4
+        else:
+            s_rows = tl.load(s_ptr + grp * stride_sg + tile * 16 + tl.arange(0, 16)[None, :, None],
+                             mask=tiles_ok & (tile * 16 + tl.arange(0, 16)[None, :, None] < N), other=0.0)
+            ref_0 += e_0 * s_rows.to(tl.float32)
+            if MB == 2:
+                ref_1 += e_1 * s_rows.to(tl.float32)
+    if ASM and ONE:  # rows g and g + 8 of each n-tile: lane h = 0's (every lane of a quad holds the same sums)
+        acc4 = tl.where(tl.arange(0, 4)[None, None, :, None] == 0, tl.reshape(acc1, (NT, 8, 4, 2)), 0.0)
+        a4 = tl.arange(0, 2)[None, None, None, :]
+        y_lo = tl.sum(tl.sum(tl.where(a4 == 0, acc4, 0.0), axis=3), axis=2)  # [NT, 8]
+        y_hi = tl.sum(tl.sum(tl.where(a4 == 1, acc4, 0.0), axis=3), axis=2)
+        y = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (0, 2, 1)), (NT * 16,))  # position 16 r + 8 hi + g
+    elif ASM:  # fragment (tile, g, h, c_i): output column 16 tile + g + 8 (i // 2), x row 8 b + 2 h + i % 2
+        ref_0 = tl.reshape(tl.permute(tl.reshape(acc_0, (NT, 8, 4, 2, 2)), (0, 3, 1, 2, 4)), (NT, 16, 8))
+        ref_1 = tl.reshape(tl.permute(tl.reshape(acc_1, (NT, 8, 4, 2, 2)), (0, 3, 1, 2, 4)), (NT, 16, 8))
+    if ONE and (ASM or GATED):
+        if not ASM:
+            y = tl.reshape(tl.sum(tl.where(tl.arange(0, 8)[None, None, :] == 0, ref_0, 0.0), axis=2), (NT * 16,))
+        offs = tl.arange(0, NT * 16)
+        if GATED:  # strip pid_n: gate columns pid_n * NT * 8 + .., then the same up columns (kernels/w4a16_stream.py)
+            col = pid_n * (NT * 8) + offs % (NT * 8)
+            strip_done(y, pid_n * (NT * 16) + offs, col < inter, pid_n, 1, split_k, inter, out_ptr, ws_ptr, cnt_ptr,
+                       NT * 16, GATED)
+        else:
+            splitk_store(y[None, :], tl.arange(0, 1), pid_n * (NT * 16) + offs, 1, N, out_ptr, 0, 0, ws_ptr, cnt_ptr,
+                         pid_n, split_k, SPLIT, True)
+    else:  # [8 x rows, NT * 16 columns] per fragment
+        offs_n = pid_n * (NT * 16) + tl.arange(0, NT * 16)
+        y0 = tl.reshape(tl.permute(ref_0, (2, 0, 1)), (8, NT * 16))
+        splitk_store(y0, tl.arange(0, 8), offs_n, M, N, out_ptr, stride_om, 0, ws_ptr, cnt_ptr, pid_n * MB, split_k,
                      SPLIT, True)
+        if MB == 2:
+            y1 = tl.reshape(tl.permute(ref_1, (2, 0, 1)), (8, NT * 16))
+            splitk_store(y1, 8 + tl.arange(0, 8), offs_n, M, N, out_ptr, stride_om, 0, ws_ptr, cnt_ptr, pid_n * MB + 1,
+                         split_k, SPLIT, True)
+
+
+MAX_M = 16
+"""Rows of x per call: two B fragments of 8."""
 
 
 def usable(x: torch.Tensor, group_size: int, k: int, perm, gated: bool, n: int) -> bool:
-    """Whether `tc` can run this call: M = 1, bf16 or fp16 x (4-byte aligned), no act-order, a group size that is a
-    multiple of 64 (or one group over K), K even; gated: inter a multiple of 16."""
-    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and perm is None
-            and (group_size % 64 == 0 or group_size >= k) and k % 2 == 0 and x.data_ptr() % 4 == 0
-            and x.stride(1) == 1 and (not gated or (n // 2) % 16 == 0))
+    """Whether `tc` can run this call: 1 to MAX_M rows of bf16 or fp16 x (rows 4-byte aligned), no act-order, a group
+    size that is a multiple of 64 (or one group over K), K even; gated: one row, inter a multiple of 16."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16, torch.float16)
+            and perm is None and (group_size % 64 == 0 or group_size >= k) and k % 2 == 0 and x.data_ptr() % 4 == 0
+            and x.stride(1) == 1 and (x.shape[0] == 1 or x.stride(0) % 2 == 0)
+            and (not gated or ((n // 2) % 16 == 0 and x.shape[0] == 1)))
 
 
 def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
-    """x [1, K] -> [1, N] (gated: silu(gate) * up [1, N / 2]) from pack_tc's `qtc`. cfg: NT (n-tiles per program,
-    default 4; even when gated), num_warps (default 1), SPLIT_K (default: about 8 programs per SM), maxnreg."""
+    """x [M, K] (M <= MAX_M) -> [M, N] (gated, M = 1: silu(gate) * up [1, N / 2]) from pack_tc's `qtc`. cfg: NT
+    (n-tiles per program, default 4; even when gated), num_warps (default 1), SPLIT_K (default: about 8 programs
+    per SM), maxnreg."""
     cfg = dict(cfg)
-    k = x.shape[1]
+    m, k = x.shape
     n = scales.shape[1]
     nt = cfg.pop("NT", 4)
+    mb = 1 if m <= 8 else 2
     group = min(group_size, k)
     groups = -(-k // group)
     inter = n // 2 if gated else n
@@ -267,11 +330,14 @@ def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
         out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
         ws, cnt = splitk.workspace(x.device, tiles * nt * 16)
     else:
-        out, ws, cnt = splitk.outputs(x, 1, n, split, True)
-    args = (x, qtc, scales, zeros, out, ws, cnt, n, k, group, per, split, qtc.stride(0), scales.stride(0), inter)
+        out, ws, cnt = splitk.outputs(x, m, n, split, True)
+        if split > 1:  # counters: one per (program column, fragment)
+            ws, cnt = splitk.workspace(x.device, max(m * n, tiles * mb))
+    args = (x, qtc, scales, zeros, out, ws, cnt, m, n, k, group, per, split, x.stride(0), out.stride(0),
+            qtc.stride(0), scales.stride(0), inter)
     full = (inter % (8 * nt) == 0) if gated else (n % (16 * nt) == 0)
-    consts = dict(cfg, NT=nt, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, EVEN=k % 64 == 0, FULL=full,
-                  SPLIT=split > 1, PDL=pdl, GATED=gated)
+    consts = dict(cfg, NT=nt, MB=mb, ONE=m == 1, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, EVEN=k % 64 == 0,
+                  FULL=full, SPLIT=split > 1, PDL=pdl, GATED=gated)
     consts.setdefault("num_warps", 1)
     if pdl:
         consts["launch_pdl"] = True
