@@ -2,15 +2,16 @@
 two instructions per weight where the float32 decode (kernels/w4a16_stream.py's `tile_sums`) spends 3.4-4.3.
 
 Per int32 word (8 nibbles, rows k0 + 16 j + r of kernels/w4a16.py's layout) one inline-PTX block does:
-- 4 LOP3 (and 1 shift): (w & 0x000F000F) | 0x64006400 is the f16 pair (1024 + q0, 1024 + q4); the nibbles at bits
-  4..7 / 20..23 under exponent 0x5400 read as 64 + q (the ulp there is 1/16); w >> 8 gives nibbles 2, 6 and 3, 7.
-- 4 HSUB2: minus (1024 + z, 1024 + z) or (64 + z, 64 + z), exact: each half is q - z, an integer in -15..15.
+- 4 LOP3 (and 1 shift): (w & 0x000F000F) | 0x4C004C00 is the f16 pair (16 + q0/64, 16 + q4/64) (the ulp of 16 is
+  1/64); the nibbles at bits 4..7 / 20..23 under the exponent of 1.0 read as 1 + q/64; w >> 8 gives nibbles 2, 6
+  and 3, 7.
+- 4 HSUB2: minus (16 + z/64) or (1 + z/64) in both halves, exact: each half is (q - z)/64.
 - 4 HFMA2: the products with x's pairs (x[k0 + 16 j + r], x[k0 + 16 (j + 4) + r]) summed in float16, then the two
   halves converted and added in float32. So each float16 sum has 4 products (8 with PAIR: two words per block).
-x is multiplied by 2^-6 (exact) before it is rounded to float16 and the scale by 2^6 after: a half's sum is at most
-8 * 15 * |x| / 64, so |x| up to ~35,000 fits float16's range (bf16 activations past that would overflow).
-Rounding: x to float16 is exact for bf16 values from 2^-8 to that bound (11-bit mantissa); products and the 4 or 8
-term sums round to float16 (relative 2^-11 each), below bf16 output's own rounding (2^-8).
+The 1/64 is taken back with the scale (x 64) once per group and column. It keeps the float16 sums in range: a
+half's sum is at most 8 * 15 * |x| / 64, so |x| up to ~35,000 fits (bf16 activations past that would overflow).
+Rounding: x to float16 is exact for bf16 values from 2^-14 to that bound (11-bit mantissa); products and the 4 or
+8 term sums round to float16 (relative 2^-11 each), below bf16 output's own rounding (2^-8).
 
 Needs a group to cover the tile's 8 nibbles (a group size that is a multiple of the block, or one group over K),
 and x in bf16 or float16 (float32 x would lose precision; the kernels fall back to `tile_sums` otherwise). ASM: the
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 X_SHIFT = 6
-"""x is scaled by 2^-X_SHIFT before float16, the scale by 2^X_SHIFT after (see the module docstring)."""
+"""The decoded weights are (q - z) / 2^X_SHIFT; the scale is multiplied by 2^X_SHIFT (see the module docstring)."""
 
 _WORD = """
     lop3.b32 %a0, {w}, 0x000f000f, 0x4c004c00, 0xea;
@@ -100,7 +101,7 @@ def _word_sums_ref(words, xp0, xp1, xp2, xp3, z, HI: tl.constexpr, acc):
 @triton.jit
 def _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S: tl.constexpr, PAIR: tl.constexpr, EVEN: tl.constexpr,
              HAS_PERM: tl.constexpr, ODD: tl.constexpr, ASM: tl.constexpr):
-    """x's f16x2 pairs (nibble j, nibble j + 4) for j = 0..3, scaled by 2^-X_SHIFT, as [R] int32 tensors: for rows
+    """x's f16x2 pairs (nibble j, nibble j + 4) for j = 0..3, as [R] int32 tensors: for rows
     k0 + 16 j + offs_r, or with PAIR the even (ODD False) or odd rows of int32-loaded bf16 pairs."""
     out0 = tl.zeros((offs_r.shape[0],), dtype=tl.int32)
     out1 = out0
