@@ -125,6 +125,7 @@ TC_CASES = [
     (4096, 6144, 128, dict(TC), False),
     (4096, 6144, 128, dict(TC, NT=2, SPLIT_K=32, PDL=2), False),
     (4096, 6144, 128, dict(TC, NT=8, SPLIT_K=4, PDL=1), False),
+    (4096, 6144, 128, dict(TC, SPLIT_K=16, PDL=2, DEPTH=2), False),
     (14336, 4096, 128, dict(TC, SPLIT_K=112, PDL=2), False),
     (4224, 520, 128, dict(TC, NT=2, SPLIT_K=3), False),  # odd N (tiles past N), 33 groups
     (1000, 600, 64, dict(TC, SPLIT_K=5), False),  # K not a multiple of 64, groups of 64
@@ -132,6 +133,7 @@ TC_CASES = [
     (4096, 1000, 32, dict(TC), False),  # groups of 32: not tc (the untuned gemv3 runs)
     (4096, 2 * 14336, 128, dict(TC, SPLIT_K=16, PDL=2), True),  # gate/up with SwiGLU in the epilogue
     (4096, 2 * 14336, 128, dict(TC, NT=8, SPLIT_K=8, PDL=2), True),
+    (4096, 2 * 14336, 128, dict(TC, NT=2, SPLIT_K=8, PDL=2, DEPTH=2), True),
     (1024, 2 * 1008, 128, dict(TC, NT=2, SPLIT_K=3), True),  # inter 1008: the last strip half past it
 ]
 TC_ROWS = [(5, 4096, 6144, dict(TC, SPLIT_K=8, PDL=2)), (16, 4096, 6144, dict(TC, NT=2, SPLIT_K=8, PDL=2)),
@@ -425,14 +427,17 @@ def tc_of(a: tuple):
 
 
 def tc_candidates(n: int, k: int) -> list[dict]:
-    """`tc` (kernels/w4a16_tc.py): n-tiles per one-warp program (2: 4 KB of words in flight per program and chunk,
-    8: 240 registers by the sm_90 SASS) x split-K over groups for about 4, 8 or 16 programs per SM; PDL 2."""
+    """`tc` (kernels/w4a16_tc.py): n-tiles per one-warp program (words in flight per chunk: 4 KB at NT 2; 8: 240
+    registers by the sm_90 SASS) x split-K over groups for about 4, 8 or 16 programs per SM x one or two chunks in
+    flight (DEPTH); PDL 2."""
     groups, sms = -(-k // 128), splitk.sm_count(DEV)
     out = []
     for nt in (2, 4, 8):
         tiles = -(-n // (16 * nt))
         for sp in sorted({splitk.split_for(tiles, groups, sms, per, max_split=128, min_blocks=1) for per in (4, 8, 16)}):
             out.append(dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2))
+            if nt < 8:
+                out.append(dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2, DEPTH=2))
     return out
 
 

@@ -132,13 +132,15 @@ def _w4a16_tc_kernel(
     M, N, K, group_size, groups_per_split, split_k, stride_xm, stride_om, stride_nt, stride_sg, inter,
     NT: tl.constexpr, MB: tl.constexpr, ONE: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr,
     EVEN: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
+    DEPTH: tl.constexpr,
 ):
     """Program (pid_n, pid_k): NT n-tiles (GATED: NT / 2 gate tiles and the same up tiles, `inter` columns on), over
     the groups [pid_k * groups_per_split, ..) of K. x's rows are the B fragments' columns: MB fragments of 8 (lane
     4 g + h reads row 8 b + g, clamped to M - 1; ONE: M = 1, every column is row 0). Per group: fresh accumulators
     chained through the group's chunks by the PTX, then acc += s * D per column; bf16 (FOLD): D sums (128 + q) x
     and (128 + z) sum(x) comes off, sum(x) from an all-ones mma on the same x fragments. FULL: every program's
-    n-tiles exist (no masks on the words). PDL as in gemv3 (the first chunk's words are read before the wait)."""
+    n-tiles exist (no masks on the words). DEPTH: chunks of words in flight ahead of the one computed (1 or 2).
+    PDL as in gemv3 (the first chunks' words are read before the wait)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, NT)[:, None, None]
     lane = tl.arange(0, 32)[None, :, None]
@@ -167,10 +169,13 @@ def _w4a16_tc_kernel(
     else:  # lane 4 g + h's row of x in fragment b: 8 b + g (rows past M read row M - 1, whose sums are not stored)
         x2_0 = x2_ptr + tl.minimum(g, M - 1) * (stride_xm // 2)
         x2_1 = x2_ptr + tl.minimum(8 + g, M - 1) * (stride_xm // 2)
+    c0 = g_start * cpg
     if FULL:
-        nxt = tl.load(w_base + tl.minimum(g_start * cpg, c_last) * 128)
+        nxt = tl.load(w_base + tl.minimum(c0, c_last) * 128)
+        nxt2 = tl.load(w_base + tl.minimum(c0 + 1, c_last) * 128) if DEPTH == 2 else nxt
     else:
-        nxt = tl.load(w_base + tl.minimum(g_start * cpg, c_last) * 128, mask=tiles_ok, other=0)
+        nxt = tl.load(w_base + tl.minimum(c0, c_last) * 128, mask=tiles_ok, other=0)
+        nxt2 = tl.load(w_base + tl.minimum(c0 + 1, c_last) * 128, mask=tiles_ok, other=0) if DEPTH == 2 else nxt
     if PDL >= 2:
         gdc_launch_dependents()
     if PDL >= 1:
@@ -205,10 +210,16 @@ def _w4a16_tc_kernel(
             e_1 = tl.zeros((NT, 16, 8), dtype=tl.float32)
         for c in range(grp * cpg, tl.minimum(chunks, (grp + 1) * cpg)):
             words = nxt
+            if DEPTH == 2:  # two chunks in flight
+                nxt = nxt2
             if FULL:
-                nxt = tl.load(w_base + tl.minimum(c + 1, c_last) * 128)
+                nxt_new = tl.load(w_base + tl.minimum(c + DEPTH, c_last) * 128)
             else:
-                nxt = tl.load(w_base + tl.minimum(c + 1, c_last) * 128, mask=tiles_ok, other=0)
+                nxt_new = tl.load(w_base + tl.minimum(c + DEPTH, c_last) * 128, mask=tiles_ok, other=0)
+            if DEPTH == 2:
+                nxt2 = nxt_new
+            else:
+                nxt = nxt_new
             if ASM:
                 xa_0 = _x_tile(x2_0, c, hq, K, EVEN)
                 xb_0 = _x_tile(x2_0 + 4, c, hq, K - 8, EVEN)
@@ -310,8 +321,8 @@ def usable(x: torch.Tensor, group_size: int, k: int, perm, gated: bool, n: int) 
 
 def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
     """x [M, K] (M <= MAX_M) -> [M, N] (gated, M = 1: silu(gate) * up [1, N / 2]) from pack_tc's `qtc`. cfg: NT
-    (n-tiles per program, default 4; even when gated), num_warps (default 1), SPLIT_K (default: about 8 programs
-    per SM), maxnreg."""
+    (n-tiles per program, default 4; even when gated), DEPTH (chunks in flight, default 1), num_warps (default 1),
+    SPLIT_K (default: about 8 programs per SM), maxnreg."""
     cfg = dict(cfg)
     m, k = x.shape
     n = scales.shape[1]
@@ -336,8 +347,9 @@ def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
     args = (x, qtc, scales, zeros, out, ws, cnt, m, n, k, group, per, split, x.stride(0), out.stride(0),
             qtc.stride(0), scales.stride(0), inter)
     full = (inter % (8 * nt) == 0) if gated else (n % (16 * nt) == 0)
-    consts = dict(cfg, NT=nt, MB=mb, ONE=m == 1, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, EVEN=k % 64 == 0,
-                  FULL=full, SPLIT=split > 1, PDL=pdl, GATED=gated)
+    depth = cfg.pop("DEPTH", 1)
+    consts = dict(cfg, NT=nt, MB=mb, ONE=m == 1, DEPTH=depth, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda,
+                  EVEN=k % 64 == 0, FULL=full, SPLIT=split > 1, PDL=pdl, GATED=gated)
     consts.setdefault("num_warps", 1)
     if pdl:
         consts["launch_pdl"] = True

@@ -290,14 +290,14 @@ TC = dict(KERNEL="tc", NT=4)
                                                              (11, 256, 64, 128, torch.float16, 4, 2)])
 def test_w4a16_tc_matches_float64(m, k, n, group, dtype, nt, split):
     """`tc` (kernels/w4a16_tc.py) on pack_tc's layout: 1 to 16 rows of x (one or two B fragments), groups of 64 and
-    128, one group over a K that is not a multiple of 64, odd N (tiles past N), split-K over groups, fp16 and bf16;
-    gated too. The interpreter runs the PTX's stand-in (the words read back through the layout, float32 sums);
+    128, one group over a K that is not a multiple of 64, odd N (tiles past N), split-K over groups, fp16 and bf16,
+    one or two chunks in flight; gated too. The interpreter runs the PTX's stand-in (the words read back through the layout, float32 sums);
     bench/w4a16.py checks the mma PTX on the GPU."""
     from kernels.w4a16_tc import pack_tc
 
     args, ref = case(m, k, n, group, False, dtype, seed=7 * k + n)
     qtc = pack_tc(unpack_int4(args[1], k))
-    cfg = dict(TC, NT=nt, SPLIT_K=split)
+    cfg = dict(TC, NT=nt, SPLIT_K=split, DEPTH=2 if k % 128 else 1)  # DEPTH 2: two chunks of words in flight
     out = w4a16(*args, config=cfg, qtc=qtc)
     close(out, ref, dtype)
     assert_workspace_zero()
