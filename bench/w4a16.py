@@ -137,8 +137,9 @@ TC_CASES = [
     (1024, 2 * 1008, 128, dict(TC, NT=2, SPLIT_K=3), True),  # inter 1008: the last strip half past it
 ]
 TC_ROWS = [(5, 4096, 6144, dict(TC, SPLIT_K=8, PDL=2)), (16, 4096, 6144, dict(TC, NT=2, SPLIT_K=8, PDL=2)),
-           (16, 14336, 4096, dict(TC, NT=2, SPLIT_K=56)), (12, 1000, 600, dict(TC, NT=2, SPLIT_K=5))]
-"""(M, K, N, config): tc with several rows of x (one or two B fragments of 8), group 128 (64 for K = 1000)."""
+           (16, 14336, 4096, dict(TC, NT=2, SPLIT_K=56)), (12, 1000, 600, dict(TC, NT=2, SPLIT_K=5)),
+           (64, 4096, 28672, dict(TC, NT=1, SPLIT_K=2, PDL=2)), (40, 14336, 4096, dict(TC, NT=2, SPLIT_K=16))]
+"""(M, K, N, config): tc with several rows of x (1 to 8 B fragments of 8), group 128 (64 for K = 1000)."""
 
 
 def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
@@ -177,9 +178,9 @@ def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
 
 
 def sweep_m16(start: float, budget: float, m: int = 16) -> dict:
-    """At M = 16 (the crossover's first batch) per 8B GEMM: bf16, the committed config (the tensor-core `mma`
-    kernel) and `tc` (two B fragments) for NT 2 / 4 x split-K; a tc winner that passes its check goes into TUNED
-    for M 2..16 (the engine's decode at those batches)."""
+    """At M = m (16 or 64: the crossover's batches) per 8B GEMM: bf16, the committed config (the tensor-core `mma`
+    kernel) and `tc` (m / 8 B fragments) for two NT x split-K; a tc winner that passes its check goes into TUNED for
+    m's bucket (the engine's decode at M 2..16 or 17..64)."""
     g = torch.Generator(device=DEV).manual_seed(3)
     rows, failures = [], []
     for name, (k, n) in SHAPES.items():
@@ -194,7 +195,7 @@ def sweep_m16(start: float, budget: float, m: int = 16) -> dict:
         groups, sms = k // 128, splitk.sm_count(DEV)
         cands = [None] + [dict(KERNEL="tc", NT=nt, SPLIT_K=splitk.split_for(-(-n // (16 * nt)), groups, sms, per,
                                                                                max_split=128, min_blocks=1), PDL=2)
-                          for nt in (2, 4) for per in (4, 8)]
+                          for nt in ((2, 4) if m <= 16 else (1, 2)) for per in (4, 8)]
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=q4[0][3]) for c in cands])
         row = {"shape": name, "M": m, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf]), "w4a16": []}
         for cfg in cands:
@@ -875,10 +876,11 @@ def main() -> int:
             print_sweep(got)
             result["applied"] = q.attempt(lambda: apply_winners(got))
         if "tc" in args.sweep_kernels:
-            got16 = q.attempt(lambda: sweep_m16(start, args.budget * (args.sweep_share + 0.1)))
-            result["sweep_m16"] = got16 if not isinstance(got16, Exception) else repr(got16)
-            if isinstance(got16, dict):
-                failures += got16["failures"]
+            for m, share in ((16, 0.08), (64, 0.16)):
+                got16 = q.attempt(lambda: sweep_m16(start, args.budget * (args.sweep_share + share), m))
+                result[f"sweep_m{m}"] = got16 if not isinstance(got16, Exception) else repr(got16)
+                if isinstance(got16, dict):
+                    failures += got16["failures"]
         print(f"sweep done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))

@@ -32,29 +32,23 @@ from kernels.splitk import splitk_store
 from kernels.w4a16_stream import strip_done
 
 
-def _mma_asm(dtype: str, magic: int, sub: bool, mb: int = 1) -> str:
-    """PTX for 4 words (4 k-tiles) times `mb` B fragments (8 rows of x each), each chained into its accumulator.
-    Operands: outputs 4 per fragment; inputs the 4 words, then per fragment 4 x pairs at inputs 2h, 2h + 1 and 4 at
-    2h + 8, 2h + 9 of each k-tile, then the pairs magic + z of rows g and g + 8 (4 each; taken off when `sub`, else
-    the kernel takes (magic + z) sum(x) off per group), then the 4 accumulators in per fragment."""
-    w0 = 4 * mb
-    xa = [w0 + 4 + 8 * b for b in range(mb)]
-    zg = w0 + 4 + 8 * mb
-    acc_in = [zg + 8 + 4 * b for b in range(mb)]
+def _mma_asm(dtype: str, magic: int, sub: bool) -> str:
+    """PTX for 4 words (4 k-tiles), chained into one accumulator: operands $0..$3 out, $4..$7 words, $8..$11 and
+    $12..$15 x pairs (inputs 2h, 2h + 1 and 2h + 8, 2h + 9 of each k-tile), $16 and $20 the pairs magic + z of rows g
+    and g + 8 (taken off when `sub`; else the kernel takes (magic + z) sum(x) off per group), $24..$27 the
+    accumulator in."""
     lines = ["{", ".reg .b32 t_a<4>;", ".reg .b32 t_s<3>;"]
     for j in range(4):
-        w = f"${w0 + j}"
+        w = f"${4 + j}"
         lines += [f"shr.u32 t_s0, {w}, 4;", f"shr.u32 t_s1, {w}, 8;", f"shr.u32 t_s2, {w}, 12;",
                   f"lop3.b32 t_a0, {w}, 0x000f000f, {magic:#x}, 0xea;"]
         lines += [f"lop3.b32 t_a{i}, t_s{i - 1}, 0x000f000f, {magic:#x}, 0xea;" for i in (1, 2, 3)]
         if sub:
-            lines += [f"sub.rn.{dtype}x2 t_a0, t_a0, ${zg};", f"sub.rn.{dtype}x2 t_a1, t_a1, ${zg + 4};",
-                      f"sub.rn.{dtype}x2 t_a2, t_a2, ${zg};", f"sub.rn.{dtype}x2 t_a3, t_a3, ${zg + 4};"]
-        for b in range(mb):
-            out = ", ".join(f"${4 * b + i}" for i in range(4))
-            acc = ", ".join(f"${acc_in[b] + i}" for i in range(4)) if j == 0 else out
-            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32 {{{out}}}, "
-                         f"{{t_a0, t_a1, t_a2, t_a3}}, {{${xa[b] + j}, ${xa[b] + 4 + j}}}, {{{acc}}};")
+            lines += [f"sub.rn.{dtype}x2 t_a0, t_a0, $16;", f"sub.rn.{dtype}x2 t_a1, t_a1, $20;",
+                      f"sub.rn.{dtype}x2 t_a2, t_a2, $16;", f"sub.rn.{dtype}x2 t_a3, t_a3, $20;"]
+        acc = "{$24, $25, $26, $27}" if j == 0 else "{$0, $1, $2, $3}"
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32 {{$0, $1, $2, $3}}, "
+                     f"{{t_a0, t_a1, t_a2, t_a3}}, {{${8 + j}, ${12 + j}}}, {acc};")
     lines.append("}")
     return "\n".join(lines)
 
@@ -74,21 +68,18 @@ def _ones_asm(dtype: str, one: int) -> str:
 MAGIC = {"bf16": 0x43004300, "f16": 0x64006400}
 """The exponent bits of 128 (bf16) or 1024 (f16) in both halves; a nibble in the low mantissa bits reads as that + q."""
 _ASM_BF16 = tl.constexpr(_mma_asm("bf16", MAGIC["bf16"], False))  # FOLD: 128 + q, (128 + z) sum(x) off per group
+_ASM_BF16_SUB = tl.constexpr(_mma_asm("bf16", MAGIC["bf16"], True))  # q - z in the fragment: several rows of x
 _ASM_F16 = tl.constexpr(_mma_asm("f16", MAGIC["f16"], True))  # 1024 + q would cost float32 precision: q - z
-_ASM2_BF16 = tl.constexpr(_mma_asm("bf16", MAGIC["bf16"], False, 2))
-_ASM2_F16 = tl.constexpr(_mma_asm("f16", MAGIC["f16"], True, 2))
 _ONES_BF16 = tl.constexpr(_ones_asm("bf16", 0x3F803F80))
 _CONS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
-_CONS2 = tl.constexpr(",".join(["=r"] * 8) + "," + ",".join(["r"] * 36))
 _CONS_ONES = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 12))
-_ZBASE_F16 = tl.constexpr(0x6400)
 
 
 @triton.jit
-def _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, b: tl.constexpr, NT: tl.constexpr):
-    """The interpreter's stand-in for the PTX on chunk c: D [NT, 16, 8] float32, columns 16 tile + row by the 8 rows
-    8 b .. of x, from the words read back through pack_tc's layout (row = g + 8 odd, input 16 kt + 8 hi + 2 h + lo
-    is nibble odd + 2 hi + 4 lo of lane 4 g + h's word kt), (q - z) x summed in float32."""
+def _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, TOK: tl.constexpr):
+    """The interpreter's stand-in for the PTX on chunk c: D [NT, 16, TOK] float32, columns 16 tile + row by x's rows
+    0 .. TOK - 1 (clamped to M - 1), from the words read back through pack_tc's layout (row = g + 8 odd, input
+    16 kt + 8 hi + 2 h + lo is nibble odd + 2 hi + 4 lo of lane 4 g + h's word kt), (q - z) x summed in float32."""
     row = tl.arange(0, 16)[None, :, None]
     kk = tl.arange(0, 64)[None, None, :]
     kt, k16 = kk // 16, kk % 16
@@ -97,19 +88,19 @@ def _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, b: tl
     lane = 4 * (row % 8) + rem // 2
     words = tl.load(qw_ptr + tile.to(tl.int64) * stride_nt + c * 128 + lane * 4 + kt)  # [NT, 16, 64]
     a = ((words >> (4 * nib)) & 0xF) - z_rows  # z_rows [NT, 16, 1]
-    t = tl.arange(0, 8)[:, None]
+    t = tl.arange(0, TOK)[:, None]
     k = c * 64 + tl.arange(0, 64)[None, :]
-    xrow = tl.minimum(8 * b + t, M - 1)
-    xv = tl.load(x_ptr + xrow * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)  # [8, 64]
+    xv = tl.load(x_ptr + tl.minimum(t, M - 1) * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)  # [TOK, 64]
     return tl.sum(a.to(tl.float32)[:, :, None, :] * xv[None, None, :, :], axis=3)
 
 
 @triton.jit
-def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr):
-    """[1, 32, 4] int32: for lane l and k-tile j of chunk c, the pair of x at inputs 64 c + 16 j + 2 h (h = l % 4 in
-    hq [1, 32, 1]) and the next. Loaded per k-tile as [1, 32, 1] (one pair per thread, lanes across the warp) and
-    joined along the last dimension, so that each thread holds its lane's 4 pairs as the PTX needs them (one
-    [1, 32, 4] load would be laid out along its 4 contiguous lanes instead)."""
+def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr, MBP: tl.constexpr):
+    """[MBP, 1, 32, 4] int32: for fragment b (x2_ptr [MBP, 1, 32, 1] points at row 8 b + g of x as int32 pairs), lane
+    l and k-tile j of chunk c, the pair of x at inputs 64 c + 16 j + 2 h (h = l % 4 in hq [1, 32, 1]) and the next.
+    Loaded per k-tile (one pair per thread, lanes across the warp) and joined along the last dimension, so that each
+    thread holds its lane's 4 pairs as the PTX needs them (one load of [.., 32, 4] would be laid out along its 4
+    contiguous lanes instead)."""
     if EVEN:
         x0 = tl.load(x2_ptr + c * 32 + hq)
         x1 = tl.load(x2_ptr + c * 32 + 8 + hq)
@@ -120,27 +111,28 @@ def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr):
         x1 = tl.load(x2_ptr + c * 32 + 8 + hq, mask=2 * (c * 32 + 8 + hq) < K, other=0)
         x2 = tl.load(x2_ptr + c * 32 + 16 + hq, mask=2 * (c * 32 + 16 + hq) < K, other=0)
         x3 = tl.load(x2_ptr + c * 32 + 24 + hq, mask=2 * (c * 32 + 24 + hq) < K, other=0)
-    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (1, 32, 4))  # [.., q, p] = x_{2q + p}
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (MBP, 1, 32, 4))  # [.., q, p] = x_{2q + p}
 
 
 @triton.jit
 def _w4a16_tc_kernel(
-    x_ptr,  # [M, K] bf16 or fp16, M <= 8 MB, rows 4-byte aligned (read as int32 pairs)
+    x_ptr,  # [M, K] bf16 or fp16, M <= 8 MBP, rows 4-byte aligned (read as int32 pairs)
     qw_ptr,  # [ceil(N / 16), ceil(K / 64), 128] int32: pack_tc's layout
     s_ptr, z_ptr,  # [G, N] scales, uint8 zero points (same strides)
     out_ptr, ws_ptr, cnt_ptr,  # out [M, N] (GATED: [1, inter]); split-K workspace (kernels/splitk.py)
     M, N, K, group_size, groups_per_split, split_k, stride_xm, stride_om, stride_nt, stride_sg, inter,
-    NT: tl.constexpr, MB: tl.constexpr, ONE: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr,
+    NT: tl.constexpr, MBP: tl.constexpr, ONE: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr,
     EVEN: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
     DEPTH: tl.constexpr,
 ):
     """Program (pid_n, pid_k): NT n-tiles (GATED: NT / 2 gate tiles and the same up tiles, `inter` columns on), over
-    the groups [pid_k * groups_per_split, ..) of K. x's rows are the B fragments' columns: MB fragments of 8 (lane
-    4 g + h reads row 8 b + g, clamped to M - 1; ONE: M = 1, every column is row 0). Per group: fresh accumulators
-    chained through the group's chunks by the PTX, then acc += s * D per column; bf16 (FOLD): D sums (128 + q) x
-    and (128 + z) sum(x) comes off, sum(x) from an all-ones mma on the same x fragments. FULL: every program's
-    n-tiles exist (no masks on the words). DEPTH: chunks of words in flight ahead of the one computed (1 or 2).
-    PDL as in gemv3 (the first chunks' words are read before the wait)."""
+    the groups [pid_k * groups_per_split, ..) of K. x's rows are the B fragments' columns: MBP fragments of 8 (lane
+    4 g + h reads row 8 b + g, clamped to M - 1; ONE: M = 1 and every column is row 0), each an mma on the same
+    words. Per group: fresh accumulators chained through the group's chunks by the PTX, then acc += s * D per
+    column; bf16 with ONE (FOLD): D sums (128 + q) x and (128 + z) sum(x) comes off, sum(x) from an all-ones mma on
+    the same x fragments; otherwise the fragments hold q - z (exact). FULL: every program's n-tiles exist (no masks on the words). DEPTH:
+    chunks of words in flight ahead of the one computed (1 or 2). PDL as in gemv3 (the first chunks' words are read
+    before the wait)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, NT)[:, None, None]
     lane = tl.arange(0, 32)[None, :, None]
@@ -164,11 +156,10 @@ def _w4a16_tc_kernel(
     w_base = qw_ptr + tile.to(tl.int64) * stride_nt + lane * 4 + j  # [NT, 32, 4], + chunk * 128
     x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if ONE:
-        x2_0 = x2_ptr
-        x2_1 = x2_ptr
-    else:  # lane 4 g + h's row of x in fragment b: 8 b + g (rows past M read row M - 1, whose sums are not stored)
-        x2_0 = x2_ptr + tl.minimum(g, M - 1) * (stride_xm // 2)
-        x2_1 = x2_ptr + tl.minimum(8 + g, M - 1) * (stride_xm // 2)
+        x2_rows = x2_ptr + tl.zeros((MBP, 1, 32, 1), dtype=tl.int32)
+    else:  # fragment b, lane 4 g + h: row 8 b + g of x (rows past M read row M - 1, whose sums are not stored)
+        xrow = tl.minimum(8 * tl.arange(0, MBP)[:, None, None, None] + tl.expand_dims(g, 0), M - 1)
+        x2_rows = x2_ptr + xrow * (stride_xm // 2)
     c0 = g_start * cpg
     if FULL:
         nxt = tl.load(w_base + tl.minimum(c0, c_last) * 128)
@@ -181,10 +172,8 @@ def _w4a16_tc_kernel(
     if PDL >= 1:
         gdc_wait()
     acc1 = tl.zeros((NT, 32, 2), dtype=tl.float32)  # ONE: [.., 0] row g, [.., 1] row g + 8 of the lane's fragment
-    acc_0 = tl.zeros((NT, 32, 4), dtype=tl.float32)  # else fragment b's c0..c3 (rows g, g + 8; rows 2h, 2h + 1 of x)
-    acc_1 = tl.zeros((NT, 32, 4), dtype=tl.float32)
-    ref_0 = tl.zeros((NT, 16, 8), dtype=tl.float32)  # the interpreter's [tile, row, x row] sums
-    ref_1 = tl.zeros((NT, 16, 8), dtype=tl.float32)
+    acc = tl.zeros((MBP, NT, 32, 4), dtype=tl.float32)  # else each fragment's c0..c3 (rows g, g + 8; x rows 2h, 2h + 1)
+    ref = tl.zeros((NT, 16, 8 * MBP), dtype=tl.float32)  # the interpreter's [tile, row, x row] sums
     s_g_ptr, z_g_ptr = s_ptr + n_g, z_ptr + n_g
     for grp in range(g_start, g_end):
         if FULL:
@@ -197,17 +186,16 @@ def _w4a16_tc_kernel(
             sc_g8 = tl.load(s_g_ptr + grp * stride_sg + 8, mask=ok_g8, other=0.0).to(tl.float32)
             z_g = tl.load(z_g_ptr + grp * stride_sg, mask=ok_g, other=0).to(tl.int32)
             z_g8 = tl.load(z_g_ptr + grp * stride_sg + 8, mask=ok_g8, other=0).to(tl.int32)
-        zz = (_ZBASE_F16 + z_g) * 0x10001  # f16: the pairs (1024 + z, 1024 + z) of rows g, g + 8
-        zz8 = (_ZBASE_F16 + z_g8) * 0x10001
-        d_0 = tl.zeros((NT, 32, 4), dtype=tl.float32)
-        d_1 = tl.zeros((NT, 32, 4), dtype=tl.float32)
-        xs_0 = tl.zeros((1, 32, 4), dtype=tl.float32)
-        xs_1 = tl.zeros((1, 32, 4), dtype=tl.float32)
+        zbase = 0x4300 if BF16 else 0x6400
+        zz = (z_g + zbase) * 0x10001  # the pairs (128 + z, 128 + z) (bf16) or (1024 + z, ..) (f16) of rows g, g + 8
+        zz8 = (z_g8 + zbase) * 0x10001
+        zz, zz8 = tl.expand_dims(zz, 0), tl.expand_dims(zz8, 0)
+        d = tl.zeros((MBP, NT, 32, 4), dtype=tl.float32)
+        xs = tl.zeros((MBP, 1, 32, 4), dtype=tl.float32)
         if not ASM:
-            z_rows = tl.load(z_ptr + grp * stride_sg + tile * 16 + tl.arange(0, 16)[None, :, None],
-                             mask=tiles_ok & (tile * 16 + tl.arange(0, 16)[None, :, None] < N), other=0).to(tl.int32)
-            e_0 = tl.zeros((NT, 16, 8), dtype=tl.float32)
-            e_1 = tl.zeros((NT, 16, 8), dtype=tl.float32)
+            rows16 = tile * 16 + tl.arange(0, 16)[None, :, None]
+            z_rows = tl.load(z_ptr + grp * stride_sg + rows16, mask=tiles_ok & (rows16 < N), other=0).to(tl.int32)
+            e = tl.zeros((NT, 16, 8 * MBP), dtype=tl.float32)
         for c in range(grp * cpg, tl.minimum(chunks, (grp + 1) * cpg)):
             words = nxt
             if DEPTH == 2:  # two chunks in flight
@@ -221,72 +209,48 @@ def _w4a16_tc_kernel(
             else:
                 nxt = nxt_new
             if ASM:
-                xa_0 = _x_tile(x2_0, c, hq, K, EVEN)
-                xb_0 = _x_tile(x2_0 + 4, c, hq, K - 8, EVEN)
-                if MB == 1:
-                    if BF16:
-                        d_0 = tl.inline_asm_elementwise(_ASM_BF16, _CONS, [words, xa_0, xb_0, zz, zz8, d_0],
-                                                        dtype=tl.float32, is_pure=True, pack=4)
-                    else:
-                        d_0 = tl.inline_asm_elementwise(_ASM_F16, _CONS, [words, xa_0, xb_0, zz, zz8, d_0],
-                                                        dtype=tl.float32, is_pure=True, pack=4)
+                xa = _x_tile(x2_rows, c, hq, K, EVEN, MBP)
+                xb = _x_tile(x2_rows + 4, c, hq, K - 8, EVEN, MBP)
+                if BF16 and ONE:
+                    d = tl.inline_asm_elementwise(_ASM_BF16, _CONS, [tl.expand_dims(words, 0), xa, xb, zz, zz8, d],
+                                                  dtype=tl.float32, is_pure=True, pack=4)
+                    xs = tl.inline_asm_elementwise(_ONES_BF16, _CONS_ONES, [xa, xb, xs], dtype=tl.float32,
+                                                   is_pure=True, pack=4)
+                elif BF16:  # the fragments share one decode (ptxas merges the PTX blocks' equal instructions)
+                    d = tl.inline_asm_elementwise(_ASM_BF16_SUB, _CONS, [tl.expand_dims(words, 0), xa, xb, zz, zz8,
+                                                                         d],
+                                                  dtype=tl.float32, is_pure=True, pack=4)
                 else:
-                    xa_1 = _x_tile(x2_1, c, hq, K, EVEN)
-                    xb_1 = _x_tile(x2_1 + 4, c, hq, K - 8, EVEN)
-                    if BF16:
-                        d_0, d_1 = tl.inline_asm_elementwise(_ASM2_BF16, _CONS2, [words, xa_0, xb_0, xa_1, xb_1, zz,
-                                                                                  zz8, d_0, d_1],
-                                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-                    else:
-                        d_0, d_1 = tl.inline_asm_elementwise(_ASM2_F16, _CONS2, [words, xa_0, xb_0, xa_1, xb_1, zz,
-                                                                                 zz8, d_0, d_1],
-                                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-                    if BF16:
-                        xs_1 = tl.inline_asm_elementwise(_ONES_BF16, _CONS_ONES, [xa_1, xb_1, xs_1],
-                                                         dtype=tl.float32, is_pure=True, pack=4)
-                if BF16:
-                    xs_0 = tl.inline_asm_elementwise(_ONES_BF16, _CONS_ONES, [xa_0, xb_0, xs_0], dtype=tl.float32,
-                                                     is_pure=True, pack=4)
+                    d = tl.inline_asm_elementwise(_ASM_F16, _CONS, [tl.expand_dims(words, 0), xa, xb, zz, zz8, d],
+                                                  dtype=tl.float32, is_pure=True, pack=4)
             else:
-                e_0 += _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, 0, NT)
-                if MB == 2:
-                    e_1 += _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, 1, NT)
+                e += _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, 8 * MBP)
         if ASM:  # the fragment's c0, c1 are row g, c2, c3 row g + 8
-            if ONE:  # every column is row 0 of x: keep c0 and c2
-                d2 = tl.split(tl.reshape(d_0, (NT, 32, 2, 2)))[0]
+            if ONE:  # every column is row 0 of x: keep c0 and c2 of fragment 0
+                d2 = tl.split(tl.reshape(d, (NT, 32, 2, 2)))[0]
                 if BF16:
-                    xs2 = tl.split(tl.reshape(xs_0, (1, 32, 2, 2)))[0]
+                    xs2 = tl.split(tl.reshape(xs, (1, 32, 2, 2)))[0]
                     z2 = tl.reshape(tl.join(z_g, z_g8), (NT, 32, 2)).to(tl.float32) + 128.0
                     d2 -= z2 * xs2
                 acc1 += d2 * tl.reshape(tl.join(sc_g, sc_g8), (NT, 32, 2))
-            else:
-                s4 = tl.where(j < 2, sc_g, sc_g8)
-                if BF16:
-                    z4 = tl.where(j < 2, z_g, z_g8).to(tl.float32) + 128.0
-                    d_0 -= z4 * xs_0
-                    if MB == 2:
-                        d_1 -= z4 * xs_1
-                acc_0 += d_0 * s4
-                if MB == 2:
-                    acc_1 += d_1 * s4
+            else:  # q - z went into the fragments
+                acc += d * tl.expand_dims(tl.where(j < 2, sc_g, sc_g8), 0)
         else:
-            s_rows = tl.load(s_ptr + grp * stride_sg + tile * 16 + tl.arange(0, 16)[None, :, None],
-                             mask=tiles_ok & (tile * 16 + tl.arange(0, 16)[None, :, None] < N), other=0.0)
-            ref_0 += e_0 * s_rows.to(tl.float32)
-            if MB == 2:
-                ref_1 += e_1 * s_rows.to(tl.float32)
+            s_rows = tl.load(s_ptr + grp * stride_sg + rows16, mask=tiles_ok & (rows16 < N), other=0.0)
+            ref += e * s_rows.to(tl.float32)
     if ASM and ONE:  # rows g and g + 8 of each n-tile: lane h = 0's (every lane of a quad holds the same sums)
         acc4 = tl.where(tl.arange(0, 4)[None, None, :, None] == 0, tl.reshape(acc1, (NT, 8, 4, 2)), 0.0)
         a4 = tl.arange(0, 2)[None, None, None, :]
         y_lo = tl.sum(tl.sum(tl.where(a4 == 0, acc4, 0.0), axis=3), axis=2)  # [NT, 8]
         y_hi = tl.sum(tl.sum(tl.where(a4 == 1, acc4, 0.0), axis=3), axis=2)
         y = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (0, 2, 1)), (NT * 16,))  # position 16 r + 8 hi + g
-    elif ASM:  # fragment (tile, g, h, c_i): output column 16 tile + g + 8 (i // 2), x row 8 b + 2 h + i % 2
-        ref_0 = tl.reshape(tl.permute(tl.reshape(acc_0, (NT, 8, 4, 2, 2)), (0, 3, 1, 2, 4)), (NT, 16, 8))
-        ref_1 = tl.reshape(tl.permute(tl.reshape(acc_1, (NT, 8, 4, 2, 2)), (0, 3, 1, 2, 4)), (NT, 16, 8))
-    if ONE and (ASM or GATED):
-        if not ASM:
-            y = tl.reshape(tl.sum(tl.where(tl.arange(0, 8)[None, None, :] == 0, ref_0, 0.0), axis=2), (NT * 16,))
+    elif ONE:
+        y = tl.reshape(tl.sum(tl.where(tl.arange(0, 8 * MBP)[None, None, :] == 0, ref, 0.0), axis=2), (NT * 16,))
+    elif ASM:  # fragment b (tile, g, h, c_i): column 16 tile + g + 8 (i // 2), x row 8 b + 2 h + i % 2
+        y2 = tl.reshape(tl.permute(tl.reshape(acc, (MBP, NT, 8, 4, 2, 2)), (0, 3, 5, 1, 4, 2)), (8 * MBP, NT * 16))
+    else:
+        y2 = tl.reshape(tl.permute(ref, (2, 0, 1)), (8 * MBP, NT * 16))
+    if ONE:
         offs = tl.arange(0, NT * 16)
         if GATED:  # strip pid_n: gate columns pid_n * NT * 8 + .., then the same up columns (kernels/w4a16_stream.py)
             col = pid_n * (NT * 8) + offs % (NT * 8)
@@ -295,19 +259,13 @@ def _w4a16_tc_kernel(
         else:
             splitk_store(y[None, :], tl.arange(0, 1), pid_n * (NT * 16) + offs, 1, N, out_ptr, 0, 0, ws_ptr, cnt_ptr,
                          pid_n, split_k, SPLIT, True)
-    else:  # [8 x rows, NT * 16 columns] per fragment
-        offs_n = pid_n * (NT * 16) + tl.arange(0, NT * 16)
-        y0 = tl.reshape(tl.permute(ref_0, (2, 0, 1)), (8, NT * 16))
-        splitk_store(y0, tl.arange(0, 8), offs_n, M, N, out_ptr, stride_om, 0, ws_ptr, cnt_ptr, pid_n * MB, split_k,
-                     SPLIT, True)
-        if MB == 2:
-            y1 = tl.reshape(tl.permute(ref_1, (2, 0, 1)), (8, NT * 16))
-            splitk_store(y1, 8 + tl.arange(0, 8), offs_n, M, N, out_ptr, stride_om, 0, ws_ptr, cnt_ptr, pid_n * MB + 1,
-                         split_k, SPLIT, True)
+    else:
+        splitk_store(y2, tl.arange(0, 8 * MBP), pid_n * (NT * 16) + tl.arange(0, NT * 16), M, N, out_ptr, stride_om,
+                     0, ws_ptr, cnt_ptr, pid_n, split_k, SPLIT, True)
 
 
-MAX_M = 16
-"""Rows of x per call: two B fragments of 8."""
+MAX_M = 64
+"""Rows of x per call: up to 8 B fragments of 8 (each an mma on the same weights)."""
 
 
 def usable(x: torch.Tensor, group_size: int, k: int, perm, gated: bool, n: int) -> bool:
@@ -327,7 +285,7 @@ def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
     m, k = x.shape
     n = scales.shape[1]
     nt = cfg.pop("NT", 4)
-    mb = 1 if m <= 8 else 2
+    mbp = triton.next_power_of_2(-(-m // 8))
     group = min(group_size, k)
     groups = -(-k // group)
     inter = n // 2 if gated else n
@@ -342,13 +300,11 @@ def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
         ws, cnt = splitk.workspace(x.device, tiles * nt * 16)
     else:
         out, ws, cnt = splitk.outputs(x, m, n, split, True)
-        if split > 1:  # counters: one per (program column, fragment)
-            ws, cnt = splitk.workspace(x.device, max(m * n, tiles * mb))
     args = (x, qtc, scales, zeros, out, ws, cnt, m, n, k, group, per, split, x.stride(0), out.stride(0),
             qtc.stride(0), scales.stride(0), inter)
     full = (inter % (8 * nt) == 0) if gated else (n % (16 * nt) == 0)
     depth = cfg.pop("DEPTH", 1)
-    consts = dict(cfg, NT=nt, MB=mb, ONE=m == 1, DEPTH=depth, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda,
+    consts = dict(cfg, NT=nt, MBP=mbp, ONE=m == 1, DEPTH=depth, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda,
                   EVEN=k % 64 == 0, FULL=full, SPLIT=split > 1, PDL=pdl, GATED=gated)
     consts.setdefault("num_warps", 1)
     if pdl:

@@ -287,9 +287,11 @@ TC = dict(KERNEL="tc", NT=4)
                                                              (1, 320, 70, 64, torch.float16, 2, 3),
                                                              (3, 300, 48, 300, torch.bfloat16, 4, 1),
                                                              (16, 448, 40, 64, torch.bfloat16, 2, 7),
-                                                             (11, 256, 64, 128, torch.float16, 4, 2)])
+                                                             (11, 256, 64, 128, torch.float16, 4, 2),
+                                                             (64, 256, 40, 128, torch.bfloat16, 1, 2),
+                                                             (37, 128, 32, 64, torch.bfloat16, 2, 1)])
 def test_w4a16_tc_matches_float64(m, k, n, group, dtype, nt, split):
-    """`tc` (kernels/w4a16_tc.py) on pack_tc's layout: 1 to 16 rows of x (one or two B fragments), groups of 64 and
+    """`tc` (kernels/w4a16_tc.py) on pack_tc's layout: 1 to 64 rows of x (1 to 8 B fragments), groups of 64 and
     128, one group over a K that is not a multiple of 64, odd N (tiles past N), split-K over groups, fp16 and bf16,
     one or two chunks in flight; gated too. The interpreter runs the PTX's stand-in (the words read back through the layout, float32 sums);
     bench/w4a16.py checks the mma PTX on the GPU."""
