@@ -193,9 +193,10 @@ def sweep_m16(start: float, budget: float, m: int = 16) -> dict:
         w4.reserve_workspace(DEV, n)
         x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
         groups, sms = k // 128, splitk.sm_count(DEV)
-        cands = [None] + [dict(KERNEL="tc", NT=nt, SPLIT_K=splitk.split_for(-(-n // (16 * nt)), groups, sms, per,
-                                                                               max_split=128, min_blocks=1), PDL=2)
-                          for nt in ((2, 4) if m <= 16 else (1, 2)) for per in (4, 8)]
+        cands = [None, w4.pick_config(m, n, k, 128, DEV, tuned=False)]  # as committed; the rules' mma kernel
+        cands += [dict(KERNEL="tc", NT=nt, SPLIT_K=splitk.split_for(-(-n // (16 * nt)), groups, sms, per, max_split=128,
+                                                                     min_blocks=1), PDL=2, DEPTH=depth)
+                  for nt in ((2, 4) if m <= 16 else (1, 2)) for per in (8, 16) for depth in (1, 2)]
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=q4[0][3]) for c in cands])
         row = {"shape": name, "M": m, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf]), "w4a16": []}
         for cfg in cands:
@@ -406,19 +407,35 @@ def gemv4_fold_candidates() -> list[dict]:
             for fold, regs in ((False, 128), (True, 128), (True, 96))]
 
 
+R4_M1 = {
+    (1, 6144, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'XPAIR': True,
+                      'SPLIT_K': 32, 'PDL': 2, 'FOLD': False},
+    (1, 4096, 4096): {'KERNEL': 'gemv4', 'T': 8, 'BLOCK_N': 128, 'num_warps': 1, 'num_stages': 1, 'XPAIR': True,
+                      'PER_SM': 20, 'PDL': 2, 'FOLD': True, 'maxnreg': 128},
+    (1, 28672, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'XPAIR': True,
+                       'SPLIT_K': 16, 'PDL': 2, 'FOLD': True},
+    (1, 4096, 14336): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'XPAIR': False,
+                       'SPLIT_K': 112, 'maxnreg': 128, 'PDL': 2, 'FOLD': True},
+}
+"""The float32 (FOLD) configs TUNED held before H2 (round 4 of the last session): swept beside H2 for reference."""
+
+
 def h2_candidates(n: int, k: int) -> list[dict]:
-    """H2 (kernels/w4a16_half2.py) in gemv3 (the committed split-K) and gemv4 (12 programs per SM), two words per
-    PTX block, in three tile shapes (T rows by 4 or 8 columns per thread: x's conversion is shared by a thread's
-    columns); and one gemv3 with a word per block (H2 1)."""
+    """H2 (kernels/w4a16_half2.py), two words per PTX block, around round 1's winners: gemv3 in five tile shapes (T rows
+    by 4 or 8 columns per thread, 1 to 4 warps) x split-K halved, as committed and doubled; gemv4 in three shapes x
+    8, 12 or 16 programs per SM; the round-4 float32 config of the shape for reference."""
     base = COMMITTED.get((1, n, k))
     sp0 = base.get("SPLIT_K", 16) if base and base.get("KERNEL") == "gemv3" else 16
+    blocks = -(-k // 128)
     out = []
-    # (T, BLOCK_N, warps): by Triton 3.6's sm_90 SASS of gemv3 with H2 2, 2.6-3.0 instructions per weight in the loop
-    # (FOLD: 3.85), 96 registers at (8, 256, 2), ~168 at (16, 256, 2) and (4, 512, 2)
-    for t, bn, warps in ((8, 256, 2), (4, 512, 2), (16, 256, 2)):
-        out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp0, PDL=2, H2=2))
-        out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=12, PDL=2, H2=2))
-    out.append(dict(G3, T=8, BLOCK_N=256, num_warps=2, SPLIT_K=sp0, PDL=2, H2=1))  # one word per PTX block
+    for t, bn, warps in ((8, 256, 2), (16, 256, 2), (8, 512, 4), (16, 512, 4), (16, 128, 1)):
+        for sp in sorted({max(1, sp0 // 2), sp0, min(blocks, 2 * sp0)}):
+            out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2))
+    for t, bn, warps in ((16, 256, 2), (8, 256, 2), (16, 512, 4)):
+        for per_sm in (8, 12, 16):
+            out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2, H2=2))
+    if (1, n, k) in R4_M1:
+        out.append(dict(R4_M1[(1, n, k)]))
     return out
 
 
@@ -428,17 +445,15 @@ def tc_of(a: tuple):
 
 
 def tc_candidates(n: int, k: int) -> list[dict]:
-    """`tc` (kernels/w4a16_tc.py): n-tiles per one-warp program (words in flight per chunk: 4 KB at NT 2; 8: 240
-    registers by the sm_90 SASS) x split-K over groups for about 4, 8 or 16 programs per SM x one or two chunks in
-    flight (DEPTH); PDL 2."""
+    """`tc` (kernels/w4a16_tc.py): 2 or 4 n-tiles per one-warp program x split-K over groups for about 8, 16 or 32
+    programs per SM (round 1: the more programs the faster) x one or two chunks in flight (DEPTH); PDL 2."""
     groups, sms = -(-k // 128), splitk.sm_count(DEV)
     out = []
-    for nt in (2, 4, 8):
+    for nt in (2, 4):
         tiles = -(-n // (16 * nt))
-        for sp in sorted({splitk.split_for(tiles, groups, sms, per, max_split=128, min_blocks=1) for per in (4, 8, 16)}):
-            out.append(dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2))
-            if nt < 8:
-                out.append(dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2, DEPTH=2))
+        for sp in sorted({splitk.split_for(tiles, groups, sms, per, max_split=128, min_blocks=1) for per in (8, 16, 32)}):
+            for depth in (1, 2):
+                out.append(dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2, DEPTH=depth))
     return out
 
 
