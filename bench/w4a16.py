@@ -126,6 +126,8 @@ TC_CASES = [
     (4096, 6144, 128, dict(TC, NT=2, SPLIT_K=32, PDL=2), False),
     (4096, 6144, 128, dict(TC, NT=8, SPLIT_K=4, PDL=1), False),
     (4096, 6144, 128, dict(TC, SPLIT_K=16, PDL=2, DEPTH=2), False),
+    (14336, 4096, 128, dict(TC, NT=2, SPLIT_K=32, PDL=2, DEPTH=4), False),
+    (1000, 600, 64, dict(TC, NT=2, SPLIT_K=3, DEPTH=3), False),
     (14336, 4096, 128, dict(TC, SPLIT_K=112, PDL=2), False),
     (4224, 520, 128, dict(TC, NT=2, SPLIT_K=3), False),  # odd N (tiles past N), 33 groups
     (1000, 600, 64, dict(TC, SPLIT_K=5), False),  # K not a multiple of 64, groups of 64
@@ -196,7 +198,7 @@ def sweep_m16(start: float, budget: float, m: int = 16) -> dict:
         cands = [None, w4.pick_config(m, n, k, 128, DEV, tuned=False)]  # as committed; the rules' mma kernel
         cands += [dict(KERNEL="tc", NT=nt, SPLIT_K=splitk.split_for(-(-n // (16 * nt)), groups, sms, per, max_split=128,
                                                                      min_blocks=1), PDL=2, DEPTH=depth)
-                  for nt in ((2, 4) if m <= 16 else (1, 2)) for per in (8, 16) for depth in (1, 2)]
+                  for nt in ((2, 4) if m <= 16 else (1, 2)) for per in (8, 16) for depth in (1, 4)]
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=q4[0][3]) for c in cands])
         row = {"shape": name, "M": m, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf]), "w4a16": []}
         for cfg in cands:
@@ -446,14 +448,17 @@ def tc_of(a: tuple):
 
 def tc_candidates(n: int, k: int) -> list[dict]:
     """`tc` (kernels/w4a16_tc.py): 2 or 4 n-tiles per one-warp program x split-K over groups for about 8, 16 or 32
-    programs per SM (round 1: the more programs the faster) x one or two chunks in flight (DEPTH); PDL 2."""
+    programs per SM (round 1: the more programs the faster) x 1, 2 or 4 chunks in flight (DEPTH); PDL 2."""
     groups, sms = -(-k // 128), splitk.sm_count(DEV)
     out = []
     for nt in (2, 4):
         tiles = -(-n // (16 * nt))
-        for sp in sorted({splitk.split_for(tiles, groups, sms, per, max_split=128, min_blocks=1) for per in (8, 16, 32)}):
-            for depth in (1, 2):
-                out.append(dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2, DEPTH=depth))
+        for per in (8, 16, 32):
+            sp = splitk.split_for(tiles, groups, sms, per, max_split=128, min_blocks=1)
+            for depth in ((1, 2, 4) if per == 16 else (2, 4)):
+                cfg = dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2, DEPTH=depth)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 

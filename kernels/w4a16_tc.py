@@ -115,6 +115,14 @@ def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr, MBP: tl.constexpr):
 
 
 @triton.jit
+def _words(w_base, c, c_last, tiles_ok, FULL: tl.constexpr):
+    """The [NT, 32, 4] words of chunk c (clamped to the split's last chunk: a read past it is in bounds, unused)."""
+    if FULL:
+        return tl.load(w_base + tl.minimum(c, c_last) * 128)
+    return tl.load(w_base + tl.minimum(c, c_last) * 128, mask=tiles_ok, other=0)
+
+
+@triton.jit
 def _w4a16_tc_kernel(
     x_ptr,  # [M, K] bf16 or fp16, M <= 8 MBP, rows 4-byte aligned (read as int32 pairs)
     qw_ptr,  # [ceil(N / 16), ceil(K / 64), 128] int32: pack_tc's layout
@@ -130,9 +138,9 @@ def _w4a16_tc_kernel(
     4 g + h reads row 8 b + g, clamped to M - 1; ONE: M = 1 and every column is row 0), each an mma on the same
     words. Per group: fresh accumulators chained through the group's chunks by the PTX, then acc += s * D per
     column; bf16 with ONE (FOLD): D sums (128 + q) x and (128 + z) sum(x) comes off, sum(x) from an all-ones mma on
-    the same x fragments; otherwise the fragments hold q - z (exact). FULL: every program's n-tiles exist (no masks on the words). DEPTH:
-    chunks of words in flight ahead of the one computed (1 or 2). PDL as in gemv3 (the first chunks' words are read
-    before the wait)."""
+    the same x fragments; otherwise the fragments hold q - z (exact). FULL: every program's n-tiles exist (no masks
+    on the words). DEPTH: chunks of words in flight ahead of the one computed (1 to 4). PDL as in gemv3 (the first
+    chunks' words are read before the wait)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, NT)[:, None, None]
     lane = tl.arange(0, 32)[None, :, None]
@@ -161,12 +169,10 @@ def _w4a16_tc_kernel(
         xrow = tl.minimum(8 * tl.arange(0, MBP)[:, None, None, None] + tl.expand_dims(g, 0), M - 1)
         x2_rows = x2_ptr + xrow * (stride_xm // 2)
     c0 = g_start * cpg
-    if FULL:
-        nxt = tl.load(w_base + tl.minimum(c0, c_last) * 128)
-        nxt2 = tl.load(w_base + tl.minimum(c0 + 1, c_last) * 128) if DEPTH == 2 else nxt
-    else:
-        nxt = tl.load(w_base + tl.minimum(c0, c_last) * 128, mask=tiles_ok, other=0)
-        nxt2 = tl.load(w_base + tl.minimum(c0 + 1, c_last) * 128, mask=tiles_ok, other=0) if DEPTH == 2 else nxt
+    nxt = _words(w_base, c0, c_last, tiles_ok, FULL)  # a ring of DEPTH chunks in flight: nxt, nxt2, nxt3, nxt4
+    nxt2 = _words(w_base, c0 + 1, c_last, tiles_ok, FULL) if DEPTH >= 2 else nxt
+    nxt3 = _words(w_base, c0 + 2, c_last, tiles_ok, FULL) if DEPTH >= 3 else nxt
+    nxt4 = _words(w_base, c0 + 3, c_last, tiles_ok, FULL) if DEPTH >= 4 else nxt
     if PDL >= 2:
         gdc_launch_dependents()
     if PDL >= 1:
@@ -198,16 +204,15 @@ def _w4a16_tc_kernel(
             e = tl.zeros((NT, 16, 8 * MBP), dtype=tl.float32)
         for c in range(grp * cpg, tl.minimum(chunks, (grp + 1) * cpg)):
             words = nxt
-            if DEPTH == 2:  # two chunks in flight
-                nxt = nxt2
-            if FULL:
-                nxt_new = tl.load(w_base + tl.minimum(c + DEPTH, c_last) * 128)
-            else:
-                nxt_new = tl.load(w_base + tl.minimum(c + DEPTH, c_last) * 128, mask=tiles_ok, other=0)
-            if DEPTH == 2:
-                nxt2 = nxt_new
-            else:
+            nxt_new = _words(w_base, c + DEPTH, c_last, tiles_ok, FULL)
+            if DEPTH == 1:
                 nxt = nxt_new
+            elif DEPTH == 2:
+                nxt, nxt2 = nxt2, nxt_new
+            elif DEPTH == 3:
+                nxt, nxt2, nxt3 = nxt2, nxt3, nxt_new
+            else:
+                nxt, nxt2, nxt3, nxt4 = nxt2, nxt3, nxt4, nxt_new
             if ASM:
                 xa = _x_tile(x2_rows, c, hq, K, EVEN, MBP)
                 xb = _x_tile(x2_rows + 4, c, hq, K - 8, EVEN, MBP)
@@ -279,8 +284,8 @@ def usable(x: torch.Tensor, group_size: int, k: int, perm, gated: bool, n: int) 
 
 def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
     """x [M, K] (M <= MAX_M) -> [M, N] (gated, M = 1: silu(gate) * up [1, N / 2]) from pack_tc's `qtc`. cfg: NT
-    (n-tiles per program, default 4; even when gated), DEPTH (chunks in flight, default 1), num_warps (default 1),
-    SPLIT_K (default: about 8 programs per SM), maxnreg."""
+    (n-tiles per program, default 4; even when gated), DEPTH (chunks in flight, 1 to 4, default 1), num_warps
+    (default 1), SPLIT_K (default: about 8 programs per SM), maxnreg."""
     cfg = dict(cfg)
     m, k = x.shape
     n = scales.shape[1]

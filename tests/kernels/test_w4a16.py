@@ -299,7 +299,7 @@ def test_w4a16_tc_matches_float64(m, k, n, group, dtype, nt, split):
 
     args, ref = case(m, k, n, group, False, dtype, seed=7 * k + n)
     qtc = pack_tc(unpack_int4(args[1], k))
-    cfg = dict(TC, NT=nt, SPLIT_K=split, DEPTH=2 if k % 128 else 1)  # DEPTH 2: two chunks of words in flight
+    cfg = dict(TC, NT=nt, SPLIT_K=split, DEPTH=m % 4 + 1)  # DEPTH: chunks of words in flight
     out = w4a16(*args, config=cfg, qtc=qtc)
     close(out, ref, dtype)
     assert_workspace_zero()
