@@ -423,19 +423,18 @@ R4_M1 = {
 
 
 def h2_candidates(n: int, k: int) -> list[dict]:
-    """H2 (kernels/w4a16_half2.py), two words per PTX block, around round 1's winners: gemv3 in five tile shapes (T rows
-    by 4 or 8 columns per thread, 1 to 4 warps) x split-K halved, as committed and doubled; gemv4 in three shapes x
-    8, 12 or 16 programs per SM; the round-4 float32 config of the shape for reference."""
+    """H2 (kernels/w4a16_half2.py), two words per PTX block, around round 1's winners: gemv3 with 8 or 16 words by 256
+    columns on 2 warps x split-K halved, as committed and doubled, and by 512 columns on 4 warps; gemv4 (256 columns, 2
+    warps) with 8 to 16 programs per SM; the round-4 float32 config of the shape for reference."""
     base = COMMITTED.get((1, n, k))
     sp0 = base.get("SPLIT_K", 16) if base and base.get("KERNEL") == "gemv3" else 16
     blocks = -(-k // 128)
     out = []
-    for t, bn, warps in ((8, 256, 2), (16, 256, 2), (8, 512, 4), (16, 512, 4), (16, 128, 1)):
-        for sp in sorted({max(1, sp0 // 2), sp0, min(blocks, 2 * sp0)}):
+    for t, bn, warps in ((8, 256, 2), (16, 256, 2), (8, 512, 4), (16, 512, 4)):
+        for sp in sorted({max(1, sp0 // 2), sp0, min(blocks, 2 * sp0)}) if warps == 2 else (sp0,):
             out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2))
-    for t, bn, warps in ((16, 256, 2), (8, 256, 2), (16, 512, 4)):
-        for per_sm in (8, 12, 16):
-            out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2, H2=2))
+    for t, per_sm in ((16, 8), (16, 12), (16, 16), (8, 12)):
+        out.append(dict(G4, T=t, BLOCK_N=256, num_warps=2, PER_SM=per_sm, PDL=2, H2=2))
     if (1, n, k) in R4_M1:
         out.append(dict(R4_M1[(1, n, k)]))
     return out
