@@ -252,6 +252,14 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
             err = q.err_of(q.attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check=cfg["KERNEL"], shape=label, M=1, config=cfg,
                  rel_err=err)
+    if "h2" in kernels:  # float16 range: activations in the thousands, one at 30,000 (kernels/w4a16_half2.py)
+        qw, s, z, _, w = q.int4_case(4096, 6144, 128, False, g)
+        x = (torch.randn(1, 4096, generator=g, device=DEV) * 2000).to(DTYPE)
+        x[0, 17] = 30000.0
+        for cfg in (dict(G3, H2=2, BLOCK_N=256, num_warps=2, SPLIT_K=16), dict(G4, H2=2, T=16, BLOCK_N=256, num_warps=2)):
+            err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=cfg)), x.float() @ w)
+            q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2_large_x", shape="4096x6144", M=1,
+                     config=cfg, rel_err=err)
     rows += chain_checks(failures, g, kernels=kernels)
     if "tc" in kernels:
         rows += tc_checks(failures, g)
