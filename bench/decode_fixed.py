@@ -132,7 +132,12 @@ def precompile_attention(trials, hq, hkv, d) -> None:
           + (f"; errors: {errors[:3]}" if errors else ""), flush=True)
 
 
-def attention_part(cfg, ceil, device, dtype, quick: bool) -> list[dict]:
+LAUNCHES = [dict(TILE_N=64, num_warps=4, num_stages=2), dict(TILE_N=64, num_warps=8, num_stages=2),
+            dict(TILE_N=64, num_warps=4, num_stages=5)]
+"""--attn-batches: the three launches _decode_config picks by program count (the first was the only one before)."""
+
+
+def attention_part(cfg, ceil, device, dtype, quick: bool, batches=None) -> list[dict]:
     import kernels.paged_decode as pd
 
     hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -145,6 +150,12 @@ def attention_part(cfg, ceil, device, dtype, quick: bool) -> list[dict]:
     spread = lambda n, lo, hi: [int(x) for x in np.linspace(lo, hi, n).round()]  # noqa: E731
     cases = [("256 equal 384", [CTX] * SEQS, fixed), ("256 spread 257..511", spread(SEQS, 257, 511), fixed),
              ("32 spread 500..1000", spread(32, 500, 1000), chat), ("96 spread 325..650", spread(96, 325, 650), chat)]
+    if batches:  # each batch at the split the chat's decode graphs (max_model_len 2,064) would launch
+        cases = []
+        for b in batches:
+            split = pd.choose_num_splits(b, hkv, 2064, pd.num_sms(device))
+            lens = [CTX] * b if b == SEQS else spread(b, 325, 650)
+            cases.append((f"{b} {'equal 384' if b == SEQS else 'spread 325..650'}", lens, [(c, split) for c in LAUNCHES]))
     if quick:
         cases = [("4 equal 40", [40] * 4, fixed), ("4 spread", [17, 40, 33, 5], fixed)]
     copy = ceil["copy_GBps"]
@@ -182,7 +193,7 @@ def attention_part(cfg, ceil, device, dtype, quick: bool) -> list[dict]:
                 print(f"  {label}: {name}: {type(e).__name__} {str(e)[:120]}", flush=True)
                 rows.append(dict(config=name, ok=False, error=str(e)[:200]))
         good = [r for r in rows if r["ok"]]
-        base = good[0] if good and good[0]["config"] == rows[0]["config"] else None
+        base = good[0] if good and good[0]["config"] == rows[0]["config"] else None  # the first trial
         best = max(good, key=lambda r: r["GBps"]) if good else None
         print(f"  {label}: torch gather {gather:.0f} GB/s ({gather / copy:.0%}); default "
               f"{base['GBps'] if base else float('nan'):.0f} ({(base['GBps'] if base else 0) / copy:.0%}, "
@@ -413,6 +424,9 @@ def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, var
                 pdl.EARLY = v["early"]
             if "table" in v:
                 dd.TABLE.update(v["table"])
+            if "table_only" in v:
+                dd.TABLE.clear()
+                dd.TABLE.update(v["table_only"])
             if v.get("lt"):
                 name = dd._device_name(inputs.input_ids)
                 for n, k in dims:
@@ -555,22 +569,103 @@ def engine_steps(llm, graph_ms: float, steps: int = 16) -> dict:
             "outside_layers": small[:20], "kernels": rows[:40]}
 
 
-def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, checkpoint, winners_32=()) -> dict:
-    """Sections 4 and 5 into `res` (checkpoint() saves what is there so far); later parts skipped past --budget."""
+OLD_TABLE = {("NVIDIA H200", 4096, 4096): ((16, None), (192, "cublaslt")),
+             ("NVIDIA H200", 4096, 14336): ((16, None), (192, "cublaslt"))}
+"""dense_dispatch.TABLE before round 1's gate_up and LM-head entries."""
+
+
+def smi() -> str:
+    """SM and memory clocks (MHz), power (W) and temperature, read with nvidia-smi (read-only)."""
+    import subprocess
+
+    try:
+        q = "clocks.sm,clocks.mem,power.draw,temperature.gpu"
+        return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except Exception as e:  # no nvidia-smi: said
+        return f"nvidia-smi: {type(e).__name__}"
+
+
+def sustained(runner, inputs, label: str, n: int = 40) -> dict:
+    """n graph replays back to back (as the engine's decode steps run) against one after an idle GPU: does the
+    step slow down as the GPU stays busy (clocks under its power limit)?"""
+    single = device_ms(runner, inputs, 3)
+    torch.cuda.synchronize()
+    time.sleep(0.5)
+    before = smi()
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in evs:
+        a.record()
+        runner.execute(inputs)
+        b.record()
+    during = smi()
+    torch.cuda.synchronize()
+    after = smi()
+    t = [a.elapsed_time(b) for a, b in evs]
+    out = {"single_ms": single, "first5_ms": float(np.mean(t[:5])), "last5_ms": float(np.mean(t[-5:])),
+           "mean_ms": float(np.mean(t)), "smi_before": before, "smi_during": during, "smi_after": after}
+    print(f"\nsustained {label}: one step after a GPU sleep {single:.3f} ms; {n} back to back: first 5 "
+          f"{out['first5_ms']:.3f}, last 5 {out['last5_ms']:.3f}, mean {out['mean_ms']:.3f} ms\n"
+          f"  nvidia-smi (SM MHz, mem MHz, W, C): before [{before}], during [{during}], after [{after}]", flush=True)
+    return out
+
+
+def compare_part(args, ceil, t0: float, res: dict, checkpoint) -> dict:
+    """The engine's decode steps with the current defaults against the attention launch and GEMM table they
+    replaced (OLD_TABLE; the 4-warp 2-stage launch at every program count), at 256 x 384, 96 x 325-640 and
+    32 x 320-640 sequences, each at the split the chat's decode graphs would launch; then the sustained check."""
+    import kernels.paged_decode as pd
+
+    cfg = SHAPES[args.shape]
+    llm, runner, startup = make_engine(args, SEQS, 640)
+    res["startup_eager_s"] = startup
+    dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
+    old = dict(TILE_N=64, num_warps=4, num_stages=2)
+    deadline = t0 + args.budget
+    for n, lens in ((SEQS, [(1, CTX)] * SEQS), (96, [(1, int(c)) for c in np.linspace(325, 640, 96).round()]),
+                    (32, [(1, int(c)) for c in np.linspace(320, 640, 32).round()])):
+        split = pd.choose_num_splits(n, cfg["num_key_value_heads"], 2064, pd.num_sms(runner.device))
+        inputs = step_inputs(runner, lens, n)
+        saved, pd.choose_num_splits = pd.choose_num_splits, lambda *a, _s=split, **k: _s
+        try:
+            recapture_decode(runner, 640, n)
+            base = runner.execute(inputs).float()
+        finally:
+            pd.choose_num_splits = saved
+        print(f"\ndecode step, {n} sequences (split {split}): the defaults against what they replaced")
+        res[f"compare_{n}"] = decode_variants(
+            runner, inputs, 640, n, args.iters, base,
+            [("defaults", {"split": split}), ("old attention launch (64, 4 warps, 2 stages)", {"attn": old, "split": split}),
+             ("old GEMM table", {"table_only": OLD_TABLE, "split": split}), ("defaults again", {"split": split})],
+            dims, deadline)
+        checkpoint()
+    recapture_decode(runner, 640, SEQS)
+    res["sustained_256"] = sustained(runner, step_inputs(runner, [(1, CTX)] * SEQS, 5), f"decode {SEQS} x {CTX}")
+    checkpoint()
+    return res
+
+
+def make_engine(args, seqs: int, max_len: int):
+    """A random-weight engine of the shape without graphs (the parts capture their own)."""
     from folio import LLM
 
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        llm = LLM(str(write_config(args.shape, Path(tmp))), load_format="dummy", dtype=args.dtype, device=args.device,
+                  max_model_len=max_len, max_num_seqs=seqs, enable_prefix_caching=False, async_scheduling=False,
+                  enforce_eager=True)
+        startup = time.perf_counter() - t
+    print(f"\nengine up (eager, no graphs) in {startup:.1f} s", flush=True)
+    return llm, llm.engine.runner, startup
+
+
+def engine_part(args, ceil, attn_winners, t0: float, table: dict, res: dict, checkpoint, winners_32=()) -> dict:
+    """Sections 4 and 5 into `res` (checkpoint() saves what is there so far); later parts skipped past --budget."""
     cfg = SHAPES[args.shape]
     dev = torch.device(args.device)
     seqs, ctx = (4, 40) if args.quick else (SEQS, CTX)
     max_len = 64 if args.quick else 640
-    with tempfile.TemporaryDirectory() as tmp:
-        t_start = time.perf_counter()
-        llm = LLM(str(write_config(args.shape, Path(tmp))), load_format="dummy", dtype=args.dtype, device=args.device,
-                  max_model_len=max_len, max_num_seqs=seqs, enable_prefix_caching=False, async_scheduling=False,
-                  enforce_eager=True)
-        startup = time.perf_counter() - t_start
-    print(f"\nengine up (eager, no graphs) in {startup:.1f} s", flush=True)
-    runner = llm.engine.runner
+    llm, runner, startup = make_engine(args, seqs, max_len)
     res["startup_eager_s"] = startup
     deadline = t0 + args.budget
     lens = [(1, ctx)] * seqs
@@ -662,7 +757,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test on CPU)")
     ap.add_argument("--sections", nargs="+", default=["attention", "gemms", "engine"],
-                    choices=["attention", "gemms", "engine"], help="what to run (default: all)")
+                    choices=["attention", "gemms", "engine", "compare"],
+                    help="what to run (default: the first three; compare: the defaults against what they replaced)")
+    ap.add_argument("--attn-batches", type=int, nargs="*", default=None,
+                    help="the attention part at these sequence counts, the three launches of _decode_config")
     ap.add_argument("--attn-configs", default=None,
                     help="JSON list of decode launch configs for the engine's variants (default: the attention part's winners)")
     ap.add_argument("--budget", type=float, default=70.0, help="seconds after which decode variants are skipped")
@@ -684,7 +782,8 @@ def main() -> None:
 
         pre = threading.Thread(target=precompile_gemms, daemon=True)
         pre.start()
-    rec["attention"] = attention_part(cfg, ceil, dev, dtype, args.quick) if "attention" in args.sections else []
+    rec["attention"] = (attention_part(cfg, ceil, dev, dtype, args.quick, args.attn_batches)
+                        if "attention" in args.sections else [])
     # The two fastest configs (at split 1) of the equal-context cases go on to the engine's graph.
     score: dict[str, float] = {}
     for case in rec["attention"]:
@@ -716,6 +815,15 @@ def main() -> None:
 
             traceback.print_exc()
             rec["engine_error"] = f"{type(e).__name__}: {e}"
+    if "compare" in args.sections and dev.type == "cuda":
+        rec["compare"] = {}
+        try:
+            compare_part(args, ceil, t0, rec["compare"], lambda: save(rec, args.json))
+        except Exception as e:  # what ran before it is still written
+            import traceback
+
+            traceback.print_exc()
+            rec["compare_error"] = f"{type(e).__name__}: {e}"
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     save(rec, args.json)
     if args.json:

@@ -21,11 +21,22 @@ CUBLASLT = "cublaslt"
 TABLE: dict[tuple[str, int, int], Entry] = {
     # Llama-3-8B's o_proj and down_proj on an H200 (bench/chat_profile.py round 1, 2026-11-29, one GEMM timed
     # alone with the L2 flushed, median of 20): cuBLASLt's pick beats cuBLAS's from 32 to 192 rows, by 5-13%
-    # (o: 0.0184 vs 0.0211 ms at 96 rows; down: 0.0414 vs 0.0453), and loses at 16 and 256. dense_gemm won
-    # nowhere on the layers (its best at 1-16 rows: gate_up 3% faster, within noise; qkv, o, down slower);
-    # cuBLAS on a K-major copy of the weight won by at most 4% (not worth a second layout).
+    # (o: 0.0184 vs 0.0211 ms at 96 rows; down: 0.0414 vs 0.0453), and loses at 16 and 256. cuBLAS on a
+    # K-major copy of the weight won by at most 4% (not worth a second layout).
     ("NVIDIA H200", 4096, 4096): ((16, None), (192, CUBLASLT)),
     ("NVIDIA H200", 4096, 14336): ((16, None), (192, CUBLASLT)),
+    # gate_up and the LM head, from bench/decode_fixed.py round 1 (2026-11-29; each launch timed from a CUDA
+    # graph of 10 calls over rotating weights, which chat_profile's per-call timing was not: it also counted
+    # dense_gemm's ~50 us of host work): gate_up at 1 row dense_gemm 0.0563 ms against cuBLAS 0.0623, at 64
+    # rows cuBLASLt 0.0600 against 0.0626; the LM head (1 GB) at 1-64 rows dense_gemm 0.2358 / 0.2407 /
+    # 0.2483 / 0.2610 ms against cuBLAS 0.2480 / 0.2525 / 0.2655 / 0.2824 at 1 / 16 / 32 / 64 rows. A
+    # 32-sequence decode step with these (and the two above) replayed in 5.199 ms against 5.344.
+    ("NVIDIA H200", 28672, 4096): ((1, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SWAP=True, num_warps=4, num_stages=4)),
+                                   (32, None), (64, CUBLASLT)),
+    ("NVIDIA H200", 128256, 4096): (
+        (16, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SWAP=True, num_warps=4, num_stages=3)),
+        (32, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SWAP=True, num_warps=4, num_stages=4)),
+        (64, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SWAP=False, num_warps=4, num_stages=4))),
 }
 """(device name, N, K) -> ((largest M, choice), ...) by ascending M, the choice a dense_gemm config, CUBLASLT,
 or None for cuBLAS; a row count above the last entry, a shape or device not listed: cuBLAS."""
