@@ -400,7 +400,8 @@ def recapture_decode(runner, max_model_len: int, seqs: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, variants, dims, deadline) -> list[dict]:
+def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, variants, dims, deadline,
+                    capture=None) -> list[dict]:
     """The decode step from its graph under each variant (kernel globals patched, graph re-captured); logits
     compared with the baseline's (greedy argmax agreement, max |diff|) before the timing counts."""
     import kernels.paged_decode as pd
@@ -431,7 +432,7 @@ def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, var
                 name = dd._device_name(inputs.input_ids)
                 for n, k in dims:
                     dd.TABLE[(name, n, k)] = ((seqs, dd.CUBLASLT),)
-            cap = recapture_decode(runner, max_model_len, seqs)
+            cap = capture() if capture else recapture_decode(runner, max_model_len, seqs)
             logits = runner.execute(inputs).float()
             agree = float((logits.argmax(-1) == base_logits.argmax(-1)).float().mean()) if base_logits is not None else 1.0
             diff = float((logits - base_logits).abs().max()) if base_logits is not None else 0.0
@@ -451,7 +452,10 @@ def decode_variants(runner, inputs, max_model_len, seqs, iters, base_logits, var
         best = min(ok, key=lambda r: r["graph_ms"])
         print(f"  winner: {best['variant']} {best['graph_ms']:.3f} ms against baseline {base:.3f} "
               f"({base / best['graph_ms'] - 1:+.1%})")
-    recapture_decode(runner, max_model_len, seqs)
+    if capture:
+        capture()
+    else:
+        recapture_decode(runner, max_model_len, seqs)
     return out
 
 
@@ -639,6 +643,28 @@ def compare_part(args, ceil, t0: float, res: dict, checkpoint) -> dict:
              ("old GEMM table", {"table_only": OLD_TABLE, "split": split}), ("defaults again", {"split": split})],
             dims, deadline)
         checkpoint()
+    # A chat-like mixed step (250 decodes + a 350-token prompt: its decode rows take the decode kernel, with
+    # a bucket's 256 sequences of programs) from its one-bucket graph.
+    from services.engine import cuda_graphs
+
+    mi = step_inputs(runner, [(1, 500)] * 250 + [(350, 350)], 11)
+
+    def capture_mixed() -> float:
+        t, saved_b = time.perf_counter(), cuda_graphs.MIXED_BUCKETS
+        runner.graphs = None
+        cuda_graphs.MIXED_BUCKETS = (608,)
+        try:
+            runner.capture_mixed_graphs(608, SEQS, 640)
+        finally:
+            cuda_graphs.MIXED_BUCKETS = saved_b
+        return time.perf_counter() - t
+    capture_mixed()
+    print("\nmixed step, 250 decodes at 500 + a 350-token prompt (608-token graph): the defaults against the old launch")
+    res["compare_mixed"] = decode_variants(
+        runner, mi, 640, SEQS, args.iters, runner.execute(mi).float(),
+        [("defaults", {}), ("old attention launch (64, 4 warps, 2 stages)", {"attn": old}), ("defaults again", {})],
+        dims, deadline, capture=capture_mixed)
+    checkpoint()
     recapture_decode(runner, 640, SEQS)
     res["sustained_256"] = sustained(runner, step_inputs(runner, [(1, CTX)] * SEQS, 5), f"decode {SEQS} x {CTX}")
     checkpoint()
