@@ -368,8 +368,8 @@ def producers_section(failures: list) -> dict:
 def fast_accum_prefill(gemm_rows) -> dict:
     """FAST_ACCUM_MIN_M (quantization/fp8.py) = 4097 (prefill rows, where o and down scale their own output,
     row-wise) when the gemm section measured every 8B GEMM's fast-accumulation error at 8,192 rows within 1e-2 of
-    the largest output and the layer 1% faster or more; gate_up then scales its own output there too
-    (DEFER_MAX_M) if its row-wise fast GEMM beat the tensor-wise one."""
+    the largest output and the layer 1% faster or more, else None; gate_up then scales its own output there too
+    (DEFER_MAX_M) if its row-wise fast GEMM beat the tensor-wise one, else it defers at every M."""
     from services.engine.model.quantization import fp8 as fp8mod
 
     rs = {r["shape"]: r for r in gemm_rows or [] if r["M"] == 8192}
@@ -387,6 +387,8 @@ def fast_accum_prefill(gemm_rows) -> dict:
     fp8mod.FAST_ACCUM_MIN_M = 4097 if ok else None
     if ok and gu_rowwise:
         fp8mod.DEFER_MAX_M[(28672, 4096)] = 4096
+    else:  # gate_up tensor-wise at every M, its scales applied by SwiGLU (as before round 3)
+        fp8mod.DEFER_MAX_M.pop((28672, 4096), None)
     print(f"fast accumulation at 8,192 rows: layer {now:.3f} -> {fast:.3f} ms ({now / fast:.3f}x; gate_up "
           f"{'row' if gu_rowwise else 'tensor'}-wise), max error {max(errs):.1e}; applied FAST_ACCUM_MIN_M "
           f"{fp8mod.FAST_ACCUM_MIN_M}, DEFER_MAX_M {fp8mod.DEFER_MAX_M}", flush=True)

@@ -108,7 +108,8 @@ def test_fast_accum_reaches_scaled_mm_on_cuda_only(monkeypatch):
 
     from services.engine.model.quantization import fp8 as fp8mod
 
-    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    cuda, cpu = SimpleNamespace(is_cuda=True, shape=(8192, 64)), SimpleNamespace(is_cuda=False, shape=(8192, 64))
+    monkeypatch.setattr(fp8mod, "FAST_ACCUM_MIN_M", None)  # the row bound alone: the next test
     monkeypatch.setattr(fp8mod, "FAST_ACCUM", False)
     assert fp8mod._fast_accum(cuda) == {} and fp8mod._fast_accum(cpu) == {}
     monkeypatch.setattr(fp8mod, "FAST_ACCUM", True)

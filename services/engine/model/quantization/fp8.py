@@ -98,11 +98,12 @@ FUSE_INPUT_QUANT = True
 DEFER_SCALES = True
 """Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
 
-DEFER_MAX_M: dict = {(4096, 4096): 4096, (4096, 14336): 4096}
+DEFER_MAX_M: dict = {(4096, 4096): 4096, (4096, 14336): 4096, (28672, 4096): 4096}
 """(N, K) -> the most rows at which a layer of that shape leaves its scales to its consumer; above it its own
 GEMM scales. bench/fp8_where.py round 2 (H200, 8,192 rows): o row-wise 0.207 vs tensor-wise 0.210 ms, down
 0.719 vs 0.728, before the norm's ~6 us of scaling; at 256 rows tensor-wise wins (o 10.6 vs 14.1 us, down
-29.5 vs 39.9), and at 2,048 (bench/fp8.py's previous round) too."""
+29.5 vs 39.9), and at 2,048 (bench/fp8.py's previous round) too. gate_up: with fast accumulation above 4,096
+rows (FAST_ACCUM_MIN_M) its row-wise GEMM wins there (round 3: 1.352 vs 1.472 ms at 8,192 rows)."""
 
 FAST_ACCUM = False
 """cuBLAS's FP8 fast accumulation in torch._scaled_mm on CUDA (`use_fast_accum`): the tensor cores' partial sums
@@ -111,10 +112,13 @@ are not promoted to float32 every few K blocks. vLLM's Hopper FP8 CUTLASS kernel
 float64 product of the same operands at up to 1.1e-2 of the largest output (down, 256 rows; 2.7e-3 without),
 for 0.5% of the decode step's GEMMs and 5% of a prefill layer's."""
 
-FAST_ACCUM_MIN_M: int | None = None
-"""Fast accumulation from this many rows up (prefill-sized GEMMs) when FAST_ACCUM is off; None: nowhere.
-bench/fp8_where.py sets it where its error at 8,192 rows stays within 1e-2 of the largest output for every
-8B GEMM (round 2: 4.7e-3 ... 8.3e-3; 2.1e-3 ... 2.5e-3 without) and the prefill layer gains."""
+FAST_ACCUM_MIN_M: int | None = 4097
+"""Fast accumulation from this many rows up (prefill-sized GEMMs, above DEFER_MAX_M's bounds: every GEMM there
+scales its own output, row-wise) when FAST_ACCUM is off; None: nowhere. bench/fp8_where.py round 3 (H200, 8,192
+rows): the layer's four GEMMs 2.697 -> 2.537 ms; error against the float64 product at most 8.7e-3 of the
+largest output (qkv 4.6e-3, o 5.6e-3, gate_up 5.0e-3, down 7.4e-3 row-wise; 2.2e-3 ... 2.6e-3 without), within
+the 1e-2 bound that keeps it off at decode's 256 rows (down: 1.1e-2, round 2). The bench re-checks and unsets it
+where the bound fails."""
 
 _UNIT: dict[torch.device, torch.Tensor] = {}
 
