@@ -66,9 +66,10 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
                      ub: float | None = None, x_scales=None, hw_cvt: bool | None = None,
                      num_warps: int | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels/fused_norm.py's add_rms_norm_fp8 (same arguments, same bits: float8_e4m3fn [T, hidden], float32
-    scales [T, 1]; `residual` updated in place). `hw_cvt`: the hardware's e4m3 conversion (default: kernels/fp8_quant.py's HW_CVT, on CUDA);
-    `num_warps`: fused_norm's choice by default (the row's sum is reduced in the same order then). `warmup`:
-    compile only (bench/fp8_where.py compiles its variants in parallel)."""
+    scales [T, 1]; `residual` updated in place). `hw_cvt`: the hardware's e4m3 conversion (default:
+    kernels/fp8_quant.py's HW_CVT, on CUDA); `num_warps`: NORM_LAUNCH's, else fused_norm's choice (the row's sum
+    is reduced in the same order then). `warmup`: compile only (bench/fp8_where.py compiles its variants in
+    parallel)."""
     hidden = x.shape[-1]
     if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (hidden,):
         raise ValueError(f"x must be [num_tokens, hidden] with a contiguous last dim and weight [hidden]; got "
