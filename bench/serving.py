@@ -392,7 +392,7 @@ def drive_stack(stack, reqs) -> dict:
 
 
 def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), router_extra: list[str] = (),
-                api: str = "grpc"):
+                api: str = "grpc", extra_env: dict[str, str] | None = None):
     from folio.stack import Stack, StackConfig, free_port
     from protos.generate import ensure_generated
 
@@ -409,7 +409,7 @@ def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), 
     if args.debug_gil_busy_ms:
         flags += ["--debug-gil-busy-ms", str(args.debug_gil_busy_ms)]
     router_args = ([] if detokenize == "default" else ["--detokenize", detokenize]) + list(router_extra)
-    env = {}
+    env = dict(extra_env or {})
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(args.threads)
         # A shared CPU can stall a process for seconds: not what is measured here, so the engine is
@@ -505,6 +505,9 @@ def main() -> None:
                          "or 'NAME=ENGINE FLAGS -- ROUTER FLAGS' for both; {tmp} in flags is a private directory "
                          "(unix sockets: 'uds=--unix-socket {tmp}e.sock -- --unix-socket {tmp}r.sock'; the client "
                          "then dials the router's socket) (repeatable; each variant is one more stack start)")
+    ap.add_argument("--env-variant", action="append", default=[], metavar="NAME=K=V[,K=V]",
+                    help="also run the stack with this environment for every service, e.g. 'ee=GRPC_EXPERIMENTS=' "
+                         "(gRPC's own defaults instead of services/common/grpc_env.py's) (repeatable)")
     ap.add_argument("--max-mixed-graph-tokens", type=int, default=None,
                     help="the engines' (both paths') largest mixed-step CUDA graph: fewer graphs, a shorter start")
     ap.add_argument("--http", action="store_true",
@@ -540,6 +543,9 @@ def main() -> None:
         variants.append((name, detok, shlex.split(eflags.replace("{tmp}", f"{sockets}/{name}")),
                          shlex.split(rflags.replace("{tmp}", f"{sockets}/{name}"))))
     specs = {name: (detok, extra, rextra, "grpc") for name, detok, extra, rextra in variants}
+    for spec in args.env_variant:
+        name, _, pairs = spec.partition("=")
+        specs[name] = (detok, [], [], "grpc", dict(p.split("=", 1) for p in pairs.split(",") if p))
     if args.http:
         specs["http"] = (detok, [], [], "http")
     variants = list(specs)
