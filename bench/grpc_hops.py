@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAMP = struct.Struct("<q")
 CALL = "/folio.bench.Hops/Call"
 STREAM = "/folio.bench.Hops/Stream"
+NOEE = {"GRPC_EXPERIMENTS": "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints"}
 # The stack's channel options (services/common/server.py) unless a variant names its own.
 VARIANTS = {
     "raw": ("raw", "unix", {}),
@@ -59,9 +60,11 @@ VARIANTS = {
     "aio-tcp-gil": ("aio-gil", "tcp", {}),
     "sync-tcp": ("sync", "tcp", {}),
     "aio-tcp-nobdp": ("aio", "tcp", {"grpc.http2.bdp_probe": 0, "grpc.http2.write_buffer_size": 0}),
-    # gRPC core experiments off (GRPC_EXPERIMENTS, both processes): fewer thread hops per message?
-    "aio-tcp-noee": ("aio", "tcp", {}, {"GRPC_EXPERIMENTS": "-event_engine_client,-event_engine_listener,"
-                                                        "-event_engine_for_all_other_endpoints"}),
+    # gRPC core's EventEngine experiments off (GRPC_EXPERIMENTS, both processes), as the services run
+    # (services/common/grpc_env.py); the variants without it run with gRPC's own defaults.
+    "aio-tcp-noee": ("aio", "tcp", {}, NOEE),
+    "aio-tcp-noee-spin": ("aio-spin", "tcp", {}, NOEE),
+    "aio-tcp-noee-warm": ("aio", "tcp", {}, NOEE),
     "aio-tcp-poll": ("aio", "tcp", {}, {"GRPC_POLL_STRATEGY": "poll"}),
     "aio-tcp-trickle": ("aio-trickle", "tcp", {}),
     "aio-tcp-defaults": ("aio", "tcp", None),
@@ -70,7 +73,7 @@ VARIANTS = {
 }
 OPTIONAL = ("aio-tcp-gil", "aio-tcp-poll")
 """Run only when named in --only (measured once on the CPU machine: the GIL's cost is known, poll no change)."""
-GAP_MS = {"aio-tcp-warm": 0.0, "aio-tcp-idle20": 20.0}
+GAP_MS = {"aio-tcp-warm": 0.0, "aio-tcp-noee-warm": 0.0, "aio-tcp-idle20": 20.0}
 """Variants probed at their own spacing (warm: back to back; idle20: 20 ms apart) instead of --gap-ms."""
 
 
@@ -338,7 +341,7 @@ def main() -> None:
         names = args.only or [v for v in VARIANTS if v not in OPTIONAL and ("spin" not in v or (os.cpu_count() or 1) >= 4)]
         for name in names:
             results[name] = run_variant(name, args.n, args.gap_ms / 1e3, Path(tmp))
-            print(f"{name:<17}" + "  ".join(f"{k} {v['p50']:.0f} (p90 {v['p90']:.0f})" for k, v in results[name].items()),
+            print(f"{name:<18}" + "  ".join(f"{k} {v['p50']:.0f} (p90 {v['p90']:.0f})" for k, v in results[name].items()),
                   flush=True)
     print(f"\nOne-way latency, p50 (p90) in µs over {args.n} probes each, {args.gap_ms:g} ms apart. "
           "call_fwd: a new call to its handler; stream: a message on an open stream.")

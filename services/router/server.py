@@ -72,8 +72,9 @@ class RouterConfig:
     is already set up when it comes (~0.6 ms less to the first token on the CPU machine); off while
     tracing, whose per-call spans belong to the request's trace (docs/router.md)."""
     busy_loop: bool = False
-    """While requests are in flight, keep the event loop polling instead of sleeping between messages, so
-    each one is picked up without a wake-up (one core kept busy meanwhile; services/router/keep_awake.py)."""
+    """While requests are in flight (and a second after), keep the event loop polling instead of sleeping
+    between messages, so each one is picked up without a wake-up (one core kept busy meanwhile;
+    services/router/keep_awake.py)."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"

@@ -1,5 +1,5 @@
-"""router --busy-loop (services/router/keep_awake.py): while a request is in flight the event loop polls
-(never sleeps in its selector), and once none is it sleeps again; requests stream as without it."""
+"""router --busy-loop (services/router/keep_awake.py): while a request is in flight (and briefly after) the
+event loop polls (never sleeps in its selector), and then it sleeps again; requests stream as without it."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ def _record_select_timeouts(loop: asyncio.AbstractEventLoop) -> list:
 def test_the_loop_polls_while_held_and_sleeps_again_after():
     async def run():
         timeouts = _record_select_timeouts(asyncio.get_running_loop())
-        awake = KeepAwake()
+        awake = KeepAwake(linger_s=0.005)
         with awake.hold():
             timeouts.clear()
             await asyncio.sleep(0.02)  # a timer to wait for: a sleeping loop would block in select for it
             held = list(timeouts)
-        await asyncio.sleep(0.001)  # the spinning task sees the hold gone and ends
+        await asyncio.sleep(0.01)  # past the linger: the spinning task ends
         timeouts.clear()
         await asyncio.sleep(0.02)
         awake.close()
@@ -44,14 +44,29 @@ def test_the_loop_polls_while_held_and_sleeps_again_after():
 
 def test_a_router_with_a_busy_loop_streams_the_same_and_stops_spinning_after():
     r = make_router(a=FakeEngine())
-    r.core.keep_awake = KeepAwake()
+    r.core.keep_awake = KeepAwake(linger_s=0.005)
     inp = GenerateInput(params=SamplingParams(temperature=0, max_tokens=8), prompt="abc", request_id="r1")
 
     async def run():
         out = [c async for c in r.core.generate(inp)]
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
         return out, r.core.keep_awake.held, r.core.keep_awake._task.done()
 
     out, held, done = asyncio.run(run())
     assert [t for c in out for ch in c.choices for t in ch.token_ids] == list(range(100, 108))
     assert held == 0 and done
+
+
+def test_the_loop_keeps_polling_for_the_linger_after_the_last_request():
+    async def run():
+        timeouts = _record_select_timeouts(asyncio.get_running_loop())
+        awake = KeepAwake(linger_s=0.5)
+        with awake.hold():
+            pass
+        timeouts.clear()
+        await asyncio.sleep(0.02)  # well within the linger: the next request would find the loop awake
+        awake.close()
+        return list(timeouts)
+
+    within = asyncio.run(run())
+    assert len(within) > 5 and all(t == 0 for t in within), within[:10]
