@@ -95,45 +95,35 @@ def _name(c: dict | None) -> str:
     return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
-# Rounds 1-6: bench/results/prefill_2026-11-29_h200.md (the table: 32 x 512 -> M64 N32 w4 s3 maxnreg168 one2,
-# 77-80%; 8 x 2048 and 8192 -> M128 N128 w8 s3 tail32, 88% and 98-100%; the Gluon kernel 50-85%, in no entry).
-# Round 7 times HEAVY_FIRST (`heavy`: the grid is num_seqs x the longest chunk's tiles, every sequence's heaviest
-# tiles first, the sequence read from the slot with no search) on the table's picks and BASE, with a persistent
-# grid walking that order (`persist`), against the table; the two best Gluon configs stay for their GPU check.
+# Rounds 1-7: bench/results/prefill_2026-11-29_h200.md (the table: 32 x 512 -> M64 N32 w4 s3 maxnreg168 one2,
+# 77-81%; 8 x 2048 and 8192 -> M128 N128 w8 s3 tail32, 86-88% and 98-100%). Round 7: HEAVY_FIRST (`heavy`: every
+# sequence's heaviest chunk tiles first, the sequence read from the slot) within noise on the Triton configs; the
+# warp-specialized Gluon kernel (`gluon-ws`, gl.warp_specialize: a TMA producer warp, two 64-row consumer
+# warpgroups) correct everywhere, 53-57% on 32 x 512 with one program per work item and 74-84% with a persistent
+# grid (`persist`, the producer loading the next item under this one's work), its best (s3 N64, FlashAttention-3's
+# order, ping-pong) above the table; the budget ran out before 8 x 2048's Gluon rows.
+# Round 8 times the persistent warp-specialized kernel's neighbours on 8 x 2048 first, then 32 x 512 and 8192.
 # Triton 3.6's tl.range(warp_specialize=True) is not timed again: upstream's persistent-matmul tutorial says it
 # "only works on Blackwell right now. On older GPUs, this will use software pipelining" (round 3: the same build).
 _SHORT = dict(m=64, n=32, w=4, s=3, maxnreg=168, one=2)  # the table's < 1024 pick
 _LONG = dict(n=128, s=3, maxnreg=None, tail=32)  # the table's >= 1024 pick
+_WS = dict(gluon=True, gws=True, maxnreg=None, one=2, persist=1)  # the persistent warp-specialized Gluon kernel
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
-    _cfg(**_SHORT),
-    _cfg(**_SHORT, heavy=True),
-    _cfg(n=32, s=4, one=2, heavy=True),  # round 5's 32 x 512 co-leader, 8 warps
-    _cfg(**dict(_SHORT, maxnreg=None), persist=3, heavy=True),
-    _cfg(**_LONG),
-    _cfg(**_LONG, heavy=True),
-    _cfg(**_LONG, persist=1, heavy=True),
-    _cfg(),  # BASE
-    _cfg(heavy=True),
-    _cfg(gluon=True, m=64, w=4, s=2, maxnreg=None, one=2),  # round 6's best Gluon config (checked, then timed)
-    # The warp-specialized Gluon kernel (gl.warp_specialize: a TMA producer warp, two 64-row consumer warpgroups,
-    # 240 registers each; ptxas on the CPU machine: no spills, no serialized wgmma; shared 131-197 KB). overlap1:
-    # the next QK^T under this tile's softmax; overlap2: FlashAttention-3's order (QK^T(j) and PV(j-1) issued
-    # together, the softmax under PV(j-1)); pingpong: the two consumers' issues alternate (mbarriers); persist: one
-    # program per SM walking the items, the producer loading the next item's q and K/V under this one's work.
-    _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=True),
-    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2),
-    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=True),
-    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=2),
-    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=2, pingpong=True),
-    _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=True, persist=1, heavy=True),
-    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=True, persist=1, heavy=True),
-    _cfg(gluon=True, gws=True, n=128, s=2, maxnreg=None, one=2, overlap=2, pingpong=True, persist=1, heavy=True),
-    _cfg(gluon=True, gws=True, s=3, maxnreg=None, one=2, overlap=2, pingpong=True, persist=1, heavy=True),
+    _cfg(heavy=True),  # BASE heavy: 82% on 32 x 512 in round 7
+    _cfg(**_WS, s=3, overlap=2, pingpong=True, heavy=True),  # round 7's best on 32 x 512 (83.6%)
+    _cfg(**_WS, s=4, overlap=2, pingpong=True, heavy=True),
+    _cfg(**_WS, s=2, overlap=2, pingpong=True, heavy=True),
+    _cfg(**_WS, s=3, overlap=2, heavy=True),  # without ping-pong
+    _cfg(**_WS, s=3, overlap=2, pingpong=True),  # without HEAVY_FIRST (the searched mapping)
+    _cfg(**_WS, s=3, overlap=True, heavy=True),  # overlap1 (80.4%)
+    _cfg(**_WS, n=128, s=2, overlap=2, pingpong=True, heavy=True),  # 79.4%
+    _cfg(**_WS, n=128, s=2, overlap=2, heavy=True),
     dict(_cfg(**_LONG), AGAIN=True),  # the 8 x 2048 pick again, last (the same build; AGAIN only names it)
 ]
+LAYOUT_CONFIGS = [_cfg(**_WS, s=3, overlap=2, pingpong=True, heavy=True)]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
-WIDE = [None, _cfg(), _cfg(**_SHORT, heavy=True), _cfg(**_LONG, heavy=True), _cfg(heavy=True)]  # + Gluon: fresh only
+WIDE = [None, _cfg(heavy=True)]  # + Gluon: fresh only
 
 
 def make_problem(name: str, dev: torch.device, seed: int = 0):
@@ -226,11 +216,13 @@ def sdpa_backends(p, quick: bool) -> dict:
     return out
 
 
-def run_kernel(p, cfg):
+def run_kernel(p, cfg, plain: bool = False):
     """paged_prefill as the triton backend calls it (has_prefix only where there is a cached prefix, the
-    longest query), with `cfg` (None: the table's pick)."""
+    longest query), with `cfg` (None: the table's pick); plain: without max_query_len (HEAVY_FIRST's fallback
+    build, which ragged batches take)."""
     return lambda: paged_prefill(p["q"], p["kv_cache"], p["tables"], p["seq_lens"], p["qsl"], D ** -0.5,
-                                 config=cfg, k=p["k"], v=p["v"], has_prefix=p["ctx"] > 0, max_query_len=p["new"])
+                                 config=cfg, k=p["k"], v=p["v"], has_prefix=p["ctx"] > 0,
+                                 max_query_len=None if plain else p["new"])
 
 
 # A whole prompt, extends after cached prefixes, decodes, lengths off the block and tile grids, padding rows.
@@ -291,33 +283,56 @@ def check_mixed(dev: torch.device) -> dict:
     return results
 
 
-def check_default_layouts(dev: torch.device) -> dict:
-    """The default config on other dtypes, GQA groups and head sizes than the timed shapes (each its own
-    compiled kernel): the mixed batch against the torch reference, at the dtype's test tolerance."""
+# (dtype, group, head_dim) beside the timed layout (bf16, 4, 128): the default config on the mixed batch on all, and
+# each LAYOUT_CONFIGS entry (with the variants above) on the fresh batch (the Gluon kernels' case) on those the
+# Gluon kernels serve (group 1 / 2 / 4 / 8, head_dim 64 / 128).
+LAYOUTS = [(torch.float16, 4, 128), (torch.bfloat16, 3, 64), (torch.bfloat16, 1, 128), (torch.float16, 2, 256),
+           (torch.bfloat16, 2, 64), (torch.bfloat16, 8, 128)]
+
+
+def _layout_configs(group: int, d: int) -> list:
+    return [None] + (LAYOUT_CONFIGS if group in (1, 2, 4, 8) and d in (64, 128) else [])
+
+
+def _layout_check(dtype: torch.dtype, group: int, d: int, cfg: dict | None, smoke: bool = False) -> str:
+    """Worker (or in-process): one config on one head layout against the torch reference, at the dtype's test
+    tolerance; None = the default config on the mixed batch, else `cfg` on the fresh batch (has_prefix=False)."""
     from paged_cases import TOLERANCE, make_batch
 
-    steps = MIXED_STEPS if not SMOKE else [(40, 40), (30, 9), (1, 1)]
-    layouts = [(torch.float16, 4, 128), (torch.bfloat16, 3, 64), (torch.bfloat16, 1, 128), (torch.float16, 2, 256)]
-    results = {}
-    for dtype, group, d in layouts[: 2 if SMOKE else None]:
-        if SMOKE:
-            dtype = torch.float32
-        name = f"{str(dtype).split('.')[-1]} group {group} d {d}"
-        hkv = 8 // min(group, 4)
+    if smoke:
+        smoke_setup()
+        dtype = torch.float32
+    dev = torch.device("cpu" if smoke else "cuda")
+    if cfg is None:
+        steps = MIXED_STEPS if not smoke else [(40, 40), (30, 9), (1, 1)]
+    else:
+        steps = FRESH_STEPS if not smoke else [(40, 40), (9, 9), (1, 1)]
+    hkv = 8 // min(group, 4)
+    try:
         b = make_batch([s for s, _ in steps], [q for _, q in steps], group * hkv, hkv, d, BLOCK, dtype, dev,
                        num_padding_tokens=5)
         n = int(b.query_start_loc[-1])
         ref = paged_prefill_ref(b.q[:n], b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, d ** -0.5)
-        try:
-            out = torch.full_like(b.q, float("nan"))
-            paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, d ** -0.5, out=out,
-                          k=b.k, v=b.v)
-            torch.testing.assert_close(out[:n].float(), ref.float(), **TOLERANCE[dtype])
-            assert out[n:].isnan().all(), "padding rows written"
-            results[name] = "ok"
-        except Exception as e:
-            results[name] = f"FAILED {type(e).__name__}: {str(e)[:300]}"
-        print(f"  default config, mixed batch, {name}: {results[name]}")
+        out = torch.full_like(b.q, float("nan"))
+        paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, d ** -0.5, out=out,
+                      k=b.k, v=b.v, config=cfg, has_prefix=cfg is None, max_query_len=max(q for _, q in steps))
+        torch.testing.assert_close(out[:n].float(), ref.float(), **TOLERANCE[dtype])
+        assert out[n:].isnan().all(), "padding rows written"
+        return "ok"
+    except Exception as e:
+        return f"FAILED {type(e).__name__}: {str(e)[:300]}"
+
+
+def check_layouts(pool_results: dict | None, dev: torch.device) -> dict:
+    """The layout checks' results: from the precompile pool where it ran them, else run here."""
+    results = {}
+    for dtype, group, d in LAYOUTS[: 2 if SMOKE else None]:
+        for cfg in _layout_configs(group, d):
+            name = f"{'default config, mixed' if cfg is None else _name(cfg) + ', fresh'} batch, " \
+                   f"{str(dtype).split('.')[-1]} group {group} d {d}"
+            got = (pool_results or {}).get(name)
+            results[name] = got if got is not None else _layout_check(dtype, group, d, cfg, SMOKE)
+            print(f"  {name}: {results[name]}")
     return results
 
 
@@ -337,9 +352,13 @@ def _warm(cfg: dict, smoke: bool = False) -> str | None:
     SHAPES["warm"] = (2, 48, 80) if not smoke else (1, 5, 9)
     # fresh prompts long enough that a persistent program walks several work items (its barriers' later phases)
     SHAPES["warm0"] = (4, 0, 1100) if not smoke else (1, 0, 9)
+    SHAPES["warm33"] = (33, 0, 40) if not smoke else (1, 0, 5)  # more sequences than SEQ_VEC: the search build
     try:
-        for shape in ("warm", "warm0"):
-            run_kernel(make_problem(shape, dev), cfg)()
+        for shape in ("warm", "warm0", "warm33"):
+            problem = make_problem(shape, dev)
+            run_kernel(problem, cfg)()
+            if cfg.get("HEAVY_FIRST"):  # the ragged batches' fallback is another build
+                run_kernel(problem, cfg, plain=True)()
         if not smoke:
             torch.cuda.synchronize()
     except Exception as e:  # reported again, with its name, by the timed process
@@ -356,7 +375,7 @@ def precompile(jobs: int) -> None:
     exception) breaks the pool; the configs left unresolved are then compiled one process each, and one
     that kills its own process too is marked crashed and skipped."""
     if jobs <= 1:
-        return
+        return None
     import multiprocessing
     from concurrent.futures.process import BrokenProcessPool
 
@@ -365,11 +384,19 @@ def precompile(jobs: int) -> None:
     cfgs += [c for c in table_configs(D, HQ // HKV, DTYPE) if c not in cfgs]
     ctx = multiprocessing.get_context("spawn")
     pending = cfgs
+    layout_results: dict = {}
     for isolated in (False, True):
         if not pending:
             break
         pools = [ProcessPoolExecutor(1 if isolated else jobs, mp_context=ctx) for _ in (pending if isolated else [0])]
         futures = [(c, pools[i if isolated else 0].submit(_warm, c, SMOKE)) for i, c in enumerate(pending)]
+        layout_futures = []
+        if not isolated:  # the layout checks, each its own compile, in the same pool after the variants
+            for dtype, group, d in LAYOUTS:
+                for lc in _layout_configs(group, d):
+                    name = f"{'default config, mixed' if lc is None else _name(lc) + ', fresh'} batch, " \
+                           f"{str(dtype).split('.')[-1]} group {group} d {d}"
+                    layout_futures.append((name, pools[0].submit(_layout_check, dtype, group, d, lc, SMOKE)))
         pending = []
         hung = False
         for c, f in futures:
@@ -389,6 +416,13 @@ def precompile(jobs: int) -> None:
                 CRASHED.add(_name(c))
                 hung = True
                 print(f"  precompile: {_name(c)}: not done after {PRECOMPILE_DEADLINE_S} s; skipped")
+        for name, f in layout_futures:
+            try:
+                layout_results[name] = f.result(timeout=max(1.0, t0 + PRECOMPILE_DEADLINE_S - time.time()))
+            except BrokenProcessPool:
+                layout_results[name] = None  # the pool broke under another job: run in the timed process
+            except TimeoutError:  # not run in the timed process either: it may hang there
+                layout_results[name] = f"FAILED: not done within the {PRECOMPILE_DEADLINE_S} s precompile deadline"
         for pool in pools:
             if hung:
                 for proc in list(getattr(pool, "_processes", {}).values()):
@@ -396,7 +430,9 @@ def precompile(jobs: int) -> None:
             pool.shutdown(wait=not hung, cancel_futures=True)
         if pending:
             print(f"  precompile: the pool broke; compiling {len(pending)} configs one process each")
-    print(f"  precompiled {len(cfgs)} configs in {time.time() - t0:.0f} s with {jobs} processes")
+    print(f"  precompiled {len(cfgs)} configs (and ran {len(layout_results)} layout checks) in "
+          f"{time.time() - t0:.0f} s with {jobs} processes")
+    return layout_results
 
 
 def bench(fn, quick: bool) -> float:
@@ -413,7 +449,7 @@ SMOKE = False
 
 def smoke_setup() -> torch.device:
     """--smoke: the script's own logic on the CPU under TRITON_INTERPRET, tiny shapes, fp32, a few variants."""
-    global SMOKE, DTYPE, VARIANTS, WIDE
+    global SMOKE, DTYPE, VARIANTS, WIDE, LAYOUT_CONFIGS
     SMOKE, DTYPE = True, torch.float32
     SHAPES.update(prefill=(2, 0, 40), long=(1, 0, 72), chunked=(2, 35, 20), short=(3, 0, 16), extend=(2, 20, 20))
     VARIANTS = [None, _cfg(m=32, n=32, w=4, s=1, maxnreg=None), _cfg(m=16, n=16, w=4, s=1, qs=True, unroll=2),
@@ -425,6 +461,7 @@ def smoke_setup() -> torch.device:
                 _cfg(m=32, n=16, w=4, s=1, heavy=True, one=2), _cfg(m=32, n=32, w=4, s=1, heavy=True, persist=2, tail=8),
                 _cfg(m=32, n=16, w=4, s=2, gluon=True, gws=True, overlap=2, pingpong=True)]
     WIDE = list(VARIANTS)
+    LAYOUT_CONFIGS = [_cfg(m=32, n=16, w=4, s=2, gluon=True, gws=True, overlap=2, pingpong=True, heavy=True)]
     return torch.device("cpu")
 
 
@@ -465,6 +502,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="check this script on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=90.0,
                     help="seconds; past this the remaining variants are skipped (and listed) so the run ends")
+    ap.add_argument("--shapes", nargs="+", default=list(TIMED), choices=list(SHAPES), help="timed shapes, in order")
+    ap.add_argument("--backends", action="store_true", help="also time SDPA's forced backends (rounds 5-7 did)")
     args = ap.parse_args()
     t_start = time.time()
     if args.smoke:
@@ -480,13 +519,13 @@ def main() -> None:
                       command="python " + " ".join(sys.argv), shapes={k: list(v) for k, v in SHAPES.items()},
                       results={})
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    precompile(args.jobs)
+    layout_results = precompile(args.jobs)
 
     names = [_name(c) for c in VARIANTS]
     rows["mixed_batch"] = mixed = check_mixed(dev)
-    rows["default_layouts"] = check_default_layouts(dev)
+    rows["layouts"] = check_layouts(layout_results, dev)
     summary = []
-    for shape in TIMED:
+    for shape in args.shapes:
         p = make_problem(shape, dev)
         sdpa, how = sdpa_fn(p)
         ref = sdpa().transpose(1, 2).reshape(-1, HQ, D)
@@ -499,7 +538,7 @@ def main() -> None:
                                             variants={})
         print(f"\n{shape}: {SHAPES[shape]} (seqs, cached, new); SDPA ({how}) {sdpa_ms * 1e3:.0f} us "
               f"{sdpa_tf:.0f} TFLOP/s; the table picks {pick_name}")
-        if shape in FOCUS and p["ctx"] == 0:
+        if args.backends and shape in FOCUS and p["ctx"] == 0:
             res["sdpa_backends"] = sdpa_backends(p, args.quick)
         for cfg, name in zip(VARIANTS, names):
             if (shape not in FOCUS and cfg not in WIDE) or (cfg is not None and cfg.get("GLUON") and p["ctx"] > 0):

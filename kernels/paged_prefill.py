@@ -819,7 +819,8 @@ def paged_prefill(
         PERSISTENT=persistent,
         NUM_HEAD_GROUPS=num_heads // row_heads,
         HEAVY_FIRST=heavy_first,
-        SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0,  # two compiled versions at most
+        # two compiled versions at most; HEAVY_FIRST reads no search, so one
+        SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] and not heavy_first else 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=fp8,
         v_scale=v_scale,

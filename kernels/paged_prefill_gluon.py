@@ -542,7 +542,7 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
                                        [block_n, head_dim], layout) for t in (k, v))
     q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_dim], [q.stride(0), 1], [block_q // 2, head_dim],
                               _smem_layout(block_q // 2, head_dim, q.dtype == torch.bfloat16))
-    seq_vec = cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] else 0
+    seq_vec = cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] and not max_q_tiles else 0  # HEAVY: no search
     num_tiles = num_seqs * max_q_tiles if max_q_tiles else num_tokens // block_q + num_seqs
     num_items = num_tiles * num_kv_heads
     programs = min(num_items, sm_count(q.device)) if cfg.get("PERSISTENT") else num_items
