@@ -91,9 +91,6 @@ class StackConfig:
     startup_timeout_s: float = 180.0
     cuda_per_engine: bool = False
     """Give engine i CUDA_VISIBLE_DEVICES=i (several engines on a multi-GPU host)."""
-    unix_sockets: bool = False
-    """Engines also listen on a unix-domain socket and advertise it, so the router (on this host, as every
-    process here is) reaches them without loopback TCP (engine --unix-socket; docs/router.md)."""
 
 
 @dataclass
@@ -117,7 +114,6 @@ class Stack:
         self.engine_addresses: list[str] = []
         self.log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="folio-stack-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._socket_dir: Path | None = None
 
     # --- processes --------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], address: str, env: dict | None = None) -> Proc:
@@ -175,10 +171,6 @@ class Stack:
             args += ["--model", c.model]
         if c.served_model_name:
             args += ["--served-model-name", c.served_model_name]
-        if c.unix_sockets:
-            if self._socket_dir is None:  # short: a socket path has a 107-byte limit, a log_dir may not
-                self._socket_dir = Path(tempfile.mkdtemp(prefix="folio-"))
-            args += ["--unix-socket", str(self._socket_dir / f"engine{i}.sock")]
         args += c.engine_args + (c.per_engine_args[i] if i < len(c.per_engine_args) else []) + (extra or [])
         env = {"CUDA_VISIBLE_DEVICES": str(i)} if c.cuda_per_engine else {}
         if "OMP_NUM_THREADS" not in {**os.environ, **c.env}:
@@ -301,9 +293,6 @@ class Stack:
                 p.popen.kill()
                 p.popen.wait(5)
         self.procs = [p for p in self.procs if p.popen.poll() is None]
-        if self._socket_dir is not None and not self.procs:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
 
     def __enter__(self) -> Stack:
         return self.start()

@@ -54,8 +54,8 @@ class GrpcServer:
                  interceptors: list[grpc.aio.ServerInterceptor] | None = None,
                  tls: tuple[bytes, bytes] | None = None, unix_socket: str | None = None):
         """`tls`: (certificate chain PEM, private key PEM) to serve TLS only; None serves plaintext.
-        `unix_socket`: also listen on this unix-domain socket path (for clients on the same host: a message
-        crosses it ~25% faster than loopback TCP, bench/grpc_hops.py; docs/router.md)."""
+        `unix_socket`: also listen on this unix-domain socket path, for clients on the same host that reach
+        it so (no faster than loopback TCP on the H200 host: bench/grpc_hops.py, docs/router.md)."""
         # Extra interceptors (e.g. authentication) run before the error mapping.
         self.server = grpc.aio.server(interceptors=[*(interceptors or []), ErrorInterceptor()], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()

@@ -39,7 +39,8 @@ class EngineServerConfig:
     """The host:port routers dial (default: host:port, or hostname:port when bound to 0.0.0.0)."""
     unix_socket: str | None = None
     """Also listen on this unix domain socket path, and advertise unix:PATH to routers unless an advertise
-    address is given: for routers on this host a message crosses it faster than loopback TCP (docs/router.md)."""
+    address is given: for routers on this host that reach it so (measured no faster than loopback TCP on the
+    H200 host; docs/router.md)."""
     engine_id: str | None = None
     """Id in the registry (default: the advertised address)."""
     redis_url: str | None = None

@@ -34,8 +34,8 @@ class RouterConfig:
     port: int = 50051
     """gRPC port (0: any free port)."""
     unix_socket: str | None = None
-    """Also serve the gRPC API on this unix domain socket path, for clients on this host (a front end, a
-    sidecar): a new call reaches its handler sooner than over loopback TCP (docs/router.md)."""
+    """Also serve the gRPC API on this unix domain socket path, for clients on this host that reach it so
+    (a front end, a sidecar; measured no faster than loopback TCP on the H200 host; docs/router.md)."""
     tokenizer: list[str] = field(default_factory=list)
     """Tokenizer service address host:port, one per model."""
     redis_url: str = "redis://127.0.0.1:6379/0"
