@@ -93,7 +93,7 @@ def compile_gluon(cfg: dict):
         consts = dict(GROUP=GROUP, BLOCK_Q=128 // GROUP, BLOCK_N=bn, HEAD_DIM=D, STAGES=cfg["num_stages"],
                       SEQ_VEC=cfg["SEQ_VEC"], HEAVY=bool(cfg.get("HEAVY_FIRST")), SKIP_SINGLE=False,
                       MASK_BRANCH=cfg.get("ONE_LOOP") == 2, OVERLAP=int(cfg.get("OVERLAP_QK") or 0),
-                      PINGPONG=bool(cfg.get("PINGPONG")),
+                      PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
                       CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
         cfg = dict(cfg, num_warps=4, maxnreg=None)
     else:

@@ -61,13 +61,13 @@ FOCUS = ("short", "prefill", "long")  # every variant is timed here; the others 
 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
-         tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False, pingpong=False):
+         tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False, pingpong=False, qbufs=2):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
                 LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
-                PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None, PINGPONG=pingpong)
+                PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None, PINGPONG=pingpong, Q_BUFS=qbufs)
 
 
 def _name(c: dict | None) -> str:
@@ -91,6 +91,7 @@ def _name(c: dict | None) -> str:
                 + (" pingpong" if c.get("PINGPONG") else "")
                 + (" one2" if c.get("ONE_LOOP") == 2 else "") + (f" regs{c['WS_REGS']}" if c.get("WS_REGS") else "")
                 + (" persist" if c.get("PERSISTENT") else "") + (" heavy" if c.get("HEAVY_FIRST") else "")
+                + (f" qbuf{c['Q_BUFS']}" if c.get("Q_BUFS", 2) != 2 else "")
                 + (" (again)" if c.get("AGAIN") else ""))
     return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
@@ -119,6 +120,10 @@ VARIANTS = [
     _cfg(**_WS, s=3, overlap=True, heavy=True),  # overlap1 (80.4%)
     _cfg(**_WS, n=128, s=2, overlap=2, pingpong=True, heavy=True),  # 79.4%
     _cfg(**_WS, n=128, s=2, overlap=2, heavy=True),
+    # one q buffer per consumer (the next item's q loads under this item's last tile) frees 32 KB: 3 stages of
+    # 128-key tiles (229,704 B of the 232,448 a program may take)
+    _cfg(**_WS, n=128, s=3, overlap=2, pingpong=True, heavy=True, qbufs=1),
+    _cfg(**_WS, n=128, s=3, overlap=2, heavy=True, qbufs=1),
     dict(_cfg(**_LONG), AGAIN=True),  # the 8 x 2048 pick again, last (the same build; AGAIN only names it)
 ]
 LAYOUT_CONFIGS = [_cfg(**_WS, s=3, overlap=2, pingpong=True, heavy=True)]

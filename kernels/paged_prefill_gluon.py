@@ -295,8 +295,8 @@ def _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles, BLOCK_Q: 
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr,
                  num_seqs, max_q_tiles, num_tiles, num_items, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr,
-                 HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr):
-    """For each work item this program runs: both halves of q into q buffer n % 2 (n = items run so far), then the
+                 HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr, Q_BUFS: gl.constexpr):
+    """For each work item this program runs: both halves of q into q buffer n % Q_BUFS (n = items run so far), then the
     key tiles into ring slot it % STAGES (it = tiles loaded so far), each once its consumers freed it."""
     TQ: gl.constexpr = BLOCK_Q // 2
     n = 0
@@ -306,8 +306,8 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empt
                                                            BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
         if run:
             for c in gl.static_range(2):
-                buf = (n % 2) * 2 + c
-                mbarrier.wait(q_empty.index(buf), ((n // 2) + 1) & 1, pred=n >= 2)
+                buf = (n % Q_BUFS) * 2 + c
+                mbarrier.wait(q_empty.index(buf), ((n // Q_BUFS) + 1) & 1, pred=n >= Q_BUFS)
                 mbarrier.expect(q_ready.index(buf), GROUP * q_desc.block_type.nbytes)
                 for h in gl.static_range(GROUP):
                     tma.async_copy_global_to_shared(q_desc, [q_start + first_pos + c * TQ,
@@ -352,7 +352,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
                  num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, C: gl.constexpr,
                  GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
-                 MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                 MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, Q_BUFS: gl.constexpr):
     """Half C of each work item's rows (TQ tokens x GROUP heads, head-major): attend over the ring's tiles, release
     each slot once its PV wgmma is done and the q buffer after the item's last QK^T, and store. OVERLAP 1: the
     next tile's QK^T is issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued
@@ -378,9 +378,9 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
         if run:
             n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
             q_pos = first_pos + C * TQ + r_s % TQ
-            buf = (n % 2) * 2 + C
+            buf = (n % Q_BUFS) * 2 + C
             q = q_smem.index(buf)
-            mbarrier.wait(q_ready.index(buf), (n // 2) & 1)
+            mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
@@ -473,18 +473,18 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_
                        GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                       CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                       Q_BUFS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
     dtype: gl.constexpr = k_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_Q // 2 * GROUP, HEAD_DIM], q_desc.layout)  # [buffer x half]
+    q_smem = gl.allocate_shared_memory(dtype, [2 * Q_BUFS, BLOCK_Q // 2 * GROUP, HEAD_DIM], q_desc.layout)  # buffer x half
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(4):
+    for i in gl.static_range(2 * Q_BUFS):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -497,15 +497,17 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_
     gl.warp_specialize([
         (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
                         num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 0, GROUP, BLOCK_Q,
-                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG)),
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG,
+                        Q_BUFS)),
         (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
                         num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 1, GROUP, BLOCK_Q,
-                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG)),
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG,
+                        Q_BUFS)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q, BLOCK_N,
-                        HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE)),
+                        HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS)),
     ], [4, 1], [CONSUMER_REGS, 24])
-    for i in gl.static_range(4):
+    for i in gl.static_range(2 * Q_BUFS):
         mbarrier.invalidate(q_ready.index(i))
         mbarrier.invalidate(q_empty.index(i))
     for i in gl.static_range(STAGES):
@@ -528,7 +530,9 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     OVERLAP_QK (1: the next QK^T under the softmax; 2: FlashAttention-3's order, the softmax under the previous
     PV), PINGPONG (with OVERLAP_QK 2: the consumers' wgmma issues alternate), WS_REGS (the consumers' registers;
     the producer keeps 24),
-    PERSISTENT (1: one program per SM walking the items). max_q_tiles > 0: HEAVY_FIRST's item mapping."""
+    PERSISTENT (1: one program per SM walking the items), Q_BUFS (q buffers per consumer, default 2: the next
+    item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring). max_q_tiles > 0:
+    HEAVY_FIRST's item mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
     num_tokens, num_heads, head_dim = q.shape
@@ -551,6 +555,6 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
         num_seqs, max_q_tiles, num_tiles, num_items,
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
-        OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")),
+        OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
         CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

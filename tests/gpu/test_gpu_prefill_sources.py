@@ -65,6 +65,8 @@ GLUON_CONFIGS = [
     # FlashAttention-3's order (the softmax under the previous PV) with the consumers' issues alternating
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2,
          PINGPONG=True, PERSISTENT=1),
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2,
+         PERSISTENT=1, Q_BUFS=1),  # one q buffer per consumer, three 128-key stages
 ]
 
 
