@@ -94,6 +94,7 @@ def compile_gluon(cfg: dict):
                       SEQ_VEC=cfg["SEQ_VEC"], HEAVY=bool(cfg.get("HEAVY_FIRST")), SKIP_SINGLE=False,
                       MASK_BRANCH=cfg.get("ONE_LOOP") == 2, OVERLAP=int(cfg.get("OVERLAP_QK") or 0),
                       PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
+                      DYNAMIC=bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC")),
                       CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
         cfg = dict(cfg, num_warps=4, maxnreg=None)
     else:
@@ -104,7 +105,7 @@ def compile_gluon(cfg: dict):
     names = kernel.arg_names
     sig = {n: ("constexpr" if n in consts else mangle_type(desc) if n in ("k_desc", "v_desc") else
                mangle_type(q_desc) if n == "q_desc" else
-               "*i32" if n == "query_start_loc_ptr" else "*bf16" if n.endswith("_ptr") else
+               "*i32" if n in ("query_start_loc_ptr", "counter_ptr") else "*bf16" if n.endswith("_ptr") else
                "fp32" if n == "qk_scale" else "i32") for n in names}
     src = GluonASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     opts = dict(num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))

@@ -292,39 +292,88 @@ def _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles, BLOCK_Q: 
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, query_start_loc_ptr,
-                 num_seqs, max_q_tiles, num_tiles, num_items, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
-                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr,
-                 HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr, Q_BUFS: gl.constexpr):
-    """For each work item this program runs: both halves of q into q buffer n % Q_BUFS (n = items run so far), then the
-    key tiles into ring slot it % STAGES (it = tiles loaded so far), each once its consumers freed it."""
+def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem, w,
+                  q_start, q_len, first_pos, kv_head, n, it, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
+                  DYNAMIC: gl.constexpr):
+    """Producer, one runnable work item (the n-th this program runs): both halves of q into q buffer n % Q_BUFS
+    (with DYNAMIC the item's index beside it, for the consumers), then its key tiles into ring slots it % STAGES,
+    ... each once its consumers freed it. Returns the tiles loaded so far."""
     TQ: gl.constexpr = BLOCK_Q // 2
+    for c in gl.static_range(2):
+        buf = (n % Q_BUFS) * 2 + c
+        mbarrier.wait(q_empty.index(buf), ((n // Q_BUFS) + 1) & 1, pred=n >= Q_BUFS)
+        if DYNAMIC:
+            _put_item(item_smem, buf, w)
+        mbarrier.expect(q_ready.index(buf), GROUP * q_desc.block_type.nbytes)
+        for h in gl.static_range(GROUP):
+            tma.async_copy_global_to_shared(q_desc, [q_start + first_pos + c * TQ, (kv_head * GROUP + h) * HEAD_DIM],
+                                            q_ready.index(buf), q_smem.index(buf).slice(h * TQ, TQ))
+    n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
+    for j in range(n_tiles):
+        slot = it % STAGES
+        # The slot's previous tile must be released; the ring's first STAGES tiles find it empty.
+        mbarrier.wait(empty.index(slot), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
+        mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM], ready.index(slot),
+                                        k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM], ready.index(slot),
+                                        v_smem.index(slot))
+        it += 1
+    return it
+
+
+@gluon.jit
+def _put_item(item_smem, buf, w):
+    """Producer: write work item index w (-1: no more) into q buffer buf's item slot (read after its q_ready)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    item_smem.index(buf).store(gl.full([1], w, gl.int32, layout=layout))
+
+
+@gluon.jit
+def _get_item(item_smem, buf):
+    """Consumer: the work item index the producer left in q buffer buf's item slot."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    return gl.max(item_smem.index(buf).load(layout), 0)
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem,
+                 counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP: gl.constexpr,
+                 BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr, Q_BUFS: gl.constexpr,
+                 DYNAMIC: gl.constexpr):
+    """Load every work item this program runs (n = items run so far, it = key tiles loaded so far). The items are
+    program_id(0), then every num_programs(0)-th; with DYNAMIC, program_id(0), then the next untaken one from a
+    global counter (heaviest first within a head group, so whichever program is free takes the heaviest left:
+    longest-processing-time order), ending with index -1 for the consumers."""
     n = 0
     it = 0
-    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles,
-                                                           BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
-        if run:
-            for c in gl.static_range(2):
-                buf = (n % Q_BUFS) * 2 + c
-                mbarrier.wait(q_empty.index(buf), ((n // Q_BUFS) + 1) & 1, pred=n >= Q_BUFS)
-                mbarrier.expect(q_ready.index(buf), GROUP * q_desc.block_type.nbytes)
-                for h in gl.static_range(GROUP):
-                    tma.async_copy_global_to_shared(q_desc, [q_start + first_pos + c * TQ,
-                                                             (kv_head * GROUP + h) * HEAD_DIM],
-                                                    q_ready.index(buf), q_smem.index(buf).slice(h * TQ, TQ))
-            n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
-            for j in range(n_tiles):
-                slot = it % STAGES
-                # The slot's previous tile must be released; the ring's first STAGES tiles find it empty.
-                mbarrier.wait(empty.index(slot), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
-                mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM],
-                                                ready.index(slot), k_smem.index(slot))
-                tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM],
-                                                ready.index(slot), v_smem.index(slot))
-                it += 1
-            n += 1
+    if DYNAMIC:
+        w = gl.program_id(0)
+        while w < num_items:
+            run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
+                                                               max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
+            if run:
+                it = _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                                   item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP, BLOCK_Q, BLOCK_N,
+                                   HEAD_DIM, STAGES, Q_BUFS, DYNAMIC)
+                n += 1
+            w = gl.atomic_add(counter_ptr, 1) + gl.num_programs(0)
+        for c in gl.static_range(2):
+            buf = (n % Q_BUFS) * 2 + c
+            mbarrier.wait(q_empty.index(buf), ((n // Q_BUFS) + 1) & 1, pred=n >= Q_BUFS)
+            _put_item(item_smem, buf, -1)
+            mbarrier.arrive(q_ready.index(buf))
+    else:
+        for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
+                                                               max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
+            if run:
+                it = _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                                   item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP, BLOCK_Q, BLOCK_N,
+                                   HEAD_DIM, STAGES, Q_BUFS, DYNAMIC)
+                n += 1
 
 
 @gluon.jit
@@ -348,15 +397,13 @@ def _turn_arrive(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
-                 num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, C: gl.constexpr,
-                 GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
-                 MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, Q_BUFS: gl.constexpr):
-    """Half C of each work item's rows (TQ tokens x GROUP heads, head-major): attend over the ring's tiles, release
-    each slot once its PV wgmma is done and the q buffer after the item's last QK^T, and store. OVERLAP 1: the
-    next tile's QK^T is issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued
-    together, then tile j's softmax while PV(j - 1) runs, with PINGPONG the two consumers' issues alternating."""
+def _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start, q_len, first_pos,
+             kv_head, qk_scale, stride_ot, stride_oh, C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
+             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr,
+             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer C, one work item whose q is in buffer buf (its q_ready waited for) and whose key tiles start at ring
+    tile `it`: attend, release each ring slot once its PV wgmma is done and q's buffer after the last QK^T, store.
+    Returns (it, g) after the item."""
     TQ: gl.constexpr = BLOCK_Q // 2
     ROWS: gl.constexpr = TQ * GROUP
     dtype: gl.constexpr = k_smem.dtype
@@ -369,111 +416,142 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
     r_s = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
     o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
+    q_pos = first_pos + C * TQ + r_s % TQ
+    q = q_smem.index(buf)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    if OVERLAP == 2:
+        slot0 = it % STAGES
+        mbarrier.wait(ready.index(slot0), (it // STAGES) & 1)
+        g = _turn_wait(turn, g, C, PINGPONG)
+        s = warpgroup_mma(q, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _turn_arrive(turn, C, PINGPONG)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, 0, q_pos, first_pos, qk_scale, s_layout,
+                                           o_layout, BLOCK_N, MASK_BRANCH)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_tiles):
+            cur = (it + j) % STAGES
+            prev = (it + j - 1) % STAGES
+            mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
+            g = _turn_wait(turn, g, C, PINGPONG)
+            s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            _turn_arrive(turn, C, PINGPONG)
+            s = warpgroup_mma_wait(1, deps=(s,))  # QK^T(j) is done; PV(j - 1) may still run
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
+                                               o_layout, BLOCK_N, MASK_BRANCH)
+            # p_op (PV(j - 1)'s A operand, read from registers) stays alive until that wgmma is done.
+            acc, p_old = warpgroup_mma_wait(0, deps=(acc, p_op))
+            mbarrier.arrive(empty.index(prev))
+            acc = acc * alpha[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+        last = (it + n_tiles - 1) % STAGES
+        g = _turn_wait(turn, g, C, PINGPONG)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        _turn_arrive(turn, C, PINGPONG)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index(last))
+    elif OVERLAP:
+        mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
+        s = warpgroup_mma(q, k_smem.index(it % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        for j in range(n_tiles - 1):
+            cur = (it + j) % STAGES
+            nxt = (it + j + 1) % STAGES
+            mbarrier.wait(ready.index(nxt), ((it + j + 1) // STAGES) & 1)
+            s_next = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
+                                               o_layout, BLOCK_N, MASK_BRANCH)
+            acc = acc * alpha[:, None]
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                is_async=True)
+            # Both in flight are waited for here (ptxas serializes a loop whose wgmma crosses its back edge).
+            acc, s = warpgroup_mma_wait(0, deps=(acc, s_next))
+            mbarrier.arrive(empty.index(cur))
+        last = n_tiles - 1
+        mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, last, q_pos, first_pos, qk_scale, s_layout,
+                                           o_layout, BLOCK_N, MASK_BRANCH)
+        acc = acc * alpha[:, None]
+        cur = (it + last) % STAGES
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index(cur))
+    else:
+        for j in range(n_tiles):
+            cur = (it + j) % STAGES
+            mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
+                                               o_layout, BLOCK_N, MASK_BRANCH)
+            acc = acc * alpha[:, None]
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index(cur))
+        mbarrier.arrive(q_empty.index(buf))
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    o_idx = first_pos + C * TQ + r_o % TQ
+    o_off = (q_start + o_idx).to(gl.int64) * stride_ot + (kv_head * GROUP + r_o // TQ) * stride_oh
+    gl.store(out_ptr + o_off[:, None] + o_d[None, :], out.to(dtype), mask=(o_idx < q_len)[:, None])
+    return it + n_tiles, g
+
+
+@gluon.jit
+def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
+                 query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh,
+                 C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr,
+                 SKIP_SINGLE: gl.constexpr, MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr):
+    """Half C of each work item's rows (TQ tokens x GROUP heads, head-major), item after item in the producer's
+    order (with DYNAMIC the producer names each item beside its q; -1 ends). OVERLAP 1: the next tile's QK^T is
+    issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued together, then
+    tile j's softmax while PV(j - 1) runs, with PINGPONG the two consumers' issues alternating."""
     n = 0
     it = 0
     g = 0  # sections of wgmma issues so far (PINGPONG's turn phases)
-    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles,
-                                                           BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
-        if run:
-            n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
-            q_pos = first_pos + C * TQ + r_s % TQ
-            buf = (n % Q_BUFS) * 2 + C
-            q = q_smem.index(buf)
-            mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
-            m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
-            acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-            if OVERLAP == 2:
-                slot0 = it % STAGES
-                mbarrier.wait(ready.index(slot0), (it // STAGES) & 1)
-                g = _turn_wait(turn, g, C, PINGPONG)
-                s = warpgroup_mma(q, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                _turn_arrive(turn, C, PINGPONG)
-                s = warpgroup_mma_wait(0, deps=(s,))
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, 0, q_pos, first_pos, qk_scale, s_layout,
-                                                   o_layout, BLOCK_N, MASK_BRANCH)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                for j in range(1, n_tiles):
-                    cur = (it + j) % STAGES
-                    prev = (it + j - 1) % STAGES
-                    mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
-                    g = _turn_wait(turn, g, C, PINGPONG)
-                    s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                    _turn_arrive(turn, C, PINGPONG)
-                    s = warpgroup_mma_wait(1, deps=(s,))  # QK^T(j) is done; PV(j - 1) may still run
-                    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
-                                                       o_layout, BLOCK_N, MASK_BRANCH)
-                    # p_op (PV(j - 1)'s A operand, read from registers) stays alive until that wgmma is done.
-                    acc, p_old = warpgroup_mma_wait(0, deps=(acc, p_op))
-                    mbarrier.arrive(empty.index(prev))
-                    acc = acc * alpha[:, None]
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
-                last = (it + n_tiles - 1) % STAGES
-                g = _turn_wait(turn, g, C, PINGPONG)
-                acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-                _turn_arrive(turn, C, PINGPONG)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-                mbarrier.arrive(empty.index(last))
-            elif OVERLAP:
-                mbarrier.wait(ready.index(it % STAGES), (it // STAGES) & 1)
-                s = warpgroup_mma(q, k_smem.index(it % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-                s = warpgroup_mma_wait(0, deps=(s,))
-                for j in range(n_tiles - 1):
-                    cur = (it + j) % STAGES
-                    nxt = (it + j + 1) % STAGES
-                    mbarrier.wait(ready.index(nxt), ((it + j + 1) // STAGES) & 1)
-                    s_next = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
-                                           is_async=True)
-                    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
-                                                       o_layout, BLOCK_N, MASK_BRANCH)
-                    acc = acc * alpha[:, None]
-                    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                        is_async=True)
-                    # Both in flight are waited for here (ptxas serializes a loop whose wgmma crosses its back edge).
-                    acc, s = warpgroup_mma_wait(0, deps=(acc, s_next))
-                    mbarrier.arrive(empty.index(cur))
-                last = n_tiles - 1
-                mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, last, q_pos, first_pos, qk_scale, s_layout,
-                                                   o_layout, BLOCK_N, MASK_BRANCH)
-                acc = acc * alpha[:, None]
-                cur = (it + last) % STAGES
-                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-                mbarrier.arrive(empty.index(cur))
-            else:
-                for j in range(n_tiles):
-                    cur = (it + j) % STAGES
-                    mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
-                    s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    s = warpgroup_mma_wait(0, deps=(s,))
-                    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout,
-                                                       o_layout, BLOCK_N, MASK_BRANCH)
-                    acc = acc * alpha[:, None]
-                    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                        is_async=True)
-                    acc = warpgroup_mma_wait(0, deps=(acc,))
-                    mbarrier.arrive(empty.index(cur))
-                mbarrier.arrive(q_empty.index(buf))
-            it += n_tiles
+    if DYNAMIC:
+        mbarrier.wait(q_ready.index(C), 0)
+        w = _get_item(item_smem, C)
+        while w >= 0:
+            run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
+                                                               max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
+            it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, (n % Q_BUFS) * 2 + C, it,
+                             g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
+                             BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG)
             n += 1
-            out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-            o_idx = first_pos + C * TQ + r_o % TQ
-            o_off = (q_start + o_idx).to(gl.int64) * stride_ot + (kv_head * GROUP + r_o // TQ) * stride_oh
-            gl.store(out_ptr + o_off[:, None] + o_d[None, :], out.to(dtype), mask=(o_idx < q_len)[:, None])
+            buf = (n % Q_BUFS) * 2 + C
+            mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
+            w = _get_item(item_smem, buf)
+    else:
+        for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
+                                                               max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
+            if run:
+                buf = (n % Q_BUFS) * 2 + C
+                mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
+                it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start,
+                                 q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP, BLOCK_Q,
+                                 BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG)
+                n += 1
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "max_q_tiles", "num_tiles", "num_items"])
-def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_scale, stride_ot, stride_oh,
-                       num_seqs, max_q_tiles, num_tiles, num_items,
+def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, counter_ptr, qk_scale, stride_ot,
+                       stride_oh, num_seqs, max_q_tiles, num_tiles, num_items,
                        GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                       Q_BUFS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                       Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
     dtype: gl.constexpr = k_desc.dtype
@@ -488,6 +566,7 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    item_smem = gl.allocate_shared_memory(gl.int32, [2 * Q_BUFS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -495,17 +574,17 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, qk_
         mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
     fence_async_shared()  # the barriers' initialization is visible to the TMA unit before it signals them
     gl.warp_specialize([
-        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
-                        num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 0, GROUP, BLOCK_Q,
-                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG,
-                        Q_BUFS)),
-        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, query_start_loc_ptr,
-                        num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh, 1, GROUP, BLOCK_Q,
-                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, MASK_BRANCH, OVERLAP, PINGPONG,
-                        Q_BUFS)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-                        query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q, BLOCK_N,
-                        HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS)),
+        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
+                        query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
+                        stride_oh, 0, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC)),
+        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
+                        query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
+                        stride_oh, 1, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem,
+                        counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q,
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS, DYNAMIC)),
     ], [4, 1], [CONSUMER_REGS, 24])
     for i in gl.static_range(2 * Q_BUFS):
         mbarrier.invalidate(q_ready.index(i))
@@ -530,7 +609,8 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     OVERLAP_QK (1: the next QK^T under the softmax; 2: FlashAttention-3's order, the softmax under the previous
     PV), PINGPONG (with OVERLAP_QK 2: the consumers' wgmma issues alternate), WS_REGS (the consumers' registers;
     the producer keeps 24),
-    PERSISTENT (1: one program per SM walking the items), Q_BUFS (q buffers per consumer, default 2: the next
+    PERSISTENT (1: one program per SM walking the items; with DYNAMIC each takes the next untaken item from a global
+    counter rather than every num_programs-th: the heaviest left goes to whichever program is free), Q_BUFS (q buffers per consumer, default 2: the next
     item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring). max_q_tiles > 0:
     HEAVY_FIRST's item mapping."""
     if cfg["num_stages"] < 2:
@@ -550,11 +630,15 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     num_tiles = num_seqs * max_q_tiles if max_q_tiles else num_tokens // block_q + num_seqs
     num_items = num_tiles * num_kv_heads
     programs = min(num_items, sm_count(q.device)) if cfg.get("PERSISTENT") else num_items
+    dynamic = bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC"))
+    # DYNAMIC: the next item's index, counted from 0 by each launch (a memset; programs start at their own id)
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else query_start_loc
     _prefill_ws_kernel[(programs,)](
-        q_desc, k_desc, v_desc, query_start_loc, out, scale * 1.4426950408889634, out.stride(0), out.stride(1),
-        num_seqs, max_q_tiles, num_tiles, num_items,
+        q_desc, k_desc, v_desc, query_start_loc, out, counter, scale * 1.4426950408889634, out.stride(0),
+        out.stride(1), num_seqs, max_q_tiles, num_tiles, num_items,
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
+        DYNAMIC=dynamic,
         CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

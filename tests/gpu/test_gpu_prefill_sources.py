@@ -67,6 +67,9 @@ GLUON_CONFIGS = [
          PINGPONG=True, PERSISTENT=1),
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2,
          PERSISTENT=1, Q_BUFS=1),  # one q buffer per consumer, three 128-key stages
+    # each program takes its next work item from a global counter (the producer names it to the consumers)
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
+         PERSISTENT=1, DYNAMIC=True, HEAVY_FIRST=True),
 ]
 
 
