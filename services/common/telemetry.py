@@ -53,7 +53,11 @@ def tracer() -> trace.Tracer:
 
 @contextmanager
 def span(name: str, **attributes):
-    """A span under the current context (the incoming RPC's span on a server)."""
+    """A span under the current context (the incoming RPC's span on a server). With tracing off, a
+    non-recording span that touches no context (so a stream that moves between tasks can hold it)."""
+    if _provider is None:
+        yield trace.INVALID_SPAN
+        return
     with tracer().start_as_current_span(name) as s:
         if attributes and s.is_recording():
             s.set_attributes({k: v for k, v in attributes.items() if v is not None})

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, nullcontext
 
+from services.common import telemetry
 from services.common.errors import FolioError, InvalidArgument, NotFound, Unavailable, quote
 from services.common.request_limits import RequestLimits
 from services.router.batching import batched
@@ -166,7 +167,8 @@ class RouterCore:
                 self.check_limits(inp, model)
                 route = Route(self.registry, self.engines, self.by_model.get(model), self.counters,
                               self.max_attempts, self.watch)
-                async with aclosing(batched(RequestStream(route, inp, model, deadline).run())) as chunks:
+                stream = RequestStream(route, inp, model, deadline).run()
+                async with aclosing(batched(stream, first_inline=not telemetry.enabled())) as chunks:
                     async for chunk in chunks:
                         yield chunk
         finally:

@@ -56,6 +56,66 @@ def test_a_chunk_for_a_waiting_reader_is_handed_over_before_the_producer_reads_o
     assert events == ["got a", "read on", "got b"]
 
 
+@pytest.mark.parametrize("first_inline", [False, True])
+def test_an_inline_first_chunk_reaches_the_reader_before_work_queued_meanwhile(first_inline):
+    """first_inline: the first chunk is made in the reader's task, so the reader has it before any callback
+    the event loop queued meanwhile (other streams' work); through the producing task it waits behind them."""
+    events = []
+
+    async def source():
+        await asyncio.sleep(0.01)  # the engine's first message, awaited
+        asyncio.get_running_loop().call_soon(events.append, "other work")
+        yield chunk(ChoiceDelta(0, "a", [97]))
+        yield chunk(ChoiceDelta(0, "b", [98]), finished=True)
+
+    async def run():
+        out = []
+        async for c in batched(source(), first_inline=first_inline):
+            events.append("got " + c.choices[0].text)
+            out.append(c)
+        return out
+
+    out = asyncio.run(asyncio.wait_for(run(), 5))
+    assert [c.choices[0].text for c in out] == ["a", "b"]
+    assert events[:2] == (["got a", "other work"] if first_inline else ["other work", "got a"])
+
+
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_leaving_after_an_inline_first_chunk_closes_the_source(when):
+    closed = asyncio.Event()
+
+    async def source():
+        try:
+            for t in range(97, 120):
+                yield chunk(ChoiceDelta(0, chr(t), [t]))
+                await asyncio.sleep(0.001)
+        finally:
+            closed.set()
+
+    async def run():
+        stream = batched(source(), first_inline=True)
+        await anext(stream)
+        if when == "later":
+            await anext(stream)
+        await stream.aclose()
+        await asyncio.wait_for(closed.wait(), 1)
+
+    asyncio.run(run())
+
+
+def test_an_error_before_an_inline_first_chunk_is_raised():
+    async def source():
+        raise Unavailable("no engine")
+        yield  # an async generator
+
+    async def run():
+        async for _ in batched(source(), first_inline=True):
+            pass
+
+    with pytest.raises(Unavailable, match="no engine"):
+        asyncio.run(run())
+
+
 def test_chunks_that_come_during_a_write_go_out_as_one_in_order():
     lp = [{97 + k: Logprob(-0.1 * k, 1, chr(97 + k))} for k in range(4)]
 
