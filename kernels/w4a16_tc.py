@@ -276,7 +276,7 @@ MAX_M = 64
 def usable(x: torch.Tensor, group_size: int, k: int, perm, gated: bool, n: int) -> bool:
     """Whether `tc` can run this call: 1 to MAX_M rows of bf16 or fp16 x (rows 4-byte aligned), no act-order, a group
     size that is a multiple of 64 (or one group over K), K even; gated: one row, inter a multiple of 16."""
-    return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_M and x.dtype in (torch.bfloat16, torch.float16)
+    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
             and perm is None and (group_size % 64 == 0 or group_size >= k) and k % 2 == 0 and x.data_ptr() % 4 == 0
             and x.stride(1) == 1 and (x.shape[0] == 1 or x.stride(0) % 2 == 0)
             and (not gated or ((n // 2) % 16 == 0 and x.shape[0] == 1)))
