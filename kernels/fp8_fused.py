@@ -1,9 +1,10 @@
 """The FP8 method's producer kernels: add + RMSNorm (Llama's rounding) and SwiGLU, each ending in FP8 quantization
-per token for the linear layer that reads the result; the same arithmetic and bits as kernels/fused_norm.py's
-add_rms_norm_fp8 and kernels/silu_mul.py's split silu_mul_fp8, with two differences that change no bit: every
-launch takes PDL (kernels/pdl.py; the split SwiGLU's second launch follows its first), and with HW_CVT
+per token for the linear layer that reads the result (quantization/fp8.py's norm_fp8 and swiglu_fp8 call these).
+The norm has the arithmetic and bits of kernels/fused_norm.py's add_rms_norm_fp8; SwiGLU + FP8 is the split
+(two-launch) form of kernels/silu_mul.py's silu_mul_fp8, which runs it from here. Two differences that change no
+bit: every launch takes PDL (kernels/pdl.py; SwiGLU's second launch follows its first), and with HW_CVT
 (kernels/fp8_quant.py) the e4m3 rounding is the hardware's conversion (cvt.rn.satfinite) instead of ~15 float32
-integer ops per element. quantization/fp8.py (norm_fp8, swiglu_fp8) calls these.
+integer ops per element.
 
 Why: the quantizing passes are bound by instructions, not bytes (bench/fp8_where.py round 2, H200: the SwiGLU
 quantizing launch took 165 us at 8,192 rows against ~80 us of traffic), and a decode step's small launches wait
@@ -62,6 +63,10 @@ NORM_LAUNCH: list = []
 (bench/fp8_where.py); rows past every bound, or none listed: fused_norm's choice (16 at hidden 4096)."""
 
 
+def _norm_warps(m: int, block: int) -> int:
+    return next((w for most, w in NORM_LAUNCH if m <= most and w), None) or min(16, max(1, block // 256))
+
+
 def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                      ub: float | None = None, x_scales=None, hw_cvt: bool | None = None,
                      num_warps: int | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +108,9 @@ def _silu_mul_amax_kernel(
     gate_up_ptr, y_ptr, part_ptr, rs_ptr, col_ptr, t, inter, nblk, stride_in,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Split SwiGLU + FP8, first launch (kernels/silu_mul.py's, with PDL): a [ROWS, BLOCK] tile of silu(gate) * up
-    in the 16-bit dtype, rounded as torch rounds it, to y, and each row's amax over the tile to part[row, block]."""
+    """Split SwiGLU + FP8, first launch: a [ROWS, BLOCK] tile of silu(gate) * up in the 16-bit dtype, rounded as
+    torch rounds it (kernels/silu_mul.py's _silu_mul_block arithmetic), to y, and each row's amax over the tile to
+    part[row, block]. The column scales are read once per tile, not once per row."""
     pdl.enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blk = tl.program_id(1)
@@ -126,18 +132,14 @@ def _silu_mul_amax_kernel(
     tl.store(part_ptr + rows64 * nblk + blk, tl.max(tl.abs(y.to(tl.float32)), axis=1), mask=r_ok)
 
 
-def _norm_warps(m: int, block: int) -> int:
-    return next((w for most, w in NORM_LAUNCH if m <= most and w), None) or min(16, max(1, block // 256))
-
-
 @triton.jit
 def _quant_by_parts_kernel(
     y_ptr, part_ptr, q_ptr, s_ptr, t, inter, nblk, ub,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """kernels/silu_mul.py's quantizing launch of the split SwiGLU + FP8 path, rounding by quantize_row_cvt: each
-    row's scale from its tiles' amaxes, then a [ROWS, BLOCK] tile of y quantized; column block 0 writes the scales."""
+    """Split SwiGLU + FP8, second launch: each row's scale from its tiles' amaxes, then a [ROWS, BLOCK] tile of y
+    quantized (quantize_row_cvt); column block 0 writes the scales."""
     pdl.enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blk = tl.program_id(1)
@@ -163,8 +165,10 @@ one-program-per-row launch for the row count."""
 
 def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, split: dict | None = None,
                  hw_cvt: bool | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernels/silu_mul.py's silu_mul_fp8 in its split form (same bits; both launches with PDL, kernels/pdl.py):
-    SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch. `split`: the
+    """SwiGLU + FP8 per token in two launches, bit for bit quantize_fp8_rows(silu_mul(gate_up, scales), ub=ub):
+    SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch. One
+    program per row would leave most SMs idle at decode's row counts; the split pays a write and read of the
+    16-bit result (L2-resident at decode sizes). `split`: the
     launch config (default silu_mul.py's FP8_LAUNCH entry for the row count, if split); `hw_cvt` as
     add_rms_norm_fp8's."""
     _silu_check(gate_up, scales)

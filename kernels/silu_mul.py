@@ -1,5 +1,6 @@
 """SwiGLU activation: silu(gate) * up from the fused gate/up projection, in one pass; with FP8 quantization per
-token (silu_mul_fp8) in one launch per row, or split over the row in two launches (see silu_mul_fp8)."""
+token (silu_mul_fp8) in one launch per row, or split over the row in two launches (kernels/fp8_fused.py's; the
+table of launches, FP8_LAUNCH, is here)."""
 
 from __future__ import annotations
 
@@ -78,58 +79,6 @@ def _silu_mul_kernel(
     tl.store(out_ptr + tok * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _silu_mul_amax_kernel(
-    gate_up_ptr, y_ptr, part_ptr, rs_ptr, col_ptr, t, inter, nblk, stride_in,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr,
-):
-    """Split SwiGLU + FP8, first launch: a [ROWS, BLOCK] tile of silu(gate) * up in the 16-bit dtype (the same
-    arithmetic as _silu_mul_block) to y, and each row's amax over the tile to part[row, block]. The column
-    scales are read once per tile, not once per row."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    blk = tl.program_id(1)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    r_ok, c_ok = rows < t, offs < inter
-    mask = r_ok[:, None] & c_ok[None, :]
-    rows64 = rows.to(tl.int64)
-    src = gate_up_ptr + rows64[:, None] * stride_in + offs[None, :]
-    dt = gate_up_ptr.dtype.element_ty
-    g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
-    if SCALED:
-        rs = tl.load(rs_ptr + rows, mask=r_ok, other=0.0)[:, None]
-        g = (g * rs * tl.load(col_ptr + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
-        u = (u * rs * tl.load(col_ptr + inter + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    y = (act * u).to(dt)
-    tl.store(y_ptr + rows64[:, None] * inter + offs[None, :], y, mask=mask)
-    tl.store(part_ptr + rows64 * nblk + blk, tl.max(tl.abs(y.to(tl.float32)), axis=1), mask=r_ok)
-
-
-@triton.jit
-def _quant_by_parts_kernel(
-    y_ptr, part_ptr, q_ptr, s_ptr, t, inter, nblk, ub,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, HAS_UB: tl.constexpr,
-):
-    """Split SwiGLU + FP8, second launch: each row's scale from its tiles' amaxes, then a [ROWS, BLOCK] tile of y
-    quantized with it (kernels/fp8_quant.py's arithmetic); the first column block writes the scales."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    blk = tl.program_id(1)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    r_ok, c_ok = rows < t, offs < inter
-    rows64 = rows.to(tl.int64)
-    pb = tl.arange(0, NBLK)
-    parts = tl.load(part_ptr + rows64[:, None] * nblk + pb[None, :], mask=r_ok[:, None] & (pb < nblk)[None, :],
-                    other=0.0)
-    scale = row_scale(tl.max(parts, axis=1), ub, HAS_UB)
-    mask = r_ok[:, None] & c_ok[None, :]
-    y = tl.load(y_ptr + rows64[:, None] * inter + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    q = quantize_row(y, scale[:, None])
-    tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    if blk == 0:
-        tl.store(s_ptr + rows, scale, mask=r_ok)
-
-
 def _check(gate_up, scales):
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
         raise ValueError(f"gate_up must be [num_tokens, 2 * inter] with a contiguous last dim; got {tuple(gate_up.shape)}")
@@ -181,24 +130,26 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | No
     """silu_mul followed by FP8 quantization per token: (float8_e4m3fn [num_tokens, inter], float32 scales
     [num_tokens, 1]), bit for bit quantize_fp8_rows(silu_mul(gate_up, scales), ub=ub). One program per row, or
     with `split` ({"ROWS", "BLOCK", "num_warps"}; by default FP8_LAUNCH's entry for the row count) two launches over
-    [ROWS, BLOCK] tiles: SwiGLU to a 16-bit scratch with per-tile amaxes, then quantization. One program per
+    [ROWS, BLOCK] tiles (kernels/fp8_fused.py's silu_mul_fp8): SwiGLU to a 16-bit scratch with per-tile amaxes,
+    then quantization. One program per
     row leaves most SMs idle at decode's row counts and reads the column scales once per row; the split pays
     a write and read of the 16-bit result (L2-resident at decode sizes). `block` below the row's width runs
     the one-program two-pass loop (else FP8_CONFIG's). `warmup`: compile only (bench/fp8.py)."""
     _check(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
-    s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
-    if t == 0:
-        return q, s
     if split is None and block is None and num_warps is None:
         cfg = next((c for most, c in FP8_LAUNCH if t <= most), FP8_CONFIG)
         if "ROWS" in cfg:
             split = cfg
         else:
             block, num_warps = cfg.get("BLOCK"), cfg.get("num_warps")
-    if split is not None:
-        _split_launches(gate_up, q, s, scales, ub, split, warmup)
+    if split is not None:  # the split launches live with the FP8 method's producers
+        from kernels import fp8_fused
+
+        return fp8_fused.silu_mul_fp8(gate_up, ub, scales=scales, split=split, warmup=warmup)
+    q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
+    s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
+    if t == 0:
         return q, s
     if block is None:
         block, num_warps = FP8_CONFIG.get("BLOCK"), num_warps or FP8_CONFIG.get("num_warps")
@@ -213,31 +164,6 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | No
     else:
         _silu_mul_quant_kernel[(t,)](*args, **consts)
     return q, s
-
-
-def _split_launches(gate_up, q, s, scales, ub, cfg: dict, warmup: bool) -> None:
-    """The two launches of the split path: ROWS x BLOCK tiles (num_warps) for SwiGLU and the amaxes; the quantizing
-    launch over ROWS2 x BLOCK2 tiles (warps2) where the config names them (it reads every amax of its rows)."""
-    t, inter = q.shape
-    rows, block, warps = cfg["ROWS"], cfg["BLOCK"], cfg.get("num_warps", 4)
-    rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
-    nblk = triton.cdiv(inter, block)
-    y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
-    part = torch.empty((t, nblk), dtype=torch.float32, device=gate_up.device)
-    rs, cs = scales if scales is not None else (s, s)
-    grid1 = (triton.cdiv(t, rows), nblk)
-    grid2 = (triton.cdiv(t, rows2), triton.cdiv(inter, block2))
-    a1 = (gate_up, y, part, rs, cs, t, inter, nblk, gate_up.stride(0))
-    c1 = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, num_warps=warps)
-    a2 = (y, part, q, s, t, inter, nblk, float(ub) if ub is not None else 0.0)
-    c2 = dict(ROWS=rows2, BLOCK=block2, NBLK=max(2, triton.next_power_of_2(nblk)), HAS_UB=ub is not None,
-              num_warps=warps2)
-    if warmup:
-        _silu_mul_amax_kernel.warmup(*a1, grid=grid1, **c1)
-        _quant_by_parts_kernel.warmup(*a2, grid=grid2, **c2)
-    else:
-        _silu_mul_amax_kernel[grid1](*a1, **c1)
-        _quant_by_parts_kernel[grid2](*a2, **c2)
 
 
 def silu_mul_ref(gate_up):

@@ -62,11 +62,12 @@ def test_silu_mul_fp8(dtype, block, ub):
 
 def test_silu_mul_fp8_takes_its_launch_from_the_table(monkeypatch):
     """FP8_LAUNCH picks by row count: the split launches up to 2 rows, one program per row above; same bits."""
+    from kernels import fp8_fused
     from kernels import silu_mul as sm
 
     calls = []
-    real = sm._split_launches
-    monkeypatch.setattr(sm, "_split_launches", lambda *a: calls.append(a[5]) or real(*a))
+    real = fp8_fused.silu_mul_fp8
+    monkeypatch.setattr(fp8_fused, "silu_mul_fp8", lambda *a, **k: calls.append(k["split"]) or real(*a, **k))
     monkeypatch.setattr(sm, "FP8_LAUNCH", [(2, {"ROWS": 2, "BLOCK": 64}), (1 << 30, {"BLOCK": 128, "num_warps": 4})])
     g = torch.Generator().manual_seed(5)
     for t, splits_so_far in ((2, 1), (5, 1)):
