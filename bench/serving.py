@@ -599,13 +599,15 @@ def main() -> None:
                 # each stack run) otherwise meets its first requests cold, which later variants, run back
                 # to back, would not (on the CPU machine the first variant's TTFT came out ~1-4 ms worse).
                 rewarm = make_requests(4, max(args.rates), vocab, 999_998, args.in_len, (4, 4))
+                run_s = 0.0  # the longest run of this variant so far: what the next one is expected to take
                 for run in range(args.runs):
                     took = time.perf_counter() - t_start
-                    if args.max_wall_s and runs[v] and took + took / len(runs[v]) > args.max_wall_s:
+                    if args.max_wall_s and runs[v] and took + run_s > args.max_wall_s:
                         print(f"[{v}] stopping after {len(runs[v])} run(s): --max-wall-s {args.max_wall_s:g}")
                         break
                     row = []
                     inproc_s = 0.0
+                    t_run = time.perf_counter()
                     for k, rate in enumerate(args.rates):
                         drive_stack(stack, rewarm)
                         s = drive_stack(stack, schedules[run][k])
@@ -626,6 +628,7 @@ def main() -> None:
                               + "; CPU ms/token "
                               + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items()), flush=True)
                     runs[v].append(row)
+                    run_s = max(run_s, time.perf_counter() - t_run)
                     if one_variant_s is None:
                         one_variant_s = time.perf_counter() - t_variant - inproc_s
             finally:
