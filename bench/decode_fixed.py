@@ -134,7 +134,7 @@ def precompile_attention(trials, hq, hkv, d) -> None:
 
 LAUNCHES = [dict(TILE_N=64, num_warps=4, num_stages=2), dict(TILE_N=64, num_warps=8, num_stages=2),
             dict(TILE_N=64, num_warps=4, num_stages=5)]
-"""--attn-batches: the three launches _decode_config picks by program count (the first was the only one before)."""
+"""--attn-batches: the default launch, 8 warps, and double-buffered K/V (5 stages)."""
 
 
 def attention_part(cfg, ceil, device, dtype, quick: bool, batches=None) -> list[dict]:
@@ -615,16 +615,17 @@ def sustained(runner, inputs, label: str, n: int = 40) -> dict:
 
 
 def compare_part(args, ceil, t0: float, res: dict, checkpoint) -> dict:
-    """The engine's decode steps with the current defaults against the attention launch and GEMM table they
-    replaced (OLD_TABLE; the 4-warp 2-stage launch at every program count), at 256 x 384, 96 x 325-640 and
-    32 x 320-640 sequences, each at the split the chat's decode graphs would launch; then the sustained check."""
+    """The engine's decode steps with the defaults against the other decode launches (LAUNCHES) and the GEMM
+    table before round 1's entries (OLD_TABLE), at 256 x 384, 96 x 325-640 and 32 x 320-640 sequences, each at
+    the split the chat's decode graphs would launch, and a chat-like mixed step; then the sustained check.
+    (Round 2 ran it with a program-count rule as the default, since reverted: its "old attention launch" is
+    today's default.)"""
     import kernels.paged_decode as pd
 
     cfg = SHAPES[args.shape]
     llm, runner, startup = make_engine(args, SEQS, 640)
     res["startup_eager_s"] = startup
     dims = [(n, k) for name, (n, k) in layer_shapes(cfg).items() if name != "lm_head"]
-    old = dict(TILE_N=64, num_warps=4, num_stages=2)
     deadline = t0 + args.budget
     for n, lens in ((SEQS, [(1, CTX)] * SEQS), (96, [(1, int(c)) for c in np.linspace(325, 640, 96).round()]),
                     (32, [(1, int(c)) for c in np.linspace(320, 640, 32).round()])):
@@ -639,8 +640,8 @@ def compare_part(args, ceil, t0: float, res: dict, checkpoint) -> dict:
         print(f"\ndecode step, {n} sequences (split {split}): the defaults against what they replaced")
         res[f"compare_{n}"] = decode_variants(
             runner, inputs, 640, n, args.iters, base,
-            [("defaults", {"split": split}), ("old attention launch (64, 4 warps, 2 stages)", {"attn": old, "split": split}),
-             ("old GEMM table", {"table_only": OLD_TABLE, "split": split}), ("defaults again", {"split": split})],
+            [("defaults", {"split": split})] + [(f"attn {c}", {"attn": c, "split": split}) for c in LAUNCHES[1:]]
+            + [("old GEMM table", {"table_only": OLD_TABLE, "split": split}), ("defaults again", {"split": split})],
             dims, deadline)
         checkpoint()
     # A chat-like mixed step (250 decodes + a 350-token prompt: its decode rows take the decode kernel, with
@@ -659,10 +660,10 @@ def compare_part(args, ceil, t0: float, res: dict, checkpoint) -> dict:
             cuda_graphs.MIXED_BUCKETS = saved_b
         return time.perf_counter() - t
     capture_mixed()
-    print("\nmixed step, 250 decodes at 500 + a 350-token prompt (608-token graph): the defaults against the old launch")
+    print("\nmixed step, 250 decodes at 500 + a 350-token prompt (608-token graph): the defaults against 8 warps")
     res["compare_mixed"] = decode_variants(
         runner, mi, 640, SEQS, args.iters, runner.execute(mi).float(),
-        [("defaults", {}), ("old attention launch (64, 4 warps, 2 stages)", {"attn": old}), ("defaults again", {})],
+        [("defaults", {}), (f"attn {LAUNCHES[1]}", {"attn": LAUNCHES[1]}), ("defaults again", {})],
         dims, deadline, capture=capture_mixed)
     checkpoint()
     recapture_decode(runner, 640, SEQS)
@@ -786,7 +787,7 @@ def main() -> None:
                     choices=["attention", "gemms", "engine", "compare"],
                     help="what to run (default: the first three; compare: the defaults against what they replaced)")
     ap.add_argument("--attn-batches", type=int, nargs="*", default=None,
-                    help="the attention part at these sequence counts, the three launches of _decode_config")
+                    help="the attention part at these sequence counts, the three LAUNCHES")
     ap.add_argument("--attn-configs", default=None,
                     help="JSON list of decode launch configs for the engine's variants (default: the attention part's winners)")
     ap.add_argument("--budget", type=float, default=70.0, help="seconds after which decode variants are skipped")

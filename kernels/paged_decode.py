@@ -344,16 +344,7 @@ sequences at ~388 tokens): 2.955 ms of attention per decode step with float16 do
 unstaged, 3.489 at 3 stages, 4.7+ with PREFETCH), against 3.63 over a bf16 pool."""
 
 
-MANY_PROGRAMS = 1536
-"""(sequence, KV head) programs from which a 16-bit pool with head_dim 128 takes 8 warps (256 sequences of 8 KV heads:
-the 8B fixed workload's decode steps)."""
-SOME_PROGRAMS = 512
-"""... and from which (below MANY_PROGRAMS) it double-buffers K/V (num_stages 5)."""
-
-
-def _decode_config(head_dim: int, dtype: torch.dtype, kv_fp8: bool = False, programs: int | None = None) -> dict:
-    """The decode launch for the pool's head_dim and dtypes and (16-bit pool, head_dim 128) the launch's
-    (sequence, KV head) program count (None: as for few)."""
+def _decode_config(head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> dict:
     if _interpreting():
         return dict(TILE_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -362,18 +353,13 @@ def _decode_config(head_dim: int, dtype: torch.dtype, kv_fp8: bool = False, prog
         return dict(FP8_KV_CONFIG)
     if head_dim >= 256:
         return dict(TILE_N=32, num_warps=4, num_stages=3)
-    # Triton 3.6 gives the loop's K/V tiles one shared-memory buffer at num_stages 2-4 (the next tile's copy is
-    # issued after this tile's dots: no overlap inside a program), two at 5-6 (bench/decode_ptxas.py). H200,
-    # bench/decode_fixed.py round 1 (bench/results/decode_fixed_2026-11-29_h200_r1.json), KV read rate of
-    # each launch from a CUDA graph: 256 sequences x 384 (equal contexts, the fixed workload's decode) 8 warps
-    # 3.98 TB/s against 3.88 with 4 (the engine's decode step 9.87 vs 9.95 ms); 96 x 325-650 (the chat's)
-    # 5 stages 3.44 against 3.29; 32 x 500-1000 (split 2) 2 stages stay best (2.88 against 2.55 at 5).
-    # Not measured at head_dim 64 (the 1B): it keeps the launch of bench/decode_sweep.py's sweep there.
-    if head_dim == 128 and not kv_fp8 and programs is not None:
-        if programs >= MANY_PROGRAMS:
-            return dict(TILE_N=64, num_warps=8, num_stages=2)
-        if programs >= SOME_PROGRAMS:
-            return dict(TILE_N=64, num_warps=4, num_stages=5)
+    # H200, bench/decode_sweep.py (bench/results/decode_sweep_2026-11-29_h200.json): 2 stages against 3,
+    # KV read rate: 8B b256 ctx<=384 3.42 vs 3.37 TB/s, 1B (d 64) b256 2.89 vs 2.73, 1B b1024 3.66 vs 3.59,
+    # 8B b64 ctx 2048 3.50 vs 3.50; within 1-2% of each shape's best of 27 configs.
+    # Kept after bench/decode_fixed.py rounds 1-2 (docs/performance.md, "The 8B fixed workload"): 8 warps read
+    # 2-3% faster at 256 equal contexts but 1-3.5% slower at 192-256 spread ones (and a mixed step's decode rows
+    # ~3% slower); double-buffered K/V (5 stages) won at 48 and 96 sequences and lost at 64, 128 and 192, each as
+    # its programs fill the GPU's slots in whole waves or not: no launch wins across batch sizes.
     return dict(TILE_N=64, num_warps=4, num_stages=2)
 
 
@@ -434,7 +420,7 @@ def paged_decode(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1; got {num_splits}")
-    cfg = dict(_decode_config(head_dim, q.dtype, fp8, num_seqs * num_kv_heads), **(config or {}))
+    cfg = dict(_decode_config(head_dim, q.dtype, fp8), **(config or {}))
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -509,7 +495,7 @@ def _decode_rows_of_mixed_step(q, kv_cache, block_tables, seq_lens, scale, query
         out = torch.empty_like(q)
     if num_seqs == 0 or num_tokens == 0:
         return out
-    cfg = dict(_decode_config(head_dim, q.dtype, fp8, num_seqs * kv_cache.shape[3]), **(config or {}))
+    cfg = dict(_decode_config(head_dim, q.dtype, fp8), **(config or {}))
     _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, (out, out, out), num_seqs, 1, cfg, variants,
             fp8, v_scale, rows_from_qsl=True)
     return out

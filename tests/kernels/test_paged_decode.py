@@ -37,29 +37,14 @@ def test_paged_decode_head_dims(head_dim, num_splits):
 
 
 @pytest.mark.parametrize("config", [dict(TILE_N=64, num_warps=8, num_stages=2), dict(TILE_N=64, num_warps=4, num_stages=5)])
-def test_paged_decode_program_count_launches(config):
-    """The launches the GPU picks by program count (head_dim 128, 16-bit pool), over tiles that span blocks."""
+def test_paged_decode_wider_launches(config):
+    """Launches bench/decode_fixed.py times (8 warps; 5 stages: K/V double-buffered on the GPU) over tiles that
+    span blocks, head_dim 128."""
     batch = make_batch([1, 70, 129, 200], [1] * 4, 8, 2, 128, 16, torch.float16, DEVICE)
     q = batch.q
     out = paged_decode(q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3, num_splits=1, config=config,
                        out=poisoned_like(q))
     assert_close(out, paged_decode_ref(q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3), torch.float16)
-
-
-def test_decode_launch_by_program_count(monkeypatch):
-    """On the GPU a 16-bit pool with head_dim 128 takes 8 warps from MANY_PROGRAMS (sequence, KV head) programs
-    and 5 stages from SOME_PROGRAMS; fewer programs, another head_dim or an fp8 pool keep the 4-warp 2-stage one."""
-    from kernels import paged_decode as pd
-
-    monkeypatch.setattr(pd, "_interpreting", lambda: False)
-    base = dict(TILE_N=64, num_warps=4, num_stages=2)
-    bf16 = torch.bfloat16
-    assert pd._decode_config(128, bf16, programs=256 * 8) == dict(TILE_N=64, num_warps=8, num_stages=2)
-    assert pd._decode_config(128, bf16, programs=pd.MANY_PROGRAMS - 1) == dict(TILE_N=64, num_warps=4, num_stages=5)
-    assert pd._decode_config(128, bf16, programs=pd.SOME_PROGRAMS - 1) == base
-    assert pd._decode_config(128, bf16) == base
-    assert pd._decode_config(64, bf16, programs=256 * 8) == base
-    assert pd._decode_config(128, bf16, kv_fp8=True, programs=256 * 8) == base
 
 
 def test_paged_decode_more_splits_than_tiles():
