@@ -1,22 +1,29 @@
 """Where the 8B fixed workload's steps lose against their ceilings, kernel by kernel, and which decode variants win.
 
-    python bench/decode_fixed.py --json bench/results/decode_fixed_<date>_h200.json       # ~70 s on an H200
+    python bench/decode_fixed.py --json bench/results/decode_fixed_<date>_h200.json       # ~50 s on an H200
+    python bench/decode_fixed.py --sections attention compare --attn-batches 48 64 128 192 256   # round 2, ~40 s
     TRITON_INTERPRET=1 python bench/decode_fixed.py --shape tiny --device cpu --dtype float32 --quick   # smoke test
 
 The fixed workload (bench/throughput.py) decodes 256 sequences whose contexts are all equal (256 + step), after
-eight 8,192-token prefill steps of 32 fresh prompts each. This script, on one process:
-1. measures the ceilings (bench/throughput.measure_ceilings: copy GB/s, bf16 matmul TFLOP/s);
-2. decode attention at 256 sequences x equal contexts (and a spread one): every launch variant is checked
-   against the torch reference, then timed from a CUDA graph of 10 calls (so the host's launch time is not
-   measured); the KV read rate against the copy ceiling, beside a torch gather of the same blocks;
-3. each projection at 256 and 8,192 rows with cuBLAS and cuBLASLt, against max(FLOPs at the matmul rate,
-   bytes at the copy rate);
-4. on a random-weight engine of the shape: the decode step of 256 x 384 from a CUDA graph and eagerly, the
-   sum of its kernels (torch.profiler) and what is left (kernel boundaries), each kernel against its own
-   ceiling; the 8,192-token prefill step likewise, and its eager host launch time against its device time
-   (whether a mixed-step graph can gain anything there);
-5. decode-step variants re-captured into the graph (attention launch configs, split count, PDL off,
-   cuBLASLt at 256 rows), each step's logits compared with the baseline's first; prints which wins.
+eight 8,192-token prefill steps of 32 fresh prompts each. This script, on one process (--sections picks):
+1. the ceilings (bench/throughput.measure_ceilings: copy GB/s, bf16 matmul TFLOP/s);
+2. attention: decode attention at 256 sequences (equal and spread contexts) and at the chat's 32 and 96, or
+   at --attn-batches with LAUNCHES: every launch checked against the torch reference, then timed from a CUDA
+   graph of 10 calls (so the host's launch time is not measured); the KV read rate against the copy ceiling;
+3. gemms: each projection at 1-256 rows (cuBLAS, cuBLASLt, dense_gemm launches) and 8,192 (cuBLAS, cuBLASLt),
+   graph-timed over rotating weights, against max(FLOPs at the matmul rate, bytes at the copy rate); prints
+   the dense_dispatch.TABLE its small-row winners make;
+4. engine: on a random-weight engine of the shape, the decode step of 256 x 384 from a CUDA graph and eagerly,
+   the sum of its kernels (torch.profiler) and what is left (kernel boundaries), each kernel against its own
+   ceiling; decode-step variants re-captured into the graph (attention launches, split counts, cuBLASLt, the
+   run's GEMM table) at 256 and 32 sequences, each step's logits compared with the baseline's first; the
+   8,192-token prefill step; the engine's own decode steps (trace span against the graph); mixed steps of
+   1,024-8,192 tokens eager against their graph (which mixed buckets earn their capture time);
+5. compare: the defaults against the other launches and the GEMM table before round 1, at 256, 96 and 32
+   sequences and a chat-like mixed step, then 40 decode replays back to back against one after an idle GPU
+   with nvidia-smi's clocks (the GPU slows under sustained load).
+Records: bench/results/decode_fixed_2026-11-29_h200_r1.json / _r2.json (and .log); docs/performance.md,
+"The 8B fixed workload: where the 30% goes".
 """
 
 from __future__ import annotations
