@@ -138,10 +138,6 @@ TC_CASES = [
     (4096, 2 * 14336, 128, dict(TC, NT=2, SPLIT_K=8, PDL=2, DEPTH=2), True),
     (1024, 2 * 1008, 128, dict(TC, NT=2, SPLIT_K=3), True),  # inter 1008: the last strip half past it
 ]
-TC_ROWS = [(5, 4096, 6144, dict(TC, SPLIT_K=8, PDL=2)), (16, 4096, 6144, dict(TC, NT=2, SPLIT_K=8, PDL=2)),
-           (16, 14336, 4096, dict(TC, NT=2, SPLIT_K=56)), (12, 1000, 600, dict(TC, NT=2, SPLIT_K=5)),
-           (64, 4096, 28672, dict(TC, NT=1, SPLIT_K=2, PDL=2)), (40, 14336, 4096, dict(TC, NT=2, SPLIT_K=16))]
-"""(M, K, N, config): tc with several rows of x (1 to 8 B fragments of 8), group 128 (64 for K = 1000)."""
 
 
 def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
@@ -165,70 +161,8 @@ def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
                 err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, group, config=cfg, gated=gated, qtc=qtc)), ref)
             q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="tc" + ("_gated" if gated else ""),
                      shape=f"{k}x{n} g{group} {str(dt)[6:]}", M=1, config=cfg, rel_err=err)
-    for m, k, n, cfg in TC_ROWS:
-        group = 64 if k == 1000 else 128
-        qw, s, z, _, w = q.int4_case(k, n, group, False, g)
-        w4.reserve_workspace(DEV, n)
-        x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
-        qtc = with_tc(qw, k)
-        for _ in range(2):
-            err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, group, config=cfg, qtc=qtc)), x.float() @ w)
-        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="tc_rows", shape=f"{k}x{n} g{group}", M=m,
-                 config=cfg, rel_err=err)
     rows += chain_checks(failures, g, [dict(TC, PDL=p, SPLIT_K=8) for p in (1, 2)], kernels=("tc",))
     return rows
-
-
-def sweep_m16(start: float, budget: float, m: int = 16) -> dict:
-    """At M = m (16 or 64: the crossover's batches) per 8B GEMM: bf16, the committed config (the tensor-core `mma`
-    kernel) and `tc` (m / 8 B fragments) for two NT x split-K; a tc winner that passes its check goes into TUNED for
-    m's bucket (the engine's decode at M 2..16 or 17..64)."""
-    g = torch.Generator(device=DEV).manual_seed(3)
-    rows, failures = [], []
-    for name, (k, n) in SHAPES.items():
-        if time.time() - start > budget:
-            print(f"M={m} sweep {name}: skipped (time budget)", flush=True)
-            continue
-        bf = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE) for _ in range(q.copies_for(2 * n * k))]
-        q4 = [(qw, s_, z_, with_tc(qw, k)) for qw, s_, z_ in
-              (q.int4_random(k, n, 128, g) for _ in range(q.copies_for(n * k // 2)))]
-        w4.reserve_workspace(DEV, n)
-        x = torch.randn(m, k, generator=g, device=DEV).to(DTYPE)
-        groups, sms = k // 128, splitk.sm_count(DEV)
-        cands = [None, w4.pick_config(m, n, k, 128, DEV, tuned=False)]  # as committed; the rules' mma kernel
-        cands += [dict(KERNEL="tc", NT=nt, SPLIT_K=splitk.split_for(-(-n // (16 * nt)), groups, sms, per, max_split=128,
-                                                                     min_blocks=1), PDL=2, DEPTH=depth)
-                  for nt in ((2, 4) if m <= 16 else (1, 2)) for per in (8, 16) for depth in (1, 4)]
-        q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=q4[0][3]) for c in cands])
-        row = {"shape": name, "M": m, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf]), "w4a16": []}
-        for cfg in cands:
-            try:
-                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=a[3]) for a in q4])
-            except Exception as e:  # noqa: BLE001
-                print(f"  M={m} {name} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                continue
-            row["w4a16"].append({"config": cfg or "committed", "ms": ms})
-        best = min(row["w4a16"], key=lambda r: r["ms"])
-        committed = next((r["ms"] for r in row["w4a16"] if r["config"] == "committed"), float("nan"))
-        print(f"M={m} {name:<8} bf16 {row['bf16_ms']:.4f}  committed {committed:.4f}  best {best['ms']:.4f} "
-              f"{best['config']}", flush=True)
-        if isinstance(best["config"], dict):
-            qw, s, z, _, w = q.int4_case(k, n, 128, False, g)
-            err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=best["config"], qtc=with_tc(qw, k))),
-                           x.float() @ w)
-            checked: list = []
-            q.record(checked, failures, err < 1e-2 and q.workspace_clean(), check="m16_winner", shape=name, M=m,
-                     config=best["config"], rel_err=err)
-            row["check"] = checked[0]
-            if checked[0]["ok"]:
-                w4.TUNED[(w4.m_bucket(m), n, k)] = dict(best["config"])
-        row["best"] = best
-        rows.append(row)
-        del bf, q4
-        torch.cuda.empty_cache()
-    for f in failures:
-        print("FAILED", f)
-    return {"rows": rows, "failures": failures}
 
 
 def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
@@ -902,12 +836,6 @@ def main() -> int:
         if isinstance(got, dict):
             print_sweep(got)
             result["applied"] = q.attempt(lambda: apply_winners(got))
-        if "tc" in args.sweep_kernels:
-            for m, share in ((16, 0.08), (64, 0.16)):
-                got16 = q.attempt(lambda: sweep_m16(start, args.budget * (args.sweep_share + share), m))
-                result[f"sweep_m{m}"] = got16 if not isinstance(got16, Exception) else repr(got16)
-                if isinstance(got16, dict):
-                    failures += got16["failures"]
         print(f"sweep done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))

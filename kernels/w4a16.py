@@ -450,14 +450,15 @@ SPLIT_MAX_M = 64
 """Split-K is for decode-sized M; the workspace holds SPLIT_MAX_M x N sums (reserved at load)."""
 
 TUNED: dict[tuple[int, int, int], dict] = {
-    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/w4a16.py's M = 1 winners (2026-11-29 18:17, helper w4mma's
-    # round 1: H2 everywhere, 0.0439 ms per layer against bf16's 0.1328 and round 4's FOLD configs' 0.0518; the
-    # engine ran these: 2.346 ms/token) and bench/quant.py's larger-M winners.
-    (1, 6144, 4096): {'KERNEL': 'gemv3', 'T': 16, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 32,
+    # Llama-3-8B's qkv, o, gate_up, down on an H200: bench/w4a16.py's M = 1 winners (2026-11-29, helper w4mma's
+    # rounds 1-2: H2 everywhere, 0.0439 ms per layer against bf16's 0.1328 and round 4's FOLD configs' 0.0518; qkv
+    # and gate_up on 4 warps from round 2; the engine ran these: 2.314 ms/token) and bench/quant.py's larger-M
+    # winners.
+    (1, 6144, 4096): {'KERNEL': 'gemv3', 'T': 16, 'BLOCK_N': 512, 'num_warps': 4, 'num_stages': 1, 'SPLIT_K': 32,
                       'PDL': 2, 'H2': 2},
     (1, 4096, 4096): {'KERNEL': 'gemv4', 'T': 16, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'PER_SM': 12,
                       'PDL': 2, 'H2': 2},
-    (1, 28672, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 16,
+    (1, 28672, 4096): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 512, 'num_warps': 4, 'num_stages': 1, 'SPLIT_K': 16,
                        'PDL': 2, 'H2': 2},
     (1, 4096, 14336): {'KERNEL': 'gemv3', 'T': 8, 'BLOCK_N': 256, 'num_warps': 2, 'num_stages': 1, 'SPLIT_K': 112,
                        'PDL': 2, 'H2': 2},

@@ -2,11 +2,14 @@
 after a few bit operations, its A fragment of one mma.m16n8k16 (16 output columns by 16 inputs); x fills all 8
 columns of the B fragment; float32 accumulation.
 
-Why: the float32 GEMVs (`gemv3`, `gemv4`) spend ~4 instructions per weight (decode, a fused multiply-add each) and
-are bound by issue, not by memory. Here a word of 8 weights costs 3 shifts, 4 LOP3 (nibble pairs under the exponent
-of 128: the bf16 / f16 pair 128 + q, exact), 4 packed subtractions of 128 + z (exact: q - z is a small integer) and
-one mma: ~1.5 instructions per weight. Products are exact and summed in float32 (x as given, not rounded), so the
-result is as precise as a float32 dot of x with (q - z), scaled by s once per group and column.
+Why: the float32 GEMVs (`gemv3`, `gemv4`) spend ~4 instructions per weight (decode, a fused multiply-add each).
+Here a word of 8 weights costs 3 shifts, 4 LOP3 (nibble pairs under the exponent of 128: the bf16 pair 128 + q,
+exact) and one mma; (128 + z) sum(x) comes off per group and column (sum(x) from an all-ones mma), fp16 subtracts
+1024 + z in the fragment: ~1.9 instructions per weight at NT = 4 by the sm_90 SASS. Products are exact and summed in
+float32. Measured on the H200 (helper w4mma's rounds 1-2) it is correct but slower than H2 (kernels/w4a16_half2.py)
+at M = 1: its one-warp programs are bound by bytes in flight. A version taking up to 64 rows of x (x's rows as the
+B fragments' columns) gave wrong sums on the GPU while its interpreter stand-in agreed; it was taken out, and the
+kernel takes one row.
 
 Layout (`pack_tc`): [ceil(N / 16), ceil(K / 64), 128] int32. n-tile t (columns 16 t .. 16 t + 15), k-chunk c (inputs
 64 c .. 64 c + 63, four k-tiles of 16), and 128 words: lane l's 4 consecutive words (one 16-byte load) are k-tiles
@@ -15,9 +18,10 @@ n = 16 t + g + 8 * (i odd) and k = 16 kt + 2 h + (i >= 4) + 8 * (i in 2, 3, 6, 7
 is the fragment register a_i (nibbles i, i + 4: two consecutive inputs of one column). Zero rows and columns pad.
 
 In the kernel the word tensor is [NT, 32, 4] (n-tiles, lanes, k-tiles): Triton gives each thread one lane's 4
-contiguous words (the 16-byte vector), which is the layout the PTX needs; bench/w4a16.py checks the result on the
-GPU. Group sizes that are multiples of 64 (a chunk inside one group), no act-order (x is read as pairs), K and N
-any (padded). Without the PTX (the interpreter) the same products in Triton ops.
+contiguous words (the 16-byte vector), which is the layout the PTX needs (seen in the TTGIR; bench/w4a16.py checks
+the result on the GPU). Group sizes that are multiples of 64 (a chunk inside one group), no act-order (x is read as
+pairs), K and N any (padded). Without the PTX (the interpreter) the words are read back through the layout and
+multiplied in float32.
 """
 
 from __future__ import annotations
@@ -68,7 +72,6 @@ def _ones_asm(dtype: str, one: int) -> str:
 MAGIC = {"bf16": 0x43004300, "f16": 0x64006400}
 """The exponent bits of 128 (bf16) or 1024 (f16) in both halves; a nibble in the low mantissa bits reads as that + q."""
 _ASM_BF16 = tl.constexpr(_mma_asm("bf16", MAGIC["bf16"], False))  # FOLD: 128 + q, (128 + z) sum(x) off per group
-_ASM_BF16_SUB = tl.constexpr(_mma_asm("bf16", MAGIC["bf16"], True))  # q - z in the fragment: several rows of x
 _ASM_F16 = tl.constexpr(_mma_asm("f16", MAGIC["f16"], True))  # 1024 + q would cost float32 precision: q - z
 _ONES_BF16 = tl.constexpr(_ones_asm("bf16", 0x3F803F80))
 _CONS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
@@ -76,10 +79,10 @@ _CONS_ONES = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 12))
 
 
 @triton.jit
-def _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, TOK: tl.constexpr):
-    """The interpreter's stand-in for the PTX on chunk c: D [NT, 16, TOK] float32, columns 16 tile + row by x's rows
-    0 .. TOK - 1 (clamped to M - 1), from the words read back through pack_tc's layout (row = g + 8 odd, input
-    16 kt + 8 hi + 2 h + lo is nibble odd + 2 hi + 4 lo of lane 4 g + h's word kt), (q - z) x summed in float32."""
+def _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, K, z_rows):
+    """The interpreter's stand-in for the PTX on chunk c: D [NT, 16] float32 (columns 16 tile + row), from the words
+    read back through pack_tc's layout (row = g + 8 odd, input 16 kt + 8 hi + 2 h + lo is nibble odd + 2 hi + 4 lo of
+    lane 4 g + h's word kt), (q - z) x summed in float32."""
     row = tl.arange(0, 16)[None, :, None]
     kk = tl.arange(0, 64)[None, None, :]
     kt, k16 = kk // 16, kk % 16
@@ -88,16 +91,15 @@ def _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, TOK: 
     lane = 4 * (row % 8) + rem // 2
     words = tl.load(qw_ptr + tile.to(tl.int64) * stride_nt + c * 128 + lane * 4 + kt)  # [NT, 16, 64]
     a = ((words >> (4 * nib)) & 0xF) - z_rows  # z_rows [NT, 16, 1]
-    t = tl.arange(0, TOK)[:, None]
-    k = c * 64 + tl.arange(0, 64)[None, :]
-    xv = tl.load(x_ptr + tl.minimum(t, M - 1) * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)  # [TOK, 64]
-    return tl.sum(a.to(tl.float32)[:, :, None, :] * xv[None, None, :, :], axis=3)
+    k = c * 64 + kk
+    xv = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)  # [1, 1, 64]
+    return tl.sum(a.to(tl.float32) * xv, axis=2)
 
 
 @triton.jit
-def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr, MBP: tl.constexpr):
-    """[MBP, 1, 32, 4] int32: for fragment b (x2_ptr [MBP, 1, 32, 1] points at row 8 b + g of x as int32 pairs), lane
-    l and k-tile j of chunk c, the pair of x at inputs 64 c + 16 j + 2 h (h = l % 4 in hq [1, 32, 1]) and the next.
+def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr):
+    """[1, 1, 32, 4] int32 (x2_ptr [1, 1, 32, 1]: x as int32 pairs): for lane l and k-tile j of chunk c, the pair of x
+    at inputs 64 c + 16 j + 2 h (h = l % 4 in hq [1, 32, 1]) and the next.
     Loaded per k-tile (one pair per thread, lanes across the warp) and joined along the last dimension, so that each
     thread holds its lane's 4 pairs as the PTX needs them (one load of [.., 32, 4] would be laid out along its 4
     contiguous lanes instead)."""
@@ -111,7 +113,7 @@ def _x_tile(x2_ptr, c, hq, K, EVEN: tl.constexpr, MBP: tl.constexpr):
         x1 = tl.load(x2_ptr + c * 32 + 8 + hq, mask=2 * (c * 32 + 8 + hq) < K, other=0)
         x2 = tl.load(x2_ptr + c * 32 + 16 + hq, mask=2 * (c * 32 + 16 + hq) < K, other=0)
         x3 = tl.load(x2_ptr + c * 32 + 24 + hq, mask=2 * (c * 32 + 24 + hq) < K, other=0)
-    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (MBP, 1, 32, 4))  # [.., q, p] = x_{2q + p}
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (1, 1, 32, 4))  # [.., q, p] = x_{2q + p}
 
 
 @triton.jit
@@ -124,21 +126,20 @@ def _words(w_base, c, c_last, tiles_ok, FULL: tl.constexpr):
 
 @triton.jit
 def _w4a16_tc_kernel(
-    x_ptr,  # [M, K] bf16 or fp16, M <= 8 MBP, rows 4-byte aligned (read as int32 pairs)
+    x_ptr,  # [1, K] bf16 or fp16, 4-byte aligned (read as int32 pairs)
     qw_ptr,  # [ceil(N / 16), ceil(K / 64), 128] int32: pack_tc's layout
     s_ptr, z_ptr,  # [G, N] scales, uint8 zero points (same strides)
-    out_ptr, ws_ptr, cnt_ptr,  # out [M, N] (GATED: [1, inter]); split-K workspace (kernels/splitk.py)
-    M, N, K, group_size, groups_per_split, split_k, stride_xm, stride_om, stride_nt, stride_sg, inter,
-    NT: tl.constexpr, MBP: tl.constexpr, ONE: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr,
+    out_ptr, ws_ptr, cnt_ptr,  # out [1, N] (GATED: [1, inter]); split-K workspace (kernels/splitk.py)
+    N, K, group_size, groups_per_split, split_k, stride_nt, stride_sg, inter,
+    NT: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr,
     EVEN: tl.constexpr, FULL: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
     DEPTH: tl.constexpr,
 ):
     """Program (pid_n, pid_k): NT n-tiles (GATED: NT / 2 gate tiles and the same up tiles, `inter` columns on), over
-    the groups [pid_k * groups_per_split, ..) of K. x's rows are the B fragments' columns: MBP fragments of 8 (lane
-    4 g + h reads row 8 b + g, clamped to M - 1; ONE: M = 1 and every column is row 0), each an mma on the same
-    words. Per group: fresh accumulators chained through the group's chunks by the PTX, then acc += s * D per
-    column; bf16 with ONE (FOLD): D sums (128 + q) x and (128 + z) sum(x) comes off, sum(x) from an all-ones mma on
-    the same x fragments; otherwise the fragments hold q - z (exact). FULL: every program's n-tiles exist (no masks
+    the groups [pid_k * groups_per_split, ..) of K. x fills all 8 columns of the B fragment. Per group: a fresh
+    accumulator chained through the group's chunks by the PTX, then acc += s * D per column; bf16 (FOLD): D sums
+    (128 + q) x and (128 + z) sum(x) comes off, sum(x) from an all-ones mma on the same x fragments; fp16: the
+    fragments hold q - z (exact). FULL: every program's n-tiles exist (no masks
     on the words). DEPTH: chunks of words in flight ahead of the one computed (1 to 4). PDL as in gemv3 (the first
     chunks' words are read before the wait)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -163,11 +164,7 @@ def _w4a16_tc_kernel(
     c_last = tl.minimum(chunks, g_end * cpg) - 1  # the split's last chunk (prefetches stop there)
     w_base = qw_ptr + tile.to(tl.int64) * stride_nt + lane * 4 + j  # [NT, 32, 4], + chunk * 128
     x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
-    if ONE:
-        x2_rows = x2_ptr + tl.zeros((MBP, 1, 32, 1), dtype=tl.int32)
-    else:  # fragment b, lane 4 g + h: row 8 b + g of x (rows past M read row M - 1, whose sums are not stored)
-        xrow = tl.minimum(8 * tl.arange(0, MBP)[:, None, None, None] + tl.expand_dims(g, 0), M - 1)
-        x2_rows = x2_ptr + xrow * (stride_xm // 2)
+    x2_rows = x2_ptr + tl.zeros((1, 1, 32, 1), dtype=tl.int32)
     c0 = g_start * cpg
     nxt = _words(w_base, c0, c_last, tiles_ok, FULL)  # a ring of DEPTH chunks in flight: nxt, nxt2, nxt3, nxt4
     nxt2 = _words(w_base, c0 + 1, c_last, tiles_ok, FULL) if DEPTH >= 2 else nxt
@@ -177,9 +174,8 @@ def _w4a16_tc_kernel(
         gdc_launch_dependents()
     if PDL >= 1:
         gdc_wait()
-    acc1 = tl.zeros((NT, 32, 2), dtype=tl.float32)  # ONE: [.., 0] row g, [.., 1] row g + 8 of the lane's fragment
-    acc = tl.zeros((MBP, NT, 32, 4), dtype=tl.float32)  # else each fragment's c0..c3 (rows g, g + 8; x rows 2h, 2h + 1)
-    ref = tl.zeros((NT, 16, 8 * MBP), dtype=tl.float32)  # the interpreter's [tile, row, x row] sums
+    acc1 = tl.zeros((NT, 32, 2), dtype=tl.float32)  # [.., 0] row g, [.., 1] row g + 8 of the lane's fragment
+    ref = tl.zeros((NT, 16), dtype=tl.float32)  # the interpreter's [tile, row] sums
     s_g_ptr, z_g_ptr = s_ptr + n_g, z_ptr + n_g
     for grp in range(g_start, g_end):
         if FULL:
@@ -192,16 +188,15 @@ def _w4a16_tc_kernel(
             sc_g8 = tl.load(s_g_ptr + grp * stride_sg + 8, mask=ok_g8, other=0.0).to(tl.float32)
             z_g = tl.load(z_g_ptr + grp * stride_sg, mask=ok_g, other=0).to(tl.int32)
             z_g8 = tl.load(z_g_ptr + grp * stride_sg + 8, mask=ok_g8, other=0).to(tl.int32)
-        zbase = 0x4300 if BF16 else 0x6400
-        zz = (z_g + zbase) * 0x10001  # the pairs (128 + z, 128 + z) (bf16) or (1024 + z, ..) (f16) of rows g, g + 8
-        zz8 = (z_g8 + zbase) * 0x10001
+        zz = (z_g + 0x6400) * 0x10001  # f16: the pairs (1024 + z, 1024 + z) of rows g, g + 8
+        zz8 = (z_g8 + 0x6400) * 0x10001
         zz, zz8 = tl.expand_dims(zz, 0), tl.expand_dims(zz8, 0)
-        d = tl.zeros((MBP, NT, 32, 4), dtype=tl.float32)
-        xs = tl.zeros((MBP, 1, 32, 4), dtype=tl.float32)
+        d = tl.zeros((1, NT, 32, 4), dtype=tl.float32)
+        xs = tl.zeros((1, 1, 32, 4), dtype=tl.float32)
         if not ASM:
             rows16 = tile * 16 + tl.arange(0, 16)[None, :, None]
             z_rows = tl.load(z_ptr + grp * stride_sg + rows16, mask=tiles_ok & (rows16 < N), other=0).to(tl.int32)
-            e = tl.zeros((NT, 16, 8 * MBP), dtype=tl.float32)
+            e = tl.zeros((NT, 16), dtype=tl.float32)
         for c in range(grp * cpg, tl.minimum(chunks, (grp + 1) * cpg)):
             words = nxt
             nxt_new = _words(w_base, c + DEPTH, c_last, tiles_ok, FULL)
@@ -214,83 +209,64 @@ def _w4a16_tc_kernel(
             else:
                 nxt, nxt2, nxt3, nxt4 = nxt2, nxt3, nxt4, nxt_new
             if ASM:
-                xa = _x_tile(x2_rows, c, hq, K, EVEN, MBP)
-                xb = _x_tile(x2_rows + 4, c, hq, K - 8, EVEN, MBP)
-                if BF16 and ONE:
+                xa = _x_tile(x2_rows, c, hq, K, EVEN)
+                xb = _x_tile(x2_rows + 4, c, hq, K - 8, EVEN)
+                if BF16:
                     d = tl.inline_asm_elementwise(_ASM_BF16, _CONS, [tl.expand_dims(words, 0), xa, xb, zz, zz8, d],
                                                   dtype=tl.float32, is_pure=True, pack=4)
                     xs = tl.inline_asm_elementwise(_ONES_BF16, _CONS_ONES, [xa, xb, xs], dtype=tl.float32,
                                                    is_pure=True, pack=4)
-                elif BF16:  # the fragments share one decode (ptxas merges the PTX blocks' equal instructions)
-                    d = tl.inline_asm_elementwise(_ASM_BF16_SUB, _CONS, [tl.expand_dims(words, 0), xa, xb, zz, zz8,
-                                                                         d],
-                                                  dtype=tl.float32, is_pure=True, pack=4)
                 else:
                     d = tl.inline_asm_elementwise(_ASM_F16, _CONS, [tl.expand_dims(words, 0), xa, xb, zz, zz8, d],
                                                   dtype=tl.float32, is_pure=True, pack=4)
             else:
-                e += _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, stride_xm, M, K, z_rows, 8 * MBP)
-        if ASM:  # the fragment's c0, c1 are row g, c2, c3 row g + 8
-            if ONE:  # every column is row 0 of x: keep c0 and c2 of fragment 0
-                d2 = tl.split(tl.reshape(d, (NT, 32, 2, 2)))[0]
-                if BF16:
-                    xs2 = tl.split(tl.reshape(xs, (1, 32, 2, 2)))[0]
-                    z2 = tl.reshape(tl.join(z_g, z_g8), (NT, 32, 2)).to(tl.float32) + 128.0
-                    d2 -= z2 * xs2
-                acc1 += d2 * tl.reshape(tl.join(sc_g, sc_g8), (NT, 32, 2))
-            else:  # q - z went into the fragments
-                acc += d * tl.expand_dims(tl.where(j < 2, sc_g, sc_g8), 0)
+                e += _chunk_ref(qw_ptr, tile, stride_nt, c, x_ptr, K, z_rows)
+        if ASM:  # the fragment's c0, c1 are row g, c2, c3 row g + 8 (every column is x): keep c0 and c2
+            d2 = tl.split(tl.reshape(d, (NT, 32, 2, 2)))[0]
+            if BF16:
+                xs2 = tl.split(tl.reshape(xs, (1, 32, 2, 2)))[0]
+                z2 = tl.reshape(tl.join(z_g, z_g8), (NT, 32, 2)).to(tl.float32) + 128.0
+                d2 -= z2 * xs2
+            acc1 += d2 * tl.reshape(tl.join(sc_g, sc_g8), (NT, 32, 2))
         else:
             s_rows = tl.load(s_ptr + grp * stride_sg + rows16, mask=tiles_ok & (rows16 < N), other=0.0)
-            ref += e * s_rows.to(tl.float32)
-    if ASM and ONE:  # rows g and g + 8 of each n-tile: lane h = 0's (every lane of a quad holds the same sums)
+            ref += e * tl.reshape(s_rows, (NT, 16)).to(tl.float32)
+    if ASM:  # rows g and g + 8 of each n-tile: lane h = 0's (every lane of a quad holds the same sums)
         acc4 = tl.where(tl.arange(0, 4)[None, None, :, None] == 0, tl.reshape(acc1, (NT, 8, 4, 2)), 0.0)
         a4 = tl.arange(0, 2)[None, None, None, :]
         y_lo = tl.sum(tl.sum(tl.where(a4 == 0, acc4, 0.0), axis=3), axis=2)  # [NT, 8]
         y_hi = tl.sum(tl.sum(tl.where(a4 == 1, acc4, 0.0), axis=3), axis=2)
         y = tl.reshape(tl.permute(tl.join(y_lo, y_hi), (0, 2, 1)), (NT * 16,))  # position 16 r + 8 hi + g
-    elif ONE:
-        y = tl.reshape(tl.sum(tl.where(tl.arange(0, 8 * MBP)[None, None, :] == 0, ref, 0.0), axis=2), (NT * 16,))
-    elif ASM:  # fragment b (tile, g, h, c_i): column 16 tile + g + 8 (i // 2), x row 8 b + 2 h + i % 2
-        y2 = tl.reshape(tl.permute(tl.reshape(acc, (MBP, NT, 8, 4, 2, 2)), (0, 3, 5, 1, 4, 2)), (8 * MBP, NT * 16))
     else:
-        y2 = tl.reshape(tl.permute(ref, (2, 0, 1)), (8 * MBP, NT * 16))
-    if ONE:
-        offs = tl.arange(0, NT * 16)
-        if GATED:  # strip pid_n: gate columns pid_n * NT * 8 + .., then the same up columns (kernels/w4a16_stream.py)
-            col = pid_n * (NT * 8) + offs % (NT * 8)
-            strip_done(y, pid_n * (NT * 16) + offs, col < inter, pid_n, 1, split_k, inter, out_ptr, ws_ptr, cnt_ptr,
-                       NT * 16, GATED)
-        else:
-            splitk_store(y[None, :], tl.arange(0, 1), pid_n * (NT * 16) + offs, 1, N, out_ptr, 0, 0, ws_ptr, cnt_ptr,
-                         pid_n, split_k, SPLIT, True)
+        y = tl.reshape(ref, (NT * 16,))
+    offs = tl.arange(0, NT * 16)
+    if GATED:  # strip pid_n: gate columns pid_n * NT * 8 + .., then the same up columns (kernels/w4a16_stream.py)
+        col = pid_n * (NT * 8) + offs % (NT * 8)
+        strip_done(y, pid_n * (NT * 16) + offs, col < inter, pid_n, 1, split_k, inter, out_ptr, ws_ptr, cnt_ptr,
+                   NT * 16, GATED)
     else:
-        splitk_store(y2, tl.arange(0, 8 * MBP), pid_n * (NT * 16) + tl.arange(0, NT * 16), M, N, out_ptr, stride_om,
-                     0, ws_ptr, cnt_ptr, pid_n, split_k, SPLIT, True)
-
-
-MAX_M = 64
-"""Rows of x per call: up to 8 B fragments of 8 (each an mma on the same weights)."""
+        splitk_store(y[None, :], tl.arange(0, 1), pid_n * (NT * 16) + offs, 1, N, out_ptr, 0, 0, ws_ptr, cnt_ptr,
+                     pid_n, split_k, SPLIT, True)
 
 
 def usable(x: torch.Tensor, group_size: int, k: int, perm, gated: bool, n: int) -> bool:
-    """Whether `tc` can run this call: 1 to MAX_M rows of bf16 or fp16 x (rows 4-byte aligned), no act-order, a group
-    size that is a multiple of 64 (or one group over K), K even; gated: one row, inter a multiple of 16."""
+    """Whether `tc` can run this call: one row of bf16 or fp16 x (4-byte aligned), no act-order, a group size that is
+    a multiple of 64 (or one group over K), K even; gated: inter a multiple of 16."""
     return (x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
             and perm is None and (group_size % 64 == 0 or group_size >= k) and k % 2 == 0 and x.data_ptr() % 4 == 0
-            and x.stride(1) == 1 and (x.shape[0] == 1 or x.stride(0) % 2 == 0)
-            and (not gated or ((n // 2) % 16 == 0 and x.shape[0] == 1)))
+            and x.stride(1) == 1 and (not gated or (n // 2) % 16 == 0))
 
 
 def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
-    """x [M, K] (M <= MAX_M) -> [M, N] (gated, M = 1: silu(gate) * up [1, N / 2]) from pack_tc's `qtc`. cfg: NT
+    """x [1, K] -> [1, N] (gated: silu(gate) * up [1, N / 2]) from pack_tc's `qtc`. cfg: NT
     (n-tiles per program, default 4; even when gated), DEPTH (chunks in flight, 1 to 4, default 1), num_warps
     (default 1), SPLIT_K (default: about 8 programs per SM), maxnreg."""
     cfg = dict(cfg)
     m, k = x.shape
+    if m != 1:
+        raise ValueError(f"the tc kernel takes one row of x, got {m}")
     n = scales.shape[1]
     nt = cfg.pop("NT", 4)
-    mbp = triton.next_power_of_2(-(-m // 8))
     group = min(group_size, k)
     groups = -(-k // group)
     inter = n // 2 if gated else n
@@ -304,12 +280,11 @@ def launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated=False):
         out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
         ws, cnt = splitk.workspace(x.device, tiles * nt * 16)
     else:
-        out, ws, cnt = splitk.outputs(x, m, n, split, True)
-    args = (x, qtc, scales, zeros, out, ws, cnt, m, n, k, group, per, split, x.stride(0), out.stride(0),
-            qtc.stride(0), scales.stride(0), inter)
+        out, ws, cnt = splitk.outputs(x, 1, n, split, True)
+    args = (x, qtc, scales, zeros, out, ws, cnt, n, k, group, per, split, qtc.stride(0), scales.stride(0), inter)
     full = (inter % (8 * nt) == 0) if gated else (n % (16 * nt) == 0)
     depth = cfg.pop("DEPTH", 1)
-    consts = dict(cfg, NT=nt, MBP=mbp, ONE=m == 1, DEPTH=depth, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda,
+    consts = dict(cfg, NT=nt, DEPTH=depth, BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda,
                   EVEN=k % 64 == 0, FULL=full, SPLIT=split > 1, PDL=pdl, GATED=gated)
     consts.setdefault("num_warps", 1)
     if pdl:

@@ -283,33 +283,23 @@ def test_half2_mode_falls_back_where_it_cannot_run():
 TC = dict(KERNEL="tc", NT=4)
 
 
-@pytest.mark.parametrize("m, k, n, group, dtype, nt, split", [(1, 256, 96, 128, torch.bfloat16, 4, 2),
-                                                             (1, 320, 70, 64, torch.float16, 2, 3),
-                                                             (3, 300, 48, 300, torch.bfloat16, 4, 1),
-                                                             (16, 448, 40, 64, torch.bfloat16, 2, 7),
-                                                             (11, 256, 64, 128, torch.float16, 4, 2),
-                                                             (64, 256, 40, 128, torch.bfloat16, 1, 2),
-                                                             (37, 128, 32, 64, torch.bfloat16, 2, 1)])
-def test_w4a16_tc_matches_float64(m, k, n, group, dtype, nt, split):  # m > 1: the kernel called directly (see below)
-    """`tc` (kernels/w4a16_tc.py) on pack_tc's layout: 1 to 64 rows of x (1 to 8 B fragments), groups of 64 and
-    128, one group over a K that is not a multiple of 64, odd N (tiles past N), split-K over groups, fp16 and bf16,
-    one or two chunks in flight; gated too. The interpreter runs the PTX's stand-in (the words read back through the layout, float32 sums);
-    bench/w4a16.py checks the mma PTX on the GPU."""
+@pytest.mark.parametrize("k, n, group, dtype, nt, split, depth", [(256, 96, 128, torch.bfloat16, 4, 2, 1),
+                                                                 (320, 70, 64, torch.float16, 2, 3, 2),
+                                                                 (300, 48, 300, torch.bfloat16, 4, 1, 3),
+                                                                 (448, 40, 64, torch.bfloat16, 2, 7, 4)])
+def test_w4a16_tc_matches_float64(k, n, group, dtype, nt, split, depth):
+    """`tc` (kernels/w4a16_tc.py) on pack_tc's layout: groups of 64 and 128, one group over a K that is not a multiple
+    of 64, odd N (tiles past N), split-K over groups, fp16 and bf16, 1 to 4 chunks in flight; gated too. The
+    interpreter reads the words back through the layout (the PTX runs on the GPU: bench/w4a16.py's checks)."""
     from kernels.w4a16_tc import pack_tc
 
-    args, ref = case(m, k, n, group, False, dtype, seed=7 * k + n)
+    args, ref = case(1, k, n, group, False, dtype, seed=7 * k + n)
     qtc = pack_tc(unpack_int4(args[1], k))
-    cfg = dict(TC, NT=nt, SPLIT_K=split, DEPTH=m % 4 + 1)  # DEPTH: chunks of words in flight
-    if m == 1:
-        out = w4a16(*args, config=cfg, qtc=qtc)
-    else:  # w4a16 refuses tc past one row; the kernel's interpreter path for several rows
-        from kernels import w4a16_tc
-
-        cfg.pop("KERNEL")
-        out = w4a16_tc.launch(args[0], qtc, args[2], args[3], group, cfg, 0, False)
+    cfg = dict(TC, NT=nt, SPLIT_K=split, DEPTH=depth)
+    out = w4a16(*args, config=cfg, qtc=qtc)
     close(out, ref, dtype)
     assert_workspace_zero()
-    if (n // 2) % 16 == 0 and m == 1:  # the epilogue against torch's silu(gate) * up on the product above (stored)
+    if (n // 2) % 16 == 0:  # the epilogue against torch's silu(gate) * up on the product above (rounded as stored)
         gate, up = out[:, :n // 2].double(), out[:, n // 2:].double()
         close(w4a16(*args, config=cfg, qtc=qtc, gated=True), (gate * torch.sigmoid(gate)).to(dtype).double() * up,
               dtype)
@@ -317,9 +307,9 @@ def test_w4a16_tc_matches_float64(m, k, n, group, dtype, nt, split):  # m > 1: t
 
 
 def test_w4a16_tc_falls_back_where_it_cannot_run():
-    """No tensor-core weights, act-order, a group size that is not a multiple of 64, or more than one row of x (its
-    several-fragment path gave wrong sums on the H200, bench/results/w4a16_2026-11-29_h200_w4mma_r2.log, and is
-    refused until that is found): the untuned kernel runs."""
+    """No tensor-core weights, act-order, a group size that is not a multiple of 64, or more than one row of x (a
+    several-row version gave wrong sums on the H200, bench/results/w4a16_2026-11-29_h200_w4mma_r2.log, and was taken
+    out): the untuned kernel runs."""
     from kernels import w4a16_tc
 
     args, ref = case(1, 256, 40, 128, True, torch.bfloat16, seed=2)
