@@ -20,8 +20,6 @@ import triton.language as tl
 
 from kernels import fp8_quant, pdl
 from kernels.fp8_quant import quantize_row_cvt, row_scale
-from kernels import silu_mul
-from kernels.silu_mul import _check as _silu_check
 
 
 @triton.jit
@@ -158,9 +156,31 @@ def _quant_by_parts_kernel(
         tl.store(s_ptr + rows, scale, mask=r_ok)
 
 
+FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
+                    (1 << 30, {"ROWS": 4, "BLOCK": 512, "num_warps": 4})]
+"""[(max rows, config)], the first entry whose bound the row count does not pass (silu_mul_fp8 here and
+kernels/silu_mul.py's pick by it): {"ROWS", "BLOCK", "num_warps"} (and optionally the quantizing launch's
+"ROWS2", "BLOCK2", "warps2") for the split launches, {"BLOCK", "num_warps"} for silu_mul.py's one program per
+row. bench/fp8_where.py round 1 (H200, Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each bit
+for bit first), us per call, against silu_mul.py's FP8_CONFIG (one program per row): 16 rows 5.5 vs 16.1, 64:
+7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4, 512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357
+(ROWS 4, BLOCK 512); plain SwiGLU with a 16-bit output takes 4.6 / 4.8 / 7.1 / 11.7 / 45.8 / 171. Rounds 3 and
+4 (hardware rounding) kept these tiles."""
+
+
+def check_gate_up(gate_up, scales) -> None:
+    """SwiGLU's input: [num_tokens, 2 * inter] (gate, then up) with a contiguous last dim; `scales` (row, column)
+    float32 of its row and column counts (kernels/silu_mul.py checks its inputs by it too)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
+        raise ValueError(f"gate_up must be [num_tokens, 2 * inter] with a contiguous last dim; got "
+                         f"{tuple(gate_up.shape)}")
+    if scales is not None and (scales[0].numel() != gate_up.shape[0] or scales[1].numel() != gate_up.shape[1]
+                               or scales[0].dtype != torch.float32 or scales[1].dtype != torch.float32):
+        raise ValueError(f"scales must be float32 [{gate_up.shape[0]}] and [{gate_up.shape[1]}] row and column scales")
+
+
 SPLIT_DEFAULT = {"ROWS": 4, "BLOCK": 512, "num_warps": 4}
-"""The split launch where kernels/silu_mul.py's FP8_LAUNCH (the table of measured launches, by row count) names a
-one-program-per-row launch for the row count."""
+"""The split launch where FP8_LAUNCH names a one-program-per-row launch (kernels/silu_mul.py's) for the row count."""
 
 
 def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, split: dict | None = None,
@@ -169,15 +189,15 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch. One
     program per row would leave most SMs idle at decode's row counts; the split pays a write and read of the
     16-bit result (L2-resident at decode sizes). `split`: the
-    launch config (default silu_mul.py's FP8_LAUNCH entry for the row count, if split); `hw_cvt` as
+    launch config (default FP8_LAUNCH's entry for the row count, if split); `hw_cvt` as
     add_rms_norm_fp8's."""
-    _silu_check(gate_up, scales)
+    check_gate_up(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
     s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
     if t == 0:
         return q, s
-    cfg = split or next((c for most, c in silu_mul.FP8_LAUNCH if t <= most), SPLIT_DEFAULT)
+    cfg = split or next((c for most, c in FP8_LAUNCH if t <= most), SPLIT_DEFAULT)
     cfg = cfg if "ROWS" in cfg else SPLIT_DEFAULT
     rows, block, warps = cfg["ROWS"], cfg["BLOCK"], cfg.get("num_warps", 4)
     rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)

@@ -1,6 +1,6 @@
 """SwiGLU activation: silu(gate) * up from the fused gate/up projection, in one pass; with FP8 quantization per
-token (silu_mul_fp8) in one launch per row, or split over the row in two launches (kernels/fp8_fused.py's; the
-table of launches, FP8_LAUNCH, is here)."""
+token (silu_mul_fp8) in one launch per row, or split over the row in two launches (kernels/fp8_fused.py's, with
+the table of launches by row count, FP8_LAUNCH, that silu_mul_fp8 picks from)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
+from kernels import fp8_fused, pdl
+from kernels.fp8_fused import FP8_LAUNCH, check_gate_up
 from kernels.fp8_quant import quantize_row, row_scale
 
 
@@ -79,18 +80,10 @@ def _silu_mul_kernel(
     tl.store(out_ptr + tok * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(gate_up, scales):
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
-        raise ValueError(f"gate_up must be [num_tokens, 2 * inter] with a contiguous last dim; got {tuple(gate_up.shape)}")
-    if scales is not None and (scales[0].numel() != gate_up.shape[0] or scales[1].numel() != gate_up.shape[1]
-                               or scales[0].dtype != torch.float32 or scales[1].dtype != torch.float32):
-        raise ValueError(f"scales must be float32 [{gate_up.shape[0]}] and [{gate_up.shape[1]}] row and column scales")
-
-
 def silu_mul(gate_up: torch.Tensor, scales=None) -> torch.Tensor:
     """gate_up [num_tokens, 2 * inter] -> silu(gate) * up [num_tokens, inter]. `scales` (row [num_tokens],
     column [2 * inter], float32): gate_up is an FP8 GEMM's output before its scales, applied here first."""
-    _check(gate_up, scales)
+    check_gate_up(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:
@@ -113,17 +106,6 @@ of two; the two-pass loop below the row's width) and num_warps; empty: the whole
 bench/fp8.py round 2 (H200, Llama-3-8B's 14336, scales applied in the kernel): this one is fastest over the
 fixed workload's steps (0.0199 ms at 256 rows, 0.360 at 8192; one block per row 0.0191 and 0.546)."""
 
-FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
-                    (1 << 30, {"ROWS": 4, "BLOCK": 512, "num_warps": 4})]
-"""[(max rows, config)], the first entry whose bound the row count does not pass: {"ROWS", "BLOCK", "num_warps"}
-(and optionally the quantizing launch's "ROWS2", "BLOCK2", "warps2") for the split launches, {"BLOCK",
-"num_warps"} for one program per row. bench/fp8_where.py round 1 (H200,
-Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each bit for bit first), us per call, against
-FP8_CONFIG's one program per row: 16 rows 5.5 vs 16.1, 64: 7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4,
-512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357 (ROWS 4, BLOCK 512); plain SwiGLU with a 16-bit
-output takes 4.6 / 4.8 / 7.1 / 11.7 / 45.8 / 171."""
-
-
 def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | None = None, scales=None,
                  num_warps: int | None = None, warmup: bool = False,
                  split: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +117,7 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | No
     row leaves most SMs idle at decode's row counts and reads the column scales once per row; the split pays
     a write and read of the 16-bit result (L2-resident at decode sizes). `block` below the row's width runs
     the one-program two-pass loop (else FP8_CONFIG's). `warmup`: compile only (bench/fp8.py)."""
-    _check(gate_up, scales)
+    check_gate_up(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     if split is None and block is None and num_warps is None:
         cfg = next((c for most, c in FP8_LAUNCH if t <= most), FP8_CONFIG)
@@ -144,8 +126,6 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, block: int | No
         else:
             block, num_warps = cfg.get("BLOCK"), cfg.get("num_warps")
     if split is not None:  # the split launches live with the FP8 method's producers
-        from kernels import fp8_fused
-
         return fp8_fused.silu_mul_fp8(gate_up, ub, scales=scales, split=split, warmup=warmup)
     q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
     s = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
