@@ -227,20 +227,21 @@ class ModelRunner:
                         self._warm_step(lens)
         dense_dispatch.warmup(self.device, self.dtype)  # the LM head's GEMM builds for any row count
         if self.device.type == "cuda":
-            self._reserve_logits(min(max_num_seqs, max_num_batched_tokens))
+            self._warm_lm_head(min(max_num_seqs, max_num_batched_tokens))
             torch.cuda.synchronize(self.device)
 
-    def _reserve_logits(self, rows: int) -> None:
-        """Take the memory of the largest step's logits and sampling from the device once, here. The LM head
-        runs eagerly on each step's own rows, so while a workload ramps up (mixed steps sampling 32, 64, ...,
-        1,024 rows) each step's larger logits found no cached block and went to the device (cudaMalloc, host
-        milliseconds inside the step: 34 steps of the 1,024-request benchmark's first run did), leaving
-        every smaller segment cached and unused. One segment of the size the KV pool's sizing already set
-        aside (LLMEngine._size_kv_pool: four float32 [rows, vocab] tensors), freed to the caching allocator,
-        serves every later step's logits and sampling tensors from it."""
-        c = self.cfg
-        scratch = torch.empty(rows * c.vocab_size * 16, dtype=torch.uint8, device=self.device)
-        del scratch
+    def _warm_lm_head(self, rows: int) -> None:
+        """Run the LM head once at every row count from `rows` down to 1. It runs eagerly on each step's own
+        rows (one per sampling sequence), and cuBLAS picks its kernel by the row count: the first launch of
+        a kernel not used before in the process loads it, and that waited for the device to drain (H200, 1B
+        shape: a steady step's host launch took 0.2 ms, a step whose row count was new 2.5-3 ms, one or two
+        steps' device time, and the device then idled waiting for the rest of the launch: at least 11 steps
+        of the 1,024-request run's first pass). ~0.4 s at 1,024 rows on the 1B shape. Largest first: the first logits
+        allocation is the largest a step makes (the KV pool's sizing set it aside), and every later one is
+        carved from that block of torch's caching allocator instead of a new cudaMalloc."""
+        h = torch.zeros(rows, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        for m in range(rows, 0, -1):
+            self.model.head(h[:m], float32=False)
 
     def _prefill_configs(self) -> list[dict | None]:
         """The prefill kernel's configs the dispatch table can pick for this model; [None] (the backend's own
