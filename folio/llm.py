@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import weakref
 from collections.abc import Sequence as Seq
@@ -88,28 +89,35 @@ class LLM:
             return None, list(p)
         raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(p).__name__}")
 
+    def _feed(self, queue: collections.deque, proc: OutputProcessor) -> None:
+        """Queue requests in the engine only as far ahead as its next schedule can tell (Scheduler.queue_shortfall):
+        the step it makes is the one it would make with every request queued, and the rest are queued between
+        steps, while the device computes (with asynchronous scheduling). Queuing 1,024 requests at once had
+        kept the device idle for ~27 ms before the first step (H200 host, bench/throughput.py --trace)."""
+        engine = self.engine
+        seqs, tokens = engine.scheduler.queue_shortfall()
+        while queue and ((seqs > 0 and (tokens is None or tokens > 0)) or not engine.scheduler.waiting):
+            rid, (text, ids, sp) = queue.popleft()
+            text_params = sampling_params_for(sp) if isinstance(sp, BeamSearchParams) else sp
+            # Only stop strings need the text as it grows (to end a sequence early); other requests
+            # come back from the engine once, finished, with no per-token work on the host.
+            engine.add_request(rid, text, sp, prompt_token_ids=ids, stream=bool(text_params.stop))
+            proc.add_request(rid, text, ids, text_params)
+            seqs -= 1
+            if tokens is not None:
+                tokens -= len(ids)
+
     def _run(self, items, use_tqdm: bool) -> list[RequestOutput]:
         """Drive the engine until every request is done; the output processor turns its token deltas
         into RequestOutputs (text, stop strings) and says which sequences a stop string ended, which
         the engine then stops before its next step."""
         engine = self.engine
+        for _, ids, sp in items:  # every request is checked before any runs (a ValueError naming the field)
+            engine.check_request(ids, sp)
         proc = OutputProcessor(engine.tokenizer)
-        order, results = [], {}
-        try:
-            for text, ids, sp in items:
-                rid = f"offline-{next(self._ids)}"
-                text_params = sampling_params_for(sp) if isinstance(sp, BeamSearchParams) else sp
-                # Only stop strings need the text as it grows (to end a sequence early); other requests
-                # come back from the engine once, finished, with no per-token work on the host.
-                engine.add_request(rid, text, sp, prompt_token_ids=ids, stream=bool(text_params.stop))
-                proc.add_request(rid, text, ids, text_params)
-                order.append(rid)
-        except BaseException:
-            # add_request checks each prompt (once: the engine's check is the only one) and its parameters;
-            # nothing has run yet, so a bad one leaves no request behind.
-            for rid in order:
-                engine.abort_request(rid)
-            raise
+        order = [f"offline-{next(self._ids)}" for _ in items]
+        queue = collections.deque(zip(order, items))
+        results = {}
         bar = None
         if use_tqdm and len(items) > 1:
             from tqdm.auto import tqdm
@@ -117,6 +125,8 @@ class LLM:
             bar = tqdm(total=len(items), desc="Processed prompts", dynamic_ncols=True)
         try:
             while len(results) < len(order):
+                if queue:
+                    self._feed(queue, proc)
                 for delta in engine.step():
                     if delta.error is not None:  # bad input found once queued (a grammar that did not compile)
                         raise InvalidArgument(delta.error)
@@ -128,7 +138,7 @@ class LLM:
                         if bar is not None:
                             bar.update(1)
         except BaseException:
-            for rid in order:  # leave the engine clean for the next call
+            for rid in order:  # leave the engine clean for the next call (an id never queued is ignored)
                 if rid not in results:
                     engine.abort_request(rid)
             raise

@@ -225,17 +225,11 @@ class LLMEngine:
             raise ValueError("prompt: this model has no tokenizer; pass token ids")
         return self.tokenizer.encode(prompt)
 
-    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | BeamSearchParams,
-                    prompt_token_ids: list[int] | None = None, stream: bool = True) -> Request:
-        """Queue a request. `stream=False`: step() returns its delta only once it finishes (holding
-        every token), which spares the host per-token work when nobody reads the tokens as they come."""
-        if request_id in self.requests:
-            raise ValueError(f"request_id: {quote(request_id)} is already in use")
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("prompt: give a prompt or prompt_token_ids")
-            prompt_token_ids = self.encode(prompt)
-        prompt_token_ids = list(prompt_token_ids)
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams | BeamSearchParams
+                      ) -> tuple[SamplingParams, BeamSearchParams | None]:
+        """Every check add_request makes of a request's prompt ids and parameters (a ValueError naming the field
+        and the limit), without queuing it; returns the parameters it runs with: (sampling parameters, the
+        beam-search parameters or None)."""
         self.validate_prompt(prompt_token_ids)
         if isinstance(params, SamplingParams) and params.use_beam_search:  # vLLM's extra parameter (gRPC, HTTP)
             params = params.beam_search_params(self.max_model_len - len(prompt_token_ids))
@@ -254,7 +248,6 @@ class LLMEngine:
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {self.vocab_size})")
-        req = Request(request_id, prompt, prompt_token_ids, params, stream=stream)
         if params.structured_outputs is not None:
             if beam_params is not None:
                 raise ValueError("structured_outputs: not supported with beam search")
@@ -262,6 +255,22 @@ class LLMEngine:
                 raise ValueError("structured_outputs: this model has no tokenizer to compile a grammar against")
             if params.structured_outputs.resume_tokens >= len(prompt_token_ids):
                 raise ValueError("structured_outputs.resume_tokens: must be less than the prompt's length")
+        return params, beam_params
+
+    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | BeamSearchParams,
+                    prompt_token_ids: list[int] | None = None, stream: bool = True) -> Request:
+        """Queue a request. `stream=False`: step() returns its delta only once it finishes (holding
+        every token), which spares the host per-token work when nobody reads the tokens as they come."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {quote(request_id)} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("prompt: give a prompt or prompt_token_ids")
+            prompt_token_ids = self.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        params, beam_params = self.check_request(prompt_token_ids, params)
+        req = Request(request_id, prompt, prompt_token_ids, params, stream=stream)
+        if params.structured_outputs is not None:
             self._compiling[request_id] = (req, self.grammar.compile(params.structured_outputs))
             self.requests[request_id] = req
             return req

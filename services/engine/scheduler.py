@@ -177,6 +177,25 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def queue_shortfall(self) -> tuple[int, int | None]:
+        """(sequences, prompt tokens) that more queued requests would have to bring before the next schedule
+        could admit anything other than what it admits now. Admission stops at max_num_seqs running and at
+        the step's token budget, so a queue that holds max_num_seqs with the running ones, or the budget's
+        worth of uncomputed tokens, admits what any longer queue would: either figure <= 0 means enough.
+        Tokens are None with prefix caching (a queued prompt's cached blocks would take less of the budget:
+        only the sequence count tells then). The offline API queues its requests this far ahead of the
+        schedule and the rest while the device runs the steps (folio/llm.py)."""
+        c = self.config
+        seqs = c.max_num_seqs - len(self.running) - len(self.waiting)
+        if self.blocks.enable_prefix_caching:
+            return seqs, None
+        tokens = c.max_num_batched_tokens
+        for seq in self.waiting:
+            tokens -= seq.num_tokens - seq.num_computed_tokens
+            if tokens <= 0:
+                break
+        return seqs, tokens
+
     # --- the step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = self._schedule_steady()
