@@ -41,13 +41,21 @@ QUERY_BUCKETS = (1024, 4096)
 # moved by up to 20% within a run). SEQ_VEC stays 32 (64 measured within 1%): the engine's warm-up steps stop at
 # 48 sequences, so only SEQ_VEC 32's two builds are sure to be compiled there.
 # Round 6 (..._round6.txt): 8 x 2048 (the 1024-4095 key) takes the >= 4096 pick too, 128-key tiles with a 32-key
-# diagonal, 3 stages, no cap: best on 8 x 2048 in rounds 5 and 6 (87.7%, 88.3%) against paired tiles' 83-87%,
-# and one config fewer to compile. The Gluon kernel (config GLUON) lost everywhere (50-85%) and is in no entry.
-_LONG_FRESH = dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32)
+# diagonal, 3 stages, no cap: best on 8 x 2048 in rounds 5 and 6 (87.7%, 88.3%) against paired tiles' 83-87%.
+# Rounds 1-6's picks for the fresh keys are replaced below; the prefix keys (has_prefix True) stay BASE.
+# Round 8 (..._round8.txt, 18:54 UTC): every fresh-prompt key takes the persistent warp-specialized Gluon kernel
+# (kernels/paged_prefill_gluon.py, GLUON_WS; Hopper only, other devices run the Triton kernel with these keys):
+# >= 1024 tokens: 128-key tiles, three stages with one q buffer per consumer, FlashAttention-3's order, ping-pong,
+# heaviest-first items from a global counter: 93.9% of SDPA on 8 x 2048 and 108.0% at 8192, against the Triton
+# pick's 86.0% and 100.6% in the same run; < 1024 tokens: 64-key tiles, three stages, the static walk: 82.7% (round 7:
+# 83.6%) on 32 x 512 against 78.1% (80.7%).
+_WS_FRESH = dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2,
+                 PINGPONG=True, PERSISTENT=1, HEAVY_FIRST=True)
+_WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True)
 TABLE: dict[tuple, dict] = {
-    (128, 4, 2, False, 0): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2),
-    (128, 4, 2, False, 1): _LONG_FRESH,
-    (128, 4, 2, False, 2): _LONG_FRESH,
+    (128, 4, 2, False, 0): _WS_FRESH,
+    (128, 4, 2, False, 1): _WS_LONG_FRESH,
+    (128, 4, 2, False, 2): _WS_LONG_FRESH,
 }
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
