@@ -39,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.paged_checks import check_kv_scales, check_paged_inputs, check_query_start_loc
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
-from kernels.paged_prefill_configs import heavy_first_tiles, select_config
+from kernels.paged_prefill_configs import BASE, heavy_first_tiles, select_config
 from kernels.splitk import sm_count
 
 try:  # Hopper's Gluon kernel for fresh prompts (config GLUON); absent from older Triton builds
@@ -748,6 +748,10 @@ def paged_prefill(
             and paged_prefill_gluon.supported(q, k, v, group, fp8, has_variants, has_prefix)):
         return paged_prefill_gluon.prefill_fresh(q, k, v, query_start_loc, scale, out, cfg, skip_single,
                                                  max_query_len)
+    if cfg.get("GLUON") and cfg.get("TRITON"):
+        # A table entry naming the Gluon kernel also names the Triton config for the launches that kernel does not
+        # serve (another GPU, soft-cap / ALiBi / window / sinks, strides TMA cannot take).
+        cfg = dict(BASE, **cfg["TRITON"])
     row_heads = group if cfg["PACK_GQA"] else 1
     block_m = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(row_heads))
     block_q = block_m // row_heads

@@ -25,7 +25,7 @@ BASE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128, NEW
             Q_SCALED=False, LOOP_STAGES=0, LOOP_UNROLL=0, LOOP_WS=False, OVERLAP_QK=False,
             BLOCK_N_TAIL=None, ONE_LOOP=0, PERSISTENT=0, HEAVY_FIRST=False, GLUON=False, PV_ASYNC=False,
             GLUON_WS=False, WS_REGS=None, PINGPONG=False, Q_BUFS=2,
-            DYNAMIC=False)
+            DYNAMIC=False, TRITON=None)
 
 # The longest query chunk of the launch: < 1024 (chunks, extends, decodes mixed in), < 4096, >= 4096.
 QUERY_BUCKETS = (1024, 4096)
@@ -49,9 +49,12 @@ QUERY_BUCKETS = (1024, 4096)
 # heaviest-first items from a global counter: 93.9% of SDPA on 8 x 2048 and 108.0% at 8192, against the Triton
 # pick's 86.0% and 100.6% in the same run; < 1024 tokens: 64-key tiles, three stages, the static walk: 82.7% (round 7:
 # 83.6%) on 32 x 512 against 78.1% (80.7%).
+# TRITON: the Triton pick each entry had before (rounds 5-6), for the launches the Gluon kernel does not serve.
 _WS_FRESH = dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2,
-                 PINGPONG=True, PERSISTENT=1, HEAVY_FIRST=True)
-_WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True)
+                 PINGPONG=True, PERSISTENT=1, HEAVY_FIRST=True,
+                 TRITON=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2))
+_WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True,
+                      TRITON=dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32))
 TABLE: dict[tuple, dict] = {
     (128, 4, 2, False, 0): _WS_FRESH,
     (128, 4, 2, False, 1): _WS_LONG_FRESH,

@@ -63,3 +63,29 @@ def test_launch_takes_the_forced_config_and_max_query_len(monkeypatch):
     torch.testing.assert_close(ref, pp.paged_prefill(*args, k=b.k, v=b.v), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="max_query_len"):
         pp.paged_prefill(*args, max_query_len=-1)
+
+
+def test_a_gluon_entry_falls_back_to_its_triton_config(monkeypatch):
+    # A table entry naming the Gluon kernel carries the Triton config for launches it does not serve (here: the CPU);
+    # the launch must use those keys, not the Gluon ones (a persistent 128-key build, say), and stay correct.
+    monkeypatch.setattr(pc, "_interpreting", lambda: False)
+    monkeypatch.setattr(pc, "TABLE", {(32, 4, 2, False, 0): dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, PERSISTENT=1,
+                                                                TRITON=dict(BLOCK_M=32, BLOCK_N=16, num_warps=4,
+                                                                            num_stages=1, maxnreg=None))})
+    seen = []
+    real = pp._paged_prefill_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["BLOCK_N"], kw["PERSISTENT"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(pp, "_paged_prefill_kernel", Spy())
+    b = make_batch([20, 9], [20, 9], 8, 2, 32, 16, torch.float16, torch.device("cpu"))
+    out = pp.paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, 0.3, k=b.k, v=b.v,
+                           has_prefix=False, max_query_len=20)
+    assert seen == [(16, 0)]
+    ref = pp.paged_prefill_ref(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, 0.3)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
