@@ -5,9 +5,10 @@ that the Triton W4A16 kernels (kernels/w4a16.py) and the CPU reference both read
             that the kernels unpack a block's nibbles with a shift and a mask, no permute
     scales  [G, N] in the model's dtype; zeros [G, N] uint8 (the unsigned zero point; 8 when symmetric)
     perm    [K] int32 or None: act-order, rows sorted by group; the kernel reads x's columns through it
-    qweight_tc  on CUDA, without act-order, for group sizes that are multiples of 64 (or one group): the same
-            weights in kernels/w4a16_tc.py's tensor-core layout (`pack_tc`), which batch-1 decode reads where
-            the launch config says KERNEL "tc" (+0.5 byte per weight of GPU memory; FOLIO_W4A16_TC=0: not made)
+    qweight_tc  only with FOLIO_W4A16_TC=1, on CUDA, without act-order, for group sizes that are multiples of 64
+            (or one group): the same weights in kernels/w4a16_tc.py's tensor-core layout (`pack_tc`), which batch-1
+            decode reads where the launch config says KERNEL "tc" (+0.5 byte per weight of GPU memory; off by
+            default: measured slower than H2, no TUNED entry picks it), else None
 Each scheme's loader converts its own on-disk packing into this once, after loading.
 """
 
@@ -25,7 +26,7 @@ from services.engine.model.layers.linear import weight_param
 
 BITS = 4
 FUSE_SWIGLU = True
-TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "1") != "0"
+TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
 
