@@ -16,8 +16,11 @@ then the in-process engine at every rate, so slow drift of a shared machine fall
 `--detokenize both` also runs the stack with the router's old path (the tokenizer service's Detokenize
 stream per engine message), so the in-process detokenizer's effect shows in the same run.
 
-`--engine-variant NAME=FLAGS` runs the stack once more per variant with extra engine flags, and
-`--router-variant NAME=FLAGS` with extra router flags (the in-process runs of the first serve them all);
+`--engine-variant NAME=FLAGS` runs the stack once more per variant with extra engine flags,
+`--router-variant NAME=FLAGS` with extra router flags (or 'ENGINE FLAGS -- ROUTER FLAGS'; {tmp} in them is a
+private directory, for unix sockets), and `--env-variant NAME=K=V,...` with extra environment for every
+service (e.g. 'ee=GRPC_EXPERIMENTS=': gRPC's own defaults) (the in-process runs of the first serve them all);
+`--max-mixed-graph-tokens N` caps both paths' mixed-step CUDA graphs, for a shorter start;
 `--debug-gil-busy-ms` makes every engine step (both paths) hold the GIL first, as a GPU engine's kernel
 launches do, to reproduce on a CPU what the stack's threads pay for it.
 
