@@ -92,8 +92,9 @@ class LLM:
     def _feed(self, queue: collections.deque, proc: OutputProcessor) -> None:
         """Queue requests in the engine only as far ahead as its next schedule can tell (Scheduler.queue_shortfall):
         the step it makes is the one it would make with every request queued, and the rest are queued between
-        steps, while the device computes (with asynchronous scheduling). Queuing 1,024 requests at once had
-        kept the device idle for ~27 ms before the first step (H200 host, bench/throughput.py --trace)."""
+        steps, while the device computes (with asynchronous scheduling). On the H200's host the first step of
+        1,024 requests still waited as long as before (~19-30 ms: the up-front checks and prompt copies,
+        docs/engine.md "One step")."""
         engine = self.engine
         seqs, tokens = engine.scheduler.queue_shortfall()
         while queue and ((seqs > 0 and (tokens is None or tokens > 0)) or not engine.scheduler.waiting):
