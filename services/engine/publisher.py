@@ -35,6 +35,8 @@ class RegistryPublisher:
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._ok = True
+        self._leaving = False
+        """Set by `leave`: the heartbeat loop ends at its next turn even if a cancellation was swallowed."""
         self.reports = 0
 
     def notify(self, snap: EngineLoad) -> None:
@@ -55,6 +57,11 @@ class RegistryPublisher:
         try:
             await self._script(keys=keys, args=[self.ttl_ms, self.engine_id, self.model, len(items), *items, *admitted])
         except Exception as e:  # noqa: BLE001 - Redis down: keep serving, retry next beat
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The Redis client can turn a cancellation that lands mid-command into a connection error
+                # (seen with the server going away during a drain): the cancel must not be lost with it.
+                raise asyncio.CancelledError from e
             if self._ok:
                 log.warning("cannot publish to Redis (%s); will keep retrying", e)
             self._ok = False
@@ -65,7 +72,7 @@ class RegistryPublisher:
         self.reports += 1
 
     async def _run(self) -> None:
-        while True:
+        while not self._leaving:
             await self.publish_once()
             try:
                 await asyncio.wait_for(self._kick.wait(), self.interval_s)
@@ -74,14 +81,18 @@ class RegistryPublisher:
                 pass
             self._kick.clear()
 
-    async def leave(self) -> None:
-        """Stop reporting and leave the registry now (drain), so routers stop choosing this engine."""
+    async def leave(self, timeout_s: float = 2.0) -> None:
+        """Stop reporting and leave the registry now (drain), so routers stop choosing this engine; the
+        heartbeat loop gets `timeout_s` to end (a drain must not wait on it for ever)."""
+        self._leaving = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+            self._kick.set()
+            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+            if not done:
+                log.warning("the registry heartbeat did not stop within %.1fs; leaving without it", timeout_s)
+            elif not self._task.cancelled() and self._task.exception() is not None:
+                log.debug("registry heartbeat ended with %r", self._task.exception())
         try:
             await self.redis.delete(registry.engine_key(self.engine_id))
             await self.redis.srem(registry.engines_key(self.model), self.engine_id)
