@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kernels import fp8_quant, pdl
 from kernels.fp8_quant import quantize_row_cvt, row_scale
+from kernels.fused_norm import residual_prologue
 
 
 @triton.jit
@@ -36,14 +37,8 @@ def _add_norm_fp8_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if X_SCALED:
-        xc = tl.load(xc_ptr + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) * tl.load(xr_ptr + row) * xc).to(x_ptr.dtype.element_ty)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(residual_ptr.dtype.element_ty)
-        tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
+    x = residual_prologue(x_ptr, residual_ptr, xr_ptr, xc_ptr, row, stride_x, stride_r, offs, mask,
+                          HAS_RESIDUAL, X_SCALED)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / hidden
     normed = xf * tl.rsqrt(var + eps)

@@ -17,6 +17,22 @@ from kernels.fp8_quant import quantize_row, row_scale
 
 
 @triton.jit
+def residual_prologue(x_ptr, residual_ptr, xr_ptr, xc_ptr, row, stride_x, stride_r, offs, mask,
+                      HAS_RESIDUAL: tl.constexpr, X_SCALED: tl.constexpr):
+    """One row's x (times its row and column scales when X_SCALED, rounded to the model dtype) plus the
+    residual, stored back into it; the norm kernels here and in kernels/fp8_fused.py start with it."""
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if X_SCALED:
+        xc = tl.load(xc_ptr + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) * tl.load(xr_ptr + row) * xc).to(x_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(residual_ptr.dtype.element_ty)
+        tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
+    return x
+
+
+@triton.jit
 def _add_norm_kernel(
     x_ptr,  # [num_tokens, hidden]: input (the layer's new output, or the embeddings)
     residual_ptr,  # [num_tokens, hidden]: running residual; read when HAS_RESIDUAL, then overwritten with x + residual
@@ -48,14 +64,8 @@ def _add_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if X_SCALED:
-        xc = tl.load(xc_ptr + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) * tl.load(xr_ptr + row) * xc).to(x_ptr.dtype.element_ty)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(residual_ptr.dtype.element_ty)
-        tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
+    x = residual_prologue(x_ptr, residual_ptr, xr_ptr, xc_ptr, row, stride_x, stride_r, offs, mask,
+                          HAS_RESIDUAL, X_SCALED)
     xf = x.to(tl.float32)
     if LAYER_NORM:
         xf = tl.where(mask, xf - tl.sum(xf, axis=0) / hidden, 0.0)
