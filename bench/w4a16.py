@@ -26,6 +26,10 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
    tokens against the first run of the same weights.
+4. chain (--sections chain): 32 layers' GEMVs in one CUDA graph with and without the add + RMSNorm kernels
+   between them (W4A16 with PDL on and off, and bf16): what the norms add to a batch-1 step.
+Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
+temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
 --check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
 (kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
@@ -621,6 +625,94 @@ def apply_winners(result: dict) -> dict:
     return {"checks": rows, "failures": failures, "tuned": {str(k): v for k, v in w4.TUNED.items() if k[0] == 1}}
 
 
+# --- chain ---------------------------------------------------------------------------------------------
+CHAIN_LAYERS = 32
+
+
+def chain(start: float, budget: float) -> dict:
+    """What a batch-1 layer's kernels cost in sequence, without attention and rotary: one CUDA graph of 32 layers
+    of qkv -> o -> gate/up (SwiGLU in its epilogue) -> down, each layer on its own weights (3.6 GB of 4-bit, or
+    14 GB of bf16: read from HBM), each GEMV reading the previous one's output, with and without the two
+    add + RMSNorm kernels per layer (kernels/fused_norm.py) between them; W4A16 with PDL on and off, and bf16
+    (F.linear, silu_mul). The difference is what the norms add to the chain: the most that folding them into
+    the GEMVs can save. Also: 64 norms alone in a chain (each reads the previous one's output)."""
+    from kernels import pdl
+    from kernels.fused_norm import add_rms_norm
+    from kernels.silu_mul import silu_mul
+
+    g = torch.Generator(device=DEV).manual_seed(11)
+    hidden = SHAPES["o"][1]
+    nw = (1 + 0.1 * torch.randn(hidden, generator=g, device=DEV)).to(DTYPE)
+    res = torch.randn(1, hidden, generator=g, device=DEV).to(DTYPE)
+    x0 = torch.randn(1, hidden, generator=g, device=DEV).to(DTYPE)
+    out: dict = {}
+    w = {name: [q.int4_random(k, n, 128, g) for _ in range(CHAIN_LAYERS)] for name, (k, n) in SHAPES.items()}
+    for k, n in SHAPES.values():
+        w4.reserve_workspace(DEV, n)
+
+    def lin(x, name, l, **kw):
+        qw, s, z = w[name][l]
+        return w4.w4a16(x, qw, s, z, 128, **kw)
+
+    def w4_chain(norms: bool):
+        def run():
+            h = x0
+            for l in range(CHAIN_LAYERS):
+                a = add_rms_norm(h, res, nw, 1e-5) if norms else h
+                o = lin(lin(a, "qkv", l)[:, :hidden], "o", l)
+                a = add_rms_norm(o, res, nw, 1e-5) if norms else o
+                h = lin(lin(a, "gate_up", l, gated=True), "down", l)
+            return h
+        return run
+
+    def norms_only():
+        h = x0
+        for _ in range(2 * CHAIN_LAYERS):
+            h = add_rms_norm(h, res, nw, 1e-5)
+        return h
+
+    saved = pdl.ENABLED
+    rows = [("w4a16 GEMVs", w4_chain(False), True), ("w4a16 GEMVs + norms", w4_chain(True), True),
+            ("w4a16 GEMVs + norms, PDL off", w4_chain(True), False), ("64 norms", norms_only, True)]
+    for name, fn, on in rows:
+        if time.time() - start > budget:
+            print(f"chain {name}: skipped (time budget)", flush=True)
+            continue
+        pdl.ENABLED = on
+        ms = q.attempt(lambda: q.graph_ms([fn]))
+        out[name] = ms if isinstance(ms, float) else repr(ms)
+        print(f"chain {name:<34} {ms if isinstance(ms, float) else float('nan'):8.3f} ms", flush=True)
+    pdl.ENABLED = saved
+    del w
+    q.free_gpu()
+    if time.time() - start < budget:
+        wb = {name: [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE) for _ in range(CHAIN_LAYERS)]
+              for name, (k, n) in SHAPES.items()}
+
+        def bf16_chain(norms: bool):
+            def run():
+                h = x0
+                for l in range(CHAIN_LAYERS):
+                    a = add_rms_norm(h, res, nw, 1e-5) if norms else h
+                    o = F.linear(F.linear(a, wb["qkv"][l])[:, :hidden], wb["o"][l])
+                    a = add_rms_norm(o, res, nw, 1e-5) if norms else o
+                    h = F.linear(silu_mul(F.linear(a, wb["gate_up"][l])), wb["down"][l])
+                return h
+            return run
+
+        for name, fn in (("bf16 GEMMs", bf16_chain(False)), ("bf16 GEMMs + norms", bf16_chain(True))):
+            ms = q.attempt(lambda: q.graph_ms([fn]))
+            out[name] = ms if isinstance(ms, float) else repr(ms)
+            print(f"chain {name:<34} {ms if isinstance(ms, float) else float('nan'):8.3f} ms", flush=True)
+        del wb
+        q.free_gpu()
+    a, b = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms")
+    if isinstance(a, float) and isinstance(b, float):
+        print(f"chain: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
+              f"({(b - a) * 1e3:.0f} us per token); GEMVs {a * 1e3 / CHAIN_LAYERS:.1f} us per layer", flush=True)
+    return out
+
+
 # --- engine ----------------------------------------------------------------------------------------------
 COMMITTED = {key: dict(c) for key, c in w4.TUNED.items() if key[0] == 1}
 """The M = 1 configs as committed (before a sweep's winners are applied): engine runs tagged +g3 use them."""
@@ -644,6 +736,9 @@ def m1_configs(tags: list[str]) -> None:
                 if t.startswith("d") and t[1:].isdigit():
                     cfg["L2_DIST"] = int(t[1:])
             w4.TUNED[(1, n, k)] = cfg
+    if "nopdl" in tags:  # the committed configs name PDL 2: off means off for the GEMVs too
+        for key in [key for key in w4.TUNED if key[0] == 1]:
+            w4.TUNED[key] = dict(w4.TUNED[key], PDL=0)
     print(f"  M = 1 configs for +{'+'.join(tags)}: " + "; ".join(
         f"{n}x{k}: {w4.TUNED.get((1, n, k))}" for k, n in SHAPES.values()), flush=True)
 
@@ -693,7 +788,7 @@ def profile_decode(llm, steps: int = 32) -> dict:
         kk[1] += cnt
     return {"busy_us_per_token": busy / steps, "launches_per_token": sum(c for _, c, _ in top),
             "by_kind": {k: {"us": v[0], "launches": v[1]} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
-            "top": [{"kernel": n[:90], "us": us, "launches": c} for us, c, n in top[:14]]}
+            "top": [{"kernel": n[:90], "us": us, "launches": c} for us, c, n in top[:20]]}
 
 
 def engine(start: float, budget: float, runs: list[str], profile_it: bool = True, steps: int = 32) -> dict:
@@ -732,9 +827,10 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
                              gpu_memory_utilization=0.6, max_mixed_graph_tokens=256)
             startup = time.time() - t0
 
-            def run(prompts, n):
+            def run(prompts, n, temperature=1.0):
                 t = time.perf_counter()
-                llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+                llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True, temperature=temperature),
+                             use_tqdm=False)
                 return time.perf_counter() - t
 
             one_prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
@@ -743,7 +839,10 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             one, full = min(run(one_prompt, 1) for _ in range(2)), min(run(one_prompt, 257) for _ in range(2))
             row = {"weights": run_name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup,
                    "tokens": list(tokens[0].outputs[0].token_ids)}
-            print(f"engine decode {run_name}: {row['ms_per_token']:.3f} ms/token (startup {startup:.0f} s)", flush=True)
+            one, full = min(run(one_prompt, 1, 0.0) for _ in range(2)), min(run(one_prompt, 257, 0.0) for _ in range(2))
+            row["ms_per_token_greedy"] = (full - one) / 256 * 1e3  # the one-pass greedy kernel, no sampling
+            print(f"engine decode {run_name}: {row['ms_per_token']:.3f} ms/token, greedy {row['ms_per_token_greedy']:.3f} "
+                  f"(startup {startup:.0f} s)", flush=True)
             if profile_it and "prof" in tags and left() > 10 * later + 5:  # bf16's kernels: see bench/quant.py
                 p = q.attempt(lambda: profile_decode(llm))
                 row["profile"] = p if isinstance(p, dict) else repr(p)
@@ -779,7 +878,10 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
     print("\nBatch-1 decode, whole engine (Llama-3-8B shape, random weights, CUDA graphs; +pdl: kernels/pdl.py on):")
     for r in decode:
         r["speedup"] = base["ms_per_token"] / r["ms_per_token"] if base else None
-        print(f"  {r['weights']:<12}{r['ms_per_token']:>8.3f} ms/token  {r['speedup'] or float('nan'):.2f}x bf16")
+        greedy = base.get("ms_per_token_greedy") if base else None
+        r["speedup_greedy"] = greedy / r["ms_per_token_greedy"] if greedy else None
+        print(f"  {r['weights']:<12}{r['ms_per_token']:>8.3f} ms/token  {r['speedup'] or float('nan'):.2f}x bf16   "
+              f"greedy {r['ms_per_token_greedy']:.3f} ms/token  {r['speedup_greedy'] or float('nan'):.2f}x")
     if len(cross) > len(decode):
         print("\nDecode step time by batch (ms/step, output tok/s; the speed-up is bf16 ms / W4A16 ms):")
         for b in (1, *sorted(all_batches)):
@@ -798,14 +900,15 @@ def print_profile(p: dict, ms_per_token: float) -> None:
     for kind, v in p["by_kind"].items():
         print(f"    {kind:<16}{v['us']:>8.1f} us/token {v['launches']:>6.1f} launches")
     for t in p["top"]:
-        print(f"      {t['us']:>8.1f} us {t['launches']:>6.1f}x  {t['kernel']}")
+        print(f"      {t['us']:>8.1f} us {t['launches']:>6.1f}x {t['us'] / max(t['launches'], 1e-9):>7.2f} us each  "
+              f"{t['kernel']}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", nargs="+", default=["checks", "sweep", "engine"],
-                    choices=["checks", "sweep", "engine"])
+                    choices=["checks", "sweep", "chain", "engine"])
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--check-kernels", nargs="+", default=["gemv2", "gemv3", "gemv4"],
                     help="checks: the M = 1 kernels whose variants are checked (the committed configs always are)")
@@ -813,6 +916,8 @@ def main() -> int:
     ap.add_argument("--engines", nargs="+", default=["w4a16+prof@16,64,256", "bf16@16,64,256"],
                     help="engine runs in order: w4a16 | bf16, then tags +pdl +early +g3 +g4 +preN +dN +unfused +prof (the "
                          "module docstring), @B1,B2 (decode step time at these batches: the crossover)")
+    ap.add_argument("--chain-share", type=float, default=0.5,
+                    help="chain: no new variant is started past this share of --budget")
     ap.add_argument("--sweep-share", type=float, default=0.4,
                     help="sweep: no new shape is started past this share of --budget")
     ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3", "gemv4"],
@@ -837,6 +942,10 @@ def main() -> int:
             print_sweep(got)
             result["applied"] = q.attempt(lambda: apply_winners(got))
         print(f"sweep done at {time.time() - start:.0f} s", flush=True)
+    if "chain" in args.sections:
+        got = q.attempt(lambda: chain(start, args.budget * args.chain_share))
+        result["chain"] = got if not isinstance(got, Exception) else repr(got)
+        print(f"chain done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))
         result["engine"] = got if not isinstance(got, Exception) else repr(got)
