@@ -95,6 +95,7 @@ def compile_gluon(cfg: dict):
                       MASK_BRANCH=cfg.get("ONE_LOOP") == 2, OVERLAP=int(cfg.get("OVERLAP_QK") or 0),
                       PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
                       DYNAMIC=bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC")),
+                      NARROW_TAIL=int(cfg.get("NARROW_TAIL") or 0) if int(cfg.get("OVERLAP_QK") or 0) == 2 else 0,
                       CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
         cfg = dict(cfg, num_warps=4, maxnreg=None)
     else:

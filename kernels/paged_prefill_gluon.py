@@ -397,13 +397,118 @@ def _turn_arrive(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
+def _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n, m_i, l_i, acc, q_pos, first_pos, qk_scale,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, C: gl.constexpr,
+                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr,
+                   PINGPONG: gl.constexpr):
+    """NARROW_TAIL's full-width part: key tiles 0 .. n - 1 (n >= 1) of the item from ring tile `it`, in
+    FlashAttention-3's order (as _ws_work's OVERLAP 2) up to, not including, the last tile's PV: returns
+    (acc, m_i, l_i, g, p_op), acc rescaled for tile n - 1 and p_op its PV's A operand."""
+    dtype: gl.constexpr = k_smem.dtype
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    slot0 = it % STAGES
+    mbarrier.wait(ready.index(slot0), (it // STAGES) & 1)
+    g = _turn_wait(turn, g, C, PINGPONG)
+    s = warpgroup_mma(q, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _turn_arrive(turn, C, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, 0, q_pos, first_pos, qk_scale, s_layout, o_layout,
+                                       BLOCK_N, MASK_BRANCH)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)  # acc is still zero: no rescale
+    for j in range(1, n):
+        cur = (it + j) % STAGES
+        prev = (it + j - 1) % STAGES
+        mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
+        g = _turn_wait(turn, g, C, PINGPONG)
+        s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        _turn_arrive(turn, C, PINGPONG)
+        s = warpgroup_mma_wait(1, deps=(s,))  # QK^T(j) is done; PV(j - 1) may still run
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout, o_layout,
+                                           BLOCK_N, MASK_BRANCH)
+        acc, p_old = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(empty.index(prev))
+        acc = acc * alpha[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    return acc, m_i, l_i, g, p_op
+
+
+@gluon.jit
+def _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, t, g, j, m_i, l_i, acc, p_prev, first_pos,
+                    qk_scale, o_layout: gl.constexpr, p_layout: gl.constexpr, C: gl.constexpr, TQ: gl.constexpr,
+                    ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HN: gl.constexpr, STAGES: gl.constexpr,
+                    MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr, HAS_PREV: gl.constexpr):
+    """The item's last key tile j (ring tile t) when it holds at most HN (BLOCK_N / 2 or / 4) of the item's keys:
+    QK^T and PV over the slot's first HN keys only (the producer still loaded the whole tile), saving the wgmmas of
+    keys no row sees (32 x 512 fresh, 128-key tiles: 3 of every 4 items' last tiles). HAS_PREV: the previous tile's
+    PV (A operand p_prev, V in ring tile t - 1) is issued beside this QK^T, as in the full tiles' loop. Releases q's
+    buffer after the QK^T. Returns (acc, m_i, l_i, g) in the full tiles' layouts."""
+    dtype: gl.constexpr = k_smem.dtype
+    row_layout: gl.constexpr = gl.SliceLayout(1, gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                           instr_shape=[16, BLOCK_N, 16]))
+    h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HN, 16])
+    h_rows: gl.constexpr = gl.SliceLayout(1, h_layout)
+    q_pos = first_pos + C * TQ + gl.arange(0, ROWS, layout=h_rows) % TQ
+    slot = t % STAGES
+    mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+    g = _turn_wait(turn, g, C, PINGPONG)
+    s = warpgroup_mma(q, k_smem.index(slot).slice(0, HN).permute((1, 0)),
+                      gl.zeros([ROWS, HN], gl.float32, layout=h_layout), use_acc=False, is_async=True)
+    if HAS_PREV:
+        prev = (t - 1) % STAGES
+        acc = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
+        _turn_arrive(turn, C, PINGPONG)
+        s = warpgroup_mma_wait(1, deps=(s,))  # this QK^T is done; the previous PV may still run
+    else:
+        _turn_arrive(turn, C, PINGPONG)
+        s = warpgroup_mma_wait(0, deps=(s,))
+    mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+    # Key tile j * (BLOCK_N // HN) of width HN starts tile j of width BLOCK_N (its positions, its mask).
+    p, alpha, m_h, l_h = _softmax_step(s, gl.convert_layout(m_i, h_rows), gl.convert_layout(l_i, h_rows), acc,
+                                       j * (BLOCK_N // HN), q_pos, first_pos, qk_scale, h_layout, o_layout, HN,
+                                       MASK_BRANCH)
+    if HAS_PREV:
+        acc, p_old = warpgroup_mma_wait(0, deps=(acc, p_prev))
+        mbarrier.arrive(empty.index(prev))
+    acc = acc * alpha[:, None]
+    g = _turn_wait(turn, g, C, PINGPONG)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(slot).slice(0, HN), acc,
+                        is_async=True)
+    _turn_arrive(turn, C, PINGPONG)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(empty.index(slot))
+    return acc, gl.convert_layout(m_h, row_layout), gl.convert_layout(l_h, row_layout), g
+
+
+@gluon.jit
+def _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles, tail_keys, m_i, l_i, acc, q_pos,
+               first_pos, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+               C: gl.constexpr, TQ: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HN: gl.constexpr,
+               STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr):
+    """An item whose last tile holds at most HN keys: its full tiles, then that tile HN keys wide."""
+    if n_tiles > 1:
+        acc, m_i, l_i, g, p_op = _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n_tiles - 1, m_i, l_i,
+                                                acc, q_pos, first_pos, qk_scale, s_layout, o_layout, p_layout, C,
+                                                ROWS, BLOCK_N, STAGES, MASK_BRANCH, PINGPONG)
+        acc, m_i, l_i, g = _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it + n_tiles - 1, g,
+                                           n_tiles - 1, m_i, l_i, acc, p_op, first_pos, qk_scale, o_layout, p_layout,
+                                           C, TQ, ROWS, BLOCK_N, HN, STAGES, MASK_BRANCH, PINGPONG, True)
+    else:
+        acc, m_i, l_i, g = _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, 0, m_i, l_i,
+                                           acc, acc, first_pos, qk_scale, o_layout, p_layout, C, TQ, ROWS, BLOCK_N,
+                                           HN, STAGES, MASK_BRANCH, PINGPONG, False)
+    return acc, m_i, l_i, g
+
+
+@gluon.jit
 def _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start, q_len, first_pos,
              kv_head, qk_scale, stride_ot, stride_oh, C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr,
-             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NARROW_TAIL: gl.constexpr):
     """Consumer C, one work item whose q is in buffer buf (its q_ready waited for) and whose key tiles start at ring
     tile `it`: attend, release each ring slot once its PV wgmma is done and q's buffer after the last QK^T, store.
-    Returns (it, g) after the item."""
+    NARROW_TAIL (with OVERLAP 2): an item whose last key tile holds at most BLOCK_N // 2 of its keys computes that
+    tile at half width, with 2 at a quarter where its keys fit (_ws_narrow_tail). Returns (it, g) after the item."""
     TQ: gl.constexpr = BLOCK_Q // 2
     ROWS: gl.constexpr = TQ * GROUP
     dtype: gl.constexpr = k_smem.dtype
@@ -416,13 +521,36 @@ def _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, 
     r_s = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
     o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
+    kv_end = gl.minimum(first_pos + BLOCK_Q, q_len)
+    n_tiles = gl.cdiv(kv_end, BLOCK_N)
     q_pos = first_pos + C * TQ + r_s % TQ
     q = q_smem.index(buf)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    if OVERLAP == 2:
+    if OVERLAP == 2 and NARROW_TAIL > 0:
+        # The same item for both consumers, so both take the same branches (PINGPONG's sections stay paired).
+        tail_keys = kv_end - (n_tiles - 1) * BLOCK_N  # the item's keys in its last tile
+        if NARROW_TAIL > 1 and tail_keys <= BLOCK_N // 4:
+            acc, m_i, l_i, g = _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles,
+                                          tail_keys, m_i, l_i, acc, q_pos, first_pos, qk_scale, s_layout, o_layout,
+                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 4, STAGES, MASK_BRANCH, PINGPONG)
+        elif tail_keys <= BLOCK_N // 2:
+            acc, m_i, l_i, g = _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles,
+                                          tail_keys, m_i, l_i, acc, q_pos, first_pos, qk_scale, s_layout, o_layout,
+                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 2, STAGES, MASK_BRANCH, PINGPONG)
+        else:
+            acc, m_i, l_i, g, p_op = _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n_tiles, m_i, l_i,
+                                                    acc, q_pos, first_pos, qk_scale, s_layout, o_layout, p_layout, C,
+                                                    ROWS, BLOCK_N, STAGES, MASK_BRANCH, PINGPONG)
+            mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+            last = (it + n_tiles - 1) % STAGES
+            g = _turn_wait(turn, g, C, PINGPONG)
+            acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            _turn_arrive(turn, C, PINGPONG)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index(last))
+    elif OVERLAP == 2:
         slot0 = it % STAGES
         mbarrier.wait(ready.index(slot0), (it // STAGES) & 1)
         g = _turn_wait(turn, g, C, PINGPONG)
@@ -510,7 +638,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
                  C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr,
                  SKIP_SINGLE: gl.constexpr, MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr):
+                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr):
     """Half C of each work item's rows (TQ tokens x GROUP heads, head-major), item after item in the producer's
     order (with DYNAMIC the producer names each item beside its q; -1 ends). OVERLAP 1: the next tile's QK^T is
     issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued together, then
@@ -526,7 +654,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
             it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, (n % Q_BUFS) * 2 + C, it,
                              g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
-                             BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG)
+                             BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL)
             n += 1
             buf = (n % Q_BUFS) * 2 + C
             mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
@@ -540,7 +668,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
                 mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
                 it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start,
                                  q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP, BLOCK_Q,
-                                 BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG)
+                                 BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL)
                 n += 1
 
 
@@ -550,8 +678,8 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, cou
                        GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                       Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                       num_warps: gl.constexpr):
+                       Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
     dtype: gl.constexpr = k_desc.dtype
@@ -577,11 +705,11 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, cou
         (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 0, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC)),
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL)),
         (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 1, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC)),
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL)),
         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem,
                         counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q,
                         BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS, DYNAMIC)),
@@ -611,8 +739,9 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     the producer keeps 24),
     PERSISTENT (1: one program per SM walking the items; with DYNAMIC each takes the next untaken item from a global
     counter rather than every num_programs-th: the heaviest left goes to whichever program is free), Q_BUFS (q buffers per consumer, default 2: the next
-    item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring). max_q_tiles > 0:
-    HEAVY_FIRST's item mapping."""
+    item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring), NARROW_TAIL (with
+    OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter).
+    max_q_tiles > 0: HEAVY_FIRST's item mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
     num_tokens, num_heads, head_dim = q.shape
@@ -639,6 +768,6 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
-        DYNAMIC=dynamic,
+        DYNAMIC=dynamic, NARROW_TAIL=int(cfg.get("NARROW_TAIL") or 0) if int(cfg.get("OVERLAP_QK") or 0) == 2 else 0,
         CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

@@ -70,6 +70,11 @@ GLUON_CONFIGS = [
     # each program takes its next work item from a global counter (the producer names it to the consumers)
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, DYNAMIC=True, HEAVY_FIRST=True),
+    # an item's last key tile only as wide as its keys: half (64-key tiles), half or quarter (128-key tiles)
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
+         PERSISTENT=1, HEAVY_FIRST=True, NARROW_TAIL=1),
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
+         PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, HEAVY_FIRST=True, NARROW_TAIL=2),
 ]
 
 
