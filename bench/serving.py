@@ -20,7 +20,9 @@ stream per engine message), so the in-process detokenizer's effect shows in the 
 `--router-variant NAME=FLAGS` with extra router flags (or 'ENGINE FLAGS -- ROUTER FLAGS'; {tmp} in them is a
 private directory, for unix sockets), and `--env-variant NAME=K=V,...` with extra environment for every
 service (e.g. 'ee=GRPC_EXPERIMENTS=': gRPC's own defaults) (the in-process runs of the first serve them all);
-`--max-mixed-graph-tokens N` caps both paths' mixed-step CUDA graphs, for a shorter start;
+`--max-mixed-graph-tokens N` caps both paths' mixed-step CUDA graphs and `--max-num-seqs N` their decode-step
+graphs, for a shorter start; `--http` drives each stack through its OpenAI-compatible HTTP API too, in every run
+(rows NAME/http, either API first in turn), with the same hop stamps (header x-folio-timing, docs/http.md);
 `--debug-gil-busy-ms` makes every engine step (both paths) hold the GIL first, as a GPU engine's kernel
 launches do, to reproduce on a CPU what the stack's threads pay for it.
 
@@ -90,7 +92,7 @@ def summarize(times: dict[str, list[float]], arrivals: dict[str, float], t_end: 
 
 def engine_kwargs(args, model_dir) -> dict:
     kw = {"model": str(model_dir), "dtype": args.dtype, "device": args.device, "max_model_len": 1024,
-          "max_num_seqs": 256, "enable_prefix_caching": False}
+          "max_num_seqs": args.max_num_seqs, "enable_prefix_caching": False}
     if args.device.startswith("cuda"):  # two engines share the GPU (the stack's and the in-process one)
         kw["num_kv_blocks"] = 4096
     if args.model is None:
@@ -245,33 +247,42 @@ async def _drive(address, reqs) -> dict:
             "client_router": pct([mine[r] - t[0] for r, t in router_timing.items() if r in mine], 0.5),
             "router_ttft": pct([t[0] for t in router_timing.values()], 0.5),
             "engine_queue": pct([t[1] for t in router_timing.values()], 0.5)}
-        res["hops_ms_p50"] = hop_p50(paths)
-        # TTFT less the engine's own part (engine.received -> engine.first_token: the wait for a step
-        # boundary, then admission to first token, which the in-process path has too): the hops' share,
-        # per request, without the step-phase noise that the difference of two TTFT p50s carries.
-        need = ("client.arrival", "client.received", "engine.received", "engine.first_token")
-        res["outside_engine_ms_p50"] = pct([((p["client.received"] - p["client.arrival"])
-                                             - (p["engine.first_token"] - p["engine.received"])) / 1e6
-                                            for p in paths if all(k in p for k in need)], 0.5)
+        add_path_stats(res, paths)
         return res
+
+
+def add_path_stats(res: dict, paths: list[dict[str, int]]) -> None:
+    """The first token's way, hop by hop, and the "outside engine" share, from the requests' stamps."""
+    res["hops_ms_p50"] = hop_p50(paths)
+    # TTFT less the engine's own part (engine.received -> engine.first_token: the wait for a step
+    # boundary, then admission to first token, which the in-process path has too): the hops' share,
+    # per request, without the step-phase noise that the difference of two TTFT p50s carries.
+    need = ("client.arrival", "client.received", "engine.received", "engine.first_token")
+    res["outside_engine_ms_p50"] = pct([((p["client.received"] - p["client.arrival"])
+                                         - (p["engine.first_token"] - p["engine.received"])) / 1e6
+                                        for p in paths if all(k in p for k in need)], 0.5)
 
 
 class HttpStreams:
     """OpenAI-style streamed completions over keep-alive HTTP/1.1 connections (asyncio streams, no client
-    library in the way): a pool of connections, one request at a time on each, as an HTTP client does."""
+    library in the way): a pool of connections, one request at a time on each, as an HTTP client does.
+    Each request asks for the router's first-token stamps (header x-folio-timing; docs/http.md)."""
 
     def __init__(self, address: str):
         self.host, port = address.rsplit(":", 1)
         self.port = int(port)
         self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    async def events(self, body: dict):
-        """The stream's events (parsed JSON), until [DONE]."""
+    async def events(self, body: dict, sent: dict | None = None):
+        """The stream's events (parsed JSON), until [DONE]. `sent["client.sent"]`: stamped as the request is
+        written (a connection the pool lacked is opened first, as a client's pool does at its start)."""
         conn = self.free.pop() if self.free else await asyncio.open_connection(self.host, self.port)
         r, w = conn
         data = json.dumps(body).encode()
+        if sent is not None:
+            sent["client.sent"], sent["perf"] = time.monotonic_ns(), time.perf_counter()
         w.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\n\r\n" % (self.host.encode(), len(data)) + data)
+                b"x-folio-timing: 1\r\ncontent-length: %d\r\n\r\n" % (self.host.encode(), len(data)) + data)
         head = await r.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(f"HTTP: {head.decode(errors='replace').splitlines()[0]}")
@@ -291,42 +302,58 @@ class HttpStreams:
                     yield json.loads(payload)
         self.free.append(conn)
 
+    async def open(self, n: int) -> None:
+        """Open `n` connections ahead (a client's pool, warm before the measured requests)."""
+        self.free += [await asyncio.open_connection(self.host, self.port) for _ in range(n - len(self.free))]
+
     def close(self) -> None:
         for _, w in self.free:
             w.close()
 
 
-async def _one_http(http: HttpStreams, model: str, rid, ids, out, times):
+async def _one_http(http: HttpStreams, model: str, rid, ids, out, times, paths=None, due=None):
     """One request over the HTTP API; each event's new tokens are counted from its usage (continuous usage
-    stats), so a merged event counts as the tokens it carries."""
+    stats), so a merged event counts as the tokens it carries. Stamps as `_one` does."""
     body = {"model": model, "prompt": ids, "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     ts, seen = times[rid], 0
-    async for ev in http.events(body):
+    path: dict = {}
+    async for ev in http.events(body, path):
         now = time.perf_counter()
         n = (ev.get("usage") or {}).get("completion_tokens", seen)
+        if n > seen and not ts:
+            path["client.received"] = time.monotonic_ns()
         ts.extend([now] * (n - seen))
         seen = max(seen, n)
+        if "folio_timing" in ev:
+            path.update((h, ns) for h, ns in ev["folio_timing"]["first_token_path"])
+    perf = path.pop("perf")
+    if due is not None:  # as in _one: the scheduled arrival on the monotonic clock
+        path["client.arrival"] = path["client.sent"] - int((perf - due) * 1e9)
+    if paths is not None:
+        path["rid"] = rid
+        paths.append(path)
 
 
 async def _drive_http(address: str, model: str, reqs) -> dict:
-    """The same schedule as _drive, through the router's OpenAI-compatible HTTP API (no hop stamps there)."""
+    """The same schedule as _drive, through the router's OpenAI-compatible HTTP API."""
     http = HttpStreams(address)
     try:
         await _one_http(http, model, "warmup", [20, 21, 22], 4, {"warmup": []})
+        await http.open(32)
         times = {f"r{i}": [] for i in range(len(reqs))}
+        paths: list[dict[str, int]] = []
         t0 = time.perf_counter()
         arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
 
         async def later(i, at, ids, out):
             await _until_due(t0 + at)
-            await _one_http(http, model, f"r{i}", ids, out, times)
+            await _one_http(http, model, f"r{i}", ids, out, times, paths, due=t0 + at)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
         res = summarize(times, arrivals, time.perf_counter(), t0)
         res["ttft_split_ms_p50"] = {"client_router": float("nan"), "router_ttft": float("nan"), "engine_queue": float("nan")}
-        res["hops_ms_p50"] = {}
-        res["outside_engine_ms_p50"] = float("nan")
+        add_path_stats(res, paths)
         return res
     finally:
         http.close()
@@ -378,12 +405,12 @@ def cpu_seconds(stack) -> dict[str, float]:
     return out
 
 
-def drive_stack(stack, reqs) -> dict:
-    """One schedule through the stack (its gRPC API, or its HTTP API when it serves one); with each
+def drive_stack(stack, reqs, api: str = "grpc") -> dict:
+    """One schedule through the stack, by its gRPC API or ("http") its OpenAI-compatible HTTP API; with each
     process's CPU time per output token, which shows what a process spends per token and so how near to
     a full core it runs at this rate."""
     before = cpu_seconds(stack)
-    if stack.c.http_port is not None:
+    if api == "http":
         res = asyncio.run(_drive_http(f"{stack.c.host}:{stack.c.http_port}", stack.bench_model, reqs))
     else:
         res = asyncio.run(_drive(stack.client_address, reqs))
@@ -395,7 +422,7 @@ def drive_stack(stack, reqs) -> dict:
 
 
 def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), router_extra: list[str] = (),
-                api: str = "grpc", extra_env: dict[str, str] | None = None):
+                extra_env: dict[str, str] | None = None, http: bool = False):
     from folio.stack import Stack, StackConfig, free_port
     from protos.generate import ensure_generated
 
@@ -421,7 +448,7 @@ def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), 
         router_args += ["--hung-after-s", "120", "--stale-ms", "60000"]
     stack = Stack(StackConfig(engines=1, router_port=0, model=str(model_dir), engine_args=flags, env=env,
                               router_args=router_args, log_level="WARNING", startup_timeout_s=600,
-                              http_port=free_port() if api == "http" else None))
+                              http_port=free_port() if http else None))
     stack.start()
     stack.bench_model = Path(model_dir).name  # the served name (the model directory's)
     # A router variant that also serves a unix-domain socket (--unix-socket) is driven through it.
@@ -514,8 +541,11 @@ def main() -> None:
     ap.add_argument("--max-mixed-graph-tokens", type=int, default=None,
                     help="the engines' (both paths') largest mixed-step CUDA graph: fewer graphs, a shorter start")
     ap.add_argument("--http", action="store_true",
-                    help="also run the stack once more, driven through the router's OpenAI-compatible HTTP API "
-                         "(streamed /v1/completions over keep-alive connections) instead of its gRPC API")
+                    help="also drive each stack through the router's OpenAI-compatible HTTP API (streamed "
+                         "/v1/completions over keep-alive connections) in every run, beside its gRPC API: rows "
+                         "named NAME/http")
+    ap.add_argument("--max-num-seqs", type=int, default=256,
+                    help="the engines' (both paths') max_num_seqs: fewer decode-step graphs, a shorter start")
     ap.add_argument("--debug-gil-busy-ms", type=float, default=0.0,
                     help="debug, on CPU: each engine step (both paths) first holds the GIL this many ms, as a GPU "
                          "engine's kernel launches do (services/engine/server.py: gil_busy_step)")
@@ -545,16 +575,21 @@ def main() -> None:
         eflags, _, rflags = flags.partition(" -- ") if " -- " in flags else ("", "", flags)
         variants.append((name, detok, shlex.split(eflags.replace("{tmp}", f"{sockets}/{name}")),
                          shlex.split(rflags.replace("{tmp}", f"{sockets}/{name}"))))
-    specs = {name: (detok, extra, rextra, "grpc") for name, detok, extra, rextra in variants}
+    specs = {name: (detok, extra, rextra, None) for name, detok, extra, rextra in variants}
     for spec in args.env_variant:
         name, _, pairs = spec.partition("=")
-        specs[name] = (detok, [], [], "grpc", dict(p.split("=", 1) for p in pairs.split(",") if p))
-    if args.http:
-        specs["http"] = (detok, [], [], "http")
+        specs[name] = (detok, [], [], dict(p.split("=", 1) for p in pairs.split(",") if p))
     variants = list(specs)
+    apis = ["grpc", "http"] if args.http else ["grpc"]
+
+    def row(v: str, api: str) -> str:  # a result row: a variant's stack driven through one API
+        return v if api == "grpc" else f"{v}/http"
     t_start = time.perf_counter()
     host = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": platform.python_version(), "kernel": platform.release(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    import importlib.util
+
+    host["uvicorn_http"] = "httptools" if importlib.util.find_spec("httptools") else "h11"
     print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, vocab = prepare_model(args, Path(tmp))
@@ -566,7 +601,7 @@ def main() -> None:
         loader = threading.Thread(target=_load_in_process, args=(args, model_dir, box))
         loader.start()
         # runs[variant][run][rate] = {"stack": ..., "in_process": ...}
-        runs: dict[str, list[list[dict]]] = {v: [] for v in variants}
+        runs: dict[str, list[list[dict]]] = {row(v, a): [] for v in variants for a in apis}
         baseline: dict[tuple[int, int], dict] = {}
         one_variant_s = None  # a later variant: a stack start, its warm-up and one run of the stack alone
         for v in variants:
@@ -576,7 +611,8 @@ def main() -> None:
                 continue
             t_variant = time.perf_counter()
             try:
-                stack = start_stack(args, model_dir, *specs[v])
+                stack = start_stack(args, model_dir, *specs[v], http=args.http)
+                print(f"[{v}] stack up in {time.perf_counter() - t_variant:.1f} s", flush=True)
             except Exception as e:  # noqa: BLE001 - a variant that cannot start must not lose the others' results
                 if v == variants[0]:
                     raise
@@ -587,6 +623,7 @@ def main() -> None:
             host.setdefault("placement", {})[v] = where
             if loader.is_alive() or "engine" not in box:
                 loader.join()
+                print(f"in-process engine loaded at {time.perf_counter() - t_start:.1f} s", flush=True)
                 if "engine" not in box:
                     stack.stop()
                     raise RuntimeError("the in-process engine failed to load") from box.get("error")
@@ -594,7 +631,8 @@ def main() -> None:
             try:
                 # Warm both paths on the workload's own sizes first (first-time shapes, compiles, caches).
                 warm = make_requests(8, max(args.rates), vocab, 999_999, args.in_len, args.out_len)
-                drive_stack(stack, warm)
+                for api in apis:
+                    drive_stack(stack, warm, api)
                 if v == variants[0]:
                     inproc.run(warm)
                 # And before every measured run, a few short requests: a path left idle while the other
@@ -608,29 +646,34 @@ def main() -> None:
                     if args.max_wall_s and runs[v] and took + run_s > args.max_wall_s:
                         print(f"[{v}] stopping after {len(runs[v])} run(s): --max-wall-s {args.max_wall_s:g}")
                         break
-                    row = []
+                    rows = {a: [] for a in apis}
                     inproc_s = 0.0
                     t_run = time.perf_counter()
                     for k, rate in enumerate(args.rates):
-                        drive_stack(stack, rewarm)
-                        s = drive_stack(stack, schedules[run][k])
+                        for api in (apis if run % 2 == 0 else apis[::-1]):  # either API first in turn
+                            drive_stack(stack, rewarm, api)
+                            rows[api].append({"stack": drive_stack(stack, schedules[run][k], api)})
                         t_in = time.perf_counter()
                         if (run, k) not in baseline:  # the same schedule's in-process run serves every variant
                             inproc.run(rewarm)
                             baseline[run, k] = inproc.run(schedules[run][k])
                         p = baseline[run, k]
                         inproc_s += time.perf_counter() - t_in
-                        row.append({"stack": s, "in_process": p, "hops_add": hops_add(s, p)})
-                        a = row[-1]["hops_add"]
-                        print(f"[{v} run {run + 1}/{args.runs} rate {rate:g}] stack TTFT/ITL p50 "
-                              f"{s['ttft_ms']['p50']:.2f}/{s['itl_ms']['p50']:.3f} ms, in-process "
-                              f"{p['ttft_ms']['p50']:.2f}/{p['itl_ms']['p50']:.3f} ms, hops add "
-                              f"{a['ttft_ms_p50']:+.2f}/{a['itl_ms_p50']:+.3f} ms (outside engine {a['outside_engine_ms_p50']:+.2f}); "
-                              f"TTFT p50 split "
-                              + ", ".join(f"{n} {x:.2f}" for n, x in s["ttft_split_ms_p50"].items())
-                              + "; CPU ms/token "
-                              + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items()), flush=True)
-                    runs[v].append(row)
+                        for api in apis:
+                            r = rows[api][-1]
+                            s = r["stack"]
+                            r.update(in_process=p, hops_add=hops_add(s, p))
+                            a = r["hops_add"]
+                            print(f"[{row(v, api)} run {run + 1}/{args.runs} rate {rate:g}] stack TTFT/ITL p50 "
+                                  f"{s['ttft_ms']['p50']:.2f}/{s['itl_ms']['p50']:.3f} ms, in-process "
+                                  f"{p['ttft_ms']['p50']:.2f}/{p['itl_ms']['p50']:.3f} ms, hops add "
+                                  f"{a['ttft_ms_p50']:+.2f}/{a['itl_ms_p50']:+.3f} ms (outside engine "
+                                  f"{a['outside_engine_ms_p50']:+.2f}); TTFT p50 split "
+                                  + ", ".join(f"{n} {x:.2f}" for n, x in s["ttft_split_ms_p50"].items())
+                                  + "; CPU ms/token "
+                                  + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items()), flush=True)
+                    for api in apis:
+                        runs[row(v, api)].append(rows[api])
                     run_s = max(run_s, time.perf_counter() - t_run)
                     if one_variant_s is None:
                         one_variant_s = time.perf_counter() - t_variant - inproc_s
@@ -638,7 +681,7 @@ def main() -> None:
                 stack.stop()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
     summary = {}
-    variants = [v for v in variants if runs[v]]
+    variants = [n for n in runs if runs[n]]
     print("\nWhat the hops add over the in-process engine (stack minus in-process), mean over runs ± 95% CI, ms.")
     print("p50/p99: difference of the percentiles; TTFT paired: median over requests of each request's own difference.")
     print("outside engine: p50 over requests of TTFT less the engine's own part (received -> first token; "

@@ -214,6 +214,36 @@ def test_prompt_forms_echo_and_vllm_extras(client, offline_llm):
 
 
 # --- 2. errors: status and OpenAI's error shape ------------------------------------------------------
+def test_timing_header_gives_the_first_tokens_hops_in_order(http_stack):
+    """With `x-folio-timing`, a streamed completion ends with an event carrying the first token's hops
+    (docs/http.md): every hop of the gRPC API's Timing.first_token_path, the HTTP side's own first sight
+    of the request and first write among them, in order, between the client's send and the first event."""
+    want = ["router.handler", "router.received", "router.engine_call", "engine.received", "engine.admitted",
+            "engine.scheduled", "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg",
+            "router.chunk_ready", "router.sent"]
+    body = {"model": MODEL, "prompt": random_prompt(20, seed=7), "max_tokens": 4, "temperature": 0, "stream": True}
+    events, first = [], None
+    with httpx.Client(timeout=120) as h:
+        sent = time.monotonic_ns()
+        with h.stream("POST", http_stack.http_url + "/v1/completions", json=body,
+                      headers={"x-folio-timing": "1"}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    if first is None and events[-1]["choices"]:
+                        first = time.monotonic_ns()
+    timing = [e["folio_timing"] for e in events if "folio_timing" in e]
+    assert len(timing) == 1 and events[-1]["folio_timing"] and events[-1]["choices"] == []
+    path = dict(timing[0]["first_token_path"])
+    times = [sent] + [path[h] for h in want] + [first]
+    assert times == sorted(times), list(zip(["client.sent", *want, "client.received"], times))
+    # without the header: no such event
+    with httpx.Client(timeout=120) as h:
+        text = h.post(http_stack.http_url + "/v1/completions", json=body).text
+    assert "folio_timing" not in text and text.rstrip().endswith("data: [DONE]")
+
+
 def test_bad_requests_get_400_404_in_openai_error_shape(client, http_stack):
     url = http_stack.http_url
 

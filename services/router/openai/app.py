@@ -21,6 +21,10 @@ from services.router.openai.protocol import ChatCompletionRequest, CompletionReq
 from services.router.openai.tokenize import Tokenize
 from services.router.openai.run import ClientGone
 
+TIMING_HEADER = b"x-folio-timing"
+"""A request header: with any non-empty value, a streamed completion's last event carries `folio_timing`, the
+first token's hops (as the gRPC API's Timing.first_token_path; docs/router.md), for bench/serving.py."""
+
 _COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
                   "/detokenize")
 
@@ -39,12 +43,22 @@ class ApiKeyAndCount:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        arrived_ns = time.monotonic_ns()
         path = scope["path"]
         label = path if path in _COUNTED_PATHS else "other"
+        stamps = None
+        if any(k == TIMING_HEADER and v for k, v in scope.get("headers") or ()):
+            # The first token's hops on this side: this app's first sight of the request, and its first
+            # event written (the first body of a stream carries the first token: the response starts with it).
+            stamps = scope["folio.stamps"] = [("router.handler", arrived_ns)]
 
         async def counting_send(message):
+            nonlocal stamps
             if message["type"] == "http.response.start":
                 self.metrics.http_requests.labels(label, str(message["status"])).inc()
+            elif stamps is not None and message.get("body"):
+                stamps.append(("router.sent", time.monotonic_ns()))
+                stamps = None
             await send(message)
 
         if self.expected is not None and path.startswith("/v1"):

@@ -34,6 +34,7 @@ class Completions:
         job = await self._prepare(req)
         run = Run(self.core, self.metrics, job.inputs(self.request_timeout_s))
         if req.stream:
+            job.stamps = raw.scope.get("folio.stamps")  # with the timing header (app.py: TIMING_HEADER)
             await cancel_on_disconnect(raw, run.started(), run)
             return StreamingResponse(job.events(run), media_type="text/event-stream")
         collected = await cancel_on_disconnect(raw, Collected.of(run, job.params.n, len(job.encoded)), run)
@@ -98,6 +99,8 @@ class _Completion:
     echo_texts: list[str] | None
     score_only: bool = False
     """max_tokens 0 with echo: the one token generated is dropped (text, logprobs, usage)."""
+    stamps: list[tuple[str, int]] | None = None
+    """The HTTP side's first-token stamps when the client asked for timing (app.py: TIMING_HEADER)."""
 
     def inputs(self, timeout_s: float | None) -> list[GenerateInput]:
         return [GenerateInput(params=self.params, model=self.model, prompt_token_ids=ids, request_id=f"{self.rid}-{i}",
@@ -145,12 +148,18 @@ class _Completion:
 
     async def events(self, run: Run) -> AsyncIterator[str]:
         stream = _CompletionEvents(self)
+        path = None
         try:
             async for p, chunk in run.chunks():
                 for event in await stream.add(p, chunk):
                     yield event
+                if p == 0 and chunk.finished:
+                    path = chunk.timing.get("first_token_path")
             if self.req.include_usage:
                 yield sse(self.envelope([], usage=usage(stream.prompt_tokens, stream.completion_tokens)))
+            if self.stamps is not None and path:  # the first prompt's first token, hop by hop (docs/router.md)
+                hops = sorted([*self.stamps, *path], key=lambda h: h[1])
+                yield sse(self.envelope([], folio_timing={"first_token_path": [[h, ns] for h, ns in hops]}))
         except Exception as e:  # noqa: BLE001 - after the 200 went out: an error event, then [DONE] (as vLLM does)
             yield sse(json.loads(from_exception(e).body))
         yield "data: [DONE]\n\n"
