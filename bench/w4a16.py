@@ -21,7 +21,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    says), early / noearly (pdl.EARLY: each kernel lets the next launch before its own wait), g3 (the M = 1
    configs as committed), g4 (gemv4: the sweep's best per shape), preN / dN (gemv4's L2_PRE / L2_DIST),
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
-   FUSE_SWIGLU), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
+   FUSE_SWIGLU; and the norms as their own launches), nonorm (the residual add + RMSNorm after o and down as
+   their own launches, not in those GEMVs' epilogues: int4.py's FUSE_NORM), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
    time outside kernels; with PDL a kernel launched early counts its wait). Each: batch-1 decode ms/token
    (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
@@ -203,6 +204,7 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
         rows += tc_checks(failures, g)
     rows += committed_checks(failures, g)
     rows += gated_checks(failures, g)
+    rows += norm_checks(failures, g)
     return rows
 
 
@@ -233,6 +235,73 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
         err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=cfg, gated=True)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="gated", shape=f"{k}x2*{inter}", M=1,
                  config=cfg, rel_err=err)
+    return rows
+
+
+def norm_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """The residual add + RMSNorm in the GEMV's epilogue (`norm`: kernels/fused_norm.py's gemv_norm_tail) on the 8B o
+    and down shapes, with the committed config and the other M = 1 kernel: the normed row and the updated residual
+    against the GEMV then add_rms_norm, twice (the grid counter must be left at zero); then a CUDA graph of eight
+    chained o GEMVs with the norm, each reading the previous one's normed row, replayed twice, against the same
+    chain run unfused."""
+    from kernels.fused_norm import add_rms_norm
+
+    rows: list[dict] = []
+    eps = 1e-5
+    for name in ("o", "down"):
+        k, n = SHAPES[name]
+        qw, s, z, _, _ = q.int4_case(k, n, 128, False, g)
+        w4.reserve_workspace(DEV, n)
+        nw = (1 + 0.1 * torch.randn(n, generator=g, device=DEV)).to(DTYPE)
+        for cfg in (dict(w4.pick_config(1, n, k, 128, DEV)), dict(G3, T=16, BLOCK_N=256, num_warps=2, SPLIT_K=16, H2=2),
+                    dict(G4, T=16, BLOCK_N=256, num_warps=2, PER_SM=12, H2=2)):
+            x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+            res = torch.randn(1, n, generator=g, device=DEV).to(DTYPE)
+            for _ in range(2):
+                r_ref, r_got = res.clone(), res.clone()
+                want = add_rms_norm(w4.w4a16(x, qw, s, z, 128, config=dict(cfg)), r_ref, nw, eps)
+                got = q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=dict(cfg), norm=(r_got, nw, eps)))
+                err = q.err_of(got, want.float())
+                err_r = q.rel_err(r_got, r_ref)
+            q.record(rows, failures, err < 1e-2 and err_r < 1e-2 and q.workspace_clean(), check="norm_epilogue",
+                     shape=name, M=1, config=cfg, rel_err=err, residual_rel_err=err_r)
+    k, n = SHAPES["o"]
+    layers = [q.int4_case(k, n, 128, False, g)[:3] for _ in range(8)]
+    nw = (1 + 0.1 * torch.randn(n, generator=g, device=DEV)).to(DTYPE)
+    x0 = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+    res0 = torch.randn(1, n, generator=g, device=DEV).to(DTYPE)
+    res = res0.clone()
+
+    def chain(fused: bool, r: torch.Tensor):
+        h = x0
+        for qw, s, z in layers:
+            h = (w4.w4a16(h, qw, s, z, 128, norm=(r, nw, eps)) if fused
+                 else add_rms_norm(w4.w4a16(h, qw, s, z, 128), r, nw, eps))
+        return h
+
+    r_ref = res0.clone()
+    want = chain(False, r_ref)
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain(True, res)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(True, res)
+        errs = []
+        for _ in range(2):
+            res.copy_(res0)
+            graph.replay()
+            torch.cuda.synchronize()
+            errs.append(max(q.rel_err(out, want), q.rel_err(res, r_ref)))
+        err = max(errs)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {type(e).__name__}: {str(e)[-400:]}", flush=True)
+        err = float("inf")
+    q.record(rows, failures, err < 2e-2 and q.workspace_clean(), check="norm_epilogue_graph", shape="8 x o", M=1,
+             config=dict(w4.pick_config(1, n, k, 128, DEV)), rel_err=err)
     return rows
 
 
@@ -665,6 +734,13 @@ def chain(start: float, budget: float) -> dict:
             return h
         return run
 
+    def w4_fused_chain():  # the norms in the o and down GEMVs' epilogues (`norm`), as the engine runs them now
+        a = x0
+        for l in range(CHAIN_LAYERS):
+            a = lin(lin(a, "qkv", l)[:, :hidden], "o", l, norm=(res, nw, 1e-5))
+            a = lin(lin(a, "gate_up", l, gated=True), "down", l, norm=(res, nw, 1e-5))
+        return a
+
     def norms_only():
         h = x0
         for _ in range(2 * CHAIN_LAYERS):
@@ -673,6 +749,7 @@ def chain(start: float, budget: float) -> dict:
 
     saved = pdl.ENABLED
     rows = [("w4a16 GEMVs", w4_chain(False), True), ("w4a16 GEMVs + norms", w4_chain(True), True),
+            ("w4a16 GEMVs + norms in epilogues", w4_fused_chain, True),
             ("w4a16 GEMVs + norms, PDL off", w4_chain(True), False), ("64 norms", norms_only, True)]
     for name, fn, on in rows:
         if time.time() - start > budget:
@@ -706,10 +783,13 @@ def chain(start: float, budget: float) -> dict:
             print(f"chain {name:<34} {ms if isinstance(ms, float) else float('nan'):8.3f} ms", flush=True)
         del wb
         q.free_gpu()
-    a, b = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms")
+    a, b, c = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms"), out.get("w4a16 GEMVs + norms in epilogues")
     if isinstance(a, float) and isinstance(b, float):
         print(f"chain: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
               f"({(b - a) * 1e3:.0f} us per token); GEMVs {a * 1e3 / CHAIN_LAYERS:.1f} us per layer", flush=True)
+    if isinstance(a, float) and isinstance(c, float):
+        print(f"chain: in the epilogues they add {(c - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each "
+              f"({(c - a) * 1e3:.0f} us per token)", flush=True)
     return out
 
 
@@ -819,6 +899,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         pdl.ENABLED = "pdl" in tags or (DEFAULTS["pdl"] and "nopdl" not in tags)
         pdl.EARLY = "early" in tags or (DEFAULTS["early"] and "noearly" not in tags)
         int4.FUSE_SWIGLU = "unfused" not in tags
+        int4.FUSE_NORM = "nonorm" not in tags and "unfused" not in tags
         saved = dict(w4.TUNED)
         m1_configs(tags)
         with tempfile.TemporaryDirectory() as tmp:
@@ -865,6 +946,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             q.free_gpu()
         pdl.ENABLED, pdl.EARLY = DEFAULTS["pdl"], DEFAULTS["early"]
         int4.FUSE_SWIGLU = True
+        int4.FUSE_NORM = True
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens

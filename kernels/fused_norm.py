@@ -89,6 +89,41 @@ def _add_norm_kernel(
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def gemv_norm_tail(last, y_ptr, residual_ptr, weight_ptr, out_ptr, counter_ptr, tiles, N, eps,
+                   CHUNK: tl.constexpr):
+    """The residual add and Llama's RMSNorm of a batch-1 GEMV's output row y [N], in the GEMV's own launch, in
+    place of the add + norm kernel after it: each program that wrote an output tile's final values (`last`)
+    counts it, and the program counting the last of `tiles` reads the whole row back (at L2: the other
+    programs wrote it), stores h = y + residual (rounded to the model dtype) into residual, writes
+    weight * rms_norm(h) to out as _add_norm_kernel does, and zeroes the counter for the next launch. In
+    CHUNK-wide passes, so that the epilogue needs no more registers than the GEMV's tiles."""
+    if last:
+        tl.debug_barrier()  # every thread's stores of the tile are issued before the release below publishes them
+        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if done == tiles - 1:
+            dt = residual_ptr.dtype.element_ty
+            acc = tl.zeros((CHUNK,), dtype=tl.float32)
+            for c in range(0, N, CHUNK):
+                offs = c + tl.arange(0, CHUNK)
+                mask = offs < N
+                y = tl.load(y_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                h = (y + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+                tl.store(residual_ptr + offs, h, mask=mask)
+                hf = h.to(tl.float32)
+                acc += hf * hf
+            rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+            tl.debug_barrier()  # h read back below by whichever thread holds it in this layout
+            for c in range(0, N, CHUNK):
+                offs = c + tl.arange(0, CHUNK)
+                mask = offs < N
+                hf = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + offs, (w * (hf * rstd).to(dt).to(tl.float32)).to(out_ptr.dtype.element_ty),
+                         mask=mask)
+            tl.store(counter_ptr, 0)
+
+
 def _check(x, residual, weight, bias):
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [num_tokens, hidden] with a contiguous last dim; got {tuple(x.shape)}")

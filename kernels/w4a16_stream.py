@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import splitk
+from kernels.fused_norm import gemv_norm_tail
 from kernels.w4a16_half2 import tile_sums_h2
 
 
@@ -170,12 +171,13 @@ def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_p
     `slot` (col * BLOCK_N + position); the program that completes the strip's count writes it out and leaves
     workspace and counter zeroed. GATED: what it writes is silu(gate) * up for the strip's BLOCK_N / 2
     outputs, rounded as kernels/silu_mul.py rounds (gate and up to x's dtype first, as the unfused GEMM
-    would store them)."""
+    would store them). Returns whether this program wrote the strip."""
     ws = ws_ptr + slot
     tl.atomic_add(ws, acc, mask=n_mask, sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
     done = tl.atomic_add(cnt_ptr + col, count, sem="acq_rel")
-    if done + count == tpc:
+    last = done + count == tpc
+    if last:
         dt = out_ptr.dtype.element_ty
         if GATED:
             half = tl.arange(0, BLOCK_N // 2)
@@ -192,6 +194,7 @@ def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_p
             tl.store(out_ptr + slot, tl.where(n_mask, total, 0.0).to(dt), mask=n_mask)
         tl.store(ws, tl.zeros_like(acc), mask=n_mask)
         tl.store(cnt_ptr + col, 0)
+    return last
 
 
 @triton.jit
@@ -203,16 +206,18 @@ def _w4a16_gemv4_kernel(
     out_ptr,  # [1, N] in x's dtype; GATED: [1, inter]
     ws_ptr, cnt_ptr,  # split-K workspace: strips * BLOCK_N float32 sums, a counter per strip (zero on entry and exit)
     N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre, inter,
+    res_ptr, nw_ptr, nout_ptr, gcnt_ptr, eps,  # NORM: residual [N], norm weight [N], normed out [N], grid counter
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
-    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
+    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr,
 ):
     """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
     (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
     T, JG, XPAIR, EVEN, HAS_PERM as in gemv3; L2: the prefetch hints are compiled in (not in the interpreter).
     GATED (the fused gate/up projection of a SwiGLU MLP, N = 2 * inter): each strip takes the same BLOCK_N / 2
     columns of the gate half and of the up half (`_strip_cols`), so the program that completes it writes
-    silu(gate) * up and the MLP skips its activation launch."""
+    silu(gate) * up and the MLP skips its activation launch. NORM (not GATED): the residual add and RMSNorm after
+    the GEMV, in its epilogue (kernels/fused_norm.py's `gemv_norm_tail`)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
@@ -275,8 +280,10 @@ def _w4a16_gemv4_kernel(
                             XPAIR, EVEN, HAS_PERM, FOLD)
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
-            strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
-                        BLOCK_N, GATED)
+            last = strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
+                              BLOCK_N, GATED)
+            if NORM:
+                gemv_norm_tail(last, out_ptr, res_ptr, nw_ptr, nout_ptr, gcnt_ptr, tl.cdiv(N, BLOCK_N), N, eps, BLOCK_N)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
         col = col1
@@ -307,9 +314,10 @@ def half2_mode(h2: int, jg: int, dtype: torch.dtype, xpair: bool) -> tuple[int, 
     return h2, h2 == 2
 
 
-def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
+def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False, norm=None):
     """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
-    -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
+    -> silu(gate) * up [1, N / 2] (N even); norm (residual, weight, eps), not gated: -> rms_norm(y + residual) *
+    weight, residual updated in place to y + residual (`w4a16`'s `norm`). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
     default 8), L2_PRE (tiles, default 0), L2_DIST (tiles ahead, default 0), FOLD (the zero point off per
     group, not per weight: `_fold_nibble`), maxnreg. The L2 hints are compiled only on CUDA."""
     cfg = dict(cfg)
@@ -334,18 +342,29 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     programs = triton.cdiv(total, per)
     out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
     ws, cnt = splitk.workspace(x.device, strips * bn)
+    res, nw, nout, gcnt, eps = norm_args(out, norm)
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt, n, k, group_size, tpc,
-            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
+            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter, res, nw, nout, gcnt, eps)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
                   XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold,
-                  H2=h2, ASM=on_gpu)
+                  H2=h2, ASM=on_gpu, NORM=norm is not None)
     if pdl:
         consts["launch_pdl"] = True
     if warmup:
         _w4a16_gemv4_kernel.warmup(*args, grid=(programs,), **consts)
         return None
     _w4a16_gemv4_kernel[(programs,)](*args, **consts)
-    return out
+    return nout
 
 
-__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
+def norm_args(out: torch.Tensor, norm) -> tuple:
+    """The NORM epilogue's kernel arguments for a GEMV writing `out` [1, N]: (residual, norm weight, normed
+    output, grid counter, eps), or `out` in every pointer's place (unused) and eps 0 without `norm`. The normed
+    output is what the launch returns (out itself without `norm`)."""
+    if norm is None:
+        return out, out, out, out, 0.0
+    residual, weight, eps = norm
+    return residual, weight, torch.empty_like(out), splitk.grid_counter(out.device), float(eps)
+
+
+__all__ = ["launch", "norm_args", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]

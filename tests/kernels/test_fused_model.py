@@ -126,3 +126,47 @@ def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch, cfg):
         assert calls.count(True) == (2 if fuse else 0)  # each layer's gate/up, gated
     torch.testing.assert_close(outs["fused"], outs["unfused"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["fused"], outs["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=3),
+                                 dict(KERNEL="gemv3", T=8, BLOCK_N=32, num_warps=1, SPLIT_K=2)], ids=["gemv4", "gemv3"])
+def test_w4a16_residual_add_and_norm_in_the_o_and_down_gemvs_at_batch_1(monkeypatch, cfg):
+    """A 4-bit Llama decoding one token: o_proj and every down_proj but the last layer's leave their GEMV to the
+    next norm (quantization/int4.py's NormPending), which runs it with the residual add and RMSNorm in the epilogue
+    (gemv4 or gemv3): three such launches in two layers, and logits equal to the unfused Triton path's and the
+    dequantize-then-matmul reference's."""
+    from kernels import w4a16
+    from services.engine.model.quantization import int4
+
+    hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                                          "desc_act": False})
+    hidden = LLAMA["hidden_size"]
+    monkeypatch.setitem(w4a16.TUNED, (1, hidden, hidden), cfg)  # o_proj: 4 heads x 16 -> 64
+    monkeypatch.setitem(w4a16.TUNED, (1, hidden, LLAMA["intermediate_size"]), cfg)  # down_proj
+    calls = []
+    real = w4a16.w4a16
+
+    def spy(*a, **k):
+        calls.append(k.get("norm") is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(int4, "w4a16", spy)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    outs = {}
+    for name, kernels, fuse in (("reference", False, False), ("unfused", True, False), ("fused", True, True)):
+        monkeypatch.setattr(int4, "_kernels", lambda x, on=kernels: on)
+        monkeypatch.setattr(int4, "FUSE_NORM", fuse)
+        model = build_model(hf, TorchAttentionBackend(), torch.float32, dev)
+        model.init_dummy(seed=5)
+        model.set_fused_elementwise(kernels)
+        kv = [torch.zeros(2, 8, 4, 2, 16, device=dev) for _ in range(2)]
+        i32 = dict(dtype=torch.int32, device=dev)
+        meta = AttentionMetadata(
+            num_seqs=1, num_tokens=1, query_start_loc=torch.tensor([0, 1], **i32), seq_lens=torch.tensor([1], **i32),
+            block_tables=torch.tensor([[0, 1]], **i32), slot_mapping=torch.tensor([0], device=dev), max_query_len=1,
+            max_seq_len=1, query_lens_cpu=[1], seq_lens_cpu=[1])
+        calls.clear()
+        outs[name] = model.logits(model.forward(torch.tensor([7], device=dev), torch.tensor([0], device=dev), kv, meta))
+        assert calls.count(True) == (3 if fuse else 0)
+    torch.testing.assert_close(outs["fused"], outs["unfused"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["fused"], outs["reference"], atol=1e-4, rtol=1e-4)

@@ -344,3 +344,60 @@ def test_pack_tc_puts_each_lanes_fragment_in_its_word():
                         row = 64 * c + 16 * j + 2 * h + (i >= 4) + 8 * (i in (2, 3, 6, 7))
                         want = int(q[row, col]) if row < k and col < n else 0
                         assert (word >> (4 * i)) & 0xF == want, (t, c, lane, j, i)
+
+
+def norm_ref(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """float64 from the GEMV's rounded output: h = y + residual rounded to the dtype, w * rms_norm(h) rounded as
+    Llama rounds (normalised, cast, then scaled)."""
+    dt = residual.dtype
+    h = (y.double() + residual.double().cpu()).to(dt).double()
+    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dt).double()
+    return weight.double().cpu() * normed, h
+
+
+@pytest.mark.parametrize("k, n, group, act, dtype, cfg", [
+    (256, 96, 128, False, torch.bfloat16, dict(G4S, BLOCK_N=32, PER_SM=3)),  # strips that cross programs
+    (384, 200, 64, True, torch.float16, dict(G4S, BLOCK_N=64, PER_SM=2, H2=2)),  # act-order, odd strip count
+    (300, 70, 16, True, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=3)),  # odd K and N, groups inside blocks
+    (256, 64, 32, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=1, H2=2)),  # unsplit: every tile last
+    (512, 96, 128, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", T=16, SPLIT_K=4, H2=2)),
+    (256, 48, 128, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=2, ATOMIC=False)),  # not fusable
+    (256, 48, 128, False, torch.bfloat16, dict(GEMV, BLOCK_M=1, SPLIT_K=2)),  # few-row GEMV: add_rms_norm after
+])
+def test_w4a16_norm_epilogue_adds_the_residual_and_normalises(k, n, group, act, dtype, cfg):
+    """`norm`: the program finishing the last output tile adds the residual and applies RMSNorm over the whole row
+    (kernels/fused_norm.py's gemv_norm_tail), or add_rms_norm runs after a kernel that cannot. Against float64 from
+    the GEMV's own (rounded) output: the normed row, the residual updated in place, the workspace and the grid
+    counter left at zero; twice in a row (the counter is reused). Under the interpreter the programs run one after
+    another, so this checks the arithmetic and the counting; bench/w4a16.py checks the ordering on the GPU."""
+    from kernels.w4a16 import norm_fusable
+
+    args, ref = case(1, k, n, group, act, dtype, seed=7 * k + n)
+    g = torch.Generator().manual_seed(n)
+    weight = (1 + 0.1 * torch.randn(n, generator=g)).to(DEV, dtype)
+    y = w4a16(*args, config=dict(cfg))
+    close(y, ref, dtype)
+    for rep in range(2):
+        residual = torch.randn(1, n, generator=g).to(DEV, dtype)
+        want, h = norm_ref(y, residual, weight, 1e-5)
+        out = w4a16(*args, config=dict(cfg), norm=(residual, weight, 1e-5))
+        assert out.shape == (1, n) and out.dtype == dtype
+        # one unit in the last place: the interpreter's float32 -> bfloat16 cast truncates, the GPU's rounds
+        torch.testing.assert_close(residual.double().cpu(), h, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
+                                   atol=1e-6)
+        torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2)
+        assert_workspace_zero()
+    assert norm_fusable(args[0], cfg) == (cfg["KERNEL"] in ("gemv3", "gemv4") and cfg.get("ATOMIC", True))
+    assert not norm_fusable(torch.zeros(2, k), cfg)
+
+
+def test_w4a16_norm_refuses_what_it_cannot_do():
+    """`norm` names what is wrong: a gated projection (no residual), a residual of the wrong shape or dtype."""
+    args, _ = case(1, 256, 64, 128, False, torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="gated"):
+        w4a16(*args, norm=(torch.zeros(1, 32, dtype=torch.bfloat16, device=DEV), w[:32], 1e-5), gated=True)
+    with pytest.raises(ValueError, match="residual must be"):
+        w4a16(*args, norm=(torch.zeros(1, 63, dtype=torch.bfloat16, device=DEV), w, 1e-5))
+    with pytest.raises(ValueError, match="residual must be"):
+        w4a16(*args, norm=(torch.zeros(1, 64, dtype=torch.float32, device=DEV), w, 1e-5))

@@ -1,11 +1,30 @@
 """What every quantization scheme shares: reading its config fields with errors that name them, choosing
-a weight method per linear layer by the layer's checkpoint names (ignore lists), and installing them."""
+a weight method per linear layer by the layer's checkpoint names (ignore lists), and installing them; the
+deferred GEMM that a norm finishes (`NormPending`)."""
 
 from __future__ import annotations
 
 import re
+from typing import Callable, NamedTuple
 
 import torch
+
+
+class NormPending(NamedTuple):
+    """A batch-1 GEMM not launched yet, left for the residual add + RMSNorm that alone reads its output
+    (layers/norm.py's RMSNorm): `with_norm` runs it with the add and the norm in its epilogue, `dense` runs it plain
+    (for any other reader: quantization/fp8.py's `dense`). Made by quantization/int4.py for the layers the model
+    marks `norm_after`."""
+
+    run: Callable  # run(None) -> the output [1, N]; run((residual [1, N], weight [N], eps)) -> the normed output
+    shape: tuple  # the output's shape
+
+    def dense(self) -> torch.Tensor:
+        return self.run(None).reshape(self.shape)
+
+    def with_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """rms_norm(y + residual) * weight (Llama's rounding), residual updated in place to y + residual."""
+        return self.run((residual.view(1, -1), weight, eps)).reshape(self.shape)
 
 
 class QuantConfig:

@@ -14,21 +14,42 @@ Each scheme's loader converts its own on-disk packing into this once, after load
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
-import os
-
-from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
+from kernels.w4a16 import norm_fusable, pack_int4, pick_config, reserve_workspace, w4a16, w4a16_reference
 from kernels.w4a16_tc import pack_tc
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
+from services.engine.model.quantization.base import NormPending
 
 BITS = 4
 FUSE_SWIGLU = True
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
+
+
+FUSE_NORM = os.environ.get("FOLIO_W4A16_FUSE_NORM", "1") != "0"
+"""At batch 1 a layer the model marks `norm_after` (its output goes only to the next residual add + RMSNorm) leaves
+its GEMV to that norm as a `NormPending`, and the norm runs it with the add and norm in the GEMV's epilogue: a
+launch fewer per norm (kernels/fused_norm.py's gemv_norm_tail)."""
+
+
+def _gemv(layer, x2: torch.Tensor, norm) -> torch.Tensor:
+    """A NormPending's run: the batch-1 GEMV, with the residual add and norm in its epilogue when `norm` is given."""
+    return w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, norm=norm)
+
+
+def _leaves_norm(layer, x2: torch.Tensor) -> bool:
+    """Whether `apply` returns a NormPending: on, marked by the model, one row on the GPU, no bias, one rank (no
+    all-reduce between the GEMV and the norm), and a launch config whose epilogue can do it."""
+    return (FUSE_NORM and getattr(layer, "norm_after", False) and x2.shape[0] == 1 and _kernels(x2)
+            and getattr(layer, "bias", None) is None and getattr(layer, "tp", None) is None
+            and norm_fusable(x2, pick_config(1, layer.qweight.shape[1], x2.shape[1], layer.group_size, x2.device)))
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -108,6 +129,8 @@ class Int4Layout:
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
                       qtc=layer.qweight_tc)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
+        if _leaves_norm(layer, x2):
+            return NormPending(functools.partial(_gemv, layer, x2), (*shape[:-1], layer.qweight.shape[1]))
         if _kernels(x):
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, qtc=layer.qweight_tc)
         else:
