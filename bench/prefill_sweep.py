@@ -62,14 +62,14 @@ FOCUS = ("short", "prefill", "long")  # every variant is timed here; the others 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
          tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False, pingpong=False, qbufs=2,
-         dyn=False, narrow=0):
+         dyn=False, narrow=0, nload=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
                 LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
                 PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None, PINGPONG=pingpong, Q_BUFS=qbufs,
-                DYNAMIC=dyn, NARROW_TAIL=narrow)
+                DYNAMIC=dyn, NARROW_TAIL=narrow, NARROW_LOAD=nload)
 
 
 def _name(c: dict | None) -> str:
@@ -94,7 +94,8 @@ def _name(c: dict | None) -> str:
                 + (" one2" if c.get("ONE_LOOP") == 2 else "") + (f" regs{c['WS_REGS']}" if c.get("WS_REGS") else "")
                 + (" persist" if c.get("PERSISTENT") else "") + (" heavy" if c.get("HEAVY_FIRST") else "")
                 + (f" qbuf{c['Q_BUFS']}" if c.get("Q_BUFS", 2) != 2 else "") + (" dyn" if c.get("DYNAMIC") else "")
-                + (f" narrow{c['NARROW_TAIL']}" if c.get("NARROW_TAIL") else "") + (" (again)" if c.get("AGAIN") else ""))
+                + (f" narrow{c['NARROW_TAIL']}" if c.get("NARROW_TAIL") else "") + (" nload" if c.get("NARROW_LOAD") else "")
+                + (" (again)" if c.get("AGAIN") else ""))
     return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
 
@@ -111,7 +112,8 @@ def _name(c: dict | None) -> str:
 # the Triton picks it replaced, on every shape (the prefix ones keep BASE), and two 32 x 512 neighbours.
 # Session 7, round 1: the last key tile of an item computed only as wide as its keys (NARROW_TAIL: 1 = half of BLOCK_N,
 # 2 = also a quarter; 32 x 512 with 128-key tiles computed 5,120 keys per 4,096 the rows see, with 64-key tiles
-# 4,608; narrowed, 4,096 both), against the table's picks, on 32 x 512 mostly, and on 8 x 2048 / 8192 (128-key tiles).
+# 4,608; narrowed, 4,096 both), with NARROW_LOAD that tile also loaded only as wide (less L2 -> SM traffic), against
+# the table's picks, on 32 x 512 mostly, and on 8 x 2048 / 8192 (128-key tiles).
 # Triton 3.6's tl.range(warp_specialize=True) is not timed again: upstream's persistent-matmul tutorial says it
 # "only works on Blackwell right now. On older GPUs, this will use software pipelining" (round 3: the same build).
 _WS = dict(gluon=True, gws=True, maxnreg=None, one=2, persist=1)  # the persistent warp-specialized Gluon kernel
@@ -121,17 +123,18 @@ VARIANTS = [
     _cfg(**_FA3, s=3),  # the table's < 1024 pick, explicitly
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),  # its >= 1024 pick
     _cfg(**_FA3, s=3, narrow=1),  # the < 1024 pick, the diagonal tile at half width where it fits
-    _cfg(**_FA3, s=3, narrow=2, dyn=True),
+    _cfg(**_FA3, s=3, narrow=1, nload=True),  # ... and loaded at half width (less L2 -> SM traffic)
     _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2),  # 128-key tiles, the last one at a half or a quarter
+    _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True),
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2),  # the >= 1024 pick, narrowed
-    _cfg(**_FA3, n=128, s=2, narrow=2),  # two q buffers (the next item's q early), two stages
-    _cfg(**_FA3, n=128, s=2, dyn=True, narrow=2),
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),
+    _cfg(**_FA3, n=128, s=2, narrow=2, nload=True),  # two q buffers (the next item's q early), two stages
     dict(_cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True), AGAIN=True),  # drift
 ]
 LAYOUT_CONFIGS = [_cfg(**_FA3, s=3),
                   _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),
-                  _cfg(**_FA3, s=3, narrow=1),
-                  _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2)]
+                  _cfg(**_FA3, s=3, narrow=1, nload=True),
+                  _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True)]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
 WIDE = [None]  # + Gluon: fresh only
 

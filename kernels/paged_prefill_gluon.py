@@ -292,13 +292,14 @@ def _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles, BLOCK_Q: 
 
 
 @gluon.jit
-def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem, w,
-                  q_start, q_len, first_pos, kv_head, n, it, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
+def _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                  item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
-                  DYNAMIC: gl.constexpr):
+                  DYNAMIC: gl.constexpr, NARROW_LOAD: gl.constexpr):
     """Producer, one runnable work item (the n-th this program runs): both halves of q into q buffer n % Q_BUFS
     (with DYNAMIC the item's index beside it, for the consumers), then its key tiles into ring slots it % STAGES,
-    ... each once its consumers freed it. Returns the tiles loaded so far."""
+    ... each once its consumers freed it (with NARROW_LOAD the last one only as wide as NARROW_TAIL computes it, in
+    boxes of kn_desc / vn_desc's rows). Returns the tiles loaded so far."""
     TQ: gl.constexpr = BLOCK_Q // 2
     for c in gl.static_range(2):
         buf = (n % Q_BUFS) * 2 + c
@@ -309,18 +310,58 @@ def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_emp
         for h in gl.static_range(GROUP):
             tma.async_copy_global_to_shared(q_desc, [q_start + first_pos + c * TQ, (kv_head * GROUP + h) * HEAD_DIM],
                                             q_ready.index(buf), q_smem.index(buf).slice(h * TQ, TQ))
-    n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
-    for j in range(n_tiles):
-        slot = it % STAGES
-        # The slot's previous tile must be released; the ring's first STAGES tiles find it empty.
-        mbarrier.wait(empty.index(slot), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
-        mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM], ready.index(slot),
-                                        k_smem.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [q_start + j * BLOCK_N, kv_head * HEAD_DIM], ready.index(slot),
-                                        v_smem.index(slot))
-        it += 1
+    kv_end = gl.minimum(first_pos + BLOCK_Q, q_len)
+    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+    if NARROW_LOAD:
+        # The last tile only as wide as the consumers compute it (NARROW_TAIL's rule, in boxes of kn_desc's rows).
+        for j in range(n_tiles - 1):
+            it = _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, q_start + j * BLOCK_N,
+                               kv_head * HEAD_DIM, STAGES)
+        tail_keys = kv_end - (n_tiles - 1) * BLOCK_N
+        BOX: gl.constexpr = kn_desc.block_type.shape[0]
+        row0 = q_start + (n_tiles - 1) * BLOCK_N
+        if tail_keys <= BOX:
+            it = _ws_load_narrow(kn_desc, vn_desc, k_smem, v_smem, ready, empty, it, row0, kv_head * HEAD_DIM,
+                                 STAGES, 1)
+        elif tail_keys <= BLOCK_N // 2:  # NARROW_TAIL 2: a half tile, two quarter boxes
+            it = _ws_load_narrow(kn_desc, vn_desc, k_smem, v_smem, ready, empty, it, row0, kv_head * HEAD_DIM,
+                                 STAGES, BLOCK_N // 2 // BOX)
+        else:
+            it = _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, row0, kv_head * HEAD_DIM, STAGES)
+    else:
+        for j in range(n_tiles):
+            it = _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, q_start + j * BLOCK_N,
+                               kv_head * HEAD_DIM, STAGES)
     return it
+
+
+@gluon.jit
+def _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, row0, col, STAGES: gl.constexpr):
+    """Producer: key tile `it` of the ring (K and V rows row0 ..) into slot it % STAGES once its consumers freed
+    it. Returns it + 1."""
+    slot = it % STAGES
+    # The slot's previous tile must be released; the ring's first STAGES tiles find it empty.
+    mbarrier.wait(empty.index(slot), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
+    mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [row0, col], ready.index(slot), k_smem.index(slot))
+    tma.async_copy_global_to_shared(v_desc, [row0, col], ready.index(slot), v_smem.index(slot))
+    return it + 1
+
+
+@gluon.jit
+def _ws_load_narrow(kn_desc, vn_desc, k_smem, v_smem, ready, empty, it, row0, col, STAGES: gl.constexpr,
+                    BOXES: gl.constexpr):
+    """Producer: as _ws_load_tile, the slot's first BOXES boxes of kn_desc's rows only (NARROW_LOAD's last tile)."""
+    BOX: gl.constexpr = kn_desc.block_type.shape[0]
+    slot = it % STAGES
+    mbarrier.wait(empty.index(slot), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
+    mbarrier.expect(ready.index(slot), 2 * BOXES * kn_desc.block_type.nbytes)
+    for b in gl.static_range(BOXES):
+        tma.async_copy_global_to_shared(kn_desc, [row0 + b * BOX, col], ready.index(slot),
+                                        k_smem.index(slot).slice(b * BOX, BOX))
+        tma.async_copy_global_to_shared(vn_desc, [row0 + b * BOX, col], ready.index(slot),
+                                        v_smem.index(slot).slice(b * BOX, BOX))
+    return it + 1
 
 
 @gluon.jit
@@ -338,11 +379,11 @@ def _get_item(item_smem, buf):
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem,
-                 counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                 SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr, Q_BUFS: gl.constexpr,
-                 DYNAMIC: gl.constexpr):
+def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                 item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items,
+                 GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
+                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_LOAD: gl.constexpr):
     """Load every work item this program runs (n = items run so far, it = key tiles loaded so far). The items are
     program_id(0), then every num_programs(0)-th; with DYNAMIC, program_id(0), then the next untaken one from a
     global counter (heaviest first within a head group, so whichever program is free takes the heaviest left:
@@ -355,9 +396,9 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empt
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
             if run:
-                it = _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-                                   item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP, BLOCK_Q, BLOCK_N,
-                                   HEAD_DIM, STAGES, Q_BUFS, DYNAMIC)
+                it = _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                                   ready, empty, item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP,
+                                   BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, Q_BUFS, DYNAMIC, NARROW_LOAD)
                 n += 1
             w = gl.atomic_add(counter_ptr, 1) + gl.num_programs(0)
         for c in gl.static_range(2):
@@ -370,9 +411,9 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empt
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
             if run:
-                it = _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-                                   item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP, BLOCK_Q, BLOCK_N,
-                                   HEAD_DIM, STAGES, Q_BUFS, DYNAMIC)
+                it = _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                                   ready, empty, item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP,
+                                   BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, Q_BUFS, DYNAMIC, NARROW_LOAD)
                 n += 1
 
 
@@ -673,13 +714,13 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "max_q_tiles", "num_tiles", "num_items"])
-def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, counter_ptr, qk_scale, stride_ot,
-                       stride_oh, num_seqs, max_q_tiles, num_tiles, num_items,
+def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc_ptr, out_ptr, counter_ptr, qk_scale,
+                       stride_ot, stride_oh, num_seqs, max_q_tiles, num_tiles, num_items,
                        GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
                        Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr,
-                       CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                       NARROW_LOAD: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
     dtype: gl.constexpr = k_desc.dtype
@@ -710,9 +751,10 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, query_start_loc_ptr, out_ptr, cou
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 1, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
                         MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem,
-                        counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q,
-                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS, DYNAMIC)),
+        (_ws_producer, (q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready,
+                        empty, item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles,
+                        num_items, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS,
+                        DYNAMIC, NARROW_LOAD)),
     ], [4, 1], [CONSUMER_REGS, 24])
     for i in gl.static_range(2 * Q_BUFS):
         mbarrier.invalidate(q_ready.index(i))
@@ -740,8 +782,8 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     PERSISTENT (1: one program per SM walking the items; with DYNAMIC each takes the next untaken item from a global
     counter rather than every num_programs-th: the heaviest left goes to whichever program is free), Q_BUFS (q buffers per consumer, default 2: the next
     item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring), NARROW_TAIL (with
-    OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter).
-    max_q_tiles > 0: HEAVY_FIRST's item mapping."""
+    OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter),
+    NARROW_LOAD (with NARROW_TAIL: that tile also loaded only as wide). max_q_tiles > 0: HEAVY_FIRST's mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
     num_tokens, num_heads, head_dim = q.shape
@@ -755,6 +797,14 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
                                        [block_n, head_dim], layout) for t in (k, v))
     q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_dim], [q.stride(0), 1], [block_q // 2, head_dim],
                               _smem_layout(block_q // 2, head_dim, q.dtype == torch.bfloat16))
+    narrow = int(cfg.get("NARROW_TAIL") or 0) if int(cfg.get("OVERLAP_QK") or 0) == 2 else 0
+    narrow_load = bool(narrow and cfg.get("NARROW_LOAD"))
+    kn_desc, vn_desc = k_desc, v_desc  # unused without NARROW_LOAD
+    if narrow_load:  # boxes of the narrowest tail NARROW_TAIL computes
+        box = block_n >> narrow
+        kn_desc, vn_desc = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
+                                             [box, head_dim], _smem_layout(box, head_dim, q.dtype == torch.bfloat16))
+                            for t in (k, v))
     seq_vec = cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] and not max_q_tiles else 0  # HEAVY: no search
     num_tiles = num_seqs * max_q_tiles if max_q_tiles else num_tokens // block_q + num_seqs
     num_items = num_tiles * num_kv_heads
@@ -763,11 +813,11 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     # DYNAMIC: the next item's index, counted from 0 by each launch (a memset; programs start at their own id)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else query_start_loc
     _prefill_ws_kernel[(programs,)](
-        q_desc, k_desc, v_desc, query_start_loc, out, counter, scale * 1.4426950408889634, out.stride(0),
-        out.stride(1), num_seqs, max_q_tiles, num_tiles, num_items,
+        q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc, out, counter, scale * 1.4426950408889634,
+        out.stride(0), out.stride(1), num_seqs, max_q_tiles, num_tiles, num_items,
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
-        DYNAMIC=dynamic, NARROW_TAIL=int(cfg.get("NARROW_TAIL") or 0) if int(cfg.get("OVERLAP_QK") or 0) == 2 else 0,
-        CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
+        DYNAMIC=dynamic, NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, CONSUMER_REGS=int(cfg.get("WS_REGS") or 240),
+        num_warps=4)
     return out

@@ -75,6 +75,9 @@ GLUON_CONFIGS = [
          PERSISTENT=1, HEAVY_FIRST=True, NARROW_TAIL=1),
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, HEAVY_FIRST=True, NARROW_TAIL=2),
+    # ... and that tile loaded only as wide (quarter boxes)
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
+         PERSISTENT=1, Q_BUFS=1, HEAVY_FIRST=True, NARROW_TAIL=2, NARROW_LOAD=True),
 ]
 
 
