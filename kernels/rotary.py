@@ -115,9 +115,14 @@ def _rotary_cache_kernel(
     BLOCK_KV: tl.constexpr,  # next power of two of kv heads
     BLOCK_SIZE: tl.constexpr,
     PDL: tl.constexpr = False,  # kernels/pdl.py
+    SCALED: tl.constexpr = False,  # qkv is an FP8 GEMM's unscaled output: times row_ptr[tok] * col_ptr[column] first
+    row_ptr=None,  # fp32 [num_tokens] (read if SCALED)
+    col_ptr=None,  # fp32 [(num_q_heads + 2 * num_kv_heads) * HEAD_DIM] (read if SCALED)
 ):
     """One token: NeoX rotary on its q and k heads in place, and its rotated k and its v written to the paged
-    cache at its slot (what _rotary_kernel then reshape_and_cache do, in one launch: k is not read back)."""
+    cache at its slot (what _rotary_kernel then reshape_and_cache do, in one launch: k is not read back). With
+    SCALED each value is first scaled and rounded to qkv's dtype as the FP8 GEMM would have (FP8Output.dense), and
+    v is stored back scaled too (a prefill step's attention reads the chunk's values from qkv)."""
     pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     heads = num_q_heads + num_kv_heads
@@ -128,6 +133,11 @@ def _rotary_cache_kernel(
     p2 = p1 + HALF
     x1 = tl.load(p1, mask=rot, other=0.0).to(tl.float32)
     x2 = tl.load(p2, mask=rot, other=0.0).to(tl.float32)
+    if SCALED:
+        rs = tl.load(row_ptr + tok)
+        c1 = col_ptr + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+        x1 = (x1 * rs * tl.load(c1, mask=rot, other=0.0)).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+        x2 = (x2 * rs * tl.load(c1 + HALF, mask=rot, other=0.0)).to(qkv_ptr.dtype.element_ty).to(tl.float32)
     c = tl.load(cos_ptr + tok * HALF + offs_d)[None, :]
     s = tl.load(sin_ptr + tok * HALF + offs_d)[None, :]
     y1 = (x1 * c - x2 * s).to(qkv_ptr.dtype.element_ty)
@@ -142,20 +152,29 @@ def _rotary_cache_kernel(
         dst = key_cache_ptr + cache_row + kh[:, None] * stride_ch + offs_d[None, :]
         tl.store(dst, y1, mask=is_k)
         tl.store(dst + HALF, y2, mask=is_k)
+    if SCALED or slot >= 0:
         offs_v = tl.arange(0, BLOCK_KV)
         offs_e = tl.arange(0, HEAD_DIM)
         is_v = (offs_v < num_kv_heads)[:, None]
-        v = tl.load(qkv_ptr + tok * stride_t + (heads + offs_v)[:, None] * HEAD_DIM + offs_e[None, :], mask=is_v)
-        tl.store(value_cache_ptr + cache_row + offs_v[:, None] * stride_ch + offs_e[None, :], v, mask=is_v)
+        pv = qkv_ptr + tok * stride_t + (heads + offs_v)[:, None] * HEAD_DIM + offs_e[None, :]
+        v = tl.load(pv, mask=is_v)
+        if SCALED:
+            cv = tl.load(col_ptr + (heads + offs_v)[:, None] * HEAD_DIM + offs_e[None, :], mask=is_v, other=0.0)
+            v = (v.to(tl.float32) * tl.load(row_ptr + tok) * cv).to(qkv_ptr.dtype.element_ty)
+            tl.store(pv, v, mask=is_v)
+        if slot >= 0:
+            tl.store(value_cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+                     + offs_v[:, None] * stride_ch + offs_e[None, :], v, mask=is_v)
 
 
 def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, head_dim: int) -> bool:
+                     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, head_dim: int, scales=None) -> bool:
     """Full-width NeoX rotary on q [T, hq * d] and k [T, hkv * d] in place, and k (rotated) and v [T, hkv * d]
     written to kv_cache [2, blocks, block_size, hkv, d] at slot_mapping [T] (slots < 0 skipped): rotary_qk_inplace
     then reshape_and_cache in one launch per layer. Only where q, k and v are the side-by-side parts of one fused
     qkv's rows, d is a power of two and the cache is in their dtype (an fp8 cache quantizes in reshape_and_cache);
-    returns False, having done nothing, elsewhere."""
+    returns False, having done nothing, elsewhere. `scales` (float32 row [T, 1], column [1, (hq + 2 hkv) d]): q, k,
+    v are an FP8 GEMM's unscaled output (quantization/fp8.py's FP8Output), scaled first, and v stored back scaled."""
     size = q.element_size()
     hkv = k.shape[1] // head_dim if k.dim() == 2 else 0
     if not (q.dim() == k.dim() == v.dim() == 2 and q.shape[0] == k.shape[0] == v.shape[0] and k.shape == v.shape
@@ -167,6 +186,10 @@ def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
             and tuple(kv_cache.shape[3:]) == (hkv, head_dim) and kv_cache.is_contiguous()
             and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (q.shape[0],)):
         return False
+    if scales is not None and (scales[0].numel() != q.shape[0] or scales[1].numel() != q.shape[1] + 2 * k.shape[1]
+                               or scales[0].dtype != torch.float32 or scales[1].dtype != torch.float32):
+        raise ValueError(f"scales must be float32 [{q.shape[0]}] and [{q.shape[1] + 2 * k.shape[1]}] row and column "
+                         f"scales")
     half = head_dim // 2
     if cos.shape != (q.shape[0], half) or sin.shape != cos.shape or cos.dtype != torch.float32:
         raise ValueError(f"cos and sin must be float32 [{q.shape[0]}, {half}]")
@@ -177,7 +200,8 @@ def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
             q, cos.contiguous(), sin.contiguous(), key_cache, value_cache, slot_mapping, q.stride(0), hq, hkv,
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
             HEAD_DIM=head_dim, HALF=half, BLOCK_H=triton.next_power_of_2(hq + hkv), BLOCK_KV=triton.next_power_of_2(hkv),
-            BLOCK_SIZE=kv_cache.shape[2], num_warps=4, **pdl.args(q))
+            BLOCK_SIZE=kv_cache.shape[2], num_warps=4, **pdl.args(q), SCALED=scales is not None,
+            row_ptr=scales[0] if scales is not None else None, col_ptr=scales[1] if scales is not None else None)
     return True
 
 

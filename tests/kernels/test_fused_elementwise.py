@@ -102,6 +102,30 @@ def test_rotary_and_cache_equals_rotary_then_reshape_and_cache(dtype, hq, hkv, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_and_cache_with_fp8_scales_equals_scaling_first(dtype):
+    """An FP8 GEMM's unscaled q/k/v (FP8Output.raw) with its row and column scales: the same qkv rows (v stored
+    back scaled) and cache, bit for bit, as FP8Output.dense() followed by the unscaled kernel; bad scales refused."""
+    from services.engine.model.quantization.fp8 import FP8Output
+
+    t, hq, hkv, d, block_size, blocks = 5, 4, 2, 16, 4, 3
+    g = torch.Generator().manual_seed(11)
+    raw = (torch.randn(t, (hq + 2 * hkv) * d, generator=g) * 300).to(DEV, dtype)
+    row, col = torch.rand(t, 1, generator=g).to(DEV) * 0.01, torch.rand(1, raw.shape[1], generator=g).to(DEV) * 0.01
+    ang = torch.rand(t, d // 2, generator=g) * 6
+    cos, sin = ang.cos().to(DEV), ang.sin().to(DEV)
+    slots = torch.tensor([3, -1, 0, 2 * block_size + 1, 5], device=DEV)
+    cache = torch.zeros(2, blocks, block_size, hkv, d, device=DEV, dtype=dtype)
+    want, want_cache = FP8Output(raw, row, col).dense(), cache.clone()
+    assert rotary_and_cache(*want.split([hq * d, hkv * d, hkv * d], dim=-1), cos, sin, want_cache, slots, d)
+    assert rotary_and_cache(*raw.split([hq * d, hkv * d, hkv * d], dim=-1), cos, sin, cache, slots, d,
+                            scales=(row, col))
+    assert torch.equal(raw, want) and torch.equal(cache, want_cache)
+    with pytest.raises(ValueError, match="row and column scales"):
+        rotary_and_cache(*raw.split([hq * d, hkv * d, hkv * d], dim=-1), cos, sin, cache, slots, d,
+                         scales=(row, col[:, :-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("inter", [100, 1536])
 def test_silu_mul(dtype, inter):
     g = torch.Generator().manual_seed(inter)

@@ -53,8 +53,8 @@ def test_rotary_writes_the_cache_on_the_triton_backend(monkeypatch):
     calls = []
     real = rotary_kernels.rotary_and_cache
 
-    def spy(*args):
-        calls.append(real(*args))
+    def spy(*args, **kw):
+        calls.append(real(*args, **kw))
         return calls[-1]
 
     monkeypatch.setattr(rotary_kernels, "rotary_and_cache", spy)

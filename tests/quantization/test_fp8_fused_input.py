@@ -8,7 +8,7 @@ import torch
 
 from kernels import fp8_w8a8
 from services.engine.attention.metadata import AttentionMetadata
-from services.engine.attention.torch_backend import TorchAttentionBackend
+from services.engine.attention.torch_backend import TorchAttentionBackend, paged_attention_ref
 from services.engine.model.quantization import fp8
 from services.engine.model.registry import build_model
 
@@ -18,11 +18,23 @@ LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=
 T = 20  # tokens: above fp8.WEIGHT_ONLY_MAX_M, so the FP8 layers take quantized activations
 
 
-def forward(fuse: bool, monkeypatch, defer: bool = False):
+class RotaryCacheBackend(TorchAttentionBackend):
+    """The torch backend with the Triton backend's fused rotary + cache write (kernels/rotary.py, under the
+    interpreter): the layer runs rotary_and_cache, which applies q/k/v's deferred FP8 scales."""
+
+    fuses_rotary_cache = True
+
+    def forward(self, q, k, v, kv_cache, meta, params, cache_written=False):
+        if cache_written:
+            return paged_attention_ref(q, kv_cache, meta, params)
+        return super().forward(q, k, v, kv_cache, meta, params)
+
+
+def forward(fuse: bool, monkeypatch, defer: bool = False, backend=TorchAttentionBackend):
     """The logits of 20 tokens (two prefills), and the types of each FP8 layer's input and output in call order."""
     monkeypatch.setattr(fp8, "FUSE_INPUT_QUANT", fuse)
     monkeypatch.setattr(fp8, "DEFER_SCALES", defer)
-    model = build_model(LLAMA, TorchAttentionBackend(), torch.float32, "cpu", quantization="fp8")
+    model = build_model(LLAMA, backend(), torch.float32, "cpu", quantization="fp8")
     model.init_dummy(seed=5)
     model.set_fused_elementwise(True)
     seen = []
@@ -80,6 +92,25 @@ def test_fp8_deferred_scales_equal_scaled_outputs_gpu_paths_on_cpu(monkeypatch):
     layer = ["FP8Input->Tensor", "Tensor->FP8Output", "FP8Input->FP8Output", "FP8Input->FP8Output"]
     assert seen == layer + layer[:3] + ["FP8Input->Tensor"]
     torch.testing.assert_close(deferred, scaled, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_qkv_scales_deferred_to_the_rotary_cache_kernel_gpu_paths_on_cpu(monkeypatch):
+    """Where the backend turns q/k and writes the cache in one kernel, qkv leaves its scales to that kernel too
+    (FP8Output; kernels/rotary.py applies them): the logits equal the scaled forward's within rounding, and an
+    fp8 KV pool (written by reshape_and_cache) keeps qkv scaled by its GEMM."""
+    monkeypatch.setattr(fp8, "on_fp8_gpu", lambda t: True)
+    scaled, _ = forward(True, monkeypatch, defer=False, backend=RotaryCacheBackend)
+    deferred, seen = forward(True, monkeypatch, defer=True, backend=RotaryCacheBackend)
+    layer = ["FP8Input->FP8Output", "Tensor->FP8Output", "FP8Input->FP8Output", "FP8Input->FP8Output"]
+    assert seen == layer + layer[:3] + ["FP8Input->Tensor"]
+    torch.testing.assert_close(deferred, scaled, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(deferred, forward(True, monkeypatch, defer=True)[0], rtol=1e-4, atol=1e-4)
+    model = build_model(LLAMA, RotaryCacheBackend(), torch.float32, "cpu", quantization="fp8")
+    model.set_fused_elementwise(True)
+    attn = model.model.layers[0].self_attn
+    fp8_pool = torch.zeros(2, 8, 4, 2, 16, dtype=torch.float8_e4m3fn)
+    assert attn.attn.applies_qkv_scales(attn.rotary_emb, torch.zeros(2, 8, 4, 2, 16), torch.float32)
+    assert not attn.attn.applies_qkv_scales(attn.rotary_emb, fp8_pool, torch.float32)
 
 
 def test_fp8_deferred_scales_only_up_to_the_shape_bound_gpu_paths_on_cpu(monkeypatch):

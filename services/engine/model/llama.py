@@ -17,7 +17,7 @@ from services.engine.model.layers.embedding import LogitsProcessor, ParallelLMHe
 from services.engine.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from services.engine.model.layers.norm import RMSNorm
 from services.engine.model.layers.rotary import RotaryEmbedding, rope_parameters
-from services.engine.model.quantization.fp8 import dense
+from services.engine.model.quantization.fp8 import FP8Output, dense
 
 STACKED_QKV_GATE_UP = (
     (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
@@ -40,7 +40,14 @@ class LlamaAttention(torch.nn.Module):
         self.clip_qkv = m.clip_qkv
 
     def forward(self, positions, h, kv_cache, meta):
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(h))
+        # FP8 weights: q/k/v may come out unscaled (quantization/fp8.py's FP8Output, cuBLAS's faster tensor-wise
+        # GEMM) where the rotary + cache kernel applies the scales; decided per call, as it depends on the pool.
+        self.qkv_proj.fp8_deferred_scales = self.q_norm is None and self.clip_qkv is None \
+            and self.attn.applies_qkv_scales(self.rotary_emb, kv_cache, self.qkv_proj.params_dtype)
+        out, scales = self.qkv_proj(h), None
+        if isinstance(out, FP8Output):
+            out, scales = out.raw, (out.row, out.col)
+        q, k, v = self.qkv_proj.split_qkv(out)
         if self.q_norm is not None:  # before rotary: per head (Qwen3, Cohere) or over all heads (OLMo 2)
             if self.qk_norm_per_head:
                 T, d = q.shape[0], self.attn.head_dim
@@ -51,7 +58,8 @@ class LlamaAttention(torch.nn.Module):
         if self.clip_qkv is not None:  # OLMoE: clamp after the q/k norms
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         # The attention layer turns q and k (with the cache write, in one kernel, where it can).
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta, rotary=self.rotary_emb, positions=positions))
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta, rotary=self.rotary_emb, positions=positions,
+                                     qkv_scales=scales))
 
 
 class LlamaMLP(torch.nn.Module):

@@ -63,25 +63,46 @@ class Attention(torch.nn.Module):
         """The fp8 KV pool's scales for this layer (attention/kv_quant.py)."""
         self.params = dataclasses.replace(self.params, k_scale=k_scale, v_scale=v_scale)
 
+    def applies_qkv_scales(self, rotary, kv_cache: torch.Tensor | None, dtype: torch.dtype) -> bool:
+        """Whether forward() can take q, k, v as an FP8 GEMM's unscaled output (qkv_scales) at no extra pass: the
+        rotary + cache-write kernel applies the scales where the backend runs it, the rotary is one it turns and
+        the cache is in the model's dtype (an fp8 pool is written by reshape_and_cache instead)."""
+        return (rotary is not None and getattr(self.backend, "fuses_rotary_cache", False) and rotary.fusable()
+                and kv_cache is not None and kv_cache.dtype == dtype)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
-                rotary=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                rotary=None, positions: torch.Tensor | None = None, qkv_scales=None) -> torch.Tensor:
         """`rotary` (a RotaryEmbedding, with the tokens' `positions`): q and k are turned first; where the backend
         writes the cache itself and q, k, v are one fused qkv's rows, by one kernel that also writes the turned k
-        and v into the cache (kernels/rotary.py, rotary_and_cache: a launch and a read of k fewer per layer)."""
+        and v into the cache (kernels/rotary.py, rotary_and_cache: a launch and a read of k fewer per layer).
+        `qkv_scales` (float32 row [T, 1], column [1, q + k + v widths]): q, k, v are an FP8 GEMM's unscaled output
+        (quantization/fp8.py's FP8Output), scaled by that kernel, else here first."""
         written = False
-        if rotary is not None:
-            if getattr(self.backend, "fuses_rotary_cache", False) and rotary.fusable():
-                from kernels.rotary import rotary_and_cache
+        if rotary is not None and getattr(self.backend, "fuses_rotary_cache", False) and rotary.fusable():
+            from kernels.rotary import rotary_and_cache
 
-                cos, sin = rotary.cos_sin(positions)
-                written = rotary_and_cache(q, k, v, cos, sin, kv_cache, meta.slot_mapping, self.head_dim)
-            if not written:
+            cos, sin = rotary.cos_sin(positions)
+            written = rotary_and_cache(q, k, v, cos, sin, kv_cache, meta.slot_mapping, self.head_dim,
+                                       scales=qkv_scales)
+        if not written:
+            if qkv_scales is not None:
+                q, k, v = scale_parts((q, k, v), *qkv_scales)
+            if rotary is not None:
                 q, k = rotary(positions, q, k)
         T, d = q.shape[0], self.head_dim
         extra = {"cache_written": True} if written else {}
         o = self.backend.forward(q.reshape(T, self.num_heads, d), k.reshape(T, self.num_kv_heads, d),
                                  v.reshape(T, self.num_kv_heads, d), kv_cache, meta, self.params, **extra)
         return o.reshape(T, self.num_heads * d)
+
+
+def scale_parts(parts, row: torch.Tensor, col: torch.Tensor) -> list[torch.Tensor]:
+    """Side-by-side column parts of an FP8 GEMM's unscaled output, each scaled as FP8Output.dense() scales it."""
+    out, at = [], 0
+    for p in parts:
+        out.append((p.float() * row * col[:, at:at + p.shape[-1]]).to(p.dtype))
+        at += p.shape[-1]
+    return out
 
 
 def layer_sliding_window(cfg, layer: int) -> int | None:

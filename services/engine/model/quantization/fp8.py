@@ -99,9 +99,11 @@ FUSE_INPUT_QUANT = True
 DEFER_SCALES = True
 """Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
 
-DEFER_MAX_M: dict = {(4096, 4096): 4096, (4096, 14336): 4096, (28672, 4096): 4096}
+DEFER_MAX_M: dict = {(4096, 4096): 4096, (4096, 14336): 4096, (28672, 4096): 4096, (6144, 4096): 4096}
 """(N, K) -> the most rows at which a layer of that shape leaves its scales to its consumer; above it its own
-GEMM scales. bench/fp8_where.py round 2 (H200, 8,192 rows): o row-wise 0.207 vs tensor-wise 0.210 ms, down
+GEMM scales. q/k/v (6144, 4096; the rotary + cache kernel scales, llama.py): bench/fp8.py round 2 (H200) at 256
+rows row-wise 15.3 vs tensor-wise 13.0 us, 512: 26.3 vs 21.3; at 8,192 with fast accumulation row-wise wins
+(fp8_where round 3: 274.7 vs 287.8 us). bench/fp8_where.py round 2 (H200, 8,192 rows): o row-wise 0.207 vs tensor-wise 0.210 ms, down
 0.719 vs 0.728, before the norm's ~6 us of scaling; at 256 rows tensor-wise wins (o 10.6 vs 14.1 us, down
 29.5 vs 39.9), and at 2,048 (bench/fp8.py's previous round) too. gate_up: with fast accumulation above 4,096
 rows (FAST_ACCUM_MIN_M) its row-wise GEMM wins there (round 3: 1.352 vs 1.472 ms at 8,192 rows)."""
