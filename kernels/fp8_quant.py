@@ -41,6 +41,40 @@ def quantize_row_cvt(y, scale, HW_CVT: tl.constexpr):
 
 
 @triton.jit
+def quantize_row_when_last(src_row_ptr, q_row_ptr, s_ptr, count_ptr, width, arrivals, ub,
+                           BLOCK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr):
+    """For a kernel whose `arrivals` programs each write a part of one 16-bit row (src_row_ptr, `width` contiguous
+    values): each counts itself in at count_ptr (int32, zero before the first), and the last one reads the whole
+    row back and quantizes it per token as _quant_rows_kernel does (same bits) to q_row_ptr and s_ptr, then sets
+    the count back to zero for the next launch. The barrier and the acq_rel atomic order every thread's stores of
+    a part before the count (CUTLASS's semaphore: bar.sync, then one thread's release)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == arrivals - 1:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < width
+        y = tl.load(src_row_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        scale = row_scale(tl.max(tl.abs(y), axis=0), ub, HAS_UB)
+        tl.store(s_ptr, scale)
+        q = quantize_row_cvt(y, scale, HW_CVT)
+        tl.store(q_row_ptr + offs, q.to(q_row_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+
+
+_COUNTS: dict = {}
+
+
+def arrival_counts(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros [>= n] on the device for quantize_row_when_last (each launch leaves them zero again). A larger
+    request allocates a new buffer and keeps the old one alive: a captured CUDA graph may still use it."""
+    have = _COUNTS.get(device)
+    if have is None or have[-1].numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTS[device] = (have or []) + [buf]
+    return _COUNTS[device][-1]
+
+
+@triton.jit
 def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, ub,
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,

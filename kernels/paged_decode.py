@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
+from kernels import fp8_quant, pdl
+from kernels.fp8_quant import quantize_row_when_last
 from kernels.paged_checks import check_kv_scales, check_paged_inputs, check_query_start_loc
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
@@ -88,6 +89,14 @@ def _paged_decode_kernel(
     PREFETCH: tl.constexpr,  # load tile t + 1 while tile t is attended (for num_stages=1: no shared-memory staging)
     ROWS_FROM_QSL: tl.constexpr,  # q/out row of a sequence = query_start_loc[seq]; others than 1 new token skipped
     PDL: tl.constexpr = False,  # kernels/pdl.py
+    FP8_OUT: tl.constexpr = False,  # also quantize each sequence's output row per token (one split; fp8_out)
+    q8_ptr=None,  # float8_e4m3fn [num_seqs, num_heads * HEAD_DIM] (FP8_OUT)
+    s8_ptr=None,  # fp32 [num_seqs] scales (FP8_OUT)
+    count_ptr=None,  # int32 [>= num_seqs], zero: programs done per sequence (FP8_OUT)
+    ub=0.0,  # the scale's amax bound (HAS_UB)
+    HAS_UB: tl.constexpr = False,
+    HW_CVT: tl.constexpr = False,  # kernels/fp8_quant.py's
+    OUT_BLOCK: tl.constexpr = 16,  # next power of two of num_heads * HEAD_DIM (FP8_OUT)
 ):
     pdl.enter(PDL)
     if HEADS_FASTEST:
@@ -183,6 +192,10 @@ def _paged_decode_kernel(
         out = acc / l_i[:, None]
         tl.store(out_ptr + row64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_ok[None, :])
+        if FP8_OUT:  # the sequence's last KV head to finish quantizes its whole row for the FP8 o_proj
+            quantize_row_when_last(out_ptr + row64 * stride_os, q8_ptr + row64 * (num_heads * HEAD_DIM), s8_ptr + row,
+                                   count_ptr + seq, num_heads * HEAD_DIM, num_heads // QUERIES_PER_KV, ub, OUT_BLOCK,
+                                   HAS_UB, HW_CVT)
     else:
         part = (seq64 * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
@@ -381,7 +394,9 @@ def paged_decode(
     v_scale: float = 1.0,
     query_start_loc: torch.Tensor | None = None,
     warmup: bool = False,
-) -> torch.Tensor:
+    fp8_out: bool = False,
+    fp8_ub: float | None = None,
+):
     """Attention of q[i] (sequence i's newest token) over the first seq_lens[i] cached tokens.
 
     q [num_seqs, num_heads, head_dim]; kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim];
@@ -396,6 +411,10 @@ def paged_decode(
     Returns out [num_seqs, num_heads, head_dim] in q's dtype ([num_tokens, ...] with query_start_loc).
     warmup: compile the decode kernel for this call's launch without running it (benchmarks compile their
     candidates in parallel); out is left unwritten.
+    fp8_out: also return the output quantized per token for an FP8 linear layer, (out, float8_e4m3fn
+    [num_seqs, num_heads * head_dim], float32 scales [num_seqs, 1]) (amax bounded by fp8_ub), the bits of
+    kernels/fp8_quant.py's quantize_fp8_rows(out): with one split and contiguous rows the kernel does it (each
+    sequence's last program to finish), else that function.
     """
     if query_start_loc is not None:
         return _decode_rows_of_mixed_step(q, kv_cache, block_tables, seq_lens, scale, query_start_loc, out, config,
@@ -410,8 +429,12 @@ def paged_decode(
     num_kv_heads = kv_cache.shape[3]
     if out is None:
         out = torch.empty_like(q)
+    quant = None
+    if fp8_out:
+        quant = (torch.empty(num_seqs, num_heads * head_dim, dtype=torch.float8_e4m3fn, device=q.device),
+                 torch.empty(num_seqs, 1, dtype=torch.float32, device=q.device))
     if num_seqs == 0:
-        return out
+        return (out, *quant) if fp8_out else out
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
@@ -427,19 +450,29 @@ def paged_decode(
         part_l = torch.empty_like(part_m)
     else:
         part_out = part_m = part_l = out  # unused
+    in_kernel = fp8_out and num_splits == 1 and out.stride(2) == 1 and out.stride(1) == head_dim
+    fused = {}
+    if in_kernel:
+        fused = dict(FP8_OUT=True, q8_ptr=quant[0], s8_ptr=quant[1],
+                     count_ptr=fp8_quant.arrival_counts(q.device, num_seqs), ub=float(fp8_ub or 0.0),
+                     HAS_UB=fp8_ub is not None, HW_CVT=fp8_quant.HW_CVT and q.is_cuda,
+                     OUT_BLOCK=triton.next_power_of_2(num_heads * head_dim))
     _launch(q, kv_cache, block_tables, seq_lens, seq_lens, out, (part_out, part_m, part_l), num_seqs, num_splits,
-            cfg, variants, fp8, v_scale, rows_from_qsl=False, warmup=warmup)
+            cfg, variants, fp8, v_scale, rows_from_qsl=False, warmup=warmup, fused=fused)
     if num_splits > 1 and not warmup:
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
             num_warps=4 if head_dim * num_splits >= 2048 else 2, **pdl.args(q),
         )
-    return out
+    if fp8_out and not in_kernel and not warmup:
+        quant = fp8_quant.quantize_fp8_rows(out.reshape(num_seqs, num_heads * head_dim), ub=fp8_ub)
+    return (out, *quant) if fp8_out else out
 
 
 def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, num_seqs: int, num_splits: int,
-            cfg: dict, variants, fp8: bool, v_scale: float, rows_from_qsl: bool, warmup: bool = False) -> None:
+            cfg: dict, variants, fp8: bool, v_scale: float, rows_from_qsl: bool, warmup: bool = False,
+            fused: dict | None = None) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -476,6 +509,7 @@ def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, nu
         num_stages=cfg["num_stages"],
         **variants.launch_args(seq_lens),
         **pdl.args(q),
+        **(fused or {}),
     )
 
 

@@ -68,3 +68,27 @@ def test_paged_decode_rejects_bad_inputs():
         paged_decode(batch.q, batch.kv_cache, batch.block_tables.long(), batch.seq_lens, 1.0)
     with pytest.raises(ValueError, match="dtype"):
         paged_decode(batch.q.half(), batch.kv_cache, batch.block_tables, batch.seq_lens, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits, ub", [(1, None), (1, 0.05), (2, None)])
+def test_paged_decode_fp8_out_equals_quantizing_its_output(dtype, num_splits, ub, monkeypatch):
+    """fp8_out: the output quantized per token for an FP8 o_proj (by each sequence's last program to finish with
+    one split, by kernels/fp8_quant.py after the reduce with two), the bits of quantize_fp8_rows(out); the
+    arrival counts are left at zero for the next launch (a second call gives the same bits)."""
+    from kernels import fp8_quant
+
+    quantize = fp8_quant.quantize_fp8_rows
+    if num_splits == 1:  # the kernel alone quantizes
+        monkeypatch.setattr(fp8_quant, "quantize_fp8_rows", lambda *a, **k: pytest.fail("quantized outside"))
+    batch = make_batch(SEQ_LENS, [1] * len(SEQ_LENS), 8, 2, 16, 16, dtype, DEVICE)
+    run = lambda: paged_decode(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3,  # noqa: E731
+                               max_seq_len=batch.max_seq_len, num_splits=num_splits, out=poisoned_like(batch.q),
+                               fp8_out=True, fp8_ub=ub)
+    out, q8, s8 = run()
+    assert_close(out, paged_decode_ref(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3), dtype)
+    want_q, want_s = quantize(out.reshape(len(SEQ_LENS), -1), ub=ub)
+    assert torch.equal(q8.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s8, want_s)
+    assert not fp8_quant.arrival_counts(batch.q.device, len(SEQ_LENS)).any()
+    again = run()
+    assert torch.equal(again[1].view(torch.uint8), q8.view(torch.uint8)) and torch.equal(again[2], s8)

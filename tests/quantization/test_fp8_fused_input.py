@@ -121,3 +121,48 @@ def test_fp8_deferred_scales_only_up_to_the_shape_bound_gpu_paths_on_cpu(monkeyp
     bounded, seen = forward(True, monkeypatch, defer=True)
     assert seen == ["FP8Input->Tensor", "Tensor->FP8Output", "FP8Input->FP8Output", "FP8Input->Tensor"] * 2
     torch.testing.assert_close(bounded, scaled, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_o_proj_input_quantized_by_the_decode_kernel_gpu_paths_on_cpu(monkeypatch):
+    """On the Triton backend a decode step's attention kernel quantizes its output for the FP8 o_proj
+    (kernels/paged_decode.py, fp8_out): o receives an FP8Input there (not in the prefill step), and the logits are
+    the same bits as with o quantizing its own input (ATTENTION_QUANT off)."""
+    from services.engine.attention.triton_backend import TritonAttentionBackend
+
+    monkeypatch.setattr(fp8, "on_fp8_gpu", lambda t: True)
+    i32 = dict(dtype=torch.int32)
+    steps = [  # two prompts of 5 and 3 tokens (20 rows with padding: above WEIGHT_ONLY_MAX_M), then 20 decodes
+        (torch.arange(T) % 50, torch.cat([torch.arange(5), torch.arange(3), torch.zeros(12, dtype=torch.long)]),
+         AttentionMetadata(num_seqs=2, num_tokens=T, query_start_loc=torch.tensor([0, 5, 8], **i32),
+                           seq_lens=torch.tensor([5, 3], **i32), block_tables=torch.tensor([[0, 1], [2, 0]], **i32),
+                           slot_mapping=torch.cat([torch.tensor([0, 1, 2, 3, 4, 8, 9, 10]), torch.full((12,), -1)]),
+                           max_query_len=5, max_seq_len=5, query_lens_cpu=[5, 3], seq_lens_cpu=[5, 3])),
+        (torch.arange(T) + 40, torch.tensor([5, 3] * 10),
+         AttentionMetadata(num_seqs=T, num_tokens=T, query_start_loc=torch.arange(T + 1, **i32),
+                           seq_lens=torch.tensor([6, 4] * 10, **i32),
+                           block_tables=torch.tensor([[0, 1], [2, 0]] * 10, **i32),
+                           slot_mapping=torch.tensor([5, 11] + [-1] * 18), max_query_len=1, max_seq_len=6,
+                           query_lens_cpu=[1] * T, seq_lens_cpu=[6, 4] * 10)),
+    ]
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(fp8, "ATTENTION_QUANT", fused)
+        model = build_model(LLAMA, TritonAttentionBackend(), torch.float32, "cpu", quantization="fp8")
+        model.init_dummy(seed=5)
+        model.set_fused_elementwise(True)
+        kv = [torch.zeros(2, 8, 4, 2, 16) for _ in range(2)]
+        seen, apply = [], fp8.FP8Method.apply
+
+        def spy(self, layer, x, bias, seen=seen, apply=apply):
+            seen.append(type(x).__name__)
+            return apply(self, layer, x, bias)
+
+        monkeypatch.setattr(fp8.FP8Method, "apply", spy)
+        runs.append(([model.logits(model.forward(ids, pos, kv, meta)) for ids, pos, meta in steps], seen))
+        monkeypatch.setattr(fp8.FP8Method, "apply", apply)
+    (fused_logits, seen), (plain_logits, plain_seen) = runs
+    # o is the second FP8 layer of each layer's four; 2 layers per step, prefill then decode
+    assert [seen[i] for i in (1, 5, 9, 13)] == ["Tensor", "Tensor", "FP8Input", "FP8Input"]
+    assert [plain_seen[i] for i in (1, 5, 9, 13)] == ["Tensor"] * 4
+    for a, b in zip(fused_logits, plain_logits):
+        assert torch.equal(a, b) and torch.isfinite(a).all()

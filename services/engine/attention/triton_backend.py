@@ -28,9 +28,15 @@ class TritonAttentionBackend:
     """The layer may write the step's K/V into the cache with its rotary kernel (Attention.forward) and say so;
     FOLIO_ROTARY_CACHE=0 (read at import) keeps rotary and the cache write apart, for comparisons."""
 
+    quantizes_output = True
+    """forward(fp8_out=...) may return the output quantized for an FP8 linear layer too."""
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
-                params: AttentionParams, cache_written: bool = False) -> torch.Tensor:
-        """`cache_written`: the step's k and v are in the cache already (kernels/rotary.py, rotary_and_cache)."""
+                params: AttentionParams, cache_written: bool = False, fp8_out: tuple | None = None):
+        """`cache_written`: the step's k and v are in the cache already (kernels/rotary.py, rotary_and_cache).
+        `fp8_out` ((amax bound or None,)): in a decode step whose rows are all sequences, the decode kernel also
+        quantizes its output per token (kernels/paged_decode.py, fp8_out) and (out, fp8 [T, heads * d], scales
+        [T, 1]) is returned; other steps return out alone."""
         variants = dict(sliding_window=params.sliding_window, logit_softcap=params.logit_softcap,
                         alibi_slopes=params.alibi_slopes, sinks=params.sinks,
                         k_scale=params.k_scale, v_scale=params.v_scale)
@@ -42,6 +48,9 @@ class TritonAttentionBackend:
         # writes every row, padding sequences included.)
         out = torch.zeros_like(q) if meta.captured and meta.max_query_len > 1 else torch.empty_like(q)
         num_real = q.shape[0] if meta.captured else sum(meta.query_lens_cpu)
+        if meta.max_query_len == 1 and fp8_out is not None and num_seqs == q.shape[0]:
+            return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, params.scale,
+                                max_seq_len=meta.max_seq_len, out=out, fp8_out=True, fp8_ub=fp8_out[0], **variants)
         if meta.max_query_len == 1:
             paged_decode(q[:num_seqs], kv_cache, meta.block_tables, meta.seq_lens, params.scale,
                          max_seq_len=meta.max_seq_len, out=out[:num_seqs], **variants)

@@ -59,7 +59,7 @@ class LlamaAttention(torch.nn.Module):
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         # The attention layer turns q and k (with the cache write, in one kernel, where it can).
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, rotary=self.rotary_emb, positions=positions,
-                                     qkv_scales=scales))
+                                     qkv_scales=scales, quant_for=self.o_proj))
 
 
 class LlamaMLP(torch.nn.Module):

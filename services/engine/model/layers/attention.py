@@ -71,12 +71,14 @@ class Attention(torch.nn.Module):
                 and kv_cache is not None and kv_cache.dtype == dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
-                rotary=None, positions: torch.Tensor | None = None, qkv_scales=None) -> torch.Tensor:
+                rotary=None, positions: torch.Tensor | None = None, qkv_scales=None, quant_for=None):
         """`rotary` (a RotaryEmbedding, with the tokens' `positions`): q and k are turned first; where the backend
         writes the cache itself and q, k, v are one fused qkv's rows, by one kernel that also writes the turned k
         and v into the cache (kernels/rotary.py, rotary_and_cache: a launch and a read of k fewer per layer).
         `qkv_scales` (float32 row [T, 1], column [1, q + k + v widths]): q, k, v are an FP8 GEMM's unscaled output
-        (quantization/fp8.py's FP8Output), scaled by that kernel, else here first."""
+        (quantization/fp8.py's FP8Output), scaled by that kernel, else here first. `quant_for`: the linear layer
+        that alone reads the output; where it takes FP8 input and the backend's decode kernel can quantize for it,
+        an FP8Input is returned (a launch fewer per layer), else the output."""
         written = False
         if rotary is not None and getattr(self.backend, "fuses_rotary_cache", False) and rotary.fusable():
             from kernels.rotary import rotary_and_cache
@@ -91,8 +93,17 @@ class Attention(torch.nn.Module):
                 q, k = rotary(positions, q, k)
         T, d = q.shape[0], self.head_dim
         extra = {"cache_written": True} if written else {}
+        if quant_for is not None and getattr(self.backend, "quantizes_output", False):
+            from services.engine.model.quantization import fp8
+
+            if fp8.ATTENTION_QUANT and fp8.takes_fp8_input(quant_for, T):
+                extra["fp8_out"] = (quant_for.method.scale_ub,)
         o = self.backend.forward(q.reshape(T, self.num_heads, d), k.reshape(T, self.num_kv_heads, d),
                                  v.reshape(T, self.num_kv_heads, d), kv_cache, meta, self.params, **extra)
+        if isinstance(o, tuple):
+            from services.engine.model.quantization.fp8 import FP8Input
+
+            return FP8Input(o[1], o[2])
         return o.reshape(T, self.num_heads * d)
 
 

@@ -96,6 +96,9 @@ def dense(h):
 
 FUSE_INPUT_QUANT = True
 """Whether producers quantize for the FP8 layer they feed (bench/fp8.py turns it off to measure the gain)."""
+ATTENTION_QUANT = True
+"""Whether the decode attention kernel quantizes its output for an FP8 o_proj (kernels/paged_decode.py, fp8_out;
+layers/attention.py), sparing kernels/fp8_quant.py's launch per layer (bench/fp8_where.py toggles)."""
 DEFER_SCALES = True
 """Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
 

@@ -1,0 +1,243 @@
+"""FP8 launches taken out of the decode step (one H200, Llama-3-8B shape), checked on the GPU before they are timed:
+q/k/v's FP8 scales applied by the rotary + cache kernel (tensor-wise cuBLAS GEMM instead of row-wise; DEFER_MAX_M
+in quantization/fp8.py) and o_proj's input quantized by the decode attention kernel (ATTENTION_QUANT; each
+sequence's last program quantizes its row). Then the fixed workload (256 x 256 in / 256 out) for bf16, FP8 weights
+as committed, and FP8 weights with both off, in one run. A change whose check fails is switched off for the
+engines and counted as a failure.
+
+    python bench/fp8_step.py [--json PATH] [--budget 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+sys.path.insert(0, BENCH)
+
+import fp8_where as fw  # noqa: E402  (make_pool, throughput)
+import quant as qb  # noqa: E402  (graph_ms, record, attempt, free_gpu)
+
+from kernels import fp8_quant  # noqa: E402
+from kernels import paged_decode as pd  # noqa: E402
+from kernels import rotary as rk  # noqa: E402
+from services.engine.model.quantization import fp8 as fp8mod  # noqa: E402
+
+DEV = qb.DEV
+HQ, HKV, D, BLOCK = 32, 8, 128, 16
+QKV = (6144, 4096)
+
+
+def same(a, b) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                                              b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+
+
+def rotary_section(failures: list, ms=(256, 512)) -> dict:
+    """rotary_and_cache with q/k/v's scales against FP8Output.dense() then the unscaled kernel (bits of qkv and
+    cache), then µs per layer: the kernel unscaled / scaled, and the q/k/v GEMM row-wise / tensor-wise."""
+    g = torch.Generator(device=DEV).manual_seed(3)
+    out, rows = {"checks": []}, []
+    for m in ms:
+        w = (torch.randn(QKV[0], QKV[1], generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn)
+        wcol = torch.rand(1, QKV[0], generator=g, device=DEV) * 1e-3 + 1e-4
+        xq = (torch.randn(m, QKV[1], generator=g, device=DEV) * 50).to(torch.float8_e4m3fn)
+        xs = torch.rand(m, 1, generator=g, device=DEV) * 0.02 + 1e-3
+        unit = torch.ones((), device=DEV)
+        raw = torch._scaled_mm(xq, w.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
+        ang = torch.rand(m, D // 2, generator=g, device=DEV) * 6
+        cos, sin = ang.cos(), ang.sin()
+        nblk = m // BLOCK + 4
+        slots = torch.randperm(nblk * BLOCK, generator=g, device=DEV)[:m]
+        cache0 = torch.zeros(2, nblk, BLOCK, HKV, D, device=DEV, dtype=torch.bfloat16)
+        dense = fp8mod.FP8Output(raw, xs, wcol).dense()
+        want, want_cache = dense.clone(), cache0.clone()
+        rk.rotary_and_cache(*want.split([HQ * D, HKV * D, HKV * D], -1), cos, sin, want_cache, slots, D)
+        got, got_cache = raw.clone(), cache0.clone()
+        res = qb.attempt(lambda: rk.rotary_and_cache(*got.split([HQ * D, HKV * D, HKV * D], -1), cos, sin, got_cache,
+                                                      slots, D, scales=(xs, wcol)))
+        ok = res is True and same(got, want) and same(got_cache, want_cache)
+        qb.record(out["checks"], failures, ok, check="rotary_and_cache_scaled_bits", M=m)
+        rowwise = lambda: torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=wcol, out_dtype=torch.bfloat16)  # noqa
+        ok2 = (rowwise().float() - dense.float()).abs().max().item() <= 0.02 * dense.float().abs().max().item()
+        qb.record(out["checks"], failures, ok2, check="tensorwise_then_scaled_vs_rowwise", M=m)
+        t = {"rotary_cache": qb.graph_ms([lambda: rk.rotary_and_cache(*raw.split([HQ * D, HKV * D, HKV * D], -1),
+                                                                         cos, sin, cache0, slots, D)] * 16),
+             "rotary_cache scaled": qb.graph_ms([lambda: rk.rotary_and_cache(
+                 *raw.split([HQ * D, HKV * D, HKV * D], -1), cos, sin, cache0, slots, D, scales=(xs, wcol))] * 16),
+             "qkv row-wise": qb.graph_ms([rowwise] * 16),
+             "qkv tensor-wise": qb.graph_ms([lambda: torch._scaled_mm(xq, w.t(), scale_a=unit, scale_b=unit,
+                                                                      out_dtype=torch.bfloat16)] * 16)}
+        t["saved"] = t["qkv row-wise"] + t["rotary_cache"] - t["qkv tensor-wise"] - t["rotary_cache scaled"]
+        rows.append(dict(M=m, ok=ok, **t))
+        print(f"qkv M={m:<4} bits {'ok' if ok else 'DIFFER'}  " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()),
+              flush=True)
+    out["ms"] = rows
+    if not all(r["ok"] for r in out["checks"]):
+        fp8mod.DEFER_MAX_M[QKV] = 0
+        print("q/k/v deferral OFF for the engines (a check failed)", flush=True)
+    return out
+
+
+def attention_section(failures: list, batch: int = 256, ctx: int = 384) -> dict:
+    """paged_decode(fp8_out=True) at 256 sequences x ~384 tokens over a bf16 and an fp8 pool: in one CUDA graph of
+    8 launches replayed 10 times, every replay's FP8 rows and scales against quantize_fp8_rows of that replay's
+    output (a missed arrival or stale read would differ); then µs per layer: attention alone, attention + the
+    quantizing launch, attention quantizing."""
+    out, rows = {"checks": []}, []
+    q, kv16, tables, lens = fw.make_pool(batch, ctx)
+    kv8 = fw.quantize_kv_fp8(kv16.float(), 0.05, 0.04)
+    longest = int(lens.max())
+    for pool, kv, ks, vs in (("bf16", kv16, 1.0, 1.0), ("fp8", kv8, 0.05, 0.04)):
+        qs = [q * (1 + 0.1 * i) for i in range(8)]
+        outs = [torch.empty_like(q) for _ in range(8)]
+        got = [None] * 8
+
+        def fused(i):
+            got[i] = pd.paged_decode(qs[i], kv, tables, lens, D ** -0.5, max_seq_len=longest, num_splits=1,
+                                     out=outs[i], k_scale=ks, v_scale=vs, fp8_out=True)
+
+        ok, err = True, None
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fused(0)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(8):
+                    fused(i)
+            for rep in range(10):
+                for i in range(8):
+                    qs[i].mul_(1.01)
+                graph.replay()
+                for i in range(8):
+                    wq, ws = fp8_quant.quantize_fp8_rows(outs[i].reshape(batch, -1))
+                    ok &= same(got[i][1], wq) and same(got[i][2], ws)
+            ref = pd.paged_decode_ref(qs[7].float(), kv, tables, lens, D ** -0.5, ks, vs)
+            ok &= ((outs[7].float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+            ok &= not bool(fp8_quant.arrival_counts(DEV, batch).any())
+            del graph
+        except Exception as e:  # a kernel that does not compile is a failed check
+            ok, err = False, repr(e)[:300]
+        qb.record(out["checks"], failures, ok, check="decode_fp8_out_bits", pool=pool, error=err)
+        if not ok:
+            print(f"decode fp8_out {pool}: check FAILED {err or ''}", flush=True)
+            continue
+        run = lambda i=0: pd.paged_decode(qs[i], kv, tables, lens, D ** -0.5, max_seq_len=longest,  # noqa: E731
+                                          num_splits=1, out=outs[i], k_scale=ks, v_scale=vs)
+        t = {"attention": qb.graph_ms([lambda i=i: run(i) for i in range(8)]),
+             "attention + quantize": qb.graph_ms([lambda i=i: fp8_quant.quantize_fp8_rows(run(i).reshape(batch, -1))
+                                                  for i in range(8)]),
+             "attention quantizing": qb.graph_ms([lambda i=i: fused(i) for i in range(8)])}
+        t["saved"] = t["attention + quantize"] - t["attention quantizing"]
+        rows.append(dict(pool=pool, **t))
+        print(f"decode b{batch} ctx{ctx} {pool:<4} bits ok  " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()),
+              flush=True)
+    out["ms"] = rows
+    if not all(r["ok"] for r in out["checks"]):
+        fp8mod.ATTENTION_QUANT = False
+        print("attention quantizing OFF for the engines (a check failed)", flush=True)
+    del q, kv16, kv8
+    return out
+
+
+class Counting:
+    """Counts, while engines build and capture, the decode launches that quantize and the scaled rotary launches."""
+
+    def __init__(self):
+        self.n = {"decode fp8_out in kernel": 0, "rotary_and_cache scaled": 0}
+        self.launch, self.rotary = pd._launch, rk.rotary_and_cache
+
+    def __enter__(self):
+        def launch(*a, fused=None, **k):
+            self.n["decode fp8_out in kernel"] += bool(fused)
+            return self.launch(*a, fused=fused, **k)
+
+        def rotary(*a, scales=None, **k):
+            self.n["rotary_and_cache scaled"] += scales is not None
+            return self.rotary(*a, scales=scales, **k)
+
+        pd._launch, rk.rotary_and_cache = launch, rotary
+        return self
+
+    def __exit__(self, *exc):
+        pd._launch, rk.rotary_and_cache = self.launch, self.rotary
+
+
+def engines(start: float, budget: float) -> list[dict]:
+    """bf16, FP8 as committed (with this run's switches), FP8 with both changes off: the fixed workload."""
+    committed = (fp8mod.DEFER_MAX_M.get(QKV), fp8mod.ATTENTION_QUANT)
+    rows, cost = [], 22.0
+    for label, weights, new in (("bf16", "bf16", True), ("fp8", "fp8", True), ("fp8 before", "fp8", False)):
+        if time.time() - start + cost > budget:
+            print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
+            continue
+        fp8mod.DEFER_MAX_M[QKV] = committed[0] if new else 0
+        fp8mod.ATTENTION_QUANT = committed[1] if new else False
+        t0 = time.time()
+        with Counting() as c:
+            got = qb.attempt(lambda: fw.throughput(label, weights, "auto"))
+        cost = time.time() - t0
+        if isinstance(got, list):
+            for r in got:
+                r.update(c.n)
+            rows += got
+            print(f"  {label}: {c.n}", flush=True)
+        else:
+            rows.append({"engine": label, "error": repr(got)[:300]})
+            print(f"throughput {label}: {got!r}"[:400], flush=True)
+            qb.free_gpu()
+    fp8mod.DEFER_MAX_M[QKV], fp8mod.ATTENTION_QUANT = committed
+    base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
+    print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
+    for r in rows:
+        if base and "output_tok_s" in r:
+            r["vs_bf16"] = r["output_tok_s"] / base["output_tok_s"]
+            print(f"  {r['engine']:<12}{r['output_tok_s']:>9.0f} tok/s  {r['vs_bf16']:.3f}x bf16")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
+    args = ap.parse_args()
+    start = time.time()
+    failures: list = []
+    result: dict = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
+                    "torch": torch.__version__, "command": "python bench/fp8_step.py " + " ".join(sys.argv[1:])}
+    result["qkv"] = qb.attempt(lambda: rotary_section(failures))
+    if isinstance(result["qkv"], Exception):
+        failures.append({"check": "rotary_section", "error": repr(result["qkv"])[:300]})
+        fp8mod.DEFER_MAX_M[QKV] = 0
+    result["attention"] = qb.attempt(lambda: attention_section(failures))
+    if isinstance(result["attention"], Exception):
+        failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
+        fp8mod.ATTENTION_QUANT = False
+    print(f"checks done at {time.time() - start:.0f} s; engines run with DEFER_MAX_M[{QKV}] = "
+          f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}", flush=True)
+    qb.free_gpu()
+    result["throughput"] = engines(start, args.budget)
+    result["failures"] = failures
+    result["seconds"] = round(time.time() - start, 1)
+    path = args.json or os.path.join(BENCH, "results", f"fp8_step_{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\n{len(failures)} check failure(s); {result['seconds']} s; wrote {path}")
+    for f in failures:
+        print("FAILED", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
