@@ -22,7 +22,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    configs as committed), g4 (gemv4: the sweep's best per shape), preN / dN (gemv4's L2_PRE / L2_DIST),
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
    FUSE_SWIGLU; and the norms as their own launches), nonorm (the residual add + RMSNorm after o and down as
-   their own launches, not in those GEMVs' epilogues: int4.py's FUSE_NORM), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
+   their own launches, not in those GEMVs' epilogues: int4.py's FUSE_NORM), norace (temperature-1 sampling by
+   the sampler's torch ops, not kernels/greedy.py's sample_race: services/engine/sampler.py's RACE), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
    time outside kernels; with PDL a kernel launched early counts its wait). Each: batch-1 decode ms/token
    (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
@@ -58,6 +59,7 @@ from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
 from kernels.w4a16_tc import pack_tc  # noqa: E402
+from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
 
 DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
@@ -205,6 +207,7 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     rows += committed_checks(failures, g)
     rows += gated_checks(failures, g)
     rows += norm_checks(failures, g)
+    rows += race_checks(failures, g)
     return rows
 
 
@@ -235,6 +238,25 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
         err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=cfg, gated=True)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="gated", shape=f"{k}x2*{inter}", M=1,
                  config=cfg, rel_err=err)
+    return rows
+
+
+def race_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """kernels/greedy.py's sample_race (the sampler's plain-temperature path) on the 8B vocabulary: the same tokens as
+    argmax(softmax(x / T) / noise) on the same noise, the logprob within 1e-4 of float64's."""
+    from kernels.greedy import sample_race, sample_race_ref
+
+    rows: list[dict] = []
+    for n in (1, 4):
+        x = (4 * torch.randn(n, 128256, generator=g, device=DEV)).to(DTYPE)
+        temps = torch.linspace(0.5, 1.5, n, device=DEV)
+        noise = torch.empty(n, 128256, device=DEV).exponential_(generator=g)
+        got = q.attempt(lambda: sample_race(x, temps, noise))
+        want = sample_race_ref(x.float(), temps, noise)
+        ok = not isinstance(got, Exception) and torch.equal(got[0], want[0])
+        err = (got[1].double() - want[1]).abs().max().item() if ok else float("inf")
+        q.record(rows, failures, ok and err < 1e-4, check="sample_race", shape=f"{n}x128256", M=n, config={},
+                 rel_err=err)
     return rows
 
 
@@ -900,6 +922,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         pdl.EARLY = "early" in tags or (DEFAULTS["early"] and "noearly" not in tags)
         int4.FUSE_SWIGLU = "unfused" not in tags
         int4.FUSE_NORM = "nonorm" not in tags and "unfused" not in tags
+        sampler_mod.RACE = "norace" not in tags
         saved = dict(w4.TUNED)
         m1_configs(tags)
         with tempfile.TemporaryDirectory() as tmp:
@@ -947,6 +970,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         pdl.ENABLED, pdl.EARLY = DEFAULTS["pdl"], DEFAULTS["early"]
         int4.FUSE_SWIGLU = True
         int4.FUSE_NORM = True
+        sampler_mod.RACE = True
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens

@@ -14,10 +14,13 @@ import numpy as np
 import torch
 
 from services.engine.request import Sequence
-from kernels.greedy import greedy_sample, warmup as greedy_warmup
+from kernels.greedy import greedy_sample, sample_race, warmup as greedy_warmup
 from services.engine.structured import apply_bitmask
 
 _NEG_INF = float("-inf")
+RACE = True
+"""Whether plain-temperature rows take kernels/greedy.py's sample_race on the fused path (bench/w4a16.py turns it
+off to measure it)."""
 _params_of = operator.attrgetter("params")
 
 
@@ -75,6 +78,11 @@ class DeviceSample:
         return SampleResult(array.tolist(), sampled_lp.tolist(), top, array)
 
 
+def _plain_temperature(p, vocab: int) -> bool:
+    """Whether a random row samples from softmax(logits / temperature) itself: no top-k, top-p or min-p cut."""
+    return (p.top_k == -1 or p.top_k >= vocab) and p.top_p >= 1.0 and not p.min_p
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
@@ -83,9 +91,10 @@ class Sampler:
         self._seeded: dict[tuple[str, int], torch.Generator] = {}
         """(request id, sample index) -> the sample's own generator (seeded requests only)."""
         self.fused_greedy = device.type == "cuda"
-        """An all-greedy step with nothing to adjust and no logprobs asked takes its tokens and their
-        logprobs from one pass over the logits (kernels/greedy.py). Off on CPU, where the Triton
-        interpreter would be slower than torch's ops (the tests turn it on to check it there)."""
+        """A step with nothing to adjust and no logprobs asked takes its tokens and their logprobs from one pass
+        over the logits (kernels/greedy.py): all-greedy, or (`sample_race`) greedy and plain-temperature rows (no
+        top-k / top-p / min-p), with the same noise `_draw` would draw. Off on CPU, where the Triton interpreter
+        would be slower than torch's ops (the tests turn it on to check it there)."""
 
     def warmup(self, vocab_size: int, dtype: torch.dtype) -> None:
         """Compile the one-pass greedy kernel before the first request (it is not part of the runner's
@@ -131,10 +140,14 @@ class Sampler:
         else:
             params = distinct * len(seqs)
         adjust = self._needs_adjusting(seqs, distinct)
-        if (self.fused_greedy and bitmask is None and not adjust
-                and all(p.greedy and p.logprobs is None for p in distinct)):
-            tokens, sampled_lp = greedy_sample(logits)
-            return DeviceSample(tokens, [None] * len(params), (tokens, sampled_lp, None, None, None))
+        if self.fused_greedy and bitmask is None and not adjust and all(p.logprobs is None for p in distinct):
+            if all(p.greedy for p in distinct):
+                tokens, sampled_lp = greedy_sample(logits)
+                return DeviceSample(tokens, [None] * len(params), (tokens, sampled_lp, None, None, None))
+            vocab = logits.shape[1]
+            if RACE and all(p.greedy or _plain_temperature(p, vocab) for p in distinct):
+                tokens, sampled_lp = sample_race(logits, *self._race_inputs(logits, seqs, params, indexes))
+                return DeviceSample(tokens, [None] * len(params), (tokens, sampled_lp, None, None, None))
         logits = logits.float()  # (the model's dtype from the runner; a no-op on float32)
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         x = logits if bitmask is None else apply_bitmask(logits, bitmask)
@@ -189,6 +202,31 @@ class Sampler:
         # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
         tokens[idx] = (probs / noise).argmax(dim=-1)
         return tokens
+
+    def _race_inputs(self, logits: torch.Tensor, seqs: list[Sequence], params: list,
+                     indexes: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample_race's temperatures [N] and Exp(1) noise [N, V], 1 and 1 for greedy rows, the noise drawn as
+        `_draw` draws it (the same values, so a seed gives the same tokens either way): seeded rows from their
+        own sample's generator, in row order, the others in one draw from the global generator."""
+        n, vocab = logits.shape
+        dev = logits.device
+        r_rows = [i for i, p in enumerate(params) if not p.greedy]
+        temps = device_tensor([1.0 if p.greedy else seqs[i].params.temperature for i, p in enumerate(params)], dev,
+                              torch.float32)
+        if len(r_rows) == n and all(seqs[i].params.seed is None for i in r_rows):
+            return temps, torch.empty((n, vocab), device=dev).exponential_(generator=self._global)
+        noise = torch.ones((n, vocab), device=dev)
+        unseeded = []
+        for i in r_rows:
+            if seqs[i].params.seed is not None:
+                index = seqs[i].index if indexes is None else indexes[i]
+                noise[i].exponential_(generator=self._generator(seqs[i], index))
+            else:
+                unseeded.append(i)
+        if unseeded:
+            noise[device_tensor(unseeded, dev)] = torch.empty((len(unseeded), vocab), device=dev).exponential_(
+                generator=self._global)
+        return temps, noise
 
     @staticmethod
     def _read_back(raw_logprobs: torch.Tensor, tokens: torch.Tensor, params: list, distinct) -> "DeviceSample":

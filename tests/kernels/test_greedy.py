@@ -125,3 +125,64 @@ def test_engine_outputs_are_unchanged_by_the_fused_path(tmp_path, monkeypatch):
     for (ta, la), (tb, lb) in zip(*runs):
         assert ta == tb
         assert la == pytest.approx(lb, abs=1e-4)
+
+
+@pytest.mark.parametrize("config", [None, dict(SPLIT=4, BLOCK=512, num_warps=4), dict(SPLIT=16, BLOCK=256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_race_matches_the_torch_race(config, dtype):
+    """sample_race: the first argmax of x / T - log(noise) equals torch's argmax(softmax(x / T) / noise) on the same
+    noise (temperatures from 0.3 to 2, a whole part of -inf logits, a greedy row with temperature 1 and noise 1),
+    and the logprob is the token's under softmax(x) (float64), in one part or several."""
+    from kernels.greedy import sample_race, sample_race_ref
+
+    vocab = 9001
+    g = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(5, vocab, generator=g)).to(dtype)
+    x[1, :3000] = float("-inf")
+    temps = torch.tensor([1.0, 0.3, 2.0, 0.7, 1.0])
+    noise = torch.empty(5, vocab).exponential_(generator=g)
+    noise[4] = 1.0  # a greedy row
+    tokens, lp = sample_race(x.to(DEV), temps.to(DEV), noise.to(DEV), config)
+    ref_tokens, ref_lp = sample_race_ref(x.float(), temps, noise)
+    assert torch.equal(tokens.cpu(), ref_tokens)
+    assert tokens[4].item() == x[4].float().argmax().item()
+    torch.testing.assert_close(lp.double().cpu(), ref_lp, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperatures"):
+        sample_race(x.to(DEV), temps[:4].to(DEV), noise.to(DEV))
+    with pytest.raises(ValueError, match="noise"):
+        sample_race(x.to(DEV), temps.to(DEV), noise[:, :9000].to(DEV))
+
+
+def test_sampler_takes_the_race_kernel_for_plain_temperature_rows(monkeypatch):
+    """The sampler with the fused path: rows at a plain temperature (seeded or not, mixed with greedy rows) go
+    through sample_race with the noise its torch path draws, so the tokens are the same as that path's for the
+    same seeds, and the logprobs too; top-p or logprobs keep the torch path."""
+    import kernels.greedy
+    from services.common.sampling_params import SamplingParams
+    from services.engine import sampler as sampler_mod
+    from services.engine.request import Request
+
+    calls = []
+    monkeypatch.setattr(sampler_mod, "sample_race", lambda *a: calls.append(1) or kernels.greedy.sample_race(*a))
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 300, generator=g).to(DEV)
+
+    def seqs_for(params):
+        return [Request(f"r{i}", None, [1, 2, 3], p).seqs[0] for i, p in enumerate(params)]
+
+    hot = SamplingParams(temperature=0.8, max_tokens=4)
+    cases = {"unseeded": [hot] * 4, "mixed": [hot, SamplingParams(temperature=0, max_tokens=4),
+                                               SamplingParams(temperature=1.3, max_tokens=4, seed=7), hot],
+             "top_p": [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=4)] * 4,
+             "logprobs": [SamplingParams(temperature=0.8, max_tokens=4, logprobs=1)] * 4}
+    for name, params in cases.items():
+        calls.clear()
+        fused, plain = sampler_mod.Sampler(torch.device(DEV), seed=5), sampler_mod.Sampler(torch.device(DEV), seed=5)
+        plain.fused_greedy = False
+        fused.fused_greedy = True
+        for step in range(3):  # the generators move on alike
+            a = fused(logits.clone(), seqs_for(params), frozenset({2}))
+            b = plain(logits.clone(), seqs_for(params), frozenset({2}))
+            assert a.token_ids == b.token_ids, (name, step)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5), name
+        assert len(calls) == (3 if name in ("unseeded", "mixed") else 0), name
