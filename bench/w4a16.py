@@ -875,22 +875,40 @@ def profile_decode(llm, steps: int = 32) -> dict:
                "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
         return evs
 
+    def exclusive(evs):
+        """Per event, the time it alone adds to the GPU's busy span: its end past every earlier-started kernel's
+        end (with PDL a kernel starts early and waits; that wait is its predecessor's time, not its own)."""
+        out, frontier, idle = [], None, 0.0
+        for e in sorted(evs, key=lambda e: e.time_range.start):
+            a, b = e.time_range.start, e.time_range.end
+            if frontier is not None and a > frontier:
+                idle += a - frontier
+            out.append(max(0.0, b - max(a, frontier if frontier is not None else a)))
+            frontier = b if frontier is None else max(frontier, b)
+        return out, idle
+
     one, full = kernels(1), kernels(steps + 1)
+    (x_one, idle_one), (x_full, idle_full) = exclusive(one), exclusive(full)
     by: dict[str, list] = {}
-    for e, sign in [(e, 1) for e in full] + [(e, -1) for e in one]:
-        k = by.setdefault(e.name, [0, 0.0])
+    for e, x, sign in [(e, x, 1) for e, x in zip(sorted(full, key=lambda e: e.time_range.start), x_full)] + \
+            [(e, x, -1) for e, x in zip(sorted(one, key=lambda e: e.time_range.start), x_one)]:
+        k = by.setdefault(e.name, [0, 0.0, 0.0])
         k[0] += sign
         k[1] += sign * e.time_range.elapsed_us()
+        k[2] += sign * x
     busy = sum(e.time_range.elapsed_us() for e in full) - sum(e.time_range.elapsed_us() for e in one)
-    top = sorted(((v[1] / steps, v[0] / steps, name) for name, v in by.items() if v[0] > 0), reverse=True)
+    top = sorted(((v[2] / steps, v[1] / steps, v[0] / steps, name) for name, v in by.items() if v[0] > 0), reverse=True)
     kinds: dict[str, list] = {}
-    for us, cnt, name in top:
-        kk = kinds.setdefault(kind_of(name), [0.0, 0.0])
+    for ex, us, cnt, name in top:
+        kk = kinds.setdefault(kind_of(name), [0.0, 0.0, 0.0])
         kk[0] += us
         kk[1] += cnt
-    return {"busy_us_per_token": busy / steps, "launches_per_token": sum(c for _, c, _ in top),
-            "by_kind": {k: {"us": v[0], "launches": v[1]} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
-            "top": [{"kernel": n[:90], "us": us, "launches": c} for us, c, n in top[:20]]}
+        kk[2] += ex
+    return {"busy_us_per_token": busy / steps, "launches_per_token": sum(c for _, _, c, _ in top),
+            "exclusive_us_per_token": sum(ex for ex, _, _, _ in top), "idle_us_per_token": (idle_full - idle_one) / steps,
+            "by_kind": {k: {"us": v[0], "launches": v[1], "exclusive_us": v[2]}
+                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][2])},
+            "top": [{"kernel": n[:90], "us": us, "launches": c, "exclusive_us": ex} for ex, us, c, n in top[:20]]}
 
 
 def engine(start: float, budget: float, runs: list[str], profile_it: bool = True, steps: int = 32) -> dict:
@@ -1001,13 +1019,18 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
 
 
 def print_profile(p: dict, ms_per_token: float) -> None:
-    print(f"  GPU kernels {p['busy_us_per_token']:.0f} us/token in {p['launches_per_token']:.0f} launches; "
-          f"not in a kernel {ms_per_token * 1e3 - p['busy_us_per_token']:.0f} us/token")
+    """By kind and by kernel: 'own' is each launch's start-to-end (with PDL it includes waiting for the previous
+    kernel), 'excl' the time it alone adds to the busy span (the columns that sum to the step, with 'idle')."""
+    print(f"  GPU kernels {p['busy_us_per_token']:.0f} us/token own, {p['exclusive_us_per_token']:.0f} exclusive, "
+          f"idle between kernels {p['idle_us_per_token']:.0f}, in {p['launches_per_token']:.0f} launches "
+          f"(step {ms_per_token * 1e3:.0f} us)")
+    print(f"    {'kind':<16}{'excl us':>9}{'own us':>9}{'launches':>9}")
     for kind, v in p["by_kind"].items():
-        print(f"    {kind:<16}{v['us']:>8.1f} us/token {v['launches']:>6.1f} launches")
+        print(f"    {kind:<16}{v['exclusive_us']:>9.1f}{v['us']:>9.1f}{v['launches']:>9.1f}")
+    print(f"      {'excl us':>8}{'own us':>8}{'launches':>9}{'excl each':>10}  kernel")
     for t in p["top"]:
-        print(f"      {t['us']:>8.1f} us {t['launches']:>6.1f}x {t['us'] / max(t['launches'], 1e-9):>7.2f} us each  "
-              f"{t['kernel']}")
+        print(f"      {t['exclusive_us']:>8.1f}{t['us']:>8.1f}{t['launches']:>9.1f}"
+              f"{t['exclusive_us'] / max(t['launches'], 1e-9):>10.2f}  {t['kernel']}")
 
 
 def main() -> int:
