@@ -29,7 +29,9 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
    tokens against the first run of the same weights.
 4. chain (--sections chain): 32 layers' GEMVs in one CUDA graph with and without the add + RMSNorm kernels
-   between them (W4A16 with PDL on and off, and bf16): what the norms add to a batch-1 step.
+   between them, and with the norms in the o and down GEMVs' epilogues: what the norms add to a batch-1 step.
+5. attention (--sections attention): the batch-1 paged decode kernel on the 8B's heads at contexts 256 / 384, the
+   default launch against more splits and other tiles (32 layers' caches in one graph).
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
 temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
@@ -722,14 +724,13 @@ CHAIN_LAYERS = 32
 
 def chain(start: float, budget: float) -> dict:
     """What a batch-1 layer's kernels cost in sequence, without attention and rotary: one CUDA graph of 32 layers
-    of qkv -> o -> gate/up (SwiGLU in its epilogue) -> down, each layer on its own weights (3.6 GB of 4-bit, or
-    14 GB of bf16: read from HBM), each GEMV reading the previous one's output, with and without the two
-    add + RMSNorm kernels per layer (kernels/fused_norm.py) between them; W4A16 with PDL on and off, and bf16
-    (F.linear, silu_mul). The difference is what the norms add to the chain: the most that folding them into
-    the GEMVs can save. Also: 64 norms alone in a chain (each reads the previous one's output)."""
+    of qkv -> o -> gate/up (SwiGLU in its epilogue) -> down, each layer on its own weights (3.6 GB of 4-bit: read
+    from HBM), each GEMV reading the previous one's output, with and without the two add + RMSNorm kernels per
+    layer (kernels/fused_norm.py) between them, and with the norms in the o and down GEMVs' epilogues (`norm`).
+    The differences are what the norms add to the chain either way. Also: 64 norms alone in a chain (each reads
+    the previous one's output)."""
     from kernels import pdl
     from kernels.fused_norm import add_rms_norm
-    from kernels.silu_mul import silu_mul
 
     g = torch.Generator(device=DEV).manual_seed(11)
     hidden = SHAPES["o"][1]
@@ -772,7 +773,7 @@ def chain(start: float, budget: float) -> dict:
     saved = pdl.ENABLED
     rows = [("w4a16 GEMVs", w4_chain(False), True), ("w4a16 GEMVs + norms", w4_chain(True), True),
             ("w4a16 GEMVs + norms in epilogues", w4_fused_chain, True),
-            ("w4a16 GEMVs + norms, PDL off", w4_chain(True), False), ("64 norms", norms_only, True)]
+            ("64 norms", norms_only, True)]
     for name, fn, on in rows:
         if time.time() - start > budget:
             print(f"chain {name}: skipped (time budget)", flush=True)
@@ -784,27 +785,6 @@ def chain(start: float, budget: float) -> dict:
     pdl.ENABLED = saved
     del w
     q.free_gpu()
-    if time.time() - start < budget:
-        wb = {name: [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE) for _ in range(CHAIN_LAYERS)]
-              for name, (k, n) in SHAPES.items()}
-
-        def bf16_chain(norms: bool):
-            def run():
-                h = x0
-                for l in range(CHAIN_LAYERS):
-                    a = add_rms_norm(h, res, nw, 1e-5) if norms else h
-                    o = F.linear(F.linear(a, wb["qkv"][l])[:, :hidden], wb["o"][l])
-                    a = add_rms_norm(o, res, nw, 1e-5) if norms else o
-                    h = F.linear(silu_mul(F.linear(a, wb["gate_up"][l])), wb["down"][l])
-                return h
-            return run
-
-        for name, fn in (("bf16 GEMMs", bf16_chain(False)), ("bf16 GEMMs + norms", bf16_chain(True))):
-            ms = q.attempt(lambda: q.graph_ms([fn]))
-            out[name] = ms if isinstance(ms, float) else repr(ms)
-            print(f"chain {name:<34} {ms if isinstance(ms, float) else float('nan'):8.3f} ms", flush=True)
-        del wb
-        q.free_gpu()
     a, b, c = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms"), out.get("w4a16 GEMVs + norms in epilogues")
     if isinstance(a, float) and isinstance(b, float):
         print(f"chain: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
@@ -812,6 +792,43 @@ def chain(start: float, budget: float) -> dict:
     if isinstance(a, float) and isinstance(c, float):
         print(f"chain: in the epilogues they add {(c - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each "
               f"({(c - a) * 1e3:.0f} us per token)", flush=True)
+    return out
+
+
+# --- attention at batch 1 ---------------------------------------------------------------------------------
+def attention(start: float, budget: float) -> dict:
+    """kernels/paged_decode.py at one sequence on the 8B's heads (32 q, 8 KV, d 128, 16-token blocks), contexts
+    256 and 384 (the engine section's decode runs 128 -> 384): 32 launches in one CUDA graph, each on its own
+    layer's cache, as the engine's default launch (one split under 512 tokens) against splits 2-8 and other tiles;
+    each checked against one split first. Per launch us."""
+    from kernels.paged_decode import paged_decode
+
+    g = torch.Generator(device=DEV).manual_seed(13)
+    layers, hq, hkv, d, bs = 32, 32, 8, 128, 16
+    out: dict = {}
+    for ctx in (256, 384):
+        blocks = ctx // bs
+        caches = [torch.randn(2, blocks, bs, hkv, d, generator=g, device=DEV).to(DTYPE) for _ in range(layers)]
+        table = torch.arange(blocks, dtype=torch.int32, device=DEV)[None, :]
+        lens = torch.tensor([ctx], dtype=torch.int32, device=DEV)
+        q0 = torch.randn(1, hq, d, generator=g, device=DEV).to(DTYPE)
+        ref = paged_decode(q0, caches[0], table, lens, d ** -0.5, max_seq_len=ctx, num_splits=1)
+        variants = [("default", None, None)] + [(f"split {sp}", sp, None) for sp in (2, 4, 8)] + [
+            ("split 1 tile 128 w8", 1, dict(TILE_N=128, num_warps=8)), ("split 4 tile 32 w4", 4, dict(TILE_N=32))]
+        for name, sp, cfg in variants:
+            if time.time() - start > budget:
+                print(f"attention ctx {ctx} {name}: skipped (time budget)", flush=True)
+                continue
+            got = q.attempt(lambda: paged_decode(q0, caches[0], table, lens, d ** -0.5, max_seq_len=ctx,
+                                                 num_splits=sp, config=cfg))
+            err = q.err_of(got, ref.float()) if not isinstance(got, Exception) else float("inf")
+            fns = [lambda c=c: paged_decode(q0, c, table, lens, d ** -0.5, max_seq_len=512, num_splits=sp, config=cfg)
+                   for c in caches]
+            ms = q.attempt(lambda: q.graph_ms(fns)) if err < 1e-2 else float("nan")
+            us = ms * 1e3 if isinstance(ms, float) else float("nan")
+            out[f"ctx {ctx} {name}"] = {"us": us, "rel_err": err}
+            print(f"attention ctx {ctx} {name:<22} {us:7.2f} us  (rel err {err:.1e})", flush=True)
+        del caches
     return out
 
 
@@ -1037,7 +1054,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", nargs="+", default=["checks", "sweep", "engine"],
-                    choices=["checks", "sweep", "chain", "engine"])
+                    choices=["checks", "sweep", "chain", "attention", "engine"])
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--check-kernels", nargs="+", default=["gemv2", "gemv3", "gemv4"],
                     help="checks: the M = 1 kernels whose variants are checked (the committed configs always are)")
@@ -1045,6 +1062,8 @@ def main() -> int:
     ap.add_argument("--engines", nargs="+", default=["w4a16+prof@16,64,256", "bf16@16,64,256"],
                     help="engine runs in order: w4a16 | bf16, then tags +pdl +early +g3 +g4 +preN +dN +unfused +prof (the "
                          "module docstring), @B1,B2 (decode step time at these batches: the crossover)")
+    ap.add_argument("--attention-share", type=float, default=0.5,
+                    help="attention: no new variant is started past this share of --budget")
     ap.add_argument("--chain-share", type=float, default=0.5,
                     help="chain: no new variant is started past this share of --budget")
     ap.add_argument("--sweep-share", type=float, default=0.4,
@@ -1075,6 +1094,10 @@ def main() -> int:
         got = q.attempt(lambda: chain(start, args.budget * args.chain_share))
         result["chain"] = got if not isinstance(got, Exception) else repr(got)
         print(f"chain done at {time.time() - start:.0f} s", flush=True)
+    if "attention" in args.sections:
+        got = q.attempt(lambda: attention(start, args.budget * args.attention_share))
+        result["attention"] = got if not isinstance(got, Exception) else repr(got)
+        print(f"attention done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))
         result["engine"] = got if not isinstance(got, Exception) else repr(got)
