@@ -23,7 +23,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
    FUSE_SWIGLU; and the norms as their own launches), nonorm (the residual add + RMSNorm after o and down as
    their own launches, not in those GEMVs' epilogues: int4.py's FUSE_NORM), norace (temperature-1 sampling by
-   the sampler's torch ops, not kernels/greedy.py's sample_race: services/engine/sampler.py's RACE), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
+   the sampler's torch ops, not kernels/greedy.py's sample_race: services/engine/sampler.py's RACE), minsplitN
+   (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT = N while the graphs are captured), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
    time outside kernels; with PDL a kernel launched early counts its wait). Each: batch-1 decode ms/token
    (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
@@ -61,6 +62,7 @@ from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
 from kernels.w4a16_tc import pack_tc  # noqa: E402
+from kernels import paged_decode as paged_decode_mod  # noqa: E402
 from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
 
@@ -835,6 +837,9 @@ def attention(start: float, budget: float) -> dict:
 # --- engine ----------------------------------------------------------------------------------------------
 COMMITTED = {key: dict(c) for key, c in w4.TUNED.items() if key[0] == 1}
 """The M = 1 configs as committed (before a sweep's winners are applied): engine runs tagged +g3 use them."""
+MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT
+"""kernels/paged_decode.py's shortest split as committed: runs tagged +minsplitN use N (the decode graphs are
+captured for max_model_len 512, so N = 128 gives the batch-1 graph 4 splits, 64 gives 8)."""
 DEFAULTS = {"pdl": pdl_mod.ENABLED, "early": pdl_mod.EARLY}
 """kernels/pdl.py's settings as the environment left them: runs without a pdl / nopdl, early / noearly tag."""
 BEST_G4: dict = {}
@@ -958,6 +963,8 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_SWIGLU = "unfused" not in tags
         int4.FUSE_NORM = "nonorm" not in tags and "unfused" not in tags
         sampler_mod.RACE = "norace" not in tags
+        paged_decode_mod.MIN_TOKENS_PER_SPLIT = next(
+            (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         saved = dict(w4.TUNED)
         m1_configs(tags)
         with tempfile.TemporaryDirectory() as tmp:
@@ -1006,6 +1013,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_SWIGLU = True
         int4.FUSE_NORM = True
         sampler_mod.RACE = True
+        paged_decode_mod.MIN_TOKENS_PER_SPLIT = MIN_SPLIT
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens
