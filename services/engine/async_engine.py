@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
@@ -26,6 +27,22 @@ from services.engine.engine import LLMEngine
 from services.common.sampling_params import SamplingParams
 
 log = logging.getLogger("folio.engine.loop")
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    """On the loop: the engine thread's deferred calls, in order."""
+    for call in calls:
+        call()
+
+
+def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    """On the loop: resolve an admission's future (unless its caller left)."""
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
 
 
 def _deliver(ready: list[tuple[asyncio.Queue, object]], handed: threading.Event | None = None,
@@ -101,11 +118,15 @@ class AsyncEngine:
         self.admitted: collections.deque[str] = collections.deque()
         """Ids of requests already reflected in `snapshot`, not yet taken by the publisher."""
         self._admitted_pending: list[str] = []
+        self._later: list[Callable[[], None]] = []  # engine thread only
+        """Loop work that admissions made (their callers' futures, a registry report), handed to the loop
+        in one wake-up once the step that follows is launched (`_flush_later`), not while it is prepared."""
         self.snapshot = self._take_snapshot()
 
     # --- asyncio side ------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.engine.after_launch = self._flush_later
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_steps(), name="engine-step-watchdog")
@@ -164,20 +185,25 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _resolve(self, fut: asyncio.Future, exc: BaseException | None) -> None:
-        def done():
-            if fut.done():
-                return
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
-        self._loop.call_soon_threadsafe(done)
+        self._loop.call_soon_threadsafe(_settle, fut, exc)
+
+    def _flush_later(self) -> None:
+        """Hand the loop what admissions deferred (`_later`), in one wake-up. Called by the engine once the
+        step is launched (LLMEngine.after_launch), while the thread then waits for the device with the GIL
+        released; and after every step, for a step that launched nothing. Nothing of a first token's way
+        waits for it: the admitted request's first token comes from the step launched here, and its
+        handler reads it only after this call's wake-up has resumed it."""
+        if self._later:
+            calls, self._later = self._later, []
+            self._loop.call_soon_threadsafe(_run_all, calls)
 
     def _drain_commands(self) -> None:
         if not self._cmds:
             return
         self._drain_commands_now()
-        self._publish_snapshot()  # new requests and aborts show in Stats and the registry before the step
+        # New requests and aborts show in Stats at once; the registry report they may call for is deferred
+        # with the admissions' replies (`_flush_later`).
+        self._publish_snapshot(defer=True)
 
     def _drain_commands_now(self) -> None:
         eng = self.engine
@@ -195,7 +221,7 @@ class AsyncEngine:
                 self._queues[cmd.request_id] = cmd.outputs
                 self._no_token_yet.add(cmd.request_id)
                 self._admitted_pending.append(cmd.request_id)
-                self._resolve(cmd.done, None)
+                self._later.append(functools.partial(_settle, cmd.done, None))
             elif isinstance(cmd, AbortCommand):
                 if cmd.only_if is not None and not cmd.only_if.admitted:
                     continue
@@ -212,6 +238,7 @@ class AsyncEngine:
         while not self._stop:
             self._drain_commands()
             if not eng.has_unfinished_requests():
+                self._flush_later()
                 self._publish_snapshot()
                 self._wake.wait(0.1)
                 self._wake.clear()
@@ -231,9 +258,11 @@ class AsyncEngine:
             finally:
                 self._step_started = None
                 eng.step_phase = "idle"
+                self._flush_later()  # (no-op when the step launched and flushed already)
             self._steps += 1
             self._hand_over(outputs)
             self._publish_snapshot()
+        self._flush_later()
         for rid in list(self._queues):  # shutting down: end every stream
             out = eng.abort_request(rid)
             q = self._queues.pop(rid)
@@ -281,7 +310,8 @@ class AsyncEngine:
     def _take_snapshot(self) -> EngineLoad:
         return dataclasses.replace(self.engine.get_stats(), steps=self._steps)
 
-    def _publish_snapshot(self) -> None:
+    def _publish_snapshot(self, defer: bool = False) -> None:
+        """`defer`: a registry report this calls for waits in `_later` (with the admissions)."""
         snap = self._take_snapshot()
         self.snapshot = snap
         if self._admitted_pending:
@@ -292,7 +322,10 @@ class AsyncEngine:
                or (snap.waiting > 0) != (last.waiting > 0) or (snap.running > 0) != (last.running > 0))
         if big and self._on_change is not None and self._loop is not None:
             self._last_notified = snap
-            self._loop.call_soon_threadsafe(self._on_change, snap)
+            if defer:
+                self._later.append(functools.partial(self._on_change, snap))
+            else:
+                self._loop.call_soon_threadsafe(self._on_change, snap)
 
     def take_admitted(self) -> list[str]:
         """Request ids admitted and reflected in `snapshot` since the last call (publisher only)."""

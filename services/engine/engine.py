@@ -15,6 +15,7 @@ import gc
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -119,6 +120,10 @@ class LLMEngine:
         """The phase the current step is in (read by AsyncEngine's step watchdog from another thread)."""
         self.step_batch: tuple[int, int] = (0, 0)
         """(sequences, tokens) the current or last step computes."""
+        self.after_launch: Callable[[], None] | None = None
+        """Called in `step` once its forward pass and sampling are launched, before it waits for the device:
+        AsyncEngine hands the event loop its deferred work there, so that the loop's Python does not run
+        beside (and, holding the GIL, slow) this step's scheduling and input preparation."""
         # What exists now (weights, the block pool's objects, graphs) lives as long as the engine:
         # keep the cyclic collector from walking it again at every collection during steps.
         gc.collect()
@@ -383,6 +388,8 @@ class LLMEngine:
             self._count_step()
             return deltas
         cur, resolved = self._launch(out, prev)
+        if self.after_launch is not None:
+            self.after_launch()
         if resolved is not None:  # read back early, for a grammar's mask (_launch)
             deltas += resolved
         elif prev is not None:

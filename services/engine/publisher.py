@@ -76,7 +76,11 @@ class RegistryPublisher:
             await self.publish_once()
             try:
                 await asyncio.wait_for(self._kick.wait(), self.interval_s)
-                await asyncio.sleep(0.01)  # coalesce a burst of changes into one report
+                # Report at once (kicks that came in the same turn make one report). Admissions' kicks come
+                # once their step is launched (AsyncEngine._flush_later), while the engine thread waits for
+                # the device; a report held 10 ms had landed just where a new request's first token is
+                # read back and handed over, holding the GIL that hand-over needs (docs/router.md).
+                await asyncio.sleep(0)
             except asyncio.TimeoutError:
                 pass
             self._kick.clear()
