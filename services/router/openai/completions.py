@@ -67,7 +67,10 @@ class Completions:
         limits.check_params(params)
         model = self.core.resolve_model(req.model)
         limits.check_max_tokens(params.max_tokens, self.core.max_model_len(model))
-        encoded = await asyncio.gather(*[self._encode(model, p, params, req.add_special_tokens) for p in prompts])
+        if all(isinstance(p, list) for p in prompts):  # token ids: nothing to wait for (gather's tasks cost a loop turn)
+            encoded = [list(p) for p in prompts]
+        else:
+            encoded = await asyncio.gather(*[self._encode(model, p, params, req.add_special_tokens) for p in prompts])
         for ids in encoded:
             self.core.check_context(model, len(ids), params.max_tokens, "prompt")
         echo_texts = None
