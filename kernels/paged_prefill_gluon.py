@@ -478,12 +478,13 @@ def _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n, m_i, l_i, ac
 def _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, t, g, j, m_i, l_i, acc, p_prev, first_pos,
                     qk_scale, o_layout: gl.constexpr, p_layout: gl.constexpr, C: gl.constexpr, TQ: gl.constexpr,
                     ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HN: gl.constexpr, STAGES: gl.constexpr,
-                    MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr, HAS_PREV: gl.constexpr):
+                    MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr, HAS_PREV: gl.constexpr, Q_REGS: gl.constexpr):
     """The item's last key tile j (ring tile t) when it holds at most HN (BLOCK_N / 2 or / 4) of the item's keys:
     QK^T and PV over the slot's first HN keys only (the producer still loaded the whole tile), saving the wgmmas of
     keys no row sees (32 x 512 fresh, 128-key tiles: 3 of every 4 items' last tiles). HAS_PREV: the previous tile's
     PV (A operand p_prev, V in ring tile t - 1) is issued beside this QK^T, as in the full tiles' loop. Releases q's
-    buffer after the QK^T. Returns (acc, m_i, l_i, g) in the full tiles' layouts."""
+    buffer after the QK^T (Q_REGS: q is in registers, its buffer released already). Returns (acc, m_i, l_i, g) in the
+    full tiles' layouts."""
     dtype: gl.constexpr = k_smem.dtype
     row_layout: gl.constexpr = gl.SliceLayout(1, gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                                            instr_shape=[16, BLOCK_N, 16]))
@@ -493,6 +494,8 @@ def _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, t, g, j
     slot = t % STAGES
     mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
     g = _turn_wait(turn, g, C, PINGPONG)
+    if Q_REGS:
+        q = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=h_layout, k_width=2))
     s = warpgroup_mma(q, k_smem.index(slot).slice(0, HN).permute((1, 0)),
                       gl.zeros([ROWS, HN], gl.float32, layout=h_layout), use_acc=False, is_async=True)
     if HAS_PREV:
@@ -503,7 +506,8 @@ def _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, t, g, j
     else:
         _turn_arrive(turn, C, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s,))
-    mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+    if not Q_REGS:
+        mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
     # Key tile j * (BLOCK_N // HN) of width HN starts tile j of width BLOCK_N (its positions, its mask).
     p, alpha, m_h, l_h = _softmax_step(s, gl.convert_layout(m_i, h_rows), gl.convert_layout(l_i, h_rows), acc,
                                        j * (BLOCK_N // HN), q_pos, first_pos, qk_scale, h_layout, o_layout, HN,
@@ -525,7 +529,7 @@ def _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, t, g, j
 def _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles, tail_keys, m_i, l_i, acc, q_pos,
                first_pos, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                C: gl.constexpr, TQ: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HN: gl.constexpr,
-               STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr):
+               STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr, Q_REGS: gl.constexpr):
     """An item whose last tile holds at most HN keys: its full tiles, then that tile HN keys wide."""
     if n_tiles > 1:
         acc, m_i, l_i, g, p_op = _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n_tiles - 1, m_i, l_i,
@@ -533,11 +537,11 @@ def _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_til
                                                 ROWS, BLOCK_N, STAGES, MASK_BRANCH, PINGPONG)
         acc, m_i, l_i, g = _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it + n_tiles - 1, g,
                                            n_tiles - 1, m_i, l_i, acc, p_op, first_pos, qk_scale, o_layout, p_layout,
-                                           C, TQ, ROWS, BLOCK_N, HN, STAGES, MASK_BRANCH, PINGPONG, True)
+                                           C, TQ, ROWS, BLOCK_N, HN, STAGES, MASK_BRANCH, PINGPONG, True, Q_REGS)
     else:
         acc, m_i, l_i, g = _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, 0, m_i, l_i,
                                            acc, acc, first_pos, qk_scale, o_layout, p_layout, C, TQ, ROWS, BLOCK_N,
-                                           HN, STAGES, MASK_BRANCH, PINGPONG, False)
+                                           HN, STAGES, MASK_BRANCH, PINGPONG, False, Q_REGS)
     return acc, m_i, l_i, g
 
 
@@ -545,11 +549,12 @@ def _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_til
 def _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start, q_len, first_pos,
              kv_head, qk_scale, stride_ot, stride_oh, C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr,
-             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NARROW_TAIL: gl.constexpr):
+             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NARROW_TAIL: gl.constexpr, Q_REGS: gl.constexpr):
     """Consumer C, one work item whose q is in buffer buf (its q_ready waited for) and whose key tiles start at ring
     tile `it`: attend, release each ring slot once its PV wgmma is done and q's buffer after the last QK^T, store.
     NARROW_TAIL (with OVERLAP 2): an item whose last key tile holds at most BLOCK_N // 2 of its keys computes that
-    tile at half width, with 2 at a quarter where its keys fit (_ws_narrow_tail). Returns (it, g) after the item."""
+    tile at half width, with 2 at a quarter where its keys fit (_ws_narrow_tail); with it, Q_REGS holds q in
+    registers. Returns (it, g) after the item."""
     TQ: gl.constexpr = BLOCK_Q // 2
     ROWS: gl.constexpr = TQ * GROUP
     dtype: gl.constexpr = k_smem.dtype
@@ -570,21 +575,29 @@ def _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, 
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     if OVERLAP == 2 and NARROW_TAIL > 0:
+        if Q_REGS:
+            # q into registers (the QK^T wgmmas' A operand) and its buffer released at once: the producer loads the
+            # next item's q under this whole item, not only after its last QK^T (with one q buffer per consumer).
+            q = q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+            mbarrier.arrive(q_empty.index(buf))
         # The same item for both consumers, so both take the same branches (PINGPONG's sections stay paired).
         tail_keys = kv_end - (n_tiles - 1) * BLOCK_N  # the item's keys in its last tile
         if NARROW_TAIL > 1 and tail_keys <= BLOCK_N // 4:
             acc, m_i, l_i, g = _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles,
                                           tail_keys, m_i, l_i, acc, q_pos, first_pos, qk_scale, s_layout, o_layout,
-                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 4, STAGES, MASK_BRANCH, PINGPONG)
+                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 4, STAGES, MASK_BRANCH, PINGPONG,
+                                          Q_REGS)
         elif tail_keys <= BLOCK_N // 2:
             acc, m_i, l_i, g = _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles,
                                           tail_keys, m_i, l_i, acc, q_pos, first_pos, qk_scale, s_layout, o_layout,
-                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 2, STAGES, MASK_BRANCH, PINGPONG)
+                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 2, STAGES, MASK_BRANCH, PINGPONG,
+                                          Q_REGS)
         else:
             acc, m_i, l_i, g, p_op = _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n_tiles, m_i, l_i,
                                                     acc, q_pos, first_pos, qk_scale, s_layout, o_layout, p_layout, C,
                                                     ROWS, BLOCK_N, STAGES, MASK_BRANCH, PINGPONG)
-            mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
+            if not Q_REGS:
+                mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
             last = (it + n_tiles - 1) % STAGES
             g = _turn_wait(turn, g, C, PINGPONG)
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
@@ -679,7 +692,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
                  C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr,
                  SKIP_SINGLE: gl.constexpr, MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr):
+                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr, Q_REGS: gl.constexpr):
     """Half C of each work item's rows (TQ tokens x GROUP heads, head-major), item after item in the producer's
     order (with DYNAMIC the producer names each item beside its q; -1 ends). OVERLAP 1: the next tile's QK^T is
     issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued together, then
@@ -695,7 +708,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
             it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, (n % Q_BUFS) * 2 + C, it,
                              g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
-                             BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL)
+                             BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL, Q_REGS)
             n += 1
             buf = (n % Q_BUFS) * 2 + C
             mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
@@ -709,7 +722,7 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
                 mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
                 it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start,
                                  q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP, BLOCK_Q,
-                                 BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL)
+                                 BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL, Q_REGS)
                 n += 1
 
 
@@ -720,7 +733,8 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
                        Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr,
-                       NARROW_LOAD: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                       NARROW_LOAD: gl.constexpr, Q_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
     dtype: gl.constexpr = k_desc.dtype
@@ -746,11 +760,11 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc
         (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 0, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL)),
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS)),
         (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 1, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL)),
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS)),
         (_ws_producer, (q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready,
                         empty, item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles,
                         num_items, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS,
@@ -783,7 +797,9 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     counter rather than every num_programs-th: the heaviest left goes to whichever program is free), Q_BUFS (q buffers per consumer, default 2: the next
     item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring), NARROW_TAIL (with
     OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter),
-    NARROW_LOAD (with NARROW_TAIL: that tile also loaded only as wide). max_q_tiles > 0: HEAVY_FIRST's mapping."""
+    NARROW_LOAD (with NARROW_TAIL: that tile also loaded only as wide), Q_REGS (with NARROW_TAIL: each consumer
+    holds its q rows in registers, releasing the q buffer as the item starts). max_q_tiles > 0: HEAVY_FIRST's
+    mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
     num_tokens, num_heads, head_dim = q.shape
@@ -818,6 +834,6 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
-        DYNAMIC=dynamic, NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, CONSUMER_REGS=int(cfg.get("WS_REGS") or 240),
-        num_warps=4)
+        DYNAMIC=dynamic, NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
+        CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out
