@@ -62,14 +62,14 @@ FOCUS = ("short", "prefill", "long")  # every variant is timed here; the others 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
          tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False, pingpong=False, qbufs=2,
-         dyn=False, narrow=0, nload=False):
+         dyn=False, narrow=0, nload=False, qregs=False, ahead=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
                 LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
                 PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None, PINGPONG=pingpong, Q_BUFS=qbufs,
-                DYNAMIC=dyn, NARROW_TAIL=narrow, NARROW_LOAD=nload)
+                DYNAMIC=dyn, NARROW_TAIL=narrow, NARROW_LOAD=nload, Q_REGS=qregs, AHEAD=ahead)
 
 
 def _name(c: dict | None) -> str:
@@ -95,6 +95,7 @@ def _name(c: dict | None) -> str:
                 + (" persist" if c.get("PERSISTENT") else "") + (" heavy" if c.get("HEAVY_FIRST") else "")
                 + (f" qbuf{c['Q_BUFS']}" if c.get("Q_BUFS", 2) != 2 else "") + (" dyn" if c.get("DYNAMIC") else "")
                 + (f" narrow{c['NARROW_TAIL']}" if c.get("NARROW_TAIL") else "") + (" nload" if c.get("NARROW_LOAD") else "")
+                + (" qregs" if c.get("Q_REGS") else "") + (" ahead" if c.get("AHEAD") else "")
                 + (" (again)" if c.get("AGAIN") else ""))
     return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 

@@ -383,7 +383,7 @@ def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sme
                  item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items,
                  GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                  STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
-                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_LOAD: gl.constexpr):
+                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_LOAD: gl.constexpr, AHEAD: gl.constexpr):
     """Load every work item this program runs (n = items run so far, it = key tiles loaded so far). The items are
     program_id(0), then every num_programs(0)-th; with DYNAMIC, program_id(0), then the next untaken one from a
     global counter (heaviest first within a head group, so whichever program is free takes the heaviest left:
@@ -392,6 +392,13 @@ def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sme
     it = 0
     if DYNAMIC:
         w = gl.program_id(0)
+        if AHEAD:
+            # The next item's ticket is taken before this item's loads and read after them, so the atomic's round
+            # trip runs under the loads (a scalar atomic_add waits for its result where it is issued: the lanes
+            # get it through shared memory). A lane-0 tensor atomic keeps the result in lane 0's register.
+            lanes = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
+            ticket = gl.atomic_add(counter_ptr + lanes * 0, gl.full([32], 1, gl.int32, layout=lanes.type.layout),
+                                   mask=lanes == 0, sem="relaxed")
         while w < num_items:
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
@@ -400,7 +407,12 @@ def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sme
                                    ready, empty, item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP,
                                    BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, Q_BUFS, DYNAMIC, NARROW_LOAD)
                 n += 1
-            w = gl.atomic_add(counter_ptr, 1) + gl.num_programs(0)
+            if AHEAD:
+                w = gl.max(gl.where(lanes == 0, ticket, -1), 0) + gl.num_programs(0)
+                ticket = gl.atomic_add(counter_ptr + lanes * 0, gl.full([32], 1, gl.int32, layout=lanes.type.layout),
+                                       mask=lanes == 0, sem="relaxed")
+            else:
+                w = gl.atomic_add(counter_ptr, 1) + gl.num_programs(0)
         for c in gl.static_range(2):
             buf = (n % Q_BUFS) * 2 + c
             mbarrier.wait(q_empty.index(buf), ((n // Q_BUFS) + 1) & 1, pred=n >= Q_BUFS)
@@ -733,7 +745,7 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
                        Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr,
-                       NARROW_LOAD: gl.constexpr, Q_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       NARROW_LOAD: gl.constexpr, Q_REGS: gl.constexpr, AHEAD: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                        num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
@@ -768,7 +780,7 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc
         (_ws_producer, (q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready,
                         empty, item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles,
                         num_items, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS,
-                        DYNAMIC, NARROW_LOAD)),
+                        DYNAMIC, NARROW_LOAD, AHEAD)),
     ], [4, 1], [CONSUMER_REGS, 24])
     for i in gl.static_range(2 * Q_BUFS):
         mbarrier.invalidate(q_ready.index(i))
@@ -798,7 +810,8 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring), NARROW_TAIL (with
     OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter),
     NARROW_LOAD (with NARROW_TAIL: that tile also loaded only as wide), Q_REGS (with NARROW_TAIL: each consumer
-    holds its q rows in registers, releasing the q buffer as the item starts). max_q_tiles > 0: HEAVY_FIRST's
+    holds its q rows in registers, releasing the q buffer as the item starts), AHEAD (with DYNAMIC: the producer takes
+    the next item's ticket before this item's loads, reading it after them). max_q_tiles > 0: HEAVY_FIRST's
     mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
@@ -835,5 +848,5 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
         DYNAMIC=dynamic, NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
-        CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
+        AHEAD=bool(dynamic and cfg.get("AHEAD")), CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

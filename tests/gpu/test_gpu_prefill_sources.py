@@ -78,6 +78,10 @@ GLUON_CONFIGS = [
     # ... and that tile loaded only as wide (quarter boxes)
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, Q_BUFS=1, HEAVY_FIRST=True, NARROW_TAIL=2, NARROW_LOAD=True),
+    # q in registers (its buffer released as the item starts); the next item's ticket taken one item ahead
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
+         PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, AHEAD=True, HEAVY_FIRST=True, NARROW_TAIL=2, NARROW_LOAD=True,
+         Q_REGS=True),
 ]
 
 
