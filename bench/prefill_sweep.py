@@ -113,8 +113,9 @@ def _name(c: dict | None) -> str:
 # the Triton picks it replaced, on every shape (the prefix ones keep BASE), and two 32 x 512 neighbours.
 # Session 7, round 1: the last key tile of an item computed only as wide as its keys (NARROW_TAIL: 1 = half of BLOCK_N,
 # 2 = also a quarter; 32 x 512 with 128-key tiles computed 5,120 keys per 4,096 the rows see, with 64-key tiles
-# 4,608; narrowed, 4,096 both), with NARROW_LOAD that tile also loaded only as wide (less L2 -> SM traffic), against
-# the table's picks, on 32 x 512 mostly, and on 8 x 2048 / 8192 (128-key tiles).
+# 4,608; narrowed, 4,096 both), with NARROW_LOAD that tile also loaded only as wide (less L2 -> SM traffic), Q_REGS
+# (q in registers, its one buffer loading the next item's q under the whole item) and AHEAD (the next item's ticket
+# taken one item early), against the table's picks, on 32 x 512 mostly, and on 8 x 2048 / 8192 (128-key tiles).
 # Triton 3.6's tl.range(warp_specialize=True) is not timed again: upstream's persistent-matmul tutorial says it
 # "only works on Blackwell right now. On older GPUs, this will use software pipelining" (round 3: the same build).
 _WS = dict(gluon=True, gws=True, maxnreg=None, one=2, persist=1)  # the persistent warp-specialized Gluon kernel
@@ -127,15 +128,16 @@ VARIANTS = [
     _cfg(**_FA3, s=3, narrow=1, nload=True),  # ... and loaded at half width (less L2 -> SM traffic)
     _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2),  # 128-key tiles, the last one at a half or a quarter
     _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True),
-    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2),  # the >= 1024 pick, narrowed
-    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),
+    _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True, qregs=True),  # q in registers: its buffer free at once
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),  # the >= 1024 pick, narrowed
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True),
     _cfg(**_FA3, n=128, s=2, narrow=2, nload=True),  # two q buffers (the next item's q early), two stages
     dict(_cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True), AGAIN=True),  # drift
 ]
 LAYOUT_CONFIGS = [_cfg(**_FA3, s=3),
                   _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),
                   _cfg(**_FA3, s=3, narrow=1, nload=True),
-                  _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True)]
+                  _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True)]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
 WIDE = [None]  # + Gluon: fresh only
 
