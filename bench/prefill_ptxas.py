@@ -101,6 +101,7 @@ def compile_gluon(cfg: dict):
                       DYNAMIC=bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC")),
                       NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
                       AHEAD=bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC") and cfg.get("AHEAD")),
+                      TMA_STORE=bool(cfg.get("TMA_STORE")),
                       CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
         cfg = dict(cfg, num_warps=4, maxnreg=None)
     else:
@@ -111,6 +112,7 @@ def compile_gluon(cfg: dict):
     names = kernel.arg_names
     sig = {n: ("constexpr" if n in consts else mangle_type(desc) if n in ("k_desc", "v_desc") else
                mangle_type(n_desc) if n in ("kn_desc", "vn_desc") else
+               mangle_type(q_desc) if n == "o_desc" else
                mangle_type(q_desc) if n == "q_desc" else
                "*i32" if n in ("query_start_loc_ptr", "counter_ptr") else "*bf16" if n.endswith("_ptr") else
                "fp32" if n == "qk_scale" else "i32") for n in names}

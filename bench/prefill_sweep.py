@@ -62,14 +62,14 @@ FOCUS = ("short", "prefill", "long")  # every variant is timed here; the others 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
          tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False, pingpong=False, qbufs=2,
-         dyn=False, narrow=0, nload=False, qregs=False, ahead=False):
+         dyn=False, narrow=0, nload=False, qregs=False, ahead=False, tstore=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
                 LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
                 PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None, PINGPONG=pingpong, Q_BUFS=qbufs,
-                DYNAMIC=dyn, NARROW_TAIL=narrow, NARROW_LOAD=nload, Q_REGS=qregs, AHEAD=ahead)
+                DYNAMIC=dyn, NARROW_TAIL=narrow, NARROW_LOAD=nload, Q_REGS=qregs, AHEAD=ahead, TMA_STORE=tstore)
 
 
 def _name(c: dict | None) -> str:
@@ -96,6 +96,7 @@ def _name(c: dict | None) -> str:
                 + (f" qbuf{c['Q_BUFS']}" if c.get("Q_BUFS", 2) != 2 else "") + (" dyn" if c.get("DYNAMIC") else "")
                 + (f" narrow{c['NARROW_TAIL']}" if c.get("NARROW_TAIL") else "") + (" nload" if c.get("NARROW_LOAD") else "")
                 + (" qregs" if c.get("Q_REGS") else "") + (" ahead" if c.get("AHEAD") else "")
+                + (" tmastore" if c.get("TMA_STORE") else "")
                 + (" (again)" if c.get("AGAIN") else ""))
     return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
 
@@ -114,8 +115,9 @@ def _name(c: dict | None) -> str:
 # Session 7, round 1: the last key tile of an item computed only as wide as its keys (NARROW_TAIL: 1 = half of BLOCK_N,
 # 2 = also a quarter; 32 x 512 with 128-key tiles computed 5,120 keys per 4,096 the rows see, with 64-key tiles
 # 4,608; narrowed, 4,096 both), with NARROW_LOAD that tile also loaded only as wide (less L2 -> SM traffic), Q_REGS
-# (q in registers, its one buffer loading the next item's q under the whole item) and AHEAD (the next item's ticket
-# taken one item early), against the table's picks, on 32 x 512 mostly, and on 8 x 2048 / 8192 (128-key tiles).
+# (q in registers, its one buffer loading the next item's q under the whole item), AHEAD (the next item's ticket
+# taken one item early) and TMA_STORE (the output through shared memory and TMA), against the table's picks, on
+# 32 x 512 mostly, and on 8 x 2048 / 8192 (128-key tiles).
 # Triton 3.6's tl.range(warp_specialize=True) is not timed again: upstream's persistent-matmul tutorial says it
 # "only works on Blackwell right now. On older GPUs, this will use software pipelining" (round 3: the same build).
 _WS = dict(gluon=True, gws=True, maxnreg=None, one=2, persist=1)  # the persistent warp-specialized Gluon kernel
@@ -132,11 +134,13 @@ VARIANTS = [
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),  # the >= 1024 pick, narrowed
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True),
     _cfg(**_FA3, n=128, s=2, narrow=2, nload=True),  # two q buffers (the next item's q early), two stages
+    _cfg(**_FA3, s=3, narrow=1, nload=True, tstore=True),  # the output through shared memory and TMA
+    _cfg(**_FA3, n=128, s=2, narrow=2, nload=True, qregs=True, tstore=True),
     dict(_cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True), AGAIN=True),  # drift
 ]
 LAYOUT_CONFIGS = [_cfg(**_FA3, s=3),
                   _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),
-                  _cfg(**_FA3, s=3, narrow=1, nload=True),
+                  _cfg(**_FA3, s=3, narrow=1, nload=True, tstore=True),
                   _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True)]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
 WIDE = [None]  # + Gluon: fresh only

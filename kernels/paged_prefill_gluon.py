@@ -558,15 +558,16 @@ def _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_til
 
 
 @gluon.jit
-def _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start, q_len, first_pos,
-             kv_head, qk_scale, stride_ot, stride_oh, C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
-             BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr,
-             OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NARROW_TAIL: gl.constexpr, Q_REGS: gl.constexpr):
+def _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start,
+             q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C: gl.constexpr, GROUP: gl.constexpr,
+             BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+             MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NARROW_TAIL: gl.constexpr,
+             Q_REGS: gl.constexpr, TMA_STORE: gl.constexpr):
     """Consumer C, one work item whose q is in buffer buf (its q_ready waited for) and whose key tiles start at ring
     tile `it`: attend, release each ring slot once its PV wgmma is done and q's buffer after the last QK^T, store.
     NARROW_TAIL (with OVERLAP 2): an item whose last key tile holds at most BLOCK_N // 2 of its keys computes that
     tile at half width, with 2 at a quarter where its keys fit (_ws_narrow_tail); with it, Q_REGS holds q in
-    registers. Returns (it, g) after the item."""
+    registers. TMA_STORE: a whole item's output leaves through out_smem and o_desc. Returns (it, g) after the item."""
     TQ: gl.constexpr = BLOCK_Q // 2
     ROWS: gl.constexpr = TQ * GROUP
     dtype: gl.constexpr = k_smem.dtype
@@ -692,19 +693,49 @@ def _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, 
             mbarrier.arrive(empty.index(cur))
         mbarrier.arrive(q_empty.index(buf))
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    o_idx = first_pos + C * TQ + r_o % TQ
-    o_off = (q_start + o_idx).to(gl.int64) * stride_ot + (kv_head * GROUP + r_o // TQ) * stride_oh
-    gl.store(out_ptr + o_off[:, None] + o_d[None, :], out.to(dtype), mask=(o_idx < q_len)[:, None])
+    if TMA_STORE:
+        if first_pos + BLOCK_Q <= q_len:  # every row of the item is the sequence's (a TMA box has no row mask)
+            _ws_store_tma(o_desc, out_smem.index(C), out.to(dtype), q_start + first_pos + C * TQ, kv_head, GROUP,
+                          TQ, HEAD_DIM)
+        else:
+            _ws_store(out_ptr, out.to(dtype), q_start, q_len, first_pos, kv_head, stride_ot, stride_oh, r_o, o_d, C,
+                      GROUP, TQ)
+    else:
+        _ws_store(out_ptr, out.to(dtype), q_start, q_len, first_pos, kv_head, stride_ot, stride_oh, r_o, o_d, C,
+                  GROUP, TQ)
     return it + n_tiles, g
 
 
 @gluon.jit
-def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
+def _ws_store(out_ptr, out, q_start, q_len, first_pos, kv_head, stride_ot, stride_oh, r_o, o_d, C: gl.constexpr,
+              GROUP: gl.constexpr, TQ: gl.constexpr):
+    """Consumer C's rows of the item's output, from registers (rows past the sequence's end masked)."""
+    o_idx = first_pos + C * TQ + r_o % TQ
+    o_off = (q_start + o_idx).to(gl.int64) * stride_ot + (kv_head * GROUP + r_o // TQ) * stride_oh
+    gl.store(out_ptr + o_off[:, None] + o_d[None, :], out, mask=(o_idx < q_len)[:, None])
+
+
+@gluon.jit
+def _ws_store_tma(o_desc, o_smem, out, row0, kv_head, GROUP: gl.constexpr, TQ: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """TMA_STORE: consumer C's rows through its staging buffer, one TMA box per head (as q came in), left in
+    flight: the buffer is reused only after this consumer's previous stores have read it."""
+    tma.store_wait(0)  # the issuing thread's earlier stores have read the buffer ...
+    gl.thread_barrier()  # ... before any thread overwrites it
+    o_smem.store(out)
+    fence_async_shared()  # the writes are visible to the TMA unit ...
+    gl.thread_barrier()  # ... from every thread, before the store is issued
+    for h in gl.static_range(GROUP):
+        tma.async_copy_shared_to_global(o_desc, [row0, (kv_head * GROUP + h) * HEAD_DIM], o_smem.slice(h * TQ, TQ))
+
+
+@gluon.jit
+def _ws_consumer(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
                  query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot, stride_oh,
                  C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr,
                  SKIP_SINGLE: gl.constexpr, MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr, Q_REGS: gl.constexpr):
+                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr, Q_REGS: gl.constexpr,
+                 TMA_STORE: gl.constexpr):
     """Half C of each work item's rows (TQ tokens x GROUP heads, head-major), item after item in the producer's
     order (with DYNAMIC the producer names each item beside its q; -1 ends). OVERLAP 1: the next tile's QK^T is
     issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued together, then
@@ -718,9 +749,10 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
         while w >= 0:
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
-            it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, (n % Q_BUFS) * 2 + C, it,
-                             g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
-                             BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL, Q_REGS)
+            it, g = _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn,
+                             (n % Q_BUFS) * 2 + C, it, g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot,
+                             stride_oh, C, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG,
+                             NARROW_TAIL, Q_REGS, TMA_STORE)
             n += 1
             buf = (n % Q_BUFS) * 2 + C
             mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
@@ -732,20 +764,25 @@ def _ws_consumer(out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty
             if run:
                 buf = (n % Q_BUFS) * 2 + C
                 mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
-                it, g = _ws_work(out_ptr, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start,
-                                 q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP, BLOCK_Q,
-                                 BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL, Q_REGS)
+                it, g = _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf,
+                                 it, g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
+                                 BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL,
+                                 Q_REGS, TMA_STORE)
                 n += 1
+    if TMA_STORE:
+        tma.store_wait(0)  # the staging buffer stays the program's until its last store has read it
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "max_q_tiles", "num_tiles", "num_items"])
-def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc_ptr, out_ptr, counter_ptr, qk_scale,
+def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, o_desc, query_start_loc_ptr, out_ptr, counter_ptr,
+                       qk_scale,
                        stride_ot, stride_oh, num_seqs, max_q_tiles, num_tiles, num_items,
                        GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
                        Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr,
-                       NARROW_LOAD: gl.constexpr, Q_REGS: gl.constexpr, AHEAD: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       NARROW_LOAD: gl.constexpr, Q_REGS: gl.constexpr, AHEAD: gl.constexpr, TMA_STORE: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr,
                        num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
     program without PERSISTENT): BLOCK_Q tokens x the GROUP heads of one KV head, split into roles (above)."""
@@ -753,6 +790,9 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc
     q_smem = gl.allocate_shared_memory(dtype, [2 * Q_BUFS, BLOCK_Q // 2 * GROUP, HEAD_DIM], q_desc.layout)  # buffer x half
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    # TMA_STORE: one output staging buffer per consumer (else a placeholder of one row, never used)
+    out_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_Q // 2 * GROUP if TMA_STORE else 8, HEAD_DIM],
+                                         o_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2 * Q_BUFS, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -769,14 +809,18 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc
         mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
     fence_async_shared()  # the barriers' initialization is visible to the TMA unit before it signals them
     gl.warp_specialize([
-        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
+        (_ws_consumer, (out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn,
+                        item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 0, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS)),
-        (_ws_consumer, (out_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, item_smem,
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS,
+                        TMA_STORE)),
+        (_ws_consumer, (out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn,
+                        item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 1, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS)),
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS,
+                        TMA_STORE)),
         (_ws_producer, (q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready,
                         empty, item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles,
                         num_items, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS,
@@ -811,8 +855,9 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter),
     NARROW_LOAD (with NARROW_TAIL: that tile also loaded only as wide), Q_REGS (with NARROW_TAIL: each consumer
     holds its q rows in registers, releasing the q buffer as the item starts), AHEAD (with DYNAMIC: the producer takes
-    the next item's ticket before this item's loads, reading it after them). max_q_tiles > 0: HEAVY_FIRST's
-    mapping."""
+    the next item's ticket before this item's loads, reading it after them), TMA_STORE (a whole item's output through
+    a staging buffer per consumer and TMA, where out allows it; 32 KB of shared memory). max_q_tiles > 0:
+    HEAVY_FIRST's mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
     num_tokens, num_heads, head_dim = q.shape
@@ -834,6 +879,10 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
         kn_desc, vn_desc = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
                                              [box, head_dim], _smem_layout(box, head_dim, q.dtype == torch.bfloat16))
                             for t in (k, v))
+    tma_store = bool(cfg.get("TMA_STORE")) and out.stride(1) == head_dim and out.stride(2) == 1 and \
+        out.stride(0) * out.element_size() % 16 == 0 and out.data_ptr() % 16 == 0
+    o_desc = TensorDescriptor(out, [out.shape[0], num_heads * head_dim], [out.stride(0), 1], [block_q // 2, head_dim],
+                              _smem_layout(block_q // 2, head_dim, q.dtype == torch.bfloat16)) if tma_store else q_desc
     seq_vec = cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] and not max_q_tiles else 0  # HEAVY: no search
     num_tiles = num_seqs * max_q_tiles if max_q_tiles else num_tokens // block_q + num_seqs
     num_items = num_tiles * num_kv_heads
@@ -842,11 +891,11 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     # DYNAMIC: the next item's index, counted from 0 by each launch (a memset; programs start at their own id)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else query_start_loc
     _prefill_ws_kernel[(programs,)](
-        q_desc, k_desc, v_desc, kn_desc, vn_desc, query_start_loc, out, counter, scale * 1.4426950408889634,
+        q_desc, k_desc, v_desc, kn_desc, vn_desc, o_desc, query_start_loc, out, counter, scale * 1.4426950408889634,
         out.stride(0), out.stride(1), num_seqs, max_q_tiles, num_tiles, num_items,
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
         DYNAMIC=dynamic, NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
-        AHEAD=bool(dynamic and cfg.get("AHEAD")), CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
+        AHEAD=bool(dynamic and cfg.get("AHEAD")), TMA_STORE=tma_store, CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out
