@@ -26,7 +26,7 @@ sys.path.insert(0, BENCH)
 import fp8_where as fw  # noqa: E402  (make_pool, throughput)
 import quant as qb  # noqa: E402  (graph_ms, record, attempt, free_gpu)
 
-from kernels import fp8_quant  # noqa: E402
+from kernels import fp8_fused, fp8_quant  # noqa: E402
 from kernels import paged_decode as pd  # noqa: E402
 from kernels import rotary as rk  # noqa: E402
 from services.engine.model.quantization import fp8 as fp8mod  # noqa: E402
@@ -34,6 +34,19 @@ from services.engine.model.quantization import fp8 as fp8mod  # noqa: E402
 DEV = qb.DEV
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 QKV = (6144, 4096)
+
+
+def replayable(body):
+    """body() captured into a CUDA graph (compiled first, outside the capture): the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
 
 
 def same(a, b) -> bool:
@@ -107,26 +120,18 @@ def attention_section(failures: list, batch: int = 256, ctx: int = 384) -> dict:
 
         ok, err = True, None
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fused(0)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for i in range(8):
-                    fused(i)
+            replay = replayable(lambda: [fused(i) for i in range(8)])
             for rep in range(10):
                 for i in range(8):
                     qs[i].mul_(1.01)
-                graph.replay()
+                replay()
                 for i in range(8):
                     wq, ws = fp8_quant.quantize_fp8_rows(outs[i].reshape(batch, -1))
                     ok &= same(got[i][1], wq) and same(got[i][2], ws)
             ref = pd.paged_decode_ref(qs[7].float(), kv, tables, lens, D ** -0.5, ks, vs)
             ok &= ((outs[7].float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
             ok &= not bool(fp8_quant.arrival_counts(DEV, batch).any())
-            del graph
+            del replay
         except Exception as e:  # a kernel that does not compile is a failed check
             ok, err = False, repr(e)[:300]
         qb.record(out["checks"], failures, ok, check="decode_fp8_out_bits", pool=pool, error=err)
@@ -148,6 +153,88 @@ def attention_section(failures: list, batch: int = 256, ctx: int = 384) -> dict:
         fp8mod.ATTENTION_QUANT = False
         print("attention quantizing OFF for the engines (a check failed)", flush=True)
     del q, kv16, kv8
+    return out
+
+
+SPLIT_LAUNCH = list(fp8_fused.FP8_LAUNCH)
+"""kernels/fp8_fused.py's table as committed, for the "fp8 before" engine (its split launches)."""
+ONE_CONFIGS = [dict(ROWS=r, BLOCK=b, num_warps=w, ONE=True)
+               for r, b, w in ((4, 512, 4), (2, 1024, 4), (1, 2048, 8), (4, 1024, 8), (8, 512, 4), (1, 1024, 4))]
+
+
+def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336) -> dict:
+    """SwiGLU + FP8 in one launch (kernels/fp8_fused.py, ONE) against the committed split launches at decode's and
+    prefill's row counts, on gate_up as the engine hands it over (unscaled where it defers its scales): every
+    config's bits against the split's and the software-rounding reference, then against the split again over 10
+    replays of a CUDA graph of 8 calls (a missed wait would differ); then µs per call. The fastest config that
+    passed replaces FP8_LAUNCH's entry for its row count where it beats the split."""
+    from kernels import silu_mul as sm
+
+    g = torch.Generator(device=DEV).manual_seed(9)
+    out, rows = {"checks": []}, []
+    jobs = []  # every launch compiled in parallel first
+    for m in ms:
+        x = torch.zeros(m, 2 * inter, device=DEV, dtype=torch.bfloat16)
+        sc = (torch.ones(m, 1, device=DEV), torch.ones(1, 2 * inter, device=DEV)) \
+            if m <= fp8mod.DEFER_MAX_M.get((2 * inter, 4096), m) else None
+        base = next((c for most, c in fp8_fused.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT)
+        jobs += [lambda x=x, sc=sc, c=c: fp8_fused.silu_mul_fp8(x, scales=sc, split=c, warmup=True)
+                 for c in [base] + ONE_CONFIGS]
+    qb.precompile(jobs)
+    for m in ms:
+        scaled = m <= fp8mod.DEFER_MAX_M.get((2 * inter, 4096), m)
+        gus = [(torch.randn(m, 2 * inter, generator=g, device=DEV) * (40 if scaled else 0.4)).to(torch.bfloat16)
+               for _ in range(8)]
+        sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01,
+              torch.rand(1, 2 * inter, generator=g, device=DEV) * 0.01) if scaled else None
+        base = next((c for most, c in fp8_fused.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT)
+        want = fp8_quant.quantize_fp8_rows(sm.silu_mul(gus[0], scales=sc), hw_cvt=False)
+        t = {"split (committed)": qb.graph_ms([lambda x=x: fp8_fused.silu_mul_fp8(x, scales=sc, split=base)
+                                               for x in gus])}
+        best = None
+        for cfg in ONE_CONFIGS:
+            ok = True
+            try:
+                got = fp8_fused.silu_mul_fp8(gus[0], scales=sc, split=cfg)
+                ok = same(got[0], want[0]) and same(got[1], want[1])
+                res = [None] * 8
+
+                def call(i, cfg=cfg, res=res):
+                    res[i] = fp8_fused.silu_mul_fp8(gus[i], scales=sc, split=cfg)
+
+                replay = replayable(lambda: [call(i) for i in range(8)])
+                for rep in range(10):
+                    for x in gus:
+                        x.mul_(-1)
+                    replay()
+                    for i in (0, 3, 7):
+                        ref = fp8_fused.silu_mul_fp8(gus[i], scales=sc, split=base)
+                        ok &= same(res[i][0], ref[0]) and same(res[i][1], ref[1])
+                del replay
+                for name in ("swiglu_sync", "swiglu_amax"):
+                    ok &= not bool(fp8_quant.zeroed(DEV, 1, name).any())
+            except Exception as e:
+                ok = False
+                print(f"swiglu M={m} {cfg}: {e!r}"[:300], flush=True)
+            qb.record(out["checks"], failures, ok, check="swiglu_one_bits", M=m, config=cfg)
+            if not ok:
+                continue
+            key = f"one {cfg['ROWS']}x{cfg['BLOCK']} w{cfg['num_warps']}"
+            t[key] = qb.graph_ms([lambda x=x, cfg=cfg: fp8_fused.silu_mul_fp8(x, scales=sc, split=cfg) for x in gus])
+            if best is None or t[key] < best[1]:
+                best = (cfg, t[key])
+        rows.append(dict(M=m, scaled=scaled, ms=t, best=best))
+        print(f"swiglu_fp8 M={m:<5} " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()), flush=True)
+        if best and best[1] < t["split (committed)"] * 0.97:  # rows 65..1024 (decode), or above 1024 (prefill)
+            lo, hi = (64, 1024) if m <= 1024 else (1024, 1 << 30)
+            table = [e for e in fp8_fused.FP8_LAUNCH if not lo < e[0] <= hi]
+            if not any(e[0] > hi for e in table):  # the rows above keep their launch
+                table.append((1 << 30, next(c for most, c in fp8_fused.FP8_LAUNCH if most > hi)))
+            fp8_fused.FP8_LAUNCH[:] = sorted(table + [(hi, best[0])], key=lambda e: e[0])
+        del gus
+    out["ms"] = rows
+    out["applied"] = list(fp8_fused.FP8_LAUNCH)
+    print(f"FP8_LAUNCH for the engines: {fp8_fused.FP8_LAUNCH}", flush=True)
     return out
 
 
@@ -176,7 +263,8 @@ class Counting:
 
 def engines(start: float, budget: float) -> list[dict]:
     """bf16, FP8 as committed (with this run's switches), FP8 with both changes off: the fixed workload."""
-    committed = (fp8mod.DEFER_MAX_M.get(QKV), fp8mod.ATTENTION_QUANT)
+    committed = (fp8mod.DEFER_MAX_M.get(QKV), fp8mod.ATTENTION_QUANT, list(fp8_fused.FP8_LAUNCH))
+    before = [e for e in SPLIT_LAUNCH if not e[1].get("ONE")] or [(1 << 30, fp8_fused.SPLIT_DEFAULT)]
     rows, cost = [], 22.0
     for label, weights, new in (("bf16", "bf16", True), ("fp8", "fp8", True), ("fp8 before", "fp8", False)):
         if time.time() - start + cost > budget:
@@ -184,6 +272,7 @@ def engines(start: float, budget: float) -> list[dict]:
             continue
         fp8mod.DEFER_MAX_M[QKV] = committed[0] if new else 0
         fp8mod.ATTENTION_QUANT = committed[1] if new else False
+        fp8_fused.FP8_LAUNCH[:] = committed[2] if new else before
         t0 = time.time()
         with Counting() as c:
             got = qb.attempt(lambda: fw.throughput(label, weights, "auto"))
@@ -197,7 +286,7 @@ def engines(start: float, budget: float) -> list[dict]:
             rows.append({"engine": label, "error": repr(got)[:300]})
             print(f"throughput {label}: {got!r}"[:400], flush=True)
             qb.free_gpu()
-    fp8mod.DEFER_MAX_M[QKV], fp8mod.ATTENTION_QUANT = committed
+    fp8mod.DEFER_MAX_M[QKV], fp8mod.ATTENTION_QUANT, fp8_fused.FP8_LAUNCH[:] = committed
     base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
     print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
     for r in rows:
@@ -211,6 +300,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
+    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["swiglu", "none"],
+                    help="optional sections before the engines (the q/k/v and attention checks always run)")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -224,6 +315,12 @@ def main() -> int:
     if isinstance(result["attention"], Exception):
         failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
         fp8mod.ATTENTION_QUANT = False
+    if "swiglu" in args.sections:
+        committed = list(fp8_fused.FP8_LAUNCH)
+        result["swiglu"] = qb.attempt(lambda: swiglu_section(failures))
+        if isinstance(result["swiglu"], Exception):
+            failures.append({"check": "swiglu_section", "error": repr(result["swiglu"])[:300]})
+            fp8_fused.FP8_LAUNCH[:] = [e for e in committed if not e[1].get("ONE")]
     print(f"checks done at {time.time() - start:.0f} s; engines run with DEFER_MAX_M[{QKV}] = "
           f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}", flush=True)
     qb.free_gpu()

@@ -1,7 +1,8 @@
 """The FP8 method's producer kernels: add + RMSNorm (Llama's rounding) and SwiGLU, each ending in FP8 quantization
 per token for the linear layer that reads the result (quantization/fp8.py's norm_fp8 and swiglu_fp8 call these).
 The norm has the arithmetic and bits of kernels/fused_norm.py's add_rms_norm_fp8; SwiGLU + FP8 is the split
-(two-launch) form of kernels/silu_mul.py's silu_mul_fp8, which runs it from here. Two differences that change no
+(two-launch) form of kernels/silu_mul.py's silu_mul_fp8, which runs it from here, or the one-launch form whose
+tiles of a row wait for each other's amax (GPU only; bench/fp8_step.py checks it there). Two differences that change no
 bit: every launch takes PDL (kernels/pdl.py; SwiGLU's second launch follows its first), and with HW_CVT
 (kernels/fp8_quant.py) the e4m3 rounding is the hardware's conversion (cvt.rn.satfinite) instead of ~15 float32
 integer ops per element.
@@ -97,32 +98,91 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
 
 
 @triton.jit
+def _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED: tl.constexpr):
+    """A [ROWS, BLOCK] tile of silu(gate) * up in the 16-bit dtype, rounded as torch rounds it (kernels/silu_mul.py's
+    _silu_mul_block arithmetic); with SCALED gate_up is an FP8 GEMM's output before its row and column scales,
+    applied and rounded as the GEMM would have. The column scales are read once per tile, not once per row."""
+    mask = r_ok[:, None] & c_ok[None, :]
+    src = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_in + offs[None, :]
+    dt = gate_up_ptr.dtype.element_ty
+    g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        rs = tl.load(rs_ptr + rows, mask=r_ok, other=0.0)[:, None]
+        g = (g * rs * tl.load(col_ptr + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
+        u = (u * rs * tl.load(col_ptr + inter + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # torch rounds silu(g) before the product
+    return (act * u).to(dt)
+
+
+@triton.jit
 def _silu_mul_amax_kernel(
     gate_up_ptr, y_ptr, part_ptr, rs_ptr, col_ptr, t, inter, nblk, stride_in,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Split SwiGLU + FP8, first launch: a [ROWS, BLOCK] tile of silu(gate) * up in the 16-bit dtype, rounded as
-    torch rounds it (kernels/silu_mul.py's _silu_mul_block arithmetic), to y, and each row's amax over the tile to
-    part[row, block]. The column scales are read once per tile, not once per row."""
+    """Split SwiGLU + FP8, first launch: a [ROWS, BLOCK] tile of _swiglu_tile to y, and each row's amax over the
+    tile to part[row, block]."""
     pdl.enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     r_ok, c_ok = rows < t, offs < inter
-    mask = r_ok[:, None] & c_ok[None, :]
+    y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED)
     rows64 = rows.to(tl.int64)
-    src = gate_up_ptr + rows64[:, None] * stride_in + offs[None, :]
-    dt = gate_up_ptr.dtype.element_ty
-    g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
-    if SCALED:  # an FP8 GEMM's output before its scales: applied and rounded as the GEMM would have
-        rs = tl.load(rs_ptr + rows, mask=r_ok, other=0.0)[:, None]
-        g = (g * rs * tl.load(col_ptr + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
-        u = (u * rs * tl.load(col_ptr + inter + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # torch rounds silu(g) before the product
-    y = (act * u).to(dt)
-    tl.store(y_ptr + rows64[:, None] * inter + offs[None, :], y, mask=mask)
+    tl.store(y_ptr + rows64[:, None] * inter + offs[None, :], y, mask=r_ok[:, None] & c_ok[None, :])
     tl.store(part_ptr + rows64 * nblk + blk, tl.max(tl.abs(y.to(tl.float32)), axis=1), mask=r_ok)
+
+
+@triton.jit
+def _silu_mul_fp8_one_kernel(
+    gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, sync_ptr, amax_ptr, t, inter, nblk, ngroups, stride_in, ub,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """SwiGLU + FP8 in one launch: each program takes the next tile by ticket (sync[0]; tiles in row-group order),
+    computes it in registers, adds its rows' amaxes (int32 bits of non-negative floats: atomic max) and counts
+    itself in to its row group (sync[2 + group]), waits until the group's nblk tiles are all in, and quantizes its
+    tile by the rows' scales. Tickets make the wait safe: every tile before the last claimed one belongs to a
+    running program, so a group waits only on programs that started or can start (a group is nblk << the GPU's
+    slots). The last of a group to leave (sync[2 + ngroups + group]) zeroes its counts and amaxes, the last of
+    the launch (sync[1]) the ticket: the buffers are zero again for the next launch (a CUDA graph replays it).
+    GPU only: the interpreter runs programs one after another, so a group of more than one tile would wait forever
+    (silu_mul_fp8 runs the split launches there)."""
+    pdl.enter(PDL)
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    group = ticket // nblk
+    blk = ticket % nblk
+    rows = group * ROWS + tl.arange(0, ROWS)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    r_ok, c_ok = rows < t, offs < inter
+    y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
+    tile_max = tl.max(tl.abs(y), axis=1)
+    zero = tl.zeros([ROWS], dtype=tl.int32)
+    tl.atomic_max(amax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=r_ok, sem="relaxed")
+    tl.debug_barrier()
+    arrived = sync_ptr + 2 + group
+    tl.atomic_add(arrived, 1, sem="release")
+    n = tl.atomic_add(arrived, 0, sem="acquire")
+    spins = 0
+    while (n < nblk) & (spins < 1_000_000):  # bounded: a fault can cost a wrong tile, never a hung GPU
+        n = tl.atomic_add(arrived, 0, sem="acquire")
+        spins += 1
+    amax = tl.atomic_max(amax_ptr + rows, zero, mask=r_ok, sem="acquire").to(tl.float32, bitcast=True)
+    scale = row_scale(amax, ub, HAS_UB)
+    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
+    rows64 = rows.to(tl.int64)
+    tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & c_ok[None, :])
+    if blk == 0:
+        tl.store(s_ptr + rows, scale, mask=r_ok)
+    tl.debug_barrier()
+    if tl.atomic_add(sync_ptr + 2 + ngroups + group, 1, sem="acq_rel") == nblk - 1:
+        tl.atomic_xchg(amax_ptr + rows, zero, mask=r_ok, sem="relaxed")
+        tl.atomic_xchg(arrived, 0, sem="relaxed")
+        tl.atomic_xchg(sync_ptr + 2 + ngroups + group, 0, sem="relaxed")
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == ngroups * nblk - 1:
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
 
 
 @triton.jit
@@ -180,12 +240,12 @@ SPLIT_DEFAULT = {"ROWS": 4, "BLOCK": 512, "num_warps": 4}
 
 def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, split: dict | None = None,
                  hw_cvt: bool | None = None, warmup: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """SwiGLU + FP8 per token in two launches, bit for bit quantize_fp8_rows(silu_mul(gate_up, scales), ub=ub):
-    SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch. One
+    """SwiGLU + FP8 per token, bit for bit quantize_fp8_rows(silu_mul(gate_up, scales), ub=ub), in two launches:
+    SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch (one
     program per row would leave most SMs idle at decode's row counts; the split pays a write and read of the
-    16-bit result (L2-resident at decode sizes). `split`: the
-    launch config (default FP8_LAUNCH's entry for the row count, if split); `hw_cvt` as
-    add_rms_norm_fp8's."""
+    16-bit result); or, with "ONE" in the config, in one launch whose tiles wait for their rows' amax
+    (_silu_mul_fp8_one_kernel; on CUDA, or where a row group is one tile). `split`: the launch config (default
+    FP8_LAUNCH's entry for the row count); `hw_cvt` as add_rms_norm_fp8's."""
     check_gate_up(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
     q = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
@@ -197,16 +257,29 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     rows, block, warps = cfg["ROWS"], cfg["BLOCK"], cfg.get("num_warps", 4)
     rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
     nblk = triton.cdiv(inter, block)
+    hw = (fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt
+    rs, cs = scales if scales is not None else (s, s)
+    if cfg.get("ONE") and (gate_up.is_cuda or nblk == 1):  # the interpreter would wait forever on a group's tiles
+        groups = triton.cdiv(t, rows)
+        args = (gate_up, q, s, rs, cs, fp8_quant.zeroed(gate_up.device, 2 + 2 * groups, "swiglu_sync"),
+                fp8_quant.zeroed(gate_up.device, t, "swiglu_amax"), t, inter, nblk, groups, gate_up.stride(0),
+                float(ub) if ub is not None else 0.0)
+        consts = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, HAS_UB=ub is not None, HW_CVT=hw,
+                      num_warps=warps, **pdl.args(gate_up))
+        if warmup:
+            _silu_mul_fp8_one_kernel.warmup(*args, grid=(groups * nblk,), **consts)
+        else:
+            _silu_mul_fp8_one_kernel[(groups * nblk,)](*args, **consts)
+        return q, s
     y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     part = torch.empty((t, nblk), dtype=torch.float32, device=gate_up.device)
-    rs, cs = scales if scales is not None else (s, s)
     grid1 = (triton.cdiv(t, rows), nblk)
     grid2 = (triton.cdiv(t, rows2), triton.cdiv(inter, block2))
     a1 = (gate_up, y, part, rs, cs, t, inter, nblk, gate_up.stride(0))
     c1 = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, num_warps=warps, **pdl.args(gate_up))
     a2 = (y, part, q, s, t, inter, nblk, float(ub) if ub is not None else 0.0)
     c2 = dict(ROWS=rows2, BLOCK=block2, NBLK=max(2, triton.next_power_of_2(nblk)), HAS_UB=ub is not None,
-              HW_CVT=(fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt, num_warps=warps2,
+              HW_CVT=hw, num_warps=warps2,
               **pdl.args(gate_up))
     if warmup:
         _silu_mul_amax_kernel.warmup(*a1, grid=grid1, **c1)

@@ -61,17 +61,24 @@ def quantize_row_when_last(src_row_ptr, q_row_ptr, s_ptr, count_ptr, width, arri
         tl.atomic_xchg(count_ptr, 0, sem="relaxed")
 
 
-_COUNTS: dict = {}
+_ZEROED: dict = {}
+
+
+def zeroed(device: torch.device, n: int, name: str) -> torch.Tensor:
+    """int32 zeros [>= n] on the device, one buffer per `name`, for kernels that count or combine across their
+    programs and leave it zero again at their end (quantize_row_when_last; kernels/fp8_fused.py's one-launch
+    SwiGLU). A larger request allocates a new buffer and keeps the old one alive: a captured CUDA graph may still
+    use it."""
+    have = _ZEROED.get((device, name))
+    if have is None or have[-1].numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _ZEROED[(device, name)] = (have or []) + [buf]
+    return _ZEROED[(device, name)][-1]
 
 
 def arrival_counts(device: torch.device, n: int) -> torch.Tensor:
-    """int32 zeros [>= n] on the device for quantize_row_when_last (each launch leaves them zero again). A larger
-    request allocates a new buffer and keeps the old one alive: a captured CUDA graph may still use it."""
-    have = _COUNTS.get(device)
-    if have is None or have[-1].numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTS[device] = (have or []) + [buf]
-    return _COUNTS[device][-1]
+    """quantize_row_when_last's counts for the decode attention kernel (kernels/paged_decode.py)."""
+    return zeroed(device, n, "decode_rows")
 
 
 @triton.jit
