@@ -21,8 +21,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    says), early / noearly (pdl.EARLY: each kernel lets the next launch before its own wait), g3 (the M = 1
    configs as committed), g4 (gemv4: the sweep's best per shape), preN / dN (gemv4's L2_PRE / L2_DIST),
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
-   FUSE_SWIGLU; and the norms as their own launches), nonorm (the residual add + RMSNorm after o and down as
-   their own launches, not in those GEMVs' epilogues: int4.py's FUSE_NORM), norace (temperature-1 sampling by
+   FUSE_SWIGLU; and the norms as their own launches), norm (the residual add + RMSNorm after o and down in
+   those GEMVs' epilogues, not their own launches: int4.py's FUSE_NORM, off by default), norace (temperature-1 sampling by
    the sampler's torch ops, not kernels/greedy.py's sample_race: services/engine/sampler.py's RACE), minsplitN
    (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT = N while the graphs are captured), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
    time outside kernels; with PDL a kernel launched early counts its wait). Each: batch-1 decode ms/token
@@ -961,7 +961,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         pdl.ENABLED = "pdl" in tags or (DEFAULTS["pdl"] and "nopdl" not in tags)
         pdl.EARLY = "early" in tags or (DEFAULTS["early"] and "noearly" not in tags)
         int4.FUSE_SWIGLU = "unfused" not in tags
-        int4.FUSE_NORM = "nonorm" not in tags and "unfused" not in tags
+        int4.FUSE_NORM = "norm" in tags
         sampler_mod.RACE = "norace" not in tags
         paged_decode_mod.MIN_TOKENS_PER_SPLIT = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
@@ -1011,7 +1011,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             q.free_gpu()
         pdl.ENABLED, pdl.EARLY = DEFAULTS["pdl"], DEFAULTS["early"]
         int4.FUSE_SWIGLU = True
-        int4.FUSE_NORM = True
+        int4.FUSE_NORM = False
         sampler_mod.RACE = True
         paged_decode_mod.MIN_TOKENS_PER_SPLIT = MIN_SPLIT
         w4.TUNED.clear()
