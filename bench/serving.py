@@ -558,6 +558,12 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    import logging
+
+    # The in-process engine's start, step by step (weights, KV pool, graphs, ready), on this process's clock:
+    # where the bench's start-up goes (the stack's engine does the same work at the same time).
+    logging.basicConfig(format="[%(relativeCreated)6.0f ms] %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("folio.engine").setLevel(logging.INFO)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import NotFound
@@ -116,6 +117,22 @@ async def _guarded(fn, *args) -> Response:
         return from_exception(e)
 
 
+def _generation_route(model: type[BaseModel], create):
+    """A plain Starlette endpoint for a generation request: the body parsed and validated by pydantic in
+    one call (`model_validate_json`), then `create(body, request)`. FastAPI's own route machinery (its
+    dependency solving and body handling) cost ~0.1-0.15 ms more of every request's way to the engine on
+    the CPU machine (docs/router.md); the errors are the same 400s (`from_validation_error`)."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            body = model.model_validate_json(await request.body())
+        except ValidationError as e:
+            return from_validation_error(RequestValidationError(e.errors()))
+        return await _guarded(create, body, request)
+
+    return endpoint
+
+
 def _version() -> dict:
     from importlib.metadata import PackageNotFoundError, version as dist_version
 
@@ -135,13 +152,8 @@ def build_app(core: RouterCore, api_key: str | None = None, metrics: RouterMetri
     completions = Completions(core, metrics, request_timeout_s)
     chat = ChatCompletions(core, metrics, request_timeout_s, tool_call_parser)
 
-    @app.post("/v1/completions")
-    async def create_completion(body: CompletionRequest, raw: Request):
-        return await _guarded(completions.create, body, raw)
-
-    @app.post("/v1/chat/completions")
-    async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
-        return await _guarded(chat.create, body, raw)
+    app.router.add_route("/v1/completions", _generation_route(CompletionRequest, completions.create), ["POST"])
+    app.router.add_route("/v1/chat/completions", _generation_route(ChatCompletionRequest, chat.create), ["POST"])
 
     tokenize = Tokenize(core)
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from services.common.errors import InvalidArgument
 from services.common.sampling_params import SamplingParams
@@ -19,7 +19,7 @@ from services.router.metrics import RouterMetrics
 from services.router.openai.errors import from_exception
 from services.router.openai.logprobs import chat_logprobs
 from services.router.openai.protocol import ChatCompletionRequest
-from services.router.openai.run import Run, cancel_on_disconnect
+from services.router.openai.run import EventStream, Run, cancel_on_disconnect
 from services.router.openai.serving import Collected, sampling_params, sse, stop_reason, usage
 from services.router.openai.structured import structured_outputs
 from services.router.openai.tool_parsers import PARSERS
@@ -38,8 +38,7 @@ class ChatCompletions:
         job = await self._prepare(req)
         run = Run(self.core, self.metrics, [job.input(self.request_timeout_s)])
         if req.stream:
-            await cancel_on_disconnect(raw, run.started(), run)
-            return StreamingResponse(job.events(run), media_type="text/event-stream")
+            return EventStream(run, job.events(run))
         collected = await cancel_on_disconnect(raw, Collected.of(run, job.params.n, 1), run)
         return JSONResponse(await job.body(collected))
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from services.common.errors import InvalidArgument
 from services.common.sampling_params import SamplingParams
@@ -20,7 +20,7 @@ from services.router.metrics import RouterMetrics
 from services.router.openai.errors import from_exception
 from services.router.openai.logprobs import completion_logprobs
 from services.router.openai.protocol import CompletionRequest
-from services.router.openai.run import Run, cancel_on_disconnect
+from services.router.openai.run import EventStream, Run, cancel_on_disconnect
 from services.router.openai.serving import Collected, sampling_params, sse, stop_reason, usage
 
 
@@ -35,8 +35,7 @@ class Completions:
         run = Run(self.core, self.metrics, job.inputs(self.request_timeout_s))
         if req.stream:
             job.stamps = raw.scope.get("folio.stamps")  # with the timing header (app.py: TIMING_HEADER)
-            await cancel_on_disconnect(raw, run.started(), run)
-            return StreamingResponse(job.events(run), media_type="text/event-stream")
+            return EventStream(run, job.events(run))
         collected = await cancel_on_disconnect(raw, Collected.of(run, job.params.n, len(job.encoded)), run)
         return JSONResponse(await job.body(collected))
 
