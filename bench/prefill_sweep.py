@@ -112,7 +112,7 @@ def _name(c: dict | None) -> str:
 # ping-pong and a dynamic queue reached 93.9% on 8 x 2048 and 108% at 8192; 64-key tiles with the static walk 82.7% on
 # 32 x 512; the table now picks those for fresh prompts. Round 9 times the table as the engine launches it against
 # the Triton picks it replaced, on every shape (the prefix ones keep BASE), and two 32 x 512 neighbours.
-# Session 7, round 1: the last key tile of an item computed only as wide as its keys (NARROW_TAIL: 1 = half of BLOCK_N,
+# Session 7, rounds 1-2: the last key tile of an item computed only as wide as its keys (NARROW_TAIL: 1 = half of BLOCK_N,
 # 2 = also a quarter; 32 x 512 with 128-key tiles computed 5,120 keys per 4,096 the rows see, with 64-key tiles
 # 4,608; narrowed, 4,096 both), with NARROW_LOAD that tile also loaded only as wide (less L2 -> SM traffic), Q_REGS
 # (q in registers, its one buffer loading the next item's q under the whole item), AHEAD (the next item's ticket
@@ -126,22 +126,20 @@ VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(**_FA3, s=3),  # the table's < 1024 pick, explicitly
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),  # its >= 1024 pick
-    _cfg(**_FA3, s=3, narrow=1),  # the < 1024 pick, the diagonal tile at half width where it fits
-    _cfg(**_FA3, s=3, narrow=1, nload=True),  # ... and loaded at half width (less L2 -> SM traffic)
+    # Round 1: 64-key tiles narrowed (static walk, two q buffers) computed wrong values (and faulted on the mixed
+    # batch), 128-key ones (dynamic, one q buffer) were right on four head layouts: which difference is it?
+    _cfg(**_FA3, s=3, dyn=True, narrow=1),
+    _cfg(**_FA3, s=3, qbufs=1, narrow=1),
     _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2),  # 128-key tiles, the last one at a half or a quarter
-    _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True),
-    _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True, qregs=True),  # q in registers: its buffer free at once
-    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),  # the >= 1024 pick, narrowed
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2),  # the >= 1024 pick, narrowed
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),  # ... loaded narrow (less L2 -> SM traffic)
+    # ... the next ticket taken early, q in registers
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True),
-    _cfg(**_FA3, n=128, s=2, narrow=2, nload=True),  # two q buffers (the next item's q early), two stages
-    _cfg(**_FA3, s=3, narrow=1, nload=True, tstore=True),  # the output through shared memory and TMA
-    _cfg(**_FA3, n=128, s=2, narrow=2, nload=True, qregs=True, tstore=True),
+    _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True, qregs=True),  # static walk
+    _cfg(**_FA3, n=128, s=2, dyn=True, ahead=True, narrow=2, nload=True, qregs=True, tstore=True),  # TMA store
     dict(_cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True), AGAIN=True),  # drift
 ]
-LAYOUT_CONFIGS = [_cfg(**_FA3, s=3),
-                  _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),
-                  _cfg(**_FA3, s=3, narrow=1, nload=True, tstore=True),
-                  _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True)]
+LAYOUT_CONFIGS = [_cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True)]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
 WIDE = [None]  # + Gluon: fresh only
 
@@ -280,8 +278,8 @@ def check_mixed(dev: torch.device) -> dict:
     for cfg in [c for c in VARIANTS if c is not None] + picks:
         name = _name({k: x for k, x in cfg.items() if k != "table"}) + (" (table)" if cfg.get("table") else "")
         if _name({k: x for k, x in cfg.items() if k != "table"}) in CRASHED:
-            results[name] = dict(error="the compiler crashed in precompile", ok=False)
-            print(f"  mixed batch: {name} skipped (compiler crash)")
+            results[name] = dict(error="crashed, hung or failed in its precompile worker", ok=False)
+            print(f"  mixed batch: {name} skipped (failed in its precompile worker)")
             continue
         try:
             errs, ok = [], True
@@ -355,6 +353,8 @@ def check_layouts(pool_results: dict | None, dev: torch.device) -> dict:
             name = f"{'default config, mixed' if cfg is None else _name(cfg) + ', fresh'} batch, " \
                    f"{str(dtype).split('.')[-1]} group {group} d {d}"
             got = (pool_results or {}).get(name)
+            if got is None and cfg is not None and _name(cfg) in CRASHED:
+                got = "FAILED in its precompile worker (not run here)"
             results[name] = got if got is not None else _layout_check(dtype, group, d, cfg, SMOKE)
             print(f"  {name}: {results[name]}")
     return results
@@ -386,13 +386,36 @@ def _warm(cfg: dict, smoke: bool = False) -> str | None:
                 run_kernel(problem, cfg, plain=True)()
         if not smoke:
             torch.cuda.synchronize()
+        if cfg.get("GLUON"):
+            return _gate(cfg, dev)
     except Exception as e:  # reported again, with its name, by the timed process
         return f"{_name(cfg)}: {type(e).__name__}: {str(e)[:160]}"
     return None
 
 
-PRECOMPILE_DEADLINE_S = 45  # a hung build (a barrier never signalled) costs this much of the run
-CRASHED: set[str] = set()  # variants whose compile killed its process: never run in this one
+def _gate(cfg: dict, dev: torch.device) -> str | None:
+    """Worker: a Gluon config on check_mixed's fresh batches (plain and HEAVY_FIRST mappings) against the torch
+    reference, before the timed process runs it: a config that computes wrong values or faults (an illegal address
+    poisons the process's CUDA context, and every launch after it fails: round 1 of session 7) is excluded there."""
+    from paged_cases import make_batch
+
+    fresh = FRESH_STEPS if not SMOKE else [(40, 40), (9, 9), (1, 1)]
+    even_fresh = EVEN_FRESH_STEPS if not SMOKE else [(32, 32), (30, 30), (17, 17)]
+    for st in (fresh, even_fresh):
+        b = make_batch([s for s, _ in st], [q for _, q in st], HQ, HKV, D, BLOCK, DTYPE, dev, num_padding_tokens=5)
+        n = int(b.query_start_loc[-1])
+        ref = paged_prefill_ref(b.q[:n], b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5)
+        out = torch.full_like(b.q, float("nan"))
+        paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, D ** -0.5, out=out,
+                      config=cfg, k=b.k, v=b.v, has_prefix=False, max_query_len=max(q for _, q in st))
+        err = (out[:n].float() - ref.float()).abs().max().item()
+        if not err <= 2e-2 or not bool(out[n:].isnan().all()):
+            return f"{_name(cfg)}: wrong on the fresh batch {st[0]}...: max abs error {err:.3g}"
+    return None
+
+
+PRECOMPILE_DEADLINE_S = 50  # a hung build (a barrier never signalled) costs this much of the run
+CRASHED: set[str] = set()  # variants that crashed, hung or failed in a worker: never run in the timed process
 
 
 def precompile(jobs: int) -> None:
@@ -413,7 +436,9 @@ def precompile(jobs: int) -> None:
     for isolated in (False, True):
         if not pending:
             break
-        pools = [ProcessPoolExecutor(1 if isolated else jobs, mp_context=ctx) for _ in (pending if isolated else [0])]
+        # One process per job: a job that faults poisons its process's CUDA context for every later job there.
+        pools = [ProcessPoolExecutor(1 if isolated else jobs, mp_context=ctx, max_tasks_per_child=1)
+                 for _ in (pending if isolated else [0])]
         futures = [(c, pools[i if isolated else 0].submit(_warm, c, SMOKE)) for i, c in enumerate(pending)]
         layout_futures = []
         if not isolated:  # the layout checks, each its own compile, in the same pool after the variants
@@ -427,8 +452,9 @@ def precompile(jobs: int) -> None:
         for c, f in futures:
             try:
                 err = f.result(timeout=max(1.0, t0 + PRECOMPILE_DEADLINE_S - time.time()))
-                if err:
-                    print(f"  precompile: {err}")
+                if err:  # wrong, or failed to run: never launched in the timed process
+                    CRASHED.add(_name(c))
+                    print(f"  precompile: {err}; skipped")
             except BrokenProcessPool:
                 if isolated:
                     CRASHED.add(_name(c))
