@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -213,6 +214,16 @@ class _HttpServer:
                 self.task.cancel()
 
 
+def warm_then_freeze() -> None:
+    """Warm structured outputs, then move every object alive by then (the modules: grpc, pydantic, torch,
+    xgrammar: ~200k objects) out of the cyclic collector's reach (`gc.freeze`). Otherwise each full
+    collection walks them all while serving: ~110-170 ms on the CPU machine, and requests in flight
+    wait for it (H200 round 1 of the HTTP front door: a few first tokens +43-53 ms; docs/router.md)."""
+    warm_structured_outputs()
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(c: RouterConfig) -> None:
     import redis.asyncio as aioredis
 
@@ -229,7 +240,7 @@ async def serve(c: RouterConfig) -> None:
     metrics = RouterMetrics(core)
     # Validating a constraint imports xgrammar (and torch, ~2.5 s of CPU): do it now on a thread, not on
     # the event loop when the first structured request arrives.
-    threading.Thread(target=warm_structured_outputs, name="folio-warm-xgrammar", daemon=True).start()
+    threading.Thread(target=warm_then_freeze, name="folio-warm-xgrammar", daemon=True).start()
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None
     await core.start()
