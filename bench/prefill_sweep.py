@@ -136,7 +136,8 @@ VARIANTS = [
     # ... the next ticket taken early, q in registers
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True),
     _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True, qregs=True),  # static walk
-    _cfg(**_FA3, n=128, s=2, dyn=True, ahead=True, narrow=2, nload=True, qregs=True, tstore=True),  # TMA store
+    # the output through shared memory and TMA (its 32 KB: two stages)
+    _cfg(**_FA3, n=128, s=2, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True, tstore=True),
     dict(_cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True), AGAIN=True),  # drift
 ]
 LAYOUT_CONFIGS = [_cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True)]

@@ -70,9 +70,7 @@ GLUON_CONFIGS = [
     # each program takes its next work item from a global counter (the producer names it to the consumers)
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, DYNAMIC=True, HEAVY_FIRST=True),
-    # an item's last key tile only as wide as its keys: half (64-key tiles), half or quarter (128-key tiles)
-    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
-         PERSISTENT=1, HEAVY_FIRST=True, NARROW_TAIL=1),
+    # an item's last key tile only as wide as its keys (a half or a quarter of a 128-key tile)
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, HEAVY_FIRST=True, NARROW_TAIL=2),
     # ... and that tile loaded only as wide (quarter boxes)
@@ -83,8 +81,8 @@ GLUON_CONFIGS = [
          PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, AHEAD=True, HEAVY_FIRST=True, NARROW_TAIL=2, NARROW_LOAD=True,
          Q_REGS=True),
     # whole items' output through a staging buffer per consumer and TMA (partial ones by plain stores)
-    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
-         PERSISTENT=1, HEAVY_FIRST=True, NARROW_TAIL=1, TMA_STORE=True),
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
+         PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, HEAVY_FIRST=True, NARROW_TAIL=2, Q_REGS=True, TMA_STORE=True),
 ]
 
 
