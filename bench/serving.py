@@ -21,8 +21,9 @@ stream per engine message), so the in-process detokenizer's effect shows in the 
 private directory, for unix sockets), and `--env-variant NAME=K=V,...` with extra environment for every
 service (e.g. 'ee=GRPC_EXPERIMENTS=': gRPC's own defaults) (the in-process runs of the first serve them all);
 `--max-mixed-graph-tokens N` caps both paths' mixed-step CUDA graphs and `--max-num-seqs N` their decode-step
-graphs, for a shorter start; `--http` drives each stack through its OpenAI-compatible HTTP API too, in every run
-(rows NAME/http, either API first in turn), with the same hop stamps (header x-folio-timing, docs/http.md);
+graphs, for a shorter start; `--apis grpc http` drives each stack through its OpenAI-compatible HTTP API too (or
+`--apis http` through it alone), in every run (rows NAME/http, either API first in turn), with the same hop
+stamps (header x-folio-timing, docs/http.md);
 `--debug-gil-busy-ms` makes every engine step (both paths) hold the GIL first, as a GPU engine's kernel
 launches do, to reproduce on a CPU what the stack's threads pay for it.
 
@@ -541,10 +542,10 @@ def main() -> None:
                          "(gRPC's own defaults instead of services/common/grpc_env.py's) (repeatable)")
     ap.add_argument("--max-mixed-graph-tokens", type=int, default=None,
                     help="the engines' (both paths') largest mixed-step CUDA graph: fewer graphs, a shorter start")
-    ap.add_argument("--http", action="store_true",
-                    help="also drive each stack through the router's OpenAI-compatible HTTP API (streamed "
-                         "/v1/completions over keep-alive connections) in every run, beside its gRPC API: rows "
-                         "named NAME/http")
+    ap.add_argument("--apis", nargs="+", choices=["grpc", "http"], default=["grpc"],
+                    help="drive each stack through these of its APIs in every run (either first in turn): grpc, "
+                         "http (the OpenAI-compatible API, streamed /v1/completions over keep-alive connections: "
+                         "rows named NAME/http)")
     ap.add_argument("--max-num-seqs", type=int, default=256,
                     help="the engines' (both paths') max_num_seqs: fewer decode-step graphs, a shorter start")
     ap.add_argument("--debug-gil-busy-ms", type=float, default=0.0,
@@ -587,7 +588,7 @@ def main() -> None:
         name, _, pairs = spec.partition("=")
         specs[name] = (detok, [], [], dict(p.split("=", 1) for p in pairs.split(",") if p))
     variants = list(specs)
-    apis = ["grpc", "http"] if args.http else ["grpc"]
+    apis = list(dict.fromkeys(args.apis))
 
     def row(v: str, api: str) -> str:  # a result row: a variant's stack driven through one API
         return v if api == "grpc" else f"{v}/http"
@@ -618,7 +619,7 @@ def main() -> None:
                 continue
             t_variant = time.perf_counter()
             try:
-                stack = start_stack(args, model_dir, *specs[v], http=args.http)
+                stack = start_stack(args, model_dir, *specs[v], http="http" in apis)
                 print(f"[{v}] stack up in {time.perf_counter() - t_variant:.1f} s", flush=True)
             except Exception as e:  # noqa: BLE001 - a variant that cannot start must not lose the others' results
                 if v == variants[0]:
