@@ -133,8 +133,8 @@ VARIANTS = [
     _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2),  # 128-key tiles, the last one at a half or a quarter
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2),  # the >= 1024 pick, narrowed
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),  # ... loaded narrow (less L2 -> SM traffic)
-    # ... the next ticket taken early, q in registers
-    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True),
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True),  # ... the next ticket early
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True),  # ... q in registers
     _cfg(**_FA3, n=128, s=3, qbufs=1, narrow=2, nload=True, qregs=True),  # static walk
     # the output through shared memory and TMA (its 32 KB: two stages)
     _cfg(**_FA3, n=128, s=2, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True, tstore=True),
