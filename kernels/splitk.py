@@ -26,7 +26,7 @@ def splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_pt
     cnt [tiles] int32; the last of the split_k programs of the tile reads the sums back (an atomic add of zero, so it
     reads what the others added at L2), writes out and zeroes the workspace and counter. Otherwise out is a
     [split_k, M, N] float32 buffer of partials the caller sums. Returns whether this program wrote the tile's
-    final values to out (a GEMV's epilogue may go on from there: kernels/fused_norm.py's `gemv_norm_tail`)."""
+    final values to out (a GEMV's epilogue may go on from there: kernels/fused_norm.py's `norm_tile`)."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     rows = offs_m[:, None].to(tl.int64)
     if not SPLIT:
@@ -60,7 +60,7 @@ def reserve(device: torch.device, elements: int) -> None:
     Called at load for every layer, before any graph is captured."""
     device = torch.device(device)
     have = _WORKSPACES.get(device)
-    if have is not None and have[0].numel() >= elements:
+    if have is not None and have[0].numel() - 1 >= elements:  # (the last slot is `norm_sum`)
         return
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"split-K workspace on {device} needs {elements} floats, holds "
@@ -68,7 +68,7 @@ def reserve(device: torch.device, elements: int) -> None:
     if have is not None:
         _RETIRED.append(have)
     n = max(elements, 1 << 16)
-    _WORKSPACES[device] = (torch.zeros(n, dtype=torch.float32, device=device),
+    _WORKSPACES[device] = (torch.zeros(n + 1, dtype=torch.float32, device=device),  # the last: `norm_sum`
                            torch.zeros(n + 1, dtype=torch.int32, device=device))  # the last: `grid_counter`
 
 
@@ -80,10 +80,17 @@ def workspace(device: torch.device, elements: int) -> tuple[torch.Tensor, torch.
 
 def grid_counter(device: torch.device) -> torch.Tensor:
     """[1] int32, zero between launches: a kernel's count of its output tiles done, so that the program finishing
-    the last one can run an epilogue over the whole output (kernels/fused_norm.py's `gemv_norm_tail`). The slot
-    after the tile counters, which no tile reaches (there are at most as many tiles as sums)."""
+    the last one can end the launch's work (kernels/fused_norm.py's `norm_scale_done`). The slot after the tile
+    counters, which no tile reaches (there are at most as many tiles as sums)."""
     counters = workspace(device, 1)[1]
     return counters[counters.numel() - 1:]
+
+
+def norm_sum(device: torch.device) -> torch.Tensor:
+    """[1] float32, zero between a norm's producer and consumer pairs: the sum of squares of a row that one GEMV
+    leaves for the next (kernels/fused_norm.py's `norm_tile` and `norm_scale`). The slot after the sums."""
+    sums = workspace(device, 1)[0]
+    return sums[sums.numel() - 1:]
 
 
 def outputs(x: torch.Tensor, m: int, n: int, split: int, atomic: bool):
@@ -124,4 +131,4 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["splitk_store", "reserve", "workspace", "grid_counter", "outputs", "finish", "split_for", "sm_count"]
+__all__ = ["splitk_store", "reserve", "workspace", "grid_counter", "norm_sum", "outputs", "finish", "split_for", "sm_count"]

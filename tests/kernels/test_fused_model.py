@@ -132,8 +132,9 @@ def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch, cfg):
                                  dict(KERNEL="gemv3", T=8, BLOCK_N=32, num_warps=1, SPLIT_K=2)], ids=["gemv4", "gemv3"])
 def test_w4a16_residual_add_and_norm_in_the_o_and_down_gemvs_at_batch_1(monkeypatch, cfg):
     """A 4-bit Llama decoding one token: o_proj and every down_proj but the last layer's leave their GEMV to the
-    next norm (quantization/int4.py's NormPending), which runs it with the residual add and RMSNorm in the epilogue
-    (gemv4 or gemv3): three such launches in two layers, and logits equal to the unfused Triton path's and the
+    next norm (quantization/base.py's NormPending), which runs it with the residual add and weight * h in the
+    epilogue (gemv4 or gemv3), and the GEMV after the norm (gate/up; the next layer's qkv) scales its sums by the
+    norm's rsqrt: three launches of each kind in two layers, and logits equal to the unfused Triton path's and the
     dequantize-then-matmul reference's."""
     from kernels import w4a16
     from services.engine.model.quantization import int4
@@ -147,7 +148,7 @@ def test_w4a16_residual_add_and_norm_in_the_o_and_down_gemvs_at_batch_1(monkeypa
     real = w4a16.w4a16
 
     def spy(*a, **k):
-        calls.append(k.get("norm") is not None)
+        calls.append("norm" if k.get("norm") is not None else "rstd" if k.get("rstd") is not None else None)
         return real(*a, **k)
 
     monkeypatch.setattr(int4, "w4a16", spy)
@@ -167,6 +168,6 @@ def test_w4a16_residual_add_and_norm_in_the_o_and_down_gemvs_at_batch_1(monkeypa
             max_seq_len=1, query_lens_cpu=[1], seq_lens_cpu=[1])
         calls.clear()
         outs[name] = model.logits(model.forward(torch.tensor([7], device=dev), torch.tensor([0], device=dev), kv, meta))
-        assert calls.count(True) == (3 if fuse else 0)
+        assert (calls.count("norm"), calls.count("rstd")) == ((3, 3) if fuse else (0, 0))
     torch.testing.assert_close(outs["fused"], outs["unfused"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["fused"], outs["reference"], atol=1e-4, rtol=1e-4)

@@ -346,58 +346,101 @@ def test_pack_tc_puts_each_lanes_fragment_in_its_word():
                         assert (word >> (4 * i)) & 0xF == want, (t, c, lane, j, i)
 
 
-def norm_ref(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """float64 from the GEMV's rounded output: h = y + residual rounded to the dtype, w * rms_norm(h) rounded as
-    Llama rounds (normalised, cast, then scaled)."""
+def norm_pair_ref(y, residual, weight, eps, w2):
+    """float64 from the first GEMV's rounded output y: h = y + residual rounded to the dtype; weight * h rounded (what
+    the first GEMV leaves) and sum(h^2); the second GEMV's exact input, Llama's norm output weight * bf16(h * rstd),
+    times w2 [N, N2] (float64)."""
     dt = residual.dtype
-    h = (y.double() + residual.double().cpu()).to(dt).double()
-    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dt).double()
-    return weight.double().cpu() * normed, h
+    h = (y.double().cpu() + residual.double().cpu()).to(dt).double()
+    g = (weight.double().cpu() * h).to(dt).double()
+    ss = h.pow(2).sum()
+    normed = (weight.double().cpu() * (h * torch.rsqrt(ss / h.shape[-1] + eps)).to(dt).double()).to(dt).double()
+    return h, g, ss, normed @ w2
 
 
-@pytest.mark.parametrize("k, n, group, act, dtype, cfg", [
-    (256, 96, 128, False, torch.bfloat16, dict(G4S, BLOCK_N=32, PER_SM=3)),  # strips that cross programs
-    (384, 200, 64, True, torch.float16, dict(G4S, BLOCK_N=64, PER_SM=2, H2=2)),  # act-order, odd strip count
-    (300, 70, 16, True, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=3)),  # odd K and N, groups inside blocks
-    (256, 64, 32, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=1, H2=2)),  # unsplit: every tile last
-    (512, 96, 128, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", T=16, SPLIT_K=4, H2=2)),
-    (256, 48, 128, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=2, ATOMIC=False)),  # not fusable
-    (256, 48, 128, False, torch.bfloat16, dict(GEMV, BLOCK_M=1, SPLIT_K=2)),  # few-row GEMV: add_rms_norm after
+def unpacked_weights(args, k):
+    """The float64 [K, N] matrix of case()'s packed arguments (rows in stored order; no act-order here)."""
+    from kernels.w4a16 import dequantize_int4
+
+    _, qw, scales, zeros, group, _ = args
+    return dequantize_int4(qw.cpu(), scales.cpu(), zeros.cpu(), group, k).double()
+
+
+@pytest.mark.parametrize("k, n, n2, group, act, dtype, cfg, cfg2", [
+    (256, 96, 64, 128, False, torch.bfloat16, dict(G4S, BLOCK_N=32, PER_SM=3),  # strips that cross programs
+     dict(GEMV, KERNEL="gemv3", SPLIT_K=2)),
+    (384, 200, 96, 64, True, torch.float16, dict(G4S, BLOCK_N=64, PER_SM=2, H2=2),  # act-order, odd strip count
+     dict(G4S, BLOCK_N=32, PER_SM=3, H2=2)),
+    (300, 70, 40, 16, True, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=3),  # odd K and N, small groups
+     dict(GEMV, KERNEL="gemv3", SPLIT_K=1)),
+    (256, 128, 96, 32, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=1, H2=2),  # unsplit: every tile
+     dict(GEMV, KERNEL="gemv3", T=16, SPLIT_K=4, H2=2)),
+    (256, 48, 32, 16, False, torch.bfloat16, dict(GEMV, KERNEL="gemv3", SPLIT_K=2, ATOMIC=False),  # torch halves
+     dict(GEMV, BLOCK_M=1, SPLIT_K=2)),
 ])
-def test_w4a16_norm_epilogue_adds_the_residual_and_normalises(k, n, group, act, dtype, cfg):
-    """`norm`: the program finishing the last output tile adds the residual and applies RMSNorm over the whole row
-    (kernels/fused_norm.py's gemv_norm_tail), or add_rms_norm runs after a kernel that cannot. Against float64 from
-    the GEMV's own (rounded) output: the normed row, the residual updated in place, the workspace and the grid
-    counter left at zero; twice in a row (the counter is reused). Under the interpreter the programs run one after
-    another, so this checks the arithmetic and the counting; bench/w4a16.py checks the ordering on the GPU."""
+def test_w4a16_norm_halves_between_two_gemvs(k, n, n2, group, act, dtype, cfg, cfg2):
+    """`norm` on a GEMV and `rstd` on the next: the first leaves weight * (y + residual) with the residual updated
+    and sum(h^2) in splitk.norm_sum (kernels/fused_norm.py's norm_tile in the program writing each tile); the second
+    multiplies its sums by rsqrt(sum / N + eps) and zeroes the sum (norm_scale, norm_scale_done). Against float64
+    from the first GEMV's own rounded output: each half, and the pair against the second GEMV applied to Llama's
+    norm output; the workspace, the sum and the grid counter left at zero; twice in a row. Kernels that cannot do
+    a half in their epilogue (partial-sum split-K, the few-row GEMV) do it by torch ops. Under the interpreter the
+    programs run one after another, so this checks the arithmetic and the counting; bench/w4a16.py checks the
+    ordering on the GPU."""
     from kernels.w4a16 import norm_fusable
 
     args, ref = case(1, k, n, group, act, dtype, seed=7 * k + n)
+    args2, _ = case(1, n, n2, 64, False, dtype, seed=n2)
+    w2 = unpacked_weights(args2, n)
     g = torch.Generator().manual_seed(n)
     weight = (1 + 0.1 * torch.randn(n, generator=g)).to(DEV, dtype)
     y = w4a16(*args, config=dict(cfg))
     close(y, ref, dtype)
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # the interpreter's float32 -> bfloat16 cast truncates
     for rep in range(2):
         residual = torch.randn(1, n, generator=g).to(DEV, dtype)
-        want, h = norm_ref(y, residual, weight, 1e-5)
-        out = w4a16(*args, config=dict(cfg), norm=(residual, weight, 1e-5))
-        assert out.shape == (1, n) and out.dtype == dtype
-        # one unit in the last place: the interpreter's float32 -> bfloat16 cast truncates, the GPU's rounds
-        torch.testing.assert_close(residual.double().cpu(), h, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
-                                   atol=1e-6)
-        torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2)
+        h, g_want, ss, want = norm_pair_ref(y, residual, weight, 1e-5, w2)
+        got_g = w4a16(*args, config=dict(cfg), norm=(residual, weight))
+        torch.testing.assert_close(residual.double().cpu(), h, rtol=ulp, atol=1e-6)
+        torch.testing.assert_close(got_g.double().cpu(), g_want, rtol=2 * ulp, atol=1e-6)
+        got_ss = residual.double().cpu().pow(2).sum().item()  # of the h stored (the rounding as above)
+        assert splitk.norm_sum(torch.device(DEV)).item() == pytest.approx(got_ss, rel=1e-5)
+        assert got_ss == pytest.approx(ss.item(), rel=2 * ulp)
+        out = w4a16(got_g, *args2[1:], config=dict(cfg2), rstd=(n, 1e-5))
+        assert out.shape == (1, n2) and out.dtype == dtype
+        close(out, want, dtype)
+        assert splitk.norm_sum(torch.device(DEV)).item() == 0.0
+        assert not splitk.grid_counter(torch.device(DEV)).any()
         assert_workspace_zero()
     assert norm_fusable(args[0], cfg) == (cfg["KERNEL"] in ("gemv3", "gemv4") and cfg.get("ATOMIC", True))
     assert not norm_fusable(torch.zeros(2, k), cfg)
 
 
+def test_w4a16_rstd_scales_a_gated_projection():
+    """`rstd` on a SwiGLU gate/up GEMV (gemv3 and gemv4): silu(gate * r) * (up * r) for r = rsqrt(sum / N + eps)."""
+    k, inter = 256, 48
+    args, ref = case(1, k, 2 * inter, 128, False, torch.bfloat16, seed=11)
+    sums = splitk.norm_sum(torch.device(DEV))
+    r = 1.0 / (2.0 / k + 1e-5) ** 0.5
+    gu = (ref * r).to(torch.bfloat16).double()
+    want = (gu[:, :inter] * torch.sigmoid(gu[:, :inter])).to(torch.bfloat16).double() * gu[:, inter:]
+    for cfg in (dict(GEMV, KERNEL="gemv3", SPLIT_K=2), dict(G4S, BLOCK_N=32, PER_SM=3)):
+        sums.fill_(2.0)
+        close(w4a16(*args, config=cfg, gated=True, rstd=(k, 1e-5)), want, torch.bfloat16)
+        assert sums.item() == 0.0 and not splitk.grid_counter(torch.device(DEV)).any()
+        assert_workspace_zero()
+
+
 def test_w4a16_norm_refuses_what_it_cannot_do():
-    """`norm` names what is wrong: a gated projection (no residual), a residual of the wrong shape or dtype."""
+    """`norm` names what is wrong: a gated projection or rstd in the same launch, a residual of the wrong shape or
+    dtype."""
     args, _ = case(1, 256, 64, 128, False, torch.bfloat16)
     w = torch.ones(64, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(ValueError, match="gated"):
-        w4a16(*args, norm=(torch.zeros(1, 32, dtype=torch.bfloat16, device=DEV), w[:32], 1e-5), gated=True)
+        w4a16(*args, norm=(torch.zeros(1, 32, dtype=torch.bfloat16, device=DEV), w[:32]), gated=True)
+    with pytest.raises(ValueError, match="rstd"):
+        w4a16(*args, norm=(torch.zeros(1, 64, dtype=torch.bfloat16, device=DEV), w), rstd=(64, 1e-5))
     with pytest.raises(ValueError, match="residual must be"):
-        w4a16(*args, norm=(torch.zeros(1, 63, dtype=torch.bfloat16, device=DEV), w, 1e-5))
+        w4a16(*args, norm=(torch.zeros(1, 63, dtype=torch.bfloat16, device=DEV), w))
     with pytest.raises(ValueError, match="residual must be"):
-        w4a16(*args, norm=(torch.zeros(1, 64, dtype=torch.float32, device=DEV), w, 1e-5))
+        w4a16(*args, norm=(torch.zeros(1, 64, dtype=torch.float32, device=DEV), w))
