@@ -238,6 +238,30 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336) -> dict:
     return out
 
 
+GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def gemm_swap_section(m: int = 256) -> list[dict]:
+    """µs per call of the decode step's FP8 GEMMs as the engine runs them (cuBLAS tensor-wise, x [M, K] times
+    w [N, K]^T) against the same product with the operands swapped (w times x^T: out [N, M]), which cuBLAS tiles
+    differently; four weights in turn (none L2-resident). Time only: a consumer would have to read the transposed
+    output."""
+    g = torch.Generator(device=DEV).manual_seed(4)
+    unit = torch.ones((), device=DEV)
+    rows = []
+    for name, (n, k) in GEMMS.items():
+        ws = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn) for _ in range(4)]
+        x = (torch.randn(m, k, generator=g, device=DEV) * 50).to(torch.float8_e4m3fn)
+        normal = qb.graph_ms([lambda w=w: torch._scaled_mm(x, w.t(), scale_a=unit, scale_b=unit,
+                                                           out_dtype=torch.bfloat16) for w in ws] * 2)
+        swapped = qb.graph_ms([lambda w=w: torch._scaled_mm(w, x.t(), scale_a=unit, scale_b=unit,
+                                                            out_dtype=torch.bfloat16) for w in ws] * 2)
+        rows.append(dict(gemm=name, M=m, N=n, K=k, normal=normal, swapped=swapped))
+        print(f"gemm {name:<7} M={m} tensor-wise {normal * 1e3:.1f}us  swapped {swapped * 1e3:.1f}us", flush=True)
+        del ws, x
+    return rows
+
+
 class Counting:
     """Counts, while engines build and capture, the decode launches that quantize and the scaled rotary launches."""
 
@@ -300,7 +324,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
-    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["swiglu", "none"],
+    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["swiglu", "gemm", "none"],
                     help="optional sections before the engines (the q/k/v and attention checks always run)")
     args = ap.parse_args()
     start = time.time()
@@ -321,6 +345,8 @@ def main() -> int:
         if isinstance(result["swiglu"], Exception):
             failures.append({"check": "swiglu_section", "error": repr(result["swiglu"])[:300]})
             fp8_fused.FP8_LAUNCH[:] = [e for e in committed if not e[1].get("ONE")]
+    if "gemm" in args.sections:
+        result["gemm_swap"] = qb.attempt(gemm_swap_section)
     print(f"checks done at {time.time() - start:.0f} s; engines run with DEFER_MAX_M[{QKV}] = "
           f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}", flush=True)
     qb.free_gpu()

@@ -163,7 +163,7 @@ def _silu_mul_fp8_one_kernel(
     arrived = sync_ptr + 2 + group
     tl.atomic_add(arrived, 1, sem="release")
     n = tl.atomic_add(arrived, 0, sem="acquire")
-    spins = 0
+    spins = n * 0  # an int32 tensor from the start: a loop-carried value keeps its type
     while (n < nblk) & (spins < 1_000_000):  # bounded: a fault can cost a wrong tile, never a hung GPU
         n = tl.atomic_add(arrived, 0, sem="acquire")
         spins += 1
