@@ -157,17 +157,19 @@ def attention_section(failures: list, batch: int = 256, ctx: int = 384) -> dict:
 
 
 SPLIT_LAUNCH = list(fp8_fused.FP8_LAUNCH)
-"""kernels/fp8_fused.py's table as committed, for the "fp8 before" engine (its split launches)."""
+"""kernels/fp8_fused.py's table as committed, for the "fp8 before" engine (as split launches)."""
 ONE_CONFIGS = [dict(ROWS=r, BLOCK=b, num_warps=w, ONE=True)
                for r, b, w in ((4, 512, 4), (2, 1024, 4), (1, 2048, 8), (4, 1024, 8), (8, 512, 4), (1, 1024, 4))]
 
 
-def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336) -> dict:
+def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=None, apply: bool = True) -> dict:
     """SwiGLU + FP8 in one launch (kernels/fp8_fused.py, ONE) against the committed split launches at decode's and
     prefill's row counts, on gate_up as the engine hands it over (unscaled where it defers its scales): every
     config's bits against the split's and the software-rounding reference, then against the split again over 10
-    replays of a CUDA graph of 8 calls (a missed wait would differ); then µs per call. The fastest config that
-    passed replaces FP8_LAUNCH's entry for its row count where it beats the split."""
+    replays of a CUDA graph of 8 calls (a missed wait would differ); then µs per call. With `apply`, the fastest
+    config that passed replaces FP8_LAUNCH's entry for its row count (up to 1,024 rows, or above) where it beats
+    the split by 3%. `configs`: ONE_CONFIGS by default."""
+    configs = ONE_CONFIGS if configs is None else configs
     from kernels import silu_mul as sm
 
     g = torch.Generator(device=DEV).manual_seed(9)
@@ -178,8 +180,9 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336) -> dict:
         sc = (torch.ones(m, 1, device=DEV), torch.ones(1, 2 * inter, device=DEV)) \
             if m <= fp8mod.DEFER_MAX_M.get((2 * inter, 4096), m) else None
         base = next((c for most, c in fp8_fused.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT)
+        base = dict(base, ONE=False)
         jobs += [lambda x=x, sc=sc, c=c: fp8_fused.silu_mul_fp8(x, scales=sc, split=c, warmup=True)
-                 for c in [base] + ONE_CONFIGS]
+                 for c in [base] + configs]
     qb.precompile(jobs)
     for m in ms:
         scaled = m <= fp8mod.DEFER_MAX_M.get((2 * inter, 4096), m)
@@ -187,12 +190,12 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336) -> dict:
                for _ in range(8)]
         sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01,
               torch.rand(1, 2 * inter, generator=g, device=DEV) * 0.01) if scaled else None
-        base = next((c for most, c in fp8_fused.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT)
+        base = dict(next((c for most, c in fp8_fused.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT), ONE=False)
         want = fp8_quant.quantize_fp8_rows(sm.silu_mul(gus[0], scales=sc), hw_cvt=False)
-        t = {"split (committed)": qb.graph_ms([lambda x=x: fp8_fused.silu_mul_fp8(x, scales=sc, split=base)
+        t = {"split": qb.graph_ms([lambda x=x: fp8_fused.silu_mul_fp8(x, scales=sc, split=base)
                                                for x in gus])}
         best = None
-        for cfg in ONE_CONFIGS:
+        for cfg in configs:
             ok = True
             try:
                 got = fp8_fused.silu_mul_fp8(gus[0], scales=sc, split=cfg)
@@ -225,12 +228,10 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336) -> dict:
                 best = (cfg, t[key])
         rows.append(dict(M=m, scaled=scaled, ms=t, best=best))
         print(f"swiglu_fp8 M={m:<5} " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()), flush=True)
-        if best and best[1] < t["split (committed)"] * 0.97:  # rows 65..1024 (decode), or above 1024 (prefill)
-            lo, hi = (64, 1024) if m <= 1024 else (1024, 1 << 30)
-            table = [e for e in fp8_fused.FP8_LAUNCH if not lo < e[0] <= hi]
-            if not any(e[0] > hi for e in table):  # the rows above keep their launch
-                table.append((1 << 30, next(c for most, c in fp8_fused.FP8_LAUNCH if most > hi)))
-            fp8_fused.FP8_LAUNCH[:] = sorted(table + [(hi, best[0])], key=lambda e: e[0])
+        if apply and best and best[1] < t["split"] * 0.97:  # rows 65..1024 (decode), or above
+            bound = 1024 if m <= 1024 else 1 << 30
+            fp8_fused.FP8_LAUNCH[:] = sorted([e for e in fp8_fused.FP8_LAUNCH if e[0] != bound] + [(bound, best[0])],
+                                             key=lambda e: e[0])
         del gus
     out["ms"] = rows
     out["applied"] = list(fp8_fused.FP8_LAUNCH)
@@ -286,12 +287,15 @@ class Counting:
 
 
 def engines(start: float, budget: float) -> list[dict]:
-    """bf16, FP8 as committed (with this run's switches), FP8 with both changes off: the fixed workload."""
+    """bf16, FP8 as committed (with this run's switches), and while the budget lasts FP8 with this stop's changes
+    off: the fixed workload. Only decode steps are graphed (mixed_cuda_graphs=False, both engines): the workload's
+    mixed steps are 8,192-token prefills, which run as fast eagerly on the 8B (docs/performance.md), and their
+    graphs' capture doubled a cold engine's start-up (38 s for bf16 in round 1)."""
     committed = (fp8mod.DEFER_MAX_M.get(QKV), fp8mod.ATTENTION_QUANT, list(fp8_fused.FP8_LAUNCH))
-    before = [e for e in SPLIT_LAUNCH if not e[1].get("ONE")] or [(1 << 30, fp8_fused.SPLIT_DEFAULT)]
+    before = [(most, dict(c, ONE=False)) for most, c in SPLIT_LAUNCH]  # the split launches of the same tiles
     rows, cost = [], 22.0
     for label, weights, new in (("bf16", "bf16", True), ("fp8", "fp8", True), ("fp8 before", "fp8", False)):
-        if time.time() - start + cost > budget:
+        if label == "fp8 before" and time.time() - start + cost > budget:  # bf16 and fp8 always run
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
         fp8mod.DEFER_MAX_M[QKV] = committed[0] if new else 0
@@ -299,7 +303,7 @@ def engines(start: float, budget: float) -> list[dict]:
         fp8_fused.FP8_LAUNCH[:] = committed[2] if new else before
         t0 = time.time()
         with Counting() as c:
-            got = qb.attempt(lambda: fw.throughput(label, weights, "auto"))
+            got = qb.attempt(lambda: fw.throughput(label, weights, "auto", mixed_cuda_graphs=False))
         cost = time.time() - t0
         if isinstance(got, list):
             for r in got:
@@ -324,31 +328,43 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
-    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["swiglu", "gemm", "none"],
-                    help="optional sections before the engines (the q/k/v and attention checks always run)")
+    ap.add_argument("--sections", nargs="+", default=["qkv"], choices=["qkv", "attention", "swiglu", "gemm", "none"],
+                    help="checks and timings before the engines: q/k/v's scales in the rotary kernel; the decode "
+                         "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
+                         "(without it, FP8_LAUNCH's one-launch entries are checked); swapped-operand GEMMs")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
     result: dict = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
                     "torch": torch.__version__, "command": "python bench/fp8_step.py " + " ".join(sys.argv[1:])}
-    result["qkv"] = qb.attempt(lambda: rotary_section(failures))
-    if isinstance(result["qkv"], Exception):
-        failures.append({"check": "rotary_section", "error": repr(result["qkv"])[:300]})
-        fp8mod.DEFER_MAX_M[QKV] = 0
-    result["attention"] = qb.attempt(lambda: attention_section(failures))
-    if isinstance(result["attention"], Exception):
-        failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
-        fp8mod.ATTENTION_QUANT = False
-    if "swiglu" in args.sections:
-        committed = list(fp8_fused.FP8_LAUNCH)
-        result["swiglu"] = qb.attempt(lambda: swiglu_section(failures))
-        if isinstance(result["swiglu"], Exception):
-            failures.append({"check": "swiglu_section", "error": repr(result["swiglu"])[:300]})
-            fp8_fused.FP8_LAUNCH[:] = [e for e in committed if not e[1].get("ONE")]
+    if "qkv" in args.sections:
+        result["qkv"] = qb.attempt(lambda: rotary_section(failures, ms=(256,)))
+        if isinstance(result["qkv"], Exception):
+            failures.append({"check": "rotary_section", "error": repr(result["qkv"])[:300]})
+            fp8mod.DEFER_MAX_M[QKV] = 0
+    if "attention" in args.sections or fp8mod.ATTENTION_QUANT:
+        result["attention"] = qb.attempt(lambda: attention_section(failures))
+        if isinstance(result["attention"], Exception):
+            failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
+            fp8mod.ATTENTION_QUANT = False
+    committed = list(fp8_fused.FP8_LAUNCH)
+    ones = [(most, c) for most, c in committed if c.get("ONE")]
+    if "swiglu" in args.sections or ones:  # the sweep, or the committed one-launch entries checked
+        sweep = "swiglu" in args.sections
+        n = len(failures)
+        result["swiglu"] = qb.attempt(lambda: swiglu_section(
+            failures, ms=(256, 8192) if sweep else sorted({min(most, 8192) for most, _ in ones}),
+            configs=None if sweep else [c for _, c in ones], apply=sweep))
+        if isinstance(result["swiglu"], Exception) or len(failures) > n:
+            if isinstance(result["swiglu"], Exception):
+                failures.append({"check": "swiglu_section", "error": repr(result["swiglu"])[:300]})
+            fp8_fused.FP8_LAUNCH[:] = [(most, dict(c, ONE=False)) for most, c in committed]
+            print("one-launch SwiGLU OFF for the engines (a check failed)", flush=True)
     if "gemm" in args.sections:
         result["gemm_swap"] = qb.attempt(gemm_swap_section)
     print(f"checks done at {time.time() - start:.0f} s; engines run with DEFER_MAX_M[{QKV}] = "
-          f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}", flush=True)
+          f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}, FP8_LAUNCH = "
+          f"{fp8_fused.FP8_LAUNCH}", flush=True)
     qb.free_gpu()
     result["throughput"] = engines(start, args.budget)
     result["failures"] = failures

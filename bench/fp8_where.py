@@ -684,9 +684,10 @@ def ab_section(gemm_rows) -> dict:
 
 
 def throughput(label: str, weights: str, kv: str, chat_requests: int = 0, prompts: int = 256,
-               length: int = 256) -> list[dict]:
+               length: int = 256, **engine_kw) -> list[dict]:
     """The fixed workload (256 x 256 in / 256 out; a warm-up pass over its first 64 prompts first), then the chat
-    workload's first `chat_requests` (bench/throughput.py's), on one engine as served."""
+    workload's first `chat_requests` (bench/throughput.py's), on one engine as served (`engine_kw`: further
+    EngineConfig options)."""
     import numpy as np
 
     import throughput as tb
@@ -700,7 +701,7 @@ def throughput(label: str, weights: str, kv: str, chat_requests: int = 0, prompt
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         llm = qb.make_llm(tmp, weights, max_model_len=max(len(p) + o for _, w in works for p, o in w) + 16,
-                          max_num_seqs=256, gpu_memory_utilization=0.9, kv_cache_dtype=kv)
+                          max_num_seqs=256, gpu_memory_utilization=0.9, kv_cache_dtype=kv, **engine_kw)
         startup = time.time() - t0
         for wname, work in works:
             ps = [{"prompt_token_ids": p} for p, _ in work]

@@ -212,7 +212,8 @@ def _quant_by_parts_kernel(
 
 
 FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
-                    (1 << 30, {"ROWS": 4, "BLOCK": 512, "num_warps": 4})]
+                    (1024, {"ROWS": 4, "BLOCK": 512, "num_warps": 4}),
+                    (1 << 30, {"ROWS": 8, "BLOCK": 512, "num_warps": 4, "ONE": True})]
 """[(max rows, config)], the first entry whose bound the row count does not pass (silu_mul_fp8 here and
 kernels/silu_mul.py's pick by it): {"ROWS", "BLOCK", "num_warps"} (and optionally the quantizing launch's
 "ROWS2", "BLOCK2", "warps2") for the split launches, {"BLOCK", "num_warps"} for silu_mul.py's one program per
@@ -220,7 +221,12 @@ row. bench/fp8_where.py round 1 (H200, Llama-3-8B's 14336, scales applied in the
 for bit first), us per call, against silu_mul.py's FP8_CONFIG (one program per row): 16 rows 5.5 vs 16.1, 64:
 7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4, 512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357
 (ROWS 4, BLOCK 512); plain SwiGLU with a 16-bit output takes 4.6 / 4.8 / 7.1 / 11.7 / 45.8 / 171. Rounds 3 and
-4 (hardware rounding) kept these tiles."""
+4 (hardware rounding) kept these tiles.
+"ONE": the one-launch kernel (_silu_mul_fp8_one_kernel). bench/fp8_step.py round 1 (H200, 14336, each config
+bit for bit the split's over 10 graph replays first), us per call: 8,192 rows (prefill) split 269.2, ONE 8 x 512
+244.2 (the best of six; 4 x 1024 w8 277.7, the rest 319-430); 256 rows (decode) split 11.2, every ONE config
+18.4-23.2 (each tile waits for its row group's, and 1,792 programs take tickets from one counter), so decode keeps
+the split."""
 
 
 def check_gate_up(gate_up, scales) -> None:

@@ -96,9 +96,12 @@ def dense(h):
 
 FUSE_INPUT_QUANT = True
 """Whether producers quantize for the FP8 layer they feed (bench/fp8.py turns it off to measure the gain)."""
-ATTENTION_QUANT = True
+ATTENTION_QUANT = False
 """Whether the decode attention kernel quantizes its output for an FP8 o_proj (kernels/paged_decode.py, fp8_out;
-layers/attention.py), sparing kernels/fp8_quant.py's launch per layer (bench/fp8_where.py toggles)."""
+layers/attention.py), sparing kernels/fp8_quant.py's launch per layer. Off: bench/fp8_step.py round 1 (H200, 256
+sequences x ~384 tokens, a graph of 8 layers' launches, bits equal) measured attention then the quantizing
+launch at 107.7 us per layer against 109.3 with the kernel quantizing (bf16 pool; fp8 pool 94.6 against 109.1):
+the launch it spares costs ~4 us, less than what the last program's read-back and the counting add."""
 DEFER_SCALES = True
 """Whether layers marked `fp8_deferred_scales` leave their scales to their consumer (bench/fp8.py toggles)."""
 
