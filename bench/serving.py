@@ -254,8 +254,12 @@ async def _drive(address, reqs) -> dict:
 
 
 def add_path_stats(res: dict, paths: list[dict[str, int]]) -> None:
-    """The first token's way, hop by hop, and the "outside engine" share, from the requests' stamps."""
+    """The first token's way, hop by hop, and the "outside engine" share, from the requests' stamps; and the
+    hops of the three slowest first tokens (where an outlier's time went)."""
     res["hops_ms_p50"] = hop_p50(paths)
+    full = [p for p in paths if "client.received" in p and "client.arrival" in p]
+    slow = sorted(full, key=lambda p: p["client.received"] - p["client.arrival"])[-3:]
+    res["slowest_hops_ms"] = {p["rid"]: {k: round(v, 3) for k, v in hop_intervals(p).items()} for p in slow}
     # TTFT less the engine's own part (engine.received -> engine.first_token: the wait for a step
     # boundary, then admission to first token, which the in-process path has too): the hops' share,
     # per request, without the step-phase noise that the difference of two TTFT p50s carries.
