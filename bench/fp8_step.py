@@ -5,7 +5,7 @@ sequence's last program quantizes its row). Then the fixed workload (256 x 256 i
 as committed, and FP8 weights with both off, in one run. A change whose check fails is switched off for the
 engines and counted as a failure.
 
-    python bench/fp8_step.py [--json PATH] [--budget 80]
+    python bench/fp8_step.py [--json PATH] [--budget 80] [--sections qkv ...] [--engines bf16 fp8 "fp8 before"]
 """
 
 from __future__ import annotations
@@ -286,16 +286,21 @@ class Counting:
         pd._launch, rk.rotary_and_cache = self.launch, self.rotary
 
 
-def engines(start: float, budget: float) -> list[dict]:
-    """bf16, FP8 as committed (with this run's switches), and while the budget lasts FP8 with this stop's changes
-    off: the fixed workload. Only decode steps are graphed (mixed_cuda_graphs=False, both engines): the workload's
-    mixed steps are 8,192-token prefills, which run as fast eagerly on the 8B (docs/performance.md), and their
-    graphs' capture doubled a cold engine's start-up (38 s for bf16 in round 1)."""
+ENGINES = {"bf16": ("bf16", True), "fp8": ("fp8", True), "fp8 before": ("fp8", False)}
+"""label -> (weights, this stop's changes on)."""
+
+
+def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), **engine_kw) -> list[dict]:
+    """The fixed workload on each engine of `labels`, in that order: bf16, FP8 as committed (with this run's
+    switches), FP8 with this stop's changes off ("fp8 before"). The first two always run; later ones while the
+    budget lasts. `engine_kw`: EngineConfig options for all (round 2 ran mixed_cuda_graphs=False; the target is
+    judged on the engine's defaults)."""
     committed = (fp8mod.DEFER_MAX_M.get(QKV), fp8mod.ATTENTION_QUANT, list(fp8_fused.FP8_LAUNCH))
     before = [(most, dict(c, ONE=False)) for most, c in SPLIT_LAUNCH]  # the split launches of the same tiles
     rows, cost = [], 22.0
-    for label, weights, new in (("bf16", "bf16", True), ("fp8", "fp8", True), ("fp8 before", "fp8", False)):
-        if label == "fp8 before" and time.time() - start + cost > budget:  # bf16 and fp8 always run
+    for n, label in enumerate(labels):
+        weights, new = ENGINES[label]
+        if n >= 2 and time.time() - start + cost > budget:
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
         fp8mod.DEFER_MAX_M[QKV] = committed[0] if new else 0
@@ -303,7 +308,7 @@ def engines(start: float, budget: float) -> list[dict]:
         fp8_fused.FP8_LAUNCH[:] = committed[2] if new else before
         t0 = time.time()
         with Counting() as c:
-            got = qb.attempt(lambda: fw.throughput(label, weights, "auto", mixed_cuda_graphs=False))
+            got = qb.attempt(lambda: fw.throughput(label, weights, "auto", **engine_kw))
         cost = time.time() - t0
         if isinstance(got, list):
             for r in got:
@@ -332,6 +337,10 @@ def main() -> int:
                     help="checks and timings before the engines: q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked); swapped-operand GEMMs")
+    ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
+                    help="engines in this order; the first two always run, later ones while the budget lasts")
+    ap.add_argument("--no-mixed-graphs", action="store_true", help="mixed_cuda_graphs=False in every engine "
+                    "(a shorter start-up; not the engine's defaults)")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -366,7 +375,8 @@ def main() -> int:
           f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}, FP8_LAUNCH = "
           f"{fp8_fused.FP8_LAUNCH}", flush=True)
     qb.free_gpu()
-    result["throughput"] = engines(start, args.budget)
+    result["throughput"] = engines(start, args.budget, args.engines,
+                                   **({"mixed_cuda_graphs": False} if args.no_mixed_graphs else {}))
     result["failures"] = failures
     result["seconds"] = round(time.time() - start, 1)
     path = args.json or os.path.join(BENCH, "results", f"fp8_step_{result['date']}.json")
