@@ -24,7 +24,7 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    FUSE_SWIGLU; and the norms as their own launches), norm (the residual add + RMSNorm after o and down in
    those GEMVs' epilogues, not their own launches: int4.py's FUSE_NORM, off by default), norace (temperature-1 sampling by
    the sampler's torch ops, not kernels/greedy.py's sample_race: services/engine/sampler.py's RACE), minsplitN
-   (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT = N while the graphs are captured), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
+   (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while the graphs are captured), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
    time outside kernels; with PDL a kernel launched early counts its wait). Each: batch-1 decode ms/token
    (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
@@ -852,9 +852,10 @@ def attention(start: float, budget: float) -> dict:
 # --- engine ----------------------------------------------------------------------------------------------
 COMMITTED = {key: dict(c) for key, c in w4.TUNED.items() if key[0] == 1}
 """The M = 1 configs as committed (before a sweep's winners are applied): engine runs tagged +g3 use them."""
-MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT
-"""kernels/paged_decode.py's shortest split as committed: runs tagged +minsplitN use N (the decode graphs are
-captured for max_model_len 512, so N = 128 gives the batch-1 graph 4 splits, 64 gives 8)."""
+MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW
+"""kernels/paged_decode.py's shortest split where few programs run (batch 1 here) as committed: runs tagged
++minsplitN use N (the decode graphs are captured for max_model_len 512, so N = 512 gives the batch-1 graph one
+split, as before 2026-11-29 evening, 128 four, 64 eight)."""
 DEFAULTS = {"pdl": pdl_mod.ENABLED, "early": pdl_mod.EARLY}
 """kernels/pdl.py's settings as the environment left them: runs without a pdl / nopdl, early / noearly tag."""
 BEST_G4: dict = {}
@@ -978,7 +979,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_SWIGLU = "unfused" not in tags
         int4.FUSE_NORM = "norm" in tags
         sampler_mod.RACE = "norace" not in tags
-        paged_decode_mod.MIN_TOKENS_PER_SPLIT = next(
+        paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         saved = dict(w4.TUNED)
         m1_configs(tags)
@@ -1028,7 +1029,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_SWIGLU = True
         int4.FUSE_NORM = False
         sampler_mod.RACE = True
-        paged_decode_mod.MIN_TOKENS_PER_SPLIT = MIN_SPLIT
+        paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens

@@ -37,6 +37,13 @@ from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, lo
 
 # A split shorter than this spends more on its partial write and the reduce than it gains.
 MIN_TOKENS_PER_SPLIT = 512
+# ... except when the (sequence, KV head) programs would occupy only a few SMs (FEW_PROGRAMS_PER_SM: at most one
+# per 8 SMs, e.g. one or two sequences of an 8-KV-head model): a program then walks its context alone, one
+# dependent tile after another, and the step waits on that. H200, bench/w4a16.py's attention section (one
+# sequence, 32 q / 8 KV heads, d 128, 2026-11-29): 7.05 / 11.25 us per launch at 256 / 384 tokens in one split,
+# 4.54-4.64 / 4.94 with 4-8 splits; the W4A16 engine's batch-1 decode 2.223 -> 2.126 ms/token with 128-token splits.
+MIN_TOKENS_PER_SPLIT_FEW = 64
+FEW_PROGRAMS_PER_SM = 1 / 8
 MAX_SPLITS = 64
 
 
@@ -339,13 +346,15 @@ def num_sms(device: torch.device) -> int:
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
     """Split the context only when (sequence, KV head) programs cannot fill the GPU on their own.
 
-    Aim for about 4 programs per SM, never a split shorter than MIN_TOKENS_PER_SPLIT; a power of two.
+    Aim for about 4 programs per SM, never a split shorter than MIN_TOKENS_PER_SPLIT (MIN_TOKENS_PER_SPLIT_FEW
+    where the programs would occupy at most FEW_PROGRAMS_PER_SM of the SMs); a power of two.
     """
     programs = num_seqs * num_kv_heads
     if programs >= 2 * sms:
         return 1
     want = max(1, (4 * sms) // max(programs, 1))
-    most = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    shortest = MIN_TOKENS_PER_SPLIT_FEW if programs <= FEW_PROGRAMS_PER_SM * sms else MIN_TOKENS_PER_SPLIT
+    most = max(1, max_seq_len // shortest)
     splits = min(want, most, MAX_SPLITS)
     return 1 << (splits.bit_length() - 1)  # round down to a power of two
 

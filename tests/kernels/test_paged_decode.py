@@ -58,6 +58,11 @@ def test_choose_num_splits():
     assert choose_num_splits(4, 8, 32768, 132) == 16  # 32 programs: split to ~4 per SM
     assert choose_num_splits(4, 8, 600, 132) == 1  # too short to be worth splitting
     assert choose_num_splits(1, 1, 1 << 20, 132) == 64  # capped
+    # One or two sequences of 8 KV heads (<= 16 programs on 132 SMs): splits down to 64 tokens
+    assert choose_num_splits(1, 8, 512, 132) == 8
+    assert choose_num_splits(2, 8, 256, 132) == 4
+    assert choose_num_splits(1, 8, 40, 132) == 1  # shorter than one split
+    assert choose_num_splits(3, 8, 512, 132) == 1  # 24 programs: the 512-token minimum
 
 
 def test_paged_decode_rejects_bad_inputs():
