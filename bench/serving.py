@@ -274,16 +274,27 @@ class HttpStreams:
     library in the way): a pool of connections, one request at a time on each, as an HTTP client does.
     Each request asks for the router's first-token stamps (header x-folio-timing; docs/http.md)."""
 
+    IDLE_S = 4.0
+    """A pooled connection idle longer is replaced before use: uvicorn closes one idle for 5 s (its keep-alive
+    timeout), and a request written to a connection the server is closing gets no answer."""
+
     def __init__(self, address: str):
         self.host, port = address.rsplit(":", 1)
         self.port = int(port)
-        self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # (..., last used)
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self.free:
+            r, w, used = self.free.pop()
+            if time.monotonic() - used < self.IDLE_S and not r.at_eof():
+                return r, w
+            w.close()
+        return await asyncio.open_connection(self.host, self.port)
 
     async def events(self, body: dict, sent: dict | None = None):
         """The stream's events (parsed JSON), until [DONE]. `sent["client.sent"]`: stamped as the request is
         written (a connection the pool lacked is opened first, as a client's pool does at its start)."""
-        conn = self.free.pop() if self.free else await asyncio.open_connection(self.host, self.port)
-        r, w = conn
+        r, w = await self._connection()
         data = json.dumps(body).encode()
         if sent is not None:
             sent["client.sent"], sent["perf"] = time.monotonic_ns(), time.perf_counter()
@@ -306,14 +317,15 @@ class HttpStreams:
                     done = True
                 elif not done:
                     yield json.loads(payload)
-        self.free.append(conn)
+        self.free.append((r, w, time.monotonic()))
 
     async def open(self, n: int) -> None:
         """Open `n` connections ahead (a client's pool, warm before the measured requests)."""
-        self.free += [await asyncio.open_connection(self.host, self.port) for _ in range(n - len(self.free))]
+        for _ in range(n - len(self.free)):
+            self.free.append((*await asyncio.open_connection(self.host, self.port), time.monotonic()))
 
     def close(self) -> None:
-        for _, w in self.free:
+        for _, w, _ in self.free:
             w.close()
 
 

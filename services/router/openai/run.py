@@ -163,26 +163,29 @@ class EventStream(Response):
     async def __call__(self, scope, receive, send) -> None:
         task = asyncio.current_task()
         gone = False
-        started = False
+        started = done = False
 
         async def watch():  # (the body was read: the next message is the disconnect)
             nonlocal gone
             while (await receive())["type"] != "http.disconnect":
                 pass
-            gone = True
-            task.cancel()
+            if not done:  # (once the last write is out, uvicorn answers receive() with a disconnect too)
+                gone = True
+                task.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
             try:
                 await self.run.started()
             except Exception as e:  # noqa: BLE001 - before the stream started: a real HTTP status
+                done = True
                 await from_exception(e)(scope, receive, send)
                 return
             started = True
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:
