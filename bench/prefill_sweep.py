@@ -130,6 +130,7 @@ VARIANTS = [
     # faulted; the launcher refuses it), the last tile at a half or a quarter
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True),  # the >= 1024 pick, the next ticket taken early
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2),  # the >= 1024 pick, narrowed
+    _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=1),  # halves only: is the 64-key failure NARROW_TAIL 1's?
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, narrow=2, nload=True),  # ... loaded narrow (less L2 -> SM traffic)
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True),  # ... the next ticket early
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True, narrow=2, nload=True, qregs=True),  # ... q in registers
