@@ -100,7 +100,7 @@ def compile_gluon(cfg: dict):
                       PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
                       DYNAMIC=bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC")),
                       NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
-                      AHEAD=bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC") and cfg.get("AHEAD")),
+                      AHEAD=bool(cfg.get("PERSISTENT") and cfg.get("AHEAD")),
                       TMA_STORE=bool(cfg.get("TMA_STORE")),
                       CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
         cfg = dict(cfg, num_warps=4, maxnreg=None)

@@ -418,6 +418,23 @@ def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sme
             mbarrier.wait(q_empty.index(buf), ((n // Q_BUFS) + 1) & 1, pred=n >= Q_BUFS)
             _put_item(item_smem, buf, -1)
             mbarrier.arrive(q_ready.index(buf))
+    elif AHEAD:
+        # The static walk, each item's mapping (its loads and divisions) computed one item early, under the loads.
+        w = gl.program_id(0)
+        run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles,
+                                                           BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
+        while w < num_items:
+            w_next = w + gl.num_programs(0)
+            run_n, q_start_n, q_len_n, first_pos_n, kv_head_n = _ws_item(w_next, num_tiles, query_start_loc_ptr,
+                                                                         num_seqs, max_q_tiles, BLOCK_Q, SEQ_VEC,
+                                                                         HEAVY, SKIP_SINGLE, 1)
+            if run:
+                it = _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                                   ready, empty, item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP,
+                                   BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, Q_BUFS, DYNAMIC, NARROW_LOAD)
+                n += 1
+            w = w_next
+            run, q_start, q_len, first_pos, kv_head = run_n, q_start_n, q_len_n, first_pos_n, kv_head_n
     else:
         for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
@@ -735,7 +752,7 @@ def _ws_consumer(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_e
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr,
                  SKIP_SINGLE: gl.constexpr, MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
                  Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr, Q_REGS: gl.constexpr,
-                 TMA_STORE: gl.constexpr):
+                 TMA_STORE: gl.constexpr, AHEAD: gl.constexpr):
     """Half C of each work item's rows (TQ tokens x GROUP heads, head-major), item after item in the producer's
     order (with DYNAMIC the producer names each item beside its q; -1 ends). OVERLAP 1: the next tile's QK^T is
     issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued together, then
@@ -757,6 +774,26 @@ def _ws_consumer(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_e
             buf = (n % Q_BUFS) * 2 + C
             mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
             w = _get_item(item_smem, buf)
+    elif AHEAD:
+        # The static walk, each item's mapping computed one item early (its loads in flight under this item's work).
+        w = gl.program_id(0)
+        run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles,
+                                                           BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 4)
+        while w < num_items:
+            w_next = w + gl.num_programs(0)
+            run_n, q_start_n, q_len_n, first_pos_n, kv_head_n = _ws_item(w_next, num_tiles, query_start_loc_ptr,
+                                                                         num_seqs, max_q_tiles, BLOCK_Q, SEQ_VEC,
+                                                                         HEAVY, SKIP_SINGLE, 4)
+            if run:
+                buf = (n % Q_BUFS) * 2 + C
+                mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
+                it, g = _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf,
+                                 it, g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
+                                 BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL,
+                                 Q_REGS, TMA_STORE)
+                n += 1
+            w = w_next
+            run, q_start, q_len, first_pos, kv_head = run_n, q_start_n, q_len_n, first_pos_n, kv_head_n
     else:
         for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
@@ -814,13 +851,13 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, o_desc, query_s
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 0, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
                         MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS,
-                        TMA_STORE)),
+                        TMA_STORE, AHEAD)),
         (_ws_consumer, (out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn,
                         item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 1, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
                         MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS,
-                        TMA_STORE)),
+                        TMA_STORE, AHEAD)),
         (_ws_producer, (q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready,
                         empty, item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles,
                         num_items, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS,
@@ -854,8 +891,9 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring), NARROW_TAIL (with
     OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter),
     NARROW_LOAD (with NARROW_TAIL: that tile also loaded only as wide), Q_REGS (with NARROW_TAIL: each consumer
-    holds its q rows in registers, releasing the q buffer as the item starts), AHEAD (with DYNAMIC: the producer takes
-    the next item's ticket before this item's loads, reading it after them), TMA_STORE (a whole item's output through
+    holds its q rows in registers, releasing the q buffer as the item starts), AHEAD (with PERSISTENT: DYNAMIC's
+    producer takes the next item's ticket before this item's loads, reading it after them; the static walk's producer
+    and consumers compute the next item's mapping one item early), TMA_STORE (a whole item's output through
     a staging buffer per consumer and TMA, where out allows it; 32 KB of shared memory). max_q_tiles > 0:
     HEAVY_FIRST's mapping."""
     if cfg["num_stages"] < 2:
@@ -902,5 +940,6 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
         DYNAMIC=dynamic, NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
-        AHEAD=bool(dynamic and cfg.get("AHEAD")), TMA_STORE=tma_store, CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
+        AHEAD=bool(cfg.get("PERSISTENT") and cfg.get("AHEAD")), TMA_STORE=tma_store,
+        CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

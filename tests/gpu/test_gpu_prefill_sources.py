@@ -80,7 +80,10 @@ GLUON_CONFIGS = [
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, AHEAD=True, HEAVY_FIRST=True, NARROW_TAIL=2, NARROW_LOAD=True,
          Q_REGS=True),
-    # whole items' output through a staging buffer per consumer and TMA (partial ones by plain stores)
+    # whole items' output through a staging buffer per consumer and TMA (partial ones by plain stores); the static
+    # walk's next item mapped one item early
+    dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
+         PERSISTENT=1, HEAVY_FIRST=True, TMA_STORE=True, AHEAD=True),
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, HEAVY_FIRST=True, NARROW_TAIL=2, Q_REGS=True, TMA_STORE=True),
 ]
