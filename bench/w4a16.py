@@ -21,16 +21,15 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    says), early / noearly (pdl.EARLY: each kernel lets the next launch before its own wait), g3 (the M = 1
    configs as committed), g4 (gemv4: the sweep's best per shape), preN / dN (gemv4's L2_PRE / L2_DIST),
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
-   FUSE_SWIGLU; and the norms as their own launches), norm (the residual add + RMSNorm after o and down in
-   those GEMVs' epilogues, not their own launches: int4.py's FUSE_NORM, off by default), norace (temperature-1 sampling by
-   the sampler's torch ops, not kernels/greedy.py's sample_race: services/engine/sampler.py's RACE), minsplitN
-   (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while the graphs are captured), prof (a profile of 32 decode steps: GPU kernel time per token by kind, launches per token,
-   time outside kernels; with PDL a kernel launched early counts its wait). Each: batch-1 decode ms/token
+   FUSE_SWIGLU), norace (temperature-1 sampling by the sampler's torch ops, not kernels/greedy.py's sample_race:
+   services/engine/sampler.py's RACE), minsplitN (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while
+   the graphs are captured), prof (a profile of 32 decode steps: per kernel and kind the time each launch alone
+   adds to the GPU's busy span, its own start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token
    (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
    tokens against the first run of the same weights.
 4. chain (--sections chain): 32 layers' GEMVs in one CUDA graph with and without the add + RMSNorm kernels
-   between them, and with the norms in the o and down GEMVs' epilogues: what the norms add to a batch-1 step.
+   between them: what the norms add to a batch-1 step.
 5. attention (--sections attention): the batch-1 paged decode kernel on the 8B's heads at contexts 256 / 384, the
    default launch against more splits and other tiles (32 layers' caches in one graph).
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
@@ -210,7 +209,6 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
         rows += tc_checks(failures, g)
     rows += committed_checks(failures, g)
     rows += gated_checks(failures, g)
-    rows += norm_checks(failures, g)
     rows += race_checks(failures, g)
     return rows
 
@@ -261,86 +259,6 @@ def race_checks(failures: list, g: torch.Generator) -> list[dict]:
         err = (got[1].double() - want[1]).abs().max().item() if ok else float("inf")
         q.record(rows, failures, ok and err < 1e-4, check="sample_race", shape=f"{n}x128256", M=n, config={},
                  rel_err=err)
-    return rows
-
-
-def norm_checks(failures: list, g: torch.Generator) -> list[dict]:
-    """The RMSNorm between two GEMVs in their epilogues (`norm` on o / down: residual add, weight * h, sum(h^2); `rstd`
-    on the next, qkv / gate_up: its sums times rsqrt(sum / N + eps); kernels/fused_norm.py) on the 8B shapes, the
-    producer with the committed config and the other M = 1 kernel: the residual against y + residual, and the
-    consumer's output against the same GEMV on add_rms_norm's output; the sum and counters left at zero; twice.
-    Then a CUDA graph of 4 layers' GEMV chains (qkv -> o -> gate/up -> down, norms in the epilogues) replayed
-    twice, against the same chain with the norm kernels, run eagerly."""
-    from kernels.fused_norm import add_rms_norm
-
-    rows: list[dict] = []
-    eps, hidden = 1e-5, SHAPES["o"][1]
-    sums = splitk.norm_sum(DEV)
-    nw = (1 + 0.1 * torch.randn(hidden, generator=g, device=DEV)).to(DTYPE)
-    w = {name: q.int4_case(k, n, 128, False, g)[:3] for name, (k, n) in SHAPES.items()}
-    for k, n in SHAPES.values():
-        w4.reserve_workspace(DEV, n)
-
-    def lin(x, name, **kw):
-        return w4.w4a16(x, *w[name], 128, **kw)
-
-    for prod, cons in (("o", "gate_up"), ("down", "qkv")):
-        k, n = SHAPES[prod]
-        for cfg in (dict(w4.pick_config(1, n, k, 128, DEV)), dict(G3, T=16, BLOCK_N=256, num_warps=2, SPLIT_K=16, H2=2),
-                    dict(G4, T=16, BLOCK_N=256, num_warps=2, PER_SM=12, H2=2)):
-            x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-            res = torch.randn(1, n, generator=g, device=DEV).to(DTYPE)
-            err = err_r = float("inf")
-            for _ in range(2):
-                r_ref, r_got = res.clone(), res.clone()
-                gated = dict(gated=True) if cons == "gate_up" else {}
-                want = lin(add_rms_norm(lin(x, prod, config=dict(cfg)), r_ref, nw, eps), cons, **gated)
-                got = q.attempt(lambda: lin(lin(x, prod, config=dict(cfg), norm=(r_got, nw)), cons, rstd=(n, eps),
-                                            **gated))
-                err = q.err_of(got, want.float())
-                err_r = q.rel_err(r_got, r_ref)
-            ok = err < 2e-2 and err_r < 1e-2 and q.workspace_clean() and sums.item() == 0.0
-            q.record(rows, failures, ok, check="norm_halves", shape=f"{prod} -> {cons}", M=1, config=cfg, rel_err=err,
-                     residual_rel_err=err_r)
-    layers = [{name: q.int4_case(k, n, 128, False, g)[:3] for name, (k, n) in SHAPES.items()} for _ in range(4)]
-    x0 = torch.randn(1, hidden, generator=g, device=DEV).to(DTYPE)
-    res0 = torch.randn(1, hidden, generator=g, device=DEV).to(DTYPE)
-    res = res0.clone()
-
-    def chain(fused: bool, r: torch.Tensor):
-        a = x0
-        for lw in layers:
-            qkv = w4.w4a16(a, *lw["qkv"], 128, **({"rstd": (hidden, eps)} if fused and a is not x0 else {}))
-            o = w4.w4a16(qkv[:, :hidden], *lw["o"], 128, **({"norm": (r, nw)} if fused else {}))
-            a = o if fused else add_rms_norm(o, r, nw, eps)
-            gu = w4.w4a16(a, *lw["gate_up"], 128, gated=True, **({"rstd": (hidden, eps)} if fused else {}))
-            d = w4.w4a16(gu, *lw["down"], 128, **({"norm": (r, nw)} if fused else {}))
-            a = d if fused else add_rms_norm(d, r, nw, eps)
-        return w4.w4a16(a, *layers[0]["qkv"], 128, **({"rstd": (hidden, eps)} if fused else {}))
-
-    r_ref = res0.clone()
-    want = chain(False, r_ref)
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            chain(True, res)  # compile outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(True, res)
-        errs = []
-        for _ in range(2):
-            res.copy_(res0)
-            graph.replay()
-            torch.cuda.synchronize()
-            errs.append(max(q.rel_err(out, want), q.rel_err(res, r_ref)))
-        err = max(errs)
-    except Exception as e:  # noqa: BLE001
-        print(f"  {type(e).__name__}: {str(e)[-400:]}", flush=True)
-        err = float("inf")
-    q.record(rows, failures, err < 3e-2 and q.workspace_clean() and sums.item() == 0.0, check="norm_halves_graph",
-             shape="4 layers", M=1, config={}, rel_err=err)
     return rows
 
 
@@ -741,9 +659,8 @@ def chain(start: float, budget: float) -> dict:
     """What a batch-1 layer's kernels cost in sequence, without attention and rotary: one CUDA graph of 32 layers
     of qkv -> o -> gate/up (SwiGLU in its epilogue) -> down, each layer on its own weights (3.6 GB of 4-bit: read
     from HBM), each GEMV reading the previous one's output, with and without the two add + RMSNorm kernels per
-    layer (kernels/fused_norm.py) between them, and with the norms in the o and down GEMVs' epilogues (`norm`).
-    The differences are what the norms add to the chain either way. Also: 64 norms alone in a chain (each reads
-    the previous one's output)."""
+    layer (kernels/fused_norm.py) between them: what the norms add to the chain, the most that moving them into the
+    GEMVs could save. Also: 64 norms alone in a chain (each reads the previous one's output)."""
     from kernels import pdl
     from kernels.fused_norm import add_rms_norm
 
@@ -772,12 +689,6 @@ def chain(start: float, budget: float) -> dict:
             return h
         return run
 
-    def w4_fused_chain():  # the norms in the GEMVs' epilogues (`norm`, then `rstd`), as the engine runs them with +norm
-        a = x0
-        for l in range(CHAIN_LAYERS):  # (every qkv scales: the last down's sum is the next replay's first qkv's)
-            a = lin(lin(a, "qkv", l, rstd=(hidden, 1e-5))[:, :hidden], "o", l, norm=(res, nw))
-            a = lin(lin(a, "gate_up", l, gated=True, rstd=(hidden, 1e-5)), "down", l, norm=(res, nw))
-        return a
 
     def norms_only():
         h = x0
@@ -786,9 +697,7 @@ def chain(start: float, budget: float) -> dict:
         return h
 
     saved = pdl.ENABLED
-    splitk.norm_sum(DEV).fill_(float(hidden))  # so the fused chain's first rstd is ~1
     rows = [("w4a16 GEMVs", w4_chain(False), True), ("w4a16 GEMVs + norms", w4_chain(True), True),
-            ("w4a16 GEMVs + norms in epilogues", w4_fused_chain, True),
             ("64 norms", norms_only, True)]
     for name, fn, on in rows:
         if time.time() - start > budget:
@@ -799,16 +708,12 @@ def chain(start: float, budget: float) -> dict:
         out[name] = ms if isinstance(ms, float) else repr(ms)
         print(f"chain {name:<34} {ms if isinstance(ms, float) else float('nan'):8.3f} ms", flush=True)
     pdl.ENABLED = saved
-    splitk.norm_sum(DEV).zero_()
     del w
     q.free_gpu()
-    a, b, c = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms"), out.get("w4a16 GEMVs + norms in epilogues")
+    a, b = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms")
     if isinstance(a, float) and isinstance(b, float):
         print(f"chain: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
               f"({(b - a) * 1e3:.0f} us per token); GEMVs {a * 1e3 / CHAIN_LAYERS:.1f} us per layer", flush=True)
-    if isinstance(a, float) and isinstance(c, float):
-        print(f"chain: in the epilogues they add {(c - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each "
-              f"({(c - a) * 1e3:.0f} us per token)", flush=True)
     return out
 
 
@@ -977,7 +882,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         pdl.ENABLED = "pdl" in tags or (DEFAULTS["pdl"] and "nopdl" not in tags)
         pdl.EARLY = "early" in tags or (DEFAULTS["early"] and "noearly" not in tags)
         int4.FUSE_SWIGLU = "unfused" not in tags
-        int4.FUSE_NORM = "norm" in tags
         sampler_mod.RACE = "norace" not in tags
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
@@ -1027,7 +931,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             q.free_gpu()
         pdl.ENABLED, pdl.EARLY = DEFAULTS["pdl"], DEFAULTS["early"]
         int4.FUSE_SWIGLU = True
-        int4.FUSE_NORM = False
         sampler_mod.RACE = True
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         w4.TUNED.clear()

@@ -89,62 +89,6 @@ def _add_norm_kernel(
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def norm_tile(last, offs, mask, y_ptr, residual_ptr, weight_ptr, sum_ptr):
-    """A batch-1 GEMV's epilogue doing the residual add and the row-local half of Llama's RMSNorm for the tile
-    `offs` of its output row, in the program that wrote the tile's final values (`last`): h = y + residual
-    (rounded to the model dtype) into residual, weight * h (rounded) into y's place, and sum(h^2) added into
-    sum_ptr (float32, at L2). The other half, the scale rsqrt(sum / N + eps), is the next GEMV's (`norm_scale`):
-    weight * h * rstd is the norm's output, so the next GEMV multiplies its sums by rstd. No program waits for
-    another: each tile is done where it is written."""
-    if last:
-        tl.debug_barrier()  # the tile's values, stored by whichever threads held them, are read back below
-        dt = residual_ptr.dtype.element_ty
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        h = (y + r).to(dt)
-        tl.store(residual_ptr + offs, h, mask=mask)
-        hf = tl.where(mask, h.to(tl.float32), 0.0)
-        tl.store(y_ptr + offs, (w * hf).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_add(sum_ptr, tl.sum(hf * hf, axis=0), sem="relaxed")
-
-
-@triton.jit
-def norm_scale(sum_ptr, n_norm, eps):
-    """rsqrt(sum / n_norm + eps) from the previous GEMV's `norm_tile` sums (read at L2), for a GEMV whose input is
-    weight * h: its sums times this are the product with the RMSNorm's output."""
-    return tl.rsqrt(tl.atomic_add(sum_ptr, 0.0, sem="relaxed") / n_norm + eps)
-
-
-@triton.jit
-def norm_scale_done(last, sum_ptr, counter_ptr, tiles):
-    """The consumer's end: each program that wrote a tile's final values counts it; the one counting the last of
-    `tiles` zeroes the sum and the counter for the next layer (every program read the sum before its tile
-    could complete)."""
-    if last:
-        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-        if done == tiles - 1:
-            tl.store(sum_ptr, 0.0)
-            tl.store(counter_ptr, 0)
-
-
-def norm_ref_tile(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """norm_tile's work by torch ops (where the GEMV cannot do it in its epilogue): residual updated in place,
-    sum(h^2) added into sums [1], weight * h returned."""
-    h = (y.float() + residual.float()).to(residual.dtype)
-    residual.copy_(h)
-    sums += h.float().pow(2).sum()
-    return (weight.float() * h.float()).to(y.dtype)
-
-
-def norm_ref_scale(x: torch.Tensor, n: int, eps: float, sums: torch.Tensor) -> torch.Tensor:
-    """norm_scale's work by torch ops, for a GEMV that cannot: x * rsqrt(sums / n + eps), rounded; sums zeroed."""
-    out = (x.float() * torch.rsqrt(sums / n + eps)).to(x.dtype)
-    sums.zero_()
-    return out
-
-
 def _check(x, residual, weight, bias):
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [num_tokens, hidden] with a contiguous last dim; got {tuple(x.shape)}")

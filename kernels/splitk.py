@@ -25,20 +25,17 @@ def splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_pt
     Not SPLIT (split_k == 1): straight to out. ATOMIC: through the workspace ws [M, N] float32 (zero on entry) and
     cnt [tiles] int32; the last of the split_k programs of the tile reads the sums back (an atomic add of zero, so it
     reads what the others added at L2), writes out and zeroes the workspace and counter. Otherwise out is a
-    [split_k, M, N] float32 buffer of partials the caller sums. Returns whether this program wrote the tile's
-    final values to out (a GEMV's epilogue may go on from there: kernels/fused_norm.py's `norm_tile`)."""
+    [split_k, M, N] float32 buffer of partials the caller sums."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     rows = offs_m[:, None].to(tl.int64)
     if not SPLIT:
         tl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-        last = tile >= 0
     elif ATOMIC:
         ws = ws_ptr + rows * N + offs_n[None, :]
         tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
         tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
         done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        last = done == split_k - 1
-        if last:
+        if done == split_k - 1:
             total = tl.atomic_add(ws, tl.zeros_like(acc), mask=mask, sem="relaxed")  # read at L2, not L1
             tl.store(out_ptr + rows * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.store(ws, tl.zeros_like(acc), mask=mask)
@@ -46,8 +43,6 @@ def splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_os, ws_pt
     else:
         ptrs = out_ptr + tl.program_id(1) * stride_os + rows * stride_om + offs_n[None, :]
         tl.store(ptrs, acc, mask=mask)
-        last = tile < 0  # partial sums: no program holds final values
-    return last
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -60,7 +55,7 @@ def reserve(device: torch.device, elements: int) -> None:
     Called at load for every layer, before any graph is captured."""
     device = torch.device(device)
     have = _WORKSPACES.get(device)
-    if have is not None and have[0].numel() - 1 >= elements:  # (the last slot is `norm_sum`)
+    if have is not None and have[0].numel() >= elements:
         return
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"split-K workspace on {device} needs {elements} floats, holds "
@@ -68,29 +63,14 @@ def reserve(device: torch.device, elements: int) -> None:
     if have is not None:
         _RETIRED.append(have)
     n = max(elements, 1 << 16)
-    _WORKSPACES[device] = (torch.zeros(n + 1, dtype=torch.float32, device=device),  # the last: `norm_sum`
-                           torch.zeros(n + 1, dtype=torch.int32, device=device))  # the last: `grid_counter`
+    _WORKSPACES[device] = (torch.zeros(n, dtype=torch.float32, device=device),
+                           torch.zeros(n, dtype=torch.int32, device=device))
 
 
 def workspace(device: torch.device, elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The device's (sums, counters), grown to `elements` first when outside a capture."""
     reserve(device, elements)
     return _WORKSPACES[torch.device(device)]
-
-
-def grid_counter(device: torch.device) -> torch.Tensor:
-    """[1] int32, zero between launches: a kernel's count of its output tiles done, so that the program finishing
-    the last one can end the launch's work (kernels/fused_norm.py's `norm_scale_done`). The slot after the tile
-    counters, which no tile reaches (there are at most as many tiles as sums)."""
-    counters = workspace(device, 1)[1]
-    return counters[counters.numel() - 1:]
-
-
-def norm_sum(device: torch.device) -> torch.Tensor:
-    """[1] float32, zero between a norm's producer and consumer pairs: the sum of squares of a row that one GEMV
-    leaves for the next (kernels/fused_norm.py's `norm_tile` and `norm_scale`). The slot after the sums."""
-    sums = workspace(device, 1)[0]
-    return sums[sums.numel() - 1:]
 
 
 def outputs(x: torch.Tensor, m: int, n: int, split: int, atomic: bool):
@@ -131,4 +111,4 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["splitk_store", "reserve", "workspace", "grid_counter", "norm_sum", "outputs", "finish", "split_for", "sm_count"]
+__all__ = ["splitk_store", "reserve", "workspace", "outputs", "finish", "split_for", "sm_count"]

@@ -22,7 +22,6 @@ import triton.language as tl
 
 from kernels import pdl as pdl_launch
 from kernels import splitk, w4a16_stream, w4a16_tc
-from kernels.fused_norm import norm_ref_scale, norm_ref_tile, norm_scale, norm_scale_done, norm_tile
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
 from kernels.w4a16_half2 import tile_sums_h2
 from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
@@ -354,11 +353,9 @@ def _w4a16_gemv2_kernel(
 def _w4a16_gemv3_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr,  # as in _w4a16_gemv_kernel; x is [1, K]
     N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift, inter,
-    res_ptr, nw_ptr, sum_ptr, gcnt_ptr, n_norm, eps,  # NORM / RSTD: as in kernels/w4a16_stream.py's gemv4
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
-    FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr,
-    RSTD: tl.constexpr,
+    FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -376,8 +373,7 @@ def _w4a16_gemv3_kernel(
     (the prefetch past a split's end is masked, its values unused); PDL and EVEN as in _w4a16_gemv2_kernel
     (EVEN: K % ROWS == 0). The per-tile arithmetic is kernels/w4a16_stream.py's `tile_sums` (FOLD there);
     GATED as in its gemv4: a column tile holds the same columns of the gate and up halves and the split that
-    completes it writes silu(gate) * up (through the workspace even unsplit). NORM and RSTD (unsplit or ATOMIC): the
-    two halves of the RMSNorm between two GEMVs (kernels/fused_norm.py's `norm_tile`, `norm_scale`), as in gemv4."""
+    completes it writes silu(gate) * up (through the workspace even unsplit)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
@@ -397,8 +393,6 @@ def _w4a16_gemv3_kernel(
         gdc_launch_dependents()
     if PDL >= 1:
         gdc_wait()
-    if RSTD:
-        rstd = norm_scale(sum_ptr, n_norm, eps)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in range(t_start, t_end):
         words = nxt
@@ -416,18 +410,12 @@ def _w4a16_gemv3_kernel(
             acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
                             s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG,
                             XPAIR, EVEN, HAS_PERM, FOLD)
-    if RSTD:
-        acc = acc * rstd
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
-        last = strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr,
-                          ws_ptr, cnt_ptr, BLOCK_N, GATED)
+        strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
+                   cnt_ptr, BLOCK_N, GATED)
     else:
-        last = splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n,
-                            split_k, SPLIT, ATOMIC)
-        if NORM:
-            norm_tile(last, offs_n, n_mask, out_ptr, res_ptr, nw_ptr, sum_ptr)
-    if RSTD:
-        norm_scale_done(last, sum_ptr, gcnt_ptr, tl.num_programs(0))
+        splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n,
+                     split_k, SPLIT, ATOMIC)
 
 
 @triton.jit
@@ -557,8 +545,7 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
-          gated: bool = False, qtc: torch.Tensor | None = None, norm: tuple | None = None,
-          rstd: tuple | None = None) -> torch.Tensor | None:
+          gated: bool = False, qtc: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -570,29 +557,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     projection, N = 2 * inter, gate columns first): -> silu(gate) * up [M, inter], in gemv3's (one-launch
     split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product. KERNEL "tc" (M = 1, tensor cores:
     kernels/w4a16_tc.py) reads `qtc`, the same weights in its layout (`pack_tc`); where it cannot run (no qtc,
-    act-order, a group size not a multiple of 64, fp32 x) the untuned config runs instead.
-    `norm` (residual [1, N], weight [N]): the first half of an RMSNorm after this GEMV (one row, not gated): returns
-    weight * h with h = y + residual (rounded to x's dtype), residual updated in place to h, and sum(h^2) added into
-    splitk.norm_sum; `rstd` (n, eps): the second half, in the GEMV that reads that: its output times
-    rsqrt(norm_sum / n + eps), norm_sum zeroed after. Together, the norm's output times the next weights without a
-    launch of its own (kernels/fused_norm.py). In the GEMV's epilogue where `norm_fusable`, else by torch ops."""
-    if norm is not None or rstd is not None:
-        n = qweight.shape[1]
-        if norm is not None and (gated or rstd is not None):
-            raise ValueError("norm: not with gated or rstd (the norm's sum would be read and written by one launch)")
-        if norm is not None and (norm[0].shape != (1, n) or norm[0].dtype != x.dtype or norm[0].stride(-1) != 1
-                                 or norm[1].shape != (n,)):
-            raise ValueError(f"norm: residual must be [1, {n}] in x's dtype ({x.dtype}) and weight [{n}], got "
-                             f"{norm[0].dtype} {tuple(norm[0].shape)} and {tuple(norm[1].shape)}")
-        cfg = dict(config or pick_config(x.shape[0] if x.dim() == 2 else -1, n, x.shape[-1], group_size, x.device))
-        if not norm_fusable(x, cfg):
-            sums = splitk.norm_sum(x.device)
-            if rstd is not None:
-                x = norm_ref_scale(x, rstd[0], rstd[1], sums)
-            y = w4a16(x, qweight, scales, zeros, group_size, perm, cfg, warmup, gated=gated, qtc=qtc)
-            return y if norm is None or warmup else norm_ref_tile(y, norm[0], norm[1].contiguous(), sums)
-        config = cfg
-        norm = None if norm is None else (norm[0], norm[1].contiguous())
+    act-order, a group size not a multiple of 64, fp32 x) the untuned config runs instead."""
     if config is None or config.get("KERNEL") == "tc":
         m = x.shape[0] if x.dim() == 2 else -1
         config = config or pick_config(m, qweight.shape[1], x.shape[-1], group_size, x.device)
@@ -646,7 +611,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         raise ValueError(f"the {kind} kernel takes M = 1, got M = {m}")
     if kind == "gemv4":
         pdl = cfg.pop("PDL", 2 if pdl_launch.on(x) else 0) if x.is_cuda else 0  # the interpreter has no PDL
-        return w4a16_stream.launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated, norm, rstd)
+        return w4a16_stream.launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated)
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (1 if kind.startswith("gemv") else triton.cdiv(m, cfg["BLOCK_M"]))
     split = cfg.pop("SPLIT_K", None)
     if split is None and kind == "gemv3":  # one-warp programs: about 8 per SM (the 8B winners: split-K 16-112)
@@ -691,9 +656,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
                       ASM=x.is_cuda)
         if pdl:
             consts["launch_pdl"] = True
-        consts.update(NORM=norm is not None, RSTD=rstd is not None)
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
-                           20, n // 2 if gated else n) + w4a16_stream.norm_args(out, norm, rstd)
+                           20, n // 2 if gated else n)
     elif kind == "gemv2":
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), qweight.stride(1), scales.stride(0),
                            stride_os, 150 << 23)
@@ -714,14 +678,6 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         return None
     kernel[(tiles, split)](*args, **consts)
     return splitk.finish(out, x.dtype)
-
-
-def norm_fusable(x: torch.Tensor, config: dict) -> bool:
-    """Whether `w4a16(x, ..., config=config)` does its `norm` or `rstd` half of an RMSNorm in the GEMV's epilogue:
-    one row (batch-1 decode) on the kernels whose output tiles are finished inside the launch (gemv4; gemv3
-    unsplit or with one-launch split-K)."""
-    kind = config.get("KERNEL")
-    return (x.dim() == 2 and x.shape[0] == 1 and (kind == "gemv4" or (kind == "gemv3" and config.get("ATOMIC", True))))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import splitk
-from kernels.fused_norm import norm_scale, norm_scale_done, norm_tile
 from kernels.w4a16_half2 import tile_sums_h2
 
 
@@ -171,13 +170,12 @@ def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_p
     `slot` (col * BLOCK_N + position); the program that completes the strip's count writes it out and leaves
     workspace and counter zeroed. GATED: what it writes is silu(gate) * up for the strip's BLOCK_N / 2
     outputs, rounded as kernels/silu_mul.py rounds (gate and up to x's dtype first, as the unfused GEMM
-    would store them). Returns whether this program wrote the strip."""
+    would store them)."""
     ws = ws_ptr + slot
     tl.atomic_add(ws, acc, mask=n_mask, sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
     done = tl.atomic_add(cnt_ptr + col, count, sem="acq_rel")
-    last = done + count == tpc
-    if last:
+    if done + count == tpc:
         dt = out_ptr.dtype.element_ty
         if GATED:
             half = tl.arange(0, BLOCK_N // 2)
@@ -194,7 +192,6 @@ def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_p
             tl.store(out_ptr + slot, tl.where(n_mask, total, 0.0).to(dt), mask=n_mask)
         tl.store(ws, tl.zeros_like(acc), mask=n_mask)
         tl.store(cnt_ptr + col, 0)
-    return last
 
 
 @triton.jit
@@ -206,20 +203,16 @@ def _w4a16_gemv4_kernel(
     out_ptr,  # [1, N] in x's dtype; GATED: [1, inter]
     ws_ptr, cnt_ptr,  # split-K workspace: strips * BLOCK_N float32 sums, a counter per strip (zero on entry and exit)
     N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre, inter,
-    res_ptr, nw_ptr, sum_ptr, gcnt_ptr, n_norm, eps,  # NORM: residual [N], norm weight [N]; the norm's sum and count
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
-    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr,
-    RSTD: tl.constexpr,
+    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
 ):
     """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
     (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
     T, JG, XPAIR, EVEN, HAS_PERM as in gemv3; L2: the prefetch hints are compiled in (not in the interpreter).
     GATED (the fused gate/up projection of a SwiGLU MLP, N = 2 * inter): each strip takes the same BLOCK_N / 2
     columns of the gate half and of the up half (`_strip_cols`), so the program that completes it writes
-    silu(gate) * up and the MLP skips its activation launch. NORM (not GATED): the program writing a strip also adds
-    the residual and leaves weight * h and sum(h^2) for the next GEMV (kernels/fused_norm.py's `norm_tile`); RSTD:
-    this GEMV is that next one, its sums times rsqrt(sum / n_norm + eps) (`norm_scale`), the sum zeroed at its end."""
+    silu(gate) * up and the MLP skips its activation launch."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
@@ -247,8 +240,6 @@ def _w4a16_gemv4_kernel(
         gdc_launch_dependents()
     if PDL >= 1:
         gdc_wait()
-    if RSTD:
-        rstd = norm_scale(sum_ptr, n_norm, eps)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     count = 0
     for i in range(i_start, i_end):
@@ -284,14 +275,8 @@ def _w4a16_gemv4_kernel(
                             XPAIR, EVEN, HAS_PERM, FOLD)
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
-            if RSTD:
-                acc = acc * rstd
-            last = strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
-                              BLOCK_N, GATED)
-            if NORM:
-                norm_tile(last, col * BLOCK_N + offs_b, n_mask, out_ptr, res_ptr, nw_ptr, sum_ptr)
-            if RSTD:
-                norm_scale_done(last, sum_ptr, gcnt_ptr, total // tpc)
+            strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
+                        BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
         col = col1
@@ -322,9 +307,9 @@ def half2_mode(h2: int, jg: int, dtype: torch.dtype, xpair: bool) -> tuple[int, 
     return h2, h2 == 2
 
 
-def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False, norm=None, rstd=None):
+def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
     """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
-    -> silu(gate) * up [1, N / 2] (N even); norm, rstd: `w4a16`'s halves of an RMSNorm. cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
+    -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
     default 8), L2_PRE (tiles, default 0), L2_DIST (tiles ahead, default 0), FOLD (the zero point off per
     group, not per weight: `_fold_nibble`), maxnreg. The L2 hints are compiled only on CUDA."""
     cfg = dict(cfg)
@@ -350,10 +335,10 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
     ws, cnt = splitk.workspace(x.device, strips * bn)
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt, n, k, group_size, tpc,
-            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter) + norm_args(out, norm, rstd)
+            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
                   XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold,
-                  H2=h2, ASM=on_gpu, NORM=norm is not None, RSTD=rstd is not None)
+                  H2=h2, ASM=on_gpu)
     if pdl:
         consts["launch_pdl"] = True
     if warmup:
@@ -363,12 +348,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     return out
 
 
-def norm_args(out: torch.Tensor, norm, rstd) -> tuple:
-    """The NORM / RSTD epilogues' kernel arguments for a GEMV writing `out` [1, N]: (residual, norm weight, the
-    norm's sum, grid counter, n, eps); `out` where a pointer is unused."""
-    residual, weight = norm if norm is not None else (out, out)
-    n, eps = rstd if rstd is not None else (1, 0.0)
-    return residual, weight, splitk.norm_sum(out.device), splitk.grid_counter(out.device), int(n), float(eps)
-
-
-__all__ = ["launch", "norm_args", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
+__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]

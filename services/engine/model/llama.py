@@ -93,13 +93,6 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.self_attn.o_proj.fp8_deferred_scales = True
         if isinstance(self.mlp, LlamaMLP):
             self.mlp.down_proj.fp8_deferred_scales = i != m.cfg.num_hidden_layers - 1
-        # A W4A16 block output at batch 1 is left to the next norm, which runs its GEMV with the residual add and the
-        # norm in the epilogue (quantization/int4.py's NormPending). Not through Granite's multiplier, nor the last
-        # layer's MLP output (the plain add in LlamaForCausalLM.run).
-        direct = self.residual_multiplier == 1.0
-        self.self_attn.o_proj.norm_after = direct
-        if isinstance(self.mlp, LlamaMLP):
-            self.mlp.down_proj.norm_after = direct and i != m.cfg.num_hidden_layers - 1
 
     @property
     def mlp_in(self):

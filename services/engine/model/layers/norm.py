@@ -35,18 +35,9 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_for=None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual). `quant_for`: the
         linear layer that alone reads the result; when it takes FP8 input (quantization/fp8.py,
-        takes_fp8_input) the fused kernel returns the result quantized for it, as an FP8Input. x may be a W4A16
-        GEMV left for this norm (quantization/base.py's NormPending): where `quant_for` takes it, the GEMV runs with
-        the add and weight * h in its epilogue and `quant_for`'s GEMV gets a NormScaled (the scale is its)."""
+        takes_fp8_input) the fused kernel returns the result quantized for it, as an FP8Input."""
         from services.engine.model.quantization.fp8 import FP8Output, dense, norm_fp8, takes_fp8_input
-        from services.engine.model.quantization.base import NormPending
-        from services.engine.model.quantization.int4 import takes_norm_scaled
 
-        if isinstance(x, NormPending):
-            if (residual is not None and self.fused and not (self.gemma or self.scale_in_float32) and self.tp is None
-                    and quant_for is not None and takes_norm_scaled(quant_for, 1)):
-                return x.with_norm(residual, self.weight, self.eps), residual  # residual updated in place
-            x = x.dense()
         scaled = isinstance(x, FP8Output)  # an FP8 GEMM's output whose scales are applied here, in the kernel
         raw = x.raw if scaled else x
         if self.fused and not (self.gemma or self.scale_in_float32) and self.tp is None and raw.dim() == 2:

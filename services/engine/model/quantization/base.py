@@ -1,42 +1,11 @@
 """What every quantization scheme shares: reading its config fields with errors that name them, choosing
-a weight method per linear layer by the layer's checkpoint names (ignore lists), and installing them; the
-deferred GEMM that a norm finishes (`NormPending`)."""
+a weight method per linear layer by the layer's checkpoint names (ignore lists), and installing them."""
 
 from __future__ import annotations
 
 import re
-from typing import Callable, NamedTuple
 
 import torch
-
-
-class NormPending(NamedTuple):
-    """A batch-1 GEMM not launched yet, left for the residual add + RMSNorm that alone reads its output
-    (layers/norm.py's RMSNorm): `with_norm` runs it with the add and the row-local half of the norm in its
-    epilogue, `dense` runs it plain (for any other reader: quantization/fp8.py's `dense`). Made by
-    quantization/int4.py for the layers the model marks `norm_after`."""
-
-    run: Callable  # run(None) -> the output [1, N]; run((residual [1, N], weight [N])) -> weight * (y + residual)
-    shape: tuple  # the output's shape
-
-    def dense(self) -> torch.Tensor:
-        return self.run(None).reshape(self.shape)
-
-    def with_norm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> "NormScaled":
-        """The norm's output as a NormScaled for the next GEMM, residual updated in place to y + residual."""
-        g = self.run((residual.view(1, -1), weight))
-        return NormScaled(g.reshape(self.shape), g.shape[-1], eps)
-
-
-class NormScaled(NamedTuple):
-    """An RMSNorm's output still to be scaled: x = weight * h, whose rows' sum(h^2) the GEMM that made it left in
-    kernels/splitk.py's norm_sum; the norm's output is x * rsqrt(sum / n + eps), which the next GEMM (the one the
-    norm was told reads it: its `quant_for`) applies to its own sums and then zeroes the sum. Only a layer whose
-    method says it takes one (quantization/int4.py's `takes_norm_scaled`) is given one."""
-
-    x: torch.Tensor  # [1, n]
-    n: int
-    eps: float
 
 
 class QuantConfig:

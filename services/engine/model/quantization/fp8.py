@@ -24,7 +24,7 @@ from kernels import fp8_fused, fp8_gemv, fp8_w8a8
 from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
 from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
-from services.engine.model.quantization.base import NormPending, QuantConfig, all_or_none, matches
+from services.engine.model.quantization.base import QuantConfig, all_or_none, matches
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -89,9 +89,8 @@ class FP8Output(NamedTuple):
 
 
 def dense(h):
-    """h itself, or an FP8Output with its scales applied, or a GEMM left for a norm (quantization/base.py's
-    NormPending) run."""
-    return h.dense() if isinstance(h, (FP8Output, NormPending)) else h
+    """h itself, or an FP8Output with its scales applied."""
+    return h.dense() if isinstance(h, FP8Output) else h
 
 
 FUSE_INPUT_QUANT = True

@@ -14,56 +14,21 @@ Each scheme's loader converts its own on-disk packing into this once, after load
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
-from kernels.w4a16 import norm_fusable, pack_int4, pick_config, reserve_workspace, w4a16, w4a16_reference
+import os
+
+from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
 from kernels.w4a16_tc import pack_tc
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
-from services.engine.model.quantization.base import NormPending, NormScaled
 
 BITS = 4
 FUSE_SWIGLU = True
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
-
-
-FUSE_NORM = os.environ.get("FOLIO_W4A16_FUSE_NORM", "0") == "1"
-"""At batch 1 the RMSNorm between two W4A16 GEMVs runs in their epilogues, not as a launch of its own: a layer the
-model marks `norm_after` (its output goes only to the next residual add + RMSNorm) leaves its GEMV to that norm as a
-NormPending; when the norm's reader (`quant_for`) `takes_norm_scaled`, the norm runs that GEMV with the residual
-add and weight * h in its epilogue and hands the reader a NormScaled, whose GEMV applies rsqrt(mean(h^2) + eps) to
-its sums (kernels/fused_norm.py's norm_tile, norm_scale). FOLIO_W4A16_FUSE_NORM=1 turns it on."""
-
-
-def _gemv(layer, x2: torch.Tensor, norm) -> torch.Tensor:
-    """A NormPending's run: the batch-1 GEMV, with the first half of the norm in its epilogue when `norm` is given."""
-    return w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, norm=norm)
-
-
-def takes_norm_scaled(layer, m: int) -> bool:
-    """Whether this layer's apply takes a NormScaled at m rows (the norm before it asks): a W4A16 layer on the GPU at
-    one row whose launch config can scale its sums in the epilogue, with FUSE_NORM on."""
-    method = getattr(layer, "method", None)
-    if not (FUSE_NORM and m == 1 and isinstance(method, Int4Layout) and hasattr(layer, "qweight")
-            and _kernels(layer.qweight)):
-        return False
-    k = layer.in_k
-    return norm_fusable(layer.qweight.new_empty(1, k), pick_config(1, layer.qweight.shape[1], k, layer.group_size,
-                                                                   layer.qweight.device))
-
-
-def _leaves_norm(layer, x2: torch.Tensor) -> bool:
-    """Whether `apply` returns a NormPending: on, marked by the model, one row on the GPU, no bias, one rank (no
-    all-reduce between the GEMV and the norm), and a launch config whose epilogue can do it."""
-    return (FUSE_NORM and getattr(layer, "norm_after", False) and x2.shape[0] == 1 and _kernels(x2)
-            and getattr(layer, "bias", None) is None and getattr(layer, "tp", None) is None
-            and norm_fusable(x2, pick_config(1, layer.qweight.shape[1], x2.shape[1], layer.group_size, x2.device)))
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -135,23 +100,14 @@ class Int4Layout:
         self.install(layer, q, scales, torch.full_like(scales, 8, dtype=torch.uint8), group, None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None):
-        rstd = None
-        if isinstance(x, NormScaled):  # the norm before this layer left its scale to this GEMV (takes_norm_scaled)
-            x, rstd = x.x, (x.n, x.eps)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         act = getattr(layer, "then_act", None)
         if (FUSE_SWIGLU and act is not None and act.fused and act.act is F.silu and bias is None
                 and x2.shape[0] == 1 and _kernels(x)):
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
-                      qtc=layer.qweight_tc, rstd=rstd)
+                      qtc=layer.qweight_tc)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
-        if rstd is not None:
-            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, rstd=rstd)
-            y = y.reshape(*shape[:-1], y.shape[-1])
-            return y if bias is None else y + bias
-        if _leaves_norm(layer, x2):
-            return NormPending(functools.partial(_gemv, layer, x2), (*shape[:-1], layer.qweight.shape[1]))
         if _kernels(x):
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, qtc=layer.qweight_tc)
         else:
