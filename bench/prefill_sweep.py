@@ -132,6 +132,7 @@ VARIANTS = [
     _cfg(**_FA3, s=3, tstore=True, ahead=True),
     _cfg(**_FA3, s=3, ahead=True),
     _cfg(**_FA3, s=3, dyn=True, ahead=True, tstore=True),
+    _cfg(**dict(_FA3, pingpong=False), s=3, tstore=True, ahead=True),  # the consumers free at item boundaries
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),  # the >= 1024 pick
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True),  # ... the next ticket taken early
     dict(_cfg(**_FA3, s=3, tstore=True, ahead=True), AGAIN=True),  # drift
