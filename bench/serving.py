@@ -167,9 +167,9 @@ class InProcess:
 
 # The first token's way through the stack, hop by hop (docs/router.md): client stamps, then the router's
 # and engine's (Timing.first_token_path), all on CLOCK_MONOTONIC. Each interval is named by its end.
-HOPS = ("client.arrival", "client.sent", "router.handler", "router.received", "router.engine_call", "engine.received", "engine.admitted",
+HOPS = ("client.arrival", "client.sent", "router.handler", "router.endpoint", "router.received", "router.engine_call", "engine.received", "engine.admitted",
         "engine.scheduled", "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg",
-        "router.chunk_ready", "router.sent", "client.received")
+        "router.chunk_ready", "router.head", "router.sent", "client.received")
 
 
 def hop_intervals(path: dict[str, int]) -> dict[str, float]:

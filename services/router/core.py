@@ -105,8 +105,10 @@ class RouterCore:
         return model
 
     def max_model_len(self, model: str) -> int | None:
-        """The context limit of the model's live engines (None: no live engine)."""
-        return next((m.max_model_len for m in self.list_models() if m.id == model), None)
+        """The context limit of the model's live engines (None: no live engine). (Asked twice per request on
+        the first token's way: one model's engines, not every model's card.)"""
+        engines = self.registry.models().get(model)
+        return max(e.max_model_len for e in engines) if engines else None
 
     def check_context(self, model: str, prompt_len: int, max_tokens: int | None, what: str = "prompt") -> None:
         """The prompt (and prompt + max_tokens) against the model's context limit, worded as vLLM does."""

@@ -45,6 +45,8 @@ class RegistryClient:
         self._suspects: dict[str, float] = {}
         self._local_resv: dict[str, int] = {}
         self._task: asyncio.Task | None = None
+        self._models: dict[str, list[EngineRecord]] = {}
+        self._models_of: list[EngineRecord] | None = None  # the view `_models` was built from
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="registry-refresh")
@@ -92,10 +94,13 @@ class RegistryClient:
         return set(self._suspects)
 
     def models(self) -> dict[str, list[EngineRecord]]:
-        out: dict[str, list[EngineRecord]] = {}
-        for e in self.view:
-            out.setdefault(e.model, []).append(e)
-        return out
+        """The view's engines by model (built once per view: every request asks, several times)."""
+        if self._models_of is not self.view:
+            out: dict[str, list[EngineRecord]] = {}
+            for e in self.view:
+                out.setdefault(e.model, []).append(e)
+            self._models, self._models_of = out, self.view
+        return self._models
 
     async def choose(self, model: str, request_id: str, blocks: int, exclude: set[str] = frozenset()) -> Choice | None:
         """Pick the engine with the most headroom and reserve `blocks` on it; None if no engine qualifies."""

@@ -218,9 +218,9 @@ def test_timing_header_gives_the_first_tokens_hops_in_order(http_stack):
     """With `x-folio-timing`, a streamed completion ends with an event carrying the first token's hops
     (docs/http.md): every hop of the gRPC API's Timing.first_token_path, the HTTP side's own first sight
     of the request and first write among them, in order, between the client's send and the first event."""
-    want = ["router.handler", "router.received", "router.engine_call", "engine.received", "engine.admitted",
-            "engine.scheduled", "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg",
-            "router.chunk_ready", "router.sent"]
+    want = ["router.handler", "router.endpoint", "router.received", "router.engine_call", "engine.received",
+            "engine.admitted", "engine.scheduled", "engine.first_token", "engine.dequeued", "engine.sent",
+            "router.engine_msg", "router.chunk_ready", "router.head", "router.sent"]
     body = {"model": MODEL, "prompt": random_prompt(20, seed=7), "max_tokens": 4, "temperature": 0, "stream": True}
     events, first = [], None
     with httpx.Client(timeout=120) as h:

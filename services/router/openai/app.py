@@ -57,7 +57,11 @@ class ApiKeyAndCount:
             nonlocal stamps
             if message["type"] == "http.response.start":
                 self.metrics.http_requests.labels(label, str(message["status"])).inc()
-            elif stamps is not None and message.get("body"):
+                await send(message)
+                if stamps is not None:  # the response's head is written (the first event goes next)
+                    stamps.append(("router.head", time.monotonic_ns()))
+                return
+            if stamps is not None and message.get("body"):
                 stamps.append(("router.sent", time.monotonic_ns()))
                 stamps = None
             await send(message)
@@ -124,6 +128,8 @@ def _generation_route(model: type[BaseModel], create):
     the CPU machine (docs/router.md); the errors are the same 400s (`from_validation_error`)."""
 
     async def endpoint(request: Request) -> Response:
+        if (stamps := request.scope.get("folio.stamps")) is not None:
+            stamps.append(("router.endpoint", time.monotonic_ns()))  # past the middleware and the routing
         try:
             body = model.model_validate_json(await request.body())
         except ValidationError as e:
