@@ -137,7 +137,7 @@ VARIANTS = [
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True),  # ... the next ticket taken early
     dict(_cfg(**_FA3, s=3, tstore=True, ahead=True), AGAIN=True),  # drift
 ]
-LAYOUT_CONFIGS = [_cfg(**_FA3, s=3, tstore=True, ahead=True), _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True)]
+LAYOUT_CONFIGS = [_cfg(**_FA3, s=3, tstore=True, ahead=True)]
 # Timed on every shape (the rest only on FOCUS; the Gluon ones only where there is no cached prefix).
 WIDE = [None]  # + Gluon: fresh only
 
