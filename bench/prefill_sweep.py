@@ -135,6 +135,7 @@ VARIANTS = [
     _cfg(**dict(_FA3, pingpong=False), s=3, tstore=True, ahead=True),  # the consumers free at item boundaries
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True),  # the >= 1024 pick
     _cfg(**_FA3, n=128, s=3, qbufs=1, dyn=True, ahead=True),  # ... the next ticket taken early
+    _cfg(**_FA3, n=128, s=2, dyn=True, ahead=True, tstore=True),  # 128-key tiles with TMA_STORE's 32 KB: two stages
     dict(_cfg(**_FA3, s=3, tstore=True, ahead=True), AGAIN=True),  # drift
 ]
 LAYOUT_CONFIGS = [_cfg(**_FA3, s=3, tstore=True, ahead=True)]
