@@ -669,8 +669,9 @@ def main() -> None:
                 run_s = 0.0  # the longest run of this variant so far: what the next one is expected to take
                 for run in range(args.runs):
                     took = time.perf_counter() - t_start
-                    if args.max_wall_s and runs[v] and took + run_s > args.max_wall_s:
-                        print(f"[{v}] stopping after {len(runs[v])} run(s): --max-wall-s {args.max_wall_s:g}")
+                    done_runs = len(runs[row(v, apis[0])])
+                    if args.max_wall_s and done_runs and took + run_s > args.max_wall_s:
+                        print(f"[{v}] stopping after {done_runs} run(s): --max-wall-s {args.max_wall_s:g}")
                         break
                     rows = {a: [] for a in apis}
                     inproc_s = 0.0
