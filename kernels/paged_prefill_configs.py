@@ -50,13 +50,19 @@ QUERY_BUCKETS = (1024, 4096)
 # pick's 86.0% and 100.6% in the same run; < 1024 tokens: 64-key tiles, three stages, the static walk: 82.7% (round 7:
 # 83.6%) on 32 x 512 against 78.1% (80.7%).
 # TRITON: the Triton pick each entry had before (rounds 5-6), for the launches the Gluon kernel does not serve.
+# Session 7, round 4 (bench/results/prefill_sweep_2026-11-29_h200_s7_round4.txt, 21:56 UTC): < 1024 tokens adds
+# TMA_STORE (each consumer's output through a staging buffer and TMA, not scattered 4-byte stores from the wgmma
+# layout) and AHEAD (the next item's mapping one item early): 101.4% of SDPA on 32 x 512 (100.0% with TMA_STORE
+# alone, 98.7% timed again last in the run) against this key's previous pick's 82.0-82.5% in the same run; the
+# >= 1024 keys keep their pick (AHEAD on it moved 8 x 2048 and 8192 within the run's drift).
 _WS_FRESH = dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2,
                  PINGPONG=True, PERSISTENT=1, HEAVY_FIRST=True,
                  TRITON=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2))
+_WS_SHORT_FRESH = dict(_WS_FRESH, TMA_STORE=True, AHEAD=True)
 _WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True,
                       TRITON=dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32))
 TABLE: dict[tuple, dict] = {
-    (128, 4, 2, False, 0): _WS_FRESH,
+    (128, 4, 2, False, 0): _WS_SHORT_FRESH,
     (128, 4, 2, False, 1): _WS_LONG_FRESH,
     (128, 4, 2, False, 2): _WS_LONG_FRESH,
 }
