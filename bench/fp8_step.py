@@ -1,9 +1,10 @@
 """FP8 launches taken out of the decode step (one H200, Llama-3-8B shape), checked on the GPU before they are timed:
 q/k/v's FP8 scales applied by the rotary + cache kernel (tensor-wise cuBLAS GEMM instead of row-wise; DEFER_MAX_M
-in quantization/fp8.py) and o_proj's input quantized by the decode attention kernel (ATTENTION_QUANT; each
-sequence's last program quantizes its row). Then the fixed workload (256 x 256 in / 256 out) for bf16, FP8 weights
-as committed, and FP8 weights with both off, in one run. A change whose check fails is switched off for the
-engines and counted as a failure.
+in quantization/fp8.py; on), o_proj's input quantized by the decode attention kernel (ATTENTION_QUANT; off), and
+SwiGLU + FP8 in one launch (kernels/fp8_fused.py, "ONE" configs; off: docs/quantization.md). Then the fixed
+workload (256 x 256 in / 256 out) for bf16, FP8 weights as committed, and FP8 weights with this stop's changes off,
+in one run, on the engine's defaults. A change whose check fails is switched off for the engines and counted as a
+failure.
 
     python bench/fp8_step.py [--json PATH] [--budget 80] [--sections qkv ...] [--engines bf16 fp8 "fp8 before"]
 """
