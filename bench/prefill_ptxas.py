@@ -88,10 +88,6 @@ def compile_gluon(cfg: dict):
     desc = TensorDescriptor(t, [64, 8 * D], [t.stride(0), 1], [bn, D], pg._smem_layout(bn, D, True))
     qt = torch.empty(64, 32 * D, dtype=torch.bfloat16)
     q_desc = TensorDescriptor(qt, [64, 32 * D], [qt.stride(0), 1], [64 // GROUP, D], pg._smem_layout(64 // GROUP, D, True))
-    narrow = int(cfg.get("NARROW_TAIL") or 0) if int(cfg.get("OVERLAP_QK") or 0) == 2 else 0
-    narrow_load = bool(narrow and cfg.get("NARROW_LOAD"))
-    box = bn >> narrow if narrow_load else bn
-    n_desc = TensorDescriptor(t, [64, 8 * D], [t.stride(0), 1], [box, D], pg._smem_layout(box, D, True))
     if cfg.get("GLUON_WS"):
         kernel = pg._prefill_ws_kernel
         consts = dict(GROUP=GROUP, BLOCK_Q=128 // GROUP, BLOCK_N=bn, HEAD_DIM=D, STAGES=cfg["num_stages"],
@@ -99,7 +95,6 @@ def compile_gluon(cfg: dict):
                       MASK_BRANCH=cfg.get("ONE_LOOP") == 2, OVERLAP=int(cfg.get("OVERLAP_QK") or 0),
                       PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
                       DYNAMIC=bool(cfg.get("PERSISTENT") and cfg.get("DYNAMIC")),
-                      NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
                       AHEAD=bool(cfg.get("PERSISTENT") and cfg.get("AHEAD")),
                       TMA_STORE=bool(cfg.get("TMA_STORE")),
                       CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
@@ -111,7 +106,6 @@ def compile_gluon(cfg: dict):
                       MASK_BRANCH=cfg.get("ONE_LOOP") == 2, num_warps=cfg["num_warps"])
     names = kernel.arg_names
     sig = {n: ("constexpr" if n in consts else mangle_type(desc) if n in ("k_desc", "v_desc") else
-               mangle_type(n_desc) if n in ("kn_desc", "vn_desc") else
                mangle_type(q_desc) if n == "o_desc" else
                mangle_type(q_desc) if n == "q_desc" else
                "*i32" if n in ("query_start_loc_ptr", "counter_ptr") else "*bf16" if n.endswith("_ptr") else

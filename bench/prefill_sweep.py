@@ -62,14 +62,14 @@ FOCUS = ("short", "prefill", "long")  # every variant is timed here; the others 
 def _cfg(new_kv="tma", m=128, n=64, w=8, s=2, pack=True, blockwise=False, reverse=True, lazy=False, maxnreg=128,
          seq_vec=32, n_paged=None, pair=False, qs=False, loop_stages=0, unroll=0, ws=False, overlap=False,
          tail=None, one=0, persist=0, gluon=False, pv_async=False, heavy=False, gws=False, pingpong=False, qbufs=2,
-         dyn=False, narrow=0, nload=False, qregs=False, ahead=False, tstore=False):
+         dyn=False, ahead=False, tstore=False):
     """A full config for paged_prefill (every key set, so the table's BASE never leaks in); the defaults are BASE."""
     return dict(NEW_KV=new_kv, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, PACK_GQA=pack,
                 BLOCKWISE=blockwise, REVERSE=reverse, LAZY_RESCALE=lazy, maxnreg=maxnreg, SEQ_VEC=seq_vec,
                 BLOCK_N_PAGED=n_paged, PAIR_TILES=pair, Q_SCALED=qs, LOOP_STAGES=loop_stages, LOOP_UNROLL=unroll,
                 LOOP_WS=ws, OVERLAP_QK=overlap, BLOCK_N_TAIL=tail, ONE_LOOP=one, PERSISTENT=persist, GLUON=gluon,
                 PV_ASYNC=pv_async, HEAVY_FIRST=heavy, GLUON_WS=gws, WS_REGS=None, PINGPONG=pingpong, Q_BUFS=qbufs,
-                DYNAMIC=dyn, NARROW_TAIL=narrow, NARROW_LOAD=nload, Q_REGS=qregs, AHEAD=ahead, TMA_STORE=tstore)
+                DYNAMIC=dyn, AHEAD=ahead, TMA_STORE=tstore)
 
 
 def _name(c: dict | None) -> str:
@@ -94,8 +94,7 @@ def _name(c: dict | None) -> str:
                 + (" one2" if c.get("ONE_LOOP") == 2 else "") + (f" regs{c['WS_REGS']}" if c.get("WS_REGS") else "")
                 + (" persist" if c.get("PERSISTENT") else "") + (" heavy" if c.get("HEAVY_FIRST") else "")
                 + (f" qbuf{c['Q_BUFS']}" if c.get("Q_BUFS", 2) != 2 else "") + (" dyn" if c.get("DYNAMIC") else "")
-                + (f" narrow{c['NARROW_TAIL']}" if c.get("NARROW_TAIL") else "") + (" nload" if c.get("NARROW_LOAD") else "")
-                + (" qregs" if c.get("Q_REGS") else "") + (" ahead" if c.get("AHEAD") else "")
+                + (" ahead" if c.get("AHEAD") else "")
                 + (" tmastore" if c.get("TMA_STORE") else "")
                 + (" (again)" if c.get("AGAIN") else ""))
     return f"{'gluon' if c.get('GLUON') else c['NEW_KV']} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{flags}"
@@ -112,12 +111,9 @@ def _name(c: dict | None) -> str:
 # ping-pong and a dynamic queue reached 93.9% on 8 x 2048 and 108% at 8192; 64-key tiles with the static walk 82.7% on
 # 32 x 512; the table now picks those for fresh prompts. Round 9 times the table as the engine launches it against
 # the Triton picks it replaced, on every shape (the prefix ones keep BASE), and two 32 x 512 neighbours.
-# Session 7, rounds 1-2: the last key tile of an item computed only as wide as its keys (NARROW_TAIL: 1 = half of BLOCK_N,
-# 2 = also a quarter; 32 x 512 with 128-key tiles computed 5,120 keys per 4,096 the rows see, with 64-key tiles
-# 4,608; narrowed, 4,096 both), with NARROW_LOAD that tile also loaded only as wide (less L2 -> SM traffic), Q_REGS
-# (q in registers, its one buffer loading the next item's q under the whole item), AHEAD (the next item's ticket
-# taken one item early) and TMA_STORE (the output through shared memory and TMA), against the table's picks, on
-# 32 x 512 mostly, and on 8 x 2048 / 8192 (128-key tiles).
+# Session 7 (32 x 512, bench/results/prefill_2026-11-29_h200.md): rounds 1-3 timed an item's last key tile computed
+# and loaded only as wide as its keys and q held in registers (removed: they lost on every shape, and the 64-key
+# build with two q buffers computed wrong values), AHEAD and TMA_STORE; round 4 the last two on the table's picks.
 # Triton 3.6's tl.range(warp_specialize=True) is not timed again: upstream's persistent-matmul tutorial says it
 # "only works on Blackwell right now. On older GPUs, this will use software pipelining" (round 3: the same build).
 _WS = dict(gluon=True, gws=True, maxnreg=None, one=2, persist=1)  # the persistent warp-specialized Gluon kernel
@@ -125,9 +121,8 @@ _FA3 = dict(_WS, overlap=2, pingpong=True, heavy=True)  # FlashAttention-3's ord
 VARIANTS = [
     None,  # the dispatch table's pick for each shape
     _cfg(**_FA3, s=3),  # the table's < 1024 pick, explicitly
-    # Round 4: round 3's narrowed builds lost everywhere (32 x 512: 65-72% against the table's 84%), but the one with
-    # the output through TMA gained ~10 points on its siblings: TMA_STORE on the < 1024 pick (its 32 KB fit beside
-    # 64-key tiles), with AHEAD (the next item's mapping, or ticket, one item early)
+    # Round 4: TMA_STORE on the < 1024 pick (its 32 KB fit beside 64-key tiles), with AHEAD (the next item's mapping,
+    # or ticket, one item early); round 4's winner (101.4% on 32 x 512) is the table's < 1024 pick since
     _cfg(**_FA3, s=3, tstore=True),
     _cfg(**_FA3, s=3, tstore=True, ahead=True),
     _cfg(**_FA3, s=3, ahead=True),

@@ -292,14 +292,13 @@ def _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs, max_q_tiles, BLOCK_Q: 
 
 
 @gluon.jit
-def _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-                  item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
+def _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem, w,
+                  q_start, q_len, first_pos, kv_head, n, it, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr,
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
-                  DYNAMIC: gl.constexpr, NARROW_LOAD: gl.constexpr):
+                  DYNAMIC: gl.constexpr):
     """Producer, one runnable work item (the n-th this program runs): both halves of q into q buffer n % Q_BUFS
     (with DYNAMIC the item's index beside it, for the consumers), then its key tiles into ring slots it % STAGES,
-    ... each once its consumers freed it (with NARROW_LOAD the last one only as wide as NARROW_TAIL computes it, in
-    boxes of kn_desc / vn_desc's rows). Returns the tiles loaded so far."""
+    ... each once its consumers freed it. Returns the tiles loaded so far."""
     TQ: gl.constexpr = BLOCK_Q // 2
     for c in gl.static_range(2):
         buf = (n % Q_BUFS) * 2 + c
@@ -310,28 +309,10 @@ def _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sm
         for h in gl.static_range(GROUP):
             tma.async_copy_global_to_shared(q_desc, [q_start + first_pos + c * TQ, (kv_head * GROUP + h) * HEAD_DIM],
                                             q_ready.index(buf), q_smem.index(buf).slice(h * TQ, TQ))
-    kv_end = gl.minimum(first_pos + BLOCK_Q, q_len)
-    n_tiles = gl.cdiv(kv_end, BLOCK_N)
-    if NARROW_LOAD:
-        # The last tile only as wide as the consumers compute it (NARROW_TAIL's rule, in boxes of kn_desc's rows).
-        for j in range(n_tiles - 1):
-            it = _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, q_start + j * BLOCK_N,
-                               kv_head * HEAD_DIM, STAGES)
-        tail_keys = kv_end - (n_tiles - 1) * BLOCK_N
-        BOX: gl.constexpr = kn_desc.block_type.shape[0]
-        row0 = q_start + (n_tiles - 1) * BLOCK_N
-        if tail_keys <= BOX:
-            it = _ws_load_narrow(kn_desc, vn_desc, k_smem, v_smem, ready, empty, it, row0, kv_head * HEAD_DIM,
-                                 STAGES, 1)
-        elif tail_keys <= BLOCK_N // 2:  # NARROW_TAIL 2: a half tile, two quarter boxes
-            it = _ws_load_narrow(kn_desc, vn_desc, k_smem, v_smem, ready, empty, it, row0, kv_head * HEAD_DIM,
-                                 STAGES, BLOCK_N // 2 // BOX)
-        else:
-            it = _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, row0, kv_head * HEAD_DIM, STAGES)
-    else:
-        for j in range(n_tiles):
-            it = _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, q_start + j * BLOCK_N,
-                               kv_head * HEAD_DIM, STAGES)
+    n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
+    for j in range(n_tiles):
+        it = _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, q_start + j * BLOCK_N, kv_head * HEAD_DIM,
+                           STAGES)
     return it
 
 
@@ -345,22 +326,6 @@ def _ws_load_tile(k_desc, v_desc, k_smem, v_smem, ready, empty, it, row0, col, S
     mbarrier.expect(ready.index(slot), 2 * k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [row0, col], ready.index(slot), k_smem.index(slot))
     tma.async_copy_global_to_shared(v_desc, [row0, col], ready.index(slot), v_smem.index(slot))
-    return it + 1
-
-
-@gluon.jit
-def _ws_load_narrow(kn_desc, vn_desc, k_smem, v_smem, ready, empty, it, row0, col, STAGES: gl.constexpr,
-                    BOXES: gl.constexpr):
-    """Producer: as _ws_load_tile, the slot's first BOXES boxes of kn_desc's rows only (NARROW_LOAD's last tile)."""
-    BOX: gl.constexpr = kn_desc.block_type.shape[0]
-    slot = it % STAGES
-    mbarrier.wait(empty.index(slot), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
-    mbarrier.expect(ready.index(slot), 2 * BOXES * kn_desc.block_type.nbytes)
-    for b in gl.static_range(BOXES):
-        tma.async_copy_global_to_shared(kn_desc, [row0 + b * BOX, col], ready.index(slot),
-                                        k_smem.index(slot).slice(b * BOX, BOX))
-        tma.async_copy_global_to_shared(vn_desc, [row0 + b * BOX, col], ready.index(slot),
-                                        v_smem.index(slot).slice(b * BOX, BOX))
     return it + 1
 
 
@@ -379,11 +344,11 @@ def _get_item(item_smem, buf):
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-                 item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items,
-                 GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
-                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_LOAD: gl.constexpr, AHEAD: gl.constexpr):
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem,
+                 counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP: gl.constexpr,
+                 BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr, Q_BUFS: gl.constexpr,
+                 DYNAMIC: gl.constexpr, AHEAD: gl.constexpr):
     """Load every work item this program runs (n = items run so far, it = key tiles loaded so far). The items are
     program_id(0), then every num_programs(0)-th; with DYNAMIC, program_id(0), then the next untaken one from a
     global counter (heaviest first within a head group, so whichever program is free takes the heaviest left:
@@ -403,9 +368,9 @@ def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sme
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
             if run:
-                it = _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
-                                   ready, empty, item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP,
-                                   BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, Q_BUFS, DYNAMIC, NARROW_LOAD)
+                it = _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                                   item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP, BLOCK_Q, BLOCK_N,
+                                   HEAD_DIM, STAGES, Q_BUFS, DYNAMIC)
                 n += 1
             if AHEAD:
                 w = gl.max(gl.where(lanes == 0, ticket, -1), 0) + gl.num_programs(0)
@@ -429,9 +394,9 @@ def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sme
                                                                          num_seqs, max_q_tiles, BLOCK_Q, SEQ_VEC,
                                                                          HEAVY, SKIP_SINGLE, 1)
             if run:
-                it = _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
-                                   ready, empty, item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP,
-                                   BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, Q_BUFS, DYNAMIC, NARROW_LOAD)
+                it = _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                                   item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP, BLOCK_Q, BLOCK_N,
+                                   HEAD_DIM, STAGES, Q_BUFS, DYNAMIC)
                 n += 1
             w = w_next
             run, q_start, q_len, first_pos, kv_head = run_n, q_start_n, q_len_n, first_pos_n, kv_head_n
@@ -440,9 +405,9 @@ def _ws_producer(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_sme
             run, q_start, q_len, first_pos, kv_head = _ws_item(w, num_tiles, query_start_loc_ptr, num_seqs,
                                                                max_q_tiles, BLOCK_Q, SEQ_VEC, HEAVY, SKIP_SINGLE, 1)
             if run:
-                it = _ws_load_item(q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
-                                   ready, empty, item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP,
-                                   BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, Q_BUFS, DYNAMIC, NARROW_LOAD)
+                it = _ws_load_item(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+                                   item_smem, w, q_start, q_len, first_pos, kv_head, n, it, GROUP, BLOCK_Q, BLOCK_N,
+                                   HEAD_DIM, STAGES, Q_BUFS, DYNAMIC)
                 n += 1
 
 
@@ -467,124 +432,13 @@ def _turn_arrive(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n, m_i, l_i, acc, q_pos, first_pos, qk_scale,
-                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, C: gl.constexpr,
-                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr,
-                   PINGPONG: gl.constexpr):
-    """NARROW_TAIL's full-width part: key tiles 0 .. n - 1 (n >= 1) of the item from ring tile `it`, in
-    FlashAttention-3's order (as _ws_work's OVERLAP 2) up to, not including, the last tile's PV: returns
-    (acc, m_i, l_i, g, p_op), acc rescaled for tile n - 1 and p_op its PV's A operand."""
-    dtype: gl.constexpr = k_smem.dtype
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    slot0 = it % STAGES
-    mbarrier.wait(ready.index(slot0), (it // STAGES) & 1)
-    g = _turn_wait(turn, g, C, PINGPONG)
-    s = warpgroup_mma(q, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    _turn_arrive(turn, C, PINGPONG)
-    s = warpgroup_mma_wait(0, deps=(s,))
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, 0, q_pos, first_pos, qk_scale, s_layout, o_layout,
-                                       BLOCK_N, MASK_BRANCH)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)  # acc is still zero: no rescale
-    for j in range(1, n):
-        cur = (it + j) % STAGES
-        prev = (it + j - 1) % STAGES
-        mbarrier.wait(ready.index(cur), ((it + j) // STAGES) & 1)
-        g = _turn_wait(turn, g, C, PINGPONG)
-        s = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        _turn_arrive(turn, C, PINGPONG)
-        s = warpgroup_mma_wait(1, deps=(s,))  # QK^T(j) is done; PV(j - 1) may still run
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, acc, j, q_pos, first_pos, qk_scale, s_layout, o_layout,
-                                           BLOCK_N, MASK_BRANCH)
-        acc, p_old = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(empty.index(prev))
-        acc = acc * alpha[:, None]
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-    return acc, m_i, l_i, g, p_op
-
-
-@gluon.jit
-def _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, t, g, j, m_i, l_i, acc, p_prev, first_pos,
-                    qk_scale, o_layout: gl.constexpr, p_layout: gl.constexpr, C: gl.constexpr, TQ: gl.constexpr,
-                    ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HN: gl.constexpr, STAGES: gl.constexpr,
-                    MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr, HAS_PREV: gl.constexpr, Q_REGS: gl.constexpr):
-    """The item's last key tile j (ring tile t) when it holds at most HN (BLOCK_N / 2 or / 4) of the item's keys:
-    QK^T and PV over the slot's first HN keys only (the producer still loaded the whole tile), saving the wgmmas of
-    keys no row sees (32 x 512 fresh, 128-key tiles: 3 of every 4 items' last tiles). HAS_PREV: the previous tile's
-    PV (A operand p_prev, V in ring tile t - 1) is issued beside this QK^T, as in the full tiles' loop. Releases q's
-    buffer after the QK^T (Q_REGS: q is in registers, its buffer released already). Returns (acc, m_i, l_i, g) in the
-    full tiles' layouts."""
-    dtype: gl.constexpr = k_smem.dtype
-    row_layout: gl.constexpr = gl.SliceLayout(1, gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                           instr_shape=[16, BLOCK_N, 16]))
-    h_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HN, 16])
-    h_rows: gl.constexpr = gl.SliceLayout(1, h_layout)
-    q_pos = first_pos + C * TQ + gl.arange(0, ROWS, layout=h_rows) % TQ
-    slot = t % STAGES
-    mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-    g = _turn_wait(turn, g, C, PINGPONG)
-    if Q_REGS:
-        q = gl.convert_layout(q, gl.DotOperandLayout(operand_index=0, parent=h_layout, k_width=2))
-    s = warpgroup_mma(q, k_smem.index(slot).slice(0, HN).permute((1, 0)),
-                      gl.zeros([ROWS, HN], gl.float32, layout=h_layout), use_acc=False, is_async=True)
-    if HAS_PREV:
-        prev = (t - 1) % STAGES
-        acc = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
-        _turn_arrive(turn, C, PINGPONG)
-        s = warpgroup_mma_wait(1, deps=(s,))  # this QK^T is done; the previous PV may still run
-    else:
-        _turn_arrive(turn, C, PINGPONG)
-        s = warpgroup_mma_wait(0, deps=(s,))
-    if not Q_REGS:
-        mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
-    # Key tile j * (BLOCK_N // HN) of width HN starts tile j of width BLOCK_N (its positions, its mask).
-    p, alpha, m_h, l_h = _softmax_step(s, gl.convert_layout(m_i, h_rows), gl.convert_layout(l_i, h_rows), acc,
-                                       j * (BLOCK_N // HN), q_pos, first_pos, qk_scale, h_layout, o_layout, HN,
-                                       MASK_BRANCH)
-    if HAS_PREV:
-        acc, p_old = warpgroup_mma_wait(0, deps=(acc, p_prev))
-        mbarrier.arrive(empty.index(prev))
-    acc = acc * alpha[:, None]
-    g = _turn_wait(turn, g, C, PINGPONG)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(slot).slice(0, HN), acc,
-                        is_async=True)
-    _turn_arrive(turn, C, PINGPONG)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    mbarrier.arrive(empty.index(slot))
-    return acc, gl.convert_layout(m_h, row_layout), gl.convert_layout(l_h, row_layout), g
-
-
-@gluon.jit
-def _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles, tail_keys, m_i, l_i, acc, q_pos,
-               first_pos, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-               C: gl.constexpr, TQ: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HN: gl.constexpr,
-               STAGES: gl.constexpr, MASK_BRANCH: gl.constexpr, PINGPONG: gl.constexpr, Q_REGS: gl.constexpr):
-    """An item whose last tile holds at most HN keys: its full tiles, then that tile HN keys wide."""
-    if n_tiles > 1:
-        acc, m_i, l_i, g, p_op = _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n_tiles - 1, m_i, l_i,
-                                                acc, q_pos, first_pos, qk_scale, s_layout, o_layout, p_layout, C,
-                                                ROWS, BLOCK_N, STAGES, MASK_BRANCH, PINGPONG)
-        acc, m_i, l_i, g = _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it + n_tiles - 1, g,
-                                           n_tiles - 1, m_i, l_i, acc, p_op, first_pos, qk_scale, o_layout, p_layout,
-                                           C, TQ, ROWS, BLOCK_N, HN, STAGES, MASK_BRANCH, PINGPONG, True, Q_REGS)
-    else:
-        acc, m_i, l_i, g = _ws_narrow_tail(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, 0, m_i, l_i,
-                                           acc, acc, first_pos, qk_scale, o_layout, p_layout, C, TQ, ROWS, BLOCK_N,
-                                           HN, STAGES, MASK_BRANCH, PINGPONG, False, Q_REGS)
-    return acc, m_i, l_i, g
-
-
-@gluon.jit
 def _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf, it, g, q_start,
              q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C: gl.constexpr, GROUP: gl.constexpr,
              BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-             MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, NARROW_TAIL: gl.constexpr,
-             Q_REGS: gl.constexpr, TMA_STORE: gl.constexpr):
+             MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, TMA_STORE: gl.constexpr):
     """Consumer C, one work item whose q is in buffer buf (its q_ready waited for) and whose key tiles start at ring
     tile `it`: attend, release each ring slot once its PV wgmma is done and q's buffer after the last QK^T, store.
-    NARROW_TAIL (with OVERLAP 2): an item whose last key tile holds at most BLOCK_N // 2 of its keys computes that
-    tile at half width, with 2 at a quarter where its keys fit (_ws_narrow_tail); with it, Q_REGS holds q in
-    registers. TMA_STORE: a whole item's output leaves through out_smem and o_desc. Returns (it, g) after the item."""
+    TMA_STORE: a whole item's output leaves through out_smem and o_desc. Returns (it, g) after the item."""
     TQ: gl.constexpr = BLOCK_Q // 2
     ROWS: gl.constexpr = TQ * GROUP
     dtype: gl.constexpr = k_smem.dtype
@@ -597,44 +451,13 @@ def _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, 
     r_s = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
     o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    kv_end = gl.minimum(first_pos + BLOCK_Q, q_len)
-    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+    n_tiles = gl.cdiv(gl.minimum(first_pos + BLOCK_Q, q_len), BLOCK_N)
     q_pos = first_pos + C * TQ + r_s % TQ
     q = q_smem.index(buf)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    if OVERLAP == 2 and NARROW_TAIL > 0:
-        if Q_REGS:
-            # q into registers (the QK^T wgmmas' A operand) and its buffer released at once: the producer loads the
-            # next item's q under this whole item, not only after its last QK^T (with one q buffer per consumer).
-            q = q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-            mbarrier.arrive(q_empty.index(buf))
-        # The same item for both consumers, so both take the same branches (PINGPONG's sections stay paired).
-        tail_keys = kv_end - (n_tiles - 1) * BLOCK_N  # the item's keys in its last tile
-        if NARROW_TAIL > 1 and tail_keys <= BLOCK_N // 4:
-            acc, m_i, l_i, g = _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles,
-                                          tail_keys, m_i, l_i, acc, q_pos, first_pos, qk_scale, s_layout, o_layout,
-                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 4, STAGES, MASK_BRANCH, PINGPONG,
-                                          Q_REGS)
-        elif tail_keys <= BLOCK_N // 2:
-            acc, m_i, l_i, g = _ws_narrow(q, k_smem, v_smem, ready, empty, turn, q_empty, buf, it, g, n_tiles,
-                                          tail_keys, m_i, l_i, acc, q_pos, first_pos, qk_scale, s_layout, o_layout,
-                                          p_layout, C, TQ, ROWS, BLOCK_N, BLOCK_N // 2, STAGES, MASK_BRANCH, PINGPONG,
-                                          Q_REGS)
-        else:
-            acc, m_i, l_i, g, p_op = _ws_full_tiles(q, k_smem, v_smem, ready, empty, turn, it, g, n_tiles, m_i, l_i,
-                                                    acc, q_pos, first_pos, qk_scale, s_layout, o_layout, p_layout, C,
-                                                    ROWS, BLOCK_N, STAGES, MASK_BRANCH, PINGPONG)
-            if not Q_REGS:
-                mbarrier.arrive(q_empty.index(buf))  # every QK^T of the item is done: q's buffer may be refilled
-            last = (it + n_tiles - 1) % STAGES
-            g = _turn_wait(turn, g, C, PINGPONG)
-            acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-            _turn_arrive(turn, C, PINGPONG)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(empty.index(last))
-    elif OVERLAP == 2:
+    if OVERLAP == 2:
         slot0 = it % STAGES
         mbarrier.wait(ready.index(slot0), (it // STAGES) & 1)
         g = _turn_wait(turn, g, C, PINGPONG)
@@ -751,8 +574,7 @@ def _ws_consumer(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_e
                  C: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr,
                  SKIP_SINGLE: gl.constexpr, MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr, Q_REGS: gl.constexpr,
-                 TMA_STORE: gl.constexpr, AHEAD: gl.constexpr):
+                 Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, TMA_STORE: gl.constexpr, AHEAD: gl.constexpr):
     """Half C of each work item's rows (TQ tokens x GROUP heads, head-major), item after item in the producer's
     order (with DYNAMIC the producer names each item beside its q; -1 ends). OVERLAP 1: the next tile's QK^T is
     issued before this tile's softmax; 2: FlashAttention-3's order, QK^T(j) and PV(j - 1) issued together, then
@@ -769,7 +591,7 @@ def _ws_consumer(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_e
             it, g = _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn,
                              (n % Q_BUFS) * 2 + C, it, g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot,
                              stride_oh, C, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG,
-                             NARROW_TAIL, Q_REGS, TMA_STORE)
+                             TMA_STORE)
             n += 1
             buf = (n % Q_BUFS) * 2 + C
             mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
@@ -789,8 +611,8 @@ def _ws_consumer(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_e
                 mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
                 it, g = _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf,
                                  it, g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
-                                 BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL,
-                                 Q_REGS, TMA_STORE)
+                                 BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG,
+                                 TMA_STORE)
                 n += 1
             w = w_next
             run, q_start, q_len, first_pos, kv_head = run_n, q_start_n, q_len_n, first_pos_n, kv_head_n
@@ -803,22 +625,20 @@ def _ws_consumer(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_e
                 mbarrier.wait(q_ready.index(buf), (n // Q_BUFS) & 1)
                 it, g = _ws_work(out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_empty, ready, empty, turn, buf,
                                  it, g, q_start, q_len, first_pos, kv_head, qk_scale, stride_ot, stride_oh, C, GROUP,
-                                 BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG, NARROW_TAIL,
-                                 Q_REGS, TMA_STORE)
+                                 BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, MASK_BRANCH, OVERLAP, PINGPONG,
+                                 TMA_STORE)
                 n += 1
     if TMA_STORE:
         tma.store_wait(0)  # the staging buffer stays the program's until its last store has read it
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "max_q_tiles", "num_tiles", "num_items"])
-def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, o_desc, query_start_loc_ptr, out_ptr, counter_ptr,
-                       qk_scale,
+def _prefill_ws_kernel(q_desc, k_desc, v_desc, o_desc, query_start_loc_ptr, out_ptr, counter_ptr, qk_scale,
                        stride_ot, stride_oh, num_seqs, max_q_tiles, num_tiles, num_items,
                        GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        STAGES: gl.constexpr, SEQ_VEC: gl.constexpr, HEAVY: gl.constexpr, SKIP_SINGLE: gl.constexpr,
                        MASK_BRANCH: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                       Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, NARROW_TAIL: gl.constexpr,
-                       NARROW_LOAD: gl.constexpr, Q_REGS: gl.constexpr, AHEAD: gl.constexpr, TMA_STORE: gl.constexpr,
+                       Q_BUFS: gl.constexpr, DYNAMIC: gl.constexpr, AHEAD: gl.constexpr, TMA_STORE: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr,
                        num_warps: gl.constexpr):
     """Work items w = tile slot + num_tiles * kv head, from program_id(0) in steps of the grid (one item per
@@ -850,18 +670,17 @@ def _prefill_ws_kernel(q_desc, k_desc, v_desc, kn_desc, vn_desc, o_desc, query_s
                         item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 0, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS,
-                        TMA_STORE, AHEAD)),
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, TMA_STORE,
+                        AHEAD)),
         (_ws_consumer, (out_ptr, o_desc, out_smem, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn,
                         item_smem,
                         query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, qk_scale, stride_ot,
                         stride_oh, 1, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE,
-                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, NARROW_TAIL, Q_REGS,
-                        TMA_STORE, AHEAD)),
-        (_ws_producer, (q_desc, k_desc, v_desc, kn_desc, vn_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready,
-                        empty, item_smem, counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles,
-                        num_items, GROUP, BLOCK_Q, BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS,
-                        DYNAMIC, NARROW_LOAD, AHEAD)),
+                        MASK_BRANCH, OVERLAP, PINGPONG, Q_BUFS, DYNAMIC, TMA_STORE,
+                        AHEAD)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, item_smem,
+                        counter_ptr, query_start_loc_ptr, num_seqs, max_q_tiles, num_tiles, num_items, GROUP, BLOCK_Q,
+                        BLOCK_N, HEAD_DIM, STAGES, SEQ_VEC, HEAVY, SKIP_SINGLE, Q_BUFS, DYNAMIC, AHEAD)),
     ], [4, 1], [CONSUMER_REGS, 24])
     for i in gl.static_range(2 * Q_BUFS):
         mbarrier.invalidate(q_ready.index(i))
@@ -888,22 +707,13 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     the producer keeps 24),
     PERSISTENT (1: one program per SM walking the items; with DYNAMIC each takes the next untaken item from a global
     counter rather than every num_programs-th: the heaviest left goes to whichever program is free), Q_BUFS (q buffers per consumer, default 2: the next
-    item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring), NARROW_TAIL (with
-    OVERLAP_QK 2; 1: an item's last key tile computed at half width where its keys fit, 2: also at a quarter),
-    NARROW_LOAD (with NARROW_TAIL: that tile also loaded only as wide), Q_REGS (with NARROW_TAIL: each consumer
-    holds its q rows in registers, releasing the q buffer as the item starts), AHEAD (with PERSISTENT: DYNAMIC's
-    producer takes the next item's ticket before this item's loads, reading it after them; the static walk's producer
-    and consumers compute the next item's mapping one item early), TMA_STORE (a whole item's output through
+    item's q loads while this one's first tile runs; 1 frees 32 KB for a deeper K/V ring), AHEAD (with PERSISTENT:
+    DYNAMIC's producer takes the next item's ticket before this item's loads, reading it after them; the static walk's
+    producer and consumers compute the next item's mapping one item early), TMA_STORE (a whole item's output through
     a staging buffer per consumer and TMA, where out allows it; 32 KB of shared memory). max_q_tiles > 0:
     HEAVY_FIRST's mapping."""
     if cfg["num_stages"] < 2:
         raise ValueError(f"the Gluon prefill kernel's ring needs num_stages >= 2; got {cfg['num_stages']}")
-    narrow = int(cfg.get("NARROW_TAIL") or 0) if int(cfg.get("OVERLAP_QK") or 0) == 2 else 0
-    if narrow and (cfg["BLOCK_N"] != 128 or not (cfg.get("PERSISTENT") and cfg.get("DYNAMIC"))):
-        # The only builds checked correct on the H200 (session 7): 64-key tiles on the static walk computed wrong
-        # values (deterministically, mostly for the items that keep their full last tile), for a reason not found.
-        raise ValueError(f"NARROW_TAIL needs BLOCK_N 128 with PERSISTENT and DYNAMIC; got BLOCK_N {cfg['BLOCK_N']}, "
-                         f"PERSISTENT {cfg.get('PERSISTENT')}, DYNAMIC {cfg.get('DYNAMIC')}")
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -915,13 +725,6 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
                                        [block_n, head_dim], layout) for t in (k, v))
     q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_dim], [q.stride(0), 1], [block_q // 2, head_dim],
                               _smem_layout(block_q // 2, head_dim, q.dtype == torch.bfloat16))
-    narrow_load = bool(narrow and cfg.get("NARROW_LOAD"))
-    kn_desc, vn_desc = k_desc, v_desc  # unused without NARROW_LOAD
-    if narrow_load:  # boxes of the narrowest tail NARROW_TAIL computes
-        box = block_n >> narrow
-        kn_desc, vn_desc = (TensorDescriptor(t, [num_tokens, num_kv_heads * head_dim], [t.stride(0), 1],
-                                             [box, head_dim], _smem_layout(box, head_dim, q.dtype == torch.bfloat16))
-                            for t in (k, v))
     tma_store = bool(cfg.get("TMA_STORE")) and out.stride(1) == head_dim and out.stride(2) == 1 and \
         out.stride(0) * out.element_size() % 16 == 0 and out.data_ptr() % 16 == 0
     o_desc = TensorDescriptor(out, [out.shape[0], num_heads * head_dim], [out.stride(0), 1], [block_q // 2, head_dim],
@@ -934,12 +737,11 @@ def prefill_fresh_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_st
     # DYNAMIC: the next item's index, counted from 0 by each launch (a memset; programs start at their own id)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else query_start_loc
     _prefill_ws_kernel[(programs,)](
-        q_desc, k_desc, v_desc, kn_desc, vn_desc, o_desc, query_start_loc, out, counter, scale * 1.4426950408889634,
+        q_desc, k_desc, v_desc, o_desc, query_start_loc, out, counter, scale * 1.4426950408889634,
         out.stride(0), out.stride(1), num_seqs, max_q_tiles, num_tiles, num_items,
         GROUP=group, BLOCK_Q=block_q, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=cfg["num_stages"], SEQ_VEC=seq_vec,
         HEAVY=max_q_tiles > 0, SKIP_SINGLE=bool(skip_single), MASK_BRANCH=cfg.get("ONE_LOOP") == 2,
         OVERLAP=int(cfg.get("OVERLAP_QK") or 0), PINGPONG=bool(cfg.get("PINGPONG")), Q_BUFS=int(cfg.get("Q_BUFS") or 2),
-        DYNAMIC=dynamic, NARROW_TAIL=narrow, NARROW_LOAD=narrow_load, Q_REGS=bool(narrow and cfg.get("Q_REGS")),
-        AHEAD=bool(cfg.get("PERSISTENT") and cfg.get("AHEAD")), TMA_STORE=tma_store,
+        DYNAMIC=dynamic, AHEAD=bool(cfg.get("PERSISTENT") and cfg.get("AHEAD")), TMA_STORE=tma_store,
         CONSUMER_REGS=int(cfg.get("WS_REGS") or 240), num_warps=4)
     return out

@@ -70,22 +70,15 @@ GLUON_CONFIGS = [
     # each program takes its next work item from a global counter (the producer names it to the consumers)
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, DYNAMIC=True, HEAVY_FIRST=True),
-    # an item's last key tile only as wide as its keys (a half or a quarter of a 128-key tile)
+    # the next item's ticket taken one item ahead
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
-         PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, HEAVY_FIRST=True, NARROW_TAIL=2),
-    # ... and that tile loaded only as wide (quarter boxes)
-    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
-         PERSISTENT=1, Q_BUFS=1, HEAVY_FIRST=True, NARROW_TAIL=2, NARROW_LOAD=True),
-    # q in registers (its buffer released as the item starts); the next item's ticket taken one item ahead
-    dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
-         PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, AHEAD=True, HEAVY_FIRST=True, NARROW_TAIL=2, NARROW_LOAD=True,
-         Q_REGS=True),
+         PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, AHEAD=True, HEAVY_FIRST=True),
     # whole items' output through a staging buffer per consumer and TMA (partial ones by plain stores); the static
     # walk's next item mapped one item early
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
          PERSISTENT=1, HEAVY_FIRST=True, TMA_STORE=True, AHEAD=True),
     dict(GLUON=True, GLUON_WS=True, BLOCK_N=128, num_stages=2, maxnreg=None, ONE_LOOP=2, OVERLAP_QK=2, PINGPONG=True,
-         PERSISTENT=1, Q_BUFS=1, DYNAMIC=True, HEAVY_FIRST=True, NARROW_TAIL=2, Q_REGS=True, TMA_STORE=True),
+         PERSISTENT=1, DYNAMIC=True, AHEAD=True, HEAVY_FIRST=True, TMA_STORE=True),
 ]
 
 

@@ -89,16 +89,3 @@ def test_a_gluon_entry_falls_back_to_its_triton_config(monkeypatch):
     assert seen == [(16, 0)]
     ref = pp.paged_prefill_ref(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, 0.3)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
-
-
-@pytest.mark.parametrize("cfg", [dict(BLOCK_N=64, PERSISTENT=1, DYNAMIC=True),  # 64-key tiles
-                                 dict(BLOCK_N=128, PERSISTENT=1, DYNAMIC=False)])  # the static walk
-def test_narrow_tail_refuses_the_builds_not_checked_correct(cfg):
-    # NARROW_TAIL computed wrong values on the H200 with 64-key tiles on the static walk (session 7) and is allowed
-    # only where it was checked correct: the launcher refuses the rest, naming the keys, before any GPU work.
-    from kernels import paged_prefill_gluon as pg
-
-    b = make_batch([20], [20], 8, 2, 32, 16, torch.float16, torch.device("cpu"))
-    full = dict(pc.BASE, GLUON=True, GLUON_WS=True, num_stages=3, OVERLAP_QK=2, NARROW_TAIL=2, **cfg)
-    with pytest.raises(ValueError, match="NARROW_TAIL needs BLOCK_N 128 with PERSISTENT and DYNAMIC"):
-        pg.prefill_fresh_ws(b.q, b.k, b.v, b.query_start_loc, 0.3, torch.empty_like(b.q), full)
