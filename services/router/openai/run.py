@@ -24,9 +24,9 @@ class Run:
 
     The tasks outlive a cancelled consumer only long enough to be cancelled themselves (`cancel()`),
     which closes each core stream and so the engine call. One generation (the common case) is read in
-    the consumer's own task instead (`inline`): a hand-over between tasks waits for a turn of the event
-    loop, ~0.5-1 ms of a first token on the H200 host with the router's other threads about (docs/router.md).
-    Not while tracing: the request's span must stay in one task (as services/router/batching.py)."""
+    the consumer's own task instead (`inline`): each hand-over between tasks waits for a turn of the event
+    loop, behind whatever else is queued there, on a first token's way. Not while tracing: the request's
+    span must stay in one task (as services/router/batching.py)."""
 
     def __init__(self, core: RouterCore, metrics: RouterMetrics, inputs: list[GenerateInput]):
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -148,8 +148,8 @@ class EventStream(Response):
     """A streamed (server-sent events) response over a `Run`, in the request's own task: it waits for every
     generation's first chunk (an error before it is an HTTP status, as `from_exception` maps it), then
     writes `events` as they come. A client that disconnects ends it, and with it the run, at once.
-    (Starlette's StreamingResponse writes from a task of its own, started behind a turn of the event loop,
-    after the handler's own wait for the first chunk in another: ~0.5-1 ms of a first token on the H200 host.)"""
+    (Starlette's StreamingResponse writes from a task of its own in an anyio task group, started behind a
+    turn of the event loop, after the handler's own wait for the first chunk in another task.)"""
 
     media_type = "text/event-stream"
 
