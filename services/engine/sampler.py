@@ -188,45 +188,45 @@ class Sampler:
             tokens[idx] = x[idx].argmax(dim=-1)
         idx = device_tensor(r_rows, x.device)
         probs = self._probs(x[idx], [seqs[i] for i in r_rows])
-        noise = torch.empty_like(probs)
-        unseeded = []
-        for j, i in enumerate(r_rows):
-            if seqs[i].params.seed is not None:
-                index = seqs[i].index if indexes is None else indexes[i]
-                noise[j].exponential_(generator=self._generator(seqs[i], index))
-            else:
-                unseeded.append(j)
-        if unseeded:
-            u = device_tensor(unseeded, x.device)
-            noise[u] = torch.empty((len(unseeded), vocab), device=x.device).exponential_(generator=self._global)
+        noise = self._noise(seqs, r_rows, indexes, vocab, x.device)
         # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race).
         tokens[idx] = (probs / noise).argmax(dim=-1)
         return tokens
 
     def _race_inputs(self, logits: torch.Tensor, seqs: list[Sequence], params: list,
                      indexes: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """sample_race's temperatures [N] and Exp(1) noise [N, V], 1 and 1 for greedy rows, the noise drawn as
-        `_draw` draws it (the same values, so a seed gives the same tokens either way): seeded rows from their
-        own sample's generator, in row order, the others in one draw from the global generator."""
+        """sample_race's temperatures [N] and Exp(1) noise [N, V] (`_noise`, as `_draw` draws it), 1 and 1 for
+        greedy rows."""
         n, vocab = logits.shape
         dev = logits.device
         r_rows = [i for i, p in enumerate(params) if not p.greedy]
         temps = device_tensor([1.0 if p.greedy else seqs[i].params.temperature for i, p in enumerate(params)], dev,
                               torch.float32)
-        if len(r_rows) == n and all(seqs[i].params.seed is None for i in r_rows):
-            return temps, torch.empty((n, vocab), device=dev).exponential_(generator=self._global)
+        if len(r_rows) == n:
+            return temps, self._noise(seqs, r_rows, indexes, vocab, dev)
         noise = torch.ones((n, vocab), device=dev)
-        unseeded = []
-        for i in r_rows:
+        if r_rows:
+            noise[device_tensor(r_rows, dev)] = self._noise(seqs, r_rows, indexes, vocab, dev)
+        return temps, noise
+
+    def _noise(self, seqs: list[Sequence], rows: list[int], indexes: list[int] | None, vocab: int,
+               device: torch.device) -> torch.Tensor:
+        """Exp(1) noise [len(rows), vocab] for the sampled rows `rows`, the one way both sampling paths draw it
+        (so a seed gives the same tokens on either): seeded rows from their own sample's generator, in row
+        order, the others in one draw from the global generator."""
+        unseeded = [j for j, i in enumerate(rows) if seqs[i].params.seed is None]
+        draw = lambda k: torch.empty((k, vocab), device=device, dtype=torch.float32).exponential_(  # noqa: E731
+            generator=self._global)
+        if unseeded and len(unseeded) == len(rows):  # (one draw, as for the unseeded rows below)
+            return draw(len(rows))
+        noise = torch.empty((len(rows), vocab), device=device, dtype=torch.float32)
+        for j, i in enumerate(rows):
             if seqs[i].params.seed is not None:
                 index = seqs[i].index if indexes is None else indexes[i]
-                noise[i].exponential_(generator=self._generator(seqs[i], index))
-            else:
-                unseeded.append(i)
+                noise[j].exponential_(generator=self._generator(seqs[i], index))
         if unseeded:
-            noise[device_tensor(unseeded, dev)] = torch.empty((len(unseeded), vocab), device=dev).exponential_(
-                generator=self._global)
-        return temps, noise
+            noise[device_tensor(unseeded, device)] = draw(len(unseeded))
+        return noise
 
     @staticmethod
     def _read_back(raw_logprobs: torch.Tensor, tokens: torch.Tensor, params: list, distinct) -> "DeviceSample":
