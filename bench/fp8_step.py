@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -378,15 +377,8 @@ def main() -> int:
     qb.free_gpu()
     result["throughput"] = engines(start, args.budget, args.engines,
                                    **({"mixed_cuda_graphs": False} if args.no_mixed_graphs else {}))
-    result["failures"] = failures
-    result["seconds"] = round(time.time() - start, 1)
-    path = args.json or os.path.join(BENCH, "results", f"fp8_step_{result['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    print(f"\n{len(failures)} check failure(s); {result['seconds']} s; wrote {path}")
-    for f in failures:
-        print("FAILED", f)
-    return 1 if failures else 0
+    return fw.finish(result, failures, start, args.json or os.path.join(BENCH, "results",
+                                                                         f"fp8_step_{result['date']}.json"))
 
 
 if __name__ == "__main__":

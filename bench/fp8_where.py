@@ -810,9 +810,14 @@ def main() -> int:
             result["kv_tokens_ratio"] = blocks["fp8 + fp8 KV"] / blocks["fp8"]
             print(f"  KV pool at 0.9 utilization, FP8 weights: {blocks['fp8']} blocks with a bf16 pool, "
                   f"{blocks['fp8 + fp8 KV']} with an fp8 pool ({result['kv_tokens_ratio']:.2f}x the tokens)")
+    return finish(result, failures, start, args.json or os.path.join(BENCH, "results",
+                                                                      f"fp8_where_{result['date']}.json"))
+
+
+def finish(result: dict, failures: list, start: float, path: str) -> int:
+    """Record the failures and the wall time, write the JSON, print the failures; the exit status."""
     result["failures"] = failures
     result["seconds"] = round(time.time() - start, 1)
-    path = args.json or os.path.join(BENCH, "results", f"fp8_where_{result['date']}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"\n{len(failures)} check failure(s); {result['seconds']} s; wrote {path}")
