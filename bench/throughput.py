@@ -300,6 +300,35 @@ def run_hf(model_dir, work, args):
     return n_out, secs, {"hf_batch": batch, "hf_requests": len(work)}
 
 
+def save_tokens(path: str, tokens: list) -> None:
+    lengths = np.asarray([len(t) for t in tokens], np.int64)
+    np.savez_compressed(path, tokens=np.asarray([t for ts in tokens for t in ts], np.int32), lengths=lengths)
+    print(f"output tokens of {len(tokens)} requests written to {path}", flush=True)
+
+
+def compare_tokens(path: str, tokens: list, work) -> dict:
+    """Where this run's tokens part from a saved run's: per differing request its index, prompt length, output
+    length and first differing position. Greedy on random weights: a kernel that rounds differently flips
+    near-ties late in a few requests; a wrong kernel makes most requests differ early."""
+    saved = np.load(path)
+    ends = np.cumsum(saved["lengths"])
+    old = np.split(saved["tokens"], ends[:-1])
+    if len(old) != len(tokens):
+        raise SystemExit(f"--compare-tokens: {path} holds {len(old)} requests, this run {len(tokens)}")
+    diffs = []
+    for i, (a, b) in enumerate(zip(old, tokens)):
+        b = np.asarray(b, np.int32)
+        if len(a) != len(b) or not np.array_equal(a, b):
+            n = min(len(a), len(b))
+            first = int(np.argmax(a[:n] != b[:n])) if not np.array_equal(a[:n], b[:n]) else n
+            diffs.append(dict(request=i, prompt_len=len(work[i][0]), output_len=int(len(b)), first_diff=first))
+    print(f"tokens vs {path}: {len(tokens) - len(diffs)}/{len(tokens)} requests identical", flush=True)
+    for d in diffs[:40]:
+        print(f"  request {d['request']}: prompt {d['prompt_len']}, output {d['output_len']}, "
+              f"first differs at output position {d['first_diff']}", flush=True)
+    return dict(identical=len(tokens) - len(diffs), requests=len(tokens), differing=diffs)
+
+
 def engine_option(text: str) -> tuple[str, object]:
     """NAME=VALUE -> (NAME, VALUE as an int, float or bool where it reads as one); NAME must be an EngineConfig field."""
     import dataclasses
@@ -368,8 +397,15 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "w4a16"],
                     help="weights: bf16 (none), FP8 made at load, or random GPTQ-layout 4-bit (docs/quantization.md)")
+    ap.add_argument("--save-tokens", metavar="PATH",
+                    help="write the first run's output token ids per request (npz) for a later --compare-tokens")
+    ap.add_argument("--compare-tokens", metavar="PATH",
+                    help="compare each run's greedy tokens with a --save-tokens file of the same workload: how many "
+                         "requests differ, and where each first differs")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.jsonl"))
     args = ap.parse_args()
+    if (args.save_tokens or args.compare_tokens) and len(args.shape) * len(args.workload) != 1:
+        ap.error("--save-tokens and --compare-tokens take one --shape and one --workload")
     if args.coarse_mixed_buckets:
         from services.engine import cuda_graphs
 
@@ -397,7 +433,11 @@ def main() -> None:
                 roof_s = ideal_roofline_seconds(work, SHAPES[shape], max_seqs, ceil) / args.tensor_parallel_size
                 if args.quantization != "none":  # the roofline counts bf16 weight bytes
                     roof_s = float("nan")
-                for run_index, (f_n, f_s, f_info, _) in enumerate(runs):
+                if args.save_tokens:
+                    save_tokens(args.save_tokens, runs[0][3])
+                for run_index, (f_n, f_s, f_info, tokens) in enumerate(runs):
+                    if args.compare_tokens:
+                        f_info = dict(f_info, tokens_diff=compare_tokens(args.compare_tokens, tokens, work))
                     folio_tps = f_n / f_s
                     rec = {"run_index": run_index,
                         "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

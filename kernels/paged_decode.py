@@ -44,6 +44,8 @@ MIN_TOKENS_PER_SPLIT = 512
 # 4.54-4.64 / 4.94 with 4-8 splits; the W4A16 engine's batch-1 decode 2.223 -> 2.126 ms/token with 128-token splits.
 MIN_TOKENS_PER_SPLIT_FEW = 64
 FEW_PROGRAMS_PER_SM = 1 / 8
+FEW_SPLITS_ENV = "FOLIO_DECODE_FEW_SPLITS"
+"""Set to 0 for A/B runs: MIN_TOKENS_PER_SPLIT for every launch, the rule before MIN_TOKENS_PER_SPLIT_FEW."""
 MAX_SPLITS = 64
 
 
@@ -353,7 +355,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: i
     if programs >= 2 * sms:
         return 1
     want = max(1, (4 * sms) // max(programs, 1))
-    shortest = MIN_TOKENS_PER_SPLIT_FEW if programs <= FEW_PROGRAMS_PER_SM * sms else MIN_TOKENS_PER_SPLIT
+    few = programs <= FEW_PROGRAMS_PER_SM * sms and os.environ.get(FEW_SPLITS_ENV, "1") != "0"
+    shortest = MIN_TOKENS_PER_SPLIT_FEW if few else MIN_TOKENS_PER_SPLIT
     most = max(1, max_seq_len // shortest)
     splits = min(want, most, MAX_SPLITS)
     return 1 << (splits.bit_length() - 1)  # round down to a power of two

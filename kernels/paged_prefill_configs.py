@@ -67,6 +67,10 @@ TABLE: dict[tuple, dict] = {
     (128, 4, 2, False, 2): _WS_LONG_FRESH,
 }
 
+SHORT_PICK_ENV = "FOLIO_PREFILL_SHORT_PICK"
+"""Set to "ws" for A/B runs: the < 1024 fresh key takes its pick from before session 7's round 4 (_WS_FRESH:
+no TMA_STORE, no AHEAD)."""
+
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
 
 
@@ -105,6 +109,8 @@ def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: boo
         table_key(head_dim, group, dtype, has_prefix, max_query_len))
     if entry is None or dtype == torch.float32:
         return default_config(head_dim, dtype)
+    if entry is _WS_SHORT_FRESH and os.environ.get(SHORT_PICK_ENV) == "ws":
+        entry = _WS_FRESH
     return dict(BASE, **entry)
 
 

@@ -1,0 +1,257 @@
+"""The 8B chat workload's attention kernels on the GPU: two kernel changes checked against float64, then decode
+splits timed at the chat's small batches.
+
+Checks (always first; exit status 1 if one fails):
+  prefill: the dispatch table's pick for fresh prompts under 1,024 tokens (Gluon, TMA_STORE + AHEAD) against the
+    pick it replaced (FOLIO_PREFILL_SHORT_PICK=ws: no TMA_STORE, no AHEAD) and a float64 reference, on the chat's
+    first step (its first prompts up to the 8,192-token budget) and other fresh-prompt batches. The two picks do
+    the same arithmetic per work item, so they should agree bit for bit.
+  decode: the split count the engine's graphs take at 1-2 sequences (MIN_TOKENS_PER_SPLIT_FEW) against the one
+    before (FOLIO_DECODE_FEW_SPLITS=0), one split, and a float64 reference, at the chat's tail contexts.
+Timing (`--budget` seconds): paged decode per launch (CUDA graph of LAYERS launches over their own KV pools, so the
+  KV is read from memory as in a step) at 1-128 sequences over chat-like contexts, for split counts 1-32, against
+  the count choose_num_splits gives the engine's graphs (max_seq_len = the chat's max_model_len).
+
+    python bench/chat_kernels.py --out bench/results/chat_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))  # paged_cases.make_batch, shared with the tests
+
+from bench.throughput import make_workload  # noqa: E402
+from kernels import paged_decode as pd  # noqa: E402
+from kernels import paged_prefill_configs as ppc  # noqa: E402
+from kernels.paged_prefill import paged_prefill  # noqa: E402
+
+HQ, HKV, D, BLOCK = 32, 8, 128, 16  # the 8B's attention
+CHAT_MAX_MODEL_LEN = 1024 + 1024 + 16  # bench/throughput.py: the longest prompt + output + 16
+SCALE = D ** -0.5
+DTYPE = torch.bfloat16  # the engine's; a CPU smoke run of these functions needs float16 (the interpreter has no bf16)
+
+
+def ref64_prefill(b) -> torch.Tensor:
+    """Causal attention of fresh prompts in float64 (k/v are the batch's new rows)."""
+    out = torch.zeros(b.q.shape, dtype=torch.float64, device=b.q.device)
+    qsl = b.query_start_loc.tolist()
+    for i in range(len(qsl) - 1):
+        s, e = qsl[i], qsl[i + 1]
+        q, k, v = (t[s:e].double() for t in (b.q, b.k, b.v))
+        k = k.repeat_interleave(HQ // HKV, 1)
+        v = v.repeat_interleave(HQ // HKV, 1)
+        sc = torch.einsum("qhd,nhd->hqn", q, k) * SCALE
+        n = e - s
+        sc = sc.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        out[s:e] = torch.einsum("hqn,nhd->qhd", sc.softmax(-1), v)
+    return out
+
+
+def ref64_decode(b) -> torch.Tensor:
+    out = torch.empty(b.q.shape, dtype=torch.float64, device=b.q.device)
+    for i, n in enumerate(b.seq_lens_cpu):
+        blocks = b.block_tables[i, : -(-n // BLOCK)].long()
+        k = b.kv_cache[0, blocks].reshape(-1, HKV, D)[:n].double().repeat_interleave(HQ // HKV, 1)
+        v = b.kv_cache[1, blocks].reshape(-1, HKV, D)[:n].double().repeat_interleave(HQ // HKV, 1)
+        sc = torch.einsum("hd,nhd->hn", b.q[i].double(), k) * SCALE
+        out[i] = torch.einsum("hn,nhd->hd", sc.softmax(-1), v)
+    return out
+
+
+def compare(name: str, outs: dict, ref: torch.Tensor, pair: tuple[str, str]) -> dict:
+    """Each output's largest error against float64 (bf16 tolerance of the tests), and whether the pair agrees bit for bit."""
+    from paged_cases import TOLERANCE
+
+    tol = TOLERANCE[DTYPE]
+    rec = {"case": name}
+    ok = True
+    for key, out in outs.items():
+        err = (out.double() - ref).abs()
+        bound = tol["atol"] + tol["rtol"] * ref.abs()
+        # A bf16 rounding of the float64 result is the best a kernel can return: its error, for scale.
+        best = (ref.to(DTYPE).double() - ref).abs().max().item()
+        rec[key] = dict(max_abs_err=err.max().item(), mean_abs_err=err.mean().item(), dtype_rounding=best,
+                        within_tol=bool((err <= bound).all()), nan=bool(out.isnan().any()))
+        ok &= rec[key]["within_tol"] and not rec[key]["nan"]
+    a, b = (outs[k] for k in pair)
+    rec["bitwise_equal"] = bool(torch.equal(a, b))
+    rec["elements_differing"] = int((a != b).sum())
+    rec["elements"] = a.numel()
+    rec["max_abs_diff"] = (a.double() - b.double()).abs().max().item()
+    rec["ok"] = ok
+    errs = ", ".join(f"{k} max err {v['max_abs_err']:.2e} (rounding to the dtype {v['dtype_rounding']:.1e})"
+                     for k, v in rec.items() if isinstance(v, dict))
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {errs}; {pair[0]} vs {pair[1]}: bitwise equal {rec['bitwise_equal']}, "
+          f"{rec['elements_differing']}/{rec['elements']} elements differ (max {rec['max_abs_diff']:.2e})", flush=True)
+    return rec
+
+
+def check_prefill(dev) -> list[dict]:
+    from paged_cases import make_batch
+
+    work = make_workload("chat", 128256, None)
+    first, total = [], 0
+    for p, _ in work:  # the first step's fresh prompts under the 8,192-token budget
+        if total + len(p) > 8192 or len(first) == 256:
+            break
+        first.append(len(p))
+        total += len(p)
+    cases = {f"chat first step ({len(first)} prompts, {total} tokens, longest {max(first)})": first,
+             "chat prompts 40-79": [len(p) for p, _ in work[40:80]],
+             "one 343-token prompt": [343], "one 1023-token prompt": [1023],
+             "32 x 512": [512] * 32, "lengths off the tiles": [1, 17, 63, 65, 129, 200, 511, 777, 1000]}
+    new, old = dict(ppc.BASE, **ppc._WS_SHORT_FRESH), dict(ppc.BASE, **ppc._WS_FRESH)
+    picked = ppc.select_config(D, HQ // HKV, DTYPE, False, 700)
+    assert picked == new, "the table's pick for fresh prompts under 1,024 tokens is not TMA_STORE + AHEAD"
+    recs = []
+    for name, lens in cases.items():
+        b = make_batch(lens, lens, HQ, HKV, D, BLOCK, DTYPE, dev)
+        outs = {}
+        for key, cfg in (("new_pick", new), ("old_pick", old)):
+            outs[key] = paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, SCALE,
+                                      config=cfg, k=b.k, v=b.v, has_prefix=False, max_query_len=max(lens))
+        recs.append(compare("prefill " + name, outs, ref64_prefill(b), ("new_pick", "old_pick")))
+    return recs
+
+
+def splits_rule(n: int, few: bool, sms: int) -> int:
+    prev = os.environ.get(pd.FEW_SPLITS_ENV)
+    os.environ[pd.FEW_SPLITS_ENV] = "1" if few else "0"
+    try:
+        return pd.choose_num_splits(n, HKV, CHAT_MAX_MODEL_LEN, sms)
+    finally:
+        if prev is None:
+            del os.environ[pd.FEW_SPLITS_ENV]
+        else:
+            os.environ[pd.FEW_SPLITS_ENV] = prev
+
+
+def check_decode(dev) -> list[dict]:
+    from paged_cases import make_batch
+
+    sms = pd.num_sms(dev)
+    cases = {"1 x 300": [300], "1 x 700": [700], "1 x 1500": [1500], "1 x 2047": [2047], "2 x (450, 1200)": [450, 1200],
+             "2 x (64, 1900)": [64, 1900]}
+    recs = []
+    for name, lens in cases.items():
+        b = make_batch(lens, [1] * len(lens), HQ, HKV, D, BLOCK, DTYPE, dev)
+        s_new, s_old = splits_rule(len(lens), True, sms), splits_rule(len(lens), False, sms)
+        outs = {f"splits_{s}": pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE, num_splits=s)
+                for s in dict.fromkeys((s_new, s_old, 1))}
+        rec = compare(f"decode {name} (graph rule: {s_new} splits, before: {s_old})", outs, ref64_decode(b),
+                      (f"splits_{s_new}", f"splits_{s_old}"))
+        rec.update(splits_new=s_new, splits_old=s_old)
+        recs.append(rec)
+    return recs
+
+
+def timing_pools(lens: list[int], layers: int, dev) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One random pool on the device with each layer's sequences in their own shuffled blocks: (kv_cache, seq_lens,
+    block tables per layer)."""
+    per_seq = [-(-n // BLOCK) for n in lens]
+    width = max(per_seq)
+    total = sum(per_seq) * layers
+    kv = torch.randn(2, total, BLOCK, HKV, D, device=dev, dtype=DTYPE)
+    perm = torch.randperm(total, device=dev).to(torch.int32)
+    tables, used = [], 0
+    for _ in range(layers):
+        t = torch.zeros(len(lens), width, dtype=torch.int32, device=dev)
+        for i, nb in enumerate(per_seq):
+            t[i, :nb] = perm[used:used + nb]
+            used += nb
+        tables.append(t)
+    return kv, torch.tensor(lens, dtype=torch.int32, device=dev), tables
+
+
+def time_decode(dev, budget_s: float, layers: int) -> list[dict]:
+    """Per-launch time of paged decode (its split reduce included) in a CUDA graph of `layers` launches, each over
+    its own blocks of one pool (as a step's layers read theirs)."""
+    sms = pd.num_sms(dev)
+    gen = torch.Generator().manual_seed(1)
+    t_end = time.perf_counter() + budget_s
+    recs = []
+    for batch in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128):
+        lens = torch.randint(200, 1800, (batch,), generator=gen).tolist()
+        kv, seq_lens, tables = timing_pools(lens, layers, dev)
+        q = torch.randn(batch, HQ, D, device=dev, dtype=DTYPE)
+        rule = splits_rule(batch, True, sms)
+        row = {"batch": batch, "rule": rule, "contexts_mean": sum(lens) / batch, "us": {}}
+        kv_bytes = sum(lens) * HKV * D * 2 * 2
+        for s in (1, 2, 4, 8, 16, 32):
+            if time.perf_counter() > t_end:
+                break
+            outs = [torch.empty_like(q) for _ in tables]
+
+            def step():
+                for t, o in zip(tables, outs):
+                    pd.paged_decode(q, kv, t, seq_lens, SCALE, num_splits=s, out=o)
+
+            step()  # compile outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+            for _ in range(3):
+                g.replay()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reps = 20
+            start.record()
+            for _ in range(reps):
+                g.replay()
+            stop.record()
+            torch.cuda.synchronize()
+            row["us"][s] = 1e3 * start.elapsed_time(stop) / (reps * layers)
+        if not row["us"]:
+            break
+        best = min(row["us"], key=row["us"].get)
+        row.update(best=best, best_over_rule=row["us"][best] / row["us"].get(rule, float("nan")),
+                   kv_GBps_best=kv_bytes / (row["us"][best] * 1e3))
+        print(f"decode {batch:4d} seqs (contexts mean {row['contexts_mean']:.0f}): "
+              + "  ".join(f"{s}:{u:6.1f}" for s, u in row["us"].items())
+              + f" us/launch; rule {rule}, best {best} ({row['best_over_rule']:.3f}x the rule's time)", flush=True)
+        recs.append(row)
+        del kv, tables
+    return recs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=25.0, help="seconds for the decode timing sweep")
+    ap.add_argument("--layers", type=int, default=16, help="launches per graph, each over its own KV pool")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_kernels.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/chat_kernels.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    rec = {"device": torch.cuda.get_device_name(dev),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python bench/chat_kernels.py " + " ".join(sys.argv[1:])}
+    failed = 0
+    if not args.skip_checks:
+        rec["checks"] = check_prefill(dev) + check_decode(dev)
+        failed = sum(not r["ok"] for r in rec["checks"])
+        print(f"checks: {len(rec['checks']) - failed} passed, {failed} failed ({time.perf_counter() - t0:.1f} s)",
+              flush=True)
+    rec["decode_splits"] = time_decode(dev, args.budget, args.layers)
+    rec["wall_s"] = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rec, indent=1))
+    print(f"wrote {args.out} ({rec['wall_s']:.1f} s)")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
