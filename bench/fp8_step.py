@@ -1,12 +1,14 @@
-"""FP8 launches taken out of the decode step (one H200, Llama-3-8B shape), checked on the GPU before they are timed:
-q/k/v's FP8 scales applied by the rotary + cache kernel (tensor-wise cuBLAS GEMM instead of row-wise; DEFER_MAX_M
-in quantization/fp8.py; on), o_proj's input quantized by the decode attention kernel (ATTENTION_QUANT; off), and
-SwiGLU + FP8 in one launch (kernels/fp8_fused.py, "ONE" configs; off: docs/quantization.md). Then the fixed
-workload (256 x 256 in / 256 out) for bf16, FP8 weights as committed, and FP8 weights with this stop's changes off,
-in one run, on the engine's defaults. A change whose check fails is switched off for the engines and counted as a
-failure.
+"""FP8's own launches in the decode and prefill steps (one H200, Llama-3-8B shape), checked on the GPU before they are
+timed or used: SwiGLU + FP8 in one launch (kernels/fp8_fused.py: ROW, whole rows per program, swept against the split
+launches at 256, 2,048 and 8,192 rows, the winner per row bucket applied to FP8_LAUNCH for the engines; ONE, the
+ticket-and-wait kernel, timed only), q/k/v's FP8 scales in the rotary + cache kernel, o_proj's input quantized by the
+decode attention kernel (ATTENTION_QUANT; off), the decode GEMMs. Then the fixed workload (256 x 256 in / 256 out)
+for bf16 and FP8 in one run on the engine's defaults, each engine watched (Watch: Triton compiles and the slowest
+steps inside the timed window), and while the budget lasts "fp8 one": session 7's round-2 engine (the one-launch
+SwiGLU above 1,024 rows, mixed graphs off), profiled, to show where its ~25% went. A change whose check fails is
+switched off for the engines and counted as a failure.
 
-    python bench/fp8_step.py [--json PATH] [--budget 80] [--sections qkv ...] [--engines bf16 fp8 "fp8 before"]
+    python bench/fp8_step.py [--json PATH] [--budget 80] [--sections swiglu gemm ...] [--engines bf16 fp8 "fp8 one"]
 """
 
 from __future__ import annotations
@@ -156,20 +158,35 @@ def attention_section(failures: list, batch: int = 256, ctx: int = 384) -> dict:
     return out
 
 
-SPLIT_LAUNCH = list(fp8_fused.FP8_LAUNCH)
-"""kernels/fp8_fused.py's table as committed, for the "fp8 before" engine (as split launches)."""
+SPLIT_LAUNCH = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}), (1 << 30, {"ROWS": 4, "BLOCK": 512, "num_warps": 4})]
+"""The split launches of session 7 (kernels/fp8_fused.py's table then): the sweep's baseline and the "fp8 before"
+engine's table."""
+
+
+def split_for(m: int) -> dict:
+    return dict(next(c for most, c in SPLIT_LAUNCH if m <= most))
 ONE_CONFIGS = [dict(ROWS=r, BLOCK=b, num_warps=w, ONE=True)
                for r, b, w in ((4, 512, 4), (2, 1024, 4), (1, 2048, 8), (4, 1024, 8), (8, 512, 4), (1, 1024, 4))]
+ROW_CONFIGS = [dict(ROWS=r, num_warps=w, ROW=True) for r, w in ((1, 8), (1, 16), (1, 32), (2, 16), (2, 32), (4, 32))]
+"""The one-launch SwiGLU + FP8 of whole rows per program (kernels/fp8_fused.py, ROW): the sweep's default."""
+BUCKET_BOUND = {64: 64, 256: 1024, 2048: 4096, 8192: 1 << 30}
+"""A measured row count -> the FP8_LAUNCH bound its winner is entered under."""
 
 
-def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=None, apply: bool = True) -> dict:
-    """SwiGLU + FP8 in one launch (kernels/fp8_fused.py, ONE) against the committed split launches at decode's and
-    prefill's row counts, on gate_up as the engine hands it over (unscaled where it defers its scales): every
-    config's bits against the split's and the software-rounding reference, then against the split again over 10
-    replays of a CUDA graph of 8 calls (a missed wait would differ); then µs per call. With `apply`, the fastest
-    config that passed replaces FP8_LAUNCH's entry for its row count (up to 1,024 rows, or above) where it beats
-    the split by 3%. `configs`: ONE_CONFIGS by default."""
-    configs = ONE_CONFIGS if configs is None else configs
+def config_name(cfg: dict) -> str:
+    if cfg.get("ROW"):
+        return f"row {cfg['ROWS']} w{cfg.get('num_warps', 4)}"
+    return f"{'one' if cfg.get('ONE') else 'split'} {cfg['ROWS']}x{cfg.get('BLOCK')} w{cfg.get('num_warps', 4)}"
+
+
+def swiglu_section(failures: list, ms=(256, 2048, 8192), inter: int = 14336, configs=None, apply: bool = True) -> dict:
+    """SwiGLU + FP8 in one launch (kernels/fp8_fused.py: ROW, whole rows per program; ONE, tiles waiting on their
+    row group) against the split launches at decode's, a mixed step's and prefill's row counts, on gate_up as the
+    engine hands it over (unscaled where it defers its scales): every config's bits against the split's and the
+    software-rounding reference, then against the split again over 10 replays of a CUDA graph of 8 calls (a missed
+    wait would differ); then µs per call. With `apply`, the fastest config that passed replaces FP8_LAUNCH's entry
+    for its row count's bucket (BUCKET_BOUND) where it beats the split by 3%. `configs`: ROW_CONFIGS by default."""
+    configs = ROW_CONFIGS if configs is None else configs
     from kernels import silu_mul as sm
 
     g = torch.Generator(device=DEV).manual_seed(9)
@@ -179,8 +196,7 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
         x = torch.zeros(m, 2 * inter, device=DEV, dtype=torch.bfloat16)
         sc = (torch.ones(m, 1, device=DEV), torch.ones(1, 2 * inter, device=DEV)) \
             if m <= fp8mod.DEFER_MAX_M.get((2 * inter, 4096), m) else None
-        base = next((c for most, c in fp8_fused.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT)
-        base = dict(base, ONE=False)
+        base = split_for(m)
         jobs += [lambda x=x, sc=sc, c=c: fp8_fused.silu_mul_fp8(x, scales=sc, split=c, warmup=True)
                  for c in [base] + configs]
     qb.precompile(jobs)
@@ -190,7 +206,7 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
                for _ in range(8)]
         sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01,
               torch.rand(1, 2 * inter, generator=g, device=DEV) * 0.01) if scaled else None
-        base = dict(next((c for most, c in fp8_fused.FP8_LAUNCH if m <= most), fp8_fused.SPLIT_DEFAULT), ONE=False)
+        base = split_for(m)
         want = fp8_quant.quantize_fp8_rows(sm.silu_mul(gus[0], scales=sc), hw_cvt=False)
         t = {"split": qb.graph_ms([lambda x=x: fp8_fused.silu_mul_fp8(x, scales=sc, split=base)
                                                for x in gus])}
@@ -222,15 +238,16 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
             qb.record(out["checks"], failures, ok, check="swiglu_one_bits", M=m, config=cfg)
             if not ok:
                 continue
-            key = f"one {cfg['ROWS']}x{cfg['BLOCK']} w{cfg['num_warps']}"
+            key = config_name(cfg)
             t[key] = qb.graph_ms([lambda x=x, cfg=cfg: fp8_fused.silu_mul_fp8(x, scales=sc, split=cfg) for x in gus])
-            if best is None or t[key] < best[1]:
+            if not cfg.get("ONE") and (best is None or t[key] < best[1]):  # ONE: timed, never applied
                 best = (cfg, t[key])
         rows.append(dict(M=m, scaled=scaled, ms=t, best=best))
         print(f"swiglu_fp8 M={m:<5} " + "  ".join(f"{k} {v * 1e3:.1f}us" for k, v in t.items()), flush=True)
-        if apply and best and best[1] < t["split"] * 0.97:  # rows 65..1024 (decode), or above
-            bound = 1024 if m <= 1024 else 1 << 30
-            fp8_fused.FP8_LAUNCH[:] = sorted([e for e in fp8_fused.FP8_LAUNCH if e[0] != bound] + [(bound, best[0])],
+        bound = next(b for mm, b in sorted(BUCKET_BOUND.items()) if m <= mm)
+        if apply:  # this bucket's winner (the split unless a config beats it by 3%)
+            pick = best[0] if best and best[1] < t["split"] * 0.97 else base
+            fp8_fused.FP8_LAUNCH[:] = sorted([e for e in fp8_fused.FP8_LAUNCH if e[0] != bound] + [(bound, pick)],
                                              key=lambda e: e[0])
         del gus
     out["ms"] = rows
@@ -286,40 +303,140 @@ class Counting:
         pd._launch, rk.rotary_and_cache = self.launch, self.rotary
 
 
-ENGINES = {"bf16": ("bf16", True), "fp8": ("fp8", True), "fp8 before": ("fp8", False)}
-"""label -> (weights, this stop's changes on)."""
+class Watch:
+    """While an engine serves the fixed workload: every Triton compile (kernel, constexprs, when, how long), every
+    engine step (wall time, sequences, tokens) and the generate() calls' windows, so that what happened inside the
+    timed window (the second generate: fw.throughput warms up first) can be told apart; with `profile`, a
+    torch.profiler CUDA trace of the timed window (its per-kernel table)."""
+
+    def __init__(self, profile: bool = False):
+        self.compiles, self.steps, self.windows, self.profile, self.prof = [], [], [], profile, None
+
+    def __enter__(self):
+        import triton
+
+        from folio import llm as folio_llm
+        from services.engine import engine as eng
+
+        self._knobs = triton.knobs.runtime
+        self._hooks = (self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook)
+        pending = {}
+
+        def before(**kw):  # returns None: the compile goes ahead
+            pending[id(kw.get("key"))] = time.perf_counter()
+
+        def after(**kw):
+            fn = kw.get("fn")
+            consts = (kw.get("compile") or {}).get("constants") or {}
+            t1 = time.perf_counter()
+            self.compiles.append({"kernel": getattr(fn, "name", str(fn)), "end": t1,
+                                  "seconds": t1 - pending.pop(id(kw.get("key")), t1),
+                                  "constexprs": {str(k): v for k, v in consts.items()
+                                                 if isinstance(v, (bool, int, float, str))}})
+
+        self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = before, after
+        self._eng, self._step = eng.LLMEngine, eng.LLMEngine.step
+        self._llm, self._gen = folio_llm.LLM, folio_llm.LLM.generate
+        watch = self
+
+        def step(engine, *a, **k):
+            t0 = time.perf_counter()
+            out = watch._step(engine, *a, **k)
+            watch.steps.append((t0, time.perf_counter() - t0, *engine.step_batch))
+            return out
+
+        def generate(llm, *a, **k):
+            timed = len(watch.windows) == 1 and watch.profile
+            t0 = time.perf_counter()
+            if timed:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    out = watch._gen(llm, *a, **k)
+                    torch.cuda.synchronize()
+                watch.prof = prof
+            else:
+                out = watch._gen(llm, *a, **k)
+            watch.windows.append((t0, time.perf_counter()))
+            return out
+
+        eng.LLMEngine.step, folio_llm.LLM.generate = step, generate
+        return self
+
+    def __exit__(self, *exc):
+        self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = self._hooks
+        self._eng.step, self._llm.generate = self._step, self._gen
+
+    def report(self, label: str) -> dict:
+        """Prints and returns what the timed window (the last generate) held: compiles, the slowest steps, the
+        step time by kind, and (profiled) the kernels by device time."""
+        if not self.windows:
+            return {}
+        a, b = self.windows[-1]
+        inside = [c for c in self.compiles if a <= c["end"] <= b]
+        steps = [st for st in self.steps if a <= st[0] <= b]
+        decode = sorted(d for _, d, seqs, tok in steps if tok == seqs > 0)
+        mixed = [d for _, d, seqs, tok in steps if tok != seqs]
+        out = {"compiles_before": len(self.compiles) - len(inside), "compiles_in_window": inside,
+               "steps": len(steps), "window_s": b - a, "mixed_steps_s": sum(mixed),
+               "decode_step_median_ms": 1e3 * decode[len(decode) // 2] if decode else None,
+               "slowest_steps": [dict(ms=1e3 * d, seqs=sq, tokens=tk) for _, d, sq, tk in
+                                 sorted(steps, key=lambda st: -st[1])[:6]]}
+        print(f"  {label}: {len(inside)} Triton compile(s) inside the timed window ({out['compiles_before']} before); "
+              f"{len(steps)} steps, mixed {sum(mixed):.3f} s, decode median {out['decode_step_median_ms'] or 0:.2f} ms",
+              flush=True)
+        for c in inside:
+            print(f"    compiled {c['kernel']} in {c['seconds']:.2f} s at +{c['end'] - a:.2f} s: "
+                  f"{str(c['constexprs'])[:160]}", flush=True)
+        print("    slowest steps: " + ", ".join(f"{r['ms']:.1f} ms ({r['seqs']} seqs, {r['tokens']} tok)"
+                                               for r in out["slowest_steps"]), flush=True)
+        if self.prof is not None:
+            rows = fw.kernels_of(self.prof, 1)
+            out["kernels_ms_per_run"] = rows[:25]
+            print(f"    timed window, device ms by kernel (whole run): " + "; ".join(
+                f"{r['kernel'][:48]} {r['ms']:.1f} ({r['calls']:.0f}x)" for r in rows[:14]), flush=True)
+        return out
+
+
+ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"),
+           "fp8 before": dict(weights="fp8", launch="split"),
+           "fp8 one": dict(weights="fp8", launch="one", engine_kw={"mixed_cuda_graphs": False}, profile=True)}
+"""label -> the engine: weights; `launch` (FP8_LAUNCH): as this run leaves it (default), session 7's split
+launches ("split"), or session 7's round-2 table with the ticket-and-wait one-launch SwiGLU above 1,024 rows
+("one"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window. "fp8 one" repeats
+round 2's engine (mixed graphs off), where that table cost the FP8 engine ~25%, with the compiles and steps
+inside the timed window recorded."""
+ONE_LAUNCH = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}), (1024, {"ROWS": 4, "BLOCK": 512, "num_warps": 4}),
+              (1 << 30, {"ROWS": 8, "BLOCK": 512, "num_warps": 4, "ONE": True})]
 
 
 def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), **engine_kw) -> list[dict]:
-    """The fixed workload on each engine of `labels`, in that order: bf16, FP8 as committed (with this run's
-    switches), FP8 with this stop's changes off ("fp8 before"). The first two always run; later ones while the
-    budget lasts. `engine_kw`: EngineConfig options for all (round 2 ran mixed_cuda_graphs=False; the target is
-    judged on the engine's defaults)."""
-    committed = (fp8mod.DEFER_MAX_M.get(QKV), fp8mod.ATTENTION_QUANT, list(fp8_fused.FP8_LAUNCH))
-    before = [(most, dict(c, ONE=False)) for most, c in SPLIT_LAUNCH]  # the split launches of the same tiles
+    """The fixed workload on each engine of `labels` (ENGINES), in that order, each watched (Watch). The first two
+    always run; later ones while the budget lasts. `engine_kw`: EngineConfig options for all (the target is judged
+    on the engine's defaults)."""
+    committed = list(fp8_fused.FP8_LAUNCH)
+    tables = {"split": SPLIT_LAUNCH, "one": ONE_LAUNCH}
     rows, cost = [], 22.0
     for n, label in enumerate(labels):
-        weights, new = ENGINES[label]
+        spec = ENGINES[label]
         if n >= 2 and time.time() - start + cost > budget:
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
-        fp8mod.DEFER_MAX_M[QKV] = committed[0] if new else 0
-        fp8mod.ATTENTION_QUANT = committed[1] if new else False
-        fp8_fused.FP8_LAUNCH[:] = committed[2] if new else before
+        fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in tables.get(spec.get("launch"), committed)]
         t0 = time.time()
-        with Counting() as c:
-            got = qb.attempt(lambda: fw.throughput(label, weights, "auto", **engine_kw))
+        with Counting() as c, Watch(spec.get("profile", False)) as w:
+            got = qb.attempt(lambda: fw.throughput(label, spec["weights"], "auto",
+                                                   **{**engine_kw, **spec.get("engine_kw", {})}))
         cost = time.time() - t0
         if isinstance(got, list):
+            seen = qb.attempt(lambda: w.report(label))
             for r in got:
-                r.update(c.n)
+                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), watch=seen if isinstance(seen, dict) else repr(seen))
             rows += got
-            print(f"  {label}: {c.n}", flush=True)
         else:
             rows.append({"engine": label, "error": repr(got)[:300]})
             print(f"throughput {label}: {got!r}"[:400], flush=True)
             qb.free_gpu()
-    fp8mod.DEFER_MAX_M[QKV], fp8mod.ATTENTION_QUANT, fp8_fused.FP8_LAUNCH[:] = committed
+    fp8_fused.FP8_LAUNCH[:] = committed
     base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
     print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
     for r in rows:
@@ -333,10 +450,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
-    ap.add_argument("--sections", nargs="+", default=["qkv"], choices=["qkv", "attention", "swiglu", "gemm", "none"],
+    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["qkv", "attention", "swiglu", "gemm", "none"],
                     help="checks and timings before the engines: q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
-                         "(without it, FP8_LAUNCH's one-launch entries are checked); swapped-operand GEMMs")
+                         "(without it, FP8_LAUNCH's one-launch entries are checked); the decode GEMMs")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
                     help="engines in this order; the first two always run, later ones while the budget lasts")
     ap.add_argument("--no-mixed-graphs", action="store_true", help="mixed_cuda_graphs=False in every engine "
@@ -357,18 +474,18 @@ def main() -> int:
             failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
             fp8mod.ATTENTION_QUANT = False
     committed = list(fp8_fused.FP8_LAUNCH)
-    ones = [(most, c) for most, c in committed if c.get("ONE")]
+    ones = [(most, c) for most, c in committed if c.get("ONE") or c.get("ROW")]
     if "swiglu" in args.sections or ones:  # the sweep, or the committed one-launch entries checked
         sweep = "swiglu" in args.sections
         n = len(failures)
         result["swiglu"] = qb.attempt(lambda: swiglu_section(
-            failures, ms=(256, 8192) if sweep else sorted({min(most, 8192) for most, _ in ones}),
-            configs=None if sweep else [c for _, c in ones], apply=sweep))
+            failures, ms=(256, 2048, 8192) if sweep else sorted({min(most, 8192) for most, _ in ones}),
+            configs=ROW_CONFIGS + [ONE_LAUNCH[-1][1]] if sweep else [c for _, c in ones], apply=sweep))
         if isinstance(result["swiglu"], Exception) or len(failures) > n:
             if isinstance(result["swiglu"], Exception):
                 failures.append({"check": "swiglu_section", "error": repr(result["swiglu"])[:300]})
-            fp8_fused.FP8_LAUNCH[:] = [(most, dict(c, ONE=False)) for most, c in committed]
-            print("one-launch SwiGLU OFF for the engines (a check failed)", flush=True)
+            fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in SPLIT_LAUNCH]
+            print("one-launch SwiGLU OFF for the engines (a check failed): the split launches run", flush=True)
     if "gemm" in args.sections:
         result["gemm_swap"] = qb.attempt(gemm_swap_section)
     print(f"checks done at {time.time() - start:.0f} s; engines run with DEFER_MAX_M[{QKV}] = "

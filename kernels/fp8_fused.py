@@ -186,6 +186,30 @@ def _silu_mul_fp8_one_kernel(
 
 
 @triton.jit
+def _silu_mul_fp8_rows_kernel(
+    gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, t, inter, stride_in, ub,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """SwiGLU + FP8 in one launch without waiting on other programs: each program holds ROWS whole rows (BLOCK, a
+    power of two, covers the row) in registers, takes each row's amax and quantizes it there (the same
+    _swiglu_tile arithmetic and quantize_row_cvt as the split launches, so the same bits: a row's max does not
+    depend on the order it is taken in). No 16-bit scratch and no second launch; the column scales (SCALED) are
+    read once per program, i.e. once per ROWS rows."""
+    pdl.enter(PDL)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK)
+    r_ok, c_ok = rows < t, offs < inter
+    y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
+    scale = row_scale(tl.max(tl.abs(y), axis=1), ub, HAS_UB)
+    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
+    rows64 = rows.to(tl.int64)
+    tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & c_ok[None, :])
+    tl.store(s_ptr + rows, scale, mask=r_ok)
+
+
+@triton.jit
 def _quant_by_parts_kernel(
     y_ptr, part_ptr, q_ptr, s_ptr, t, inter, nblk, ub,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
@@ -261,11 +285,21 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
         return q, s
     cfg = split or next((c for most, c in FP8_LAUNCH if t <= most), SPLIT_DEFAULT)
     cfg = cfg if "ROWS" in cfg else SPLIT_DEFAULT
-    rows, block, warps = cfg["ROWS"], cfg["BLOCK"], cfg.get("num_warps", 4)
+    rows, block, warps = cfg["ROWS"], cfg.get("BLOCK", 512), cfg.get("num_warps", 4)
     rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
     nblk = triton.cdiv(inter, block)
     hw = (fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt
     rs, cs = scales if scales is not None else (s, s)
+    if cfg.get("ROW"):  # whole rows per program, one launch
+        args = (gate_up, q, s, rs, cs, t, inter, gate_up.stride(0), float(ub) if ub is not None else 0.0)
+        consts = dict(ROWS=rows, BLOCK=triton.next_power_of_2(inter), SCALED=scales is not None,
+                      HAS_UB=ub is not None, HW_CVT=hw, num_warps=warps, **pdl.args(gate_up))
+        grid = (triton.cdiv(t, rows),)
+        if warmup:
+            _silu_mul_fp8_rows_kernel.warmup(*args, grid=grid, **consts)
+        else:
+            _silu_mul_fp8_rows_kernel[grid](*args, **consts)
+        return q, s
     if cfg.get("ONE") and (gate_up.is_cuda or nblk == 1):  # the interpreter would wait forever on a group's tiles
         groups = triton.cdiv(t, rows)
         args = (gate_up, q, s, rs, cs, fp8_quant.zeroed(gate_up.device, 2 + 2 * groups, "swiglu_sync"),

@@ -45,10 +45,12 @@ def test_add_rms_norm_fp8(dtype, with_residual, ub, scaled):
 
 
 @pytest.mark.parametrize("split", [dict(ROWS=2, BLOCK=64), dict(ROWS=4, BLOCK=128, ROWS2=1, BLOCK2=256, warps2=2),
-                                   dict(ROWS=2, BLOCK=512, ONE=True), dict(ROWS=4, BLOCK=64, ONE=True)])
+                                   dict(ROWS=2, BLOCK=512, ONE=True), dict(ROWS=4, BLOCK=64, ONE=True),
+                                   dict(ROWS=1, ROW=True), dict(ROWS=2, ROW=True, num_warps=2)])
 @pytest.mark.parametrize("ub, scaled", [(None, False), (0.25, False), (None, True)])
 def test_silu_mul_fp8(split, ub, scaled):
-    """The split launches, and the one-launch kernel (ONE: tiles by ticket, the rows' amax across a group's tiles;
+    """The split launches, the one-launch kernel of whole rows (ROW: 5 rows, so the last program of two rows has one),
+    and the one-launch kernel (ONE: tiles by ticket, the rows' amax across a group's tiles;
     under the interpreter only where a row group is one tile, BLOCK >= the row, else the split runs), each twice:
     the one-launch kernel's counts and amaxes are zero again after a launch."""
     g = torch.Generator().manual_seed(5)
