@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
 from services.common import config as cfg, telemetry
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
+from services.common.keep_awake import KeepAwake
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, quote
 from services.common.model_location import served_name
 from services.common.server import GrpcServer, configure_logging
@@ -66,6 +68,11 @@ class EngineServerConfig:
     core_process: bool = False
     """Run the engine core (the step loop) in a process of its own, so this server's event loop never
     waits for the step thread's GIL (services/engine/core_process.py; docs/router.md)."""
+    busy_loop: bool = False
+    """With `core_process`: while requests are in flight (and a second after), keep this server's event loop
+    polling instead of sleeping, so a request from the router and each message from the core are picked up
+    without a thread wake-up (one core kept busy meanwhile; services/common/keep_awake.py). Not beside an
+    in-process step thread, whose GIL a polling loop would take."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -76,6 +83,9 @@ class EngineServerConfig:
     def __post_init__(self):
         if self.first_token_handoff_ms < 0:
             raise ValueError(f"first_token_handoff_ms: must be >= 0 (got {self.first_token_handoff_ms})")
+        if self.busy_loop and not self.core_process:
+            raise ValueError("busy_loop: needs core_process (a polling event loop would take the GIL from the "
+                             "engine's step thread in this process)")
 
 
 def _ns(t: float | None, since: float | None) -> int:
@@ -161,8 +171,11 @@ def first_token_path(timing: common_pb2.Timing, prog: _Progress, last: RequestDe
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self, aengine: AsyncEngine, model_name: str, engine_id: str, metrics=None):
+    def __init__(self, aengine: AsyncEngine, model_name: str, engine_id: str, metrics=None,
+                 keep_awake: KeepAwake | None = None):
         self.aengine = aengine
+        self.keep_awake = keep_awake
+        """The event loop polls while requests are in flight (`EngineServerConfig.busy_loop`)."""
         self.metrics = metrics
         self.engine = aengine.engine
         self.model_name = model_name
@@ -224,8 +237,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         params = params_from_pb(request.params)
         rid = request.request_id or f"engine-{uuid.uuid4().hex}"
         ids = list(request.prompt_token_ids)
-        with telemetry.span("folio.engine.generate", **{"folio.request_id": rid, "folio.model": self.model_name,
-                                                        "folio.prompt_tokens": len(ids), "folio.engine_id": self.engine_id}) as span:
+        awake = self.keep_awake.hold() if self.keep_awake is not None else contextlib.nullcontext()
+        with awake, telemetry.span("folio.engine.generate", **{"folio.request_id": rid, "folio.model": self.model_name,
+                                                               "folio.prompt_tokens": len(ids),
+                                                               "folio.engine_id": self.engine_id}) as span:
             prog = _Progress(len(ids), received_ns)
             finished = False
             q = None
@@ -344,7 +359,8 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         metrics = EngineMetrics(aengine, model_name)
         metrics.serve(c.host, c.metrics_port)
         log.info("Prometheus metrics on http://%s:%d/metrics", c.host, c.metrics_port)
-    servicer = EngineServicer(aengine, model_name, engine_id, metrics)
+    keep_awake = KeepAwake() if c.busy_loop else None
+    servicer = EngineServicer(aengine, model_name, engine_id, metrics, keep_awake)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server.server)
     redis = None
     if c.redis_url:
@@ -370,6 +386,8 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
     try:
         await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
     finally:
+        if keep_awake is not None:
+            keep_awake.close()
         await aengine.stop()
         if not c.core_process:
             engine.shutdown()  # tensor-parallel workers, if any (the core process stops its own)

@@ -21,7 +21,7 @@ from services.common.request_limits import RequestLimits
 from services.router.batching import batched
 from services.router.clients import EngineClient, Registry, TokenizerClient
 from services.router.engine_watch import EngineWatch
-from services.router.keep_awake import KeepAwake
+from services.common.keep_awake import KeepAwake
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, ModelInfo, Usage
 from services.router.request_stream import RequestStream, Route, RouterStats, encode_prompt
 

@@ -75,7 +75,7 @@ class RouterConfig:
     busy_loop: bool = False
     """While requests are in flight (and a second after), keep the event loop polling instead of sleeping
     between messages, so each one is picked up without a wake-up (one core kept busy meanwhile;
-    services/router/keep_awake.py)."""
+    services/common/keep_awake.py)."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"

@@ -1,12 +1,14 @@
-"""router --busy-loop (services/router/keep_awake.py): while a request is in flight (and briefly after) the
+"""router --busy-loop (services/common/keep_awake.py): while a request is in flight (and briefly after) the
 event loop polls (never sleeps in its selector), and then it sleeps again; requests stream as without it."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from services.common.sampling_params import SamplingParams
-from services.router.keep_awake import KeepAwake
+from services.common.keep_awake import KeepAwake
 from services.router.messages import GenerateInput
 from tests.unit.router_fakes import FakeEngine, make_router
 
@@ -70,3 +72,12 @@ def test_the_loop_keeps_polling_for_the_linger_after_the_last_request():
 
     within = asyncio.run(run())
     assert len(within) > 5 and all(t == 0 for t in within), within[:10]
+
+
+def test_engine_busy_loop_needs_a_core_process():
+    """A polling loop beside the in-process step thread would take its GIL: refused, naming the field."""
+    from services.engine.server import EngineServerConfig
+
+    with pytest.raises(ValueError, match="busy_loop: needs core_process"):
+        EngineServerConfig(busy_loop=True)
+    assert EngineServerConfig(busy_loop=True, core_process=True).busy_loop

@@ -1,6 +1,7 @@
-"""Keeps this process's event loop from sleeping while requests are in flight (router --busy-loop).
+"""Keeps this process's event loop from sleeping while requests are in flight (router --busy-loop, and
+engine --busy-loop beside --core-process).
 
-Each hop into the router wakes its event loop from epoll; on a VM host whose idle vCPUs halt, that
+Each hop into a service wakes its event loop from epoll; on a VM host whose idle vCPUs halt, that
 wake-up costs ~0.2 ms (bench/grpc_hops.py: a blocked reader against a polling one), paid on every
 crossing of a first token. While a request is in flight, and for `linger_s` after the last one ended
 (so the next request at a moderate rate finds it awake too), a task here yields to the loop without
