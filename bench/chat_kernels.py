@@ -8,7 +8,8 @@ Checks (always first; exit status 1 if one fails):
     the same arithmetic per work item, so they should agree bit for bit.
   decode: the split count the engine's graphs take at 1-2 sequences (MIN_TOKENS_PER_SPLIT_FEW) against the one
     before (FOLIO_DECODE_FEW_SPLITS=0), one split, and a float64 reference, at the chat's tail contexts.
-Timing (`--budget` seconds): paged decode per launch (CUDA graph of LAYERS launches over their own KV pools, so the
+Timing: the prefill kernel's part of the chat's mixed steps as the engine's graphs launch it, per config
+  (`--mixed-budget` seconds); paged decode per launch (CUDA graph of LAYERS launches over their own KV pools, so the
   KV is read from memory as in a step) at 1-128 sequences over chat-like contexts, for split counts 1-32, against
   the count choose_num_splits gives the engine's graphs (max_seq_len = the chat's max_model_len).
 
@@ -24,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -225,9 +227,131 @@ def time_decode(dev, budget_s: float, layers: int) -> list[dict]:
     return recs
 
 
+def gpu_batch(seq_lens: list[int], query_lens: list[int], dev, seed: int = 0) -> SimpleNamespace:
+    """make_batch's layout (shuffled blocks, the new tokens' K/V in the cache and in k/v) drawn on the device: the
+    chat's mixed steps hold ~150k cached tokens, too many to draw on the host in the time a round has."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    per_seq = [-(-n // BLOCK) for n in seq_lens]
+    total = sum(per_seq) + 1
+    kv = torch.randn(2, total, BLOCK, HKV, D, device=dev, dtype=DTYPE, generator=g)
+    perm = torch.randperm(total, device=dev, generator=g).to(torch.int32)
+    tables = torch.zeros(len(seq_lens), max(per_seq) + 1, dtype=torch.int32, device=dev)
+    slots, starts, used = [], [0], 0
+    for i, (n, ql) in enumerate(zip(seq_lens, query_lens)):
+        tables[i, :per_seq[i]] = perm[used:used + per_seq[i]]
+        used += per_seq[i]
+        pos = torch.arange(n - ql, n, device=dev)
+        slots.append(tables[i, pos // BLOCK].long() * BLOCK + pos % BLOCK)
+        starts.append(starts[-1] + ql)
+    slots = torch.cat(slots)
+    k = kv[0].view(-1, HKV, D)[slots].clone()
+    v = kv[1].view(-1, HKV, D)[slots].clone()
+    q = torch.randn(starts[-1], HQ, D, device=dev, dtype=DTYPE, generator=g)
+    return SimpleNamespace(q=q, k=k, v=v, kv_cache=kv, block_tables=tables,
+                           seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                           query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev))
+
+
+def graph_us(fn, layers: int, reps: int = 20) -> float:
+    """Per-call device time of fn in a CUDA graph of `layers` calls (after one eager call that compiles)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(layers):
+            fn()
+    for _ in range(3):
+        g.replay()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    stop.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(stop) / (reps * layers)
+
+
+MIXED_CONFIGS = {
+    "table (graphs: has_prefix, max_query_len = bucket)": None,
+    "64x32 4w 3st (the short key's Triton pick)": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168,
+                                                       ONE_LOOP=2),
+    "64x64 4w 2st": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, maxnreg=None),
+    "128x64 8w 3st one loop": dict(num_stages=3, ONE_LOOP=2),
+    "64x64 4w 3st one loop, persistent": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=None,
+                                              ONE_LOOP=2, PERSISTENT=2),
+    "Gluon short pick, no prefix path (fresh prompts only)": "gluon",
+}
+
+
+def time_mixed(dev, budget_s: float, layers: int, shapes: dict | None = None) -> list[dict]:
+    """The prefill kernel's part of a mixed step as the engine's graphs launch it (has_prefix, max_query_len = the
+    token bucket, skip_single; the decode rows are the decode kernel's), per config, checked against the float32
+    reference on the prompt rows first; and the decode kernel's part (query_start_loc, one split) for scale."""
+    from kernels.paged_prefill import paged_prefill_ref
+
+    gen = torch.Generator().manual_seed(2)
+    ctx = lambda n: torch.randint(200, 1200, (n,), generator=gen).tolist()  # noqa: E731
+    shapes = shapes or {"254 decodes + a 343-token prompt (the chat's mean mixed step)": (ctx(254), [(343, 343)]),
+              "250 decodes + prompts of 120 and 600": (ctx(250), [(120, 120), (600, 600)]),
+              "60 decodes + a 900-token prompt": (ctx(60), [(900, 900)]),
+              "4 chunks of 200 after 1,500 cached, 100 decodes": (ctx(100), [(1700, 200)] * 4)}
+    t_end = time.perf_counter() + budget_s
+    recs = []
+    for name, (dec, prompts) in shapes.items():
+        seq_lens = dec + [s for s, _ in prompts]
+        q_lens = [1] * len(dec) + [ql for _, ql in prompts]
+        b = gpu_batch(seq_lens, q_lens, dev)
+        t = b.q.shape[0]
+        bucket = -(-t // 16) * 16
+        fresh = all(s == ql for s, ql in prompts)
+        rows = slice(len(dec), None)  # the prompts' rows: from query_start_loc
+        p0 = int(b.query_start_loc[len(dec)])
+        ref = paged_prefill_ref(b.q[p0:], b.kv_cache, b.block_tables[rows], b.seq_lens[rows],
+                                b.query_start_loc[len(dec):] - p0, SCALE)
+        rec = {"shape": name, "tokens": t, "us": {}, "max_err": {}}
+        out = torch.zeros_like(b.q)
+        for cname, cfg in MIXED_CONFIGS.items():
+            if time.perf_counter() > t_end:
+                break
+            if cfg == "gluon":
+                if not fresh:
+                    continue
+                kw = dict(config=dict(ppc.BASE, **ppc._WS_SHORT_FRESH), has_prefix=False)
+            else:
+                kw = dict(config=cfg, has_prefix=True)
+
+            def fn(kw=kw):
+                paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, SCALE, out=out,
+                              k=b.k, v=b.v, skip_single=True, max_query_len=bucket, **kw)
+            try:
+                out.fill_(float("nan"))  # rows a config fails to write fail its check
+                fn()
+                torch.cuda.synchronize()
+                rec["max_err"][cname] = (out[p0:].float() - ref.float()).abs().max().item()
+                rec["us"][cname] = graph_us(fn, layers)
+            except Exception as e:  # a config this shape cannot take: say so, go on
+                rec["us"][cname] = None
+                rec["max_err"][cname] = repr(e)[:200]
+        dout = torch.empty_like(b.q)
+        rec["decode_rows_us"] = graph_us(lambda: pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE,
+                                                                 out=dout, query_start_loc=b.query_start_loc), layers)
+        print(f"mixed prefill, {name} ({t} tokens, bucket {bucket}; decode rows' kernel {rec['decode_rows_us']:.1f} us):",
+              flush=True)
+        for cname, us in rec["us"].items():
+            err = rec["max_err"][cname]
+            ok = isinstance(err, float) and err < 0.05  # bf16 outputs of |x| < ~3 (NaN fails too)
+            rec.setdefault("ok", {})[cname] = ok
+            print(f"   {cname:<56} " + (f"{us:7.1f} us" if us else "   -   ") + f"  max err {err}"
+                  + ("" if ok else "  FAIL"), flush=True)
+        recs.append(rec)
+        del b, out, dout
+    return recs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=25.0, help="seconds for the decode timing sweep")
+    ap.add_argument("--mixed-budget", type=float, default=10.0, help="seconds for the mixed-step prefill timings")
     ap.add_argument("--layers", type=int, default=16, help="launches per graph, each over its own KV pool")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_kernels.json"))
@@ -245,6 +369,8 @@ def main() -> None:
         failed = sum(not r["ok"] for r in rec["checks"])
         print(f"checks: {len(rec['checks']) - failed} passed, {failed} failed ({time.perf_counter() - t0:.1f} s)",
               flush=True)
+    rec["mixed_prefill"] = time_mixed(dev, args.mixed_budget, args.layers)
+    failed += sum(not ok for r in rec["mixed_prefill"] for ok in r.get("ok", {}).values())
     rec["decode_splits"] = time_decode(dev, args.budget, args.layers)
     rec["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
