@@ -23,20 +23,22 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
    FUSE_SWIGLU), norace (temperature-1 sampling by the sampler's torch ops, not kernels/greedy.py's sample_race:
    services/engine/sampler.py's RACE), minsplitN (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while
-   the graphs are captured), prof (a profile of 32 decode steps: per kernel and kind the time each launch alone
+   the graphs are captured), vred (the M = 1 configs with VRED: split-K sums as 16-byte vector reductions,
+   kernels/w4a16_stream.py's red_add), normwN (kernels/fused_norm.py's WARPS = N: the norm's warps), prof (a profile of 32 decode steps: per kernel and kind the time each launch alone
    adds to the GPU's busy span, its own start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token
    (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
    tokens against the first run of the same weights.
 4. chain (--sections chain): 32 layers' GEMVs in one CUDA graph with and without the add + RMSNorm kernels
-   between them: what the norms add to a batch-1 step.
+   between them: what the norms add to a batch-1 step; the same with VRED, and with the norms on 8 and 4 warps.
 5. attention (--sections attention): the batch-1 paged decode kernel on the 8B's heads at contexts 256 / 384, the
    default launch against more splits and other tiles (32 layers' caches in one graph).
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
 temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
 --check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
-(kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
+(kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc / vred add their candidates to 2 (vred:
+the committed configs with VRED, split-K or programs per SM around them).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import quant as q  # noqa: E402  (bench/quant.py: weights, timing, engine helpers)
+from kernels import fused_norm as fused_norm_mod  # noqa: E402
 from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
@@ -121,7 +124,18 @@ CASES = [
     (4224, 520, 128, True, dict(G4, H2=2, PDL=1), 3, True),
     (14336, 4096, 128, False, dict(G4, H2=2, T=4, BLOCK_N=512, num_warps=2, PDL=2), 12, True),
     (28672 // 7, 28672, 128, False, dict(G4, H2=2, T=4, BLOCK_N=256, PDL=2), 16, True),
+    # VRED (kernels/w4a16_stream.py's red_add: split-K sums as 16-byte vector reductions; scalar where a thread's
+    # four columns are not consecutive or a strip is cut by N)
+    (4096, 6144, 128, False, dict(G3, H2=2, T=16, BLOCK_N=512, num_warps=4, PDL=2, VRED=True), 32, True),  # qkv
+    (14336, 4096, 128, False, dict(G3, H2=2, BLOCK_N=256, num_warps=2, PDL=2, VRED=True), 112, True),  # down
+    (4224, 520, 128, True, dict(G3, H2=2, PDL=1, VRED=True), 3, True),  # act-order, odd N: a cut strip
+    (4096, 1000, 32, False, dict(G3, BLOCK_N=64, num_warps=1, VRED=True), 4, True),  # 2 columns a thread: scalar
+    (4096, 4096, 128, False, dict(G4, H2=2, T=16, BLOCK_N=256, num_warps=2, PDL=2, VRED=True), 12, True),  # o
+    (4224, 520, 128, True, dict(G4, H2=2, PDL=1, VRED=True), 3, True),
 ]
+VRED_CHAIN = [dict(G3, H2=2, T=16, BLOCK_N=256, num_warps=2, SPLIT_K=8, PDL=2, VRED=True),
+              dict(G4, H2=2, T=16, BLOCK_N=256, num_warps=2, PER_SM=12, PDL=2, VRED=True)]
+"""VRED in a CUDA graph of chained PDL GEMVs (chain_checks), checked in every run of the checks section."""
 
 
 def with_tc(qw: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,7 +194,7 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(0)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
-        if cfg["KERNEL"] not in kernels or ("h2" in kernels and not cfg.get("H2")):  # h2: the H2 cases only
+        if cfg["KERNEL"] not in kernels or ("h2" in kernels and not (cfg.get("H2") or cfg.get("VRED"))):  # h2: H2, VRED
             continue
         qw, s, z, perm, w = q.int4_case(k, n, group, act, g)
         w4.reserve_workspace(DEV, n)
@@ -205,6 +219,7 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
             q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2_large_x", shape="4096x6144", M=1,
                      config=cfg, rel_err=err)
     rows += chain_checks(failures, g, kernels=kernels)
+    rows += chain_checks(failures, g, VRED_CHAIN)
     if "tc" in kernels:
         rows += tc_checks(failures, g)
     rows += committed_checks(failures, g)
@@ -229,7 +244,9 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
                           (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2, H2=2)),
                           (4096, 14336, dict(G3, T=4, BLOCK_N=512, num_warps=2, SPLIT_K=16, PDL=2, H2=1)),
                           (4096, 14336, dict(G4, BLOCK_N=256, num_warps=2, PER_SM=8, PDL=2, H2=2)),
-                          (1024, 1000, dict(G4, PER_SM=3, H2=2))):
+                          (1024, 1000, dict(G4, PER_SM=3, H2=2)),
+                          (4096, 14336, dict(G3, BLOCK_N=512, num_warps=4, SPLIT_K=16, PDL=2, H2=2, VRED=True)),
+                          (1024, 1000, dict(G4, PER_SM=3, H2=2, VRED=True))):
         qw, s, z, _, w = q.int4_case(k, 2 * inter, 128, False, g)
         w4.reserve_workspace(DEV, 2 * inter)
         cases.append((k, inter, cfg, qw, s, z, w, torch.randn(1, k, generator=g, device=DEV).to(DTYPE)))
@@ -412,6 +429,20 @@ def h2_candidates(n: int, k: int) -> list[dict]:
     return out
 
 
+def vred_candidates(n: int, k: int) -> list[dict]:
+    """The committed config of the shape with VRED (split-K sums as vector reductions: a quarter of the L2 atomic
+    operations), and around it: gemv3 with split-K halved and doubled, gemv4 with 8 and 16 programs per SM."""
+    base = dict(COMMITTED.get((1, n, k)) or dict(G3, SPLIT_K=16, PDL=2, H2=2))
+    out = [dict(base, VRED=True)]
+    if base["KERNEL"] == "gemv3":
+        blocks = -(-k // 128)
+        sp = base.get("SPLIT_K", 16)
+        out += [dict(base, VRED=True, SPLIT_K=s_) for s_ in (max(1, sp // 2), min(blocks, 2 * sp)) if s_ != sp]
+    else:
+        out += [dict(base, VRED=True, PER_SM=p) for p in (8, 16) if p != base.get("PER_SM")]
+    return out
+
+
 def tc_of(a: tuple):
     """The tensor-core layout of a sweep weight tuple, where the sweep made one."""
     return a[3] if len(a) > 3 else None
@@ -510,6 +541,8 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             cands += h2_candidates(n, k)
         if "tc" in kernels:
             cands += tc_candidates(n, k)
+        if "vred" in kernels:
+            cands += vred_candidates(n, k)
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=tc_of(q4[0])) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
@@ -544,7 +577,8 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             BEST_G4[(1, n, k)] = dict(g4["config"])
             row["best_gemv4"] = g4
         best = min(res, key=lambda r: r["ms"])
-        for label, pred in (("H2", lambda c: c.get("H2")), ("tc", lambda c: c.get("KERNEL") == "tc")):
+        for label, pred in (("H2", lambda c: c.get("H2")), ("tc", lambda c: c.get("KERNEL") == "tc"),
+                            ("VRED", lambda c: c.get("VRED"))):
             bl = min((r for r in res if isinstance(r["config"], dict) and pred(r["config"])), key=lambda r: r["ms"],
                      default=None)
             if bl is not None:
@@ -661,7 +695,7 @@ def chain(start: float, budget: float) -> dict:
     from HBM), each GEMV reading the previous one's output, with and without the two add + RMSNorm kernels per
     layer (kernels/fused_norm.py) between them: what the norms add to the chain, the most that moving them into the
     GEMVs could save. Also: 64 norms alone in a chain (each reads the previous one's output)."""
-    from kernels import pdl
+    from kernels import fused_norm, pdl
     from kernels.fused_norm import add_rms_norm
 
     g = torch.Generator(device=DEV).manual_seed(11)
@@ -696,24 +730,37 @@ def chain(start: float, budget: float) -> dict:
             h = add_rms_norm(h, res, nw, 1e-5)
         return h
 
-    saved = pdl.ENABLED
-    rows = [("w4a16 GEMVs", w4_chain(False), True), ("w4a16 GEMVs + norms", w4_chain(True), True),
-            ("64 norms", norms_only, True)]
-    for name, fn, on in rows:
+    saved, saved_tuned = pdl.ENABLED, dict(w4.TUNED)
+    vred = {key: dict(c, VRED=True) for key, c in COMMITTED.items()}
+    # (name, graph, M = 1 configs, norm warps): committed configs, then with VRED; the norms at 16 (the rule's
+    # width at 4096), 8 and 4 warps
+    rows = [("w4a16 GEMVs", w4_chain(False), COMMITTED, None), ("w4a16 GEMVs + norms", w4_chain(True), COMMITTED, None),
+            ("w4a16 GEMVs VRED", w4_chain(False), vred, None), ("w4a16 GEMVs VRED + norms", w4_chain(True), vred, None),
+            ("w4a16 GEMVs + norms w8", w4_chain(True), COMMITTED, 8),
+            ("w4a16 GEMVs + norms w4", w4_chain(True), COMMITTED, 4),
+            ("64 norms", norms_only, COMMITTED, None), ("64 norms w8", norms_only, COMMITTED, 8),
+            ("64 norms w4", norms_only, COMMITTED, 4)]
+    for name, fn, cfgs, warps in rows:
         if time.time() - start > budget:
             print(f"chain {name}: skipped (time budget)", flush=True)
             continue
-        pdl.ENABLED = on
+        pdl.ENABLED = True
+        w4.TUNED.update({key: dict(c) for key, c in cfgs.items()})
+        fused_norm.WARPS = warps
         ms = q.attempt(lambda: q.graph_ms([fn]))
         out[name] = ms if isinstance(ms, float) else repr(ms)
         print(f"chain {name:<34} {ms if isinstance(ms, float) else float('nan'):8.3f} ms", flush=True)
     pdl.ENABLED = saved
+    fused_norm.WARPS = None
+    w4.TUNED.clear()
+    w4.TUNED.update(saved_tuned)
     del w
     q.free_gpu()
-    a, b = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms")
-    if isinstance(a, float) and isinstance(b, float):
-        print(f"chain: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
-              f"({(b - a) * 1e3:.0f} us per token); GEMVs {a * 1e3 / CHAIN_LAYERS:.1f} us per layer", flush=True)
+    for tag in ("", " VRED"):
+        a, b = out.get(f"w4a16 GEMVs{tag}"), out.get(f"w4a16 GEMVs{tag} + norms")
+        if isinstance(a, float) and isinstance(b, float):
+            print(f"chain{tag}: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
+                  f"({(b - a) * 1e3:.0f} us per token); GEMVs {a * 1e3 / CHAIN_LAYERS:.1f} us per layer", flush=True)
     return out
 
 
@@ -781,6 +828,9 @@ def m1_configs(tags: list[str]) -> None:
                 if t.startswith("d") and t[1:].isdigit():
                     cfg["L2_DIST"] = int(t[1:])
             w4.TUNED[(1, n, k)] = cfg
+    if "vred" in tags:  # split-K sums as vector reductions (kernels/w4a16_stream.py's red_add)
+        for key in [key for key in w4.TUNED if key[0] == 1]:
+            w4.TUNED[key] = dict(w4.TUNED[key], VRED=True)
     if "nopdl" in tags:  # the committed configs name PDL 2: off means off for the GEMVs too
         for key in [key for key in w4.TUNED if key[0] == 1]:
             w4.TUNED[key] = dict(w4.TUNED[key], PDL=0)
@@ -883,6 +933,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         pdl.EARLY = "early" in tags or (DEFAULTS["early"] and "noearly" not in tags)
         int4.FUSE_SWIGLU = "unfused" not in tags
         sampler_mod.RACE = "norace" not in tags
+        fused_norm_mod.WARPS = next((int(t[5:]) for t in tags if t.startswith("normw") and t[5:].isdigit()), None)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         saved = dict(w4.TUNED)
@@ -932,6 +983,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         pdl.ENABLED, pdl.EARLY = DEFAULTS["pdl"], DEFAULTS["early"]
         int4.FUSE_SWIGLU = True
         sampler_mod.RACE = True
+        fused_norm_mod.WARPS = None
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         w4.TUNED.clear()
         w4.TUNED.update(saved)

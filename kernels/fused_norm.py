@@ -15,6 +15,10 @@ import triton.language as tl
 from kernels import pdl
 from kernels.fp8_quant import quantize_row, row_scale
 
+WARPS: int | None = None
+"""Warps per row program; None: one per 256 columns, 1..16 (16 at hidden 4096). bench/w4a16.py's chain section and
+its +normwN engine runs set it to measure a batch-1 decode step's 65 norm launches against other widths."""
+
 
 @triton.jit
 def residual_prologue(x_ptr, residual_ptr, xr_ptr, xc_ptr, row, stride_x, stride_r, offs, mask,
@@ -119,7 +123,7 @@ def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_
         HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm, SCALE_IN_FP32=scale_in_fp32,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, QUANT=quant, HAS_UB=ub is not None,
         X_SCALED=x_scales is not None,
-        BLOCK=block, num_warps=min(16, max(1, block // 256)), **pdl.args(x),
+        BLOCK=block, num_warps=WARPS or min(16, max(1, block // 256)), **pdl.args(x),
     )
     return (out, scales) if quant else out
 

@@ -355,7 +355,7 @@ def _w4a16_gemv3_kernel(
     N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
-    FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
+    FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, VRED: tl.constexpr = False,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -373,7 +373,8 @@ def _w4a16_gemv3_kernel(
     (the prefetch past a split's end is masked, its values unused); PDL and EVEN as in _w4a16_gemv2_kernel
     (EVEN: K % ROWS == 0). The per-tile arithmetic is kernels/w4a16_stream.py's `tile_sums` (FOLD there);
     GATED as in its gemv4: a column tile holds the same columns of the gate and up halves and the split that
-    completes it writes silu(gate) * up (through the workspace even unsplit)."""
+    completes it writes silu(gate) * up (through the workspace even unsplit). VRED: the split-K sums go to the
+    workspace as 16-byte vector reductions (kernels/w4a16_stream.py's `red_add`; CUDA only)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
@@ -412,7 +413,9 @@ def _w4a16_gemv3_kernel(
                             XPAIR, EVEN, HAS_PERM, FOLD)
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
         strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
-                   cnt_ptr, BLOCK_N, GATED)
+                   cnt_ptr, BLOCK_N, GATED, VRED)
+    elif VRED and SPLIT and ATOMIC:  # M = 1: workspace slot = column, as splitk_store's
+        strip_done(acc, offs_n, n_mask, pid_n, 1, split_k, N, out_ptr, ws_ptr, cnt_ptr, BLOCK_N, False, VRED)
     else:
         splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n,
                      split_k, SPLIT, ATOMIC)
@@ -653,7 +656,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         h2, xpair = w4a16_stream.half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
                       EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated, H2=h2,
-                      ASM=x.is_cuda)
+                      ASM=x.is_cuda, VRED=bool(cfg.pop("VRED", False)) and x.is_cuda)
         if pdl:
             consts["launch_pdl"] = True
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
