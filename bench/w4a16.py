@@ -129,7 +129,7 @@ CASES = [
     (4096, 6144, 128, False, dict(G3, H2=2, T=16, BLOCK_N=512, num_warps=4, PDL=2, VRED=True), 32, True),  # qkv
     (14336, 4096, 128, False, dict(G3, H2=2, BLOCK_N=256, num_warps=2, PDL=2, VRED=True), 112, True),  # down
     (4224, 520, 128, True, dict(G3, H2=2, PDL=1, VRED=True), 3, True),  # act-order, odd N: a cut strip
-    (4096, 1000, 32, False, dict(G3, BLOCK_N=64, num_warps=1, VRED=True), 4, True),  # 2 columns a thread: scalar
+    (4096, 1000, 32, False, dict(G3, BLOCK_N=256, num_warps=2, VRED=True), 4, True),  # 4 groups a block, cut strip
     (4096, 4096, 128, False, dict(G4, H2=2, T=16, BLOCK_N=256, num_warps=2, PDL=2, VRED=True), 12, True),  # o
     (4224, 520, 128, True, dict(G4, H2=2, PDL=1, VRED=True), 3, True),
 ]

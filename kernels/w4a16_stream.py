@@ -361,6 +361,13 @@ def half2_mode(h2: int, jg: int, dtype: torch.dtype, xpair: bool) -> tuple[int, 
     return h2, h2 == 2
 
 
+def vred_on(asked, x: torch.Tensor, block_n: int, warps: int) -> bool:
+    """VRED where it is asked for and can run: CUDA (the interpreter has no inline PTX) and strips of at least 128
+    columns per warp, where Triton lays the sums out 4 consecutive columns a thread with no thread holding a copy
+    (`red_add`'s inline PTX would add a copy again; tl.atomic_add skips them)."""
+    return bool(asked) and x.is_cuda and block_n >= 128 * warps
+
+
 def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
     """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
     -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
@@ -392,7 +399,7 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
             per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
                   XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold,
-                  H2=h2, ASM=on_gpu, VRED=bool(cfg.pop("VRED", False)) and on_gpu)
+                  H2=h2, ASM=on_gpu, VRED=vred_on(cfg.pop("VRED", False), x, bn, cfg.get("num_warps", 4)))
     if pdl:
         consts["launch_pdl"] = True
     if warmup:
@@ -402,4 +409,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     return out
 
 
-__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
+__all__ = ["launch", "vred_on", "red_add", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
