@@ -65,6 +65,13 @@ def test_choose_num_splits():
     assert choose_num_splits(3, 8, 512, 132) == 1  # 24 programs: the 512-token minimum
 
 
+def test_choose_num_splits_ab_flag(monkeypatch):
+    # FOLIO_DECODE_FEW_SPLITS=0 (A/B runs): the 512-token floor for one or two sequences too, as before
+    monkeypatch.setenv("FOLIO_DECODE_FEW_SPLITS", "0")
+    assert choose_num_splits(1, 8, 512, 132) == 1
+    assert choose_num_splits(2, 8, 2064, 132) == 4
+
+
 def test_paged_decode_rejects_bad_inputs():
     batch = make_batch([5], [1], 4, 2, 64, 16, torch.float32, DEVICE)
     with pytest.raises(ValueError, match="multiple"):

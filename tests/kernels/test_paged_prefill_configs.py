@@ -41,6 +41,17 @@ def test_table_configs_lists_each_pick_once(on_gpu_rules):
     assert pc.table_configs(64, 4, torch.bfloat16) == [pc.BASE]
 
 
+def test_short_pick_ab_flag(monkeypatch):
+    # FOLIO_PREFILL_SHORT_PICK=ws (A/B runs): fresh prompts under 1,024 tokens take the pick before TMA_STORE/AHEAD
+    monkeypatch.setattr(pc, "_interpreting", lambda: False)
+    new = pc.select_config(128, 4, torch.bfloat16, False, 700)
+    assert new["TMA_STORE"] and new["AHEAD"]
+    monkeypatch.setenv(pc.SHORT_PICK_ENV, "ws")
+    old = pc.select_config(128, 4, torch.bfloat16, False, 700)
+    assert old == dict(pc.BASE, **pc._WS_FRESH) and not old["TMA_STORE"] and not old["AHEAD"]
+    assert pc.select_config(128, 4, torch.bfloat16, False, 2048) == dict(pc.BASE, **pc._WS_LONG_FRESH)  # others kept
+
+
 def test_interpreter_uses_one_small_config():
     # tests/conftest.py sets TRITON_INTERPRET=1: whatever the table says, one config (small tiles).
     cfgs = pc.table_configs(128, 4, torch.bfloat16)
