@@ -332,6 +332,17 @@ def time_mixed(dev, budget_s: float, layers: int, shapes: dict | None = None) ->
             except Exception as e:  # a config this shape cannot take: say so, go on
                 rec["us"][cname] = None
                 rec["max_err"][cname] = repr(e)[:200]
+        # The bound a launch over the prompts alone would reach (no tile slots for the decode rows), same config.
+        pq, pk, pv = b.q[p0:], b.k[p0:], b.v[p0:]
+        pqsl = (b.query_start_loc[len(dec):] - p0).contiguous()
+        ptab, plens = b.block_tables[rows].contiguous(), b.seq_lens[rows].contiguous()
+        pout = torch.zeros_like(pq)
+        if time.perf_counter() <= t_end:
+            rec["us"]["prompts alone (bound for a launch without decode slots)"] = graph_us(
+                lambda: paged_prefill(pq, b.kv_cache, ptab, plens, pqsl, SCALE, out=pout, k=pk, v=pv,
+                                      skip_single=True, has_prefix=True, max_query_len=bucket), layers)
+            rec["max_err"]["prompts alone (bound for a launch without decode slots)"] = (
+                pout.float() - ref.float()).abs().max().item()
         dout = torch.empty_like(b.q)
         rec["decode_rows_us"] = graph_us(lambda: pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE,
                                                                  out=dout, query_start_loc=b.query_start_loc), layers)
