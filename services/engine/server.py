@@ -71,8 +71,8 @@ class EngineServerConfig:
     busy_loop: bool = False
     """With `core_process`: while requests are in flight (and a second after), keep this server's event loop
     polling instead of sleeping, so a request from the router and each message from the core are picked up
-    without a thread wake-up (one core kept busy meanwhile; services/common/keep_awake.py). Not beside an
-    in-process step thread, whose GIL a polling loop would take."""
+    without a thread wake (one core kept busy meanwhile; services/common/keep_awake.py). Not beside a step
+    thread in this process, whose GIL a polling loop would take."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
