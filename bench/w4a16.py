@@ -431,15 +431,18 @@ def h2_candidates(n: int, k: int) -> list[dict]:
 
 def vred_candidates(n: int, k: int) -> list[dict]:
     """The committed config of the shape with VRED (split-K sums as vector reductions: a quarter of the L2 atomic
-    operations), and around it: gemv3 with split-K halved and doubled, gemv4 with 8 and 16 programs per SM."""
+    operations), and the grid around it (how many waves of programs): gemv3 by 512 columns on 4 warps and 256 on 2,
+    split-K a quarter (512 only), half, as committed and double; gemv4 with 8, 12 and 16 programs per SM."""
     base = dict(COMMITTED.get((1, n, k)) or dict(G3, SPLIT_K=16, PDL=2, H2=2))
-    out = [dict(base, VRED=True)]
+    out = []
     if base["KERNEL"] == "gemv3":
         blocks = -(-k // 128)
         sp = base.get("SPLIT_K", 16)
-        out += [dict(base, VRED=True, SPLIT_K=s_) for s_ in (max(1, sp // 2), min(blocks, 2 * sp)) if s_ != sp]
+        for bn, warps in ((512, 4), (256, 2)):
+            for s_ in sorted({max(1, sp // 4) if bn == 512 else sp, max(1, sp // 2), sp, min(blocks, 2 * sp)}):
+                out.append(dict(base, BLOCK_N=bn, num_warps=warps, SPLIT_K=s_, VRED=True))
     else:
-        out += [dict(base, VRED=True, PER_SM=p) for p in (8, 16) if p != base.get("PER_SM")]
+        out += [dict(base, VRED=True, PER_SM=p) for p in (8, 12, 16)]
     return out
 
 
@@ -559,10 +562,11 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             timed(cfg)
         g2 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] in ("gemv2", "gemv3")),
                     key=lambda r: r["ms"])
-        q.precompile([lambda c=r["config"]: w4.w4a16(x, *q4[0][:3], 128, config=dict(c, PDL=p), warmup=True)
-                      for r in g2[:3] for p in (1, 2)])
-        for r in g2[:3]:  # PDL on the three best: back to back in the graph, as the engine's layers are not
-            for p in (1, 2):
+        if {"gemv2", "gemv3"} & set(kernels):
+            q.precompile([lambda c=r["config"]: w4.w4a16(x, *q4[0][:3], 128, config=dict(c, PDL=p), warmup=True)
+                          for r in g2[:3] for p in (1, 2)])
+        for r in g2[:3] if {"gemv2", "gemv3"} & set(kernels) else []:  # PDL on the three best: back to back in
+            for p in (1, 2):  # the graph, as the engine's layers are not
                 timed(dict(r["config"], PDL=p))
         g4 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv4"),
                     key=lambda r: r["ms"])[:2]
