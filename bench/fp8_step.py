@@ -259,25 +259,78 @@ def swiglu_section(failures: list, ms=(256, 2048, 8192), inter: int = 14336, con
 GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
-def gemm_swap_section(m: int = 256) -> list[dict]:
-    """µs per call of the decode step's FP8 GEMMs as the engine runs them (cuBLAS tensor-wise, x [M, K] times
-    w [N, K]^T) against the same product with the operands swapped (w times x^T: out [N, M]), which cuBLAS tiles
-    differently; four weights in turn (none L2-resident). Time only: a consumer would have to read the transposed
-    output."""
+TMA_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=st)
+               for bm, bn, sk, w, st in ((128, 128, 1, 8, 4), (128, 256, 1, 8, 3), (128, 64, 1, 4, 5), (64, 128, 1, 4, 5),
+                                         (128, 128, 2, 8, 4), (128, 64, 2, 4, 5), (128, 128, 4, 8, 4), (256, 128, 1, 8, 3))]
+"""kernels/fp8_tma.py's launches the GEMM section tries on every decode GEMM shape."""
+
+
+def tma_name(cfg: dict) -> str:
+    return f"tma {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} k{cfg.get('SPLIT_K', 1)} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def gemm_section(failures: list, m: int = 256, apply: bool = True) -> dict:
+    """The decode step's FP8 GEMMs at m rows as the engine runs them (cuBLAS tensor-wise with unit scales, the product
+    unscaled in bfloat16), against the same product with the operands swapped (w times x^T, which cuBLAS tiles
+    differently; time only) and kernels/fp8_tma.py's TMA_CONFIGS: every output first against the float64 product of
+    the same e4m3 operands (within bfloat16's rounding), then µs per call in a CUDA graph over four weights in turn
+    (none L2-resident, as in the engine). With `apply`, a TMA config that passed and beat cuBLAS by 3% goes into
+    fp8_tma.TUNED for the engines."""
+    from kernels import fp8_tma
+
     g = torch.Generator(device=DEV).manual_seed(4)
     unit = torch.ones((), device=DEV)
-    rows = []
+    out, rows = {"checks": []}, []
+    jobs = []  # every launch compiled in parallel first
+    for n, k in GEMMS.values():
+        xw, ww = torch.zeros(m, k, device=DEV).to(torch.float8_e4m3fn), torch.zeros(n, k, device=DEV).to(torch.float8_e4m3fn)
+        jobs += [lambda xw=xw, ww=ww, c=c: fp8_tma.fp8_tma(xw, ww, c, warmup=True) for c in TMA_CONFIGS]
+    qb.precompile(jobs)
     for name, (n, k) in GEMMS.items():
-        ws = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn) for _ in range(4)]
+        ws = [(torch.randn(n, k, generator=g, device=DEV) * 0.05).to(torch.float8_e4m3fn) for _ in range(4)]
+        fp8_tma.reserve_workspace(DEV, n, k)
         x = (torch.randn(m, k, generator=g, device=DEV) * 50).to(torch.float8_e4m3fn)
-        normal = qb.graph_ms([lambda w=w: torch._scaled_mm(x, w.t(), scale_a=unit, scale_b=unit,
-                                                           out_dtype=torch.bfloat16) for w in ws] * 2)
-        swapped = qb.graph_ms([lambda w=w: torch._scaled_mm(w, x.t(), scale_a=unit, scale_b=unit,
-                                                            out_dtype=torch.bfloat16) for w in ws] * 2)
-        rows.append(dict(gemm=name, M=m, N=n, K=k, normal=normal, swapped=swapped))
-        print(f"gemm {name:<7} M={m} tensor-wise {normal * 1e3:.1f}us  swapped {swapped * 1e3:.1f}us", flush=True)
+        ref = (x.double() @ ws[0].double().T)
+        bound = ref.abs() * 2 ** -8 + ref.abs().max() * 1e-6
+        cublas = lambda w: torch._scaled_mm(x, w.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)  # noqa
+        t = {"cublas": qb.graph_ms([lambda w=w: cublas(w) for w in ws] * 2),
+             "swapped": qb.graph_ms([lambda w=w: torch._scaled_mm(w, x.t(), scale_a=unit, scale_b=unit,
+                                                                  out_dtype=torch.bfloat16) for w in ws] * 2)}
+        ok = bool(((cublas(ws[0]).double() - ref).abs() <= bound).all())
+        qb.record(out["checks"], failures, ok, check="cublas_tensorwise_vs_float64", gemm=name, M=m)
+        best = None
+        for cfg in TMA_CONFIGS:
+            cfg = dict(cfg)
+            if cfg.get("SPLIT_K", 1) > 1:  # the workspace for this split
+                from kernels import splitk
+                splitk.reserve(DEV, m * n)
+            got = qb.attempt(lambda: fp8_tma.fp8_tma(x, ws[0], cfg))
+            if isinstance(got, Exception):  # did not build or launch (resources): no values to judge
+                out.setdefault("errors", []).append(dict(gemm=name, config=cfg, error=repr(got)[:300]))
+                continue
+            ok = not isinstance(got, Exception) and bool(((got.double() - ref).abs() <= bound).all())
+            again = qb.attempt(lambda: fp8_tma.fp8_tma(x, ws[0], cfg)) if ok else None
+            ok = ok and not isinstance(again, Exception) and bool(((again.double() - ref).abs() <= bound).all())
+            qb.record(out["checks"], failures, ok, check="fp8_tma_vs_float64", gemm=name, M=m, config=cfg)
+            if not ok:
+                print(f"gemm {name} {tma_name(cfg)}: check FAILED", flush=True)
+                continue
+            key = tma_name(cfg)
+            t[key] = qb.graph_ms([lambda w=w, cfg=cfg: fp8_tma.fp8_tma(x, w, cfg) for w in ws] * 2)
+            if best is None or t[key] < best[1]:
+                best = (cfg, t[key])
+        flops = 2 * m * n * k
+        rows.append(dict(gemm=name, M=m, N=n, K=k, ms=t, best=best))
+        print(f"gemm {name:<7} M={m} " + "  ".join(f"{kk} {v * 1e3:.1f}us" for kk, v in
+                                                 sorted(t.items(), key=lambda kv: kv[1])[:6])
+              + f"  (cublas {flops / t['cublas'] / 1e12:.2f} PFLOP/s)", flush=True)
+        if apply and best and best[1] < t["cublas"] * 0.97:
+            fp8_tma.TUNED[(fp8_tma.m_bucket(m), n, k)] = best[0]
         del ws, x
-    return rows
+    out["ms"] = rows
+    out["applied"] = {str(kk): v for kk, v in fp8_tma.TUNED.items()}
+    print(f"fp8_tma.TUNED for the engines: {fp8_tma.TUNED}", flush=True)
+    return out
 
 
 class Counting:
@@ -487,7 +540,12 @@ def main() -> int:
             fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in SPLIT_LAUNCH]
             print("one-launch SwiGLU OFF for the engines (a check failed): the split launches run", flush=True)
     if "gemm" in args.sections:
-        result["gemm_swap"] = qb.attempt(gemm_swap_section)
+        n = len(failures)
+        result["gemm"] = qb.attempt(lambda: gemm_section(failures))
+        if isinstance(result["gemm"], Exception) or len(failures) > n:
+            from kernels import fp8_tma
+            fp8_tma.TUNED.clear()
+            print("TMA GEMMs OFF for the engines (a check failed)", flush=True)
     print(f"checks done at {time.time() - start:.0f} s; engines run with DEFER_MAX_M[{QKV}] = "
           f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}, FP8_LAUNCH = "
           f"{fp8_fused.FP8_LAUNCH}", flush=True)
