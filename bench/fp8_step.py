@@ -457,7 +457,8 @@ ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"),
 launches ("split"), or session 7's round-2 table with the ticket-and-wait one-launch SwiGLU above 1,024 rows
 ("one"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window. "fp8 one" repeats
 round 2's engine (mixed graphs off), where that table cost the FP8 engine ~25%, with the compiles and steps
-inside the timed window recorded."""
+inside the timed window recorded. Nothing before it in the run builds the one-launch kernel (the sweep times ROW
+configs only), as in round 2."""
 ONE_LAUNCH = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}), (1024, {"ROWS": 4, "BLOCK": 512, "num_warps": 4}),
               (1 << 30, {"ROWS": 8, "BLOCK": 512, "num_warps": 4, "ONE": True})]
 
@@ -533,7 +534,7 @@ def main() -> int:
         n = len(failures)
         result["swiglu"] = qb.attempt(lambda: swiglu_section(
             failures, ms=(256, 2048, 8192) if sweep else sorted({min(most, 8192) for most, _ in ones}),
-            configs=ROW_CONFIGS + [ONE_LAUNCH[-1][1]] if sweep else [c for _, c in ones], apply=sweep))
+            configs=None if sweep else [c for _, c in ones], apply=sweep))
         if isinstance(result["swiglu"], Exception) or len(failures) > n:
             if isinstance(result["swiglu"], Exception):
                 failures.append({"check": "swiglu_section", "error": repr(result["swiglu"])[:300]})
