@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))  # paged_cases.make_b
 from bench.throughput import make_workload  # noqa: E402
 from kernels import paged_decode as pd  # noqa: E402
 from kernels import paged_prefill_configs as ppc  # noqa: E402
-from kernels.paged_prefill import paged_prefill  # noqa: E402
+from kernels.paged_prefill import make_chunk_list, paged_prefill  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16  # the 8B's attention
 CHAT_MAX_MODEL_LEN = 1024 + 1024 + 16  # bench/throughput.py: the longest prompt + output + 16
@@ -280,6 +280,11 @@ MIXED_CONFIGS = {
     "64x64 4w 3st one loop, persistent": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=None,
                                               ONE_LOOP=2, PERSISTENT=2),
     "Gluon short pick, no prefix path (fresh prompts only)": "gluon",
+    # the prompts' tiles alone from the host's list (paged_prefill chunk_list), persistent grids
+    "table + CHUNK_LIST, 2 per SM": dict(CHUNK_LIST=True),
+    "table + CHUNK_LIST, 1 per SM": dict(CHUNK_LIST=True, PERSISTENT=1),
+    "64x64 4w 3st one loop + CHUNK_LIST, 4 per SM": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3,
+                                                         maxnreg=None, ONE_LOOP=2, CHUNK_LIST=True, PERSISTENT=4),
 }
 
 
@@ -308,6 +313,7 @@ def time_mixed(dev, budget_s: float, layers: int, shapes: dict | None = None) ->
         p0 = int(b.query_start_loc[len(dec)])
         ref = paged_prefill_ref(b.q[p0:], b.kv_cache, b.block_tables[rows], b.seq_lens[rows],
                                 b.query_start_loc[len(dec):] - p0, SCALE)
+        chunks = torch.from_numpy(make_chunk_list(q_lens)).to(dev)
         rec = {"shape": name, "tokens": t, "us": {}, "max_err": {}}
         out = torch.zeros_like(b.q)
         for cname, cfg in MIXED_CONFIGS.items():
@@ -318,7 +324,7 @@ def time_mixed(dev, budget_s: float, layers: int, shapes: dict | None = None) ->
                     continue
                 kw = dict(config=dict(ppc.BASE, **ppc._WS_SHORT_FRESH), has_prefix=False)
             else:
-                kw = dict(config=cfg, has_prefix=True)
+                kw = dict(config=cfg, has_prefix=True, chunk_list=chunks if cfg and cfg.get("CHUNK_LIST") else None)
 
             def fn(kw=kw):
                 paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, SCALE, out=out,

@@ -20,7 +20,9 @@ and a source's last partial tile) take the masked one.
 Programs map to (sequence, query tile) without a host sync: sequence i's tiles start at
 query_start_loc[i] // BLOCK_Q + i (an upper bound on the tiles before it), so the grid is
 num_tokens // BLOCK_Q + num_seqs and each program finds its sequence by binary search; spare
-programs of a sequence exit at once. With REVERSE a sequence's last (longest) query tiles run first.
+programs of a sequence exit at once. With CHUNK_LIST (a mixed step's host-made list of the sequences with more than
+one new token, `chunk_list`) a persistent grid walks those sequences' tiles alone: the decode rows (skip_single), a
+slot and a search each in the plain grid, cost nothing. With REVERSE a sequence's last (longest) query tiles run first.
 With HEAVY_FIRST (and the host's max_query_len) the grid is instead num_seqs x the longest chunk's tiles, slot
 r * num_seqs + i being sequence i's chunk tile max_q_tiles - 1 - r: no search, and within a head group every
 sequence's heaviest tiles run before any lighter one (longest-processing-time order for fresh prompts).
@@ -557,8 +559,58 @@ def _searched_item(tile, head0, kv_head, q_ptr, k_cache_ptr, v_cache_ptr, k_new,
 
 
 
+
+@triton.jit
+def _listed_item(tile, head_group, chunks_ptr, stride_chunks, n_chunks, q_ptr, k_cache_ptr, v_cache_ptr, k_new,
+                 v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr, slopes_ptr,
+                 sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot,
+                 stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
+                 QUERIES_PER_KV: tl.constexpr, ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr,
+                 BLOCKWISE: tl.constexpr, REVERSE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr,
+                 LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr,
+                 OVERLAP_QK: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr):
+    """CHUNK_LIST's mapping: tile slots cq[j] // BLOCK_Q + j of listed chunk j (cq: the listed chunks' query counts'
+    prefix sums, chunks_ptr row 0; their sequences in row 1 after the count), found by search over the listed
+    chunks alone; spare slots of a chunk do nothing."""
+    head0 = head_group * ROW_HEADS
+    kv_head = head0 // QUERIES_PER_KV
+    lo = 0
+    hi = n_chunks
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(chunks_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    j = lo - 1
+    cq0 = tl.load(chunks_ptr + j)
+    q_len = tl.load(chunks_ptr + j + 1) - cq0
+    seq = tl.load(chunks_ptr + stride_chunks + 1 + j)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    slot = tile - (cq0 // BLOCK_Q + j)
+    n_q_tiles = tl.cdiv(q_len, BLOCK_Q)
+    if slot < n_q_tiles:
+        if REVERSE:
+            q_tile = n_q_tiles - 1 - slot
+        else:
+            q_tile = slot
+        _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, out_ptr,
+                       slopes_ptr, sinks_ptr,
+                       qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot,
+                       stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt,
+                       stride_vh, seq, q_start, q_len, seq_len, q_tile, head0, kv_head,
+                       ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED,
+                       BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
+                       DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
+                       LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
+
 # num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window", "num_tiles", "max_q_tiles"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window", "num_tiles", "max_q_tiles", "stride_chunks"])
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]: the step's new tokens, sequence after sequence
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]  (kv_cache[0])
@@ -593,6 +645,8 @@ def _paged_prefill_kernel(
     num_seqs,
     num_tiles,  # the plain grid's first axis: tile slots (see the module docstring)
     max_q_tiles,  # HEAVY_FIRST: query tiles of the longest chunk (num_tiles = num_seqs * max_q_tiles)
+    chunks_ptr,  # CHUNK_LIST: int32 [2, stride_chunks] (paged_prefill's chunk_list); else unused
+    stride_chunks,
     QUERIES_PER_KV: tl.constexpr,
     ROW_HEADS: tl.constexpr,  # query heads per program: QUERIES_PER_KV (PACK_GQA) or 1
     BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x ROW_HEADS heads (rest padding)
@@ -627,8 +681,23 @@ def _paged_prefill_kernel(
     PERSISTENT: tl.constexpr,  # > 0: the grid is PERSISTENT programs per SM looping over the work items
     NUM_HEAD_GROUPS: tl.constexpr,  # num_heads // ROW_HEADS: the plain grid's second axis
     HEAVY_FIRST: tl.constexpr,  # tile slots r * num_seqs + seq: every sequence's heaviest chunk tiles first
+    CHUNK_LIST: tl.constexpr = False,  # (with PERSISTENT) walk the listed chunks' tiles only (chunks_ptr)
 ):
-    if PERSISTENT > 0:
+    if CHUNK_LIST:
+        # The tile count is the device's to know (the list changes per step under one CUDA graph): the grid is
+        # fixed and its programs walk (tile, head group) items up to the listed chunks' last slot.
+        n_chunks = tl.load(chunks_ptr + stride_chunks)
+        total = tl.load(chunks_ptr + n_chunks) // BLOCK_Q + n_chunks
+        for w in range(tl.program_id(0), total * NUM_HEAD_GROUPS, tl.num_programs(0)):
+            _listed_item(w % total, w // total, chunks_ptr, stride_chunks, n_chunks, q_ptr, k_cache_ptr, v_cache_ptr,
+                         k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+                         slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window, v_scale, stride_qt,
+                         stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch, stride_kt,
+                         stride_kh, stride_vt, stride_vh, QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N,
+                         BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE,
+                         USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE,
+                         HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
+    elif PERSISTENT > 0:
         # A fixed grid (PERSISTENT programs per SM) walks the work items in the launch order of the plain
         # grid (tile slots fastest, then head groups), so no program waits on the block scheduler.
         for w in range(tl.program_id(0), num_tiles * NUM_HEAD_GROUPS, tl.num_programs(0)):
@@ -693,6 +762,7 @@ def paged_prefill(
     has_prefix: bool = True,
     skip_single: bool = False,
     max_query_len: int | None = None,
+    chunk_list: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached tokens up to itself.
 
@@ -711,6 +781,10 @@ def paged_prefill(
     k/v the kernel is compiled without its block-table path; it is ignored without k/v.
     skip_single: leave the rows of sequences with exactly one new token unwritten (a mixed step's decode
     rows, which paged_decode(query_start_loc=...) attends to at the decode kernel's rate).
+    chunk_list: with skip_single, the sequences with more than one new token as make_chunk_list writes them (int32
+    [2, >= num_seqs + 1]); with a config whose CHUNK_LIST is set the launch walks their tiles alone on a persistent
+    grid (PERSISTENT programs per SM, 2 if unset), not a tile slot per sequence: a mixed step's decode rows then
+    cost no programs. Under a CUDA graph the list is refreshed per replay like query_start_loc.
     max_query_len: the longest sequence's query count (or any bound at least that), if the host knows it (else
     num_tokens bounds it); with has_prefix, head_dim, the group and the dtype it picks the config
     (kernels/paged_prefill_configs.py), and HEAVY_FIRST sizes its grid by it.
@@ -783,7 +857,12 @@ def paged_prefill(
     if heavy_first:
         num_tiles = num_seqs * max_q_tiles
     persistent = int(cfg.get("PERSISTENT") or 0)
-    if persistent:
+    listed = (chunk_list is not None and skip_single and bool(cfg.get("CHUNK_LIST")) and not cfg["PAIR_TILES"]
+              and not heavy_first)
+    if listed:
+        persistent = persistent or 2
+        grid = (persistent * sm_count(q.device),)
+    elif persistent:
         grid = (min(num_tiles * (num_heads // row_heads), persistent * sm_count(q.device)),)
     else:
         grid = (num_tiles, num_heads // row_heads)
@@ -796,6 +875,8 @@ def paged_prefill(
         num_seqs=num_seqs,
         num_tiles=num_tiles,
         max_q_tiles=max_q_tiles,
+        chunks_ptr=chunk_list if listed else query_start_loc,
+        stride_chunks=chunk_list.stride(0) if listed else 0,
         QUERIES_PER_KV=group,
         ROW_HEADS=row_heads,
         BLOCK_M=block_m,
@@ -823,6 +904,7 @@ def paged_prefill(
         PERSISTENT=persistent,
         NUM_HEAD_GROUPS=num_heads // row_heads,
         HEAVY_FIRST=heavy_first,
+        CHUNK_LIST=listed,
         # two compiled versions at most; HEAVY_FIRST reads no search, so one
         SEQ_VEC=cfg["SEQ_VEC"] if num_seqs < cfg["SEQ_VEC"] and not heavy_first else 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -834,6 +916,26 @@ def paged_prefill(
         **variants.launch_args(seq_lens),
     )
     return out
+
+
+def make_chunk_list(query_lens, out=None):
+    """paged_prefill's chunk_list from a step's per-sequence new-token counts (a numpy int array or a list): int32
+    [2, num_seqs + 1], row 0 the prefix sums of the counts of sequences with more than one new token (then the
+    total repeated), row 1 their number, then their indices. `out`: a numpy int32 array of at least that shape
+    to fill (pinned staging); returned trimmed to num_seqs + 1 columns."""
+    import numpy as np
+
+    q = np.asarray(query_lens, dtype=np.int64)
+    n = q.shape[0]
+    idx = np.flatnonzero(q > 1)
+    buf = np.zeros((2, n + 1), dtype=np.int32) if out is None else out[:, :n + 1]
+    buf[0, 0] = 0
+    np.cumsum(q[idx], out=buf[0, 1:len(idx) + 1])
+    buf[0, len(idx) + 1:] = buf[0, len(idx)]
+    buf[1, 0] = len(idx)
+    buf[1, 1:len(idx) + 1] = idx
+    buf[1, len(idx) + 1:] = 0
+    return buf
 
 
 def paged_prefill_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

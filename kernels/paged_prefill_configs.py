@@ -25,7 +25,7 @@ BASE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128, NEW
             Q_SCALED=False, LOOP_STAGES=0, LOOP_UNROLL=0, LOOP_WS=False, OVERLAP_QK=False,
             BLOCK_N_TAIL=None, ONE_LOOP=0, PERSISTENT=0, HEAVY_FIRST=False, GLUON=False, PV_ASYNC=False,
             GLUON_WS=False, WS_REGS=None, PINGPONG=False, Q_BUFS=2,
-            DYNAMIC=False, AHEAD=False, TMA_STORE=False, TRITON=None)
+            DYNAMIC=False, AHEAD=False, TMA_STORE=False, CHUNK_LIST=False, TRITON=None)
 
 # The longest query chunk of the launch: < 1024 (chunks, extends, decodes mixed in), < 4096, >= 4096.
 QUERY_BUCKETS = (1024, 4096)

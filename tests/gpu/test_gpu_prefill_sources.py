@@ -105,3 +105,31 @@ def test_gpu_prefill_gluon_fresh_prompts(dtype, group, head_dim, config):
                             batch.query_start_loc, head_dim**-0.5)
     assert_close(out[:n], ref, dtype)
     assert out[n:].isnan().all()
+
+
+@pytest.mark.parametrize("config", [dict(CHUNK_LIST=True), dict(CHUNK_LIST=True, PERSISTENT=1),
+                                    dict(BLOCK_M=64, num_warps=4, num_stages=3, maxnreg=None, ONE_LOOP=2,
+                                         CHUNK_LIST=True, PERSISTENT=4)], ids=str)
+def test_gpu_prefill_chunk_list_mixed_step(config):
+    # A mixed step as the engine's graphs launch it (has_prefix, skip_single): decodes, fresh prompts and a chunk
+    # after cached keys; with CHUNK_LIST only the listed sequences' rows are written, and they match the reference.
+    from kernels.paged_prefill import make_chunk_list
+
+    seq_lens = [700, 343, 900, 1, 2100, 129] + [300 + 7 * i for i in range(40)]
+    q_lens = [1, 343, 1, 1, 257, 129] + [1] * 40
+    batch = make_batch(seq_lens, q_lens, 32, 8, 128, 16, torch.bfloat16, DEVICE, num_padding_tokens=5)
+    n = int(batch.query_start_loc[-1])
+    chunks = torch.from_numpy(make_chunk_list(q_lens)).to(DEVICE)
+    out = paged_prefill(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                        128**-0.5, out=poisoned_like(batch.q), config=config, k=batch.k, v=batch.v, has_prefix=True,
+                        skip_single=True, max_query_len=-(-n // 16) * 16, chunk_list=chunks)
+    ref = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
+                            batch.query_start_loc, 128**-0.5)
+    starts = batch.query_start_loc.tolist()
+    for i, ql in enumerate(q_lens):
+        rows = slice(starts[i], starts[i + 1])
+        if ql > 1:
+            assert_close(out[rows], ref[rows], torch.bfloat16)
+        else:
+            assert out[rows].isnan().all()
+    assert out[n:].isnan().all()

@@ -192,3 +192,39 @@ def test_paged_prefill_heavy_first_skip_single_and_padding_sequences():
     multi = torch.cat([torch.arange(0, 37), torch.arange(38, n)]).to(DEVICE)
     assert_close(out[multi], expected[multi], torch.float32)
     assert out[37].isnan().all() and out[n:].isnan().all()
+
+
+def test_make_chunk_list():
+    from kernels.paged_prefill import make_chunk_list
+
+    got = make_chunk_list([1, 30, 1, 20, 0, 64])
+    assert got.tolist() == [[0, 30, 50, 114, 114, 114, 114], [3, 1, 3, 5, 0, 0, 0]]
+    assert make_chunk_list([1, 1]).tolist() == [[0, 0, 0], [0, 0, 0]]  # decodes only: nothing listed
+
+
+@pytest.mark.parametrize("persistent", [1, 3])
+def test_paged_prefill_chunk_list_walks_the_listed_chunks_alone(persistent):
+    # CHUNK_LIST: a mixed step's decodes (left to the decode kernel), a chunk after cached keys, prompts of
+    # several tiles and padding sequences (no new tokens) - only the listed sequences' rows are written.
+    from kernels.paged_prefill import make_chunk_list
+
+    seq_lens, q_lens = [40, 70, 33, 90, 5, 200, 21], [1, 30, 1, 20, 1, 64, 21]
+    batch = make_batch(seq_lens, q_lens, 8, 2, 32, 16, torch.float32, DEVICE, num_padding_tokens=3)
+    n = int(batch.query_start_loc[-1])
+    qsl = torch.cat([batch.query_start_loc, batch.query_start_loc[-1:].repeat(2)])
+    lens = torch.cat([batch.seq_lens, torch.ones(2, dtype=batch.seq_lens.dtype, device=DEVICE)])
+    tables = torch.cat([batch.block_tables, batch.block_tables[:1].repeat(2, 1)])
+    chunks = torch.from_numpy(make_chunk_list(q_lens + [0, 0])).to(DEVICE)
+    out = paged_prefill(batch.q, batch.kv_cache, tables, lens, qsl, 0.3, out=poisoned_like(batch.q), k=batch.k,
+                        v=batch.v, skip_single=True, chunk_list=chunks,
+                        config=dict(BLOCK_N=16, CHUNK_LIST=True, PERSISTENT=persistent))
+    expected = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
+                                 batch.query_start_loc, 0.3)
+    starts = batch.query_start_loc.tolist()
+    for i, ql in enumerate(q_lens):
+        rows = slice(starts[i], starts[i + 1])
+        if ql > 1:
+            assert_close(out[rows], expected[rows], torch.float32)
+        else:
+            assert out[rows].isnan().all()
+    assert out[n:].isnan().all()
