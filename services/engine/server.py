@@ -153,9 +153,10 @@ def delta_message(deltas: list[RequestDelta], prog: _Progress,
         msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prog.num_prompt_tokens,
                                             completion_tokens=prog.completion_tokens,
                                             cached_tokens=last.num_cached_tokens))
-        msg.timing.CopyFrom(common_pb2.Timing(queue_ns=_ns(last.first_scheduled_time, arrival),
-                                              time_to_first_token_ns=_ns(last.first_token_time, arrival),
-                                              total_ns=_ns(time.monotonic(), arrival)))
+        t = msg.timing  # (fields set one by one: a first message that is also the last keeps its first_token_path)
+        t.queue_ns = _ns(last.first_scheduled_time, arrival)
+        t.time_to_first_token_ns = _ns(last.first_token_time, arrival)
+        t.total_ns = _ns(time.monotonic(), arrival)
     return msg
 
 
