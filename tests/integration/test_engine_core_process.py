@@ -1,6 +1,8 @@
 """The engine with its core in a process of its own (`--core-process`, services/engine/core_process.py):
 the same text as the offline API through the whole stack, a cancelled stream's blocks back within a
-second, the first token's path complete, and no core process left behind when the engine stops."""
+second, the first token's path complete, and no core process left behind when the engine stops. Its server and
+the router poll instead of sleeping while requests are in flight (`--busy-loop`, services/common/keep_awake.py),
+as a GPU engine's serving stack runs them (docs/router.md)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def core_stack(tmp_path_factory):
-    s = start_stack(tmp_path_factory, "core", engines=1, engine_args=[*SMALL_ENGINE, "--core-process"])
+    s = start_stack(tmp_path_factory, "core", engines=1, engine_args=[*SMALL_ENGINE, "--core-process", "--busy-loop"],
+                    router_args=["--busy-loop"])
     yield s
     s.stop()
 
