@@ -34,6 +34,7 @@ contiguous k/v are not quantized, so an fp8 cache reads every key through the bl
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -923,8 +924,6 @@ def make_chunk_list(query_lens, out=None):
     [2, num_seqs + 1], row 0 the prefix sums of the counts of sequences with more than one new token (then the
     total repeated), row 1 their number, then their indices. `out`: a numpy int32 array of at least that shape
     to fill (pinned staging); returned trimmed to num_seqs + 1 columns."""
-    import numpy as np
-
     q = np.asarray(query_lens, dtype=np.int64)
     n = q.shape[0]
     idx = np.flatnonzero(q > 1)

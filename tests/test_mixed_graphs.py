@@ -77,7 +77,7 @@ def _scribble(graphs) -> None:
     for st in filter(None, (graphs._mix, graphs._dec)):
         # Slots of the first blocks, which the live sequences hold: a stray write there changes outputs.
         for name, hi in (("ids", 100), ("pos", graphs.max_model_len), ("slots", 160), ("qsl", 33),
-                         ("seq_lens", graphs.max_model_len), ("tables", 20)):
+                         ("seq_lens", graphs.max_model_len), ("tables", 20), ("chunks", 8)):
             st[name].copy_(torch.randint(0, hi, st[name].shape, generator=g))
 
 
@@ -85,7 +85,13 @@ def _replays(graphs) -> int:
     return sum(g.replays for g, _ in [*graphs.mixed.values(), *graphs.decode.values()])
 
 
-def test_fake_graph_mixed_steps_match_eager_on_cpu(tiny_dir):
+@pytest.mark.parametrize("chunk_list", [False, True], ids=["plain", "chunk_list"])
+def test_fake_graph_mixed_steps_match_eager_on_cpu(tiny_dir, chunk_list, monkeypatch):
+    if chunk_list:  # the prefill kernel walks the step's chunk list (CHUNK_LIST) in eager and graphed steps alike
+        import kernels.paged_prefill as pp
+
+        select = pp.select_config
+        monkeypatch.setattr(pp, "select_config", lambda *a, **k: dict(select(*a, **k), CHUNK_LIST=True))
     llm = _llm(tiny_dir)
     runner = llm.engine.runner
     runner.capture_mixed_graphs(32, 8, 128, record=fake_recorder)
@@ -111,7 +117,8 @@ def test_fake_graph_mixed_steps_match_eager_on_cpu(tiny_dir):
             assert torch.equal(eager, graphed), f"step of {n} tokens"
         else:  # padded rows change the matmuls' M, which may change their blocking
             torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
-    # And the tokens and prompt logprobs the user sees equal an engine that never graphs.
+    # And the tokens and prompt logprobs the user sees equal an engine that never graphs (nor lists chunks).
+    monkeypatch.undo()
     ref = _llm(tiny_dir)
     ref_out = ref.generate(prompts[:1], greedy, use_tqdm=False) + ref.generate(prompts[1:], params, use_tqdm=False)
     for a, b in zip(first + rest, ref_out):

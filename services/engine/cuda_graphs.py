@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from kernels.paged_prefill import make_chunk_list
 from services.engine.attention.metadata import AttentionMetadata
 
 log = logging.getLogger("folio.engine")
@@ -111,6 +112,7 @@ class StepGraphs:
             "tables": torch.zeros((seqs, self.max_blocks), dtype=torch.int32, device=dev),
             "seq_lens": torch.ones(seqs, dtype=torch.int32, device=dev),
             "qsl": torch.arange(seqs + 1, dtype=torch.int32, device=dev),
+            "chunks": torch.zeros((2, seqs + 1), dtype=torch.int32, device=dev),  # no chunks listed
         }
 
     def capture_decode(self, max_batch: int) -> None:
@@ -179,7 +181,7 @@ class StepGraphs:
             num_seqs=s, num_tokens=t, query_start_loc=st["qsl"][:s + 1], seq_lens=st["seq_lens"][:s],
             block_tables=st["tables"][:s], slot_mapping=st["slots"][:t], max_query_len=t,
             max_seq_len=self.max_model_len, query_lens_cpu=[t] + [0] * (s - 1),
-            seq_lens_cpu=[self.max_model_len] * s, captured=True)
+            seq_lens_cpu=[self.max_model_len] * s, chunk_list=st["chunks"][:, :s + 1], captured=True)
 
     def _mem_free(self) -> int:
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
@@ -233,6 +235,10 @@ class StepGraphs:
         st["qsl"][s + 1:self.max_seqs[t] + 1].fill_(n)  # padding sequences: no new tokens
         st["seq_lens"][:s].copy_(meta.seq_lens)
         st["tables"][:s, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        chunks = meta.chunk_list
+        if chunks is None:  # a step built without its list (the model runner's always have one)
+            chunks = torch.from_numpy(make_chunk_list(meta.query_lens_cpu)).to(self.device)
+        st["chunks"][:, :s + 1].copy_(chunks)
         g, hidden = self.mixed[t]
         g.replay()
         return self.model.head(hidden[inputs.logit_rows], float32=False)  # a gather: not the graph's buffer

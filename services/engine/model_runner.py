@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.paged_prefill import make_chunk_list
 from kernels.paged_prefill_configs import forced_config, table_configs
 from services.engine.attention import get_attention_backend
 from services.engine.attention.kv_quant import FP8_KV_DTYPE, fp8_zeros, resolve_kv_cache_dtype
@@ -145,6 +146,7 @@ class ModelRunner:
             query_start_loc=put(qsl), seq_lens=put(s_lens.astype(np.int32)),
             block_tables=put(tables), slot_mapping=put(slots),
             max_query_len=max(q_lens), max_seq_len=max(s_lens_list), query_lens_cpu=q_lens, seq_lens_cpu=s_lens_list,
+            chunk_list=put(make_chunk_list(q)) if n_tok != n_seqs else None,
         )
         return StepInputs(put(np.asarray(ids, dtype=np.int64)), put(pos.astype(np.int64)), meta, put(rows))
 
@@ -278,6 +280,7 @@ class ModelRunner:
             seq_lens=torch.tensor([c for _, c in lens], dtype=torch.int32, device=dev), block_tables=bt.to(dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev), max_query_len=max(q_lens),
             max_seq_len=max(c for _, c in lens), query_lens_cpu=q_lens, seq_lens_cpu=[c for _, c in lens],
+            chunk_list=torch.from_numpy(make_chunk_list(q_lens)).to(dev),
         )
         h = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_caches, meta)
         self.model.logits(h[-1:])

@@ -19,6 +19,9 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    chunk_list: torch.Tensor | None = None
+    """int32 [2, num_seqs + 1] (kernels/paged_prefill.py, make_chunk_list): the sequences with more than one new
+    token, for a prefill launch that walks their tiles alone; None in decode-only steps."""
     captured: bool = False
     """Built to capture a CUDA graph (services/engine/cuda_graphs.py): the host-side fields above (`*_cpu`,
     `max_*`, the counts) describe the graph's bucket, not any one step it will replay. A backend must then

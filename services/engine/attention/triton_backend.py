@@ -62,7 +62,7 @@ class TritonAttentionBackend:
             # counts vary per replay, so both kernels always run and each skips the other's sequences.
             paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, params.scale,
                           out=out, k=k, v=v, has_prefix=has_prefix, max_query_len=meta.max_query_len,
-                          skip_single=True, **variants)
+                          skip_single=True, chunk_list=meta.chunk_list, **variants)
             if meta.captured or 1 in meta.query_lens_cpu:
                 paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, params.scale, out=out,
                              query_start_loc=meta.query_start_loc, **variants)
