@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -345,6 +346,11 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
                                     debug_gil_busy_ms=c.debug_gil_busy_ms, log_level=c.log_level)
         await aengine.start()
         engine = aengine.engine
+        # What this server process holds now (grpc, protobuf, the tokenizer) lives as long as it does: keep
+        # the cyclic collector's full collections from walking it while requests stream (as the router
+        # does; in-thread, LLMEngine freezes the whole process).
+        gc.collect()
+        gc.freeze()
     else:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
         if c.debug_gil_busy_ms > 0:
