@@ -102,11 +102,11 @@ class RouterMetrics:
             async for chunk in chunks:
                 model = chunk.model
                 n = sum(len(c.token_ids) for c in chunk.choices)
+                first_now = False
                 if n:
                     now = time.monotonic()
                     if first is None:
-                        first = now
-                        self.ttft.labels(model).observe(now - t0)
+                        first, first_now = now, True
                         n_gap = n - 1  # tokens of the first chunk beyond the first came with it
                     else:
                         n_gap = n
@@ -135,4 +135,8 @@ class RouterMetrics:
                 for c in chunk.choices:
                     if c.finish_reason is not None:
                         self.success.labels(model, c.finish_reason).inc()
-                yield chunk
+                try:
+                    yield chunk
+                finally:  # the first token's time is observed once its chunk went on: off the way to the client
+                    if first_now:
+                        self.ttft.labels(model).observe(first - t0)

@@ -56,10 +56,10 @@ class ApiKeyAndCount:
         async def counting_send(message):
             nonlocal stamps
             if message["type"] == "http.response.start":
-                self.metrics.http_requests.labels(label, str(message["status"])).inc()
-                await send(message)
+                await send(message)  # (counted after: the head goes out first)
                 if stamps is not None:  # the response's head is written (the first event goes next)
                     stamps.append(("router.head", time.monotonic_ns()))
+                self.metrics.http_requests.labels(label, str(message["status"])).inc()
                 return
             if stamps is not None and message.get("body"):
                 stamps.append(("router.sent", time.monotonic_ns()))
