@@ -126,3 +126,56 @@ def test_w4a16_swiglu_in_the_gate_up_gemv_at_batch_1(monkeypatch, cfg):
         assert calls.count(True) == (2 if fuse else 0)  # each layer's gate/up, gated
     torch.testing.assert_close(outs["fused"], outs["unfused"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["fused"], outs["reference"], atol=1e-4, rtol=1e-4)
+
+
+def test_w4a16_qkv_turns_and_caches_at_batch_1(monkeypatch):
+    """A 4-bit Llama on the Triton backend, a 5-token prefill then one decode token: with FUSE_ROPE the decode step's
+    qkv GEMV (gemv3, whole heads per strip) turns q and k and writes the cache in its epilogue and the attention layer
+    skips rotary_and_cache; logits and KV pool equal the unfused Triton path's (GEMV, then rotary_and_cache)."""
+    from kernels import rotary as rotary_kernels
+    from kernels import w4a16
+    from services.engine.attention.triton_backend import TritonAttentionBackend
+    from services.engine.model.quantization import int4
+
+    hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                                          "desc_act": False})
+    d, hq, hkv, hidden = LLAMA["head_dim"], LLAMA["num_attention_heads"], LLAMA["num_key_value_heads"], LLAMA["hidden_size"]
+    monkeypatch.setitem(w4a16.TUNED, (1, (hq + 2 * hkv) * d, hidden),
+                        dict(KERNEL="gemv3", T=8, BLOCK_N=32, num_warps=1, SPLIT_K=1))
+    monkeypatch.setattr(int4, "_kernels", lambda x: True)
+    real_rc, rc_calls = rotary_kernels.rotary_and_cache, []
+
+    def spy(*a, **k):
+        rc_calls.append(a[0].shape[0])
+        return real_rc(*a, **k)
+
+    monkeypatch.setattr(rotary_kernels, "rotary_and_cache", spy)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    i32 = dict(dtype=torch.int32, device=dev)
+    steps = [
+        (torch.tensor([5, 9, 33, 2, 7], device=dev), torch.tensor([0, 1, 2, 3, 4], device=dev),
+         AttentionMetadata(num_seqs=1, num_tokens=5, query_start_loc=torch.tensor([0, 5], **i32),
+                           seq_lens=torch.tensor([5], **i32), block_tables=torch.tensor([[0, 1]], **i32),
+                           slot_mapping=torch.tensor([0, 1, 2, 3, 4], device=dev), max_query_len=5, max_seq_len=5,
+                           query_lens_cpu=[5], seq_lens_cpu=[5])),
+        (torch.tensor([40], device=dev), torch.tensor([5], device=dev),
+         AttentionMetadata(num_seqs=1, num_tokens=1, query_start_loc=torch.tensor([0, 1], **i32),
+                           seq_lens=torch.tensor([6], **i32), block_tables=torch.tensor([[0, 1]], **i32),
+                           slot_mapping=torch.tensor([5], device=dev), max_query_len=1, max_seq_len=6,
+                           query_lens_cpu=[1], seq_lens_cpu=[6])),
+    ]
+    runs = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(int4, "FUSE_ROPE", fuse)
+        model = build_model(hf, TritonAttentionBackend(), torch.float32, dev)
+        model.init_dummy(seed=4)
+        model.set_fused_elementwise(True)
+        kv = [torch.zeros(2, 8, 4, 2, 16, device=dev) for _ in range(2)]
+        rc_calls.clear()
+        logits = [model.logits(model.forward(ids, pos, kv, meta)) for ids, pos, meta in steps]
+        runs[fuse] = (logits, kv, list(rc_calls))
+    assert runs[False][2] == [5, 5, 1, 1] and runs[True][2] == [5, 5]  # the decode step's layers: in the GEMV
+    for a, b in zip(runs[True][0], runs[False][0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

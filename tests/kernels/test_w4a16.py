@@ -371,7 +371,9 @@ sig = {name: "i32" for name in kernel.arg_names[8:19]}
 sig.update(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", perm_ptr="*i32", out_ptr="*bf16",
            ws_ptr="*fp32", cnt_ptr="*i32")
 consts = dict(ROWS=128, BLOCK_N=256, T=8, JG=8, HAS_PERM=False, SPLIT=True, ATOMIC=True, PDL=2, EVEN=True,
-              XPAIR=True, FOLD=False, GATED=False, H2=2, ASM=True, VRED=True)
+              XPAIR=True, FOLD=False, GATED=False, H2=2, ASM=True, VRED=True, ROPE=False, HEAD_DIM=128, CACHE_BS=16)
+consts.update({name: None for name in ("cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr", "slot_ptr")})
+consts.update({name: 0 for name in ("q_cols", "k_cols", "stride_cb", "stride_cs", "stride_ch")})
 sig.update({name: "constexpr" for name in consts})
 src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2, num_stages=1))
@@ -399,3 +401,49 @@ def test_vred_compiles_to_one_vector_reduction_for_sm90():
     assert run.returncode == 0, run.stderr[-2000:]
     vec, scalar, cubin = (int(v) for v in run.stdout.split()[-3:])
     assert vec == 1 and scalar == 4 and cubin > 0  # 4 columns a thread: one vector op, 4 scalar fallbacks
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("split,block_n,slot", [(3, 32, 9), (1, 64, 0), (2, 128, -1)])
+def test_w4a16_rope_epilogue_turns_q_k_and_writes_the_cache(dtype, split, block_n, slot):
+    """The qkv GEMV with ROPE (kernels/w4a16_rope.py) against its own plain product turned and cached by torch: q and
+    k heads turned (NeoX), v as is, k and v at the slot of the paged cache (nothing written for a negative slot),
+    strips of 2, 4 or 8 heads, split-K 1-3, the workspace left zeroed. float16 rounds as torch does in the interpreter
+    (exact); bfloat16 within a unit in the last place."""
+    from kernels.w4a16_rope import rope_reference
+
+    d, hq, hkv, k = 16, 4, 2, 384
+    n = (hq + 2 * hkv) * d
+    args, _ = case(1, k, n, 128, False, dtype, seed=5)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = torch.cos(37 * inv)[None].to(DEV), torch.sin(37 * inv)[None].to(DEV)
+    slots = torch.tensor([slot], dtype=torch.int64, device=DEV)
+    cfg = dict(KERNEL="gemv3", T=8, BLOCK_N=block_n, num_warps=1, SPLIT_K=split)
+    cache = torch.zeros(2, 4, 4, hkv, d, dtype=dtype, device=DEV)
+    want_cache = cache.clone()
+    y, done = w4a16(*args, config=cfg, rope=(cos, sin, cache, slots, d, hq, hkv))
+    want = rope_reference(w4a16(*args, config=cfg), (cos, sin, want_cache, slots, d, hq, hkv))
+    assert done
+    tol = 0 if dtype == torch.float16 else 1e-2
+    torch.testing.assert_close(y.float(), want.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(cache.float(), want_cache.float(), atol=tol, rtol=tol)
+    assert bool(cache.any()) == (slot >= 0)
+    ws, cnt = splitk.workspace(torch.device(DEV), 1)
+    assert not ws.any() and not cnt.any()
+
+
+def test_w4a16_rope_falls_back_where_the_epilogue_cannot_run():
+    """Strips that cut a head, a config other than gemv3, or a cache in another dtype: the plain product, done False,
+    the cache untouched."""
+    d, hq, hkv, k = 16, 4, 2, 256
+    n = (hq + 2 * hkv) * d
+    args, _ = case(1, k, n, 128, False, torch.float16, seed=6)
+    cos = sin = torch.zeros(1, d // 2, device=DEV)
+    slots = torch.zeros(1, dtype=torch.int64, device=DEV)
+    for cfg, cache_dtype in ((dict(KERNEL="gemv3", T=8, BLOCK_N=8, num_warps=1, SPLIT_K=2), torch.float16),
+                             (dict(KERNEL="gemv4", T=8, BLOCK_N=32, num_warps=1, PER_SM=2), torch.float16),
+                             (dict(KERNEL="gemv3", T=8, BLOCK_N=32, num_warps=1, SPLIT_K=2), torch.float32)):
+        cache = torch.zeros(2, 2, 4, hkv, d, dtype=cache_dtype, device=DEV)
+        y, done = w4a16(*args, config=cfg, rope=(cos, sin, cache, slots, d, hq, hkv))
+        assert not done and not cache.any()
+        torch.testing.assert_close(y, w4a16(*args, config=cfg))
