@@ -71,6 +71,10 @@ SHORT_PICK_ENV = "FOLIO_PREFILL_SHORT_PICK"
 """Set to "ws" for A/B runs: the < 1024 fresh key takes its pick from before session 7's round 4 (_WS_FRESH:
 no TMA_STORE, no AHEAD)."""
 
+CHUNK_LIST_ENV = "FOLIO_PREFILL_CHUNK_LIST"
+"""Set to 1 for A/B runs: launches with a cached prefix under 1,024 query tokens (the engine's mixed steps of
+fewer than 1,024 tokens) walk the step's chunk list (CHUNK_LIST, kernels/paged_prefill.py)."""
+
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
 
 
@@ -108,10 +112,15 @@ def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: boo
     entry = None if _interpreting() or not use_table else TABLE.get(
         table_key(head_dim, group, dtype, has_prefix, max_query_len))
     if entry is None or dtype == torch.float32:
-        return default_config(head_dim, dtype)
-    if entry is _WS_SHORT_FRESH and os.environ.get(SHORT_PICK_ENV) == "ws":
-        entry = _WS_FRESH
-    return dict(BASE, **entry)
+        cfg = default_config(head_dim, dtype)
+    else:
+        if entry is _WS_SHORT_FRESH and os.environ.get(SHORT_PICK_ENV) == "ws":
+            entry = _WS_FRESH
+        cfg = dict(BASE, **entry)
+    if (has_prefix and use_table and query_bucket(max_query_len) == 0 and not _interpreting()
+            and os.environ.get(CHUNK_LIST_ENV) == "1"):
+        cfg["CHUNK_LIST"] = True
+    return cfg
 
 
 def table_configs(head_dim: int, group: int, dtype: torch.dtype) -> list[dict]:

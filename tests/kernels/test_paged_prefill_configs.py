@@ -52,6 +52,17 @@ def test_short_pick_ab_flag(monkeypatch):
     assert pc.select_config(128, 4, torch.bfloat16, False, 2048) == dict(pc.BASE, **pc._WS_LONG_FRESH)  # others kept
 
 
+def test_chunk_list_ab_flag(monkeypatch):
+    # FOLIO_PREFILL_CHUNK_LIST=1 (A/B runs): launches with a prefix under 1,024 query tokens walk the chunk list
+    monkeypatch.setattr(pc, "_interpreting", lambda: False)
+    assert not pc.select_config(128, 4, torch.bfloat16, True, 608)["CHUNK_LIST"]
+    monkeypatch.setenv(pc.CHUNK_LIST_ENV, "1")
+    assert pc.select_config(128, 4, torch.bfloat16, True, 608) == dict(pc.BASE, CHUNK_LIST=True)
+    assert not pc.select_config(128, 4, torch.bfloat16, True, 2048)["CHUNK_LIST"]
+    assert not pc.select_config(128, 4, torch.bfloat16, False, 608)["CHUNK_LIST"]
+    assert dict(pc.BASE, CHUNK_LIST=True) in pc.table_configs(128, 4, torch.bfloat16)  # the warm-up compiles it
+
+
 def test_interpreter_uses_one_small_config():
     # tests/conftest.py sets TRITON_INTERPRET=1: whatever the table says, one config (small tiles).
     cfgs = pc.table_configs(128, 4, torch.bfloat16)
