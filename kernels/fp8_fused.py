@@ -1,11 +1,10 @@
 """The FP8 method's producer kernels: add + RMSNorm (Llama's rounding) and SwiGLU, each ending in FP8 quantization
 per token for the linear layer that reads the result (quantization/fp8.py's norm_fp8 and swiglu_fp8 call these).
-The norm has the arithmetic and bits of kernels/fused_norm.py's add_rms_norm_fp8; SwiGLU + FP8 is the split
-(two-launch) form of kernels/silu_mul.py's silu_mul_fp8, which runs it from here, or the one-launch form whose
-tiles of a row wait for each other's amax (GPU only; bench/fp8_step.py checks it there). Two differences that change no
-bit: every launch takes PDL (kernels/pdl.py; SwiGLU's second launch follows its first), and with HW_CVT
-(kernels/fp8_quant.py) the e4m3 rounding is the hardware's conversion (cvt.rn.satfinite) instead of ~15 float32
-integer ops per element.
+The norm has the arithmetic and bits of kernels/fused_norm.py's add_rms_norm_fp8; SwiGLU + FP8 runs as the split
+(two-launch) form of kernels/silu_mul.py's silu_mul_fp8, which runs it from here, or, above 4,096 rows, as one launch
+of whole rows per program (FP8_LAUNCH). Two differences that change no bit: every launch takes PDL (kernels/pdl.py;
+SwiGLU's second launch follows its first), and with HW_CVT (kernels/fp8_quant.py) the e4m3 rounding is the hardware's
+conversion (cvt.rn.satfinite) instead of ~15 float32 integer ops per element.
 
 Why: the quantizing passes are bound by instructions, not bytes (bench/fp8_where.py round 2, H200: the SwiGLU
 quantizing launch took 165 us at 8,192 rows against ~80 us of traffic), and a decode step's small launches wait
@@ -133,58 +132,6 @@ def _silu_mul_amax_kernel(
     tl.store(part_ptr + rows64 * nblk + blk, tl.max(tl.abs(y.to(tl.float32)), axis=1), mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["t", "inter", "nblk", "ngroups", "stride_in"])  # one build for every row count
-def _silu_mul_fp8_one_kernel(
-    gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, sync_ptr, amax_ptr, t, inter, nblk, ngroups, stride_in, ub,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """SwiGLU + FP8 in one launch: each program takes the next tile by ticket (sync[0]; tiles in row-group order),
-    computes it in registers, adds its rows' amaxes (int32 bits of non-negative floats: atomic max) and counts
-    itself in to its row group (sync[2 + group]), waits until the group's nblk tiles are all in, and quantizes its
-    tile by the rows' scales. Tickets make the wait safe: every tile before the last claimed one belongs to a
-    running program, so a group waits only on programs that started or can start (a group is nblk << the GPU's
-    slots). The last of a group to leave (sync[2 + ngroups + group]) zeroes its counts and amaxes, the last of
-    the launch (sync[1]) the ticket: the buffers are zero again for the next launch (a CUDA graph replays it).
-    GPU only: the interpreter runs programs one after another, so a group of more than one tile would wait forever
-    (silu_mul_fp8 runs the split launches there)."""
-    pdl.enter(PDL)
-    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    group = ticket // nblk
-    blk = ticket % nblk
-    rows = group * ROWS + tl.arange(0, ROWS)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    r_ok, c_ok = rows < t, offs < inter
-    y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
-    tile_max = tl.max(tl.abs(y), axis=1)
-    zero = tl.zeros([ROWS], dtype=tl.int32)
-    tl.atomic_max(amax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=r_ok, sem="relaxed")
-    tl.debug_barrier()
-    arrived = sync_ptr + 2 + group
-    tl.atomic_add(arrived, 1, sem="release")
-    n = tl.atomic_add(arrived, 0, sem="acquire")
-    spins = n * 0  # an int32 tensor from the start: a loop-carried value keeps its type
-    while (n < nblk) & (spins < 1_000_000):  # bounded: a fault can cost a wrong tile, never a hung GPU
-        n = tl.atomic_add(arrived, 0, sem="acquire")
-        spins += 1
-    amax = tl.atomic_max(amax_ptr + rows, zero, mask=r_ok, sem="acquire").to(tl.float32, bitcast=True)
-    scale = row_scale(amax, ub, HAS_UB)
-    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
-    rows64 = rows.to(tl.int64)
-    tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty),
-             mask=r_ok[:, None] & c_ok[None, :])
-    if blk == 0:
-        tl.store(s_ptr + rows, scale, mask=r_ok)
-    tl.debug_barrier()
-    if tl.atomic_add(sync_ptr + 2 + ngroups + group, 1, sem="acq_rel") == nblk - 1:
-        tl.atomic_xchg(amax_ptr + rows, zero, mask=r_ok, sem="relaxed")
-        tl.atomic_xchg(arrived, 0, sem="relaxed")
-        tl.atomic_xchg(sync_ptr + 2 + ngroups + group, 0, sem="relaxed")
-    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == ngroups * nblk - 1:
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
-        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
-
-
 @triton.jit
 def _silu_mul_fp8_rows_kernel(
     gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, t, inter, stride_in, ub,
@@ -201,7 +148,7 @@ def _silu_mul_fp8_rows_kernel(
     offs = tl.arange(0, BLOCK)
     r_ok, c_ok = rows < t, offs < inter
     y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
-    scale = row_scale(tl.max(tl.abs(y), axis=1), ub, HAS_UB)
+    scale = row_scale(tl.max(tl.abs(y), axis=1), ub, HAS_UB)  # the masked columns are 0: they change no max
     q = quantize_row_cvt(y, scale[:, None], HW_CVT)
     rows64 = rows.to(tl.int64)
     tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty),
@@ -236,22 +183,25 @@ def _quant_by_parts_kernel(
 
 
 FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
-                    (1 << 30, {"ROWS": 4, "BLOCK": 512, "num_warps": 4})]
+                    (4096, {"ROWS": 4, "BLOCK": 512, "num_warps": 4}),
+                    (1 << 30, {"ROWS": 1, "num_warps": 16, "ROW": True})]
 """[(max rows, config)], the first entry whose bound the row count does not pass (silu_mul_fp8 here and
 kernels/silu_mul.py's pick by it): {"ROWS", "BLOCK", "num_warps"} (and optionally the quantizing launch's
-"ROWS2", "BLOCK2", "warps2") for the split launches, {"BLOCK", "num_warps"} for silu_mul.py's one program per
-row. bench/fp8_where.py round 1 (H200, Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each bit
-for bit first), us per call, against silu_mul.py's FP8_CONFIG (one program per row): 16 rows 5.5 vs 16.1, 64:
+"ROWS2", "BLOCK2", "warps2") for the split launches; {"ROWS", "num_warps", "ROW": True} for one launch of whole
+rows (_silu_mul_fp8_rows_kernel); {"BLOCK", "num_warps"} for silu_mul.py's one program per row.
+Split tiles: bench/fp8_where.py round 1 (H200, Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each
+bit for bit first), us per call, against silu_mul.py's FP8_CONFIG (one program per row): 16 rows 5.5 vs 16.1, 64:
 7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4, 512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357
-(ROWS 4, BLOCK 512); plain SwiGLU with a 16-bit output takes 4.6 / 4.8 / 7.1 / 11.7 / 45.8 / 171. Rounds 3 and
-4 (hardware rounding) kept these tiles.
-"ONE": the one-launch kernel (_silu_mul_fp8_one_kernel). bench/fp8_step.py round 1 (H200, 14336, each config
-bit for bit the split's over 10 graph replays first), us per call: 8,192 rows (prefill) split 269.2, ONE 8 x 512
-244.2 (the best of six; 4 x 1024 w8 277.7, the rest 319-430); 256 rows (decode) split 11.2, every ONE config
-18.4-23.2 (each tile waits for its row group's, and 1,792 programs take tickets from one counter), so decode keeps
-the split. Not in the table: with it for rows above 1,024, round 2's FP8 engine ran the fixed workload at 15,354
-tok/s against 19,289 with the split (same run; cause not isolated: a new specialization compiled inside the
-timed run, or a wait reaching its bound, each ~1 s), so the split runs everywhere."""
+(ROWS 4, BLOCK 512); rounds 3 and 4 (hardware rounding) kept these tiles.
+Whole rows (ROW): bench/fp8_step.py session 8 round 1 (H200, each config bit for bit the split's over 10 graph
+replays first), us per call, split against the best ROW: 8,192 rows (unscaled: gate_up scales its own output
+there) 268.9 vs 226.7 (1 row, 16 warps; 2 rows 308-337); 2,048 rows 71.8 vs 129.1 and 256 rows 11.3 vs 18.3 (with
+the gate_up scales applied, every program reads all 28,672 column scales: ROW loses wherever they are deferred, up
+to DEFER_MAX_M's 4,096 rows).
+The ticket-and-wait one-launch kernel of session 7 ("ONE") is gone: it lost at decode's row counts (18-23 us at
+256 rows), and at 8,192 rows it timed 244 us in session 7 but 424 us in session 8's round 1, against ROW's 227.
+Its ~25% engine loss in session 7's round 2 was two Triton compiles inside the timed window, not the kernel
+(docs/quantization.md)."""
 
 
 def check_gate_up(gate_up, scales) -> None:
@@ -274,8 +224,8 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     """SwiGLU + FP8 per token, bit for bit quantize_fp8_rows(silu_mul(gate_up, scales), ub=ub), in two launches:
     SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch (one
     program per row would leave most SMs idle at decode's row counts; the split pays a write and read of the
-    16-bit result); or, with "ONE" in the config, in one launch whose tiles wait for their rows' amax
-    (_silu_mul_fp8_one_kernel; on CUDA, or where a row group is one tile). `split`: the launch config (default
+    16-bit result); or, with "ROW" in the config, in one launch of whole rows per program
+    (_silu_mul_fp8_rows_kernel). `split`: the launch config (default
     FP8_LAUNCH's entry for the row count); `hw_cvt` as add_rms_norm_fp8's."""
     check_gate_up(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
@@ -299,18 +249,6 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
             _silu_mul_fp8_rows_kernel.warmup(*args, grid=grid, **consts)
         else:
             _silu_mul_fp8_rows_kernel[grid](*args, **consts)
-        return q, s
-    if cfg.get("ONE") and (gate_up.is_cuda or nblk == 1):  # the interpreter would wait forever on a group's tiles
-        groups = triton.cdiv(t, rows)
-        args = (gate_up, q, s, rs, cs, fp8_quant.zeroed(gate_up.device, 2 + 2 * groups, "swiglu_sync"),
-                fp8_quant.zeroed(gate_up.device, t, "swiglu_amax"), t, inter, nblk, groups, gate_up.stride(0),
-                float(ub) if ub is not None else 0.0)
-        consts = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, HAS_UB=ub is not None, HW_CVT=hw,
-                      num_warps=warps, **pdl.args(gate_up))
-        if warmup:
-            _silu_mul_fp8_one_kernel.warmup(*args, grid=(groups * nblk,), **consts)
-        else:
-            _silu_mul_fp8_one_kernel[(groups * nblk,)](*args, **consts)
         return q, s
     y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     part = torch.empty((t, nblk), dtype=torch.float32, device=gate_up.device)

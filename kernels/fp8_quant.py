@@ -66,9 +66,8 @@ _ZEROED: dict = {}
 
 def zeroed(device: torch.device, n: int, name: str) -> torch.Tensor:
     """int32 zeros [>= n] on the device, one buffer per `name`, for kernels that count or combine across their
-    programs and leave it zero again at their end (quantize_row_when_last; kernels/fp8_fused.py's one-launch
-    SwiGLU). A larger request allocates a new buffer and keeps the old one alive: a captured CUDA graph may still
-    use it."""
+    programs and leave it zero again at their end (quantize_row_when_last). A larger request allocates a new
+    buffer and keeps the old one alive: a captured CUDA graph may still use it."""
     have = _ZEROED.get((device, name))
     if have is None or have[-1].numel() < n:
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)

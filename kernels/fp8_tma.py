@@ -24,13 +24,16 @@ from kernels.splitk import splitk_store
 def _fp8_tma_kernel(
     a_desc, w_desc, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, split_k, stride_om, programs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    PROMOTE: tl.constexpr = 0, FLATTEN: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """Work unit u (the `programs` programs take u, u + programs, ...): output tile u // split_k, K-slice u % split_k;
     tile t covers rows (t % num_m) * BLOCK_M and columns (t // num_m) * BLOCK_N."""
     num_m = tl.cdiv(M, BLOCK_M)
     units = num_m * tl.cdiv(N, BLOCK_N) * split_k
     k_blocks = tl.cdiv(K, BLOCK_K)
-    for u in range(tl.program_id(0), units, programs):
+    # FLATTEN: Triton pipelines the next unit's first loads under this one's last K blocks; WS: warp-specialized
+    # (a producer warp group issues the TMA loads) where this Triton builds it
+    for u in tl.range(tl.program_id(0), units, programs, flatten=FLATTEN, warp_specialize=WS):
         tile = u // split_k
         pid_m, pid_n = tile % num_m, tile // num_m
         k0 = (u % split_k) * k_per_split
@@ -39,7 +42,13 @@ def _fp8_tma_kernel(
         for kb in range(k0, k1):
             a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
-            acc = tl.dot(a, w.T, acc)  # e4m3 x e4m3 -> float32; w [N, K] is the K-major operand wgmma wants
+            # e4m3 x e4m3 -> float32; w [N, K] is the K-major operand wgmma wants. PROMOTE: the tensor cores' partial
+            # sums are added into float32 every PROMOTE products (cuBLAS's default); 0: Triton's default on sm_90,
+            # never (cuBLAS's fast accumulation, which quantization/fp8.py keeps off at decode: docs/quantization.md)
+            if PROMOTE:
+                acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=PROMOTE)
+            else:
+                acc = tl.dot(a, w.T, acc)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         splitk_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, 0, ws_ptr, cnt_ptr, tile, split_k, SPLIT, True)
@@ -68,7 +77,8 @@ def reserve_workspace(device: torch.device, n: int, k: int) -> None:
 def fp8_tma(a: torch.Tensor, weight: torch.Tensor, config: dict, out_dtype: torch.dtype = torch.bfloat16,
             programs: int | None = None, warmup: bool = False) -> torch.Tensor | None:
     """a [M, K] float8_e4m3fn @ weight [N, K] float8_e4m3fn .T -> [M, N] in out_dtype, unscaled. `config`:
-    BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K (default 1), PER_SM (programs per SM, default 1), num_warps, num_stages.
+    BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K (default 1), PER_SM (programs per SM, default 1), PROMOTE (<= BLOCK_K),
+    FLATTEN, WS (the kernel's), num_warps, num_stages.
     `programs`: the program count instead of PER_SM x the SMs (tests); `warmup`: compile only (benches)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -12,7 +12,7 @@ def test_fp8_tma_matches_float64(m, k, n, split, programs):
     g = torch.Generator().manual_seed(m)
     a = (torch.randn(m, k, generator=g) * 20).to(torch.float8_e4m3fn)
     w = (torch.randn(n, k, generator=g) * 20).to(torch.float8_e4m3fn)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=split)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=split, PROMOTE=32 if split == 2 else 0)
     out = fp8_tma(a, w, cfg, out_dtype=torch.float32, programs=programs)
     ref = a.double() @ w.double().T
     assert out.shape == (m, n) and out.dtype == torch.float32
