@@ -260,9 +260,10 @@ GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down
 TMA_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=st, PROMOTE=pr, **kw)
                for bm, bn, sk, w, st, pr, kw in (
                    (128, 128, 1, 8, 4, 128, {}), (128, 64, 1, 4, 6, 128, {}), (64, 128, 1, 4, 6, 128, {}),
-                   (128, 128, 2, 8, 4, 128, {}), (128, 64, 2, 4, 5, 128, {}), (128, 128, 1, 8, 4, 128, {"PER_SM": 8}),
-                   (128, 128, 1, 8, 4, 128, {"FLATTEN": True}), (128, 128, 1, 8, 4, 128, {"WS": True}),
-                   (128, 128, 1, 8, 4, 0, {}))]
+                   (128, 128, 2, 8, 4, 128, {}), (128, 64, 2, 4, 5, 128, {}), (256, 64, 1, 8, 4, 128, {}),
+                   (256, 64, 2, 8, 4, 128, {}), (128, 128, 1, 8, 4, 128, {"PER_SM": 8}),
+                   (128, 128, 1, 8, 4, 128, {"FLATTEN": True}), (128, 64, 1, 4, 6, 128, {"FLATTEN": True}),
+                   (128, 128, 1, 8, 4, 128, {"WS": True}), (128, 128, 1, 8, 4, 0, {}))]
 """kernels/fp8_tma.py's launches the GEMM section tries on every decode GEMM shape. PROMOTE 0 (the tensor cores'
 sums never promoted: fast accumulation) is timed for reference and never applied."""
 
