@@ -49,7 +49,8 @@ class LlamaAttention(torch.nn.Module):
         # One token: a W4A16 qkv may turn q, k and write the cache itself (quantization/int4.py's FUSE_ROPE); other
         # methods leave `then_rope` unread.
         self.qkv_proj.then_rope = (*self.rotary_emb.cos_sin(positions), kv_cache, meta.slot_mapping, self.attn.head_dim,
-                                   self.attn.num_heads, self.attn.num_kv_heads) if fusable and h.shape[0] == 1 else None
+                                   self.attn.num_heads, self.attn.num_kv_heads) \
+            if fusable and isinstance(h, torch.Tensor) and h.shape[0] == 1 else None  # h: or an FP8 norm's FP8Input
         out, scales, written = self.qkv_proj(h), None, False
         if isinstance(out, FP8Output):
             out, scales = out.raw, (out.row, out.col)
