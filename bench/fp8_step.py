@@ -283,7 +283,7 @@ def rel_err(got, ref) -> float:
 def gemm_section(failures: list, m: int = 256, apply: bool = True) -> dict:
     """The decode step's FP8 GEMMs at m rows as the engine runs them (cuBLAS tensor-wise with unit scales, the product
     unscaled in bfloat16), against the same product with the operands swapped (w times x^T, which cuBLAS tiles
-    differently; time only) and kernels/fp8_tma.py's TMA_CONFIGS: every output first against the float64 product of
+    differently; time only), cut into 2 or 4 GEMMs along N (time only) and kernels/fp8_tma.py's TMA_CONFIGS: every output first against the float64 product of
     the same e4m3 operands (within bfloat16's rounding), then µs per call in a CUDA graph over four weights in turn
     (none L2-resident, as in the engine). With `apply`, a TMA config that passed and beat cuBLAS by 3% goes into
     fp8_tma.TUNED for the engines."""
@@ -306,6 +306,10 @@ def gemm_section(failures: list, m: int = 256, apply: bool = True) -> dict:
         t = {"cublas": qb.graph_ms([lambda w=w: cublas(w) for w in ws] * 2),
              "swapped": qb.graph_ms([lambda w=w: torch._scaled_mm(w, x.t(), scale_a=unit, scale_b=unit,
                                                                   out_dtype=torch.bfloat16) for w in ws] * 2)}
+        for parts in (2, 4):  # the weight's rows cut into `parts` GEMMs (cuBLAS tiles each N / parts alone)
+            halves = [[p.contiguous() for p in w.chunk(parts)] for w in ws]
+            t[f"cublas n/{parts}"] = qb.graph_ms([lambda h=h: [cublas(p) for p in h] for h in halves] * 2)
+            del halves
         errs = {"cublas": rel_err(cublas(ws[0]), ref)}
         best = None
         for cfg in TMA_CONFIGS:
