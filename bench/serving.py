@@ -614,6 +614,12 @@ def main() -> None:
     import importlib.util
 
     host["uvicorn_http"] = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    # How this host's idle CPUs wait (a halted vCPU is slow to wake), and whether a service may hold them awake
+    # (--cpu-wake-latency-us: /dev/cpu_dma_latency).
+    idle = Path("/sys/devices/system/cpu/cpuidle")
+    host["cpuidle"] = "/".join(p.read_text().strip() for p in (idle / "current_driver", idle / "current_governor_ro")
+                               if p.exists()) or None
+    host["cpu_dma_latency_writable"] = os.access("/dev/cpu_dma_latency", os.W_OK)
     print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, vocab = prepare_model(args, Path(tmp))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
-from services.common import config as cfg, telemetry
+from services.common import config as cfg, cpu_latency, telemetry
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.keep_awake import KeepAwake
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, quote
@@ -74,6 +74,11 @@ class EngineServerConfig:
     polling instead of sleeping, so a request from the router and each message from the core are picked up
     without a thread wake (one core kept busy meanwhile; services/common/keep_awake.py). Not beside a step
     thread in this process, whose GIL a polling loop would take."""
+    cpu_wake_latency_us: int | None = None
+    """Hold this host's CPU wake-up latency at most this many microseconds while the service runs (Linux PM QoS,
+    /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each hop wakes is running at
+    once; the cost is idle CPUs kept busy, host-wide). None: the host decides. Needs write access to the file
+    (services/common/cpu_latency.py, docs/router.md)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -389,6 +394,7 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         if publisher is not None:
             await publisher.leave()
 
+    woken = cpu_latency.hold(c.cpu_wake_latency_us) if c.cpu_wake_latency_us is not None else None
     log.info("engine %s serving %s at %s", engine_id, model_name, address)
     try:
         await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
@@ -400,6 +406,8 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
             engine.shutdown()  # tensor-parallel workers, if any (the core process stops its own)
         if redis is not None:
             await redis.aclose()
+        if woken is not None:
+            woken.release()
     return 1 if aengine.fatal is not None else 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
-from services.common import config as cfg, telemetry
+from services.common import cpu_latency, config as cfg, telemetry
 from services.common.auth import ApiKeyInterceptor
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
@@ -76,6 +76,11 @@ class RouterConfig:
     """While requests are in flight (and a second after), keep the event loop polling instead of sleeping
     between messages, so each one is picked up without a wake-up (one core kept busy meanwhile;
     services/common/keep_awake.py)."""
+    cpu_wake_latency_us: int | None = None
+    """Hold this host's CPU wake-up latency at most this many microseconds while the service runs (Linux PM QoS,
+    /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each hop wakes is running at
+    once; the cost is idle CPUs kept busy, host-wide). None: the host decides. Needs write access to the file
+    (services/common/cpu_latency.py, docs/router.md)."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
@@ -248,6 +253,7 @@ async def serve(c: RouterConfig) -> None:
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None
     await core.start()
+    woken = cpu_latency.hold(c.cpu_wake_latency_us) if c.cpu_wake_latency_us is not None else None
 
     async def on_ready():
         if http is not None:
@@ -262,6 +268,8 @@ async def serve(c: RouterConfig) -> None:
             await http.stop()
         await core.close()
         await redis.aclose()
+        if woken is not None:
+            woken.release()
 
 
 def build_parser() -> argparse.ArgumentParser:
