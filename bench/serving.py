@@ -199,10 +199,15 @@ async def _until_due(due: float) -> None:
         await asyncio.sleep(0)
 
 
+def grpc_request(pb, common_pb2, rid: str, ids: list[int], out: int):
+    return pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
+                              params=common_pb2.SamplingParams(temperature=0, max_tokens=out, ignore_eos=True))
+
+
 async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None, paths=None, due=None):
-    """One request; `due`: its scheduled arrival (perf_counter), stamped as client.arrival."""
-    req = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                             params=common_pb2.SamplingParams(temperature=0, max_tokens=out, ignore_eos=True))
+    """One request; `due`: its scheduled arrival (perf_counter), stamped as client.arrival. `ids` may be the
+    request message itself, made before its arrival time (the client's own encoding is not the serving path's)."""
+    req = ids if isinstance(ids, pb.GenerateRequest) else grpc_request(pb, common_pb2, rid, ids, out)
     ts = times[rid]
     path = {"client.sent": time.monotonic_ns()}
     if due is not None:  # perf_counter and monotonic are one clock on Linux; this keeps it exact elsewhere too
@@ -236,8 +241,9 @@ async def _drive(address, reqs) -> dict:
         arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
 
         async def later(i, at, ids, out):
+            req = grpc_request(pb, common_pb2, f"r{i}", ids, out)
             await _until_due(t0 + at)
-            await _one(stub, pb, common_pb2, f"r{i}", ids, out, times, router_timing, paths, due=t0 + at)
+            await _one(stub, pb, common_pb2, f"r{i}", req, out, times, router_timing, paths, due=t0 + at)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
         res = summarize(times, arrivals, time.perf_counter(), t0)
@@ -291,11 +297,12 @@ class HttpStreams:
             w.close()
         return await asyncio.open_connection(self.host, self.port)
 
-    async def events(self, body: dict, sent: dict | None = None):
+    async def events(self, body: dict | bytes, sent: dict | None = None):
         """The stream's events (parsed JSON), until [DONE]. `sent["client.sent"]`: stamped as the request is
-        written (a connection the pool lacked is opened first, as a client's pool does at its start)."""
+        written (a connection the pool lacked is opened first, as a client's pool does at its start). `body`:
+        the request's JSON, or its bytes made ahead."""
         r, w = await self._connection()
-        data = json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         if sent is not None:
             sent["client.sent"], sent["perf"] = time.monotonic_ns(), time.perf_counter()
         w.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
@@ -329,11 +336,16 @@ class HttpStreams:
             w.close()
 
 
-async def _one_http(http: HttpStreams, model: str, rid, ids, out, times, paths=None, due=None):
-    """One request over the HTTP API; each event's new tokens are counted from its usage (continuous usage
-    stats), so a merged event counts as the tokens it carries. Stamps as `_one` does."""
-    body = {"model": model, "prompt": ids, "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+def http_body(model: str, ids: list[int], out: int) -> bytes:
+    """A streamed completion's request body (made before its arrival time, as `_one`'s message is: the client's
+    own encoding is not the serving path's)."""
+    return json.dumps({"model": model, "prompt": ids, "max_tokens": out, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).encode()
+
+
+async def _one_http(http: HttpStreams, body: bytes, rid, times, paths=None, due=None):
+    """One request over the HTTP API (`body`: `http_body`'s); each event's new tokens are counted from its usage
+    (continuous usage stats), so a merged event counts as the tokens it carries. Stamps as `_one` does."""
     ts, seen = times[rid], 0
     path: dict = {}
     async for ev in http.events(body, path):
@@ -357,7 +369,7 @@ async def _drive_http(address: str, model: str, reqs) -> dict:
     """The same schedule as _drive, through the router's OpenAI-compatible HTTP API."""
     http = HttpStreams(address)
     try:
-        await _one_http(http, model, "warmup", [20, 21, 22], 4, {"warmup": []})
+        await _one_http(http, http_body(model, [20, 21, 22], 4), "warmup", {"warmup": []})
         await http.open(32)
         times = {f"r{i}": [] for i in range(len(reqs))}
         paths: list[dict[str, int]] = []
@@ -365,8 +377,9 @@ async def _drive_http(address: str, model: str, reqs) -> dict:
         arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
 
         async def later(i, at, ids, out):
+            body = http_body(model, ids, out)
             await _until_due(t0 + at)
-            await _one_http(http, model, f"r{i}", ids, out, times, paths, due=t0 + at)
+            await _one_http(http, body, f"r{i}", times, paths, due=t0 + at)
 
         await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
         res = summarize(times, arrivals, time.perf_counter(), t0)
