@@ -6,8 +6,8 @@ Checks (always first; exit status 1 if one fails):
     pick it replaced (FOLIO_PREFILL_SHORT_PICK=ws: no TMA_STORE, no AHEAD) and a float64 reference, on the chat's
     first step (its first prompts up to the 8,192-token budget) and other fresh-prompt batches. The two picks do
     the same arithmetic per work item, so they should agree bit for bit.
-  decode: the split count the engine's graphs take at 1-2 sequences (MIN_TOKENS_PER_SPLIT_FEW) against the one
-    before (FOLIO_DECODE_FEW_SPLITS=0), one split, and a float64 reference, at the chat's tail contexts.
+  decode: the split counts the engine's graphs take now, in session 7 and in session 6 (FOLIO_DECODE_SPLIT_RULE),
+    one split, and a float64 reference, at the chat's tail contexts (1-48 sequences).
 Timing: the prefill kernel's part of the chat's mixed steps as the engine's graphs launch it, per config
   (`--mixed-budget` seconds); paged decode per launch (CUDA graph of LAYERS launches over their own KV pools, so the
   KV is read from memory as in a step) at 1-128 sequences over chat-like contexts, for split counts 1-32, against
@@ -127,16 +127,18 @@ def check_prefill(dev) -> list[dict]:
     return recs
 
 
-def splits_rule(n: int, few: bool, sms: int) -> int:
-    prev = os.environ.get(pd.FEW_SPLITS_ENV)
-    os.environ[pd.FEW_SPLITS_ENV] = "1" if few else "0"
+def splits_rule(n: int, rule: str, sms: int) -> int:
+    """choose_num_splits for the engine's graphs (max_seq_len = max_model_len) under FOLIO_DECODE_SPLIT_RULE=rule
+    ("" the current rule, "s7" / "s6" the sessions' before)."""
+    prev = os.environ.get(pd.SPLIT_RULE_ENV)
+    os.environ[pd.SPLIT_RULE_ENV] = rule
     try:
         return pd.choose_num_splits(n, HKV, CHAT_MAX_MODEL_LEN, sms)
     finally:
         if prev is None:
-            del os.environ[pd.FEW_SPLITS_ENV]
+            del os.environ[pd.SPLIT_RULE_ENV]
         else:
-            os.environ[pd.FEW_SPLITS_ENV] = prev
+            os.environ[pd.SPLIT_RULE_ENV] = prev
 
 
 def check_decode(dev) -> list[dict]:
@@ -144,16 +146,17 @@ def check_decode(dev) -> list[dict]:
 
     sms = pd.num_sms(dev)
     cases = {"1 x 300": [300], "1 x 700": [700], "1 x 1500": [1500], "1 x 2047": [2047], "2 x (450, 1200)": [450, 1200],
-             "2 x (64, 1900)": [64, 1900]}
+             "2 x (64, 1900)": [64, 1900], "4 x 200-1800": [200, 700, 1200, 1800],
+             "24 x 200-1800": list(range(200, 1800, 67))[:24], "48 x 300-1000": list(range(300, 1020, 15))}
     recs = []
     for name, lens in cases.items():
         b = make_batch(lens, [1] * len(lens), HQ, HKV, D, BLOCK, DTYPE, dev)
-        s_new, s_old = splits_rule(len(lens), True, sms), splits_rule(len(lens), False, sms)
+        rules = {r: splits_rule(len(lens), r, sms) for r in ("", "s7", "s6")}
         outs = {f"splits_{s}": pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE, num_splits=s)
-                for s in dict.fromkeys((s_new, s_old, 1))}
-        rec = compare(f"decode {name} (graph rule: {s_new} splits, before: {s_old})", outs, ref64_decode(b),
-                      (f"splits_{s_new}", f"splits_{s_old}"))
-        rec.update(splits_new=s_new, splits_old=s_old)
+                for s in dict.fromkeys((*rules.values(), 1))}
+        rec = compare(f"decode {name} (graph rule: {rules['']} splits, session 7: {rules['s7']}, session 6: "
+                      f"{rules['s6']})", outs, ref64_decode(b), (f"splits_{rules['']}", f"splits_{rules['s6']}"))
+        rec.update(splits_now=rules[""], splits_s7=rules["s7"], splits_s6=rules["s6"])
         recs.append(rec)
     return recs
 
@@ -187,7 +190,7 @@ def time_decode(dev, budget_s: float, layers: int) -> list[dict]:
         lens = torch.randint(200, 1800, (batch,), generator=gen).tolist()
         kv, seq_lens, tables = timing_pools(lens, layers, dev)
         q = torch.randn(batch, HQ, D, device=dev, dtype=DTYPE)
-        rule = splits_rule(batch, True, sms)
+        rule = splits_rule(batch, "", sms)
         row = {"batch": batch, "rule": rule, "contexts_mean": sum(lens) / batch, "us": {}}
         kv_bytes = sum(lens) * HKV * D * 2 * 2
         for s in (1, 2, 4, 8, 16, 32):
@@ -273,18 +276,16 @@ def graph_us(fn, layers: int, reps: int = 20) -> float:
 
 MIXED_CONFIGS = {
     "table (graphs: has_prefix, max_query_len = bucket)": None,
-    "64x32 4w 3st (the short key's Triton pick)": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168,
-                                                       ONE_LOOP=2),
-    "64x64 4w 2st": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, maxnreg=None),
-    "128x64 8w 3st one loop": dict(num_stages=3, ONE_LOOP=2),
-    "64x64 4w 3st one loop, persistent": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=None,
-                                              ONE_LOOP=2, PERSISTENT=2),
-    "Gluon short pick, no prefix path (fresh prompts only)": "gluon",
+    "BASE (session 7's pick)": dict(ppc.BASE),
+    "64x32 4w 3st, no list": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2),
     # the prompts' tiles alone from the host's list (paged_prefill chunk_list), persistent grids
-    "table + CHUNK_LIST, 2 per SM": dict(CHUNK_LIST=True),
-    "table + CHUNK_LIST, 1 per SM": dict(CHUNK_LIST=True, PERSISTENT=1),
-    "64x64 4w 3st one loop + CHUNK_LIST, 4 per SM": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3,
-                                                         maxnreg=None, ONE_LOOP=2, CHUNK_LIST=True, PERSISTENT=4),
+    "BASE + CHUNK_LIST, 2 per SM": dict(ppc.BASE, CHUNK_LIST=True, PERSISTENT=2),
+    "64x32 4w 3st + CHUNK_LIST, 2 per SM": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168,
+                                                ONE_LOOP=2, CHUNK_LIST=True, PERSISTENT=2),
+    "64x32 4w 3st + CHUNK_LIST, 4 per SM": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168,
+                                                ONE_LOOP=2, CHUNK_LIST=True, PERSISTENT=4),
+    "64x64 4w 3st + CHUNK_LIST, 3 per SM": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=None,
+                                                ONE_LOOP=2, CHUNK_LIST=True, PERSISTENT=3),
 }
 
 
@@ -324,7 +325,7 @@ def time_mixed(dev, budget_s: float, layers: int, shapes: dict | None = None) ->
                     continue
                 kw = dict(config=dict(ppc.BASE, **ppc._WS_SHORT_FRESH), has_prefix=False)
             else:
-                kw = dict(config=cfg, has_prefix=True, chunk_list=chunks if cfg and cfg.get("CHUNK_LIST") else None)
+                kw = dict(config=cfg, has_prefix=True, chunk_list=chunks)  # used where the config lists chunks
 
             def fn(kw=kw):
                 paged_prefill(b.q, b.kv_cache, b.block_tables, b.seq_lens, b.query_start_loc, SCALE, out=out,
@@ -370,7 +371,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=25.0, help="seconds for the decode timing sweep")
     ap.add_argument("--mixed-budget", type=float, default=10.0, help="seconds for the mixed-step prefill timings")
     ap.add_argument("--layers", type=int, default=16, help="launches per graph, each over its own KV pool")
-    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "mixed", "sweep"],
+                    choices=["prefill", "decode", "mixed", "sweep"],
+                    help="prefill / decode: the two kernels' checks; mixed: mixed-step prefill configs (each checked, "
+                         "then timed); sweep: decode splits timed")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_kernels.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -380,15 +384,17 @@ def main() -> None:
     rec = {"device": torch.cuda.get_device_name(dev),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": "python bench/chat_kernels.py " + " ".join(sys.argv[1:])}
-    failed = 0
-    if not args.skip_checks:
-        rec["checks"] = check_prefill(dev) + check_decode(dev)
-        failed = sum(not r["ok"] for r in rec["checks"])
-        print(f"checks: {len(rec['checks']) - failed} passed, {failed} failed ({time.perf_counter() - t0:.1f} s)",
-              flush=True)
-    rec["mixed_prefill"] = time_mixed(dev, args.mixed_budget, args.layers)
-    failed += sum(not ok for r in rec["mixed_prefill"] for ok in r.get("ok", {}).values())
-    rec["decode_splits"] = time_decode(dev, args.budget, args.layers)
+    checks = (check_prefill(dev) if "prefill" in args.sections else []) + (
+        check_decode(dev) if "decode" in args.sections else [])
+    failed = sum(not r["ok"] for r in checks)
+    if checks:
+        rec["checks"] = checks
+        print(f"checks: {len(checks) - failed} passed, {failed} failed ({time.perf_counter() - t0:.1f} s)", flush=True)
+    if "mixed" in args.sections:
+        rec["mixed_prefill"] = time_mixed(dev, args.mixed_budget, args.layers)
+        failed += sum(not ok for r in rec["mixed_prefill"] for ok in r.get("ok", {}).values())
+    if "sweep" in args.sections:
+        rec["decode_splits"] = time_decode(dev, args.budget, args.layers)
     rec["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rec, indent=1))

@@ -35,8 +35,15 @@ from kernels.fp8_quant import quantize_row_when_last
 from kernels.paged_checks import check_kv_scales, check_paged_inputs, check_query_start_loc
 from kernels.paged_common import base2_scores, head_dim_pad, kernel_variants, load_tile
 
-# A split shorter than this spends more on its partial write and the reduce than it gains.
-MIN_TOKENS_PER_SPLIT = 512
+# Split-KV rule (choose_num_splits), from bench/chat_kernels.py round 1 (H200, 2026-11-30, 8B heads, contexts of
+# 200-1800 tokens, per launch in a CUDA graph of 16 layers, the reduce included): at 4-64 sequences 8-16 splits
+# beat the rule before (4 splits up to 16 sequences, 2 at 24-32, none from 33) by 5-33% (4 sequences 16.9 -> 11.3
+# us, 24: 42.1 -> 34.4, 48: 70.7 -> 60.4); from 96 sequences (768 programs) one split ties or wins.
+SPLIT_PROGRAMS_PER_SM = 4
+"""Split only while the (sequence, KV head) programs number at most this many per SM."""
+MIN_SPLITS = 8
+"""Where it splits, at least this many splits (if the context allows: MIN_TOKENS_PER_SPLIT each)."""
+MIN_TOKENS_PER_SPLIT = 128
 # ... except when the (sequence, KV head) programs would occupy only a few SMs (FEW_PROGRAMS_PER_SM: at most one
 # per 8 SMs, e.g. one or two sequences of an 8-KV-head model): a program then walks its context alone, one
 # dependent tile after another, and the step waits on that. H200, bench/w4a16.py's attention section (one
@@ -44,9 +51,10 @@ MIN_TOKENS_PER_SPLIT = 512
 # 4.54-4.64 / 4.94 with 4-8 splits; the W4A16 engine's batch-1 decode 2.223 -> 2.126 ms/token with 128-token splits.
 MIN_TOKENS_PER_SPLIT_FEW = 64
 FEW_PROGRAMS_PER_SM = 1 / 8
-FEW_SPLITS_ENV = "FOLIO_DECODE_FEW_SPLITS"
-"""Set to 0 for A/B runs: MIN_TOKENS_PER_SPLIT for every launch, the rule before MIN_TOKENS_PER_SPLIT_FEW."""
 MAX_SPLITS = 64
+SPLIT_RULE_ENV = "FOLIO_DECODE_SPLIT_RULE"
+"""A/B runs: "s6" the rule of session 6 (512-token splits, only under 2 programs per SM, ~4 programs per SM), "s7"
+that rule with MIN_TOKENS_PER_SPLIT_FEW at one or two sequences; unset: the current rule."""
 
 
 @triton.jit(do_not_specialize=["stride_bt", "window"])
@@ -346,17 +354,26 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
-    """Split the context only when (sequence, KV head) programs cannot fill the GPU on their own.
+    """Split the context only while the (sequence, KV head) programs number at most SPLIT_PROGRAMS_PER_SM per SM.
 
-    Aim for about 4 programs per SM, never a split shorter than MIN_TOKENS_PER_SPLIT (MIN_TOKENS_PER_SPLIT_FEW
-    where the programs would occupy at most FEW_PROGRAMS_PER_SM of the SMs); a power of two.
+    Then at least MIN_SPLITS, or ~4 programs per SM if that is more; never a split shorter than
+    MIN_TOKENS_PER_SPLIT (MIN_TOKENS_PER_SPLIT_FEW where the programs would occupy at most FEW_PROGRAMS_PER_SM
+    of the SMs); a power of two. A CUDA graph passes max_model_len as max_seq_len: the kernel cuts each
+    sequence's own context into that many ranges.
     """
-    programs = num_seqs * num_kv_heads
-    if programs >= 2 * sms:
-        return 1
-    want = max(1, (4 * sms) // max(programs, 1))
-    few = programs <= FEW_PROGRAMS_PER_SM * sms and os.environ.get(FEW_SPLITS_ENV, "1") != "0"
-    shortest = MIN_TOKENS_PER_SPLIT_FEW if few else MIN_TOKENS_PER_SPLIT
+    rule = os.environ.get(SPLIT_RULE_ENV, "")
+    programs = max(num_seqs * num_kv_heads, 1)
+    few = programs <= FEW_PROGRAMS_PER_SM * sms
+    if rule in ("s6", "s7"):  # the rules before (A/B runs)
+        if programs >= 2 * sms:
+            return 1
+        want = max(1, (4 * sms) // programs)
+        shortest = MIN_TOKENS_PER_SPLIT_FEW if few and rule == "s7" else 512
+    else:
+        if programs > SPLIT_PROGRAMS_PER_SM * sms:
+            return 1
+        want = max(MIN_SPLITS, (4 * sms) // programs)
+        shortest = MIN_TOKENS_PER_SPLIT_FEW if few else MIN_TOKENS_PER_SPLIT
     most = max(1, max_seq_len // shortest)
     splits = min(want, most, MAX_SPLITS)
     return 1 << (splits.bit_length() - 1)  # round down to a power of two

@@ -61,7 +61,15 @@ _WS_FRESH = dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=No
 _WS_SHORT_FRESH = dict(_WS_FRESH, TMA_STORE=True, AHEAD=True)
 _WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True,
                       TRITON=dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32))
+# Session 8 (bench/results/chat_kernels_2026-11-30_h200_r1.json): launches with a cached prefix under 1,024 query
+# tokens are, in the engine, its mixed steps of fewer than 1,024 tokens (graphs pass the token bucket as
+# max_query_len): the chat's mean one, 254 decodes beside a 343-token prompt, took 24.3 us a layer with BASE, of
+# which the 254 decode rows' tile slots (a binary search each) ~10.6 us (13.7 us for the prompt alone); 64-row
+# 4-warp programs over 32-key tiles 17.6 us. CHUNK_LIST walks the prompts' tiles alone (kernels/paged_prefill.py).
+_PREFIX_SHORT = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2, CHUNK_LIST=True,
+                     PERSISTENT=3)
 TABLE: dict[tuple, dict] = {
+    (128, 4, 2, True, 0): _PREFIX_SHORT,
     (128, 4, 2, False, 0): _WS_SHORT_FRESH,
     (128, 4, 2, False, 1): _WS_LONG_FRESH,
     (128, 4, 2, False, 2): _WS_LONG_FRESH,
@@ -72,8 +80,8 @@ SHORT_PICK_ENV = "FOLIO_PREFILL_SHORT_PICK"
 no TMA_STORE, no AHEAD)."""
 
 CHUNK_LIST_ENV = "FOLIO_PREFILL_CHUNK_LIST"
-"""Set to 1 for A/B runs: launches with a cached prefix under 1,024 query tokens (the engine's mixed steps of
-fewer than 1,024 tokens) walk the step's chunk list (CHUNK_LIST, kernels/paged_prefill.py)."""
+"""Set to 0 for A/B runs: no launch walks the step's chunk list (CHUNK_LIST, kernels/paged_prefill.py); the
+table's other keys stay."""
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
 
@@ -117,9 +125,8 @@ def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: boo
         if entry is _WS_SHORT_FRESH and os.environ.get(SHORT_PICK_ENV) == "ws":
             entry = _WS_FRESH
         cfg = dict(BASE, **entry)
-    if (has_prefix and use_table and query_bucket(max_query_len) == 0 and not _interpreting()
-            and os.environ.get(CHUNK_LIST_ENV) == "1"):
-        cfg["CHUNK_LIST"] = True
+    if cfg["CHUNK_LIST"] and os.environ.get(CHUNK_LIST_ENV) == "0":
+        cfg.update(CHUNK_LIST=False, PERSISTENT=0)
     return cfg
 
 

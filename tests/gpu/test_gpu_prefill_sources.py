@@ -107,7 +107,7 @@ def test_gpu_prefill_gluon_fresh_prompts(dtype, group, head_dim, config):
     assert out[n:].isnan().all()
 
 
-@pytest.mark.parametrize("config", [dict(CHUNK_LIST=True), dict(CHUNK_LIST=True, PERSISTENT=1),
+@pytest.mark.parametrize("config", [dict(CHUNK_LIST=True), dict(CHUNK_LIST=True, PERSISTENT=1), None,  # the table's
                                     dict(BLOCK_M=64, num_warps=4, num_stages=3, maxnreg=None, ONE_LOOP=2,
                                          CHUNK_LIST=True, PERSISTENT=4)], ids=str)
 def test_gpu_prefill_chunk_list_mixed_step(config):

@@ -54,22 +54,32 @@ def test_paged_decode_more_splits_than_tiles():
 
 
 def test_choose_num_splits():
-    assert choose_num_splits(64, 8, 2048, 132) == 1  # 512 programs fill 132 SMs
-    assert choose_num_splits(4, 8, 32768, 132) == 16  # 32 programs: split to ~4 per SM
-    assert choose_num_splits(4, 8, 600, 132) == 1  # too short to be worth splitting
+    assert choose_num_splits(72, 8, 2048, 132) == 1  # 576 programs: more than 4 per SM, no split
+    assert choose_num_splits(64, 8, 2048, 132) == 8  # 512: at least MIN_SPLITS
+    assert choose_num_splits(8, 8, 2064, 132) == 8
+    assert choose_num_splits(4, 8, 2064, 132) == 16  # 32 programs: ~4 per SM
+    assert choose_num_splits(4, 8, 32768, 132) == 16
+    assert choose_num_splits(4, 8, 600, 132) == 4  # 128-token splits at least
+    assert choose_num_splits(4, 8, 200, 132) == 1  # too short to be worth splitting
     assert choose_num_splits(1, 1, 1 << 20, 132) == 64  # capped
     # One or two sequences of 8 KV heads (<= 16 programs on 132 SMs): splits down to 64 tokens
     assert choose_num_splits(1, 8, 512, 132) == 8
     assert choose_num_splits(2, 8, 256, 132) == 4
+    assert choose_num_splits(2, 8, 2064, 132) == 32
     assert choose_num_splits(1, 8, 40, 132) == 1  # shorter than one split
-    assert choose_num_splits(3, 8, 512, 132) == 1  # 24 programs: the 512-token minimum
+    assert choose_num_splits(3, 8, 512, 132) == 4  # 24 programs: the 128-token minimum
 
 
-def test_choose_num_splits_ab_flag(monkeypatch):
-    # FOLIO_DECODE_FEW_SPLITS=0 (A/B runs): the 512-token floor for one or two sequences too, as before
-    monkeypatch.setenv("FOLIO_DECODE_FEW_SPLITS", "0")
-    assert choose_num_splits(1, 8, 512, 132) == 1
-    assert choose_num_splits(2, 8, 2064, 132) == 4
+@pytest.mark.parametrize("rule,cases", [
+    ("s6", [((1, 8, 512), 1), ((2, 8, 2064), 4), ((33, 8, 2064), 1), ((32, 8, 2064), 2)]),
+    ("s7", [((1, 8, 512), 8), ((2, 8, 2064), 32), ((4, 8, 2064), 4), ((32, 8, 2064), 2)]),
+])
+def test_choose_num_splits_earlier_rules(monkeypatch, rule, cases):
+    # FOLIO_DECODE_SPLIT_RULE (A/B runs): session 6's rule (512-token floor, split under 2 programs per SM) and
+    # session 7's (the 64-token floor at one or two sequences)
+    monkeypatch.setenv("FOLIO_DECODE_SPLIT_RULE", rule)
+    for args, want in cases:
+        assert choose_num_splits(*args, 132) == want, (rule, args)
 
 
 def test_paged_decode_rejects_bad_inputs():

@@ -202,8 +202,11 @@ def test_make_chunk_list():
     assert make_chunk_list([1, 1]).tolist() == [[0, 0, 0], [0, 0, 0]]  # decodes only: nothing listed
 
 
-@pytest.mark.parametrize("persistent", [1, 3])
-def test_paged_prefill_chunk_list_walks_the_listed_chunks_alone(persistent):
+@pytest.mark.parametrize("config", [dict(BLOCK_N=16, PERSISTENT=1), dict(BLOCK_N=16, PERSISTENT=3),
+                                    # the table's pick for the engine's small mixed steps (paged_prefill_configs)
+                                    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, ONE_LOOP=2, PERSISTENT=3)],
+                         ids=["1", "3", "table"])
+def test_paged_prefill_chunk_list_walks_the_listed_chunks_alone(config):
     # CHUNK_LIST: a mixed step's decodes (left to the decode kernel), a chunk after cached keys, prompts of
     # several tiles and padding sequences (no new tokens) - only the listed sequences' rows are written.
     from kernels.paged_prefill import make_chunk_list
@@ -217,7 +220,7 @@ def test_paged_prefill_chunk_list_walks_the_listed_chunks_alone(persistent):
     chunks = torch.from_numpy(make_chunk_list(q_lens + [0, 0])).to(DEVICE)
     out = paged_prefill(batch.q, batch.kv_cache, tables, lens, qsl, 0.3, out=poisoned_like(batch.q), k=batch.k,
                         v=batch.v, skip_single=True, chunk_list=chunks,
-                        config=dict(BLOCK_N=16, CHUNK_LIST=True, PERSISTENT=persistent))
+                        config=dict(config, CHUNK_LIST=True))
     expected = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
                                  batch.query_start_loc, 0.3)
     starts = batch.query_start_loc.tolist()

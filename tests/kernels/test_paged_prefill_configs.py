@@ -53,14 +53,16 @@ def test_short_pick_ab_flag(monkeypatch):
 
 
 def test_chunk_list_ab_flag(monkeypatch):
-    # FOLIO_PREFILL_CHUNK_LIST=1 (A/B runs): launches with a prefix under 1,024 query tokens walk the chunk list
+    # The table's prefix key under 1,024 query tokens (the engine's small mixed steps) walks the chunk list;
+    # FOLIO_PREFILL_CHUNK_LIST=0 (A/B runs) takes that off, keeping the entry's tiles
     monkeypatch.setattr(pc, "_interpreting", lambda: False)
-    assert not pc.select_config(128, 4, torch.bfloat16, True, 608)["CHUNK_LIST"]
-    monkeypatch.setenv(pc.CHUNK_LIST_ENV, "1")
-    assert pc.select_config(128, 4, torch.bfloat16, True, 608) == dict(pc.BASE, CHUNK_LIST=True)
+    on = pc.select_config(128, 4, torch.bfloat16, True, 608)
+    assert on == dict(pc.BASE, **pc._PREFIX_SHORT) and on["CHUNK_LIST"]
     assert not pc.select_config(128, 4, torch.bfloat16, True, 2048)["CHUNK_LIST"]
     assert not pc.select_config(128, 4, torch.bfloat16, False, 608)["CHUNK_LIST"]
-    assert dict(pc.BASE, CHUNK_LIST=True) in pc.table_configs(128, 4, torch.bfloat16)  # the warm-up compiles it
+    monkeypatch.setenv(pc.CHUNK_LIST_ENV, "0")
+    off = pc.select_config(128, 4, torch.bfloat16, True, 608)
+    assert off == dict(on, CHUNK_LIST=False, PERSISTENT=0)
 
 
 def test_interpreter_uses_one_small_config():
