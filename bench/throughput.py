@@ -32,6 +32,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -443,6 +444,7 @@ def main() -> None:
                         "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                         "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
                         "dense_dispatch_table": dense_dispatch_on(),
+                        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FOLIO_")},
                         "model_shape": shape, "workload": wl, "requests": len(work), "quantization": args.quantization,
                         "input_tokens": sum(len(p) for p, _ in work), "output_tokens": f_n,
                         "folio_output_tok_s": folio_tps, "hf_output_tok_s": hf_tps,
