@@ -75,10 +75,11 @@ class EngineServerConfig:
     without a thread wake (one core kept busy meanwhile; services/common/keep_awake.py). Not beside a step
     thread in this process, whose GIL a polling loop would take."""
     cpu_wake_latency_us: int | None = None
-    """Hold this host's CPU wake-up latency at most this many microseconds while the service runs (Linux PM QoS,
-    /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each hop wakes is running at
-    once; the cost is idle CPUs kept busy, host-wide). None: the host decides. Needs write access to the file
-    (services/common/cpu_latency.py, docs/router.md)."""
+    """While requests are in flight (and a second after), hold this host's CPU wake-up latency at most this many
+    microseconds (Linux PM QoS, /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each
+    hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None: 0 for an engine
+    on a GPU (a serving host, whose hops it shortens), nothing on CPU, where the idle cores are the compute;
+    -1: never. Needs write access to the file, else it is logged and left (services/common/cpu_latency.py)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -87,11 +88,20 @@ class EngineServerConfig:
     """Logging level."""
 
     def __post_init__(self):
+        if self.cpu_wake_latency_us is not None and self.cpu_wake_latency_us < -1:
+            raise ValueError(f"cpu_wake_latency_us: must be >= 0, or -1 for never (got {self.cpu_wake_latency_us})")
         if self.first_token_handoff_ms < 0:
             raise ValueError(f"first_token_handoff_ms: must be >= 0 (got {self.first_token_handoff_ms})")
         if self.busy_loop and not self.core_process:
             raise ValueError("busy_loop: needs core_process (a polling event loop would take the GIL from the "
                              "engine's step thread in this process)")
+
+    def wake_latency_us(self, device) -> int | None:
+        """The CPU wake-up latency this engine holds on `device` (`cpu_wake_latency_us`); None: none."""
+        us = self.cpu_wake_latency_us
+        if us is None:
+            us = 0 if str(device).startswith("cuda") else -1
+        return None if us < 0 else us
 
 
 def _ns(t: float | None, since: float | None) -> int:
@@ -179,10 +189,12 @@ def first_token_path(timing: common_pb2.Timing, prog: _Progress, last: RequestDe
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(self, aengine: AsyncEngine, model_name: str, engine_id: str, metrics=None,
-                 keep_awake: KeepAwake | None = None):
+                 keep_awake: KeepAwake | None = None, wake_latency: cpu_latency.CpuWakeLatency | None = None):
         self.aengine = aengine
         self.keep_awake = keep_awake
         """The event loop polls while requests are in flight (`EngineServerConfig.busy_loop`)."""
+        self.wake_latency = wake_latency
+        """The host's CPUs poll instead of halting while requests are in flight (`cpu_wake_latency_us`)."""
         self.metrics = metrics
         self.engine = aengine.engine
         self.model_name = model_name
@@ -245,9 +257,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         rid = request.request_id or f"engine-{uuid.uuid4().hex}"
         ids = list(request.prompt_token_ids)
         awake = self.keep_awake.hold() if self.keep_awake is not None else contextlib.nullcontext()
-        with awake, telemetry.span("folio.engine.generate", **{"folio.request_id": rid, "folio.model": self.model_name,
-                                                               "folio.prompt_tokens": len(ids),
-                                                               "folio.engine_id": self.engine_id}) as span:
+        woken = self.wake_latency.hold() if self.wake_latency is not None else contextlib.nullcontext()
+        with awake, woken, telemetry.span("folio.engine.generate", **{
+                "folio.request_id": rid, "folio.model": self.model_name, "folio.prompt_tokens": len(ids),
+                "folio.engine_id": self.engine_id}) as span:
             prog = _Progress(len(ids), received_ns)
             finished = False
             q = None
@@ -372,7 +385,9 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         metrics.serve(c.host, c.metrics_port)
         log.info("Prometheus metrics on http://%s:%d/metrics", c.host, c.metrics_port)
     keep_awake = KeepAwake() if c.busy_loop else None
-    servicer = EngineServicer(aengine, model_name, engine_id, metrics, keep_awake)
+    wake_us = c.wake_latency_us(engine.device)
+    woken = cpu_latency.open_request(wake_us) if wake_us is not None else None
+    servicer = EngineServicer(aengine, model_name, engine_id, metrics, keep_awake, woken)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server.server)
     redis = None
     if c.redis_url:
@@ -394,7 +409,6 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         if publisher is not None:
             await publisher.leave()
 
-    woken = cpu_latency.hold(c.cpu_wake_latency_us) if c.cpu_wake_latency_us is not None else None
     log.info("engine %s serving %s at %s", engine_id, model_name, address)
     try:
         await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
@@ -407,7 +421,7 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         if redis is not None:
             await redis.aclose()
         if woken is not None:
-            woken.release()
+            woken.close()
     return 1 if aengine.fatal is not None else 0
 
 

@@ -21,6 +21,7 @@ from services.common.request_limits import RequestLimits
 from services.router.batching import batched
 from services.router.clients import EngineClient, Registry, TokenizerClient
 from services.router.engine_watch import EngineWatch
+from services.common.cpu_latency import CpuWakeLatency
 from services.common.keep_awake import KeepAwake
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, ModelInfo, Usage
 from services.router.request_stream import RequestStream, Route, RouterStats, encode_prompt
@@ -33,10 +34,12 @@ class RouterCore:
 
     def __init__(self, registry: Registry, engines: EngineClient, tokenizers: list[TokenizerClient],
                  max_attempts: int = 3, limits: RequestLimits | None = None, watch: EngineWatch | None = None,
-                 keep_awake: KeepAwake | None = None):
-        """`keep_awake`: the event loop polls instead of sleeping while requests are in flight."""
+                 keep_awake: KeepAwake | None = None, wake_latency: CpuWakeLatency | None = None):
+        """`keep_awake`: the event loop polls instead of sleeping while requests are in flight; `wake_latency`:
+        the host's CPUs poll instead of halting meanwhile (services/common/cpu_latency.py)."""
         self.registry = registry
         self.keep_awake = keep_awake
+        self.wake_latency = wake_latency
         self.watch = watch or EngineWatch(registry)
         self.limits = limits or RequestLimits()
         self.engines = engines
@@ -49,7 +52,8 @@ class RouterCore:
     def over_grpc(cls, redis, tokenizer_addresses: list[str], stale_ms: int = 1500, reservation_ttl_ms: int = 10_000,
                   suspect_s: float = 2.0, max_attempts: int = 3, limits: RequestLimits | None = None,
                   hung_after_s: float = 4.0, first_step_s: float = 120.0, detokenize: str = "local",
-                  engine_calls_ahead: bool = True, busy_loop: bool = False) -> RouterCore:
+                  engine_calls_ahead: bool = True, busy_loop: bool = False,
+                  wake_latency: CpuWakeLatency | None = None) -> RouterCore:
         """The router's core over Redis (the registry) and gRPC (engines, tokenizer services)."""
         from services.router.grpc_clients import GrpcEngineClient, GrpcTokenizerClient
         from services.router.registry_client import RegistryClient
@@ -57,7 +61,7 @@ class RouterCore:
         registry = RegistryClient(redis, stale_ms, reservation_ttl_ms, suspect_s)
         tokenizers = [GrpcTokenizerClient(a, detokenize) for a in tokenizer_addresses]
         return cls(registry, GrpcEngineClient(ahead=engine_calls_ahead), tokenizers, max_attempts, limits,
-                   EngineWatch(registry, hung_after_s, first_step_s), KeepAwake() if busy_loop else None)
+                   EngineWatch(registry, hung_after_s, first_step_s), KeepAwake() if busy_loop else None, wake_latency)
 
     async def start(self, tokenizer_wait_s: float = 60.0) -> None:
         await self.registry.refresh()
@@ -71,6 +75,8 @@ class RouterCore:
     async def close(self) -> None:
         if self.keep_awake is not None:
             self.keep_awake.close()
+        if self.wake_latency is not None:
+            self.wake_latency.close()
         await self.watch.close()
         await self.registry.close()
         for t in self.tokenizers:
@@ -163,8 +169,9 @@ class RouterCore:
         deadline = time.monotonic() + inp.timeout_s if inp.timeout_s is not None else None
         self.counters.in_flight += 1
         awake = self.keep_awake.hold() if self.keep_awake is not None else nullcontext()
+        woken = self.wake_latency.hold() if self.wake_latency is not None else nullcontext()
         try:
-            with awake:
+            with awake, woken:
                 model = self.resolve_model(inp.model)
                 self.check_limits(inp, model)
                 route = Route(self.registry, self.engines, self.by_model.get(model), self.counters,

@@ -77,10 +77,11 @@ class RouterConfig:
     between messages, so each one is picked up without a wake-up (one core kept busy meanwhile;
     services/common/keep_awake.py)."""
     cpu_wake_latency_us: int | None = None
-    """Hold this host's CPU wake-up latency at most this many microseconds while the service runs (Linux PM QoS,
-    /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each hop wakes is running at
-    once; the cost is idle CPUs kept busy, host-wide). None: the host decides. Needs write access to the file
-    (services/common/cpu_latency.py, docs/router.md)."""
+    """While requests are in flight (and a second after), hold this host's CPU wake-up latency at most this many
+    microseconds (Linux PM QoS, /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each
+    hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None: the host decides
+    (an engine on a GPU holds it at 0 by default: one holder is enough on one host). Needs write access to the
+    file, else it is logged and left (services/common/cpu_latency.py)."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
@@ -245,7 +246,9 @@ async def serve(c: RouterConfig) -> None:
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
                                 limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s,
                                 detokenize=c.detokenize, engine_calls_ahead=c.engine_calls_ahead,
-                                busy_loop=c.busy_loop)
+                                busy_loop=c.busy_loop,
+                                wake_latency=(cpu_latency.open_request(c.cpu_wake_latency_us)
+                                              if c.cpu_wake_latency_us is not None else None))
     metrics = RouterMetrics(core)
     # Validating a constraint imports xgrammar (and torch, ~2.5 s of CPU): do it now on a thread, not on
     # the event loop when the first structured request arrives.
@@ -253,7 +256,6 @@ async def serve(c: RouterConfig) -> None:
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None
     await core.start()
-    woken = cpu_latency.hold(c.cpu_wake_latency_us) if c.cpu_wake_latency_us is not None else None
 
     async def on_ready():
         if http is not None:
@@ -268,8 +270,6 @@ async def serve(c: RouterConfig) -> None:
             await http.stop()
         await core.close()
         await redis.aclose()
-        if woken is not None:
-            woken.release()
 
 
 def build_parser() -> argparse.ArgumentParser:
