@@ -576,8 +576,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     if rope is not None:
         cfg = dict(config or pick_config(x.shape[0] if x.dim() == 2 else -1, qweight.shape[1], x.shape[-1],
                                          group_size, x.device))
-        ra = (rope_args(rope, qweight.shape[1], cfg.get("BLOCK_N", 0), x.dtype)
-              if cfg.get("KERNEL") == "gemv3" and cfg.get("ATOMIC", True) and x.dim() == 2 and x.shape[0] == 1 else None)
+        fits = cfg.get("KERNEL") == "gemv3" and cfg.get("ATOMIC", True) and x.dim() == 2 and x.shape[0] == 1
+        ra = rope_args(rope, qweight.shape[1], cfg.get("BLOCK_N", 0), x.dtype) if fits else None
         if ra is None:
             return w4a16(x, qweight, scales, zeros, group_size, perm, config, warmup, qtc=qtc), False
         return w4a16(x, qweight, scales, zeros, group_size, perm, dict(cfg, _ROPE=ra), warmup), True
@@ -679,7 +679,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         h2, xpair = w4a16_stream.half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
                       EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated, H2=h2,
-                      ASM=x.is_cuda, VRED=w4a16_stream.vred_on(cfg.pop("VRED", False), x, cfg["BLOCK_N"], cfg.get("num_warps", 4)))
+                      ASM=x.is_cuda,
+                      VRED=w4a16_stream.vred_on(cfg.pop("VRED", False), x, cfg["BLOCK_N"], cfg.get("num_warps", 4)))
         if pdl:
             consts["launch_pdl"] = True
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,

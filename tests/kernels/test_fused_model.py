@@ -139,7 +139,8 @@ def test_w4a16_qkv_turns_and_caches_at_batch_1(monkeypatch):
 
     hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
                                           "desc_act": False})
-    d, hq, hkv, hidden = LLAMA["head_dim"], LLAMA["num_attention_heads"], LLAMA["num_key_value_heads"], LLAMA["hidden_size"]
+    d, hq, hkv = LLAMA["head_dim"], LLAMA["num_attention_heads"], LLAMA["num_key_value_heads"]
+    hidden = LLAMA["hidden_size"]
     monkeypatch.setitem(w4a16.TUNED, (1, (hq + 2 * hkv) * d, hidden),
                         dict(KERNEL="gemv3", T=8, BLOCK_N=32, num_warps=1, SPLIT_K=1))
     monkeypatch.setattr(int4, "_kernels", lambda x: True)
