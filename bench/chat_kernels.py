@@ -275,13 +275,14 @@ def graph_us(fn, layers: int, reps: int = 20) -> float:
 
 
 MIXED_CONFIGS = {
-    "table (graphs: has_prefix, max_query_len = bucket)": None,  # session 8: 64x32 4w 3st + CHUNK_LIST, 3 per SM
+    "table (graphs: has_prefix, max_query_len = bucket)": None,  # session 8: BASE + CHUNK_LIST, 2 per SM
     "BASE (session 7's pick)": dict(ppc.BASE),
     "64x32 4w 3st, no list": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2),
     # the prompts' tiles alone from the host's list (paged_prefill chunk_list), persistent grids
-    "BASE + CHUNK_LIST, 2 per SM": dict(ppc.BASE, CHUNK_LIST=True, PERSISTENT=2),
     "64x32 4w 3st + CHUNK_LIST, 2 per SM": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168,
                                                 ONE_LOOP=2, CHUNK_LIST=True, PERSISTENT=2),
+    "64x32 4w 3st + CHUNK_LIST, 3 per SM": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168,
+                                                ONE_LOOP=2, CHUNK_LIST=True, PERSISTENT=3),
 }
 
 

@@ -61,13 +61,14 @@ _WS_FRESH = dict(GLUON=True, GLUON_WS=True, BLOCK_N=64, num_stages=3, maxnreg=No
 _WS_SHORT_FRESH = dict(_WS_FRESH, TMA_STORE=True, AHEAD=True)
 _WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True,
                       TRITON=dict(BLOCK_N=128, num_stages=3, maxnreg=None, BLOCK_N_TAIL=32))
-# Session 8 (bench/results/chat_kernels_2026-11-30_h200_r1.json): launches with a cached prefix under 1,024 query
-# tokens are, in the engine, its mixed steps of fewer than 1,024 tokens (graphs pass the token bucket as
+# Session 8 (bench/results/chat_kernels_2026-11-30_h200_r1.json, ..._r2.json): launches with a cached prefix under
+# 1,024 query tokens are, in the engine, its mixed steps of fewer than 1,024 tokens (graphs pass the token bucket as
 # max_query_len): the chat's mean one, 254 decodes beside a 343-token prompt, took 24.3 us a layer with BASE, of
-# which the 254 decode rows' tile slots (a binary search each) ~10.6 us (13.7 us for the prompt alone); 64-row
-# 4-warp programs over 32-key tiles 17.6 us. CHUNK_LIST walks the prompts' tiles alone (kernels/paged_prefill.py).
-_PREFIX_SHORT = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2, CHUNK_LIST=True,
-                     PERSISTENT=3)
+# which the 254 decode rows' tile slots (a binary search each) ~10.6 us (13.7 us for the prompt alone). CHUNK_LIST
+# walks the prompts' tiles alone (kernels/paged_prefill.py): on the GPU its chat run gave session 6's tokens bit for
+# bit and 71.0% of the roofline (round 2; 69.2% without it in round 1). 64-row 4-warp programs over 32-key tiles took
+# 17.6 us without the list, but were not run with it on the GPU, so BASE's tiles stay.
+_PREFIX_SHORT = dict(CHUNK_LIST=True, PERSISTENT=2)
 TABLE: dict[tuple, dict] = {
     (128, 4, 2, True, 0): _PREFIX_SHORT,
     (128, 4, 2, False, 0): _WS_SHORT_FRESH,

@@ -203,9 +203,10 @@ def test_make_chunk_list():
 
 
 @pytest.mark.parametrize("config", [dict(BLOCK_N=16, PERSISTENT=1), dict(BLOCK_N=16, PERSISTENT=3),
+                                    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, ONE_LOOP=2, PERSISTENT=3),
                                     # the table's pick for the engine's small mixed steps (paged_prefill_configs)
-                                    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, ONE_LOOP=2, PERSISTENT=3)],
-                         ids=["1", "3", "table"])
+                                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, PERSISTENT=2)],
+                         ids=["1", "3", "64x32", "table"])
 def test_paged_prefill_chunk_list_walks_the_listed_chunks_alone(config):
     # CHUNK_LIST: a mixed step's decodes (left to the decode kernel), a chunk after cached keys, prompts of
     # several tiles and padding sequences (no new tokens) - only the listed sequences' rows are written.
