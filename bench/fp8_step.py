@@ -1,15 +1,14 @@
 """FP8's own launches in the decode and prefill steps (one H200, Llama-3-8B shape), checked on the GPU before they are
-timed or used: SwiGLU + FP8 in one launch of whole rows per program (kernels/fp8_fused.py, ROW) against the split
-launches at prefill's 8,192 rows (the winner applied to FP8_LAUNCH for the engines; committed ROW entries are always
-checked), the decode GEMMs at 256 rows (cuBLAS tensor-wise, swapped operands, kernels/fp8_tma.py's TMA GEMM: each
-checked against float64, the winner per shape applied to fp8_tma.TUNED), q/k/v's FP8 scales in the rotary + cache
-kernel, o_proj's input quantized by the decode attention kernel (ATTENTION_QUANT; off). Then the fixed workload
-(256 x 256 in / 256 out) for bf16 and FP8 in one run on the engine's defaults, each engine watched (Watch: Triton
-compiles and the slowest steps inside the timed window), then while the budget lasts the engines named after them
-("fp8 before": session 7's final FP8 engine). A change whose check fails is switched off for the engines and counted
-as a failure.
+timed or used: SwiGLU + FP8 in one launch (kernels/fp8_fused.py) against the split launches, at decode's 256 rows
+(ONE: tiles that wait for their row group's amax, the batch's rows in one or a few groups) and prefill's 8,192 (ROW:
+whole rows per program), the winner per row bucket applied to FP8_LAUNCH for the engines (committed one-launch
+entries are always checked); q/k/v's FP8 scales in the rotary + cache kernel; o_proj's input quantized by the decode
+attention kernel (ATTENTION_QUANT; off). Then the fixed workload (256 x 256 in / 256 out) for bf16 and FP8 in one
+run on the engine's defaults, each engine watched (Watch: Triton compiles and the slowest steps inside the timed
+window), then while the budget lasts the engines named after them ("fp8 before": session 7's final FP8 engine). A
+change whose check fails is switched off for the engines and counted as a failure.
 
-    python bench/fp8_step.py [--json PATH] [--budget 80] [--sections swiglu gemm ...] [--engines bf16 fp8 "fp8 before"]
+    python bench/fp8_step.py [--json PATH] [--budget 80] [--sections swiglu ...] [--engines bf16 fp8 "fp8 before"]
 """
 
 from __future__ import annotations
@@ -166,25 +165,32 @@ engine's table."""
 
 def split_for(m: int) -> dict:
     return dict(next(c for most, c in SPLIT_LAUNCH if m <= most))
-ROW_CONFIGS = [dict(ROWS=r, num_warps=w, ROW=True) for r, w in ((1, 8), (1, 16), (1, 32), (2, 16))]
-"""The one-launch SwiGLU + FP8 of whole rows per program (kernels/fp8_fused.py, ROW): the sweep's default."""
-BUCKET_BOUND = {64: 64, 256: 1024, 2048: 4096, 8192: 1 << 30}
+ROW_CONFIGS = [dict(ROWS=r, num_warps=w, ROW=True) for r, w in ((1, 16), (1, 32))]
+"""The one-launch SwiGLU + FP8 of whole rows per program (kernels/fp8_fused.py, ROW), swept above 4,096 rows (where
+the column scales are applied it loses: session 8 round 1)."""
+GROUP_CONFIGS = [dict(ROWS=r, BLOCK=b, num_warps=w, ONE=True) for r, b, w in (
+    (256, 128, 16), (256, 128, 32), (256, 256, 32), (128, 128, 16), (128, 256, 16), (64, 128, 8), (64, 256, 16))]
+"""The one launch whose tiles wait for their row group (ONE) with a decode batch's rows in one or a few groups: the
+group's 56 or 112 column tiles (<= the SMs: all resident) meet once, where session 7 tried groups of 1-8 rows
+(1,792 programs taking tickets)."""
+BUCKET_BOUND = {64: 64, 256: 256, 2048: 4096, 8192: 1 << 30}
 """A measured row count -> the FP8_LAUNCH bound its winner is entered under."""
 
 
 def config_name(cfg: dict) -> str:
     if cfg.get("ROW"):
         return f"row {cfg['ROWS']} w{cfg.get('num_warps', 4)}"
-    return f"split {cfg['ROWS']}x{cfg.get('BLOCK')} w{cfg.get('num_warps', 4)}"
+    return f"{'one' if cfg.get('ONE') else 'split'} {cfg['ROWS']}x{cfg.get('BLOCK')} w{cfg.get('num_warps', 4)}"
 
 
-def swiglu_section(failures: list, ms=(256, 2048, 8192), inter: int = 14336, configs=None, apply: bool = True) -> dict:
-    """SwiGLU + FP8 in one launch (kernels/fp8_fused.py: ROW, whole rows per program) against the split launches at decode's, a mixed step's and prefill's row counts, on gate_up as the
-    engine hands it over (unscaled where it defers its scales): every config's bits against the split's and the
-    software-rounding reference, then against the split again over 10 replays of a CUDA graph of 8 calls; then µs
-    per call. With `apply`, the fastest config that passed replaces FP8_LAUNCH's entry
-    for its row count's bucket (BUCKET_BOUND) where it beats the split by 3%. `configs`: ROW_CONFIGS by default."""
-    configs = ROW_CONFIGS if configs is None else configs
+def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=None, apply: bool = True) -> dict:
+    """SwiGLU + FP8 in one launch (kernels/fp8_fused.py: ROW, whole rows per program; ONE, tiles that wait for their
+    row group) against the split launches, on gate_up as the engine hands it over (unscaled where it defers its
+    scales): every config's bits against the split's and the software-rounding reference, then against the split
+    again over 10 replays of a CUDA graph of 8 calls (a missed wait would differ; ONE's counts left at zero); then µs
+    per call. With `apply`, the fastest config that passed replaces FP8_LAUNCH's entry for its row count's bucket
+    (BUCKET_BOUND) where it beats the split by 3%. `configs`: ROW_CONFIGS + GROUP_CONFIGS by default."""
+    configs = ROW_CONFIGS + GROUP_CONFIGS if configs is None else configs
     from kernels import silu_mul as sm
 
     g = torch.Generator(device=DEV).manual_seed(9)
@@ -196,7 +202,7 @@ def swiglu_section(failures: list, ms=(256, 2048, 8192), inter: int = 14336, con
             if m <= fp8mod.DEFER_MAX_M.get((2 * inter, 4096), m) else None
         base = split_for(m)
         jobs += [lambda x=x, sc=sc, c=c: fp8_fused.silu_mul_fp8(x, scales=sc, split=c, warmup=True)
-                 for c in [base] + configs]
+                 for c in [base] + configs if not (c.get("ROW") and sc is not None)]
     qb.precompile(jobs)
     for m in ms:
         scaled = m <= fp8mod.DEFER_MAX_M.get((2 * inter, 4096), m)
@@ -210,6 +216,8 @@ def swiglu_section(failures: list, ms=(256, 2048, 8192), inter: int = 14336, con
                                                for x in gus])}
         best = None
         for cfg in configs:
+            if cfg.get("ROW") and scaled:  # loses where the column scales are applied (round 1)
+                continue
             got = qb.attempt(lambda: fp8_fused.silu_mul_fp8(gus[0], scales=sc, split=cfg))
             if isinstance(got, Exception):  # did not build or launch (resources): no values to judge, not applied
                 out.setdefault("errors", []).append(dict(M=m, config=cfg, error=repr(got)[:300]))
@@ -230,6 +238,8 @@ def swiglu_section(failures: list, ms=(256, 2048, 8192), inter: int = 14336, con
                         ref = fp8_fused.silu_mul_fp8(gus[i], scales=sc, split=base)
                         ok &= same(res[i][0], ref[0]) and same(res[i][1], ref[1])
                 del replay
+                for name in ("swiglu_sync", "swiglu_amax"):  # ONE leaves its counts and amaxes at zero
+                    ok &= not bool(fp8_quant.zeroed(DEV, 1, name).any())
             except Exception as e:
                 ok = False
                 print(f"swiglu M={m} {cfg}: {e!r}"[:300], flush=True)
@@ -251,106 +261,6 @@ def swiglu_section(failures: list, ms=(256, 2048, 8192), inter: int = 14336, con
     out["ms"] = rows
     out["applied"] = list(fp8_fused.FP8_LAUNCH)
     print(f"FP8_LAUNCH for the engines: {fp8_fused.FP8_LAUNCH}", flush=True)
-    return out
-
-
-GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-TMA_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=st, PROMOTE=pr, **kw)
-               for bm, bn, sk, w, st, pr, kw in (
-                   (128, 128, 1, 8, 4, 128, {}), (128, 64, 1, 4, 6, 128, {}), (64, 128, 1, 4, 6, 128, {}),
-                   (128, 128, 2, 8, 4, 128, {}), (128, 64, 2, 4, 5, 128, {}), (256, 64, 1, 8, 4, 128, {}),
-                   (256, 64, 2, 8, 4, 128, {}), (128, 128, 1, 8, 4, 128, {"PER_SM": 8}),
-                   (128, 128, 1, 8, 4, 128, {"FLATTEN": True}), (128, 64, 1, 4, 6, 128, {"FLATTEN": True}),
-                   (128, 128, 1, 8, 4, 128, {"WS": True}), (128, 128, 1, 8, 4, 0, {}))]
-"""kernels/fp8_tma.py's launches the GEMM section tries on every decode GEMM shape. PROMOTE 0 (the tensor cores'
-sums never promoted: fast accumulation) is timed for reference and never applied."""
-
-
-def tma_name(cfg: dict) -> str:
-    extra = "".join(f" {k.lower()}{'' if v is True else v}" for k, v in cfg.items()
-                    if k in ("PER_SM", "FLATTEN", "WS") and v)
-    return (f"tma {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} k{cfg.get('SPLIT_K', 1)} w{cfg['num_warps']} "
-            f"s{cfg['num_stages']} p{cfg.get('PROMOTE', 0)}{extra}")
-
-
-def rel_err(got, ref) -> float:
-    """The largest error against the float64 product, relative to its largest output (bench/fp8_where.py's)."""
-    return ((got.double() - ref).abs().max() / ref.abs().max()).item()
-
-
-def gemm_section(failures: list, m: int = 256, apply: bool = True) -> dict:
-    """The decode step's FP8 GEMMs at m rows as the engine runs them (cuBLAS tensor-wise with unit scales, the product
-    unscaled in bfloat16), against the same product with the operands swapped (w times x^T, which cuBLAS tiles
-    differently; time only), cut into 2 or 4 GEMMs along N (time only) and kernels/fp8_tma.py's TMA_CONFIGS: every output first against the float64 product of
-    the same e4m3 operands (within bfloat16's rounding), then µs per call in a CUDA graph over four weights in turn
-    (none L2-resident, as in the engine). With `apply`, a TMA config that passed and beat cuBLAS by 3% goes into
-    fp8_tma.TUNED for the engines."""
-    from kernels import fp8_tma
-
-    g = torch.Generator(device=DEV).manual_seed(4)
-    unit = torch.ones((), device=DEV)
-    out, rows = {"checks": []}, []
-    jobs = []  # every launch compiled in parallel first
-    for n, k in GEMMS.values():
-        xw, ww = torch.zeros(m, k, device=DEV).to(torch.float8_e4m3fn), torch.zeros(n, k, device=DEV).to(torch.float8_e4m3fn)
-        jobs += [lambda xw=xw, ww=ww, c=c: fp8_tma.fp8_tma(xw, ww, c, warmup=True) for c in TMA_CONFIGS]
-    qb.precompile(jobs)
-    for name, (n, k) in GEMMS.items():
-        ws = [(torch.randn(n, k, generator=g, device=DEV) * 0.05).to(torch.float8_e4m3fn) for _ in range(4)]
-        fp8_tma.reserve_workspace(DEV, n, k)
-        x = (torch.randn(m, k, generator=g, device=DEV) * 50).to(torch.float8_e4m3fn)
-        ref = (x.double() @ ws[0].double().T)
-        cublas = lambda w: torch._scaled_mm(x, w.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)  # noqa
-        t = {"cublas": qb.graph_ms([lambda w=w: cublas(w) for w in ws] * 2),
-             "swapped": qb.graph_ms([lambda w=w: torch._scaled_mm(w, x.t(), scale_a=unit, scale_b=unit,
-                                                                  out_dtype=torch.bfloat16) for w in ws] * 2)}
-        for parts in (2, 4):  # the weight's rows cut into `parts` GEMMs (cuBLAS tiles each N / parts alone)
-            halves = [[p.contiguous() for p in w.chunk(parts)] for w in ws]
-            t[f"cublas n/{parts}"] = qb.graph_ms([lambda h=h: [cublas(p) for p in h] for h in halves] * 2)
-            del halves
-        errs = {"cublas": rel_err(cublas(ws[0]), ref)}
-        best = None
-        for cfg in TMA_CONFIGS:
-            cfg = dict(cfg)
-            if cfg.get("SPLIT_K", 1) > 1:  # the workspace for this split
-                from kernels import splitk
-                splitk.reserve(DEV, m * n)
-            got = qb.attempt(lambda: fp8_tma.fp8_tma(x, ws[0], cfg))
-            if isinstance(got, Exception):  # did not build or launch (resources): no values to judge
-                out.setdefault("errors", []).append(dict(gemm=name, config=cfg, error=repr(got)[:300]))
-                continue
-            again = qb.attempt(lambda: fp8_tma.fp8_tma(x, ws[0], cfg))  # the split-K workspace was left at zero
-            err = max(rel_err(got, ref), rel_err(again, ref)) if not isinstance(again, Exception) else float("inf")
-            errs[tma_name(cfg)] = err
-            # Wrong values: past fast accumulation's 1e-2 bound (bench/fp8_where.py round 2), a failure. Applied only
-            # where as exact as cuBLAS's promoted accumulation (within 1.5x) with PROMOTE set; PROMOTE 0 is reported.
-            right = err <= 1e-2
-            qb.record(out["checks"], failures, right, check="fp8_tma_vs_float64", gemm=name, M=m, config=cfg, err=err,
-                      cublas_err=errs["cublas"])
-            exact = right and cfg.get("PROMOTE") and err <= 1.5 * errs["cublas"] + 1e-4
-            if not right:
-                print(f"gemm {name} {tma_name(cfg)}: check FAILED (error {err:.2e} of the largest output; cuBLAS "
-                      f"{errs['cublas']:.2e})", flush=True)
-                continue
-            key = tma_name(cfg)
-            t[key] = qb.graph_ms([lambda w=w, cfg=cfg: fp8_tma.fp8_tma(x, w, cfg) for w in ws] * 2)
-            if exact and (best is None or t[key] < best[1]):
-                best = (cfg, t[key])
-        flops = 2 * m * n * k
-        rows.append(dict(gemm=name, M=m, N=n, K=k, ms=t, best=best, errors=errs))
-        print(f"gemm {name:<7} M={m} " + "  ".join(f"{kk} {v * 1e3:.1f}us" for kk, v in
-                                                 sorted(t.items(), key=lambda kv: kv[1]))
-              + f"  (cublas {flops / t['cublas'] / 1e15:.2f} PFLOP/s, error {errs['cublas']:.1e}; "
-              + (f"best tma {tma_name(best[0])} error {errs[tma_name(best[0])]:.1e})" if best else "no tma passed)"),
-              flush=True)
-        if apply and best and best[1] < t["cublas"] * 0.97:
-            fp8_tma.TUNED[(fp8_tma.m_bucket(m), n, k)] = best[0]
-        del ws, x
-    out["ms"] = rows
-    out["applied"] = {str(kk): v for kk, v in fp8_tma.TUNED.items()}
-    print(f"fp8_tma.TUNED for the engines: {fp8_tma.TUNED}", flush=True)
     return out
 
 
@@ -472,12 +382,11 @@ class Watch:
 
 
 ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"),
-           "fp8 before": dict(weights="fp8", launch="split", tma=False),
+           "fp8 before": dict(weights="fp8", launch="split"),
            "fp8 no mixed graphs": dict(weights="fp8", engine_kw={"mixed_cuda_graphs": False}),
            "fp8 profiled": dict(weights="fp8", profile=True)}
 """label -> the engine: weights; `launch` (FP8_LAUNCH): as this run leaves it (default) or session 7's split
-launches ("split"); `tma`: kernels/fp8_tma.py's TUNED as this run leaves it (default) or empty (cuBLAS everywhere);
-`engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
+launches ("split"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
 timed window: tok/s not comparable). "fp8 before" is session 7's final FP8 engine."""
 
 
@@ -485,9 +394,7 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
     """The fixed workload on each engine of `labels` (ENGINES), in that order, each watched (Watch). The first two
     always run; later ones while the budget lasts. `engine_kw`: EngineConfig options for all (the target is judged
     on the engine's defaults)."""
-    from kernels import fp8_tma
-
-    committed, tuned = list(fp8_fused.FP8_LAUNCH), dict(fp8_tma.TUNED)
+    committed = list(fp8_fused.FP8_LAUNCH)
     tables = {"split": SPLIT_LAUNCH}
     rows, cost = [], 22.0
     for n, label in enumerate(labels):
@@ -496,8 +403,6 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
         fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in tables.get(spec.get("launch"), committed)]
-        fp8_tma.TUNED.clear()
-        fp8_tma.TUNED.update(tuned if spec.get("tma", True) else {})
         t0 = time.time()
         with Counting() as c, Watch(spec.get("profile", False)) as w:
             got = qb.attempt(lambda: fw.throughput(label, spec["weights"], "auto",
@@ -506,16 +411,13 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
         if isinstance(got, list):
             seen = qb.attempt(lambda: w.report(label))
             for r in got:
-                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), tma=str(fp8_tma.TUNED),
-                     watch=seen if isinstance(seen, dict) else repr(seen))
+                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), watch=seen if isinstance(seen, dict) else repr(seen))
             rows += got
         else:
             rows.append({"engine": label, "error": repr(got)[:300]})
             print(f"throughput {label}: {got!r}"[:400], flush=True)
             qb.free_gpu()
     fp8_fused.FP8_LAUNCH[:] = committed
-    fp8_tma.TUNED.clear()
-    fp8_tma.TUNED.update(tuned)
     base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
     print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
     for r in rows:
@@ -529,10 +431,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
-    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["qkv", "attention", "swiglu", "gemm", "none"],
+    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["qkv", "attention", "swiglu", "none"],
                     help="checks and timings before the engines: q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
-                         "(without it, FP8_LAUNCH's one-launch entries are checked); the decode GEMMs")
+                         "(without it, FP8_LAUNCH's one-launch entries are checked)")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
                     help="engines in this order; the first two always run, later ones while the budget lasts")
     ap.add_argument("--no-mixed-graphs", action="store_true", help="mixed_cuda_graphs=False in every engine "
@@ -553,25 +455,18 @@ def main() -> int:
             failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
             fp8mod.ATTENTION_QUANT = False
     committed = list(fp8_fused.FP8_LAUNCH)
-    ones = [(most, c) for most, c in committed if c.get("ROW")]
+    ones = [(most, c) for most, c in committed if c.get("ROW") or c.get("ONE")]
     if "swiglu" in args.sections or ones:  # the sweep, or the committed one-launch entries checked
         sweep = "swiglu" in args.sections
         n = len(failures)
         result["swiglu"] = qb.attempt(lambda: swiglu_section(
-            failures, ms=(8192,) if sweep else sorted({min(most, 8192) for most, _ in ones}),
+            failures, ms=(256, 8192) if sweep else sorted({min(most, 8192) for most, _ in ones}),
             configs=None if sweep else [c for _, c in ones], apply=sweep))
         if isinstance(result["swiglu"], Exception) or len(failures) > n:
             if isinstance(result["swiglu"], Exception):
                 failures.append({"check": "swiglu_section", "error": repr(result["swiglu"])[:300]})
             fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in SPLIT_LAUNCH]
             print("one-launch SwiGLU OFF for the engines (a check failed): the split launches run", flush=True)
-    if "gemm" in args.sections:
-        n = len(failures)
-        result["gemm"] = qb.attempt(lambda: gemm_section(failures))
-        if isinstance(result["gemm"], Exception) or len(failures) > n:
-            from kernels import fp8_tma
-            fp8_tma.TUNED.clear()
-            print("TMA GEMMs OFF for the engines (a check failed)", flush=True)
     print(f"checks done at {time.time() - start:.0f} s; engines run with DEFER_MAX_M[{QKV}] = "
           f"{fp8mod.DEFER_MAX_M.get(QKV)}, ATTENTION_QUANT = {fp8mod.ATTENTION_QUANT}, FP8_LAUNCH = "
           f"{fp8_fused.FP8_LAUNCH}", flush=True)

@@ -94,23 +94,6 @@ def test_fp8_deferred_scales_equal_scaled_outputs_gpu_paths_on_cpu(monkeypatch):
     torch.testing.assert_close(deferred, scaled, rtol=1e-4, atol=1e-4)
 
 
-def test_fp8_deferred_scales_through_the_tma_gemm_gpu_paths_on_cpu(monkeypatch):
-    """Where kernels/fp8_tma.py's TUNED has a config (every deferred layer here, one with split-K), the deferred
-    GEMMs run it instead of cuBLAS's tensor-wise GEMM: the logits equal the scaled forward's within rounding."""
-    from kernels import fp8_tma
-
-    monkeypatch.setattr(fp8, "on_fp8_gpu", lambda t: True)
-    scaled, _ = forward(True, monkeypatch, defer=False)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    monkeypatch.setattr(fp8_tma, "TUNED", {(64, 64, 64): cfg, (64, 192, 64): cfg, (64, 64, 96): dict(cfg, SPLIT_K=2)})
-    calls = []
-    tma = fp8_tma.fp8_tma
-    monkeypatch.setattr(fp8_tma, "fp8_tma", lambda *a, **k: calls.append(a[1].shape) or tma(*a, **k))
-    deferred, seen = forward(True, monkeypatch, defer=True)
-    assert calls == [(64, 64), (192, 64), (64, 96), (64, 64), (192, 64)]  # o, gate_up, down; the last down scales
-    torch.testing.assert_close(deferred, scaled, rtol=1e-4, atol=1e-4)
-
-
 def test_fp8_qkv_scales_deferred_to_the_rotary_cache_kernel_gpu_paths_on_cpu(monkeypatch):
     """Where the backend turns q/k and writes the cache in one kernel, qkv leaves its scales to that kernel too
     (FP8Output; kernels/rotary.py applies them): the logits equal the scaled forward's within rounding, and an

@@ -9,8 +9,7 @@ multiplies the 16-bit activations as they are (half bf16's bytes, no activation 
 activations are quantized per token — by the layer that produced them where the model says so (FP8Input:
 the fused add + RMSNorm or SwiGLU), else by kernels/fp8_quant.py (one launch) — and the GEMM is
 torch._scaled_mm with row-wise scales or kernels/fp8_w8a8.py (fp8_gemm_quantized), or, for a layer whose
-consumer applies the scales itself, cuBLAS's tensor-wise GEMM (or kernels/fp8_tma.py where its TUNED table
-has a measured winner for the row bucket and shape) returning an FP8Output. Elsewhere (CPU) the
+consumer applies the scales itself, cuBLAS's tensor-wise GEMM returning an FP8Output. Elsewhere (CPU) the
 weight is dequantized and the activations stay unquantized: the CPU path is the weight-only reference.
 """
 
@@ -21,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8_fused, fp8_gemv, fp8_tma, fp8_w8a8
+from kernels import fp8_fused, fp8_gemv, fp8_w8a8
 from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
 from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
@@ -266,7 +265,6 @@ class FP8Method:
             _unit(w.device)
             reserve_workspace(w.device, w.shape[0])
             fp8_w8a8.reserve_workspace(w.device, *w.shape)
-            fp8_tma.reserve_workspace(w.device, *w.shape)
 
     @staticmethod
     def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:
@@ -309,13 +307,8 @@ class FP8Method:
         if self._defers(layer, bias, xq.shape[0]):
             out = dtype if xq.is_cuda else torch.float32
             unit = _unit(xq.device)
-            n, k = layer.weight.shape
-            cfg = fp8_tma.TUNED.get((fp8_tma.m_bucket(xq.shape[0]), n, k)) if on_fp8_gpu(xq) else None
-            if cfg is not None and not _fast_accum(xq):  # measured faster than cuBLAS at this (M bucket, N, K)
-                raw = fp8_tma.fp8_tma(xq, layer.weight, cfg, out)
-            else:
-                raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out,
-                                       **_fast_accum(xq))
+            raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out,
+                                   **_fast_accum(xq))
             return FP8Output(raw, xs.reshape(-1, 1), layer.weight_scale.reshape(1, -1))
         y = fp8_gemm_quantized(xq, xs, layer.weight, layer.weight_scale, dtype)
         return y if bias is None else y + bias
