@@ -77,9 +77,9 @@ class EngineServerConfig:
     cpu_wake_latency_us: int | None = None
     """While requests are in flight (and a second after), hold this host's CPU wake-up latency at most this many
     microseconds (Linux PM QoS, /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each
-    hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None: 0 for an engine
-    on a GPU (a serving host, whose hops it shortens), nothing on CPU, where the idle cores are the compute;
-    -1: never. Needs write access to the file, else it is logged and left (services/common/cpu_latency.py)."""
+    hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None or -1: never (it
+    acts only through the host's cpuidle driver; the H200 VM has none, and there it changed nothing:
+    docs/router.md). Needs write access to the file, else it is logged and left (services/common/cpu_latency.py)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -97,11 +97,10 @@ class EngineServerConfig:
                              "engine's step thread in this process)")
 
     def wake_latency_us(self, device) -> int | None:
-        """The CPU wake-up latency this engine holds on `device` (`cpu_wake_latency_us`); None: none."""
+        """The CPU wake-up latency this engine holds (`cpu_wake_latency_us`); None: none. (`device`: where the
+        engine runs; an automatic choice by device was measured and dropped: docs/router.md.)"""
         us = self.cpu_wake_latency_us
-        if us is None:
-            us = 0 if str(device).startswith("cuda") else -1
-        return None if us < 0 else us
+        return None if us is None or us < 0 else us
 
 
 def _ns(t: float | None, since: float | None) -> int:

@@ -80,8 +80,8 @@ class RouterConfig:
     """While requests are in flight (and a second after), hold this host's CPU wake-up latency at most this many
     microseconds (Linux PM QoS, /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each
     hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None: the host decides
-    (an engine on a GPU holds it at 0 by default: one holder is enough on one host). Needs write access to the
-    file, else it is logged and left (services/common/cpu_latency.py)."""
+    (it acts only through the host's cpuidle driver; the H200 VM has none: docs/router.md). Needs write access
+    to the file, else it is logged and left (services/common/cpu_latency.py)."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
