@@ -25,7 +25,7 @@ def _lens(n, lo, hi, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group,head_dim", [(1, 128), (4, 128), (8, 128), (4, 64), (3, 64), (2, 256)])
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_splits", [1, None, 8])
+@pytest.mark.parametrize("num_splits", [1, None, 8, 16])  # 8-16: the split rule's counts at 4-66 sequences
 def test_gpu_paged_decode(dtype, group, head_dim, block_size, num_splits):
     num_kv_heads = 8 // min(group, 4)
     seq_lens = _lens(24, 1, 3000, seed=group + head_dim + block_size) + [1, 4096]
