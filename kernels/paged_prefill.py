@@ -559,8 +559,6 @@ def _searched_item(tile, head0, kv_head, q_ptr, k_cache_ptr, v_cache_ptr, k_new,
                            LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
 
 
-
-
 @triton.jit
 def _listed_item(tile, head_group, chunks_ptr, stride_chunks, n_chunks, q_ptr, k_cache_ptr, v_cache_ptr, k_new,
                  v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr, slopes_ptr,
@@ -609,6 +607,7 @@ def _listed_item(tile, head_group, chunks_ptr, stride_chunks, n_chunks, q_ptr, k
                        BLOCK_SIZE, NEW_KV, BLOCKWISE, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS,
                        DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL,
                        LOOP_WS, OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP)
+
 
 # num_seqs changes every step: specializing on it (== 1, % 16 == 0) would recompile mid-serving.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt", "window", "num_tiles", "max_q_tiles", "stride_chunks"])
@@ -858,6 +857,11 @@ def paged_prefill(
     if heavy_first:
         num_tiles = num_seqs * max_q_tiles
     persistent = int(cfg.get("PERSISTENT") or 0)
+    if chunk_list is not None and (chunk_list.dtype != torch.int32 or chunk_list.dim() != 2
+                                   or chunk_list.shape[0] != 2 or chunk_list.shape[1] < num_seqs + 1
+                                   or chunk_list.stride(1) != 1 or chunk_list.device != q.device):
+        raise ValueError(f"chunk_list must be int32 [2, >= num_seqs + 1 = {num_seqs + 1}] with contiguous rows on "
+                         f"{q.device}; got {chunk_list.dtype} {list(chunk_list.shape)} on {chunk_list.device}")
     listed = (chunk_list is not None and skip_single and bool(cfg.get("CHUNK_LIST")) and not cfg["PAIR_TILES"]
               and not heavy_first)
     if listed:

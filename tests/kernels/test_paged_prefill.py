@@ -232,3 +232,14 @@ def test_paged_prefill_chunk_list_walks_the_listed_chunks_alone(config):
         else:
             assert out[rows].isnan().all()
     assert out[n:].isnan().all()
+
+
+def test_paged_prefill_chunk_list_is_checked():
+    from kernels.paged_prefill import make_chunk_list
+
+    batch = make_batch([40, 9], [1, 9], 8, 2, 32, 16, torch.float32, DEVICE)
+    args = (batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, 0.3)
+    good = torch.from_numpy(make_chunk_list([1, 9])).to(DEVICE)
+    for bad in (good[:, :2], good.long(), good[0]):
+        with pytest.raises(ValueError, match="chunk_list"):
+            paged_prefill(*args, k=batch.k, v=batch.v, skip_single=True, chunk_list=bad)
