@@ -1,12 +1,11 @@
-"""FP8's own launches in the decode and prefill steps (one H200, Llama-3-8B shape), checked on the GPU before they are
-timed or used: SwiGLU + FP8 in one launch (kernels/fp8_fused.py) against the split launches, at decode's 256 rows
-(ONE: tiles that wait for their row group's amax, the batch's rows in one or a few groups) and prefill's 8,192 (ROW:
-whole rows per program), the winner per row bucket applied to FP8_LAUNCH for the engines (committed one-launch
-entries are always checked); q/k/v's FP8 scales in the rotary + cache kernel; o_proj's input quantized by the decode
-attention kernel (ATTENTION_QUANT; off). Then the fixed workload (256 x 256 in / 256 out) for bf16 and FP8 in one
-run on the engine's defaults, each engine watched (Watch: Triton compiles and the slowest steps inside the timed
-window), then while the budget lasts the engines named after them ("fp8 before": session 7's final FP8 engine). A
-change whose check fails is switched off for the engines and counted as a failure.
+"""FP8's own launches in the prefill and decode steps (one H200, Llama-3-8B shape), checked on the GPU before they are
+timed or used: SwiGLU + FP8 in one launch of whole rows per program (kernels/fp8_fused.py, ROW) against the split
+launches at prefill's 8,192 rows (the winner applied to FP8_LAUNCH for the engines; committed ROW entries are always
+checked), q/k/v's FP8 scales in the rotary + cache kernel, o_proj's input quantized by the decode attention kernel
+(ATTENTION_QUANT; off). Then the fixed workload (256 x 256 in / 256 out) for bf16 and FP8 in one run on the engine's
+defaults, each engine watched (Watch: Triton compiles and the slowest steps inside the timed window), then while the
+budget lasts the engines named after them ("fp8 before": session 7's final FP8 engine). A change whose check fails
+is switched off for the engines and counted as a failure.
 
     python bench/fp8_step.py [--json PATH] [--budget 80] [--sections swiglu ...] [--engines bf16 fp8 "fp8 before"]
 """
@@ -168,11 +167,6 @@ def split_for(m: int) -> dict:
 ROW_CONFIGS = [dict(ROWS=r, num_warps=w, ROW=True) for r, w in ((1, 16), (1, 32))]
 """The one-launch SwiGLU + FP8 of whole rows per program (kernels/fp8_fused.py, ROW), swept above 4,096 rows (where
 the column scales are applied it loses: session 8 round 1)."""
-GROUP_CONFIGS = [dict(ROWS=r, BLOCK=b, num_warps=w, ONE=True) for r, b, w in (
-    (256, 128, 16), (256, 128, 32), (256, 256, 32), (128, 128, 16), (128, 256, 16), (64, 128, 8), (64, 256, 16))]
-"""The one launch whose tiles wait for their row group (ONE) with a decode batch's rows in one or a few groups: the
-group's 56 or 112 column tiles (<= the SMs: all resident) meet once, where session 7 tried groups of 1-8 rows
-(1,792 programs taking tickets)."""
 BUCKET_BOUND = {64: 64, 256: 256, 2048: 4096, 8192: 1 << 30}
 """A measured row count -> the FP8_LAUNCH bound its winner is entered under."""
 
@@ -180,17 +174,17 @@ BUCKET_BOUND = {64: 64, 256: 256, 2048: 4096, 8192: 1 << 30}
 def config_name(cfg: dict) -> str:
     if cfg.get("ROW"):
         return f"row {cfg['ROWS']} w{cfg.get('num_warps', 4)}"
-    return f"{'one' if cfg.get('ONE') else 'split'} {cfg['ROWS']}x{cfg.get('BLOCK')} w{cfg.get('num_warps', 4)}"
+    return f"split {cfg['ROWS']}x{cfg.get('BLOCK')} w{cfg.get('num_warps', 4)}"
 
 
 def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=None, apply: bool = True) -> dict:
-    """SwiGLU + FP8 in one launch (kernels/fp8_fused.py: ROW, whole rows per program; ONE, tiles that wait for their
-    row group) against the split launches, on gate_up as the engine hands it over (unscaled where it defers its
-    scales): every config's bits against the split's and the software-rounding reference, then against the split
-    again over 10 replays of a CUDA graph of 8 calls (a missed wait would differ; ONE's counts left at zero); then µs
-    per call. With `apply`, the fastest config that passed replaces FP8_LAUNCH's entry for its row count's bucket
-    (BUCKET_BOUND) where it beats the split by 3%. `configs`: ROW_CONFIGS + GROUP_CONFIGS by default."""
-    configs = ROW_CONFIGS + GROUP_CONFIGS if configs is None else configs
+    """SwiGLU + FP8 in one launch of whole rows per program (kernels/fp8_fused.py, ROW) against the split launches, on
+    gate_up as the engine hands it over (unscaled where it defers its scales; ROW is skipped there, where it loses):
+    every config's bits against the split's and the software-rounding reference, then against the split again over
+    10 replays of a CUDA graph of 8 calls; then µs per call. With `apply`, the fastest config that passed replaces
+    FP8_LAUNCH's entry for its row count's bucket (BUCKET_BOUND) where it beats the split by 3%. `configs`:
+    ROW_CONFIGS by default."""
+    configs = ROW_CONFIGS if configs is None else configs
     from kernels import silu_mul as sm
 
     g = torch.Generator(device=DEV).manual_seed(9)
@@ -238,8 +232,6 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
                         ref = fp8_fused.silu_mul_fp8(gus[i], scales=sc, split=base)
                         ok &= same(res[i][0], ref[0]) and same(res[i][1], ref[1])
                 del replay
-                for name in ("swiglu_sync", "swiglu_amax"):  # ONE leaves its counts and amaxes at zero
-                    ok &= not bool(fp8_quant.zeroed(DEV, 1, name).any())
             except Exception as e:
                 ok = False
                 print(f"swiglu M={m} {cfg}: {e!r}"[:300], flush=True)
@@ -455,12 +447,12 @@ def main() -> int:
             failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
             fp8mod.ATTENTION_QUANT = False
     committed = list(fp8_fused.FP8_LAUNCH)
-    ones = [(most, c) for most, c in committed if c.get("ROW") or c.get("ONE")]
+    ones = [(most, c) for most, c in committed if c.get("ROW")]
     if "swiglu" in args.sections or ones:  # the sweep, or the committed one-launch entries checked
         sweep = "swiglu" in args.sections
         n = len(failures)
         result["swiglu"] = qb.attempt(lambda: swiglu_section(
-            failures, ms=(256, 8192) if sweep else sorted({min(most, 8192) for most, _ in ones}),
+            failures, ms=(8192,) if sweep else sorted({min(most, 8192) for most, _ in ones}),
             configs=None if sweep else [c for _, c in ones], apply=sweep))
         if isinstance(result["swiglu"], Exception) or len(failures) > n:
             if isinstance(result["swiglu"], Exception):

@@ -1,9 +1,8 @@
 """The FP8 method's producer kernels: add + RMSNorm (Llama's rounding) and SwiGLU, each ending in FP8 quantization
 per token for the linear layer that reads the result (quantization/fp8.py's norm_fp8 and swiglu_fp8 call these).
 The norm has the arithmetic and bits of kernels/fused_norm.py's add_rms_norm_fp8; SwiGLU + FP8 runs as the split
-(two-launch) form of kernels/silu_mul.py's silu_mul_fp8, which runs it from here, or, by FP8_LAUNCH, as one launch
-of whole rows per program (above 4,096 rows) or one whose tiles wait for their row group's amax (GPU only;
-bench/fp8_step.py checks it there). Two differences that change no bit: every launch takes PDL (kernels/pdl.py;
+(two-launch) form of kernels/silu_mul.py's silu_mul_fp8, which runs it from here, or, above 4,096 rows, as one launch
+of whole rows per program (FP8_LAUNCH). Two differences that change no bit: every launch takes PDL (kernels/pdl.py;
 SwiGLU's second launch follows its first), and with HW_CVT (kernels/fp8_quant.py) the e4m3 rounding is the hardware's
 conversion (cvt.rn.satfinite) instead of ~15 float32 integer ops per element.
 
@@ -19,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fp8_quant, pdl, splitk
+from kernels import fp8_quant, pdl
 from kernels.fp8_quant import quantize_row_cvt, row_scale
 from kernels.fused_norm import residual_prologue
 
@@ -133,58 +132,6 @@ def _silu_mul_amax_kernel(
     tl.store(part_ptr + rows64 * nblk + blk, tl.max(tl.abs(y.to(tl.float32)), axis=1), mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["t", "inter", "nblk", "ngroups", "stride_in"])  # one build for every row count
-def _silu_mul_fp8_one_kernel(
-    gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, sync_ptr, amax_ptr, t, inter, nblk, ngroups, stride_in, ub,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """SwiGLU + FP8 in one launch: each program takes the next tile by ticket (sync[0]; tiles in row-group order),
-    computes it in registers, adds its rows' amaxes (int32 bits of non-negative floats: atomic max) and counts
-    itself in to its row group (sync[2 + group]), waits until the group's nblk tiles are all in, and quantizes its
-    tile by the rows' scales. Tickets make the wait safe: every tile before the last claimed one belongs to a
-    running program, so a group waits only on programs that started or can start (a group is nblk << the GPU's
-    slots). The last of a group to leave (sync[2 + ngroups + group]) zeroes its counts and amaxes, the last of
-    the launch (sync[1]) the ticket: the buffers are zero again for the next launch (a CUDA graph replays it).
-    GPU only: the interpreter runs programs one after another, so a group of more than one tile would wait forever
-    (silu_mul_fp8 runs the split launches there)."""
-    pdl.enter(PDL)
-    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    group = ticket // nblk
-    blk = ticket % nblk
-    rows = group * ROWS + tl.arange(0, ROWS)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    r_ok, c_ok = rows < t, offs < inter
-    y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
-    tile_max = tl.max(tl.abs(y), axis=1)
-    zero = tl.zeros([ROWS], dtype=tl.int32)
-    tl.atomic_max(amax_ptr + rows, tile_max.to(tl.int32, bitcast=True), mask=r_ok, sem="relaxed")
-    tl.debug_barrier()
-    arrived = sync_ptr + 2 + group
-    tl.atomic_add(arrived, 1, sem="release")
-    n = tl.atomic_add(arrived, 0, sem="acquire")
-    spins = n * 0  # an int32 tensor from the start: a loop-carried value keeps its type
-    while (n < nblk) & (spins < 1_000_000):  # bounded: a fault can cost a wrong tile, never a hung GPU
-        n = tl.atomic_add(arrived, 0, sem="acquire")
-        spins += 1
-    amax = tl.atomic_max(amax_ptr + rows, zero, mask=r_ok, sem="acquire").to(tl.float32, bitcast=True)
-    scale = row_scale(amax, ub, HAS_UB)
-    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
-    rows64 = rows.to(tl.int64)
-    tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty),
-             mask=r_ok[:, None] & c_ok[None, :])
-    if blk == 0:
-        tl.store(s_ptr + rows, scale, mask=r_ok)
-    tl.debug_barrier()
-    if tl.atomic_add(sync_ptr + 2 + ngroups + group, 1, sem="acq_rel") == nblk - 1:
-        tl.atomic_xchg(amax_ptr + rows, zero, mask=r_ok, sem="relaxed")
-        tl.atomic_xchg(arrived, 0, sem="relaxed")
-        tl.atomic_xchg(sync_ptr + 2 + ngroups + group, 0, sem="relaxed")
-    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == ngroups * nblk - 1:
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
-        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
-
-
 @triton.jit
 def _silu_mul_fp8_rows_kernel(
     gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, t, inter, stride_in, ub,
@@ -275,12 +222,12 @@ replays first), us per call, split against the best ROW: 8,192 rows (unscaled: g
 there) 268.9 vs 226.7 (1 row, 16 warps; 2 rows 308-337); 2,048 rows 71.8 vs 129.1 and 256 rows 11.3 vs 18.3 (with
 the gate_up scales applied, every program reads all 28,672 column scales: ROW loses wherever they are deferred, up
 to DEFER_MAX_M's 4,096 rows).
-"ONE": one launch whose tiles wait for their row group's amax (_silu_mul_fp8_one_kernel). With session 7's groups
-of 1-8 rows it lost at decode's row counts (18-23 us at 256 rows: 1,792 programs take tickets from one counter and
-wait), and at 8,192 rows it timed 244 us in session 7 but 424 us in session 8's round 1, against ROW's 227. Its
-~25% engine loss in session 7's round 2 was two Triton compiles inside the timed window, not the kernel
-(docs/quantization.md). bench/fp8_step.py sweeps it with a decode batch's rows in one or a few groups (56-112
-programs that meet once)."""
+The ticket-and-wait one-launch kernel ("ONE", tiles that wait for their row group's amax) is gone. With session 7's
+groups of 1-8 rows it lost at 256 rows (18-23 us: 1,792 programs take tickets from one counter and wait) and at
+8,192 (244 us in session 7, 424 in session 8's round 1, against ROW's 227). With the decode batch's rows in one to
+four groups (56-112 tiles of up to 256 rows that meet once; session 8 round 3) it took 30-205 us at 256 rows.
+Its ~25% engine loss in session 7's round 2 was two Triton compiles inside the timed window, not the kernel
+(docs/quantization.md)."""
 
 
 def check_gate_up(gate_up, scales) -> None:
@@ -304,8 +251,7 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     SwiGLU over [ROWS, BLOCK] tiles to a 16-bit scratch with per-tile amaxes, then the quantizing launch (one
     program per row would leave most SMs idle at decode's row counts; the split pays a write and read of the
     16-bit result); or, with "ROW" in the config, in one launch of whole rows per program
-    (_silu_mul_fp8_rows_kernel); or, with "ONE", in one launch whose tiles wait for their row group's amax
-    (_silu_mul_fp8_one_kernel; on CUDA, or where a row group is one tile). `split`: the launch config (default
+    (_silu_mul_fp8_rows_kernel). `split`: the launch config (default
     FP8_LAUNCH's entry for the row count); `hw_cvt` as add_rms_norm_fp8's."""
     check_gate_up(gate_up, scales)
     t, inter = gate_up.shape[0], gate_up.shape[1] // 2
@@ -320,21 +266,6 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     nblk = triton.cdiv(inter, block)
     hw = (fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt
     rs, cs = scales if scales is not None else (s, s)
-    if cfg.get("ONE") and (gate_up.is_cuda or nblk == 1):  # the interpreter would wait forever on a group's tiles
-        if nblk > splitk.sm_count(gate_up.device):  # a group's tiles must all be resident at once (one per SM)
-            raise ValueError(f"split: a one-launch config's row group of {nblk} tiles ({inter} / BLOCK {block}) must "
-                             f"not exceed the device's {splitk.sm_count(gate_up.device)} SMs")
-        groups = triton.cdiv(t, rows)
-        args = (gate_up, q, s, rs, cs, fp8_quant.zeroed(gate_up.device, 2 + 2 * groups, "swiglu_sync"),
-                fp8_quant.zeroed(gate_up.device, t, "swiglu_amax"), t, inter, nblk, groups, gate_up.stride(0),
-                float(ub) if ub is not None else 0.0)
-        consts = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, HAS_UB=ub is not None, HW_CVT=hw,
-                      num_warps=warps, **pdl.args(gate_up))
-        if warmup:
-            _silu_mul_fp8_one_kernel.warmup(*args, grid=(groups * nblk,), **consts)
-        else:
-            _silu_mul_fp8_one_kernel[(groups * nblk,)](*args, **consts)
-        return q, s
     if cfg.get("ROW"):  # whole rows per program, one launch
         args = (gate_up, q, s, rs, cs, t, inter, gate_up.stride(0), float(ub) if ub is not None else 0.0)
         consts = dict(ROWS=rows, BLOCK=triton.next_power_of_2(inter), SCALED=scales is not None,
