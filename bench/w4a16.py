@@ -23,23 +23,22 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
    FUSE_SWIGLU), norace (temperature-1 sampling by the sampler's torch ops, not kernels/greedy.py's sample_race:
    services/engine/sampler.py's RACE), minsplitN (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while
-   the graphs are captured), vred (the M = 1 configs with VRED: split-K sums as 16-byte vector reductions,
-   kernels/w4a16_stream.py's red_add), normwN (kernels/fused_norm.py's WARPS = N: the norm's warps), rope / norope
-   (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), prof (a profile of 32 decode steps: per kernel and kind the time each launch alone
-   adds to the GPU's busy span, its own start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token
-   (128-token prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
+   the graphs are captured), normwN (kernels/fused_norm.py's WARPS = N: the norm's warps), rope / norope
+   (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), prof (a
+   profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
+   start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
+   prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
    "throughput at 256 sequences" figure; the batch where W4A16 stops winning is the crossover); greedy
    tokens against the first run of the same weights.
 4. chain (--sections chain): 32 layers' GEMVs in one CUDA graph with and without the add + RMSNorm kernels
-   between them: what the norms add to a batch-1 step; the same with VRED, and with the norms on 8 and 4 warps.
+   between them: what the norms add to a batch-1 step; the same with the norms on 8 and 4 warps.
 5. attention (--sections attention): the batch-1 paged decode kernel on the 8B's heads at contexts 256 / 384, the
    default launch against more splits and other tiles (32 layers' caches in one graph).
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
 temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
 --check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
-(kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc / vred add their candidates to 2 (vred:
-the committed configs with VRED, split-K or programs per SM around them).
+(kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
 """
 
 from __future__ import annotations
@@ -125,18 +124,7 @@ CASES = [
     (4224, 520, 128, True, dict(G4, H2=2, PDL=1), 3, True),
     (14336, 4096, 128, False, dict(G4, H2=2, T=4, BLOCK_N=512, num_warps=2, PDL=2), 12, True),
     (28672 // 7, 28672, 128, False, dict(G4, H2=2, T=4, BLOCK_N=256, PDL=2), 16, True),
-    # VRED (kernels/w4a16_stream.py's red_add: split-K sums as 16-byte vector reductions; scalar where a thread's
-    # four columns are not consecutive or a strip is cut by N)
-    (4096, 6144, 128, False, dict(G3, H2=2, T=16, BLOCK_N=512, num_warps=4, PDL=2, VRED=True), 32, True),  # qkv
-    (14336, 4096, 128, False, dict(G3, H2=2, BLOCK_N=256, num_warps=2, PDL=2, VRED=True), 112, True),  # down
-    (4224, 520, 128, True, dict(G3, H2=2, PDL=1, VRED=True), 3, True),  # act-order, odd N: a cut strip
-    (4096, 1000, 32, False, dict(G3, BLOCK_N=256, num_warps=2, VRED=True), 4, True),  # 4 groups a block, cut strip
-    (4096, 4096, 128, False, dict(G4, H2=2, T=16, BLOCK_N=256, num_warps=2, PDL=2, VRED=True), 12, True),  # o
-    (4224, 520, 128, True, dict(G4, H2=2, PDL=1, VRED=True), 3, True),
 ]
-VRED_CHAIN = [dict(G3, H2=2, T=16, BLOCK_N=256, num_warps=2, SPLIT_K=8, PDL=2, VRED=True),
-              dict(G4, H2=2, T=16, BLOCK_N=256, num_warps=2, PER_SM=12, PDL=2, VRED=True)]
-"""VRED in a CUDA graph of chained PDL GEMVs (chain_checks), checked in every run of the checks section."""
 
 
 def with_tc(qw: torch.Tensor, k: int) -> torch.Tensor:
@@ -195,7 +183,7 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(0)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
-        if cfg["KERNEL"] not in kernels or ("h2" in kernels and not (cfg.get("H2") or cfg.get("VRED"))):  # h2: H2, VRED
+        if cfg["KERNEL"] not in kernels or ("h2" in kernels and not cfg.get("H2")):  # h2: the H2 cases only
             continue
         qw, s, z, perm, w = q.int4_case(k, n, group, act, g)
         w4.reserve_workspace(DEV, n)
@@ -220,7 +208,6 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
             q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2_large_x", shape="4096x6144", M=1,
                      config=cfg, rel_err=err)
     rows += chain_checks(failures, g, kernels=kernels)
-    rows += chain_checks(failures, g, VRED_CHAIN)
     if "tc" in kernels:
         rows += tc_checks(failures, g)
     rows += committed_checks(failures, g)
@@ -246,9 +233,7 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
                           (4096, 14336, dict(G3, BLOCK_N=256, num_warps=2, SPLIT_K=16, PDL=2, H2=2)),
                           (4096, 14336, dict(G3, T=4, BLOCK_N=512, num_warps=2, SPLIT_K=16, PDL=2, H2=1)),
                           (4096, 14336, dict(G4, BLOCK_N=256, num_warps=2, PER_SM=8, PDL=2, H2=2)),
-                          (1024, 1000, dict(G4, PER_SM=3, H2=2)),
-                          (4096, 14336, dict(G3, BLOCK_N=512, num_warps=4, SPLIT_K=16, PDL=2, H2=2, VRED=True)),
-                          (1024, 1000, dict(G4, PER_SM=3, H2=2, VRED=True))):
+                          (1024, 1000, dict(G4, PER_SM=3, H2=2))):
         qw, s, z, _, w = q.int4_case(k, 2 * inter, 128, False, g)
         w4.reserve_workspace(DEV, 2 * inter)
         cases.append((k, inter, cfg, qw, s, z, w, torch.randn(1, k, generator=g, device=DEV).to(DTYPE)))
@@ -264,7 +249,7 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
 
 def rope_checks(failures: list, g: torch.Generator) -> list[dict]:
     """The qkv GEMV with ROPE (kernels/w4a16_rope.py: rotary + KV-cache write in the epilogue) on the 8B's qkv (32 q,
-    8 KV heads of 128) with the committed config, with VRED, and at split-K 1, against its plain product turned and
+    8 KV heads of 128) with the committed config and at split-K 1, against its plain product turned and
     cached by torch (the same GEMV then rope_reference), twice (the workspace must be left zeroed)."""
     from kernels.w4a16_rope import rope_reference
 
@@ -278,7 +263,7 @@ def rope_checks(failures: list, g: torch.Generator) -> list[dict]:
     cos, sin = torch.cos(300 * inv)[None].contiguous(), torch.sin(300 * inv)[None].contiguous()
     slots = torch.tensor([37], dtype=torch.int64, device=DEV)
     base = dict(COMMITTED[(1, n, k)])
-    for cfg in (base, dict(base, VRED=True), dict(base, SPLIT_K=1)):
+    for cfg in (base, dict(base, SPLIT_K=1)):
         cache, want_cache = (torch.zeros(2, 8, 16, hkv, d, dtype=DTYPE, device=DEV) for _ in range(2))
         for _ in range(2):
             got = q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=cfg, rope=(cos, sin, cache, slots, d, hq, hkv)))
@@ -459,23 +444,6 @@ def h2_candidates(n: int, k: int) -> list[dict]:
     return out
 
 
-def vred_candidates(n: int, k: int) -> list[dict]:
-    """The committed config of the shape with VRED (split-K sums as vector reductions: a quarter of the L2 atomic
-    operations), and the grid around it (how many waves of programs): gemv3 by 512 columns on 4 warps and 256 on 2,
-    split-K a quarter (512 only), half, as committed and double; gemv4 with 8, 12 and 16 programs per SM."""
-    base = dict(COMMITTED.get((1, n, k)) or dict(G3, SPLIT_K=16, PDL=2, H2=2))
-    out = []
-    if base["KERNEL"] == "gemv3":
-        blocks = -(-k // 128)
-        sp = base.get("SPLIT_K", 16)
-        for bn, warps in ((512, 4), (256, 2)):
-            for s_ in sorted({max(1, sp // 4) if bn == 512 else sp, max(1, sp // 2), sp, min(blocks, 2 * sp)}):
-                out.append(dict(base, BLOCK_N=bn, num_warps=warps, SPLIT_K=s_, VRED=True))
-    else:
-        out += [dict(base, VRED=True, PER_SM=p) for p in (8, 12, 16)]
-    return out
-
-
 def tc_of(a: tuple):
     """The tensor-core layout of a sweep weight tuple, where the sweep made one."""
     return a[3] if len(a) > 3 else None
@@ -574,8 +542,6 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             cands += h2_candidates(n, k)
         if "tc" in kernels:
             cands += tc_candidates(n, k)
-        if "vred" in kernels:
-            cands += vred_candidates(n, k)
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=tc_of(q4[0])) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
@@ -611,8 +577,7 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             BEST_G4[(1, n, k)] = dict(g4["config"])
             row["best_gemv4"] = g4
         best = min(res, key=lambda r: r["ms"])
-        for label, pred in (("H2", lambda c: c.get("H2")), ("tc", lambda c: c.get("KERNEL") == "tc"),
-                            ("VRED", lambda c: c.get("VRED"))):
+        for label, pred in (("H2", lambda c: c.get("H2")), ("tc", lambda c: c.get("KERNEL") == "tc")):
             bl = min((r for r in res if isinstance(r["config"], dict) and pred(r["config"])), key=lambda r: r["ms"],
                      default=None)
             if bl is not None:
@@ -765,11 +730,9 @@ def chain(start: float, budget: float) -> dict:
         return h
 
     saved, saved_tuned = pdl.ENABLED, dict(w4.TUNED)
-    vred = {key: dict(c, VRED=True) for key, c in COMMITTED.items()}
-    # (name, graph, M = 1 configs, norm warps): committed configs, then with VRED; the norms at 16 (the rule's
-    # width at 4096), 8 and 4 warps
+    # (name, graph, M = 1 configs, norm warps): the committed configs; the norms at 16 (the rule's width at 4096), 8
+    # and 4 warps
     rows = [("w4a16 GEMVs", w4_chain(False), COMMITTED, None), ("w4a16 GEMVs + norms", w4_chain(True), COMMITTED, None),
-            ("w4a16 GEMVs VRED", w4_chain(False), vred, None), ("w4a16 GEMVs VRED + norms", w4_chain(True), vred, None),
             ("w4a16 GEMVs + norms w8", w4_chain(True), COMMITTED, 8),
             ("w4a16 GEMVs + norms w4", w4_chain(True), COMMITTED, 4),
             ("64 norms", norms_only, COMMITTED, None), ("64 norms w8", norms_only, COMMITTED, 8),
@@ -790,11 +753,10 @@ def chain(start: float, budget: float) -> dict:
     w4.TUNED.update(saved_tuned)
     del w
     q.free_gpu()
-    for tag in ("", " VRED"):
-        a, b = out.get(f"w4a16 GEMVs{tag}"), out.get(f"w4a16 GEMVs{tag} + norms")
-        if isinstance(a, float) and isinstance(b, float):
-            print(f"chain{tag}: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
-                  f"({(b - a) * 1e3:.0f} us per token); GEMVs {a * 1e3 / CHAIN_LAYERS:.1f} us per layer", flush=True)
+    a, b = out.get("w4a16 GEMVs"), out.get("w4a16 GEMVs + norms")
+    if isinstance(a, float) and isinstance(b, float):
+        print(f"chain: the norms add {(b - a) * 1e3 / (2 * CHAIN_LAYERS):.2f} us each to the W4A16 chain "
+              f"({(b - a) * 1e3:.0f} us per token); GEMVs {a * 1e3 / CHAIN_LAYERS:.1f} us per layer", flush=True)
     return out
 
 
@@ -864,9 +826,6 @@ def m1_configs(tags: list[str]) -> None:
                 if t.startswith("d") and t[1:].isdigit():
                     cfg["L2_DIST"] = int(t[1:])
             w4.TUNED[(1, n, k)] = cfg
-    if "vred" in tags:  # split-K sums as vector reductions (kernels/w4a16_stream.py's red_add)
-        for key in [key for key in w4.TUNED if key[0] == 1]:
-            w4.TUNED[key] = dict(w4.TUNED[key], VRED=True)
     if "nopdl" in tags:  # the committed configs name PDL 2: off means off for the GEMVs too
         for key in [key for key in w4.TUNED if key[0] == 1]:
             w4.TUNED[key] = dict(w4.TUNED[key], PDL=0)

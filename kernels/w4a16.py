@@ -356,7 +356,7 @@ def _w4a16_gemv3_kernel(
     N, K, group_size, blocks_per_split, split_k, stride_qk, stride_sg, stride_os, exp0, hi_shift, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
-    FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, VRED: tl.constexpr = False,
+    FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
     ROPE: tl.constexpr = False, HEAD_DIM: tl.constexpr = 128, CACHE_BS: tl.constexpr = 16,
     cos_ptr=None, sin_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, q_cols=0, k_cols=0, stride_cb=0,
     stride_cs=0, stride_ch=0,
@@ -377,9 +377,8 @@ def _w4a16_gemv3_kernel(
     (the prefetch past a split's end is masked, its values unused); PDL and EVEN as in _w4a16_gemv2_kernel
     (EVEN: K % ROWS == 0). The per-tile arithmetic is kernels/w4a16_stream.py's `tile_sums` (FOLD there);
     GATED as in its gemv4: a column tile holds the same columns of the gate and up halves and the split that
-    completes it writes silu(gate) * up (through the workspace even unsplit). VRED: the split-K sums go to the
-    workspace as 16-byte vector reductions (kernels/w4a16_stream.py's `red_add`; CUDA only). ROPE (a fused qkv at
-    batch 1): the program that completes a strip turns its q and k heads and writes k and v into the paged cache
+    completes it writes silu(gate) * up (through the workspace even unsplit). ROPE (a fused qkv at batch 1): the
+    program that completes a strip turns its q and k heads and writes k and v into the paged cache
     (kernels/w4a16_rope.py; the arguments after ROPE are its)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
@@ -419,12 +418,10 @@ def _w4a16_gemv3_kernel(
                             XPAIR, EVEN, HAS_PERM, FOLD)
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
         strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
-                   cnt_ptr, BLOCK_N, GATED, VRED)
+                   cnt_ptr, BLOCK_N, GATED)
     elif ROPE:
         rope_strip_done(acc, offs_n, n_mask, pid_n, split_k, out_ptr, ws_ptr, cnt_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
-                        slot_ptr, q_cols, k_cols, stride_cb, stride_cs, stride_ch, HEAD_DIM, CACHE_BS, VRED)
-    elif VRED and SPLIT and ATOMIC:  # M = 1: workspace slot = column, as splitk_store's
-        strip_done(acc, offs_n, n_mask, pid_n, 1, split_k, N, out_ptr, ws_ptr, cnt_ptr, BLOCK_N, False, VRED)
+                        slot_ptr, q_cols, k_cols, stride_cb, stride_cs, stride_ch, HEAD_DIM, CACHE_BS)
     else:
         splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n,
                      split_k, SPLIT, ATOMIC)
@@ -679,8 +676,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         h2, xpair = w4a16_stream.half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
                       EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated, H2=h2,
-                      ASM=x.is_cuda,
-                      VRED=w4a16_stream.vred_on(cfg.pop("VRED", False), x, cfg["BLOCK_N"], cfg.get("num_warps", 4)))
+                      ASM=x.is_cuda)
         if pdl:
             consts["launch_pdl"] = True
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,

@@ -14,19 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.w4a16_stream import red_add
-
 
 @triton.jit
 def rope_strip_done(acc, offs_n, n_mask, col, split_k, out_ptr, ws_ptr, cnt_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
                     slot_ptr, q_cols, k_cols, stride_cb, stride_cs, stride_ch, HEAD_DIM: tl.constexpr,
-                    CACHE_BS: tl.constexpr, VRED: tl.constexpr):
+                    CACHE_BS: tl.constexpr):
     """Add this program's sums for strip `col` (columns offs_n, whole heads) into the workspace; the last of its
     split_k programs reads the strip's totals and each column's rotary partner (d +- HEAD_DIM / 2 in its head: the
     same strip), writes q | k (turned) | v to out, k and v to the cache row of slot_ptr[0] (skipped when negative),
     and leaves workspace and counter zeroed. Through the workspace even unsplit (the partner is another thread's)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    red_add(ws_ptr + offs_n, acc, n_mask, VRED)
+    tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
     done = tl.atomic_add(cnt_ptr + col, 1, sem="acq_rel")
     if done == split_k - 1:

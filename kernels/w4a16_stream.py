@@ -163,69 +163,16 @@ def _prefetch_tile(qw_ptr, col, t, valid, N, inter, stride_qk, T: tl.constexpr, 
     _l2_prefetch(tl.where(valid, ptrs, qw_ptr))
 
 
-_RED_V4 = tl.constexpr("""{
-.reg .pred %vr<7>;
-.reg .b64 %vd<4>;
-setp.ne.b32 %vr0, $12, 0;
-setp.ne.b32 %vr1, $13, 0;
-setp.ne.b32 %vr2, $14, 0;
-setp.ne.b32 %vr3, $15, 0;
-sub.s64 %vd0, $5, $4;
-sub.s64 %vd1, $6, $4;
-sub.s64 %vd2, $7, $4;
-and.b64 %vd3, $4, 15;
-setp.eq.s64 %vr4, %vd0, 4;
-setp.eq.and.s64 %vr4, %vd1, 8, %vr4;
-setp.eq.and.s64 %vr4, %vd2, 12, %vr4;
-setp.eq.and.s64 %vr4, %vd3, 0, %vr4;
-and.pred %vr4, %vr4, %vr0;
-and.pred %vr4, %vr4, %vr1;
-and.pred %vr4, %vr4, %vr2;
-and.pred %vr4, %vr4, %vr3;
-@%vr4 red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};
-not.pred %vr5, %vr4;
-and.pred %vr6, %vr5, %vr0;
-@%vr6 red.relaxed.gpu.global.add.f32 [$4], $8;
-and.pred %vr6, %vr5, %vr1;
-@%vr6 red.relaxed.gpu.global.add.f32 [$5], $9;
-and.pred %vr6, %vr5, %vr2;
-@%vr6 red.relaxed.gpu.global.add.f32 [$6], $10;
-and.pred %vr6, %vr5, %vr3;
-@%vr6 red.relaxed.gpu.global.add.f32 [$7], $11;
-mov.u32 $0, 0;
-mov.u32 $1, 0;
-mov.u32 $2, 0;
-mov.u32 $3, 0;
-}""")
-"""sm_90's vector reduction: a thread's four float32 sums go to L2 as one 16-byte `red.add.v4.f32` where its four
-elements are consecutive, 16-byte aligned and all unmasked (checked here, per thread, at run time), else as up to
-four scalar reductions (masked lanes skip theirs). Operands of one packed group: $0-$3 dummies, $4-$7 addresses,
-$8-$11 values, $12-$15 masks."""
-
-
-@triton.jit
-def red_add(ptrs, vals, mask, VRED: tl.constexpr):
-    """ptrs[i] += vals[i] where mask (relaxed, at L2, result unused). VRED (CUDA only, sm_90): `_RED_V4`, a quarter of
-    the L2 atomic operations where a thread holds 4 consecutive columns (the M = 1 GEMVs' 16-byte tiles); else
-    tl.atomic_add (the interpreter)."""
-    if VRED:
-        tl.inline_asm_elementwise(_RED_V4, "=r,=r,=r,=r,l,l,l,l,r,r,r,r,r,r,r,r",
-                                  [ptrs.to(tl.int64), vals.to(tl.float32), mask.to(tl.int32)], dtype=tl.int32,
-                                  is_pure=False, pack=4)
-    else:
-        tl.atomic_add(ptrs, vals, mask=mask, sem="relaxed")
-
-
 @triton.jit
 def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N: tl.constexpr,
-                GATED: tl.constexpr, VRED: tl.constexpr = False):
+                GATED: tl.constexpr):
     """Add this program's sums for column strip `col` (covering `count` of its tpc tiles) into the workspace at
-    `slot` (col * BLOCK_N + position; `red_add`, vector reductions with VRED); the program that completes the
-    strip's count writes it out and leaves workspace and counter zeroed. GATED: what it writes is silu(gate) * up
-    for the strip's BLOCK_N / 2 outputs, rounded as kernels/silu_mul.py rounds (gate and up to x's dtype first,
-    as the unfused GEMM would store them)."""
+    `slot` (col * BLOCK_N + position); the program that completes the strip's count writes it out and leaves
+    workspace and counter zeroed. GATED: what it writes is silu(gate) * up for the strip's BLOCK_N / 2
+    outputs, rounded as kernels/silu_mul.py rounds (gate and up to x's dtype first, as the unfused GEMM
+    would store them)."""
     ws = ws_ptr + slot
-    red_add(ws, acc, n_mask, VRED)
+    tl.atomic_add(ws, acc, mask=n_mask, sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
     done = tl.atomic_add(cnt_ptr + col, count, sem="acq_rel")
     if done + count == tpc:
@@ -258,15 +205,14 @@ def _w4a16_gemv4_kernel(
     N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
-    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, VRED: tl.constexpr = False,
+    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
 ):
     """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
     (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
     T, JG, XPAIR, EVEN, HAS_PERM as in gemv3; L2: the prefetch hints are compiled in (not in the interpreter).
     GATED (the fused gate/up projection of a SwiGLU MLP, N = 2 * inter): each strip takes the same BLOCK_N / 2
     columns of the gate half and of the up half (`_strip_cols`), so the program that completes it writes
-    silu(gate) * up and the MLP skips its activation launch. VRED: the sums go to the workspace as vector
-    reductions (`red_add`)."""
+    silu(gate) * up and the MLP skips its activation launch."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
@@ -330,7 +276,7 @@ def _w4a16_gemv4_kernel(
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
             strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
-                        BLOCK_N, GATED, VRED)
+                        BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
         col = col1
@@ -359,13 +305,6 @@ def half2_mode(h2: int, jg: int, dtype: torch.dtype, xpair: bool) -> tuple[int, 
     if h2 == 2 and not xpair:
         return 1, False
     return h2, h2 == 2
-
-
-def vred_on(asked, x: torch.Tensor, block_n: int, warps: int) -> bool:
-    """VRED where it is asked for and can run: CUDA (the interpreter has no inline PTX) and strips of at least 128
-    columns per warp, where Triton lays the sums out 4 consecutive columns a thread with no thread holding a copy
-    (`red_add`'s inline PTX would add a copy again; tl.atomic_add skips them)."""
-    return bool(asked) and x.is_cuda and block_n >= 128 * warps
 
 
 def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
@@ -399,7 +338,7 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
             per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
                   XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold,
-                  H2=h2, ASM=on_gpu, VRED=vred_on(cfg.pop("VRED", False), x, bn, cfg.get("num_warps", 4)))
+                  H2=h2, ASM=on_gpu)
     if pdl:
         consts["launch_pdl"] = True
     if warmup:
@@ -409,4 +348,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     return out
 
 
-__all__ = ["launch", "vred_on", "red_add", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
+__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]

@@ -346,63 +346,6 @@ def test_pack_tc_puts_each_lanes_fragment_in_its_word():
                         assert (word >> (4 * i)) & 0xF == want, (t, c, lane, j, i)
 
 
-def test_vred_is_off_where_it_cannot_run_and_leaves_the_product_unchanged():
-    """VRED asks for inline PTX: on CPU (the interpreter) and below 128 columns a warp the launch runs tl.atomic_add,
-    and the product is the one without it."""
-    from kernels.w4a16_stream import vred_on
-
-    x = torch.zeros(1, 8)
-    assert not vred_on(True, x, 512, 4)
-    if DEV == "cpu":
-        args, ref = case(1, 1024, 520, 128, False, torch.float32, seed=3)
-        for cfg in (dict(KERNEL="gemv3", T=8, BLOCK_N=128, num_warps=1, SPLIT_K=4, VRED=True),
-                    dict(KERNEL="gemv4", T=8, BLOCK_N=128, num_warps=1, PER_SM=3, VRED=True)):
-            got = w4a16(*args, config=cfg).double()
-            assert (got - ref).abs().max().item() / ref.abs().max().item() < 1e-4, cfg
-
-
-_VRED_PTX = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels.w4a16 import _w4a16_gemv3_kernel as kernel
-sig = {name: "i32" for name in kernel.arg_names[8:19]}
-sig.update(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", perm_ptr="*i32", out_ptr="*bf16",
-           ws_ptr="*fp32", cnt_ptr="*i32")
-consts = dict(ROWS=128, BLOCK_N=256, T=8, JG=8, HAS_PERM=False, SPLIT=True, ATOMIC=True, PDL=2, EVEN=True,
-              XPAIR=True, FOLD=False, GATED=False, H2=2, ASM=True, VRED=True, ROPE=False, HEAD_DIM=128, CACHE_BS=16)
-consts.update({name: None for name in ("cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr", "slot_ptr")})
-consts.update({name: 0 for name in ("q_cols", "k_cols", "stride_cb", "stride_cs", "stride_ch")})
-sig.update({name: "constexpr" for name in consts})
-src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
-compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2, num_stages=1))
-ptx = compiled.asm["ptx"]
-print(ptx.count("red.relaxed.gpu.global.add.v4.f32"), ptx.count("red.relaxed.gpu.global.add.f32"),
-      len(compiled.asm["cubin"]))
-"""
-
-
-def test_vred_compiles_to_one_vector_reduction_for_sm90():
-    """The GPU path of VRED, compiled for an H100/H200 without one (a subprocess: the tests run the interpreter):
-    the sums leave as one red.add.v4.f32 per thread (its scalar fallback beside it) and ptxas accepts the inline
-    PTX. Its values are checked on the GPU by bench/w4a16.py's checks."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", _VRED_PTX], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=120)
-    if run.returncode and "ptxas" in run.stderr.lower():
-        pytest.skip(f"no ptxas in this Triton install: {run.stderr[-200:]}")
-    assert run.returncode == 0, run.stderr[-2000:]
-    vec, scalar, cubin = (int(v) for v in run.stdout.split()[-3:])
-    assert vec == 1 and scalar == 4 and cubin > 0  # 4 columns a thread: one vector op, 4 scalar fallbacks
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("split,block_n,slot", [(3, 32, 9), (1, 64, 0), (2, 128, -1)])
 def test_w4a16_rope_epilogue_turns_q_k_and_writes_the_cache(dtype, split, block_n, slot):
