@@ -30,8 +30,8 @@ FUSE_SWIGLU = True
 FUSE_ROPE = False
 """At batch 1 a fused qkv projection whose model set `then_rope` (llama.py: cos, sin, cache, slots, head_dim, heads)
 turns q and k and writes k and v into the paged cache in the GEMV's epilogue (kernels/w4a16_rope.py) and returns a
-RotatedQKV: the rotary + cache launch goes. Off: exact on the H200 but measured slower there (2.121 against 2.080
-ms/token, session 8 round 2, docs/quantization.md); bench/w4a16.py's +rope turns it on."""
+RotatedQKV: the rotary + cache launch goes. Off: exact on the H200 but ~0.035 ms/token slower there (2.121 against
+2.080 and 2.104 against 2.075 ms/token, session 8, docs/quantization.md); bench/w4a16.py's +rope turns it on."""
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
