@@ -1,8 +1,8 @@
 """The engine with its core in a process of its own (`--core-process`, services/engine/core_process.py):
 the same text as the offline API through the whole stack, a cancelled stream's blocks back within a
-second, the first token's path complete, and no core process left behind when the engine stops. Its server and
-the router poll instead of sleeping while requests are in flight (`--busy-loop`, services/common/keep_awake.py),
-as a GPU engine's serving stack runs them (docs/router.md)."""
+second, the first token's path complete, and no core process left behind when the engine stops. (Not with
+`--busy-loop`: on a 2-core machine a polling server and router take the cores the core process steps on, and the
+router judges the engine hung; the polling loop itself: tests/unit/test_router_keep_awake.py.)"""
 
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def core_stack(tmp_path_factory):
-    s = start_stack(tmp_path_factory, "core", engines=1, engine_args=[*SMALL_ENGINE, "--core-process", "--busy-loop"],
-                    router_args=["--busy-loop"])
+    s = start_stack(tmp_path_factory, "core", engines=1, engine_args=[*SMALL_ENGINE, "--core-process"])
     yield s
     s.stop()
 
