@@ -96,9 +96,9 @@ class EngineServerConfig:
             raise ValueError("busy_loop: needs core_process (a polling event loop would take the GIL from the "
                              "engine's step thread in this process)")
 
-    def wake_latency_us(self, device) -> int | None:
-        """The CPU wake-up latency this engine holds (`cpu_wake_latency_us`); None: none. (`device`: where the
-        engine runs; an automatic choice by device was measured and dropped: docs/router.md.)"""
+    def wake_latency_us(self) -> int | None:
+        """The CPU wake-up latency this engine holds (`cpu_wake_latency_us`); None: none (an automatic choice by
+        device was measured and dropped: docs/router.md)."""
         us = self.cpu_wake_latency_us
         return None if us is None or us < 0 else us
 
@@ -384,7 +384,7 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         metrics.serve(c.host, c.metrics_port)
         log.info("Prometheus metrics on http://%s:%d/metrics", c.host, c.metrics_port)
     keep_awake = KeepAwake() if c.busy_loop else None
-    wake_us = c.wake_latency_us(engine.device)
+    wake_us = c.wake_latency_us()
     woken = cpu_latency.open_request(wake_us) if wake_us is not None else None
     servicer = EngineServicer(aengine, model_name, engine_id, metrics, keep_awake, woken)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server.server)

@@ -62,9 +62,9 @@ def test_a_negative_latency_is_refused_naming_the_field():
 def test_an_engine_holds_it_only_when_asked():
     from services.engine.server import EngineServerConfig
 
-    assert EngineServerConfig().wake_latency_us("cuda") is None and EngineServerConfig().wake_latency_us("cpu") is None
-    assert EngineServerConfig(cpu_wake_latency_us=-1).wake_latency_us("cuda") is None
-    assert EngineServerConfig(cpu_wake_latency_us=0).wake_latency_us("cuda") == 0
-    assert EngineServerConfig(cpu_wake_latency_us=50).wake_latency_us("cpu") == 50
+    assert EngineServerConfig().wake_latency_us() is None
+    assert EngineServerConfig(cpu_wake_latency_us=-1).wake_latency_us() is None
+    assert EngineServerConfig(cpu_wake_latency_us=0).wake_latency_us() == 0
+    assert EngineServerConfig(cpu_wake_latency_us=50).wake_latency_us() == 50
     with pytest.raises(ValueError, match="cpu_wake_latency_us: must be >= 0, or -1"):
         EngineServerConfig(cpu_wake_latency_us=-2)
