@@ -148,30 +148,6 @@ def _silu_mul_fp8_rows_kernel(
     offs = tl.arange(0, BLOCK)
     r_ok, c_ok = rows < t, offs < inter
     y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
-    scale = row_scale(tl.max(tl.abs(y), axis=1), ub, HAS_UB)
-    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
-    rows64 = rows.to(tl.int64)
-    tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty),
-             mask=r_ok[:, None] & c_ok[None, :])
-    tl.store(s_ptr + rows, scale, mask=r_ok)
-
-
-@triton.jit
-def _silu_mul_fp8_rows_kernel(
-    gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, t, inter, stride_in, ub,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """SwiGLU + FP8 in one launch without waiting on other programs: each program holds ROWS whole rows (BLOCK, a
-    power of two, covers the row) in registers, takes each row's amax and quantizes it there (the same
-    _swiglu_tile arithmetic and quantize_row_cvt as the split launches, so the same bits: a row's max does not
-    depend on the order it is taken in). No 16-bit scratch and no second launch; the column scales (SCALED) are
-    read once per program, i.e. once per ROWS rows."""
-    pdl.enter(PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs = tl.arange(0, BLOCK)
-    r_ok, c_ok = rows < t, offs < inter
-    y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
     scale = row_scale(tl.max(tl.abs(y), axis=1), ub, HAS_UB)  # the masked columns are 0: they change no max
     q = quantize_row_cvt(y, scale[:, None], HW_CVT)
     rows64 = rows.to(tl.int64)
