@@ -7,7 +7,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from kernels.paged_prefill import paged_prefill, paged_prefill_ref  # noqa: E402
-from paged_cases import assert_close, make_batch, poisoned_like  # noqa: E402
+from paged_cases import assert_close, assert_skip_single, make_batch, poisoned_like  # noqa: E402
 
 DEVICE = torch.device("cuda")
 # A long prompt, chunks after cached prefixes, decodes, lengths off the block and tile grids.
@@ -125,11 +125,4 @@ def test_gpu_prefill_chunk_list_mixed_step(config):
                         skip_single=True, max_query_len=-(-n // 16) * 16, chunk_list=chunks)
     ref = paged_prefill_ref(batch.q[:n], batch.kv_cache, batch.block_tables, batch.seq_lens,
                             batch.query_start_loc, 128**-0.5)
-    starts = batch.query_start_loc.tolist()
-    for i, ql in enumerate(q_lens):
-        rows = slice(starts[i], starts[i + 1])
-        if ql > 1:
-            assert_close(out[rows], ref[rows], torch.bfloat16)
-        else:
-            assert out[rows].isnan().all()
-    assert out[n:].isnan().all()
+    assert_skip_single(out, ref, batch.query_start_loc, q_lens, torch.bfloat16)

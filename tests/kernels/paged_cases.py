@@ -109,6 +109,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE[dtype])
 
 
+def assert_skip_single(out: torch.Tensor, expected: torch.Tensor, query_start_loc: torch.Tensor, q_lens: list[int],
+                       dtype: torch.dtype) -> None:
+    """A skip_single launch's output: the rows of sequences with more than one query token match `expected`,
+    the single-token sequences' rows and the padding after the last sequence are left as they were (NaN)."""
+    starts = query_start_loc.tolist()
+    for i, ql in enumerate(q_lens):
+        rows = slice(starts[i], starts[i + 1])
+        if ql > 1:
+            assert_close(out[rows], expected[rows], dtype)
+        else:
+            assert out[rows].isnan().all()
+    assert out[starts[len(q_lens)]:].isnan().all()
+
+
 def hard_e4m3_values() -> torch.Tensor:
     """Every e4m3 rounding case: exact values, the midpoints between neighbours (ties, including the ones
     that carry into the next power of two), the subnormal range, beyond +-448 (clamped), signed zeros."""
