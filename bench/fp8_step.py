@@ -423,8 +423,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
-    ap.add_argument("--sections", nargs="+", default=["swiglu"], choices=["qkv", "attention", "swiglu", "none"],
-                    help="checks and timings before the engines: q/k/v's scales in the rotary kernel; the decode "
+    ap.add_argument("--sections", nargs="+", default=["swiglu"],
+                    choices=["memsets", "qkv", "attention", "swiglu", "none"],
+                    help="checks and timings before the engines: memsets: where the FP8 decode step's device "
+                         "memsets come from (bench/fp8_memset.py); q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked)")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
@@ -436,6 +438,13 @@ def main() -> int:
     failures: list = []
     result: dict = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
                     "torch": torch.__version__, "command": "python bench/fp8_step.py " + " ".join(sys.argv[1:])}
+    if "memsets" in args.sections:
+        import fp8_memset
+        result["memsets"] = qb.attempt(fp8_memset.run)
+        if isinstance(result["memsets"], Exception):
+            print(f"memsets section: {result['memsets']!r}"[:400], flush=True)
+        qb.free_gpu()
+        print(f"memsets section done at {time.time() - start:.0f} s", flush=True)
     if "qkv" in args.sections:
         result["qkv"] = qb.attempt(lambda: rotary_section(failures, ms=(256,)))
         if isinstance(result["qkv"], Exception):

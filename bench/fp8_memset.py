@@ -1,0 +1,196 @@
+"""Where the FP8 decode step's device memsets come from (one H200, Llama-3-8B shapes): each FP8 launch of a decoder
+layer, called as the engine calls it (256 rows: the GEMMs tensor-wise with unit scales, their scales deferred; 8,192
+rows: row-wise with fast accumulation), run eagerly under torch.profiler, its device activities counted per call
+(memsets by name and bytes); then the GEMMs again in fresh processes with other cuBLASLt workspace sizes
+(CUBLASLT_WORKSPACE_SIZE, read once per process), each GEMM's memsets and µs per call in a CUDA graph. Called by
+bench/fp8_step.py (--sections memsets); alone:
+
+    python bench/fp8_memset.py              # both parts, a table
+    python bench/fp8_memset.py --gemms-only # the GEMM part in this process, one JSON line (the subprocess probe)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import torch
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+
+DEV = torch.device("cuda")
+H, I, QKV_N = 4096, 14336, 6144
+GEMMS = {"qkv": (QKV_N, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
+"""name -> (N, K) of the Llama-3-8B linear layers."""
+WORKSPACES_KIB = ("0", "65536")
+"""CUBLASLT_WORKSPACE_SIZE values (KiB) probed in fresh processes besides this process's default."""
+
+
+def device_activity(fn, calls: int = 4) -> dict:
+    """fn run `calls` times eagerly under torch.profiler (after one call outside it): device activities per call by
+    name (kernels, memsets, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    names: Counter = Counter()
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.count and not ev.key.startswith(("cuda", "Activity")):
+            names[ev.key] += ev.count
+    return {k: v / calls for k, v in names.items()}
+
+
+def memsets_of(activity: dict) -> float:
+    return sum(v for k, v in activity.items() if "memset" in k.lower())
+
+
+def graph_us(fn, copies: int = 8, reps: int = 5) -> float:
+    """µs per call of one CUDA graph of `copies` calls (bench/quant.py's graph_ms)."""
+    import quant as qb
+    return 1e3 * qb.graph_ms([fn] * copies, reps)
+
+
+def gemm_ops(ms=(256, 8192)) -> dict:
+    """label -> a call of torch._scaled_mm as fp8.py's FP8Method makes it at that row count."""
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    g = torch.Generator(device=DEV).manual_seed(5)
+    unit = torch.ones((), device=DEV)
+    ops = {}
+    for m in ms:
+        for name, (n, k) in GEMMS.items():
+            w = (torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn)
+            xq = (torch.randn(m, k, generator=g, device=DEV) * 20).to(torch.float8_e4m3fn)
+            xs = torch.rand(m, 1, generator=g, device=DEV) * 0.01 + 1e-3
+            ws = torch.rand(1, n, generator=g, device=DEV) * 1e-3 + 1e-4
+            if m <= fp8mod.DEFER_MAX_M.get((n, k), m):  # deferred scales: tensor-wise, unit scales (decode)
+                ops[f"{name} M={m} tensor-wise"] = lambda xq=xq, w=w: torch._scaled_mm(
+                    xq, w.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
+            ops[f"{name} M={m} row-wise"] = lambda xq=xq, w=w, xs=xs, ws=ws: torch._scaled_mm(
+                xq, w.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, **fp8mod._fast_accum(xq))
+    return ops
+
+
+def producer_ops(m: int = 256) -> dict:
+    """label -> a call of each of FP8's own launches in a decode layer at m rows, as the engine makes it."""
+    from kernels import fp8_fused, fp8_quant
+    from kernels import rotary as rk
+
+    g = torch.Generator(device=DEV).manual_seed(6)
+    bf = torch.bfloat16
+    x = torch.randn(m, H, generator=g, device=DEV).to(bf)
+    res = torch.randn(m, H, generator=g, device=DEV).to(bf)
+    nw = torch.rand(H, generator=g, device=DEV).to(bf) + 0.5
+    sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01, torch.rand(1, H, generator=g, device=DEV) * 0.01)
+    gu = (torch.randn(m, 2 * I, generator=g, device=DEV) * 40).to(bf)
+    gsc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01, torch.rand(1, 2 * I, generator=g, device=DEV) * 0.01)
+    qkv = (torch.randn(m, QKV_N, generator=g, device=DEV) * 40).to(bf)
+    qsc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01, torch.rand(1, QKV_N, generator=g, device=DEV) * 0.01)
+    ang = torch.rand(m, 64, generator=g, device=DEV) * 6
+    cos, sin = ang.cos(), ang.sin()
+    cache = torch.zeros(2, m // 16 + 4, 16, 8, 128, device=DEV, dtype=bf)
+    slots = torch.randperm(cache.shape[1] * 16, generator=g, device=DEV)[:m]
+    head = torch.randn(128256, H, generator=g, device=DEV).to(bf) * 0.02
+    w_gu = torch.randn(2 * I, H, generator=g, device=DEV).to(bf) * 0.02
+    return {
+        "add + RMSNorm + FP8 (first layer)": lambda: fp8_fused.add_rms_norm_fp8(x, None, nw, 1e-5),
+        "add + RMSNorm + FP8 (scales applied)": lambda: fp8_fused.add_rms_norm_fp8(x, res, nw, 1e-5, x_scales=sc),
+        "SwiGLU + FP8 (scales applied)": lambda: fp8_fused.silu_mul_fp8(gu, scales=gsc),
+        "quantize o's input": lambda: fp8_quant.quantize_fp8_rows(x),
+        "rotary + cache (q/k/v scales)": lambda: rk.rotary_and_cache(
+            *qkv.split([4096, 1024, 1024], -1), cos, sin, cache, slots, 128, scales=qsc),
+        "bf16 LM head (both engines)": lambda: torch.nn.functional.linear(x, head),
+        "bf16 gate_up (the bf16 engine's)": lambda: torch.nn.functional.linear(x, w_gu),
+    }
+
+
+def probe(ops: dict, time_them: bool) -> dict:
+    """label -> {memsets per call, activities per call, µs per call in a graph (time_them)}."""
+    out = {}
+    for label, fn in ops.items():
+        try:
+            act = device_activity(fn)
+            row = {"memsets": memsets_of(act), "activity": act}
+            if time_them:
+                row["us"] = graph_us(fn)
+        except Exception as e:  # a launch that fails here is reported, not fatal
+            row = {"error": repr(e)[:300]}
+        out[label] = row
+    return out
+
+
+def gemm_probe_in(env_kib: str | None, timeout: float = 60.0) -> dict:
+    """The GEMM probe in a fresh process with CUBLASLT_WORKSPACE_SIZE=env_kib (None: unset)."""
+    env = dict(os.environ)
+    if env_kib is None:
+        env.pop("CUBLASLT_WORKSPACE_SIZE", None)
+    else:
+        env["CUBLASLT_WORKSPACE_SIZE"] = env_kib
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--gemms-only"], env=env, capture_output=True,
+                           text=True, timeout=timeout)
+        line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
+        got = json.loads(line) if line else {"error": (p.stderr or p.stdout)[-400:]}
+    except Exception as e:
+        got = {"error": repr(e)[:300]}
+    got["seconds"] = round(time.time() - t0, 1)
+    return got
+
+
+def short(act: dict) -> str:
+    return "; ".join(f"{k[:60]} x{v:g}" for k, v in sorted(act.items(), key=lambda kv: -kv[1]))
+
+
+def print_rows(title: str, rows: dict) -> None:
+    print(title, flush=True)
+    for label, r in rows.items():
+        if "error" in r:
+            print(f"  {label:<40} ERROR {r['error']}", flush=True)
+            continue
+        us = f"{r['us']:7.1f} us" if "us" in r else ""
+        print(f"  {label:<40} memsets {r['memsets']:g}/call {us}  [{short(r['activity'])[:220]}]", flush=True)
+
+
+def run(workspaces=WORKSPACES_KIB) -> dict:
+    """Both parts (in this process, then the GEMMs per workspace size in fresh processes); prints tables."""
+    out = {"producers": probe(producer_ops(), time_them=False), "gemms_default": probe(gemm_ops(), time_them=True)}
+    print_rows("FP8 decode launches at 256 rows, device activity per call (this process):", out["producers"])
+    print_rows(f"FP8 GEMMs, this process (CUBLASLT_WORKSPACE_SIZE={os.environ.get('CUBLASLT_WORKSPACE_SIZE')}):",
+               out["gemms_default"])
+    for kib in workspaces:
+        got = gemm_probe_in(kib)
+        out[f"gemms_ws{kib}"] = got
+        if "error" in got and "rows" not in got:
+            print(f"FP8 GEMMs with CUBLASLT_WORKSPACE_SIZE={kib}: ERROR {got['error']}", flush=True)
+        else:
+            print_rows(f"FP8 GEMMs with CUBLASLT_WORKSPACE_SIZE={kib} (fresh process, {got['seconds']} s):",
+                       got["rows"])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gemms-only", action="store_true", help="the GEMM part here, one JSON line")
+    args = ap.parse_args()
+    sys.path.insert(0, BENCH)
+    if args.gemms_only:
+        print(json.dumps({"rows": probe(gemm_ops(), time_them=True)}))
+        return 0
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
