@@ -1,4 +1,6 @@
-"""Where the FP8 decode step's device memsets come from (one H200, Llama-3-8B shapes): each FP8 launch of a decoder
+"""Where the FP8 decode step's device memsets come from (one H200, Llama-3-8B shapes): first a decoder layer's launches
+(attention left out) as the engine makes them, FP8 and bf16, at 256 and 8,192 rows, in one CUDA graph of 8 layers (µs
+per layer, and one replay profiled: device µs per kernel and memsets per layer); then each FP8 launch of a decoder
 layer, called as the engine calls it (256 rows: the GEMMs tensor-wise with unit scales, their scales deferred; 8,192
 rows: row-wise with fast accumulation), run eagerly under torch.profiler, its device activities counted per call
 (memsets by name and bytes); then the GEMMs again in fresh processes with other cuBLASLt workspace sizes
@@ -77,6 +79,11 @@ def gemm_ops(ms=(256, 8192)) -> dict:
             if m <= fp8mod.DEFER_MAX_M.get((n, k), m):  # deferred scales: tensor-wise, unit scales (decode)
                 ops[f"{name} M={m} tensor-wise"] = lambda xq=xq, w=w: torch._scaled_mm(
                     xq, w.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
+                ops[f"{name} M={m} swapped"] = lambda xq=xq, w=w: torch._scaled_mm(
+                    w, xq.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
+                halves = w.chunk(2)
+                ops[f"{name} M={m} N in 2"] = lambda xq=xq, halves=halves: [torch._scaled_mm(
+                    xq, h.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16) for h in halves]
             ops[f"{name} M={m} row-wise"] = lambda xq=xq, w=w, xs=xs, ws=ws: torch._scaled_mm(
                 xq, w.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, **fp8mod._fast_accum(xq))
     return ops
@@ -113,6 +120,127 @@ def producer_ops(m: int = 256) -> dict:
         "bf16 LM head (both engines)": lambda: torch.nn.functional.linear(x, head),
         "bf16 gate_up (the bf16 engine's)": lambda: torch.nn.functional.linear(x, w_gu),
     }
+
+
+class Layer:
+    """One decoder layer's weights and buffers at m rows (attention left out: both engines run the same one)."""
+
+    def __init__(self, m: int, g: torch.Generator, fp8: bool):
+        bf = torch.bfloat16
+        self.m, self.fp8 = m, fp8
+        wt = (lambda n, k: (torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn)) if fp8 \
+            else (lambda n, k: (torch.randn(n, k, generator=g, device=DEV) * 0.02).to(bf))
+        self.w = {name: wt(n, k) for name, (n, k) in GEMMS.items()}
+        self.col = {name: torch.rand(1, n, generator=g, device=DEV) * 1e-3 + 1e-4 for name, (n, k) in GEMMS.items()}
+        self.nw = torch.rand(H, generator=g, device=DEV).to(bf) + 0.5
+        self.attn = torch.randn(m, H, generator=g, device=DEV).to(bf)
+        ang = torch.rand(m, 64, generator=g, device=DEV) * 6
+        self.cos, self.sin = ang.cos(), ang.sin()
+        self.cache = torch.zeros(2, m // 16 + 4, 16, 8, 128, device=DEV, dtype=bf)
+        self.slots = torch.randperm(self.cache.shape[1] * 16, generator=g, device=DEV)[:m]
+
+
+def layer_chain(layers: list, m: int, fp8: bool):
+    """A callable running the layers' launches in order as the engine does at m rows (FP8: fp8.py's deferred scales
+    up to DEFER_MAX_M, else row-wise GEMMs, fast accumulation from FAST_ACCUM_MIN_M; bf16: F.linear and the
+    16-bit kernels), the residual stream carried from layer to layer."""
+    import torch.nn.functional as F
+
+    from kernels import fp8_fused, fp8_quant, fused_norm, silu_mul
+    from kernels import rotary as rk
+    from services.engine.model.quantization import fp8 as fp8mod
+
+    g = torch.Generator(device=DEV).manual_seed(8)
+    h0 = torch.randn(m, H, generator=g, device=DEV).to(torch.bfloat16)
+    residual = torch.randn(m, H, generator=g, device=DEV).to(torch.bfloat16)
+    unit = torch.ones((), device=DEV)
+
+    def mm(xq, xs, lay, name):  # FP8Method._quantized's choice: (raw, scales) or (scaled, None)
+        w = lay.w[name]
+        if m <= fp8mod.DEFER_MAX_M.get(tuple(w.shape), m):
+            return torch._scaled_mm(xq, w.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16), (xs, lay.col[name])
+        return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=lay.col[name], out_dtype=torch.bfloat16,
+                                **fp8mod._fast_accum(xq)), None
+
+    def run_fp8():
+        h, sc = h0, None
+        for lay in layers:
+            xq, xs = fp8_fused.add_rms_norm_fp8(h, residual, lay.nw, 1e-5, x_scales=sc)
+            qkv, qs = mm(xq, xs, lay, "qkv")
+            q, k, v = qkv.split([4096, 1024, 1024], -1)
+            if qs is None or not rk.rotary_and_cache(q, k, v, lay.cos, lay.sin, lay.cache, lay.slots, 128, scales=qs):
+                raise RuntimeError("rotary_and_cache did not run")
+            oq, os_ = fp8_quant.quantize_fp8_rows(lay.attn)
+            o, osc = mm(oq, os_, lay, "o")
+            xq, xs = fp8_fused.add_rms_norm_fp8(o, residual, lay.nw, 1e-5, x_scales=osc)
+            gu, gsc = mm(xq, xs, lay, "gate_up")
+            sq, ss = fp8_fused.silu_mul_fp8(gu, scales=gsc)
+            h, sc = mm(sq, ss, lay, "down")
+        return h
+
+    def run_bf16():
+        h = h0
+        for lay in layers:
+            x = fused_norm.add_rms_norm(h, residual, lay.nw, 1e-5)
+            q, k, v = F.linear(x, lay.w["qkv"]).split([4096, 1024, 1024], -1)
+            rk.rotary_and_cache(q, k, v, lay.cos, lay.sin, lay.cache, lay.slots, 128)
+            o = F.linear(lay.attn, lay.w["o"])
+            x = fused_norm.add_rms_norm(o, residual, lay.nw, 1e-5)
+            h = F.linear(silu_mul.silu_mul(F.linear(x, lay.w["gate_up"])), lay.w["down"])
+        return h
+
+    return run_fp8 if fp8 else run_bf16
+
+
+def chain_section(ms=((256, 8), (8192, 1))) -> dict:
+    """Per layer at each (rows, distinct weight sets): the FP8 and bf16 chains (layer_chain) as one CUDA graph of 8
+    layers, µs per layer; then one replay under torch.profiler: device µs per layer by kernel, memsets per layer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import quant as qb
+
+    out = {}
+    for m, sets in ms:
+        for fp8 in (False, True):
+            label = f"{'fp8' if fp8 else 'bf16'} M={m}"
+            try:
+                g = torch.Generator(device=DEV).manual_seed(7)
+                layers = [Layer(m, g, fp8) for _ in range(sets)]
+                layers = (layers * (8 // sets))[:8]
+                fn = layer_chain(layers, m, fp8)
+                us = 1e3 * qb.graph_ms([fn], reps=5) / len(layers)
+                stream = torch.cuda.Stream()
+                graph = torch.cuda.CUDAGraph()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.graph(graph, stream=stream):
+                    fn()
+                graph.replay()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    graph.replay()
+                    torch.cuda.synchronize()
+                kern = {}
+                for ev in prof.key_averages():
+                    t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                    if t and ev.count and not ev.key.startswith(("cuda", "Activity")):
+                        kern[ev.key] = {"us": t / len(layers), "calls": ev.count / len(layers)}
+                del graph
+                row = {"us_per_layer": us, "kernels": kern,
+                       "memsets_per_layer": sum(v["calls"] for k, v in kern.items() if "memset" in k.lower()),
+                       "device_us_per_layer": sum(v["us"] for v in kern.values())}
+            except Exception as e:
+                row = {"error": repr(e)[:300]}
+            out[label] = row
+            if "error" in row:
+                print(f"chain {label}: ERROR {row['error']}", flush=True)
+                continue
+            print(f"chain {label}: {us:.1f} us per layer in a graph of 8 (device {row['device_us_per_layer']:.1f}); "
+                  f"memsets {row['memsets_per_layer']:g} per layer", flush=True)
+            for k, v in sorted(kern.items(), key=lambda kv: -kv[1]["us"]):
+                print(f"    {v['us']:8.1f} us {v['calls']:4g}x  {k[:110]}", flush=True)
+            del layers, fn
+            torch.cuda.empty_cache()
+    return out
 
 
 def probe(ops: dict, time_them: bool) -> dict:
@@ -165,7 +293,8 @@ def print_rows(title: str, rows: dict) -> None:
 
 def run(workspaces=WORKSPACES_KIB) -> dict:
     """Both parts (in this process, then the GEMMs per workspace size in fresh processes); prints tables."""
-    out = {"producers": probe(producer_ops(), time_them=False), "gemms_default": probe(gemm_ops(), time_them=True)}
+    out = {"chain": chain_section(), "producers": probe(producer_ops(), time_them=False),
+           "gemms_default": probe(gemm_ops(), time_them=True)}
     print_rows("FP8 decode launches at 256 rows, device activity per call (this process):", out["producers"])
     print_rows(f"FP8 GEMMs, this process (CUBLASLT_WORKSPACE_SIZE={os.environ.get('CUBLASLT_WORKSPACE_SIZE')}):",
                out["gemms_default"])
