@@ -1,0 +1,73 @@
+"""kernels/w4a16_mlp.py, the batch-1 W4A16 MLP in one persistent launch, against float64: x @ gate/up, silu(gate) *
+up rounded as the unfused path stores it, @ down. The interpreter runs programs one after another, so it runs the
+kernel's two-launch form (phases=2: the launch boundary stands in for the grid barrier); the one-launch form with
+its spin-wait barrier, its co-residency cap and its L2 reads of `act` run only on a GPU (bench/w4a16.py's `mlp`
+section checks them on an H200). What the interpreter does check: the same kernel body's two phases, their tile
+runs across column strips, the gated epilogue, the split-K workspace of both phases left zeroed."""
+
+import pytest
+import torch
+
+from kernels import splitk
+from kernels.w4a16 import pack_int4
+from kernels.w4a16_mlp import mlp
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weights(k, n, group, act_order, dtype, g):
+    """A [K, N] 4-bit matrix in the kernel layout and its float64 value (rows in stored order) and perm."""
+    groups = -(-k // group)
+    q = torch.randint(0, 16, (k, n), generator=g)
+    scales = (torch.rand(groups, n, generator=g) * 0.05 + 0.01).to(dtype)
+    zeros = torch.randint(0, 16, (groups, n), generator=g)
+    perm = torch.randperm(k, generator=g) if act_order else None
+    w = (q - zeros[torch.arange(k) // group]).double() * scales.double()[torch.arange(k) // group]
+    packed = (pack_int4(q.to(torch.int32)).to(DEV), scales.to(DEV), zeros.to(DEV, torch.uint8), group,
+              perm.to(DEV, torch.int32) if perm is not None else None)
+    return packed, w, perm
+
+
+def reference(x, wa, pa, wb, pb, dtype):
+    xs = x.double()
+    gu = ((xs[:, pa] if pa is not None else xs) @ wa).to(dtype).double()
+    inter = gu.shape[1] // 2
+    gate, up = gu[:, :inter], gu[:, inter:]
+    act = ((gate * torch.sigmoid(gate)).to(dtype).double() * up).to(dtype).double()
+    return (act[:, pb] if pb is not None else act) @ wb
+
+
+@pytest.mark.parametrize("hidden, inter, ga, gb, act_order, dtype, cfg", [
+    (256, 384, 128, 128, False, torch.bfloat16, dict(T_A=8, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=3, H2=2)),
+    (192, 320, 64, 32, True, torch.float16, dict(T_A=8, BN_A=32, T_B=4, BN_B=64, num_warps=1, PER_SM=5, H2=2)),
+    (256, 200, 32, 200, False, torch.float32, dict(T_A=16, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=2, H2=0)),
+])
+def test_w4a16_mlp_matches_float64(hidden, inter, ga, gb, act_order, dtype, cfg):
+    """Group boundaries inside and across blocks (32, 64, 128, one group over K = 200), act-order on both GEMVs,
+    odd K (64-row blocks for 192 and 320; 200 pads), a half strip past `inter`, runs that cross column strips
+    (3-5 programs per SM on the interpreter's 4), H2 and the float32 path; bf16 / fp16 / fp32."""
+    g = torch.Generator().manual_seed(hidden + inter)
+    a, wa, pa = weights(hidden, 2 * inter, ga, act_order, dtype, g)
+    b, wb, pb = weights(inter, hidden, gb, act_order, dtype, g)
+    x = torch.randn(1, hidden, generator=g).to(dtype)
+    out = mlp(x.to(DEV), a, b, cfg, phases=2)
+    want = reference(x, wa, pa, wb, pb, dtype)
+    assert out.shape == (1, hidden) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-3 if dtype == torch.float16 else 1e-2
+    torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
+    ws, cnt = splitk.workspace(torch.device(DEV), 1)
+    assert not ws.any() and not cnt.any(), "both phases must leave the split-K workspace zeroed"
+
+
+def test_w4a16_mlp_refuses_bad_shapes_and_the_barrier_off_cuda():
+    g = torch.Generator().manual_seed(1)
+    a, _, _ = weights(128, 2 * 64, 128, False, torch.float32, g)
+    b, _, _ = weights(64, 128, 64, False, torch.float32, g)
+    x = torch.randn(1, 128, generator=g)
+    with pytest.raises(ValueError, match=r"x \[1, hidden\]"):
+        mlp(torch.randn(2, 128), a, b)
+    with pytest.raises(ValueError, match="down N = hidden"):
+        mlp(x, a, (b[0][:, :64], b[1][:, :64], b[2][:, :64], 64, None))
+    if DEV == "cpu":
+        with pytest.raises(ValueError, match="needs CUDA"):
+            mlp(x, a, b, phases=1)
