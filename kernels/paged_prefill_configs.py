@@ -69,6 +69,11 @@ _WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True,
 # bit and 71.0% of the roofline (round 2; 69.2% without it in round 1). 64-row 4-warp programs over 32-key tiles took
 # 17.6 us without the list, but were not run with it on the GPU, so BASE's tiles stay.
 _PREFIX_SHORT = dict(CHUNK_LIST=True, PERSISTENT=2)
+# Session 8's final kernel timings (bench/results/chat_kernels_2026-11-30_h200_dec8b_final.json): 64-row 4-warp
+# programs over 32-key tiles walking the list, 3 per SM, 11.9 us at the chat's mean mixed step (BASE with the list
+# 16.9) and 19.2 against 24.7 at 250 decodes beside prompts of 120 and 600 tokens; not yet run in a chat run.
+_PREFIX_SHORT_64 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2, CHUNK_LIST=True,
+                        PERSISTENT=3)
 TABLE: dict[tuple, dict] = {
     (128, 4, 2, True, 0): _PREFIX_SHORT,
     (128, 4, 2, False, 0): _WS_SHORT_FRESH,
@@ -83,6 +88,10 @@ no TMA_STORE, no AHEAD)."""
 CHUNK_LIST_ENV = "FOLIO_PREFILL_CHUNK_LIST"
 """Set to 0 for A/B runs: no launch walks the step's chunk list (CHUNK_LIST, kernels/paged_prefill.py); the
 table's other keys stay."""
+
+PREFIX_PICK_ENV = "FOLIO_PREFILL_PREFIX_PICK"
+"""Set to "tiles64" for A/B runs: the < 1024 prefix key (mixed steps) takes _PREFIX_SHORT_64 (64 x 32 tiles, 3 per SM)
+instead of BASE's tiles with the list."""
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
 
@@ -125,6 +134,8 @@ def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: boo
     else:
         if entry is _WS_SHORT_FRESH and os.environ.get(SHORT_PICK_ENV) == "ws":
             entry = _WS_FRESH
+        elif entry is _PREFIX_SHORT and os.environ.get(PREFIX_PICK_ENV) == "tiles64":
+            entry = _PREFIX_SHORT_64
         cfg = dict(BASE, **entry)
     if cfg["CHUNK_LIST"] and os.environ.get(CHUNK_LIST_ENV) == "0":
         cfg.update(CHUNK_LIST=False, PERSISTENT=0)

@@ -65,6 +65,20 @@ def test_chunk_list_ab_flag(monkeypatch):
     assert off == dict(on, CHUNK_LIST=False, PERSISTENT=0)
 
 
+def test_prefix_pick_ab_flag(monkeypatch):
+    # FOLIO_PREFILL_PREFIX_PICK=tiles64 (A/B runs): the small mixed steps' key takes 64 x 32 tiles walking the list
+    # (tests/kernels/test_paged_prefill.py runs those tiles with the list); the other keys and the warm-up list follow
+    monkeypatch.setattr(pc, "_interpreting", lambda: False)
+    base = pc.select_config(128, 4, torch.bfloat16, True, 608)
+    monkeypatch.setenv(pc.PREFIX_PICK_ENV, "tiles64")
+    got = pc.select_config(128, 4, torch.bfloat16, True, 608)
+    assert got == dict(pc.BASE, **pc._PREFIX_SHORT_64) and got["CHUNK_LIST"] and got["BLOCK_M"] == 64
+    assert got != base and got in pc.table_configs(128, 4, torch.bfloat16)
+    assert pc.select_config(128, 4, torch.bfloat16, True, 2048) == pc.BASE
+    monkeypatch.setenv(pc.CHUNK_LIST_ENV, "0")
+    assert pc.select_config(128, 4, torch.bfloat16, True, 608) == dict(got, CHUNK_LIST=False, PERSISTENT=0)
+
+
 def test_interpreter_uses_one_small_config():
     # tests/conftest.py sets TRITON_INTERPRET=1: whatever the table says, one config (small tiles).
     cfgs = pc.table_configs(128, 4, torch.bfloat16)
