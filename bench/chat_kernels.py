@@ -13,7 +13,7 @@ Checks (always first; exit status 1 if one fails):
 Timing: the prefill kernel's part of the chat's mixed steps as the engine's graphs launch it, per config
   (`--mixed-budget` seconds); paged decode per launch (CUDA graph of LAYERS launches over their own KV pools, so the
   KV is read from memory as in a step) at 1-128 sequences over chat-like contexts, for split counts 1-32 (each with
-  the reduce launch and fused), against the count choose_num_splits gives the engine's graphs (max_seq_len = the
+  the reduce launch, fused ("f") and fused with the merge unrolled ("u")), against the count choose_num_splits gives the engine's graphs (max_seq_len = the
   chat's max_model_len).
 
     python bench/chat_kernels.py --out bench/results/chat_kernels.json
@@ -160,6 +160,9 @@ def check_decode(dev) -> list[dict]:
         outs = {f"splits_{s}": run(s, False) for s in dict.fromkeys((rules[""], 1))}
         # FUSED_REDUCE (the last split program merges the splits) at every split count the engine may take
         outs.update({f"fused_{s}": run(s, True) for s in (2, 4, 8, 16, 32)})
+        outs[f"unrolled_{rules['']}"] = pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE,
+                                                        num_splits=rules[""],
+                                                        config=dict(FUSED_REDUCE=True, MERGE_UNROLL=True))
         rec = compare(f"decode {name} (graph rule: {rules['']} splits, session 7: {rules['s7']}, session 6: "
                       f"{rules['s6']})", outs, ref64_decode(b), (f"fused_{rules['']}", f"splits_{rules['']}"))
         rec.update(splits_now=rules[""], splits_s7=rules["s7"], splits_s6=rules["s6"])
@@ -220,7 +223,7 @@ def timing_pools(lens: list[int], layers: int, dev) -> tuple[torch.Tensor, torch
 def time_decode(dev, budget_s: float, layers: int, counts: str = "all") -> list[dict]:
     """Per-launch time of paged decode (its split reduce included) in a CUDA graph of `layers` launches, each over
     its own blocks of one pool (as a step's layers read theirs); split counts > 1 with _reduce_splits_kernel and
-    fused (key "<splits>f": the last split program merges). counts "rule": one split and the rule's count only."""
+    fused (key "<splits>f": the last split program merges; "<splits>u": its merge loop unrolled). counts "rule": one split and the rule's count only."""
     sms = pd.num_sms(dev)
     gen = torch.Generator().manual_seed(1)
     t_end = time.perf_counter() + budget_s
@@ -233,15 +236,16 @@ def time_decode(dev, budget_s: float, layers: int, counts: str = "all") -> list[
         row = {"batch": batch, "rule": rule, "contexts_mean": sum(lens) / batch, "us": {}}
         kv_bytes = sum(lens) * HKV * D * 2 * 2
         todo = [1, rule] if counts == "rule" else [1, 2, 4, 8, 16, 32]
-        for key in [k for s in dict.fromkeys(todo) for k in ((s,) if s == 1 else (s, f"{s}f"))]:
+        for key in [k for s in dict.fromkeys(todo) for k in ((s,) if s == 1 else (s, f"{s}f", f"{s}u"))]:
             if time.perf_counter() > t_end:
                 break
-            s, fused = (key, False) if isinstance(key, int) else (int(key[:-1]), True)
+            s = key if isinstance(key, int) else int(key[:-1])
+            cfg = dict(FUSED_REDUCE=not isinstance(key, int), MERGE_UNROLL=str(key).endswith("u"))
             outs = [torch.empty_like(q) for _ in tables]
 
             def step():
                 for t, o in zip(tables, outs):
-                    pd.paged_decode(q, kv, t, seq_lens, SCALE, num_splits=s, out=o, config=dict(FUSED_REDUCE=fused))
+                    pd.paged_decode(q, kv, t, seq_lens, SCALE, num_splits=s, out=o, config=cfg)
 
             step()  # compile outside the capture
             torch.cuda.synchronize()
@@ -266,10 +270,14 @@ def time_decode(dev, budget_s: float, layers: int, counts: str = "all") -> list[
         fused = row["us"].get(f"{rule}f")
         if fused:
             row["rule_fused_over_rule"] = fused / row["us"][rule]
+        if row["us"].get(f"{rule}u"):
+            row["rule_unrolled_over_rule"] = row["us"][f"{rule}u"] / row["us"][rule]
         print(f"decode {batch:4d} seqs (contexts mean {row['contexts_mean']:.0f}): "
               + "  ".join(f"{s}:{u:6.1f}" for s, u in row["us"].items())
               + f" us/launch; rule {rule}, best {best} ({row['best_over_rule']:.3f}x the rule's time)"
-              + (f"; rule fused/unfused {row['rule_fused_over_rule']:.3f}" if fused else ""), flush=True)
+              + (f"; rule fused/unfused {row['rule_fused_over_rule']:.3f}" if fused else "")
+              + (f", unrolled/unfused {row['rule_unrolled_over_rule']:.3f}" if "rule_unrolled_over_rule" in row else ""),
+              flush=True)
         recs.append(row)
         del kv, tables
     return recs

@@ -120,6 +120,7 @@ def _paged_decode_kernel(
     HW_CVT: tl.constexpr = False,  # kernels/fp8_quant.py's
     OUT_BLOCK: tl.constexpr = 16,  # next power of two of num_heads * HEAD_DIM (FP8_OUT)
     FUSED_REDUCE: tl.constexpr = False,  # NUM_SPLITS > 1: the last split program of a (seq, KV head) merges them
+    MERGE_UNROLL: tl.constexpr = False,  # FUSED_REDUCE: the merge's loop over the group's heads unrolled
 ):
     pdl.enter(PDL)
     if HEADS_FASTEST:
@@ -229,13 +230,14 @@ def _paged_decode_kernel(
             _merge_splits_when_last(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr + row64 * stride_os, stride_oh,
                                     count_ptr + seq * (num_heads // QUERIES_PER_KV) + kv_head,
                                     (seq64 * num_heads + kv_head * QUERIES_PER_KV) * NUM_SPLITS,
-                                    kv_head * QUERIES_PER_KV, QUERIES_PER_KV, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS)
+                                    kv_head * QUERIES_PER_KV, QUERIES_PER_KV, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS,
+                                    MERGE_UNROLL)
 
 
 @triton.jit
 def _merge_splits_when_last(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, count_ptr, first_part,
                             first_head, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                            HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, UNROLL: tl.constexpr):
     """FUSED_REDUCE: each split program of one (sequence, KV head) counts itself in at count_ptr after storing its
     partial (max, sum, acc); the last to arrive merges the NUM_SPLITS partials of the pair's QUERIES_PER_KV heads
     as _reduce_splits_kernel does (same arithmetic) and writes their output rows, then sets the count back to zero
@@ -245,21 +247,33 @@ def _merge_splits_when_last(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, s
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if arrived == NUM_SPLITS - 1:
-        offs_s = tl.arange(0, NUM_SPLITS)
-        offs_d = tl.arange(0, HEAD_DIM_PAD)
-        d_ok = offs_d < HEAD_DIM
-        for g in range(QUERIES_PER_KV):
-            part = first_part + g * NUM_SPLITS + offs_s
-            m = tl.load(part_m_ptr + part, cache_modifier=".cg")
-            l = tl.load(part_l_ptr + part, cache_modifier=".cg")
-            m_max = tl.max(m, 0)  # finite: the first split always holds the window's (or context's) first token
-            w = tl.exp2(m - m_max)  # empty splits have m = -inf, so weight 0
-            acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[None, :], other=0.0,
-                          cache_modifier=".cg")
-            out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-            tl.store(out_row_ptr + (first_head + g) * stride_oh + offs_d, out.to(out_row_ptr.dtype.element_ty),
-                     mask=d_ok)
+        if UNROLL:  # every head's loads may be in flight at once
+            for g in tl.static_range(QUERIES_PER_KV):
+                _merge_head(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, first_part, first_head, g,
+                            HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS)
+        else:
+            for g in range(QUERIES_PER_KV):
+                _merge_head(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, first_part, first_head, g,
+                            HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS)
         tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+
+
+@triton.jit
+def _merge_head(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, first_part, first_head, g,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """One query head of _merge_splits_when_last: _reduce_splits_kernel's arithmetic, partials read from L2."""
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    part = first_part + g * NUM_SPLITS + offs_s
+    m = tl.load(part_m_ptr + part, cache_modifier=".cg")
+    l = tl.load(part_l_ptr + part, cache_modifier=".cg")
+    m_max = tl.max(m, 0)  # finite: the first split always holds the window's (or context's) first token
+    w = tl.exp2(m - m_max)  # empty splits have m = -inf, so weight 0
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[None, :], other=0.0,
+                  cache_modifier=".cg")
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_row_ptr + (first_head + g) * stride_oh + offs_d, out.to(out_row_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -524,7 +538,8 @@ def paged_decode(
     fused = {}
     fuse_reduce = num_splits > 1 and cfg.get("FUSED_REDUCE", os.environ.get(FUSED_REDUCE_ENV) == "1")
     if fuse_reduce:
-        fused = dict(FUSED_REDUCE=True, count_ptr=split_arrival_counts(q.device, num_seqs * num_kv_heads))
+        fused = dict(FUSED_REDUCE=True, count_ptr=split_arrival_counts(q.device, num_seqs * num_kv_heads),
+                     MERGE_UNROLL=bool(cfg.get("MERGE_UNROLL", False)))
     if in_kernel:
         fused = dict(FP8_OUT=True, q8_ptr=quant[0], s8_ptr=quant[1],
                      count_ptr=fp8_quant.arrival_counts(q.device, num_seqs), ub=float(fp8_ub or 0.0),
