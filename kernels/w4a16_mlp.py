@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels import pdl as pdl_launch
 from kernels import splitk
 from kernels.w4a16_half2 import tile_sums_h2
 from kernels.w4a16_stream import group_words, half2_mode, strip_cols, strip_done, tile_sums
@@ -38,7 +39,14 @@ SPIN_MAX = 1 << 22
 """Barrier reads before a program gives up (each an L2 round trip, ~0.5-1 us: seconds, far past any real wait)."""
 
 DEFAULT = dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2)
-"""Launch config when none is given (an H200 sweep in bench/w4a16.py's `mlp` section picks the measured one)."""
+"""Launch config where TUNED has none."""
+
+TUNED: dict[tuple[int, int], dict] = {}
+"""(hidden, inter) -> the launch config measured fastest (bench/w4a16_mlp.py's sweep on an H200)."""
+
+
+def config_for(hidden: int, inter: int) -> dict:
+    return dict(TUNED.get((hidden, inter), DEFAULT))
 
 
 @triton.jit
@@ -234,13 +242,13 @@ def _geometry(k: int, group_size: int, t: int) -> tuple[int, int, int, int]:
 
 
 def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None, phases: int | None = None,
-        pdl: int = 0, warmup: bool = False) -> torch.Tensor | None:
+        pdl: int | None = None, warmup: bool = False) -> torch.Tensor | None:
     """x [1, hidden] -> down(silu(gate) * up) [1, hidden] in x's dtype. gate_up, down: (qweight, scales, zeros,
     group_size, perm) in kernels/w4a16.py's layout (gate_up's N = 2 inter, gate columns first). config: T_A, BN_A
     (gate/up tile: words x columns, half gate half up), T_B, BN_B (down), num_warps, PER_SM (programs per SM, capped
     by the occupancy), H2 (kernels/w4a16_half2.py where the group covers a tile). phases: 1 (the barrier in one
     launch) or 2 (two launches); default 1 on CUDA, 2 elsewhere (the interpreter cannot run a spin-wait). pdl: 0, 1
-    or 2 as the GEMVs' PDL. warmup: compile (and measure the occupancy) without launching; returns None."""
+    or 2 as the GEMVs' PDL (default 2 where kernels/pdl.py is on, else 0). warmup: compile (and measure the occupancy) without launching; returns None."""
     cfg = dict(DEFAULT, **(config or {}))
     qa, sa, za, ga, pa = gate_up
     qb, sb, zb, gb, pb = down
@@ -263,6 +271,8 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
     phases = phases or (1 if x.is_cuda else 2)
     if phases == 1 and not x.is_cuda:
         raise ValueError("phases=1 (a grid-wide spin barrier) needs CUDA: the interpreter runs programs one by one")
+    if pdl is None:
+        pdl = 2 if pdl_launch.on(x) else 0
     dt = x.dtype
     rows_a, t_a, jg_a, tpc_a = _geometry(hidden, ga, cfg["T_A"])
     rows_b, t_b, jg_b, tpc_b = _geometry(inter, gb, cfg["T_B"])
@@ -316,4 +326,4 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
     return out
 
 
-__all__ = ["mlp", "reserve", "barrier", "errors", "clear_errors", "grid_barrier", "DEFAULT", "SPIN_MAX"]
+__all__ = ["mlp", "config_for", "TUNED", "reserve", "barrier", "errors", "clear_errors", "grid_barrier", "DEFAULT", "SPIN_MAX"]

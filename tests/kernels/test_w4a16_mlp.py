@@ -71,3 +71,48 @@ def test_w4a16_mlp_refuses_bad_shapes_and_the_barrier_off_cuda():
     if DEV == "cpu":
         with pytest.raises(ValueError, match="needs CUDA"):
             mlp(x, a, b, phases=1)
+
+
+def test_w4a16_llama_mlp_in_one_launch_at_batch_1(monkeypatch):
+    """A 4-bit Llama decoding one token with FUSE_MLP: each layer's gate/up projection runs the whole MLP
+    (kernels/w4a16_mlp.py, its two-launch form here) and returns an MLPOutput that LlamaMLP returns; the logits equal
+    the per-GEMV Triton path's (gate/up with SwiGLU in its epilogue, then down) and the dequantize-then-matmul
+    reference's."""
+    from services.engine.attention.metadata import AttentionMetadata
+    from services.engine.attention.torch_backend import TorchAttentionBackend
+    from services.engine.model.quantization import int4
+    from services.engine.model.registry import build_model
+    from tests.kernels.test_fused_model import LLAMA
+
+    from kernels import w4a16_mlp
+
+    hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
+                                          "desc_act": False})
+    calls = []
+    real = w4a16_mlp.mlp
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(w4a16_mlp, "mlp", spy)
+    monkeypatch.setitem(w4a16_mlp.TUNED, (LLAMA["hidden_size"], LLAMA["intermediate_size"]),
+                        dict(T_A=8, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=3, H2=2))
+    outs = {}
+    for name, kernels, fuse in (("reference", False, False), ("per-GEMV", True, False), ("one launch", True, True)):
+        monkeypatch.setattr(int4, "_kernels", lambda x, on=kernels: on)
+        monkeypatch.setattr(int4, "FUSE_MLP", fuse)
+        model = build_model(hf, TorchAttentionBackend(), torch.float32, torch.device(DEV))
+        model.init_dummy(seed=6)
+        model.set_fused_elementwise(kernels)
+        kv = [torch.zeros(2, 8, 4, 2, 16, device=DEV) for _ in range(2)]
+        i32 = dict(dtype=torch.int32, device=DEV)
+        meta = AttentionMetadata(
+            num_seqs=1, num_tokens=1, query_start_loc=torch.tensor([0, 1], **i32), seq_lens=torch.tensor([1], **i32),
+            block_tables=torch.tensor([[0, 1]], **i32), slot_mapping=torch.tensor([0], device=DEV), max_query_len=1,
+            max_seq_len=1, query_lens_cpu=[1], seq_lens_cpu=[1])
+        calls.clear()
+        outs[name] = model.logits(model.forward(torch.tensor([7], device=DEV), torch.tensor([0], device=DEV), kv, meta))
+        assert len(calls) == (LLAMA["num_hidden_layers"] if fuse else 0)
+    torch.testing.assert_close(outs["one launch"], outs["per-GEMV"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["one launch"], outs["reference"], atol=1e-4, rtol=1e-4)

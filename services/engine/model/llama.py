@@ -18,7 +18,7 @@ from services.engine.model.layers.linear import MergedColumnParallelLinear, QKVP
 from services.engine.model.layers.norm import RMSNorm
 from services.engine.model.layers.rotary import RotaryEmbedding, rope_parameters
 from services.engine.model.quantization.fp8 import FP8Output, dense
-from services.engine.model.quantization.int4 import RotatedQKV
+from services.engine.model.quantization.int4 import MLPOutput, RotatedQKV
 
 STACKED_QKV_GATE_UP = (
     (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
@@ -83,9 +83,13 @@ class LlamaMLP(torch.nn.Module):
                                            what="intermediate_size")
         self.gate_up_proj.fp8_deferred_scales = True  # its FP8 scales are applied by self.act (quantization/fp8.py)
         self.gate_up_proj.then_act = self.act  # a W4A16 gate/up may do SwiGLU itself (quantization/int4.py)
+        self.gate_up_proj.then_down = self.down_proj  # ... or the whole MLP at batch 1 (int4.py's FUSE_MLP)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x), quant_for=self.down_proj))
+        y = self.gate_up_proj(x)
+        if isinstance(y, MLPOutput):
+            return y.y
+        return self.down_proj(self.act(y, quant_for=self.down_proj))
 
 
 class LlamaDecoderLayer(torch.nn.Module):

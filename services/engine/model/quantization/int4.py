@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import os
 from typing import NamedTuple
 
+from kernels import w4a16_mlp
 from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
 from kernels.w4a16_tc import pack_tc
 from services.engine.model.layers.activation import SiluMulOutput
@@ -32,6 +33,10 @@ FUSE_ROPE = False
 turns q and k and writes k and v into the paged cache in the GEMV's epilogue (kernels/w4a16_rope.py) and returns a
 RotatedQKV: the rotary + cache launch goes. Off: exact on the H200 but ~0.035 ms/token slower there (2.121 against
 2.080 and 2.104 against 2.075 ms/token, session 8, docs/quantization.md); bench/w4a16.py's +rope turns it on."""
+FUSE_MLP = os.environ.get("FOLIO_W4A16_MLP", "0") == "1"
+"""At batch 1 a SwiGLU MLP whose gate/up and down projections are both W4A16 (the model sets `then_down` next to
+`then_act`; one rank, no biases) runs as one persistent launch (kernels/w4a16_mlp.py: gate/up, SwiGLU and down with
+a grid-wide barrier between the GEMVs) and the gate/up projection returns an MLPOutput, the MLP's result."""
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
@@ -41,6 +46,24 @@ class RotatedQKV(NamedTuple):
     """A fused qkv projection's output with q and k already turned and k and v already in the paged cache (FUSE_ROPE);
     the model passes its parts to Attention.forward with cache_written."""
     qkv: torch.Tensor
+
+
+class MLPOutput(NamedTuple):
+    """The whole MLP's output (down(silu(gate) * up)), returned by a W4A16 gate/up projection at batch 1 (FUSE_MLP);
+    the model's MLP returns it as its result and skips its activation and down projection."""
+    y: torch.Tensor
+
+
+def _fused_mlp(layer, x2: torch.Tensor) -> torch.Tensor | None:
+    """The MLP's output from kernels/w4a16_mlp.py when this gate/up projection and its `then_down` can run as one
+    launch (batch 1 on CUDA, SiLU, both W4A16, one rank, no biases), else None."""
+    down = getattr(layer, "then_down", None)
+    if (not FUSE_MLP or down is None or x2.shape[0] != 1 or not _kernels(x2) or not isinstance(down.method, Int4Layout)
+            or down.bias is not None or getattr(down, "tp_size", 1) != 1 or getattr(down, "qweight", None) is None):
+        return None
+    return w4a16_mlp.mlp(x2, (layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm),
+                         (down.qweight, down.scales, down.zeros, down.group_size, down.perm),
+                         config=w4a16_mlp.config_for(x2.shape[1], layer.qweight.shape[1] // 2))
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -101,6 +124,7 @@ class Int4Layout:
                 p.quantized = True
         if dev.type == "cuda":
             reserve_workspace(dev, n, k, scales.dtype)
+            w4a16_mlp.barrier(dev)  # before any CUDA graph capture (FUSE_MLP)
 
     def init_dummy(self, layer, g: torch.Generator) -> None:
         """Random 4-bit weights in the loaded layout (load_format="dummy"): about N(0, 0.02) once dequantized."""
@@ -117,6 +141,9 @@ class Int4Layout:
         act = getattr(layer, "then_act", None)
         if (FUSE_SWIGLU and act is not None and act.fused and act.act is F.silu and bias is None
                 and x2.shape[0] == 1 and _kernels(x)):
+            y = _fused_mlp(layer, x2)
+            if y is not None:
+                return MLPOutput(y.reshape(*shape[:-1], y.shape[-1]))
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
                       qtc=layer.qweight_tc)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
