@@ -83,7 +83,9 @@ class LlamaMLP(torch.nn.Module):
                                            what="intermediate_size")
         self.gate_up_proj.fp8_deferred_scales = True  # its FP8 scales are applied by self.act (quantization/fp8.py)
         self.gate_up_proj.then_act = self.act  # a W4A16 gate/up may do SwiGLU itself (quantization/int4.py)
-        self.gate_up_proj.then_down = self.down_proj  # ... or the whole MLP at batch 1 (int4.py's FUSE_MLP)
+        # ... or the whole MLP at batch 1 (int4.py's FUSE_MLP); a plain attribute, not a second submodule path to
+        # down_proj's weights (the loader would see each of them twice)
+        object.__setattr__(self.gate_up_proj, "then_down", self.down_proj)
 
     def forward(self, x):
         y = self.gate_up_proj(x)
