@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -63,6 +64,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import SHAPES, write_config  # noqa: E402
 
+ALL_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # Two-sided 95% t quantiles by degrees of freedom (runs - 1).
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
@@ -410,6 +412,33 @@ def _cpu_s(pid: int) -> float:
     return total
 
 
+def _migrations(pid: int) -> int | None:
+    """How many times the threads of a process moved to another CPU (/proc/PID/task/*/sched, se.nr_migrations;
+    None where the kernel does not show it): a thread woken on a CPU other than its last finds cold caches."""
+    total, seen = 0, False
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "sched").read_text().splitlines():
+                if line.startswith("se.nr_migrations"):
+                    total += int(line.split(":")[1])
+                    seen = True
+                    break
+        except (OSError, ValueError):
+            continue
+    return total if seen else None
+
+
+def migrations(stack) -> dict[str, int]:
+    out = {}
+    for p in stack.procs:
+        try:
+            if (m := _migrations(p.popen.pid)) is not None:
+                out[p.name] = m
+        except OSError:
+            continue
+    return out
+
+
 def placement(stack) -> dict[str, str]:
     """Each stack process's threads and the CPUs they may run on (/proc): a process pinned to fewer CPUs
     than it has busy threads makes its threads wait for each other, whatever the GIL does."""
@@ -442,7 +471,7 @@ def drive_stack(stack, reqs, api: str = "grpc") -> dict:
     """One schedule through the stack, by its gRPC API or ("http") its OpenAI-compatible HTTP API; with each
     process's CPU time per output token, which shows what a process spends per token and so how near to
     a full core it runs at this rate."""
-    before = cpu_seconds(stack)
+    before, moved = cpu_seconds(stack), migrations(stack)
     if api == "http":
         res = asyncio.run(_drive_http(f"{stack.c.host}:{stack.c.http_port}", stack.bench_model, reqs))
     else:
@@ -451,6 +480,9 @@ def drive_stack(stack, reqs, api: str = "grpc") -> dict:
     res["cpu_ms_per_token"] = {k: 1e3 * (after[k] - before[k]) / max(1, res["output_tokens"])
                                for k in after if k in before}
     res["cpu_busy_fraction"] = {k: (after[k] - before[k]) / res["wall_s"] for k in after if k in before}
+    moved_after = migrations(stack)
+    res["migrations_per_request"] = {k: (moved_after[k] - moved[k]) / max(1, res["requests"])
+                                     for k in moved_after if k in moved}
     return res
 
 
@@ -482,12 +514,31 @@ def start_stack(args, model_dir, detokenize: str, engine_extra: list[str] = (), 
     stack = Stack(StackConfig(engines=1, router_port=0, model=str(model_dir), engine_args=flags, env=env,
                               router_args=router_args, log_level="WARNING", startup_timeout_s=600,
                               http_port=free_port() if http else None))
-    stack.start()
+    with spawning_unpinned():
+        stack.start()
     stack.bench_model = Path(model_dir).name  # the served name (the model directory's)
     # A router variant that also serves a unix-domain socket (--unix-socket) is driven through it.
     uds = [b for a, b in zip(router_args, router_args[1:]) if a == "--unix-socket"]
     stack.client_address = f"unix:{uds[-1]}" if uds else stack.router_address
     return stack
+
+
+CLIENT_CPUS: set[int] | None = None
+"""--client-cpus: the CPUs this process is pinned to (the stack's processes are not)."""
+
+
+@contextlib.contextmanager
+def spawning_unpinned():
+    """Spawn the stack's processes from a thread allowed on every CPU: a child inherits its spawning thread's
+    CPU mask, and --client-cpus is this process's, not the services' (they take theirs from --cpus)."""
+    if CLIENT_CPUS is None:
+        yield
+        return
+    os.sched_setaffinity(0, ALL_CPUS)  # (0: the calling thread only, on Linux)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, CLIENT_CPUS)
 
 
 def restart_router(stack, extra: list[str]) -> None:
@@ -501,7 +552,8 @@ def restart_router(stack, extra: list[str]) -> None:
     p.popen.send_signal(signal.SIGTERM)
     p.popen.wait(30)
     p.argv = stack.router_argv + list(extra)
-    stack.respawn(p)
+    with spawning_unpinned():
+        stack.respawn(p)
     stack.wait_serving([p])
     stack.wait_routable()
 
@@ -598,6 +650,9 @@ def main() -> None:
     ap.add_argument("--debug-gil-busy-ms", type=float, default=0.0,
                     help="debug, on CPU: each engine step (both paths) first holds the GIL this many ms, as a GPU "
                          "engine's kernel launches do (services/engine/server.py: gil_busy_step)")
+    ap.add_argument("--client-cpus", default=None, metavar="LIST",
+                    help="run this process (the client and the in-process engine) on these CPUs only (e.g. '0-13', "
+                         "to keep it off a router pinned with --cpus)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=1, help="on CPU: torch threads of each engine (both paths)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -605,6 +660,12 @@ def main() -> None:
     ap.add_argument("--label", default="", help="added to the result file's name")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    if args.client_cpus is not None:  # before torch's threads start: they inherit it
+        from services.common.cpu_affinity import parse_cpus, pin_process
+
+        global CLIENT_CPUS
+        CLIENT_CPUS = parse_cpus(args.client_cpus, "--client-cpus")
+        pin_process(CLIENT_CPUS)
     import torch
 
     import logging
@@ -651,6 +712,10 @@ def main() -> None:
     host["cpuidle"] = "/".join(p.read_text().strip() for p in (idle / "current_driver", idle / "current_governor_ro")
                                if p.exists()) or None
     host["cpu_dma_latency_writable"] = os.access("/dev/cpu_dma_latency", os.W_OK)
+    # Which CPUs share a core (hyperthreads): a service pinned to a CPU (--cpus) shares its caches with its siblings.
+    sib = sorted({p.read_text().strip() for p in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings_list")})
+    host["cpu_siblings"] = " ".join(sib) or None
+    host["client_cpus"] = args.client_cpus
     print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, vocab = prepare_model(args, Path(tmp))
@@ -757,7 +822,10 @@ def main() -> None:
                                   f"{a['outside_engine_ms_p50']:+.2f}); TTFT p50 split "
                                   + ", ".join(f"{n} {x:.2f}" for n, x in s["ttft_split_ms_p50"].items())
                                   + "; CPU ms/token "
-                                  + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items()), flush=True)
+                                  + ", ".join(f"{n} {c:.3f}" for n, c in s["cpu_ms_per_token"].items())
+                                  + "; CPU migrations/request "
+                                  + ", ".join(f"{n} {c:.1f}" for n, c in s.get("migrations_per_request", {}).items()),
+                                  flush=True)
                     for api in apis:
                         runs[row(v, api)].append(rows[api])
                     run_s = max(run_s, time.perf_counter() - t_run)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protos.gen.folio.v1 import common_pb2, engine_pb2 as pb, engine_pb2_grpc
-from services.common import config as cfg, cpu_latency, telemetry
+from services.common import config as cfg, cpu_affinity, cpu_latency, telemetry
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.keep_awake import KeepAwake
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, quote
@@ -80,6 +80,9 @@ class EngineServerConfig:
     hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None or -1: never (it
     acts only through the host's cpuidle driver; the H200 VM has none, and there it changed nothing:
     docs/router.md). Needs write access to the file, else it is logged and left (services/common/cpu_latency.py)."""
+    cpus: str | None = None
+    """Run this process's threads (and its core process's) on these CPUs only (a Linux CPU list: '0-13'), e.g.
+    to keep them off a router's CPU (services/common/cpu_affinity.py). None: any CPU."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -441,6 +444,11 @@ def parse_config(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     ec, c = parse_config(argv)
     configure_logging(c.log_level)
+    if c.cpus is not None:  # before the engine's and the server's threads start: they inherit it
+        try:
+            cpu_affinity.pin_process(cpu_affinity.parse_cpus(c.cpus))
+        except ValueError as e:
+            raise SystemExit(f"engine: {e}") from None
     telemetry.setup("folio-engine", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     try:
         return asyncio.run(serve(ec, c))

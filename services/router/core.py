@@ -99,6 +99,8 @@ class RouterCore:
         return set(self.by_model) | set(self.registry.models())
 
     def resolve_model(self, model: str | None) -> str:
+        if model and model in self.by_model:  # served by a tokenizer: known (asked twice on a first token's way)
+            return model
         known = self._known_models()
         if not model:
             if len(known) == 1:

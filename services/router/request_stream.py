@@ -142,8 +142,6 @@ class RequestStream:
             self.prompt_ids = await encode_prompt(self.route.tokenizer, self.inp, self.model, self.deadline)
             if span.is_recording():
                 span.set_attribute("folio.prompt_tokens", len(self.prompt_ids))
-            if self.route.tokenizer is not None:
-                self._sequence(0).detok.open_early()
             try:
                 async with aclosing(self._attempts()) as chunks:
                     async for chunk in chunks:
@@ -167,6 +165,10 @@ class RequestStream:
                         yield chunk
                 return
             call = await self._call_engine()
+            if self.attempts == 1 and self.route.tokenizer is not None:
+                # Sequence 0's text stream (and a service detokenizer's stream) set up while the engine works,
+                # not before its request went out.
+                self._sequence(0).detok.open_early()
             engine_id = self.engine.engine_id
             untrack = watch.track(engine_id, call.fail) if watch is not None else None
             try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
-from services.common import cpu_latency, config as cfg, telemetry
+from services.common import cpu_affinity, cpu_latency, config as cfg, telemetry
 from services.common.auth import ApiKeyInterceptor
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
@@ -82,6 +82,9 @@ class RouterConfig:
     hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None: the host decides
     (it acts only through the host's cpuidle driver; the H200 VM has none: docs/router.md). Needs write access
     to the file, else it is logged and left (services/common/cpu_latency.py)."""
+    cpus: str | None = None
+    """Run this process's threads on these CPUs only (a Linux CPU list: '15', '0-3,8'), so its event loop and
+    gRPC poller thread share one CPU and its caches (services/common/cpu_affinity.py). None: any CPU."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
@@ -303,6 +306,11 @@ def parse_config(argv: list[str] | None = None) -> RouterConfig:
 def main(argv: list[str] | None = None) -> int:
     c = parse_config(argv)
     configure_logging(c.log_level)
+    if c.cpus is not None:  # before the server's threads start: they inherit it
+        try:
+            cpu_affinity.pin_process(cpu_affinity.parse_cpus(c.cpus))
+        except ValueError as e:
+            raise SystemExit(f"router: {e}") from None
     telemetry.setup("folio-router", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     try:
         asyncio.run(serve(c))
