@@ -3,12 +3,15 @@
 per layer, and one replay profiled: device µs per kernel and memsets per layer); then each FP8 launch of a decoder
 layer, called as the engine calls it (256 rows: the GEMMs tensor-wise with unit scales, their scales deferred; 8,192
 rows: row-wise with fast accumulation), run eagerly under torch.profiler, its device activities counted per call
-(memsets by name and bytes); then the GEMMs again in fresh processes with other cuBLASLt workspace sizes
-(CUBLASLT_WORKSPACE_SIZE, read once per process), each GEMM's memsets and µs per call in a CUDA graph. Called by
+(memsets by name); then, in a fresh process, cuBLASLt's own candidate algorithms for each decode GEMM
+(kernels/fp8_cublaslt.py), each checked against float64 and timed against torch._scaled_mm's pick; then the GEMMs
+again in a fresh process with no cuBLASLt workspace (CUBLASLT_WORKSPACE_SIZE=0, read once per process), each GEMM's
+memsets and µs per call in a CUDA graph. Called by
 bench/fp8_step.py (--sections memsets); alone:
 
     python bench/fp8_memset.py              # both parts, a table
     python bench/fp8_memset.py --gemms-only # the GEMM part in this process, one JSON line (the subprocess probe)
+    python bench/fp8_memset.py --lt-only    # the cuBLASLt candidates in this process, one JSON line
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ DEV = torch.device("cuda")
 H, I, QKV_N = 4096, 14336, 6144
 GEMMS = {"qkv": (QKV_N, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
 """name -> (N, K) of the Llama-3-8B linear layers."""
-WORKSPACES_KIB = ("0", "65536")
+WORKSPACES_KIB = ("0",)
 """CUBLASLT_WORKSPACE_SIZE values (KiB) probed in fresh processes besides this process's default."""
 
 
@@ -258,6 +261,106 @@ def probe(ops: dict, time_them: bool) -> dict:
     return out
 
 
+def lt_probe(m: int = 256, count: int = 32, profile_best: int = 4) -> dict:
+    """cuBLASLt's own candidates for each decode GEMM at m rows (kernels/fp8_cublaslt.py: tensor-wise, unit scales, bf16
+    out, exact accumulation), in the heuristic's order: each checked against the float64 product (its largest error at
+    most twice torch._scaled_mm's, plus 1e-6 of the largest output), then µs per call in a CUDA graph over weight
+    copies that overflow L2, against torch._scaled_mm in the same graph form; the fastest few (and the heuristic's
+    first) profiled for memsets per call. Returns per GEMM the rows and the fastest passing config (TUNED's form)."""
+    import quant as qb
+
+    from kernels import fp8_cublaslt as lt
+
+    g = torch.Generator(device=DEV).manual_seed(11)
+    unit = torch.ones((), device=DEV)
+    out = {}
+    for name, (n, k) in GEMMS.items():
+        copies = qb.copies_for(n * k)
+        ws = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn) for _ in range(copies)]
+        xq = (torch.randn(m, k, generator=g, device=DEV) * 20).to(torch.float8_e4m3fn)
+        ref64 = xq.double() @ ws[0].double().t()
+        top = ref64.abs().max().item()
+        torch_y = torch._scaled_mm(xq, ws[0].t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
+        torch_err = (torch_y.double() - ref64).abs().max().item()
+        bound = 2 * torch_err + 1e-6 * top
+        t_torch = 1e3 * qb.graph_ms([lambda w=w: torch._scaled_mm(xq, w.t(), scale_a=unit, scale_b=unit,
+                                                                  out_dtype=torch.bfloat16) for w in ws])
+        plan = lt.Plan(m, n, k, DEV)
+        cands = plan.candidates(count)
+        rows = []
+        for i, c in enumerate(cands):
+            row = {"rank": i, "config": c["config"], "workspace": c["workspace"], "waves": round(c["waves"], 3)}
+            try:
+                y = plan.run(xq, ws[0], algo=c["algo"])
+                err = (y.double() - ref64).abs().max().item()
+                row.update(err=err / top, ok=bool(err <= bound and torch.isfinite(y).all()))
+                if row["ok"]:
+                    row["us"] = 1e3 * qb.graph_ms([lambda w=w, a=c["algo"]: plan.run(xq, w, algo=a) for w in ws])
+            except Exception as e:  # an algorithm that does not launch is reported, not used
+                row.update(ok=False, error=repr(e)[:200])
+            rows.append(row)
+        timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+        for r in timed[:profile_best] + [r for r in rows[:1] if "us" in r]:
+            a = cands[r["rank"]]["algo"]
+            r["memsets"] = memsets_of(device_activity(lambda a=a: plan.run(xq, ws[0], algo=a)))
+        best = timed[0] if timed else None
+        out[name] = {"M": m, "torch_us": t_torch, "torch_err": torch_err / top,
+                     "torch_memsets": memsets_of(device_activity(lambda: torch._scaled_mm(
+                         xq, ws[0].t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16))),
+                     "rows": rows, "best": best, "failed": sum(1 for r in rows if not r.get("ok"))}
+        del ws, ref64
+        torch.cuda.empty_cache()
+    out["library"] = str(lt.lib()._name)  # loaded after torch's first FP8 GEMM: the copy torch uses
+    return out
+
+
+def print_lt(got: dict) -> None:
+    if "error" in got:
+        print(f"cuBLASLt probe: ERROR {got['error']}", flush=True)
+        return
+    print(f"cuBLASLt candidates at 256 rows ({got.get('library')}; {got.get('seconds')} s):", flush=True)
+    for name in GEMMS:
+        r = got.get(name)
+        if not r:
+            continue
+        b = r["best"]
+        print(f"  {name:<8} torch._scaled_mm {r['torch_us']:6.1f} us (memsets {r['torch_memsets']:g}); "
+              f"{len(r['rows'])} candidates, {r['failed']} failed the check; best "
+              + (f"{b['us']:6.1f} us rank {b['rank']} {b['config']} ws {b['workspace']}" if b else "none"),
+              flush=True)
+        for row in sorted((x for x in r["rows"] if "us" in x), key=lambda x: x["us"])[:6]:
+            print(f"      rank {row['rank']:>2} {row['us']:6.1f} us err {row['err']:.1e} memsets "
+                  f"{row.get('memsets', '?')} {row['config']}", flush=True)
+    print(f"  TUNED (3% or more faster than torch._scaled_mm): {tuned_from(got)}", flush=True)
+
+
+def tuned_from(got: dict, margin: float = 0.97) -> dict:
+    """kernels/fp8_cublaslt.py's TUNED entries from lt_probe's result: each GEMM's fastest checked config where it beat
+    torch._scaled_mm by `margin` or more."""
+    from kernels import fp8_cublaslt as lt
+
+    out = {}
+    for name, (n, k) in GEMMS.items():
+        r = got.get(name) if isinstance(got, dict) else None
+        if r and r.get("best") and r["best"]["us"] < margin * r["torch_us"]:
+            out[(lt.m_bucket(r["M"]), n, k)] = r["best"]["config"]
+    return out
+
+
+def lt_probe_in(timeout: float = 90.0) -> dict:
+    """lt_probe in a fresh process (a wrong call into the library must not take this one down)."""
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--lt-only"], capture_output=True, text=True,
+                           timeout=timeout)
+        line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
+        got = json.loads(line) if line else {"error": f"rc {p.returncode}: " + (p.stderr or p.stdout)[-600:]}
+    except Exception as e:
+        got = {"error": repr(e)[:300]}
+    got["seconds"] = round(time.time() - t0, 1)
+    return got
+
+
 def gemm_probe_in(env_kib: str | None, timeout: float = 60.0) -> dict:
     """The GEMM probe in a fresh process with CUBLASLT_WORKSPACE_SIZE=env_kib (None: unset)."""
     env = dict(os.environ)
@@ -298,6 +401,8 @@ def run(workspaces=WORKSPACES_KIB) -> dict:
     print_rows("FP8 decode launches at 256 rows, device activity per call (this process):", out["producers"])
     print_rows(f"FP8 GEMMs, this process (CUBLASLT_WORKSPACE_SIZE={os.environ.get('CUBLASLT_WORKSPACE_SIZE')}):",
                out["gemms_default"])
+    out["cublaslt"] = lt_probe_in()
+    print_lt(out["cublaslt"])
     for kib in workspaces:
         got = gemm_probe_in(kib)
         out[f"gemms_ws{kib}"] = got
@@ -312,8 +417,12 @@ def run(workspaces=WORKSPACES_KIB) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gemms-only", action="store_true", help="the GEMM part here, one JSON line")
+    ap.add_argument("--lt-only", action="store_true", help="the cuBLASLt candidates here, one JSON line")
     args = ap.parse_args()
     sys.path.insert(0, BENCH)
+    if args.lt_only:
+        print(json.dumps(lt_probe(), default=str))
+        return 0
     if args.gemms_only:
         print(json.dumps({"rows": probe(gemm_ops(), time_them=True)}))
         return 0

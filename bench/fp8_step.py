@@ -27,7 +27,7 @@ sys.path.insert(0, BENCH)
 import fp8_where as fw  # noqa: E402  (make_pool, throughput)
 import quant as qb  # noqa: E402  (graph_ms, record, attempt, free_gpu)
 
-from kernels import fp8_fused, fp8_quant  # noqa: E402
+from kernels import fp8_cublaslt, fp8_fused, fp8_quant  # noqa: E402
 from kernels import paged_decode as pd  # noqa: E402
 from kernels import rotary as rk  # noqa: E402
 from services.engine.model.quantization import fp8 as fp8mod  # noqa: E402
@@ -373,12 +373,16 @@ class Watch:
         return out
 
 
-ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"),
+LT_TUNED: dict = {}
+"""kernels/fp8_cublaslt.py's TUNED as this run's cuBLASLt probe found it (the "fp8 lt" engine runs with it)."""
+
+ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"), "fp8 lt": dict(weights="fp8", lt=True),
            "fp8 before": dict(weights="fp8", launch="split"),
            "fp8 no mixed graphs": dict(weights="fp8", engine_kw={"mixed_cuda_graphs": False}),
            "fp8 profiled": dict(weights="fp8", profile=True)}
 """label -> the engine: weights; `launch` (FP8_LAUNCH): as this run leaves it (default) or session 7's split
-launches ("split"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
+launches ("split"); `lt`: the decode GEMMs through this run's measured cuBLASLt algorithms (LT_TUNED; skipped when
+it is empty); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
 timed window: tok/s not comparable). "fp8 before" is session 7's final FP8 engine."""
 
 
@@ -395,15 +399,27 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
         fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in tables.get(spec.get("launch"), committed)]
+        if spec.get("lt") and not LT_TUNED:
+            print(f"throughput {label}: skipped (no cuBLASLt algorithm beat torch._scaled_mm's)", flush=True)
+            continue
+        committed_lt = dict(fp8_cublaslt.TUNED)
+        fp8_cublaslt.TUNED.clear()
+        fp8_cublaslt.TUNED.update(LT_TUNED if spec.get("lt") else committed_lt)
+        fp8_cublaslt._PLANS.clear()
         t0 = time.time()
         with Counting() as c, Watch(spec.get("profile", False)) as w:
             got = qb.attempt(lambda: fw.throughput(label, spec["weights"], "auto",
                                                    **{**engine_kw, **spec.get("engine_kw", {})}))
         cost = time.time() - t0
+        lt_used = {str(k): v for k, v in fp8_cublaslt.TUNED.items()}
+        fp8_cublaslt.TUNED.clear()
+        fp8_cublaslt.TUNED.update(committed_lt)
+        fp8_cublaslt._PLANS.clear()
         if isinstance(got, list):
             seen = qb.attempt(lambda: w.report(label))
             for r in got:
-                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), watch=seen if isinstance(seen, dict) else repr(seen))
+                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), cublaslt=lt_used,
+                         watch=seen if isinstance(seen, dict) else repr(seen))
             rows += got
         else:
             rows.append({"engine": label, "error": repr(got)[:300]})
@@ -424,9 +440,10 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
     ap.add_argument("--sections", nargs="+", default=["swiglu"],
-                    choices=["memsets", "qkv", "attention", "swiglu", "none"],
+                    choices=["memsets", "lt", "qkv", "attention", "swiglu", "none"],
                     help="checks and timings before the engines: memsets: where the FP8 decode step's device "
-                         "memsets come from (bench/fp8_memset.py); q/k/v's scales in the rotary kernel; the decode "
+                         "memsets come from (bench/fp8_memset.py, with lt); lt: cuBLASLt's candidate algorithms for "
+                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked)")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
@@ -438,13 +455,20 @@ def main() -> int:
     failures: list = []
     result: dict = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
                     "torch": torch.__version__, "command": "python bench/fp8_step.py " + " ".join(sys.argv[1:])}
-    if "memsets" in args.sections:
+    if "memsets" in args.sections or "lt" in args.sections:
         import fp8_memset
-        result["memsets"] = qb.attempt(fp8_memset.run)
-        if isinstance(result["memsets"], Exception):
-            print(f"memsets section: {result['memsets']!r}"[:400], flush=True)
+        if "memsets" in args.sections:
+            result["memsets"] = qb.attempt(fp8_memset.run)
+            if isinstance(result["memsets"], Exception):
+                print(f"memsets section: {result['memsets']!r}"[:400], flush=True)
+            got = result["memsets"].get("cublaslt", {}) if isinstance(result["memsets"], dict) else {}
+        else:
+            got = result["cublaslt"] = fp8_memset.lt_probe_in()
+            fp8_memset.print_lt(got)
+        tuned = qb.attempt(lambda: fp8_memset.tuned_from(got))
+        LT_TUNED.update(tuned if isinstance(tuned, dict) else {})
         qb.free_gpu()
-        print(f"memsets section done at {time.time() - start:.0f} s", flush=True)
+        print(f"memsets/lt sections done at {time.time() - start:.0f} s; LT_TUNED = {LT_TUNED}", flush=True)
     if "qkv" in args.sections:
         result["qkv"] = qb.attempt(lambda: rotary_section(failures, ms=(256,)))
         if isinstance(result["qkv"], Exception):

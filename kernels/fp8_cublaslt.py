@@ -1,0 +1,253 @@
+"""cuBLASLt's FP8 GEMM called directly (ctypes), with the algorithm chosen by Folio instead of the heuristic's first
+pick: torch._scaled_mm always runs cublasLtMatmulAlgoGetHeuristic's top result, which at decode's row counts is not
+always the fastest of the algorithms cuBLASLt offers for the shape, and some of its picks clear a workspace counter
+with a device memset on every call (a CUDA-graph node between two kernels). This module asks the heuristic for its
+top results, describes each by its configuration (algorithm id, tile, stages, split-K and reduction scheme, swizzle,
+custom option, cluster shape), and runs the one that TUNED names for the shape (bench/fp8_memset.py measures them all
+on the GPU, checks each against torch._scaled_mm, and prints the table).
+
+Only the product quantization/fp8.py's deferred-scale layers need: y = xq @ w.T with unit scales (tensor-wise),
+xq [M, K] and w [N, K] float8_e4m3fn row-major, y [M, N] bfloat16 row-major, exact (promoted) accumulation unless
+asked otherwise. In cuBLAS's column-major terms that is D [N, M] = op(A) [N, K] x B [K, M] with A = w (ld K, op T),
+B = xq (ld K, op N): the "TN" form FP8 needs. The calls are captured in CUDA graphs like any other launch: the
+descriptors and the workspace outlive the capture (cached per shape and device).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+import torch
+
+# cuBLAS / CUDA enum values (cublasLt.h, library_types.h, cublas_api.h)
+_COMPUTE_32F = 68
+_R_32F, _R_16BF, _R_8F_E4M3 = 0, 14, 28
+_OP_N, _OP_T = 0, 1
+_DESC_TRANSA, _DESC_TRANSB, _DESC_FAST_ACCUM = 3, 4, 25
+_PREF_MAX_WORKSPACE_BYTES, _PREF_REDUCTION_SCHEME_MASK = 1, 3
+_CONFIG_FIELDS = (("algo", 0, ctypes.c_int32), ("tile", 1, ctypes.c_uint32), ("splitk", 2, ctypes.c_int32),
+                  ("reduction", 3, ctypes.c_uint32), ("swizzle", 4, ctypes.c_uint32), ("custom", 5, ctypes.c_uint32),
+                  ("stages", 6, ctypes.c_uint32), ("inner", 7, ctypes.c_uint16), ("cluster", 8, ctypes.c_uint16))
+"""cublasLtMatmulAlgoConfigAttributes_t: (name, attribute, C type) of the fields that tell two algorithms apart."""
+
+WORKSPACE_BYTES = 32 << 20
+"""The workspace offered to cuBLASLt (per device, reserved once; torch's own default on Hopper is of this order)."""
+
+TUNED: dict = {}
+"""(M bucket, N, K) -> the configuration (a dict of _CONFIG_FIELDS' names) to run, measured fastest on the GPU by
+bench/fp8_memset.py; absent: torch._scaled_mm (the heuristic's first pick). Empty until measured."""
+
+
+def m_bucket(m: int) -> int:
+    """The row-count bucket TUNED is keyed by: the decode CUDA graphs' largest batch and the sizes around it."""
+    for top in (64, 128, 256, 512, 1024, 2048, 4096):
+        if m <= top:
+            return top
+    return 1 << 30
+
+
+class _Algo(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64 * 8)]
+
+
+class _Heuristic(ctypes.Structure):
+    _fields_ = [("algo", _Algo), ("workspace", ctypes.c_size_t), ("state", ctypes.c_int), ("waves", ctypes.c_float),
+                ("reserved", ctypes.c_int * 4)]
+
+
+_LIB = None
+
+
+def _candidates() -> list[str]:
+    """Where libcublasLt lives: the copy this process already loaded (torch's, after its first GEMM), the nvidia-cublas
+    wheel torch depends on (site-packages/nvidia/cublas/lib), else the loader's search path by soname."""
+    found = []
+    try:
+        with open("/proc/self/maps") as f:
+            found += sorted({ln.split()[-1] for ln in f if "libcublasLt.so" in ln and "/" in ln})
+    except OSError:
+        pass
+    for base in sys.path:
+        found += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libcublasLt.so*")), reverse=True)
+        found += sorted(glob.glob(os.path.join(base, "nvidia", "cublas", "lib", "libcublasLt.so*")), reverse=True)
+    return found + ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"]
+
+
+def lib():
+    """The loaded libcublasLt (the one torch loaded, where the soname matches), with argument types declared."""
+    global _LIB
+    if _LIB is None:
+        errors = []
+        for path in _candidates():
+            try:
+                handle = ctypes.CDLL(path)
+                break
+            except OSError as e:
+                errors.append(f"{path}: {e}")
+        else:
+            raise OSError("libcublasLt not found: " + "; ".join(errors[-3:]))
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        for name, args in {
+            "cublasLtCreate": [ctypes.POINTER(vp)],
+            "cublasLtMatmulDescCreate": [ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int],
+            "cublasLtMatmulDescSetAttribute": [vp, ctypes.c_int, vp, sz],
+            "cublasLtMatrixLayoutCreate": [ctypes.POINTER(vp), ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
+                                           ctypes.c_int64],
+            "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(vp)],
+            "cublasLtMatmulPreferenceSetAttribute": [vp, ctypes.c_int, vp, sz],
+            "cublasLtMatmulAlgoGetHeuristic": [vp, vp, vp, vp, vp, vp, vp, ctypes.c_int, ctypes.POINTER(_Heuristic),
+                                               ctypes.POINTER(ctypes.c_int)],
+            "cublasLtMatmulAlgoConfigGetAttribute": [ctypes.POINTER(_Algo), ctypes.c_int, vp, sz, ctypes.POINTER(sz)],
+            "cublasLtMatmul": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, ctypes.POINTER(_Algo), vp, sz, vp],
+        }.items():
+            fn = getattr(handle, name)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        _LIB = handle
+    return _LIB
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"cuBLASLt {what} returned status {status}")
+
+
+_HANDLES: dict = {}
+_WORKSPACES: dict = {}
+
+
+def _handle(device: torch.device):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _HANDLES:
+        h = ctypes.c_void_p()
+        _check(lib().cublasLtCreate(ctypes.byref(h)), "Create")
+        _HANDLES[key] = h
+    return _HANDLES[key]
+
+
+def workspace(device: torch.device) -> torch.Tensor:
+    """The per-device workspace (reserved once, before any graph captures a call that points at it)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return _WORKSPACES[key]
+
+
+def reserve(device: torch.device) -> None:
+    """The handle and workspace made before any CUDA graph is captured (quantization/fp8.py, at load, where TUNED
+    names an algorithm): a capture must only point at memory that already exists."""
+    if TUNED and device.type == "cuda":
+        _handle(device)
+        workspace(device)
+
+
+def describe(algo: _Algo) -> dict:
+    """An algorithm's configuration, the fields that tell two of cuBLASLt's algorithms apart."""
+    out = {}
+    for name, attr, ctype in _CONFIG_FIELDS:
+        v, written = ctype(0), ctypes.c_size_t(0)
+        status = lib().cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v),
+                                                            ctypes.sizeof(v), ctypes.byref(written))
+        out[name] = int(v.value) if status == 0 else None
+    return out
+
+
+class Plan:
+    """The descriptors of one product shape (m rows, n outputs, k inputs; bf16 output, unit scales) on one device, and
+    the heuristic's candidates for it."""
+
+    def __init__(self, m: int, n: int, k: int, device: torch.device, fast_accum: bool = False):
+        L, vp = lib(), ctypes.c_void_p
+        self.m, self.n, self.k, self.device = m, n, k, device
+        self.handle = _handle(device)
+        self.desc = vp()
+        _check(L.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _R_32F), "MatmulDescCreate")
+        for attr, value in ((_DESC_TRANSA, ctypes.c_int32(_OP_T)), (_DESC_TRANSB, ctypes.c_int32(_OP_N))):
+            _check(L.cublasLtMatmulDescSetAttribute(self.desc, attr, ctypes.byref(value), ctypes.sizeof(value)),
+                   "MatmulDescSetAttribute")
+        if fast_accum:
+            v = ctypes.c_int8(1)
+            _check(L.cublasLtMatmulDescSetAttribute(self.desc, _DESC_FAST_ACCUM, ctypes.byref(v), 1), "FAST_ACCUM")
+        self.a, self.b, self.d = vp(), vp(), vp()
+        _check(L.cublasLtMatrixLayoutCreate(ctypes.byref(self.a), _R_8F_E4M3, k, n, k), "LayoutCreate A")
+        _check(L.cublasLtMatrixLayoutCreate(ctypes.byref(self.b), _R_8F_E4M3, k, m, k), "LayoutCreate B")
+        _check(L.cublasLtMatrixLayoutCreate(ctypes.byref(self.d), _R_16BF, n, m, n), "LayoutCreate D")
+        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self.chosen: _Algo | None = None
+
+    def candidates(self, count: int = 32, workspace_bytes: int = WORKSPACE_BYTES,
+                   reduction_mask: int | None = None) -> list[dict]:
+        """Up to `count` of the heuristic's results, in its order: {"algo": _Algo, "workspace": bytes, "waves",
+        "config": describe()}. `reduction_mask`: only algorithms with these split-K reduction schemes (1 in place,
+        2 compute type, 4 output type; 0 is no split-K and always allowed)."""
+        L, vp = lib(), ctypes.c_void_p
+        pref = vp()
+        _check(L.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
+        ws = ctypes.c_uint64(workspace_bytes)
+        _check(L.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), 8),
+               "MAX_WORKSPACE_BYTES")
+        if reduction_mask is not None:
+            mask = ctypes.c_uint32(reduction_mask)
+            _check(L.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_REDUCTION_SCHEME_MASK, ctypes.byref(mask), 4),
+                   "REDUCTION_SCHEME_MASK")
+        results = (_Heuristic * count)()
+        got = ctypes.c_int(0)
+        _check(L.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a, self.b, self.d, self.d, pref, count,
+                                                results, ctypes.byref(got)), "AlgoGetHeuristic")
+        out = []
+        for i in range(got.value):
+            r = results[i]
+            if r.state == 0:
+                algo = _Algo()
+                ctypes.memmove(ctypes.byref(algo), ctypes.byref(r.algo), ctypes.sizeof(_Algo))
+                out.append({"algo": algo, "workspace": int(r.workspace), "waves": float(r.waves),
+                            "config": describe(algo)})
+        return out
+
+    def run(self, xq: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, algo: _Algo | None = None):
+        """y [m, n] bf16 = xq [m, k] @ w [n, k].T with `algo` (default: the chosen one); on the current stream."""
+        algo = algo if algo is not None else self.chosen
+        if algo is None:
+            raise RuntimeError("no cuBLASLt algorithm chosen for this plan")
+        y = out if out is not None else torch.empty((self.m, self.n), dtype=torch.bfloat16, device=xq.device)
+        ws = workspace(xq.device)
+        stream = torch.cuda.current_stream(xq.device).cuda_stream
+        _check(lib().cublasLtMatmul(self.handle, self.desc, ctypes.byref(self.alpha), w.data_ptr(), self.a,
+                                    xq.data_ptr(), self.b, ctypes.byref(self.beta), y.data_ptr(), self.d,
+                                    y.data_ptr(), self.d, ctypes.byref(algo), ws.data_ptr(), ws.numel(), stream),
+               "Matmul")
+        return y
+
+
+_PLANS: dict = {}
+
+
+def tuned_config(m: int, n: int, k: int) -> dict | None:
+    return TUNED.get((m_bucket(m), n, k))
+
+
+def plan_for(m: int, n: int, k: int, device: torch.device) -> Plan | None:
+    """The cached plan for this exact shape with TUNED's algorithm chosen, or None where TUNED names none or the
+    heuristic no longer offers it (torch._scaled_mm then runs)."""
+    key = (m, n, k, device.index)
+    if key not in _PLANS:
+        want = tuned_config(m, n, k)
+        plan = None
+        if want is not None:
+            p = Plan(m, n, k, device)
+            match = next((c for c in p.candidates() if c["config"] == want), None)
+            if match is not None:
+                p.chosen, plan = match["algo"], p
+        _PLANS[key] = plan
+    return _PLANS[key]
+
+
+def scaled_mm_unit(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """xq [M, K] @ w [N, K].T in bfloat16 with unit scales through TUNED's cuBLASLt algorithm, or None where it names
+    none (the caller runs torch._scaled_mm). Contiguous row-major operands only."""
+    if not (xq.is_cuda and TUNED and xq.is_contiguous() and w.is_contiguous()):
+        return None
+    plan = plan_for(xq.shape[0], w.shape[0], w.shape[1], xq.device)
+    return plan.run(xq, w) if plan is not None else None
