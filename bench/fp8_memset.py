@@ -171,7 +171,7 @@ def layer_chain(layers: list, m: int, fp8: bool):
             xq, xs = fp8_fused.add_rms_norm_fp8(h, residual, lay.nw, 1e-5, x_scales=sc)
             qkv, qs = mm(xq, xs, lay, "qkv")
             q, k, v = qkv.split([4096, 1024, 1024], -1)
-            if qs is None or not rk.rotary_and_cache(q, k, v, lay.cos, lay.sin, lay.cache, lay.slots, 128, scales=qs):
+            if not rk.rotary_and_cache(q, k, v, lay.cos, lay.sin, lay.cache, lay.slots, 128, scales=qs):
                 raise RuntimeError("rotary_and_cache did not run")
             oq, os_ = fp8_quant.quantize_fp8_rows(lay.attn)
             o, osc = mm(oq, os_, lay, "o")
