@@ -33,12 +33,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from kernels import pdl as pdl_launch
 from kernels import splitk
 from kernels.w4a16_half2 import tile_sums_h2
-from kernels.w4a16_stream import group_words, half2_mode, strip_cols, strip_done, tile_sums
+from kernels.w4a16_stream import group_words, half2_mode, prefetch_tile, strip_cols, strip_done, tile_sums
 
 SPIN_MAX = 1 << 22
 """Barrier reads before a program gives up (each an L2 round trip, ~0.5-1 us: seconds, far past any real wait)."""
 
-DEFAULT = dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2)
+DEFAULT = dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2_B=0)
 """Launch config where TUNED has none."""
 
 TUNED: dict[tuple[int, int], dict] = {}
@@ -162,10 +162,11 @@ def _w4a16_mlp_kernel(
     EVEN_A: tl.constexpr, XPAIR_A: tl.constexpr, H2_A: tl.constexpr,
     ROWS_B: tl.constexpr, BN_B: tl.constexpr, T_B: tl.constexpr, JG_B: tl.constexpr, PERM_B: tl.constexpr,
     EVEN_B: tl.constexpr, XPAIR_B: tl.constexpr, H2_B: tl.constexpr,
-    PHASE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+    PHASE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, L2_B: tl.constexpr = 0,
 ):
     """PHASE 0: A (gate/up, gated epilogue into act), B's first tile, grid barrier, B (down). 1: A only. 2: B only
-    (its first tile before the PDL wait, as the GEMVs do)."""
+    (its first tile before the PDL wait, as the GEMVs do). L2_B > 0 (CUDA): before the barrier, also ask L2 for the
+    program's next L2_B tiles of B (`prefetch_tile`: no registers held), so HBM keeps streaming while it waits."""
     if PDL >= 2:
         gdc_launch_dependents()
     if PHASE != 2:
@@ -177,6 +178,12 @@ def _w4a16_mlp_kernel(
                 XPAIR_A, True, H2_A, ASM, "")
     if PHASE != 1:
         nxt, nxt_o = _first_tile(qb_ptr, N_B, N_B, tpc_b, nprog, total_b, sqk_b, BN_B, T_B, XPAIR_B, False)
+        if L2_B > 0:
+            i0 = tl.program_id(0) * total_b // nprog
+            i_end = (tl.program_id(0) + 1) * total_b // nprog
+            for ip in tl.static_range(1, L2_B + 1):
+                prefetch_tile(qb_ptr, (i0 + ip) // tpc_b, (i0 + ip) % tpc_b, i0 + ip < i_end, N_B, N_B, sqk_b, T_B,
+                              BN_B, False)
         if PHASE == 0:
             grid_barrier(bar_ptr, nprog, spin_max)
         elif PDL >= 1:
@@ -246,7 +253,8 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
     """x [1, hidden] -> down(silu(gate) * up) [1, hidden] in x's dtype. gate_up, down: (qweight, scales, zeros,
     group_size, perm) in kernels/w4a16.py's layout (gate_up's N = 2 inter, gate columns first). config: T_A, BN_A
     (gate/up tile: words x columns, half gate half up), T_B, BN_B (down), num_warps, PER_SM (programs per SM, capped
-    by the occupancy), H2 (kernels/w4a16_half2.py where the group covers a tile). phases: 1 (the barrier in one
+    by the occupancy), H2 (kernels/w4a16_half2.py where the group covers a tile), L2_B (down tiles asked of L2 before
+    the barrier). phases: 1 (the barrier in one
     launch) or 2 (two launches); default 1 on CUDA, 2 elsewhere (the interpreter cannot run a spin-wait). pdl: 0, 1
     or 2 as the GEMVs' PDL (default 2 where kernels/pdl.py is on, else 0). warmup: compile (and measure the occupancy) without launching; returns None."""
     cfg = dict(DEFAULT, **(config or {}))
@@ -290,7 +298,7 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
     consts = dict(ROWS_A=rows_a, BN_A=cfg["BN_A"], T_A=t_a, JG_A=jg_a, PERM_A=pa is not None, EVEN_A=hidden % rows_a == 0,
                   XPAIR_A=xp_a, H2_A=h2_a, ROWS_B=rows_b, BN_B=cfg["BN_B"], T_B=t_b, JG_B=jg_b, PERM_B=pb is not None,
                   EVEN_B=inter % rows_b == 0, XPAIR_B=xp_b, H2_B=h2_b, PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda,
-                  num_warps=cfg["num_warps"], num_stages=1)
+                  L2_B=cfg["L2_B"] if x.is_cuda else 0, num_warps=cfg["num_warps"], num_stages=1)
     if consts["PDL"]:
         consts["launch_pdl"] = True
     sms = splitk.sm_count(x.device)

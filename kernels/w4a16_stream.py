@@ -154,7 +154,7 @@ def strip_cols(col, offs, N, inter, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_tile(qw_ptr, col, t, valid, N, inter, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr,
+def prefetch_tile(qw_ptr, col, t, valid, N, inter, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr,
                    GATED: tl.constexpr):
     """L2 prefetch of tile t of strip col: its T rows of BLOCK_N words, one address per 128-byte line (where not
     `valid`, the matrix's first line instead: a prefetch never leaves the matrix)."""
@@ -233,7 +233,7 @@ def _w4a16_gemv4_kernel(
         x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if L2:
         for ip in range(i_start + 1, tl.minimum(i_end, i_start + 1 + l2_pre)):
-            _prefetch_tile(qw_ptr, ip // tpc, ip % tpc, True, N, inter, stride_qk, T, BLOCK_N, GATED)
+            prefetch_tile(qw_ptr, ip // tpc, ip % tpc, True, N, inter, stride_qk, T, BLOCK_N, GATED)
     if L2_DIST > 0:  # the tile L2_DIST ahead, (strip, tile) counted along without a division per iteration
         colp = (i_start + L2_DIST) // tpc
         tp = (i_start + L2_DIST) - colp * tpc
@@ -260,7 +260,7 @@ def _w4a16_gemv4_kernel(
         if XPAIR:
             nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
         if L2_DIST > 0:
-            _prefetch_tile(qw_ptr, colp, tp, i + L2_DIST < i_end, N, inter, stride_qk, T, BLOCK_N, GATED)
+            prefetch_tile(qw_ptr, colp, tp, i + L2_DIST < i_end, N, inter, stride_qk, T, BLOCK_N, GATED)
             tp += 1
             wrap_p = tp == tpc
             tp = tl.where(wrap_p, 0, tp)
@@ -349,4 +349,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     return out
 
 
-__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
+__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done", "prefetch_tile"]
