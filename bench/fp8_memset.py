@@ -33,8 +33,9 @@ DEV = torch.device("cuda")
 H, I, QKV_N = 4096, 14336, 6144
 GEMMS = {"qkv": (QKV_N, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I)}
 """name -> (N, K) of the Llama-3-8B linear layers."""
-WORKSPACES_KIB = ("0",)
-"""CUBLASLT_WORKSPACE_SIZE values (KiB) probed in fresh processes besides this process's default."""
+WORKSPACES_KIB: tuple = ()
+"""CUBLASLT_WORKSPACE_SIZE values (KiB) probed in fresh processes besides this process's default (none by default:
+the cuBLASLt probe counts each candidate's memsets; run(("0",)) for the no-workspace case)."""
 
 
 def device_activity(fn, calls: int = 4) -> dict:
@@ -261,12 +262,17 @@ def probe(ops: dict, time_them: bool) -> dict:
     return out
 
 
-def lt_probe(m: int = 256, count: int = 32, profile_best: int = 4) -> dict:
-    """cuBLASLt's own candidates for each decode GEMM at m rows (kernels/fp8_cublaslt.py: tensor-wise, unit scales, bf16
-    out, exact accumulation), in the heuristic's order: each checked against the float64 product (its largest error at
-    most twice torch._scaled_mm's, plus 1e-6 of the largest output), then µs per call in a CUDA graph over weight
-    copies that overflow L2, against torch._scaled_mm in the same graph form; the fastest few (and the heuristic's
-    first) profiled for memsets per call. Returns per GEMM the rows and the fastest passing config (TUNED's form)."""
+LT_CASES = ((256, "unit"), (8192, "row fast"))
+"""(rows, kind) the cuBLASLt probe measures: decode's deferred-scale GEMMs, prefill's row-wise ones with fast
+accumulation (FAST_ACCUM_MIN_M)."""
+
+
+def lt_probe(cases=LT_CASES, count: int = 32, profile_best: int = 4) -> dict:
+    """cuBLASLt's own candidates for each Llama-3-8B GEMM at each (rows, kind) of `cases` (kernels/fp8_cublaslt.py, bf16
+    out), in the heuristic's order: each checked against the float64 product (its largest error at most twice
+    torch._scaled_mm's, plus 1e-6 of the largest output), then µs per call in a CUDA graph over weight copies that
+    overflow L2, against torch._scaled_mm in the same graph form; the fastest few (and the heuristic's first) profiled
+    for memsets per call. Returns per "name M kind" the rows and the fastest passing config (TUNED's form)."""
     import quant as qb
 
     from kernels import fp8_cublaslt as lt
@@ -274,63 +280,79 @@ def lt_probe(m: int = 256, count: int = 32, profile_best: int = 4) -> dict:
     g = torch.Generator(device=DEV).manual_seed(11)
     unit = torch.ones((), device=DEV)
     out = {}
-    for name, (n, k) in GEMMS.items():
-        copies = qb.copies_for(n * k)
-        ws = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn) for _ in range(copies)]
-        xq = (torch.randn(m, k, generator=g, device=DEV) * 20).to(torch.float8_e4m3fn)
-        ref64 = xq.double() @ ws[0].double().t()
-        top = ref64.abs().max().item()
-        torch_y = torch._scaled_mm(xq, ws[0].t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16)
-        torch_err = (torch_y.double() - ref64).abs().max().item()
-        bound = 2 * torch_err + 1e-6 * top
-        t_torch = 1e3 * qb.graph_ms([lambda w=w: torch._scaled_mm(xq, w.t(), scale_a=unit, scale_b=unit,
-                                                                  out_dtype=torch.bfloat16) for w in ws])
-        plan = lt.Plan(m, n, k, DEV)
-        cands = plan.candidates(count)
-        rows = []
-        for i, c in enumerate(cands):
-            row = {"rank": i, "config": c["config"], "workspace": c["workspace"], "waves": round(c["waves"], 3)}
-            try:
-                y = plan.run(xq, ws[0], algo=c["algo"])
-                err = (y.double() - ref64).abs().max().item()
-                row.update(err=err / top, ok=bool(err <= bound and torch.isfinite(y).all()))
-                if row["ok"]:
-                    row["us"] = 1e3 * qb.graph_ms([lambda w=w, a=c["algo"]: plan.run(xq, w, algo=a) for w in ws])
-            except Exception as e:  # an algorithm that does not launch is reported, not used
-                row.update(ok=False, error=repr(e)[:200])
-            rows.append(row)
-        timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
-        for r in timed[:profile_best] + [r for r in rows[:1] if "us" in r]:
-            a = cands[r["rank"]]["algo"]
-            r["memsets"] = memsets_of(device_activity(lambda a=a: plan.run(xq, ws[0], algo=a)))
-        best = timed[0] if timed else None
-        out[name] = {"M": m, "torch_us": t_torch, "torch_err": torch_err / top,
-                     "torch_memsets": memsets_of(device_activity(lambda: torch._scaled_mm(
-                         xq, ws[0].t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16))),
-                     "rows": rows, "best": best, "failed": sum(1 for r in rows if not r.get("ok"))}
-        del ws, ref64
-        torch.cuda.empty_cache()
+    for m, kind in cases:
+        for name, (n, k) in GEMMS.items():
+            copies = qb.copies_for(n * k)
+            ws = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(torch.float8_e4m3fn) for _ in range(copies)]
+            xq = (torch.randn(m, k, generator=g, device=DEV) * 20).to(torch.float8_e4m3fn)
+            if kind == "unit":
+                xs, wsc = unit, unit
+                ref64 = xq.double() @ ws[0].double().t()
+            else:
+                xs = torch.rand(m, 1, generator=g, device=DEV) * 0.01 + 1e-3
+                wsc = torch.rand(1, n, generator=g, device=DEV) * 1e-3 + 1e-4
+                ref64 = (xq.double() @ ws[0].double().t()) * xs.double() * wsc.double()
+            fast = {"use_fast_accum": True} if kind == "row fast" else {}
+
+            def torch_mm(w, xq=xq, xs=xs, wsc=wsc, fast=fast):
+                return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=wsc, out_dtype=torch.bfloat16, **fast)
+
+            top = ref64.abs().max().item()
+            torch_err = (torch_mm(ws[0]).double() - ref64).abs().max().item()
+            bound = 2 * torch_err + 1e-6 * top
+            t_torch = 1e3 * qb.graph_ms([lambda w=w: torch_mm(w) for w in ws])
+            row_scales = {} if kind == "unit" else {"xs": xs, "ws": wsc}
+            plan = lt.Plan(m, n, k, DEV, kind)
+            plan.set_scales(row_scales.get("xs"), row_scales.get("ws"))
+            cands = plan.candidates(count)
+            rows = []
+            for i, c in enumerate(cands):
+                row = {"rank": i, "config": c["config"], "workspace": c["workspace"], "waves": round(c["waves"], 3)}
+                try:
+                    y = plan.run(xq, ws[0], algo=c["algo"], **row_scales)
+                    err = (y.double() - ref64).abs().max().item()
+                    row.update(err=err / top, ok=bool(err <= bound and torch.isfinite(y).all()))
+                    if row["ok"]:
+                        row["us"] = 1e3 * qb.graph_ms([lambda w=w, a=c["algo"]: plan.run(xq, w, algo=a, **row_scales)
+                                                       for w in ws])
+                except Exception as e:  # an algorithm that does not launch is reported, not used
+                    row.update(ok=False, error=repr(e)[:200])
+                rows.append(row)
+            timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+            for r in timed[:profile_best] + [r for r in rows[:1] if "us" in r]:
+                a = cands[r["rank"]]["algo"]
+                r["memsets"] = memsets_of(device_activity(lambda a=a: plan.run(xq, ws[0], algo=a, **row_scales)))
+            out[f"{name} {m} {kind}"] = {
+                "name": name, "M": m, "N": n, "K": k, "kind": kind, "torch_us": t_torch, "torch_err": torch_err / top,
+                "torch_memsets": memsets_of(device_activity(lambda: torch_mm(ws[0]))),
+                "rows": rows, "best": timed[0] if timed else None, "failed": sum(1 for r in rows if not r.get("ok"))}
+            del ws, ref64
+            torch.cuda.empty_cache()
     out["library"] = str(lt.lib()._name)  # loaded after torch's first FP8 GEMM: the copy torch uses
     return out
+
+
+def _cases(got: dict) -> list[dict]:
+    return [v for v in got.values() if isinstance(v, dict) and "torch_us" in v] if isinstance(got, dict) else []
 
 
 def print_lt(got: dict) -> None:
     if "error" in got:
         print(f"cuBLASLt probe: ERROR {got['error']}", flush=True)
         return
-    print(f"cuBLASLt candidates at 256 rows ({got.get('library')}; {got.get('seconds')} s):", flush=True)
-    for name in GEMMS:
-        r = got.get(name)
-        if not r:
-            continue
+    print(f"cuBLASLt candidates ({got.get('library')}; {got.get('seconds')} s):", flush=True)
+    for r in _cases(got):
         b = r["best"]
-        print(f"  {name:<8} torch._scaled_mm {r['torch_us']:6.1f} us (memsets {r['torch_memsets']:g}); "
-              f"{len(r['rows'])} candidates, {r['failed']} failed the check; best "
-              + (f"{b['us']:6.1f} us rank {b['rank']} {b['config']} ws {b['workspace']}" if b else "none"),
-              flush=True)
-        for row in sorted((x for x in r["rows"] if "us" in x), key=lambda x: x["us"])[:6]:
-            print(f"      rank {row['rank']:>2} {row['us']:6.1f} us err {row['err']:.1e} memsets "
+        print(f"  {r['name']:<8} M={r['M']:<5} {r['kind']:<9} torch._scaled_mm {r['torch_us']:7.1f} us (memsets "
+              f"{r['torch_memsets']:g}); {len(r['rows'])} candidates, {r['failed']} failed the check; best "
+              + (f"{b['us']:7.1f} us rank {b['rank']} {b['config']} ws {b['workspace']}" if b else "none"), flush=True)
+        for row in sorted((x for x in r["rows"] if "us" in x), key=lambda x: x["us"])[:5]:
+            print(f"      rank {row['rank']:>2} {row['us']:7.1f} us err {row['err']:.1e} memsets "
                   f"{row.get('memsets', '?')} {row['config']}", flush=True)
+        bad = [x for x in r["rows"] if not x.get("ok")]
+        for row in bad[:3]:
+            print(f"      FAILED rank {row['rank']}: err {row.get('err')} {row.get('error', '')} {row['config']}",
+                  flush=True)
     print(f"  TUNED (3% or more faster than torch._scaled_mm): {tuned_from(got)}", flush=True)
 
 
@@ -340,10 +362,9 @@ def tuned_from(got: dict, margin: float = 0.97) -> dict:
     from kernels import fp8_cublaslt as lt
 
     out = {}
-    for name, (n, k) in GEMMS.items():
-        r = got.get(name) if isinstance(got, dict) else None
-        if r and r.get("best") and r["best"]["us"] < margin * r["torch_us"]:
-            out[(lt.m_bucket(r["M"]), n, k)] = r["best"]["config"]
+    for r in _cases(got):
+        if r.get("best") and r["best"]["us"] < margin * r["torch_us"]:
+            out[(lt.m_bucket(r["M"]), r["N"], r["K"], r["kind"])] = r["best"]["config"]
     return out
 
 

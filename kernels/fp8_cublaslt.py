@@ -6,10 +6,12 @@ top results, describes each by its configuration (algorithm id, tile, stages, sp
 custom option, cluster shape), and runs the one that TUNED names for the shape (bench/fp8_memset.py measures them all
 on the GPU, checks each against torch._scaled_mm, and prints the table).
 
-Only the product quantization/fp8.py's deferred-scale layers need: y = xq @ w.T with unit scales (tensor-wise),
-xq [M, K] and w [N, K] float8_e4m3fn row-major, y [M, N] bfloat16 row-major, exact (promoted) accumulation unless
-asked otherwise. In cuBLAS's column-major terms that is D [N, M] = op(A) [N, K] x B [K, M] with A = w (ld K, op T),
-B = xq (ld K, op N): the "TN" form FP8 needs. The calls are captured in CUDA graphs like any other launch: the
+The products quantization/fp8.py runs: y = xq @ w.T with xq [M, K] and w [N, K] float8_e4m3fn row-major, y [M, N]
+bfloat16 row-major, either with unit scales (kind "unit": the deferred-scale layers) or row-wise, y = (xs * xq) @ (ws *
+w).T with xs [M, 1] and ws [1, N] float32 (kind "row"; "row fast" with fast accumulation, as FAST_ACCUM_MIN_M asks).
+In cuBLAS's column-major terms that is D [N, M] = op(A) [N, K] x B [K, M] with A = w (ld K, op T), B = xq (ld K, op
+N): the "TN" form FP8 needs; row-wise scales are cuBLASLt's outer-vector scale mode (A's per row of op(A), i.e. ws;
+B's per column, i.e. xs), the mode torch._scaled_mm's row-wise product runs. The calls are captured in CUDA graphs like any other launch: the
 descriptors and the workspace outlive the capture (cached per shape and device).
 """
 
@@ -27,6 +29,8 @@ _COMPUTE_32F = 68
 _R_32F, _R_16BF, _R_8F_E4M3 = 0, 14, 28
 _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_FAST_ACCUM = 3, 4, 25
+_DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER, _DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 17, 18, 31, 32
+_SCALE_OUTER_VEC_32F = 3  # cublasLtMatmulMatrixScale_t: one float32 per row of op(A) / per column of B
 _PREF_MAX_WORKSPACE_BYTES, _PREF_REDUCTION_SCHEME_MASK = 1, 3
 _CONFIG_FIELDS = (("algo", 0, ctypes.c_int32), ("tile", 1, ctypes.c_uint32), ("splitk", 2, ctypes.c_int32),
                   ("reduction", 3, ctypes.c_uint32), ("swizzle", 4, ctypes.c_uint32), ("custom", 5, ctypes.c_uint32),
@@ -36,8 +40,10 @@ _CONFIG_FIELDS = (("algo", 0, ctypes.c_int32), ("tile", 1, ctypes.c_uint32), ("s
 WORKSPACE_BYTES = 32 << 20
 """The workspace offered to cuBLASLt (per device, reserved once; torch's own default on Hopper is of this order)."""
 
+KINDS = ("unit", "row", "row fast")
+
 TUNED: dict = {}
-"""(M bucket, N, K) -> the configuration (a dict of _CONFIG_FIELDS' names) to run, measured fastest on the GPU by
+"""(M bucket, N, K, kind) -> the configuration (a dict of _CONFIG_FIELDS' names) to run, measured fastest on the GPU by
 bench/fp8_memset.py; absent: torch._scaled_mm (the heuristic's first pick). Empty until measured."""
 
 
@@ -155,21 +161,26 @@ def describe(algo: _Algo) -> dict:
 
 
 class Plan:
-    """The descriptors of one product shape (m rows, n outputs, k inputs; bf16 output, unit scales) on one device, and
+    """The descriptors of one product (m rows, n outputs, k inputs; bf16 output; `kind` of KINDS) on one device, and
     the heuristic's candidates for it."""
 
-    def __init__(self, m: int, n: int, k: int, device: torch.device, fast_accum: bool = False):
+    def __init__(self, m: int, n: int, k: int, device: torch.device, kind: str = "unit"):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         L, vp = lib(), ctypes.c_void_p
-        self.m, self.n, self.k, self.device = m, n, k, device
+        self.m, self.n, self.k, self.device, self.kind = m, n, k, device, kind
         self.handle = _handle(device)
         self.desc = vp()
         _check(L.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _R_32F), "MatmulDescCreate")
-        for attr, value in ((_DESC_TRANSA, ctypes.c_int32(_OP_T)), (_DESC_TRANSB, ctypes.c_int32(_OP_N))):
+        attrs = [(_DESC_TRANSA, ctypes.c_int32(_OP_T)), (_DESC_TRANSB, ctypes.c_int32(_OP_N))]
+        if kind != "unit":
+            attrs += [(_DESC_A_SCALE_MODE, ctypes.c_int32(_SCALE_OUTER_VEC_32F)),
+                      (_DESC_B_SCALE_MODE, ctypes.c_int32(_SCALE_OUTER_VEC_32F))]
+        if kind == "row fast":
+            attrs.append((_DESC_FAST_ACCUM, ctypes.c_int8(1)))
+        for attr, value in attrs:
             _check(L.cublasLtMatmulDescSetAttribute(self.desc, attr, ctypes.byref(value), ctypes.sizeof(value)),
-                   "MatmulDescSetAttribute")
-        if fast_accum:
-            v = ctypes.c_int8(1)
-            _check(L.cublasLtMatmulDescSetAttribute(self.desc, _DESC_FAST_ACCUM, ctypes.byref(v), 1), "FAST_ACCUM")
+                   f"MatmulDescSetAttribute {attr}")
         self.a, self.b, self.d = vp(), vp(), vp()
         _check(L.cublasLtMatrixLayoutCreate(ctypes.byref(self.a), _R_8F_E4M3, k, n, k), "LayoutCreate A")
         _check(L.cublasLtMatrixLayoutCreate(ctypes.byref(self.b), _R_8F_E4M3, k, m, k), "LayoutCreate B")
@@ -206,11 +217,28 @@ class Plan:
                             "config": describe(algo)})
         return out
 
-    def run(self, xq: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, algo: _Algo | None = None):
-        """y [m, n] bf16 = xq [m, k] @ w [n, k].T with `algo` (default: the chosen one); on the current stream."""
+    def set_scales(self, xs: torch.Tensor | None, ws: torch.Tensor | None) -> None:
+        """The row-wise kinds' scale pointers (xs [m] per token, ws [n] per output channel, float32, contiguous); also
+        before asking for candidates, whose alignment checks read them."""
+        if self.kind == "unit":
+            return
+        if xs is None or ws is None or xs.numel() != self.m or ws.numel() != self.n:
+            raise ValueError(f"row-wise scales must be float32 [{self.m}] and [{self.n}]")
+        for attr, t in ((_DESC_A_SCALE_POINTER, ws), (_DESC_B_SCALE_POINTER, xs)):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError("row-wise scales must be contiguous float32")
+            ptr = ctypes.c_void_p(t.data_ptr())
+            _check(lib().cublasLtMatmulDescSetAttribute(self.desc, attr, ctypes.byref(ptr), ctypes.sizeof(ptr)),
+                   "scale pointer")
+
+    def run(self, xq: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, algo: _Algo | None = None,
+            xs: torch.Tensor | None = None, ws: torch.Tensor | None = None):
+        """y [m, n] bf16 = xq [m, k] @ w [n, k].T (row-wise kinds: times xs [m, 1] and ws [1, n]) with `algo` (default:
+        the chosen one); on the current stream."""
         algo = algo if algo is not None else self.chosen
         if algo is None:
             raise RuntimeError("no cuBLASLt algorithm chosen for this plan")
+        self.set_scales(xs, ws)
         y = out if out is not None else torch.empty((self.m, self.n), dtype=torch.bfloat16, device=xq.device)
         ws = workspace(xq.device)
         stream = torch.cuda.current_stream(xq.device).cuda_stream
@@ -224,19 +252,16 @@ class Plan:
 _PLANS: dict = {}
 
 
-def tuned_config(m: int, n: int, k: int) -> dict | None:
-    return TUNED.get((m_bucket(m), n, k))
-
-
-def plan_for(m: int, n: int, k: int, device: torch.device) -> Plan | None:
-    """The cached plan for this exact shape with TUNED's algorithm chosen, or None where TUNED names none or the
-    heuristic no longer offers it (torch._scaled_mm then runs)."""
-    key = (m, n, k, device.index)
+def plan_for(m: int, n: int, k: int, kind: str, device: torch.device, xs=None, ws=None) -> Plan | None:
+    """The cached plan for this exact product with TUNED's algorithm chosen, or None where TUNED names none or the
+    heuristic does not offer it at this row count (torch._scaled_mm then runs)."""
+    key = (m, n, k, kind, device.index)
     if key not in _PLANS:
-        want = tuned_config(m, n, k)
+        want = TUNED.get((m_bucket(m), n, k, kind))
         plan = None
         if want is not None:
-            p = Plan(m, n, k, device)
+            p = Plan(m, n, k, device, kind)
+            p.set_scales(xs, ws)
             match = next((c for c in p.candidates() if c["config"] == want), None)
             if match is not None:
                 p.chosen, plan = match["algo"], p
@@ -244,10 +269,25 @@ def plan_for(m: int, n: int, k: int, device: torch.device) -> Plan | None:
     return _PLANS[key]
 
 
+def _usable(xq: torch.Tensor, w: torch.Tensor) -> bool:
+    return xq.is_cuda and bool(TUNED) and xq.dim() == 2 and xq.is_contiguous() and w.is_contiguous()
+
+
 def scaled_mm_unit(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """xq [M, K] @ w [N, K].T in bfloat16 with unit scales through TUNED's cuBLASLt algorithm, or None where it names
     none (the caller runs torch._scaled_mm). Contiguous row-major operands only."""
-    if not (xq.is_cuda and TUNED and xq.is_contiguous() and w.is_contiguous()):
+    if not _usable(xq, w):
         return None
-    plan = plan_for(xq.shape[0], w.shape[0], w.shape[1], xq.device)
+    plan = plan_for(xq.shape[0], w.shape[0], w.shape[1], "unit", xq.device)
     return plan.run(xq, w) if plan is not None else None
+
+
+def scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                      fast_accum: bool) -> torch.Tensor | None:
+    """(xs [M, 1] * xq [M, K]) @ (ws [1, N] * w [N, K]).T in bfloat16 through TUNED's cuBLASLt algorithm, or None where
+    it names none (the caller runs torch._scaled_mm)."""
+    if not (_usable(xq, w) and xs.is_contiguous() and ws.is_contiguous() and xs.dtype == ws.dtype == torch.float32):
+        return None
+    kind = "row fast" if fast_accum else "row"
+    plan = plan_for(xq.shape[0], w.shape[0], w.shape[1], kind, xq.device, xs, ws)
+    return plan.run(xq, w, xs=xs, ws=ws) if plan is not None else None

@@ -19,18 +19,28 @@ def _operands(m, n, k, seed=0):
     return xq, w
 
 
+@pytest.mark.parametrize("kind", lt.KINDS)
 @pytest.mark.parametrize("m,n,k", [(256, 4096, 4096), (256, 6144, 4096), (96, 4096, 14336), (200, 2048, 512)])
-def test_every_candidate_matches_float64(m, n, k):
+def test_every_candidate_matches_float64(m, n, k, kind):
     xq, w = _operands(m, n, k)
-    unit = torch.ones((), device=DEVICE)
-    ref = xq.double() @ w.double().t()
-    torch_err = (torch._scaled_mm(xq, w.t(), scale_a=unit, scale_b=unit, out_dtype=torch.bfloat16).double()
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    if kind == "unit":
+        xs = ws = torch.ones((), device=DEVICE)
+        scales = {}
+    else:
+        xs = torch.rand(m, 1, generator=g, device=DEVICE) * 0.01 + 1e-3
+        ws = torch.rand(1, n, generator=g, device=DEVICE) * 1e-3 + 1e-4
+        scales = {"xs": xs, "ws": ws}
+    ref = (xq.double() @ w.double().t()) * xs.double() * ws.double()
+    fast = {"use_fast_accum": True} if kind == "row fast" else {}
+    torch_err = (torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, **fast).double()
                  - ref).abs().max().item()
-    plan = lt.Plan(m, n, k, DEVICE)
+    plan = lt.Plan(m, n, k, DEVICE, kind)
+    plan.set_scales(scales.get("xs"), scales.get("ws"))
     cands = plan.candidates(16)
     assert cands, "cuBLASLt offered no FP8 algorithm"
     for c in cands:
-        y = plan.run(xq, w, algo=c["algo"])
+        y = plan.run(xq, w, algo=c["algo"], **scales)
         assert y.shape == (m, n) and y.dtype == torch.bfloat16
         assert (y.double() - ref).abs().max().item() <= 2 * torch_err + 1e-6 * ref.abs().max().item(), c["config"]
 
@@ -39,7 +49,7 @@ def test_tuned_path_in_a_cuda_graph(monkeypatch):
     m, n, k = 256, 4096, 4096
     xq, w = _operands(m, n, k, seed=1)
     cfg = lt.Plan(m, n, k, DEVICE).candidates(8)[-1]["config"]  # not the heuristic's first pick
-    monkeypatch.setattr(lt, "TUNED", {(lt.m_bucket(m), n, k): cfg})
+    monkeypatch.setattr(lt, "TUNED", {(lt.m_bucket(m), n, k, "unit"): cfg})
     monkeypatch.setattr(lt, "_PLANS", {})
     eager = lt.scaled_mm_unit(xq, w)
     assert eager is not None

@@ -21,7 +21,18 @@ def test_buckets():
 def test_falls_back_off_the_gpu_and_without_a_table(monkeypatch):
     xq = torch.zeros(4, 32).to(torch.float8_e4m3fn)
     w = torch.zeros(16, 32).to(torch.float8_e4m3fn)
-    monkeypatch.setattr(lt, "TUNED", {(64, 16, 32): {"algo": 1}})
+    xs, ws = torch.ones(4, 1), torch.ones(1, 16)
+    monkeypatch.setattr(lt, "TUNED", {(64, 16, 32, kind): {"algo": 1} for kind in lt.KINDS})
     assert lt.scaled_mm_unit(xq, w) is None  # CPU tensors: never the library
+    assert lt.scaled_mm_rowwise(xq, xs, w, ws, fast_accum=True) is None
     monkeypatch.setattr(lt, "TUNED", {})
     assert lt.scaled_mm_unit(xq, w) is None
+
+
+def test_plan_refuses_an_unknown_kind():
+    try:
+        lt.Plan(4, 16, 32, torch.device("cpu"), kind="columns")
+    except ValueError as e:
+        assert "kind" in str(e)
+    else:
+        raise AssertionError("no ValueError")

@@ -185,8 +185,11 @@ def fp8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
     if cfg is not None:
         return fp8_w8a8.fp8_w8a8(xq, xs, weight, weight_scale, dtype, config=cfg)
     out = torch.bfloat16 if xq.is_cuda else torch.float32
-    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out,
-                            **_fast_accum(xq)).to(dtype)
+    fast = _fast_accum(xq)
+    y = fp8_cublaslt.scaled_mm_rowwise(xq, xs, weight, weight_scale, bool(fast)) if xq.is_cuda else None
+    if y is None:  # no measured cuBLASLt algorithm for this shape: torch's (the heuristic's first pick)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out, **fast)
+    return y.to(dtype)
 
 
 def _fast_accum(xq: torch.Tensor) -> dict:
