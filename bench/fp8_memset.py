@@ -359,12 +359,10 @@ def print_lt(got: dict) -> None:
 def tuned_from(got: dict, margin: float = 0.97) -> dict:
     """kernels/fp8_cublaslt.py's TUNED entries from lt_probe's result: each GEMM's fastest checked config where it beat
     torch._scaled_mm by `margin` or more."""
-    from kernels import fp8_cublaslt as lt
-
     out = {}
     for r in _cases(got):
         if r.get("best") and r["best"]["us"] < margin * r["torch_us"]:
-            out[(lt.m_bucket(r["M"]), r["N"], r["K"], r["kind"])] = r["best"]["config"]
+            out[(r["M"], r["N"], r["K"], r["kind"])] = r["best"]["config"]
     return out
 
 

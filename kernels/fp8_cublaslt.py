@@ -43,16 +43,9 @@ WORKSPACE_BYTES = 32 << 20
 KINDS = ("unit", "row", "row fast")
 
 TUNED: dict = {}
-"""(M bucket, N, K, kind) -> the configuration (a dict of _CONFIG_FIELDS' names) to run, measured fastest on the GPU by
-bench/fp8_memset.py; absent: torch._scaled_mm (the heuristic's first pick). Empty until measured."""
-
-
-def m_bucket(m: int) -> int:
-    """The row-count bucket TUNED is keyed by: the decode CUDA graphs' largest batch and the sizes around it."""
-    for top in (64, 128, 256, 512, 1024, 2048, 4096):
-        if m <= top:
-            return top
-    return 1 << 30
+"""(M, N, K, kind) -> the configuration (a dict of _CONFIG_FIELDS' names) to run, measured fastest on the GPU by
+bench/fp8_memset.py at exactly that row count (the heuristic's list and the winner change with M; a row count not
+measured keeps torch._scaled_mm, the heuristic's first pick). Empty until measured."""
 
 
 class _Algo(ctypes.Structure):
@@ -257,7 +250,7 @@ def plan_for(m: int, n: int, k: int, kind: str, device: torch.device, xs=None, w
     heuristic does not offer it at this row count (torch._scaled_mm then runs)."""
     key = (m, n, k, kind, device.index)
     if key not in _PLANS:
-        want = TUNED.get((m_bucket(m), n, k, kind))
+        want = TUNED.get((m, n, k, kind))
         plan = None
         if want is not None:
             p = Plan(m, n, k, device, kind)
