@@ -17,6 +17,7 @@ import asyncio
 import collections
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -88,13 +89,16 @@ class AbortCommand:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
                  change_fraction: float = 0.05, step_deadline_s: float = 5.0,
-                 on_fatal: Callable[[BaseException], None] | None = None, first_token_handoff_s: float = 0.001):
+                 on_fatal: Callable[[BaseException], None] | None = None, first_token_handoff_s: float = 0.001,
+                 step_cpus: set[int] | None = None):
         """`on_fatal` is called (on the event loop) when a step fails in a way the engine cannot go on
         from (an exception with `fatal = True`, e.g. a broken tensor-parallel group); the loop stops.
         `first_token_handoff_s`: after a step that produced a request's first token, how long at most the
         engine thread waits (the GIL released) for the event loop to hand that token's message to gRPC
-        before it goes on to the next step (0: it does not wait; docs/router.md)."""
+        before it goes on to the next step (0: it does not wait; docs/router.md). `step_cpus`: the engine thread
+        runs on these CPUs (engine --step-cpus; services/common/cpu_affinity.py)."""
         self.engine = engine
+        self.step_cpus = step_cpus
         self.first_token_handoff_s = first_token_handoff_s
         self._no_token_yet: set[str] = set()  # engine thread only: admitted, first token not yet out
         self._on_fatal = on_fatal
@@ -234,6 +238,8 @@ class AsyncEngine:
                 raise TypeError(f"unknown engine command {cmd!r}")
 
     def _run(self) -> None:
+        if self.step_cpus:
+            os.sched_setaffinity(0, self.step_cpus)  # (0: this thread only, on Linux)
         eng = self.engine
         while not self._stop:
             self._drain_commands()

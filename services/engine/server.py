@@ -81,8 +81,12 @@ class EngineServerConfig:
     acts only through the host's cpuidle driver; the H200 VM has none, and there it changed nothing:
     docs/router.md). Needs write access to the file, else it is logged and left (services/common/cpu_latency.py)."""
     cpus: str | None = None
-    """Run this process's threads (and its core process's) on these CPUs only (a Linux CPU list: '0-13'), e.g.
-    to keep them off a router's CPU (services/common/cpu_affinity.py). None: any CPU."""
+    """Once the engine is loaded, run this process's threads on these CPUs only (a Linux CPU list: '0-13'), e.g.
+    to keep them off a router's CPU (services/common/cpu_affinity.py; a --core-process core is not moved). The
+    load itself (weights, compiles, CUDA graphs) runs on every CPU. None: any CPU."""
+    step_cpus: str | None = None
+    """The engine's step thread on these CPUs instead (not with --core-process; with `cpus`, which then holds the
+    event loop and the gRPC poller thread: those two wake each other on one CPU, apart from the busy step thread)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -336,8 +340,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             engine_id=self.engine_id)
 
 
-async def serve(engine_config, c: EngineServerConfig) -> int:
-    """Run the engine service until SIGTERM (exit status 0) or until the engine cannot go on (1)."""
+async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = None,
+                step_cpus: set[int] | None = None) -> int:
+    """Run the engine service until SIGTERM (exit status 0) or until the engine cannot go on (1). `cpus`,
+    `step_cpus`: `c.cpus` and `c.step_cpus` parsed (services/common/cpu_affinity.py)."""
     from services.engine.engine import LLMEngine
 
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Engine"].full_name], c.host, c.port,
@@ -365,6 +371,8 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         aengine = CoreProcessEngine(engine_config, on_change=on_change, on_fatal=on_fatal,
                                     debug_gil_busy_ms=c.debug_gil_busy_ms, log_level=c.log_level)
         await aengine.start()
+        if cpus is not None:  # (this server's threads; the core process keeps its own)
+            cpu_affinity.pin_process(cpus)
         engine = aengine.engine
         # What this server process holds now (grpc, protobuf, the tokenizer) lives as long as it does: keep
         # the cyclic collector's full collections from walking it while requests stream (as the router
@@ -373,10 +381,12 @@ async def serve(engine_config, c: EngineServerConfig) -> int:
         gc.freeze()
     else:
         engine = await asyncio.to_thread(LLMEngine, engine_config)
+        if cpus is not None:  # loaded: the server's threads move now, the step thread (started below) is placed too
+            cpu_affinity.pin_process(cpus)
         if c.debug_gil_busy_ms > 0:
             engine.step = gil_busy_step(engine.step, c.debug_gil_busy_ms)
         aengine = AsyncEngine(engine, on_change=on_change, step_deadline_s=c.step_deadline_s, on_fatal=on_fatal,
-                              first_token_handoff_s=c.first_token_handoff_ms / 1e3)
+                              first_token_handoff_s=c.first_token_handoff_ms / 1e3, step_cpus=step_cpus)
         aengine.start()
     model_name = c.served_model_name or served_name(engine_config.model, engine.model_dir)
     metrics = None
@@ -444,13 +454,15 @@ def parse_config(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     ec, c = parse_config(argv)
     configure_logging(c.log_level)
-    if c.cpus is not None:  # before the engine's and the server's threads start: they inherit it
-        try:
-            cpu_affinity.pin_process(cpu_affinity.parse_cpus(c.cpus))
-        except ValueError as e:
-            raise SystemExit(f"engine: {e}") from None
+    try:  # (checked now, applied once the engine is loaded: `serve`)
+        if c.step_cpus is not None and c.core_process:
+            raise ValueError("step_cpus: the step runs in the core process with --core-process (use --cpus)")
+        cpus = cpu_affinity.parse_cpus(c.cpus) if c.cpus is not None else None
+        step_cpus = cpu_affinity.parse_cpus(c.step_cpus, "step_cpus") if c.step_cpus is not None else None
+    except ValueError as e:
+        raise SystemExit(f"engine: {e}") from None
     telemetry.setup("folio-engine", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     try:
-        return asyncio.run(serve(ec, c))
+        return asyncio.run(serve(ec, c, cpus, step_cpus))
     finally:
         telemetry.shutdown()

@@ -3,6 +3,7 @@ thread of the process, those already running and those started later (services/c
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 
@@ -69,3 +70,42 @@ def test_the_flag_on_both_services():
     assert router_config([]).cpus is None
     _, c = engine_config(["--model", "m", "--cpus", "15"])
     assert c.cpus == "15"
+
+
+def test_engine_step_thread_on_its_own_cpus():
+    """engine --step-cpus: the step thread is moved there; the event loop's thread keeps its CPUs."""
+    from services.common.sampling_params import SamplingParams
+    from services.engine.async_engine import AsyncEngine
+    from tests.unit.test_first_token_handoff import ScriptedEngine
+
+    mine = os.sched_getaffinity(0)
+    step_cpus = {max(mine)}
+    eng = ScriptedEngine()
+    seen = {}
+    step = eng.step
+
+    def recording_step():
+        seen.setdefault("step", os.sched_getaffinity(0))
+        return step()
+
+    eng.step = recording_step
+
+    async def main():
+        ae = AsyncEngine(eng, step_cpus=step_cpus)
+        ae.start()
+        eng.release.add("r")
+        await ae.add_request("r", [1, 2], SamplingParams(max_tokens=2))
+        for _ in range(200):
+            if "step" in seen:
+                break
+            await asyncio.sleep(0.01)
+        await ae.stop()
+
+    asyncio.run(main())
+    assert seen["step"] == step_cpus
+    assert os.sched_getaffinity(0) == mine
+
+
+def test_engine_step_cpus_flag():
+    _, c = engine_config(["--model", "m", "--cpus", "0", "--step-cpus", "0"])
+    assert (c.cpus, c.step_cpus) == ("0", "0")
