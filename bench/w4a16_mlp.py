@@ -49,8 +49,8 @@ CONFIGS = [
     dict(T_A=8, BN_A=256, T_B=8, BN_B=256, num_warps=2, PER_SM=8, H2=2),
     dict(T_A=16, BN_A=256, T_B=8, BN_B=256, num_warps=2, PER_SM=4, H2=2),
     dict(T_A=8, BN_A=128, T_B=8, BN_B=128, num_warps=1, PER_SM=16, H2=2),
-    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=3, H2=2, L2_B=2),
-    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=3, H2=2, L2_B=4),
+    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=3, H2=2, L2=2),
+    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=3, H2=2, L2=4),
 ]
 
 
@@ -223,7 +223,7 @@ def timing(start, budget, failures) -> dict:
             (v for key, v in wm._GRIDS.items() if dict(key[1]).get("BN_A") == cfg["BN_A"]
              and dict(key[1]).get("num_warps") == cfg["num_warps"] and dict(key[1]).get("T_A") == cfg["T_A"]
              and dict(key[1]).get("BN_B") == cfg["BN_B"] and dict(key[1]).get("T_B") == cfg["T_B"]
-             and dict(key[1]).get("L2_B") == cfg.get("L2_B", 0)), None)
+             and dict(key[1]).get("L2") == cfg.get("L2", 0)), None)
         row = record(f"persistent #{i} " + " ".join(f"{k}={v}" for k, v in cfg.items() if k != "H2")
                      + f" (fit {fit}/SM)", fused_chain(cfg, 1, 2), dict(cfg, fit_per_sm=fit))
         if row and (best is None or row["us_per_layer"] < best["us_per_layer"]):

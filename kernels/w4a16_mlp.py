@@ -38,7 +38,7 @@ from kernels.w4a16_stream import group_words, half2_mode, prefetch_tile, strip_c
 SPIN_MAX = 1 << 22
 """Barrier reads before a program gives up (each an L2 round trip, ~0.5-1 us: seconds, far past any real wait)."""
 
-DEFAULT = dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2_B=0)
+DEFAULT = dict(T_O=8, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
 """Launch config where TUNED has none."""
 
 TUNED: dict[tuple[int, int], dict] = {}
@@ -146,44 +146,115 @@ def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, 
         t = t1
 
 
+@triton.jit
+def _l2_ahead(qw_ptr, N, inter, tpc, nprog, total, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr,
+              GATED: tl.constexpr, L2: tl.constexpr):
+    """Ask L2 for tiles 1..L2 of this program's run of a phase (its tile 0 is loaded into registers)."""
+    i0 = tl.program_id(0) * total // nprog
+    i_end = (tl.program_id(0) + 1) * total // nprog
+    for ip in tl.static_range(1, L2 + 1):
+        prefetch_tile(qw_ptr, (i0 + ip) // tpc, (i0 + ip) % tpc, i0 + ip < i_end, N, inter, stride_qk, T, BLOCK_N,
+                      GATED)
+
+
+@triton.jit
+def _norm_slice(o_ptr, r_ptr, w_ptr, xn_ptr, hidden, eps, HB: tl.constexpr, NB: tl.constexpr):
+    """Programs 0 .. ceil(hidden / NB) - 1: h = o + r rounded to the model dtype (o: this launch's o projection, read
+    at L2), rms_norm(h) * w rounded as kernels/fused_norm.py's Llama norm rounds, written for this program's NB
+    columns into xn. Each such program sums the whole row's squares itself (no second barrier for the sum)."""
+    pid = tl.program_id(0)
+    if pid * NB < hidden:
+        offs = tl.arange(0, HB)
+        mask = offs < hidden
+        dt = r_ptr.dtype.element_ty
+        o = tl.load(o_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        h = (o + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        var = tl.sum(h * h, axis=0) / hidden
+        normed = h * tl.rsqrt(var + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = w * normed.to(dt).to(tl.float32)
+        mine = mask & (offs >= pid * NB) & (offs < pid * NB + NB)
+        tl.store(xn_ptr + offs, y.to(dt), mask=mine)
+
+
+@triton.jit
+def _residual_slice(o_ptr, r_ptr, hidden, NB: tl.constexpr):
+    """r = o + r (model dtype) for this program's NB columns, once every program has read the old r."""
+    offs = tl.program_id(0) * NB + tl.arange(0, NB)
+    if tl.program_id(0) * NB < hidden:
+        mask = offs < hidden
+        o = tl.load(o_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(r_ptr + offs, (o + r).to(r_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["nprog"])  # one compiled kernel whatever the grid (its occupancy sets the grid)
 def _w4a16_mlp_kernel(
-    x_ptr,  # [1, hidden] the MLP's input
+    x_ptr,  # [1, hidden] the MLP's input (HAS_O: the attention output [1, K_O], o_proj's input)
+    qo_ptr, so_ptr, zo_ptr, po_ptr,  # o_proj (HAS_O): [*, hidden] words, scales, zeros; perm [K_O] or any
     qa_ptr, sa_ptr, za_ptr, pa_ptr,  # gate/up: [*, 2 inter] words, [G, 2 inter] scales, zeros; perm [hidden] or any
     qb_ptr, sb_ptr, zb_ptr, pb_ptr,  # down: [*, hidden] words, scales, zeros; perm [inter] or any
+    o_ptr, r_ptr, nw_ptr, xn_ptr,  # HAS_O: o_proj's output, the residual (updated), the norm's weight, its output
     act_ptr,  # [1, inter] silu(gate) * up (written in phase A, read in phase B)
     out_ptr,  # [1, hidden]
-    ws_ptr, cnt_ptr,  # split-K workspace; phase B's part starts at ws_b / cnt_b
+    ws_ptr, cnt_ptr,  # split-K workspace; each GEMV's part at its offsets
     bar_ptr,  # [count, generation, error] int32 (PHASE 0)
+    K_O, gs_o, tpc_o, total_o, sqk_o, ssg_o,
     K_A, gs_a, tpc_a, total_a, sqk_a, ssg_a,
     N_B, K_B, gs_b, tpc_b, total_b, sqk_b, ssg_b,
-    inter, ws_b, cnt_b, nprog, spin_max, exp0, hi_shift,
+    inter, ws_a, cnt_a, ws_b, cnt_b, eps, nprog, spin_max, exp0, hi_shift,
+    ROWS_O: tl.constexpr, BN_O: tl.constexpr, T_O: tl.constexpr, JG_O: tl.constexpr, PERM_O: tl.constexpr,
+    EVEN_O: tl.constexpr, XPAIR_O: tl.constexpr, H2_O: tl.constexpr,
     ROWS_A: tl.constexpr, BN_A: tl.constexpr, T_A: tl.constexpr, JG_A: tl.constexpr, PERM_A: tl.constexpr,
     EVEN_A: tl.constexpr, XPAIR_A: tl.constexpr, H2_A: tl.constexpr,
     ROWS_B: tl.constexpr, BN_B: tl.constexpr, T_B: tl.constexpr, JG_B: tl.constexpr, PERM_B: tl.constexpr,
     EVEN_B: tl.constexpr, XPAIR_B: tl.constexpr, H2_B: tl.constexpr,
-    PHASE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, L2_B: tl.constexpr = 0,
+    PHASE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, HAS_O: tl.constexpr, HB: tl.constexpr,
+    NB: tl.constexpr, L2: tl.constexpr = 0,
 ):
-    """PHASE 0: A (gate/up, gated epilogue into act), B's first tile, grid barrier, B (down). 1: A only. 2: B only
-    (its first tile before the PDL wait, as the GEMVs do). L2_B > 0 (CUDA): before the barrier, also ask L2 for the
-    program's next L2_B tiles of B (`prefetch_tile`: no registers held), so HBM keeps streaming while it waits."""
+    """PHASE 0, all in this launch: [HAS_O: O (o_proj of the attention output into o), gate/up's first tile, barrier,
+    N (norm slices into xn), barrier, R (residual slices)], A (gate/up, gated epilogue into act; x is xn with HAS_O),
+    B's first tile, barrier, B (down). PHASE 1 O, 2 N, 3 R, 4 A, 5 B: that phase alone, one launch each (each waits
+    for the previous launch; the GEMVs load their first tile before that wait). L2 > 0 (CUDA): before each barrier
+    a program also asks L2 for its next L2 tiles of the phase after it (`prefetch_tile`: no registers held), so HBM
+    keeps streaming while it waits."""
     if PDL >= 2:
         gdc_launch_dependents()
-    if PHASE != 2:
-        nxt, nxt_o = _first_tile(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, BN_A, T_A, XPAIR_A, True)
+    xa_ptr = xn_ptr if HAS_O else x_ptr
+    if HAS_O and (PHASE == 0 or PHASE == 1):
+        nxt, nxt_o = _first_tile(qo_ptr, N_B, N_B, tpc_o, nprog, total_o, sqk_o, BN_O, T_O, XPAIR_O, False)
         if PDL >= 1:
             gdc_wait()
-        _stream(nxt, nxt_o, x_ptr, qa_ptr, sa_ptr, za_ptr, pa_ptr, act_ptr, ws_ptr, cnt_ptr, 2 * inter, K_A, gs_a,
-                tpc_a, nprog, total_a, sqk_a, ssg_a, exp0, hi_shift, inter, ROWS_A, BN_A, T_A, JG_A, PERM_A, EVEN_A,
-                XPAIR_A, True, H2_A, ASM, "")
-    if PHASE != 1:
+        _stream(nxt, nxt_o, x_ptr, qo_ptr, so_ptr, zo_ptr, po_ptr, o_ptr, ws_ptr, cnt_ptr, N_B, K_O, gs_o, tpc_o,
+                nprog, total_o, sqk_o, ssg_o, exp0, hi_shift, N_B, ROWS_O, BN_O, T_O, JG_O, PERM_O, EVEN_O, XPAIR_O,
+                False, H2_O, ASM, "")
+    if PHASE == 0 or PHASE == 4:
+        nxt, nxt_o = _first_tile(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, BN_A, T_A, XPAIR_A, True)
+    if HAS_O and PHASE == 0:
+        if L2 > 0:
+            _l2_ahead(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, T_A, BN_A, True, L2)
+        grid_barrier(bar_ptr, nprog, spin_max)
+    if HAS_O and (PHASE == 0 or PHASE == 2):
+        if PHASE == 2 and PDL >= 1:
+            gdc_wait()
+        _norm_slice(o_ptr, r_ptr, nw_ptr, xn_ptr, N_B, eps, HB, NB)
+    if HAS_O and PHASE == 0:
+        grid_barrier(bar_ptr, nprog, spin_max)
+    if HAS_O and (PHASE == 0 or PHASE == 3):
+        if PHASE == 3 and PDL >= 1:
+            gdc_wait()
+        _residual_slice(o_ptr, r_ptr, N_B, NB)
+    if PHASE == 0 or PHASE == 4:
+        if PHASE == 4 or not HAS_O:
+            if PDL >= 1:
+                gdc_wait()
+        _stream(nxt, nxt_o, xa_ptr, qa_ptr, sa_ptr, za_ptr, pa_ptr, act_ptr, ws_ptr + ws_a, cnt_ptr + cnt_a, 2 * inter,
+                K_A, gs_a, tpc_a, nprog, total_a, sqk_a, ssg_a, exp0, hi_shift, inter, ROWS_A, BN_A, T_A, JG_A, PERM_A,
+                EVEN_A, XPAIR_A, True, H2_A, ASM, ".cg" if HAS_O else "")
+    if PHASE == 0 or PHASE == 5:
         nxt, nxt_o = _first_tile(qb_ptr, N_B, N_B, tpc_b, nprog, total_b, sqk_b, BN_B, T_B, XPAIR_B, False)
-        if L2_B > 0:
-            i0 = tl.program_id(0) * total_b // nprog
-            i_end = (tl.program_id(0) + 1) * total_b // nprog
-            for ip in tl.static_range(1, L2_B + 1):
-                prefetch_tile(qb_ptr, (i0 + ip) // tpc_b, (i0 + ip) % tpc_b, i0 + ip < i_end, N_B, N_B, sqk_b, T_B,
-                              BN_B, False)
+        if L2 > 0:
+            _l2_ahead(qb_ptr, N_B, N_B, tpc_b, nprog, total_b, sqk_b, T_B, BN_B, False, L2)
         if PHASE == 0:
             grid_barrier(bar_ptr, nprog, spin_max)
         elif PDL >= 1:
@@ -239,74 +310,73 @@ _GRIDS: dict[tuple, int] = {}
 """(device, constexprs) -> programs per SM that fit (compiled once, outside any capture)."""
 
 
-def _geometry(k: int, group_size: int, t: int) -> tuple[int, int, int, int]:
-    """(rows per block, T, JG, tiles per strip) of one GEMV with K = k."""
+def _gemv(name: str, w: tuple, k: int, n: int, t: int, bn: int, h2: int, dtype: torch.dtype, gated: bool) -> dict:
+    """One GEMV's checks and launch geometry: w = (qweight, scales, zeros, group_size, perm), K = k inputs, N = n
+    outputs (gated: n = 2 inter, strips of bn / 2 gate and as many up columns)."""
+    q, s, z, g, p = w
     rows = 64 if 0 < k % 128 <= 64 else 128
+    if q.dtype != torch.int32 or tuple(q.shape) != (-(-k // rows) * rows // 8, n) or q.stride(1) != 1:
+        raise ValueError(f"{name} qweight must be contiguous int32 [{-(-k // rows) * rows // 8}, {n}], got "
+                         f"{q.dtype} {tuple(q.shape)}")
+    if s.stride() != z.stride() or s.stride(1) != 1 or tuple(s.shape) != (-(-k // g), n):
+        raise ValueError(f"{name} scales and zeros must be contiguous [{-(-k // g)}, {n}] with the same strides, got "
+                         f"{tuple(s.shape)}")
+    if p is not None and (p.shape != (k,) or p.dtype != torch.int32):
+        raise ValueError(f"{name} perm must be int32 [{k}], got {p.dtype} {tuple(p.shape)}")
     t = min(t, rows // 8)
-    jg = group_words(group_size, k, rows, group_size % rows == 0 or group_size >= k, "the W4A16 MLP")
+    jg = group_words(g, k, rows, g % rows == 0 or g >= k, "the W4A16 MLP")
     tpc = -(-k // rows) * (rows // 8) // t
-    return rows, t, jg, tpc
+    h2, xpair = half2_mode(h2, jg, dtype, dtype == torch.bfloat16 and p is None and k % rows == 0)
+    strips = triton.cdiv(n // 2, bn // 2) if gated else triton.cdiv(n, bn)
+    return dict(w=w, k=k, tpc=tpc, total=strips * tpc, ws=strips * bn, strips=strips,
+                consts=dict(ROWS=rows, BN=bn, T=t, JG=jg, PERM=p is not None, EVEN=k % rows == 0, XPAIR=xpair, H2=h2))
 
 
-def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None, phases: int | None = None,
-        pdl: int | None = None, warmup: bool = False) -> torch.Tensor | None:
-    """x [1, hidden] -> down(silu(gate) * up) [1, hidden] in x's dtype. gate_up, down: (qweight, scales, zeros,
-    group_size, perm) in kernels/w4a16.py's layout (gate_up's N = 2 inter, gate columns first). config: T_A, BN_A
-    (gate/up tile: words x columns, half gate half up), T_B, BN_B (down), num_warps, PER_SM (programs per SM, capped
-    by the occupancy), H2 (kernels/w4a16_half2.py where the group covers a tile), L2_B (down tiles asked of L2 before
-    the barrier). phases: 1 (the barrier in one
-    launch) or 2 (two launches); default 1 on CUDA, 2 elsewhere (the interpreter cannot run a spin-wait). pdl: 0, 1
-    or 2 as the GEMVs' PDL (default 2 where kernels/pdl.py is on, else 0). warmup: compile (and measure the occupancy) without launching; returns None."""
-    cfg = dict(DEFAULT, **(config or {}))
-    qa, sa, za, ga, pa = gate_up
-    qb, sb, zb, gb, pb = down
-    if x.dim() != 2 or x.shape[0] != 1:
-        raise ValueError(f"the W4A16 MLP kernel takes x [1, hidden], got {tuple(x.shape)}")
-    hidden, inter = x.shape[1], qa.shape[1] // 2
-    if qa.shape[1] % 2 or qb.shape[1] != hidden:
-        raise ValueError(f"gate_up N must be 2 * inter and down N = hidden = {hidden}, got {qa.shape[1]} and "
-                         f"{qb.shape[1]}")
-    for name, (q, s, z, p, k) in (("gate_up", (qa, sa, za, pa, hidden)), ("down", (qb, sb, zb, pb, inter))):
-        rows = 64 if 0 < k % 128 <= 64 else 128
-        if q.dtype != torch.int32 or q.shape[0] != -(-k // rows) * rows // 8 or q.stride(1) != 1:
-            raise ValueError(f"{name} qweight must be contiguous int32 [{-(-k // rows) * rows // 8}, N], got "
-                             f"{q.dtype} {tuple(q.shape)}")
-        if s.stride() != z.stride() or s.stride(1) != 1:
-            raise ValueError(f"{name} scales and zeros must be contiguous with the same strides")
-        if p is not None and (p.shape != (k,) or p.dtype != torch.int32):
-            raise ValueError(f"{name} perm must be int32 [{k}], got {p.dtype} {tuple(p.shape)}")
-    x = x.contiguous()
+def _ints(gm: dict) -> tuple:
+    q, s, _, g, _ = gm["w"]
+    return gm["k"], g, gm["tpc"], gm["total"], q.stride(0), s.stride(0)
+
+
+def _ptrs(gm: dict) -> tuple:
+    q, s, z, _, p = gm["w"]
+    return q, s, z, p if p is not None else q
+
+
+def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, warmup: bool):
+    """Launch the kernel for gemvs {"o"?, "a", "b"} (from `_gemv`); post = (residual, norm weight, eps) with "o"."""
     phases = phases or (1 if x.is_cuda else 2)
     if phases == 1 and not x.is_cuda:
         raise ValueError("phases=1 (a grid-wide spin barrier) needs CUDA: the interpreter runs programs one by one")
     if pdl is None:
         pdl = 2 if pdl_launch.on(x) else 0
+    a, b = gemvs["a"], gemvs["b"]
+    o = gemvs.get("o", a)
+    has_o = "o" in gemvs
+    hidden, inter = b["w"][0].shape[1], a["w"][0].shape[1] // 2
     dt = x.dtype
-    rows_a, t_a, jg_a, tpc_a = _geometry(hidden, ga, cfg["T_A"])
-    rows_b, t_b, jg_b, tpc_b = _geometry(inter, gb, cfg["T_B"])
-    xp_a = dt == torch.bfloat16 and pa is None and hidden % rows_a == 0
-    xp_b = dt == torch.bfloat16 and pb is None and inter % rows_b == 0
-    h2_a, xp_a = half2_mode(cfg["H2"], jg_a, dt, xp_a)
-    h2_b, xp_b = half2_mode(cfg["H2"], jg_b, dt, xp_b)
-    strips_a = triton.cdiv(inter, cfg["BN_A"] // 2)
-    strips_b = triton.cdiv(hidden, cfg["BN_B"])
-    total_a, total_b = strips_a * tpc_a, strips_b * tpc_b
-    ws, cnt = splitk.workspace(x.device, strips_a * cfg["BN_A"] + strips_b * cfg["BN_B"])
+    ws_a = o["ws"] if has_o else 0
+    ws, cnt = splitk.workspace(x.device, ws_a + a["ws"] + b["ws"])
     bar = barrier(x.device) if x.is_cuda else cnt
     act = torch.empty((1, inter), dtype=dt, device=x.device)
     out = torch.empty((1, hidden), dtype=dt, device=x.device)
-    consts = dict(ROWS_A=rows_a, BN_A=cfg["BN_A"], T_A=t_a, JG_A=jg_a, PERM_A=pa is not None, EVEN_A=hidden % rows_a == 0,
-                  XPAIR_A=xp_a, H2_A=h2_a, ROWS_B=rows_b, BN_B=cfg["BN_B"], T_B=t_b, JG_B=jg_b, PERM_B=pb is not None,
-                  EVEN_B=inter % rows_b == 0, XPAIR_B=xp_b, H2_B=h2_b, PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda,
-                  L2_B=cfg["L2_B"] if x.is_cuda else 0, num_warps=cfg["num_warps"], num_stages=1)
+    if has_o:
+        residual, norm_w, eps = post
+        o_buf = torch.empty((1, hidden), dtype=dt, device=x.device)
+        xn = torch.empty((1, hidden), dtype=dt, device=x.device)
+    else:
+        residual, norm_w, eps, o_buf, xn = out, out, 0.0, out, out
+    consts = {f"{key}_{tag}": v for tag, gm in (("O", o), ("A", a), ("B", b)) for key, v in gm["consts"].items()}
+    hb = triton.next_power_of_2(hidden)
+    consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HB=hb, NB=max(128, hb // 32),
+                  L2=cfg["L2"] if x.is_cuda else 0, num_warps=cfg["num_warps"], num_stages=1)
     if consts["PDL"]:
         consts["launch_pdl"] = True
     sms = splitk.sm_count(x.device)
 
     def args(nprog):
-        return (x, qa, sa, za, pa if pa is not None else qa, qb, sb, zb, pb if pb is not None else qb, act, out, ws,
-                cnt, bar, hidden, ga, tpc_a, total_a, qa.stride(0), sa.stride(0), hidden, inter, gb, tpc_b, total_b,
-                qb.stride(0), sb.stride(0), inter, strips_a * cfg["BN_A"], strips_a, nprog, SPIN_MAX, 150 << 23, 20)
+        return (x, *_ptrs(o), *_ptrs(a), *_ptrs(b), o_buf, residual, norm_w, xn, act, out, ws, cnt, bar, *_ints(o),
+                *_ints(a), hidden, *_ints(b), inter, ws_a, o["strips"] if has_o else 0, ws_a + a["ws"],
+                (o["strips"] if has_o else 0) + a["strips"], float(eps), nprog, SPIN_MAX, 150 << 23, 20)
 
     if phases == 1:
         compiled = None
@@ -317,21 +387,66 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
             return None
         if key not in _GRIDS:
             _GRIDS[key] = _occupancy(compiled, cfg["num_warps"])
-        fit = _GRIDS[key]
-        per_sm = min(cfg["PER_SM"], fit)
+        per_sm = min(cfg["PER_SM"], _GRIDS[key])
         if per_sm < 1:
             raise ValueError(f"the W4A16 MLP kernel with {cfg} does not fit one program per SM")
         nprog = sms * per_sm
         _w4a16_mlp_kernel[(nprog,)](*args(nprog), PHASE=0, **consts)
     else:
         nprog = sms * cfg["PER_SM"]
-        if warmup:
-            for phase in (1, 2):
+        for phase in ((1, 2, 3, 4, 5) if has_o else (4, 5)):
+            if warmup:
                 _w4a16_mlp_kernel.warmup(*args(nprog), grid=(nprog,), PHASE=phase, **consts)
+            else:
+                _w4a16_mlp_kernel[(nprog,)](*args(nprog), PHASE=phase, **consts)
+        if warmup:
             return None
-        _w4a16_mlp_kernel[(nprog,)](*args(nprog), PHASE=1, **consts)
-        _w4a16_mlp_kernel[(nprog,)](*args(nprog), PHASE=2, **consts)
     return out
 
 
-__all__ = ["mlp", "config_for", "TUNED", "reserve", "barrier", "errors", "clear_errors", "grid_barrier", "DEFAULT", "SPIN_MAX"]
+def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None, phases: int | None = None,
+        pdl: int | None = None, warmup: bool = False) -> torch.Tensor | None:
+    """x [1, hidden] -> down(silu(gate) * up) [1, hidden] in x's dtype. gate_up, down: (qweight, scales, zeros,
+    group_size, perm) in kernels/w4a16.py's layout (gate_up's N = 2 inter, gate columns first). config: T_A, BN_A
+    (gate/up tile: words x columns, half gate half up), T_B, BN_B (down), num_warps, PER_SM (programs per SM, capped
+    by the occupancy), H2 (kernels/w4a16_half2.py where the group covers a tile), L2 (the next phase's tiles asked of
+    L2 before a barrier). phases: 1 (the barriers in one launch) or 2 (a launch per phase); default 1 on CUDA, 2
+    elsewhere (the interpreter cannot run a spin-wait). pdl: 0, 1 or 2 as the GEMVs' PDL (default 2 where
+    kernels/pdl.py is on, else 0). warmup: compile without launching; returns None."""
+    cfg = dict(DEFAULT, **(config or {}))
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"the W4A16 MLP kernel takes x [1, hidden], got {tuple(x.shape)}")
+    hidden, inter = x.shape[1], gate_up[0].shape[1] // 2
+    if gate_up[0].shape[1] % 2 or down[0].shape[1] != hidden:
+        raise ValueError(f"gate_up N must be 2 * inter and down N = hidden = {hidden}, got {gate_up[0].shape[1]} and "
+                         f"{down[0].shape[1]}")
+    gemvs = dict(a=_gemv("gate_up", gate_up, hidden, 2 * inter, cfg["T_A"], cfg["BN_A"], cfg["H2"], x.dtype, True),
+                 b=_gemv("down", down, inter, hidden, cfg["T_B"], cfg["BN_B"], cfg["H2"], x.dtype, False))
+    return _run(x.contiguous(), gemvs, None, cfg, phases, pdl, warmup)
+
+
+def post_attention(attn: torch.Tensor, residual: torch.Tensor, o_proj: tuple, norm_weight: torch.Tensor, eps: float,
+                   gate_up: tuple, down: tuple, config: dict | None = None, phases: int | None = None,
+                   pdl: int | None = None, warmup: bool = False) -> torch.Tensor | None:
+    """A Llama layer after attention, at batch 1, in one launch: o = attn @ o_proj; residual += o (in place, model
+    dtype); x = rms_norm(residual) * norm_weight (kernels/fused_norm.py's Llama rounding); -> down(silu(gate) * up)
+    of x [1, hidden]. attn [1, q_dim]; o_proj, gate_up, down as `mlp`'s weights; config adds T_O, BN_O (o_proj's
+    tile)."""
+    cfg = dict(DEFAULT, **(config or {}))
+    if attn.dim() != 2 or attn.shape[0] != 1:
+        raise ValueError(f"the W4A16 post-attention kernel takes attn [1, q_dim], got {tuple(attn.shape)}")
+    hidden, inter = residual.shape[-1], gate_up[0].shape[1] // 2
+    if residual.shape != (1, hidden) or not residual.is_contiguous() or residual.dtype != attn.dtype:
+        raise ValueError(f"residual must be a contiguous [1, {hidden}] {attn.dtype} tensor, got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+    if norm_weight.shape != (hidden,):
+        raise ValueError(f"norm_weight must be [{hidden}], got {tuple(norm_weight.shape)}")
+    gemvs = dict(o=_gemv("o_proj", o_proj, attn.shape[1], hidden, cfg["T_O"], cfg["BN_O"], cfg["H2"], attn.dtype,
+                         False),
+                 a=_gemv("gate_up", gate_up, hidden, 2 * inter, cfg["T_A"], cfg["BN_A"], cfg["H2"], attn.dtype, True),
+                 b=_gemv("down", down, inter, hidden, cfg["T_B"], cfg["BN_B"], cfg["H2"], attn.dtype, False))
+    return _run(attn.contiguous(), gemvs, (residual, norm_weight.contiguous(), eps), cfg, phases, pdl, warmup)
+
+
+__all__ = ["mlp", "post_attention", "config_for", "TUNED", "reserve", "barrier", "errors", "clear_errors",
+           "grid_barrier", "DEFAULT", "SPIN_MAX"]

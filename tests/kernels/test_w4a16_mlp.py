@@ -10,7 +10,7 @@ import torch
 
 from kernels import splitk
 from kernels.w4a16 import pack_int4
-from kernels.w4a16_mlp import mlp
+from kernels.w4a16_mlp import mlp, post_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -57,6 +57,43 @@ def test_w4a16_mlp_matches_float64(hidden, inter, ga, gb, act_order, dtype, cfg)
     torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
     ws, cnt = splitk.workspace(torch.device(DEV), 1)
     assert not ws.any() and not cnt.any(), "both phases must leave the split-K workspace zeroed"
+
+
+@pytest.mark.parametrize("q_dim, hidden, inter, group, act_order, dtype, cfg", [
+    (256, 192, 320, 64, False, torch.bfloat16, dict(T_O=8, BN_O=32, T_A=8, BN_A=64, T_B=8, BN_B=64, num_warps=1,
+                                                    PER_SM=3, H2=2)),
+    (128, 256, 384, 32, True, torch.float16, dict(T_O=4, BN_O=64, T_A=8, BN_A=32, T_B=16, BN_B=32, num_warps=1,
+                                                  PER_SM=5, H2=0)),
+])
+def test_w4a16_post_attention_matches_float64(q_dim, hidden, inter, group, act_order, dtype, cfg):
+    """o_proj, the residual add, the Llama RMSNorm and the MLP in one kernel (its five-launch form here): the output
+    and the residual (updated in place) against float64 with each step rounded to the model dtype where the unfused
+    layer stores it (o, h = o + r, the normed row, w * normed, gate/up, SwiGLU). hidden 192 is not a power of two
+    (the norm's row is masked) and takes 64-row blocks; norm slices of 128 columns over several programs."""
+    g = torch.Generator().manual_seed(q_dim + hidden)
+    o, wo, po = weights(q_dim, hidden, group, act_order, dtype, g)
+    a, wa, pa = weights(hidden, 2 * inter, group, act_order, dtype, g)
+    b, wb, pb = weights(inter, hidden, group, act_order, dtype, g)
+    attn = torch.randn(1, q_dim, generator=g).to(dtype)
+    res = torch.randn(1, hidden, generator=g).to(dtype)
+    nw = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    eps = 1e-5
+    att = attn.double()
+    o_out = ((att[:, po] if po is not None else att) @ wo).to(dtype)
+    h = (o_out.double() + res.double()).to(dtype)
+    hd = h.double()
+    normed = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    x = (nw.double() * normed.double()).to(dtype)
+    want = reference(x, wa, pa, wb, pb, dtype)
+    r_dev = res.to(DEV)
+    out = post_attention(attn.to(DEV), r_dev, o, nw.to(DEV), eps, a, b, cfg, phases=2)
+    # bf16: a gate/up value one rounding off in the kernel moves its SwiGLU output by up to 2^-7, and 320-384 such
+    # terms add up in down: 3% of the largest output (a wrong tile or a missed phase is O(1))
+    tol = 3e-3 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(r_dev.cpu().double(), hd, rtol=tol, atol=tol * hd.abs().max().item())  # o's rounding
+    torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
+    ws, cnt = splitk.workspace(torch.device(DEV), 1)
+    assert not ws.any() and not cnt.any(), "every phase must leave the split-K workspace zeroed"
 
 
 def test_w4a16_mlp_refuses_bad_shapes_and_the_barrier_off_cuda():
