@@ -100,7 +100,7 @@ def _word_sums_ref(words, xp0, xp1, xp2, xp3, z, HI: tl.constexpr, acc):
 
 @triton.jit
 def _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S: tl.constexpr, PAIR: tl.constexpr, EVEN: tl.constexpr,
-             HAS_PERM: tl.constexpr, ODD: tl.constexpr, ASM: tl.constexpr, XMOD: tl.constexpr = ""):
+             HAS_PERM: tl.constexpr, ODD: tl.constexpr, ASM: tl.constexpr, XMOD: tl.constexpr):
     """x's f16x2 pairs (nibble j, nibble j + 4) for j = 0..3, as [R] int32 tensors: for rows
     k0 + 16 j + offs_r, or with PAIR the even (ODD False) or odd rows of int32-loaded bf16 pairs."""
     out0 = tl.zeros((offs_r.shape[0],), dtype=tl.int32)
@@ -143,7 +143,7 @@ def _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S: tl.constexpr, PAIR: tl.c
 @triton.jit
 def tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask,
                  offs_r, stride_sg, S: tl.constexpr, PAIR: tl.constexpr, EVEN: tl.constexpr, HAS_PERM: tl.constexpr,
-                 ASM: tl.constexpr, XMOD: tl.constexpr = ""):
+                 ASM: tl.constexpr, XMOD: tl.constexpr):
     """acc [BLOCK_N] += the tile's sums, scaled: `words` [R, BLOCK_N] (with PAIR the tile's even words, `words_o` the
     odd ones, x read as int32 pairs at x2_ptr, and one PTX block takes a word of each). The tile lies in one group.
     k0 is a multiple of the tile's T words (2 R with PAIR, else R): said to the compiler, so x loads as vectors.

@@ -69,7 +69,7 @@ def _fold_nibble(words, j: tl.constexpr, exp0):
 @triton.jit
 def tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r,
               stride_sg, exp0, hi_shift, S: tl.constexpr, JG: tl.constexpr, XPAIR: tl.constexpr, EVEN: tl.constexpr,
-              HAS_PERM: tl.constexpr, FOLD: tl.constexpr, XMOD: tl.constexpr = ""):
+              HAS_PERM: tl.constexpr, FOLD: tl.constexpr, XMOD: tl.constexpr):
     """gemv3's and gemv4's arithmetic on one tile: acc [BLOCK_N] += the tile's scaled sums. `words` [R, BLOCK_N]
     (with XPAIR the even words, `words_o` the odd ones, x read as int32 pairs at x2_ptr; without, words_o and
     x2_ptr are unused). k0: the input of nibble 0 of the tile's first word. A group's scale applies once per
@@ -269,11 +269,11 @@ def _w4a16_gemv4_kernel(
         if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
             acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
                                perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN,
-                               HAS_PERM, ASM)
+                               HAS_PERM, ASM, "")
         else:
             acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
                             s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG,
-                            XPAIR, EVEN, HAS_PERM, FOLD)
+                            XPAIR, EVEN, HAS_PERM, FOLD, "")
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
             strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
