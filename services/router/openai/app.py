@@ -54,25 +54,40 @@ class ApiKeyAndCount:
             # event written (the first body of a stream carries the first token: the response starts with it).
             stamps = scope["folio.stamps"] = [("router.handler", arrived_ns)]
 
+        status = None  # the response's status, counted once its first body message went out (a first token's
+        # event leaves before this process's Prometheus bookkeeping)
+
         async def counting_send(message):
-            nonlocal stamps
+            nonlocal stamps, status
             if message["type"] == "http.response.start":
-                await send(message)  # (counted after: the head goes out first)
+                await send(message)
                 if stamps is not None:  # the response's head is written (the first event goes next)
                     stamps.append(("router.head", time.monotonic_ns()))
-                self.metrics.http_requests.labels(label, str(message["status"])).inc()
+                status = message["status"]
                 return
             if stamps is not None and message.get("body"):
                 stamps.append(("router.sent", time.monotonic_ns()))
                 stamps = None
-            await send(message)
+            try:
+                await send(message)
+            finally:
+                count()
 
-        if self.expected is not None and path.startswith("/v1"):
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not secrets.compare_digest(auth, self.expected):
-                resp = error_response(401, "Unauthorized: give the API key as 'Authorization: Bearer <key>'")
-                return await resp(scope, receive, counting_send)
-        await self.app(scope, receive, counting_send)
+        def count():
+            nonlocal status
+            if status is not None:
+                self.metrics.http_requests.labels(label, str(status)).inc()
+                status = None
+
+        try:
+            if self.expected is not None and path.startswith("/v1"):
+                auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+                if not secrets.compare_digest(auth, self.expected):
+                    resp = error_response(401, "Unauthorized: give the API key as 'Authorization: Bearer <key>'")
+                    return await resp(scope, receive, counting_send)
+            await self.app(scope, receive, counting_send)
+        finally:
+            count()  # (a response whose head went out and no body after it)
 
 
 class BodyLimit:
