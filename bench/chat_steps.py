@@ -1,0 +1,223 @@
+"""The 8B chat's steps A/B'd on one engine, arms alternating: whole steps replayed from their CUDA graphs.
+
+Two attention changes reach the chat run's steps and nothing else there: the prefill pick of mixed steps under
+1,024 tokens (FOLIO_PREFILL_PREFIX_PICK: BASE's tiles walking the chunk list, or 64 x 32 tiles walking it) and the
+decode split merge (FOLIO_DECODE_FUSED_REDUCE: _reduce_splits_kernel after the attention launch, or the last split
+program merging in-kernel). A chat run moves 1-2% from run to run, more than either is worth (~0.1-0.2 ms a step),
+so this times the steps themselves: one random-weight engine of the 8B shape (max_model_len 2,064 as the chat
+run's), graphs captured only for the buckets of the steps below, re-captured for each arm (an arm sets the
+environment both changes read), arms alternated ROUNDS times. First each arm's logits for every step, against the
+first arm's (max |diff|, argmax agreement: a greedy token can change where the top two logits are that close);
+then device ms per step (median of --iters, a GPU sleep in front so the host's launch is hidden), per arm and round.
+
+Mixed steps (decodes at contexts 200-1,200 beside fresh prompts) replay mixed graphs: the prefill pick applies;
+their decode rows take one split (no merge). Decode steps (contexts 200-1,800) at 1-64 sequences take 8-32
+splits: the merge applies. Each step has its own blocks, so no step reads KV another one wrote.
+
+    python bench/chat_steps.py --out bench/results/chat_steps.json       # ~45 s on an H200
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.throughput import write_config  # noqa: E402
+
+ARMS = {  # name -> environment (None: unset)
+    "base+reduce": {"FOLIO_PREFILL_PREFIX_PICK": None, "FOLIO_DECODE_FUSED_REDUCE": "0"},
+    "tiles64+fused": {"FOLIO_PREFILL_PREFIX_PICK": "tiles64", "FOLIO_DECODE_FUSED_REDUCE": "1"},
+}
+MAX_MODEL_LEN = 2064  # bench/throughput.py's chat run: the longest prompt + output + 16
+
+
+def chat_steps(seed: int = 3) -> dict[str, list[tuple[int, int]]]:
+    """name -> [(new tokens, context incl. them)] per sequence."""
+    rng = np.random.default_rng(seed)
+    dec = lambda n, lo=200, hi=1200: [(1, int(c)) for c in rng.integers(lo, hi, n)]  # noqa: E731
+    return {
+        "mixed 254 dec + 343 prompt": dec(254) + [(343, 343)],  # the chat's mean mixed step
+        "mixed 250 dec + 120, 600": dec(250) + [(120, 120), (600, 600)],
+        "mixed 60 dec + 900 prompt": dec(60) + [(900, 900)],
+        "mixed 200 dec + 100 prompt": dec(200) + [(100, 100)],
+        "decode 1": dec(1, 200, 1800),
+        "decode 4": dec(4, 200, 1800),
+        "decode 16": dec(16, 200, 1800),
+        "decode 48": dec(48, 200, 1800),
+        "decode 64": dec(64, 200, 1800),
+    }
+
+
+def step_inputs(runner, lens: list[tuple[int, int]], first_block: int, seed: int):
+    """StepInputs for sequences (new tokens, context) on blocks first_block, first_block + 1, ...; logits rows:
+    each sequence's last token. Returns (inputs, blocks used)."""
+    from services.engine.attention.metadata import AttentionMetadata
+    from services.engine.model_runner import StepInputs
+
+    from kernels.paged_prefill import make_chunk_list
+
+    bs, dev = runner.block_size, runner.device
+    need = [-(-ctx // bs) for _, ctx in lens]
+    width = -(-max(need) // 16) * 16
+    tables = np.zeros((len(lens), width), dtype=np.int32)
+    nxt = first_block
+    for i, n in enumerate(need):
+        tables[i, :n] = np.arange(nxt, nxt + n)
+        nxt += n
+    assert nxt <= runner.kv_caches[0].shape[1], "KV pool too small for the steps"
+    pos = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in lens])
+    seq_of = np.repeat(np.arange(len(lens)), [n for n, _ in lens])
+    slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
+    q = [n for n, _ in lens]
+    qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
+    ids = np.random.default_rng(seed).integers(3, runner.cfg.vocab_size, len(pos))
+
+    def put(a, dtype):
+        return torch.as_tensor(np.asarray(a), dtype=dtype).to(dev)
+
+    meta = AttentionMetadata(
+        num_seqs=len(lens), num_tokens=len(pos), query_start_loc=put(qsl, torch.int32),
+        seq_lens=put([c for _, c in lens], torch.int32), block_tables=put(tables, torch.int32),
+        slot_mapping=put(slots, torch.int64), max_query_len=max(q), max_seq_len=max(c for _, c in lens),
+        query_lens_cpu=q, seq_lens_cpu=[c for _, c in lens], chunk_list=put(make_chunk_list(q), torch.int32))
+    return StepInputs(put(ids, torch.long), put(pos, torch.long), meta, put(qsl[1:] - 1, torch.long)), nxt
+
+
+def buckets(steps: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The decode batch buckets and mixed token buckets (multiples of 16) the steps replay."""
+    dec = sorted({len(lens) for lens in steps.values() if all(n == 1 for n, _ in lens)})
+    mix = sorted({-(-sum(n for n, _ in lens) // 16) * 16 for lens in steps.values() if any(n > 1 for n, _ in lens)})
+    return tuple(dec), tuple(mix)
+
+
+def set_arm(env: dict) -> None:
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def recapture(llm, dec_max: int, mix_max: int) -> float:
+    runner = llm.engine.runner
+    t0 = time.perf_counter()
+    runner.graphs = None
+    gc.collect()
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+    runner.capture_decode_graphs(dec_max, MAX_MODEL_LEN)
+    runner.capture_mixed_graphs(mix_max, 256, MAX_MODEL_LEN)
+    return time.perf_counter() - t0
+
+
+def device_ms(runner, inputs, iters: int) -> float:
+    """Median device time of one replayed step, queued behind a GPU sleep so the host's launch is hidden."""
+    for _ in range(2):
+        runner.execute(inputs)
+    if runner.device.type != "cuda":  # --smoke: wall time of an eager step
+        t = time.perf_counter()
+        runner.execute(inputs)
+        return 1e3 * (time.perf_counter() - t)
+    out = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(10_000_000)  # ~5 ms: a graph replay launches in well under that
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        runner.execute(inputs)
+        e1.record()
+        e1.synchronize()
+        out.append(e0.elapsed_time(e1))
+    return float(np.median(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="times each arm is captured and timed, alternating")
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds after the engine is up; rounds stop there")
+    ap.add_argument("--smoke", action="store_true", help="the tiny shape on the CPU, eagerly (checks the script runs)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_steps.json"))
+    args = ap.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("bench/chat_steps.py needs a CUDA GPU (or --smoke)")
+    from folio import LLM
+    from services.engine import cuda_graphs
+
+    t0 = time.perf_counter()
+    steps = chat_steps()
+    if args.smoke:
+        steps = {k: [(min(n, 24), min(c, 40)) for n, c in v[-4:]] for k, v in steps.items()}
+    dec_b, mix_b = buckets(steps)
+    cuda_graphs.DECODE_BUCKETS, cuda_graphs.MIXED_BUCKETS = dec_b, mix_b  # only these graphs: fast captures
+    first_arm = next(iter(ARMS))
+    set_arm(ARMS[first_arm])
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(str(write_config("tiny" if args.smoke else "llama-3-8b", Path(tmp))), load_format="dummy",
+                  dtype="float32" if args.smoke else "bfloat16", device="cpu" if args.smoke else "cuda",
+                  max_model_len=MAX_MODEL_LEN, max_num_seqs=256, enable_prefix_caching=False,
+                  async_scheduling=False, max_mixed_graph_tokens=mix_b[-1])
+    runner = llm.engine.runner
+    print(f"engine up at {time.perf_counter() - t0:.1f} s; graphs: decode {dec_b}, mixed {mix_b}", flush=True)
+    inputs, block = {}, 0
+    for i, (name, lens) in enumerate(steps.items()):
+        inputs[name], block = step_inputs(runner, lens, block, seed=i)
+    t_end = time.perf_counter() + args.budget
+    rec = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "device": "cpu" if args.smoke else torch.cuda.get_device_name(),
+           "command": "python bench/chat_steps.py " + " ".join(sys.argv[1:]), "arms": ARMS,
+           "logits": {}, "ms": {arm: {name: [] for name in steps} for arm in ARMS}, "capture_s": []}
+    ref_logits = {}
+    for rnd in range(args.rounds):
+        for arm, env in ARMS.items():
+            if time.perf_counter() > t_end:
+                break
+            set_arm(env)
+            rec["capture_s"].append(recapture(llm, dec_b[-1], mix_b[-1]))
+            with torch.inference_mode():
+                if rnd == 0:  # each arm's logits against the first arm's, before any timing
+                    for name, inp in inputs.items():
+                        logits = runner.execute(inp).float()
+                        if arm == first_arm:
+                            ref_logits[name] = logits
+                            continue
+                        ref = ref_logits[name]
+                        top2 = ref.topk(2, dim=-1).values
+                        agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+                        rec["logits"].setdefault(arm, {})[name] = dict(
+                            max_abs_diff=(logits - ref).abs().max().item(), argmax_agreement=agree,
+                            min_top2_gap=(top2[:, 0] - top2[:, 1]).min().item(), bitwise_equal=bool(torch.equal(logits, ref)))
+                        r = rec["logits"][arm][name]
+                        print(f"logits {arm} vs {first_arm}, {name}: max |diff| {r['max_abs_diff']:.4f}, argmax "
+                              f"agreement {agree:.3f}, bitwise equal {r['bitwise_equal']}", flush=True)
+                for name, inp in inputs.items():
+                    rec["ms"][arm][name].append(device_ms(runner, inp, args.iters))
+            print(f"round {rnd} {arm}: " + ", ".join(f"{n.split(' ', 1)[0][0]}{n.split(' ', 2)[1]} "
+                                                      f"{rec['ms'][arm][n][-1]:.3f}" for n in steps), flush=True)
+    print(f"\n{'step (ms, median over rounds)':<32}" + "".join(f"{a:>16}" for a in ARMS) + f"{'ratio':>8}")
+    arms = list(ARMS)
+    rec["summary"] = {}
+    for name in steps:
+        med = [float(np.median(rec["ms"][a][name])) if rec["ms"][a][name] else float("nan") for a in arms]
+        rec["summary"][name] = dict(zip(arms, med), ratio=med[1] / med[0])
+        print(f"{name:<32}" + "".join(f"{m:>16.3f}" for m in med) + f"{med[1] / med[0]:>8.3f}", flush=True)
+    rec["wall_s"] = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rec, indent=1))
+    print(f"wrote {args.out} ({rec['wall_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
