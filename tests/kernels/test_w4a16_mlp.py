@@ -110,10 +110,12 @@ def test_w4a16_mlp_refuses_bad_shapes_and_the_barrier_off_cuda():
             mlp(x, a, b, phases=1)
 
 
-def test_w4a16_llama_mlp_in_one_launch_at_batch_1(monkeypatch):
-    """A 4-bit Llama decoding one token with FUSE_MLP: each layer's gate/up projection runs the whole MLP
-    (kernels/w4a16_mlp.py, its two-launch form here) and returns an MLPOutput that LlamaMLP returns; the logits equal
-    the per-GEMV Triton path's (gate/up with SwiGLU in its epilogue, then down) and the dequantize-then-matmul
+@pytest.mark.parametrize("flag", ["FUSE_MLP", "FUSE_POST"])
+def test_w4a16_llama_layer_tail_in_one_launch_at_batch_1(monkeypatch, flag):
+    """A 4-bit Llama decoding one token with FUSE_MLP (each layer's gate/up projection runs the whole MLP and returns an
+    MLPOutput) or FUSE_POST (each layer's o projection runs o, the residual add, the post-attention norm and the MLP
+    and returns a LayerOutput): kernels/w4a16_mlp.py in its launch-per-phase form here. The logits equal the per-GEMV
+    Triton path's (norm kernel, gate/up with SwiGLU in its epilogue, then down) and the dequantize-then-matmul
     reference's."""
     from services.engine.attention.metadata import AttentionMetadata
     from services.engine.attention.torch_backend import TorchAttentionBackend
@@ -126,19 +128,20 @@ def test_w4a16_llama_mlp_in_one_launch_at_batch_1(monkeypatch):
     hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
                                           "desc_act": False})
     calls = []
-    real = w4a16_mlp.mlp
+    entry = "mlp" if flag == "FUSE_MLP" else "post_attention"
+    real = getattr(w4a16_mlp, entry)
 
     def spy(*a, **k):
         calls.append(a[0].shape)
         return real(*a, **k)
 
-    monkeypatch.setattr(w4a16_mlp, "mlp", spy)
+    monkeypatch.setattr(w4a16_mlp, entry, spy)
     monkeypatch.setitem(w4a16_mlp.TUNED, (LLAMA["hidden_size"], LLAMA["intermediate_size"]),
-                        dict(T_A=8, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=3, H2=2))
+                        dict(T_O=8, BN_O=32, T_A=8, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=3, H2=2))
     outs = {}
     for name, kernels, fuse in (("reference", False, False), ("per-GEMV", True, False), ("one launch", True, True)):
         monkeypatch.setattr(int4, "_kernels", lambda x, on=kernels: on)
-        monkeypatch.setattr(int4, "FUSE_MLP", fuse)
+        monkeypatch.setattr(int4, flag, fuse)
         model = build_model(hf, TorchAttentionBackend(), torch.float32, torch.device(DEV))
         model.init_dummy(seed=6)
         model.set_fused_elementwise(kernels)

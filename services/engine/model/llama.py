@@ -18,7 +18,7 @@ from services.engine.model.layers.linear import MergedColumnParallelLinear, QKVP
 from services.engine.model.layers.norm import RMSNorm
 from services.engine.model.layers.rotary import RotaryEmbedding, rope_parameters
 from services.engine.model.quantization.fp8 import FP8Output, dense
-from services.engine.model.quantization.int4 import MLPOutput, RotatedQKV
+from services.engine.model.quantization.int4 import LayerOutput, MLPOutput, RotatedQKV
 
 STACKED_QKV_GATE_UP = (
     (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
@@ -122,7 +122,13 @@ class LlamaDecoderLayer(torch.nn.Module):
             residual, x = h, self.input_layernorm(h, quant_for=qkv)
         else:
             x, residual = self.input_layernorm(h, residual, quant_for=qkv)
+        # One token: a W4A16 o projection may run the residual add, this norm and the MLP itself (quantization/int4.py's
+        # FUSE_POST, one launch); other methods leave `then_post` unread.
+        self.self_attn.o_proj.then_post = (self.post_attention_layernorm, self.mlp, residual) \
+            if self.residual_multiplier == 1.0 and isinstance(self.mlp, LlamaMLP) and positions.shape[0] == 1 else None
         h = self.self_attn(positions, x, kv_cache, meta)
+        if isinstance(h, LayerOutput):  # the residual is updated in place
+            return h.y, residual
         if self.residual_multiplier != 1.0:  # Granite scales each block's output before the add
             h = dense(h) * self.residual_multiplier
         x, residual = self.post_attention_layernorm(h, residual, quant_for=self.mlp_in)

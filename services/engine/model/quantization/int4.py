@@ -37,6 +37,11 @@ FUSE_MLP = os.environ.get("FOLIO_W4A16_MLP", "0") == "1"
 """At batch 1 a SwiGLU MLP whose gate/up and down projections are both W4A16 (the model sets `then_down` next to
 `then_act`; one rank, no biases) runs as one persistent launch (kernels/w4a16_mlp.py: gate/up, SwiGLU and down with
 a grid-wide barrier between the GEMVs) and the gate/up projection returns an MLPOutput, the MLP's result."""
+FUSE_POST = os.environ.get("FOLIO_W4A16_POST", "0") == "1"
+"""At batch 1 a Llama layer's o projection whose model set `then_post` (llama.py: the post-attention RMSNorm, the
+MLP, the residual) runs o_proj, the residual add, the norm and the MLP as one persistent launch
+(kernels/w4a16_mlp.py's post_attention) and returns a LayerOutput (the MLP's output; the residual updated in place):
+where all three projections are W4A16 on one rank without biases and the norm is Llama's."""
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
@@ -54,15 +59,47 @@ class MLPOutput(NamedTuple):
     y: torch.Tensor
 
 
+class LayerOutput(NamedTuple):
+    """A layer's MLP output returned by its W4A16 o projection at batch 1 (FUSE_POST), the residual already updated;
+    the model skips its post-attention norm and MLP."""
+    y: torch.Tensor
+
+
+def _weights(layer) -> tuple:
+    return layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm
+
+
+def _one_rank_int4(layer) -> bool:
+    """A W4A16 linear layer on one rank without a bias (the fused launches' projections)."""
+    return (layer is not None and isinstance(layer.method, Int4Layout) and getattr(layer, "qweight", None) is not None
+            and layer.bias is None and layer.tp is None)
+
+
+def _fused_layer(layer, x2: torch.Tensor) -> torch.Tensor | None:
+    """The layer's MLP output from kernels/w4a16_mlp.py's post_attention when this o projection and its `then_post`
+    (norm, mlp, residual) can run as one launch, else None."""
+    post = getattr(layer, "then_post", None)
+    if not FUSE_POST or post is None or x2.shape[0] != 1 or not _kernels(x2) or not _one_rank_int4(layer):
+        return None
+    norm, mlp, residual = post
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    act = getattr(gate_up, "then_act", None)
+    if (not (_one_rank_int4(gate_up) and _one_rank_int4(down)) or act is None or act.act is not F.silu
+            or not norm.fused or norm.gemma or norm.scale_in_float32 or norm.tp is not None
+            or residual.shape != (1, layer.qweight.shape[1]) or not residual.is_contiguous() or residual.dtype != x2.dtype):
+        return None
+    hidden, inter = residual.shape[1], gate_up.qweight.shape[1] // 2
+    return w4a16_mlp.post_attention(x2, residual, _weights(layer), norm.weight, norm.eps, _weights(gate_up),
+                                    _weights(down), config=w4a16_mlp.config_for(hidden, inter))
+
+
 def _fused_mlp(layer, x2: torch.Tensor) -> torch.Tensor | None:
     """The MLP's output from kernels/w4a16_mlp.py when this gate/up projection and its `then_down` can run as one
     launch (batch 1 on CUDA, SiLU, both W4A16, one rank, no biases), else None."""
     down = getattr(layer, "then_down", None)
-    if (not FUSE_MLP or down is None or x2.shape[0] != 1 or not _kernels(x2) or not isinstance(down.method, Int4Layout)
-            or down.bias is not None or getattr(down, "tp_size", 1) != 1 or getattr(down, "qweight", None) is None):
+    if not FUSE_MLP or x2.shape[0] != 1 or not _kernels(x2) or not (_one_rank_int4(layer) and _one_rank_int4(down)):
         return None
-    return w4a16_mlp.mlp(x2, (layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm),
-                         (down.qweight, down.scales, down.zeros, down.group_size, down.perm),
+    return w4a16_mlp.mlp(x2, _weights(layer), _weights(down),
                          config=w4a16_mlp.config_for(x2.shape[1], layer.qweight.shape[1] // 2))
 
 
@@ -147,6 +184,10 @@ class Int4Layout:
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
                       qtc=layer.qweight_tc)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
+        if x2.shape[0] == 1 and getattr(layer, "then_post", None) is not None:
+            y = _fused_layer(layer, x2)
+            if y is not None:
+                return LayerOutput(y.reshape(*shape[:-1], y.shape[-1]))
         rope = getattr(layer, "then_rope", None)
         if FUSE_ROPE and rope is not None and bias is None and x2.shape[0] == 1 and _kernels(x):
             y, done = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm,
