@@ -1,19 +1,21 @@
-"""The batch-1 W4A16 MLP in one persistent launch (kernels/w4a16_mlp.py) against today's two GEMV launches, on the
-Llama-3-8B MLP (hidden 4096, inter 14336, group 128, bf16) on one GPU: checks first, then 32 layers' MLPs chained in
-one CUDA graph (2.8 GB of 4-bit weights, read from HBM), µs per layer and the weights' effective read rate.
+"""The batch-1 W4A16 layer tail in one persistent launch (kernels/w4a16_mlp.py: the MLP alone, or o_proj + residual
+add + RMSNorm + MLP) against today's launches, Llama-3-8B shapes (hidden 4096, q 4096, inter 14336, group 128, bf16)
+on one GPU: checks, kernel timing until --timing-until, then the engine (bench/w4a16.py's engine runs) to --budget.
 
-    timeout 80 python bench/w4a16_mlp.py [--json PATH] [--budget 70]
+    timeout 88 python bench/w4a16_mlp.py [--json PATH] [--timing-until 32] [--budget 78]
+        [--engines w4a16+post+prof w4a16]
 
-1. checks (exit 1 on a failure): the one-launch kernel (grid barrier) and its two-launch form against float32
-   x @ dequant(w) with gate/up rounded as the unfused path stores it: the 8B shape, act-order with group 32 on
-   a smaller odd shape, PDL 0 / 2, a CUDA graph of 4 chained MLPs replayed with new inputs (the barrier's
-   generation counter needs no reset between replays), the barrier's error word (a program that gave up waiting)
-   and the split-K workspace left zeroed.
-2. timing, one graph of 32 layers each: the current chain (gate/up `w4a16(gated=True)` then down, the committed
-   TUNED configs, PDL), the persistent kernel over a grid of configs (tile words x columns per phase, warps,
-   programs per SM capped by the compiled kernel's occupancy, L2 prefetches of down's next tiles before the barrier),
-   the best one as two launches (the barrier against
-   the launch boundary), and a read-only kernel over the same bytes (the ceiling).
+1. checks (exit 1 on a failure; each check on its own, so one failing does not stop the rest): both kernels in one
+   launch (grid barriers) and a launch per phase against float32 x @ dequant(w) with each intermediate rounded as
+   the unfused layer stores it, PDL 0 / 2, act-order with group 32 on an odd shape, a CUDA graph of 4 chained layer
+   tails replayed with new inputs (the barrier's generation counter needs no reset), the barrier's error word (a
+   program that gave up waiting: the grid was not resident) and the split-K workspace left zeroed.
+2. timing, one CUDA graph of 32 layers each (3.6 GB of 4-bit weights, read from HBM): the MLP (current: gate/up
+   with SwiGLU epilogue + down; persistent over a grid of configs), the post-attention tail (current: o GEMV,
+   add + RMSNorm kernel, MLP; persistent), µs per layer and the weights' effective read rate; a read-only kernel over
+   the same bytes (the ceiling).
+3. engine (--engines, tags as bench/w4a16.py: +post = int4.FUSE_POST, +mlp = FUSE_MLP, +prof): batch-1 decode
+   ms/token, greedy tokens against the first run, the barrier error word after each run.
 """
 
 from __future__ import annotations
@@ -36,32 +38,20 @@ from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
 from kernels import w4a16_mlp as wm  # noqa: E402
+from kernels.fused_norm import add_rms_norm  # noqa: E402
 
 DEV, DTYPE = q.DEV, q.DTYPE
-HIDDEN, INTER, GROUP, LAYERS = 4096, 14336, 128, 32
+HIDDEN, QDIM, INTER, GROUP, LAYERS = 4096, 4096, 14336, 128, 32
+EPS = 1e-5
 
+BASE = dict(T_O=16, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
 CONFIGS = [
-    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2),
-    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=3, H2=2),
-    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=4, H2=2),
-    dict(T_A=16, BN_A=512, T_B=16, BN_B=512, num_warps=4, PER_SM=2, H2=2),
-    dict(T_A=16, BN_A=256, T_B=16, BN_B=256, num_warps=2, PER_SM=6, H2=2),
-    dict(T_A=8, BN_A=256, T_B=8, BN_B=256, num_warps=2, PER_SM=8, H2=2),
-    dict(T_A=16, BN_A=256, T_B=8, BN_B=256, num_warps=2, PER_SM=4, H2=2),
-    dict(T_A=8, BN_A=128, T_B=8, BN_B=128, num_warps=1, PER_SM=16, H2=2),
-    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=3, H2=2, L2=2),
-    dict(T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=3, H2=2, L2=4),
+    BASE,
+    dict(BASE, PER_SM=3),
+    dict(BASE, PER_SM=3, L2=2),
+    dict(BASE, T_A=8, BN_A=256, T_B=8, BN_B=256, T_O=8, BN_O=256, num_warps=2, PER_SM=6),
+    dict(BASE, T_A=16, BN_A=512, T_B=16, BN_B=512, T_O=16, BN_O=512, PER_SM=2),
 ]
-
-
-def reference(x, a, b):
-    """float32 x @ dequant(gate/up), rounded to x's dtype, silu(gate) * up rounded as kernels/silu_mul.py, @ down."""
-    xs = x.float()[:, a[4].long()] if a[4] is not None else x.float()
-    gu = (xs @ w4.dequantize_int4(a[0], a[1], a[2], a[3], x.shape[1])).to(x.dtype).float()
-    gate, up = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
-    act = (torch.nn.functional.silu(gate).to(x.dtype).float() * up).to(x.dtype).float()
-    acts = act[:, b[4].long()] if b[4] is not None else act
-    return acts @ w4.dequantize_int4(b[0], b[1], b[2], b[3], act.shape[1])
 
 
 def weights(k, n, group, g, act_order=False, scale=0.01):
@@ -75,74 +65,149 @@ def weights(k, n, group, g, act_order=False, scale=0.01):
     return qw, s, z, group, perm
 
 
-def check(rows, failures, name, out, ref):
-    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+def layer(g, hidden=HIDDEN, qdim=QDIM, inter=INTER, group=GROUP, act_order=False):
+    """(o, gate_up, down, norm weight): scales picked so activations stay O(1) through the chain."""
+    return (weights(qdim, hidden, group, g, act_order, 0.004), weights(hidden, 2 * inter, group, g, act_order, 0.01),
+            weights(inter, hidden, group, g, act_order, 0.002),
+            (1 + 0.1 * torch.randn(hidden, generator=g, device=DEV)).to(DTYPE))
+
+
+def lin_ref(x, w):
+    xs = x.float()[:, w[4].long()] if w[4] is not None else x.float()
+    return xs @ w4.dequantize_int4(w[0], w[1], w[2], w[3], x.shape[1])
+
+
+def mlp_ref(x, a, b):
+    """float32 x @ dequant(gate/up) rounded to x's dtype, silu(gate) * up rounded as kernels/silu_mul.py, @ down."""
+    gu = lin_ref(x, a).to(x.dtype).float()
+    gate, up = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
+    act = (torch.nn.functional.silu(gate).to(x.dtype).float() * up).to(x.dtype)
+    return lin_ref(act, b)
+
+
+def post_ref(attn, residual, lw):
+    """(MLP output float32, new residual) of o_proj -> add -> Llama RMSNorm -> MLP."""
+    o, a, b, nw = lw
+    h = (lin_ref(attn, o).to(attn.dtype).float() + residual.float()).to(attn.dtype)
+    hf = h.float()
+    x = (nw.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(attn.dtype).float()).to(attn.dtype)
+    return mlp_ref(x, a, b), h
+
+
+def record_check(rows, failures, name, out, ref, tol=2e-2):
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     ws, cnt = splitk.workspace(DEV, 1)
     barrier_err = wm.errors(DEV)
-    ok = err < 2e-2 and not ws.any().item() and not cnt.any().item() and barrier_err == 0
+    ok = err < tol and not ws.any().item() and not cnt.any().item() and barrier_err == 0
     row = dict(name=name, rel_err=err, workspace_zero=not ws.any().item(), barrier_error=barrier_err, ok=ok)
     rows.append(row)
-    print(f"check {name:<52} rel err {err:.2e}  {'ok' if ok else 'FAILED'}"
-          + ("" if barrier_err == 0 else "  (a program gave up at the barrier)"), flush=True)
+    print(f"check {name:<56} rel err {err:.2e}  {'ok' if ok else 'FAILED'}"
+          + ("" if barrier_err == 0 else "  (a program gave up at a barrier)"), flush=True)
     if not ok:
         failures.append(row)
     wm.clear_errors(DEV)
+
+
+def guarded(rows, failures, name, fn):
+    """Run one check; an exception is a failed check, and the others still run."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        row = dict(name=name, error=f"{type(e).__name__}: {str(e)[-400:]}", ok=False)
+        rows.append(row)
+        failures.append(row)
+        print(f"check {name:<56} FAILED: {row['error']}", flush=True)
+        wm.clear_errors(DEV)
 
 
 def checks(failures) -> list:
     g = torch.Generator(device=DEV).manual_seed(5)
     rows: list = []
     wm.reserve(DEV, HIDDEN, INTER)
-    a = weights(HIDDEN, 2 * INTER, GROUP, g)
-    b = weights(INTER, HIDDEN, GROUP, g, scale=0.002)
+    lw = layer(g)
+    o, a, b, nw = lw
     x = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
-    ref = reference(x, a, b)
-    cur = w4.w4a16(w4.w4a16(x, *a, gated=True), *b)
-    check(rows, failures, "current chain (gemv3 gated + down)", cur, ref)
-    for phases, pdl in ((1, 0), (2, 0), (1, 2), (2, 2)):
-        for cfg in (CONFIGS[0], CONFIGS[5]):
-            got = q.attempt(lambda: wm.mlp(x, a, b, cfg, phases=phases, pdl=pdl))
-            if isinstance(got, Exception):
-                failures.append(dict(name=f"8B phases {phases} pdl {pdl}", error=repr(got)))
-                continue
-            check(rows, failures, f"8B {phases} launch(es) pdl {pdl} warps {cfg['num_warps']}", got, ref)
-    # act-order on both GEMVs, group 32 (H2 off: the float32 path), odd K (64-row blocks), a half strip past inter
-    a2 = weights(1088, 2 * 2880, 32, g, act_order=True)
-    b2 = weights(2880, 1088, 32, g, act_order=True, scale=0.004)
+    attn = torch.randn(1, QDIM, generator=g, device=DEV).to(DTYPE)
+    res = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
+    ref = mlp_ref(x, a, b)
+    pref, href = post_ref(attn, res, lw)
+    t0 = time.time()
+    lw2 = layer(g, hidden=1088, qdim=576, inter=2880, group=32, act_order=True)
     x2 = torch.randn(1, 1088, generator=g, device=DEV).to(DTYPE)
-    ref2 = reference(x2, a2, b2)
+    attn2 = torch.randn(1, 576, generator=g, device=DEV).to(DTYPE)
+    res2 = torch.randn(1, 1088, generator=g, device=DEV).to(DTYPE)
+    jobs = []  # compile every checked variant at once (threads), not one after another
+    for phases, pdl, i in ((1, 2, 0), (1, 2, 3), (2, 2, 0), (1, 0, 0)):
+        jobs += [lambda c=CONFIGS[i], p=phases, d=pdl: wm.mlp(x, a, b, c, phases=p, pdl=d, warmup=True),
+                 lambda c=CONFIGS[i], p=phases, d=pdl: wm.post_attention(attn, res, o, nw, EPS, a, b, c, phases=p,
+                                                                         pdl=d, warmup=True)]
     for phases in (1, 2):
-        got = q.attempt(lambda: wm.mlp(x2, a2, b2, CONFIGS[0], phases=phases, pdl=2))
-        if isinstance(got, Exception):
-            failures.append(dict(name=f"act-order phases {phases}", error=repr(got)))
-            continue
-        check(rows, failures, f"act-order g32 1088x2880, {phases} launch(es)", got, ref2)
-    # a graph of 4 chained MLPs (each reads the previous one's output), replayed with new inputs
-    layers = [(weights(HIDDEN, 2 * INTER, GROUP, g), weights(INTER, HIDDEN, GROUP, g, scale=0.002)) for _ in range(4)]
-    xin = torch.zeros(1, HIDDEN, device=DEV, dtype=DTYPE)
+        jobs += [lambda p=phases: wm.mlp(x2, lw2[1], lw2[2], BASE, phases=p, pdl=2, warmup=True),
+                 lambda p=phases: wm.post_attention(attn2, res2, lw2[0], lw2[3], EPS, lw2[1], lw2[2], BASE, phases=p,
+                                                    pdl=2, warmup=True)]
+    q.precompile(jobs)
+    print(f"checks: compiled in {time.time() - t0:.0f} s", flush=True)
+    guarded(rows, failures, "current MLP (gemv3 gated + down)",
+            lambda: record_check(rows, failures, "current MLP (gemv3 gated + down)",
+                                 w4.w4a16(w4.w4a16(x, *a, gated=True), *b), ref))
+    for phases, pdl, i in ((1, 2, 0), (1, 2, 3), (2, 2, 0), (1, 0, 0)):
+        cfg = CONFIGS[i]
+        name = f"MLP {phases} launch(es) pdl {pdl} cfg #{i}"
+        guarded(rows, failures, name, lambda cfg=cfg, name=name, phases=phases, pdl=pdl: record_check(
+            rows, failures, name, wm.mlp(x, a, b, cfg, phases=phases, pdl=pdl), ref))
 
-    def chain():
-        h = xin
-        for la, lb in layers:
-            h = wm.mlp(h, la, lb, CONFIGS[0], phases=1, pdl=2)
-        return h
+        def post(cfg=cfg, phases=phases, pdl=pdl, i=i):
+            r = res.clone()
+            out = wm.post_attention(attn, r, o, nw, EPS, a, b, cfg, phases=phases, pdl=pdl)
+            record_check(rows, failures, f"post-attention {phases} launch(es) pdl {pdl} cfg #{i}", out, pref)
+            record_check(rows, failures, "  its residual", r, href, tol=1e-2)
+        guarded(rows, failures, f"post-attention {phases} pdl {pdl} cfg #{i}", post)
+    # act-order on every GEMV, group 32 (H2 off: the float32 path), odd K (64-row blocks), a half strip past inter
+    ref2 = mlp_ref(x2, lw2[1], lw2[2])
+    pref2, _ = post_ref(attn2, res2, lw2)
+    for phases in (1, 2):
+        guarded(rows, failures, f"act-order MLP {phases}", lambda phases=phases: record_check(
+            rows, failures, f"act-order g32 1088/2880 MLP, {phases} launch(es)",
+            wm.mlp(x2, lw2[1], lw2[2], BASE, phases=phases, pdl=2), ref2))
+        guarded(rows, failures, f"act-order post {phases}", lambda phases=phases: record_check(
+            rows, failures, f"act-order g32 576/1088/2880 post-attention, {phases} launch(es)",
+            wm.post_attention(attn2, res2.clone(), lw2[0], lw2[3], EPS, lw2[1], lw2[2], BASE, phases=phases, pdl=2),
+            pref2))
 
-    try:
-        out = q.attempt(lambda: (chain(), torch.cuda.synchronize()))
+    def graph_check():
+        """Each layer checked on the inputs the graph gave it (its outputs and residuals kept), so rounding does not
+        compound over the chain."""
+        layers = [layer(g) for _ in range(4)]
+        ain = torch.zeros(1, QDIM, device=DEV, dtype=DTYPE)
+        rin = torch.zeros(1, HIDDEN, device=DEV, dtype=DTYPE)
+
+        def chain():
+            h, kept = ain, []
+            for lw_ in layers:  # each layer's attention input is the previous layer's output (shapes match: q = hidden)
+                h = wm.post_attention(h, rin, lw_[0], lw_[3], EPS, lw_[1], lw_[2], BASE, phases=1, pdl=2)
+                kept.append((h, rin.clone()))
+            return kept
+
+        chain()
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            hout = chain()
+            kept = chain()
+        r0 = torch.empty_like(rin)
         for rep in range(3):
-            xin.copy_(torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE))
+            ain.copy_(torch.randn(1, QDIM, generator=g, device=DEV).to(DTYPE))
+            rin.copy_((0.5 * torch.randn(1, HIDDEN, generator=g, device=DEV)).to(DTYPE))
+            r0.copy_(rin)
             graph.replay()
-            h = xin.clone()
-            for la, lb in layers:
-                h = reference(h, la, lb).to(DTYPE)
-            check(rows, failures, f"graph of 4 chained MLPs, replay {rep}", hout, h.float())
-        del graph, out
-    except Exception as e:  # noqa: BLE001
-        failures.append(dict(name="graph", error=repr(e)))
-        print(f"check graph FAILED: {e!r}", flush=True)
+            h, r = ain, r0
+            for i, lw_ in enumerate(layers):
+                want, want_r = post_ref(h, r, lw_)
+                record_check(rows, failures, f"graph of 4 chained tails, replay {rep}, layer {i}", kept[i][0], want)
+                record_check(rows, failures, "  its residual", kept[i][1], want_r, tol=1e-2)
+                h, r = kept[i]
+        del graph
+
+    guarded(rows, failures, "graph", graph_check)
     return rows
 
 
@@ -167,14 +232,14 @@ def read_flat(t, programs, block=2048, warps=4):
 
 def timing(start, budget, failures) -> dict:
     g = torch.Generator(device=DEV).manual_seed(7)
-    layers = [(weights(HIDDEN, 2 * INTER, GROUP, g), weights(INTER, HIDDEN, GROUP, g, scale=0.002))
-              for _ in range(LAYERS)]
-    per_layer_bytes = sum(t.numel() * t.element_size() for w in layers[0] for t in w[:3])
+    layers = [layer(g) for _ in range(LAYERS)]
+    nbytes = lambda ws: sum(t.numel() * t.element_size() for w in ws for t in w[:3])  # noqa: E731
+    mlp_bytes, post_bytes = nbytes(layers[0][1:3]), nbytes(layers[0][:3])
     x0 = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
-    ref = reference(x0, *layers[0])
-    out: dict = {"bytes_per_layer": per_layer_bytes, "runs": []}
+    res = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
+    out: dict = {"mlp_bytes_per_layer": mlp_bytes, "post_bytes_per_layer": post_bytes, "runs": []}
 
-    def record(name, fn, cfg=None):
+    def record(name, fn, nb, cfg=None):
         if time.time() - start > budget:
             print(f"time {name}: skipped (time budget)", flush=True)
             return None
@@ -183,72 +248,87 @@ def timing(start, budget, failures) -> dict:
             out["runs"].append(dict(name=name, config=cfg, error=repr(ms)))
             return None
         us = ms * 1e3 / LAYERS
-        row = dict(name=name, config=cfg, us_per_layer=us, gb_s=per_layer_bytes / us / 1e3,
-                   ms_per_token_32=ms)
+        row = dict(name=name, config=cfg, us_per_layer=us, gb_s=nb / us / 1e3, ms_32_layers=ms)
         out["runs"].append(row)
-        print(f"time {name:<58} {us:7.2f} us/layer  {row['gb_s']:6.0f} GB/s  (32 layers {ms:.3f} ms)", flush=True)
+        print(f"time {name:<60} {us:7.2f} us/layer {row['gb_s']:6.0f} GB/s", flush=True)
         return row
 
-    def cur_chain():
+    def cur_mlp():
         h = x0
-        for a, b in layers:
+        for _, a, b, _ in layers:
             h = w4.w4a16(w4.w4a16(h, *a, gated=True), *b)
         return h
 
-    def fused_chain(cfg, phases, pdl):
+    def cur_post():
+        h = x0
+        for o, a, b, nw in layers:
+            xn = add_rms_norm(w4.w4a16(h, *o), res, nw, EPS)
+            h = w4.w4a16(w4.w4a16(xn, *a, gated=True), *b)
+        return h
+
+    def new_mlp(cfg, phases=1):
         def run():
             h = x0
-            for a, b in layers:
-                h = wm.mlp(h, a, b, cfg, phases=phases, pdl=pdl)
+            for _, a, b, _ in layers:
+                h = wm.mlp(h, a, b, cfg, phases=phases, pdl=2)
+            return h
+        return run
+
+    def new_post(cfg, phases=1):
+        def run():
+            h = x0
+            for o, a, b, nw in layers:
+                h = wm.post_attention(h, res, o, nw, EPS, a, b, cfg, phases=phases, pdl=2)
             return h
         return run
 
     pdl_mod.ENABLED = True
     t0 = time.time()
-    q.precompile([lambda c=c: wm.mlp(x0, *layers[0], c, phases=1, pdl=2, warmup=True) for c in CONFIGS])
-    print(f"compiled {len(CONFIGS)} configs in {time.time() - t0:.0f} s", flush=True)
-    cur = record("current: gemv3 gate/up (SwiGLU epilogue) + down, PDL", cur_chain)
+    q.precompile([lambda c=c: wm.mlp(x0, *layers[0][1:3], c, phases=1, pdl=2, warmup=True) for c in CONFIGS]
+                 + [lambda c=c: wm.post_attention(x0, res, layers[0][0], layers[0][3], EPS, *layers[0][1:3], c,
+                                                  phases=1, pdl=2, warmup=True) for c in CONFIGS])
+    print(f"compiled {2 * len(CONFIGS)} kernels in {time.time() - t0:.0f} s", flush=True)
+    cur = record("current MLP: gemv3 gate/up (SwiGLU epilogue) + down, PDL", cur_mlp, mlp_bytes)
     best = None
     for i, cfg in enumerate(CONFIGS):
-        got = q.attempt(lambda: wm.mlp(x0, *layers[0], cfg, phases=1, pdl=2))
-        if isinstance(got, Exception):
-            continue
-        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
-        if err > 2e-2 or wm.errors(DEV):
-            failures.append(dict(name=f"timing config {cfg}", rel_err=err, barrier_error=wm.errors(DEV)))
-            print(f"config {cfg}: WRONG (rel err {err:.2e}, barrier error {wm.errors(DEV)}): not timed", flush=True)
-            wm.clear_errors(DEV)
-            continue
-        fit = max(wm._GRIDS.values()) if len(wm._GRIDS) == 1 else next(
-            (v for key, v in wm._GRIDS.items() if dict(key[1]).get("BN_A") == cfg["BN_A"]
-             and dict(key[1]).get("num_warps") == cfg["num_warps"] and dict(key[1]).get("T_A") == cfg["T_A"]
-             and dict(key[1]).get("BN_B") == cfg["BN_B"] and dict(key[1]).get("T_B") == cfg["T_B"]
-             and dict(key[1]).get("L2") == cfg.get("L2", 0)), None)
-        row = record(f"persistent #{i} " + " ".join(f"{k}={v}" for k, v in cfg.items() if k != "H2")
-                     + f" (fit {fit}/SM)", fused_chain(cfg, 1, 2), dict(cfg, fit_per_sm=fit))
+        row = record(f"MLP persistent #{i} " + " ".join(f"{k}={v}" for k, v in cfg.items()
+                                                        if k not in ("H2", "T_O", "BN_O")), new_mlp(cfg), mlp_bytes, cfg)
         if row and (best is None or row["us_per_layer"] < best["us_per_layer"]):
             best = row
-    if best:
-        record("best as two launches (PDL 2)", fused_chain(best["config"], 2, 2), best["config"])
-        record("best, one launch, PDL 0", fused_chain(best["config"], 1, 0), best["config"])
-        if wm.errors(DEV):
-            failures.append(dict(name="timing: barrier error in a timed graph", barrier_error=wm.errors(DEV)))
-    flat = [t for a, b in layers for t in (a[0], b[0])]
-    record("read-only ceiling: the 4-bit words, 4 programs/SM", lambda: [read_flat(t, 4 * splitk.sm_count(DEV))
-                                                                         for t in flat])
-    out["best"] = best
-    if cur and best:
-        saved = cur["us_per_layer"] - best["us_per_layer"]
-        print(f"\nbest persistent {best['us_per_layer']:.2f} us/layer against the current {cur['us_per_layer']:.2f}: "
-              f"{saved:+.2f} us/layer saved, {saved * LAYERS / 1e3:+.3f} ms per token; config {best['config']}",
-              flush=True)
+    if wm.errors(DEV):
+        failures.append(dict(name="timing: a barrier gave up in a timed MLP graph", barrier_error=wm.errors(DEV)))
+        wm.clear_errors(DEV)
+    curp = record("current tail: o (gemv4) + add_rms_norm + MLP, PDL", cur_post, post_bytes)
+    bestp = None
+    for i, cfg in enumerate(CONFIGS):
+        row = record(f"tail persistent #{i}", new_post(cfg), post_bytes, cfg)
+        if row and (bestp is None or row["us_per_layer"] < bestp["us_per_layer"]):
+            bestp = row
+    if bestp:
+        record("tail: best as a launch per phase (PDL 2)", new_post(bestp["config"], phases=2), post_bytes,
+               bestp["config"])
+    if wm.errors(DEV):
+        failures.append(dict(name="timing: a barrier gave up in a timed tail graph", barrier_error=wm.errors(DEV)))
+    flat = [t for lw in layers for t in (lw[0][0], lw[1][0], lw[2][0])]
+    record("read-only ceiling: the tail's 4-bit words, 4 programs/SM",
+           lambda: [read_flat(t, 4 * splitk.sm_count(DEV)) for t in flat], post_bytes)
+    out.update(best_mlp=best, best_tail=bestp, occupancy={str(dict(k[1])): v for k, v in wm._GRIDS.items()})
+    for name, c, b in (("MLP", cur, best), ("tail", curp, bestp)):
+        if c and b:
+            saved = c["us_per_layer"] - b["us_per_layer"]
+            print(f"{name}: best persistent {b['us_per_layer']:.2f} us/layer against {c['us_per_layer']:.2f}: "
+                  f"{saved:+.2f} us/layer saved, {saved * LAYERS / 1e3:+.3f} ms per token; config {b['config']}",
+                  flush=True)
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--budget", type=float, default=70.0)
+    ap.add_argument("--timing-until", type=float, default=32.0,
+                    help="seconds from the start: no timing graph starts after this")
+    ap.add_argument("--engines", nargs="*", default=["w4a16+post+prof", "w4a16"])
+    ap.add_argument("--budget", type=float, default=78.0, help="seconds from the start the engines may use")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -256,8 +336,18 @@ def main() -> int:
               "torch": torch.__version__, "triton": triton.__version__}
     result["checks"] = checks(failures)
     print(f"{len(result['checks'])} checks, {len(failures)} failed ({time.time() - start:.0f} s)", flush=True)
-    got = q.attempt(lambda: timing(start, args.budget, failures))
+    got = q.attempt(lambda: timing(start, args.timing_until, failures))
     result["timing"] = got if not isinstance(got, Exception) else repr(got)
+    q.free_gpu()
+    if args.engines:
+        import w4a16 as bench_w4  # bench/w4a16.py's engine runs
+
+        got = q.attempt(lambda: bench_w4.engine(start, args.budget, args.engines))
+        result["engine"] = got if not isinstance(got, Exception) else repr(got)
+        for r in (got.get("decode", []) if isinstance(got, dict) else []):
+            if r.get("mlp_barrier_errors"):
+                failures.append(dict(name=f"engine {r['weights']}: barrier error", value=r["mlp_barrier_errors"]))
+        print(f"engine done at {time.time() - start:.0f} s", flush=True)
     result["failures"] = failures
     result["seconds"] = round(time.time() - start, 1)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
