@@ -438,7 +438,7 @@ def main() -> int:
     ap.add_argument("--gemms-only", action="store_true", help="the GEMM part here, one JSON line")
     ap.add_argument("--lt-only", action="store_true", help="the cuBLASLt candidates here, one JSON line")
     args = ap.parse_args()
-    sys.path.insert(0, BENCH)
+    sys.path.append(BENCH)  # after the repository: bench/kernels.py must not shadow the kernels package
     if args.lt_only:
         print(json.dumps(lt_probe(), default=str))
         return 0
