@@ -256,6 +256,66 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
     return out
 
 
+QUANT_CONFIGS = [dict(ROWS=r, num_warps=w) for r, w in ((1, 4), (2, 4), (2, 8), (4, 8))]
+"""kernels/fp8_quant.py's tile launches swept for o_proj's input quantization (QUANT_LAUNCH)."""
+QUANT_BOUNDS = {256: (128, 256), 8192: (4096, 1 << 30)}
+"""A measured row count -> (the bound below which the default stays, the bound its winner is entered under)."""
+
+
+def quant_section(failures: list, ms=(256,), k: int = 4096) -> dict:
+    """o_proj's input quantization (kernels/fp8_quant.py) with several rows per program: every config's bits against
+    the default launch on 8 inputs, then over 10 replays of a CUDA graph of 8 calls; then µs per call in a graph of
+    the 8. The fastest config that passed and beats the default by 3% enters QUANT_LAUNCH for its row count's range."""
+    g = torch.Generator(device=DEV).manual_seed(12)
+    out, rows = {"checks": []}, []
+    for m in ms:
+        xs = [(torch.randn(m, k, generator=g, device=DEV) * torch.logspace(-3, 2, m, device=DEV)[:, None])
+              .to(torch.bfloat16) for _ in range(8)]
+        t = {"default": qb.graph_ms([lambda x=x: fp8_quant.quantize_fp8_rows(x, config={}) for x in xs])}
+        best = None
+        for cfg in QUANT_CONFIGS:
+            key = f"rows {cfg['ROWS']} w{cfg['num_warps']}"
+            try:
+                ok = True
+                for x in xs[:3]:
+                    a, b = fp8_quant.quantize_fp8_rows(x, config=cfg), fp8_quant.quantize_fp8_rows(x, config={})
+                    ok &= same(a[0], b[0]) and same(a[1], b[1])
+                res = [None] * 8
+
+                def call(i, cfg=cfg, res=res):
+                    res[i] = fp8_quant.quantize_fp8_rows(xs[i], config=cfg)
+
+                replay = replayable(lambda: [call(i) for i in range(8)])
+                for rep in range(10):
+                    for x in xs:
+                        x.mul_(-1.5)
+                    replay()
+                    for i in (0, 7):
+                        ref = fp8_quant.quantize_fp8_rows(xs[i], config={})
+                        ok &= same(res[i][0], ref[0]) and same(res[i][1], ref[1])
+                del replay
+            except Exception as e:
+                ok = False
+                print(f"quant M={m} {cfg}: {e!r}"[:300], flush=True)
+            qb.record(out["checks"], failures, ok, check="quant_tile_bits", M=m, config=cfg)
+            if not ok:
+                continue
+            t[key] = qb.graph_ms([lambda x=x, cfg=cfg: fp8_quant.quantize_fp8_rows(x, config=cfg) for x in xs])
+            if best is None or t[key] < best[1]:
+                best = (cfg, t[key])
+        rows.append(dict(M=m, ms=t, best=best))
+        print(f"quantize M={m:<5} " + "  ".join(f"{kk} {v * 1e3:.2f}us" for kk, v in t.items()), flush=True)
+        low, bound = QUANT_BOUNDS[m]
+        if best and best[1] < 0.97 * t["default"]:
+            table = [e for e in fp8_quant.QUANT_LAUNCH if e[0] not in (low, bound)] + [(low, {}), (bound, best[0])]
+            fp8_quant.QUANT_LAUNCH[:] = sorted(table, key=lambda e: e[0])
+        del xs
+    out["ms"] = rows
+    out["applied"] = list(fp8_quant.QUANT_LAUNCH)
+    print(f"QUANT_LAUNCH for the engines: {fp8_quant.QUANT_LAUNCH}", flush=True)
+    return out
+
+
 class Counting:
     """Counts, while engines build and capture, the decode launches that quantize and the scaled rotary launches."""
 
@@ -440,10 +500,11 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
     ap.add_argument("--sections", nargs="+", default=["swiglu"],
-                    choices=["memsets", "lt", "qkv", "attention", "swiglu", "none"],
+                    choices=["memsets", "lt", "quant", "qkv", "attention", "swiglu", "none"],
                     help="checks and timings before the engines: memsets: where the FP8 decode step's device "
                          "memsets come from (bench/fp8_memset.py, with lt); lt: cuBLASLt's candidate algorithms for "
-                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); q/k/v's scales in the rotary kernel; the decode "
+                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); quant: o_proj's input "
+                         "quantization with several rows per program (winners applied to every FP8 engine); q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked)")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
@@ -469,6 +530,12 @@ def main() -> int:
         LT_TUNED.update(tuned if isinstance(tuned, dict) else {})
         qb.free_gpu()
         print(f"memsets/lt sections done at {time.time() - start:.0f} s; LT_TUNED = {LT_TUNED}", flush=True)
+    if "quant" in args.sections:
+        n = len(failures)
+        result["quant"] = qb.attempt(lambda: quant_section(failures))
+        if isinstance(result["quant"], Exception) or len(failures) > n:
+            fp8_quant.QUANT_LAUNCH.clear()
+            print("quantization tiles OFF for the engines (a check failed)", flush=True)
     if "qkv" in args.sections:
         result["qkv"] = qb.attempt(lambda: rotary_section(failures, ms=(256,)))
         if isinstance(result["qkv"], Exception):
