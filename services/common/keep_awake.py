@@ -13,10 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 
 LINGER_S = 1.0
 """How long the loop keeps polling after the last request in flight ended."""
+AUTO_MIN_CPUS = 8
+"""`worth_a_core()`: a host with fewer CPUs for this process keeps its loop sleeping (a polling loop takes a core
+its other services may need: on the 2-core CI machine, polling loops starved an engine)."""
+
+
+def worth_a_core(min_cpus: int = AUTO_MIN_CPUS) -> bool:
+    """Whether this process may run on at least `min_cpus` CPUs: where a polling loop (a core while requests are
+    in flight) is the default (router --busy-loop unset)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return len(cpus) >= min_cpus
 
 
 class KeepAwake:

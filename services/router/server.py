@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
-from services.common import cpu_affinity, cpu_latency, config as cfg, telemetry
+from services.common import cpu_affinity, cpu_latency, config as cfg, keep_awake, telemetry
 from services.common.auth import ApiKeyInterceptor
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
@@ -72,10 +72,11 @@ class RouterConfig:
     """Keep one GenerateStream call open per engine ahead of the next request, so a request's engine call
     is already set up when it comes (~0.6 ms less to the first token on the CPU machine); off while
     tracing, whose per-call spans belong to the request's trace (docs/router.md)."""
-    busy_loop: bool = False
+    busy_loop: bool | None = None
     """While requests are in flight (and a second after), keep the event loop polling instead of sleeping
     between messages, so each one is picked up without a wake-up (one core kept busy meanwhile;
-    services/common/keep_awake.py)."""
+    services/common/keep_awake.py). None: on where this process may run on at least 8 CPUs, off on smaller
+    hosts (docs/router.md)."""
     cpu_wake_latency_us: int | None = None
     """While requests are in flight (and a second after), hold this host's CPU wake-up latency at most this many
     microseconds (Linux PM QoS, /dev/cpu_dma_latency; 0: idle CPUs poll instead of halting, so the thread each
@@ -246,16 +247,31 @@ async def serve(c: RouterConfig) -> None:
     server = GrpcServer([pb.DESCRIPTOR.services_by_name["Router"].full_name], c.host, c.port, interceptors=auth,
                         tls=_read_tls(c), unix_socket=c.unix_socket)
     redis = aioredis.from_url(c.redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
+    busy_loop = c.busy_loop if c.busy_loop is not None else keep_awake.worth_a_core()
+    if busy_loop:
+        log.info("the event loop polls while requests are in flight (--busy-loop%s)",
+                 "" if c.busy_loop else ": this host has the CPUs for it")
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
                                 limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s,
                                 detokenize=c.detokenize, engine_calls_ahead=c.engine_calls_ahead,
-                                busy_loop=c.busy_loop,
+                                busy_loop=False,  # (below: once the warm-up is done)
                                 wake_latency=(cpu_latency.open_request(c.cpu_wake_latency_us)
                                               if c.cpu_wake_latency_us is not None else None))
     metrics = RouterMetrics(core)
     # Validating a constraint imports xgrammar (and torch, ~2.5 s of CPU): do it now on a thread, not on
     # the event loop when the first structured request arrives.
-    threading.Thread(target=warm_then_freeze, name="folio-warm-xgrammar", daemon=True).start()
+    loop = asyncio.get_running_loop()
+
+    def warm() -> None:
+        warm_then_freeze()
+        if busy_loop:  # polling from now: beside the warm-up, the polling loop would hold the GIL its imports need,
+            # stretching them over seconds of requests, each waiting for the GIL behind them (docs/router.md)
+            try:
+                loop.call_soon_threadsafe(setattr, core, "keep_awake", keep_awake.KeepAwake())
+            except RuntimeError:  # the loop ended first (a router stopped while it warmed up)
+                pass
+
+    threading.Thread(target=warm, name="folio-warm-xgrammar", daemon=True).start()
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None
     await core.start()

@@ -81,3 +81,19 @@ def test_engine_busy_loop_needs_a_core_process():
     with pytest.raises(ValueError, match="busy_loop: needs core_process"):
         EngineServerConfig(busy_loop=True)
     assert EngineServerConfig(busy_loop=True, core_process=True).busy_loop
+
+
+def test_busy_loop_unset_polls_only_where_the_host_has_the_cpus(monkeypatch):
+    """router --busy-loop unset: on with 8 or more CPUs for the process, off below (the 2-core CI machine)."""
+    import os
+
+    from services.common import keep_awake
+    from services.router.server import parse_config
+
+    assert parse_config([]).busy_loop is None
+    assert parse_config(["--busy-loop"]).busy_loop is True
+    assert parse_config(["--no-busy-loop"]).busy_loop is False
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert keep_awake.worth_a_core()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert not keep_awake.worth_a_core()
