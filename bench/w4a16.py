@@ -26,7 +26,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    the graphs are captured), normwN (kernels/fused_norm.py's WARPS = N: the norm's warps), rope / norope
    (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), mlp / nomlp
    (int4.py's FUSE_MLP: the batch-1 MLP as one persistent launch, kernels/w4a16_mlp.py), post / nopost (FUSE_POST:
-   o projection, residual add, norm and MLP as one launch), prof (a
+   o projection, residual add, norm and MLP as one launch), front / nofront (FUSE_FRONT: with post, the next layer's
+   input norm and qkv in the same launch), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -814,6 +815,8 @@ DEFAULT_MLP = int4.FUSE_MLP
 (kernels/w4a16_mlp.py) on / off."""
 DEFAULT_POST = int4.FUSE_POST
 """int4.py's FUSE_POST as committed: +post / +nopost turn the one-launch o projection + norm + MLP on / off."""
+DEFAULT_FRONT = int4.FUSE_FRONT
+"""int4.py's FUSE_FRONT as committed: +front / +nofront (with post: the next layer's norm and qkv in the same launch)."""
 DEFAULTS = {"pdl": pdl_mod.ENABLED, "early": pdl_mod.EARLY}
 """kernels/pdl.py's settings as the environment left them: runs without a pdl / nopdl, early / noearly tag."""
 BEST_G4: dict = {}
@@ -940,6 +943,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_ROPE = "rope" in tags or (DEFAULT_ROPE and "norope" not in tags)
         int4.FUSE_MLP = "mlp" in tags or (DEFAULT_MLP and "nomlp" not in tags)
         int4.FUSE_POST = "post" in tags or (DEFAULT_POST and "nopost" not in tags)
+        int4.FUSE_FRONT = "front" in tags or (DEFAULT_FRONT and "nofront" not in tags)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         saved = dict(w4.TUNED)
@@ -998,6 +1002,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_ROPE = DEFAULT_ROPE
         int4.FUSE_MLP = DEFAULT_MLP
         int4.FUSE_POST = DEFAULT_POST
+        int4.FUSE_FRONT = DEFAULT_FRONT
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         w4.TUNED.clear()
         w4.TUNED.update(saved)

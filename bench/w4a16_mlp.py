@@ -1,9 +1,9 @@
 """The batch-1 W4A16 layer tail in one persistent launch (kernels/w4a16_mlp.py: the MLP alone, or o_proj + residual
-add + RMSNorm + MLP) against today's launches, Llama-3-8B shapes (hidden 4096, q 4096, inter 14336, group 128, bf16)
+add + RMSNorm + MLP, and the next layer's input norm + qkv) against today's launches, Llama-3-8B shapes (hidden 4096, q 4096, inter 14336, group 128, bf16)
 on one GPU: checks, kernel timing until --timing-until, then the engine (bench/w4a16.py's engine runs) to --budget.
 
     timeout 88 python bench/w4a16_mlp.py [--json PATH] [--timing-until 32] [--budget 78]
-        [--engines w4a16+post+prof w4a16]
+        [--engines w4a16+post+front+prof w4a16 w4a16+post]
 
 1. checks (exit 1 on a failure; each check on its own, so one failing does not stop the rest): both kernels in one
    launch (grid barriers) and a launch per phase against float32 x @ dequant(w) with each intermediate rounded as
@@ -12,9 +12,10 @@ on one GPU: checks, kernel timing until --timing-until, then the engine (bench/w
    program that gave up waiting: the grid was not resident) and the split-K workspace left zeroed.
 2. timing, one CUDA graph of 32 layers each (3.6 GB of 4-bit weights, read from HBM): the MLP (current: gate/up
    with SwiGLU epilogue + down; persistent over a grid of configs), the post-attention tail (current: o GEMV,
-   add + RMSNorm kernel, MLP; persistent), µs per layer and the weights' effective read rate; a read-only kernel over
+   add + RMSNorm kernel, MLP; persistent), the tail with the next layer's input norm and qkv (a layer without its
+   attention and rotary), µs per layer and the weights' effective read rate; a read-only kernel over
    the same bytes (the ceiling).
-3. engine (--engines, tags as bench/w4a16.py: +post = int4.FUSE_POST, +mlp = FUSE_MLP, +prof): batch-1 decode
+3. engine (--engines, tags as bench/w4a16.py: +post = int4.FUSE_POST, +front = FUSE_FRONT, +mlp = FUSE_MLP, +prof): batch-1 decode
    ms/token, greedy tokens against the first run, the barrier error word after each run.
 """
 
@@ -41,10 +42,10 @@ from kernels import w4a16_mlp as wm  # noqa: E402
 from kernels.fused_norm import add_rms_norm  # noqa: E402
 
 DEV, DTYPE = q.DEV, q.DTYPE
-HIDDEN, QDIM, INTER, GROUP, LAYERS = 4096, 4096, 14336, 128, 32
+HIDDEN, QDIM, INTER, GROUP, LAYERS, NQKV = 4096, 4096, 14336, 128, 32, 6144
 EPS = 1e-5
 
-BASE = dict(T_O=16, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
+BASE = dict(T_Q=16, BN_Q=512, T_O=16, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
 CONFIGS = [
     BASE,
     dict(BASE, PER_SM=3),
@@ -65,10 +66,13 @@ def weights(k, n, group, g, act_order=False, scale=0.01):
     return qw, s, z, group, perm
 
 
-def layer(g, hidden=HIDDEN, qdim=QDIM, inter=INTER, group=GROUP, act_order=False):
-    """(o, gate_up, down, norm weight): scales picked so activations stay O(1) through the chain."""
+def layer(g, hidden=HIDDEN, qdim=QDIM, inter=INTER, group=GROUP, act_order=False, nqkv=NQKV):
+    """(o, gate_up, down, post-attention norm weight, qkv, input norm weight): scales picked so activations stay O(1)
+    through the chain."""
     return (weights(qdim, hidden, group, g, act_order, 0.004), weights(hidden, 2 * inter, group, g, act_order, 0.01),
             weights(inter, hidden, group, g, act_order, 0.002),
+            (1 + 0.1 * torch.randn(hidden, generator=g, device=DEV)).to(DTYPE),
+            weights(hidden, nqkv, group, g, act_order, 0.004),
             (1 + 0.1 * torch.randn(hidden, generator=g, device=DEV)).to(DTYPE))
 
 
@@ -85,16 +89,28 @@ def mlp_ref(x, a, b):
     return lin_ref(act, b)
 
 
-def post_ref(attn, residual, lw):
-    """(MLP output float32, new residual) of o_proj -> add -> Llama RMSNorm -> MLP."""
-    o, a, b, nw = lw
-    h = (lin_ref(attn, o).to(attn.dtype).float() + residual.float()).to(attn.dtype)
+def add_norm_ref(y, residual, nw):
+    """(Llama RMSNorm of y + residual, y + residual), rounded as kernels/fused_norm.py rounds."""
+    h = (y.to(residual.dtype).float() + residual.float()).to(residual.dtype)
     hf = h.float()
-    x = (nw.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(attn.dtype).float()).to(attn.dtype)
-    return mlp_ref(x, a, b), h
+    x = (nw.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype).float()).to(h.dtype)
+    return x, h
 
 
-def record_check(rows, failures, name, out, ref, tol=2e-2):
+def post_ref(attn, residual, lw, front=False):
+    """(MLP output float32, new residual) of o_proj -> add -> Llama RMSNorm -> MLP; front: (the next layer's qkv of
+    its input norm, float32; the residual after that add) with lw's qkv and input norm standing in for the next
+    layer's."""
+    o, a, b, nw = lw[:4]
+    x, h = add_norm_ref(lin_ref(attn, o), residual, nw)
+    y = mlp_ref(x, a, b)
+    if not front:
+        return y, h
+    x2, h2 = add_norm_ref(y, h, lw[5])
+    return lin_ref(x2, lw[4]), h2
+
+
+def record_check(rows, failures, name, out, ref, tol=5e-2):
     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     ws, cnt = splitk.workspace(DEV, 1)
     barrier_err = wm.errors(DEV)
@@ -125,14 +141,14 @@ def checks(failures) -> list:
     rows: list = []
     wm.reserve(DEV, HIDDEN, INTER)
     lw = layer(g)
-    o, a, b, nw = lw
+    o, a, b, nw = lw[:4]
     x = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
     attn = torch.randn(1, QDIM, generator=g, device=DEV).to(DTYPE)
     res = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
     ref = mlp_ref(x, a, b)
     pref, href = post_ref(attn, res, lw)
     t0 = time.time()
-    lw2 = layer(g, hidden=1088, qdim=576, inter=2880, group=32, act_order=True)
+    lw2 = layer(g, hidden=1088, qdim=576, inter=2880, group=32, act_order=True, nqkv=576)
     x2 = torch.randn(1, 1088, generator=g, device=DEV).to(DTYPE)
     attn2 = torch.randn(1, 576, generator=g, device=DEV).to(DTYPE)
     res2 = torch.randn(1, 1088, generator=g, device=DEV).to(DTYPE)
@@ -142,14 +158,22 @@ def checks(failures) -> list:
                  lambda c=CONFIGS[i], p=phases, d=pdl: wm.post_attention(attn, res, o, nw, EPS, a, b, c, phases=p,
                                                                          pdl=d, warmup=True)]
     for phases in (1, 2):
+        jobs.append(lambda p=phases: wm.post_attention(attn, res, o, nw, EPS, a, b, BASE, phases=p, pdl=2, warmup=True,
+                                                       front=(lw[5], EPS, lw[4])))
         jobs += [lambda p=phases: wm.mlp(x2, lw2[1], lw2[2], BASE, phases=p, pdl=2, warmup=True),
                  lambda p=phases: wm.post_attention(attn2, res2, lw2[0], lw2[3], EPS, lw2[1], lw2[2], BASE, phases=p,
-                                                    pdl=2, warmup=True)]
+                                                    pdl=2, warmup=True, front=(lw2[5], EPS, lw2[4]))]
     q.precompile(jobs)
     print(f"checks: compiled in {time.time() - t0:.0f} s", flush=True)
+    # bf16 through two or three GEMVs, SwiGLU and a norm: a rounding flip early moves later values by 2^-8 relative;
+    # the tolerance is 5% of the largest output (a wrong tile, slice or phase is O(1)); the current path's own
+    # error against the same reference comes first, for scale
     guarded(rows, failures, "current MLP (gemv3 gated + down)",
             lambda: record_check(rows, failures, "current MLP (gemv3 gated + down)",
                                  w4.w4a16(w4.w4a16(x, *a, gated=True), *b), ref))
+    guarded(rows, failures, "current tail", lambda: record_check(
+        rows, failures, "current tail (o, add_rms_norm, MLP)",
+        w4.w4a16(w4.w4a16(add_rms_norm(w4.w4a16(attn, *o), res.clone(), nw, EPS), *a, gated=True), *b), pref))
     for phases, pdl, i in ((1, 2, 0), (1, 2, 3), (2, 2, 0), (1, 0, 0)):
         cfg = CONFIGS[i]
         name = f"MLP {phases} launch(es) pdl {pdl} cfg #{i}"
@@ -162,17 +186,25 @@ def checks(failures) -> list:
             record_check(rows, failures, f"post-attention {phases} launch(es) pdl {pdl} cfg #{i}", out, pref)
             record_check(rows, failures, "  its residual", r, href, tol=1e-2)
         guarded(rows, failures, f"post-attention {phases} pdl {pdl} cfg #{i}", post)
+    fref, fhref = post_ref(attn, res, lw, front=True)
+    for phases in (1, 2):
+        def front(phases=phases):
+            r = res.clone()
+            out = wm.post_attention(attn, r, o, nw, EPS, a, b, BASE, phases=phases, pdl=2, front=(lw[5], EPS, lw[4]))
+            record_check(rows, failures, f"tail + next front (qkv), {phases} launch(es)", out, fref)
+            record_check(rows, failures, "  its residual", r, fhref, tol=1e-2)
+        guarded(rows, failures, f"tail + front {phases}", front)
     # act-order on every GEMV, group 32 (H2 off: the float32 path), odd K (64-row blocks), a half strip past inter
     ref2 = mlp_ref(x2, lw2[1], lw2[2])
-    pref2, _ = post_ref(attn2, res2, lw2)
+    pref2, _ = post_ref(attn2, res2, lw2, front=True)
     for phases in (1, 2):
         guarded(rows, failures, f"act-order MLP {phases}", lambda phases=phases: record_check(
             rows, failures, f"act-order g32 1088/2880 MLP, {phases} launch(es)",
             wm.mlp(x2, lw2[1], lw2[2], BASE, phases=phases, pdl=2), ref2))
         guarded(rows, failures, f"act-order post {phases}", lambda phases=phases: record_check(
-            rows, failures, f"act-order g32 576/1088/2880 post-attention, {phases} launch(es)",
-            wm.post_attention(attn2, res2.clone(), lw2[0], lw2[3], EPS, lw2[1], lw2[2], BASE, phases=phases, pdl=2),
-            pref2))
+            rows, failures, f"act-order g32 576/1088/2880 post-attention + front, {phases} launch(es)",
+            wm.post_attention(attn2, res2.clone(), lw2[0], lw2[3], EPS, lw2[1], lw2[2], BASE, phases=phases, pdl=2,
+                              front=(lw2[5], EPS, lw2[4])), pref2))
 
     def graph_check():
         """Each layer checked on the inputs the graph gave it (its outputs and residuals kept), so rounding does not
@@ -235,9 +267,11 @@ def timing(start, budget, failures) -> dict:
     layers = [layer(g) for _ in range(LAYERS)]
     nbytes = lambda ws: sum(t.numel() * t.element_size() for w in ws for t in w[:3])  # noqa: E731
     mlp_bytes, post_bytes = nbytes(layers[0][1:3]), nbytes(layers[0][:3])
+    layer_bytes = post_bytes + nbytes([layers[0][4]])
     x0 = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
     res = torch.randn(1, HIDDEN, generator=g, device=DEV).to(DTYPE)
-    out: dict = {"mlp_bytes_per_layer": mlp_bytes, "post_bytes_per_layer": post_bytes, "runs": []}
+    out: dict = {"mlp_bytes_per_layer": mlp_bytes, "post_bytes_per_layer": post_bytes,
+                 "layer_bytes_per_layer": layer_bytes, "runs": []}
 
     def record(name, fn, nb, cfg=None):
         if time.time() - start > budget:
@@ -255,30 +289,36 @@ def timing(start, budget, failures) -> dict:
 
     def cur_mlp():
         h = x0
-        for _, a, b, _ in layers:
-            h = w4.w4a16(w4.w4a16(h, *a, gated=True), *b)
+        for lw in layers:
+            h = w4.w4a16(w4.w4a16(h, *lw[1], gated=True), *lw[2])
         return h
 
-    def cur_post():
-        h = x0
-        for o, a, b, nw in layers:
-            xn = add_rms_norm(w4.w4a16(h, *o), res, nw, EPS)
-            h = w4.w4a16(w4.w4a16(xn, *a, gated=True), *b)
-        return h
+    def cur_post(front=False):
+        def run():
+            h = x0
+            for o, a, b, nw, qkv, nw2 in layers:
+                xn = add_rms_norm(w4.w4a16(h, *o), res, nw, EPS)
+                h = w4.w4a16(w4.w4a16(xn, *a, gated=True), *b)
+                if front:  # the next layer's input norm and qkv (its attention and rotary left out)
+                    h = w4.w4a16(add_rms_norm(h, res, nw2, EPS), *qkv)[:, :HIDDEN]
+            return h
+        return run
 
     def new_mlp(cfg, phases=1):
         def run():
             h = x0
-            for _, a, b, _ in layers:
-                h = wm.mlp(h, a, b, cfg, phases=phases, pdl=2)
+            for lw in layers:
+                h = wm.mlp(h, lw[1], lw[2], cfg, phases=phases, pdl=2)
             return h
         return run
 
-    def new_post(cfg, phases=1):
+    def new_post(cfg, phases=1, front=False):
         def run():
             h = x0
-            for o, a, b, nw in layers:
-                h = wm.post_attention(h, res, o, nw, EPS, a, b, cfg, phases=phases, pdl=2)
+            for o, a, b, nw, qkv, nw2 in layers:
+                h = wm.post_attention(h, res, o, nw, EPS, a, b, cfg, phases=phases, pdl=2,
+                                      front=(nw2, EPS, qkv) if front else None)
+                h = h[:, :HIDDEN] if front else h
             return h
         return run
 
@@ -286,34 +326,44 @@ def timing(start, budget, failures) -> dict:
     t0 = time.time()
     q.precompile([lambda c=c: wm.mlp(x0, *layers[0][1:3], c, phases=1, pdl=2, warmup=True) for c in CONFIGS]
                  + [lambda c=c: wm.post_attention(x0, res, layers[0][0], layers[0][3], EPS, *layers[0][1:3], c,
-                                                  phases=1, pdl=2, warmup=True) for c in CONFIGS])
+                                                  phases=1, pdl=2, warmup=True) for c in CONFIGS]
+                 + [lambda c=c: wm.post_attention(x0, res, layers[0][0], layers[0][3], EPS, *layers[0][1:3], c,
+                                                  phases=1, pdl=2, warmup=True, front=(layers[0][5], EPS, layers[0][4]))
+                    for c in CONFIGS[:2]])
     print(f"compiled {2 * len(CONFIGS)} kernels in {time.time() - t0:.0f} s", flush=True)
     cur = record("current MLP: gemv3 gate/up (SwiGLU epilogue) + down, PDL", cur_mlp, mlp_bytes)
     best = None
     for i, cfg in enumerate(CONFIGS):
         row = record(f"MLP persistent #{i} " + " ".join(f"{k}={v}" for k, v in cfg.items()
-                                                        if k not in ("H2", "T_O", "BN_O")), new_mlp(cfg), mlp_bytes, cfg)
+                                                        if k not in ("H2", "T_O", "BN_O", "T_Q", "BN_Q")), new_mlp(cfg), mlp_bytes, cfg)
         if row and (best is None or row["us_per_layer"] < best["us_per_layer"]):
             best = row
     if wm.errors(DEV):
         failures.append(dict(name="timing: a barrier gave up in a timed MLP graph", barrier_error=wm.errors(DEV)))
         wm.clear_errors(DEV)
-    curp = record("current tail: o (gemv4) + add_rms_norm + MLP, PDL", cur_post, post_bytes)
+    curp = record("current tail: o (gemv4) + add_rms_norm + MLP, PDL", cur_post(), post_bytes)
     bestp = None
     for i, cfg in enumerate(CONFIGS):
         row = record(f"tail persistent #{i}", new_post(cfg), post_bytes, cfg)
         if row and (bestp is None or row["us_per_layer"] < bestp["us_per_layer"]):
             bestp = row
+    curl = record("current layer w/o attention: tail + add_rms_norm + qkv (gemv3)", cur_post(True), layer_bytes)
+    bestl = None
+    for i, cfg in enumerate(CONFIGS[:2]):
+        row = record(f"tail + next front persistent #{i}", new_post(cfg, front=True), layer_bytes, cfg)
+        if row and (bestl is None or row["us_per_layer"] < bestl["us_per_layer"]):
+            bestl = row
     if bestp:
         record("tail: best as a launch per phase (PDL 2)", new_post(bestp["config"], phases=2), post_bytes,
                bestp["config"])
     if wm.errors(DEV):
         failures.append(dict(name="timing: a barrier gave up in a timed tail graph", barrier_error=wm.errors(DEV)))
-    flat = [t for lw in layers for t in (lw[0][0], lw[1][0], lw[2][0])]
-    record("read-only ceiling: the tail's 4-bit words, 4 programs/SM",
-           lambda: [read_flat(t, 4 * splitk.sm_count(DEV)) for t in flat], post_bytes)
-    out.update(best_mlp=best, best_tail=bestp, occupancy={str(dict(k[1])): v for k, v in wm._GRIDS.items()})
-    for name, c, b in (("MLP", cur, best), ("tail", curp, bestp)):
+    flat = [t for lw in layers for t in (lw[0][0], lw[1][0], lw[2][0], lw[4][0])]
+    record("read-only ceiling: the layer's 4-bit words, 4 programs/SM",
+           lambda: [read_flat(t, 4 * splitk.sm_count(DEV)) for t in flat], layer_bytes)
+    out.update(best_mlp=best, best_tail=bestp, best_layer=bestl,
+               occupancy={str(dict(k[1])): v for k, v in wm._GRIDS.items()})
+    for name, c, b in (("MLP", cur, best), ("tail", curp, bestp), ("tail + front", curl, bestl)):
         if c and b:
             saved = c["us_per_layer"] - b["us_per_layer"]
             print(f"{name}: best persistent {b['us_per_layer']:.2f} us/layer against {c['us_per_layer']:.2f}: "
@@ -327,7 +377,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--timing-until", type=float, default=32.0,
                     help="seconds from the start: no timing graph starts after this")
-    ap.add_argument("--engines", nargs="*", default=["w4a16+post+prof", "w4a16"])
+    ap.add_argument("--engines", nargs="*", default=["w4a16+post+front+prof", "w4a16", "w4a16+post"])
     ap.add_argument("--budget", type=float, default=78.0, help="seconds from the start the engines may use")
     args = ap.parse_args()
     start = time.time()

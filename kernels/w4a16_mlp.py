@@ -38,7 +38,7 @@ from kernels.w4a16_stream import group_words, half2_mode, prefetch_tile, strip_c
 SPIN_MAX = 1 << 22
 """Barrier reads before a program gives up (each an L2 round trip, ~0.5-1 us: seconds, far past any real wait)."""
 
-DEFAULT = dict(T_O=8, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
+DEFAULT = dict(T_Q=8, BN_Q=256, T_O=8, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
 """Launch config where TUNED has none."""
 
 TUNED: dict[tuple[int, int], dict] = {}
@@ -158,33 +158,35 @@ def _l2_ahead(qw_ptr, N, inter, tpc, nprog, total, stride_qk, T: tl.constexpr, B
 
 
 @triton.jit
-def _norm_slice(o_ptr, r_ptr, w_ptr, xn_ptr, hidden, eps, HB: tl.constexpr, NB: tl.constexpr):
-    """Programs 0 .. ceil(hidden / NB) - 1: h = o + r rounded to the model dtype (o: this launch's o projection, read
-    at L2), rms_norm(h) * w rounded as kernels/fused_norm.py's Llama norm rounds, written for this program's NB
-    columns into xn. Each such program sums the whole row's squares itself (no second barrier for the sum)."""
+def _norm_slice(o_ptr, r_ptr, w_ptr, xn_ptr, hidden, eps, nprog, HB: tl.constexpr, NB: tl.constexpr,
+                RMOD: tl.constexpr):
+    """Programs 0 .. min(nprog, ceil(hidden / NB)) - 1: h = o + r rounded to the model dtype (o: written in this
+    launch, read at L2), rms_norm(h) * w rounded as kernels/fused_norm.py's Llama norm rounds, written into xn for
+    this program's slices of NB columns (slices pid, pid + nprog, ...). Each such program sums the whole row's squares
+    itself (no second barrier for the sum). RMOD: r's load modifier (".cg" where this launch wrote r)."""
     pid = tl.program_id(0)
     if pid * NB < hidden:
         offs = tl.arange(0, HB)
         mask = offs < hidden
         dt = r_ptr.dtype.element_ty
         o = tl.load(o_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        h = (o + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        h = (o + tl.load(r_ptr + offs, mask=mask, other=0.0, cache_modifier=RMOD).to(tl.float32)).to(dt).to(tl.float32)
         var = tl.sum(h * h, axis=0) / hidden
         normed = h * tl.rsqrt(var + eps)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = w * normed.to(dt).to(tl.float32)
-        mine = mask & (offs >= pid * NB) & (offs < pid * NB + NB)
-        tl.store(xn_ptr + offs, y.to(dt), mask=mine)
+        tl.store(xn_ptr + offs, y.to(dt), mask=mask & ((offs // NB) % nprog == pid))
 
 
 @triton.jit
-def _residual_slice(o_ptr, r_ptr, hidden, NB: tl.constexpr):
-    """r = o + r (model dtype) for this program's NB columns, once every program has read the old r."""
-    offs = tl.program_id(0) * NB + tl.arange(0, NB)
-    if tl.program_id(0) * NB < hidden:
+def _residual_slice(o_ptr, r_ptr, hidden, nprog, NB: tl.constexpr, RMOD: tl.constexpr):
+    """r = o + r (model dtype) for this program's slices of NB columns (as `_norm_slice`'s), once every program has
+    read the old r."""
+    for s in range(tl.program_id(0), tl.cdiv(hidden, NB), nprog):
+        offs = s * NB + tl.arange(0, NB)
         mask = offs < hidden
         o = tl.load(o_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0, cache_modifier=RMOD).to(tl.float32)
         tl.store(r_ptr + offs, (o + r).to(r_ptr.dtype.element_ty), mask=mask)
 
 
@@ -199,6 +201,9 @@ def _w4a16_mlp_kernel(
     out_ptr,  # [1, hidden]
     ws_ptr, cnt_ptr,  # split-K workspace; each GEMV's part at its offsets
     bar_ptr,  # [count, generation, error] int32 (PHASE 0)
+    qq_ptr, sq_ptr, zq_ptr, pq_ptr,  # HAS_FRONT: the next layer's qkv projection [*, N_Q] words, scales, zeros, perm
+    nw2_ptr, xq_ptr, qkv_ptr,  # HAS_FRONT: the next layer's input norm weight, its output, the qkv output [1, N_Q]
+    N_Q, gs_q, tpc_q, total_q, sqk_q, ssg_q, ws_q, cnt_q, eps2,
     K_O, gs_o, tpc_o, total_o, sqk_o, ssg_o,
     K_A, gs_a, tpc_a, total_a, sqk_a, ssg_a,
     N_B, K_B, gs_b, tpc_b, total_b, sqk_b, ssg_b,
@@ -209,13 +214,17 @@ def _w4a16_mlp_kernel(
     EVEN_A: tl.constexpr, XPAIR_A: tl.constexpr, H2_A: tl.constexpr,
     ROWS_B: tl.constexpr, BN_B: tl.constexpr, T_B: tl.constexpr, JG_B: tl.constexpr, PERM_B: tl.constexpr,
     EVEN_B: tl.constexpr, XPAIR_B: tl.constexpr, H2_B: tl.constexpr,
+    ROWS_Q: tl.constexpr, BN_Q: tl.constexpr, T_Q: tl.constexpr, JG_Q: tl.constexpr, PERM_Q: tl.constexpr,
+    EVEN_Q: tl.constexpr, XPAIR_Q: tl.constexpr, H2_Q: tl.constexpr, HAS_FRONT: tl.constexpr,
     PHASE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, HAS_O: tl.constexpr, HB: tl.constexpr,
     NB: tl.constexpr, L2: tl.constexpr = 0,
 ):
     """PHASE 0, all in this launch: [HAS_O: O (o_proj of the attention output into o), gate/up's first tile, barrier,
     N (norm slices into xn), barrier, R (residual slices)], A (gate/up, gated epilogue into act; x is xn with HAS_O),
-    B's first tile, barrier, B (down). PHASE 1 O, 2 N, 3 R, 4 A, 5 B: that phase alone, one launch each (each waits
-    for the previous launch; the GEMVs load their first tile before that wait). L2 > 0 (CUDA): before each barrier
+    B's first tile, barrier, B (down) [HAS_FRONT (with HAS_O), the next layer's front: Q's first tile, barrier, N2
+    (its input norm of out + r into xq, r read at L2), barrier, R2 (residual slices), Q (its qkv projection of xq)].
+    PHASE 1 O, 2 N, 3 R, 4 A, 5 B, 6 N2, 7 R2, 8 Q: that phase alone, one launch each (each waits for the previous
+    launch; the GEMVs load their first tile before that wait). L2 > 0 (CUDA): before each barrier
     a program also asks L2 for its next L2 tiles of the phase after it (`prefetch_tile`: no registers held), so HBM
     keeps streaming while it waits."""
     if PDL >= 2:
@@ -237,13 +246,13 @@ def _w4a16_mlp_kernel(
     if HAS_O and (PHASE == 0 or PHASE == 2):
         if PHASE == 2 and PDL >= 1:
             gdc_wait()
-        _norm_slice(o_ptr, r_ptr, nw_ptr, xn_ptr, N_B, eps, HB, NB)
+        _norm_slice(o_ptr, r_ptr, nw_ptr, xn_ptr, N_B, eps, nprog, HB, NB, "")
     if HAS_O and PHASE == 0:
         grid_barrier(bar_ptr, nprog, spin_max)
     if HAS_O and (PHASE == 0 or PHASE == 3):
         if PHASE == 3 and PDL >= 1:
             gdc_wait()
-        _residual_slice(o_ptr, r_ptr, N_B, NB)
+        _residual_slice(o_ptr, r_ptr, N_B, nprog, NB, "")
     if PHASE == 0 or PHASE == 4:
         if PHASE == 4 or not HAS_O:
             if PDL >= 1:
@@ -262,6 +271,28 @@ def _w4a16_mlp_kernel(
         _stream(nxt, nxt_o, act_ptr, qb_ptr, sb_ptr, zb_ptr, pb_ptr, out_ptr, ws_ptr + ws_b, cnt_ptr + cnt_b, N_B, K_B,
                 gs_b, tpc_b, nprog, total_b, sqk_b, ssg_b, exp0, hi_shift, N_B, ROWS_B, BN_B, T_B, JG_B, PERM_B,
                 EVEN_B, XPAIR_B, False, H2_B, ASM, ".cg")
+    if HAS_FRONT and (PHASE == 0 or PHASE == 8):
+        nxt, nxt_o = _first_tile(qq_ptr, N_Q, N_Q, tpc_q, nprog, total_q, sqk_q, BN_Q, T_Q, XPAIR_Q, False)
+    if HAS_FRONT and PHASE == 0:
+        if L2 > 0:
+            _l2_ahead(qq_ptr, N_Q, N_Q, tpc_q, nprog, total_q, sqk_q, T_Q, BN_Q, False, L2)
+        grid_barrier(bar_ptr, nprog, spin_max)
+    if HAS_FRONT and (PHASE == 0 or PHASE == 6):
+        if PHASE == 6 and PDL >= 1:
+            gdc_wait()
+        _norm_slice(out_ptr, r_ptr, nw2_ptr, xq_ptr, N_B, eps2, nprog, HB, NB, ".cg")
+    if HAS_FRONT and PHASE == 0:
+        grid_barrier(bar_ptr, nprog, spin_max)
+    if HAS_FRONT and (PHASE == 0 or PHASE == 7):
+        if PHASE == 7 and PDL >= 1:
+            gdc_wait()
+        _residual_slice(out_ptr, r_ptr, N_B, nprog, NB, ".cg")
+    if HAS_FRONT and (PHASE == 0 or PHASE == 8):
+        if PHASE == 8 and PDL >= 1:
+            gdc_wait()
+        _stream(nxt, nxt_o, xq_ptr, qq_ptr, sq_ptr, zq_ptr, pq_ptr, qkv_ptr, ws_ptr + ws_q, cnt_ptr + cnt_q, N_Q, N_B,
+                gs_q, tpc_q, nprog, total_q, sqk_q, ssg_q, exp0, hi_shift, N_Q, ROWS_Q, BN_Q, T_Q, JG_Q, PERM_Q,
+                EVEN_Q, XPAIR_Q, False, H2_Q, ASM, ".cg")
 
 
 _BARRIERS: dict[torch.device, torch.Tensor] = {}
@@ -342,8 +373,9 @@ def _ptrs(gm: dict) -> tuple:
     return q, s, z, p if p is not None else q
 
 
-def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, warmup: bool):
-    """Launch the kernel for gemvs {"o"?, "a", "b"} (from `_gemv`); post = (residual, norm weight, eps) with "o"."""
+def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, warmup: bool, front=None):
+    """Launch the kernel for gemvs {"o"?, "a", "b", "q"?} (from `_gemv`); post = (residual, norm weight, eps) with
+    "o"; front = (the next layer's norm weight, eps) with "q". Returns down's output, or with "q" the qkv."""
     phases = phases or (1 if x.is_cuda else 2)
     if phases == 1 and not x.is_cuda:
         raise ValueError("phases=1 (a grid-wide spin barrier) needs CUDA: the interpreter runs programs one by one")
@@ -351,11 +383,13 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
         pdl = 2 if pdl_launch.on(x) else 0
     a, b = gemvs["a"], gemvs["b"]
     o = gemvs.get("o", a)
-    has_o = "o" in gemvs
+    qg = gemvs.get("q", b)
+    has_o, has_front = "o" in gemvs, "q" in gemvs
     hidden, inter = b["w"][0].shape[1], a["w"][0].shape[1] // 2
     dt = x.dtype
     ws_a = o["ws"] if has_o else 0
-    ws, cnt = splitk.workspace(x.device, ws_a + a["ws"] + b["ws"])
+    ws_q = ws_a + a["ws"] + b["ws"]
+    ws, cnt = splitk.workspace(x.device, ws_q + (qg["ws"] if has_front else 0))
     bar = barrier(x.device) if x.is_cuda else cnt
     act = torch.empty((1, inter), dtype=dt, device=x.device)
     out = torch.empty((1, hidden), dtype=dt, device=x.device)
@@ -365,16 +399,26 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
         xn = torch.empty((1, hidden), dtype=dt, device=x.device)
     else:
         residual, norm_w, eps, o_buf, xn = out, out, 0.0, out, out
-    consts = {f"{key}_{tag}": v for tag, gm in (("O", o), ("A", a), ("B", b)) for key, v in gm["consts"].items()}
+    if has_front:
+        nw2, eps2 = front
+        xq = torch.empty((1, hidden), dtype=dt, device=x.device)
+        qkv = torch.empty((1, qg["w"][0].shape[1]), dtype=dt, device=x.device)
+    else:
+        nw2, eps2, xq, qkv = out, 0.0, out, out
+    consts = {f"{key}_{tag}": v for tag, gm in (("O", o), ("A", a), ("B", b), ("Q", qg))
+              for key, v in gm["consts"].items()}
     hb = triton.next_power_of_2(hidden)
-    consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HB=hb, NB=max(128, hb // 32),
+    consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HAS_FRONT=has_front, HB=hb, NB=max(128, hb // 32),
                   L2=cfg["L2"] if x.is_cuda else 0, num_warps=cfg["num_warps"], num_stages=1)
     if consts["PDL"]:
         consts["launch_pdl"] = True
     sms = splitk.sm_count(x.device)
 
     def args(nprog):
-        return (x, *_ptrs(o), *_ptrs(a), *_ptrs(b), o_buf, residual, norm_w, xn, act, out, ws, cnt, bar, *_ints(o),
+        _, gs_q, tpc_q, total_q, sqk_q, ssg_q = _ints(qg)
+        return (x, *_ptrs(o), *_ptrs(a), *_ptrs(b), o_buf, residual, norm_w, xn, act, out, ws, cnt, bar, *_ptrs(qg),
+                nw2, xq, qkv, qg["w"][0].shape[1], gs_q, tpc_q, total_q, sqk_q, ssg_q, ws_q,
+                (o["strips"] if has_o else 0) + a["strips"] + b["strips"], float(eps2), *_ints(o),
                 *_ints(a), hidden, *_ints(b), inter, ws_a, o["strips"] if has_o else 0, ws_a + a["ws"],
                 (o["strips"] if has_o else 0) + a["strips"], float(eps), nprog, SPIN_MAX, 150 << 23, 20)
 
@@ -394,14 +438,14 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
         _w4a16_mlp_kernel[(nprog,)](*args(nprog), PHASE=0, **consts)
     else:
         nprog = sms * cfg["PER_SM"]
-        for phase in ((1, 2, 3, 4, 5) if has_o else (4, 5)):
+        for phase in ((1, 2, 3, 4, 5) if has_o else (4, 5)) + ((6, 7, 8) if has_front else ()):
             if warmup:
                 _w4a16_mlp_kernel.warmup(*args(nprog), grid=(nprog,), PHASE=phase, **consts)
             else:
                 _w4a16_mlp_kernel[(nprog,)](*args(nprog), PHASE=phase, **consts)
         if warmup:
             return None
-    return out
+    return qkv if has_front else out
 
 
 def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None, phases: int | None = None,
@@ -427,11 +471,13 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
 
 def post_attention(attn: torch.Tensor, residual: torch.Tensor, o_proj: tuple, norm_weight: torch.Tensor, eps: float,
                    gate_up: tuple, down: tuple, config: dict | None = None, phases: int | None = None,
-                   pdl: int | None = None, warmup: bool = False) -> torch.Tensor | None:
+                   pdl: int | None = None, warmup: bool = False, front: tuple | None = None) -> torch.Tensor | None:
     """A Llama layer after attention, at batch 1, in one launch: o = attn @ o_proj; residual += o (in place, model
     dtype); x = rms_norm(residual) * norm_weight (kernels/fused_norm.py's Llama rounding); -> down(silu(gate) * up)
     of x [1, hidden]. attn [1, q_dim]; o_proj, gate_up, down as `mlp`'s weights; config adds T_O, BN_O (o_proj's
-    tile)."""
+    tile). front = (the next layer's input norm weight, its eps, its qkv projection's weights): then also
+    residual += that output (in place); x2 = rms_norm(residual) * weight; -> x2 @ qkv [1, N_qkv] instead (config
+    T_Q, BN_Q)."""
     cfg = dict(DEFAULT, **(config or {}))
     if attn.dim() != 2 or attn.shape[0] != 1:
         raise ValueError(f"the W4A16 post-attention kernel takes attn [1, q_dim], got {tuple(attn.shape)}")
@@ -445,7 +491,15 @@ def post_attention(attn: torch.Tensor, residual: torch.Tensor, o_proj: tuple, no
                          False),
                  a=_gemv("gate_up", gate_up, hidden, 2 * inter, cfg["T_A"], cfg["BN_A"], cfg["H2"], attn.dtype, True),
                  b=_gemv("down", down, inter, hidden, cfg["T_B"], cfg["BN_B"], cfg["H2"], attn.dtype, False))
-    return _run(attn.contiguous(), gemvs, (residual, norm_weight.contiguous(), eps), cfg, phases, pdl, warmup)
+    nxt = None
+    if front is not None:
+        nw2, eps2, qkv_w = front
+        if nw2.shape != (hidden,):
+            raise ValueError(f"the next norm's weight must be [{hidden}], got {tuple(nw2.shape)}")
+        gemvs["q"] = _gemv("qkv_proj", qkv_w, hidden, qkv_w[0].shape[1], cfg["T_Q"], cfg["BN_Q"], cfg["H2"],
+                           attn.dtype, False)
+        nxt = (nw2.contiguous(), eps2)
+    return _run(attn.contiguous(), gemvs, (residual, norm_weight.contiguous(), eps), cfg, phases, pdl, warmup, nxt)
 
 
 __all__ = ["mlp", "post_attention", "config_for", "TUNED", "reserve", "barrier", "errors", "clear_errors",

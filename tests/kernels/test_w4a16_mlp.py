@@ -59,38 +59,53 @@ def test_w4a16_mlp_matches_float64(hidden, inter, ga, gb, act_order, dtype, cfg)
     assert not ws.any() and not cnt.any(), "both phases must leave the split-K workspace zeroed"
 
 
-@pytest.mark.parametrize("q_dim, hidden, inter, group, act_order, dtype, cfg", [
-    (256, 192, 320, 64, False, torch.bfloat16, dict(T_O=8, BN_O=32, T_A=8, BN_A=64, T_B=8, BN_B=64, num_warps=1,
-                                                    PER_SM=3, H2=2)),
-    (128, 256, 384, 32, True, torch.float16, dict(T_O=4, BN_O=64, T_A=8, BN_A=32, T_B=16, BN_B=32, num_warps=1,
-                                                  PER_SM=5, H2=0)),
+@pytest.mark.parametrize("q_dim, hidden, inter, n_qkv, group, act_order, dtype, cfg", [
+    (256, 192, 320, 320, 64, False, torch.bfloat16, dict(T_O=8, BN_O=32, T_A=8, BN_A=64, T_B=8, BN_B=64, T_Q=8,
+                                                         BN_Q=64, num_warps=1, PER_SM=3, H2=2)),
+    (128, 256, 384, 192, 32, True, torch.float16, dict(T_O=4, BN_O=64, T_A=8, BN_A=32, T_B=16, BN_B=32, T_Q=8,
+                                                       BN_Q=32, num_warps=1, PER_SM=5, H2=0)),
+    # 5 norm slices of 128 columns over 4 programs (one program per SM of the interpreter's 4): program 0 takes two
+    (128, 640, 128, 128, 128, False, torch.bfloat16, dict(T_O=8, BN_O=128, T_A=8, BN_A=64, T_B=8, BN_B=128, T_Q=8,
+                                                          BN_Q=64, num_warps=1, PER_SM=1, H2=2)),
 ])
-def test_w4a16_post_attention_matches_float64(q_dim, hidden, inter, group, act_order, dtype, cfg):
-    """o_proj, the residual add, the Llama RMSNorm and the MLP in one kernel (its five-launch form here): the output
-    and the residual (updated in place) against float64 with each step rounded to the model dtype where the unfused
-    layer stores it (o, h = o + r, the normed row, w * normed, gate/up, SwiGLU). hidden 192 is not a power of two
-    (the norm's row is masked) and takes 64-row blocks; norm slices of 128 columns over several programs."""
+@pytest.mark.parametrize("with_front", [False, True], ids=["tail", "tail+front"])
+def test_w4a16_post_attention_matches_float64(q_dim, hidden, inter, n_qkv, group, act_order, dtype, cfg, with_front):
+    """o_proj, the residual add, the Llama RMSNorm and the MLP in one kernel (its launch-per-phase form here), and
+    with the next layer's front (residual add, its input norm, its qkv projection): the output and the residual
+    (updated in place) against float64 with each step rounded to the model dtype where the unfused layers store it
+    (o, h = o + r, the normed row, w * normed, gate/up, SwiGLU, down, the next h, its normed row). hidden 192 is not
+    a power of two (the norm's row is masked) and takes 64-row blocks; norm slices of 128 columns over several
+    programs."""
     g = torch.Generator().manual_seed(q_dim + hidden)
     o, wo, po = weights(q_dim, hidden, group, act_order, dtype, g)
     a, wa, pa = weights(hidden, 2 * inter, group, act_order, dtype, g)
     b, wb, pb = weights(inter, hidden, group, act_order, dtype, g)
+    qk, wq, pq = weights(hidden, n_qkv, group, act_order, dtype, g)
     attn = torch.randn(1, q_dim, generator=g).to(dtype)
     res = torch.randn(1, hidden, generator=g).to(dtype)
     nw = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    nw2 = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
     eps = 1e-5
+
+    def add_norm(y, r, w):
+        h = (y.double() + r.double()).to(dtype).double()
+        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        return (w.double() * normed.double()).to(dtype), h
+
     att = attn.double()
-    o_out = ((att[:, po] if po is not None else att) @ wo).to(dtype)
-    h = (o_out.double() + res.double()).to(dtype)
-    hd = h.double()
-    normed = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    x = (nw.double() * normed.double()).to(dtype)
+    x, h = add_norm(((att[:, po] if po is not None else att) @ wo).to(dtype), res, nw)
     want = reference(x, wa, pa, wb, pb, dtype)
     r_dev = res.to(DEV)
-    out = post_attention(attn.to(DEV), r_dev, o, nw.to(DEV), eps, a, b, cfg, phases=2)
+    front = (nw2.to(DEV), eps, qk) if with_front else None
+    out = post_attention(attn.to(DEV), r_dev, o, nw.to(DEV), eps, a, b, cfg, phases=2, front=front)
     # bf16: a gate/up value one rounding off in the kernel moves its SwiGLU output by up to 2^-7, and 320-384 such
     # terms add up in down: 3% of the largest output (a wrong tile or a missed phase is O(1))
     tol = 3e-3 if dtype == torch.float16 else 3e-2
-    torch.testing.assert_close(r_dev.cpu().double(), hd, rtol=tol, atol=tol * hd.abs().max().item())  # o's rounding
+    if with_front:
+        x2, h = add_norm(want.to(dtype), h.to(dtype), nw2)
+        want = (x2.double()[:, pq] if pq is not None else x2.double()) @ wq
+        assert out.shape == (1, n_qkv)
+    torch.testing.assert_close(r_dev.cpu().double(), h, rtol=tol, atol=tol * h.abs().max().item())  # o's rounding
     torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
     ws, cnt = splitk.workspace(torch.device(DEV), 1)
     assert not ws.any() and not cnt.any(), "every phase must leave the split-K workspace zeroed"
@@ -110,13 +125,14 @@ def test_w4a16_mlp_refuses_bad_shapes_and_the_barrier_off_cuda():
             mlp(x, a, b, phases=1)
 
 
-@pytest.mark.parametrize("flag", ["FUSE_MLP", "FUSE_POST"])
-def test_w4a16_llama_layer_tail_in_one_launch_at_batch_1(monkeypatch, flag):
+@pytest.mark.parametrize("flags", [("FUSE_MLP",), ("FUSE_POST",), ("FUSE_POST", "FUSE_FRONT")],
+                         ids=["mlp", "post", "post+front"])
+def test_w4a16_llama_layer_tail_in_one_launch_at_batch_1(monkeypatch, flags):
     """A 4-bit Llama decoding one token with FUSE_MLP (each layer's gate/up projection runs the whole MLP and returns an
-    MLPOutput) or FUSE_POST (each layer's o projection runs o, the residual add, the post-attention norm and the MLP
-    and returns a LayerOutput): kernels/w4a16_mlp.py in its launch-per-phase form here. The logits equal the per-GEMV
-    Triton path's (norm kernel, gate/up with SwiGLU in its epilogue, then down) and the dequantize-then-matmul
-    reference's."""
+    MLPOutput), FUSE_POST (each layer's o projection runs o, the residual add, the post-attention norm and the MLP
+    and returns a LayerOutput) or also FUSE_FRONT (layer 0's launch also runs layer 1's input norm and qkv; layer 1
+    skips both): kernels/w4a16_mlp.py in its launch-per-phase form here. The logits equal the per-GEMV Triton path's
+    (norm kernel, gate/up with SwiGLU in its epilogue, then down) and the dequantize-then-matmul reference's."""
     from services.engine.attention.metadata import AttentionMetadata
     from services.engine.attention.torch_backend import TorchAttentionBackend
     from services.engine.model.quantization import int4
@@ -127,12 +143,13 @@ def test_w4a16_llama_layer_tail_in_one_launch_at_batch_1(monkeypatch, flag):
 
     hf = dict(LLAMA, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
                                           "desc_act": False})
-    calls = []
-    entry = "mlp" if flag == "FUSE_MLP" else "post_attention"
+    calls, fronts = [], []
+    entry = "mlp" if flags == ("FUSE_MLP",) else "post_attention"
     real = getattr(w4a16_mlp, entry)
 
     def spy(*a, **k):
         calls.append(a[0].shape)
+        fronts.append(k.get("front") is not None)
         return real(*a, **k)
 
     monkeypatch.setattr(w4a16_mlp, entry, spy)
@@ -141,7 +158,8 @@ def test_w4a16_llama_layer_tail_in_one_launch_at_batch_1(monkeypatch, flag):
     outs = {}
     for name, kernels, fuse in (("reference", False, False), ("per-GEMV", True, False), ("one launch", True, True)):
         monkeypatch.setattr(int4, "_kernels", lambda x, on=kernels: on)
-        monkeypatch.setattr(int4, flag, fuse)
+        for flag in flags:
+            monkeypatch.setattr(int4, flag, fuse)
         model = build_model(hf, TorchAttentionBackend(), torch.float32, torch.device(DEV))
         model.init_dummy(seed=6)
         model.set_fused_elementwise(kernels)
@@ -152,7 +170,10 @@ def test_w4a16_llama_layer_tail_in_one_launch_at_batch_1(monkeypatch, flag):
             block_tables=torch.tensor([[0, 1]], **i32), slot_mapping=torch.tensor([0], device=DEV), max_query_len=1,
             max_seq_len=1, query_lens_cpu=[1], seq_lens_cpu=[1])
         calls.clear()
+        fronts.clear()
         outs[name] = model.logits(model.forward(torch.tensor([7], device=DEV), torch.tensor([0], device=DEV), kv, meta))
         assert len(calls) == (LLAMA["num_hidden_layers"] if fuse else 0)
+        if fuse and "FUSE_FRONT" in flags:  # every layer's launch but the last runs the next layer's front
+            assert fronts == [True] * (LLAMA["num_hidden_layers"] - 1) + [False]
     torch.testing.assert_close(outs["one launch"], outs["per-GEMV"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["one launch"], outs["reference"], atol=1e-4, rtol=1e-4)

@@ -42,6 +42,10 @@ FUSE_POST = os.environ.get("FOLIO_W4A16_POST", "0") == "1"
 MLP, the residual) runs o_proj, the residual add, the norm and the MLP as one persistent launch
 (kernels/w4a16_mlp.py's post_attention) and returns a LayerOutput (the MLP's output; the residual updated in place):
 where all three projections are W4A16 on one rank without biases and the norm is Llama's."""
+FUSE_FRONT = os.environ.get("FOLIO_W4A16_FRONT", "0") == "1"
+"""With FUSE_POST, where the model also names the next layer's input norm and qkv projection (`then_post`'s fourth
+item; same conditions), the same launch runs the residual add of this layer's output, that norm and that qkv
+projection, and the LayerOutput holds the next layer's qkv (`next_qkv`): a layer is its attention and one launch."""
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
@@ -61,8 +65,16 @@ class MLPOutput(NamedTuple):
 
 class LayerOutput(NamedTuple):
     """A layer's MLP output returned by its W4A16 o projection at batch 1 (FUSE_POST), the residual already updated;
-    the model skips its post-attention norm and MLP."""
+    the model skips its post-attention norm and MLP. next_qkv (FUSE_FRONT): y is the next layer's qkv projection of
+    its input norm instead (that residual add done too)."""
     y: torch.Tensor
+    next_qkv: bool = False
+
+
+class QKVReady(NamedTuple):
+    """The next layer's qkv projection, computed by the previous layer's launch (FUSE_FRONT): the layer skips its
+    input norm and its qkv projection."""
+    qkv: torch.Tensor
 
 
 def _weights(layer) -> tuple:
@@ -75,22 +87,31 @@ def _one_rank_int4(layer) -> bool:
             and layer.bias is None and layer.tp is None)
 
 
-def _fused_layer(layer, x2: torch.Tensor) -> torch.Tensor | None:
-    """The layer's MLP output from kernels/w4a16_mlp.py's post_attention when this o projection and its `then_post`
-    (norm, mlp, residual) can run as one launch, else None."""
+def _fused_layer(layer, x2: torch.Tensor) -> LayerOutput | None:
+    """kernels/w4a16_mlp.py's post_attention when this o projection and its `then_post` (norm, mlp, residual, and
+    the next layer's (input norm, qkv projection) or None) can run as one launch, else None."""
     post = getattr(layer, "then_post", None)
     if not FUSE_POST or post is None or x2.shape[0] != 1 or not _kernels(x2) or not _one_rank_int4(layer):
         return None
-    norm, mlp, residual = post
+    norm, mlp, residual, front = post
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     act = getattr(gate_up, "then_act", None)
     if (not (_one_rank_int4(gate_up) and _one_rank_int4(down)) or act is None or act.act is not F.silu
-            or not norm.fused or norm.gemma or norm.scale_in_float32 or norm.tp is not None
-            or residual.shape != (1, layer.qweight.shape[1]) or not residual.is_contiguous() or residual.dtype != x2.dtype):
+            or not _llama_norm(norm) or residual.shape != (1, layer.qweight.shape[1]) or not residual.is_contiguous()
+            or residual.dtype != x2.dtype):
         return None
     hidden, inter = residual.shape[1], gate_up.qweight.shape[1] // 2
-    return w4a16_mlp.post_attention(x2, residual, _weights(layer), norm.weight, norm.eps, _weights(gate_up),
-                                    _weights(down), config=w4a16_mlp.config_for(hidden, inter))
+    nxt = None
+    if FUSE_FRONT and front is not None and _llama_norm(front[0]) and _one_rank_int4(front[1]):
+        nxt = (front[0].weight, front[0].eps, _weights(front[1]))
+    y = w4a16_mlp.post_attention(x2, residual, _weights(layer), norm.weight, norm.eps, _weights(gate_up),
+                                 _weights(down), config=w4a16_mlp.config_for(hidden, inter), front=nxt)
+    return LayerOutput(y, nxt is not None)
+
+
+def _llama_norm(norm) -> bool:
+    """Llama's RMSNorm (w * normed rounded to the model dtype), on one rank, on its fused kernel path."""
+    return norm.fused and not norm.gemma and not norm.scale_in_float32 and norm.tp is None
 
 
 def _fused_mlp(layer, x2: torch.Tensor) -> torch.Tensor | None:
@@ -185,9 +206,9 @@ class Int4Layout:
                       qtc=layer.qweight_tc)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
         if x2.shape[0] == 1 and getattr(layer, "then_post", None) is not None:
-            y = _fused_layer(layer, x2)
-            if y is not None:
-                return LayerOutput(y.reshape(*shape[:-1], y.shape[-1]))
+            out = _fused_layer(layer, x2)
+            if out is not None:
+                return LayerOutput(out.y.reshape(*shape[:-1], out.y.shape[-1]), out.next_qkv)
         rope = getattr(layer, "then_rope", None)
         if FUSE_ROPE and rope is not None and bias is None and x2.shape[0] == 1 and _kernels(x):
             y, done = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm,
