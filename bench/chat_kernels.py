@@ -6,15 +6,12 @@ Checks (always first; exit status 1 if one fails):
     pick it replaced (FOLIO_PREFILL_SHORT_PICK=ws: no TMA_STORE, no AHEAD) and a float64 reference, on the chat's
     first step (its first prompts up to the 8,192-token budget) and other fresh-prompt batches. The two picks do
     the same arithmetic per work item, so they should agree bit for bit.
-  decode: the split count the engine's graphs take now (session 7's and 6's are listed for reference), one split,
-    FUSED_REDUCE (the last split program merges the splits, no reduce launch) at 2-32 splits, and a
-    float64 reference, at the chat's tail contexts (1-48 sequences); FUSED_REDUCE in a CUDA graph replayed over
-    changed contexts against eager launches.
+  decode: the split counts the engine's graphs take now, in session 7 and in session 6 (FOLIO_DECODE_SPLIT_RULE),
+    one split, and a float64 reference, at the chat's tail contexts (1-48 sequences).
 Timing: the prefill kernel's part of the chat's mixed steps as the engine's graphs launch it, per config
   (`--mixed-budget` seconds); paged decode per launch (CUDA graph of LAYERS launches over their own KV pools, so the
-  KV is read from memory as in a step) at 1-128 sequences over chat-like contexts, for split counts 1-32 (each with
-  the reduce launch, fused ("f") and fused with the merge unrolled ("u")), against the count choose_num_splits gives the engine's graphs (max_seq_len = the
-  chat's max_model_len).
+  KV is read from memory as in a step) at 1-128 sequences over chat-like contexts, for split counts 1-32, against
+  the count choose_num_splits gives the engine's graphs (max_seq_len = the chat's max_model_len).
 
     python bench/chat_kernels.py --out bench/results/chat_kernels.json
 """
@@ -155,51 +152,13 @@ def check_decode(dev) -> list[dict]:
     for name, lens in cases.items():
         b = make_batch(lens, [1] * len(lens), HQ, HKV, D, BLOCK, DTYPE, dev)
         rules = {r: splits_rule(len(lens), r, sms) for r in ("", "s7", "s6")}
-        run = lambda s, fused: pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE,  # noqa: E731
-                                               num_splits=s, config=dict(FUSED_REDUCE=fused))
-        outs = {f"splits_{s}": run(s, False) for s in dict.fromkeys((rules[""], 1))}
-        # FUSED_REDUCE (the last split program merges the splits) at every split count the engine may take
-        outs.update({f"fused_{s}": run(s, True) for s in (2, 4, 8, 16, 32)})
-        outs[f"unrolled_{rules['']}"] = pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE,
-                                                        num_splits=rules[""],
-                                                        config=dict(FUSED_REDUCE=True, MERGE_UNROLL=True))
+        outs = {f"splits_{s}": pd.paged_decode(b.q, b.kv_cache, b.block_tables, b.seq_lens, SCALE, num_splits=s)
+                for s in dict.fromkeys((*rules.values(), 1))}
         rec = compare(f"decode {name} (graph rule: {rules['']} splits, session 7: {rules['s7']}, session 6: "
-                      f"{rules['s6']})", outs, ref64_decode(b), (f"fused_{rules['']}", f"splits_{rules['']}"))
+                      f"{rules['s6']})", outs, ref64_decode(b), (f"splits_{rules['']}", f"splits_{rules['s6']}"))
         rec.update(splits_now=rules[""], splits_s7=rules["s7"], splits_s6=rules["s6"])
         recs.append(rec)
-    recs.append(check_fused_graph(dev))
     return recs
-
-
-def check_fused_graph(dev) -> dict:
-    """FUSED_REDUCE in a CUDA graph replayed several times with the contexts changed between replays (its arrival
-    counts must be back at zero after each launch): each replay's output equal to an eager launch's, bit for bit."""
-    from paged_cases import make_batch
-
-    lens = list(range(200, 1800, 67))[:24]
-    b = make_batch(lens, [1] * len(lens), HQ, HKV, D, BLOCK, DTYPE, dev)
-    seq_lens = b.seq_lens.clone()
-    out = torch.empty_like(b.q)
-    launch = lambda: pd.paged_decode(b.q, b.kv_cache, b.block_tables, seq_lens, SCALE, num_splits=8,  # noqa: E731
-                                     out=out, config=dict(FUSED_REDUCE=True))
-    launch()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(3):  # three layers in one graph, as a step's
-            launch()
-    equal = []
-    for i in range(4):
-        seq_lens.copy_(b.seq_lens - 37 * i)
-        g.replay()
-        got = out.clone()
-        want = pd.paged_decode(b.q, b.kv_cache, b.block_tables, seq_lens, SCALE, num_splits=8,
-                               config=dict(FUSED_REDUCE=True))
-        equal.append(bool(torch.equal(got, want)))
-    ok = all(equal)
-    print(f"{'ok  ' if ok else 'FAIL'} decode fused reduce in a CUDA graph (24 sequences, 8 splits, 3 launches a "
-          f"replay, 4 replays over changed contexts): equal to eager launches bit for bit {equal}", flush=True)
-    return {"case": "fused reduce in a CUDA graph", "replays_equal": equal, "ok": ok}
 
 
 def timing_pools(lens: list[int], layers: int, dev) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -220,10 +179,9 @@ def timing_pools(lens: list[int], layers: int, dev) -> tuple[torch.Tensor, torch
     return kv, torch.tensor(lens, dtype=torch.int32, device=dev), tables
 
 
-def time_decode(dev, budget_s: float, layers: int, counts: str = "all") -> list[dict]:
+def time_decode(dev, budget_s: float, layers: int) -> list[dict]:
     """Per-launch time of paged decode (its split reduce included) in a CUDA graph of `layers` launches, each over
-    its own blocks of one pool (as a step's layers read theirs); split counts > 1 with _reduce_splits_kernel and
-    fused (key "<splits>f": the last split program merges; "<splits>u": its merge loop unrolled). counts "rule": one split and the rule's count only."""
+    its own blocks of one pool (as a step's layers read theirs)."""
     sms = pd.num_sms(dev)
     gen = torch.Generator().manual_seed(1)
     t_end = time.perf_counter() + budget_s
@@ -235,17 +193,14 @@ def time_decode(dev, budget_s: float, layers: int, counts: str = "all") -> list[
         rule = splits_rule(batch, "", sms)
         row = {"batch": batch, "rule": rule, "contexts_mean": sum(lens) / batch, "us": {}}
         kv_bytes = sum(lens) * HKV * D * 2 * 2
-        todo = [1, rule] if counts == "rule" else [1, 2, 4, 8, 16, 32]
-        for key in [k for s in dict.fromkeys(todo) for k in ((s,) if s == 1 else (s, f"{s}f", f"{s}u"))]:
+        for s in (1, 2, 4, 8, 16, 32):
             if time.perf_counter() > t_end:
                 break
-            s = key if isinstance(key, int) else int(key[:-1])
-            cfg = dict(FUSED_REDUCE=not isinstance(key, int), MERGE_UNROLL=str(key).endswith("u"))
             outs = [torch.empty_like(q) for _ in tables]
 
             def step():
                 for t, o in zip(tables, outs):
-                    pd.paged_decode(q, kv, t, seq_lens, SCALE, num_splits=s, out=o, config=cfg)
+                    pd.paged_decode(q, kv, t, seq_lens, SCALE, num_splits=s, out=o)
 
             step()  # compile outside the capture
             torch.cuda.synchronize()
@@ -261,23 +216,15 @@ def time_decode(dev, budget_s: float, layers: int, counts: str = "all") -> list[
                 g.replay()
             stop.record()
             torch.cuda.synchronize()
-            row["us"][key] = 1e3 * start.elapsed_time(stop) / (reps * layers)
+            row["us"][s] = 1e3 * start.elapsed_time(stop) / (reps * layers)
         if not row["us"]:
             break
         best = min(row["us"], key=row["us"].get)
         row.update(best=best, best_over_rule=row["us"][best] / row["us"].get(rule, float("nan")),
                    kv_GBps_best=kv_bytes / (row["us"][best] * 1e3))
-        fused = row["us"].get(f"{rule}f")
-        if fused:
-            row["rule_fused_over_rule"] = fused / row["us"][rule]
-        if row["us"].get(f"{rule}u"):
-            row["rule_unrolled_over_rule"] = row["us"][f"{rule}u"] / row["us"][rule]
         print(f"decode {batch:4d} seqs (contexts mean {row['contexts_mean']:.0f}): "
               + "  ".join(f"{s}:{u:6.1f}" for s, u in row["us"].items())
-              + f" us/launch; rule {rule}, best {best} ({row['best_over_rule']:.3f}x the rule's time)"
-              + (f"; rule fused/unfused {row['rule_fused_over_rule']:.3f}" if fused else "")
-              + (f", unrolled/unfused {row['rule_unrolled_over_rule']:.3f}" if "rule_unrolled_over_rule" in row else ""),
-              flush=True)
+              + f" us/launch; rule {rule}, best {best} ({row['best_over_rule']:.3f}x the rule's time)", flush=True)
         recs.append(row)
         del kv, tables
     return recs
@@ -328,7 +275,8 @@ def graph_us(fn, layers: int, reps: int = 20) -> float:
 
 
 MIXED_CONFIGS = {
-    "table (graphs: has_prefix, max_query_len = bucket)": None,  # session 8: BASE + CHUNK_LIST, 2 per SM
+    "table (graphs: has_prefix, max_query_len = bucket)": None,  # session 9: 64x32 4w 3st + CHUNK_LIST, 3 per SM
+    "BASE + CHUNK_LIST, 2 per SM (session 8's pick)": dict(ppc.BASE, **ppc._PREFIX_SHORT_BASE),
     "BASE (session 7's pick)": dict(ppc.BASE),
     "64x32 4w 3st, no list": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2),
     # the prompts' tiles alone from the host's list (paged_prefill chunk_list), persistent grids
@@ -420,8 +368,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=25.0, help="seconds for the decode timing sweep")
     ap.add_argument("--mixed-budget", type=float, default=10.0, help="seconds for the mixed-step prefill timings")
-    ap.add_argument("--sweep-counts", default="all", choices=["all", "rule"],
-                    help="sweep: every split count 1-32 (each unfused and fused), or one split and the rule's count")
     ap.add_argument("--layers", type=int, default=16, help="launches per graph, each over its own KV pool")
     ap.add_argument("--sections", nargs="+", default=["prefill", "decode", "mixed", "sweep"],
                     choices=["prefill", "decode", "mixed", "sweep"],
@@ -446,7 +392,7 @@ def main() -> None:
         rec["mixed_prefill"] = time_mixed(dev, args.mixed_budget, args.layers)
         failed += sum(not ok for r in rec["mixed_prefill"] for ok in r.get("ok", {}).values())
     if "sweep" in args.sections:
-        rec["decode_splits"] = time_decode(dev, args.budget, args.layers, args.sweep_counts)
+        rec["decode_splits"] = time_decode(dev, args.budget, args.layers)
     rec["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rec, indent=1))

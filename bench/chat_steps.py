@@ -1,20 +1,20 @@
 """The 8B chat's steps A/B'd on one engine, arms alternating: whole steps replayed from their CUDA graphs.
 
-Two attention changes reach the chat run's steps and nothing else there: the prefill pick of mixed steps under
-1,024 tokens (FOLIO_PREFILL_PREFIX_PICK: BASE's tiles walking the chunk list, or 64 x 32 tiles walking it) and the
-decode split merge (FOLIO_DECODE_FUSED_REDUCE: _reduce_splits_kernel after the attention launch, or the last split
-program merging in-kernel). A chat run moves 1-2% from run to run, more than either is worth (~0.1-0.2 ms a step),
-so this times the steps themselves: one random-weight engine of the 8B shape (max_model_len 2,064 as the chat
-run's), graphs captured only for the buckets of the steps below, re-captured for each arm (an arm sets the
-environment both changes read), arms alternated ROUNDS times. First each arm's logits for every step, against the
-first arm's (max |diff|, argmax agreement: a greedy token can change where the top two logits are that close);
+A chat run moves 1-2% from run to run, more than a change worth ~0.1-0.2 ms a step, so this times the steps
+themselves: one random-weight engine of the 8B shape (max_model_len 2,064 as the chat run's), graphs captured only
+for the buckets of the steps below, re-captured for each arm (an arm sets the environment the change reads), arms
+alternated ROUNDS times. First each arm's logits for every step, against the first arm's (max |diff|, argmax
+agreement, the smallest gap between a row's top two logits: a greedy token can change where they are that close);
 then device ms per step (median of --iters, a GPU sleep in front so the host's launch is hidden), per arm and round.
 
-Mixed steps (decodes at contexts 200-1,200 beside fresh prompts) replay mixed graphs: the prefill pick applies;
-their decode rows take one split (no merge). Decode steps (contexts 200-1,800) at 1-64 sequences take 8-32
-splits: the merge applies. Each step has its own blocks, so no step reads KV another one wrote.
+The arms: the prefill pick of mixed steps under 1,024 tokens (FOLIO_PREFILL_PREFIX_PICK=base: BASE's tiles walking
+the chunk list, session 8's; unset: 64 x 32 tiles walking it, session 9's). Mixed steps (decodes at contexts
+200-1,200 beside fresh prompts) replay mixed graphs, where the pick applies. Decode steps at 1-64 sequences (contexts
+200-1,800) run the same kernels in both arms: their ratio is the A/B's noise floor. Each step has its own blocks, so
+no step reads KV another one wrote. Session 9's round 2 ran a second lever in the second arm, the decode split merge
+inside the attention kernel (measured slower at every batch, removed; docs/performance.md).
 
-    python bench/chat_steps.py --out bench/results/chat_steps.json       # ~45 s on an H200
+    python bench/chat_steps.py --out bench/results/chat_steps.json       # ~50 s on an H200
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.throughput import write_config  # noqa: E402
 
 ARMS = {  # name -> environment (None: unset)
-    "base+reduce": {"FOLIO_PREFILL_PREFIX_PICK": None, "FOLIO_DECODE_FUSED_REDUCE": "0"},
-    "tiles64+fused": {"FOLIO_PREFILL_PREFIX_PICK": "tiles64", "FOLIO_DECODE_FUSED_REDUCE": "1"},
+    "base": {"FOLIO_PREFILL_PREFIX_PICK": "base"},
+    "tiles64": {"FOLIO_PREFILL_PREFIX_PICK": None},
 }
 MAX_MODEL_LEN = 2064  # bench/throughput.py's chat run: the longest prompt + output + 16
 

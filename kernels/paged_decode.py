@@ -8,9 +8,7 @@ online softmax in base 2 with the softmax scale folded into the exponent.
 
 Split-KV: with few (sequence, KV head) pairs and long contexts the grid would leave most SMs idle,
 so the context is cut into NUM_SPLITS ranges, each program writes its unnormalized partial output
-with its running max and sum (fp32), and `_reduce_splits_kernel` combines them -- or, with FUSED_REDUCE,
-the last split program of each (sequence, KV head) to finish does (an acq_rel arrival count per pair, set
-back to zero by that program, so a CUDA graph replays it unchanged): no second launch. The split count is a
+with its running max and sum (fp32), and `_reduce_splits_kernel` combines them. The split count is a
 launch parameter only: the ranges are computed in the kernel from each sequence's own length, so
 any split count is correct for any lengths (a CUDA graph captured with one stays correct).
 
@@ -54,9 +52,6 @@ MIN_TOKENS_PER_SPLIT = 128
 MIN_TOKENS_PER_SPLIT_FEW = 64
 FEW_PROGRAMS_PER_SM = 1 / 8
 MAX_SPLITS = 64
-FUSED_REDUCE_ENV = "FOLIO_DECODE_FUSED_REDUCE"
-"""Set to 1: split launches merge their splits in the attention kernel (FUSED_REDUCE) instead of _reduce_splits_kernel
-(a config's FUSED_REDUCE key wins over it)."""
 SPLIT_RULE_ENV = "FOLIO_DECODE_SPLIT_RULE"
 """A/B runs: "s6" the rule of session 6 (512-token splits, only under 2 programs per SM, ~4 programs per SM), "s7"
 that rule with MIN_TOKENS_PER_SPLIT_FEW at one or two sequences; unset: the current rule."""
@@ -114,13 +109,11 @@ def _paged_decode_kernel(
     FP8_OUT: tl.constexpr = False,  # also quantize each sequence's output row per token (one split; fp8_out)
     q8_ptr=None,  # float8_e4m3fn [num_seqs, num_heads * HEAD_DIM] (FP8_OUT)
     s8_ptr=None,  # fp32 [num_seqs] scales (FP8_OUT)
-    count_ptr=None,  # int32 zeros: programs done per sequence [>= num_seqs] (FP8_OUT) or per (seq, KV head) (FUSED_REDUCE)
+    count_ptr=None,  # int32 [>= num_seqs], zero: programs done per sequence (FP8_OUT)
     ub=0.0,  # the scale's amax bound (HAS_UB)
     HAS_UB: tl.constexpr = False,
     HW_CVT: tl.constexpr = False,  # kernels/fp8_quant.py's
     OUT_BLOCK: tl.constexpr = 16,  # next power of two of num_heads * HEAD_DIM (FP8_OUT)
-    FUSED_REDUCE: tl.constexpr = False,  # NUM_SPLITS > 1: the last split program of a (seq, KV head) merges them
-    MERGE_UNROLL: tl.constexpr = False,  # FUSED_REDUCE: the merge's loop over the group's heads unrolled
 ):
     pdl.enter(PDL)
     if HEADS_FASTEST:
@@ -226,54 +219,6 @@ def _paged_decode_kernel(
                  mask=g_mask[:, None] & d_ok[None, :])
         tl.store(part_m_ptr + part, m_i, mask=g_mask)
         tl.store(part_l_ptr + part, l_i, mask=g_mask)
-        if FUSED_REDUCE:
-            _merge_splits_when_last(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr + row64 * stride_os, stride_oh,
-                                    count_ptr + seq * (num_heads // QUERIES_PER_KV) + kv_head,
-                                    (seq64 * num_heads + kv_head * QUERIES_PER_KV) * NUM_SPLITS,
-                                    kv_head * QUERIES_PER_KV, QUERIES_PER_KV, HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS,
-                                    MERGE_UNROLL)
-
-
-@triton.jit
-def _merge_splits_when_last(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, count_ptr, first_part,
-                            first_head, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, UNROLL: tl.constexpr):
-    """FUSED_REDUCE: each split program of one (sequence, KV head) counts itself in at count_ptr after storing its
-    partial (max, sum, acc); the last to arrive merges the NUM_SPLITS partials of the pair's QUERIES_PER_KV heads
-    as _reduce_splits_kernel does (same arithmetic) and writes their output rows, then sets the count back to zero
-    for the next launch. The barrier and the acq_rel atomic order every thread's partial stores before the count
-    (kernels/fp8_quant.py's quantize_row_when_last: the same semaphore); the merge reads the partials from L2
-    (.cg), never from an SM's L1 that may hold an older launch's lines."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    if arrived == NUM_SPLITS - 1:
-        if UNROLL:  # every head's loads may be in flight at once
-            for g in tl.static_range(QUERIES_PER_KV):
-                _merge_head(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, first_part, first_head, g,
-                            HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS)
-        else:
-            for g in range(QUERIES_PER_KV):
-                _merge_head(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, first_part, first_head, g,
-                            HEAD_DIM, HEAD_DIM_PAD, NUM_SPLITS)
-        tl.atomic_xchg(count_ptr, 0, sem="relaxed")
-
-
-@triton.jit
-def _merge_head(part_out_ptr, part_m_ptr, part_l_ptr, out_row_ptr, stride_oh, first_part, first_head, g,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """One query head of _merge_splits_when_last: _reduce_splits_kernel's arithmetic, partials read from L2."""
-    offs_s = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d < HEAD_DIM
-    part = first_part + g * NUM_SPLITS + offs_s
-    m = tl.load(part_m_ptr + part, cache_modifier=".cg")
-    l = tl.load(part_l_ptr + part, cache_modifier=".cg")
-    m_max = tl.max(m, 0)  # finite: the first split always holds the window's (or context's) first token
-    w = tl.exp2(m - m_max)  # empty splits have m = -inf, so weight 0
-    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[None, :], other=0.0,
-                  cache_modifier=".cg")
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(out_row_ptr + (first_head + g) * stride_oh + offs_d, out.to(out_row_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -536,10 +481,6 @@ def paged_decode(
         part_out = part_m = part_l = out  # unused
     in_kernel = fp8_out and num_splits == 1 and out.stride(2) == 1 and out.stride(1) == head_dim
     fused = {}
-    fuse_reduce = num_splits > 1 and cfg.get("FUSED_REDUCE", os.environ.get(FUSED_REDUCE_ENV) == "1")
-    if fuse_reduce:
-        fused = dict(FUSED_REDUCE=True, count_ptr=split_arrival_counts(q.device, num_seqs * num_kv_heads),
-                     MERGE_UNROLL=bool(cfg.get("MERGE_UNROLL", False)))
     if in_kernel:
         fused = dict(FP8_OUT=True, q8_ptr=quant[0], s8_ptr=quant[1],
                      count_ptr=fp8_quant.arrival_counts(q.device, num_seqs), ub=float(fp8_ub or 0.0),
@@ -547,7 +488,7 @@ def paged_decode(
                      OUT_BLOCK=triton.next_power_of_2(num_heads * head_dim))
     _launch(q, kv_cache, block_tables, seq_lens, seq_lens, out, (part_out, part_m, part_l), num_seqs, num_splits,
             cfg, variants, fp8, v_scale, rows_from_qsl=False, warmup=warmup, fused=fused)
-    if num_splits > 1 and not warmup and not fuse_reduce:
+    if num_splits > 1 and not warmup:
         _reduce_splits_kernel[(num_seqs, num_heads)](
             part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_heads,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad(head_dim), NUM_SPLITS=num_splits,
@@ -556,11 +497,6 @@ def paged_decode(
     if fp8_out and not in_kernel and not warmup:
         quant = fp8_quant.quantize_fp8_rows(out.reshape(num_seqs, num_heads * head_dim), ub=fp8_ub)
     return (out, *quant) if fp8_out else out
-
-
-def split_arrival_counts(device: torch.device, n: int) -> torch.Tensor:
-    """FUSED_REDUCE's arrival counts, one per (sequence, KV head); zero between launches."""
-    return fp8_quant.zeroed(device, n, "decode_splits")
 
 
 def _launch(q, kv_cache, block_tables, seq_lens, query_start_loc, out, parts, num_seqs: int, num_splits: int,

@@ -66,14 +66,18 @@ _WS_LONG_FRESH = dict(_WS_FRESH, BLOCK_N=128, Q_BUFS=1, DYNAMIC=True,
 # max_query_len): the chat's mean one, 254 decodes beside a 343-token prompt, took 24.3 us a layer with BASE, of
 # which the 254 decode rows' tile slots (a binary search each) ~10.6 us (13.7 us for the prompt alone). CHUNK_LIST
 # walks the prompts' tiles alone (kernels/paged_prefill.py): on the GPU its chat run gave session 6's tokens bit for
-# bit and 71.0% of the roofline (round 2; 69.2% without it in round 1). 64-row 4-warp programs over 32-key tiles took
-# 17.6 us without the list, but were not run with it on the GPU, so BASE's tiles stay.
-_PREFIX_SHORT = dict(CHUNK_LIST=True, PERSISTENT=2)
-# Session 8's final kernel timings (bench/results/chat_kernels_2026-11-30_h200_dec8b_final.json): 64-row 4-warp
-# programs over 32-key tiles walking the list, 3 per SM, 11.9 us at the chat's mean mixed step (BASE with the list
-# 16.9) and 19.2 against 24.7 at 250 decodes beside prompts of 120 and 600 tokens; not yet run in a chat run.
-_PREFIX_SHORT_64 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2, CHUNK_LIST=True,
-                        PERSISTENT=3)
+# bit and 71.0% of the roofline (round 2; 69.2% without it in round 1).
+# Session 9: 64-row 4-warp programs over 32-key tiles walking the list, 3 per SM: per launch 11.9 us at the chat's
+# mean mixed step against 16.9 for BASE's tiles with the list, 19.2 against 24.7 at 250 decodes beside prompts of
+# 120 and 600 tokens (session 8's final call, bench/results/chat_kernels_2026-11-30_h200_final.json); whole
+# mixed steps replayed from their graphs on one engine, arms alternated three times (bench/chat_steps.py, round 2:
+# bench/results/chat_steps_2026-11-30_h200_s9_r2.json): 254 decodes + a 343-token prompt 19.66 against 19.81 ms,
+# 200 + 100: 12.52 / 12.66, 250 + 120 and 600: 27.03 / 27.15, but 60 decodes + a 900-token prompt 23.07 / 22.95
+# (fewer, longer query tiles: 64-row items are half as many programs' work apiece). The graphs see only the token
+# bucket, so one pick serves all: the 64-row tiles (the chat's mixed steps are mostly ~254 decodes + a prompt).
+_PREFIX_SHORT_BASE = dict(CHUNK_LIST=True, PERSISTENT=2)
+_PREFIX_SHORT = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168, ONE_LOOP=2, CHUNK_LIST=True,
+                     PERSISTENT=3)
 TABLE: dict[tuple, dict] = {
     (128, 4, 2, True, 0): _PREFIX_SHORT,
     (128, 4, 2, False, 0): _WS_SHORT_FRESH,
@@ -90,8 +94,8 @@ CHUNK_LIST_ENV = "FOLIO_PREFILL_CHUNK_LIST"
 table's other keys stay."""
 
 PREFIX_PICK_ENV = "FOLIO_PREFILL_PREFIX_PICK"
-"""Set to "tiles64" for A/B runs: the < 1024 prefix key (mixed steps) takes _PREFIX_SHORT_64 (64 x 32 tiles, 3 per SM)
-instead of BASE's tiles with the list."""
+"""Set to "base" for A/B runs: the < 1024 prefix key (the engine's small mixed steps) takes its pick of session 8
+(_PREFIX_SHORT_BASE: BASE's tiles walking the chunk list, 2 per SM) instead of the 64 x 32 tiles."""
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_forced_config", default=None)
 
@@ -134,8 +138,8 @@ def select_config(head_dim: int, group: int, dtype: torch.dtype, has_prefix: boo
     else:
         if entry is _WS_SHORT_FRESH and os.environ.get(SHORT_PICK_ENV) == "ws":
             entry = _WS_FRESH
-        elif entry is _PREFIX_SHORT and os.environ.get(PREFIX_PICK_ENV) == "tiles64":
-            entry = _PREFIX_SHORT_64
+        elif entry is _PREFIX_SHORT and os.environ.get(PREFIX_PICK_ENV) == "base":
+            entry = _PREFIX_SHORT_BASE
         cfg = dict(BASE, **entry)
     if cfg["CHUNK_LIST"] and os.environ.get(CHUNK_LIST_ENV) == "0":
         cfg.update(CHUNK_LIST=False, PERSISTENT=0)

@@ -26,15 +26,13 @@ def _lens(n, lo, hi, seed):
 @pytest.mark.parametrize("group,head_dim", [(1, 128), (4, 128), (8, 128), (4, 64), (3, 64), (2, 256)])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("num_splits", [1, None, 8, 16])  # 8-16: the split rule's counts at 4-66 sequences
-@pytest.mark.parametrize("fused", [False, True], ids=["reduce", "fused"])  # FUSED_REDUCE: the splits merged in-kernel
-def test_gpu_paged_decode(dtype, group, head_dim, block_size, num_splits, fused):
+def test_gpu_paged_decode(dtype, group, head_dim, block_size, num_splits):
     num_kv_heads = 8 // min(group, 4)
     seq_lens = _lens(24, 1, 3000, seed=group + head_dim + block_size) + [1, 4096]
     batch = make_batch(seq_lens, [1] * len(seq_lens), group * num_kv_heads, num_kv_heads, head_dim, block_size,
                        dtype, DEVICE, spare_blocks=50)
     out = paged_decode(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, head_dim**-0.5,
-                       max_seq_len=batch.max_seq_len, num_splits=num_splits, out=poisoned_like(batch.q),
-                       config=dict(FUSED_REDUCE=fused))
+                       max_seq_len=batch.max_seq_len, num_splits=num_splits, out=poisoned_like(batch.q))
     ref = paged_decode_ref(batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, head_dim**-0.5)
     assert_close(out, ref, dtype)
 

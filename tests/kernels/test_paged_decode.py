@@ -53,27 +53,6 @@ def test_paged_decode_more_splits_than_tiles():
     _run(batch, 4, torch.float32, 8)
 
 
-@pytest.mark.parametrize("group, num_splits, unroll", [(1, 2, False), (4, 4, False), (3, 8, False), (4, 8, True)])
-def test_paged_decode_fused_reduce(group, num_splits, unroll, monkeypatch):
-    """FUSED_REDUCE: the last split program of each (sequence, KV head) merges the splits (no _reduce_splits_kernel
-    launch): the reference's output, the unfused launch's values, and the arrival counts back at zero (a second
-    launch, as a CUDA graph replays it, gives the same output). Splits past a short sequence's end weigh nothing."""
-    from kernels import paged_decode as pd
-
-    num_kv_heads = 2
-    batch = make_batch([1, 37, 300, 13], [1] * 4, group * num_kv_heads, num_kv_heads, 64, 16, torch.float32, DEVICE)
-    args = (batch.q, batch.kv_cache, batch.block_tables, batch.seq_lens, 0.3)
-    unfused = paged_decode(*args, num_splits=num_splits, out=poisoned_like(batch.q))
-    monkeypatch.setattr(pd, "_reduce_splits_kernel", None)  # launching it would fail
-    monkeypatch.setenv(pd.FUSED_REDUCE_ENV, "1")
-    cfg = dict(MERGE_UNROLL=unroll)
-    out = paged_decode(*args, num_splits=num_splits, out=poisoned_like(batch.q), config=cfg)
-    assert_close(out, paged_decode_ref(*args), torch.float32)
-    torch.testing.assert_close(out, unfused, rtol=1e-6, atol=1e-6)
-    assert not pd.split_arrival_counts(batch.q.device, 4 * num_kv_heads).any()
-    assert torch.equal(paged_decode(*args, num_splits=num_splits, out=poisoned_like(batch.q), config=cfg), out)
-
-
 def test_choose_num_splits():
     assert choose_num_splits(72, 8, 2048, 132) == 1  # 576 programs: more than 4 per SM, no split
     assert choose_num_splits(64, 8, 2048, 132) == 8  # 512: at least MIN_SPLITS

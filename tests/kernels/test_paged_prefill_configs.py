@@ -66,17 +66,19 @@ def test_chunk_list_ab_flag(monkeypatch):
 
 
 def test_prefix_pick_ab_flag(monkeypatch):
-    # FOLIO_PREFILL_PREFIX_PICK=tiles64 (A/B runs): the small mixed steps' key takes 64 x 32 tiles walking the list
-    # (tests/kernels/test_paged_prefill.py runs those tiles with the list); the other keys and the warm-up list follow
+    # The small mixed steps' key takes 64 x 32 tiles walking the list, 3 per SM (tests/kernels/test_paged_prefill.py
+    # runs those tiles with the list); FOLIO_PREFILL_PREFIX_PICK=base (A/B runs) gives session 8's pick, BASE's tiles
+    # walking it; the other keys stay, and the warm-up list follows
     monkeypatch.setattr(pc, "_interpreting", lambda: False)
-    base = pc.select_config(128, 4, torch.bfloat16, True, 608)
-    monkeypatch.setenv(pc.PREFIX_PICK_ENV, "tiles64")
     got = pc.select_config(128, 4, torch.bfloat16, True, 608)
-    assert got == dict(pc.BASE, **pc._PREFIX_SHORT_64) and got["CHUNK_LIST"] and got["BLOCK_M"] == 64
-    assert got != base and got in pc.table_configs(128, 4, torch.bfloat16)
+    assert got["CHUNK_LIST"] and (got["BLOCK_M"], got["BLOCK_N"], got["PERSISTENT"]) == (64, 32, 3)
+    monkeypatch.setenv(pc.PREFIX_PICK_ENV, "base")
+    base = pc.select_config(128, 4, torch.bfloat16, True, 608)
+    assert base == dict(pc.BASE, **pc._PREFIX_SHORT_BASE) and base["CHUNK_LIST"] and base["BLOCK_M"] == 128
+    assert base in pc.table_configs(128, 4, torch.bfloat16) and got not in pc.table_configs(128, 4, torch.bfloat16)
     assert pc.select_config(128, 4, torch.bfloat16, True, 2048) == pc.BASE
     monkeypatch.setenv(pc.CHUNK_LIST_ENV, "0")
-    assert pc.select_config(128, 4, torch.bfloat16, True, 608) == dict(got, CHUNK_LIST=False, PERSISTENT=0)
+    assert pc.select_config(128, 4, torch.bfloat16, True, 608) == dict(base, CHUNK_LIST=False, PERSISTENT=0)
 
 
 def test_interpreter_uses_one_small_config():

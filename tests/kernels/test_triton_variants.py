@@ -74,10 +74,10 @@ def test_decode_splits_with_window_and_sinks(variant):
     batch = make_variant_batch([(300, 1), (150, 1)], 4, 2, 64, 16, torch.float32, DEVICE,
                                sliding_window=params.sliding_window, new_in_cache=True)
     m = batch.meta
-    for splits, fused in ((1, False), (4, False), (4, True)):  # fused: the last split program merges them
+    for splits in (1, 4):
         out = paged_decode(batch.q, batch.kv_cache, m.block_tables, m.seq_lens, params.scale, num_splits=splits,
                            sliding_window=params.sliding_window, logit_softcap=params.logit_softcap,
-                           alibi_slopes=params.alibi_slopes, sinks=params.sinks, config=dict(FUSED_REDUCE=fused))
+                           alibi_slopes=params.alibi_slopes, sinks=params.sinks)
         torch.testing.assert_close(out.double().cpu(), reference_attention(batch, params), **TOLERANCE[torch.float32])
 
 
