@@ -171,7 +171,16 @@ BUCKET_BOUND = {64: 64, 256: 256, 2048: 4096, 8192: 1 << 30}
 """A measured row count -> the FP8_LAUNCH bound its winner is entered under."""
 
 
+WAIT_CONFIGS = [dict(ROWS=r, BLOCK=b, CHUNK=c, num_warps=w, WAIT=True) for r, b, c, w in (
+    (4, 2048, 512, 4), (8, 2048, 512, 4), (8, 1024, 512, 4), (4, 1024, 512, 4), (16, 2048, 512, 8),
+    (4, 2048, 256, 4))]
+"""SwiGLU + FP8 in one launch whose row groups wait for each other (kernels/fp8_swiglu_wait.py), swept at 256 rows;
+each runs only where its whole grid fits on the GPU at once (sm_90 builds: 64-164 registers, 1-8 programs per SM)."""
+
+
 def config_name(cfg: dict) -> str:
+    if cfg.get("WAIT"):
+        return f"wait {cfg['ROWS']}x{cfg['BLOCK']}/{cfg.get('CHUNK', 512)} w{cfg.get('num_warps', 4)}"
     if cfg.get("ROW"):
         return f"row {cfg['ROWS']} w{cfg.get('num_warps', 4)}"
     return f"split {cfg['ROWS']}x{cfg.get('BLOCK')} w{cfg.get('num_warps', 4)}"
@@ -185,6 +194,7 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
     FP8_LAUNCH's entry for its row count's bucket (BUCKET_BOUND) where it beats the split by 3%. `configs`:
     ROW_CONFIGS by default."""
     configs = ROW_CONFIGS if configs is None else configs
+    from kernels import fp8_swiglu_wait as sw
     from kernels import silu_mul as sm
 
     g = torch.Generator(device=DEV).manual_seed(9)
@@ -212,6 +222,14 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
         for cfg in configs:
             if cfg.get("ROW") and scaled:  # loses where the column scales are applied (round 1)
                 continue
+            if cfg.get("WAIT"):
+                fit = qb.attempt(lambda: sw.fits(gus[0], sc, None, cfg))
+                if fit is not True:  # would run the split: nothing of its own to check or time
+                    out.setdefault("not_fitting", []).append(dict(M=m, config=cfg, fits=repr(fit)))
+                    print(f"swiglu M={m} {config_name(cfg)}: its grid does not fit at once ({fit!r}); skipped",
+                          flush=True)
+                    continue
+                sw.clear_errors(DEV)
             got = qb.attempt(lambda: fp8_fused.silu_mul_fp8(gus[0], scales=sc, split=cfg))
             if isinstance(got, Exception):  # did not build or launch (resources): no values to judge, not applied
                 out.setdefault("errors", []).append(dict(M=m, config=cfg, error=repr(got)[:300]))
@@ -232,6 +250,9 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
                         ref = fp8_fused.silu_mul_fp8(gus[i], scales=sc, split=base)
                         ok &= same(res[i][0], ref[0]) and same(res[i][1], ref[1])
                 del replay
+                if cfg.get("WAIT") and sw.errors(DEV):
+                    print(f"swiglu M={m} {config_name(cfg)}: a program gave up waiting", flush=True)
+                    ok = False
             except Exception as e:
                 ok = False
                 print(f"swiglu M={m} {cfg}: {e!r}"[:300], flush=True)
@@ -436,13 +457,18 @@ class Watch:
 LT_TUNED: dict = {}
 """kernels/fp8_cublaslt.py's TUNED as this run's cuBLASLt probe found it (the "fp8 lt" engine runs with it)."""
 
+COMMITTED = {"launch": list(fp8_fused.FP8_LAUNCH), "quant": list(fp8_quant.QUANT_LAUNCH)}
+"""The FP8 launch tables as committed (before any section applies a winner): the "fp8 committed" engine's."""
+
 ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"), "fp8 lt": dict(weights="fp8", lt=True),
+           "fp8 committed": dict(weights="fp8", launch="committed"),
            "fp8 before": dict(weights="fp8", launch="split"),
            "fp8 no mixed graphs": dict(weights="fp8", engine_kw={"mixed_cuda_graphs": False}),
            "fp8 profiled": dict(weights="fp8", profile=True)}
 """label -> the engine: weights; `launch` (FP8_LAUNCH): as this run leaves it (default) or session 7's split
-launches ("split"); `lt`: the decode GEMMs through this run's measured cuBLASLt algorithms (LT_TUNED; skipped when
-it is empty); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
+launches ("split") or as committed before this run's sections applied winners ("committed", with the quantization
+tiles likewise; the lt engine's winners never reach it); `lt`: the GEMMs through this run's measured cuBLASLt algorithms (LT_TUNED; where it is empty, the
+same as "fp8"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
 timed window: tok/s not comparable). "fp8 before" is session 7's final FP8 engine."""
 
 
@@ -450,8 +476,8 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
     """The fixed workload on each engine of `labels` (ENGINES), in that order, each watched (Watch). The first two
     always run; later ones while the budget lasts. `engine_kw`: EngineConfig options for all (the target is judged
     on the engine's defaults)."""
-    committed = list(fp8_fused.FP8_LAUNCH)
-    tables = {"split": SPLIT_LAUNCH}
+    committed, committed_quant = list(fp8_fused.FP8_LAUNCH), list(fp8_quant.QUANT_LAUNCH)
+    tables = {"split": SPLIT_LAUNCH, "committed": COMMITTED["launch"]}
     rows, cost = [], 22.0
     for n, label in enumerate(labels):
         spec = ENGINES[label]
@@ -459,9 +485,7 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
         fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in tables.get(spec.get("launch"), committed)]
-        if spec.get("lt") and not LT_TUNED:
-            print(f"throughput {label}: skipped (no cuBLASLt algorithm beat torch._scaled_mm's)", flush=True)
-            continue
+        fp8_quant.QUANT_LAUNCH[:] = COMMITTED["quant"] if spec.get("launch") == "committed" else committed_quant
         committed_lt = dict(fp8_cublaslt.TUNED)
         fp8_cublaslt.TUNED.clear()
         fp8_cublaslt.TUNED.update(LT_TUNED if spec.get("lt") else committed_lt)
@@ -478,7 +502,7 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
         if isinstance(got, list):
             seen = qb.attempt(lambda: w.report(label))
             for r in got:
-                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), cublaslt=lt_used,
+                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), quant=str(fp8_quant.QUANT_LAUNCH), cublaslt=lt_used,
                          watch=seen if isinstance(seen, dict) else repr(seen))
             rows += got
         else:
@@ -486,6 +510,7 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
             print(f"throughput {label}: {got!r}"[:400], flush=True)
             qb.free_gpu()
     fp8_fused.FP8_LAUNCH[:] = committed
+    fp8_quant.QUANT_LAUNCH[:] = committed_quant
     base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
     print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
     for r in rows:
@@ -500,11 +525,12 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
     ap.add_argument("--sections", nargs="+", default=["swiglu"],
-                    choices=["memsets", "lt", "quant", "qkv", "attention", "swiglu", "none"],
+                    choices=["memsets", "lt", "quant", "wait", "qkv", "attention", "swiglu", "none"],
                     help="checks and timings before the engines: memsets: where the FP8 decode step's device "
                          "memsets come from (bench/fp8_memset.py, with lt); lt: cuBLASLt's candidate algorithms for "
                          "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); quant: o_proj's input "
-                         "quantization with several rows per program (winners applied to every FP8 engine); q/k/v's scales in the rotary kernel; the decode "
+                         "quantization with several rows per program (winners applied to every FP8 engine); wait: the one-launch "
+                         "SwiGLU whose row groups wait for each other at 256 rows (a winner applied likewise); q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked)")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
@@ -546,6 +572,13 @@ def main() -> int:
         if isinstance(result["attention"], Exception):
             failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
             fp8mod.ATTENTION_QUANT = False
+    if "wait" in args.sections:
+        n = len(failures)
+        before = list(fp8_fused.FP8_LAUNCH)
+        result["wait"] = qb.attempt(lambda: swiglu_section(failures, ms=(256,), configs=WAIT_CONFIGS, apply=True))
+        if isinstance(result["wait"], Exception) or len(failures) > n:
+            fp8_fused.FP8_LAUNCH[:] = before
+            print("one-launch waiting SwiGLU OFF for the engines (a check failed)", flush=True)
     committed = list(fp8_fused.FP8_LAUNCH)
     ones = [(most, c) for most, c in committed if c.get("ROW")]
     if "swiglu" in args.sections or ones:  # the sweep, or the committed one-launch entries checked
