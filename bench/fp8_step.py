@@ -276,66 +276,6 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
     return out
 
 
-QUANT_CONFIGS = [dict(ROWS=r, num_warps=w) for r, w in ((1, 4), (2, 4), (2, 8), (4, 8))]
-"""kernels/fp8_quant.py's tile launches swept for o_proj's input quantization (QUANT_LAUNCH)."""
-QUANT_BOUNDS = {256: (128, 256), 8192: (4096, 1 << 30)}
-"""A measured row count -> (the bound below which the default stays, the bound its winner is entered under)."""
-
-
-def quant_section(failures: list, ms=(256,), k: int = 4096) -> dict:
-    """o_proj's input quantization (kernels/fp8_quant.py) with several rows per program: every config's bits against
-    the default launch on 8 inputs, then over 10 replays of a CUDA graph of 8 calls; then µs per call in a graph of
-    the 8. The fastest config that passed and beats the default by 3% enters QUANT_LAUNCH for its row count's range."""
-    g = torch.Generator(device=DEV).manual_seed(12)
-    out, rows = {"checks": []}, []
-    for m in ms:
-        xs = [(torch.randn(m, k, generator=g, device=DEV) * torch.logspace(-3, 2, m, device=DEV)[:, None])
-              .to(torch.bfloat16) for _ in range(8)]
-        t = {"default": qb.graph_ms([lambda x=x: fp8_quant.quantize_fp8_rows(x, config={}) for x in xs])}
-        best = None
-        for cfg in QUANT_CONFIGS:
-            key = f"rows {cfg['ROWS']} w{cfg['num_warps']}"
-            try:
-                ok = True
-                for x in xs[:3]:
-                    a, b = fp8_quant.quantize_fp8_rows(x, config=cfg), fp8_quant.quantize_fp8_rows(x, config={})
-                    ok &= same(a[0], b[0]) and same(a[1], b[1])
-                res = [None] * 8
-
-                def call(i, cfg=cfg, res=res):
-                    res[i] = fp8_quant.quantize_fp8_rows(xs[i], config=cfg)
-
-                replay = replayable(lambda: [call(i) for i in range(8)])
-                for rep in range(10):
-                    for x in xs:
-                        x.mul_(-1.5)
-                    replay()
-                    for i in (0, 7):
-                        ref = fp8_quant.quantize_fp8_rows(xs[i], config={})
-                        ok &= same(res[i][0], ref[0]) and same(res[i][1], ref[1])
-                del replay
-            except Exception as e:
-                ok = False
-                print(f"quant M={m} {cfg}: {e!r}"[:300], flush=True)
-            qb.record(out["checks"], failures, ok, check="quant_tile_bits", M=m, config=cfg)
-            if not ok:
-                continue
-            t[key] = qb.graph_ms([lambda x=x, cfg=cfg: fp8_quant.quantize_fp8_rows(x, config=cfg) for x in xs])
-            if best is None or t[key] < best[1]:
-                best = (cfg, t[key])
-        rows.append(dict(M=m, ms=t, best=best))
-        print(f"quantize M={m:<5} " + "  ".join(f"{kk} {v * 1e3:.2f}us" for kk, v in t.items()), flush=True)
-        low, bound = QUANT_BOUNDS[m]
-        if best and best[1] < 0.97 * t["default"]:
-            table = [e for e in fp8_quant.QUANT_LAUNCH if e[0] not in (low, bound)] + [(low, {}), (bound, best[0])]
-            fp8_quant.QUANT_LAUNCH[:] = sorted(table, key=lambda e: e[0])
-        del xs
-    out["ms"] = rows
-    out["applied"] = list(fp8_quant.QUANT_LAUNCH)
-    print(f"QUANT_LAUNCH for the engines: {fp8_quant.QUANT_LAUNCH}", flush=True)
-    return out
-
-
 class Counting:
     """Counts, while engines build and capture, the decode launches that quantize and the scaled rotary launches."""
 
@@ -456,7 +396,7 @@ class Watch:
 LT_TUNED: dict = {}
 """kernels/fp8_cublaslt.py's TUNED as this run's cuBLASLt probe found it (the "fp8 lt" engine runs with it)."""
 
-COMMITTED = {"launch": list(fp8_fused.FP8_LAUNCH), "quant": list(fp8_quant.QUANT_LAUNCH)}
+COMMITTED = {"launch": list(fp8_fused.FP8_LAUNCH)}
 """The FP8 launch tables as committed (before any section applies a winner): the "fp8 committed" engine's."""
 
 ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"), "fp8 lt": dict(weights="fp8", lt=True),
@@ -465,8 +405,8 @@ ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"), "fp8 lt": d
            "fp8 no mixed graphs": dict(weights="fp8", engine_kw={"mixed_cuda_graphs": False}),
            "fp8 profiled": dict(weights="fp8", profile=True)}
 """label -> the engine: weights; `launch` (FP8_LAUNCH): as this run leaves it (default) or session 7's split
-launches ("split") or as committed before this run's sections applied winners ("committed", with the quantization
-tiles likewise; the lt engine's winners never reach it); `lt`: the GEMMs through this run's measured cuBLASLt algorithms (LT_TUNED; where it is empty, the
+launches ("split") or as committed before this run's sections applied winners ("committed"; the lt engine's winners
+never reach it either); `lt`: the GEMMs through this run's measured cuBLASLt algorithms (LT_TUNED; where it is empty, the
 same as "fp8"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
 timed window: tok/s not comparable). "fp8 before" is session 7's final FP8 engine."""
 
@@ -475,7 +415,7 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
     """The fixed workload on each engine of `labels` (ENGINES), in that order, each watched (Watch). The first two
     always run; later ones while the budget lasts. `engine_kw`: EngineConfig options for all (the target is judged
     on the engine's defaults)."""
-    committed, committed_quant = list(fp8_fused.FP8_LAUNCH), list(fp8_quant.QUANT_LAUNCH)
+    committed = list(fp8_fused.FP8_LAUNCH)
     tables = {"split": SPLIT_LAUNCH, "committed": COMMITTED["launch"]}
     rows, cost = [], 22.0
     for n, label in enumerate(labels):
@@ -484,7 +424,6 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
         fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in tables.get(spec.get("launch"), committed)]
-        fp8_quant.QUANT_LAUNCH[:] = COMMITTED["quant"] if spec.get("launch") == "committed" else committed_quant
         committed_lt = dict(fp8_cublaslt.TUNED)
         fp8_cublaslt.TUNED.clear()
         fp8_cublaslt.TUNED.update(LT_TUNED if spec.get("lt") else committed_lt)
@@ -501,7 +440,7 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
         if isinstance(got, list):
             seen = qb.attempt(lambda: w.report(label))
             for r in got:
-                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), quant=str(fp8_quant.QUANT_LAUNCH), cublaslt=lt_used,
+                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), cublaslt=lt_used,
                          watch=seen if isinstance(seen, dict) else repr(seen))
             rows += got
         else:
@@ -509,7 +448,6 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
             print(f"throughput {label}: {got!r}"[:400], flush=True)
             qb.free_gpu()
     fp8_fused.FP8_LAUNCH[:] = committed
-    fp8_quant.QUANT_LAUNCH[:] = committed_quant
     base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
     print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
     for r in rows:
@@ -524,11 +462,10 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
     ap.add_argument("--sections", nargs="+", default=["swiglu"],
-                    choices=["memsets", "lt", "quant", "wait", "qkv", "attention", "swiglu", "none"],
+                    choices=["memsets", "lt", "wait", "qkv", "attention", "swiglu", "none"],
                     help="checks and timings before the engines: memsets: where the FP8 decode step's device "
                          "memsets come from (bench/fp8_memset.py, with lt); lt: cuBLASLt's candidate algorithms for "
-                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); quant: o_proj's input "
-                         "quantization with several rows per program (winners applied to every FP8 engine); wait: the one-launch "
+                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); wait: the one-launch "
                          "SwiGLU whose row groups wait for each other at 256 rows (a winner applied likewise); q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked)")
@@ -555,12 +492,6 @@ def main() -> int:
         LT_TUNED.update(tuned if isinstance(tuned, dict) else {})
         qb.free_gpu()
         print(f"memsets/lt sections done at {time.time() - start:.0f} s; LT_TUNED = {LT_TUNED}", flush=True)
-    if "quant" in args.sections:
-        n = len(failures)
-        result["quant"] = qb.attempt(lambda: quant_section(failures))
-        if isinstance(result["quant"], Exception) or len(failures) > n:
-            fp8_quant.QUANT_LAUNCH.clear()
-            print("quantization tiles OFF for the engines (a check failed)", flush=True)
     if "qkv" in args.sections:
         result["qkv"] = qb.attempt(lambda: rotary_section(failures, ms=(256,)))
         if isinstance(result["qkv"], Exception):

@@ -45,7 +45,8 @@ KINDS = ("unit", "row", "row fast")
 TUNED: dict = {}
 """(M, N, K, kind) -> the configuration (a dict of _CONFIG_FIELDS' names) to run, measured fastest on the GPU by
 bench/fp8_memset.py at exactly that row count (the heuristic's list and the winner change with M; a row count not
-measured keeps torch._scaled_mm, the heuristic's first pick). Empty until measured."""
+measured keeps torch._scaled_mm, the heuristic's first pick). Empty: session 9's rounds 2 and 3 (H200) found no
+candidate 3% faster than the heuristic's first pick twice (docs/quantization.md)."""
 
 
 class _Algo(ctypes.Structure):

@@ -81,30 +81,6 @@ def arrival_counts(device: torch.device, n: int) -> torch.Tensor:
 
 
 @triton.jit
-def _quant_tile_kernel(
-    x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_qm, ub,
-    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr,
-    HW_CVT: tl.constexpr = False, PDL: tl.constexpr = False,  # kernels/pdl.py
-):
-    """ROWS whole rows (BLOCK_K covers K) per program: _quant_rows_kernel's one-pass arithmetic on a [ROWS, BLOCK_K]
-    tile (a row's max does not depend on the order it is taken in, and the rest is per element: the same bits)."""
-    pdl.enter(PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs = tl.arange(0, BLOCK_K)
-    r_ok = rows < M
-    mask = r_ok[:, None] & (offs < K)[None, :]
-    rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    if STATIC:
-        scale = tl.zeros((ROWS,), dtype=tl.float32) + tl.load(static_ptr).to(tl.float32)
-    else:
-        scale = row_scale(tl.max(tl.abs(x), axis=1), ub, HAS_UB)
-    tl.store(s_ptr + rows, scale, mask=r_ok)
-    q = quantize_row_cvt(x, scale[:, None], HW_CVT)
-    tl.store(q_ptr + rows64[:, None] * stride_qm + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, ub,
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -149,24 +125,12 @@ activation quantization 3.6 -> 3.2 / 41.2 -> 30.7 us."""
 MAX_ONE_PASS = 16384
 """Rows up to this many features are held in registers (Llama-3-8B's widest input is 14336)."""
 
-QUANT_LAUNCH: list = []
-"""[(max rows, {"ROWS", "num_warps"})]: where measured faster on the GPU (bench/fp8_step.py --sections quant, bits
-checked first), ROWS whole rows per program (_quant_tile_kernel) for row counts up to the bound; rows past every
-bound, or none listed: one row per program (_quant_rows_kernel, 8 warps from 4,096 features)."""
-
-
-def _tile_launch(m: int, k: int, block_k, config: dict | None) -> dict | None:
-    cfg = config if config is not None else next((c for most, c in QUANT_LAUNCH if m <= most), None)
-    return cfg if cfg and block_k is None and k <= MAX_ONE_PASS else None
-
-
 def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None, ub: float | None = None,
-                      block_k: int | None = None, hw_cvt: bool | None = None,
-                      config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_k: int | None = None, hw_cvt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (float8_e4m3fn [M, K], float32 scales [M, 1]): dynamic per token, or `static_scale` (one
     float32 element) for every token. `block_k` forces the two-pass loop (tests). `hw_cvt`: round by the
-    hardware's e4m3 conversion (the same bits; default HW_CVT on CUDA, never under the interpreter). `config`
-    ({"ROWS", "num_warps"}): rows per program, else QUANT_LAUNCH's entry for M (the same bits either way)."""
+    hardware's e4m3 conversion (the same bits; default HW_CVT on CUDA, never under the interpreter). One row per
+    program: session 9 round 3 (H200, 256 x 4096) measured 2.63 us against 3.3-4.8 with 2-4 rows per program."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     m, k = x.shape
@@ -179,14 +143,6 @@ def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None,
     if m == 0:
         return q, s
     hw = (HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt
-    tile = _tile_launch(m, k, block_k, config)
-    if tile is not None:
-        _quant_tile_kernel[(triton.cdiv(m, tile["ROWS"]),)](
-            x, q, s, static_scale if static_scale is not None else s, m, k, x.stride(0), q.stride(0),
-            float(ub) if ub is not None else 0.0, ROWS=tile["ROWS"], BLOCK_K=triton.next_power_of_2(k),
-            STATIC=static_scale is not None, HAS_UB=ub is not None, HW_CVT=hw, num_warps=tile.get("num_warps", 8),
-            **pdl.args(x))
-        return q, s
     one_pass = block_k is None and k <= MAX_ONE_PASS
     block = triton.next_power_of_2(k) if one_pass else (block_k or 4096)
     _quant_rows_kernel[(m,)](
