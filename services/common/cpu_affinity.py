@@ -1,12 +1,11 @@
 """Runs a service's threads on the CPUs it is given (`--cpus`, router and engine; Linux).
 
 A first token crosses threads that sleep between messages (docs/router.md): the router's event loop and
-its gRPC completion-queue poller thread, the engine's. Left to the scheduler, a woken thread runs on
-whichever CPU is idle, and on a VM host whose idle vCPUs halt, waking a thread on another CPU costs
-~0.2 ms (bench/grpc_hops.py); and the Python it then runs finds that CPU's caches cold (the router's
-path to the engine call takes ~6x its in-loop time in place). Pinned to one CPU of its own, a service's
-poller thread wakes its event loop on the same CPU (a context switch, no cross-CPU wake-up) and its code
-stays in that CPU's caches. Off by default: which CPUs are free is the deployment's to say.
+its gRPC completion-queue poller thread, the engine's. On a VM host whose idle vCPUs halt, waking a thread
+on another, idle CPU costs ~0.2 ms (bench/grpc_hops.py). Pinned to one CPU of its own, a service's poller
+thread wakes its event loop on the same CPU (a context switch, no cross-CPU wake-up). Not measured on the
+H200 yet; there the threads already rarely move between CPUs (0-0.9 migrations per request, session 9), so
+it is not about cold caches after a move. Off by default: which CPUs are free is the deployment's to say.
 """
 
 from __future__ import annotations

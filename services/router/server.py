@@ -84,8 +84,8 @@ class RouterConfig:
     (it acts only through the host's cpuidle driver; the H200 VM has none: docs/router.md). Needs write access
     to the file, else it is logged and left (services/common/cpu_latency.py)."""
     cpus: str | None = None
-    """Run this process's threads on these CPUs only (a Linux CPU list: '15', '0-3,8'), so its event loop and
-    gRPC poller thread share one CPU and its caches (services/common/cpu_affinity.py). None: any CPU."""
+    """Run this process's threads on these CPUs only (a Linux CPU list: '15', '0-3,8'); with one CPU its event loop
+    and gRPC poller thread wake each other there (services/common/cpu_affinity.py). None: any CPU."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
