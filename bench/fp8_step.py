@@ -502,13 +502,19 @@ def main() -> int:
         if isinstance(result["attention"], Exception):
             failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
             fp8mod.ATTENTION_QUANT = False
-    if "wait" in args.sections:
+    waits = [(most, c) for most, c in fp8_fused.FP8_LAUNCH if c.get("WAIT")]
+    if "wait" in args.sections or waits:  # the sweep, or the committed waiting entries checked
+        sweep = "wait" in args.sections
         n = len(failures)
         before = list(fp8_fused.FP8_LAUNCH)
-        result["wait"] = qb.attempt(lambda: swiglu_section(failures, ms=(256,), configs=WAIT_CONFIGS, apply=True))
+        result["wait"] = qb.attempt(lambda: swiglu_section(
+            failures, ms=(256,) if sweep else sorted({min(most, 256) for most, _ in waits}),
+            configs=WAIT_CONFIGS if sweep else [c for _, c in waits], apply=sweep))
         if isinstance(result["wait"], Exception) or len(failures) > n:
-            fp8_fused.FP8_LAUNCH[:] = before
-            print("one-launch waiting SwiGLU OFF for the engines (a check failed)", flush=True)
+            if isinstance(result["wait"], Exception):
+                failures.append({"check": "wait_section", "error": repr(result["wait"])[:300]})
+            fp8_fused.FP8_LAUNCH[:] = [(most, c) for most, c in before if not c.get("WAIT")]
+            print("one-launch waiting SwiGLU OFF for the engines (a check failed): the split runs", flush=True)
     committed = list(fp8_fused.FP8_LAUNCH)
     ones = [(most, c) for most, c in committed if c.get("ROW")]
     if "swiglu" in args.sections or ones:  # the sweep, or the committed one-launch entries checked
