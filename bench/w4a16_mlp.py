@@ -45,14 +45,14 @@ DEV, DTYPE = q.DEV, q.DTYPE
 HIDDEN, QDIM, INTER, GROUP, LAYERS, NQKV = 4096, 4096, 14336, 128, 32, 6144
 EPS = 1e-5
 
-BASE = dict(T_Q=16, BN_Q=512, T_O=16, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
-CONFIGS = [
-    BASE,
-    dict(BASE, PER_SM=3),
-    dict(BASE, PER_SM=3, L2=2),
-    dict(BASE, T_A=8, BN_A=256, T_B=8, BN_B=256, T_O=8, BN_O=256, num_warps=2, PER_SM=6),
-    dict(BASE, T_A=16, BN_A=512, T_B=16, BN_B=512, T_O=16, BN_O=512, PER_SM=2),
-]
+BASE = dict(T_Q=8, BN_Q=256, T_O=8, BN_O=256, T_A=8, BN_A=256, T_B=8, BN_B=256, num_warps=2, PER_SM=0, H2=2, L2=0,
+            DEPTH=1)
+"""Round 2's fastest (2 warps, 8 x 256 tiles: the most programs per SM measured faster, 2 -> 3 -> 6), with PER_SM 0:
+as many as fit."""
+W1 = dict(BASE, T_Q=8, BN_Q=128, T_O=8, BN_O=128, BN_A=128, BN_B=128, num_warps=1)
+W4 = dict(BASE, BN_Q=512, BN_O=512, BN_A=512, BN_B=512, num_warps=4)
+CONFIGS = [BASE, dict(BASE, DEPTH=2), W1, dict(W1, DEPTH=2), W4, dict(BASE, T_A=16, T_B=16, T_O=16, T_Q=16),
+           dict(BASE, L2=4)]
 
 
 def weights(k, n, group, g, act_order=False, scale=0.01):
@@ -153,7 +153,7 @@ def checks(failures) -> list:
     attn2 = torch.randn(1, 576, generator=g, device=DEV).to(DTYPE)
     res2 = torch.randn(1, 1088, generator=g, device=DEV).to(DTYPE)
     jobs = []  # compile every checked variant at once (threads), not one after another
-    for phases, pdl, i in ((1, 2, 0), (1, 2, 3), (2, 2, 0), (1, 0, 0)):
+    for phases, pdl, i in ((1, 2, 0), (1, 2, 1), (2, 2, 0), (1, 0, 2)):
         jobs += [lambda c=CONFIGS[i], p=phases, d=pdl: wm.mlp(x, a, b, c, phases=p, pdl=d, warmup=True),
                  lambda c=CONFIGS[i], p=phases, d=pdl: wm.post_attention(attn, res, o, nw, EPS, a, b, c, phases=p,
                                                                          pdl=d, warmup=True)]
@@ -174,7 +174,7 @@ def checks(failures) -> list:
     guarded(rows, failures, "current tail", lambda: record_check(
         rows, failures, "current tail (o, add_rms_norm, MLP)",
         w4.w4a16(w4.w4a16(add_rms_norm(w4.w4a16(attn, *o), res.clone(), nw, EPS), *a, gated=True), *b), pref))
-    for phases, pdl, i in ((1, 2, 0), (1, 2, 3), (2, 2, 0), (1, 0, 0)):
+    for phases, pdl, i in ((1, 2, 0), (1, 2, 1), (2, 2, 0), (1, 0, 2)):
         cfg = CONFIGS[i]
         name = f"MLP {phases} launch(es) pdl {pdl} cfg #{i}"
         guarded(rows, failures, name, lambda cfg=cfg, name=name, phases=phases, pdl=pdl: record_check(
@@ -329,7 +329,7 @@ def timing(start, budget, failures) -> dict:
                                                   phases=1, pdl=2, warmup=True) for c in CONFIGS]
                  + [lambda c=c: wm.post_attention(x0, res, layers[0][0], layers[0][3], EPS, *layers[0][1:3], c,
                                                   phases=1, pdl=2, warmup=True, front=(layers[0][5], EPS, layers[0][4]))
-                    for c in CONFIGS[:2]])
+                    for c in CONFIGS])
     print(f"compiled {2 * len(CONFIGS)} kernels in {time.time() - t0:.0f} s", flush=True)
     cur = record("current MLP: gemv3 gate/up (SwiGLU epilogue) + down, PDL", cur_mlp, mlp_bytes)
     best = None
@@ -349,8 +349,9 @@ def timing(start, budget, failures) -> dict:
             bestp = row
     curl = record("current layer w/o attention: tail + add_rms_norm + qkv (gemv3)", cur_post(True), layer_bytes)
     bestl = None
-    for i, cfg in enumerate(CONFIGS[:2]):
-        row = record(f"tail + next front persistent #{i}", new_post(cfg, front=True), layer_bytes, cfg)
+    for i, cfg in enumerate([bestp["config"]] if bestp else []):
+        row = record("tail + next front persistent (the best tail config)", new_post(cfg, front=True), layer_bytes,
+                     cfg)
         if row and (bestl is None or row["us_per_layer"] < bestl["us_per_layer"]):
             bestl = row
     if bestp:
@@ -379,6 +380,8 @@ def main() -> int:
                     help="seconds from the start: no timing graph starts after this")
     ap.add_argument("--engines", nargs="*", default=["w4a16+post+front+prof", "w4a16", "w4a16+post"])
     ap.add_argument("--budget", type=float, default=78.0, help="seconds from the start the engines may use")
+    ap.add_argument("--engines-always", action="store_true",
+                    help="run the engines even when the timing shows no one-launch config beating the current one")
     args = ap.parse_args()
     start = time.time()
     failures: list = []
@@ -389,6 +392,16 @@ def main() -> int:
     got = q.attempt(lambda: timing(start, args.timing_until, failures))
     result["timing"] = got if not isinstance(got, Exception) else repr(got)
     q.free_gpu()
+    best = result["timing"].get("best_layer") if isinstance(result["timing"], dict) else None
+    cur = next((r for r in result["timing"].get("runs", []) if r["name"].startswith("current layer")), None) \
+        if isinstance(result["timing"], dict) else None
+    if args.engines and best and cur and not args.engines_always and best["us_per_layer"] >= cur["us_per_layer"]:
+        print(f"engines skipped: the best one-launch layer ({best['us_per_layer']:.1f} us) does not beat the current "
+              f"launches ({cur['us_per_layer']:.1f} us) in the timing above", flush=True)
+        args.engines = []
+    elif best:
+        wm.TUNED[(HIDDEN, INTER)] = {k: v for k, v in best["config"].items()}
+        print(f"engines run with the one-launch config {wm.TUNED[(HIDDEN, INTER)]}", flush=True)
     if args.engines:
         import w4a16 as bench_w4  # bench/w4a16.py's engine runs
 

@@ -38,8 +38,10 @@ from kernels.w4a16_stream import group_words, half2_mode, prefetch_tile, strip_c
 SPIN_MAX = 1 << 22
 """Barrier reads before a program gives up (each an L2 round trip, ~0.5-1 us: seconds, far past any real wait)."""
 
-DEFAULT = dict(T_Q=8, BN_Q=256, T_O=8, BN_O=256, T_A=8, BN_A=512, T_B=8, BN_B=256, num_warps=4, PER_SM=2, H2=2, L2=0)
-"""Launch config where TUNED has none."""
+DEFAULT = dict(T_Q=8, BN_Q=256, T_O=8, BN_O=256, T_A=8, BN_A=256, T_B=8, BN_B=256, num_warps=2, PER_SM=0, H2=2, L2=0,
+               DEPTH=1)
+"""Launch config where TUNED has none (PER_SM 0: as many programs per SM as fit; the H200's best of round 2 was
+2 warps with tiles of 8 words x 256 columns, the most programs that fit)."""
 
 TUNED: dict[tuple[int, int], dict] = {}
 """(hidden, inter) -> the launch config measured fastest (bench/w4a16_mlp.py's sweep on an H200)."""
@@ -92,23 +94,52 @@ def _first_tile(qw_ptr, N, inter, tpc, nprog, total, stride_qk, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _advance(col, t, tpc):
+    """The (strip, tile) after (col, t) in the strip-by-strip numbering (no division per step)."""
+    t1 = t + 1
+    wrap = t1 == tpc
+    return col + wrap.to(tl.int32), tl.where(wrap, 0, t1)
+
+
+@triton.jit
+def _load_tile(qw_ptr, col, t, valid, N, inter, stride_qk, offs_b, offs_r, BLOCK_N: tl.constexpr, T: tl.constexpr,
+               XPAIR: tl.constexpr, GATED: tl.constexpr):
+    step: tl.constexpr = 2 if XPAIR else 1
+    wcols, ok = strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
+    w_ptrs = qw_ptr + (t * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
+    w_mask = valid & ok[None, :]
+    words = tl.load(w_ptrs, mask=w_mask)
+    if XPAIR:
+        words_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
+    else:
+        words_o = words
+    return words, words_o
+
+
+@triton.jit
 def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size, tpc,
             nprog, total, stride_qk, stride_sg, exp0, hi_shift, inter, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
             T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
-            GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, XMOD: tl.constexpr):
+            GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, XMOD: tl.constexpr, DEPTH: tl.constexpr):
     """One GEMV phase, gemv4's loop (kernels/w4a16_stream.py, without its L2 hints): this program's run of tiles
-    [pid * total // nprog, (pid + 1) * total // nprog) numbered strip by strip (runs differ by at most a tile), `nxt`/`nxt_o` its first tile (`_first_tile`), the next tile in
-    flight while this one is computed; strip sums through the split-K workspace (`strip_done`)."""
+    [pid * total // nprog, (pid + 1) * total // nprog) numbered strip by strip (runs differ by at most a tile),
+    `nxt`/`nxt_o` its first tile (`_first_tile`); DEPTH (1 or 2) tiles in flight while one is computed; strip sums
+    through the split-K workspace (`strip_done`)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T
     R: tl.constexpr = T // 2 if XPAIR else T
-    step: tl.constexpr = 2 if XPAIR else 1
     i_start = tl.program_id(0) * total // nprog
     i_end = (tl.program_id(0) + 1) * total // nprog
     offs_b = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     col = i_start // tpc
     t = i_start - col * tpc
+    col_l = col  # the last tile loaded: i_start + DEPTH - 1
+    t_l = t
+    if DEPTH == 2:
+        col_l, t_l = _advance(col, t, tpc)
+        nxt2, nxt2_o = _load_tile(qw_ptr, col_l, t_l, i_start + 1 < i_end, N, inter, stride_qk, offs_b, offs_r,
+                                  BLOCK_N, T, XPAIR, GATED)
     x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     count = 0
@@ -116,19 +147,15 @@ def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, 
         words = nxt
         words_o = nxt_o
         offs_n, n_mask = strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
-        i1 = i + 1
-        t1 = t + 1
-        wrap = t1 == tpc
-        t1 = tl.where(wrap, 0, t1)
-        col1 = col + wrap.to(tl.int32)
-        wcols, ok = strip_cols(col1, offs_b, N, inter, BLOCK_N, GATED)
-        w_ptrs = qw_ptr + (t1 * T + step * offs_r)[:, None].to(tl.int64) * stride_qk + wcols[None, :]
-        w_mask = (i1 < i_end) & ok[None, :]
-        nxt = tl.load(w_ptrs, mask=w_mask)
-        if XPAIR:
-            nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
+        col_l, t_l = _advance(col_l, t_l, tpc)
+        if DEPTH == 2:
+            nxt = nxt2
+            nxt_o = nxt2_o
+            nxt2, nxt2_o = _load_tile(qw_ptr, col_l, t_l, i + 2 < i_end, N, inter, stride_qk, offs_b, offs_r,
+                                      BLOCK_N, T, XPAIR, GATED)
         else:
-            nxt_o = nxt
+            nxt, nxt_o = _load_tile(qw_ptr, col_l, t_l, i + 1 < i_end, N, inter, stride_qk, offs_b, offs_r, BLOCK_N,
+                                    T, XPAIR, GATED)
         k0 = (t // H) * ROWS + (t % H) * T
         if H2:
             acc = tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
@@ -137,13 +164,12 @@ def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, 
             acc = tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
                             n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR, EVEN, HAS_PERM, False, XMOD)
         count += 1
-        if (t == tpc - 1) | (i1 == i_end):
+        if (t == tpc - 1) | (i + 1 == i_end):
             strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
                        BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
-        col = col1
-        t = t1
+        col, t = _advance(col, t, tpc)
 
 
 @triton.jit
@@ -217,7 +243,7 @@ def _w4a16_mlp_kernel(
     ROWS_Q: tl.constexpr, BN_Q: tl.constexpr, T_Q: tl.constexpr, JG_Q: tl.constexpr, PERM_Q: tl.constexpr,
     EVEN_Q: tl.constexpr, XPAIR_Q: tl.constexpr, H2_Q: tl.constexpr, HAS_FRONT: tl.constexpr,
     PHASE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, HAS_O: tl.constexpr, HB: tl.constexpr,
-    NB: tl.constexpr, L2: tl.constexpr = 0,
+    NB: tl.constexpr, L2: tl.constexpr = 0, DEPTH: tl.constexpr = 1,
 ):
     """PHASE 0, all in this launch: [HAS_O: O (o_proj of the attention output into o), gate/up's first tile, barrier,
     N (norm slices into xn), barrier, R (residual slices)], A (gate/up, gated epilogue into act; x is xn with HAS_O),
@@ -236,7 +262,7 @@ def _w4a16_mlp_kernel(
             gdc_wait()
         _stream(nxt, nxt_o, x_ptr, qo_ptr, so_ptr, zo_ptr, po_ptr, o_ptr, ws_ptr, cnt_ptr, N_B, K_O, gs_o, tpc_o,
                 nprog, total_o, sqk_o, ssg_o, exp0, hi_shift, N_B, ROWS_O, BN_O, T_O, JG_O, PERM_O, EVEN_O, XPAIR_O,
-                False, H2_O, ASM, "")
+                False, H2_O, ASM, "", DEPTH)
     if PHASE == 0 or PHASE == 4:
         nxt, nxt_o = _first_tile(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, BN_A, T_A, XPAIR_A, True)
     if HAS_O and PHASE == 0:
@@ -259,7 +285,7 @@ def _w4a16_mlp_kernel(
                 gdc_wait()
         _stream(nxt, nxt_o, xa_ptr, qa_ptr, sa_ptr, za_ptr, pa_ptr, act_ptr, ws_ptr + ws_a, cnt_ptr + cnt_a, 2 * inter,
                 K_A, gs_a, tpc_a, nprog, total_a, sqk_a, ssg_a, exp0, hi_shift, inter, ROWS_A, BN_A, T_A, JG_A, PERM_A,
-                EVEN_A, XPAIR_A, True, H2_A, ASM, ".cg" if HAS_O else "")
+                EVEN_A, XPAIR_A, True, H2_A, ASM, ".cg" if HAS_O else "", DEPTH)
     if PHASE == 0 or PHASE == 5:
         nxt, nxt_o = _first_tile(qb_ptr, N_B, N_B, tpc_b, nprog, total_b, sqk_b, BN_B, T_B, XPAIR_B, False)
         if L2 > 0:
@@ -270,7 +296,7 @@ def _w4a16_mlp_kernel(
             gdc_wait()
         _stream(nxt, nxt_o, act_ptr, qb_ptr, sb_ptr, zb_ptr, pb_ptr, out_ptr, ws_ptr + ws_b, cnt_ptr + cnt_b, N_B, K_B,
                 gs_b, tpc_b, nprog, total_b, sqk_b, ssg_b, exp0, hi_shift, N_B, ROWS_B, BN_B, T_B, JG_B, PERM_B,
-                EVEN_B, XPAIR_B, False, H2_B, ASM, ".cg")
+                EVEN_B, XPAIR_B, False, H2_B, ASM, ".cg", DEPTH)
     if HAS_FRONT and (PHASE == 0 or PHASE == 8):
         nxt, nxt_o = _first_tile(qq_ptr, N_Q, N_Q, tpc_q, nprog, total_q, sqk_q, BN_Q, T_Q, XPAIR_Q, False)
     if HAS_FRONT and PHASE == 0:
@@ -292,7 +318,7 @@ def _w4a16_mlp_kernel(
             gdc_wait()
         _stream(nxt, nxt_o, xq_ptr, qq_ptr, sq_ptr, zq_ptr, pq_ptr, qkv_ptr, ws_ptr + ws_q, cnt_ptr + cnt_q, N_Q, N_B,
                 gs_q, tpc_q, nprog, total_q, sqk_q, ssg_q, exp0, hi_shift, N_Q, ROWS_Q, BN_Q, T_Q, JG_Q, PERM_Q,
-                EVEN_Q, XPAIR_Q, False, H2_Q, ASM, ".cg")
+                EVEN_Q, XPAIR_Q, False, H2_Q, ASM, ".cg", DEPTH)
 
 
 _BARRIERS: dict[torch.device, torch.Tensor] = {}
@@ -409,7 +435,7 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
               for key, v in gm["consts"].items()}
     hb = triton.next_power_of_2(hidden)
     consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HAS_FRONT=has_front, HB=hb, NB=max(128, hb // 32),
-                  L2=cfg["L2"] if x.is_cuda else 0, num_warps=cfg["num_warps"], num_stages=1)
+                  L2=cfg["L2"] if x.is_cuda else 0, DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=1)
     if consts["PDL"]:
         consts["launch_pdl"] = True
     sms = splitk.sm_count(x.device)
@@ -431,13 +457,13 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
             return None
         if key not in _GRIDS:
             _GRIDS[key] = _occupancy(compiled, cfg["num_warps"])
-        per_sm = min(cfg["PER_SM"], _GRIDS[key])
+        per_sm = min(cfg["PER_SM"] or _GRIDS[key], _GRIDS[key])
         if per_sm < 1:
             raise ValueError(f"the W4A16 MLP kernel with {cfg} does not fit one program per SM")
         nprog = sms * per_sm
         _w4a16_mlp_kernel[(nprog,)](*args(nprog), PHASE=0, **consts)
     else:
-        nprog = sms * cfg["PER_SM"]
+        nprog = sms * (cfg["PER_SM"] or 2)
         for phase in ((1, 2, 3, 4, 5) if has_o else (4, 5)) + ((6, 7, 8) if has_front else ()):
             if warmup:
                 _w4a16_mlp_kernel.warmup(*args(nprog), grid=(nprog,), PHASE=phase, **consts)
@@ -453,9 +479,10 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
     """x [1, hidden] -> down(silu(gate) * up) [1, hidden] in x's dtype. gate_up, down: (qweight, scales, zeros,
     group_size, perm) in kernels/w4a16.py's layout (gate_up's N = 2 inter, gate columns first). config: T_A, BN_A
     (gate/up tile: words x columns, half gate half up), T_B, BN_B (down), num_warps, PER_SM (programs per SM, capped
-    by the occupancy), H2 (kernels/w4a16_half2.py where the group covers a tile), L2 (the next phase's tiles asked of
-    L2 before a barrier). phases: 1 (the barriers in one launch) or 2 (a launch per phase); default 1 on CUDA, 2
-    elsewhere (the interpreter cannot run a spin-wait). pdl: 0, 1 or 2 as the GEMVs' PDL (default 2 where
+    by the occupancy; 0: as many as fit), H2 (kernels/w4a16_half2.py where the group covers a tile), L2 (the next
+    phase's tiles asked of L2 before a barrier), DEPTH (1 or 2 tiles in flight per program). phases: 1 (the
+    barriers in one launch) or 2 (a launch per phase); default 1 on CUDA, 2 elsewhere (the interpreter cannot run a
+    spin-wait). pdl: 0, 1 or 2 as the GEMVs' PDL (default 2 where
     kernels/pdl.py is on, else 0). warmup: compile without launching; returns None."""
     cfg = dict(DEFAULT, **(config or {}))
     if x.dim() != 2 or x.shape[0] != 1:

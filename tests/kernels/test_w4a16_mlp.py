@@ -38,7 +38,8 @@ def reference(x, wa, pa, wb, pb, dtype):
 
 
 @pytest.mark.parametrize("hidden, inter, ga, gb, act_order, dtype, cfg", [
-    (256, 384, 128, 128, False, torch.bfloat16, dict(T_A=8, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=3, H2=2)),
+    (256, 384, 128, 128, False, torch.bfloat16, dict(T_A=8, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=3, H2=2,
+                                                   DEPTH=2)),
     (192, 320, 64, 32, True, torch.float16, dict(T_A=8, BN_A=32, T_B=4, BN_B=64, num_warps=1, PER_SM=5, H2=2)),
     (256, 200, 32, 200, False, torch.float32, dict(T_A=16, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=2, H2=0)),
 ])
@@ -63,7 +64,7 @@ def test_w4a16_mlp_matches_float64(hidden, inter, ga, gb, act_order, dtype, cfg)
     (256, 192, 320, 320, 64, False, torch.bfloat16, dict(T_O=8, BN_O=32, T_A=8, BN_A=64, T_B=8, BN_B=64, T_Q=8,
                                                          BN_Q=64, num_warps=1, PER_SM=3, H2=2)),
     (128, 256, 384, 192, 32, True, torch.float16, dict(T_O=4, BN_O=64, T_A=8, BN_A=32, T_B=16, BN_B=32, T_Q=8,
-                                                       BN_Q=32, num_warps=1, PER_SM=5, H2=0)),
+                                                       BN_Q=32, num_warps=1, PER_SM=5, H2=0, DEPTH=2)),
     # 5 norm slices of 128 columns over 4 programs (one program per SM of the interpreter's 4): program 0 takes two
     (128, 640, 128, 128, 128, False, torch.bfloat16, dict(T_O=8, BN_O=128, T_A=8, BN_A=64, T_B=8, BN_B=128, T_Q=8,
                                                           BN_Q=64, num_warps=1, PER_SM=1, H2=2)),
