@@ -436,6 +436,8 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
     hb = triton.next_power_of_2(hidden)
     consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HAS_FRONT=has_front, HB=hb, NB=max(128, hb // 32),
                   L2=cfg["L2"] if x.is_cuda else 0, DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=1)
+    if cfg.get("maxnreg") and x.is_cuda:  # fewer registers per thread, more programs per SM (spills if too few)
+        consts["maxnreg"] = cfg["maxnreg"]
     if consts["PDL"]:
         consts["launch_pdl"] = True
     sms = splitk.sm_count(x.device)
@@ -480,7 +482,7 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
     group_size, perm) in kernels/w4a16.py's layout (gate_up's N = 2 inter, gate columns first). config: T_A, BN_A
     (gate/up tile: words x columns, half gate half up), T_B, BN_B (down), num_warps, PER_SM (programs per SM, capped
     by the occupancy; 0: as many as fit), H2 (kernels/w4a16_half2.py where the group covers a tile), L2 (the next
-    phase's tiles asked of L2 before a barrier), DEPTH (1 or 2 tiles in flight per program). phases: 1 (the
+    phase's tiles asked of L2 before a barrier), DEPTH (1 or 2 tiles in flight per program), maxnreg. phases: 1 (the
     barriers in one launch) or 2 (a launch per phase); default 1 on CUDA, 2 elsewhere (the interpreter cannot run a
     spin-wait). pdl: 0, 1 or 2 as the GEMVs' PDL (default 2 where
     kernels/pdl.py is on, else 0). warmup: compile without launching; returns None."""
