@@ -333,9 +333,33 @@ def timing(start, budget, failures) -> dict:
     print(f"compiled {2 * len(CONFIGS)} kernels in {time.time() - t0:.0f} s", flush=True)
     cur = record("current MLP: gemv3 gate/up (SwiGLU epilogue) + down, PDL", cur_mlp, mlp_bytes)
     best = None
+    lw0 = layers[0]
+    mref = mlp_ref(x0, lw0[1], lw0[2])
+    res0 = res.clone()  # the timed chains update res in place; the checks start from this copy
+    tref, _ = post_ref(x0, res0, lw0)
+
+    def right(cfg, tail):
+        """One call of the variant against float32 before it is timed (a wrong variant is a failure, not a figure)."""
+        got = q.attempt(lambda: wm.post_attention(x0, res0.clone(), lw0[0], lw0[3], EPS, lw0[1], lw0[2], cfg, phases=1,
+                                                  pdl=2) if tail else wm.mlp(x0, lw0[1], lw0[2], cfg, phases=1, pdl=2))
+        if isinstance(got, Exception):
+            return False
+        ref = tref if tail else mref
+        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+        if err > 5e-2 or wm.errors(DEV):
+            failures.append(dict(name=f"timing {'tail' if tail else 'MLP'} config {cfg}", rel_err=err,
+                                 barrier_error=wm.errors(DEV)))
+            print(f"  {'tail' if tail else 'MLP'} config {cfg}: WRONG (rel err {err:.2e}), not timed", flush=True)
+            wm.clear_errors(DEV)
+            return False
+        return True
+
     for i, cfg in enumerate(CONFIGS):
+        if time.time() - start > budget or not right(cfg, False):
+            continue
         row = record(f"MLP persistent #{i} " + " ".join(f"{k}={v}" for k, v in cfg.items()
-                                                        if k not in ("H2", "T_O", "BN_O", "T_Q", "BN_Q")), new_mlp(cfg), mlp_bytes, cfg)
+                                                        if k not in ("H2", "T_O", "BN_O", "T_Q", "BN_Q")),
+                     new_mlp(cfg), mlp_bytes, cfg)
         if row and (best is None or row["us_per_layer"] < best["us_per_layer"]):
             best = row
     if wm.errors(DEV):
@@ -344,6 +368,8 @@ def timing(start, budget, failures) -> dict:
     curp = record("current tail: o (gemv4) + add_rms_norm + MLP, PDL", cur_post(), post_bytes)
     bestp = None
     for i, cfg in enumerate(CONFIGS):
+        if time.time() - start > budget or not right(cfg, True):
+            continue
         row = record(f"tail persistent #{i}", new_post(cfg), post_bytes, cfg)
         if row and (bestp is None or row["us_per_layer"] < bestp["us_per_layer"]):
             bestp = row
@@ -380,28 +406,40 @@ def main() -> int:
                     help="seconds from the start: no timing graph starts after this")
     ap.add_argument("--engines", nargs="*", default=["w4a16+post+front+prof", "w4a16", "w4a16+post"])
     ap.add_argument("--budget", type=float, default=78.0, help="seconds from the start the engines may use")
+    ap.add_argument("--engines-first", action="store_true",
+                    help="the engines right after the checks, before the timing (their figures cannot be cut)")
+    ap.add_argument("--no-checks", action="store_true", help="skip section 1 (the timing still checks each variant)")
+    ap.add_argument("--configs", nargs="*", type=int, default=None, help="timing: these of CONFIGS only (indices)")
     ap.add_argument("--engines-always", action="store_true",
                     help="run the engines even when the timing shows no one-launch config beating the current one")
     args = ap.parse_args()
+    if args.configs is not None:
+        CONFIGS[:] = [CONFIGS[i] for i in args.configs]
     start = time.time()
     failures: list = []
     result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
               "torch": torch.__version__, "triton": triton.__version__}
-    result["checks"] = checks(failures)
-    print(f"{len(result['checks'])} checks, {len(failures)} failed ({time.time() - start:.0f} s)", flush=True)
-    got = q.attempt(lambda: timing(start, args.timing_until, failures))
-    result["timing"] = got if not isinstance(got, Exception) else repr(got)
-    q.free_gpu()
-    best = result["timing"].get("best_layer") if isinstance(result["timing"], dict) else None
-    cur = next((r for r in result["timing"].get("runs", []) if r["name"].startswith("current layer")), None) \
-        if isinstance(result["timing"], dict) else None
-    if args.engines and best and cur and not args.engines_always and best["us_per_layer"] >= cur["us_per_layer"]:
-        print(f"engines skipped: the best one-launch layer ({best['us_per_layer']:.1f} us) does not beat the current "
-              f"launches ({cur['us_per_layer']:.1f} us) in the timing above", flush=True)
-        args.engines = []
-    elif best:
-        wm.TUNED[(HIDDEN, INTER)] = {k: v for k, v in best["config"].items()}
-        print(f"engines run with the one-launch config {wm.TUNED[(HIDDEN, INTER)]}", flush=True)
+    if not args.no_checks:
+        result["checks"] = checks(failures)
+        print(f"{len(result['checks'])} checks, {len(failures)} failed ({time.time() - start:.0f} s)", flush=True)
+
+    def run_timing():
+        got = q.attempt(lambda: timing(start, args.timing_until, failures))
+        result["timing"] = got if not isinstance(got, Exception) else repr(got)
+        q.free_gpu()
+
+    if not args.engines_first:
+        run_timing()
+        best = result["timing"].get("best_layer") if isinstance(result["timing"], dict) else None
+        cur = next((r for r in result["timing"].get("runs", []) if r["name"].startswith("current layer")), None) \
+            if isinstance(result["timing"], dict) else None
+        if args.engines and best and cur and not args.engines_always and best["us_per_layer"] >= cur["us_per_layer"]:
+            print(f"engines skipped: the best one-launch layer ({best['us_per_layer']:.1f} us) does not beat the "
+                  f"current launches ({cur['us_per_layer']:.1f} us) in the timing above", flush=True)
+            args.engines = []
+        elif best:
+            wm.TUNED[(HIDDEN, INTER)] = {k: v for k, v in best["config"].items()}
+            print(f"engines run with the one-launch config {wm.TUNED[(HIDDEN, INTER)]}", flush=True)
     if args.engines:
         import w4a16 as bench_w4  # bench/w4a16.py's engine runs
 
@@ -411,6 +449,9 @@ def main() -> int:
             if r.get("mlp_barrier_errors"):
                 failures.append(dict(name=f"engine {r['weights']}: barrier error", value=r["mlp_barrier_errors"]))
         print(f"engine done at {time.time() - start:.0f} s", flush=True)
+        q.free_gpu()
+    if args.engines_first:
+        run_timing()
     result["failures"] = failures
     result["seconds"] = round(time.time() - start, 1)
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
