@@ -171,15 +171,7 @@ BUCKET_BOUND = {64: 64, 256: 256, 2048: 4096, 8192: 1 << 30}
 """A measured row count -> the FP8_LAUNCH bound its winner is entered under."""
 
 
-WAIT_CONFIGS = [dict(ROWS=r, BLOCK=b, CHUNK=c, num_warps=w, WAIT=True) for r, b, c, w in (
-    (8, 2048, 512, 4), (4, 2048, 512, 4), (16, 2048, 512, 8), (4, 1024, 512, 4))]
-"""SwiGLU + FP8 in one launch whose row groups wait for each other (kernels/fp8_swiglu_wait.py), swept at 256 rows;
-each runs only where its whole grid fits on the GPU at once (sm_90 builds: 64-164 registers, 1-8 programs per SM)."""
-
-
 def config_name(cfg: dict) -> str:
-    if cfg.get("WAIT"):
-        return f"wait {cfg['ROWS']}x{cfg['BLOCK']}/{cfg.get('CHUNK', 512)} w{cfg.get('num_warps', 4)}"
     if cfg.get("ROW"):
         return f"row {cfg['ROWS']} w{cfg.get('num_warps', 4)}"
     return f"split {cfg['ROWS']}x{cfg.get('BLOCK')} w{cfg.get('num_warps', 4)}"
@@ -193,7 +185,6 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
     FP8_LAUNCH's entry for its row count's bucket (BUCKET_BOUND) where it beats the split by 3%. `configs`:
     ROW_CONFIGS by default."""
     configs = ROW_CONFIGS if configs is None else configs
-    from kernels import fp8_swiglu_wait as sw
     from kernels import silu_mul as sm
 
     g = torch.Generator(device=DEV).manual_seed(9)
@@ -221,14 +212,6 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
         for cfg in configs:
             if cfg.get("ROW") and scaled:  # loses where the column scales are applied (round 1)
                 continue
-            if cfg.get("WAIT"):
-                fit = qb.attempt(lambda: sw.fits(gus[0], sc, None, cfg))
-                if fit is not True:  # would run the split: nothing of its own to check or time
-                    out.setdefault("not_fitting", []).append(dict(M=m, config=cfg, fits=repr(fit)))
-                    print(f"swiglu M={m} {config_name(cfg)}: its grid does not fit at once ({fit!r}); skipped",
-                          flush=True)
-                    continue
-                sw.clear_errors(DEV)
             got = qb.attempt(lambda: fp8_fused.silu_mul_fp8(gus[0], scales=sc, split=cfg))
             if isinstance(got, Exception):  # did not build or launch (resources): no values to judge, not applied
                 out.setdefault("errors", []).append(dict(M=m, config=cfg, error=repr(got)[:300]))
@@ -249,9 +232,6 @@ def swiglu_section(failures: list, ms=(256, 8192), inter: int = 14336, configs=N
                         ref = fp8_fused.silu_mul_fp8(gus[i], scales=sc, split=base)
                         ok &= same(res[i][0], ref[0]) and same(res[i][1], ref[1])
                 del replay
-                if cfg.get("WAIT") and sw.errors(DEV):
-                    print(f"swiglu M={m} {config_name(cfg)}: a program gave up waiting", flush=True)
-                    ok = False
             except Exception as e:
                 ok = False
                 print(f"swiglu M={m} {cfg}: {e!r}"[:300], flush=True)
@@ -462,11 +442,10 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=80.0, help="seconds; engines past it are skipped")
     ap.add_argument("--sections", nargs="+", default=["swiglu"],
-                    choices=["memsets", "lt", "wait", "qkv", "attention", "swiglu", "none"],
+                    choices=["memsets", "lt", "qkv", "attention", "swiglu", "none"],
                     help="checks and timings before the engines: memsets: where the FP8 decode step's device "
                          "memsets come from (bench/fp8_memset.py, with lt); lt: cuBLASLt's candidate algorithms for "
-                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); wait: the one-launch "
-                         "SwiGLU whose row groups wait for each other at 256 rows (a winner applied likewise); q/k/v's scales in the rotary kernel; the decode "
+                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked)")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
@@ -502,19 +481,6 @@ def main() -> int:
         if isinstance(result["attention"], Exception):
             failures.append({"check": "attention_section", "error": repr(result["attention"])[:300]})
             fp8mod.ATTENTION_QUANT = False
-    waits = [(most, c) for most, c in fp8_fused.FP8_LAUNCH if c.get("WAIT")]
-    if "wait" in args.sections or waits:  # the sweep, or the committed waiting entries checked
-        sweep = "wait" in args.sections
-        n = len(failures)
-        before = list(fp8_fused.FP8_LAUNCH)
-        result["wait"] = qb.attempt(lambda: swiglu_section(
-            failures, ms=(256,) if sweep else sorted({min(most, 256) for most, _ in waits}),
-            configs=WAIT_CONFIGS if sweep else [c for _, c in waits], apply=sweep))
-        if isinstance(result["wait"], Exception) or len(failures) > n:
-            if isinstance(result["wait"], Exception):
-                failures.append({"check": "wait_section", "error": repr(result["wait"])[:300]})
-            fp8_fused.FP8_LAUNCH[:] = [(most, c) for most, c in before if not c.get("WAIT")]
-            print("one-launch waiting SwiGLU OFF for the engines (a check failed): the split runs", flush=True)
     committed = list(fp8_fused.FP8_LAUNCH)
     ones = [(most, c) for most, c in committed if c.get("ROW")]
     if "swiglu" in args.sections or ones:  # the sweep, or the committed one-launch entries checked

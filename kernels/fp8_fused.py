@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fp8_quant, fp8_swiglu_wait, pdl
+from kernels import fp8_quant, pdl
 from kernels.fp8_quant import quantize_row_cvt, row_scale
-from kernels.fp8_swiglu_tile import _swiglu_tile, check_gate_up  # noqa: F401  (check_gate_up: silu_mul.py's too)
 from kernels.fused_norm import residual_prologue
 
 
@@ -98,6 +97,24 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
 
 
 @triton.jit
+def _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED: tl.constexpr):
+    """A [ROWS, BLOCK] tile of silu(gate) * up in the 16-bit dtype, rounded as torch rounds it (kernels/silu_mul.py's
+    _silu_mul_block arithmetic); with SCALED gate_up is an FP8 GEMM's output before its row and column scales,
+    applied and rounded as the GEMM would have. The column scales are read once per tile, not once per row."""
+    mask = r_ok[:, None] & c_ok[None, :]
+    src = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_in + offs[None, :]
+    dt = gate_up_ptr.dtype.element_ty
+    g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        rs = tl.load(rs_ptr + rows, mask=r_ok, other=0.0)[:, None]
+        g = (g * rs * tl.load(col_ptr + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
+        u = (u * rs * tl.load(col_ptr + inter + offs, mask=c_ok, other=0.0)[None, :]).to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # torch rounds silu(g) before the product
+    return (act * u).to(dt)
+
+
+@triton.jit
 def _silu_mul_amax_kernel(
     gate_up_ptr, y_ptr, part_ptr, rs_ptr, col_ptr, t, inter, nblk, stride_in,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, PDL: tl.constexpr = False,
@@ -171,9 +188,7 @@ FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
 """[(max rows, config)], the first entry whose bound the row count does not pass (silu_mul_fp8 here and
 kernels/silu_mul.py's pick by it): {"ROWS", "BLOCK", "num_warps"} (and optionally the quantizing launch's
 "ROWS2", "BLOCK2", "warps2") for the split launches; {"ROWS", "num_warps", "ROW": True} for one launch of whole
-rows (_silu_mul_fp8_rows_kernel); {"ROWS", "BLOCK", "num_warps", "WAIT": True} for one launch whose row groups wait
-for each other's amaxes (kernels/fp8_swiglu_wait.py; the split where its grid would not all fit on the GPU at once);
-{"BLOCK", "num_warps"} for silu_mul.py's one program per row.
+rows (_silu_mul_fp8_rows_kernel); {"BLOCK", "num_warps"} for silu_mul.py's one program per row.
 Split tiles: bench/fp8_where.py round 1 (H200, Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each
 bit for bit first), us per call, against silu_mul.py's FP8_CONFIG (one program per row): 16 rows 5.5 vs 16.1, 64:
 7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4, 512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357
@@ -189,6 +204,17 @@ groups of 1-8 rows it lost at 256 rows (18-23 us: 1,792 programs take tickets fr
 four groups (56-112 tiles of up to 256 rows that meet once; session 8 round 3) it took 30-205 us at 256 rows.
 Its ~25% engine loss in session 7's round 2 was two Triton compiles inside the timed window, not the kernel
 (docs/quantization.md)."""
+
+
+def check_gate_up(gate_up, scales) -> None:
+    """SwiGLU's input: [num_tokens, 2 * inter] (gate, then up) with a contiguous last dim; `scales` (row, column)
+    float32 of its row and column counts (kernels/silu_mul.py checks its inputs by it too)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
+        raise ValueError(f"gate_up must be [num_tokens, 2 * inter] with a contiguous last dim; got "
+                         f"{tuple(gate_up.shape)}")
+    if scales is not None and (scales[0].numel() != gate_up.shape[0] or scales[1].numel() != gate_up.shape[1]
+                               or scales[0].dtype != torch.float32 or scales[1].dtype != torch.float32):
+        raise ValueError(f"scales must be float32 [{gate_up.shape[0]}] and [{gate_up.shape[1]}] row and column scales")
 
 
 SPLIT_DEFAULT = {"ROWS": 4, "BLOCK": 512, "num_warps": 4}
@@ -211,10 +237,6 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
         return q, s
     cfg = split or next((c for most, c in FP8_LAUNCH if t <= most), SPLIT_DEFAULT)
     cfg = cfg if "ROWS" in cfg else SPLIT_DEFAULT
-    if cfg.get("WAIT") and not warmup:  # one launch whose row groups wait for their amaxes (fp8_swiglu_wait.py)
-        if fp8_swiglu_wait.fits(gate_up, scales, ub, cfg):
-            return fp8_swiglu_wait.silu_mul_fp8_wait(gate_up, ub, scales, cfg, hw_cvt=hw_cvt)
-        cfg = SPLIT_DEFAULT
     rows, block, warps = cfg["ROWS"], cfg.get("BLOCK", 512), cfg.get("num_warps", 4)
     rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
     nblk = triton.cdiv(inter, block)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8_cublaslt, fp8_fused, fp8_gemv, fp8_swiglu_wait, fp8_w8a8
+from kernels import fp8_cublaslt, fp8_fused, fp8_gemv, fp8_w8a8
 from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
 from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
@@ -270,7 +270,6 @@ class FP8Method:
             reserve_workspace(w.device, w.shape[0])
             fp8_w8a8.reserve_workspace(w.device, *w.shape)
             fp8_cublaslt.reserve(w.device)
-            fp8_swiglu_wait.reserve(w.device)
 
     @staticmethod
     def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:
