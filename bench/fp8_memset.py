@@ -272,7 +272,7 @@ def lt_probe(cases=LT_CASES, count: int = 32, profile_best: int = 2) -> dict:
     out), in the heuristic's order: each checked against the float64 product (its largest error at most twice
     torch._scaled_mm's, plus 1e-6 of the largest output), then µs per call in a CUDA graph over weight copies that
     overflow L2, against torch._scaled_mm in the same graph form; the fastest few (and the heuristic's first) profiled
-    for memsets per call. Returns per "name M kind" the rows and the fastest passing config (TUNED's form); a case
+    for memsets per call. Returns per "name M kind" the rows and the fastest passing config; a case
     that fails as a whole is reported with its error and the others still run."""
     from kernels import fp8_cublaslt as lt
 
@@ -364,12 +364,12 @@ def print_lt(got: dict) -> None:
         for row in bad[:3]:
             print(f"      FAILED rank {row['rank']}: err {row.get('err')} {row.get('error', '')} {row['config']}",
                   flush=True)
-    print(f"  TUNED (3% or more faster than torch._scaled_mm): {tuned_from(got)}", flush=True)
+    print(f"  3% or more faster than torch._scaled_mm: {faster(got)}", flush=True)
 
 
-def tuned_from(got: dict, margin: float = 0.97) -> dict:
-    """kernels/fp8_cublaslt.py's TUNED entries from lt_probe's result: each GEMM's fastest checked config where it beat
-    torch._scaled_mm by `margin` or more."""
+def faster(got: dict, margin: float = 0.97) -> dict:
+    """(M, N, K, kind) -> the fastest checked config of lt_probe's result where it beat torch._scaled_mm by `margin` or
+    more."""
     out = {}
     for r in _cases(got):
         if r.get("best") and r["best"]["us"] < margin * r["torch_us"]:

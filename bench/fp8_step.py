@@ -2,7 +2,8 @@
 timed or used: SwiGLU + FP8 in one launch of whole rows per program (kernels/fp8_fused.py, ROW) against the split
 launches at prefill's 8,192 rows (the winner applied to FP8_LAUNCH for the engines; committed ROW entries are always
 checked), q/k/v's FP8 scales in the rotary + cache kernel, o_proj's input quantized by the decode attention kernel
-(ATTENTION_QUANT; off). Then the fixed workload (256 x 256 in / 256 out) for bf16 and FP8 in one run on the engine's
+(ATTENTION_QUANT; off); where the decode step's memsets come from and cuBLASLt's other algorithms (bench/fp8_memset.py).
+Then the fixed workload (256 x 256 in / 256 out) for bf16 and FP8 in one run on the engine's
 defaults, each engine watched (Watch: Triton compiles and the slowest steps inside the timed window), then while the
 budget lasts the engines named after them ("fp8 before": session 7's final FP8 engine). A change whose check fails
 is switched off for the engines and counted as a failure.
@@ -27,7 +28,7 @@ sys.path.insert(0, BENCH)
 import fp8_where as fw  # noqa: E402  (make_pool, throughput)
 import quant as qb  # noqa: E402  (graph_ms, record, attempt, free_gpu)
 
-from kernels import fp8_cublaslt, fp8_fused, fp8_quant  # noqa: E402
+from kernels import fp8_fused, fp8_quant  # noqa: E402
 from kernels import paged_decode as pd  # noqa: E402
 from kernels import rotary as rk  # noqa: E402
 from services.engine.model.quantization import fp8 as fp8mod  # noqa: E402
@@ -373,21 +374,16 @@ class Watch:
         return out
 
 
-LT_TUNED: dict = {}
-"""kernels/fp8_cublaslt.py's TUNED as this run's cuBLASLt probe found it (the "fp8 lt" engine runs with it)."""
-
 COMMITTED = {"launch": list(fp8_fused.FP8_LAUNCH)}
 """The FP8 launch tables as committed (before any section applies a winner): the "fp8 committed" engine's."""
 
-ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"), "fp8 lt": dict(weights="fp8", lt=True),
+ENGINES = {"bf16": dict(weights="bf16"), "fp8": dict(weights="fp8"),
            "fp8 committed": dict(weights="fp8", launch="committed"),
            "fp8 before": dict(weights="fp8", launch="split"),
            "fp8 no mixed graphs": dict(weights="fp8", engine_kw={"mixed_cuda_graphs": False}),
            "fp8 profiled": dict(weights="fp8", profile=True)}
 """label -> the engine: weights; `launch` (FP8_LAUNCH): as this run leaves it (default) or session 7's split
-launches ("split") or as committed before this run's sections applied winners ("committed"; the lt engine's winners
-never reach it either); `lt`: the GEMMs through this run's measured cuBLASLt algorithms (LT_TUNED; where it is empty, the
-same as "fp8"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
+launches ("split") or as committed before this run's sections applied winners ("committed"); `engine_kw`: EngineConfig options; `profile`: a CUDA trace of the timed window (its post-processing counts in the
 timed window: tok/s not comparable). "fp8 before" is session 7's final FP8 engine."""
 
 
@@ -404,23 +400,15 @@ def engines(start: float, budget: float, labels=("bf16", "fp8", "fp8 before"), *
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s + ~{cost:.0f} s)", flush=True)
             continue
         fp8_fused.FP8_LAUNCH[:] = [(most, dict(c)) for most, c in tables.get(spec.get("launch"), committed)]
-        committed_lt = dict(fp8_cublaslt.TUNED)
-        fp8_cublaslt.TUNED.clear()
-        fp8_cublaslt.TUNED.update(LT_TUNED if spec.get("lt") else committed_lt)
-        fp8_cublaslt._PLANS.clear()
         t0 = time.time()
         with Counting() as c, Watch(spec.get("profile", False)) as w:
             got = qb.attempt(lambda: fw.throughput(label, spec["weights"], "auto",
                                                    **{**engine_kw, **spec.get("engine_kw", {})}))
         cost = time.time() - t0
-        lt_used = {str(k): v for k, v in fp8_cublaslt.TUNED.items()}
-        fp8_cublaslt.TUNED.clear()
-        fp8_cublaslt.TUNED.update(committed_lt)
-        fp8_cublaslt._PLANS.clear()
         if isinstance(got, list):
             seen = qb.attempt(lambda: w.report(label))
             for r in got:
-                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH), cublaslt=lt_used,
+                r.update(c.n, launch=str(fp8_fused.FP8_LAUNCH),
                          watch=seen if isinstance(seen, dict) else repr(seen))
             rows += got
         else:
@@ -445,7 +433,7 @@ def main() -> int:
                     choices=["memsets", "lt", "qkv", "attention", "swiglu", "none"],
                     help="checks and timings before the engines: memsets: where the FP8 decode step's device "
                          "memsets come from (bench/fp8_memset.py, with lt); lt: cuBLASLt's candidate algorithms for "
-                         "the decode GEMMs, checked and timed (the \"fp8 lt\" engine runs the winners); q/k/v's scales in the rotary kernel; the decode "
+                         "the decode and prefill GEMMs, checked and timed against torch._scaled_mm's; q/k/v's scales in the rotary kernel; the decode "
                          "kernel quantizing (also whenever ATTENTION_QUANT is on); the one-launch SwiGLU sweep "
                          "(without it, FP8_LAUNCH's one-launch entries are checked)")
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8", "fp8 before"], choices=list(ENGINES),
@@ -463,14 +451,11 @@ def main() -> int:
             result["memsets"] = qb.attempt(fp8_memset.run)
             if isinstance(result["memsets"], Exception):
                 print(f"memsets section: {result['memsets']!r}"[:400], flush=True)
-            got = result["memsets"].get("cublaslt", {}) if isinstance(result["memsets"], dict) else {}
         else:
-            got = result["cublaslt"] = fp8_memset.lt_probe_in()
-            fp8_memset.print_lt(got)
-        tuned = qb.attempt(lambda: fp8_memset.tuned_from(got))
-        LT_TUNED.update(tuned if isinstance(tuned, dict) else {})
+            result["cublaslt"] = fp8_memset.lt_probe_in()
+            fp8_memset.print_lt(result["cublaslt"])
         qb.free_gpu()
-        print(f"memsets/lt sections done at {time.time() - start:.0f} s; LT_TUNED = {LT_TUNED}", flush=True)
+        print(f"memsets/lt sections done at {time.time() - start:.0f} s", flush=True)
     if "qkv" in args.sections:
         result["qkv"] = qb.attempt(lambda: rotary_section(failures, ms=(256,)))
         if isinstance(result["qkv"], Exception):

@@ -1,18 +1,19 @@
-"""cuBLASLt's FP8 GEMM called directly (ctypes), with the algorithm chosen by Folio instead of the heuristic's first
-pick: torch._scaled_mm always runs cublasLtMatmulAlgoGetHeuristic's top result, which at decode's row counts is not
-always the fastest of the algorithms cuBLASLt offers for the shape, and some of its picks clear a workspace counter
-with a device memset on every call (a CUDA-graph node between two kernels). This module asks the heuristic for its
-top results, describes each by its configuration (algorithm id, tile, stages, split-K and reduction scheme, swizzle,
-custom option, cluster shape), and runs the one that TUNED names for the shape (bench/fp8_memset.py measures them all
-on the GPU, checks each against torch._scaled_mm, and prints the table).
+"""cuBLASLt's FP8 GEMM called directly (ctypes, the libcublasLt torch loaded), to measure the algorithms cuBLASLt
+offers for a product beside the one torch._scaled_mm runs (always cublasLtMatmulAlgoGetHeuristic's first result):
+bench/fp8_memset.py's probe asks the heuristic for its results, describes each by its configuration (algorithm id,
+tile, stages, split-K and reduction scheme, swizzle, custom option, cluster shape), checks each against float64 and
+times it. Session 9 (H200, docs/quantization.md): the heuristic offers 8 algorithms at decode's 256 rows and one at
+prefill's 8,192, and its first pick was the fastest or within 3% in two rounds, so the engine keeps torch._scaled_mm
+and nothing in the engine calls this module; re-measure with `python bench/fp8_step.py --sections lt` on a new
+cuBLAS.
 
-The products quantization/fp8.py runs: y = xq @ w.T with xq [M, K] and w [N, K] float8_e4m3fn row-major, y [M, N]
-bfloat16 row-major, either with unit scales (kind "unit": the deferred-scale layers) or row-wise, y = (xs * xq) @ (ws *
+The products fp8.py runs: y = xq @ w.T with xq [M, K] and w [N, K] float8_e4m3fn row-major, y [M, N] bfloat16
+row-major, either with unit scales (kind "unit": the deferred-scale layers) or row-wise, y = (xs * xq) @ (ws *
 w).T with xs [M, 1] and ws [1, N] float32 (kind "row"; "row fast" with fast accumulation, as FAST_ACCUM_MIN_M asks).
 In cuBLAS's column-major terms that is D [N, M] = op(A) [N, K] x B [K, M] with A = w (ld K, op T), B = xq (ld K, op
 N): the "TN" form FP8 needs; row-wise scales are cuBLASLt's outer-vector scale mode (A's per row of op(A), i.e. ws;
-B's per column, i.e. xs), the mode torch._scaled_mm's row-wise product runs. The calls are captured in CUDA graphs like any other launch: the
-descriptors and the workspace outlive the capture (cached per shape and device).
+B's per column, i.e. xs), the mode torch._scaled_mm's row-wise product runs. Calls can be captured in CUDA graphs
+(the descriptors and the workspace outlive the capture).
 """
 
 from __future__ import annotations
@@ -41,12 +42,7 @@ WORKSPACE_BYTES = 32 << 20
 """The workspace offered to cuBLASLt (per device, reserved once; torch's own default on Hopper is of this order)."""
 
 KINDS = ("unit", "row", "row fast")
-
-TUNED: dict = {}
-"""(M, N, K, kind) -> the configuration (a dict of _CONFIG_FIELDS' names) to run, measured fastest on the GPU by
-bench/fp8_memset.py at exactly that row count (the heuristic's list and the winner change with M; a row count not
-measured keeps torch._scaled_mm, the heuristic's first pick). Empty: session 9's rounds 2 and 3 (H200) found no
-candidate 3% faster than the heuristic's first pick twice (docs/quantization.md)."""
+"""The products: unit scales (tensor-wise), row-wise scales, row-wise with fast accumulation."""
 
 
 class _Algo(ctypes.Structure):
@@ -135,14 +131,6 @@ def workspace(device: torch.device) -> torch.Tensor:
     return _WORKSPACES[key]
 
 
-def reserve(device: torch.device) -> None:
-    """The handle and workspace made before any CUDA graph is captured (quantization/fp8.py, at load, where TUNED
-    names an algorithm): a capture must only point at memory that already exists."""
-    if TUNED and device.type == "cuda":
-        _handle(device)
-        workspace(device)
-
-
 def describe(algo: _Algo) -> dict:
     """An algorithm's configuration, the fields that tell two of cuBLASLt's algorithms apart."""
     out = {}
@@ -180,7 +168,6 @@ class Plan:
         _check(L.cublasLtMatrixLayoutCreate(ctypes.byref(self.b), _R_8F_E4M3, k, m, k), "LayoutCreate B")
         _check(L.cublasLtMatrixLayoutCreate(ctypes.byref(self.d), _R_16BF, n, m, n), "LayoutCreate D")
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        self.chosen: _Algo | None = None
 
     def candidates(self, count: int = 32, workspace_bytes: int = WORKSPACE_BYTES,
                    reduction_mask: int | None = None) -> list[dict]:
@@ -225,63 +212,16 @@ class Plan:
             _check(lib().cublasLtMatmulDescSetAttribute(self.desc, attr, ctypes.byref(ptr), ctypes.sizeof(ptr)),
                    "scale pointer")
 
-    def run(self, xq: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, algo: _Algo | None = None,
-            xs: torch.Tensor | None = None, ws: torch.Tensor | None = None):
-        """y [m, n] bf16 = xq [m, k] @ w [n, k].T (row-wise kinds: times xs [m, 1] and ws [1, n]) with `algo` (default:
-        the chosen one); on the current stream."""
-        algo = algo if algo is not None else self.chosen
-        if algo is None:
-            raise RuntimeError("no cuBLASLt algorithm chosen for this plan")
+    def run(self, xq: torch.Tensor, w: torch.Tensor, algo: _Algo, xs: torch.Tensor | None = None,
+            ws: torch.Tensor | None = None) -> torch.Tensor:
+        """y [m, n] bf16 = xq [m, k] @ w [n, k].T (row-wise kinds: times xs [m, 1] and ws [1, n]) with `algo` (one of
+        `candidates`), on the current stream."""
         self.set_scales(xs, ws)
-        y = out if out is not None else torch.empty((self.m, self.n), dtype=torch.bfloat16, device=xq.device)
-        ws = workspace(xq.device)
+        y = torch.empty((self.m, self.n), dtype=torch.bfloat16, device=xq.device)
+        space = workspace(xq.device)
         stream = torch.cuda.current_stream(xq.device).cuda_stream
         _check(lib().cublasLtMatmul(self.handle, self.desc, ctypes.byref(self.alpha), w.data_ptr(), self.a,
                                     xq.data_ptr(), self.b, ctypes.byref(self.beta), y.data_ptr(), self.d,
-                                    y.data_ptr(), self.d, ctypes.byref(algo), ws.data_ptr(), ws.numel(), stream),
+                                    y.data_ptr(), self.d, ctypes.byref(algo), space.data_ptr(), space.numel(), stream),
                "Matmul")
         return y
-
-
-_PLANS: dict = {}
-
-
-def plan_for(m: int, n: int, k: int, kind: str, device: torch.device, xs=None, ws=None) -> Plan | None:
-    """The cached plan for this exact product with TUNED's algorithm chosen, or None where TUNED names none or the
-    heuristic does not offer it at this row count (torch._scaled_mm then runs)."""
-    key = (m, n, k, kind, device.index)
-    if key not in _PLANS:
-        want = TUNED.get((m, n, k, kind))
-        plan = None
-        if want is not None:
-            p = Plan(m, n, k, device, kind)
-            p.set_scales(xs, ws)
-            match = next((c for c in p.candidates() if c["config"] == want), None)
-            if match is not None:
-                p.chosen, plan = match["algo"], p
-        _PLANS[key] = plan
-    return _PLANS[key]
-
-
-def _usable(xq: torch.Tensor, w: torch.Tensor) -> bool:
-    return xq.is_cuda and bool(TUNED) and xq.dim() == 2 and xq.is_contiguous() and w.is_contiguous()
-
-
-def scaled_mm_unit(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    """xq [M, K] @ w [N, K].T in bfloat16 with unit scales through TUNED's cuBLASLt algorithm, or None where it names
-    none (the caller runs torch._scaled_mm). Contiguous row-major operands only."""
-    if not _usable(xq, w):
-        return None
-    plan = plan_for(xq.shape[0], w.shape[0], w.shape[1], "unit", xq.device)
-    return plan.run(xq, w) if plan is not None else None
-
-
-def scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-                      fast_accum: bool) -> torch.Tensor | None:
-    """(xs [M, 1] * xq [M, K]) @ (ws [1, N] * w [N, K]).T in bfloat16 through TUNED's cuBLASLt algorithm, or None where
-    it names none (the caller runs torch._scaled_mm)."""
-    if not (_usable(xq, w) and xs.is_contiguous() and ws.is_contiguous() and xs.dtype == ws.dtype == torch.float32):
-        return None
-    kind = "row fast" if fast_accum else "row"
-    plan = plan_for(xq.shape[0], w.shape[0], w.shape[1], kind, xq.device, xs, ws)
-    return plan.run(xq, w, xs=xs, ws=ws) if plan is not None else None

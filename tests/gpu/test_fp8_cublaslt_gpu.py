@@ -1,6 +1,6 @@
 """kernels/fp8_cublaslt.py on a GPU (Hopper): every candidate cuBLASLt offers for a decode GEMM, run through the
-direct binding, against the float64 product (within twice torch._scaled_mm's own error), and the TUNED path inside a
-CUDA graph equal to its eager call. Run: .venv/bin/python -m pytest -q tests/gpu/test_fp8_cublaslt_gpu.py"""
+direct binding, against the float64 product (within twice torch._scaled_mm's own error), and one replayed from a CUDA
+graph equal to its eager call. Run: .venv/bin/python -m pytest -q tests/gpu/test_fp8_cublaslt_gpu.py"""
 
 import pytest
 import torch
@@ -40,28 +40,21 @@ def test_every_candidate_matches_float64(m, n, k, kind):
     cands = plan.candidates(16)
     assert cands, "cuBLASLt offered no FP8 algorithm"
     for c in cands:
-        y = plan.run(xq, w, algo=c["algo"], **scales)
+        y = plan.run(xq, w, c["algo"], **scales)
         assert y.shape == (m, n) and y.dtype == torch.bfloat16
         assert (y.double() - ref).abs().max().item() <= 2 * torch_err + 1e-6 * ref.abs().max().item(), c["config"]
 
 
-def test_tuned_path_in_a_cuda_graph(monkeypatch):
+def test_a_candidate_replays_in_a_cuda_graph():
     m, n, k = 256, 4096, 4096
     xq, w = _operands(m, n, k, seed=1)
-    cfg = lt.Plan(m, n, k, DEVICE).candidates(8)[-1]["config"]  # not the heuristic's first pick
-    monkeypatch.setattr(lt, "TUNED", {(m, n, k, "unit"): cfg})
-    monkeypatch.setattr(lt, "_PLANS", {})
-    eager = lt.scaled_mm_unit(xq, w)
-    assert eager is not None
+    plan = lt.Plan(m, n, k, DEVICE)
+    algo = plan.candidates(8)[-1]["algo"]  # not the heuristic's first pick
+    eager = plan.run(xq, w, algo)
     out = {}
     graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        lt.scaled_mm_unit(xq, w)
-    torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(graph):
-        out["y"] = lt.scaled_mm_unit(xq, w)
+        out["y"] = plan.run(xq, w, algo)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out["y"], eager)

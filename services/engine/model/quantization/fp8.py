@@ -9,8 +9,7 @@ multiplies the 16-bit activations as they are (half bf16's bytes, no activation 
 activations are quantized per token — by the layer that produced them where the model says so (FP8Input:
 the fused add + RMSNorm or SwiGLU), else by kernels/fp8_quant.py (one launch) — and the GEMM is
 torch._scaled_mm with row-wise scales or kernels/fp8_w8a8.py (fp8_gemm_quantized), or, for a layer whose
-consumer applies the scales itself, cuBLAS's tensor-wise GEMM returning an FP8Output (through
-kernels/fp8_cublaslt.py where its TUNED table names a measured-faster cuBLASLt algorithm for the shape). Elsewhere (CPU) the
+consumer applies the scales itself, cuBLAS's tensor-wise GEMM returning an FP8Output. Elsewhere (CPU) the
 weight is dequantized and the activations stay unquantized: the CPU path is the weight-only reference.
 """
 
@@ -21,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8_cublaslt, fp8_fused, fp8_gemv, fp8_w8a8
+from kernels import fp8_fused, fp8_gemv, fp8_w8a8
 from kernels.fp8_gemv import fp8_w8a16, reserve_workspace
 from kernels.fp8_quant import quantize_fp8_rows
 from services.engine.model.layers.linear import weight_param
@@ -185,11 +184,8 @@ def fp8_gemm_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
     if cfg is not None:
         return fp8_w8a8.fp8_w8a8(xq, xs, weight, weight_scale, dtype, config=cfg)
     out = torch.bfloat16 if xq.is_cuda else torch.float32
-    fast = _fast_accum(xq)
-    y = fp8_cublaslt.scaled_mm_rowwise(xq, xs, weight, weight_scale, bool(fast)) if xq.is_cuda else None
-    if y is None:  # no measured cuBLASLt algorithm for this shape: torch's (the heuristic's first pick)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out, **fast)
-    return y.to(dtype)
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out,
+                            **_fast_accum(xq)).to(dtype)
 
 
 def _fast_accum(xq: torch.Tensor) -> dict:
@@ -269,7 +265,6 @@ class FP8Method:
             _unit(w.device)
             reserve_workspace(w.device, w.shape[0])
             fp8_w8a8.reserve_workspace(w.device, *w.shape)
-            fp8_cublaslt.reserve(w.device)
 
     @staticmethod
     def use_scaled_mm(x: torch.Tensor, n: int, k: int) -> bool:
@@ -311,11 +306,9 @@ class FP8Method:
         """The GEMM on quantized activations: an FP8Output where the layer defers its scales, else y."""
         if self._defers(layer, bias, xq.shape[0]):
             out = dtype if xq.is_cuda else torch.float32
-            fast = _fast_accum(xq)
-            raw = fp8_cublaslt.scaled_mm_unit(xq, layer.weight) if out == torch.bfloat16 and not fast else None
-            if raw is None:  # no measured cuBLASLt algorithm for this shape: torch's (the heuristic's first pick)
-                unit = _unit(xq.device)
-                raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out, **fast)
+            unit = _unit(xq.device)
+            raw = torch._scaled_mm(xq, layer.weight.t(), scale_a=unit, scale_b=unit, out_dtype=out,
+                                   **_fast_accum(xq))
             return FP8Output(raw, xs.reshape(-1, 1), layer.weight_scale.reshape(1, -1))
         y = fp8_gemm_quantized(xq, xs, layer.weight, layer.weight_scale, dtype)
         return y if bias is None else y + bias
