@@ -28,6 +28,8 @@ from services.engine.model.layers.linear import weight_param
 
 BITS = 4
 FUSE_SWIGLU = True
+"""At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
+silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
 FUSE_ROPE = False
 """At batch 1 a fused qkv projection whose model set `then_rope` (llama.py: cos, sin, cache, slots, head_dim, heads)
 turns q and k and writes k and v into the paged cache in the GEMV's epilogue (kernels/w4a16_rope.py) and returns a
@@ -36,19 +38,22 @@ RotatedQKV: the rotary + cache launch goes. Off: exact on the H200 but ~0.035 ms
 FUSE_MLP = os.environ.get("FOLIO_W4A16_MLP", "0") == "1"
 """At batch 1 a SwiGLU MLP whose gate/up and down projections are both W4A16 (the model sets `then_down` next to
 `then_act`; one rank, no biases) runs as one persistent launch (kernels/w4a16_mlp.py: gate/up, SwiGLU and down with
-a grid-wide barrier between the GEMVs) and the gate/up projection returns an MLPOutput, the MLP's result."""
+a grid-wide barrier between the GEMVs) and the gate/up projection returns an MLPOutput, the MLP's result. Off: correct
+on the H200 (the same greedy tokens) but slower, 42 against 31 us per layer (session 9, docs/quantization.md): the
+fused kernel's registers keep too few loads in flight; bench/w4a16.py's +mlp turns it on."""
 FUSE_POST = os.environ.get("FOLIO_W4A16_POST", "0") == "1"
 """At batch 1 a Llama layer's o projection whose model set `then_post` (llama.py: the post-attention RMSNorm, the
 MLP, the residual) runs o_proj, the residual add, the norm and the MLP as one persistent launch
 (kernels/w4a16_mlp.py's post_attention) and returns a LayerOutput (the MLP's output; the residual updated in place):
-where all three projections are W4A16 on one rank without biases and the norm is Llama's."""
+where all three projections are W4A16 on one rank without biases and the norm is Llama's. Off: correct on the H200
+but slower (48 against 39 us per layer; engine 2.969 against 2.089 ms/token with the default config; session 9)."""
 FUSE_FRONT = os.environ.get("FOLIO_W4A16_FRONT", "0") == "1"
 """With FUSE_POST, where the model also names the next layer's input norm and qkv projection (`then_post`'s fourth
 item; same conditions), the same launch runs the residual add of this layer's output, that norm and that qkv
-projection, and the LayerOutput holds the next layer's qkv (`next_qkv`): a layer is its attention and one launch."""
+projection, and the LayerOutput holds the next layer's qkv (`next_qkv`): a layer is its attention and one launch.
+Off: correct on the H200, slower (engine 3.191 ms/token; session 9)."""
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
-"""At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
-silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
+"""Keep the weights also in kernels/w4a16_tc.py's tensor-core layout at load (the module docstring's qweight_tc)."""
 
 
 class RotatedQKV(NamedTuple):
