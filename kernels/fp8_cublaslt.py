@@ -39,7 +39,7 @@ _CONFIG_FIELDS = (("algo", 0, ctypes.c_int32), ("tile", 1, ctypes.c_uint32), ("s
 """cublasLtMatmulAlgoConfigAttributes_t: (name, attribute, C type) of the fields that tell two algorithms apart."""
 
 WORKSPACE_BYTES = 32 << 20
-"""The workspace offered to cuBLASLt (per device, reserved once; torch's own default on Hopper is of this order)."""
+"""The workspace offered to cuBLASLt (per device, made once): room for any candidate's split-K or counters."""
 
 KINDS = ("unit", "row", "row fast")
 """The products: unit scales (tensor-wise), row-wise scales, row-wise with fast accumulation."""
