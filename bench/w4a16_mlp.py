@@ -52,7 +52,9 @@ as many as fit."""
 W1 = dict(BASE, T_Q=8, BN_Q=128, T_O=8, BN_O=128, BN_A=128, BN_B=128, num_warps=1)
 W4 = dict(BASE, BN_Q=512, BN_O=512, BN_A=512, BN_B=512, num_warps=4)
 CONFIGS = [BASE, dict(BASE, DEPTH=2), W1, dict(W1, DEPTH=2), W4, dict(BASE, T_A=16, T_B=16, T_O=16, T_Q=16),
-           dict(BASE, L2=4), dict(BASE, maxnreg=96), dict(BASE, maxnreg=80)]
+           dict(BASE, L2=4), dict(BASE, maxnreg=96), dict(BASE, maxnreg=80),
+           dict(BASE, DEPTH=0, STAGES=3, L2=2), dict(BASE, DEPTH=0, STAGES=4, L2=2), dict(W4, DEPTH=0, STAGES=3, L2=2)]
+"""Indices 9-11: the loads through Triton's software pipeline (cp.async into shared memory, `DEPTH` 0)."""
 
 
 def weights(k, n, group, g, act_order=False, scale=0.01):

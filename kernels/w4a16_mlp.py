@@ -74,9 +74,9 @@ def grid_barrier(bar_ptr, nprog, spin_max):
 
 @triton.jit
 def _first_tile(qw_ptr, N, inter, tpc, nprog, total, stride_qk, BLOCK_N: tl.constexpr, T: tl.constexpr,
-                XPAIR: tl.constexpr, GATED: tl.constexpr):
+                XPAIR: tl.constexpr, GATED: tl.constexpr, DEPTH: tl.constexpr):
     """This program's first weight tile of a phase (the even and odd words with XPAIR; the same tile twice
-    without), loaded before anything the phase depends on."""
+    without), loaded before anything the phase depends on. DEPTH 0 (the pipelined loop loads its own): no load."""
     R: tl.constexpr = T // 2 if XPAIR else T
     step: tl.constexpr = 2 if XPAIR else 1
     i_start = tl.program_id(0) * total // nprog
@@ -84,10 +84,10 @@ def _first_tile(qw_ptr, N, inter, tpc, nprog, total, stride_qk, BLOCK_N: tl.cons
     t = i_start - col * tpc
     wcols, ok = strip_cols(col, tl.arange(0, BLOCK_N), N, inter, BLOCK_N, GATED)
     w_ptrs = qw_ptr + (t * T + step * tl.arange(0, R))[:, None].to(tl.int64) * stride_qk + wcols[None, :]
-    w_mask = (i_start < total) & ok[None, :]
-    nxt = tl.load(w_ptrs, mask=w_mask)
+    w_mask = (i_start < total) & ok[None, :] & (DEPTH > 0)
+    nxt = tl.load(w_ptrs, mask=w_mask, other=0)
     if XPAIR:
-        nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
+        nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask, other=0)
     else:
         nxt_o = nxt
     return nxt, nxt_o
@@ -120,11 +120,14 @@ def _load_tile(qw_ptr, col, t, valid, N, inter, stride_qk, offs_b, offs_r, BLOCK
 def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size, tpc,
             nprog, total, stride_qk, stride_sg, exp0, hi_shift, inter, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
             T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
-            GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, XMOD: tl.constexpr, DEPTH: tl.constexpr):
+            GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr, XMOD: tl.constexpr, DEPTH: tl.constexpr,
+            STAGES: tl.constexpr):
     """One GEMV phase, gemv4's loop (kernels/w4a16_stream.py, without its L2 hints): this program's run of tiles
     [pid * total // nprog, (pid + 1) * total // nprog) numbered strip by strip (runs differ by at most a tile),
-    `nxt`/`nxt_o` its first tile (`_first_tile`); DEPTH (1 or 2) tiles in flight while one is computed; strip sums
-    through the split-K workspace (`strip_done`)."""
+    `nxt`/`nxt_o` its first tile (`_first_tile`); DEPTH (1 or 2) tiles in flight while one is computed; DEPTH 0:
+    each strip's tiles through `tl.range(num_stages=STAGES)` (cp.async into shared memory: STAGES - 1 tiles in flight
+    without holding registers; the first tile is not preloaded, L2 covers that); strip sums through the split-K
+    workspace (`strip_done`)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T
     R: tl.constexpr = T // 2 if XPAIR else T
@@ -134,42 +137,65 @@ def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, 
     offs_r = tl.arange(0, R)
     col = i_start // tpc
     t = i_start - col * tpc
-    col_l = col  # the last tile loaded: i_start + DEPTH - 1
-    t_l = t
-    if DEPTH == 2:
-        col_l, t_l = _advance(col, t, tpc)
-        nxt2, nxt2_o = _load_tile(qw_ptr, col_l, t_l, i_start + 1 < i_end, N, inter, stride_qk, offs_b, offs_r,
-                                  BLOCK_N, T, XPAIR, GATED)
     x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    count = 0
-    for i in range(i_start, i_end):
-        words = nxt
-        words_o = nxt_o
-        offs_n, n_mask = strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
-        col_l, t_l = _advance(col_l, t_l, tpc)
-        if DEPTH == 2:
-            nxt = nxt2
-            nxt_o = nxt2_o
-            nxt2, nxt2_o = _load_tile(qw_ptr, col_l, t_l, i + 2 < i_end, N, inter, stride_qk, offs_b, offs_r,
-                                      BLOCK_N, T, XPAIR, GATED)
-        else:
-            nxt, nxt_o = _load_tile(qw_ptr, col_l, t_l, i + 1 < i_end, N, inter, stride_qk, offs_b, offs_r, BLOCK_N,
-                                    T, XPAIR, GATED)
-        k0 = (t // H) * ROWS + (t % H) * T
-        if H2:
-            acc = tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
-                               n_mask, offs_r, stride_sg, S, XPAIR, EVEN, HAS_PERM, ASM, XMOD)
-        else:
-            acc = tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
-                            n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR, EVEN, HAS_PERM, False, XMOD)
-        count += 1
-        if (t == tpc - 1) | (i + 1 == i_end):
-            strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
-                       BLOCK_N, GATED)
+    if DEPTH == 0:  # per strip of the run, its tiles through Triton's software pipeline (cp.async into shared memory)
+        i = i_start
+        while i < i_end:
+            c = i // tpc
+            t0 = i - c * tpc
+            n = tl.minimum(i_end - i, tpc - t0)
+            offs_n, n_mask = strip_cols(c, offs_b, N, inter, BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            count = 0
-        col, t = _advance(col, t, tpc)
+            for j in tl.range(0, n, num_stages=STAGES):  # no strip_done inside: its atomics stop the pipeliner
+                tj = t0 + j
+                words, words_o = _load_tile(qw_ptr, c, tj, True, N, inter, stride_qk, offs_b, offs_r, BLOCK_N, T,
+                                            XPAIR, GATED)
+                k0 = (tj // H) * ROWS + (tj % H) * T
+                if H2:
+                    acc = tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size,
+                                       offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN, HAS_PERM, ASM, XMOD)
+                else:
+                    acc = tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size,
+                                    offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR, EVEN, HAS_PERM,
+                                    False, XMOD)
+            strip_done(acc, c * BLOCK_N + offs_b, n_mask, c, n, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N, GATED)
+            i += n
+    else:
+        col_l = col  # the last tile loaded: i_start + DEPTH - 1
+        t_l = t
+        if DEPTH == 2:
+            col_l, t_l = _advance(col, t, tpc)
+            nxt2, nxt2_o = _load_tile(qw_ptr, col_l, t_l, i_start + 1 < i_end, N, inter, stride_qk, offs_b, offs_r,
+                                      BLOCK_N, T, XPAIR, GATED)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        count = 0
+        for i in range(i_start, i_end):
+            words = nxt
+            words_o = nxt_o
+            offs_n, n_mask = strip_cols(col, offs_b, N, inter, BLOCK_N, GATED)
+            col_l, t_l = _advance(col_l, t_l, tpc)
+            if DEPTH == 2:
+                nxt = nxt2
+                nxt_o = nxt2_o
+                nxt2, nxt2_o = _load_tile(qw_ptr, col_l, t_l, i + 2 < i_end, N, inter, stride_qk, offs_b, offs_r,
+                                          BLOCK_N, T, XPAIR, GATED)
+            else:
+                nxt, nxt_o = _load_tile(qw_ptr, col_l, t_l, i + 1 < i_end, N, inter, stride_qk, offs_b, offs_r, BLOCK_N,
+                                        T, XPAIR, GATED)
+            k0 = (t // H) * ROWS + (t % H) * T
+            if H2:
+                acc = tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
+                                   n_mask, offs_r, stride_sg, S, XPAIR, EVEN, HAS_PERM, ASM, XMOD)
+            else:
+                acc = tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
+                                n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR, EVEN, HAS_PERM, False, XMOD)
+            count += 1
+            if (t == tpc - 1) | (i + 1 == i_end):
+                strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
+                           BLOCK_N, GATED)
+                acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                count = 0
+            col, t = _advance(col, t, tpc)
 
 
 @triton.jit
@@ -243,7 +269,7 @@ def _w4a16_mlp_kernel(
     ROWS_Q: tl.constexpr, BN_Q: tl.constexpr, T_Q: tl.constexpr, JG_Q: tl.constexpr, PERM_Q: tl.constexpr,
     EVEN_Q: tl.constexpr, XPAIR_Q: tl.constexpr, H2_Q: tl.constexpr, HAS_FRONT: tl.constexpr,
     PHASE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, HAS_O: tl.constexpr, HB: tl.constexpr,
-    NB: tl.constexpr, L2: tl.constexpr = 0, DEPTH: tl.constexpr = 1,
+    NB: tl.constexpr, L2: tl.constexpr = 0, DEPTH: tl.constexpr = 1, STAGES: tl.constexpr = 3,
 ):
     """PHASE 0, all in this launch: [HAS_O: O (o_proj of the attention output into o), gate/up's first tile, barrier,
     N (norm slices into xn), barrier, R (residual slices)], A (gate/up, gated epilogue into act; x is xn with HAS_O),
@@ -257,14 +283,14 @@ def _w4a16_mlp_kernel(
         gdc_launch_dependents()
     xa_ptr = xn_ptr if HAS_O else x_ptr
     if HAS_O and (PHASE == 0 or PHASE == 1):
-        nxt, nxt_o = _first_tile(qo_ptr, N_B, N_B, tpc_o, nprog, total_o, sqk_o, BN_O, T_O, XPAIR_O, False)
+        nxt, nxt_o = _first_tile(qo_ptr, N_B, N_B, tpc_o, nprog, total_o, sqk_o, BN_O, T_O, XPAIR_O, False, DEPTH)
         if PDL >= 1:
             gdc_wait()
         _stream(nxt, nxt_o, x_ptr, qo_ptr, so_ptr, zo_ptr, po_ptr, o_ptr, ws_ptr, cnt_ptr, N_B, K_O, gs_o, tpc_o,
                 nprog, total_o, sqk_o, ssg_o, exp0, hi_shift, N_B, ROWS_O, BN_O, T_O, JG_O, PERM_O, EVEN_O, XPAIR_O,
-                False, H2_O, ASM, "", DEPTH)
+                False, H2_O, ASM, "", DEPTH, STAGES)
     if PHASE == 0 or PHASE == 4:
-        nxt, nxt_o = _first_tile(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, BN_A, T_A, XPAIR_A, True)
+        nxt, nxt_o = _first_tile(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, BN_A, T_A, XPAIR_A, True, DEPTH)
     if HAS_O and PHASE == 0:
         if L2 > 0:
             _l2_ahead(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, T_A, BN_A, True, L2)
@@ -285,9 +311,9 @@ def _w4a16_mlp_kernel(
                 gdc_wait()
         _stream(nxt, nxt_o, xa_ptr, qa_ptr, sa_ptr, za_ptr, pa_ptr, act_ptr, ws_ptr + ws_a, cnt_ptr + cnt_a, 2 * inter,
                 K_A, gs_a, tpc_a, nprog, total_a, sqk_a, ssg_a, exp0, hi_shift, inter, ROWS_A, BN_A, T_A, JG_A, PERM_A,
-                EVEN_A, XPAIR_A, True, H2_A, ASM, ".cg" if HAS_O else "", DEPTH)
+                EVEN_A, XPAIR_A, True, H2_A, ASM, ".cg" if HAS_O else "", DEPTH, STAGES)
     if PHASE == 0 or PHASE == 5:
-        nxt, nxt_o = _first_tile(qb_ptr, N_B, N_B, tpc_b, nprog, total_b, sqk_b, BN_B, T_B, XPAIR_B, False)
+        nxt, nxt_o = _first_tile(qb_ptr, N_B, N_B, tpc_b, nprog, total_b, sqk_b, BN_B, T_B, XPAIR_B, False, DEPTH)
         if L2 > 0:
             _l2_ahead(qb_ptr, N_B, N_B, tpc_b, nprog, total_b, sqk_b, T_B, BN_B, False, L2)
         if PHASE == 0:
@@ -296,9 +322,9 @@ def _w4a16_mlp_kernel(
             gdc_wait()
         _stream(nxt, nxt_o, act_ptr, qb_ptr, sb_ptr, zb_ptr, pb_ptr, out_ptr, ws_ptr + ws_b, cnt_ptr + cnt_b, N_B, K_B,
                 gs_b, tpc_b, nprog, total_b, sqk_b, ssg_b, exp0, hi_shift, N_B, ROWS_B, BN_B, T_B, JG_B, PERM_B,
-                EVEN_B, XPAIR_B, False, H2_B, ASM, ".cg", DEPTH)
+                EVEN_B, XPAIR_B, False, H2_B, ASM, ".cg", DEPTH, STAGES)
     if HAS_FRONT and (PHASE == 0 or PHASE == 8):
-        nxt, nxt_o = _first_tile(qq_ptr, N_Q, N_Q, tpc_q, nprog, total_q, sqk_q, BN_Q, T_Q, XPAIR_Q, False)
+        nxt, nxt_o = _first_tile(qq_ptr, N_Q, N_Q, tpc_q, nprog, total_q, sqk_q, BN_Q, T_Q, XPAIR_Q, False, DEPTH)
     if HAS_FRONT and PHASE == 0:
         if L2 > 0:
             _l2_ahead(qq_ptr, N_Q, N_Q, tpc_q, nprog, total_q, sqk_q, T_Q, BN_Q, False, L2)
@@ -318,7 +344,7 @@ def _w4a16_mlp_kernel(
             gdc_wait()
         _stream(nxt, nxt_o, xq_ptr, qq_ptr, sq_ptr, zq_ptr, pq_ptr, qkv_ptr, ws_ptr + ws_q, cnt_ptr + cnt_q, N_Q, N_B,
                 gs_q, tpc_q, nprog, total_q, sqk_q, ssg_q, exp0, hi_shift, N_Q, ROWS_Q, BN_Q, T_Q, JG_Q, PERM_Q,
-                EVEN_Q, XPAIR_Q, False, H2_Q, ASM, ".cg", DEPTH)
+                EVEN_Q, XPAIR_Q, False, H2_Q, ASM, ".cg", DEPTH, STAGES)
 
 
 _BARRIERS: dict[torch.device, torch.Tensor] = {}
@@ -435,7 +461,8 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
               for key, v in gm["consts"].items()}
     hb = triton.next_power_of_2(hidden)
     consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HAS_FRONT=has_front, HB=hb, NB=max(128, hb // 32),
-                  L2=cfg["L2"] if x.is_cuda else 0, DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=1)
+                  L2=cfg["L2"] if x.is_cuda else 0, DEPTH=cfg["DEPTH"],
+                  STAGES=cfg.get("STAGES", 3), num_warps=cfg["num_warps"], num_stages=1)
     if cfg.get("maxnreg") and x.is_cuda:  # fewer registers per thread, more programs per SM (spills if too few)
         consts["maxnreg"] = cfg["maxnreg"]
     if consts["PDL"]:
@@ -482,7 +509,8 @@ def mlp(x: torch.Tensor, gate_up: tuple, down: tuple, config: dict | None = None
     group_size, perm) in kernels/w4a16.py's layout (gate_up's N = 2 inter, gate columns first). config: T_A, BN_A
     (gate/up tile: words x columns, half gate half up), T_B, BN_B (down), num_warps, PER_SM (programs per SM, capped
     by the occupancy; 0: as many as fit), H2 (kernels/w4a16_half2.py where the group covers a tile), L2 (the next
-    phase's tiles asked of L2 before a barrier), DEPTH (1 or 2 tiles in flight per program), maxnreg. phases: 1 (the
+    phase's tiles asked of L2 before a barrier), DEPTH (1 or 2 tiles in flight per program in registers; 0: Triton's
+    pipeline into shared memory, STAGES stages), maxnreg. phases: 1 (the
     barriers in one launch) or 2 (a launch per phase); default 1 on CUDA, 2 elsewhere (the interpreter cannot run a
     spin-wait). pdl: 0, 1 or 2 as the GEMVs' PDL (default 2 where
     kernels/pdl.py is on, else 0). warmup: compile without launching; returns None."""

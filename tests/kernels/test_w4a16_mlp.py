@@ -41,12 +41,14 @@ def reference(x, wa, pa, wb, pb, dtype):
     (256, 384, 128, 128, False, torch.bfloat16, dict(T_A=8, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=3, H2=2,
                                                    DEPTH=2)),
     (192, 320, 64, 32, True, torch.float16, dict(T_A=8, BN_A=32, T_B=4, BN_B=64, num_warps=1, PER_SM=5, H2=2)),
-    (256, 200, 32, 200, False, torch.float32, dict(T_A=16, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=2, H2=0)),
+    (256, 200, 32, 200, False, torch.float32, dict(T_A=16, BN_A=64, T_B=8, BN_B=32, num_warps=1, PER_SM=2, H2=0,
+                                                   DEPTH=0, STAGES=3)),
 ])
 def test_w4a16_mlp_matches_float64(hidden, inter, ga, gb, act_order, dtype, cfg):
     """Group boundaries inside and across blocks (32, 64, 128, one group over K = 200), act-order on both GEMVs,
     odd K (64-row blocks for 192 and 320; 200 pads), a half strip past `inter`, runs that cross column strips
-    (3-5 programs per SM on the interpreter's 4), H2 and the float32 path; bf16 / fp16 / fp32."""
+    (3-5 programs per SM on the interpreter's 4), H2 and the float32 path; bf16 / fp16 / fp32; one, two or a
+    pipeline of tiles in flight (DEPTH 1, 2, 0)."""
     g = torch.Generator().manual_seed(hidden + inter)
     a, wa, pa = weights(hidden, 2 * inter, ga, act_order, dtype, g)
     b, wb, pb = weights(inter, hidden, gb, act_order, dtype, g)
@@ -67,7 +69,7 @@ def test_w4a16_mlp_matches_float64(hidden, inter, ga, gb, act_order, dtype, cfg)
                                                        BN_Q=32, num_warps=1, PER_SM=5, H2=0, DEPTH=2)),
     # 5 norm slices of 128 columns over 4 programs (one program per SM of the interpreter's 4): program 0 takes two
     (128, 640, 128, 128, 128, False, torch.bfloat16, dict(T_O=8, BN_O=128, T_A=8, BN_A=64, T_B=8, BN_B=128, T_Q=8,
-                                                          BN_Q=64, num_warps=1, PER_SM=1, H2=2)),
+                                                          BN_Q=64, num_warps=1, PER_SM=1, H2=2, DEPTH=0, STAGES=3)),
 ])
 @pytest.mark.parametrize("with_front", [False, True], ids=["tail", "tail+front"])
 def test_w4a16_post_attention_matches_float64(q_dim, hidden, inter, n_qkv, group, act_order, dtype, cfg, with_front):
