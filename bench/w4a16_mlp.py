@@ -415,8 +415,6 @@ def main() -> int:
     ap.add_argument("--engines-always", action="store_true",
                     help="run the engines even when the timing shows no one-launch config beating the current one")
     args = ap.parse_args()
-    if args.configs is not None:
-        CONFIGS[:] = [CONFIGS[i] for i in args.configs]
     start = time.time()
     failures: list = []
     result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
@@ -426,6 +424,8 @@ def main() -> int:
         print(f"{len(result['checks'])} checks, {len(failures)} failed ({time.time() - start:.0f} s)", flush=True)
 
     def run_timing():
+        if args.configs is not None:  # after the checks, which name CONFIGS by index
+            CONFIGS[:] = [CONFIGS[i] for i in args.configs]
         got = q.attempt(lambda: timing(start, args.timing_until, failures))
         result["timing"] = got if not isinstance(got, Exception) else repr(got)
         q.free_gpu()
