@@ -1,9 +1,10 @@
 """The batch-1 W4A16 layer tail in one persistent launch (kernels/w4a16_mlp.py: the MLP alone, or o_proj + residual
-add + RMSNorm + MLP, and the next layer's input norm + qkv) against today's launches, Llama-3-8B shapes (hidden 4096, q 4096, inter 14336, group 128, bf16)
-on one GPU: checks, kernel timing until --timing-until, then the engine (bench/w4a16.py's engine runs) to --budget.
+add + RMSNorm + MLP, and the next layer's input norm + qkv) against today's launches, Llama-3-8B shapes (hidden 4096,
+q 4096, inter 14336, group 128, bf16) on one GPU: checks, kernel timing until --timing-until, then the engine
+(bench/w4a16.py's engine runs) to --budget; --engines-first swaps the last two, --no-checks skips the first.
 
     timeout 88 python bench/w4a16_mlp.py [--json PATH] [--timing-until 32] [--budget 78]
-        [--engines w4a16+post+front+prof w4a16 w4a16+post]
+        [--engines w4a16+post+front+prof w4a16 w4a16+post] [--engines-first] [--no-checks] [--configs 0 9 ...]
 
 1. checks (exit 1 on a failure; each check on its own, so one failing does not stop the rest): both kernels in one
    launch (grid barriers) and a launch per phase against float32 x @ dequant(w) with each intermediate rounded as
@@ -15,8 +16,8 @@ on one GPU: checks, kernel timing until --timing-until, then the engine (bench/w
    add + RMSNorm kernel, MLP; persistent), the tail with the next layer's input norm and qkv (a layer without its
    attention and rotary), µs per layer and the weights' effective read rate; a read-only kernel over
    the same bytes (the ceiling).
-3. engine (--engines, tags as bench/w4a16.py: +post = int4.FUSE_POST, +front = FUSE_FRONT, +mlp = FUSE_MLP, +prof): batch-1 decode
-   ms/token, greedy tokens against the first run, the barrier error word after each run.
+3. engine (--engines, tags as bench/w4a16.py: +post = int4.FUSE_POST, +front = FUSE_FRONT, +mlp = FUSE_MLP, +prof):
+   batch-1 decode ms/token, greedy tokens against the first run, the barrier error word after each run.
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, 
                                         T, XPAIR, GATED)
             k0 = (t // H) * ROWS + (t % H) * T
             if H2:
-                acc = tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
-                                   n_mask, offs_r, stride_sg, S, XPAIR, EVEN, HAS_PERM, ASM, XMOD)
+                acc = tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size,
+                                   offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN, HAS_PERM, ASM, XMOD)
             else:
                 acc = tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n,
                                 n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR, EVEN, HAS_PERM, False, XMOD)
@@ -290,7 +290,8 @@ def _w4a16_mlp_kernel(
                 nprog, total_o, sqk_o, ssg_o, exp0, hi_shift, N_B, ROWS_O, BN_O, T_O, JG_O, PERM_O, EVEN_O, XPAIR_O,
                 False, H2_O, ASM, "", DEPTH, STAGES)
     if PHASE == 0 or PHASE == 4:
-        nxt, nxt_o = _first_tile(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, BN_A, T_A, XPAIR_A, True, DEPTH)
+        nxt, nxt_o = _first_tile(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, BN_A, T_A, XPAIR_A, True,
+                                 DEPTH)
     if HAS_O and PHASE == 0:
         if L2 > 0:
             _l2_ahead(qa_ptr, 2 * inter, inter, tpc_a, nprog, total_a, sqk_a, T_A, BN_A, True, L2)
@@ -355,7 +356,8 @@ def barrier(device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     if device not in _BARRIERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the W4A16 MLP barrier must be made before CUDA graph capture (kernels/w4a16_mlp.reserve)")
+            raise RuntimeError("the W4A16 MLP barrier must be made before CUDA graph capture "
+                               "(kernels/w4a16_mlp.reserve)")
         _BARRIERS[device] = torch.zeros(4, dtype=torch.int32, device=device)
     return _BARRIERS[device]
 
@@ -460,7 +462,8 @@ def _run(x, gemvs: dict, post, cfg: dict, phases: int | None, pdl: int | None, w
     consts = {f"{key}_{tag}": v for tag, gm in (("O", o), ("A", a), ("B", b), ("Q", qg))
               for key, v in gm["consts"].items()}
     hb = triton.next_power_of_2(hidden)
-    consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HAS_FRONT=has_front, HB=hb, NB=max(128, hb // 32),
+    consts.update(PDL=pdl if x.is_cuda else 0, ASM=x.is_cuda, HAS_O=has_o, HAS_FRONT=has_front, HB=hb,
+                  NB=max(128, hb // 32),
                   L2=cfg["L2"] if x.is_cuda else 0, DEPTH=cfg["DEPTH"],
                   STAGES=cfg.get("STAGES", 3), num_warps=cfg["num_warps"], num_stages=1)
     if cfg.get("maxnreg") and x.is_cuda:  # fewer registers per thread, more programs per SM (spills if too few)
