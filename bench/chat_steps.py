@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.chat_profile import device_ms  # noqa: E402
+from bench.mixed_graphs import step_inputs_from  # noqa: E402
 from bench.throughput import write_config  # noqa: E402
 
 ARMS = {  # name -> environment (None: unset)
@@ -58,41 +60,6 @@ def chat_steps(seed: int = 3) -> dict[str, list[tuple[int, int]]]:
         "decode 48": dec(48, 200, 1800),
         "decode 64": dec(64, 200, 1800),
     }
-
-
-def step_inputs(runner, lens: list[tuple[int, int]], first_block: int, seed: int):
-    """StepInputs for sequences (new tokens, context) on blocks first_block, first_block + 1, ...; logits rows:
-    each sequence's last token. Returns (inputs, blocks used)."""
-    from services.engine.attention.metadata import AttentionMetadata
-    from services.engine.model_runner import StepInputs
-
-    from kernels.paged_prefill import make_chunk_list
-
-    bs, dev = runner.block_size, runner.device
-    need = [-(-ctx // bs) for _, ctx in lens]
-    width = -(-max(need) // 16) * 16
-    tables = np.zeros((len(lens), width), dtype=np.int32)
-    nxt = first_block
-    for i, n in enumerate(need):
-        tables[i, :n] = np.arange(nxt, nxt + n)
-        nxt += n
-    assert nxt <= runner.kv_caches[0].shape[1], "KV pool too small for the steps"
-    pos = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in lens])
-    seq_of = np.repeat(np.arange(len(lens)), [n for n, _ in lens])
-    slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
-    q = [n for n, _ in lens]
-    qsl = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
-    ids = np.random.default_rng(seed).integers(3, runner.cfg.vocab_size, len(pos))
-
-    def put(a, dtype):
-        return torch.as_tensor(np.asarray(a), dtype=dtype).to(dev)
-
-    meta = AttentionMetadata(
-        num_seqs=len(lens), num_tokens=len(pos), query_start_loc=put(qsl, torch.int32),
-        seq_lens=put([c for _, c in lens], torch.int32), block_tables=put(tables, torch.int32),
-        slot_mapping=put(slots, torch.int64), max_query_len=max(q), max_seq_len=max(c for _, c in lens),
-        query_lens_cpu=q, seq_lens_cpu=[c for _, c in lens], chunk_list=put(make_chunk_list(q), torch.int32))
-    return StepInputs(put(ids, torch.long), put(pos, torch.long), meta, put(qsl[1:] - 1, torch.long)), nxt
 
 
 def buckets(steps: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -120,27 +87,6 @@ def recapture(llm, dec_max: int, mix_max: int) -> float:
     runner.capture_decode_graphs(dec_max, MAX_MODEL_LEN)
     runner.capture_mixed_graphs(mix_max, 256, MAX_MODEL_LEN)
     return time.perf_counter() - t0
-
-
-def device_ms(runner, inputs, iters: int) -> float:
-    """Median device time of one replayed step, queued behind a GPU sleep so the host's launch is hidden."""
-    for _ in range(2):
-        runner.execute(inputs)
-    if runner.device.type != "cuda":  # --smoke: wall time of an eager step
-        t = time.perf_counter()
-        runner.execute(inputs)
-        return 1e3 * (time.perf_counter() - t)
-    out = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(10_000_000)  # ~5 ms: a graph replay launches in well under that
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        runner.execute(inputs)
-        e1.record()
-        e1.synchronize()
-        out.append(e0.elapsed_time(e1))
-    return float(np.median(out))
 
 
 def main() -> None:
@@ -173,7 +119,7 @@ def main() -> None:
     print(f"engine up at {time.perf_counter() - t0:.1f} s; graphs: decode {dec_b}, mixed {mix_b}", flush=True)
     inputs, block = {}, 0
     for i, (name, lens) in enumerate(steps.items()):
-        inputs[name], block = step_inputs(runner, lens, block, seed=i)
+        inputs[name], block = step_inputs_from(runner, lens, block, seed=i)
     t_end = time.perf_counter() + args.budget
     rec = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "device": "cpu" if args.smoke else torch.cuda.get_device_name(),

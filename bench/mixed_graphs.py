@@ -49,21 +49,30 @@ def make_step(runner, decodes: int, chunk: int):
 
 
 def step_inputs(runner, lens: list[tuple[int, int]], seed: int):
-    """StepInputs for sequences given as (new tokens, context incl. them), on disjoint blocks (their
+    """StepInputs for sequences given as (new tokens, context incl. them), on disjoint blocks from block 0 (their
     contents are whatever the pool holds: every path timed reads the same); logits rows: the last token of
-    each sequence. Shared by bench/chat_profile.py."""
+    each sequence. Shared by bench/chat_profile.py and bench/decode_fixed.py."""
+    return step_inputs_from(runner, lens, 0, seed)[0]
+
+
+def step_inputs_from(runner, lens: list[tuple[int, int]], first_block: int, seed: int):
+    """step_inputs on blocks first_block, first_block + 1, ...; the chunk list where the step has more tokens than
+    sequences, as the model runner builds it. Returns (inputs, the next free block); bench/chat_steps.py lays
+    several steps side by side."""
     from services.engine.attention.metadata import AttentionMetadata
     from services.engine.model_runner import StepInputs
+
+    from kernels.paged_prefill import make_chunk_list
 
     bs, dev = runner.block_size, runner.device
     need = [-(-ctx // bs) for _, ctx in lens]
     width = -(-max(need) // 16) * 16
     tables = np.zeros((len(lens), width), dtype=np.int32)
-    nxt = 0
+    nxt = first_block
     for i, n in enumerate(need):
         tables[i, :n] = np.arange(nxt, nxt + n)
         nxt += n
-    assert nxt <= runner.kv_caches[0].shape[1], "KV pool too small for the step"
+    assert nxt <= runner.kv_caches[0].shape[1], "KV pool too small for the steps"
     pos = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in lens])
     seq_of = np.repeat(np.arange(len(lens)), [n for n, _ in lens])
     slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
@@ -78,8 +87,9 @@ def step_inputs(runner, lens: list[tuple[int, int]], seed: int):
         num_seqs=len(lens), num_tokens=len(pos), query_start_loc=put(qsl, torch.int32),
         seq_lens=put([c for _, c in lens], torch.int32), block_tables=put(tables, torch.int32),
         slot_mapping=put(slots, torch.int64), max_query_len=max(q), max_seq_len=max(c for _, c in lens),
-        query_lens_cpu=q, seq_lens_cpu=[c for _, c in lens])
-    return StepInputs(put(ids, torch.long), put(pos, torch.long), meta, put(qsl[1:] - 1, torch.long))
+        query_lens_cpu=q, seq_lens_cpu=[c for _, c in lens],
+        chunk_list=put(make_chunk_list(q), torch.int32) if len(pos) != len(lens) else None)
+    return StepInputs(put(ids, torch.long), put(pos, torch.long), meta, put(qsl[1:] - 1, torch.long)), nxt
 
 
 def sync(dev):

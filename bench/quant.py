@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,6 +107,26 @@ def copies_for(nbytes: int) -> int:
 
 
 # --- checks ----------------------------------------------------------------------------------------------
+@triton.jit
+def _read_flat_kernel(ptr, out_ptr, numel, per_prog, BLOCK: tl.constexpr):
+    """The copy ceiling's read half: each program streams one contiguous chunk, xor-folded."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    end = tl.minimum(numel, (pid + 1) * per_prog)
+    for i in range(pid * per_prog, end, BLOCK):
+        acc ^= tl.load(ptr + i + offs, mask=i + offs < end, other=0)
+    tl.store(out_ptr + pid, tl.xor_sum(acc, axis=0))
+
+
+def read_flat(t: torch.Tensor, programs: int, block: int = 2048, warps: int = 4) -> torch.Tensor:
+    """Read every word of t once over `programs` programs (bench/w4a16.py's and bench/w4a16_mlp.py's read rate)."""
+    out = torch.empty(programs, dtype=torch.int32, device=t.device)
+    per = triton.cdiv(triton.cdiv(t.numel(), programs), block) * block
+    _read_flat_kernel[(triton.cdiv(t.numel(), per),)](t, out, t.numel(), per, BLOCK=block, num_warps=warps)
+    return out
+
+
 def record(rows, failures, ok, **row):
     row["ok"] = bool(ok)
     rows.append(row)

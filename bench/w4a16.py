@@ -504,25 +504,6 @@ def candidates(n: int, k: int) -> list[dict]:
     return out
 
 
-@triton.jit
-def _read_flat_kernel(ptr, out_ptr, numel, per_prog, BLOCK: tl.constexpr):
-    """The copy ceiling's read half: each program streams one contiguous chunk, xor-folded."""
-    pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), dtype=tl.int32)
-    end = tl.minimum(numel, (pid + 1) * per_prog)
-    for i in range(pid * per_prog, end, BLOCK):
-        acc ^= tl.load(ptr + i + offs, mask=i + offs < end, other=0)
-    tl.store(out_ptr + pid, tl.xor_sum(acc, axis=0))
-
-
-def read_flat(qw, programs, block=2048, warps=4):
-    out = torch.empty(programs, dtype=torch.int32, device=qw.device)
-    per = triton.cdiv(triton.cdiv(qw.numel(), programs), block) * block
-    _read_flat_kernel[(triton.cdiv(qw.numel(), per),)](qw, out, qw.numel(), per, BLOCK=block, num_warps=warps)
-    return out
-
-
 def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv4")) -> dict:
     g = torch.Generator(device=DEV).manual_seed(1)
     rows = []
@@ -597,7 +578,7 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
                 if kind == "tiles":
                     ms = q.graph_ms([lambda a=a: read_only(a[0], sp, bn, unroll, warps) for a in q4])
                 else:  # bn programs of `warps` warps, each streaming a contiguous chunk
-                    ms = q.graph_ms([lambda a=a: read_flat(a[0], bn, 2048, warps) for a in q4])
+                    ms = q.graph_ms([lambda a=a: q.read_flat(a[0], bn, 2048, warps) for a in q4])
                 read.append({"kind": kind, "BLOCK_N": bn, "num_warps": warps, "UNROLL": unroll, "SPLIT_K": sp,
                              "ms": ms, "GB_s": n * k // 2 / ms / 1e6})
             except Exception as e:

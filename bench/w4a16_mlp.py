@@ -31,7 +31,6 @@ import time
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,25 +245,6 @@ def checks(failures) -> list:
     return rows
 
 
-@triton.jit
-def _read_flat_kernel(ptr, out_ptr, numel, per_prog, BLOCK: tl.constexpr):
-    """Each program streams one contiguous chunk, xor-folded (the read ceiling)."""
-    pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), dtype=tl.int32)
-    end = tl.minimum(numel, (pid + 1) * per_prog)
-    for i in range(pid * per_prog, end, BLOCK):
-        acc ^= tl.load(ptr + i + offs, mask=i + offs < end, other=0)
-    tl.store(out_ptr + pid, tl.xor_sum(acc, axis=0))
-
-
-def read_flat(t, programs, block=2048, warps=4):
-    out = torch.empty(programs, dtype=torch.int32, device=t.device)
-    per = triton.cdiv(triton.cdiv(t.numel(), programs), block) * block
-    _read_flat_kernel[(triton.cdiv(t.numel(), per),)](t, out, t.numel(), per, BLOCK=block, num_warps=warps)
-    return out
-
-
 def timing(start, budget, failures) -> dict:
     g = torch.Generator(device=DEV).manual_seed(7)
     layers = [layer(g) for _ in range(LAYERS)]
@@ -390,7 +370,7 @@ def timing(start, budget, failures) -> dict:
         failures.append(dict(name="timing: a barrier gave up in a timed tail graph", barrier_error=wm.errors(DEV)))
     flat = [t for lw in layers for t in (lw[0][0], lw[1][0], lw[2][0], lw[4][0])]
     record("read-only ceiling: the layer's 4-bit words, 4 programs/SM",
-           lambda: [read_flat(t, 4 * splitk.sm_count(DEV)) for t in flat], layer_bytes)
+           lambda: [q.read_flat(t, 4 * splitk.sm_count(DEV)) for t in flat], layer_bytes)
     out.update(best_mlp=best, best_tail=bestp, best_layer=bestl,
                occupancy={str(dict(k[1])): v for k, v in wm._GRIDS.items()})
     for name, c, b in (("MLP", cur, best), ("tail", curp, bestp), ("tail + front", curl, bestl)):
