@@ -7,6 +7,8 @@ in-process, under Poisson arrivals at several rates, in one run. Prints a table;
     python bench/serving.py --model ~/.cache/folio/models/SmolLM2-135M-Instruct --device cpu --dtype float32 \
         --rates 4 16 --requests 64 --runs 5 --in-len 8 32 --out-len 4 12                # on CPU
     python bench/serving.py --shape tiny --device cpu --rates 4 --requests 16 --runs 1   # smoke test
+    python bench/serving.py --shape llama-3-8b --rates 4 16 --requests 24 --runs 30 --out-len 8 32 --apis http \
+        --max-mixed-graph-tokens 512 --max-num-seqs 32 --client-cpus 0-14 --max-wall-s 140   # the TTFT target, ~150 s
 
 The model is a random-weight model of a real shape (load_format="dummy") whose vocabulary is the bundled
 tokenizer's, so the stack's tokenizer can detokenize everything it generates; or, with --model, a real
@@ -31,7 +33,10 @@ launches do, to reproduce on a CPU what the stack's threads pay for it.
 
 Reported per rate: time to first token (TTFT) and inter-token latency (ITL: gaps between a stream's
 consecutive tokens) at p50 / p99, and what the hops add (stack minus in-process) per run, with the mean
-over runs and its 95% confidence half-width (t distribution), so a difference can be told from noise;
+over runs and its 95% confidence half-width (t distribution), so a difference can be told from noise; and the
+statistic the TTFT target is judged by: p50 over every run's requests on the stack minus the same requests' p50
+in-process, pooled, with a paired run-stratified bootstrap interval (bench/serving_stats.py; each run puts either
+path first in turn);
 and where the first token's time goes, hop by hop (Timing.first_token_path, docs/router.md), beside the
 same engine hops of the in-process path.
 """
@@ -62,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from serving_stats import bootstrap_p50_diff, paired_runs  # noqa: E402
 from throughput import SHAPES, write_config  # noqa: E402
 
 ALL_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
@@ -824,15 +830,22 @@ def main() -> None:
                     inproc_s = 0.0
                     t_run = time.perf_counter()
                     for k, rate in enumerate(args.rates):
+                        def in_process() -> None:  # the same schedule's in-process run serves every variant
+                            nonlocal inproc_s
+                            t_in = time.perf_counter()
+                            if (run, k) not in baseline:
+                                inproc.run(rewarm)
+                                baseline[run, k] = inproc.run(schedules[run][k])
+                            inproc_s += time.perf_counter() - t_in
+                        # Either path first in turn (odd runs: the in-process engine first), so drift within a
+                        # run and a path's cold start after the other ran fall on both alike.
+                        if run % 2:
+                            in_process()
                         for api in (apis if run % 2 == 0 else apis[::-1]):  # either API first in turn
                             drive_stack(stack, rewarm, api)
                             rows[api].append({"stack": drive_stack(stack, schedules[run][k], api)})
-                        t_in = time.perf_counter()
-                        if (run, k) not in baseline:  # the same schedule's in-process run serves every variant
-                            inproc.run(rewarm)
-                            baseline[run, k] = inproc.run(schedules[run][k])
+                        in_process()
                         p = baseline[run, k]
-                        inproc_s += time.perf_counter() - t_in
                         for api in apis:
                             r = rows[api][-1]
                             s = r["stack"]
@@ -881,6 +894,16 @@ def main() -> None:
                 cells[key] = mean_ci([r[k]["hops_add"][key] for r in runs[v]])
             summary.setdefault(v, {})[f"{rate:g}"] = {key: {"mean": m, "ci95": c} for key, (m, c) in cells.items()}
             print(f"{v:<13}{rate:>5g}{len(runs[v]):>5}" + "".join(f"{m:>9.2f} ±{c:>6.2f}" for m, c in cells.values()))
+    print("\nTTFT p50 added, pooled: p50 over every run's requests on the stack minus the same requests' p50 "
+          "in-process,\nwith a paired bootstrap 95% interval (request indices resampled within each run, the same "
+          "on both paths; bench/serving_stats.py):")
+    for v in variants:
+        for k, rate in enumerate(args.rates):
+            b = bootstrap_p50_diff(paired_runs([(r[k]["stack"]["per_request"], r[k]["in_process"]["per_request"])
+                                                for r in runs[v]]))
+            summary[v][f"{rate:g}"]["ttft_ms_p50_pooled"] = b
+            print(f"{v:<13}{rate:>5g}  {b['diff']:+.2f} ms [{b['lo']:+.2f}, {b['hi']:+.2f}] (se {b['se']:.2f}; "
+                  f"{b['requests']} requests, {b['runs']} runs)")
     print("\nCPU time per output token of each stack process (mean over runs), ms, and its busy fraction; and where")
     print("the stack's first token goes (client_router: client TTFT less the router's; router_ttft: the router's own,")
     print("engine_queue: the engine's queue wait inside it):")
