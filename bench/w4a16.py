@@ -71,6 +71,8 @@ from kernels.w4a16_tc import pack_tc  # noqa: E402
 from kernels import paged_decode as paged_decode_mod  # noqa: E402
 from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
+from services.engine.model.quantization import int4_ahead  # noqa: E402
+from kernels import w4a16_l2  # noqa: E402
 
 DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
 
@@ -185,6 +187,8 @@ def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
 def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     rows: list[dict] = []
     g = torch.Generator(device=DEV).manual_seed(0)
+    if "l2" in kernels:  # only the L2-ahead checks and what the engine runs at M = 1
+        return l2_checks(failures, g) + committed_checks(failures, g)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
         if cfg["KERNEL"] not in kernels or ("h2" in kernels and not cfg.get("H2")):  # h2: the H2 cases only
@@ -295,6 +299,79 @@ def race_checks(failures: list, g: torch.Generator) -> list[dict]:
         err = (got[1].double() - want[1]).abs().max().item() if ok else float("inf")
         q.record(rows, failures, ok and err < 1e-4, check="sample_race", shape=f"{n}x128256", M=n, config={},
                  rel_err=err)
+    return rows
+
+
+class _Proj(torch.nn.Module):
+    """A stand-in projection for the L2-ahead checks (int4_ahead picks targets by class name)."""
+
+    def __init__(self, qw, s, z):
+        super().__init__()
+        self.qweight, self.scales, self.zeros = qw, s, z
+
+
+class QKVParallelLinear(_Proj):
+    pass
+
+
+class RowParallelLinear(_Proj):
+    pass
+
+
+def l2_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """kernels/w4a16_l2.py's prefetch writes nothing (odd sizes, both eviction hints); and int4_ahead's fork / join
+    inside a CUDA graph: qkv -> o chained GEMVs (o reads qkv's first 4,096 outputs) with o's weights prefetched on a
+    side stream, captured, replayed twice on new x, equal to the same chain without it."""
+    rows = []
+    bufs = [torch.randint(0, 255, (n,), generator=g, device=DEV, dtype=torch.uint8) for n in (1, 130, 3 * 4096 * 128 + 7)]
+    keep = [b.clone() for b in bufs]
+    for ev in (False, True):
+        got = q.attempt(lambda: (w4a16_l2.prefetch(bufs, evict_last=ev), torch.cuda.synchronize()))
+        same = not isinstance(got, Exception) and all(torch.equal(a, b) for a, b in zip(bufs, keep))
+        q.record(rows, failures, same, check="l2_prefetch_writes_nothing", evict_last=ev,
+                 error=repr(got) if isinstance(got, Exception) else None)
+    (k1, n1), (k2, n2) = SHAPES["qkv"], SHAPES["o"]
+    qkv_w, o_w = q.int4_case(k1, n1, 128, False, g), q.int4_case(k2, n2, 128, False, g)
+    qkv, o = QKVParallelLinear(*qkv_w[:3]), RowParallelLinear(*o_w[:3])
+    w4.reserve_workspace(DEV, n1)
+    x = torch.randn(1, k1, generator=g, device=DEV).to(DTYPE)
+    saved = dict(int4_ahead.DIST)
+
+    def chain(ahead):
+        y = None
+        for layer, inp in ((qkv, lambda: x), (o, lambda: y[:, :k2].contiguous())):
+            if ahead:
+                ahead.before(layer)
+            y = w4.w4a16(inp(), layer.qweight, layer.scales, layer.zeros, 128)
+            if ahead:
+                ahead.after(layer)
+        return y
+
+    try:
+        int4_ahead.DIST.clear()
+        int4_ahead.DIST.update({"RowParallelLinear": 1})
+        ahead = int4_ahead.Ahead()
+        ref = chain(None).float()
+        chain(ahead)  # learns qkv -> o
+        chain(ahead)  # forks and joins eagerly
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(ahead)
+        errs = []
+        for scale in (1.0, 0.5):
+            x.mul_(scale)
+            ref = chain(None).float()
+            graph.replay()
+            torch.cuda.synchronize()
+            errs.append(q.rel_err(out, ref))
+        err = max(errs)
+    except Exception as e:  # noqa: BLE001
+        err, errs = float("inf"), repr(e)
+    finally:
+        int4_ahead.DIST.clear()
+        int4_ahead.DIST.update(saved)
+    q.record(rows, failures, err < 5e-3 and q.workspace_clean(), check="l2_ahead_graph", rel_err=err, detail=str(errs))
     return rows
 
 
@@ -790,6 +867,7 @@ MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW
 +minsplitN use N (the decode graphs are captured for max_model_len 512, so N = 512 gives the batch-1 graph one
 split, as before 2026-11-29 evening, 128 four, 64 eight)."""
 DEFAULT_ROPE = int4.FUSE_ROPE
+DEFAULT_AHEAD, DEFAULT_EVICT_LAST = dict(int4_ahead.DIST), int4_ahead.EVICT_LAST
 """quantization/int4.py's FUSE_ROPE as committed: runs tagged +rope / +norope turn it on / off."""
 DEFAULT_MLP = int4.FUSE_MLP
 """quantization/int4.py's FUSE_MLP as committed: runs tagged +mlp / +nomlp turn the one-launch batch-1 MLP
@@ -927,6 +1005,9 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_FRONT = "front" in tags or (DEFAULT_FRONT and "nofront" not in tags)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
+        int4_ahead.DIST = {**{"RowParallelLinear": int(t[3:]) for t in tags if t.startswith("pfo") and t[3:].isdigit()},
+                           **{"QKVParallelLinear": int(t[3:]) for t in tags if t.startswith("pfq") and t[3:].isdigit()}}
+        int4_ahead.EVICT_LAST = "pfe" in tags
         saved = dict(w4.TUNED)
         m1_configs(tags)
         with tempfile.TemporaryDirectory() as tmp:
@@ -985,6 +1066,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_POST = DEFAULT_POST
         int4.FUSE_FRONT = DEFAULT_FRONT
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
+        int4_ahead.DIST, int4_ahead.EVICT_LAST = dict(DEFAULT_AHEAD), DEFAULT_EVICT_LAST
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens
