@@ -71,3 +71,12 @@ class Cancelled(FolioError):
 ERRORS_BY_STATUS: dict[str, type[FolioError]] = {
     c.status: c for c in (InvalidArgument, NotFound, ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)
 }
+
+
+def from_status(status: str, message: str) -> FolioError:
+    """A downstream service's failure, named by its gRPC status code name, as a domain error (keeps both)."""
+    cls = ERRORS_BY_STATUS.get(status, FolioError)
+    e = cls(message or status)
+    if cls is FolioError:
+        e.status = status
+    return e

@@ -10,7 +10,7 @@ import logging
 
 import grpc
 
-from services.common.errors import ERRORS_BY_STATUS, FolioError, InvalidArgument, clip_message
+from services.common.errors import FolioError, InvalidArgument, clip_message, from_status
 
 log = logging.getLogger("folio.errors")
 
@@ -29,12 +29,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def from_rpc_error(err: grpc.aio.AioRpcError) -> FolioError:
     """A downstream RPC failure as a domain error (keeps the code and message)."""
-    name = err.code().name
-    cls = ERRORS_BY_STATUS.get(name, FolioError)
-    e = cls(err.details() or name)
-    if cls is FolioError:
-        e.status = name
-    return e
+    return from_status(err.code().name, err.details())
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

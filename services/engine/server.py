@@ -87,6 +87,11 @@ class EngineServerConfig:
     step_cpus: str | None = None
     """The engine's step thread on these CPUs instead (not with --core-process; with `cpus`, which then holds the
     event loop and the gRPC poller thread: those two wake each other on one CPU, apart from the busy step thread)."""
+    fast_lane: bool = True
+    """Also serve requests over the fast lane (services/engine/fast_lane.py: one plain socket connection per
+    request, read and written by this server's event loop, no grpc.aio threads between), on `host` and any free
+    port, named to routers in GenerateStream's initial metadata; a router uses it with its --engine-fast-lane
+    (docs/router.md)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -212,6 +217,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         """Set by `drain`: GenerateStream calls still waiting for their request end."""
         self._waiting: set[asyncio.Task] = set()
         """Handlers of GenerateStream calls waiting for their request."""
+        self.opening_metadata: tuple = ()
+        """What GenerateStream's initial metadata says (the fast lane's address, when one serves)."""
 
     async def Generate(self, request: pb.EngineGenerateRequest, context):
         async for msg in self._generate(request, time.monotonic_ns()):
@@ -221,7 +228,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         """Generate over a call the router opened ahead of its request (engine.proto): say at once that
         the call is up, wait for the request (or the drain), then stream as Generate, its deadline
         from `timeout_ms`."""
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(self.opening_metadata)
         request = await self._first_request(request_iterator)
         if request is None:  # the opener closed it unused, or this server is draining
             return
@@ -401,6 +408,15 @@ async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = No
     woken = cpu_latency.open_request(wake_us) if wake_us is not None else None
     servicer = EngineServicer(aengine, model_name, engine_id, metrics, keep_awake, woken)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server.server)
+    lane = None
+    if c.fast_lane:
+        from services.common.fast_lane import METADATA_KEY
+        from services.engine.fast_lane import FastLaneServer
+
+        lane = FastLaneServer(servicer)
+        port = int((await lane.start(c.host)).rsplit(":", 1)[1])
+        servicer.opening_metadata = ((METADATA_KEY, f"{host}:{port}"),)
+        log.info("fast lane at %s:%d", host, port)
     redis = None
     if c.redis_url:
         import redis.asyncio as aioredis
@@ -418,6 +434,8 @@ async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = No
 
     async def on_drain():
         servicer.drain()
+        if lane is not None:
+            lane.drain()
         if publisher is not None:
             await publisher.leave()
 
@@ -425,6 +443,8 @@ async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = No
     try:
         await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
     finally:
+        if lane is not None:
+            await lane.close()
         if keep_awake is not None:
             keep_awake.close()
         await aengine.stop()

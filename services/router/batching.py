@@ -22,7 +22,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from services.router import eager
+from services.common import eager
 from services.router.messages import Chunk
 
 

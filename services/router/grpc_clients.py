@@ -21,7 +21,7 @@ from services.common.errors import DeadlineExceeded, FolioError, Unavailable
 from services.common.grpc_errors import from_rpc_error
 from services.common.server import channel
 from services.common.tokenizer import Tokenizer
-from services.router import eager
+from services.common import eager
 from services.router.clients import EngineFailed, EngineMessage, EngineRequest, SequenceUpdate
 from services.router.local_detokenizer import LocalDetokenizer, load_local_tokenizer
 
@@ -41,11 +41,18 @@ class GrpcEngineClient:
     a message on a call that is already up reaches the engine's handler in ~0.3 ms on the CPU machine,
     where opening a call for it takes ~0.9 ms (docs/router.md). A call taken is replaced a few ms after
     its first message came back (so the opening does not compete with that request's first token);
-    with none ready (the first request, a burst, an engine that lacks GenerateStream) it is Generate."""
+    with none ready (the first request, a burst, an engine that lacks GenerateStream) it is Generate.
+    With `fast_lane` (and `ahead`), a request goes over a connection opened ahead to the engine's fast lane
+    where the engine serves one (services/router/fast_lane_client.py), else as above."""
 
-    def __init__(self, ahead: bool = True, depth: int = 2):
+    def __init__(self, ahead: bool = True, depth: int = 2, fast_lane: bool = False):
         self.ahead = ahead
         self.depth = depth
+        self.lanes = None
+        if fast_lane and ahead:
+            from services.router.fast_lane_client import FastLaneCall, FastLanes  # (they import this module)
+
+            self.lanes, self._lane_call = FastLanes(depth), FastLaneCall
         self._channels: dict[str, tuple[grpc.aio.Channel, engine_pb2_grpc.EngineStub]] = {}
         self._opened: dict[str, list[_OpenedCall]] = {}
         self._plain: set[str] = set()
@@ -63,6 +70,8 @@ class GrpcEngineClient:
                                                prompt_token_ids=request.prompt_token_ids,
                                                params=params_to_pb(request.params))
         if self.ahead and address not in self._plain and not telemetry.enabled():
+            if self.lanes is not None and (conn := self.lanes.take(address)) is not None:
+                return self._lane_call(conn, req, timeout_s, on_first=lambda: self.lanes.fill_soon(address))
             held = self._held(address)
             opened = next((c for c in held if c.ready), None)
             if opened is not None:
@@ -86,11 +95,14 @@ class GrpcEngineClient:
         if address in self._plain or self._closed:
             return
         held = self._held(address)
+        learn = (lambda md: self.lanes.learn(address, md)) if self.lanes is not None else None
         while len(held) < self.depth:
-            held.append(_OpenedCall(self._stub(address), lambda: self._plain.add(address)))
+            held.append(_OpenedCall(self._stub(address), lambda: self._plain.add(address), learn))
 
     async def close(self) -> None:
         self._closed = True
+        if self.lanes is not None:
+            await self.lanes.close()
         for held in self._opened.values():
             for opened in held:
                 opened.close()
@@ -101,17 +113,19 @@ class GrpcEngineClient:
 class _OpenedCall:
     """A GenerateStream call opened ahead of its request; usable once the engine answered the opening."""
 
-    def __init__(self, stub: engine_pb2_grpc.EngineStub, unimplemented):
+    def __init__(self, stub: engine_pb2_grpc.EngineStub, unimplemented, learn=None):
         self.call = stub.GenerateStream()
         self.ready = False
-        self._task = asyncio.ensure_future(self._wait_ready(unimplemented))
+        self._task = asyncio.ensure_future(self._wait_ready(unimplemented, learn))
 
-    async def _wait_ready(self, unimplemented) -> None:
+    async def _wait_ready(self, unimplemented, learn=None) -> None:
         """Ready once the engine answered the opening; then wait for the call's end, so an engine without
         GenerateStream is recognised however its UNIMPLEMENTED arrives: as trailers right after (empty)
         initial metadata, which can resolve before the call reads as done, or raised by the wait itself."""
         try:
-            await self.call.initial_metadata()
+            md = await self.call.initial_metadata()
+            if learn is not None and md is not None:
+                learn(tuple(md))  # (the engine's fast lane, if it serves one)
             if not self.call.done():
                 self.ready = True
             code = await self.call.code()

@@ -29,7 +29,7 @@ from services.router.clients import (
     Detokenizer, EngineCall, EngineChoice, EngineClient, EngineFailed, EngineMessage, EngineRequest, Registry,
     SequenceUpdate, TokenizerClient,
 )
-from services.router import eager
+from services.common import eager
 from services.router.engine_watch import EngineWatch
 from services.router.messages import ChoiceDelta, Chunk, GenerateInput, Usage
 

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from services.common import telemetry
-from services.router import eager
+from services.common import eager
 from services.router.core import Chunk, GenerateInput, RouterCore
 from services.router.metrics import RouterMetrics
 from services.router.openai.errors import from_exception

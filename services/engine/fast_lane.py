@@ -1,0 +1,103 @@
+"""The engine's end of the fast lane (services/common/fast_lane.py, docs/router.md): a plain socket server in the
+engine server's event loop. Each connection takes one request frame and streams the same messages the gRPC
+`GenerateStream` call would (`EngineServicer._generate`), read and written by the loop's own selector.
+
+A connection opened ahead waits for its request; a draining server closes the waiting ones (the router then
+fails over, as from an opened gRPC call ended unused). The router closing a connection cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from protos.gen.folio.v1 import engine_pb2 as pb
+from services.common import eager
+from services.common.fast_lane import MESSAGE, REQUEST, FrameReader, ProtocolError, error_frame, frame
+from services.common.grpc_errors import status_of
+
+log = logging.getLogger("folio.engine.fast_lane")
+
+
+class FastLaneServer:
+    """Serves `servicer._generate` over fast-lane connections on `host`, any free port (`address` once started)."""
+
+    def __init__(self, servicer):
+        self.servicer = servicer
+        self.address: str | None = None
+        self.draining = False
+        self.waiting: set[_Connection] = set()
+        """Connections opened ahead, their request not yet come."""
+        self.serving: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str) -> str:
+        self._server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.address = f"{host}:{port}"
+        return self.address
+
+    def drain(self) -> None:
+        """Take no more requests: the connections waiting for one close (those streaming go on)."""
+        self.draining = True
+        for c in list(self.waiting):
+            c.transport.close()
+
+    async def close(self) -> None:
+        self.drain()
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.serving):
+            c.transport.close()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, lane: FastLaneServer):
+        self.lane = lane
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.lane.draining:
+            transport.close()
+            return
+        self.lane.waiting.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        received_ns = time.monotonic_ns()
+        try:
+            frames = self.reader.feed(data)
+            if frames and (self.task is not None or len(frames) > 1 or frames[0][0] != REQUEST):
+                raise ProtocolError("fast lane: one request frame per connection")
+        except ProtocolError as e:
+            log.warning("%s; closing the connection", e)
+            self.transport.close()
+            return
+        if frames:
+            self.lane.waiting.discard(self)
+            self.lane.serving.add(self)
+            request = pb.EngineGenerateRequest.FromString(frames[0][1])
+            self.task = eager.start(self._serve(request, received_ns))  # the engine has it before this returns
+
+    def connection_lost(self, exc) -> None:
+        self.lane.waiting.discard(self)
+        self.lane.serving.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the router left: _generate aborts the request
+
+    async def _serve(self, request: pb.EngineGenerateRequest, received_ns: int) -> None:
+        deadline = time.monotonic() + request.timeout_ms / 1e3 if request.timeout_ms else None
+        write = self.transport.write
+        try:
+            async for msg in self.lane.servicer._generate(request, received_ns, deadline):
+                write(frame(MESSAGE, msg.SerializeToString()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the error frame is this wire's status
+            code, message = status_of(e)
+            write(error_frame(code.name, message))
+        finally:
+            self.transport.close()  # (after what was written is flushed)

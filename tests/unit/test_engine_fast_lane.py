@@ -1,0 +1,157 @@
+"""The engine fast lane (services/common/fast_lane.py): the router's GrpcEngineClient with fast_lane against the
+engine's real EngineServicer and FastLaneServer over loopback, a scripted engine behind them (no model).
+
+Shown: the engine names its lane in an opened call's metadata and later requests ride lane connections with the
+same tokens; a deadline and a cancel abort the request on the engine; an engine error arrives as its domain error;
+a draining engine closes the connections waiting for a request (a request on one fails over); an unreachable
+lane is forgotten and gRPC serves; the frame reader splits and refuses as it should."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from services.common.errors import DeadlineExceeded, NotFound
+from services.common.fast_lane import ERROR, MESSAGE, METADATA_KEY, REQUEST, FrameReader, ProtocolError, frame
+from services.engine.fast_lane import FastLaneServer
+from services.engine.server import EngineServicer
+from services.router.clients import EngineFailed
+from services.router.fast_lane_client import FastLaneCall
+from services.router.grpc_clients import GrpcEngineCall, GrpcEngineClient
+from tests.unit.test_engine_calls_ahead import ScriptedEngine, _req, _req_pb, _serve, _tokens, _until
+
+
+async def _stack(engine, lane_host="127.0.0.1"):
+    servicer = EngineServicer(engine, "m", "e0")
+    lane = FastLaneServer(servicer)
+    port = int((await lane.start("127.0.0.1")).rsplit(":", 1)[1])
+    servicer.opening_metadata = ((METADATA_KEY, f"{lane_host}:{port}"),)
+    server, addr = await _serve(servicer)
+    return servicer, lane, server, addr
+
+
+async def _lane_ready(client, addr):
+    await _until(lambda: any(c.ready for c in client.lanes._held.get(addr, [])))
+
+
+def test_requests_ride_the_lane_once_learnt_with_the_same_tokens():
+    async def main():
+        engine = ScriptedEngine()
+        _, lane, server, addr = await _stack(engine)
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            assert isinstance(client.generate(addr, _req("r0"), 30), GrpcEngineCall)  # nothing learnt yet
+            await _lane_ready(client, addr)
+            for rid in ("r1", "r2", "r3"):  # more than `depth`: each taken connection is replaced
+                call = client.generate(addr, _req(rid), 30)
+                assert isinstance(call, FastLaneCall)
+                assert await _tokens(call) == [21, 22, 23]
+                await _lane_ready(client, addr)
+            assert engine.added[1:] == ["r1", "r2", "r3"] and engine.aborted == []
+        finally:
+            await client.close()
+            await lane.close()
+            await server.stop(0)
+    asyncio.run(main())
+
+
+def test_deadline_cancel_and_engine_errors_on_the_lane():
+    async def main():
+        engine = ScriptedEngine(step_s=0.05)
+        _, lane, server, addr = await _stack(engine)
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            await _tokens(client.generate(addr, _req("warm", 1), 30))
+            await _lane_ready(client, addr)
+            late = client.generate(addr, _req("late", 100), 0.2)
+            assert isinstance(late, FastLaneCall)
+            with pytest.raises(EngineFailed) as e:
+                await _tokens(late)
+            assert isinstance(e.value.error, DeadlineExceeded)
+            await _until(lambda: "late" in engine.aborted)  # the engine freed it
+            await _lane_ready(client, addr)
+            gone = client.generate(addr, _req("gone", 100), 30)
+            msgs = gone.messages()
+            await msgs.__anext__()  # streaming
+            gone.cancel()
+            await msgs.aclose()
+            await _until(lambda: "gone" in engine.aborted)
+            await _lane_ready(client, addr)
+            wrong = _req("wrong")
+            wrong.model = "other"
+            with pytest.raises(EngineFailed) as e:
+                await _tokens(client.generate(addr, wrong, 30))
+            assert isinstance(e.value.error, NotFound) and "other" in str(e.value.error)
+        finally:
+            await client.close()
+            await lane.close()
+            await server.stop(0)
+    asyncio.run(main())
+
+
+def test_a_draining_engine_closes_its_waiting_lane_connections():
+    async def main():
+        servicer, lane, server, addr = await _stack(ScriptedEngine())
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            await _tokens(client.generate(addr, _req("r0"), 30))
+            await _until(lambda: sum(c.ready for c in client.lanes._held.get(addr, [])) == 2)
+            conns = list(client.lanes._held[addr])
+            lane.drain()
+            await _until(lambda: all(c.lost for c in conns), timeout_s=2)
+            assert client.lanes.take(addr) is None  # none is handed out
+            # one taken just before the drain fails over like an engine that went away
+            c = conns[0]
+            c.lost, c.ready = False, True
+            c.transport = _NullTransport()
+            with pytest.raises(EngineFailed) as e:
+                await _tokens(FastLaneCall(c, _req_pb(), 30))
+            assert e.value.error.status == "UNAVAILABLE"
+        finally:
+            await client.close()
+            await lane.close()
+            await server.stop(0)
+    asyncio.run(main())
+
+
+class _NullTransport:
+    def write(self, data):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_an_unreachable_lane_is_forgotten_and_grpc_serves():
+    async def main():
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+        s.close()  # nothing listens there
+        engine = ScriptedEngine()
+        servicer, lane, server, addr = await _stack(engine)
+        servicer.opening_metadata = ((METADATA_KEY, f"127.0.0.1:{dead}"),)
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            await _tokens(client.generate(addr, _req("r0"), 30))
+            await _until(lambda: addr in client.lanes._held)
+            await _until(lambda: addr not in client.lanes.lanes)
+            call = client.generate(addr, _req("r1"), 30)
+            assert isinstance(call, GrpcEngineCall)
+            assert await _tokens(call) == [21, 22, 23]
+        finally:
+            await client.close()
+            await lane.close()
+            await server.stop(0)
+    asyncio.run(main())
+
+
+def test_frames_split_anywhere_and_bad_frames_refused():
+    data = frame(REQUEST, b"abc") + frame(MESSAGE, b"") + frame(ERROR, b"x" * 300)
+    r = FrameReader()
+    got = [f for i in range(len(data)) for f in r.feed(data[i:i + 1])]
+    assert got == [(REQUEST, b"abc"), (MESSAGE, b""), (ERROR, b"x" * 300)]
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(b"\x00\x00\x00\x01Zq")
