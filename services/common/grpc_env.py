@@ -5,7 +5,7 @@ message's bytes are read by the thread that polls the completion queue (grpc.aio
 an EventEngine thread that then wakes it: one thread wake-up fewer per message. On the H200 host (a VM
 whose idle vCPUs halt, so a wake-up costs ~0.2 ms: bench/grpc_hops.py, raw against raw-spin) a message on
 an open stream crossed in 322 / 127 µs (one way, each direction) with them off against 415 / 279 µs with
-them on (p50; docs/router.md, "The crossing's floor"). A value already in the environment is kept (an
+them on (p50; bench/results/history_router.md, "The crossing's floor"). A value already in the environment is kept (an
 empty one: gRPC's own defaults).
 """
 
