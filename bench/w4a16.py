@@ -27,7 +27,9 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), mlp / nomlp
    (int4.py's FUSE_MLP: the batch-1 MLP as one persistent launch, kernels/w4a16_mlp.py), post / nopost (FUSE_POST:
    o projection, residual add, norm and MLP as one launch), front / nofront (FUSE_FRONT: with post, the next layer's
-   input norm and qkv in the same launch), prof (a
+   input norm and qkv in the same launch), pf<role><dist>[h<percent>] (quantization/int4_ahead.py: that projection's
+   weights read into L2 on a side stream, forked <dist> W4A16 calls before it; role o, q(kv), g(ate_up), d(own); h:
+   only that share of each split-K slice's first rows), pfe (those prefetches marked L2::evict_last), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -40,7 +42,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
 temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
---check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
+--check-kernels l2 runs only kernels/w4a16_l2.py's checks (the prefetch writes nothing; a side-stream prefetch forked
+and joined inside a CUDA graph) and the committed configs; --check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
 (kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
 """
 
@@ -305,9 +308,9 @@ def race_checks(failures: list, g: torch.Generator) -> list[dict]:
 class _Proj(torch.nn.Module):
     """A stand-in projection for the L2-ahead checks (int4_ahead picks targets by class name)."""
 
-    def __init__(self, qw, s, z):
+    def __init__(self, qw, s, z, k):
         super().__init__()
-        self.qweight, self.scales, self.zeros = qw, s, z
+        self.qweight, self.scales, self.zeros, self.in_k, self.group_size = qw, s, z, k, 128
 
 
 class QKVParallelLinear(_Proj):
@@ -325,14 +328,18 @@ def l2_checks(failures: list, g: torch.Generator) -> list[dict]:
     rows = []
     bufs = [torch.randint(0, 255, (n,), generator=g, device=DEV, dtype=torch.uint8) for n in (1, 130, 3 * 4096 * 128 + 7)]
     keep = [b.clone() for b in bufs]
-    for ev in (False, True):
-        got = q.attempt(lambda: (w4a16_l2.prefetch(bufs, evict_last=ev), torch.cuda.synchronize()))
-        same = not isinstance(got, Exception) and all(torch.equal(a, b) for a, b in zip(bufs, keep))
-        q.record(rows, failures, same, check="l2_prefetch_writes_nothing", evict_last=ev,
+    two_d = torch.randint(0, 2**30, (512, 28672), generator=g, device=DEV, dtype=torch.int32)
+    keep_2d = two_d.clone()
+    for ev, head in ((False, None), (True, None), (False, (32, 8)), (True, (100, 7))):
+        got = q.attempt(lambda: (w4a16_l2.prefetch([two_d] + bufs[1:] if head else bufs, evict_last=ev, head=head),
+                                 torch.cuda.synchronize()))
+        same = not isinstance(got, Exception) and all(torch.equal(a, b) for a, b in zip(bufs, keep)) \
+            and torch.equal(two_d, keep_2d)
+        q.record(rows, failures, same, check="l2_prefetch_writes_nothing", evict_last=ev, head=head,
                  error=repr(got) if isinstance(got, Exception) else None)
     (k1, n1), (k2, n2) = SHAPES["qkv"], SHAPES["o"]
     qkv_w, o_w = q.int4_case(k1, n1, 128, False, g), q.int4_case(k2, n2, 128, False, g)
-    qkv, o = QKVParallelLinear(*qkv_w[:3]), RowParallelLinear(*o_w[:3])
+    qkv, o = QKVParallelLinear(*qkv_w[:3], k1), RowParallelLinear(*o_w[:3], k2)
     w4.reserve_workspace(DEV, n1)
     x = torch.randn(1, k1, generator=g, device=DEV).to(DTYPE)
     saved = dict(int4_ahead.DIST)
@@ -349,7 +356,7 @@ def l2_checks(failures: list, g: torch.Generator) -> list[dict]:
 
     try:
         int4_ahead.DIST.clear()
-        int4_ahead.DIST.update({"RowParallelLinear": 1})
+        int4_ahead.DIST.update({"o": (1, 1.0)})
         ahead = int4_ahead.Ahead()
         ref = chain(None).float()
         chain(ahead)  # learns qkv -> o
@@ -909,6 +916,22 @@ KINDS = (("w4a16", ("w4a16",)), ("attention", ("paged", "attention", "flash", "s
          ("sampling", ("argmax", "softmax", "sort", "topk", "sample", "reduce")))
 
 
+AHEAD_ROLES = {"o": "o", "q": "qkv", "g": "gate_up", "d": "down"}
+
+
+def ahead_of(tags: list[str]) -> dict:
+    """int4_ahead.DIST from tags pf<role><dist>[h<percent>]: pfo1 (o's weights after qkv), pfq2 (qkv's after the
+    previous layer's gate/up), pfg2h25 (the first quarter of each of gate/up's K slices, after qkv), pfd1h50."""
+    import re
+
+    out = {}
+    for t in tags:
+        m = re.fullmatch(r"pf([oqgd])(\d+)(?:h(\d+))?", t)
+        if m:
+            out[AHEAD_ROLES[m.group(1)]] = (int(m.group(2)), int(m.group(3)) / 100 if m.group(3) else 1.0)
+    return out
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     for kind, keys in KINDS:
@@ -1005,8 +1028,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_FRONT = "front" in tags or (DEFAULT_FRONT and "nofront" not in tags)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
-        int4_ahead.DIST = {**{"RowParallelLinear": int(t[3:]) for t in tags if t.startswith("pfo") and t[3:].isdigit()},
-                           **{"QKVParallelLinear": int(t[3:]) for t in tags if t.startswith("pfq") and t[3:].isdigit()}}
+        int4_ahead.DIST = ahead_of(tags)
         int4_ahead.EVICT_LAST = "pfe" in tags
         saved = dict(w4.TUNED)
         m1_configs(tags)
