@@ -1001,7 +1001,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
 
     from kernels import pdl
 
-    decode, cross = [], []
+    decode, cross, failed = [], [], []
 
     def left() -> float:
         return budget - (time.time() - start)
@@ -1032,52 +1032,60 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4_ahead.EVICT_LAST = "pfe" in tags
         saved = dict(w4.TUNED)
         m1_configs(tags)
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.time()
-            llm = q.make_llm(tmp, name, max_model_len=512, max_num_seqs=max(batches, default=1),
-                             gpu_memory_utilization=0.6, max_mixed_graph_tokens=256)
-            startup = time.time() - t0
+        try:  # one engine's failure (a capture error of an opt-in lever) must not lose the later runs
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.time()
+                llm = q.make_llm(tmp, name, max_model_len=512, max_num_seqs=max(batches, default=1),
+                                 gpu_memory_utilization=0.6, max_mixed_graph_tokens=256)
+                startup = time.time() - t0
 
-            def run(prompts, n, temperature=1.0):
-                t = time.perf_counter()
-                llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True, temperature=temperature),
-                             use_tqdm=False)
-                return time.perf_counter() - t
+                def run(prompts, n, temperature=1.0):
+                    t = time.perf_counter()
+                    llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True, temperature=temperature),
+                                 use_tqdm=False)
+                    return time.perf_counter() - t
 
-            one_prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
-            tokens = llm.generate(one_prompt, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0),
-                                  use_tqdm=False)
-            one, full = min(run(one_prompt, 1) for _ in range(2)), min(run(one_prompt, 257) for _ in range(2))
-            row = {"weights": run_name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup,
-                   "tokens": list(tokens[0].outputs[0].token_ids)}
-            one, full = min(run(one_prompt, 1, 0.0) for _ in range(2)), min(run(one_prompt, 257, 0.0) for _ in range(2))
-            row["ms_per_token_greedy"] = (full - one) / 256 * 1e3  # the one-pass greedy kernel, no sampling
-            if name == "w4a16":  # a barrier of the one-launch MLP that gave up waiting (its grid was not resident)
-                row["mlp_barrier_errors"] = w4a16_mlp_mod.errors(DEV)
-                if row["mlp_barrier_errors"]:
-                    print(f"  ERROR: {run_name}: a program of the one-launch MLP gave up at its barrier", flush=True)
-                w4a16_mlp_mod.clear_errors(DEV)
-            print(f"engine decode {run_name}: {row['ms_per_token']:.3f} ms/token, greedy {row['ms_per_token_greedy']:.3f} "
-                  f"(startup {startup:.0f} s)", flush=True)
-            if profile_it and "prof" in tags and left() > 10 * later + 5:  # bf16's kernels: see bench/quant.py
-                p = q.attempt(lambda: profile_decode(llm))
-                row["profile"] = p if isinstance(p, dict) else repr(p)
-                if isinstance(p, dict):
-                    print_profile(p, row["ms_per_token"])
-            decode.append(row)
-            cross.append({"weights": run_name, "batch": 1, "ms_per_step": row["ms_per_token"],
-                          "output_tok_s": 1e3 / row["ms_per_token"]})
-            for b in batches:
-                if left() < 9 * later + 3:  # leave the later engines ~9 s each
-                    print(f"crossover {run_name} B={b}: skipped (time budget)", flush=True)
-                    continue
-                prompts = [{"prompt_token_ids": [(1000 + 7 * i + t) % 120000 for t in range(64)]} for i in range(b)]
-                run(prompts, 4)
-                ms = (run(prompts, steps + 1) - run(prompts, 1)) / steps * 1e3
-                cross.append({"weights": run_name, "batch": b, "ms_per_step": ms, "output_tok_s": b / ms * 1e3})
-                print(f"crossover {run_name} B={b}: {ms:.2f} ms/step, {b / ms * 1e3:.0f} output tok/s", flush=True)
-            llm.shutdown()
-            del llm, run
+                one_prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
+                tokens = llm.generate(one_prompt, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0),
+                                      use_tqdm=False)
+                one, full = min(run(one_prompt, 1) for _ in range(2)), min(run(one_prompt, 257) for _ in range(2))
+                row = {"weights": run_name, "ms_per_token": (full - one) / 256 * 1e3, "startup_s": startup,
+                       "tokens": list(tokens[0].outputs[0].token_ids)}
+                one, full = min(run(one_prompt, 1, 0.0) for _ in range(2)), min(run(one_prompt, 257, 0.0) for _ in range(2))
+                row["ms_per_token_greedy"] = (full - one) / 256 * 1e3  # the one-pass greedy kernel, no sampling
+                if name == "w4a16":  # a barrier of the one-launch MLP that gave up waiting (its grid was not resident)
+                    row["mlp_barrier_errors"] = w4a16_mlp_mod.errors(DEV)
+                    if row["mlp_barrier_errors"]:
+                        print(f"  ERROR: {run_name}: a program of the one-launch MLP gave up at its barrier", flush=True)
+                    w4a16_mlp_mod.clear_errors(DEV)
+                print(f"engine decode {run_name}: {row['ms_per_token']:.3f} ms/token, greedy {row['ms_per_token_greedy']:.3f} "
+                      f"(startup {startup:.0f} s)", flush=True)
+                if profile_it and "prof" in tags and left() > 10 * later + 5:  # bf16's kernels: see bench/quant.py
+                    p = q.attempt(lambda: profile_decode(llm))
+                    row["profile"] = p if isinstance(p, dict) else repr(p)
+                    if isinstance(p, dict):
+                        print_profile(p, row["ms_per_token"])
+                decode.append(row)
+                cross.append({"weights": run_name, "batch": 1, "ms_per_step": row["ms_per_token"],
+                              "output_tok_s": 1e3 / row["ms_per_token"]})
+                for b in batches:
+                    if left() < 9 * later + 3:  # leave the later engines ~9 s each
+                        print(f"crossover {run_name} B={b}: skipped (time budget)", flush=True)
+                        continue
+                    prompts = [{"prompt_token_ids": [(1000 + 7 * i + t) % 120000 for t in range(64)]} for i in range(b)]
+                    run(prompts, 4)
+                    ms = (run(prompts, steps + 1) - run(prompts, 1)) / steps * 1e3
+                    cross.append({"weights": run_name, "batch": b, "ms_per_step": ms, "output_tok_s": b / ms * 1e3})
+                    print(f"crossover {run_name} B={b}: {ms:.2f} ms/step, {b / ms * 1e3:.0f} output tok/s", flush=True)
+                llm.shutdown()
+                del llm, run
+                q.free_gpu()
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            print(f"engine {run_name}: FAILED {e!r}", flush=True)
+            failed.append({"weights": run_name, "error": repr(e)})
             q.free_gpu()
         pdl.ENABLED, pdl.EARLY = DEFAULTS["pdl"], DEFAULTS["early"]
         int4.FUSE_SWIGLU = True
@@ -1115,7 +1123,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
                 print(f"  B={b:<4} {rw['weights']:<12}{rw['ms_per_step']:>8.2f} ms {rw['output_tok_s']:>8.0f} tok/s   "
                       f"bf16 {rb['ms_per_step'] if rb else float('nan'):>7.2f} ms {rb['output_tok_s'] if rb else float('nan'):>8.0f} "
                       f"tok/s   {up}")
-    return {"decode": decode, "crossover": cross}
+    return {"decode": decode, "crossover": cross, "failed": failed}
 
 
 def print_profile(p: dict, ms_per_token: float) -> None:
