@@ -5,69 +5,45 @@ engine service drives it from a background thread. It speaks tokens only: it sto
 token ids, min/max tokens and the context length, and each step emits per-sequence deltas (new token
 ids, logprobs, finish reasons). Text and stop strings belong to services/common/output_processor.py.
 Requests are validated here so both paths give the same errors.
+
+Files: this one is the loop (requests in, step, deltas out); building the runner and sizing the KV pool is
+services/engine/engine_setup.py; a launched step's record and its rows (asynchronous scheduling's plumbing) is
+services/engine/inflight.py; the deltas handed out are assembled in services/engine/engine_outputs.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import gc
 import concurrent.futures
+import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from services.common.engine_load import EngineLoad
+from services.common.errors import quote
+from services.common.model_location import resolve_model_path
+from services.common.outputs import RequestDelta
+from services.common.sampling_params import BeamSearchParams, SamplingParams
 from services.common.tokenizer import Tokenizer
 from services.engine.attention import default_backend
 from services.engine.beam_search import BeamSearch, sampling_params_for
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
-from services.common.errors import quote
-from services.common.model_location import resolve_model_path
+from services.engine.engine_outputs import request_delta
+from services.engine.engine_setup import eos_from_config, fit_kv_pool, load_runner, prepare_runner
+from services.engine.inflight import InFlight, fill_pending_inputs, sample_step, sampled_by_seq
 from services.engine.model.loader import read_config, resolve_dtype
-from services.engine.model_runner import ModelRunner, kv_bytes_per_block
-from services.engine.request import Request, SampledToken, Sequence
-from services.engine.sampler import DeviceSample, Sampler, device_tensor
-from services.engine.request import SeqStatus
-from services.engine.structured import GrammarBackend
-from services.common.sampling_params import BeamSearchParams, SamplingParams
-from services.common.outputs import Logprob, RequestDelta, SequenceDelta
+from services.engine.request import Request, Sequence, SeqStatus
+from services.engine.sampler import Sampler
 from services.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
+from services.engine.structured import GrammarBackend
+
+__all__ = ["EngineConfig", "LLMEngine", "QueueFullError", "release_frozen"]
 
 log = logging.getLogger("folio.engine")
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A launched step whose sampled tokens have not been read back yet."""
-
-    out: SchedulerOutput
-    sample: DeviceSample | None
-    seqs: list
-    """The sequence of each sampled row (a prompt forking into n samples appears n times)."""
-    placeholders: list
-    """Sequences holding a placeholder for this step's token (each knows its row: `pending_row`)."""
-    beam_reqs: list
-    needs_sync: bool
-    """The next schedule needs these tokens on the host (forks, beams, grammars, penalties)."""
-    ended: dict = dataclasses.field(default_factory=dict)
-    """seq_id -> (sequence, finish reason): rows the grammar ends instead of sampling (GrammarBackend.fill)."""
-    forks: bool = False
-    """Some prompt forks into its n samples in this step (its rows repeat one sequence)."""
-    advance_deferred: bool = False
-    """A steady step whose rows are those of the step before it: launched without advancing its
-    sequences; resolving the step before advances them in the same pass (Scheduler.resolve_steady)."""
-
-    @property
-    def rows_are_placeholders(self) -> bool:
-        """Row i of the sampled tokens is `placeholders[i]`'s token, for every row (nothing forks or ends)."""
-        return self.placeholders is self.seqs
-
-__all__ = ["EngineConfig", "LLMEngine", "QueueFullError"]
 
 
 def release_frozen() -> None:
@@ -80,6 +56,8 @@ def release_frozen() -> None:
 
 
 class LLMEngine:
+    """One engine shard's model, KV pool, scheduler and sampler, driven one `step` at a time."""
+
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_dir = resolve_model_path(config.model)
@@ -93,14 +71,17 @@ class LLMEngine:
         self.attention_backend = config.attention_backend or default_backend(str(self.device))
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        self.runner = self._load_runner()
+        self.runner = load_runner(config, self.model_dir, self.hf_config, self.dtype, self.device,
+                                  self.attention_backend)
         self.vocab_size = self.runner.cfg.vocab_size
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
-        num_blocks = self._fit_kv_pool()
-        self._prepare_runner(num_blocks)
+        num_blocks, self.max_model_len = fit_kv_pool(config, self.runner, self.device,
+                                                     self.max_num_batched_tokens)
+        prepare_runner(config, self.runner, self.device, num_blocks, self.max_model_len,
+                       self.max_num_batched_tokens)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    sliding_window=self.runner.model.kv_sliding_window)
-        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self._eos_from_config()
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else eos_from_config(self.hf_config)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, config.max_waiting_requests,
                             self.max_model_len), self.blocks, eos_token_ids=self.eos_token_ids)
@@ -112,7 +93,7 @@ class LLMEngine:
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         """Requests whose grammar is compiling (held out of the scheduler until it is done)."""
         self.async_scheduling = config.async_scheduling
-        self._inflight: _InFlight | None = None
+        self._inflight: InFlight | None = None
         """The step launched and not yet resolved (asynchronous scheduling)."""
         self.step_timing: dict | None = None
         """Set to {} to accumulate host seconds per step phase (see _phase) and the step count."""
@@ -132,86 +113,6 @@ class LLMEngine:
                  self.model_dir.name, self.device, str(self.dtype).removeprefix("torch."), self.attention_backend,
                  num_blocks * config.block_size, num_blocks, config.block_size,
                  str(self.runner.kv_dtype).removeprefix("torch."))
-
-    def _load_runner(self):
-        """The model on its device(s): one ModelRunner, or rank 0 of a tensor-parallel group of processes
-        (services/engine/parallel.py)."""
-        c = self.config
-        if c.tensor_parallel_size > 1:
-            from services.engine.parallel import TensorParallelRunner
-
-            runner = TensorParallelRunner(self.model_dir, self.hf_config, self.dtype, self.device,
-                                          self.attention_backend, c.block_size, c.load_format, c.tensor_parallel_size,
-                                          c.seed, c.tp_collective_timeout_s, c.kv_cache_dtype,
-                                          quantization=c.quantization)
-        else:
-            runner = ModelRunner(self.model_dir, self.hf_config, self.dtype, self.device, self.attention_backend,
-                                 c.block_size, c.load_format, kv_cache_dtype=c.kv_cache_dtype,
-                                 quantization=c.quantization)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # give loading's transient copies back before sizing the KV pool
-        return runner
-
-    def _fit_kv_pool(self) -> int:
-        """Size the KV pool (in blocks) and settle `max_model_len` against it and the model's context."""
-        c, context = self.config, self.runner.cfg.max_position_embeddings
-        self.max_model_len = c.max_model_len or context
-        if self.max_model_len > context:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's context length ({context})")
-        num_blocks = self._size_kv_pool()
-        capacity = num_blocks * c.block_size
-        if capacity < self.max_model_len and c.max_model_len is None:
-            # Not asked for explicitly: fit the context limit to the pool rather than refuse to start.
-            log.warning("max_model_len lowered from %d to %d to fit the KV pool", self.max_model_len, capacity)
-            self.max_model_len = capacity
-        if capacity < self.max_model_len:
-            raise ValueError(
-                f"num_kv_blocks: {num_blocks} blocks of {c.block_size} tokens cannot hold one sequence of "
-                f"max_model_len {self.max_model_len}; give more KV memory or a smaller max_model_len")
-        return num_blocks
-
-    def _prepare_runner(self, num_blocks: int) -> None:
-        """Allocate the KV pool; on CUDA compile every kernel (warm-up) and capture the step graphs."""
-        c = self.config
-        self.runner.allocate_kv_cache(num_blocks)
-        if self.device.type != "cuda":
-            return
-        self.runner.warmup(self.max_model_len, c.max_num_seqs, self.max_num_batched_tokens)
-        if not c.enforce_eager:
-            self.runner.capture_decode_graphs(min(c.max_num_seqs, self.max_num_batched_tokens), self.max_model_len)
-            if c.mixed_cuda_graphs:
-                self.runner.capture_mixed_graphs(min(c.max_mixed_graph_tokens, self.max_num_batched_tokens),
-                                                 c.max_num_seqs, self.max_model_len)
-
-    def _eos_from_config(self) -> frozenset[int]:
-        e = self.hf_config.get("eos_token_id")
-        return frozenset(e if isinstance(e, list) else ([e] if e is not None else []))
-
-    def _size_kv_pool(self) -> int:
-        c = self.config
-        # Per rank: each holds 1/tensor_parallel_size of the KV heads (and of the pool's bytes).
-        per_block = kv_bytes_per_block(self.runner.cfg, c.block_size, self.runner.kv_dtype) // c.tensor_parallel_size
-        if c.num_kv_blocks is not None:
-            return c.num_kv_blocks
-        if self.device.type != "cuda":
-            return max(1, c.cpu_kv_cache_bytes // per_block)
-        free, total = torch.cuda.mem_get_info(self.device)
-        # Memory torch's allocator holds but no tensor uses (an earlier engine in this process, load-time
-        # temporaries) is free for the pool: cudaMemGetInfo counts it as used.
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        used_now = total - free  # weights and anything else already resident
-        m = self.runner.cfg
-        # Activations of the largest step: hidden states, fused qkv and gate/up, logits, in float32 at worst.
-        act = self.max_num_batched_tokens * (4 * m.hidden_size + 2 * m.intermediate_size
-                                             + (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim) * 4
-        act += c.max_num_seqs * m.vocab_size * 4 * 4
-        budget = int(total * c.gpu_memory_utilization) - used_now - act - (512 << 20)
-        if budget < per_block:
-            raise ValueError(f"gpu_memory_utilization {c.gpu_memory_utilization}: no GPU memory left for the KV pool")
-        n = budget // per_block
-        log.info("KV pool: %.2f GiB (%d blocks); weights %.2f GiB", n * per_block / 2**30, n,
-                 self.runner.weight_bytes() / 2**30)
-        return n
 
     # --- requests --------------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -405,7 +306,7 @@ class LLMEngine:
         if self.step_timing is not None:
             self.step_timing["steps"] = self.step_timing.get("steps", 0) + 1
 
-    def _launch(self, out: SchedulerOutput, prev: "_InFlight | None") -> tuple["_InFlight", list | None]:
+    def _launch(self, out: SchedulerOutput, prev: InFlight | None) -> tuple[InFlight, list | None]:
         """Prepare the inputs, run the forward pass and sample, without reading anything back. A
         sequence whose input is the token `prev` sampled (a placeholder on the host) reads it from
         `prev`'s tokens on the device. When a grammar constrains a row, its mask needs `prev`'s tokens
@@ -418,7 +319,7 @@ class LLMEngine:
             # (A steady step after a steady step: its inputs are the tokens `prev` sampled, row for row.)
             inputs = self.runner.prepare(out, self.blocks, prev.sample.tokens if carried else None)
             if prev is not None and prev.placeholders and not carried:
-                self._fill_pending_inputs(out, inputs, prev)
+                fill_pending_inputs(out, inputs, prev)
         with self._phase("forward"):
             logits = self.runner.execute(inputs)
         resolved = None
@@ -432,41 +333,17 @@ class LLMEngine:
                 self.scheduler.advance(out, cur.placeholders, time.monotonic())
         return cur, resolved
 
-    def _sample_decodes(self, out: SchedulerOutput, logits: torch.Tensor, defer_advance: bool) -> "_InFlight":
+    def _sample_decodes(self, out: SchedulerOutput, logits: torch.Tensor, defer_advance: bool) -> InFlight:
         """_sample + advance for the steady state, a step of plain decodes only: row i is `out.seqs[i]`'s
         token, and each holds its placeholder; no per-sequence decision is left to make. `defer_advance`:
-        the step before decoded these very rows and is resolved next, advancing them (_InFlight.advance_deferred)."""
+        the step before decoded these very rows and is resolved next, advancing them (InFlight.advance_deferred)."""
         seqs = out.seqs
         sample = self.sampler.sample(logits, seqs, self.eos_token_ids, distinct=out.batch.params)
         if not defer_advance:
             self.scheduler.advance_decodes(out)
-        return _InFlight(out, sample, seqs, seqs, [], False, advance_deferred=defer_advance)
+        return InFlight(out, sample, seqs, seqs, [], False, advance_deferred=defer_advance)
 
-    def _fill_pending_inputs(self, out: SchedulerOutput, inputs, prev: "_InFlight") -> None:
-        """Input positions holding a placeholder take the token `prev` sampled, on the device. Such a
-        sequence was caught up, so its one new token is its placeholder (its first input position);
-        `Sequence.pending_row` is its row of `prev`'s tokens."""
-        tokens = prev.sample.tokens
-        if (prev.rows_are_placeholders and out.num_tokens == len(out.seqs) == tokens.shape[0]
-                and out.seqs == prev.placeholders):  # the same decode batch as before, in order
-            inputs.input_ids.copy_(tokens)
-            return
-        dst, src, off = [], [], 0
-        for s in out.scheduled:
-            seq = s.seq
-            if seq.num_pending:
-                dst.append(off)
-                src.append(seq.pending_row)
-            off += s.num_new_tokens
-        if not dst:
-            return
-        if len(dst) == off == tokens.shape[0] and dst == src:  # every row in place
-            inputs.input_ids.copy_(tokens)
-            return
-        idx = device_tensor([dst, src], inputs.input_ids.device, torch.long)
-        inputs.input_ids[idx[0]] = tokens[idx[1]]
-
-    def _resolve(self, f: "_InFlight", nxt: "_InFlight | None" = None) -> list[RequestDelta]:
+    def _resolve(self, f: InFlight, nxt: InFlight | None = None) -> list[RequestDelta]:
         """Read a launched step's tokens back, apply them (stops, forks, beams) and emit the deltas. `nxt`:
         the step launched after `f` over the same rows, its advance deferred to this pass."""
         with self._phase("wait"):
@@ -480,7 +357,7 @@ class LLMEngine:
                 touched = self.scheduler.resolve_rows(f.out, f.seqs, result.token_ids, result.token_array,
                                                       result.logprobs, result.top, now)
             else:
-                touched = self.scheduler.resolve(f.out, self._sampled_by_seq(f, result), now)
+                touched = self.scheduler.resolve(f.out, sampled_by_seq(f, result), now)
             for seq, reason in f.ended.values():  # structured output: a dead end, or complete under min_tokens
                 if not seq.finished:
                     self._end_by_grammar(seq, reason)
@@ -489,21 +366,6 @@ class LLMEngine:
                 if req.beam.advance():  # beams report once, when the search is over
                     touched[req.request_id] = req
             return [self._emit(req) for req in touched.values() if req.stream or req.aborted or req.finished]
-
-    @staticmethod
-    def _sampled_by_seq(f: "_InFlight", result) -> dict[int, list[SampledToken]]:
-        """seq_id -> its sampled tokens (n of them for a prompt forking into n samples), rows the
-        grammar ended left out."""
-        sampled: dict[int, list[SampledToken]] = {}
-        if result is None:
-            return sampled
-        ended = f.ended
-        top = result.top or [None] * len(f.seqs)
-        for seq, tok, lp, t in zip(f.seqs, result.token_ids, result.logprobs, top):
-            if ended and seq.seq_id in ended:
-                continue
-            sampled.setdefault(seq.seq_id, []).append(SampledToken(tok, lp, t))
-        return sampled
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -518,70 +380,9 @@ class LLMEngine:
         yield
         timing[name] = timing.get(name, 0.0) + time.perf_counter() - t0
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> "_InFlight":
-        """Record prompt logprobs, feed beams their rows and sample the rest, reading the rows the
-        scheduler assigned. A request whose prompt just completed samples all n of its sequences
-        from its row (the scheduler forks the siblings when it resolves them). A row whose grammar
-        ends its sequence instead (GrammarBackend.fill) is sampled with the rest and its token dropped."""
-        seqs, rows = [], []
-        fork_index: dict[int, int] = {}  # row -> sample index, for the n rows of a prompt forking now
-        beam_reqs: dict[str, Request] = {}
-        ended: dict[int, tuple] = {}
-        needs_sync = False
-        finished = SeqStatus.FINISHED
-        for s in out.scheduled:
-            row = s.sample_row
-            if s.prompt_logprob_rows:
-                r = s.prompt_logprob_rows
-                self._record_prompt_logprobs(s.seq.request, logits[r.start:r.stop].float(),
-                                             s.seq.num_computed_tokens)
-            if row is None:
-                continue
-            seq = s.seq
-            if seq.status is finished:  # (by the step before, resolved early in _launch)
-                continue
-            req = seq.request
-            if req.plain:  # one sequence, no beam, no penalties: the common row
-                seq.pending_row = len(seqs)
-                seqs.append(seq)
-                rows.append(row)
-                continue
-            if req.beam is not None:  # beam search picks the tokens (beam_search.py)
-                req.beam.add_logits(seq, logits[row].float())
-                beam_reqs[req.request_id] = req
-                needs_sync = True
-                continue
-            params = req.params
-            needs_sync = needs_sync or params.has_penalties  # penalties read the output ids on the host
-            forks = params.n - len(req.seqs)
-            if forks:
-                needs_sync = True  # the siblings are forked on the host once the token is read
-                for i in range(seq.index, seq.index + 1 + forks):
-                    fork_index[len(seqs)] = i
-                    seqs.append(seq)
-                    rows.append(row)
-                continue
-            seq.pending_row = len(seqs)
-            seqs.append(seq)
-            rows.append(row)
-        placeholders = seqs if not fork_index else [seq for i, seq in enumerate(seqs) if i not in fork_index]
-        sample = None
-        if seqs:
-            if rows != list(range(logits.shape[0])):  # decode-only steps sample every row as is
-                logits = logits[device_tensor(rows, logits.device)]
-            bitmask, end_rows = (self.grammar.fill(seqs) if self.grammar is not None and self.grammar.active
-                                 else (None, {}))
-            # The next step reads this token back before its masks (_launch); a sequence the grammar
-            # ends now holds no placeholder, so the next schedule must see it finished.
-            needs_sync = needs_sync or bool(end_rows)
-            indexes = [fork_index.get(i, seq.index) for i, seq in enumerate(seqs)] if fork_index else None
-            sample = self.sampler.sample(logits, seqs, self.eos_token_ids, indexes, bitmask)
-            if end_rows:  # they end without a token: no placeholder for one (their rows' samples are dropped)
-                for i in end_rows:
-                    ended[seqs[i].seq_id] = (seqs[i], end_rows[i])
-                placeholders = [seq for seq in placeholders if seq.seq_id not in ended]
-        return _InFlight(out, sample, seqs, placeholders, list(beam_reqs.values()), needs_sync, ended,
-                         forks=bool(fork_index))
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> InFlight:
+        """The step's rows sampled on the device (inflight.sample_step)."""
+        return sample_step(out, logits, self.sampler, self.grammar, self.eos_token_ids)
 
     def _end_by_grammar(self, seq: Sequence, reason: str) -> None:
         """End `seq` without a new token. A prompt that was to fork into n samples ends as n samples,
@@ -602,51 +403,12 @@ class LLMEngine:
         self.scheduler.finish(seq, "length")
         return [self._emit(seq.request)]
 
-    def _record_prompt_logprobs(self, req: Request, chunk_logits: torch.Tensor, start: int) -> None:
-        seq = req.seqs[0]
-        k = seq.params.prompt_logprobs
-        lp = torch.log_softmax(chunk_logits, dim=-1)
-        n_prompt = seq.num_prompt_tokens
-        for j in range(chunk_logits.shape[0]):
-            p = start + j + 1  # the logits at position p-1 predict token p
-            if p >= n_prompt or len(req.prompt_logprobs) != p:
-                continue  # past the prompt, or already recorded before a preemption
-            tok = seq.token_ids[p]
-            row = lp[j]
-            entry = {tok: Logprob(row[tok].item(), int((row > row[tok]).sum().item()) + 1)}
-            if k:
-                vals, ids = row.topk(k)
-                for r, (t, v) in enumerate(zip(ids.tolist(), vals.tolist())):
-                    entry.setdefault(t, Logprob(v, r + 1))
-            req.prompt_logprobs.append(entry)
-
     def _emit(self, req: Request) -> RequestDelta:
-        """What `req` produced since its last delta: new tokens and logprobs per sequence, finish
-        reasons once, prompt logprobs once. Forgets the request once it has finished."""
-        seqs = []
-        for s in req.seqs:
-            n_out = s.num_resolved_output_tokens  # a placeholder in flight is not a token yet
-            new = n_out - s.num_emitted_tokens
-            report_finish = s.finish_reason is not None and not s.finish_emitted
-            if new <= 0 and not report_finish:
-                continue
-            first = s.num_prompt_tokens + s.num_emitted_tokens
-            seqs.append(SequenceDelta(
-                index=s.index, token_ids=s.token_ids[first:s.num_prompt_tokens + n_out], cumulative_logprob=s.cumulative_logprob,
-                logprobs=None if s.logprobs is None else s.logprobs[s.num_emitted_tokens:n_out],
-                finish_reason=s.finish_reason if report_finish else None,
-                stop_token_id=s.stop_reason if report_finish else None))
-            s.num_emitted_tokens = n_out
-            s.finish_emitted = s.finish_emitted or report_finish
-        finished = req.aborted or req.finished
-        prompt_lps = None
-        if req.prompt_logprobs is not None and seqs and not req.prompt_logprobs_emitted:
-            prompt_lps, req.prompt_logprobs_emitted = req.prompt_logprobs, True
-        if finished:
+        """What `req` produced since its last delta (engine_outputs.request_delta); forgets it once it has finished."""
+        delta = request_delta(req)
+        if delta.finished:
             self._forget(req)
-        return RequestDelta(request_id=req.request_id, sequences=seqs, finished=finished, prompt_logprobs=prompt_lps,
-                            num_cached_tokens=req.seqs[0].num_cached_tokens, arrival_time=req.arrival_time,
-                            first_scheduled_time=req.first_scheduled_time, first_token_time=req.first_token_time)
+        return delta
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
