@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import fp8_quant, pdl
-from kernels.fp8_quant import quantize_row_cvt, row_scale
+from kernels.fp8_quant import quantize_row_fast, recip_ok, row_scale
 from kernels.fused_norm import residual_prologue
 
 
@@ -29,6 +29,7 @@ def _add_norm_fp8_kernel(
     stride_x, stride_r, stride_q, hidden, eps, ub,
     HAS_RESIDUAL: tl.constexpr, X_SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
     BLOCK: tl.constexpr, PDL: tl.constexpr = False,  # kernels/pdl.py, as fused_norm's
+    RECIP: tl.constexpr = False,  # kernels/fp8_quant.py's quantize_row_fast
 ):
     """One row: x (times its row and column scales when X_SCALED, rounded to the model dtype) + residual (stored
     back), RMSNorm in float32 cast to the model dtype, times the weight, then FP8 per token. The expression
@@ -47,7 +48,7 @@ def _add_norm_fp8_kernel(
     y = tl.where(mask, y.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
     scale = row_scale(tl.max(tl.abs(y), axis=0), ub, HAS_UB)
     tl.store(s_ptr + row, scale)
-    q = quantize_row_cvt(y, scale, HW_CVT)
+    q = quantize_row_fast(y, scale, HW_CVT, RECIP)
     tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -86,9 +87,10 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     xr, xc = x_scales if x_scales is not None else (s, s)
     args = (x, r, weight, q, s, xr, xc, x.stride(0), r.stride(0), q.stride(0), hidden, eps,
             float(ub) if ub is not None else 0.0)
+    hw = (fp8_quant.HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt
     consts = dict(HAS_RESIDUAL=residual is not None, X_SCALED=x_scales is not None, HAS_UB=ub is not None,
-                  HW_CVT=(fp8_quant.HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, BLOCK=block,
-                  num_warps=num_warps or _norm_warps(x.shape[0], block), **pdl.args(x))
+                  HW_CVT=hw, BLOCK=block, num_warps=num_warps or _norm_warps(x.shape[0], block),
+                  RECIP=recip_ok(x.dtype, hw, ub is not None), **pdl.args(x))
     if warmup:
         _add_norm_fp8_kernel.warmup(*args, grid=(x.shape[0],), **consts)
     else:
@@ -136,7 +138,7 @@ def _silu_mul_amax_kernel(
 def _silu_mul_fp8_rows_kernel(
     gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, t, inter, stride_in, ub,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, RECIP: tl.constexpr = False,
 ):
     """SwiGLU + FP8 in one launch without waiting on other programs: each program holds ROWS whole rows (BLOCK, a
     power of two, covers the row) in registers, takes each row's amax and quantizes it there (the same
@@ -149,7 +151,7 @@ def _silu_mul_fp8_rows_kernel(
     r_ok, c_ok = rows < t, offs < inter
     y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
     scale = row_scale(tl.max(tl.abs(y), axis=1), ub, HAS_UB)  # the masked columns are 0: they change no max
-    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
+    q = quantize_row_fast(y, scale[:, None], HW_CVT, RECIP)
     rows64 = rows.to(tl.int64)
     tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty),
              mask=r_ok[:, None] & c_ok[None, :])
@@ -160,7 +162,7 @@ def _silu_mul_fp8_rows_kernel(
 def _quant_by_parts_kernel(
     y_ptr, part_ptr, q_ptr, s_ptr, t, inter, nblk, ub,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, RECIP: tl.constexpr = False,
 ):
     """Split SwiGLU + FP8, second launch: each row's scale from its tiles' amaxes, then a [ROWS, BLOCK] tile of y
     quantized (quantize_row_cvt); column block 0 writes the scales."""
@@ -176,7 +178,7 @@ def _quant_by_parts_kernel(
     scale = row_scale(tl.max(parts, axis=1), ub, HAS_UB)
     mask = r_ok[:, None] & c_ok[None, :]
     y = tl.load(y_ptr + rows64[:, None] * inter + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    q = quantize_row_cvt(y, scale[:, None], HW_CVT)
+    q = quantize_row_fast(y, scale[:, None], HW_CVT, RECIP)
     tl.store(q_ptr + rows64[:, None] * inter + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     if blk == 0:
         tl.store(s_ptr + rows, scale, mask=r_ok)
@@ -241,11 +243,12 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
     nblk = triton.cdiv(inter, block)
     hw = (fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt
+    recip = recip_ok(gate_up.dtype, hw, ub is not None)
     rs, cs = scales if scales is not None else (s, s)
     if cfg.get("ROW"):  # whole rows per program, one launch
         args = (gate_up, q, s, rs, cs, t, inter, gate_up.stride(0), float(ub) if ub is not None else 0.0)
         consts = dict(ROWS=rows, BLOCK=triton.next_power_of_2(inter), SCALED=scales is not None,
-                      HAS_UB=ub is not None, HW_CVT=hw, num_warps=warps, **pdl.args(gate_up))
+                      HAS_UB=ub is not None, HW_CVT=hw, num_warps=warps, RECIP=recip, **pdl.args(gate_up))
         grid = (triton.cdiv(t, rows),)
         if warmup:
             _silu_mul_fp8_rows_kernel.warmup(*args, grid=grid, **consts)
@@ -260,8 +263,7 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     c1 = dict(ROWS=rows, BLOCK=block, SCALED=scales is not None, num_warps=warps, **pdl.args(gate_up))
     a2 = (y, part, q, s, t, inter, nblk, float(ub) if ub is not None else 0.0)
     c2 = dict(ROWS=rows2, BLOCK=block2, NBLK=max(2, triton.next_power_of_2(nblk)), HAS_UB=ub is not None,
-              HW_CVT=hw, num_warps=warps2,
-              **pdl.args(gate_up))
+              HW_CVT=hw, num_warps=warps2, RECIP=recip, **pdl.args(gate_up))
     if warmup:
         _silu_mul_amax_kernel.warmup(*a1, grid=grid1, **c1)
         _quant_by_parts_kernel.warmup(*a2, grid=grid2, **c2)

@@ -41,6 +41,40 @@ def quantize_row_cvt(y, scale, HW_CVT: tl.constexpr):
 
 
 @triton.jit
+def quantize_row_fast(y, scale, HW_CVT: tl.constexpr, RECIP: tl.constexpr):
+    """quantize_row_cvt(y, scale, HW_CVT); with RECIP (the host allows it only where recip_ok() says so) y / scale is
+    taken as |y| times the row's correctly rounded reciprocal r plus one remainder correction, fma(fma(-q0, scale,
+    |y|), r, q0) with q0 = |y| r, and y's sign: one per-row division and three per-element ops in place of a
+    correctly rounded division per element (div.rn: a reciprocal on the special-function unit and ~8 more
+    instructions). Markstein's correction; the result can differ from div_rn only in float32 values below e4m3's
+    smallest subnormal / 4, which the e4m3 conversion makes zero either way (the sign is y's in both): checked for
+    every 16-bit y and every 16-bit amax (bfloat16 and float16; scale = row_scale(amax) without a bound), bit for
+    bit in e4m3, by bench/fp8_div.py on the GPU and an exhaustive C run (docs/quantization.md)."""
+    if RECIP:
+        r = tl.math.div_rn(1.0, scale)
+        a = tl.abs(y)
+        q0 = a * r
+        q = tl.minimum(tl.fma(tl.fma(-q0, scale, a), r, q0), 448.0)
+        sign = y.to(tl.uint32, bitcast=True) & 0x80000000
+        return ((q.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
+    return quantize_row_cvt(y, scale, HW_CVT)
+
+
+RECIP_DIV = False
+"""Whether the GPU quantizing passes divide by the row's reciprocal with a remainder correction
+(quantize_row_fast) where recip_ok allows it: the same e4m3 bits (bench/fp8_div.py checks every 16-bit pair on the
+GPU before it turns this on for an engine)."""
+
+
+def recip_ok(dtype: torch.dtype, hw_cvt: bool, bounded: bool) -> bool:
+    """quantize_row_fast's RECIP for a pass over `dtype` values: only 16-bit inputs (every value and amax a
+    bfloat16 / float16 number: the domain the exhaustive check covers), a dynamic scale without an amax bound (the
+    scale is then row_scale(amax) of such a number), on the GPU's conversion path (HW_CVT: the interpreter's fma
+    rounds twice)."""
+    return RECIP_DIV and hw_cvt and not bounded and dtype in (torch.bfloat16, torch.float16)
+
+
+@triton.jit
 def quantize_row_when_last(src_row_ptr, q_row_ptr, s_ptr, count_ptr, width, arrivals, ub,
                            BLOCK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr):
     """For a kernel whose `arrivals` programs each write a part of one 16-bit row (src_row_ptr, `width` contiguous
@@ -85,6 +119,7 @@ def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_qm, ub,
     BLOCK_K: tl.constexpr, STATIC: tl.constexpr, HAS_UB: tl.constexpr, ONE_PASS: tl.constexpr,
     HW_CVT: tl.constexpr = False, PDL: tl.constexpr = False,  # kernels/pdl.py
+    RECIP: tl.constexpr = False,  # quantize_row_fast's
 ):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -106,12 +141,12 @@ def _quant_rows_kernel(
         scale = row_scale(amax, ub, HAS_UB)
     tl.store(s_ptr + row, scale)
     if ONE_PASS:
-        q = quantize_row_cvt(xk, scale, HW_CVT)
+        q = quantize_row_fast(xk, scale, HW_CVT, RECIP)
         tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            q = quantize_row_cvt(v, scale, HW_CVT)
+            q = quantize_row_fast(v, scale, HW_CVT, RECIP)
             tl.store(q_row + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
 
 
@@ -143,11 +178,12 @@ def quantize_fp8_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None,
     if m == 0:
         return q, s
     one_pass = block_k is None and k <= MAX_ONE_PASS
+    hw = (HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt
     block = triton.next_power_of_2(k) if one_pass else (block_k or 4096)
     _quant_rows_kernel[(m,)](
         x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), q.stride(0),
         float(ub) if ub is not None else 0.0,
         BLOCK_K=block, STATIC=static_scale is not None, HAS_UB=ub is not None, ONE_PASS=one_pass,
-        HW_CVT=(HW_CVT and x.is_cuda) if hw_cvt is None else hw_cvt, num_warps=8 if block >= 4096 else 4,
-        **pdl.args(x))
+        HW_CVT=hw, RECIP=recip_ok(x.dtype, hw, static_scale is not None or ub is not None),
+        num_warps=8 if block >= 4096 else 4, **pdl.args(x))
     return q, s

@@ -1,0 +1,233 @@
+"""FP8 quantization by the row's reciprocal (kernels/fp8_quant.py: quantize_row_fast, RECIP_DIV) on one H200, checked
+before it is timed or used: the identity for every 16-bit (value, amax) pair, bfloat16 and float16, in e4m3 bits
+against the correctly rounded division; each quantizing launch the FP8 engine makes (add + RMSNorm + FP8, SwiGLU +
+FP8, o's input quantization) bit for bit against the division path and the software-rounding reference, at decode's
+256 rows and prefill's 8,192, then µs per call in CUDA graphs; then the fixed workload (256 x 256 in / 256 out) for
+bf16, FP8 with RECIP_DIV and FP8 without it (while the budget lasts). A failed check leaves RECIP_DIV off.
+
+    python bench/fp8_div.py [--json PATH] [--budget 140] [--engines bf16 "fp8 recip" fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+sys.path.insert(0, BENCH)
+
+import fp8_step as fs  # noqa: E402  (Watch, same, split_for)
+import fp8_where as fw  # noqa: E402  (throughput, finish)
+import quant as qb  # noqa: E402  (graph_ms, record, attempt, free_gpu)
+
+from kernels import fp8_fused, fp8_quant  # noqa: E402
+from kernels.fp8_quant import quantize_row_cvt, quantize_row_fast, row_scale  # noqa: E402
+from services.engine.model.quantization import fp8 as fp8mod  # noqa: E402
+
+DEV = qb.DEV
+HIDDEN, INTER = 4096, 14336
+MAX_FINITE = {torch.bfloat16: 0x7F7F, torch.float16: 0x7BFF}
+
+
+@triton.jit
+def _identity_kernel(table_ptr, bad_ptr, BLOCK: tl.constexpr):
+    """Program i: amax = the i-th non-negative 16-bit value (bit order), scale = row_scale(amax); every value y with
+    |y| <= amax, both signs, through quantize_row_cvt (division) and quantize_row_fast (reciprocal + correction) to
+    e4m3; bad[0] += differing bytes, bad[1] += those of the plain product |y| * r (no correction), for scale."""
+    i = tl.program_id(0) + 1
+    amax = tl.load(table_ptr + i)
+    scale = row_scale(amax, 0.0, False)
+    r = tl.math.div_rn(1.0, scale)
+    bad = i * 0
+    plain = i * 0
+    for y0 in range(0, i + 1, BLOCK):
+        idx = y0 + tl.arange(0, BLOCK)
+        ok = idx <= i
+        pos = tl.load(table_ptr + idx, mask=ok, other=0.0)
+        for s in tl.static_range(2):
+            y = pos * (1.0 - 2.0 * s)  # -0.0 for the zero of the negative pass
+            old = quantize_row_cvt(y, scale, True).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            new = quantize_row_fast(y, scale, True, True).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            mul = tl.minimum(tl.maximum(y * r, -448.0), 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            bad += tl.sum((ok & (old != new)).to(tl.int32), axis=0)
+            plain += tl.sum((ok & (old != mul)).to(tl.int32), axis=0)
+    tl.atomic_add(bad_ptr, bad)
+    tl.atomic_add(bad_ptr + 1, plain)
+
+
+def identity_section(failures: list) -> list[dict]:
+    rows = []
+    for dt in (torch.bfloat16, torch.float16):
+        table = torch.arange(0, 0x8000, dtype=torch.int32, device=DEV).to(torch.int16).view(dt).float()
+        bad = torch.zeros(2, dtype=torch.int32, device=DEV)
+        t = time.time()
+        _identity_kernel[(MAX_FINITE[dt],)](table, bad, BLOCK=1024, num_warps=4)
+        torch.cuda.synchronize()
+        n_bad, n_plain = (int(v) for v in bad.tolist())
+        amaxes = MAX_FINITE[dt]
+        pairs = amaxes * (amaxes + 1) + 2 * amaxes  # sum of 2 (i + 1), i = 1 .. amaxes
+        qb.record(rows, failures, n_bad == 0, check="recip_identity", dtype=str(dt), amaxes=amaxes, pairs=pairs,
+                  mismatches=n_bad, plain_product_mismatches=n_plain, seconds=round(time.time() - t, 2))
+        print(f"identity {str(dt):<15} {pairs:,} (y, amax) pairs: {n_bad} e4m3 mismatches with the correction, "
+              f"{n_plain} with the plain product ({time.time() - t:.1f} s)", flush=True)
+    return rows
+
+
+def _inputs(kind: str, m: int, g: torch.Generator, n: int = 8) -> list[tuple]:
+    """n argument sets for one launch kind as the engine makes it at m rows; a few exact zeros and -0.0 in each."""
+    sets = []
+    for _ in range(n):
+        if kind == "norm":
+            scaled = m <= fp8mod.DEFER_MAX_M.get((HIDDEN, HIDDEN), m)
+            x = (torch.randn(m, HIDDEN, generator=g, device=DEV) * (40 if scaled else 0.4)).to(torch.bfloat16)
+            res = (torch.randn(m, HIDDEN, generator=g, device=DEV) * 0.5).to(torch.bfloat16)
+            w = (torch.rand(HIDDEN, generator=g, device=DEV) + 0.5).to(torch.bfloat16)
+            sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01 + 1e-3,
+                  torch.rand(HIDDEN, generator=g, device=DEV) * 0.01 + 1e-3) if scaled else None
+            sets.append((x, res, w, sc))
+        elif kind == "swiglu":
+            scaled = m <= fp8mod.DEFER_MAX_M.get((2 * INTER, HIDDEN), m)
+            gu = (torch.randn(m, 2 * INTER, generator=g, device=DEV) * (40 if scaled else 0.4)).to(torch.bfloat16)
+            gu[:, :7] = 0.0
+            gu[:, INTER + 3:INTER + 5] = -0.0
+            sc = (torch.rand(m, 1, generator=g, device=DEV) * 0.01,
+                  torch.rand(1, 2 * INTER, generator=g, device=DEV) * 0.01) if scaled else None
+            sets.append((gu, sc))
+        else:
+            x = torch.randn(m, HIDDEN, generator=g, device=DEV).to(torch.bfloat16)
+            x[:, :5] = 0.0
+            x[:, 5:9] = -0.0
+            sets.append((x,))
+    return sets
+
+
+def _call(kind: str, args: tuple, hw_cvt=None):
+    if kind == "norm":
+        x, res, w, sc = args
+        return fp8_fused.add_rms_norm_fp8(x, res.clone(), w, 1e-5, x_scales=sc, hw_cvt=hw_cvt)
+    if kind == "swiglu":
+        gu, sc = args
+        return fp8_fused.silu_mul_fp8(gu, scales=sc, hw_cvt=hw_cvt)
+    return fp8_quant.quantize_fp8_rows(args[0], hw_cvt=hw_cvt)
+
+
+def _timed(kind: str, args: tuple):
+    """The call as timed: the norm updates its residual in place (the engine's), the others are pure."""
+    if kind == "norm":
+        x, res, w, sc = args
+        return lambda: fp8_fused.add_rms_norm_fp8(x, res, w, 1e-5, x_scales=sc)
+    return lambda: _call(kind, args)
+
+
+def kernels_section(failures: list, ms=(256, 8192)) -> list[dict]:
+    """Each launch kind at each row count: RECIP_DIV's output against the division path's and the software
+    reference's (HW_CVT off), bit for bit, also over 10 replays of a CUDA graph; then µs per call, both ways."""
+    g = torch.Generator(device=DEV).manual_seed(11)
+    rows = []
+    for kind in ("norm", "swiglu", "quant"):
+        for m in ms:
+            sets = _inputs(kind, m, g)
+            fp8_quant.RECIP_DIV = False
+            want = _call(kind, sets[0], hw_cvt=False)
+            old = _call(kind, sets[0])
+            fp8_quant.RECIP_DIV = True
+            try:
+                got = qb.attempt(lambda: _call(kind, sets[0]))
+                if isinstance(got, Exception):
+                    qb.record(rows, failures, False, check="recip_bits", kind=kind, M=m, error=repr(got)[:300])
+                    continue
+                ok = all(fs.same(a, b) and fs.same(a, c) for a, b, c in zip(got, old, want))
+                res = [None] * 4
+
+                def body(sets=sets, res=res, kind=kind):
+                    for i in range(4):
+                        res[i] = _call(kind, sets[i])
+
+                replay = fs.replayable(body)
+                for _ in range(10):
+                    replay()
+                    for i in (0, 3):
+                        ok &= all(fs.same(a, b) for a, b in zip(res[i], _call(kind, sets[i], hw_cvt=False)))
+                del replay
+                qb.record(rows, failures, ok, check="recip_bits", kind=kind, M=m)
+                if not ok:
+                    print(f"recip bits {kind} M={m}: DIFFER", flush=True)
+                    continue
+                us_new = 1e3 * qb.graph_ms([_timed(kind, a) for a in sets])
+            finally:
+                fp8_quant.RECIP_DIV = False
+            us_old = 1e3 * qb.graph_ms([_timed(kind, a) for a in sets])
+            rows.append(dict(kind=kind, M=m, us_div=us_old, us_recip=us_new))
+            print(f"{kind:<7} M={m:<5} division {us_old:7.1f} us   reciprocal {us_new:7.1f} us   "
+                  f"({us_old / us_new:.3f}x)", flush=True)
+    return rows
+
+
+def engines(start: float, budget: float, labels) -> list[dict]:
+    """The fixed workload per engine of `labels`, in order ("fp8 recip": RECIP_DIV on; "fp8": off), each watched
+    (fs.Watch); the first two always run, later ones while the budget lasts (~35 s each)."""
+    rows = []
+    for n, label in enumerate(labels):
+        if n >= 2 and time.time() - start + 35 > budget:
+            print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s)", flush=True)
+            continue
+        fp8_quant.RECIP_DIV = label == "fp8 recip"
+        with fs.Watch() as w:
+            got = qb.attempt(lambda: fw.throughput(label, "bf16" if label == "bf16" else "fp8", "auto"))
+        fp8_quant.RECIP_DIV = False
+        if isinstance(got, list):
+            seen = qb.attempt(lambda: w.report(label))
+            for r in got:
+                r["watch"] = seen if isinstance(seen, dict) else repr(seen)
+            rows += got
+        else:
+            rows.append({"engine": label, "error": repr(got)[:300]})
+            print(f"throughput {label}: {got!r}"[:400], flush=True)
+            qb.free_gpu()
+    base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
+    print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
+    for r in rows:
+        if base and "output_tok_s" in r:
+            r["vs_bf16"] = r["output_tok_s"] / base["output_tok_s"]
+            print(f"  {r['engine']:<12}{r['output_tok_s']:>9.0f} tok/s  {r['vs_bf16']:.3f}x bf16")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--budget", type=float, default=140.0, help="seconds; engines past the first two skipped")
+    ap.add_argument("--engines", nargs="*", default=["bf16", "fp8 recip", "fp8"],
+                    choices=["bf16", "fp8 recip", "fp8"])
+    ap.add_argument("--ms", nargs="+", type=int, default=[256, 8192])
+    args = ap.parse_args()
+    start = time.time()
+    failures: list = []
+    result: dict = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
+                    "torch": torch.__version__, "command": "python bench/fp8_div.py " + " ".join(sys.argv[1:])}
+    result["identity"] = qb.attempt(lambda: identity_section(failures))
+    if isinstance(result["identity"], Exception):
+        failures.append({"check": "identity_section", "error": repr(result["identity"])[:300]})
+    result["kernels"] = qb.attempt(lambda: kernels_section(failures, tuple(args.ms)))
+    if isinstance(result["kernels"], Exception):
+        failures.append({"check": "kernels_section", "error": repr(result["kernels"])[:300]})
+    labels = [e for e in args.engines if not (failures and e == "fp8 recip")]
+    if failures:
+        print("a check failed: RECIP_DIV stays off, the 'fp8 recip' engine is skipped", flush=True)
+    print(f"checks done at {time.time() - start:.0f} s", flush=True)
+    qb.free_gpu()
+    result["throughput"] = engines(start, args.budget, labels)
+    return fw.finish(result, failures, start, args.json or os.path.join(BENCH, "results",
+                                                                         f"fp8_div_{result['date']}.json"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
