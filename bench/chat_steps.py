@@ -12,7 +12,7 @@ the chunk list, session 8's; unset: 64 x 32 tiles walking it, session 9's). Mixe
 200-1,200 beside fresh prompts) replay mixed graphs, where the pick applies. Decode steps at 1-64 sequences (contexts
 200-1,800) run the same kernels in both arms: their ratio is the A/B's noise floor. Each step has its own blocks, so
 no step reads KV another one wrote. Session 9's round 2 ran a second lever in the second arm, the decode split merge
-inside the attention kernel (measured slower at every batch, removed; docs/performance.md).
+inside the attention kernel (measured slower at every batch, removed; docs/kernels.md).
 
     python bench/chat_steps.py --out bench/results/chat_steps.json       # ~50 s on an H200
 """

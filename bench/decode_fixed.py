@@ -22,7 +22,7 @@ eight 8,192-token prefill steps of 32 fresh prompts each. This script, on one pr
 5. compare: the defaults against the other launches and the GEMM table before round 1, at 256, 96 and 32
    sequences and a chat-like mixed step, then 40 decode replays back to back against one after an idle GPU
    with nvidia-smi's clocks (the GPU slows under sustained load).
-Records: bench/results/decode_fixed_2026-11-29_h200_r1.json / _r2.json (and .log); docs/performance.md,
+Records: bench/results/decode_fixed_2026-11-29_h200_r1.json / _r2.json (and .log); bench/results/history_performance.md,
 "The 8B fixed workload: where the 30% goes".
 """
 

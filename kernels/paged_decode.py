@@ -398,10 +398,10 @@ def _decode_config(head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> d
     # H200, bench/decode_sweep.py (bench/results/decode_sweep_2026-11-29_h200.json): 2 stages against 3,
     # KV read rate: 8B b256 ctx<=384 3.42 vs 3.37 TB/s, 1B (d 64) b256 2.89 vs 2.73, 1B b1024 3.66 vs 3.59,
     # 8B b64 ctx 2048 3.50 vs 3.50; within 1-2% of each shape's best of 27 configs.
-    # Kept after bench/decode_fixed.py rounds 1-2 (docs/performance.md, "The 8B fixed workload"): 8 warps read
-    # 2-3% faster at 256 equal contexts but 1-3.5% slower at 192-256 spread ones (and a mixed step's decode rows
-    # ~3% slower); double-buffered K/V (5 stages) won at 48 and 96 sequences and lost at 64, 128 and 192, each as
-    # its programs fill the GPU's slots in whole waves or not: no launch wins across batch sizes.
+    # Kept after bench/decode_fixed.py rounds 1-2 (bench/results/history_performance.md, "The 8B fixed workload"):
+    # 8 warps read 2-3% faster at 256 equal contexts but 1-3.5% slower at 192-256 spread ones (and a mixed step's
+    # decode rows ~3% slower); double-buffered K/V (5 stages) won at 48 and 96 sequences and lost at 64, 128 and
+    # 192, each as its programs fill the GPU's slots in whole waves or not: no launch wins across batch sizes.
     return dict(TILE_N=64, num_warps=4, num_stages=2)
 
 

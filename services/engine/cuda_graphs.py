@@ -48,7 +48,7 @@ not one of these). A padded step's matmuls cost in proportion to its padded toke
 tokens, where steady serving's mixed steps fall (the chat workload's: ~600, ~250 decodes beside a new prompt
 or two), a step computes at most 1/16 more tokens than it has (buckets every 16 tokens up to 1,024, 32 up to
 2,048, 128 up to 4,096), and at most 1/8 more above. Buckets every 32 and 64 tokens between 256 and 1,024
-had padded the chat's mixed steps by 4.7% on average (docs/performance.md, "The 8B chat workload"). The
+had padded the chat's mixed steps by 4.7% on average (bench/results/history_performance.md, "The 8B chat workload"). The
 graphs share one output buffer and one memory pool, so a bucket costs capture time (~tens of ms) and its
 graph's own nodes, not activation memory."""
 
