@@ -29,7 +29,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    o projection, residual add, norm and MLP as one launch), front / nofront (FUSE_FRONT: with post, the next layer's
    input norm and qkv in the same launch), pf<role><dist>[h<percent>] (quantization/int4_ahead.py: that projection's
    weights read into L2 on a side stream, forked <dist> W4A16 calls before it; role o, q(kv), g(ate_up), d(own); h:
-   only that share of each split-K slice's first rows), pfe (those prefetches marked L2::evict_last), prof (a
+   only that share of each split-K slice's first rows), pfe (those prefetches marked L2::evict_last), pfmN
+   (kernels/w4a16_l2.py's MODE: 0 line hints, 1 TMA bulk prefetches, 2 real loads), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -37,6 +38,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    tokens against the first run of the same weights.
 4. chain (--sections chain): 32 layers' GEMVs in one CUDA graph with and without the add + RMSNorm kernels
    between them: what the norms add to a batch-1 step; the same with the norms on 8 and 4 warps.
+6. l2probe (--sections l2probe): does a GEMV whose weights kernels/w4a16_l2.py prefetched read them from L2 (o, qkv,
+   gate/up's split-K heads; each prefetch MODE), against the same GEMV cold.
 5. attention (--sections attention): the batch-1 paged decode kernel on the 8B's heads at contexts 256 / 384, the
    default launch against more splits and other tiles (32 layers' caches in one graph).
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
@@ -830,6 +833,53 @@ def chain(start: float, budget: float) -> dict:
 
 
 # --- attention at batch 1 ---------------------------------------------------------------------------------
+def l2probe(start: float, budget: float, modes=(0, 1, 2), sleep_us: float = 10.0) -> dict:
+    """Does a prefetched GEMV read from L2? Per target (o, qkv whole; gate/up's first quarter and half of each split-K
+    slice, as int4_ahead reads them), one CUDA graph over weight copies that overflow L2, each copy's GEMV after a
+    ~sleep_us busy-wait kernel; the same with kernels/w4a16_l2.py's prefetch of that copy before the wait (per MODE).
+    GEMV time = graph time minus the same graph without the GEMVs."""
+    from services.engine.model.quantization.int4_ahead import head_rows
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    cycles = int(sleep_us * 1.98e3)
+    out = {}
+    targets = [("o", SHAPES["o"], 1.0, False), ("qkv", SHAPES["qkv"], 1.0, False),
+               ("gate_up h25", SHAPES["gate_up"], 0.25, True), ("gate_up h50", SHAPES["gate_up"], 0.5, True)]
+    print(f"\nL2 probe: GEMV us after a {sleep_us:.0f} us wait, cold vs prefetched (MODE 0 line hints, 1 TMA bulk, 2 loads)")
+    for name, (k, n), frac, gated in targets:
+        if time.time() - start > budget:
+            print(f"  {name}: skipped (time budget)")
+            continue
+        qw, s, z = q.int4_random(k, n, 128, g)[:3]
+        layer = RowParallelLinear(qw, s, z, k)
+        copies = q.copies_for(qw.numel() * 4)
+        ws = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(copies - 1)]
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+        head = head_rows(layer, frac)
+
+        def fns(mode, gemv):
+            def one(w):
+                def f():
+                    if mode is not None:
+                        w4a16_l2.prefetch(list(w), head=head, mode=mode)
+                    torch.cuda._sleep(cycles)
+                    if gemv:
+                        w4.w4a16(x, *w, 128, gated=gated)
+                return f
+            return [one(w) for w in ws]
+
+        row = {}
+        for mode in (None, *modes):
+            got = q.attempt(lambda: (q.graph_ms(fns(mode, True)) - q.graph_ms(fns(mode, False))) * 1e3)
+            row["cold" if mode is None else f"mode{mode}"] = got if not isinstance(got, Exception) else repr(got)
+        out[name] = row
+        print(f"  {name:<12} " + "  ".join(f"{key} {v:.2f}" if isinstance(v, float) else f"{key} {v}"
+                                         for key, v in row.items()), flush=True)
+        del ws
+    return out
+
+
 def attention(start: float, budget: float) -> dict:
     """kernels/paged_decode.py at one sequence on the 8B's heads (32 q, 8 KV, d 128, 16-token blocks), contexts
     256 and 384 (the engine section's decode runs 128 -> 384): 32 launches in one CUDA graph, each on its own
@@ -1030,6 +1080,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         int4_ahead.DIST = ahead_of(tags)
         int4_ahead.EVICT_LAST = "pfe" in tags
+        w4a16_l2.MODE = next((int(t[3:]) for t in tags if t.startswith("pfm") and t[3:].isdigit()), 0)
         saved = dict(w4.TUNED)
         m1_configs(tags)
         try:  # one engine's failure (a capture error of an opt-in lever) must not lose the later runs
@@ -1097,6 +1148,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_FRONT = DEFAULT_FRONT
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         int4_ahead.DIST, int4_ahead.EVICT_LAST = dict(DEFAULT_AHEAD), DEFAULT_EVICT_LAST
+        w4a16_l2.MODE = 0
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens
@@ -1145,7 +1197,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", nargs="+", default=["checks", "sweep", "engine"],
-                    choices=["checks", "sweep", "chain", "attention", "engine"])
+                    choices=["checks", "sweep", "chain", "attention", "l2probe", "engine"])
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--check-kernels", nargs="+", default=["gemv2", "gemv3", "gemv4"],
                     help="checks: the M = 1 kernels whose variants are checked (the committed configs always are)")
@@ -1157,6 +1209,8 @@ def main() -> int:
                     help="attention: no new variant is started past this share of --budget")
     ap.add_argument("--chain-share", type=float, default=0.5,
                     help="chain: no new variant is started past this share of --budget")
+    ap.add_argument("--probe-share", type=float, default=0.3,
+                    help="l2probe: no new target is started past this share of --budget")
     ap.add_argument("--sweep-share", type=float, default=0.4,
                     help="sweep: no new shape is started past this share of --budget")
     ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3", "gemv4"],
@@ -1189,6 +1243,10 @@ def main() -> int:
         got = q.attempt(lambda: attention(start, args.budget * args.attention_share))
         result["attention"] = got if not isinstance(got, Exception) else repr(got)
         print(f"attention done at {time.time() - start:.0f} s", flush=True)
+    if "l2probe" in args.sections:
+        got = q.attempt(lambda: l2probe(start, args.budget * args.probe_share))
+        result["l2probe"] = got if not isinstance(got, Exception) else repr(got)
+        print(f"l2probe done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))
         result["engine"] = got if not isinstance(got, Exception) else repr(got)
