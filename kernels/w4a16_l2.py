@@ -10,7 +10,7 @@ they run in another stream, on the SMs those small kernels leave free, and hold 
 `EVICT_LAST` marks the lines L2::evict_last (a streaming GEMV in between then evicts other lines first).
 `MODE`: 0 one `prefetch.global.L2` per line; 1 one TMA bulk prefetch (`cp.async.bulk.prefetch.L2.global`, sm_90)
 per 8 lines (1 KB; only where every count is a multiple of 8 lines, else mode 0); 2 real loads of every byte
-(16-byte vectors, summed and stored only if the sum hits an impossible-looking value, so the loads stay): the
+(16-byte vectors, xor-ed and stored only if the result hits an impossible-looking value, so the loads stay): the
 kernel then lasts until the bytes are in, and whether L2 keeps whole lines does not depend on the hint's reach.
 
 Three (buffer, bytes) pairs per launch (the qweight, scales and zeros of one projection); each program takes
@@ -59,8 +59,7 @@ def _load_lines(ptr, first, chunk, stride, total, n, sink_ptr, EVICT_LAST: tl.co
             acc ^= tl.load(ptrs, eviction_policy="evict_last")
         else:
             acc ^= tl.load(ptrs)
-    x = tl.sum(acc, axis=1)
-    x = tl.sum(x, axis=0)
+    x = tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0)
     tl.store(sink_ptr, x, mask=x == 0x5EED1E55)  # never in practice; keeps the loads
 
 

@@ -123,3 +123,26 @@ def test_head_lines_address_the_first_rows_of_each_slice():
     got = {(v // chunk) * stride + v % chunk for v in range(lines)}  # the kernel's line mapping
     want = {r * row + c for s in range(16) for r in range(32 * s, 32 * s + 8) for c in range(row)}
     assert got == want
+
+
+def test_loads_mode_reads_exactly_the_head_rows_under_the_interpreter():
+    """kernels/w4a16_l2.py MODE 2 xors every int32 it loads and writes the result only when it is the magic value:
+    data whose head rows xor to it (and whose whole does not) shows the kernel read those rows and no others."""
+    from kernels import w4a16_l2
+
+    if not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs the Triton interpreter or a GPU")
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 2**31 - 1, (64, 256), generator=g, dtype=torch.int32)  # rows of 1 KB: 8 lines each
+    heads = torch.cat([t[16 * c:16 * c + 4] for c in range(4)])  # head=(16, 4): the first 4 of every 16 rows
+    acc = 0
+    for v in heads.flatten().tolist():
+        acc ^= v
+    t[0, 0] ^= acc ^ 0x5EED1E55  # now the head rows xor to the magic value
+    w4a16_l2._SINK.clear()
+    w4a16_l2.prefetch([t], mode=2)  # the whole tensor: another value, nothing written
+    assert int(w4a16_l2._SINK[t.device]) == 0
+    w4a16_l2.prefetch([t], mode=2, head=(16, 4))
+    assert int(w4a16_l2._SINK[t.device]) == 0x5EED1E55
