@@ -17,9 +17,12 @@ import json
 import struct
 
 REQUEST = b"Q"
+REQUEST_DIRECT = b"D"
+"""A request whose first message the engine may write from its engine thread, as the step that made the token
+returns (no wake-up of its event loop on the way; router --engine-fast-lane-direct)."""
 MESSAGE = b"M"
 ERROR = b"E"
-KINDS = (REQUEST, MESSAGE, ERROR)
+KINDS = (REQUEST, REQUEST_DIRECT, MESSAGE, ERROR)
 
 METADATA_KEY = "folio-fast-lane"
 """The engine names its fast lane's address (host:port) in its GenerateStream calls' initial metadata."""

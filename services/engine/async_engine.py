@@ -58,6 +58,11 @@ def _deliver(ready: list[tuple[asyncio.Queue, object]], handed: threading.Event 
         asyncio.get_running_loop().call_soon(handed.set)
 
 
+FIRST_SENT = object()
+"""Put on a request's queue in place of its first delta when `AddCommand.first_token` sent it from the engine
+thread (the handler then goes on with its later deltas)."""
+
+
 class EngineFailure(RuntimeError):
     """The engine step raised; the requests in flight are ended with this error."""
 
@@ -75,6 +80,9 @@ class AddCommand:
     """Where the request's RequestDeltas (or an EngineFailure) arrive."""
     admitted: bool = False
     """Set by the engine thread once the engine took the request."""
+    first_token: Callable[[object], bool] | None = None
+    """Called on the engine thread with the request's first delta: True when it sent that delta's message itself
+    (the fast lane's direct first token; FIRST_SENT then goes on the queue instead), False to hand it over."""
 
 
 @dataclasses.dataclass
@@ -87,6 +95,9 @@ class AbortCommand:
 
 
 class AsyncEngine:
+    direct_first_token = True
+    """`add_request(first_token=...)` is honoured (the core-process engine's is not)."""
+
     def __init__(self, engine: LLMEngine, on_change: Callable[[EngineLoad], None] | None = None,
                  change_fraction: float = 0.05, step_deadline_s: float = 5.0,
                  on_fatal: Callable[[BaseException], None] | None = None, first_token_handoff_s: float = 0.001,
@@ -101,6 +112,7 @@ class AsyncEngine:
         self.step_cpus = step_cpus
         self.first_token_handoff_s = first_token_handoff_s
         self._no_token_yet: set[str] = set()  # engine thread only: admitted, first token not yet out
+        self._direct: dict[str, Callable[[object], bool]] = {}  # engine thread only: AddCommand.first_token
         self._on_fatal = on_fatal
         self.fatal: BaseException | None = None
         """The error that ended the engine loop, if any."""
@@ -155,10 +167,13 @@ class AsyncEngine:
                             self.engine.step_phase, seqs, tokens, self.snapshot.running, self.snapshot.waiting)
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          prompt: str | None = None) -> asyncio.Queue:
+                          prompt: str | None = None, first_token: Callable[[object], bool] | None = None
+                          ) -> asyncio.Queue:
         """Queue a request; returns the queue its deltas (RequestDelta, or an exception) arrive on.
-        Raises ValueError (bad input, naming the field) or QueueFullError like LLMEngine.add_request."""
-        cmd = AddCommand(request_id, prompt, prompt_token_ids, params, self._loop.create_future(), asyncio.Queue())
+        Raises ValueError (bad input, naming the field) or QueueFullError like LLMEngine.add_request.
+        `first_token`: see AddCommand."""
+        cmd = AddCommand(request_id, prompt, prompt_token_ids, params, self._loop.create_future(), asyncio.Queue(),
+                         first_token=first_token)
         self._cmds.append(cmd)
         self._wake.set()
         try:
@@ -224,6 +239,8 @@ class AsyncEngine:
                 cmd.admitted = True
                 self._queues[cmd.request_id] = cmd.outputs
                 self._no_token_yet.add(cmd.request_id)
+                if cmd.first_token is not None:
+                    self._direct[cmd.request_id] = cmd.first_token
                 self._admitted_pending.append(cmd.request_id)
                 self._later.append(functools.partial(_settle, cmd.done, None))
             elif isinstance(cmd, AbortCommand):
@@ -232,6 +249,7 @@ class AsyncEngine:
                 out = eng.abort_request(cmd.request_id)
                 q = self._queues.pop(cmd.request_id, None)
                 self._no_token_yet.discard(cmd.request_id)
+                self._direct.pop(cmd.request_id, None)
                 if q is not None and out is not None:
                     self._send(q, out)
             else:
@@ -291,7 +309,11 @@ class AsyncEngine:
                 del self._queues[rid]
             if rid in self._no_token_yet and (out.finished or any(s.token_ids for s in out.sequences)):
                 self._no_token_yet.discard(rid)
-                first.append((q, out))
+                send = self._direct.pop(rid, None)
+                if send is not None and out.error is None and self._send_direct(send, out):
+                    rest.insert(0, (q, FIRST_SENT))  # out already: nothing to wait for
+                else:
+                    first.append((q, out))
             else:
                 rest.append((q, out))
         if not first and not rest:
@@ -303,6 +325,14 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(_deliver, first + rest, handed, len(first))
         handed.wait(self.first_token_handoff_s)
 
+    @staticmethod
+    def _send_direct(send: Callable[[object], bool], out) -> bool:
+        try:
+            return send(out)
+        except Exception:  # noqa: BLE001 - the loop hands it over instead
+            log.exception("sending a first token from the engine thread failed; handing it over")
+            return False
+
     def _fail_all(self, exc: Exception) -> None:
         for rid, q in list(self._queues.items()):
             try:
@@ -312,6 +342,7 @@ class AsyncEngine:
             self._send(q, exc)
         self._queues.clear()
         self._no_token_yet.clear()
+        self._direct.clear()
 
     def _take_snapshot(self) -> EngineLoad:
         return dataclasses.replace(self.engine.get_stats(), steps=self._steps)

@@ -2,6 +2,10 @@
 engine server's event loop. Each connection takes one request frame and streams the same messages the gRPC
 `GenerateStream` call would (`EngineServicer._generate`), read and written by the loop's own selector.
 
+With a REQUEST_DIRECT frame the request's first message is written by the engine thread itself, on a duplicate
+of the socket's descriptor, as the step that made the token returns (`_Connection.writable` / `write`, called
+there; EngineServicer._send_first); the event loop writes the rest.
+
 A connection opened ahead waits for its request; a draining server closes the waiting ones (the router then
 fails over, as from an opened gRPC call ended unused). The router closing a connection cancels its request.
 """
@@ -10,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 
 from protos.gen.folio.v1 import engine_pb2 as pb
 from services.common import eager
-from services.common.fast_lane import MESSAGE, REQUEST, FrameReader, ProtocolError, error_frame, frame
+from services.common.fast_lane import (MESSAGE, REQUEST, REQUEST_DIRECT, FrameReader, ProtocolError, error_frame,
+                                       frame)
 from services.common.grpc_errors import status_of
 
 log = logging.getLogger("folio.engine.fast_lane")
@@ -58,9 +65,13 @@ class _Connection(asyncio.Protocol):
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
+        self._fd: int | None = None  # a duplicate of the socket's, for the engine thread's write
+        self._fd_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         if self.lane.draining:
             transport.close()
             return
@@ -70,7 +81,7 @@ class _Connection(asyncio.Protocol):
         received_ns = time.monotonic_ns()
         try:
             frames = self.reader.feed(data)
-            if frames and (self.task is not None or len(frames) > 1 or frames[0][0] != REQUEST):
+            if frames and (self.task is not None or len(frames) > 1 or frames[0][0] not in (REQUEST, REQUEST_DIRECT)):
                 raise ProtocolError("fast lane: one request frame per connection")
         except ProtocolError as e:
             log.warning("%s; closing the connection", e)
@@ -80,19 +91,48 @@ class _Connection(asyncio.Protocol):
             self.lane.waiting.discard(self)
             self.lane.serving.add(self)
             request = pb.EngineGenerateRequest.FromString(frames[0][1])
-            self.task = eager.start(self._serve(request, received_ns))  # the engine has it before this returns
+            direct = frames[0][0] == REQUEST_DIRECT
+            if direct:
+                self._fd = os.dup(self.transport.get_extra_info("socket").fileno())
+            # the engine has it before this returns
+            self.task = eager.start(self._serve(request, received_ns, self if direct else None))
 
     def connection_lost(self, exc) -> None:
         self.lane.waiting.discard(self)
         self.lane.serving.discard(self)
+        with self._fd_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the router left: _generate aborts the request
 
-    async def _serve(self, request: pb.EngineGenerateRequest, received_ns: int) -> None:
+    def writable(self) -> bool:
+        """On the engine thread: nothing is waiting in the transport's buffer (so a write from here keeps the
+        order) and the connection is open."""
+        return self._fd is not None and not self.transport.is_closing() and not self.transport.get_write_buffer_size()
+
+    def write(self, msg: pb.EngineGenerateResponse) -> None:
+        """On the engine thread: the message written now; what the socket does not take at once goes through
+        the loop (before anything the handler writes later, which reaches the loop after this)."""
+        data = frame(MESSAGE, msg.SerializeToString())
+        with self._fd_lock:
+            if self._fd is None:
+                return  # gone meanwhile: the handler is being cancelled
+            try:
+                n = os.write(self._fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return
+        if n < len(data):
+            self._loop.call_soon_threadsafe(self.transport.write, data[n:])
+
+    async def _serve(self, request: pb.EngineGenerateRequest, received_ns: int, direct=None) -> None:
         deadline = time.monotonic() + request.timeout_ms / 1e3 if request.timeout_ms else None
         write = self.transport.write
         try:
-            async for msg in self.lane.servicer._generate(request, received_ns, deadline):
+            async for msg in self.lane.servicer._generate(request, received_ns, deadline, direct):
                 write(frame(MESSAGE, msg.SerializeToString()))
         except asyncio.CancelledError:
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -22,7 +23,7 @@ from services.common.keep_awake import KeepAwake
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, quote
 from services.common.model_location import served_name
 from services.common.server import GrpcServer, configure_logging
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import FIRST_SENT, AsyncEngine
 from services.engine.gil_debug import gil_busy_step
 from services.engine.config import SERVED_DEFAULTS, EngineConfig
 from services.common.outputs import RequestDelta
@@ -261,9 +262,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         for task in list(self._waiting):
             task.cancel()
 
-    async def _generate(self, request: pb.EngineGenerateRequest, received_ns: int, deadline: float | None = None):
+    async def _generate(self, request: pb.EngineGenerateRequest, received_ns: int, deadline: float | None = None,
+                        send_first=None):
         """One request's stream of messages; `deadline` (time.monotonic()): past it, the request is
-        aborted and the call ends DEADLINE_EXCEEDED (a call without a gRPC deadline of its own)."""
+        aborted and the call ends DEADLINE_EXCEEDED (a call without a gRPC deadline of its own).
+        `send_first` (the fast lane's direct first token): an object whose `writable()` says, on the engine
+        thread, whether `write(msg)` may send the first message from there; that message is then not yielded."""
         if request.model and request.model != self.model_name:
             raise NotFound(f"model: {quote(request.model)} is not served by this engine (it serves {self.model_name!r})")
         params = params_from_pb(request.params)
@@ -278,17 +282,27 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             finished = False
             q = None
             timer = None
+            sent: list[pb.EngineGenerateResponse] = []  # the first message, when the engine thread sent it
+            extra = {}
+            if send_first is not None and getattr(self.aengine, "direct_first_token", False):
+                extra["first_token"] = functools.partial(self._send_first, send_first, prog, sent)
             try:  # the admission too: a client gone while it was queued must not leave work behind
-                q = await self.aengine.add_request(rid, ids, params)
+                q = await self.aengine.add_request(rid, ids, params, **extra)
                 prog.added_ns = time.monotonic_ns()
                 if deadline is not None:
                     timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()),
                                                                   q.put_nowait, DeadlineExceeded("deadline exceeded"))
                 while not finished:
                     deltas = [await q.get()]
-                    prog.got_ns = time.monotonic_ns()
+                    if deltas[0] is not FIRST_SENT:
+                        prog.got_ns = time.monotonic_ns()
                     while not q.empty():  # a slow reader gets what piled up in one message
                         deltas.append(q.get_nowait())
+                    if deltas[0] is FIRST_SENT:  # the engine thread sent the first message itself
+                        deltas.pop(0)
+                        finished = self._after_message(sent.pop(), prog, span)
+                        if finished or not deltas:
+                            continue
                     failure = next((d for d in deltas if isinstance(d, Exception)), None)
                     if failure is not None:
                         raise failure
@@ -297,16 +311,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                         finished = True
                         raise InvalidArgument(refused)
                     msg = delta_message(deltas, prog, self.token_text)
-                    finished = prog.finished
-                    if self.metrics is not None:
-                        self._observe(msg, prog)
-                    if finished and span.is_recording():
-                        span.set_attributes({
-                            "folio.output_tokens": msg.usage.completion_tokens,
-                            "folio.cached_tokens": msg.usage.cached_tokens,
-                            "folio.queue_time_ms": msg.timing.queue_ns / 1e6,
-                            "folio.time_to_first_token_ms": msg.timing.time_to_first_token_ns / 1e6,
-                            "folio.finish_reason": ",".join(r for _, r in sorted(prog.finish_reasons.items()))})
+                    finished = self._after_message(msg, prog, span)
                     if msg.sequences or finished:
                         yield msg
             finally:
@@ -316,6 +321,31 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 # admission itself: add_request queued the abort.)
                 if q is not None and not finished:
                     self.aengine.abort(rid)
+
+    def _send_first(self, lane, prog: _Progress, sent: list, delta: RequestDelta) -> bool:
+        """On the engine thread: the request's first message, built and written by the fast lane from here
+        (no wake-up of this server's event loop on the first token's way), or False (not writable now: the
+        loop hands it over as usual). `prog` is the handler's; it waits on its queue meanwhile."""
+        if not lane.writable():
+            return False
+        prog.got_ns = time.monotonic_ns()
+        msg = delta_message([delta], prog, self.token_text)
+        lane.write(msg)
+        sent.append(msg)
+        return True
+
+    def _after_message(self, msg: pb.EngineGenerateResponse, prog: _Progress, span) -> bool:
+        """Metrics and the span's attributes for a message built; whether it finished the request."""
+        if self.metrics is not None:
+            self._observe(msg, prog)
+        if prog.finished and span.is_recording():
+            span.set_attributes({
+                "folio.output_tokens": msg.usage.completion_tokens,
+                "folio.cached_tokens": msg.usage.cached_tokens,
+                "folio.queue_time_ms": msg.timing.queue_ns / 1e6,
+                "folio.time_to_first_token_ms": msg.timing.time_to_first_token_ns / 1e6,
+                "folio.finish_reason": ",".join(r for _, r in sorted(prog.finish_reasons.items()))})
+        return prog.finished
 
     def _observe(self, msg: pb.EngineGenerateResponse, prog: _Progress) -> None:
         now = time.monotonic()

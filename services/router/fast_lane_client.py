@@ -14,7 +14,8 @@ import logging
 
 from protos.gen.folio.v1 import engine_pb2
 from services.common.errors import Cancelled, DeadlineExceeded, FolioError, Unavailable, from_status
-from services.common.fast_lane import ERROR, METADATA_KEY, REQUEST, FrameReader, ProtocolError, frame, parse_error
+from services.common.fast_lane import (ERROR, METADATA_KEY, REQUEST, REQUEST_DIRECT, FrameReader, ProtocolError, frame,
+                                       parse_error)
 from services.router.clients import EngineFailed
 from services.router.grpc_clients import message_from_pb
 
@@ -27,8 +28,10 @@ REFILL_DELAY_S = 0.005
 class FastLanes:
     """Per engine address: its lane (host:port) and the connections held open to it."""
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = 2, direct: bool = False):
         self.depth = depth
+        self.direct = direct
+        """Requests ask the engine to write their first message from its engine thread (REQUEST_DIRECT)."""
         self.lanes: dict[str, str] = {}
         self._held: dict[str, list[_Connection]] = {}
         self._closed = False
@@ -124,7 +127,7 @@ class FastLaneCall:
     `timeout_ms`, by the engine; `on_first` runs once the first message was read (or the call ended)."""
 
     def __init__(self, conn: _Connection, request: engine_pb2.EngineGenerateRequest, timeout_s: float | None,
-                 on_first=None):
+                 on_first=None, direct: bool = False):
         self._conn = conn
         self._failed: FolioError | None = None
         self._cancelled = False
@@ -134,7 +137,7 @@ class FastLaneCall:
             request.timeout_ms = max(1, int(timeout_s * 1000))
             self._timer = asyncio.get_running_loop().call_later(timeout_s, self.fail,
                                                                 DeadlineExceeded("deadline exceeded"))
-        conn.transport.write(frame(REQUEST, request.SerializeToString()))
+        conn.transport.write(frame(REQUEST_DIRECT if direct else REQUEST, request.SerializeToString()))
 
     def _first_done(self) -> None:
         on_first, self._on_first = self._on_first, None

@@ -1,6 +1,6 @@
-"""A router with --engine-fast-lane sends its requests over the engine's fast lane (services/common/fast_lane.py)
-once an opened call has named it: the same tokens as over gRPC, and the engine names its lane in the opening's
-metadata (the real engine process's `serve` wiring)."""
+"""A router with --engine-fast-lane-direct sends its requests over the engine's fast lane (services/common/fast_lane.py)
+once an opened call has named it, the real engine's thread writing each first message: the same tokens as over
+gRPC, and the engine names its lane in the opening's metadata (the real engine process's `serve` wiring)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.integration.helpers import engine_stub, generate, params, router_stub
 
 
 def test_requests_over_the_fast_lane_match_grpc(tmp_path_factory):
-    stack = start_stack(tmp_path_factory, "lane", router_args=["--engine-fast-lane"])
+    stack = start_stack(tmp_path_factory, "lane", router_args=["--engine-fast-lane-direct"])
     try:
         ch, stub = router_stub(stack.router_address)
         with ch:

@@ -4,18 +4,25 @@ engine's real EngineServicer and FastLaneServer over loopback, a scripted engine
 Shown: the engine names its lane in an opened call's metadata and later requests ride lane connections with the
 same tokens; a deadline and a cancel abort the request on the engine; an engine error arrives as its domain error;
 a draining engine closes the connections waiting for a request (a request on one fails over); an unreachable
-lane is forgotten and gRPC serves; the frame reader splits and refuses as it should."""
+lane is forgotten and gRPC serves; the frame reader splits and refuses as it should; with the direct first token
+(a real AsyncEngine over a stepped stand-in) the engine thread writes each request's first message and the
+stream is the same."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
+from services.common.engine_load import EngineLoad
 from services.common.errors import DeadlineExceeded, NotFound
 from services.common.fast_lane import ERROR, MESSAGE, METADATA_KEY, REQUEST, FrameReader, ProtocolError, frame
-from services.engine.fast_lane import FastLaneServer
+from services.common.outputs import RequestDelta, SequenceDelta
+from services.engine.fast_lane import FastLaneServer, _Connection
 from services.engine.server import EngineServicer
 from services.router.clients import EngineFailed
 from services.router.fast_lane_client import FastLaneCall
@@ -155,3 +162,84 @@ def test_frames_split_anywhere_and_bad_frames_refused():
     assert got == [(REQUEST, b"abc"), (MESSAGE, b""), (ERROR, b"x" * 300)]
     with pytest.raises(ProtocolError):
         FrameReader().feed(b"\x00\x00\x00\x01Zq")
+
+
+class _SteppedEngine:
+    """LLMEngine's interface for AsyncEngine: every step gives each request its next token (prompt[-1] + k),
+    up to max_tokens, with the first-token timing stamps a real engine sets."""
+
+    def __init__(self):
+        self.requests: dict[str, list] = {}
+        self.blocks = SimpleNamespace(num_blocks=10)
+        self.step_phase, self.step_batch = "idle", (0, 0)
+        self.tokenizer = None
+
+    def get_stats(self):
+        return EngineLoad(total_blocks=10, free_blocks=10, running=len(self.requests))
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def add_request(self, request_id, prompt, params, prompt_token_ids=None):
+        self.requests[request_id] = [prompt_token_ids[-1], params.max_tokens, 0, time.monotonic()]
+
+    def abort_request(self, request_id):
+        return None if self.requests.pop(request_id, None) is None else RequestDelta(request_id, [], True)
+
+    def step(self):
+        time.sleep(0.002)
+        out = []
+        for rid, r in list(self.requests.items()):
+            last, n, k, arrived = r
+            r[2] = k = k + 1
+            done = k >= n
+            if done:
+                del self.requests[rid]
+            now = time.monotonic()
+            out.append(RequestDelta(rid, [SequenceDelta(0, [last + k], None, 0.0, "length" if done else None)], done,
+                                    arrival_time=arrived, first_scheduled_time=now, first_token_time=now))
+        return out
+
+
+def test_direct_first_token_is_written_by_the_engine_thread_with_the_same_stream():
+    async def main():
+        from services.engine.async_engine import AsyncEngine
+
+        aengine = AsyncEngine(_SteppedEngine())
+        aengine.start()
+        _, lane, server, addr = await _stack(aengine)
+        writers: list[str] = []
+        real_write = _Connection.write
+
+        def recording_write(self, msg):
+            writers.append(threading.current_thread().name)
+            real_write(self, msg)
+
+        _Connection.write = recording_write
+        plain = GrpcEngineClient(fast_lane=True)
+        direct = GrpcEngineClient(fast_lane=True, fast_lane_direct=True)
+        try:
+            results = {}
+            for name, client in (("plain", plain), ("direct", direct)):
+                await _tokens(client.generate(addr, _req(f"{name}-warm"), 30))
+                await _lane_ready(client, addr)
+                out = []
+                for i, n in enumerate((3, 1, 5)):  # 1: the first message is also the last
+                    call = client.generate(addr, _req(f"{name}{i}", n), 30)
+                    assert isinstance(call, FastLaneCall)
+                    msgs = [m async for m in call.messages()]
+                    assert msgs[0].first_token_path and any(h == "engine.sent" for h, _ in msgs[0].first_token_path)
+                    assert msgs[-1].finished and msgs[-1].sequences[-1].finish_reason == "length"
+                    out.append([t for m in msgs for s in m.sequences for t in s.token_ids])
+                    await _lane_ready(client, addr)
+                results[name] = out
+            assert results["plain"] == results["direct"] == [[21, 22, 23], [21], [21, 22, 23, 24, 25]]
+            assert writers == ["engine-loop"] * 3  # only the direct requests' first messages, from the engine thread
+        finally:
+            _Connection.write = real_write
+            await plain.close()
+            await direct.close()
+            await lane.close()
+            await server.stop(0)
+            await aengine.stop()
+    asyncio.run(main())
