@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from protos.gen.folio.v1 import engine_pb2
 from services.common.errors import Cancelled, DeadlineExceeded, FolioError, Unavailable, from_status
@@ -20,6 +21,9 @@ from services.router.clients import EngineFailed
 from services.router.grpc_clients import message_from_pb
 
 log = logging.getLogger("folio.router")
+
+RETRY_AFTER_S = 30.0
+"""A lane that could not be reached is not tried again for this long (its engine is served by gRPC meanwhile)."""
 
 REFILL_DELAY_S = 0.005
 """How long after a taken connection's first message its replacement opens (as grpc_clients.REFILL_DELAY_S)."""
@@ -34,14 +38,17 @@ class FastLanes:
         """Requests ask the engine to write their first message from its engine thread (REQUEST_DIRECT)."""
         self.lanes: dict[str, str] = {}
         self._held: dict[str, list[_Connection]] = {}
+        self._unreachable_until: dict[str, float] = {}
         self._closed = False
 
     def learn(self, address: str, metadata) -> None:
-        """An opened call's initial metadata: where the engine at `address` serves its fast lane, if it does."""
+        """An opened call's initial metadata: where the engine at `address` serves its fast lane, if it does
+        (and the connections to it topped up: an engine restarted on the same lane left them closed)."""
         lane = next((v for k, v in metadata or () if k == METADATA_KEY), None)
-        if lane is not None and self.lanes.get(address) != lane:
-            self.lanes[address] = lane
-            self._fill(address)
+        if lane is None or time.monotonic() < self._unreachable_until.get(lane, 0.0):
+            return
+        self.lanes[address] = lane
+        self._fill(address)
 
     def take(self, address: str) -> _Connection | None:
         held = self._held.get(address)
@@ -66,6 +73,7 @@ class FastLanes:
             held.append(_Connection(lane, lambda e, a=address, l=lane: self._unreachable(a, l, e)))
 
     def _unreachable(self, address: str, lane: str, error: BaseException) -> None:
+        self._unreachable_until[lane] = time.monotonic() + RETRY_AFTER_S
         if self.lanes.get(address) == lane:
             del self.lanes[address]
             log.warning("engine %s: its fast lane %s cannot be reached (%s): gRPC calls serve it", address, lane,
