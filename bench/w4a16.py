@@ -30,7 +30,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    input norm and qkv in the same launch), pf<role><dist>[h<percent>] (quantization/int4_ahead.py: that projection's
    weights read into L2 on a side stream, forked <dist> W4A16 calls before it; role o, q(kv), g(ate_up), d(own); h:
    only that share of each split-K slice's first rows), pfe (those prefetches marked L2::evict_last), pfmN
-   (kernels/w4a16_l2.py's MODE: 0 line hints, 1 TMA bulk prefetches, 2 real loads), prof (a
+   (kernels/w4a16_l2.py's MODE: 0 line hints, 1 TMA bulk prefetches, 2 real loads), pfj (int4_ahead.JOIN_LATE: a
+   prefetch joins the main stream before the projection after its target), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -1080,6 +1081,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         int4_ahead.DIST = ahead_of(tags)
         int4_ahead.EVICT_LAST = "pfe" in tags
+        int4_ahead.JOIN_LATE = "pfj" in tags
         w4a16_l2.MODE = next((int(t[3:]) for t in tags if t.startswith("pfm") and t[3:].isdigit()), 0)
         saved = dict(w4.TUNED)
         m1_configs(tags)
@@ -1148,7 +1150,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_FRONT = DEFAULT_FRONT
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         int4_ahead.DIST, int4_ahead.EVICT_LAST = dict(DEFAULT_AHEAD), DEFAULT_EVICT_LAST
-        w4a16_l2.MODE = 0
+        w4a16_l2.MODE, int4_ahead.JOIN_LATE = 0, False
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens

@@ -1,7 +1,8 @@
 """Batch-1 W4A16 weights read into L2 ahead of their GEMV, on a side stream (kernels/w4a16_l2.py), captured into the
 decode CUDA graphs as a fork and a join: the prefetch of projection T starts when the projection `dist` calls
 before it has finished (a fork from the main stream after that GEMV's launch) and T's own GEMV waits for it (the
-join, before T's launch), so the main stream's chain gains one edge and no kernel.
+join, before T's launch; with `JOIN_LATE` the projection after T waits instead), so the main stream's chain gains
+one edge and no kernel.
 
 Which projection comes next is learnt, not told: the first batch-1 forward records each W4A16 projection's
 successor in call order (a plain attribute on the layer, `_ahead_next`); a projection met again starts a new forward,
@@ -38,6 +39,9 @@ DIST: dict[str, tuple[int, float]] = _parse(os.environ.get("FOLIO_W4A16_AHEAD", 
 GEMV, while the kernels between them run; the share of its weight read ahead)."""
 MAX_BYTES = 32 << 20
 EVICT_LAST = os.environ.get("FOLIO_W4A16_AHEAD_EVICT_LAST", "0") == "1"
+JOIN_LATE = os.environ.get("FOLIO_W4A16_AHEAD_JOIN_LATE", "0") == "1"
+"""Join a target's prefetch before the projection after it (where it has one in the forward) rather than before the
+target itself: the target's GEMV then has no edge from the side stream (its PDL early start cannot wait on it)."""
 
 
 class Ahead:
@@ -63,10 +67,11 @@ class Ahead:
             if prev is not None and getattr(prev, "_ahead_next", None) is None:
                 object.__setattr__(prev, "_ahead_next", layer)
         self.prev = weakref.ref(layer)
-        pending = getattr(layer, "_ahead_pending", None)
-        if pending is not None:
-            object.__setattr__(layer, "_ahead_pending", None)
-            self.streams.join(pending)
+        joins = getattr(layer, "_ahead_joins", None)
+        if joins:
+            object.__setattr__(layer, "_ahead_joins", [])
+            for done in joins:
+                self.streams.join(done)
 
     def after(self, layer) -> None:
         """After `layer`'s GEMV is launched: fork the prefetch of each target whose distance puts it here."""
@@ -76,8 +81,10 @@ class Ahead:
             if t is None or d > max((v[0] for v in DIST.values()), default=0):
                 return
             spec = DIST.get(role(t))
-            if spec is not None and spec[0] == d and _fits(t, spec[1]) and getattr(t, "_ahead_pending", None) is None:
-                object.__setattr__(t, "_ahead_pending", self.streams.fork(lambda t=t, f=spec[1]: self.launch(t, f)))
+            if spec is not None and spec[0] == d and _fits(t, spec[1]):
+                done = self.streams.fork(lambda t=t, f=spec[1]: self.launch(t, f))
+                at = (getattr(t, "_ahead_next", None) or t) if JOIN_LATE else t
+                object.__setattr__(at, "_ahead_joins", [*(getattr(at, "_ahead_joins", None) or []), done])
 
 
 def role(layer) -> str | None:
