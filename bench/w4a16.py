@@ -46,7 +46,9 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
 temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
---check-kernels l2 runs only kernels/w4a16_l2.py's checks (the prefetch writes nothing; a side-stream prefetch forked
+--check-kernels h2x runs only the checks of the H2 layouts not swept before (`H2X_G3`, `H2X_G4`: warps along a tile's
+rows, 8 columns per thread) and the committed configs; --sweep-kernels h2x sweeps them. --check-kernels l2 runs only
+kernels/w4a16_l2.py's checks (the prefetch writes nothing; a side-stream prefetch forked
 and joined inside a CUDA graph) and the committed configs; --check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
 (kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
 """
@@ -196,6 +198,8 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(0)
     if "l2" in kernels:  # only the L2-ahead checks and what the engine runs at M = 1
         return l2_checks(failures, g) + committed_checks(failures, g)
+    if "h2x" in kernels:  # only the new H2 layouts and what the engine runs at M = 1
+        return h2x_checks(failures, g) + committed_checks(failures, g)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
         if cfg["KERNEL"] not in kernels or ("h2" in kernels and not cfg.get("H2")):  # h2: the H2 cases only
@@ -536,6 +540,66 @@ def h2_candidates(n: int, k: int) -> list[dict]:
     return out
 
 
+H2X_G3 = ((16, 128, 4), (16, 128, 8), (8, 128, 4), (16, 256, 4), (8, 256, 1), (8, 512, 2))
+"""(T, BLOCK_N, warps) of gemv3 H2 not swept before: BLOCK_N < 128 x warps puts warps along the tile's rows (each
+thread computes fewer weights of a tile, the tile's sums meet in shared memory: a shorter path after the PDL wait),
+BLOCK_N = 256 x warps gives each thread 8 columns (x's pairs, made per tile by every thread, shared by twice the
+weights)."""
+H2X_G4 = ((16, 128, 4, 8), (16, 128, 4, 16), (16, 128, 8, 8), (8, 256, 1, 12), (16, 256, 4, 8))
+"""(T, BLOCK_N, warps, PER_SM) of gemv4 H2, the same two ideas on o's streamed grid."""
+
+
+def h2x_candidates(n: int, k: int) -> list[dict]:
+    """H2X_G3 x split-K (the committed one and half of it) where the committed config is gemv3, H2X_G4 where gemv4."""
+    base = COMMITTED.get((1, n, k)) or {}
+    out = []
+    if base.get("KERNEL") == "gemv4":
+        for t, bn, warps, per_sm in H2X_G4:
+            out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2, H2=2))
+        return out
+    sp0 = base.get("SPLIT_K", 16)
+    for t, bn, warps in H2X_G3:
+        for sp in sorted({max(1, sp0 // 2), sp0}):
+            out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2))
+    return out
+
+
+def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """The H2X layouts against float32 on the 8B o shape and on odd shapes (a part-filled strip, a split past the
+    last block, group 64), twice each (the workspace left as the next call needs it)."""
+    rows = []
+    cases = []
+    for k, n, group in ((4096, 4096, 128), (4224, 520, 128), (2176, 1000, 64)):
+        qw, s_, z_, _, w = q.int4_case(k, n, group, False, g)
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+        for t, bn, warps in H2X_G3:
+            cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=3, PDL=2, H2=2),
+                          f"{k}x{n} g{group}"))
+        for t, bn, warps, per_sm in H2X_G4:
+            cases.append((x, (qw, s_, z_, group), w, dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2,
+                                                          H2=2), f"{k}x{n} g{group}"))
+    q.precompile([lambda c=c: w4.w4a16(c[0], *c[1], config=c[3], warmup=True) for c in cases])
+    for x, args, w, cfg, label in cases:
+        ref = x.float() @ w
+        for _ in range(2):
+            err = q.err_of(q.attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
+        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2x", shape=label, M=1, config=cfg,
+                 rel_err=err)
+    for t, bn, warps in H2X_G3[:2]:  # gated (gate/up's SwiGLU epilogue) on the 8B-like shape
+        k, n = 4096, 2 * 1024
+        qw, s_, z_, _, w = q.int4_case(k, n, 128, False, g)
+        w4.reserve_workspace(DEV, n)
+        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
+        gu = (x.float() @ w).to(DTYPE)
+        ref = (F.silu(gu[:, :n // 2]) * gu[:, n // 2:]).float()
+        cfg = dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=8, PDL=2, H2=2)
+        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s_, z_, 128, config=cfg, gated=True)), ref)
+        q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2x_gated", shape=f"{k}x{n}", M=1,
+                 config=cfg, rel_err=err)
+    return rows
+
+
 def tc_of(a: tuple):
     """The tensor-core layout of a sweep weight tuple, where the sweep made one."""
     return a[3] if len(a) > 3 else None
@@ -592,10 +656,10 @@ def candidates(n: int, k: int) -> list[dict]:
     return out
 
 
-def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv4")) -> dict:
+def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv4"), shapes=None) -> dict:
     g = torch.Generator(device=DEV).manual_seed(1)
     rows = []
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in ((s_, SHAPES[s_]) for s_ in (shapes or SHAPES)):
         if time.time() - start > budget:
             print(f"sweep {name}: skipped (time budget)", flush=True)
             continue
@@ -613,6 +677,8 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             cands += gemv4_fold_candidates()
         if "h2" in kernels:
             cands += h2_candidates(n, k)
+        if "h2x" in kernels:
+            cands += h2x_candidates(n, k)
         if "tc" in kernels:
             cands += tc_candidates(n, k)
         q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=tc_of(q4[0])) for c in cands])
@@ -1211,6 +1277,8 @@ def main() -> int:
                     help="attention: no new variant is started past this share of --budget")
     ap.add_argument("--chain-share", type=float, default=0.5,
                     help="chain: no new variant is started past this share of --budget")
+    ap.add_argument("--sweep-shapes", nargs="+", default=None, choices=list(SHAPES),
+                    help="sweep: these 8B GEMMs, in this order (default: all)")
     ap.add_argument("--probe-share", type=float, default=0.3,
                     help="l2probe: no new target is started past this share of --budget")
     ap.add_argument("--sweep-share", type=float, default=0.4,
@@ -1231,7 +1299,7 @@ def main() -> int:
             print("FAILED", r)
         result["failures"] = failures
     if "sweep" in args.sections:
-        got = q.attempt(lambda: sweep(start, args.budget * args.sweep_share, args.sweep_kernels))
+        got = q.attempt(lambda: sweep(start, args.budget * args.sweep_share, args.sweep_kernels, args.sweep_shapes))
         result["sweep"] = got if not isinstance(got, Exception) else repr(got)
         if isinstance(got, dict):
             print_sweep(got)
