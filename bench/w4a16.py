@@ -558,9 +558,13 @@ def h2x_candidates(n: int, k: int) -> list[dict]:
             out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2, H2=2))
         return out
     sp0 = base.get("SPLIT_K", 16)
+    if base.get("KERNEL") == "gemv3":  # the committed config with CLAMP (unmasked weight loads)
+        out.append(dict(base, CLAMP=True))
     for t, bn, warps in H2X_G3:
         for sp in sorted({max(1, sp0 // 2), sp0}):
             out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2))
+            if bn >= 128 * warps:  # warps along N: CLAMP too
+                out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2, CLAMP=True))
     return out
 
 
@@ -576,6 +580,9 @@ def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
         for t, bn, warps in H2X_G3:
             cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=3, PDL=2, H2=2),
                           f"{k}x{n} g{group}"))
+        for t, bn, warps, sp in ((8, 512, 4, 3), (16, 512, 4, 32), (8, 256, 2, 7), (8, 256, 1, 16)):  # CLAMP
+            cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2,
+                                                          CLAMP=True), f"{k}x{n} g{group} clamp"))
         for t, bn, warps, per_sm in H2X_G4:
             cases.append((x, (qw, s_, z_, group), w, dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2,
                                                           H2=2), f"{k}x{n} g{group}"))
@@ -586,14 +593,15 @@ def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
             err = q.err_of(q.attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2x", shape=label, M=1, config=cfg,
                  rel_err=err)
-    for t, bn, warps in H2X_G3[:2]:  # gated (gate/up's SwiGLU epilogue) on the 8B-like shape
+    for t, bn, warps, clamp in ((16, 128, 4, False), (16, 128, 8, False), (8, 512, 4, True), (8, 256, 1, True)):
+        # gated (gate/up's SwiGLU epilogue) on an 8B-like shape
         k, n = 4096, 2 * 1024
         qw, s_, z_, _, w = q.int4_case(k, n, 128, False, g)
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
         gu = (x.float() @ w).to(DTYPE)
         ref = (F.silu(gu[:, :n // 2]) * gu[:, n // 2:]).float()
-        cfg = dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=8, PDL=2, H2=2)
+        cfg = dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=8, PDL=2, H2=2, CLAMP=clamp)
         err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s_, z_, 128, config=cfg, gated=True)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2x_gated", shape=f"{k}x{n}", M=1,
                  config=cfg, rel_err=err)
