@@ -139,10 +139,10 @@ def paged_prefill(
     (kernels/paged_prefill_configs.py), and HEAVY_FIRST sizes its grid by it.
     config: BLOCK_M, BLOCK_N, BLOCK_N_PAGED, num_warps, num_stages, NEW_KV ("paged" / "ptr" / "tma"), PACK_GQA,
     BLOCKWISE, REVERSE, PAIR_TILES, LAZY_RESCALE, SEQ_VEC, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS,
-    OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP, PERSISTENT, HEAVY_FIRST (see the kernel), maxnreg (optional); GLUON (and PV_ASYNC,
-    GLUON_WS, WS_REGS, PINGPONG, Q_BUFS, DYNAMIC, AHEAD, TMA_STORE): launches kernels/paged_prefill_gluon.py supports
-    (fresh prompts, k/v, 16-bit, no variants, sm_90) take a Gluon kernel with BLOCK_M, BLOCK_N, num_warps, num_stages, SEQ_VEC, maxnreg, the rest the Triton
-    kernel; unset keys take the selected config's.
+    OVERLAP_QK, BLOCK_N_TAIL, ONE_LOOP, PERSISTENT, HEAVY_FIRST (see the kernel), maxnreg (optional); GLUON (and
+    PV_ASYNC, GLUON_WS, WS_REGS, PINGPONG, Q_BUFS, DYNAMIC, AHEAD, TMA_STORE): launches kernels/paged_prefill_gluon.py
+    supports (fresh prompts, k/v, 16-bit, no variants, sm_90) take a Gluon kernel with BLOCK_M, BLOCK_N, num_warps,
+    num_stages, SEQ_VEC, maxnreg, the rest the Triton kernel; unset keys take the selected config's.
     Returns out [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape

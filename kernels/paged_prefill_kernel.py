@@ -161,13 +161,20 @@ def _attend_q_tile(q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-
 @triton.jit
-def _work_item(tile, head_group, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
-               query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
-               v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
-               QUERIES_PER_KV: tl.constexpr, ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr, REVERSE: tl.constexpr, PAIR_TILES: tl.constexpr, SEQ_VEC: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr, HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr, LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr, LOOP_WS: tl.constexpr, OVERLAP_QK: tl.constexpr, SKIP_SINGLE: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+def _work_item(tile, head_group, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr,
+               seq_lens_ptr, query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2,
+               window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs,
+               stride_ch, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
+               QUERIES_PER_KV: tl.constexpr, ROW_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_N_PAGED: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               D_MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, NEW_KV: tl.constexpr, BLOCKWISE: tl.constexpr,
+               REVERSE: tl.constexpr, PAIR_TILES: tl.constexpr, SEQ_VEC: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+               USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+               HAS_PREFIX: tl.constexpr, Q_SCALED: tl.constexpr, LOOP_STAGES: tl.constexpr, LOOP_UNROLL: tl.constexpr,
+               LOOP_WS: tl.constexpr, OVERLAP_QK: tl.constexpr, SKIP_SINGLE: tl.constexpr, BLOCK_N_TAIL: tl.constexpr,
+               ONE_LOOP: tl.constexpr, HEAVY_FIRST: tl.constexpr):
     """One program's work: query tile slot `tile` (of the grid's tile axis, see the module docstring) of
     query-head group `head_group`; spare slots of a sequence do nothing."""
     head0 = head_group * ROW_HEADS
@@ -410,14 +417,21 @@ def _paged_prefill_kernel(
         # A fixed grid (PERSISTENT programs per SM) walks the work items in the launch order of the plain
         # grid (tile slots fastest, then head groups), so no program waits on the block scheduler.
         for w in range(tl.program_id(0), num_tiles * NUM_HEAD_GROUPS, tl.num_programs(0)):
-            _work_item(w % num_tiles, w // num_tiles, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
-               query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
-               v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
-                       QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP, HEAVY_FIRST)
+            _work_item(w % num_tiles, w // num_tiles, q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail,
+                       block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale,
+                       softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                       stride_bt, stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh,
+                       num_seqs, max_q_tiles, QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED,
+                       HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC,
+                       USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX,
+                       Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP,
+                       HEAVY_FIRST)
     else:
-        _work_item(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail, block_tables_ptr, seq_lens_ptr,
-               query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale, softcap_in, softcap_out2, window,
-               v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-               stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
-                   QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD, D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI, USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES, LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP, HEAVY_FIRST)
+        _work_item(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, k_tail, v_tail,
+                   block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr, slopes_ptr, sinks_ptr, qk_scale,
+                   softcap_in, softcap_out2, window, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                   stride_cb, stride_cs, stride_ch, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, max_q_tiles,
+                   QUERIES_PER_KV, ROW_HEADS, BLOCK_M, BLOCK_Q, BLOCK_N, BLOCK_N_PAGED, HEAD_DIM, HEAD_DIM_PAD,
+                   D_MASKED, BLOCK_SIZE, NEW_KV, BLOCKWISE, REVERSE, PAIR_TILES, SEQ_VEC, USE_SOFTCAP, USE_ALIBI,
+                   USE_WINDOW, USE_SINKS, DOT_PRECISION, KV_FP8, LAZY_RESCALE, HAS_PREFIX, Q_SCALED, LOOP_STAGES,
+                   LOOP_UNROLL, LOOP_WS, OVERLAP_QK, SKIP_SINGLE, BLOCK_N_TAIL, ONE_LOOP, HEAVY_FIRST)
