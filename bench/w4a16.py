@@ -31,7 +31,9 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    weights read into L2 on a side stream, forked <dist> W4A16 calls before it; role o, q(kv), g(ate_up), d(own); h:
    only that share of each split-K slice's first rows), pfe (those prefetches marked L2::evict_last), pfmN
    (kernels/w4a16_l2.py's MODE: 0 line hints, 1 TMA bulk prefetches, 2 real loads), pfj (int4_ahead.JOIN_LATE: a
-   prefetch joins the main stream before the projection after its target), prof (a
+   prefetch joins the main stream before the projection after its target), xp / noxp (quantization/int4.py's
+   X_PAIRS: the norm writes x's f16x2 pairs for the H2 gemv3 after it), clamp (CLAMP on every M = 1 gemv3 config:
+   unmasked weight loads), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -200,6 +202,8 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
         return l2_checks(failures, g) + committed_checks(failures, g)
     if "h2x" in kernels:  # only the new H2 layouts and what the engine runs at M = 1
         return h2x_checks(failures, g) + committed_checks(failures, g)
+    if "xp" in kernels:  # X_PAIRS and CLAMP, and what the engine runs at M = 1
+        return h2x_checks(failures, g, layouts=False) + committed_checks(failures, g)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
         if cfg["KERNEL"] not in kernels or ("h2" in kernels and not cfg.get("H2")):  # h2: the H2 cases only
@@ -568,7 +572,42 @@ def h2x_candidates(n: int, k: int) -> list[dict]:
     return out
 
 
-def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
+def xp_checks(failures: list, g: torch.Generator) -> list[dict]:
+    """X_PAIRS on the GPU: the norm's pairs equal x_pairs_of(its output) at 4,096; the committed qkv and gate/up
+    (gated) configs with the pairs, and with CLAMP too, give the same bits as without, and are within float32's."""
+    from kernels.fused_norm import add_rms_norm
+    from kernels.w4a16_half2 import x_pairs_of
+
+    rows = []
+    x = torch.randn(1, 4096, generator=g, device=DEV).to(DTYPE)
+    r = torch.randn(1, 4096, generator=g, device=DEV).to(DTYPE)
+    wn = torch.randn(4096, generator=g, device=DEV).to(DTYPE)
+    got = q.attempt(lambda: add_rms_norm(x, r.clone(), wn, 1e-5, pairs=True))
+    ok = not isinstance(got, Exception) and torch.equal(got[0], add_rms_norm(x, r.clone(), wn, 1e-5)) \
+        and torch.equal(got[1], x_pairs_of(got[0]))
+    q.record(rows, failures, ok, check="xp_norm_pairs", shape="4096", error=repr(got) if isinstance(got, Exception) else None)
+    xn = got[0] if ok else x
+    for name, gated in (("qkv", False), ("gate_up", True)):
+        k, n = SHAPES[name]
+        qw, s_, z_, _, w = q.int4_case(k, n, 128, False, g)
+        w4.reserve_workspace(DEV, n)
+        base = w4.pick_config(1, n, k, 128, DEV)
+        plain = w4.w4a16(xn, qw, s_, z_, 128, config=dict(base), gated=gated)
+        for cfg in (dict(base), dict(base, CLAMP=True)):
+            out = q.attempt(lambda: w4.w4a16(xn, qw, s_, z_, 128, config=dict(cfg), gated=gated, x_pairs=x_pairs_of(xn)))
+            same = not isinstance(out, Exception) and torch.equal(out, plain)
+            if gated:
+                gu = (xn.float() @ w).to(DTYPE)
+                ref = (F.silu(gu[:, :n // 2]) * gu[:, n // 2:]).float()
+            else:
+                ref = xn.float() @ w
+            err = q.err_of(out, ref)
+            q.record(rows, failures, same and err < 1e-2 and q.workspace_clean(), check="xp_gemv", shape=name, M=1,
+                     config=cfg, rel_err=err, same_bits=same)
+    return rows
+
+
+def h2x_checks(failures: list, g: torch.Generator, layouts: bool = True) -> list[dict]:
     """The H2X layouts against float32 on the 8B o shape and on odd shapes (a part-filled strip, a split past the
     last block, group 64), twice each (the workspace left as the next call needs it)."""
     rows = []
@@ -577,13 +616,13 @@ def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
         qw, s_, z_, _, w = q.int4_case(k, n, group, False, g)
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-        for t, bn, warps in H2X_G3:
+        for t, bn, warps in H2X_G3 if layouts else ():
             cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=3, PDL=2, H2=2),
                           f"{k}x{n} g{group}"))
         for t, bn, warps, sp in ((8, 512, 4, 3), (16, 512, 4, 32), (8, 256, 2, 7), (8, 256, 1, 16)):  # CLAMP
             cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2,
                                                           CLAMP=True), f"{k}x{n} g{group} clamp"))
-        for t, bn, warps, per_sm in H2X_G4:
+        for t, bn, warps, per_sm in H2X_G4 if layouts else ():
             cases.append((x, (qw, s_, z_, group), w, dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2,
                                                           H2=2), f"{k}x{n} g{group}"))
     q.precompile([lambda c=c: w4.w4a16(c[0], *c[1], config=c[3], warmup=True) for c in cases])
@@ -593,7 +632,9 @@ def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
             err = q.err_of(q.attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2x", shape=label, M=1, config=cfg,
                  rel_err=err)
-    for t, bn, warps, clamp in ((16, 128, 4, False), (16, 128, 8, False), (8, 512, 4, True), (8, 256, 1, True)):
+    rows += xp_checks(failures, g)
+    for t, bn, warps, clamp in ((16, 128, 4, False), (16, 128, 8, False), (8, 512, 4, True), (8, 256, 1, True))[
+            0 if layouts else 2:]:
         # gated (gate/up's SwiGLU epilogue) on an 8B-like shape
         k, n = 4096, 2 * 1024
         qw, s_, z_, _, w = q.int4_case(k, n, 128, False, g)
@@ -1000,6 +1041,7 @@ MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW
 split, as before 2026-11-29 evening, 128 four, 64 eight)."""
 DEFAULT_ROPE = int4.FUSE_ROPE
 DEFAULT_AHEAD, DEFAULT_EVICT_LAST = dict(int4_ahead.DIST), int4_ahead.EVICT_LAST
+DEFAULT_XP = int4.X_PAIRS
 """quantization/int4.py's FUSE_ROPE as committed: runs tagged +rope / +norope turn it on / off."""
 DEFAULT_MLP = int4.FUSE_MLP
 """quantization/int4.py's FUSE_MLP as committed: runs tagged +mlp / +nomlp turn the one-launch batch-1 MLP
@@ -1028,6 +1070,9 @@ def m1_configs(tags: list[str]) -> None:
                 if t.startswith("d") and t[1:].isdigit():
                     cfg["L2_DIST"] = int(t[1:])
             w4.TUNED[(1, n, k)] = cfg
+    if "clamp" in tags:  # gemv3's unmasked weight loads (kernels/w4a16.py CLAMP) on every M = 1 gemv3 config
+        for key in [key for key in w4.TUNED if key[0] == 1 and w4.TUNED[key].get("KERNEL") == "gemv3"]:
+            w4.TUNED[key] = dict(w4.TUNED[key], CLAMP=True)
     if "nopdl" in tags:  # the committed configs name PDL 2: off means off for the GEMVs too
         for key in [key for key in w4.TUNED if key[0] == 1]:
             w4.TUNED[key] = dict(w4.TUNED[key], PDL=0)
@@ -1155,6 +1200,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         int4_ahead.DIST = ahead_of(tags)
         int4_ahead.EVICT_LAST = "pfe" in tags
+        int4.X_PAIRS = "xp" in tags or (DEFAULT_XP and "noxp" not in tags)
         int4_ahead.JOIN_LATE = "pfj" in tags
         w4a16_l2.MODE = next((int(t[3:]) for t in tags if t.startswith("pfm") and t[3:].isdigit()), 0)
         saved = dict(w4.TUNED)
@@ -1225,6 +1271,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         int4_ahead.DIST, int4_ahead.EVICT_LAST = dict(DEFAULT_AHEAD), DEFAULT_EVICT_LAST
         w4a16_l2.MODE, int4_ahead.JOIN_LATE = 0, False
+        int4.X_PAIRS = DEFAULT_XP
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens

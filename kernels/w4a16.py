@@ -23,7 +23,7 @@ import triton.language as tl
 from kernels import pdl as pdl_launch
 from kernels import splitk, w4a16_stream, w4a16_tc
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
-from kernels.w4a16_half2 import tile_sums_h2
+from kernels.w4a16_half2 import tile_sums_h2, tile_sums_h2_xp
 from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
 from kernels.w4a16_rope import rope_args, rope_strip_done
 from kernels.splitk import splitk_store
@@ -360,7 +360,7 @@ def _w4a16_gemv3_kernel(
     ROPE: tl.constexpr = False, CLAMP: tl.constexpr = False, HEAD_DIM: tl.constexpr = 128,
     CACHE_BS: tl.constexpr = 16,
     cos_ptr=None, sin_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, q_cols=0, k_cols=0, stride_cb=0,
-    stride_cs=0, stride_ch=0,
+    stride_cs=0, stride_ch=0, xp_ptr=None, XP: tl.constexpr = False,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -380,7 +380,8 @@ def _w4a16_gemv3_kernel(
     GATED as in its gemv4: a column tile holds the same columns of the gate and up halves and the split that
     completes it writes silu(gate) * up (through the workspace even unsplit). CLAMP (the host sets it only where every
     column of every strip exists): the weight loads carry no masks, the last iteration reloading its own tile instead
-    (no zeroed registers or predicates: ~6% fewer instructions in the loop by the sm_90 SASS). ROPE (a fused qkv at batch 1): the
+    (no zeroed registers or predicates: ~6% fewer instructions in the loop by the sm_90 SASS). XP (H2 with XPAIR): x's
+    f16x2 pairs are read made from xp_ptr (kernels/w4a16_half2.py's layout, written by x's producer). ROPE (a fused qkv at batch 1): the
     program that completes a strip turns its q and k heads and writes k and v into the paged cache
     (kernels/w4a16_rope.py; the arguments after ROPE are its)."""
     S: tl.constexpr = ROWS // 8
@@ -418,7 +419,10 @@ def _w4a16_gemv3_kernel(
             else:
                 nxt_o = tl.load(w_ptrs + stride_qk, mask=(i + 1 < t_end) & n_mask[None, :])
         k0 = (i // H) * ROWS + (i % H) * T  # input of nibble 0 of the tile's first word
-        if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
+        if H2 and XP:  # packed halves, x's pairs made by x's producer (kernels/w4a16_half2.py)
+            acc = tile_sums_h2_xp(acc, words, words_o, k0, xp_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r,
+                                  stride_sg, ASM)
+        elif H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
             acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
                                perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN,
                                HAS_PERM, ASM, "")
@@ -564,7 +568,8 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
-          gated: bool = False, qtc: torch.Tensor | None = None, rope: tuple | None = None):
+          gated: bool = False, qtc: torch.Tensor | None = None, rope: tuple | None = None,
+          x_pairs: torch.Tensor | None = None):
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -690,6 +695,9 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
                       and (n // 2 if gated else n) % (cfg["BLOCK_N"] // 2 if gated else cfg["BLOCK_N"]) == 0)
         if pdl:
             consts["launch_pdl"] = True
+        if (x_pairs is not None and h2 and xpair and rows == 128 and x_pairs.dtype == torch.int32
+                and x_pairs.numel() == k // 2):  # x's f16x2 pairs made by its producer (x_pairs_of)
+            consts.update(XP=True, xp_ptr=x_pairs)
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
                            20, n // 2 if gated else n)
         if rope_launch is not None:

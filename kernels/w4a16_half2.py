@@ -179,4 +179,65 @@ def tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr,
     return acc + tl.sum(part, axis=0) * sc
 
 
-__all__ = ["tile_sums_h2", "X_SHIFT"]
+@triton.jit
+def tile_sums_h2_xp(acc, words, words_o, k0, xp_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg,
+                    ASM: tl.constexpr):
+    """`tile_sums_h2` with PAIR where x's f16x2 pairs come made (`x_pairs` layout, written by the kernel that produced
+    x: kernels/fused_norm.py's PAIRS): per tile 8 vector loads instead of each thread loading, shifting and packing x.
+    The same arithmetic and bits."""
+    R: tl.constexpr = offs_r.shape[0]
+    k0 = tl.multiple_of(k0, 2 * R)
+    g = tl.minimum(k0, K - 1) // group_size
+    sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32) * _SC
+    zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.int32)
+    base = tl.multiple_of(k0 // 2, R)
+    a0 = tl.load(xp_ptr + base + offs_r)
+    a1 = tl.load(xp_ptr + base + 16 + offs_r)
+    a2 = tl.load(xp_ptr + base + 32 + offs_r)
+    a3 = tl.load(xp_ptr + base + 48 + offs_r)
+    b0 = tl.load(xp_ptr + base + 8 + offs_r)
+    b1 = tl.load(xp_ptr + base + 24 + offs_r)
+    b2 = tl.load(xp_ptr + base + 40 + offs_r)
+    b3 = tl.load(xp_ptr + base + 56 + offs_r)
+    if ASM:
+        zlo = ((0x4C00 + zp) * 0x10001)[None, :]
+        zhi = ((0x3C00 + 16 * zp) * 0x10001)[None, :]
+        part = tl.inline_asm_elementwise(ASM2, CONS2, [words, words_o, a0[:, None], a1[:, None], a2[:, None],
+                                                       a3[:, None], b0[:, None], b1[:, None], b2[:, None],
+                                                       b3[:, None], zlo, zhi],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        z = zp[None, :]
+        lo = tl.zeros(words.shape, dtype=tl.float16)
+        hi = tl.zeros(words.shape, dtype=tl.float16)
+        lo = _word_sums_ref(words, a0[:, None], a1[:, None], a2[:, None], a3[:, None], z, False, lo)
+        hi = _word_sums_ref(words, a0[:, None], a1[:, None], a2[:, None], a3[:, None], z, True, hi)
+        lo = _word_sums_ref(words_o, b0[:, None], b1[:, None], b2[:, None], b3[:, None], z, False, lo)
+        hi = _word_sums_ref(words_o, b0[:, None], b1[:, None], b2[:, None], b3[:, None], z, True, hi)
+        part = lo.to(tl.float32) + hi.to(tl.float32)
+    return acc + tl.sum(part, axis=0) * sc
+
+
+def pairs_index(k: int) -> tuple[int, int]:
+    """Input feature k (K a multiple of 128) -> (int32 index, half 0 / 1) in the `x_pairs` layout: for block b (128
+    inputs), nibble row j (0..3, its partner j + 4 in the high half) and word p (0..15), pair 64 b + 16 j + 8 (p % 2)
+    + p // 2 holds (x[128 b + 16 j + p], x[128 b + 16 (j + 4) + p]) as f16x2: a PAIR tile's even words then its odd
+    words read R consecutive pairs each."""
+    b, w = divmod(k, 128)
+    j, p = divmod(w, 16)
+    return 64 * b + 16 * (j % 4) + 8 * (p % 2) + p // 2, j // 4
+
+
+def x_pairs_of(x):
+    """x [..., K] (K a multiple of 128) -> int32 [..., K / 2]: the f16x2 pairs of `pairs_index`'s layout (the reference
+    for what kernels/fused_norm.py's PAIRS writes)."""
+    import torch
+
+    k = x.shape[-1]
+    v = x.reshape(-1, k // 128, 8, 16).float().to(torch.float16)
+    order = torch.tensor([*range(0, 16, 2), *range(1, 16, 2)], device=x.device)
+    lo, hi = v[:, :, :4, :][..., order], v[:, :, 4:, :][..., order]
+    return torch.stack([lo, hi], dim=-1).contiguous().view(torch.int32).reshape(*x.shape[:-1], k // 2)
+
+
+__all__ = ["tile_sums_h2", "tile_sums_h2_xp", "pairs_index", "x_pairs_of", "X_SHIFT"]
