@@ -3,7 +3,9 @@ engine on the same network (docs/router.md, "The engine fast lane").
 
 One connection carries one request: the router writes a request frame (an `EngineGenerateRequest`, the same
 message the gRPC `GenerateStream` call carries, its deadline in `timeout_ms`); the engine answers with message
-frames (`EngineGenerateResponse`) and ends with the finished one, or with an error frame. The router closing the
+frames (`EngineGenerateResponse`) and ends with the finished one, or with an error frame. The first message is
+written by the engine's step thread itself as the step that made the token returns, where the engine runs one
+(services/engine/fast_lane.py), so no wake-up of its event loop lies on the first token's way. The router closing the
 connection cancels the request (the engine aborts it within a step). Why: a grpc.aio message passes two more
 threads on each side (the transport's poller and the completion-queue poller) before it reaches the event loop;
 a socket read by the loop's own selector does not.
@@ -17,12 +19,9 @@ import json
 import struct
 
 REQUEST = b"Q"
-REQUEST_DIRECT = b"D"
-"""A request whose first message the engine may write from its engine thread, as the step that made the token
-returns (no wake-up of its event loop on the way; router --engine-fast-lane-direct)."""
 MESSAGE = b"M"
 ERROR = b"E"
-KINDS = (REQUEST, REQUEST_DIRECT, MESSAGE, ERROR)
+KINDS = (REQUEST, MESSAGE, ERROR)
 
 METADATA_KEY = "folio-fast-lane"
 """The engine names its fast lane's address (host:port) in its GenerateStream calls' initial metadata."""

@@ -2,9 +2,10 @@
 engine server's event loop. Each connection takes one request frame and streams the same messages the gRPC
 `GenerateStream` call would (`EngineServicer._generate`), read and written by the loop's own selector.
 
-With a REQUEST_DIRECT frame the request's first message is written by the engine thread itself, on a duplicate
+The request's first message is written by the engine thread itself, on a duplicate
 of the socket's descriptor, as the step that made the token returns (`_Connection.writable` / `write`, called
-there; EngineServicer._send_first); the event loop writes the rest.
+there; EngineServicer._send_first; not with --core-process, whose loop hands it over); the event loop writes
+the rest.
 
 A connection opened ahead waits for its request; a draining server closes the waiting ones (the router then
 fails over, as from an opened gRPC call ended unused). The router closing a connection cancels its request.
@@ -20,8 +21,7 @@ import time
 
 from protos.gen.folio.v1 import engine_pb2 as pb
 from services.common import eager
-from services.common.fast_lane import (MESSAGE, REQUEST, REQUEST_DIRECT, FrameReader, ProtocolError, error_frame,
-                                       frame)
+from services.common.fast_lane import MESSAGE, REQUEST, FrameReader, ProtocolError, error_frame, frame
 from services.common.grpc_errors import status_of
 
 log = logging.getLogger("folio.engine.fast_lane")
@@ -75,13 +75,14 @@ class _Connection(asyncio.Protocol):
         if self.lane.draining:
             transport.close()
             return
+        self._fd = os.dup(transport.get_extra_info("socket").fileno())  # (for `write`, off the request's way)
         self.lane.waiting.add(self)
 
     def data_received(self, data: bytes) -> None:
         received_ns = time.monotonic_ns()
         try:
             frames = self.reader.feed(data)
-            if frames and (self.task is not None or len(frames) > 1 or frames[0][0] not in (REQUEST, REQUEST_DIRECT)):
+            if frames and (self.task is not None or len(frames) > 1 or frames[0][0] != REQUEST):
                 raise ProtocolError("fast lane: one request frame per connection")
         except ProtocolError as e:
             log.warning("%s; closing the connection", e)
@@ -91,11 +92,7 @@ class _Connection(asyncio.Protocol):
             self.lane.waiting.discard(self)
             self.lane.serving.add(self)
             request = pb.EngineGenerateRequest.FromString(frames[0][1])
-            direct = frames[0][0] == REQUEST_DIRECT
-            if direct:
-                self._fd = os.dup(self.transport.get_extra_info("socket").fileno())
-            # the engine has it before this returns
-            self.task = eager.start(self._serve(request, received_ns, self if direct else None))
+            self.task = eager.start(self._serve(request, received_ns))  # the engine has it before this returns
 
     def connection_lost(self, exc) -> None:
         self.lane.waiting.discard(self)
@@ -128,11 +125,11 @@ class _Connection(asyncio.Protocol):
         if n < len(data):
             self._loop.call_soon_threadsafe(self.transport.write, data[n:])
 
-    async def _serve(self, request: pb.EngineGenerateRequest, received_ns: int, direct=None) -> None:
+    async def _serve(self, request: pb.EngineGenerateRequest, received_ns: int) -> None:
         deadline = time.monotonic() + request.timeout_ms / 1e3 if request.timeout_ms else None
         write = self.transport.write
         try:
-            async for msg in self.lane.servicer._generate(request, received_ns, deadline, direct):
+            async for msg in self.lane.servicer._generate(request, received_ns, deadline, self):
                 write(frame(MESSAGE, msg.SerializeToString()))
         except asyncio.CancelledError:
             raise

@@ -52,17 +52,15 @@ class RouterCore:
     def over_grpc(cls, redis, tokenizer_addresses: list[str], stale_ms: int = 1500, reservation_ttl_ms: int = 10_000,
                   suspect_s: float = 2.0, max_attempts: int = 3, limits: RequestLimits | None = None,
                   hung_after_s: float = 4.0, first_step_s: float = 120.0, detokenize: str = "local",
-                  engine_calls_ahead: bool = True, busy_loop: bool = False, engine_fast_lane: bool = False,
-                  engine_fast_lane_direct: bool = False, wake_latency: CpuWakeLatency | None = None) -> RouterCore:
+                  engine_calls_ahead: bool = True, busy_loop: bool = False, engine_fast_lane: bool = True,
+                  wake_latency: CpuWakeLatency | None = None) -> RouterCore:
         """The router's core over Redis (the registry) and gRPC (engines, tokenizer services)."""
         from services.router.grpc_clients import GrpcEngineClient, GrpcTokenizerClient
         from services.router.registry_client import RegistryClient
 
         registry = RegistryClient(redis, stale_ms, reservation_ttl_ms, suspect_s)
         tokenizers = [GrpcTokenizerClient(a, detokenize) for a in tokenizer_addresses]
-        engines = GrpcEngineClient(ahead=engine_calls_ahead, fast_lane=engine_fast_lane or engine_fast_lane_direct,
-                                   fast_lane_direct=engine_fast_lane_direct)
-        return cls(registry, engines, tokenizers, max_attempts, limits,
+        return cls(registry, GrpcEngineClient(ahead=engine_calls_ahead, fast_lane=engine_fast_lane), tokenizers, max_attempts, limits,
                    EngineWatch(registry, hung_after_s, first_step_s), KeepAwake() if busy_loop else None, wake_latency)
 
     async def start(self, tokenizer_wait_s: float = 60.0) -> None:

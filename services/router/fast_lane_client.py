@@ -15,8 +15,7 @@ import time
 
 from protos.gen.folio.v1 import engine_pb2
 from services.common.errors import Cancelled, DeadlineExceeded, FolioError, Unavailable, from_status
-from services.common.fast_lane import (ERROR, METADATA_KEY, REQUEST, REQUEST_DIRECT, FrameReader, ProtocolError, frame,
-                                       parse_error)
+from services.common.fast_lane import ERROR, METADATA_KEY, REQUEST, FrameReader, ProtocolError, frame, parse_error
 from services.router.clients import EngineFailed
 from services.router.grpc_clients import message_from_pb
 
@@ -32,10 +31,8 @@ REFILL_DELAY_S = 0.005
 class FastLanes:
     """Per engine address: its lane (host:port) and the connections held open to it."""
 
-    def __init__(self, depth: int = 2, direct: bool = False):
+    def __init__(self, depth: int = 2):
         self.depth = depth
-        self.direct = direct
-        """Requests ask the engine to write their first message from its engine thread (REQUEST_DIRECT)."""
         self.lanes: dict[str, str] = {}
         self._held: dict[str, list[_Connection]] = {}
         self._unreachable_until: dict[str, float] = {}
@@ -135,7 +132,7 @@ class FastLaneCall:
     `timeout_ms`, by the engine; `on_first` runs once the first message was read (or the call ended)."""
 
     def __init__(self, conn: _Connection, request: engine_pb2.EngineGenerateRequest, timeout_s: float | None,
-                 on_first=None, direct: bool = False):
+                 on_first=None):
         self._conn = conn
         self._failed: FolioError | None = None
         self._cancelled = False
@@ -145,7 +142,7 @@ class FastLaneCall:
             request.timeout_ms = max(1, int(timeout_s * 1000))
             self._timer = asyncio.get_running_loop().call_later(timeout_s, self.fail,
                                                                 DeadlineExceeded("deadline exceeded"))
-        conn.transport.write(frame(REQUEST_DIRECT if direct else REQUEST, request.SerializeToString()))
+        conn.transport.write(frame(REQUEST, request.SerializeToString()))
 
     def _first_done(self) -> None:
         on_first, self._on_first = self._on_first, None

@@ -43,17 +43,16 @@ class GrpcEngineClient:
     its first message came back (so the opening does not compete with that request's first token);
     with none ready (the first request, a burst, an engine that lacks GenerateStream) it is Generate.
     With `fast_lane` (and `ahead`), a request goes over a connection opened ahead to the engine's fast lane
-    where the engine serves one (services/router/fast_lane_client.py), else as above; with `fast_lane_direct`
-    too, asking the engine to write its first message from the engine thread."""
+    where the engine serves one (services/router/fast_lane_client.py), else as above."""
 
-    def __init__(self, ahead: bool = True, depth: int = 2, fast_lane: bool = False, fast_lane_direct: bool = False):
+    def __init__(self, ahead: bool = True, depth: int = 2, fast_lane: bool = False):
         self.ahead = ahead
         self.depth = depth
         self.lanes = None
         if fast_lane and ahead:
             from services.router.fast_lane_client import FastLaneCall, FastLanes  # (they import this module)
 
-            self.lanes, self._lane_call = FastLanes(depth, fast_lane_direct), FastLaneCall
+            self.lanes, self._lane_call = FastLanes(depth), FastLaneCall
         self._channels: dict[str, tuple[grpc.aio.Channel, engine_pb2_grpc.EngineStub]] = {}
         self._opened: dict[str, list[_OpenedCall]] = {}
         self._plain: set[str] = set()
@@ -72,8 +71,7 @@ class GrpcEngineClient:
                                                params=params_to_pb(request.params))
         if self.ahead and address not in self._plain and not telemetry.enabled():
             if self.lanes is not None and (conn := self.lanes.take(address)) is not None:
-                return self._lane_call(conn, req, timeout_s, on_first=lambda: self.lanes.fill_soon(address),
-                                       direct=self.lanes.direct)
+                return self._lane_call(conn, req, timeout_s, on_first=lambda: self.lanes.fill_soon(address))
             held = self._held(address)
             opened = next((c for c in held if c.ready), None)
             if opened is not None:

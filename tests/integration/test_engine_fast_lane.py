@@ -1,6 +1,7 @@
-"""A router with --engine-fast-lane-direct sends its requests over the engine's fast lane (services/common/fast_lane.py)
-once an opened call has named it, the real engine's thread writing each first message: the same tokens as over
-gRPC, and the engine names its lane in the opening's metadata (the real engine process's `serve` wiring)."""
+"""The router sends its requests over the engine's fast lane (services/common/fast_lane.py, the default) once an
+opened call has named it, the real engine's thread writing each first message: the same tokens as the first
+request's, which rides gRPC, and the engine names its lane in the opening's metadata (the real engine process's
+`serve` wiring)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tests.integration.helpers import engine_stub, generate, params, router_stub
 
 
 def test_requests_over_the_fast_lane_match_grpc(tmp_path_factory):
-    stack = start_stack(tmp_path_factory, "lane", router_args=["--engine-fast-lane-direct"])
+    stack = start_stack(tmp_path_factory, "lane")
     try:
         ch, stub = router_stub(stack.router_address)
         with ch:

@@ -325,17 +325,18 @@ def test_disconnect_mid_stream_frees_the_engines_blocks(http_stack):
     avail = lambda s: s.free_blocks + s.evictable_blocks  # noqa: E731
     before = engine_stats(engine)
     assert before.running == 0 and before.waiting == 0
-    body = {"model": MODEL, "prompt": random_prompt(200, seed=11), "max_tokens": 500, "ignore_eos": True,
+    # (the stats are read at the first event: on a fast host a CPU engine's 800 tokens take well under a second,
+    # and by a fourth event the request had once finished already)
+    body = {"model": MODEL, "prompt": random_prompt(200, seed=11), "max_tokens": 800, "ignore_eos": True,
             "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", http_stack.http_url + "/v1/completions", json=body) as r:
             assert r.status_code == 200
-            events = 0
             for line in r.iter_lines():
                 if line.startswith("data: "):
-                    events += 1
-                if events >= 4:
                     break
+            # (the engine's stats are its last step's: a first token can reach the client before they count it)
+            wait_for(lambda: engine_stats(engine).running == 1, timeout=2.0, interval=0.01, what="the request running")
             during = engine_stats(engine)
             assert during.running == 1
             assert avail(during) <= avail(before) - 13  # 200 prompt tokens hold 13 blocks of 16

@@ -4,9 +4,8 @@ engine's real EngineServicer and FastLaneServer over loopback, a scripted engine
 Shown: the engine names its lane in an opened call's metadata and later requests ride lane connections with the
 same tokens; a deadline and a cancel abort the request on the engine; an engine error arrives as its domain error;
 a draining engine closes the connections waiting for a request (a request on one fails over); an unreachable
-lane is forgotten and gRPC serves; the frame reader splits and refuses as it should; with the direct first token
-(a real AsyncEngine over a stepped stand-in) the engine thread writes each request's first message and the
-stream is the same."""
+lane is forgotten and gRPC serves; the frame reader splits and refuses as it should; the engine thread (a real
+AsyncEngine over a stepped stand-in) writes each lane request's first message, and the stream is what gRPC's is."""
 
 from __future__ import annotations
 
@@ -201,7 +200,11 @@ class _SteppedEngine:
         return out
 
 
-def test_direct_first_token_is_written_by_the_engine_thread_with_the_same_stream():
+async def _opened_ready(client, addr):
+    await _until(lambda: any(c.ready for c in client._opened.get(addr, [])))
+
+
+def test_the_engine_thread_writes_a_lane_requests_first_message_and_the_stream_is_grpcs():
     async def main():
         from services.engine.async_engine import AsyncEngine
 
@@ -216,25 +219,25 @@ def test_direct_first_token_is_written_by_the_engine_thread_with_the_same_stream
             real_write(self, msg)
 
         _Connection.write = recording_write
-        plain = GrpcEngineClient(fast_lane=True)
-        direct = GrpcEngineClient(fast_lane=True, fast_lane_direct=True)
+        plain = GrpcEngineClient()  # gRPC's opened calls
+        direct = GrpcEngineClient(fast_lane=True)
         try:
             results = {}
             for name, client in (("plain", plain), ("direct", direct)):
                 await _tokens(client.generate(addr, _req(f"{name}-warm"), 30))
-                await _lane_ready(client, addr)
+                await (_lane_ready(client, addr) if client is direct else _opened_ready(client, addr))
                 out = []
                 for i, n in enumerate((3, 1, 5)):  # 1: the first message is also the last
                     call = client.generate(addr, _req(f"{name}{i}", n), 30)
-                    assert isinstance(call, FastLaneCall)
+                    assert isinstance(call, FastLaneCall if client is direct else GrpcEngineCall)
                     msgs = [m async for m in call.messages()]
                     assert msgs[0].first_token_path and any(h == "engine.sent" for h, _ in msgs[0].first_token_path)
                     assert msgs[-1].finished and msgs[-1].sequences[-1].finish_reason == "length"
                     out.append([t for m in msgs for s in m.sequences for t in s.token_ids])
-                    await _lane_ready(client, addr)
+                    await (_lane_ready(client, addr) if client is direct else _opened_ready(client, addr))
                 results[name] = out
             assert results["plain"] == results["direct"] == [[21, 22, 23], [21], [21, 22, 23, 24, 25]]
-            assert writers == ["engine-loop"] * 3  # only the direct requests' first messages, from the engine thread
+            assert writers == ["engine-loop"] * 3  # only the lane requests' first messages, from the engine thread
         finally:
             _Connection.write = real_write
             await plain.close()
