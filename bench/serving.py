@@ -7,7 +7,7 @@ in-process, under Poisson arrivals at several rates, in one run. Prints a table;
     python bench/serving.py --model ~/.cache/folio/models/SmolLM2-135M-Instruct --device cpu --dtype float32 \
         --rates 4 16 --requests 64 --runs 5 --in-len 8 32 --out-len 4 12                # on CPU
     python bench/serving.py --shape tiny --device cpu --rates 4 --requests 16 --runs 1   # smoke test
-    python bench/serving.py --shape llama-3-8b --rates 4 16 --requests 24 --runs 30 --out-len 8 32 --apis http \
+    python bench/serving.py --shape llama-3-8b --rates 4 16 --requests 12 --runs 12 --in-len 32 255 --apis http \
         --max-mixed-graph-tokens 512 --max-num-seqs 32 --client-cpus 0-14 --max-wall-s 140   # the TTFT target, ~150 s
 
 The model is a random-weight model of a real shape (load_format="dummy") whose vocabulary is the bundled
