@@ -445,8 +445,11 @@ async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = No
 
         lane = FastLaneServer(servicer)
         port = int((await lane.start(c.host)).rsplit(":", 1)[1])
-        servicer.opening_metadata = ((METADATA_KEY, f"{host}:{port}"),)
-        log.info("fast lane at %s:%d", host, port)
+        # routers reach it by the host they dial for gRPC (an advertised name: engine-0 in compose, a pod's IP)
+        advertised = c.advertise_address
+        lane_host = advertised.rsplit(":", 1)[0] if advertised and not advertised.startswith("unix:") else host
+        servicer.opening_metadata = ((METADATA_KEY, f"{lane_host}:{port}"),)
+        log.info("fast lane at %s:%d", lane_host, port)
     redis = None
     if c.redis_url:
         import redis.asyncio as aioredis
