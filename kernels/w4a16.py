@@ -360,7 +360,7 @@ def _w4a16_gemv3_kernel(
     ROPE: tl.constexpr = False, CLAMP: tl.constexpr = False, HEAD_DIM: tl.constexpr = 128,
     CACHE_BS: tl.constexpr = 16,
     cos_ptr=None, sin_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, q_cols=0, k_cols=0, stride_cb=0,
-    stride_cs=0, stride_ch=0, xp_ptr=None, XP: tl.constexpr = False,
+    stride_cs=0, stride_ch=0, xp_ptr=None, XP: tl.constexpr = False, po_ptr=None, PAIRS_OUT: tl.constexpr = False,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -381,7 +381,9 @@ def _w4a16_gemv3_kernel(
     completes it writes silu(gate) * up (through the workspace even unsplit). CLAMP (the host sets it only where every
     column of every strip exists): the weight loads carry no masks, the last iteration reloading its own tile instead
     (no zeroed registers or predicates: ~6% fewer instructions in the loop by the sm_90 SASS). XP (H2 with XPAIR): x's
-    f16x2 pairs are read made from xp_ptr (kernels/w4a16_half2.py's layout, written by x's producer). ROPE (a fused qkv at batch 1): the
+    f16x2 pairs are read made from xp_ptr (kernels/w4a16_half2.py's layout, written by x's producer). PAIRS_OUT
+    (GATED): the SwiGLU output's pairs are also written to po_ptr, for the down projection's XP. ROPE (a fused qkv
+    at batch 1): the
     program that completes a strip turns its q and k heads and writes k and v into the paged cache
     (kernels/w4a16_rope.py; the arguments after ROPE are its)."""
     S: tl.constexpr = ROWS // 8
@@ -432,7 +434,7 @@ def _w4a16_gemv3_kernel(
                             XPAIR, EVEN, HAS_PERM, FOLD, "")
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
         strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
-                   cnt_ptr, BLOCK_N, GATED)
+                   cnt_ptr, BLOCK_N, GATED, po_ptr, PAIRS_OUT)
     elif ROPE:
         rope_strip_done(acc, offs_n, n_mask, pid_n, split_k, out_ptr, ws_ptr, cnt_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
                         slot_ptr, q_cols, k_cols, stride_cb, stride_cs, stride_ch, HEAD_DIM, CACHE_BS)
@@ -569,7 +571,7 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
           gated: bool = False, qtc: torch.Tensor | None = None, rope: tuple | None = None,
-          x_pairs: torch.Tensor | None = None):
+          x_pairs: torch.Tensor | None = None, make_pairs: bool = False):
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -584,7 +586,9 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     act-order, a group size not a multiple of 64, fp32 x) the untuned config runs instead. `rope` (a fused qkv
     projection at M = 1: (cos, sin, kv_cache, slot_mapping, head_dim, num_q_heads, num_kv_heads), kernels/w4a16_rope.py)
     -> (y, done): where the config is an atomic `gemv3` and rope_args takes the arguments, y's q and k come out
-    turned and k and v are in the cache (done True); else the plain product and done False."""
+    turned and k and v are in the cache (done True); else the plain product and done False. `x_pairs`: x's f16x2 pairs
+    in kernels/w4a16_half2.py's layout, read by an H2 `gemv3` (XP) in place of x. `make_pairs` (gated, gemv3, inter a
+    multiple of 128): -> (y, y's pairs) for the next GEMV's x_pairs; where it cannot, y alone."""
     if rope is not None:
         cfg = dict(config or pick_config(x.shape[0] if x.dim() == 2 else -1, qweight.shape[1], x.shape[-1],
                                          group_size, x.device))
@@ -696,8 +700,11 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         if pdl:
             consts["launch_pdl"] = True
         if (x_pairs is not None and h2 and xpair and rows == 128 and x_pairs.dtype == torch.int32
-                and x_pairs.numel() == k // 2):  # x's f16x2 pairs made by its producer (x_pairs_of)
+                and x_pairs.numel() == k // 2):  # x's pairs made by its producer (w4a16_half2.x_pairs_of)
             consts.update(XP=True, xp_ptr=x_pairs)
+        if make_pairs and gated and (n // 2) % 128 == 0 and x.dtype in (torch.bfloat16, torch.float16):
+            made = torch.empty((1, n // 2), dtype=torch.float16, device=x.device)
+            consts.update(PAIRS_OUT=True, po_ptr=made)
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
                            20, n // 2 if gated else n)
         if rope_launch is not None:
@@ -723,6 +730,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         kernel.warmup(*args, grid=(tiles, split), **consts)
         return None
     kernel[(tiles, split)](*args, **consts)
+    if consts.get("PAIRS_OUT"):
+        return splitk.finish(out, x.dtype), consts["po_ptr"].view(torch.int32)
     return splitk.finish(out, x.dtype)
 
 

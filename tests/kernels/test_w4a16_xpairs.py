@@ -61,3 +61,28 @@ def test_gemv3_reads_the_pairs_with_the_same_bits(k, n, group, split, t, bn, gat
     f32 = dict(cfg, H2=0)
     assert torch.equal(w4.w4a16(x, qw, s, z, group, config=f32, gated=gated, x_pairs=x_pairs_of(x * 2)),
                        w4.w4a16(x, qw, s, z, group, config=f32, gated=gated))
+
+
+@pytest.mark.parametrize("split, bn", [(3, 64), (1, 128)])
+def test_gated_gemv3_makes_the_pairs_of_its_output(split, bn):
+    """gate/up's SwiGLU epilogue (make_pairs) writes its output's pairs, which the down GEMV then reads with the same
+    bits as from the output itself."""
+    g = torch.Generator().manual_seed(split)
+    k, inter = 256, 256
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    q = torch.randint(0, 16, (k, 2 * inter), generator=g, dtype=torch.int32)
+    s = (torch.rand(k // 128, 2 * inter, generator=g) * 0.01 + 0.002).to(torch.bfloat16)
+    z = torch.randint(0, 16, (k // 128, 2 * inter), generator=g).to(torch.uint8)
+    w4.reserve_workspace(DEV, 2 * inter)
+    cfg = dict(KERNEL="gemv3", T=8, BLOCK_N=bn, num_warps=1, num_stages=1, SPLIT_K=split, PDL=0, H2=2)
+    y, pairs = w4.w4a16(x, pack_int4(q), s, z, 128, config=cfg, gated=True, make_pairs=True)
+    assert torch.equal(y, w4.w4a16(x, pack_int4(q), s, z, 128, config=cfg, gated=True))
+    assert torch.equal(pairs, x_pairs_of(y))
+    qd = torch.randint(0, 16, (inter, 64), generator=g, dtype=torch.int32)
+    sd = (torch.rand(inter // 128, 64, generator=g) * 0.01).to(torch.bfloat16)
+    zd = torch.full((inter // 128, 64), 8, dtype=torch.uint8)
+    down = dict(cfg, BLOCK_N=64, SPLIT_K=2)
+    assert torch.equal(w4.w4a16(y, pack_int4(qd), sd, zd, 128, config=down, x_pairs=pairs),
+                       w4.w4a16(y, pack_int4(qd), sd, zd, 128, config=down))
+    # not gated, or an output that is not whole 128-blocks: no pairs, y alone
+    assert isinstance(w4.w4a16(x, pack_int4(q), s, z, 128, config=cfg, make_pairs=True), torch.Tensor)

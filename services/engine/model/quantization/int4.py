@@ -138,12 +138,15 @@ def _fused_mlp(layer, x2: torch.Tensor) -> torch.Tensor | None:
 def wants_x_pairs(layer, x: torch.Tensor) -> bool:
     """X_PAIRS: `layer` is a W4A16 projection whose batch-1 GEMV would read x's made pairs (an H2 gemv3 on bf16 or
     fp16 x without act-order, K a multiple of 128); RMSNorm.forward asks before it runs."""
+    return x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and _reads_pairs(layer, x.shape[1], x.dtype, x.device)
+
+
+def _reads_pairs(layer, k: int, dtype: torch.dtype, device: torch.device) -> bool:
     qw = getattr(layer, "qweight", None)
-    if (not X_PAIRS or qw is None or not isinstance(getattr(layer, "method", None), Int4Layout) or x.dim() != 2
-            or x.shape[0] != 1 or not x.is_cuda or x.shape[1] % 128 or layer.perm is not None
-            or x.dtype not in (torch.bfloat16, torch.float16)):
+    if (not X_PAIRS or qw is None or not isinstance(getattr(layer, "method", None), Int4Layout) or k % 128
+            or layer.perm is not None or dtype not in (torch.bfloat16, torch.float16) or qw.shape[0] * 8 != k):
         return False
-    cfg = pick_config(1, qw.shape[1], x.shape[1], layer.group_size, x.device)
+    cfg = pick_config(1, qw.shape[1], k, layer.group_size, device)
     return cfg.get("KERNEL") == "gemv3" and bool(cfg.get("H2")) and cfg.get("XPAIR", True)
 
 
@@ -235,9 +238,15 @@ class Int4Layout:
             y = _fused_mlp(layer, x2)
             if y is not None:
                 return MLPOutput(y.reshape(*shape[:-1], y.shape[-1]))
+            down = getattr(layer, "then_down", None)
+            made = down is not None and _reads_pairs(down, layer.qweight.shape[1] // 2, x.dtype, x.device)
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
-                      qtc=layer.qweight_tc, x_pairs=pairs)
-            return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
+                      qtc=layer.qweight_tc, x_pairs=pairs, make_pairs=made)
+            y, y_pairs = y if isinstance(y, tuple) else (y, None)
+            y = y.reshape(*shape[:-1], y.shape[-1])
+            if y_pairs is not None:  # the down projection's GEMV reads them (X_PAIRS)
+                y._w4_pairs = y_pairs
+            return SiluMulOutput(y)
         if x2.shape[0] == 1 and getattr(layer, "then_post", None) is not None:
             out = _fused_layer(layer, x2)
             if out is not None:
