@@ -84,6 +84,7 @@ from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
 from services.engine.model.quantization import int4_ahead  # noqa: E402
 from kernels import w4a16_l2  # noqa: E402
+from kernels.w4a16_half2 import x_pairs_of  # noqa: E402
 
 DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
 
@@ -753,9 +754,12 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
 
+        xp = x_pairs_of(x) if SWEEP_XP else None  # read by the H2 gemv3 configs (XP), ignored by the others
+
         def timed(cfg):
             try:
-                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=tc_of(a)) for a in q4])
+                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=tc_of(a), x_pairs=xp)
+                                 for a in q4])
             except Exception as e:  # a config that does not compile or launch: say so, go on
                 print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 return
@@ -1105,6 +1109,9 @@ KINDS = (("w4a16", ("w4a16",)), ("attention", ("paged", "attention", "flash", "s
          ("sampling", ("argmax", "softmax", "sort", "topk", "sample", "reduce")))
 
 
+SWEEP_XP = False
+"""--sweep-xp: the sweep's GEMVs get x's made f16x2 pairs (int4.X_PAIRS), as the engine's qkv, gate/up, down would."""
+
 AHEAD_ROLES = {"o": "o", "q": "qkv", "g": "gate_up", "d": "down"}
 
 
@@ -1351,6 +1358,7 @@ def main() -> int:
                     help="attention: no new variant is started past this share of --budget")
     ap.add_argument("--chain-share", type=float, default=0.5,
                     help="chain: no new variant is started past this share of --budget")
+    ap.add_argument("--sweep-xp", action="store_true", help="sweep: the GEMVs read x's made pairs (int4.X_PAIRS)")
     ap.add_argument("--sweep-shapes", nargs="+", default=None, choices=list(SHAPES),
                     help="sweep: these 8B GEMMs, in this order (default: all)")
     ap.add_argument("--probe-share", type=float, default=0.3,
@@ -1362,6 +1370,8 @@ def main() -> int:
                          "and on, split-K and tile width around them; gemv4-fold: gemv4 with FOLD and 96 registers; h2: gemv3 "
                          "and gemv4 with kernels/w4a16_half2.py's packed-half arithmetic)")
     args = ap.parse_args()
+    global SWEEP_XP
+    SWEEP_XP = args.sweep_xp
     start = time.time()
     failures: list = []
     result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),
