@@ -3,9 +3,11 @@ before it is timed or used: the identity for every 16-bit (value, amax) pair, bf
 against the correctly rounded division; each quantizing launch the FP8 engine makes (add + RMSNorm + FP8, SwiGLU +
 FP8, o's input quantization) bit for bit against the division path and the software-rounding reference, at decode's
 256 rows and prefill's 8,192, then µs per call in CUDA graphs; then the fixed workload (256 x 256 in / 256 out) for
-bf16, FP8 with RECIP_DIV and FP8 without it (while the budget lasts). A failed check leaves RECIP_DIV off.
+bf16, "fp8" (the defaults: RECIP_DIV unless a check failed; the whole-row SwiGLU's fastest variant, ROW_VARIANTS:
+division or reciprocal, one block or three power-of-two pieces, applied where it beats the committed launch by 2%)
+and "fp8 division" (RECIP_DIV off, session 9's launches), in the order given, later ones while the budget lasts.
 
-    python bench/fp8_div.py [--json PATH] [--budget 140] [--engines bf16 "fp8 recip" fp8]
+    python bench/fp8_div.py [--json PATH] [--budget 140] [--engines bf16 fp8 "fp8 division"] [--ms 256 8192]
 """
 
 from __future__ import annotations
@@ -109,80 +111,128 @@ def _inputs(kind: str, m: int, g: torch.Generator, n: int = 8) -> list[tuple]:
     return sets
 
 
-def _call(kind: str, args: tuple, hw_cvt=None):
+def _call(kind: str, args: tuple, hw_cvt=None, split=None):
     if kind == "norm":
         x, res, w, sc = args
         return fp8_fused.add_rms_norm_fp8(x, res.clone(), w, 1e-5, x_scales=sc, hw_cvt=hw_cvt)
     if kind == "swiglu":
         gu, sc = args
-        return fp8_fused.silu_mul_fp8(gu, scales=sc, hw_cvt=hw_cvt)
+        return fp8_fused.silu_mul_fp8(gu, scales=sc, hw_cvt=hw_cvt, split=split)
     return fp8_quant.quantize_fp8_rows(args[0], hw_cvt=hw_cvt)
 
 
-def _timed(kind: str, args: tuple):
-    """The call as timed: the norm updates its residual in place (the engine's), the others are pure."""
+def _timed(kind: str, args: tuple, split=None):
+    """The call as timed: the norm updates a copy of its residual in place (as the engine does; the inputs the checks
+    read stay as they were), the others are pure."""
     if kind == "norm":
         x, res, w, sc = args
+        res = res.clone()
         return lambda: fp8_fused.add_rms_norm_fp8(x, res, w, 1e-5, x_scales=sc)
-    return lambda: _call(kind, args)
+    return lambda: _call(kind, args, split=split)
+
+
+ROW_VARIANTS = {"rows": {"RECIP": False}, "rows + reciprocal": {"RECIP": True},
+                "pieces": {"PIECES": True, "RECIP": False}, "pieces + reciprocal": {"PIECES": True, "RECIP": True},
+                "pieces + reciprocal w8": {"PIECES": True, "RECIP": True, "num_warps": 8},
+                "pieces + reciprocal w32": {"PIECES": True, "RECIP": True, "num_warps": 32}}
+"""The whole-row SwiGLU + FP8 launch (FP8_LAUNCH's above 4,096 rows) with these keys changed: the division or the
+reciprocal (RECIP), one power-of-two block or three pieces (PIECES), its warps."""
+
+
+def variants(kind: str, m: int) -> list[tuple[str, bool, dict | None]]:
+    """(name, RECIP_DIV, SwiGLU launch or None for the engine's) per launch kind and row count."""
+    cfg = next(c for most, c in fp8_fused.FP8_LAUNCH if m <= most)
+    if kind == "swiglu" and cfg.get("ROW"):
+        return [(name, True, dict(cfg, **keys)) for name, keys in ROW_VARIANTS.items()]
+    return [("division", False, None), ("reciprocal", True, None)]
 
 
 def kernels_section(failures: list, ms=(256, 8192)) -> list[dict]:
-    """Each launch kind at each row count: RECIP_DIV's output against the division path's and the software
-    reference's (HW_CVT off), bit for bit, also over 10 replays of a CUDA graph; then µs per call, both ways."""
+    """Each launch kind at each row count, each variant (division / reciprocal; SwiGLU's whole rows: ROW_VARIANTS):
+    bit for bit the software reference's (HW_CVT off: the correctly rounded division, float32 rounding to e4m3),
+    also over 10 replays of a CUDA graph; then µs per call in a CUDA graph of 8 calls."""
     g = torch.Generator(device=DEV).manual_seed(11)
     rows = []
     for kind in ("norm", "swiglu", "quant"):
         for m in ms:
             sets = _inputs(kind, m, g)
             fp8_quant.RECIP_DIV = False
-            want = _call(kind, sets[0], hw_cvt=False)
-            old = _call(kind, sets[0])
-            fp8_quant.RECIP_DIV = True
-            try:
-                got = qb.attempt(lambda: _call(kind, sets[0]))
-                if isinstance(got, Exception):
-                    qb.record(rows, failures, False, check="recip_bits", kind=kind, M=m, error=repr(got)[:300])
-                    continue
-                ok = all(fs.same(a, b) and fs.same(a, c) for a, b, c in zip(got, old, want))
-                res = [None] * 4
+            wants = [_call(kind, sets[i], hw_cvt=False) for i in (0, 3)]
+            times, configs = {}, {}
+            for name, recip, split in variants(kind, m):
+                fp8_quant.RECIP_DIV = recip
+                try:
+                    got = qb.attempt(lambda: _call(kind, sets[0], split=split))
+                    if isinstance(got, Exception):
+                        qb.record(rows, failures, False, check="recip_bits", kind=kind, M=m, variant=name,
+                                  error=repr(got)[:300])
+                        continue
+                    ok = all(fs.same(a, b) for a, b in zip(got, wants[0]))
+                    res = [None] * 4
 
-                def body(sets=sets, res=res, kind=kind):
-                    for i in range(4):
-                        res[i] = _call(kind, sets[i])
+                    def body(sets=sets, res=res, kind=kind, split=split):
+                        for i in range(4):
+                            res[i] = _call(kind, sets[i], split=split)
 
-                replay = fs.replayable(body)
-                for _ in range(10):
-                    replay()
-                    for i in (0, 3):
-                        ok &= all(fs.same(a, b) for a, b in zip(res[i], _call(kind, sets[i], hw_cvt=False)))
-                del replay
-                qb.record(rows, failures, ok, check="recip_bits", kind=kind, M=m)
-                if not ok:
-                    print(f"recip bits {kind} M={m}: DIFFER", flush=True)
-                    continue
-                us_new = 1e3 * qb.graph_ms([_timed(kind, a) for a in sets])
-            finally:
-                fp8_quant.RECIP_DIV = False
-            us_old = 1e3 * qb.graph_ms([_timed(kind, a) for a in sets])
-            rows.append(dict(kind=kind, M=m, us_div=us_old, us_recip=us_new))
-            print(f"{kind:<7} M={m:<5} division {us_old:7.1f} us   reciprocal {us_new:7.1f} us   "
-                  f"({us_old / us_new:.3f}x)", flush=True)
+                    replay = fs.replayable(body)
+                    for _ in range(10):
+                        replay()
+                        ok &= all(fs.same(a, b) for a, b in zip(res[0], wants[0]))
+                        ok &= all(fs.same(a, b) for a, b in zip(res[3], wants[1]))
+                    del replay
+                    qb.record(rows, failures, ok, check="recip_bits", kind=kind, M=m, variant=name)
+                    if not ok:
+                        print(f"bits {kind} M={m} {name}: DIFFER from the reference", flush=True)
+                        continue
+                    times[name] = 1e3 * qb.graph_ms([_timed(kind, a, split) for a in sets])
+                    configs[name] = split
+                finally:
+                    fp8_quant.RECIP_DIV = True
+            row = dict(kind=kind, M=m, us=times)
+            if kind == "swiglu" and "rows" in times:  # the whole rows: the fastest variant, applied where it wins by 2%
+                best = min(times, key=times.get)
+                row["best"] = best
+                if times[best] < 0.98 * times["rows"]:
+                    row["apply"] = configs[best]
+            rows.append(row)
+            print(f"{kind:<7} M={m:<5} " + "   ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
     return rows
 
 
-def engines(start: float, budget: float, labels) -> list[dict]:
-    """The fixed workload per engine of `labels`, in order ("fp8 recip": RECIP_DIV on; "fp8": off), each watched
-    (fs.Watch); the first two always run, later ones while the budget lasts (~35 s each)."""
+def levers_passed(failures: list, kernels) -> dict:
+    """What the engine "fp8" runs: RECIP_DIV (the default) unless an identity or reciprocal check failed; the
+    whole-row SwiGLU's winning variant (kernels_section's "apply") if any, else the committed entry."""
+    bad = {f.get("variant", f.get("check")) for f in failures}
+    recip = not any(b in ("recip_identity", "identity_section", "kernels_section") or "reciprocal" in str(b)
+                    for b in bad)
+    row = next((r.get("apply") for r in kernels if isinstance(r, dict) and r.get("apply")), None) \
+        if isinstance(kernels, list) else None
+    return {"RECIP_DIV": recip, "ROW": row}
+
+
+def engines(start: float, budget: float, labels, levers: dict) -> list[dict]:
+    """The fixed workload per engine of `labels`, in order ("fp8": the defaults with `levers`; "fp8 division":
+    RECIP_DIV off and the committed launches, session 9's engine), each watched (fs.Watch); the first two always
+    run, later ones while the budget lasts."""
     rows = []
+    committed = [(most, dict(c)) for most, c in fp8_fused.FP8_LAUNCH]
     for n, label in enumerate(labels):
         if n >= 2 and time.time() - start + 35 > budget:
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s)", flush=True)
             continue
-        fp8_quant.RECIP_DIV = label == "fp8 recip"
-        with fs.Watch() as w:
-            got = qb.attempt(lambda: fw.throughput(label, "bf16" if label == "bf16" else "fp8", "auto"))
-        fp8_quant.RECIP_DIV = False
+        fp8_quant.RECIP_DIV = levers["RECIP_DIV"] if label == "fp8" else False
+        if label == "fp8" and levers["ROW"]:
+            fp8_fused.FP8_LAUNCH[:] = [(most, dict(levers["ROW"]) if c.get("ROW") else c) for most, c in committed]
+        if label == "fp8 division":
+            fp8_fused.FP8_LAUNCH[:] = [(most, {k: v for k, v in c.items() if k not in ("RECIP", "PIECES")})
+                                       for most, c in committed]
+        print(f"{label}: RECIP_DIV {fp8_quant.RECIP_DIV}, FP8_LAUNCH {fp8_fused.FP8_LAUNCH}", flush=True)
+        try:
+            with fs.Watch() as w:
+                got = qb.attempt(lambda: fw.throughput(label, "bf16" if label == "bf16" else "fp8", "auto"))
+        finally:
+            fp8_quant.RECIP_DIV = True
+            fp8_fused.FP8_LAUNCH[:] = committed
         if isinstance(got, list):
             seen = qb.attempt(lambda: w.report(label))
             for r in got:
@@ -193,11 +243,17 @@ def engines(start: float, budget: float, labels) -> list[dict]:
             print(f"throughput {label}: {got!r}"[:400], flush=True)
             qb.free_gpu()
     base = next((r for r in rows if r["engine"] == "bf16" and "output_tok_s" in r), None)
+    div = next((r for r in rows if r["engine"] == "fp8 division" and "output_tok_s" in r), None)
     print("\nFixed workload, output tok/s (Llama-3-8B shape, random weights):")
     for r in rows:
-        if base and "output_tok_s" in r:
-            r["vs_bf16"] = r["output_tok_s"] / base["output_tok_s"]
-            print(f"  {r['engine']:<12}{r['output_tok_s']:>9.0f} tok/s  {r['vs_bf16']:.3f}x bf16")
+        if "output_tok_s" in r:
+            if base:
+                r["vs_bf16"] = r["output_tok_s"] / base["output_tok_s"]
+            if div:
+                r["vs_division"] = r["output_tok_s"] / div["output_tok_s"]
+            print(f"  {r['engine']:<13}{r['output_tok_s']:>9.0f} tok/s" +
+                  (f"  {r['vs_bf16']:.3f}x bf16" if base else "") +
+                  (f"  {r['vs_division']:.3f}x fp8 division" if div else ""))
     return rows
 
 
@@ -205,8 +261,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget", type=float, default=140.0, help="seconds; engines past the first two skipped")
-    ap.add_argument("--engines", nargs="*", default=["bf16", "fp8 recip", "fp8"],
-                    choices=["bf16", "fp8 recip", "fp8"])
+    ap.add_argument("--engines", nargs="*", default=["bf16", "fp8", "fp8 division"],
+                    choices=["bf16", "fp8", "fp8 division"])
     ap.add_argument("--ms", nargs="+", type=int, default=[256, 8192])
     args = ap.parse_args()
     start = time.time()
@@ -219,12 +275,11 @@ def main() -> int:
     result["kernels"] = qb.attempt(lambda: kernels_section(failures, tuple(args.ms)))
     if isinstance(result["kernels"], Exception):
         failures.append({"check": "kernels_section", "error": repr(result["kernels"])[:300]})
-    labels = [e for e in args.engines if not (failures and e == "fp8 recip")]
-    if failures:
-        print("a check failed: RECIP_DIV stays off, the 'fp8 recip' engine is skipped", flush=True)
-    print(f"checks done at {time.time() - start:.0f} s", flush=True)
+    levers = levers_passed(failures, result["kernels"])
+    result["levers"] = levers
+    print(f"checks done at {time.time() - start:.0f} s; the fp8 engine gets {levers}", flush=True)
     qb.free_gpu()
-    result["throughput"] = engines(start, args.budget, labels)
+    result["throughput"] = engines(start, args.budget, args.engines, levers)
     return fw.finish(result, failures, start, args.json or os.path.join(BENCH, "results",
                                                                          f"fp8_div_{result['date']}.json"))
 

@@ -159,6 +159,52 @@ def _silu_mul_fp8_rows_kernel(
 
 
 @triton.jit
+def _piece(gate_up_ptr, rs_ptr, col_ptr, rows, r_ok, start, inter, stride_in, P: tl.constexpr, SCALED: tl.constexpr):
+    """Columns start .. start + P of _swiglu_tile's rows, in float32, with their offsets and mask."""
+    offs = start + tl.arange(0, P)
+    c_ok = offs < inter
+    y = _swiglu_tile(gate_up_ptr, rs_ptr, col_ptr, rows, offs, r_ok, c_ok, inter, stride_in, SCALED).to(tl.float32)
+    return y, offs, r_ok[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def _silu_mul_fp8_pieces_kernel(
+    gate_up_ptr, q_ptr, s_ptr, rs_ptr, col_ptr, t, inter, stride_in, ub,
+    ROWS: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, SCALED: tl.constexpr,
+    HAS_UB: tl.constexpr, HW_CVT: tl.constexpr, PDL: tl.constexpr = False, RECIP: tl.constexpr = False,
+):
+    """_silu_mul_fp8_rows_kernel with the row held as three power-of-two pieces P0 + P1 + P2 (14,336 = 8,192 + 4,096
+    + 2,048) instead of one block of next_power_of_2(inter) (16,384: 1/8 of its lanes masked, computing SwiGLU and
+    the division on nothing). Same arithmetic per element, the row's max over the three pieces: the same bits."""
+    pdl.enter(PDL)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = rows < t
+    y0, o0, m0 = _piece(gate_up_ptr, rs_ptr, col_ptr, rows, r_ok, 0, inter, stride_in, P0, SCALED)
+    y1, o1, m1 = _piece(gate_up_ptr, rs_ptr, col_ptr, rows, r_ok, P0, inter, stride_in, P1, SCALED)
+    y2, o2, m2 = _piece(gate_up_ptr, rs_ptr, col_ptr, rows, r_ok, P0 + P1, inter, stride_in, P2, SCALED)
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(y0), axis=1), tl.max(tl.abs(y1), axis=1)), tl.max(tl.abs(y2), axis=1))
+    scale = row_scale(amax, ub, HAS_UB)
+    qrow = q_ptr + rows.to(tl.int64)[:, None] * inter
+    dt = q_ptr.dtype.element_ty
+    tl.store(qrow + o0[None, :], quantize_row_fast(y0, scale[:, None], HW_CVT, RECIP).to(dt), mask=m0)
+    tl.store(qrow + o1[None, :], quantize_row_fast(y1, scale[:, None], HW_CVT, RECIP).to(dt), mask=m1)
+    tl.store(qrow + o2[None, :], quantize_row_fast(y2, scale[:, None], HW_CVT, RECIP).to(dt), mask=m2)
+    tl.store(s_ptr + rows, scale, mask=r_ok)
+
+
+def pieces_of(inter: int) -> tuple[int, int, int] | None:
+    """inter as P0 + P1 + P2, powers of two, P0 >= P1 >= P2 >= 16, the last one possibly part-masked; None where
+    that wastes more lanes than one power-of-two block would not (then the ROW kernel runs)."""
+    p0 = 1 << (inter.bit_length() - 1)
+    rest = inter - p0
+    if rest < 32:
+        return None
+    p1 = 1 << (rest.bit_length() - 1)
+    p2 = max(16, triton.next_power_of_2(max(rest - p1, 1)))
+    return (p0, p1, p2) if p0 + p1 + p2 < triton.next_power_of_2(inter) else None
+
+
+@triton.jit
 def _quant_by_parts_kernel(
     y_ptr, part_ptr, q_ptr, s_ptr, t, inter, nblk, ub,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, NBLK: tl.constexpr, HAS_UB: tl.constexpr, HW_CVT: tl.constexpr,
@@ -186,11 +232,14 @@ def _quant_by_parts_kernel(
 
 FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
                     (4096, {"ROWS": 4, "BLOCK": 512, "num_warps": 4}),
-                    (1 << 30, {"ROWS": 1, "num_warps": 16, "ROW": True})]
+                    (1 << 30, {"ROWS": 1, "num_warps": 16, "ROW": True, "RECIP": False})]
 """[(max rows, config)], the first entry whose bound the row count does not pass (silu_mul_fp8 here and
 kernels/silu_mul.py's pick by it): {"ROWS", "BLOCK", "num_warps"} (and optionally the quantizing launch's
 "ROWS2", "BLOCK2", "warps2") for the split launches; {"ROWS", "num_warps", "ROW": True} for one launch of whole
-rows (_silu_mul_fp8_rows_kernel); {"BLOCK", "num_warps"} for silu_mul.py's one program per row.
+rows (_silu_mul_fp8_rows_kernel; with "PIECES": True, _silu_mul_fp8_pieces_kernel); {"BLOCK", "num_warps"} for
+silu_mul.py's one program per row. "RECIP": False keeps the correctly rounded division per element where
+kernels/fp8_quant.py's RECIP_DIV would apply: the whole rows measured slower with the reciprocal (bench/fp8_div.py
+round 1, H200, 8,192 rows: 235.5 against 229.2 us; the split and the other quantizing launches gained).
 Split tiles: bench/fp8_where.py round 1 (H200, Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each
 bit for bit first), us per call, against silu_mul.py's FP8_CONFIG (one program per row): 16 rows 5.5 vs 16.1, 64:
 7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4, 512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357
@@ -243,17 +292,24 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     rows2, block2, warps2 = cfg.get("ROWS2", rows), cfg.get("BLOCK2", block), cfg.get("warps2", warps)
     nblk = triton.cdiv(inter, block)
     hw = (fp8_quant.HW_CVT and gate_up.is_cuda) if hw_cvt is None else hw_cvt
-    recip = recip_ok(gate_up.dtype, hw, ub is not None)
+    recip = recip_ok(gate_up.dtype, hw, ub is not None) and cfg.get("RECIP", True)
     rs, cs = scales if scales is not None else (s, s)
     if cfg.get("ROW"):  # whole rows per program, one launch
         args = (gate_up, q, s, rs, cs, t, inter, gate_up.stride(0), float(ub) if ub is not None else 0.0)
-        consts = dict(ROWS=rows, BLOCK=triton.next_power_of_2(inter), SCALED=scales is not None,
-                      HAS_UB=ub is not None, HW_CVT=hw, num_warps=warps, RECIP=recip, **pdl.args(gate_up))
+        consts = dict(ROWS=rows, SCALED=scales is not None, HAS_UB=ub is not None, HW_CVT=hw, num_warps=warps,
+                      RECIP=recip, **pdl.args(gate_up))
+        pieces = pieces_of(inter) if cfg.get("PIECES") else None
+        if pieces:
+            kernel = _silu_mul_fp8_pieces_kernel
+            consts.update(P0=pieces[0], P1=pieces[1], P2=pieces[2])
+        else:
+            kernel = _silu_mul_fp8_rows_kernel
+            consts.update(BLOCK=triton.next_power_of_2(inter))
         grid = (triton.cdiv(t, rows),)
         if warmup:
-            _silu_mul_fp8_rows_kernel.warmup(*args, grid=grid, **consts)
+            kernel.warmup(*args, grid=grid, **consts)
         else:
-            _silu_mul_fp8_rows_kernel[grid](*args, **consts)
+            kernel[grid](*args, **consts)
         return q, s
     y = torch.empty((t, inter), dtype=gate_up.dtype, device=gate_up.device)
     part = torch.empty((t, nblk), dtype=torch.float32, device=gate_up.device)

@@ -60,10 +60,15 @@ def quantize_row_fast(y, scale, HW_CVT: tl.constexpr, RECIP: tl.constexpr):
     return quantize_row_cvt(y, scale, HW_CVT)
 
 
-RECIP_DIV = False
+RECIP_DIV = True
 """Whether the GPU quantizing passes divide by the row's reciprocal with a remainder correction
-(quantize_row_fast) where recip_ok allows it: the same e4m3 bits (bench/fp8_div.py checks every 16-bit pair on the
-GPU before it turns this on for an engine)."""
+(quantize_row_fast) where recip_ok allows it: the same e4m3 bits. bench/fp8_div.py round 1 (H200, session 10): 0
+e4m3 mismatches over all 1,065,402,238 bfloat16 and 1,007,713,278 float16 (y, amax) pairs (44,554 / 46,108 with the
+plain product |y| * r, no correction); every launch bit for bit the software reference; us per call at 256 / 8,192
+rows, division -> reciprocal: o's input quantization 3.9 -> 2.6 / 39.2 -> 33.7, add + RMSNorm + FP8 3.8 -> 3.7 /
+64.1 -> 61.3, the split SwiGLU + FP8 12.2 -> 11.9 at 256; the whole-row SwiGLU at 8,192 lost (229.2 -> 235.5: its
+FP8_LAUNCH entry keeps the division). The fixed workload: 21,218 against 21,063 tok/s (bf16 15,143: 1.401x against
+1.391x; the division engine ran third)."""
 
 
 def recip_ok(dtype: torch.dtype, hw_cvt: bool, bounded: bool) -> bool:

@@ -45,11 +45,12 @@ def test_add_rms_norm_fp8(dtype, with_residual, ub, scaled):
 
 
 @pytest.mark.parametrize("split", [dict(ROWS=2, BLOCK=64), dict(ROWS=4, BLOCK=128, ROWS2=1, BLOCK2=256, warps2=2),
-                                   dict(ROWS=1, ROW=True), dict(ROWS=2, ROW=True, num_warps=2)])
+                                   dict(ROWS=1, ROW=True), dict(ROWS=2, ROW=True, num_warps=2),
+                                   dict(ROWS=2, ROW=True, PIECES=True)])
 @pytest.mark.parametrize("ub, scaled", [(None, False), (0.25, False), (None, True)])
 def test_silu_mul_fp8(split, ub, scaled):
-    """The split launches and the one launch of whole rows (ROW: 5 rows, so the last program of two rows has one),
-    each twice."""
+    """The split launches and the one launch of whole rows (ROW: 5 rows, so the last program of two rows has one;
+    PIECES: 300 columns as 256 + 32 + 16, the last piece part-masked), each twice."""
     g = torch.Generator().manual_seed(5)
     gate_up = (torch.randn(5, 2 * 300, generator=g) * torch.tensor([0.01, 1, 4, 30, 2])[:, None]).to(torch.bfloat16)
     gate_up[3, :300] = 0  # an all-zero row: the scale's lower bound
