@@ -904,6 +904,17 @@ def main() -> None:
             summary[v][f"{rate:g}"]["ttft_ms_p50_pooled"] = b
             print(f"{v:<13}{rate:>5g}  {b['diff']:+.2f} ms [{b['lo']:+.2f}, {b['hi']:+.2f}] (se {b['se']:.2f}; "
                   f"{b['requests']} requests, {b['runs']} runs)")
+    if len(variants) > 1:
+        print("\nEach variant against the first, pooled: its TTFT p50 minus the first variant's over the same requests "
+              "(paired bootstrap 95% interval):")
+        for v in variants[1:]:
+            for k, rate in enumerate(args.rates):
+                pairs = [(a[k]["stack"]["per_request"], b[k]["stack"]["per_request"])
+                         for a, b in zip(runs[v], runs[variants[0]])]
+                b = bootstrap_p50_diff(paired_runs(pairs))
+                summary[v][f"{rate:g}"][f"ttft_ms_p50_vs_{variants[0]}"] = b
+                print(f"{v:<13}{rate:>5g}  {b['diff']:+.2f} ms [{b['lo']:+.2f}, {b['hi']:+.2f}] against {variants[0]} "
+                      f"({b['requests']} requests, {b['runs']} runs)")
     print("\nCPU time per output token of each stack process (mean over runs), ms, and its busy fraction; and where")
     print("the stack's first token goes (client_router: client TTFT less the router's; router_ttft: the router's own,")
     print("engine_queue: the engine's queue wait inside it):")
