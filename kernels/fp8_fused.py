@@ -232,14 +232,16 @@ def _quant_by_parts_kernel(
 
 FP8_LAUNCH: list = [(64, {"ROWS": 1, "BLOCK": 1024, "num_warps": 4}),
                     (4096, {"ROWS": 4, "BLOCK": 512, "num_warps": 4}),
-                    (1 << 30, {"ROWS": 1, "num_warps": 16, "ROW": True, "RECIP": False})]
+                    (1 << 30, {"ROWS": 1, "num_warps": 16, "ROW": True, "PIECES": True})]
 """[(max rows, config)], the first entry whose bound the row count does not pass (silu_mul_fp8 here and
 kernels/silu_mul.py's pick by it): {"ROWS", "BLOCK", "num_warps"} (and optionally the quantizing launch's
 "ROWS2", "BLOCK2", "warps2") for the split launches; {"ROWS", "num_warps", "ROW": True} for one launch of whole
 rows (_silu_mul_fp8_rows_kernel; with "PIECES": True, _silu_mul_fp8_pieces_kernel); {"BLOCK", "num_warps"} for
 silu_mul.py's one program per row. "RECIP": False keeps the correctly rounded division per element where
-kernels/fp8_quant.py's RECIP_DIV would apply: the whole rows measured slower with the reciprocal (bench/fp8_div.py
-round 1, H200, 8,192 rows: 235.5 against 229.2 us; the split and the other quantizing launches gained).
+kernels/fp8_quant.py's RECIP_DIV would apply; "maxnreg" caps the registers. Whole rows at 8,192 rows, bench/fp8_div.py
+round 2 (H200, each bit for bit the software reference first), us per call: one 16,384 block 228.9 (with the
+reciprocal 235.5: 81 registers instead of 51, one program per SM instead of two), three pieces 246.1, three pieces
+with the reciprocal **203.9** (8 warps 216.6, 32 warps 326.0).
 Split tiles: bench/fp8_where.py round 1 (H200, Llama-3-8B's 14336, scales applied in the kernel; 13 launches, each
 bit for bit first), us per call, against silu_mul.py's FP8_CONFIG (one program per row): 16 rows 5.5 vs 16.1, 64:
 7.3 vs 16.6 (ROWS 1, BLOCK 1024); 256: 13.4 vs 20.4, 512: 25.2 vs 30.8, 2048: 83.5 vs 99.8, 8192: 307 vs 357
@@ -297,7 +299,7 @@ def silu_mul_fp8(gate_up: torch.Tensor, ub: float | None = None, scales=None, sp
     if cfg.get("ROW"):  # whole rows per program, one launch
         args = (gate_up, q, s, rs, cs, t, inter, gate_up.stride(0), float(ub) if ub is not None else 0.0)
         consts = dict(ROWS=rows, SCALED=scales is not None, HAS_UB=ub is not None, HW_CVT=hw, num_warps=warps,
-                      RECIP=recip, **pdl.args(gate_up))
+                      RECIP=recip, **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **pdl.args(gate_up))
         pieces = pieces_of(inter) if cfg.get("PIECES") else None
         if pieces:
             kernel = _silu_mul_fp8_pieces_kernel

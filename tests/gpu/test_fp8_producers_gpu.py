@@ -17,8 +17,9 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("m", [8192, 5000])
-def test_gpu_swiglu_fp8_whole_rows_equal_the_split(m):
+@pytest.mark.parametrize("row", [dict(ROWS=1, num_warps=16, ROW=True), dict(ROWS=1, num_warps=16, ROW=True, PIECES=True),
+                                 dict(ROWS=1, num_warps=16, ROW=True, PIECES=True, maxnreg=64)])
+def test_gpu_swiglu_fp8_whole_rows_equal_the_split(m, row):
     g = torch.Generator(device=DEVICE).manual_seed(m)
     gate_up = (torch.randn(m, 2 * 14336, generator=g, device=DEVICE) * 0.4).to(torch.bfloat16)
-    assert same(fp8_fused.silu_mul_fp8(gate_up, split=dict(ROWS=1, num_warps=16, ROW=True)),
-                fp8_fused.silu_mul_fp8(gate_up, split=SPLIT))
+    assert same(fp8_fused.silu_mul_fp8(gate_up, split=row), fp8_fused.silu_mul_fp8(gate_up, split=SPLIT))
