@@ -19,6 +19,8 @@ import os
 import threading
 import time
 
+from google.protobuf.message import DecodeError
+
 from protos.gen.folio.v1 import engine_pb2 as pb
 from services.common import eager
 from services.common.fast_lane import MESSAGE, REQUEST, FrameReader, ProtocolError, error_frame, frame
@@ -39,8 +41,8 @@ class FastLaneServer:
         self.serving: set[_Connection] = set()
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str) -> str:
-        self._server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, 0)
+    async def start(self, host: str, port: int = 0) -> str:
+        self._server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, port)
         port = self._server.sockets[0].getsockname()[1]
         self.address = f"{host}:{port}"
         return self.address
@@ -91,7 +93,13 @@ class _Connection(asyncio.Protocol):
         if frames:
             self.lane.waiting.discard(self)
             self.lane.serving.add(self)
-            request = pb.EngineGenerateRequest.FromString(frames[0][1])
+            try:
+                request = pb.EngineGenerateRequest.FromString(frames[0][1])
+            except DecodeError as e:
+                log.warning("fast lane: a request frame that is not an EngineGenerateRequest (%s); closing the "
+                            "connection", e)
+                self.transport.close()
+                return
             self.task = eager.start(self._serve(request, received_ns))  # the engine has it before this returns
 
     def connection_lost(self, exc) -> None:

@@ -90,9 +90,13 @@ class EngineServerConfig:
     event loop and the gRPC poller thread: those two wake each other on one CPU, apart from the busy step thread)."""
     fast_lane: bool = True
     """Also serve requests over the fast lane (services/engine/fast_lane.py: one plain socket connection per
-    request, read and written by this server's event loop, no grpc.aio threads between), on `host` and any free
-    port, named to routers in GenerateStream's initial metadata; a router uses it with its --engine-fast-lane
-    (docs/router.md)."""
+    request, read by this server's event loop, the first message written by the step thread), on `host` and
+    `fast_lane_port`, named to routers in GenerateStream's initial metadata (routers use it by default:
+    docs/router.md). Off where the port cannot be reached or declared (a mesh with strict mTLS); routers then
+    use the opened gRPC calls."""
+    fast_lane_port: int = 0
+    """The fast lane's TCP port (0: any free port). A fixed one can be declared to a service mesh and a firewall
+    (deploy/k8s/engine.yaml and docker-compose.yml use 50061)."""
     debug_gil_busy_ms: float = 0.0
     """Debug, for reproducing on CPU: each engine step first spends this many ms in pure Python with a
     tiny torch op every few microseconds, holding the GIL the way a GPU engine's step thread does
@@ -444,7 +448,7 @@ async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = No
         from services.engine.fast_lane import FastLaneServer
 
         lane = FastLaneServer(servicer)
-        port = int((await lane.start(c.host)).rsplit(":", 1)[1])
+        port = int((await lane.start(c.host, c.fast_lane_port)).rsplit(":", 1)[1])
         # routers reach it by the host they dial for gRPC (an advertised name: engine-0 in compose, a pod's IP)
         advertised = c.advertise_address
         lane_host = advertised.rsplit(":", 1)[0] if advertised and not advertised.startswith("unix:") else host

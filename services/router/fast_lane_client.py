@@ -3,8 +3,10 @@ ahead to each engine's lane, one request per connection, read by this process's 
 
 An engine names its lane in the initial metadata of the GenerateStream calls the router opens ahead
 (`FastLanes.learn`); from then on `depth` connections are kept open to it and a request takes a ready one
-(`FastLaneCall`, the `EngineCall` interface of services/router/clients.py). A lane that cannot be reached is
-forgotten (the engine's gRPC calls serve it, as before), and learnt again from a later opening.
+(`FastLaneCall`, the `EngineCall` interface of services/router/clients.py). A lane that cannot be reached, or
+whose connections the other end closes before sending anything (a sidecar that resets an undeclared port, the
+wrong listener), is forgotten for `RETRY_AFTER_S` (the engine's gRPC calls serve it, as before); a request whose
+connection was closed so goes to the same engine by gRPC instead of failing.
 """
 
 from __future__ import annotations
@@ -90,9 +92,13 @@ class _Connection(asyncio.Protocol):
     def __init__(self, lane: str, unreachable):
         self.ready = False
         self.lost = False
+        self.received_any = False
+        """Whether the other end ever sent a byte (an engine always answers a request with a frame)."""
+        self._closed_here = False
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
+        self._unreachable = unreachable
         host, port = lane.rsplit(":", 1)
         self._opening = asyncio.ensure_future(self._open(host, int(port), unreachable))
 
@@ -108,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self.ready = not self.lost
 
     def data_received(self, data: bytes) -> None:
+        self.received_any = True
         try:
             for f in self.reader.feed(data):
                 self.queue.put_nowait(f)
@@ -118,9 +125,12 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.lost = True
         self.ready = False
+        if not self._closed_here and not self.received_any:  # (a draining engine's too: it is going away)
+            self._unreachable(exc or ConnectionResetError("closed by the other end before sending anything"))
         self.queue.put_nowait((None, None))
 
     def close(self) -> None:
+        self._closed_here = True
         self.lost = True
         self._opening.cancel()
         if self.transport is not None:
@@ -129,14 +139,19 @@ class _Connection(asyncio.Protocol):
 
 class FastLaneCall:
     """One request over a fast-lane connection: written at once; `timeout_s` enforced here and, through
-    `timeout_ms`, by the engine; `on_first` runs once the first message was read (or the call ended)."""
+    `timeout_ms`, by the engine; `on_first` runs once the first message was read (or the call ended).
+    `fallback(remaining_s)`: the same request as another EngineCall (gRPC), made when the connection closes
+    before the engine sent anything."""
 
     def __init__(self, conn: _Connection, request: engine_pb2.EngineGenerateRequest, timeout_s: float | None,
-                 on_first=None):
+                 on_first=None, fallback=None):
         self._conn = conn
         self._failed: FolioError | None = None
         self._cancelled = False
         self._on_first = on_first
+        self._fallback = fallback
+        self._inner = None
+        self._deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         self._timer = None
         if timeout_s is not None:
             request.timeout_ms = max(1, int(timeout_s * 1000))
@@ -159,6 +174,13 @@ class FastLaneCall:
                         raise EngineFailed(self._failed)
                     if self._cancelled:
                         raise Cancelled("cancelled")
+                    if not self._conn.received_any and self._fallback is not None:  # (the lane is forgotten now)
+                        remaining = None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
+                        self._inner = self._fallback(remaining)
+                        async for m in self._inner.messages():
+                            yield m
+                            self._first_done()
+                        return
                     raise EngineFailed(Unavailable("engine: its fast-lane connection closed"
                                                    + ("" if got else " before the request's first message")))
                 if kind == ERROR:
@@ -181,9 +203,13 @@ class FastLaneCall:
         if self._timer is not None:
             self._timer.cancel()
         self._conn.close()  # the engine aborts the request
+        if self._inner is not None:
+            self._inner.cancel()
         self._first_done()
 
     def fail(self, error: FolioError) -> None:
-        if not self._conn.lost:
+        if self._inner is not None:
+            self._inner.fail(error)
+        elif not self._conn.lost:
             self._failed = error
             self._conn.close()

@@ -71,7 +71,8 @@ class GrpcEngineClient:
                                                params=params_to_pb(request.params))
         if self.ahead and address not in self._plain and not telemetry.enabled():
             if self.lanes is not None and (conn := self.lanes.take(address)) is not None:
-                return self._lane_call(conn, req, timeout_s, on_first=lambda: self.lanes.fill_soon(address))
+                return self._lane_call(conn, req, timeout_s, on_first=lambda: self.lanes.fill_soon(address),
+                                       fallback=lambda s: GrpcEngineCall(self._stub(address).Generate(req, timeout=s)))
             held = self._held(address)
             opened = next((c for c in held if c.ready), None)
             if opened is not None:

@@ -246,3 +246,91 @@ def test_the_engine_thread_writes_a_lane_requests_first_message_and_the_stream_i
             await server.stop(0)
             await aengine.stop()
     asyncio.run(main())
+
+
+async def _listener(on_connect):
+    """A TCP listener on loopback whose connections `on_connect(reader, writer)` handles; (server, port)."""
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_a_lane_that_closes_its_connections_at_once_is_forgotten_and_grpc_serves():
+    async def main():
+        async def reset(reader, writer):  # a sidecar resetting an undeclared port, the wrong listener
+            writer.close()
+
+        bad, port = await _listener(reset)
+        engine = ScriptedEngine()
+        servicer, lane, server, addr = await _stack(engine)
+        servicer.opening_metadata = ((METADATA_KEY, f"127.0.0.1:{port}"),)
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            await _tokens(client.generate(addr, _req("r0"), 30))
+            await _until(lambda: addr in client.lanes._held)
+            await _until(lambda: addr not in client.lanes.lanes)  # forgotten, not retried at once
+            for rid in ("r1", "r2"):
+                call = client.generate(addr, _req(rid), 30)
+                assert isinstance(call, GrpcEngineCall)
+                assert await _tokens(call) == [21, 22, 23]
+                await _opened_ready(client, addr)
+            assert addr not in client.lanes.lanes
+        finally:
+            await client.close()
+            await lane.close()
+            await server.stop(0)
+            bad.close()
+    asyncio.run(main())
+
+
+def test_a_request_whose_lane_connection_closes_unanswered_is_served_by_grpc():
+    async def main():
+        async def swallow(reader, writer):  # takes the request, then closes without a byte back
+            await reader.read(5)
+            writer.close()
+
+        bad, port = await _listener(swallow)
+        engine = ScriptedEngine()
+        servicer, lane, server, addr = await _stack(engine)
+        servicer.opening_metadata = ((METADATA_KEY, f"127.0.0.1:{port}"),)
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            await _tokens(client.generate(addr, _req("r0"), 30))
+            await _lane_ready(client, addr)
+            call = client.generate(addr, _req("r1"), 30)
+            assert isinstance(call, FastLaneCall)
+            assert await _tokens(call) == [21, 22, 23]  # by gRPC, not failed
+            assert engine.added == ["r0", "r1"]
+            assert addr not in client.lanes.lanes  # and the lane forgotten
+        finally:
+            await client.close()
+            await lane.close()
+            await server.stop(0)
+            bad.close()
+    asyncio.run(main())
+
+
+def test_a_bad_request_frame_closes_that_connection_and_the_lane_serves_on(caplog):
+    async def main():
+        engine = ScriptedEngine()
+        _, lane, server, addr = await _stack(engine)
+        host, port = lane.address.rsplit(":", 1)
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(frame(REQUEST, b"\xff\xff\xff not a protobuf"))
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing sent
+            writer.close()
+            assert engine.added == []
+            client = GrpcEngineClient(fast_lane=True)
+            try:
+                await _tokens(client.generate(addr, _req("r0"), 30))
+                await _lane_ready(client, addr)
+                call = client.generate(addr, _req("r1"), 30)
+                assert isinstance(call, FastLaneCall)
+                assert await _tokens(call) == [21, 22, 23]
+            finally:
+                await client.close()
+        finally:
+            await lane.close()
+            await server.stop(0)
+    asyncio.run(main())
+    assert any("not an EngineGenerateRequest" in r.getMessage() for r in caplog.records)
