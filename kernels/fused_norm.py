@@ -15,6 +15,9 @@ import triton.language as tl
 from kernels import pdl
 from kernels.fp8_quant import quantize_row, row_scale
 
+PAIRS_PERMUTE = True
+"""PAIRS where hidden is a power of two: the row's pairs permuted in registers and stored contiguously (else, and
+with this off, one scattered 2-byte store per value)."""
 WARPS: int | None = None
 """Warps per row program; None: one per 256 columns, 1..16 (16 at hidden 4096). bench/w4a16.py's chain section and
 its +normwN engine runs set it to measure a batch-1 decode step's 65 norm launches against other widths."""
@@ -64,7 +67,7 @@ def _add_norm_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr = False,  # kernels/pdl.py
     pairs_ptr=None,  # PAIRS: [num_tokens, hidden] float16, x's f16x2 pairs for a W4A16 H2 GEMV (kernels/w4a16_half2.py)
-    PAIRS: tl.constexpr = False,
+    PAIRS: tl.constexpr = 0,  # 1: scattered stores; 2: permuted in registers, one contiguous store (hidden == BLOCK)
 ):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -94,7 +97,12 @@ def _add_norm_kernel(
         y = quantize_row(y, scale)
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
-    if PAIRS:  # the value just stored, as float16, where kernels/w4a16_half2.py's pairs_index puts input `offs`
+    if PAIRS == 2:  # hidden == BLOCK: the row permuted in registers (input 128 b + 64 h + 16 j + 2 m + e to pair
+        # 64 b + 16 j + 8 e + m, half h: kernels/w4a16_half2.py's pairs_index), one contiguous store
+        v = tl.reshape(y.to(tl.float32).to(tl.float16), [BLOCK // 128, 2, 4, 8, 2])
+        v = tl.reshape(tl.permute(v, (0, 2, 4, 3, 1)), [BLOCK])
+        tl.store(pairs_ptr + row * hidden + offs, v)
+    elif PAIRS:  # the value just stored, as float16, where kernels/w4a16_half2.py's pairs_index puts input `offs`
         blk, w = offs // 128, offs % 128
         j, p = w // 16, w % 16
         idx = 64 * blk + 16 * (j % 4) + 8 * (p % 2) + p // 2
@@ -124,7 +132,8 @@ def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_
         return (out, scales) if quant else out
     xp = {}
     if pairs:  # hidden a multiple of 128, a 16-bit output
-        xp = dict(pairs_ptr=torch.empty(x.shape, dtype=torch.float16, device=x.device), PAIRS=True)
+        xp = dict(pairs_ptr=torch.empty(x.shape, dtype=torch.float16, device=x.device),
+                  PAIRS=2 if PAIRS_PERMUTE and x.shape[1] == triton.next_power_of_2(x.shape[1]) else 1)
     block = triton.next_power_of_2(x.shape[1])
     r = residual if residual is not None else x
     _add_norm_kernel[(x.shape[0],)](

@@ -21,7 +21,7 @@ def test_pairs_index_layout():
     assert pairs_index(16 * 5 + 3) == (16 + 8 + 1, 1)  # nibble row 5 = row 1's high half
 
 
-@pytest.mark.parametrize("hidden, residual", [(512, True), (4096, False)])
+@pytest.mark.parametrize("hidden, residual", [(512, True), (4096, False), (384, True)])  # 384: scattered stores
 def test_the_norm_writes_its_outputs_pairs(hidden, residual):
     g = torch.Generator().manual_seed(hidden)
     x = torch.randn(1, hidden, generator=g).to(torch.bfloat16)
