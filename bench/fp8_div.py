@@ -141,12 +141,22 @@ division or the reciprocal (RECIP), one power-of-two block or three pieces (PIEC
 (maxnreg 64: two programs of 16 warps per SM)."""
 
 
+SPLIT_VARIANTS = {"split 8x512": {"ROWS": 8, "BLOCK": 512}, "split 4x1024": {"ROWS": 4, "BLOCK": 1024},
+                  "split 2x1024": {"ROWS": 2, "BLOCK": 1024}, "split 8x256": {"ROWS": 8, "BLOCK": 256},
+                  "split 4x512 w8": {"num_warps": 8}, "split 4x512 q2x2048": {"ROWS2": 2, "BLOCK2": 2048}}
+"""The split SwiGLU + FP8 launches at decode's 256 rows (FP8_LAUNCH's entry up to 4,096 rows: 4 x 512 tiles, 4 warps)
+with these keys changed, under the reciprocal quantization (session 7's sweep chose the tiles under the division)."""
+
+
 def variants(kind: str, m: int) -> list[tuple[str, bool, dict | None]]:
     """(name, RECIP_DIV, SwiGLU launch or None for the engine's) per launch kind and row count."""
     cfg = next(c for most, c in fp8_fused.FP8_LAUNCH if m <= most)
     if kind == "swiglu" and cfg.get("ROW"):
         return [(name, True, dict(cfg, **keys)) for name, keys in ROW_VARIANTS.items()]
-    return [("division", False, None), ("reciprocal", True, None)]
+    out = [("division", False, None), ("reciprocal", True, None)]
+    if kind == "swiglu" and 64 < m <= 4096:
+        out += [(name, True, dict(cfg, **keys)) for name, keys in SPLIT_VARIANTS.items()]
+    return out
 
 
 def kernels_section(failures: list, ms=(256, 8192)) -> list[dict]:
@@ -196,6 +206,11 @@ def kernels_section(failures: list, ms=(256, 8192)) -> list[dict]:
                 row["best"] = best
                 if times[best] < 0.98 * times["committed"]:
                     row["apply"] = configs[best]
+            if kind == "swiglu" and "reciprocal" in times and any(k.startswith("split") for k in times):
+                best = min((k for k in times if k.startswith("split")), key=times.get)  # split tiles: wins by 3%
+                row["best_split"] = best
+                if times[best] < 0.97 * times["reciprocal"]:
+                    row["apply_split"] = configs[best]
             rows.append(row)
             print(f"{kind:<7} M={m:<5} " + "   ".join(f"{k} {v:.1f} us" for k, v in times.items()), flush=True)
     return rows
@@ -203,13 +218,15 @@ def kernels_section(failures: list, ms=(256, 8192)) -> list[dict]:
 
 def levers_passed(failures: list, kernels) -> dict:
     """What the engine "fp8" runs: RECIP_DIV (the default) unless an identity or reciprocal check failed; the
-    whole-row SwiGLU's winning variant (kernels_section's "apply") if any, else the committed entry."""
+    whole-row SwiGLU's winning variant (kernels_section's "apply") if any, else the committed entry; likewise the
+    split launch's tiles at 256 rows ("apply_split", with the reciprocal only)."""
     bad = {f.get("variant", f.get("check")) for f in failures}
     recip = not any(b in ("recip_identity", "identity_section", "kernels_section") or "reciprocal" in str(b)
                     for b in bad)
-    row = next((r.get("apply") for r in kernels if isinstance(r, dict) and r.get("apply")), None) \
-        if isinstance(kernels, list) else None
-    return {"RECIP_DIV": recip, "ROW": row}
+    rows = kernels if isinstance(kernels, list) else []
+    row = next((r.get("apply") for r in rows if isinstance(r, dict) and r.get("apply")), None)
+    split = next((r.get("apply_split") for r in rows if isinstance(r, dict) and r.get("apply_split")), None)
+    return {"RECIP_DIV": recip, "ROW": row, "SPLIT": split if recip else None}
 
 
 def engines(start: float, budget: float, labels, levers: dict) -> list[dict]:
@@ -223,8 +240,11 @@ def engines(start: float, budget: float, labels, levers: dict) -> list[dict]:
             print(f"throughput {label}: skipped (time budget: {time.time() - start:.0f} s)", flush=True)
             continue
         fp8_quant.RECIP_DIV = levers["RECIP_DIV"] if label == "fp8" else False
-        if label == "fp8" and levers["ROW"]:
-            fp8_fused.FP8_LAUNCH[:] = [(most, dict(levers["ROW"]) if c.get("ROW") else c) for most, c in committed]
+        if label == "fp8" and (levers["ROW"] or levers.get("SPLIT")):
+            fp8_fused.FP8_LAUNCH[:] = [
+                (most, dict(levers["ROW"]) if c.get("ROW") and levers["ROW"]
+                 else dict(levers["SPLIT"]) if levers.get("SPLIT") and not c.get("ROW") and most >= 256 else c)
+                for most, c in committed]
         if label == "fp8 division":
             fp8_fused.FP8_LAUNCH[:] = [(most, {k: v for k, v in c.items() if k not in ("RECIP", "PIECES")})
                                        for most, c in committed]
