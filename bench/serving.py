@@ -679,6 +679,10 @@ def main() -> None:
     ap.add_argument("--client-cpus", default=None, metavar="LIST",
                     help="run this process (the client and the in-process engine) on these CPUs only (e.g. '0-13', "
                          "to keep it off a router pinned with --cpus)")
+    ap.add_argument("--client-grpc-env", choices=["default", "folio"], default="default",
+                    help="the bench client's gRPC core settings: gRPC's own (default, as every earlier session), or "
+                         "Folio's services' (services/common/grpc_env.py: EventEngine experiments off, one thread wake "
+                         "fewer per message on the client's side too)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=1, help="on CPU: torch threads of each engine (both paths)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -686,6 +690,10 @@ def main() -> None:
     ap.add_argument("--label", default="", help="added to the result file's name")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    if args.client_grpc_env == "folio":  # before grpc is imported (the stack's services set the same by themselves)
+        from services.common import grpc_env
+
+        grpc_env.set_defaults()
     if args.client_cpus is not None:  # before torch's threads start: they inherit it
         from services.common.cpu_affinity import parse_cpus, pin_process
 
@@ -742,6 +750,7 @@ def main() -> None:
     sib = sorted({p.read_text().strip() for p in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings_list")})
     host["cpu_siblings"] = " ".join(sib) or None
     host["client_cpus"] = args.client_cpus
+    host["client_grpc_experiments"] = os.environ.get("GRPC_EXPERIMENTS")
     print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, vocab = prepare_model(args, Path(tmp))
