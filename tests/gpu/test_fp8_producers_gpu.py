@@ -17,7 +17,8 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("m", [8192, 5000])
-@pytest.mark.parametrize("row", [dict(ROWS=1, num_warps=16, ROW=True), dict(ROWS=1, num_warps=16, ROW=True, PIECES=True),
+@pytest.mark.parametrize("row", [dict(ROWS=1, num_warps=16, ROW=True),
+                                 dict(ROWS=1, num_warps=16, ROW=True, PIECES=True),
                                  dict(ROWS=1, num_warps=16, ROW=True, PIECES=True, maxnreg=64)])
 def test_gpu_swiglu_fp8_whole_rows_equal_the_split(m, row):
     g = torch.Generator(device=DEVICE).manual_seed(m)
