@@ -19,7 +19,7 @@ from protos.gen.folio.v1 import engine_pb2
 from services.common.errors import Cancelled, DeadlineExceeded, FolioError, Unavailable, from_status
 from services.common.fast_lane import ERROR, METADATA_KEY, REQUEST, FrameReader, ProtocolError, frame, parse_error
 from services.router.clients import EngineFailed
-from services.router.grpc_clients import message_from_pb
+from services.router.engine_messages import message_from_pb
 
 log = logging.getLogger("folio.router")
 

@@ -9,20 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from protos.gen.folio.v1 import common_pb2, engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.convert import FINISH_FROM_PB, params_to_pb, position_from_pb
+from services.common.convert import params_to_pb
 from services.common import telemetry
 from services.common.errors import DeadlineExceeded, FolioError, Unavailable
 from services.common.grpc_errors import from_rpc_error
 from services.common.server import channel
 from services.common.tokenizer import Tokenizer
 from services.common import eager
-from services.router.clients import EngineFailed, EngineMessage, EngineRequest, SequenceUpdate
+from services.router.clients import EngineFailed, EngineMessage, EngineRequest
+from services.router.engine_messages import message_from_pb
+from services.router.fast_lane_client import FastLaneCall, FastLanes
 from services.router.local_detokenizer import LocalDetokenizer, load_local_tokenizer
 
 log = logging.getLogger("folio.router")
@@ -50,9 +51,7 @@ class GrpcEngineClient:
         self.depth = depth
         self.lanes = None
         if fast_lane and ahead:
-            from services.router.fast_lane_client import FastLaneCall, FastLanes  # (they import this module)
-
-            self.lanes, self._lane_call = FastLanes(depth), FastLaneCall
+            self.lanes = FastLanes(depth)
         self._channels: dict[str, tuple[grpc.aio.Channel, engine_pb2_grpc.EngineStub]] = {}
         self._opened: dict[str, list[_OpenedCall]] = {}
         self._plain: set[str] = set()
@@ -71,7 +70,7 @@ class GrpcEngineClient:
                                                params=params_to_pb(request.params))
         if self.ahead and address not in self._plain and not telemetry.enabled():
             if self.lanes is not None and (conn := self.lanes.take(address)) is not None:
-                return self._lane_call(conn, req, timeout_s, on_first=lambda: self.lanes.fill_soon(address),
+                return FastLaneCall(conn, req, timeout_s, on_first=lambda: self.lanes.fill_soon(address),
                                        fallback=lambda s: GrpcEngineCall(self._stub(address).Generate(req, timeout=s)))
             held = self._held(address)
             opened = next((c for c in held if c.ready), None)
@@ -219,25 +218,6 @@ class GrpcEngineCall:
         if not self._call.done():
             self._failed = error
             self._call.cancel()
-
-
-def message_from_pb(msg: engine_pb2.EngineGenerateResponse) -> EngineMessage:
-    path = None
-    if msg.timing.first_token_path:
-        path = [(s.hop, s.monotonic_ns) for s in msg.timing.first_token_path]
-        path.append(("router.engine_msg", time.monotonic_ns()))
-    return EngineMessage(first_token_path=path,
-        sequences=[_sequence_from_pb(d) for d in msg.sequences], finished=msg.finished,
-        cached_tokens=msg.usage.cached_tokens,
-        queue_s=msg.timing.queue_ns / 1e9 if msg.HasField("timing") else None,
-        prompt_logprobs=[position_from_pb(p) for p in msg.prompt_logprobs] if msg.prompt_logprobs else None)
-
-
-def _sequence_from_pb(d: engine_pb2.SequenceDelta) -> SequenceUpdate:
-    stop = d.stop_str or (d.stop_token_id if d.HasField("stop_token_id") else None)
-    return SequenceUpdate(index=d.index, token_ids=list(d.token_ids),
-                          logprobs=[position_from_pb(p) for p in d.logprobs] if d.logprobs else None,
-                          finish_reason=FINISH_FROM_PB[d.finish_reason], stop_reason=stop)
 
 
 # --- tokenizers -------------------------------------------------------------------------------------
