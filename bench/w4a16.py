@@ -32,8 +32,8 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    only that share of each split-K slice's first rows), pfe (those prefetches marked L2::evict_last), pfmN
    (kernels/w4a16_l2.py's MODE: 0 line hints, 1 TMA bulk prefetches, 2 real loads), pfj (int4_ahead.JOIN_LATE: a
    prefetch joins the main stream before the projection after its target), xp / noxp (quantization/int4.py's
-   X_PAIRS: the norm writes x's f16x2 pairs for the H2 gemv3 after it), clamp / clamp2 (CLAMP 1 / 2 on every M = 1
-   gemv3 config: unmasked weight loads, the last one reloading its tile / skipped by a branch), prof (a
+   X_PAIRS: the norm writes x's f16x2 pairs for the H2 gemv3 after it), clamp (CLAMP on every M = 1 gemv3 config:
+   unmasked weight loads, the last one reloading its tile), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -595,7 +595,7 @@ def xp_checks(failures: list, g: torch.Generator) -> list[dict]:
         w4.reserve_workspace(DEV, n)
         base = w4.pick_config(1, n, k, 128, DEV)
         plain = w4.w4a16(xn, qw, s_, z_, 128, config=dict(base), gated=gated)
-        for cfg in (dict(base), dict(base, CLAMP=True), dict(base, CLAMP=2)):
+        for cfg in (dict(base), dict(base, CLAMP=True)):
             out = q.attempt(lambda: w4.w4a16(xn, qw, s_, z_, 128, config=dict(cfg), gated=gated, x_pairs=x_pairs_of(xn)))
             same = not isinstance(out, Exception) and q.rel_err(out, plain) < 2e-3  # split-K atomics' order
             if gated:
@@ -639,10 +639,9 @@ def h2x_checks(failures: list, g: torch.Generator, layouts: bool = True) -> list
         for t, bn, warps in H2X_G3 if layouts else ():
             cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=3, PDL=2, H2=2),
                           f"{k}x{n} g{group}"))
-        for t, bn, warps, sp, c in ((8, 512, 4, 3, 1), (16, 512, 4, 32, 1), (8, 256, 2, 7, 2), (8, 256, 1, 16, 2),
-                                    (8, 512, 4, 3, 2)):  # CLAMP 1 and 2
+        for t, bn, warps, sp in ((8, 512, 4, 3), (16, 512, 4, 32), (8, 256, 2, 7), (8, 256, 1, 16)):  # CLAMP
             cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2,
-                                                          CLAMP=c), f"{k}x{n} g{group} clamp{c}"))
+                                                          CLAMP=True), f"{k}x{n} g{group} clamp"))
         for t, bn, warps, per_sm in H2X_G4 if layouts else ():
             cases.append((x, (qw, s_, z_, group), w, dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2,
                                                           H2=2), f"{k}x{n} g{group}"))
@@ -1094,10 +1093,9 @@ def m1_configs(tags: list[str]) -> None:
                 if t.startswith("d") and t[1:].isdigit():
                     cfg["L2_DIST"] = int(t[1:])
             w4.TUNED[(1, n, k)] = cfg
-    clamp = 2 if "clamp2" in tags else 1 if "clamp" in tags else 0
-    if clamp:  # gemv3's unmasked weight loads (kernels/w4a16.py CLAMP 1 or 2) on every M = 1 gemv3 config
+    if "clamp" in tags:  # gemv3's unmasked weight loads (kernels/w4a16.py CLAMP) on every M = 1 gemv3 config
         for key in [key for key in w4.TUNED if key[0] == 1 and w4.TUNED[key].get("KERNEL") == "gemv3"]:
-            w4.TUNED[key] = dict(w4.TUNED[key], CLAMP=clamp)
+            w4.TUNED[key] = dict(w4.TUNED[key], CLAMP=True)
     if "nopdl" in tags:  # the committed configs name PDL 2: off means off for the GEMVs too
         for key in [key for key in w4.TUNED if key[0] == 1]:
             w4.TUNED[key] = dict(w4.TUNED[key], PDL=0)

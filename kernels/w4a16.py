@@ -410,13 +410,7 @@ def _w4a16_gemv3_kernel(
         words = nxt
         if XPAIR:
             words_o = nxt_o
-        if CLAMP == 2:  # every column exists (the host checks): the next tile's loads unmasked, skipped at the end
-            w_ptrs += T * stride_qk
-            if i + 1 < t_end:
-                nxt = tl.load(w_ptrs)
-                if XPAIR:
-                    nxt_o = tl.load(w_ptrs + stride_qk)
-        elif CLAMP:  # every column exists (the host checks) and the last iteration reloads its own tile: unmasked loads
+        if CLAMP:  # every column exists (the host checks) and the last iteration reloads its own tile: unmasked loads
             w_ptrs += tl.where(i + 1 < t_end, T * stride_qk, 0)
             nxt = tl.load(w_ptrs)
             if XPAIR:
@@ -701,8 +695,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         h2, xpair = w4a16_stream.half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
                       EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated, H2=h2,
-                      ASM=x.is_cuda, CLAMP=int(cfg.pop("CLAMP", 0))
-                      if (n // 2 if gated else n) % (cfg["BLOCK_N"] // 2 if gated else cfg["BLOCK_N"]) == 0 else 0)
+                      ASM=x.is_cuda, CLAMP=bool(cfg.pop("CLAMP", False))
+                      and (n // 2 if gated else n) % (cfg["BLOCK_N"] // 2 if gated else cfg["BLOCK_N"]) == 0)
         if pdl:
             consts["launch_pdl"] = True
         if (x_pairs is not None and h2 and xpair and rows == 128 and x_pairs.dtype == torch.int32

@@ -188,7 +188,6 @@ def test_w4a16_gemv3_clamp_equals_the_masked_loads(k, n, group, split, bn, h2):
     out = w4a16(*args, config=dict(cfg, CLAMP=True))
     close(out, ref, torch.bfloat16)
     assert torch.equal(out, w4a16(*args, config=cfg))
-    assert torch.equal(w4a16(*args, config=dict(cfg, CLAMP=2)), out)  # the next tile's loads under a branch
     assert_workspace_zero()
 
 
