@@ -27,11 +27,7 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), mlp / nomlp
    (int4.py's FUSE_MLP: the batch-1 MLP as one persistent launch, kernels/w4a16_mlp.py), post / nopost (FUSE_POST:
    o projection, residual add, norm and MLP as one launch), front / nofront (FUSE_FRONT: with post, the next layer's
-   input norm and qkv in the same launch), pf<role><dist>[h<percent>] (quantization/int4_ahead.py: that projection's
-   weights read into L2 on a side stream, forked <dist> W4A16 calls before it; role o, q(kv), g(ate_up), d(own); h:
-   only that share of each split-K slice's first rows), pfe (those prefetches marked L2::evict_last), pfmN
-   (kernels/w4a16_l2.py's MODE: 0 line hints, 1 TMA bulk prefetches, 2 real loads), pfj (int4_ahead.JOIN_LATE: a
-   prefetch joins the main stream before the projection after its target), xp / noxp (quantization/int4.py's
+   input norm and qkv in the same launch), xp / noxp (quantization/int4.py's
    X_PAIRS: the norm writes x's f16x2 pairs for the H2 gemv3 after it), clamp (CLAMP on every M = 1 gemv3 config:
    unmasked weight loads, the last one reloading its tile), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
@@ -41,17 +37,14 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    tokens against the first run of the same weights.
 4. chain (--sections chain): 32 layers' GEMVs in one CUDA graph with and without the add + RMSNorm kernels
    between them: what the norms add to a batch-1 step; the same with the norms on 8 and 4 warps.
-6. l2probe (--sections l2probe): does a GEMV whose weights kernels/w4a16_l2.py prefetched read them from L2 (o, qkv,
-   gate/up's split-K heads; each prefetch MODE), against the same GEMV cold.
 5. attention (--sections attention): the batch-1 paged decode kernel on the 8B's heads at contexts 256 / 384, the
    default launch against more splits and other tiles (32 layers' caches in one graph).
 Each engine run also times batch-1 decode greedily (temperature 0: the one-pass greedy kernel in place of the
 temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
 --check-kernels h2x runs only the checks of the H2 layouts not swept before (`H2X_G3`, `H2X_G4`: warps along a tile's
-rows, 8 columns per thread) and the committed configs; --sweep-kernels h2x sweeps them. --check-kernels l2 runs only
-kernels/w4a16_l2.py's checks (the prefetch writes nothing; a side-stream prefetch forked
-and joined inside a CUDA graph) and the committed configs; --check-kernels h2 keeps only the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
+rows, 8 columns per thread) and the committed configs; --sweep-kernels h2x sweeps them. --check-kernels h2 keeps only
+the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
 (kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
 """
 
@@ -82,8 +75,6 @@ from kernels.w4a16_tc import pack_tc  # noqa: E402
 from kernels import paged_decode as paged_decode_mod  # noqa: E402
 from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
-from services.engine.model.quantization import int4_ahead  # noqa: E402
-from kernels import w4a16_l2  # noqa: E402
 from kernels.w4a16_half2 import x_pairs_of  # noqa: E402
 
 DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
@@ -199,8 +190,6 @@ def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
 def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     rows: list[dict] = []
     g = torch.Generator(device=DEV).manual_seed(0)
-    if "l2" in kernels:  # only the L2-ahead checks and what the engine runs at M = 1
-        return l2_checks(failures, g) + committed_checks(failures, g)
     if "h2x" in kernels:  # only the new H2 layouts and what the engine runs at M = 1
         return h2x_checks(failures, g) + committed_checks(failures, g)
     if "xp" in kernels:  # X_PAIRS and CLAMP, and what the engine runs at M = 1
@@ -315,83 +304,6 @@ def race_checks(failures: list, g: torch.Generator) -> list[dict]:
         err = (got[1].double() - want[1]).abs().max().item() if ok else float("inf")
         q.record(rows, failures, ok and err < 1e-4, check="sample_race", shape=f"{n}x128256", M=n, config={},
                  rel_err=err)
-    return rows
-
-
-class _Proj(torch.nn.Module):
-    """A stand-in projection for the L2-ahead checks (int4_ahead picks targets by class name)."""
-
-    def __init__(self, qw, s, z, k):
-        super().__init__()
-        self.qweight, self.scales, self.zeros, self.in_k, self.group_size = qw, s, z, k, 128
-
-
-class QKVParallelLinear(_Proj):
-    pass
-
-
-class RowParallelLinear(_Proj):
-    pass
-
-
-def l2_checks(failures: list, g: torch.Generator) -> list[dict]:
-    """kernels/w4a16_l2.py's prefetch writes nothing (odd sizes, both eviction hints); and int4_ahead's fork / join
-    inside a CUDA graph: qkv -> o chained GEMVs (o reads qkv's first 4,096 outputs) with o's weights prefetched on a
-    side stream, captured, replayed twice on new x, equal to the same chain without it."""
-    rows = []
-    bufs = [torch.randint(0, 255, (n,), generator=g, device=DEV, dtype=torch.uint8) for n in (1, 130, 3 * 4096 * 128 + 7)]
-    keep = [b.clone() for b in bufs]
-    two_d = torch.randint(0, 2**30, (512, 28672), generator=g, device=DEV, dtype=torch.int32)
-    keep_2d = two_d.clone()
-    for ev, head in ((False, None), (True, None), (False, (32, 8)), (True, (100, 7))):
-        got = q.attempt(lambda: (w4a16_l2.prefetch([two_d] + bufs[1:] if head else bufs, evict_last=ev, head=head),
-                                 torch.cuda.synchronize()))
-        same = not isinstance(got, Exception) and all(torch.equal(a, b) for a, b in zip(bufs, keep)) \
-            and torch.equal(two_d, keep_2d)
-        q.record(rows, failures, same, check="l2_prefetch_writes_nothing", evict_last=ev, head=head,
-                 error=repr(got) if isinstance(got, Exception) else None)
-    (k1, n1), (k2, n2) = SHAPES["qkv"], SHAPES["o"]
-    qkv_w, o_w = q.int4_case(k1, n1, 128, False, g), q.int4_case(k2, n2, 128, False, g)
-    qkv, o = QKVParallelLinear(*qkv_w[:3], k1), RowParallelLinear(*o_w[:3], k2)
-    w4.reserve_workspace(DEV, n1)
-    x = torch.randn(1, k1, generator=g, device=DEV).to(DTYPE)
-    saved = dict(int4_ahead.DIST)
-
-    def chain(ahead):
-        y = None
-        for layer, inp in ((qkv, lambda: x), (o, lambda: y[:, :k2].contiguous())):
-            if ahead:
-                ahead.before(layer)
-            y = w4.w4a16(inp(), layer.qweight, layer.scales, layer.zeros, 128)
-            if ahead:
-                ahead.after(layer)
-        return y
-
-    try:
-        int4_ahead.DIST.clear()
-        int4_ahead.DIST.update({"o": (1, 1.0)})
-        ahead = int4_ahead.Ahead()
-        ref = chain(None).float()
-        chain(ahead)  # learns qkv -> o
-        chain(ahead)  # forks and joins eagerly
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(ahead)
-        errs = []
-        for scale in (1.0, 0.5):
-            x.mul_(scale)
-            ref = chain(None).float()
-            graph.replay()
-            torch.cuda.synchronize()
-            errs.append(q.rel_err(out, ref))
-        err = max(errs)
-    except Exception as e:  # noqa: BLE001
-        err, errs = float("inf"), repr(e)
-    finally:
-        int4_ahead.DIST.clear()
-        int4_ahead.DIST.update(saved)
-    q.record(rows, failures, err < 5e-3 and q.workspace_clean(), check="l2_ahead_graph", rel_err=err, detail=str(errs))
     return rows
 
 
@@ -972,53 +884,6 @@ def chain(start: float, budget: float) -> dict:
 
 
 # --- attention at batch 1 ---------------------------------------------------------------------------------
-def l2probe(start: float, budget: float, modes=(0, 1, 2), sleep_us: float = 10.0) -> dict:
-    """Does a prefetched GEMV read from L2? Per target (o, qkv whole; gate/up's first quarter and half of each split-K
-    slice, as int4_ahead reads them), one CUDA graph over weight copies that overflow L2, each copy's GEMV after a
-    ~sleep_us busy-wait kernel; the same with kernels/w4a16_l2.py's prefetch of that copy before the wait (per MODE).
-    GEMV time = graph time minus the same graph without the GEMVs."""
-    from services.engine.model.quantization.int4_ahead import head_rows
-
-    g = torch.Generator(device=DEV).manual_seed(3)
-    cycles = int(sleep_us * 1.98e3)
-    out = {}
-    targets = [("o", SHAPES["o"], 1.0, False), ("qkv", SHAPES["qkv"], 1.0, False),
-               ("gate_up h25", SHAPES["gate_up"], 0.25, True), ("gate_up h50", SHAPES["gate_up"], 0.5, True)]
-    print(f"\nL2 probe: GEMV us after a {sleep_us:.0f} us wait, cold vs prefetched (MODE 0 line hints, 1 TMA bulk, 2 loads)")
-    for name, (k, n), frac, gated in targets:
-        if time.time() - start > budget:
-            print(f"  {name}: skipped (time budget)")
-            continue
-        qw, s, z = q.int4_random(k, n, 128, g)[:3]
-        layer = RowParallelLinear(qw, s, z, k)
-        copies = q.copies_for(qw.numel() * 4)
-        ws = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(copies - 1)]
-        w4.reserve_workspace(DEV, n)
-        x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-        head = head_rows(layer, frac)
-
-        def fns(mode, gemv):
-            def one(w):
-                def f():
-                    if mode is not None:
-                        w4a16_l2.prefetch(list(w), head=head, mode=mode)
-                    torch.cuda._sleep(cycles)
-                    if gemv:
-                        w4.w4a16(x, *w, 128, gated=gated)
-                return f
-            return [one(w) for w in ws]
-
-        row = {}
-        for mode in (None, *modes):
-            got = q.attempt(lambda: (q.graph_ms(fns(mode, True)) - q.graph_ms(fns(mode, False))) * 1e3)
-            row["cold" if mode is None else f"mode{mode}"] = got if not isinstance(got, Exception) else repr(got)
-        out[name] = row
-        print(f"  {name:<12} " + "  ".join(f"{key} {v:.2f}" if isinstance(v, float) else f"{key} {v}"
-                                         for key, v in row.items()), flush=True)
-        del ws
-    return out
-
-
 def attention(start: float, budget: float) -> dict:
     """kernels/paged_decode.py at one sequence on the 8B's heads (32 q, 8 KV, d 128, 16-token blocks), contexts
     256 and 384 (the engine section's decode runs 128 -> 384): 32 launches in one CUDA graph, each on its own
@@ -1063,7 +928,6 @@ MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW
 +minsplitN use N (the decode graphs are captured for max_model_len 512, so N = 512 gives the batch-1 graph one
 split, as before 2026-11-29 evening, 128 four, 64 eight)."""
 DEFAULT_ROPE = int4.FUSE_ROPE
-DEFAULT_AHEAD, DEFAULT_EVICT_LAST = dict(int4_ahead.DIST), int4_ahead.EVICT_LAST
 DEFAULT_XP = int4.X_PAIRS
 """quantization/int4.py's FUSE_ROPE as committed: runs tagged +rope / +norope turn it on / off."""
 DEFAULT_MLP = int4.FUSE_MLP
@@ -1111,22 +975,6 @@ KINDS = (("w4a16", ("w4a16",)), ("attention", ("paged", "attention", "flash", "s
 
 SWEEP_XP = False
 """--sweep-xp: the sweep's GEMVs get x's made f16x2 pairs (int4.X_PAIRS), as the engine's qkv, gate/up, down would."""
-
-AHEAD_ROLES = {"o": "o", "q": "qkv", "g": "gate_up", "d": "down"}
-
-
-def ahead_of(tags: list[str]) -> dict:
-    """int4_ahead.DIST from tags pf<role><dist>[h<percent>]: pfo1 (o's weights after qkv), pfq2 (qkv's after the
-    previous layer's gate/up), pfg2h25 (the first quarter of each of gate/up's K slices, after qkv), pfd1h50."""
-    import re
-
-    out = {}
-    for t in tags:
-        m = re.fullmatch(r"pf([oqgd])(\d+)(?:h(\d+))?", t)
-        if m:
-            out[AHEAD_ROLES[m.group(1)]] = (int(m.group(2)), int(m.group(3)) / 100 if m.group(3) else 1.0)
-    return out
-
 
 def kind_of(name: str) -> str:
     low = name.lower()
@@ -1224,11 +1072,7 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_FRONT = "front" in tags or (DEFAULT_FRONT and "nofront" not in tags)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
-        int4_ahead.DIST = ahead_of(tags)
-        int4_ahead.EVICT_LAST = "pfe" in tags
         int4.X_PAIRS = "xp" in tags or (DEFAULT_XP and "noxp" not in tags)
-        int4_ahead.JOIN_LATE = "pfj" in tags
-        w4a16_l2.MODE = next((int(t[3:]) for t in tags if t.startswith("pfm") and t[3:].isdigit()), 0)
         saved = dict(w4.TUNED)
         m1_configs(tags)
         try:  # one engine's failure (a capture error of an opt-in lever) must not lose the later runs
@@ -1295,8 +1139,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_POST = DEFAULT_POST
         int4.FUSE_FRONT = DEFAULT_FRONT
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
-        int4_ahead.DIST, int4_ahead.EVICT_LAST = dict(DEFAULT_AHEAD), DEFAULT_EVICT_LAST
-        w4a16_l2.MODE, int4_ahead.JOIN_LATE = 0, False
         int4.X_PAIRS = DEFAULT_XP
         w4.TUNED.clear()
         w4.TUNED.update(saved)
@@ -1346,7 +1188,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", nargs="+", default=["checks", "sweep", "engine"],
-                    choices=["checks", "sweep", "chain", "attention", "l2probe", "engine"])
+                    choices=["checks", "sweep", "chain", "attention", "engine"])
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--check-kernels", nargs="+", default=["gemv2", "gemv3", "gemv4"],
                     help="checks: the M = 1 kernels whose variants are checked (the committed configs always are)")
@@ -1361,8 +1203,6 @@ def main() -> int:
     ap.add_argument("--sweep-xp", action="store_true", help="sweep: the GEMVs read x's made pairs (int4.X_PAIRS)")
     ap.add_argument("--sweep-shapes", nargs="+", default=None, choices=list(SHAPES),
                     help="sweep: these 8B GEMMs, in this order (default: all)")
-    ap.add_argument("--probe-share", type=float, default=0.3,
-                    help="l2probe: no new target is started past this share of --budget")
     ap.add_argument("--sweep-share", type=float, default=0.4,
                     help="sweep: no new shape is started past this share of --budget")
     ap.add_argument("--sweep-kernels", nargs="+", default=["gemv1", "gemv2", "gemv3", "gemv4"],
@@ -1397,10 +1237,6 @@ def main() -> int:
         got = q.attempt(lambda: attention(start, args.budget * args.attention_share))
         result["attention"] = got if not isinstance(got, Exception) else repr(got)
         print(f"attention done at {time.time() - start:.0f} s", flush=True)
-    if "l2probe" in args.sections:
-        got = q.attempt(lambda: l2probe(start, args.budget * args.probe_share))
-        result["l2probe"] = got if not isinstance(got, Exception) else repr(got)
-        print(f"l2probe done at {time.time() - start:.0f} s", flush=True)
     if "engine" in args.sections:
         got = q.attempt(lambda: engine(start, args.budget, args.engines, not args.no_profile))
         result["engine"] = got if not isinstance(got, Exception) else repr(got)

@@ -25,7 +25,6 @@ from kernels.w4a16 import pack_int4, pick_config, reserve_workspace, w4a16, w4a1
 from kernels.w4a16_tc import pack_tc
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
-from services.engine.model.quantization.int4_ahead import AHEAD
 
 BITS = 4
 FUSE_SWIGLU = True
@@ -220,15 +219,6 @@ class Int4Layout:
         self.install(layer, q, scales, torch.full_like(scales, 8, dtype=torch.uint8), group, None)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None):
-        ahead = AHEAD
-        if not (ahead.enabled() and x.numel() == x.shape[-1] and _kernels(x)):
-            return self._apply(layer, x, bias)
-        ahead.before(layer)  # batch 1: weights read into L2 ahead on a side stream (int4_ahead.py)
-        y = self._apply(layer, x, bias)
-        ahead.after(layer)
-        return y
-
-    def _apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None):
         shape = x.shape
         pairs = getattr(x, "_w4_pairs", None)  # x's f16x2 pairs, made by the norm that wrote x (X_PAIRS)
         x2 = x.reshape(-1, shape[-1])
