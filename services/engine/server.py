@@ -381,6 +381,21 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             engine_id=self.engine_id)
 
 
+async def _start_fast_lane(servicer: EngineServicer, c: EngineServerConfig, host: str):
+    """Serve the fast lane (services/engine/fast_lane.py) and name it in GenerateStream's initial metadata, by the
+    host routers dial for gRPC (an advertised name: engine-0 in compose, a pod's IP)."""
+    from services.common.fast_lane import METADATA_KEY
+    from services.engine.fast_lane import FastLaneServer
+
+    lane = FastLaneServer(servicer)
+    port = int((await lane.start(c.host, c.fast_lane_port)).rsplit(":", 1)[1])
+    advertised = c.advertise_address
+    lane_host = advertised.rsplit(":", 1)[0] if advertised and not advertised.startswith("unix:") else host
+    servicer.opening_metadata = ((METADATA_KEY, f"{lane_host}:{port}"),)
+    log.info("fast lane at %s:%d", lane_host, port)
+    return lane
+
+
 async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = None,
                 step_cpus: set[int] | None = None) -> int:
     """Run the engine service until SIGTERM (exit status 0) or until the engine cannot go on (1). `cpus`,
@@ -442,18 +457,7 @@ async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = No
     woken = cpu_latency.open_request(wake_us) if wake_us is not None else None
     servicer = EngineServicer(aengine, model_name, engine_id, metrics, keep_awake, woken)
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server.server)
-    lane = None
-    if c.fast_lane:
-        from services.common.fast_lane import METADATA_KEY
-        from services.engine.fast_lane import FastLaneServer
-
-        lane = FastLaneServer(servicer)
-        port = int((await lane.start(c.host, c.fast_lane_port)).rsplit(":", 1)[1])
-        # routers reach it by the host they dial for gRPC (an advertised name: engine-0 in compose, a pod's IP)
-        advertised = c.advertise_address
-        lane_host = advertised.rsplit(":", 1)[0] if advertised and not advertised.startswith("unix:") else host
-        servicer.opening_metadata = ((METADATA_KEY, f"{lane_host}:{port}"),)
-        log.info("fast lane at %s:%d", lane_host, port)
+    lane = await _start_fast_lane(servicer, c, host) if c.fast_lane else None
     redis = None
     if c.redis_url:
         import redis.asyncio as aioredis
