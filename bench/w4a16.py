@@ -27,9 +27,7 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), mlp / nomlp
    (int4.py's FUSE_MLP: the batch-1 MLP as one persistent launch, kernels/w4a16_mlp.py), post / nopost (FUSE_POST:
    o projection, residual add, norm and MLP as one launch), front / nofront (FUSE_FRONT: with post, the next layer's
-   input norm and qkv in the same launch), xp / noxp (quantization/int4.py's
-   X_PAIRS: the norm writes x's f16x2 pairs for the H2 gemv3 after it), clamp (CLAMP on every M = 1 gemv3 config:
-   unmasked weight loads, the last one reloading its tile), prof (a
+   input norm and qkv in the same launch), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -75,7 +73,6 @@ from kernels.w4a16_tc import pack_tc  # noqa: E402
 from kernels import paged_decode as paged_decode_mod  # noqa: E402
 from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
-from kernels.w4a16_half2 import x_pairs_of  # noqa: E402
 
 DEV, DTYPE, SHAPES = q.DEV, q.DTYPE, q.SHAPES
 
@@ -192,8 +189,6 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     g = torch.Generator(device=DEV).manual_seed(0)
     if "h2x" in kernels:  # only the new H2 layouts and what the engine runs at M = 1
         return h2x_checks(failures, g) + committed_checks(failures, g)
-    if "xp" in kernels:  # X_PAIRS and CLAMP, and what the engine runs at M = 1
-        return h2x_checks(failures, g, layouts=False) + committed_checks(failures, g)
     cases = []
     for k, n, group, act, cfg, split, atomic in CASES:
         if cfg["KERNEL"] not in kernels or ("h2" in kernels and not cfg.get("H2")):  # h2: the H2 cases only
@@ -475,71 +470,13 @@ def h2x_candidates(n: int, k: int) -> list[dict]:
             out.append(dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2, H2=2))
         return out
     sp0 = base.get("SPLIT_K", 16)
-    if base.get("KERNEL") == "gemv3":  # the committed config with CLAMP (unmasked weight loads)
-        out.append(dict(base, CLAMP=True))
     for t, bn, warps in H2X_G3:
         for sp in sorted({max(1, sp0 // 2), sp0}):
             out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2))
-            if bn >= 128 * warps:  # warps along N: CLAMP too
-                out.append(dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2, CLAMP=True))
     return out
 
 
-def xp_checks(failures: list, g: torch.Generator) -> list[dict]:
-    """X_PAIRS on the GPU: the norm's pairs equal x_pairs_of(its output) at 4,096; the committed qkv and gate/up
-    (gated) configs with the pairs, and with CLAMP too, give what they give without (to split-K's atomics' order:
-    relative 2e-3) and are within float32's; gate/up's epilogue makes its output's exact pairs, which down reads."""
-    from kernels.fused_norm import add_rms_norm
-    from kernels.w4a16_half2 import x_pairs_of
-
-    rows = []
-    x = torch.randn(1, 4096, generator=g, device=DEV).to(DTYPE)
-    r = torch.randn(1, 4096, generator=g, device=DEV).to(DTYPE)
-    wn = torch.randn(4096, generator=g, device=DEV).to(DTYPE)
-    got = q.attempt(lambda: add_rms_norm(x, r.clone(), wn, 1e-5, pairs=True))
-    ok = not isinstance(got, Exception) and torch.equal(got[0], add_rms_norm(x, r.clone(), wn, 1e-5)) \
-        and torch.equal(got[1], x_pairs_of(got[0]))
-    q.record(rows, failures, ok, check="xp_norm_pairs", shape="4096", error=repr(got) if isinstance(got, Exception) else None)
-    xn = got[0] if ok else x
-    for name, gated in (("qkv", False), ("gate_up", True)):
-        k, n = SHAPES[name]
-        qw, s_, z_, _, w = q.int4_case(k, n, 128, False, g)
-        w4.reserve_workspace(DEV, n)
-        base = w4.pick_config(1, n, k, 128, DEV)
-        plain = w4.w4a16(xn, qw, s_, z_, 128, config=dict(base), gated=gated)
-        for cfg in (dict(base), dict(base, CLAMP=True)):
-            out = q.attempt(lambda: w4.w4a16(xn, qw, s_, z_, 128, config=dict(cfg), gated=gated, x_pairs=x_pairs_of(xn)))
-            same = not isinstance(out, Exception) and q.rel_err(out, plain) < 2e-3  # split-K atomics' order
-            if gated:
-                gu = (xn.float() @ w).to(DTYPE)
-                ref = (F.silu(gu[:, :n // 2]) * gu[:, n // 2:]).float()
-            else:
-                ref = xn.float() @ w
-            err = q.err_of(out, ref)
-            q.record(rows, failures, same and err < 1e-2 and q.workspace_clean(), check="xp_gemv", shape=name, M=1,
-                     config=cfg, rel_err=err, same_bits=same)
-    # gate/up's epilogue makes its output's pairs; the down GEMV reads them with the same bits
-    (k, n), (kd, nd) = SHAPES["gate_up"], SHAPES["down"]
-    qw, s_, z_, _, _ = q.int4_case(k, n, 128, False, g)
-    qd, sd, zd, _, _ = q.int4_case(kd, nd, 128, False, g)
-    w4.reserve_workspace(DEV, n)
-    cfg = w4.pick_config(1, n, k, 128, DEV)
-    got = q.attempt(lambda: w4.w4a16(xn, qw, s_, z_, 128, config=dict(cfg, CLAMP=True), gated=True, make_pairs=True))
-    ok = isinstance(got, tuple) and q.rel_err(got[0], w4.w4a16(xn, qw, s_, z_, 128, config=dict(cfg), gated=True)) < 2e-3 \
-        and torch.equal(got[1], x_pairs_of(got[0]))
-    q.record(rows, failures, ok and q.workspace_clean(), check="xp_gated_makes_pairs", shape="gate_up", M=1,
-             config=cfg, error=repr(got) if isinstance(got, Exception) else None)
-    if ok:
-        dcfg = w4.pick_config(1, nd, kd, 128, DEV)
-        plain = w4.w4a16(got[0], qd, sd, zd, 128, config=dict(dcfg))
-        out = q.attempt(lambda: w4.w4a16(got[0], qd, sd, zd, 128, config=dict(dcfg, CLAMP=True), x_pairs=got[1]))
-        same = not isinstance(out, Exception) and q.rel_err(out, plain) < 2e-3  # split-K atomics' order
-        q.record(rows, failures, same and q.workspace_clean(), check="xp_gemv", shape="down", M=1, config=dcfg,
-                 same_bits=same)
-    return rows
-
-
-def h2x_checks(failures: list, g: torch.Generator, layouts: bool = True) -> list[dict]:
+def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
     """The H2X layouts against float32 on the 8B o shape and on odd shapes (a part-filled strip, a split past the
     last block, group 64), twice each (the workspace left as the next call needs it)."""
     rows = []
@@ -548,13 +485,10 @@ def h2x_checks(failures: list, g: torch.Generator, layouts: bool = True) -> list
         qw, s_, z_, _, w = q.int4_case(k, n, group, False, g)
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-        for t, bn, warps in H2X_G3 if layouts else ():
+        for t, bn, warps in H2X_G3:
             cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=3, PDL=2, H2=2),
                           f"{k}x{n} g{group}"))
-        for t, bn, warps, sp in ((8, 512, 4, 3), (16, 512, 4, 32), (8, 256, 2, 7), (8, 256, 1, 16)):  # CLAMP
-            cases.append((x, (qw, s_, z_, group), w, dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=sp, PDL=2, H2=2,
-                                                          CLAMP=True), f"{k}x{n} g{group} clamp"))
-        for t, bn, warps, per_sm in H2X_G4 if layouts else ():
+        for t, bn, warps, per_sm in H2X_G4:
             cases.append((x, (qw, s_, z_, group), w, dict(G4, T=t, BLOCK_N=bn, num_warps=warps, PER_SM=per_sm, PDL=2,
                                                           H2=2), f"{k}x{n} g{group}"))
     q.precompile([lambda c=c: w4.w4a16(c[0], *c[1], config=c[3], warmup=True) for c in cases])
@@ -564,9 +498,7 @@ def h2x_checks(failures: list, g: torch.Generator, layouts: bool = True) -> list
             err = q.err_of(q.attempt(lambda: w4.w4a16(x, *args, config=cfg)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2x", shape=label, M=1, config=cfg,
                  rel_err=err)
-    rows += xp_checks(failures, g)
-    for t, bn, warps, clamp in ((16, 128, 4, False), (16, 128, 8, False), (8, 512, 4, True), (8, 256, 1, True))[
-            0 if layouts else 2:]:
+    for t, bn, warps in ((16, 128, 4), (16, 128, 8)):
         # gated (gate/up's SwiGLU epilogue) on an 8B-like shape
         k, n = 4096, 2 * 1024
         qw, s_, z_, _, w = q.int4_case(k, n, 128, False, g)
@@ -574,7 +506,7 @@ def h2x_checks(failures: list, g: torch.Generator, layouts: bool = True) -> list
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
         gu = (x.float() @ w).to(DTYPE)
         ref = (F.silu(gu[:, :n // 2]) * gu[:, n // 2:]).float()
-        cfg = dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=8, PDL=2, H2=2, CLAMP=clamp)
+        cfg = dict(G3, T=t, BLOCK_N=bn, num_warps=warps, SPLIT_K=8, PDL=2, H2=2)
         err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s_, z_, 128, config=cfg, gated=True)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2x_gated", shape=f"{k}x{n}", M=1,
                  config=cfg, rel_err=err)
@@ -666,12 +598,9 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
 
-        xp = x_pairs_of(x) if SWEEP_XP else None  # read by the H2 gemv3 configs (XP), ignored by the others
-
         def timed(cfg):
             try:
-                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=tc_of(a), x_pairs=xp)
-                                 for a in q4])
+                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=tc_of(a)) for a in q4])
             except Exception as e:  # a config that does not compile or launch: say so, go on
                 print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 return
@@ -928,7 +857,6 @@ MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW
 +minsplitN use N (the decode graphs are captured for max_model_len 512, so N = 512 gives the batch-1 graph one
 split, as before 2026-11-29 evening, 128 four, 64 eight)."""
 DEFAULT_ROPE = int4.FUSE_ROPE
-DEFAULT_XP = int4.X_PAIRS
 """quantization/int4.py's FUSE_ROPE as committed: runs tagged +rope / +norope turn it on / off."""
 DEFAULT_MLP = int4.FUSE_MLP
 """quantization/int4.py's FUSE_MLP as committed: runs tagged +mlp / +nomlp turn the one-launch batch-1 MLP
@@ -957,9 +885,6 @@ def m1_configs(tags: list[str]) -> None:
                 if t.startswith("d") and t[1:].isdigit():
                     cfg["L2_DIST"] = int(t[1:])
             w4.TUNED[(1, n, k)] = cfg
-    if "clamp" in tags:  # gemv3's unmasked weight loads (kernels/w4a16.py CLAMP) on every M = 1 gemv3 config
-        for key in [key for key in w4.TUNED if key[0] == 1 and w4.TUNED[key].get("KERNEL") == "gemv3"]:
-            w4.TUNED[key] = dict(w4.TUNED[key], CLAMP=True)
     if "nopdl" in tags:  # the committed configs name PDL 2: off means off for the GEMVs too
         for key in [key for key in w4.TUNED if key[0] == 1]:
             w4.TUNED[key] = dict(w4.TUNED[key], PDL=0)
@@ -973,8 +898,6 @@ KINDS = (("w4a16", ("w4a16",)), ("attention", ("paged", "attention", "flash", "s
          ("sampling", ("argmax", "softmax", "sort", "topk", "sample", "reduce")))
 
 
-SWEEP_XP = False
-"""--sweep-xp: the sweep's GEMVs get x's made f16x2 pairs (int4.X_PAIRS), as the engine's qkv, gate/up, down would."""
 
 def kind_of(name: str) -> str:
     low = name.lower()
@@ -1072,7 +995,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_FRONT = "front" in tags or (DEFAULT_FRONT and "nofront" not in tags)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
-        int4.X_PAIRS = "xp" in tags or (DEFAULT_XP and "noxp" not in tags)
         saved = dict(w4.TUNED)
         m1_configs(tags)
         try:  # one engine's failure (a capture error of an opt-in lever) must not lose the later runs
@@ -1139,7 +1061,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_POST = DEFAULT_POST
         int4.FUSE_FRONT = DEFAULT_FRONT
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
-        int4.X_PAIRS = DEFAULT_XP
         w4.TUNED.clear()
         w4.TUNED.update(saved)
     for r in decode:  # the same dummy weights: kernels and launch modes must not change the greedy tokens
@@ -1200,7 +1121,6 @@ def main() -> int:
                     help="attention: no new variant is started past this share of --budget")
     ap.add_argument("--chain-share", type=float, default=0.5,
                     help="chain: no new variant is started past this share of --budget")
-    ap.add_argument("--sweep-xp", action="store_true", help="sweep: the GEMVs read x's made pairs (int4.X_PAIRS)")
     ap.add_argument("--sweep-shapes", nargs="+", default=None, choices=list(SHAPES),
                     help="sweep: these 8B GEMMs, in this order (default: all)")
     ap.add_argument("--sweep-share", type=float, default=0.4,
@@ -1210,8 +1130,6 @@ def main() -> int:
                          "and on, split-K and tile width around them; gemv4-fold: gemv4 with FOLD and 96 registers; h2: gemv3 "
                          "and gemv4 with kernels/w4a16_half2.py's packed-half arithmetic)")
     args = ap.parse_args()
-    global SWEEP_XP
-    SWEEP_XP = args.sweep_xp
     start = time.time()
     failures: list = []
     result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(DEV),

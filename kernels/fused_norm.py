@@ -15,9 +15,6 @@ import triton.language as tl
 from kernels import pdl
 from kernels.fp8_quant import quantize_row, row_scale
 
-PAIRS_PERMUTE = True
-"""PAIRS where hidden is a power of two: the row's pairs permuted in registers and stored contiguously (else, and
-with this off, one scattered 2-byte store per value)."""
 WARPS: int | None = None
 """Warps per row program; None: one per 256 columns, 1..16 (16 at hidden 4096). bench/w4a16.py's chain section and
 its +normwN engine runs set it to measure a batch-1 decode step's 65 norm launches against other widths."""
@@ -66,8 +63,6 @@ def _add_norm_kernel(
     X_SCALED: tl.constexpr,  # x is an FP8 GEMM's unscaled output: x * xr[row] * xc, rounded as the GEMM would
     BLOCK: tl.constexpr,
     PDL: tl.constexpr = False,  # kernels/pdl.py
-    pairs_ptr=None,  # PAIRS: [num_tokens, hidden] float16, x's f16x2 pairs for a W4A16 H2 GEMV (kernels/w4a16_half2.py)
-    PAIRS: tl.constexpr = 0,  # 1: scattered stores; 2: permuted in registers, one contiguous store (hidden == BLOCK)
 ):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -97,16 +92,6 @@ def _add_norm_kernel(
         y = quantize_row(y, scale)
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
-    if PAIRS == 2:  # hidden == BLOCK: the row permuted in registers (input 128 b + 64 h + 16 j + 2 m + e to pair
-        # 64 b + 16 j + 8 e + m, half h: kernels/w4a16_half2.py's pairs_index), one contiguous store
-        v = tl.reshape(y.to(tl.float32).to(tl.float16), [BLOCK // 128, 2, 4, 8, 2])
-        v = tl.reshape(tl.permute(v, (0, 2, 4, 3, 1)), [BLOCK])
-        tl.store(pairs_ptr + row * hidden + offs, v)
-    elif PAIRS:  # the value just stored, as float16, where kernels/w4a16_half2.py's pairs_index puts input `offs`
-        blk, w = offs // 128, offs % 128
-        j, p = w // 16, w % 16
-        idx = 64 * blk + 16 * (j % 4) + 8 * (p % 2) + p // 2
-        tl.store(pairs_ptr + row * hidden + 2 * idx + j // 4, y.to(tl.float32).to(tl.float16), mask=mask)
 
 
 def _check(x, residual, weight, bias):
@@ -121,7 +106,7 @@ def _check(x, residual, weight, bias):
 
 
 def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_fp32, quant=False, ub=None,
-            x_scales=None, pairs=False):
+            x_scales=None):
     _check(x, residual, weight, bias)
     if x_scales is not None and (x_scales[0].numel() != x.shape[0] or x_scales[1].numel() != x.shape[1]
                                  or x_scales[0].dtype != torch.float32 or x_scales[1].dtype != torch.float32):
@@ -130,10 +115,6 @@ def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_
     scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device) if quant else out
     if x.shape[0] == 0:
         return (out, scales) if quant else out
-    xp = {}
-    if pairs:  # hidden a multiple of 128, a 16-bit output
-        xp = dict(pairs_ptr=torch.empty(x.shape, dtype=torch.float16, device=x.device),
-                  PAIRS=2 if PAIRS_PERMUTE and x.shape[1] == triton.next_power_of_2(x.shape[1]) else 1)
     block = triton.next_power_of_2(x.shape[1])
     r = residual if residual is not None else x
     _add_norm_kernel[(x.shape[0],)](
@@ -143,26 +124,19 @@ def _launch(x, residual, weight, bias, eps, weight_offset, layer_norm, scale_in_
         HAS_RESIDUAL=residual is not None, LAYER_NORM=layer_norm, SCALE_IN_FP32=scale_in_fp32,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, QUANT=quant, HAS_UB=ub is not None,
         X_SCALED=x_scales is not None,
-        BLOCK=block, num_warps=WARPS or min(16, max(1, block // 256)), **pdl.args(x), **xp,
+        BLOCK=block, num_warps=WARPS or min(16, max(1, block // 256)), **pdl.args(x),
     )
-    if pairs:
-        return out, xp["pairs_ptr"].view(torch.int32).reshape(x.shape[0], x.shape[1] // 2)
     return (out, scales) if quant else out
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 weight_offset: float = 0.0, scale_in_float32: bool = False, x_scales=None, pairs: bool = False):
+                 weight_offset: float = 0.0, scale_in_float32: bool = False, x_scales=None):
     """Returns rms_norm(x + residual) * (weight_offset + weight); when `residual` is given it is updated
     in place to x + residual. x, residual [num_tokens, hidden] (rows may be strided, last dim
     contiguous); weight [hidden]. Llama: defaults; Gemma: weight_offset=1, scale_in_float32=True;
     OLMo 2: scale_in_float32=True. `x_scales` (row [num_tokens], column [hidden], float32): x is an FP8
-    GEMM's output before its scales, and x * row * column rounded to x's dtype takes its place. `pairs` (hidden a
-    multiple of 128, 16-bit x): returns (out, int32 [num_tokens, hidden / 2]), the second the rows' f16x2 pairs in
-    kernels/w4a16_half2.py's layout (`x_pairs_of(out)`), which a W4A16 H2 GEMV reads in place of x."""
-    if pairs and (x.shape[1] % 128 or x.dtype not in (torch.bfloat16, torch.float16)):
-        raise ValueError(f"pairs: hidden must be a multiple of 128 and x 16-bit; got {tuple(x.shape)} {x.dtype}")
-    return _launch(x, residual, weight, None, eps, weight_offset, False, scale_in_float32, x_scales=x_scales,
-                   pairs=pairs)
+    GEMM's output before its scales, and x * row * column rounded to x's dtype takes its place."""
+    return _launch(x, residual, weight, None, eps, weight_offset, False, scale_in_float32, x_scales=x_scales)
 
 
 def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -23,7 +23,7 @@ import triton.language as tl
 from kernels import pdl as pdl_launch
 from kernels import splitk, w4a16_stream, w4a16_tc
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
-from kernels.w4a16_half2 import tile_sums_h2, tile_sums_h2_xp
+from kernels.w4a16_half2 import tile_sums_h2
 from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
 from kernels.w4a16_rope import rope_args, rope_strip_done
 from kernels.splitk import splitk_store
@@ -357,10 +357,10 @@ def _w4a16_gemv3_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
     FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
-    ROPE: tl.constexpr = False, CLAMP: tl.constexpr = False, HEAD_DIM: tl.constexpr = 128,
+    ROPE: tl.constexpr = False, HEAD_DIM: tl.constexpr = 128,
     CACHE_BS: tl.constexpr = 16,
     cos_ptr=None, sin_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, q_cols=0, k_cols=0, stride_cb=0,
-    stride_cs=0, stride_ch=0, xp_ptr=None, XP: tl.constexpr = False, po_ptr=None, PAIRS_OUT: tl.constexpr = False,
+    stride_cs=0, stride_ch=0,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -378,12 +378,7 @@ def _w4a16_gemv3_kernel(
     (the prefetch past a split's end is masked, its values unused); PDL and EVEN as in _w4a16_gemv2_kernel
     (EVEN: K % ROWS == 0). The per-tile arithmetic is kernels/w4a16_stream.py's `tile_sums` (FOLD there);
     GATED as in its gemv4: a column tile holds the same columns of the gate and up halves and the split that
-    completes it writes silu(gate) * up (through the workspace even unsplit). CLAMP (the host sets it only where every
-    column of every strip exists): the weight loads carry no masks, the last iteration reloading its own tile instead
-    (no zeroed registers or predicates: ~6% fewer instructions in the loop by the sm_90 SASS). XP (H2 with XPAIR): x's
-    f16x2 pairs are read made from xp_ptr (kernels/w4a16_half2.py's layout, written by x's producer). PAIRS_OUT
-    (GATED): the SwiGLU output's pairs are also written to po_ptr, for the down projection's XP. ROPE (a fused qkv
-    at batch 1): the
+    completes it writes silu(gate) * up (through the workspace even unsplit). ROPE (a fused qkv at batch 1): the
     program that completes a strip turns its q and k heads and writes k and v into the paged cache
     (kernels/w4a16_rope.py; the arguments after ROPE are its)."""
     S: tl.constexpr = ROWS // 8
@@ -410,21 +405,12 @@ def _w4a16_gemv3_kernel(
         words = nxt
         if XPAIR:
             words_o = nxt_o
-        if CLAMP:  # every column exists (the host checks) and the last iteration reloads its own tile: unmasked loads
-            w_ptrs += tl.where(i + 1 < t_end, T * stride_qk, 0)
-            nxt = tl.load(w_ptrs)
-            if XPAIR:
-                nxt_o = tl.load(w_ptrs + stride_qk)
-        else:
-            w_ptrs += T * stride_qk
-            nxt = tl.load(w_ptrs, mask=(i + 1 < t_end) & n_mask[None, :])
-            if XPAIR:
-                nxt_o = tl.load(w_ptrs + stride_qk, mask=(i + 1 < t_end) & n_mask[None, :])
+        w_ptrs += T * stride_qk
+        nxt = tl.load(w_ptrs, mask=(i + 1 < t_end) & n_mask[None, :])
+        if XPAIR:
+            nxt_o = tl.load(w_ptrs + stride_qk, mask=(i + 1 < t_end) & n_mask[None, :])
         k0 = (i // H) * ROWS + (i % H) * T  # input of nibble 0 of the tile's first word
-        if H2 and XP:  # packed halves, x's pairs made by x's producer (kernels/w4a16_half2.py)
-            acc = tile_sums_h2_xp(acc, words, words_o, k0, xp_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r,
-                                  stride_sg, ASM)
-        elif H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
+        if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
             acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
                                perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN,
                                HAS_PERM, ASM, "")
@@ -434,7 +420,7 @@ def _w4a16_gemv3_kernel(
                             XPAIR, EVEN, HAS_PERM, FOLD, "")
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
         strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
-                   cnt_ptr, BLOCK_N, GATED, po_ptr, PAIRS_OUT)
+                   cnt_ptr, BLOCK_N, GATED)
     elif ROPE:
         rope_strip_done(acc, offs_n, n_mask, pid_n, split_k, out_ptr, ws_ptr, cnt_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
                         slot_ptr, q_cols, k_cols, stride_cb, stride_cs, stride_ch, HEAD_DIM, CACHE_BS)
@@ -570,8 +556,7 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
-          gated: bool = False, qtc: torch.Tensor | None = None, rope: tuple | None = None,
-          x_pairs: torch.Tensor | None = None, make_pairs: bool = False):
+          gated: bool = False, qtc: torch.Tensor | None = None, rope: tuple | None = None):
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -586,9 +571,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     act-order, a group size not a multiple of 64, fp32 x) the untuned config runs instead. `rope` (a fused qkv
     projection at M = 1: (cos, sin, kv_cache, slot_mapping, head_dim, num_q_heads, num_kv_heads), kernels/w4a16_rope.py)
     -> (y, done): where the config is an atomic `gemv3` and rope_args takes the arguments, y's q and k come out
-    turned and k and v are in the cache (done True); else the plain product and done False. `x_pairs`: x's f16x2 pairs
-    in kernels/w4a16_half2.py's layout, read by an H2 `gemv3` (XP) in place of x. `make_pairs` (gated, gemv3, inter a
-    multiple of 128): -> (y, y's pairs) for the next GEMV's x_pairs; where it cannot, y alone."""
+    turned and k and v are in the cache (done True); else the plain product and done False."""
     if rope is not None:
         cfg = dict(config or pick_config(x.shape[0] if x.dim() == 2 else -1, qweight.shape[1], x.shape[-1],
                                          group_size, x.device))
@@ -695,16 +678,9 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         h2, xpair = w4a16_stream.half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
         consts = dict(cfg, ROWS=rows, T=t, JG=jg, HAS_PERM=perm is not None, SPLIT=split > 1, ATOMIC=atomic, PDL=pdl,
                       EVEN=k % rows == 0, XPAIR=xpair, FOLD=bool(cfg.pop("FOLD", False)), GATED=gated, H2=h2,
-                      ASM=x.is_cuda, CLAMP=bool(cfg.pop("CLAMP", False))
-                      and (n // 2 if gated else n) % (cfg["BLOCK_N"] // 2 if gated else cfg["BLOCK_N"]) == 0)
+                      ASM=x.is_cuda)
         if pdl:
             consts["launch_pdl"] = True
-        if (x_pairs is not None and h2 and xpair and rows == 128 and x_pairs.dtype == torch.int32
-                and x_pairs.numel() == k // 2):  # x's pairs made by its producer (w4a16_half2.x_pairs_of)
-            consts.update(XP=True, xp_ptr=x_pairs)
-        if make_pairs and gated and (n // 2) % 128 == 0 and x.dtype in (torch.bfloat16, torch.float16):
-            made = torch.empty((1, n // 2), dtype=torch.float16, device=x.device)
-            consts.update(PAIRS_OUT=True, po_ptr=made)
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
                            20, n // 2 if gated else n)
         if rope_launch is not None:
@@ -730,8 +706,6 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         kernel.warmup(*args, grid=(tiles, split), **consts)
         return None
     kernel[(tiles, split)](*args, **consts)
-    if consts.get("PAIRS_OUT"):
-        return splitk.finish(out, x.dtype), consts["po_ptr"].view(torch.int32)
     return splitk.finish(out, x.dtype)
 
 

@@ -161,8 +161,7 @@ def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, 
                     acc = tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size,
                                     offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG, XPAIR, EVEN, HAS_PERM,
                                     False, XMOD)
-            strip_done(acc, c * BLOCK_N + offs_b, n_mask, c, n, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N, GATED,
-                       None, False)
+            strip_done(acc, c * BLOCK_N + offs_b, n_mask, c, n, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N, GATED)
             i += n
     else:
         col_l = col  # the last tile loaded: i_start + DEPTH - 1
@@ -196,7 +195,7 @@ def _stream(nxt, nxt_o, x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ws_ptr, 
             count += 1
             if (t == tpc - 1) | (i + 1 == i_end):
                 strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
-                           BLOCK_N, GATED, None, False)
+                           BLOCK_N, GATED)
                 acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 count = 0
             col, t = _advance(col, t, tpc)

@@ -166,13 +166,12 @@ def prefetch_tile(qw_ptr, col, t, valid, N, inter, stride_qk, T: tl.constexpr, B
 
 @triton.jit
 def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr, BLOCK_N: tl.constexpr,
-                GATED: tl.constexpr, pairs_ptr=None, PAIRS: tl.constexpr = False):
+                GATED: tl.constexpr):
     """Add this program's sums for column strip `col` (covering `count` of its tpc tiles) into the workspace at
     `slot` (col * BLOCK_N + position); the program that completes the strip's count writes it out and leaves
     workspace and counter zeroed. GATED: what it writes is silu(gate) * up for the strip's BLOCK_N / 2
     outputs, rounded as kernels/silu_mul.py rounds (gate and up to x's dtype first, as the unfused GEMM
-    would store them). PAIRS (GATED): also each output as float16 where kernels/w4a16_half2.py's pairs_index puts it
-    in pairs_ptr (float16 [inter]), for the down projection's H2 GEMV (XP)."""
+    would store them)."""
     ws = ws_ptr + slot
     tl.atomic_add(ws, acc, mask=n_mask, sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the release below publishes them
@@ -190,11 +189,6 @@ def strip_done(acc, slot, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_p
             act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
             y = (act * u.to(dt).to(tl.float32)).to(dt)
             tl.store(out_ptr + o, y, mask=o < inter)
-            if PAIRS:
-                blk, w = o // 128, o % 128
-                j, p = w // 16, w % 16
-                idx = 64 * blk + 16 * (j % 4) + 8 * (p % 2) + p // 2
-                tl.store(pairs_ptr + 2 * idx + j // 4, y.to(tl.float32).to(tl.float16), mask=o < inter)
         else:
             total = tl.atomic_add(ws, tl.zeros_like(acc), mask=n_mask, sem="relaxed")  # read at L2, not L1
             tl.store(out_ptr + slot, tl.where(n_mask, total, 0.0).to(dt), mask=n_mask)
@@ -284,7 +278,7 @@ def _w4a16_gemv4_kernel(
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
             strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,
-                        BLOCK_N, GATED, None, False)
+                        BLOCK_N, GATED)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             count = 0
         col = col1

@@ -243,7 +243,7 @@ def _w4a16_tc_kernel(
     if GATED:  # strip pid_n: gate columns pid_n * NT * 8 + .., then the same up columns (kernels/w4a16_stream.py)
         col = pid_n * (NT * 8) + offs % (NT * 8)
         strip_done(y, pid_n * (NT * 16) + offs, col < inter, pid_n, 1, split_k, inter, out_ptr, ws_ptr, cnt_ptr,
-                   NT * 16, GATED, None, False)
+                   NT * 16, GATED)
     else:
         splitk_store(y[None, :], tl.arange(0, 1), pid_n * (NT * 16) + offs, 1, N, out_ptr, 0, 0, ws_ptr, cnt_ptr,
                      pid_n, split_k, SPLIT, True)

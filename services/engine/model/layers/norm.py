@@ -46,9 +46,6 @@ class RMSNorm(torch.nn.Module):
             xs = (x.row, x.col) if scaled else None
             if quant_for is not None and takes_fp8_input(quant_for, raw.shape[0]):
                 out = norm_fp8(raw, residual, self.weight, self.eps, quant_for.method.scale_ub, x_scales=xs)
-            elif quant_for is not None and _w4_pairs_for(quant_for, raw):  # a W4A16 GEMV reads its f16x2 pairs
-                out, pairs = add_rms_norm(raw, residual, self.weight, self.eps, x_scales=xs, pairs=True)
-                out._w4_pairs = pairs
             else:
                 out = add_rms_norm(raw, residual, self.weight, self.eps, x_scales=xs)
             return out if residual is None else (out, residual)  # residual updated in place
@@ -69,13 +66,6 @@ class RMSNorm(torch.nn.Module):
         if self.scale_in_float32:
             return (self.weight.float() * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
-
-
-def _w4_pairs_for(layer, x: torch.Tensor) -> bool:
-    """quantization/int4.py's X_PAIRS: the W4A16 projection reading this norm's output wants its f16x2 pairs too."""
-    from services.engine.model.quantization.int4 import wants_x_pairs
-
-    return wants_x_pairs(layer, x)
 
 
 class LayerNorm(torch.nn.Module):

@@ -21,7 +21,7 @@ import os
 from typing import NamedTuple
 
 from kernels import w4a16_mlp
-from kernels.w4a16 import pack_int4, pick_config, reserve_workspace, w4a16, w4a16_reference
+from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
 from kernels.w4a16_tc import pack_tc
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
@@ -52,11 +52,6 @@ FUSE_FRONT = os.environ.get("FOLIO_W4A16_FRONT", "0") == "1"
 item; same conditions), the same launch runs the residual add of this layer's output, that norm and that qkv
 projection, and the LayerOutput holds the next layer's qkv (`next_qkv`): a layer is its attention and one launch.
 Off: correct on the H200, slower (engine 3.191 ms/token; session 9)."""
-X_PAIRS = os.environ.get("FOLIO_W4A16_XPAIRS", "0") == "1"
-"""At batch 1 the fused add + RMSNorm feeding a W4A16 projection whose GEMV is an H2 `gemv3` (qkv, gate/up) also writes
-its output's float16 pairs in the GEMV's order (kernels/fused_norm.py's PAIRS, kernels/w4a16_half2.py), attached to
-the output tensor (`_w4_pairs`); the GEMV reads them in place of converting x in every thread (`XP`). Off until
-measured faster on the GPU (bench/w4a16.py's +xp)."""
 TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
 """Keep the weights also in kernels/w4a16_tc.py's tensor-core layout at load (the module docstring's qweight_tc)."""
 
@@ -134,21 +129,6 @@ def _fused_mlp(layer, x2: torch.Tensor) -> torch.Tensor | None:
                          config=w4a16_mlp.config_for(x2.shape[1], layer.qweight.shape[1] // 2))
 
 
-def wants_x_pairs(layer, x: torch.Tensor) -> bool:
-    """X_PAIRS: `layer` is a W4A16 projection whose batch-1 GEMV would read x's made pairs (an H2 gemv3 on bf16 or
-    fp16 x without act-order, K a multiple of 128); RMSNorm.forward asks before it runs."""
-    return x.dim() == 2 and x.shape[0] == 1 and x.is_cuda and _reads_pairs(layer, x.shape[1], x.dtype, x.device)
-
-
-def _reads_pairs(layer, k: int, dtype: torch.dtype, device: torch.device) -> bool:
-    qw = getattr(layer, "qweight", None)
-    if (not X_PAIRS or qw is None or not isinstance(getattr(layer, "method", None), Int4Layout) or k % 128
-            or layer.perm is not None or dtype not in (torch.bfloat16, torch.float16) or qw.shape[0] * 8 != k):
-        return False
-    cfg = pick_config(1, qw.shape[1], k, layer.group_size, device)
-    return cfg.get("KERNEL") == "gemv3" and bool(cfg.get("H2")) and cfg.get("XPAIR", True)
-
-
 def _kernels(x: torch.Tensor) -> bool:
     """Run the Triton kernels (CUDA), else the dequantize-then-matmul reference."""
     return x.is_cuda
@@ -220,7 +200,6 @@ class Int4Layout:
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None):
         shape = x.shape
-        pairs = getattr(x, "_w4_pairs", None)  # x's f16x2 pairs, made by the norm that wrote x (X_PAIRS)
         x2 = x.reshape(-1, shape[-1])
         act = getattr(layer, "then_act", None)
         if (FUSE_SWIGLU and act is not None and act.fused and act.act is F.silu and bias is None
@@ -228,15 +207,9 @@ class Int4Layout:
             y = _fused_mlp(layer, x2)
             if y is not None:
                 return MLPOutput(y.reshape(*shape[:-1], y.shape[-1]))
-            down = getattr(layer, "then_down", None)
-            made = down is not None and _reads_pairs(down, layer.qweight.shape[1] // 2, x.dtype, x.device)
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
-                      qtc=layer.qweight_tc, x_pairs=pairs, make_pairs=made)
-            y, y_pairs = y if isinstance(y, tuple) else (y, None)
-            y = y.reshape(*shape[:-1], y.shape[-1])
-            if y_pairs is not None:  # the down projection's GEMV reads them (X_PAIRS)
-                y._w4_pairs = y_pairs
-            return SiluMulOutput(y)
+                      qtc=layer.qweight_tc)
+            return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
         if x2.shape[0] == 1 and getattr(layer, "then_post", None) is not None:
             out = _fused_layer(layer, x2)
             if out is not None:
@@ -248,8 +221,7 @@ class Int4Layout:
             y = y.reshape(*shape[:-1], y.shape[-1])
             return RotatedQKV(y) if done else y
         if _kernels(x):
-            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, qtc=layer.qweight_tc,
-                      x_pairs=pairs)
+            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, qtc=layer.qweight_tc)
         else:
             y = w4a16_reference(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
         y = y.reshape(*shape[:-1], y.shape[-1])
