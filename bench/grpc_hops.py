@@ -19,7 +19,9 @@ where the other process's code first sees it, so each direction is measured on i
   EventEngine experiments off (GRPC_EXPERIMENTS) in both processes; -poll: GRPC_POLL_STRATEGY=poll;
   -spin: both event loops spin; -trickle: a message each way every ~1 ms on another stream (gRPC's
   threads kept busy); -defaults: the client's channel with grpc's own defaults (retries on, as the
-  bench's client and most clients have), not the stack's options; aio-tcp-warm / -idle20: probes back to back / 20 ms apart.
+  bench's client and most clients have), not the stack's options; aio-tcp-warm / -idle20: probes back to back / 20 ms apart;
+  -sspin: the server's loop alone polls (as the router's); -sspin-pin: and its grpc.aio poller thread runs on a CPU
+  an idle-priority spinner keeps from halting (router --poller-cpu); -sspin-awake: spinners on every CPU.
 Probes are spaced --gap-ms apart (threads fall idle in between, as they do between a serving stack's
 tokens; back-to-back probes would keep every core awake and hide the wake-ups).
 """
@@ -66,6 +68,11 @@ VARIANTS = {
     "aio-tcp-noee-spin": ("aio-spin", "tcp", {}, NOEE),
     "aio-tcp-noee-warm": ("aio", "tcp", {}, NOEE),
     "aio-tcp-poll": ("aio", "tcp", {}, {"GRPC_POLL_STRATEGY": "poll"}),
+    # The router as it runs: its loop polls (the client's does not); then its grpc.aio poller thread on a CPU kept
+    # from halting by an idle-priority spinner (router --poller-cpu), or every CPU kept so (--awake-cpus).
+    "aio-tcp-noee-sspin": ("aio-sspin", "tcp", {}, NOEE),
+    "aio-tcp-noee-sspin-pin": ("aio-sspin-pin", "tcp", {}, NOEE),
+    "aio-tcp-noee-sspin-awake": ("aio-sspin-awake", "tcp", {}, NOEE),
     "aio-tcp-trickle": ("aio-trickle", "tcp", {}),
     "aio-tcp-defaults": ("aio", "tcp", None),
     "aio-tcp-warm": ("aio", "tcp", {}),
@@ -118,7 +125,9 @@ def _hold_gil(busy_s: float = 0.002, free_s: float = 0.0002) -> None:
         time.sleep(free_s)
 
 
-def serve_aio(address: str, spin: bool, options: list, gil: bool = False) -> None:
+def serve_aio(address: str, spin: bool, options: list, gil: bool = False, spinners: str = "") -> None:
+    """`spinners`: "pin" (grpc.aio's poller thread on the last usable CPU, kept from halting), "awake" (every
+    usable CPU kept from halting) (services/common/cpu_spinners.py; kept running throughout)."""
     import grpc
 
     async def call(req: bytes, ctx):
@@ -141,6 +150,12 @@ def serve_aio(address: str, spin: bool, options: list, gil: bool = False) -> Non
             asyncio.get_running_loop().create_task(_spin())
         if gil:
             threading.Thread(target=_hold_gil, daemon=True).start()
+        if spinners:
+            from services.common.cpu_spinners import CpuSpinners, pin_grpc_poller
+
+            cpu = max(os.sched_getaffinity(0))
+            pin_grpc_poller(cpu)
+            CpuSpinners({cpu} if spinners == "pin" else os.sched_getaffinity(0)).resume()
         print("ready", flush=True)
         await server.wait_for_termination()
 
@@ -305,7 +320,8 @@ def serve(name: str, address: str) -> None:
     if kind.startswith("raw"):
         serve_raw(address, spin=kind == "raw-spin")
     elif kind.startswith("aio"):
-        serve_aio(address, kind == "aio-spin", options, gil=kind == "aio-gil")
+        serve_aio(address, kind in ("aio-spin", "aio-sspin", "aio-sspin-pin", "aio-sspin-awake"), options,
+                  gil=kind == "aio-gil", spinners=kind.removeprefix("aio-sspin").removeprefix("-"))
     else:
         serve_sync(address, options)
 

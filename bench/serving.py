@@ -28,6 +28,10 @@ stack's ~15);
 graphs, for a shorter start; `--apis grpc http` drives each stack through its OpenAI-compatible HTTP API too (or
 `--apis http` through it alone), in every run (rows NAME/http, either API first in turn), with the same hop
 stamps (header x-folio-timing, docs/http.md);
+`--apis ... grpc-folio` also drives the gRPC API from a client process with Folio's gRPC core settings (rows
+NAME/grpc-folio; bench/serving_client.py), and `--side-router NAME=FLAGS` starts another router with extra flags
+beside the stack's, on the same engine, driven in every run too (rows NAME+SIDE): A/Bs alternated within each run
+(`--settle-s`: a pause after each side router's run, for what its router keeps up for a second after);
 `--debug-gil-busy-ms` makes every engine step (both paths) hold the GIL first, as a GPU engine's kernel
 launches do, to reproduce on a CPU what the stack's threads pay for it.
 
@@ -67,6 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from serving_client import _drive, _until_due, add_path_stats, pct, summarize  # noqa: E402
 from serving_stats import bootstrap_p50_diff, paired_runs  # noqa: E402
 from throughput import SHAPES, write_config  # noqa: E402
 
@@ -74,10 +79,6 @@ ALL_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # Two-sided 95% t quantiles by degrees of freedom (runs - 1).
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
-
-
-def pct(xs, q):
-    return float(np.percentile(xs, q * 100)) if len(xs) else float("nan")
 
 
 def make_requests(n: int, rate: float, vocab: int, seed: int, in_len, out_len):
@@ -88,18 +89,6 @@ def make_requests(n: int, rate: float, vocab: int, seed: int, in_len, out_len):
     outs = rng.integers(out_len[0], out_len[1] + 1, n)
     return [(float(t), rng.integers(17, vocab, int(i)).tolist(), int(o)) for t, i, o in zip(arrivals, ins, outs)]
 
-
-def summarize(times: dict[str, list[float]], arrivals: dict[str, float], t_end: float, t0: float) -> dict:
-    ttft = [ts[0] - arrivals[r] for r, ts in times.items() if ts]
-    itl = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
-    ntok = sum(len(ts) for ts in times.values())
-    wall = t_end - t0
-    return {"requests": len(times), "output_tokens": ntok, "wall_s": wall, "req_per_s": len(times) / wall,
-            "tok_per_s": ntok / wall,
-            "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
-            "itl_ms": {"p50": 1e3 * pct(itl, 0.5), "p99": 1e3 * pct(itl, 0.99)},
-            # per request, for paired differences (the same request on both paths)
-            "per_request": {r: (1e3 * (ts[0] - arrivals[r]),) for r, ts in times.items() if ts}}
 
 
 def engine_kwargs(args, model_dir) -> dict:
@@ -175,114 +164,6 @@ class InProcess:
         return res
 
 
-# The first token's way through the stack, hop by hop (docs/router.md): client stamps, then the router's
-# and engine's (Timing.first_token_path), all on CLOCK_MONOTONIC. Each interval is named by its end.
-HOPS = ("client.arrival", "client.sent", "router.handler", "router.endpoint", "router.received", "router.engine_call", "engine.received", "engine.admitted",
-        "engine.scheduled", "engine.first_token", "engine.dequeued", "engine.sent", "router.engine_msg",
-        "router.chunk_ready", "router.head", "router.sent", "client.received")
-
-
-def hop_intervals(path: dict[str, int]) -> dict[str, float]:
-    """ms between consecutive hops of one request's first-token path (those present), plus two off the
-    token's path: the engine thread's admission -> add_request's return to the handler (the event loop's
-    wake-up), and the engine call's start -> Redis's choice (choose-and-reserve, which runs beside the call)."""
-    got = [h for h in HOPS if h in path]
-    out = {f"{a}->{b}": (path[b] - path[a]) / 1e6 for a, b in zip(got, got[1:])}
-    for a, b in (("engine.admitted", "engine.add_returned"), ("router.received", "router.chosen")):
-        if a in path and b in path:
-            out[f"{a}->{b}"] = (path[b] - path[a]) / 1e6
-    return out
-
-
-def hop_p50(paths: list[dict[str, int]]) -> dict[str, float]:
-    per = [hop_intervals(p) for p in paths]
-    keys = [k for k in dict.fromkeys(k for d in per for k in d)]
-    return {k: pct([d[k] for d in per if k in d], 0.5) for k in keys}
-
-
-async def _until_due(due: float) -> None:
-    """Return at perf_counter() == due, on time: asyncio's timers wake on epoll's millisecond ticks (late by
-    ~0.5 ms on average), so sleep to 2 ms before it, then yield until it."""
-    if due - time.perf_counter() > 0.002:
-        await asyncio.sleep(due - time.perf_counter() - 0.002)
-    while time.perf_counter() < due:
-        await asyncio.sleep(0)
-
-
-def grpc_request(pb, common_pb2, rid: str, ids: list[int], out: int):
-    return pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids),
-                              params=common_pb2.SamplingParams(temperature=0, max_tokens=out, ignore_eos=True))
-
-
-async def _one(stub, pb, common_pb2, rid, ids, out, times, router_timing=None, paths=None, due=None):
-    """One request; `due`: its scheduled arrival (perf_counter), stamped as client.arrival. `ids` may be the
-    request message itself, made before its arrival time (the client's own encoding is not the serving path's)."""
-    req = ids if isinstance(ids, pb.GenerateRequest) else grpc_request(pb, common_pb2, rid, ids, out)
-    ts = times[rid]
-    path = {"client.sent": time.monotonic_ns()}
-    if due is not None:  # perf_counter and monotonic are one clock on Linux; this keeps it exact elsewhere too
-        path["client.arrival"] = path["client.sent"] - int((time.perf_counter() - due) * 1e9)
-    async for m in stub.Generate(req, timeout=900):
-        now = time.perf_counter()
-        if not ts and any(c.token_ids for c in m.choices):
-            path["client.received"] = time.monotonic_ns()
-        for c in m.choices:
-            ts.extend([now] * len(c.token_ids))
-        if m.finished and router_timing is not None:  # as the router saw it: its TTFT, the engine's queue wait
-            router_timing[rid] = (m.timing.time_to_first_token_ns / 1e6, m.timing.queue_ns / 1e6)
-            path.update((s.hop, s.monotonic_ns) for s in m.timing.first_token_path)
-    if paths is not None:
-        path["rid"] = rid
-        paths.append(path)
-
-
-async def _drive(address, reqs) -> dict:
-    import grpc
-
-    from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
-
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = router_pb2_grpc.RouterStub(ch)
-        await _one(stub, pb, common_pb2, "warmup", [20, 21, 22], 4, {"warmup": []})
-        times = {f"r{i}": [] for i in range(len(reqs))}
-        router_timing: dict[str, tuple[float, float]] = {}
-        paths: list[dict[str, int]] = []
-        t0 = time.perf_counter()
-        arrivals = {f"r{i}": t0 + at for i, (at, _, _) in enumerate(reqs)}
-
-        async def later(i, at, ids, out):
-            req = grpc_request(pb, common_pb2, f"r{i}", ids, out)
-            await _until_due(t0 + at)
-            await _one(stub, pb, common_pb2, f"r{i}", req, out, times, router_timing, paths, due=t0 + at)
-
-        await asyncio.gather(*[later(i, *r) for i, r in enumerate(reqs)])
-        res = summarize(times, arrivals, time.perf_counter(), t0)
-        # Where a first token's time goes: client -> router and back (client TTFT less the router's), and the
-        # router's own TTFT less the engine's queue wait (choose-and-reserve, the engine call, the step in
-        # flight and the prefill, the way back).
-        mine = {r: v[0] for r, v in res["per_request"].items()}
-        res["ttft_split_ms_p50"] = {
-            "client_router": pct([mine[r] - t[0] for r, t in router_timing.items() if r in mine], 0.5),
-            "router_ttft": pct([t[0] for t in router_timing.values()], 0.5),
-            "engine_queue": pct([t[1] for t in router_timing.values()], 0.5)}
-        add_path_stats(res, paths)
-        return res
-
-
-def add_path_stats(res: dict, paths: list[dict[str, int]]) -> None:
-    """The first token's way, hop by hop, and the "outside engine" share, from the requests' stamps; and the
-    hops of the three slowest first tokens (where an outlier's time went)."""
-    res["hops_ms_p50"] = hop_p50(paths)
-    full = [p for p in paths if "client.received" in p and "client.arrival" in p]
-    slow = sorted(full, key=lambda p: p["client.received"] - p["client.arrival"])[-3:]
-    res["slowest_hops_ms"] = {p["rid"]: {k: round(v, 3) for k, v in hop_intervals(p).items()} for p in slow}
-    # TTFT less the engine's own part (engine.received -> engine.first_token: the wait for a step
-    # boundary, then admission to first token, which the in-process path has too): the hops' share,
-    # per request, without the step-phase noise that the difference of two TTFT p50s carries.
-    need = ("client.arrival", "client.received", "engine.received", "engine.first_token")
-    res["outside_engine_ms_p50"] = pct([((p["client.received"] - p["client.arrival"])
-                                         - (p["engine.first_token"] - p["engine.received"])) / 1e6
-                                        for p in paths if all(k in p for k in need)], 0.5)
 
 
 class HttpStreams:
@@ -474,12 +355,17 @@ def cpu_seconds(stack) -> dict[str, float]:
 
 
 def drive_stack(stack, reqs, api: str = "grpc") -> dict:
-    """One schedule through the stack, by its gRPC API or ("http") its OpenAI-compatible HTTP API; with each
-    process's CPU time per output token, which shows what a process spends per token and so how near to
-    a full core it runs at this rate."""
+    """One schedule through the stack, by its gRPC API, ("http") its OpenAI-compatible HTTP API, ("grpc-folio") its
+    gRPC API from a client process with Folio's gRPC core settings, or ("@NAME") the gRPC API of the side router
+    NAME; with each process's CPU time per output token, which shows what a process spends per token and so how
+    near to a full core it runs at this rate."""
     before, moved = cpu_seconds(stack), migrations(stack)
     if api == "http":
         res = asyncio.run(_drive_http(f"{stack.c.host}:{stack.c.http_port}", stack.bench_model, reqs))
+    elif api == "grpc-folio":
+        res = stack.folio_client.drive(reqs)
+    elif api.startswith("@"):
+        res = asyncio.run(_drive(stack.proc(f"router-{api[1:]}").address, reqs))
     else:
         res = asyncio.run(_drive(stack.client_address, reqs))
     after = cpu_seconds(stack)
@@ -545,6 +431,73 @@ def spawning_unpinned():
         yield
     finally:
         os.sched_setaffinity(0, CLIENT_CPUS)
+
+
+class ClientWorker:
+    """bench/serving_client.py in a process of its own with Folio's gRPC core settings (services/common/grpc_env.py:
+    EventEngine experiments off), driving the stack's gRPC API on the schedules it is given (--apis grpc-folio), so
+    a client with those settings runs beside the bench's own (gRPC's defaults) in every run."""
+
+    def __init__(self, address: str):
+        import subprocess
+
+        from services.common.grpc_env import GRPC_EXPERIMENTS
+
+        env = {**os.environ, "GRPC_EXPERIMENTS": GRPC_EXPERIMENTS}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "serving_client.py"), address],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+    def drive(self, reqs) -> dict:
+        self.proc.stdin.write(json.dumps(reqs) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the grpc-folio client exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+
+
+def add_paths(stack, apis: list[str], side: dict[str, list[str]]) -> None:
+    """What the APIs beyond the stack's own need: the grpc-folio client's process, and each side router ("@NAME":
+    another router on the same Redis, tokenizer and engine, with the first router's flags plus its own, on a port
+    of its own; its HTTP API off), started once per stack and measured once quiet."""
+    if "grpc-folio" in apis and getattr(stack, "folio_client", None) is None:
+        stack.folio_client = ClientWorker(stack.client_address)
+    from folio.stack import free_port
+
+    for name, extra in side.items():
+        if any(p.name == f"router-{name}" for p in stack.procs):
+            continue
+        base = stack.proc("router").argv
+        rargs = base[base.index("services.router") + 1:]
+        keep, skip = [], False
+        for a in rargs:  # drop the first router's --port and --http-port (and their values)
+            if skip:
+                skip = False
+            elif a in ("--port", "--http-port"):
+                skip = True
+            else:
+                keep.append(a)
+        port = free_port(stack.c.host)
+        with spawning_unpinned():
+            p = stack._spawn(f"router-{name}", stack._py("services.router", *keep, "--port", str(port), *extra),
+                             f"{stack.c.host}:{port}")
+        stack.wait_serving([p])
+        stack.wait_routable()
+        print(f"[side router {name}] up with {' '.join(extra)} (quiet {wait_quiet(p):.1f} s later)", flush=True)
+
+
+def stop_stack(stack) -> None:
+    if getattr(stack, "folio_client", None) is not None:
+        stack.folio_client.close()
+        stack.folio_client = None
+    stack.stop()
 
 
 def restart_router(stack, extra: list[str]) -> None:
@@ -662,12 +615,20 @@ def main() -> None:
     ap.add_argument("--env-variant", action="append", default=[], metavar="NAME=K=V[,K=V]",
                     help="also run the stack with this environment for every service, e.g. 'ee=GRPC_EXPERIMENTS=' "
                          "(gRPC's own defaults instead of services/common/grpc_env.py's) (repeatable)")
+    ap.add_argument("--settle-s", type=float, default=0.0,
+                    help="pause this long after each side router's run, so that what its router keeps up after its "
+                         "last request (its polling loop, CPU spinners: a second) does not reach the next path's run")
     ap.add_argument("--max-mixed-graph-tokens", type=int, default=None,
                     help="the engines' (both paths') largest mixed-step CUDA graph: fewer graphs, a shorter start")
-    ap.add_argument("--apis", nargs="+", choices=["grpc", "http"], default=["grpc"],
-                    help="drive each stack through these of its APIs in every run (either first in turn): grpc, "
+    ap.add_argument("--apis", nargs="+", choices=["grpc", "http", "grpc-folio"], default=["grpc"],
+                    help="drive each stack through these of its APIs in every run (each first in turn): grpc, "
                          "http (the OpenAI-compatible API, streamed /v1/completions over keep-alive connections: "
-                         "rows named NAME/http)")
+                         "rows named NAME/http), grpc-folio (the gRPC API from a client process with Folio's gRPC "
+                         "core settings: rows NAME/grpc-folio)")
+    ap.add_argument("--side-router", action="append", default=[], metavar="NAME=FLAGS",
+                    help="run another router beside the stack's (same Redis, tokenizer, engine) with these extra "
+                         "router flags, driven through its gRPC API in every run with the APIs (rows NAME+SIDE): an "
+                         "A/B of router flags alternated within each run (repeatable)")
     ap.add_argument("--max-num-seqs", type=int, default=256,
                     help="the engines' (both paths') max_num_seqs: fewer decode-step graphs, a shorter start")
     ap.add_argument("--debug-gil-busy-ms", type=float, default=0.0,
@@ -730,10 +691,14 @@ def main() -> None:
         name, _, pairs = spec.partition("=")
         specs[name] = (detok, [], [], dict(p.split("=", 1) for p in pairs.split(",") if p))
     variants = list(specs)
-    apis = list(dict.fromkeys(args.apis))
+    side = {}
+    for spec in args.side_router:
+        name, _, flags = spec.partition("=")
+        side[name] = shlex.split(flags)
+    apis = list(dict.fromkeys(args.apis)) + [f"@{n}" for n in side]
 
-    def row(v: str, api: str) -> str:  # a result row: a variant's stack driven through one API
-        return v if api == "grpc" else f"{v}/http"
+    def row(v: str, api: str) -> str:  # a result row: a variant's stack driven through one API (or side router)
+        return v if api == "grpc" else f"{v}+{api[1:]}" if api.startswith("@") else f"{v}/{api}"
     t_start = time.perf_counter()
     host = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": platform.python_version(), "kernel": platform.release(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -775,7 +740,7 @@ def main() -> None:
         kept = None
         for i, v in enumerate(variants):
             if kept is not None and not router_only(v):  # (the router variant it was kept for was skipped)
-                kept.stop()
+                stop_stack(kept)
                 kept = None
             took = time.perf_counter() - t_start
             need = router_variant_s if kept is not None else one_variant_s
@@ -795,12 +760,13 @@ def main() -> None:
                     started_s = time.perf_counter() - t_variant
                     quiet_s = wait_quiet(stack.proc("router"))
                     print(f"[{v}] stack up in {started_s:.1f} s (its router quiet {quiet_s:.1f} s later)", flush=True)
+                add_paths(stack, apis, side)
             except Exception as e:  # noqa: BLE001 - a variant that cannot start must not lose the others' results
                 if v == variants[0]:
                     raise
                 print(f"[{v}] failed to start: {type(e).__name__}: {e}")
                 if reused is not None:
-                    reused.stop()
+                    stop_stack(reused)
                 continue
             where = placement(stack)
             print(f"[{v}] " + "; ".join(f"{n}: {x}" for n, x in where.items()), flush=True)
@@ -809,7 +775,7 @@ def main() -> None:
                 loader.join()
                 print(f"in-process engine loaded at {time.perf_counter() - t_start:.1f} s", flush=True)
                 if "engine" not in box:
-                    stack.stop()
+                    stop_stack(stack)
                     raise RuntimeError("the in-process engine failed to load") from box.get("error")
             inproc = box["engine"]
             gc.collect()  # this process (the client's) has torch and an engine: keep full collections short
@@ -850,9 +816,13 @@ def main() -> None:
                         # run and a path's cold start after the other ran fall on both alike.
                         if run % 2:
                             in_process()
-                        for api in (apis if run % 2 == 0 else apis[::-1]):  # either API first in turn
+                        turn = (apis if run % 2 == 0 else apis[::-1]) if len(apis) < 3 else (
+                            apis[run % len(apis):] + apis[:run % len(apis)])
+                        for api in turn:  # each API (and side router) first in turn
                             drive_stack(stack, rewarm, api)
                             rows[api].append({"stack": drive_stack(stack, schedules[run][k], api)})
+                            if api.startswith("@") and args.settle_s:  # its router's polling (and spinners) linger
+                                time.sleep(args.settle_s)
                         in_process()
                         p = baseline[run, k]
                         for api in apis:
@@ -883,9 +853,9 @@ def main() -> None:
                 if router_only(v) and i + 1 < len(variants) and router_only(variants[i + 1]):
                     kept = stack  # the next variant restarts its router alone, on this stack's (default) engine
                 else:
-                    stack.stop()
+                    stop_stack(stack)
         if kept is not None:
-            kept.stop()
+            stop_stack(kept)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
     summary = {}
     variants = [n for n in runs if runs[n]]

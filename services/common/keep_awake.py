@@ -6,7 +6,8 @@ wake-up costs ~0.2 ms (bench/grpc_hops.py: a blocked reader against a polling on
 crossing of a first token. While a request is in flight, and for `linger_s` after the last one ended
 (so the next request at a moderate rate finds it awake too), a task here yields to the loop without
 pause, so the loop polls instead of sleeping and an arriving message is picked up at once. The price is
-one core kept busy meanwhile (never when idle longer than `linger_s`); off by default.
+one core kept busy meanwhile (never when idle longer than `linger_s`); off by default. With `spinners`
+(services/common/cpu_spinners.py), chosen CPUs are kept from halting over the same time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import asyncio
 import contextlib
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.cpu_spinners import CpuSpinners
 
 LINGER_S = 1.0
 """How long the loop keeps polling after the last request in flight ended."""
@@ -31,8 +36,9 @@ def worth_a_core(min_cpus: int = AUTO_MIN_CPUS) -> bool:
 
 
 class KeepAwake:
-    def __init__(self, linger_s: float = LINGER_S):
+    def __init__(self, linger_s: float = LINGER_S, spinners: CpuSpinners | None = None):
         self.linger_s = linger_s
+        self.spinners = spinners
         self.held = 0
         self._until = 0.0
         self._task: asyncio.Task | None = None
@@ -50,9 +56,17 @@ class KeepAwake:
             self._until = time.monotonic() + self.linger_s
 
     async def _spin(self) -> None:
-        while self.held > 0 or time.monotonic() < self._until:
-            await asyncio.sleep(0)
+        if self.spinners is not None:
+            self.spinners.resume()
+        try:
+            while self.held > 0 or time.monotonic() < self._until:
+                await asyncio.sleep(0)
+        finally:
+            if self.spinners is not None:
+                self.spinners.pause()
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.spinners is not None:
+            self.spinners.close()

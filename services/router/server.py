@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from protos.gen.folio.v1 import common_pb2, router_pb2 as pb, router_pb2_grpc
-from services.common import cpu_affinity, cpu_latency, config as cfg, keep_awake, telemetry
+from services.common import cpu_affinity, cpu_latency, cpu_spinners, config as cfg, keep_awake, telemetry
 from services.common.auth import ApiKeyInterceptor
 from services.common.convert import FINISH_TO_PB, params_from_pb, position_to_pb
 from services.common.errors import InvalidArgument
@@ -88,6 +88,14 @@ class RouterConfig:
     hop wakes is running at once; the cost is idle CPUs kept busy meanwhile, host-wide). None: the host decides
     (it acts only through the host's cpuidle driver; the H200 VM has none: docs/router.md). Needs write access
     to the file, else it is logged and left (services/common/cpu_latency.py)."""
+    poller_cpu: int | None = None
+    """With the polling loop (--busy-loop): run grpc.aio's completion-queue poller thread on this CPU, and keep the CPU
+    from halting while requests are in flight (an idle-priority spinner process there; services/common/cpu_spinners.py),
+    so the gRPC API's messages wake that thread without a halted vCPU's exit (docs/router.md). None: off."""
+    awake_cpus: str | None = None
+    """With the polling loop (--busy-loop): keep these CPUs (a Linux CPU list) from halting while requests are in
+    flight, an idle-priority spinner process on each (host-wide, for every thread woken there; the price: those CPUs
+    kept busy meanwhile; services/common/cpu_spinners.py). None: off."""
     cpus: str | None = None
     """Run this process's threads on these CPUs only (a Linux CPU list: '15', '0-3,8'); with one CPU its event loop
     and gRPC poller thread wake each other there (services/common/cpu_affinity.py). None: any CPU."""
@@ -260,6 +268,7 @@ async def serve(c: RouterConfig) -> None:
     if busy_loop:
         log.info("the event loop polls while requests are in flight (--busy-loop%s)",
                  "" if c.busy_loop else ": this host has the CPUs for it")
+    spinners = _spinners(c, busy_loop)
     core = RouterCore.over_grpc(redis, c.tokenizer, c.stale_ms, c.reservation_ttl_ms, max_attempts=c.max_attempts,
                                 limits=c.limits, hung_after_s=c.hung_after_s, first_step_s=c.first_step_s,
                                 detokenize=c.detokenize, engine_calls_ahead=c.engine_calls_ahead,
@@ -277,7 +286,7 @@ async def serve(c: RouterConfig) -> None:
         if busy_loop:  # polling from now: beside the warm-up, the polling loop would hold the GIL its imports need,
             # stretching them over seconds of requests, each waiting for the GIL behind them (docs/router.md)
             try:
-                loop.call_soon_threadsafe(setattr, core, "keep_awake", keep_awake.KeepAwake())
+                loop.call_soon_threadsafe(setattr, core, "keep_awake", keep_awake.KeepAwake(spinners=spinners))
             except RuntimeError:  # the loop ended first (a router stopped while it warmed up)
                 pass
 
@@ -301,6 +310,24 @@ async def serve(c: RouterConfig) -> None:
             await http.stop()
         await core.close()
         await redis.aclose()
+
+
+def _spinners(c: RouterConfig, busy_loop: bool) -> cpu_spinners.CpuSpinners | None:
+    """--poller-cpu / --awake-cpus: grpc.aio's poller thread pinned, and the CPUs kept from halting while the loop
+    polls (their spinners are resumed and paused with it)."""
+    if c.poller_cpu is None and c.awake_cpus is None:
+        return None
+    if not busy_loop:
+        raise SystemExit("router: --poller-cpu and --awake-cpus go with the polling loop (--busy-loop)")
+    try:
+        cpus = cpu_affinity.parse_cpus(c.awake_cpus, "--awake-cpus") if c.awake_cpus is not None else set()
+        if c.poller_cpu is not None:
+            cpus |= cpu_affinity.parse_cpus(str(c.poller_cpu), "--poller-cpu")
+    except ValueError as e:
+        raise SystemExit(f"router: {e}") from None
+    if c.poller_cpu is not None:
+        cpu_spinners.pin_grpc_poller(c.poller_cpu)
+    return cpu_spinners.CpuSpinners(cpus)
 
 
 def build_parser() -> argparse.ArgumentParser:
