@@ -42,8 +42,7 @@ temperature-1 sampler), so the sampler's share shows.
 Sections past the time budget are skipped and say so.
 --check-kernels h2x runs only the checks of the H2 layouts not swept before (`H2X_G3`, `H2X_G4`: warps along a tile's
 rows, 8 columns per thread) and the committed configs; --sweep-kernels h2x sweeps them. --check-kernels h2 keeps only
-the H2 cases of 1. (kernels/w4a16_half2.py), tc adds the tensor-core GEMV's
-(kernels/w4a16_tc.py, on weights in its layout); --sweep-kernels h2 / tc add their candidates to 2.
+the H2 cases of 1. (kernels/w4a16_half2.py); --sweep-kernels h2 adds its candidates to 2.
 """
 
 from __future__ import annotations
@@ -69,7 +68,6 @@ from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
 from kernels import w4a16_mlp as w4a16_mlp_mod  # noqa: E402
-from kernels.w4a16_tc import pack_tc  # noqa: E402
 from kernels import paged_decode as paged_decode_mod  # noqa: E402
 from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
@@ -133,57 +131,6 @@ CASES = [
 ]
 
 
-def with_tc(qw: torch.Tensor, k: int) -> torch.Tensor:
-    """The same weights in kernels/w4a16_tc.py's layout (as quantization/int4.py makes them at load)."""
-    return pack_tc(w4.unpack_int4(qw, k))
-
-
-TC = dict(KERNEL="tc", NT=4)
-TC_CASES = [
-    # (K, N, group, config, gated): tensor-core GEMV (kernels/w4a16_tc.py) on the GPU's mma PTX
-    (4096, 6144, 128, dict(TC), False),
-    (4096, 6144, 128, dict(TC, NT=2, SPLIT_K=32, PDL=2), False),
-    (4096, 6144, 128, dict(TC, NT=8, SPLIT_K=4, PDL=1), False),
-    (4096, 6144, 128, dict(TC, SPLIT_K=16, PDL=2, DEPTH=2), False),
-    (14336, 4096, 128, dict(TC, NT=2, SPLIT_K=32, PDL=2, DEPTH=4), False),
-    (1000, 600, 64, dict(TC, NT=2, SPLIT_K=3, DEPTH=3), False),
-    (14336, 4096, 128, dict(TC, SPLIT_K=112, PDL=2), False),
-    (4224, 520, 128, dict(TC, NT=2, SPLIT_K=3), False),  # odd N (tiles past N), 33 groups
-    (1000, 600, 64, dict(TC, SPLIT_K=5), False),  # K not a multiple of 64, groups of 64
-    (640, 600, 640, dict(TC), False),  # one group over K
-    (4096, 1000, 32, dict(TC), False),  # groups of 32: not tc (the untuned gemv3 runs)
-    (4096, 2 * 14336, 128, dict(TC, SPLIT_K=16, PDL=2), True),  # gate/up with SwiGLU in the epilogue
-    (4096, 2 * 14336, 128, dict(TC, NT=8, SPLIT_K=8, PDL=2), True),
-    (4096, 2 * 14336, 128, dict(TC, NT=2, SPLIT_K=8, PDL=2, DEPTH=2), True),
-    (1024, 2 * 1008, 128, dict(TC, NT=2, SPLIT_K=3), True),  # inter 1008: the last strip half past it
-]
-
-
-def tc_checks(failures: list, g: torch.Generator) -> list[dict]:
-    """TC_CASES against float32 x @ w (gated: torch's silu(gate) * up of it rounded to bf16), twice each (the
-    workspace left zeroed); fp16 x on one shape; then three chained in a CUDA graph with PDL."""
-    rows, cases = [], []
-    for k, n, group, cfg, gated in TC_CASES:
-        qw, s, z, _, w = q.int4_case(k, n, group, False, g)
-        w4.reserve_workspace(DEV, n)
-        cases.append((k, n, group, cfg, gated, qw, s, z, w, with_tc(qw, k), torch.randn(1, k, generator=g, device=DEV)))
-    q.precompile([lambda c=c: w4.w4a16(c[10].to(DTYPE), *c[5:8], c[2], config=c[3], warmup=True, gated=c[4], qtc=c[9])
-                  for c in cases])
-    for k, n, group, cfg, gated, qw, s, z, w, qtc, x32 in cases:
-        for dt in (DTYPE, torch.float16) if (k, n) == (4096, 6144) and cfg.get("NT") == 4 else (DTYPE,):
-            x = x32.to(dt)
-            ref = x.float() @ w
-            if gated:
-                gu = ref.to(dt)
-                ref = (F.silu(gu[:, :n // 2]) * gu[:, n // 2:]).float()
-            for _ in range(2):
-                err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, group, config=cfg, gated=gated, qtc=qtc)), ref)
-            q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="tc" + ("_gated" if gated else ""),
-                     shape=f"{k}x{n} g{group} {str(dt)[6:]}", M=1, config=cfg, rel_err=err)
-    rows += chain_checks(failures, g, [dict(TC, PDL=p, SPLIT_K=8) for p in (1, 2)], kernels=("tc",))
-    return rows
-
-
 def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     rows: list[dict] = []
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -216,8 +163,6 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
             q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="h2_large_x", shape="4096x6144", M=1,
                      config=cfg, rel_err=err)
     rows += chain_checks(failures, g, kernels=kernels)
-    if "tc" in kernels:
-        rows += tc_checks(failures, g)
     rows += committed_checks(failures, g)
     rows += gated_checks(failures, g)
     rows += rope_checks(failures, g)
@@ -325,17 +270,16 @@ def chain_checks(failures: list, g: torch.Generator, configs: list | None = None
     rows = []
     k, n = SHAPES["o"]
     mats = [q.int4_case(k, n, 128, False, g) for _ in range(3)]
-    tcs = [with_tc(m[0], k) for m in mats]
     w4.reserve_workspace(DEV, n)
     configs = configs or [c for c in [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]
                           + [dict(G4, PDL=p, L2_PRE=pre, L2_DIST=4) for p in (1, 2) for pre in (0, 16)]
                           if c["KERNEL"] in kernels]
     x0 = torch.randn(1, k, device=DEV).to(DTYPE)
-    q.precompile([lambda c=c: w4.w4a16(x0, *mats[0][:3], 128, config=c, warmup=True, qtc=tcs[0]) for c in configs])
+    q.precompile([lambda c=c: w4.w4a16(x0, *mats[0][:3], 128, config=c, warmup=True) for c in configs])
     for cfg in configs:
         def chain(x, cfg=cfg):
-            for (qw, s, z, _, _), qtc in zip(mats, tcs):
-                x = w4.w4a16(x, qw, s, z, 128, config=cfg, qtc=qtc) * 30.0  # keeps the values O(1)
+            for qw, s, z, _, _ in mats:
+                x = w4.w4a16(x, qw, s, z, 128, config=cfg) * 30.0  # keeps the values O(1)
             return x
 
         def ref_of(x):
@@ -513,27 +457,6 @@ def h2x_checks(failures: list, g: torch.Generator) -> list[dict]:
     return rows
 
 
-def tc_of(a: tuple):
-    """The tensor-core layout of a sweep weight tuple, where the sweep made one."""
-    return a[3] if len(a) > 3 else None
-
-
-def tc_candidates(n: int, k: int) -> list[dict]:
-    """`tc` (kernels/w4a16_tc.py): 2 or 4 n-tiles per one-warp program x split-K over groups for about 8, 16 or 32
-    programs per SM (round 1: the more programs the faster) x 1, 2 or 4 chunks in flight (DEPTH); PDL 2."""
-    groups, sms = -(-k // 128), splitk.sm_count(DEV)
-    out = []
-    for nt in (2, 4):
-        tiles = -(-n // (16 * nt))
-        for per in (8, 16, 32):
-            sp = splitk.split_for(tiles, groups, sms, per, max_split=128, min_blocks=1)
-            for depth in ((1, 2, 4) if per == 16 else (2, 4)):
-                cfg = dict(KERNEL="tc", NT=nt, SPLIT_K=sp, PDL=2, DEPTH=depth)
-                if cfg not in out:
-                    out.append(cfg)
-    return out
-
-
 def candidates(n: int, k: int) -> list[dict]:
     """gemv2 configs (tile width x warps x blocks per tile) and gemv3 configs (8 or 16 rows per tile, 128
     columns per warp), each with split-K 1 and 2 (no workspace, no atomics; the tail is a store) and around
@@ -578,8 +501,6 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             continue
         bf = [(torch.randn(n, k, generator=g, device=DEV) * 0.02).to(DTYPE) for _ in range(q.copies_for(2 * n * k))]
         q4 = [q.int4_random(k, n, 128, g) for _ in range(q.copies_for(n * k // 2))]
-        if "tc" in kernels:
-            q4 = [(qw, s_, z_, with_tc(qw, k)) for qw, s_, z_ in q4]
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
         cands = [None] + [c for c in [dict(KERNEL="gemv1", BLOCK_N=64, num_warps=2, num_stages=1)] + candidates(n, k)
@@ -592,15 +513,13 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             cands += h2_candidates(n, k)
         if "h2x" in kernels:
             cands += h2x_candidates(n, k)
-        if "tc" in kernels:
-            cands += tc_candidates(n, k)
-        q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True, qtc=tc_of(q4[0])) for c in cands])
+        q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True) for c in cands])
         row = {"shape": name, "M": 1, "K": k, "N": n, "bf16_ms": q.graph_ms([lambda w=w: F.linear(x, w) for w in bf])}
         res = []
 
         def timed(cfg):
             try:
-                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg, qtc=tc_of(a)) for a in q4])
+                ms = q.graph_ms([lambda a=a: w4.w4a16(x, *a[:3], 128, config=cfg) for a in q4])
             except Exception as e:  # a config that does not compile or launch: say so, go on
                 print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 return
@@ -629,7 +548,7 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
             BEST_G4[(1, n, k)] = dict(g4["config"])
             row["best_gemv4"] = g4
         best = min(res, key=lambda r: r["ms"])
-        for label, pred in (("H2", lambda c: c.get("H2")), ("tc", lambda c: c.get("KERNEL") == "tc")):
+        for label, pred in (("H2", lambda c: c.get("H2")),):
             bl = min((r for r in res if isinstance(r["config"], dict) and pred(r["config"])), key=lambda r: r["ms"],
                      default=None)
             if bl is not None:
@@ -716,8 +635,7 @@ def apply_winners(result: dict) -> dict:
         qw, s, z, _, w = q.int4_case(k, n, 128, False, g)
         w4.reserve_workspace(DEV, n)
         x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-        qtc = with_tc(qw, k) if b.get("KERNEL") == "tc" else None
-        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=b, qtc=qtc)), x.float() @ w)
+        err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=b)), x.float() @ w)
         ok = err < 1e-2 and q.workspace_clean()
         q.record(rows, failures, ok, check="winner", shape=r["shape"], M=1, config=b, rel_err=err)
         if ok:

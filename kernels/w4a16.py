@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels import pdl as pdl_launch
-from kernels import splitk, w4a16_stream, w4a16_tc
+from kernels import splitk, w4a16_stream
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
 from kernels.w4a16_half2 import tile_sums_h2
 from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
@@ -492,11 +492,11 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else 16 if m <= 16 else 64 if m <= 64 else 256
 
 
-def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device, tuned: bool = True) -> dict:
-    """Launch config: a measured one from TUNED (unless not `tuned`), else `gemv3` at M = 1 (group sizes it takes),
+def pick_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
+    """Launch config: a measured one from TUNED, else `gemv3` at M = 1 (group sizes it takes),
     the tensor-core kernel up to M = 64 (split-K when the tiles would leave SMs idle) and dequantize-then-cuBLAS
     above."""
-    hit = TUNED.get((m_bucket(m), n, k)) if tuned else None
+    hit = TUNED.get((m_bucket(m), n, k))
     if hit is not None:
         return dict(hit)
     s = block_rows(k) // 8
@@ -556,7 +556,7 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
-          gated: bool = False, qtc: torch.Tensor | None = None, rope: tuple | None = None):
+          gated: bool = False, rope: tuple | None = None):
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -566,9 +566,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     else 0), num_warps, num_stages, maxnreg. `warmup`: compile for these arguments and return None without
     running (bench/quant.py compiles its sweep in parallel that way). `gated` (a SwiGLU MLP's gate/up
     projection, N = 2 * inter, gate columns first): -> silu(gate) * up [M, inter], in gemv3's (one-launch
-    split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product. KERNEL "tc" (M = 1, tensor cores:
-    kernels/w4a16_tc.py) reads `qtc`, the same weights in its layout (`pack_tc`); where it cannot run (no qtc,
-    act-order, a group size not a multiple of 64, fp32 x) the untuned config runs instead. `rope` (a fused qkv
+    split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product. `rope` (a fused qkv
     projection at M = 1: (cos, sin, kv_cache, slot_mapping, head_dim, num_q_heads, num_kv_heads), kernels/w4a16_rope.py)
     -> (y, done): where the config is an atomic `gemv3` and rope_args takes the arguments, y's q and k come out
     turned and k and v are in the cache (done True); else the plain product and done False."""
@@ -578,18 +576,8 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
         fits = cfg.get("KERNEL") == "gemv3" and cfg.get("ATOMIC", True) and x.dim() == 2 and x.shape[0] == 1
         ra = rope_args(rope, qweight.shape[1], cfg.get("BLOCK_N", 0), x.dtype) if fits else None
         if ra is None:
-            return w4a16(x, qweight, scales, zeros, group_size, perm, config, warmup, qtc=qtc), False
+            return w4a16(x, qweight, scales, zeros, group_size, perm, config, warmup), False
         return w4a16(x, qweight, scales, zeros, group_size, perm, dict(cfg, _ROPE=ra), warmup), True
-    if config is None or config.get("KERNEL") == "tc":
-        m = x.shape[0] if x.dim() == 2 else -1
-        config = config or pick_config(m, qweight.shape[1], x.shape[-1], group_size, x.device)
-        if config.get("KERNEL") == "tc":
-            if qtc is not None and w4a16_tc.usable(x, group_size, x.shape[-1], perm, gated, qweight.shape[1]):
-                cfg = dict(config)
-                cfg.pop("KERNEL")
-                pdl = cfg.pop("PDL", 2 if pdl_launch.on(x) else 0) if x.is_cuda else 0
-                return w4a16_tc.launch(x, qtc, scales, zeros, group_size, cfg, pdl, warmup, gated)
-            config = pick_config(m, qweight.shape[1], x.shape[-1], group_size, x.device, tuned=False)
     if gated:
         if qweight.shape[1] % 2:
             raise ValueError(f"gated: N must be even (gate then up columns), got {qweight.shape[1]}")

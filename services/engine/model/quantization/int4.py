@@ -5,10 +5,6 @@ that the Triton W4A16 kernels (kernels/w4a16.py) and the CPU reference both read
             that the kernels unpack a block's nibbles with a shift and a mask, no permute
     scales  [G, N] in the model's dtype; zeros [G, N] uint8 (the unsigned zero point; 8 when symmetric)
     perm    [K] int32 or None: act-order, rows sorted by group; the kernel reads x's columns through it
-    qweight_tc  only with FOLIO_W4A16_TC=1, on CUDA, without act-order, for group sizes that are multiples of 64
-            (or one group): the same weights in kernels/w4a16_tc.py's tensor-core layout (`pack_tc`), which batch-1
-            decode reads where the launch config says KERNEL "tc" (+0.5 byte per weight of GPU memory; off by
-            default: measured slower than H2, no TUNED entry picks it), else None
 Each scheme's loader converts its own on-disk packing into this once, after loading.
 """
 
@@ -22,7 +18,6 @@ from typing import NamedTuple
 
 from kernels import w4a16_mlp
 from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
-from kernels.w4a16_tc import pack_tc
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
 
@@ -52,8 +47,6 @@ FUSE_FRONT = os.environ.get("FOLIO_W4A16_FRONT", "0") == "1"
 item; same conditions), the same launch runs the residual add of this layer's output, that norm and that qkv
 projection, and the LayerOutput holds the next layer's qkv (`next_qkv`): a layer is its attention and one launch.
 Off: correct on the H200, slower (engine 3.191 ms/token; session 9)."""
-TC_LAYOUT = os.environ.get("FOLIO_W4A16_TC", "0") == "1"
-"""Keep the weights also in kernels/w4a16_tc.py's tensor-core layout at load (the module docstring's qweight_tc)."""
 
 
 class RotatedQKV(NamedTuple):
@@ -179,10 +172,8 @@ class Int4Layout:
         layer.scales = weight_param(scales.contiguous())
         layer.zeros = weight_param(zeros.to(torch.uint8).to(dev))
         layer.perm = weight_param(perm.to(dev)) if perm is not None else None
-        tc = TC_LAYOUT and dev.type == "cuda" and perm is None and (group_size % 64 == 0 or group_size >= k)
-        layer.qweight_tc = weight_param(pack_tc(q_kn.to(dev))) if tc else None
         layer.group_size, layer.in_k = group_size, k
-        for p in (layer.qweight, layer.scales, layer.zeros, layer.perm, layer.qweight_tc):
+        for p in (layer.qweight, layer.scales, layer.zeros, layer.perm):
             if p is not None:
                 p.quantized = True
         if dev.type == "cuda":
@@ -207,8 +198,7 @@ class Int4Layout:
             y = _fused_mlp(layer, x2)
             if y is not None:
                 return MLPOutput(y.reshape(*shape[:-1], y.shape[-1]))
-            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True,
-                      qtc=layer.qweight_tc)
+            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
         if x2.shape[0] == 1 and getattr(layer, "then_post", None) is not None:
             out = _fused_layer(layer, x2)
@@ -217,11 +207,11 @@ class Int4Layout:
         rope = getattr(layer, "then_rope", None)
         if FUSE_ROPE and rope is not None and bias is None and x2.shape[0] == 1 and _kernels(x):
             y, done = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm,
-                            qtc=layer.qweight_tc, rope=rope)
+                            rope=rope)
             y = y.reshape(*shape[:-1], y.shape[-1])
             return RotatedQKV(y) if done else y
         if _kernels(x):
-            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, qtc=layer.qweight_tc)
+            y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
         else:
             y = w4a16_reference(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
         y = y.reshape(*shape[:-1], y.shape[-1])
