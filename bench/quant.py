@@ -120,7 +120,7 @@ def _read_flat_kernel(ptr, out_ptr, numel, per_prog, BLOCK: tl.constexpr):
 
 
 def read_flat(t: torch.Tensor, programs: int, block: int = 2048, warps: int = 4) -> torch.Tensor:
-    """Read every word of t once over `programs` programs (bench/w4a16.py's and bench/w4a16_mlp.py's read rate)."""
+    """Read every word of t once over `programs` programs (bench/w4a16.py's read rate)."""
     out = torch.empty(programs, dtype=torch.int32, device=t.device)
     per = triton.cdiv(triton.cdiv(t.numel(), programs), block) * block
     _read_flat_kernel[(triton.cdiv(t.numel(), per),)](t, out, t.numel(), per, BLOCK=block, num_warps=warps)

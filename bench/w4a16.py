@@ -24,10 +24,7 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    FUSE_SWIGLU), norace (temperature-1 sampling by the sampler's torch ops, not kernels/greedy.py's sample_race:
    services/engine/sampler.py's RACE), minsplitN (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while
    the graphs are captured), normwN (kernels/fused_norm.py's WARPS = N: the norm's warps), rope / norope
-   (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), mlp / nomlp
-   (int4.py's FUSE_MLP: the batch-1 MLP as one persistent launch, kernels/w4a16_mlp.py), post / nopost (FUSE_POST:
-   o projection, residual add, norm and MLP as one launch), front / nofront (FUSE_FRONT: with post, the next layer's
-   input norm and qkv in the same launch), prof (a
+   (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -67,7 +64,6 @@ from kernels import fused_norm as fused_norm_mod  # noqa: E402
 from kernels import pdl as pdl_mod  # noqa: E402
 from kernels import splitk  # noqa: E402
 from kernels import w4a16 as w4  # noqa: E402
-from kernels import w4a16_mlp as w4a16_mlp_mod  # noqa: E402
 from kernels import paged_decode as paged_decode_mod  # noqa: E402
 from services.engine import sampler as sampler_mod  # noqa: E402
 from services.engine.model.quantization import int4  # noqa: E402
@@ -776,13 +772,6 @@ MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW
 split, as before 2026-11-29 evening, 128 four, 64 eight)."""
 DEFAULT_ROPE = int4.FUSE_ROPE
 """quantization/int4.py's FUSE_ROPE as committed: runs tagged +rope / +norope turn it on / off."""
-DEFAULT_MLP = int4.FUSE_MLP
-"""quantization/int4.py's FUSE_MLP as committed: runs tagged +mlp / +nomlp turn the one-launch batch-1 MLP
-(kernels/w4a16_mlp.py) on / off."""
-DEFAULT_POST = int4.FUSE_POST
-"""int4.py's FUSE_POST as committed: +post / +nopost turn the one-launch o projection + norm + MLP on / off."""
-DEFAULT_FRONT = int4.FUSE_FRONT
-"""int4.py's FUSE_FRONT as committed: +front / +nofront (with post: the next layer's norm and qkv in the same launch)."""
 DEFAULTS = {"pdl": pdl_mod.ENABLED, "early": pdl_mod.EARLY}
 """kernels/pdl.py's settings as the environment left them: runs without a pdl / nopdl, early / noearly tag."""
 BEST_G4: dict = {}
@@ -908,9 +897,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         sampler_mod.RACE = "norace" not in tags
         fused_norm_mod.WARPS = next((int(t[5:]) for t in tags if t.startswith("normw") and t[5:].isdigit()), None)
         int4.FUSE_ROPE = "rope" in tags or (DEFAULT_ROPE and "norope" not in tags)
-        int4.FUSE_MLP = "mlp" in tags or (DEFAULT_MLP and "nomlp" not in tags)
-        int4.FUSE_POST = "post" in tags or (DEFAULT_POST and "nopost" not in tags)
-        int4.FUSE_FRONT = "front" in tags or (DEFAULT_FRONT and "nofront" not in tags)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         saved = dict(w4.TUNED)
@@ -936,11 +922,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
                        "tokens": list(tokens[0].outputs[0].token_ids)}
                 one, full = min(run(one_prompt, 1, 0.0) for _ in range(2)), min(run(one_prompt, 257, 0.0) for _ in range(2))
                 row["ms_per_token_greedy"] = (full - one) / 256 * 1e3  # the one-pass greedy kernel, no sampling
-                if name == "w4a16":  # a barrier of the one-launch MLP that gave up waiting (its grid was not resident)
-                    row["mlp_barrier_errors"] = w4a16_mlp_mod.errors(DEV)
-                    if row["mlp_barrier_errors"]:
-                        print(f"  ERROR: {run_name}: a program of the one-launch MLP gave up at its barrier", flush=True)
-                    w4a16_mlp_mod.clear_errors(DEV)
                 print(f"engine decode {run_name}: {row['ms_per_token']:.3f} ms/token, greedy {row['ms_per_token_greedy']:.3f} "
                       f"(startup {startup:.0f} s)", flush=True)
                 if profile_it and "prof" in tags and left() > 10 * later + 5:  # bf16's kernels: see bench/quant.py
@@ -975,9 +956,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         sampler_mod.RACE = True
         fused_norm_mod.WARPS = None
         int4.FUSE_ROPE = DEFAULT_ROPE
-        int4.FUSE_MLP = DEFAULT_MLP
-        int4.FUSE_POST = DEFAULT_POST
-        int4.FUSE_FRONT = DEFAULT_FRONT
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         w4.TUNED.clear()
         w4.TUNED.update(saved)

@@ -413,11 +413,11 @@ def _w4a16_gemv3_kernel(
         if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
             acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
                                perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN,
-                               HAS_PERM, ASM, "")
+                               HAS_PERM, ASM)
         else:
             acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
                             s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG,
-                            XPAIR, EVEN, HAS_PERM, FOLD, "")
+                            XPAIR, EVEN, HAS_PERM, FOLD)
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
         strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
                    cnt_ptr, BLOCK_N, GATED)

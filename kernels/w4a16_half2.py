@@ -100,7 +100,7 @@ def _word_sums_ref(words, xp0, xp1, xp2, xp3, z, HI: tl.constexpr, acc):
 
 @triton.jit
 def _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S: tl.constexpr, PAIR: tl.constexpr, EVEN: tl.constexpr,
-             HAS_PERM: tl.constexpr, ODD: tl.constexpr, ASM: tl.constexpr, XMOD: tl.constexpr):
+             HAS_PERM: tl.constexpr, ODD: tl.constexpr, ASM: tl.constexpr):
     """x's f16x2 pairs (nibble j, nibble j + 4) for j = 0..3, as [R] int32 tensors: for rows
     k0 + 16 j + offs_r, or with PAIR the even (ODD False) or odd rows of int32-loaded bf16 pairs."""
     out0 = tl.zeros((offs_r.shape[0],), dtype=tl.int32)
@@ -112,7 +112,7 @@ def _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S: tl.constexpr, PAIR: tl.c
         for h in tl.static_range(2):
             jj = j + 4 * h
             if PAIR:
-                xw = tl.load(x2_ptr + (k0 + jj * S) // 2 + offs_r, cache_modifier=XMOD)
+                xw = tl.load(x2_ptr + (k0 + jj * S) // 2 + offs_r)
                 if ODD:
                     xv = (xw & -65536).to(tl.float32, bitcast=True)
                 else:
@@ -121,10 +121,10 @@ def _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S: tl.constexpr, PAIR: tl.c
                 k = k0 + jj * S + offs_r
                 if EVEN:
                     cols = tl.load(perm_ptr + k) if HAS_PERM else k
-                    xv = tl.load(x_ptr + cols, cache_modifier=XMOD).to(tl.float32)
+                    xv = tl.load(x_ptr + cols).to(tl.float32)
                 else:
                     cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-                    xv = tl.load(x_ptr + cols, mask=k < K, other=0.0, cache_modifier=XMOD).to(tl.float32)
+                    xv = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
             if h == 0:
                 lo = xv
             else:
@@ -143,18 +143,17 @@ def _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S: tl.constexpr, PAIR: tl.c
 @triton.jit
 def tile_sums_h2(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask,
                  offs_r, stride_sg, S: tl.constexpr, PAIR: tl.constexpr, EVEN: tl.constexpr, HAS_PERM: tl.constexpr,
-                 ASM: tl.constexpr, XMOD: tl.constexpr):
+                 ASM: tl.constexpr):
     """acc [BLOCK_N] += the tile's sums, scaled: `words` [R, BLOCK_N] (with PAIR the tile's even words, `words_o` the
     odd ones, x read as int32 pairs at x2_ptr, and one PTX block takes a word of each). The tile lies in one group.
-    k0 is a multiple of the tile's T words (2 R with PAIR, else R): said to the compiler, so x loads as vectors.
-    XMOD: x's loads' cache modifier (tile_sums')."""
+    k0 is a multiple of the tile's T words (2 R with PAIR, else R): said to the compiler, so x loads as vectors."""
     k0 = tl.multiple_of(k0, offs_r.shape[0] * (2 if PAIR else 1))
     g = tl.minimum(k0, K - 1) // group_size
     sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32) * _SC
     zp = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.int32)
-    a0, a1, a2, a3 = _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S, PAIR, EVEN, HAS_PERM, False, ASM, XMOD)
+    a0, a1, a2, a3 = _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S, PAIR, EVEN, HAS_PERM, False, ASM)
     if PAIR:
-        b0, b1, b2, b3 = _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S, PAIR, EVEN, HAS_PERM, True, ASM, XMOD)
+        b0, b1, b2, b3 = _x_pairs(x_ptr, x2_ptr, perm_ptr, k0, offs_r, K, S, PAIR, EVEN, HAS_PERM, True, ASM)
     if ASM:
         zlo = ((0x4C00 + zp) * 0x10001)[None, :]
         zhi = ((0x3C00 + 16 * zp) * 0x10001)[None, :]

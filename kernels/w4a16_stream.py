@@ -69,14 +69,13 @@ def _fold_nibble(words, j: tl.constexpr, exp0):
 @triton.jit
 def tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r,
               stride_sg, exp0, hi_shift, S: tl.constexpr, JG: tl.constexpr, XPAIR: tl.constexpr, EVEN: tl.constexpr,
-              HAS_PERM: tl.constexpr, FOLD: tl.constexpr, XMOD: tl.constexpr):
+              HAS_PERM: tl.constexpr, FOLD: tl.constexpr):
     """gemv3's and gemv4's arithmetic on one tile: acc [BLOCK_N] += the tile's scaled sums. `words` [R, BLOCK_N]
     (with XPAIR the even words, `words_o` the odd ones, x read as int32 pairs at x2_ptr; without, words_o and
     x2_ptr are unused). k0: the input of nibble 0 of the tile's first word. A group's scale applies once per
     column when its JG nibbles are summed. Not FOLD: each product is (q - z) x, the zero point taken off in
     the nibble decode (`g3_nibble` less 2^(23 - 4i) + z, exact). FOLD: `_fold_nibble`'s 2^e + q times x as
-    it is, and (2^e + z) sum(x) off once per group and column. XMOD: x's loads' cache modifier (".cg" where x was
-    written in the same launch by other programs: kernels/w4a16_mlp.py)."""
+    it is, and (2^e + z) sum(x) off once per group and column."""
     hi = words  # names only until nibble 5
     hi_o = words_o
     for j in tl.static_range(8):
@@ -92,17 +91,17 @@ def tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K,
             sub3, sub4 = zp + 2048.0, zp + 128.0
         sub = sub0 if j % 5 == 0 else sub1 if j % 5 == 1 else sub2 if j % 5 == 2 else sub3 if j % 5 == 3 else sub4
         if XPAIR:
-            xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r, cache_modifier=XMOD)
+            xw = tl.load(x2_ptr + (k0 + j * S) // 2 + offs_r)
             x_e = (xw << 16).to(tl.float32, bitcast=True)
             x_o = (xw & -65536).to(tl.float32, bitcast=True)
         else:
             k = k0 + j * S + offs_r
             if EVEN:
                 cols = tl.load(perm_ptr + k) if HAS_PERM else k
-                x_e = tl.load(x_ptr + cols, cache_modifier=XMOD).to(tl.float32)
+                x_e = tl.load(x_ptr + cols).to(tl.float32)
             else:
                 cols = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k
-                x_e = tl.load(x_ptr + cols, mask=k < K, other=0.0, cache_modifier=XMOD).to(tl.float32)
+                x_e = tl.load(x_ptr + cols, mask=k < K, other=0.0).to(tl.float32)
         if FOLD:  # (2^e + q) x summed as it is; the 2^e + z part comes off once per group, below
             prod = _fold_nibble(words, j, exp0) * x_e[:, None]
             xs = x_e
@@ -270,11 +269,11 @@ def _w4a16_gemv4_kernel(
         if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
             acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
                                perm_ptr, s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, S, XPAIR, EVEN,
-                               HAS_PERM, ASM, "")
+                               HAS_PERM, ASM)
         else:
             acc = tile_sums(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr, perm_ptr,
                             s_ptr, z_ptr, K, group_size, offs_n, n_mask, offs_r, stride_sg, exp0, hi_shift, S, JG,
-                            XPAIR, EVEN, HAS_PERM, FOLD, "")
+                            XPAIR, EVEN, HAS_PERM, FOLD)
         count += 1
         if (t == tpc - 1) | (i1 == i_end):  # the strip ends here, or the run does
             strip_done(acc, col * BLOCK_N + offs_b, n_mask, col, count, tpc, inter, out_ptr, ws_ptr, cnt_ptr,

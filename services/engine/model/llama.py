@@ -18,7 +18,7 @@ from services.engine.model.layers.linear import MergedColumnParallelLinear, QKVP
 from services.engine.model.layers.norm import RMSNorm
 from services.engine.model.layers.rotary import RotaryEmbedding, rope_parameters
 from services.engine.model.quantization.fp8 import FP8Output, dense
-from services.engine.model.quantization.int4 import LayerOutput, MLPOutput, QKVReady, RotatedQKV
+from services.engine.model.quantization.int4 import RotatedQKV
 
 STACKED_QKV_GATE_UP = (
     (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
@@ -51,7 +51,7 @@ class LlamaAttention(torch.nn.Module):
         self.qkv_proj.then_rope = (*self.rotary_emb.cos_sin(positions), kv_cache, meta.slot_mapping, self.attn.head_dim,
                                    self.attn.num_heads, self.attn.num_kv_heads) \
             if fusable and isinstance(h, torch.Tensor) and h.shape[0] == 1 else None  # h: or an FP8 norm's FP8Input
-        out, scales, written = (h.qkv if isinstance(h, QKVReady) else self.qkv_proj(h)), None, False
+        out, scales, written = self.qkv_proj(h), None, False
         if isinstance(out, FP8Output):
             out, scales = out.raw, (out.row, out.col)
         elif isinstance(out, RotatedQKV):
@@ -83,15 +83,9 @@ class LlamaMLP(torch.nn.Module):
                                            what="intermediate_size")
         self.gate_up_proj.fp8_deferred_scales = True  # its FP8 scales are applied by self.act (quantization/fp8.py)
         self.gate_up_proj.then_act = self.act  # a W4A16 gate/up may do SwiGLU itself (quantization/int4.py)
-        # ... or the whole MLP at batch 1 (int4.py's FUSE_MLP); a plain attribute, not a second submodule path to
-        # down_proj's weights (the loader would see each of them twice)
-        object.__setattr__(self.gate_up_proj, "then_down", self.down_proj)
 
     def forward(self, x):
-        y = self.gate_up_proj(x)
-        if isinstance(y, MLPOutput):
-            return y.y
-        return self.down_proj(self.act(y, quant_for=self.down_proj))
+        return self.down_proj(self.act(self.gate_up_proj(x), quant_for=self.down_proj))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -102,7 +96,6 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = m.make_norm()
         self.mlp = m.make_mlp(i)
         self.residual_multiplier = m.residual_multiplier
-        self.next_layer = None  # set by LlamaModel where the next layer runs this forward (FUSE_FRONT)
         # FP8 scales of the block outputs applied by the next norm. Not the last layer's MLP output: it goes to the
         # plain add in LlamaForCausalLM.run, where dense() would cost four elementwise passes (bench/fp8_where.py
         # round 1: 0.43 ms of an 8,192-token step), more than the scaled GEMM's extra cost.
@@ -119,22 +112,11 @@ class LlamaDecoderLayer(torch.nn.Module):
         """(h, residual) -> (h, residual): the residual add is done by the next norm (fused on GPU)."""
         # The norms quantize for an FP8 projection that alone reads them (qkv; gate_up of a dense MLP).
         qkv = self.self_attn.qkv_proj
-        if isinstance(h, QKVReady):  # the previous layer's launch ran this norm and qkv (the residual is updated)
-            x = h
-        elif residual is None:
+        if residual is None:
             residual, x = h, self.input_layernorm(h, quant_for=qkv)
         else:
             x, residual = self.input_layernorm(h, residual, quant_for=qkv)
-        # One token: a W4A16 o projection may run the residual add, this norm and the MLP itself, and the next layer's
-        # norm and qkv (quantization/int4.py's FUSE_POST / FUSE_FRONT, one launch); other methods leave it unread.
-        nxt = self.next_layer
-        self.self_attn.o_proj.then_post = (
-            self.post_attention_layernorm, self.mlp, residual,
-            (nxt.input_layernorm, nxt.self_attn.qkv_proj) if nxt is not None else None) \
-            if self.residual_multiplier == 1.0 and isinstance(self.mlp, LlamaMLP) and positions.shape[0] == 1 else None
         h = self.self_attn(positions, x, kv_cache, meta)
-        if isinstance(h, LayerOutput):  # the residual is updated in place
-            return (QKVReady(h.y) if h.next_qkv else h.y), residual
         if self.residual_multiplier != 1.0:  # Granite scales each block's output before the add
             h = dense(h) * self.residual_multiplier
         x, residual = self.post_attention_layernorm(h, residual, quant_for=self.mlp_in)
@@ -149,9 +131,6 @@ class LlamaModel(torch.nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, m.tp)
         self.layers = torch.nn.ModuleList(m.make_layer(i) for i in range(cfg.num_hidden_layers))
         self.norm = m.make_norm()
-        for a, b in zip(self.layers, self.layers[1:]):  # a plain attribute: not a second path to b's weights
-            if isinstance(a, LlamaDecoderLayer) and type(b).forward is LlamaDecoderLayer.forward:
-                object.__setattr__(a, "next_layer", b)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -13,10 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import os
 from typing import NamedTuple
 
-from kernels import w4a16_mlp
 from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
@@ -30,96 +28,12 @@ FUSE_ROPE = False
 turns q and k and writes k and v into the paged cache in the GEMV's epilogue (kernels/w4a16_rope.py) and returns a
 RotatedQKV: the rotary + cache launch goes. Off: exact on the H200 but ~0.035 ms/token slower there (2.121 against
 2.080 and 2.104 against 2.075 ms/token, session 8, docs/quantization.md); bench/w4a16.py's +rope turns it on."""
-FUSE_MLP = os.environ.get("FOLIO_W4A16_MLP", "0") == "1"
-"""At batch 1 a SwiGLU MLP whose gate/up and down projections are both W4A16 (the model sets `then_down` next to
-`then_act`; one rank, no biases) runs as one persistent launch (kernels/w4a16_mlp.py: gate/up, SwiGLU and down with
-a grid-wide barrier between the GEMVs) and the gate/up projection returns an MLPOutput, the MLP's result. Off: correct
-on the H200 (the same greedy tokens) but slower, 42 against 31 us per layer (session 9, docs/quantization.md): the
-fused kernel's registers keep too few loads in flight; bench/w4a16.py's +mlp turns it on."""
-FUSE_POST = os.environ.get("FOLIO_W4A16_POST", "0") == "1"
-"""At batch 1 a Llama layer's o projection whose model set `then_post` (llama.py: the post-attention RMSNorm, the
-MLP, the residual) runs o_proj, the residual add, the norm and the MLP as one persistent launch
-(kernels/w4a16_mlp.py's post_attention) and returns a LayerOutput (the MLP's output; the residual updated in place):
-where all three projections are W4A16 on one rank without biases and the norm is Llama's. Off: correct on the H200
-but slower (48 against 39 us per layer; engine 2.969 against 2.089 ms/token with the default config; session 9)."""
-FUSE_FRONT = os.environ.get("FOLIO_W4A16_FRONT", "0") == "1"
-"""With FUSE_POST, where the model also names the next layer's input norm and qkv projection (`then_post`'s fourth
-item; same conditions), the same launch runs the residual add of this layer's output, that norm and that qkv
-projection, and the LayerOutput holds the next layer's qkv (`next_qkv`): a layer is its attention and one launch.
-Off: correct on the H200, slower (engine 3.191 ms/token; session 9)."""
 
 
 class RotatedQKV(NamedTuple):
     """A fused qkv projection's output with q and k already turned and k and v already in the paged cache (FUSE_ROPE);
     the model passes its parts to Attention.forward with cache_written."""
     qkv: torch.Tensor
-
-
-class MLPOutput(NamedTuple):
-    """The whole MLP's output (down(silu(gate) * up)), returned by a W4A16 gate/up projection at batch 1 (FUSE_MLP);
-    the model's MLP returns it as its result and skips its activation and down projection."""
-    y: torch.Tensor
-
-
-class LayerOutput(NamedTuple):
-    """A layer's MLP output returned by its W4A16 o projection at batch 1 (FUSE_POST), the residual already updated;
-    the model skips its post-attention norm and MLP. next_qkv (FUSE_FRONT): y is the next layer's qkv projection of
-    its input norm instead (that residual add done too)."""
-    y: torch.Tensor
-    next_qkv: bool = False
-
-
-class QKVReady(NamedTuple):
-    """The next layer's qkv projection, computed by the previous layer's launch (FUSE_FRONT): the layer skips its
-    input norm and its qkv projection."""
-    qkv: torch.Tensor
-
-
-def _weights(layer) -> tuple:
-    return layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm
-
-
-def _one_rank_int4(layer) -> bool:
-    """A W4A16 linear layer on one rank without a bias (the fused launches' projections)."""
-    return (layer is not None and isinstance(layer.method, Int4Layout) and getattr(layer, "qweight", None) is not None
-            and layer.bias is None and layer.tp is None)
-
-
-def _fused_layer(layer, x2: torch.Tensor) -> LayerOutput | None:
-    """kernels/w4a16_mlp.py's post_attention when this o projection and its `then_post` (norm, mlp, residual, and
-    the next layer's (input norm, qkv projection) or None) can run as one launch, else None."""
-    post = getattr(layer, "then_post", None)
-    if not FUSE_POST or post is None or x2.shape[0] != 1 or not _kernels(x2) or not _one_rank_int4(layer):
-        return None
-    norm, mlp, residual, front = post
-    gate_up, down = mlp.gate_up_proj, mlp.down_proj
-    act = getattr(gate_up, "then_act", None)
-    if (not (_one_rank_int4(gate_up) and _one_rank_int4(down)) or act is None or act.act is not F.silu
-            or not _llama_norm(norm) or residual.shape != (1, layer.qweight.shape[1]) or not residual.is_contiguous()
-            or residual.dtype != x2.dtype):
-        return None
-    hidden, inter = residual.shape[1], gate_up.qweight.shape[1] // 2
-    nxt = None
-    if FUSE_FRONT and front is not None and _llama_norm(front[0]) and _one_rank_int4(front[1]):
-        nxt = (front[0].weight, front[0].eps, _weights(front[1]))
-    y = w4a16_mlp.post_attention(x2, residual, _weights(layer), norm.weight, norm.eps, _weights(gate_up),
-                                 _weights(down), config=w4a16_mlp.config_for(hidden, inter), front=nxt)
-    return LayerOutput(y, nxt is not None)
-
-
-def _llama_norm(norm) -> bool:
-    """Llama's RMSNorm (w * normed rounded to the model dtype), on one rank, on its fused kernel path."""
-    return norm.fused and not norm.gemma and not norm.scale_in_float32 and norm.tp is None
-
-
-def _fused_mlp(layer, x2: torch.Tensor) -> torch.Tensor | None:
-    """The MLP's output from kernels/w4a16_mlp.py when this gate/up projection and its `then_down` can run as one
-    launch (batch 1 on CUDA, SiLU, both W4A16, one rank, no biases), else None."""
-    down = getattr(layer, "then_down", None)
-    if not FUSE_MLP or x2.shape[0] != 1 or not _kernels(x2) or not (_one_rank_int4(layer) and _one_rank_int4(down)):
-        return None
-    return w4a16_mlp.mlp(x2, _weights(layer), _weights(down),
-                         config=w4a16_mlp.config_for(x2.shape[1], layer.qweight.shape[1] // 2))
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -178,7 +92,6 @@ class Int4Layout:
                 p.quantized = True
         if dev.type == "cuda":
             reserve_workspace(dev, n, k, scales.dtype)
-            w4a16_mlp.barrier(dev)  # before any CUDA graph capture (FUSE_MLP)
 
     def init_dummy(self, layer, g: torch.Generator) -> None:
         """Random 4-bit weights in the loaded layout (load_format="dummy"): about N(0, 0.02) once dequantized."""
@@ -195,15 +108,8 @@ class Int4Layout:
         act = getattr(layer, "then_act", None)
         if (FUSE_SWIGLU and act is not None and act.fused and act.act is F.silu and bias is None
                 and x2.shape[0] == 1 and _kernels(x)):
-            y = _fused_mlp(layer, x2)
-            if y is not None:
-                return MLPOutput(y.reshape(*shape[:-1], y.shape[-1]))
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
-        if x2.shape[0] == 1 and getattr(layer, "then_post", None) is not None:
-            out = _fused_layer(layer, x2)
-            if out is not None:
-                return LayerOutput(out.y.reshape(*shape[:-1], out.y.shape[-1]), out.next_qkv)
         rope = getattr(layer, "then_rope", None)
         if FUSE_ROPE and rope is not None and bias is None and x2.shape[0] == 1 and _kernels(x):
             y, done = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm,
