@@ -3,23 +3,23 @@ batch-1 decode (bf16 against W4A16), say where its time goes, and find the batch
 One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A16 kernels).
 
     python bench/w4a16.py [--json PATH] [--sections checks sweep engine] [--budget 95]
-        [--engines w4a16+pdl+g3 w4a16+pdl+early+g4+pre16@16,64,256 bf16@16,64,256] [--sweep-kernels gemv3 gemv4]
+        [--engines w4a16+pdl+g3 w4a16+pdl+early+g4@16,64,256 bf16@16,64,256] [--sweep-kernels gemv3 gemv4]
 
 1. checks (exit 1 on a failure): `gemv2`, `gemv3` and `gemv4` variants (blocks or rows per tile; per-block,
    per-slab or per-row scales; act-order; odd K and N; atomic and partial-sum split-K; gemv4's runs across
-   column strips, L2 prefetches and FOLD; SwiGLU in the epilogue; programmatic dependent launch 0/1/2)
+   column strips and FOLD; SwiGLU in the epilogue; programmatic dependent launch 0/1/2)
    against x @ dequant(w) in float32 with the split-K workspace left zeroed; a CUDA graph of three chained
    GEMVs (each reads the previous one's output, so a PDL launch that read x before its wait would show).
 2. sweep (M = 1, the four 8B GEMMs): bf16 F.linear, the committed config, `gemv1`, the `gemv2` and `gemv3`
    grids (tile shape x warps x SPLIT_K, then PDL on the three best), the `gemv4` grid (tile shape x warps x
-   programs per SM, then L2 prefetch distance and prefetch-before-wait on the two best), plus a read-only
+   programs per SM), plus a read-only
    kernel with gemv2's tiles and grid (the bandwidth its access pattern can reach). Timing as
    bench/quant.py: one CUDA graph over weight copies that overflow L2. The winners are checked as the engine
    runs them, then applied.
 3. engine runs (--engines; default W4A16 (GPTQ config, random weights) then bf16), one engine each, tags after
    "+": pdl / nopdl (kernels/pdl.py's programmatic dependent launches on / off; else as the environment
    says), early / noearly (pdl.EARLY: each kernel lets the next launch before its own wait), g3 (the M = 1
-   configs as committed), g4 (gemv4: the sweep's best per shape), preN / dN (gemv4's L2_PRE / L2_DIST),
+   configs as committed), g4 (gemv4: the sweep's best per shape),
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
    FUSE_SWIGLU), norace (temperature-1 sampling by the sampler's torch ops, not kernels/greedy.py's sample_race:
    services/engine/sampler.py's RACE), minsplitN (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while
@@ -102,14 +102,14 @@ CASES = [
     (4096, 6144, 128, False, dict(G3, FOLD=True, maxnreg=96, PDL=2), 16, True),
     # gemv4 (kernels/w4a16_stream.py): the "split" column is PER_SM, programs per SM
     (4096, 6144, 128, False, dict(G4), 8, True),
-    (4096, 6144, 128, False, dict(G4, L2_PRE=8, L2_DIST=4, PDL=2), 3, True),  # runs that cross strips
-    (4224, 520, 128, True, dict(G4, PDL=1, L2_DIST=2), 3, True),  # act-order, odd N, 33 blocks
-    (4096, 1000, 32, False, dict(G4, BLOCK_N=256, num_warps=2, L2_PRE=4, PDL=2), 5, True),  # 4 groups per block
-    (1088, 776, 64, False, dict(G4, L2_DIST=8), 7, True),  # 64-row blocks
-    (14336, 4096, 128, False, dict(G4, XPAIR=False, maxnreg=128, L2_DIST=4, PDL=2), 12, True),
-    (1000, 600, 16, True, dict(G4, L2_PRE=2), 2, True),  # a group per nibble; K not a multiple of the block
-    (28672 // 7, 28672, 128, False, dict(G4, BLOCK_N=256, num_warps=2, L2_DIST=8, L2_PRE=16, PDL=2), 16, True),
-    (4096, 6144, 128, False, dict(G4, FOLD=True, L2_DIST=4, PDL=2), 8, True),  # FOLD: zero point off per group
+    (4096, 6144, 128, False, dict(G4, PDL=2), 3, True),  # runs that cross strips
+    (4224, 520, 128, True, dict(G4, PDL=1), 3, True),  # act-order, odd N, 33 blocks
+    (4096, 1000, 32, False, dict(G4, BLOCK_N=256, num_warps=2, PDL=2), 5, True),  # 4 groups per block
+    (1088, 776, 64, False, dict(G4), 7, True),  # 64-row blocks
+    (14336, 4096, 128, False, dict(G4, XPAIR=False, maxnreg=128, PDL=2), 12, True),
+    (1000, 600, 16, True, dict(G4), 2, True),  # a group per nibble; K not a multiple of the block
+    (28672 // 7, 28672, 128, False, dict(G4, BLOCK_N=256, num_warps=2, PDL=2), 16, True),
+    (4096, 6144, 128, False, dict(G4, FOLD=True, PDL=2), 8, True),  # FOLD: zero point off per group
     (4224, 520, 128, True, dict(G4, FOLD=True, PDL=1), 3, True),
     (4096, 1000, 32, False, dict(G4, FOLD=True, BLOCK_N=256, num_warps=2, T=16), 5, True),
     (14336, 4096, 128, False, dict(G4, FOLD=True, XPAIR=False, maxnreg=128, PDL=2), 12, True),
@@ -120,7 +120,7 @@ CASES = [
     (4096, 1000, 32, False, dict(G3, H2=2, BLOCK_N=256, num_warps=2), 4, False),  # groups inside a block: not H2
     (14336, 4096, 128, False, dict(G3, H2=2, T=4, BLOCK_N=512, num_warps=2, PDL=2), 16, True),
     (4096, 6144, 128, False, dict(G4, H2=1, PDL=2), 8, True),
-    (4096, 6144, 128, False, dict(G4, H2=2, BLOCK_N=256, num_warps=2, L2_DIST=4, PDL=2), 8, True),
+    (4096, 6144, 128, False, dict(G4, H2=2, BLOCK_N=256, num_warps=2, PDL=2), 8, True),
     (4224, 520, 128, True, dict(G4, H2=2, PDL=1), 3, True),
     (14336, 4096, 128, False, dict(G4, H2=2, T=4, BLOCK_N=512, num_warps=2, PDL=2), 12, True),
     (28672 // 7, 28672, 128, False, dict(G4, H2=2, T=4, BLOCK_N=256, PDL=2), 16, True),
@@ -170,8 +170,8 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
     """The gate/up GEMV with SwiGLU in gemv4's or gemv3's epilogue (`gated`, as quantization/int4.py runs it at batch 1)
     against float32 x @ w, rounded to bf16, then torch's silu(gate) * up; also an odd inter."""
     rows, cases = [], []
-    for k, inter, cfg in ((4096, 14336, dict(G4, PDL=2, L2_PRE=4, L2_DIST=4)),
-                          (4096, 14336, dict(G4, PDL=2, FOLD=True, L2_DIST=4)),
+    for k, inter, cfg in ((4096, 14336, dict(G4, PDL=2)),
+                          (4096, 14336, dict(G4, PDL=2, FOLD=True)),
                           (4096, 14336, dict(G4, BLOCK_N=256, num_warps=2, PER_SM=4, PDL=2)),
                           (4096, 14336, dict(G4, XPAIR=False, maxnreg=128, PER_SM=16, PDL=1)),
                           (1024, 1000, dict(G4, PER_SM=3)),
@@ -268,7 +268,7 @@ def chain_checks(failures: list, g: torch.Generator, configs: list | None = None
     mats = [q.int4_case(k, n, 128, False, g) for _ in range(3)]
     w4.reserve_workspace(DEV, n)
     configs = configs or [c for c in [dict(G, PDL=p, SPLIT_K=8) for G in (G2, G3) for p in (0, 1, 2)]
-                          + [dict(G4, PDL=p, L2_PRE=pre, L2_DIST=4) for p in (1, 2) for pre in (0, 16)]
+                          + [dict(G4, PDL=p) for p in (1, 2)]
                           if c["KERNEL"] in kernels]
     x0 = torch.randn(1, k, device=DEV).to(DTYPE)
     q.precompile([lambda c=c: w4.w4a16(x0, *mats[0][:3], 128, config=c, warmup=True) for c in configs])
@@ -468,8 +468,7 @@ def candidates(n: int, k: int) -> list[dict]:
         for sp in sorted({1, 2, *q.splits_around(auto, blocks)}):
             out.append(dict(KERNEL="gemv3", T=t, BLOCK_N=bn, num_warps=warps, num_stages=1, XPAIR=xpair, SPLIT_K=sp,
                             **({"maxnreg": regs} if regs else {})))
-    # gemv4: (T, BLOCK_N, warps, XPAIR, maxnreg) x programs per SM x FOLD, PDL 2; the L2 prefetches are tried on
-    # the best two
+    # gemv4: (T, BLOCK_N, warps, XPAIR, maxnreg) x programs per SM x FOLD, PDL 2
     # (by Triton 3.6's sm_90 SASS: 3.8-4.7 instructions per weight in the loop, 128-168 registers; FOLD ~10% fewer)
     for t, bn, warps, xpair, regs in ((8, 128, 1, True, None), (8, 256, 2, True, None), (8, 128, 1, True, 128),
                                       (8, 256, 1, True, None), (8, 128, 1, False, None), (8, 128, 1, False, 128),
@@ -531,13 +530,6 @@ def sweep(start: float, budget: float, kernels=("gemv1", "gemv2", "gemv3", "gemv
         for r in g2[:3] if {"gemv2", "gemv3"} & set(kernels) else []:  # PDL on the three best: back to back in
             for p in (1, 2):  # the graph, as the engine's layers are not
                 timed(dict(r["config"], PDL=p))
-        g4 = sorted((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv4"),
-                    key=lambda r: r["ms"])[:2]
-        more = [dict(r["config"], L2_DIST=d, L2_PRE=pre) for r in g4 for d in (0, 2, 4, 8) for pre in (0, 16)
-                if (d or pre) and "gemv4" in kernels]
-        q.precompile([lambda c=c: w4.w4a16(x, *q4[0][:3], 128, config=c, warmup=True) for c in more])
-        for c in more:  # L2 prefetch distance and the prefetch before the PDL wait, on the two best
-            timed(c)
         g4 = min((r for r in res if isinstance(r["config"], dict) and r["config"]["KERNEL"] == "gemv4"),
                  key=lambda r: r["ms"], default=None)
         if g4 is not None:
@@ -780,18 +772,12 @@ BEST_G4: dict = {}
 
 def m1_configs(tags: list[str]) -> None:
     """Set the M = 1 entries of kernels/w4a16.py's TUNED for an engine run's tags: g3 (as committed), g4 (gemv4:
-    the sweep's best, else G4), preN / dN (gemv4's L2_PRE / L2_DIST = N)."""
+    the sweep's best, else G4)."""
     if "g3" in tags:
         w4.TUNED.update({key: dict(c) for key, c in COMMITTED.items()})
     if "g4" in tags:
         for k, n in SHAPES.values():
-            cfg = dict(BEST_G4.get((1, n, k), dict(G4, PDL=2)))
-            for t in tags:
-                if t.startswith("pre") and t[3:].isdigit():
-                    cfg["L2_PRE"] = int(t[3:])
-                if t.startswith("d") and t[1:].isdigit():
-                    cfg["L2_DIST"] = int(t[1:])
-            w4.TUNED[(1, n, k)] = cfg
+            w4.TUNED[(1, n, k)] = dict(BEST_G4.get((1, n, k), dict(G4, PDL=2)))
     if "nopdl" in tags:  # the committed configs name PDL 2: off means off for the GEMVs too
         for key in [key for key in w4.TUNED if key[0] == 1]:
             w4.TUNED[key] = dict(w4.TUNED[key], PDL=0)
@@ -1011,7 +997,7 @@ def main() -> int:
                     help="checks: the M = 1 kernels whose variants are checked (the committed configs always are)")
     ap.add_argument("--no-profile", action="store_true", help="engine: skip the kernel profile")
     ap.add_argument("--engines", nargs="+", default=["w4a16+prof@16,64,256", "bf16@16,64,256"],
-                    help="engine runs in order: w4a16 | bf16, then tags +pdl +early +g3 +g4 +preN +dN +unfused +prof (the "
+                    help="engine runs in order: w4a16 | bf16, then tags +pdl +early +g3 +g4 +unfused +prof (the "
                          "module docstring), @B1,B2 (decode step time at these batches: the crossover)")
     ap.add_argument("--attention-share", type=float, default=0.5,
                     help="attention: no new variant is started past this share of --budget")

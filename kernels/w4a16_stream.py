@@ -1,16 +1,12 @@
 """`gemv4`, the streamed M = 1 W4A16 GEMV: a fixed number of programs (a few per SM) each take an equal, contiguous
-run of weight tiles across the whole [K, N] matrix and stream through it, with L2 prefetches running ahead.
+run of weight tiles across the whole [K, N] matrix and stream through it.
 
 Why (bench/results/w4a16_2026-11-29_h200_r1.log): `gemv3`'s split-K grid gives each program a few tiles of one
 column strip, so every program starts cold (its first load has nothing to overlap), the grid ends in a part-full
 wave, and an int4 layer's GEMMs run at ~2 TB/s where a plain read of the same bytes runs at 3-3.7 TB/s. Here:
 - the runs are equal (to a tile), so every SM finishes together and one wave holds the whole grid;
-- a program's next tile is loaded while this one is computed, across column strips (no cold start between them);
-- `L2_DIST` > 0: each iteration also asks L2 for the tile that far ahead (`prefetch.global.L2`, no registers
-  held), which puts more bytes in flight than registers allow;
-- `L2_PRE` > 0 with PDL: before waiting for the previous kernel, a program asks L2 for its first L2_PRE tiles.
-  Weights are written by no kernel, so they may stream in while the previous kernels (norms, rotary, attention)
-  still run.
+- a program's next tile is loaded while this one is computed, across column strips (no cold start between them).
+(L2 prefetches running ahead, `L2_DIST` / `L2_PRE`, were measured slower and removed: docs/quantization.md.)
 When a program leaves a column strip (or its run ends) it adds its float32 sums into the split-K workspace
 (kernels/splitk.py) and counts the tiles it covered into the strip's counter; the program that brings the count
 to the strip's tile count writes the output and zeroes the workspace and counter for the next call.
@@ -134,13 +130,6 @@ def tile_sums(acc, words, words_o, k0, x_ptr, x2_ptr, perm_ptr, s_ptr, z_ptr, K,
 
 
 @triton.jit
-def _l2_prefetch(ptrs):
-    """Ask L2 for each address's 128-byte line (a hint: no register holds the data, no value changes)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def strip_cols(col, offs, N, inter, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
     """The matrix columns of strip `col`'s positions `offs`, and which exist. GATED: the strip's first half is
     gate columns col * BLOCK_N / 2 + .., its second half the up columns `inter` further on (N = 2 * inter)."""
@@ -150,17 +139,6 @@ def strip_cols(col, offs, N, inter, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
     else:
         c = col * BLOCK_N + offs
         return c, c < N
-
-
-@triton.jit
-def prefetch_tile(qw_ptr, col, t, valid, N, inter, stride_qk, T: tl.constexpr, BLOCK_N: tl.constexpr,
-                   GATED: tl.constexpr):
-    """L2 prefetch of tile t of strip col: its T rows of BLOCK_N words, one address per 128-byte line (where not
-    `valid`, the matrix's first line instead: a prefetch never leaves the matrix)."""
-    rows = t * T + tl.arange(0, T)
-    lines, _ = strip_cols(col, tl.arange(0, BLOCK_N // 32) * 32, N, inter, BLOCK_N, GATED)
-    ptrs = qw_ptr + rows[:, None].to(tl.int64) * stride_qk + tl.minimum(lines, N - 1)[None, :]
-    _l2_prefetch(tl.where(valid, ptrs, qw_ptr))
 
 
 @triton.jit
@@ -203,14 +181,13 @@ def _w4a16_gemv4_kernel(
     perm_ptr,  # [K] int32 (read when HAS_PERM)
     out_ptr,  # [1, N] in x's dtype; GATED: [1, inter]
     ws_ptr, cnt_ptr,  # split-K workspace: strips * BLOCK_N float32 sums, a counter per strip (zero on entry and exit)
-    N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, l2_pre, inter,
+    N, K, group_size, tpc, per_prog, total, stride_qk, stride_sg, exp0, hi_shift, inter,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
-    PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, L2: tl.constexpr, L2_DIST: tl.constexpr,
-    GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr, GATED: tl.constexpr, FOLD: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
 ):
     """Tiles are numbered column strip by strip: tile i is strip i // tpc, its T words (i % tpc) * T .. + T - 1
     (tpc = tiles per strip = blocks * ROWS / 8 / T). Program p runs tiles [p * per_prog, (p + 1) * per_prog).
-    T, JG, XPAIR, EVEN, HAS_PERM as in gemv3; L2: the prefetch hints are compiled in (not in the interpreter).
+    T, JG, XPAIR, EVEN, HAS_PERM as in gemv3.
     GATED (the fused gate/up projection of a SwiGLU MLP, N = 2 * inter): each strip takes the same BLOCK_N / 2
     columns of the gate half and of the up half (`_strip_cols`), so the program that completes it writes
     silu(gate) * up and the MLP skips its activation launch."""
@@ -231,12 +208,6 @@ def _w4a16_gemv4_kernel(
     if XPAIR:
         nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
         x2_ptr = x_ptr.to(tl.pointer_type(tl.int32))
-    if L2:
-        for ip in range(i_start + 1, tl.minimum(i_end, i_start + 1 + l2_pre)):
-            prefetch_tile(qw_ptr, ip // tpc, ip % tpc, True, N, inter, stride_qk, T, BLOCK_N, GATED)
-    if L2_DIST > 0:  # the tile L2_DIST ahead, (strip, tile) counted along without a division per iteration
-        colp = (i_start + L2_DIST) // tpc
-        tp = (i_start + L2_DIST) - colp * tpc
     if PDL >= 2:
         gdc_launch_dependents()
     if PDL >= 1:
@@ -259,12 +230,6 @@ def _w4a16_gemv4_kernel(
         nxt = tl.load(w_ptrs, mask=w_mask)
         if XPAIR:
             nxt_o = tl.load(w_ptrs + stride_qk, mask=w_mask)
-        if L2_DIST > 0:
-            prefetch_tile(qw_ptr, colp, tp, i + L2_DIST < i_end, N, inter, stride_qk, T, BLOCK_N, GATED)
-            tp += 1
-            wrap_p = tp == tpc
-            tp = tl.where(wrap_p, 0, tp)
-            colp += wrap_p.to(tl.int32)
         k0 = (t // H) * ROWS + (t % H) * T  # input of nibble 0 of the tile's first word
         if H2:  # packed-half arithmetic (kernels/w4a16_half2.py)
             acc = tile_sums_h2(acc, words, words_o if XPAIR else words, k0, x_ptr, x2_ptr if XPAIR else x_ptr,
@@ -311,8 +276,7 @@ def half2_mode(h2: int, jg: int, dtype: torch.dtype, xpair: bool) -> tuple[int, 
 def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, gated=False):
     """x [1, K] -> [1, N] with `gemv4` (kernels/w4a16.py's `w4a16` checks the arguments and calls this); gated:
     -> silu(gate) * up [1, N / 2] (N even). cfg: T, BLOCK_N, num_warps, XPAIR, PER_SM (programs per SM;
-    default 8), L2_PRE (tiles, default 0), L2_DIST (tiles ahead, default 0), FOLD (the zero point off per
-    group, not per weight: `_fold_nibble`), maxnreg. The L2 hints are compiled only on CUDA."""
+    default 8), FOLD (the zero point off per group, not per weight: `_fold_nibble`), maxnreg."""
     cfg = dict(cfg)
     k, n = x.shape[1], qweight.shape[1]
     t = min(cfg.pop("T", 8), rows // 8)
@@ -321,8 +285,6 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     xpair = (cfg.pop("XPAIR", True) and x.dtype == torch.bfloat16 and perm is None and k % rows == 0
              and x.data_ptr() % 4 == 0)
     on_gpu = x.is_cuda
-    l2_pre = cfg.pop("L2_PRE", 0) if on_gpu else 0
-    l2_dist = cfg.pop("L2_DIST", 0) if on_gpu else 0
     per_sm = cfg.pop("PER_SM", 8)
     fold = bool(cfg.pop("FOLD", False))
     h2, xpair = half2_mode(cfg.pop("H2", 0), jg, x.dtype, xpair)
@@ -336,9 +298,9 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
     ws, cnt = splitk.workspace(x.device, strips * bn)
     args = (x, qweight, scales, zeros, perm if perm is not None else qweight, out, ws, cnt, n, k, group_size, tpc,
-            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, l2_pre, inter)
+            per, total, qweight.stride(0), scales.stride(0), 150 << 23, 20, inter)
     consts = dict(cfg, ROWS=rows, BLOCK_N=bn, T=t, JG=jg, HAS_PERM=perm is not None, PDL=pdl, EVEN=k % rows == 0,
-                  XPAIR=xpair, L2=bool(l2_pre or l2_dist), L2_DIST=l2_dist, GATED=gated, FOLD=fold,
+                  XPAIR=xpair, GATED=gated, FOLD=fold,
                   H2=h2, ASM=on_gpu)
     if pdl:
         consts["launch_pdl"] = True
@@ -349,4 +311,4 @@ def launch(x, qweight, scales, zeros, group_size, perm, rows, cfg, pdl, warmup, 
     return out
 
 
-__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done", "prefetch_tile"]
+__all__ = ["launch", "half2_mode", "g3_nibble", "tile_sums", "strip_cols", "strip_done"]
