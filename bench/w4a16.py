@@ -23,8 +23,7 @@ One run, under ~100 s on an H200 (bench/quant.py covers FP8 and the larger-M W4A
    unfused (the MLP's SwiGLU as its own launch, not in the gate/up GEMV's epilogue: quantization/int4.py's
    FUSE_SWIGLU), norace (temperature-1 sampling by the sampler's torch ops, not kernels/greedy.py's sample_race:
    services/engine/sampler.py's RACE), minsplitN (kernels/paged_decode.py's MIN_TOKENS_PER_SPLIT_FEW = N while
-   the graphs are captured), normwN (kernels/fused_norm.py's WARPS = N: the norm's warps), rope / norope
-   (quantization/int4.py's FUSE_ROPE: the qkv GEMV turns q, k and writes the KV cache itself at batch 1), prof (a
+   the graphs are captured), normwN (kernels/fused_norm.py's WARPS = N: the norm's warps), prof (a
    profile of 32 decode steps: per kernel and kind the time each launch alone adds to the GPU's busy span, its own
    start-to-end (with PDL that counts its wait), launches, idle time). Each: batch-1 decode ms/token (128-token
    prompt, CUDA graphs); decode step time at the @ batches (output tok/s at 256 is the
@@ -161,7 +160,6 @@ def checks(failures: list, kernels=("gemv2", "gemv3", "gemv4")) -> list[dict]:
     rows += chain_checks(failures, g, kernels=kernels)
     rows += committed_checks(failures, g)
     rows += gated_checks(failures, g)
-    rows += rope_checks(failures, g)
     rows += race_checks(failures, g)
     return rows
 
@@ -193,34 +191,6 @@ def gated_checks(failures: list, g: torch.Generator) -> list[dict]:
         err = q.err_of(q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=cfg, gated=True)), ref)
         q.record(rows, failures, err < 1e-2 and q.workspace_clean(), check="gated", shape=f"{k}x2*{inter}", M=1,
                  config=cfg, rel_err=err)
-    return rows
-
-
-def rope_checks(failures: list, g: torch.Generator) -> list[dict]:
-    """The qkv GEMV with ROPE (kernels/w4a16_rope.py: rotary + KV-cache write in the epilogue) on the 8B's qkv (32 q,
-    8 KV heads of 128) with the committed config and at split-K 1, against its plain product turned and
-    cached by torch (the same GEMV then rope_reference), twice (the workspace must be left zeroed)."""
-    from kernels.w4a16_rope import rope_reference
-
-    rows: list[dict] = []
-    k, n = SHAPES["qkv"]
-    d, hq, hkv = 128, 32, 8
-    qw, s, z, _, w = q.int4_case(k, n, 128, False, g)
-    w4.reserve_workspace(DEV, n)
-    x = torch.randn(1, k, generator=g, device=DEV).to(DTYPE)
-    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=DEV).float() / d))
-    cos, sin = torch.cos(300 * inv)[None].contiguous(), torch.sin(300 * inv)[None].contiguous()
-    slots = torch.tensor([37], dtype=torch.int64, device=DEV)
-    base = dict(COMMITTED[(1, n, k)])
-    for cfg in (base, dict(base, SPLIT_K=1)):
-        cache, want_cache = (torch.zeros(2, 8, 16, hkv, d, dtype=DTYPE, device=DEV) for _ in range(2))
-        for _ in range(2):
-            got = q.attempt(lambda: w4.w4a16(x, qw, s, z, 128, config=cfg, rope=(cos, sin, cache, slots, d, hq, hkv)))
-        want = rope_reference(w4.w4a16(x, qw, s, z, 128, config=cfg), (cos, sin, want_cache, slots, d, hq, hkv))
-        ok = not isinstance(got, Exception) and got[1]
-        err = max(q.rel_err(got[0], want.float()), q.rel_err(cache, want_cache.float())) if ok else float("inf")
-        q.record(rows, failures, ok and err < 1e-2 and q.workspace_clean(), check="rope_epilogue", shape="qkv",
-                 M=1, config=cfg, rel_err=err)
     return rows
 
 
@@ -762,8 +732,6 @@ MIN_SPLIT = paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW
 """kernels/paged_decode.py's shortest split where few programs run (batch 1 here) as committed: runs tagged
 +minsplitN use N (the decode graphs are captured for max_model_len 512, so N = 512 gives the batch-1 graph one
 split, as before 2026-11-29 evening, 128 four, 64 eight)."""
-DEFAULT_ROPE = int4.FUSE_ROPE
-"""quantization/int4.py's FUSE_ROPE as committed: runs tagged +rope / +norope turn it on / off."""
 DEFAULTS = {"pdl": pdl_mod.ENABLED, "early": pdl_mod.EARLY}
 """kernels/pdl.py's settings as the environment left them: runs without a pdl / nopdl, early / noearly tag."""
 BEST_G4: dict = {}
@@ -882,7 +850,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_SWIGLU = "unfused" not in tags
         sampler_mod.RACE = "norace" not in tags
         fused_norm_mod.WARPS = next((int(t[5:]) for t in tags if t.startswith("normw") and t[5:].isdigit()), None)
-        int4.FUSE_ROPE = "rope" in tags or (DEFAULT_ROPE and "norope" not in tags)
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = next(
             (int(t[8:]) for t in tags if t.startswith("minsplit") and t[8:].isdigit()), MIN_SPLIT)
         saved = dict(w4.TUNED)
@@ -941,7 +908,6 @@ def engine(start: float, budget: float, runs: list[str], profile_it: bool = True
         int4.FUSE_SWIGLU = True
         sampler_mod.RACE = True
         fused_norm_mod.WARPS = None
-        int4.FUSE_ROPE = DEFAULT_ROPE
         paged_decode_mod.MIN_TOKENS_PER_SPLIT_FEW = MIN_SPLIT
         w4.TUNED.clear()
         w4.TUNED.update(saved)

@@ -25,7 +25,6 @@ from kernels import splitk, w4a16_stream
 from kernels.w4a16_stream import g3_nibble as _g3_nibble
 from kernels.w4a16_half2 import tile_sums_h2
 from kernels.w4a16_stream import strip_cols, strip_done, tile_sums
-from kernels.w4a16_rope import rope_args, rope_strip_done
 from kernels.splitk import splitk_store
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -357,10 +356,6 @@ def _w4a16_gemv3_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, JG: tl.constexpr, HAS_PERM: tl.constexpr,
     SPLIT: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr, EVEN: tl.constexpr, XPAIR: tl.constexpr,
     FOLD: tl.constexpr, GATED: tl.constexpr, H2: tl.constexpr, ASM: tl.constexpr,
-    ROPE: tl.constexpr = False, HEAD_DIM: tl.constexpr = 128,
-    CACHE_BS: tl.constexpr = 16,
-    cos_ptr=None, sin_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None, q_cols=0, k_cols=0, stride_cb=0,
-    stride_cs=0, stride_ch=0,
 ):
     """M = 1 with each thread's rows in its own registers: a tile is T consecutive words of a block (T <= ROWS / 8)
     by BLOCK_N columns, and with BLOCK_N >= 128 * num_warps Triton puts all lanes and warps along N (16-byte
@@ -378,9 +373,7 @@ def _w4a16_gemv3_kernel(
     (the prefetch past a split's end is masked, its values unused); PDL and EVEN as in _w4a16_gemv2_kernel
     (EVEN: K % ROWS == 0). The per-tile arithmetic is kernels/w4a16_stream.py's `tile_sums` (FOLD there);
     GATED as in its gemv4: a column tile holds the same columns of the gate and up halves and the split that
-    completes it writes silu(gate) * up (through the workspace even unsplit). ROPE (a fused qkv at batch 1): the
-    program that completes a strip turns its q and k heads and writes k and v into the paged cache
-    (kernels/w4a16_rope.py; the arguments after ROPE are its)."""
+    completes it writes silu(gate) * up (through the workspace even unsplit)."""
     S: tl.constexpr = ROWS // 8
     H: tl.constexpr = S // T  # tiles per block
     R: tl.constexpr = T // 2 if XPAIR else T  # rows per word tile
@@ -421,9 +414,6 @@ def _w4a16_gemv3_kernel(
     if GATED:  # the split that completes the strip writes silu(gate) * up (kernels/w4a16_stream.py)
         strip_done(acc, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_mask, pid_n, 1, split_k, inter, out_ptr, ws_ptr,
                    cnt_ptr, BLOCK_N, GATED)
-    elif ROPE:
-        rope_strip_done(acc, offs_n, n_mask, pid_n, split_k, out_ptr, ws_ptr, cnt_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
-                        slot_ptr, q_cols, k_cols, stride_cb, stride_cs, stride_ch, HEAD_DIM, CACHE_BS)
     else:
         splitk_store(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, 0, stride_os, ws_ptr, cnt_ptr, pid_n,
                      split_k, SPLIT, ATOMIC)
@@ -556,7 +546,7 @@ def _dequant_matmul(x, qweight, scales, zeros, group_size, perm, rows, cfg, warm
 
 def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
           perm: torch.Tensor | None = None, config: dict | None = None, warmup: bool = False,
-          gated: bool = False, rope: tuple | None = None):
+          gated: bool = False) -> torch.Tensor | None:
     """x [M, K] (fp16/bf16/fp32) -> [M, N] in x's dtype. `config` overrides `pick_config` (tests, sweeps):
     KERNEL "gemv1" | "gemv2" | "gemv3" | "gemv4" (M = 1; gemv4's keys: kernels/w4a16_stream.py) | "gemv"
     (M <= BLOCK_M <= 16) | "mma" | "dequant" (dequantize, then cuBLAS), BLOCK_M, BLOCK_N, SLABS (mma),
@@ -566,18 +556,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     else 0), num_warps, num_stages, maxnreg. `warmup`: compile for these arguments and return None without
     running (bench/quant.py compiles its sweep in parallel that way). `gated` (a SwiGLU MLP's gate/up
     projection, N = 2 * inter, gate columns first): -> silu(gate) * up [M, inter], in gemv3's (one-launch
-    split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product. `rope` (a fused qkv
-    projection at M = 1: (cos, sin, kv_cache, slot_mapping, head_dim, num_q_heads, num_kv_heads), kernels/w4a16_rope.py)
-    -> (y, done): where the config is an atomic `gemv3` and rope_args takes the arguments, y's q and k come out
-    turned and k and v are in the cache (done True); else the plain product and done False."""
-    if rope is not None:
-        cfg = dict(config or pick_config(x.shape[0] if x.dim() == 2 else -1, qweight.shape[1], x.shape[-1],
-                                         group_size, x.device))
-        fits = cfg.get("KERNEL") == "gemv3" and cfg.get("ATOMIC", True) and x.dim() == 2 and x.shape[0] == 1
-        ra = rope_args(rope, qweight.shape[1], cfg.get("BLOCK_N", 0), x.dtype) if fits else None
-        if ra is None:
-            return w4a16(x, qweight, scales, zeros, group_size, perm, config, warmup), False
-        return w4a16(x, qweight, scales, zeros, group_size, perm, dict(cfg, _ROPE=ra), warmup), True
+    split-K) or gemv4's epilogue, else by kernels/silu_mul.py after the product."""
     if gated:
         if qweight.shape[1] % 2:
             raise ValueError(f"gated: N must be even (gate then up columns), got {qweight.shape[1]}")
@@ -633,10 +612,7 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     per_split = triton.cdiv(triton.cdiv(blocks, split), unroll) * unroll  # whole tiles of UNROLL blocks
     split = triton.cdiv(blocks, per_split)
     atomic = cfg.pop("ATOMIC", True)
-    rope_launch = cfg.pop("_ROPE", None)  # (arguments, constants) from rope_args, through `rope` above
     out, ws, cnt = splitk.outputs(x, m, n, split, atomic)
-    if rope_launch is not None:  # through the workspace even unsplit
-        ws, cnt = splitk.workspace(x.device, triton.cdiv(n, cfg["BLOCK_N"]) * cfg["BLOCK_N"])
     if gated:  # gemv3: strips of BLOCK_N / 2 gate and as many up columns, summed through the workspace
         tiles = triton.cdiv(n // 2, cfg["BLOCK_N"] // 2)
         out = torch.empty((1, n // 2), dtype=x.dtype, device=x.device)
@@ -671,10 +647,6 @@ def w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
             consts["launch_pdl"] = True
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), scales.stride(0), stride_os, 150 << 23,
                            20, n // 2 if gated else n)
-        if rope_launch is not None:
-            consts.update(rope_launch[1])
-            consts.update(zip(("cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr", "slot_ptr", "q_cols", "k_cols", "stride_cb",
-                               "stride_cs", "stride_ch"), rope_launch[0]))
     elif kind == "gemv2":
         args = pointers + (n, k, group_size, per_split, split, qweight.stride(0), qweight.stride(1), scales.stride(0),
                            stride_os, 150 << 23)

@@ -18,7 +18,6 @@ from services.engine.model.layers.linear import MergedColumnParallelLinear, QKVP
 from services.engine.model.layers.norm import RMSNorm
 from services.engine.model.layers.rotary import RotaryEmbedding, rope_parameters
 from services.engine.model.quantization.fp8 import FP8Output, dense
-from services.engine.model.quantization.int4 import RotatedQKV
 
 STACKED_QKV_GATE_UP = (
     (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
@@ -43,19 +42,11 @@ class LlamaAttention(torch.nn.Module):
     def forward(self, positions, h, kv_cache, meta):
         # FP8 weights: q/k/v may come out unscaled (quantization/fp8.py's FP8Output, cuBLAS's faster tensor-wise
         # GEMM) where the rotary + cache kernel applies the scales; decided per call, as it depends on the pool.
-        fusable = self.q_norm is None and self.clip_qkv is None \
+        self.qkv_proj.fp8_deferred_scales = self.q_norm is None and self.clip_qkv is None \
             and self.attn.applies_qkv_scales(self.rotary_emb, kv_cache, self.qkv_proj.params_dtype)
-        self.qkv_proj.fp8_deferred_scales = fusable
-        # One token: a W4A16 qkv may turn q, k and write the cache itself (quantization/int4.py's FUSE_ROPE); other
-        # methods leave `then_rope` unread.
-        self.qkv_proj.then_rope = (*self.rotary_emb.cos_sin(positions), kv_cache, meta.slot_mapping, self.attn.head_dim,
-                                   self.attn.num_heads, self.attn.num_kv_heads) \
-            if fusable and isinstance(h, torch.Tensor) and h.shape[0] == 1 else None  # h: or an FP8 norm's FP8Input
-        out, scales, written = self.qkv_proj(h), None, False
+        out, scales = self.qkv_proj(h), None
         if isinstance(out, FP8Output):
             out, scales = out.raw, (out.row, out.col)
-        elif isinstance(out, RotatedQKV):
-            out, written = out.qkv, True
         q, k, v = self.qkv_proj.split_qkv(out)
         if self.q_norm is not None:  # before rotary: per head (Qwen3, Cohere) or over all heads (OLMo 2)
             if self.qk_norm_per_head:
@@ -68,7 +59,7 @@ class LlamaAttention(torch.nn.Module):
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         # The attention layer turns q and k (with the cache write, in one kernel, where it can).
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, rotary=self.rotary_emb, positions=positions,
-                                     qkv_scales=scales, quant_for=self.o_proj, cache_written=written))
+                                     qkv_scales=scales, quant_for=self.o_proj))
 
 
 class LlamaMLP(torch.nn.Module):

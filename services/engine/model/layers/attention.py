@@ -71,19 +71,16 @@ class Attention(torch.nn.Module):
                 and kv_cache is not None and kv_cache.dtype == dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
-                rotary=None, positions: torch.Tensor | None = None, qkv_scales=None, quant_for=None,
-                cache_written: bool = False):
+                rotary=None, positions: torch.Tensor | None = None, qkv_scales=None, quant_for=None):
         """`rotary` (a RotaryEmbedding, with the tokens' `positions`): q and k are turned first; where the backend
         writes the cache itself and q, k, v are one fused qkv's rows, by one kernel that also writes the turned k
         and v into the cache (kernels/rotary.py, rotary_and_cache: a launch and a read of k fewer per layer).
         `qkv_scales` (float32 row [T, 1], column [1, q + k + v widths]): q, k, v are an FP8 GEMM's unscaled output
         (quantization/fp8.py's FP8Output), scaled by that kernel, else here first. `quant_for`: the linear layer
         that alone reads the output; where it takes FP8 input and the backend's decode kernel can quantize for it,
-        an FP8Input is returned (a launch fewer per layer), else the output. `cache_written`: q and k are turned and
-        k and v in the cache already (quantization/int4.py's RotatedQKV: the qkv projection did both)."""
-        written = cache_written
-        if (not written and rotary is not None and getattr(self.backend, "fuses_rotary_cache", False)
-                and rotary.fusable()):
+        an FP8Input is returned (a launch fewer per layer), else the output."""
+        written = False
+        if rotary is not None and getattr(self.backend, "fuses_rotary_cache", False) and rotary.fusable():
             from kernels.rotary import rotary_and_cache
 
             cos, sin = rotary.cos_sin(positions)

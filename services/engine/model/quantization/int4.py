@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from typing import NamedTuple
-
 from kernels.w4a16 import pack_int4, reserve_workspace, w4a16, w4a16_reference
 from services.engine.model.layers.activation import SiluMulOutput
 from services.engine.model.layers.linear import weight_param
@@ -23,17 +21,6 @@ BITS = 4
 FUSE_SWIGLU = True
 """At batch 1 a SwiGLU MLP's gate/up projection (`then_act`, set by the model: its ActAndMul) returns
 silu(gate) * up itself, from the GEMV's epilogue (kernels/w4a16_stream.py): a launch fewer per layer."""
-FUSE_ROPE = False
-"""At batch 1 a fused qkv projection whose model set `then_rope` (llama.py: cos, sin, cache, slots, head_dim, heads)
-turns q and k and writes k and v into the paged cache in the GEMV's epilogue (kernels/w4a16_rope.py) and returns a
-RotatedQKV: the rotary + cache launch goes. Off: exact on the H200 but ~0.035 ms/token slower there (2.121 against
-2.080 and 2.104 against 2.075 ms/token, session 8, docs/quantization.md); bench/w4a16.py's +rope turns it on."""
-
-
-class RotatedQKV(NamedTuple):
-    """A fused qkv projection's output with q and k already turned and k and v already in the paged cache (FUSE_ROPE);
-    the model passes its parts to Attention.forward with cache_written."""
-    qkv: torch.Tensor
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -110,12 +97,6 @@ class Int4Layout:
                 and x2.shape[0] == 1 and _kernels(x)):
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, gated=True)
             return SiluMulOutput(y.reshape(*shape[:-1], y.shape[-1]))
-        rope = getattr(layer, "then_rope", None)
-        if FUSE_ROPE and rope is not None and bias is None and x2.shape[0] == 1 and _kernels(x):
-            y, done = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm,
-                            rope=rope)
-            y = y.reshape(*shape[:-1], y.shape[-1])
-            return RotatedQKV(y) if done else y
         if _kernels(x):
             y = w4a16(x2, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm)
         else:
