@@ -8,7 +8,8 @@ there; EngineServicer._send_first; not with --core-process, whose loop hands it 
 the rest.
 
 A connection opened ahead waits for its request; a draining server closes the waiting ones (the router then
-fails over, as from an opened gRPC call ended unused). The router closing a connection cancels its request.
+fails over, as from an opened gRPC call ended unused) and lets the streaming ones finish within the drain's grace.
+The router closing a connection cancels its request.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class FastLaneServer:
         """Connections opened ahead, their request not yet come."""
         self.serving: set[_Connection] = set()
         self._server: asyncio.Server | None = None
+        self._drained_at = 0.0
 
     async def start(self, host: str, port: int = 0) -> str:
         self._server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, port)
@@ -49,14 +51,21 @@ class FastLaneServer:
 
     def drain(self) -> None:
         """Take no more requests: the connections waiting for one close (those streaming go on)."""
-        self.draining = True
+        if not self.draining:
+            self.draining = True
+            self._drained_at = time.monotonic()
         for c in list(self.waiting):
             c.transport.close()
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop: take no more requests, give those streaming until `grace_s` after the drain began to finish (as
+        the gRPC server gives its calls in flight), then close every connection."""
         self.drain()
         if self._server is not None:
             self._server.close()
+        until = self._drained_at + grace_s
+        while self.serving and time.monotonic() < until:
+            await asyncio.sleep(0.01)
         for c in list(self.serving):
             c.transport.close()
 

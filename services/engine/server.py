@@ -484,8 +484,8 @@ async def serve(engine_config, c: EngineServerConfig, cpus: set[int] | None = No
     try:
         await server.run(c.grace_s, on_drain=on_drain, on_ready=on_ready)
     finally:
-        if lane is not None:
-            await lane.close()
+        if lane is not None:  # its requests in flight finish within the grace, as gRPC's (unless the engine failed)
+            await lane.close(c.grace_s if aengine.fatal is None else 0.0)
         if keep_awake is not None:
             keep_awake.close()
         await aengine.stop()

@@ -99,6 +99,10 @@ class RouterConfig:
     cpus: str | None = None
     """Run this process's threads on these CPUs only (a Linux CPU list: '15', '0-3,8'); with one CPU its event loop
     and gRPC poller thread wake each other there (services/common/cpu_affinity.py). None: any CPU."""
+    warm_structured: bool = True
+    """At start, on a thread, import xgrammar and build one grammar (~3 s of CPU), so that the first structured
+    request does not pay it. Off: a router that will serve no structured output (the test suite's stacks, on a
+    2-core machine where each router's warm-up takes CPU from the engines starting beside it)."""
     grace_s: float = 30.0
     """Seconds in-flight requests get to finish on SIGTERM."""
     log_level: str = "INFO"
@@ -245,12 +249,13 @@ _warm_thread: threading.Thread | None = None
 """The structured-output warm-up started by `serve` (main leaves without waiting for it)."""
 
 
-def warm_then_freeze() -> None:
-    """Warm structured outputs, then move every object alive by then (the modules: grpc, pydantic, torch,
-    xgrammar: ~200k objects) out of the cyclic collector's reach (`gc.freeze`). Otherwise each full
-    collection walks them all while serving: ~110-170 ms on the CPU machine, and requests in flight
-    wait for it (H200 round 1 of the HTTP front door: a few first tokens +43-53 ms; docs/router.md)."""
-    warm_structured_outputs()
+def warm_then_freeze(structured: bool = True) -> None:
+    """Warm structured outputs (unless `structured` is False), then move every object alive by then (the
+    modules: grpc, pydantic, torch, xgrammar: ~200k objects) out of the cyclic collector's reach (`gc.freeze`).
+    Otherwise each full collection walks them all while serving: ~110-170 ms on the CPU machine, and requests
+    in flight wait for it (H200 round 1 of the HTTP front door: a few first tokens +43-53 ms; docs/router.md)."""
+    if structured:
+        warm_structured_outputs()
     gc.collect()
     gc.freeze()
 
@@ -282,7 +287,7 @@ async def serve(c: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
 
     def warm() -> None:
-        warm_then_freeze()
+        warm_then_freeze(c.warm_structured)
         if busy_loop:  # polling from now: beside the warm-up, the polling loop would hold the GIL its imports need,
             # stretching them over seconds of requests, each waiting for the GIL behind them (docs/router.md)
             try:

@@ -46,7 +46,7 @@ class _Run:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     port = __import__("folio.stack", fromlist=["free_port"]).free_port()
-    stack = start_stack(tmp_path_factory, "fuzz", engines=2, http_port=port,
+    stack = start_stack(tmp_path_factory, "fuzz", engines=2, http_port=port, warm_structured=True,
                         engine_args=["--num-kv-blocks", "64", "--max-model-len", "256", "--dtype", "float32",
                                      "--max-num-seqs", "16"],
                         router_args=["--max-body-bytes", str(BODY_LIMIT)])

@@ -160,3 +160,34 @@ def test_first_token_path_stamps_every_hop_in_order(stack):
     # the router's own TTFT is the span its stamps bound
     ttft_ns = last.timing.time_to_first_token_ns
     assert path["router.received"] + ttft_ns == pytest.approx(path["router.chunk_ready"], abs=2e6)
+
+
+def test_requests_over_the_fast_lane_match_grpc(stack):
+    """The router sends its requests over the engines' fast lanes (services/common/fast_lane.py, the default) once
+    an opened call has named them, the real engine's thread writing each first message: the same tokens as the
+    engine's own gRPC stream gives, and each engine names its lane in the opening's metadata (the real engine
+    process's `serve` wiring)."""
+    from protos.gen.folio.v1 import engine_pb2
+    from services.common.fast_lane import METADATA_KEY
+    from tests.integration.helpers import engine_stub
+
+    ch, stub = router_stub(stack.router_address)
+    with ch:
+        addresses = [e.address for e in stub.Stats(router_pb2.RouterStatsRequest(), timeout=30).engines]
+    assert sorted(addresses) == sorted(stack.engine_addresses)
+    ech, estub = engine_stub(addresses[0])
+    with ech:
+        call = estub.GenerateStream(iter(()))
+        lane = dict(call.initial_metadata()).get(METADATA_KEY)
+        call.cancel()
+        want = [t for m in estub.Generate(engine_pb2.EngineGenerateRequest(
+            request_id="lane-ref", prompt_token_ids=[20, 21, 22],
+            params=params(max_tokens=6, temperature=0, ignore_eos=True)), timeout=60)
+            for s in m.sequences if s.index == 0 for t in s.token_ids]
+    assert lane and lane.rsplit(":", 1)[1].isdigit()
+    assert len(want) == 6
+    for _ in range(4):  # (on a fresh router the first rides gRPC and opens calls ahead, which name the lanes)
+        got = generate(stack.router_address, token_ids=router_pb2.TokenIds(ids=[20, 21, 22]),
+                       params=params(max_tokens=6, temperature=0, ignore_eos=True))
+        assert got.token_ids[0] == want
+        time.sleep(0.2)

@@ -59,7 +59,7 @@ MAX_TOKENS = 48
 @pytest.fixture(scope="module")
 def so_stack(tmp_path_factory):
     port = free_port()
-    s = start_stack(tmp_path_factory, "structured", engines=1, http_port=port,
+    s = start_stack(tmp_path_factory, "structured", engines=1, http_port=port, warm_structured=True,
                     engine_args=["--num-kv-blocks", "256", "--max-model-len", "1024", "--dtype", "float32",
                                  "--device", "cpu", "--max-num-seqs", "32"])
     s.http_url = f"http://127.0.0.1:{port}"

@@ -30,7 +30,8 @@ def tls_router(tmp_path_factory):
     # No Redis behind it: the router starts, answers health (NOT_SERVING: no engine) and HTTP /health (503).
     p = subprocess.Popen([sys.executable, "-m", "services.router", "--port", str(port), "--http-port", str(http_port),
                           "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--tls-cert-file", str(cert),
-                          "--tls-key-file", str(key)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          "--tls-key-file", str(key), "--no-warm-structured"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     yield p, port, http_port, cert.read_bytes(), str(cert)
     p.terminate()

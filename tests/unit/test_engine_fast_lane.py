@@ -122,6 +122,54 @@ def test_a_draining_engine_closes_its_waiting_lane_connections():
     asyncio.run(main())
 
 
+def test_a_stopping_engine_lets_its_lane_requests_finish_within_the_grace():
+    """close(grace_s) (the engine server's stop after the drain): a request streaming on the lane runs to its end
+    (no failover: it finishes where it started), and the lane closes as soon as it has; with no grace it is cut."""
+    async def main():
+        _, lane, server, addr = await _stack(ScriptedEngine(step_s=0.02))
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            await _tokens(client.generate(addr, _req("r0", 1), 30))
+            await _lane_ready(client, addr)
+            call = client.generate(addr, _req("long", 20), 30)
+            assert isinstance(call, FastLaneCall)
+            msgs = call.messages()
+            got = [t for s in (await msgs.__anext__()).sequences for t in s.token_ids]  # streaming on the lane
+
+            async def rest():
+                async for m in msgs:
+                    got.extend(t for s in m.sequences for t in s.token_ids)
+            reading = asyncio.ensure_future(rest())
+            lane.drain()
+            t0 = time.monotonic()
+            await lane.close(grace_s=10)
+            await reading
+            assert got == list(range(21, 41)) and call._inner is None  # all of it on the lane, no fallback
+            assert time.monotonic() - t0 < 5 and not lane.serving
+        finally:
+            await client.close()
+            await lane.close()
+            await server.stop(0)
+
+    async def cut():
+        _, lane, server, addr = await _stack(ScriptedEngine(step_s=0.02))
+        client = GrpcEngineClient(fast_lane=True)
+        try:
+            await _tokens(client.generate(addr, _req("r0", 1), 30))
+            await _lane_ready(client, addr)
+            msgs = client.generate(addr, _req("long", 200), 30).messages()
+            await msgs.__anext__()  # streaming
+            await lane.close()
+            with pytest.raises(EngineFailed, match="fast-lane connection closed"):
+                async for _ in msgs:
+                    pass
+        finally:
+            await client.close()
+            await server.stop(0)
+    asyncio.run(main())
+    asyncio.run(cut())
+
+
 class _NullTransport:
     def write(self, data):
         pass
