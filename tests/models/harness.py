@@ -60,6 +60,22 @@ def hf_greedy(model, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
 
 
 @torch.no_grad()
+def hf_greedy_many(model, prompt_batch: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
+    """`hf_greedy` for several prompts at once, still by full forwards: each step runs every sequence so far
+    in one right-padded batch with no attention mask, and reads each sequence's logits at its own last
+    position. Causal attention keeps a position from seeing the padding after it, so each row's logits are
+    its unpadded forward's (up to float32 summation order); one forward a step instead of one per prompt."""
+    seqs = [list(p) for p in prompt_batch]
+    for _ in range(n):
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs])
+        logits = model(ids).logits
+        for i, s in enumerate(seqs):
+            s.append(int(logits[i, len(s) - 1].argmax()))
+    return [s[len(p):] for s, p in zip(seqs, prompt_batch)]
+
+
+@torch.no_grad()
 def hf_logits(model, prompt: list[int]) -> torch.Tensor:
     return model(torch.tensor([prompt])).logits[0].float()
 

@@ -57,8 +57,8 @@ def compare(llm: LLM, ref, vocab: int, what: str) -> None:
         assert err <= 1e-3, f"{what}: prompt of {len(p)} tokens: max |logit diff| {err:.2e} > 1e-3"
     outs = llm.generate([{"prompt_token_ids": p} for p in batch],
                         SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
-    for p, o in zip(batch, outs):
-        assert o.outputs[0].token_ids == harness.hf_greedy(ref, p, NEW_TOKENS), f"{what}: prompt of {len(p)} tokens"
+    for p, o, want in zip(batch, outs, harness.hf_greedy_many(ref, batch, NEW_TOKENS)):
+        assert o.outputs[0].token_ids == want, f"{what}: prompt of {len(p)} tokens"
 
 
 def quantized_checkpoint(tmp_path, arch_id: str, make):
@@ -148,5 +148,5 @@ def test_tensor_parallel_cuts_quantized_tensors(tmp_path, scheme):
                             SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
     finally:
         llm.shutdown()
-    for p, o in zip(batch, outs):
-        assert o.outputs[0].token_ids == harness.hf_greedy(ref, p, NEW_TOKENS), f"{scheme}: prompt of {len(p)} tokens"
+    for p, o, want in zip(batch, outs, harness.hf_greedy_many(ref, batch, NEW_TOKENS)):
+        assert o.outputs[0].token_ids == want, f"{scheme}: prompt of {len(p)} tokens"
