@@ -40,6 +40,19 @@ def start_stack(tmp_path_factory, name: str, warm_structured: bool = False, **kw
     return Stack(StackConfig(log_dir=tmp_path_factory.mktemp(name), **kw)).start()
 
 
+def start_engine_only(tmp_path_factory, name: str, engine_args: list[str]) -> Stack:
+    """Redis and one engine publishing to it, no tokenizer or router: for tests that call the engine directly
+    (stopped by the caller; its address is `engine_addresses[0]`)."""
+    s = Stack(StackConfig(log_dir=tmp_path_factory.mktemp(name), engine_args=engine_args, env=dict(TEST_ENV)))
+    try:
+        s.redis_url = s.start_redis()
+        s.wait_serving([s.start_engine(0)])
+    except BaseException:
+        s.stop()
+        raise
+    return s
+
+
 def params(**kw) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(**kw)
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from protos.gen.folio.v1 import engine_pb2
-from tests.integration.helpers import engine_stats, engine_stub, params, random_prompt, start_stack, wait_for
+from tests.integration.helpers import engine_stats, engine_stub, params, random_prompt, start_engine_only, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -21,7 +21,7 @@ MAX_NUM_SEQS = 64
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    stack = start_stack(tmp_path_factory, "cancel", engines=1, engine_args=[
+    stack = start_engine_only(tmp_path_factory, "cancel", engine_args=[
         "--num-kv-blocks", "256", "--max-model-len", "1024", "--dtype", "float32", "--device", "cpu",
         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", "1024"])
     try:
