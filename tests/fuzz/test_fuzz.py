@@ -241,7 +241,8 @@ def test_stack_is_whole_afterwards(run):
 def test_clients_that_leave_early_leave_no_engine_work(run):
     """Runs last: 40 HTTP clients that disconnect mid-request (before the first byte or mid-stream) and 40
     gRPC requests with deadlines of 20-140 ms, back to back. The answers must be clean, and every engine
-    must hold nothing within 5 s (no work for clients that are gone)."""
+    must hold nothing within 10 s (no work for clients that are gone; 5 s was once too short on a 2-core host
+    at load 5)."""
     since = len(run.tally.failures)
     for i in range(40):
         try:
@@ -258,5 +259,8 @@ def test_clients_that_leave_early_leave_no_engine_work(run):
         fz.call_grpc(run.stub, run.tally, req, timeout_s=0.02 + 0.03 * (i % 5), kind="grpc-deadline")
     _check(run.tally, since)  # the answers themselves are fine (a disconnect, DEADLINE_EXCEEDED)
     for addr in run.stack.engine_addresses:
-        wait_for(lambda: (s := engine_stats(addr)).running + s.waiting == 0, timeout=5, interval=0.1,
-                 what=f"engine {addr} to drop the requests of clients that left")
+        t0 = time.monotonic()
+        while (s := engine_stats(addr)).running + s.waiting and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert s.running + s.waiting == 0, (f"engine {addr} still holds {s.running} running and {s.waiting} "
+                                            f"waiting requests of clients that left, 10 s after the last")
