@@ -24,6 +24,7 @@ The scripts touch keys they compute, so they need a single Redis (not Redis Clus
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from services.common.engine_load import EngineLoad
@@ -169,3 +170,12 @@ async def read_engines(redis) -> tuple[list[EngineRecord], int]:
         reserved = sum(int(v.split(":")[0]) for v in resv)
         out.append(EngineRecord.from_hash(i, h, reserved))
     return out, now
+
+
+def raise_if_cancelled(error: BaseException) -> None:
+    """Re-raise as a cancellation when the current task is being cancelled. The Redis client can turn a
+    cancellation that lands mid-command into a connection error; a loop that catches errors to ride out a
+    Redis outage would otherwise swallow the cancel and run on (a stopped service that never exits)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error

@@ -57,11 +57,7 @@ class RegistryPublisher:
         try:
             await self._script(keys=keys, args=[self.ttl_ms, self.engine_id, self.model, len(items), *items, *admitted])
         except Exception as e:  # noqa: BLE001 - Redis down: keep serving, retry next beat
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # The Redis client can turn a cancellation that lands mid-command into a connection error
-                # (seen with the server going away during a drain): the cancel must not be lost with it.
-                raise asyncio.CancelledError from e
+            registry.raise_if_cancelled(e)  # (seen with the server going away during a drain)
             if self._ok:
                 log.warning("cannot publish to Redis (%s); will keep retrying", e)
             self._ok = False

@@ -45,19 +45,21 @@ class RegistryClient:
         self._suspects: dict[str, float] = {}
         self._local_resv: dict[str, int] = {}
         self._task: asyncio.Task | None = None
+        self._closed = False
         self._models: dict[str, list[EngineRecord]] = {}
         self._models_of: list[EngineRecord] | None = None  # the view `_models` was built from
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_loop(), name="registry-refresh")
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the refresh loop (it gets `timeout_s`: a router's stop must not wait on it for ever)."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+            if not done:
+                log.warning("the registry refresh did not stop within %.1fs; closing without it", timeout_s)
 
     def _set_ok(self, ok: bool, err: Exception | None = None) -> None:
         if ok != self.redis_ok:
@@ -72,6 +74,7 @@ class RegistryClient:
         try:
             engines, now = await registry.read_engines(self.redis)
         except Exception as e:  # noqa: BLE001
+            registry.raise_if_cancelled(e)
             self._set_ok(False, e)
             return
         self._set_ok(True)
@@ -80,9 +83,10 @@ class RegistryClient:
         self._local_resv.clear()
 
     async def _refresh_loop(self) -> None:
-        while True:
+        while not self._closed:
             await self.refresh()
-            await asyncio.sleep(self.refresh_s)
+            if not self._closed:
+                await asyncio.sleep(self.refresh_s)
 
     def mark_suspect(self, engine_id: str) -> None:
         self._suspects[engine_id] = time.monotonic() + self.suspect_s
@@ -109,6 +113,7 @@ class RegistryClient:
             r = await self._choose(keys=[registry.engines_key(model)],
                                    args=[request_id, blocks, self.stale_ms, self.reservation_ttl_ms, *sorted(excluded)])
         except Exception as e:  # noqa: BLE001 - fall back to the cached view
+            registry.raise_if_cancelled(e)  # (a request cancelled mid-command: not an outage)
             self._set_ok(False, e)
             return self._choose_cached(model, blocks, excluded)
         self._set_ok(True)
