@@ -25,7 +25,7 @@ run: model
 	$(PY) -m folio up $(ARGS)
 
 test: model
-	$(PY) -m pytest -q --timeout=900 tests
+	$(PY) -m pytest -q --timeout=900 --durations=30 tests
 
 clean:
 	rm -rf $(VENV)
