@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -153,6 +154,17 @@ def _exit_if_stuck_after(seconds: float) -> None:
     t = threading.Timer(seconds, guard)
     t.daemon = True
     t.start()
+
+
+def leave(rc: int | None) -> None:
+    """End a service process whose main() has returned (server, workers, Redis and telemetry closed by then) without
+    the interpreter's finalization: that tears torch and the model down object by object (~0.65 s per engine stop on
+    the CPU machine, seconds on a loaded host) and waits for any thread still inside an import (a router stopped
+    during its structured-output warm-up: 1-2.75 s). Each service's __main__ calls it."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(int(rc or 0))
 
 
 def configure_logging(level: str = "INFO") -> None:

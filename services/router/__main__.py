@@ -1,9 +1,8 @@
-import sys
-
 from services.common import grpc_env
 
 grpc_env.set_defaults()  # before grpc is imported (services/common/grpc_env.py)
 
+from services.common.server import leave  # noqa: E402
 from services.router.server import main  # noqa: E402
 
-sys.exit(main())
+leave(main())  # without the interpreter's finalization (services/common/server.py)

@@ -245,10 +245,6 @@ class _HttpServer:
                 self.task.cancel()
 
 
-_warm_thread: threading.Thread | None = None
-"""The structured-output warm-up started by `serve` (main leaves without waiting for it)."""
-
-
 def warm_then_freeze(structured: bool = True) -> None:
     """Warm structured outputs (unless `structured` is False), then move every object alive by then (the
     modules: grpc, pydantic, torch, xgrammar: ~200k objects) out of the cyclic collector's reach (`gc.freeze`).
@@ -295,9 +291,7 @@ async def serve(c: RouterConfig) -> None:
             except RuntimeError:  # the loop ended first (a router stopped while it warmed up)
                 pass
 
-    global _warm_thread
-    _warm_thread = threading.Thread(target=warm, name="folio-warm-xgrammar", daemon=True)
-    _warm_thread.start()
+    threading.Thread(target=warm, name="folio-warm-xgrammar", daemon=True).start()
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core, metrics), server.server)
     http = _HttpServer(core, metrics, c) if c.http_port is not None else None
     await core.start()
@@ -376,10 +370,4 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(c))
     finally:
         telemetry.shutdown()
-    if _warm_thread is not None and _warm_thread.is_alive():
-        # Stopped while the warm-up still imports torch / xgrammar: interpreter shutdown would wait for that
-        # import to let go of the GIL (seconds, more on a loaded host), so leave now; logs are flushed first.
-        log.info("exiting during the structured-output warm-up")
-        logging.shutdown()
-        os._exit(0)
     return 0
