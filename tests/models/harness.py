@@ -49,22 +49,16 @@ def prompts(vocab: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-@torch.no_grad()
 def hf_greedy(model, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
-    """Greedy by full forwards (no HF cache): the reference depends only on the model's forward."""
-    ids = list(prompt)
-    for _ in range(n):
-        logits = model(torch.tensor([ids])).logits[0, -1]
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+    return hf_greedy_many(model, [prompt], n)[0]
 
 
 @torch.no_grad()
 def hf_greedy_many(model, prompt_batch: list[list[int]], n: int = NEW_TOKENS) -> list[list[int]]:
-    """`hf_greedy` for several prompts at once, still by full forwards: each step runs every sequence so far
-    in one right-padded batch with no attention mask, and reads each sequence's logits at its own last
-    position. Causal attention keeps a position from seeing the padding after it, so each row's logits are
-    its unpadded forward's (up to float32 summation order); one forward a step instead of one per prompt."""
+    """Greedy by full forwards (no HF cache): the reference depends only on the model's forward. Each step runs
+    every sequence so far in one right-padded batch with no attention mask and reads each sequence's logits at its
+    own last position. Causal attention keeps a position from seeing the padding after it, so each row's logits
+    are its unpadded forward's (up to float32 summation order); one forward a step instead of one per prompt."""
     seqs = [list(p) for p in prompt_batch]
     for _ in range(n):
         width = max(map(len, seqs))

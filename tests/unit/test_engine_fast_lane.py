@@ -125,14 +125,19 @@ def test_a_draining_engine_closes_its_waiting_lane_connections():
 def test_a_stopping_engine_lets_its_lane_requests_finish_within_the_grace():
     """close(grace_s) (the engine server's stop after the drain): a request streaming on the lane runs to its end
     (no failover: it finishes where it started), and the lane closes as soon as it has; with no grace it is cut."""
-    async def main():
+    async def long_request_on_the_lane(n_tokens):
+        """A stack whose client has learnt the lane, and a request of `n_tokens` streaming on it."""
         _, lane, server, addr = await _stack(ScriptedEngine(step_s=0.02))
         client = GrpcEngineClient(fast_lane=True)
+        await _tokens(client.generate(addr, _req("r0", 1), 30))
+        await _lane_ready(client, addr)
+        call = client.generate(addr, _req("long", n_tokens), 30)
+        assert isinstance(call, FastLaneCall)
+        return lane, server, client, call
+
+    async def main():
+        lane, server, client, call = await long_request_on_the_lane(20)
         try:
-            await _tokens(client.generate(addr, _req("r0", 1), 30))
-            await _lane_ready(client, addr)
-            call = client.generate(addr, _req("long", 20), 30)
-            assert isinstance(call, FastLaneCall)
             msgs = call.messages()
             got = [t for s in (await msgs.__anext__()).sequences for t in s.token_ids]  # streaming on the lane
 
@@ -152,12 +157,9 @@ def test_a_stopping_engine_lets_its_lane_requests_finish_within_the_grace():
             await server.stop(0)
 
     async def cut():
-        _, lane, server, addr = await _stack(ScriptedEngine(step_s=0.02))
-        client = GrpcEngineClient(fast_lane=True)
+        lane, server, client, call = await long_request_on_the_lane(200)
         try:
-            await _tokens(client.generate(addr, _req("r0", 1), 30))
-            await _lane_ready(client, addr)
-            msgs = client.generate(addr, _req("long", 200), 30).messages()
+            msgs = call.messages()
             await msgs.__anext__()  # streaming
             await lane.close()
             with pytest.raises(EngineFailed, match="fast-lane connection closed"):
